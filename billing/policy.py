@@ -1,0 +1,119 @@
+"""The billing policy: how a run's timing breakdown becomes an amount.
+
+Policy ``runner-time-v1``: the billable time is the runner total (compile,
+cold load, model and block time, serialization and runner overhead; not the
+queue, not the web server's own work), rounded up to whole milliseconds, with
+a minimum.  The amount is that time multiplied by a rate per second, rounded
+up to whole micro-credits.  Every bill stores its formula with the numbers
+filled in; ``evaluate_formula`` recomputes the amount from that text alone.
+"""
+
+import ast
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from django.conf import settings
+
+POLICY_NAME = "runner-time-v1"
+
+
+@dataclass(frozen=True)
+class BillLine:
+    billed: bool
+    components: dict[str, int]
+    billable_us: int
+    billed_ms: int
+    rate_microcredits_per_second: int
+    minimum_ms: int
+    amount_microcredits: int
+    policy: str
+    formula: str
+
+
+@dataclass(frozen=True)
+class BillingPolicy:
+    rate_microcredits_per_second: int
+    minimum_ms: int
+    name: str = POLICY_NAME
+
+    @classmethod
+    def from_settings(cls) -> "BillingPolicy":
+        return cls(
+            rate_microcredits_per_second=settings.BILLING["RATE_MICROCREDITS_PER_SECOND"],
+            minimum_ms=settings.BILLING["MINIMUM_MS"],
+        )
+
+    def billable_components(self, breakdown: dict[str, Any]) -> dict[str, int]:
+        from workflows.timing import RUNNER_COMPONENTS
+
+        return {name: breakdown["components"][name] for name in RUNNER_COMPONENTS}
+
+    def bill(self, breakdown: dict[str, Any]) -> BillLine:
+        """Price a run from its breakdown."""
+        components = self.billable_components(breakdown)
+        billable_us = breakdown["runner_total"]
+        billed_ms = max(-(-billable_us // 1000), self.minimum_ms)
+        amount = -(-billed_ms * self.rate_microcredits_per_second // 1000)
+        formula = (
+            f"amount_microcredits = ceil(max(ceil({billable_us} / 1000), "
+            f"{self.minimum_ms}) * {self.rate_microcredits_per_second} / 1000)"
+        )
+        return BillLine(
+            billed=True,
+            components=components,
+            billable_us=billable_us,
+            billed_ms=billed_ms,
+            rate_microcredits_per_second=self.rate_microcredits_per_second,
+            minimum_ms=self.minimum_ms,
+            amount_microcredits=amount,
+            policy=self.name,
+            formula=formula,
+        )
+
+    def waive(self, breakdown: dict[str, Any] | None, reason: str) -> BillLine:
+        """A zero bill for a run that failed because of the platform."""
+        components = self.billable_components(breakdown) if breakdown else {}
+        return BillLine(
+            billed=False,
+            components=components,
+            billable_us=breakdown["runner_total"] if breakdown else 0,
+            billed_ms=0,
+            rate_microcredits_per_second=self.rate_microcredits_per_second,
+            minimum_ms=self.minimum_ms,
+            amount_microcredits=0,
+            policy=f"{self.name} (waived)",
+            formula=f"amount_microcredits = 0  # not billed: {reason}",
+        )
+
+
+_ALLOWED_CALLS = {"ceil": math.ceil, "max": max}
+
+
+def evaluate_formula(formula: str) -> int:
+    """Recompute the amount from a bill's formula text, with exact arithmetic."""
+    expression = formula.split("=", 1)[1].split("#", 1)[0].strip()
+    tree = ast.parse(expression, mode="eval")
+    return int(_evaluate(tree.body))
+
+
+def _evaluate(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp):
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        operations = {ast.Add: left + right, ast.Sub: left - right,
+                      ast.Mult: left * right}
+        if isinstance(node.op, ast.Div):
+            return left / right
+        if type(node.op) in operations:
+            return operations[type(node.op)]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _ALLOWED_CALLS
+    ):
+        arguments = [_evaluate(argument) for argument in node.args]
+        return Fraction(_ALLOWED_CALLS[node.func.id](*arguments))
+    raise ValueError(f"unsupported element in billing formula: {ast.dump(node)}")

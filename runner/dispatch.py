@@ -1,0 +1,149 @@
+"""Accept a run: resolve its models, store its inputs, queue it, wait for it.
+
+Nothing is written unless every check passes: models resolve before the run
+row exists, images go to Redis before the row is committed, and the job is
+queued only after the commit.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from rq import Queue
+
+from runner import fleet, keys
+from runner.finish import fail_run
+from runner.models import Run
+from runner.registry import resolve_model
+from webapp.redis import get_redis
+from workflows.compiler.plan import ExecutionPlan
+from workflows.errors import WorkflowError
+from workflows.inputs import RunInputs
+
+logger = logging.getLogger(__name__)
+
+
+class NoRunnerError(WorkflowError):
+    code = "no_runner"
+    status = 503
+    user_error = False
+
+
+@dataclass
+class Submission:
+    owner_id: int
+    source: str
+    plan: ExecutionPlan
+    inputs: RunInputs
+    request_started_ns: int
+    workflow_version_id: int | None = None
+    inline_definition: dict | None = None
+    token_id: int | None = None
+
+
+def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for step, model_id in plan.model_ids(parameters):
+        if model_id in seen:
+            continue
+        source = resolve_model(model_id, owner_id, step=step)
+        seen[model_id] = {"model_id": model_id, "source": source.to_dict()}
+    return list(seen.values())
+
+
+def choose_queue(model_ids: list[str], runners: list[fleet.RunnerState]) -> str:
+    """Send the run to an idle runner holding all its models, else the shared queue."""
+    if model_ids:
+        hot = [r for r in runners if set(model_ids) <= r.loaded_models]
+        idle = [r for r in hot if not r.busy and r.queue_length == 0]
+        if idle:
+            return keys.runner_queue(idle[0].name)
+    return keys.SHARED_QUEUE
+
+
+def submit(submission: Submission, *, require_runner: bool) -> Run:
+    """Queue a run; raise NoRunnerError before writing anything if none is up."""
+    models = resolve_models(submission.plan, submission.inputs.parameters,
+                            submission.owner_id)
+    runners = fleet.live_runners()
+    if require_runner and not runners:
+        raise NoRunnerError(
+            "no runner is up to execute this run",
+            context="runner_pool",
+            hint="Start one with 'python manage.py runner', or send the run "
+                 "asynchronously to queue it until a runner starts.",
+        )
+    model_ids = [m["model_id"] for m in models]
+    queue_name = choose_queue(model_ids, runners)
+    for model in models:
+        model["predicted_hot"] = any(model["model_id"] in r.loaded_models
+                                     for r in runners)
+
+    run = Run(
+        owner_id=submission.owner_id,
+        workflow_version_id=submission.workflow_version_id,
+        inline_definition=submission.inline_definition,
+        definition_digest=submission.plan.digest,
+        token_id=submission.token_id,
+        source=submission.source,
+        parameters=submission.inputs.parameters,
+        image_info=submission.inputs.image_info,
+        batch_size=submission.inputs.batch_size,
+        model_refs=models,
+        queue_name=queue_name,
+        warnings=list(submission.plan.warnings) + _untrained_warnings(models),
+    )
+    _store_images(str(run.id), submission.inputs.images)
+    run.request_us = (time.perf_counter_ns() - submission.request_started_ns) // 1000
+    run.queued_at_ns = time.time_ns()
+    with transaction.atomic():
+        run.save(force_insert=True)
+        transaction.on_commit(lambda: _enqueue(run))
+    return run
+
+
+def _untrained_warnings(models: list[dict]) -> list[str]:
+    return [
+        f"model '{m['model_id']}' is an untrained architecture (random weights): "
+        "timings are real, detections are meaningless"
+        for m in models if not m["source"]["pretrained"]
+    ]
+
+
+def _store_images(run_id: str, images: dict[str, list[bytes]]) -> None:
+    ttl = settings.GLASSBOX["INPUT_TTL_S"]
+    pipeline = get_redis().pipeline(transaction=False)
+    for name, blobs in images.items():
+        for index, blob in enumerate(blobs):
+            pipeline.set(keys.input_key(run_id, name, index), blob, ex=ttl)
+    pipeline.execute()
+
+
+def _enqueue(run: Run) -> None:
+    try:
+        Queue(run.queue_name, connection=get_redis()).enqueue_call(
+            func="runner.jobs.execute_run",
+            args=(str(run.id),),
+            job_id=str(run.id),
+            timeout=-1,
+            result_ttl=0,
+            failure_ttl=3600,
+        )
+    except Exception as error:
+        logger.exception("run %s could not be queued on %s", run.id, run.queue_name)
+        fail_run(run.id, f"could not queue the run: {type(error).__name__}",
+                 expected_status=Run.Status.QUEUED)
+
+
+def wait_for_result(run_id: str, timeout_s: float) -> dict[str, Any] | None:
+    """Block until the run finishes; return its payload, or None on timeout."""
+    if timeout_s <= 0:
+        return None
+    popped = get_redis().blpop([keys.done_key(run_id)], timeout=timeout_s)
+    if popped is None:
+        return None
+    return json.loads(popped[1])

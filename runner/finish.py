@@ -1,0 +1,115 @@
+"""Finish a run: final state and its one bill in a single transaction.
+
+Finishing is conditional on the run still being in the state the caller saw
+(``running`` on the expected runner, or ``queued``), so a runner and a reaper
+racing over the same run cannot both finish it or bill it twice.  After the
+commit the final payload is pushed to the run's Redis list, waking any
+request waiting for the result.
+"""
+
+import json
+import logging
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from billing.models import Bill
+from billing.policy import BillingPolicy, BillLine
+from runner import keys
+from runner.models import Run
+from webapp.redis import get_redis
+
+logger = logging.getLogger(__name__)
+
+DONE_TTL_S = 600
+
+
+def bill_fields(line: BillLine) -> dict[str, Any]:
+    return {
+        "billed": line.billed,
+        "components": line.components,
+        "billable_us": line.billable_us,
+        "billed_ms": line.billed_ms,
+        "rate_microcredits_per_second": line.rate_microcredits_per_second,
+        "minimum_ms": line.minimum_ms,
+        "amount_microcredits": line.amount_microcredits,
+        "policy": line.policy,
+        "formula": line.formula,
+    }
+
+
+def finish_run(
+    run: Run,
+    *,
+    status: str,
+    outputs: Any,
+    outputs_json: str,
+    breakdown: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    bill: BillLine,
+    runner_name: str,
+) -> bool:
+    """Store the result and the bill; return False if someone else finished it."""
+    now = timezone.now()
+    with transaction.atomic():
+        updated = Run.objects.filter(
+            pk=run.pk, status=Run.Status.RUNNING, runner_name=runner_name
+        ).update(
+            status=status,
+            finished_at=now,
+            outputs=outputs,
+            breakdown=breakdown,
+            error=error,
+            cold=bool(breakdown and any(m["cold"] for m in breakdown["models"])),
+            total_us=breakdown["total"] if breakdown else None,
+            runner_total_us=breakdown["runner_total"] if breakdown else None,
+        )
+        if not updated:
+            logger.warning("run %s was finished elsewhere before runner %s; result "
+                           "dropped", run.pk, runner_name)
+            return False
+        Bill.objects.create(run_id=run.pk, owner_id=run.owner_id, **bill_fields(bill))
+    payload_meta = {
+        "run_id": str(run.pk),
+        "status": status,
+        "breakdown": breakdown,
+        "error": error,
+        "bill": bill_fields(bill),
+        "warnings": run.warnings,
+    }
+    push_done(str(run.pk), outputs_json, payload_meta)
+    return True
+
+
+def push_done(run_id: str, outputs_json: str, meta: dict[str, Any]) -> None:
+    payload = '{"outputs":' + outputs_json + ',"meta":' + json.dumps(meta) + "}"
+    connection = get_redis()
+    pipeline = connection.pipeline(transaction=False)
+    pipeline.rpush(keys.done_key(run_id), payload)
+    pipeline.expire(keys.done_key(run_id), DONE_TTL_S)
+    pipeline.execute()
+
+
+def fail_run(run_id, reason: str, *, expected_status: str,
+             expected_runner: str | None = None, code: str = "platform_failure") -> bool:
+    """End a run failed because of the platform, with a waived bill."""
+    error = {"message": reason, "code": code, "context": "runner_pool",
+             "error_type": "PlatformError", "status": 500}
+    line = BillingPolicy.from_settings().waive(None, reason)
+    filters: dict[str, Any] = {"pk": run_id, "status": expected_status}
+    if expected_runner is not None:
+        filters["runner_name"] = expected_runner
+    with transaction.atomic():
+        updated = Run.objects.filter(**filters).update(
+            status=Run.Status.FAILED, finished_at=timezone.now(), error=error
+        )
+        if not updated:
+            return False
+        owner_id = Run.objects.values_list("owner_id", flat=True).get(pk=run_id)
+        Bill.objects.create(run_id=run_id, owner_id=owner_id, **bill_fields(line))
+    logger.warning("run %s failed: %s", run_id, reason)
+    push_done(str(run_id), "null", {"run_id": str(run_id), "status": "failed",
+                                    "breakdown": None, "error": error,
+                                    "bill": bill_fields(line), "warnings": []})
+    return True

@@ -1,0 +1,134 @@
+"""Runner heartbeats, the live fleet as seen from Redis, and reaping dead runners.
+
+Each runner writes a JSON heartbeat under its own key with an expiry of
+RUNNER_DEAD_AFTER_S; a key that expired means the runner is down.  Any live
+runner reaps a dead one: its running runs end failed (not billed) and its
+queued jobs move to the shared queue.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from rq import Queue
+from rq.job import Job
+
+from runner import keys
+from webapp.redis import get_redis
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerState:
+    name: str
+    data: dict[str, Any]
+
+    @property
+    def loaded_models(self) -> set[str]:
+        return {model["model_id"] for model in self.data.get("models", [])}
+
+    @property
+    def queue_length(self) -> int:
+        return int(self.data.get("queue_length", 0))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.data.get("current_run"))
+
+
+def publish_heartbeat(name: str, state: dict[str, Any]) -> None:
+    connection = get_redis()
+    ttl_ms = int(settings.GLASSBOX["RUNNER_DEAD_AFTER_S"] * 1000)
+    pipeline = connection.pipeline(transaction=False)
+    pipeline.set(keys.heartbeat_key(name), json.dumps(state), px=ttl_ms)
+    pipeline.sadd(keys.RUNNERS_SET, name)
+    pipeline.execute()
+
+
+def remove_heartbeat(name: str) -> None:
+    connection = get_redis()
+    connection.delete(keys.heartbeat_key(name))
+    connection.srem(keys.RUNNERS_SET, name)
+
+
+def live_runners() -> list[RunnerState]:
+    connection = get_redis()
+    names = sorted(n.decode() for n in connection.smembers(keys.RUNNERS_SET))
+    if not names:
+        return []
+    beats = connection.mget([keys.heartbeat_key(name) for name in names])
+    return [
+        RunnerState(name, json.loads(beat))
+        for name, beat in zip(names, beats, strict=True)
+        if beat is not None
+    ]
+
+
+def dead_runner_names() -> list[str]:
+    connection = get_redis()
+    names = sorted(n.decode() for n in connection.smembers(keys.RUNNERS_SET))
+    if not names:
+        return []
+    beats = connection.mget([keys.heartbeat_key(name) for name in names])
+    return [name for name, beat in zip(names, beats, strict=True) if beat is None]
+
+
+def reap_runner(name: str, reason: str) -> int:
+    """Fail a dead runner's running runs and requeue its jobs; return runs failed."""
+    from runner.finish import fail_run
+
+    connection = get_redis()
+    if not connection.set(keys.reap_lock_key(name), "1", nx=True, ex=30):
+        return 0
+    from runner.models import Run
+
+    failed = 0
+    stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
+    for run_id in stale.values_list("id", flat=True):
+        if fail_run(run_id, reason, expected_status=Run.Status.RUNNING,
+                    expected_runner=name):
+            failed += 1
+    moved = move_queued_jobs(name)
+    connection.srem(keys.RUNNERS_SET, name)
+    if failed or moved:
+        logger.warning("reaped runner %s: %d running runs failed, %d queued jobs "
+                       "moved to the shared queue (%s)", name, failed, moved, reason)
+    return failed
+
+
+def move_queued_jobs(name: str) -> int:
+    connection = get_redis()
+    source = Queue(keys.runner_queue(name), connection=connection)
+    target = Queue(keys.SHARED_QUEUE, connection=connection)
+    moved = 0
+    while True:
+        job_id = connection.lpop(source.key)
+        if job_id is None:
+            return moved
+        try:
+            job = Job.fetch(job_id.decode(), connection=connection)
+        except Exception:  # the job hash expired; nothing left to run
+            logger.warning("job %s of runner %s has no data; dropped", job_id, name)
+            continue
+        target.enqueue_job(job)
+        moved += 1
+
+
+def reap_dead_runners() -> None:
+    dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
+    for name in dead_runner_names():
+        reap_runner(name, f"runner {name} stopped sending heartbeats "
+                          f"(none for {dead_after:g} s)")
+
+
+def wait_for_runner(timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if live_runners():
+            return True
+        time.sleep(0.1)
+    return False

@@ -1,0 +1,134 @@
+"""The job a runner executes for one run."""
+
+import json
+import logging
+import time
+
+from django.utils import timezone
+
+from billing.policy import BillingPolicy
+from runner import keys
+from runner.finish import finish_run
+from runner.model_cache import ModelProvider
+from runner.models import Run
+from runner.registry import ModelSource
+from runner.runtime import current_runtime
+from webapp.redis import get_redis
+from workflows.compiler import plan_cache
+from workflows.errors import InputError, WorkflowError
+from workflows.executor import collect_outputs, execute_plan
+from workflows.images import WorkflowImage
+from workflows.timing import RunTimer
+
+logger = logging.getLogger(__name__)
+
+
+def execute_run(run_id: str) -> None:
+    """Claim the run, execute it, and finish it with its bill."""
+    started = time.perf_counter_ns()
+    started_wall = time.time_ns()
+    runtime = current_runtime()
+    claimed = Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
+        status=Run.Status.RUNNING, runner_name=runtime.name, started_at=timezone.now()
+    )
+    if not claimed:
+        logger.info("runner %s: run %s is no longer queued; skipped", runtime.name,
+                    run_id)
+        return
+    run = Run.objects.select_related("workflow_version").get(pk=run_id)
+    runtime.current_run = run_id
+    try:
+        _execute(run, runtime, started, started_wall)
+    finally:
+        runtime.current_run = None
+        runtime.runs_done += 1
+        _delete_inputs(run)
+
+
+def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
+    timer = RunTimer()
+    policy = BillingPolicy.from_settings()
+    outputs, outputs_json, error, status = None, "null", None, Run.Status.SUCCEEDED
+    platform_failure = False
+    try:
+        compiled = plan_cache.compile(run.definition())
+        timer.compile_ns = compiled.duration_ns
+        timer.compile_cache_hit = compiled.cache_hit
+        plan = compiled.plan
+        images = _fetch_images(run, [spec.name for spec in plan.image_inputs])
+        sources = {m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs}
+        provider = ModelProvider(runtime.cache, sources, timer)
+        batch = []
+        for index in range(run.batch_size):
+            inputs = dict(run.parameters)
+            for name, items in images.items():
+                inputs[name] = items[index if len(items) > 1 else 0]
+            results = execute_plan(plan, inputs, models=provider, timer=timer)
+            serialize_started = time.perf_counter_ns()
+            batch.append(collect_outputs(plan, inputs, results))
+            timer.serialization_ns += time.perf_counter_ns() - serialize_started
+        serialize_started = time.perf_counter_ns()
+        outputs_json = json.dumps(batch)
+        timer.serialization_ns += time.perf_counter_ns() - serialize_started
+        outputs = batch
+    except WorkflowError as failure:
+        status, error = Run.Status.FAILED, failure.to_dict()
+        error["status"] = failure.status
+        platform_failure = not failure.user_error
+        logger.info("run %s failed on runner %s: %s", run.pk, runtime.name,
+                    failure.message)
+    except Exception as failure:
+        status, platform_failure = Run.Status.FAILED, True
+        error = {"message": f"internal error on runner {runtime.name}: "
+                            f"{type(failure).__name__}",
+                 "code": "platform_failure", "context": "workflow_execution",
+                 "error_type": type(failure).__name__, "status": 500}
+        logger.exception("run %s crashed on runner %s", run.pk, runtime.name)
+
+    runner_total_ns = time.perf_counter_ns() - started
+    queue_us = max(0, (started_wall - run.queued_at_ns) // 1000)
+    step_types = {}
+    if run.definition():
+        step_types = {s.get("name"): s.get("type", "")
+                      for s in run.definition().get("steps", []) if isinstance(s, dict)}
+    breakdown = timer.breakdown(runner_total_ns=runner_total_ns,
+                                request_us=run.request_us, queue_us=queue_us,
+                                step_types=step_types)
+    breakdown["runner"] = runtime.name
+    breakdown["device"] = runtime.device
+    if platform_failure:
+        bill = policy.waive(breakdown, "the run failed because of the platform")
+    else:
+        bill = policy.bill(breakdown)
+    finish_run(run, status=status, outputs=outputs, outputs_json=outputs_json,
+               breakdown=breakdown, error=error, bill=bill, runner_name=runtime.name)
+
+
+def _fetch_images(run: Run, names: list[str]) -> dict[str, list[WorkflowImage]]:
+    connection = get_redis()
+    wanted = [(name, index) for name in names
+              for index in range(len(run.image_info.get(name, [])))]
+    blobs = connection.mget([keys.input_key(str(run.pk), n, i) for n, i in wanted])
+    images: dict[str, list[WorkflowImage]] = {name: [] for name in names}
+    for (name, index), blob in zip(wanted, blobs, strict=True):
+        if blob is None:
+            expired = InputError(
+                f"input image '{name}' #{index} expired before a runner started the "
+                "run; send the request again",
+                context="input_fetch", field_name=name,
+            )
+            expired.user_error = False  # the queue was too slow, not the request
+            raise expired
+        info = run.image_info[name][index]
+        images[name].append(WorkflowImage(parent_id=f"{name}.{index}" if index else name,
+                                          width=info["width"], height=info["height"],
+                                          data=blob))
+    return images
+
+
+def _delete_inputs(run: Run) -> None:
+    input_keys = [keys.input_key(str(run.pk), name, index)
+                  for name, items in run.image_info.items()
+                  for index in range(len(items))]
+    if input_keys:
+        get_redis().delete(*input_keys)

@@ -1,0 +1,62 @@
+"""python manage.py runner: start one long-lived runner process."""
+
+import logging
+import os
+import socket
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from runner import fleet
+from runner.finish import fail_run
+from runner.model_cache import ModelCache, pick_device
+from runner.models import Run
+from runner.runtime import RunnerRuntime, set_runtime
+from runner.worker import run_worker
+from webapp.redis import get_redis
+
+logger = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = "Start a runner that executes workflow runs and keeps models loaded."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--name", default=None,
+                            help="Runner name, unique in the pool (default: host-pid).")
+        parser.add_argument("--device", default=None,
+                            help="torch device, e.g. cpu or cuda:0 (default: cuda:0 "
+                                 "when available, else cpu).")
+        parser.add_argument("--memory-budget-mb", type=int,
+                            default=settings.GLASSBOX["RUNNER_MEMORY_BUDGET_MB"],
+                            help="Memory for loaded models, in MiB; least recently "
+                                 "used models are evicted above it.")
+        parser.add_argument("--burst", action="store_true",
+                            help="Exit when the queues are empty.")
+
+    def handle(self, *args, **options):
+        name = options["name"] or f"{socket.gethostname()}-{os.getpid()}"
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise CommandError(f"runner name {name!r} may contain only letters, digits, "
+                               "'-', '_' and '.'")
+        threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
+        cache = ModelCache(
+            budget_bytes=options["memory_budget_mb"] * 1024 * 1024,
+            device=pick_device(options["device"]),
+            warmup_size=settings.GLASSBOX["WARMUP_IMAGE_SIZE"],
+            torch_threads=threads,
+        )
+        runtime = RunnerRuntime(name=name, device=cache.device, cache=cache)
+        set_runtime(runtime)
+        connection = get_redis()
+        self._fail_own_stale_runs(name)
+        run_worker(runtime, connection, burst=options["burst"])
+
+    def _fail_own_stale_runs(self, name: str) -> None:
+        """Runs this runner name held when it last stopped without finishing them."""
+        if any(state.name == name for state in fleet.live_runners()):
+            raise CommandError(f"a runner named {name!r} is already running")
+        stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
+        for run_id in stale.values_list("id", flat=True):
+            fail_run(run_id, f"runner {name} restarted while running this run",
+                     expected_status=Run.Status.RUNNING, expected_runner=name)

@@ -1,0 +1,262 @@
+"""Models kept loaded on a runner, evicted under a memory budget.
+
+A model is loaded on first use and stays loaded between runs.  Its memory is
+measured when it loads: bytes allocated by the CUDA allocator on a GPU;
+parameter and buffer bytes on the CPU (with the process's RSS growth kept for
+information).  When loading a model would push the total over the budget,
+the eviction policy picks models to unload first; a model whose size is not
+known yet is measured on load and the budget enforced right after.
+"""
+
+import gc
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from runner.registry import ModelSource
+from workflows.detections import Detections
+from workflows.images import WorkflowImage
+from workflows.timing import ModelUse, RunTimer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: Any  # ultralytics.YOLO
+    memory_bytes: int
+    rss_growth_bytes: int
+    loaded_at: float
+    last_used: float
+    uses: int = 0
+
+    def class_names(self) -> dict[int, str]:
+        return dict(self.model.names)
+
+
+class EvictionPolicy:
+    """Chooses which loaded model to unload next."""
+
+    name = "base"
+
+    def victim(self, entries: list[LoadedModel]) -> LoadedModel:
+        raise NotImplementedError
+
+
+class LeastRecentlyUsed(EvictionPolicy):
+    name = "lru"
+
+    def victim(self, entries: list[LoadedModel]) -> LoadedModel:
+        return min(entries, key=lambda entry: entry.last_used)
+
+
+def pick_device(requested: str | None = None) -> str:
+    if requested:
+        return requested
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class ModelCache:
+    def __init__(self, *, budget_bytes: int, device: str, warmup_size: int,
+                 torch_threads: int, policy: EvictionPolicy | None = None) -> None:
+        self.budget_bytes = budget_bytes
+        self.device = device
+        self.warmup_size = warmup_size
+        self.torch_threads = torch_threads
+        self.policy = policy or LeastRecentlyUsed()
+        self._entries: dict[str, LoadedModel] = {}
+        # Sizes measured at earlier loads, so a reload can make room first.
+        self._known_sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    # -- reading state (also from the heartbeat thread) --
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "model_id": key,
+                    "memory_bytes": entry.memory_bytes,
+                    "pretrained": entry.source.pretrained,
+                    "last_used": entry.last_used,
+                    "uses": entry.uses,
+                }
+                for key, entry in self._entries.items()
+            ]
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(entry.memory_bytes for entry in self._entries.values())
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self._entries
+
+    # -- loading and eviction --
+
+    def get(self, source: ModelSource, use: ModelUse) -> LoadedModel:
+        """Return the loaded model, loading it (and timing the load) on a miss."""
+        key = source.model_id
+        entry = self._entries.get(key)
+        if entry is None:
+            self._make_room(self._known_sizes.get(key, 0), keep=key)
+            entry = self._load(source, use)
+            with self._lock:
+                self._entries[key] = entry
+            self._known_sizes[key] = entry.memory_bytes
+            self._make_room(0, keep=key)
+        entry.last_used = time.monotonic()
+        entry.uses += 1
+        use.memory_bytes = entry.memory_bytes
+        return entry
+
+    def _make_room(self, incoming_bytes: int, keep: str) -> None:
+        while True:
+            with self._lock:
+                used = sum(e.memory_bytes for e in self._entries.values())
+                candidates = [e for k, e in self._entries.items() if k != keep]
+            if used + incoming_bytes <= self.budget_bytes or not candidates:
+                if used + incoming_bytes > self.budget_bytes:
+                    logger.warning(
+                        "model %s alone needs %d bytes, over the budget of %d bytes",
+                        keep, used + incoming_bytes, self.budget_bytes,
+                    )
+                return
+            self.evict(self.policy.victim(candidates).source.model_id)
+
+    def evict(self, model_id: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(model_id, None)
+        if entry is None:
+            return
+        self.evictions += 1
+        logger.info("evicted model %s (%d bytes, policy %s)", model_id,
+                    entry.memory_bytes, self.policy.name)
+        del entry
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _load(self, source: ModelSource, use: ModelUse) -> LoadedModel:
+        from ultralytics import YOLO
+
+        process = psutil.Process()
+        rss_before = process.memory_info().rss
+        cuda_before = (
+            torch.cuda.memory_allocated(self.device)
+            if self.device.startswith("cuda") else 0
+        )
+
+        started = time.perf_counter_ns()
+        model = YOLO(source.path, task="detect")
+        read_done = time.perf_counter_ns()
+        model.to(self.device)
+        _synchronize(self.device)
+        moved = time.perf_counter_ns()
+        size = source.image_size or self.warmup_size
+        blank = np.zeros((size, size, 3), dtype=np.uint8)
+        model.predict(blank, device=self.device, imgsz=size, verbose=False)
+        _synchronize(self.device)
+        warmed = time.perf_counter_ns()
+        # ultralytics drops torch to one thread at its first predict.
+        torch.set_num_threads(self.torch_threads)
+
+        use.cold = True
+        use.load_read_ns = read_done - started
+        use.load_to_device_ns = moved - read_done
+        use.load_warmup_ns = warmed - moved
+        if self.device.startswith("cuda"):
+            memory = torch.cuda.memory_allocated(self.device) - cuda_before
+        else:
+            memory = tensor_bytes(model.model)
+        rss_growth = process.memory_info().rss - rss_before
+        logger.info(
+            "loaded model %s from %s on %s in %.1f ms (%d bytes, RSS +%d bytes)",
+            source.model_id, source.kind, self.device,
+            (warmed - started) / 1e6, memory, rss_growth,
+        )
+        now = time.monotonic()
+        return LoadedModel(source=source, model=model, memory_bytes=memory,
+                           rss_growth_bytes=rss_growth, loaded_at=now, last_used=now)
+
+
+class ModelProvider:
+    """What object-detection blocks call: runs a model from the cache, timing it."""
+
+    def __init__(self, cache: ModelCache, sources: dict[str, ModelSource],
+                 timer: RunTimer) -> None:
+        self.cache = cache
+        self.sources = sources
+        self.timer = timer
+
+    def detect(self, model_id: str, image: WorkflowImage, options: Any,
+               step: str) -> Detections:
+        source = self.sources[model_id]
+        use = self.timer.model(model_id)
+        use.source, use.pretrained, use.device = (
+            source.kind, source.pretrained, self.cache.device,
+        )
+        if step not in use.steps:
+            use.steps.append(step)
+        entry = self.cache.get(source, use)
+
+        decode_started = time.perf_counter_ns()
+        pixels = image.pixels
+        decode_ns = time.perf_counter_ns() - decode_started
+
+        names = entry.class_names()
+        classes = None
+        if options.class_filter:
+            wanted = set(options.class_filter)
+            classes = [i for i, name in names.items() if name in wanted] or [-1]
+        results = entry.model.predict(
+            pixels,
+            conf=options.confidence,
+            iou=options.iou_threshold,
+            max_det=options.max_detections,
+            classes=classes,
+            agnostic_nms=options.class_agnostic_nms,
+            imgsz=source.image_size or self.cache.warmup_size,
+            device=self.cache.device,
+            verbose=False,
+        )
+        result = results[0]
+        # ultralytics times these three stages itself, synchronising CUDA.
+        use.preprocess_ns += decode_ns + int(result.speed["preprocess"] * 1e6)
+        use.inference_ns += int(result.speed["inference"] * 1e6)
+        use.postprocess_ns += int(result.speed["postprocess"] * 1e6)
+        use.calls += 1
+
+        boxes = result.boxes
+        class_ids = boxes.cls.cpu().numpy().astype(np.int64)
+        return Detections(
+            xyxy=boxes.xyxy.cpu().numpy().astype(np.float32),
+            confidence=boxes.conf.cpu().numpy().astype(np.float32),
+            class_id=class_ids,
+            class_names=[names[int(i)] for i in class_ids],
+            image_size=(image.width, image.height),
+            parent_id=image.parent_id,
+            origin=image.origin,
+            parent_size=image.root_size,
+            inference_id=str(uuid.uuid4()),
+        )

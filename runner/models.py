@@ -1,0 +1,97 @@
+"""Runs and uploaded model weights."""
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Run(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    class Source(models.TextChoices):
+        API = "api"
+        ROBOFLOW = "roboflow"
+        UI = "ui"
+        CLI = "cli"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
+                              related_name="runs")
+    workflow_version = models.ForeignKey(
+        "workflows.WorkflowVersion", null=True, blank=True, on_delete=models.PROTECT,
+        related_name="runs",
+    )
+    # Set instead of workflow_version for an inline specification.
+    inline_definition = models.JSONField(null=True, blank=True)
+    definition_digest = models.CharField(max_length=64)
+    token = models.ForeignKey("webapp.ApiToken", null=True, blank=True,
+                              on_delete=models.SET_NULL, related_name="runs")
+    source = models.CharField(max_length=16, choices=Source.choices)
+    status = models.CharField(max_length=16, choices=Status.choices,
+                              default=Status.QUEUED, db_index=True)
+    parameters = models.JSONField(default=dict)
+    # Per image input: list of {"format", "width", "height", "bytes"}.
+    image_info = models.JSONField(default=dict)
+    batch_size = models.PositiveIntegerField(default=1)
+    # Models the run uses and whether each was predicted hot at submission.
+    model_refs = models.JSONField(default=list)
+    queue_name = models.CharField(max_length=200, blank=True)
+    runner_name = models.CharField(max_length=200, blank=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Wall clock (ns since the epoch) when the run was queued; queue time is
+    # measured from here to the runner's start.
+    queued_at_ns = models.BigIntegerField(default=0)
+    request_us = models.BigIntegerField(default=0)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    outputs = models.JSONField(null=True, blank=True)
+    breakdown = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    warnings = models.JSONField(default=list)
+    cold = models.BooleanField(default=False)
+    total_us = models.BigIntegerField(null=True, blank=True)
+    runner_total_us = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["owner", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"run {self.id} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)
+
+    def definition(self) -> dict:
+        if self.workflow_version_id is not None:
+            return self.workflow_version.definition
+        return self.inline_definition
+
+
+class ModelUpload(models.Model):
+    """Weights a user uploaded; usable under ``model_id`` by that user only."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
+                              related_name="model_uploads")
+    model_id = models.CharField(max_length=200)
+    path = models.CharField(max_length=500)
+    size_bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    task = models.CharField(max_length=50)
+    class_names = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "model_id"],
+                                    name="unique_upload_model_id")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.owner}:{self.model_id}"

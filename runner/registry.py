@@ -1,0 +1,150 @@
+"""Resolve a model id to weights on disk, or to an untrained architecture.
+
+Lookup order for an id:
+
+1. the requesting user's uploads, by exact id;
+2. ``<MODEL_DIR>/<id>.pt`` (or ``<MODEL_DIR>/<id>`` when it already ends in .pt);
+3. ultralytics' weights directory, for names such as ``yolov8n`` whose
+   ``.pt`` file is present;
+4. an ultralytics model YAML (``yolov8n.yaml``): the architecture with random
+   weights, labelled untrained wherever it appears.
+
+Roboflow-style ids with an input size suffix (``yolov8n-640``) resolve like
+the name without it and run at that size.
+"""
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+from workflows.errors import ModelNotFoundError
+
+SIZE_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<size>\d{3,4})$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
+
+UNTRAINED_LABEL = "untrained architecture: random weights, detections are meaningless"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str
+    # "upload", "model_dir", "ultralytics_weights" or "architecture"
+    kind: str
+    path: str
+    pretrained: bool
+    image_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        return "pretrained weights" if self.pretrained else UNTRAINED_LABEL
+
+    def to_dict(self) -> dict:
+        return {"model_id": self.model_id, "kind": self.kind, "path": self.path,
+                "pretrained": self.pretrained, "image_size": self.image_size,
+                "label": self.label}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSource":
+        return cls(model_id=data["model_id"], kind=data["kind"], path=data["path"],
+                   pretrained=data["pretrained"], image_size=data.get("image_size"))
+
+
+def model_dir() -> Path:
+    return Path(settings.GLASSBOX["MODEL_DIR"])
+
+
+def resolve_model(model_id: object, owner_id: int | None = None,
+                  step: str | None = None) -> ModelSource:
+    """Return where ``model_id``'s weights are, or raise ModelNotFoundError."""
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise ModelNotFoundError(repr(model_id), ["(model id must be a non-empty string)"],
+                                 step=step)
+    searched: list[str] = []
+    if owner_id is not None:
+        found = _from_uploads(model_id, owner_id, searched)
+        if found:
+            return found
+    if not SAFE_ID.match(model_id) or ".." in model_id.split("/"):
+        raise ModelNotFoundError(
+            model_id, ["(ids may contain letters, digits, '.', '_', '-' and '/')"],
+            step=step,
+        )
+    if model_id.endswith((".yaml", ".yml")):
+        return _architecture(model_id, model_id, None, searched, step)
+    size = None
+    names = [model_id]
+    match = SIZE_SUFFIX.match(model_id)
+    if match:
+        names.append(match["name"])
+    for name in names:
+        found = _from_files(model_id, name, searched)
+        if found:
+            if name != model_id:
+                size = int(match["size"])
+                return ModelSource(found.model_id, found.kind, found.path,
+                                   found.pretrained, size)
+            return found
+    raise ModelNotFoundError(model_id, searched, step=step)
+
+
+def _from_uploads(model_id: str, owner_id: int, searched: list[str]) -> ModelSource | None:
+    from runner.models import ModelUpload
+
+    searched.append("your uploaded models")
+    upload = ModelUpload.objects.filter(owner_id=owner_id, model_id=model_id).first()
+    if upload is None:
+        return None
+    return ModelSource(model_id, "upload", upload.path, pretrained=True)
+
+
+def _ultralytics_weights_dir() -> Path | None:
+    """Read ultralytics' weights directory from its settings file.
+
+    Read directly, because importing ultralytics would pull torch into the
+    web server.
+    """
+    config_dir = os.environ.get("YOLO_CONFIG_DIR") or Path.home() / ".config" / "Ultralytics"
+    try:
+        settings_file = json.loads((Path(config_dir) / "settings.json").read_text())
+    except (OSError, ValueError):
+        return None
+    weights = settings_file.get("weights_dir")
+    return Path(weights) if weights else None
+
+
+def _from_files(model_id: str, name: str, searched: list[str]) -> ModelSource | None:
+    filename = name if name.endswith(".pt") else f"{name}.pt"
+    candidates = [("model_dir", model_dir() / filename)]
+    weights_dir = _ultralytics_weights_dir()
+    if weights_dir is not None:
+        candidates.append(("ultralytics_weights", weights_dir / filename))
+    for kind, path in candidates:
+        searched.append(str(path))
+        if path.is_file():
+            return ModelSource(model_id, kind, str(path), pretrained=True)
+    return None
+
+
+# ultralytics names a scaled model by its family file plus a scale letter:
+# yolov8n.yaml is cfg/models/v8/yolov8.yaml at scale "n".
+SCALED_NAME = re.compile(r"^(?P<family>.+\d+)(?P<scale>[nslmx])(?P<rest>.*)\.ya?ml$")
+
+
+def _architecture(model_id, name, size, searched, step) -> ModelSource:
+    spec = importlib.util.find_spec("ultralytics")
+    config_root = Path(spec.origin).parent / "cfg" / "models" if spec else None
+    searched.append(f"ultralytics model configurations ({config_root})")
+    if config_root is None:
+        raise ModelNotFoundError(model_id, searched, step=step)
+    wanted = {Path(name).name}
+    match = SCALED_NAME.match(Path(name).name)
+    if match:
+        wanted.add(f"{match['family']}{match['rest']}.yaml")
+    if not any(next(config_root.rglob(candidate), None) for candidate in wanted):
+        raise ModelNotFoundError(model_id, searched, step=step)
+    return ModelSource(model_id, "architecture", name, pretrained=False, image_size=size)

@@ -1,0 +1,31 @@
+"""Turn a run outcome into an HTTP response with timing headers."""
+
+from rest_framework.response import Response
+
+from runner.presenters import run_to_dict, timing_headers
+from runner.service import RunOutcome
+
+
+def status_for(payload: dict) -> int:
+    meta = payload["meta"]
+    if meta["status"] == "succeeded":
+        return 200
+    error = meta.get("error") or {}
+    return int(error.get("status", 500))
+
+
+def pending_response(outcome: RunOutcome) -> Response:
+    run = outcome.run
+    body = {"id": str(run.id), "status": run.status, "url": f"/api/runs/{run.id}",
+            "message": "The run is queued or running; GET its url for the result."}
+    return Response(body, status=202, headers={"Location": body["url"],
+                                               "X-Run-Id": str(run.id)})
+
+
+def run_response(outcome: RunOutcome, started_ns: int) -> Response:
+    """Our own API's body: the whole run, outputs included."""
+    if outcome.payload is None:
+        return pending_response(outcome)
+    body = run_to_dict(outcome.run, payload=outcome.payload)
+    headers = timing_headers(outcome.payload["meta"], started_ns)
+    return Response(body, status=status_for(outcome.payload), headers=headers)

@@ -1,0 +1,59 @@
+"""State of the runner process: its name, device and model cache.
+
+Set once by the ``runner`` command before the worker loop starts; the job
+function reads it, which is why runners must not fork per job.
+"""
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from runner.model_cache import ModelCache
+
+
+@dataclass
+class RunnerRuntime:
+    name: str
+    device: str
+    cache: ModelCache
+    started_at: float = field(default_factory=time.time)
+    current_run: str | None = None
+    runs_done: int = 0
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    def state(self, queue_length: int) -> dict:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "device": self.device,
+            "budget_bytes": self.cache.budget_bytes,
+            "used_bytes": self.cache.used_bytes(),
+            "models": self.cache.snapshot(),
+            "eviction_policy": self.cache.policy.name,
+            "evictions": self.cache.evictions,
+            "queue_length": queue_length,
+            "current_run": self.current_run,
+            "runs_done": self.runs_done,
+            "started_at": self.started_at,
+            "beat_at": time.time(),
+        }
+
+
+_runtime: RunnerRuntime | None = None
+
+
+def set_runtime(runtime: RunnerRuntime) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def current_runtime() -> RunnerRuntime:
+    if _runtime is None:
+        raise RuntimeError(
+            "no runner runtime in this process; jobs run only inside "
+            "'python manage.py runner'"
+        )
+    return _runtime

@@ -1,0 +1,62 @@
+"""API token authentication accepting every place Roboflow clients put the key.
+
+``Authorization: Bearer <key>`` or ``Token <key>``, an ``api_key`` query
+parameter, or an ``api_key`` field in a JSON body (what ``inference-sdk``
+sends).
+"""
+
+import json
+
+from rest_framework import authentication, exceptions
+
+from webapp.models import ApiToken, hash_token
+
+
+def find_api_key(request) -> str | None:
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() in ("bearer", "token") and value.strip():
+        return value.strip()
+    if request.GET.get("api_key"):
+        return request.GET["api_key"]
+    if request.content_type == "application/json" and request.body[:1] == b"{":
+        key = _api_key_from_body(request)
+        if key:
+            return key
+    return None
+
+
+def _api_key_from_body(request) -> str | None:
+    parsed = getattr(request, "_json_body", None)
+    if parsed is None:
+        try:
+            parsed = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        request._json_body = parsed
+    if isinstance(parsed, dict) and isinstance(parsed.get("api_key"), str):
+        return parsed["api_key"]
+    return None
+
+
+def authenticate_key(key: str) -> ApiToken | None:
+    return (
+        ApiToken.objects.active()
+        .select_related("user")
+        .filter(key_hash=hash_token(key), user__is_active=True)
+        .first()
+    )
+
+
+class ApiTokenAuthentication(authentication.BaseAuthentication):
+    def authenticate(self, request):
+        key = find_api_key(request._request)
+        if key is None:
+            return None
+        token = authenticate_key(key)
+        if token is None:
+            raise exceptions.AuthenticationFailed("Invalid or revoked API key.")
+        return token.user, token
+
+    def authenticate_header(self, request) -> str:
+        return "Bearer"

@@ -1,0 +1,62 @@
+"""One error body for every API route.
+
+``{"message", "error_type", "code", "context", ...}``: the fields Roboflow's
+client reads (``message``, ``inner_error_message``, ``blocks_errors``) plus a
+stable ``code`` and, where known, the ``step``, ``field`` and a ``hint``.
+"""
+
+from typing import Any
+
+from django.http import JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+from workflows.errors import WorkflowError
+
+
+def error_body(message: str, code: str, *, context: str = "request",
+               error_type: str = "RequestError", **extra: Any) -> dict[str, Any]:
+    body = {"message": message, "error_type": error_type, "code": code,
+            "context": context}
+    body.update({key: value for key, value in extra.items() if value is not None})
+    return body
+
+
+def workflow_error_response(error: WorkflowError) -> Response:
+    return Response(error.to_dict(), status=error.status)
+
+
+def api_exception_handler(exc, context):
+    if isinstance(exc, WorkflowError):
+        return workflow_error_response(exc)
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.ValidationError):
+        response.data = error_body(
+            "Invalid request: " + _flatten(exc.detail), "invalid_request",
+            error_type="ValidationError", fields=exc.detail,
+        )
+    elif isinstance(exc, exceptions.APIException):
+        response.data = error_body(str(exc.detail), exc.get_codes()
+                                   if isinstance(exc.get_codes(), str) else "error",
+                                   error_type=type(exc).__name__)
+    return response
+
+
+def _flatten(detail: Any, prefix: str = "") -> str:
+    if isinstance(detail, dict):
+        return "; ".join(_flatten(value, f"{prefix}{key}: ") for key, value in detail.items())
+    if isinstance(detail, list):
+        return "; ".join(_flatten(item, prefix) for item in detail)
+    return f"{prefix}{detail}"
+
+
+def not_found(message: str) -> JsonResponse:
+    return JsonResponse(error_body(message, "not_found", error_type="NotFound"),
+                        status=status.HTTP_404_NOT_FOUND)
+
+
+def json_error(message: str, code: str, status_code: int, **extra: Any) -> JsonResponse:
+    return JsonResponse(error_body(message, code, **extra), status=status_code)

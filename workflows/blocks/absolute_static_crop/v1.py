@@ -1,0 +1,75 @@
+"""Absolute static crop: cut a fixed rectangle, given in pixels, from each image."""
+
+from typing import Any
+
+from workflows.blocks.base import IMAGE, VALUE, Block, Field, StepContext
+from workflows.errors import StepExecutionError
+from workflows.images import WorkflowImage
+
+
+def non_negative_number(value: Any) -> str | None:
+    if isinstance(value, bool) or value < 0:
+        return f"must be a non-negative number, got {value!r}"
+    return None
+
+
+def positive_number(value: Any) -> str | None:
+    if isinstance(value, bool) or value <= 0:
+        return f"must be a positive number, got {value!r}"
+    return None
+
+
+def crop_image(image: WorkflowImage, x1: int, y1: int, x2: int, y2: int) -> WorkflowImage:
+    """Return the pixels inside (x1, y1, x2, y2), clipped to the image."""
+    x1, x2 = max(0, x1), min(image.width, x2)
+    y1, y2 = max(0, y1), min(image.height, y2)
+    pixels = image.pixels[y1:y2, x1:x2].copy()
+    ox, oy = image.origin
+    return WorkflowImage.from_pixels(
+        pixels,
+        parent_id=image.parent_id,
+        origin=(ox + x1, oy + y1),
+        root_size=image.root_size or (image.width, image.height),
+    )
+
+
+class AbsoluteStaticCropBlock(Block):
+    type = "roboflow_core/absolute_static_crop@v1"
+    aliases = ("AbsoluteStaticCrop",)
+    title = "Static crop"
+    description = "Crops a fixed rectangle given by its centre and size in pixels."
+    _number = (int, float)
+    fields = (
+        Field("images", IMAGE, "Image to crop."),
+        Field("x_center", VALUE, "Centre x in pixels.", types=_number,
+              check=non_negative_number),
+        Field("y_center", VALUE, "Centre y in pixels.", types=_number,
+              check=non_negative_number),
+        Field("width", VALUE, "Crop width in pixels.", types=_number, check=positive_number),
+        Field("height", VALUE, "Crop height in pixels.", types=_number,
+              check=positive_number),
+    )
+    outputs = {"crops": IMAGE}
+
+    def run(
+        self,
+        context: StepContext,
+        *,
+        images: WorkflowImage,
+        x_center: float,
+        y_center: float,
+        width: float,
+        height: float,
+    ) -> dict[str, Any]:
+        x1 = round(x_center - width / 2)
+        y1 = round(y_center - height / 2)
+        x2, y2 = x1 + round(width), y1 + round(height)
+        if x2 <= 0 or y2 <= 0 or x1 >= images.width or y1 >= images.height:
+            raise StepExecutionError(
+                f"crop ({x1}, {y1}, {x2}, {y2}) lies outside the "
+                f"{images.width}x{images.height} image",
+                step=context.step_name,
+                user_error=True,
+            )
+        return {"crops": crop_image(images, x1, y1, x2, y2)}
+

@@ -1,0 +1,130 @@
+"""What every block declares: its fields, outputs and how to run it.
+
+A block describes one step type.  The compiler reads the declarations to
+validate a definition before anything runs; the executor calls ``run`` with
+the resolved field values, one image-level element at a time.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from workflows.detections import Detections
+from workflows.images import WorkflowImage
+
+# Kinds of values that flow between steps.  Selectors are checked against
+# them at compile time.
+IMAGE = "image"
+DETECTIONS = "object_detection_prediction"
+ANY = "*"
+# A literal JSON value, or a ``$inputs.<parameter>`` selector.
+VALUE = "value"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One property of a step in a definition."""
+
+    name: str
+    kind: str
+    description: str
+    required: bool = True
+    default: Any = None
+    # For VALUE fields: accepted Python types of a literal, and an optional
+    # check that returns a problem description or None.
+    types: tuple[type, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+
+
+@dataclass
+class StepContext:
+    """What a block may use while running, besides its field values."""
+
+    step_name: str
+    models: Any  # runner.model_cache.ModelProvider, typed loosely to avoid a cycle
+    timer: Any  # workflows.timing.RunTimer
+
+
+class Block:
+    """Base class.  Subclasses set the class attributes and implement ``run``."""
+
+    type: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    title: ClassVar[str]
+    description: ClassVar[str]
+    fields: ClassVar[tuple[Field, ...]]
+    outputs: ClassVar[Mapping[str, str]]
+    # How many list levels the block adds to its outputs (dynamic crop adds one).
+    adds_dimension: ClassVar[int] = 0
+    uses_model: ClassVar[bool] = False
+
+    @classmethod
+    def field(cls, name: str) -> Field | None:
+        for candidate in cls.fields:
+            if candidate.name == name:
+                return candidate
+        return None
+
+    def run(self, context: StepContext, **values: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def manifest(cls) -> dict[str, Any]:
+        """Describe the block for the browser's palette and the API."""
+        return {
+            "type": cls.type,
+            "aliases": list(cls.aliases),
+            "title": cls.title,
+            "description": cls.description,
+            "uses_model": cls.uses_model,
+            "fields": [
+                {
+                    "name": f.name,
+                    "kind": f.kind,
+                    "description": f.description,
+                    "required": f.required,
+                    "default": f.default,
+                }
+                for f in cls.fields
+            ],
+            "outputs": dict(cls.outputs),
+        }
+
+
+def number_between(low: float, high: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not low <= value <= high:
+            return f"must be a number from {low} to {high}, got {value!r}"
+        return None
+
+    return check
+
+
+def positive_integer(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"must be a positive integer, got {value!r}"
+    return None
+
+
+def list_of_strings(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return f"must be a list of strings, got {value!r}"
+    return None
+
+
+__all__ = [
+    "ANY",
+    "Block",
+    "DETECTIONS",
+    "Detections",
+    "Field",
+    "IMAGE",
+    "StepContext",
+    "VALUE",
+    "WorkflowImage",
+    "list_of_strings",
+    "number_between",
+    "positive_integer",
+]

@@ -1,0 +1,31 @@
+"""Dynamic crop: one crop per detection, so later steps can run on each object."""
+
+from typing import Any
+
+from workflows.blocks.absolute_static_crop.v1 import crop_image
+from workflows.blocks.base import DETECTIONS, IMAGE, Block, Field, StepContext
+from workflows.detections import Detections
+from workflows.images import WorkflowImage
+
+
+class DynamicCropBlock(Block):
+    type = "roboflow_core/dynamic_crop@v1"
+    aliases = ("DynamicCrop", "Crop")
+    title = "Dynamic crop"
+    description = "Cuts out each detected box; following steps run once per crop."
+    fields = (
+        Field("images", IMAGE, "Image the detections were found in."),
+        Field("predictions", DETECTIONS, "Detections whose boxes are cut out."),
+    )
+    outputs = {"crops": IMAGE}
+    adds_dimension = 1
+
+    def run(
+        self, context: StepContext, *, images: WorkflowImage, predictions: Detections
+    ) -> dict[str, Any]:
+        crops = []
+        for x1, y1, x2, y2 in predictions.xyxy:
+            crop = crop_image(images, int(x1), int(y1), int(round(x2)), int(round(y2)))
+            if crop.width and crop.height:
+                crops.append(crop)
+        return {"crops": crops}

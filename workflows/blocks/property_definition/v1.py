@@ -1,0 +1,110 @@
+"""Property definition: derive a value (size, count, class names) from data.
+
+``operations`` is a chain applied left to right, using the operation names of
+Roboflow's query language for the subset supported here.
+"""
+
+from typing import Any
+
+from workflows.blocks.base import ANY, VALUE, Block, Field, StepContext
+from workflows.detections import Detections
+from workflows.errors import StepExecutionError
+from workflows.images import WorkflowImage
+
+IMAGE_PROPERTIES = ("width", "height", "aspect_ratio", "size")
+DETECTION_PROPERTIES = ("class_name", "class_id", "confidence", "x", "y", "width",
+                        "height", "detection_id")
+OPERATIONS = {
+    "ExtractImageProperty": "property_name: one of " + ", ".join(IMAGE_PROPERTIES),
+    "SequenceLength": "number of detections or items",
+    "DetectionsPropertyExtract": "property_name: one of " + ", ".join(DETECTION_PROPERTIES),
+    "ToString": "str() of the value",
+}
+
+
+def check_operations(value: Any) -> str | None:
+    if not isinstance(value, list) or not value:
+        return "must be a non-empty list of operations"
+    for index, operation in enumerate(value):
+        if not isinstance(operation, dict) or operation.get("type") not in OPERATIONS:
+            return (
+                f"operation {index} has unknown type "
+                f"{operation.get('type') if isinstance(operation, dict) else operation!r}; "
+                f"supported: {', '.join(OPERATIONS)}"
+            )
+        name = operation.get("property_name")
+        if operation["type"] == "ExtractImageProperty" and name not in IMAGE_PROPERTIES:
+            return f"operation {index}: property_name must be one of {IMAGE_PROPERTIES}"
+        if (
+            operation["type"] == "DetectionsPropertyExtract"
+            and name not in DETECTION_PROPERTIES
+        ):
+            return f"operation {index}: property_name must be one of {DETECTION_PROPERTIES}"
+    return None
+
+
+class PropertyDefinitionBlock(Block):
+    type = "roboflow_core/property_definition@v1"
+    aliases = ("PropertyDefinition",)
+    title = "Property"
+    description = "Extracts a property: image width/height/aspect ratio, detection count or class names."
+    fields = (
+        Field("data", ANY, "Image or detections to read the property from."),
+        Field(
+            "operations", VALUE,
+            "Operations applied in order, e.g. [{\"type\": \"SequenceLength\"}].",
+            types=(list,), check=check_operations,
+        ),
+    )
+    outputs = {"output": VALUE}
+
+    def run(self, context: StepContext, *, data: Any, operations: list) -> dict[str, Any]:
+        value = data
+        for operation in operations:
+            value = _apply(operation, value, context.step_name)
+        return {"output": value}
+
+
+def _apply(operation: dict, value: Any, step: str) -> Any:
+    kind = operation["type"]
+    if kind == "ExtractImageProperty":
+        if not isinstance(value, WorkflowImage):
+            raise _wrong_input(kind, value, "an image", step)
+        name = operation["property_name"]
+        if name == "aspect_ratio":
+            return value.width / value.height if value.height else 0.0
+        if name == "size":
+            return value.width * value.height
+        return getattr(value, name)
+    if kind == "SequenceLength":
+        return len(value)
+    if kind == "DetectionsPropertyExtract":
+        if not isinstance(value, Detections):
+            raise _wrong_input(kind, value, "detections", step)
+        return _detection_property(value, operation["property_name"])
+    return str(value)
+
+
+def _detection_property(detections: Detections, name: str) -> list:
+    if name == "class_name":
+        return list(detections.class_names)
+    if name == "class_id":
+        return [int(v) for v in detections.class_id]
+    if name == "confidence":
+        return [float(v) for v in detections.confidence]
+    if name == "detection_id":
+        return list(detections.detection_ids)
+    x1, y1, x2, y2 = detections.xyxy.T if len(detections) else ([], [], [], [])
+    columns = {
+        "x": [(a + b) / 2 for a, b in zip(x1, x2, strict=True)],
+        "y": [(a + b) / 2 for a, b in zip(y1, y2, strict=True)],
+        "width": [b - a for a, b in zip(x1, x2, strict=True)],
+        "height": [b - a for a, b in zip(y1, y2, strict=True)],
+    }
+    return [float(v) for v in columns[name]]
+
+
+def _wrong_input(kind: str, value: Any, expected: str, step: str) -> StepExecutionError:
+    return StepExecutionError(
+        f"{kind} needs {expected}, got {type(value).__name__}", step=step, user_error=True
+    )

@@ -1,0 +1,102 @@
+"""Compile a workflow definition into an immutable, cached execution plan.
+
+Phases run in order and each adds its problems to one list: shape
+(``parse``), then bindings, selectors and step order (``graph``).  Plans are
+cached by the SHA-256 of the canonical JSON of the definition (sorted keys,
+no whitespace), so two definitions that differ only in key order share a
+plan.
+"""
+
+import hashlib
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from workflows.compiler.graph import bind_outputs, bind_steps, order_steps
+from workflows.compiler.parse import parse_definition
+from workflows.compiler.plan import ExecutionPlan
+from workflows.errors import BlockError, DefinitionError
+
+CACHE_SIZE = 256
+
+
+def canonical_json(definition: Any) -> str:
+    return json.dumps(definition, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+
+
+def definition_digest(definition: Any) -> str:
+    return hashlib.sha256(canonical_json(definition).encode()).hexdigest()
+
+
+def build_plan(definition: Any, digest: str) -> ExecutionPlan:
+    """Compile without the cache; raise DefinitionError listing every problem."""
+    parsed = parse_definition(definition)
+    if not parsed.readable:
+        raise DefinitionError(parsed.errors, context="workflow_compilation | parsing")
+    bound = bind_steps(parsed)
+    outputs = bind_outputs(parsed)
+    if parsed.errors:
+        raise DefinitionError(
+            parsed.errors, context="workflow_compilation | execution_graph_construction"
+        )
+    steps = order_steps(parsed, bound)
+    if parsed.errors:
+        raise DefinitionError(
+            parsed.errors, context="workflow_compilation | execution_graph_construction"
+        )
+    if not outputs:
+        raise DefinitionError(
+            [BlockError(None, None, "outputs", "the workflow declares no outputs")],
+            context="workflow_compilation | parsing",
+        )
+    return ExecutionPlan(
+        digest=digest,
+        inputs=tuple(parsed.inputs),
+        steps=tuple(steps),
+        outputs=tuple(outputs),
+        warnings=tuple(parsed.warnings),
+    )
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    plan: ExecutionPlan
+    cache_hit: bool
+    duration_ns: int
+
+
+class PlanCache:
+    """A thread-safe LRU cache of plans keyed by definition digest."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._plans: OrderedDict[str, ExecutionPlan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, definition: Any) -> CompileResult:
+        """Return the plan for ``definition``, timing the lookup or the compile."""
+        started = time.perf_counter_ns()
+        digest = definition_digest(definition)
+        with self._lock:
+            plan = self._plans.get(digest)
+            if plan is not None:
+                self._plans.move_to_end(digest)
+        cache_hit = plan is not None
+        if plan is None:
+            plan = build_plan(definition, digest)
+            with self._lock:
+                self._plans[digest] = plan
+                while len(self._plans) > self.size:
+                    self._plans.popitem(last=False)
+        return CompileResult(plan, cache_hit, time.perf_counter_ns() - started)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+
+plan_cache = PlanCache()

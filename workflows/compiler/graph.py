@@ -1,0 +1,213 @@
+"""Second compiler phase: bind step fields, resolve selectors, order the steps.
+
+Checks that every selector names an existing input, step and output of the
+right kind, that no step depends on itself through other steps, and computes
+each step's nesting level (crops make lists of images).
+"""
+
+from graphlib import CycleError, TopologicalSorter
+from typing import Any
+
+from workflows.blocks.base import ANY, IMAGE, VALUE, Block
+from workflows.compiler.parse import ParsedDefinition, is_selector_like, parse_selector
+from workflows.compiler.plan import (
+    IMAGE_INPUT,
+    PARAMETER_INPUT,
+    Binding,
+    InputRef,
+    InputSpec,
+    Literal,
+    OutputSpec,
+    StepPlan,
+    StepRef,
+)
+
+
+def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
+    """Return each step's field bindings; problems go to ``parsed.errors``."""
+    inputs = {spec.name: spec for spec in parsed.inputs}
+    blocks = {name: block for name, block, _ in parsed.steps}
+    bound: dict[str, dict[str, Binding]] = {}
+    for name, block, raw in parsed.steps:
+        bindings: dict[str, Binding] = {}
+        for field in block.fields:
+            if field.name not in raw:
+                if field.required:
+                    parsed.error(name, block.type, field.name,
+                                 f"required field '{field.name}' is missing "
+                                 f"({field.description})")
+                else:
+                    bindings[field.name] = Literal(field.default)
+                continue
+            binding = _bind_field(parsed, name, block, field, raw[field.name],
+                                  inputs, blocks)
+            if binding is not None:
+                bindings[field.name] = binding
+        known = {f.name for f in block.fields} | {"type", "name"}
+        ignored = sorted(set(raw) - known)
+        if ignored:
+            parsed.warnings.append(
+                f"step '{name}': fields not used by {block.type} were ignored: "
+                f"{', '.join(ignored)}"
+            )
+        bound[name] = bindings
+    return bound
+
+
+def _bind_field(parsed, step, block: type[Block], field, value: Any,
+                inputs: dict[str, InputSpec],
+                blocks: dict[str, type[Block]]) -> Binding | None:
+    reference = parse_selector(value)
+    if reference is None and is_selector_like(value):
+        parsed.error(step, block.type, field.name,
+                     f"{value!r} is not a valid selector; use $inputs.<name>, "
+                     "$steps.<step>.<output> or $steps.<step>.*")
+        return None
+    if field.kind == VALUE:
+        if reference is None:
+            return _check_literal(parsed, step, block, field, value)
+        if isinstance(reference, StepRef):
+            return _check_step_reference(parsed, step, block, field.name, reference,
+                                         blocks, VALUE)
+        return _check_input_reference(parsed, step, block, field.name, reference,
+                                      inputs, PARAMETER_INPUT)
+    if reference is None:
+        parsed.error(step, block.type, field.name,
+                     f"expected a selector of kind '{field.kind}', got the literal "
+                     f"{value!r}")
+        return None
+    if isinstance(reference, InputRef):
+        wanted = None if field.kind == ANY else IMAGE_INPUT
+        if field.kind not in (IMAGE, ANY):
+            parsed.error(step, block.type, field.name,
+                         f"'{value}' is an input, but this field needs the output of "
+                         f"a step of kind '{field.kind}'")
+            return None
+        return _check_input_reference(parsed, step, block, field.name, reference,
+                                      inputs, wanted)
+    return _check_step_reference(parsed, step, block, field.name, reference, blocks,
+                                 field.kind)
+
+
+def _check_literal(parsed, step, block, field, value) -> Literal | None:
+    if field.types and not isinstance(value, field.types) or (
+        isinstance(value, bool) and bool not in field.types
+    ):
+        names = " or ".join(t.__name__.replace("NoneType", "null") for t in field.types)
+        parsed.error(step, block.type, field.name,
+                     f"must be {names}, got {type(value).__name__} {value!r}")
+        return None
+    if field.check is not None:
+        problem = field.check(value)
+        if problem:
+            parsed.error(step, block.type, field.name, problem)
+            return None
+    return Literal(value)
+
+
+def _check_input_reference(parsed, step, block, field_name, reference: InputRef,
+                           inputs, wanted_kind) -> InputRef | None:
+    spec = inputs.get(reference.name)
+    if spec is None:
+        parsed.error(step, block.type, field_name,
+                     f"'$inputs.{reference.name}' names no input; declared inputs: "
+                     f"{', '.join(inputs) or 'none'}")
+        return None
+    if wanted_kind is not None and spec.kind != wanted_kind:
+        parsed.error(step, block.type, field_name,
+                     f"'$inputs.{reference.name}' is a {spec.kind} input, this field "
+                     f"needs a {wanted_kind} input")
+        return None
+    return reference
+
+
+def _check_step_reference(parsed, step, block, field_name, reference: StepRef,
+                          blocks, wanted_kind) -> StepRef | None:
+    source = blocks.get(reference.step)
+    if source is None:
+        if reference.step in parsed.broken_steps:
+            return None
+        parsed.error(step, block.type, field_name,
+                     f"'$steps.{reference.step}' names no step")
+        return None
+    if reference.output == "*":
+        parsed.error(step, block.type, field_name,
+                     "'$steps.<step>.*' is only allowed in outputs")
+        return None
+    output_kind = source.outputs.get(reference.output)
+    if output_kind is None:
+        parsed.error(step, block.type, field_name,
+                     f"step '{reference.step}' has no output '{reference.output}'; "
+                     f"its outputs: {', '.join(source.outputs)}")
+        return None
+    if wanted_kind not in (ANY, output_kind):
+        parsed.error(step, block.type, field_name,
+                     f"'$steps.{reference.step}.{reference.output}' is of kind "
+                     f"'{output_kind}', this field needs '{wanted_kind}'")
+        return None
+    return reference
+
+
+def order_steps(parsed: ParsedDefinition,
+                bound: dict[str, dict[str, Binding]]) -> list[StepPlan]:
+    """Return the steps with dependencies first; a cycle goes to ``parsed.errors``."""
+    blocks = {name: block for name, block, _ in parsed.steps}
+    sorter: TopologicalSorter[str] = TopologicalSorter()
+    for name, bindings in bound.items():
+        sorter.add(name, *{b.step for b in bindings.values() if isinstance(b, StepRef)})
+    try:
+        order = list(sorter.static_order())
+    except CycleError as error:
+        cycle = error.args[1]
+        parsed.error(cycle[0], blocks[cycle[0]].type, None,
+                     f"steps form a cycle: {' -> '.join(cycle)}")
+        return []
+    dimensions: dict[str, int] = {}
+    plans = []
+    for name in order:
+        block = blocks[name]
+        bindings = bound[name]
+        inherited = max(
+            (dimensions[b.step] for b in bindings.values() if isinstance(b, StepRef)),
+            default=0,
+        )
+        dimensions[name] = inherited + block.adds_dimension
+        plans.append(StepPlan(name=name, block=block(), bindings=bindings,
+                              dimension=dimensions[name]))
+    return plans
+
+
+def bind_outputs(parsed: ParsedDefinition) -> list[OutputSpec]:
+    inputs = {spec.name for spec in parsed.inputs}
+    blocks = {name: block for name, block, _ in parsed.steps}
+    specs = []
+    for item in parsed.outputs:
+        name, selector = item["name"], item.get("selector")
+        reference = parse_selector(selector)
+        where = f"outputs.{name}.selector"
+        if reference is None:
+            parsed.error(None, "JsonField", where,
+                         f"output '{name}' needs a selector like $steps.<step>.<output>, "
+                         f"got {selector!r}")
+            continue
+        if isinstance(reference, InputRef) and reference.name not in inputs:
+            parsed.error(None, "JsonField", where,
+                         f"output '{name}': '$inputs.{reference.name}' names no input")
+            continue
+        if isinstance(reference, StepRef):
+            source = blocks.get(reference.step)
+            if source is None:
+                if reference.step in parsed.broken_steps:
+                    continue
+                parsed.error(None, "JsonField", where,
+                             f"output '{name}': '$steps.{reference.step}' names no step")
+                continue
+            if reference.output != "*" and reference.output not in source.outputs:
+                parsed.error(None, "JsonField", where,
+                             f"output '{name}': step '{reference.step}' has no output "
+                             f"'{reference.output}'; its outputs: "
+                             f"{', '.join(source.outputs)}")
+                continue
+        specs.append(OutputSpec(name=name, binding=reference,
+                                coordinates=item.get("coordinates_system", "own")))
+    return specs

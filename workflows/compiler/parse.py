@@ -1,0 +1,174 @@
+"""First compiler phase: check the definition's shape and read its parts.
+
+Problems are collected, not raised one at a time, so a user fixing a
+definition sees every error of this phase at once.
+"""
+
+import re
+from typing import Any
+
+from workflows.blocks import find_block, known_type_names
+from workflows.blocks.base import Block
+from workflows.compiler.plan import (
+    IMAGE_INPUT,
+    PARAMETER_INPUT,
+    InputRef,
+    InputSpec,
+    StepRef,
+)
+from workflows.errors import BlockError
+
+INPUT_TYPES = {
+    "WorkflowImage": IMAGE_INPUT,
+    "InferenceImage": IMAGE_INPUT,
+    "WorkflowParameter": PARAMETER_INPUT,
+    "InferenceParameter": PARAMETER_INPUT,
+    "WorkflowVideoMetadata": None,
+}
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+SELECTOR_PATTERN = re.compile(
+    r"^\$(?:inputs\.(?P<input>[^.\s]+)|steps\.(?P<step>[^.\s]+)\.(?P<output>[^.\s]+))$"
+)
+
+
+def parse_selector(value: Any) -> InputRef | StepRef | None:
+    """Return the reference a selector string names, or None if it is no selector."""
+    if not isinstance(value, str) or not value.startswith("$"):
+        return None
+    match = SELECTOR_PATTERN.match(value)
+    if match is None:
+        return None
+    if match["input"] is not None:
+        return InputRef(match["input"])
+    return StepRef(match["step"], match["output"])
+
+
+def is_selector_like(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("$")
+
+
+class ParsedDefinition:
+    def __init__(self) -> None:
+        self.inputs: list[InputSpec] = []
+        self.steps: list[tuple[str, type[Block], dict[str, Any]]] = []
+        self.outputs: list[dict[str, Any]] = []
+        self.errors: list[BlockError] = []
+        self.warnings: list[str] = []
+        # Steps named in the definition but unusable (unknown type); references
+        # to them are not reported again.
+        self.broken_steps: set[str] = set()
+        # False when the top level is unusable and no later phase can run.
+        self.readable = True
+
+    def error(self, block_id, block_type, prop, details) -> None:
+        self.errors.append(BlockError(block_id, block_type, prop, details))
+
+
+def parse_definition(definition: Any) -> ParsedDefinition:
+    parsed = ParsedDefinition()
+    if not isinstance(definition, dict):
+        parsed.error(None, None, None, "definition must be a JSON object")
+        parsed.readable = False
+        return parsed
+    for key in ("inputs", "steps", "outputs"):
+        if key not in definition:
+            parsed.error(None, None, key, f"'{key}' is missing")
+        elif not isinstance(definition[key], list):
+            parsed.error(None, None, key, f"'{key}' must be a list")
+    if parsed.errors:
+        parsed.readable = False
+        return parsed
+    _parse_inputs(definition["inputs"], parsed)
+    _parse_steps(definition["steps"], parsed)
+    _parse_outputs(definition["outputs"], parsed)
+    return parsed
+
+
+def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
+    seen: set[str] = set()
+    for index, item in enumerate(inputs):
+        where = f"inputs[{index}]"
+        if not isinstance(item, dict):
+            parsed.error(None, None, where, "each input must be an object")
+            continue
+        name, input_type = item.get("name"), item.get("type")
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            parsed.error(None, input_type, f"{where}.name",
+                         f"input name {name!r} must be letters, digits, '_' or '-'")
+            continue
+        if name in seen:
+            parsed.error(None, input_type, f"{where}.name",
+                         f"input name '{name}' is used twice")
+            continue
+        seen.add(name)
+        if input_type not in INPUT_TYPES:
+            parsed.error(None, input_type, f"{where}.type",
+                         f"unknown input type {input_type!r}; use one of "
+                         f"{', '.join(t for t, k in INPUT_TYPES.items() if k)}")
+            continue
+        kind = INPUT_TYPES[input_type]
+        if kind is None:
+            parsed.warnings.append(f"input '{name}' of type {input_type} is ignored")
+            continue
+        parsed.inputs.append(
+            InputSpec(
+                name=name,
+                kind=kind,
+                default=item.get("default_value"),
+                has_default="default_value" in item,
+            )
+        )
+
+
+def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
+    seen: set[str] = set()
+    for index, item in enumerate(steps):
+        where = f"steps[{index}]"
+        if not isinstance(item, dict):
+            parsed.error(None, None, where, "each step must be an object")
+            continue
+        name, type_name = item.get("name"), item.get("type")
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            parsed.error(None, type_name, "name",
+                         f"{where}: step name {name!r} must be letters, digits, '_' or '-'")
+            continue
+        if name in seen:
+            parsed.error(name, type_name, "name", f"step name '{name}' is used twice")
+            continue
+        seen.add(name)
+        block = find_block(type_name) if isinstance(type_name, str) else None
+        if block is None:
+            parsed.broken_steps.add(name)
+            parsed.error(name, type_name, "type",
+                         f"unknown block type {type_name!r}; known types: "
+                         f"{', '.join(known_type_names())}")
+            continue
+        parsed.steps.append((name, block, item))
+
+
+def _parse_outputs(outputs: list, parsed: ParsedDefinition) -> None:
+    seen: set[str] = set()
+    for index, item in enumerate(outputs):
+        where = f"outputs[{index}]"
+        if not isinstance(item, dict):
+            parsed.error(None, None, where, "each output must be an object")
+            continue
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            parsed.error(None, "JsonField", f"{where}.name", "output name is missing")
+            continue
+        if name in seen:
+            parsed.error(None, "JsonField", f"{where}.name",
+                         f"output name '{name}' is used twice")
+            continue
+        seen.add(name)
+        if item.get("type", "JsonField") != "JsonField":
+            parsed.error(None, item.get("type"), f"{where}.type",
+                         "output type must be 'JsonField'")
+            continue
+        if item.get("coordinates_system", "own") not in ("own", "parent"):
+            parsed.error(None, "JsonField", f"{where}.coordinates_system",
+                         "coordinates_system must be 'own' or 'parent'")
+            continue
+        parsed.outputs.append(item)
+

@@ -1,0 +1,91 @@
+"""Object detections and their serialization in Roboflow's shape."""
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Detections:
+    """Boxes found in one image, in that image's pixel coordinates.
+
+    ``origin`` is where the image's top-left corner lies in the root input
+    image (non-zero for crops); ``parent_size`` is the root image's size.
+    """
+
+    xyxy: np.ndarray  # float32, shape (N, 4)
+    confidence: np.ndarray  # float32, shape (N,)
+    class_id: np.ndarray  # int64, shape (N,)
+    class_names: list[str]
+    image_size: tuple[int, int]  # (width, height)
+    parent_id: str
+    detection_ids: list[str] = field(default_factory=list)
+    origin: tuple[int, int] = (0, 0)
+    parent_size: tuple[int, int] | None = None
+    inference_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.detection_ids:
+            self.detection_ids = [str(uuid.uuid4()) for _ in range(len(self))]
+
+    def __len__(self) -> int:
+        return int(self.xyxy.shape[0])
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int], parent_id: str) -> "Detections":
+        return cls(
+            xyxy=np.zeros((0, 4), dtype=np.float32),
+            confidence=np.zeros((0,), dtype=np.float32),
+            class_id=np.zeros((0,), dtype=np.int64),
+            class_names=[],
+            image_size=image_size,
+            parent_id=parent_id,
+        )
+
+    def select(self, mask: np.ndarray) -> "Detections":
+        """Return the detections where ``mask`` is true, keeping their ids."""
+        indices = np.flatnonzero(mask)
+        return Detections(
+            xyxy=self.xyxy[indices],
+            confidence=self.confidence[indices],
+            class_id=self.class_id[indices],
+            class_names=[self.class_names[i] for i in indices],
+            image_size=self.image_size,
+            parent_id=self.parent_id,
+            detection_ids=[self.detection_ids[i] for i in indices],
+            origin=self.origin,
+            parent_size=self.parent_size,
+            inference_id=self.inference_id,
+        )
+
+    def to_roboflow(self, coordinates: str = "own") -> dict[str, Any]:
+        """Serialize as ``{"image": {...}, "predictions": [...]}``.
+
+        ``coordinates="parent"`` shifts boxes by ``origin`` and reports the
+        root image's size, as Roboflow's ``coordinates_system`` does.
+        """
+        dx, dy = (0, 0)
+        width, height = self.image_size
+        if coordinates == "parent":
+            dx, dy = self.origin
+            if self.parent_size is not None:
+                width, height = self.parent_size
+        predictions = []
+        for i in range(len(self)):
+            x1, y1, x2, y2 = (float(v) for v in self.xyxy[i])
+            predictions.append(
+                {
+                    "width": round(x2 - x1, 2),
+                    "height": round(y2 - y1, 2),
+                    "x": round((x1 + x2) / 2 + dx, 2),
+                    "y": round((y1 + y2) / 2 + dy, 2),
+                    "confidence": round(float(self.confidence[i]), 4),
+                    "class_id": int(self.class_id[i]),
+                    "class": self.class_names[i],
+                    "detection_id": self.detection_ids[i],
+                    "parent_id": self.parent_id,
+                }
+            )
+        return {"image": {"width": width, "height": height}, "predictions": predictions}

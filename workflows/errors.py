@@ -1,0 +1,138 @@
+"""Errors raised while compiling and executing workflows.
+
+Every error carries a message that is safe to show the user, the phase it
+happened in, and where possible the step and field, so the API can point at
+the exact place in a definition.  ``user_error`` separates problems with the
+request (reported as 4xx and billed normally when they happen during a run)
+from failures of the platform (5xx, not billed).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class BlockError:
+    """One problem in one block of a definition."""
+
+    block_id: str | None
+    block_type: str | None
+    property_name: str | None
+    property_details: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "block_id": self.block_id,
+            "block_type": self.block_type,
+            "property_name": self.property_name,
+            "property_details": self.property_details,
+        }
+
+
+class WorkflowError(Exception):
+    """Base class: a user-safe message plus where it happened."""
+
+    code = "workflow_error"
+    status = 400
+    user_error = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        context: str = "",
+        step: str | None = None,
+        field_name: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+        self.step = step
+        self.field_name = field_name
+        self.hint = hint
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "message": self.message,
+            "error_type": type(self).__name__,
+            "code": self.code,
+            "context": self.context,
+        }
+        if self.step is not None:
+            body["step"] = self.step
+        if self.field_name is not None:
+            body["field"] = self.field_name
+        if self.hint:
+            body["hint"] = self.hint
+        cause = self.__cause__
+        if cause is not None:
+            body["inner_error_type"] = type(cause).__name__
+            body["inner_error_message"] = str(cause)
+        return body
+
+
+class DefinitionError(WorkflowError):
+    """The definition is invalid; ``errors`` lists every problem found."""
+
+    code = "invalid_definition"
+
+    def __init__(self, errors: list[BlockError], context: str) -> None:
+        first = errors[0]
+        where = f"step '{first.block_id}'" if first.block_id else "definition"
+        if first.property_name:
+            where += f", field '{first.property_name}'"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(
+            f"Invalid workflow definition at {where}: {first.property_details}{more}",
+            context=context,
+            step=first.block_id,
+            field_name=first.property_name,
+        )
+        self.errors = errors
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        body["blocks_errors"] = [error.to_dict() for error in self.errors]
+        return body
+
+
+class InputError(WorkflowError):
+    """A run's inputs are missing, malformed or not usable images."""
+
+    code = "invalid_input"
+
+
+class ModelNotFoundError(WorkflowError):
+    """A model id resolves to no weights."""
+
+    code = "model_not_found"
+
+    def __init__(self, model_id: str, searched: list[str], step: str | None = None):
+        super().__init__(
+            f"Model '{model_id}' not found; looked in: {'; '.join(searched)}",
+            context="model_resolution",
+            step=step,
+            field_name="model_id",
+            hint=(
+                "Put <model_id>.pt in the model directory, upload the weights, or "
+                "use an ultralytics architecture such as 'yolov8n.yaml' (untrained, "
+                "for timing only)."
+            ),
+        )
+        self.model_id = model_id
+        self.searched = searched
+
+
+class StepExecutionError(WorkflowError):
+    """A step failed while running.  ``user_error`` says whose fault it was."""
+
+    code = "step_failed"
+    status = 500
+
+    def __init__(self, message: str, *, step: str, user_error: bool) -> None:
+        super().__init__(message, context="workflow_execution", step=step)
+        self.user_error = user_error
+        if user_error:
+            self.status = 400
+            self.code = "step_rejected_input"

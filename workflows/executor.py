@@ -1,0 +1,140 @@
+"""Run a compiled plan on one batch of inputs, then serialize its outputs.
+
+The executor reads only the plan, never the raw definition.  Steps whose
+inputs are lists (crops) run once per element; values at a lower nesting
+level are repeated for each element.
+"""
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from workflows.blocks.base import StepContext
+from workflows.compiler.plan import (
+    ExecutionPlan,
+    InputRef,
+    Literal,
+    OutputSpec,
+    StepPlan,
+    StepRef,
+)
+from workflows.detections import Detections
+from workflows.errors import StepExecutionError, WorkflowError
+from workflows.images import WorkflowImage
+from workflows.timing import RunTimer
+
+logger = logging.getLogger(__name__)
+
+
+def execute_plan(
+    plan: ExecutionPlan,
+    inputs: Mapping[str, Any],
+    *,
+    models: Any,
+    timer: RunTimer,
+) -> dict[str, dict[str, Any]]:
+    """Run every step for one set of inputs; return each step's outputs by name."""
+    results: dict[str, dict[str, Any]] = {}
+    dimensions: dict[str, int] = {}
+    for step in plan.steps:
+        started = time.perf_counter_ns()
+        values, value_dims = _resolve(step, inputs, results, dimensions)
+        context = StepContext(step_name=step.name, models=models, timer=timer)
+        level = max(value_dims.values(), default=0)
+        try:
+            results[step.name] = _run_lifted(step, context, values, value_dims, 0, level)
+        except WorkflowError as error:
+            if error.step is None:
+                error.step = step.name
+            raise
+        except Exception as error:
+            logger.exception("step %s (%s) failed", step.name, step.block.type)
+            raise StepExecutionError(
+                f"step '{step.name}' ({step.block.type}) failed: "
+                f"{type(error).__name__}: {error}",
+                step=step.name,
+                user_error=False,
+            ) from error
+        dimensions[step.name] = step.dimension
+        timer.add_step(step.name, time.perf_counter_ns() - started,
+                       step.block.uses_model)
+    return results
+
+
+def _resolve(step: StepPlan, inputs, results, dimensions):
+    values: dict[str, Any] = {}
+    value_dims: dict[str, int] = {}
+    for name, binding in step.bindings.items():
+        if isinstance(binding, Literal):
+            values[name] = binding.value
+        elif isinstance(binding, InputRef):
+            values[name] = inputs[binding.name]
+            value_dims[name] = 0
+        else:
+            values[name] = results[binding.step][binding.output]
+            value_dims[name] = dimensions[binding.step]
+    return values, value_dims
+
+
+def _run_lifted(step: StepPlan, context: StepContext, values: dict[str, Any],
+                value_dims: dict[str, int], level: int, target: int):
+    """Call the block, mapping over list levels deeper than ``level``."""
+    if level == target:
+        return step.block.run(context, **values)
+    nested = [name for name, dim in value_dims.items() if dim > level]
+    lengths = {len(values[name]) for name in nested}
+    if len(lengths) > 1:
+        raise StepExecutionError(
+            f"step '{step.name}' received lists of different lengths "
+            f"({', '.join(f'{n}: {len(values[n])}' for n in nested)})",
+            step=step.name,
+            user_error=True,
+        )
+    count = lengths.pop() if lengths else 0
+    outputs: dict[str, list] = {name: [] for name in step.block.outputs}
+    for index in range(count):
+        element = dict(values)
+        for name in nested:
+            element[name] = values[name][index]
+        produced = _run_lifted(step, context, element, value_dims, level + 1, target)
+        for name in outputs:
+            outputs[name].append(produced[name])
+    return outputs
+
+
+def serialize_value(value: Any, coordinates: str) -> Any:
+    """Turn a step output into JSON-compatible data in Roboflow's shapes."""
+    if isinstance(value, Detections):
+        return value.to_roboflow(coordinates)
+    if isinstance(value, WorkflowImage):
+        return {"type": "base64", "value": value.to_jpeg_base64()}
+    if isinstance(value, list | tuple):
+        return [serialize_value(item, coordinates) for item in value]
+    if isinstance(value, dict):
+        return {key: serialize_value(item, coordinates) for key, item in value.items()}
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return value
+
+
+def collect_outputs(plan: ExecutionPlan, inputs: Mapping[str, Any],
+                    results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Serialize the declared outputs of one batch element; nulls are left out."""
+    serialized: dict[str, Any] = {}
+    for spec in plan.outputs:
+        value = _output_value(spec, inputs, results)
+        if value is not None:
+            serialized[spec.name] = serialize_value(value, spec.coordinates)
+    return serialized
+
+
+def _output_value(spec: OutputSpec, inputs, results) -> Any:
+    binding = spec.binding
+    if isinstance(binding, InputRef):
+        return inputs.get(binding.name)
+    assert isinstance(binding, StepRef)
+    step_outputs = results[binding.step]
+    if binding.output == "*":
+        return dict(step_outputs)
+    return step_outputs.get(binding.output)

@@ -1,0 +1,173 @@
+"""Input images: validation before a run is accepted, lazy decoding on runners.
+
+The web server checks an image from its header and trailer only (format, size,
+pixel count, truncation), which costs microseconds; runners decode pixels the
+first time a step needs them, so a workflow that reads only the image size
+never decodes at all.
+"""
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from workflows.errors import InputError
+
+# Formats with a cheap structural end-of-file check; others are fully decoded
+# by the web server to find truncation.
+_TRAILERS = {
+    "JPEG": (b"\xff\xd9",),
+    "PNG": (b"IEND\xaeB`\x82",),
+}
+ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF"}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+
+def decode_base64(value: str, *, input_name: str) -> bytes:
+    """Decode strict base64 (data-URL prefix allowed) or raise InputError."""
+    if value.startswith("data:"):
+        _, _, value = value.partition(",")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InputError(
+            f"Input '{input_name}' is not valid base64: {error}",
+            context="input_decoding",
+            field_name=input_name,
+            hint="Send the image file's bytes encoded with standard base64.",
+        ) from error
+
+
+def inspect_image(data: bytes, *, input_name: str, max_pixels: int) -> ImageInfo:
+    """Check that ``data`` is a whole image no larger than ``max_pixels``."""
+    if not data:
+        raise InputError(
+            f"Input '{input_name}' is empty", context="input_decoding",
+            field_name=input_name,
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Exception as error:
+        raise InputError(
+            f"Input '{input_name}' is not an image in a supported format "
+            f"({', '.join(sorted(ALLOWED_FORMATS))})",
+            context="input_decoding",
+            field_name=input_name,
+        ) from error
+    image_format = image.format or "unknown"
+    if image_format not in ALLOWED_FORMATS:
+        raise InputError(
+            f"Input '{input_name}' is a {image_format} image; supported formats are "
+            f"{', '.join(sorted(ALLOWED_FORMATS))}",
+            context="input_decoding",
+            field_name=input_name,
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InputError(
+            f"Input '{input_name}' is {width}x{height} = {width * height} pixels, "
+            f"over the limit of {max_pixels}",
+            context="input_decoding",
+            field_name=input_name,
+            hint="Resize the image before sending it.",
+        )
+    _check_complete(image, image_format, data, input_name)
+    return ImageInfo(format=image_format, width=width, height=height)
+
+
+def _check_complete(image: Image.Image, image_format: str, data: bytes, name: str):
+    trailers = _TRAILERS.get(image_format)
+    if trailers is not None:
+        # Encoders may pad after the end marker; look near the end only.
+        tail = data[-64:]
+        if any(marker in tail for marker in trailers):
+            return
+        raise InputError(
+            f"Input '{name}' is a truncated {image_format} file (no end marker)",
+            context="input_decoding",
+            field_name=name,
+        )
+    try:
+        image.load()
+    except Exception as error:
+        raise InputError(
+            f"Input '{name}' could not be decoded as {image_format}",
+            context="input_decoding",
+            field_name=name,
+        ) from error
+
+
+@dataclass
+class WorkflowImage:
+    """An image flowing through a workflow: raw bytes, pixels decoded on demand.
+
+    ``origin`` is the offset of this image's top-left corner in the root input
+    image, so crop-level detections can be mapped back to parent coordinates.
+    """
+
+    parent_id: str
+    width: int
+    height: int
+    data: bytes | None = None
+    _pixels: np.ndarray | None = field(default=None, repr=False)
+    origin: tuple[int, int] = (0, 0)
+    root_size: tuple[int, int] | None = None
+
+    @classmethod
+    def from_bytes(cls, data: bytes, parent_id: str) -> "WorkflowImage":
+        width, height = Image.open(io.BytesIO(data)).size
+        return cls(parent_id=parent_id, width=width, height=height, data=data)
+
+    @classmethod
+    def from_pixels(
+        cls,
+        pixels: np.ndarray,
+        parent_id: str,
+        origin: tuple[int, int] = (0, 0),
+        root_size: tuple[int, int] | None = None,
+    ) -> "WorkflowImage":
+        height, width = pixels.shape[:2]
+        return cls(
+            parent_id=parent_id, width=width, height=height, _pixels=pixels,
+            origin=origin, root_size=root_size,
+        )
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """BGR uint8 array of shape (height, width, 3), decoded on first use."""
+        if self._pixels is None:
+            assert self.data is not None
+            buffer = np.frombuffer(self.data, dtype=np.uint8)
+            decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+            if decoded is None:
+                raise InputError(
+                    f"Image '{self.parent_id}' could not be decoded",
+                    context="input_decoding",
+                )
+            self._pixels = decoded
+        return self._pixels
+
+    @property
+    def is_decoded(self) -> bool:
+        return self._pixels is not None
+
+    def to_jpeg_base64(self, quality: int = 90) -> str:
+        ok, encoded = cv2.imencode(
+            ".jpg", self.pixels, [cv2.IMWRITE_JPEG_QUALITY, quality]
+        )
+        if not ok:
+            raise RuntimeError(f"JPEG encoding failed for image '{self.parent_id}'")
+        return base64.b64encode(encoded.tobytes()).decode("ascii")

@@ -1,0 +1,105 @@
+"""Read a run request's ``inputs`` against a plan: images and parameters.
+
+Images arrive as Roboflow clients send them, ``{"type": "base64", "value":
+...}`` or a list of those for a batch, or as raw bytes from a form upload.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from workflows.compiler.plan import ExecutionPlan
+from workflows.errors import InputError
+from workflows.images import ImageInfo, decode_base64, inspect_image
+
+
+@dataclass
+class RunInputs:
+    images: dict[str, list[bytes]]
+    image_info: dict[str, list[dict[str, Any]]]
+    parameters: dict[str, Any]
+    batch_size: int
+
+
+def read_inputs(plan: ExecutionPlan, raw: Any, *, max_pixels: int,
+                uploads: dict[str, bytes] | None = None) -> RunInputs:
+    """Check every input the plan declares; raise InputError naming the bad one."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError("'inputs' must be a JSON object mapping input names to values",
+                         context="request_parsing", field_name="inputs")
+    uploads = uploads or {}
+    images: dict[str, list[bytes]] = {}
+    info: dict[str, list[dict[str, Any]]] = {}
+    for spec in plan.image_inputs:
+        if spec.name in uploads:
+            blobs = [uploads[spec.name]]
+        elif spec.name in raw:
+            blobs = _image_values(raw[spec.name], spec.name)
+        else:
+            raise InputError(f"image input '{spec.name}' is missing",
+                             context="request_parsing", field_name=spec.name,
+                             hint=f'Send inputs.{spec.name} = {{"type": "base64", '
+                                  '"value": "<base64 image>"}.')
+        images[spec.name] = blobs
+        info[spec.name] = [
+            _describe(inspect_image(blob, input_name=spec.name, max_pixels=max_pixels),
+                      blob)
+            for blob in blobs
+        ]
+    parameters: dict[str, Any] = {}
+    for spec in plan.parameter_inputs:
+        if spec.name in raw:
+            parameters[spec.name] = raw[spec.name]
+        elif spec.has_default:
+            parameters[spec.name] = spec.default
+        else:
+            raise InputError(f"parameter '{spec.name}' is missing and has no default",
+                             context="request_parsing", field_name=spec.name)
+    return RunInputs(images, info, parameters, _batch_size(images))
+
+
+def _image_values(value: Any, name: str) -> list[bytes]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise InputError(f"image input '{name}' is an empty list",
+                         context="request_parsing", field_name=name)
+    blobs = []
+    for item in items:
+        if isinstance(item, str):
+            item = {"type": "base64", "value": item}
+        if not isinstance(item, dict) or "value" not in item:
+            raise InputError(
+                f"image input '{name}' must be {{\"type\": \"base64\", \"value\": ...}}",
+                context="request_parsing", field_name=name,
+            )
+        kind = item.get("type", "base64")
+        if kind == "url":
+            raise InputError(
+                f"image input '{name}' is a URL; this server does not download images",
+                context="request_parsing", field_name=name,
+                hint="Send the image bytes as base64 instead.",
+            )
+        if kind != "base64" or not isinstance(item["value"], str):
+            raise InputError(
+                f"image input '{name}' has type {kind!r}; only 'base64' is supported",
+                context="request_parsing", field_name=name,
+            )
+        blobs.append(decode_base64(item["value"], input_name=name))
+    return blobs
+
+
+def _describe(info: ImageInfo, blob: bytes) -> dict[str, Any]:
+    return {"format": info.format, "width": info.width, "height": info.height,
+            "bytes": len(blob)}
+
+
+def _batch_size(images: dict[str, list[bytes]]) -> int:
+    sizes = {len(blobs) for blobs in images.values()} - {1}
+    if len(sizes) > 1:
+        raise InputError(
+            "image inputs hold batches of different sizes: "
+            + ", ".join(f"{name}: {len(blobs)}" for name, blobs in images.items()),
+            context="request_parsing",
+        )
+    return sizes.pop() if sizes else 1

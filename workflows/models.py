@@ -1,0 +1,92 @@
+"""Workflow definitions, stored per user and versioned.
+
+Editing a workflow never changes a stored version: it adds a new one, and
+every run points at the version it ran.
+"""
+
+from django.conf import settings
+from django.db import models, transaction
+from django.utils.text import slugify
+
+from workflows.compiler import definition_digest
+
+
+class Workflow(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="workflows"
+    )
+    name = models.CharField(max_length=200)
+    # The id used in Roboflow-compatible URLs: POST /<workspace>/workflows/<slug>.
+    slug = models.SlugField(max_length=200)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "slug"], name="unique_workflow_slug")
+        ]
+        ordering = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return f"{self.owner}/{self.slug}"
+
+    def latest_version(self) -> "WorkflowVersion":
+        return self.versions.order_by("-number").first()
+
+    @classmethod
+    def create_with_version(cls, owner, name: str, definition: dict,
+                            slug: str | None = None) -> "Workflow":
+        with transaction.atomic():
+            workflow = cls.objects.create(
+                owner=owner, name=name, slug=slug or cls.unique_slug(owner, name)
+            )
+            workflow.add_version(definition)
+        return workflow
+
+    @classmethod
+    def unique_slug(cls, owner, name: str) -> str:
+        base = slugify(name)[:180] or "workflow"
+        slug, counter = base, 2
+        while cls.objects.filter(owner=owner, slug=slug).exists():
+            slug = f"{base}-{counter}"
+            counter += 1
+        return slug
+
+    def add_version(self, definition: dict) -> "WorkflowVersion":
+        """Store ``definition`` as the next version (callers compile it first)."""
+        with transaction.atomic():
+            last = (
+                WorkflowVersion.objects.select_for_update()
+                .filter(workflow=self)
+                .order_by("-number")
+                .first()
+            )
+            version = WorkflowVersion.objects.create(
+                workflow=self,
+                number=(last.number + 1) if last else 1,
+                definition=definition,
+                digest=definition_digest(definition),
+            )
+            self.save(update_fields=["updated_at"])
+        return version
+
+
+class WorkflowVersion(models.Model):
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE,
+                                 related_name="versions")
+    number = models.PositiveIntegerField()
+    definition = models.JSONField()
+    # SHA-256 of the canonical definition; the runners' plan cache key.
+    digest = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["workflow", "number"],
+                                    name="unique_workflow_version")
+        ]
+        ordering = ["-number"]
+
+    def __str__(self) -> str:
+        return f"{self.workflow} v{self.number}"

@@ -1,0 +1,165 @@
+"""REST API for workflow definitions and for running them."""
+
+from django.conf import settings
+from django.db.models import Count, Max
+from django.shortcuts import get_object_or_404
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from runner.responses import run_response
+from runner.service import start_run
+from webapp.requests import MalformedRequest, json_object
+from workflows.blocks import BLOCKS
+from workflows.compiler import plan_cache
+from workflows.models import Workflow, WorkflowVersion
+
+
+class WorkflowWriteSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False)
+    description = serializers.CharField(required=False, allow_blank=True)
+    definition = serializers.JSONField(required=False)
+
+
+def workflow_to_dict(workflow: Workflow, version: WorkflowVersion | None = None,
+                     include_definition: bool = True) -> dict:
+    version = version or workflow.latest_version()
+    body = {
+        "id": workflow.id,
+        "name": workflow.name,
+        "slug": workflow.slug,
+        "description": workflow.description,
+        "version": version.number if version else None,
+        "created_at": workflow.created_at.isoformat(),
+        "updated_at": workflow.updated_at.isoformat(),
+        "run_url": f"/api/workflows/{workflow.id}/runs",
+        "roboflow_url": f"/{workflow.owner.username}/workflows/{workflow.slug}",
+    }
+    if include_definition and version:
+        body["definition"] = version.definition
+    return body
+
+
+def compile_or_raise(definition) -> list[str]:
+    """Compile to validate; return the plan's warnings (unused fields and so on)."""
+    return list(plan_cache.compile(definition).plan.warnings)
+
+
+class WorkflowListView(APIView):
+    def get(self, request):
+        workflows = (
+            Workflow.objects.filter(owner=request.user)
+            .select_related("owner")
+            .annotate(latest=Max("versions__number"), run_count=Count("versions__runs"))
+        )
+        return Response({
+            "results": [
+                {**workflow_to_dict(w, include_definition=False),
+                 "version": w.latest, "run_count": w.run_count}
+                for w in workflows
+            ]
+        })
+
+    def post(self, request):
+        body = json_object(request)
+        serializer = WorkflowWriteSerializer(data=body)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        if "definition" not in data or "name" not in data:
+            raise MalformedRequest("'name' and 'definition' are required",
+                                   context="request_parsing")
+        warnings = compile_or_raise(data["definition"])
+        workflow = Workflow.create_with_version(request.user, data["name"],
+                                                data["definition"])
+        if data.get("description"):
+            workflow.description = data["description"]
+            workflow.save(update_fields=["description"])
+        return Response({**workflow_to_dict(workflow), "warnings": warnings},
+                        status=status.HTTP_201_CREATED)
+
+
+class WorkflowDetailView(APIView):
+    def get_workflow(self, request, workflow_id) -> Workflow:
+        return get_object_or_404(Workflow.objects.select_related("owner"),
+                                 pk=workflow_id, owner=request.user)
+
+    def get(self, request, workflow_id):
+        return Response(workflow_to_dict(self.get_workflow(request, workflow_id)))
+
+    def put(self, request, workflow_id):
+        """Rename, describe, or save a new version when the definition changes."""
+        workflow = self.get_workflow(request, workflow_id)
+        serializer = WorkflowWriteSerializer(data=json_object(request))
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        warnings: list[str] = []
+        if "definition" in data:
+            warnings = compile_or_raise(data["definition"])
+            latest = workflow.latest_version()
+            if latest is None or latest.definition != data["definition"]:
+                workflow.add_version(data["definition"])
+        for field in ("name", "description"):
+            if field in data:
+                setattr(workflow, field, data[field])
+        workflow.save()
+        return Response({**workflow_to_dict(workflow), "warnings": warnings})
+
+    patch = put
+
+
+class WorkflowVersionsView(APIView):
+    def get(self, request, workflow_id):
+        workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
+        return Response({"results": [
+            {"version": v.number, "digest": v.digest, "created_at": v.created_at.isoformat(),
+             "definition": v.definition}
+            for v in workflow.versions.all()
+        ]})
+
+
+class WorkflowRunView(APIView):
+    """POST inputs to run the latest (or a given) version.
+
+    Waits up to SYNC_TIMEOUT_S for the result, then answers 202 with the run's
+    URL; ``"async": true`` answers 202 at once.
+    """
+
+    def post(self, request, workflow_id):
+        workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
+        body = json_object(request)
+        version_number = body.get("version")
+        versions = workflow.versions.all()
+        version = (versions.filter(number=version_number).first()
+                   if version_number is not None else versions.first())
+        if version is None:
+            raise MalformedRequest(f"workflow {workflow.id} has no version "
+                                   f"{version_number}", context="request_parsing",
+                                   field_name="version")
+        wait_s = 0.0 if body.get("async") else settings.GLASSBOX["SYNC_TIMEOUT_S"]
+        outcome = start_run(
+            owner_id=request.user.id,
+            source=body.get("source") if body.get("source") in ("ui", "cli") else "api",
+            definition=version.definition,
+            raw_inputs=body.get("inputs"),
+            started_ns=request._request.started_ns,
+            wait_s=wait_s,
+            workflow_version_id=version.id,
+            token_id=getattr(request.auth, "id", None),
+        )
+        return run_response(outcome, request._request.started_ns)
+
+
+class ValidateView(APIView):
+    """Compile a definition and report its problems, without storing anything."""
+
+    def post(self, request):
+        body = json_object(request)
+        if "definition" not in body:
+            raise MalformedRequest("'definition' is required", context="request_parsing")
+        warnings = compile_or_raise(body["definition"])
+        return Response({"valid": True, "warnings": warnings})
+
+
+class BlocksView(APIView):
+    def get(self, request):
+        return Response({"blocks": [block.manifest() for block in BLOCKS]})
