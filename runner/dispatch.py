@@ -43,6 +43,8 @@ class Submission:
     workflow_version_id: int | None = None
     inline_definition: dict | None = None
     token_id: int | None = None
+    # Pin the run to this runner's own queue instead of routing it.
+    runner: str | None = None
 
 
 def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list[dict]:
@@ -78,7 +80,10 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
                  "asynchronously to queue it until a runner starts.",
         )
     model_ids = [m["model_id"] for m in models]
-    queue_name = choose_queue(model_ids, runners)
+    if submission.runner:
+        queue_name = keys.runner_queue(submission.runner)
+    else:
+        queue_name = choose_queue(model_ids, runners)
     for model in models:
         model["predicted_hot"] = any(model["model_id"] in r.loaded_models
                                      for r in runners)

@@ -33,6 +33,7 @@ def start_run(
     workflow_version_id: int | None = None,
     token_id: int | None = None,
     uploads: dict[str, bytes] | None = None,
+    runner: str | None = None,
 ) -> RunOutcome:
     """Compile, check inputs, queue, and wait up to ``wait_s`` for the result.
 
@@ -53,6 +54,7 @@ def start_run(
             workflow_version_id=workflow_version_id,
             inline_definition=None if workflow_version_id else definition,
             token_id=token_id,
+            runner=runner,
         ),
         require_runner=wait_s > 0,
     )

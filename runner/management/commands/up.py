@@ -1,0 +1,178 @@
+"""python manage.py up: start Redis (embedded), runners and the web server.
+
+With ``--demo`` it then runs the people detector on ultralytics' bus.jpg
+through the HTTP API, twice (cold, then hot), prints the detections, the
+timing breakdown and the bill, and stays up until interrupted.
+"""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from runner import fleet
+from runner.tables import bill_lines, breakdown_table
+from webapp.models import ApiToken
+from webapp.redis import get_redis
+from workflows.models import Workflow
+
+DEMO_DEFINITION = Path(settings.BASE_DIR) / "examples" / "people-count.json"
+
+
+class Command(BaseCommand):
+    help = "Start the runner pool and the web server; optionally run the demo."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--runners", type=int, default=1,
+                            help="Runner processes to start on this machine.")
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--web-workers", type=int, default=2,
+                            help="gunicorn worker processes (each with 8 threads).")
+        parser.add_argument("--demo", action="store_true",
+                            help="Run the people-detector demo once everything is up.")
+        parser.add_argument("--exit-after-demo", action="store_true",
+                            help="Stop everything after the demo instead of staying up.")
+
+    def handle(self, *args, **options):
+        call_command("migrate", verbosity=0)
+        get_redis().ping()
+        self.children: list[subprocess.Popen] = []
+        log_dir = Path(settings.DATA_DIR) / "logs"
+        log_dir.mkdir(exist_ok=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            for index in range(1, options["runners"] + 1):
+                self._spawn(f"runner-{index}",
+                            [sys.executable, "manage.py", "runner",
+                             "--name", f"runner-{index}"], log_dir)
+            bind = f"{options['host']}:{options['port']}"
+            self._spawn("web", [
+                sys.executable, "-m", "gunicorn", "webapp.wsgi:application",
+                "--bind", bind, "--workers", str(options["web_workers"]),
+                "--worker-class", "gthread", "--threads", "8",
+                "--access-logfile", "-", "--timeout", "120",
+            ], log_dir)
+            base_url = f"http://{bind}"
+            self._wait_until_up(base_url, options["runners"])
+            self.stdout.write(f"web server: {base_url}/  (admin: {base_url}/admin/)")
+            self.stdout.write(f"logs: {log_dir}")
+            if options["demo"]:
+                self._demo(base_url)
+            if options["exit_after_demo"]:
+                return
+            self.stdout.write("Up. Press Ctrl-C to stop.")
+            while all(child.poll() is None for child in self.children):
+                time.sleep(1)
+            raise CommandError("a child process exited; see the logs in "
+                               f"{log_dir}")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._stop_children()
+
+    def _spawn(self, name: str, command: list[str], log_dir: Path) -> None:
+        log = open(log_dir / f"{name}.log", "ab")
+        child = subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=log,
+                                 stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                 start_new_session=True)
+        self.children.append(child)
+
+    def _stop_children(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in self.children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+
+    def _wait_until_up(self, base_url: str, runners: int, timeout_s: float = 120):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(child.poll() is not None for child in self.children):
+                raise CommandError("a child process exited during start-up; see "
+                                   f"{Path(settings.DATA_DIR) / 'logs'}")
+            if len(fleet.live_runners()) >= runners and _answers(base_url + "/info"):
+                return
+            time.sleep(0.2)
+        raise CommandError(f"runners or web server not up after {timeout_s:.0f} s")
+
+    def _demo(self, base_url: str) -> None:
+        user, created = get_user_model().objects.get_or_create(
+            username="demo", defaults={"is_staff": True, "is_superuser": True})
+        if created or not user.has_usable_password():
+            password = os.urandom(9).hex()
+            user.set_password(password)
+            user.save()
+            (Path(settings.DATA_DIR) / "demo-password").write_text(password + "\n")
+        _, key = ApiToken.issue(user, "demo")
+        definition = json.loads(DEMO_DEFINITION.read_text())
+        workflow = Workflow.objects.filter(owner=user, slug="people-count").first()
+        if workflow is None:
+            workflow = Workflow.create_with_version(user, "People count", definition,
+                                                    slug="people-count")
+        from ultralytics import ASSETS
+
+        image = base64.b64encode((Path(ASSETS) / "bus.jpg").read_bytes()).decode()
+        for attempt in ("first run", "second run"):
+            body, headers = _post(f"{base_url}/api/workflows/{workflow.id}/runs", key,
+                                  {"inputs": {"image": {"type": "base64",
+                                                        "value": image}}})
+            self._print_demo_run(attempt, body, headers)
+        self.stdout.write(
+            f"\nSign in at {base_url}/admin/ as 'demo' with the password in "
+            f"{Path(settings.DATA_DIR) / 'demo-password'}.\n"
+            f"API token for this session: {key}\n"
+            f"Roboflow-compatible URL: {base_url}/demo/workflows/people-count"
+        )
+
+    def _print_demo_run(self, label: str, body: dict, headers) -> None:
+        self.stdout.write(f"\n== {label}: run {body.get('id')} {body.get('status')}")
+        if body.get("status") != "succeeded":
+            self.stdout.write(json.dumps(body, indent=2))
+            raise CommandError("the demo run failed")
+        output = body["outputs"][0]
+        self.stdout.write(f"people found: {output['count']}")
+        for p in output["predictions"]["predictions"]:
+            self.stdout.write(f"  {p['class']:<8} conf {p['confidence']:.2f}  box "
+                              f"centre ({p['x']:.0f}, {p['y']:.0f}) size "
+                              f"{p['width']:.0f}x{p['height']:.0f}")
+        self.stdout.write(breakdown_table(body["timing"]))
+        self.stdout.write("\n".join(bill_lines(body["bill"])))
+        self.stdout.write(f"X-Processing-Time: {headers['X-Processing-Time']} s, "
+                          f"X-Model-Cold-Start: {headers['X-Model-Cold-Start']}, "
+                          f"X-Billed-Time: {headers['X-Billed-Time']} s")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _post(url: str, key: str, body: dict):
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as error:
+        return json.loads(error.read() or b"{}"), error.headers

@@ -1,0 +1,152 @@
+"""Shared fixtures: named users, real runner processes, sample images.
+
+Runner processes are real ``manage.py runner`` processes on the test
+database and the test run's embedded Redis.  Tests that need them use the
+``runner`` fixture (and so ``transactional_db``: the runners are other
+processes and must see committed rows).
+"""
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from runner import fleet
+from webapp.models import ApiToken
+from webapp.redis import get_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def image_bytes(name: str = "bus.jpg") -> bytes:
+    from ultralytics import ASSETS as assets_dir
+
+    return (Path(assets_dir) / name).read_bytes()
+
+
+def image_b64(name: str = "bus.jpg") -> str:
+    return base64.b64encode(image_bytes(name)).decode()
+
+
+class RunnerProcess:
+    def __init__(self, name: str, budget_mb: int = 4096) -> None:
+        self.name = name
+        env = os.environ.copy()
+        env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+        env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+        self.log_path = Path(settings.DATA_DIR) / f"{name}.log"
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "runner", "--name", name,
+             "--memory-budget-mb", str(budget_mb)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.wait_until_live()
+
+    def wait_until_live(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(state.name == self.name for state in fleet.live_runners()):
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"runner {self.name} exited: "
+                                   f"{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"runner {self.name} sent no heartbeat in {timeout_s} s")
+
+    def state(self) -> dict | None:
+        for state in fleet.live_runners():
+            if state.name == self.name:
+                return state.data
+        return None
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def runner_factory(django_db_setup, django_db_blocker):
+    started: list[RunnerProcess] = []
+
+    def start(name: str, budget_mb: int = 4096) -> RunnerProcess:
+        with django_db_blocker.unblock():
+            process = RunnerProcess(name, budget_mb)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def session_runner(runner_factory):
+    return runner_factory("test-runner")
+
+
+@pytest.fixture
+def runner(session_runner, transactional_db):
+    """A live runner process shared by the whole test session."""
+    return session_runner
+
+
+@pytest.fixture(autouse=True, scope="session")
+def clean_redis():
+    connection_ = get_redis()
+    for key in connection_.scan_iter("glassbox:*"):
+        connection_.delete(key)
+    for key in connection_.scan_iter("rq:*"):
+        connection_.delete(key)
+    yield
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", password="alice-password")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", password="bob-password")
+
+
+@pytest.fixture
+def alice_key(alice) -> str:
+    _, key = ApiToken.issue(alice, "tests")
+    return key
+
+
+@pytest.fixture
+def alice_client(alice_key):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {alice_key}")
+    return client
+
+
+@pytest.fixture
+def bob_client(bob):
+    from rest_framework.test import APIClient
+
+    _, key = ApiToken.issue(bob, "tests")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
