@@ -1,0 +1,193 @@
+"""The compiler: structured errors for every kind of invalid definition, caching."""
+
+import copy
+
+import pytest
+
+from tests.definitions import detection, image_height
+from workflows.compiler import PlanCache, build_plan, definition_digest
+from workflows.errors import DefinitionError
+
+
+def compile_errors(definition) -> list:
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition, "digest")
+    return caught.value.errors
+
+
+def test_compile_valid_detection_definition():
+    plan = build_plan(detection(), "digest")
+    assert [step.name for step in plan.steps] == ["people", "count"]
+    assert plan.model_ids({}) == [("people", "people-detector")]
+
+
+def test_compile_accepts_aliases_and_full_names():
+    definition = detection()
+    definition["steps"][0]["type"] = "ObjectDetectionModel"
+    definition["steps"][1]["type"] = "roboflow_core/property_definition@v1"
+    assert len(build_plan(definition, "digest").steps) == 2
+
+
+def test_compile_unknown_block_type_names_step_and_field():
+    definition = image_height()
+    definition["steps"][0]["type"] = "roboflow_core/teleport@v1"
+    [error] = compile_errors(definition)
+    assert error.block_id == "h"
+    assert error.property_name == "type"
+    assert "teleport" in error.property_details
+
+
+def test_compile_missing_required_field():
+    definition = detection()
+    del definition["steps"][0]["model_id"]
+    [error] = compile_errors(definition)
+    assert error.block_id == "people"
+    assert error.property_name == "model_id"
+    assert "missing" in error.property_details
+
+
+def test_compile_wrong_kind_selector():
+    definition = detection()
+    # An image field fed with detections.
+    definition["steps"][0]["images"] = "$steps.count.output"
+    errors = compile_errors(definition)
+    assert errors[0].block_id == "people"
+    assert errors[0].property_name == "images"
+
+
+def test_compile_literal_where_selector_needed():
+    definition = detection()
+    definition["steps"][0]["images"] = "bus.jpg"
+    [error] = compile_errors(definition)
+    assert error.property_name == "images"
+    assert "literal" in error.property_details
+
+
+def test_compile_selector_to_missing_input():
+    definition = image_height()
+    definition["steps"][0]["data"] = "$inputs.photo"
+    [error] = compile_errors(definition)
+    assert error.block_id == "h"
+    assert error.property_name == "data"
+    assert "photo" in error.property_details
+
+
+def test_compile_selector_to_missing_step():
+    definition = detection()
+    definition["steps"][1]["data"] = "$steps.ghost.predictions"
+    [error] = compile_errors(definition)
+    assert error.block_id == "count"
+    assert "ghost" in error.property_details
+
+
+def test_compile_selector_to_missing_output():
+    definition = detection()
+    definition["steps"][1]["data"] = "$steps.people.boxes"
+    [error] = compile_errors(definition)
+    assert error.block_id == "count"
+    assert "boxes" in error.property_details
+
+
+def test_compile_output_selector_to_missing_step():
+    definition = image_height()
+    definition["outputs"][0]["selector"] = "$steps.nowhere.output"
+    [error] = compile_errors(definition)
+    assert error.property_name == "outputs.height.selector"
+
+
+def test_compile_duplicate_step_names():
+    definition = image_height()
+    definition["steps"].append(copy.deepcopy(definition["steps"][0]))
+    [error] = compile_errors(definition)
+    assert error.block_id == "h"
+    assert "twice" in error.property_details
+
+
+def test_compile_duplicate_input_names():
+    definition = image_height()
+    definition["inputs"].append({"type": "WorkflowImage", "name": "image"})
+    [error] = compile_errors(definition)
+    assert "twice" in error.property_details
+
+
+def test_compile_cycle_names_the_steps():
+    definition = image_height()
+    definition["steps"] = [
+        {"type": "PropertyDefinition", "name": "a", "data": "$steps.b.output",
+         "operations": [{"type": "SequenceLength"}]},
+        {"type": "PropertyDefinition", "name": "b", "data": "$steps.a.output",
+         "operations": [{"type": "SequenceLength"}]},
+    ]
+    definition["outputs"][0]["selector"] = "$steps.a.output"
+    [error] = compile_errors(definition)
+    assert "cycle" in error.property_details
+    assert "a" in error.property_details and "b" in error.property_details
+
+
+def test_compile_reports_every_problem_at_once():
+    definition = detection()
+    definition["steps"][0]["confidence"] = 7
+    definition["steps"][1]["data"] = "$steps.ghost.predictions"
+    assert len(compile_errors(definition)) == 2
+
+
+def test_compile_rejects_non_object():
+    [error] = compile_errors(["not", "a", "definition"])
+    assert "JSON object" in error.property_details
+
+
+def test_compile_error_body_has_roboflow_fields():
+    definition = image_height()
+    definition["steps"][0]["type"] = "Nope"
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition, "digest")
+    body = caught.value.to_dict()
+    assert body["blocks_errors"][0]["block_id"] == "h"
+    assert body["context"].startswith("workflow_compilation")
+    assert body["code"] == "invalid_definition"
+
+
+def test_digest_ignores_key_order():
+    definition = detection()
+    reordered = {key: definition[key] for key in reversed(list(definition))}
+    reordered["steps"] = [dict(reversed(list(s.items()))) for s in definition["steps"]]
+    assert definition_digest(definition) == definition_digest(reordered)
+
+
+def test_plan_cache_hit_on_reordered_definition():
+    cache = PlanCache()
+    first = cache.compile(detection())
+    reordered = dict(reversed(list(detection().items())))
+    second = cache.compile(reordered)
+    assert first.cache_hit is False
+    assert second.cache_hit is True
+    assert second.plan is first.plan
+    assert second.duration_ns > 0
+
+
+def test_plan_is_immutable():
+    plan = build_plan(image_height(), "digest")
+    with pytest.raises(AttributeError):
+        plan.steps = ()
+
+
+def test_unused_fields_become_warnings():
+    definition = image_height()
+    definition["steps"][0]["disable_active_learning"] = True
+    plan = build_plan(definition, "digest")
+    assert any("disable_active_learning" in w for w in plan.warnings)
+
+
+def test_crop_steps_nest_one_level():
+    definition = detection("yolov8n.yaml")
+    definition["steps"].append({"type": "DynamicCrop", "name": "crops",
+                                "images": "$inputs.image",
+                                "predictions": "$steps.people.predictions"})
+    definition["steps"].append({"type": "ObjectDetectionModel", "name": "inner",
+                                "images": "$steps.crops.crops",
+                                "model_id": "yolov8n.yaml"})
+    plan = build_plan(definition, "digest")
+    dimensions = {step.name: step.dimension for step in plan.steps}
+    assert dimensions["crops"] == 1
+    assert dimensions["inner"] == 1
+    assert dimensions["people"] == 0

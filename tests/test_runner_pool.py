@@ -1,0 +1,86 @@
+"""The runner pool: runners dying mid-run, eviction under a memory budget."""
+
+import time
+
+from billing.models import Bill
+from runner.models import Run
+from runner.service import start_run
+from tests.conftest import image_bytes
+from tests.definitions import detection
+
+
+def start(owner, model_id: str, runner_name: str, wait_s: float = 120):
+    return start_run(
+        owner_id=owner.id, source="cli", definition=detection(model_id),
+        raw_inputs={}, uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(), wait_s=wait_s, runner=runner_name,
+    )
+
+
+def wait_for_status(run_id, wanted: str, timeout_s: float = 60) -> Run:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = Run.objects.get(pk=run_id)
+        if run.status == wanted:
+            return run
+        time.sleep(0.05)
+    raise AssertionError(f"run {run_id} is {run.status}, expected {wanted}")
+
+
+def test_killed_runner_fails_its_run_without_bill(runner, runner_factory, alice):
+    victim = runner_factory("victim")
+    # A large untrained architecture keeps the runner busy in its cold load.
+    outcome = start(alice, "yolov8x.yaml", "victim", wait_s=0)
+    wait_for_status(outcome.run.id, Run.Status.RUNNING)
+    victim.kill()
+
+    run = wait_for_status(outcome.run.id, Run.Status.FAILED, timeout_s=30)
+    assert "victim" in run.error["message"]
+    bill = Bill.objects.get(run=run)
+    assert bill.billed is False
+    assert bill.amount_microcredits == 0
+
+
+def test_killed_runner_queued_runs_move_on(runner, runner_factory, alice):
+    victim = runner_factory("victim-2")
+    busy = start(alice, "yolov8x.yaml", "victim-2", wait_s=0)
+    waiting = start(alice, "people-detector", "victim-2", wait_s=0)
+    wait_for_status(busy.run.id, Run.Status.RUNNING)
+    victim.kill()
+
+    moved = wait_for_status(waiting.run.id, Run.Status.SUCCEEDED, timeout_s=60)
+    assert moved.runner_name == runner.name
+    assert Bill.objects.filter(run=moved).count() == 1
+
+
+def test_memory_budget_forces_eviction(runner, runner_factory, alice):
+    # yolov8n (about 12.6 MB of float32 weights) and yolo11n (about 10.5 MB)
+    # do not fit together in 20 MiB.
+    small = runner_factory("small-1", budget_mb=20)
+    other = runner_factory("small-2", budget_mb=20)
+
+    first = start(alice, "yolov8n.yaml", "small-1").payload["meta"]["breakdown"]
+    second = start(alice, "yolo11n.yaml", "small-1").payload["meta"]["breakdown"]
+    again = start(alice, "yolov8n.yaml", "small-1").payload["meta"]["breakdown"]
+    assert first["models"][0]["cold"] is True
+    assert second["models"][0]["cold"] is True
+    assert again["models"][0]["cold"] is True, "yolov8n should have been evicted"
+
+    elsewhere = start(alice, "yolov8n.yaml", "small-2").payload["meta"]["breakdown"]
+    hot = start(alice, "yolov8n.yaml", "small-2").payload["meta"]["breakdown"]
+    assert elsewhere["models"][0]["cold"] is True
+    assert hot["models"][0]["cold"] is False
+
+    time.sleep(0.6)  # one heartbeat
+    state = small.state()
+    assert [m["model_id"] for m in state["models"]] == ["yolov8n.yaml"]
+    assert state["used_bytes"] <= state["budget_bytes"]
+    assert state["evictions"] == 2
+    assert other.state()["evictions"] == 0
+
+
+def test_model_memory_is_measured(runner, runner_factory, alice):
+    breakdown = start(alice, "yolov8n.yaml", runner.name).payload["meta"]["breakdown"]
+    memory = breakdown["models"][0]["memory_bytes"]
+    # yolov8n has 3.15 million parameters, 4 bytes each, plus batch-norm buffers.
+    assert 12_000_000 < memory < 14_000_000

@@ -1,0 +1,169 @@
+"""Runs end to end: API request, real runner process, real model, bill."""
+
+import time
+
+from billing.models import Bill
+from billing.policy import evaluate_formula
+from runner.models import Run
+from tests.conftest import image_b64
+from tests.definitions import detection, image_height
+from workflows.timing import RUNNER_COMPONENTS
+
+
+def create_workflow(client, definition, name="wf") -> int:
+    response = client.post("/api/workflows/", {"name": name, "definition": definition},
+                           format="json")
+    assert response.status_code == 201, response.json()
+    return response.json()["id"]
+
+
+def run_workflow(client, workflow_id, **extra):
+    body = {"inputs": {"image": {"type": "base64", "value": image_b64()}}, **extra}
+    return client.post(f"/api/workflows/{workflow_id}/runs", body, format="json")
+
+
+def test_run_people_detector_finds_people(runner, alice_client):
+    workflow_id = create_workflow(alice_client, detection())
+    response = run_workflow(alice_client, workflow_id)
+    assert response.status_code == 200, response.json()
+    output = response.json()["outputs"][0]
+    classes = [p["class"] for p in output["predictions"]["predictions"]]
+    assert classes.count("Normal") >= 2
+    assert output["count"] == len(classes)
+    assert output["predictions"]["image"] == {"width": 810, "height": 1080}
+
+
+def test_run_breakdown_sums_to_totals(runner, alice_client):
+    workflow_id = create_workflow(alice_client, detection())
+    timing = run_workflow(alice_client, workflow_id).json()["timing"]
+    components = timing["components"]
+    assert sum(components.values()) == timing["total"]
+    assert sum(components[name] for name in RUNNER_COMPONENTS) == timing["runner_total"]
+    assert components["overhead"] >= 0
+
+
+def test_run_first_cold_then_hot(runner, alice_client):
+    # A size suffix makes a cache entry of its own, so this model id is new
+    # to the session's runner.
+    workflow_id = create_workflow(alice_client, detection("people-detector-352"))
+    first = run_workflow(alice_client, workflow_id)
+    second = run_workflow(alice_client, workflow_id)
+    assert first.headers["X-Model-Cold-Start"] == "true"
+    assert second.headers["X-Model-Cold-Start"] == "false"
+    cold_model = first.json()["timing"]["models"][0]
+    assert cold_model["cold"] is True
+    assert cold_model["cold_load"]["total"] > 0
+    assert second.json()["timing"]["components"]["cold_load"] == 0
+
+
+def test_run_cold_load_split_adds_up(runner, alice_client):
+    workflow_id = create_workflow(alice_client, detection("people-detector-384"))
+    model = run_workflow(alice_client, workflow_id).json()["timing"]["models"][0]
+    load = model["cold_load"]
+    assert load["read"] + load["to_device"] + load["warmup"] == load["total"]
+    assert model["memory_bytes"] > 1_000_000
+
+
+def test_run_headers_agree_with_breakdown(runner, alice_client):
+    workflow_id = create_workflow(alice_client, detection("people-detector-416"))
+    started = time.perf_counter()
+    response = run_workflow(alice_client, workflow_id)
+    wall_s = time.perf_counter() - started
+    headers = response.headers
+    timing = response.json()["timing"]
+    assert float(headers["X-Processing-Time"]) <= wall_s
+    assert float(headers["X-Processing-Time"]) * 1e6 >= timing["total"]
+    load_details = __import__("json").loads(headers["X-Model-Load-Details"])
+    load_total_us = sum(round(d["t"] * 1e6) for d in load_details)
+    assert load_total_us == round(float(headers["X-Model-Load-Time"]) * 1e6)
+    assert load_total_us == timing["components"]["cold_load"]
+    remote_us = sum(timing["components"][k] for k in ("preprocess", "inference",
+                                                       "postprocess"))
+    assert round(float(headers["X-Remote-Processing-Time"]) * 1e6) == remote_us
+
+
+def test_run_server_timing_sums_to_total(runner, alice_client):
+    workflow_id = create_workflow(alice_client, image_height())
+    header = run_workflow(alice_client, workflow_id).headers["Server-Timing"]
+    durations = {}
+    for entry in header.split(", "):
+        name, _, value = entry.partition(";dur=")
+        durations[name] = float(value)
+    total = durations.pop("total")
+    assert abs(sum(durations.values()) - total) <= 0.001 * (len(durations) + 1)
+
+
+def test_run_gets_exactly_one_bill_that_recomputes(runner, alice_client):
+    workflow_id = create_workflow(alice_client, image_height())
+    body = run_workflow(alice_client, workflow_id).json()
+    run = Run.objects.get(pk=body["id"])
+    bills = Bill.objects.filter(run=run)
+    assert bills.count() == 1
+    bill = bills.get()
+    assert evaluate_formula(bill.formula) == bill.amount_microcredits
+    assert bill.billable_us == run.runner_total_us
+    assert body["bill"]["amount_microcredits"] == bill.amount_microcredits
+
+
+def test_run_record_stores_breakdown(runner, alice_client):
+    workflow_id = create_workflow(alice_client, image_height())
+    body = run_workflow(alice_client, workflow_id).json()
+    stored = alice_client.get(f"/api/runs/{body['id']}").json()
+    assert stored["status"] == "succeeded"
+    assert stored["timing"] == body["timing"]
+    assert stored["outputs"] == [{"height": 1080}]
+
+
+def test_run_async_answers_202_then_finishes(runner, alice_client):
+    workflow_id = create_workflow(alice_client, image_height())
+    response = run_workflow(alice_client, workflow_id, **{"async": True})
+    assert response.status_code == 202
+    url = response.json()["url"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        body = alice_client.get(url).json()
+        if body["status"] == "succeeded":
+            break
+        time.sleep(0.1)
+    assert body["status"] == "succeeded"
+    assert body["bill"]["amount_microcredits"] > 0
+
+
+def test_run_points_at_version_it_ran(runner, alice_client):
+    workflow_id = create_workflow(alice_client, image_height())
+    first = run_workflow(alice_client, workflow_id).json()
+    edited = image_height()
+    edited["steps"][0]["operations"][0]["property_name"] = "width"
+    response = alice_client.put(f"/api/workflows/{workflow_id}",
+                                {"definition": edited}, format="json")
+    assert response.json()["version"] == 2
+    second = run_workflow(alice_client, workflow_id).json()
+    assert first["workflow"]["version"] == 1
+    assert second["workflow"]["version"] == 2
+    assert second["outputs"] == [{"height": 810}]
+
+
+def test_run_untrained_model_is_labelled(runner, alice_client):
+    workflow_id = create_workflow(alice_client, detection("yolov8n.yaml"))
+    response = run_workflow(alice_client, workflow_id)
+    body = response.json()
+    assert response.headers["X-Model-Untrained"] == "yolov8n.yaml"
+    assert body["timing"]["models"][0]["pretrained"] is False
+    assert any("untrained" in warning for warning in body["warnings"])
+
+
+def test_run_crops_run_model_per_crop(runner, alice_client):
+    definition = detection()
+    definition["steps"].append({"type": "DynamicCrop", "name": "crops",
+                                "images": "$inputs.image",
+                                "predictions": "$steps.people.predictions"})
+    definition["steps"].append({"type": "PropertyDefinition", "name": "crop_heights",
+                                "data": "$steps.crops.crops",
+                                "operations": [{"type": "ExtractImageProperty",
+                                                "property_name": "height"}]})
+    definition["outputs"].append({"type": "JsonField", "name": "crop_heights",
+                                  "selector": "$steps.crop_heights.output"})
+    workflow_id = create_workflow(alice_client, definition)
+    output = run_workflow(alice_client, workflow_id).json()["outputs"][0]
+    assert len(output["crop_heights"]) == output["count"]
+    assert all(height > 100 for height in output["crop_heights"])
