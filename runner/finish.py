@@ -17,6 +17,7 @@ from django.utils import timezone
 from billing.models import Bill
 from billing.policy import BillingPolicy, BillLine
 from runner import keys
+from runner.events import RunEvents
 from runner.models import Run
 from webapp.redis import get_redis
 
@@ -49,6 +50,7 @@ def finish_run(
     error: dict[str, Any] | None,
     bill: BillLine,
     runner_name: str,
+    events: RunEvents,
 ) -> bool:
     """Store the result and the bill; return False if someone else finished it."""
     now = timezone.now()
@@ -79,6 +81,8 @@ def finish_run(
         "warnings": run.warnings,
     }
     push_done(str(run.pk), outputs_json, payload_meta)
+    events.emit("done", status=status, breakdown=breakdown, bill=bill_fields(bill),
+                error=error)
     return True
 
 
@@ -112,4 +116,6 @@ def fail_run(run_id, reason: str, *, expected_status: str,
     push_done(str(run_id), "null", {"run_id": str(run_id), "status": "failed",
                                     "breakdown": None, "error": error,
                                     "bill": bill_fields(line), "warnings": []})
+    RunEvents(str(run_id), first_seq=1000).emit(
+        "done", status="failed", breakdown=None, bill=bill_fields(line), error=error)
     return True

@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from billing.policy import BillingPolicy
 from runner import keys
+from runner.events import RunEvents
 from runner.finish import finish_run
 from runner.model_cache import ModelProvider
 from runner.models import Run
@@ -46,7 +47,11 @@ def execute_run(run_id: str) -> None:
 
 
 def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
-    timer = RunTimer()
+    events = RunEvents(str(run.pk))
+    timer = RunTimer(listener=events.emit)
+    queue_us = max(0, (started_wall - run.queued_at_ns) // 1000)
+    events.emit("request", duration=run.request_us)
+    events.emit("queue", duration=queue_us, runner=runtime.name)
     policy = BillingPolicy.from_settings()
     outputs, outputs_json, error, status = None, "null", None, Run.Status.SUCCEEDED
     platform_failure = False
@@ -54,6 +59,8 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
         compiled = plan_cache.compile(run.definition())
         timer.compile_ns = compiled.duration_ns
         timer.compile_cache_hit = compiled.cache_hit
+        events.emit("compile", duration=compiled.duration_ns // 1000,
+                    cache_hit=compiled.cache_hit)
         plan = compiled.plan
         images = _fetch_images(run, [spec.name for spec in plan.image_inputs])
         sources = {m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs}
@@ -70,6 +77,7 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
         serialize_started = time.perf_counter_ns()
         outputs_json = json.dumps(batch)
         timer.serialization_ns += time.perf_counter_ns() - serialize_started
+        events.emit("serialization", duration=timer.serialization_ns // 1000)
         outputs = batch
     except WorkflowError as failure:
         status, error = Run.Status.FAILED, failure.to_dict()
@@ -86,7 +94,6 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
         logger.exception("run %s crashed on runner %s", run.pk, runtime.name)
 
     runner_total_ns = time.perf_counter_ns() - started
-    queue_us = max(0, (started_wall - run.queued_at_ns) // 1000)
     step_types = {}
     if run.definition():
         step_types = {s.get("name"): s.get("type", "")
@@ -101,7 +108,8 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
     else:
         bill = policy.bill(breakdown)
     finish_run(run, status=status, outputs=outputs, outputs_json=outputs_json,
-               breakdown=breakdown, error=error, bill=bill, runner_name=runtime.name)
+               breakdown=breakdown, error=error, bill=bill, runner_name=runtime.name,
+               events=events)
 
 
 def _fetch_images(run: Run, names: list[str]) -> dict[str, list[WorkflowImage]]:

@@ -218,7 +218,11 @@ class ModelProvider:
         )
         if step not in use.steps:
             use.steps.append(step)
+        was_loaded = self.cache.is_loaded(model_id)
         entry = self.cache.get(source, use)
+        if not was_loaded:
+            self.timer.emit("cold_load", model_id=model_id, step=step,
+                            **use.to_dict()["cold_load"])
 
         decode_started = time.perf_counter_ns()
         pixels = image.pixels
@@ -246,6 +250,12 @@ class ModelProvider:
         use.inference_ns += int(result.speed["inference"] * 1e6)
         use.postprocess_ns += int(result.speed["postprocess"] * 1e6)
         use.calls += 1
+        self.timer.emit(
+            "model", model_id=model_id, step=step,
+            preprocess=(decode_ns + int(result.speed["preprocess"] * 1e6)) // 1000,
+            inference=int(result.speed["inference"] * 1e3),
+            postprocess=int(result.speed["postprocess"] * 1e3),
+        )
 
         boxes = result.boxes
         class_ids = boxes.cls.cpu().numpy().astype(np.int64)

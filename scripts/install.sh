@@ -17,6 +17,9 @@ fi
 .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install --quiet -e ".[test]"
 
+# Browser libraries for the dashboard, exactly as locked in package-lock.json.
+npm ci --no-audit --no-fund --loglevel=error
+
 if ! command -v chromium >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq && apt-get install -y -qq chromium >/dev/null

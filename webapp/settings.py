@@ -117,7 +117,13 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATIC_ROOT = DATA_DIR / "staticfiles"
 STATIC_ROOT.mkdir(exist_ok=True)
-STATICFILES_DIRS = [BASE_DIR / "static"]
+# Browser libraries come from npm (package.json, installed by scripts/install.sh)
+# and are served as they are published: no bundler, no CDN.
+STATICFILES_DIRS = [
+    BASE_DIR / "static",
+    ("vendor/drawflow", BASE_DIR / "node_modules" / "drawflow" / "dist"),
+    ("vendor/chartjs", BASE_DIR / "node_modules" / "chart.js" / "dist"),
+]
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 
@@ -135,10 +141,12 @@ RQ_QUEUES = {
     "shared": {"URL": EFFECTIVE_REDIS_URL, "DEFAULT_TIMEOUT": -1},
 }
 
+# Pub/sub layer: a group message is one PUBLISH, cheap enough for runners to
+# send every phase of every run.
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [EFFECTIVE_REDIS_URL]},
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [EFFECTIVE_REDIS_URL], "prefix": "glassbox"},
     }
 }
 
@@ -174,6 +182,9 @@ GLASSBOX = {
     "TORCH_THREADS": env_int("TORCH_THREADS", 0, 0),
     # Side of the square blank image of the warm-up pass after a cold load.
     "WARMUP_IMAGE_SIZE": env_int("WARMUP_IMAGE_SIZE", 640, 32),
+    # Port of the daphne server that carries websockets when the HTTP API is
+    # served by another server on the same host; empty means the same origin.
+    "WEBSOCKET_PORT": env_str("WEBSOCKET_PORT", ""),
 }
 
 BILLING = {

@@ -1,8 +1,10 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from runner import ui as runner_ui
 from runner import views as runner_views
 from webapp import roboflow
+from webapp import views as account_views
 from workflows import views as workflow_views
 
 api = [
@@ -20,11 +22,21 @@ api = [
 ]
 
 urlpatterns = [
+    path("", account_views.home, name="home"),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("tokens/", account_views.tokens, name="tokens"),
     path("admin/django-rq/", include("django_rq.urls")),
     path("admin/", admin.site.urls),
     path("api/", include(api)),
     path("info", roboflow.InfoView.as_view()),
+    # Listed before the workflow pages: POST /workflows/run is Roboflow's route.
     path("workflows/run", roboflow.InlineWorkflowRunView.as_view()),
+    path("workflows/<int:workflow_id>/run/", runner_ui.run_workflow_page,
+         name="run-workflow"),
+    path("workflows/", include("workflows.ui_urls")),
+    path("samples/<str:name>", runner_ui.sample_image, name="sample-image"),
+    path("runs/<uuid:run_id>/", runner_ui.run_page, name="run-page"),
+    path("billing/", include("billing.urls")),
     path("infer/workflows", roboflow.InlineWorkflowRunView.as_view()),
     path("infer/workflows/<str:workspace>/<slug:workflow_id>",
          roboflow.StoredWorkflowRunView.as_view()),

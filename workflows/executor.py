@@ -57,7 +57,7 @@ def execute_plan(
                 user_error=False,
             ) from error
         dimensions[step.name] = step.dimension
-        timer.add_step(step.name, time.perf_counter_ns() - started,
+        timer.add_step(step.name, step.block.type, time.perf_counter_ns() - started,
                        step.block.uses_model)
     return results
 

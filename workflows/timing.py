@@ -18,6 +18,7 @@ Components, in the order a run goes through them:
 - overhead: everything else on the runner (fetching inputs, step glue)
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,12 @@ class RunTimer:
     serialization_ns: int = 0
     models: dict[str, ModelUse] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
+    # Called with (phase, data) as each phase ends, for the live timeline.
+    listener: Callable[..., None] | None = None
+
+    def emit(self, phase: str, **data: Any) -> None:
+        if self.listener is not None:
+            self.listener(phase, **data)
 
     def model(self, model_id: str) -> ModelUse:
         use = self.models.get(model_id)
@@ -104,10 +111,13 @@ class RunTimer:
             use = self.models[model_id] = ModelUse(model_id=model_id)
         return use
 
-    def add_step(self, name: str, duration_ns: int, is_model_step: bool) -> None:
+    def add_step(self, name: str, block_type: str, duration_ns: int,
+                 is_model_step: bool) -> None:
         self.steps[name] = self.steps.get(name, 0) + duration_ns
         if not is_model_step:
             self.blocks_ns += duration_ns
+        self.emit("step", step=name, type=block_type, model_step=is_model_step,
+                  duration=ns_to_us(duration_ns))
 
     def breakdown(self, *, runner_total_ns: int, request_us: int, queue_us: int,
                   step_types: dict[str, str]) -> dict[str, Any]:

@@ -1,0 +1,39 @@
+"""Admin pages: runs, uploaded models and the live runner fleet."""
+
+from django.contrib import admin
+from django.template.response import TemplateResponse
+from django.urls import path
+
+from runner import fleet
+from runner.models import ModelUpload, Run
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    list_display = ("id", "owner", "status", "source", "runner_name", "cold",
+                    "total_us", "created_at")
+    list_filter = ("status", "source", "cold", "runner_name")
+    search_fields = ("id", "owner__username")
+    readonly_fields = [field.name for field in Run._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def get_urls(self):
+        fleet_view = self.admin_site.admin_view(self.fleet_view)
+        return [path("fleet/", fleet_view, name="runner_fleet"), *super().get_urls()]
+
+    def fleet_view(self, request):
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Runner fleet",
+            "runners": [state.data for state in fleet.live_runners()],
+            "dead": fleet.dead_runner_names(),
+        }
+        return TemplateResponse(request, "admin/runner_fleet.html", context)
+
+
+@admin.register(ModelUpload)
+class ModelUploadAdmin(admin.ModelAdmin):
+    list_display = ("model_id", "owner", "task", "size_bytes", "created_at")
+    search_fields = ("model_id", "owner__username")

@@ -1,0 +1,82 @@
+"""Websocket stream of one run's events, for its owner only.
+
+On connect the consumer joins the run's group, then replays the events
+stored so far; live events that arrive during the replay wait in a buffer,
+so the client receives each event once, in ``seq`` order.  A run that
+finished before its events were stored (or after they expired) gets one
+``done`` event built from the database.
+"""
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from runner.events import group_name, stored_events
+from runner.models import Run
+from runner.presenters import bill_to_dict
+
+# Close codes in the application range (4000-4999).
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+
+
+class RunEventsConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self):
+        user = self.scope.get("user")
+        self.run_id = str(self.scope["url_route"]["kwargs"]["run_id"])
+        self.group = group_name(self.run_id)
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        # Someone else's run looks exactly like a missing one.
+        if not await self._owns_run(user):
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        self.seen: set[int] = set()
+        self.buffer: list[dict] = []
+        self.replaying = True
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        for event in await database_sync_to_async(stored_events)(self.run_id):
+            await self._forward(event)
+        self.replaying = False
+        for event in sorted(self.buffer, key=lambda e: e["seq"]):
+            await self._forward(event)
+        self.buffer.clear()
+        if not self.seen:
+            await self._send_final_state_if_finished()
+
+    async def disconnect(self, code):
+        if hasattr(self, "seen"):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def run_event(self, message):
+        """Called by channels for each group message published by a runner."""
+        if self.replaying:
+            self.buffer.append(message["event"])
+        else:
+            await self._forward(message["event"])
+
+    async def receive_json(self, content, **kwargs):
+        # The stream is one-way; clients have nothing to send.
+        pass
+
+    async def _forward(self, event: dict) -> None:
+        if event["seq"] in self.seen:
+            return
+        self.seen.add(event["seq"])
+        await self.send_json(event)
+
+    @database_sync_to_async
+    def _owns_run(self, user) -> bool:
+        return Run.objects.filter(pk=self.run_id, owner=user).exists()
+
+    async def _send_final_state_if_finished(self) -> None:
+        run = await database_sync_to_async(
+            lambda: Run.objects.select_related("bill").filter(pk=self.run_id).first()
+        )()
+        if run is None or not run.is_finished:
+            return
+        bill = bill_to_dict(getattr(run, "bill", None))
+        await self._forward({"seq": 0, "run_id": self.run_id, "phase": "done",
+                             "status": run.status, "breakdown": run.breakdown,
+                             "bill": bill, "error": run.error})

@@ -1,0 +1,54 @@
+"""Browser pages for running a workflow and watching a run."""
+
+import importlib.util
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.http import FileResponse, Http404
+from django.shortcuts import get_object_or_404, render
+
+from runner.models import Run
+from workflows.models import Workflow
+
+SAMPLE_IMAGES = ("bus.jpg", "zidane.jpg")
+
+
+def _page_settings() -> dict:
+    return {"websocket_port": settings.GLASSBOX["WEBSOCKET_PORT"]}
+
+
+@login_required
+def run_workflow_page(request, workflow_id: int):
+    workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
+    version = workflow.latest_version()
+    inputs = version.definition.get("inputs", []) if version else []
+    image_inputs = [i["name"] for i in inputs
+                    if i.get("type") in ("WorkflowImage", "InferenceImage")]
+    parameters = [i for i in inputs
+                  if i.get("type") in ("WorkflowParameter", "InferenceParameter")]
+    return render(request, "runner/run.html", {
+        "workflow": workflow, "version": version, "image_inputs": image_inputs,
+        "parameters": parameters, "samples": SAMPLE_IMAGES, "run": None,
+        **_page_settings(),
+    })
+
+
+@login_required
+def run_page(request, run_id):
+    run = get_object_or_404(Run.objects.select_related("workflow_version__workflow"),
+                            pk=run_id, owner=request.user)
+    workflow = run.workflow_version.workflow if run.workflow_version_id else None
+    return render(request, "runner/run.html", {
+        "workflow": workflow, "version": run.workflow_version, "run": run,
+        "image_inputs": [], "parameters": [], "samples": (), **_page_settings(),
+    })
+
+
+@login_required
+def sample_image(request, name: str):
+    if name not in SAMPLE_IMAGES:
+        raise Http404(f"no sample image named {name}")
+    # ultralytics ships these photos; find them without importing it (and torch).
+    assets = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"
+    return FileResponse(open(assets / name, "rb"), content_type="image/jpeg")

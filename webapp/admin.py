@@ -1,0 +1,16 @@
+from django.contrib import admin
+
+from webapp.models import ApiToken
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ("name", "user", "prefix", "created_at", "last_used_at",
+                    "revoked_at")
+    readonly_fields = ("key_hash", "prefix", "created_at", "last_used_at")
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke(self, request, queryset):
+        for token in queryset:
+            token.revoke()
