@@ -251,7 +251,7 @@ class ModelProvider:
         use.postprocess_ns += int(result.speed["postprocess"] * 1e6)
         use.calls += 1
         self.timer.emit(
-            "model", model_id=model_id, step=step,
+            "model", model_id=model_id, step=step, cold=not was_loaded,
             preprocess=(decode_ns + int(result.speed["preprocess"] * 1e6)) // 1000,
             inference=int(result.speed["inference"] * 1e3),
             postprocess=int(result.speed["postprocess"] * 1e3),

@@ -58,6 +58,14 @@ class Command(BaseCommand):
                             [sys.executable, "manage.py", "runner",
                              "--name", f"runner-{index}"], log_dir)
             bind = f"{options['host']}:{options['port']}"
+            # gunicorn serves HTTP (the fastest Django server measured here);
+            # daphne on the next port carries the live-timeline websockets.
+            websocket_port = options["port"] + 1
+            self._spawn("websockets", [
+                sys.executable, "-m", "daphne", "-b", options["host"],
+                "-p", str(websocket_port), "webapp.asgi:application",
+            ], log_dir)
+            os.environ["WEBSOCKET_PORT"] = str(websocket_port)
             self._spawn("web", [
                 sys.executable, "-m", "gunicorn", "webapp.wsgi:application",
                 "--bind", bind, "--workers", str(options["web_workers"]),
