@@ -1,6 +1,24 @@
 #!/usr/bin/env bash
 # Install everything (as setup.sh does), then run every test.
+#
+# With arguments, they go to pytest as they are. Without, the whole suite runs
+# on the embedded defaults (SQLite, embedded Redis); then, where PostgreSQL and
+# Redis answer on 127.0.0.1, the runner-pool tests run again against them: the
+# configuration runners on several machines use.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/install.sh
-exec .venv/bin/python -m pytest "$@"
+if [ "$#" -gt 0 ]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+.venv/bin/python -m pytest
+if .venv/bin/python scripts/services_up.py; then
+    echo "== runner-pool tests against PostgreSQL and Redis on 127.0.0.1"
+    DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test} \
+    REDIS_URL=${TEST_REDIS_URL:-redis://127.0.0.1:6379/0} \
+    GLASSBOX_DATA_DIR=var/test-shared \
+        .venv/bin/python -m pytest tests/test_runs.py tests/test_runner_pool.py \
+        tests/test_run_events.py
+else
+    echo "PostgreSQL or Redis not answering on 127.0.0.1; shared-server tests skipped"
+fi
