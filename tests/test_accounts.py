@@ -1,0 +1,71 @@
+"""Sign-in, API tokens: shown once, listed by prefix, revoked at once."""
+
+import re
+
+import pytest
+from rest_framework.test import APIClient
+
+from webapp.models import ApiToken
+
+
+@pytest.mark.parametrize("path", ["/workflows/", "/tokens/", "/billing/"])
+def test_pages_require_sign_in(client, db, path):
+    response = client.get(path)
+    assert response.status_code == 302
+    assert response.url.startswith("/accounts/login/")
+
+
+def test_sign_in_lands_on_workflows(client, alice):
+    response = client.post("/accounts/login/",
+                           {"username": "alice", "password": "alice-password"})
+    assert response.status_code == 302
+    assert client.get(response.url, follow=True).request["PATH_INFO"] == "/workflows/"
+
+
+def test_token_created_is_shown_once(client, alice):
+    client.force_login(alice)
+    created = client.post("/tokens/", {"action": "create", "name": "laptop"})
+    key = re.search(r'id="new-token-key">([^<]+)<', created.content.decode())[1]
+    token = ApiToken.objects.get(user=alice)
+    assert token.name == "laptop"
+    assert key.startswith(token.prefix)
+    assert key not in client.get("/tokens/").content.decode()
+    assert token.key_hash != key
+
+
+def test_token_authenticates_api(alice):
+    _, key = ApiToken.issue(alice, "script")
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert api.get("/api/workflows/").status_code == 200
+
+
+def test_revoked_token_stops_at_once(client, alice):
+    token, key = ApiToken.issue(alice, "script")
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert api.get("/api/workflows/").status_code == 200
+
+    client.force_login(alice)
+    client.post("/tokens/", {"action": "revoke", "token": token.id})
+    response = api.get("/api/workflows/")
+    assert response.status_code == 401
+    assert "revoked" in response.json()["message"]
+
+
+def test_cannot_revoke_other_users_token(client, alice, bob):
+    token, _ = ApiToken.issue(bob, "bob's")
+    client.force_login(alice)
+    response = client.post("/tokens/", {"action": "revoke", "token": token.id})
+    assert response.status_code == 404
+    token.refresh_from_db()
+    assert token.revoked_at is None
+
+
+def test_token_list_shows_only_own_tokens(client, alice, bob):
+    ApiToken.issue(bob, "bob-secret-name")
+    ApiToken.issue(alice, "alice-token")
+    client.force_login(alice)
+    page = client.get("/tokens/").content.decode()
+    assert "alice-token" in page
+    assert "bob-secret-name" not in page
