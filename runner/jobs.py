@@ -9,7 +9,7 @@ from django.utils import timezone
 from billing.policy import BillingPolicy
 from runner import keys
 from runner.events import RunEvents
-from runner.finish import finish_run
+from runner.finish import fail_run, finish_run
 from runner.model_cache import ModelProvider
 from runner.models import Run
 from runner.registry import ModelSource
@@ -40,6 +40,15 @@ def execute_run(run_id: str) -> None:
     runtime.current_run = run_id
     try:
         _execute(run, runtime, started, started_wall)
+    except Exception as error:
+        # _execute turns workflow failures into a finished run itself; this is
+        # for failures around it (database, Redis), so the run never stays
+        # "running" on a live runner.
+        logger.exception("runner %s could not finish run %s", runtime.name, run_id)
+        fail_run(run_id, f"runner {runtime.name} could not finish the run: "
+                         f"{type(error).__name__}",
+                 expected_status=Run.Status.RUNNING, expected_runner=runtime.name)
+        raise
     finally:
         runtime.current_run = None
         runtime.runs_done += 1
