@@ -109,12 +109,22 @@ def runner(session_runner, transactional_db):
 
 @pytest.fixture(autouse=True, scope="session")
 def clean_redis():
+    """Start from empty queues; stop the session's embedded Redis at the end."""
     connection_ = get_redis()
-    for key in connection_.scan_iter("glassbox:*"):
-        connection_.delete(key)
-    for key in connection_.scan_iter("rq:*"):
-        connection_.delete(key)
+    for pattern in ("glassbox:*", "rq:*"):
+        for key in connection_.scan_iter(pattern):
+            connection_.delete(key)
     yield
+    if not settings.REDIS_URL:
+        import shutil
+
+        import redis
+
+        try:
+            connection_.shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it stops
+        shutil.rmtree(settings.DATA_DIR, ignore_errors=True)
 
 
 @pytest.fixture

@@ -32,8 +32,14 @@ def get_redis() -> redis.Redis:
         if _connection is None:
             if not settings.REDIS_URL:
                 ensure_embedded_redis(Path(settings.EMBEDDED_REDIS_SOCKET))
+            # redis-py 8 defaults to a 5 s socket timeout, shorter than the
+            # BLPOP a synchronous run request blocks in; that command carries
+            # its own server-side timeout, so reads wait as long as it needs.
             _connection = redis.Redis.from_url(
-                settings.EFFECTIVE_REDIS_URL, health_check_interval=30
+                settings.EFFECTIVE_REDIS_URL,
+                health_check_interval=30,
+                socket_timeout=None,
+                socket_connect_timeout=5,
             )
     return _connection
 
