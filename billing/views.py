@@ -1,12 +1,83 @@
 """Browser pages for billing: per-request history, charts, explanations."""
 
-from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+import csv
 
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, render
+
+from billing.explain import explain_bill
 from billing.models import Bill
+from billing.queries import (
+    COLUMNS,
+    BillFilterForm,
+    bill_rows,
+    filtered_bills,
+    summarize,
+)
+
+PAGE_SIZE = 50
 
 
 @login_required
 def history(request):
-    bills = Bill.objects.filter(owner=request.user).select_related("run")[:100]
-    return render(request, "billing/history.html", {"bills": bills})
+    form = BillFilterForm(request.GET, user=request.user)
+    context = {"form": form, "columns": COLUMNS, "filters_valid": form.is_valid()}
+    if context["filters_valid"]:
+        bills = filtered_bills(request.user, form.cleaned_data)
+        page = Paginator(bills, PAGE_SIZE).get_page(request.GET.get("page"))
+        context.update(
+            page=page,
+            rows=list(bill_rows(page.object_list)),
+            summary=summarize(bills),
+        )
+    return render(request, "billing/history.html", context)
+
+
+def _invalid_filters(form: BillFilterForm) -> HttpResponse:
+    return JsonResponse(
+        {"error": "invalid filters", "fields": form.errors.get_json_data()},
+        status=400,
+    )
+
+
+@login_required
+def export_csv(request):
+    """Return every row that matches the filters, with the table's columns.
+
+    The response is built in memory rather than streamed, because under ASGI
+    (daphne) Django 5.2 reads a synchronous streaming iterator into a list
+    before sending it anyway.
+    """
+    form = BillFilterForm(request.GET, user=request.user)
+    if not form.is_valid():
+        return _invalid_filters(form)
+    bills = filtered_bills(request.user, form.cleaned_data)
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="billing.csv"'
+    writer = csv.writer(response)
+    writer.writerow([column.header for column in COLUMNS])
+    for row in bill_rows(bills.iterator(chunk_size=1000)):
+        writer.writerow(row.values)
+    return response
+
+
+@login_required
+def summary_json(request):
+    """Return the chart data for the filters; the history page embeds the same."""
+    form = BillFilterForm(request.GET, user=request.user)
+    if not form.is_valid():
+        return _invalid_filters(form)
+    return JsonResponse(summarize(filtered_bills(request.user, form.cleaned_data)))
+
+
+@login_required
+def explain(request, run_id):
+    bill = get_object_or_404(
+        Bill.objects.select_related("run__workflow_version__workflow"),
+        run_id=run_id,
+        owner=request.user,
+    )
+    return render(request, "billing/explain.html",
+                  {"explanation": explain_bill(bill)})

@@ -1,0 +1,174 @@
+"""Data for the "explain this charge" page: one bill, step by step.
+
+Every number comes from the stored bill (its components, billable time, rate
+and minimum), not from the current settings, so an old bill is explained by
+the policy that priced it.
+"""
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from billing.models import Bill
+from billing.policy import POLICY_NAME, BillingPolicy, BillLine, evaluate_formula
+from billing.queries import (
+    COMPONENT_LABELS,
+    format_us_as_ms,
+    run_components,
+    start_kind,
+    workflow_name,
+)
+from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
+
+
+@dataclass(frozen=True)
+class ComponentShare:
+    key: str
+    label: str
+    us: int
+    ms: str
+    # Share of the run's total time, in percent.
+    percent: float
+    billable: bool
+
+
+@dataclass(frozen=True)
+class FormulaStep:
+    title: str
+    expression: str
+    result: str
+
+
+@dataclass(frozen=True)
+class HotComparison:
+    """The same run priced without its cold load, by the bill's own policy."""
+
+    cold_load_us: int
+    line: BillLine
+    # Stored billed time minus the hot billed time.
+    billed_ms_difference: int
+    # Stored amount minus the hot amount, in micro-credits.
+    difference_microcredits: int
+
+
+@dataclass(frozen=True)
+class Explanation:
+    bill: Bill
+    workflow: str
+    start: str
+    components: list[ComponentShare]
+    total_us: int
+    models: list[dict[str, Any]]
+    steps: list[FormulaStep]
+    # None when the stored formula text cannot be evaluated.
+    recomputed_microcredits: int | None
+    hot: HotComparison | None
+    waived_reason: str
+
+
+def explain_bill(bill: Bill) -> Explanation:
+    components = run_components(bill)
+    breakdown = bill.run.breakdown or {}
+    known_policy = bill.policy == POLICY_NAME
+    return Explanation(
+        bill=bill,
+        workflow=workflow_name(bill),
+        start=start_kind(bill.run),
+        components=component_shares(components),
+        total_us=sum(components.get(name, 0) for name in COMPONENTS),
+        models=breakdown.get("models", []),
+        steps=formula_steps(bill) if known_policy and bill.billed else [],
+        recomputed_microcredits=_recompute(bill.formula),
+        hot=hot_comparison(bill) if known_policy and bill.billed else None,
+        waived_reason=_waived_reason(bill),
+    )
+
+
+def component_shares(components: dict[str, int]) -> list[ComponentShare]:
+    total = sum(components.get(name, 0) for name in COMPONENTS)
+    return [
+        ComponentShare(
+            key=name,
+            label=COMPONENT_LABELS[name],
+            us=components[name],
+            ms=format_us_as_ms(components[name]),
+            percent=round(100 * components[name] / total, 2) if total else 0.0,
+            billable=name in RUNNER_COMPONENTS,
+        )
+        for name in COMPONENTS
+        if name in components
+    ]
+
+
+def formula_steps(bill: Bill) -> list[FormulaStep]:
+    """Return the steps of policy ``runner-time-v1`` with the bill's numbers."""
+    billable_us = bill.billable_us
+    parts = [f"{bill.components.get(name, 0)}" for name in RUNNER_COMPONENTS]
+    rounded_ms = -(-billable_us // 1000)
+    billed_ms = max(rounded_ms, bill.minimum_ms)
+    rate = bill.rate_microcredits_per_second
+    exact_amount = Decimal(billed_ms * rate) / Decimal(1000)
+    amount = -(-billed_ms * rate // 1000)
+    return [
+        FormulaStep(
+            "Billable time is the runner total: "
+            + " + ".join(COMPONENT_LABELS[name].lower() for name in RUNNER_COMPONENTS),
+            " + ".join(parts),
+            f"{billable_us} µs",
+        ),
+        FormulaStep(
+            "Round up to whole milliseconds",
+            f"ceil({billable_us} / 1000)",
+            f"{rounded_ms} ms",
+        ),
+        FormulaStep(
+            f"Apply the minimum of {bill.minimum_ms} ms",
+            f"max({rounded_ms}, {bill.minimum_ms})",
+            f"{billed_ms} ms",
+        ),
+        FormulaStep(
+            f"Multiply by the rate of {rate} µcr per second",
+            f"{billed_ms} × {rate} / 1000",
+            f"{exact_amount.normalize():f} µcr",
+        ),
+        FormulaStep(
+            "Round up to whole micro-credits",
+            f"ceil({exact_amount.normalize():f})",
+            f"{amount} µcr",
+        ),
+    ]
+
+
+def hot_comparison(bill: Bill) -> HotComparison:
+    """Price the run as if it had been hot: runner total minus the cold load."""
+    cold_load_us = bill.components.get("cold_load", 0)
+    policy = BillingPolicy(
+        rate_microcredits_per_second=bill.rate_microcredits_per_second,
+        minimum_ms=bill.minimum_ms,
+    )
+    hot_breakdown = {
+        "components": {**dict.fromkeys(RUNNER_COMPONENTS, 0), **bill.components,
+                       "cold_load": 0},
+        "runner_total": bill.billable_us - cold_load_us,
+    }
+    line = policy.bill(hot_breakdown)
+    return HotComparison(
+        cold_load_us=cold_load_us,
+        line=line,
+        billed_ms_difference=bill.billed_ms - line.billed_ms,
+        difference_microcredits=bill.amount_microcredits - line.amount_microcredits,
+    )
+
+
+def _recompute(formula: str) -> int | None:
+    try:
+        return evaluate_formula(formula)
+    except (ValueError, SyntaxError, IndexError):
+        return None
+
+
+def _waived_reason(bill: Bill) -> str:
+    if bill.billed:
+        return ""
+    _, _, reason = bill.formula.partition("# not billed:")
+    return reason.strip() or "the run failed because of the platform"

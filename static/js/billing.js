@@ -1,0 +1,156 @@
+// Charts of the billing history page, drawn with Chart.js 4 from the
+// server's aggregation (json_script "billing-summary", the same data as
+// /billing/summary.json). Times in the data are microseconds.
+(function () {
+  const source = document.getElementById("billing-summary");
+  if (!source || !window.Chart) return;
+  const summary = JSON.parse(source.textContent);
+  const style = getComputedStyle(document.documentElement);
+  const cssColor = (name) => style.getPropertyValue(name).trim();
+  const phase = window.glassboxPhaseColor;
+  const toMs = (us) => us / 1000;
+  const number = new Intl.NumberFormat("en-US");
+
+  Chart.defaults.animation = false;
+  Chart.defaults.maintainAspectRatio = false;
+  Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
+  Chart.defaults.color = cssColor("--muted");
+  Chart.defaults.plugins.legend.labels.boxWidth = 12;
+
+  drawDaily(summary.days);
+  drawBilledTime(summary.days);
+  drawLatency(summary.latency);
+  drawStarts(summary.starts);
+
+  function drawDaily(days) {
+    new Chart(document.getElementById("chart-daily"), {
+      data: {
+        labels: days.labels,
+        datasets: [
+          {
+            type: "bar", label: "Amount (µcr)", data: days.amount_microcredits,
+            backgroundColor: cssColor("--accent"), yAxisID: "amount", order: 2,
+            maxBarThickness: 40,
+          },
+          {
+            type: "line", label: "Runs", data: days.runs, yAxisID: "runs",
+            borderColor: cssColor("--ink"), backgroundColor: cssColor("--ink"),
+            pointRadius: 2, borderWidth: 1.5, tension: 0.2, order: 1,
+          },
+        ],
+      },
+      options: {
+        interaction: { mode: "index", intersect: false },
+        scales: {
+          amount: {
+            position: "left", beginAtZero: true,
+            title: { display: true, text: "µcr" },
+          },
+          runs: {
+            position: "right", beginAtZero: true, grid: { drawOnChartArea: false },
+            ticks: { precision: 0 }, title: { display: true, text: "runs" },
+          },
+        },
+      },
+    });
+  }
+
+  function drawBilledTime(days) {
+    const parts = [
+      ["cold_load_us", "Cold load", phase("cold_load")],
+      ["inference_us", "Inference (pre + infer + post)", phase("inference")],
+      ["other_us", "Other runner time", phase("overhead")],
+      ["rounding_us", "Minimum and rounding", phase("handoff")],
+    ];
+    new Chart(document.getElementById("chart-billed-time"), {
+      type: "bar",
+      data: {
+        labels: days.labels,
+        datasets: parts.map(([key, label, color]) => ({
+          label, data: days[key].map(toMs), backgroundColor: color, maxBarThickness: 40,
+        })),
+      },
+      options: {
+        interaction: { mode: "index", intersect: false },
+        scales: {
+          x: { stacked: true },
+          y: { stacked: true, beginAtZero: true, title: { display: true, text: "ms" } },
+        },
+        plugins: {
+          tooltip: {
+            callbacks: {
+              label: (item) => `${item.dataset.label}: ${formatMs(days[parts[item.datasetIndex][0]][item.dataIndex])}`,
+              footer: (items) => {
+                const index = items[0].dataIndex;
+                const total = parts.reduce((sum, [key]) => sum + days[key][index], 0);
+                return `Billed: ${formatMs(total)}`;
+              },
+            },
+          },
+        },
+      },
+    });
+  }
+
+  function drawLatency(latency) {
+    const percentiles = [
+      ["p50_us", "p50", "#93c5fd"],
+      ["p90_us", "p90", "#3b82f6"],
+      ["p99_us", "p99", "#1e3a8a"],
+    ];
+    new Chart(document.getElementById("chart-latency"), {
+      type: "bar",
+      data: {
+        labels: latency.map((entry) => `${entry.workflow} (${entry.runs})`),
+        datasets: percentiles.map(([key, label, color]) => ({
+          label, data: latency.map((entry) => toMs(entry[key])), backgroundColor: color,
+          maxBarThickness: 40,
+        })),
+      },
+      options: {
+        interaction: { mode: "index", intersect: false },
+        scales: { y: { beginAtZero: true, title: { display: true, text: "ms" } } },
+        plugins: {
+          tooltip: {
+            callbacks: {
+              label: (item) => `${item.dataset.label}: ${formatMs(latency[item.dataIndex][percentiles[item.datasetIndex][0]])}`,
+            },
+          },
+        },
+      },
+    });
+  }
+
+  function drawStarts(starts) {
+    const kinds = [
+      ["hot", "Hot", cssColor("--ok")],
+      ["cold", "Cold", phase("cold_load")],
+      ["no_timing", "Ended before a runner", phase("request")],
+    ].filter(([key]) => key !== "no_timing" || starts.no_timing.runs > 0);
+    const runs = kinds.reduce((sum, [key]) => sum + starts[key].runs, 0);
+    new Chart(document.getElementById("chart-starts"), {
+      type: "doughnut",
+      data: {
+        labels: kinds.map(([key, label]) => `${label}: ${number.format(starts[key].runs)}`),
+        datasets: [{
+          data: kinds.map(([key]) => starts[key].runs),
+          backgroundColor: kinds.map(([, , color]) => color),
+        }],
+      },
+      options: {
+        plugins: {
+          legend: { position: "right" },
+          tooltip: {
+            callbacks: {
+              label: (item) => {
+                const entry = starts[kinds[item.dataIndex][0]];
+                const share = runs ? (100 * entry.runs / runs).toFixed(1) : "0.0";
+                return `${number.format(entry.runs)} runs (${share} %), ${number.format(entry.amount_microcredits)} µcr`;
+              },
+            },
+          },
+        },
+      },
+    });
+  }
+})();

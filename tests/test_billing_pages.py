@@ -1,0 +1,714 @@
+"""The billing pages: history table, CSV export, chart data and explanations.
+
+Runs and bills are written straight to the database, priced by the real
+policy, so these tests need no runner process.
+"""
+
+import csv
+import datetime
+import io
+import json
+import math
+import random
+import uuid
+from collections import defaultdict
+from html.parser import HTMLParser
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from billing.models import Bill
+from billing.policy import BillingPolicy
+from runner.models import Run
+from tests.definitions import image_height
+from webapp.models import ApiToken
+from workflows.models import Workflow
+from workflows.timing import RUNNER_COMPONENTS
+
+POLICY = BillingPolicy(rate_microcredits_per_second=2000, minimum_ms=100)
+DAY = datetime.datetime(2025, 3, 10, 12, 0, tzinfo=datetime.UTC)
+HISTORY = reverse("billing-history")
+EXPORT = reverse("billing-export")
+SUMMARY = reverse("billing-summary")
+
+# ------------------------------------------------------------------ helpers
+
+
+def make_bill(owner, *, version=None, token=None, created_at=DAY,
+              cold_load=0, inference=20_000, blocks=3_000, request=800,
+              queue=1_500, billed=True, timed=True) -> Bill:
+    """Create a finished run and its bill. Times are in µs."""
+    components = {
+        "request": request, "queue": queue, "compile": 1_200,
+        "cold_load": cold_load, "preprocess": 2_100, "inference": inference,
+        "postprocess": 900, "blocks": blocks, "serialization": 350, "overhead": 777,
+    }
+    runner_total = sum(components[name] for name in RUNNER_COMPONENTS)
+    breakdown = {
+        "components": components,
+        "runner_total": runner_total,
+        "total": sum(components.values()),
+        "models": [{
+            "model_id": "people-detector", "cold": cold_load > 0,
+            "cold_load": {"read": cold_load // 2, "to_device": cold_load // 4,
+                          "warmup": cold_load - cold_load // 2 - cold_load // 4,
+                          "total": cold_load},
+            "preprocess": 2_100, "inference": inference, "postprocess": 900,
+            "calls": 1,
+        }],
+    }
+    run = Run.objects.create(
+        owner=owner,
+        workflow_version=version,
+        inline_definition=None if version else image_height(),
+        definition_digest="0" * 64,
+        source="api",
+        status="succeeded" if billed else "failed",
+        token=token,
+        cold=timed and cold_load > 0,
+        total_us=breakdown["total"] if timed else None,
+        runner_total_us=runner_total if timed else None,
+        breakdown=breakdown if timed else None,
+    )
+    if billed:
+        line = POLICY.bill(breakdown)
+    else:
+        line = POLICY.waive(breakdown if timed else None, "runner died")
+    bill = Bill.objects.create(
+        run=run, owner=owner, billed=line.billed, components=line.components,
+        billable_us=line.billable_us, billed_ms=line.billed_ms,
+        rate_microcredits_per_second=line.rate_microcredits_per_second,
+        minimum_ms=line.minimum_ms, amount_microcredits=line.amount_microcredits,
+        policy=line.policy, formula=line.formula,
+    )
+    # created_at is auto_now_add, so set the test's time afterwards.
+    Bill.objects.filter(pk=bill.pk).update(created_at=created_at)
+    bill.created_at = created_at
+    return bill
+
+
+def version_of(owner, name: str):
+    return Workflow.create_with_version(owner, name, image_height()).latest_version()
+
+
+def seed_bills(owner, count: int, *, versions, tokens=(None,), seed: int = 7):
+    """Create ``count`` varied bills 67 minutes apart and return them oldest first."""
+    rng = random.Random(seed)
+    bills = []
+    for index in range(count):
+        kind = rng.random()
+        bills.append(make_bill(
+            owner,
+            version=rng.choice(versions),
+            token=rng.choice(tokens),
+            created_at=DAY + datetime.timedelta(minutes=67 * index),
+            cold_load=rng.choice([0, 0, 0, rng.randrange(50_000, 3_000_000)]),
+            inference=rng.randrange(1_000, 400_000),
+            blocks=rng.randrange(0, 50_000),
+            request=rng.randrange(100, 5_000),
+            queue=rng.randrange(0, 900_000),
+            billed=kind > 0.05,
+            timed=kind > 0.02,
+        ))
+    return bills
+
+
+class PageParser(HTMLParser):
+    """Collect the text of elements with an id and the rows of #bill-table."""
+
+    VOID = {"area", "br", "col", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.texts: dict[str, str] = {}
+        self.open: list[str | None] = []
+        self.in_table = False
+        self.in_body = False
+        self.header: list[str] = []
+        self.rows: list[list[str]] = []
+        self.cell: list[str] | None = None
+        self.html = html
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if attributes.get("id") == "bill-table":
+            self.in_table = True
+        if self.in_table and tag == "tbody":
+            self.in_body = True
+        if self.in_table and tag == "tr" and self.in_body:
+            self.rows.append([])
+        if self.in_table and tag in ("td", "th"):
+            self.cell = []
+        if tag not in self.VOID:
+            element_id = attributes.get("id")
+            if element_id:
+                self.texts[element_id] = ""
+            self.open.append(element_id)
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if self.in_table and tag in ("td", "th") and self.cell is not None:
+            text = "".join(self.cell).strip()
+            if self.in_body:
+                self.rows[-1].append(text)
+            else:
+                self.header.append(text)
+            self.cell = None
+        if tag == "tbody":
+            self.in_body = False
+        if tag == "table" and self.in_table:
+            self.in_table = False
+        if self.open:
+            self.open.pop()
+
+    def handle_data(self, data):
+        for element_id in self.open:
+            if element_id:
+                self.texts[element_id] += data
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def parse(response) -> PageParser:
+    assert response.status_code == 200, response.content[:500]
+    return PageParser(response.content.decode())
+
+
+def csv_rows(response) -> list[list[str]]:
+    assert response.status_code == 200, response.content[:500]
+    assert response["Content-Type"].startswith("text/csv")
+    return list(csv.reader(io.StringIO(response.content.decode())))
+
+
+def table_rows_all_pages(client, params: dict) -> tuple[list[str], list[list[str]]]:
+    """Return the table header and the rows of every page, in page order."""
+    parsed = parse(client.get(HISTORY, params))
+    header, rows, page = parsed.header, list(parsed.rows), 1
+    while 'rel="next"' in parsed.html:
+        page += 1
+        parsed = parse(client.get(HISTORY, {**params, "page": page}))
+        rows.extend(parsed.rows)
+    return header, rows
+
+
+def nearest_rank(values: list[int], percentile: int) -> int:
+    ordered = sorted(values)
+    return ordered[math.ceil(percentile * len(ordered) / 100) - 1]
+
+
+@pytest.fixture
+def alice_browser(client, alice):
+    client.force_login(alice)
+    return client
+
+
+@pytest.fixture
+def people(alice):
+    return version_of(alice, "People counter")
+
+
+@pytest.fixture
+def heights(alice):
+    return version_of(alice, "Image heights")
+
+
+# ------------------------------------------------------------------ access
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url_name", ["billing-history", "billing-export",
+                                      "billing-summary", "bill-explain"])
+def test_pages_require_login(client, alice, people, url_name):
+    bill = make_bill(alice, version=people)
+    args = [bill.run_id] if url_name == "bill-explain" else []
+    response = client.get(reverse(url_name, args=args))
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/")
+
+
+@pytest.mark.django_db
+def test_history_hides_other_users_bills(alice_browser, alice, bob, people):
+    own = [make_bill(alice, version=people) for _ in range(3)]
+    bobs_version = version_of(bob, "Bob's workflow")
+    others = [make_bill(bob, version=bobs_version, inference=900_000) for _ in range(2)]
+
+    page = parse(alice_browser.get(HISTORY))
+    run_column = page.header.index("Run")
+    assert sorted(row[run_column] for row in page.rows) == sorted(
+        str(bill.run_id) for bill in own)
+    for bill in others:
+        assert str(bill.run_id) not in page.html
+    assert "Bob's workflow" not in page.html
+
+    exported = alice_browser.get(EXPORT).content.decode()
+    for bill in others:
+        assert str(bill.run_id) not in exported
+
+    summary = alice_browser.get(SUMMARY).json()
+    assert summary["totals"]["runs"] == 3
+    assert summary["totals"]["amount_microcredits"] == sum(
+        bill.amount_microcredits for bill in own)
+
+
+@pytest.mark.django_db
+def test_explain_of_other_users_bill_is_404(alice_browser, bob):
+    bobs_bill = make_bill(bob, version=version_of(bob, "Bob's workflow"))
+    response = alice_browser.get(reverse("bill-explain", args=[bobs_bill.run_id]))
+    assert response.status_code == 404
+    assert bobs_bill.formula not in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_explain_of_unknown_run_is_404(alice_browser):
+    response = alice_browser.get(reverse("bill-explain", args=[uuid.uuid4()]))
+    assert response.status_code == 404
+
+
+@pytest.mark.django_db
+def test_filter_rejects_other_users_workflow(alice_browser, alice, bob, people):
+    make_bill(alice, version=people)
+    bobs_version = version_of(bob, "Bob's workflow")
+    make_bill(bob, version=bobs_version)
+    params = {"workflow": bobs_version.workflow_id}
+
+    assert alice_browser.get(EXPORT, params).status_code == 400
+    assert alice_browser.get(SUMMARY, params).status_code == 400
+    page = parse(alice_browser.get(HISTORY, params))
+    assert page.rows == []
+    assert "Select a valid choice" in page.html
+
+
+@pytest.mark.django_db
+def test_filter_rejects_other_users_token(alice_browser, alice, bob, people):
+    bobs_token, _ = ApiToken.issue(bob, "bob's laptop")
+    make_bill(bob, version=version_of(bob, "Bob's workflow"), token=bobs_token)
+    response = alice_browser.get(EXPORT, {"token": bobs_token.pk})
+    assert response.status_code == 400
+    assert "token" in response.json()["fields"]
+
+
+# ------------------------------------------------------------------ table and CSV
+
+
+@pytest.mark.django_db
+def test_row_shows_components_in_ms(alice_browser, alice, people):
+    bill = make_bill(alice, version=people, cold_load=1_234_567, inference=45_678,
+                     request=800, queue=1_500)
+    page = parse(alice_browser.get(HISTORY))
+    row = dict(zip(page.header, page.rows[0], strict=True))
+    assert row == {
+        "Time (UTC)": "2025-03-10 12:00:00",
+        "Workflow": "People counter",
+        "Run": str(bill.run_id),
+        "Start": "cold",
+        "Request (ms)": "0.800",
+        "Queue (ms)": "1.500",
+        "Compile (ms)": "1.200",
+        "Cold load (ms)": "1234.567",
+        "Preprocess (ms)": "2.100",
+        "Inference (ms)": "45.678",
+        "Postprocess (ms)": "0.900",
+        "Blocks (ms)": "3.000",
+        "Serialization (ms)": "0.350",
+        "Overhead (ms)": "0.777",
+        "Billed (ms)": str(bill.billed_ms),
+        "Amount (µcr)": str(bill.amount_microcredits),
+    }
+    assert f'href="/runs/{bill.run_id}/"' in page.html
+    assert f'href="/billing/runs/{bill.run_id}/"' in page.html
+
+
+@pytest.mark.django_db
+def test_row_of_untimed_run_has_empty_timings(alice_browser, alice, people):
+    make_bill(alice, version=people, billed=False, timed=False)
+    page = parse(alice_browser.get(HISTORY))
+    row = dict(zip(page.header, page.rows[0], strict=True))
+    assert row["Start"] == ""
+    assert row["Inference (ms)"] == ""
+    assert row["Request (ms)"] == ""
+    assert row["Amount (µcr)"] == "0"
+    assert csv_rows(alice_browser.get(EXPORT))[1] == page.rows[0]
+
+
+@pytest.mark.django_db
+def test_inline_run_is_named_inline(alice_browser, alice):
+    make_bill(alice, version=None)
+    page = parse(alice_browser.get(HISTORY))
+    assert page.rows[0][page.header.index("Workflow")] == "inline definition"
+
+
+@pytest.mark.django_db
+def test_history_paginates_newest_first(alice_browser, alice, people):
+    bills = seed_bills(alice, 120, versions=[people])
+    newest_first = [str(bill.run_id) for bill in reversed(bills)]
+
+    first = parse(alice_browser.get(HISTORY))
+    run_column = first.header.index("Run")
+    assert [row[run_column] for row in first.rows] == newest_first[:50]
+    assert "Page 1 of 3" in first.html
+
+    last = parse(alice_browser.get(HISTORY, {"page": 3}))
+    assert [row[run_column] for row in last.rows] == newest_first[100:]
+
+
+@pytest.mark.django_db
+def test_pager_links_keep_filters(alice_browser, alice, people, heights):
+    seed_bills(alice, 120, versions=[people, heights])
+    page = parse(alice_browser.get(HISTORY, {"workflow": people.workflow_id}))
+    assert f"?workflow={people.workflow_id}&amp;page=2" in page.html
+
+
+@pytest.mark.django_db
+def test_csv_matches_table_for_filter(alice_browser, alice, people, heights):
+    token, _ = ApiToken.issue(alice, "ci")
+    seed_bills(alice, 400, versions=[people, heights], tokens=[token, None])
+    params = {"workflow": people.workflow_id, "token": token.pk,
+              "date_from": "2025-03-11", "date_to": "2025-03-25"}
+
+    header, table = table_rows_all_pages(alice_browser, params)
+    exported = csv_rows(alice_browser.get(EXPORT, params))
+
+    expected = Bill.objects.filter(
+        owner=alice, run__workflow_version__workflow=people.workflow,
+        run__token=token, created_at__date__gte=datetime.date(2025, 3, 11),
+        created_at__date__lte=datetime.date(2025, 3, 25),
+    ).count()
+    assert expected > 50, "the filter must span several pages"
+    assert exported[0] == header
+    assert exported[1:] == table
+    assert len(table) == expected
+
+
+@pytest.mark.django_db
+def test_export_link_keeps_filters(alice_browser, alice, people):
+    make_bill(alice, version=people)
+    page = parse(alice_browser.get(HISTORY, {"workflow": people.workflow_id,
+                                             "page": 1}))
+    assert f'href="/billing/export.csv?workflow={people.workflow_id}"' in page.html
+
+
+# ------------------------------------------------------------------ filters
+
+
+@pytest.mark.django_db
+def test_date_filter_includes_whole_end_day(alice_browser, alice, people):
+    before = make_bill(alice, version=people,
+                       created_at=datetime.datetime(2025, 3, 9, 23, 59, 59,
+                                                    tzinfo=datetime.UTC))
+    first = make_bill(alice, version=people,
+                      created_at=datetime.datetime(2025, 3, 10, 0, 0,
+                                                   tzinfo=datetime.UTC))
+    last = make_bill(alice, version=people,
+                     created_at=datetime.datetime(2025, 3, 11, 23, 59, 59,
+                                                  tzinfo=datetime.UTC))
+    after = make_bill(alice, version=people,
+                      created_at=datetime.datetime(2025, 3, 12, 0, 0,
+                                                   tzinfo=datetime.UTC))
+    params = {"date_from": "2025-03-10", "date_to": "2025-03-11"}
+
+    exported = csv_rows(alice_browser.get(EXPORT, params))
+    run_ids = {row[2] for row in exported[1:]}
+    assert run_ids == {str(first.run_id), str(last.run_id)}
+    assert str(before.run_id) not in run_ids
+    assert str(after.run_id) not in run_ids
+
+
+@pytest.mark.django_db
+def test_date_filter_open_ended(alice_browser, alice, people):
+    old = make_bill(alice, version=people, created_at=DAY)
+    new = make_bill(alice, version=people, created_at=DAY + datetime.timedelta(days=5))
+    since = csv_rows(alice_browser.get(EXPORT, {"date_from": "2025-03-12"}))
+    until = csv_rows(alice_browser.get(EXPORT, {"date_to": "2025-03-12"}))
+    assert [row[2] for row in since[1:]] == [str(new.run_id)]
+    assert [row[2] for row in until[1:]] == [str(old.run_id)]
+
+
+@pytest.mark.django_db
+def test_reversed_dates_are_rejected(alice_browser, alice, people):
+    make_bill(alice, version=people)
+    params = {"date_from": "2025-03-12", "date_to": "2025-03-10"}
+    assert alice_browser.get(EXPORT, params).status_code == 400
+    page = parse(alice_browser.get(HISTORY, params))
+    assert "after the end date" in page.html
+    assert page.rows == []
+
+
+@pytest.mark.django_db
+def test_invalid_date_is_rejected(alice_browser):
+    response = alice_browser.get(SUMMARY, {"date_from": "yesterday"})
+    assert response.status_code == 400
+    assert "date_from" in response.json()["fields"]
+
+
+@pytest.mark.django_db
+def test_workflow_filter(alice_browser, alice, people, heights):
+    counted = make_bill(alice, version=people)
+    make_bill(alice, version=heights)
+    inline = make_bill(alice, version=None)
+
+    by_workflow = csv_rows(alice_browser.get(EXPORT, {"workflow": people.workflow_id}))
+    assert [row[2] for row in by_workflow[1:]] == [str(counted.run_id)]
+    inline_only = csv_rows(alice_browser.get(EXPORT, {"workflow": "inline"}))
+    assert [row[2] for row in inline_only[1:]] == [str(inline.run_id)]
+
+
+@pytest.mark.django_db
+def test_token_filter(alice_browser, alice, people):
+    laptop, _ = ApiToken.issue(alice, "laptop")
+    server, _ = ApiToken.issue(alice, "server")
+    server.revoke()
+    from_laptop = make_bill(alice, version=people, token=laptop)
+    from_server = make_bill(alice, version=people, token=server)
+    from_browser = make_bill(alice, version=people, token=None)
+
+    for token, bill in [(laptop.pk, from_laptop), (server.pk, from_server),
+                        ("none", from_browser)]:
+        exported = csv_rows(alice_browser.get(EXPORT, {"token": token}))
+        assert [row[2] for row in exported[1:]] == [str(bill.run_id)], token
+
+    page = parse(alice_browser.get(HISTORY))
+    assert "server (" in page.html  # revoked tokens stay selectable
+
+
+@pytest.mark.django_db
+def test_summary_follows_filters(alice_browser, alice, people, heights):
+    seed_bills(alice, 80, versions=[people, heights])
+    summary = alice_browser.get(SUMMARY, {"workflow": heights.workflow_id}).json()
+    bills = Bill.objects.filter(owner=alice,
+                                run__workflow_version__workflow=heights.workflow)
+    assert summary["totals"]["runs"] == bills.count()
+    assert summary["totals"]["amount_microcredits"] == sum(
+        bill.amount_microcredits for bill in bills)
+    assert {entry["workflow"] for entry in summary["latency"]} == {"Image heights"}
+
+
+# ------------------------------------------------------------------ chart data
+
+
+@pytest.mark.django_db
+def test_chart_totals_equal_bill_sums(alice_browser, alice, bob, people, heights):
+    seed_bills(alice, 300, versions=[people, heights, None])
+    seed_bills(bob, 20, versions=[version_of(bob, "Bob's workflow")], seed=3)
+    summary = alice_browser.get(SUMMARY).json()
+    bills = list(Bill.objects.filter(owner=alice).select_related("run"))
+    billed = [bill for bill in bills if bill.billed]
+    timed = [bill for bill in bills if bill.run.total_us is not None]
+    assert len(bills) == 300
+    assert len(billed) < len(bills), "the seed must include waived bills"
+    assert len(timed) < len(bills), "the seed must include untimed runs"
+
+    totals = summary["totals"]
+    assert totals["runs"] == len(bills)
+    assert totals["amount_microcredits"] == sum(b.amount_microcredits for b in bills)
+    assert totals["billed_ms"] == sum(b.billed_ms for b in bills)
+    assert totals["billable_us"] == sum(b.billable_us for b in bills)
+    assert totals["waived_runs"] == len(bills) - len(billed)
+
+    days = summary["days"]
+    assert sum(days["runs"]) == len(bills)
+    assert sum(days["amount_microcredits"]) == totals["amount_microcredits"]
+
+    split = summary["billed_time"]
+    assert split["total_us"] == sum(b.billed_ms * 1000 for b in bills)
+    assert split["cold_load_us"] == sum(b.components["cold_load"] for b in billed)
+    assert split["inference_us"] == sum(
+        b.components["preprocess"] + b.components["inference"]
+        + b.components["postprocess"] for b in billed)
+    assert split["rounding_us"] == sum(b.billed_ms * 1000 - b.billable_us
+                                       for b in billed)
+    for part in ("cold_load_us", "inference_us", "other_us", "rounding_us"):
+        assert sum(days[part]) == split[part], part
+    assert (split["cold_load_us"] + split["inference_us"] + split["other_us"]
+            + split["rounding_us"]) == split["total_us"]
+
+    starts = summary["starts"]
+    assert starts["cold"]["runs"] == sum(1 for b in timed if b.run.cold)
+    assert starts["hot"]["runs"] == sum(1 for b in timed if not b.run.cold)
+    assert starts["no_timing"]["runs"] == len(bills) - len(timed)
+    assert sum(kind["amount_microcredits"] for kind in starts.values()) == (
+        totals["amount_microcredits"])
+
+    assert sum(entry["runs"] for entry in summary["latency"]) == len(timed)
+
+
+@pytest.mark.django_db
+def test_chart_days_equal_bill_sums_per_day(alice_browser, alice, people):
+    bills = seed_bills(alice, 200, versions=[people])
+    days = alice_browser.get(SUMMARY).json()["days"]
+    amount_per_day: dict[str, int] = defaultdict(int)
+    runs_per_day: dict[str, int] = defaultdict(int)
+    for bill in bills:
+        amount_per_day[bill.created_at.date().isoformat()] += bill.amount_microcredits
+        runs_per_day[bill.created_at.date().isoformat()] += 1
+
+    assert days["labels"][0] == min(amount_per_day)
+    assert days["labels"][-1] == max(amount_per_day)
+    for index, label in enumerate(days["labels"]):
+        assert days["amount_microcredits"][index] == amount_per_day.get(label, 0), label
+        assert days["runs"][index] == runs_per_day.get(label, 0), label
+
+
+@pytest.mark.django_db
+def test_chart_days_fill_gaps_with_zeros(alice_browser, alice, people):
+    make_bill(alice, version=people, created_at=DAY)
+    make_bill(alice, version=people, created_at=DAY + datetime.timedelta(days=3))
+    days = alice_browser.get(SUMMARY).json()["days"]
+    assert days["labels"] == ["2025-03-10", "2025-03-11", "2025-03-12", "2025-03-13"]
+    assert days["runs"] == [1, 0, 0, 1]
+
+
+@pytest.mark.django_db
+def test_latency_percentiles_per_workflow(alice_browser, alice, people, heights):
+    seed_bills(alice, 150, versions=[people, heights, None])
+    latency = alice_browser.get(SUMMARY).json()["latency"]
+    expected: dict[str, list[int]] = defaultdict(list)
+    for run in Run.objects.filter(owner=alice, total_us__isnull=False).select_related(
+            "workflow_version__workflow"):
+        name = (run.workflow_version.workflow.name if run.workflow_version
+                else "inline definition")
+        expected[name].append(run.total_us)
+
+    assert {entry["workflow"] for entry in latency} == set(expected)
+    for entry in latency:
+        values = expected[entry["workflow"]]
+        assert entry["runs"] == len(values)
+        for percentile in (50, 90, 99):
+            assert entry[f"p{percentile}_us"] == nearest_rank(values, percentile), (
+                entry["workflow"], percentile)
+
+
+@pytest.mark.django_db
+def test_page_embeds_same_chart_data(alice_browser, alice, people):
+    seed_bills(alice, 30, versions=[people])
+    page = parse(alice_browser.get(HISTORY))
+    embedded = json.loads(page.texts["billing-summary"])
+    assert embedded == alice_browser.get(SUMMARY).json()
+    assert "vendor/chartjs/chart.umd.min.js" in page.html
+    for canvas in ("chart-daily", "chart-billed-time", "chart-latency", "chart-starts"):
+        assert f'id="{canvas}"' in page.html
+
+
+@pytest.mark.django_db
+def test_empty_history(alice_browser):
+    page = parse(alice_browser.get(HISTORY))
+    assert "No bills match these filters." in page.html
+    assert "chart-daily" not in page.html
+    summary = alice_browser.get(SUMMARY).json()
+    assert summary["totals"]["runs"] == 0
+    assert summary["days"]["labels"] == []
+    assert summary["latency"] == []
+
+
+# ------------------------------------------------------------------ query bounds
+
+
+def count_queries(client, url: str, params: dict | None = None) -> int:
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(url, params or {})
+    assert response.status_code == 200
+    return len(queries)
+
+
+@pytest.mark.django_db
+def test_query_count_does_not_grow_with_rows(alice_browser, alice, people, heights,
+                                             django_assert_max_num_queries):
+    token, _ = ApiToken.issue(alice, "ci")
+    bills = seed_bills(alice, 5, versions=[people, heights, None],
+                       tokens=[token, None])
+    make_bill(alice, version=people, token=token)  # so the filtered page has rows
+    explain = reverse("bill-explain", args=[bills[0].run_id])
+    pages = [(HISTORY, {}), (HISTORY, {"page": 2}), (EXPORT, {}), (SUMMARY, {}),
+             (HISTORY, {"workflow": people.workflow_id, "token": token.pk}),
+             (explain, {})]
+    few = [count_queries(alice_browser, url, params) for url, params in pages]
+
+    seed_bills(alice, 400, versions=[people, heights, None], tokens=[token, None],
+               seed=11)
+    many = [count_queries(alice_browser, url, params) for url, params in pages]
+    assert many == few
+
+    for url, params in pages:
+        with django_assert_max_num_queries(10):
+            alice_browser.get(url, params)
+
+
+# ------------------------------------------------------------------ explain page
+
+
+@pytest.mark.django_db
+def test_explain_cold_run(alice_browser, alice, people):
+    bill = make_bill(alice, version=people, cold_load=1_500_000, inference=30_000)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+
+    assert page.texts["bill-amount"] == str(bill.amount_microcredits)
+    assert page.texts["bill-formula"] == bill.formula
+
+    hot_breakdown = {
+        "components": {**bill.components, "cold_load": 0},
+        "runner_total": bill.billable_us - 1_500_000,
+    }
+    hot = POLICY.bill(hot_breakdown)
+    assert page.texts["bill-hot-amount"] == str(hot.amount_microcredits)
+    assert page.texts["bill-cold-cost"] == str(
+        bill.amount_microcredits - hot.amount_microcredits)
+    # 1539 ms cold against 39 ms hot, which the 100 ms minimum raises to 100 ms.
+    assert bill.amount_microcredits - hot.amount_microcredits == 3078 - 200
+    assert page.texts["bill-hot-formula"] == hot.formula
+    assert "the amount on the bill" in page.texts["bill-check"]
+
+
+@pytest.mark.django_db
+def test_explain_steps_fill_in_numbers(alice_browser, alice, people):
+    bill = make_bill(alice, version=people, inference=95_000)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    steps = page.texts["bill-steps"]
+    assert f"ceil({bill.billable_us} / 1000)" in steps
+    assert f"max({-(-bill.billable_us // 1000)}, 100)" in steps
+    assert f"{bill.billed_ms} × 2000 / 1000" in steps
+    assert f"= {bill.amount_microcredits} µcr" in steps
+
+
+@pytest.mark.django_db
+def test_explain_hot_run_costs_the_same(alice_browser, alice, people):
+    bill = make_bill(alice, version=people, cold_load=0)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert page.texts["bill-hot-amount"] == str(bill.amount_microcredits)
+    assert page.texts["bill-cold-cost"] == "0"
+
+
+@pytest.mark.django_db
+def test_explain_minimum_hides_cold_cost(alice_browser, alice, people):
+    # 60 ms of cold load in a 66 ms run: cold and hot prices both hit the
+    # 100 ms minimum.
+    bill = make_bill(alice, version=people, cold_load=60_000, inference=1_000,
+                     blocks=0)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert bill.billed_ms == 100
+    assert page.texts["bill-cold-cost"] == "0"
+
+
+@pytest.mark.django_db
+def test_explain_shows_phase_breakdown(alice_browser, alice, people):
+    bill = make_bill(alice, version=people, cold_load=500_000)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    breakdown = page.texts["bill-breakdown"]
+    assert "Cold load" in breakdown
+    assert "500.000" in breakdown
+    assert "var(--phase-cold_load)" in page.html
+    request_row = breakdown.split("Request", 1)[1].split("Queue", 1)[0]
+    assert request_row.split()[-1] == "no"  # request and queue are not billed
+
+
+@pytest.mark.django_db
+def test_explain_waived_bill(alice_browser, alice, people):
+    bill = make_bill(alice, version=people, billed=False, timed=False)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert page.texts["bill-amount"] == "0"
+    assert page.texts["bill-formula"] == bill.formula
+    assert "Not billed: runner died." in page.html
+    assert "bill-hot" not in page.texts
+    assert "the amount on the bill" in page.texts["bill-check"]
