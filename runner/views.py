@@ -32,11 +32,23 @@ class RunListView(APIView):
                     f"status must be one of {', '.join(sorted(RUN_STATUSES))}",
                     context="request_parsing", field_name="status")
             runs = runs.filter(status=status_filter)
-        if request.GET.get("workflow"):
-            runs = runs.filter(workflow_version__workflow_id=request.GET["workflow"])
-        limit = min(int(request.GET.get("limit", 50) or 50), 500)
+        workflow_id = _query_integer(request, "workflow")
+        if workflow_id is not None:
+            runs = runs.filter(workflow_version__workflow_id=workflow_id)
+        limit = min(_query_integer(request, "limit") or 50, 500)
         return Response({"results": [run_to_dict(run, include_outputs=False)
                                      for run in runs[:limit]]})
+
+
+def _query_integer(request, name: str) -> int | None:
+    """Read a positive integer query parameter; None when it is missing or empty."""
+    raw = request.GET.get(name, "")
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise MalformedRequest(f"{name} must be a positive integer, got {raw!r}",
+                               context="request_parsing", field_name=name)
+    return int(raw)
 
 
 class RunDetailView(APIView):

@@ -5,11 +5,10 @@ parameter, or an ``api_key`` field in a JSON body (what ``inference-sdk``
 sends).
 """
 
-import json
-
 from rest_framework import authentication, exceptions
 
 from webapp.models import ApiToken, hash_token
+from webapp.requests import MalformedRequest, json_body
 
 
 def find_api_key(request) -> str | None:
@@ -19,7 +18,7 @@ def find_api_key(request) -> str | None:
         return value.strip()
     if request.GET.get("api_key"):
         return request.GET["api_key"]
-    if request.content_type == "application/json" and request.body[:1] == b"{":
+    if request.content_type == "application/json" and request.body.lstrip()[:1] == b"{":
         key = _api_key_from_body(request)
         if key:
             return key
@@ -27,13 +26,12 @@ def find_api_key(request) -> str | None:
 
 
 def _api_key_from_body(request) -> str | None:
-    parsed = getattr(request, "_json_body", None)
-    if parsed is None:
-        try:
-            parsed = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        request._json_body = parsed
+    try:
+        parsed = json_body(request)
+    except MalformedRequest:
+        # The view parses the body again and reports the error, once the
+        # request is authenticated some other way.
+        return None
     if isinstance(parsed, dict) and isinstance(parsed.get("api_key"), str):
         return parsed["api_key"]
     return None

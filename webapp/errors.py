@@ -7,7 +7,8 @@ stable ``code`` and, where known, the ``step``, ``field`` and a ``hint``.
 
 from typing import Any
 
-from django.http import JsonResponse
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -30,6 +31,13 @@ def workflow_error_response(error: WorkflowError) -> Response:
 def api_exception_handler(exc, context):
     if isinstance(exc, WorkflowError):
         return workflow_error_response(exc)
+    # DRF's handler turns Django's own exceptions (get_object_or_404 raises
+    # Http404) into a bare {"detail": ...} body, so convert them to DRF's
+    # exceptions first and they get the error body below.
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound(*exc.args)
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied(*exc.args)
     response = exception_handler(exc, context)
     if response is None:
         return None

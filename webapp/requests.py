@@ -10,6 +10,28 @@ class MalformedRequest(WorkflowError):
     code = "malformed_request"
 
 
+def _reject_constant(name: str) -> Any:
+    # Python's json module accepts NaN and Infinity, which are not JSON and
+    # which the response renderer and other JSON parsers reject later.
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse a request body as strict JSON; raise MalformedRequest if it is not."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MalformedRequest(
+            f"request body is not valid JSON: {error}", context="request_parsing",
+            hint="Send a JSON object with Content-Type: application/json.",
+        ) from None
+    except RecursionError:
+        raise MalformedRequest(
+            "request body is not valid JSON: it is nested too deeply",
+            context="request_parsing",
+        ) from None
+
+
 def json_body(request) -> Any:
     """Parse the JSON body once per request (authentication may have done it)."""
     django_request = getattr(request, "_request", request)
@@ -19,13 +41,7 @@ def json_body(request) -> Any:
     raw = django_request.body
     if not raw:
         return {}
-    try:
-        parsed = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise MalformedRequest(
-            f"request body is not valid JSON: {error}", context="request_parsing",
-            hint="Send a JSON object with Content-Type: application/json.",
-        ) from None
+    parsed = parse_json(raw)
     django_request._json_body = parsed
     return parsed
 
@@ -36,3 +52,29 @@ def json_object(request) -> dict[str, Any]:
         raise MalformedRequest("request body must be a JSON object",
                                context="request_parsing")
     return body
+
+
+def version_number(body: dict[str, Any], key: str) -> int | None:
+    """Read an optional workflow version number, sent as an integer or digits."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MalformedRequest(
+            f"'{key}' must be a positive integer version number, got {value!r}",
+            context="request_parsing", field_name=key,
+        )
+    return value
+
+
+def string_list(body: dict[str, Any], key: str) -> list[str]:
+    """Read an optional list of strings; a missing or null value is empty."""
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise MalformedRequest(f"'{key}' must be a list of strings, got {value!r}",
+                               context="request_parsing", field_name=key)
+    return value

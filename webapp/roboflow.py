@@ -15,12 +15,16 @@ from runner.presenters import timing_headers
 from runner.responses import pending_response, status_for
 from runner.service import RunOutcome, start_run
 from webapp.errors import error_body
-from webapp.requests import MalformedRequest, json_object
+from webapp.requests import MalformedRequest, json_object, string_list, version_number
 from workflows.models import Workflow
 
 
-def outputs_response(outcome: RunOutcome, body: dict, started_ns: int) -> Response:
+def outputs_response(outcome: RunOutcome, body: dict, excluded: list[str],
+                     started_ns: int) -> Response:
     if outcome.payload is None:
+        # NOTE: inference-sdk 1.8.3 reads "outputs" from any 2xx body, so its
+        # client raises KeyError('outputs') on this 202 for a run that is still
+        # going after SYNC_TIMEOUT_S.
         return pending_response(outcome)
     meta = outcome.payload["meta"]
     headers = timing_headers(meta, started_ns)
@@ -28,7 +32,6 @@ def outputs_response(outcome: RunOutcome, body: dict, started_ns: int) -> Respon
         return Response(meta["error"], status=status_for(outcome.payload),
                         headers=headers)
     outputs = outcome.payload["outputs"]
-    excluded = body.get("excluded_fields") or []
     if excluded:
         outputs = [{k: v for k, v in item.items() if k not in excluded}
                    for item in outputs]
@@ -50,6 +53,8 @@ def profiler_trace(breakdown: dict) -> list[dict]:
 
 def _run(request, definition: dict, workflow_version_id: int | None, body: dict):
     started_ns = request._request.started_ns
+    # Checked before the run starts, so a bad value stores no run.
+    excluded = string_list(body, "excluded_fields")
     outcome = start_run(
         owner_id=request.user.id,
         source="roboflow",
@@ -60,7 +65,7 @@ def _run(request, definition: dict, workflow_version_id: int | None, body: dict)
         workflow_version_id=workflow_version_id,
         token_id=getattr(request.auth, "id", None),
     )
-    return outputs_response(outcome, body, started_ns)
+    return outputs_response(outcome, body, excluded, started_ns)
 
 
 class StoredWorkflowRunView(APIView):
@@ -77,7 +82,7 @@ class StoredWorkflowRunView(APIView):
                 status=404,
             )
         versions = workflow.versions.all()
-        wanted = body.get("workflow_version_id")
+        wanted = version_number(body, "workflow_version_id")
         version = versions.filter(number=wanted).first() if wanted else versions.first()
         if version is None:
             return Response(error_body(f"workflow '{workflow_id}' has no version "

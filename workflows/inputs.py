@@ -7,7 +7,9 @@ Images arrive as Roboflow clients send them, ``{"type": "base64", "value":
 from dataclasses import dataclass
 from typing import Any
 
-from workflows.compiler.plan import ExecutionPlan
+from workflows.blocks.base import VALUE
+from workflows.compiler.graph import value_problem
+from workflows.compiler.plan import ExecutionPlan, InputRef
 from workflows.errors import InputError
 from workflows.images import ImageInfo, decode_base64, inspect_image
 
@@ -56,7 +58,29 @@ def read_inputs(plan: ExecutionPlan, raw: Any, *, max_pixels: int,
         else:
             raise InputError(f"parameter '{spec.name}' is missing and has no default",
                              context="request_parsing", field_name=spec.name)
+    _check_parameter_values(plan, parameters)
     return RunInputs(images, info, parameters, _batch_size(images))
+
+
+def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> None:
+    """Check each parameter against the fields it feeds, as literals are checked.
+
+    The compiler cannot see parameter values, so without this a value of the
+    wrong type would fail only on a runner, after the run was stored.
+    """
+    for step in plan.steps:
+        for field in step.block.fields:
+            binding = step.bindings.get(field.name)
+            if field.kind != VALUE or not isinstance(binding, InputRef):
+                continue
+            problem = value_problem(field, parameters[binding.name])
+            if problem:
+                raise InputError(
+                    f"parameter '{binding.name}' is invalid for step '{step.name}', "
+                    f"field '{field.name}': {problem}",
+                    context="request_parsing", step=step.name,
+                    field_name=binding.name,
+                )
 
 
 def _image_values(value: Any, name: str) -> list[bytes]:

@@ -9,7 +9,7 @@ from rest_framework.views import APIView
 
 from runner.responses import run_response
 from runner.service import start_run
-from webapp.requests import MalformedRequest, json_object
+from webapp.requests import MalformedRequest, json_object, version_number
 from workflows.blocks import BLOCKS
 from workflows.compiler import plan_cache
 from workflows.models import Workflow, WorkflowVersion
@@ -127,14 +127,13 @@ class WorkflowRunView(APIView):
     def post(self, request, workflow_id):
         workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
         body = json_object(request)
-        version_number = body.get("version")
+        number = version_number(body, "version")
         versions = workflow.versions.all()
-        version = (versions.filter(number=version_number).first()
-                   if version_number is not None else versions.first())
+        version = (versions.filter(number=number).first()
+                   if number is not None else versions.first())
         if version is None:
-            raise MalformedRequest(f"workflow {workflow.id} has no version "
-                                   f"{version_number}", context="request_parsing",
-                                   field_name="version")
+            raise MalformedRequest(f"workflow {workflow.id} has no version {number}",
+                                   context="request_parsing", field_name="version")
         wait_s = 0.0 if body.get("async") else settings.GLASSBOX["SYNC_TIMEOUT_S"]
         outcome = start_run(
             owner_id=request.user.id,

@@ -8,7 +8,7 @@ each step's nesting level (crops make lists of images).
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
-from workflows.blocks.base import ANY, IMAGE, VALUE, Block
+from workflows.blocks.base import ANY, IMAGE, VALUE, Block, Field
 from workflows.compiler.parse import ParsedDefinition, is_selector_like, parse_selector
 from workflows.compiler.plan import (
     IMAGE_INPUT,
@@ -89,19 +89,26 @@ def _bind_field(parsed, step, block: type[Block], field, value: Any,
                                  field.kind)
 
 
-def _check_literal(parsed, step, block, field, value) -> Literal | None:
+def value_problem(field: Field, value: Any) -> str | None:
+    """Describe why ``value`` does not fit a VALUE field, or return None if it does.
+
+    Applies to literals in a definition and to parameter values sent with a run.
+    """
     if field.types and not isinstance(value, field.types) or (
         isinstance(value, bool) and bool not in field.types
     ):
         names = " or ".join(t.__name__.replace("NoneType", "null") for t in field.types)
-        parsed.error(step, block.type, field.name,
-                     f"must be {names}, got {type(value).__name__} {value!r}")
-        return None
+        return f"must be {names}, got {type(value).__name__} {value!r}"
     if field.check is not None:
-        problem = field.check(value)
-        if problem:
-            parsed.error(step, block.type, field.name, problem)
-            return None
+        return field.check(value)
+    return None
+
+
+def _check_literal(parsed, step, block, field, value) -> Literal | None:
+    problem = value_problem(field, value)
+    if problem:
+        parsed.error(step, block.type, field.name, problem)
+        return None
     return Literal(value)
 
 
@@ -158,8 +165,17 @@ def order_steps(parsed: ParsedDefinition,
     try:
         order = list(sorter.static_order())
     except CycleError as error:
+        # graphlib lists the cycle so that each step is an input of the next
+        # one and the last equals the first, so the first step reads from
+        # the one before the last.
         cycle = error.args[1]
-        parsed.error(cycle[0], blocks[cycle[0]].type, None,
+        step, source = cycle[0], cycle[-2]
+        field_name = next(
+            (field for field, binding in bound[step].items()
+             if isinstance(binding, StepRef) and binding.step == source),
+            None,
+        )
+        parsed.error(step, blocks[step].type, field_name,
                      f"steps form a cycle: {' -> '.join(cycle)}")
         return []
     dimensions: dict[str, int] = {}

@@ -1,0 +1,768 @@
+"""Bad requests get a 4xx with a structured error body and store nothing.
+
+Every check in start_run (compile, inputs, model ids) runs before the runner
+pool is consulted, so none of these tests starts a runner.  A request that
+passed every check would get a 503 "no_runner" instead of the 4xx asserted
+here, and one that reached a runner would store a run.
+"""
+
+import base64
+import json
+import struct
+import zlib
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from billing.models import Bill
+from runner.models import Run
+from tests.conftest import image_bytes
+from tests.definitions import detection, image_height
+from webapp.models import ApiToken
+from workflows.models import Workflow, WorkflowVersion
+
+ROUTES = ["api", "roboflow_inline", "roboflow_stored"]
+
+
+def assert_nothing_stored() -> None:
+    assert Run.objects.count() == 0
+    assert Bill.objects.count() == 0
+
+
+def assert_error_body(body: dict) -> None:
+    assert isinstance(body.get("message"), str)
+    assert body["message"]
+    assert isinstance(body.get("code"), str)
+    assert body["code"]
+    assert "context" in body
+
+
+def post_json(client, url: str, body) -> object:
+    return client.post(url, json.dumps(body), content_type="application/json")
+
+
+def base64_input(data: bytes) -> dict:
+    return {"type": "base64", "value": base64.b64encode(data).decode()}
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """Build a PNG with a valid IHDR and IEND but no pixel data (IDAT)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def with_parameter(definition: dict, name: str, **extra) -> dict:
+    parameter = {"type": "WorkflowParameter", "name": name, **extra}
+    return {**definition, "inputs": [*definition["inputs"], parameter]}
+
+
+@pytest.fixture(params=ROUTES)
+def send_run(request, alice, alice_client):
+    """Send ``definition`` and ``inputs`` to one run route as alice."""
+
+    def send(definition: dict, inputs) -> object:
+        if request.param == "roboflow_inline":
+            return post_json(alice_client, "/workflows/run",
+                             {"specification": definition, "inputs": inputs})
+        workflow = Workflow.create_with_version(alice, "bad input", definition)
+        if request.param == "api":
+            url = f"/api/workflows/{workflow.id}/runs"
+        else:
+            url = f"/alice/workflows/{workflow.slug}"
+        return post_json(alice_client, url, {"inputs": inputs})
+
+    return send
+
+
+@pytest.fixture(params=ROUTES)
+def run_url(request, alice):
+    """URL of one run route; the stored routes point at a valid workflow."""
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    return {
+        "api": f"/api/workflows/{workflow.id}/runs",
+        "roboflow_inline": "/workflows/run",
+        "roboflow_stored": f"/alice/workflows/{workflow.slug}",
+    }[request.param]
+
+
+# Request bodies
+
+
+def test_run_request_malformed_json(alice_client, run_url):
+    response = alice_client.post(run_url, '{"inputs": {"image": ',
+                                 content_type="application/json")
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "malformed_request"
+    assert "not valid JSON" in body["message"]
+    assert_nothing_stored()
+
+
+def test_run_request_body_not_object(alice_client, run_url):
+    response = alice_client.post(run_url, "[1, 2]", content_type="application/json")
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "malformed_request"
+    assert_nothing_stored()
+
+
+def test_run_request_nan_literal(alice_client, run_url):
+    body = json.dumps({"specification": image_height(),
+                       "inputs": {"image": base64_input(image_bytes()), "x": 1}})
+    response = alice_client.post(run_url, body.replace('"x": 1', '"x": NaN'),
+                                 content_type="application/json")
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert "NaN" in body["message"]
+    assert_nothing_stored()
+
+
+def test_run_request_nested_too_deeply(alice_client, run_url):
+    response = alice_client.post(run_url, "[" * 100_000 + "]" * 100_000,
+                                 content_type="application/json")
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "malformed_request"
+    assert_nothing_stored()
+
+
+def test_run_request_inputs_not_object(send_run):
+    response = send_run(image_height(), ["not", "an", "object"])
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "invalid_input"
+    assert body["field"] == "inputs"
+    assert_nothing_stored()
+
+
+def test_inline_run_specification_missing(alice_client):
+    response = post_json(alice_client, "/workflows/run",
+                         {"inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "specification"
+    assert_nothing_stored()
+
+
+# Invalid definitions, sent inline on the Roboflow route
+
+
+def unknown_block_type() -> dict:
+    definition = image_height()
+    definition["steps"][0]["type"] = "roboflow_core/no_such_block@v1"
+    return definition
+
+
+def missing_required_field() -> dict:
+    definition = detection()
+    del definition["steps"][0]["model_id"]
+    return definition
+
+
+def wrong_kind_selector() -> dict:
+    # The property step outputs a value; the detector's images field needs an image.
+    definition = image_height()
+    definition["steps"].append({
+        "type": "ObjectDetectionModel", "name": "people",
+        "images": "$steps.h.output", "model_id": "people-detector",
+    })
+    return definition
+
+
+def selector_to_missing_input() -> dict:
+    definition = image_height()
+    definition["steps"][0]["data"] = "$inputs.picture"
+    return definition
+
+
+def selector_to_missing_step() -> dict:
+    definition = detection()
+    definition["steps"][1]["data"] = "$steps.nobody.predictions"
+    return definition
+
+
+def selector_to_missing_step_output() -> dict:
+    definition = detection()
+    definition["steps"][1]["data"] = "$steps.people.boxes"
+    return definition
+
+
+def duplicate_step_names() -> dict:
+    definition = image_height()
+    definition["steps"].append(dict(definition["steps"][0]))
+    return definition
+
+
+def cycle() -> dict:
+    definition = image_height()
+    definition["steps"] = [
+        {"type": "PropertyDefinition", "name": "first", "data": "$steps.second.output",
+         "operations": [{"type": "SequenceLength"}]},
+        {"type": "PropertyDefinition", "name": "second", "data": "$steps.first.output",
+         "operations": [{"type": "SequenceLength"}]},
+    ]
+    definition["outputs"] = [{"type": "JsonField", "name": "n",
+                              "selector": "$steps.second.output"}]
+    return definition
+
+
+def self_reference() -> dict:
+    definition = image_height()
+    definition["steps"][0]["data"] = "$steps.h.output"
+    return definition
+
+
+def parameter_as_image() -> dict:
+    definition = with_parameter(detection(), "threshold", default_value=0.5)
+    definition["steps"][0]["images"] = "$inputs.threshold"
+    return definition
+
+
+# (build the definition, step named in the error, field named in the error,
+# text the message contains)
+INVALID_DEFINITIONS = {
+    "unknown_block_type": (unknown_block_type, "h", "type", "no_such_block"),
+    "missing_required_field": (missing_required_field, "people", "model_id",
+                               "missing"),
+    "wrong_kind_selector": (wrong_kind_selector, "people", "images", "kind"),
+    "selector_to_missing_input": (selector_to_missing_input, "h", "data",
+                                  "$inputs.picture"),
+    "selector_to_missing_step": (selector_to_missing_step, "count", "data",
+                                 "$steps.nobody"),
+    "selector_to_missing_step_output": (selector_to_missing_step_output, "count",
+                                        "data", "boxes"),
+    "duplicate_step_names": (duplicate_step_names, "h", "name", "used twice"),
+    "cycle": (cycle, "first", "data", "cycle"),
+    "self_reference": (self_reference, "h", "data", "cycle"),
+    "parameter_as_image": (parameter_as_image, "people", "images", "parameter input"),
+}
+
+
+@pytest.fixture(params=list(INVALID_DEFINITIONS))
+def invalid_definition(request):
+    build, step, field, text = INVALID_DEFINITIONS[request.param]
+    return build(), step, field, text
+
+
+def test_invalid_definition_inline_status(alice_client, invalid_definition):
+    definition, _, _, _ = invalid_definition
+    response = post_json(alice_client, "/workflows/run",
+                         {"specification": definition,
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 400
+    assert_nothing_stored()
+
+
+def test_invalid_definition_inline_body(alice_client, invalid_definition):
+    definition, step, field, text = invalid_definition
+    body = post_json(alice_client, "/workflows/run",
+                     {"specification": definition,
+                      "inputs": {"image": base64_input(image_bytes())}}).json()
+    assert_error_body(body)
+    assert body["code"] == "invalid_definition"
+    assert body["step"] == step
+    assert body["field"] == field
+    assert text in body["message"]
+    assert f"step '{step}'" in body["message"]
+    assert f"field '{field}'" in body["message"]
+
+
+def test_invalid_definition_blocks_errors(alice_client, invalid_definition):
+    definition, step, field, _ = invalid_definition
+    body = post_json(alice_client, "/workflows/run",
+                     {"specification": definition,
+                      "inputs": {"image": base64_input(image_bytes())}}).json()
+    first = body["blocks_errors"][0]
+    assert first["block_id"] == step
+    assert first["property_name"] == field
+    assert first["property_details"]
+
+
+def test_output_selector_missing_step(alice_client):
+    definition = image_height()
+    definition["outputs"][0]["selector"] = "$steps.nobody.output"
+    response = post_json(alice_client, "/workflows/run",
+                         {"specification": definition,
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "outputs.height.selector"
+    assert "$steps.nobody" in body["message"]
+    assert_nothing_stored()
+
+
+def test_workflow_create_invalid_status(alice_client, invalid_definition):
+    definition, _, _, _ = invalid_definition
+    response = post_json(alice_client, "/api/workflows/",
+                         {"name": "broken", "definition": definition})
+    assert response.status_code == 400
+
+
+def test_workflow_create_invalid_body(alice_client, invalid_definition):
+    definition, step, field, _ = invalid_definition
+    body = post_json(alice_client, "/api/workflows/",
+                     {"name": "broken", "definition": definition}).json()
+    assert_error_body(body)
+    assert body["code"] == "invalid_definition"
+    assert body["step"] == step
+    assert body["field"] == field
+
+
+def test_workflow_create_invalid_stores_nothing(alice_client, invalid_definition):
+    definition, _, _, _ = invalid_definition
+    post_json(alice_client, "/api/workflows/",
+              {"name": "broken", "definition": definition})
+    assert Workflow.objects.count() == 0
+    assert WorkflowVersion.objects.count() == 0
+
+
+def test_workflow_create_malformed_json(alice_client):
+    response = alice_client.post("/api/workflows/", '{"name": ',
+                                 content_type="application/json")
+    assert response.status_code == 400
+    assert_error_body(response.json())
+    assert Workflow.objects.count() == 0
+
+
+# Images
+
+
+def test_image_not_an_image(send_run):
+    response = send_run(image_height(),
+                        {"image": base64_input(b"just some text, no image here")})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "invalid_input"
+    assert body["field"] == "image"
+    assert "not an image" in body["message"]
+    assert_nothing_stored()
+
+
+def test_image_truncated_jpeg(send_run):
+    whole = image_bytes()
+    half = whole[:len(whole) // 2]
+    response = send_run(image_height(), {"image": base64_input(half)})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert "truncated JPEG" in body["message"]
+    assert_nothing_stored()
+
+
+def test_image_invalid_base64(send_run):
+    response = send_run(image_height(),
+                        {"image": {"type": "base64", "value": "not*base64*at*all"}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert "not valid base64" in body["message"]
+    assert_nothing_stored()
+
+
+def test_image_empty(send_run):
+    response = send_run(image_height(), {"image": {"type": "base64", "value": ""}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert "empty" in body["message"]
+    assert_nothing_stored()
+
+
+def test_image_url_not_downloaded(send_run):
+    response = send_run(image_height(),
+                        {"image": {"type": "url", "value": "http://127.0.0.1:9/bus.jpg"}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert "URL" in body["message"]
+    assert_nothing_stored()
+
+
+def test_image_over_configured_pixel_limit(send_run):
+    limits = {**settings.GLASSBOX, "MAX_IMAGE_PIXELS": 100_000}
+    with override_settings(GLASSBOX=limits):
+        response = send_run(image_height(), {"image": base64_input(image_bytes())})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert "810x1080" in body["message"]
+    assert "100000" in body["message"]
+    assert_nothing_stored()
+
+
+@pytest.mark.parametrize("side", [7_000, 12_000, 20_000])
+def test_image_over_pixel_limit_from_header(send_run, side):
+    # The PNG has no pixel data at all, so only a check of the header can
+    # report its size: a decoder would fail on the missing data instead.
+    # The sides cover the default limit (40M pixels) and both of Pillow's
+    # decompression-bomb thresholds (about 89M to warn, 179M to raise).
+    assert side * side > settings.GLASSBOX["MAX_IMAGE_PIXELS"]
+    image = png_header_only(side, side)
+    response = send_run(image_height(), {"image": base64_input(image)})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert f"{side}x{side}" in body["message"]
+    assert "over the limit" in body["message"]
+    assert_nothing_stored()
+
+
+def test_image_input_missing(send_run):
+    response = send_run(image_height(), {})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert "missing" in body["message"]
+    assert_nothing_stored()
+
+
+def test_image_batch_sizes_differ(send_run):
+    definition = image_height()
+    definition["inputs"].append({"type": "WorkflowImage", "name": "other"})
+    image = base64_input(image_bytes())
+    response = send_run(definition, {"image": [image, image], "other": [image] * 3})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert "different sizes" in body["message"]
+    assert_nothing_stored()
+
+
+# Parameters and models
+
+
+def test_parameter_missing_without_default(send_run):
+    definition = with_parameter(image_height(), "threshold")
+    response = send_run(definition, {"image": base64_input(image_bytes())})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "threshold"
+    assert "no default" in body["message"]
+    assert_nothing_stored()
+
+
+def confidence_from_parameter() -> dict:
+    definition = with_parameter(detection(), "conf")
+    definition["steps"][0]["confidence"] = "$inputs.conf"
+    return definition
+
+
+def test_parameter_wrong_type(send_run):
+    response = send_run(confidence_from_parameter(),
+                        {"image": base64_input(image_bytes()), "conf": "high"})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "invalid_input"
+    assert body["step"] == "people"
+    assert body["field"] == "conf"
+    assert "'high'" in body["message"]
+    assert_nothing_stored()
+
+
+def test_parameter_out_of_range(send_run):
+    response = send_run(confidence_from_parameter(),
+                        {"image": base64_input(image_bytes()), "conf": 5})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "conf"
+    assert "from 0 to 1" in body["message"]
+    assert_nothing_stored()
+
+
+def test_parameter_default_wrong_type(send_run):
+    definition = with_parameter(detection(), "conf", default_value=[0.5])
+    definition["steps"][0]["confidence"] = "$inputs.conf"
+    response = send_run(definition, {"image": base64_input(image_bytes())})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "conf"
+    assert_nothing_stored()
+
+
+def test_model_id_unknown(send_run):
+    response = send_run(detection("no-such-model"),
+                        {"image": base64_input(image_bytes())})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "model_not_found"
+    assert body["step"] == "people"
+    assert body["field"] == "model_id"
+    assert "'no-such-model'" in body["message"]
+    assert str(settings.GLASSBOX["MODEL_DIR"] / "no-such-model.pt") in body["message"]
+    assert "uploaded models" in body["message"]
+    assert_nothing_stored()
+
+
+def test_model_id_unknown_from_parameter(send_run):
+    definition = with_parameter(detection(), "model")
+    definition["steps"][0]["model_id"] = "$inputs.model"
+    response = send_run(definition, {"image": base64_input(image_bytes()),
+                                     "model": "missing-weights"})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["step"] == "people"
+    assert "'missing-weights'" in body["message"]
+    assert_nothing_stored()
+
+
+# Unknown and foreign resources
+
+
+def test_api_run_unknown_workflow(alice_client):
+    response = post_json(alice_client, "/api/workflows/999999/runs",
+                         {"inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 404
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+def test_api_get_unknown_workflow(alice_client):
+    response = alice_client.get("/api/workflows/999999")
+    assert response.status_code == 404
+    assert_error_body(response.json())
+
+
+def test_roboflow_run_unknown_workflow(alice, alice_client):
+    response = post_json(alice_client, "/alice/workflows/no-such-workflow",
+                         {"inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 404
+    body = response.json()
+    assert_error_body(body)
+    assert "no-such-workflow" in body["message"]
+    assert_nothing_stored()
+
+
+def test_api_run_unknown_version(alice, alice_client):
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    response = post_json(alice_client, f"/api/workflows/{workflow.id}/runs",
+                         {"version": 7,
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "version"
+    assert_nothing_stored()
+
+
+@pytest.mark.parametrize("version", ["latest", 1.5, True, -1, [1]])
+def test_api_run_version_not_integer(alice, alice_client, version):
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    response = post_json(alice_client, f"/api/workflows/{workflow.id}/runs",
+                         {"version": version,
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "version"
+    assert_nothing_stored()
+
+
+def test_roboflow_run_version_not_integer(alice, alice_client):
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    response = post_json(alice_client, f"/alice/workflows/{workflow.slug}",
+                         {"workflow_version_id": "abc",
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "workflow_version_id"
+    assert_nothing_stored()
+
+
+def test_roboflow_run_unknown_version(alice, alice_client):
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    response = post_json(alice_client, f"/alice/workflows/{workflow.slug}",
+                         {"workflow_version_id": "7",
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 404
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+@pytest.mark.parametrize("excluded", ["height", 5, [1]])
+def test_excluded_fields_not_list(alice_client, excluded):
+    response = post_json(alice_client, "/workflows/run",
+                         {"specification": image_height(), "excluded_fields": excluded,
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "excluded_fields"
+    assert_nothing_stored()
+
+
+@pytest.mark.parametrize("query", ["limit=abc", "limit=-1", "limit=0", "workflow=abc"])
+def test_run_list_bad_query(alice_client, query):
+    response = alice_client.get(f"/api/runs/?{query}")
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == query.partition("=")[0]
+
+
+def test_workflow_update_invalid_definition(alice, alice_client):
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    response = alice_client.put(f"/api/workflows/{workflow.id}",
+                                json.dumps({"definition": unknown_block_type()}),
+                                content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_definition"
+    assert workflow.versions.count() == 1
+
+
+@pytest.fixture
+def bob_workflow(bob) -> Workflow:
+    return Workflow.create_with_version(bob, "bobs height", image_height())
+
+
+def test_foreign_workflow_get(alice_client, bob_workflow):
+    response = alice_client.get(f"/api/workflows/{bob_workflow.id}")
+    assert response.status_code == 404
+    assert_error_body(response.json())
+
+
+def test_foreign_workflow_get_same_as_unknown(alice_client, bob_workflow):
+    foreign = alice_client.get(f"/api/workflows/{bob_workflow.id}").json()
+    unknown = alice_client.get("/api/workflows/999999").json()
+    assert foreign == unknown
+
+
+def test_foreign_workflow_versions(alice_client, bob_workflow):
+    response = alice_client.get(f"/api/workflows/{bob_workflow.id}/versions")
+    assert response.status_code == 404
+    assert_error_body(response.json())
+
+
+def test_foreign_workflow_update(alice_client, bob_workflow):
+    response = alice_client.put(f"/api/workflows/{bob_workflow.id}",
+                                json.dumps({"name": "taken"}),
+                                content_type="application/json")
+    assert response.status_code == 404
+    bob_workflow.refresh_from_db()
+    assert bob_workflow.name == "bobs height"
+
+
+def test_foreign_workflow_run(alice_client, bob_workflow):
+    response = post_json(alice_client, f"/api/workflows/{bob_workflow.id}/runs",
+                         {"inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 404
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+def test_foreign_workflow_roboflow_run(alice_client, bob_workflow):
+    response = post_json(alice_client, f"/bob/workflows/{bob_workflow.slug}",
+                         {"inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 404
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+def test_foreign_slug_in_own_workspace(alice_client, bob_workflow):
+    response = post_json(alice_client, f"/alice/workflows/{bob_workflow.slug}",
+                         {"inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 404
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+def test_foreign_run_get(alice_client, bob, bob_workflow):
+    run = Run.objects.create(owner=bob, source=Run.Source.API,
+                             workflow_version=bob_workflow.latest_version(),
+                             definition_digest=bob_workflow.latest_version().digest)
+    response = alice_client.get(f"/api/runs/{run.id}")
+    assert response.status_code == 404
+    assert_error_body(response.json())
+
+
+def test_foreign_run_not_listed(alice_client, bob, bob_workflow):
+    Run.objects.create(owner=bob, source=Run.Source.API,
+                       workflow_version=bob_workflow.latest_version(),
+                       definition_digest=bob_workflow.latest_version().digest)
+    response = alice_client.get("/api/runs/")
+    assert response.status_code == 200
+    assert response.json()["results"] == []
+
+
+# Authentication
+
+
+def test_run_without_token(run_url):
+    from rest_framework.test import APIClient
+
+    response = post_json(APIClient(), run_url,
+                         {"specification": image_height(),
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 401
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+def test_run_with_revoked_token(alice, alice_client, run_url):
+    ApiToken.objects.get(user=alice).revoke()
+    response = post_json(alice_client, run_url,
+                         {"specification": image_height(),
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 401
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+def test_run_with_revoked_key_in_body(alice, alice_key, run_url):
+    from rest_framework.test import APIClient
+
+    ApiToken.objects.get(user=alice).revoke()
+    response = post_json(APIClient(), run_url,
+                         {"api_key": alice_key, "specification": image_height(),
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 401
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+def test_run_with_unknown_key(run_url):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Bearer gbx_not-a-real-key")
+    response = post_json(client, run_url,
+                         {"specification": image_height(),
+                          "inputs": {"image": base64_input(image_bytes())}})
+    assert response.status_code == 401
+    assert_error_body(response.json())
+    assert_nothing_stored()
+
+
+def test_workflow_list_without_token():
+    from rest_framework.test import APIClient
+
+    response = APIClient().get("/api/workflows/")
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"

@@ -1,0 +1,249 @@
+"""Roboflow's own ``inference-sdk`` client against a live server and runner.
+
+The live server runs in threads of the test process and the runner is a
+separate process.  Both use the test database, so these tests are
+transactional: the ``runner`` and ``live_server`` fixtures make them so.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from inference_sdk import InferenceConfiguration, InferenceHTTPClient
+from inference_sdk.http.errors import HTTPCallErrorError
+
+from tests.conftest import image_b64
+from tests.definitions import detection, image_height
+from workflows.models import Workflow
+
+# A size suffix gives the model a cache entry of its own, so its first run in
+# this file is a cold load on the session's runner.
+COLD_MODEL_ID = "people-detector-608"
+
+
+def bus_path() -> str:
+    from ultralytics import ASSETS as assets_dir
+
+    return str(Path(assets_dir) / "bus.jpg")
+
+
+def detection_classes(output: dict) -> list[str]:
+    return [prediction["class"] for prediction in output["predictions"]["predictions"]]
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """Parse ``name;dur=1.234, ...`` into durations in milliseconds."""
+    entries = {}
+    for entry in header.split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        entries[name] = float(duration)
+    return entries
+
+
+@pytest.fixture
+def client(live_server, alice_key) -> InferenceHTTPClient:
+    return InferenceHTTPClient(api_url=live_server.url, api_key=alice_key)
+
+
+@pytest.fixture
+def height_workflow(alice) -> Workflow:
+    return Workflow.create_with_version(alice, "bus height", image_height())
+
+
+@pytest.fixture
+def people_workflow(alice) -> Workflow:
+    return Workflow.create_with_version(alice, "people", detection())
+
+
+def post_inline(live_server, key: str,
+                definition: dict) -> tuple[requests.Response, float]:
+    """POST an inline run of ``definition`` on bus.jpg; return it with its wall time."""
+    body = {"specification": definition,
+            "inputs": {"image": {"type": "base64", "value": image_b64()}}}
+    started = time.perf_counter()
+    response = requests.post(f"{live_server.url}/workflows/run", json=body,
+                             headers={"Authorization": f"Bearer {key}"}, timeout=300)
+    return response, time.perf_counter() - started
+
+
+# Outputs through the client
+
+
+def test_sdk_stored_height_workflow(runner, client, height_workflow):
+    result = client.run_workflow(workspace_name="alice",
+                                 workflow_id=height_workflow.slug,
+                                 images={"image": bus_path()})
+    assert result == [{"height": 1080}]
+
+
+def test_sdk_inline_height_workflow(runner, client):
+    result = client.run_workflow(specification=image_height(),
+                                 images={"image": bus_path()})
+    assert result == [{"height": 1080}]
+
+
+def test_sdk_stored_people_workflow(runner, client, people_workflow):
+    result = client.run_workflow(workspace_name="alice",
+                                 workflow_id=people_workflow.slug,
+                                 images={"image": bus_path()})
+    assert detection_classes(result[0]).count("Normal") >= 2
+
+
+def test_sdk_inline_people_workflow(runner, client):
+    result = client.run_workflow(specification=detection(),
+                                 images={"image": bus_path()})
+    assert detection_classes(result[0]).count("Normal") >= 2
+
+
+def test_sdk_people_prediction_shape(runner, client):
+    output = client.run_workflow(specification=detection(),
+                                 images={"image": bus_path()})[0]
+    assert output["predictions"]["image"] == {"width": 810, "height": 1080}
+    first = output["predictions"]["predictions"][0]
+    for key in ("x", "y", "width", "height", "confidence", "class", "class_id",
+                "detection_id", "parent_id"):
+        assert key in first, key
+    assert output["count"] == len(output["predictions"]["predictions"])
+
+
+def test_sdk_excluded_fields(runner, client):
+    result = client.run_workflow(specification=detection(),
+                                 images={"image": bus_path()},
+                                 excluded_fields=["predictions"])
+    assert list(result[0]) == ["count"]
+
+
+def test_sdk_image_as_numpy_array(runner, client):
+    import cv2
+
+    result = client.run_workflow(specification=image_height(),
+                                 images={"image": cv2.imread(bus_path())})
+    assert result == [{"height": 1080}]
+
+
+def test_sdk_batch_of_images(runner, client):
+    result = client.run_workflow(specification=image_height(),
+                                 images={"image": [bus_path(), bus_path()]})
+    assert result == [{"height": 1080}, {"height": 1080}]
+
+
+def test_sdk_workflow_version_id(runner, client, height_workflow):
+    renamed = image_height()
+    renamed["outputs"][0]["name"] = "image_height"
+    height_workflow.add_version(renamed)
+    result = client.run_workflow(workspace_name="alice",
+                                 workflow_id=height_workflow.slug,
+                                 images={"image": bus_path()},
+                                 workflow_version_id="1")
+    assert result == [{"height": 1080}]
+
+
+def test_sdk_key_in_header(runner, client, height_workflow):
+    client.configure(InferenceConfiguration(api_key_transport="header"))
+    result = client.run_workflow(workspace_name="alice",
+                                 workflow_id=height_workflow.slug,
+                                 images={"image": bus_path()})
+    assert result == [{"height": 1080}]
+
+
+def test_sdk_legacy_stored_route(runner, client, height_workflow):
+    result = client.infer_from_workflow(workspace_name="alice",
+                                        workflow_name=height_workflow.slug,
+                                        images={"image": bus_path()})
+    assert result == [{"height": 1080}]
+
+
+def test_sdk_legacy_inline_route(runner, client):
+    result = client.infer_from_workflow(specification=image_height(),
+                                        images={"image": bus_path()})
+    assert result == [{"height": 1080}]
+
+
+# Errors through the client
+
+
+def bad_definition() -> dict:
+    definition = image_height()
+    definition["steps"][0]["type"] = "roboflow_core/no_such_block@v1"
+    return definition
+
+
+def test_sdk_bad_definition_raises(live_server, client):
+    with pytest.raises(HTTPCallErrorError) as raised:
+        client.run_workflow(specification=bad_definition(),
+                            images={"image": bus_path()})
+    assert raised.value.status_code == 400
+
+
+def test_sdk_bad_definition_message(live_server, client, alice_key):
+    with pytest.raises(HTTPCallErrorError) as raised:
+        client.run_workflow(specification=bad_definition(),
+                            images={"image": bus_path()})
+    expected = requests.post(
+        f"{live_server.url}/workflows/run",
+        json={"api_key": alice_key,
+              "specification": bad_definition()},
+        timeout=60,
+    ).json()["message"]
+    assert "Invalid workflow definition at step 'h', field 'type'" in expected
+    assert expected in raised.value.api_message
+
+
+def test_sdk_unknown_workflow_raises(live_server, client):
+    with pytest.raises(HTTPCallErrorError) as raised:
+        client.run_workflow(workspace_name="alice", workflow_id="no-such-workflow",
+                            images={"image": bus_path()})
+    assert raised.value.status_code == 404
+    assert "no-such-workflow" in raised.value.api_message
+
+
+def test_sdk_wrong_key_raises(live_server, alice):
+    client = InferenceHTTPClient(api_url=live_server.url, api_key="gbx_wrong")
+    with pytest.raises(HTTPCallErrorError) as raised:
+        client.run_workflow(specification=image_height(), images={"image": bus_path()})
+    assert raised.value.status_code == 401
+
+
+# Timing headers
+
+
+def test_timing_processing_time_within_wall_time(runner, live_server, alice_key):
+    response, wall_s = post_inline(live_server, alice_key, detection())
+    assert response.status_code == 200
+    assert float(response.headers["X-Processing-Time"]) <= wall_s
+
+
+def test_timing_server_timing_sums_to_total(runner, live_server, alice_key):
+    response, _ = post_inline(live_server, alice_key, detection())
+    entries = server_timing(response.headers["Server-Timing"])
+    total = entries.pop("total")
+    # Each entry is rounded to 0.001 ms on its own.
+    assert abs(sum(entries.values()) - total) <= 0.001 * len(entries) + 1e-9
+
+
+def test_timing_server_timing_total_matches_processing_time(runner, live_server,
+                                                            alice_key):
+    response, _ = post_inline(live_server, alice_key, detection())
+    total_ms = server_timing(response.headers["Server-Timing"])["total"]
+    processing_ms = float(response.headers["X-Processing-Time"]) * 1000
+    assert abs(total_ms - processing_ms) <= 0.001
+
+
+def test_timing_model_load_details_sum(runner, live_server, alice_key):
+    response, _ = post_inline(live_server, alice_key, detection(COLD_MODEL_ID))
+    assert response.headers["X-Model-Cold-Start"] == "true"
+    details = json.loads(response.headers["X-Model-Load-Details"])
+    assert [entry["m"] for entry in details] == [COLD_MODEL_ID]
+    load_time = float(response.headers["X-Model-Load-Time"])
+    assert round(sum(entry["t"] for entry in details), 6) == load_time
+    assert load_time > 0
+
+
+def test_timing_hot_run_has_no_load(runner, live_server, alice_key):
+    post_inline(live_server, alice_key, detection())
+    response, _ = post_inline(live_server, alice_key, detection())
+    assert response.headers["X-Model-Cold-Start"] == "false"
+    assert response.headers["X-Model-Load-Details"] == "[]"
+    assert float(response.headers["X-Model-Load-Time"]) == 0
