@@ -102,6 +102,25 @@ def session_runner(runner_factory):
 
 
 @pytest.fixture
+def extra_runners(runner_factory):
+    """Start more runners for one test; they stop when it ends.
+
+    Left running, they would take shared-queue jobs of later tests and make
+    those tests' cold/hot expectations depend on which runner answered.
+    """
+    started: list[RunnerProcess] = []
+
+    def start(name: str, budget_mb: int = 4096) -> RunnerProcess:
+        process = runner_factory(name, budget_mb)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
 def runner(session_runner, transactional_db):
     """A live runner process shared by the whole test session."""
     return session_runner

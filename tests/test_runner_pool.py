@@ -27,8 +27,8 @@ def wait_for_status(run_id, wanted: str, timeout_s: float = 60) -> Run:
     raise AssertionError(f"run {run_id} is {run.status}, expected {wanted}")
 
 
-def test_killed_runner_fails_its_run_without_bill(runner, runner_factory, alice):
-    victim = runner_factory("victim")
+def test_killed_runner_fails_its_run_without_bill(runner, extra_runners, alice):
+    victim = extra_runners("victim")
     # A large untrained architecture keeps the runner busy in its cold load.
     outcome = start(alice, "yolov8x.yaml", "victim", wait_s=0)
     wait_for_status(outcome.run.id, Run.Status.RUNNING)
@@ -41,8 +41,8 @@ def test_killed_runner_fails_its_run_without_bill(runner, runner_factory, alice)
     assert bill.amount_microcredits == 0
 
 
-def test_killed_runner_queued_runs_move_on(runner, runner_factory, alice):
-    victim = runner_factory("victim-2")
+def test_killed_runner_queued_runs_move_on(runner, extra_runners, alice):
+    victim = extra_runners("victim-2")
     busy = start(alice, "yolov8x.yaml", "victim-2", wait_s=0)
     waiting = start(alice, "people-detector", "victim-2", wait_s=0)
     wait_for_status(busy.run.id, Run.Status.RUNNING)
@@ -53,11 +53,11 @@ def test_killed_runner_queued_runs_move_on(runner, runner_factory, alice):
     assert Bill.objects.filter(run=moved).count() == 1
 
 
-def test_memory_budget_forces_eviction(runner, runner_factory, alice):
+def test_memory_budget_forces_eviction(runner, extra_runners, alice):
     # yolov8n (about 12.6 MB of float32 weights) and yolo11n (about 10.5 MB)
     # do not fit together in 20 MiB.
-    small = runner_factory("small-1", budget_mb=20)
-    other = runner_factory("small-2", budget_mb=20)
+    small = extra_runners("small-1", budget_mb=20)
+    other = extra_runners("small-2", budget_mb=20)
 
     first = start(alice, "yolov8n.yaml", "small-1").payload["meta"]["breakdown"]
     second = start(alice, "yolo11n.yaml", "small-1").payload["meta"]["breakdown"]
@@ -79,7 +79,7 @@ def test_memory_budget_forces_eviction(runner, runner_factory, alice):
     assert other.state()["evictions"] == 0
 
 
-def test_model_memory_is_measured(runner, runner_factory, alice):
+def test_model_memory_is_measured(runner, extra_runners, alice):
     breakdown = start(alice, "yolov8n.yaml", runner.name).payload["meta"]["breakdown"]
     memory = breakdown["models"][0]["memory_bytes"]
     # yolov8n has 3.15 million parameters, 4 bytes each, plus batch-norm buffers.
