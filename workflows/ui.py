@@ -1,14 +1,148 @@
 """Browser pages for workflows: the list and the builder."""
 
-from django.contrib.auth.decorators import login_required
-from django.db.models import Max
-from django.shortcuts import render
+from dataclasses import dataclass
+from statistics import median
 
+from django.contrib.auth.decorators import login_required
+from django.db.models import F, Max, Window
+from django.db.models.functions import RowNumber
+from django.shortcuts import get_object_or_404, render
+from django.views.decorators.csrf import ensure_csrf_cookie
+
+from runner.models import Run
 from workflows.models import Workflow
+
+# How many of a workflow's most recent runs the list page's sparkline shows.
+SPARKLINE_RUNS = 20
+SPARKLINE_WIDTH = 120
+SPARKLINE_HEIGHT = 28
+# Space kept free around the line so the end dots are not clipped.
+SPARKLINE_PADDING = 3
+
+
+@dataclass(frozen=True)
+class Sparkline:
+    """An inline SVG polyline of run times, oldest run on the left."""
+
+    points: str
+    last_x: float
+    last_y: float
+    failed: tuple[tuple[float, float], ...]
+    summary: str
+    width: int = SPARKLINE_WIDTH
+    height: int = SPARKLINE_HEIGHT
+
+
+@dataclass(frozen=True)
+class WorkflowRow:
+    workflow: Workflow
+    latest_version: int | None
+    last_run: dict | None
+    sparkline: Sparkline | None
+
+
+def build_sparkline(runs: list[dict]) -> Sparkline | None:
+    """Scale the runs' ``total_us`` into SVG coordinates.
+
+    ``runs`` is newest first, as the list query returns them.  Runs without
+    ``total_us`` (queued, running, or failed before timing) are skipped.  The
+    y axis starts at zero, so the line's height is proportional to run time.
+    """
+    timed = [run for run in reversed(runs) if run["total_us"] is not None]
+    if not timed:
+        return None
+    peak = max(run["total_us"] for run in timed) or 1
+    inner_width = SPARKLINE_WIDTH - 2 * SPARKLINE_PADDING
+    inner_height = SPARKLINE_HEIGHT - 2 * SPARKLINE_PADDING
+    step = inner_width / (len(timed) - 1) if len(timed) > 1 else 0
+    coordinates = []
+    failed = []
+    for index, run in enumerate(timed):
+        x = SPARKLINE_PADDING + (index * step if len(timed) > 1 else inner_width)
+        y = SPARKLINE_PADDING + inner_height * (1 - run["total_us"] / peak)
+        coordinates.append((round(x, 1), round(y, 1)))
+        if run["status"] == Run.Status.FAILED:
+            failed.append(coordinates[-1])
+    totals_ms = [run["total_us"] / 1000 for run in timed]
+    summary = (f"Last {len(timed)} timed runs: min {min(totals_ms):.1f} ms, "
+               f"median {median(totals_ms):.1f} ms, max {max(totals_ms):.1f} ms")
+    return Sparkline(
+        points=" ".join(f"{x},{y}" for x, y in coordinates),
+        last_x=coordinates[-1][0],
+        last_y=coordinates[-1][1],
+        failed=tuple(failed),
+        summary=summary,
+    )
+
+
+def recent_runs_by_workflow(owner, limit: int) -> dict[int, list[dict]]:
+    """Return up to ``limit`` runs per workflow of ``owner``, newest first.
+
+    One query for all workflows: a window function numbers each workflow's
+    runs and the outer query keeps the first ``limit``.
+    """
+    # NOTE: the database still reads every run of the owner's workflows to
+    # number them, so this query slows down as the run history grows.
+    workflow = F("workflow_version__workflow_id")
+    runs = (
+        Run.objects.filter(workflow_version__workflow__owner=owner)
+        .annotate(
+            workflow_pk=workflow,
+            position=Window(RowNumber(), partition_by=[workflow],
+                            order_by=F("created_at").desc()),
+        )
+        .filter(position__lte=limit)
+        .order_by("workflow_pk", "position")
+        .values("id", "workflow_pk", "status", "created_at", "total_us")
+    )
+    by_workflow: dict[int, list[dict]] = {}
+    for run in runs:
+        by_workflow.setdefault(run["workflow_pk"], []).append(run)
+    return by_workflow
 
 
 @login_required
 def workflow_list(request):
     workflows = (Workflow.objects.filter(owner=request.user)
                  .annotate(latest=Max("versions__number")))
-    return render(request, "workflows/list.html", {"workflows": workflows})
+    runs = recent_runs_by_workflow(request.user, SPARKLINE_RUNS)
+    rows = []
+    for workflow in workflows:
+        workflow_runs = runs.get(workflow.id, [])
+        rows.append(WorkflowRow(
+            workflow=workflow,
+            latest_version=workflow.latest,
+            last_run=workflow_runs[0] if workflow_runs else None,
+            sparkline=build_sparkline(workflow_runs),
+        ))
+    return render(request, "workflows/list.html", {"rows": rows})
+
+
+def _builder_page(request, workflow: Workflow | None):
+    version = workflow.latest_version() if workflow else None
+    config = {
+        "workflow": None if workflow is None else {
+            "id": workflow.id,
+            "name": workflow.name,
+            "version": version.number if version else None,
+            "definition": version.definition if version else None,
+        },
+    }
+    return render(request, "workflows/builder.html",
+                  {"workflow": workflow, "version": version, "config": config})
+
+
+# The builder calls the JSON API with the session cookie, and Django's CSRF
+# check needs the csrftoken cookie, which these pages do not set by themselves
+# because they contain no form.
+@login_required
+@ensure_csrf_cookie
+def workflow_new(request):
+    return _builder_page(request, None)
+
+
+@login_required
+@ensure_csrf_cookie
+def workflow_edit(request, workflow_id: int):
+    workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
+    return _builder_page(request, workflow)

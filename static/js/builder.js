@@ -1,0 +1,1678 @@
+/*
+ * Workflow builder: a Drawflow node editor and a JSON editor over one
+ * workflow definition.
+ *
+ * The definition object (state.definition) is the source of truth.  Every
+ * edit changes it first.  The graph is then redrawn from it whenever the set
+ * of nodes, ports or connections changed, and the JSON tab prints it.  Node
+ * positions are not part of the definition: they are kept in memory, keyed by
+ * section and name, and a reloaded workflow is laid out automatically.
+ *
+ * Stable hooks for browser tests
+ *   #builder[data-ready="true"]   set once the blocks are loaded and the graph is drawn.
+ *   Palette items                 [data-block-type="<type>"]: a block's full type, or
+ *                                 WorkflowImage, WorkflowParameter, JsonField for the
+ *                                 image input, parameter and output nodes.  Click adds
+ *                                 the node, drag drops it where released.
+ *   Nodes                         .drawflow-node with data-step-name="<step>", or
+ *                                 data-input-name / data-output-name for inputs and
+ *                                 outputs.  Class has-error while the server reports a
+ *                                 problem on the node.
+ *   Ports                         .input / .output dots inside a node, with
+ *                                 data-port="<field or output name>".
+ *   Side panel                    #node-panel shows the selected node.  Field controls
+ *                                 are [data-field="<name>"]; the node's name is
+ *                                 [data-field="name"] and applies on change (Enter or
+ *                                 blur), every other field on input.
+ *   Field errors                  .field-error next to the field, present only while
+ *                                 the field has a problem.  #problems lists them all.
+ *   Tabs                          #tab-graph, #tab-json.  JSON text #definition-json,
+ *                                 JSON syntax error #json-error.
+ *   Saving                        #workflow-name, #save.  #saved-version shows
+ *                                 "Version N" (or "Saved as version N") and carries
+ *                                 data-version="N".
+ *   Validation                    #validation-status[data-state] is idle, pending,
+ *                                 valid, invalid or error.
+ *   Leaving the page with unsaved changes raises a beforeunload prompt.
+ *
+ * window.glassboxBuilder, for tests and the console
+ *   ready                          Promise that resolves once the builder is usable.
+ *   addStep(type, name?)           Add a node of a palette type and return its name.
+ *                                  The name defaults to one derived from the type.
+ *   connect(fromNode, fromOutput, toNode, toField)
+ *                                  Wire $steps.fromNode.fromOutput (or $inputs.fromNode
+ *                                  when fromOutput is null) into field toField of step
+ *                                  toNode (or into output toNode when toField is null).
+ *   setField(stepName, field, value)  Set a step field; undefined removes it.
+ *   getDefinition() / setDefinition(definition)
+ *   validate()                     Validate now; Promise of {ok, errors, warnings, message}.
+ *   save()                         Save now; Promise of {ok, version, message}.
+ */
+(function () {
+  "use strict";
+
+  const VALIDATE_DELAY_MS = 400;
+  const JSON_APPLY_DELAY_MS = 300;
+
+  // Node geometry.  builder.css uses the same head and row heights, so the
+  // port dots Drawflow draws line up with the labels inside the node.
+  const NODE_WIDTH_PX = 220;
+  const NODE_HEAD_PX = 46;
+  const NODE_ROW_PX = 24;
+  const NODE_PADDING_PX = 8;
+  const LAYOUT_COLUMN_PX = 290;
+  const LAYOUT_GAP_PX = 36;
+  const LAYOUT_MARGIN_PX = 40;
+
+  const SECTIONS = ["inputs", "steps", "outputs"];
+  const IMAGE_INPUT_TYPES = ["WorkflowImage", "InferenceImage"];
+  const PARAMETER_INPUT_TYPES = ["WorkflowParameter", "InferenceParameter"];
+  const OUTPUT_TYPE = "JsonField";
+  const VALUE_KIND = "value";
+  const ANY_KIND = "*";
+  const ALL_OUTPUTS = "*";
+  // The same grammar as SELECTOR_PATTERN in workflows/compiler/parse.py.
+  const SELECTOR_PATTERN = /^\$(?:inputs\.([^.\s]+)|steps\.([^.\s]+)\.([^.\s]+))$/;
+  const DRAG_MIME = "application/x-glassbox-block";
+  const DATASET_NAME = { inputs: "inputName", steps: "stepName", outputs: "outputName" };
+
+  // Palette entries that are not blocks: they add definition inputs and outputs.
+  const SPECIAL_NODES = [
+    {
+      type: "WorkflowImage", section: "inputs", title: "Image input", name: "image",
+      description: "An image passed in when the workflow runs.",
+    },
+    {
+      type: "WorkflowParameter", section: "inputs", title: "Parameter", name: "parameter",
+      description: "A value passed in when the workflow runs, with an optional default.",
+    },
+    {
+      type: OUTPUT_TYPE, section: "outputs", title: "Output", name: "output",
+      description: "A value the workflow returns, picked by a selector.",
+    },
+  ];
+
+  const state = {
+    definition: null,
+    blocks: [],
+    // Block manifests by full type, type without namespace, and alias.
+    blockIndex: new Map(),
+    workflowId: null,
+    savedVersion: null,
+    // Counts edits, so a save that finishes after a later edit leaves the page dirty.
+    changeCount: 0,
+    savedChangeCount: 0,
+    // "<section>:<name>" -> {x, y} in canvas coordinates.
+    positions: new Map(),
+    // Drawflow node id -> {section, item, ports}; item is the definition object itself.
+    nodes: new Map(),
+    // {section, item} of the node shown in the side panel, or null.
+    selected: null,
+    // Problems found in the browser (a duplicate name), by field, for the selected node.
+    localErrors: new Map(),
+    // blocks_errors of the latest validation or save, as the server sent them.
+    serverErrors: [],
+    // A problem that belongs to no node (a failed request, a non-definition error).
+    generalError: null,
+    warnings: [],
+    graphSignature: null,
+    activeTab: "graph",
+    // True while the builder itself changes the graph, so Drawflow's events are ignored.
+    syncing: false,
+    validationSeq: 0,
+  };
+  let editor = null;
+  let validateTimer = null;
+  let jsonTimer = null;
+  let graphTimer = null;
+  const dom = {};
+
+  // ---------------------------------------------------------------------
+  // Small helpers
+
+  function isPlainObject(value) {
+    return value !== null && typeof value === "object" && !Array.isArray(value);
+  }
+
+  function el(tag, attributes = {}, ...children) {
+    const element = document.createElement(tag);
+    for (const [key, value] of Object.entries(attributes)) {
+      if (value === null || value === undefined || value === false) continue;
+      element.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined) element.append(child);
+    }
+    return element;
+  }
+
+  function escapeHtml(text) {
+    return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+  }
+
+  function prettyJson(value) {
+    return JSON.stringify(value, null, 2);
+  }
+
+  function clone(value) {
+    return JSON.parse(JSON.stringify(value));
+  }
+
+  function emptyDefinition() {
+    return {
+      version: "1.0",
+      inputs: [{ type: "WorkflowImage", name: "image" }],
+      steps: [],
+      outputs: [],
+    };
+  }
+
+  // ---------------------------------------------------------------------
+  // The definition: sections, items, selectors, ports
+
+  function sectionItems(section) {
+    const items = state.definition[section];
+    return Array.isArray(items) ? items : [];
+  }
+
+  function ensureSection(section) {
+    if (!Array.isArray(state.definition[section])) state.definition[section] = [];
+    return state.definition[section];
+  }
+
+  function findItem(section, name) {
+    return sectionItems(section).find((item) => isPlainObject(item) && item.name === name)
+      || null;
+  }
+
+  // Every object item of the three sections; anything else is left to the
+  // server's validation to report.
+  function entities() {
+    const list = [];
+    for (const section of SECTIONS) {
+      for (const item of sectionItems(section)) {
+        if (isPlainObject(item)) list.push({ section, item });
+      }
+    }
+    return list;
+  }
+
+  function positionKey(section, item) {
+    return `${section}:${item.name}`;
+  }
+
+  function indexBlocks(blocks) {
+    state.blocks = blocks;
+    state.blockIndex.clear();
+    for (const block of blocks) {
+      const withoutNamespace = block.type.split("/").slice(1).join("/");
+      for (const name of [block.type, withoutNamespace, ...(block.aliases || [])]) {
+        if (name) state.blockIndex.set(name, block);
+      }
+    }
+  }
+
+  function blockFor(type) {
+    return typeof type === "string" ? state.blockIndex.get(type) || null : null;
+  }
+
+  function parseSelector(value) {
+    if (typeof value !== "string") return null;
+    const match = SELECTOR_PATTERN.exec(value);
+    if (!match) return null;
+    return match[1] !== undefined ? { input: match[1] } : { step: match[2], output: match[3] };
+  }
+
+  function isSelector(value) {
+    return parseSelector(value) !== null;
+  }
+
+  function selectorFor(section, item, port) {
+    return section === "inputs" ? `$inputs.${item.name}` : `$steps.${item.name}.${port}`;
+  }
+
+  // The node and output port a selector points at, or null.
+  function sourceOfSelector(selector) {
+    const reference = parseSelector(selector);
+    if (!reference) return null;
+    if (reference.input !== undefined) {
+      const item = findItem("inputs", reference.input);
+      return item && { section: "inputs", item, port: "value" };
+    }
+    const item = findItem("steps", reference.step);
+    return item && { section: "steps", item, port: reference.output };
+  }
+
+  function inputKind(item) {
+    return IMAGE_INPUT_TYPES.includes(item.type) ? "image" : VALUE_KIND;
+  }
+
+  // Output names of a step with an unknown type that other nodes select.
+  function referencedOutputs(stepName) {
+    const names = new Set();
+    const visit = (value) => {
+      const reference = parseSelector(value);
+      if (reference && reference.step === stepName && reference.output !== ALL_OUTPUTS) {
+        names.add(reference.output);
+      }
+    };
+    for (const { section, item } of entities()) {
+      if (section === "steps") Object.values(item).forEach(visit);
+      if (section === "outputs") visit(item.selector);
+    }
+    return [...names];
+  }
+
+  // Ports of a node.  Input ports are the fields that take a selector: those of
+  // a selector kind, plus value fields that currently contain a selector.  Output
+  // ports are what other nodes can select.
+  function portsOf(section, item) {
+    if (section === "inputs") {
+      return { inputs: [], outputs: [{ name: "value", kind: inputKind(item) }] };
+    }
+    if (section === "outputs") {
+      return { inputs: [{ name: "selector", kind: ANY_KIND }], outputs: [] };
+    }
+    const block = blockFor(item.type);
+    if (block) {
+      const inputs = block.fields
+        .filter((field) => field.kind !== VALUE_KIND || isSelector(item[field.name]))
+        .map((field) => ({ name: field.name, kind: field.kind }));
+      const outputs = Object.entries(block.outputs).map(([name, kind]) => ({ name, kind }));
+      outputs.push({ name: ALL_OUTPUTS, kind: ANY_KIND });
+      return { inputs, outputs };
+    }
+    // Unknown type: show the connections the definition makes, so none are hidden.
+    const inputs = Object.keys(item)
+      .filter((key) => key !== "type" && key !== "name" && isSelector(item[key]))
+      .map((name) => ({ name, kind: ANY_KIND }));
+    const outputs = referencedOutputs(item.name).map((name) => ({ name, kind: ANY_KIND }));
+    outputs.push({ name: ALL_OUTPUTS, kind: ANY_KIND });
+    return { inputs, outputs };
+  }
+
+  function kindClass(kind) {
+    if (kind === "object_detection_prediction") return "detections";
+    if (kind === ANY_KIND) return "any";
+    return kind === "image" ? "image" : "value";
+  }
+
+  function kindLabel(kind) {
+    if (kind === "object_detection_prediction") return "detections";
+    return kind === ANY_KIND ? "any" : kind;
+  }
+
+  // Whether a field of kind fieldKind may select a source of kind sourceKind.
+  // Mirrors the compiler: image fields take image inputs and outputs, value
+  // fields take parameters and value outputs, "*" takes anything.
+  function kindAccepts(fieldKind, sourceKind) {
+    return fieldKind === ANY_KIND || fieldKind === sourceKind;
+  }
+
+  // Selectors a field of the given kind could use, for the field's suggestions.
+  function selectorChoices(kind, exceptItem) {
+    const choices = [];
+    for (const input of sectionItems("inputs")) {
+      if (!isPlainObject(input)) continue;
+      if (kind === "output" || kindAccepts(kind, inputKind(input))) {
+        choices.push(`$inputs.${input.name}`);
+      }
+    }
+    for (const step of sectionItems("steps")) {
+      if (!isPlainObject(step) || step === exceptItem) continue;
+      for (const port of portsOf("steps", step).outputs) {
+        const usable = kind === "output"
+          || (port.name !== ALL_OUTPUTS && kindAccepts(kind, port.kind));
+        if (usable) choices.push(`$steps.${step.name}.${port.name}`);
+      }
+    }
+    return choices;
+  }
+
+  function uniqueName(section, base) {
+    let name = base;
+    for (let counter = 2; findItem(section, name); counter += 1) name = `${base}_${counter}`;
+    return name;
+  }
+
+  function specialNode(type) {
+    return SPECIAL_NODES.find((entry) => entry.type === type) || null;
+  }
+
+  function defaultNameFor(type) {
+    const special = specialNode(type);
+    if (special) return special.name;
+    const title = blockFor(type).title;
+    return title.toLowerCase().replace(/[^a-z0-9]+/g, "_").replace(/^_+|_+$/g, "") || "step";
+  }
+
+  // Point every selector at oldName to newName, after a rename.
+  function renameReferences(section, oldName, newName) {
+    const rewrite = (value) => {
+      const reference = parseSelector(value);
+      if (!reference) return value;
+      if (section === "inputs" && reference.input === oldName) return `$inputs.${newName}`;
+      if (section === "steps" && reference.step === oldName) {
+        return `$steps.${newName}.${reference.output}`;
+      }
+      return value;
+    };
+    for (const { section: where, item } of entities()) {
+      if (where === "inputs") continue;
+      for (const key of Object.keys(item)) {
+        if (key === "type" || key === "name") continue;
+        const rewritten = rewrite(item[key]);
+        if (rewritten !== item[key]) item[key] = rewritten;
+      }
+    }
+  }
+
+  // Value fields accept JSON; text that is not JSON is taken as a string, so
+  // model ids need no quotes.  An empty field is removed from the step.
+  function parseValue(text) {
+    if (text.trim() === "") return undefined;
+    try {
+      return JSON.parse(text);
+    } catch (error) {
+      return text;
+    }
+  }
+
+  // The inverse of parseValue: strings that would parse as JSON (such as "0.5")
+  // are shown quoted so they stay strings.
+  function formatValue(value) {
+    if (value === undefined) return "";
+    if (typeof value !== "string") return JSON.stringify(value);
+    try {
+      JSON.parse(value);
+      return JSON.stringify(value);
+    } catch (error) {
+      return value;
+    }
+  }
+
+  // ---------------------------------------------------------------------
+  // Changes
+
+  // Call after every change of state.definition.  Options: redrawPanel to
+  // rebuild the side panel, deferGraph inside Drawflow's event handlers (the
+  // graph must not be rebuilt while Drawflow is still handling the event), and
+  // source "json" when the JSON tab made the change.
+  function definitionChanged(options = {}) {
+    state.changeCount += 1;
+    if (options.deferGraph) scheduleGraphSync();
+    else syncGraph();
+    if (state.activeTab === "json" && options.source !== "json") {
+      dom.json.value = prettyJson(state.definition);
+    }
+    if (options.redrawPanel) renderPanel();
+    scheduleValidation();
+  }
+
+  function isDirty() {
+    return state.changeCount !== state.savedChangeCount;
+  }
+
+  function setItemValue(item, key, value) {
+    if (value === undefined) delete item[key];
+    else item[key] = value;
+    definitionChanged();
+  }
+
+  function select(entity) {
+    state.selected = entity;
+    state.localErrors.clear();
+    renderPanel();
+  }
+
+  function isSelected(item) {
+    return state.selected !== null && state.selected.item === item;
+  }
+
+  // Add a node of a palette type; returns the name used.
+  function addNodeOfType(type, options = {}) {
+    const special = specialNode(type);
+    const section = special ? special.section : "steps";
+    if (!special && !blockFor(type)) {
+      throw new Error(`Unknown block type '${type}'; known types: `
+        + state.blocks.map((block) => block.type).join(", "));
+    }
+    const name = options.name || uniqueName(section, defaultNameFor(type));
+    if (findItem(section, name)) {
+      throw new Error(`The workflow already has ${section.slice(0, -1)} '${name}'.`);
+    }
+    const item = { type: special ? type : blockFor(type).type, name };
+    const position = options.position || freePosition(nodeHeight(section, item));
+    ensureSection(section).push(item);
+    state.positions.set(positionKey(section, item), position);
+    state.selected = { section, item };
+    state.localErrors.clear();
+    definitionChanged({ redrawPanel: true });
+    return name;
+  }
+
+  function removeItem(section, item) {
+    const items = sectionItems(section);
+    const index = items.indexOf(item);
+    if (index >= 0) items.splice(index, 1);
+    if (isSelected(item)) select(null);
+  }
+
+  function rename(section, item, newName) {
+    const oldName = item.name;
+    if (newName === oldName) return null;
+    if (newName === "") return "A name is required.";
+    if (findItem(section, newName)) return `Another ${section.slice(0, -1)} is named '${newName}'.`;
+    const position = state.positions.get(positionKey(section, item));
+    item.name = newName;
+    if (position) state.positions.set(positionKey(section, item), position);
+    renameReferences(section, oldName, newName);
+    definitionChanged();
+    return null;
+  }
+
+  // Replace the whole definition, keeping the selection when a node of the
+  // same name exists.  source is "json" when the JSON tab made the change.
+  function replaceDefinition(definition, source) {
+    const previous = state.selected;
+    state.definition = definition;
+    state.selected = previous && findItem(previous.section, previous.item.name)
+      ? { section: previous.section, item: findItem(previous.section, previous.item.name) }
+      : null;
+    definitionChanged({ source, redrawPanel: true });
+  }
+
+  // ---------------------------------------------------------------------
+  // The graph
+
+  function createEditor() {
+    const instance = new Drawflow(dom.canvas);
+    instance.curvature = 0.45;
+    instance.start();
+    instance.on("connectionCreated", onConnectionCreated);
+    instance.on("connectionRemoved", onConnectionRemoved);
+    instance.on("nodeRemoved", onNodeRemoved);
+    instance.on("nodeSelected", (id) => {
+      const node = state.nodes.get(String(id));
+      if (node) select({ section: node.section, item: node.item });
+    });
+    instance.on("nodeUnselected", () => select(null));
+    return instance;
+  }
+
+  function nodeElement(id) {
+    return document.getElementById(`node-${id}`);
+  }
+
+  function nodeIdOf(item) {
+    for (const [id, node] of state.nodes) {
+      if (node.item === item) return id;
+    }
+    return null;
+  }
+
+  // A string that changes exactly when the graph would look different, apart
+  // from positions and error marks.
+  function graphSignature() {
+    return JSON.stringify(entities().map(({ section, item }) => {
+      const ports = portsOf(section, item);
+      return [
+        section, item.name, item.type,
+        ports.inputs.map((port) => [port.name, item[port.name]]),
+        ports.outputs.map((port) => port.name),
+      ];
+    }));
+  }
+
+  function scheduleGraphSync() {
+    if (graphTimer !== null) return;
+    graphTimer = setTimeout(() => {
+      graphTimer = null;
+      syncGraph();
+    }, 0);
+  }
+
+  function syncGraph() {
+    if (state.activeTab !== "graph") return;
+    if (graphSignature() !== state.graphSignature) renderGraph();
+    else decorateNodes();
+  }
+
+  // Read positions from the node elements.  Drawflow 0.0.60 also stores
+  // pos_x/pos_y, but while dragging it computes them after moving the
+  // element, so they end one mouse-move step past where the node is drawn.
+  function capturePositions() {
+    for (const id of state.nodes.keys()) {
+      const element = nodeElement(id);
+      if (!element) continue;
+      const node = state.nodes.get(id);
+      state.positions.set(positionKey(node.section, node.item),
+        { x: parseFloat(element.style.left), y: parseFloat(element.style.top) });
+    }
+  }
+
+  // Redraw every node and connection from the definition.  Nodes keep their
+  // positions unless relayout is set or some node has none yet.  In those
+  // cases all nodes are laid out again and the view is zoomed to fit them.
+  function renderGraph({ relayout = false } = {}) {
+    if (state.activeTab !== "graph") return;
+    capturePositions();
+    const all = entities();
+    const laidOut = relayout
+      || all.some(({ section, item }) => !state.positions.has(positionKey(section, item)));
+    if (laidOut) layoutPositions(all);
+    const idOf = new Map();
+    state.syncing = true;
+    try {
+      editor.clear();
+      // clear() drops the nodes' elements, so Drawflow's selection must go too.
+      editor.node_selected = null;
+      editor.connection_selected = null;
+      state.nodes.clear();
+      for (const entity of all) idOf.set(entity.item, addGraphNode(entity));
+      for (const entity of all) connectGraphNode(entity, idOf);
+    } finally {
+      state.syncing = false;
+    }
+    state.graphSignature = graphSignature();
+    if (state.selected && idOf.has(state.selected.item)) {
+      markSelected(nodeElement(idOf.get(state.selected.item)));
+    }
+    decorateNodes();
+    if (laidOut) fitView();
+  }
+
+  function nodeTitle(section, item) {
+    if (section === "inputs") {
+      return IMAGE_INPUT_TYPES.includes(item.type) ? "Image input" : "Parameter";
+    }
+    if (section === "outputs") return "Output";
+    const block = blockFor(item.type);
+    return block ? block.title : "Unknown block";
+  }
+
+  function portLabel(section, port) {
+    if (section === "inputs") return port.kind === "image" ? "image" : "value";
+    return port.name === ALL_OUTPUTS ? "all outputs (*)" : port.name;
+  }
+
+  function nodeHtml(section, item, ports) {
+    const rows = [];
+    const count = Math.max(ports.inputs.length, ports.outputs.length);
+    for (let index = 0; index < count; index += 1) {
+      const input = ports.inputs[index];
+      const output = ports.outputs[index];
+      rows.push(
+        '<div class="node-row">'
+        + `<span class="port-label in">${input ? escapeHtml(portLabel(section, input)) : ""}</span>`
+        + `<span class="port-label out">${output ? escapeHtml(portLabel(section, output)) : ""}</span>`
+        + "</div>",
+      );
+    }
+    return '<div class="node-head">'
+      + `<span class="node-title">${escapeHtml(nodeTitle(section, item))}</span>`
+      + `<span class="node-name">${escapeHtml(item.name ?? "(no name)")}</span>`
+      + '<span class="node-problems" hidden></span>'
+      + "</div>"
+      + `<div class="node-rows">${rows.join("")}</div>`;
+  }
+
+  function nodeHeight(section, item) {
+    const ports = portsOf(section, item);
+    return NODE_HEAD_PX + NODE_ROW_PX * Math.max(ports.inputs.length, ports.outputs.length)
+      + NODE_PADDING_PX;
+  }
+
+  function addGraphNode({ section, item }) {
+    const ports = portsOf(section, item);
+    const position = state.positions.get(positionKey(section, item));
+    let classes = `node-${section.slice(0, -1)}`;
+    if (section === "steps" && !blockFor(item.type)) classes += " node-unknown";
+    const id = editor.addNode(section, ports.inputs.length, ports.outputs.length,
+      position.x, position.y, classes, {}, nodeHtml(section, item, ports));
+    const element = nodeElement(id);
+    element.dataset[DATASET_NAME[section]] = String(item.name ?? "");
+    ports.inputs.forEach((port, index) => tagPort(element, `.input_${index + 1}`, port));
+    ports.outputs.forEach((port, index) => tagPort(element, `.output_${index + 1}`, port));
+    state.nodes.set(String(id), { section, item, ports });
+    return id;
+  }
+
+  function tagPort(nodeEl, selector, port) {
+    const dot = nodeEl.querySelector(selector);
+    dot.dataset.port = port.name;
+    dot.classList.add(`kind-${kindClass(port.kind)}`);
+    dot.title = `${port.name} (${kindLabel(port.kind)})`;
+  }
+
+  function connectGraphNode({ section, item }, idOf) {
+    const targetId = idOf.get(item);
+    const ports = state.nodes.get(String(targetId)).ports;
+    ports.inputs.forEach((port, index) => {
+      const source = sourceOfSelector(item[port.name]);
+      if (!source) return;
+      const sourceId = idOf.get(source.item);
+      const outputs = state.nodes.get(String(sourceId)).ports.outputs;
+      const outputIndex = outputs.findIndex((output) => output.name === source.port);
+      // An output the block does not have is drawn unconnected; the server
+      // reports it on the field.
+      if (outputIndex < 0) return;
+      editor.addConnection(sourceId, targetId, `output_${outputIndex + 1}`,
+        `input_${index + 1}`);
+    });
+  }
+
+  function markSelected(element) {
+    // Drawflow keeps its own selection, which its Delete key uses; keep it in
+    // step with the side panel.
+    if (editor.node_selected && editor.node_selected !== element) {
+      editor.node_selected.classList.remove("selected");
+    }
+    editor.node_selected = element;
+    if (element) element.classList.add("selected");
+  }
+
+  function selectNode(item) {
+    const id = nodeIdOf(item);
+    if (id !== null) markSelected(nodeElement(id));
+    const node = id !== null ? state.nodes.get(id) : null;
+    if (node) select({ section: node.section, item });
+  }
+
+  function portIndex(portClass) {
+    return Number(portClass.split("_")[1]) - 1;
+  }
+
+  function onConnectionCreated(connection) {
+    if (state.syncing) return;
+    const source = state.nodes.get(String(connection.output_id));
+    const target = state.nodes.get(String(connection.input_id));
+    if (!source || !target) return;
+    const output = source.ports.outputs[portIndex(connection.output_class)];
+    const input = target.ports.inputs[portIndex(connection.input_class)];
+    // A field contains one selector, so a new connection replaces the old
+    // one, and the redraw removes the old line.
+    target.item[input.name] = selectorFor(source.section, source.item, output.name);
+    definitionChanged({ deferGraph: true, redrawPanel: isSelected(target.item) });
+  }
+
+  function onConnectionRemoved(connection) {
+    if (state.syncing) return;
+    const source = state.nodes.get(String(connection.output_id));
+    const target = state.nodes.get(String(connection.input_id));
+    if (!source || !target) return;
+    const output = source.ports.outputs[portIndex(connection.output_class)];
+    const input = target.ports.inputs[portIndex(connection.input_class)];
+    if (target.item[input.name] === selectorFor(source.section, source.item, output.name)) {
+      delete target.item[input.name];
+    }
+    definitionChanged({ deferGraph: true, redrawPanel: isSelected(target.item) });
+  }
+
+  function onNodeRemoved(id) {
+    if (state.syncing) return;
+    const node = state.nodes.get(String(id));
+    if (!node) return;
+    state.nodes.delete(String(id));
+    removeItem(node.section, node.item);
+    definitionChanged({ deferGraph: true });
+  }
+
+  // Columns by dependency depth: inputs, then each step one column right of
+  // the deepest step it reads from, then the outputs.  Within a column, nodes
+  // are ordered by the mean row of their sources, which avoids most crossings.
+  function layoutPositions(all) {
+    const depths = new Map();
+    const stepDepth = (item, visiting) => {
+      if (depths.has(item)) return depths.get(item);
+      if (visiting.has(item)) return 1; // a cycle; the server reports it
+      visiting.add(item);
+      let depth = 1;
+      for (const source of sourcesOf("steps", item)) {
+        if (source.section === "steps") depth = Math.max(depth, stepDepth(source.item, visiting) + 1);
+      }
+      visiting.delete(item);
+      depths.set(item, depth);
+      return depth;
+    };
+    let lastStepColumn = 0;
+    for (const { section, item } of all) {
+      if (section === "steps") lastStepColumn = Math.max(lastStepColumn, stepDepth(item, new Set()));
+    }
+    const columns = [];
+    for (const entity of all) {
+      let column = 0;
+      if (entity.section === "steps") column = depths.get(entity.item);
+      if (entity.section === "outputs") column = lastStepColumn + 1;
+      (columns[column] = columns[column] || []).push(entity);
+    }
+    placeColumns(columns.filter(Boolean));
+  }
+
+  function sourcesOf(section, item) {
+    return portsOf(section, item).inputs
+      .map((port) => sourceOfSelector(item[port.name]))
+      .filter(Boolean);
+  }
+
+  function placeColumns(columns) {
+    const rowOf = new Map();
+    const heights = [];
+    for (const column of columns) {
+      const order = (entity, index) => {
+        const rows = sourcesOf(entity.section, entity.item)
+          .map((source) => rowOf.get(source.item))
+          .filter((row) => row !== undefined);
+        return rows.length ? rows.reduce((a, b) => a + b, 0) / rows.length : index;
+      };
+      const keyed = column.map((entity, index) => ({ entity, key: order(entity, index) }));
+      keyed.sort((a, b) => a.key - b.key);
+      column.splice(0, column.length, ...keyed.map(({ entity }) => entity));
+      column.forEach((entity, index) => rowOf.set(entity.item, index));
+      heights.push(column.reduce(
+        (total, { section, item }) => total + nodeHeight(section, item) + LAYOUT_GAP_PX, 0));
+    }
+    const tallest = Math.max(...heights, 0);
+    columns.forEach((column, columnIndex) => {
+      // Centre each column on the tallest one.
+      let y = LAYOUT_MARGIN_PX + (tallest - heights[columnIndex]) / 2;
+      for (const { section, item } of column) {
+        state.positions.set(positionKey(section, item),
+          { x: LAYOUT_MARGIN_PX + columnIndex * LAYOUT_COLUMN_PX, y: Math.round(y) });
+        y += nodeHeight(section, item) + LAYOUT_GAP_PX;
+      }
+    });
+  }
+
+  function autoLayout() {
+    renderGraph({ relayout: true });
+  }
+
+  // Zoom out until every node fits, but never zoom in past 100%, and scroll
+  // the top-left node into the corner of the canvas.
+  function fitView() {
+    const boxes = entities().map(({ section, item }) => {
+      const position = state.positions.get(positionKey(section, item));
+      return { ...position, right: position.x + NODE_WIDTH_PX, bottom: position.y + nodeHeight(section, item) };
+    });
+    if (boxes.length === 0) return;
+    const left = Math.min(...boxes.map((box) => box.x)) - LAYOUT_MARGIN_PX;
+    const top = Math.min(...boxes.map((box) => box.y)) - LAYOUT_MARGIN_PX;
+    const width = Math.max(...boxes.map((box) => box.right)) - left + LAYOUT_MARGIN_PX;
+    const height = Math.max(...boxes.map((box) => box.bottom)) - top + LAYOUT_MARGIN_PX;
+    const view = dom.canvas.getBoundingClientRect();
+    if (view.width === 0 || view.height === 0) return;
+    const zoom = Math.max(editor.zoom_min, Math.min(1, view.width / width, view.height / height));
+    editor.zoom = zoom;
+    editor.zoom_refresh();
+    // Drawflow's inner canvas keeps the default transform-origin (its middle),
+    // so scaling also moves the content.  Measure where the canvas point
+    // (left, top) ended up and shift it to the corner.
+    const inner = editor.precanvas.getBoundingClientRect();
+    editor.canvas_x += view.left - (inner.left + left * zoom);
+    editor.canvas_y += view.top - (inner.top + top * zoom);
+    editor.precanvas.style.transform =
+      `translate(${editor.canvas_x}px, ${editor.canvas_y}px) scale(${zoom})`;
+  }
+
+  // Canvas coordinates of a point in the window, undoing Drawflow's pan and zoom.
+  function canvasPoint(clientX, clientY) {
+    const rect = editor.precanvas.getBoundingClientRect();
+    return {
+      x: Math.round((clientX - rect.left) / editor.zoom),
+      y: Math.round((clientY - rect.top) / editor.zoom),
+    };
+  }
+
+  // Choose the position of a node added by click (not drag): right of the
+  // selected node, else near the top middle of the visible canvas, then moved
+  // down below any node it would cover.  newHeight is in canvas pixels.
+  function freePosition(newHeight) {
+    capturePositions();
+    let position;
+    const selected = state.selected
+      && state.positions.get(positionKey(state.selected.section, state.selected.item));
+    if (selected) {
+      position = { x: selected.x + LAYOUT_COLUMN_PX, y: selected.y };
+    } else {
+      const rect = dom.canvas.getBoundingClientRect();
+      position = canvasPoint(rect.left + rect.width / 2 - NODE_WIDTH_PX / 2,
+        rect.top + Math.min(rect.height / 4, 120));
+    }
+    const boxes = entities()
+      .filter(({ section, item }) => state.positions.has(positionKey(section, item)))
+      .map(({ section, item }) => ({
+        ...state.positions.get(positionKey(section, item)),
+        height: nodeHeight(section, item),
+      }));
+    const covered = () => boxes.find((box) => box.x < position.x + NODE_WIDTH_PX
+      && position.x < box.x + NODE_WIDTH_PX
+      && box.y < position.y + newHeight && position.y < box.y + box.height);
+    for (let box = covered(); box; box = covered()) {
+      position = { x: position.x, y: box.y + box.height + LAYOUT_GAP_PX };
+    }
+    return position;
+  }
+
+  // ---------------------------------------------------------------------
+  // Problems reported by the server
+
+  // Find the node and field a blocks_errors entry is about.  Steps are named
+  // by block_id; inputs and outputs by property names such as
+  // "inputs[0].name" or "outputs.count.selector".
+  function resolveError(error) {
+    const message = error.property_details;
+    const property = error.property_name;
+    let match;
+    if (error.block_id) {
+      return { section: "steps", item: findItem("steps", error.block_id), field: property, message };
+    }
+    if (property && (match = /^(inputs|outputs)\[(\d+)\](?:\.(\w+))?$/.exec(property))) {
+      const item = sectionItems(match[1])[Number(match[2])];
+      return {
+        section: match[1], item: isPlainObject(item) ? item : null,
+        field: match[3] || null, message,
+      };
+    }
+    if (property && (match = /^outputs\.(.+)\.selector$/.exec(property))) {
+      return { section: "outputs", item: findItem("outputs", match[1]), field: "selector", message };
+    }
+    // A step with an invalid name has no block_id; the message starts "steps[i]:".
+    if (property === "name" && (match = /^steps\[(\d+)\]:/.exec(message))) {
+      const item = sectionItems("steps")[Number(match[1])];
+      return { section: "steps", item: isPlainObject(item) ? item : null, field: "name", message };
+    }
+    return { section: null, item: null, field: property, message };
+  }
+
+  function currentProblems() {
+    const problems = state.serverErrors.map(resolveError);
+    if (state.generalError) {
+      problems.push({ section: null, item: null, field: null, message: state.generalError });
+    }
+    return problems;
+  }
+
+  function problemsOf(item) {
+    return currentProblems().filter((problem) => problem.item === item);
+  }
+
+  function decorateNodes() {
+    for (const [id, node] of state.nodes) {
+      const element = nodeElement(id);
+      if (!element) continue;
+      const problems = problemsOf(node.item);
+      element.classList.toggle("has-error", problems.length > 0);
+      const badge = element.querySelector(".node-problems");
+      badge.hidden = problems.length === 0;
+      badge.textContent = problems.length === 1 ? "1 problem" : `${problems.length} problems`;
+      element.title = problems.map((problem) => problemText(problem)).join("\n");
+      element.querySelectorAll(".inputs .input").forEach((dot) => {
+        const broken = problems.some((problem) => problem.field === dot.dataset.port);
+        dot.classList.toggle("port-error", broken);
+      });
+    }
+  }
+
+  function problemText(problem) {
+    return problem.field ? `${problem.field}: ${problem.message}` : problem.message;
+  }
+
+  function problemOwner(problem) {
+    if (!problem.item) return "Workflow";
+    return `${nodeTitle(problem.section, problem.item)} “${problem.item.name}”`;
+  }
+
+  function renderProblems() {
+    const items = currentProblems().map((problem) => {
+      const text = el("span", {}, el("strong", {}, problemOwner(problem)), ` ${problemText(problem)}`);
+      if (!problem.item) return el("li", { class: "problem" }, text);
+      const button = el("button", { type: "button", class: "problem-link" }, text);
+      button.addEventListener("click", () => {
+        if (state.activeTab !== "graph") showTab("graph");
+        if (state.activeTab === "graph") selectNode(problem.item);
+      });
+      return el("li", { class: "problem" }, button);
+    });
+    for (const warning of state.warnings) {
+      items.push(el("li", { class: "warning" }, `Warning: ${warning}`));
+    }
+    if (items.length === 0) {
+      const checked = dom.status.dataset.state === "valid";
+      items.push(el("li", { class: "muted" }, checked ? "No problems found." : "Not checked yet."));
+    }
+    dom.problems.replaceChildren(...items);
+  }
+
+  // Put .field-error messages next to the side panel's fields.  Problems that
+  // name no field of the panel are listed at the top of the panel.
+  function updatePanelErrors() {
+    dom.panel.querySelectorAll(".field-error, .node-errors").forEach((node) => node.remove());
+    dom.panel.querySelectorAll("[aria-invalid]").forEach((node) => node.removeAttribute("aria-invalid"));
+    if (!state.selected || state.activeTab !== "graph") return;
+    const messages = new Map();
+    for (const [field, message] of state.localErrors) messages.set(field, [message]);
+    const unplaced = [];
+    for (const problem of problemsOf(state.selected.item)) {
+      const row = problem.field
+        && dom.panel.querySelector(`[data-field-row="${CSS.escape(problem.field)}"]`);
+      if (!row) {
+        unplaced.push(problemText(problem));
+        continue;
+      }
+      if (!messages.has(problem.field)) messages.set(problem.field, []);
+      messages.get(problem.field).push(problem.message);
+    }
+    for (const [field, list] of messages) {
+      const row = dom.panel.querySelector(`[data-field-row="${CSS.escape(field)}"]`);
+      if (!row) continue;
+      const control = row.querySelector("[data-field]");
+      control.setAttribute("aria-invalid", "true");
+      for (const message of list) {
+        control.after(el("p", { class: "field-error", role: "alert" }, message));
+      }
+    }
+    if (unplaced.length) {
+      const list = el("ul", { class: "node-errors" },
+        ...unplaced.map((text) => el("li", {}, text)));
+      dom.panel.querySelector(".panel-head").after(list);
+    }
+  }
+
+  function showProblems() {
+    decorateNodes();
+    updatePanelErrors();
+    renderProblems();
+  }
+
+  function setStatus(name, text) {
+    dom.status.dataset.state = name;
+    dom.status.textContent = text;
+  }
+
+  // ---------------------------------------------------------------------
+  // Server requests
+
+  function csrfToken() {
+    const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  function apiRequest(method, url, body) {
+    const options = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+    if (body !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.headers["X-CSRFToken"] = csrfToken();
+      options.body = JSON.stringify(body);
+    }
+    return fetch(url, options);
+  }
+
+  async function readJson(response) {
+    try {
+      return await response.json();
+    } catch (error) {
+      return null;
+    }
+  }
+
+  // Turn a response into {ok, errors, warnings, message}.  A 400 with
+  // blocks_errors is an invalid definition; anything else that fails is a
+  // general problem.
+  async function readOutcome(response) {
+    const body = await readJson(response);
+    if (response.ok) return { ok: true, body, errors: [], warnings: (body && body.warnings) || [] };
+    if (body && Array.isArray(body.blocks_errors)) {
+      return { ok: false, body, errors: body.blocks_errors, warnings: [], message: body.message };
+    }
+    const message = (body && (body.message || body.detail))
+      || `${response.status} ${response.statusText}`;
+    return { ok: false, body, errors: [], warnings: [], message, requestFailed: true };
+  }
+
+  function applyOutcome(outcome) {
+    state.serverErrors = outcome.errors;
+    state.warnings = outcome.warnings;
+    state.generalError = outcome.requestFailed ? outcome.message : null;
+    if (outcome.ok) {
+      setStatus("valid", outcome.warnings.length ? `Valid, ${outcome.warnings.length} warning(s)` : "Valid");
+    } else if (outcome.requestFailed) {
+      setStatus("error", "Could not check");
+    } else {
+      const count = outcome.errors.length;
+      setStatus("invalid", count === 1 ? "1 problem" : `${count} problems`);
+    }
+    showProblems();
+  }
+
+  function scheduleValidation() {
+    // Any response to an earlier request is stale from now on.
+    state.validationSeq += 1;
+    setStatus("pending", "Checking…");
+    clearTimeout(validateTimer);
+    validateTimer = setTimeout(validateNow, VALIDATE_DELAY_MS);
+  }
+
+  async function validateNow() {
+    clearTimeout(validateTimer);
+    const sequence = state.validationSeq;
+    let outcome;
+    try {
+      const response = await apiRequest("POST", "/api/validate", { definition: state.definition });
+      outcome = await readOutcome(response);
+    } catch (error) {
+      outcome = {
+        ok: false, errors: [], warnings: [], requestFailed: true,
+        message: `Validation request failed: ${error.message}`,
+      };
+    }
+    if (sequence === state.validationSeq) applyOutcome(outcome);
+    return outcome;
+  }
+
+  async function save() {
+    if (state.activeTab === "json" && !applyJsonText()) {
+      return { ok: false, message: dom.jsonError.textContent };
+    }
+    const name = dom.name.value.trim();
+    if (!name) {
+      showSaveMessage("error", "Enter a workflow name before saving.");
+      dom.name.focus();
+      return { ok: false, message: "The workflow name is missing." };
+    }
+
+    const isNew = state.workflowId === null;
+    const savingChange = state.changeCount;
+    dom.save.disabled = true;
+    showSaveMessage("pending", "Saving…");
+    let outcome;
+    try {
+      const response = await apiRequest(isNew ? "POST" : "PUT",
+        isNew ? "/api/workflows/" : `/api/workflows/${state.workflowId}`,
+        { name, definition: state.definition });
+      outcome = await readOutcome(response);
+    } catch (error) {
+      outcome = { ok: false, errors: [], warnings: [], requestFailed: true, message: error.message };
+    } finally {
+      dom.save.disabled = false;
+    }
+
+    if (outcome.ok) {
+      savedWorkflow(outcome.body, isNew, savingChange);
+      applyOutcome(outcome);
+      return { ok: true, version: outcome.body.version, id: outcome.body.id };
+    }
+    if (outcome.requestFailed) {
+      showSaveMessage("error", `Not saved: ${outcome.message}`);
+    } else {
+      applyOutcome(outcome);
+      showSaveMessage("error", "Not saved: the definition has problems, listed under Problems.");
+    }
+    return { ok: false, message: outcome.message };
+  }
+
+  function savedWorkflow(body, isNew, savingChange) {
+    const previous = state.savedVersion;
+    state.workflowId = body.id;
+    state.savedVersion = body.version;
+    state.savedChangeCount = savingChange;
+    dom.savedVersion.dataset.version = String(body.version);
+    dom.savedVersion.textContent = body.version === previous
+      ? `Saved; definition unchanged, version ${body.version}`
+      : `Saved as version ${body.version}`;
+    showSaveMessage(null, "");
+    if (isNew) {
+      history.replaceState(null, "", `/workflows/${body.id}/edit`);
+      dom.runLink.href = `/workflows/${body.id}/run/`;
+      dom.runLink.hidden = false;
+    }
+    document.title = `Edit ${body.name} · Glassbox`;
+  }
+
+  function showSaveMessage(kind, text) {
+    dom.saveMessage.hidden = !text;
+    dom.saveMessage.textContent = text;
+    dom.saveMessage.dataset.kind = kind || "";
+  }
+
+  // ---------------------------------------------------------------------
+  // JSON tab
+
+  // Roboflow's workflow API returns a definition wrapped as
+  // {"workflow": {"config": "<JSON text of {\"specification\": {...}}>"}}.
+  // Unwrap that form, or any inner part of it, down to the object with
+  // "steps".  Returns the definition and the keys removed (null if none).
+  function unwrapRoboflowExport(value) {
+    let current = value;
+    const path = [];
+    for (let depth = 0; depth < 4 && isPlainObject(current) && !("steps" in current); depth += 1) {
+      if (isPlainObject(current.workflow)) {
+        current = current.workflow;
+        path.push("workflow");
+      } else if (typeof current.config === "string") {
+        try {
+          current = JSON.parse(current.config);
+        } catch (error) {
+          break;
+        }
+        path.push("config");
+      } else if (isPlainObject(current.config)) {
+        current = current.config;
+        path.push("config");
+      } else if (isPlainObject(current.specification)) {
+        current = current.specification;
+        path.push("specification");
+      } else {
+        break;
+      }
+    }
+    return { definition: current, unwrapped: path.length ? path.join(" → ") : null };
+  }
+
+  // The graph can only show an object whose sections are lists.
+  function shapeProblem(definition) {
+    if (!isPlainObject(definition)) return "The definition must be a JSON object.";
+    for (const section of SECTIONS) {
+      if (section in definition && !Array.isArray(definition[section])) {
+        return `'${section}' must be a list.`;
+      }
+    }
+    return null;
+  }
+
+  // Parse the JSON tab into the definition.  Returns false, and shows why,
+  // when the text cannot be used; the text itself is never changed then.
+  function applyJsonText() {
+    clearTimeout(jsonTimer);
+    let parsed;
+    try {
+      parsed = JSON.parse(dom.json.value);
+    } catch (error) {
+      showJsonError(`Invalid JSON: ${error.message}. Fix it to switch to the graph or save.`);
+      return false;
+    }
+    const { definition, unwrapped } = unwrapRoboflowExport(parsed);
+    const problem = shapeProblem(definition);
+    if (problem) {
+      showJsonError(problem);
+      return false;
+    }
+    showJsonError(null);
+    if (unwrapped) {
+      dom.json.value = prettyJson(definition);
+      dom.jsonNote.hidden = false;
+      dom.jsonNote.textContent = `Imported the definition from a Roboflow export (${unwrapped}).`;
+    }
+    if (JSON.stringify(definition) !== JSON.stringify(state.definition)) {
+      replaceDefinition(definition, "json");
+    }
+    return true;
+  }
+
+  function showJsonError(message) {
+    dom.jsonError.hidden = !message;
+    dom.jsonError.textContent = message || "";
+  }
+
+  function showTab(tab) {
+    if (tab === state.activeTab) return;
+    if (tab === "graph" && !applyJsonText()) return;
+    state.activeTab = tab;
+    dom.tabGraph.setAttribute("aria-selected", String(tab === "graph"));
+    dom.tabJson.setAttribute("aria-selected", String(tab === "json"));
+    dom.graphView.hidden = tab !== "graph";
+    dom.jsonView.hidden = tab !== "json";
+    if (tab === "json") {
+      capturePositions();
+      dom.json.value = prettyJson(state.definition);
+      dom.jsonNote.hidden = true;
+      showJsonError(null);
+    } else {
+      // Drawflow measures ports to draw lines, which fails while hidden.
+      renderGraph();
+    }
+    renderPanel();
+  }
+
+  // ---------------------------------------------------------------------
+  // Side panel
+
+  function renderPanel() {
+    const selected = state.selected;
+    let parts;
+    if (state.activeTab !== "graph") parts = jsonTabPanel();
+    else if (!selected) parts = overviewPanel();
+    else if (selected.section === "steps") parts = stepPanel(selected.item);
+    else if (selected.section === "inputs") parts = inputPanel(selected.item);
+    else parts = outputPanel(selected.item);
+    dom.panel.replaceChildren(...parts);
+    updatePanelErrors();
+  }
+
+  function panelHead(title, subtitle, description) {
+    return el("div", { class: "panel-head" },
+      el("h2", {}, title),
+      subtitle ? el("p", { class: "panel-subtitle" }, subtitle) : null,
+      description ? el("p", { class: "panel-description" }, description) : null);
+  }
+
+  // Node fields are not editable beside the JSON text, so that an edit here
+  // can never overwrite text that does not parse yet.
+  function jsonTabPanel() {
+    return [
+      panelHead("JSON", null, "The definition is edited as text here. Switch to Graph to edit nodes."),
+    ];
+  }
+
+  function overviewPanel() {
+    const counts = SECTIONS.map((section) => {
+      const count = sectionItems(section).length;
+      return `${count} ${count === 1 ? section.slice(0, -1) : section}`;
+    });
+    return [
+      panelHead("Workflow", counts.join(", "), null),
+      el("ul", { class: "panel-tips" },
+        el("li", {}, "Click a node to edit its fields here."),
+        el("li", {}, "Drag from an output dot (right) to an input dot (left) to connect."),
+        el("li", {}, "Select a node or line and press Delete to remove it."),
+        el("li", {}, "Ctrl + mouse wheel zooms; drag the background to pan.")),
+    ];
+  }
+
+  // A labelled control; data-field names the control, data-field-row its row.
+  function fieldRow({ name, label, control, kind, help, meta }) {
+    control.id = `field-${name}`;
+    control.dataset.field = name;
+    return el("div", { class: "field", "data-field-row": name },
+      el("label", { for: control.id },
+        el("span", { class: "field-name" }, label || name),
+        kind ? el("span", { class: `kind kind-${kindClass(kind)}` }, kindLabel(kind)) : null),
+      control,
+      help ? el("p", { class: "field-help" }, help) : null,
+      meta ? el("p", { class: "field-meta" }, meta) : null);
+  }
+
+  function nameRow(section, item) {
+    const control = el("input", { type: "text", autocomplete: "off", spellcheck: "false" });
+    control.value = item.name ?? "";
+    control.addEventListener("change", () => {
+      const problem = rename(section, item, control.value.trim());
+      if (problem) state.localErrors.set("name", problem);
+      else state.localErrors.delete("name");
+      updatePanelErrors();
+    });
+    return fieldRow({
+      name: "name", control,
+      help: "Letters, digits, '_' or '-'. Selectors use it, and renaming updates them.",
+    });
+  }
+
+  function selectControl(options, current, onChange) {
+    const control = el("select");
+    for (const [value, label] of options) {
+      control.append(el("option", { value }, label));
+    }
+    control.value = current;
+    control.addEventListener("change", () => onChange(control.value));
+    return control;
+  }
+
+  // A text field for a selector, suggesting the selectors that fit its kind.
+  function selectorInput(item, name, kind, choices) {
+    const listId = choices.length ? `choices-${name}` : null;
+    const control = el("input", {
+      type: "text", autocomplete: "off", spellcheck: "false", list: listId,
+      placeholder: choices[0] || "$inputs.<name> or $steps.<step>.<output>",
+    });
+    control.value = typeof item[name] === "string" ? item[name] : formatValue(item[name]);
+    control.addEventListener("input", () => {
+      const text = control.value.trim();
+      setItemValue(item, name, text === "" ? undefined : text);
+    });
+    const list = listId
+      ? el("datalist", { id: listId }, ...choices.map((choice) => el("option", { value: choice })))
+      : null;
+    return [control, list];
+  }
+
+  // A text field for a JSON value (see parseValue); objects and lists get a
+  // textarea.  With suggest, it offers the parameters and value outputs.
+  function valueInput(item, name, { placeholder, suggest = true } = {}) {
+    const current = item[name];
+    const multiline = current !== null && typeof current === "object";
+    const choices = suggest && !multiline ? selectorChoices(VALUE_KIND, item) : [];
+    const listId = choices.length ? `choices-${name}` : null;
+    const control = multiline
+      ? el("textarea", { rows: 3, spellcheck: "false" })
+      : el("input", { type: "text", autocomplete: "off", spellcheck: "false", list: listId });
+    control.value = formatValue(current);
+    if (placeholder) control.placeholder = placeholder;
+    control.addEventListener("input", () => setItemValue(item, name, parseValue(control.value)));
+    const list = listId
+      ? el("datalist", { id: listId }, ...choices.map((choice) => el("option", { value: choice })))
+      : null;
+    return [control, list];
+  }
+
+  function blockFieldRow(item, field) {
+    const meta = field.required
+      ? "Required."
+      : `Optional. Default: ${formatValue(field.default)}.`;
+    const isValue = field.kind === VALUE_KIND;
+    const [control, list] = isValue
+      ? valueInput(item, field.name, {
+        placeholder: field.required ? "" : `default: ${formatValue(field.default)}`,
+      })
+      : selectorInput(item, field.name, field.kind, selectorChoices(field.kind, item));
+    const help = isValue
+      ? `${field.description} JSON, plain text, or a $inputs/$steps selector.`
+      : field.description;
+    const row = fieldRow({ name: field.name, control, kind: field.kind, help, meta });
+    if (list) row.append(list);
+    return row;
+  }
+
+  function typeRow(item) {
+    const options = state.blocks.map((block) => [block.type, block.title]);
+    const known = blockFor(item.type);
+    if (!known) options.unshift([String(item.type), `${item.type} (unknown)`]);
+    const control = selectControl(options, known ? known.type : String(item.type), (value) => {
+      item.type = value;
+      definitionChanged({ redrawPanel: true });
+    });
+    return fieldRow({ name: "type", control, help: "Block type; changing it keeps the fields that fit." });
+  }
+
+  function deleteButton(item) {
+    const button = el("button", { type: "button", class: "secondary danger", id: "delete-node" }, "Delete node");
+    button.addEventListener("click", () => {
+      const id = nodeIdOf(item);
+      // Removing through Drawflow fires its events, which update the definition.
+      if (id !== null && state.activeTab === "graph") editor.removeNodeId(`node-${id}`);
+    });
+    return el("div", { class: "panel-actions" }, button);
+  }
+
+  function stepPanel(item) {
+    const block = blockFor(item.type);
+    const parts = [block
+      ? panelHead(block.title, block.type, block.description)
+      : panelHead("Unknown block", String(item.type), "No installed block has this type; choose one below.")];
+    parts.push(typeRow(item), nameRow("steps", item));
+    if (block) {
+      for (const field of block.fields) parts.push(blockFieldRow(item, field));
+      const known = new Set(["type", "name", ...block.fields.map((field) => field.name)]);
+      const extra = Object.keys(item).filter((key) => !known.has(key));
+      if (extra.length) {
+        parts.push(el("p", { class: "field-meta" },
+          `Keys this block does not use (the server ignores them): ${extra.join(", ")}.`));
+      }
+    } else {
+      for (const key of Object.keys(item)) {
+        if (key === "type" || key === "name") continue;
+        const [control, list] = valueInput(item, key);
+        const row = fieldRow({ name: key, control });
+        if (list) row.append(list);
+        parts.push(row);
+      }
+    }
+    parts.push(deleteButton(item));
+    return parts;
+  }
+
+  function inputPanel(item) {
+    const isImage = IMAGE_INPUT_TYPES.includes(item.type);
+    const types = [...IMAGE_INPUT_TYPES, ...PARAMETER_INPUT_TYPES];
+    if (!types.includes(item.type)) types.unshift(String(item.type));
+    const typeControl = selectControl(types.map((type) => [type, type]), String(item.type), (value) => {
+      item.type = value;
+      if (IMAGE_INPUT_TYPES.includes(value)) delete item.default_value;
+      definitionChanged({ redrawPanel: true });
+    });
+    const parts = [
+      panelHead(nodeTitle("inputs", item), `$inputs.${item.name}`,
+        isImage ? "An image given when the workflow runs." : "A value given when the workflow runs."),
+      fieldRow({ name: "type", control: typeControl }),
+      nameRow("inputs", item),
+    ];
+    if (!isImage) {
+      const [control] = valueInput(item, "default_value", {
+        placeholder: "no default: runs must pass it", suggest: false,
+      });
+      parts.push(fieldRow({
+        name: "default_value", label: "default value", control,
+        help: "Used when a run does not pass this parameter. JSON or plain text.",
+      }));
+    }
+    parts.push(deleteButton(item));
+    return parts;
+  }
+
+  function outputPanel(item) {
+    const [selector, list] = selectorInput(item, "selector", ANY_KIND, selectorChoices("output", null));
+    const coordinates = selectControl(
+      [["", "not set (own)"], ["own", "own"], ["parent", "parent"]],
+      item.coordinates_system || "",
+      (value) => setItemValue(item, "coordinates_system", value || undefined),
+    );
+    const selectorRow = fieldRow({
+      name: "selector", control: selector,
+      help: "What to return: $steps.<step>.<output>, $steps.<step>.* for all of a step's outputs, or $inputs.<name>.",
+    });
+    if (list) selectorRow.append(list);
+    return [
+      panelHead("Output", `returned as "${item.name}"`, null),
+      nameRow("outputs", item),
+      selectorRow,
+      fieldRow({
+        name: "coordinates_system", label: "coordinates", control: coordinates,
+        help: "For detections on crops: boxes relative to the crop (own) or to the original image (parent).",
+      }),
+      deleteButton(item),
+    ];
+  }
+
+  // ---------------------------------------------------------------------
+  // Palette
+
+  function renderPalette(loadError) {
+    const groups = [paletteGroup("Inputs and outputs", SPECIAL_NODES)];
+    if (loadError) {
+      groups.push(el("p", { class: "error" }, `Could not load the blocks: ${loadError}. Reload the page to retry.`));
+    } else {
+      groups.push(paletteGroup("Blocks", state.blocks));
+    }
+    dom.paletteItems.replaceChildren(...groups);
+  }
+
+  function paletteGroup(title, entries) {
+    return el("section", { class: "palette-group" },
+      el("h2", {}, title),
+      ...entries.map(paletteItem));
+  }
+
+  function paletteItem(entry) {
+    const item = el("div", {
+      class: "palette-item", role: "button", tabindex: 0, draggable: "true",
+      "data-block-type": entry.type, title: `${entry.description}\n${entry.type}`,
+    }, el("span", { class: "palette-title" }, entry.title),
+    el("span", { class: "palette-description" }, entry.description));
+    item.addEventListener("dragstart", (event) => {
+      event.dataTransfer.setData(DRAG_MIME, entry.type);
+      event.dataTransfer.effectAllowed = "copy";
+    });
+    const add = () => {
+      if (state.activeTab !== "graph") showTab("graph");
+      if (state.activeTab === "graph") addNodeOfType(entry.type);
+    };
+    item.addEventListener("click", add);
+    item.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" || event.key === " ") {
+        event.preventDefault();
+        add();
+      }
+    });
+    return item;
+  }
+
+  function bindCanvasDrop() {
+    dom.canvas.addEventListener("dragover", (event) => {
+      if (!event.dataTransfer.types.includes(DRAG_MIME)) return;
+      event.preventDefault();
+      event.dataTransfer.dropEffect = "copy";
+    });
+    dom.canvas.addEventListener("drop", (event) => {
+      const type = event.dataTransfer.getData(DRAG_MIME);
+      if (!type) return;
+      event.preventDefault();
+      // Centre the node's title under the pointer.
+      const point = canvasPoint(event.clientX, event.clientY);
+      addNodeOfType(type, { position: { x: point.x - NODE_WIDTH_PX / 2, y: point.y - NODE_HEAD_PX / 2 } });
+    });
+  }
+
+  // ---------------------------------------------------------------------
+  // Start-up
+
+  function cacheDom() {
+    const byId = (id) => document.getElementById(id);
+    Object.assign(dom, {
+      root: byId("builder"),
+      canvas: byId("drawflow"),
+      paletteItems: byId("palette-items"),
+      panel: byId("node-panel"),
+      problems: byId("problems"),
+      status: byId("validation-status"),
+      name: byId("workflow-name"),
+      save: byId("save"),
+      savedVersion: byId("saved-version"),
+      saveMessage: byId("save-message"),
+      runLink: byId("run-link"),
+      tabGraph: byId("tab-graph"),
+      tabJson: byId("tab-json"),
+      graphView: byId("graph-view"),
+      jsonView: byId("json-view"),
+      json: byId("definition-json"),
+      jsonError: byId("json-error"),
+      jsonNote: byId("json-note"),
+    });
+  }
+
+  function bindUi() {
+    dom.tabGraph.addEventListener("click", () => showTab("graph"));
+    dom.tabJson.addEventListener("click", () => showTab("json"));
+    dom.json.addEventListener("input", () => {
+      clearTimeout(jsonTimer);
+      jsonTimer = setTimeout(applyJsonText, JSON_APPLY_DELAY_MS);
+    });
+    dom.save.addEventListener("click", save);
+    dom.name.addEventListener("input", () => {
+      state.changeCount += 1;
+    });
+    document.getElementById("zoom-in").addEventListener("click", () => editor.zoom_in());
+    document.getElementById("zoom-out").addEventListener("click", () => editor.zoom_out());
+    document.getElementById("auto-layout").addEventListener("click", autoLayout);
+    document.addEventListener("keydown", (event) => {
+      if ((event.ctrlKey || event.metaKey) && event.key === "s") {
+        event.preventDefault();
+        save();
+      }
+    });
+    window.addEventListener("beforeunload", (event) => {
+      if (!isDirty()) return;
+      event.preventDefault();
+      event.returnValue = "";
+    });
+    bindCanvasDrop();
+  }
+
+  async function loadBlocks() {
+    try {
+      const response = await apiRequest("GET", "/api/blocks");
+      const body = await readJson(response);
+      if (!response.ok) throw new Error((body && body.message) || `${response.status} ${response.statusText}`);
+      indexBlocks(body.blocks);
+      return null;
+    } catch (error) {
+      return error.message;
+    }
+  }
+
+  async function start() {
+    cacheDom();
+    const config = JSON.parse(document.getElementById("builder-config").textContent);
+    const workflow = config.workflow;
+    state.definition = workflow && workflow.definition ? workflow.definition : emptyDefinition();
+    if (workflow) {
+      state.workflowId = workflow.id;
+      state.savedVersion = workflow.version;
+    }
+    editor = createEditor();
+    bindUi();
+    const loadError = await loadBlocks();
+    renderPalette(loadError);
+    renderGraph();
+    renderPanel();
+    scheduleValidation();
+    dom.root.dataset.ready = "true";
+  }
+
+  // ---------------------------------------------------------------------
+  // Hooks for browser tests and the console
+
+  function connect(fromNode, fromOutput, toNode, toField) {
+    const fromInput = fromOutput === null || fromOutput === undefined;
+    const sourceSection = fromInput ? "inputs" : "steps";
+    const source = findItem(sourceSection, fromNode);
+    if (!source) throw new Error(`No ${sourceSection.slice(0, -1)} named '${fromNode}'.`);
+    if (!fromInput) {
+      const outputs = portsOf("steps", source).outputs.map((port) => port.name);
+      if (!outputs.includes(fromOutput)) {
+        throw new Error(`Step '${fromNode}' has no output '${fromOutput}'; its outputs: ${outputs.join(", ")}.`);
+      }
+    }
+    const toOutput = toField === null || toField === undefined;
+    const target = findItem(toOutput ? "outputs" : "steps", toNode);
+    if (!target) throw new Error(`No ${toOutput ? "output" : "step"} named '${toNode}'.`);
+    const block = !toOutput && blockFor(target.type);
+    if (block && !block.fields.some((field) => field.name === toField)) {
+      throw new Error(`Step '${toNode}' has no field '${toField}'; its fields: `
+        + block.fields.map((field) => field.name).join(", "));
+    }
+    const selector = selectorFor(sourceSection, source, fromOutput);
+    target[toOutput ? "selector" : toField] = selector;
+    definitionChanged({ redrawPanel: isSelected(target) });
+    return selector;
+  }
+
+  function setField(stepName, field, value) {
+    const step = findItem("steps", stepName);
+    if (!step) throw new Error(`No step named '${stepName}'.`);
+    if (value === undefined) delete step[field];
+    else step[field] = value;
+    definitionChanged({ redrawPanel: isSelected(step) });
+  }
+
+  function setDefinition(definition) {
+    const problem = shapeProblem(definition);
+    if (problem) throw new Error(problem);
+    replaceDefinition(clone(definition), "api");
+  }
+
+  const ready = new Promise((resolve, reject) => {
+    const run = () => start().then(resolve, reject);
+    if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", run);
+    else run();
+  });
+
+  window.glassboxBuilder = {
+    ready,
+    addStep: (type, name) => addNodeOfType(type, { name }),
+    connect,
+    setField,
+    getDefinition: () => clone(state.definition),
+    setDefinition,
+    validate: validateNow,
+    save,
+  };
+})();
