@@ -224,9 +224,13 @@ def asgi_server(django_db_setup, django_db_blocker):
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium driven by Playwright; tests skip where it is missing."""
+    """Debian's Chromium driven by Playwright; tests skip where it is missing.
+
+    Module-scoped: Playwright's event loop runs in the main thread while the
+    browser is open, and pytest-asyncio tests in later modules need it gone.
+    """
     import shutil
 
     executable = shutil.which("chromium") or "/usr/bin/chromium"
@@ -246,6 +250,7 @@ def browser():
         )
         yield instance
         instance.close()
+    del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
 
 
 @pytest.fixture
