@@ -5,8 +5,15 @@ from billing.models import Bill
 
 @admin.register(Bill)
 class BillAdmin(admin.ModelAdmin):
-    list_display = ("run", "owner", "created_at", "billed", "billed_ms",
-                    "amount_microcredits", "policy")
+    list_display = (
+        "run",
+        "owner",
+        "created_at",
+        "billed",
+        "billed_ms",
+        "amount_microcredits",
+        "policy",
+    )
     list_filter = ("billed", "policy")
     search_fields = ("run__id", "owner__username")
     readonly_fields = [field.name for field in Bill._meta.fields]

@@ -147,8 +147,11 @@ def hot_comparison(bill: Bill) -> HotComparison:
         minimum_ms=bill.minimum_ms,
     )
     hot_breakdown = {
-        "components": {**dict.fromkeys(RUNNER_COMPONENTS, 0), **bill.components,
-                       "cold_load": 0},
+        "components": {
+            **dict.fromkeys(RUNNER_COMPONENTS, 0),
+            **bill.components,
+            "cold_load": 0,
+        },
         "runner_total": bill.billable_us - cold_load_us,
     }
     line = policy.bill(hot_breakdown)

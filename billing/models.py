@@ -5,10 +5,12 @@ from django.db import models
 
 
 class Bill(models.Model):
-    run = models.OneToOneField("runner.Run", on_delete=models.CASCADE,
-                               related_name="bill")
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
-                              related_name="bills")
+    run = models.OneToOneField(
+        "runner.Run", on_delete=models.CASCADE, related_name="bill"
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="bills"
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     # False for runs that failed because of the platform; amount is then 0.
     billed = models.BooleanField(default=True)

@@ -41,7 +41,9 @@ class BillingPolicy:
     @classmethod
     def from_settings(cls) -> "BillingPolicy":
         return cls(
-            rate_microcredits_per_second=settings.BILLING["RATE_MICROCREDITS_PER_SECOND"],
+            rate_microcredits_per_second=settings.BILLING[
+                "RATE_MICROCREDITS_PER_SECOND"
+            ],
             minimum_ms=settings.BILLING["MINIMUM_MS"],
         )
 
@@ -103,8 +105,11 @@ def _evaluate(node: ast.AST) -> Fraction:
         return Fraction(node.value)
     if isinstance(node, ast.BinOp):
         left, right = _evaluate(node.left), _evaluate(node.right)
-        operations = {ast.Add: left + right, ast.Sub: left - right,
-                      ast.Mult: left * right}
+        operations = {
+            ast.Add: left + right,
+            ast.Sub: left - right,
+            ast.Mult: left * right,
+        }
         if isinstance(node.op, ast.Div):
             return left / right
         if type(node.op) in operations:

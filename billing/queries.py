@@ -51,10 +51,12 @@ LATENCY_PERCENTILES = (50, 90, 99)
 class BillFilterForm(forms.Form):
     """History filters. The choices list only the user's own workflows and tokens."""
 
-    date_from = forms.DateField(required=False, label="From",
-                                widget=forms.DateInput(attrs={"type": "date"}))
-    date_to = forms.DateField(required=False, label="To",
-                              widget=forms.DateInput(attrs={"type": "date"}))
+    date_from = forms.DateField(
+        required=False, label="From", widget=forms.DateInput(attrs={"type": "date"})
+    )
+    date_to = forms.DateField(
+        required=False, label="To", widget=forms.DateInput(attrs={"type": "date"})
+    )
     workflow = forms.ChoiceField(required=False, label="Workflow")
     token = forms.ChoiceField(required=False, label="API token")
 
@@ -232,8 +234,9 @@ def bill_row(bill: Bill) -> BillRow:
         "billed_ms": str(bill.billed_ms),
         "amount": str(bill.amount_microcredits),
     }
-    return BillRow(bill=bill, cells=tuple((column, values[column.key])
-                                          for column in COLUMNS))
+    return BillRow(
+        bill=bill, cells=tuple((column, values[column.key]) for column in COLUMNS)
+    )
 
 
 def bill_rows(bills: Iterable[Bill]) -> Iterator[BillRow]:
@@ -300,15 +303,32 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
     )
 
     per_day: dict[datetime.date, _DayTotals] = defaultdict(_DayTotals)
-    starts = {kind: {"runs": 0, "amount_microcredits": 0}
-              for kind in ("hot", "cold", "no_timing")}
+    starts = {
+        kind: {"runs": 0, "amount_microcredits": 0}
+        for kind in ("hot", "cold", "no_timing")
+    }
     latencies: dict[Any, list[int]] = defaultdict(list)
     workflow_names: dict[Any, str] = {}
-    totals = {"runs": 0, "amount_microcredits": 0, "billed_ms": 0, "billable_us": 0,
-              "waived_runs": 0}
+    totals = {
+        "runs": 0,
+        "amount_microcredits": 0,
+        "billed_ms": 0,
+        "billable_us": 0,
+        "waived_runs": 0,
+    }
 
-    for (created_at, billed, billed_ms, billable_us, amount, components, cold,
-         total_us, workflow_id, name) in records:
+    for (
+        created_at,
+        billed,
+        billed_ms,
+        billable_us,
+        amount,
+        components,
+        cold,
+        total_us,
+        workflow_id,
+        name,
+    ) in records:
         day = per_day[timezone.localtime(created_at).date()]
         day.runs += 1
         day.amount_microcredits += amount

@@ -79,5 +79,4 @@ def explain(request, run_id):
         run_id=run_id,
         owner=request.user,
     )
-    return render(request, "billing/explain.html",
-                  {"explanation": explain_bill(bill)})
+    return render(request, "billing/explain.html", {"explanation": explain_bill(bill)})

@@ -10,8 +10,16 @@ from runner.models import ModelUpload, Run
 
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
-    list_display = ("id", "owner", "status", "source", "runner_name", "cold",
-                    "total_us", "created_at")
+    list_display = (
+        "id",
+        "owner",
+        "status",
+        "source",
+        "runner_name",
+        "cold",
+        "total_us",
+        "created_at",
+    )
     list_filter = ("status", "source", "cold", "runner_name")
     search_fields = ("id", "owner__username")
     readonly_fields = [field.name for field in Run._meta.fields]

@@ -77,6 +77,14 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
         if run is None or not run.is_finished:
             return
         bill = bill_to_dict(getattr(run, "bill", None))
-        await self._forward({"seq": 0, "run_id": self.run_id, "phase": "done",
-                             "status": run.status, "breakdown": run.breakdown,
-                             "bill": bill, "error": run.error})
+        await self._forward(
+            {
+                "seq": 0,
+                "run_id": self.run_id,
+                "phase": "done",
+                "status": run.status,
+                "breakdown": run.breakdown,
+                "bill": bill,
+                "error": run.error,
+            }
+        )

@@ -52,8 +52,10 @@ class RunEvents:
             pipeline = get_redis().pipeline(transaction=False)
             pipeline.rpush(events_key(self.run_id), json.dumps(event))
             pipeline.expire(events_key(self.run_id), EVENTS_TTL_S)
-            pipeline.publish(self._channel, self._layer.serialize(
-                {"type": "run.event", "event": event}))
+            pipeline.publish(
+                self._channel,
+                self._layer.serialize({"type": "run.event", "event": event}),
+            )
             pipeline.execute()
         except Exception:
             # Events are for display; a lost one must not fail the run.

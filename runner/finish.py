@@ -68,8 +68,11 @@ def finish_run(
             runner_total_us=breakdown["runner_total"] if breakdown else None,
         )
         if not updated:
-            logger.warning("run %s was finished elsewhere before runner %s; result "
-                           "dropped", run.pk, runner_name)
+            logger.warning(
+                "run %s was finished elsewhere before runner %s; result dropped",
+                run.pk,
+                runner_name,
+            )
             return False
         Bill.objects.create(run_id=run.pk, owner_id=run.owner_id, **bill_fields(bill))
     payload_meta = {
@@ -81,8 +84,9 @@ def finish_run(
         "warnings": run.warnings,
     }
     push_done(str(run.pk), outputs_json, payload_meta)
-    events.emit("done", status=status, breakdown=breakdown, bill=bill_fields(bill),
-                error=error)
+    events.emit(
+        "done", status=status, breakdown=breakdown, bill=bill_fields(bill), error=error
+    )
     return True
 
 
@@ -95,11 +99,22 @@ def push_done(run_id: str, outputs_json: str, meta: dict[str, Any]) -> None:
     pipeline.execute()
 
 
-def fail_run(run_id, reason: str, *, expected_status: str,
-             expected_runner: str | None = None, code: str = "platform_failure") -> bool:
+def fail_run(
+    run_id,
+    reason: str,
+    *,
+    expected_status: str,
+    expected_runner: str | None = None,
+    code: str = "platform_failure",
+) -> bool:
     """End a run failed because of the platform, with a waived bill."""
-    error = {"message": reason, "code": code, "context": "runner_pool",
-             "error_type": "PlatformError", "status": 500}
+    error = {
+        "message": reason,
+        "code": code,
+        "context": "runner_pool",
+        "error_type": "PlatformError",
+        "status": 500,
+    }
     line = BillingPolicy.from_settings().waive(None, reason)
     filters: dict[str, Any] = {"pk": run_id, "status": expected_status}
     if expected_runner is not None:
@@ -113,9 +128,19 @@ def fail_run(run_id, reason: str, *, expected_status: str,
         owner_id = Run.objects.values_list("owner_id", flat=True).get(pk=run_id)
         Bill.objects.create(run_id=run_id, owner_id=owner_id, **bill_fields(line))
     logger.warning("run %s failed: %s", run_id, reason)
-    push_done(str(run_id), "null", {"run_id": str(run_id), "status": "failed",
-                                    "breakdown": None, "error": error,
-                                    "bill": bill_fields(line), "warnings": []})
+    push_done(
+        str(run_id),
+        "null",
+        {
+            "run_id": str(run_id),
+            "status": "failed",
+            "breakdown": None,
+            "error": error,
+            "bill": bill_fields(line),
+            "warnings": [],
+        },
+    )
     RunEvents(str(run_id), first_seq=1000).emit(
-        "done", status="failed", breakdown=None, bill=bill_fields(line), error=error)
+        "done", status="failed", breakdown=None, bill=bill_fields(line), error=error
+    )
     return True

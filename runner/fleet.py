@@ -89,14 +89,21 @@ def reap_runner(name: str, reason: str) -> int:
     failed = 0
     stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
     for run_id in stale.values_list("id", flat=True):
-        if fail_run(run_id, reason, expected_status=Run.Status.RUNNING,
-                    expected_runner=name):
+        if fail_run(
+            run_id, reason, expected_status=Run.Status.RUNNING, expected_runner=name
+        ):
             failed += 1
     moved = move_queued_jobs(name)
     connection.srem(keys.RUNNERS_SET, name)
     if failed or moved:
-        logger.warning("reaped runner %s: %d running runs failed, %d queued jobs "
-                       "moved to the shared queue (%s)", name, failed, moved, reason)
+        logger.warning(
+            "reaped runner %s: %d running runs failed, %d queued jobs "
+            "moved to the shared queue (%s)",
+            name,
+            failed,
+            moved,
+            reason,
+        )
     return failed
 
 
@@ -121,8 +128,10 @@ def move_queued_jobs(name: str) -> int:
 def reap_dead_runners() -> None:
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
     for name in dead_runner_names():
-        reap_runner(name, f"runner {name} stopped sending heartbeats "
-                          f"(none for {dead_after:g} s)")
+        reap_runner(
+            name,
+            f"runner {name} stopped sending heartbeats (none for {dead_after:g} s)",
+        )
 
 
 def wait_for_runner(timeout_s: float) -> bool:

@@ -33,8 +33,9 @@ def execute_run(run_id: str) -> None:
         status=Run.Status.RUNNING, runner_name=runtime.name, started_at=timezone.now()
     )
     if not claimed:
-        logger.info("runner %s: run %s is no longer queued; skipped", runtime.name,
-                    run_id)
+        logger.info(
+            "runner %s: run %s is no longer queued; skipped", runtime.name, run_id
+        )
         return
     run = Run.objects.select_related("workflow_version").get(pk=run_id)
     runtime.current_run = run_id
@@ -45,9 +46,12 @@ def execute_run(run_id: str) -> None:
         # for failures around it (database, Redis), so the run never stays
         # "running" on a live runner.
         logger.exception("runner %s could not finish run %s", runtime.name, run_id)
-        fail_run(run_id, f"runner {runtime.name} could not finish the run: "
-                         f"{type(error).__name__}",
-                 expected_status=Run.Status.RUNNING, expected_runner=runtime.name)
+        fail_run(
+            run_id,
+            f"runner {runtime.name} could not finish the run: {type(error).__name__}",
+            expected_status=Run.Status.RUNNING,
+            expected_runner=runtime.name,
+        )
         raise
     finally:
         runtime.current_run = None
@@ -68,11 +72,16 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
         compiled = plan_cache.compile(run.definition())
         timer.compile_ns = compiled.duration_ns
         timer.compile_cache_hit = compiled.cache_hit
-        events.emit("compile", duration=compiled.duration_ns // 1000,
-                    cache_hit=compiled.cache_hit)
+        events.emit(
+            "compile",
+            duration=compiled.duration_ns // 1000,
+            cache_hit=compiled.cache_hit,
+        )
         plan = compiled.plan
         images = _fetch_images(run, [spec.name for spec in plan.image_inputs])
-        sources = {m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs}
+        sources = {
+            m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs
+        }
         provider = ModelProvider(runtime.cache, sources, timer)
         batch = []
         for index in range(run.batch_size):
@@ -92,39 +101,61 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
         status, error = Run.Status.FAILED, failure.to_dict()
         error["status"] = failure.status
         platform_failure = not failure.user_error
-        logger.info("run %s failed on runner %s: %s", run.pk, runtime.name,
-                    failure.message)
+        logger.info(
+            "run %s failed on runner %s: %s", run.pk, runtime.name, failure.message
+        )
     except Exception as failure:
         status, platform_failure = Run.Status.FAILED, True
-        error = {"message": f"internal error on runner {runtime.name}: "
-                            f"{type(failure).__name__}",
-                 "code": "platform_failure", "context": "workflow_execution",
-                 "error_type": type(failure).__name__, "status": 500}
+        error = {
+            "message": f"internal error on runner {runtime.name}: "
+            f"{type(failure).__name__}",
+            "code": "platform_failure",
+            "context": "workflow_execution",
+            "error_type": type(failure).__name__,
+            "status": 500,
+        }
         logger.exception("run %s crashed on runner %s", run.pk, runtime.name)
 
     runner_total_ns = time.perf_counter_ns() - started
     step_types = {}
     if run.definition():
-        step_types = {s.get("name"): s.get("type", "")
-                      for s in run.definition().get("steps", []) if isinstance(s, dict)}
-    breakdown = timer.breakdown(runner_total_ns=runner_total_ns,
-                                request_us=run.request_us, queue_us=queue_us,
-                                step_types=step_types)
+        step_types = {
+            s.get("name"): s.get("type", "")
+            for s in run.definition().get("steps", [])
+            if isinstance(s, dict)
+        }
+    breakdown = timer.breakdown(
+        runner_total_ns=runner_total_ns,
+        request_us=run.request_us,
+        queue_us=queue_us,
+        step_types=step_types,
+    )
     breakdown["runner"] = runtime.name
     breakdown["device"] = runtime.device
     if platform_failure:
         bill = policy.waive(breakdown, "the run failed because of the platform")
     else:
         bill = policy.bill(breakdown)
-    finish_run(run, status=status, outputs=outputs, outputs_json=outputs_json,
-               breakdown=breakdown, error=error, bill=bill, runner_name=runtime.name,
-               events=events)
+    finish_run(
+        run,
+        status=status,
+        outputs=outputs,
+        outputs_json=outputs_json,
+        breakdown=breakdown,
+        error=error,
+        bill=bill,
+        runner_name=runtime.name,
+        events=events,
+    )
 
 
 def _fetch_images(run: Run, names: list[str]) -> dict[str, list[WorkflowImage]]:
     connection = get_redis()
-    wanted = [(name, index) for name in names
-              for index in range(len(run.image_info.get(name, [])))]
+    wanted = [
+        (name, index)
+        for name in names
+        for index in range(len(run.image_info.get(name, [])))
+    ]
     blobs = connection.mget([keys.input_key(str(run.pk), n, i) for n, i in wanted])
     images: dict[str, list[WorkflowImage]] = {name: [] for name in names}
     for (name, index), blob in zip(wanted, blobs, strict=True):
@@ -132,20 +163,28 @@ def _fetch_images(run: Run, names: list[str]) -> dict[str, list[WorkflowImage]]:
             expired = InputError(
                 f"input image '{name}' #{index} expired before a runner started the "
                 "run; send the request again",
-                context="input_fetch", field_name=name,
+                context="input_fetch",
+                field_name=name,
             )
             expired.user_error = False  # the queue was too slow, not the request
             raise expired
         info = run.image_info[name][index]
-        images[name].append(WorkflowImage(parent_id=f"{name}.{index}" if index else name,
-                                          width=info["width"], height=info["height"],
-                                          data=blob))
+        images[name].append(
+            WorkflowImage(
+                parent_id=f"{name}.{index}" if index else name,
+                width=info["width"],
+                height=info["height"],
+                data=blob,
+            )
+        )
     return images
 
 
 def _delete_inputs(run: Run) -> None:
-    input_keys = [keys.input_key(str(run.pk), name, index)
-                  for name, items in run.image_info.items()
-                  for index in range(len(items))]
+    input_keys = [
+        keys.input_key(str(run.pk), name, index)
+        for name, items in run.image_info.items()
+        for index in range(len(items))
+    ]
     if input_keys:
         get_redis().delete(*input_keys)

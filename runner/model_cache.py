@@ -77,8 +77,15 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 class ModelCache:
-    def __init__(self, *, budget_bytes: int, device: str, warmup_size: int,
-                 torch_threads: int, policy: EvictionPolicy | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        budget_bytes: int,
+        device: str,
+        warmup_size: int,
+        torch_threads: int,
+        policy: EvictionPolicy | None = None,
+    ) -> None:
         self.budget_bytes = budget_bytes
         self.device = device
         self.warmup_size = warmup_size
@@ -139,7 +146,9 @@ class ModelCache:
                 if used + incoming_bytes > self.budget_bytes:
                     logger.warning(
                         "model %s alone needs %d bytes, over the budget of %d bytes",
-                        keep, used + incoming_bytes, self.budget_bytes,
+                        keep,
+                        used + incoming_bytes,
+                        self.budget_bytes,
                     )
                 return
             self.evict(self.policy.victim(candidates).source.model_id)
@@ -150,8 +159,12 @@ class ModelCache:
         if entry is None:
             return
         self.evictions += 1
-        logger.info("evicted model %s (%d bytes, policy %s)", model_id,
-                    entry.memory_bytes, self.policy.name)
+        logger.info(
+            "evicted model %s (%d bytes, policy %s)",
+            model_id,
+            entry.memory_bytes,
+            self.policy.name,
+        )
         del entry
         gc.collect()
         if self.device.startswith("cuda"):
@@ -164,7 +177,8 @@ class ModelCache:
         rss_before = process.memory_info().rss
         cuda_before = (
             torch.cuda.memory_allocated(self.device)
-            if self.device.startswith("cuda") else 0
+            if self.device.startswith("cuda")
+            else 0
         )
 
         started = time.perf_counter_ns()
@@ -192,37 +206,52 @@ class ModelCache:
         rss_growth = process.memory_info().rss - rss_before
         logger.info(
             "loaded model %s from %s on %s in %.1f ms (%d bytes, RSS +%d bytes)",
-            source.model_id, source.kind, self.device,
-            (warmed - started) / 1e6, memory, rss_growth,
+            source.model_id,
+            source.kind,
+            self.device,
+            (warmed - started) / 1e6,
+            memory,
+            rss_growth,
         )
         now = time.monotonic()
-        return LoadedModel(source=source, model=model, memory_bytes=memory,
-                           rss_growth_bytes=rss_growth, loaded_at=now, last_used=now)
+        return LoadedModel(
+            source=source,
+            model=model,
+            memory_bytes=memory,
+            rss_growth_bytes=rss_growth,
+            loaded_at=now,
+            last_used=now,
+        )
 
 
 class ModelProvider:
     """What object-detection blocks call: runs a model from the cache, timing it."""
 
-    def __init__(self, cache: ModelCache, sources: dict[str, ModelSource],
-                 timer: RunTimer) -> None:
+    def __init__(
+        self, cache: ModelCache, sources: dict[str, ModelSource], timer: RunTimer
+    ) -> None:
         self.cache = cache
         self.sources = sources
         self.timer = timer
 
-    def detect(self, model_id: str, image: WorkflowImage, options: Any,
-               step: str) -> Detections:
+    def detect(
+        self, model_id: str, image: WorkflowImage, options: Any, step: str
+    ) -> Detections:
         source = self.sources[model_id]
         use = self.timer.model(model_id)
         use.source, use.pretrained, use.device = (
-            source.kind, source.pretrained, self.cache.device,
+            source.kind,
+            source.pretrained,
+            self.cache.device,
         )
         if step not in use.steps:
             use.steps.append(step)
         was_loaded = self.cache.is_loaded(model_id)
         entry = self.cache.get(source, use)
         if not was_loaded:
-            self.timer.emit("cold_load", model_id=model_id, step=step,
-                            **use.to_dict()["cold_load"])
+            self.timer.emit(
+                "cold_load", model_id=model_id, step=step, **use.to_dict()["cold_load"]
+            )
 
         decode_started = time.perf_counter_ns()
         pixels = image.pixels
@@ -251,7 +280,10 @@ class ModelProvider:
         use.postprocess_ns += int(result.speed["postprocess"] * 1e6)
         use.calls += 1
         self.timer.emit(
-            "model", model_id=model_id, step=step, cold=not was_loaded,
+            "model",
+            model_id=model_id,
+            step=step,
+            cold=not was_loaded,
             preprocess=(decode_ns + int(result.speed["preprocess"] * 1e6)) // 1000,
             inference=int(result.speed["inference"] * 1e3),
             postprocess=int(result.speed["postprocess"] * 1e3),

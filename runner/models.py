@@ -20,20 +20,30 @@ class Run(models.Model):
         CLI = "cli"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
-                              related_name="runs")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="runs"
+    )
     workflow_version = models.ForeignKey(
-        "workflows.WorkflowVersion", null=True, blank=True, on_delete=models.PROTECT,
+        "workflows.WorkflowVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
         related_name="runs",
     )
     # Set instead of workflow_version for an inline specification.
     inline_definition = models.JSONField(null=True, blank=True)
     definition_digest = models.CharField(max_length=64)
-    token = models.ForeignKey("webapp.ApiToken", null=True, blank=True,
-                              on_delete=models.SET_NULL, related_name="runs")
+    token = models.ForeignKey(
+        "webapp.ApiToken",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="runs",
+    )
     source = models.CharField(max_length=16, choices=Source.choices)
-    status = models.CharField(max_length=16, choices=Status.choices,
-                              default=Status.QUEUED, db_index=True)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True
+    )
     parameters = models.JSONField(default=dict)
     # Per image input: list of {"format", "width", "height", "bytes"}.
     image_info = models.JSONField(default=dict)
@@ -77,8 +87,9 @@ class Run(models.Model):
 class ModelUpload(models.Model):
     """Weights a user uploaded; usable under ``model_id`` by that user only."""
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
-                              related_name="model_uploads")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="model_uploads"
+    )
     model_id = models.CharField(max_length=200)
     path = models.CharField(max_length=500)
     size_bytes = models.BigIntegerField()
@@ -89,8 +100,9 @@ class ModelUpload(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["owner", "model_id"],
-                                    name="unique_upload_model_id")
+            models.UniqueConstraint(
+                fields=["owner", "model_id"], name="unique_upload_model_id"
+            )
         ]
 
     def __str__(self) -> str:

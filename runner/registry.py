@@ -44,26 +44,38 @@ class ModelSource:
         return "pretrained weights" if self.pretrained else UNTRAINED_LABEL
 
     def to_dict(self) -> dict:
-        return {"model_id": self.model_id, "kind": self.kind, "path": self.path,
-                "pretrained": self.pretrained, "image_size": self.image_size,
-                "label": self.label}
+        return {
+            "model_id": self.model_id,
+            "kind": self.kind,
+            "path": self.path,
+            "pretrained": self.pretrained,
+            "image_size": self.image_size,
+            "label": self.label,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSource":
-        return cls(model_id=data["model_id"], kind=data["kind"], path=data["path"],
-                   pretrained=data["pretrained"], image_size=data.get("image_size"))
+        return cls(
+            model_id=data["model_id"],
+            kind=data["kind"],
+            path=data["path"],
+            pretrained=data["pretrained"],
+            image_size=data.get("image_size"),
+        )
 
 
 def model_dir() -> Path:
     return Path(settings.GLASSBOX["MODEL_DIR"])
 
 
-def resolve_model(model_id: object, owner_id: int | None = None,
-                  step: str | None = None) -> ModelSource:
+def resolve_model(
+    model_id: object, owner_id: int | None = None, step: str | None = None
+) -> ModelSource:
     """Return where ``model_id``'s weights are, or raise ModelNotFoundError."""
     if not isinstance(model_id, str) or not model_id.strip():
-        raise ModelNotFoundError(repr(model_id), ["(model id must be a non-empty string)"],
-                                 step=step)
+        raise ModelNotFoundError(
+            repr(model_id), ["(model id must be a non-empty string)"], step=step
+        )
     searched: list[str] = []
     if owner_id is not None:
         found = _from_uploads(model_id, owner_id, searched)
@@ -71,7 +83,8 @@ def resolve_model(model_id: object, owner_id: int | None = None,
             return found
     if not SAFE_ID.match(model_id) or ".." in model_id.split("/"):
         raise ModelNotFoundError(
-            model_id, ["(ids may contain letters, digits, '.', '_', '-' and '/')"],
+            model_id,
+            ["(ids may contain letters, digits, '.', '_', '-' and '/')"],
             step=step,
         )
     if model_id.endswith((".yaml", ".yml")):
@@ -86,13 +99,16 @@ def resolve_model(model_id: object, owner_id: int | None = None,
         if found:
             if name != model_id:
                 size = int(match["size"])
-                return ModelSource(found.model_id, found.kind, found.path,
-                                   found.pretrained, size)
+                return ModelSource(
+                    found.model_id, found.kind, found.path, found.pretrained, size
+                )
             return found
     raise ModelNotFoundError(model_id, searched, step=step)
 
 
-def _from_uploads(model_id: str, owner_id: int, searched: list[str]) -> ModelSource | None:
+def _from_uploads(
+    model_id: str, owner_id: int, searched: list[str]
+) -> ModelSource | None:
     from runner.models import ModelUpload
 
     searched.append("your uploaded models")
@@ -108,7 +124,9 @@ def _ultralytics_weights_dir() -> Path | None:
     Read directly, because importing ultralytics would pull torch into the
     web server.
     """
-    config_dir = os.environ.get("YOLO_CONFIG_DIR") or Path.home() / ".config" / "Ultralytics"
+    config_dir = (
+        os.environ.get("YOLO_CONFIG_DIR") or Path.home() / ".config" / "Ultralytics"
+    )
     try:
         settings_file = json.loads((Path(config_dir) / "settings.json").read_text())
     except (OSError, ValueError):
@@ -147,4 +165,6 @@ def _architecture(model_id, name, size, searched, step) -> ModelSource:
         wanted.add(f"{match['family']}{match['rest']}.yaml")
     if not any(next(config_root.rglob(candidate), None) for candidate in wanted):
         raise ModelNotFoundError(model_id, searched, step=step)
-    return ModelSource(model_id, "architecture", name, pretrained=False, image_size=size)
+    return ModelSource(
+        model_id, "architecture", name, pretrained=False, image_size=size
+    )

@@ -16,10 +16,15 @@ def status_for(payload: dict) -> int:
 
 def pending_response(outcome: RunOutcome) -> Response:
     run = outcome.run
-    body = {"id": str(run.id), "status": run.status, "url": f"/api/runs/{run.id}",
-            "message": "The run is queued or running; GET its url for the result."}
-    return Response(body, status=202, headers={"Location": body["url"],
-                                               "X-Run-Id": str(run.id)})
+    body = {
+        "id": str(run.id),
+        "status": run.status,
+        "url": f"/api/runs/{run.id}",
+        "message": "The run is queued or running; GET its url for the result.",
+    }
+    return Response(
+        body, status=202, headers={"Location": body["url"], "X-Run-Id": str(run.id)}
+    )
 
 
 def run_response(outcome: RunOutcome, started_ns: int) -> Response:

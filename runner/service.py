@@ -41,9 +41,12 @@ def start_run(
     before anything is stored.
     """
     compiled = plan_cache.compile(definition)
-    inputs = read_inputs(compiled.plan, raw_inputs,
-                         max_pixels=settings.GLASSBOX["MAX_IMAGE_PIXELS"],
-                         uploads=uploads)
+    inputs = read_inputs(
+        compiled.plan,
+        raw_inputs,
+        max_pixels=settings.GLASSBOX["MAX_IMAGE_PIXELS"],
+        uploads=uploads,
+    )
     run = submit(
         Submission(
             owner_id=owner_id,

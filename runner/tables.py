@@ -34,7 +34,8 @@ def bill_lines(bill: dict[str, Any]) -> list[str]:
     credits = bill["amount_microcredits"] / 1_000_000
     state = "billed" if bill["billed"] else "not billed"
     return [
-        f"bill ({bill['policy']}, {state}): {bill['amount_microcredits']} micro-credits "
+        f"bill ({bill['policy']}, {state}): "
+        f"{bill['amount_microcredits']} micro-credits "
         f"({credits:.6f} credits) for {bill['billed_ms']} ms",
         f"formula: {bill['formula']}",
     ]

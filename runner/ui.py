@@ -23,26 +23,52 @@ def run_workflow_page(request, workflow_id: int):
     workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
     version = workflow.latest_version()
     inputs = version.definition.get("inputs", []) if version else []
-    image_inputs = [i["name"] for i in inputs
-                    if i.get("type") in ("WorkflowImage", "InferenceImage")]
-    parameters = [i for i in inputs
-                  if i.get("type") in ("WorkflowParameter", "InferenceParameter")]
-    return render(request, "runner/run.html", {
-        "workflow": workflow, "version": version, "image_inputs": image_inputs,
-        "parameters": parameters, "samples": SAMPLE_IMAGES, "run": None,
-        **_page_settings(),
-    })
+    image_inputs = [
+        i["name"]
+        for i in inputs
+        if i.get("type") in ("WorkflowImage", "InferenceImage")
+    ]
+    parameters = [
+        i
+        for i in inputs
+        if i.get("type") in ("WorkflowParameter", "InferenceParameter")
+    ]
+    return render(
+        request,
+        "runner/run.html",
+        {
+            "workflow": workflow,
+            "version": version,
+            "image_inputs": image_inputs,
+            "parameters": parameters,
+            "samples": SAMPLE_IMAGES,
+            "run": None,
+            **_page_settings(),
+        },
+    )
 
 
 @login_required
 def run_page(request, run_id):
-    run = get_object_or_404(Run.objects.select_related("workflow_version__workflow"),
-                            pk=run_id, owner=request.user)
+    run = get_object_or_404(
+        Run.objects.select_related("workflow_version__workflow"),
+        pk=run_id,
+        owner=request.user,
+    )
     workflow = run.workflow_version.workflow if run.workflow_version_id else None
-    return render(request, "runner/run.html", {
-        "workflow": workflow, "version": run.workflow_version, "run": run,
-        "image_inputs": [], "parameters": [], "samples": (), **_page_settings(),
-    })
+    return render(
+        request,
+        "runner/run.html",
+        {
+            "workflow": workflow,
+            "version": run.workflow_version,
+            "run": run,
+            "image_inputs": [],
+            "parameters": [],
+            "samples": (),
+            **_page_settings(),
+        },
+    )
 
 
 @login_required

@@ -23,21 +23,29 @@ RUN_STATUSES = {choice for choice, _ in Run.Status.choices}
 
 class RunListView(APIView):
     def get(self, request):
-        runs = (Run.objects.filter(owner=request.user)
-                .select_related("workflow_version", "bill"))
+        runs = Run.objects.filter(owner=request.user).select_related(
+            "workflow_version", "bill"
+        )
         status_filter = request.GET.get("status")
         if status_filter:
             if status_filter not in RUN_STATUSES:
                 raise MalformedRequest(
                     f"status must be one of {', '.join(sorted(RUN_STATUSES))}",
-                    context="request_parsing", field_name="status")
+                    context="request_parsing",
+                    field_name="status",
+                )
             runs = runs.filter(status=status_filter)
         workflow_id = _query_integer(request, "workflow")
         if workflow_id is not None:
             runs = runs.filter(workflow_version__workflow_id=workflow_id)
         limit = min(_query_integer(request, "limit") or 50, 500)
-        return Response({"results": [run_to_dict(run, include_outputs=False)
-                                     for run in runs[:limit]]})
+        return Response(
+            {
+                "results": [
+                    run_to_dict(run, include_outputs=False) for run in runs[:limit]
+                ]
+            }
+        )
 
 
 def _query_integer(request, name: str) -> int | None:
@@ -46,8 +54,11 @@ def _query_integer(request, name: str) -> int | None:
     if not raw:
         return None
     if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise MalformedRequest(f"{name} must be a positive integer, got {raw!r}",
-                               context="request_parsing", field_name=name)
+        raise MalformedRequest(
+            f"{name} must be a positive integer, got {raw!r}",
+            context="request_parsing",
+            field_name=name,
+        )
     return int(raw)
 
 
@@ -55,7 +66,8 @@ class RunDetailView(APIView):
     def get(self, request, run_id):
         run = get_object_or_404(
             Run.objects.select_related("workflow_version", "bill"),
-            pk=run_id, owner=request.user,
+            pk=run_id,
+            owner=request.user,
         )
         return Response(run_to_dict(run))
 
@@ -66,14 +78,22 @@ class ModelListView(APIView):
     def get(self, request):
         files = sorted(p.stem for p in model_dir().glob("*.pt"))
         uploads = ModelUpload.objects.filter(owner=request.user)
-        return Response({
-            "model_dir": [{"model_id": name, "pretrained": True} for name in files],
-            "uploads": [{"model_id": u.model_id, "size_bytes": u.size_bytes,
-                         "class_names": u.class_names, "task": u.task}
-                        for u in uploads],
-            "architectures": "any ultralytics model YAML, e.g. yolov8n.yaml "
-                             "(untrained: random weights, for timing only)",
-        })
+        return Response(
+            {
+                "model_dir": [{"model_id": name, "pretrained": True} for name in files],
+                "uploads": [
+                    {
+                        "model_id": u.model_id,
+                        "size_bytes": u.size_bytes,
+                        "class_names": u.class_names,
+                        "task": u.task,
+                    }
+                    for u in uploads
+                ],
+                "architectures": "any ultralytics model YAML, e.g. yolov8n.yaml "
+                "(untrained: random weights, for timing only)",
+            }
+        )
 
     def post(self, request):
         """Upload weights as ``file`` under ``model_id``; they must load in ultralytics.
@@ -88,13 +108,21 @@ class ModelListView(APIView):
             raise MalformedRequest(
                 "model_id must start with a letter or digit and contain only letters, "
                 "digits, '.', '_', '-' and '/'",
-                context="request_parsing", field_name="model_id")
+                context="request_parsing",
+                field_name="model_id",
+            )
         if upload is None:
-            raise MalformedRequest("a weights file is required in the 'file' field",
-                                   context="request_parsing", field_name="file")
+            raise MalformedRequest(
+                "a weights file is required in the 'file' field",
+                context="request_parsing",
+                field_name="file",
+            )
         if ModelUpload.objects.filter(owner=request.user, model_id=model_id).exists():
-            raise MalformedRequest(f"you already have a model '{model_id}'",
-                                   context="request_parsing", field_name="model_id")
+            raise MalformedRequest(
+                f"you already have a model '{model_id}'",
+                context="request_parsing",
+                field_name="model_id",
+            )
         stored = _store_upload(request.user.id, upload)
         try:
             names, task = _check_weights(stored)
@@ -102,18 +130,30 @@ class ModelListView(APIView):
             stored.unlink(missing_ok=True)
             raise MalformedRequest(
                 f"'{upload.name}' is not an ultralytics model: {type(error).__name__}: "
-                f"{error}", context="model_upload", field_name="file",
+                f"{error}",
+                context="model_upload",
+                field_name="file",
                 hint="Upload a .pt file saved by ultralytics (YOLOv8 or later).",
             ) from None
         with transaction.atomic():
             record = ModelUpload.objects.create(
-                owner=request.user, model_id=model_id, path=str(stored),
-                size_bytes=stored.stat().st_size, sha256=_sha256(stored),
-                task=task, class_names=names,
+                owner=request.user,
+                model_id=model_id,
+                path=str(stored),
+                size_bytes=stored.stat().st_size,
+                sha256=_sha256(stored),
+                task=task,
+                class_names=names,
             )
-        return Response({"model_id": record.model_id, "task": task,
-                         "class_names": names, "size_bytes": record.size_bytes},
-                        status=status.HTTP_201_CREATED)
+        return Response(
+            {
+                "model_id": record.model_id,
+                "task": task,
+                "class_names": names,
+                "size_bytes": record.size_bytes,
+            },
+            status=status.HTTP_201_CREATED,
+        )
 
 
 def _store_upload(owner_id: int, upload) -> Path:

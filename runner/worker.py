@@ -60,9 +60,14 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
         connection=connection,
         name=f"{runtime.name}.{runtime.pid}",
     )
-    logger.info("runner %s started on %s (budget %d bytes), queues %s and %s",
-                runtime.name, runtime.device, runtime.cache.budget_bytes,
-                own_queue.name, shared_queue.name)
+    logger.info(
+        "runner %s started on %s (budget %d bytes), queues %s and %s",
+        runtime.name,
+        runtime.device,
+        runtime.cache.budget_bytes,
+        own_queue.name,
+        shared_queue.name,
+    )
     try:
         worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
     finally:
@@ -70,5 +75,8 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
         heartbeat.join(timeout=5)
         fleet.remove_heartbeat(runtime.name)
         moved = fleet.move_queued_jobs(runtime.name)
-        logger.info("runner %s stopped; %d queued jobs moved to the shared queue",
-                    runtime.name, moved)
+        logger.info(
+            "runner %s stopped; %d queued jobs moved to the shared queue",
+            runtime.name,
+            moved,
+        )

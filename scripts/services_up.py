@@ -6,7 +6,9 @@ import sys
 import psycopg
 import redis
 
-database = os.environ.get("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+database = os.environ.get(
+    "TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"
+)
 cache = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 try:
     psycopg.connect(database, connect_timeout=3).close()

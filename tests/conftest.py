@@ -44,9 +44,19 @@ class RunnerProcess:
         self.log_path = Path(settings.DATA_DIR) / f"{name}.log"
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "runner", "--name", name,
-             "--memory-budget-mb", str(budget_mb)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "manage.py",
+                "runner",
+                "--name",
+                name,
+                "--memory-budget-mb",
+                str(budget_mb),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         self.wait_until_live()
 
@@ -56,8 +66,9 @@ class RunnerProcess:
             if any(state.name == self.name for state in fleet.live_runners()):
                 return
             if self.process.poll() is not None:
-                raise RuntimeError(f"runner {self.name} exited: "
-                                   f"{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"runner {self.name} exited: {self.log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.1)
         raise RuntimeError(f"runner {self.name} sent no heartbeat in {timeout_s} s")
 
@@ -201,9 +212,20 @@ def asgi_server(django_db_setup, django_db_blocker):
         env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
     log = open(Path(settings.DATA_DIR) / "daphne.log", "ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-         "webapp.asgi:application"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "webapp.asgi:application",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -245,8 +267,14 @@ def browser():
     with sync_playwright() as playwright:
         instance = playwright.chromium.launch(
             executable_path=executable,
-            args=["--headless", "--no-sandbox", "--disable-background-networking",
-                  "--disable-gpu", "--disable-component-update", "--no-first-run"],
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-background-networking",
+                "--disable-gpu",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
         )
         yield instance
         instance.close()

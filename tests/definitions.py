@@ -5,13 +5,19 @@ def image_height() -> dict:
     return {
         "version": "1.0",
         "inputs": [{"type": "WorkflowImage", "name": "image"}],
-        "steps": [{
-            "type": "roboflow_core/property_definition@v1",
-            "name": "h",
-            "data": "$inputs.image",
-            "operations": [{"type": "ExtractImageProperty", "property_name": "height"}],
-        }],
-        "outputs": [{"type": "JsonField", "name": "height", "selector": "$steps.h.output"}],
+        "steps": [
+            {
+                "type": "roboflow_core/property_definition@v1",
+                "name": "h",
+                "data": "$inputs.image",
+                "operations": [
+                    {"type": "ExtractImageProperty", "property_name": "height"}
+                ],
+            }
+        ],
+        "outputs": [
+            {"type": "JsonField", "name": "height", "selector": "$steps.h.output"}
+        ],
     }
 
 
@@ -35,8 +41,11 @@ def detection(model_id: str = "people-detector", confidence: float = 0.4) -> dic
             },
         ],
         "outputs": [
-            {"type": "JsonField", "name": "predictions",
-             "selector": "$steps.people.predictions"},
+            {
+                "type": "JsonField",
+                "name": "predictions",
+                "selector": "$steps.people.predictions",
+            },
             {"type": "JsonField", "name": "count", "selector": "$steps.count.output"},
         ],
     }

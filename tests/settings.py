@@ -10,7 +10,9 @@ from pathlib import Path
 _base = Path(__file__).resolve().parent.parent
 # One data directory (database, embedded Redis, logs) per test session, so
 # sessions running side by side do not share queues or a database.
-os.environ.setdefault("GLASSBOX_DATA_DIR", str(_base / "var" / "test" / str(os.getpid())))
+os.environ.setdefault(
+    "GLASSBOX_DATA_DIR", str(_base / "var" / "test" / str(os.getpid()))
+)
 os.environ.setdefault("MODEL_DIR", str(_base / "var" / "models"))
 os.environ.setdefault("RUNNER_HEARTBEAT_S", "0.25")
 os.environ.setdefault("RUNNER_DEAD_AFTER_S", "2")

@@ -16,8 +16,9 @@ def test_pages_require_sign_in(client, db, path):
 
 
 def test_sign_in_lands_on_workflows(client, alice):
-    response = client.post("/accounts/login/",
-                           {"username": "alice", "password": "alice-password"})
+    response = client.post(
+        "/accounts/login/", {"username": "alice", "password": "alice-password"}
+    )
     assert response.status_code == 302
     assert client.get(response.url, follow=True).request["PATH_INFO"] == "/workflows/"
 

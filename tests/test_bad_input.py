@@ -68,8 +68,11 @@ def send_run(request, alice, alice_client):
 
     def send(definition: dict, inputs) -> object:
         if request.param == "roboflow_inline":
-            return post_json(alice_client, "/workflows/run",
-                             {"specification": definition, "inputs": inputs})
+            return post_json(
+                alice_client,
+                "/workflows/run",
+                {"specification": definition, "inputs": inputs},
+            )
         workflow = Workflow.create_with_version(alice, "bad input", definition)
         if request.param == "api":
             url = f"/api/workflows/{workflow.id}/runs"
@@ -95,8 +98,9 @@ def run_url(request, alice):
 
 
 def test_run_request_malformed_json(alice_client, run_url):
-    response = alice_client.post(run_url, '{"inputs": {"image": ',
-                                 content_type="application/json")
+    response = alice_client.post(
+        run_url, '{"inputs": {"image": ', content_type="application/json"
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -115,10 +119,15 @@ def test_run_request_body_not_object(alice_client, run_url):
 
 
 def test_run_request_nan_literal(alice_client, run_url):
-    body = json.dumps({"specification": image_height(),
-                       "inputs": {"image": base64_input(image_bytes()), "x": 1}})
-    response = alice_client.post(run_url, body.replace('"x": 1', '"x": NaN'),
-                                 content_type="application/json")
+    body = json.dumps(
+        {
+            "specification": image_height(),
+            "inputs": {"image": base64_input(image_bytes()), "x": 1},
+        }
+    )
+    response = alice_client.post(
+        run_url, body.replace('"x": 1', '"x": NaN'), content_type="application/json"
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -127,8 +136,9 @@ def test_run_request_nan_literal(alice_client, run_url):
 
 
 def test_run_request_nested_too_deeply(alice_client, run_url):
-    response = alice_client.post(run_url, "[" * 100_000 + "]" * 100_000,
-                                 content_type="application/json")
+    response = alice_client.post(
+        run_url, "[" * 100_000 + "]" * 100_000, content_type="application/json"
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -147,8 +157,11 @@ def test_run_request_inputs_not_object(send_run):
 
 
 def test_inline_run_specification_missing(alice_client):
-    response = post_json(alice_client, "/workflows/run",
-                         {"inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {"inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -174,10 +187,14 @@ def missing_required_field() -> dict:
 def wrong_kind_selector() -> dict:
     # The property step outputs a value; the detector's images field needs an image.
     definition = image_height()
-    definition["steps"].append({
-        "type": "ObjectDetectionModel", "name": "people",
-        "images": "$steps.h.output", "model_id": "people-detector",
-    })
+    definition["steps"].append(
+        {
+            "type": "ObjectDetectionModel",
+            "name": "people",
+            "images": "$steps.h.output",
+            "model_id": "people-detector",
+        }
+    )
     return definition
 
 
@@ -208,13 +225,22 @@ def duplicate_step_names() -> dict:
 def cycle() -> dict:
     definition = image_height()
     definition["steps"] = [
-        {"type": "PropertyDefinition", "name": "first", "data": "$steps.second.output",
-         "operations": [{"type": "SequenceLength"}]},
-        {"type": "PropertyDefinition", "name": "second", "data": "$steps.first.output",
-         "operations": [{"type": "SequenceLength"}]},
+        {
+            "type": "PropertyDefinition",
+            "name": "first",
+            "data": "$steps.second.output",
+            "operations": [{"type": "SequenceLength"}],
+        },
+        {
+            "type": "PropertyDefinition",
+            "name": "second",
+            "data": "$steps.first.output",
+            "operations": [{"type": "SequenceLength"}],
+        },
     ]
-    definition["outputs"] = [{"type": "JsonField", "name": "n",
-                              "selector": "$steps.second.output"}]
+    definition["outputs"] = [
+        {"type": "JsonField", "name": "n", "selector": "$steps.second.output"}
+    ]
     return definition
 
 
@@ -234,15 +260,26 @@ def parameter_as_image() -> dict:
 # text the message contains)
 INVALID_DEFINITIONS = {
     "unknown_block_type": (unknown_block_type, "h", "type", "no_such_block"),
-    "missing_required_field": (missing_required_field, "people", "model_id",
-                               "missing"),
+    "missing_required_field": (missing_required_field, "people", "model_id", "missing"),
     "wrong_kind_selector": (wrong_kind_selector, "people", "images", "kind"),
-    "selector_to_missing_input": (selector_to_missing_input, "h", "data",
-                                  "$inputs.picture"),
-    "selector_to_missing_step": (selector_to_missing_step, "count", "data",
-                                 "$steps.nobody"),
-    "selector_to_missing_step_output": (selector_to_missing_step_output, "count",
-                                        "data", "boxes"),
+    "selector_to_missing_input": (
+        selector_to_missing_input,
+        "h",
+        "data",
+        "$inputs.picture",
+    ),
+    "selector_to_missing_step": (
+        selector_to_missing_step,
+        "count",
+        "data",
+        "$steps.nobody",
+    ),
+    "selector_to_missing_step_output": (
+        selector_to_missing_step_output,
+        "count",
+        "data",
+        "boxes",
+    ),
     "duplicate_step_names": (duplicate_step_names, "h", "name", "used twice"),
     "cycle": (cycle, "first", "data", "cycle"),
     "self_reference": (self_reference, "h", "data", "cycle"),
@@ -258,18 +295,22 @@ def invalid_definition(request):
 
 def test_invalid_definition_inline_status(alice_client, invalid_definition):
     definition, _, _, _ = invalid_definition
-    response = post_json(alice_client, "/workflows/run",
-                         {"specification": definition,
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {"specification": definition, "inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 400
     assert_nothing_stored()
 
 
 def test_invalid_definition_inline_body(alice_client, invalid_definition):
     definition, step, field, text = invalid_definition
-    body = post_json(alice_client, "/workflows/run",
-                     {"specification": definition,
-                      "inputs": {"image": base64_input(image_bytes())}}).json()
+    body = post_json(
+        alice_client,
+        "/workflows/run",
+        {"specification": definition, "inputs": {"image": base64_input(image_bytes())}},
+    ).json()
     assert_error_body(body)
     assert body["code"] == "invalid_definition"
     assert body["step"] == step
@@ -281,9 +322,11 @@ def test_invalid_definition_inline_body(alice_client, invalid_definition):
 
 def test_invalid_definition_blocks_errors(alice_client, invalid_definition):
     definition, step, field, _ = invalid_definition
-    body = post_json(alice_client, "/workflows/run",
-                     {"specification": definition,
-                      "inputs": {"image": base64_input(image_bytes())}}).json()
+    body = post_json(
+        alice_client,
+        "/workflows/run",
+        {"specification": definition, "inputs": {"image": base64_input(image_bytes())}},
+    ).json()
     first = body["blocks_errors"][0]
     assert first["block_id"] == step
     assert first["property_name"] == field
@@ -293,9 +336,11 @@ def test_invalid_definition_blocks_errors(alice_client, invalid_definition):
 def test_output_selector_missing_step(alice_client):
     definition = image_height()
     definition["outputs"][0]["selector"] = "$steps.nobody.output"
-    response = post_json(alice_client, "/workflows/run",
-                         {"specification": definition,
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {"specification": definition, "inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -306,15 +351,17 @@ def test_output_selector_missing_step(alice_client):
 
 def test_workflow_create_invalid_status(alice_client, invalid_definition):
     definition, _, _, _ = invalid_definition
-    response = post_json(alice_client, "/api/workflows/",
-                         {"name": "broken", "definition": definition})
+    response = post_json(
+        alice_client, "/api/workflows/", {"name": "broken", "definition": definition}
+    )
     assert response.status_code == 400
 
 
 def test_workflow_create_invalid_body(alice_client, invalid_definition):
     definition, step, field, _ = invalid_definition
-    body = post_json(alice_client, "/api/workflows/",
-                     {"name": "broken", "definition": definition}).json()
+    body = post_json(
+        alice_client, "/api/workflows/", {"name": "broken", "definition": definition}
+    ).json()
     assert_error_body(body)
     assert body["code"] == "invalid_definition"
     assert body["step"] == step
@@ -323,15 +370,17 @@ def test_workflow_create_invalid_body(alice_client, invalid_definition):
 
 def test_workflow_create_invalid_stores_nothing(alice_client, invalid_definition):
     definition, _, _, _ = invalid_definition
-    post_json(alice_client, "/api/workflows/",
-              {"name": "broken", "definition": definition})
+    post_json(
+        alice_client, "/api/workflows/", {"name": "broken", "definition": definition}
+    )
     assert Workflow.objects.count() == 0
     assert WorkflowVersion.objects.count() == 0
 
 
 def test_workflow_create_malformed_json(alice_client):
-    response = alice_client.post("/api/workflows/", '{"name": ',
-                                 content_type="application/json")
+    response = alice_client.post(
+        "/api/workflows/", '{"name": ', content_type="application/json"
+    )
     assert response.status_code == 400
     assert_error_body(response.json())
     assert Workflow.objects.count() == 0
@@ -341,8 +390,9 @@ def test_workflow_create_malformed_json(alice_client):
 
 
 def test_image_not_an_image(send_run):
-    response = send_run(image_height(),
-                        {"image": base64_input(b"just some text, no image here")})
+    response = send_run(
+        image_height(), {"image": base64_input(b"just some text, no image here")}
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -354,7 +404,7 @@ def test_image_not_an_image(send_run):
 
 def test_image_truncated_jpeg(send_run):
     whole = image_bytes()
-    half = whole[:len(whole) // 2]
+    half = whole[: len(whole) // 2]
     response = send_run(image_height(), {"image": base64_input(half)})
     assert response.status_code == 400
     body = response.json()
@@ -365,8 +415,9 @@ def test_image_truncated_jpeg(send_run):
 
 
 def test_image_invalid_base64(send_run):
-    response = send_run(image_height(),
-                        {"image": {"type": "base64", "value": "not*base64*at*all"}})
+    response = send_run(
+        image_height(), {"image": {"type": "base64", "value": "not*base64*at*all"}}
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -386,8 +437,10 @@ def test_image_empty(send_run):
 
 
 def test_image_url_not_downloaded(send_run):
-    response = send_run(image_height(),
-                        {"image": {"type": "url", "value": "http://127.0.0.1:9/bus.jpg"}})
+    response = send_run(
+        image_height(),
+        {"image": {"type": "url", "value": "http://127.0.0.1:9/bus.jpg"}},
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -470,8 +523,10 @@ def confidence_from_parameter() -> dict:
 
 
 def test_parameter_wrong_type(send_run):
-    response = send_run(confidence_from_parameter(),
-                        {"image": base64_input(image_bytes()), "conf": "high"})
+    response = send_run(
+        confidence_from_parameter(),
+        {"image": base64_input(image_bytes()), "conf": "high"},
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -483,8 +538,9 @@ def test_parameter_wrong_type(send_run):
 
 
 def test_parameter_out_of_range(send_run):
-    response = send_run(confidence_from_parameter(),
-                        {"image": base64_input(image_bytes()), "conf": 5})
+    response = send_run(
+        confidence_from_parameter(), {"image": base64_input(image_bytes()), "conf": 5}
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -505,8 +561,9 @@ def test_parameter_default_wrong_type(send_run):
 
 
 def test_model_id_unknown(send_run):
-    response = send_run(detection("no-such-model"),
-                        {"image": base64_input(image_bytes())})
+    response = send_run(
+        detection("no-such-model"), {"image": base64_input(image_bytes())}
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -522,8 +579,9 @@ def test_model_id_unknown(send_run):
 def test_model_id_unknown_from_parameter(send_run):
     definition = with_parameter(detection(), "model")
     definition["steps"][0]["model_id"] = "$inputs.model"
-    response = send_run(definition, {"image": base64_input(image_bytes()),
-                                     "model": "missing-weights"})
+    response = send_run(
+        definition, {"image": base64_input(image_bytes()), "model": "missing-weights"}
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -536,8 +594,11 @@ def test_model_id_unknown_from_parameter(send_run):
 
 
 def test_api_run_unknown_workflow(alice_client):
-    response = post_json(alice_client, "/api/workflows/999999/runs",
-                         {"inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        "/api/workflows/999999/runs",
+        {"inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 404
     assert_error_body(response.json())
     assert_nothing_stored()
@@ -550,8 +611,11 @@ def test_api_get_unknown_workflow(alice_client):
 
 
 def test_roboflow_run_unknown_workflow(alice, alice_client):
-    response = post_json(alice_client, "/alice/workflows/no-such-workflow",
-                         {"inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        "/alice/workflows/no-such-workflow",
+        {"inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 404
     body = response.json()
     assert_error_body(body)
@@ -561,9 +625,11 @@ def test_roboflow_run_unknown_workflow(alice, alice_client):
 
 def test_api_run_unknown_version(alice, alice_client):
     workflow = Workflow.create_with_version(alice, "height", image_height())
-    response = post_json(alice_client, f"/api/workflows/{workflow.id}/runs",
-                         {"version": 7,
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        f"/api/workflows/{workflow.id}/runs",
+        {"version": 7, "inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -574,9 +640,11 @@ def test_api_run_unknown_version(alice, alice_client):
 @pytest.mark.parametrize("version", ["latest", 1.5, True, -1, [1]])
 def test_api_run_version_not_integer(alice, alice_client, version):
     workflow = Workflow.create_with_version(alice, "height", image_height())
-    response = post_json(alice_client, f"/api/workflows/{workflow.id}/runs",
-                         {"version": version,
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        f"/api/workflows/{workflow.id}/runs",
+        {"version": version, "inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -586,9 +654,14 @@ def test_api_run_version_not_integer(alice, alice_client, version):
 
 def test_roboflow_run_version_not_integer(alice, alice_client):
     workflow = Workflow.create_with_version(alice, "height", image_height())
-    response = post_json(alice_client, f"/alice/workflows/{workflow.slug}",
-                         {"workflow_version_id": "abc",
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        f"/alice/workflows/{workflow.slug}",
+        {
+            "workflow_version_id": "abc",
+            "inputs": {"image": base64_input(image_bytes())},
+        },
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -598,9 +671,11 @@ def test_roboflow_run_version_not_integer(alice, alice_client):
 
 def test_roboflow_run_unknown_version(alice, alice_client):
     workflow = Workflow.create_with_version(alice, "height", image_height())
-    response = post_json(alice_client, f"/alice/workflows/{workflow.slug}",
-                         {"workflow_version_id": "7",
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        f"/alice/workflows/{workflow.slug}",
+        {"workflow_version_id": "7", "inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 404
     assert_error_body(response.json())
     assert_nothing_stored()
@@ -608,9 +683,15 @@ def test_roboflow_run_unknown_version(alice, alice_client):
 
 @pytest.mark.parametrize("excluded", ["height", 5, [1]])
 def test_excluded_fields_not_list(alice_client, excluded):
-    response = post_json(alice_client, "/workflows/run",
-                         {"specification": image_height(), "excluded_fields": excluded,
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {
+            "specification": image_height(),
+            "excluded_fields": excluded,
+            "inputs": {"image": base64_input(image_bytes())},
+        },
+    )
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
@@ -629,9 +710,11 @@ def test_run_list_bad_query(alice_client, query):
 
 def test_workflow_update_invalid_definition(alice, alice_client):
     workflow = Workflow.create_with_version(alice, "height", image_height())
-    response = alice_client.put(f"/api/workflows/{workflow.id}",
-                                json.dumps({"definition": unknown_block_type()}),
-                                content_type="application/json")
+    response = alice_client.put(
+        f"/api/workflows/{workflow.id}",
+        json.dumps({"definition": unknown_block_type()}),
+        content_type="application/json",
+    )
     assert response.status_code == 400
     assert response.json()["code"] == "invalid_definition"
     assert workflow.versions.count() == 1
@@ -661,51 +744,68 @@ def test_foreign_workflow_versions(alice_client, bob_workflow):
 
 
 def test_foreign_workflow_update(alice_client, bob_workflow):
-    response = alice_client.put(f"/api/workflows/{bob_workflow.id}",
-                                json.dumps({"name": "taken"}),
-                                content_type="application/json")
+    response = alice_client.put(
+        f"/api/workflows/{bob_workflow.id}",
+        json.dumps({"name": "taken"}),
+        content_type="application/json",
+    )
     assert response.status_code == 404
     bob_workflow.refresh_from_db()
     assert bob_workflow.name == "bobs height"
 
 
 def test_foreign_workflow_run(alice_client, bob_workflow):
-    response = post_json(alice_client, f"/api/workflows/{bob_workflow.id}/runs",
-                         {"inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        f"/api/workflows/{bob_workflow.id}/runs",
+        {"inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 404
     assert_error_body(response.json())
     assert_nothing_stored()
 
 
 def test_foreign_workflow_roboflow_run(alice_client, bob_workflow):
-    response = post_json(alice_client, f"/bob/workflows/{bob_workflow.slug}",
-                         {"inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        f"/bob/workflows/{bob_workflow.slug}",
+        {"inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 404
     assert_error_body(response.json())
     assert_nothing_stored()
 
 
 def test_foreign_slug_in_own_workspace(alice_client, bob_workflow):
-    response = post_json(alice_client, f"/alice/workflows/{bob_workflow.slug}",
-                         {"inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        f"/alice/workflows/{bob_workflow.slug}",
+        {"inputs": {"image": base64_input(image_bytes())}},
+    )
     assert response.status_code == 404
     assert_error_body(response.json())
     assert_nothing_stored()
 
 
 def test_foreign_run_get(alice_client, bob, bob_workflow):
-    run = Run.objects.create(owner=bob, source=Run.Source.API,
-                             workflow_version=bob_workflow.latest_version(),
-                             definition_digest=bob_workflow.latest_version().digest)
+    run = Run.objects.create(
+        owner=bob,
+        source=Run.Source.API,
+        workflow_version=bob_workflow.latest_version(),
+        definition_digest=bob_workflow.latest_version().digest,
+    )
     response = alice_client.get(f"/api/runs/{run.id}")
     assert response.status_code == 404
     assert_error_body(response.json())
 
 
 def test_foreign_run_not_listed(alice_client, bob, bob_workflow):
-    Run.objects.create(owner=bob, source=Run.Source.API,
-                       workflow_version=bob_workflow.latest_version(),
-                       definition_digest=bob_workflow.latest_version().digest)
+    Run.objects.create(
+        owner=bob,
+        source=Run.Source.API,
+        workflow_version=bob_workflow.latest_version(),
+        definition_digest=bob_workflow.latest_version().digest,
+    )
     response = alice_client.get("/api/runs/")
     assert response.status_code == 200
     assert response.json()["results"] == []
@@ -717,9 +817,14 @@ def test_foreign_run_not_listed(alice_client, bob, bob_workflow):
 def test_run_without_token(run_url):
     from rest_framework.test import APIClient
 
-    response = post_json(APIClient(), run_url,
-                         {"specification": image_height(),
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        APIClient(),
+        run_url,
+        {
+            "specification": image_height(),
+            "inputs": {"image": base64_input(image_bytes())},
+        },
+    )
     assert response.status_code == 401
     assert_error_body(response.json())
     assert_nothing_stored()
@@ -727,9 +832,14 @@ def test_run_without_token(run_url):
 
 def test_run_with_revoked_token(alice, alice_client, run_url):
     ApiToken.objects.get(user=alice).revoke()
-    response = post_json(alice_client, run_url,
-                         {"specification": image_height(),
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        alice_client,
+        run_url,
+        {
+            "specification": image_height(),
+            "inputs": {"image": base64_input(image_bytes())},
+        },
+    )
     assert response.status_code == 401
     assert_error_body(response.json())
     assert_nothing_stored()
@@ -739,9 +849,15 @@ def test_run_with_revoked_key_in_body(alice, alice_key, run_url):
     from rest_framework.test import APIClient
 
     ApiToken.objects.get(user=alice).revoke()
-    response = post_json(APIClient(), run_url,
-                         {"api_key": alice_key, "specification": image_height(),
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        APIClient(),
+        run_url,
+        {
+            "api_key": alice_key,
+            "specification": image_height(),
+            "inputs": {"image": base64_input(image_bytes())},
+        },
+    )
     assert response.status_code == 401
     assert_error_body(response.json())
     assert_nothing_stored()
@@ -752,9 +868,14 @@ def test_run_with_unknown_key(run_url):
 
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Bearer gbx_not-a-real-key")
-    response = post_json(client, run_url,
-                         {"specification": image_height(),
-                          "inputs": {"image": base64_input(image_bytes())}})
+    response = post_json(
+        client,
+        run_url,
+        {
+            "specification": image_height(),
+            "inputs": {"image": base64_input(image_bytes())},
+        },
+    )
     assert response.status_code == 401
     assert_error_body(response.json())
     assert_nothing_stored()

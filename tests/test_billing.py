@@ -9,8 +9,10 @@ from workflows.timing import RUNNER_COMPONENTS, RunTimer
 def breakdown_with_runner_total(runner_total_us: int) -> dict:
     components = {name: 0 for name in RUNNER_COMPONENTS}
     components["overhead"] = runner_total_us
-    return {"runner_total": runner_total_us,
-            "components": {"request": 5, "queue": 7, **components}}
+    return {
+        "runner_total": runner_total_us,
+        "components": {"request": 5, "queue": 7, **components},
+    }
 
 
 @pytest.mark.parametrize(
@@ -67,8 +69,9 @@ def test_breakdown_components_sum_to_total():
     timer = RunTimer(compile_ns=1_234_567, blocks_ns=2_000_999, serialization_ns=999)
     use = timer.model("m")
     use.cold, use.load_read_ns, use.inference_ns = True, 10_000_000, 5_000_000
-    breakdown = timer.breakdown(runner_total_ns=30_000_000, request_us=100,
-                                queue_us=50, step_types={})
+    breakdown = timer.breakdown(
+        runner_total_ns=30_000_000, request_us=100, queue_us=50, step_types={}
+    )
     assert sum(breakdown["components"].values()) == breakdown["total"]
     runner_parts = sum(breakdown["components"][name] for name in RUNNER_COMPONENTS)
     assert runner_parts == breakdown["runner_total"]
@@ -77,5 +80,6 @@ def test_breakdown_components_sum_to_total():
 def test_breakdown_rejects_double_counting():
     timer = RunTimer(compile_ns=10_000_000)
     with pytest.raises(ValueError):
-        timer.breakdown(runner_total_ns=1_000_000, request_us=0, queue_us=0,
-                        step_types={})
+        timer.breakdown(
+            runner_total_ns=1_000_000, request_us=0, queue_us=0, step_types={}
+        )

@@ -36,28 +36,54 @@ SUMMARY = reverse("billing-summary")
 # ------------------------------------------------------------------ helpers
 
 
-def make_bill(owner, *, version=None, token=None, created_at=DAY,
-              cold_load=0, inference=20_000, blocks=3_000, request=800,
-              queue=1_500, billed=True, timed=True) -> Bill:
+def make_bill(
+    owner,
+    *,
+    version=None,
+    token=None,
+    created_at=DAY,
+    cold_load=0,
+    inference=20_000,
+    blocks=3_000,
+    request=800,
+    queue=1_500,
+    billed=True,
+    timed=True,
+) -> Bill:
     """Create a finished run and its bill. Times are in µs."""
     components = {
-        "request": request, "queue": queue, "compile": 1_200,
-        "cold_load": cold_load, "preprocess": 2_100, "inference": inference,
-        "postprocess": 900, "blocks": blocks, "serialization": 350, "overhead": 777,
+        "request": request,
+        "queue": queue,
+        "compile": 1_200,
+        "cold_load": cold_load,
+        "preprocess": 2_100,
+        "inference": inference,
+        "postprocess": 900,
+        "blocks": blocks,
+        "serialization": 350,
+        "overhead": 777,
     }
     runner_total = sum(components[name] for name in RUNNER_COMPONENTS)
     breakdown = {
         "components": components,
         "runner_total": runner_total,
         "total": sum(components.values()),
-        "models": [{
-            "model_id": "people-detector", "cold": cold_load > 0,
-            "cold_load": {"read": cold_load // 2, "to_device": cold_load // 4,
-                          "warmup": cold_load - cold_load // 2 - cold_load // 4,
-                          "total": cold_load},
-            "preprocess": 2_100, "inference": inference, "postprocess": 900,
-            "calls": 1,
-        }],
+        "models": [
+            {
+                "model_id": "people-detector",
+                "cold": cold_load > 0,
+                "cold_load": {
+                    "read": cold_load // 2,
+                    "to_device": cold_load // 4,
+                    "warmup": cold_load - cold_load // 2 - cold_load // 4,
+                    "total": cold_load,
+                },
+                "preprocess": 2_100,
+                "inference": inference,
+                "postprocess": 900,
+                "calls": 1,
+            }
+        ],
     }
     run = Run.objects.create(
         owner=owner,
@@ -77,11 +103,17 @@ def make_bill(owner, *, version=None, token=None, created_at=DAY,
     else:
         line = POLICY.waive(breakdown if timed else None, "runner died")
     bill = Bill.objects.create(
-        run=run, owner=owner, billed=line.billed, components=line.components,
-        billable_us=line.billable_us, billed_ms=line.billed_ms,
+        run=run,
+        owner=owner,
+        billed=line.billed,
+        components=line.components,
+        billable_us=line.billable_us,
+        billed_ms=line.billed_ms,
         rate_microcredits_per_second=line.rate_microcredits_per_second,
-        minimum_ms=line.minimum_ms, amount_microcredits=line.amount_microcredits,
-        policy=line.policy, formula=line.formula,
+        minimum_ms=line.minimum_ms,
+        amount_microcredits=line.amount_microcredits,
+        policy=line.policy,
+        formula=line.formula,
     )
     # created_at is auto_now_add, so set the test's time afterwards.
     Bill.objects.filter(pk=bill.pk).update(created_at=created_at)
@@ -99,19 +131,21 @@ def seed_bills(owner, count: int, *, versions, tokens=(None,), seed: int = 7):
     bills = []
     for index in range(count):
         kind = rng.random()
-        bills.append(make_bill(
-            owner,
-            version=rng.choice(versions),
-            token=rng.choice(tokens),
-            created_at=DAY + datetime.timedelta(minutes=67 * index),
-            cold_load=rng.choice([0, 0, 0, rng.randrange(50_000, 3_000_000)]),
-            inference=rng.randrange(1_000, 400_000),
-            blocks=rng.randrange(0, 50_000),
-            request=rng.randrange(100, 5_000),
-            queue=rng.randrange(0, 900_000),
-            billed=kind > 0.05,
-            timed=kind > 0.02,
-        ))
+        bills.append(
+            make_bill(
+                owner,
+                version=rng.choice(versions),
+                token=rng.choice(tokens),
+                created_at=DAY + datetime.timedelta(minutes=67 * index),
+                cold_load=rng.choice([0, 0, 0, rng.randrange(50_000, 3_000_000)]),
+                inference=rng.randrange(1_000, 400_000),
+                blocks=rng.randrange(0, 50_000),
+                request=rng.randrange(100, 5_000),
+                queue=rng.randrange(0, 900_000),
+                billed=kind > 0.05,
+                timed=kind > 0.02,
+            )
+        )
     return bills
 
 
@@ -220,8 +254,9 @@ def heights(alice):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("url_name", ["billing-history", "billing-export",
-                                      "billing-summary", "bill-explain"])
+@pytest.mark.parametrize(
+    "url_name", ["billing-history", "billing-export", "billing-summary", "bill-explain"]
+)
 def test_pages_require_login(client, alice, people, url_name):
     bill = make_bill(alice, version=people)
     args = [bill.run_id] if url_name == "bill-explain" else []
@@ -239,7 +274,8 @@ def test_history_hides_other_users_bills(alice_browser, alice, bob, people):
     page = parse(alice_browser.get(HISTORY))
     run_column = page.header.index("Run")
     assert sorted(row[run_column] for row in page.rows) == sorted(
-        str(bill.run_id) for bill in own)
+        str(bill.run_id) for bill in own
+    )
     for bill in others:
         assert str(bill.run_id) not in page.html
     assert "Bob's workflow" not in page.html
@@ -251,7 +287,8 @@ def test_history_hides_other_users_bills(alice_browser, alice, bob, people):
     summary = alice_browser.get(SUMMARY).json()
     assert summary["totals"]["runs"] == 3
     assert summary["totals"]["amount_microcredits"] == sum(
-        bill.amount_microcredits for bill in own)
+        bill.amount_microcredits for bill in own
+    )
 
 
 @pytest.mark.django_db
@@ -296,8 +333,14 @@ def test_filter_rejects_other_users_token(alice_browser, alice, bob, people):
 
 @pytest.mark.django_db
 def test_row_shows_components_in_ms(alice_browser, alice, people):
-    bill = make_bill(alice, version=people, cold_load=1_234_567, inference=45_678,
-                     request=800, queue=1_500)
+    bill = make_bill(
+        alice,
+        version=people,
+        cold_load=1_234_567,
+        inference=45_678,
+        request=800,
+        queue=1_500,
+    )
     page = parse(alice_browser.get(HISTORY))
     row = dict(zip(page.header, page.rows[0], strict=True))
     assert row == {
@@ -366,15 +409,21 @@ def test_pager_links_keep_filters(alice_browser, alice, people, heights):
 def test_csv_matches_table_for_filter(alice_browser, alice, people, heights):
     token, _ = ApiToken.issue(alice, "ci")
     seed_bills(alice, 400, versions=[people, heights], tokens=[token, None])
-    params = {"workflow": people.workflow_id, "token": token.pk,
-              "date_from": "2025-03-11", "date_to": "2025-03-25"}
+    params = {
+        "workflow": people.workflow_id,
+        "token": token.pk,
+        "date_from": "2025-03-11",
+        "date_to": "2025-03-25",
+    }
 
     header, table = table_rows_all_pages(alice_browser, params)
     exported = csv_rows(alice_browser.get(EXPORT, params))
 
     expected = Bill.objects.filter(
-        owner=alice, run__workflow_version__workflow=people.workflow,
-        run__token=token, created_at__date__gte=datetime.date(2025, 3, 11),
+        owner=alice,
+        run__workflow_version__workflow=people.workflow,
+        run__token=token,
+        created_at__date__gte=datetime.date(2025, 3, 11),
         created_at__date__lte=datetime.date(2025, 3, 25),
     ).count()
     assert expected > 50, "the filter must span several pages"
@@ -386,8 +435,9 @@ def test_csv_matches_table_for_filter(alice_browser, alice, people, heights):
 @pytest.mark.django_db
 def test_export_link_keeps_filters(alice_browser, alice, people):
     make_bill(alice, version=people)
-    page = parse(alice_browser.get(HISTORY, {"workflow": people.workflow_id,
-                                             "page": 1}))
+    page = parse(
+        alice_browser.get(HISTORY, {"workflow": people.workflow_id, "page": 1})
+    )
     assert f'href="/billing/export.csv?workflow={people.workflow_id}"' in page.html
 
 
@@ -396,18 +446,26 @@ def test_export_link_keeps_filters(alice_browser, alice, people):
 
 @pytest.mark.django_db
 def test_date_filter_includes_whole_end_day(alice_browser, alice, people):
-    before = make_bill(alice, version=people,
-                       created_at=datetime.datetime(2025, 3, 9, 23, 59, 59,
-                                                    tzinfo=datetime.UTC))
-    first = make_bill(alice, version=people,
-                      created_at=datetime.datetime(2025, 3, 10, 0, 0,
-                                                   tzinfo=datetime.UTC))
-    last = make_bill(alice, version=people,
-                     created_at=datetime.datetime(2025, 3, 11, 23, 59, 59,
-                                                  tzinfo=datetime.UTC))
-    after = make_bill(alice, version=people,
-                      created_at=datetime.datetime(2025, 3, 12, 0, 0,
-                                                   tzinfo=datetime.UTC))
+    before = make_bill(
+        alice,
+        version=people,
+        created_at=datetime.datetime(2025, 3, 9, 23, 59, 59, tzinfo=datetime.UTC),
+    )
+    first = make_bill(
+        alice,
+        version=people,
+        created_at=datetime.datetime(2025, 3, 10, 0, 0, tzinfo=datetime.UTC),
+    )
+    last = make_bill(
+        alice,
+        version=people,
+        created_at=datetime.datetime(2025, 3, 11, 23, 59, 59, tzinfo=datetime.UTC),
+    )
+    after = make_bill(
+        alice,
+        version=people,
+        created_at=datetime.datetime(2025, 3, 12, 0, 0, tzinfo=datetime.UTC),
+    )
     params = {"date_from": "2025-03-10", "date_to": "2025-03-11"}
 
     exported = csv_rows(alice_browser.get(EXPORT, params))
@@ -465,8 +523,11 @@ def test_token_filter(alice_browser, alice, people):
     from_server = make_bill(alice, version=people, token=server)
     from_browser = make_bill(alice, version=people, token=None)
 
-    for token, bill in [(laptop.pk, from_laptop), (server.pk, from_server),
-                        ("none", from_browser)]:
+    for token, bill in [
+        (laptop.pk, from_laptop),
+        (server.pk, from_server),
+        ("none", from_browser),
+    ]:
         exported = csv_rows(alice_browser.get(EXPORT, {"token": token}))
         assert [row[2] for row in exported[1:]] == [str(bill.run_id)], token
 
@@ -478,11 +539,13 @@ def test_token_filter(alice_browser, alice, people):
 def test_summary_follows_filters(alice_browser, alice, people, heights):
     seed_bills(alice, 80, versions=[people, heights])
     summary = alice_browser.get(SUMMARY, {"workflow": heights.workflow_id}).json()
-    bills = Bill.objects.filter(owner=alice,
-                                run__workflow_version__workflow=heights.workflow)
+    bills = Bill.objects.filter(
+        owner=alice, run__workflow_version__workflow=heights.workflow
+    )
     assert summary["totals"]["runs"] == bills.count()
     assert summary["totals"]["amount_microcredits"] == sum(
-        bill.amount_microcredits for bill in bills)
+        bill.amount_microcredits for bill in bills
+    )
     assert {entry["workflow"] for entry in summary["latency"]} == {"Image heights"}
 
 
@@ -516,21 +579,31 @@ def test_chart_totals_equal_bill_sums(alice_browser, alice, bob, people, heights
     assert split["total_us"] == sum(b.billed_ms * 1000 for b in bills)
     assert split["cold_load_us"] == sum(b.components["cold_load"] for b in billed)
     assert split["inference_us"] == sum(
-        b.components["preprocess"] + b.components["inference"]
-        + b.components["postprocess"] for b in billed)
-    assert split["rounding_us"] == sum(b.billed_ms * 1000 - b.billable_us
-                                       for b in billed)
+        b.components["preprocess"]
+        + b.components["inference"]
+        + b.components["postprocess"]
+        for b in billed
+    )
+    assert split["rounding_us"] == sum(
+        b.billed_ms * 1000 - b.billable_us for b in billed
+    )
     for part in ("cold_load_us", "inference_us", "other_us", "rounding_us"):
         assert sum(days[part]) == split[part], part
-    assert (split["cold_load_us"] + split["inference_us"] + split["other_us"]
-            + split["rounding_us"]) == split["total_us"]
+    assert (
+        split["cold_load_us"]
+        + split["inference_us"]
+        + split["other_us"]
+        + split["rounding_us"]
+    ) == split["total_us"]
 
     starts = summary["starts"]
     assert starts["cold"]["runs"] == sum(1 for b in timed if b.run.cold)
     assert starts["hot"]["runs"] == sum(1 for b in timed if not b.run.cold)
     assert starts["no_timing"]["runs"] == len(bills) - len(timed)
-    assert sum(kind["amount_microcredits"] for kind in starts.values()) == (
-        totals["amount_microcredits"])
+    assert (
+        sum(kind["amount_microcredits"] for kind in starts.values())
+        == (totals["amount_microcredits"])
+    )
 
     assert sum(entry["runs"] for entry in summary["latency"]) == len(timed)
 
@@ -567,9 +640,13 @@ def test_latency_percentiles_per_workflow(alice_browser, alice, people, heights)
     latency = alice_browser.get(SUMMARY).json()["latency"]
     expected: dict[str, list[int]] = defaultdict(list)
     for run in Run.objects.filter(owner=alice, total_us__isnull=False).select_related(
-            "workflow_version__workflow"):
-        name = (run.workflow_version.workflow.name if run.workflow_version
-                else "inline definition")
+        "workflow_version__workflow"
+    ):
+        name = (
+            run.workflow_version.workflow.name
+            if run.workflow_version
+            else "inline definition"
+        )
         expected[name].append(run.total_us)
 
     assert {entry["workflow"] for entry in latency} == set(expected)
@@ -578,7 +655,9 @@ def test_latency_percentiles_per_workflow(alice_browser, alice, people, heights)
         assert entry["runs"] == len(values)
         for percentile in (50, 90, 99):
             assert entry[f"p{percentile}_us"] == nearest_rank(values, percentile), (
-                entry["workflow"], percentile)
+                entry["workflow"],
+                percentile,
+            )
 
 
 @pytest.mark.django_db
@@ -614,20 +693,26 @@ def count_queries(client, url: str, params: dict | None = None) -> int:
 
 
 @pytest.mark.django_db
-def test_query_count_does_not_grow_with_rows(alice_browser, alice, people, heights,
-                                             django_assert_max_num_queries):
+def test_query_count_does_not_grow_with_rows(
+    alice_browser, alice, people, heights, django_assert_max_num_queries
+):
     token, _ = ApiToken.issue(alice, "ci")
-    bills = seed_bills(alice, 5, versions=[people, heights, None],
-                       tokens=[token, None])
+    bills = seed_bills(alice, 5, versions=[people, heights, None], tokens=[token, None])
     make_bill(alice, version=people, token=token)  # so the filtered page has rows
     explain = reverse("bill-explain", args=[bills[0].run_id])
-    pages = [(HISTORY, {}), (HISTORY, {"page": 2}), (EXPORT, {}), (SUMMARY, {}),
-             (HISTORY, {"workflow": people.workflow_id, "token": token.pk}),
-             (explain, {})]
+    pages = [
+        (HISTORY, {}),
+        (HISTORY, {"page": 2}),
+        (EXPORT, {}),
+        (SUMMARY, {}),
+        (HISTORY, {"workflow": people.workflow_id, "token": token.pk}),
+        (explain, {}),
+    ]
     few = [count_queries(alice_browser, url, params) for url, params in pages]
 
-    seed_bills(alice, 400, versions=[people, heights, None], tokens=[token, None],
-               seed=11)
+    seed_bills(
+        alice, 400, versions=[people, heights, None], tokens=[token, None], seed=11
+    )
     many = [count_queries(alice_browser, url, params) for url, params in pages]
     assert many == few
 
@@ -654,7 +739,8 @@ def test_explain_cold_run(alice_browser, alice, people):
     hot = POLICY.bill(hot_breakdown)
     assert page.texts["bill-hot-amount"] == str(hot.amount_microcredits)
     assert page.texts["bill-cold-cost"] == str(
-        bill.amount_microcredits - hot.amount_microcredits)
+        bill.amount_microcredits - hot.amount_microcredits
+    )
     # 1539 ms cold against 39 ms hot, which the 100 ms minimum raises to 100 ms.
     assert bill.amount_microcredits - hot.amount_microcredits == 3078 - 200
     assert page.texts["bill-hot-formula"] == hot.formula
@@ -684,8 +770,7 @@ def test_explain_hot_run_costs_the_same(alice_browser, alice, people):
 def test_explain_minimum_hides_cold_cost(alice_browser, alice, people):
     # 60 ms of cold load in a 66 ms run: cold and hot prices both hit the
     # 100 ms minimum.
-    bill = make_bill(alice, version=people, cold_load=60_000, inference=1_000,
-                     blocks=0)
+    bill = make_bill(alice, version=people, cold_load=60_000, inference=1_000, blocks=0)
     page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
     assert bill.billed_ms == 100
     assert page.texts["bill-cold-cost"] == "0"

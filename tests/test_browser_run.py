@@ -26,7 +26,9 @@ def run_once(page, base_url: str, workflow_id: int) -> str:
 
 
 def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
-    workflow = Workflow.create_with_version(alice, "People", detection("people-detector-512"))
+    workflow = Workflow.create_with_version(
+        alice, "People", detection("people-detector-512")
+    )
     sign_in(page, asgi_server, "alice", "alice-password")
 
     first_run = run_once(page, asgi_server, workflow.id)

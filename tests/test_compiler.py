@@ -113,10 +113,18 @@ def test_compile_duplicate_input_names():
 def test_compile_cycle_names_the_steps():
     definition = image_height()
     definition["steps"] = [
-        {"type": "PropertyDefinition", "name": "a", "data": "$steps.b.output",
-         "operations": [{"type": "SequenceLength"}]},
-        {"type": "PropertyDefinition", "name": "b", "data": "$steps.a.output",
-         "operations": [{"type": "SequenceLength"}]},
+        {
+            "type": "PropertyDefinition",
+            "name": "a",
+            "data": "$steps.b.output",
+            "operations": [{"type": "SequenceLength"}],
+        },
+        {
+            "type": "PropertyDefinition",
+            "name": "b",
+            "data": "$steps.a.output",
+            "operations": [{"type": "SequenceLength"}],
+        },
     ]
     definition["outputs"][0]["selector"] = "$steps.a.output"
     [error] = compile_errors(definition)
@@ -180,12 +188,22 @@ def test_unused_fields_become_warnings():
 
 def test_crop_steps_nest_one_level():
     definition = detection("yolov8n.yaml")
-    definition["steps"].append({"type": "DynamicCrop", "name": "crops",
-                                "images": "$inputs.image",
-                                "predictions": "$steps.people.predictions"})
-    definition["steps"].append({"type": "ObjectDetectionModel", "name": "inner",
-                                "images": "$steps.crops.crops",
-                                "model_id": "yolov8n.yaml"})
+    definition["steps"].append(
+        {
+            "type": "DynamicCrop",
+            "name": "crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        }
+    )
+    definition["steps"].append(
+        {
+            "type": "ObjectDetectionModel",
+            "name": "inner",
+            "images": "$steps.crops.crops",
+            "model_id": "yolov8n.yaml",
+        }
+    )
     plan = build_plan(definition, "digest")
     dimensions = {step.name: step.dimension for step in plan.steps}
     assert dimensions["crops"] == 1

@@ -57,14 +57,21 @@ def people_workflow(alice) -> Workflow:
     return Workflow.create_with_version(alice, "people", detection())
 
 
-def post_inline(live_server, key: str,
-                definition: dict) -> tuple[requests.Response, float]:
+def post_inline(
+    live_server, key: str, definition: dict
+) -> tuple[requests.Response, float]:
     """POST an inline run of ``definition`` on bus.jpg; return it with its wall time."""
-    body = {"specification": definition,
-            "inputs": {"image": {"type": "base64", "value": image_b64()}}}
+    body = {
+        "specification": definition,
+        "inputs": {"image": {"type": "base64", "value": image_b64()}},
+    }
     started = time.perf_counter()
-    response = requests.post(f"{live_server.url}/workflows/run", json=body,
-                             headers={"Authorization": f"Bearer {key}"}, timeout=300)
+    response = requests.post(
+        f"{live_server.url}/workflows/run",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=300,
+    )
     return response, time.perf_counter() - started
 
 
@@ -72,60 +79,80 @@ def post_inline(live_server, key: str,
 
 
 def test_sdk_stored_height_workflow(runner, client, height_workflow):
-    result = client.run_workflow(workspace_name="alice",
-                                 workflow_id=height_workflow.slug,
-                                 images={"image": bus_path()})
+    result = client.run_workflow(
+        workspace_name="alice",
+        workflow_id=height_workflow.slug,
+        images={"image": bus_path()},
+    )
     assert result == [{"height": 1080}]
 
 
 def test_sdk_inline_height_workflow(runner, client):
-    result = client.run_workflow(specification=image_height(),
-                                 images={"image": bus_path()})
+    result = client.run_workflow(
+        specification=image_height(), images={"image": bus_path()}
+    )
     assert result == [{"height": 1080}]
 
 
 def test_sdk_stored_people_workflow(runner, client, people_workflow):
-    result = client.run_workflow(workspace_name="alice",
-                                 workflow_id=people_workflow.slug,
-                                 images={"image": bus_path()})
+    result = client.run_workflow(
+        workspace_name="alice",
+        workflow_id=people_workflow.slug,
+        images={"image": bus_path()},
+    )
     assert detection_classes(result[0]).count("Normal") >= 2
 
 
 def test_sdk_inline_people_workflow(runner, client):
-    result = client.run_workflow(specification=detection(),
-                                 images={"image": bus_path()})
+    result = client.run_workflow(
+        specification=detection(), images={"image": bus_path()}
+    )
     assert detection_classes(result[0]).count("Normal") >= 2
 
 
 def test_sdk_people_prediction_shape(runner, client):
-    output = client.run_workflow(specification=detection(),
-                                 images={"image": bus_path()})[0]
+    output = client.run_workflow(
+        specification=detection(), images={"image": bus_path()}
+    )[0]
     assert output["predictions"]["image"] == {"width": 810, "height": 1080}
     first = output["predictions"]["predictions"][0]
-    for key in ("x", "y", "width", "height", "confidence", "class", "class_id",
-                "detection_id", "parent_id"):
+    for key in (
+        "x",
+        "y",
+        "width",
+        "height",
+        "confidence",
+        "class",
+        "class_id",
+        "detection_id",
+        "parent_id",
+    ):
         assert key in first, key
     assert output["count"] == len(output["predictions"]["predictions"])
 
 
 def test_sdk_excluded_fields(runner, client):
-    result = client.run_workflow(specification=detection(),
-                                 images={"image": bus_path()},
-                                 excluded_fields=["predictions"])
+    result = client.run_workflow(
+        specification=detection(),
+        images={"image": bus_path()},
+        excluded_fields=["predictions"],
+    )
     assert list(result[0]) == ["count"]
 
 
 def test_sdk_image_as_numpy_array(runner, client):
     import cv2
 
-    result = client.run_workflow(specification=image_height(),
-                                 images={"image": cv2.imread(bus_path())})
+    result = client.run_workflow(
+        specification=image_height(), images={"image": cv2.imread(bus_path())}
+    )
     assert result == [{"height": 1080}]
 
 
 def test_sdk_batch_of_images(runner, client):
-    result = client.run_workflow(specification=image_height(),
-                                 images={"image": [bus_path(), bus_path()]})
+    result = client.run_workflow(
+        specification=image_height(), images={"image": [bus_path(), bus_path()]}
+    )
     assert result == [{"height": 1080}, {"height": 1080}]
 
 
@@ -133,31 +160,38 @@ def test_sdk_workflow_version_id(runner, client, height_workflow):
     renamed = image_height()
     renamed["outputs"][0]["name"] = "image_height"
     height_workflow.add_version(renamed)
-    result = client.run_workflow(workspace_name="alice",
-                                 workflow_id=height_workflow.slug,
-                                 images={"image": bus_path()},
-                                 workflow_version_id="1")
+    result = client.run_workflow(
+        workspace_name="alice",
+        workflow_id=height_workflow.slug,
+        images={"image": bus_path()},
+        workflow_version_id="1",
+    )
     assert result == [{"height": 1080}]
 
 
 def test_sdk_key_in_header(runner, client, height_workflow):
     client.configure(InferenceConfiguration(api_key_transport="header"))
-    result = client.run_workflow(workspace_name="alice",
-                                 workflow_id=height_workflow.slug,
-                                 images={"image": bus_path()})
+    result = client.run_workflow(
+        workspace_name="alice",
+        workflow_id=height_workflow.slug,
+        images={"image": bus_path()},
+    )
     assert result == [{"height": 1080}]
 
 
 def test_sdk_legacy_stored_route(runner, client, height_workflow):
-    result = client.infer_from_workflow(workspace_name="alice",
-                                        workflow_name=height_workflow.slug,
-                                        images={"image": bus_path()})
+    result = client.infer_from_workflow(
+        workspace_name="alice",
+        workflow_name=height_workflow.slug,
+        images={"image": bus_path()},
+    )
     assert result == [{"height": 1080}]
 
 
 def test_sdk_legacy_inline_route(runner, client):
-    result = client.infer_from_workflow(specification=image_height(),
-                                        images={"image": bus_path()})
+    result = client.infer_from_workflow(
+        specification=image_height(), images={"image": bus_path()}
+    )
     assert result == [{"height": 1080}]
 
 
@@ -172,19 +206,20 @@ def bad_definition() -> dict:
 
 def test_sdk_bad_definition_raises(live_server, client):
     with pytest.raises(HTTPCallErrorError) as raised:
-        client.run_workflow(specification=bad_definition(),
-                            images={"image": bus_path()})
+        client.run_workflow(
+            specification=bad_definition(), images={"image": bus_path()}
+        )
     assert raised.value.status_code == 400
 
 
 def test_sdk_bad_definition_message(live_server, client, alice_key):
     with pytest.raises(HTTPCallErrorError) as raised:
-        client.run_workflow(specification=bad_definition(),
-                            images={"image": bus_path()})
+        client.run_workflow(
+            specification=bad_definition(), images={"image": bus_path()}
+        )
     expected = requests.post(
         f"{live_server.url}/workflows/run",
-        json={"api_key": alice_key,
-              "specification": bad_definition()},
+        json={"api_key": alice_key, "specification": bad_definition()},
         timeout=60,
     ).json()["message"]
     assert "Invalid workflow definition at step 'h', field 'type'" in expected
@@ -193,8 +228,11 @@ def test_sdk_bad_definition_message(live_server, client, alice_key):
 
 def test_sdk_unknown_workflow_raises(live_server, client):
     with pytest.raises(HTTPCallErrorError) as raised:
-        client.run_workflow(workspace_name="alice", workflow_id="no-such-workflow",
-                            images={"image": bus_path()})
+        client.run_workflow(
+            workspace_name="alice",
+            workflow_id="no-such-workflow",
+            images={"image": bus_path()},
+        )
     assert raised.value.status_code == 404
     assert "no-such-workflow" in raised.value.api_message
 
@@ -223,8 +261,9 @@ def test_timing_server_timing_sums_to_total(runner, live_server, alice_key):
     assert abs(sum(entries.values()) - total) <= 0.001 * len(entries) + 1e-9
 
 
-def test_timing_server_timing_total_matches_processing_time(runner, live_server,
-                                                            alice_key):
+def test_timing_server_timing_total_matches_processing_time(
+    runner, live_server, alice_key
+):
     response, _ = post_inline(live_server, alice_key, detection())
     total_ms = server_timing(response.headers["Server-Timing"])["total"]
     processing_ms = float(response.headers["X-Processing-Time"]) * 1000

@@ -13,9 +13,15 @@ from webapp.asgi import application
 
 
 def submit(owner, definition):
-    return start_run(owner_id=owner.id, source="cli", definition=definition,
-                     raw_inputs={}, uploads={"image": image_bytes()},
-                     started_ns=time.perf_counter_ns(), wait_s=0).run
+    return start_run(
+        owner_id=owner.id,
+        source="cli",
+        definition=definition,
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=0,
+    ).run
 
 
 async def connect(run_id, user):
@@ -76,10 +82,18 @@ async def test_events_refuse_anonymous(runner, alice):
 @pytest.mark.asyncio
 async def test_events_end_with_error_when_step_fails(runner, alice):
     definition = image_height()
-    definition["steps"].insert(0, {
-        "type": "AbsoluteStaticCrop", "name": "corner", "images": "$inputs.image",
-        "x_center": 50000, "y_center": 50000, "width": 10, "height": 10,
-    })
+    definition["steps"].insert(
+        0,
+        {
+            "type": "AbsoluteStaticCrop",
+            "name": "corner",
+            "images": "$inputs.image",
+            "x_center": 50000,
+            "y_center": 50000,
+            "width": 10,
+            "height": 10,
+        },
+    )
     run = await sync_to_async(submit)(alice, definition)
     communicator, connected, _ = await connect(run.id, alice)
     events = await receive_until_done(communicator)

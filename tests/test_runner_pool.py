@@ -11,9 +11,14 @@ from tests.definitions import detection
 
 def start(owner, model_id: str, runner_name: str, wait_s: float = 120):
     return start_run(
-        owner_id=owner.id, source="cli", definition=detection(model_id),
-        raw_inputs={}, uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(), wait_s=wait_s, runner=runner_name,
+        owner_id=owner.id,
+        source="cli",
+        definition=detection(model_id),
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=wait_s,
+        runner=runner_name,
     )
 
 

@@ -11,8 +11,9 @@ from workflows.timing import RUNNER_COMPONENTS
 
 
 def create_workflow(client, definition, name="wf") -> int:
-    response = client.post("/api/workflows/", {"name": name, "definition": definition},
-                           format="json")
+    response = client.post(
+        "/api/workflows/", {"name": name, "definition": definition}, format="json"
+    )
     assert response.status_code == 201, response.json()
     return response.json()["id"]
 
@@ -77,8 +78,9 @@ def test_run_headers_agree_with_breakdown(runner, alice_client):
     load_total_us = sum(round(d["t"] * 1e6) for d in load_details)
     assert load_total_us == round(float(headers["X-Model-Load-Time"]) * 1e6)
     assert load_total_us == timing["components"]["cold_load"]
-    remote_us = sum(timing["components"][k] for k in ("preprocess", "inference",
-                                                       "postprocess"))
+    remote_us = sum(
+        timing["components"][k] for k in ("preprocess", "inference", "postprocess")
+    )
     assert round(float(headers["X-Remote-Processing-Time"]) * 1e6) == remote_us
 
 
@@ -134,8 +136,9 @@ def test_run_points_at_version_it_ran(runner, alice_client):
     first = run_workflow(alice_client, workflow_id).json()
     edited = image_height()
     edited["steps"][0]["operations"][0]["property_name"] = "width"
-    response = alice_client.put(f"/api/workflows/{workflow_id}",
-                                {"definition": edited}, format="json")
+    response = alice_client.put(
+        f"/api/workflows/{workflow_id}", {"definition": edited}, format="json"
+    )
     assert response.json()["version"] == 2
     second = run_workflow(alice_client, workflow_id).json()
     assert first["workflow"]["version"] == 1
@@ -154,15 +157,29 @@ def test_run_untrained_model_is_labelled(runner, alice_client):
 
 def test_run_crops_run_model_per_crop(runner, alice_client):
     definition = detection()
-    definition["steps"].append({"type": "DynamicCrop", "name": "crops",
-                                "images": "$inputs.image",
-                                "predictions": "$steps.people.predictions"})
-    definition["steps"].append({"type": "PropertyDefinition", "name": "crop_heights",
-                                "data": "$steps.crops.crops",
-                                "operations": [{"type": "ExtractImageProperty",
-                                                "property_name": "height"}]})
-    definition["outputs"].append({"type": "JsonField", "name": "crop_heights",
-                                  "selector": "$steps.crop_heights.output"})
+    definition["steps"].append(
+        {
+            "type": "DynamicCrop",
+            "name": "crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        }
+    )
+    definition["steps"].append(
+        {
+            "type": "PropertyDefinition",
+            "name": "crop_heights",
+            "data": "$steps.crops.crops",
+            "operations": [{"type": "ExtractImageProperty", "property_name": "height"}],
+        }
+    )
+    definition["outputs"].append(
+        {
+            "type": "JsonField",
+            "name": "crop_heights",
+            "selector": "$steps.crop_heights.output",
+        }
+    )
     workflow_id = create_workflow(alice_client, definition)
     output = run_workflow(alice_client, workflow_id).json()["outputs"][0]
     assert len(output["crop_heights"]) == output["count"]

@@ -22,17 +22,25 @@ def alice_browser(client, alice):
     return client
 
 
-def add_runs(workflow: Workflow, totals_us: list[int | None],
-             statuses: list[str] | None = None) -> list[Run]:
+def add_runs(
+    workflow: Workflow, totals_us: list[int | None], statuses: list[str] | None = None
+) -> list[Run]:
     """Create finished runs of the latest version, oldest first, one minute apart."""
     version = workflow.latest_version()
     statuses = statuses or [Run.Status.SUCCEEDED] * len(totals_us)
-    runs = Run.objects.bulk_create([
-        Run(owner=workflow.owner, workflow_version=version,
-            definition_digest=version.digest, source=Run.Source.API, status=status,
-            total_us=total)
-        for total, status in zip(totals_us, statuses, strict=True)
-    ])
+    runs = Run.objects.bulk_create(
+        [
+            Run(
+                owner=workflow.owner,
+                workflow_version=version,
+                definition_digest=version.digest,
+                source=Run.Source.API,
+                status=status,
+                total_us=total,
+            )
+            for total, status in zip(totals_us, statuses, strict=True)
+        ]
+    )
     # created_at is auto_now_add, so distinct times are set afterwards.
     start = timezone.now() - timedelta(minutes=len(runs))
     for index, run in enumerate(runs):
@@ -95,8 +103,16 @@ def test_builder_page_has_stable_hooks(alice_browser):
     response = alice_browser.get("/workflows/new")
     assert response.status_code == 200
     html = response.content.decode()
-    for element_id in ("builder", "tab-graph", "tab-json", "definition-json",
-                       "workflow-name", "save", "saved-version", "drawflow"):
+    for element_id in (
+        "builder",
+        "tab-graph",
+        "tab-json",
+        "definition-json",
+        "workflow-name",
+        "save",
+        "saved-version",
+        "drawflow",
+    ):
         assert f'id="{element_id}"' in html, element_id
     assert builder_config(response) == {"workflow": None}
     assert "vendor/drawflow/drawflow.min.js" in html
@@ -107,9 +123,12 @@ def test_builder_page_has_stable_hooks(alice_browser):
 
 @pytest.mark.django_db
 def test_builder_static_files_are_served(alice_browser):
-    for path in ("/static/js/builder.js", "/static/css/builder.css",
-                 "/static/vendor/drawflow/drawflow.min.js",
-                 "/static/vendor/drawflow/drawflow.min.css"):
+    for path in (
+        "/static/js/builder.js",
+        "/static/css/builder.css",
+        "/static/vendor/drawflow/drawflow.min.js",
+        "/static/vendor/drawflow/drawflow.min.css",
+    ):
         response = alice_browser.get(path)
         assert response.status_code == 200, path
 
@@ -127,8 +146,11 @@ def test_list_shows_only_own_workflows(alice_browser, alice, bob):
 def test_list_shows_version_last_run_and_links(alice_browser, alice):
     workflow = Workflow.create_with_version(alice, "people", detection())
     workflow.add_version(detection(confidence=0.5))
-    runs = add_runs(workflow, [1000, 2000, None],
-                    [Run.Status.SUCCEEDED, Run.Status.SUCCEEDED, Run.Status.FAILED])
+    runs = add_runs(
+        workflow,
+        [1000, 2000, None],
+        [Run.Status.SUCCEEDED, Run.Status.SUCCEEDED, Run.Status.FAILED],
+    )
     html = alice_browser.get("/workflows/").content.decode()
     pattern = rf'<tr data-workflow-id="{workflow.id}">(.*?)</tr>'
     row = re.search(pattern, html, re.S).group(1)
@@ -141,8 +163,9 @@ def test_list_shows_version_last_run_and_links(alice_browser, alice):
 
 
 @pytest.mark.django_db
-def test_list_query_count_is_bounded(alice_browser, alice,
-                                     django_assert_max_num_queries):
+def test_list_query_count_is_bounded(
+    alice_browser, alice, django_assert_max_num_queries
+):
     for index in range(30):
         workflow = Workflow.create_with_version(alice, f"flow {index}", image_height())
         add_runs(workflow, [1000 * (run + 1) for run in range(10)])
@@ -174,9 +197,11 @@ def test_sparkline_empty_without_timed_runs():
 
 def test_sparkline_scales_to_peak():
     # Newest first, as the list query returns runs.
-    runs = [{"total_us": 2000, "status": "succeeded"},
-            {"total_us": 1000, "status": "failed"},
-            {"total_us": None, "status": "running"}]
+    runs = [
+        {"total_us": 2000, "status": "succeeded"},
+        {"total_us": 1000, "status": "failed"},
+        {"total_us": None, "status": "running"},
+    ]
     line = build_sparkline(runs)
     first, last = line.points.split()
     assert float(first.split(",")[0]) < float(last.split(",")[0])
@@ -201,8 +226,12 @@ def test_builder_csrf_cookie_authorizes_api_calls(alice):
     token = browser.get("/workflows/new").cookies["csrftoken"].value
     body = {"definition": image_height()}
     refused = browser.post("/api/validate", body, content_type="application/json")
-    accepted = browser.post("/api/validate", body, content_type="application/json",
-                            headers={"X-CSRFToken": token})
+    accepted = browser.post(
+        "/api/validate",
+        body,
+        content_type="application/json",
+        headers={"X-CSRFToken": token},
+    )
     assert refused.status_code == 403
     assert accepted.status_code == 200
     assert accepted.json()["valid"] is True

@@ -16,10 +16,20 @@ from rest_framework.views import exception_handler
 from workflows.errors import WorkflowError
 
 
-def error_body(message: str, code: str, *, context: str = "request",
-               error_type: str = "RequestError", **extra: Any) -> dict[str, Any]:
-    body = {"message": message, "error_type": error_type, "code": code,
-            "context": context}
+def error_body(
+    message: str,
+    code: str,
+    *,
+    context: str = "request",
+    error_type: str = "RequestError",
+    **extra: Any,
+) -> dict[str, Any]:
+    body = {
+        "message": message,
+        "error_type": error_type,
+        "code": code,
+        "context": context,
+    }
     body.update({key: value for key, value in extra.items() if value is not None})
     return body
 
@@ -43,27 +53,35 @@ def api_exception_handler(exc, context):
         return None
     if isinstance(exc, exceptions.ValidationError):
         response.data = error_body(
-            "Invalid request: " + _flatten(exc.detail), "invalid_request",
-            error_type="ValidationError", fields=exc.detail,
+            "Invalid request: " + _flatten(exc.detail),
+            "invalid_request",
+            error_type="ValidationError",
+            fields=exc.detail,
         )
     elif isinstance(exc, exceptions.APIException):
-        response.data = error_body(str(exc.detail), exc.get_codes()
-                                   if isinstance(exc.get_codes(), str) else "error",
-                                   error_type=type(exc).__name__)
+        response.data = error_body(
+            str(exc.detail),
+            exc.get_codes() if isinstance(exc.get_codes(), str) else "error",
+            error_type=type(exc).__name__,
+        )
     return response
 
 
 def _flatten(detail: Any, prefix: str = "") -> str:
     if isinstance(detail, dict):
-        return "; ".join(_flatten(value, f"{prefix}{key}: ") for key, value in detail.items())
+        return "; ".join(
+            _flatten(value, f"{prefix}{key}: ") for key, value in detail.items()
+        )
     if isinstance(detail, list):
         return "; ".join(_flatten(item, prefix) for item in detail)
     return f"{prefix}{detail}"
 
 
 def not_found(message: str) -> JsonResponse:
-    return JsonResponse(error_body(message, "not_found", error_type="NotFound"),
-                        status=status.HTTP_404_NOT_FOUND)
+    return JsonResponse(
+        error_body(message, "not_found", error_type="NotFound"),
+        status=status.HTTP_404_NOT_FOUND,
+    )
 
 
 def json_error(message: str, code: str, status_code: int, **extra: Any) -> JsonResponse:

@@ -22,7 +22,8 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise MalformedRequest(
-            f"request body is not valid JSON: {error}", context="request_parsing",
+            f"request body is not valid JSON: {error}",
+            context="request_parsing",
             hint="Send a JSON object with Content-Type: application/json.",
         ) from None
     except RecursionError:
@@ -49,8 +50,9 @@ def json_body(request) -> Any:
 def json_object(request) -> dict[str, Any]:
     body = json_body(request)
     if not isinstance(body, dict):
-        raise MalformedRequest("request body must be a JSON object",
-                               context="request_parsing")
+        raise MalformedRequest(
+            "request body must be a JSON object", context="request_parsing"
+        )
     return body
 
 
@@ -64,7 +66,8 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MalformedRequest(
             f"'{key}' must be a positive integer version number, got {value!r}",
-            context="request_parsing", field_name=key,
+            context="request_parsing",
+            field_name=key,
         )
     return value
 
@@ -75,6 +78,9 @@ def string_list(body: dict[str, Any], key: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise MalformedRequest(f"'{key}' must be a list of strings, got {value!r}",
-                               context="request_parsing", field_name=key)
+        raise MalformedRequest(
+            f"'{key}' must be a list of strings, got {value!r}",
+            context="request_parsing",
+            field_name=key,
+        )
     return value

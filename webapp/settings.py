@@ -190,7 +190,9 @@ GLASSBOX = {
 BILLING = {
     # Price of one second of runner time, in micro-credits
     # (1 credit = 1,000,000 micro-credits).
-    "RATE_MICROCREDITS_PER_SECOND": env_int("BILLING_RATE_MICROCREDITS_PER_SECOND", 2000, 0),
+    "RATE_MICROCREDITS_PER_SECOND": env_int(
+        "BILLING_RATE_MICROCREDITS_PER_SECOND", 2000, 0
+    ),
     "MINIMUM_MS": env_int("BILLING_MINIMUM_MS", 100, 0),
 }
 

@@ -10,8 +10,10 @@ from workflows import views as workflow_views
 api = [
     path("workflows/", workflow_views.WorkflowListView.as_view()),
     path("workflows/<int:workflow_id>", workflow_views.WorkflowDetailView.as_view()),
-    path("workflows/<int:workflow_id>/versions",
-         workflow_views.WorkflowVersionsView.as_view()),
+    path(
+        "workflows/<int:workflow_id>/versions",
+        workflow_views.WorkflowVersionsView.as_view(),
+    ),
     path("workflows/<int:workflow_id>/runs", workflow_views.WorkflowRunView.as_view()),
     path("validate", workflow_views.ValidateView.as_view()),
     path("blocks", workflow_views.BlocksView.as_view()),
@@ -31,15 +33,22 @@ urlpatterns = [
     path("info", roboflow.InfoView.as_view()),
     # Listed before the workflow pages: POST /workflows/run is Roboflow's route.
     path("workflows/run", roboflow.InlineWorkflowRunView.as_view()),
-    path("workflows/<int:workflow_id>/run/", runner_ui.run_workflow_page,
-         name="run-workflow"),
+    path(
+        "workflows/<int:workflow_id>/run/",
+        runner_ui.run_workflow_page,
+        name="run-workflow",
+    ),
     path("workflows/", include("workflows.ui_urls")),
     path("samples/<str:name>", runner_ui.sample_image, name="sample-image"),
     path("runs/<uuid:run_id>/", runner_ui.run_page, name="run-page"),
     path("billing/", include("billing.urls")),
     path("infer/workflows", roboflow.InlineWorkflowRunView.as_view()),
-    path("infer/workflows/<str:workspace>/<slug:workflow_id>",
-         roboflow.StoredWorkflowRunView.as_view()),
-    path("<str:workspace>/workflows/<slug:workflow_id>",
-         roboflow.StoredWorkflowRunView.as_view()),
+    path(
+        "infer/workflows/<str:workspace>/<slug:workflow_id>",
+        roboflow.StoredWorkflowRunView.as_view(),
+    ),
+    path(
+        "<str:workspace>/workflows/<slug:workflow_id>",
+        roboflow.StoredWorkflowRunView.as_view(),
+    ),
 ]

@@ -24,8 +24,9 @@ def tokens(request):
                 token, key = ApiToken.issue(request.user, name)
                 context.update(new_key=key, new_name=token.name)
         elif request.POST.get("action") == "revoke":
-            token = get_object_or_404(ApiToken, pk=request.POST.get("token"),
-                                      user=request.user)
+            token = get_object_or_404(
+                ApiToken, pk=request.POST.get("token"), user=request.user
+            )
             token.revoke()
             messages.info(request, f"Token “{token.name}” revoked.")
             return redirect("tokens")

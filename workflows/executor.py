@@ -43,7 +43,9 @@ def execute_plan(
         context = StepContext(step_name=step.name, models=models, timer=timer)
         level = max(value_dims.values(), default=0)
         try:
-            results[step.name] = _run_lifted(step, context, values, value_dims, 0, level)
+            results[step.name] = _run_lifted(
+                step, context, values, value_dims, 0, level
+            )
         except WorkflowError as error:
             if error.step is None:
                 error.step = step.name
@@ -57,8 +59,12 @@ def execute_plan(
                 user_error=False,
             ) from error
         dimensions[step.name] = step.dimension
-        timer.add_step(step.name, step.block.type, time.perf_counter_ns() - started,
-                       step.block.uses_model)
+        timer.add_step(
+            step.name,
+            step.block.type,
+            time.perf_counter_ns() - started,
+            step.block.uses_model,
+        )
     return results
 
 
@@ -77,8 +83,14 @@ def _resolve(step: StepPlan, inputs, results, dimensions):
     return values, value_dims
 
 
-def _run_lifted(step: StepPlan, context: StepContext, values: dict[str, Any],
-                value_dims: dict[str, int], level: int, target: int):
+def _run_lifted(
+    step: StepPlan,
+    context: StepContext,
+    values: dict[str, Any],
+    value_dims: dict[str, int],
+    level: int,
+    target: int,
+):
     """Call the block, mapping over list levels deeper than ``level``."""
     if level == target:
         return step.block.run(context, **values)
@@ -118,8 +130,9 @@ def serialize_value(value: Any, coordinates: str) -> Any:
     return value
 
 
-def collect_outputs(plan: ExecutionPlan, inputs: Mapping[str, Any],
-                    results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def collect_outputs(
+    plan: ExecutionPlan, inputs: Mapping[str, Any], results: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Serialize the declared outputs of one batch element; nulls are left out."""
     serialized: dict[str, Any] = {}
     for spec in plan.outputs:

@@ -60,7 +60,8 @@ def inspect_image(data: bytes, *, input_name: str, max_pixels: int) -> ImageInfo
     """Check that ``data`` is a whole image no larger than ``max_pixels``."""
     if not data:
         raise InputError(
-            f"Input '{input_name}' is empty", context="input_decoding",
+            f"Input '{input_name}' is empty",
+            context="input_decoding",
             field_name=input_name,
         )
     try:
@@ -146,8 +147,12 @@ class WorkflowImage:
     ) -> "WorkflowImage":
         height, width = pixels.shape[:2]
         return cls(
-            parent_id=parent_id, width=width, height=height, _pixels=pixels,
-            origin=origin, root_size=root_size,
+            parent_id=parent_id,
+            width=width,
+            height=height,
+            _pixels=pixels,
+            origin=origin,
+            root_size=root_size,
         )
 
     @property

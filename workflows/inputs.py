@@ -22,14 +22,22 @@ class RunInputs:
     batch_size: int
 
 
-def read_inputs(plan: ExecutionPlan, raw: Any, *, max_pixels: int,
-                uploads: dict[str, bytes] | None = None) -> RunInputs:
+def read_inputs(
+    plan: ExecutionPlan,
+    raw: Any,
+    *,
+    max_pixels: int,
+    uploads: dict[str, bytes] | None = None,
+) -> RunInputs:
     """Check every input the plan declares; raise InputError naming the bad one."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise InputError("'inputs' must be a JSON object mapping input names to values",
-                         context="request_parsing", field_name="inputs")
+        raise InputError(
+            "'inputs' must be a JSON object mapping input names to values",
+            context="request_parsing",
+            field_name="inputs",
+        )
     uploads = uploads or {}
     images: dict[str, list[bytes]] = {}
     info: dict[str, list[dict[str, Any]]] = {}
@@ -39,14 +47,18 @@ def read_inputs(plan: ExecutionPlan, raw: Any, *, max_pixels: int,
         elif spec.name in raw:
             blobs = _image_values(raw[spec.name], spec.name)
         else:
-            raise InputError(f"image input '{spec.name}' is missing",
-                             context="request_parsing", field_name=spec.name,
-                             hint=f'Send inputs.{spec.name} = {{"type": "base64", '
-                                  '"value": "<base64 image>"}.')
+            raise InputError(
+                f"image input '{spec.name}' is missing",
+                context="request_parsing",
+                field_name=spec.name,
+                hint=f'Send inputs.{spec.name} = {{"type": "base64", '
+                '"value": "<base64 image>"}.',
+            )
         images[spec.name] = blobs
         info[spec.name] = [
-            _describe(inspect_image(blob, input_name=spec.name, max_pixels=max_pixels),
-                      blob)
+            _describe(
+                inspect_image(blob, input_name=spec.name, max_pixels=max_pixels), blob
+            )
             for blob in blobs
         ]
     parameters: dict[str, Any] = {}
@@ -56,8 +68,11 @@ def read_inputs(plan: ExecutionPlan, raw: Any, *, max_pixels: int,
         elif spec.has_default:
             parameters[spec.name] = spec.default
         else:
-            raise InputError(f"parameter '{spec.name}' is missing and has no default",
-                             context="request_parsing", field_name=spec.name)
+            raise InputError(
+                f"parameter '{spec.name}' is missing and has no default",
+                context="request_parsing",
+                field_name=spec.name,
+            )
     _check_parameter_values(plan, parameters)
     return RunInputs(images, info, parameters, _batch_size(images))
 
@@ -78,7 +93,8 @@ def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> 
                 raise InputError(
                     f"parameter '{binding.name}' is invalid for step '{step.name}', "
                     f"field '{field.name}': {problem}",
-                    context="request_parsing", step=step.name,
+                    context="request_parsing",
+                    step=step.name,
                     field_name=binding.name,
                 )
 
@@ -86,36 +102,46 @@ def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> 
 def _image_values(value: Any, name: str) -> list[bytes]:
     items = value if isinstance(value, list) else [value]
     if not items:
-        raise InputError(f"image input '{name}' is an empty list",
-                         context="request_parsing", field_name=name)
+        raise InputError(
+            f"image input '{name}' is an empty list",
+            context="request_parsing",
+            field_name=name,
+        )
     blobs = []
     for item in items:
         if isinstance(item, str):
             item = {"type": "base64", "value": item}
         if not isinstance(item, dict) or "value" not in item:
             raise InputError(
-                f"image input '{name}' must be {{\"type\": \"base64\", \"value\": ...}}",
-                context="request_parsing", field_name=name,
+                f'image input \'{name}\' must be {{"type": "base64", "value": ...}}',
+                context="request_parsing",
+                field_name=name,
             )
         kind = item.get("type", "base64")
         if kind == "url":
             raise InputError(
                 f"image input '{name}' is a URL; this server does not download images",
-                context="request_parsing", field_name=name,
+                context="request_parsing",
+                field_name=name,
                 hint="Send the image bytes as base64 instead.",
             )
         if kind != "base64" or not isinstance(item["value"], str):
             raise InputError(
                 f"image input '{name}' has type {kind!r}; only 'base64' is supported",
-                context="request_parsing", field_name=name,
+                context="request_parsing",
+                field_name=name,
             )
         blobs.append(decode_base64(item["value"], input_name=name))
     return blobs
 
 
 def _describe(info: ImageInfo, blob: bytes) -> dict[str, Any]:
-    return {"format": info.format, "width": info.width, "height": info.height,
-            "bytes": len(blob)}
+    return {
+        "format": info.format,
+        "width": info.width,
+        "height": info.height,
+        "bytes": len(blob),
+    }
 
 
 def _batch_size(images: dict[str, list[bytes]]) -> int:

@@ -24,7 +24,9 @@ class Workflow(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["owner", "slug"], name="unique_workflow_slug")
+            models.UniqueConstraint(
+                fields=["owner", "slug"], name="unique_workflow_slug"
+            )
         ]
         ordering = ["-updated_at"]
 
@@ -35,8 +37,9 @@ class Workflow(models.Model):
         return self.versions.order_by("-number").first()
 
     @classmethod
-    def create_with_version(cls, owner, name: str, definition: dict,
-                            slug: str | None = None) -> "Workflow":
+    def create_with_version(
+        cls, owner, name: str, definition: dict, slug: str | None = None
+    ) -> "Workflow":
         with transaction.atomic():
             workflow = cls.objects.create(
                 owner=owner, name=name, slug=slug or cls.unique_slug(owner, name)
@@ -73,8 +76,9 @@ class Workflow(models.Model):
 
 
 class WorkflowVersion(models.Model):
-    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE,
-                                 related_name="versions")
+    workflow = models.ForeignKey(
+        Workflow, on_delete=models.CASCADE, related_name="versions"
+    )
     number = models.PositiveIntegerField()
     definition = models.JSONField()
     # SHA-256 of the canonical definition; the runners' plan cache key.
@@ -83,8 +87,9 @@ class WorkflowVersion(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["workflow", "number"],
-                                    name="unique_workflow_version")
+            models.UniqueConstraint(
+                fields=["workflow", "number"], name="unique_workflow_version"
+            )
         ]
         ordering = ["-number"]
 

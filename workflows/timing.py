@@ -111,16 +111,28 @@ class RunTimer:
             use = self.models[model_id] = ModelUse(model_id=model_id)
         return use
 
-    def add_step(self, name: str, block_type: str, duration_ns: int,
-                 is_model_step: bool) -> None:
+    def add_step(
+        self, name: str, block_type: str, duration_ns: int, is_model_step: bool
+    ) -> None:
         self.steps[name] = self.steps.get(name, 0) + duration_ns
         if not is_model_step:
             self.blocks_ns += duration_ns
-        self.emit("step", step=name, type=block_type, model_step=is_model_step,
-                  duration=ns_to_us(duration_ns))
+        self.emit(
+            "step",
+            step=name,
+            type=block_type,
+            model_step=is_model_step,
+            duration=ns_to_us(duration_ns),
+        )
 
-    def breakdown(self, *, runner_total_ns: int, request_us: int, queue_us: int,
-                  step_types: dict[str, str]) -> dict[str, Any]:
+    def breakdown(
+        self,
+        *,
+        runner_total_ns: int,
+        request_us: int,
+        queue_us: int,
+        step_types: dict[str, str],
+    ) -> dict[str, Any]:
         """Return the stored breakdown; components sum to ``total`` exactly."""
         models = [use.to_dict() for use in self.models.values()]
         components = {
@@ -151,8 +163,11 @@ class RunTimer:
             "compile_cache_hit": self.compile_cache_hit,
             "models": models,
             "steps": [
-                {"name": name, "type": step_types.get(name, ""),
-                 "duration": ns_to_us(duration)}
+                {
+                    "name": name,
+                    "type": step_types.get(name, ""),
+                    "duration": ns_to_us(duration),
+                }
                 for name, duration in self.steps.items()
             ],
         }

@@ -64,8 +64,10 @@ def build_sparkline(runs: list[dict]) -> Sparkline | None:
         if run["status"] == Run.Status.FAILED:
             failed.append(coordinates[-1])
     totals_ms = [run["total_us"] / 1000 for run in timed]
-    summary = (f"Last {len(timed)} timed runs: min {min(totals_ms):.1f} ms, "
-               f"median {median(totals_ms):.1f} ms, max {max(totals_ms):.1f} ms")
+    summary = (
+        f"Last {len(timed)} timed runs: min {min(totals_ms):.1f} ms, "
+        f"median {median(totals_ms):.1f} ms, max {max(totals_ms):.1f} ms"
+    )
     return Sparkline(
         points=" ".join(f"{x},{y}" for x, y in coordinates),
         last_x=coordinates[-1][0],
@@ -88,8 +90,9 @@ def recent_runs_by_workflow(owner, limit: int) -> dict[int, list[dict]]:
         Run.objects.filter(workflow_version__workflow__owner=owner)
         .annotate(
             workflow_pk=workflow,
-            position=Window(RowNumber(), partition_by=[workflow],
-                            order_by=F("created_at").desc()),
+            position=Window(
+                RowNumber(), partition_by=[workflow], order_by=F("created_at").desc()
+            ),
         )
         .filter(position__lte=limit)
         .order_by("workflow_pk", "position")
@@ -103,33 +106,41 @@ def recent_runs_by_workflow(owner, limit: int) -> dict[int, list[dict]]:
 
 @login_required
 def workflow_list(request):
-    workflows = (Workflow.objects.filter(owner=request.user)
-                 .annotate(latest=Max("versions__number")))
+    workflows = Workflow.objects.filter(owner=request.user).annotate(
+        latest=Max("versions__number")
+    )
     runs = recent_runs_by_workflow(request.user, SPARKLINE_RUNS)
     rows = []
     for workflow in workflows:
         workflow_runs = runs.get(workflow.id, [])
-        rows.append(WorkflowRow(
-            workflow=workflow,
-            latest_version=workflow.latest,
-            last_run=workflow_runs[0] if workflow_runs else None,
-            sparkline=build_sparkline(workflow_runs),
-        ))
+        rows.append(
+            WorkflowRow(
+                workflow=workflow,
+                latest_version=workflow.latest,
+                last_run=workflow_runs[0] if workflow_runs else None,
+                sparkline=build_sparkline(workflow_runs),
+            )
+        )
     return render(request, "workflows/list.html", {"rows": rows})
 
 
 def _builder_page(request, workflow: Workflow | None):
     version = workflow.latest_version() if workflow else None
     config = {
-        "workflow": None if workflow is None else {
+        "workflow": None
+        if workflow is None
+        else {
             "id": workflow.id,
             "name": workflow.name,
             "version": version.number if version else None,
             "definition": version.definition if version else None,
         },
     }
-    return render(request, "workflows/builder.html",
-                  {"workflow": workflow, "version": version, "config": config})
+    return render(
+        request,
+        "workflows/builder.html",
+        {"workflow": workflow, "version": version, "config": config},
+    )
 
 
 # The builder calls the JSON API with the session cookie, and Django's CSRF

@@ -21,8 +21,11 @@ class WorkflowWriteSerializer(serializers.Serializer):
     definition = serializers.JSONField(required=False)
 
 
-def workflow_to_dict(workflow: Workflow, version: WorkflowVersion | None = None,
-                     include_definition: bool = True) -> dict:
+def workflow_to_dict(
+    workflow: Workflow,
+    version: WorkflowVersion | None = None,
+    include_definition: bool = True,
+) -> dict:
     version = version or workflow.latest_version()
     body = {
         "id": workflow.id,
@@ -52,13 +55,18 @@ class WorkflowListView(APIView):
             .select_related("owner")
             .annotate(latest=Max("versions__number"), run_count=Count("versions__runs"))
         )
-        return Response({
-            "results": [
-                {**workflow_to_dict(w, include_definition=False),
-                 "version": w.latest, "run_count": w.run_count}
-                for w in workflows
-            ]
-        })
+        return Response(
+            {
+                "results": [
+                    {
+                        **workflow_to_dict(w, include_definition=False),
+                        "version": w.latest,
+                        "run_count": w.run_count,
+                    }
+                    for w in workflows
+                ]
+            }
+        )
 
     def post(self, request):
         body = json_object(request)
@@ -66,22 +74,27 @@ class WorkflowListView(APIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         if "definition" not in data or "name" not in data:
-            raise MalformedRequest("'name' and 'definition' are required",
-                                   context="request_parsing")
+            raise MalformedRequest(
+                "'name' and 'definition' are required", context="request_parsing"
+            )
         warnings = compile_or_raise(data["definition"])
-        workflow = Workflow.create_with_version(request.user, data["name"],
-                                                data["definition"])
+        workflow = Workflow.create_with_version(
+            request.user, data["name"], data["definition"]
+        )
         if data.get("description"):
             workflow.description = data["description"]
             workflow.save(update_fields=["description"])
-        return Response({**workflow_to_dict(workflow), "warnings": warnings},
-                        status=status.HTTP_201_CREATED)
+        return Response(
+            {**workflow_to_dict(workflow), "warnings": warnings},
+            status=status.HTTP_201_CREATED,
+        )
 
 
 class WorkflowDetailView(APIView):
     def get_workflow(self, request, workflow_id) -> Workflow:
-        return get_object_or_404(Workflow.objects.select_related("owner"),
-                                 pk=workflow_id, owner=request.user)
+        return get_object_or_404(
+            Workflow.objects.select_related("owner"), pk=workflow_id, owner=request.user
+        )
 
     def get(self, request, workflow_id):
         return Response(workflow_to_dict(self.get_workflow(request, workflow_id)))
@@ -110,11 +123,19 @@ class WorkflowDetailView(APIView):
 class WorkflowVersionsView(APIView):
     def get(self, request, workflow_id):
         workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
-        return Response({"results": [
-            {"version": v.number, "digest": v.digest, "created_at": v.created_at.isoformat(),
-             "definition": v.definition}
-            for v in workflow.versions.all()
-        ]})
+        return Response(
+            {
+                "results": [
+                    {
+                        "version": v.number,
+                        "digest": v.digest,
+                        "created_at": v.created_at.isoformat(),
+                        "definition": v.definition,
+                    }
+                    for v in workflow.versions.all()
+                ]
+            }
+        )
 
 
 class WorkflowRunView(APIView):
@@ -129,11 +150,17 @@ class WorkflowRunView(APIView):
         body = json_object(request)
         number = version_number(body, "version")
         versions = workflow.versions.all()
-        version = (versions.filter(number=number).first()
-                   if number is not None else versions.first())
+        version = (
+            versions.filter(number=number).first()
+            if number is not None
+            else versions.first()
+        )
         if version is None:
-            raise MalformedRequest(f"workflow {workflow.id} has no version {number}",
-                                   context="request_parsing", field_name="version")
+            raise MalformedRequest(
+                f"workflow {workflow.id} has no version {number}",
+                context="request_parsing",
+                field_name="version",
+            )
         wait_s = 0.0 if body.get("async") else settings.GLASSBOX["SYNC_TIMEOUT_S"]
         outcome = start_run(
             owner_id=request.user.id,
@@ -154,7 +181,9 @@ class ValidateView(APIView):
     def post(self, request):
         body = json_object(request)
         if "definition" not in body:
-            raise MalformedRequest("'definition' is required", context="request_parsing")
+            raise MalformedRequest(
+                "'definition' is required", context="request_parsing"
+            )
         warnings = compile_or_raise(body["definition"])
         return Response({"valid": True, "warnings": warnings})
 

@@ -31,7 +31,7 @@ _BY_NAME = _index()
 
 
 def find_block(type_name: str) -> type[Block] | None:
-    """Return the block for ``type_name`` (full name, name without namespace, or alias)."""
+    """Return the block for a full type name, a name without namespace, or an alias."""
     return _BY_NAME.get(type_name)
 
 

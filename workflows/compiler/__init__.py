@@ -24,8 +24,9 @@ CACHE_SIZE = 256
 
 
 def canonical_json(definition: Any) -> str:
-    return json.dumps(definition, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False)
+    return json.dumps(
+        definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
 
 
 def definition_digest(definition: Any) -> str:

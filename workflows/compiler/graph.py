@@ -33,14 +33,19 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
         for field in block.fields:
             if field.name not in raw:
                 if field.required:
-                    parsed.error(name, block.type, field.name,
-                                 f"required field '{field.name}' is missing "
-                                 f"({field.description})")
+                    parsed.error(
+                        name,
+                        block.type,
+                        field.name,
+                        f"required field '{field.name}' is missing "
+                        f"({field.description})",
+                    )
                 else:
                     bindings[field.name] = Literal(field.default)
                 continue
-            binding = _bind_field(parsed, name, block, field, raw[field.name],
-                                  inputs, blocks)
+            binding = _bind_field(
+                parsed, name, block, field, raw[field.name], inputs, blocks
+            )
             if binding is not None:
                 bindings[field.name] = binding
         known = {f.name for f in block.fields} | {"type", "name"}
@@ -54,39 +59,60 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
     return bound
 
 
-def _bind_field(parsed, step, block: type[Block], field, value: Any,
-                inputs: dict[str, InputSpec],
-                blocks: dict[str, type[Block]]) -> Binding | None:
+def _bind_field(
+    parsed,
+    step,
+    block: type[Block],
+    field,
+    value: Any,
+    inputs: dict[str, InputSpec],
+    blocks: dict[str, type[Block]],
+) -> Binding | None:
     reference = parse_selector(value)
     if reference is None and is_selector_like(value):
-        parsed.error(step, block.type, field.name,
-                     f"{value!r} is not a valid selector; use $inputs.<name>, "
-                     "$steps.<step>.<output> or $steps.<step>.*")
+        parsed.error(
+            step,
+            block.type,
+            field.name,
+            f"{value!r} is not a valid selector; use $inputs.<name>, "
+            "$steps.<step>.<output> or $steps.<step>.*",
+        )
         return None
     if field.kind == VALUE:
         if reference is None:
             return _check_literal(parsed, step, block, field, value)
         if isinstance(reference, StepRef):
-            return _check_step_reference(parsed, step, block, field.name, reference,
-                                         blocks, VALUE)
-        return _check_input_reference(parsed, step, block, field.name, reference,
-                                      inputs, PARAMETER_INPUT)
+            return _check_step_reference(
+                parsed, step, block, field.name, reference, blocks, VALUE
+            )
+        return _check_input_reference(
+            parsed, step, block, field.name, reference, inputs, PARAMETER_INPUT
+        )
     if reference is None:
-        parsed.error(step, block.type, field.name,
-                     f"expected a selector of kind '{field.kind}', got the literal "
-                     f"{value!r}")
+        parsed.error(
+            step,
+            block.type,
+            field.name,
+            f"expected a selector of kind '{field.kind}', got the literal {value!r}",
+        )
         return None
     if isinstance(reference, InputRef):
         wanted = None if field.kind == ANY else IMAGE_INPUT
         if field.kind not in (IMAGE, ANY):
-            parsed.error(step, block.type, field.name,
-                         f"'{value}' is an input, but this field needs the output of "
-                         f"a step of kind '{field.kind}'")
+            parsed.error(
+                step,
+                block.type,
+                field.name,
+                f"'{value}' is an input, but this field needs the output of "
+                f"a step of kind '{field.kind}'",
+            )
             return None
-        return _check_input_reference(parsed, step, block, field.name, reference,
-                                      inputs, wanted)
-    return _check_step_reference(parsed, step, block, field.name, reference, blocks,
-                                 field.kind)
+        return _check_input_reference(
+            parsed, step, block, field.name, reference, inputs, wanted
+        )
+    return _check_step_reference(
+        parsed, step, block, field.name, reference, blocks, field.kind
+    )
 
 
 def value_problem(field: Field, value: Any) -> str | None:
@@ -94,8 +120,10 @@ def value_problem(field: Field, value: Any) -> str | None:
 
     Applies to literals in a definition and to parameter values sent with a run.
     """
-    if field.types and not isinstance(value, field.types) or (
-        isinstance(value, bool) and bool not in field.types
+    if (
+        field.types
+        and not isinstance(value, field.types)
+        or (isinstance(value, bool) and bool not in field.types)
     ):
         names = " or ".join(t.__name__.replace("NoneType", "null") for t in field.types)
         return f"must be {names}, got {type(value).__name__} {value!r}"
@@ -112,51 +140,72 @@ def _check_literal(parsed, step, block, field, value) -> Literal | None:
     return Literal(value)
 
 
-def _check_input_reference(parsed, step, block, field_name, reference: InputRef,
-                           inputs, wanted_kind) -> InputRef | None:
+def _check_input_reference(
+    parsed, step, block, field_name, reference: InputRef, inputs, wanted_kind
+) -> InputRef | None:
     spec = inputs.get(reference.name)
     if spec is None:
-        parsed.error(step, block.type, field_name,
-                     f"'$inputs.{reference.name}' names no input; declared inputs: "
-                     f"{', '.join(inputs) or 'none'}")
+        parsed.error(
+            step,
+            block.type,
+            field_name,
+            f"'$inputs.{reference.name}' names no input; declared inputs: "
+            f"{', '.join(inputs) or 'none'}",
+        )
         return None
     if wanted_kind is not None and spec.kind != wanted_kind:
-        parsed.error(step, block.type, field_name,
-                     f"'$inputs.{reference.name}' is a {spec.kind} input, this field "
-                     f"needs a {wanted_kind} input")
+        parsed.error(
+            step,
+            block.type,
+            field_name,
+            f"'$inputs.{reference.name}' is a {spec.kind} input, this field "
+            f"needs a {wanted_kind} input",
+        )
         return None
     return reference
 
 
-def _check_step_reference(parsed, step, block, field_name, reference: StepRef,
-                          blocks, wanted_kind) -> StepRef | None:
+def _check_step_reference(
+    parsed, step, block, field_name, reference: StepRef, blocks, wanted_kind
+) -> StepRef | None:
     source = blocks.get(reference.step)
     if source is None:
         if reference.step in parsed.broken_steps:
             return None
-        parsed.error(step, block.type, field_name,
-                     f"'$steps.{reference.step}' names no step")
+        parsed.error(
+            step, block.type, field_name, f"'$steps.{reference.step}' names no step"
+        )
         return None
     if reference.output == "*":
-        parsed.error(step, block.type, field_name,
-                     "'$steps.<step>.*' is only allowed in outputs")
+        parsed.error(
+            step, block.type, field_name, "'$steps.<step>.*' is only allowed in outputs"
+        )
         return None
     output_kind = source.outputs.get(reference.output)
     if output_kind is None:
-        parsed.error(step, block.type, field_name,
-                     f"step '{reference.step}' has no output '{reference.output}'; "
-                     f"its outputs: {', '.join(source.outputs)}")
+        parsed.error(
+            step,
+            block.type,
+            field_name,
+            f"step '{reference.step}' has no output '{reference.output}'; "
+            f"its outputs: {', '.join(source.outputs)}",
+        )
         return None
     if wanted_kind not in (ANY, output_kind):
-        parsed.error(step, block.type, field_name,
-                     f"'$steps.{reference.step}.{reference.output}' is of kind "
-                     f"'{output_kind}', this field needs '{wanted_kind}'")
+        parsed.error(
+            step,
+            block.type,
+            field_name,
+            f"'$steps.{reference.step}.{reference.output}' is of kind "
+            f"'{output_kind}', this field needs '{wanted_kind}'",
+        )
         return None
     return reference
 
 
-def order_steps(parsed: ParsedDefinition,
-                bound: dict[str, dict[str, Binding]]) -> list[StepPlan]:
+def order_steps(
+    parsed: ParsedDefinition, bound: dict[str, dict[str, Binding]]
+) -> list[StepPlan]:
     """Return the steps with dependencies first; a cycle goes to ``parsed.errors``."""
     blocks = {name: block for name, block, _ in parsed.steps}
     sorter: TopologicalSorter[str] = TopologicalSorter()
@@ -171,12 +220,19 @@ def order_steps(parsed: ParsedDefinition,
         cycle = error.args[1]
         step, source = cycle[0], cycle[-2]
         field_name = next(
-            (field for field, binding in bound[step].items()
-             if isinstance(binding, StepRef) and binding.step == source),
+            (
+                field
+                for field, binding in bound[step].items()
+                if isinstance(binding, StepRef) and binding.step == source
+            ),
             None,
         )
-        parsed.error(step, blocks[step].type, field_name,
-                     f"steps form a cycle: {' -> '.join(cycle)}")
+        parsed.error(
+            step,
+            blocks[step].type,
+            field_name,
+            f"steps form a cycle: {' -> '.join(cycle)}",
+        )
         return []
     dimensions: dict[str, int] = {}
     plans = []
@@ -188,8 +244,11 @@ def order_steps(parsed: ParsedDefinition,
             default=0,
         )
         dimensions[name] = inherited + block.adds_dimension
-        plans.append(StepPlan(name=name, block=block(), bindings=bindings,
-                              dimension=dimensions[name]))
+        plans.append(
+            StepPlan(
+                name=name, block=block(), bindings=bindings, dimension=dimensions[name]
+            )
+        )
     return plans
 
 
@@ -202,28 +261,49 @@ def bind_outputs(parsed: ParsedDefinition) -> list[OutputSpec]:
         reference = parse_selector(selector)
         where = f"outputs.{name}.selector"
         if reference is None:
-            parsed.error(None, "JsonField", where,
-                         f"output '{name}' needs a selector like $steps.<step>.<output>, "
-                         f"got {selector!r}")
+            parsed.error(
+                None,
+                "JsonField",
+                where,
+                f"output '{name}' needs a selector like $steps.<step>.<output>, "
+                f"got {selector!r}",
+            )
             continue
         if isinstance(reference, InputRef) and reference.name not in inputs:
-            parsed.error(None, "JsonField", where,
-                         f"output '{name}': '$inputs.{reference.name}' names no input")
+            parsed.error(
+                None,
+                "JsonField",
+                where,
+                f"output '{name}': '$inputs.{reference.name}' names no input",
+            )
             continue
         if isinstance(reference, StepRef):
             source = blocks.get(reference.step)
             if source is None:
                 if reference.step in parsed.broken_steps:
                     continue
-                parsed.error(None, "JsonField", where,
-                             f"output '{name}': '$steps.{reference.step}' names no step")
+                parsed.error(
+                    None,
+                    "JsonField",
+                    where,
+                    f"output '{name}': '$steps.{reference.step}' names no step",
+                )
                 continue
             if reference.output != "*" and reference.output not in source.outputs:
-                parsed.error(None, "JsonField", where,
-                             f"output '{name}': step '{reference.step}' has no output "
-                             f"'{reference.output}'; its outputs: "
-                             f"{', '.join(source.outputs)}")
+                parsed.error(
+                    None,
+                    "JsonField",
+                    where,
+                    f"output '{name}': step '{reference.step}' has no output "
+                    f"'{reference.output}'; its outputs: "
+                    f"{', '.join(source.outputs)}",
+                )
                 continue
-        specs.append(OutputSpec(name=name, binding=reference,
-                                coordinates=item.get("coordinates_system", "own")))
+        specs.append(
+            OutputSpec(
+                name=name,
+                binding=reference,
+                coordinates=item.get("coordinates_system", "own"),
+            )
+        )
     return specs

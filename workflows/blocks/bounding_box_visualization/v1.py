@@ -18,8 +18,16 @@ from workflows.images import WorkflowImage
 
 # BGR colours, one per class id modulo the palette length.
 PALETTE = [
-    (56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207),
-    (10, 249, 72), (23, 204, 146), (134, 219, 61), (52, 147, 26), (187, 212, 0),
+    (56, 56, 255),
+    (151, 157, 255),
+    (31, 112, 255),
+    (29, 178, 255),
+    (49, 210, 207),
+    (10, 249, 72),
+    (23, 204, 146),
+    (134, 219, 61),
+    (52, 147, 26),
+    (187, 212, 0),
 ]
 
 
@@ -32,8 +40,13 @@ class BoundingBoxVisualizationBlock(Block):
         Field("image", IMAGE, "Image to draw on."),
         Field("predictions", DETECTIONS, "Detections to draw."),
         Field(
-            "thickness", VALUE, "Line thickness in pixels.",
-            required=False, default=2, types=(int,), check=positive_integer,
+            "thickness",
+            VALUE,
+            "Line thickness in pixels.",
+            required=False,
+            default=2,
+            types=(int,),
+            check=positive_integer,
         ),
     )
     outputs = {"image": IMAGE}
@@ -53,12 +66,20 @@ class BoundingBoxVisualizationBlock(Block):
             cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
             label = f"{predictions.class_names[i]} {predictions.confidence[i]:.2f}"
             cv2.putText(
-                canvas, label, (x1, max(y1 - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX,
-                0.5, colour, 1, cv2.LINE_AA,
+                canvas,
+                label,
+                (x1, max(y1 - 4, 10)),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.5,
+                colour,
+                1,
+                cv2.LINE_AA,
             )
         return {
             "image": WorkflowImage.from_pixels(
-                canvas, parent_id=image.parent_id, origin=image.origin,
+                canvas,
+                parent_id=image.parent_id,
+                origin=image.origin,
                 root_size=image.root_size,
             )
         }

@@ -21,16 +21,28 @@ class DetectionsFilterBlock(Block):
     type = "roboflow_core/detections_filter@v1"
     aliases = ("DetectionsFilter",)
     title = "Filter detections"
-    description = "Keeps detections whose class is listed and whose confidence is high enough."
+    description = (
+        "Keeps detections whose class is listed and whose confidence is high enough."
+    )
     fields = (
         Field("predictions", DETECTIONS, "Detections to filter."),
         Field(
-            "class_names", VALUE, "Classes to keep; null keeps every class.",
-            required=False, default=None, types=(list, NoneType), check=list_of_strings,
+            "class_names",
+            VALUE,
+            "Classes to keep; null keeps every class.",
+            required=False,
+            default=None,
+            types=(list, NoneType),
+            check=list_of_strings,
         ),
         Field(
-            "min_confidence", VALUE, "Minimum confidence kept.",
-            required=False, default=0.0, types=(int, float), check=number_between(0, 1),
+            "min_confidence",
+            VALUE,
+            "Minimum confidence kept.",
+            required=False,
+            default=0.0,
+            types=(int, float),
+            check=number_between(0, 1),
         ),
     )
     outputs = {"predictions": DETECTIONS}

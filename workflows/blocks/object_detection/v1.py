@@ -31,36 +31,62 @@ class ObjectDetectionBlock(Block):
     type = "roboflow_core/roboflow_object_detection_model@v1"
     aliases = ("ObjectDetectionModel", "RoboflowObjectDetectionModel")
     title = "Object detection"
-    description = "Finds objects with a YOLO detector; the model stays loaded on the runner."
+    description = (
+        "Finds objects with a YOLO detector; the model stays loaded on the runner."
+    )
     uses_model = True
     fields = (
         Field("images", IMAGE, "Image (or crops) to run the model on."),
         Field(
-            "model_id", VALUE,
+            "model_id",
+            VALUE,
             "Model id: a file in the model directory, an upload, or an ultralytics "
             "architecture such as yolov8n.yaml (untrained).",
             types=(str,),
         ),
         Field(
-            "confidence", VALUE, "Minimum confidence of a detection.",
-            required=False, default=0.4, types=(int, float), check=number_between(0, 1),
+            "confidence",
+            VALUE,
+            "Minimum confidence of a detection.",
+            required=False,
+            default=0.4,
+            types=(int, float),
+            check=number_between(0, 1),
         ),
         Field(
-            "iou_threshold", VALUE, "IoU above which non-max suppression merges boxes.",
-            required=False, default=0.3, types=(int, float), check=number_between(0, 1),
+            "iou_threshold",
+            VALUE,
+            "IoU above which non-max suppression merges boxes.",
+            required=False,
+            default=0.3,
+            types=(int, float),
+            check=number_between(0, 1),
         ),
         Field(
-            "max_detections", VALUE, "Maximum detections kept per image.",
-            required=False, default=300, types=(int,), check=positive_integer,
+            "max_detections",
+            VALUE,
+            "Maximum detections kept per image.",
+            required=False,
+            default=300,
+            types=(int,),
+            check=positive_integer,
         ),
         Field(
-            "class_filter", VALUE, "Class names to keep; empty or null keeps all.",
-            required=False, default=None, types=(list, NoneType),
+            "class_filter",
+            VALUE,
+            "Class names to keep; empty or null keeps all.",
+            required=False,
+            default=None,
+            types=(list, NoneType),
             check=list_of_strings,
         ),
         Field(
-            "class_agnostic_nms", VALUE, "Suppress overlapping boxes across classes.",
-            required=False, default=False, types=(bool,),
+            "class_agnostic_nms",
+            VALUE,
+            "Suppress overlapping boxes across classes.",
+            required=False,
+            default=False,
+            types=(bool,),
         ),
     )
     outputs = {"predictions": DETECTIONS, "inference_id": VALUE}

@@ -12,12 +12,21 @@ from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
 
 IMAGE_PROPERTIES = ("width", "height", "aspect_ratio", "size")
-DETECTION_PROPERTIES = ("class_name", "class_id", "confidence", "x", "y", "width",
-                        "height", "detection_id")
+DETECTION_PROPERTIES = (
+    "class_name",
+    "class_id",
+    "confidence",
+    "x",
+    "y",
+    "width",
+    "height",
+    "detection_id",
+)
 OPERATIONS = {
     "ExtractImageProperty": "property_name: one of " + ", ".join(IMAGE_PROPERTIES),
     "SequenceLength": "number of detections or items",
-    "DetectionsPropertyExtract": "property_name: one of " + ", ".join(DETECTION_PROPERTIES),
+    "DetectionsPropertyExtract": "property_name: one of "
+    + ", ".join(DETECTION_PROPERTIES),
     "ToString": "str() of the value",
 }
 
@@ -26,10 +35,10 @@ def check_operations(value: Any) -> str | None:
     if not isinstance(value, list) or not value:
         return "must be a non-empty list of operations"
     for index, operation in enumerate(value):
-        if not isinstance(operation, dict) or operation.get("type") not in OPERATIONS:
+        kind = operation.get("type") if isinstance(operation, dict) else operation
+        if not isinstance(kind, str) or kind not in OPERATIONS:
             return (
-                f"operation {index} has unknown type "
-                f"{operation.get('type') if isinstance(operation, dict) else operation!r}; "
+                f"operation {index} has unknown type {kind!r}; "
                 f"supported: {', '.join(OPERATIONS)}"
             )
         name = operation.get("property_name")
@@ -39,7 +48,10 @@ def check_operations(value: Any) -> str | None:
             operation["type"] == "DetectionsPropertyExtract"
             and name not in DETECTION_PROPERTIES
         ):
-            return f"operation {index}: property_name must be one of {DETECTION_PROPERTIES}"
+            return (
+                f"operation {index}: property_name must be one of "
+                f"{DETECTION_PROPERTIES}"
+            )
     return None
 
 
@@ -47,18 +59,25 @@ class PropertyDefinitionBlock(Block):
     type = "roboflow_core/property_definition@v1"
     aliases = ("PropertyDefinition",)
     title = "Property"
-    description = "Extracts a property: image width/height/aspect ratio, detection count or class names."
+    description = (
+        "Extracts a property: image width/height/aspect ratio, detection count "
+        "or class names."
+    )
     fields = (
         Field("data", ANY, "Image or detections to read the property from."),
         Field(
-            "operations", VALUE,
-            "Operations applied in order, e.g. [{\"type\": \"SequenceLength\"}].",
-            types=(list,), check=check_operations,
+            "operations",
+            VALUE,
+            'Operations applied in order, e.g. [{"type": "SequenceLength"}].',
+            types=(list,),
+            check=check_operations,
         ),
     )
     outputs = {"output": VALUE}
 
-    def run(self, context: StepContext, *, data: Any, operations: list) -> dict[str, Any]:
+    def run(
+        self, context: StepContext, *, data: Any, operations: list
+    ) -> dict[str, Any]:
         value = data
         for operation in operations:
             value = _apply(operation, value, context.step_name)
@@ -106,5 +125,7 @@ def _detection_property(detections: Detections, name: str) -> list:
 
 def _wrong_input(kind: str, value: Any, expected: str, step: str) -> StepExecutionError:
     return StepExecutionError(
-        f"{kind} needs {expected}, got {type(value).__name__}", step=step, user_error=True
+        f"{kind} needs {expected}, got {type(value).__name__}",
+        step=step,
+        user_error=True,
     )
