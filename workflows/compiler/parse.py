@@ -106,7 +106,7 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
             )
             continue
         seen.add(name)
-        if input_type not in INPUT_TYPES:
+        if not isinstance(input_type, str) or input_type not in INPUT_TYPES:
             parsed.error(
                 None,
                 input_type,

@@ -1,0 +1,89 @@
+"""Any JSON at all either compiles or raises DefinitionError, nothing else."""
+
+import copy
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.definitions import detection
+from workflows.compiler import build_plan
+from workflows.errors import DefinitionError
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.sampled_from(
+        ["$inputs.image", "$steps.people.*", "$steps.count.output", "$", "$steps.."]
+    ),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def compiles_or_reports(definition) -> None:
+    try:
+        build_plan(definition, "digest")
+    except DefinitionError as error:
+        assert error.errors
+        assert error.to_dict()["message"]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values)
+def test_compile_arbitrary_json(value):
+    compiles_or_reports(value)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    section=st.sampled_from(["inputs", "steps", "outputs"]),
+    index=st.integers(min_value=0, max_value=3),
+    key=st.sampled_from(
+        [
+            "type",
+            "name",
+            "images",
+            "model_id",
+            "confidence",
+            "data",
+            "operations",
+            "selector",
+            "default_value",
+            "coordinates_system",
+            "class_filter",
+        ]
+    ),
+    value=json_values,
+)
+def test_compile_mutated_definition(section, index, key, value):
+    definition = copy.deepcopy(detection())
+    items = definition[section]
+    if index < len(items) and isinstance(items[index], dict):
+        items[index][key] = value
+    else:
+        items.append({key: value})
+    compiles_or_reports(definition)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(inputs=json_values)
+def test_read_inputs_arbitrary_json(inputs):
+    from workflows.errors import InputError
+    from workflows.inputs import read_inputs
+
+    definition = detection()
+    definition["inputs"].append(
+        {"type": "WorkflowParameter", "name": "threshold", "default_value": 0.5}
+    )
+    definition["steps"][0]["confidence"] = "$inputs.threshold"
+    plan = build_plan(definition, "digest")
+    try:
+        read_inputs(plan, inputs, max_pixels=1_000_000)
+    except InputError as error:
+        assert error.to_dict()["message"]
