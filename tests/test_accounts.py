@@ -70,3 +70,24 @@ def test_token_list_shows_only_own_tokens(client, alice, bob):
     page = client.get("/tokens/").content.decode()
     assert "alice-token" in page
     assert "bob-secret-name" not in page
+
+
+def test_token_use_is_recorded(alice):
+    token, key = ApiToken.issue(alice, "script")
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    api.get("/api/workflows/")
+    token.refresh_from_db()
+    assert token.last_used_at is not None
+
+
+def test_unknown_api_route_answers_json(alice_client):
+    response = alice_client.post("/api/nothing-here", {}, format="json")
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
+
+
+def test_unknown_page_answers_html(client, db):
+    response = client.get("/no/such/page")
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")

@@ -5,6 +5,9 @@ parameter, or an ``api_key`` field in a JSON body (what ``inference-sdk``
 sends).
 """
 
+from datetime import timedelta
+
+from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from webapp.models import ApiToken, hash_token
@@ -37,13 +40,27 @@ def _api_key_from_body(request) -> str | None:
     return None
 
 
+# last_used_at is written at most this often per token, to keep a database
+# write off most requests.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
 def authenticate_key(key: str) -> ApiToken | None:
-    return (
+    token = (
         ApiToken.objects.active()
         .select_related("user")
         .filter(key_hash=hash_token(key), user__is_active=True)
         .first()
     )
+    if token is not None:
+        now = timezone.now()
+        if (
+            token.last_used_at is None
+            or now - token.last_used_at > LAST_USED_RESOLUTION
+        ):
+            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+            token.last_used_at = now
+    return token
 
 
 class ApiTokenAuthentication(authentication.BaseAuthentication):

@@ -52,3 +52,6 @@ urlpatterns = [
         roboflow.StoredWorkflowRunView.as_view(),
     ),
 ]
+
+handler404 = "webapp.handlers.not_found"
+handler500 = "webapp.handlers.server_error"
