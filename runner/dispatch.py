@@ -53,14 +53,18 @@ def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list
         if model_id in seen:
             continue
         source = resolve_model(model_id, owner_id, step=step)
-        seen[model_id] = {"model_id": model_id, "source": source.to_dict()}
+        seen[model_id] = {
+            "model_id": model_id,
+            "cache_key": source.cache_key,
+            "source": source.to_dict(),
+        }
     return list(seen.values())
 
 
-def choose_queue(model_ids: list[str], runners: list[fleet.RunnerState]) -> str:
+def choose_queue(cache_keys: list[str], runners: list[fleet.RunnerState]) -> str:
     """Send the run to an idle runner holding all its models, else the shared queue."""
-    if model_ids:
-        hot = [r for r in runners if set(model_ids) <= r.loaded_models]
+    if cache_keys:
+        hot = [r for r in runners if set(cache_keys) <= r.loaded_models]
         idle = [r for r in hot if not r.busy and r.queue_length == 0]
         if idle:
             return keys.runner_queue(idle[0].name)
@@ -80,14 +84,14 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
             hint="Start one with 'python manage.py runner', or send the run "
             "asynchronously to queue it until a runner starts.",
         )
-    model_ids = [m["model_id"] for m in models]
+    cache_keys = [m["cache_key"] for m in models]
     if submission.runner:
         queue_name = keys.runner_queue(submission.runner)
     else:
-        queue_name = choose_queue(model_ids, runners)
+        queue_name = choose_queue(cache_keys, runners)
     for model in models:
         model["predicted_hot"] = any(
-            model["model_id"] in r.loaded_models for r in runners
+            model["cache_key"] in r.loaded_models for r in runners
         )
 
     run = Run(
@@ -134,6 +138,26 @@ def _store_images(run_id: str, images: dict[str, list[bytes]]) -> None:
     pipeline.execute()
 
 
+def job_snapshot(run: Run) -> dict[str, Any]:
+    """The run's fields a runner needs, carried in the job so it reads no row.
+
+    All small: the definition stays in the database and is read only when the
+    runner has no plan cached for its digest.
+    """
+    return {
+        "owner_id": run.owner_id,
+        "workflow_version_id": run.workflow_version_id,
+        "definition_digest": run.definition_digest,
+        "parameters": run.parameters,
+        "image_info": run.image_info,
+        "batch_size": run.batch_size,
+        "model_refs": run.model_refs,
+        "queued_at_ns": run.queued_at_ns,
+        "request_us": run.request_us,
+        "warnings": run.warnings,
+    }
+
+
 def _enqueue(run: Run) -> None:
     try:
         connection = get_redis()
@@ -144,6 +168,7 @@ def _enqueue(run: Run) -> None:
             Queue(run.queue_name, connection=connection).enqueue_call(
                 func="runner.jobs.execute_run",
                 args=(str(run.id),),
+                kwargs={"snapshot": job_snapshot(run)},
                 job_id=str(run.id),
                 timeout=-1,
                 result_ttl=0,

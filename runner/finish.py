@@ -54,6 +54,9 @@ def finish_run(
 ) -> bool:
     """Store the result and the bill; return False if someone else finished it."""
     now = timezone.now()
+    # Out before the run reads as finished: a subscriber that connects in
+    # between then replays every phase and waits for the live "done".
+    events.flush()
     with transaction.atomic():
         updated = Run.objects.filter(
             pk=run.pk, status=Run.Status.RUNNING, runner_name=runner_name

@@ -29,7 +29,8 @@ class RunnerState:
 
     @property
     def loaded_models(self) -> set[str]:
-        return {model["model_id"] for model in self.data.get("models", [])}
+        """Cache keys (see ModelSource.cache_key) of the models loaded."""
+        return {model["cache_key"] for model in self.data.get("models", [])}
 
     @property
     def queue_length(self) -> int:

@@ -16,16 +16,22 @@ from runner.registry import ModelSource
 from runner.runtime import current_runtime
 from webapp.redis import get_redis
 from workflows.compiler import plan_cache
+from workflows.compiler.plan import ExecutionPlan
 from workflows.errors import InputError, WorkflowError
 from workflows.executor import collect_outputs, execute_plan
 from workflows.images import WorkflowImage
+from workflows.models import WorkflowVersion
 from workflows.timing import RunTimer
 
 logger = logging.getLogger(__name__)
 
 
-def execute_run(run_id: str) -> None:
-    """Claim the run, execute it, and finish it with its bill."""
+def execute_run(run_id: str, snapshot: dict | None = None) -> None:
+    """Claim the run, execute it, and finish it with its bill.
+
+    ``snapshot`` holds the run's fields (see dispatch.job_snapshot); jobs
+    queued without one read the row instead.
+    """
     started = time.perf_counter_ns()
     started_wall = time.time_ns()
     runtime = current_runtime()
@@ -37,7 +43,10 @@ def execute_run(run_id: str) -> None:
             "runner %s: run %s is no longer queued; skipped", runtime.name, run_id
         )
         return
-    run = Run.objects.select_related("workflow_version").get(pk=run_id)
+    if snapshot is not None:
+        run = Run(id=run_id, **snapshot)
+    else:
+        run = Run.objects.get(pk=run_id)
     runtime.current_run = run_id
     try:
         _execute(run, runtime, started, started_wall)
@@ -68,16 +77,14 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
     policy = BillingPolicy.from_settings()
     outputs, outputs_json, error, status = None, "null", None, Run.Status.SUCCEEDED
     platform_failure = False
+    plan = None
     try:
-        compiled = plan_cache.compile(run.definition())
-        timer.compile_ns = compiled.duration_ns
-        timer.compile_cache_hit = compiled.cache_hit
+        plan = _plan_for(run, timer)
         events.emit(
             "compile",
-            duration=compiled.duration_ns // 1000,
-            cache_hit=compiled.cache_hit,
+            duration=timer.compile_ns // 1000,
+            cache_hit=timer.compile_cache_hit,
         )
-        plan = compiled.plan
         images = _fetch_images(run, [spec.name for spec in plan.image_inputs])
         sources = {
             m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs
@@ -117,13 +124,7 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
         logger.exception("run %s crashed on runner %s", run.pk, runtime.name)
 
     runner_total_ns = time.perf_counter_ns() - started
-    step_types = {}
-    if run.definition():
-        step_types = {
-            s.get("name"): s.get("type", "")
-            for s in run.definition().get("steps", [])
-            if isinstance(s, dict)
-        }
+    step_types = {step.name: step.block.type for step in plan.steps} if plan else {}
     breakdown = timer.breakdown(
         runner_total_ns=runner_total_ns,
         request_us=run.request_us,
@@ -147,6 +148,29 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
         runner_name=runtime.name,
         events=events,
     )
+
+
+def _plan_for(run: Run, timer: RunTimer) -> ExecutionPlan:
+    """Find the plan by digest, compiling the stored definition on a miss.
+
+    The compile component includes reading the definition from the database,
+    which only happens on a miss.
+    """
+    started = time.perf_counter_ns()
+    plan = plan_cache.get(run.definition_digest)
+    timer.compile_cache_hit = plan is not None
+    if plan is None:
+        if run.workflow_version_id is not None:
+            definition = WorkflowVersion.objects.values_list(
+                "definition", flat=True
+            ).get(pk=run.workflow_version_id)
+        else:
+            definition = Run.objects.values_list("inline_definition", flat=True).get(
+                pk=run.pk
+            )
+        plan = plan_cache.compile(definition).plan
+    timer.compile_ns = time.perf_counter_ns() - started
+    return plan
 
 
 def _fetch_images(run: Run, names: list[str]) -> dict[str, list[WorkflowImage]]:

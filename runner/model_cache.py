@@ -103,7 +103,8 @@ class ModelCache:
         with self._lock:
             return [
                 {
-                    "model_id": key,
+                    "model_id": entry.source.model_id,
+                    "cache_key": key,
                     "memory_bytes": entry.memory_bytes,
                     "pretrained": entry.source.pretrained,
                     "last_used": entry.last_used,
@@ -116,14 +117,14 @@ class ModelCache:
         with self._lock:
             return sum(entry.memory_bytes for entry in self._entries.values())
 
-    def is_loaded(self, model_id: str) -> bool:
-        return model_id in self._entries
+    def is_loaded(self, source: ModelSource) -> bool:
+        return source.cache_key in self._entries
 
     # -- loading and eviction --
 
     def get(self, source: ModelSource, use: ModelUse) -> LoadedModel:
         """Return the loaded model, loading it (and timing the load) on a miss."""
-        key = source.model_id
+        key = source.cache_key
         entry = self._entries.get(key)
         if entry is None:
             self._make_room(self._known_sizes.get(key, 0), keep=key)
@@ -151,17 +152,18 @@ class ModelCache:
                         self.budget_bytes,
                     )
                 return
-            self.evict(self.policy.victim(candidates).source.model_id)
+            self.evict(self.policy.victim(candidates).source.cache_key)
 
-    def evict(self, model_id: str) -> None:
+    def evict(self, cache_key: str) -> None:
         with self._lock:
-            entry = self._entries.pop(model_id, None)
+            entry = self._entries.pop(cache_key, None)
         if entry is None:
             return
         self.evictions += 1
         logger.info(
-            "evicted model %s (%d bytes, policy %s)",
-            model_id,
+            "evicted model %s (%s, %d bytes, policy %s)",
+            entry.source.model_id,
+            cache_key,
             entry.memory_bytes,
             self.policy.name,
         )
@@ -246,7 +248,7 @@ class ModelProvider:
         )
         if step not in use.steps:
             use.steps.append(step)
-        was_loaded = self.cache.is_loaded(model_id)
+        was_loaded = self.cache.is_loaded(source)
         entry = self.cache.get(source, use)
         if not was_loaded:
             self.timer.emit(

@@ -13,6 +13,7 @@ Roboflow-style ids with an input size suffix (``yolov8n-640``) resolve like
 the name without it and run at that size.
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -20,12 +21,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from django.conf import settings
 
 from workflows.errors import ModelNotFoundError
 
 SIZE_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<size>\d{3,4})$")
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
+# Matched with fullmatch: 1 to 200 characters, starting with a letter or digit.
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}")
+# Input sizes a size suffix may ask for, in pixels.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1920
 
 UNTRAINED_LABEL = "untrained architecture: random weights, detections are meaningless"
 
@@ -38,6 +43,15 @@ class ModelSource:
     path: str
     pretrained: bool
     image_size: int | None = None
+
+    @property
+    def cache_key(self) -> str:
+        """What a runner's model cache keys the loaded model by.
+
+        The weights file and input size, not the id: two users' uploads may
+        share an id, and aliases of one file share one loaded model.
+        """
+        return f"{self.kind}:{self.path}:{self.image_size or 0}"
 
     @property
     def label(self) -> str:
@@ -81,11 +95,12 @@ def resolve_model(
         found = _from_uploads(model_id, owner_id, searched)
         if found:
             return found
-    if not SAFE_ID.match(model_id) or ".." in model_id.split("/"):
+    if not SAFE_ID.fullmatch(model_id) or ".." in model_id.split("/"):
         raise ModelNotFoundError(
-            model_id,
-            ["(ids may contain letters, digits, '.', '_', '-' and '/')"],
+            model_id[:200],
+            [],
             step=step,
+            reason="ids are 1 to 200 letters, digits, '.', '_', '-' and '/'",
         )
     if model_id.endswith((".yaml", ".yml")):
         return _architecture(model_id, model_id, None, searched, step)
@@ -93,12 +108,20 @@ def resolve_model(
     names = [model_id]
     match = SIZE_SUFFIX.match(model_id)
     if match:
+        size = int(match["size"])
+        if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+            raise ModelNotFoundError(
+                model_id,
+                [],
+                step=step,
+                reason=f"a size suffix must be from {MIN_IMAGE_SIZE} to "
+                f"{MAX_IMAGE_SIZE} pixels, got {size}",
+            )
         names.append(match["name"])
     for name in names:
         found = _from_files(model_id, name, searched)
         if found:
             if name != model_id:
-                size = int(match["size"])
                 return ModelSource(
                     found.model_id, found.kind, found.path, found.pretrained, size
                 )
@@ -153,18 +176,42 @@ def _from_files(model_id: str, name: str, searched: list[str]) -> ModelSource | 
 SCALED_NAME = re.compile(r"^(?P<family>.+\d+)(?P<scale>[nslmx])(?P<rest>.*)\.ya?ml$")
 
 
-def _architecture(model_id, name, size, searched, step) -> ModelSource:
+def _config_root() -> Path | None:
     spec = importlib.util.find_spec("ultralytics")
-    config_root = Path(spec.origin).parent / "cfg" / "models" if spec else None
-    searched.append(f"ultralytics model configurations ({config_root})")
+    return Path(spec.origin).parent / "cfg" / "models" if spec else None
+
+
+@functools.lru_cache(maxsize=256)
+def _architecture_head(name: str) -> str | None:
+    """Return the last head layer of an ultralytics model YAML, None if absent."""
+    config_root = _config_root()
     if config_root is None:
-        raise ModelNotFoundError(model_id, searched, step=step)
-    wanted = {Path(name).name}
+        return None
+    wanted = [Path(name).name]
     match = SCALED_NAME.match(Path(name).name)
     if match:
-        wanted.add(f"{match['family']}{match['rest']}.yaml")
-    if not any(next(config_root.rglob(candidate), None) for candidate in wanted):
+        wanted.append(f"{match['family']}{match['rest']}.yaml")
+    for candidate in wanted:
+        found = next(config_root.rglob(candidate), None)
+        if found is not None:
+            head = yaml.safe_load(found.read_text()).get("head") or [[None, None, ""]]
+            return str(head[-1][2])
+    return None
+
+
+def _architecture(model_id, name, size, searched, step) -> ModelSource:
+    searched.append(f"ultralytics model configurations ({_config_root()})")
+    head = _architecture_head(name)
+    if head is None:
         raise ModelNotFoundError(model_id, searched, step=step)
+    if head != "Detect":
+        raise ModelNotFoundError(
+            model_id,
+            [],
+            step=step,
+            reason=f"the architecture ends in a {head} head; only object detection "
+            "(a Detect head) runs here",
+        )
     return ModelSource(
         model_id, "architecture", name, pretrained=False, image_size=size
     )

@@ -104,7 +104,7 @@ class ModelListView(APIView):
         """
         model_id = request.data.get("model_id", "")
         upload = request.FILES.get("file")
-        if not SAFE_ID.match(model_id or "") or ".." in model_id:
+        if not SAFE_ID.fullmatch(model_id or "") or ".." in model_id:
             raise MalformedRequest(
                 "model_id must start with a letter or digit and contain only letters, "
                 "digits, '.', '_', '-' and '/'",

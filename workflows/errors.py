@@ -108,9 +108,21 @@ class ModelNotFoundError(WorkflowError):
 
     code = "model_not_found"
 
-    def __init__(self, model_id: str, searched: list[str], step: str | None = None):
+    def __init__(
+        self,
+        model_id: str,
+        searched: list[str],
+        step: str | None = None,
+        reason: str | None = None,
+    ):
+        """``reason`` replaces the list of places when the id itself is unusable."""
+        message = (
+            f"Model '{model_id}' cannot be used: {reason}"
+            if reason
+            else f"Model '{model_id}' not found; looked in: {'; '.join(searched)}"
+        )
         super().__init__(
-            f"Model '{model_id}' not found; looked in: {'; '.join(searched)}",
+            message,
             context="model_resolution",
             step=step,
             field_name="model_id",

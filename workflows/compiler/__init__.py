@@ -95,6 +95,14 @@ class PlanCache:
                     self._plans.popitem(last=False)
         return CompileResult(plan, cache_hit, time.perf_counter_ns() - started)
 
+    def get(self, digest: str) -> ExecutionPlan | None:
+        """Return the cached plan for a definition digest, or None."""
+        with self._lock:
+            plan = self._plans.get(digest)
+            if plan is not None:
+                self._plans.move_to_end(digest)
+        return plan
+
     def clear(self) -> None:
         with self._lock:
             self._plans.clear()

@@ -1,0 +1,79 @@
+"""Model ids: where they resolve, what is rejected, what shares a cache entry."""
+
+import pytest
+
+from runner.models import ModelUpload
+from runner.registry import resolve_model
+from workflows.errors import ModelNotFoundError
+
+
+def test_resolve_model_dir_weights(db):
+    source = resolve_model("people-detector")
+    assert source.kind == "model_dir"
+    assert source.pretrained is True
+
+
+def test_resolve_size_suffix(db):
+    source = resolve_model("people-detector-480")
+    assert source.image_size == 480
+    assert source.path == resolve_model("people-detector").path
+
+
+def test_resolve_architecture_is_untrained(db):
+    source = resolve_model("yolov8n.yaml")
+    assert source.kind == "architecture"
+    assert source.pretrained is False
+    assert "untrained" in source.label
+
+
+@pytest.mark.parametrize("model_id", ["yolov8n-cls.yaml", "yolov8n-seg.yaml"])
+def test_resolve_rejects_non_detection_architecture(db, model_id):
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(model_id)
+    assert "Detect" in caught.value.message
+
+
+@pytest.mark.parametrize("model_id", ["people-detector-9999", "people-detector-0010"])
+def test_resolve_rejects_size_out_of_range(db, model_id):
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(model_id)
+    assert "size suffix" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "model_id", ["../secret", "/etc/passwd", "nl\n", "x" * 201, ""]
+)
+def test_resolve_rejects_unsafe_ids(db, model_id):
+    with pytest.raises(ModelNotFoundError):
+        resolve_model(model_id)
+
+
+def test_unknown_model_lists_places_searched(db):
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model("no-such-model")
+    assert "no-such-model.pt" in caught.value.message
+
+
+def test_uploads_are_per_user(db, alice, bob, tmp_path):
+    weights = tmp_path / "alice.pt"
+    weights.write_bytes(b"not used by resolution")
+    ModelUpload.objects.create(
+        owner=alice,
+        model_id="people-detector",
+        path=str(weights),
+        size_bytes=1,
+        sha256="0",
+        task="detect",
+    )
+    for_alice = resolve_model("people-detector", alice.id)
+    for_bob = resolve_model("people-detector", bob.id)
+    assert for_alice.kind == "upload"
+    assert for_bob.kind == "model_dir"
+    assert for_alice.cache_key != for_bob.cache_key
+
+
+def test_aliases_of_one_file_share_cache_key(db):
+    assert (
+        resolve_model("people-detector").cache_key
+        == resolve_model("people-detector.pt").cache_key
+    )
