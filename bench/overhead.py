@@ -537,7 +537,8 @@ def runner_state(wanted_models: frozenset[str] = frozenset()) -> dict[str, Any]:
     deadline = time.monotonic() + HEARTBEAT_WAIT_S
     while True:
         runners = fleet.live_runners()
-        if runners and wanted_models <= runners[0].loaded_models:
+        models = runners[0].data["models"] if runners else []
+        if runners and wanted_models <= {model["model_id"] for model in models}:
             return runners[0].data
         if time.monotonic() > deadline:
             raise RuntimeError(

@@ -262,9 +262,7 @@ def _prepare_workdir(workdir: Path) -> None:
     (workdir / f"{APP_MODULE_NAME}.py").write_text(APP_SOURCE, encoding="utf-8")
 
 
-def _wait_until_ready(
-    process: subprocess.Popen, port: int, timeout_s: float
-) -> None:
+def _wait_until_ready(process: subprocess.Popen, port: int, timeout_s: float) -> None:
     url = f"http://{PEER_HOST}:{port}/info"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

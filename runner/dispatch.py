@@ -116,7 +116,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     # then queues the job at once, or after the caller's transaction commits
     # if there is one.
     run.save(force_insert=True)
-    transaction.on_commit(lambda: _enqueue(run))
+    transaction.on_commit(lambda: enqueue(run))
     return run
 
 
@@ -158,7 +158,7 @@ def job_snapshot(run: Run) -> dict[str, Any]:
     }
 
 
-def _enqueue(run: Run) -> None:
+def enqueue(run: Run) -> None:
     try:
         connection = get_redis()
         # Given a pipeline, RQ adds the queue registration, the job hash and

@@ -62,7 +62,6 @@ class RunEvents:
             immediately=phase == "done",
         )
 
-
     def flush(self) -> None:
         """Send every pending event now."""
         _publisher().send_pending()

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -133,6 +134,53 @@ def reap_dead_runners() -> None:
             name,
             f"runner {name} stopped sending heartbeats (none for {dead_after:g} s)",
         )
+
+
+# A queued run whose job is missing for this long is treated as lost; the
+# delay covers the moment between the row's commit and the job's push.
+LOST_AFTER_S = 30
+
+
+def recover_lost_jobs() -> int:
+    """Queue again, or fail, queued runs whose RQ job Redis no longer has.
+
+    Redis can lose jobs it had not yet written to disk when it crashes.  A
+    lost run whose input images survived is queued again on the shared
+    queue; one whose inputs are gone too fails, unbilled.  Returns how many
+    runs were found.
+    """
+    from django.utils import timezone
+
+    from runner.dispatch import enqueue
+    from runner.finish import fail_run
+    from runner.models import Run
+
+    connection = get_redis()
+    if not connection.set(f"{keys.PREFIX}:reconcile", "1", nx=True, ex=10):
+        return 0  # another runner is checking right now
+    cutoff = timezone.now() - timedelta(seconds=LOST_AFTER_S)
+    stale = Run.objects.filter(status=Run.Status.QUEUED, created_at__lt=cutoff)
+    found = 0
+    for run in stale.order_by("created_at")[:100]:
+        if Job.exists(str(run.id), connection=connection):
+            continue
+        found += 1
+        first_input = next(
+            (keys.input_key(str(run.id), name, 0) for name in run.image_info), None
+        )
+        if first_input is None or connection.exists(first_input):
+            logger.warning("run %s lost its queued job; queued again", run.id)
+            run.queue_name = keys.SHARED_QUEUE
+            Run.objects.filter(pk=run.pk).update(queue_name=run.queue_name)
+            enqueue(run)
+        else:
+            fail_run(
+                run.id,
+                "the queued job and its input images were lost (Redis restarted); "
+                "send the request again",
+                expected_status=Run.Status.QUEUED,
+            )
+    return found
 
 
 def wait_for_runner(timeout_s: float) -> bool:

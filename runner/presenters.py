@@ -28,19 +28,26 @@ def timing_headers(meta: dict[str, Any], started_ns: int) -> dict[str, str]:
     handoff = max(0, server_total_us - breakdown["total"])
     total = breakdown["total"] + handoff
     cold = [m for m in breakdown["models"] if m["cold"]]
-    remote = components["preprocess"] + components["inference"] + components["postprocess"]
-    headers.update({
-        "X-Processing-Time": seconds(total),
-        "X-Remote-Processing-Time": seconds(remote),
-        "X-Model-Cold-Start": "true" if cold else "false",
-        "X-Model-Cold-Start-Count": str(len(cold)),
-        "X-Model-Load-Time": seconds(sum(m["cold_load"]["total"] for m in cold)),
-        "X-Model-Load-Details": json.dumps(
-            [{"m": m["model_id"], "t": float(seconds(m["cold_load"]["total"]))}
-             for m in cold], separators=(",", ":"),
-        ),
-        "X-Runner": breakdown.get("runner", ""),
-    })
+    remote = (
+        components["preprocess"] + components["inference"] + components["postprocess"]
+    )
+    headers.update(
+        {
+            "X-Processing-Time": seconds(total),
+            "X-Remote-Processing-Time": seconds(remote),
+            "X-Model-Cold-Start": "true" if cold else "false",
+            "X-Model-Cold-Start-Count": str(len(cold)),
+            "X-Model-Load-Time": seconds(sum(m["cold_load"]["total"] for m in cold)),
+            "X-Model-Load-Details": json.dumps(
+                [
+                    {"m": m["model_id"], "t": float(seconds(m["cold_load"]["total"]))}
+                    for m in cold
+                ],
+                separators=(",", ":"),
+            ),
+            "X-Runner": breakdown.get("runner", ""),
+        }
+    )
     if breakdown["models"]:
         headers["X-Model-Id"] = ",".join(m["model_id"] for m in breakdown["models"])
     untrained = [m["model_id"] for m in breakdown["models"] if not m["pretrained"]]
@@ -75,13 +82,17 @@ def bill_to_dict(bill: Any) -> dict[str, Any] | None:
     }
 
 
-def run_to_dict(run: Run, *, payload: dict[str, Any] | None = None,
-                include_outputs: bool = True) -> dict[str, Any]:
+def run_to_dict(
+    run: Run, *, payload: dict[str, Any] | None = None, include_outputs: bool = True
+) -> dict[str, Any]:
     """Represent a run; a fresh payload from the runner overrides stored fields."""
     meta = payload["meta"] if payload else None
     status = meta["status"] if meta else run.status
-    bill = meta["bill"] if meta else bill_to_dict(getattr(run, "bill", None)
-                                                  if run.is_finished else None)
+    bill = (
+        meta["bill"]
+        if meta
+        else bill_to_dict(getattr(run, "bill", None) if run.is_finished else None)
+    )
     body: dict[str, Any] = {
         "id": str(run.id),
         "url": f"/api/runs/{run.id}",

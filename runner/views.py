@@ -5,10 +5,11 @@ import tempfile
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.shortcuts import get_object_or_404
 from rest_framework import status
 from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -53,7 +54,8 @@ def _query_integer(request, name: str) -> int | None:
     raw = request.GET.get(name, "")
     if not raw:
         return None
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+    # Database integer keys are at most 2**63 - 1: 18 digits always fit.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
         raise MalformedRequest(
             f"{name} must be a positive integer, got {raw!r}",
             context="request_parsing",
@@ -135,16 +137,25 @@ class ModelListView(APIView):
                 field_name="file",
                 hint="Upload a .pt file saved by ultralytics (YOLOv8 or later).",
             ) from None
-        with transaction.atomic():
-            record = ModelUpload.objects.create(
-                owner=request.user,
-                model_id=model_id,
-                path=str(stored),
-                size_bytes=stored.stat().st_size,
-                sha256=_sha256(stored),
-                task=task,
-                class_names=names,
-            )
+        try:
+            with transaction.atomic():
+                record = ModelUpload.objects.create(
+                    owner=request.user,
+                    model_id=model_id,
+                    path=str(stored),
+                    size_bytes=stored.stat().st_size,
+                    sha256=_sha256(stored),
+                    task=task,
+                    class_names=names,
+                )
+        except IntegrityError:
+            # Another upload with this id won the race since the check above.
+            stored.unlink(missing_ok=True)
+            raise MalformedRequest(
+                f"you already have a model '{model_id}'",
+                context="request_parsing",
+                field_name="model_id",
+            ) from None
         return Response(
             {
                 "model_id": record.model_id,
@@ -181,5 +192,9 @@ def _sha256(path: Path) -> str:
 
 
 class FleetView(APIView):
+    """Every runner's state; staff only, since it names other users' models."""
+
+    permission_classes = [IsAdminUser]
+
     def get(self, request):
         return Response({"runners": [state.data for state in fleet.live_runners()]})

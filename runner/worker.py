@@ -16,6 +16,9 @@ from runner.runtime import RunnerRuntime
 
 logger = logging.getLogger(__name__)
 
+# How often (in heartbeats) a runner looks for queued runs whose job is gone.
+RECONCILE_EVERY_BEATS = 20
+
 
 class RunnerWorker(SimpleWorker):
     """SimpleWorker listening on the runner's own queue first, then the shared one."""
@@ -31,13 +34,32 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
         beats = 0
+        failures = 0
         while not self.stopped.is_set():
             try:
                 self.beat()
                 if beats % 3 == 0:
                     fleet.reap_dead_runners()
+                if beats % RECONCILE_EVERY_BEATS == 0:
+                    fleet.recover_lost_jobs()
+                if failures:
+                    logger.info(
+                        "runner %s: heartbeat back after %d failures",
+                        self.runtime.name,
+                        failures,
+                    )
+                failures = 0
             except Exception:
-                logger.exception("runner %s: heartbeat failed", self.runtime.name)
+                failures += 1
+                # One traceback, then one line a minute while Redis is away.
+                if failures == 1:
+                    logger.exception("runner %s: heartbeat failed", self.runtime.name)
+                elif failures % max(1, int(60 / interval)) == 0:
+                    logger.warning(
+                        "runner %s: heartbeat still failing (%d times)",
+                        self.runtime.name,
+                        failures,
+                    )
             beats += 1
             self.stopped.wait(interval)
 

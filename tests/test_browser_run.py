@@ -20,7 +20,8 @@ def run_once(page, base_url: str, workflow_id: int) -> str:
     page.goto(f"{base_url}/workflows/{workflow_id}/run/")
     page.click("#run-button")
     page.wait_for_function(
-        "document.getElementById('run-status').textContent === 'done'", timeout=120_000
+        "document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
     )
     return page.url.rstrip("/").rsplit("/", 1)[-1]
 

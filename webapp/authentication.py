@@ -11,7 +11,7 @@ from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from webapp.models import ApiToken, hash_token
-from webapp.requests import MalformedRequest, json_body
+from webapp.requests import MalformedRequest, json_body, read_body
 
 
 def find_api_key(request) -> str | None:
@@ -21,7 +21,10 @@ def find_api_key(request) -> str | None:
         return value.strip()
     if request.GET.get("api_key"):
         return request.GET["api_key"]
-    if request.content_type == "application/json" and request.body.lstrip()[:1] == b"{":
+    if (
+        request.content_type == "application/json"
+        and read_body(request).lstrip()[:1] == b"{"
+    ):
         key = _api_key_from_body(request)
         if key:
             return key

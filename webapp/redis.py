@@ -82,8 +82,12 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
             "redis.rdb",
             "--save",
             "60 1",
+            # Queued jobs survive a crash of the server, losing at most the
+            # last second.
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
             "--daemonize",
             "yes",
             "--pidfile",

@@ -3,6 +3,9 @@
 import json
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+
 from workflows.errors import WorkflowError
 
 
@@ -33,13 +36,31 @@ def parse_json(raw: bytes) -> Any:
         ) from None
 
 
+class PayloadTooLarge(WorkflowError):
+    code = "payload_too_large"
+    status = 413
+
+
+def read_body(django_request) -> bytes:
+    """Return the raw body, or a 413 error body when it is over the limit."""
+    try:
+        return django_request.body
+    except RequestDataTooBig:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        raise PayloadTooLarge(
+            f"request body is larger than the limit of {limit} bytes",
+            context="request_parsing",
+            hint="Send smaller images, or raise MAX_REQUEST_BYTES on the server.",
+        ) from None
+
+
 def json_body(request) -> Any:
     """Parse the JSON body once per request (authentication may have done it)."""
     django_request = getattr(request, "_request", request)
     cached = getattr(django_request, "_json_body", None)
     if cached is not None:
         return cached
-    raw = django_request.body
+    raw = read_body(django_request)
     if not raw:
         return {}
     parsed = parse_json(raw)

@@ -19,8 +19,9 @@ from webapp.requests import MalformedRequest, json_object, string_list, version_
 from workflows.models import Workflow
 
 
-def outputs_response(outcome: RunOutcome, body: dict, excluded: list[str],
-                     started_ns: int) -> Response:
+def outputs_response(
+    outcome: RunOutcome, body: dict, excluded: list[str], started_ns: int
+) -> Response:
     if outcome.payload is None:
         # NOTE: inference-sdk 1.8.3 reads "outputs" from any 2xx body, so its
         # client raises KeyError('outputs') on this 202 for a run that is still
@@ -29,12 +30,14 @@ def outputs_response(outcome: RunOutcome, body: dict, excluded: list[str],
     meta = outcome.payload["meta"]
     headers = timing_headers(meta, started_ns)
     if meta["status"] != "succeeded":
-        return Response(meta["error"], status=status_for(outcome.payload),
-                        headers=headers)
+        return Response(
+            meta["error"], status=status_for(outcome.payload), headers=headers
+        )
     outputs = outcome.payload["outputs"]
     if excluded:
-        outputs = [{k: v for k, v in item.items() if k not in excluded}
-                   for item in outputs]
+        outputs = [
+            {k: v for k, v in item.items() if k not in excluded} for item in outputs
+        ]
     response_body = {"outputs": outputs}
     if body.get("enable_profiling"):
         response_body["profiler_trace"] = profiler_trace(meta["breakdown"])
@@ -45,8 +48,18 @@ def profiler_trace(breakdown: dict) -> list[dict]:
     """The breakdown as Chrome trace events laid end to end, in microseconds."""
     events, cursor = [], 0
     for name, duration in breakdown["components"].items():
-        events.append({"name": name, "ph": "X", "ts": cursor, "dur": duration,
-                       "cat": "glassbox", "pid": 1, "tid": 1, "args": {}})
+        events.append(
+            {
+                "name": name,
+                "ph": "X",
+                "ts": cursor,
+                "dur": duration,
+                "cat": "glassbox",
+                "pid": 1,
+                "tid": 1,
+                "args": {},
+            }
+        )
         cursor += duration
     return events
 
@@ -73,21 +86,30 @@ class StoredWorkflowRunView(APIView):
         body = json_object(request)
         workflow = (
             Workflow.objects.filter(owner=request.user, slug=workflow_id)
-            .select_related("owner").first()
+            .select_related("owner")
+            .first()
         )
         if workflow is None or workspace != request.user.username:
             return Response(
-                error_body(f"workflow '{workflow_id}' not found in workspace "
-                           f"'{workspace}'", "not_found", error_type="NotFound"),
+                error_body(
+                    f"workflow '{workflow_id}' not found in workspace '{workspace}'",
+                    "not_found",
+                    error_type="NotFound",
+                ),
                 status=404,
             )
         versions = workflow.versions.all()
         wanted = version_number(body, "workflow_version_id")
         version = versions.filter(number=wanted).first() if wanted else versions.first()
         if version is None:
-            return Response(error_body(f"workflow '{workflow_id}' has no version "
-                                       f"{wanted}", "not_found", error_type="NotFound"),
-                            status=404)
+            return Response(
+                error_body(
+                    f"workflow '{workflow_id}' has no version {wanted}",
+                    "not_found",
+                    error_type="NotFound",
+                ),
+                status=404,
+            )
         return _run(request, version.definition, version.id, body)
 
 
@@ -98,7 +120,8 @@ class InlineWorkflowRunView(APIView):
         if not isinstance(specification, dict):
             raise MalformedRequest(
                 "'specification' must be a workflow definition object",
-                context="request_parsing", field_name="specification",
+                context="request_parsing",
+                field_name="specification",
             )
         return _run(request, specification, None, body)
 
@@ -107,5 +130,6 @@ class InfoView(APIView):
     permission_classes: list = []
 
     def get(self, request):
-        return Response({"name": "glassbox", "version": "0.1.0",
-                         "uuid": "glassbox-server"})
+        return Response(
+            {"name": "glassbox", "version": "0.1.0", "uuid": "glassbox-server"}
+        )

@@ -23,6 +23,9 @@ _TRAILERS = {
     "JPEG": (b"\xff\xd9",),
     "PNG": (b"IEND\xaeB`\x82",),
 }
+# OpenCV refuses to decode images with a longer side (CV_IO_MAX_IMAGE_WIDTH
+# and _HEIGHT default to 2**20); this lower bound keeps images decodable.
+MAX_IMAGE_SIDE = 1 << 16
 ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF"}
 
 # inspect_image checks GLASSBOX["MAX_IMAGE_PIXELS"] against the size in the
@@ -82,6 +85,13 @@ def inspect_image(data: bytes, *, input_name: str, max_pixels: int) -> ImageInfo
             field_name=input_name,
         )
     width, height = image.size
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise InputError(
+            f"Input '{input_name}' is {width}x{height}; a side may be at most "
+            f"{MAX_IMAGE_SIDE} pixels",
+            context="input_decoding",
+            field_name=input_name,
+        )
     if width * height > max_pixels:
         raise InputError(
             f"Input '{input_name}' is {width}x{height} = {width * height} pixels, "
@@ -94,12 +104,19 @@ def inspect_image(data: bytes, *, input_name: str, max_pixels: int) -> ImageInfo
     return ImageInfo(format=image_format, width=width, height=height)
 
 
+def _has_end_marker(image_format: str, data: bytes) -> bool:
+    if image_format == "JPEG":
+        # The main image's end-of-image marker must follow its first
+        # start-of-scan; cameras may append data after it (motion photos), and
+        # an EXIF thumbnail before the scan carries an end marker of its own.
+        start_of_scan = data.find(b"\xff\xda")
+        return start_of_scan != -1 and data.rfind(b"\xff\xd9") > start_of_scan
+    return any(marker in data[-64:] for marker in _TRAILERS[image_format])
+
+
 def _check_complete(image: Image.Image, image_format: str, data: bytes, name: str):
-    trailers = _TRAILERS.get(image_format)
-    if trailers is not None:
-        # Encoders may pad after the end marker; look near the end only.
-        tail = data[-64:]
-        if any(marker in tail for marker in trailers):
+    if image_format in _TRAILERS:
+        if _has_end_marker(image_format, data):
             return
         raise InputError(
             f"Input '{name}' is a truncated {image_format} file (no end marker)",
@@ -161,7 +178,11 @@ class WorkflowImage:
         if self._pixels is None:
             assert self.data is not None
             buffer = np.frombuffer(self.data, dtype=np.uint8)
-            decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+            # Pixels stay in stored orientation, so they match the width and
+            # height read from the header and reported with detections.
+            decoded = cv2.imdecode(
+                buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+            )
             if decoded is None:
                 raise InputError(
                     f"Image '{self.parent_id}' could not be decoded",

@@ -161,7 +161,14 @@ class WorkflowRunView(APIView):
                 context="request_parsing",
                 field_name="version",
             )
-        wait_s = 0.0 if body.get("async") else settings.GLASSBOX["SYNC_TIMEOUT_S"]
+        run_async = body.get("async", False)
+        if not isinstance(run_async, bool):
+            raise MalformedRequest(
+                f"'async' must be true or false, got {run_async!r}",
+                context="request_parsing",
+                field_name="async",
+            )
+        wait_s = 0.0 if run_async else settings.GLASSBOX["SYNC_TIMEOUT_S"]
         outcome = start_run(
             owner_id=request.user.id,
             source=body.get("source") if body.get("source") in ("ui", "cli") else "api",

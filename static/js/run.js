@@ -74,7 +74,7 @@
     if (finished) return;
     finished = true;
     const ok = result.status === "succeeded";
-    setStatus(ok ? "done" : "failed", ok ? "hot" : "failed");
+    setStatus(ok ? "succeeded" : "failed", ok ? "hot" : "failed");
     if (result.breakdown) {
       const components = result.breakdown.components;
       addRow("overhead", "overhead", components.overhead);
@@ -132,8 +132,9 @@
       const ctx = canvas.getContext("2d");
       ctx.drawImage(img, 0, 0);
       if (!detections) return;
-      ctx.lineWidth = Math.max(2, img.naturalWidth / 300);
-      ctx.font = `${Math.max(14, img.naturalWidth / 50)}px system-ui`;
+      // The canvas is shown scaled down: size strokes and labels to the image.
+      ctx.lineWidth = Math.max(2, img.naturalWidth / 200);
+      ctx.font = `600 ${Math.max(16, img.naturalWidth / 28)}px system-ui`;
       for (const p of detections.predictions) {
         ctx.strokeStyle = ctx.fillStyle = glassboxPhaseColor("inference");
         ctx.strokeRect(p.x - p.width / 2, p.y - p.height / 2, p.width, p.height);

@@ -7,13 +7,16 @@ timing breakdown and the bill, and stays up until interrupted.
 
 import base64
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
@@ -28,50 +31,126 @@ from webapp.redis import get_redis
 from workflows.models import Workflow
 
 DEMO_DEFINITION = Path(settings.BASE_DIR) / "examples" / "people-count.json"
+MAX_RESTARTS_PER_MINUTE = 5
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    command: list[str]
+    process: subprocess.Popen
+    # Monotonic times of recent restarts, to stop a crash loop.
+    restarts: list[float] = field(default_factory=list)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 class Command(BaseCommand):
     help = "Start the runner pool and the web server; optionally run the demo."
 
     def add_arguments(self, parser):
-        parser.add_argument("--runners", type=int, default=1,
-                            help="Runner processes to start on this machine.")
+        parser.add_argument(
+            "--runners",
+            type=int,
+            default=1,
+            help="Runner processes to start on this machine.",
+        )
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--web-workers", type=int, default=2,
-                            help="gunicorn worker processes (each with 8 threads).")
-        parser.add_argument("--demo", action="store_true",
-                            help="Run the people-detector demo once everything is up.")
-        parser.add_argument("--exit-after-demo", action="store_true",
-                            help="Stop everything after the demo instead of staying up.")
+        parser.add_argument(
+            "--web-workers",
+            type=int,
+            default=2,
+            help="gunicorn worker processes (each with 8 threads).",
+        )
+        parser.add_argument(
+            "--demo",
+            action="store_true",
+            help="Run the people-detector demo once everything is up.",
+        )
+        parser.add_argument(
+            "--exit-after-demo",
+            action="store_true",
+            help="Stop everything after the demo instead of staying up.",
+        )
 
     def handle(self, *args, **options):
+        for port in (options["port"], options["port"] + 1):
+            if not _port_free(options["host"], port):
+                raise CommandError(
+                    f"port {port} on {options['host']} is in use (the web server "
+                    "takes --port and websockets the port after it); stop what "
+                    "holds it or pass another --port"
+                )
         call_command("migrate", verbosity=0)
         get_redis().ping()
-        self.children: list[subprocess.Popen] = []
+        self.children: dict[str, Child] = {}
         log_dir = Path(settings.DATA_DIR) / "logs"
         log_dir.mkdir(exist_ok=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             for index in range(1, options["runners"] + 1):
-                self._spawn(f"runner-{index}",
-                            [sys.executable, "manage.py", "runner",
-                             "--name", f"runner-{index}"], log_dir)
+                self._spawn(
+                    f"runner-{index}",
+                    [
+                        sys.executable,
+                        "manage.py",
+                        "runner",
+                        "--name",
+                        f"runner-{index}",
+                    ],
+                    log_dir,
+                )
             bind = f"{options['host']}:{options['port']}"
             # gunicorn serves HTTP (the fastest Django server measured here);
             # daphne on the next port carries the live-timeline websockets.
             websocket_port = options["port"] + 1
-            self._spawn("websockets", [
-                sys.executable, "-m", "daphne", "-b", options["host"],
-                "-p", str(websocket_port), "webapp.asgi:application",
-            ], log_dir)
+            self._spawn(
+                "websockets",
+                [
+                    sys.executable,
+                    "-m",
+                    "daphne",
+                    "-b",
+                    options["host"],
+                    "-p",
+                    str(websocket_port),
+                    "webapp.asgi:application",
+                ],
+                log_dir,
+            )
             os.environ["WEBSOCKET_PORT"] = str(websocket_port)
-            self._spawn("web", [
-                sys.executable, "-m", "gunicorn", "webapp.wsgi:application",
-                "--bind", bind, "--workers", str(options["web_workers"]),
-                "--worker-class", "gthread", "--threads", "8",
-                "--access-logfile", "-", "--timeout", "120",
-            ], log_dir)
+            self._spawn(
+                "web",
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "webapp.wsgi:application",
+                    "--bind",
+                    bind,
+                    "--workers",
+                    str(options["web_workers"]),
+                    "--worker-class",
+                    "gthread",
+                    "--threads",
+                    "8",
+                    "--access-logfile",
+                    "-",
+                    "--timeout",
+                    "120",
+                ],
+                log_dir,
+            )
             base_url = f"http://{bind}"
             self._wait_until_up(base_url, options["runners"])
             self.stdout.write(f"web server: {base_url}/  (admin: {base_url}/admin/)")
@@ -81,10 +160,7 @@ class Command(BaseCommand):
             if options["exit_after_demo"]:
                 return
             self.stdout.write("Up. Press Ctrl-C to stop.")
-            while all(child.poll() is None for child in self.children):
-                time.sleep(1)
-            raise CommandError("a child process exited; see the logs in "
-                               f"{log_dir}")
+            self._supervise(log_dir)
         except KeyboardInterrupt:
             pass
         finally:
@@ -92,28 +168,67 @@ class Command(BaseCommand):
 
     def _spawn(self, name: str, command: list[str], log_dir: Path) -> None:
         log = open(log_dir / f"{name}.log", "ab")
-        child = subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=log,
-                                 stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                 start_new_session=True)
-        self.children.append(child)
+        process = subprocess.Popen(
+            command,
+            cwd=settings.BASE_DIR,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+            start_new_session=True,
+        )
+        previous = self.children.get(name)
+        restarts = previous.restarts if previous else []
+        self.children[name] = Child(command, process, restarts)
+
+    def _supervise(self, log_dir: Path) -> None:
+        """Restart children that exit; give up on one that keeps exiting.
+
+        A runner that crashed is started again under its name, and on start
+        fails the run it held; the embedded Redis is started again by the
+        first process that finds it gone.
+        """
+        while True:
+            time.sleep(1)
+            for name, child in list(self.children.items()):
+                code = child.process.poll()
+                if code is None:
+                    continue
+                now = time.monotonic()
+                child.restarts[:] = [t for t in child.restarts if now - t < 60]
+                if len(child.restarts) >= MAX_RESTARTS_PER_MINUTE:
+                    raise CommandError(
+                        f"{name} exited {len(child.restarts) + 1} times within a "
+                        f"minute (last exit code {code}); see {log_dir / name}.log"
+                    )
+                child.restarts.append(now)
+                logger.warning("%s exited with code %s; restarting it", name, code)
+                self.stderr.write(f"{name} exited with code {code}; restarting it")
+                self._spawn(name, child.command, log_dir)
 
     def _stop_children(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
+        processes = [child.process for child in self.children.values()]
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        for child in self.children:
+        for process in processes:
             try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGKILL)
 
     def _wait_until_up(self, base_url: str, runners: int, timeout_s: float = 120):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if any(child.poll() is not None for child in self.children):
-                raise CommandError("a child process exited during start-up; see "
-                                   f"{Path(settings.DATA_DIR) / 'logs'}")
+            for name, child in self.children.items():
+                if child.process.poll() is not None:
+                    log = Path(settings.DATA_DIR) / "logs" / f"{name}.log"
+                    tail = log.read_text(errors="replace").splitlines()[-15:]
+                    raise CommandError(
+                        f"{name} exited during start-up with code "
+                        f"{child.process.returncode}; the end of {log}:\n"
+                        + "\n".join(tail)
+                    )
             if len(fleet.live_runners()) >= runners and _answers(base_url + "/info"):
                 return
             time.sleep(0.2)
@@ -121,7 +236,8 @@ class Command(BaseCommand):
 
     def _demo(self, base_url: str) -> None:
         user, created = get_user_model().objects.get_or_create(
-            username="demo", defaults={"is_staff": True, "is_superuser": True})
+            username="demo", defaults={"is_staff": True, "is_superuser": True}
+        )
         if created or not user.has_usable_password():
             password = os.urandom(9).hex()
             user.set_password(password)
@@ -131,15 +247,18 @@ class Command(BaseCommand):
         definition = json.loads(DEMO_DEFINITION.read_text())
         workflow = Workflow.objects.filter(owner=user, slug="people-count").first()
         if workflow is None:
-            workflow = Workflow.create_with_version(user, "People count", definition,
-                                                    slug="people-count")
+            workflow = Workflow.create_with_version(
+                user, "People count", definition, slug="people-count"
+            )
         from ultralytics import ASSETS
 
         image = base64.b64encode((Path(ASSETS) / "bus.jpg").read_bytes()).decode()
         for attempt in ("first run", "second run"):
-            body, headers = _post(f"{base_url}/api/workflows/{workflow.id}/runs", key,
-                                  {"inputs": {"image": {"type": "base64",
-                                                        "value": image}}})
+            body, headers = _post(
+                f"{base_url}/api/workflows/{workflow.id}/runs",
+                key,
+                {"inputs": {"image": {"type": "base64", "value": image}}},
+            )
             self._print_demo_run(attempt, body, headers)
         self.stdout.write(
             f"\nSign in at {base_url}/admin/ as 'demo' with the password in "
@@ -156,14 +275,18 @@ class Command(BaseCommand):
         output = body["outputs"][0]
         self.stdout.write(f"people found: {output['count']}")
         for p in output["predictions"]["predictions"]:
-            self.stdout.write(f"  {p['class']:<8} conf {p['confidence']:.2f}  box "
-                              f"centre ({p['x']:.0f}, {p['y']:.0f}) size "
-                              f"{p['width']:.0f}x{p['height']:.0f}")
+            self.stdout.write(
+                f"  {p['class']:<8} conf {p['confidence']:.2f}  box "
+                f"centre ({p['x']:.0f}, {p['y']:.0f}) size "
+                f"{p['width']:.0f}x{p['height']:.0f}"
+            )
         self.stdout.write(breakdown_table(body["timing"]))
         self.stdout.write("\n".join(bill_lines(body["bill"])))
-        self.stdout.write(f"X-Processing-Time: {headers['X-Processing-Time']} s, "
-                          f"X-Model-Cold-Start: {headers['X-Model-Cold-Start']}, "
-                          f"X-Billed-Time: {headers['X-Billed-Time']} s")
+        self.stdout.write(
+            f"X-Processing-Time: {headers['X-Processing-Time']} s, "
+            f"X-Model-Cold-Start: {headers['X-Model-Cold-Start']}, "
+            f"X-Billed-Time: {headers['X-Billed-Time']} s"
+        )
 
 
 def _answers(url: str) -> bool:
@@ -176,7 +299,9 @@ def _answers(url: str) -> bool:
 
 def _post(url: str, key: str, body: dict):
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), method="POST",
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
     try:

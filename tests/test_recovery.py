@@ -1,0 +1,119 @@
+"""Runs whose queued job Redis lost, and other edge inputs found by attacking."""
+
+import datetime
+
+import pytest
+from django.test import override_settings
+from django.utils import timezone
+from rq.job import Job
+
+from billing.models import Bill
+from runner import keys
+from runner.fleet import recover_lost_jobs
+from runner.models import Run
+from tests.conftest import image_b64, image_bytes
+from tests.definitions import image_height
+from webapp.redis import get_redis
+from workflows.models import Workflow
+
+
+def lost_run(owner, with_inputs: bool) -> Run:
+    """A queued run, old enough to count as lost, with no job in Redis."""
+    workflow = Workflow.create_with_version(owner, "h", image_height())
+    version = workflow.latest_version()
+    run = Run.objects.create(
+        owner=owner,
+        workflow_version=version,
+        definition_digest=version.digest,
+        source="api",
+        image_info={
+            "image": [{"format": "JPEG", "width": 810, "height": 1080, "bytes": 1}]
+        },
+        queue_name="shared",
+    )
+    Run.objects.filter(pk=run.pk).update(
+        created_at=timezone.now() - datetime.timedelta(minutes=5)
+    )
+    connection = get_redis()
+    connection.delete(f"{keys.PREFIX}:reconcile")
+    if with_inputs:
+        connection.set(keys.input_key(str(run.id), "image", 0), image_bytes())
+    return run
+
+
+def test_lost_job_with_inputs_is_queued_again(transactional_db, alice):
+    run = lost_run(alice, with_inputs=True)
+    assert recover_lost_jobs() >= 1
+    assert Job.exists(str(run.id), connection=get_redis())
+    run.refresh_from_db()
+    assert run.status == Run.Status.QUEUED
+
+
+def test_lost_job_without_inputs_fails_unbilled(transactional_db, alice):
+    run = lost_run(alice, with_inputs=False)
+    assert recover_lost_jobs() >= 1
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+    assert "lost" in run.error["message"]
+    assert Bill.objects.get(run=run).amount_microcredits == 0
+
+
+def test_async_flag_must_be_boolean(alice_client, alice):
+    workflow = Workflow.create_with_version(alice, "h", image_height())
+    response = alice_client.post(
+        f"/api/workflows/{workflow.id}/runs",
+        {"inputs": {"image": image_b64()}, "async": "false"},
+        format="json",
+    )
+    assert response.status_code == 400
+    assert response.json()["field"] == "async"
+    assert Run.objects.count() == 0
+
+
+def test_fleet_is_staff_only(alice_client):
+    assert alice_client.get("/api/fleet").status_code == 403
+
+
+@override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1000)
+def test_oversized_body_gets_json_413(alice_client, alice):
+    workflow = Workflow.create_with_version(alice, "h", image_height())
+    response = alice_client.post(
+        f"/api/workflows/{workflow.id}/runs",
+        {"inputs": {"image": image_b64()}},
+        format="json",
+    )
+    assert response.status_code == 413
+    assert response.json()["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("extra", [b"x" * 100_000, b"\x00" * 10])
+def test_jpeg_with_data_after_end_marker_is_accepted(extra):
+    from workflows.images import inspect_image
+
+    info = inspect_image(image_bytes() + extra, input_name="image", max_pixels=10**8)
+    assert (info.width, info.height) == (810, 1080)
+
+
+def test_jpeg_without_scan_is_rejected():
+    from workflows.errors import InputError
+    from workflows.images import inspect_image
+
+    data = image_bytes()
+    headers_only = data[: data.find(b"\xff\xda")] + b"\xff\xd9"
+    with pytest.raises(InputError):
+        inspect_image(headers_only, input_name="image", max_pixels=10**8)
+
+
+def test_image_side_limit():
+    import io
+
+    from PIL import Image
+
+    from workflows.errors import InputError
+    from workflows.images import inspect_image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 70_000)).save(buffer, format="PNG")
+    with pytest.raises(InputError) as caught:
+        inspect_image(buffer.getvalue(), input_name="image", max_pixels=10**9)
+    assert "side" in caught.value.message
