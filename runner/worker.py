@@ -1,27 +1,77 @@
-"""The long-lived runner: an RQ worker that executes jobs in its own process.
+"""The long-lived runner: takes RQ jobs and executes them in its own process.
 
 RQ's default worker forks a child per job, which would throw away every
-loaded model after each run; SimpleWorker runs the job in-process instead.
+loaded model after each run; this loop runs each job in-process instead.
 A background thread publishes the heartbeat and reaps dead runners.
 """
 
 import logging
+import signal
 import threading
 
 from django.conf import settings
-from rq import Queue, SimpleWorker
+from rq import Queue
+from rq.exceptions import DequeueTimeout
 
 from runner import fleet, keys
 from runner.runtime import RunnerRuntime
 
 logger = logging.getLogger(__name__)
 
+# Seconds one blocking dequeue waits, so a stop request is seen this fast.
+DEQUEUE_TIMEOUT_S = 1
 # How often (in heartbeats) a runner looks for queued runs whose job is gone.
 RECONCILE_EVERY_BEATS = 20
 
 
-class RunnerWorker(SimpleWorker):
-    """SimpleWorker listening on the runner's own queue first, then the shared one."""
+class RunnerWorker:
+    """Takes RQ jobs from the runner's queues and runs each in this process.
+
+    RQ's SimpleWorker also runs jobs in-process, but its bookkeeping around
+    each job (worker registration, job registries, execution records) cost
+    about 4 ms per job on a 2-core machine: 5.0 ms per job against 1.0 ms
+    for dequeue, call and delete alone (300 trivial jobs, embedded Redis).
+    The run row is the record of a run's state, so this loop keeps only what
+    the pool needs.  SIGTERM or SIGINT finish the current run, then stop; a
+    second one stops at once.
+    """
+
+    def __init__(self, queues: list[Queue], connection, name: str) -> None:
+        self.queues = queues
+        self.connection = connection
+        self.name = name
+        self.stopping = threading.Event()
+
+    def request_stop(self, signum, frame) -> None:
+        if self.stopping.is_set():
+            raise SystemExit(f"runner {self.name}: stopped by a second signal")
+        logger.info("runner %s: finishing the current run, then stopping", self.name)
+        self.stopping.set()
+
+    def work(self, burst: bool = False) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        while not self.stopping.is_set():
+            try:
+                found = Queue.dequeue_any(
+                    self.queues, timeout=DEQUEUE_TIMEOUT_S, connection=self.connection
+                )
+            except DequeueTimeout:
+                found = None
+            if found is None:
+                if burst:
+                    return
+                continue
+            job, queue = found
+            try:
+                job.func(*job.args, **job.kwargs)
+            except Exception:
+                # execute_run has already ended the run failed; keep serving.
+                logger.exception(
+                    "runner %s: job %s from %s raised", self.name, job.id, queue.name
+                )
+            finally:
+                job.delete()
 
 
 class Heartbeat(threading.Thread):
@@ -77,11 +127,7 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     heartbeat = Heartbeat(runtime, own_queue)
     heartbeat.beat()
     heartbeat.start()
-    worker = RunnerWorker(
-        [own_queue, shared_queue],
-        connection=connection,
-        name=f"{runtime.name}.{runtime.pid}",
-    )
+    worker = RunnerWorker([own_queue, shared_queue], connection, runtime.name)
     logger.info(
         "runner %s started on %s (budget %d bytes), queues %s and %s",
         runtime.name,
@@ -91,7 +137,7 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
         shared_queue.name,
     )
     try:
-        worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+        worker.work(burst=burst)
     finally:
         heartbeat.stop()
         heartbeat.join(timeout=5)

@@ -89,3 +89,17 @@ def test_model_memory_is_measured(runner, extra_runners, alice):
     memory = breakdown["models"][0]["memory_bytes"]
     # yolov8n has 3.15 million parameters, 4 bytes each, plus batch-norm buffers.
     assert 12_000_000 < memory < 14_000_000
+
+
+def test_sigterm_finishes_current_run_then_hands_off(runner, extra_runners, alice):
+    leaving = extra_runners("leaving")
+    current = start(alice, "yolov8s.yaml", "leaving", wait_s=0)
+    waiting = start(alice, "people-detector", "leaving", wait_s=0)
+    wait_for_status(current.run.id, Run.Status.RUNNING)
+    leaving.process.terminate()
+
+    finished = wait_for_status(current.run.id, Run.Status.SUCCEEDED, timeout_s=120)
+    assert finished.runner_name == "leaving"
+    assert leaving.process.wait(timeout=60) == 0
+    handed_off = wait_for_status(waiting.run.id, Run.Status.SUCCEEDED, timeout_s=60)
+    assert handed_off.runner_name == runner.name
