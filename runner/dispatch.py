@@ -76,7 +76,8 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     models = resolve_models(
         submission.plan, submission.inputs.parameters, submission.owner_id
     )
-    runners = fleet.live_runners()
+    # Heartbeats are a second apart, so a half-second-old view loses nothing.
+    runners = fleet.live_runners(max_age_s=0.5)
     if require_runner and not runners:
         raise NoRunnerError(
             "no runner is up to execute this run",

@@ -57,17 +57,29 @@ def remove_heartbeat(name: str) -> None:
     connection.srem(keys.RUNNERS_SET, name)
 
 
-def live_runners() -> list[RunnerState]:
+_recent: tuple[float, list[RunnerState]] = (0.0, [])
+
+
+def live_runners(max_age_s: float = 0.0) -> list[RunnerState]:
+    """Return the runners whose heartbeat has not expired.
+
+    ``max_age_s`` lets a caller on the request path reuse this process's
+    last answer for that long instead of two Redis round trips.
+    """
+    global _recent
+    read_at, runners = _recent
+    if max_age_s and time.monotonic() - read_at < max_age_s:
+        return runners
     connection = get_redis()
     names = sorted(n.decode() for n in connection.smembers(keys.RUNNERS_SET))
-    if not names:
-        return []
-    beats = connection.mget([keys.heartbeat_key(name) for name in names])
-    return [
+    beats = connection.mget([keys.heartbeat_key(n) for n in names]) if names else []
+    runners = [
         RunnerState(name, json.loads(beat))
         for name, beat in zip(names, beats, strict=True)
         if beat is not None
     ]
+    _recent = (time.monotonic(), runners)
+    return runners
 
 
 def dead_runner_names() -> list[str]:
