@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 def execute_run(run_id: str, snapshot: dict | None = None) -> None:
     """Claim the run, execute it, and finish it with its bill.
 
-    ``snapshot`` holds the run's fields (see dispatch.job_snapshot); jobs
+    ``snapshot`` contains the run's fields (see dispatch.job_snapshot); jobs
     queued without one read the row instead.
     """
     started = time.perf_counter_ns()
@@ -51,8 +51,8 @@ def execute_run(run_id: str, snapshot: dict | None = None) -> None:
     try:
         _execute(run, runtime, started, started_wall)
     except Exception as error:
-        # _execute turns workflow failures into a finished run itself; this is
-        # for failures around it (database, Redis), so the run never stays
+        # _execute finishes the run itself when the workflow fails. This catches
+        # failures around it (database, Redis), so that the run does not stay
         # "running" on a live runner.
         logger.exception("runner %s could not finish run %s", runtime.name, run_id)
         fail_run(

