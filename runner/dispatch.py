@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import transaction
 from rq import Queue
 
-from runner import fleet, keys
+from runner import fleet, keys, sql
 from runner.finish import fail_run
 from runner.models import Run
 from runner.registry import resolve_model
@@ -116,7 +116,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     # atomic block, which would add a BEGIN and a COMMIT round trip. on_commit
     # then queues the job at once, or after the caller's transaction commits
     # if there is one.
-    run.save(force_insert=True)
+    sql.insert(run)
     transaction.on_commit(lambda: enqueue(run))
     return run
 

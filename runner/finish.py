@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from billing.models import Bill
 from billing.policy import BillingPolicy, BillLine
-from runner import keys
+from runner import keys, sql
 from runner.events import RunEvents
 from runner.models import Run
 from webapp.redis import get_redis
@@ -58,17 +58,23 @@ def finish_run(
     # between then replays every phase and waits for the live "done".
     events.flush()
     with transaction.atomic():
-        updated = Run.objects.filter(
-            pk=run.pk, status=Run.Status.RUNNING, runner_name=runner_name
-        ).update(
-            status=status,
-            finished_at=now,
-            outputs=outputs,
-            breakdown=breakdown,
-            error=error,
-            cold=bool(breakdown and any(m["cold"] for m in breakdown["models"])),
-            total_us=breakdown["total"] if breakdown else None,
-            runner_total_us=breakdown["runner_total"] if breakdown else None,
+        updated = sql.update_where(
+            Run,
+            {
+                "status": status,
+                "finished_at": now,
+                "outputs": outputs,
+                "breakdown": breakdown,
+                "error": error,
+                "cold": bool(breakdown and any(m["cold"] for m in breakdown["models"])),
+                "total_us": breakdown["total"] if breakdown else None,
+                "runner_total_us": breakdown["runner_total"] if breakdown else None,
+            },
+            where={
+                "pk": run.pk,
+                "status": Run.Status.RUNNING,
+                "runner_name": runner_name,
+            },
         )
         if not updated:
             logger.warning(
@@ -77,7 +83,7 @@ def finish_run(
                 runner_name,
             )
             return False
-        Bill.objects.create(run_id=run.pk, owner_id=run.owner_id, **bill_fields(bill))
+        sql.insert(Bill(run_id=run.pk, owner_id=run.owner_id, **bill_fields(bill)))
     payload_meta = {
         "run_id": str(run.pk),
         "status": status,

@@ -7,7 +7,7 @@ import time
 from django.utils import timezone
 
 from billing.policy import BillingPolicy
-from runner import keys
+from runner import keys, sql
 from runner.events import RunEvents
 from runner.finish import fail_run, finish_run
 from runner.model_cache import ModelProvider
@@ -35,8 +35,14 @@ def execute_run(run_id: str, snapshot: dict | None = None) -> None:
     started = time.perf_counter_ns()
     started_wall = time.time_ns()
     runtime = current_runtime()
-    claimed = Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
-        status=Run.Status.RUNNING, runner_name=runtime.name, started_at=timezone.now()
+    claimed = sql.update_where(
+        Run,
+        {
+            "status": Run.Status.RUNNING,
+            "runner_name": runtime.name,
+            "started_at": timezone.now(),
+        },
+        where={"pk": run_id, "status": Run.Status.QUEUED},
     )
     if not claimed:
         logger.info(
