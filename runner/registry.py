@@ -132,13 +132,17 @@ def resolve_model(
 def _from_uploads(
     model_id: str, owner_id: int, searched: list[str]
 ) -> ModelSource | None:
+    from runner import sql
     from runner.models import ModelUpload
 
     searched.append("your uploaded models")
-    upload = ModelUpload.objects.filter(owner_id=owner_id, model_id=model_id).first()
-    if upload is None:
+    # Runs on every request with a model step, so one plain SELECT.
+    path = sql.select_value(
+        ModelUpload, "path", {"owner_id": owner_id, "model_id": model_id}
+    )
+    if path is None:
         return None
-    return ModelSource(model_id, "upload", upload.path, pretrained=True)
+    return ModelSource(model_id, "upload", path, pretrained=True)
 
 
 def _ultralytics_weights_dir() -> Path | None:

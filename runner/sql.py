@@ -44,6 +44,32 @@ def update_where(model: type[models.Model], values: dict, where: dict) -> int:
         return cursor.rowcount
 
 
+@functools.cache
+def _select_sql(model: type[models.Model], column: str, where_names: tuple) -> str:
+    quote = connection.ops.quote_name
+    conditions = " AND ".join(
+        f"{quote(_column(model, n).column)} = %s" for n in where_names
+    )
+    selected = quote(_column(model, column).column)
+    return f"SELECT {selected} FROM {quote(model._meta.db_table)} WHERE {conditions}"
+
+
+def select_value(model: type[models.Model], column: str, where: dict):
+    """Return one column of the first row matching ``where``, or None.
+
+    The value is returned as the database driver gives it, without the
+    field's conversion, so use it for plain text and numbers.
+    """
+    params = [
+        _column(model, name).get_db_prep_value(value, connection, prepared=False)
+        for name, value in where.items()
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_select_sql(model, column, tuple(where)), params)
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
 def _insert_fields(model: type[models.Model]) -> list[models.Field]:
     return [
         field
