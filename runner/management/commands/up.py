@@ -242,8 +242,12 @@ class Command(BaseCommand):
             password = os.urandom(9).hex()
             user.set_password(password)
             user.save()
-            (Path(settings.DATA_DIR) / "demo-password").write_text(password + "\n")
+            _write_secret(Path(settings.DATA_DIR) / "demo-password", password)
+        # One demo token at a time: the previous one stops working.
+        for old in ApiToken.objects.active().filter(user=user, name="demo"):
+            old.revoke()
         _, key = ApiToken.issue(user, "demo")
+        _write_secret(Path(settings.DATA_DIR) / "demo-token", key)
         definition = json.loads(DEMO_DEFINITION.read_text())
         workflow = Workflow.objects.filter(owner=user, slug="people-count").first()
         if workflow is None:
@@ -260,10 +264,11 @@ class Command(BaseCommand):
                 {"inputs": {"image": {"type": "base64", "value": image}}},
             )
             self._print_demo_run(attempt, body, headers)
+        data_dir = Path(settings.DATA_DIR)
         self.stdout.write(
-            f"\nSign in at {base_url}/admin/ as 'demo' with the password in "
-            f"{Path(settings.DATA_DIR) / 'demo-password'}.\n"
-            f"API token for this session: {key}\n"
+            f"\nSign in at {base_url}/ as 'demo' with the password in "
+            f"{data_dir / 'demo-password'}.\n"
+            f"The demo's API token is in {data_dir / 'demo-token'}.\n"
             f"Roboflow-compatible URL: {base_url}/demo/workflows/people-count"
         )
 
@@ -287,6 +292,13 @@ class Command(BaseCommand):
             f"X-Model-Cold-Start: {headers['X-Model-Cold-Start']}, "
             f"X-Billed-Time: {headers['X-Billed-Time']} s"
         )
+
+
+def _write_secret(path: Path, value: str) -> None:
+    """Write a password or token readable by this user only, not to the log."""
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(value + "\n")
 
 
 def _answers(url: str) -> bool:
