@@ -146,6 +146,10 @@ class Command(BaseCommand):
                     "8",
                     "--access-logfile",
                     "-",
+                    # The path without its query string: clients may send
+                    # api_key=... there, and keys must not reach the log.
+                    "--access-logformat",
+                    '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss',
                     "--timeout",
                     "120",
                 ],
