@@ -17,6 +17,7 @@ os.environ.setdefault("MODEL_DIR", str(_base / "var" / "models"))
 os.environ.setdefault("RUNNER_HEARTBEAT_S", "0.25")
 os.environ.setdefault("RUNNER_DEAD_AFTER_S", "2")
 os.environ.setdefault("SYNC_TIMEOUT_S", "120")
+os.environ.setdefault("ROBOFLOW_SYNC_TIMEOUT_S", "120")
 
 from webapp.settings import *  # noqa: E402,F403
 from webapp.settings import DATA_DIR, DATABASES  # noqa: E402

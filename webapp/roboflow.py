@@ -25,7 +25,7 @@ def outputs_response(
     if outcome.payload is None:
         # NOTE: inference-sdk 1.8.3 reads "outputs" from any 2xx body, so its
         # client raises KeyError('outputs') on this 202 for a run that is still
-        # going after SYNC_TIMEOUT_S.
+        # going after ROBOFLOW_SYNC_TIMEOUT_S.
         return pending_response(outcome)
     meta = outcome.payload["meta"]
     headers = timing_headers(meta, started_ns)
@@ -74,7 +74,7 @@ def _run(request, definition: dict, workflow_version_id: int | None, body: dict)
         definition=definition,
         raw_inputs=body.get("inputs"),
         started_ns=started_ns,
-        wait_s=settings.GLASSBOX["SYNC_TIMEOUT_S"],
+        wait_s=settings.GLASSBOX["ROBOFLOW_SYNC_TIMEOUT_S"],
         workflow_version_id=workflow_version_id,
         token_id=getattr(request.auth, "id", None),
     )
