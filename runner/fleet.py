@@ -70,12 +70,9 @@ def live_runners(max_age_s: float = 0.0) -> list[RunnerState]:
     read_at, runners = _recent
     if max_age_s and time.monotonic() - read_at < max_age_s:
         return runners
-    connection = get_redis()
-    names = sorted(n.decode() for n in connection.smembers(keys.RUNNERS_SET))
-    beats = connection.mget([keys.heartbeat_key(n) for n in names]) if names else []
     runners = [
         RunnerState(name, json.loads(beat))
-        for name, beat in zip(names, beats, strict=True)
+        for name, beat in _heartbeats()
         if beat is not None
     ]
     _recent = (time.monotonic(), runners)
@@ -83,12 +80,17 @@ def live_runners(max_age_s: float = 0.0) -> list[RunnerState]:
 
 
 def dead_runner_names() -> list[str]:
+    return [name for name, beat in _heartbeats() if beat is None]
+
+
+def _heartbeats() -> list[tuple[str, bytes | None]]:
+    """Every runner ever seen, with its heartbeat or None once it expired."""
     connection = get_redis()
     names = sorted(n.decode() for n in connection.smembers(keys.RUNNERS_SET))
     if not names:
         return []
     beats = connection.mget([keys.heartbeat_key(name) for name in names])
-    return [name for name, beat in zip(names, beats, strict=True) if beat is None]
+    return list(zip(names, beats, strict=True))
 
 
 def reap_runner(name: str, reason: str) -> int:
