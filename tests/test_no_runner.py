@@ -1,0 +1,48 @@
+"""With no runner up, a synchronous run is refused before anything is stored."""
+
+import json
+import os
+import subprocess
+import sys
+
+from django.db import connection
+
+from runner.models import Run
+from tests.conftest import ROOT, image_bytes
+from tests.definitions import image_height
+
+
+def test_cli_run_without_runner_stores_nothing(transactional_db, tmp_path):
+    definition = tmp_path / "height.json"
+    definition.write_text(json.dumps(image_height()))
+    image = tmp_path / "bus.jpg"
+    image.write_bytes(image_bytes())
+    env = os.environ.copy()
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+    # A data directory of its own: a fresh embedded Redis that no runner uses.
+    env["GLASSBOX_DATA_DIR"] = str(tmp_path / "data")
+    env.pop("REDIS_URL", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "manage.py",
+            "runworkflow",
+            str(definition),
+            "--image",
+            str(image),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    redis_pid = tmp_path / "data" / "redis.pid"
+    if redis_pid.exists():
+        os.kill(int(redis_pid.read_text()), 15)
+
+    assert result.returncode != 0
+    assert '"code": "no_runner"' in result.stderr
+    assert "python manage.py runner" in result.stderr
+    assert Run.objects.count() == 0
