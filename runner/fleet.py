@@ -64,7 +64,7 @@ def live_runners(max_age_s: float = 0.0) -> list[RunnerState]:
     """Return the runners whose heartbeat has not expired.
 
     ``max_age_s`` lets a caller on the request path reuse this process's
-    last answer for that long instead of two Redis round trips.
+    last result for that long instead of two Redis round trips.
     """
     global _recent
     read_at, runners = _recent
@@ -84,7 +84,7 @@ def dead_runner_names() -> list[str]:
 
 
 def _heartbeats() -> list[tuple[str, bytes | None]]:
-    """Every runner ever seen, with its heartbeat or None once it expired."""
+    """Return every runner ever seen, with its heartbeat or None once expired."""
     connection = get_redis()
     names = sorted(n.decode() for n in connection.smembers(keys.RUNNERS_SET))
     if not names:

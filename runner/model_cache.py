@@ -227,7 +227,7 @@ class ModelCache:
 
 
 class ModelProvider:
-    """What object-detection blocks call: runs a model from the cache, timing it."""
+    """Model runner for object-detection blocks: cached models, each call timed."""
 
     def __init__(
         self, cache: ModelCache, sources: dict[str, ModelSource], timer: RunTimer
