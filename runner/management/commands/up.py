@@ -210,6 +210,10 @@ class Command(BaseCommand):
                 self._spawn(name, child.command, log_dir)
 
     def _stop_children(self) -> None:
+        # A second SIGTERM (from a process manager or `timeout`) must not cut
+        # this cleanup short and leave children running.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         processes = [child.process for child in self.children.values()]
         for process in processes:
             if process.poll() is None:
