@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 DONE_TTL_S = 600
 
 
-def bill_fields(line: BillLine) -> dict[str, Any]:
+def bill_fields(line: BillLine | Bill) -> dict[str, Any]:
+    """Return a bill's fields, from a policy's BillLine or a stored Bill."""
     return {
         "billed": line.billed,
         "components": line.components,

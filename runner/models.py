@@ -78,11 +78,6 @@ class Run(models.Model):
     def is_finished(self) -> bool:
         return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)
 
-    def definition(self) -> dict:
-        if self.workflow_version_id is not None:
-            return self.workflow_version.definition
-        return self.inline_definition
-
 
 class ModelUpload(models.Model):
     """Weights a user uploaded; usable under ``model_id`` by that user only."""

@@ -1,9 +1,11 @@
-"""How runs, breakdowns and bills appear in API bodies and response headers."""
+"""Presentation of runs, breakdowns and bills in API bodies and headers."""
 
 import json
 import time
 from typing import Any
 
+from billing.models import Bill
+from runner.finish import bill_fields
 from runner.models import Run
 
 
@@ -64,22 +66,8 @@ def timing_headers(meta: dict[str, Any], started_ns: int) -> dict[str, str]:
     return headers
 
 
-def bill_to_dict(bill: Any) -> dict[str, Any] | None:
-    if bill is None:
-        return None
-    if isinstance(bill, dict):
-        return bill
-    return {
-        "billed": bill.billed,
-        "components": bill.components,
-        "billable_us": bill.billable_us,
-        "billed_ms": bill.billed_ms,
-        "rate_microcredits_per_second": bill.rate_microcredits_per_second,
-        "minimum_ms": bill.minimum_ms,
-        "amount_microcredits": bill.amount_microcredits,
-        "policy": bill.policy,
-        "formula": bill.formula,
-    }
+def bill_to_dict(bill: Bill | None) -> dict[str, Any] | None:
+    return None if bill is None else bill_fields(bill)
 
 
 def run_to_dict(

@@ -3,6 +3,7 @@
 from django.views.defaults import page_not_found
 
 from webapp.errors import json_error
+from webapp.errors import not_found as json_not_found
 
 
 def _wants_json(request) -> bool:
@@ -16,12 +17,7 @@ def _wants_json(request) -> bool:
 
 def not_found(request, exception=None):
     if _wants_json(request):
-        return json_error(
-            f"no route for {request.method} {request.path}",
-            "not_found",
-            404,
-            error_type="NotFound",
-        )
+        return json_not_found(f"no route for {request.method} {request.path}")
     return page_not_found(request, exception)
 
 

@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 from runner.presenters import timing_headers
 from runner.responses import pending_response, status_for
 from runner.service import RunOutcome, start_run
-from webapp.errors import error_body
+from webapp.errors import not_found
 from webapp.requests import MalformedRequest, json_object, string_list, version_number
 from workflows.models import Workflow
 
@@ -90,26 +90,14 @@ class StoredWorkflowRunView(APIView):
             .first()
         )
         if workflow is None or workspace != request.user.username:
-            return Response(
-                error_body(
-                    f"workflow '{workflow_id}' not found in workspace '{workspace}'",
-                    "not_found",
-                    error_type="NotFound",
-                ),
-                status=404,
+            return not_found(
+                f"workflow '{workflow_id}' not found in workspace '{workspace}'"
             )
         versions = workflow.versions.all()
         wanted = version_number(body, "workflow_version_id")
         version = versions.filter(number=wanted).first() if wanted else versions.first()
         if version is None:
-            return Response(
-                error_body(
-                    f"workflow '{workflow_id}' has no version {wanted}",
-                    "not_found",
-                    error_type="NotFound",
-                ),
-                status=404,
-            )
+            return not_found(f"workflow '{workflow_id}' has no version {wanted}")
         return _run(request, version.definition, version.id, body)
 
 

@@ -191,10 +191,6 @@ class WorkflowImage:
             self._pixels = decoded
         return self._pixels
 
-    @property
-    def is_decoded(self) -> bool:
-        return self._pixels is not None
-
     def to_jpeg_base64(self, quality: int = 90) -> str:
         ok, encoded = cv2.imencode(
             ".jpg", self.pixels, [cv2.IMWRITE_JPEG_QUALITY, quality]

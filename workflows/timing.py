@@ -41,7 +41,7 @@ def ns_to_us(ns: int) -> int:
 
 @dataclass
 class ModelUse:
-    """How one model was used in one run."""
+    """Use of one model in one run: its cold load, stage times and calls."""
 
     model_id: str
     source: str = ""
@@ -171,7 +171,3 @@ class RunTimer:
                 for name, duration in self.steps.items()
             ],
         }
-
-
-def cold_models(breakdown: dict[str, Any]) -> list[dict[str, Any]]:
-    return [model for model in breakdown.get("models", []) if model["cold"]]
