@@ -140,10 +140,11 @@ def _store_images(run_id: str, images: dict[str, list[bytes]]) -> None:
 
 
 def job_snapshot(run: Run) -> dict[str, Any]:
-    """The run's fields a runner needs, carried in the job so it reads no row.
+    """Return the fields of the run a runner needs, carried in the job.
 
-    All small: the definition stays in the database and is read only when the
-    runner has no plan cached for its digest.
+    With them the runner reads no row. All are small: the definition stays in
+    the database and is read only when the runner has no plan cached for its
+    digest.
     """
     return {
         "owner_id": run.owner_id,

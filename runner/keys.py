@@ -18,7 +18,7 @@ def input_key(run_id: str, input_name: str, index: int) -> str:
 
 
 def done_key(run_id: str) -> str:
-    """A list the finishing side pushes the run's final payload to."""
+    """Return the key of the list the run's final payload is pushed to."""
     return f"{PREFIX}:run:{run_id}:done"
 
 

@@ -129,7 +129,8 @@ def test_compile_cycle_names_the_steps():
     definition["outputs"][0]["selector"] = "$steps.a.output"
     [error] = compile_errors(definition)
     assert "cycle" in error.property_details
-    assert "a" in error.property_details and "b" in error.property_details
+    assert "a" in error.property_details
+    assert "b" in error.property_details
 
 
 def test_compile_reports_every_problem_at_once():

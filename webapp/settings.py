@@ -166,11 +166,11 @@ GLASSBOX = {
     # Where model weights are looked up by id (``<id>.pt``).
     "MODEL_DIR": Path(env_str("MODEL_DIR", str(DATA_DIR / "models"))).resolve(),
     "UPLOAD_DIR": DATA_DIR / "uploads",
-    # A synchronous run request waits this long, then answers 202 with the
+    # A synchronous run request waits this long, then responds 202 with the
     # run's URL.
     "SYNC_TIMEOUT_S": env_float("SYNC_TIMEOUT_S", 30.0, 0.0),
     # The Roboflow-compatible routes wait longer: inference-sdk has no way to
-    # follow a 202, so it is only the answer of last resort there.
+    # follow a 202, so it is only the response of last resort there.
     "ROBOFLOW_SYNC_TIMEOUT_S": env_float("ROBOFLOW_SYNC_TIMEOUT_S", 300.0, 0.0),
     # Images are rejected from their header, before decoding, above this.
     "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),

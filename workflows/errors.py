@@ -137,7 +137,7 @@ class ModelNotFoundError(WorkflowError):
 
 
 class StepExecutionError(WorkflowError):
-    """A step failed while running.  ``user_error`` says whose fault it was."""
+    """A step failed while running.  ``user_error`` records whose fault it was."""
 
     code = "step_failed"
     status = 500

@@ -38,7 +38,7 @@ class Field:
 
 @dataclass
 class StepContext:
-    """What a block may use while running, besides its field values."""
+    """Context a block may use while running, besides its field values."""
 
     step_name: str
     models: Any  # runner.model_cache.ModelProvider, typed loosely to avoid a cycle
