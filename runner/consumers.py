@@ -4,7 +4,9 @@ On connect the consumer joins the run's group, then replays the events
 stored so far; live events that arrive during the replay wait in a buffer,
 so the client receives each event once, in ``seq`` order.  A run that
 finished before its events were stored (or after they expired) gets one
-``done`` event built from the database.
+``done`` event built from the database.  Nothing follows ``done``: a runner
+publishes a run's last phases after committing it, so phases can arrive
+after a ``done`` built from the database, and they are dropped.
 """
 
 from channels.db import database_sync_to_async
@@ -32,6 +34,7 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         self.seen: set[int] = set()
+        self.done_sent = False
         self.buffer: list[dict] = []
         self.replaying = True
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -61,9 +64,10 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
         pass
 
     async def _forward(self, event: dict) -> None:
-        if event["seq"] in self.seen:
+        if event["seq"] in self.seen or self.done_sent:
             return
         self.seen.add(event["seq"])
+        self.done_sent = event["phase"] == "done"
         await self.send_json(event)
 
     @database_sync_to_async

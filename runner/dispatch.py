@@ -1,8 +1,10 @@
 """Accept a run: resolve its models, store its inputs, queue it, wait for it.
 
 Nothing is written unless every check passes: models resolve before the run
-row exists, images go to Redis before the row is committed, and the job is
-queued only after the commit.
+row exists, and the job is queued only after the row is committed. The input
+images go to Redis in the same MULTI/EXEC transaction as the job, so a
+runner never finds one without the other; if that transaction fails, the
+run ends failed with a waived bill.
 """
 
 import json
@@ -109,7 +111,6 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         queue_name=queue_name,
         warnings=list(submission.plan.warnings) + _untrained_warnings(models),
     )
-    _store_images(str(run.id), submission.inputs.images)
     run.request_us = (time.perf_counter_ns() - submission.request_started_ns) // 1000
     run.queued_at_ns = time.time_ns()
     # A single INSERT commits by itself in autocommit mode, so it needs no
@@ -117,7 +118,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     # then queues the job at once, or after the caller's transaction commits
     # if there is one.
     sql.insert(run)
-    transaction.on_commit(lambda: enqueue(run))
+    transaction.on_commit(lambda: enqueue(run, submission.inputs.images))
     return run
 
 
@@ -130,13 +131,15 @@ def _untrained_warnings(models: list[dict]) -> list[str]:
     ]
 
 
-def _store_images(run_id: str, images: dict[str, list[bytes]]) -> None:
-    ttl = settings.GLASSBOX["INPUT_TTL_S"]
-    pipeline = get_redis().pipeline(transaction=False)
-    for name, blobs in images.items():
-        for index, blob in enumerate(blobs):
-            pipeline.set(keys.input_key(run_id, name, index), blob, ex=ttl)
-    pipeline.execute()
+def _store_images(pipeline, run_id: str, images: dict[str, list[bytes]]) -> None:
+    fields = {
+        keys.input_field(name, index): blob
+        for name, blobs in images.items()
+        for index, blob in enumerate(blobs)
+    }
+    if fields:
+        pipeline.hset(keys.inputs_key(run_id), mapping=fields)
+        pipeline.expire(keys.inputs_key(run_id), settings.GLASSBOX["INPUT_TTL_S"])
 
 
 def job_snapshot(run: Run) -> dict[str, Any]:
@@ -160,12 +163,13 @@ def job_snapshot(run: Run) -> dict[str, Any]:
     }
 
 
-def enqueue(run: Run) -> None:
+def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
+    """Queue the run's job, storing ``images`` with it (None: already stored)."""
     try:
         connection = get_redis()
         # Given a pipeline, RQ adds the queue registration, the job hash and
-        # the push to one MULTI/EXEC transaction, sent in a single round trip
-        # instead of two.
+        # the push to the same MULTI/EXEC transaction as the images, sent in
+        # one round trip.
         with connection.pipeline() as pipeline:
             Queue(run.queue_name, connection=connection).enqueue_call(
                 func="runner.jobs.execute_run",
@@ -177,6 +181,9 @@ def enqueue(run: Run) -> None:
                 failure_ttl=3600,
                 pipeline=pipeline,
             )
+            # RQ has opened the transaction (MULTI), so these join it.
+            if images:
+                _store_images(pipeline, str(run.id), images)
             pipeline.execute()
     except Exception as error:
         logger.exception("run %s could not be queued on %s", run.id, run.queue_name)

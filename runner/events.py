@@ -1,10 +1,11 @@
 """Live run events: each phase of a run, published as it ends.
 
 A runner appends every event to a Redis list (for subscribers that connect
-late) and publishes it to the run's channels group.  Events that end within
-BATCH_WINDOW_S of each other go out together in one pipelined round trip,
-sent by a background thread, so a run of fast phases costs one Redis write
-instead of one per phase.  ``done`` is sent at once.
+late) and publishes it to the run's channels group.  Events go out in
+batches: a background thread sends what is pending BATCH_WINDOW_S after the
+first event of a batch, and the runner sends whatever is left, with
+``done``, in the same round trip that delivers the run's result.  A run
+shorter than the window therefore costs no Redis write for its events.
 
 Publishing goes through the runner's synchronous Redis client, with the
 message serialized and the group channel named by channels-redis's own
@@ -27,8 +28,9 @@ from webapp.redis import get_redis
 logger = logging.getLogger(__name__)
 
 EVENTS_TTL_S = 3600
-# Short enough that a person watching sees each phase as it ends.
-BATCH_WINDOW_S = 0.005
+# Short enough that a person watching sees each phase as it ends; long
+# enough that a hot run of a small model ends before the first batch.
+BATCH_WINDOW_S = 0.05
 
 
 def group_name(run_id: str) -> str:
@@ -57,14 +59,15 @@ class RunEvents:
         self.seq += 1
         event = {"seq": self.seq, "run_id": self.run_id, "phase": phase, **data}
         message = self._layer.serialize({"type": "run.event", "event": event})
-        _publisher().submit(
-            (self.run_id, self._channel, json.dumps(event), message),
-            immediately=phase == "done",
-        )
+        _publisher().submit((self.run_id, self._channel, json.dumps(event), message))
 
-    def flush(self) -> None:
-        """Send every pending event now."""
-        _publisher().send_pending()
+    def send_with(self, pipeline) -> list:
+        """Add every pending event to ``pipeline``, execute it, and return its replies.
+
+        Unlike the background sends, a failure here raises: the pipeline
+        carries the caller's own commands too.
+        """
+        return _publisher().send_pending(pipeline)
 
 
 class _Publisher(threading.Thread):
@@ -77,12 +80,10 @@ class _Publisher(threading.Thread):
         # Held while taking and sending a batch, so batches leave in order.
         self._sending = threading.Lock()
 
-    def submit(self, item: tuple[str, str, str, bytes], immediately: bool) -> None:
+    def submit(self, item: tuple[str, str, str, bytes]) -> None:
         with self._ready:
             self._pending.append(item)
             self._ready.notify()
-        if immediately:
-            self.send_pending()
 
     def run(self) -> None:
         while True:
@@ -90,24 +91,25 @@ class _Publisher(threading.Thread):
                 while not self._pending:
                     self._ready.wait()
             time.sleep(BATCH_WINDOW_S)
-            self.send_pending()
+            try:
+                self.send_pending()
+            except Exception:
+                # Events are for display; a lost batch must not fail a run.
+                logger.exception("could not publish run events")
 
-    def send_pending(self) -> None:
+    def send_pending(self, pipeline=None) -> list:
         with self._sending:
             with self._ready:
                 batch, self._pending = self._pending, []
-            if not batch:
-                return
-            try:
+            if not batch and pipeline is None:
+                return []
+            if pipeline is None:
                 pipeline = get_redis().pipeline(transaction=False)
-                for run_id, channel, stored, message in batch:
-                    pipeline.rpush(events_key(run_id), stored)
-                    pipeline.expire(events_key(run_id), EVENTS_TTL_S)
-                    pipeline.publish(channel, message)
-                pipeline.execute()
-            except Exception:
-                # Events are for display; a lost batch must not fail a run.
-                logger.exception("could not publish %d run events", len(batch))
+            for run_id, channel, stored, message in batch:
+                pipeline.rpush(events_key(run_id), stored)
+                pipeline.expire(events_key(run_id), EVENTS_TTL_S)
+                pipeline.publish(channel, message)
+            return pipeline.execute()
 
 
 _publisher_lock = threading.Lock()

@@ -3,8 +3,9 @@
 Finishing is conditional on the run still being in the state the caller saw
 (``running`` on the expected runner, or ``queued``), so a runner and a reaper
 racing over the same run cannot both finish it or bill it twice.  After the
-commit the final payload is pushed to the run's Redis list, waking any
-request waiting for the result.
+commit, one Redis round trip pushes the final payload to the run's list
+(waking any request waiting for the result), publishes the events still
+pending with ``done``, and deletes the run's input images.
 """
 
 import json
@@ -55,9 +56,6 @@ def finish_run(
 ) -> bool:
     """Store the result and the bill; return False if someone else finished it."""
     now = timezone.now()
-    # Out before the run reads as finished: a subscriber that connects in
-    # between then replays every phase and waits for the live "done".
-    events.flush()
     with transaction.atomic():
         updated = sql.update_where(
             Run,
@@ -93,20 +91,27 @@ def finish_run(
         "bill": bill_fields(bill),
         "warnings": run.warnings,
     }
-    push_done(str(run.pk), outputs_json, payload_meta)
-    events.emit(
-        "done", status=status, breakdown=breakdown, bill=bill_fields(bill), error=error
-    )
+    push_done(str(run.pk), outputs_json, payload_meta, events)
     return True
 
 
-def push_done(run_id: str, outputs_json: str, meta: dict[str, Any]) -> None:
+def push_done(
+    run_id: str, outputs_json: str, meta: dict[str, Any], events: RunEvents
+) -> None:
+    """Deliver the result, the pending events and ``done``, and drop the inputs."""
     payload = '{"outputs":' + outputs_json + ',"meta":' + json.dumps(meta) + "}"
-    connection = get_redis()
-    pipeline = connection.pipeline(transaction=False)
+    pipeline = get_redis().pipeline(transaction=False)
     pipeline.rpush(keys.done_key(run_id), payload)
     pipeline.expire(keys.done_key(run_id), DONE_TTL_S)
-    pipeline.execute()
+    pipeline.delete(keys.inputs_key(run_id))
+    events.emit(
+        "done",
+        status=meta["status"],
+        breakdown=meta["breakdown"],
+        bill=meta["bill"],
+        error=meta["error"],
+    )
+    events.send_with(pipeline)
 
 
 def fail_run(
@@ -149,8 +154,6 @@ def fail_run(
             "bill": bill_fields(line),
             "warnings": [],
         },
-    )
-    RunEvents(str(run_id), first_seq=1000).emit(
-        "done", status="failed", breakdown=None, bill=bill_fields(line), error=error
+        RunEvents(str(run_id), first_seq=1000),
     )
     return True

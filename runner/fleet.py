@@ -179,10 +179,7 @@ def recover_lost_jobs() -> int:
         if Job.exists(str(run.id), connection=connection):
             continue
         found += 1
-        first_input = next(
-            (keys.input_key(str(run.id), name, 0) for name in run.image_info), None
-        )
-        if first_input is None or connection.exists(first_input):
+        if not run.image_info or connection.exists(keys.inputs_key(str(run.id))):
             logger.warning("run %s lost its queued job; queued again", run.id)
             run.queue_name = keys.SHARED_QUEUE
             Run.objects.filter(pk=run.pk).update(queue_name=run.queue_name)

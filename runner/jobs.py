@@ -26,11 +26,15 @@ from workflows.timing import RunTimer
 logger = logging.getLogger(__name__)
 
 
-def execute_run(run_id: str, snapshot: dict | None = None) -> None:
+def execute_run(
+    run_id: str, snapshot: dict | None = None, inputs: dict | None = None
+) -> None:
     """Claim the run, execute it, and finish it with its bill.
 
     ``snapshot`` contains the run's fields (see dispatch.job_snapshot); jobs
-    queued without one read the row instead.
+    queued without one read the row instead. ``inputs`` is the run's input
+    hash as the worker read it with the job; without it the images are read
+    here.
     """
     started = time.perf_counter_ns()
     started_wall = time.time_ns()
@@ -55,7 +59,7 @@ def execute_run(run_id: str, snapshot: dict | None = None) -> None:
         run = Run.objects.get(pk=run_id)
     runtime.current_run = run_id
     try:
-        _execute(run, runtime, started, started_wall)
+        _execute(run, runtime, started, started_wall, inputs)
     except Exception as error:
         # _execute finishes the run itself when the workflow fails. This catches
         # failures around it (database, Redis), so that the run does not stay
@@ -71,10 +75,11 @@ def execute_run(run_id: str, snapshot: dict | None = None) -> None:
     finally:
         runtime.current_run = None
         runtime.runs_done += 1
-        _delete_inputs(run)
 
 
-def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
+def _execute(
+    run: Run, runtime, started: int, started_wall: int, inputs: dict | None
+) -> None:
     events = RunEvents(str(run.pk))
     timer = RunTimer(listener=events.emit)
     queue_us = max(0, (started_wall - run.queued_at_ns) // 1000)
@@ -91,7 +96,7 @@ def _execute(run: Run, runtime, started: int, started_wall: int) -> None:
             duration=timer.compile_ns // 1000,
             cache_hit=timer.compile_cache_hit,
         )
-        images = _fetch_images(run, [spec.name for spec in plan.image_inputs])
+        images = _images(run, [spec.name for spec in plan.image_inputs], inputs)
         sources = {
             m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs
         }
@@ -179,42 +184,31 @@ def _plan_for(run: Run, timer: RunTimer) -> ExecutionPlan:
     return plan
 
 
-def _fetch_images(run: Run, names: list[str]) -> dict[str, list[WorkflowImage]]:
-    connection = get_redis()
-    wanted = [
-        (name, index)
-        for name in names
-        for index in range(len(run.image_info.get(name, [])))
-    ]
-    blobs = connection.mget([keys.input_key(str(run.pk), n, i) for n, i in wanted])
+def _images(
+    run: Run, names: list[str], inputs: dict | None
+) -> dict[str, list[WorkflowImage]]:
+    """Build the run's images from its input hash, read now if not given."""
+    if inputs is None:
+        inputs = get_redis().hgetall(keys.inputs_key(str(run.pk)))
     images: dict[str, list[WorkflowImage]] = {name: [] for name in names}
-    for (name, index), blob in zip(wanted, blobs, strict=True):
-        if blob is None:
-            expired = InputError(
-                f"input image '{name}' #{index} expired before a runner started the "
-                "run; send the request again",
-                context="input_fetch",
-                field_name=name,
+    for name in names:
+        for index, info in enumerate(run.image_info.get(name, [])):
+            blob = inputs.get(keys.input_field(name, index).encode())
+            if blob is None:
+                expired = InputError(
+                    f"input image '{name}' #{index} expired before a runner started "
+                    "the run; send the request again",
+                    context="input_fetch",
+                    field_name=name,
+                )
+                expired.user_error = False  # the queue was too slow, not the request
+                raise expired
+            images[name].append(
+                WorkflowImage(
+                    parent_id=f"{name}.{index}" if index else name,
+                    width=info["width"],
+                    height=info["height"],
+                    data=blob,
+                )
             )
-            expired.user_error = False  # the queue was too slow, not the request
-            raise expired
-        info = run.image_info[name][index]
-        images[name].append(
-            WorkflowImage(
-                parent_id=f"{name}.{index}" if index else name,
-                width=info["width"],
-                height=info["height"],
-                data=blob,
-            )
-        )
     return images
-
-
-def _delete_inputs(run: Run) -> None:
-    input_keys = [
-        keys.input_key(str(run.pk), name, index)
-        for name, items in run.image_info.items()
-        for index in range(len(items))
-    ]
-    if input_keys:
-        get_redis().delete(*input_keys)

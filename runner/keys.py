@@ -13,8 +13,14 @@ def heartbeat_key(runner_name: str) -> str:
     return f"{PREFIX}:runner:{runner_name}"
 
 
-def input_key(run_id: str, input_name: str, index: int) -> str:
-    return f"{PREFIX}:run:{run_id}:input:{input_name}:{index}"
+def inputs_key(run_id: str) -> str:
+    """Return the key of the hash holding a run's input images until it ends."""
+    return f"{PREFIX}:run:{run_id}:inputs"
+
+
+def input_field(input_name: str, index: int) -> str:
+    """Return the field of one image (the batch index of an input) in that hash."""
+    return f"{input_name}:{index}"
 
 
 def done_key(run_id: str) -> str:

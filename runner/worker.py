@@ -11,7 +11,7 @@ import threading
 
 from django.conf import settings
 from rq import Queue
-from rq.exceptions import DequeueTimeout
+from rq.job import Job
 
 from runner import fleet, keys
 from runner.runtime import RunnerRuntime
@@ -20,24 +20,34 @@ logger = logging.getLogger(__name__)
 
 # Seconds one blocking dequeue waits, so a stop request is seen this fast.
 DEQUEUE_TIMEOUT_S = 1
+# The one function runners execute; the job id is the run id.
+RUN_JOB = "runner.jobs.execute_run"
 # How often (in heartbeats) a runner looks for queued runs whose job is gone.
 RECONCILE_EVERY_BEATS = 20
 
 
 class RunnerWorker:
-    """Takes RQ jobs from the runner's queues and runs each in this process.
+    """Takes run jobs from the runner's RQ queues and runs each in this process.
 
-    RQ's SimpleWorker also runs jobs in-process, but its bookkeeping around
-    each job (worker registration, job registries, execution records) cost
-    about 4 ms per job on a 2-core machine. It took 5.0 ms per job, against
-    1.0 ms for dequeue, call and delete alone (300 trivial jobs, embedded
-    Redis). The run row is the record of a run's state, so this loop keeps
-    only what the pool needs. SIGTERM or SIGINT finish the current run and
-    then stop the loop, and a second signal stops it at once.
+    The web server queues runs with RQ (``Queue.enqueue_call``); this loop
+    reads RQ's queue lists and job hashes itself. RQ's SimpleWorker also runs
+    jobs in-process, but its bookkeeping around each job (worker
+    registration, job registries, execution records) cost about 4 ms per job
+    on a 2-core machine: 5.0 ms per job against 1.0 ms for dequeue, call and
+    delete alone (300 trivial jobs, embedded Redis). The run row is the
+    record of a run's state, so this loop keeps only what the pool needs.
+
+    After the blocking pop, one round trip reads the job hash and the run's
+    input images and deletes the job hash. A runner that dies before
+    claiming the run leaves it queued with no job, which the lost-job check
+    (``fleet.recover_lost_jobs``) queues again.
+
+    SIGTERM or SIGINT finish the current run and then stop the loop, and a
+    second signal stops it at once.
     """
 
     def __init__(self, queues: list[Queue], connection, name: str) -> None:
-        self.queues = queues
+        self.queue_keys = [queue.key for queue in queues]
         self.connection = connection
         self.name = name
         self.stopping = threading.Event()
@@ -52,26 +62,48 @@ class RunnerWorker:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         while not self.stopping.is_set():
-            try:
-                found = Queue.dequeue_any(
-                    self.queues, timeout=DEQUEUE_TIMEOUT_S, connection=self.connection
-                )
-            except DequeueTimeout:
-                found = None
-            if found is None:
+            popped = self.connection.blpop(self.queue_keys, timeout=DEQUEUE_TIMEOUT_S)
+            if popped is None:
                 if burst:
                     return
                 continue
-            job, queue = found
+            queue_key, job_id = popped[0].decode(), popped[1].decode()
+            found = self.take(job_id)
+            if found is None:
+                logger.warning(
+                    "runner %s: job %s from %s not found (deleted or expired); skipped",
+                    self.name,
+                    job_id,
+                    queue_key,
+                )
+                continue
+            job, inputs = found
             try:
-                job.func(*job.args, **job.kwargs)
+                if job.func_name != RUN_JOB:
+                    raise ValueError(
+                        f"invalid job function {job.func_name}: runners execute "
+                        f"{RUN_JOB} only"
+                    )
+                job.func(*job.args, inputs=inputs, **job.kwargs)
             except Exception:
                 # execute_run has already ended the run failed; keep serving.
                 logger.exception(
-                    "runner %s: job %s from %s raised", self.name, job.id, queue.name
+                    "runner %s: job %s from %s raised", self.name, job_id, queue_key
                 )
-            finally:
-                job.delete()
+
+    def take(self, job_id: str) -> tuple[Job, dict[bytes, bytes]] | None:
+        """Take the job: read its hash and the run's inputs, delete the hash."""
+        job_key = Job.key_for(job_id)
+        pipeline = self.connection.pipeline(transaction=False)
+        pipeline.hgetall(job_key)
+        pipeline.hgetall(keys.inputs_key(job_id))
+        pipeline.delete(job_key)
+        raw_job, inputs, _ = pipeline.execute()
+        if not raw_job:
+            return None
+        job = Job(job_id, connection=self.connection)
+        job.restore(raw_job)
+        return job, inputs
 
 
 class Heartbeat(threading.Thread):

@@ -37,7 +37,9 @@ def lost_run(owner, with_inputs: bool) -> Run:
     connection = get_redis()
     connection.delete(f"{keys.PREFIX}:reconcile")
     if with_inputs:
-        connection.set(keys.input_key(str(run.id), "image", 0), image_bytes())
+        connection.hset(
+            keys.inputs_key(str(run.id)), keys.input_field("image", 0), image_bytes()
+        )
     return run
 
 

@@ -6,10 +6,12 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
+from runner.events import RunEvents, events_key
 from runner.service import start_run
 from tests.conftest import image_bytes
 from tests.definitions import detection, image_height
 from webapp.asgi import application
+from webapp.redis import get_redis
 
 
 def submit(owner, definition):
@@ -116,3 +118,28 @@ async def test_events_replay_for_finished_run(runner, alice):
     replayed = await receive_until_done(again)
     await again.disconnect()
     assert [e["seq"] for e in replayed] == [e["seq"] for e in live]
+
+
+@pytest.mark.asyncio
+async def test_nothing_follows_a_done_built_from_the_database(runner, alice):
+    """Phases published after the run's commit are dropped after that done."""
+    run = await sync_to_async(submit)(alice, image_height())
+    first, _, _ = await connect(run.id, alice)
+    live = await receive_until_done(first)
+    await first.disconnect()
+    # As if the subscriber came between the commit and the last batch.
+    await sync_to_async(get_redis().delete)(events_key(str(run.id)))
+
+    late, _, _ = await connect(run.id, alice)
+    done = await late.receive_json_from(timeout=10)
+    assert (done["phase"], done["seq"]) == ("done", 0)
+
+    def publish_last_batch():
+        events = RunEvents(str(run.id))
+        events.emit("serialization", duration=live[-2]["duration"])
+        events.emit("done", **{k: live[-1][k] for k in ("status", "breakdown")})
+        events.send_with(get_redis().pipeline(transaction=False))
+
+    await sync_to_async(publish_last_batch)()
+    assert await late.receive_nothing(timeout=1)
+    await late.disconnect()

@@ -2,11 +2,16 @@
 
 import time
 
+from rq import Queue
+from rq.job import Job
+
 from billing.models import Bill
+from runner import keys
 from runner.models import Run
 from runner.service import start_run
 from tests.conftest import image_bytes
 from tests.definitions import detection
+from webapp.redis import get_redis
 
 
 def start(owner, model_id: str, runner_name: str, wait_s: float = 120):
@@ -103,3 +108,24 @@ def test_sigterm_finishes_current_run_then_hands_off(runner, extra_runners, alic
     assert leaving.process.wait(timeout=60) == 0
     handed_off = wait_for_status(waiting.run.id, Run.Status.SUCCEEDED, timeout_s=60)
     assert handed_off.runner_name == runner.name
+
+
+def test_runner_refuses_jobs_other_than_runs(runner, alice):
+    """A job naming any other function is dropped unexecuted; the runner goes on."""
+    connection = get_redis()
+    job = Queue(keys.runner_queue(runner.name), connection=connection).enqueue_call(
+        func="os.getpid", result_ttl=0
+    )
+    outcome = start(alice, "people-detector", runner.name)
+    assert outcome.payload["meta"]["status"] == "succeeded"
+    assert not connection.exists(Job.key_for(job.id))
+    assert "invalid job function os.getpid" in runner.log_path.read_text()
+
+
+def test_finished_run_leaves_no_job_or_inputs_in_redis(runner, alice):
+    outcome = start(alice, "people-detector", runner.name)
+    assert outcome.payload["meta"]["status"] == "succeeded"
+    run_id = str(outcome.run.id)
+    connection = get_redis()
+    assert not connection.exists(Job.key_for(run_id))
+    assert not connection.exists(keys.inputs_key(run_id))
