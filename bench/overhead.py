@@ -22,9 +22,13 @@ b. The cost of serving a hot detector over HTTP. A ``yolov8n.yaml`` detection
    workflow at 480 px is sent over HTTP, alternating with a direct call in this
    process on the same JPEG bytes. The direct call is ``cv2.imdecode``, then
    ultralytics' ``predict`` with the block's default thresholds and the
-   runner's torch thread count. The figure is the ratio of the medians.
+   runner's torch thread count and OpenMP spin setting. The figure is the
+   ratio of the medians.
 c. Runner memory. The runner's RSS is read with psutil before any model
    loads, with ``yolov8n.yaml`` loaded, and with a second model loaded too.
+d. What a request costs by what came before it. The no-model request of (a)
+   is timed right after another no-model request, right after a hot
+   detection, and after the stack was idle for a while, in turns.
 
 The input is ultralytics' ``bus.jpg``, resized to 480 px on its long side and
 encoded once as JPEG (quality 90). Results are printed as a table and written
@@ -62,6 +66,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.peer_inference import peer_python, start_peer, stop_peer  # noqa: E402
+from runner.openmp import SPINCOUNT_VARIABLE, apply_spin_default  # noqa: E402
 
 logger = logging.getLogger("bench.overhead")
 
@@ -717,6 +722,7 @@ def bench_detection(
         "image_size": IMAGE_LONG_SIDE,
         "device": device,
         "torch_threads": threads,
+        "gomp_spincount": os.environ.get(SPINCOUNT_VARIABLE),
         "options": options,
         "cold_request": cold_entry,
         "http": {
@@ -738,6 +744,54 @@ def runner_rss_bytes(pid: int) -> int:
 
 def model_memory(state: dict[str, Any]) -> dict[str, int]:
     return {m["model_id"]: m["memory_bytes"] for m in state.get("models", [])}
+
+
+# -- (d) what precedes a request -------------------------------------------
+
+IDLE_BEFORE_S = 0.03
+PRECEDED_BY = (
+    "no-model request",
+    "hot detection",
+    f"{IDLE_BEFORE_S * 1000:.0f} ms idle",
+)
+
+
+def bench_preceded_by(
+    client: KeepAliveClient,
+    api_key: str,
+    jpeg: bytes,
+    expected_height: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Time the no-model request after each kind of predecessor, in turns."""
+    from tests.definitions import image_height
+
+    no_model = run_body(api_key, jpeg, image_height())
+    detection = run_body(api_key, jpeg, detection_definition(DETECTION_MODEL))
+    expect = {"height": expected_height}
+    latencies: dict[str, list[float]] = {name: [] for name in PRECEDED_BY}
+    timings: dict[str, list[dict[str, float]]] = {name: [] for name in PRECEDED_BY}
+    for _ in range(args.detect_requests):
+        for name in PRECEDED_BY:
+            if name == "no-model request":
+                check_reply(client.post("/workflows/run", no_model), client.name)
+            elif name == "hot detection":
+                check_reply(client.post("/workflows/run", detection), client.name)
+            else:
+                time.sleep(IDLE_BEFORE_S)
+            reply = client.post("/workflows/run", no_model)
+            check_reply(reply, client.name, expect)
+            latencies[name].append(reply.seconds)
+            timings[name].append(
+                parse_server_timing(reply.headers.get("Server-Timing"))
+            )
+    return {
+        name: {
+            **summarize_ms(latencies[name]),
+            "server_timing_median_ms": median_components(timings[name]),
+        }
+        for name in PRECEDED_BY
+    }
 
 
 def load_second_model(
@@ -796,7 +850,8 @@ def print_report(results: dict[str, Any]) -> None:
     detection = results["detection"]
     print(
         f"\n(b) hot {detection['model_id']} at {detection['image_size']} px, "
-        f"{detection['device']}, {detection['torch_threads']} torch threads"
+        f"{detection['device']}, {detection['torch_threads']} torch threads, "
+        f"GOMP_SPINCOUNT {detection['gomp_spincount']}"
     )
     print(f"  {'path':<26}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")
     for label, key in (("HTTP (glassbox)", "http"), ("direct predict", "direct")):
@@ -808,6 +863,14 @@ def print_report(results: dict[str, Any]) -> None:
     print(
         f"  ratio of medians HTTP/direct: {detection['ratio_of_medians']:.3f} "
         f"(target <= {TARGET_DETECTION_RATIO:.2f})"
+    )
+    print(
+        "  glassbox Server-Timing medians (ms): "
+        + ", ".join(
+            f"{k} {v:.2f}"
+            for k, v in detection["http"]["server_timing_median_ms"].items()
+            if v > 0 or k == "total"
+        )
     )
     cold = detection["cold_request"]
     print(
@@ -824,6 +887,16 @@ def print_report(results: dict[str, Any]) -> None:
     )
     for label, key in rows:
         print(f"  {label:<36}{memory[key] / 2**20:>9.1f} MiB")
+
+    print("\n(d) no-model request by what came just before it")
+    print(f"  {'preceded by':<26}{'p50 ms':>9}   Server-Timing medians (ms)")
+    for name, entry in results["preceded_by"].items():
+        components = entry["server_timing_median_ms"]
+        parts = ", ".join(
+            f"{k} {components[k]:.2f}"
+            for k in ("request", "queue", "overhead", "handoff", "total")
+        )
+        print(f"  {name:<26}{entry['p50_ms']:>9.2f}   {parts}")
 
 
 def target_checks(no_model: dict[str, Any]) -> list[str]:
@@ -941,6 +1014,7 @@ def run(args: argparse.Namespace, data_dir: Path, peer_dir: Path) -> dict[str, A
         results["memory"]["rss_one_model_bytes"] = runner_rss_bytes(runner["pid"])
         results["memory"]["model_memory_bytes"] = model_memory(state)
 
+        results["preceded_by"] = bench_preceded_by(ours, api_key, jpeg, height, args)
         load_second_model(ours, api_key, jpeg, args.second_model)
         state = runner_state(frozenset({DETECTION_MODEL, args.second_model}))
         results["memory"]["second_model"] = args.second_model
@@ -976,6 +1050,12 @@ def _peer_version(python: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The runner's OpenMP spin setting, for the direct calls in (b), before
+    # anything loads torch. With libgomp's default, this process's idle
+    # threads would spin for about 8 ms after each direct call, into the
+    # HTTP request that follows.
+    if apply_spin_default() is None:
+        raise RuntimeError("torch was imported before the OpenMP setting")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

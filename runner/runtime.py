@@ -33,6 +33,8 @@ class RunnerRuntime:
             "used_bytes": self.cache.used_bytes(),
             "models": self.cache.snapshot(),
             "eviction_policy": self.cache.policy.name,
+            "torch_threads": self.cache.torch_threads,
+            "omp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "evictions": self.cache.evictions,
             "queue_length": queue_length,
             "current_run": self.current_run,

@@ -1,15 +1,20 @@
 """The runner pool: runners dying mid-run, eviction under a memory budget."""
 
+import os
+import subprocess
+import sys
 import time
 
+import pytest
 from rq import Queue
 from rq.job import Job
 
 from billing.models import Bill
 from runner import keys
 from runner.models import Run
+from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
 from runner.service import start_run
-from tests.conftest import image_bytes
+from tests.conftest import ROOT, image_bytes
 from tests.definitions import detection
 from webapp.redis import get_redis
 
@@ -129,3 +134,36 @@ def test_finished_run_leaves_no_job_or_inputs_in_redis(runner, alice):
     connection = get_redis()
     assert not connection.exists(Job.key_for(run_id))
     assert not connection.exists(keys.inputs_key(run_id))
+
+
+def test_runner_reports_its_openmp_spin_setting(runner):
+    expected = os.environ.get(SPINCOUNT_VARIABLE, DEFAULT_SPINCOUNT)
+    assert runner.state()["omp_spincount"] == expected
+
+
+@pytest.mark.parametrize(
+    ("environment", "imports_torch_first", "expected"),
+    [
+        ({}, False, DEFAULT_SPINCOUNT),
+        ({SPINCOUNT_VARIABLE: "500"}, False, "500"),
+        ({}, True, None),
+    ],
+)
+def test_spin_default_applies_only_before_torch(
+    environment, imports_torch_first, expected
+):
+    code = (
+        ("import torch\n" if imports_torch_first else "")
+        + "from runner.openmp import apply_spin_default\n"
+        + "print(repr(apply_spin_default()))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != SPINCOUNT_VARIABLE}
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**env, **environment},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert completed.stdout.strip() == repr(expected)

@@ -1,19 +1,24 @@
 """python manage.py runner: start one long-lived runner process."""
 
-import logging
-import os
-import socket
+from runner.openmp import apply_spin_default
 
-from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+# Before the imports below load torch, and with it libgomp.
+apply_spin_default()
 
-from runner import fleet
-from runner.finish import fail_run
-from runner.model_cache import ModelCache, pick_device
-from runner.models import Run
-from runner.runtime import RunnerRuntime, set_runtime
-from runner.worker import run_worker
-from webapp.redis import get_redis
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+
+from django.conf import settings  # noqa: E402
+from django.core.management.base import BaseCommand, CommandError  # noqa: E402
+
+from runner import fleet  # noqa: E402
+from runner.finish import fail_run  # noqa: E402
+from runner.model_cache import ModelCache, pick_device  # noqa: E402
+from runner.models import Run  # noqa: E402
+from runner.runtime import RunnerRuntime, set_runtime  # noqa: E402
+from runner.worker import run_worker  # noqa: E402
+from webapp.redis import get_redis  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

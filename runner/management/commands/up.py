@@ -54,6 +54,19 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def worker_tmp_dir_option() -> list[str]:
+    """Return gunicorn's option to keep its worker heartbeat file in memory.
+
+    A gthread worker touches that file each time its event loop wakes, which
+    is once per request on a keep-alive connection, and the default temporary
+    directory may be on disk.
+    """
+    shared_memory = Path("/dev/shm")
+    if shared_memory.is_dir() and os.access(shared_memory, os.W_OK):
+        return ["--worker-tmp-dir", str(shared_memory)]
+    return []
+
+
 class Command(BaseCommand):
     help = "Start the runner pool and the web server; optionally run the demo."
 
@@ -152,6 +165,7 @@ class Command(BaseCommand):
                     '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss',
                     "--timeout",
                     "120",
+                    *worker_tmp_dir_option(),
                 ],
                 log_dir,
             )
