@@ -180,7 +180,9 @@ def _from_files(model_id: str, name: str, searched: list[str]) -> ModelSource | 
 SCALED_NAME = re.compile(r"^(?P<family>.+\d+)(?P<scale>[nslmx])(?P<rest>.*)\.ya?ml$")
 
 
+@functools.cache
 def _config_root() -> Path | None:
+    # find_spec searches sys.path, and every request with a model asks.
     spec = importlib.util.find_spec("ultralytics")
     return Path(spec.origin).parent / "cfg" / "models" if spec else None
 
