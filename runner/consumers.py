@@ -2,19 +2,30 @@
 
 On connect the consumer joins the run's group, then replays the events
 stored so far; live events that arrive during the replay wait in a buffer,
-so the client receives each event once, in ``seq`` order.  A run that
-finished before its events were stored (or after they expired) gets one
-``done`` event built from the database.  Nothing follows ``done``: a runner
-publishes a run's last phases after committing it, so phases can arrive
-after a ``done`` built from the database, and they are dropped.
+so the client receives each event once, in ``seq`` order.
+
+A runner publishes a run's last phases, and ``done``, just after it commits
+the finished run. A run that the database shows finished, with no events
+stored, therefore either is about to publish them or finished long ago
+(events expire after an hour). The consumer waits up to LATE_EVENTS_GRACE_S
+after the run's end for them, then sends one ``done`` built from the
+database. Nothing follows ``done``: phases that arrive after a ``done``
+built from the database are dropped.
 """
+
+import asyncio
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.utils import timezone
 
 from runner.events import group_name, stored_events
 from runner.models import Run
 from runner.presenters import bill_to_dict
+
+# How long after a run's end its events may still be on their way. A runner
+# publishes them within a Redis round trip of its commit.
+LATE_EVENTS_GRACE_S = 1.0
 
 # Close codes in the application range (4000-4999).
 CLOSE_UNAUTHENTICATED = 4401
@@ -35,6 +46,7 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
             return
         self.seen: set[int] = set()
         self.done_sent = False
+        self.fallback: asyncio.Task | None = None
         self.buffer: list[dict] = []
         self.replaying = True
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -49,6 +61,8 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
             await self._send_final_state_if_finished()
 
     async def disconnect(self, code):
+        if getattr(self, "fallback", None) is not None:
+            self.fallback.cancel()
         if hasattr(self, "seen"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
@@ -75,20 +89,37 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
         return Run.objects.filter(pk=self.run_id, owner=user).exists()
 
     async def _send_final_state_if_finished(self) -> None:
-        run = await database_sync_to_async(
-            lambda: Run.objects.select_related("bill").filter(pk=self.run_id).first()
-        )()
+        run = await self._load_run()
         if run is None or not run.is_finished:
             return
-        bill = bill_to_dict(getattr(run, "bill", None))
-        await self._forward(
-            {
-                "seq": 0,
-                "run_id": self.run_id,
-                "phase": "done",
-                "status": run.status,
-                "breakdown": run.breakdown,
-                "bill": bill,
-                "error": run.error,
-            }
-        )
+        age_s = (timezone.now() - run.finished_at).total_seconds()
+        if age_s >= LATE_EVENTS_GRACE_S:
+            await self._forward(self._final_event(run))
+        else:
+            self.fallback = asyncio.create_task(
+                self._send_final_state_later(LATE_EVENTS_GRACE_S - age_s)
+            )
+
+    async def _send_final_state_later(self, delay_s: float) -> None:
+        """Send ``done`` from the database unless the runner's events came first."""
+        await asyncio.sleep(delay_s)
+        if self.seen:
+            return
+        run = await self._load_run()
+        if run is not None:
+            await self._forward(self._final_event(run))
+
+    @database_sync_to_async
+    def _load_run(self) -> Run | None:
+        return Run.objects.select_related("bill").filter(pk=self.run_id).first()
+
+    def _final_event(self, run: Run) -> dict:
+        return {
+            "seq": 0,
+            "run_id": self.run_id,
+            "phase": "done",
+            "status": run.status,
+            "breakdown": run.breakdown,
+            "bill": bill_to_dict(getattr(run, "bill", None)),
+            "error": run.error,
+        }

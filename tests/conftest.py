@@ -105,6 +105,28 @@ def runner_factory(django_db_setup, django_db_blocker):
     yield start
     for process in started:
         process.stop()
+    with django_db_blocker.unblock():
+        wait_for_other_sessions_to_close()
+
+
+def wait_for_other_sessions_to_close(timeout_s: float = 10) -> None:
+    """Wait until PostgreSQL has ended the stopped runners' sessions.
+
+    The server ends a session shortly after its process exits, and dropping
+    the test database while one remains fails.
+    """
+    if connection.vendor != "postgresql":
+        return
+    deadline = time.monotonic() + timeout_s
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,10 @@ from webapp.settings import DATA_DIR, DATABASES  # noqa: E402
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-db.sqlite3")}
+else:
+    # Consumers under test query from channels' worker threads, and a kept
+    # connection there would stop the test database from being dropped.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
 
 # Runner processes connect to the database the test run created.
 if os.environ.get("GLASSBOX_TEST_DB_NAME"):

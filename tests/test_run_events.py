@@ -6,7 +6,10 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from runner.events import RunEvents, events_key
+from runner import consumers
+from runner.dispatch import wait_for_result
+from runner.events import RunEvents, events_key, stored_events
+from runner.models import Run
 from runner.service import start_run
 from tests.conftest import image_bytes
 from tests.definitions import detection, image_height
@@ -120,26 +123,62 @@ async def test_events_replay_for_finished_run(runner, alice):
     assert [e["seq"] for e in replayed] == [e["seq"] for e in live]
 
 
-@pytest.mark.asyncio
-async def test_nothing_follows_a_done_built_from_the_database(runner, alice):
-    """Phases published after the run's commit are dropped after that done."""
-    run = await sync_to_async(submit)(alice, image_height())
-    first, _, _ = await connect(run.id, alice)
-    live = await receive_until_done(first)
-    await first.disconnect()
-    # As if the subscriber came between the commit and the last batch.
-    await sync_to_async(get_redis().delete)(events_key(str(run.id)))
+def finished_run_without_stored_events(owner) -> tuple[Run, list[dict]]:
+    """Run a workflow to the end, then drop its stored events, as if unpublished.
 
+    Nothing here subscribes to the run's group: channels could still be
+    delivering the runner's messages when the test's subscriber joins.
+    """
+    run = submit(owner, image_height())
+    assert wait_for_result(str(run.id), timeout_s=60) is not None
+    deadline = time.monotonic() + 10
+    live = stored_events(str(run.id))
+    # The result goes out in the same pipeline as the events, just before them.
+    while not live or live[-1]["phase"] != "done":
+        assert time.monotonic() < deadline, f"events of run {run.id} incomplete"
+        time.sleep(0.01)
+        live = stored_events(str(run.id))
+    get_redis().delete(events_key(str(run.id)))
+    return run, live
+
+
+def publish(run_id, live: list[dict]) -> None:
+    """Publish ``live`` again as the runner's last batch."""
+    events = RunEvents(str(run_id))
+    for event in live:
+        data = {k: v for k, v in event.items() if k not in ("seq", "run_id", "phase")}
+        events.emit(event["phase"], **data)
+    events.send_with(get_redis().pipeline(transaction=False))
+
+
+@pytest.mark.asyncio
+async def test_just_finished_run_waits_for_its_events(runner, alice, monkeypatch):
+    """A subscriber between the runner's commit and its publish gets the events."""
+    # Long enough that the publish below comes first on a slow machine.
+    monkeypatch.setattr(consumers, "LATE_EVENTS_GRACE_S", 30.0)
+    run, live = await sync_to_async(finished_run_without_stored_events)(alice)
+    late, _, _ = await connect(run.id, alice)
+    assert await late.receive_nothing(timeout=0.1)
+
+    await sync_to_async(publish)(run.id, live)
+    received = await receive_until_done(late, timeout_s=10)
+    await late.disconnect()
+    assert [e["phase"] for e in received] == [e["phase"] for e in live]
+    assert [e["seq"] for e in received] == [e["seq"] for e in live]
+
+
+@pytest.mark.asyncio
+async def test_nothing_follows_a_done_built_from_the_database(
+    runner, alice, monkeypatch
+):
+    """Events that arrive after the wait for them are dropped after that done."""
+    monkeypatch.setattr(consumers, "LATE_EVENTS_GRACE_S", 0.2)
+    run, live = await sync_to_async(finished_run_without_stored_events)(alice)
     late, _, _ = await connect(run.id, alice)
     done = await late.receive_json_from(timeout=10)
     assert (done["phase"], done["seq"]) == ("done", 0)
+    assert done["breakdown"] == live[-1]["breakdown"]
 
-    def publish_last_batch():
-        events = RunEvents(str(run.id))
-        events.emit("serialization", duration=live[-2]["duration"])
-        events.emit("done", **{k: live[-1][k] for k in ("status", "breakdown")})
-        events.send_with(get_redis().pipeline(transaction=False))
-
-    await sync_to_async(publish_last_batch)()
+    await sync_to_async(publish)(run.id, live[-2:])
     assert await late.receive_nothing(timeout=1)
     await late.disconnect()
