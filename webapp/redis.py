@@ -105,3 +105,25 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
                 )
             time.sleep(0.02)
         logger.info("started embedded Redis on %s", socket_path)
+
+
+def stop_embedded_redis() -> bool:
+    """Shut the embedded server down, writing its append-only file; False if none.
+
+    Processes that need Redis again start a new one, so this is safe while
+    other processes of the same data directory still run.
+    """
+    global _connection
+    if settings.REDIS_URL:
+        return False
+    socket_path = Path(settings.EMBEDDED_REDIS_SOCKET)
+    if not _answers(socket_path):
+        return False
+    with _lock:
+        _connection = None
+        try:
+            redis.Redis(unix_socket_path=str(socket_path)).shutdown()
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it exits
+    logger.info("stopped embedded Redis on %s", socket_path)
+    return True

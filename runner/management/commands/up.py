@@ -27,7 +27,7 @@ from django.core.management.base import BaseCommand, CommandError
 from runner import fleet
 from runner.tables import bill_lines, breakdown_table
 from webapp.models import ApiToken
-from webapp.redis import get_redis
+from webapp.redis import get_redis, stop_embedded_redis
 from workflows.models import Workflow
 
 DEMO_DEFINITION = Path(settings.BASE_DIR) / "examples" / "people-count.json"
@@ -238,6 +238,8 @@ class Command(BaseCommand):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+        if stop_embedded_redis():
+            self.stdout.write("stopped the embedded Redis server")
 
     def _wait_until_up(self, base_url: str, runners: int, timeout_s: float = 120):
         deadline = time.monotonic() + timeout_s

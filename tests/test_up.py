@@ -1,0 +1,95 @@
+"""``manage.py up``: starts the whole stack, and SIGTERM stops all of it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import redis
+
+from tests.conftest import ROOT
+
+STARTUP_TIMEOUT_S = 180
+
+
+def free_port_pair() -> int:
+    """Return a port that is free together with the one after it."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports found")
+
+
+def test_up_serves_then_stops_every_process(tmp_path):
+    port = free_port_pair()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")
+    }
+    env["GLASSBOX_DATA_DIR"] = str(tmp_path)
+    log_path = tmp_path / "up-output.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "manage.py", "up", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while b"Up. Press Ctrl-C" not in log_path.read_bytes():
+            assert up.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        children = psutil.Process(up.pid).children(recursive=True)
+        commands = [" ".join(child.cmdline()) for child in children]
+        assert any("gunicorn" in command for command in commands)
+        assert any("daphne" in command for command in commands)
+        assert any("manage.py runner" in command for command in commands)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/info") as reply:
+            assert reply.status == 200
+        redis_pid = int((tmp_path / "redis.pid").read_text())
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == []
+        assert not psutil.pid_exists(redis_pid)
+        socket_path = str(tmp_path / "redis.sock")
+        try:
+            redis.Redis(unix_socket_path=socket_path, socket_timeout=2).ping()
+            answered = True
+        except redis.ConnectionError:
+            answered = False
+        assert not answered
+        assert b"stopped the embedded Redis server" in log_path.read_bytes()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        stop_leftover_redis(tmp_path)
+
+
+def stop_leftover_redis(data_dir) -> None:
+    """Stop the embedded Redis of ``data_dir`` if a failed test left it running."""
+    try:
+        process = psutil.Process(int((data_dir / "redis.pid").read_text()))
+        if str(data_dir) in " ".join(process.cmdline()):
+            process.terminate()
+    except (OSError, ValueError, psutil.Error):
+        pass
