@@ -171,7 +171,9 @@ def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
         # the push to the same MULTI/EXEC transaction as the images, sent in
         # one round trip.
         with connection.pipeline() as pipeline:
-            Queue(run.queue_name, connection=connection).enqueue_call(
+            Queue(
+                run.queue_name, connection=connection, serializer=keys.JOB_SERIALIZER
+            ).enqueue_call(
                 func="runner.jobs.execute_run",
                 args=(str(run.id),),
                 kwargs={"snapshot": job_snapshot(run)},

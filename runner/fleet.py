@@ -125,19 +125,34 @@ def reap_runner(name: str, reason: str) -> int:
 
 def move_queued_jobs(name: str) -> int:
     connection = get_redis()
-    source = Queue(keys.runner_queue(name), connection=connection)
-    target = Queue(keys.SHARED_QUEUE, connection=connection)
+    source = Queue(
+        keys.runner_queue(name), connection=connection, serializer=keys.JOB_SERIALIZER
+    )
+    target = Queue(
+        keys.SHARED_QUEUE, connection=connection, serializer=keys.JOB_SERIALIZER
+    )
     moved = 0
     while True:
         job_id = connection.lpop(source.key)
         if job_id is None:
             return moved
         try:
-            job = Job.fetch(job_id.decode(), connection=connection)
-        except Exception:  # the job hash expired; nothing left to run
-            logger.warning("job %s of runner %s has no data; dropped", job_id, name)
+            job = Job.fetch(
+                job_id.decode(errors="replace"),
+                connection=connection,
+                serializer=keys.JOB_SERIALIZER,
+            )
+            target.enqueue_job(job)
+        except Exception as error:
+            # The job hash expired or is corrupt; a run it belonged to is
+            # found by recover_lost_jobs.
+            logger.warning(
+                "job %r of runner %s could not be moved (%s); dropped",
+                job_id[:100],
+                name,
+                error,
+            )
             continue
-        target.enqueue_job(job)
         moved += 1
 
 

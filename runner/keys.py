@@ -1,7 +1,12 @@
 """Names of the Redis keys and RQ queues shared by the web server and runners."""
 
+from rq.serializers import JSONSerializer
+
 PREFIX = "glassbox"
 SHARED_QUEUE = "shared"
+# RQ's default serializer is pickle, and unpickling job data that someone
+# wrote to Redis could run any code. Run jobs carry only JSON values.
+JOB_SERIALIZER = JSONSerializer
 RUNNERS_SET = f"{PREFIX}:runners"
 
 

@@ -67,23 +67,22 @@ class RunnerWorker:
                 if burst:
                     return
                 continue
-            queue_key, job_id = popped[0].decode(), popped[1].decode()
-            found = self.take(job_id)
-            if found is None:
+            # Anyone who can write to Redis can push anything: nothing popped
+            # may stop the loop.
+            queue_key = popped[0].decode(errors="replace")
+            job_id = popped[1].decode(errors="replace")
+            try:
+                job, inputs = self.take(job_id)
+            except InvalidJob as error:
                 logger.warning(
-                    "runner %s: job %s from %s not found (deleted or expired); skipped",
+                    "runner %s: job %r from %s dropped: %s",
                     self.name,
-                    job_id,
+                    job_id[:100],
                     queue_key,
+                    error,
                 )
                 continue
-            job, inputs = found
             try:
-                if job.func_name != RUN_JOB:
-                    raise ValueError(
-                        f"invalid job function {job.func_name}: runners execute "
-                        f"{RUN_JOB} only"
-                    )
                 job.func(*job.args, inputs=inputs, **job.kwargs)
             except Exception:
                 # execute_run has already ended the run failed; keep serving.
@@ -91,8 +90,13 @@ class RunnerWorker:
                     "runner %s: job %s from %s raised", self.name, job_id, queue_key
                 )
 
-    def take(self, job_id: str) -> tuple[Job, dict[bytes, bytes]] | None:
-        """Take the job: read its hash and the run's inputs, delete the hash."""
+    def take(self, job_id: str) -> tuple[Job, dict[bytes, bytes]]:
+        """Take the job: read its hash and the run's inputs, delete the hash.
+
+        Raises InvalidJob when the hash is missing, unreadable, or names a
+        function other than RUN_JOB. Job data is JSON (keys.JOB_SERIALIZER),
+        so reading it cannot run code.
+        """
         job_key = Job.key_for(job_id)
         pipeline = self.connection.pipeline(transaction=False)
         pipeline.hgetall(job_key)
@@ -100,10 +104,22 @@ class RunnerWorker:
         pipeline.delete(job_key)
         raw_job, inputs, _ = pipeline.execute()
         if not raw_job:
-            return None
-        job = Job(job_id, connection=self.connection)
-        job.restore(raw_job)
+            raise InvalidJob("not found (deleted or expired)")
+        job = Job(job_id, connection=self.connection, serializer=keys.JOB_SERIALIZER)
+        try:
+            job.restore(raw_job)
+            func_name = job.func_name
+        except Exception as error:
+            raise InvalidJob(f"unreadable ({type(error).__name__}: {error})") from None
+        if func_name != RUN_JOB:
+            raise InvalidJob(
+                f"invalid job function {func_name!r}: runners execute {RUN_JOB} only"
+            )
         return job, inputs
+
+
+class InvalidJob(Exception):
+    """A popped job id whose job cannot or must not be executed."""
 
 
 class Heartbeat(threading.Thread):
@@ -154,8 +170,14 @@ class Heartbeat(threading.Thread):
 
 
 def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> None:
-    own_queue = Queue(keys.runner_queue(runtime.name), connection=connection)
-    shared_queue = Queue(keys.SHARED_QUEUE, connection=connection)
+    own_queue = Queue(
+        keys.runner_queue(runtime.name),
+        connection=connection,
+        serializer=keys.JOB_SERIALIZER,
+    )
+    shared_queue = Queue(
+        keys.SHARED_QUEUE, connection=connection, serializer=keys.JOB_SERIALIZER
+    )
     heartbeat = Heartbeat(runtime, own_queue)
     heartbeat.beat()
     heartbeat.start()

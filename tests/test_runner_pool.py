@@ -1,12 +1,12 @@
 """The runner pool: runners dying mid-run, eviction under a memory budget."""
 
 import os
+import pickle
 import subprocess
 import sys
 import time
 
 import pytest
-from rq import Queue
 from rq.job import Job
 
 from billing.models import Bill
@@ -115,16 +115,59 @@ def test_sigterm_finishes_current_run_then_hands_off(runner, extra_runners, alic
     assert handed_off.runner_name == runner.name
 
 
-def test_runner_refuses_jobs_other_than_runs(runner, alice):
-    """A job naming any other function is dropped unexecuted; the runner goes on."""
+class PickleBomb:
+    """Unpickling this creates ``path``: proof that job data ran as code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def push_poison_jobs(connection, queue_key: str, marker) -> list[bytes]:
+    """Push jobs a runner must drop, and return their ids."""
+    poison = {
+        b"foreign-function": None,
+        b"no-data-field": {"foo": "bar"},
+        b"bad-status": {"data": b"[]", "status": "bogus-status"},
+        b"bad-date": {"data": b"[]", "created_at": "not-a-date"},
+        b"pickled": {"data": pickle.dumps(PickleBomb(str(marker)))},
+        b"\xff\xfe-not-utf-8": None,
+        b"never-stored": None,
+    }
+    for job_id, fields in poison.items():
+        if fields:
+            connection.hset(f"rq:job:{job_id.decode()}", mapping=fields)
+    Job.create(
+        func="os.getpid",
+        id="foreign-function",
+        connection=connection,
+        serializer=keys.JOB_SERIALIZER,
+    ).save()
+    for job_id in poison:
+        connection.rpush(queue_key, job_id)
+    return list(poison)
+
+
+def test_runner_drops_poison_jobs_and_goes_on(runner, alice, tmp_path):
+    """Jobs that are foreign, corrupt or pickled are dropped unexecuted."""
     connection = get_redis()
-    job = Queue(keys.runner_queue(runner.name), connection=connection).enqueue_call(
-        func="os.getpid", result_ttl=0
-    )
+    marker = tmp_path / "pickle-ran"
+    queue_key = f"rq:queue:{keys.runner_queue(runner.name)}"
+    poison = push_poison_jobs(connection, queue_key, marker)
+
     outcome = start(alice, "people-detector", runner.name)
     assert outcome.payload["meta"]["status"] == "succeeded"
-    assert not connection.exists(Job.key_for(job.id))
-    assert "invalid job function os.getpid" in runner.log_path.read_text()
+    assert runner.process.poll() is None
+    assert not marker.exists()
+    assert connection.llen(queue_key) == 0
+    for job_id in poison:
+        if job_id.isascii():
+            assert not connection.exists(f"rq:job:{job_id.decode()}")
+    log = runner.log_path.read_text()
+    assert "invalid job function 'os.getpid'" in log
+    assert log.count("unreadable") >= 4
 
 
 def test_finished_run_leaves_no_job_or_inputs_in_redis(runner, alice):

@@ -138,7 +138,11 @@ EMBEDDED_REDIS_SOCKET = DATA_DIR / "redis.sock"
 EFFECTIVE_REDIS_URL = REDIS_URL or f"unix://{EMBEDDED_REDIS_SOCKET}"
 
 RQ_QUEUES = {
-    "shared": {"URL": EFFECTIVE_REDIS_URL, "DEFAULT_TIMEOUT": -1},
+    "shared": {
+        "URL": EFFECTIVE_REDIS_URL,
+        "DEFAULT_TIMEOUT": -1,
+        "SERIALIZER": "rq.serializers.JSONSerializer",
+    },
 }
 
 # Pub/sub layer: a group message is one PUBLISH, cheap enough for runners to
