@@ -1,5 +1,6 @@
 """The runner pool: runners dying mid-run, eviction under a memory budget."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 
 import pytest
+from django.db import connection as db_connection
 from rq.job import Job
 
 from billing.models import Bill
@@ -210,3 +212,43 @@ def test_spin_default_applies_only_before_torch(
         check=True,
     )
     assert completed.stdout.strip() == repr(expected)
+
+
+def heartbeat_pid(name: str) -> int | None:
+    beat = get_redis().get(keys.heartbeat_key(name))
+    return json.loads(beat)["pid"] if beat else None
+
+
+def test_runner_restarted_at_once_replaces_dead_one(runner, extra_runners, alice):
+    first = extra_runners("phoenix")
+    held = start(alice, "yolov8x.yaml", "phoenix", wait_s=0)
+    wait_for_status(held.run.id, Run.Status.RUNNING)
+    beat = get_redis().get(keys.heartbeat_key("phoenix"))
+    first.kill()
+    # Keep the dead runner's last heartbeat alive, as the production expiry
+    # (5 s) does while a runner restarts (about 2 s).
+    get_redis().set(keys.heartbeat_key("phoenix"), beat, px=60_000)
+
+    second = extra_runners("phoenix")
+    deadline = time.monotonic() + 60
+    while heartbeat_pid("phoenix") != second.process.pid:
+        assert second.process.poll() is None, second.log_path.read_text()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    failed = wait_for_status(held.run.id, Run.Status.FAILED)
+    assert "restarted" in failed.error["message"]
+
+
+def test_second_live_runner_with_same_name_is_rejected(runner):
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
+    completed = subprocess.run(
+        [sys.executable, "manage.py", "runner", "--name", runner.name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode != 0
+    assert f"a runner named '{runner.name}' is already running" in completed.stderr

@@ -71,8 +71,19 @@ class Command(BaseCommand):
 
     def _fail_own_stale_runs(self, name: str) -> None:
         """Runs this runner name held when it last stopped without finishing them."""
-        if any(state.name == name for state in fleet.live_runners()):
-            raise CommandError(f"a runner named {name!r} is already running")
+        for state in fleet.live_runners():
+            if state.name != name:
+                continue
+            if not _predecessor_died(state.data):
+                raise CommandError(f"a runner named {name!r} is already running")
+            # A runner restarted at once (by manage.py up) finds the heartbeat
+            # of the process it replaces, which lives on for a few seconds.
+            logger.info(
+                "runner %s: process %s, which had this name, is gone; replacing it",
+                name,
+                state.data.get("pid"),
+            )
+            fleet.remove_heartbeat(name)
         stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
         for run_id in stale.values_list("id", flat=True):
             fail_run(
@@ -81,3 +92,16 @@ class Command(BaseCommand):
                 expected_status=Run.Status.RUNNING,
                 expected_runner=name,
             )
+
+
+def _predecessor_died(heartbeat: dict) -> bool:
+    """Return True if the heartbeat is from a process of this host that has exited."""
+    if heartbeat.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(heartbeat["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (KeyError, TypeError, ValueError, PermissionError):
+        return False
+    return False
