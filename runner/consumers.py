@@ -5,12 +5,12 @@ stored so far; live events that arrive during the replay wait in a buffer,
 so the client receives each event once, in ``seq`` order.
 
 A runner publishes a run's last phases, and ``done``, just after it commits
-the finished run. A run that the database shows finished, with no events
-stored, therefore either is about to publish them or finished long ago
-(events expire after an hour). The consumer waits up to LATE_EVENTS_GRACE_S
-after the run's end for them, then sends one ``done`` built from the
-database. Nothing follows ``done``: phases that arrive after a ``done``
-built from the database are dropped.
+the finished run. A run that the database shows finished, without a stored
+``done``, therefore either is about to publish it, finished long ago
+(events expire after an hour), or lost its last events with Redis. The
+consumer waits up to LATE_EVENTS_GRACE_S after the run's end for them,
+then sends one ``done`` built from the database. Nothing follows ``done``:
+phases that arrive after a ``done`` built from the database are dropped.
 """
 
 import asyncio
@@ -57,7 +57,7 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
         for event in sorted(self.buffer, key=lambda e: e["seq"]):
             await self._forward(event)
         self.buffer.clear()
-        if not self.seen:
+        if not self.done_sent:
             await self._send_final_state_if_finished()
 
     async def disconnect(self, code):
@@ -103,7 +103,7 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
     async def _send_final_state_later(self, delay_s: float) -> None:
         """Send ``done`` from the database unless the runner's events came first."""
         await asyncio.sleep(delay_s)
-        if self.seen:
+        if self.done_sent:
             return
         run = await self._load_run()
         if run is not None:

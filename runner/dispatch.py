@@ -3,7 +3,7 @@
 Nothing is written unless every check passes: models resolve before the run
 row exists, and the job is queued only after the row is committed. The input
 images go to Redis in the same MULTI/EXEC transaction as the job, so a
-runner never finds one without the other; if that transaction fails, the
+runner never finds one without the other. If that transaction fails, the
 run ends failed with a waived bill.
 """
 
@@ -15,10 +15,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 from rq import Queue
 
 from runner import fleet, keys, sql
-from runner.finish import fail_run
+from runner.finish import bill_fields, fail_run
 from runner.models import Run
 from runner.registry import resolve_model
 from webapp.redis import get_redis
@@ -196,11 +197,58 @@ def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
         )
 
 
+# How long a blocking wait for the result lasts before the database is
+# checked, and how long after the run's end its pushed result may still be
+# on its way.
+RESULT_WAIT_SLICE_S = 1.0
+RESULT_GRACE_S = 2.0
+
+
 def wait_for_result(run_id: str, timeout_s: float) -> dict[str, Any] | None:
-    """Block until the run finishes; return its payload, or None on timeout."""
+    """Block until the run finishes; return its payload, or None on timeout.
+
+    The runner pushes the payload to Redis after committing the run. If
+    that push never comes (Redis lost it, or the runner died between the
+    commit and the push), the payload is built from the database once the
+    run has been finished for RESULT_GRACE_S.
+    """
     if timeout_s <= 0:
         return None
-    popped = get_redis().blpop([keys.done_key(run_id)], timeout=timeout_s)
-    if popped is None:
+    connection = get_redis()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        slice_s = min(RESULT_WAIT_SLICE_S, deadline - time.monotonic())
+        if slice_s <= 0:
+            return None
+        # A BLPOP timeout of 0 means no timeout, so the last slice waits at
+        # least 10 ms.
+        popped = connection.blpop([keys.done_key(run_id)], timeout=max(slice_s, 0.01))
+        if popped is not None:
+            return json.loads(popped[1])
+        stored = _payload_from_database(run_id)
+        if stored is not None:
+            return stored
+
+
+def _payload_from_database(run_id: str) -> dict[str, Any] | None:
+    """Return the payload of a run finished over RESULT_GRACE_S ago, else None."""
+    run = Run.objects.select_related("bill").filter(pk=run_id).first()
+    if run is None or not run.is_finished or run.finished_at is None:
         return None
-    return json.loads(popped[1])
+    if (timezone.now() - run.finished_at).total_seconds() < RESULT_GRACE_S:
+        return None
+    bill = getattr(run, "bill", None)
+    logger.warning(
+        "run %s: result not delivered through Redis; read from the DB", run_id
+    )
+    return {
+        "outputs": run.outputs,
+        "meta": {
+            "run_id": str(run.pk),
+            "status": run.status,
+            "breakdown": run.breakdown,
+            "error": run.error,
+            "bill": bill_fields(bill) if bill else None,
+            "warnings": run.warnings,
+        },
+    }

@@ -10,8 +10,10 @@ pending with ``done``, and deletes the run's input images.
 
 import json
 import logging
+import time
 from typing import Any
 
+import redis
 from django.db import transaction
 from django.utils import timezone
 
@@ -25,6 +27,9 @@ from webapp.redis import get_redis
 logger = logging.getLogger(__name__)
 
 DONE_TTL_S = 600
+# Pauses between attempts to push a finished run's result: about 30 s in
+# all, long enough for `up` or another process to restart an embedded Redis.
+PUSH_RETRY_DELAYS_S = (0.1, 0.5, 1, 2, 5, 10, 12)
 
 
 def bill_fields(line: BillLine | Bill) -> dict[str, Any]:
@@ -91,27 +96,65 @@ def finish_run(
         "bill": bill_fields(bill),
         "warnings": run.warnings,
     }
-    push_done(str(run.pk), outputs_json, payload_meta, events)
+    # The runner can take no job while Redis is away, so it may as well wait.
+    push_done(
+        str(run.pk),
+        outputs_json,
+        payload_meta,
+        events,
+        retry_delays_s=PUSH_RETRY_DELAYS_S,
+    )
     return True
 
 
 def push_done(
-    run_id: str, outputs_json: str, meta: dict[str, Any], events: RunEvents
+    run_id: str,
+    outputs_json: str,
+    meta: dict[str, Any],
+    events: RunEvents,
+    retry_delays_s: tuple[float, ...] = (),
 ) -> None:
-    """Deliver the result, the pending events and ``done``, and drop the inputs."""
+    """Deliver the result, the pending events and ``done``, and drop the inputs.
+
+    The run is already committed, so a failed push is retried after each of
+    ``retry_delays_s``, then logged. Waiting requests and websockets read the
+    database when the push never comes (dispatch.wait_for_result, the run
+    consumer).
+    """
     payload = '{"outputs":' + outputs_json + ',"meta":' + json.dumps(meta) + "}"
-    pipeline = get_redis().pipeline(transaction=False)
-    pipeline.rpush(keys.done_key(run_id), payload)
-    pipeline.expire(keys.done_key(run_id), DONE_TTL_S)
-    pipeline.delete(keys.inputs_key(run_id))
-    events.emit(
-        "done",
-        status=meta["status"],
-        breakdown=meta["breakdown"],
-        bill=meta["bill"],
-        error=meta["error"],
-    )
-    events.send_with(pipeline)
+    delays = iter(retry_delays_s)
+    while True:
+        pipeline = get_redis().pipeline(transaction=False)
+        pipeline.rpush(keys.done_key(run_id), payload)
+        pipeline.expire(keys.done_key(run_id), DONE_TTL_S)
+        pipeline.delete(keys.inputs_key(run_id))
+        events.emit(
+            "done",
+            status=meta["status"],
+            breakdown=meta["breakdown"],
+            bill=meta["bill"],
+            error=meta["error"],
+        )
+        try:
+            events.send_with(pipeline)
+            return
+        except redis.RedisError as error:
+            delay = next(delays, None)
+            if delay is None:
+                logger.error(
+                    "run %s: result not pushed to Redis (%s); readers fall back "
+                    "to the database",
+                    run_id,
+                    error,
+                )
+                return
+            logger.warning(
+                "run %s: pushing the result failed (%s); retrying in %g s",
+                run_id,
+                error,
+                delay,
+            )
+            time.sleep(delay)
 
 
 def fail_run(

@@ -1,5 +1,6 @@
 """The run-event websocket: order, ownership, failures, against a real runner."""
 
+import json
 import time
 
 import pytest
@@ -182,3 +183,24 @@ async def test_nothing_follows_a_done_built_from_the_database(
     await sync_to_async(publish)(run.id, live[-2:])
     assert await late.receive_nothing(timeout=1)
     await late.disconnect()
+
+
+def finished_run_with_events_cut(owner, keep: int) -> tuple[Run, list[dict]]:
+    """Run a workflow to the end, then keep only its first ``keep`` stored events."""
+    run, live = finished_run_without_stored_events(owner)
+    connection = get_redis()
+    for event in live[:keep]:
+        connection.rpush(events_key(str(run.id)), json.dumps(event))
+    return run, live
+
+
+@pytest.mark.asyncio
+async def test_stream_without_done_ends_with_database_done(runner, alice, monkeypatch):
+    """Events lost with Redis after the commit: the stored phases, then done."""
+    monkeypatch.setattr(consumers, "LATE_EVENTS_GRACE_S", 0.2)
+    run, live = await sync_to_async(finished_run_with_events_cut)(alice, keep=3)
+    late, _, _ = await connect(run.id, alice)
+    received = await receive_until_done(late, timeout_s=10)
+    await late.disconnect()
+    assert [e["seq"] for e in received] == [e["seq"] for e in live[:3]] + [0]
+    assert received[-1]["breakdown"] == live[-1]["breakdown"]

@@ -4,9 +4,13 @@ import time
 
 from billing.models import Bill
 from billing.policy import evaluate_formula
+from runner import keys
+from runner.dispatch import wait_for_result
 from runner.models import Run
-from tests.conftest import image_b64
+from runner.service import start_run
+from tests.conftest import image_b64, image_bytes
 from tests.definitions import detection, image_height
+from webapp.redis import get_redis
 from workflows.timing import RUNNER_COMPONENTS
 
 
@@ -184,3 +188,39 @@ def test_run_crops_run_model_per_crop(runner, alice_client):
     output = run_workflow(alice_client, workflow_id).json()["outputs"][0]
     assert len(output["crop_heights"]) == output["count"]
     assert all(height > 100 for height in output["crop_heights"])
+
+
+def test_sync_wait_reads_database_when_result_push_is_lost(runner, alice):
+    """A run committed by its runner whose pushed result never arrived."""
+    run = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=image_height(),
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=0,
+    ).run
+    pushed = wait_for_result(str(run.id), timeout_s=60)
+    get_redis().delete(keys.done_key(str(run.id)))
+
+    started = time.monotonic()
+    stored = wait_for_result(str(run.id), timeout_s=30)
+    assert time.monotonic() - started < 10
+    assert stored["outputs"] == pushed["outputs"]
+    for field in ("run_id", "status", "breakdown", "bill"):
+        assert stored["meta"][field] == pushed["meta"][field]
+
+
+def test_sync_wait_times_out_for_unfinished_run(runner, alice):
+    run = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=detection("yolov8x.yaml"),
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=0,
+    ).run
+    assert wait_for_result(str(run.id), timeout_s=0.3) is None
+    assert wait_for_result(str(run.id), timeout_s=120) is not None
