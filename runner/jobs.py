@@ -17,7 +17,7 @@ from runner.runtime import current_runtime
 from webapp.redis import get_redis
 from workflows.compiler import plan_cache
 from workflows.compiler.plan import ExecutionPlan
-from workflows.errors import InputError, WorkflowError
+from workflows.errors import InputsExpiredError, WorkflowError
 from workflows.executor import collect_outputs, execute_plan
 from workflows.images import WorkflowImage
 from workflows.models import WorkflowVersion
@@ -195,14 +195,12 @@ def _images(
         for index, info in enumerate(run.image_info.get(name, [])):
             blob = inputs.get(keys.input_field(name, index).encode())
             if blob is None:
-                expired = InputError(
+                raise InputsExpiredError(
                     f"input image '{name}' #{index} expired before a runner started "
                     "the run; send the request again",
                     context="input_fetch",
                     field_name=name,
                 )
-                expired.user_error = False  # the queue was too slow, not the request
-                raise expired
             images[name].append(
                 WorkflowImage(
                     parent_id=f"{name}.{index}" if index else name,

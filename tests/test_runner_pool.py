@@ -252,3 +252,16 @@ def test_second_live_runner_with_same_name_is_rejected(runner):
     )
     assert completed.returncode != 0
     assert f"a runner named '{runner.name}' is already running" in completed.stderr
+
+
+def test_expired_inputs_fail_run_unbilled_as_retryable(runner, extra_runners, alice):
+    queued = start(alice, "people-detector", "late-runner", wait_s=0)
+    get_redis().delete(keys.inputs_key(str(queued.run.id)))
+    extra_runners("late-runner")
+
+    failed = wait_for_status(queued.run.id, Run.Status.FAILED)
+    assert failed.error["code"] == "inputs_expired"
+    assert failed.error["status"] == 503
+    bill = Bill.objects.get(run=failed)
+    assert bill.billed is False
+    assert bill.amount_microcredits == 0

@@ -103,6 +103,16 @@ class InputError(WorkflowError):
     code = "invalid_input"
 
 
+class InputsExpiredError(WorkflowError):
+    """A run's input images expired in Redis before a runner started it."""
+
+    code = "inputs_expired"
+    # The request was valid and the platform was too slow: not billed, and
+    # worth sending again.
+    status = 503
+    user_error = False
+
+
 class ModelNotFoundError(WorkflowError):
     """A model id resolves to no weights."""
 
