@@ -65,12 +65,28 @@ def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list
 
 
 def choose_queue(cache_keys: list[str], runners: list[fleet.RunnerState]) -> str:
-    """Send the run to an idle runner holding all its models, else the shared queue."""
-    if cache_keys:
-        hot = [r for r in runners if set(cache_keys) <= r.loaded_models]
-        idle = [r for r in hot if not r.busy and r.queue_length == 0]
-        if idle:
-            return keys.runner_queue(idle[0].name)
+    """Send the run to an idle runner holding all its models, else the shared queue.
+
+    Heartbeats show which runners hold the models. Whether one is idle is
+    read live, because a heartbeat can be a second old: a burst of runs
+    would all look idle to the same runner.
+    """
+    if not cache_keys:
+        return keys.SHARED_QUEUE
+    hot = [r for r in runners if set(cache_keys) <= r.loaded_models]
+    if not hot:
+        return keys.SHARED_QUEUE
+    pipeline = get_redis().pipeline(transaction=False)
+    for runner in hot:
+        pipeline.exists(keys.current_run_key(runner.name))
+        pipeline.llen(
+            f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}"
+        )
+    replies = pipeline.execute()
+    for index, runner in enumerate(hot):
+        busy, queued = replies[2 * index], replies[2 * index + 1]
+        if not busy and not queued:
+            return keys.runner_queue(runner.name)
     return keys.SHARED_QUEUE
 
 

@@ -103,6 +103,7 @@ def finish_run(
         payload_meta,
         events,
         retry_delays_s=PUSH_RETRY_DELAYS_S,
+        runner_name=runner_name,
     )
     return True
 
@@ -113,6 +114,7 @@ def push_done(
     meta: dict[str, Any],
     events: RunEvents,
     retry_delays_s: tuple[float, ...] = (),
+    runner_name: str | None = None,
 ) -> None:
     """Deliver the result, the pending events and ``done``, and drop the inputs.
 
@@ -128,6 +130,8 @@ def push_done(
         pipeline.rpush(keys.done_key(run_id), payload)
         pipeline.expire(keys.done_key(run_id), DONE_TTL_S)
         pipeline.delete(keys.inputs_key(run_id))
+        if runner_name is not None:
+            pipeline.delete(keys.current_run_key(runner_name))
         events.emit(
             "done",
             status=meta["status"],
@@ -198,5 +202,6 @@ def fail_run(
             "warnings": [],
         },
         RunEvents(str(run_id), first_seq=1000),
+        runner_name=expected_runner,
     )
     return True

@@ -52,6 +52,7 @@ def execute_run(
         logger.info(
             "runner %s: run %s is no longer queued; skipped", runtime.name, run_id
         )
+        get_redis().delete(keys.current_run_key(runtime.name))
         return
     if snapshot is not None:
         run = Run(id=run_id, **snapshot)

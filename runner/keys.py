@@ -18,6 +18,16 @@ def heartbeat_key(runner_name: str) -> str:
     return f"{PREFIX}:runner:{runner_name}"
 
 
+def current_run_key(runner_name: str) -> str:
+    """Return the key naming the run a runner is executing, absent when idle.
+
+    Set in the same round trip as the runner takes a job and deleted in the
+    one that delivers the result, so routing sees it at once, unlike the
+    heartbeat.
+    """
+    return f"{PREFIX}:runner:{runner_name}:current"
+
+
 def inputs_key(run_id: str) -> str:
     """Return the key of the hash holding a run's input images until it ends."""
     return f"{PREFIX}:run:{run_id}:inputs"

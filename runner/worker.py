@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 DEQUEUE_TIMEOUT_S = 1
 # The one function runners execute; the job id is the run id.
 RUN_JOB = "runner.jobs.execute_run"
+# A limit on how long a runner that died mid-run still looks busy to routing;
+# routing ignores runners without a live heartbeat anyway.
+CURRENT_RUN_TTL_S = 3600
 # How often (in heartbeats) a runner looks for queued runs whose job is gone.
 RECONCILE_EVERY_BEATS = 20
 
@@ -74,6 +77,7 @@ class RunnerWorker:
             try:
                 job, inputs = self.take(job_id)
             except InvalidJob as error:
+                self.connection.delete(keys.current_run_key(self.name))
                 logger.warning(
                     "runner %s: job %r from %s dropped: %s",
                     self.name,
@@ -93,6 +97,8 @@ class RunnerWorker:
     def take(self, job_id: str) -> tuple[Job, dict[bytes, bytes]]:
         """Take the job: read its hash and the run's inputs, delete the hash.
 
+        The same round trip marks this runner busy (keys.current_run_key).
+
         Raises InvalidJob when the hash is missing, unreadable, or names a
         function other than RUN_JOB. Job data is JSON (keys.JOB_SERIALIZER),
         so reading it cannot run code.
@@ -102,7 +108,8 @@ class RunnerWorker:
         pipeline.hgetall(job_key)
         pipeline.hgetall(keys.inputs_key(job_id))
         pipeline.delete(job_key)
-        raw_job, inputs, _ = pipeline.execute()
+        pipeline.set(keys.current_run_key(self.name), job_id, ex=CURRENT_RUN_TTL_S)
+        raw_job, inputs, _, _ = pipeline.execute()
         if not raw_job:
             raise InvalidJob("not found (deleted or expired)")
         job = Job(job_id, connection=self.connection, serializer=keys.JOB_SERIALIZER)

@@ -265,3 +265,30 @@ def test_expired_inputs_fail_run_unbilled_as_retryable(runner, extra_runners, al
     bill = Bill.objects.get(run=failed)
     assert bill.billed is False
     assert bill.amount_microcredits == 0
+
+
+def test_burst_is_spread_over_idle_hot_runners(runner, extra_runners, alice):
+    """Routing reads busy runners live, not from a heartbeat up to 1 s old."""
+    for name in ("burst-1", "burst-2"):
+        extra_runners(name)
+        warm = start(alice, "yolov8s.yaml", name)
+        assert warm.payload["meta"]["status"] == "succeeded"
+    time.sleep(1.0)  # heartbeats list the model, and dispatch's 0.5 s cache expires
+
+    routed = []
+    for _ in range(2):
+        outcome = start_run(
+            owner_id=alice.id,
+            source="cli",
+            definition=detection("yolov8s.yaml"),
+            raw_inputs={},
+            uploads={"image": image_bytes()},
+            started_ns=time.perf_counter_ns(),
+            wait_s=0,
+        )
+        routed.append(outcome.run.id)
+    first, second = (wait_for_status(run_id, Run.Status.SUCCEEDED) for run_id in routed)
+    assert first.queue_name == keys.runner_queue("burst-1")
+    assert second.queue_name == keys.runner_queue("burst-2")
+    assert not get_redis().exists(keys.current_run_key("burst-1"))
+    assert not get_redis().exists(keys.current_run_key("burst-2"))

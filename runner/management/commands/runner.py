@@ -12,7 +12,7 @@ import socket  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.management.base import BaseCommand, CommandError  # noqa: E402
 
-from runner import fleet  # noqa: E402
+from runner import fleet, keys  # noqa: E402
 from runner.finish import fail_run  # noqa: E402
 from runner.model_cache import ModelCache, pick_device  # noqa: E402
 from runner.models import Run  # noqa: E402
@@ -84,6 +84,8 @@ class Command(BaseCommand):
                 state.data.get("pid"),
             )
             fleet.remove_heartbeat(name)
+        # A run this name held when its process died no longer runs.
+        get_redis().delete(keys.current_run_key(name))
         stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
         for run_id in stale.values_list("id", flat=True):
             fail_run(
