@@ -109,6 +109,10 @@ async def test_events_end_with_error_when_step_fails(runner, alice):
     assert done["status"] == "failed"
     assert done["error"]["step"] == "corner"
     assert "outside" in done["error"]["message"]
+    # The failed step's time is counted as a block, not left in overhead.
+    steps = {step["name"]: step for step in done["breakdown"]["steps"]}
+    assert steps["corner"]["duration"] > 0
+    assert done["breakdown"]["components"]["blocks"] >= steps["corner"]["duration"]
 
 
 @pytest.mark.asyncio

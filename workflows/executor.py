@@ -58,13 +58,16 @@ def execute_plan(
                 step=step.name,
                 user_error=False,
             ) from error
+        finally:
+            # A failed step's time counts too, so that it does not land in
+            # overhead.
+            timer.add_step(
+                step.name,
+                step.block.type,
+                time.perf_counter_ns() - started,
+                step.block.uses_model,
+            )
         dimensions[step.name] = step.dimension
-        timer.add_step(
-            step.name,
-            step.block.type,
-            time.perf_counter_ns() - started,
-            step.block.uses_model,
-        )
     return results
 
 
