@@ -76,6 +76,9 @@ def choose_queue(cache_keys: list[str], runners: list[fleet.RunnerState]) -> str
     hot = [r for r in runners if set(cache_keys) <= r.loaded_models]
     if not hot:
         return keys.SHARED_QUEUE
+    if len(runners) == 1:
+        # The only runner takes both queues, busy or not: nothing to read.
+        return keys.runner_queue(hot[0].name)
     pipeline = get_redis().pipeline(transaction=False)
     for runner in hot:
         pipeline.exists(keys.current_run_key(runner.name))
@@ -203,6 +206,15 @@ def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
             # RQ has opened the transaction (MULTI), so these join it.
             if images:
                 _store_images(pipeline, str(run.id), images)
+            runner_name = keys.runner_of_queue(run.queue_name)
+            if runner_name is not None:
+                # Busy from now on, so the next run of a burst goes elsewhere
+                # even before this runner has taken the job.
+                pipeline.set(
+                    keys.current_run_key(runner_name),
+                    str(run.id),
+                    ex=keys.CURRENT_RUN_TTL_S,
+                )
             pipeline.execute()
     except Exception as error:
         logger.exception("run %s could not be queued on %s", run.id, run.queue_name)

@@ -21,11 +21,23 @@ def heartbeat_key(runner_name: str) -> str:
 def current_run_key(runner_name: str) -> str:
     """Return the key naming the run a runner is executing, absent when idle.
 
-    Set in the same round trip as the runner takes a job and deleted in the
-    one that delivers the result, so routing sees it at once, unlike the
-    heartbeat.
+    The web server sets it in the transaction that queues a run on the
+    runner's own queue, the runner in the round trip that takes a job, and
+    the runner deletes it in the one that delivers the result. Routing sees
+    it at once, unlike the heartbeat.
     """
     return f"{PREFIX}:runner:{runner_name}:current"
+
+
+# A limit on how long a runner that died mid-run still looks busy to routing;
+# routing ignores runners without a live heartbeat anyway.
+CURRENT_RUN_TTL_S = 3600
+
+
+def runner_of_queue(queue_name: str) -> str | None:
+    """Return the runner whose own queue ``queue_name`` is, None for the shared one."""
+    prefix = runner_queue("")
+    return queue_name[len(prefix) :] if queue_name.startswith(prefix) else None
 
 
 def inputs_key(run_id: str) -> str:

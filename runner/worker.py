@@ -22,9 +22,6 @@ logger = logging.getLogger(__name__)
 DEQUEUE_TIMEOUT_S = 1
 # The one function runners execute; the job id is the run id.
 RUN_JOB = "runner.jobs.execute_run"
-# A limit on how long a runner that died mid-run still looks busy to routing;
-# routing ignores runners without a live heartbeat anyway.
-CURRENT_RUN_TTL_S = 3600
 # How often (in heartbeats) a runner looks for queued runs whose job is gone.
 RECONCILE_EVERY_BEATS = 20
 
@@ -108,7 +105,7 @@ class RunnerWorker:
         pipeline.hgetall(job_key)
         pipeline.hgetall(keys.inputs_key(job_id))
         pipeline.delete(job_key)
-        pipeline.set(keys.current_run_key(self.name), job_id, ex=CURRENT_RUN_TTL_S)
+        pipeline.set(keys.current_run_key(self.name), job_id, ex=keys.CURRENT_RUN_TTL_S)
         raw_job, inputs, _, _ = pipeline.execute()
         if not raw_job:
             raise InvalidJob("not found (deleted or expired)")
