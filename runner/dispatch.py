@@ -194,7 +194,7 @@ def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
             Queue(
                 run.queue_name, connection=connection, serializer=keys.JOB_SERIALIZER
             ).enqueue_call(
-                func="runner.jobs.execute_run",
+                func=keys.RUN_JOB,
                 args=(str(run.id),),
                 kwargs={"snapshot": job_snapshot(run)},
                 job_id=str(run.id),

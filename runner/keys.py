@@ -4,6 +4,8 @@ from rq.serializers import JSONSerializer
 
 PREFIX = "glassbox"
 SHARED_QUEUE = "shared"
+# The one function runners execute; the job id is the run id.
+RUN_JOB = "runner.jobs.execute_run"
 # RQ's default serializer is pickle, and unpickling job data that someone
 # wrote to Redis could run any code. Run jobs carry only JSON values.
 JOB_SERIALIZER = JSONSerializer

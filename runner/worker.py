@@ -20,8 +20,6 @@ logger = logging.getLogger(__name__)
 
 # Seconds one blocking dequeue waits, so a stop request is seen this fast.
 DEQUEUE_TIMEOUT_S = 1
-# The one function runners execute; the job id is the run id.
-RUN_JOB = "runner.jobs.execute_run"
 # How often (in heartbeats) a runner looks for queued runs whose job is gone.
 RECONCILE_EVERY_BEATS = 20
 
@@ -97,7 +95,7 @@ class RunnerWorker:
         The same round trip marks this runner busy (keys.current_run_key).
 
         Raises InvalidJob when the hash is missing, unreadable, or names a
-        function other than RUN_JOB. Job data is JSON (keys.JOB_SERIALIZER),
+        function other than keys.RUN_JOB. Job data is JSON (keys.JOB_SERIALIZER),
         so reading it cannot run code.
         """
         job_key = Job.key_for(job_id)
@@ -115,9 +113,10 @@ class RunnerWorker:
             func_name = job.func_name
         except Exception as error:
             raise InvalidJob(f"unreadable ({type(error).__name__}: {error})") from None
-        if func_name != RUN_JOB:
+        if func_name != keys.RUN_JOB:
             raise InvalidJob(
-                f"invalid job function {func_name!r}: runners execute {RUN_JOB} only"
+                f"invalid job function {func_name!r}: runners execute "
+                f"{keys.RUN_JOB} only"
             )
         return job, inputs
 
