@@ -9,6 +9,7 @@ import logging
 import signal
 import threading
 
+import redis
 from django.conf import settings
 from rq import Queue
 from rq.job import Job
@@ -60,7 +61,16 @@ class RunnerWorker:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         while not self.stopping.is_set():
-            popped = self.connection.blpop(self.queue_keys, timeout=DEQUEUE_TIMEOUT_S)
+            try:
+                popped = self.connection.blpop(
+                    self.queue_keys, timeout=DEQUEUE_TIMEOUT_S
+                )
+            except redis.ConnectionError as error:
+                # Wait for Redis here: exiting would count against the
+                # restart limit of manage.py up for every second it is away.
+                logger.warning("runner %s: Redis unreachable (%s)", self.name, error)
+                self.stopping.wait(DEQUEUE_TIMEOUT_S)
+                continue
             if popped is None:
                 if burst:
                     return
@@ -104,7 +114,11 @@ class RunnerWorker:
         pipeline.hgetall(keys.inputs_key(job_id))
         pipeline.delete(job_key)
         pipeline.set(keys.current_run_key(self.name), job_id, ex=keys.CURRENT_RUN_TTL_S)
-        raw_job, inputs, _, _ = pipeline.execute()
+        # Every command runs even if one fails (a key of the wrong type).
+        raw_job, inputs, _, _ = pipeline.execute(raise_on_error=False)
+        for reply in (raw_job, inputs):
+            if isinstance(reply, redis.ResponseError):
+                raise InvalidJob(f"unreadable ({reply})")
         if not raw_job:
             raise InvalidJob("not found (deleted or expired)")
         job = Job(job_id, connection=self.connection, serializer=keys.JOB_SERIALIZER)

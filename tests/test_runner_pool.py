@@ -141,6 +141,8 @@ def push_poison_jobs(connection, queue_key: str, marker) -> list[bytes]:
     for job_id, fields in poison.items():
         if fields:
             connection.hset(f"rq:job:{job_id.decode()}", mapping=fields)
+    connection.set("rq:job:not-a-hash", "a string")
+    poison[b"not-a-hash"] = None
     Job.create(
         func="os.getpid",
         id="foreign-function",
@@ -169,7 +171,7 @@ def test_runner_drops_poison_jobs_and_goes_on(runner, alice, tmp_path):
             assert not connection.exists(f"rq:job:{job_id.decode()}")
     log = runner.log_path.read_text()
     assert "invalid job function 'os.getpid'" in log
-    assert log.count("unreadable") >= 4
+    assert log.count("unreadable") >= 5
 
 
 def test_finished_run_leaves_no_job_or_inputs_in_redis(runner, alice):
