@@ -19,7 +19,7 @@ from django.utils import timezone
 from rq import Queue
 
 from runner import fleet, keys, sql
-from runner.finish import bill_fields, fail_run
+from runner.finish import bill_fields, fail_run, result_meta
 from runner.models import Run
 from runner.registry import resolve_model
 from webapp.redis import get_redis
@@ -77,7 +77,7 @@ def choose_queue(cache_keys: list[str], runners: list[fleet.RunnerState]) -> str
     if not hot:
         return keys.SHARED_QUEUE
     if len(runners) == 1:
-        # The only runner takes both queues, busy or not: nothing to read.
+        # A single runner takes jobs from both queues, so there is no choice.
         return keys.runner_queue(hot[0].name)
     pipeline = get_redis().pipeline(transaction=False)
     for runner in hot:
@@ -271,12 +271,12 @@ def _payload_from_database(run_id: str) -> dict[str, Any] | None:
     )
     return {
         "outputs": run.outputs,
-        "meta": {
-            "run_id": str(run.pk),
-            "status": run.status,
-            "breakdown": run.breakdown,
-            "error": run.error,
-            "bill": bill_fields(bill) if bill else None,
-            "warnings": run.warnings,
-        },
+        "meta": result_meta(
+            run.pk,
+            run.status,
+            run.breakdown,
+            run.error,
+            bill_fields(bill) if bill else None,
+            run.warnings,
+        ),
     }

@@ -28,7 +28,7 @@ from webapp.redis import get_redis
 logger = logging.getLogger(__name__)
 
 EVENTS_TTL_S = 3600
-# Short enough that a person watching sees each phase as it ends; long
+# Short enough for the run page to show each phase as it ends, and long
 # enough that a hot run of a small model ends before the first batch.
 BATCH_WINDOW_S = 0.05
 

@@ -88,14 +88,9 @@ def finish_run(
             )
             return False
         sql.insert(Bill(run_id=run.pk, owner_id=run.owner_id, **bill_fields(bill)))
-    payload_meta = {
-        "run_id": str(run.pk),
-        "status": status,
-        "breakdown": breakdown,
-        "error": error,
-        "bill": bill_fields(bill),
-        "warnings": run.warnings,
-    }
+    payload_meta = result_meta(
+        run.pk, status, breakdown, error, bill_fields(bill), run.warnings
+    )
     # The runner can take no job while Redis is away, so it may as well wait.
     push_done(
         str(run.pk),
@@ -106,6 +101,25 @@ def finish_run(
         runner_name=runner_name,
     )
     return True
+
+
+def result_meta(
+    run_id,
+    status: str,
+    breakdown: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    bill: dict[str, Any] | None,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """Return the ``meta`` part of a finished run's result payload."""
+    return {
+        "run_id": str(run_id),
+        "status": status,
+        "breakdown": breakdown,
+        "error": error,
+        "bill": bill,
+        "warnings": warnings,
+    }
 
 
 def push_done(
@@ -132,6 +146,8 @@ def push_done(
         pipeline.delete(keys.inputs_key(run_id))
         if runner_name is not None:
             pipeline.delete(keys.current_run_key(runner_name))
+        # Each attempt sends its own done, because a failed pipeline may
+        # have lost the last one; consumers drop whatever follows a done.
         events.emit(
             "done",
             status=meta["status"],
@@ -193,14 +209,7 @@ def fail_run(
     push_done(
         str(run_id),
         "null",
-        {
-            "run_id": str(run_id),
-            "status": "failed",
-            "breakdown": None,
-            "error": error,
-            "bill": bill_fields(line),
-            "warnings": [],
-        },
+        result_meta(run_id, "failed", None, error, bill_fields(line), []),
         RunEvents(str(run_id), first_seq=1000),
         runner_name=expected_runner,
     )

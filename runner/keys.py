@@ -25,8 +25,8 @@ def current_run_key(runner_name: str) -> str:
 
     The web server sets it in the transaction that queues a run on the
     runner's own queue, the runner in the round trip that takes a job, and
-    the runner deletes it in the one that delivers the result. Routing sees
-    it at once, unlike the heartbeat.
+    the runner deletes it in the one that delivers the result. Routing reads
+    it at once, unlike the heartbeat, which can be a second old.
     """
     return f"{PREFIX}:runner:{runner_name}:current"
 

@@ -182,7 +182,7 @@ SCALED_NAME = re.compile(r"^(?P<family>.+\d+)(?P<scale>[nslmx])(?P<rest>.*)\.ya?
 
 @functools.cache
 def _config_root() -> Path | None:
-    # find_spec searches sys.path, and every request with a model asks.
+    # find_spec searches sys.path, and every request with a model step calls this.
     spec = importlib.util.find_spec("ultralytics")
     return Path(spec.origin).parent / "cfg" / "models" if spec else None
 

@@ -174,7 +174,7 @@ def test_runner_drops_poison_jobs_and_goes_on(runner, alice, tmp_path):
     assert log.count("unreadable") >= 5
 
 
-def test_finished_run_leaves_no_job_or_inputs_in_redis(runner, alice):
+def test_finished_run_leaves_no_redis_keys(runner, alice):
     outcome = start(alice, "people-detector", runner.name)
     assert outcome.payload["meta"]["status"] == "succeeded"
     run_id = str(outcome.run.id)
@@ -223,8 +223,8 @@ def heartbeat_pid(name: str) -> int | None:
 
 def test_runner_restarted_at_once_replaces_dead_one(runner, extra_runners, alice):
     first = extra_runners("phoenix")
-    held = start(alice, "yolov8x.yaml", "phoenix", wait_s=0)
-    wait_for_status(held.run.id, Run.Status.RUNNING)
+    interrupted = start(alice, "yolov8x.yaml", "phoenix", wait_s=0)
+    wait_for_status(interrupted.run.id, Run.Status.RUNNING)
     beat = get_redis().get(keys.heartbeat_key("phoenix"))
     first.kill()
     # Keep the dead runner's last heartbeat alive, as the production expiry
@@ -237,7 +237,7 @@ def test_runner_restarted_at_once_replaces_dead_one(runner, extra_runners, alice
         assert second.process.poll() is None, second.log_path.read_text()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    failed = wait_for_status(held.run.id, Run.Status.FAILED)
+    failed = wait_for_status(interrupted.run.id, Run.Status.FAILED)
     assert "restarted" in failed.error["message"]
 
 

@@ -190,7 +190,7 @@ def test_run_crops_run_model_per_crop(runner, alice_client):
     assert all(height > 100 for height in output["crop_heights"])
 
 
-def test_sync_wait_reads_database_when_result_push_is_lost(runner, alice):
+def test_sync_wait_falls_back_to_database(runner, alice):
     """A run committed by its runner whose pushed result never arrived."""
     run = start_run(
         owner_id=alice.id,
