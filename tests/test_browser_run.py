@@ -5,6 +5,7 @@ import re
 from billing.models import Bill
 from tests.conftest import ARTIFACTS
 from tests.definitions import detection
+from tests.test_estimate import wait_until_loaded
 from workflows.models import Workflow
 
 
@@ -26,11 +27,23 @@ def run_once(page, base_url: str, workflow_id: int) -> str:
     return page.url.rstrip("/").rsplit("/", 1)[-1]
 
 
+def read_estimate(page, base_url: str, workflow_id: int) -> str:
+    page.goto(f"{base_url}/workflows/{workflow_id}/run/")
+    page.wait_for_function(
+        "document.getElementById('estimate').textContent !== 'Estimating…'"
+    )
+    return page.locator("#estimate").text_content()
+
+
 def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
     workflow = Workflow.create_with_version(
         alice, "People", detection("people-detector-512")
     )
     sign_in(page, asgi_server, "alice", "alice-password")
+
+    estimate = read_estimate(page, asgi_server, workflow.id)
+    assert "cold: people-detector-512 loaded on no runner" in estimate
+    assert "latency and price unknown" in estimate
 
     first_run = run_once(page, asgi_server, workflow.id)
     assert page.locator("#transport").text_content() == "live over websocket"
@@ -39,6 +52,11 @@ def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
 
     shown = int(page.locator("#summary-amount").get_attribute("data-microcredits"))
     assert shown == Bill.objects.get(run_id=first_run).amount_microcredits
+
+    wait_until_loaded(runner, "people-detector-512")
+    estimate = read_estimate(page, asgi_server, workflow.id)
+    assert f"hot on {runner.name}, about " in estimate
+    assert "(medians of 1 earlier run)" in estimate
 
     run_once(page, asgi_server, workflow.id)
     assert page.locator("#timeline li[data-phase=cold_load]").count() == 0

@@ -15,6 +15,11 @@ api = [
         workflow_views.WorkflowVersionsView.as_view(),
     ),
     path("workflows/<int:workflow_id>/runs", workflow_views.WorkflowRunView.as_view()),
+    path(
+        "workflows/<int:workflow_id>/estimate",
+        workflow_views.WorkflowEstimateView.as_view(),
+    ),
+    path("estimate", workflow_views.EstimateView.as_view()),
     path("validate", workflow_views.ValidateView.as_view()),
     path("blocks", workflow_views.BlocksView.as_view()),
     path("runs/", runner_views.RunListView.as_view()),

@@ -30,14 +30,7 @@ def read_inputs(
     uploads: dict[str, bytes] | None = None,
 ) -> RunInputs:
     """Check every input the plan declares; raise InputError naming the bad one."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise InputError(
-            "'inputs' must be a JSON object mapping input names to values",
-            context="request_parsing",
-            field_name="inputs",
-        )
+    raw = input_mapping(raw)
     uploads = uploads or {}
     images: dict[str, list[bytes]] = {}
     info: dict[str, list[dict[str, Any]]] = {}
@@ -61,6 +54,25 @@ def read_inputs(
             )
             for blob in blobs
         ]
+    parameters = read_parameters(plan, raw)
+    return RunInputs(images, info, parameters, _batch_size(images))
+
+
+def input_mapping(raw: Any) -> dict[str, Any]:
+    """Return a request's ``inputs`` value as a dict; absent means empty."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputError(
+            "'inputs' must be a JSON object mapping input names to values",
+            context="request_parsing",
+            field_name="inputs",
+        )
+    return raw
+
+
+def read_parameters(plan: ExecutionPlan, raw: dict[str, Any]) -> dict[str, Any]:
+    """Return every parameter the plan declares, defaults filled in and checked."""
     parameters: dict[str, Any] = {}
     for spec in plan.parameter_inputs:
         if spec.name in raw:
@@ -74,7 +86,7 @@ def read_inputs(
                 field_name=spec.name,
             )
     _check_parameter_values(plan, parameters)
-    return RunInputs(images, info, parameters, _batch_size(images))
+    return parameters
 
 
 def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> None:

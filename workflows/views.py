@@ -7,11 +7,13 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from runner.estimate import estimate_run
 from runner.responses import run_response
 from runner.service import start_run
 from webapp.requests import MalformedRequest, json_object, version_number
 from workflows.blocks import BLOCKS
 from workflows.compiler import plan_cache
+from workflows.inputs import input_mapping, read_parameters
 from workflows.models import Workflow, WorkflowVersion
 
 
@@ -148,19 +150,7 @@ class WorkflowRunView(APIView):
     def post(self, request, workflow_id):
         workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
         body = json_object(request)
-        number = version_number(body, "version")
-        versions = workflow.versions.all()
-        version = (
-            versions.filter(number=number).first()
-            if number is not None
-            else versions.first()
-        )
-        if version is None:
-            raise MalformedRequest(
-                f"workflow {workflow.id} has no version {number}",
-                context="request_parsing",
-                field_name="version",
-            )
+        version = requested_version(workflow, body)
         run_async = body.get("async", False)
         if not isinstance(run_async, bool):
             raise MalformedRequest(
@@ -180,6 +170,61 @@ class WorkflowRunView(APIView):
             token_id=getattr(request.auth, "id", None),
         )
         return run_response(outcome, request._request.started_ns)
+
+
+def requested_version(workflow: Workflow, body: dict) -> WorkflowVersion:
+    """Return the version ``body["version"]`` names, else the latest."""
+    number = version_number(body, "version")
+    versions = workflow.versions.all()
+    version = (
+        versions.filter(number=number).first()
+        if number is not None
+        else versions.first()
+    )
+    if version is None:
+        raise MalformedRequest(
+            f"workflow {workflow.id} has no version {number}",
+            context="request_parsing",
+            field_name="version",
+        )
+    return version
+
+
+def estimate_definition(definition, body: dict, owner_id: int) -> dict:
+    """Compile, read the parameters of ``body["inputs"]``, and predict a run."""
+    plan = plan_cache.compile(definition).plan
+    parameters = read_parameters(plan, input_mapping(body.get("inputs")))
+    return estimate_run(plan, parameters, owner_id)
+
+
+class WorkflowEstimateView(APIView):
+    """Predict a run of the latest (or a given) version without running it.
+
+    Only parameters are read from ``inputs``; images may be left out.
+    """
+
+    def post(self, request, workflow_id):
+        workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
+        body = json_object(request)
+        version = requested_version(workflow, body)
+        return Response(estimate_definition(version.definition, body, request.user.id))
+
+
+class EstimateView(APIView):
+    """Predict a run of an inline ``specification`` without running it."""
+
+    def post(self, request):
+        body = json_object(request)
+        if "specification" not in body:
+            raise MalformedRequest(
+                "'specification' is required",
+                context="request_parsing",
+                field_name="specification",
+                hint="Send the workflow definition as 'specification'.",
+            )
+        return Response(
+            estimate_definition(body["specification"], body, request.user.id)
+        )
 
 
 class ValidateView(APIView):

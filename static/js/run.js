@@ -109,6 +109,7 @@
     $("summary").hidden = !result.breakdown;
     if (result.error) $("run-error").textContent = `Error: ${result.error.message}`;
     showResult();
+    if ($("estimate")) showEstimate();
   }
 
   async function showResult() {
@@ -220,10 +221,7 @@
       window.lastImageSrc = null;
       const inputs = Object.fromEntries(await Promise.all(
         [...document.querySelectorAll("[data-image-input]")].map(readImage)));
-      for (const input of document.querySelectorAll(".param")) {
-        try { inputs[input.dataset.param] = JSON.parse(input.value); }
-        catch { inputs[input.dataset.param] = input.value; }
-      }
+      Object.assign(inputs, readParameters());
       const response = await fetch(`/api/workflows/${workflowId}/runs`, {
         method: "POST",
         credentials: "same-origin",
@@ -246,6 +244,57 @@
     }
   }
 
-  if ($("run-form")) $("run-form").addEventListener("submit", startRun);
+  function readParameters() {
+    const parameters = {};
+    for (const input of document.querySelectorAll(".param")) {
+      try { parameters[input.dataset.param] = JSON.parse(input.value); }
+      catch { parameters[input.dataset.param] = input.value; }
+    }
+    return parameters;
+  }
+
+  // One line: where the run would go, its predicted total and price, or
+  // which part has no history yet.
+  function describeEstimate(estimate) {
+    const cold = estimate.models.filter((model) => !model.hot).map((model) => model.model_id);
+    const route = estimate.hot
+      ? (estimate.runner ? `hot on ${estimate.runner}` : "no model to load")
+      : `cold: ${cold.join(", ")} loaded on no runner`;
+    if (estimate.total === null) {
+      return `Estimate: ${route}; latency and price unknown (${estimate.unknown.join("; ")}).`;
+    }
+    const basis = estimate.basis.workflow_runs;
+    const ms = estimate.total / 1000;
+    const about = ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
+    return `Estimate: ${route}, about ${about}, ` +
+      `${formatCredits(estimate.price.amount_microcredits)} ` +
+      `(medians of ${basis} earlier run${basis === 1 ? "" : "s"}).`;
+  }
+
+  async function showEstimate() {
+    const target = $("estimate");
+    try {
+      const response = await fetch(`/api/workflows/${workflowId}/estimate`, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
+        body: JSON.stringify({ inputs: readParameters() }),
+      });
+      const body = await response.json();
+      target.textContent = response.ok
+        ? describeEstimate(body)
+        : `No estimate: ${body.message || response.statusText}`;
+    } catch (error) {
+      target.textContent = `No estimate: ${error.message}`;
+    }
+  }
+
+  if ($("run-form")) {
+    $("run-form").addEventListener("submit", startRun);
+    for (const input of document.querySelectorAll(".param")) {
+      input.addEventListener("change", showEstimate);
+    }
+    showEstimate();
+  }
   if (runId) follow();
 })();

@@ -1,0 +1,177 @@
+"""Estimates before a run: hot or cold, latency and price, from real runs."""
+
+import statistics
+import time
+
+from billing.policy import BillingPolicy, evaluate_formula
+from runner.models import Run
+from tests.definitions import detection, image_height
+from tests.test_runner_pool import start
+from tests.test_runs import create_workflow, run_workflow
+from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
+
+
+def estimate(client, workflow_id, body=None):
+    response = client.post(
+        f"/api/workflows/{workflow_id}/estimate", body or {}, format="json"
+    )
+    assert response.status_code == 200, response.json()
+    return response.json()
+
+
+def median(values):
+    return round(statistics.median(values))
+
+
+def wait_until_loaded(runner, model_id: str, timeout_s: float = 10) -> None:
+    """Wait for the runner's heartbeat to list the model; it lags a run's end."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = runner.state() or {}
+        if model_id in {model["model_id"] for model in state.get("models", [])}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{runner.name}'s heartbeat does not list {model_id}")
+
+
+def test_estimate_without_history_is_unknown(runner, alice_client):
+    # The size suffix gives a cache entry no runner of the session has loaded.
+    workflow_id = create_workflow(alice_client, detection("people-detector-416"))
+    body = estimate(alice_client, workflow_id)
+    assert body["hot"] is False
+    assert body["runner"] is None
+    model = body["models"][0]
+    assert model["hot"] is False
+    assert model["cold_load_us"] is None
+    assert model["per_call_us"] is None
+    assert body["total"] is None
+    assert body["price"] is None
+    assert any("people-detector-416" in reason for reason in body["unknown"])
+    assert Run.objects.count() == 0
+
+
+def test_estimate_after_runs_uses_their_medians(runner, alice_client):
+    workflow_id = create_workflow(alice_client, detection("people-detector-448"))
+    for _ in range(3):
+        assert run_workflow(alice_client, workflow_id).status_code == 200
+    wait_until_loaded(runner, "people-detector-448")
+
+    body = estimate(alice_client, workflow_id)
+    assert body["hot"] is True
+    assert body["runner"] == runner.name
+    model = body["models"][0]
+    assert model["loaded_on"] == [runner.name]
+    assert model["cold_load_us"] == 0
+    assert model["calls"] == 1
+    # The first run loaded the model; call times come from the two hot runs.
+    assert model["samples"] == 2
+    assert body["unknown"] == []
+
+    breakdowns = [run.breakdown for run in Run.objects.all()]
+    hot = [b["models"][0] for b in breakdowns if not b["models"][0]["cold"]]
+    inference = median([entry["inference"] for entry in hot])
+    assert model["per_call_us"]["inference"] == inference
+    components = body["components"]
+    assert list(components) == list(COMPONENTS)
+    assert components["inference"] == inference
+    assert components["cold_load"] == 0
+    for name in ("request", "queue", "compile", "blocks", "overhead"):
+        assert components[name] == median([b["components"][name] for b in breakdowns])
+    assert body["runner_total"] == sum(components[n] for n in RUNNER_COMPONENTS)
+    assert body["total"] == sum(components.values())
+
+
+def test_estimate_price_follows_policy(runner, alice_client):
+    workflow_id = create_workflow(alice_client, image_height())
+    assert run_workflow(alice_client, workflow_id).status_code == 200
+
+    body = estimate(alice_client, workflow_id)
+    price = body["price"]
+    expected = BillingPolicy.from_settings().bill(
+        {"components": body["components"], "runner_total": body["runner_total"]}
+    )
+    assert price["amount_microcredits"] == expected.amount_microcredits
+    assert price["billed_ms"] == expected.billed_ms
+    assert evaluate_formula(price["formula"]) == price["amount_microcredits"]
+    assert body["hot"] is True
+    assert body["models"] == []
+
+
+def test_estimate_uses_other_owners_model_times(runner, alice_client, bob_client):
+    bob_workflow = create_workflow(bob_client, detection("people-detector-384"))
+    assert run_workflow(bob_client, bob_workflow).status_code == 200
+    bobs_run = Run.objects.get().breakdown["models"][0]
+    wait_until_loaded(runner, "people-detector-384")
+
+    alice_workflow = create_workflow(alice_client, detection("people-detector-384"))
+    body = estimate(alice_client, alice_workflow)
+    model = body["models"][0]
+    assert model["hot"] is True
+    assert model["cold_load_us"] == 0
+    assert model["per_call_us"]["inference"] == bobs_run["inference"]
+    # alice has never run this workflow, so its own parts are unknown.
+    assert body["basis"]["workflow_runs"] == 0
+    assert body["components"]["request"] is None
+    assert body["total"] is None
+    assert body["price"] is None
+
+
+def test_estimate_evicted_model_is_cold(runner, extra_runners, alice, alice_client):
+    # yolov5n (10.6 MB of weights) and yolov6n (18.0 MB) each fit a 20 MiB
+    # budget alone, not together, and no other test loads them.
+    extra_runners("estimate-small", budget_mb=20)
+    first = start(alice, "yolov5n.yaml", "estimate-small").payload
+    start(alice, "yolov6n.yaml", "estimate-small")
+    cold_load = first["meta"]["breakdown"]["models"][0]["cold_load"]["total"]
+    time.sleep(0.6)  # one heartbeat, so the eviction is visible
+
+    workflow_id = create_workflow(alice_client, detection("yolov5n.yaml"))
+    body = estimate(alice_client, workflow_id)
+    model = body["models"][0]
+    assert model["hot"] is False
+    assert model["loaded_on"] == []
+    assert model["cold_load_us"] == cold_load
+    assert model["pretrained"] is False
+    assert body["hot"] is False
+    assert body["runner"] is None
+    assert body["components"]["cold_load"] == cold_load
+    assert body["total"] > cold_load
+
+
+def test_estimate_inline_specification(runner, alice_client):
+    response = alice_client.post(
+        "/api/estimate", {"specification": image_height()}, format="json"
+    )
+    assert response.status_code == 200, response.json()
+    assert response.json()["hot"] is True
+
+
+def test_estimate_bad_requests(runner, alice_client, bob_client):
+    workflow_id = create_workflow(alice_client, detection())
+
+    other = bob_client.post(f"/api/workflows/{workflow_id}/estimate", {}, format="json")
+    assert other.status_code == 404
+
+    missing = alice_client.post("/api/estimate", {}, format="json")
+    assert missing.status_code == 400
+    assert missing.json()["field"] == "specification"
+
+    unknown_model = alice_client.post(
+        "/api/estimate",
+        {"specification": detection("no-such-model")},
+        format="json",
+    )
+    assert unknown_model.status_code == 400
+    assert "no-such-model" in unknown_model.json()["message"]
+
+    bad_inputs = alice_client.post(
+        f"/api/workflows/{workflow_id}/estimate", {"inputs": [1]}, format="json"
+    )
+    assert bad_inputs.status_code == 400
+    assert bad_inputs.json()["field"] == "inputs"
+
+    no_version = alice_client.post(
+        f"/api/workflows/{workflow_id}/estimate", {"version": 9}, format="json"
+    )
+    assert no_version.status_code == 400
+    assert Run.objects.count() == 0
