@@ -680,7 +680,7 @@ def direct_predict(model, device: str, jpeg: bytes, options: dict[str, Any]):
         max_det=options["max_detections"],
         agnostic_nms=options["class_agnostic_nms"],
     )[0]
-    return result.boxes.xyxy.cpu().numpy()
+    return result.boxes.xyxy.cpu().numpy(), result.speed
 
 
 def bench_detection(
@@ -702,7 +702,7 @@ def bench_detection(
         direct_predict(model, device, jpeg, options)
 
     http_seconds, direct_seconds = [], []
-    timings, http_counts, direct_counts = [], set(), set()
+    timings, direct_stages, http_counts, direct_counts = [], [], set(), set()
     for _ in range(args.detect_requests):
         reply = client.post("/workflows/run", body)
         output = check_reply(reply, client.name)
@@ -711,9 +711,10 @@ def bench_detection(
         timings.append(parse_server_timing(reply.headers.get("Server-Timing")))
 
         started = time.perf_counter()
-        boxes = direct_predict(model, device, jpeg, options)
+        boxes, stages = direct_predict(model, device, jpeg, options)
         direct_seconds.append(time.perf_counter() - started)
         direct_counts.add(len(boxes))
+        direct_stages.append(stages)
 
     http_summary = summarize_ms(http_seconds)
     direct_summary = summarize_ms(direct_seconds)
@@ -730,7 +731,11 @@ def bench_detection(
             "server_timing_median_ms": median_components(timings),
             "detection_counts": sorted(http_counts),
         },
-        "direct": {**direct_summary, "detection_counts": sorted(direct_counts)},
+        "direct": {
+            **direct_summary,
+            "stage_median_ms": median_components(direct_stages),
+            "detection_counts": sorted(direct_counts),
+        },
         "ratio_of_medians": round(http_summary["p50_ms"] / direct_summary["p50_ms"], 3),
     }
 
@@ -870,6 +875,12 @@ def print_report(results: dict[str, Any]) -> None:
             f"{k} {v:.2f}"
             for k, v in detection["http"]["server_timing_median_ms"].items()
             if v > 0 or k == "total"
+        )
+    )
+    print(
+        "  direct predict stage medians (ms, ultralytics' own timing): "
+        + ", ".join(
+            f"{k} {v:.2f}" for k, v in detection["direct"]["stage_median_ms"].items()
         )
     )
     cold = detection["cold_request"]
