@@ -206,6 +206,15 @@ def _architecture_head(name: str) -> str | None:
 
 
 def _architecture(model_id, name, size, searched, step) -> ModelSource:
+    if "/" in name or not name.endswith(".yaml"):
+        # ultralytics finds a configuration by its bare file name only.
+        raise ModelNotFoundError(
+            model_id,
+            [],
+            step=step,
+            reason="an architecture id is the file name of an ultralytics model "
+            "YAML, such as yolov8n.yaml, without a directory",
+        )
     searched.append(f"ultralytics model configurations ({_config_root()})")
     head = _architecture_head(name)
     if head is None:

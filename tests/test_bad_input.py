@@ -256,6 +256,46 @@ def parameter_as_image() -> dict:
     return definition
 
 
+def operation_not_object() -> dict:
+    definition = image_height()
+    definition["steps"][0]["operations"] = ["SequenceLength"]
+    return definition
+
+
+def static_crop(**fields) -> dict:
+    definition = image_height()
+    crop = {"x_center": 100, "y_center": 100, "width": 50, "height": 50, **fields}
+    definition["steps"].append(
+        {
+            "type": "roboflow_core/absolute_static_crop@v1",
+            "name": "crop",
+            "images": "$inputs.image",
+            **crop,
+        }
+    )
+    return definition
+
+
+def boxes_drawn(thickness: int) -> dict:
+    definition = detection()
+    definition["steps"].append(
+        {
+            "type": "roboflow_core/bounding_box_visualization@v1",
+            "name": "drawn",
+            "image": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+            "thickness": thickness,
+        }
+    )
+    return definition
+
+
+def too_many_detections() -> dict:
+    definition = detection()
+    definition["steps"][0]["max_detections"] = 10**9
+    return definition
+
+
 # (build the definition, step named in the error, field named in the error,
 # text the message contains)
 INVALID_DEFINITIONS = {
@@ -284,6 +324,26 @@ INVALID_DEFINITIONS = {
     "cycle": (cycle, "first", "data", "cycle"),
     "self_reference": (self_reference, "h", "data", "cycle"),
     "parameter_as_image": (parameter_as_image, "people", "images", "parameter input"),
+    "operation_not_object": (operation_not_object, "h", "operations", "an object"),
+    "crop_narrower_than_a_pixel": (
+        lambda: static_crop(width=0.2),
+        "crop",
+        "width",
+        "from 1 to",
+    ),
+    "crop_coordinate_overflow": (
+        lambda: static_crop(x_center=10**400),
+        "crop",
+        "x_center",
+        "from 0 to",
+    ),
+    "line_too_thick": (lambda: boxes_drawn(10**9), "drawn", "thickness", "32767"),
+    "too_many_detections": (
+        too_many_detections,
+        "people",
+        "max_detections",
+        "from 1 to 30000",
+    ),
 }
 
 
@@ -887,3 +947,92 @@ def test_workflow_list_without_token():
     response = APIClient().get("/api/workflows/")
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+# Definitions over the size limits, and names the pattern must reject whole
+
+
+def long_chain(steps: int) -> dict:
+    definition = image_height()
+    definition["steps"] += [
+        {
+            "type": "PropertyDefinition",
+            "name": f"s{index}",
+            "data": "$inputs.image",
+            "operations": [{"type": "ToString"}],
+        }
+        for index in range(steps)
+    ]
+    return definition
+
+
+def test_definition_with_too_many_steps(alice_client):
+    response = post_json(alice_client, "/api/validate", {"definition": long_chain(250)})
+    body = response.json()
+    assert response.status_code == 400
+    assert body["code"] == "invalid_definition"
+    assert body["field"] == "steps"
+    assert "at most 250" in body["message"]
+
+
+def test_definition_over_byte_limit(alice_client):
+    definition = image_height()
+    definition["steps"][0]["operations"] = [{"type": "ToString"}] * 20_000
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {"specification": definition, "inputs": {"image": base64_input(image_bytes())}},
+    )
+    assert response.status_code == 400
+    assert "bytes of JSON" in response.json()["message"]
+    assert_nothing_stored()
+
+
+def test_step_name_with_newline_rejected(alice_client):
+    definition = image_height()
+    definition["steps"][0]["name"] = "h\n"
+    definition["outputs"][0]["selector"] = "$steps.h.output"
+    response = post_json(alice_client, "/api/validate", {"definition": definition})
+    assert response.status_code == 400
+    assert "step name 'h\\n'" in response.json()["message"]
+
+
+@pytest.mark.parametrize("model_id", ["x/y/yolov8n.yaml", "yolov8n.yml"])
+def test_architecture_id_outside_config_names(alice_client, model_id):
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {
+            "specification": detection(model_id),
+            "inputs": {"image": base64_input(image_bytes())},
+        },
+    )
+    body = response.json()
+    assert response.status_code == 400
+    assert body["code"] == "model_not_found"
+    assert "yolov8n.yaml" in body["message"]
+    assert_nothing_stored()
+
+
+def test_image_value_not_string(send_run):
+    response = send_run(image_height(), {"image": {"type": "base64", "value": 5}})
+    assert response.status_code == 400
+    assert "value of type int" in response.json()["message"]
+    assert_nothing_stored()
+
+
+def test_sequence_length_of_image_is_billed_user_error(runner, alice_client):
+    definition = image_height()
+    definition["steps"][0]["operations"] = [{"type": "SequenceLength"}]
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {"specification": definition, "inputs": {"image": base64_input(image_bytes())}},
+    )
+    body = response.json()
+    assert response.status_code == 400
+    assert body["code"] == "step_rejected_input"
+    assert "SequenceLength needs detections or a list" in body["message"]
+    bill = Bill.objects.get()
+    assert bill.billed is True
+    assert bill.amount_microcredits > 0

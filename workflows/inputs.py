@@ -137,9 +137,16 @@ def _image_values(value: Any, name: str) -> list[bytes]:
                 field_name=name,
                 hint="Send the image bytes as base64 instead.",
             )
-        if kind != "base64" or not isinstance(item["value"], str):
+        if kind != "base64":
             raise InputError(
                 f"image input '{name}' has type {kind!r}; only 'base64' is supported",
+                context="request_parsing",
+                field_name=name,
+            )
+        if not isinstance(item["value"], str):
+            raise InputError(
+                f"image input '{name}' has a value of type "
+                f"{type(item['value']).__name__}; it must be a base64 string",
                 context="request_parsing",
                 field_name=name,
             )

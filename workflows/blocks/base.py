@@ -100,10 +100,15 @@ def number_between(low: float, high: float) -> Callable[[Any], str | None]:
     return check
 
 
-def positive_integer(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return f"must be a positive integer, got {value!r}"
-    return None
+def integer_between(low: int, high: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer from {low} to {high}, got {value!r}"
+        if not low <= value <= high:
+            return f"must be an integer from {low} to {high}, got {value!r}"
+        return None
+
+    return check
 
 
 def list_of_strings(value: Any) -> str | None:
@@ -122,9 +127,9 @@ __all__ = [
     "Field",
     "IMAGE",
     "StepContext",
+    "integer_between",
     "VALUE",
     "WorkflowImage",
     "list_of_strings",
     "number_between",
-    "positive_integer",
 ]

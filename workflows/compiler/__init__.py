@@ -21,6 +21,12 @@ from workflows.compiler.plan import ExecutionPlan
 from workflows.errors import BlockError, DefinitionError
 
 CACHE_SIZE = 256
+# Limits on a definition, checked before it is compiled or cached, so one
+# request cannot make the web server or a runner build and hold a huge plan.
+MAX_STEPS = 250
+MAX_INPUTS = 100
+MAX_OUTPUTS = 100
+MAX_DEFINITION_BYTES = 256 * 1024
 
 
 def canonical_json(definition: Any) -> str:
@@ -63,6 +69,26 @@ def build_plan(definition: Any, digest: str) -> ExecutionPlan:
     )
 
 
+def check_size(definition: Any) -> None:
+    """Raise DefinitionError if ``definition`` has more parts than the limits allow."""
+    if not isinstance(definition, dict):
+        return
+    limits = (("steps", MAX_STEPS), ("inputs", MAX_INPUTS), ("outputs", MAX_OUTPUTS))
+    for key, limit in limits:
+        items = definition.get(key)
+        if isinstance(items, list) and len(items) > limit:
+            raise _too_large(
+                key, f"'{key}' has {len(items)} entries; at most {limit} are accepted"
+            )
+
+
+def _too_large(key: str | None, details: str) -> DefinitionError:
+    return DefinitionError(
+        [BlockError(None, None, key, details + "; split the workflow")],
+        context="workflow_compilation | parsing",
+    )
+
+
 @dataclass(frozen=True)
 class CompileResult:
     plan: ExecutionPlan
@@ -81,7 +107,15 @@ class PlanCache:
     def compile(self, definition: Any) -> CompileResult:
         """Return the plan for ``definition``, timing the lookup or the compile."""
         started = time.perf_counter_ns()
-        digest = definition_digest(definition)
+        check_size(definition)
+        text = canonical_json(definition)
+        if len(text.encode()) > MAX_DEFINITION_BYTES:
+            raise _too_large(
+                None,
+                f"the definition is {len(text.encode())} bytes of JSON; at most "
+                f"{MAX_DEFINITION_BYTES} are accepted",
+            )
+        digest = hashlib.sha256(text.encode()).hexdigest()
         with self._lock:
             plan = self._plans.get(digest)
             if plan is not None:

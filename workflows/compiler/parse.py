@@ -25,7 +25,8 @@ INPUT_TYPES = {
     "InferenceParameter": PARAMETER_INPUT,
     "WorkflowVideoMetadata": None,
 }
-NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+# Used with fullmatch: "$" alone would also accept a trailing newline.
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 SELECTOR_PATTERN = re.compile(
     r"^\$(?:inputs\.(?P<input>[^.\s]+)|steps\.(?P<step>[^.\s]+)\.(?P<output>[^.\s]+))$"
 )
@@ -92,7 +93,7 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
             parsed.error(None, None, where, "each input must be an object")
             continue
         name, input_type = item.get("name"), item.get("type")
-        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             parsed.error(
                 None,
                 input_type,
@@ -137,7 +138,7 @@ def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
             parsed.error(None, None, where, "each step must be an object")
             continue
         name, type_name = item.get("name"), item.get("type")
-        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             parsed.error(
                 None,
                 type_name,

@@ -2,21 +2,20 @@
 
 from typing import Any
 
-from workflows.blocks.base import IMAGE, VALUE, Block, Field, StepContext
+from workflows.blocks.base import (
+    IMAGE,
+    VALUE,
+    Block,
+    Field,
+    StepContext,
+    number_between,
+)
 from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
 
-
-def non_negative_number(value: Any) -> str | None:
-    if isinstance(value, bool) or value < 0:
-        return f"must be a non-negative number, got {value!r}"
-    return None
-
-
-def positive_number(value: Any) -> str | None:
-    if isinstance(value, bool) or value <= 0:
-        return f"must be a positive number, got {value!r}"
-    return None
+# No image side is this long (the pixel limit is far lower), and larger
+# numbers overflow when converted to floats.
+MAX_COORDINATE = 1_000_000
 
 
 def crop_image(
@@ -48,28 +47,28 @@ class AbsoluteStaticCropBlock(Block):
             VALUE,
             "Centre x in pixels.",
             types=_number,
-            check=non_negative_number,
+            check=number_between(0, MAX_COORDINATE),
         ),
         Field(
             "y_center",
             VALUE,
             "Centre y in pixels.",
             types=_number,
-            check=non_negative_number,
+            check=number_between(0, MAX_COORDINATE),
         ),
         Field(
             "width",
             VALUE,
-            "Crop width in pixels.",
+            "Crop width in pixels, at least 1.",
             types=_number,
-            check=positive_number,
+            check=number_between(1, MAX_COORDINATE),
         ),
         Field(
             "height",
             VALUE,
-            "Crop height in pixels.",
+            "Crop height in pixels, at least 1.",
             types=_number,
-            check=positive_number,
+            check=number_between(1, MAX_COORDINATE),
         ),
     )
     outputs = {"crops": IMAGE}

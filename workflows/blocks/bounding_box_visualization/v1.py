@@ -11,7 +11,7 @@ from workflows.blocks.base import (
     Block,
     Field,
     StepContext,
-    positive_integer,
+    integer_between,
 )
 from workflows.detections import Detections
 from workflows.images import WorkflowImage
@@ -46,7 +46,8 @@ class BoundingBoxVisualizationBlock(Block):
             required=False,
             default=2,
             types=(int,),
-            check=positive_integer,
+            # OpenCV 4.12 rejects thicker lines (its MAX_THICKNESS).
+            check=integer_between(1, 32767),
         ),
     )
     outputs = {"image": IMAGE}

@@ -12,9 +12,9 @@ from workflows.blocks.base import (
     Field,
     StepContext,
     WorkflowImage,
+    integer_between,
     list_of_strings,
     number_between,
-    positive_integer,
 )
 
 
@@ -69,7 +69,9 @@ class ObjectDetectionBlock(Block):
             required=False,
             default=300,
             types=(int,),
-            check=positive_integer,
+            # ultralytics' NMS keeps at most 30,000 candidate boxes (max_nms in
+            # ultralytics/utils/nms.py, 8.4), so a larger limit changes nothing.
+            check=integer_between(1, 30000),
         ),
         Field(
             "class_filter",

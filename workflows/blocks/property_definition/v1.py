@@ -35,7 +35,12 @@ def check_operations(value: Any) -> str | None:
     if not isinstance(value, list) or not value:
         return "must be a non-empty list of operations"
     for index, operation in enumerate(value):
-        kind = operation.get("type") if isinstance(operation, dict) else operation
+        if not isinstance(operation, dict):
+            return (
+                f"operation {index} must be an object such as "
+                f'{{"type": "SequenceLength"}}, got {operation!r}'
+            )
+        kind = operation.get("type")
         if not isinstance(kind, str) or kind not in OPERATIONS:
             return (
                 f"operation {index} has unknown type {kind!r}; "
@@ -96,6 +101,8 @@ def _apply(operation: dict, value: Any, step: str) -> Any:
             return value.width * value.height
         return getattr(value, name)
     if kind == "SequenceLength":
+        if not isinstance(value, (Detections, list, str, dict)):
+            raise _wrong_input(kind, value, "detections or a list", step)
         return len(value)
     if kind == "DetectionsPropertyExtract":
         if not isinstance(value, Detections):
