@@ -108,16 +108,20 @@ class WorkflowDetailView(APIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         warnings: list[str] = []
+        version = None
         if "definition" in data:
             warnings = compile_or_raise(data["definition"])
             latest = workflow.latest_version()
             if latest is None or latest.definition != data["definition"]:
-                workflow.add_version(data["definition"])
+                version = workflow.add_version(data["definition"])
         for field in ("name", "description"):
             if field in data:
                 setattr(workflow, field, data[field])
         workflow.save()
-        return Response({**workflow_to_dict(workflow), "warnings": warnings})
+        # The version this request stored, not the latest: a concurrent
+        # request may have stored another since.
+        body = workflow_to_dict(workflow, version)
+        return Response({**body, "warnings": warnings})
 
     patch = put
 
