@@ -76,6 +76,13 @@ async def test_events_refuse_other_users_run(runner, alice, bob):
 
 
 @pytest.mark.asyncio
+async def test_events_refuse_path_without_run_id(alice):
+    communicator, connected, code = await connect("not-a-run-id", alice)
+    assert connected is False
+    assert code == 4404
+
+
+@pytest.mark.asyncio
 async def test_events_refuse_anonymous(runner, alice):
     from django.contrib.auth.models import AnonymousUser
 

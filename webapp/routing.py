@@ -1,7 +1,17 @@
-from django.urls import path
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.urls import path, re_path
 
-from runner.consumers import RunEventsConsumer
+from runner.consumers import CLOSE_NOT_FOUND, RunEventsConsumer
+
+
+class UnknownPathConsumer(AsyncWebsocketConsumer):
+    """Close websockets to paths no consumer serves, instead of raising."""
+
+    async def connect(self):
+        await self.close(code=CLOSE_NOT_FOUND)
+
 
 websocket_urlpatterns = [
     path("ws/runs/<uuid:run_id>/", RunEventsConsumer.as_asgi()),
+    re_path(r"", UnknownPathConsumer.as_asgi()),
 ]
