@@ -36,7 +36,7 @@ def wait_until_loaded(runner, model_id: str, timeout_s: float = 10) -> None:
 
 def test_estimate_without_history_is_unknown(runner, alice_client):
     # The size suffix gives a cache entry no runner of the session has loaded.
-    workflow_id = create_workflow(alice_client, detection("people-detector-416"))
+    workflow_id = create_workflow(alice_client, detection("people-detector-672"))
     body = estimate(alice_client, workflow_id)
     assert body["hot"] is False
     assert body["runner"] is None
@@ -46,15 +46,15 @@ def test_estimate_without_history_is_unknown(runner, alice_client):
     assert model["per_call_us"] is None
     assert body["total"] is None
     assert body["price"] is None
-    assert any("people-detector-416" in reason for reason in body["unknown"])
+    assert any("people-detector-672" in reason for reason in body["unknown"])
     assert Run.objects.count() == 0
 
 
 def test_estimate_after_runs_uses_their_medians(runner, alice_client):
-    workflow_id = create_workflow(alice_client, detection("people-detector-448"))
+    workflow_id = create_workflow(alice_client, detection("people-detector-704"))
     for _ in range(3):
         assert run_workflow(alice_client, workflow_id).status_code == 200
-    wait_until_loaded(runner, "people-detector-448")
+    wait_until_loaded(runner, "people-detector-704")
 
     body = estimate(alice_client, workflow_id)
     assert body["hot"] is True
@@ -98,12 +98,12 @@ def test_estimate_price_follows_policy(runner, alice_client):
 
 
 def test_estimate_uses_other_owners_model_times(runner, alice_client, bob_client):
-    bob_workflow = create_workflow(bob_client, detection("people-detector-384"))
+    bob_workflow = create_workflow(bob_client, detection("people-detector-736"))
     assert run_workflow(bob_client, bob_workflow).status_code == 200
     bobs_run = Run.objects.get().breakdown["models"][0]
-    wait_until_loaded(runner, "people-detector-384")
+    wait_until_loaded(runner, "people-detector-736")
 
-    alice_workflow = create_workflow(alice_client, detection("people-detector-384"))
+    alice_workflow = create_workflow(alice_client, detection("people-detector-736"))
     body = estimate(alice_client, alice_workflow)
     model = body["models"][0]
     assert model["hot"] is True
