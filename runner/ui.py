@@ -1,7 +1,9 @@
 """Browser pages for running a workflow and watching a run."""
 
 import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -18,6 +20,26 @@ def _page_settings() -> dict:
     return {"websocket_port": settings.GLASSBOX["WEBSOCKET_PORT"]}
 
 
+def parameter_field_text(parameter: dict[str, Any]) -> str:
+    """Return the text of a parameter's field on the run page.
+
+    The page's script sends ``JSON.parse(text)``, or the text itself when that
+    fails, so the default is written as JSON. A string default is written
+    bare unless it would parse as JSON (``"42"``, ``"true"``), because bare
+    strings are easier to read and edit. A parameter without a default gets
+    an empty field.
+    """
+    if "default_value" not in parameter:
+        return ""
+    value = parameter["default_value"]
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value, ensure_ascii=False)
+
+
 @login_required
 def run_workflow_page(request, workflow_id: int):
     workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
@@ -29,7 +51,7 @@ def run_workflow_page(request, workflow_id: int):
         if i.get("type") in ("WorkflowImage", "InferenceImage")
     ]
     parameters = [
-        i
+        {"name": i["name"], "field_text": parameter_field_text(i)}
         for i in inputs
         if i.get("type") in ("WorkflowParameter", "InferenceParameter")
     ]

@@ -73,3 +73,70 @@ def test_run_page_falls_back_to_polling(runner, asgi_server, page, alice):
     run_once(page, asgi_server, workflow.id)
     assert "polling" in page.locator("#transport").text_content()
     assert page.locator("#summary-amount").get_attribute("data-microcredits")
+
+
+def detection_with_parameters() -> dict:
+    """Return a detection workflow with string, list, boolean and null defaults.
+
+    The string "42" is the default of a parameter that no step reads, and the
+    page must send it as a string even though it would parse as a number.
+    """
+    definition = detection()
+    definition["inputs"] += [
+        {
+            "type": "WorkflowParameter",
+            "name": "model",
+            "default_value": "people-detector",
+        },
+        {"type": "WorkflowParameter", "name": "classes", "default_value": ["Normal"]},
+        {"type": "WorkflowParameter", "name": "agnostic", "default_value": True},
+        {"type": "WorkflowParameter", "name": "keep", "default_value": None},
+        {"type": "WorkflowParameter", "name": "label", "default_value": "42"},
+    ]
+    people = definition["steps"][0]
+    people["model_id"] = "$inputs.model"
+    people["class_filter"] = "$inputs.classes"
+    people["class_agnostic_nms"] = "$inputs.agnostic"
+    definition["steps"].append(
+        {
+            "type": "roboflow_core/detections_filter@v1",
+            "name": "kept",
+            "predictions": "$steps.people.predictions",
+            "class_names": "$inputs.keep",
+        }
+    )
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "kept", "selector": "$steps.kept.predictions"}
+    )
+    return definition
+
+
+def test_run_page_sends_parameter_defaults(runner, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(
+        alice, "Parameters", detection_with_parameters()
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+
+    assert page.input_value("#param-model") == "people-detector"
+    assert page.input_value("#param-classes") == '["Normal"]'
+    assert page.input_value("#param-agnostic") == "true"
+    assert page.input_value("#param-keep") == "null"
+    assert page.input_value("#param-label") == '"42"'
+
+    with page.expect_request(f"**/api/workflows/{workflow.id}/runs") as request:
+        page.click("#run-button")
+    inputs = dict(request.value.post_data_json["inputs"])
+    assert inputs.pop("image")["type"] == "base64"
+    assert inputs == {
+        "model": "people-detector",
+        "classes": ["Normal"],
+        "agnostic": True,
+        "keep": None,
+        "label": "42",
+    }
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
+    )
+    assert page.locator("#run-form-error").text_content() == ""
