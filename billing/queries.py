@@ -117,8 +117,11 @@ def filtered_bills(user, filters: dict[str, Any]) -> QuerySet[Bill]:
     bills = Bill.objects.filter(owner=user)
     if filters.get("date_from"):
         bills = bills.filter(created_at__gte=_start_of_day(filters["date_from"]))
-    if filters.get("date_to"):
-        next_day = filters["date_to"] + datetime.timedelta(days=1)
+    # Python has no date after 9999-12-31 (date.max), and no stored time is
+    # later than that day, so that end date sets no bound.
+    date_to = filters.get("date_to")
+    if date_to and date_to < datetime.date.max:
+        next_day = date_to + datetime.timedelta(days=1)
         bills = bills.filter(created_at__lt=_start_of_day(next_day))
 
     workflow = filters.get("workflow")

@@ -486,6 +486,32 @@ def test_date_filter_open_ended(alice_browser, alice, people):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("params", "included"),
+    [
+        ({"date_to": "9999-12-31"}, True),
+        ({"date_from": "0001-01-01", "date_to": "9999-12-31"}, True),
+        ({"date_from": "9999-12-31"}, False),
+        ({"date_to": "0001-01-01"}, False),
+    ],
+)
+def test_date_filter_at_calendar_limits(alice_browser, alice, people, params, included):
+    bill = make_bill(alice, version=people)
+    expected = [str(bill.run_id)] if included else []
+
+    exported = alice_browser.get(EXPORT, params)
+    assert exported.status_code == 200
+    assert [row[2] for row in csv_rows(exported)[1:]] == expected
+
+    summary = alice_browser.get(SUMMARY, params)
+    assert summary.status_code == 200
+    assert summary.json()["totals"]["runs"] == len(expected)
+
+    history = parse(alice_browser.get(HISTORY, params))
+    assert (str(bill.run_id) in history.html) == included
+
+
+@pytest.mark.django_db
 def test_reversed_dates_are_rejected(alice_browser, alice, people):
     make_bill(alice, version=people)
     params = {"date_from": "2025-03-12", "date_to": "2025-03-10"}
