@@ -59,8 +59,39 @@ def test_cannot_revoke_other_users_token(client, alice, bob):
     client.force_login(alice)
     response = client.post("/tokens/", {"action": "revoke", "token": token.id})
     assert response.status_code == 404
+    assert f"Token {token.id} not found among your tokens." in response.content.decode()
     token.refresh_from_db()
     assert token.revoked_at is None
+
+
+@pytest.mark.parametrize("token_id", ["999999", "9" * 40])
+def test_revoke_missing_token_is_404(client, alice, token_id):
+    own, _ = ApiToken.issue(alice, "laptop")
+    client.force_login(alice)
+    response = client.post("/tokens/", {"action": "revoke", "token": token_id})
+    assert response.status_code == 404
+    page = response.content.decode()
+    assert f"Token {token_id} not found among your tokens." in page
+    assert "laptop" in page
+    own.refresh_from_db()
+    assert own.revoked_at is None
+
+
+@pytest.mark.parametrize("token_id", ["abc", "", "1.5", "-1", " 1", "\u0661"])
+def test_revoke_non_numeric_id_is_400(client, alice, token_id):
+    own, _ = ApiToken.issue(alice, "laptop")
+    client.force_login(alice)
+    response = client.post("/tokens/", {"action": "revoke", "token": token_id})
+    assert response.status_code == 400
+    assert "is invalid: it must be a number." in response.content.decode()
+    own.refresh_from_db()
+    assert own.revoked_at is None
+
+
+def test_revoke_without_id_is_400(client, alice):
+    client.force_login(alice)
+    response = client.post("/tokens/", {"action": "revoke"})
+    assert response.status_code == 400
 
 
 def test_token_list_shows_only_own_tokens(client, alice, bob):
