@@ -1,5 +1,9 @@
 import time
 
+from django.core.handlers.wsgi import WSGIRequest
+
+from webapp.errors import json_error
+
 
 class RequestClockMiddleware:
     """Stamp each request with a monotonic start time for the timing breakdown.
@@ -13,3 +17,41 @@ class RequestClockMiddleware:
     def __call__(self, request):
         request.started_ns = time.perf_counter_ns()
         return self.get_response(request)
+
+
+class ChunkedBodyMiddleware:
+    """Reject request bodies sent with ``Transfer-Encoding: chunked`` under WSGI.
+
+    Django's WSGIRequest reads exactly ``CONTENT_LENGTH`` bytes of the body,
+    and a chunked request has no Content-Length. Under gunicorn every view
+    would see an empty body and return a misleading error, such as a missing
+    input, or a 401 when the ``api_key`` is in the body, so such requests get
+    a 411 instead. Under ASGI (daphne) the server decodes the chunks and
+    Django reads the whole body, so chunked requests pass there.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if isinstance(request, WSGIRequest) and _is_chunked(request):
+            return json_error(
+                "request body was sent with Transfer-Encoding: chunked, which "
+                "this server cannot read; send it with a Content-Length header",
+                "length_required",
+                411,
+                context="request_parsing",
+                error_type="LengthRequired",
+                hint=(
+                    "Pass the body as bytes or a string rather than a stream or "
+                    "generator; HTTP clients then send its Content-Length."
+                ),
+            )
+        return self.get_response(request)
+
+
+def _is_chunked(request) -> bool:
+    # gunicorn 27 itself rejects a Transfer-Encoding whose last coding is not
+    # chunked, so a header that reaches Django names chunked somewhere.
+    codings = request.META.get("HTTP_TRANSFER_ENCODING", "")
+    return "chunked" in (coding.strip().lower() for coding in codings.split(","))
