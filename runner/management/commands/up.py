@@ -165,6 +165,10 @@ class Command(BaseCommand):
                     '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss',
                     "--timeout",
                     "120",
+                    # gunicorn 27's control socket has one default path per
+                    # user, so a second stack on the machine would take over
+                    # the first one's. Nothing here uses it.
+                    "--no-control-socket",
                     *worker_tmp_dir_option(),
                 ],
                 log_dir,
