@@ -759,6 +759,24 @@ def test_excluded_fields_not_list(alice_client, excluded):
     assert_nothing_stored()
 
 
+@pytest.mark.parametrize("profiling", ["no", 0, [True]])
+def test_enable_profiling_not_boolean(alice_client, profiling):
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {
+            "specification": image_height(),
+            "enable_profiling": profiling,
+            "inputs": {"image": base64_input(image_bytes())},
+        },
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "enable_profiling"
+    assert_nothing_stored()
+
+
 @pytest.mark.parametrize("query", ["limit=abc", "limit=-1", "limit=0", "workflow=abc"])
 def test_run_list_bad_query(alice_client, query):
     response = alice_client.get(f"/api/runs/?{query}")

@@ -93,6 +93,20 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
     return value
 
 
+def optional_bool(body: dict[str, Any], key: str) -> bool:
+    """Read an optional true/false field; a missing or null value is false."""
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise MalformedRequest(
+            f"'{key}' must be true or false, got {value!r}",
+            context="request_parsing",
+            field_name=key,
+        )
+    return value
+
+
 def string_list(body: dict[str, Any], key: str) -> list[str]:
     """Read an optional list of strings; a missing or null value is empty."""
     value = body.get(key)

@@ -15,12 +15,18 @@ from runner.presenters import timing_headers
 from runner.responses import pending_response, status_for
 from runner.service import RunOutcome, start_run
 from webapp.errors import not_found
-from webapp.requests import MalformedRequest, json_object, string_list, version_number
+from webapp.requests import (
+    MalformedRequest,
+    json_object,
+    optional_bool,
+    string_list,
+    version_number,
+)
 from workflows.models import Workflow
 
 
 def outputs_response(
-    outcome: RunOutcome, body: dict, excluded: list[str], started_ns: int
+    outcome: RunOutcome, profiling: bool, excluded: list[str], started_ns: int
 ) -> Response:
     if outcome.payload is None:
         # NOTE: inference-sdk 1.8.3 reads "outputs" from any 2xx body, so its
@@ -39,7 +45,7 @@ def outputs_response(
             {k: v for k, v in item.items() if k not in excluded} for item in outputs
         ]
     response_body = {"outputs": outputs}
-    if body.get("enable_profiling"):
+    if profiling:
         response_body["profiler_trace"] = profiler_trace(meta["breakdown"])
     return Response(response_body, headers=headers)
 
@@ -68,6 +74,7 @@ def _run(request, definition: dict, workflow_version_id: int | None, body: dict)
     started_ns = request._request.started_ns
     # Checked before the run starts, so a bad value stores no run.
     excluded = string_list(body, "excluded_fields")
+    profiling = optional_bool(body, "enable_profiling")
     outcome = start_run(
         owner_id=request.user.id,
         source="roboflow",
@@ -78,7 +85,7 @@ def _run(request, definition: dict, workflow_version_id: int | None, body: dict)
         workflow_version_id=workflow_version_id,
         token_id=getattr(request.auth, "id", None),
     )
-    return outputs_response(outcome, body, excluded, started_ns)
+    return outputs_response(outcome, profiling, excluded, started_ns)
 
 
 class StoredWorkflowRunView(APIView):
