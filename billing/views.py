@@ -16,6 +16,7 @@ from billing.queries import (
     filtered_bills,
     summarize,
 )
+from webapp.authentication import login_or_token_required
 
 PAGE_SIZE = 50
 
@@ -42,7 +43,7 @@ def _invalid_filters(form: BillFilterForm) -> HttpResponse:
     )
 
 
-@login_required
+@login_or_token_required
 def export_csv(request):
     """Return every row that matches the filters, with the table's columns.
 
@@ -63,7 +64,7 @@ def export_csv(request):
     return response
 
 
-@login_required
+@login_or_token_required
 def summary_json(request):
     """Return the chart data for the filters; the history page embeds the same."""
     form = BillFilterForm(request.GET, user=request.user)

@@ -266,6 +266,34 @@ def test_pages_require_login(client, alice, people, url_name):
 
 
 @pytest.mark.django_db
+def test_data_endpoints_accept_api_tokens(client, alice, bob, people):
+    own = make_bill(alice, version=people)
+    bobs = make_bill(bob, version=version_of(bob, "Bob's workflow"))
+    _, key = ApiToken.issue(alice, "billing export")
+    bearer = {"HTTP_AUTHORIZATION": f"Bearer {key}"}
+
+    summary = client.get(SUMMARY, **bearer)
+    assert summary.status_code == 200
+    assert summary.json()["totals"]["runs"] == 1
+
+    exported = client.get(EXPORT, {"api_key": key}).content.decode()
+    assert str(own.run_id) in exported
+    assert str(bobs.run_id) not in exported
+
+    # The history page itself stays a browser page.
+    assert client.get(HISTORY, **bearer).status_code == 302
+
+
+@pytest.mark.django_db
+def test_data_endpoints_reject_revoked_token(client, alice):
+    token, key = ApiToken.issue(alice, "revoked")
+    token.revoke()
+    response = client.get(SUMMARY, HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert response.status_code == 401
+    assert response.json()["code"] == "authentication_failed"
+
+
+@pytest.mark.django_db
 def test_history_hides_other_users_bills(alice_browser, alice, bob, people):
     own = [make_bill(alice, version=people) for _ in range(3)]
     bobs_version = version_of(bob, "Bob's workflow")

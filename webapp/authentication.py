@@ -9,6 +9,7 @@ import functools
 from datetime import timedelta
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.utils import timezone
 from rest_framework import authentication, exceptions
@@ -124,6 +125,38 @@ def authenticate_key(key: str) -> ApiToken | None:
             ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
             token.last_used_at = now
     return token
+
+
+def login_or_token_required(view):
+    """Serve a plain Django view to a signed-in user or an API token's owner.
+
+    Browsers without a session are redirected to the login page, as by
+    ``login_required``. A request that carries an invalid or revoked key
+    gets a 401 error body instead.
+    """
+
+    @functools.wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            key = find_api_key(request)
+            if key is not None:
+                token = authenticate_key(key)
+                if token is None:
+                    # webapp.errors imports DRF's views, which import this
+                    # module through DRF's settings.
+                    from webapp.errors import json_error
+
+                    return json_error(
+                        "Invalid or revoked API key.",
+                        "authentication_failed",
+                        401,
+                        context="request",
+                        error_type="AuthenticationFailed",
+                    )
+                request.user = token.user
+        return login_required(view)(request, *args, **kwargs)
+
+    return wrapper
 
 
 class ApiTokenAuthentication(authentication.BaseAuthentication):
