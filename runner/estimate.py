@@ -74,9 +74,16 @@ def estimate_run(
             "compile, blocks, serialization and overhead times are unknown"
         )
 
+    if not runners:
+        unknown.append(
+            "no runner is up, so the queue time is unknown; a synchronous run "
+            "would fail with no_runner"
+        )
+        components["queue"] = None
     cache_keys = {model["cache_key"] for model in models}
     hot_runners = [r for r in runners if cache_keys and cache_keys <= r.loaded_models]
     device = hot_runners[0].data.get("device") if hot_runners else None
+    cold_keys = _cold_keys(cache_keys, runners, hot_runners)
     steps_per_model = Counter(model_id for _, model_id in plan.model_ids(parameters))
     forecasts = [
         _forecast_model(
@@ -86,6 +93,7 @@ def estimate_run(
             same_workflow,
             steps_per_model[model["model_id"]],
             device,
+            model["cache_key"] in cold_keys,
             unknown,
         )
         for model in models
@@ -108,7 +116,7 @@ def estimate_run(
     )
     return {
         "unit": "us",
-        "hot": all(forecast["hot"] for forecast in forecasts),
+        "hot": not cold_keys,
         "runner": hot_runners[0].name if hot_runners else None,
         "runners_up": len(runners),
         "models": forecasts,
@@ -131,6 +139,7 @@ def _forecast_model(
     same_workflow: list[dict[str, Any]],
     steps: int,
     device: str | None,
+    cold: bool,
     unknown: list[str],
 ) -> dict[str, Any]:
     key, model_id = model["cache_key"], model["model_id"]
@@ -159,22 +168,42 @@ def _forecast_model(
 
     cold_loads = [entry["cold_load"]["total"] for entry in entries if entry["cold"]]
     cold_load: int | None = 0
-    if not holders:
+    if cold:
         cold_load = _median(cold_loads)
         if cold_load is None:
             unknown.append(
-                f"model '{model_id}' is loaded on no live runner and has never "
-                "been loaded in a succeeded run, so its cold load time is unknown"
+                f"model '{model_id}' would be loaded cold and has never been "
+                "loaded in a succeeded run, so its cold load time is unknown"
             )
     return {
         "model_id": model_id,
         "pretrained": model["source"]["pretrained"],
-        "hot": bool(holders),
+        "hot": not cold,
         "loaded_on": holders,
         "cold_load_us": cold_load,
         "calls": calls,
         "per_call_us": per_call,
         "samples": len(sample),
+    }
+
+
+def _cold_keys(
+    cache_keys: set[str],
+    runners: list[fleet.RunnerState],
+    hot_runners: list[fleet.RunnerState],
+) -> set[str]:
+    """Return the cache keys of the models the run would load cold.
+
+    With a runner holding every model, the router sends the run there and
+    nothing is cold. Otherwise the run goes to the shared queue, where any
+    runner may take it, so a model is hot only if every live runner has it.
+    """
+    if hot_runners:
+        return set()
+    return {
+        key
+        for key in cache_keys
+        if not runners or not all(key in r.loaded_models for r in runners)
     }
 
 

@@ -1,10 +1,17 @@
 """Estimates before a run: hot or cold, latency and price, from real runs."""
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+
+from django.db import connection
 
 from billing.policy import BillingPolicy, evaluate_formula
 from runner.models import Run
+from tests.conftest import ROOT
 from tests.definitions import detection, image_height
 from tests.test_runner_pool import start
 from tests.test_runs import create_workflow, run_workflow
@@ -175,3 +182,70 @@ def test_estimate_bad_requests(runner, alice_client, bob_client):
     )
     assert no_version.status_code == 400
     assert Run.objects.count() == 0
+
+
+def test_estimate_models_on_different_runners_is_cold(
+    runner, extra_runners, alice, alice_client
+):
+    # The session runner loads yolov8n.yaml; the other runner only yolo11n.yaml.
+    extra_runners("estimate-other")
+    start(alice, "yolov8n.yaml", runner.name)
+    start(alice, "yolo11n.yaml", "estimate-other")
+    definition = detection("yolov8n.yaml")
+    second = dict(definition["steps"][0], name="second", model_id="yolo11n.yaml")
+    definition["steps"].append(second)
+    time.sleep(1.2)  # a heartbeat from each runner
+
+    response = alice_client.post(
+        "/api/estimate", {"specification": definition}, format="json"
+    )
+    body = response.json()
+    assert body["hot"] is False
+    assert body["runner"] is None
+    by_id = {model["model_id"]: model for model in body["models"]}
+    assert by_id["yolov8n.yaml"]["loaded_on"] == [runner.name]
+    assert by_id["yolo11n.yaml"]["loaded_on"] == ["estimate-other"]
+    # Whichever runner takes the run from the shared queue lacks one of them.
+    assert by_id["yolov8n.yaml"]["hot"] is False
+    assert by_id["yolo11n.yaml"]["hot"] is False
+
+
+SCRIPT_WITHOUT_RUNNER = """
+import json
+import django
+
+django.setup()
+from runner.estimate import estimate_run
+from tests.definitions import image_height
+from webapp.redis import stop_embedded_redis
+from workflows.compiler import plan_cache
+
+plan = plan_cache.compile(image_height()).plan
+try:
+    print(json.dumps(estimate_run(plan, {}, owner_id=1)))
+finally:
+    stop_embedded_redis()
+"""
+
+
+def test_estimate_without_runner(transactional_db, tmp_path):
+    env = os.environ.copy()
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+    # A data directory of its own: a fresh embedded Redis that no runner uses.
+    env["GLASSBOX_DATA_DIR"] = str(tmp_path / "data")
+    env.pop("REDIS_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT_WITHOUT_RUNNER],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout.strip().splitlines()[-1])
+    assert body["runners_up"] == 0
+    assert body["components"]["queue"] is None
+    assert body["total"] is None
+    assert any("no runner is up" in reason for reason in body["unknown"])
