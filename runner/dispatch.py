@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -22,7 +23,7 @@ from runner import fleet, keys, sql
 from runner.finish import bill_fields, fail_run, result_meta
 from runner.models import Run
 from runner.registry import resolve_model
-from webapp.redis import get_redis
+from webapp.redis import get_redis, restart_embedded_redis_if_down
 from workflows.compiler.plan import ExecutionPlan
 from workflows.errors import WorkflowError
 from workflows.inputs import RunInputs
@@ -248,9 +249,25 @@ def wait_for_result(run_id: str, timeout_s: float) -> dict[str, Any] | None:
         slice_s = min(RESULT_WAIT_SLICE_S, deadline - time.monotonic())
         if slice_s <= 0:
             return None
-        # A BLPOP timeout of 0 means no timeout, so the last slice waits at
-        # least 10 ms.
-        popped = connection.blpop([keys.done_key(run_id)], timeout=max(slice_s, 0.01))
+        try:
+            # A BLPOP timeout of 0 means no timeout, so the last slice waits
+            # at least 10 ms.
+            popped = connection.blpop(
+                [keys.done_key(run_id)], timeout=max(slice_s, 0.01)
+            )
+        except redis.ConnectionError as error:
+            # A runner commits the finished run even while Redis is away, but
+            # the result cannot come through Redis now, so the database is
+            # read instead.
+            logger.warning(
+                "run %s: Redis unreachable while waiting (%s)", run_id, error
+            )
+            restart_embedded_redis_if_down()
+            time.sleep(slice_s)
+            stored = _payload_from_database(run_id, grace_s=0)
+            if stored is not None:
+                return stored
+            continue
         if popped is not None:
             return json.loads(popped[1])
         stored = _payload_from_database(run_id)
@@ -258,12 +275,14 @@ def wait_for_result(run_id: str, timeout_s: float) -> dict[str, Any] | None:
             return stored
 
 
-def _payload_from_database(run_id: str) -> dict[str, Any] | None:
-    """Return the payload of a run finished over RESULT_GRACE_S ago, else None."""
+def _payload_from_database(
+    run_id: str, grace_s: float = RESULT_GRACE_S
+) -> dict[str, Any] | None:
+    """Return the payload of a run finished over ``grace_s`` ago, else None."""
     run = Run.objects.select_related("bill").filter(pk=run_id).first()
     if run is None or not run.is_finished or run.finished_at is None:
         return None
-    if (timezone.now() - run.finished_at).total_seconds() < RESULT_GRACE_S:
+    if (timezone.now() - run.finished_at).total_seconds() < grace_s:
         return None
     bill = getattr(run, "bill", None)
     logger.warning(

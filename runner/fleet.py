@@ -192,7 +192,11 @@ def recover_lost_jobs() -> int:
     found = 0
     for run in stale.order_by("created_at")[:100]:
         if Job.exists(str(run.id), connection=connection):
-            continue
+            if _is_queued(connection, run):
+                continue
+            # A runner popped the id and died (or lost Redis) before it read
+            # and deleted the job hash, so nothing will ever take this job.
+            connection.delete(Job.key_for(str(run.id)))
         found += 1
         if not run.image_info or connection.exists(keys.inputs_key(str(run.id))):
             logger.warning("run %s lost its queued job; queued again", run.id)
@@ -207,6 +211,20 @@ def recover_lost_jobs() -> int:
                 expected_status=Run.Status.QUEUED,
             )
     return found
+
+
+def _is_queued(connection, run) -> bool:
+    """Return whether the run's job id is in its queue or the shared queue.
+
+    A queue key that cannot be read (of the wrong type) counts as holding it,
+    so an unreadable queue makes no job be queued twice.
+    """
+    names = {run.queue_name or keys.SHARED_QUEUE, keys.SHARED_QUEUE}
+    pipeline = connection.pipeline(transaction=False)
+    for name in names:
+        pipeline.lpos(f"{Queue.redis_queue_namespace_prefix}{name}", str(run.id))
+    replies = pipeline.execute(raise_on_error=False)
+    return any(reply is not None for reply in replies)
 
 
 def wait_for_runner(timeout_s: float) -> bool:

@@ -16,6 +16,7 @@ from rq.job import Job
 
 from runner import fleet, keys
 from runner.runtime import RunnerRuntime
+from webapp.redis import restart_embedded_redis_if_down
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ class RunnerWorker:
                 # Wait for Redis here: exiting would count against the
                 # restart limit of manage.py up for every second it is away.
                 logger.warning("runner %s: Redis unreachable (%s)", self.name, error)
+                restart_embedded_redis_if_down()
+                self.stopping.wait(DEQUEUE_TIMEOUT_S)
+                continue
+            except redis.ResponseError as error:
+                # One queue key of the wrong type fails every BLPOP.
+                logger.error("runner %s: dequeue failed: %s", self.name, error)
+                self.delete_unreadable_queues()
                 self.stopping.wait(DEQUEUE_TIMEOUT_S)
                 continue
             if popped is None:
@@ -81,6 +89,16 @@ class RunnerWorker:
             job_id = popped[1].decode(errors="replace")
             try:
                 job, inputs = self.take(job_id)
+            except redis.ConnectionError as error:
+                # The job hash stays, in no queue; the lost-run check queues
+                # the run again.
+                logger.warning(
+                    "runner %s: Redis unreachable while taking job %s (%s)",
+                    self.name,
+                    job_id[:100],
+                    error,
+                )
+                continue
             except InvalidJob as error:
                 self.connection.delete(keys.current_run_key(self.name))
                 logger.warning(
@@ -98,6 +116,23 @@ class RunnerWorker:
                 logger.exception(
                     "runner %s: job %s from %s raised", self.name, job_id, queue_key
                 )
+
+    def delete_unreadable_queues(self) -> None:
+        """Delete queue keys that are not lists, so dequeueing can go on.
+
+        Only a writer outside glassbox can make one; what it held is not a
+        job list, so nothing queued is lost.
+        """
+        for key in self.queue_keys:
+            kind = self.connection.type(key).decode()
+            if kind not in ("list", "none"):
+                logger.error(
+                    "runner %s: queue key %s is a %s, not a list; deleted",
+                    self.name,
+                    key,
+                    kind,
+                )
+                self.connection.delete(key)
 
     def take(self, job_id: str) -> tuple[Job, dict[bytes, bytes]]:
         """Take the job: read its hash and the run's inputs, delete the hash.

@@ -6,9 +6,12 @@ import time
 import pytest
 from django.test import override_settings
 from django.utils import timezone
+from rq import Queue
+from rq.job import Job
 
 from billing.models import Bill
 from runner import keys
+from runner.dispatch import enqueue
 from runner.fleet import recover_lost_jobs
 from runner.models import Run
 from tests.conftest import image_b64, image_bytes
@@ -61,6 +64,23 @@ def recover_until(run: Run, wanted: str, timeout_s: float = 30) -> Run:
 
 def test_lost_job_with_inputs_runs_again(runner, alice):
     run = lost_run(alice, with_inputs=True)
+    finished = recover_until(run, Run.Status.SUCCEEDED)
+    assert finished.queue_name == keys.SHARED_QUEUE
+    assert finished.outputs == [{"height": 1080}]
+
+
+def test_popped_unread_job_runs_again(runner, alice):
+    # A runner popped the job id and died before reading the job hash: the
+    # hash remains, in no queue.
+    run = lost_run(alice, with_inputs=True)
+    run.queue_name = keys.runner_queue("gone")
+    Run.objects.filter(pk=run.pk).update(queue_name=run.queue_name)
+    enqueue(run)
+    connection = get_redis()
+    queue_key = f"{Queue.redis_queue_namespace_prefix}{run.queue_name}"
+    assert connection.lrem(queue_key, 0, str(run.id)) == 1
+    assert connection.exists(Job.key_for(str(run.id)))
+
     finished = recover_until(run, Run.Status.SUCCEEDED)
     assert finished.queue_name == keys.SHARED_QUEUE
     assert finished.outputs == [{"height": 1080}]

