@@ -12,7 +12,7 @@ from runner.events import RunEvents
 from runner.finish import fail_run, finish_run
 from runner.model_cache import ModelProvider
 from runner.models import Run
-from runner.registry import ModelSource
+from runner.registry import ModelSource, check_model_path
 from runner.runtime import current_runtime
 from webapp.redis import get_redis
 from workflows.compiler import plan_cache
@@ -39,27 +39,30 @@ def execute_run(
     started = time.perf_counter_ns()
     started_wall = time.time_ns()
     runtime = current_runtime()
-    claimed = sql.update_where(
-        Run,
-        {
-            "status": Run.Status.RUNNING,
-            "runner_name": runtime.name,
-            "started_at": timezone.now(),
-        },
-        where={"pk": run_id, "status": Run.Status.QUEUED},
-    )
+    try:
+        claimed = sql.update_where(
+            Run,
+            {
+                "status": Run.Status.RUNNING,
+                "runner_name": runtime.name,
+                "started_at": timezone.now(),
+            },
+            where={"pk": run_id, "status": Run.Status.QUEUED},
+        )
+    except Exception:
+        # An id that is no UUID, or the database away: the job is dropped,
+        # and a real run it belongs to is queued again by the lost-run check.
+        get_redis().delete(keys.current_run_key(runtime.name))
+        raise
     if not claimed:
         logger.info(
             "runner %s: run %s is no longer queued; skipped", runtime.name, run_id
         )
         get_redis().delete(keys.current_run_key(runtime.name))
         return
-    if snapshot is not None:
-        run = Run(id=run_id, **snapshot)
-    else:
-        run = Run.objects.get(pk=run_id)
     runtime.current_run = run_id
     try:
+        run = _run_from(run_id, snapshot)
         _execute(run, runtime, started, started_wall, inputs)
     except Exception as error:
         # _execute finishes the run itself when the workflow fails. This catches
@@ -76,6 +79,20 @@ def execute_run(
     finally:
         runtime.current_run = None
         runtime.runs_done += 1
+
+
+def _run_from(run_id: str, snapshot: dict | None) -> Run:
+    """Build the run from its job's snapshot, or read the row without one.
+
+    NOTE: the snapshot's fields are trusted as Redis holds them, so a writer
+    to Redis can change whom the run bills. Only model paths are checked.
+    """
+    if snapshot is None:
+        return Run.objects.get(pk=run_id)
+    run = Run(id=run_id, **snapshot)
+    for model in run.model_refs:
+        check_model_path(ModelSource.from_dict(model["source"]))
+    return run
 
 
 def _execute(

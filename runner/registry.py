@@ -129,6 +129,29 @@ def resolve_model(
     raise ModelNotFoundError(model_id, searched, step=step)
 
 
+def check_model_path(source: ModelSource) -> None:
+    """Raise ValueError unless ``source`` points where its kind of weights live.
+
+    Runners read model sources from the job in Redis, and loading a ``.pt``
+    file unpickles it, which can run code. This keeps a job edited in Redis
+    from making a runner load a file from anywhere else.
+    """
+    if source.kind == "architecture":
+        if "/" in source.path or not source.path.endswith(".yaml"):
+            raise ValueError(f"invalid architecture name {source.path!r}")
+        return
+    roots = {
+        "model_dir": model_dir,
+        "ultralytics_weights": _ultralytics_weights_dir,
+        "upload": lambda: Path(settings.GLASSBOX["UPLOAD_DIR"]),
+    }
+    if source.kind not in roots:
+        raise ValueError(f"unknown model source kind {source.kind!r}")
+    root = roots[source.kind]()
+    if root is None or not Path(source.path).resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"model path {source.path!r} is outside {root}")
+
+
 def _from_uploads(
     model_id: str, owner_id: int, searched: list[str]
 ) -> ModelSource | None:

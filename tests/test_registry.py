@@ -3,7 +3,7 @@
 import pytest
 
 from runner.models import ModelUpload
-from runner.registry import resolve_model
+from runner.registry import ModelSource, check_model_path, resolve_model
 from workflows.errors import ModelNotFoundError
 
 
@@ -77,3 +77,25 @@ def test_aliases_of_one_file_share_cache_key(db):
         resolve_model("people-detector").cache_key
         == resolve_model("people-detector.pt").cache_key
     )
+
+
+def test_check_model_path_accepts_resolved_sources(db):
+    check_model_path(resolve_model("people-detector"))
+    check_model_path(resolve_model("yolov8n.yaml"))
+
+
+@pytest.mark.parametrize(
+    "kind, path",
+    [
+        ("model_dir", "/etc/passwd"),
+        ("model_dir", "var/models/../../manage.py"),
+        ("upload", "/tmp/evil.pt"),
+        ("architecture", "x/yolov8n.yaml"),
+        ("architecture", "/tmp/evil.pt"),
+        ("somewhere", "/tmp/evil.pt"),
+    ],
+)
+def test_check_model_path_rejects_other_places(kind, path):
+    source = ModelSource("m", kind, path, pretrained=True)
+    with pytest.raises(ValueError):
+        check_model_path(source)

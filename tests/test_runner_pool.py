@@ -6,9 +6,11 @@ import pickle
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 from django.db import connection as db_connection
+from rq import Queue
 from rq.job import Job
 
 from billing.models import Bill
@@ -294,3 +296,48 @@ def test_burst_is_spread_over_idle_hot_runners(runner, extra_runners, alice):
     assert second.queue_name == keys.runner_queue("burst-2")
     assert not get_redis().exists(keys.current_run_key("burst-1"))
     assert not get_redis().exists(keys.current_run_key("burst-2"))
+
+
+def tamper_with_job(run_id, change) -> None:
+    """Rewrite a queued job's snapshot in Redis, as a writer to Redis could."""
+    connection = get_redis()
+    job_key = Job.key_for(str(run_id))
+    data = json.loads(zlib.decompress(connection.hget(job_key, "data")))
+    change(data[3]["snapshot"])
+    connection.hset(job_key, "data", zlib.compress(json.dumps(data).encode()))
+
+
+def hand_to(runner, run_id, from_queue: str) -> None:
+    connection = get_redis()
+    prefix = Queue.redis_queue_namespace_prefix
+    assert connection.lrem(f"{prefix}{from_queue}", 0, str(run_id)) == 1
+    connection.rpush(f"{prefix}{keys.runner_queue(runner.name)}", str(run_id))
+
+
+def test_job_with_unknown_snapshot_field_fails(runner, alice):
+    outcome = start(alice, "people-detector", "parked", wait_s=0)
+    tamper_with_job(outcome.run.id, lambda snapshot: snapshot.update(extra=1))
+    hand_to(runner, outcome.run.id, keys.runner_queue("parked"))
+
+    run = wait_for_status(outcome.run.id, Run.Status.FAILED)
+    assert "TypeError" in run.error["message"]
+    assert Bill.objects.get(run=run).billed is False
+    assert get_redis().get(keys.current_run_key(runner.name)) is None
+
+
+def test_job_with_model_path_elsewhere_fails(runner, alice, tmp_path):
+    elsewhere = tmp_path / "weights.pt"
+    elsewhere.write_bytes(b"not loaded")
+    outcome = start(alice, "people-detector", "parked", wait_s=0)
+
+    def move_weights(snapshot):
+        snapshot["model_refs"][0]["source"]["path"] = str(elsewhere)
+
+    tamper_with_job(outcome.run.id, move_weights)
+    hand_to(runner, outcome.run.id, keys.runner_queue("parked"))
+
+    run = wait_for_status(outcome.run.id, Run.Status.FAILED)
+    assert "ValueError" in run.error["message"]
+    assert Bill.objects.get(run=run).billed is False
+    state = runner.state()
+    assert str(elsewhere) not in json.dumps(state)
