@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,9 @@ class ModelCache:
         self._known_sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self.evictions = 0
+        # Called after a model is loaded and after the evictions that follow,
+        # so the router learns of the change before the next heartbeat.
+        self.on_change: Callable[[], None] | None = None
 
     # -- reading state (also from the heartbeat thread) --
 
@@ -133,10 +137,20 @@ class ModelCache:
                 self._entries[key] = entry
             self._known_sizes[key] = entry.memory_bytes
             self._make_room(0, keep=key)
+            self._notify_change()
         entry.last_used = time.monotonic()
         entry.uses += 1
         use.memory_bytes = entry.memory_bytes
         return entry
+
+    def _notify_change(self) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change()
+        except Exception:
+            # The periodic heartbeat publishes the change later.
+            logger.warning("publishing the model change failed", exc_info=True)
 
     def _make_room(self, incoming_bytes: int, keep: str) -> None:
         while True:

@@ -8,6 +8,7 @@ A background thread publishes the heartbeat and reaps dead runners.
 import logging
 import signal
 import threading
+import time
 
 import redis
 from django.conf import settings
@@ -183,12 +184,19 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
+        dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
         beats = 0
         failures = 0
+        reap_from = 0.0
         while not self.stopped.is_set():
             try:
                 self.beat()
-                if beats % 3 == 0:
+                if failures:
+                    # The other runners lost Redis too, and their heartbeats
+                    # expired meanwhile: give them time to beat again before
+                    # taking them for dead.
+                    reap_from = time.monotonic() + dead_after
+                if beats % 3 == 0 and time.monotonic() >= reap_from:
                     fleet.reap_dead_runners()
                 if beats % RECONCILE_EVERY_BEATS == 0:
                     fleet.recover_lost_jobs()
@@ -233,6 +241,7 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     heartbeat = Heartbeat(runtime, own_queue)
     heartbeat.beat()
     heartbeat.start()
+    runtime.cache.on_change = heartbeat.beat
     worker = RunnerWorker([own_queue, shared_queue], connection, runtime.name)
     logger.info(
         "runner %s started on %s (budget %d bytes), queues %s and %s",

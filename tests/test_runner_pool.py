@@ -341,3 +341,14 @@ def test_job_with_model_path_elsewhere_fails(runner, alice, tmp_path):
     assert Bill.objects.get(run=run).billed is False
     state = runner.state()
     assert str(elsewhere) not in json.dumps(state)
+
+
+def test_heartbeat_lists_model_once_loaded(runner, extra_runners, alice, monkeypatch):
+    # Periodic heartbeats 30 s apart, so only the one published at the load
+    # can list the model.
+    monkeypatch.setenv("RUNNER_HEARTBEAT_S", "30")
+    monkeypatch.setenv("RUNNER_DEAD_AFTER_S", "120")
+    slow = extra_runners("slow-beats")
+    start(alice, "people-detector-800", slow.name)
+    loaded = [model["model_id"] for model in slow.state()["models"]]
+    assert "people-detector-800" in loaded
