@@ -7,10 +7,12 @@ so the client receives each event once, in ``seq`` order.
 A runner publishes a run's last phases, and ``done``, just after it commits
 the finished run. A run that the database shows finished, without a stored
 ``done``, therefore either is about to publish it, finished long ago
-(events expire after an hour), or lost its last events with Redis. The
-consumer waits up to LATE_EVENTS_GRACE_S after the run's end for them,
-then sends one ``done`` built from the database. Nothing follows ``done``:
-phases that arrive after a ``done`` built from the database are dropped.
+(events expire after an hour), or lost its last events with Redis. Until
+``done`` arrives, the consumer reads the run from the database on connect
+and every WATCH_INTERVAL_S. Once the run has finished, it waits up to
+LATE_EVENTS_GRACE_S after the run's end for the events, then sends one
+``done`` built from the database. Nothing follows ``done``: phases that
+arrive after a ``done`` built from the database are dropped.
 """
 
 import asyncio
@@ -26,6 +28,9 @@ from runner.presenters import bill_to_dict
 # How long after a run's end its events may still be on their way. A runner
 # publishes them within a Redis round trip of its commit.
 LATE_EVENTS_GRACE_S = 1.0
+# How often a subscriber still waiting for ``done`` reads the run from the
+# database, in case the runner's events never come.
+WATCH_INTERVAL_S = 5.0
 
 # Close codes in the application range (4000-4999).
 CLOSE_UNAUTHENTICATED = 4401
@@ -46,7 +51,7 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
             return
         self.seen: set[int] = set()
         self.done_sent = False
-        self.fallback: asyncio.Task | None = None
+        self.watcher: asyncio.Task | None = None
         self.buffer: list[dict] = []
         self.replaying = True
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -58,11 +63,11 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
             await self._forward(event)
         self.buffer.clear()
         if not self.done_sent:
-            await self._send_final_state_if_finished()
+            self.watcher = asyncio.create_task(self._watch_database())
 
     async def disconnect(self, code):
-        if getattr(self, "fallback", None) is not None:
-            self.fallback.cancel()
+        if getattr(self, "watcher", None) is not None:
+            self.watcher.cancel()
         if hasattr(self, "seen"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
@@ -88,26 +93,20 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
     def _owns_run(self, user) -> bool:
         return Run.objects.filter(pk=self.run_id, owner=user).exists()
 
-    async def _send_final_state_if_finished(self) -> None:
-        run = await self._load_run()
-        if run is None or not run.is_finished:
-            return
-        age_s = (timezone.now() - run.finished_at).total_seconds()
-        if age_s >= LATE_EVENTS_GRACE_S:
-            await self._forward(self._final_event(run))
-        else:
-            self.fallback = asyncio.create_task(
-                self._send_final_state_later(LATE_EVENTS_GRACE_S - age_s)
-            )
+    async def _watch_database(self) -> None:
+        """Send ``done`` from the database unless the runner's events come first.
 
-    async def _send_final_state_later(self, delay_s: float) -> None:
-        """Send ``done`` from the database unless the runner's events came first."""
-        await asyncio.sleep(delay_s)
-        if self.done_sent:
-            return
-        run = await self._load_run()
-        if run is not None:
-            await self._forward(self._final_event(run))
+        Checks now and every WATCH_INTERVAL_S, and once the run has finished,
+        waits out what is left of LATE_EVENTS_GRACE_S after its end.
+        """
+        while not self.done_sent:
+            run = await self._load_run()
+            if run is not None and run.is_finished:
+                age_s = (timezone.now() - run.finished_at).total_seconds()
+                await asyncio.sleep(max(0.0, LATE_EVENTS_GRACE_S - age_s))
+                await self._forward(self._final_event(run))
+                return
+            await asyncio.sleep(WATCH_INTERVAL_S)
 
     @database_sync_to_async
     def _load_run(self) -> Run | None:

@@ -6,6 +6,7 @@ import time
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.utils import timezone
 
 from runner import consumers
 from runner.dispatch import wait_for_result
@@ -215,3 +216,42 @@ async def test_stream_without_done_ends_with_database_done(runner, alice, monkey
     await late.disconnect()
     assert [e["seq"] for e in received] == [e["seq"] for e in live[:3]] + [0]
     assert received[-1]["breakdown"] == live[-1]["breakdown"]
+
+
+def parked_run(owner) -> Run:
+    """A run queued for a runner that does not exist, so none takes it."""
+    return start_run(
+        owner_id=owner.id,
+        source="cli",
+        definition=image_height(),
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=0,
+        runner="parked-events",
+    ).run
+
+
+def finish_without_events(run_id) -> None:
+    """End the run in the database only, as when every push of its result failed."""
+    Run.objects.filter(pk=run_id).update(
+        status=Run.Status.FAILED,
+        finished_at=timezone.now(),
+        error={"message": "test: finished without events"},
+    )
+
+
+@pytest.mark.asyncio
+async def test_connected_subscriber_gets_database_done(runner, alice, monkeypatch):
+    monkeypatch.setattr(consumers, "WATCH_INTERVAL_S", 0.2)
+    monkeypatch.setattr(consumers, "LATE_EVENTS_GRACE_S", 0.2)
+    run = await sync_to_async(parked_run)(alice)
+    subscriber, connected, _ = await connect(run.id, alice)
+    assert connected
+    assert await subscriber.receive_nothing(timeout=0.5)
+
+    await sync_to_async(finish_without_events)(run.id)
+    done = await subscriber.receive_json_from(timeout=10)
+    await subscriber.disconnect()
+    assert (done["phase"], done["seq"]) == ("done", 0)
+    assert done["status"] == "failed"
