@@ -216,8 +216,8 @@ def recover_lost_jobs() -> int:
 def _is_queued(connection, run) -> bool:
     """Return whether the run's job id is in its queue or the shared queue.
 
-    A queue key that cannot be read (of the wrong type) counts as holding it,
-    so an unreadable queue makes no job be queued twice.
+    A queue key that cannot be read (of the wrong type) counts as containing
+    it, so an unreadable queue makes no job be queued twice.
     """
     names = {run.queue_name or keys.SHARED_QUEUE, keys.SHARED_QUEUE}
     pipeline = connection.pipeline(transaction=False)

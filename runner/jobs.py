@@ -50,8 +50,9 @@ def execute_run(
             where={"pk": run_id, "status": Run.Status.QUEUED},
         )
     except Exception:
-        # An id that is no UUID, or the database away: the job is dropped,
-        # and a real run it belongs to is queued again by the lost-run check.
+        # The job id is not a UUID, or the database is unreachable. The job
+        # is dropped, and the lost-run check queues a real run it belongs to
+        # again.
         get_redis().delete(keys.current_run_key(runtime.name))
         raise
     if not claimed:
@@ -84,7 +85,7 @@ def execute_run(
 def _run_from(run_id: str, snapshot: dict | None) -> Run:
     """Build the run from its job's snapshot, or read the row without one.
 
-    NOTE: the snapshot's fields are trusted as Redis holds them, so a writer
+    NOTE: the snapshot's fields are trusted as read from Redis, so a writer
     to Redis can change whom the run bills. Only model paths are checked.
     """
     if snapshot is None:
