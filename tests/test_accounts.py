@@ -1,8 +1,11 @@
 """Sign-in, API tokens: shown once, listed by prefix, revoked at once."""
 
+import io
 import re
 
 import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
 from webapp.models import ApiToken
@@ -122,3 +125,21 @@ def test_unknown_page_answers_html(client, db):
     response = client.get("/no/such/page")
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html")
+
+
+def test_createtoken_prints_a_working_key(alice):
+    out = io.StringIO()
+    call_command("createtoken", "alice", "--name", "ci", stdout=out)
+    key = out.getvalue().strip()
+    token = ApiToken.objects.get(user=alice, name="ci")
+    assert key.startswith(token.prefix)
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert client.get("/api/workflows/").status_code == 200
+
+
+def test_createtoken_unknown_user(db):
+    with pytest.raises(CommandError, match="user 'nobody' not found"):
+        call_command("createtoken", "nobody")
+    assert ApiToken.objects.count() == 0

@@ -1,0 +1,37 @@
+"""Issue an API token for a user from the command line, for headless set-ups."""
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from webapp.models import ApiToken
+
+
+class Command(BaseCommand):
+    help = (
+        "Issue an API token for an existing user and print its key. The key "
+        "is shown only this once; the database stores its hash."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("username", help="The user the token acts as.")
+        parser.add_argument(
+            "--name",
+            default="command line",
+            help="A label for the token, shown on the tokens page (default: "
+            "'command line').",
+        )
+
+    def handle(self, *args, username: str, name: str, **options):
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            raise CommandError(
+                f"user '{username}' not found; create it first with "
+                "'python manage.py createsuperuser' or in the admin"
+            )
+        if not user.is_active:
+            raise CommandError(f"user '{username}' is inactive")
+        if not name.strip() or len(name) > 100:
+            raise CommandError("--name must be 1 to 100 characters")
+        _, key = ApiToken.issue(user, name)
+        # Only the key on stdout, so scripts can capture it.
+        self.stdout.write(key)
