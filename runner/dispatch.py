@@ -86,10 +86,11 @@ def choose_queue(cache_keys: list[str], runners: list[fleet.RunnerState]) -> str
         pipeline.llen(
             f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}"
         )
-    replies = pipeline.execute()
+    # A reply that is an error (a key of the wrong type) counts as busy.
+    replies = pipeline.execute(raise_on_error=False)
     for index, runner in enumerate(hot):
         busy, queued = replies[2 * index], replies[2 * index + 1]
-        if not busy and not queued:
+        if busy == 0 and queued == 0:
             return keys.runner_queue(runner.name)
     return keys.SHARED_QUEUE
 

@@ -42,7 +42,7 @@ def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
     sign_in(page, asgi_server, "alice", "alice-password")
 
     estimate = read_estimate(page, asgi_server, workflow.id)
-    assert "cold: people-detector-512 loaded on no runner" in estimate
+    assert "cold: people-detector-512 to be loaded" in estimate
     assert "latency and price unknown" in estimate
 
     first_run = run_once(page, asgi_server, workflow.id)

@@ -14,7 +14,8 @@ from rq import Queue
 from rq.job import Job
 
 from billing.models import Bill
-from runner import keys
+from runner import fleet, keys
+from runner.dispatch import choose_queue
 from runner.models import Run
 from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
 from runner.service import start_run
@@ -352,3 +353,17 @@ def test_heartbeat_lists_model_once_loaded(runner, extra_runners, alice, monkeyp
     start(alice, "people-detector-800", slow.name)
     loaded = [model["model_id"] for model in slow.state()["models"]]
     assert "people-detector-800" in loaded
+
+
+def test_routing_treats_unreadable_queue_as_busy(db):
+    connection = get_redis()
+    states = [
+        fleet.RunnerState(name, {"models": [{"cache_key": "k"}]})
+        for name in ("route-a", "route-b")
+    ]
+    prefix = Queue.redis_queue_namespace_prefix
+    connection.set(f"{prefix}{keys.runner_queue('route-a')}", "not a list")
+    try:
+        assert choose_queue(["k"], states) == keys.runner_queue("route-b")
+    finally:
+        connection.delete(f"{prefix}{keys.runner_queue('route-a')}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +49,20 @@ def get_redis() -> redis.Redis:
 def _answers(socket_path: Path) -> bool:
     if not socket_path.exists():
         return False
+    # One attempt: redis-py 8's default retries took about 4 s on a socket
+    # whose server had died, and restarting it checks this three times.
+    client = redis.Redis(
+        unix_socket_path=str(socket_path),
+        retry=Retry(NoBackoff(), 0),
+        socket_connect_timeout=1,
+        socket_timeout=1,
+    )
     try:
-        return bool(redis.Redis(unix_socket_path=str(socket_path)).ping())
+        return bool(client.ping())
     except redis.RedisError:
         return False
+    finally:
+        client.close()
 
 
 def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:

@@ -259,7 +259,7 @@
     const cold = estimate.models.filter((model) => !model.hot).map((model) => model.model_id);
     const route = estimate.hot
       ? (estimate.runner ? `hot on ${estimate.runner}` : "no model to load")
-      : `cold: ${cold.join(", ")} loaded on no runner`;
+      : `cold: ${cold.join(", ")} to be loaded by the runner that takes it`;
     if (estimate.total === null) {
       return `Estimate: ${route}; latency and price unknown (${estimate.unknown.join("; ")}).`;
     }
