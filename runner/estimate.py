@@ -2,24 +2,27 @@
 
 A prediction combines two sources. The live runners' heartbeats show which
 runner has each model loaded, so whether the run would start hot and where.
-Recent succeeded runs give the times:
+The owner's own recent succeeded runs give the times:
 
 - request, queue, compile, blocks, serialization and overhead: the median
-  over this owner's runs of the same definition;
-- per model, the median time of one call in each stage (preprocess,
-  inference, postprocess) and of one cold load, over every owner's runs,
-  because all owners share the runners. For call times, runs on the device
-  of the runner that would take the run are preferred, and among them runs
-  where the model was already loaded;
-- calls per model: the median over this owner's runs of the same
-  definition, else one per model step (a model that runs on each crop is
-  then undercounted).
+  over runs of the same definition, counting only runs that loaded no model
+  when there are any, because a cold load also slows the runner's other
+  work. Blocks and serialization are scaled per image of the batch;
+- per model (by weights file and input size), the median time of one call
+  in each stage (preprocess, inference, postprocess) and of one cold load,
+  over runs of any definition. For call times, runs on the device of the
+  runner that would take the run are preferred, and among them calls made
+  after the model was loaded;
+- calls per model and image: the median over runs of the same definition,
+  so a model that runs on each crop, or not at all, is counted as it ran;
+  without such runs, one call per model step.
 
-The predicted latency is the sum of those medians, a typical figure rather
-than the median of past totals. The predicted price is the billing policy
-applied to the predicted runner total. A part without history is unknown,
-and then so are the totals and the price: an estimate never fills a gap
-with a guess.
+Only the owner's runs are read, so other users' traffic neither changes nor
+reveals anything in an estimate. The predicted latency is the sum of those
+medians, a typical figure rather than the median of past totals. The
+predicted price is the billing policy applied to the predicted runner
+total. A part without history is unknown, and then so are the totals and
+the price: an estimate never fills a gap with a guess.
 """
 
 import statistics
@@ -33,22 +36,22 @@ from runner.models import Run
 from workflows.compiler.plan import ExecutionPlan
 from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
 
-# How many of the most recent succeeded runs an estimate reads.
-HISTORY_RUNS = 500
+# The owner's latest succeeded runs read: of the same definition, and of any
+# definition for model times. Only the breakdown's components and models are
+# loaded, not its per-step list.
+WORKFLOW_HISTORY_RUNS = 50
+MODEL_HISTORY_RUNS = 200
 
-WORKFLOW_COMPONENTS = (
-    "request",
-    "queue",
-    "compile",
-    "blocks",
-    "serialization",
-    "overhead",
-)
+FIXED_COMPONENTS = ("request", "queue", "compile", "overhead")
+PER_IMAGE_COMPONENTS = ("blocks", "serialization")
 STAGES = ("preprocess", "inference", "postprocess")
 
 
 def estimate_run(
-    plan: ExecutionPlan, parameters: dict[str, Any], owner_id: int
+    plan: ExecutionPlan,
+    parameters: dict[str, Any],
+    owner_id: int,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     """Return the predicted route, breakdown and price of running ``plan`` now.
 
@@ -56,30 +59,18 @@ def estimate_run(
     """
     models = resolve_models(plan, parameters, owner_id)
     runners = fleet.live_runners()
-    history = _recent_runs()
-    same_workflow = [
-        run
-        for run in history
-        if run["owner_id"] == owner_id and run["definition_digest"] == plan.digest
-    ]
+    workflow_runs = _history(owner_id, plan.digest, WORKFLOW_HISTORY_RUNS)
+    model_runs = _history(owner_id, None, MODEL_HISTORY_RUNS)
     unknown: list[str] = []
 
-    components: dict[str, int | None] = {
-        name: _median([run["breakdown"]["components"][name] for run in same_workflow])
-        for name in WORKFLOW_COMPONENTS
-    }
-    if not same_workflow:
-        unknown.append(
-            "this workflow has no succeeded run yet, so its request, queue, "
-            "compile, blocks, serialization and overhead times are unknown"
-        )
-
+    components = _workflow_components(workflow_runs, batch_size, unknown)
     if not runners:
         unknown.append(
             "no runner is up, so the queue time is unknown; a synchronous run "
             "would fail with no_runner"
         )
         components["queue"] = None
+
     cache_keys = {model["cache_key"] for model in models}
     hot_runners = [r for r in runners if cache_keys and cache_keys <= r.loaded_models]
     device = hot_runners[0].data.get("device") if hot_runners else None
@@ -89,9 +80,10 @@ def estimate_run(
         _forecast_model(
             model,
             runners,
-            history,
-            same_workflow,
+            model_runs,
+            workflow_runs,
             steps_per_model[model["model_id"]],
+            batch_size,
             device,
             model["cache_key"] in cold_keys,
             unknown,
@@ -99,9 +91,7 @@ def estimate_run(
         for model in models
     ]
 
-    components["cold_load"] = _sum_known(
-        forecast["cold_load_us"] for forecast in forecasts
-    )
+    components["cold_load"] = _cold_load(forecasts)
     for stage in STAGES:
         components[stage] = _sum_known(
             _stage_time(forecast, stage) for forecast in forecasts
@@ -116,40 +106,69 @@ def estimate_run(
     )
     return {
         "unit": "us",
-        "hot": not cold_keys,
+        "hot": not any(forecast["would_load"] for forecast in forecasts),
         "runner": hot_runners[0].name if hot_runners else None,
         "runners_up": len(runners),
-        "models": forecasts,
+        "batch_size": batch_size,
+        "models": [_public(forecast) for forecast in forecasts],
         "components": components,
         "runner_total": runner_total,
         "total": total,
         "price": _price(components, runner_total),
         "basis": {
-            "workflow_runs": len(same_workflow),
-            "history_runs": len(history),
+            "workflow_runs": len(workflow_runs),
+            "history_runs": len(model_runs),
         },
         "unknown": unknown,
     }
 
 
+def _workflow_components(
+    workflow_runs: list[dict[str, Any]], batch_size: int, unknown: list[str]
+) -> dict[str, int | None]:
+    if not workflow_runs:
+        unknown.append(
+            "this workflow has no succeeded run yet, so its request, queue, "
+            "compile, blocks, serialization and overhead times are unknown"
+        )
+    runs = [run for run in workflow_runs if not run["cold"]] or workflow_runs
+    components: dict[str, int | None] = {
+        name: _median([run["components"][name] for run in runs])
+        for name in FIXED_COMPONENTS
+    }
+    for name in PER_IMAGE_COMPONENTS:
+        per_image = _median_float(
+            [run["components"][name] / run["batch_size"] for run in runs]
+        )
+        components[name] = None if per_image is None else round(per_image * batch_size)
+    return components
+
+
 def _forecast_model(
     model: dict[str, Any],
     runners: list[fleet.RunnerState],
-    history: list[dict[str, Any]],
-    same_workflow: list[dict[str, Any]],
+    model_runs: list[dict[str, Any]],
+    workflow_runs: list[dict[str, Any]],
     steps: int,
+    batch_size: int,
     device: str | None,
     cold: bool,
     unknown: list[str],
 ) -> dict[str, Any]:
     key, model_id = model["cache_key"], model["model_id"]
-    entries = [entry for run in history for entry in _model_entries(run, key)]
+    entries = [entry for run in model_runs for entry in _model_entries(run, key)]
     holders = sorted(r.name for r in runners if key in r.loaded_models)
 
-    calls_seen = [
-        entry["calls"] for run in same_workflow for entry in _model_entries(run, key)
-    ]
-    calls = _median(calls_seen) if calls_seen else steps
+    if workflow_runs:
+        # A run of this workflow that never called the model has no entry.
+        per_image = [
+            sum(entry["calls"] for entry in _model_entries(run, key))
+            / run["batch_size"]
+            for run in workflow_runs
+        ]
+        calls = _median_float(per_image) * batch_size
+    else:
+        calls = steps * batch_size
 
     on_device = [entry for entry in entries if entry.get("device") == device]
     called = [entry for entry in (on_device or entries) if entry["calls"]]
@@ -161,15 +180,18 @@ def _forecast_model(
             stage: _median([entry[stage] / entry["calls"] for entry in sample])
             for stage in STAGES
         }
-    else:
+    elif calls:
         unknown.append(
             f"model '{model_id}' has no succeeded run, so its call time is unknown"
         )
 
-    cold_loads = [entry["cold_load"]["total"] for entry in entries if entry["cold"]]
+    # A model that is not called is not loaded either.
+    would_load = cold and calls > 0
     cold_load: int | None = 0
-    if cold:
-        cold_load = _median(cold_loads)
+    if would_load:
+        cold_load = _median(
+            [entry["cold_load"]["total"] for entry in entries if entry["cold"]]
+        )
         if cold_load is None:
             unknown.append(
                 f"model '{model_id}' would be loaded cold and has never been "
@@ -177,16 +199,26 @@ def _forecast_model(
             )
     return {
         "model_id": model_id,
+        "cache_key": key,
         "pretrained": model["source"]["pretrained"],
-        "hot": not cold,
+        "hot": not would_load,
+        "would_load": would_load,
         "loaded_on": holders,
         "cold_load_us": cold_load,
-        "calls": calls,
+        "calls": round(calls, 2),
         "per_call_us": per_call,
         "samples": len(sample),
     }
 
 
+def _public(forecast: dict[str, Any]) -> dict[str, Any]:
+    """Drop the fields only the estimate itself uses."""
+    hidden = ("cache_key", "would_load")
+    return {name: value for name, value in forecast.items() if name not in hidden}
+
+
+# NOTE: runner memory budgets are not read, so models that do not fit one
+# runner's budget together are predicted hot although each run reloads some.
 def _cold_keys(
     cache_keys: set[str],
     runners: list[fleet.RunnerState],
@@ -207,20 +239,43 @@ def _cold_keys(
     }
 
 
+def _cold_load(forecasts: list[dict[str, Any]]) -> int | None:
+    """Sum the cold loads, once per weights file: ids that share one load once."""
+    loads = {forecast["cache_key"]: forecast["cold_load_us"] for forecast in forecasts}
+    return _sum_known(loads.values())
+
+
 def _stage_time(forecast: dict[str, Any], stage: str) -> float | None:
+    if not forecast["calls"]:
+        return 0
     if forecast["per_call_us"] is None:
         return None
     return forecast["calls"] * forecast["per_call_us"][stage]
 
 
-def _recent_runs() -> list[dict[str, Any]]:
-    return list(
-        Run.objects.filter(status=Run.Status.SUCCEEDED, breakdown__isnull=False)
-        .order_by("-created_at")
-        .values("owner_id", "definition_digest", "model_refs", "breakdown")[
-            :HISTORY_RUNS
-        ]
+def _history(owner_id: int, digest: str | None, limit: int) -> list[dict[str, Any]]:
+    runs = Run.objects.filter(
+        owner_id=owner_id, status=Run.Status.SUCCEEDED, breakdown__isnull=False
     )
+    if digest is not None:
+        runs = runs.filter(definition_digest=digest)
+    rows = runs.order_by("-created_at").values(
+        "cold",
+        "batch_size",
+        "model_refs",
+        "breakdown__components",
+        "breakdown__models",
+    )[:limit]
+    return [
+        {
+            "cold": row["cold"],
+            "batch_size": row["batch_size"] or 1,
+            "model_refs": row["model_refs"],
+            "components": row["breakdown__components"],
+            "models": row["breakdown__models"],
+        }
+        for row in rows
+    ]
 
 
 def _model_entries(run: dict[str, Any], cache_key: str) -> list[dict[str, Any]]:
@@ -232,7 +287,7 @@ def _model_entries(run: dict[str, Any], cache_key: str) -> list[dict[str, Any]]:
     ids = {
         ref["model_id"] for ref in run["model_refs"] if ref["cache_key"] == cache_key
     }
-    return [entry for entry in run["breakdown"]["models"] if entry["model_id"] in ids]
+    return [entry for entry in run["models"] if entry["model_id"] in ids]
 
 
 def _price(components: dict[str, int | None], runner_total: int | None):
@@ -251,6 +306,10 @@ def _price(components: dict[str, int | None], runner_total: int | None):
 
 def _median(values: list[float]) -> int | None:
     return round(statistics.median(values)) if values else None
+
+
+def _median_float(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _sum_known(values) -> int | None:

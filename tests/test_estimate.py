@@ -10,6 +10,7 @@ import time
 from django.db import connection
 
 from billing.policy import BillingPolicy, evaluate_formula
+from runner import estimate as estimate_module
 from runner.models import Run
 from tests.conftest import ROOT
 from tests.definitions import detection, image_height
@@ -74,8 +75,10 @@ def test_estimate_after_runs_uses_their_medians(runner, alice_client):
     assert model["samples"] == 2
     assert body["unknown"] == []
 
-    breakdowns = [run.breakdown for run in Run.objects.all()]
-    hot = [b["models"][0] for b in breakdowns if not b["models"][0]["cold"]]
+    # Workflow components also come from the runs that loaded no model.
+    breakdowns = [run.breakdown for run in Run.objects.filter(cold=False)]
+    assert len(breakdowns) == 2
+    hot = [b["models"][0] for b in breakdowns]
     inference = median([entry["inference"] for entry in hot])
     assert model["per_call_us"]["inference"] == inference
     components = body["components"]
@@ -104,21 +107,21 @@ def test_estimate_price_follows_policy(runner, alice_client):
     assert body["models"] == []
 
 
-def test_estimate_uses_other_owners_model_times(runner, alice_client, bob_client):
+def test_estimate_ignores_other_users_runs(runner, alice_client, bob_client):
     bob_workflow = create_workflow(bob_client, detection("people-detector-736"))
     assert run_workflow(bob_client, bob_workflow).status_code == 200
-    bobs_run = Run.objects.get().breakdown["models"][0]
     wait_until_loaded(runner, "people-detector-736")
 
     alice_workflow = create_workflow(alice_client, detection("people-detector-736"))
     body = estimate(alice_client, alice_workflow)
     model = body["models"][0]
+    # The runner has the model, so the run would be hot.
     assert model["hot"] is True
     assert model["cold_load_us"] == 0
-    assert model["per_call_us"]["inference"] == bobs_run["inference"]
-    # alice has never run this workflow, so its own parts are unknown.
-    assert body["basis"]["workflow_runs"] == 0
-    assert body["components"]["request"] is None
+    # bob's run is neither used nor counted.
+    assert model["samples"] == 0
+    assert model["per_call_us"] is None
+    assert body["basis"] == {"workflow_runs": 0, "history_runs": 0}
     assert body["total"] is None
     assert body["price"] is None
 
@@ -249,3 +252,58 @@ def test_estimate_without_runner(transactional_db, tmp_path):
     assert body["components"]["queue"] is None
     assert body["total"] is None
     assert any("no runner is up" in reason for reason in body["unknown"])
+
+
+def test_estimate_scales_model_calls_with_batch(runner, alice_client):
+    workflow_id = create_workflow(alice_client, detection("people-detector-768"))
+    for _ in range(2):
+        assert run_workflow(alice_client, workflow_id).status_code == 200
+    wait_until_loaded(runner, "people-detector-768")
+
+    # Image values are only counted for an estimate, not decoded.
+    body = estimate(alice_client, workflow_id, {"inputs": {"image": ["a", "b", "c"]}})
+    model = body["models"][0]
+    assert body["batch_size"] == 3
+    assert model["calls"] == 3
+    per_call = model["per_call_us"]["inference"]
+    assert body["components"]["inference"] == round(3 * per_call)
+
+
+def test_estimate_uncalled_model_is_not_loaded(runner, alice_client):
+    # No "Fall" in bus.jpg, so the crops are empty and yolov8m never runs.
+    definition = detection("people-detector")
+    definition["steps"][0]["class_filter"] = ["Fall"]
+    definition["steps"] += [
+        {
+            "type": "roboflow_core/dynamic_crop@v1",
+            "name": "crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        },
+        {
+            "type": "roboflow_core/roboflow_object_detection_model@v1",
+            "name": "inner",
+            "images": "$steps.crops.crops",
+            "model_id": "yolov8m.yaml",
+        },
+    ]
+    workflow_id = create_workflow(alice_client, definition)
+    assert run_workflow(alice_client, workflow_id).status_code == 200
+    wait_until_loaded(runner, "people-detector")
+
+    body = estimate(alice_client, workflow_id)
+    inner = {model["model_id"]: model for model in body["models"]}["yolov8m.yaml"]
+    assert inner["calls"] == 0
+    assert inner["hot"] is True
+    assert inner["cold_load_us"] == 0
+    assert body["hot"] is True
+    assert body["total"] is not None
+
+
+def test_cold_load_counted_once_per_weights_file():
+    forecasts = [
+        {"cache_key": "model_dir:/m/people.pt:0", "cold_load_us": 400},
+        {"cache_key": "model_dir:/m/people.pt:0", "cold_load_us": 400},
+        {"cache_key": "architecture:yolov8n.yaml:0", "cold_load_us": 100},
+    ]
+    assert estimate_module._cold_load(forecasts) == 500

@@ -163,7 +163,16 @@ def _describe(info: ImageInfo, blob: bytes) -> dict[str, Any]:
     }
 
 
-def _batch_size(images: dict[str, list[bytes]]) -> int:
+def batch_size_of(plan: ExecutionPlan, raw: dict[str, Any]) -> int:
+    """Return the batch size that ``raw``'s image inputs would make, undecoded."""
+    counts = {
+        spec.name: raw[spec.name] if isinstance(raw.get(spec.name), list) else [None]
+        for spec in plan.image_inputs
+    }
+    return _batch_size(counts)
+
+
+def _batch_size(images: dict[str, list]) -> int:
     sizes = {len(blobs) for blobs in images.values()} - {1}
     if len(sizes) > 1:
         raise InputError(

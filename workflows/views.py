@@ -13,7 +13,7 @@ from runner.service import start_run
 from webapp.requests import MalformedRequest, json_object, version_number
 from workflows.blocks import BLOCKS
 from workflows.compiler import plan_cache
-from workflows.inputs import input_mapping, read_parameters
+from workflows.inputs import batch_size_of, input_mapping, read_parameters
 from workflows.models import Workflow, WorkflowVersion
 
 
@@ -197,14 +197,16 @@ def requested_version(workflow: Workflow, body: dict) -> WorkflowVersion:
 def estimate_definition(definition, body: dict, owner_id: int) -> dict:
     """Compile, read the parameters of ``body["inputs"]``, and predict a run."""
     plan = plan_cache.compile(definition).plan
-    parameters = read_parameters(plan, input_mapping(body.get("inputs")))
-    return estimate_run(plan, parameters, owner_id)
+    raw = input_mapping(body.get("inputs"))
+    parameters = read_parameters(plan, raw)
+    return estimate_run(plan, parameters, owner_id, batch_size_of(plan, raw))
 
 
 class WorkflowEstimateView(APIView):
     """Predict a run of the latest (or a given) version without running it.
 
-    Only parameters are read from ``inputs``; images may be left out.
+    ``inputs`` gives the parameters, and the batch size through the length of
+    image lists; images may be left out, and are not decoded.
     """
 
     def post(self, request, workflow_id):
