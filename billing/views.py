@@ -17,6 +17,7 @@ from billing.queries import (
     summarize,
 )
 from webapp.authentication import login_or_token_required
+from webapp.errors import json_error
 
 PAGE_SIZE = 50
 
@@ -37,9 +38,15 @@ def history(request):
 
 
 def _invalid_filters(form: BillFilterForm) -> HttpResponse:
-    return JsonResponse(
-        {"error": "invalid filters", "fields": form.errors.get_json_data()},
-        status=400,
+    fields = form.errors.get_json_data()
+    return json_error(
+        "invalid filters: " + ", ".join(sorted(fields)),
+        "invalid_filters",
+        400,
+        context="request_parsing",
+        error_type="ValidationError",
+        fields=fields,
+        hint="Dates are YYYY-MM-DD; workflow and token are ids of your own.",
     )
 
 

@@ -353,7 +353,10 @@ def test_filter_rejects_other_users_token(alice_browser, alice, bob, people):
     make_bill(bob, version=version_of(bob, "Bob's workflow"), token=bobs_token)
     response = alice_browser.get(EXPORT, {"token": bobs_token.pk})
     assert response.status_code == 400
-    assert "token" in response.json()["fields"]
+    body = response.json()
+    assert body["code"] == "invalid_filters"
+    assert "token" in body["fields"]
+    assert "token" in body["message"]
 
 
 # ------------------------------------------------------------------ table and CSV
