@@ -62,6 +62,7 @@ def estimate_run(
     workflow_runs = _history(owner_id, plan.digest, WORKFLOW_HISTORY_RUNS)
     model_runs = _history(owner_id, None, MODEL_HISTORY_RUNS)
     unknown: list[str] = []
+    notes: list[str] = []
 
     components = _workflow_components(workflow_runs, batch_size, unknown)
     if not runners:
@@ -75,6 +76,14 @@ def estimate_run(
     hot_runners = [r for r in runners if cache_keys and cache_keys <= r.loaded_models]
     device = hot_runners[0].data.get("device") if hot_runners else None
     cold_keys = _cold_keys(cache_keys, runners, hot_runners)
+    if not hot_runners and _exceeds_budgets(cache_keys, runners, model_runs):
+        # The runner that takes the run evicts one of its models to load
+        # another, so none of them can be counted on.
+        cold_keys = set(cache_keys)
+        notes.append(
+            "the run's models do not fit any runner's memory budget together, "
+            "so each run loads them cold"
+        )
     steps_per_model = Counter(model_id for _, model_id in plan.model_ids(parameters))
     forecasts = [
         _forecast_model(
@@ -120,6 +129,7 @@ def estimate_run(
             "history_runs": len(model_runs),
         },
         "unknown": unknown,
+        "notes": notes,
     }
 
 
@@ -217,8 +227,31 @@ def _public(forecast: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in forecast.items() if name not in hidden}
 
 
-# NOTE: runner memory budgets are not read, so models that do not fit one
-# runner's budget together are predicted hot although each run reloads some.
+def _exceeds_budgets(
+    cache_keys: set[str],
+    runners: list[fleet.RunnerState],
+    model_runs: list[dict[str, Any]],
+) -> bool:
+    """Return whether the models' measured sizes add up to more than every budget.
+
+    Sizes come from the heartbeats of runners that have a model loaded, else
+    from the owner's runs; a model measured nowhere counts as zero bytes.
+    """
+    if len(cache_keys) < 2 or not runners:
+        return False
+    sizes: dict[str, int] = {}
+    for runner in runners:
+        for model in runner.data.get("models", []):
+            sizes[model["cache_key"]] = model["memory_bytes"]
+    for run in model_runs:
+        for key in cache_keys - sizes.keys():
+            for entry in _model_entries(run, key):
+                if entry.get("memory_bytes"):
+                    sizes[key] = entry["memory_bytes"]
+    needed = sum(sizes.get(key, 0) for key in cache_keys)
+    return all(needed > runner.data.get("budget_bytes", needed) for runner in runners)
+
+
 def _cold_keys(
     cache_keys: set[str],
     runners: list[fleet.RunnerState],

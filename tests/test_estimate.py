@@ -11,6 +11,7 @@ from django.db import connection
 
 from billing.policy import BillingPolicy, evaluate_formula
 from runner import estimate as estimate_module
+from runner import fleet
 from runner.models import Run
 from tests.conftest import ROOT
 from tests.definitions import detection, image_height
@@ -307,3 +308,26 @@ def test_cold_load_counted_once_per_weights_file():
         {"cache_key": "architecture:yolov8n.yaml:0", "cold_load_us": 100},
     ]
     assert estimate_module._cold_load(forecasts) == 500
+
+
+def test_models_over_every_budget_count_as_cold():
+    def runner(name, budget, models):
+        loaded = [{"cache_key": key, "memory_bytes": size} for key, size in models]
+        return fleet.RunnerState(name, {"budget_bytes": budget, "models": loaded})
+
+    keys = {"a", "b"}
+    small = [runner("r1", 60, [("a", 45)]), runner("r2", 60, [("b", 45)])]
+    assert estimate_module._exceeds_budgets(keys, small, []) is True
+    # One runner could hold both, and may take the run.
+    mixed = [*small, runner("r3", 100, [])]
+    assert estimate_module._exceeds_budgets(keys, mixed, []) is False
+    # Sizes of models no runner has come from the owner's runs.
+    history = [
+        {
+            "model_refs": [{"model_id": "m", "cache_key": "b"}],
+            "models": [{"model_id": "m", "memory_bytes": 45}],
+        }
+    ]
+    alone = [runner("r1", 60, [("a", 45)])]
+    assert estimate_module._exceeds_budgets(keys, alone, history) is True
+    assert estimate_module._exceeds_budgets(keys, alone, []) is False
