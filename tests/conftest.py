@@ -35,6 +35,20 @@ def image_b64(name: str = "bus.jpg") -> str:
     return base64.b64encode(image_bytes(name)).decode()
 
 
+def private_data_env(data_dir: Path) -> dict[str, str]:
+    """Return the environment of a subprocess with a data directory of its own.
+
+    The subprocess uses the test database and starts a fresh embedded Redis
+    that no runner uses.
+    """
+    env = os.environ.copy()
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+    env["GLASSBOX_DATA_DIR"] = str(data_dir)
+    env.pop("REDIS_URL", None)
+    return env
+
+
 class RunnerProcess:
     def __init__(self, name: str, budget_mb: int = 4096) -> None:
         self.name = name

@@ -1,19 +1,16 @@
 """Estimates before a run: hot or cold, latency and price, from real runs."""
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-from django.db import connection
-
 from billing.policy import BillingPolicy, evaluate_formula
 from runner import estimate as estimate_module
 from runner import fleet
 from runner.models import Run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, private_data_env
 from tests.definitions import detection, image_height
 from tests.test_runner_pool import start
 from tests.test_runs import create_workflow, run_workflow
@@ -233,16 +230,10 @@ finally:
 
 
 def test_estimate_without_runner(transactional_db, tmp_path):
-    env = os.environ.copy()
-    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
-    env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
-    # A data directory of its own: a fresh embedded Redis that no runner uses.
-    env["GLASSBOX_DATA_DIR"] = str(tmp_path / "data")
-    env.pop("REDIS_URL", None)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT_WITHOUT_RUNNER],
         cwd=ROOT,
-        env=env,
+        env=private_data_env(tmp_path / "data"),
         capture_output=True,
         text=True,
         timeout=120,

@@ -5,10 +5,8 @@ import os
 import subprocess
 import sys
 
-from django.db import connection
-
 from runner.models import Run
-from tests.conftest import ROOT, image_bytes
+from tests.conftest import ROOT, image_bytes, private_data_env
 from tests.definitions import image_height
 
 
@@ -17,12 +15,7 @@ def test_cli_run_without_runner_stores_nothing(transactional_db, tmp_path):
     definition.write_text(json.dumps(image_height()))
     image = tmp_path / "bus.jpg"
     image.write_bytes(image_bytes())
-    env = os.environ.copy()
-    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
-    env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
-    # A data directory of its own: a fresh embedded Redis that no runner uses.
-    env["GLASSBOX_DATA_DIR"] = str(tmp_path / "data")
-    env.pop("REDIS_URL", None)
+    env = private_data_env(tmp_path / "data")
     result = subprocess.run(
         [
             sys.executable,

@@ -15,7 +15,7 @@ from rq import Queue
 from runner import keys
 from runner.dispatch import wait_for_result
 from runner.service import start_run
-from tests.conftest import ROOT, image_bytes
+from tests.conftest import ROOT, image_bytes, private_data_env
 from tests.definitions import image_height
 from webapp import redis as webapp_redis
 from webapp.redis import get_redis
@@ -61,6 +61,18 @@ def wait_for_heartbeat(client, name: str, pid: int, timeout_s: float = 60) -> No
         time.sleep(0.1)
 
 
+def run_image_height(owner):
+    return start_run(
+        owner_id=owner.id,
+        source="cli",
+        definition=image_height(),
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=60,
+    )
+
+
 def test_runner_waits_out_redis_outage(runner, tmp_path):
     # A Redis server of this test's own, so stopping it affects no other test.
     socket_path = tmp_path / "outage.sock"
@@ -100,10 +112,7 @@ def test_runner_waits_out_redis_outage(runner, tmp_path):
 def test_runner_restarts_embedded_redis(runner, tmp_path):
     # An embedded Redis of this test's own data directory.
     data_dir = tmp_path / "data"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
-    env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
-    env["GLASSBOX_DATA_DIR"] = str(data_dir)
-    env.pop("REDIS_URL", None)
+    env = private_data_env(data_dir)
     log_path = tmp_path / "embedded-runner.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -139,28 +148,12 @@ def test_runner_deletes_queue_key_of_wrong_type(runner, alice):
         time.sleep(0.1)
     assert runner.process.poll() is None
 
-    outcome = start_run(
-        owner_id=alice.id,
-        source="cli",
-        definition=image_height(),
-        raw_inputs={},
-        uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(),
-        wait_s=60,
-    )
+    outcome = run_image_height(alice)
     assert outcome.payload["meta"]["status"] == "succeeded"
 
 
 def test_waiting_request_reads_database_without_redis(runner, alice, tmp_path):
-    outcome = start_run(
-        owner_id=alice.id,
-        source="cli",
-        definition=image_height(),
-        raw_inputs={},
-        uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(),
-        wait_s=60,
-    )
+    outcome = run_image_height(alice)
     assert outcome.payload["meta"]["status"] == "succeeded"
 
     # This process's client now points at a socket no server listens on.
