@@ -13,9 +13,9 @@ The owner's own recent succeeded runs give the times:
   over runs of any definition. For call times, runs on the device of the
   runner that would take the run are preferred, and among them calls made
   after the model was loaded;
-- calls per model and image: the median over runs of the same definition,
-  so a model that runs on each crop, or not at all, is counted as it ran;
-  without such runs, one call per model step.
+- calls per model and image: the median over runs of the same definition.
+  A model that runs on each crop, or not at all, is thus counted as it ran.
+  Without such runs, each model step counts one call.
 
 Only the owner's runs are read, so other users' traffic neither changes nor
 reveals anything in an estimate. The predicted latency is the sum of those

@@ -35,6 +35,40 @@ def image_b64(name: str = "bus.jpg") -> str:
     return base64.b64encode(image_bytes(name)).decode()
 
 
+def start_cli_run(owner, definition: dict, *, wait_s: float, runner: str | None = None):
+    """Start a run of ``definition`` on bus.jpg as the command line does.
+
+    ``runner`` pins it to that runner's own queue instead of routing it.
+    """
+    from runner.service import start_run
+
+    return start_run(
+        owner_id=owner.id,
+        source="cli",
+        definition=definition,
+        raw_inputs={},
+        uploads={"image": image_bytes()},
+        started_ns=time.perf_counter_ns(),
+        wait_s=wait_s,
+        runner=runner,
+    )
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, failure: str) -> None:
+    """Wait until ``url``/info answers; raise RuntimeError(failure) if it never does."""
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/info", timeout=1)
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(failure) from None
+            time.sleep(0.2)
+
+
 def private_data_env(data_dir: Path) -> dict[str, str]:
     """Return the environment of a subprocess with a data directory of its own.
 
@@ -239,7 +273,6 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def asgi_server(django_db_setup, django_db_blocker):
     """daphne serving the whole site (HTTP and websockets) on the test database."""
-    import urllib.request
 
     port = free_port()
     env = os.environ.copy()
@@ -264,15 +297,7 @@ def asgi_server(django_db_setup, django_db_blocker):
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/info", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("daphne did not start; see daphne.log") from None
-            time.sleep(0.2)
+    wait_until_serving(url, process, "daphne did not start; see daphne.log")
     yield url
     process.terminate()
     process.wait(timeout=20)

@@ -12,8 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,7 +19,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, wait_until_serving
 from tests.definitions import image_height
 from webapp.models import ApiToken
 
@@ -62,15 +60,7 @@ def wsgi_server(django_db_setup, django_db_blocker):
     )
 
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/info", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn did not start; see {log_path}") from None
-            time.sleep(0.2)
+    wait_until_serving(url, process, f"gunicorn did not start; see {log_path}")
 
     yield url
     process.terminate()

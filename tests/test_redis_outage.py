@@ -14,8 +14,7 @@ from rq import Queue
 
 from runner import keys
 from runner.dispatch import wait_for_result
-from runner.service import start_run
-from tests.conftest import ROOT, image_bytes, private_data_env
+from tests.conftest import ROOT, private_data_env, start_cli_run
 from tests.definitions import image_height
 from webapp import redis as webapp_redis
 from webapp.redis import get_redis
@@ -59,18 +58,6 @@ def wait_for_heartbeat(client, name: str, pid: int, timeout_s: float = 60) -> No
             return
         assert time.monotonic() < deadline, f"no heartbeat from {name}"
         time.sleep(0.1)
-
-
-def run_image_height(owner):
-    return start_run(
-        owner_id=owner.id,
-        source="cli",
-        definition=image_height(),
-        raw_inputs={},
-        uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(),
-        wait_s=60,
-    )
 
 
 def test_runner_waits_out_redis_outage(runner, tmp_path):
@@ -148,12 +135,12 @@ def test_runner_deletes_queue_key_of_wrong_type(runner, alice):
         time.sleep(0.1)
     assert runner.process.poll() is None
 
-    outcome = run_image_height(alice)
+    outcome = start_cli_run(alice, image_height(), wait_s=60)
     assert outcome.payload["meta"]["status"] == "succeeded"
 
 
 def test_waiting_request_reads_database_without_redis(runner, alice, tmp_path):
-    outcome = run_image_height(alice)
+    outcome = start_cli_run(alice, image_height(), wait_s=60)
     assert outcome.payload["meta"]["status"] == "succeeded"
 
     # This process's client now points at a socket no server listens on.

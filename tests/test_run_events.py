@@ -12,23 +12,14 @@ from runner import consumers
 from runner.dispatch import wait_for_result
 from runner.events import RunEvents, events_key, stored_events
 from runner.models import Run
-from runner.service import start_run
-from tests.conftest import image_bytes
+from tests.conftest import start_cli_run
 from tests.definitions import detection, image_height
 from webapp.asgi import application
 from webapp.redis import get_redis
 
 
 def submit(owner, definition):
-    return start_run(
-        owner_id=owner.id,
-        source="cli",
-        definition=definition,
-        raw_inputs={},
-        uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(),
-        wait_s=0,
-    ).run
+    return start_cli_run(owner, definition, wait_s=0).run
 
 
 async def connect(run_id, user):
@@ -220,16 +211,7 @@ async def test_stream_without_done_ends_with_database_done(runner, alice, monkey
 
 def parked_run(owner) -> Run:
     """A run queued for a runner that does not exist, so none takes it."""
-    return start_run(
-        owner_id=owner.id,
-        source="cli",
-        definition=image_height(),
-        raw_inputs={},
-        uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(),
-        wait_s=0,
-        runner="parked-events",
-    ).run
+    return start_cli_run(owner, image_height(), wait_s=0, runner="parked-events").run
 
 
 def finish_without_events(run_id) -> None:

@@ -18,23 +18,13 @@ from runner import fleet, keys
 from runner.dispatch import choose_queue
 from runner.models import Run
 from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
-from runner.service import start_run
-from tests.conftest import ROOT, image_bytes
+from tests.conftest import ROOT, start_cli_run
 from tests.definitions import detection
 from webapp.redis import get_redis
 
 
 def start(owner, model_id: str, runner_name: str, wait_s: float = 120):
-    return start_run(
-        owner_id=owner.id,
-        source="cli",
-        definition=detection(model_id),
-        raw_inputs={},
-        uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(),
-        wait_s=wait_s,
-        runner=runner_name,
-    )
+    return start_cli_run(owner, detection(model_id), wait_s=wait_s, runner=runner_name)
 
 
 def wait_for_status(run_id, wanted: str, timeout_s: float = 60) -> Run:
@@ -282,15 +272,7 @@ def test_burst_is_spread_over_idle_hot_runners(runner, extra_runners, alice):
 
     routed = []
     for _ in range(2):
-        outcome = start_run(
-            owner_id=alice.id,
-            source="cli",
-            definition=detection("yolov8s.yaml"),
-            raw_inputs={},
-            uploads={"image": image_bytes()},
-            started_ns=time.perf_counter_ns(),
-            wait_s=0,
-        )
+        outcome = start_cli_run(alice, detection("yolov8s.yaml"), wait_s=0)
         routed.append(outcome.run.id)
     first, second = (wait_for_status(run_id, Run.Status.SUCCEEDED) for run_id in routed)
     assert first.queue_name == keys.runner_queue("burst-1")

@@ -7,8 +7,7 @@ from billing.policy import evaluate_formula
 from runner import keys
 from runner.dispatch import wait_for_result
 from runner.models import Run
-from runner.service import start_run
-from tests.conftest import image_b64, image_bytes
+from tests.conftest import image_b64, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.redis import get_redis
 from workflows.timing import RUNNER_COMPONENTS
@@ -192,15 +191,7 @@ def test_run_crops_run_model_per_crop(runner, alice_client):
 
 def test_sync_wait_falls_back_to_database(runner, alice):
     """A run committed by its runner whose pushed result never arrived."""
-    run = start_run(
-        owner_id=alice.id,
-        source="cli",
-        definition=image_height(),
-        raw_inputs={},
-        uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(),
-        wait_s=0,
-    ).run
+    run = start_cli_run(alice, image_height(), wait_s=0).run
     pushed = wait_for_result(str(run.id), timeout_s=60)
     get_redis().delete(keys.done_key(str(run.id)))
 
@@ -213,14 +204,6 @@ def test_sync_wait_falls_back_to_database(runner, alice):
 
 
 def test_sync_wait_times_out_for_unfinished_run(runner, alice):
-    run = start_run(
-        owner_id=alice.id,
-        source="cli",
-        definition=detection("yolov8x.yaml"),
-        raw_inputs={},
-        uploads={"image": image_bytes()},
-        started_ns=time.perf_counter_ns(),
-        wait_s=0,
-    ).run
+    run = start_cli_run(alice, detection("yolov8x.yaml"), wait_s=0).run
     assert wait_for_result(str(run.id), timeout_s=0.3) is None
     assert wait_for_result(str(run.id), timeout_s=120) is not None
