@@ -135,6 +135,8 @@ def login_or_token_required(view):
     gets a 401 error body instead.
     """
 
+    signed_in_view = login_required(view)
+
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
         if not request.user.is_authenticated:
@@ -154,7 +156,7 @@ def login_or_token_required(view):
                         error_type="AuthenticationFailed",
                     )
                 request.user = token.user
-        return login_required(view)(request, *args, **kwargs)
+        return signed_in_view(request, *args, **kwargs)
 
     return wrapper
 
