@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,31 @@ import torch
 
 from runner.registry import ModelSource
 from workflows.detections import Detections
+from workflows.errors import ModelLoadError
 from workflows.images import WorkflowImage
 from workflows.timing import ModelUse, RunTimer
 
 logger = logging.getLogger(__name__)
+
+
+def open_weights(path: str, task: str | None = None) -> Any:
+    """Build an ultralytics model from ``path``, unpickling only model layers.
+
+    A ``.pt`` checkpoint is a pickle, and a pickle can call any function it
+    names. With ULTRALYTICS_SAFE_LOAD, which the settings module sets and
+    ultralytics reads once at import, checkpoints load through torch's
+    weights_only unpickler and ultralytics' allow-list of layer classes, so
+    a file that names anything else is rejected before any of it runs.
+    """
+    from ultralytics import YOLO
+    from ultralytics.nn import tasks
+
+    if not tasks.SAFE_LOAD:
+        raise RuntimeError(
+            "ultralytics was imported before ULTRALYTICS_SAFE_LOAD was set, so "
+            "it would unpickle weights without its allow-list"
+        )
+    return YOLO(path, task=task)
 
 
 @dataclass
@@ -187,8 +209,6 @@ class ModelCache:
             torch.cuda.empty_cache()
 
     def _load(self, source: ModelSource, use: ModelUse) -> LoadedModel:
-        from ultralytics import YOLO
-
         process = psutil.Process()
         rss_before = process.memory_info().rss
         cuda_before = (
@@ -198,7 +218,16 @@ class ModelCache:
         )
 
         started = time.perf_counter_ns()
-        model = YOLO(source.path, task="detect")
+        try:
+            model = open_weights(source.path, task="detect")
+        except Exception as error:
+            logger.exception("model %s failed to load", source.model_id)
+            # ultralytics' messages name the file; the server's paths stay here.
+            reason = str(error).replace(source.path, Path(source.path).name)
+            raise ModelLoadError(
+                source.model_id,
+                f"{type(error).__name__}: {reason.removeprefix('ERROR ❌️ ')}",
+            ) from None
         read_done = time.perf_counter_ns()
         model.to(self.device)
         _synchronize(self.device)

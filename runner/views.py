@@ -100,9 +100,8 @@ class ModelListView(APIView):
     def post(self, request):
         """Upload weights as ``file`` under ``model_id``; they must load in ultralytics.
 
-        NOTE: ultralytics loads .pt files with pickle, so a weights file can run
-        code in the web server and on runners.  Give accounts only to people
-        trusted with that.
+        Loading unpickles only ultralytics' layer classes (``open_weights``), so
+        a file that names any other callable is rejected before it runs.
         """
         model_id = request.data.get("model_id", "")
         upload = request.FILES.get("file")
@@ -130,9 +129,13 @@ class ModelListView(APIView):
             names, task = _check_weights(stored)
         except Exception as error:
             stored.unlink(missing_ok=True)
+            # ultralytics names the file it read: the stored copy, whose path
+            # is the server's business.
+            reason = str(error).replace(str(stored), upload.name)
+            reason = reason.removeprefix("ERROR ❌️ ").strip()
             raise MalformedRequest(
                 f"'{upload.name}' is not an ultralytics model: {type(error).__name__}: "
-                f"{error}",
+                f"{reason}",
                 context="model_upload",
                 field_name="file",
                 hint="Upload a .pt file saved by ultralytics (YOLOv8 or later).",
@@ -178,9 +181,10 @@ def _store_upload(owner_id: int, upload) -> Path:
 
 
 def _check_weights(path: Path) -> tuple[list[str], str]:
-    from ultralytics import YOLO
+    # Imported here: it imports torch, which the web server otherwise never needs.
+    from runner.model_cache import open_weights
 
-    model = YOLO(str(path))
+    model = open_weights(str(path))
     if model.task != "detect":
         raise ValueError(f"the model's task is '{model.task}', only 'detect' runs here")
     return [model.names[i] for i in sorted(model.names)], model.task

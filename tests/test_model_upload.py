@@ -1,6 +1,12 @@
 """Uploaded weights: validated on upload, private to their owner, runnable."""
 
-from runner.models import ModelUpload
+import builtins
+from pathlib import Path
+
+import torch
+from django.conf import settings
+
+from runner.models import ModelUpload, Run
 from tests.definitions import detection
 from tests.test_runs import create_workflow, run_workflow
 
@@ -45,3 +51,68 @@ def test_upload_rejects_non_model(alice_client, tmp_path):
     assert response.status_code == 400
     assert response.json()["field"] == "file"
     assert ModelUpload.objects.count() == 0
+
+
+class CreatesFile:
+    """Object whose unpickling calls open(path, "w"), a stand-in for any code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return builtins.open, (str(self.path), "w")
+
+
+def code_running_weights(path: Path, marker: Path) -> Path:
+    torch.save({"model": CreatesFile(marker), "train_args": {}}, path)
+    return path
+
+
+def test_upload_rejects_code_running_weights(alice, alice_client, tmp_path):
+    marker = tmp_path / "ran"
+    weights = code_running_weights(tmp_path / "payload.pt", marker)
+    upload_dir = Path(settings.GLASSBOX["UPLOAD_DIR"]) / str(alice.id)
+    before = set(upload_dir.glob("*")) if upload_dir.exists() else set()
+
+    response = upload(alice_client, "payload", weights)
+
+    assert response.status_code == 400, response.json()
+    body = response.json()
+    assert body["field"] == "file"
+    assert "outside the supported Ultralytics checkpoint format" in body["message"]
+    assert str(upload_dir) not in body["message"]
+    assert not marker.exists()
+    assert ModelUpload.objects.count() == 0
+    assert set(upload_dir.glob("*")) == before
+
+
+def test_runner_rejects_code_running_weights(runner, alice, alice_client, tmp_path):
+    # Stored without the upload check, as a file copied into the upload
+    # directory by hand would be: the runner checks again as it loads.
+    marker = tmp_path / "ran"
+    upload_dir = Path(settings.GLASSBOX["UPLOAD_DIR"]) / str(alice.id)
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    weights = code_running_weights(upload_dir / "payload.pt", marker)
+    ModelUpload.objects.create(
+        owner=alice,
+        model_id="payload",
+        path=str(weights),
+        size_bytes=weights.stat().st_size,
+        sha256="0" * 64,
+        task="detect",
+    )
+    try:
+        workflow_id = create_workflow(alice_client, detection("payload"))
+        response = run_workflow(alice_client, workflow_id)
+    finally:
+        weights.unlink()
+
+    assert response.status_code == 500, response.json()
+    error = response.json()["error"]
+    assert error["code"] == "model_load_failed"
+    assert "Model 'payload' could not be loaded" in error["message"]
+    assert str(upload_dir) not in error["message"]
+    assert not marker.exists()
+    run = Run.objects.get()
+    assert run.status == Run.Status.FAILED
+    assert run.bill.amount_microcredits == 0

@@ -14,6 +14,11 @@ import dj_database_url
 
 from webapp.env import env_bool, env_float, env_int, env_list, env_str
 
+# Weights files are pickles, and uploads come from users: ultralytics then
+# unpickles only its own layer classes (runner/model_cache.py open_weights).
+# It reads the variable once, at import, which comes after settings.
+os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("GLASSBOX_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,26 @@ class ModelNotFoundError(WorkflowError):
         self.searched = searched
 
 
+class ModelLoadError(WorkflowError):
+    """Weights that resolved could not be loaded on a runner.
+
+    The weights passed their checks before the run was accepted (an upload
+    loads once when it is stored), so the run is not billed.
+    """
+
+    code = "model_load_failed"
+    status = 500
+    user_error = False
+
+    def __init__(self, model_id: str, reason: str, step: str | None = None):
+        super().__init__(
+            f"Model '{model_id}' could not be loaded: {reason}",
+            context="model_loading",
+            step=step,
+            field_name="model_id",
+        )
+
+
 class StepExecutionError(WorkflowError):
     """A step failed while running.  ``user_error`` records whose fault it was."""
 
