@@ -19,11 +19,11 @@ import asyncio
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.utils import timezone
 
 from runner.events import group_name, stored_events
 from runner.models import Run
 from runner.presenters import bill_to_dict
+from webapp.clock import clock
 
 # How long after a run's end its events may still be on their way. A runner
 # publishes them within a Redis round trip of its commit.
@@ -102,7 +102,7 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
         while not self.done_sent:
             run = await self._load_run()
             if run is not None and run.is_finished:
-                age_s = (timezone.now() - run.finished_at).total_seconds()
+                age_s = (clock.now() - run.finished_at).total_seconds()
                 await asyncio.sleep(max(0.0, LATE_EVENTS_GRACE_S - age_s))
                 await self._forward(self._final_event(run))
                 return

@@ -16,13 +16,13 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 from rq import Queue
 
 from runner import fleet, keys, sql
 from runner.finish import bill_fields, fail_run, result_meta
 from runner.models import Run
 from runner.registry import resolve_model
+from webapp.clock import clock
 from webapp.redis import get_redis, restart_embedded_redis_if_down
 from workflows.compiler.plan import ExecutionPlan
 from workflows.errors import WorkflowError
@@ -134,7 +134,8 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         warnings=list(submission.plan.warnings) + _untrained_warnings(models),
     )
     run.request_us = (time.perf_counter_ns() - submission.request_started_ns) // 1000
-    run.queued_at_ns = time.time_ns()
+    # On Redis's clock, as is the runner's start that it is subtracted from.
+    run.queued_at_ns = clock.now_ns()
     # A single INSERT commits by itself in autocommit mode, so it needs no
     # atomic block, which would add a BEGIN and a COMMIT round trip. on_commit
     # then queues the job at once, or after the caller's transaction commits
@@ -217,7 +218,12 @@ def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
                     str(run.id),
                     ex=keys.CURRENT_RUN_TTL_S,
                 )
-            pipeline.execute()
+            # Free in this round trip: a sample for the clock that queued_at_ns
+            # and the runner's start are on.
+            pipeline.time()
+            sent_ns = time.time_ns()
+            replies = pipeline.execute()
+            clock.observe(sent_ns, replies[-1], time.time_ns())
     except Exception as error:
         logger.exception("run %s could not be queued on %s", run.id, run.queue_name)
         fail_run(
@@ -283,7 +289,7 @@ def _payload_from_database(
     run = Run.objects.select_related("bill").filter(pk=run_id).first()
     if run is None or not run.is_finished or run.finished_at is None:
         return None
-    if (timezone.now() - run.finished_at).total_seconds() < grace_s:
+    if (clock.now() - run.finished_at).total_seconds() < grace_s:
         return None
     bill = getattr(run, "bill", None)
     logger.warning(

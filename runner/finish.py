@@ -15,13 +15,13 @@ from typing import Any
 
 import redis
 from django.db import transaction
-from django.utils import timezone
 
 from billing.models import Bill
 from billing.policy import BillingPolicy, BillLine
 from runner import keys, sql
 from runner.events import RunEvents
 from runner.models import Run
+from webapp.clock import clock
 from webapp.redis import get_redis
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def finish_run(
     events: RunEvents,
 ) -> bool:
     """Store the result and the bill; return False if someone else finished it."""
-    now = timezone.now()
+    now = clock.now()
     with transaction.atomic():
         updated = sql.update_where(
             Run,
@@ -199,7 +199,7 @@ def fail_run(
         filters["runner_name"] = expected_runner
     with transaction.atomic():
         updated = Run.objects.filter(**filters).update(
-            status=Run.Status.FAILED, finished_at=timezone.now(), error=error
+            status=Run.Status.FAILED, finished_at=clock.now(), error=error
         )
         if not updated:
             return False

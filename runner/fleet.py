@@ -18,6 +18,7 @@ from rq import Queue
 from rq.job import Job
 
 from runner import keys
+from webapp.clock import clock
 from webapp.redis import get_redis
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,11 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> None:
     pipeline = connection.pipeline(transaction=False)
     pipeline.set(keys.heartbeat_key(name), json.dumps(state), px=ttl_ms)
     pipeline.sadd(keys.RUNNERS_SET, name)
-    pipeline.execute()
+    # A runner's clock samples come with its heartbeats.
+    pipeline.time()
+    sent_ns = time.time_ns()
+    replies = pipeline.execute()
+    clock.observe(sent_ns, replies[-1], time.time_ns())
 
 
 def remove_heartbeat(name: str) -> None:

@@ -3,8 +3,7 @@
 import json
 import logging
 import time
-
-from django.utils import timezone
+from datetime import UTC, datetime
 
 from billing.policy import BillingPolicy
 from runner import keys, sql
@@ -14,6 +13,7 @@ from runner.model_cache import ModelProvider
 from runner.models import Run
 from runner.registry import ModelSource, check_model_path
 from runner.runtime import current_runtime
+from webapp.clock import clock
 from webapp.redis import get_redis
 from workflows.compiler import plan_cache
 from workflows.compiler.plan import ExecutionPlan
@@ -37,7 +37,7 @@ def execute_run(
     here.
     """
     started = time.perf_counter_ns()
-    started_wall = time.time_ns()
+    started_wall = clock.now_ns()
     runtime = current_runtime()
     try:
         claimed = sql.update_where(
@@ -45,7 +45,7 @@ def execute_run(
             {
                 "status": Run.Status.RUNNING,
                 "runner_name": runtime.name,
-                "started_at": timezone.now(),
+                "started_at": datetime.fromtimestamp(started_wall / 1e9, tz=UTC),
             },
             where={"pk": run_id, "status": Run.Status.QUEUED},
         )

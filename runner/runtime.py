@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from runner.model_cache import ModelCache
+from webapp.clock import clock
 
 
 @dataclass
@@ -40,7 +41,7 @@ class RunnerRuntime:
             "current_run": self.current_run,
             "runs_done": self.runs_done,
             "started_at": self.started_at,
-            "beat_at": time.time(),
+            "beat_at": clock.now_ns() / 1e9,
         }
 
 

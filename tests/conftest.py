@@ -83,18 +83,34 @@ def private_data_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
+# Runs manage.py with time.time and time.time_ns moved by the offset in its
+# first argument, as on a machine whose clock is that many seconds ahead.
+OFFSET_CLOCK_MAIN = """
+import runpy, sys, time
+offset_ns = int(float(sys.argv.pop(1)) * 1e9)
+local_time_ns = time.time_ns
+time.time_ns = lambda: local_time_ns() + offset_ns
+time.time = lambda: time.time_ns() / 1e9
+sys.argv[0] = "manage.py"
+runpy.run_path("manage.py", run_name="__main__")
+"""
+
+
 class RunnerProcess:
-    def __init__(self, name: str, budget_mb: int = 4096) -> None:
+    def __init__(
+        self, name: str, budget_mb: int = 4096, clock_offset_s: float = 0.0
+    ) -> None:
         self.name = name
         env = os.environ.copy()
         env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
         env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
         self.log_path = Path(settings.DATA_DIR) / f"{name}.log"
         self.log = open(self.log_path, "ab")
+        main = ["-c", OFFSET_CLOCK_MAIN, str(clock_offset_s)]
         self.process = subprocess.Popen(
             [
                 sys.executable,
-                "manage.py",
+                *(main if clock_offset_s else ["manage.py"]),
                 "runner",
                 "--name",
                 name,
@@ -144,9 +160,11 @@ class RunnerProcess:
 def runner_factory(django_db_setup, django_db_blocker):
     started: list[RunnerProcess] = []
 
-    def start(name: str, budget_mb: int = 4096) -> RunnerProcess:
+    def start(
+        name: str, budget_mb: int = 4096, clock_offset_s: float = 0.0
+    ) -> RunnerProcess:
         with django_db_blocker.unblock():
-            process = RunnerProcess(name, budget_mb)
+            process = RunnerProcess(name, budget_mb, clock_offset_s)
         started.append(process)
         return process
 
@@ -191,8 +209,10 @@ def extra_runners(runner_factory):
     """
     started: list[RunnerProcess] = []
 
-    def start(name: str, budget_mb: int = 4096) -> RunnerProcess:
-        process = runner_factory(name, budget_mb)
+    def start(
+        name: str, budget_mb: int = 4096, clock_offset_s: float = 0.0
+    ) -> RunnerProcess:
+        process = runner_factory(name, budget_mb, clock_offset_s)
         started.append(process)
         return process
 

@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 from django.db import connection as db_connection
+from django.utils import timezone
 from rq import Queue
 from rq.job import Job
 
@@ -19,7 +20,7 @@ from runner.dispatch import choose_queue
 from runner.models import Run
 from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
 from tests.conftest import ROOT, start_cli_run
-from tests.definitions import detection
+from tests.definitions import detection, image_height
 from webapp.redis import get_redis
 
 
@@ -349,3 +350,19 @@ def test_routing_treats_unreadable_queue_as_busy(db):
         assert choose_queue(["k"], states) == keys.runner_queue("route-b")
     finally:
         connection.delete(f"{prefix}{keys.runner_queue('route-a')}")
+
+
+def test_queue_time_ignores_runner_clock_offset(runner, extra_runners, alice):
+    ahead = extra_runners("clock-ahead", clock_offset_s=30)
+    started = time.monotonic()
+    outcome = start_cli_run(alice, image_height(), wait_s=60, runner="clock-ahead")
+    elapsed_us = (time.monotonic() - started) * 1e6
+
+    meta = outcome.payload["meta"]
+    assert meta["status"] == "succeeded"
+    assert meta["breakdown"]["runner"] == "clock-ahead"
+    assert meta["breakdown"]["components"]["queue"] < elapsed_us
+    run = Run.objects.get(pk=outcome.run.pk)
+    assert run.started_at <= run.finished_at
+    assert abs((run.finished_at - timezone.now()).total_seconds()) < 5
+    assert abs(ahead.state()["beat_at"] - time.time()) < 5
