@@ -170,9 +170,11 @@ def _forecast_model(
     holders = sorted(r.name for r in runners if key in r.loaded_models)
 
     if workflow_runs:
-        # A run of this workflow that never called the model has no entry.
+        # How often the workflow calls the model depends on its steps, not on
+        # the weights the id resolved to then, so entries count by id. A run
+        # of this workflow that never called the model has no entry.
         per_image = [
-            sum(entry["calls"] for entry in _model_entries(run, key))
+            sum(e["calls"] for e in run["models"] if e["model_id"] == model_id)
             / run["batch_size"]
             for run in workflow_runs
         ]

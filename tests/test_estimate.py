@@ -12,6 +12,7 @@ from runner import fleet
 from runner.models import Run
 from tests.conftest import ROOT, private_data_env
 from tests.definitions import detection, image_height
+from tests.test_model_upload import make_weights, upload
 from tests.test_runner_pool import start
 from tests.test_runs import create_workflow, run_workflow
 from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
@@ -322,3 +323,20 @@ def test_models_over_every_budget_count_as_cold():
     alone = [runner("r1", 60, [("a", 45)])]
     assert estimate_module._exceeds_budgets(keys, alone, history) is True
     assert estimate_module._exceeds_budgets(keys, alone, []) is False
+
+
+def test_estimate_after_new_weights_counts_calls_by_id(runner, alice_client, tmp_path):
+    workflow_id = create_workflow(alice_client, detection("people-detector"))
+    assert run_workflow(alice_client, workflow_id).status_code == 200
+    # Alice's upload now takes the id over from the model directory's file.
+    own = make_weights(tmp_path / "own.pt")
+    assert upload(alice_client, "people-detector", own).status_code == 201
+
+    body = estimate(alice_client, workflow_id)
+    model = body["models"][0]
+    assert model["calls"] == 1
+    assert model["hot"] is False
+    assert model["cold_load_us"] is None
+    assert model["per_call_us"] is None
+    assert body["total"] is None
+    assert body["price"] is None
