@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import PurePath
 from typing import Any
 
 from billing.models import Bill
@@ -90,7 +91,7 @@ def run_to_dict(
         "created_at": run.created_at.isoformat() if run.created_at else None,
         "runner": (meta["breakdown"] or {}).get("runner") if meta else run.runner_name,
         "queue": run.queue_name,
-        "models": run.model_refs,
+        "models": [public_model_ref(ref) for ref in run.model_refs],
         "timing": meta["breakdown"] if meta else run.breakdown,
         "bill": bill,
         "error": meta["error"] if meta else run.error,
@@ -99,6 +100,18 @@ def run_to_dict(
     if include_outputs:
         body["outputs"] = payload["outputs"] if payload else run.outputs
     return body
+
+
+def public_model_ref(ref: dict[str, Any]) -> dict[str, Any]:
+    """Return a run's model reference with its weights file by name, not path.
+
+    The path and the cache key, which contains it, show the server's layout.
+    """
+    source = {name: value for name, value in ref["source"].items() if name != "path"}
+    source["file"] = PurePath(ref["source"]["path"]).name
+    public = {name: value for name, value in ref.items() if name != "cache_key"}
+    public["source"] = source
+    return public
 
 
 def _workflow_ref(run: Run) -> dict[str, Any] | None:

@@ -9,8 +9,12 @@ Lookup order for an id:
 4. an ultralytics model YAML (``yolov8n.yaml``): the architecture with random
    weights, labelled untrained wherever it appears.
 
-Roboflow-style ids with an input size suffix (``yolov8n-640``) resolve like
-the name without it and run at that size.
+Roboflow-style ids with an input size suffix (``yolov8n-640``) that match
+nothing as they are resolve like the name without the suffix, in the same
+order, and run at that size.
+
+Error messages name the places searched by setting (``MODEL_DIR/x.pt``), not
+by path: they reach API users, and the server's layout is not theirs to see.
 """
 
 import functools
@@ -119,7 +123,10 @@ def resolve_model(
             )
         names.append(match["name"])
     for name in names:
-        found = _from_files(model_id, name, searched)
+        found = None
+        if owner_id is not None and name != model_id:
+            found = _from_uploads(model_id, owner_id, searched, name=name)
+        found = found or _from_files(model_id, name, searched)
         if found:
             if name != model_id:
                 return ModelSource(
@@ -153,15 +160,17 @@ def check_model_path(source: ModelSource) -> None:
 
 
 def _from_uploads(
-    model_id: str, owner_id: int, searched: list[str]
+    model_id: str, owner_id: int, searched: list[str], name: str | None = None
 ) -> ModelSource | None:
+    """Return the owner's upload named ``name`` (default: ``model_id``)."""
     from runner import sql
     from runner.models import ModelUpload
 
-    searched.append("your uploaded models")
+    name = name or model_id
+    searched.append(f"your uploaded models ({name})")
     # Runs on every request with a model step, so one plain SELECT.
     path = sql.select_value(
-        ModelUpload, "path", {"owner_id": owner_id, "model_id": model_id}
+        ModelUpload, "path", {"owner_id": owner_id, "model_id": name}
     )
     if path is None:
         return None
@@ -187,12 +196,14 @@ def _ultralytics_weights_dir() -> Path | None:
 
 def _from_files(model_id: str, name: str, searched: list[str]) -> ModelSource | None:
     filename = name if name.endswith(".pt") else f"{name}.pt"
-    candidates = [("model_dir", model_dir() / filename)]
+    candidates = [("model_dir", "MODEL_DIR", model_dir() / filename)]
     weights_dir = _ultralytics_weights_dir()
     if weights_dir is not None:
-        candidates.append(("ultralytics_weights", weights_dir / filename))
-    for kind, path in candidates:
-        searched.append(str(path))
+        candidates.append(
+            ("ultralytics_weights", "ultralytics' weights_dir", weights_dir / filename)
+        )
+    for kind, place, path in candidates:
+        searched.append(f"{place}/{filename}")
         if path.is_file():
             return ModelSource(model_id, kind, str(path), pretrained=True)
     return None

@@ -1,6 +1,7 @@
 """Model ids: where they resolve, what is rejected, what shares a cache entry."""
 
 import pytest
+from django.conf import settings
 
 from runner.models import ModelUpload
 from runner.registry import ModelSource, check_model_path, resolve_model
@@ -70,6 +71,33 @@ def test_uploads_are_per_user(db, alice, bob, tmp_path):
     assert for_alice.kind == "upload"
     assert for_bob.kind == "model_dir"
     assert for_alice.cache_key != for_bob.cache_key
+
+
+def test_size_suffix_finds_upload_before_model_dir(db, alice, tmp_path):
+    weights = tmp_path / "alice.pt"
+    weights.write_bytes(b"not used by resolution")
+    ModelUpload.objects.create(
+        owner=alice,
+        model_id="people-detector",
+        path=str(weights),
+        size_bytes=1,
+        sha256="0",
+        task="detect",
+    )
+    source = resolve_model("people-detector-320", alice.id)
+    assert source.kind == "upload"
+    assert source.path == str(weights)
+    assert source.image_size == 320
+
+
+def test_unknown_model_message_names_settings_not_paths(db, alice):
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model("no-such-model-640", alice.id)
+    message = caught.value.message
+    assert "your uploaded models (no-such-model-640)" in message
+    assert "your uploaded models (no-such-model)" in message
+    assert "MODEL_DIR/no-such-model.pt" in message
+    assert str(settings.GLASSBOX["MODEL_DIR"]) not in message
 
 
 def test_aliases_of_one_file_share_cache_key(db):
