@@ -1,6 +1,7 @@
 """REST API for runs, models and the runner fleet."""
 
 import hashlib
+import logging
 import tempfile
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from rest_framework.views import APIView
 from runner import fleet
 from runner.models import ModelUpload, Run
 from runner.presenters import run_to_dict
-from runner.registry import SAFE_ID, model_dir
-from webapp.requests import MalformedRequest
+from runner.registry import SAFE_ID, SIZE_SUFFIX, model_dir
+from runner.weights_check import WeightsRejected, check_weights
+from webapp.requests import MalformedRequest, PayloadTooLarge
+
+logger = logging.getLogger(__name__)
 
 RUN_STATUSES = {choice for choice, _ in Run.Status.choices}
 
@@ -100,9 +104,11 @@ class ModelListView(APIView):
     def post(self, request):
         """Upload weights as ``file`` under ``model_id``; they must load in ultralytics.
 
-        Loading unpickles only ultralytics' layer classes (``open_weights``), so
-        a file that names any other callable is rejected before it runs.
+        The file is loaded in a child process (``runner.weights_check``) with
+        ultralytics' restricted unpickler, so a file that names any other
+        callable is rejected before it runs.
         """
+        _check_upload_length(request)
         model_id = request.data.get("model_id", "")
         upload = request.FILES.get("file")
         if not SAFE_ID.fullmatch(model_id or "") or ".." in model_id:
@@ -111,6 +117,15 @@ class ModelListView(APIView):
                 "digits, '.', '_', '-' and '/'",
                 context="request_parsing",
                 field_name="model_id",
+            )
+        if model_id.endswith((".yaml", ".yml")) or SIZE_SUFFIX.match(model_id):
+            raise MalformedRequest(
+                f"model_id '{model_id}' would read as an architecture name or a "
+                "size suffix (a name ending in '-' and 3 or 4 digits)",
+                context="request_parsing",
+                field_name="model_id",
+                hint="Pick an id that ends in neither; a size suffix can still be "
+                "added to it in a workflow.",
             )
         if upload is None:
             raise MalformedRequest(
@@ -126,16 +141,14 @@ class ModelListView(APIView):
             )
         stored = _store_upload(request.user.id, upload)
         try:
-            names, task = _check_weights(stored)
-        except Exception as error:
+            names, task = check_weights(stored, upload.name)
+        except WeightsRejected as error:
             stored.unlink(missing_ok=True)
-            # ultralytics names the file it read: the stored copy, whose path
-            # is the server's business.
-            reason = str(error).replace(str(stored), upload.name)
-            reason = reason.removeprefix("ERROR ❌️ ").strip()
+            logger.info(
+                "upload %r by user %s rejected: %s", model_id, request.user.id, error
+            )
             raise MalformedRequest(
-                f"'{upload.name}' is not an ultralytics model: {type(error).__name__}: "
-                f"{reason}",
+                f"'{upload.name}' is not an ultralytics model: {error}",
                 context="model_upload",
                 field_name="file",
                 hint="Upload a .pt file saved by ultralytics (YOLOv8 or later).",
@@ -180,14 +193,23 @@ def _store_upload(owner_id: int, upload) -> Path:
     return Path(name)
 
 
-def _check_weights(path: Path) -> tuple[list[str], str]:
-    # Imported here: it imports torch, which the web server otherwise never needs.
-    from runner.model_cache import open_weights
+def _check_upload_length(request) -> None:
+    """Raise PayloadTooLarge before a body over MAX_UPLOAD_BYTES is read.
 
-    model = open_weights(str(path))
-    if model.task != "detect":
-        raise ValueError(f"the model's task is '{model.task}', only 'detect' runs here")
-    return [model.names[i] for i in sorted(model.names)], model.task
+    Django's request size limit does not apply to the files of a multipart body.
+    """
+    limit = settings.GLASSBOX["MAX_UPLOAD_BYTES"]
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit:
+        raise PayloadTooLarge(
+            f"the upload is {length} bytes, over the limit of {limit} bytes",
+            context="model_upload",
+            hint="Upload a smaller weights file, or raise MAX_UPLOAD_BYTES on the "
+            "server.",
+        )
 
 
 def _sha256(path: Path) -> str:

@@ -1,8 +1,11 @@
 """Uploaded weights: validated on upload, private to their owner, runnable."""
 
 import builtins
+import pickle
+import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from django.conf import settings
 
@@ -63,14 +66,19 @@ class CreatesFile:
         return builtins.open, (str(self.path), "w")
 
 
-def code_running_weights(path: Path, marker: Path) -> Path:
-    torch.save({"model": CreatesFile(marker), "train_args": {}}, path)
+def code_running_weights(path: Path, marker: Path, archive: bool = True) -> Path:
+    checkpoint = {"model": CreatesFile(marker), "train_args": {}}
+    if archive:
+        torch.save(checkpoint, path)
+    else:
+        path.write_bytes(pickle.dumps(checkpoint))
     return path
 
 
-def test_upload_rejects_code_running_weights(alice, alice_client, tmp_path):
+@pytest.mark.parametrize("archive", [True, False], ids=["torch-zip", "bare-pickle"])
+def test_upload_rejects_code_running_weights(alice, alice_client, tmp_path, archive):
     marker = tmp_path / "ran"
-    weights = code_running_weights(tmp_path / "payload.pt", marker)
+    weights = code_running_weights(tmp_path / "payload.pt", marker, archive)
     upload_dir = Path(settings.GLASSBOX["UPLOAD_DIR"]) / str(alice.id)
     before = set(upload_dir.glob("*")) if upload_dir.exists() else set()
 
@@ -79,7 +87,6 @@ def test_upload_rejects_code_running_weights(alice, alice_client, tmp_path):
     assert response.status_code == 400, response.json()
     body = response.json()
     assert body["field"] == "file"
-    assert "outside the supported Ultralytics checkpoint format" in body["message"]
     assert str(upload_dir) not in body["message"]
     assert not marker.exists()
     assert ModelUpload.objects.count() == 0
@@ -116,3 +123,38 @@ def test_runner_rejects_code_running_weights(runner, alice, alice_client, tmp_pa
     run = Run.objects.get()
     assert run.status == Run.Status.FAILED
     assert run.bill.amount_microcredits == 0
+
+
+def test_upload_rejects_ids_read_as_other_ids(alice_client, tmp_path):
+    weights = make_weights(tmp_path / "mine.pt")
+    for model_id in ("yolov8n.yaml", "custom.yml", "people-640"):
+        response = upload(alice_client, model_id, weights)
+        assert response.status_code == 400, model_id
+        assert response.json()["field"] == "model_id"
+    assert ModelUpload.objects.count() == 0
+
+
+def test_upload_rejects_archive_that_inflates(alice_client, tmp_path):
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("bomb/data.pkl", "w") as member:
+            for _ in range(200):
+                member.write(bytes(1024 * 1024))
+    assert bomb.stat().st_size < 1024 * 1024
+
+    response = upload(alice_client, "bomb", bomb)
+
+    assert response.status_code == 400
+    assert "inflates" in response.json()["message"]
+    assert ModelUpload.objects.count() == 0
+
+
+def test_upload_over_size_limit_is_413(alice_client, tmp_path, monkeypatch):
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_UPLOAD_BYTES", 4096)
+    weights = make_weights(tmp_path / "mine.pt")
+
+    response = upload(alice_client, "too-big", weights)
+
+    assert response.status_code == 413
+    assert response.json()["code"] == "payload_too_large"
+    assert ModelUpload.objects.count() == 0

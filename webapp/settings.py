@@ -18,6 +18,10 @@ from webapp.env import env_bool, env_float, env_int, env_list, env_str
 # unpickles only its own layer classes (runner/model_cache.py open_weights).
 # It reads the variable once, at import, which comes after settings.
 os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
+# No downloads or package installs from inside a runner: ultralytics tries
+# both, for example for an image format it has no decoder for.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("GLASSBOX_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -176,6 +180,8 @@ GLASSBOX = {
     # Where model weights are looked up by id (``<id>.pt``).
     "MODEL_DIR": Path(env_str("MODEL_DIR", str(DATA_DIR / "models"))).resolve(),
     "UPLOAD_DIR": DATA_DIR / "uploads",
+    # Largest weights upload; ultralytics' largest detectors are about 130 MB.
+    "MAX_UPLOAD_BYTES": env_int("MAX_UPLOAD_BYTES", 256 * 1024 * 1024, 1024),
     # A synchronous run request waits this long, then responds 202 with the
     # run's URL.
     "SYNC_TIMEOUT_S": env_float("SYNC_TIMEOUT_S", 30.0, 0.0),

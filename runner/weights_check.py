@@ -1,0 +1,109 @@
+"""Check an uploaded weights file in a child process before it is stored.
+
+The check loads the file with ultralytics, which the web server must not do
+itself: importing ultralytics adds about 900 MB of torch to each worker and
+replaces ``PIL.Image.open`` with a version that tries to install packages,
+and a file crafted to inflate or crash would take the worker with it. The
+child loads with ultralytics' restricted unpickler, offline, and prints one
+line of JSON.
+
+Run as ``python -m runner.weights_check PATH``; it imports no Django code.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+CHILD_TIMEOUT_S = 120
+# A torch checkpoint stores its tensors uncompressed, so its members add up
+# to about the archive's size. Anything far above that is a compressed
+# payload built to inflate.
+MAX_INFLATION = 2
+INFLATION_ALLOWANCE_BYTES = 64 * 1024 * 1024
+
+CHILD_ENV = {
+    # Read once, when ultralytics is imported.
+    "ULTRALYTICS_SAFE_LOAD": "1",
+    "YOLO_OFFLINE": "1",
+    "YOLO_AUTOINSTALL": "false",
+}
+
+
+class WeightsRejected(Exception):
+    """The file is not a usable ultralytics detector; the message says why."""
+
+
+def check_weights(path: Path, shown_name: str) -> tuple[list[str], str]:
+    """Return the class names and task of the detector in ``path``.
+
+    Raises WeightsRejected with a message that names the file as
+    ``shown_name``, never by its path on the server.
+    """
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "runner.weights_check", str(path)],
+            env={**os.environ, **CHILD_ENV},
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise WeightsRejected(
+            f"loading it took over {CHILD_TIMEOUT_S} s, so it was stopped"
+        ) from None
+    lines = finished.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise WeightsRejected(
+            f"the check process exited with code {finished.returncode} "
+            "before it gave a result"
+        ) from None
+    if not result["ok"]:
+        raise WeightsRejected(result["error"].replace(str(path), shown_name))
+    return result["names"], result["task"]
+
+
+def _check_archive(path: Path) -> None:
+    if not zipfile.is_zipfile(path):
+        return
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        inflated = sum(member.file_size for member in archive.infolist())
+    if inflated > MAX_INFLATION * size + INFLATION_ALLOWANCE_BYTES:
+        raise ValueError(
+            f"its archive inflates from {size} to {inflated} bytes, which no "
+            "torch checkpoint does"
+        )
+
+
+def _load(path: Path) -> dict:
+    _check_archive(path)
+    from ultralytics import YOLO
+
+    model = YOLO(str(path))
+    if model.task != "detect":
+        raise ValueError(f"the model's task is '{model.task}', only 'detect' runs here")
+    return {
+        "ok": True,
+        "task": model.task,
+        "names": [model.names[i] for i in sorted(model.names)],
+    }
+
+
+def main(path: str) -> None:
+    # ultralytics logs to stdout, so the result goes on the last line.
+    try:
+        result = _load(Path(path))
+    except Exception as error:
+        message = str(error).replace("ERROR ❌️ ", "").strip()
+        result = {"ok": False, "error": f"{type(error).__name__}: {message}"}
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
