@@ -66,6 +66,12 @@ def test_up_serves_then_stops_every_process(tmp_path):
             assert reply.status == 200
         redis_pid = int((tmp_path / "redis.pid").read_text())
 
+        kill_runner_until_paused(up, log_path)
+        assert up.poll() is None, log_path.read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/info") as reply:
+            assert reply.status == 200
+        children = psutil.Process(up.pid).children(recursive=True)
+
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(children, timeout=10)
@@ -83,6 +89,21 @@ def test_up_serves_then_stops_every_process(tmp_path):
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
         stop_leftover_redis(tmp_path)
+
+
+def kill_runner_until_paused(up: subprocess.Popen, log_path) -> None:
+    """SIGKILL runner-1 each time ``up`` starts it, until ``up`` stops restarting it."""
+    deadline = time.monotonic() + 90
+    while b"the rest of the stack stays up" not in log_path.read_bytes():
+        assert time.monotonic() < deadline, log_path.read_text()
+        for child in psutil.Process(up.pid).children():
+            try:
+                if "runner-1" in child.cmdline():
+                    child.kill()
+            except psutil.Error:
+                # Exited, or not yet reaped by up, since the listing.
+                continue
+        time.sleep(0.2)
 
 
 def stop_leftover_redis(data_dir) -> None:

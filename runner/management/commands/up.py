@@ -42,6 +42,8 @@ class Child:
     process: subprocess.Popen
     # Monotonic times of recent restarts, to stop a crash loop.
     restarts: list[float] = field(default_factory=list)
+    # Set while a crash-looping runner waits for its restarts to age out.
+    paused: bool = False
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -203,11 +205,14 @@ class Command(BaseCommand):
         self.children[name] = Child(command, process, restarts)
 
     def _supervise(self, log_dir: Path) -> None:
-        """Restart children that exit; give up on one that keeps exiting.
+        """Restart children that exit, and stop a crash loop.
 
         A runner that crashed is started again under its name, and on start
         fails the run it held; the embedded Redis is started again by the
-        first process that finds it gone.
+        first process that finds it gone. A runner that exits more than
+        MAX_RESTARTS_PER_MINUTE times a minute waits until that is no longer
+        true, while the rest of the stack serves: a user's input can crash
+        a runner. A web or websocket server in a crash loop stops the stack.
         """
         while True:
             time.sleep(1)
@@ -218,10 +223,22 @@ class Command(BaseCommand):
                 now = time.monotonic()
                 child.restarts[:] = [t for t in child.restarts if now - t < 60]
                 if len(child.restarts) >= MAX_RESTARTS_PER_MINUTE:
-                    raise CommandError(
+                    message = (
                         f"{name} exited {len(child.restarts) + 1} times within a "
                         f"minute (last exit code {code}); see {log_dir / name}.log"
                     )
+                    if not name.startswith("runner-"):
+                        raise CommandError(message)
+                    if not child.paused:
+                        child.paused = True
+                        logger.error("%s; it starts again later", message)
+                        self.stderr.write(
+                            f"{message}. It starts again once it has exited fewer "
+                            f"than {MAX_RESTARTS_PER_MINUTE} times in the last "
+                            "minute; the rest of the stack stays up."
+                        )
+                    continue
+                child.paused = False
                 child.restarts.append(now)
                 logger.warning("%s exited with code %s; restarting it", name, code)
                 self.stderr.write(f"{name} exited with code {code}; restarting it")
