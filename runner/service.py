@@ -4,6 +4,10 @@ The REST API, the Roboflow-compatible routes, the browser and the
 ``runworkflow`` command all call ``start_run``.
 """
 
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +16,46 @@ from django.conf import settings
 from runner.dispatch import Submission, submit, wait_for_result
 from runner.models import Run
 from workflows.compiler import plan_cache
+from workflows.errors import WorkflowError
 from workflows.inputs import read_inputs
+
+
+class TooManyWaitingRequests(WorkflowError):
+    code = "too_many_requests"
+    status = 429
+
+
+# Synchronous requests waiting in this process, by owner.
+_waiting: Counter[int] = Counter()
+_waiting_lock = threading.Lock()
+
+
+@contextmanager
+def waiting_slot(owner_id: int) -> Iterator[None]:
+    """Hold one of the owner's SYNC_WAITS_PER_USER slots in this process.
+
+    A waiting request holds a web server thread for up to its timeout, so
+    without a limit one user's requests could hold every thread, and every
+    other user would wait.
+    """
+    limit = settings.GLASSBOX["SYNC_WAITS_PER_USER"]
+    with _waiting_lock:
+        if _waiting[owner_id] >= limit:
+            raise TooManyWaitingRequests(
+                f"you already have {limit} synchronous requests waiting for runs "
+                "on this server process",
+                context="request_limits",
+                hint="Wait for one to finish, or send runs asynchronously and "
+                "follow their URLs.",
+            )
+        _waiting[owner_id] += 1
+    try:
+        yield
+    finally:
+        with _waiting_lock:
+            _waiting[owner_id] -= 1
+            if not _waiting[owner_id]:
+                del _waiting[owner_id]
 
 
 @dataclass
@@ -37,29 +80,31 @@ def start_run(
 ) -> RunOutcome:
     """Compile, check inputs, queue, and wait up to ``wait_s`` for the result.
 
-    Raises DefinitionError, InputError, ModelNotFoundError or NoRunnerError
-    before anything is stored.
+    Raises DefinitionError, InputError, ModelNotFoundError, NoRunnerError or
+    TooManyWaitingRequests before anything is stored.
     """
-    compiled = plan_cache.compile(definition)
-    inputs = read_inputs(
-        compiled.plan,
-        raw_inputs,
-        max_pixels=settings.GLASSBOX["MAX_IMAGE_PIXELS"],
-        uploads=uploads,
-    )
-    run = submit(
-        Submission(
-            owner_id=owner_id,
-            source=source,
-            plan=compiled.plan,
-            inputs=inputs,
-            request_started_ns=started_ns,
-            workflow_version_id=workflow_version_id,
-            inline_definition=None if workflow_version_id else definition,
-            token_id=token_id,
-            runner=runner,
-        ),
-        require_runner=wait_s > 0,
-    )
-    payload = wait_for_result(str(run.id), wait_s)
-    return RunOutcome(run, payload)
+    slot = waiting_slot(owner_id) if wait_s > 0 else nullcontext()
+    with slot:
+        compiled = plan_cache.compile(definition)
+        inputs = read_inputs(
+            compiled.plan,
+            raw_inputs,
+            max_pixels=settings.GLASSBOX["MAX_IMAGE_PIXELS"],
+            uploads=uploads,
+        )
+        run = submit(
+            Submission(
+                owner_id=owner_id,
+                source=source,
+                plan=compiled.plan,
+                inputs=inputs,
+                request_started_ns=started_ns,
+                workflow_version_id=workflow_version_id,
+                inline_definition=None if workflow_version_id else definition,
+                token_id=token_id,
+                runner=runner,
+            ),
+            require_runner=wait_s > 0,
+        )
+        payload = wait_for_result(str(run.id), wait_s)
+        return RunOutcome(run, payload)

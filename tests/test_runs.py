@@ -2,11 +2,14 @@
 
 import time
 
+from django.conf import settings
+
 from billing.models import Bill
 from billing.policy import evaluate_formula
 from runner import keys
 from runner.dispatch import wait_for_result
 from runner.models import Run
+from runner.service import waiting_slot
 from tests.conftest import image_b64, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.redis import get_redis
@@ -207,3 +210,31 @@ def test_sync_wait_times_out_for_unfinished_run(runner, alice):
     run = start_cli_run(alice, detection("yolov8x.yaml"), wait_s=0).run
     assert wait_for_result(str(run.id), timeout_s=0.3) is None
     assert wait_for_result(str(run.id), timeout_s=120) is not None
+
+
+def test_sync_waits_per_user_are_limited(runner, alice, alice_client, bob_client):
+    settings.GLASSBOX["SYNC_WAITS_PER_USER"], saved = (
+        1,
+        settings.GLASSBOX["SYNC_WAITS_PER_USER"],
+    )
+    workflow_id = create_workflow(alice_client, image_height())
+    inline = {
+        "specification": image_height(),
+        "inputs": {"image": {"type": "base64", "value": image_b64()}},
+    }
+    try:
+        # Held here as a waiting request of Alice's would hold it.
+        with waiting_slot(alice.id):
+            mine = run_workflow(alice_client, workflow_id)
+            roboflow = alice_client.post("/workflows/run", inline, format="json")
+            asynchronous = run_workflow(alice_client, workflow_id, **{"async": True})
+            others = bob_client.post("/workflows/run", inline, format="json")
+    finally:
+        settings.GLASSBOX["SYNC_WAITS_PER_USER"] = saved
+
+    assert mine.status_code == 429
+    assert mine.json()["code"] == "too_many_requests"
+    assert roboflow.status_code == 429
+    assert asynchronous.status_code == 202
+    assert others.status_code == 200
+    assert Run.objects.filter(owner=alice).count() == 1

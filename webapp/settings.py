@@ -188,6 +188,9 @@ GLASSBOX = {
     # The Roboflow-compatible routes wait longer: inference-sdk has no way to
     # follow a 202, so it is only the response of last resort there.
     "ROBOFLOW_SYNC_TIMEOUT_S": env_float("ROBOFLOW_SYNC_TIMEOUT_S", 300.0, 0.0),
+    # Synchronous requests one user may have waiting in one web server process;
+    # more are answered 429. A waiting request holds a server thread.
+    "SYNC_WAITS_PER_USER": env_int("SYNC_WAITS_PER_USER", 4, 1),
     # Images are rejected from their header, before decoding, above this.
     "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),
     # Input images wait in Redis this long for a runner.

@@ -32,6 +32,9 @@ from workflows.models import Workflow
 
 DEMO_DEFINITION = Path(settings.BASE_DIR) / "examples" / "people-count.json"
 MAX_RESTARTS_PER_MINUTE = 5
+# A synchronous run holds a thread while it waits, at most SYNC_WAITS_PER_USER
+# of them per user and process.
+WEB_THREADS = 32
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class Command(BaseCommand):
             "--web-workers",
             type=int,
             default=2,
-            help="gunicorn worker processes (each with 8 threads).",
+            help=f"gunicorn worker processes (each with {WEB_THREADS} threads).",
         )
         parser.add_argument(
             "--demo",
@@ -158,7 +161,7 @@ class Command(BaseCommand):
                     "--worker-class",
                     "gthread",
                     "--threads",
-                    "8",
+                    str(WEB_THREADS),
                     "--access-logfile",
                     "-",
                     # The path without its query string: clients may send
