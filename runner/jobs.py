@@ -25,6 +25,8 @@ from workflows.timing import RunTimer
 
 logger = logging.getLogger(__name__)
 
+PLATFORM_FAILURE = "the run failed because of the platform"
+
 
 def execute_run(
     run_id: str, snapshot: dict | None = None, inputs: dict | None = None
@@ -106,7 +108,8 @@ def _execute(
     events.emit("queue", duration=queue_us, runner=runtime.name)
     policy = BillingPolicy.from_settings()
     outputs, outputs_json, error, status = None, "null", None, Run.Status.SUCCEEDED
-    platform_failure = False
+    # Set when the run must not be billed.
+    waive_reason: str | None = None
     plan = None
     try:
         plan = _plan_for(run, timer)
@@ -137,12 +140,17 @@ def _execute(
     except WorkflowError as failure:
         status, error = Run.Status.FAILED, failure.to_dict()
         error["status"] = failure.status
-        platform_failure = not failure.user_error
+        if not failure.user_error:
+            waive_reason = PLATFORM_FAILURE
+        elif not failure.billable:
+            waive_reason = (
+                "the input passed the server's checks but failed on the runner"
+            )
         logger.info(
             "run %s failed on runner %s: %s", run.pk, runtime.name, failure.message
         )
     except Exception as failure:
-        status, platform_failure = Run.Status.FAILED, True
+        status, waive_reason = Run.Status.FAILED, PLATFORM_FAILURE
         error = {
             "message": f"internal error on runner {runtime.name}: "
             f"{type(failure).__name__}",
@@ -163,8 +171,8 @@ def _execute(
     )
     breakdown["runner"] = runtime.name
     breakdown["device"] = runtime.device
-    if platform_failure:
-        bill = policy.waive(breakdown, "the run failed because of the platform")
+    if waive_reason:
+        bill = policy.waive(breakdown, waive_reason)
     else:
         bill = policy.bill(breakdown)
     finish_run(

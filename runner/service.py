@@ -90,6 +90,7 @@ def start_run(
             compiled.plan,
             raw_inputs,
             max_pixels=settings.GLASSBOX["MAX_IMAGE_PIXELS"],
+            max_total_pixels=settings.GLASSBOX["MAX_RUN_PIXELS"],
             uploads=uploads,
         )
         run = submit(

@@ -1055,3 +1055,34 @@ def test_sequence_length_of_image_is_billed_user_error(runner, alice_client):
     bill = Bill.objects.get()
     assert bill.billed is True
     assert bill.amount_microcredits > 0
+
+
+def test_images_over_total_pixel_limit(send_run, monkeypatch):
+    # bus.jpg is 810x1080 = 874,800 pixels.
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_RUN_PIXELS", 1_000_000)
+    image = base64_input(image_bytes())
+    response = send_run(image_height(), {"image": [image, image]})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert "1749600 pixels together" in body["message"]
+    assert_nothing_stored()
+
+
+def test_parameter_nested_too_deeply(send_run):
+    definition = with_parameter(image_height(), "note")
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "note", "selector": "$inputs.note"}
+    )
+    deep = []
+    for _ in range(40):
+        deep = [deep]
+    response = send_run(
+        definition, {"image": base64_input(image_bytes()), "note": deep}
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "note"
+    assert "more than 32 levels deep" in body["message"]
+    assert_nothing_stored()

@@ -1,6 +1,9 @@
 """Runs end to end: API request, real runner process, real model, bill."""
 
+import base64
+import struct
 import time
+import zlib
 
 from django.conf import settings
 
@@ -238,3 +241,45 @@ def test_sync_waits_per_user_are_limited(runner, alice, alice_client, bob_client
     assert asynchronous.status_code == 202
     assert others.status_code == 200
     assert Run.objects.filter(owner=alice).count() == 1
+
+
+def test_run_accepts_wrapped_unpadded_base64(runner, alice_client):
+    workflow_id = create_workflow(alice_client, image_height())
+    # As `base64` and MIME encoders write it: 76-character lines, no padding.
+    encoded = image_b64().rstrip("=")
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    body = {"inputs": {"image": {"type": "base64", "value": wrapped + "\n"}}}
+    response = alice_client.post(
+        f"/api/workflows/{workflow_id}/runs", body, format="json"
+    )
+    assert response.status_code == 200, response.json()
+    assert response.json()["outputs"][0]["height"] == 1080
+
+
+def test_run_image_undecodable_on_runner_is_not_billed(runner, alice_client):
+    # A valid header and end marker around pixel data that is not zlib.
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", b"not zlib data" * 8)
+        + chunk(b"IEND", b"")
+    )
+    workflow_id = create_workflow(alice_client, detection())
+    body = {
+        "inputs": {"image": {"type": "base64", "value": base64.b64encode(png).decode()}}
+    }
+    response = alice_client.post(
+        f"/api/workflows/{workflow_id}/runs", body, format="json"
+    )
+    assert response.status_code == 400, response.json()
+    run = Run.objects.get()
+    assert run.status == Run.Status.FAILED
+    assert run.error["code"] == "invalid_input"
+    assert run.bill.billed is False
+    assert run.bill.amount_microcredits == 0
+    assert "passed the server's checks" in run.bill.formula

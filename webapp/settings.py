@@ -193,6 +193,8 @@ GLASSBOX = {
     "SYNC_WAITS_PER_USER": env_int("SYNC_WAITS_PER_USER", 4, 1),
     # Images are rejected from their header, before decoding, above this.
     "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),
+    # All images of one run together; a runner holds their pixels, 3 bytes each.
+    "MAX_RUN_PIXELS": env_int("MAX_RUN_PIXELS", 160_000_000, 1),
     # Input images wait in Redis this long for a runner.
     "INPUT_TTL_S": env_int("INPUT_TTL_S", 3600, 60),
     "RUNNER_HEARTBEAT_S": env_float("RUNNER_HEARTBEAT_S", 1.0, 0.05),

@@ -35,6 +35,9 @@ class WorkflowError(Exception):
     code = "workflow_error"
     status = 400
     user_error = True
+    # Whether a run that fails with this error is billed. Failures caused by
+    # the platform never are.
+    billable = True
 
     def __init__(
         self,
@@ -101,6 +104,17 @@ class InputError(WorkflowError):
     """A run's inputs are missing, malformed or not usable images."""
 
     code = "invalid_input"
+
+
+class UndecodableImageError(InputError):
+    """An image passed the web server's checks but failed to decode on a runner.
+
+    The web server reads only headers and end markers, so the run was
+    accepted; it fails as the user's error, but the platform's check let it
+    through, so it is not billed.
+    """
+
+    billable = False
 
 
 class InputsExpiredError(WorkflowError):

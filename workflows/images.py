@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from workflows.errors import InputError
+from workflows.errors import InputError, UndecodableImageError
 
 # Formats with a cheap structural end-of-file check; others are fully decoded
 # by the web server to find truncation.
@@ -45,9 +45,16 @@ class ImageInfo:
 
 
 def decode_base64(value: str, *, input_name: str) -> bytes:
-    """Decode strict base64 (data-URL prefix allowed) or raise InputError."""
+    """Decode base64 or raise InputError.
+
+    A data-URL prefix, line breaks and other whitespace (as ``base64`` and
+    MIME encoders write them) and missing trailing padding are accepted.
+    Any other character outside the standard alphabet is an error.
+    """
     if value.startswith("data:"):
         _, _, value = value.partition(",")
+    value = "".join(value.split())
+    value += "=" * (-len(value) % 4)
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as error:
@@ -59,8 +66,14 @@ def decode_base64(value: str, *, input_name: str) -> bytes:
         ) from error
 
 
-def inspect_image(data: bytes, *, input_name: str, max_pixels: int) -> ImageInfo:
-    """Check that ``data`` is a whole image no larger than ``max_pixels``."""
+def inspect_image(
+    data: bytes, *, input_name: str, max_pixels: int, complete: bool = True
+) -> ImageInfo:
+    """Check that ``data`` is an image no larger than ``max_pixels``.
+
+    With ``complete``, also check that the file is whole (check_complete),
+    which decodes formats without an end marker.
+    """
     if not data:
         raise InputError(
             f"Input '{input_name}' is empty",
@@ -100,8 +113,14 @@ def inspect_image(data: bytes, *, input_name: str, max_pixels: int) -> ImageInfo
             field_name=input_name,
             hint="Resize the image before sending it.",
         )
-    _check_complete(image, image_format, data, input_name)
+    if complete:
+        _check_complete(image, image_format, data, input_name)
     return ImageInfo(format=image_format, width=width, height=height)
+
+
+def check_complete(data: bytes, info: ImageInfo, *, input_name: str) -> None:
+    """Raise InputError if the image inspect_image read from ``data`` is cut short."""
+    _check_complete(Image.open(io.BytesIO(data)), info.format, data, input_name)
 
 
 def _has_end_marker(image_format: str, data: bytes) -> bool:
@@ -184,8 +203,9 @@ class WorkflowImage:
                 buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
             )
             if decoded is None:
-                raise InputError(
-                    f"Image '{self.parent_id}' could not be decoded",
+                raise UndecodableImageError(
+                    f"Image '{self.parent_id}' could not be decoded, although its "
+                    "header and end marker were valid",
                     context="input_decoding",
                 )
             self._pixels = decoded

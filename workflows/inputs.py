@@ -11,7 +11,10 @@ from workflows.blocks.base import VALUE
 from workflows.compiler.graph import value_problem
 from workflows.compiler.plan import ExecutionPlan, InputRef
 from workflows.errors import InputError
-from workflows.images import ImageInfo, decode_base64, inspect_image
+from workflows.images import ImageInfo, check_complete, decode_base64, inspect_image
+
+# How deeply a parameter value may nest lists and objects.
+MAX_VALUE_DEPTH = 32
 
 
 @dataclass
@@ -27,12 +30,19 @@ def read_inputs(
     raw: Any,
     *,
     max_pixels: int,
+    max_total_pixels: int | None = None,
     uploads: dict[str, bytes] | None = None,
 ) -> RunInputs:
-    """Check every input the plan declares; raise InputError naming the bad one."""
+    """Check every input the plan declares; raise InputError naming the bad one.
+
+    Each image may have ``max_pixels``, and all of them together
+    ``max_total_pixels``. Totals are checked from headers, before any image
+    is decoded to see whether it is whole.
+    """
     raw = input_mapping(raw)
     uploads = uploads or {}
     images: dict[str, list[bytes]] = {}
+    headers: dict[str, list[ImageInfo]] = {}
     info: dict[str, list[dict[str, Any]]] = {}
     for spec in plan.image_inputs:
         if spec.name in uploads:
@@ -48,11 +58,26 @@ def read_inputs(
                 '"value": "<base64 image>"}.',
             )
         images[spec.name] = blobs
-        info[spec.name] = [
-            _describe(
-                inspect_image(blob, input_name=spec.name, max_pixels=max_pixels), blob
+        headers[spec.name] = [
+            inspect_image(
+                blob, input_name=spec.name, max_pixels=max_pixels, complete=False
             )
             for blob in blobs
+        ]
+    total = sum(i.width * i.height for infos in headers.values() for i in infos)
+    if max_total_pixels is not None and total > max_total_pixels:
+        raise InputError(
+            f"the run's images have {total} pixels together, over the limit of "
+            f"{max_total_pixels}",
+            context="request_parsing",
+            hint="Send fewer or smaller images per run.",
+        )
+    for name, infos in headers.items():
+        for blob, image_info in zip(images[name], infos, strict=True):
+            check_complete(blob, image_info, input_name=name)
+        info[name] = [
+            _describe(image_info, blob)
+            for blob, image_info in zip(images[name], infos, strict=True)
         ]
     parameters = read_parameters(plan, raw)
     return RunInputs(images, info, parameters, _batch_size(images))
@@ -76,6 +101,7 @@ def read_parameters(plan: ExecutionPlan, raw: dict[str, Any]) -> dict[str, Any]:
     parameters: dict[str, Any] = {}
     for spec in plan.parameter_inputs:
         if spec.name in raw:
+            _check_depth(raw[spec.name], spec.name)
             parameters[spec.name] = raw[spec.name]
         elif spec.has_default:
             parameters[spec.name] = spec.default
@@ -87,6 +113,32 @@ def read_parameters(plan: ExecutionPlan, raw: dict[str, Any]) -> dict[str, Any]:
             )
     _check_parameter_values(plan, parameters)
     return parameters
+
+
+def _check_depth(value: Any, name: str) -> None:
+    """Raise InputError if ``value`` nests lists and objects over MAX_VALUE_DEPTH deep.
+
+    Runners copy parameter values into outputs recursively, so a deeper value
+    would fail there, after the run was stored.
+    """
+    level = [value]
+    for _ in range(MAX_VALUE_DEPTH + 1):
+        level = [
+            item
+            for container in level
+            if isinstance(container, dict | list)
+            for item in (
+                container.values() if isinstance(container, dict) else container
+            )
+        ]
+        if not level:
+            return
+    raise InputError(
+        f"parameter '{name}' nests lists and objects more than {MAX_VALUE_DEPTH} "
+        "levels deep",
+        context="request_parsing",
+        field_name=name,
+    )
 
 
 def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> None:
