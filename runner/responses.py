@@ -32,5 +32,13 @@ def run_response(outcome: RunOutcome, started_ns: int) -> Response:
     if outcome.payload is None:
         return pending_response(outcome)
     body = run_to_dict(outcome.run, payload=outcome.payload)
+    error = outcome.payload["meta"].get("error")
+    if error:
+        # Every error body has message, code and context at the top level; a
+        # failed run's body is the run, with its error's fields added there.
+        body = {
+            **{name: value for name, value in error.items() if name != "status"},
+            **body,
+        }
     headers = timing_headers(outcome.payload["meta"], started_ns)
     return Response(body, status=status_for(outcome.payload), headers=headers)

@@ -446,6 +446,18 @@ def test_workflow_create_malformed_json(alice_client):
     assert Workflow.objects.count() == 0
 
 
+@pytest.mark.parametrize("name", [5, 1.5, True, ["x"]])
+def test_workflow_create_name_not_a_string(alice_client, name):
+    response = post_json(
+        alice_client, "/api/workflows/", {"name": name, "definition": image_height()}
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "invalid_request"
+    assert "name" in body["fields"]
+    assert Workflow.objects.count() == 0
+
+
 # Images
 
 
@@ -691,10 +703,11 @@ def test_api_run_unknown_version(alice, alice_client):
         f"/api/workflows/{workflow.id}/runs",
         {"version": 7, "inputs": {"image": base64_input(image_bytes())}},
     )
-    assert response.status_code == 400
+    assert response.status_code == 404
     body = response.json()
     assert_error_body(body)
-    assert body["field"] == "version"
+    assert body["code"] == "not_found"
+    assert "no version 7" in body["message"]
     assert_nothing_stored()
 
 
@@ -1055,6 +1068,24 @@ def test_sequence_length_of_image_is_billed_user_error(runner, alice_client):
     bill = Bill.objects.get()
     assert bill.billed is True
     assert bill.amount_microcredits > 0
+
+
+def test_failed_run_body_has_error_fields_on_top(runner, alice, alice_client):
+    definition = image_height()
+    definition["steps"][0]["operations"] = [{"type": "SequenceLength"}]
+    workflow = Workflow.create_with_version(alice, "length", definition)
+    response = post_json(
+        alice_client,
+        f"/api/workflows/{workflow.id}/runs",
+        {"inputs": {"image": base64_input(image_bytes())}},
+    )
+    body = response.json()
+    assert response.status_code == 400
+    assert_error_body(body)
+    assert body["code"] == "step_rejected_input"
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "step_rejected_input"
+    assert body["bill"]["amount_microcredits"] > 0
 
 
 def test_images_over_total_pixel_limit(send_run, monkeypatch):

@@ -182,7 +182,7 @@ def test_estimate_bad_requests(runner, alice_client, bob_client):
     no_version = alice_client.post(
         f"/api/workflows/{workflow_id}/estimate", {"version": 9}, format="json"
     )
-    assert no_version.status_code == 400
+    assert no_version.status_code == 404
     assert Run.objects.count() == 0
 
 

@@ -366,3 +366,24 @@ def test_queue_time_ignores_runner_clock_offset(runner, extra_runners, alice):
     assert run.started_at <= run.finished_at
     assert abs((run.finished_at - timezone.now()).total_seconds()) < 5
     assert abs(ahead.state()["beat_at"] - time.time()) < 5
+
+
+def test_predicted_hot_only_where_the_queue_leads(runner, extra_runners, alice):
+    start(alice, "yolov8s.yaml", runner.name)
+    extra_runners("no-models")
+    # Heartbeats of both runners, the first listing yolov8s, newer than the
+    # half-second view of the fleet that submit reuses.
+    time.sleep(0.6)
+
+    idle = start_cli_run(alice, detection("yolov8s.yaml"), wait_s=60).run
+    # Busy, as far as routing can tell, so the next run takes the shared queue.
+    get_redis().set(keys.current_run_key(runner.name), "another run", ex=30)
+    try:
+        shared = start_cli_run(alice, detection("yolov8s.yaml"), wait_s=60).run
+    finally:
+        get_redis().delete(keys.current_run_key(runner.name))
+
+    assert idle.queue_name == keys.runner_queue(runner.name)
+    assert idle.model_refs[0]["predicted_hot"] is True
+    assert shared.queue_name == keys.SHARED_QUEUE
+    assert shared.model_refs[0]["predicted_hot"] is False

@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.db.models import Count, Max
 from django.shortcuts import get_object_or_404
-from rest_framework import serializers, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -17,9 +17,18 @@ from workflows.inputs import batch_size_of, input_mapping, read_parameters
 from workflows.models import Workflow, WorkflowVersion
 
 
+class StrictCharField(serializers.CharField):
+    """A CharField that rejects numbers and booleans instead of converting them."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class WorkflowWriteSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=200, required=False)
-    description = serializers.CharField(required=False, allow_blank=True)
+    name = StrictCharField(max_length=200, required=False)
+    description = StrictCharField(required=False, allow_blank=True)
     definition = serializers.JSONField(required=False)
 
 
@@ -186,11 +195,7 @@ def requested_version(workflow: Workflow, body: dict) -> WorkflowVersion:
         else versions.first()
     )
     if version is None:
-        raise MalformedRequest(
-            f"workflow {workflow.id} has no version {number}",
-            context="request_parsing",
-            field_name="version",
-        )
+        raise exceptions.NotFound(f"workflow {workflow.id} has no version {number}")
     return version
 
 
