@@ -99,12 +99,17 @@ def resolve_model(
         found = _from_uploads(model_id, owner_id, searched)
         if found:
             return found
-    if not SAFE_ID.fullmatch(model_id) or ".." in model_id.split("/"):
+    if not SAFE_ID.fullmatch(model_id):
         raise ModelNotFoundError(
             model_id[:200],
             [],
             step=step,
-            reason="ids are 1 to 200 letters, digits, '.', '_', '-' and '/'",
+            reason="ids are 1 to 200 letters, digits, '.', '_', '-' and '/', "
+            "starting with a letter or digit",
+        )
+    if ".." in model_id.split("/"):
+        raise ModelNotFoundError(
+            model_id, [], step=step, reason="an id may not contain a '..' segment"
         )
     if model_id.endswith((".yaml", ".yml")):
         return _architecture(model_id, model_id, None, searched, step)

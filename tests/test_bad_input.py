@@ -1117,3 +1117,18 @@ def test_parameter_nested_too_deeply(send_run):
     assert body["field"] == "note"
     assert "more than 32 levels deep" in body["message"]
     assert_nothing_stored()
+
+
+def test_validate_warns_about_unresolved_model(alice_client):
+    response = post_json(
+        alice_client, "/api/validate", {"definition": detection("nosuch-model")}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["valid"] is True
+    assert any(
+        "step 'people'" in warning and "'nosuch-model' not found" in warning
+        for warning in body["warnings"]
+    )
+    resolved = post_json(alice_client, "/api/validate", {"definition": detection()})
+    assert resolved.json()["warnings"] == []

@@ -67,3 +67,27 @@ def test_build_run_and_explain_bill(runner, asgi_server, page, alice):
     page.goto(f"{asgi_server}/billing/")
     assert page.locator("#bill-table tbody tr").count() == 2
     page.screenshot(path=str(ARTIFACTS / "billing.png"), full_page=True)
+
+    # A finished run opened later has no input image to draw on.
+    page.goto(f"{asgi_server}/runs/{second_run}/")
+    page.wait_for_function(
+        "document.getElementById('result-json').textContent.length > 0"
+    )
+    assert page.locator("#result-canvas").is_hidden()
+
+
+def test_builder_reports_unreadable_json(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/new")
+    build_two_step_workflow(page)
+    page.click("#tab-json")
+    page.fill("#definition-json", '{"version": "1.0", "steps": [')
+    page.wait_for_selector("#json-error:not([hidden])")
+    status = page.locator("#validation-status")
+    assert status.get_attribute("data-state") == "invalid"
+    assert status.text_content() == "Invalid JSON"
+
+    page.fill("#workflow-name", "Broken")
+    page.click("#save")
+    page.wait_for_selector("#save-message:not([hidden])")
+    assert "JSON has an error" in page.locator("#save-message").text_content()

@@ -49,6 +49,12 @@ def test_resolve_rejects_unsafe_ids(db, model_id):
         resolve_model(model_id)
 
 
+def test_resolve_names_dot_dot_segment(db):
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model("a/../../h1-evil")
+    assert "'..' segment" in caught.value.message
+
+
 def test_unknown_model_lists_places_searched(db):
     with pytest.raises(ModelNotFoundError) as caught:
         resolve_model("no-such-model")

@@ -85,7 +85,11 @@ class DefinitionError(WorkflowError):
         where = f"step '{first.block_id}'" if first.block_id else "definition"
         if first.property_name:
             where += f", field '{first.property_name}'"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        more = (
+            f" (and {len(errors) - 1} more problems, listed in blocks_errors)"
+            if len(errors) > 1
+            else ""
+        )
         super().__init__(
             f"Invalid workflow definition at {where}: {first.property_details}{more}",
             context=context,

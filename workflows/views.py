@@ -8,11 +8,13 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from runner.estimate import estimate_run
+from runner.registry import resolve_model
 from runner.responses import run_response
 from runner.service import start_run
 from webapp.requests import MalformedRequest, json_object, version_number
 from workflows.blocks import BLOCKS
 from workflows.compiler import plan_cache
+from workflows.errors import ModelNotFoundError
 from workflows.inputs import batch_size_of, input_mapping, read_parameters
 from workflows.models import Workflow, WorkflowVersion
 
@@ -247,8 +249,28 @@ class ValidateView(APIView):
             raise MalformedRequest(
                 "'definition' is required", context="request_parsing"
             )
-        warnings = compile_or_raise(body["definition"])
+        plan = plan_cache.compile(body["definition"]).plan
+        warnings = list(plan.warnings) + model_warnings(plan, request.user.id)
         return Response({"valid": True, "warnings": warnings})
+
+
+def model_warnings(plan, owner_id: int) -> list[str]:
+    """Warn about model ids written in the definition that resolve to nothing now.
+
+    Weights can be added after a workflow is saved, so this is a warning and
+    not an error; ids that come from parameters are resolved when a run starts.
+    """
+    warnings = []
+    for step, model_id in plan.model_ids({}):
+        if model_id is None:
+            continue
+        try:
+            resolve_model(model_id, owner_id, step=step)
+        except ModelNotFoundError as error:
+            warnings.append(
+                f"step '{step}': {error.message}. Runs fail until it resolves."
+            )
+    return warnings
 
 
 class BlocksView(APIView):

@@ -1072,6 +1072,7 @@
 
   async function save() {
     if (state.activeTab === "json" && !applyJsonText()) {
+      showSaveMessage("error", "Not saved: the JSON has an error, shown under it.");
       return { ok: false, message: dom.jsonError.textContent };
     }
     const name = dom.name.value.trim();
@@ -1209,9 +1210,20 @@
     return true;
   }
 
+  // The status badge describes the last definition checked; while the JSON
+  // text cannot be read, it says so instead.
   function showJsonError(message) {
     dom.jsonError.hidden = !message;
     dom.jsonError.textContent = message || "";
+    if (message) {
+      // A check of the previous definition that is still on its way would
+      // otherwise overwrite this.
+      state.validationSeq += 1;
+      clearTimeout(validateTimer);
+      setStatus("invalid", "Invalid JSON");
+    } else if (dom.status.dataset.state === "invalid" && dom.status.textContent === "Invalid JSON") {
+      scheduleValidation();
+    }
   }
 
   function showTab(tab) {

@@ -128,6 +128,8 @@
     const img = new Image();
     img.onload = () => {
       const canvas = $("result-canvas");
+      // Hidden until there is an image to draw: a run opened later has none.
+      canvas.hidden = false;
       canvas.width = img.naturalWidth;
       canvas.height = img.naturalHeight;
       const ctx = canvas.getContext("2d");
