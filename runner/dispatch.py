@@ -299,14 +299,13 @@ def _payload_from_database(
     logger.warning(
         "run %s: result not delivered through Redis; read from the DB", run_id
     )
-    return {
-        "outputs": run.outputs,
-        "meta": result_meta(
-            run.pk,
-            run.status,
-            run.breakdown,
-            run.error,
-            bill_fields(bill) if bill else None,
-            run.warnings,
-        ),
-    }
+    meta = result_meta(
+        run.pk,
+        run.status,
+        run.breakdown,
+        run.error,
+        bill_fields(bill) if bill else None,
+        run.warnings,
+        run.runner_name,
+    )
+    return {"outputs": run.outputs, "meta": meta}

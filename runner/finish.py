@@ -89,7 +89,7 @@ def finish_run(
             return False
         sql.insert(Bill(run_id=run.pk, owner_id=run.owner_id, **bill_fields(bill)))
     payload_meta = result_meta(
-        run.pk, status, breakdown, error, bill_fields(bill), run.warnings
+        run.pk, status, breakdown, error, bill_fields(bill), run.warnings, runner_name
     )
     # The runner can take no job while Redis is away, so it may as well wait.
     push_done(
@@ -110,10 +110,16 @@ def result_meta(
     error: dict[str, Any] | None,
     bill: dict[str, Any] | None,
     warnings: list[str],
+    runner: str | None,
 ) -> dict[str, Any]:
-    """Return the ``meta`` part of a finished run's result payload."""
+    """Return the ``meta`` part of a finished run's result payload.
+
+    ``runner`` is the runner that held the run, also known to runs that
+    failed without a breakdown.
+    """
     return {
         "run_id": str(run_id),
+        "runner": runner,
         "status": status,
         "breakdown": breakdown,
         "error": error,
@@ -203,13 +209,18 @@ def fail_run(
         )
         if not updated:
             return False
-        owner_id = Run.objects.values_list("owner_id", flat=True).get(pk=run_id)
+        owner_id, runner_name = Run.objects.values_list("owner_id", "runner_name").get(
+            pk=run_id
+        )
         Bill.objects.create(run_id=run_id, owner_id=owner_id, **bill_fields(line))
     logger.warning("run %s failed: %s", run_id, reason)
+    meta = result_meta(
+        run_id, "failed", None, error, bill_fields(line), [], runner_name
+    )
     push_done(
         str(run_id),
         "null",
-        result_meta(run_id, "failed", None, error, bill_fields(line), []),
+        meta,
         RunEvents(str(run_id), first_seq=1000),
         runner_name=expected_runner,
     )

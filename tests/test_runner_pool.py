@@ -16,9 +16,10 @@ from rq.job import Job
 
 from billing.models import Bill
 from runner import fleet, keys
-from runner.dispatch import choose_queue
+from runner.dispatch import choose_queue, wait_for_result
 from runner.models import Run
 from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
+from runner.presenters import run_to_dict
 from tests.conftest import ROOT, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.redis import get_redis
@@ -50,6 +51,9 @@ def test_killed_runner_fails_its_run_without_bill(runner, extra_runners, alice):
     bill = Bill.objects.get(run=run)
     assert bill.billed is False
     assert bill.amount_microcredits == 0
+    # A waiting request reads such a run from the database, without breakdown.
+    payload = wait_for_result(str(run.id), timeout_s=5)
+    assert run_to_dict(outcome.run, payload=payload)["runner"] == "victim"
 
 
 def test_killed_runner_queued_runs_move_on(runner, extra_runners, alice):
