@@ -34,7 +34,7 @@ _waiting_lock = threading.Lock()
 def waiting_slot(owner_id: int) -> Iterator[None]:
     """Hold one of the owner's SYNC_WAITS_PER_USER slots in this process.
 
-    A waiting request holds a web server thread for up to its timeout, so
+    A waiting request occupies a web server thread for up to its timeout, so
     without a limit one user's requests could hold every thread, and every
     other user would wait.
     """

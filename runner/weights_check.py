@@ -33,7 +33,7 @@ CHILD_ENV = {
 
 
 class WeightsRejected(Exception):
-    """The file is not a usable ultralytics detector; the message says why."""
+    """The file is not a usable ultralytics detector; the message gives the reason."""
 
 
 def check_weights(path: Path, shown_name: str) -> tuple[list[str], str]:

@@ -61,17 +61,23 @@ def test_unknown_model_lists_places_searched(db):
     assert "no-such-model.pt" in caught.value.message
 
 
-def test_uploads_are_per_user(db, alice, bob, tmp_path):
-    weights = tmp_path / "alice.pt"
+def record_upload(owner, model_id, tmp_path) -> str:
+    """Record an upload of ``model_id``; resolution never reads the file."""
+    weights = tmp_path / f"{owner.username}.pt"
     weights.write_bytes(b"not used by resolution")
     ModelUpload.objects.create(
-        owner=alice,
-        model_id="people-detector",
+        owner=owner,
+        model_id=model_id,
         path=str(weights),
         size_bytes=1,
         sha256="0",
         task="detect",
     )
+    return str(weights)
+
+
+def test_uploads_are_per_user(db, alice, bob, tmp_path):
+    record_upload(alice, "people-detector", tmp_path)
     for_alice = resolve_model("people-detector", alice.id)
     for_bob = resolve_model("people-detector", bob.id)
     assert for_alice.kind == "upload"
@@ -80,19 +86,10 @@ def test_uploads_are_per_user(db, alice, bob, tmp_path):
 
 
 def test_size_suffix_finds_upload_before_model_dir(db, alice, tmp_path):
-    weights = tmp_path / "alice.pt"
-    weights.write_bytes(b"not used by resolution")
-    ModelUpload.objects.create(
-        owner=alice,
-        model_id="people-detector",
-        path=str(weights),
-        size_bytes=1,
-        sha256="0",
-        task="detect",
-    )
+    weights = record_upload(alice, "people-detector", tmp_path)
     source = resolve_model("people-detector-320", alice.id)
     assert source.kind == "upload"
-    assert source.path == str(weights)
+    assert source.path == weights
     assert source.image_size == 320
 
 

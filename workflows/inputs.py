@@ -13,7 +13,7 @@ from workflows.compiler.plan import ExecutionPlan, InputRef
 from workflows.errors import InputError
 from workflows.images import ImageInfo, check_complete, decode_base64, inspect_image
 
-# How deeply a parameter value may nest lists and objects.
+# Deepest nesting of lists and objects allowed in a parameter value.
 MAX_VALUE_DEPTH = 32
 
 

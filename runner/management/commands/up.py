@@ -32,7 +32,7 @@ from workflows.models import Workflow
 
 DEMO_DEFINITION = Path(settings.BASE_DIR) / "examples" / "people-count.json"
 MAX_RESTARTS_PER_MINUTE = 5
-# A synchronous run holds a thread while it waits, at most SYNC_WAITS_PER_USER
+# A waiting synchronous run occupies a thread, at most SYNC_WAITS_PER_USER
 # of them per user and process.
 WEB_THREADS = 32
 
