@@ -1132,3 +1132,18 @@ def test_validate_warns_about_unresolved_model(alice_client):
     )
     resolved = post_json(alice_client, "/api/validate", {"definition": detection()})
     assert resolved.json()["warnings"] == []
+
+
+def test_parameter_default_nested_too_deeply(alice_client):
+    deep = []
+    for _ in range(40):
+        deep = [deep]
+    definition = with_parameter(image_height(), "note", default_value=deep)
+    response = post_json(
+        alice_client, "/api/workflows/", {"name": "deep", "definition": definition}
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "invalid_definition"
+    assert "more than 32 levels deep" in body["message"]
+    assert Workflow.objects.count() == 0

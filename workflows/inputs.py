@@ -9,12 +9,10 @@ from typing import Any
 
 from workflows.blocks.base import VALUE
 from workflows.compiler.graph import value_problem
+from workflows.compiler.parse import MAX_VALUE_DEPTH, nested_too_deep
 from workflows.compiler.plan import ExecutionPlan, InputRef
 from workflows.errors import InputError
 from workflows.images import ImageInfo, check_complete, decode_base64, inspect_image
-
-# Deepest nesting of lists and objects allowed in a parameter value.
-MAX_VALUE_DEPTH = 32
 
 
 @dataclass
@@ -116,29 +114,18 @@ def read_parameters(plan: ExecutionPlan, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_depth(value: Any, name: str) -> None:
-    """Raise InputError if ``value`` nests lists and objects over MAX_VALUE_DEPTH deep.
+    """Raise InputError if ``value`` nests lists and objects too deeply.
 
     Runners copy parameter values into outputs recursively, so a deeper value
     would fail there, after the run was stored.
     """
-    level = [value]
-    for _ in range(MAX_VALUE_DEPTH + 1):
-        level = [
-            item
-            for container in level
-            if isinstance(container, dict | list)
-            for item in (
-                container.values() if isinstance(container, dict) else container
-            )
-        ]
-        if not level:
-            return
-    raise InputError(
-        f"parameter '{name}' nests lists and objects more than {MAX_VALUE_DEPTH} "
-        "levels deep",
-        context="request_parsing",
-        field_name=name,
-    )
+    if nested_too_deep(value):
+        raise InputError(
+            f"parameter '{name}' nests lists and objects more than "
+            f"{MAX_VALUE_DEPTH} levels deep",
+            context="request_parsing",
+            field_name=name,
+        )
 
 
 def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> None:

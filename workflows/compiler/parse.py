@@ -26,6 +26,8 @@ INPUT_TYPES = {
     "WorkflowVideoMetadata": None,
 }
 # Used with fullmatch: "$" alone would also accept a trailing newline.
+# Deepest nesting of lists and objects allowed in a parameter value or default.
+MAX_VALUE_DEPTH = 32
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 SELECTOR_PATTERN = re.compile(
     r"^\$(?:inputs\.(?P<input>[^.\s]+)|steps\.(?P<step>[^.\s]+)\.(?P<output>[^.\s]+))$"
@@ -120,6 +122,15 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
         if kind is None:
             parsed.warnings.append(f"input '{name}' of type {input_type} is ignored")
             continue
+        if nested_too_deep(item.get("default_value")):
+            parsed.error(
+                None,
+                input_type,
+                f"{where}.default_value",
+                f"the default of '{name}' nests lists and objects more than "
+                f"{MAX_VALUE_DEPTH} levels deep",
+            )
+            continue
         parsed.inputs.append(
             InputSpec(
                 name=name,
@@ -128,6 +139,27 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
                 has_default="default_value" in item,
             )
         )
+
+
+def nested_too_deep(value: Any) -> bool:
+    """Return whether ``value`` nests lists and objects over MAX_VALUE_DEPTH deep.
+
+    Runners copy parameter values into outputs recursively, and Python's
+    recursion limit ends that near 1,000 levels.
+    """
+    level = [value]
+    for _ in range(MAX_VALUE_DEPTH + 1):
+        level = [
+            item
+            for container in level
+            if isinstance(container, dict | list)
+            for item in (
+                container.values() if isinstance(container, dict) else container
+            )
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
