@@ -5,6 +5,8 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from django.conf import settings
+
 from billing.policy import BillingPolicy
 from runner import keys, sql
 from runner.events import RunEvents
@@ -18,7 +20,7 @@ from webapp.redis import get_redis
 from workflows.compiler import plan_cache
 from workflows.compiler.plan import ExecutionPlan
 from workflows.errors import InputsExpiredError, WorkflowError
-from workflows.executor import collect_outputs, execute_plan
+from workflows.executor import PixelBudget, collect_outputs, execute_plan
 from workflows.images import WorkflowImage
 from workflows.models import WorkflowVersion
 from workflows.timing import RunTimer
@@ -123,12 +125,15 @@ def _execute(
             m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs
         }
         provider = ModelProvider(runtime.cache, sources, timer)
+        pixel_budget = PixelBudget(settings.GLASSBOX["MAX_RUN_PIXELS"])
         batch = []
         for index in range(run.batch_size):
             inputs = dict(run.parameters)
             for name, items in images.items():
                 inputs[name] = items[index if len(items) > 1 else 0]
-            results = execute_plan(plan, inputs, models=provider, timer=timer)
+            results = execute_plan(
+                plan, inputs, models=provider, timer=timer, pixel_budget=pixel_budget
+            )
             serialize_started = time.perf_counter_ns()
             batch.append(collect_outputs(plan, inputs, results))
             timer.serialization_ns += time.perf_counter_ns() - serialize_started

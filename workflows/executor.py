@@ -27,12 +27,46 @@ from workflows.timing import RunTimer
 logger = logging.getLogger(__name__)
 
 
+class PixelBudget:
+    """Pixels of the images that a run's steps may create, across its batch.
+
+    Crops and drawings are new images that a runner holds until the run ends,
+    and their number is up to the definition, so they are bounded like the
+    input images.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, step: StepPlan, produced: Any) -> None:
+        self.used += _image_pixels(produced)
+        if self.used > self.limit:
+            raise StepExecutionError(
+                f"the run's steps created images of {self.used} pixels together, "
+                f"over the limit of {self.limit}, at step '{step.name}'",
+                step=step.name,
+                user_error=True,
+            )
+
+
+def _image_pixels(value: Any) -> int:
+    if isinstance(value, WorkflowImage):
+        return value.width * value.height
+    if isinstance(value, dict):
+        return sum(_image_pixels(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_image_pixels(item) for item in value)
+    return 0
+
+
 def execute_plan(
     plan: ExecutionPlan,
     inputs: Mapping[str, Any],
     *,
     models: Any,
     timer: RunTimer,
+    pixel_budget: PixelBudget | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every step for one set of inputs; return each step's outputs by name."""
     results: dict[str, dict[str, Any]] = {}
@@ -44,7 +78,7 @@ def execute_plan(
         level = max(value_dims.values(), default=0)
         try:
             results[step.name] = _run_lifted(
-                step, context, values, value_dims, 0, level
+                step, context, values, value_dims, 0, level, pixel_budget
             )
         except WorkflowError as error:
             if error.step is None:
@@ -93,10 +127,14 @@ def _run_lifted(
     value_dims: dict[str, int],
     level: int,
     target: int,
+    pixel_budget: PixelBudget | None,
 ):
     """Call the block, mapping over list levels deeper than ``level``."""
     if level == target:
-        return step.block.run(context, **values)
+        produced = step.block.run(context, **values)
+        if pixel_budget is not None:
+            pixel_budget.charge(step, produced)
+        return produced
     nested = [name for name, dim in value_dims.items() if dim > level]
     lengths = {len(values[name]) for name in nested}
     if len(lengths) > 1:
@@ -112,7 +150,9 @@ def _run_lifted(
         element = dict(values)
         for name in nested:
             element[name] = values[name][index]
-        produced = _run_lifted(step, context, element, value_dims, level + 1, target)
+        produced = _run_lifted(
+            step, context, element, value_dims, level + 1, target, pixel_budget
+        )
         for name in outputs:
             outputs[name].append(produced[name])
     return outputs
