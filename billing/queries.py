@@ -8,6 +8,7 @@ CSV cells show them as milliseconds.
 
 import datetime
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from webapp.models import ApiToken
 from workflows.models import Workflow
 from workflows.timing import COMPONENTS
 
+ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # Filter values that are not database ids.
 INLINE_WORKFLOW = "inline"
 NO_TOKEN = "none"
@@ -48,21 +50,36 @@ INFERENCE_COMPONENTS = ("preprocess", "inference", "postprocess")
 LATENCY_PERCENTILES = (50, 90, 99)
 
 
+class IsoDateField(forms.DateField):
+    """A date written exactly as YYYY-MM-DD, in ASCII digits.
+
+    Django's default input formats also read 1/2/2026, as January 2nd, which
+    a reader outside the US takes for February 1st; strptime alone accepts
+    2026-1-2 and non-ASCII digits.
+    """
+
+    input_formats = ["%Y-%m-%d"]
+
+    def to_python(self, value):
+        if isinstance(value, str) and value.strip():
+            if not ISO_DATE.fullmatch(value.strip()):
+                raise forms.ValidationError(
+                    f"Enter a date as YYYY-MM-DD, not {value!r}.", code="invalid"
+                )
+        return super().to_python(value)
+
+
 class BillFilterForm(forms.Form):
     """History filters. The choices list only the user's own workflows and tokens."""
 
-    # ISO dates only: Django's default input formats also read 1/2/2026, as
-    # January 2nd, which a reader outside the US takes for February 1st.
-    date_from = forms.DateField(
+    date_from = IsoDateField(
         required=False,
         label="From",
-        input_formats=["%Y-%m-%d"],
         widget=forms.DateInput(attrs={"type": "date"}),
     )
-    date_to = forms.DateField(
+    date_to = IsoDateField(
         required=False,
         label="To",
-        input_formats=["%Y-%m-%d"],
         widget=forms.DateInput(attrs={"type": "date"}),
     )
     workflow = forms.ChoiceField(required=False, label="Workflow")

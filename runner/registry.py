@@ -254,7 +254,7 @@ def _architecture(model_id, name, size, searched, step) -> ModelSource:
             reason="an architecture id is the file name of an ultralytics model "
             "YAML, such as yolov8n.yaml, without a directory",
         )
-    searched.append(f"ultralytics model configurations ({_config_root()})")
+    searched.append(f"ultralytics' model configurations (cfg/models/**/{name})")
     head = _architecture_head(name)
     if head is None:
         raise ModelNotFoundError(model_id, searched, step=step)

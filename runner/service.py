@@ -15,15 +15,9 @@ from django.conf import settings
 
 from runner.dispatch import Submission, submit, wait_for_result
 from runner.models import Run
+from webapp.requests import TooManyRequests
 from workflows.compiler import plan_cache
-from workflows.errors import WorkflowError
 from workflows.inputs import read_inputs
-
-
-class TooManyWaitingRequests(WorkflowError):
-    code = "too_many_requests"
-    status = 429
-
 
 # Synchronous requests waiting in this process, by owner.
 _waiting: Counter[int] = Counter()
@@ -41,7 +35,7 @@ def waiting_slot(owner_id: int) -> Iterator[None]:
     limit = settings.GLASSBOX["SYNC_WAITS_PER_USER"]
     with _waiting_lock:
         if _waiting[owner_id] >= limit:
-            raise TooManyWaitingRequests(
+            raise TooManyRequests(
                 f"you already have {limit} synchronous requests waiting for runs "
                 "on this server process",
                 context="request_limits",
@@ -81,7 +75,7 @@ def start_run(
     """Compile, check inputs, queue, and wait up to ``wait_s`` for the result.
 
     Raises DefinitionError, InputError, ModelNotFoundError, NoRunnerError or
-    TooManyWaitingRequests before anything is stored.
+    TooManyRequests before anything is stored.
     """
     slot = waiting_slot(owner_id) if wait_s > 0 else nullcontext()
     with slot:

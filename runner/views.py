@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import tempfile
+import threading
 from pathlib import Path
 
 from django.conf import settings
@@ -19,9 +20,11 @@ from runner.models import ModelUpload, Run
 from runner.presenters import run_to_dict
 from runner.registry import SAFE_ID, SIZE_SUFFIX, model_dir
 from runner.weights_check import WeightsRejected, check_weights
-from webapp.requests import MalformedRequest, PayloadTooLarge
+from webapp.requests import MalformedRequest, PayloadTooLarge, TooManyRequests
 
 logger = logging.getLogger(__name__)
+
+_weights_check_slot = threading.Lock()
 
 RUN_STATUSES = {choice for choice, _ in Run.Status.choices}
 
@@ -111,14 +114,18 @@ class ModelListView(APIView):
         _check_upload_length(request)
         model_id = request.data.get("model_id", "")
         upload = request.FILES.get("file")
-        if not SAFE_ID.fullmatch(model_id or "") or ".." in model_id:
+        if (
+            not SAFE_ID.fullmatch(model_id or "")
+            or ".." in model_id
+            or "" in model_id.split("/")
+        ):
             raise MalformedRequest(
                 "model_id must start with a letter or digit and contain only letters, "
-                "digits, '.', '_', '-' and '/'",
+                "digits, '.', '_', '-' and '/', with no empty or '..' segment",
                 context="request_parsing",
                 field_name="model_id",
             )
-        if model_id.endswith((".yaml", ".yml")) or SIZE_SUFFIX.match(model_id):
+        if model_id.lower().endswith((".yaml", ".yml")) or SIZE_SUFFIX.match(model_id):
             raise MalformedRequest(
                 f"model_id '{model_id}' would read as an architecture name or a "
                 "size suffix (a name ending in '-' and 3 or 4 digits)",
@@ -139,8 +146,16 @@ class ModelListView(APIView):
                 context="request_parsing",
                 field_name="model_id",
             )
-        stored = _store_upload(request.user.id, upload)
+        # A check takes up to 1 GB and CHILD_TIMEOUT_S in its child process,
+        # so each web server process runs one at a time.
+        if not _weights_check_slot.acquire(blocking=False):
+            raise TooManyRequests(
+                "another weights file is being checked on this server process",
+                context="model_upload",
+                hint="Send the upload again in a few seconds.",
+            )
         try:
+            stored = _store_upload(request.user.id, upload)
             names, task = check_weights(stored, upload.name)
         except WeightsRejected as error:
             stored.unlink(missing_ok=True)
@@ -153,6 +168,8 @@ class ModelListView(APIView):
                 field_name="file",
                 hint="Upload a .pt file saved by ultralytics (YOLOv8 or later).",
             ) from None
+        finally:
+            _weights_check_slot.release()
         try:
             with transaction.atomic():
                 record = ModelUpload.objects.create(

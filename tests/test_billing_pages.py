@@ -560,8 +560,9 @@ def test_invalid_date_is_rejected(alice_browser):
 
 
 @pytest.mark.django_db
-def test_date_in_us_format_is_rejected(alice_browser):
-    response = alice_browser.get(SUMMARY, {"date_from": "1/2/2026"})
+@pytest.mark.parametrize("value", ["1/2/2026", "2026-1-2", "２０２６-12-04"])
+def test_date_not_in_iso_form_is_rejected(alice_browser, value):
+    response = alice_browser.get(SUMMARY, {"date_from": value})
     assert response.status_code == 400
     assert "date_from" in response.json()["fields"]
 

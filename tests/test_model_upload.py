@@ -9,6 +9,7 @@ import pytest
 import torch
 from django.conf import settings
 
+from runner import views as runner_views
 from runner.models import ModelUpload, Run
 from tests.definitions import detection
 from tests.test_runs import create_workflow, run_workflow
@@ -125,9 +126,9 @@ def test_runner_rejects_code_running_weights(runner, alice, alice_client, tmp_pa
     assert run.bill.amount_microcredits == 0
 
 
-def test_upload_rejects_ids_read_as_other_ids(alice_client, tmp_path):
+def test_upload_rejects_ambiguous_or_malformed_ids(alice_client, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
-    for model_id in ("yolov8n.yaml", "custom.yml", "people-640"):
+    for model_id in ("yolov8n.yaml", "custom.YML", "people-640", "a//b", "a/"):
         response = upload(alice_client, model_id, weights)
         assert response.status_code == 400, model_id
         assert response.json()["field"] == "model_id"
@@ -158,3 +159,15 @@ def test_upload_over_size_limit_is_413(alice_client, tmp_path, monkeypatch):
     assert response.status_code == 413
     assert response.json()["code"] == "payload_too_large"
     assert ModelUpload.objects.count() == 0
+
+
+def test_upload_while_another_is_checked_is_429(alice_client, tmp_path):
+    weights = make_weights(tmp_path / "mine.pt")
+    # Held here as an upload being checked in this process would hold it.
+    with runner_views._weights_check_slot:
+        response = upload(alice_client, "second", weights)
+    assert response.status_code == 429
+    assert response.json()["code"] == "too_many_requests"
+    assert ModelUpload.objects.count() == 0
+
+    assert upload(alice_client, "second", weights).status_code == 201

@@ -93,6 +93,14 @@ def test_size_suffix_finds_upload_before_model_dir(db, alice, tmp_path):
     assert source.image_size == 320
 
 
+def test_unknown_architecture_message_has_no_path(db):
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model("nonexistent.yaml")
+    message = caught.value.message
+    assert "cfg/models/**/nonexistent.yaml" in message
+    assert "site-packages" not in message
+
+
 def test_unknown_model_message_names_settings_not_paths(db, alice):
     with pytest.raises(ModelNotFoundError) as caught:
         resolve_model("no-such-model-640", alice.id)

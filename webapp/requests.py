@@ -41,6 +41,13 @@ class PayloadTooLarge(WorkflowError):
     status = 413
 
 
+class TooManyRequests(WorkflowError):
+    """A per-user or per-process limit on concurrent work was reached."""
+
+    code = "too_many_requests"
+    status = 429
+
+
 def read_body(django_request) -> bytes:
     """Return the raw body, or a 413 error body when it is over the limit."""
     try:
