@@ -1,5 +1,6 @@
 """``manage.py up``: starts the whole stack, and SIGTERM stops all of it."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -87,6 +88,11 @@ def test_up_serves_then_stops_every_process(tmp_path):
         assert b"stopped the embedded Redis server" in log_path.read_bytes()
     finally:
         if up.poll() is None:
+            # up starts each child in a session of its own, so killing up's
+            # process group would leave them running.
+            for child in psutil.Process(up.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
             os.killpg(up.pid, signal.SIGKILL)
         stop_leftover_redis(tmp_path)
 
