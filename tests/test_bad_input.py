@@ -8,6 +8,7 @@ here, and one that reached a runner would store a run.
 
 import base64
 import json
+import re
 import struct
 import zlib
 
@@ -38,8 +39,17 @@ def assert_error_body(body: dict) -> None:
     assert "context" in body
 
 
+def raw_json(text: str) -> str:
+    """Mark ``text`` to be sent as it is, in place of the JSON string value."""
+    return f"{RAW_MARK}{text}{RAW_MARK}"
+
+
+RAW_MARK = "@raw@"
+
+
 def post_json(client, url: str, body) -> object:
-    return client.post(url, json.dumps(body), content_type="application/json")
+    encoded = re.sub(f'"{RAW_MARK}(.*?){RAW_MARK}"', lambda m: m[1], json.dumps(body))
+    return client.post(url, encoded, content_type="application/json")
 
 
 def base64_input(data: bytes) -> dict:
@@ -1147,3 +1157,51 @@ def test_parameter_default_nested_too_deeply(alice_client):
     assert body["code"] == "invalid_definition"
     assert "more than 32 levels deep" in body["message"]
     assert Workflow.objects.count() == 0
+
+
+def test_parameter_with_lone_surrogate(send_run):
+    definition = with_parameter(image_height(), "note")
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "note", "selector": "$inputs.note"}
+    )
+    for value in ("\ud800", {"\udfff": 1}):
+        response = send_run(
+            definition, {"image": base64_input(image_bytes()), "note": value}
+        )
+        assert response.status_code == 400
+        body = response.json()
+        assert body["code"] == "malformed_request"
+        assert "unpaired UTF-16 surrogate" in body["message"]
+    assert_nothing_stored()
+
+
+def test_definition_with_lone_surrogate(alice_client):
+    definition = {**image_height(), "x": "\ud800"}
+    for url, key in (
+        ("/api/validate", "definition"),
+        ("/api/workflows/", "definition"),
+    ):
+        response = post_json(alice_client, url, {"name": "s", key: definition})
+        assert response.status_code == 400, url
+        assert "unpaired UTF-16 surrogate" in response.json()["message"]
+    assert Workflow.objects.count() == 0
+
+
+def test_api_key_with_lone_surrogate(client, alice_client):
+    body = {"api_key": "\ud800", "definition": image_height()}
+    # Without other credentials the body's key is unreadable, so none was sent.
+    anonymous = post_json(client, "/api/validate", body)
+    assert anonymous.status_code == 401
+    signed_in = post_json(alice_client, "/api/validate", body)
+    assert signed_in.status_code == 400
+    assert signed_in.json()["code"] == "malformed_request"
+
+
+def test_number_beyond_float_range(send_run):
+    definition = with_parameter(image_height(), "note")
+    for literal in ("1e400", "-1e400"):
+        inputs = {"image": base64_input(image_bytes()), "note": raw_json(literal)}
+        response = send_run(definition, inputs)
+        assert response.status_code == 400
+        assert "out of range" in response.json()["message"]
+    assert_nothing_stored()

@@ -1,6 +1,8 @@
 """Reading request bodies once, with errors in the API's shape."""
 
 import json
+import math
+import re
 from typing import Any
 
 from django.conf import settings
@@ -19,10 +21,50 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON value")
 
 
+def _finite_float(text: str) -> float:
+    # A literal such as 1e400 parses as infinity, which is not JSON either.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text} is out of range for a 64-bit float")
+    return value
+
+
+# A \uD800 to \uDFFF escape: one half of a surrogate pair.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Return whether a string in ``value``, key or item, holds an unpaired surrogate.
+
+    Such strings cannot be encoded as UTF-8, so storing or answering them
+    fails later, after a run may have been stored.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
 def parse_json(raw: bytes) -> Any:
-    """Parse a request body as strict JSON; raise MalformedRequest if it is not."""
+    """Parse a request body as strict JSON; raise MalformedRequest if it is not.
+
+    Beyond what Python's json module checks, NaN, Infinity, numbers beyond a
+    64-bit float and unpaired UTF-16 surrogate escapes are rejected.
+    """
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        parsed = json.loads(
+            raw, parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (ValueError, UnicodeDecodeError) as error:
         raise MalformedRequest(
             f"request body is not valid JSON: {error}",
@@ -34,6 +76,16 @@ def parse_json(raw: bytes) -> Any:
             "request body is not valid JSON: it is nested too deeply",
             context="request_parsing",
         ) from None
+    # Only bodies with such an escape are walked.
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(parsed):
+        raise MalformedRequest(
+            "request body is not valid JSON text: it has an unpaired UTF-16 "
+            "surrogate escape (\\uD800 to \\uDFFF) that encodes no character",
+            context="request_parsing",
+            hint="Escape characters outside the Basic Multilingual Plane as a "
+            "pair of surrogates, or send them as UTF-8.",
+        )
+    return parsed
 
 
 class PayloadTooLarge(WorkflowError):
