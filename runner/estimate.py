@@ -17,8 +17,10 @@ The owner's own recent succeeded runs give the times:
   A model that runs on each crop, or not at all, is thus counted as it ran.
   Without such runs, each model step counts one call.
 
-Only the owner's runs are read, so other users' traffic neither changes nor
-reveals anything in an estimate. The predicted latency is the sum of those
+Only the owner's runs are read, so other users' traffic changes no time or
+price. Whether a model is hot is the fleet's state, read from heartbeats: a
+shared model another user's run loaded is hot for everyone, as it would be
+for the run itself. The predicted latency is the sum of those
 medians, a typical figure rather than the median of past totals. The
 predicted price is the billing policy applied to the predicted runner
 total. A part without history is unknown, and then so are the totals and

@@ -179,6 +179,14 @@ def test_estimate_bad_requests(runner, alice_client, bob_client):
     assert bad_inputs.status_code == 400
     assert bad_inputs.json()["field"] == "inputs"
 
+    empty_batch = alice_client.post(
+        f"/api/workflows/{workflow_id}/estimate",
+        {"inputs": {"image": []}},
+        format="json",
+    )
+    assert empty_batch.status_code == 400
+    assert "empty list" in empty_batch.json()["message"]
+
     no_version = alice_client.post(
         f"/api/workflows/{workflow_id}/estimate", {"version": 9}, format="json"
     )

@@ -153,11 +153,7 @@ def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> 
 def _image_values(value: Any, name: str) -> list[bytes]:
     items = value if isinstance(value, list) else [value]
     if not items:
-        raise InputError(
-            f"image input '{name}' is an empty list",
-            context="request_parsing",
-            field_name=name,
-        )
+        raise _empty_list(name)
     blobs = []
     for item in items:
         if isinstance(item, str):
@@ -193,6 +189,14 @@ def _image_values(value: Any, name: str) -> list[bytes]:
     return blobs
 
 
+def _empty_list(name: str) -> InputError:
+    return InputError(
+        f"image input '{name}' is an empty list",
+        context="request_parsing",
+        field_name=name,
+    )
+
+
 def _describe(info: ImageInfo, blob: bytes) -> dict[str, Any]:
     return {
         "format": info.format,
@@ -204,6 +208,9 @@ def _describe(info: ImageInfo, blob: bytes) -> dict[str, Any]:
 
 def batch_size_of(plan: ExecutionPlan, raw: dict[str, Any]) -> int:
     """Return the batch size that ``raw``'s image inputs would make, undecoded."""
+    for spec in plan.image_inputs:
+        if raw.get(spec.name) == []:
+            raise _empty_list(spec.name)
     counts = {
         spec.name: raw[spec.name] if isinstance(raw.get(spec.name), list) else [None]
         for spec in plan.image_inputs
