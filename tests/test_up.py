@@ -67,6 +67,18 @@ def test_up_serves_then_stops_every_process(tmp_path):
             assert reply.status == 200
         redis_pid = int((tmp_path / "redis.pid").read_text())
 
+        second = subprocess.run(
+            [sys.executable, "manage.py", "up", "--port", str(free_port_pair())],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0
+        assert f"another 'manage.py up' (pid {up.pid})" in second.stderr
+        assert psutil.pid_exists(redis_pid)
+
         kill_runner_until_paused(up, log_path)
         assert up.poll() is None, log_path.read_text()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/info") as reply:

@@ -18,6 +18,7 @@ from runner.model_cache import ModelCache, pick_device  # noqa: E402
 from runner.models import Run  # noqa: E402
 from runner.runtime import RunnerRuntime, set_runtime  # noqa: E402
 from runner.worker import run_worker  # noqa: E402
+from webapp.management.arguments import positive_int  # noqa: E402
 from webapp.redis import get_redis  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--memory-budget-mb",
-            type=int,
+            type=positive_int,
             default=settings.GLASSBOX["RUNNER_MEMORY_BUDGET_MB"],
             help="Memory for loaded models, in MiB; least recently "
             "used models are evicted above it.",

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from runner import fleet
 from runner.service import start_run
 from runner.tables import bill_lines, breakdown_table
+from webapp.management.arguments import positive_seconds, seconds_or_zero
 from workflows.errors import WorkflowError
 
 
@@ -47,20 +49,20 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--timeout",
-            type=float,
+            type=positive_seconds,
             default=settings.GLASSBOX["SYNC_TIMEOUT_S"],
             help="Seconds to wait for the result.",
         )
         parser.add_argument(
             "--wait-for-runner",
-            type=float,
+            type=seconds_or_zero,
             default=0.0,
             help="Seconds to wait for a runner to come up first.",
         )
 
     def handle(self, *args, **options):
         definition = self._read_definition(options["definition"])
-        user, _ = get_user_model().objects.get_or_create(username=options["user"])
+        user = self._user(options["user"])
         if options["wait_for_runner"] and not fleet.wait_for_runner(
             options["wait_for_runner"]
         ):
@@ -84,8 +86,9 @@ class Command(BaseCommand):
             raise CommandError(json.dumps(error.to_dict(), indent=2)) from None
         if outcome.payload is None:
             raise CommandError(
-                f"run {outcome.run.id} did not finish within "
-                f"{options['timeout']} s; it stays queued"
+                f"run {outcome.run.id} did not finish within {options['timeout']} s; "
+                f"it is queued or running, and GET /api/runs/{outcome.run.id} "
+                "gives its result once it ends"
             )
         meta = outcome.payload["meta"]
         self.stdout.write(f"run {meta['run_id']}: {meta['status']}")
@@ -101,23 +104,47 @@ class Command(BaseCommand):
         if meta["status"] != "succeeded":
             raise CommandError("the run failed")
 
+    def _user(self, username: str):
+        """Return the account ``username``, creating it if it is a valid name."""
+        model = get_user_model()
+        field = model._meta.get_field(model.USERNAME_FIELD)
+        try:
+            field.run_validators(username)
+            if not username:
+                raise ValidationError("a user name is required")
+        except ValidationError as error:
+            raise CommandError(
+                f"--user {username!r} is not a valid user name: "
+                + " ".join(error.messages)
+            ) from None
+        user, _ = model.objects.get_or_create(**{model.USERNAME_FIELD: username})
+        return user
+
     def _read_definition(self, path: Path) -> dict:
         try:
             definition = json.loads(path.read_text())
         except FileNotFoundError:
             raise CommandError(f"definition file {path} not found") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandError(f"cannot read definition file {path}: {error}") from None
         except json.JSONDecodeError as error:
             raise CommandError(f"{path} is not valid JSON: {error}") from None
         # A file holding a whole API body keeps the definition under a key.
         for key in ("specification", "definition"):
             if isinstance(definition, dict) and isinstance(definition.get(key), dict):
                 return definition[key]
+        if not isinstance(definition, dict):
+            raise CommandError(
+                f"{path} holds a JSON {type(definition).__name__}; a workflow "
+                "definition is an object"
+            )
         return definition
 
     def _read_images(self, definition: dict, specs: list[str]) -> dict[str, bytes]:
+        declared = definition.get("inputs")
         image_inputs = [
             i.get("name")
-            for i in definition.get("inputs", [])
+            for i in (declared if isinstance(declared, list) else [])
             if isinstance(i, dict)
             and i.get("type") in ("WorkflowImage", "InferenceImage")
         ]

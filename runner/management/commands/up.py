@@ -6,6 +6,7 @@ timing breakdown and the bill, and stays up until interrupted.
 """
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from runner import fleet
 from runner.tables import bill_lines, breakdown_table
+from webapp.management.arguments import count, port_pair, positive_int
 from webapp.models import ApiToken
 from webapp.redis import get_redis, stop_embedded_redis
 from workflows.models import Workflow
@@ -47,6 +49,30 @@ class Child:
     restarts: list[float] = field(default_factory=list)
     # Set while a crash-looping runner waits for its restarts to age out.
     paused: bool = False
+
+
+def _lock_data_dir(data_dir: Path):
+    """Hold a lock on ``data_dir`` for this process's life, or raise CommandError.
+
+    Two stacks on one data directory would share its embedded Redis, and the
+    first to stop would stop it under the other.
+    """
+    handle = open(data_dir / "up.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CommandError(
+            f"another 'manage.py up' (pid {holder}) is using the data directory "
+            f"{data_dir}; stop it, or set GLASSBOX_DATA_DIR to another directory"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -78,15 +104,15 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument(
             "--runners",
-            type=int,
+            type=count,
             default=1,
             help="Runner processes to start on this machine.",
         )
         parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--port", type=port_pair, default=8000)
         parser.add_argument(
             "--web-workers",
-            type=int,
+            type=positive_int,
             default=2,
             help=f"gunicorn worker processes (each with {WEB_THREADS} threads).",
         )
@@ -102,6 +128,12 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        self.data_dir_lock = _lock_data_dir(Path(settings.DATA_DIR))
+        if options["runners"] == 0:
+            self.stderr.write(
+                "warning: no runner on this machine; synchronous runs answer "
+                "no_runner until a runner elsewhere joins the same Redis"
+            )
         for port in (options["port"], options["port"] + 1):
             if not _port_free(options["host"], port):
                 raise CommandError(

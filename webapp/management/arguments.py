@@ -1,0 +1,57 @@
+"""Argument types for the management commands: a bad value stops at parsing.
+
+argparse reports an ArgumentTypeError as a one-line usage error, before the
+command does anything.
+"""
+
+import argparse
+import math
+
+
+def _number(text: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_seconds(text: str) -> float:
+    value = _number(text, float)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive, finite number of seconds"
+        )
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    value = _number(text, float)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not zero or a positive, finite number of seconds"
+        )
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def count(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not zero or more")
+    return value
+
+
+def port_pair(text: str) -> int:
+    """Return a TCP port whose successor is a port too (the websocket server's)."""
+    value = _number(text, int)
+    if not 1 <= value <= 65534:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port from 1 to 65534 (the next port is used too)"
+        )
+    return value
