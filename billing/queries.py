@@ -54,8 +54,8 @@ class IsoDateField(forms.DateField):
     """A date written exactly as YYYY-MM-DD, in ASCII digits.
 
     Django's default input formats also read 1/2/2026, as January 2nd, which
-    a reader outside the US takes for February 1st; strptime alone accepts
-    2026-1-2 and non-ASCII digits.
+    a reader outside the US takes for February 1st. strptime alone accepts
+    2026-1-2 and non-ASCII digits too.
     """
 
     input_formats = ["%Y-%m-%d"]

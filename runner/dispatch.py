@@ -114,7 +114,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         queue_name = keys.runner_queue(submission.runner)
     else:
         queue_name = choose_queue(cache_keys, runners)
-    # Hot if the runner the queue belongs to holds the model; a shared-queue
+    # Hot if the runner the queue belongs to has the model loaded. A shared-queue
     # job goes to whichever runner is free, so then only if every runner does.
     chosen = keys.runner_of_queue(queue_name)
     takers = [r for r in runners if chosen is None or r.name == chosen]

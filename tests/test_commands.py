@@ -30,7 +30,7 @@ def test_bad_argument_values(db, command, arguments, message):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("[1, 2]", "holds a JSON list"),
+        ("[1, 2]", "contains a JSON list"),
         ('{"version": "1.0", "inputs": null}', None),
         (b"\xff\xfe{", "cannot read definition file"),
     ],

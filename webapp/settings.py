@@ -189,11 +189,11 @@ GLASSBOX = {
     # follow a 202, so it is only the response of last resort there.
     "ROBOFLOW_SYNC_TIMEOUT_S": env_float("ROBOFLOW_SYNC_TIMEOUT_S", 300.0, 0.0),
     # Synchronous requests one user may have waiting in one web server process;
-    # more are answered 429. A waiting request holds a server thread.
+    # more get a 429. A waiting request occupies a server thread.
     "SYNC_WAITS_PER_USER": env_int("SYNC_WAITS_PER_USER", 4, 1),
     # Images are rejected from their header, before decoding, above this.
     "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),
-    # All images of one run together; a runner holds their pixels, 3 bytes each.
+    # All images of one run together; a runner keeps their pixels, 3 bytes each.
     "MAX_RUN_PIXELS": env_int("MAX_RUN_PIXELS", 160_000_000, 1),
     # Input images wait in Redis this long for a runner.
     "INPUT_TTL_S": env_int("INPUT_TTL_S", 3600, 60),

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 class PixelBudget:
     """Pixels of the images that a run's steps may create, across its batch.
 
-    Crops and drawings are new images that a runner holds until the run ends,
+    Crops and drawings are new images that a runner keeps until the run ends,
     and their number is up to the definition, so they are bounded like the
     input images.
     """

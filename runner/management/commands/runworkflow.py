@@ -135,7 +135,7 @@ class Command(BaseCommand):
                 return definition[key]
         if not isinstance(definition, dict):
             raise CommandError(
-                f"{path} holds a JSON {type(definition).__name__}; a workflow "
+                f"{path} contains a JSON {type(definition).__name__}; a workflow "
                 "definition is an object"
             )
         return definition
