@@ -154,11 +154,16 @@ class ModelListView(APIView):
                 context="model_upload",
                 hint="Send the upload again in a few seconds.",
             )
+        stored = None
         try:
             stored = _store_upload(request.user.id, upload)
             names, task = check_weights(stored, upload.name)
-        except WeightsRejected as error:
-            stored.unlink(missing_ok=True)
+        except Exception as error:
+            # Nothing is kept of an upload that was not accepted.
+            if stored is not None:
+                stored.unlink(missing_ok=True)
+            if not isinstance(error, WeightsRejected):
+                raise
             logger.info(
                 "upload %r by user %s rejected: %s", model_id, request.user.id, error
             )
