@@ -75,7 +75,7 @@ class BillingPolicy:
         )
 
     def waive(self, breakdown: dict[str, Any] | None, reason: str) -> BillLine:
-        """Return a zero bill for a run that is not billed; its formula says why."""
+        """Return a zero bill for an unbilled run, with the reason in its formula."""
         components = self.billable_components(breakdown) if breakdown else {}
         return BillLine(
             billed=False,

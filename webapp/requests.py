@@ -36,8 +36,8 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 def _has_lone_surrogate(value: Any) -> bool:
     """Return whether a string in ``value``, as key or item, has an unpaired surrogate.
 
-    Such strings cannot be encoded as UTF-8, so storing or answering them
-    fails later, after a run may have been stored.
+    Such strings cannot be encoded as UTF-8, so storing them or sending them
+    back fails later, after a run may have been stored.
     """
     pending = [value]
     while pending:

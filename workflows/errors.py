@@ -114,8 +114,8 @@ class UndecodableImageError(InputError):
     """An image passed the web server's checks but failed to decode on a runner.
 
     The web server reads only headers and end markers, so the run was
-    accepted; it fails as the user's error, but the platform's check let it
-    through, so it is not billed.
+    accepted. It fails as the user's error, but it is not billed, because
+    the platform's check let the image through.
     """
 
     billable = False

@@ -258,7 +258,7 @@ def model_warnings(plan, owner_id: int) -> list[str]:
     """Warn about model ids written in the definition that resolve to nothing now.
 
     Weights can be added after a workflow is saved, so this is a warning and
-    not an error; ids that come from parameters are resolved when a run starts.
+    not an error. Ids that come from parameters are resolved when a run starts.
     """
     warnings = []
     for step, model_id in plan.model_ids({}):

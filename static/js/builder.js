@@ -1210,8 +1210,8 @@
     return true;
   }
 
-  // The status badge describes the last definition checked; while the JSON
-  // text cannot be read, it says so instead.
+  // The status badge describes the last definition checked. While the JSON
+  // text cannot be read, the badge shows that instead.
   function showJsonError(message) {
     dom.jsonError.hidden = !message;
     dom.jsonError.textContent = message || "";
