@@ -37,6 +37,7 @@ MAX_RESTARTS_PER_MINUTE = 5
 # A waiting synchronous run occupies a thread, at most SYNC_WAITS_PER_USER
 # of them per user and process.
 WEB_THREADS = 32
+DEFAULT_WEB_WORKERS = 2
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,37 @@ def worker_tmp_dir_option() -> list[str]:
     return []
 
 
+def gunicorn_command(application: str, bind: str, workers: int) -> list[str]:
+    """Return the command that serves the WSGI ``application`` on ``bind``."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        application,
+        "--bind",
+        bind,
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(WEB_THREADS),
+        "--access-logfile",
+        "-",
+        # The path without its query string: clients may send api_key=...
+        # there, and keys must not reach the log.
+        "--access-logformat",
+        '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss',
+        "--timeout",
+        "120",
+        # gunicorn 27's control socket has one default path per user, so a
+        # second stack on the machine would take over the first one's.
+        # Nothing here uses it.
+        "--no-control-socket",
+        *worker_tmp_dir_option(),
+    ]
+
+
 class Command(BaseCommand):
     help = "Start the runner pool and the web server; optionally run the demo."
 
@@ -113,7 +145,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--web-workers",
             type=positive_int,
-            default=2,
+            default=DEFAULT_WEB_WORKERS,
             help=f"gunicorn worker processes (each with {WEB_THREADS} threads).",
         )
         parser.add_argument(
@@ -181,33 +213,9 @@ class Command(BaseCommand):
             os.environ["WEBSOCKET_PORT"] = str(websocket_port)
             self._spawn(
                 "web",
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "webapp.wsgi:application",
-                    "--bind",
-                    bind,
-                    "--workers",
-                    str(options["web_workers"]),
-                    "--worker-class",
-                    "gthread",
-                    "--threads",
-                    str(WEB_THREADS),
-                    "--access-logfile",
-                    "-",
-                    # The path without its query string: clients may send
-                    # api_key=... there, and keys must not reach the log.
-                    "--access-logformat",
-                    '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss',
-                    "--timeout",
-                    "120",
-                    # gunicorn 27's control socket has one default path per
-                    # user, so a second stack on the machine would take over
-                    # the first one's. Nothing here uses it.
-                    "--no-control-socket",
-                    *worker_tmp_dir_option(),
-                ],
+                gunicorn_command(
+                    "webapp.wsgi:application", bind, options["web_workers"]
+                ),
                 log_dir,
             )
             base_url = f"http://{bind}"
