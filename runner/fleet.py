@@ -10,7 +10,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -183,8 +182,6 @@ def recover_lost_jobs() -> int:
     queue; one whose inputs are gone too fails, unbilled.  Returns how many
     runs were found.
     """
-    from django.utils import timezone
-
     from runner.dispatch import enqueue
     from runner.finish import fail_run
     from runner.models import Run
@@ -192,10 +189,13 @@ def recover_lost_jobs() -> int:
     connection = get_redis()
     if not connection.set(f"{keys.PREFIX}:reconcile", "1", nx=True, ex=10):
         return 0  # another runner is checking right now
-    cutoff = timezone.now() - timedelta(seconds=LOST_AFTER_S)
-    stale = Run.objects.filter(status=Run.Status.QUEUED, created_at__lt=cutoff)
+    # queued_at_ns and clock are both on the Redis server's clock. The web
+    # server's created_at is not: a runner whose clock ran ahead of it would
+    # find runs lost in the moment between their commit and their push.
+    cutoff_ns = clock.now_ns() - LOST_AFTER_S * 1_000_000_000
+    stale = Run.objects.filter(status=Run.Status.QUEUED, queued_at_ns__lt=cutoff_ns)
     found = 0
-    for run in stale.order_by("created_at")[:100]:
+    for run in stale.order_by("queued_at_ns")[:100]:
         if Job.exists(str(run.id), connection=connection):
             if _is_queued(connection, run):
                 continue

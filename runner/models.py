@@ -53,8 +53,9 @@ class Run(models.Model):
     queue_name = models.CharField(max_length=200, blank=True)
     runner_name = models.CharField(max_length=200, blank=True, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-    # Wall clock (ns since the epoch) when the run was queued; queue time is
-    # measured from here to the runner's start.
+    # When the run was queued, in ns since the epoch on the Redis server's
+    # clock (webapp/clock.py); queue time is measured from here to the
+    # runner's start, on the same clock.
     queued_at_ns = models.BigIntegerField(default=0)
     request_us = models.BigIntegerField(default=0)
     started_at = models.DateTimeField(null=True, blank=True)

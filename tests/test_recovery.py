@@ -16,12 +16,13 @@ from runner.fleet import recover_lost_jobs
 from runner.models import Run
 from tests.conftest import image_b64, image_bytes
 from tests.definitions import image_height
+from webapp.clock import clock
 from webapp.redis import get_redis
 from workflows.models import Workflow
 
 
-def lost_run(owner, with_inputs: bool) -> Run:
-    """A queued run, old enough to count as lost, with no job in Redis."""
+def lost_run(owner, with_inputs: bool, queued_s_ago: float = 300) -> Run:
+    """A queued run, by default old enough to count as lost, with no job in Redis."""
     workflow = Workflow.create_with_version(owner, "h", image_height())
     version = workflow.latest_version()
     run = Run.objects.create(
@@ -34,9 +35,8 @@ def lost_run(owner, with_inputs: bool) -> Run:
         },
         queue_name="shared",
     )
-    Run.objects.filter(pk=run.pk).update(
-        created_at=timezone.now() - datetime.timedelta(minutes=5)
-    )
+    run.queued_at_ns = clock.now_ns() - int(queued_s_ago * 1e9)
+    Run.objects.filter(pk=run.pk).update(queued_at_ns=run.queued_at_ns)
     connection = get_redis()
     connection.delete(f"{keys.PREFIX}:reconcile")
     if with_inputs:
@@ -91,6 +91,20 @@ def test_lost_job_without_inputs_fails_unbilled(runner, alice):
     run = recover_until(run, Run.Status.FAILED)
     assert "lost" in run.error["message"]
     assert Bill.objects.get(run=run).amount_microcredits == 0
+
+
+def test_lost_check_ignores_web_clock(alice):
+    # The web server's clock is five minutes behind the Redis server's, so
+    # the run looks old by created_at. On the Redis clock it was queued just
+    # now, and its job may still be on its way.
+    run = lost_run(alice, with_inputs=False, queued_s_ago=0)
+    Run.objects.filter(pk=run.pk).update(
+        created_at=timezone.now() - datetime.timedelta(minutes=5)
+    )
+    recover_lost_jobs()
+    run.refresh_from_db()
+    assert run.status == Run.Status.QUEUED
+    assert not Bill.objects.filter(run=run).exists()
 
 
 def test_async_flag_must_be_boolean(alice_client, alice):
