@@ -52,6 +52,26 @@ def waiting_slot(owner_id: int) -> Iterator[None]:
                 del _waiting[owner_id]
 
 
+def check_queued_runs(owner_id: int) -> None:
+    """Raise TooManyRequests if the owner has QUEUED_RUNS_PER_USER runs queued.
+
+    NOTE: the count is read before the new run is stored, so requests that
+    arrive at the same moment can each pass and exceed the limit together.
+    """
+    limit = settings.GLASSBOX["QUEUED_RUNS_PER_USER"]
+    queued = (
+        Run.objects.filter(owner_id=owner_id, status=Run.Status.QUEUED)
+        .values("pk")[:limit]
+        .count()
+    )
+    if queued >= limit:
+        raise TooManyRequests(
+            f"you already have {limit} runs queued, the most one user may have",
+            context="request_limits",
+            hint="Wait for queued runs to start before sending more asynchronous runs.",
+        )
+
+
 @dataclass
 class RunOutcome:
     run: Run
@@ -75,9 +95,15 @@ def start_run(
     """Compile, check inputs, queue, and wait up to ``wait_s`` for the result.
 
     Raises DefinitionError, InputError, ModelNotFoundError, NoRunnerError or
-    TooManyRequests before anything is stored.
+    TooManyRequests before anything is stored. Synchronous requests are
+    limited by SYNC_WAITS_PER_USER, asynchronous ones (``wait_s`` 0) by
+    QUEUED_RUNS_PER_USER.
     """
-    slot = waiting_slot(owner_id) if wait_s > 0 else nullcontext()
+    if wait_s > 0:
+        slot = waiting_slot(owner_id)
+    else:
+        check_queued_runs(owner_id)
+        slot = nullcontext()
     with slot:
         compiled = plan_cache.compile(definition)
         inputs = read_inputs(

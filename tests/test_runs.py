@@ -209,6 +209,32 @@ def test_sync_wait_falls_back_to_database(runner, alice):
         assert stored["meta"][field] == pushed["meta"][field]
 
 
+def test_queued_runs_per_user_are_limited(alice, alice_client, bob_client):
+    # No runner sees these runs: the test's transaction is never committed,
+    # so they stay queued.
+    settings.GLASSBOX["QUEUED_RUNS_PER_USER"], saved = (
+        2,
+        settings.GLASSBOX["QUEUED_RUNS_PER_USER"],
+    )
+    workflow_id = create_workflow(alice_client, image_height())
+    try:
+        accepted = [
+            run_workflow(alice_client, workflow_id, **{"async": True}) for _ in range(2)
+        ]
+        rejected = run_workflow(alice_client, workflow_id, **{"async": True})
+        bobs_workflow = create_workflow(bob_client, image_height())
+        others = run_workflow(bob_client, bobs_workflow, **{"async": True})
+    finally:
+        settings.GLASSBOX["QUEUED_RUNS_PER_USER"] = saved
+
+    assert [response.status_code for response in accepted] == [202, 202]
+    assert rejected.status_code == 429
+    assert rejected.json()["code"] == "too_many_requests"
+    assert rejected.json()["context"] == "request_limits"
+    assert others.status_code == 202
+    assert Run.objects.filter(owner=alice).count() == 2
+
+
 def test_sync_wait_times_out_for_unfinished_run(runner, alice):
     run = start_cli_run(alice, detection("yolov8x.yaml"), wait_s=0).run
     assert wait_for_result(str(run.id), timeout_s=0.3) is None

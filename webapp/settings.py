@@ -191,6 +191,10 @@ GLASSBOX = {
     # Synchronous requests one user may have waiting in one web server process;
     # more get a 429. A waiting request occupies a server thread.
     "SYNC_WAITS_PER_USER": env_int("SYNC_WAITS_PER_USER", 4, 1),
+    # Queued runs one user may have before an asynchronous run request gets a
+    # 429. Runners take queued runs first in, first out for all users, so
+    # this bounds how long one user's backlog can delay everyone else.
+    "QUEUED_RUNS_PER_USER": env_int("QUEUED_RUNS_PER_USER", 100, 1),
     # Images are rejected from their header, before decoding, above this.
     "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),
     # All images of one run together; a runner keeps their pixels, 3 bytes each.
