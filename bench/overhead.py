@@ -9,7 +9,7 @@ temporary data directory (with ``WARMUP_IMAGE_SIZE=480``, so the runner
 predicts at 480 px), and Roboflow's ``inference`` server as a peer when
 ``bench/peer_inference.py`` finds it. Both listen on 127.0.0.1 only. Every
 loop is bounded, and every server the script started is stopped before it
-exits, including the embedded Redis server. It measures three things:
+exits, including the embedded Redis server. It measures four things:
 
 a. Overhead without a model. The image-height workflow is sent with
    ``POST /workflows/run`` and an inline specification, to glassbox and to
@@ -23,7 +23,9 @@ b. The cost of serving a hot detector over HTTP. A ``yolov8n.yaml`` detection
    process on the same JPEG bytes. The direct call is ``cv2.imdecode``, then
    ultralytics' ``predict`` with the block's default thresholds and the
    runner's torch thread count and OpenMP spin setting. The figure is the
-   ratio of the medians.
+   ratio of the medians. The same body also goes to ``bench/floor_app.py``,
+   the smallest Django and DRF application that parses it, under the same
+   gunicorn options, to show what the web stack costs before glassbox's code.
 c. Runner memory. The runner's RSS is read with psutil before any model
    loads, with ``yolov8n.yaml`` loaded, and with a second model loaded too.
 d. What a request costs by what came before it. The no-model request of (a)
