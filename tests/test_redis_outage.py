@@ -76,22 +76,27 @@ def wait_for_heartbeat(client, name: str, pid: int, timeout_s: float = 60) -> No
         time.sleep(0.1)
 
 
-def test_runner_waits_out_redis_outage(runner, tmp_path):
-    # A Redis server of this test's own, so stopping it affects no other test.
-    socket_path = tmp_path / "outage.sock"
-    server = start_redis(socket_path)
+def start_runner(name: str, socket_path, log_path) -> subprocess.Popen:
+    """Start a runner on the test database and the Redis server at ``socket_path``."""
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
     env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
     env["REDIS_URL"] = f"unix://{socket_path}"
-    log_path = tmp_path / "outage-runner.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "runner", "--name", "outage"],
+        return subprocess.Popen(
+            [sys.executable, "manage.py", "runner", "--name", name],
             cwd=ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def test_runner_waits_out_redis_outage(runner, tmp_path):
+    # A Redis server of this test's own, so stopping it affects no other test.
+    socket_path = tmp_path / "outage.sock"
+    server = start_redis(socket_path)
+    log_path = tmp_path / "outage-runner.log"
+    process = start_runner("outage", socket_path, log_path)
     client = redis.Redis(unix_socket_path=str(socket_path))
     try:
         wait_for_heartbeat(client, "outage", process.pid)
@@ -122,18 +127,8 @@ def test_reaper_waits_after_redis_returns(transactional_db, alice, tmp_path):
     run = Run.objects.create(
         owner=alice, source="api", status=Run.Status.RUNNING, runner_name="grace-b"
     )
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
-    env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
-    env["REDIS_URL"] = f"unix://{socket_path}"
     log_path = tmp_path / "grace-runner.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "runner", "--name", "grace-a"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_runner("grace-a", socket_path, log_path)
     try:
         wait_for_heartbeat(client, "grace-a", process.pid)
         beat = json.loads(client.get(keys.heartbeat_key("grace-a")))
