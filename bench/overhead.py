@@ -670,7 +670,7 @@ def stack_processes(stack: Stack) -> dict[str, list]:
             roles["web"].append(child)
         elif "manage.py runner" in command:
             roles["runner"].append(child)
-        elif "daphne" in command:
+        elif "webapp.websocket_server" in command:
             roles["websockets"].append(child)
     redis_pid = int((stack.data_dir / "redis.pid").read_text().strip())
     roles["redis"].append(psutil.Process(redis_pid))

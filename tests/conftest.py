@@ -304,7 +304,7 @@ def asgi_server(django_db_setup, django_db_blocker):
         [
             sys.executable,
             "-m",
-            "daphne",
+            "webapp.websocket_server",
             "-b",
             "127.0.0.1",
             "-p",

@@ -6,9 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import psutil
+import pytest
 import redis
 
 from tests.conftest import ROOT
@@ -61,11 +63,12 @@ def test_up_serves_then_stops_every_process(tmp_path):
         children = psutil.Process(up.pid).children(recursive=True)
         commands = [" ".join(child.cmdline()) for child in children]
         assert any("gunicorn" in command for command in commands)
-        assert any("daphne" in command for command in commands)
+        assert any("webapp.websocket_server" in command for command in commands)
         assert any("manage.py runner" in command for command in commands)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/info") as reply:
             assert reply.status == 200
         redis_pid = int((tmp_path / "redis.pid").read_text())
+        send_key_in_request_lines(port)
 
         second = subprocess.run(
             [sys.executable, "manage.py", "up", "--port", str(free_port_pair())],
@@ -98,6 +101,12 @@ def test_up_serves_then_stops_every_process(tmp_path):
             answered = False
         assert not answered
         assert b"stopped the embedded Redis server" in log_path.read_bytes()
+
+        logs = {path.name: path.read_text() for path in (tmp_path / "logs").iterdir()}
+        assert all(LEAK_CHECK_KEY not in text for text in logs.values())
+        # The requests were logged, without their keys.
+        assert "GET /info?api_key=[redacted]" in logs["websockets.log"]
+        assert "api_key=[redacted]" in logs["web.log"]
     finally:
         if up.poll() is None:
             # up starts each child in a session of its own, so killing up's
@@ -107,6 +116,32 @@ def test_up_serves_then_stops_every_process(tmp_path):
                     child.kill()
             os.killpg(up.pid, signal.SIGKILL)
         stop_leftover_redis(tmp_path)
+
+
+LEAK_CHECK_KEY = "gbx_leakcheck0123456789"
+
+
+def send_key_in_request_lines(port: int) -> None:
+    """Send an API key in query strings to both servers of the stack.
+
+    The web server gets it once in a well-formed request and once in a malformed
+    request line (two spaces), which gunicorn quotes in a warning. The
+    websocket server on the next port serves the HTTP routes too.
+    """
+    import socket
+
+    query = f"/info?api_key={LEAK_CHECK_KEY}"
+    for url in (
+        f"http://127.0.0.1:{port}{query}",
+        f"http://127.0.0.1:{port + 1}{query}",
+    ):
+        # No such key exists, so both servers reject it.
+        with pytest.raises(urllib.error.HTTPError) as rejected:
+            urllib.request.urlopen(url)
+        assert rejected.value.code == 401
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(f"GET  {query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert connection.recv(100).startswith(b"HTTP/1.1 400")
 
 
 def kill_runner_until_paused(up: subprocess.Popen, log_path) -> None:

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-TOKEN_PREFIX = "gbx_"
+from webapp.api_keys import TOKEN_PREFIX
 
 
 def hash_token(key: str) -> str:

@@ -120,6 +120,9 @@ def gunicorn_command(application: str, bind: str, workers: int) -> list[str]:
         # there, and keys must not reach the log.
         "--access-logformat",
         '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss',
+        # Its warnings about malformed requests quote the request line.
+        "--logger-class",
+        "webapp.log_redaction.GunicornLogger",
         "--timeout",
         "120",
         # gunicorn 27's control socket has one default path per user, so a
@@ -201,7 +204,7 @@ class Command(BaseCommand):
                 [
                     sys.executable,
                     "-m",
-                    "daphne",
+                    "webapp.websocket_server",
                     "-b",
                     options["host"],
                     "-p",

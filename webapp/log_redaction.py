@@ -1,0 +1,53 @@
+"""Keep API keys out of the web servers' logs.
+
+Clients may send a key as an ``api_key`` query parameter, and request lines
+reach three logs. gunicorn's access log format leaves out the query string.
+gunicorn's warnings about malformed requests quote the whole line, and so
+does daphne's access log, so both go through redact_api_keys.
+"""
+
+import logging
+import re
+
+from daphne.access import AccessLogGenerator
+from gunicorn.glogging import Logger
+
+from webapp.api_keys import TOKEN_PREFIX
+
+_SECRETS = re.compile(
+    rf"(?P<parameter>api_key=)[^&\s'\"]*|{re.escape(TOKEN_PREFIX)}[A-Za-z0-9_-]+",
+    re.IGNORECASE,
+)
+
+
+def redact_api_keys(text: str) -> str:
+    """Replace ``api_key=`` values and anything shaped like a glassbox key."""
+    return _SECRETS.sub(
+        lambda match: (match.group("parameter") or "") + "[redacted]", text
+    )
+
+
+class RedactApiKeys(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_api_keys(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+class GunicornLogger(Logger):
+    """gunicorn's logger, with keys redacted from its error log."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        self.error_log.addFilter(RedactApiKeys())
+
+
+class DaphneAccessLog(AccessLogGenerator):
+    """daphne's access log, with keys redacted from each request line."""
+
+    def write_entry(self, host, date, request, status=None, length=None, **fields):
+        super().write_entry(
+            host, date, redact_api_keys(request), status, length, **fields
+        )
