@@ -294,6 +294,19 @@ def test_data_endpoints_reject_revoked_token(client, alice):
 
 
 @pytest.mark.django_db
+def test_data_endpoints_prefer_token_to_session(alice_browser, alice, bob, people):
+    bobs = make_bill(bob, version=version_of(bob, "Bob's workflow"))
+    revoked, revoked_key = ApiToken.issue(alice, "revoked")
+    revoked.revoke()
+    _, bobs_key = ApiToken.issue(bob, "billing export")
+
+    rejected = alice_browser.get(SUMMARY, HTTP_AUTHORIZATION=f"Bearer {revoked_key}")
+    assert rejected.status_code == 401
+    exported = alice_browser.get(EXPORT, {"api_key": bobs_key}).content.decode()
+    assert str(bobs.run_id) in exported
+
+
+@pytest.mark.django_db
 def test_history_hides_other_users_bills(alice_browser, alice, bob, people):
     own = [make_bill(alice, version=people) for _ in range(3)]
     bobs_version = version_of(bob, "Bob's workflow")

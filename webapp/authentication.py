@@ -130,32 +130,32 @@ def authenticate_key(key: str) -> ApiToken | None:
 def login_or_token_required(view):
     """Serve a plain Django view to a signed-in user or an API token's owner.
 
-    Browsers without a session are redirected to the login page, as by
-    ``login_required``. A request that carries an invalid or revoked key
-    gets a 401 error body instead.
+    A key in the request wins over a session, as in the API: the view runs
+    as the key's owner, and an invalid or revoked key gets a 401 error body.
+    Browsers with neither are redirected to the login page, as by
+    ``login_required``.
     """
 
     signed_in_view = login_required(view)
 
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
-        if not request.user.is_authenticated:
-            key = find_api_key(request)
-            if key is not None:
-                token = authenticate_key(key)
-                if token is None:
-                    # webapp.errors imports DRF's views, which import this
-                    # module through DRF's settings.
-                    from webapp.errors import json_error
+        key = find_api_key(request)
+        if key is not None:
+            token = authenticate_key(key)
+            if token is None:
+                # webapp.errors imports DRF's views, which import this
+                # module through DRF's settings.
+                from webapp.errors import json_error
 
-                    return json_error(
-                        "Invalid or revoked API key.",
-                        "authentication_failed",
-                        401,
-                        context="request",
-                        error_type="AuthenticationFailed",
-                    )
-                request.user = token.user
+                return json_error(
+                    "Invalid or revoked API key.",
+                    "authentication_failed",
+                    401,
+                    context="request",
+                    error_type="AuthenticationFailed",
+                )
+            request.user = token.user
         return signed_in_view(request, *args, **kwargs)
 
     return wrapper
