@@ -16,7 +16,10 @@ arrive after a ``done`` built from the database are dropped.
 """
 
 import asyncio
+import contextlib
+import logging
 
+import redis
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
@@ -32,12 +35,36 @@ LATE_EVENTS_GRACE_S = 1.0
 # database, in case the runner's events never come.
 WATCH_INTERVAL_S = 5.0
 
+logger = logging.getLogger(__name__)
+
 # Close codes in the application range (4000-4999).
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
+CLOSE_UNAVAILABLE = 4503
 
 
 class RunEventsConsumer(AsyncJsonWebsocketConsumer):
+    async def __call__(self, scope, receive, send):
+        """Serve one websocket; close it with CLOSE_UNAVAILABLE if Redis fails.
+
+        channels subscribes to the channel layer before ``connect`` runs, and
+        events come through Redis, so an outage raises here at any point. The
+        client may connect again: the next process that needs the embedded
+        Redis server restarts it.
+        """
+        try:
+            await super().__call__(scope, receive, send)
+        except (redis.RedisError, OSError) as error:
+            logger.warning(
+                "run event websocket %s closed, Redis unreachable: %s",
+                scope.get("path", ""),
+                error,
+            )
+            # The connection may be closed already, and then there is no
+            # one left to tell.
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": CLOSE_UNAVAILABLE})
+
     async def connect(self):
         user = self.scope.get("user")
         self.run_id = str(self.scope["url_route"]["kwargs"]["run_id"])
@@ -69,7 +96,8 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
         if getattr(self, "watcher", None) is not None:
             self.watcher.cancel()
         if hasattr(self, "seen"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def run_event(self, message):
         """Called by channels for each group message published by a runner."""

@@ -75,6 +75,22 @@ async def test_events_refuse_path_without_run_id(alice):
 
 
 @pytest.mark.asyncio
+async def test_events_close_when_redis_unreachable(
+    transactional_db, alice, tmp_path, settings
+):
+    run = await sync_to_async(submit)(alice, image_height())
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [f"unix://{tmp_path}/no-redis.sock"]},
+        }
+    }
+    communicator, connected, code = await connect(run.id, alice)
+    assert connected is False
+    assert code == consumers.CLOSE_UNAVAILABLE
+
+
+@pytest.mark.asyncio
 async def test_events_refuse_anonymous(runner, alice):
     from django.contrib.auth.models import AnonymousUser
 
