@@ -22,11 +22,17 @@ def submit(owner, definition):
     return start_cli_run(owner, definition, wait_s=0).run
 
 
-async def connect(run_id, user):
+# The websocket server's own address, as daphne puts it in the scope.
+SERVER = ("127.0.0.1", 8001)
+
+
+async def connect(run_id, user, origin=b"http://127.0.0.1:8001"):
+    headers = [(b"origin", origin)] if origin is not None else []
     communicator = WebsocketCommunicator(
-        application, f"/ws/runs/{run_id}/", headers=[(b"origin", b"http://127.0.0.1")]
+        application, f"/ws/runs/{run_id}/", headers=headers
     )
     communicator.scope["user"] = user
+    communicator.scope["server"] = SERVER
     connected, code = await communicator.connect()
     return communicator, connected, code
 
@@ -88,6 +94,34 @@ async def test_events_close_when_redis_unreachable(
     communicator, connected, code = await connect(run.id, alice)
     assert connected is False
     assert code == consumers.CLOSE_UNAVAILABLE
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("origin", "accepted"),
+    [
+        (b"http://127.0.0.1:8001", True),  # a page of the websocket server
+        (b"http://localhost:8001", True),
+        (b"http://127.0.0.1:8000", True),  # a page of WEB_SERVER_PORT
+        (b"https://127.0.0.1:8000", True),
+        (b"http://127.0.0.1:9999", False),  # another service on the host
+        (b"http://127.0.0.1", False),
+        (b"http://evil.example:8000", False),
+        (b"http://user@127.0.0.1:8000", False),
+        (b"http://127.0.0.1:http", False),
+        (b"null", False),
+        (None, False),
+    ],
+)
+async def test_events_accept_only_site_origins(
+    runner, alice, settings, origin, accepted
+):
+    settings.GLASSBOX = {**settings.GLASSBOX, "WEB_SERVER_PORT": 8000}
+    run = await sync_to_async(submit)(alice, image_height())
+    communicator, connected, _ = await connect(run.id, alice, origin)
+    assert connected is accepted
+    if accepted:
+        await communicator.disconnect()
 
 
 @pytest.mark.asyncio

@@ -213,6 +213,10 @@ GLASSBOX = {
     # Port of the daphne server that carries websockets when the HTTP API is
     # served by another server on the same host; empty means the same origin.
     "WEBSOCKET_PORT": env_str("WEBSOCKET_PORT", ""),
+    # Port of the HTTP server whose pages open websockets on this (daphne)
+    # server, when that is another server; 0 means none. Pages served on the
+    # websocket server's own port are always accepted.
+    "WEB_SERVER_PORT": env_int("WEB_SERVER_PORT", 0, 0),
 }
 
 BILLING = {

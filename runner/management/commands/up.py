@@ -199,6 +199,8 @@ class Command(BaseCommand):
             # gunicorn serves HTTP (the fastest Django server measured here);
             # daphne on the next port carries the live-timeline websockets.
             websocket_port = options["port"] + 1
+            # The websocket server accepts pages of the web server's port.
+            os.environ["WEB_SERVER_PORT"] = str(options["port"])
             self._spawn(
                 "websockets",
                 [
