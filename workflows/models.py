@@ -6,6 +6,7 @@ every run points at the version it ran.
 
 from django.conf import settings
 from django.db import models, transaction
+from django.db.models import Max
 from django.utils.text import slugify
 
 from workflows.compiler import definition_digest
@@ -41,6 +42,12 @@ class Workflow(models.Model):
         cls, owner, name: str, definition: dict, slug: str | None = None
     ) -> "Workflow":
         with transaction.atomic():
+            # Locking the owner's row orders the owner's concurrent creates,
+            # so each one finds the slugs the previous ones committed.
+            owner_model = type(owner)
+            list(
+                owner_model.objects.select_for_update().filter(pk=owner.pk).values("pk")
+            )
             workflow = cls.objects.create(
                 owner=owner, name=name, slug=slug or cls.unique_slug(owner, name)
             )
@@ -59,15 +66,15 @@ class Workflow(models.Model):
     def add_version(self, definition: dict) -> "WorkflowVersion":
         """Store ``definition`` as the next version (callers compile it first)."""
         with transaction.atomic():
-            last = (
-                WorkflowVersion.objects.select_for_update()
-                .filter(workflow=self)
-                .order_by("-number")
-                .first()
-            )
+            # The workflow's row lock orders concurrent edits. The highest
+            # number is read after the lock, in a statement of its own, so
+            # under PostgreSQL's READ COMMITTED it sees the version that the
+            # previous holder of the lock committed.
+            list(Workflow.objects.select_for_update().filter(pk=self.pk).values("pk"))
+            last = self.versions.aggregate(Max("number"))["number__max"] or 0
             version = WorkflowVersion.objects.create(
                 workflow=self,
-                number=(last.number + 1) if last else 1,
+                number=last + 1,
                 definition=definition,
                 digest=definition_digest(definition),
             )

@@ -1,0 +1,58 @@
+"""Workflow edits and creates that arrive at the same moment, on real connections.
+
+Each thread has its own database connection, so on PostgreSQL the writes
+really overlap. On SQLite they queue for the write lock.
+"""
+
+import threading
+
+from django.db import connection
+
+from tests.definitions import image_height
+from workflows.models import Workflow
+
+THREADS = 8
+
+
+def run_together(target) -> list:
+    """Call ``target()`` in THREADS threads released at once; return results."""
+    barrier = threading.Barrier(THREADS)
+    results: list = [None] * THREADS
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[index] = target()
+        except Exception as error:  # reported by the assertions below
+            results[index] = error
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_concurrent_edits_get_consecutive_versions(transactional_db, alice):
+    workflow = Workflow.create_with_version(alice, "edited", image_height())
+
+    results = run_together(lambda: workflow.add_version(image_height()).number)
+
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert sorted(results) == list(range(2, THREADS + 2))
+    numbers = list(workflow.versions.values_list("number", flat=True))
+    assert sorted(numbers) == list(range(1, THREADS + 2))
+
+
+def test_concurrent_creates_get_distinct_slugs(transactional_db, alice):
+    results = run_together(
+        lambda: Workflow.create_with_version(alice, "same name", image_height()).slug
+    )
+
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert len(set(results)) == THREADS
+    assert "same-name" in results
+    assert Workflow.objects.filter(owner=alice).count() == THREADS
