@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from django.conf import settings
 from rq import Queue
 from rq.job import Job
@@ -42,17 +43,49 @@ class RunnerState:
         return bool(self.data.get("current_run"))
 
 
-def publish_heartbeat(name: str, state: dict[str, Any]) -> None:
+# Sets the heartbeat unless a live one of another instance holds the name,
+# and then returns that heartbeat instead.
+_PUBLISH_HEARTBEAT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+    local ok, holder = pcall(cjson.decode, current)
+    if ok and type(holder) == 'table' and holder['instance']
+            and holder['instance'] ~= ARGV[2] then
+        return current
+    end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+return false
+"""
+
+
+def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None:
+    """Publish ``state`` as the runner's heartbeat.
+
+    Returns None, or the heartbeat of another process that now runs under
+    this name, which a process resumed after a long pause can find: the
+    name's heartbeat expired, and a new runner started with it.
+    """
     connection = get_redis()
     ttl_ms = int(settings.GLASSBOX["RUNNER_DEAD_AFTER_S"] * 1000)
     pipeline = connection.pipeline(transaction=False)
-    pipeline.set(keys.heartbeat_key(name), json.dumps(state), px=ttl_ms)
-    pipeline.sadd(keys.RUNNERS_SET, name)
+    pipeline.eval(
+        _PUBLISH_HEARTBEAT,
+        2,
+        keys.heartbeat_key(name),
+        keys.RUNNERS_SET,
+        json.dumps(state),
+        state["instance"],
+        ttl_ms,
+        name,
+    )
     # A runner's clock samples come with its heartbeats.
     pipeline.time()
     sent_ns = time.time_ns()
-    replies = pipeline.execute()
-    clock.observe(sent_ns, replies[-1], time.time_ns())
+    holder, server_time = pipeline.execute()
+    clock.observe(sent_ns, server_time, time.time_ns())
+    return json.loads(holder) if holder else None
 
 
 def remove_heartbeat(name: str) -> None:
@@ -161,12 +194,82 @@ def move_queued_jobs(name: str) -> int:
 
 
 def reap_dead_runners() -> None:
+    """Reap runners without a heartbeat, and move jobs off queues nobody reads.
+
+    Three kinds of runner are found here. A runner in RUNNERS_SET whose
+    heartbeat expired is dead. A runner that the database shows running a
+    run, but that Redis does not know, was forgotten by a Redis server that
+    restarted empty; it is reaped once it has stayed without a heartbeat for
+    RUNNER_DEAD_AFTER_S, the time a live runner takes to beat again. A
+    runner queue whose runner has no heartbeat, after a clean stop, can
+    still receive a job routed from a heartbeat read just before the stop;
+    such jobs move to the shared queue.
+    """
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
-    for name in dead_runner_names():
-        reap_runner(
-            name,
-            f"runner {name} stopped sending heartbeats (none for {dead_after:g} s)",
-        )
+    beats = _heartbeats()
+    for name, beat in beats:
+        if beat is None:
+            reap_runner(
+                name,
+                f"runner {name} stopped sending heartbeats (none for {dead_after:g} s)",
+            )
+    live = {name for name, beat in beats if beat is not None}
+    _reap_forgotten_runners({name for name, _ in beats}, dead_after)
+    _move_orphaned_queues(live)
+
+
+# Runners that hold running runs but that Redis does not know, by name: when
+# this process first found each one missing (time.monotonic()).
+_forgotten_since: dict[str, float] = {}
+
+
+def _reap_forgotten_runners(known: set[str], dead_after: float) -> None:
+    from runner.models import Run
+
+    holders = set(
+        Run.objects.filter(status=Run.Status.RUNNING)
+        .values_list("runner_name", flat=True)
+        .distinct()
+    )
+    forgotten = holders - known
+    now = time.monotonic()
+    for name in list(_forgotten_since):
+        if name not in forgotten:
+            del _forgotten_since[name]
+    for name in forgotten:
+        first_missing = _forgotten_since.setdefault(name, now)
+        if now - first_missing >= dead_after:
+            reap_runner(
+                name,
+                f"runner {name} sent no heartbeat for {dead_after:g} s after "
+                "Redis lost its registration",
+            )
+            del _forgotten_since[name]
+
+
+def _move_orphaned_queues(live: set[str]) -> None:
+    connection = get_redis()
+    prefix = Queue.redis_queue_namespace_prefix + keys.runner_queue("")
+    for raw_key in connection.smembers(Queue.redis_queues_keys):
+        queue_key = raw_key.decode(errors="replace")
+        if not queue_key.startswith(prefix):
+            continue
+        name = queue_key[len(prefix) :]
+        if name in live:
+            continue
+        try:
+            if not connection.llen(queue_key):
+                continue
+        except redis.ResponseError:
+            continue  # not a list: the runner's own dequeue deletes such keys
+        moved = move_queued_jobs(name)
+        if moved:
+            logger.warning(
+                "moved %d jobs from the queue of runner %s, which has no "
+                "heartbeat, to the shared queue",
+                moved,
+                name,
+            )
 
 
 # A queued run whose job is missing for this long is treated as lost; the

@@ -7,6 +7,7 @@ function reads it, which is why runners must not fork per job.
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from runner.model_cache import ModelCache
@@ -23,12 +24,18 @@ class RunnerRuntime:
     runs_done: int = 0
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
+    # Tells this process's heartbeats from those of another process that
+    # took the same name (see fleet.publish_heartbeat).
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Set when another process took this runner's name.
+    name_taken: bool = False
 
     def state(self, queue_length: int) -> dict:
         return {
             "name": self.name,
             "host": self.host,
             "pid": self.pid,
+            "instance": self.instance,
             "device": self.device,
             "budget_bytes": self.cache.budget_bytes,
             "used_bytes": self.cache.used_bytes(),

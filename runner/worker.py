@@ -176,11 +176,15 @@ class InvalidJob(Exception):
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, runtime: RunnerRuntime, own_queue: Queue) -> None:
+    def __init__(
+        self, runtime: RunnerRuntime, own_queue: Queue, on_name_taken=None
+    ) -> None:
         super().__init__(name=f"heartbeat-{runtime.name}", daemon=True)
         self.runtime = runtime
         self.own_queue = own_queue
         self.stopped = threading.Event()
+        # Called once, without arguments, if another process takes the name.
+        self.on_name_taken = on_name_taken
 
     def run(self) -> None:
         interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
@@ -222,8 +226,26 @@ class Heartbeat(threading.Thread):
             self.stopped.wait(interval)
 
     def beat(self) -> None:
+        if self.runtime.name_taken:
+            return
         state = self.runtime.state(queue_length=self.own_queue.count)
-        fleet.publish_heartbeat(self.runtime.name, state)
+        holder = fleet.publish_heartbeat(self.runtime.name, state)
+        if holder is None:
+            return
+        # This process was paused for longer than the dead time, and a new
+        # runner started under its name meanwhile. The name, its queue and
+        # its heartbeat now belong to that runner, so this one stops.
+        logger.error(
+            "runner %s: another process (pid %s on %s) now runs under this "
+            "name; stopping without taking more jobs",
+            self.runtime.name,
+            holder.get("pid"),
+            holder.get("host"),
+        )
+        self.runtime.name_taken = True
+        self.stopped.set()
+        if self.on_name_taken is not None:
+            self.on_name_taken()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -238,11 +260,11 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     shared_queue = Queue(
         keys.SHARED_QUEUE, connection=connection, serializer=keys.JOB_SERIALIZER
     )
-    heartbeat = Heartbeat(runtime, own_queue)
+    worker = RunnerWorker([own_queue, shared_queue], connection, runtime.name)
+    heartbeat = Heartbeat(runtime, own_queue, on_name_taken=worker.stopping.set)
     heartbeat.beat()
     heartbeat.start()
     runtime.cache.on_change = heartbeat.beat
-    worker = RunnerWorker([own_queue, shared_queue], connection, runtime.name)
     logger.info(
         "runner %s started on %s (budget %d bytes), queues %s and %s",
         runtime.name,
@@ -256,10 +278,11 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     finally:
         heartbeat.stop()
         heartbeat.join(timeout=5)
-        fleet.remove_heartbeat(runtime.name)
-        moved = fleet.move_queued_jobs(runtime.name)
-        logger.info(
-            "runner %s stopped; %d queued jobs moved to the shared queue",
-            runtime.name,
-            moved,
-        )
+        if not runtime.name_taken:
+            fleet.remove_heartbeat(runtime.name)
+            moved = fleet.move_queued_jobs(runtime.name)
+            logger.info(
+                "runner %s stopped; %d queued jobs moved to the shared queue",
+                runtime.name,
+                moved,
+            )

@@ -14,7 +14,7 @@ from runner import keys
 from runner.dispatch import enqueue
 from runner.fleet import recover_lost_jobs
 from runner.models import Run
-from tests.conftest import image_b64, image_bytes
+from tests.conftest import image_b64, image_bytes, start_cli_run
 from tests.definitions import image_height
 from webapp.clock import clock
 from webapp.redis import get_redis
@@ -91,6 +91,38 @@ def test_lost_job_without_inputs_fails_unbilled(runner, alice):
     run = recover_until(run, Run.Status.FAILED)
     assert "lost" in run.error["message"]
     assert Bill.objects.get(run=run).amount_microcredits == 0
+
+
+def wait_for_final(run: Run, timeout_s: float = 30) -> Run:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run.refresh_from_db()
+        if run.is_finished:
+            return run
+        time.sleep(0.1)
+    raise AssertionError(f"run {run.id} is still {run.status}")
+
+
+def test_job_on_stopped_runners_queue_runs(runner, alice):
+    # A runner that stopped cleanly has no heartbeat and no registration, but
+    # a run routed to it from a heartbeat read just before the stop still
+    # reaches its queue.
+    run = start_cli_run(alice, image_height(), wait_s=0, runner="stopped").run
+    finished = wait_for_final(run)
+    assert finished.status == Run.Status.SUCCEEDED
+    assert finished.outputs == [{"height": 1080}]
+
+
+def test_run_of_forgotten_runner_fails_unbilled(runner, alice):
+    # A Redis server that restarted empty no longer knows the runner that
+    # died holding this run.
+    run = Run.objects.create(
+        owner=alice, source="api", status=Run.Status.RUNNING, runner_name="forgotten"
+    )
+    finished = wait_for_final(run)
+    assert finished.status == Run.Status.FAILED
+    assert "Redis lost its registration" in finished.error["message"]
+    assert Bill.objects.get(run=run).billed is False
 
 
 def test_lost_check_ignores_web_clock(alice):

@@ -124,6 +124,10 @@ def test_reaper_waits_after_redis_returns(transactional_db, alice, tmp_path):
     socket_path = tmp_path / "grace.sock"
     server = start_redis(socket_path, persist_in=tmp_path)
     client = redis.Redis(unix_socket_path=str(socket_path))
+    # The session's runner, on the main Redis server, sees B's running run
+    # in the database too; there B is alive throughout.
+    get_redis().set(keys.heartbeat_key("grace-b"), "{}", px=120_000)
+    get_redis().sadd(keys.RUNNERS_SET, "grace-b")
     run = Run.objects.create(
         owner=alice, source="api", status=Run.Status.RUNNING, runner_name="grace-b"
     )
@@ -150,11 +154,42 @@ def test_reaper_waits_after_redis_returns(transactional_db, alice, tmp_path):
         time.sleep(2.5)
 
         run.refresh_from_db()
-        assert run.status == Run.Status.RUNNING, log_path.read_text()[-2000:]
+        assert run.status == Run.Status.RUNNING, (
+            run.error,
+            log_path.read_text()[-2000:],
+        )
         assert process.poll() is None
     finally:
+        get_redis().delete(keys.heartbeat_key("grace-b"))
+        get_redis().srem(keys.RUNNERS_SET, "grace-b")
         process.terminate()
         process.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_runner_stops_when_its_name_is_taken(transactional_db, tmp_path):
+    socket_path = tmp_path / "taken.sock"
+    server = start_redis(socket_path)
+    client = redis.Redis(unix_socket_path=str(socket_path))
+    log_path = tmp_path / "taken-runner.log"
+    process = start_runner("taken", socket_path, log_path)
+    try:
+        wait_for_heartbeat(client, "taken", process.pid)
+        beat = json.loads(client.get(keys.heartbeat_key("taken")))
+        # Another process started under the name while this one was paused.
+        other = json.dumps({**beat, "pid": 1, "instance": "another"})
+        client.set(keys.heartbeat_key("taken"), other, px=60_000)
+
+        assert process.wait(timeout=30) != 0
+        assert "another process" in log_path.read_text()
+        holder = json.loads(client.get(keys.heartbeat_key("taken")))
+        assert holder["instance"] == "another"
+        assert client.sismember(keys.RUNNERS_SET, "taken")
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
         server.terminate()
         server.wait(timeout=10)
 

@@ -69,6 +69,11 @@ class Command(BaseCommand):
         connection = get_redis()
         self._fail_own_stale_runs(name)
         run_worker(runtime, connection, burst=options["burst"])
+        if runtime.name_taken:
+            raise CommandError(
+                f"another process took the runner name {name!r} while this one "
+                "was paused; this one stopped"
+            )
 
     def _fail_own_stale_runs(self, name: str) -> None:
         """Runs this runner name held when it last stopped without finishing them."""
