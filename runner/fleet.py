@@ -43,8 +43,8 @@ class RunnerState:
         return bool(self.data.get("current_run"))
 
 
-# Sets the heartbeat unless a live one of another instance holds the name,
-# and then returns that heartbeat instead.
+# Sets the heartbeat unless a live heartbeat of another instance has the
+# name, and then returns that heartbeat instead.
 _PUBLISH_HEARTBEAT = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -194,7 +194,7 @@ def move_queued_jobs(name: str) -> int:
 
 
 def reap_dead_runners() -> None:
-    """Reap runners without a heartbeat, and move jobs off queues nobody reads.
+    """Reap runners without a heartbeat, and move jobs off queues no runner reads.
 
     Three kinds of runner are found here. A runner in RUNNERS_SET whose
     heartbeat expired is dead. A runner that the database shows running a

@@ -41,6 +41,7 @@ def execute_run(
     here.
     """
     started = time.perf_counter_ns()
+    started_monotonic = time.monotonic()
     started_wall = clock.now_ns()
     runtime = current_runtime()
     try:
@@ -68,7 +69,7 @@ def execute_run(
     runtime.current_run = run_id
     try:
         run = _run_from(run_id, snapshot)
-        _execute(run, runtime, started, started_wall, inputs)
+        _execute(run, runtime, started, started_wall, inputs, started_monotonic)
     except Exception as error:
         # _execute finishes the run itself when the workflow fails. This catches
         # failures around it (database, Redis), so that the run does not stay
@@ -101,7 +102,12 @@ def _run_from(run_id: str, snapshot: dict | None) -> Run:
 
 
 def _execute(
-    run: Run, runtime, started: int, started_wall: int, inputs: dict | None
+    run: Run,
+    runtime,
+    started: int,
+    started_wall: int,
+    inputs: dict | None,
+    started_monotonic: float,
 ) -> None:
     events = RunEvents(str(run.pk))
     timer = RunTimer(listener=events.emit)
@@ -176,6 +182,16 @@ def _execute(
     )
     breakdown["runner"] = runtime.name
     breakdown["device"] = runtime.device
+    dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
+    stall_s = runtime.stall_since(started_monotonic, dead_after)
+    if stall_s is not None and not waive_reason:
+        # The fleet counts a runner this long without a heartbeat as down,
+        # and a run it held is then failed unbilled. With no other runner
+        # to reap it, the run finished, but the pause is not the user's.
+        waive_reason = (
+            f"runner {runtime.name} was stopped or starved for {stall_s:.1f} s "
+            f"during the run (longer than RUNNER_DEAD_AFTER_S, {dead_after:g} s)"
+        )
     if waive_reason:
         bill = policy.waive(breakdown, waive_reason)
     else:

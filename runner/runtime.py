@@ -29,6 +29,24 @@ class RunnerRuntime:
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Set when another process took this runner's name.
     name_taken: bool = False
+    # The heartbeat thread's last wake-up, and the end and length of the
+    # latest gap between wake-ups longer than RUNNER_DEAD_AFTER_S
+    # (time.monotonic()): the process was stopped or starved that long.
+    heartbeat_woke_at: float = field(default_factory=time.monotonic)
+    stall_ended_at: float = 0.0
+    stall_s: float = 0.0
+
+    def stall_since(self, started: float, dead_after_s: float) -> float | None:
+        """Return how long this process stalled since ``started``, or None.
+
+        A stall that is still going on when this is called (the heartbeat
+        thread has not woken since) counts too, because the main thread may
+        resume first.
+        """
+        if self.stall_ended_at >= started:
+            return self.stall_s
+        silent = time.monotonic() - max(self.heartbeat_woke_at, started)
+        return silent if silent > dead_after_s else None
 
     def state(self, queue_length: int) -> dict:
         return {

@@ -193,6 +193,7 @@ class Heartbeat(threading.Thread):
         failures = 0
         reap_from = 0.0
         while not self.stopped.is_set():
+            self.note_wake_up(dead_after)
             try:
                 self.beat()
                 if failures:
@@ -224,6 +225,19 @@ class Heartbeat(threading.Thread):
                     )
             beats += 1
             self.stopped.wait(interval)
+
+    def note_wake_up(self, dead_after: float) -> None:
+        """Record a gap since the last wake-up longer than ``dead_after``."""
+        now = time.monotonic()
+        gap = now - self.runtime.heartbeat_woke_at
+        self.runtime.heartbeat_woke_at = now
+        if gap > dead_after:
+            self.runtime.stall_ended_at, self.runtime.stall_s = now, gap
+            logger.warning(
+                "runner %s: no heartbeat for %.1f s (process stopped or starved)",
+                self.runtime.name,
+                gap,
+            )
 
     def beat(self) -> None:
         if self.runtime.name_taken:

