@@ -9,6 +9,7 @@ run ends failed with a waived bill.
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -243,6 +244,10 @@ def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
 RESULT_WAIT_SLICE_S = 1.0
 RESULT_GRACE_S = 2.0
 
+# Set when this web server process is stopping: waiting requests then stop
+# waiting within a slice and answer with the run's URL (webapp/wsgi.py).
+stopping = threading.Event()
+
 
 def wait_for_result(run_id: str, timeout_s: float) -> dict[str, Any] | None:
     """Block until the run finishes; return its payload, or None on timeout.
@@ -258,7 +263,7 @@ def wait_for_result(run_id: str, timeout_s: float) -> dict[str, Any] | None:
     deadline = time.monotonic() + timeout_s
     while True:
         slice_s = min(RESULT_WAIT_SLICE_S, deadline - time.monotonic())
-        if slice_s <= 0:
+        if slice_s <= 0 or stopping.is_set():
             return None
         try:
             # A BLPOP timeout of 0 means no timeout, so the last slice waits

@@ -1,4 +1,6 @@
 import os
+import signal
+import threading
 
 from django.core.wsgi import get_wsgi_application
 
@@ -20,4 +22,30 @@ def _warm_up() -> None:
     Image.init()
 
 
+def _answer_waiting_requests_on_stop() -> None:
+    """Let SIGTERM end the waits of synchronous run requests first.
+
+    gunicorn's worker handles SIGTERM by finishing the requests it is
+    serving, but a request waiting for a run can wait minutes, longer than
+    ``manage.py up`` gives the worker before killing it, and its client then
+    got no response at all. This handler, chained before gunicorn's, makes
+    such requests answer at once with the run's URL (202); the run stays
+    queued for the next start. gunicorn installs its handlers before it
+    imports this module, in the worker's main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop_waiting(signum, frame):
+        from runner.dispatch import stopping
+
+        stopping.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop_waiting)
+
+
 _warm_up()
+_answer_waiting_requests_on_stop()
