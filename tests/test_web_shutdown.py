@@ -1,4 +1,4 @@
-"""Stopping the web server answers the synchronous requests that wait for runs."""
+"""Stopping the web server responds at once to requests that wait for runs."""
 
 import json
 import os
@@ -31,7 +31,7 @@ def post_json(url: str, body: dict, key: str, replies: list) -> None:
         replies.append((None, repr(error), time.monotonic()))
 
 
-def test_sigterm_answers_waiting_request(runner, alice, alice_key):
+def test_sigterm_ends_waiting_request(runner, alice, alice_key):
     port = free_port()
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
     env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])

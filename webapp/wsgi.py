@@ -28,9 +28,9 @@ def _answer_waiting_requests_on_stop() -> None:
     gunicorn's worker handles SIGTERM by finishing the requests it is
     serving, but a request waiting for a run can wait minutes, longer than
     ``manage.py up`` gives the worker before killing it, and its client then
-    got no response at all. This handler, chained before gunicorn's, makes
-    such requests answer at once with the run's URL (202); the run stays
-    queued for the next start. gunicorn installs its handlers before it
+    got no response at all. This handler, chained before gunicorn's, ends
+    those waits, and such requests respond at once with the run's URL (202).
+    The run stays queued for the next start. gunicorn installs its handlers before it
     imports this module, in the worker's main thread.
     """
     if threading.current_thread() is not threading.main_thread():
