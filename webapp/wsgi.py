@@ -30,8 +30,8 @@ def _answer_waiting_requests_on_stop() -> None:
     ``manage.py up`` gives the worker before killing it, and its client then
     got no response at all. This handler, chained before gunicorn's, ends
     those waits, and such requests respond at once with the run's URL (202).
-    The run stays queued for the next start. gunicorn installs its handlers before it
-    imports this module, in the worker's main thread.
+    The run stays queued for the next start. gunicorn installs its handlers
+    before it imports this module, in the worker's main thread.
     """
     if threading.current_thread() is not threading.main_thread():
         return
