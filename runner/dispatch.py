@@ -96,6 +96,31 @@ def choose_queue(cache_keys: list[str], runners: list[fleet.RunnerState]) -> str
     return keys.SHARED_QUEUE
 
 
+def predict_hot(
+    models: list[dict], runners: list[fleet.RunnerState], queue_name: str, owner_id: int
+) -> None:
+    """Set each model's ``predicted_hot`` by the estimate's rule.
+
+    A model is hot if the runner the queue belongs to has it loaded. A
+    shared-queue job goes to whichever runner is free, so then only if every
+    runner has it. And none is hot if the run's models together exceed the
+    memory budget of every runner that may take it, because loading one then
+    evicts another.
+    """
+    from runner.estimate import models_exceed_budgets
+
+    chosen = keys.runner_of_queue(queue_name)
+    takers = [r for r in runners if chosen is None or r.name == chosen]
+    cache_keys = {model["cache_key"] for model in models}
+    evicting = models_exceed_budgets(cache_keys, takers, owner_id)
+    for model in models:
+        model["predicted_hot"] = (
+            bool(takers)
+            and not evicting
+            and all(model["cache_key"] in r.loaded_models for r in takers)
+        )
+
+
 def submit(submission: Submission, *, require_runner: bool) -> Run:
     """Queue a run; raise NoRunnerError before writing anything if none is up."""
     models = resolve_models(
@@ -115,14 +140,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         queue_name = keys.runner_queue(submission.runner)
     else:
         queue_name = choose_queue(cache_keys, runners)
-    # Hot if the runner the queue belongs to has the model loaded. A shared-queue
-    # job goes to whichever runner is free, so then only if every runner does.
-    chosen = keys.runner_of_queue(queue_name)
-    takers = [r for r in runners if chosen is None or r.name == chosen]
-    for model in models:
-        model["predicted_hot"] = bool(takers) and all(
-            model["cache_key"] in r.loaded_models for r in takers
-        )
+    predict_hot(models, runners, queue_name, submission.owner_id)
 
     run = Run(
         owner_id=submission.owner_id,

@@ -231,6 +231,26 @@ def _public(forecast: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in forecast.items() if name not in hidden}
 
 
+def models_exceed_budgets(
+    cache_keys: set[str], runners: list[fleet.RunnerState], owner_id: int
+) -> bool:
+    """Return whether no runner in ``runners`` can hold these models together.
+
+    The owner's runs are read only for sizes no heartbeat shows.
+    """
+    if len(cache_keys) < 2 or not runners:
+        return False
+    measured = {
+        model["cache_key"]
+        for runner in runners
+        for model in runner.data.get("models", [])
+    }
+    history = (
+        [] if cache_keys <= measured else _history(owner_id, None, MODEL_HISTORY_RUNS)
+    )
+    return _exceeds_budgets(cache_keys, runners, history)
+
+
 def _exceeds_budgets(
     cache_keys: set[str],
     runners: list[fleet.RunnerState],

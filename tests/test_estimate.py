@@ -6,9 +6,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from billing.policy import BillingPolicy, evaluate_formula
 from runner import estimate as estimate_module
-from runner import fleet
+from runner import fleet, keys
+from runner.dispatch import predict_hot
 from runner.models import Run
 from tests.conftest import ROOT, private_data_env
 from tests.definitions import detection, image_height
@@ -331,6 +334,32 @@ def test_models_over_every_budget_count_as_cold():
     alone = [runner("r1", 60, [("a", 45)])]
     assert estimate_module._exceeds_budgets(keys, alone, history) is True
     assert estimate_module._exceeds_budgets(keys, alone, []) is False
+
+
+@pytest.mark.django_db
+def test_run_prediction_counts_evictions_as_cold(alice):
+    def runner(name, budget, models):
+        loaded = [{"cache_key": key, "memory_bytes": size} for key, size in models]
+        return fleet.RunnerState(name, {"budget_bytes": budget, "models": loaded})
+
+    # Both runners hold "b". Alice's last run measured "a", and the two
+    # together exceed both budgets, so the runner that takes the run evicts
+    # "b" to load "a".
+    Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.SUCCEEDED,
+        model_refs=[{"model_id": "m", "cache_key": "a"}],
+        breakdown={"components": {}, "models": [{"model_id": "m", "memory_bytes": 45}]},
+    )
+    small = [runner("r1", 60, [("b", 45)]), runner("r2", 60, [("b", 45)])]
+    models = [{"cache_key": "a"}, {"cache_key": "b"}]
+    predict_hot(models, small, keys.SHARED_QUEUE, alice.id)
+    assert [m["predicted_hot"] for m in models] == [False, False]
+
+    roomy = [runner("r1", 100, [("a", 45), ("b", 45)])]
+    predict_hot(models, roomy, keys.SHARED_QUEUE, alice.id)
+    assert [m["predicted_hot"] for m in models] == [True, True]
 
 
 def test_estimate_after_new_weights_counts_calls_by_id(runner, alice_client, tmp_path):
