@@ -216,7 +216,7 @@ def _plan_for(run: Run, timer: RunTimer) -> ExecutionPlan:
     which only happens on a miss.
     """
     started = time.perf_counter_ns()
-    plan = plan_cache.get(run.definition_digest)
+    plan = plan_cache.get(run.definition_digest, run.owner_id)
     timer.compile_cache_hit = plan is not None
     if plan is None:
         if run.workflow_version_id is not None:
@@ -227,7 +227,7 @@ def _plan_for(run: Run, timer: RunTimer) -> ExecutionPlan:
             definition = Run.objects.values_list("inline_definition", flat=True).get(
                 pk=run.pk
             )
-        plan = plan_cache.compile(definition).plan
+        plan = plan_cache.compile(definition, run.owner_id).plan
     timer.compile_ns = time.perf_counter_ns() - started
     return plan
 

@@ -105,7 +105,7 @@ def start_run(
         check_queued_runs(owner_id)
         slot = nullcontext()
     with slot:
-        compiled = plan_cache.compile(definition)
+        compiled = plan_cache.compile(definition, owner_id)
         inputs = read_inputs(
             compiled.plan,
             raw_inputs,

@@ -209,6 +209,21 @@ def test_sync_wait_falls_back_to_database(runner, alice):
         assert stored["meta"][field] == pushed["meta"][field]
 
 
+def test_plan_cache_is_per_owner(runner, alice, bob):
+    definition = image_height()
+    definition["steps"][0]["name"] = "per_owner_cache"
+    definition["outputs"][0]["selector"] = "$steps.per_owner_cache.output"
+
+    def compile_cache_hit(owner) -> bool:
+        payload = start_cli_run(owner, definition, wait_s=60).payload
+        assert payload["meta"]["status"] == "succeeded", payload
+        return payload["meta"]["breakdown"]["compile_cache_hit"]
+
+    assert [compile_cache_hit(alice), compile_cache_hit(alice)] == [False, True]
+    # Bob's first run of the same definition tells him nothing about Alice's.
+    assert compile_cache_hit(bob) is False
+
+
 def test_queued_runs_per_user_are_limited(alice, alice_client, bob_client):
     # No runner sees these runs: the test's transaction is never committed,
     # so they stay queued.

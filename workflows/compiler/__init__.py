@@ -97,14 +97,20 @@ class CompileResult:
 
 
 class PlanCache:
-    """A thread-safe LRU cache of plans keyed by definition digest."""
+    """A thread-safe LRU cache of plans keyed by owner and definition digest.
+
+    Each owner has entries of their own, although a plan does not depend on
+    its owner: a hit on a plan that another user compiled would tell a user,
+    from the compile time reported with each run, that someone had run that
+    exact definition.
+    """
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
         self.size = size
-        self._plans: OrderedDict[str, ExecutionPlan] = OrderedDict()
+        self._plans: OrderedDict[tuple[int | None, str], ExecutionPlan] = OrderedDict()
         self._lock = threading.Lock()
 
-    def compile(self, definition: Any) -> CompileResult:
+    def compile(self, definition: Any, owner_id: int | None = None) -> CompileResult:
         """Return the plan for ``definition``, timing the lookup or the compile."""
         started = time.perf_counter_ns()
         check_size(definition)
@@ -116,25 +122,23 @@ class PlanCache:
                 f"{MAX_DEFINITION_BYTES} are accepted",
             )
         digest = hashlib.sha256(text.encode()).hexdigest()
-        with self._lock:
-            plan = self._plans.get(digest)
-            if plan is not None:
-                self._plans.move_to_end(digest)
+        plan = self.get(digest, owner_id)
         cache_hit = plan is not None
         if plan is None:
             plan = build_plan(definition, digest)
             with self._lock:
-                self._plans[digest] = plan
+                self._plans[(owner_id, digest)] = plan
                 while len(self._plans) > self.size:
                     self._plans.popitem(last=False)
         return CompileResult(plan, cache_hit, time.perf_counter_ns() - started)
 
-    def get(self, digest: str) -> ExecutionPlan | None:
-        """Return the cached plan for a definition digest, or None."""
+    def get(self, digest: str, owner_id: int | None = None) -> ExecutionPlan | None:
+        """Return the owner's cached plan for a definition digest, or None."""
+        key = (owner_id, digest)
         with self._lock:
-            plan = self._plans.get(digest)
+            plan = self._plans.get(key)
             if plan is not None:
-                self._plans.move_to_end(digest)
+                self._plans.move_to_end(key)
         return plan
 
     def clear(self) -> None:
