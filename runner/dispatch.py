@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,12 +67,32 @@ def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list
     return list(seen.values())
 
 
-def choose_queue(cache_keys: list[str], runners: list[fleet.RunnerState]) -> str:
+# Marks the first idle runner of KEYS (pairs of busy key and queue key) busy
+# with ARGV[1] for ARGV[2] seconds, and returns its index from 0, or -1. A
+# queue key of the wrong type counts as busy.
+_CLAIM_IDLE_RUNNER = """
+for index = 1, #KEYS, 2 do
+    local queued = redis.pcall('LLEN', KEYS[index + 1])
+    if redis.call('EXISTS', KEYS[index]) == 0 and queued == 0 then
+        redis.call('SET', KEYS[index], ARGV[1], 'EX', ARGV[2])
+        return (index - 1) / 2
+    end
+end
+return -1
+"""
+
+
+def choose_queue(
+    cache_keys: list[str], runners: list[fleet.RunnerState], run_id: str
+) -> str:
     """Send the run to an idle runner holding all its models, else the shared queue.
 
     Heartbeats show which runners hold the models. Whether one is idle is
-    read live, because a heartbeat can be a second old: a burst of runs
-    would all look idle to the same runner.
+    read live, because a heartbeat can be a second old, and the runner chosen
+    is marked busy with ``run_id`` in the same script, so a burst of runs
+    cannot all pick the same idle runner. If the run is then never queued,
+    the mark lasts until that runner finishes its next run from the shared
+    queue.
     """
     if not cache_keys:
         return keys.SHARED_QUEUE
@@ -81,19 +102,22 @@ def choose_queue(cache_keys: list[str], runners: list[fleet.RunnerState]) -> str
     if len(runners) == 1:
         # A single runner takes jobs from both queues, so there is no choice.
         return keys.runner_queue(hot[0].name)
-    pipeline = get_redis().pipeline(transaction=False)
+    script_keys = []
     for runner in hot:
-        pipeline.exists(keys.current_run_key(runner.name))
-        pipeline.llen(
+        script_keys.append(keys.current_run_key(runner.name))
+        script_keys.append(
             f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}"
         )
-    # A reply that is an error (a key of the wrong type) counts as busy.
-    replies = pipeline.execute(raise_on_error=False)
-    for index, runner in enumerate(hot):
-        busy, queued = replies[2 * index], replies[2 * index + 1]
-        if busy == 0 and queued == 0:
-            return keys.runner_queue(runner.name)
-    return keys.SHARED_QUEUE
+    index = get_redis().eval(
+        _CLAIM_IDLE_RUNNER,
+        len(script_keys),
+        *script_keys,
+        run_id,
+        keys.CURRENT_RUN_TTL_S,
+    )
+    if index < 0:
+        return keys.SHARED_QUEUE
+    return keys.runner_queue(hot[index].name)
 
 
 def predict_hot(
@@ -136,13 +160,15 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
             "asynchronously to queue it until a runner starts.",
         )
     cache_keys = [m["cache_key"] for m in models]
+    run_id = uuid.uuid4()
     if submission.runner:
         queue_name = keys.runner_queue(submission.runner)
     else:
-        queue_name = choose_queue(cache_keys, runners)
+        queue_name = choose_queue(cache_keys, runners, str(run_id))
     predict_hot(models, runners, queue_name, submission.owner_id)
 
     run = Run(
+        id=run_id,
         owner_id=submission.owner_id,
         workflow_version_id=submission.workflow_version_id,
         inline_definition=submission.inline_definition,

@@ -351,9 +351,30 @@ def test_routing_treats_unreadable_queue_as_busy(db):
     prefix = Queue.redis_queue_namespace_prefix
     connection.set(f"{prefix}{keys.runner_queue('route-a')}", "not a list")
     try:
-        assert choose_queue(["k"], states) == keys.runner_queue("route-b")
+        assert choose_queue(["k"], states, "run-1") == keys.runner_queue("route-b")
     finally:
         connection.delete(f"{prefix}{keys.runner_queue('route-a')}")
+        connection.delete(keys.current_run_key("route-b"))
+
+
+def test_routing_burst_takes_each_idle_runner_once(db):
+    # Three runs routed before any of them is queued: each claims the idle
+    # runner it picks at once, so the second and third cannot pick it too.
+    states = [
+        fleet.RunnerState(name, {"models": [{"cache_key": "k"}]})
+        for name in ("burst-a", "burst-b")
+    ]
+    try:
+        chosen = [choose_queue(["k"], states, f"run-{i}") for i in range(3)]
+        assert chosen == [
+            keys.runner_queue("burst-a"),
+            keys.runner_queue("burst-b"),
+            keys.SHARED_QUEUE,
+        ]
+        assert get_redis().get(keys.current_run_key("burst-a")) == b"run-0"
+    finally:
+        for state in states:
+            get_redis().delete(keys.current_run_key(state.name))
 
 
 def test_queue_time_ignores_runner_clock_offset(runner, extra_runners, alice):
