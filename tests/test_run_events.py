@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
-from runner import consumers
+from runner import consumers, keys
 from runner.dispatch import wait_for_result
 from runner.events import RunEvents, events_key, stored_events
 from runner.models import Run
@@ -271,9 +271,26 @@ async def test_stream_without_done_ends_with_database_done(runner, alice, monkey
     assert received[-1]["breakdown"] == live[-1]["breakdown"]
 
 
-def parked_run(owner) -> Run:
-    """A run queued for a runner that does not exist, so none takes it."""
-    return start_cli_run(owner, image_height(), wait_s=0, runner="parked-events").run
+@pytest.fixture
+def parked_runner():
+    """A runner that looks alive but is no process, so none takes its jobs.
+
+    Without the heartbeat, live runners would move its jobs to the shared
+    queue, as they do for the queue of a runner that stopped.
+    """
+    name = "parked-events"
+    beat = json.dumps({"name": name, "models": []})
+    get_redis().set(keys.heartbeat_key(name), beat, px=120_000)
+    get_redis().sadd(keys.RUNNERS_SET, name)
+    yield name
+    get_redis().delete(keys.heartbeat_key(name))
+    get_redis().srem(keys.RUNNERS_SET, name)
+    # Its queue now has no heartbeat, so live runners move the job on.
+
+
+def parked_run(owner, runner_name: str) -> Run:
+    """A run queued for ``runner_name`` (see parked_runner)."""
+    return start_cli_run(owner, image_height(), wait_s=0, runner=runner_name).run
 
 
 def finish_without_events(run_id) -> None:
@@ -286,10 +303,12 @@ def finish_without_events(run_id) -> None:
 
 
 @pytest.mark.asyncio
-async def test_connected_subscriber_gets_database_done(runner, alice, monkeypatch):
+async def test_connected_subscriber_gets_database_done(
+    runner, alice, parked_runner, monkeypatch
+):
     monkeypatch.setattr(consumers, "WATCH_INTERVAL_S", 0.2)
     monkeypatch.setattr(consumers, "LATE_EVENTS_GRACE_S", 0.2)
-    run = await sync_to_async(parked_run)(alice)
+    run = await sync_to_async(parked_run)(alice, parked_runner)
     subscriber, connected, _ = await connect(run.id, alice)
     assert connected
     assert await subscriber.receive_nothing(timeout=0.5)

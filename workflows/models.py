@@ -5,6 +5,7 @@ every run points at the version it ran.
 """
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import models, transaction
 from django.db.models import Max
 from django.utils.text import slugify
@@ -44,9 +45,11 @@ class Workflow(models.Model):
         with transaction.atomic():
             # Locking the owner's row orders the owner's concurrent creates,
             # so each one finds the slugs the previous ones committed.
-            owner_model = type(owner)
+            # The owner may be a lazy object (a session's request.user), so
+            # the model comes from the settings rather than type(owner).
+            user_model = get_user_model()
             list(
-                owner_model.objects.select_for_update().filter(pk=owner.pk).values("pk")
+                user_model.objects.select_for_update().filter(pk=owner.pk).values("pk")
             )
             workflow = cls.objects.create(
                 owner=owner, name=name, slug=slug or cls.unique_slug(owner, name)
