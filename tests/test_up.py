@@ -103,7 +103,9 @@ def test_up_serves_then_stops_every_process(tmp_path):
         assert b"stopped the embedded Redis server" in log_path.read_bytes()
 
         logs = {path.name: path.read_text() for path in (tmp_path / "logs").iterdir()}
-        assert all(LEAK_CHECK_KEY not in text for text in logs.values())
+        # The part after the prefix, which the encoded form shares.
+        secret = LEAK_CHECK_KEY.removeprefix("gbx_")
+        assert all(secret not in text for text in logs.values())
         # The requests were logged, without their keys.
         assert "GET /info?api_key=[redacted]" in logs["websockets.log"]
         assert "api_key=[redacted]" in logs["web.log"]
@@ -124,21 +126,29 @@ LEAK_CHECK_KEY = "gbx_leakcheck0123456789"
 def send_key_in_request_lines(port: int) -> None:
     """Send an API key in query strings to both servers of the stack.
 
-    The web server gets it once in a well-formed request and once in a malformed
-    request line (two spaces), which gunicorn quotes in a warning. The
-    websocket server on the next port serves the HTTP routes too.
+    Both servers get it in query strings, plain and percent-encoded, and in a
+    path; the web server also gets it in a malformed request line (two
+    spaces), which gunicorn quotes in a warning. The websocket server on the
+    next port serves the HTTP routes too.
     """
     import socket
 
     query = f"/info?api_key={LEAK_CHECK_KEY}"
-    for url in (
-        f"http://127.0.0.1:{port}{query}",
-        f"http://127.0.0.1:{port + 1}{query}",
-    ):
-        # No such key exists, so both servers reject it.
+    # Django decodes percent-escapes, so this sends the same key.
+    encoded = "/info?api%5Fkey=" + LEAK_CHECK_KEY.replace("_", "%5F")
+    for server in (port, port + 1):
+        for path in (query, encoded):
+            # No such key exists, so both servers reject it.
+            with pytest.raises(urllib.error.HTTPError) as rejected:
+                urllib.request.urlopen(f"http://127.0.0.1:{server}{path}")
+            assert rejected.value.code == 401
+        # A key in the path reaches the access logs, whose format leaves
+        # out only the query string.
         with pytest.raises(urllib.error.HTTPError) as rejected:
-            urllib.request.urlopen(url)
-        assert rejected.value.code == 401
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{server}/api/runs/{LEAK_CHECK_KEY}"
+            )
+        assert rejected.value.code in (401, 404)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         connection.sendall(f"GET  {query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert connection.recv(100).startswith(b"HTTP/1.1 400")

@@ -1,13 +1,15 @@
 """Keep API keys out of the web servers' logs.
 
 Clients may send a key as an ``api_key`` query parameter, and request lines
-reach three logs. gunicorn's access log format leaves out the query string.
-gunicorn's warnings about malformed requests quote the whole line, and so
-does daphne's access log, so both go through redact_api_keys.
+reach three logs: gunicorn's access log (whose format leaves out the query
+string, though a key may be sent in the path), gunicorn's warnings about
+malformed requests, which quote the whole line, and daphne's access log. All
+three go through redact_api_keys, and so does Django's own logging.
 """
 
 import logging
 import re
+from urllib.parse import unquote
 
 from daphne.access import AccessLogGenerator
 from gunicorn.glogging import Logger
@@ -21,9 +23,22 @@ _SECRETS = re.compile(
 
 
 def redact_api_keys(text: str) -> str:
-    """Replace ``api_key=`` values and anything shaped like a glassbox key."""
-    return _SECRETS.sub(
-        lambda match: (match.group("parameter") or "") + "[redacted]", text
+    """Replace ``api_key=`` values and anything shaped like a glassbox key.
+
+    The text is percent-decoded first, as Django decodes paths and query
+    strings, so ``api%5Fkey=gbx%5F...`` is found too. Characters that are
+    not printable after decoding are written as escapes, so a decoded line
+    break cannot start a forged log line.
+    """
+    decoded = unquote(text, errors="backslashreplace")
+    redacted = _SECRETS.sub(
+        lambda match: (match.group("parameter") or "") + "[redacted]", decoded
+    )
+    if redacted.isprintable():
+        return redacted
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode()
+        for char in redacted
     )
 
 
@@ -37,11 +52,14 @@ class RedactApiKeys(logging.Filter):
 
 
 class GunicornLogger(Logger):
-    """gunicorn's logger, with keys redacted from its error log."""
+    """gunicorn's logger, with keys redacted from its error and access logs."""
 
     def setup(self, cfg) -> None:
         super().setup(cfg)
         self.error_log.addFilter(RedactApiKeys())
+        # The access log's format leaves out the query string, but a key
+        # can be sent in the path.
+        self.access_log.addFilter(RedactApiKeys())
 
 
 class DaphneAccessLog(AccessLogGenerator):

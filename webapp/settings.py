@@ -234,7 +234,16 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # A request's Host header, path or body can carry an API key, and
+    # Django logs some of them (DisallowedHost, for example).
+    "filters": {"redact_api_keys": {"()": "webapp.log_redaction.RedactApiKeys"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact_api_keys"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "rq.worker": {"level": "WARNING"},
