@@ -56,3 +56,32 @@ def test_concurrent_creates_get_distinct_slugs(transactional_db, alice):
     assert len(set(results)) == THREADS
     assert "same-name" in results
     assert Workflow.objects.filter(owner=alice).count() == THREADS
+
+
+def api_client(key: str):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
+
+
+def test_concurrent_same_definition_adds_one_version(
+    transactional_db, alice, alice_key
+):
+    workflow = Workflow.create_with_version(alice, "same", image_height())
+    changed = image_height()
+    changed["steps"][0]["name"] = "changed"
+    changed["outputs"][0]["selector"] = "$steps.changed.output"
+    url = f"/api/workflows/{workflow.id}"
+
+    results = run_together(
+        lambda: (
+            api_client(alice_key)
+            .put(url, {"definition": changed}, format="json")
+            .status_code
+        )
+    )
+
+    assert results == [200] * THREADS
+    assert workflow.versions.count() == 2

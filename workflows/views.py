@@ -1,6 +1,7 @@
 """REST API for workflow definitions and for running them."""
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Count, Max
 from django.shortcuts import get_object_or_404
 from rest_framework import exceptions, serializers, status
@@ -122,13 +123,19 @@ class WorkflowDetailView(APIView):
         version = None
         if "definition" in data:
             warnings = compile_or_raise(data["definition"])
-            latest = workflow.latest_version()
-            if latest is None or latest.definition != data["definition"]:
-                version = workflow.add_version(data["definition"])
-        for field in ("name", "description"):
-            if field in data:
+        changed = [field for field in ("name", "description") if field in data]
+        # Concurrent edits of one workflow wait for each other here, and each
+        # reads the latest version and writes only the fields it changes, so
+        # none undoes another's, and the same definition twice adds one version.
+        with transaction.atomic():
+            workflow = Workflow.objects.select_for_update().get(pk=workflow.pk)
+            if "definition" in data:
+                latest = workflow.latest_version()
+                if latest is None or latest.definition != data["definition"]:
+                    version = workflow.add_version(data["definition"])
+            for field in changed:
                 setattr(workflow, field, data[field])
-        workflow.save()
+            workflow.save(update_fields=[*changed, "updated_at"])
         # The version this request stored, not the latest: a concurrent
         # request may have stored another since.
         body = workflow_to_dict(workflow, version)
