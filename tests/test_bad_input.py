@@ -1187,6 +1187,26 @@ def test_definition_with_lone_surrogate(alice_client):
     assert Workflow.objects.count() == 0
 
 
+def test_strings_with_nul_rejected(alice_client, send_run):
+    # PostgreSQL cannot store U+0000, so these failed there when written.
+    definition = {**image_height(), "description": "a\x00b"}
+    for url, key in (
+        ("/api/validate", "definition"),
+        ("/api/workflows/", "definition"),
+    ):
+        response = post_json(alice_client, url, {"name": "s", key: definition})
+        assert response.status_code == 400, url
+        assert "NUL character" in response.json()["message"]
+    assert Workflow.objects.count() == 0
+    with_note = with_parameter(image_height(), "note")
+    response = send_run(
+        with_note, {"image": base64_input(image_bytes()), "note": "\x00"}
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "malformed_request"
+    assert_nothing_stored()
+
+
 def test_api_key_with_lone_surrogate(client, alice_client):
     body = {"api_key": "\ud800", "definition": image_height()}
     # Without other credentials the body's key is unreadable, so none was sent.

@@ -39,6 +39,19 @@ def _has_lone_surrogate(value: Any) -> bool:
     Such strings cannot be encoded as UTF-8, so storing them or sending them
     back fails later, after a run may have been stored.
     """
+    return any(_is_lone_surrogate(text) for text in _strings(value))
+
+
+def _is_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _strings(value: Any):
+    """Yield every string in ``value``, keys included."""
     pending = [value]
     while pending:
         item = pending.pop()
@@ -48,11 +61,7 @@ def _has_lone_surrogate(value: Any) -> bool:
         elif isinstance(item, list):
             pending.extend(item)
         elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-    return False
+            yield item
 
 
 def parse_json(raw: bytes) -> Any:
@@ -76,6 +85,16 @@ def parse_json(raw: bytes) -> Any:
             "request body is not valid JSON: it is nested too deeply",
             context="request_parsing",
         ) from None
+    # PostgreSQL cannot store U+0000 in text or JSON, so a definition or
+    # parameter with one would fail only when written. Only bodies with the
+    # escape are walked (a raw NUL byte is not valid JSON).
+    if b"\\u0000" in raw and any("\x00" in text for text in _strings(parsed)):
+        raise MalformedRequest(
+            "request body has a string with a NUL character (\\u0000), which "
+            "cannot be stored",
+            context="request_parsing",
+            hint="Remove the \\u0000 escapes from the JSON strings.",
+        )
     # Only bodies with such an escape are walked.
     if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(parsed):
         raise MalformedRequest(

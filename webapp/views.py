@@ -18,7 +18,9 @@ def tokens(request):
     context = {}
     if request.method == "POST":
         if request.POST.get("action") == "create":
-            name = request.POST.get("name", "").strip()[:100]
+            # Unprintable characters go: PostgreSQL cannot store U+0000.
+            raw_name = request.POST.get("name", "")
+            name = "".join(c for c in raw_name if c.isprintable()).strip()[:100]
             if not name:
                 messages.error(request, "A token needs a name.")
             else:
