@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import transaction
 
 from runner.dispatch import Submission, submit, wait_for_result
 from runner.models import Run
@@ -52,12 +54,23 @@ def waiting_slot(owner_id: int) -> Iterator[None]:
                 del _waiting[owner_id]
 
 
-def check_queued_runs(owner_id: int) -> None:
-    """Raise TooManyRequests if the owner has QUEUED_RUNS_PER_USER runs queued.
+@contextmanager
+def queued_run_slot(owner_id: int) -> Iterator[None]:
+    """Check QUEUED_RUNS_PER_USER and store the new run in one transaction.
 
-    NOTE: the count is read before the new run is stored, so requests that
-    arrive at the same moment can each pass and exceed the limit together.
+    The transaction locks the owner's row first, so the owner's concurrent
+    asynchronous requests count and store one after another and cannot
+    pass the limit together. The job is queued when the transaction commits.
     """
+    with transaction.atomic():
+        user_model = get_user_model()
+        list(user_model.objects.select_for_update().filter(pk=owner_id).values("pk"))
+        check_queued_runs(owner_id)
+        yield
+
+
+def check_queued_runs(owner_id: int) -> None:
+    """Raise TooManyRequests if the owner has QUEUED_RUNS_PER_USER runs queued."""
     limit = settings.GLASSBOX["QUEUED_RUNS_PER_USER"]
     queued = (
         Run.objects.filter(owner_id=owner_id, status=Run.Status.QUEUED)
@@ -99,12 +112,7 @@ def start_run(
     limited by SYNC_WAITS_PER_USER, asynchronous ones (``wait_s`` 0) by
     QUEUED_RUNS_PER_USER.
     """
-    if wait_s > 0:
-        slot = waiting_slot(owner_id)
-    else:
-        check_queued_runs(owner_id)
-        slot = nullcontext()
-    with slot:
+    with waiting_slot(owner_id) if wait_s > 0 else nullcontext():
         compiled = plan_cache.compile(definition, owner_id)
         inputs = read_inputs(
             compiled.plan,
@@ -113,19 +121,22 @@ def start_run(
             max_total_pixels=settings.GLASSBOX["MAX_RUN_PIXELS"],
             uploads=uploads,
         )
-        run = submit(
-            Submission(
-                owner_id=owner_id,
-                source=source,
-                plan=compiled.plan,
-                inputs=inputs,
-                request_started_ns=started_ns,
-                workflow_version_id=workflow_version_id,
-                inline_definition=None if workflow_version_id else definition,
-                token_id=token_id,
-                runner=runner,
-            ),
-            require_runner=wait_s > 0,
-        )
+        # The image checks above can take a while, so they stay outside the
+        # transaction that the queued-run limit holds.
+        with queued_run_slot(owner_id) if wait_s <= 0 else nullcontext():
+            run = submit(
+                Submission(
+                    owner_id=owner_id,
+                    source=source,
+                    plan=compiled.plan,
+                    inputs=inputs,
+                    request_started_ns=started_ns,
+                    workflow_version_id=workflow_version_id,
+                    inline_definition=None if workflow_version_id else definition,
+                    token_id=token_id,
+                    runner=runner,
+                ),
+                require_runner=wait_s > 0,
+            )
         payload = wait_for_result(str(run.id), wait_s)
         return RunOutcome(run, payload)
