@@ -2,6 +2,7 @@
 
 from rest_framework.response import Response
 
+from runner.models import Run
 from runner.presenters import run_to_dict, timing_headers
 from runner.service import RunOutcome
 
@@ -16,11 +17,18 @@ def status_for(payload: dict) -> int:
 
 def pending_response(outcome: RunOutcome) -> Response:
     run = outcome.run
+    # The run may have started, or even finished, since it was stored: a
+    # synchronous request gets here after its wait.
+    status = (
+        Run.objects.filter(pk=run.pk).values_list("status", flat=True).first()
+        or run.status
+    )
     body = {
         "id": str(run.id),
-        "status": run.status,
+        "status": status,
         "url": f"/api/runs/{run.id}",
-        "message": "The run is queued or running; GET its url for the result.",
+        "message": "The run had not finished when this response was built; "
+        "GET its url for the result.",
     }
     return Response(
         body, status=202, headers={"Location": body["url"], "X-Run-Id": str(run.id)}

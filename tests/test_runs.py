@@ -250,6 +250,26 @@ def test_queued_runs_per_user_are_limited(alice, alice_client, bob_client):
     assert Run.objects.filter(owner=alice).count() == 2
 
 
+def test_timed_out_wait_reports_running(runner, alice_client):
+    quick = create_workflow(alice_client, image_height(), name="quick")
+    slow = create_workflow(alice_client, detection("yolov8x.yaml"), name="slow")
+    # A finished run first, so the runner is idle and claims the next at once.
+    assert run_workflow(alice_client, quick).status_code == 200
+    settings.GLASSBOX["SYNC_TIMEOUT_S"], saved = (
+        0.5,
+        settings.GLASSBOX["SYNC_TIMEOUT_S"],
+    )
+    try:
+        response = run_workflow(alice_client, slow)
+    finally:
+        settings.GLASSBOX["SYNC_TIMEOUT_S"] = saved
+
+    assert response.status_code == 202
+    assert response.json()["status"] == "running"
+    run_id = response.json()["id"]
+    assert wait_for_result(run_id, timeout_s=120) is not None
+
+
 def test_sync_wait_times_out_for_unfinished_run(runner, alice):
     run = start_cli_run(alice, detection("yolov8x.yaml"), wait_s=0).run
     assert wait_for_result(str(run.id), timeout_s=0.3) is None
