@@ -306,8 +306,11 @@ def wait_for_result(run_id: str, timeout_s: float) -> dict[str, Any] | None:
     connection = get_redis()
     deadline = time.monotonic() + timeout_s
     while True:
+        if stopping.is_set():
+            # A run that finished meanwhile gets its result, not a 202.
+            return _payload_from_database(run_id, grace_s=0, push_missed=False)
         slice_s = min(RESULT_WAIT_SLICE_S, deadline - time.monotonic())
-        if slice_s <= 0 or stopping.is_set():
+        if slice_s <= 0:
             return None
         try:
             # A BLPOP timeout of 0 means no timeout, so the last slice waits
@@ -336,18 +339,23 @@ def wait_for_result(run_id: str, timeout_s: float) -> dict[str, Any] | None:
 
 
 def _payload_from_database(
-    run_id: str, grace_s: float = RESULT_GRACE_S
+    run_id: str, grace_s: float = RESULT_GRACE_S, push_missed: bool = True
 ) -> dict[str, Any] | None:
-    """Return the payload of a run finished over ``grace_s`` ago, else None."""
+    """Return the payload of a run finished over ``grace_s`` ago, else None.
+
+    ``push_missed`` says the runner's push of the result did not arrive,
+    which is logged.
+    """
     run = Run.objects.select_related("bill").filter(pk=run_id).first()
     if run is None or not run.is_finished or run.finished_at is None:
         return None
     if (clock.now() - run.finished_at).total_seconds() < grace_s:
         return None
     bill = getattr(run, "bill", None)
-    logger.warning(
-        "run %s: result not delivered through Redis; read from the DB", run_id
-    )
+    if push_missed:
+        logger.warning(
+            "run %s: result not delivered through Redis; read from the DB", run_id
+        )
     meta = result_meta(
         run.pk,
         run.status,

@@ -46,8 +46,9 @@ def test_sigterm_ends_waiting_request(runner, alice, alice_key):
         )
     try:
         wait_until_serving(f"http://127.0.0.1:{port}", web, log_path.read_text())
-        # The only runner is busy with a cold detection, so the next run waits.
-        busy = start_cli_run(alice, detection("yolov8x.yaml"), wait_s=0).run
+        # The only runner is busy with a cold load of the largest architecture,
+        # which no other test loads, so the next run waits for seconds.
+        busy = start_cli_run(alice, detection("yolo11x.yaml"), wait_s=0).run
         body = {
             "specification": image_height(),
             "inputs": {"image": {"type": "base64", "value": image_b64()}},
