@@ -288,8 +288,9 @@ def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
 RESULT_WAIT_SLICE_S = 1.0
 RESULT_GRACE_S = 2.0
 
-# Set when this web server process is stopping: waiting requests then stop
-# waiting within a slice and answer with the run's URL (webapp/wsgi.py).
+# Set when this web server process is stopping. Waiting requests then stop
+# waiting within a slice and respond with the run's result or URL
+# (webapp/wsgi.py).
 stopping = threading.Event()
 
 
@@ -343,8 +344,8 @@ def _payload_from_database(
 ) -> dict[str, Any] | None:
     """Return the payload of a run finished over ``grace_s`` ago, else None.
 
-    ``push_missed`` says the runner's push of the result did not arrive,
-    which is logged.
+    ``push_missed`` means the runner's push of the result did not arrive,
+    which is then logged.
     """
     run = Run.objects.select_related("bill").filter(pk=run_id).first()
     if run is None or not run.is_finished or run.finished_at is None:

@@ -199,7 +199,7 @@ def reap_dead_runners() -> None:
     Three kinds of runner are found here. A runner in RUNNERS_SET whose
     heartbeat expired is dead. A runner that the database shows running a
     run, but that Redis does not know, was forgotten by a Redis server that
-    restarted empty; it is reaped once it has stayed without a heartbeat for
+    restarted empty. It is reaped once it has stayed without a heartbeat for
     RUNNER_DEAD_AFTER_S, the time a live runner takes to beat again. A
     runner queue whose runner has no heartbeat, after a clean stop, can
     still receive a job routed from a heartbeat read just before the stop;

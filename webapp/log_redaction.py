@@ -1,10 +1,10 @@
 """Keep API keys out of the web servers' logs.
 
 Clients may send a key as an ``api_key`` query parameter, and request lines
-reach three logs: gunicorn's access log (whose format leaves out the query
-string, though a key may be sent in the path), gunicorn's warnings about
-malformed requests, which quote the whole line, and daphne's access log. All
-three go through redact_api_keys, and so does Django's own logging.
+reach three logs. gunicorn's access log format leaves out the query string,
+but a key may be sent in the path. gunicorn's warnings about malformed
+requests quote the whole line, and so does daphne's access log. All three
+go through redact_api_keys, and so does Django's own logging.
 """
 
 import logging

@@ -100,9 +100,9 @@ class PlanCache:
     """A thread-safe LRU cache of plans keyed by owner and definition digest.
 
     Each owner has entries of their own, although a plan does not depend on
-    its owner: a hit on a plan that another user compiled would tell a user,
-    from the compile time reported with each run, that someone had run that
-    exact definition.
+    its owner. Each run reports its compile time and whether it was a hit, so
+    a hit on another user's plan would show that someone had run that exact
+    definition.
     """
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
