@@ -201,9 +201,9 @@ def reap_dead_runners() -> None:
     run, but that Redis does not know, was forgotten by a Redis server that
     restarted empty. It is reaped once it has stayed without a heartbeat for
     RUNNER_DEAD_AFTER_S, the time a live runner takes to beat again. A
-    runner queue whose runner has no heartbeat, after a clean stop, can
-    still receive a job routed from a heartbeat read just before the stop;
-    such jobs move to the shared queue.
+    runner that stopped cleanly has no heartbeat, but its queue can still
+    receive a job routed from a heartbeat read just before the stop. Such
+    jobs move to the shared queue.
     """
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
     beats = _heartbeats()

@@ -54,8 +54,8 @@ class Run(models.Model):
     runner_name = models.CharField(max_length=200, blank=True, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     # When the run was queued, in ns since the epoch on the Redis server's
-    # clock (webapp/clock.py); queue time is measured from here to the
-    # runner's start, on the same clock.
+    # clock (webapp/clock.py). Queue time runs from here to the runner's
+    # start, on the same clock.
     queued_at_ns = models.BigIntegerField(default=0)
     request_us = models.BigIntegerField(default=0)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import transaction
 
 from runner.dispatch import Submission, submit, wait_for_result
 from runner.models import Run
+from webapp.models import lock_user_row
 from webapp.requests import TooManyRequests
 from workflows.compiler import plan_cache
 from workflows.inputs import read_inputs
@@ -63,8 +63,7 @@ def queued_run_slot(owner_id: int) -> Iterator[None]:
     pass the limit together. The job is queued when the transaction commits.
     """
     with transaction.atomic():
-        user_model = get_user_model()
-        list(user_model.objects.select_for_update().filter(pk=owner_id).values("pk"))
+        lock_user_row(owner_id)
         check_queued_runs(owner_id)
         yield
 

@@ -7,6 +7,8 @@ processes and must see committed rows).
 """
 
 import base64
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -368,3 +370,22 @@ def page(browser):
     page = context.new_page()
     yield page
     context.close()
+
+
+@contextlib.contextmanager
+def registered_runner(name: str):
+    """Make runner ``name`` look alive in the main Redis, with no process behind it.
+
+    No process takes its jobs, and live runners neither reap it nor move
+    its queue, until the block ends.
+    """
+    from runner import keys
+
+    beat = json.dumps({"name": name, "models": []})
+    get_redis().set(keys.heartbeat_key(name), beat, px=300_000)
+    get_redis().sadd(keys.RUNNERS_SET, name)
+    try:
+        yield name
+    finally:
+        get_redis().delete(keys.heartbeat_key(name))
+        get_redis().srem(keys.RUNNERS_SET, name)

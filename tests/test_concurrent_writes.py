@@ -4,17 +4,14 @@ Each thread has its own database connection, so on PostgreSQL the writes
 really overlap. On SQLite they queue for the write lock.
 """
 
-import json
 import threading
 
 from django.conf import settings
 from django.db import connection
 
-from runner import keys
 from runner.models import Run
-from tests.conftest import start_cli_run
+from tests.conftest import registered_runner, start_cli_run
 from tests.definitions import image_height
-from webapp.redis import get_redis
 from webapp.requests import TooManyRequests
 from workflows.models import Workflow
 
@@ -97,21 +94,17 @@ def test_concurrent_same_definition_adds_one_version(
 def test_concurrent_async_runs_respect_queue_limit(transactional_db, alice):
     # The runs go to a runner that looks alive but is no process, so they
     # stay queued while the limit is counted.
-    name = "limit-parked"
-    get_redis().set(keys.heartbeat_key(name), json.dumps({"name": name}), px=60_000)
-    get_redis().sadd(keys.RUNNERS_SET, name)
     settings.GLASSBOX["QUEUED_RUNS_PER_USER"], saved = (
         3,
         settings.GLASSBOX["QUEUED_RUNS_PER_USER"],
     )
     try:
-        results = run_together(
-            lambda: start_cli_run(alice, image_height(), wait_s=0, runner=name).run
-        )
+        with registered_runner("limit-parked") as name:
+            results = run_together(
+                lambda: start_cli_run(alice, image_height(), wait_s=0, runner=name).run
+            )
     finally:
         settings.GLASSBOX["QUEUED_RUNS_PER_USER"] = saved
-        get_redis().delete(keys.heartbeat_key(name))
-        get_redis().srem(keys.RUNNERS_SET, name)
 
     rejected = [r for r in results if isinstance(r, TooManyRequests)]
     assert len(rejected) == THREADS - 3, results

@@ -114,7 +114,7 @@ def test_job_on_stopped_runners_queue_runs(runner, alice):
 
 
 def test_run_of_forgotten_runner_fails_unbilled(runner, alice):
-    # A Redis server that restarted empty no longer knows the runner that
+    # A Redis server that restarted empty no longer lists the runner that
     # died holding this run.
     run = Run.objects.create(
         owner=alice, source="api", status=Run.Status.RUNNING, runner_name="forgotten"

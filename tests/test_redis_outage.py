@@ -1,6 +1,5 @@
 """Runners outlive Redis outages and broken queue keys, and resume after them."""
 
-import contextlib
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from billing.models import Bill
 from runner import keys
 from runner.dispatch import wait_for_result
 from runner.models import Run
-from tests.conftest import ROOT, private_data_env, start_cli_run
+from tests.conftest import ROOT, private_data_env, registered_runner, start_cli_run
 from tests.definitions import detection, image_height
 from webapp import redis as webapp_redis
 from webapp.redis import get_redis
@@ -78,23 +77,6 @@ def wait_for_heartbeat(client, name: str, pid: int, timeout_s: float = 60) -> No
         time.sleep(0.1)
 
 
-@contextlib.contextmanager
-def alive_on_main_redis(name: str):
-    """Show runner ``name`` alive to the session's runner, on the main Redis.
-
-    A runner of a test's own Redis server shares the test database with the
-    session's runner, which would otherwise take it for a runner that Redis
-    forgot and fail its running runs.
-    """
-    get_redis().set(keys.heartbeat_key(name), "{}", px=300_000)
-    get_redis().sadd(keys.RUNNERS_SET, name)
-    try:
-        yield
-    finally:
-        get_redis().delete(keys.heartbeat_key(name))
-        get_redis().srem(keys.RUNNERS_SET, name)
-
-
 def start_runner(name: str, socket_path, log_path) -> subprocess.Popen:
     """Start a runner on the test database and the Redis server at ``socket_path``."""
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
@@ -143,7 +125,9 @@ def test_reaper_waits_after_redis_returns(transactional_db, alice, tmp_path):
     socket_path = tmp_path / "grace.sock"
     server = start_redis(socket_path, persist_in=tmp_path)
     client = redis.Redis(unix_socket_path=str(socket_path))
-    with alive_on_main_redis("grace-b"):
+    # The session's runner, on the main Redis server, sees B's running run in
+    # the database too; there B looks alive throughout.
+    with registered_runner("grace-b"):
         run = Run.objects.create(
             owner=alice, source="api", status=Run.Status.RUNNING, runner_name="grace-b"
         )
@@ -215,7 +199,8 @@ def test_stalled_run_is_not_billed(transactional_db, alice, tmp_path):
     server = start_redis(socket_path)
     log_path = tmp_path / "stall-runner.log"
     working = webapp_redis._connection
-    with alive_on_main_redis("stall"):
+    # The session's runner must not take "stall" for a runner Redis forgot.
+    with registered_runner("stall"):
         process = start_runner("stall", socket_path, log_path)
         try:
             client = redis.Redis(unix_socket_path=str(socket_path))

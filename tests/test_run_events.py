@@ -8,11 +8,11 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
-from runner import consumers, keys
+from runner import consumers
 from runner.dispatch import wait_for_result
 from runner.events import RunEvents, events_key, stored_events
 from runner.models import Run
-from tests.conftest import start_cli_run
+from tests.conftest import registered_runner, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.asgi import application
 from webapp.redis import get_redis
@@ -280,19 +280,9 @@ async def test_stream_without_done_ends_with_database_done(runner, alice, monkey
 
 @pytest.fixture
 def parked_runner():
-    """A runner that looks alive but is no process, so none takes its jobs.
-
-    Without the heartbeat, live runners would move its jobs to the shared
-    queue, as they do for the queue of a runner that stopped.
-    """
-    name = "parked-events"
-    beat = json.dumps({"name": name, "models": []})
-    get_redis().set(keys.heartbeat_key(name), beat, px=120_000)
-    get_redis().sadd(keys.RUNNERS_SET, name)
-    yield name
-    get_redis().delete(keys.heartbeat_key(name))
-    get_redis().srem(keys.RUNNERS_SET, name)
-    # Its queue now has no heartbeat, so live runners move the job on.
+    """A runner that looks alive but is no process, so none takes its jobs."""
+    with registered_runner("parked-events") as name:
+        yield name
 
 
 def parked_run(owner, runner_name: str) -> Run:

@@ -220,12 +220,12 @@ def test_plan_cache_is_per_owner(runner, alice, bob):
         return payload["meta"]["breakdown"]["compile_cache_hit"]
 
     assert [compile_cache_hit(alice), compile_cache_hit(alice)] == [False, True]
-    # Bob's first run of the same definition tells him nothing about Alice's.
+    # Bob's first run of the same definition compiles it, whatever Alice ran.
     assert compile_cache_hit(bob) is False
 
 
 def test_queued_runs_per_user_are_limited(alice, alice_client, bob_client):
-    # No runner sees these runs: the test's transaction is never committed,
+    # No runner can read these runs: the test's transaction is never committed,
     # so they stay queued.
     settings.GLASSBOX["QUEUED_RUNS_PER_USER"], saved = (
         2,

@@ -124,10 +124,10 @@ LEAK_CHECK_KEY = "gbx_leakcheck0123456789"
 
 
 def send_key_in_request_lines(port: int) -> None:
-    """Send an API key in query strings to both servers of the stack.
+    """Send an API key to both servers of the stack, wherever it can reach a log.
 
     Both servers get it in query strings, plain and percent-encoded, and in a
-    path; the web server also gets it in a malformed request line (two
+    path. The web server also gets it in a malformed request line (two
     spaces), which gunicorn quotes in a warning. The websocket server on the
     next port serves the HTTP routes too.
     """

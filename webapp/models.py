@@ -53,3 +53,16 @@ class ApiToken(models.Model):
         if self.revoked_at is None:
             self.revoked_at = timezone.now()
             self.save(update_fields=["revoked_at"])
+
+
+def lock_user_row(user_id: int) -> None:
+    """Lock the user's row until the current transaction ends.
+
+    Writes that must see each other's results for one user (the queued-run
+    limit, workflow slugs) take it first. SQLite ignores the lock, but its
+    IMMEDIATE transactions already run one at a time.
+    """
+    from django.contrib.auth import get_user_model
+
+    user_model = get_user_model()
+    list(user_model.objects.select_for_update().filter(pk=user_id).values("pk"))

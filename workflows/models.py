@@ -5,11 +5,11 @@ every run points at the version it ran.
 """
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import models, transaction
 from django.db.models import Max
 from django.utils.text import slugify
 
+from webapp.models import lock_user_row
 from workflows.compiler import definition_digest
 
 
@@ -45,12 +45,7 @@ class Workflow(models.Model):
         with transaction.atomic():
             # Locking the owner's row orders the owner's concurrent creates,
             # so each one finds the slugs the previous ones committed.
-            # The owner may be a lazy object (a session's request.user), so
-            # the model comes from the settings rather than type(owner).
-            user_model = get_user_model()
-            list(
-                user_model.objects.select_for_update().filter(pk=owner.pk).values("pk")
-            )
+            lock_user_row(owner.pk)
             workflow = cls.objects.create(
                 owner=owner, name=name, slug=slug or cls.unique_slug(owner, name)
             )
@@ -71,7 +66,7 @@ class Workflow(models.Model):
         with transaction.atomic():
             # The workflow's row lock orders concurrent edits. The highest
             # number is read after the lock, in a statement of its own, so
-            # under PostgreSQL's READ COMMITTED it sees the version that the
+            # under PostgreSQL's READ COMMITTED it reads the version that the
             # previous holder of the lock committed.
             list(Workflow.objects.select_for_update().filter(pk=self.pk).values("pk"))
             last = self.versions.aggregate(Max("number"))["number__max"] or 0
