@@ -90,9 +90,9 @@ def choose_queue(
     Heartbeats show which runners hold the models. Whether one is idle is
     read live, because a heartbeat can be a second old, and the runner chosen
     is marked busy with ``run_id`` in the same script, so a burst of runs
-    cannot all pick the same idle runner. If the run is then never queued,
-    the mark lasts until that runner finishes its next run from the shared
-    queue.
+    cannot all pick the same idle runner. The mark lasts ROUTING_CLAIM_TTL_S
+    until queueing the run extends it, so a run that is never queued leaves
+    the runner looking busy for seconds at most.
     """
     if not cache_keys:
         return keys.SHARED_QUEUE
@@ -113,11 +113,32 @@ def choose_queue(
         len(script_keys),
         *script_keys,
         run_id,
-        keys.CURRENT_RUN_TTL_S,
+        keys.ROUTING_CLAIM_TTL_S,
     )
     if index < 0:
         return keys.SHARED_QUEUE
     return keys.runner_queue(hot[index].name)
+
+
+# Deletes KEYS[1] if it holds ARGV[1].
+_RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def release_claim(queue_name: str, run_id: str) -> None:
+    """Undo routing's busy mark for ``run_id``, if it is still that run's."""
+    runner_name = keys.runner_of_queue(queue_name)
+    if runner_name is None:
+        return
+    try:
+        get_redis().eval(_RELEASE_CLAIM, 1, keys.current_run_key(runner_name), run_id)
+    except redis.RedisError:
+        # The mark expires by itself within ROUTING_CLAIM_TTL_S.
+        logger.warning("run %s: could not release the routing mark", run_id)
 
 
 def predict_hot(
@@ -189,7 +210,11 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     # atomic block, which would add a BEGIN and a COMMIT round trip. on_commit
     # then queues the job at once, or after the caller's transaction commits
     # if there is one.
-    sql.insert(run)
+    try:
+        sql.insert(run)
+    except Exception:
+        release_claim(queue_name, str(run_id))
+        raise
     transaction.on_commit(lambda: enqueue(run, submission.inputs.images))
     return run
 

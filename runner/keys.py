@@ -34,6 +34,10 @@ def current_run_key(runner_name: str) -> str:
 # A limit on how long a runner that died mid-run still looks busy to routing;
 # routing ignores runners without a live heartbeat anyway.
 CURRENT_RUN_TTL_S = 3600
+# How long routing's mark on an idle runner lasts if the run it was made for
+# is never queued (its insert failed). Queueing the run extends the mark to
+# CURRENT_RUN_TTL_S; a run is normally queued milliseconds after routing.
+ROUTING_CLAIM_TTL_S = 10
 
 
 def runner_of_queue(queue_name: str) -> str | None:

@@ -373,15 +373,17 @@ def page(browser):
 
 
 @contextlib.contextmanager
-def registered_runner(name: str):
+def registered_runner(name: str, cache_keys: tuple[str, ...] = ()):
     """Make runner ``name`` look alive in the main Redis, with no process behind it.
 
-    No process takes its jobs, and live runners neither reap it nor move
-    its queue, until the block ends.
+    Its heartbeat lists models with ``cache_keys`` as loaded. No process
+    takes its jobs, and live runners neither reap it nor move its queue,
+    until the block ends.
     """
     from runner import keys
 
-    beat = json.dumps({"name": name, "models": []})
+    models = [{"cache_key": key} for key in cache_keys]
+    beat = json.dumps({"name": name, "models": models})
     get_redis().set(keys.heartbeat_key(name), beat, px=300_000)
     get_redis().sadd(keys.RUNNERS_SET, name)
     try:

@@ -20,7 +20,9 @@ from runner.dispatch import choose_queue, wait_for_result
 from runner.models import Run
 from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
 from runner.presenters import run_to_dict
-from tests.conftest import ROOT, start_cli_run
+from runner.registry import resolve_model
+from runner.service import start_run
+from tests.conftest import ROOT, image_bytes, registered_runner, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.redis import get_redis
 
@@ -372,9 +374,41 @@ def test_routing_burst_takes_each_idle_runner_once(db):
             keys.SHARED_QUEUE,
         ]
         assert get_redis().get(keys.current_run_key("burst-a")) == b"run-0"
+        # Until the run is queued, the mark is short-lived.
+        assert (
+            0
+            < get_redis().ttl(keys.current_run_key("burst-a"))
+            <= (keys.ROUTING_CLAIM_TTL_S)
+        )
     finally:
         for state in states:
             get_redis().delete(keys.current_run_key(state.name))
+
+
+def test_run_that_fails_to_insert_leaves_no_runner_marked_busy(transactional_db):
+    # Two idle runners hold the model, so routing marks one busy for the run.
+    # The insert then fails (no such owner), and the mark must go with it.
+    model = "yolov9t.yaml"
+    cache_key = resolve_model(model, owner_id=None).cache_key
+    names = ("insert-fails-a", "insert-fails-b")
+    with (
+        registered_runner(names[0], (cache_key,)),
+        registered_runner(names[1], (cache_key,)),
+    ):
+        fleet.live_runners()  # refresh this process's view of the fleet
+        with pytest.raises(Exception, match="(?i)foreign key"):
+            start_run(
+                owner_id=2**31 - 1,
+                source="cli",
+                definition=detection(model),
+                raw_inputs={},
+                uploads={"image": image_bytes()},
+                started_ns=time.perf_counter_ns(),
+                wait_s=5,
+            )
+        assert not Run.objects.exists()
+        for name in names:
+            assert get_redis().get(keys.current_run_key(name)) is None
 
 
 def test_queue_time_ignores_runner_clock_offset(runner, extra_runners, alice):
