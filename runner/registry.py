@@ -91,8 +91,9 @@ def resolve_model(
 ) -> ModelSource:
     """Return where ``model_id``'s weights are, or raise ModelNotFoundError."""
     if not isinstance(model_id, str) or not model_id.strip():
+        shown = model_id if isinstance(model_id, str) else repr(model_id)[:200]
         raise ModelNotFoundError(
-            repr(model_id), ["(model id must be a non-empty string)"], step=step
+            shown, [], step=step, reason="a model id is a non-empty string"
         )
     searched: list[str] = []
     if owner_id is not None:

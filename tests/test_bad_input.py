@@ -659,6 +659,18 @@ def test_model_id_unknown(send_run):
     assert_nothing_stored()
 
 
+@pytest.mark.parametrize("model_id", ["", "  "])
+def test_model_id_empty_or_not_a_string(send_run, model_id):
+    response = send_run(detection(model_id), {"image": base64_input(image_bytes())})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "model_not_found"
+    assert body["field"] == "model_id"
+    assert "a model id is a non-empty string" in body["message"]
+    assert "''''" not in body["message"]
+    assert_nothing_stored()
+
+
 def test_model_id_unknown_from_parameter(send_run):
     definition = with_parameter(detection(), "model")
     definition["steps"][0]["model_id"] = "$inputs.model"
@@ -718,6 +730,23 @@ def test_api_run_unknown_version(alice, alice_client):
     assert_error_body(body)
     assert body["code"] == "not_found"
     assert "no version 7" in body["message"]
+    assert_nothing_stored()
+
+
+def test_api_run_version_with_thousands_of_digits(alice, alice_client):
+    # Python refuses to convert over 4,300 digits to an int.
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    for url in (
+        f"/api/workflows/{workflow.id}/runs",
+        f"/api/workflows/{workflow.id}/estimate",
+    ):
+        response = post_json(
+            alice_client,
+            url,
+            {"version": "9" * 5000, "inputs": {"image": base64_input(image_bytes())}},
+        )
+        assert response.status_code == 404, url
+        assert response.json()["code"] == "not_found"
     assert_nothing_stored()
 
 
@@ -1144,6 +1173,26 @@ def test_validate_warns_about_unresolved_model(alice_client):
     assert resolved.json()["warnings"] == []
 
 
+def test_nesting_limit_counts_empty_containers(alice_client):
+    def nested(levels: int) -> list:
+        value: list = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    for levels, status in ((32, 201), (33, 400)):
+        definition = with_parameter(
+            image_height(), "note", default_value=nested(levels)
+        )
+        response = post_json(
+            alice_client,
+            "/api/workflows/",
+            {"name": f"deep {levels}", "definition": definition},
+        )
+        assert response.status_code == status, levels
+    assert Workflow.objects.count() == 1
+
+
 def test_parameter_default_nested_too_deeply(alice_client):
     deep = []
     for _ in range(40):
@@ -1215,6 +1264,42 @@ def test_api_key_with_lone_surrogate(client, alice_client):
     signed_in = post_json(alice_client, "/api/validate", body)
     assert signed_in.status_code == 400
     assert signed_in.json()["code"] == "malformed_request"
+
+
+def test_body_not_in_utf8_rejected(client, alice, alice_client):
+    # Python's parser would take these, and their strings then failed when
+    # a finished run was read back, or when a definition was hashed.
+    definition = with_parameter(image_height(), "note")
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "note", "selector": "$inputs.note"}
+    )
+    workflow = Workflow.create_with_version(alice, "encodings", definition)
+    body = {"inputs": {"image": base64_input(image_bytes()), "note": "@note@"}}
+    text = json.dumps(body)
+    bodies = {
+        # A surrogate encoded as UTF-8 bytes, which strict UTF-8 forbids.
+        "encoded surrogate": text.replace("@note@", "a").encode()[:-4]
+        + b'a\xed\xa0\x80"}}',
+        "UTF-16": text.replace("@note@", "a\\u0000b").encode("utf-16"),
+        "UTF-32": text.replace("@note@", "b").encode("utf-32"),
+    }
+    for label, raw in bodies.items():
+        for url in (f"/api/workflows/{workflow.id}/runs", "/api/validate"):
+            response = alice_client.post(url, raw, content_type="application/json")
+            assert response.status_code == 400, (label, url)
+            assert response.json()["code"] == "malformed_request"
+            assert "not UTF-8" in response.json()["message"]
+    # A key that cannot be decoded is no key: 401, not a server error.
+    raw_key = b'{"api_key": "gbx_\xed\xa0\x80abc", "definition": {}}'
+    anonymous = client.post("/api/validate", raw_key, content_type="application/json")
+    assert anonymous.status_code == 401
+    # A byte order mark before UTF-8 is dropped.
+    with_bom = b"\xef\xbb\xbf" + json.dumps({"definition": image_height()}).encode()
+    valid = alice_client.post(
+        "/api/validate", with_bom, content_type="application/json"
+    )
+    assert valid.status_code == 200
+    assert_nothing_stored()
 
 
 def test_number_beyond_float_range(send_run):

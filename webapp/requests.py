@@ -30,7 +30,7 @@ def _finite_float(text: str) -> float:
 
 
 # A \uD800 to \uDFFF escape: one half of a surrogate pair.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -65,16 +65,29 @@ def _strings(value: Any):
 
 
 def parse_json(raw: bytes) -> Any:
-    """Parse a request body as strict JSON; raise MalformedRequest if it is not.
+    """Parse a UTF-8 request body as strict JSON; raise MalformedRequest if it is not.
 
-    Beyond what Python's json module checks, NaN, Infinity, numbers beyond a
-    64-bit float and unpaired UTF-16 surrogate escapes are rejected.
+    Python's json module would also take UTF-16 and UTF-32 bodies, and UTF-8
+    with encoded surrogates, whose strings then fail when stored or sent
+    back. Beyond what the module checks, NaN, Infinity, numbers beyond a
+    64-bit float, NUL characters and unpaired UTF-16 surrogate escapes are
+    rejected.
     """
     try:
+        # A leading byte order mark is allowed and dropped.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise MalformedRequest(
+            f"request body is not UTF-8: byte {error.start} is invalid "
+            f"({error.reason})",
+            context="request_parsing",
+            hint="Encode the JSON body as UTF-8.",
+        ) from None
+    try:
         parsed = json.loads(
-            raw, parse_constant=_reject_constant, parse_float=_finite_float
+            text, parse_constant=_reject_constant, parse_float=_finite_float
         )
-    except (ValueError, UnicodeDecodeError) as error:
+    except ValueError as error:
         raise MalformedRequest(
             f"request body is not valid JSON: {error}",
             context="request_parsing",
@@ -85,18 +98,18 @@ def parse_json(raw: bytes) -> Any:
             "request body is not valid JSON: it is nested too deeply",
             context="request_parsing",
         ) from None
+    # In UTF-8 JSON text, a NUL or a surrogate can only come from an escape,
+    # so only bodies with one are walked.
     # PostgreSQL cannot store U+0000 in text or JSON, so a definition or
-    # parameter with one would fail only when written. Only bodies with the
-    # escape are walked (a raw NUL byte is not valid JSON).
-    if b"\\u0000" in raw and any("\x00" in text for text in _strings(parsed)):
+    # parameter with one would fail only when written.
+    if "\\u0000" in text and any("\x00" in item for item in _strings(parsed)):
         raise MalformedRequest(
             "request body has a string with a NUL character (\\u0000), which "
             "cannot be stored",
             context="request_parsing",
             hint="Remove the \\u0000 escapes from the JSON strings.",
         )
-    # Only bodies with such an escape are walked.
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(parsed):
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(parsed):
         raise MalformedRequest(
             "request body is not valid JSON text: it has an unpaired UTF-16 "
             "surrogate escape (\\uD800 to \\uDFFF) that encodes no character",
@@ -160,8 +173,9 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
+    # Python refuses to convert more than 4,300 digits; no version has 19.
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
+        value = int(value) if len(value) <= 18 else 10**18
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MalformedRequest(
             f"'{key}' must be a positive integer version number, got {value!r}",

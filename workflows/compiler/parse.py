@@ -147,19 +147,22 @@ def nested_too_deep(value: Any) -> bool:
     Runners copy parameter values into outputs recursively, and Python's
     recursion limit ends that near 1,000 levels.
     """
-    level = [value]
-    for _ in range(MAX_VALUE_DEPTH + 1):
+    # The containers at each depth; a container counts even when it is empty.
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_VALUE_DEPTH:
+            return True
         level = [
             item
             for container in level
-            if isinstance(container, dict | list)
             for item in (
                 container.values() if isinstance(container, dict) else container
             )
+            if isinstance(item, dict | list)
         ]
-        if not level:
-            return False
-    return True
+    return False
 
 
 def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
