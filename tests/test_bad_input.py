@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 from django.conf import settings
-from django.test import override_settings
+from django.test import Client, override_settings
 
 from billing.models import Bill
 from runner.models import Run
@@ -1310,3 +1310,28 @@ def test_number_beyond_float_range(send_run):
         assert response.status_code == 400
         assert "out of range" in response.json()["message"]
     assert_nothing_stored()
+
+
+def test_session_requests_get_the_same_errors_as_key_requests(alice, alice_client):
+    # The CSRF check of a session request makes DRF parse the body itself.
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(alice)
+    secret = "a" * 32
+    browser.cookies["csrftoken"] = secret
+    bodies = {
+        "[" * 5000 + "]" * 5000: "nested too deeply",
+        "{": "not valid JSON",
+        '{"x": NaN}': "NaN is not a valid JSON value",
+    }
+    for raw, message in bodies.items():
+        for client, headers in ((browser, {"X-CSRFToken": secret}), (alice_client, {})):
+            response = client.post(
+                "/api/validate", raw, content_type="application/json", headers=headers
+            )
+            assert response.status_code == 400, (raw[:10], client)
+            body = response.json()
+            assert body["code"] == "malformed_request"
+            assert message in body["message"]
+    # The check itself still works.
+    refused = browser.post("/api/validate", "{}", content_type="application/json")
+    assert refused.status_code == 403
