@@ -26,7 +26,7 @@ from runner.registry import ModelSource
 from workflows.detections import Detections
 from workflows.errors import ModelLoadError
 from workflows.images import WorkflowImage
-from workflows.timing import ModelUse, RunTimer
+from workflows.timing import ModelUse, RunTimer, us_added
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +319,7 @@ class ModelProvider:
             verbose=False,
         )
         result = results[0]
+        before = (use.preprocess_ns, use.inference_ns, use.postprocess_ns)
         # ultralytics times these three stages itself, synchronising CUDA.
         use.preprocess_ns += decode_ns + int(result.speed["preprocess"] * 1e6)
         use.inference_ns += int(result.speed["inference"] * 1e6)
@@ -329,9 +330,9 @@ class ModelProvider:
             model_id=model_id,
             step=step,
             cold=not was_loaded,
-            preprocess=(decode_ns + int(result.speed["preprocess"] * 1e6)) // 1000,
-            inference=int(result.speed["inference"] * 1e3),
-            postprocess=int(result.speed["postprocess"] * 1e3),
+            preprocess=us_added(before[0], use.preprocess_ns),
+            inference=us_added(before[1], use.inference_ns),
+            postprocess=us_added(before[2], use.postprocess_ns),
         )
 
         boxes = result.boxes

@@ -66,7 +66,8 @@ def test_formula_evaluator_rejects_code():
 
 
 def test_breakdown_components_sum_to_total():
-    timer = RunTimer(compile_ns=1_234_567, blocks_ns=2_000_999, serialization_ns=999)
+    timer = RunTimer(compile_ns=1_234_567, serialization_ns=999)
+    timer.add_step("crop", "AbsoluteStaticCrop", 2_000_999, is_model_step=False)
     use = timer.model("m")
     use.cold, use.load_read_ns, use.inference_ns = True, 10_000_000, 5_000_000
     breakdown = timer.breakdown(

@@ -1,5 +1,6 @@
 """The run-event websocket: order, ownership, failures, against a real runner."""
 
+import base64
 import json
 import time
 
@@ -12,7 +13,8 @@ from runner import consumers
 from runner.dispatch import wait_for_result
 from runner.events import RunEvents, events_key, stored_events
 from runner.models import Run
-from tests.conftest import registered_runner, start_cli_run
+from runner.service import start_run
+from tests.conftest import image_bytes, registered_runner, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.asgi import application
 from webapp.redis import get_redis
@@ -315,3 +317,57 @@ async def test_connected_subscriber_gets_database_done(
     await subscriber.disconnect()
     assert (done["phase"], done["seq"]) == ("done", 0)
     assert done["status"] == "failed"
+
+
+def test_events_add_up_to_the_breakdown_for_batches(runner, alice):
+    # Three images, and a model run on each crop of each: the same steps and
+    # model calls run many times, and each event's microseconds must add up
+    # to the stored components exactly, not lose a fraction per call.
+    definition = detection("people-detector")
+    definition["steps"] += [
+        {
+            "type": "roboflow_core/dynamic_crop@v1",
+            "name": "crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        },
+        {
+            "type": "roboflow_core/roboflow_object_detection_model@v1",
+            "name": "inner",
+            "images": "$steps.crops.crops",
+            "model_id": "people-detector-320",
+        },
+    ]
+    image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
+    outcome = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=definition,
+        raw_inputs={"image": [image, image, image]},
+        started_ns=time.perf_counter_ns(),
+        wait_s=120,
+    )
+    assert outcome.payload["meta"]["status"] == "succeeded"
+    breakdown = outcome.payload["meta"]["breakdown"]
+    components = breakdown["components"]
+    events = stored_events(str(outcome.run.id))
+
+    calls = [event for event in events if event["phase"] == "model"]
+    assert len(calls) > 3
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert sum(call[stage] for call in calls) == components[stage], stage
+    blocks = [
+        event
+        for event in events
+        if event["phase"] == "step" and not event["model_step"]
+    ]
+    assert len(blocks) >= 3
+    assert sum(step["duration"] for step in blocks) == components["blocks"]
+    by_step = {step["name"]: step["duration"] for step in breakdown["steps"]}
+    for name in by_step:
+        runs = [
+            e["duration"]
+            for e in events
+            if e.get("step") == name and e["phase"] == "step"
+        ]
+        assert sum(runs) == by_step[name], name

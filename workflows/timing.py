@@ -5,6 +5,12 @@ integer microseconds.  ``overhead`` is computed last, as the runner total
 minus every other runner component, so the components add up to the total
 exactly; a negative overhead would mean double counting and raises.
 
+A live event reports how much its phase added to a component, in whole
+microseconds of the running sum (``us_added``). So the events of a step that
+runs once per image, or of the calls of one model, add up to the stored
+value exactly, where converting each call on its own would lose up to a
+microsecond per call.
+
 Components, in the order a run goes through them:
 
 - request: the web server parsing and checking the request, until the run is queued
@@ -37,6 +43,11 @@ COMPONENTS = ("request", "queue", *RUNNER_COMPONENTS)
 
 def ns_to_us(ns: int) -> int:
     return ns // 1000
+
+
+def us_added(before_ns: int, after_ns: int) -> int:
+    """Return what going from ``before_ns`` to ``after_ns`` adds in whole microseconds."""
+    return ns_to_us(after_ns) - ns_to_us(before_ns)
 
 
 @dataclass
@@ -94,10 +105,11 @@ class RunTimer:
 
     compile_ns: int = 0
     compile_cache_hit: bool = False
-    blocks_ns: int = 0
     serialization_ns: int = 0
     models: dict[str, ModelUse] = field(default_factory=dict)
+    # Each step's time, summed over its runs (one per image of a batch).
     steps: dict[str, int] = field(default_factory=dict)
+    model_steps: set[str] = field(default_factory=set)
     # Called with (phase, data) as each phase ends, for the live timeline.
     listener: Callable[..., None] | None = None
 
@@ -114,15 +126,25 @@ class RunTimer:
     def add_step(
         self, name: str, block_type: str, duration_ns: int, is_model_step: bool
     ) -> None:
-        self.steps[name] = self.steps.get(name, 0) + duration_ns
-        if not is_model_step:
-            self.blocks_ns += duration_ns
+        before = self.steps.get(name, 0)
+        self.steps[name] = before + duration_ns
+        if is_model_step:
+            self.model_steps.add(name)
         self.emit(
             "step",
             step=name,
             type=block_type,
             model_step=is_model_step,
-            duration=ns_to_us(duration_ns),
+            duration=us_added(before, self.steps[name]),
+        )
+
+    @property
+    def blocks_us(self) -> int:
+        """Time in steps that are not model calls, as the sum of the steps' own."""
+        return sum(
+            ns_to_us(duration)
+            for name, duration in self.steps.items()
+            if name not in self.model_steps
         )
 
     def breakdown(
@@ -143,7 +165,7 @@ class RunTimer:
             "preprocess": sum(m["preprocess"] for m in models),
             "inference": sum(m["inference"] for m in models),
             "postprocess": sum(m["postprocess"] for m in models),
-            "blocks": ns_to_us(self.blocks_ns),
+            "blocks": self.blocks_us,
             "serialization": ns_to_us(self.serialization_ns),
         }
         runner_total = ns_to_us(runner_total_ns)
