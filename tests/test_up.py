@@ -152,6 +152,13 @@ def send_key_in_request_lines(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         connection.sendall(f"GET  {query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert connection.recv(100).startswith(b"HTTP/1.1 400")
+    # Django logs a disallowed Host header with a traceback that quotes it.
+    for server in (port, port + 1):
+        with socket.create_connection(("127.0.0.1", server), timeout=10) as connection:
+            connection.sendall(
+                f"GET /info HTTP/1.1\r\nHost: {LEAK_CHECK_KEY}\r\n\r\n".encode()
+            )
+            assert connection.recv(100).startswith(b"HTTP/1.1 400")
 
 
 def kill_runner_until_paused(up: subprocess.Popen, log_path) -> None:

@@ -43,11 +43,21 @@ def redact_api_keys(text: str) -> str:
 
 
 class RedactApiKeys(logging.Filter):
+    """Redact a record's message and its traceback, which may quote a key."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         redacted = redact_api_keys(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text once it is set.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        for name in ("exc_text", "stack_info"):
+            text = getattr(record, name, None)
+            if text:
+                lines = text.split("\n")
+                setattr(record, name, "\n".join(map(redact_api_keys, lines)))
         return True
 
 
