@@ -13,9 +13,11 @@ The owner's own recent succeeded runs give the times:
   over runs of any definition. For call times, runs on the device of the
   runner that would take the run are preferred, and among them calls made
   after the model was loaded;
-- calls per model and image: the median over runs of the same definition.
-  A model that runs on each crop, or not at all, is thus counted as it ran.
-  Without such runs, each model step counts one call.
+- calls per model and image: the median over runs of the same definition
+  of the calls its steps made, whichever model a step's id named then (it
+  can come from a parameter). A model that runs on each crop, or not at
+  all, is thus counted as it ran. Without such runs, each model step counts
+  one call.
 
 Only the owner's runs are read, so other users' traffic changes no time or
 price. Whether a model is hot is the fleet's state, read from heartbeats: a
@@ -28,7 +30,7 @@ the price: an estimate never fills a gap with a guess.
 """
 
 import statistics
-from collections import Counter
+from collections import defaultdict
 from typing import Any
 
 from billing.policy import BillingPolicy
@@ -86,14 +88,16 @@ def estimate_run(
             "the run's models do not fit any runner's memory budget together, "
             "so each run loads them cold"
         )
-    steps_per_model = Counter(model_id for _, model_id in plan.model_ids(parameters))
+    steps_of_model: dict[str, set[str]] = defaultdict(set)
+    for step, model_id in plan.model_ids(parameters):
+        steps_of_model[model_id].add(step)
     forecasts = [
         _forecast_model(
             model,
             runners,
             model_runs,
             workflow_runs,
-            steps_per_model[model["model_id"]],
+            steps_of_model[model["model_id"]],
             batch_size,
             device,
             model["cache_key"] in cold_keys,
@@ -161,7 +165,7 @@ def _forecast_model(
     runners: list[fleet.RunnerState],
     model_runs: list[dict[str, Any]],
     workflow_runs: list[dict[str, Any]],
-    steps: int,
+    steps: set[str],
     batch_size: int,
     device: str | None,
     cold: bool,
@@ -173,16 +177,16 @@ def _forecast_model(
 
     if workflow_runs:
         # How often the workflow calls the model depends on its steps, not on
-        # the weights the id resolved to then, so entries count by id. A run
-        # of this workflow that never called the model has no entry.
+        # the model a step's id named then, so entries count by the steps
+        # they served. A step that was never called has no entry.
         per_image = [
-            sum(e["calls"] for e in run["models"] if e["model_id"] == model_id)
+            sum(e["calls"] for e in run["models"] if steps & set(e.get("steps") or ()))
             / run["batch_size"]
             for run in workflow_runs
         ]
         calls = _median_float(per_image) * batch_size
     else:
-        calls = steps * batch_size
+        calls = len(steps) * batch_size
 
     on_device = [entry for entry in entries if entry.get("device") == device]
     called = [entry for entry in (on_device or entries) if entry["calls"]]

@@ -377,3 +377,26 @@ def test_estimate_after_new_weights_counts_calls_by_id(runner, alice_client, tmp
     assert model["per_call_us"] is None
     assert body["total"] is None
     assert body["price"] is None
+
+
+def test_estimate_counts_calls_of_a_model_chosen_by_parameter(runner, alice_client):
+    definition = detection("$inputs.model")
+    definition["inputs"].append(
+        {"type": "WorkflowParameter", "name": "model", "default_value": "yolov8n.yaml"}
+    )
+    workflow_id = create_workflow(alice_client, definition)
+    for _ in range(2):
+        response = run_workflow(alice_client, workflow_id)
+        assert response.status_code == 200, response.json()
+
+    # Earlier runs of this workflow called its step with another model id;
+    # the step is still called once per image, so the new model would load.
+    never_loaded = "yolo12n.yaml"
+    body = estimate(alice_client, workflow_id, {"inputs": {"model": never_loaded}})
+    model = body["models"][0]
+    assert model["model_id"] == never_loaded
+    assert model["calls"] == 1
+    assert model["hot"] is False
+    assert model["cold_load_us"] is None
+    assert body["hot"] is False
+    assert body["price"] is None
