@@ -3,6 +3,8 @@
 from django.conf import settings
 from django.db import models
 
+from webapp.clock import clock
+
 
 class Bill(models.Model):
     run = models.OneToOneField(
@@ -11,7 +13,9 @@ class Bill(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="bills"
     )
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Set with the run's finished_at, on the Redis server's clock like it, so
+    # that bills of runners whose clocks differ sort and group by day alike.
+    created_at = models.DateTimeField(default=clock.now, db_index=True)
     # False for runs that failed because of the platform; amount is then 0.
     billed = models.BooleanField(default=True)
     # The runner components the policy read, in microseconds.

@@ -100,8 +100,10 @@ def choose_queue(
     if not hot:
         return keys.SHARED_QUEUE
     if len(runners) == 1:
-        # A single runner takes jobs from both queues, so there is no choice.
-        return keys.runner_queue(hot[0].name)
+        # A single runner takes jobs from both queues, so there is no choice
+        # now. On the shared queue, a runner that joins later can take the
+        # run if this one is still busy.
+        return keys.SHARED_QUEUE
     script_keys = []
     for runner in hot:
         script_keys.append(keys.current_run_key(runner.name))

@@ -87,7 +87,14 @@ def finish_run(
                 runner_name,
             )
             return False
-        sql.insert(Bill(run_id=run.pk, owner_id=run.owner_id, **bill_fields(bill)))
+        sql.insert(
+            Bill(
+                run_id=run.pk,
+                owner_id=run.owner_id,
+                created_at=now,
+                **bill_fields(bill),
+            )
+        )
     payload_meta = result_meta(
         run.pk, status, breakdown, error, bill_fields(bill), run.warnings, runner_name
     )
@@ -203,16 +210,19 @@ def fail_run(
     filters: dict[str, Any] = {"pk": run_id, "status": expected_status}
     if expected_runner is not None:
         filters["runner_name"] = expected_runner
+    now = clock.now()
     with transaction.atomic():
         updated = Run.objects.filter(**filters).update(
-            status=Run.Status.FAILED, finished_at=clock.now(), error=error
+            status=Run.Status.FAILED, finished_at=now, error=error
         )
         if not updated:
             return False
         owner_id, runner_name = Run.objects.values_list("owner_id", "runner_name").get(
             pk=run_id
         )
-        Bill.objects.create(run_id=run_id, owner_id=owner_id, **bill_fields(line))
+        Bill.objects.create(
+            run_id=run_id, owner_id=owner_id, created_at=now, **bill_fields(line)
+        )
     logger.warning("run %s failed: %s", run_id, reason)
     meta = result_meta(
         run_id, "failed", None, error, bill_fields(line), [], runner_name

@@ -135,19 +135,32 @@ def reap_runner(name: str, reason: str) -> int:
     from runner.finish import fail_run
 
     connection = get_redis()
+    # The lock keeps two live runners from reaping one runner at once. It
+    # is released after the reap, so a runner that starts again under the
+    # name and dies again soon is reaped as fast the second time.
     if not connection.set(keys.reap_lock_key(name), "1", nx=True, ex=30):
+        return 0
+    if connection.exists(keys.heartbeat_key(name)):
+        # It started again under the name since the caller looked.
+        connection.delete(keys.reap_lock_key(name))
         return 0
     from runner.models import Run
 
-    failed = 0
-    stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
-    for run_id in stale.values_list("id", flat=True):
-        if fail_run(
-            run_id, reason, expected_status=Run.Status.RUNNING, expected_runner=name
-        ):
-            failed += 1
-    moved = move_queued_jobs(name)
-    connection.srem(keys.RUNNERS_SET, name)
+    try:
+        failed = 0
+        stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
+        for run_id in stale.values_list("id", flat=True):
+            if fail_run(
+                run_id,
+                reason,
+                expected_status=Run.Status.RUNNING,
+                expected_runner=name,
+            ):
+                failed += 1
+        moved = move_queued_jobs(name)
+        connection.srem(keys.RUNNERS_SET, name)
+    finally:
+        connection.delete(keys.reap_lock_key(name))
     if failed or moved:
         logger.warning(
             "reaped runner %s: %d running runs failed, %d queued jobs "
@@ -297,6 +310,7 @@ def recover_lost_jobs() -> int:
     # find runs lost in the moment between their commit and their push.
     cutoff_ns = clock.now_ns() - LOST_AFTER_S * 1_000_000_000
     stale = Run.objects.filter(status=Run.Status.QUEUED, queued_at_ns__lt=cutoff_ns)
+    taken = _runs_being_taken(connection)
     found = 0
     for run in stale.order_by("queued_at_ns")[:100]:
         if Job.exists(str(run.id), connection=connection):
@@ -305,6 +319,10 @@ def recover_lost_jobs() -> int:
             # A runner popped the id and died (or lost Redis) before it read
             # and deleted the job hash, so nothing will ever take this job.
             connection.delete(Job.key_for(str(run.id)))
+        elif str(run.id) in taken:
+            # A live runner has deleted the job hash and is about to claim
+            # the run; the job is not lost.
+            continue
         found += 1
         if not run.image_info or connection.exists(keys.inputs_key(str(run.id))):
             logger.warning("run %s lost its queued job; queued again", run.id)
@@ -319,6 +337,19 @@ def recover_lost_jobs() -> int:
                 expected_status=Run.Status.QUEUED,
             )
     return found
+
+
+def _runs_being_taken(connection) -> set[str]:
+    """Return the run ids that live runners hold as their current run.
+
+    A runner names the run in the same round trip that deletes its job hash,
+    before it claims the run in the database.
+    """
+    names = [runner.name for runner in live_runners()]
+    if not names:
+        return set()
+    held = connection.mget([keys.current_run_key(name) for name in names])
+    return {value.decode(errors="replace") for value in held if value is not None}
 
 
 def _is_queued(connection, run) -> bool:

@@ -70,14 +70,20 @@ def execute_run(
     try:
         run = _run_from(run_id, snapshot)
         _execute(run, runtime, started, started_wall, inputs, started_monotonic)
-    except Exception as error:
+    except BaseException as error:
         # _execute finishes the run itself when the workflow fails. This catches
         # failures around it (database, Redis), so that the run does not stay
-        # "running" on a live runner.
-        logger.exception("runner %s could not finish run %s", runtime.name, run_id)
+        # "running" on a live runner, and a second stop signal, which ends
+        # the process in the middle of the run.
+        if isinstance(error, Exception):
+            logger.exception("runner %s could not finish run %s", runtime.name, run_id)
+            reason = f"could not finish the run: {type(error).__name__}"
+        else:
+            logger.error("runner %s stopped during run %s", runtime.name, run_id)
+            reason = "was stopped during the run"
         fail_run(
             run_id,
-            f"runner {runtime.name} could not finish the run: {type(error).__name__}",
+            f"runner {runtime.name} {reason}",
             expected_status=Run.Status.RUNNING,
             expected_runner=runtime.name,
         )

@@ -12,9 +12,9 @@ from rq.job import Job
 from billing.models import Bill
 from runner import keys
 from runner.dispatch import enqueue
-from runner.fleet import recover_lost_jobs
+from runner.fleet import reap_runner, recover_lost_jobs
 from runner.models import Run
-from tests.conftest import image_b64, image_bytes, start_cli_run
+from tests.conftest import image_b64, image_bytes, registered_runner, start_cli_run
 from tests.definitions import image_height
 from webapp.clock import clock
 from webapp.redis import get_redis
@@ -198,3 +198,44 @@ def test_image_side_limit():
     with pytest.raises(InputError) as caught:
         inspect_image(buffer.getvalue(), input_name="image", max_pixels=10**9)
     assert "side" in caught.value.message
+
+
+def test_lost_check_skips_a_run_a_live_runner_is_taking(alice):
+    # The runner has read and deleted the job hash, and not yet claimed the
+    # run: the run is queued with no job, as a lost one would be.
+    run = lost_run(alice, with_inputs=True)
+    with registered_runner("taking") as name:
+        get_redis().set(keys.current_run_key(name), str(run.id), ex=30)
+        try:
+            assert recover_lost_jobs() == 0
+        finally:
+            get_redis().delete(keys.current_run_key(name))
+    run.refresh_from_db()
+    assert run.status == Run.Status.QUEUED
+    assert run.queue_name == "shared"
+    assert not Job.exists(str(run.id), connection=get_redis())
+
+
+def test_runner_dying_twice_is_reaped_twice(alice):
+    # The same name, restarted and dead again within seconds of the first
+    # reap: its new run must not wait for the first reap's lock to expire.
+    for _ in range(2):
+        run = Run.objects.create(
+            owner=alice, source="api", status=Run.Status.RUNNING, runner_name="twice"
+        )
+        assert reap_runner("twice", "runner twice stopped sending heartbeats") == 1
+        run.refresh_from_db()
+        assert run.status == Run.Status.FAILED
+        assert Bill.objects.get(run=run).billed is False
+        assert Bill.objects.get(run=run).created_at == run.finished_at
+
+
+def test_reap_spares_a_runner_that_started_again(alice):
+    run = Run.objects.create(
+        owner=alice, source="api", status=Run.Status.RUNNING, runner_name="back"
+    )
+    with registered_runner("back"):
+        assert reap_runner("back", "stale view of the fleet") == 0
+    run.refresh_from_db()
+    assert run.status == Run.Status.RUNNING
+    Run.objects.filter(pk=run.pk).delete()

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,41 @@ def test_killed_runner_fails_its_run_without_bill(runner, extra_runners, alice):
     # A waiting request reads such a run from the database, without breakdown.
     payload = wait_for_result(str(run.id), timeout_s=5)
     assert run_to_dict(outcome.run, payload=payload)["runner"] == "victim"
+
+
+def test_runner_stopped_twice_fails_its_run_at_once(runner, extra_runners, alice):
+    # The first SIGTERM asks the runner to finish its run; the second ends
+    # the process in the middle of it.
+    victim = extra_runners("twice-stopped")
+    outcome = start(alice, "yolov8x.yaml", "twice-stopped", wait_s=0)
+    wait_for_status(outcome.run.id, Run.Status.RUNNING)
+    victim.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    victim.process.send_signal(signal.SIGTERM)
+    assert victim.process.wait(timeout=30) != 0
+
+    run = Run.objects.get(pk=outcome.run.id)
+    assert run.status == Run.Status.FAILED
+    assert "twice-stopped was stopped during the run" in run.error["message"]
+    assert Bill.objects.get(run=run).billed is False
+
+
+def test_single_runner_takes_hot_runs_from_the_shared_queue(runner, alice):
+    # On its own queue, a backlog would stay with this runner even after
+    # another runner joined.
+    first = start_cli_run(alice, detection("people-detector"), wait_s=60)
+    assert first.payload["meta"]["status"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while "people-detector" not in {m["model_id"] for m in runner.state()["models"]}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.6)  # past the half-second view of the fleet that submit reuses
+
+    second = start_cli_run(alice, detection("people-detector"), wait_s=60)
+    assert [r.name for r in fleet.live_runners()] == [runner.name]
+    assert second.run.queue_name == keys.SHARED_QUEUE
+    assert second.run.model_refs[0]["predicted_hot"] is True
+    assert second.payload["meta"]["breakdown"]["models"][0]["cold"] is False
 
 
 def test_killed_runner_queued_runs_move_on(runner, extra_runners, alice):

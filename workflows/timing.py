@@ -46,7 +46,7 @@ def ns_to_us(ns: int) -> int:
 
 
 def us_added(before_ns: int, after_ns: int) -> int:
-    """Return what going from ``before_ns`` to ``after_ns`` adds in whole microseconds."""
+    """Return how many whole microseconds going from before_ns to after_ns adds."""
     return ns_to_us(after_ns) - ns_to_us(before_ns)
 
 
