@@ -23,12 +23,17 @@ def pending_response(outcome: RunOutcome) -> Response:
         Run.objects.filter(pk=run.pk).values_list("status", flat=True).first()
         or run.status
     )
+    finished = status in (Run.Status.SUCCEEDED, Run.Status.FAILED)
     body = {
         "id": str(run.id),
         "status": status,
         "url": f"/api/runs/{run.id}",
-        "message": "The run had not finished when this response was built; "
-        "GET its url for the result.",
+        "message": (
+            "The run has finished; GET its url for the result."
+            if finished
+            else "The run had not finished when this response was built; "
+            "GET its url for the result."
+        ),
     }
     return Response(
         body, status=202, headers={"Location": body["url"], "X-Run-Id": str(run.id)}

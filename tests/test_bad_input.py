@@ -1335,3 +1335,11 @@ def test_session_requests_get_the_same_errors_as_key_requests(alice, alice_clien
     # The check itself still works.
     refused = browser.post("/api/validate", "{}", content_type="application/json")
     assert refused.status_code == 403
+
+
+def test_unknown_api_routes_are_not_found(alice_client):
+    for method in ("get", "post", "put", "delete"):
+        for url in ("/api/workflows/abc", "/api/nothing/here", "/api/runs/not-a-uuid"):
+            response = getattr(alice_client, method)(url)
+            assert response.status_code == 404, (method, url)
+            assert response.json()["code"] == "not_found"

@@ -291,6 +291,7 @@ def test_data_endpoints_reject_revoked_token(client, alice):
     response = client.get(SUMMARY, HTTP_AUTHORIZATION=f"Bearer {key}")
     assert response.status_code == 401
     assert response.json()["code"] == "authentication_failed"
+    assert response["WWW-Authenticate"] == "Bearer"
 
 
 @pytest.mark.django_db

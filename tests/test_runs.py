@@ -5,6 +5,7 @@ import struct
 import time
 import zlib
 
+import pytest
 from django.conf import settings
 
 from billing.models import Bill
@@ -12,7 +13,8 @@ from billing.policy import evaluate_formula
 from runner import keys
 from runner.dispatch import wait_for_result
 from runner.models import Run
-from runner.service import waiting_slot
+from runner.responses import pending_response
+from runner.service import RunOutcome, waiting_slot
 from tests.conftest import image_b64, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.redis import get_redis
@@ -344,3 +346,17 @@ def test_run_image_undecodable_on_runner_is_not_billed(runner, alice_client):
     assert run.bill.billed is False
     assert run.bill.amount_microcredits == 0
     assert "passed the server's checks" in run.bill.formula
+
+
+@pytest.mark.django_db
+def test_202_body_does_not_call_a_finished_run_unfinished(alice):
+    # An asynchronous run can finish before its 202 is built.
+    run = Run.objects.create(owner=alice, source="api", status=Run.Status.QUEUED)
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.SUCCEEDED)
+    body = pending_response(RunOutcome(run, None)).data
+    assert body["status"] == "succeeded"
+    assert "has finished" in body["message"]
+    assert "not finished" not in body["message"]
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING)
+    body = pending_response(RunOutcome(run, None)).data
+    assert "had not finished" in body["message"]

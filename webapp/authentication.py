@@ -148,13 +148,16 @@ def login_or_token_required(view):
                 # module through DRF's settings.
                 from webapp.errors import json_error
 
-                return json_error(
+                response = json_error(
                     "Invalid or revoked API key.",
                     "authentication_failed",
                     401,
                     context="request",
                     error_type="AuthenticationFailed",
                 )
+                # As the API's 401s: HTTP requires the header with a 401.
+                response["WWW-Authenticate"] = "Bearer"
+                return response
             request.user = token.user
         return signed_in_view(request, *args, **kwargs)
 

@@ -1,9 +1,9 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from runner import ui as runner_ui
 from runner import views as runner_views
-from webapp import roboflow
+from webapp import handlers, roboflow
 from webapp import views as account_views
 from workflows import views as workflow_views
 
@@ -26,6 +26,10 @@ api = [
     path("runs/<uuid:run_id>", runner_views.RunDetailView.as_view()),
     path("models/", runner_views.ModelListView.as_view()),
     path("fleet", runner_views.FleetView.as_view()),
+    # Anything else under /api/ is not found, whatever the method. Without
+    # this, Roboflow's <workspace>/workflows/<id> route below would take
+    # /api/workflows/<not a number> as workspace "api" and answer 405.
+    re_path(r"", handlers.not_found),
 ]
 
 urlpatterns = [
