@@ -66,6 +66,8 @@ class Command(BaseCommand):
         )
         runtime = RunnerRuntime(name=name, device=cache.device, cache=cache)
         set_runtime(runtime)
+        seconds = cache.warm_up_process()
+        logger.info("runner %s: process warmed up in %.2f s", name, seconds)
         connection = get_redis()
         self._fail_own_stale_runs(name)
         run_worker(runtime, connection, burst=options["burst"])
