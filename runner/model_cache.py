@@ -30,6 +30,13 @@ from workflows.timing import ModelUse, RunTimer, us_added
 
 logger = logging.getLogger(__name__)
 
+# How error messages name each kind's directory: by setting, not by path.
+KIND_PLACES = {
+    "model_dir": "MODEL_DIR",
+    "upload": "upload directory",
+    "ultralytics_weights": "ultralytics' weights_dir",
+}
+
 # Built from ultralytics' YAML, with random weights: no file is read.
 WARM_UP_ARCHITECTURE = "yolov8n.yaml"
 
@@ -245,12 +252,21 @@ class ModelCache:
         )
 
         started = time.perf_counter_ns()
+        path = source.local_path()
+        if source.kind != "architecture" and not Path(path).is_file():
+            # Every machine's runners need the same files in their model and
+            # upload directories (docs/operations.md).
+            raise ModelLoadError(
+                source.model_id,
+                f"this runner has no file {source.path} in its "
+                f"{KIND_PLACES[source.kind]}",
+            )
         try:
-            model = open_weights(source.path, task="detect")
+            model = open_weights(path, task="detect")
         except Exception as error:
             logger.exception("model %s failed to load", source.model_id)
             # ultralytics' messages name the file; the server's paths stay here.
-            reason = str(error).replace(source.path, Path(source.path).name)
+            reason = str(error).replace(path, Path(path).name)
             raise ModelLoadError(
                 source.model_id,
                 f"{type(error).__name__}: {reason.removeprefix('ERROR ❌️ ')}",

@@ -44,6 +44,10 @@ class ModelSource:
     model_id: str
     # "upload", "model_dir", "ultralytics_weights" or "architecture"
     kind: str
+    # Relative to the directory of its kind (an architecture's YAML name), so
+    # that a runner on another machine, whose directories may be elsewhere,
+    # finds the same file under its own, and the cache key is the same
+    # everywhere. Uploads stored with an absolute path keep it.
     path: str
     pretrained: bool
     image_size: int | None = None
@@ -56,6 +60,15 @@ class ModelSource:
         share an id, and aliases of one file share one loaded model.
         """
         return f"{self.kind}:{self.path}:{self.image_size or 0}"
+
+    def local_path(self) -> str:
+        """Return where this process finds the weights: the path under its own root."""
+        if self.kind == "architecture" or Path(self.path).is_absolute():
+            return self.path
+        root = kind_root(self.kind)
+        if root is None:
+            raise ValueError(f"no directory is set for {self.kind} models here")
+        return str(root / self.path)
 
     @property
     def label(self) -> str:
@@ -153,16 +166,26 @@ def check_model_path(source: ModelSource) -> None:
         if "/" in source.path or not source.path.endswith(".yaml"):
             raise ValueError(f"invalid architecture name {source.path!r}")
         return
-    roots = {
-        "model_dir": model_dir,
-        "ultralytics_weights": _ultralytics_weights_dir,
-        "upload": lambda: Path(settings.GLASSBOX["UPLOAD_DIR"]),
-    }
-    if source.kind not in roots:
+    if source.kind not in _ROOTS:
         raise ValueError(f"unknown model source kind {source.kind!r}")
-    root = roots[source.kind]()
-    if root is None or not Path(source.path).resolve().is_relative_to(root.resolve()):
+    root = kind_root(source.kind)
+    if root is None or not Path(source.local_path()).resolve().is_relative_to(
+        root.resolve()
+    ):
         raise ValueError(f"model path {source.path!r} is outside {root}")
+
+
+def kind_root(kind: str) -> Path | None:
+    """Return this process's directory for weights of ``kind``, None if it has none."""
+    return _ROOTS[kind]()
+
+
+def _relative_to_root(kind: str, path: Path) -> str:
+    """Return ``path`` relative to the directory of ``kind``, if it is inside it."""
+    root = kind_root(kind)
+    if root is not None and path.is_relative_to(root):
+        return str(path.relative_to(root))
+    return str(path)
 
 
 def _from_uploads(
@@ -180,7 +203,9 @@ def _from_uploads(
     )
     if path is None:
         return None
-    return ModelSource(model_id, "upload", path, pretrained=True)
+    return ModelSource(
+        model_id, "upload", _relative_to_root("upload", Path(path)), pretrained=True
+    )
 
 
 def _ultralytics_weights_dir() -> Path | None:
@@ -211,8 +236,17 @@ def _from_files(model_id: str, name: str, searched: list[str]) -> ModelSource | 
     for kind, place, path in candidates:
         searched.append(f"{place}/{filename}")
         if path.is_file():
-            return ModelSource(model_id, kind, str(path), pretrained=True)
+            return ModelSource(
+                model_id, kind, _relative_to_root(kind, path), pretrained=True
+            )
     return None
+
+
+_ROOTS = {
+    "model_dir": model_dir,
+    "ultralytics_weights": _ultralytics_weights_dir,
+    "upload": lambda: Path(settings.GLASSBOX["UPLOAD_DIR"]),
+}
 
 
 # ultralytics names a scaled model by its family file plus a scale letter:

@@ -100,10 +100,14 @@ runpy.run_path("manage.py", run_name="__main__")
 
 class RunnerProcess:
     def __init__(
-        self, name: str, budget_mb: int = 4096, clock_offset_s: float = 0.0
+        self,
+        name: str,
+        budget_mb: int = 4096,
+        clock_offset_s: float = 0.0,
+        env_overrides: dict[str, str] | None = None,
     ) -> None:
         self.name = name
-        env = os.environ.copy()
+        env = {**os.environ, **(env_overrides or {})}
         env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
         env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
         self.log_path = Path(settings.DATA_DIR) / f"{name}.log"
@@ -163,10 +167,13 @@ def runner_factory(django_db_setup, django_db_blocker):
     started: list[RunnerProcess] = []
 
     def start(
-        name: str, budget_mb: int = 4096, clock_offset_s: float = 0.0
+        name: str,
+        budget_mb: int = 4096,
+        clock_offset_s: float = 0.0,
+        env_overrides: dict[str, str] | None = None,
     ) -> RunnerProcess:
         with django_db_blocker.unblock():
-            process = RunnerProcess(name, budget_mb, clock_offset_s)
+            process = RunnerProcess(name, budget_mb, clock_offset_s, env_overrides)
         started.append(process)
         return process
 
@@ -212,9 +219,12 @@ def extra_runners(runner_factory):
     started: list[RunnerProcess] = []
 
     def start(
-        name: str, budget_mb: int = 4096, clock_offset_s: float = 0.0
+        name: str,
+        budget_mb: int = 4096,
+        clock_offset_s: float = 0.0,
+        env_overrides: dict[str, str] | None = None,
     ) -> RunnerProcess:
-        process = runner_factory(name, budget_mb, clock_offset_s)
+        process = runner_factory(name, budget_mb, clock_offset_s, env_overrides)
         started.append(process)
         return process
 

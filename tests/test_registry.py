@@ -127,7 +127,10 @@ def test_check_model_path_accepts_resolved_sources(db):
     "kind, path",
     [
         ("model_dir", "/etc/passwd"),
-        ("model_dir", "var/models/../../manage.py"),
+        # Paths are relative to the model directory, and may not leave it.
+        ("model_dir", "../manage.py"),
+        ("model_dir", "sub/../../manage.py"),
+        ("upload", "../models/people-detector.pt"),
         ("upload", "/tmp/evil.pt"),
         ("architecture", "x/yolov8n.yaml"),
         ("architecture", "/tmp/evil.pt"),
@@ -138,3 +141,17 @@ def test_check_model_path_rejects_other_places(kind, path):
     source = ModelSource("m", kind, path, pretrained=True)
     with pytest.raises(ValueError):
         check_model_path(source)
+
+
+def test_model_paths_are_relative_to_their_directory(db, settings, tmp_path):
+    # A runner on another machine finds the file under its own directory,
+    # and routing compares the same cache key on every machine.
+    source = resolve_model("people-detector")
+    assert source.path == "people-detector.pt"
+    assert source.cache_key == "model_dir:people-detector.pt:0"
+    elsewhere = tmp_path / "models"
+    elsewhere.mkdir()
+    (elsewhere / "people-detector.pt").write_bytes(b"copy")
+    settings.GLASSBOX = {**settings.GLASSBOX, "MODEL_DIR": elsewhere}
+    assert source.local_path() == str(elsewhere / "people-detector.pt")
+    check_model_path(source)

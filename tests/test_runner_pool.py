@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -482,3 +483,26 @@ def test_predicted_hot_only_where_the_queue_leads(runner, extra_runners, alice):
     assert idle.model_refs[0]["predicted_hot"] is True
     assert shared.queue_name == keys.SHARED_QUEUE
     assert shared.model_refs[0]["predicted_hot"] is False
+
+
+def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_path):
+    # A runner on another machine has its model directory elsewhere. With a
+    # copy of the file there, it runs the model; without one, the run fails
+    # unbilled and says which file is missing, not where the web server
+    # keeps it.
+    copies = tmp_path / "models-copy"
+    copies.mkdir()
+    shutil.copy(resolve_model("people-detector").local_path(), copies)
+    extra_runners("other-machine", env_overrides={"MODEL_DIR": str(copies)})
+    ran = start(alice, "people-detector", "other-machine", wait_s=120)
+    assert ran.payload["meta"]["status"] == "succeeded"
+
+    empty = tmp_path / "models-empty"
+    empty.mkdir()
+    extra_runners("bare-machine", env_overrides={"MODEL_DIR": str(empty)})
+    failed = start(alice, "people-detector", "bare-machine", wait_s=120)
+    error = failed.payload["meta"]["error"]
+    assert error["code"] == "model_load_failed"
+    assert "no file people-detector.pt in its MODEL_DIR" in error["message"]
+    assert str(empty) not in error["message"]
+    assert Bill.objects.get(run_id=failed.run.id).billed is False
