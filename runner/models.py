@@ -92,6 +92,10 @@ class ModelUpload(models.Model):
     sha256 = models.CharField(max_length=64)
     task = models.CharField(max_length=50)
     class_names = models.JSONField(default=list)
+    # Whether the checkpoint records a training run (ultralytics' train_args).
+    # Weights saved from an untrained architecture do not, and their runs
+    # are labelled untrained like a YAML architecture's.
+    trained = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

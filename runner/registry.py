@@ -198,13 +198,17 @@ def _from_uploads(
     name = name or model_id
     searched.append(f"your uploaded models ({name})")
     # Runs on every request with a model step, so one plain SELECT.
-    path = sql.select_value(
-        ModelUpload, "path", {"owner_id": owner_id, "model_id": name}
+    row = sql.select_row(
+        ModelUpload, ("path", "trained"), {"owner_id": owner_id, "model_id": name}
     )
-    if path is None:
+    if row is None:
         return None
+    path, trained = row
     return ModelSource(
-        model_id, "upload", _relative_to_root("upload", Path(path)), pretrained=True
+        model_id,
+        "upload",
+        _relative_to_root("upload", Path(path)),
+        pretrained=bool(trained),
     )
 
 

@@ -45,28 +45,34 @@ def update_where(model: type[models.Model], values: dict, where: dict) -> int:
 
 
 @functools.cache
-def _select_sql(model: type[models.Model], column: str, where_names: tuple) -> str:
+def _select_sql(model: type[models.Model], columns: tuple, where_names: tuple) -> str:
     quote = connection.ops.quote_name
     conditions = " AND ".join(
         f"{quote(_column(model, n).column)} = %s" for n in where_names
     )
-    selected = quote(_column(model, column).column)
+    selected = ", ".join(quote(_column(model, column).column) for column in columns)
     return f"SELECT {selected} FROM {quote(model._meta.db_table)} WHERE {conditions}"
 
 
-def select_value(model: type[models.Model], column: str, where: dict):
-    """Return one column of the first row matching ``where``, or None.
+def select_row(model: type[models.Model], columns: tuple, where: dict):
+    """Return ``columns`` of the first row matching ``where`` as a tuple, or None.
 
-    The value is returned as the database driver gives it, without the
-    field's conversion, so use it for plain text and numbers.
+    Values are returned as the database driver gives them, without the
+    fields' conversion (SQLite gives a boolean as 0 or 1), so use it for
+    plain text, numbers and booleans read with bool().
     """
     params = [
         _column(model, name).get_db_prep_value(value, connection, prepared=False)
         for name, value in where.items()
     ]
     with connection.cursor() as cursor:
-        cursor.execute(_select_sql(model, column, tuple(where)), params)
-        row = cursor.fetchone()
+        cursor.execute(_select_sql(model, columns, tuple(where)), params)
+        return cursor.fetchone()
+
+
+def select_value(model: type[models.Model], column: str, where: dict):
+    """Return one column of the first row matching ``where``, or None."""
+    row = select_row(model, (column,), where)
     return row[0] if row else None
 
 

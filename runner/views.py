@@ -157,7 +157,7 @@ class ModelListView(APIView):
         stored = None
         try:
             stored = _store_upload(request.user.id, upload)
-            names, task = check_weights(stored, upload.name)
+            names, task, trained = check_weights(stored, upload.name)
         except Exception as error:
             # Nothing is kept of an upload that was not accepted.
             if stored is not None:
@@ -185,6 +185,7 @@ class ModelListView(APIView):
                     sha256=_sha256(stored),
                     task=task,
                     class_names=names,
+                    trained=trained,
                 )
         except IntegrityError:
             # Another upload with this id won the race since the check above.
@@ -200,6 +201,7 @@ class ModelListView(APIView):
                 "task": task,
                 "class_names": names,
                 "size_bytes": record.size_bytes,
+                "pretrained": trained,
             },
             status=status.HTTP_201_CREATED,
         )

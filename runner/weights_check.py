@@ -36,8 +36,8 @@ class WeightsRejected(Exception):
     """The file is not a usable ultralytics detector; the message gives the reason."""
 
 
-def check_weights(path: Path, shown_name: str) -> tuple[list[str], str]:
-    """Return the class names and task of the detector in ``path``.
+def check_weights(path: Path, shown_name: str) -> tuple[list[str], str, bool]:
+    """Return the detector's class names and task in ``path``, and if it was trained.
 
     Raises WeightsRejected with a message that names the file as
     ``shown_name``, never by its path on the server.
@@ -65,7 +65,7 @@ def check_weights(path: Path, shown_name: str) -> tuple[list[str], str]:
         ) from None
     if not result["ok"]:
         raise WeightsRejected(result["error"].replace(str(path), shown_name))
-    return result["names"], result["task"]
+    return result["names"], result["task"], result["trained"]
 
 
 def _check_archive(path: Path) -> None:
@@ -81,7 +81,23 @@ def _check_archive(path: Path) -> None:
         )
 
 
+def _check_format(path: Path) -> None:
+    """Raise ValueError unless ``path`` starts like a torch checkpoint.
+
+    torch saves a zip archive, and before version 1.6 a bare pickle. Any
+    other file would only fail deeper in the loader, with a message about
+    unsupported types.
+    """
+    with open(path, "rb") as file:
+        head = file.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        raise ValueError(
+            "it is not a torch checkpoint (neither a zip archive nor a pickle)"
+        )
+
+
 def _load(path: Path) -> dict:
+    _check_format(path)
     _check_archive(path)
     # The runners' loader, with its check that the restricted mode is on.
     from runner.model_cache import open_weights
@@ -93,6 +109,7 @@ def _load(path: Path) -> dict:
         "ok": True,
         "task": model.task,
         "names": [model.names[i] for i in sorted(model.names)],
+        "trained": bool((getattr(model, "ckpt", None) or {}).get("train_args")),
     }
 
 

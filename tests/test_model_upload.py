@@ -11,6 +11,7 @@ from django.conf import settings
 
 from runner import views as runner_views
 from runner.models import ModelUpload, Run
+from runner.registry import resolve_model
 from tests.definitions import detection
 from tests.test_runs import create_workflow, run_workflow
 
@@ -32,11 +33,16 @@ def test_upload_then_run_own_model(runner, alice_client, bob_client, tmp_path):
     response = upload(alice_client, "my-detector", weights)
     assert response.status_code == 201, response.json()
     assert response.json()["task"] == "detect"
+    # Saved from an untrained architecture: the checkpoint records no training.
+    assert response.json()["pretrained"] is False
 
     workflow_id = create_workflow(alice_client, detection("my-detector"))
     ran = run_workflow(alice_client, workflow_id)
     assert ran.status_code == 200
     assert ran.json()["timing"]["models"][0]["source"] == "upload"
+    assert ran.json()["timing"]["models"][0]["pretrained"] is False
+    assert ran["X-Model-Untrained"] == "my-detector"
+    assert any("'my-detector' is an untrained" in w for w in ran.json()["warnings"])
 
     bob_workflow = bob_client.post(
         "/api/workflows/",
@@ -54,7 +60,20 @@ def test_upload_rejects_non_model(alice_client, tmp_path):
     response = upload(alice_client, "junk", junk)
     assert response.status_code == 400
     assert response.json()["field"] == "file"
+    assert "not a torch checkpoint" in response.json()["message"]
     assert ModelUpload.objects.count() == 0
+
+
+def test_upload_of_trained_weights_is_pretrained(runner, alice_client):
+    trained = resolve_model("people-detector").local_path()
+    response = upload(alice_client, "my-people", Path(trained))
+    assert response.status_code == 201, response.json()
+    assert response.json()["pretrained"] is True
+    workflow_id = create_workflow(alice_client, detection("my-people"))
+    ran = run_workflow(alice_client, workflow_id)
+    assert ran.status_code == 200
+    assert ran.json()["timing"]["models"][0]["pretrained"] is True
+    assert "X-Model-Untrained" not in ran
 
 
 class CreatesFile:
