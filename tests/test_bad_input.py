@@ -7,14 +7,17 @@ here, and one that reached a runner would store a run.
 """
 
 import base64
+import io
 import json
 import re
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from django.conf import settings
 from django.test import Client, override_settings
+from PIL import Image
 
 from billing.models import Bill
 from runner.models import Run
@@ -1343,3 +1346,19 @@ def test_unknown_api_routes_are_not_found(alice_client):
             response = getattr(alice_client, method)(url)
             assert response.status_code == 404, (method, url)
             assert response.json()["code"] == "not_found"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_tiff_with_32_bit_samples_rejected(send_run, dtype):
+    # Pillow decodes it at the request, so it passed; the runner's OpenCV
+    # cannot, and the run failed with a message that blamed a corrupt file.
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(64 * 64, dtype=dtype).reshape(64, 64)).save(
+        buffer, "TIFF"
+    )
+    response = send_run(image_height(), {"image": base64_input(buffer.getvalue())})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "invalid_input"
+    assert "32-bit samples" in body["message"]
+    assert_nothing_stored()

@@ -106,6 +106,15 @@ def inspect_image(
             context="input_decoding",
             field_name=input_name,
         )
+    if image_format == "TIFF" and image.mode in ("F", "I"):
+        # Pillow reads these, OpenCV on the runners does not.
+        raise InputError(
+            f"Input '{input_name}' is a TIFF image with 32-bit samples (Pillow "
+            f"mode {image.mode}), which the runners cannot decode",
+            context="input_decoding",
+            field_name=input_name,
+            hint="Convert it to 8 or 16 bits per sample.",
+        )
     width, height = image.size
     if max(width, height) > MAX_IMAGE_SIDE:
         raise InputError(
