@@ -23,6 +23,52 @@ logger = logging.getLogger(__name__)
 
 # Seconds one blocking dequeue waits, so a stop request is seen this fast.
 DEQUEUE_TIMEOUT_S = 1
+
+# Takes the popped job ARGV[1] from queue KEYS[5], unless the runner must not:
+#
+# - another process now runs under the runner's name (heartbeat KEYS[4]
+#   names another instance than ARGV[2]): the job goes back to the front
+#   of its queue, and {'name_taken'} is returned;
+# - the job came from the shared queue (ARGV[4] is '1') while routing has
+#   marked this runner busy (KEYS[3]) for a run on its own queue: the job
+#   goes back to the front of the shared queue, and {'reserved'} is
+#   returned. A mark naming this runner's previous job (ARGV[5]), left when
+#   delivering its result failed, is no reservation;
+#
+# otherwise reads the job hash KEYS[1] and the run's inputs KEYS[2],
+# deletes the job hash (also when it cannot be read), marks the runner
+# busy with the job for ARGV[3] seconds and returns {'taken', job fields,
+# input fields}.
+_TAKE_JOB = """
+local beat = redis.call('GET', KEYS[4])
+if beat then
+    local ok, holder = pcall(cjson.decode, beat)
+    if ok and type(holder) == 'table' and holder['instance']
+            and holder['instance'] ~= ARGV[2] then
+        redis.call('LPUSH', KEYS[5], ARGV[1])
+        return {'name_taken'}
+    end
+end
+if ARGV[4] == '1' then
+    local marked = redis.call('GET', KEYS[3])
+    if marked and marked ~= ARGV[1] and marked ~= ARGV[5] then
+        redis.call('LPUSH', KEYS[5], ARGV[1])
+        return {'reserved'}
+    end
+end
+local job = redis.pcall('HGETALL', KEYS[1])
+local inputs = redis.pcall('HGETALL', KEYS[2])
+redis.call('DEL', KEYS[1])
+if type(job) == 'table' and job['err'] then
+    return {'unreadable', job['err']}
+end
+if type(inputs) == 'table' and inputs['err'] then
+    return {'unreadable', inputs['err']}
+end
+redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
+return {'taken', job, inputs}
+"""
+
 # How often (in heartbeats) a runner looks for queued runs whose job is gone.
 RECONCILE_EVERY_BEATS = 20
 
@@ -47,11 +93,27 @@ class RunnerWorker:
     second signal stops it at once.
     """
 
-    def __init__(self, queues: list[Queue], connection, name: str) -> None:
+    def __init__(
+        self,
+        queues: list[Queue],
+        connection,
+        name: str,
+        instance: str = "",
+        on_name_taken=None,
+    ) -> None:
+        # The runner's own queue first: BLPOP takes from the first non-empty.
         self.queue_keys = [queue.key for queue in queues]
+        self.own_queue_key = self.queue_keys[0]
         self.connection = connection
         self.name = name
+        self.instance = instance
         self.stopping = threading.Event()
+        # Set while routing has marked this runner busy for a run on its
+        # own queue that it has not popped yet; shared jobs wait meanwhile.
+        self.reserved = False
+        self.last_job_id = ""
+        # Called without arguments when another process has taken the name.
+        self.on_name_taken = on_name_taken
 
     def request_stop(self, signum, frame) -> None:
         if self.stopping.is_set():
@@ -63,10 +125,9 @@ class RunnerWorker:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         while not self.stopping.is_set():
+            queue_keys = [self.own_queue_key] if self.reserved else self.queue_keys
             try:
-                popped = self.connection.blpop(
-                    self.queue_keys, timeout=DEQUEUE_TIMEOUT_S
-                )
+                popped = self.connection.blpop(queue_keys, timeout=DEQUEUE_TIMEOUT_S)
             except redis.ConnectionError as error:
                 # Wait for Redis here: exiting would count against the
                 # restart limit of manage.py up for every second it is away.
@@ -81,15 +142,36 @@ class RunnerWorker:
                 self.stopping.wait(DEQUEUE_TIMEOUT_S)
                 continue
             if popped is None:
+                # A mark for a run that is never queued expires within
+                # ROUTING_CLAIM_TTL_S; the next take finds out.
+                self.reserved = False
                 if burst:
                     return
                 continue
+            self.reserved = False
             # Anyone who can write to Redis can push anything: nothing popped
             # may stop the loop.
             queue_key = popped[0].decode(errors="replace")
             job_id = popped[1].decode(errors="replace")
             try:
-                job, inputs = self.take(job_id)
+                job, inputs = self.take(job_id, queue_key)
+            except JobReturned as returned:
+                if returned.reason == "name_taken":
+                    logger.error(
+                        "runner %s: another process now runs under this name; "
+                        "job %s returned to %s, stopping",
+                        self.name,
+                        job_id[:100],
+                        queue_key,
+                    )
+                    self.stopping.set()
+                    if self.on_name_taken is not None:
+                        self.on_name_taken()
+                else:
+                    # Routing sent a run to this runner's own queue; take
+                    # that one first, as routing predicted.
+                    self.reserved = True
+                continue
             except redis.ConnectionError as error:
                 # The job hash stays, in no queue; the lost-run check queues
                 # the run again.
@@ -135,26 +217,39 @@ class RunnerWorker:
                 )
                 self.connection.delete(key)
 
-    def take(self, job_id: str) -> tuple[Job, dict[bytes, bytes]]:
-        """Take the job: read its hash and the run's inputs, delete the hash.
+    def take(self, job_id: str, queue_key: str) -> tuple[Job, dict[bytes, bytes]]:
+        """Take the job popped from ``queue_key``: read it and the run's inputs.
 
-        The same round trip marks this runner busy (keys.current_run_key).
+        One script (_TAKE_JOB) reads both, deletes the job hash and marks
+        this runner busy (keys.current_run_key), or puts the job back and
+        raises JobReturned when this runner must not take it.
 
         Raises InvalidJob when the hash is missing, unreadable, or names a
         function other than keys.RUN_JOB. Job data is JSON (keys.JOB_SERIALIZER),
         so reading it cannot run code.
         """
-        job_key = Job.key_for(job_id)
-        pipeline = self.connection.pipeline(transaction=False)
-        pipeline.hgetall(job_key)
-        pipeline.hgetall(keys.inputs_key(job_id))
-        pipeline.delete(job_key)
-        pipeline.set(keys.current_run_key(self.name), job_id, ex=keys.CURRENT_RUN_TTL_S)
-        # Every command runs even if one fails (a key of the wrong type).
-        raw_job, inputs, _, _ = pipeline.execute(raise_on_error=False)
-        for reply in (raw_job, inputs):
-            if isinstance(reply, redis.ResponseError):
-                raise InvalidJob(f"unreadable ({reply})")
+        reply = self.connection.eval(
+            _TAKE_JOB,
+            5,
+            Job.key_for(job_id),
+            keys.inputs_key(job_id),
+            keys.current_run_key(self.name),
+            keys.heartbeat_key(self.name),
+            queue_key,
+            job_id,
+            self.instance,
+            keys.CURRENT_RUN_TTL_S,
+            "1" if queue_key != self.own_queue_key else "0",
+            self.last_job_id,
+        )
+        outcome = reply[0].decode()
+        if outcome in ("name_taken", "reserved"):
+            raise JobReturned(outcome)
+        if outcome == "unreadable":
+            raise InvalidJob(f"unreadable ({reply[1].decode(errors='replace')})")
+        self.last_job_id = job_id
+        raw_job = _pairs(reply[1])
+        inputs = _pairs(reply[2])
         if not raw_job:
             raise InvalidJob("not found (deleted or expired)")
         job = Job(job_id, connection=self.connection, serializer=keys.JOB_SERIALIZER)
@@ -173,6 +268,19 @@ class RunnerWorker:
 
 class InvalidJob(Exception):
     """A popped job id whose job cannot or must not be executed."""
+
+
+class JobReturned(Exception):
+    """A popped job this runner put back on its queue; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """Turn HGETALL's reply inside a script, a flat list, into a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 class Heartbeat(threading.Thread):
@@ -274,7 +382,17 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     shared_queue = Queue(
         keys.SHARED_QUEUE, connection=connection, serializer=keys.JOB_SERIALIZER
     )
-    worker = RunnerWorker([own_queue, shared_queue], connection, runtime.name)
+
+    def name_taken() -> None:
+        runtime.name_taken = True
+
+    worker = RunnerWorker(
+        [own_queue, shared_queue],
+        connection,
+        runtime.name,
+        runtime.instance,
+        on_name_taken=name_taken,
+    )
     heartbeat = Heartbeat(runtime, own_queue, on_name_taken=worker.stopping.set)
     heartbeat.beat()
     heartbeat.start()

@@ -77,9 +77,15 @@ def wait_for_heartbeat(client, name: str, pid: int, timeout_s: float = 60) -> No
         time.sleep(0.1)
 
 
-def start_runner(name: str, socket_path, log_path) -> subprocess.Popen:
+def start_runner(
+    name: str, socket_path, log_path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start a runner on the test database and the Redis server at ``socket_path``."""
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env = {
+        **os.environ,
+        **(extra_env or {}),
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+    }
     env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
     env["REDIS_URL"] = f"unix://{socket_path}"
     with open(log_path, "wb") as log:
@@ -184,6 +190,35 @@ def test_runner_stops_when_its_name_is_taken(transactional_db, tmp_path):
         holder = json.loads(client.get(keys.heartbeat_key("taken")))
         assert holder["instance"] == "another"
         assert client.sismember(keys.RUNNERS_SET, "taken")
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_resumed_runner_takes_no_job_under_a_taken_name(transactional_db, tmp_path):
+    # A resumed process's dequeue can return a job before its heartbeat
+    # thread beats again and finds the name taken. Heartbeats 30 s apart make
+    # sure the dequeue comes first here.
+    socket_path = tmp_path / "resumed.sock"
+    server = start_redis(socket_path)
+    client = redis.Redis(unix_socket_path=str(socket_path))
+    log_path = tmp_path / "resumed-runner.log"
+    slow_beats = {"RUNNER_HEARTBEAT_S": "30", "RUNNER_DEAD_AFTER_S": "120"}
+    process = start_runner("resumed", socket_path, log_path, slow_beats)
+    queue_key = f"rq:queue:{keys.runner_queue('resumed')}"
+    try:
+        wait_for_heartbeat(client, "resumed", process.pid)
+        beat = json.loads(client.get(keys.heartbeat_key("resumed")))
+        other = json.dumps({**beat, "pid": 1, "instance": "another"})
+        client.set(keys.heartbeat_key("resumed"), other, px=60_000)
+        client.rpush(queue_key, "job-for-the-new-runner")
+
+        assert process.wait(timeout=30) != 0
+        assert "returned to" in log_path.read_text()
+        assert client.lrange(queue_key, 0, -1) == [b"job-for-the-new-runner"]
     finally:
         if process.poll() is None:
             process.terminate()

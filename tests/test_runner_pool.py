@@ -95,6 +95,23 @@ def test_single_runner_takes_hot_runs_from_the_shared_queue(runner, alice):
     assert second.payload["meta"]["breakdown"]["models"][0]["cold"] is False
 
 
+def test_runner_marked_for_a_routed_run_leaves_shared_jobs(runner, alice):
+    # Routing has marked the runner busy for a run it sent to the runner's
+    # own queue. A shared job queued earlier must not go first: it could
+    # evict the model the routed run was predicted hot with.
+    connection = get_redis()
+    connection.set(keys.current_run_key(runner.name), "routed-run", ex=30)
+    try:
+        shared = start_cli_run(alice, image_height(), wait_s=0).run
+        assert shared.queue_name == keys.SHARED_QUEUE
+        time.sleep(2.5)
+        assert Run.objects.get(pk=shared.pk).status == Run.Status.QUEUED
+        assert connection.lpos(f"rq:queue:{keys.SHARED_QUEUE}", str(shared.pk)) == 0
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+    assert wait_for_status(shared.pk, Run.Status.SUCCEEDED, timeout_s=30)
+
+
 def test_killed_runner_queued_runs_move_on(runner, extra_runners, alice):
     victim = extra_runners("victim-2")
     busy = start(alice, "yolov8x.yaml", "victim-2", wait_s=0)
