@@ -109,3 +109,39 @@ def test_concurrent_async_runs_respect_queue_limit(transactional_db, alice):
     rejected = [r for r in results if isinstance(r, TooManyRequests)]
     assert len(rejected) == THREADS - 3, results
     assert Run.objects.filter(owner=alice).count() == 3
+
+
+def test_save_from_a_stale_version_is_refused(alice, alice_client):
+    # Two editors loaded version 1; the second save must not silently undo
+    # the first's change.
+    workflow = Workflow.create_with_version(alice, "stale", image_height())
+    url = f"/api/workflows/{workflow.id}"
+    first = image_height()
+    first["steps"][0]["operations"][0]["property_name"] = "width"
+    saved = alice_client.put(
+        url, {"definition": first, "base_version": 1}, format="json"
+    )
+    assert saved.status_code == 200
+    assert saved.json()["version"] == 2
+
+    stale = alice_client.put(
+        url,
+        {"name": "renamed", "definition": image_height(), "base_version": 1},
+        format="json",
+    )
+    assert stale.status_code == 409
+    body = stale.json()
+    assert body["code"] == "version_conflict"
+    assert body["field"] == "base_version"
+    assert "at version 2" in body["message"]
+    workflow.refresh_from_db()
+    assert workflow.name == "stale"
+    assert workflow.latest_version().number == 2
+    assert workflow.latest_version().definition == first
+
+    # Without base_version, a save applies as before.
+    plain = alice_client.put(url, {"name": "renamed"}, format="json")
+    assert plain.status_code == 200
+    for bad in ("latest", 0, True):
+        response = alice_client.put(url, {"base_version": bad}, format="json")
+        assert response.status_code == 400

@@ -15,7 +15,7 @@ from runner.service import start_run
 from webapp.requests import MalformedRequest, json_object, version_number
 from workflows.blocks import BLOCKS
 from workflows.compiler import plan_cache
-from workflows.errors import ModelNotFoundError
+from workflows.errors import ModelNotFoundError, WorkflowError
 from workflows.inputs import batch_size_of, input_mapping, read_parameters
 from workflows.models import Workflow, WorkflowVersion
 
@@ -60,6 +60,13 @@ def workflow_to_dict(
 def compile_or_raise(definition) -> list[str]:
     """Compile to validate; return the plan's warnings (unused fields and so on)."""
     return list(plan_cache.compile(definition).plan.warnings)
+
+
+class VersionConflict(WorkflowError):
+    """A save based on a version that is no longer the workflow's latest."""
+
+    code = "version_conflict"
+    status = 409
 
 
 class WorkflowListView(APIView):
@@ -114,11 +121,17 @@ class WorkflowDetailView(APIView):
         return Response(workflow_to_dict(self.get_workflow(request, workflow_id)))
 
     def put(self, request, workflow_id):
-        """Rename, describe, or save a new version when the definition changes."""
+        """Rename, describe, or save a new version when the definition changes.
+
+        With ``base_version``, the number of the version the client edited,
+        nothing is saved unless that is still the latest version (409).
+        """
         workflow = self.get_workflow(request, workflow_id)
-        serializer = WorkflowWriteSerializer(data=json_object(request))
+        body = json_object(request)
+        serializer = WorkflowWriteSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        base_version = version_number(body, "base_version")
         warnings: list[str] = []
         version = None
         if "definition" in data:
@@ -129,8 +142,18 @@ class WorkflowDetailView(APIView):
         # none undoes another's, and the same definition twice adds one version.
         with transaction.atomic():
             workflow = Workflow.objects.select_for_update().get(pk=workflow.pk)
+            latest = workflow.latest_version()
+            latest_number = latest.number if latest else None
+            if base_version is not None and base_version != latest_number:
+                raise VersionConflict(
+                    f"workflow {workflow.id} is at version {latest_number}, not at "
+                    f"base_version {base_version}; nothing was saved",
+                    context="workflow_save",
+                    field_name="base_version",
+                    hint="Read the latest version, apply your changes to it, and "
+                    "save again with its number as base_version.",
+                )
             if "definition" in data:
-                latest = workflow.latest_version()
                 if latest is None or latest.definition != data["definition"]:
                     version = workflow.add_version(data["definition"])
             for field in changed:
