@@ -17,7 +17,11 @@ SAMPLE_IMAGES = ("bus.jpg", "zidane.jpg")
 
 
 def _page_settings() -> dict:
-    return {"websocket_port": settings.GLASSBOX["WEBSOCKET_PORT"]}
+    return {
+        "websocket_port": settings.GLASSBOX["WEBSOCKET_PORT"],
+        # The page checks image sizes against the body limit before sending.
+        "max_request_bytes": settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
+    }
 
 
 def parameter_field_text(parameter: dict[str, Any]) -> str:

@@ -1,11 +1,17 @@
 """The run page in a real browser: live timeline, cold then hot, the bill."""
 
+import json
 import re
 
+from django.utils import timezone
+
 from billing.models import Bill
+from runner.models import Run
 from tests.conftest import ARTIFACTS
 from tests.definitions import detection
+from tests.test_billing_pages import make_bill, model_entry
 from tests.test_estimate import wait_until_loaded
+from tests.test_runs import run_workflow
 from workflows.models import Workflow
 
 
@@ -56,7 +62,10 @@ def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
     wait_until_loaded(runner, "people-detector-512")
     estimate = read_estimate(page, asgi_server, workflow.id)
     assert f"hot on {runner.name}, about " in estimate
-    assert "(medians of 1 earlier run)" in estimate
+    # The workflow's own times come from its runs, the model's call times
+    # from every run with the model.
+    assert "(medians of 1 earlier run of this definition; " in estimate
+    assert "people-detector-512 call times from 1 run of any workflow)" in estimate
 
     run_once(page, asgi_server, workflow.id)
     assert page.locator("#timeline li[data-phase=cold_load]").count() == 0
@@ -140,3 +149,256 @@ def test_run_page_sends_parameter_defaults(runner, asgi_server, page, alice):
         timeout=120_000,
     )
     assert page.locator("#run-form-error").text_content() == ""
+
+
+def test_estimate_counts_model_runs_apart(
+    runner, asgi_server, page, alice, alice_client
+):
+    """The model's call times come from runs of any workflow, not only this one."""
+    shown = Workflow.create_with_version(alice, "Shown", detection())
+    other = Workflow.create_with_version(alice, "Other", detection(confidence=0.5))
+    for workflow in (shown, other, other):
+        assert run_workflow(alice_client, workflow.id).status_code == 200
+
+    sign_in(page, asgi_server, "alice", "alice-password")
+    estimate = read_estimate(page, asgi_server, shown.id)
+    assert "medians of 1 earlier run of this definition; " in estimate
+    assert "people-detector call times from 3 runs of any workflow" in estimate
+
+
+def run_rows(workflow) -> int:
+    return Run.objects.filter(workflow_version__workflow=workflow).count()
+
+
+def test_run_button_starts_one_run(runner, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Once", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    page.wait_for_function(
+        "document.getElementById('estimate').textContent !== 'Estimating…'"
+    )
+
+    # Two real clicks 120 ms apart, then Enter-style submissions, which a
+    # disabled button does not stop.
+    box = page.locator("#run-button").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.click(x, y)
+    page.wait_for_timeout(120)
+    page.mouse.click(x, y)
+    page.wait_for_url(re.compile(r".*/runs/[0-9a-f-]+/$"))
+    assert page.locator("#run-button").is_disabled()
+    page.evaluate("document.getElementById('run-form').requestSubmit()")
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
+    )
+    page.wait_for_function("!document.getElementById('run-button').disabled")
+    page.wait_for_function(
+        "document.getElementById('result-json').textContent.length > 0"
+    )
+
+    assert run_rows(workflow) == 1
+    run = Run.objects.get(workflow_version__workflow=workflow)
+    assert page.url.endswith(f"/runs/{run.id}/")
+    assert_page_shows_run(page, run)
+
+    # A second run replaces the first on the page.
+    page.click("#run-button")
+    page.wait_for_function(
+        f"!location.pathname.includes('{run.id}')"
+        " && document.getElementById('run-status').textContent === 'succeeded'"
+        " && document.getElementById('result-json').textContent.length > 0",
+        timeout=120_000,
+    )
+    assert run_rows(workflow) == 2
+    second = Run.objects.filter(workflow_version__workflow=workflow).latest(
+        "created_at"
+    )
+    assert page.url.endswith(f"/runs/{second.id}/")
+    assert_page_shows_run(page, second)
+
+
+def assert_page_shows_run(page, run) -> None:
+    """Check the run page's summary, bill and result against the stored run."""
+    run.refresh_from_db()
+    total = page.locator("#summary-total").text_content()
+    assert total == f"{run.breakdown['total'] / 1000:.3f} ms"
+    amount = page.locator("#summary-amount").get_attribute("data-microcredits")
+    assert int(amount) == Bill.objects.get(run=run).amount_microcredits
+    shown = json.loads(page.locator("#result-json").text_content())
+    assert shown == run.outputs
+    assert page.locator("#timeline li[data-phase=request]").count() == 1
+    assert page.locator("#bill-link").get_attribute("href") == (
+        f"/billing/runs/{run.id}/"
+    )
+
+
+def test_run_page_shows_untrained_model(runner, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(
+        alice, "Untrained", detection("yolov8n.yaml")
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    estimate = read_estimate(page, asgi_server, workflow.id)
+    assert "yolov8n.yaml is an untrained architecture (random weights)" in estimate
+
+    run_id = run_once(page, asgi_server, workflow.id)
+    page.wait_for_selector("#run-warnings:not([hidden])")
+    warnings = page.locator("#run-warnings li").all_text_contents()
+    assert warnings == Run.objects.get(pk=run_id).warnings
+    assert any("yolov8n.yaml' is an untrained architecture" in w for w in warnings)
+    page.wait_for_function(
+        "document.getElementById('estimate').textContent.includes('hot on')"
+    )
+    assert (
+        "yolov8n.yaml is an untrained architecture"
+        in page.locator("#estimate").text_content()
+    )
+
+    page.goto(f"{asgi_server}/billing/runs/{run_id}/")
+    model = page.locator("table.models tbody tr").first
+    assert model.locator(".badge.untrained").text_content() == "untrained"
+
+    page.goto(f"{asgi_server}/billing/")
+    start = page.locator(f"#bill-table tr:has(a[href='/runs/{run_id}/']) td.start")
+    assert start.locator(".badge.untrained").count() == 1
+
+
+def test_run_page_shows_waived_bill(transactional_db, asgi_server, page, alice):
+    version = Workflow.create_with_version(
+        alice, "Waived", detection()
+    ).latest_version()
+    bill = make_bill(
+        alice,
+        version=version,
+        billed=False,
+        models=[model_entry("people-detector", calls=0)],
+    )
+    Run.objects.filter(pk=bill.run_id).update(finished_at=timezone.now())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/runs/{bill.run_id}/")
+    page.wait_for_selector("#summary:not([hidden])", timeout=30_000)
+
+    summary = " ".join(page.locator("#summary").text_content().split())
+    assert "not billed: runner died" in summary
+    assert "billed 0 ms" not in summary
+    assert page.locator("#summary-billed").count() == 0
+    model = page.locator("#timeline li[data-model='people-detector']")
+    assert model.text_content().strip() == "model people-detector · not called"
+    assert model.locator(".badge").count() == 0
+
+
+def test_run_page_rejects_oversized_image(
+    transactional_db, asgi_server, page, alice, tmp_path
+):
+    workflow = Workflow.create_with_version(alice, "Large", detection())
+    large = tmp_path / "large.jpg"
+    with large.open("wb") as file:
+        file.truncate(57 * 1024 * 1024)
+    posted = []
+    page.on(
+        "request",
+        lambda request: (
+            posted.append(request.url) if request.method == "POST" else None
+        ),
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    page.set_input_files(".image-file", str(large))
+
+    expected = (
+        "the image is 57.0 MiB; images up to about 48 MiB fit "
+        "(they are sent base64-encoded, which adds a third)"
+    )
+    error = page.locator("#run-form-error")
+    assert error.text_content() == expected
+    page.click("#run-button")
+    page.wait_for_function("!document.getElementById('run-button').disabled")
+    assert error.text_content() == expected
+    assert not [url for url in posted if url.endswith("/runs")]
+    assert run_rows(workflow) == 0
+
+
+def crops_definition() -> dict:
+    """Detect people, detect again in each person's crop, and draw the boxes.
+
+    The crops' detections are output twice: relative to each crop, and in
+    the input image's coordinates.
+    """
+    definition = detection()
+    definition["steps"] += [
+        {
+            "type": "roboflow_core/dynamic_crop@v1",
+            "name": "crop",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        },
+        {
+            "type": "roboflow_core/roboflow_object_detection_model@v1",
+            "name": "inner",
+            "images": "$steps.crop.crops",
+            "model_id": "people-detector",
+            "confidence": 0.25,
+        },
+        {
+            "type": "roboflow_core/bounding_box_visualization@v1",
+            "name": "viz",
+            "image": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        },
+    ]
+    definition["outputs"] += [
+        {
+            "type": "JsonField",
+            "name": "inner_own",
+            "selector": "$steps.inner.predictions",
+        },
+        {
+            "type": "JsonField",
+            "name": "inner_parent",
+            "selector": "$steps.inner.predictions",
+            "coordinates_system": "parent",
+        },
+        {"type": "JsonField", "name": "boxes", "selector": "$steps.viz.image"},
+    ]
+    return definition
+
+
+def test_run_page_draws_nested_boxes(runner, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Crops", crops_definition())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    run_id = run_once(page, asgi_server, workflow.id)
+    page.wait_for_function(
+        "document.getElementById('result-canvas').dataset.labels !== undefined"
+    )
+    outputs = Run.objects.get(pk=run_id).outputs[0]
+    top = len(outputs["predictions"]["predictions"])
+    nested = sum(len(crop["predictions"]) for crop in outputs["inner_parent"])
+    assert top >= 2
+    assert nested >= 1
+
+    canvas = page.locator("#result-canvas")
+    assert int(canvas.get_attribute("data-boxes")) == top + nested
+    labels = json.loads(canvas.get_attribute("data-labels"))
+    assert len(labels) == top + nested
+    for x, y, w, h in labels:
+        assert x >= 0, (x, w)
+        assert x + w <= 810, (x, w)
+        assert y >= 0, (y, h)
+        assert y + h <= 1080, (y, h)
+    for index, (x, y, w, h) in enumerate(labels):
+        for ox, oy, ow, oh in labels[index + 1 :]:
+            apart = x + w <= ox or ox + ow <= x or y + h <= oy or oy + oh <= y
+            assert apart, ((x, y, w, h), (ox, oy, ow, oh))
+
+    note = page.locator("#result-note").text_content()
+    assert note.startswith(f"{nested} detection")
+    assert "relative to crops" in note
+
+    image = page.locator("#result-images img")
+    assert image.count() == 1
+    assert image.evaluate("img => img.complete && img.naturalWidth") == 810
+    assert page.locator("#result-images figcaption").text_content() == "boxes"
+    assert (
+        "base64 characters, shown above" in page.locator("#result-json").text_content()
+    )
+    page.screenshot(path=str(ARTIFACTS / "run-page-crops.png"), full_page=True)

@@ -1,18 +1,32 @@
 // Run page: start a run, then draw its timeline from live websocket events.
 //
-// Events are {seq, phase, ...} with durations in microseconds. When the
-// websocket cannot open or closes before the "done" event, the page polls
+// Events are {seq, run_id, phase, ...} with durations in microseconds. When
+// the websocket cannot open or closes before the "done" event, the page polls
 // GET /api/runs/<id> until the run finishes, so it always ends in the
 // final state.
+//
+// The page shows one run at a time, the one in its URL. Each run gets a view
+// object, and every callback drops its work once a newer view has replaced
+// its own, so a late event or response of an earlier run changes nothing.
 (function () {
   const $ = (id) => document.getElementById(id);
   const readJson = (id) => { const el = $(id); return el ? JSON.parse(el.textContent) : null; };
   const workflowId = readJson("workflow-id");
   const websocketPort = readJson("websocket-port");
-  let runId = readJson("existing-run-id");
-  let finished = false;
-  let maxDuration = 1;
-  const rows = [];
+  // The server's limit on a request body (MAX_REQUEST_BYTES), in bytes.
+  const maxRequestBytes = readJson("max-request-bytes");
+  const existingRunId = readJson("existing-run-id");
+  // Room kept in the body for everything but the images: the JSON keys and
+  // the parameters, which the check adds separately.
+  const BODY_OVERHEAD_BYTES = 1024;
+  const MIB = 1024 * 1024;
+  // The marker policy.waive() writes into a waived bill's formula.
+  const WAIVE_MARKER = "# not billed:";
+
+  // The view of the run on screen, or null before the first run.
+  let current = null;
+  // The input image the result boxes are drawn on, as a data URL.
+  let drawnImage = null;
 
   function csrfToken() {
     const match = document.cookie.match(/(?:^|; )csrftoken=([^;]+)/);
@@ -25,18 +39,26 @@
     badge.className = "badge " + (kind || "");
   }
 
+  function badge(kind, text) {
+    const element = document.createElement("span");
+    element.className = `badge ${kind}`;
+    element.textContent = text || kind;
+    return element;
+  }
+
+  // Re-enable the Run button once the run on screen has ended.
+  function runEnded() {
+    const button = $("run-button");
+    if (button) button.disabled = false;
+  }
+
   // One timeline row: phase colour, a bar scaled to the longest phase so far.
-  function addRow(phase, label, durationUs, badge) {
+  function addRow(view, phase, label, durationUs, badgeKind) {
     const li = document.createElement("li");
     li.dataset.phase = phase;
     const name = document.createElement("span");
     name.textContent = label;
-    if (badge) {
-      const b = document.createElement("span");
-      b.className = "badge " + badge;
-      b.textContent = badge;
-      name.append(" ", b);
-    }
+    if (badgeKind) name.append(" ", badge(badgeKind));
     const bar = document.createElement("span");
     bar.className = "bar";
     bar.style.background = glassboxPhaseColor(phase);
@@ -45,86 +67,284 @@
     value.textContent = formatMs(durationUs);
     li.append(name, bar, value);
     $("timeline").append(li);
-    rows.push({ bar, durationUs });
-    maxDuration = Math.max(maxDuration, durationUs);
-    for (const row of rows) row.bar.style.width = `${Math.max(0.5, (100 * row.durationUs) / maxDuration)}%`;
+    view.rows.push({ bar, durationUs });
+    view.maxDuration = Math.max(view.maxDuration, durationUs);
+    for (const row of view.rows) {
+      row.bar.style.width = `${Math.max(0.5, (100 * row.durationUs) / view.maxDuration)}%`;
+    }
   }
 
-  function handleEvent(event) {
+  function handleEvent(view, event) {
+    // A socket of an earlier run may still deliver a message after the
+    // page moved on.
+    if (view !== current || event.run_id !== view.id) return;
     switch (event.phase) {
-      case "request": addRow("request", "request", event.duration); break;
-      case "queue": addRow("queue", `queue → ${event.runner}`, event.duration); break;
-      case "compile": addRow("compile", event.cache_hit ? "compile (cache hit)" : "compile", event.duration); break;
+      case "request": addRow(view, "request", "request", event.duration); break;
+      case "queue": addRow(view, "queue", `queue → ${event.runner}`, event.duration); break;
+      case "compile":
+        addRow(view, "compile", event.cache_hit ? "compile (cache hit)" : "compile", event.duration);
+        break;
       case "cold_load":
-        addRow("cold_load", `cold load · ${event.model_id}`, event.total, "cold"); break;
+        addRow(view, "cold_load", `cold load · ${event.model_id}`, event.total, "cold"); break;
       case "model":
-        addRow("preprocess", `preprocess · ${event.model_id}`, event.preprocess, event.cold ? null : "hot");
-        addRow("inference", `inference · ${event.model_id}`, event.inference);
-        addRow("postprocess", `postprocess · ${event.model_id}`, event.postprocess);
+        addRow(view, "preprocess", `preprocess · ${event.model_id}`, event.preprocess, event.cold ? null : "hot");
+        addRow(view, "inference", `inference · ${event.model_id}`, event.inference);
+        addRow(view, "postprocess", `postprocess · ${event.model_id}`, event.postprocess);
         break;
       case "step":
-        if (!event.model_step) addRow("blocks", `block · ${event.step}`, event.duration);
+        if (!event.model_step) addRow(view, "blocks", `block · ${event.step}`, event.duration);
         break;
-      case "serialization": addRow("serialization", "serialization", event.duration); break;
-      case "done": showFinal(event); break;
+      case "serialization": addRow(view, "serialization", "serialization", event.duration); break;
+      case "done": showFinal(view, event); break;
     }
   }
 
-  function showFinal(result) {
-    if (finished) return;
-    finished = true;
+  // A model row at the end of the timeline. A model the run set up but
+  // never called (no crops, or a failure before its step) was neither hot
+  // nor cold.
+  function modelRow(model) {
+    const li = document.createElement("li");
+    li.dataset.model = model.model_id;
+    const name = document.createElement("span");
+    const note = model.pretrained ? "" : " (untrained architecture)";
+    name.textContent = `model ${model.model_id}${note}`;
+    if (model.calls > 0 || model.cold) {
+      name.append(" ", badge(model.cold ? "cold" : "hot"));
+    } else {
+      name.append(" · not called");
+    }
+    li.append(name, document.createElement("span"), document.createElement("span"));
+    return li;
+  }
+
+  // The reason policy.waive() stored in a waived bill's formula.
+  function waiveReason(bill) {
+    const index = bill.formula.indexOf(WAIVE_MARKER);
+    const reason = index < 0 ? "" : bill.formula.slice(index + WAIVE_MARKER.length).trim();
+    return reason || "the run failed because of the platform";
+  }
+
+  function showBill(bill) {
+    const target = $("summary-bill");
+    target.replaceChildren();
+    if (!bill) {
+      target.textContent = "no bill";
+      return;
+    }
+    if (!bill.billed) {
+      const waived = document.createElement("strong");
+      waived.id = "summary-waived";
+      waived.textContent = `not billed: ${waiveReason(bill)}`;
+      target.append(waived);
+      return;
+    }
+    const billed = document.createElement("strong");
+    billed.id = "summary-billed";
+    billed.textContent = `${bill.billed_ms} ms`;
+    const amount = document.createElement("strong");
+    amount.id = "summary-amount";
+    amount.textContent = formatCredits(bill.amount_microcredits);
+    amount.dataset.microcredits = bill.amount_microcredits;
+    target.append("billed ", billed, " for ", amount);
+  }
+
+  function showBreakdown(view, breakdown) {
+    const components = breakdown.components;
+    addRow(view, "overhead", "overhead", components.overhead);
+    const stack = $("summary-stack");
+    stack.replaceChildren();
+    for (const phase of GLASSBOX_PHASES) {
+      const us = components[phase.key];
+      if (!us) continue;
+      const part = document.createElement("span");
+      part.style.background = phase.color;
+      part.style.width = `${(100 * us) / breakdown.total}%`;
+      part.title = `${phase.label}: ${formatMs(us)}`;
+      stack.append(part);
+    }
+    for (const model of breakdown.models) $("timeline").append(modelRow(model));
+    $("summary-total").textContent = formatMs(breakdown.total);
+    $("summary-runner").textContent = formatMs(breakdown.runner_total);
+  }
+
+  function showFinal(view, result) {
+    if (view !== current || view.finished) return;
+    view.finished = true;
+    closeSocket(view);
     const ok = result.status === "succeeded";
     setStatus(ok ? "succeeded" : "failed", ok ? "hot" : "failed");
-    if (result.breakdown) {
-      const components = result.breakdown.components;
-      addRow("overhead", "overhead", components.overhead);
-      const stack = $("summary-stack");
-      stack.replaceChildren();
-      for (const phase of GLASSBOX_PHASES) {
-        const us = components[phase.key];
-        if (!us) continue;
-        const part = document.createElement("span");
-        part.style.background = phase.color;
-        part.style.width = `${(100 * us) / result.breakdown.total}%`;
-        part.title = `${phase.label}: ${formatMs(us)}`;
-        stack.append(part);
-      }
-      for (const model of result.breakdown.models) {
-        const label = model.cold ? "cold" : "hot";
-        const note = model.pretrained ? "" : " (untrained architecture)";
-        const li = document.createElement("li");
-        li.innerHTML = `<span>model ${model.model_id}${note} <span class="badge ${label}">${label}</span></span><span></span><span></span>`;
-        li.dataset.model = model.model_id;
-        $("timeline").append(li);
-      }
-      $("summary-total").textContent = formatMs(result.breakdown.total);
-      $("summary-runner").textContent = formatMs(result.breakdown.runner_total);
-    }
-    if (result.bill) {
-      $("summary-billed").textContent = `${result.bill.billed_ms} ms`;
-      $("summary-amount").textContent = formatCredits(result.bill.amount_microcredits);
-      $("summary-amount").dataset.microcredits = result.bill.amount_microcredits;
-    }
-    $("bill-link").href = `/billing/runs/${runId}/`;
-    $("summary").hidden = !result.breakdown;
+    if (result.breakdown) showBreakdown(view, result.breakdown);
+    $("summary-stack").hidden = !result.breakdown;
+    $("summary-times").hidden = !result.breakdown;
+    showBill(result.bill);
+    $("bill-link").href = `/billing/runs/${view.id}/`;
+    $("summary").hidden = !result.breakdown && !result.bill;
     if (result.error) $("run-error").textContent = `Error: ${result.error.message}`;
-    showResult();
+    runEnded();
+    showResult(view);
     if ($("estimate")) showEstimate();
   }
 
-  async function showResult() {
-    const response = await fetch(`/api/runs/${runId}`, { credentials: "same-origin" });
-    if (!response.ok) return;
+  async function showResult(view) {
+    const response = await fetch(`/api/runs/${view.id}`, { credentials: "same-origin" });
+    if (!response.ok || view !== current) return;
     const run = await response.json();
-    $("result-json").textContent = JSON.stringify(run.outputs, null, 2);
+    if (view !== current) return;
+    showWarnings(run.warnings || []);
+    const images = imageOutputs(run.outputs);
+    showImageOutputs(images);
+    $("result-json").textContent = JSON.stringify(run.outputs, elideImageData(images), 2);
     drawDetections(run.outputs);
   }
 
-  // Draw the first detections-shaped output on the input image.
+  function showWarnings(warnings) {
+    const list = $("run-warnings");
+    list.replaceChildren(...warnings.map((warning) => {
+      const li = document.createElement("li");
+      li.textContent = warning;
+      return li;
+    }));
+    list.hidden = warnings.length === 0;
+  }
+
+  // Call visit(value, path) for every object and list inside value.
+  function walk(value, path, visit) {
+    if (value === null || typeof value !== "object") return;
+    visit(value, path);
+    if (Array.isArray(value)) {
+      value.forEach((item, index) => walk(item, `${path}[${index}]`, visit));
+    } else {
+      for (const [key, item] of Object.entries(value)) {
+        walk(item, path ? `${path}.${key}` : key, visit);
+      }
+    }
+  }
+
+  // Image outputs ({"type": "base64", "value": ...}, as the runner serializes
+  // images), with where they are in the first batch element's outputs.
+  function imageOutputs(outputs) {
+    const found = [];
+    if (!Array.isArray(outputs)) return found;
+    walk(outputs[0], "", (value, path) => {
+      if (value.type === "base64" && typeof value.value === "string") found.push({ path, value });
+    });
+    return found;
+  }
+
+  function showImageOutputs(images) {
+    const figures = images.map(({ path, value }) => {
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      // The runner encodes every image output as JPEG.
+      img.src = `data:image/jpeg;base64,${value.value}`;
+      img.alt = `output ${path}`;
+      const caption = document.createElement("figcaption");
+      caption.textContent = path;
+      figure.append(img, caption);
+      return figure;
+    });
+    $("result-images").replaceChildren(...figures);
+    $("result-images").hidden = figures.length === 0;
+  }
+
+  // A JSON.stringify replacer that prints image data as its length.
+  function elideImageData(images) {
+    const shown = new Set(images.map(({ value }) => value));
+    return function (key, value) {
+      if (key === "value" && shown.has(this)) return `(${value.length} base64 characters, shown above)`;
+      return value;
+    };
+  }
+
+  // Detections ({"image": {width, height}, "predictions": [...]}) anywhere in
+  // the first batch element's outputs, nested lists of crops included.
+  function detectionSets(outputs) {
+    const found = [];
+    if (!Array.isArray(outputs)) return found;
+    walk(outputs[0], "", (value) => {
+      if (Array.isArray(value.predictions) && value.image && typeof value.image === "object") {
+        found.push(value);
+      }
+    });
+    return found;
+  }
+
+  // Split the predictions into those drawn on the input image and the rest.
+  // A set is in the input's coordinates when it names the input as parent
+  // and has the input's size: detections on the image itself, or on crops
+  // with coordinates_system "parent". Boxes relative to a crop cannot be
+  // mapped back, because the outputs do not give the crop's offset.
+  function boxesToDraw(outputs, width, height) {
+    const boxes = [];
+    const seen = new Set();
+    let skipped = 0;
+    for (const set of detectionSets(outputs)) {
+      const sameFrame = set.image.width === width && set.image.height === height;
+      for (const p of set.predictions) {
+        if (!p || typeof p !== "object") continue;
+        const onInput = p.parent_id === undefined || p.parent_id === drawnImage.input;
+        if (!sameFrame || !onInput) {
+          skipped += 1;
+          continue;
+        }
+        // An output may repeat another's detections; draw each box once.
+        if (p.detection_id && seen.has(p.detection_id)) continue;
+        if (p.detection_id) seen.add(p.detection_id);
+        const confidence = typeof p.confidence === "number" ? ` ${p.confidence.toFixed(2)}` : "";
+        boxes.push({
+          x1: p.x - p.width / 2, y1: p.y - p.height / 2,
+          x2: p.x + p.width / 2, y2: p.y + p.height / 2,
+          text: `${p.class}${confidence}`,
+        });
+      }
+    }
+    return { boxes, skipped };
+  }
+
+  function overlapArea(a, b) {
+    const w = Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x);
+    const h = Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y);
+    return w > 0 && h > 0 ? w * h : 0;
+  }
+
+  // Place each label inside the canvas, at the first spot that covers no
+  // label placed before it: above the box, inside its top, below it, then
+  // further up or down. Without a free spot, the least covered one wins.
+  function placeLabel(box, w, h, placed, width, height) {
+    const clamp = (x, y) => ({
+      x: Math.min(Math.max(0, x), Math.max(0, width - w)),
+      y: Math.min(Math.max(0, y), Math.max(0, height - h)),
+      w, h,
+    });
+    const candidates = [
+      clamp(box.x1, box.y1 - h),
+      clamp(box.x1, box.y1),
+      clamp(box.x2 - w, box.y1 - h),
+      clamp(box.x1, box.y2),
+      clamp(box.x2 - w, box.y2 - h),
+    ];
+    for (let step = 1; step <= 12; step += 1) {
+      candidates.push(clamp(box.x1, box.y1 - h - step * h), clamp(box.x1, box.y1 + step * h));
+    }
+    let best = null;
+    let bestOverlap = Infinity;
+    for (const candidate of candidates) {
+      const overlap = placed.reduce((sum, rect) => sum + overlapArea(candidate, rect), 0);
+      if (overlap < bestOverlap) {
+        best = candidate;
+        bestOverlap = overlap;
+        if (overlap === 0) break;
+      }
+    }
+    return best;
+  }
+
+  // Draw the detections that are in the input image's coordinates on it,
+  // and report how many are left out.
   function drawDetections(outputs) {
-    if (!outputs || !outputs[0] || !window.lastImageSrc) return;
-    const detections = Object.values(outputs[0]).find(
-      (v) => v && typeof v === "object" && Array.isArray(v.predictions) && v.image);
+    const note = $("result-note");
+    note.textContent = "";
+    if (!drawnImage) return;
     const img = new Image();
     img.onload = () => {
       const canvas = $("result-canvas");
@@ -134,54 +354,93 @@
       canvas.height = img.naturalHeight;
       const ctx = canvas.getContext("2d");
       ctx.drawImage(img, 0, 0);
-      if (!detections) return;
+      const { boxes, skipped } = boxesToDraw(outputs, img.naturalWidth, img.naturalHeight);
       // The canvas is shown scaled down: size strokes and labels to the image.
+      const fontPx = Math.round(Math.max(16, img.naturalWidth / 28));
+      const padding = Math.round(fontPx / 6);
       ctx.lineWidth = Math.max(2, img.naturalWidth / 200);
-      ctx.font = `600 ${Math.max(16, img.naturalWidth / 28)}px system-ui`;
-      for (const p of detections.predictions) {
-        ctx.strokeStyle = ctx.fillStyle = glassboxPhaseColor("inference");
-        ctx.strokeRect(p.x - p.width / 2, p.y - p.height / 2, p.width, p.height);
-        ctx.fillText(`${p.class} ${p.confidence.toFixed(2)}`, p.x - p.width / 2 + 3, p.y - p.height / 2 - 4);
+      ctx.font = `600 ${fontPx}px system-ui`;
+      ctx.textBaseline = "top";
+      const color = glassboxPhaseColor("inference");
+      ctx.strokeStyle = color;
+      for (const box of boxes) ctx.strokeRect(box.x1, box.y1, box.x2 - box.x1, box.y2 - box.y1);
+      const placed = [];
+      for (const box of boxes) {
+        const w = Math.ceil(ctx.measureText(box.text).width) + 2 * padding;
+        const rect = placeLabel(box, w, fontPx + 2 * padding, placed, canvas.width, canvas.height);
+        placed.push(rect);
+        ctx.fillStyle = color;
+        ctx.fillRect(rect.x, rect.y, rect.w, rect.h);
+        ctx.fillStyle = "#fff";
+        ctx.fillText(box.text, rect.x + padding, rect.y + padding);
+      }
+      canvas.dataset.boxes = String(boxes.length);
+      canvas.dataset.labels = JSON.stringify(placed.map((r) => [r.x, r.y, r.w, r.h]));
+      if (skipped) {
+        note.textContent = `${skipped} detection${skipped === 1 ? " is" : "s are"} not drawn: `
+          + "their boxes are relative to crops, and the outputs do not give the crops' "
+          + "positions. Set the output's coordinates to parent to draw them.";
       }
     };
-    img.src = window.lastImageSrc;
+    img.src = drawnImage.src;
   }
 
-  function websocketUrl() {
+  function websocketUrl(id) {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const host = websocketPort ? `${location.hostname}:${websocketPort}` : location.host;
-    return `${scheme}//${host}/ws/runs/${runId}/`;
+    return `${scheme}//${host}/ws/runs/${id}/`;
   }
 
-  function follow() {
+  function closeSocket(view) {
+    if (!view.socket) return;
+    view.socket.onclose = null;
+    view.socket.onmessage = null;
+    view.socket.close();
+    view.socket = null;
+  }
+
+  // Show run id from now on: clear what an earlier run left, close its
+  // websocket, and follow this one.
+  function follow(id) {
+    if (current) closeSocket(current);
+    const view = { id, finished: false, socket: null, rows: [], maxDuration: 1 };
+    current = view;
+    $("timeline").replaceChildren();
+    $("summary").hidden = true;
+    $("run-error").textContent = "";
+    $("result-json").textContent = "";
+    $("result-note").textContent = "";
+    $("result-canvas").hidden = true;
+    showWarnings([]);
+    showImageOutputs([]);
     setStatus("running", "cold");
-    let socket;
     try {
-      socket = new WebSocket(websocketUrl());
+      view.socket = new WebSocket(websocketUrl(id));
     } catch (error) {
-      poll("websocket unavailable");
+      poll(view, "websocket unavailable");
       return;
     }
-    socket.onopen = () => { $("transport").textContent = "live over websocket"; };
-    socket.onmessage = (message) => handleEvent(JSON.parse(message.data));
-    socket.onclose = () => { if (!finished) poll("websocket closed"); };
+    view.socket.onopen = () => { if (view === current) $("transport").textContent = "live over websocket"; };
+    view.socket.onmessage = (message) => handleEvent(view, JSON.parse(message.data));
+    view.socket.onclose = () => { if (view === current && !view.finished) poll(view, "websocket closed"); };
   }
 
   // Fallback: read the run until it finishes, then show its stored breakdown.
-  async function poll(reason) {
+  async function poll(view, reason) {
     $("transport").textContent = `${reason}; polling the run API`;
-    while (!finished) {
-      const response = await fetch(`/api/runs/${runId}`, { credentials: "same-origin" });
+    while (view === current && !view.finished) {
+      const response = await fetch(`/api/runs/${view.id}`, { credentials: "same-origin" });
       if (response.ok) {
         const run = await response.json();
+        if (view !== current) return;
         if (run.status === "succeeded" || run.status === "failed") {
           if (run.timing) {
             for (const phase of GLASSBOX_PHASES) {
               const us = run.timing.components[phase.key];
-              if (us !== undefined && phase.key !== "overhead") addRow(phase.key, phase.label, us);
+              if (us !== undefined && phase.key !== "overhead") addRow(view, phase.key, phase.label, us);
             }
           }
-          showFinal({ status: run.status, breakdown: run.timing, bill: run.bill, error: run.error });
+          showFinal(view, { status: run.status, breakdown: run.timing, bill: run.bill, error: run.error });
           return;
         }
       }
@@ -198,31 +457,68 @@
     });
   }
 
-  async function readImage(fieldset) {
+  // The chosen file or sample of an image input, as a Blob (a File is one).
+  async function imageSource(fieldset) {
     const name = fieldset.dataset.imageInput;
     const sample = fieldset.querySelector(".image-sample").value;
     const file = fieldset.querySelector(".image-file").files[0];
-    let dataUrl;
-    if (file) {
-      dataUrl = await fileToDataUrl(file);
-    } else if (sample) {
-      const blob = await (await fetch(`/samples/${sample}`)).blob();
-      dataUrl = await fileToDataUrl(blob);
-    } else {
-      throw new Error(`choose an image for “${name}”`);
+    if (file) return { name, blob: file };
+    if (sample) {
+      const response = await fetch(`/samples/${sample}`);
+      if (!response.ok) throw new Error(`sample image ${sample} could not be loaded (${response.status})`);
+      return { name, blob: await response.blob() };
     }
-    window.lastImageSrc = window.lastImageSrc || dataUrl;
-    return [name, { type: "base64", value: dataUrl.split(",")[1] }];
+    throw new Error(`choose an image for “${name}”`);
+  }
+
+  function formatMiB(bytes) {
+    return `${(bytes / MIB).toFixed(1)} MiB`;
+  }
+
+  // Return why a request with these images would exceed the server's body
+  // limit, or null. Images travel base64-encoded, 4 characters per 3 bytes.
+  function bodySizeProblem(sizes) {
+    if (!maxRequestBytes || sizes.length === 0) return null;
+    const other = BODY_OVERHEAD_BYTES + JSON.stringify(readParameters()).length;
+    const encoded = sizes.reduce((sum, size) => sum + 4 * Math.ceil(size / 3), 0);
+    if (encoded + other <= maxRequestBytes) return null;
+    const total = sizes.reduce((sum, size) => sum + size, 0);
+    const fits = Math.max(0, Math.floor(((maxRequestBytes - other) * 3) / 4));
+    const about = `about ${Math.round(fits / MIB)} MiB`;
+    const why = "(they are sent base64-encoded, which adds a third)";
+    return sizes.length === 1
+      ? `the image is ${formatMiB(total)}; images up to ${about} fit ${why}`
+      : `the images are ${formatMiB(total)} together; up to ${about} in all fit ${why}`;
+  }
+
+  // Check the chosen files as soon as they change, before anything is read.
+  function checkChosenFiles() {
+    const sizes = [...document.querySelectorAll(".image-file")]
+      .map((input) => input.files[0])
+      .filter(Boolean)
+      .map((file) => file.size);
+    $("run-form-error").textContent = bodySizeProblem(sizes) || "";
   }
 
   async function startRun(event) {
     event.preventDefault();
+    const button = $("run-button");
+    // Enter in a field submits the form even while the button is disabled.
+    if (button.disabled) return;
+    button.disabled = true;
     $("run-form-error").textContent = "";
-    $("run-button").disabled = true;
     try {
-      window.lastImageSrc = null;
-      const inputs = Object.fromEntries(await Promise.all(
-        [...document.querySelectorAll("[data-image-input]")].map(readImage)));
+      const sources = await Promise.all(
+        [...document.querySelectorAll("[data-image-input]")].map(imageSource));
+      const problem = bodySizeProblem(sources.map(({ blob }) => blob.size));
+      if (problem) throw new Error(problem);
+      const inputs = {};
+      let firstImage = null;
+      for (const { name, blob } of sources) {
+        const dataUrl = await fileToDataUrl(blob);
+        firstImage = firstImage || { input: name, src: dataUrl };
+        inputs[name] = { type: "base64", value: dataUrl.split(",")[1] };
+      }
       Object.assign(inputs, readParameters());
       const response = await fetch(`/api/workflows/${workflowId}/runs`, {
         method: "POST",
@@ -232,17 +528,13 @@
       });
       const body = await response.json();
       if (!response.ok && response.status !== 202) throw new Error(body.message || response.statusText);
-      runId = body.id;
-      history.replaceState(null, "", `/runs/${runId}/`);
-      $("timeline").replaceChildren();
-      rows.length = 0;
-      maxDuration = 1;
-      finished = false;
-      follow();
+      drawnImage = firstImage;
+      history.replaceState(null, "", `/runs/${body.id}/`);
+      // The button stays disabled until the run ends (showFinal).
+      follow(body.id);
     } catch (error) {
       $("run-form-error").textContent = error.message;
-    } finally {
-      $("run-button").disabled = false;
+      button.disabled = false;
     }
   }
 
@@ -255,6 +547,30 @@
     return parameters;
   }
 
+  // Describe where the figures come from, as the estimate's basis and
+  // samples count them: runs of this definition for the workflow's own
+  // times, runs of any workflow for each model's call times.
+  function describeBasis(estimate) {
+    const runs = estimate.basis.workflow_runs;
+    const parts = [`medians of ${runs} earlier run${runs === 1 ? "" : "s"} of this definition`];
+    for (const model of estimate.models) {
+      if (!model.calls || !model.samples) continue;
+      parts.push(`${model.model_id} call times from ${model.samples} ` +
+        `run${model.samples === 1 ? "" : "s"} of any workflow`);
+    }
+    return parts.join("; ");
+  }
+
+  function describeUntrained(estimate) {
+    const untrained = estimate.models.filter((model) => !model.pretrained).map((model) => model.model_id);
+    if (untrained.length === 0) return "";
+    return untrained.length === 1
+      ? ` ${untrained[0]} is an untrained architecture (random weights): `
+        + "its timings are real, its detections meaningless."
+      : ` ${untrained.join(", ")} are untrained architectures (random weights): `
+        + "their timings are real, their detections meaningless.";
+  }
+
   // One line: where the run would go, its predicted total and price, or
   // which part has no history yet.
   function describeEstimate(estimate) {
@@ -262,15 +578,15 @@
     const route = estimate.hot
       ? (estimate.runner ? `hot on ${estimate.runner}` : "no model to load")
       : `cold: ${cold.join(", ")} to be loaded by the runner that takes it`;
+    const untrained = describeUntrained(estimate);
     if (estimate.total === null) {
-      return `Estimate: ${route}; latency and price unknown (${estimate.unknown.join("; ")}).`;
+      return `Estimate: ${route}; latency and price unknown (${estimate.unknown.join("; ")}).${untrained}`;
     }
-    const basis = estimate.basis.workflow_runs;
     const ms = estimate.total / 1000;
     const about = ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
     return `Estimate: ${route}, about ${about}, ` +
       `${formatCredits(estimate.price.amount_microcredits)} ` +
-      `(medians of ${basis} earlier run${basis === 1 ? "" : "s"}).`;
+      `(${describeBasis(estimate)}).${untrained}`;
   }
 
   async function showEstimate() {
@@ -296,7 +612,10 @@
     for (const input of document.querySelectorAll(".param")) {
       input.addEventListener("change", showEstimate);
     }
+    for (const input of document.querySelectorAll(".image-file")) {
+      input.addEventListener("change", checkChosenFiles);
+    }
     showEstimate();
   }
-  if (runId) follow();
+  if (existingRunId) follow(existingRunId);
 })();
