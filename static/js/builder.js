@@ -30,7 +30,10 @@
  *                                 JSON syntax error #json-error.
  *   Saving                        #workflow-name, #save.  #saved-version shows
  *                                 "Version N" (or "Saved as version N") and carries
- *                                 data-version="N".
+ *                                 data-version="N".  Every save of an existing
+ *                                 workflow sends base_version N.  A 409
+ *                                 version_conflict shows in #save-message, and the
+ *                                 edits stay in the page.
  *   Validation                    #validation-status[data-state] is idle, pending,
  *                                 valid, invalid or error.
  *   Leaving the page with unsaved changes raises a beforeunload prompt.
@@ -46,7 +49,8 @@
  *   setField(stepName, field, value)  Set a step field; undefined removes it.
  *   getDefinition() / setDefinition(definition)
  *   validate()                     Validate now; Promise of {ok, errors, warnings, message}.
- *   save()                         Save now; Promise of {ok, version, message}.
+ *   save()                         Save now; Promise of {ok, version, message}, with
+ *                                  conflict: true when a newer version exists.
  */
 (function () {
   "use strict";
@@ -63,6 +67,11 @@
   const LAYOUT_COLUMN_PX = 290;
   const LAYOUT_GAP_PX = 36;
   const LAYOUT_MARGIN_PX = 40;
+  // Placing a clicked node: the grid step searched, the margin kept from the
+  // canvas edges, and the height of the zoom buttons at the canvas bottom.
+  const PLACEMENT_STEP_PX = 20;
+  const VIEW_MARGIN_PX = 12;
+  const CANVAS_TOOLS_PX = 44;
 
   const SECTIONS = ["inputs", "steps", "outputs"];
   const IMAGE_INPUT_TYPES = ["WorkflowImage", "InferenceImage"];
@@ -442,12 +451,16 @@
       throw new Error(`The workflow already has ${section.slice(0, -1)} '${name}'.`);
     }
     const item = { type: special ? type : blockFor(type).type, name };
-    const position = options.position || freePosition(nodeHeight(section, item));
+    const height = nodeHeight(section, item);
+    const position = options.position || freePosition(section, height);
     ensureSection(section).push(item);
     state.positions.set(positionKey(section, item), position);
     state.selected = { section, item };
     state.localErrors.clear();
     definitionChanged({ redrawPanel: true });
+    // A node placed beyond the visible canvas (when it had no free spot)
+    // is brought into view by zooming out.
+    if (!options.position && !insideView(position, height)) fitView();
     return name;
   }
 
@@ -824,32 +837,95 @@
     };
   }
 
-  // Choose the position of a node added by click (not drag): right of the
-  // selected node, else near the top middle of the visible canvas, then moved
-  // down below any node it would cover.  newHeight is in canvas pixels.
-  function freePosition(newHeight) {
-    capturePositions();
-    let position;
+  // The part of the canvas on screen, in canvas coordinates, less a margin
+  // and the zoom buttons' strip at the bottom.
+  function visibleArea() {
+    const rect = dom.canvas.getBoundingClientRect();
+    const topLeft = canvasPoint(rect.left, rect.top);
+    const bottomRight = canvasPoint(rect.right, rect.bottom);
+    return {
+      left: topLeft.x + VIEW_MARGIN_PX,
+      top: topLeft.y + VIEW_MARGIN_PX,
+      right: bottomRight.x - VIEW_MARGIN_PX,
+      bottom: bottomRight.y - VIEW_MARGIN_PX - CANVAS_TOOLS_PX / editor.zoom,
+    };
+  }
+
+  function insideView(position, height) {
+    const view = visibleArea();
+    return position.x >= view.left && position.y >= view.top
+      && position.x + NODE_WIDTH_PX <= view.right && position.y + height <= view.bottom;
+  }
+
+  // Boxes of the nodes on the canvas, in canvas coordinates.
+  function nodeBoxes() {
+    return entities()
+      .filter(({ section, item }) => state.positions.has(positionKey(section, item)))
+      .map(({ section, item }) => {
+        const position = state.positions.get(positionKey(section, item));
+        return {
+          section, x: position.x, y: position.y,
+          right: position.x + NODE_WIDTH_PX, bottom: position.y + nodeHeight(section, item),
+        };
+      });
+  }
+
+  // Return where a new node of the section would go if that spot were free.
+  // Inputs go left of every node. Other nodes go one column right of the
+  // selected node. Without a selection, steps go right of the inputs and
+  // outputs right of every node.
+  function preferredPosition(section, boxes, view) {
+    const top = boxes.length ? Math.min(...boxes.map((box) => box.y)) : view.top;
+    if (section === "inputs") {
+      const left = boxes.length ? Math.min(...boxes.map((box) => box.x)) : view.left;
+      return { x: left, y: top };
+    }
     const selected = state.selected
       && state.positions.get(positionKey(state.selected.section, state.selected.item));
-    if (selected) {
-      position = { x: selected.x + LAYOUT_COLUMN_PX, y: selected.y };
-    } else {
-      const rect = dom.canvas.getBoundingClientRect();
-      position = canvasPoint(rect.left + rect.width / 2 - NODE_WIDTH_PX / 2,
-        rect.top + Math.min(rect.height / 4, 120));
+    if (selected) return { x: selected.x + LAYOUT_COLUMN_PX, y: selected.y };
+    const columnGap = LAYOUT_COLUMN_PX - NODE_WIDTH_PX;
+    const inputs = boxes.filter((box) => box.section === "inputs");
+    const before = section === "steps" ? inputs : boxes;
+    const x = before.length ? Math.max(...before.map((box) => box.right)) + columnGap : view.left;
+    return { x, y: top };
+  }
+
+  // Choose the position of a node added by click (not drag): the free spot
+  // inside the visible canvas nearest to preferredPosition, where spots left
+  // of it count double so the node tends to sit right of its sources. Free
+  // means LAYOUT_GAP_PX from every node, which leaves room for a connection
+  // line between neighbours outside both nodes. Without any free spot in view,
+  // the node goes below the others in its column, and the caller zooms out.
+  // newHeight is in canvas pixels.
+  function freePosition(section, newHeight) {
+    capturePositions();
+    const boxes = nodeBoxes();
+    const view = visibleArea();
+    const preferred = preferredPosition(section, boxes, view);
+    const free = (x, y) => !boxes.some((box) => box.x - LAYOUT_GAP_PX < x + NODE_WIDTH_PX
+      && x < box.right + LAYOUT_GAP_PX
+      && box.y - LAYOUT_GAP_PX < y + newHeight && y < box.bottom + LAYOUT_GAP_PX);
+    const cost = (x, y) => {
+      const dx = x - preferred.x;
+      return (dx < 0 ? -2 * dx : dx) + Math.abs(y - preferred.y);
+    };
+    if (insideView(preferred, newHeight) && free(preferred.x, preferred.y)) {
+      return { x: Math.round(preferred.x), y: Math.round(preferred.y) };
     }
-    const boxes = entities()
-      .filter(({ section, item }) => state.positions.has(positionKey(section, item)))
-      .map(({ section, item }) => ({
-        ...state.positions.get(positionKey(section, item)),
-        height: nodeHeight(section, item),
-      }));
-    const covered = () => boxes.find((box) => box.x < position.x + NODE_WIDTH_PX
-      && position.x < box.x + NODE_WIDTH_PX
-      && box.y < position.y + newHeight && position.y < box.y + box.height);
-    for (let box = covered(); box; box = covered()) {
-      position = { x: position.x, y: box.y + box.height + LAYOUT_GAP_PX };
+    let best = null;
+    for (let x = view.left; x + NODE_WIDTH_PX <= view.right; x += PLACEMENT_STEP_PX) {
+      for (let y = view.top; y + newHeight <= view.bottom; y += PLACEMENT_STEP_PX) {
+        if (!free(x, y)) continue;
+        const spot = { x: Math.round(x), y: Math.round(y), cost: cost(x, y) };
+        if (best === null || spot.cost < best.cost) best = spot;
+      }
+    }
+    if (best) return { x: best.x, y: best.y };
+    let position = { x: Math.round(preferred.x), y: Math.round(preferred.y) };
+    while (!free(position.x, position.y)) {
+      const below = boxes.filter((box) => box.x - LAYOUT_GAP_PX < position.x + NODE_WIDTH_PX
+        && position.x < box.right + LAYOUT_GAP_PX && box.bottom + LAYOUT_GAP_PX > position.y);
+      position = { x: position.x, y: Math.max(...below.map((box) => box.bottom)) + LAYOUT_GAP_PX };
     }
     return position;
   }
@@ -1084,13 +1160,17 @@
 
     const isNew = state.workflowId === null;
     const savingChange = state.changeCount;
+    const body = { name, definition: state.definition };
+    // The server rejects the save with 409 version_conflict when the
+    // workflow has a newer version than the one this tab edits.
+    const baseVersion = state.savedVersion;
+    if (!isNew && baseVersion !== null) body.base_version = baseVersion;
     dom.save.disabled = true;
     showSaveMessage("pending", "Saving…");
     let outcome;
     try {
       const response = await apiRequest(isNew ? "POST" : "PUT",
-        isNew ? "/api/workflows/" : `/api/workflows/${state.workflowId}`,
-        { name, definition: state.definition });
+        isNew ? "/api/workflows/" : `/api/workflows/${state.workflowId}`, body);
       outcome = await readOutcome(response);
     } catch (error) {
       outcome = { ok: false, errors: [], warnings: [], requestFailed: true, message: error.message };
@@ -1103,6 +1183,11 @@
       applyOutcome(outcome);
       return { ok: true, version: outcome.body.version, id: outcome.body.id };
     }
+    if (outcome.body && outcome.body.code === "version_conflict") {
+      const message = await conflictMessage(baseVersion, outcome.message);
+      showSaveMessage("error", message);
+      return { ok: false, conflict: true, message };
+    }
     if (outcome.requestFailed) {
       showSaveMessage("error", `Not saved: ${outcome.message}`);
     } else {
@@ -1110,6 +1195,24 @@
       showSaveMessage("error", "Not saved: the definition has problems, listed under Problems.");
     }
     return { ok: false, message: outcome.message };
+  }
+
+  // Return the message for a save rejected because the workflow moved past
+  // baseVersion, with the latest version read from the server. Nothing in
+  // the tab changes, so the edits stay.
+  async function conflictMessage(baseVersion, serverMessage) {
+    let latest = null;
+    try {
+      const response = await apiRequest("GET", `/api/workflows/${state.workflowId}`);
+      const body = await readJson(response);
+      if (response.ok && body) latest = body.version;
+    } catch (error) {
+      latest = null;
+    }
+    const now = latest === null ? "" : ` (now version ${latest})`;
+    return `Not saved: this workflow changed since this tab loaded or saved version ${baseVersion}${now}. `
+      + "Reload to see it; your edits are kept in this tab until you do."
+      + (latest === null && serverMessage ? ` Server: ${serverMessage}` : "");
   }
 
   function savedWorkflow(body, isNew, savingChange) {

@@ -1,0 +1,132 @@
+"""The workflow builder in a real browser: node placement and saving."""
+
+from tests.conftest import ARTIFACTS
+from tests.definitions import detection
+from tests.test_browser_run import sign_in
+from workflows.models import Workflow
+
+DETECTION = "roboflow_core/roboflow_object_detection_model@v1"
+# Space to keep between nodes, in screen pixels at the builder's 100% zoom,
+# so that a line between neighbours is drawn outside both.
+MIN_GAP_PX = 20
+
+
+def node_boxes(page) -> list[dict]:
+    return page.evaluate(
+        """() => [...document.querySelectorAll('#drawflow .drawflow-node')].map((n) => {
+            const r = n.getBoundingClientRect();
+            return {name: n.textContent.trim().slice(0, 40),
+                    left: r.left, top: r.top, right: r.right, bottom: r.bottom};
+        })"""
+    )
+
+
+def canvas_box(page) -> dict:
+    return page.evaluate(
+        """() => {
+            const r = document.getElementById('drawflow').getBoundingClientRect();
+            return {left: r.left, top: r.top, right: r.right, bottom: r.bottom};
+        }"""
+    )
+
+
+def assert_placed_apart(page) -> None:
+    boxes = node_boxes(page)
+    canvas = canvas_box(page)
+    for box in boxes:
+        assert box["left"] >= canvas["left"], box
+        assert box["top"] >= canvas["top"], box
+        assert box["right"] <= canvas["right"], (box, canvas)
+        assert box["bottom"] <= canvas["bottom"], (box, canvas)
+    for index, box in enumerate(boxes):
+        for other in boxes[index + 1 :]:
+            apart = (
+                box["right"] + MIN_GAP_PX <= other["left"]
+                or other["right"] + MIN_GAP_PX <= box["left"]
+                or box["bottom"] + MIN_GAP_PX <= other["top"]
+                or other["bottom"] + MIN_GAP_PX <= box["top"]
+            )
+            assert apart, (box, other)
+
+
+def test_builder_places_clicked_nodes_apart(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/new")
+    page.wait_for_selector("#builder[data-ready='true']")
+
+    page.click(f"[data-block-type='{DETECTION}']")
+    assert_placed_apart(page)
+    image = page.locator("[data-input-name='image']").bounding_box()
+    step = page.locator(".drawflow-node[data-step-name]").bounding_box()
+    # The step sits right of the image input, so the line between them shows.
+    assert step["x"] >= image["x"] + image["width"] + MIN_GAP_PX
+
+    # The detection node is selected, and the node right of it would leave
+    # the canvas.
+    page.click("[data-block-type='JsonField']")
+    assert_placed_apart(page)
+    page.click(f"[data-block-type='{DETECTION}']")
+    page.click("[data-block-type='WorkflowParameter']")
+    assert_placed_apart(page)
+    assert page.locator("#drawflow .drawflow-node").count() == 5
+    page.screenshot(path=str(ARTIFACTS / "builder-placement.png"))
+
+
+def open_builder(page, asgi_server, workflow) -> None:
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/edit")
+    page.wait_for_selector("#builder[data-ready='true']")
+
+
+def set_confidence(page, value: float) -> None:
+    page.evaluate(
+        "(value) => window.glassboxBuilder.setField('people', 'confidence', value)",
+        value,
+    )
+
+
+def test_builder_save_sends_base_version(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Saved twice", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+
+    for base_version, confidence in ((1, 0.5), (2, 0.6)):
+        set_confidence(page, confidence)
+        with page.expect_request(f"**/api/workflows/{workflow.id}") as request:
+            page.click("#save")
+        assert request.value.post_data_json["base_version"] == base_version
+        page.wait_for_selector(f"#saved-version[data-version='{base_version + 1}']")
+    assert workflow.latest_version().number == 3
+
+
+def test_builder_stale_save_keeps_edits(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Edited twice", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+
+    # Another tab or client saves version 2 meanwhile.
+    elsewhere = detection(confidence=0.7)
+    workflow.add_version(elsewhere)
+    set_confidence(page, 0.55)
+    with page.expect_response(f"**/api/workflows/{workflow.id}") as response:
+        page.click("#save")
+    assert response.value.status == 409
+    assert response.value.json()["code"] == "version_conflict"
+
+    message = page.locator("#save-message")
+    page.wait_for_function(
+        "document.getElementById('save-message').textContent.includes('now version')"
+    )
+    assert message.is_visible()
+    assert message.get_attribute("data-kind") == "error"
+    assert message.text_content() == (
+        "Not saved: this workflow changed since this tab loaded or saved version 1 "
+        "(now version 2). Reload to see it; your edits are kept in this tab until "
+        "you do."
+    )
+    edited = page.evaluate("window.glassboxBuilder.getDefinition()")
+    assert edited["steps"][0]["confidence"] == 0.55
+    assert page.locator("#saved-version").get_attribute("data-version") == "1"
+
+    latest = workflow.latest_version()
+    assert latest.number == 2
+    assert latest.definition == elsewhere
