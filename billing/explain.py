@@ -10,10 +10,17 @@ from decimal import Decimal
 from typing import Any
 
 from billing.models import Bill
-from billing.policy import POLICY_NAME, BillingPolicy, BillLine, evaluate_formula
+from billing.policy import (
+    POLICY_NAME,
+    BillingPolicy,
+    BillLine,
+    evaluate_formula,
+    waive_reason,
+)
 from billing.queries import (
     COMPONENT_LABELS,
     format_us_as_ms,
+    model_used,
     run_components,
     start_kind,
     workflow_name,
@@ -76,12 +83,29 @@ def explain_bill(bill: Bill) -> Explanation:
         start=start_kind(bill.run),
         components=component_shares(components),
         total_us=sum(components.get(name, 0) for name in COMPONENTS),
-        models=breakdown.get("models", []),
+        models=model_rows(breakdown.get("models", [])),
         steps=formula_steps(bill) if known_policy and bill.billed else [],
         recomputed_microcredits=_recompute(bill.formula),
         hot=hot_comparison(bill) if known_policy and bill.billed else None,
         waived_reason=_waived_reason(bill),
     )
+
+
+def model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the breakdown's models with their start and untrained mark.
+
+    ``start`` is "cold", "hot", or "not called" for a model the run set up
+    but never called.
+    """
+    rows = []
+    for model in models:
+        if not model_used(model):
+            start = "not called"
+        else:
+            start = "cold" if model.get("cold") else "hot"
+        untrained = model.get("pretrained") is False
+        rows.append({**model, "start": start, "untrained": untrained})
+    return rows
 
 
 def component_shares(components: dict[str, int]) -> list[ComponentShare]:
@@ -171,7 +195,4 @@ def _recompute(formula: str) -> int | None:
 
 
 def _waived_reason(bill: Bill) -> str:
-    if bill.billed:
-        return ""
-    _, _, reason = bill.formula.partition("# not billed:")
-    return reason.strip() or "the run failed because of the platform"
+    return "" if bill.billed else waive_reason(bill.formula)

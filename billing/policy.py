@@ -17,6 +17,8 @@ from typing import Any
 from django.conf import settings
 
 POLICY_NAME = "runner-time-v1"
+# Precedes the reason in a waived bill's formula; the run page reads it too.
+WAIVE_MARKER = "# not billed:"
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,14 @@ class BillingPolicy:
             minimum_ms=self.minimum_ms,
             amount_microcredits=0,
             policy=f"{self.name} (waived)",
-            formula=f"amount_microcredits = 0  # not billed: {reason}",
+            formula=f"amount_microcredits = 0  {WAIVE_MARKER} {reason}",
         )
+
+
+def waive_reason(formula: str) -> str:
+    """Return the reason ``BillingPolicy.waive`` wrote into a waived bill's formula."""
+    _, _, reason = formula.partition(WAIVE_MARKER)
+    return reason.strip() or "the run failed because of the platform"
 
 
 _ALLOWED_CALLS = {"ceil": math.ceil, "max": max}

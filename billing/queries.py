@@ -20,6 +20,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from billing.models import Bill
+from billing.policy import waive_reason
 from webapp.models import ApiToken
 from workflows.models import Workflow
 from workflows.timing import COMPONENTS
@@ -30,6 +31,11 @@ INLINE_WORKFLOW = "inline"
 NO_TOKEN = "none"
 
 INLINE_WORKFLOW_LABEL = "inline definition"
+
+# The start of a run that loaded and called no model.
+NO_MODEL = "no model"
+# Start kinds as keys of the chart data's "starts".
+SUMMARY_START_KEYS = {"hot": "hot", "cold": "cold", NO_MODEL: "no_model"}
 
 COMPONENT_LABELS = {
     "request": "Request",
@@ -207,17 +213,29 @@ def _columns() -> tuple[Column, ...]:
 
 
 COLUMNS = _columns()
+# The CSV has the table's columns, then the run's status and why a waived
+# bill was waived. The table has no such columns and marks waived rows.
+CSV_COLUMNS = (
+    *COLUMNS,
+    Column("status", "Status"),
+    Column("waive_reason", "Waived (reason)"),
+)
 
 
 @dataclass(frozen=True)
 class BillRow:
-    """One row of the history table and of the CSV export.
+    """One row of the history table or of the CSV export.
 
-    ``cells`` pairs each column with the exact text that both show.
+    ``cells`` pairs each column with the exact text that the table and the
+    CSV show in it.
     """
 
     bill: Bill
     cells: tuple[tuple[Column, str], ...]
+    # Ids of the run's models that are untrained architectures.
+    untrained: tuple[str, ...] = ()
+    # Empty for a billed bill.
+    waive_reason: str = ""
 
     @property
     def values(self) -> list[str]:
@@ -238,11 +256,36 @@ def workflow_name(bill: Bill) -> str:
     return version.workflow.name if version is not None else INLINE_WORKFLOW_LABEL
 
 
+def model_used(model: dict[str, Any]) -> bool:
+    """Return whether the run loaded or called a model of its breakdown.
+
+    A breakdown also lists a model the run set up but never called, because
+    a crop step found nothing or the run failed before the model step.
+    """
+    return bool(model.get("calls") or model.get("cold"))
+
+
+def untrained_models(models: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Return the ids of the breakdown models that are untrained architectures."""
+    return tuple(
+        model["model_id"] for model in models if model.get("pretrained") is False
+    )
+
+
+def _start_kind(cold: bool, models: list[dict[str, Any]]) -> str:
+    if cold:
+        return "cold"
+    return "hot" if any(model_used(model) for model in models) else NO_MODEL
+
+
 def start_kind(run) -> str:
-    """Return "cold" or "hot", or "" when the run ended before a runner timed it."""
+    """Return "cold", "hot" or "no model" (NO_MODEL) for a run.
+
+    Returns "" when the run ended before a runner timed it.
+    """
     if run.total_us is None:
         return ""
-    return "cold" if run.cold else "hot"
+    return _start_kind(run.cold, (run.breakdown or {}).get("models", []))
 
 
 def run_components(bill: Bill) -> dict[str, int]:
@@ -255,8 +298,9 @@ def run_components(bill: Bill) -> dict[str, int]:
     return {**breakdown.get("components", {}), **bill.components}
 
 
-def bill_row(bill: Bill) -> BillRow:
+def bill_row(bill: Bill, columns: tuple[Column, ...] = COLUMNS) -> BillRow:
     components = run_components(bill)
+    reason = "" if bill.billed else waive_reason(bill.formula)
     values = {
         "time": timezone.localtime(bill.created_at).strftime("%Y-%m-%d %H:%M:%S"),
         "workflow": workflow_name(bill),
@@ -265,15 +309,22 @@ def bill_row(bill: Bill) -> BillRow:
         **{name: format_us_as_ms(components.get(name)) for name in COMPONENTS},
         "billed_ms": str(bill.billed_ms),
         "amount": str(bill.amount_microcredits),
+        "status": bill.run.status,
+        "waive_reason": reason,
     }
     return BillRow(
-        bill=bill, cells=tuple((column, values[column.key]) for column in COLUMNS)
+        bill=bill,
+        cells=tuple((column, values[column.key]) for column in columns),
+        untrained=untrained_models((bill.run.breakdown or {}).get("models", [])),
+        waive_reason=reason,
     )
 
 
-def bill_rows(bills: Iterable[Bill]) -> Iterator[BillRow]:
+def bill_rows(
+    bills: Iterable[Bill], columns: tuple[Column, ...] = COLUMNS
+) -> Iterator[BillRow]:
     for bill in bills:
-        yield bill_row(bill)
+        yield bill_row(bill, columns)
 
 
 # ---------------------------------------------------------------- chart data
@@ -328,6 +379,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
             "components",
             "run__cold",
             "run__total_us",
+            "run__breakdown__models",
             "run__workflow_version__workflow_id",
             "run__workflow_version__workflow__name",
         )
@@ -337,7 +389,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
     per_day: dict[datetime.date, _DayTotals] = defaultdict(_DayTotals)
     starts = {
         kind: {"runs": 0, "amount_microcredits": 0}
-        for kind in ("hot", "cold", "no_timing")
+        for kind in ("hot", "cold", "no_model", "no_timing")
     }
     latencies: dict[Any, list[int]] = defaultdict(list)
     workflow_names: dict[Any, str] = {}
@@ -358,6 +410,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         components,
         cold,
         total_us,
+        models,
         workflow_id,
         name,
     ) in records:
@@ -382,7 +435,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         if total_us is None:
             kind = "no_timing"
         else:
-            kind = "cold" if cold else "hot"
+            kind = SUMMARY_START_KEYS[_start_kind(cold, models or [])]
             latencies[workflow_id].append(total_us)
             workflow_names[workflow_id] = name or INLINE_WORKFLOW_LABEL
         starts[kind]["runs"] += 1

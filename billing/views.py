@@ -11,6 +11,7 @@ from billing.explain import explain_bill
 from billing.models import Bill
 from billing.queries import (
     COLUMNS,
+    CSV_COLUMNS,
     BillFilterForm,
     bill_rows,
     filtered_bills,
@@ -52,7 +53,8 @@ def _invalid_filters(form: BillFilterForm) -> HttpResponse:
 
 @login_or_token_required
 def export_csv(request):
-    """Return every row that matches the filters, with the table's columns.
+    """Return every row that matches the filters, with the table's columns,
+    the run's status and, for a waived bill, the reason.
 
     The response is built in memory rather than streamed, because under ASGI
     (daphne) Django 5.2 reads a synchronous streaming iterator into a list
@@ -65,8 +67,8 @@ def export_csv(request):
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="billing.csv"'
     writer = csv.writer(response)
-    writer.writerow([column.header for column in COLUMNS])
-    for row in bill_rows(bills.iterator(chunk_size=1000)):
+    writer.writerow([column.header for column in CSV_COLUMNS])
+    for row in bill_rows(bills.iterator(chunk_size=1000), CSV_COLUMNS):
         writer.writerow([spreadsheet_safe(value) for value in row.values])
     return response
 

@@ -29,12 +29,29 @@ def test_sign_in_lands_on_workflows(client, alice):
 def test_token_created_is_shown_once(client, alice):
     client.force_login(alice)
     created = client.post("/tokens/", {"action": "create", "name": "laptop"})
-    key = re.search(r'id="new-token-key">([^<]+)<', created.content.decode())[1]
+    assert created.status_code == 302
+    assert created.url == "/tokens/"
+    assert "new-token-key" not in created.content.decode()
+
+    shown = client.get(created.url)
+    assert "no-store" in shown["Cache-Control"]
+    key = re.search(r'id="new-token-key">([^<]+)<', shown.content.decode())[1]
     token = ApiToken.objects.get(user=alice)
     assert token.name == "laptop"
     assert key.startswith(token.prefix)
-    assert key not in client.get("/tokens/").content.decode()
     assert token.key_hash != key
+
+    assert key not in client.get("/tokens/").content.decode()
+    assert ApiToken.objects.filter(user=alice).count() == 1
+
+
+def test_token_without_name_redirects_with_error(client, alice):
+    client.force_login(alice)
+    response = client.post("/tokens/", {"action": "create", "name": "\x00 "})
+    assert response.status_code == 302
+    page = client.get(response.url).content.decode()
+    assert "A token needs a name." in page
+    assert not ApiToken.objects.filter(user=alice).exists()
 
 
 def test_token_authenticates_api(alice):

@@ -49,8 +49,12 @@ def make_bill(
     queue=1_500,
     billed=True,
     timed=True,
+    models=None,
 ) -> Bill:
-    """Create a finished run and its bill. Times are in µs."""
+    """Create a finished run and its bill. Times are in µs.
+
+    ``models`` replaces the breakdown's one call of people-detector.
+    """
     components = {
         "request": request,
         "queue": queue,
@@ -68,7 +72,9 @@ def make_bill(
         "components": components,
         "runner_total": runner_total,
         "total": sum(components.values()),
-        "models": [
+        "models": models
+        if models is not None
+        else [
             {
                 "model_id": "people-detector",
                 "cold": cold_load > 0,
@@ -419,7 +425,7 @@ def test_row_of_untimed_run_has_empty_timings(alice_browser, alice, people):
     assert row["Inference (ms)"] == ""
     assert row["Request (ms)"] == ""
     assert row["Amount (µcr)"] == "0"
-    assert csv_rows(alice_browser.get(EXPORT))[1] == page.rows[0]
+    assert csv_rows(alice_browser.get(EXPORT))[1][: len(page.header)] == page.rows[0]
 
 
 @pytest.mark.django_db
@@ -472,9 +478,29 @@ def test_csv_matches_table_for_filter(alice_browser, alice, people, heights):
         created_at__date__lte=datetime.date(2025, 3, 25),
     ).count()
     assert expected > 50, "the filter must span several pages"
-    assert exported[0] == header
-    assert exported[1:] == table
+    columns = len(header)
+    assert exported[0][:columns] == header
+    assert exported[0][columns:] == ["Status", "Waived (reason)"]
+    assert [row[:columns] for row in exported[1:]] == table
     assert len(table) == expected
+
+
+@pytest.mark.django_db
+def test_csv_has_status_and_waive_reason(alice_browser, alice, people):
+    waived = make_bill(alice, version=people, billed=False)
+    billed = make_bill(alice, version=people, created_at=DAY - datetime.timedelta(1))
+    rows = csv_rows(alice_browser.get(EXPORT))
+    header = rows[0]
+    by_run = {row[header.index("Run")]: row for row in rows[1:]}
+
+    waived_row = by_run[str(waived.run_id)]
+    assert waived_row[header.index("Status")] == "failed"
+    assert waived_row[header.index("Waived (reason)")] == "runner died"
+    assert waived_row[header.index("Amount (µcr)")] == "0"
+
+    billed_row = by_run[str(billed.run_id)]
+    assert billed_row[header.index("Status")] == "succeeded"
+    assert billed_row[header.index("Waived (reason)")] == ""
 
 
 @pytest.mark.django_db
@@ -698,6 +724,7 @@ def test_chart_totals_equal_bill_sums(alice_browser, alice, bob, people, heights
     starts = summary["starts"]
     assert starts["cold"]["runs"] == sum(1 for b in timed if b.run.cold)
     assert starts["hot"]["runs"] == sum(1 for b in timed if not b.run.cold)
+    assert starts["no_model"]["runs"] == 0
     assert starts["no_timing"]["runs"] == len(bills) - len(timed)
     assert (
         sum(kind["amount_microcredits"] for kind in starts.values())
@@ -896,3 +923,97 @@ def test_explain_waived_bill(alice_browser, alice, people):
     assert "Not billed: runner died." in page.html
     assert "bill-hot" not in page.texts
     assert "the amount on the bill" in page.texts["bill-check"]
+    status = page.texts["bill-run-status"]
+    assert "not billed: runner died" in status
+    assert "billed 2025" not in status
+
+
+def model_entry(model_id: str, *, calls: int, pretrained: bool = True) -> dict:
+    """Return a breakdown model entry of a hot model."""
+    return {
+        "model_id": model_id,
+        "pretrained": pretrained,
+        "cold": False,
+        "cold_load": {"read": 0, "to_device": 0, "warmup": 0, "total": 0},
+        "preprocess": 2_100 if calls else 0,
+        "inference": 20_000 if calls else 0,
+        "postprocess": 900 if calls else 0,
+        "calls": calls,
+    }
+
+
+@pytest.mark.django_db
+def test_explain_waived_bill_components(alice_browser, alice, people):
+    bill = make_bill(
+        alice,
+        version=people,
+        billed=False,
+        models=[model_entry("people-detector", calls=0)],
+    )
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert "not billed: runner died" in page.texts["bill-run-status"]
+    breakdown = page.texts["bill-breakdown"]
+    compile_row = breakdown.split("Compile", 1)[1].split("Cold load", 1)[0]
+    assert compile_row.split()[-1] == "waived"
+    assert "yes" not in breakdown
+    models = page.html.split('class="models"', 1)[1].split("</table>", 1)[0]
+    assert "not called" in models
+    assert ">hot<" not in models
+
+
+@pytest.mark.django_db
+def test_run_without_model_is_no_model(alice_browser, alice, heights):
+    bill = make_bill(alice, version=heights, models=[])
+    page = parse(alice_browser.get(HISTORY))
+    row = dict(zip(page.header, page.rows[0], strict=True))
+    assert row["Start"] == "no model"
+    assert '<span class="badge no-model">no model</span>' in page.html
+
+    starts = alice_browser.get(SUMMARY).json()["starts"]
+    assert starts["no_model"]["runs"] == 1
+    assert starts["hot"]["runs"] == 0
+
+    explain = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert '<span class="badge no-model">no model</span>' in explain.html
+    assert 'class="badge hot"' not in explain.html
+
+
+@pytest.mark.django_db
+def test_uncalled_model_is_no_model(alice_browser, alice, people):
+    make_bill(alice, version=people, models=[model_entry("people-detector", calls=0)])
+    page = parse(alice_browser.get(HISTORY))
+    row = dict(zip(page.header, page.rows[0], strict=True))
+    assert row["Start"] == "no model"
+
+
+@pytest.mark.django_db
+def test_untrained_model_is_marked(alice_browser, alice, people):
+    bill = make_bill(
+        alice,
+        version=people,
+        models=[model_entry("yolov8n.yaml", calls=1, pretrained=False)],
+    )
+    page = parse(alice_browser.get(HISTORY))
+    start = page.rows[0][page.header.index("Start")]
+    assert start.split() == ["hot", "untrained"]
+    assert "Untrained architecture (random weights): yolov8n.yaml" in page.html
+
+    explain = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    models = explain.html.split('class="models"', 1)[1].split("</table>", 1)[0]
+    assert '<code>yolov8n.yaml</code> <span class="badge untrained"' in models
+
+
+@pytest.mark.django_db
+def test_pretrained_model_unmarked(alice_browser, alice, people):
+    bill = make_bill(alice, version=people)
+    page = parse(alice_browser.get(HISTORY))
+    assert "badge untrained" not in page.html
+    explain = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert "badge untrained" not in explain.html
+
+
+@pytest.mark.django_db
+def test_waived_row_title_gives_reason(alice_browser, alice, people):
+    make_bill(alice, version=people, billed=False)
+    page = parse(alice_browser.get(HISTORY))
+    assert 'class="waived" title="Not billed: runner died"' in page.html

@@ -10,6 +10,11 @@
   const phase = window.glassboxPhaseColor;
   const toMs = (us) => us / 1000;
   const number = new Intl.NumberFormat("en-US");
+  // Axis labels longer than this are cut with an ellipsis; tooltips show
+  // the whole workflow name.
+  const LABEL_MAX_CHARS = 28;
+  const shorten = (text) => (text.length > LABEL_MAX_CHARS
+    ? `${text.slice(0, LABEL_MAX_CHARS - 1)}…` : text);
 
   Chart.defaults.animation = false;
   Chart.defaults.maintainAspectRatio = false;
@@ -101,7 +106,7 @@
     new Chart(document.getElementById("chart-latency"), {
       type: "bar",
       data: {
-        labels: latency.map((entry) => `${entry.workflow} (${entry.runs})`),
+        labels: latency.map((entry) => `${shorten(entry.workflow)} (${entry.runs})`),
         datasets: percentiles.map(([key, label, color]) => ({
           label, data: latency.map((entry) => toMs(entry[key])), backgroundColor: color,
           maxBarThickness: 40,
@@ -113,6 +118,7 @@
         plugins: {
           tooltip: {
             callbacks: {
+              title: (items) => `${latency[items[0].dataIndex].workflow} (${latency[items[0].dataIndex].runs} runs)`,
               label: (item) => `${item.dataset.label}: ${formatMs(latency[item.dataIndex][percentiles[item.datasetIndex][0]])}`,
             },
           },
@@ -122,11 +128,14 @@
   }
 
   function drawStarts(starts) {
+    // Runs that loaded and called no model get their own slice, shown only
+    // when there are any, as are runs that ended before a runner timed them.
     const kinds = [
       ["hot", "Hot", cssColor("--ok")],
       ["cold", "Cold", phase("cold_load")],
+      ["no_model", "No model", phase("handoff")],
       ["no_timing", "Ended before a runner", phase("request")],
-    ].filter(([key]) => key !== "no_timing" || starts.no_timing.runs > 0);
+    ].filter(([key]) => !["no_model", "no_timing"].includes(key) || starts[key].runs > 0);
     const runs = kinds.reduce((sum, [key]) => sum + starts[key].runs, 0);
     new Chart(document.getElementById("chart-starts"), {
       type: "doughnut",

@@ -1,0 +1,93 @@
+"""API tokens and billing pages in a real browser: reloads, layout, charts."""
+
+import datetime
+
+from tests.conftest import ARTIFACTS
+from tests.test_billing_pages import DAY, make_bill, version_of
+from tests.test_browser_run import sign_in
+from webapp.models import ApiToken
+
+LONG_NAME = "Detect people on the platform cameras " * 5 + "(night shift)"
+
+
+def test_token_page_reload_creates_nothing(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/tokens/")
+    page.fill("#token-name", "laptop")
+    page.click("text=Create token")
+    page.wait_for_selector("#new-token-key")
+    key = page.locator("#new-token-key").text_content()
+    token = ApiToken.objects.get(user=alice)
+    assert key.startswith(token.prefix)
+    assert page.url == f"{asgi_server}/tokens/"
+
+    page.reload()
+    page.wait_for_selector("table")
+    assert ApiToken.objects.filter(user=alice).count() == 1
+    assert page.locator("#new-token").count() == 0
+    assert key not in page.content()
+    page.go_back()
+    assert key not in page.content()
+
+
+def test_billing_page_cuts_long_names(transactional_db, asgi_server, browser, alice):
+    long = version_of(alice, LONG_NAME)
+    short = version_of(alice, "People")
+    for index in range(3):
+        when = DAY - datetime.timedelta(hours=index)
+        make_bill(alice, version=long, created_at=when)
+        make_bill(alice, version=short, created_at=when)
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/billing/")
+    page.wait_for_function("window.Chart && Chart.getChart('chart-latency')")
+    page.screenshot(path=str(ARTIFACTS / "billing-long-names.png"), full_page=True)
+
+    names = page.locator("#bill-table td.workflow .long-name")
+    assert names.count() == 6
+    name = names.filter(has_text="Detect people").first
+    assert name.get_attribute("title") == LONG_NAME
+    assert name.evaluate("el => el.scrollWidth > el.clientWidth")
+    assert name.evaluate("el => getComputedStyle(el).textOverflow") == "ellipsis"
+    # Every column, Amount included, fits without scrolling the table.
+    scroll = page.locator(".table-scroll")
+    widths = scroll.evaluate("el => [el.scrollWidth, el.clientWidth]")
+    assert widths[0] <= widths[1], widths
+
+    # The filters stay on one row: every field overlaps every other vertically.
+    rows = page.locator("#billing-filters > p").evaluate_all(
+        "ps => ps.map((p) => p.getBoundingClientRect()).map((r) => [r.top, r.bottom])"
+    )
+    assert max(top for top, _ in rows) < min(bottom for _, bottom in rows), rows
+
+    # The latency chart keeps most of its height for the bars.
+    chart = page.evaluate(
+        """() => {
+            const chart = Chart.getChart('chart-latency');
+            return {labels: chart.data.labels,
+                    area: chart.chartArea.bottom - chart.chartArea.top,
+                    box: chart.height};
+        }"""
+    )
+    assert chart["area"] > 0.6 * chart["box"], chart
+    assert all(len(label) <= 40 for label in chart["labels"]), chart["labels"]
+    assert any(
+        label.startswith("Detect people") and "…" in label for label in chart["labels"]
+    )
+    context.close()
+
+
+def test_billing_donut_has_no_model_slice(transactional_db, asgi_server, page, alice):
+    people = version_of(alice, "People")
+    heights = version_of(alice, "Heights")
+    make_bill(alice, version=people)
+    make_bill(alice, version=people, cold_load=500_000)
+    make_bill(alice, version=heights, models=[])
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/billing/")
+    page.wait_for_function("window.Chart && Chart.getChart('chart-starts')")
+    labels = page.evaluate("Chart.getChart('chart-starts').data.labels")
+    assert labels == ["Hot: 1", "Cold: 1", "No model: 1"]
+    start = page.locator("#bill-table td.start .badge").all_text_contents()
+    assert sorted(start) == ["cold", "hot", "no model"]
