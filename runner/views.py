@@ -31,8 +31,11 @@ RUN_STATUSES = {choice for choice, _ in Run.Status.choices}
 
 class RunListView(APIView):
     def get(self, request):
-        runs = Run.objects.filter(owner=request.user).select_related(
-            "workflow_version", "bill"
+        # The id breaks ties of created_at, so pages neither repeat nor skip.
+        runs = (
+            Run.objects.filter(owner=request.user)
+            .select_related("workflow_version", "bill")
+            .order_by("-created_at", "-pk")
         )
         status_filter = request.GET.get("status")
         if status_filter:
@@ -46,25 +49,37 @@ class RunListView(APIView):
         workflow_id = _query_integer(request, "workflow")
         if workflow_id is not None:
             runs = runs.filter(workflow_version__workflow_id=workflow_id)
-        limit = min(_query_integer(request, "limit") or 50, 500)
+        limit = min(_query_integer(request, "limit") or 50, MAX_RUNS_PER_PAGE)
+        offset = _query_integer(request, "offset", minimum=0) or 0
+        # One more than the page, to tell whether another page follows.
+        page = list(runs[offset : offset + limit + 1])
         return Response(
             {
                 "results": [
-                    run_to_dict(run, include_outputs=False) for run in runs[:limit]
-                ]
+                    run_to_dict(run, include_outputs=False) for run in page[:limit]
+                ],
+                "next_offset": offset + limit if len(page) > limit else None,
             }
         )
 
 
-def _query_integer(request, name: str) -> int | None:
-    """Read a positive integer query parameter; None when it is missing or empty."""
+MAX_RUNS_PER_PAGE = 500
+
+
+def _query_integer(request, name: str, minimum: int = 1) -> int | None:
+    """Read an integer query parameter of at least ``minimum``, None if it is absent."""
     raw = request.GET.get(name, "")
     if not raw:
         return None
     # Database integer keys are at most 2**63 - 1: 18 digits always fit.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < minimum:
+        kind = (
+            "a positive integer"
+            if minimum == 1
+            else f"an integer of at least {minimum}"
+        )
         raise MalformedRequest(
-            f"{name} must be a positive integer, got {raw!r}",
+            f"{name} must be {kind}, got {raw!r}",
             context="request_parsing",
             field_name=name,
         )

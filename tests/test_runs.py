@@ -360,3 +360,21 @@ def test_202_body_does_not_call_a_finished_run_unfinished(alice):
     Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING)
     body = pending_response(RunOutcome(run, None)).data
     assert "had not finished" in body["message"]
+
+
+@pytest.mark.django_db
+def test_run_list_pages_through_every_run(alice, alice_client):
+    created = [
+        Run.objects.create(owner=alice, source="api", status=Run.Status.QUEUED)
+        for _ in range(5)
+    ]
+    seen, offset = [], 0
+    while offset is not None:
+        body = alice_client.get(f"/api/runs/?limit=2&offset={offset}").json()
+        seen += [run["id"] for run in body["results"]]
+        offset = body["next_offset"]
+    assert sorted(seen) == sorted(str(run.pk) for run in created)
+    assert len(seen) == 5
+    bad = alice_client.get("/api/runs/?offset=-1")
+    assert bad.status_code == 400
+    assert bad.json()["field"] == "offset"

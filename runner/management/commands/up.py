@@ -143,8 +143,17 @@ class Command(BaseCommand):
             default=1,
             help="Runner processes to start on this machine.",
         )
-        parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=port_pair, default=8000)
+        parser.add_argument(
+            "--host",
+            default="127.0.0.1",
+            help="Address the web and websocket servers listen on.",
+        )
+        parser.add_argument(
+            "--port",
+            type=port_pair,
+            default=8000,
+            help="Web server port; the websocket server takes the next one.",
+        )
         parser.add_argument(
             "--web-workers",
             type=positive_int,
