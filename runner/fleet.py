@@ -43,21 +43,33 @@ class RunnerState:
         return bool(self.data.get("current_run"))
 
 
+# A Lua function for scripts: whether the heartbeat ``beat`` (a string, or
+# false when there is none) belongs to another instance than ``instance``.
+OTHER_INSTANCE_LUA = """
+local function other_instance(beat, instance)
+    if not beat then
+        return false
+    end
+    local ok, holder = pcall(cjson.decode, beat)
+    return ok and type(holder) == 'table' and holder['instance'] ~= nil
+        and holder['instance'] ~= instance
+end
+"""
+
 # Sets the heartbeat unless a live heartbeat of another instance has the
 # name, and then returns that heartbeat instead.
-_PUBLISH_HEARTBEAT = """
+_PUBLISH_HEARTBEAT = (
+    OTHER_INSTANCE_LUA
+    + """
 local current = redis.call('GET', KEYS[1])
-if current then
-    local ok, holder = pcall(cjson.decode, current)
-    if ok and type(holder) == 'table' and holder['instance']
-            and holder['instance'] ~= ARGV[2] then
-        return current
-    end
+if other_instance(current, ARGV[2]) then
+    return current
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[4])
 return false
 """
+)
 
 
 def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None:

@@ -39,15 +39,12 @@ DEQUEUE_TIMEOUT_S = 1
 # deletes the job hash (also when it cannot be read), marks the runner
 # busy with the job for ARGV[3] seconds and returns {'taken', job fields,
 # input fields}.
-_TAKE_JOB = """
-local beat = redis.call('GET', KEYS[4])
-if beat then
-    local ok, holder = pcall(cjson.decode, beat)
-    if ok and type(holder) == 'table' and holder['instance']
-            and holder['instance'] ~= ARGV[2] then
-        redis.call('LPUSH', KEYS[5], ARGV[1])
-        return {'name_taken'}
-    end
+_TAKE_JOB = (
+    fleet.OTHER_INSTANCE_LUA
+    + """
+if other_instance(redis.call('GET', KEYS[4]), ARGV[2]) then
+    redis.call('LPUSH', KEYS[5], ARGV[1])
+    return {'name_taken'}
 end
 if ARGV[4] == '1' then
     local marked = redis.call('GET', KEYS[3])
@@ -68,6 +65,7 @@ end
 redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
 return {'taken', job, inputs}
 """
+)
 
 # How often (in heartbeats) a runner looks for queued runs whose job is gone.
 RECONCILE_EVERY_BEATS = 20

@@ -49,3 +49,23 @@ def detection(model_id: str = "people-detector", confidence: float = 0.4) -> dic
             {"type": "JsonField", "name": "count", "selector": "$steps.count.output"},
         ],
     }
+
+
+def detect_then_crops(inner_model: str, outer_model: str = "people-detector") -> dict:
+    """Return a detection whose boxes are cropped and run through ``inner_model``."""
+    definition = detection(outer_model)
+    definition["steps"] += [
+        {
+            "type": "roboflow_core/dynamic_crop@v1",
+            "name": "crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        },
+        {
+            "type": "roboflow_core/roboflow_object_detection_model@v1",
+            "name": "inner",
+            "images": "$steps.crops.crops",
+            "model_id": inner_model,
+        },
+    ]
+    return definition

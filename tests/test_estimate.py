@@ -14,7 +14,7 @@ from runner import fleet, keys
 from runner.dispatch import predict_hot
 from runner.models import Run
 from tests.conftest import ROOT, private_data_env
-from tests.definitions import detection, image_height
+from tests.definitions import detect_then_crops, detection, image_height
 from tests.test_model_upload import make_weights, upload
 from tests.test_runner_pool import start
 from tests.test_runs import create_workflow, run_workflow
@@ -275,22 +275,8 @@ def test_estimate_scales_model_calls_with_batch(runner, alice_client):
 
 def test_estimate_uncalled_model_is_not_loaded(runner, alice_client):
     # No "Fall" in bus.jpg, so the crops are empty and yolov8m never runs.
-    definition = detection("people-detector")
+    definition = detect_then_crops("yolov8m.yaml")
     definition["steps"][0]["class_filter"] = ["Fall"]
-    definition["steps"] += [
-        {
-            "type": "roboflow_core/dynamic_crop@v1",
-            "name": "crops",
-            "images": "$inputs.image",
-            "predictions": "$steps.people.predictions",
-        },
-        {
-            "type": "roboflow_core/roboflow_object_detection_model@v1",
-            "name": "inner",
-            "images": "$steps.crops.crops",
-            "model_id": "yolov8m.yaml",
-        },
-    ]
     workflow_id = create_workflow(alice_client, definition)
     assert run_workflow(alice_client, workflow_id).status_code == 200
     wait_until_loaded(runner, "people-detector")

@@ -15,7 +15,7 @@ from runner.events import RunEvents, events_key, stored_events
 from runner.models import Run
 from runner.service import start_run
 from tests.conftest import image_bytes, registered_runner, start_cli_run
-from tests.definitions import detection, image_height
+from tests.definitions import detect_then_crops, detection, image_height
 from webapp.asgi import application
 from webapp.redis import get_redis
 
@@ -323,21 +323,7 @@ def test_events_add_up_to_the_breakdown_for_batches(runner, alice):
     # Three images, and a model run on each crop of each: the same steps and
     # model calls run many times, and each event's microseconds must add up
     # to the stored components exactly, not lose a fraction per call.
-    definition = detection("people-detector")
-    definition["steps"] += [
-        {
-            "type": "roboflow_core/dynamic_crop@v1",
-            "name": "crops",
-            "images": "$inputs.image",
-            "predictions": "$steps.people.predictions",
-        },
-        {
-            "type": "roboflow_core/roboflow_object_detection_model@v1",
-            "name": "inner",
-            "images": "$steps.crops.crops",
-            "model_id": "people-detector-320",
-        },
-    ]
+    definition = detect_then_crops("people-detector-320")
     image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
     outcome = start_run(
         owner_id=alice.id,
