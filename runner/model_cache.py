@@ -284,9 +284,10 @@ class ModelCache:
         torch.set_num_threads(self.torch_threads)
 
         use.cold = True
-        use.load_read_ns = read_done - started
-        use.load_to_device_ns = moved - read_done
-        use.load_warmup_ns = warmed - moved
+        # Added, not set: a model evicted during a run is loaded again.
+        use.load_read_ns += read_done - started
+        use.load_to_device_ns += moved - read_done
+        use.load_warmup_ns += warmed - moved
         if self.device.startswith("cuda"):
             memory = torch.cuda.memory_allocated(self.device) - cuda_before
         else:
@@ -335,10 +336,21 @@ class ModelProvider:
         if step not in use.steps:
             use.steps.append(step)
         was_loaded = self.cache.is_loaded(source)
+        before = (use.load_read_ns, use.load_to_device_ns, use.load_warmup_ns)
         entry = self.cache.get(source, use)
         if not was_loaded:
+            # This load only: a model evicted during the run loads again.
+            phases = {
+                "read": us_added(before[0], use.load_read_ns),
+                "to_device": us_added(before[1], use.load_to_device_ns),
+                "warmup": us_added(before[2], use.load_warmup_ns),
+            }
             self.timer.emit(
-                "cold_load", model_id=model_id, step=step, **use.to_dict()["cold_load"]
+                "cold_load",
+                model_id=model_id,
+                step=step,
+                **phases,
+                total=sum(phases.values()),
             )
 
         decode_started = time.perf_counter_ns()

@@ -1,5 +1,6 @@
 """The runner pool: runners dying mid-run, eviction under a memory budget."""
 
+import base64
 import json
 import os
 import pickle
@@ -19,6 +20,7 @@ from rq.job import Job
 from billing.models import Bill
 from runner import fleet, keys
 from runner.dispatch import choose_queue, wait_for_result
+from runner.events import stored_events
 from runner.models import Run
 from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
 from runner.presenters import run_to_dict
@@ -523,3 +525,41 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     assert "no file people-detector.pt in its MODEL_DIR" in error["message"]
     assert str(empty) not in error["message"]
     assert Bill.objects.get(run_id=failed.run.id).billed is False
+
+
+def test_model_loaded_twice_in_a_run_counts_both_loads(runner, extra_runners, alice):
+    # Two models that do not fit together, on a batch of two images: each is
+    # evicted by the other and loaded again for the second image.
+    extra_runners("evicts-mid-run", budget_mb=20)
+    definition = detection("yolov8n.yaml")
+    definition["steps"].insert(
+        1,
+        {
+            "type": "roboflow_core/roboflow_object_detection_model@v1",
+            "name": "second",
+            "images": "$inputs.image",
+            "model_id": "yolo11n.yaml",
+        },
+    )
+    image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
+    outcome = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=definition,
+        raw_inputs={"image": [image, image]},
+        started_ns=time.perf_counter_ns(),
+        wait_s=120,
+        runner="evicts-mid-run",
+    )
+    assert outcome.payload["meta"]["status"] == "succeeded"
+    breakdown = outcome.payload["meta"]["breakdown"]
+    loads = [
+        event
+        for event in stored_events(str(outcome.run.id))
+        if event["phase"] == "cold_load"
+    ]
+    assert len(loads) == 4
+    assert sum(load["total"] for load in loads) == breakdown["components"]["cold_load"]
+    for model in breakdown["models"]:
+        own = [load["total"] for load in loads if load["model_id"] == model["model_id"]]
+        assert model["cold_load"]["total"] == sum(own)
