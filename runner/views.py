@@ -111,6 +111,7 @@ class ModelListView(APIView):
                         "size_bytes": u.size_bytes,
                         "class_names": u.class_names,
                         "task": u.task,
+                        "pretrained": u.trained,
                     }
                     for u in uploads
                 ],

@@ -92,7 +92,8 @@ def _check_format(path: Path) -> None:
         head = file.read(2)
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
         raise ValueError(
-            "it is not a torch checkpoint (neither a zip archive nor a pickle)"
+            "it is not a whole torch checkpoint (neither a complete zip archive "
+            "nor a pickle); the file may be truncated"
         )
 
 

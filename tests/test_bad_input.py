@@ -663,13 +663,23 @@ def test_model_id_unknown(send_run):
 
 
 @pytest.mark.parametrize("model_id", ["", "  "])
-def test_model_id_empty_or_not_a_string(send_run, model_id):
-    response = send_run(detection(model_id), {"image": base64_input(image_bytes())})
+def test_model_id_empty(alice_client, send_run, model_id):
+    # In the definition, the compiler rejects it, so /api/validate does too.
+    validated = post_json(
+        alice_client, "/api/validate", {"definition": detection(model_id)}
+    )
+    assert validated.status_code == 400
+    assert "must be a non-empty string" in validated.json()["message"]
+    # From a parameter, the run request is checked the same way.
+    definition = detection("$inputs.model")
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "model"})
+    response = send_run(
+        definition, {"image": base64_input(image_bytes()), "model": model_id}
+    )
     assert response.status_code == 400
     body = response.json()
-    assert body["code"] == "model_not_found"
-    assert body["field"] == "model_id"
-    assert "a model id is a non-empty string" in body["message"]
+    assert body["code"] == "invalid_input"
+    assert "must be a non-empty string" in body["message"]
     assert "''''" not in body["message"]
     assert_nothing_stored()
 
@@ -739,17 +749,24 @@ def test_api_run_unknown_version(alice, alice_client):
 def test_api_run_version_with_thousands_of_digits(alice, alice_client):
     # Python refuses to convert over 4,300 digits to an int.
     workflow = Workflow.create_with_version(alice, "height", image_height())
+    inputs = {"image": base64_input(image_bytes())}
     for url in (
         f"/api/workflows/{workflow.id}/runs",
         f"/api/workflows/{workflow.id}/estimate",
     ):
         response = post_json(
-            alice_client,
-            url,
-            {"version": "9" * 5000, "inputs": {"image": base64_input(image_bytes())}},
+            alice_client, url, {"version": "9" * 5000, "inputs": inputs}
         )
-        assert response.status_code == 404, url
-        assert response.json()["code"] == "not_found"
+        assert response.status_code == 400, url
+        assert response.json()["field"] == "version"
+        assert "at most 18 digits" in response.json()["message"]
+    # Leading zeros do not count: this is version 1.
+    padded = post_json(
+        alice_client,
+        f"/api/workflows/{workflow.id}/estimate",
+        {"version": "0" * 5000 + "1", "inputs": inputs},
+    )
+    assert padded.status_code == 200, padded.json()
     assert_nothing_stored()
 
 
@@ -1341,11 +1358,29 @@ def test_session_requests_get_the_same_errors_as_key_requests(alice, alice_clien
 
 
 def test_unknown_api_routes_are_not_found(alice_client):
-    for method in ("get", "post", "put", "delete"):
-        for url in ("/api/workflows/abc", "/api/nothing/here", "/api/runs/not-a-uuid"):
+    # With CSRF checks on, as in a real server: the catch-all must not
+    # answer an unsafe method with the CSRF failure page.
+    alice_client.enforce_csrf_checks = True
+    for method in ("get", "post", "put", "patch", "delete"):
+        for url in (
+            "/api/workflows/abc",
+            "/api/nothing/here",
+            "/api/runs/not-a-uuid",
+            "/api/workflows",
+        ):
             response = getattr(alice_client, method)(url)
             assert response.status_code == 404, (method, url)
             assert response.json()["code"] == "not_found"
+
+
+def test_tiff_with_16_bit_samples_accepted(send_run):
+    # The check reads the samples' width from the file, not Pillow's mode.
+    buffer = io.BytesIO()
+    pixels = np.arange(64 * 64, dtype=np.uint16).tobytes()
+    Image.frombytes("I;16", (64, 64), pixels).save(buffer, "TIFF")
+    response = send_run(image_height(), {"image": base64_input(buffer.getvalue())})
+    assert "32-bit" not in json.dumps(response.json())
+    assert response.status_code != 400, response.json()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.int32])

@@ -130,3 +130,23 @@ def test_builder_stale_save_keeps_edits(transactional_db, asgi_server, page, ali
     latest = workflow.latest_version()
     assert latest.number == 2
     assert latest.definition == elsewhere
+
+
+def test_builder_ctrl_s_twice_saves_once(transactional_db, asgi_server, page, alice):
+    # Ctrl+S bypasses the Save button that is disabled during a save.
+    workflow = Workflow.create_with_version(alice, "Keyboard", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    set_confidence(page, 0.45)
+    puts = []
+    page.on(
+        "request",
+        lambda request: puts.append(request) if request.method == "PUT" else None,
+    )
+    page.keyboard.press("Control+s")
+    page.keyboard.press("Control+s")
+    page.wait_for_selector("#saved-version[data-version='2']")
+    page.wait_for_timeout(500)
+    assert len(puts) == 1
+    assert page.locator("#save-message").get_attribute("data-kind") != "error"
+    assert workflow.latest_version().number == 2

@@ -35,6 +35,10 @@ def test_upload_then_run_own_model(runner, alice_client, bob_client, tmp_path):
     assert response.json()["task"] == "detect"
     # Saved from an untrained architecture: the checkpoint records no training.
     assert response.json()["pretrained"] is False
+    listed = alice_client.get("/api/models/").json()["uploads"]
+    assert [(m["model_id"], m["pretrained"]) for m in listed] == [
+        ("my-detector", False)
+    ]
 
     workflow_id = create_workflow(alice_client, detection("my-detector"))
     ran = run_workflow(alice_client, workflow_id)
@@ -60,7 +64,7 @@ def test_upload_rejects_non_model(alice_client, tmp_path):
     response = upload(alice_client, "junk", junk)
     assert response.status_code == 400
     assert response.json()["field"] == "file"
-    assert "not a torch checkpoint" in response.json()["message"]
+    assert "not a whole torch checkpoint" in response.json()["message"]
     assert ModelUpload.objects.count() == 0
 
 

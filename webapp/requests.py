@@ -189,9 +189,17 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    # Python refuses to convert more than 4,300 digits; no version has 19.
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value) if len(value) <= 18 else 10**18
+        # Python refuses to convert more than 4,300 digits; no version has 19.
+        digits = value.lstrip("0") or "0"
+        if len(digits) > 18:
+            raise MalformedRequest(
+                f"'{key}' must be a version number of at most 18 digits, got "
+                f"{len(digits)} digits",
+                context="request_parsing",
+                field_name=key,
+            )
+        value = int(digits)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MalformedRequest(
             f"'{key}' must be a positive integer version number, got {value!r}",

@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
+from django.views.decorators.csrf import csrf_exempt
 
 from runner import ui as runner_ui
 from runner import views as runner_views
@@ -29,7 +30,8 @@ api = [
     # Anything else under /api/ is not found, whatever the method. Without
     # this, Roboflow's <workspace>/workflows/<id> route below would take
     # /api/workflows/<not a number> as workspace "api" and answer 405.
-    re_path(r"", handlers.not_found),
+    # Exempt from the CSRF check, which would answer a POST with an HTML 403.
+    re_path(r"", csrf_exempt(handlers.not_found)),
 ]
 
 urlpatterns = [

@@ -106,11 +106,12 @@ def inspect_image(
             context="input_decoding",
             field_name=input_name,
         )
-    if image_format == "TIFF" and image.mode in ("F", "I"):
+    if image_format == "TIFF" and _tiff_bits_per_sample(image) > 16:
         # Pillow reads these, OpenCV on the runners does not.
         raise InputError(
-            f"Input '{input_name}' is a TIFF image with 32-bit samples (Pillow "
-            f"mode {image.mode}), which the runners cannot decode",
+            f"Input '{input_name}' is a TIFF image with "
+            f"{_tiff_bits_per_sample(image)}-bit samples, which the runners cannot "
+            "decode",
             context="input_decoding",
             field_name=input_name,
             hint="Convert it to 8 or 16 bits per sample.",
@@ -134,6 +135,12 @@ def inspect_image(
     if complete:
         _check_complete(image, image_format, data, input_name)
     return ImageInfo(format=image_format, width=width, height=height)
+
+
+def _tiff_bits_per_sample(image: Image.Image) -> int:
+    """Return the largest BitsPerSample (TIFF tag 258) of a TIFF image's channels."""
+    bits = image.tag_v2.get(258, 8)
+    return max(bits) if isinstance(bits, tuple) else int(bits)
 
 
 def check_complete(data: bytes, info: ImageInfo, *, input_name: str) -> None:

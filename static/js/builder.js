@@ -111,6 +111,8 @@
     // Counts edits, so a save that finishes after a later edit leaves the page dirty.
     changeCount: 0,
     savedChangeCount: 0,
+    // True while a save request is on its way.
+    saving: false,
     // "<section>:<name>" -> {x, y} in canvas coordinates.
     positions: new Map(),
     // Drawflow node id -> {section, item, ports}; item is the definition object itself.
@@ -1147,6 +1149,9 @@
   }
 
   async function save() {
+    // Ctrl+S does not go through the disabled Save button, so a save that
+    // starts while another is on its way is dropped here.
+    if (state.saving) return { ok: false, message: "A save is already in progress." };
     if (state.activeTab === "json" && !applyJsonText()) {
       showSaveMessage("error", "Not saved: the JSON has an error, shown under it.");
       return { ok: false, message: dom.jsonError.textContent };
@@ -1166,6 +1171,7 @@
     const baseVersion = state.savedVersion;
     if (!isNew && baseVersion !== null) body.base_version = baseVersion;
     dom.save.disabled = true;
+    state.saving = true;
     showSaveMessage("pending", "Saving…");
     let outcome;
     try {
@@ -1176,6 +1182,7 @@
       outcome = { ok: false, errors: [], warnings: [], requestFailed: true, message: error.message };
     } finally {
       dom.save.disabled = false;
+      state.saving = false;
     }
 
     if (outcome.ok) {

@@ -111,6 +111,12 @@ def integer_between(low: int, high: int) -> Callable[[Any], str | None]:
     return check
 
 
+def non_empty_string(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"must be a non-empty string, got {value!r}"
+    return None
+
+
 def list_of_strings(value: Any) -> str | None:
     if value is None:
         return None
@@ -131,5 +137,6 @@ __all__ = [
     "VALUE",
     "WorkflowImage",
     "list_of_strings",
+    "non_empty_string",
     "number_between",
 ]

@@ -14,6 +14,7 @@ from workflows.blocks.base import (
     WorkflowImage,
     integer_between,
     list_of_strings,
+    non_empty_string,
     number_between,
 )
 
@@ -43,6 +44,7 @@ class ObjectDetectionBlock(Block):
             "Model id: a file in the model directory, an upload, or an ultralytics "
             "architecture such as yolov8n.yaml (untrained).",
             types=(str,),
+            check=non_empty_string,
         ),
         Field(
             "confidence",
