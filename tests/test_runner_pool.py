@@ -114,6 +114,22 @@ def test_runner_marked_for_a_routed_run_leaves_shared_jobs(runner, alice):
     assert wait_for_status(shared.pk, Run.Status.SUCCEEDED, timeout_s=30)
 
 
+def test_mark_left_by_runners_own_last_job_reserves_nothing(runner, alice):
+    # Delivering a result deletes the mark; when that failed, the mark still
+    # names the runner's previous job, and shared jobs must not wait for it.
+    previous = start_cli_run(alice, image_height(), wait_s=60, runner=runner.name)
+    assert previous.payload["meta"]["status"] == "succeeded"
+    connection = get_redis()
+    connection.set(keys.current_run_key(runner.name), str(previous.run.pk), ex=30)
+    try:
+        shared = start_cli_run(alice, image_height(), wait_s=10)
+        assert shared.run.queue_name == keys.SHARED_QUEUE
+        assert shared.payload is not None
+        assert shared.payload["meta"]["status"] == "succeeded"
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+
+
 def test_killed_runner_queued_runs_move_on(runner, extra_runners, alice):
     victim = extra_runners("victim-2")
     busy = start(alice, "yolov8x.yaml", "victim-2", wait_s=0)
