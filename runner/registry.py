@@ -17,6 +17,7 @@ Error messages name the places searched by setting (``MODEL_DIR/x.pt``), not
 by path: they reach API users, and the server's layout is not theirs to see.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -102,7 +103,20 @@ def model_dir() -> Path:
 def resolve_model(
     model_id: object, owner_id: int | None = None, step: str | None = None
 ) -> ModelSource:
-    """Return where ``model_id``'s weights are, or raise ModelNotFoundError."""
+    """Return where ``model_id``'s weights are, or raise ModelNotFoundError.
+
+    An id without a size suffix runs at WARMUP_IMAGE_SIZE, so that
+    ``people-detector`` and ``people-detector-640`` name one loaded model
+    when that size is 640, not two copies of the same weights.
+    """
+    source = _resolve(model_id, owner_id, step)
+    if source.image_size is None:
+        default_size = settings.GLASSBOX["WARMUP_IMAGE_SIZE"]
+        source = dataclasses.replace(source, image_size=default_size)
+    return source
+
+
+def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelSource:
     if not isinstance(model_id, str) or not model_id.strip():
         shown = model_id if isinstance(model_id, str) else repr(model_id)[:200]
         raise ModelNotFoundError(

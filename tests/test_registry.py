@@ -148,10 +148,20 @@ def test_model_paths_are_relative_to_their_directory(db, settings, tmp_path):
     # and routing compares the same cache key on every machine.
     source = resolve_model("people-detector")
     assert source.path == "people-detector.pt"
-    assert source.cache_key == "model_dir:people-detector.pt:0"
+    assert source.cache_key == "model_dir:people-detector.pt:640"
     elsewhere = tmp_path / "models"
     elsewhere.mkdir()
     (elsewhere / "people-detector.pt").write_bytes(b"copy")
     settings.GLASSBOX = {**settings.GLASSBOX, "MODEL_DIR": elsewhere}
     assert source.local_path() == str(elsewhere / "people-detector.pt")
     check_model_path(source)
+
+
+def test_size_suffix_at_the_default_size_names_the_same_model(db, settings):
+    # Otherwise the same weights were loaded, and billed, twice.
+    settings.GLASSBOX = {**settings.GLASSBOX, "WARMUP_IMAGE_SIZE": 640}
+    plain = resolve_model("people-detector")
+    assert plain.image_size == 640
+    assert resolve_model("people-detector-640").cache_key == plain.cache_key
+    assert resolve_model("people-detector-320").cache_key != plain.cache_key
+    assert resolve_model("yolov8n.yaml").image_size == 640
