@@ -23,3 +23,8 @@ class BillAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+    # A finished run has exactly one bill, so a bill is never deleted on its
+    # own; deleting its owner deletes both.
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -27,6 +27,11 @@ class RunAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False
 
+    # Deleting a run would delete its bill with it, and billing histories
+    # would lose it without a trace.
+    def has_delete_permission(self, request, obj=None):
+        return False
+
     def get_urls(self):
         fleet_view = self.admin_site.admin_view(self.fleet_view)
         return [path("fleet/", fleet_view, name="runner_fleet"), *super().get_urls()]

@@ -1017,3 +1017,20 @@ def test_waived_row_title_gives_reason(alice_browser, alice, people):
     make_bill(alice, version=people, billed=False)
     page = parse(alice_browser.get(HISTORY))
     assert 'class="waived" title="Not billed: runner died"' in page.html
+
+
+@pytest.mark.django_db
+def test_admin_cannot_delete_bills_or_runs(client, alice, django_user_model):
+    # A finished run keeps exactly one bill, and billing histories keep both.
+    bill = make_bill(alice)
+    admin = django_user_model.objects.create_superuser("admin", password="admin-pw")
+    client.force_login(admin)
+    for model, pk in (("billing/bill", bill.pk), ("runner/run", bill.run_id)):
+        action = client.post(
+            f"/admin/{model}/",
+            {"action": "delete_selected", "_selected_action": [pk], "post": "yes"},
+        )
+        assert action.status_code in (200, 302), model
+        assert client.get(f"/admin/{model}/{pk}/delete/").status_code == 403
+    assert Bill.objects.filter(pk=bill.pk, run_id=bill.run_id).exists()
+    assert Run.objects.filter(pk=bill.run_id).exists()
