@@ -24,6 +24,20 @@ def submit(owner, definition):
     return start_cli_run(owner, definition, wait_s=0).run
 
 
+def untouched_run(owner) -> Run:
+    """Create a finished run that no runner touches.
+
+    For tests that only connect: a runner still writing a run when the
+    test's tables are flushed could deadlock with the flush on PostgreSQL.
+    """
+    return Run.objects.create(
+        owner=owner,
+        source="api",
+        status=Run.Status.SUCCEEDED,
+        finished_at=timezone.now(),
+    )
+
+
 # The websocket server's own address, as daphne puts it in the scope.
 SERVER = ("127.0.0.1", 8001)
 
@@ -68,8 +82,8 @@ async def test_events_arrive_in_order(runner, alice):
 
 
 @pytest.mark.asyncio
-async def test_events_refuse_other_users_run(runner, alice, bob):
-    run = await sync_to_async(submit)(alice, image_height())
+async def test_events_refuse_other_users_run(transactional_db, alice, bob):
+    run = await sync_to_async(untouched_run)(alice)
     communicator, connected, code = await connect(run.id, bob)
     assert connected is False
     assert code == 4404
@@ -86,7 +100,7 @@ async def test_events_refuse_path_without_run_id(alice):
 async def test_events_close_when_redis_unreachable(
     transactional_db, alice, tmp_path, settings
 ):
-    run = await sync_to_async(submit)(alice, image_height())
+    run = await sync_to_async(untouched_run)(alice)
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
@@ -119,14 +133,7 @@ async def test_events_accept_only_site_origins(
     transactional_db, alice, settings, origin, accepted
 ):
     settings.GLASSBOX = {**settings.GLASSBOX, "WEB_SERVER_PORT": 8000}
-    # A finished run that no runner touches: a runner still writing when the
-    # test's tables are flushed could deadlock with the flush on PostgreSQL.
-    run = await sync_to_async(Run.objects.create)(
-        owner=alice,
-        source="api",
-        status=Run.Status.SUCCEEDED,
-        finished_at=timezone.now(),
-    )
+    run = await sync_to_async(untouched_run)(alice)
     communicator, connected, _ = await connect(run.id, alice, origin)
     assert connected is accepted
     if accepted:
@@ -134,10 +141,10 @@ async def test_events_accept_only_site_origins(
 
 
 @pytest.mark.asyncio
-async def test_events_refuse_anonymous(runner, alice):
+async def test_events_refuse_anonymous(transactional_db, alice):
     from django.contrib.auth.models import AnonymousUser
 
-    run = await sync_to_async(submit)(alice, image_height())
+    run = await sync_to_async(untouched_run)(alice)
     communicator, connected, code = await connect(run.id, AnonymousUser())
     assert connected is False
     assert code == 4401
