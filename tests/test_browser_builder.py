@@ -139,10 +139,15 @@ def test_builder_ctrl_s_twice_saves_once(transactional_db, asgi_server, page, al
     open_builder(page, asgi_server, workflow)
     set_confidence(page, 0.45)
     puts = []
-    page.on(
-        "request",
-        lambda request: puts.append(request) if request.method == "PUT" else None,
-    )
+
+    def hold_save(route):
+        # Keeps the first save on its way while the second press comes.
+        if route.request.method == "PUT":
+            puts.append(route.request)
+            page.wait_for_timeout(300)
+        route.continue_()
+
+    page.route(f"**/api/workflows/{workflow.id}", hold_save)
     page.keyboard.press("Control+s")
     page.keyboard.press("Control+s")
     page.wait_for_selector("#saved-version[data-version='2']")
