@@ -22,20 +22,13 @@ import numpy as np
 import psutil
 import torch
 
-from runner.registry import ModelSource
+from runner.registry import KIND_PLACES, ModelSource
 from workflows.detections import Detections
 from workflows.errors import ModelLoadError
 from workflows.images import WorkflowImage
 from workflows.timing import ModelUse, RunTimer, us_added
 
 logger = logging.getLogger(__name__)
-
-# How error messages name each kind's directory: by setting, not by path.
-KIND_PLACES = {
-    "model_dir": "MODEL_DIR",
-    "upload": "upload directory",
-    "ultralytics_weights": "ultralytics' weights_dir",
-}
 
 # Built from ultralytics' YAML, with random weights: no file is read.
 WARM_UP_ARCHITECTURE = "yolov8n.yaml"

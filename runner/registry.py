@@ -243,16 +243,22 @@ def _ultralytics_weights_dir() -> Path | None:
     return Path(weights) if weights else None
 
 
+# Names of each kind's directory in error messages: the setting, not the path.
+KIND_PLACES = {
+    "model_dir": "MODEL_DIR",
+    "upload": "upload directory",
+    "ultralytics_weights": "ultralytics' weights_dir",
+}
+
+
 def _from_files(model_id: str, name: str, searched: list[str]) -> ModelSource | None:
     filename = name if name.endswith(".pt") else f"{name}.pt"
-    candidates = [("model_dir", "MODEL_DIR", model_dir() / filename)]
+    candidates = [("model_dir", model_dir() / filename)]
     weights_dir = _ultralytics_weights_dir()
     if weights_dir is not None:
-        candidates.append(
-            ("ultralytics_weights", "ultralytics' weights_dir", weights_dir / filename)
-        )
-    for kind, place, path in candidates:
-        searched.append(f"{place}/{filename}")
+        candidates.append(("ultralytics_weights", weights_dir / filename))
+    for kind, path in candidates:
+        searched.append(f"{KIND_PLACES[kind]}/{filename}")
         if path.is_file():
             return ModelSource(
                 model_id, kind, _relative_to_root(kind, path), pretrained=True

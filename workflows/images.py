@@ -106,12 +106,12 @@ def inspect_image(
             context="input_decoding",
             field_name=input_name,
         )
-    if image_format == "TIFF" and _tiff_bits_per_sample(image) > 16:
+    bits = _tiff_bits_per_sample(image) if image_format == "TIFF" else 8
+    if bits > 16:
         # Pillow reads these, OpenCV on the runners does not.
         raise InputError(
-            f"Input '{input_name}' is a TIFF image with "
-            f"{_tiff_bits_per_sample(image)}-bit samples, which the runners cannot "
-            "decode",
+            f"Input '{input_name}' is a TIFF image with {bits}-bit samples, which "
+            "the runners cannot decode",
             context="input_decoding",
             field_name=input_name,
             hint="Convert it to 8 or 16 bits per sample.",
