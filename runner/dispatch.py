@@ -122,7 +122,7 @@ def choose_queue(
     return keys.runner_queue(hot[index].name)
 
 
-# Deletes KEYS[1] if it holds ARGV[1].
+# Deletes KEYS[1] if its value is ARGV[1].
 _RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])

@@ -269,7 +269,7 @@ class InvalidJob(Exception):
 
 
 class JobReturned(Exception):
-    """A popped job this runner put back on its queue; ``reason`` says why."""
+    """A popped job that this runner put back on its queue, for ``reason``."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

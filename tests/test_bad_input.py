@@ -1358,8 +1358,8 @@ def test_session_requests_get_the_same_errors_as_key_requests(alice, alice_clien
 
 
 def test_unknown_api_routes_are_not_found(alice_client):
-    # With CSRF checks on, as in a real server: the catch-all must not
-    # answer an unsafe method with the CSRF failure page.
+    # With CSRF checks on, as in a real server, the catch-all must not
+    # return the CSRF failure page to an unsafe method.
     alice_client.enforce_csrf_checks = True
     for method in ("get", "post", "put", "patch", "delete"):
         for url in (

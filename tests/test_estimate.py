@@ -375,8 +375,8 @@ def test_estimate_counts_calls_of_a_model_chosen_by_parameter(runner, alice_clie
         response = run_workflow(alice_client, workflow_id)
         assert response.status_code == 200, response.json()
 
-    # Earlier runs of this workflow called its step with another model id;
-    # the step is still called once per image, so the new model would load.
+    # Earlier runs of this workflow called its step with another model id.
+    # The step is still called once per image, so the new model would load.
     never_loaded = "yolo12n.yaml"
     body = estimate(alice_client, workflow_id, {"inputs": {"model": never_loaded}})
     model = body["models"][0]

@@ -63,8 +63,8 @@ def test_killed_runner_fails_its_run_without_bill(runner, extra_runners, alice):
 
 
 def test_runner_stopped_twice_fails_its_run_at_once(runner, extra_runners, alice):
-    # The first SIGTERM asks the runner to finish its run; the second ends
-    # the process in the middle of it.
+    # The first SIGTERM makes the runner finish its run and stop. The second
+    # ends the process in the middle of the run.
     victim = extra_runners("twice-stopped")
     outcome = start(alice, "yolov8x.yaml", "twice-stopped", wait_s=0)
     wait_for_status(outcome.run.id, Run.Status.RUNNING)

@@ -27,10 +27,10 @@ api = [
     path("runs/<uuid:run_id>", runner_views.RunDetailView.as_view()),
     path("models/", runner_views.ModelListView.as_view()),
     path("fleet", runner_views.FleetView.as_view()),
-    # Anything else under /api/ is not found, whatever the method. Without
-    # this, Roboflow's <workspace>/workflows/<id> route below would take
-    # /api/workflows/<not a number> as workspace "api" and answer 405.
-    # Exempt from the CSRF check, which would answer a POST with an HTML 403.
+    # Any other path under /api/ gets a JSON 404, whatever the method.
+    # Otherwise Roboflow's <workspace>/workflows/<id> route below would take
+    # /api/workflows/<not a number> as workspace "api" and return 405. The
+    # view is exempt from the CSRF check, which returns an HTML 403 to a POST.
     re_path(r"", csrf_exempt(handlers.not_found)),
 ]
 
