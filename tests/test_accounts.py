@@ -4,11 +4,12 @@ import io
 import re
 
 import pytest
+from django.contrib.sessions.models import Session
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
-from webapp.models import ApiToken
+from webapp.models import ApiToken, hash_token
 
 
 @pytest.mark.parametrize("path", ["/workflows/", "/tokens/", "/billing/"])
@@ -43,6 +44,36 @@ def test_token_created_is_shown_once(client, alice):
 
     assert key not in client.get("/tokens/").content.decode()
     assert ApiToken.objects.filter(user=alice).count() == 1
+
+
+def test_new_token_key_is_stored_nowhere_on_the_server(client, alice):
+    client.force_login(alice)
+    created = client.post("/tokens/", {"action": "create", "name": "laptop"})
+    cookie = created.cookies["new_api_token"]
+    assert cookie["httponly"] and cookie["samesite"] == "Strict"
+    assert cookie["path"] == "/tokens/"
+
+    key = re.search(
+        r'id="new-token-key">([^<]+)<', client.get("/tokens/").content.decode()
+    )[1]
+    for session in Session.objects.all():
+        assert key not in repr(session.get_decoded())
+    assert ApiToken.objects.get(user=alice).key_hash == hash_token(key)
+
+
+def test_new_token_cookie_shows_only_own_active_token(client, alice, bob):
+    client.force_login(alice)
+    created = client.post("/tokens/", {"action": "create", "name": "laptop"})
+    cookie = created.cookies["new_api_token"].value
+
+    client.force_login(bob)
+    client.cookies["new_api_token"] = cookie
+    assert "new-token-key" not in client.get("/tokens/").content.decode()
+
+    client.force_login(alice)
+    client.cookies["new_api_token"] = cookie
+    ApiToken.objects.get(user=alice).revoke()
+    assert "new-token-key" not in client.get("/tokens/").content.decode()
 
 
 def test_token_without_name_redirects_with_error(client, alice):

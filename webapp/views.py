@@ -6,7 +6,7 @@ from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 
-from webapp.models import ApiToken
+from webapp.models import ApiToken, hash_token
 
 
 @login_required
@@ -14,9 +14,13 @@ def home(request):
     return redirect("workflow-list")
 
 
-# Session key of a token just created, until the page after the redirect
-# shows it.
-NEW_TOKEN_SESSION_KEY = "new_api_token"
+# A new token's key reaches the page after the redirect only in this signed
+# cookie. The server keeps only the key's hash.
+NEW_TOKEN_COOKIE = "new_api_token"
+NEW_TOKEN_SALT = "webapp.tokens.new"
+# Long enough for the redirect. A browser that never follows it drops the
+# key soon after.
+NEW_TOKEN_COOKIE_MAX_AGE_S = 120
 
 
 @login_required
@@ -24,21 +28,42 @@ NEW_TOKEN_SESSION_KEY = "new_api_token"
 def tokens(request):
     """List the user's tokens; POST creates or revokes one, then redirects.
 
-    A new token's key is kept in the session (a database row with Django's
-    default session engine) only until the next GET of this page, which
-    shows it once. Reloading that page neither shows the key again nor
-    creates another token, and never_cache keeps browsers from storing it.
+    A new token's key goes to the browser in a signed, HttpOnly cookie on
+    the redirect, limited to this page, and the next GET shows it once and
+    deletes the cookie. The server stores no copy of the key, not even in
+    the session, so a database dump does not reveal it. Reloading the page
+    neither shows the key again nor creates another token, and never_cache
+    keeps browsers from storing it.
     """
     if request.method == "POST":
         if request.POST.get("action") == "create":
             return _create(request)
         if request.POST.get("action") == "revoke":
             return _revoke(request, request.POST.get("token", ""))
-    new_token = request.session.pop(NEW_TOKEN_SESSION_KEY, None)
     context = {}
+    new_token = _new_token(request)
     if new_token:
-        context.update(new_key=new_token["key"], new_name=new_token["name"])
-    return _tokens_page(request, context)
+        context.update(new_key=new_token[1], new_name=new_token[0].name)
+    response = _tokens_page(request, context)
+    if NEW_TOKEN_COOKIE in request.COOKIES:
+        response.delete_cookie(NEW_TOKEN_COOKIE, path=request.path)
+    return response
+
+
+def _new_token(request) -> tuple[ApiToken, str] | None:
+    """Return the active token of this user named by the new-token cookie, with its key."""
+    key = request.get_signed_cookie(
+        NEW_TOKEN_COOKIE,
+        default=None,
+        salt=NEW_TOKEN_SALT,
+        max_age=NEW_TOKEN_COOKIE_MAX_AGE_S,
+    )
+    if not key:
+        return None
+    token = ApiToken.objects.filter(
+        user=request.user, key_hash=hash_token(key), revoked_at__isnull=True
+    ).first()
+    return (token, key) if token else None
 
 
 def _create(request) -> HttpResponse:
@@ -47,10 +72,20 @@ def _create(request) -> HttpResponse:
     name = "".join(c for c in raw_name if c.isprintable()).strip()[:100]
     if not name:
         messages.error(request, "A token needs a name.")
-    else:
-        token, key = ApiToken.issue(request.user, name)
-        request.session[NEW_TOKEN_SESSION_KEY] = {"key": key, "name": token.name}
-    return redirect("tokens")
+        return redirect("tokens")
+    _, key = ApiToken.issue(request.user, name)
+    response = redirect("tokens")
+    response.set_signed_cookie(
+        NEW_TOKEN_COOKIE,
+        key,
+        salt=NEW_TOKEN_SALT,
+        max_age=NEW_TOKEN_COOKIE_MAX_AGE_S,
+        path=request.path,
+        secure=request.is_secure(),
+        httponly=True,
+        samesite="Strict",
+    )
+    return response
 
 
 def _tokens_page(request, context: dict, status: int = 200) -> HttpResponse:
