@@ -103,7 +103,14 @@ def _load(path: Path) -> dict:
     # The runners' loader, with its check that the restricted mode is on.
     from runner.model_cache import open_weights
 
-    model = open_weights(str(path))
+    try:
+        model = open_weights(str(path))
+    except Exception as error:
+        # The loader's own messages range from "Invalid magic number" to a
+        # bare IndexError, and none of them states that the file is at fault.
+        raise ValueError(
+            f"it could not be read as a checkpoint ({type(error).__name__}: {error})"
+        ) from error
     if model.task != "detect":
         raise ValueError(f"the model's task is '{model.task}', only 'detect' runs here")
     return {
@@ -120,7 +127,10 @@ def main(path: str) -> None:
         result = _load(Path(path))
     except Exception as error:
         message = str(error).replace("ERROR ❌️ ", "").strip()
-        result = {"ok": False, "error": f"{type(error).__name__}: {message}"}
+        # A ValueError comes from the checks above, and its message is the reason.
+        if not isinstance(error, ValueError):
+            message = f"{type(error).__name__}: {message}"
+        result = {"ok": False, "error": message}
     print(json.dumps(result), flush=True)
 
 

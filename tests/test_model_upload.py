@@ -68,6 +68,19 @@ def test_upload_rejects_non_model(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_rejects_garbage_pickle(alice_client, tmp_path):
+    # Starts like a protocol-2 pickle, so only the loader finds it is not one.
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x80\x02}q\x00.")
+    response = upload(alice_client, "junk", junk)
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert message.startswith("'junk.pt' is not an ultralytics model: ")
+    assert "it could not be read as a checkpoint (" in message
+    assert str(tmp_path) not in message
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_of_trained_weights_is_pretrained(runner, alice_client):
     trained = resolve_model("people-detector").local_path()
     response = upload(alice_client, "my-people", Path(trained))
