@@ -294,6 +294,35 @@ def bob_client(bob):
     return client
 
 
+@pytest.fixture(scope="module")
+def wsgi_server(django_db_setup, django_db_blocker):
+    """gunicorn with the options ``manage.py up`` uses, on the test database."""
+    from runner.management.commands.up import gunicorn_command
+
+    port = free_port()
+    env = os.environ.copy()
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    with django_db_blocker.unblock():
+        env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+    log_path = Path(settings.DATA_DIR) / "gunicorn.log"
+    log = open(log_path, "ab")
+    process = subprocess.Popen(
+        gunicorn_command("webapp.wsgi:application", f"127.0.0.1:{port}", 1),
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    url = f"http://127.0.0.1:{port}"
+    wait_until_serving(url, process, f"gunicorn did not start; see {log_path}")
+
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+    log.close()
+
+
 def free_port() -> int:
     import socket
 

@@ -9,63 +9,12 @@ database.
 
 import http.client
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from django.conf import settings
-from django.db import connection
 
-from tests.conftest import ROOT, free_port, wait_until_serving
 from tests.definitions import image_height
 from webapp.models import ApiToken
-
-
-@pytest.fixture(scope="module")
-def wsgi_server(django_db_setup, django_db_blocker):
-    """gunicorn with the worker class ``manage.py up`` uses, on the test database."""
-    port = free_port()
-
-    env = os.environ.copy()
-    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
-    with django_db_blocker.unblock():
-        env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
-    log_path = Path(settings.DATA_DIR) / "gunicorn.log"
-    log = open(log_path, "ab")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "webapp.wsgi:application",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "1",
-            "--worker-class",
-            "gthread",
-            "--threads",
-            "2",
-            # The default control socket is one path per user, shared with
-            # any other gunicorn on this machine.
-            "--no-control-socket",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, process, f"gunicorn did not start; see {log_path}")
-
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
-    log.close()
 
 
 def post(base_url: str, path: str, body: dict, headers: dict, *, chunked: bool):

@@ -111,7 +111,7 @@ def gunicorn_command(application: str, bind: str, workers: int) -> list[str]:
         "--workers",
         str(workers),
         "--worker-class",
-        "gthread",
+        "webapp.gunicorn_worker.JsonErrorWorker",
         "--threads",
         str(WEB_THREADS),
         "--access-logfile",

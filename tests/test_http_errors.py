@@ -1,0 +1,64 @@
+"""Requests gunicorn rejects before Django runs still get the API's JSON error."""
+
+import http.client
+import json
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+
+def raw_request(base_url: str, request: bytes) -> tuple[int, dict, dict]:
+    """Send ``request`` bytes as they are; return the status, headers and JSON body."""
+    address = urlsplit(base_url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = json.loads(response.read())
+        return response.status, dict(response.getheaders()), body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code", "hint"),
+    [
+        (
+            b"GET /api/workflows/?q=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            414,
+            "uri_too_long",
+            "Keep the request line under 4094 bytes",
+        ),
+        (
+            b"GET /api/workflows/ HTTP/1.1\r\nHost: x\r\nX-Big: "
+            + b"b" * 9000
+            + b"\r\n\r\n",
+            431,
+            "request_header_fields_too_large",
+            "each under 8190 bytes",
+        ),
+        (
+            b"GET /api/workflows/ HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-H%d: 1\r\n" % i for i in range(120))
+            + b"\r\n",
+            431,
+            "request_header_fields_too_large",
+            "Send at most 100 header fields",
+        ),
+        (
+            b"GET /api/workflows/ HTTP/9.9\r\nHost: x\r\n\r\n",
+            400,
+            "bad_request",
+            "well-formed HTTP/1.1 request",
+        ),
+    ],
+    ids=["long-line", "large-header", "many-headers", "bad-version"],
+)
+def test_rejected_request_json_error(wsgi_server, request_bytes, status, code, hint):
+    returned, headers, body = raw_request(wsgi_server, request_bytes)
+    assert returned == status
+    assert headers["Content-Type"] == "application/json"
+    assert body["code"] == code
+    assert body["error_type"] == "RequestError"
+    assert body["context"] == "http"
+    assert body["message"]
+    assert hint in body["hint"]
