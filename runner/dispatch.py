@@ -82,30 +82,45 @@ return -1
 """
 
 
+def routing_order(
+    cache_keys: list[str] | set[str], runners: list[fleet.RunnerState]
+) -> list[fleet.RunnerState]:
+    """Return the runners holding any of the models, those holding most first.
+
+    A runner holding all of them comes first. Ties keep the fleet's order.
+    """
+    wanted = set(cache_keys)
+    held = [(len(wanted & runner.loaded_models), runner) for runner in runners]
+    held.sort(key=lambda pair: -pair[0])
+    return [runner for count, runner in held if count]
+
+
 def choose_queue(
     cache_keys: list[str], runners: list[fleet.RunnerState], run_id: str
 ) -> str:
-    """Send the run to an idle runner holding all its models, else the shared queue.
+    """Return the queue of the idle runner holding most models, else the shared one.
 
-    Heartbeats show which runners hold the models. Whether one is idle is
-    read live, because a heartbeat can be a second old, and the runner chosen
-    is marked busy with ``run_id`` in the same script, so a burst of runs
-    cannot all pick the same idle runner. The mark lasts ROUTING_CLAIM_TTL_S
-    until queueing the run extends it, so a run that is never queued leaves
-    the runner looking busy for seconds at most.
+    Heartbeats show which runners hold the models. A runner holding some of
+    them loads only the rest, where the shared queue could hand the run to
+    one that loads them all. Whether a runner is idle is read live, because
+    a heartbeat can be a second old, and the runner chosen is marked busy
+    with ``run_id`` in the same script, so a burst of runs cannot all pick
+    the same idle runner. The mark lasts ROUTING_CLAIM_TTL_S until queueing
+    the run extends it, so a run that is never queued leaves the runner
+    looking busy for seconds at most.
     """
     if not cache_keys:
-        return keys.SHARED_QUEUE
-    hot = [r for r in runners if set(cache_keys) <= r.loaded_models]
-    if not hot:
         return keys.SHARED_QUEUE
     if len(runners) == 1:
         # A single runner takes jobs from both queues, so there is no choice
         # now. On the shared queue, a runner that joins later can take the
         # run if this one is still busy.
         return keys.SHARED_QUEUE
+    holders = routing_order(cache_keys, runners)
+    if not holders:
+        return keys.SHARED_QUEUE
     script_keys = []
-    for runner in hot:
+    for runner in holders:
         script_keys.append(keys.current_run_key(runner.name))
         script_keys.append(
             f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}"
@@ -119,7 +134,7 @@ def choose_queue(
     )
     if index < 0:
         return keys.SHARED_QUEUE
-    return keys.runner_queue(hot[index].name)
+    return keys.runner_queue(holders[index].name)
 
 
 # Deletes KEYS[1] if its value is ARGV[1].

@@ -35,7 +35,7 @@ from typing import Any
 
 from billing.policy import BillingPolicy
 from runner import fleet
-from runner.dispatch import resolve_models
+from runner.dispatch import resolve_models, routing_order
 from runner.models import Run
 from workflows.compiler.plan import ExecutionPlan
 from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
@@ -77,16 +77,20 @@ def estimate_run(
         components["queue"] = None
 
     cache_keys = {model["cache_key"] for model in models}
-    hot_runners = [r for r in runners if cache_keys and cache_keys <= r.loaded_models]
-    device = hot_runners[0].data.get("device") if hot_runners else None
-    cold_keys = _cold_keys(cache_keys, runners, hot_runners)
-    if not hot_runners and _exceeds_budgets(cache_keys, runners, model_runs):
+    # The runner routing would pick if it is idle: the one holding most of
+    # the models. Without one, any runner may take the run.
+    holders = routing_order(cache_keys, runners)
+    target = holders[0] if holders else None
+    device = target.data.get("device") if target else None
+    cold_keys = cache_keys - target.loaded_models if target else set(cache_keys)
+    takers = [target] if target else runners
+    if cold_keys and _exceeds_budgets(cache_keys, takers, model_runs):
         # The runner that takes the run evicts one of its models to load
         # another, so none of them can be counted on.
         cold_keys = set(cache_keys)
         notes.append(
-            "the run's models do not fit any runner's memory budget together, "
-            "so each run loads them cold"
+            "the run's models do not fit the memory budget of the runner that "
+            "would take it, so each run loads them cold"
         )
     steps_of_model: dict[str, set[str]] = defaultdict(set)
     for step, model_id in plan.model_ids(parameters):
@@ -122,7 +126,7 @@ def estimate_run(
     return {
         "unit": "us",
         "hot": not any(forecast["would_load"] for forecast in forecasts),
-        "runner": hot_runners[0].name if hot_runners else None,
+        "runner": target.name if target else None,
         "runners_up": len(runners),
         "batch_size": batch_size,
         "models": [_public(forecast) for forecast in forecasts],
@@ -278,26 +282,6 @@ def _exceeds_budgets(
                     sizes[key] = entry["memory_bytes"]
     needed = sum(sizes.get(key, 0) for key in cache_keys)
     return all(needed > runner.data.get("budget_bytes", needed) for runner in runners)
-
-
-def _cold_keys(
-    cache_keys: set[str],
-    runners: list[fleet.RunnerState],
-    hot_runners: list[fleet.RunnerState],
-) -> set[str]:
-    """Return the cache keys of the models the run would load cold.
-
-    With a runner holding every model, the router sends the run there and
-    nothing is cold. Otherwise the run goes to the shared queue, where any
-    runner may take it, so a model is hot only if every live runner has it.
-    """
-    if hot_runners:
-        return set()
-    return {
-        key
-        for key in cache_keys
-        if not runners or not all(key in r.loaded_models for r in runners)
-    }
 
 
 def _cold_load(forecasts: list[dict[str, Any]]) -> int | None:

@@ -13,7 +13,7 @@ from runner import estimate as estimate_module
 from runner import fleet, keys
 from runner.dispatch import predict_hot
 from runner.models import Run
-from tests.conftest import ROOT, private_data_env
+from tests.conftest import ROOT, private_data_env, start_cli_run
 from tests.definitions import detect_then_crops, detection, image_height
 from tests.test_model_upload import make_weights, upload
 from tests.test_runner_pool import start
@@ -197,30 +197,38 @@ def test_estimate_bad_requests(runner, alice_client, bob_client):
     assert Run.objects.count() == 0
 
 
-def test_estimate_models_on_different_runners_is_cold(
+def test_estimate_and_run_go_where_most_models_are(
     runner, extra_runners, alice, alice_client
 ):
-    # The session runner loads yolov8n.yaml; the other runner only yolo11n.yaml.
-    extra_runners("estimate-other")
-    start(alice, "yolov8n.yaml", runner.name)
-    start(alice, "yolo11n.yaml", "estimate-other")
-    definition = detection("yolov8n.yaml")
-    second = dict(definition["steps"][0], name="second", model_id="yolo11n.yaml")
+    # "most-a" holds one of the run's two models and "most-b" neither, nor
+    # does the session runner: no other test uses these two sizes.
+    holder = extra_runners("most-a")
+    extra_runners("most-b")
+    start(alice, "people-detector-352", "most-a")
+    wait_until_loaded(holder, "people-detector-352")
+    definition = detection("people-detector-352")
+    second = dict(definition["steps"][0], name="second", model_id="people-detector-384")
     definition["steps"].append(second)
-    time.sleep(1.2)  # a heartbeat from each runner
 
-    response = alice_client.post(
+    body = alice_client.post(
         "/api/estimate", {"specification": definition}, format="json"
-    )
-    body = response.json()
+    ).json()
+    assert body["runner"] == "most-a"
     assert body["hot"] is False
-    assert body["runner"] is None
     by_id = {model["model_id"]: model for model in body["models"]}
-    assert by_id["yolov8n.yaml"]["loaded_on"] == [runner.name]
-    assert by_id["yolo11n.yaml"]["loaded_on"] == ["estimate-other"]
-    # Whichever runner takes the run from the shared queue lacks one of them.
-    assert by_id["yolov8n.yaml"]["hot"] is False
-    assert by_id["yolo11n.yaml"]["hot"] is False
+    assert by_id["people-detector-352"]["hot"] is True
+    assert by_id["people-detector-352"]["cold_load_us"] == 0
+    assert by_id["people-detector-384"]["hot"] is False
+
+    outcome = start_cli_run(alice, definition, wait_s=120)
+    breakdown = outcome.payload["meta"]["breakdown"]
+    assert breakdown["runner"] == "most-a"
+    cold = {model["model_id"]: model["cold"] for model in breakdown["models"]}
+    assert cold == {"people-detector-352": False, "people-detector-384": True}
+    predicted = {
+        ref["model_id"]: ref["predicted_hot"] for ref in outcome.run.model_refs
+    }
+    assert predicted == {"people-detector-352": True, "people-detector-384": False}
 
 
 SCRIPT_WITHOUT_RUNNER = """

@@ -431,6 +431,28 @@ def test_routing_treats_unreadable_queue_as_busy(db):
         connection.delete(keys.current_run_key("route-b"))
 
 
+def test_routing_prefers_runner_holding_most_models(db):
+    # Each run claims the idle runner it picks, so the next run sees the
+    # runner holding both models busy and takes the one holding one.
+    states = [
+        fleet.RunnerState("most-none", {"models": [{"cache_key": "other"}]}),
+        fleet.RunnerState("most-one", {"models": [{"cache_key": "k1"}]}),
+        fleet.RunnerState(
+            "most-both", {"models": [{"cache_key": "k1"}, {"cache_key": "k2"}]}
+        ),
+    ]
+    try:
+        chosen = [choose_queue(["k1", "k2"], states, f"run-{i}") for i in range(3)]
+        assert chosen == [
+            keys.runner_queue("most-both"),
+            keys.runner_queue("most-one"),
+            keys.SHARED_QUEUE,
+        ]
+    finally:
+        for state in states:
+            get_redis().delete(keys.current_run_key(state.name))
+
+
 def test_routing_burst_takes_each_idle_runner_once(db):
     # Three runs routed before any of them is queued: each claims the idle
     # runner it picks at once, so the second and third cannot pick it too.
