@@ -331,16 +331,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def asgi_server(django_db_setup, django_db_blocker):
-    """daphne serving the whole site (HTTP and websockets) on the test database."""
+@contextlib.contextmanager
+def daphne_server(env_overrides: dict[str, str] | None = None, log_name="daphne.log"):
+    """Serve the whole site (HTTP and websockets) with daphne on the test database.
 
+    Yields the base URL. daphne runs as ``manage.py up`` runs it.
+    """
     port = free_port()
     env = os.environ.copy()
     env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
-    with django_db_blocker.unblock():
-        env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
-    log = open(Path(settings.DATA_DIR) / "daphne.log", "ab")
+    env["GLASSBOX_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
+    env.update(env_overrides or {})
+    log = open(Path(settings.DATA_DIR) / log_name, "ab")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -357,12 +359,23 @@ def asgi_server(django_db_setup, django_db_blocker):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, process, "daphne did not start; see daphne.log")
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
-    log.close()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url, process, f"daphne did not start; see {log_name}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def asgi_server(django_db_setup):
+    """daphne serving the whole site (HTTP and websockets) on the test database."""
+    # django_db_setup has named the test database by now, and reading that
+    # name opens no connection.
+    with daphne_server() as url:
+        yield url
 
 
 ARTIFACTS = ROOT / "test-artifacts"

@@ -51,7 +51,7 @@ def tokens(request):
 
 
 def _new_token(request) -> tuple[ApiToken, str] | None:
-    """Return the active token of this user named by the new-token cookie, with its key."""
+    """Return the user's active token named by the new-token cookie, with its key."""
     key = request.get_signed_cookie(
         NEW_TOKEN_COOKIE,
         default=None,

@@ -1,0 +1,80 @@
+"""daphne's HTTP request with a cap on the body it reads before the app runs.
+
+daphne spools a whole request body and then hands all of it to the
+application at once, so Django's size checks (MAX_REQUEST_BYTES,
+MAX_UPLOAD_BYTES) run only after the body is in memory. A client could make
+the websocket server read a body of any size, without signing in. This
+request stops reading once the body is over the larger of the two limits,
+by its Content-Length or, for a chunked body, as the bytes arrive. It
+responds 413 with the API's error body and closes the connection.
+Django then checks each route's own limit on the bodies that pass.
+"""
+
+import json
+
+from daphne.http_protocol import WebRequest
+from django.conf import settings
+
+# Multipart framing around an upload's file: boundaries, part headers and
+# the model_id field.
+MULTIPART_ALLOWANCE_BYTES = 64 * 1024
+
+
+def body_limit() -> int:
+    """Return the most bytes any route accepts in a request body."""
+    return max(
+        settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
+        settings.GLASSBOX["MAX_UPLOAD_BYTES"] + MULTIPART_ALLOWANCE_BYTES,
+    )
+
+
+class LimitedWebRequest(WebRequest):
+    def gotLength(self, length):
+        self.body_bytes = 0
+        self.body_rejected = False
+        super().gotLength(length)
+        if length is not None and length > body_limit():
+            self.reject_body(length)
+
+    def handleContentChunk(self, data):
+        if self.body_rejected:
+            return
+        self.body_bytes += len(data)
+        if self.body_bytes > body_limit():
+            self.reject_body(None)
+            return
+        super().handleContentChunk(data)
+
+    def process(self):
+        # The channel still calls process when the rest of a rejected body
+        # arrives before the connection closes.
+        if self.body_rejected:
+            return None
+        return super().process()
+
+    def reject_body(self, length: int | None) -> None:
+        """Respond 413 and close the connection without reading further."""
+        # Imported here because it needs Django set up, which daphne's
+        # command line does only after this module is imported.
+        from webapp.errors import error_body
+
+        self.body_rejected = True
+        limit = body_limit()
+        size = f" ({length} bytes)" if length is not None else ""
+        body = error_body(
+            f"request body{size} is larger than the limit of {limit} bytes",
+            "payload_too_large",
+            context="request_parsing",
+            hint="Send smaller images, or raise MAX_REQUEST_BYTES (MAX_UPLOAD_BYTES "
+            "for model uploads) on the server.",
+        )
+        content = json.dumps(body).encode()
+        head = (
+            "HTTP/1.1 413 Payload Too Large\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(content)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        transport = self.channel.transport
+        transport.write(head.encode("latin-1") + content)
+        transport.loseConnection()
