@@ -184,3 +184,35 @@ def stop_leftover_redis(data_dir) -> None:
             process.terminate()
     except (OSError, ValueError, psutil.Error):
         pass
+
+
+def test_demo_without_weights_names_the_missing_model(tmp_path):
+    # MODEL_DIR defaults to models/ in the data directory, which is empty.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE", "MODEL_DIR")
+    }
+    env["GLASSBOX_DATA_DIR"] = str(tmp_path)
+    try:
+        finished = subprocess.run(
+            [
+                sys.executable,
+                "manage.py",
+                "up",
+                "--demo",
+                "--port",
+                str(free_port_pair()),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_TIMEOUT_S,
+        )
+    finally:
+        stop_leftover_redis(tmp_path)
+    assert finished.returncode != 0
+    assert "the demo run was rejected (model_not_found)" in finished.stderr
+    assert "people-detector" in finished.stderr
+    assert "run None" not in finished.stdout

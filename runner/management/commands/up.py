@@ -375,6 +375,13 @@ class Command(BaseCommand):
         )
 
     def _print_demo_run(self, label: str, body: dict, headers) -> None:
+        if "status" not in body:
+            # An error body: the request was rejected before a run existed.
+            hint = f"\n{body['hint']}" if body.get("hint") else ""
+            raise CommandError(
+                f"the demo run was rejected ({body.get('code')}): "
+                f"{body.get('message')}{hint}"
+            )
         self.stdout.write(f"\n== {label}: run {body.get('id')} {body.get('status')}")
         if body.get("status") != "succeeded":
             self.stdout.write(json.dumps(body, indent=2))
