@@ -9,6 +9,7 @@ queued jobs move to the shared queue.
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +171,7 @@ def reap_runner(name: str, reason: str) -> int:
             ):
                 failed += 1
         moved = move_queued_jobs(name)
+        _recover_marked_run(connection, name, moved)
         connection.srem(keys.RUNNERS_SET, name)
     finally:
         connection.delete(keys.reap_lock_key(name))
@@ -179,13 +181,14 @@ def reap_runner(name: str, reason: str) -> int:
             "moved to the shared queue (%s)",
             name,
             failed,
-            moved,
+            len(moved),
             reason,
         )
     return failed
 
 
-def move_queued_jobs(name: str) -> int:
+def move_queued_jobs(name: str) -> list[str]:
+    """Move runner ``name``'s queued jobs to the shared queue; return their ids."""
     connection = get_redis()
     source = Queue(
         keys.runner_queue(name), connection=connection, serializer=keys.JOB_SERIALIZER
@@ -193,7 +196,7 @@ def move_queued_jobs(name: str) -> int:
     target = Queue(
         keys.SHARED_QUEUE, connection=connection, serializer=keys.JOB_SERIALIZER
     )
-    moved = 0
+    moved: list[str] = []
     while True:
         job_id = connection.lpop(source.key)
         if job_id is None:
@@ -215,7 +218,7 @@ def move_queued_jobs(name: str) -> int:
                 error,
             )
             continue
-        moved += 1
+        moved.append(job.id)
 
 
 def reap_dead_runners() -> None:
@@ -292,7 +295,7 @@ def _move_orphaned_queues(live: set[str]) -> None:
             logger.warning(
                 "moved %d jobs from the queue of runner %s, which has no "
                 "heartbeat, to the shared queue",
-                moved,
+                len(moved),
                 name,
             )
 
@@ -310,8 +313,6 @@ def recover_lost_jobs() -> int:
     queue; one whose inputs are gone too fails, unbilled.  Returns how many
     runs were found.
     """
-    from runner.dispatch import enqueue
-    from runner.finish import fail_run
     from runner.models import Run
 
     connection = get_redis()
@@ -336,19 +337,64 @@ def recover_lost_jobs() -> int:
             # the run; the job is not lost.
             continue
         found += 1
-        if not run.image_info or connection.exists(keys.inputs_key(str(run.id))):
-            logger.warning("run %s lost its queued job; queued again", run.id)
-            run.queue_name = keys.SHARED_QUEUE
-            Run.objects.filter(pk=run.pk).update(queue_name=run.queue_name)
-            enqueue(run)
-        else:
-            fail_run(
-                run.id,
-                "the queued job and its input images were lost (Redis restarted); "
-                "send the request again",
-                expected_status=Run.Status.QUEUED,
-            )
+        _queue_again(connection, run)
     return found
+
+
+def _queue_again(connection, run) -> None:
+    """Queue again, on the shared queue, a run whose job no runner will take.
+
+    The run fails, unbilled, instead when its input images are gone too.
+    """
+    from runner.dispatch import enqueue
+    from runner.finish import fail_run
+    from runner.models import Run
+
+    if not run.image_info or connection.exists(keys.inputs_key(str(run.id))):
+        logger.warning("run %s lost its queued job; queued again", run.id)
+        run.queue_name = keys.SHARED_QUEUE
+        Run.objects.filter(pk=run.pk).update(queue_name=run.queue_name)
+        enqueue(run)
+    else:
+        fail_run(
+            run.id,
+            "the queued job and its input images were lost (Redis restarted); "
+            "send the request again",
+            expected_status=Run.Status.QUEUED,
+        )
+
+
+def _recover_marked_run(connection, name: str, moved: list[str]) -> None:
+    """Clear a dead runner's busy mark, and queue its run again if it never started.
+
+    The mark names the run routing reserved the runner for, or the run it
+    was taking. If that run's job id is in no queue, the runner popped it
+    from its own queue and stopped, so without this the run would wait for
+    the lost-run check. A runner that comes back finds the job taken and
+    drops it. Ids just ``moved`` to the shared queue, and runs a live runner
+    is taking, are left alone.
+    """
+    from runner.models import Run
+
+    mark_key = keys.current_run_key(name)
+    mark = connection.get(mark_key)
+    connection.delete(mark_key)
+    if mark is None:
+        return
+    try:
+        run_id = uuid.UUID(mark.decode(errors="replace"))
+    except ValueError:
+        return
+    if str(run_id) in moved or str(run_id) in _runs_being_taken(connection):
+        return
+    run = Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).first()
+    if run is None:
+        return
+    if Job.exists(str(run.id), connection=connection):
+        if _is_queued(connection, run):
+            return
+        connection.delete(Job.key_for(str(run.id)))
+    _queue_again(connection, run)
 
 
 def _runs_being_taken(connection) -> set[str]:

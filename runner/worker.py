@@ -414,5 +414,5 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
             logger.info(
                 "runner %s stopped; %d queued jobs moved to the shared queue",
                 runtime.name,
-                moved,
+                len(moved),
             )

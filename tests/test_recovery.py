@@ -16,6 +16,7 @@ from runner.fleet import reap_runner, recover_lost_jobs
 from runner.models import Run
 from tests.conftest import image_b64, image_bytes, registered_runner, start_cli_run
 from tests.definitions import image_height
+from tests.test_runner_pool import wait_for_status
 from webapp.clock import clock
 from webapp.redis import get_redis
 from workflows.models import Workflow
@@ -239,3 +240,43 @@ def test_reap_spares_a_runner_that_started_again(alice):
     run.refresh_from_db()
     assert run.status == Run.Status.RUNNING
     Run.objects.filter(pk=run.pk).delete()
+
+
+def test_reap_queues_again_a_run_the_dead_runner_popped(runner, alice):
+    # "frozen" popped the job id of the run routing reserved it for, and
+    # stopped before taking the job: no queue holds the id any more.
+    with registered_runner("frozen") as name:
+        outcome = start_cli_run(alice, image_height(), wait_s=0, runner=name)
+        run_id = str(outcome.run.id)
+        popped = get_redis().lpop(f"rq:queue:{keys.runner_queue(name)}")
+        assert popped.decode() == run_id
+        get_redis().set(keys.current_run_key(name), run_id, ex=3600)
+
+    reap_runner(name, "runner frozen stopped sending heartbeats")
+
+    # A runner that comes back is not held by the mark of a run it lost.
+    assert get_redis().get(keys.current_run_key(name)) is None
+    # The lost-run check would queue it again only after LOST_AFTER_S.
+    run = wait_for_status(run_id, Run.Status.SUCCEEDED, timeout_s=20)
+    assert run.runner_name == runner.name
+    assert run.breakdown["components"]["queue"] < 25_000_000
+
+
+def test_reap_runs_a_moved_marked_job_once(runner, alice):
+    # The mark names a run still in the dead runner's own queue: moving the
+    # queue requeues it, and the mark must not queue it a second time.
+    with registered_runner("moved") as name:
+        outcome = start_cli_run(alice, image_height(), wait_s=0, runner=name)
+        run_id = str(outcome.run.id)
+        get_redis().set(keys.current_run_key(name), run_id, ex=3600)
+
+    reap_runner(name, "runner moved stopped sending heartbeats")
+
+    assert get_redis().get(keys.current_run_key(name)) is None
+    run = wait_for_status(run_id, Run.Status.SUCCEEDED)
+    assert run.runner_name == runner.name
+    time.sleep(0.5)  # a second copy of the job would be taken by now
+    shared = get_redis().lrange(f"rq:queue:{keys.SHARED_QUEUE}", 0, -1)
+    assert run_id.encode() not in shared
+    assert not Job.exists(run_id, connection=get_redis())
+    assert Bill.objects.filter(run_id=run_id).count() == 1
