@@ -33,6 +33,10 @@ class RunnerRuntime:
     # latest gap between wake-ups longer than RUNNER_DEAD_AFTER_S
     # (time.monotonic()): the process was stopped or starved that long.
     heartbeat_woke_at: float = field(default_factory=time.monotonic)
+    # Monotonic time before which no dead runner is reaped: set when this
+    # runner's heartbeats come back after failing, since the other runners'
+    # heartbeats failed with them.
+    reap_from: float = 0.0
     stall_ended_at: float = 0.0
     stall_s: float = 0.0
 

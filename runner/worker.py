@@ -12,6 +12,7 @@ import time
 
 import redis
 from django.conf import settings
+from django.db import close_old_connections
 from rq import Queue
 from rq.job import Job
 
@@ -295,9 +296,7 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
         dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
-        beats = 0
         failures = 0
-        reap_from = 0.0
         while not self.stopped.is_set():
             self.note_wake_up(dead_after)
             try:
@@ -306,12 +305,7 @@ class Heartbeat(threading.Thread):
                     # The other runners lost Redis too, and their heartbeats
                     # expired meanwhile: give them time to beat again before
                     # taking them for dead.
-                    reap_from = time.monotonic() + dead_after
-                if beats % 3 == 0 and time.monotonic() >= reap_from:
-                    fleet.reap_dead_runners()
-                if beats % RECONCILE_EVERY_BEATS == 0:
-                    fleet.recover_lost_jobs()
-                if failures:
+                    self.runtime.reap_from = time.monotonic() + dead_after
                     logger.info(
                         "runner %s: heartbeat back after %d failures",
                         self.runtime.name,
@@ -329,7 +323,6 @@ class Heartbeat(threading.Thread):
                         self.runtime.name,
                         failures,
                     )
-            beats += 1
             self.stopped.wait(interval)
 
     def note_wake_up(self, dead_after: float) -> None:
@@ -371,6 +364,45 @@ class Heartbeat(threading.Thread):
         self.stopped.set()
 
 
+class FleetChecks(threading.Thread):
+    """Reap dead runners and recover lost jobs, in a thread of their own.
+
+    Both read the database. In the heartbeat's thread, a database that
+    stalls for a few seconds would stop every runner's heartbeats, and the
+    fleet would look down with all its runners healthy.
+    """
+
+    def __init__(self, runtime: RunnerRuntime) -> None:
+        super().__init__(name=f"fleet-checks-{runtime.name}", daemon=True)
+        self.runtime = runtime
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
+        checks = 0
+        failures = 0
+        while not self.stopped.is_set():
+            try:
+                if checks % 3 == 0 and time.monotonic() >= self.runtime.reap_from:
+                    fleet.reap_dead_runners()
+                if checks % RECONCILE_EVERY_BEATS == 0:
+                    fleet.recover_lost_jobs()
+                failures = 0
+            except Exception:
+                failures += 1
+                if failures == 1:
+                    logger.exception(
+                        "runner %s: fleet checks failed", self.runtime.name
+                    )
+                # A connection broken by the failure is opened again next time.
+                close_old_connections()
+            checks += 1
+            self.stopped.wait(interval)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> None:
     own_queue = Queue(
         keys.runner_queue(runtime.name),
@@ -393,7 +425,12 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     )
     heartbeat = Heartbeat(runtime, own_queue, on_name_taken=worker.stopping.set)
     heartbeat.beat()
+    # The process warm-up before this took seconds without a heartbeat, and
+    # no run was waiting on this runner then: that is not a stall.
+    runtime.heartbeat_woke_at = time.monotonic()
     heartbeat.start()
+    checks = FleetChecks(runtime)
+    checks.start()
     runtime.cache.on_change = heartbeat.beat
     logger.info(
         "runner %s started on %s (budget %d bytes), queues %s and %s",
@@ -406,6 +443,7 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     try:
         worker.work(burst=burst)
     finally:
+        checks.stop()
         heartbeat.stop()
         heartbeat.join(timeout=5)
         if not runtime.name_taken:

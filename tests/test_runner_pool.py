@@ -8,11 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
 import pytest
 from django.db import connection as db_connection
+from django.db import transaction
 from django.utils import timezone
 from rq import Queue
 from rq.job import Job
@@ -601,3 +603,43 @@ def test_model_loaded_twice_in_a_run_counts_both_loads(runner, extra_runners, al
     for model in breakdown["models"]:
         own = [load["total"] for load in loads if load["model_id"] == model["model_id"]]
         assert model["cold_load"]["total"] == sum(own)
+
+
+def test_database_stall_keeps_heartbeats(runner):
+    # Reaping and the lost-run check read runs. While a lock blocks those
+    # reads, the runner must keep beating, or the fleet looks down.
+    if db_connection.vendor != "postgresql":
+        pytest.skip("SQLite in WAL mode lets reads pass a writer's lock")
+    missing = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if not get_redis().exists(keys.heartbeat_key(runner.name)):
+                missing.append(time.monotonic())
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with transaction.atomic(), db_connection.cursor() as cursor:
+            cursor.execute("LOCK TABLE runner_run IN ACCESS EXCLUSIVE MODE")
+            # Longer than RUNNER_DEAD_AFTER_S plus the 3 s between reaps.
+            time.sleep(10)
+    finally:
+        done.set()
+        watcher.join()
+    assert missing == []
+
+
+def test_new_runner_logs_no_stall(runner, extra_runners):
+    # Its process warm-up takes longer than this dead time, before the
+    # heartbeat thread starts.
+    fresh = extra_runners(
+        "fresh-start",
+        env_overrides={"RUNNER_HEARTBEAT_S": "0.1", "RUNNER_DEAD_AFTER_S": "0.5"},
+    )
+    time.sleep(1)  # several heartbeats after it went live
+    log = fresh.log_path.read_text()
+    assert "runner fresh-start started" in log
+    assert "no heartbeat for" not in log
