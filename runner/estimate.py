@@ -23,7 +23,9 @@ Only the owner's runs are read, so other users' traffic changes no time or
 price. Whether a model is hot is the fleet's state, read from heartbeats: a
 shared model another user's run loaded is hot for everyone, as it would be
 for the run itself. The predicted latency is the sum of those
-medians, a typical figure rather than the median of past totals. The
+medians, a typical figure rather than the median of past totals. Runs
+waiting in the queues the run would join make its queue time unknown,
+because the history it is predicted from did not wait behind them. The
 predicted price is the billing policy applied to the predicted runner
 total. A part without history is unknown, and then so are the totals and
 the price: an estimate never fills a gap with a guess.
@@ -33,10 +35,13 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from rq import Queue
+
 from billing.policy import BillingPolicy
-from runner import fleet
+from runner import fleet, keys
 from runner.dispatch import resolve_models, routing_order
 from runner.models import Run
+from webapp.redis import get_redis
 from workflows.compiler.plan import ExecutionPlan
 from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
 
@@ -84,6 +89,14 @@ def estimate_run(
     device = target.data.get("device") if target else None
     cold_keys = cache_keys - target.loaded_models if target else set(cache_keys)
     takers = [target] if target else runners
+    queued_ahead = _queued_ahead(target) if runners else 0
+    if queued_ahead:
+        unknown.append(
+            f"{queued_ahead} runs are queued ahead of this one, so its queue time "
+            "is unknown: the past runs it would be predicted from did not wait "
+            "behind them"
+        )
+        components["queue"] = None
     if cold_keys and _exceeds_budgets(cache_keys, takers, model_runs):
         # The runner that takes the run evicts one of its models to load
         # another, so none of them can be counted on.
@@ -128,6 +141,7 @@ def estimate_run(
         "hot": not any(forecast["would_load"] for forecast in forecasts),
         "runner": target.name if target else None,
         "runners_up": len(runners),
+        "queued_ahead": queued_ahead,
         "batch_size": batch_size,
         "models": [_public(forecast) for forecast in forecasts],
         "components": components,
@@ -282,6 +296,21 @@ def _exceeds_budgets(
                     sizes[key] = entry["memory_bytes"]
     needed = sum(sizes.get(key, 0) for key in cache_keys)
     return all(needed > runner.data.get("budget_bytes", needed) for runner in runners)
+
+
+def _queued_ahead(target: fleet.RunnerState | None) -> int:
+    """Return how many jobs wait in the shared queue and in ``target``'s own queue.
+
+    A queue key that is not a list counts as empty.
+    """
+    names = [keys.SHARED_QUEUE]
+    if target is not None:
+        names.append(keys.runner_queue(target.name))
+    pipeline = get_redis().pipeline(transaction=False)
+    for name in names:
+        pipeline.llen(f"{Queue.redis_queue_namespace_prefix}{name}")
+    replies = pipeline.execute(raise_on_error=False)
+    return sum(reply for reply in replies if isinstance(reply, int))
 
 
 def _cold_load(forecasts: list[dict[str, Any]]) -> int | None:

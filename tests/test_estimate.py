@@ -13,11 +13,13 @@ from runner import estimate as estimate_module
 from runner import fleet, keys
 from runner.dispatch import predict_hot
 from runner.models import Run
-from tests.conftest import ROOT, private_data_env, start_cli_run
+from runner.registry import resolve_model
+from tests.conftest import ROOT, private_data_env, registered_runner, start_cli_run
 from tests.definitions import detect_then_crops, detection, image_height
 from tests.test_model_upload import make_weights, upload
 from tests.test_runner_pool import start
 from tests.test_runs import create_workflow, run_workflow
+from webapp.redis import get_redis
 from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
 
 
@@ -394,3 +396,25 @@ def test_estimate_counts_calls_of_a_model_chosen_by_parameter(runner, alice_clie
     assert model["cold_load_us"] is None
     assert body["hot"] is False
     assert body["price"] is None
+
+
+def test_estimate_with_backlog_has_unknown_queue(runner, alice, alice_client):
+    # "backlog" holds the model, at a size no other test uses, so the
+    # estimate picks it. Three jobs wait in its own queue.
+    cache_key = resolve_model("people-detector-416", owner_id=alice.id).cache_key
+    own = f"rq:queue:{keys.runner_queue('backlog')}"
+    with registered_runner("backlog", (cache_key,)):
+        get_redis().rpush(own, "ahead-1", "ahead-2", "ahead-3")
+        try:
+            body = alice_client.post(
+                "/api/estimate",
+                {"specification": detection("people-detector-416")},
+                format="json",
+            ).json()
+        finally:
+            get_redis().delete(own)
+    assert body["runner"] == "backlog"
+    assert body["queued_ahead"] == 3
+    assert body["components"]["queue"] is None
+    assert body["total"] is None
+    assert any("3 runs are queued ahead" in reason for reason in body["unknown"])
