@@ -156,8 +156,10 @@ class ModelCache:
         key = source.cache_key
         entry = self._entries.get(key)
         if entry is None:
+            # Before making room: a load that cannot start must not evict.
+            path = self._local_file(source)
             self._make_room(self._known_sizes.get(key, 0), keep=key)
-            entry = self._load(source, use)
+            entry = self._load(source, path, use)
             with self._lock:
                 self._entries[key] = entry
             self._known_sizes[key] = entry.memory_bytes
@@ -235,16 +237,8 @@ class ModelCache:
             torch.cuda.empty_cache()
         return time.perf_counter() - started
 
-    def _load(self, source: ModelSource, use: ModelUse) -> LoadedModel:
-        process = psutil.Process()
-        rss_before = process.memory_info().rss
-        cuda_before = (
-            torch.cuda.memory_allocated(self.device)
-            if self.device.startswith("cuda")
-            else 0
-        )
-
-        started = time.perf_counter_ns()
+    def _local_file(self, source: ModelSource) -> str:
+        """Return the weights' path on this machine; raise ModelLoadError if missing."""
         path = source.local_path()
         if source.kind != "architecture" and not Path(path).is_file():
             # Every machine's runners need the same files in their model and
@@ -254,6 +248,18 @@ class ModelCache:
                 f"this runner has no file {source.path} in its "
                 f"{KIND_PLACES[source.kind]}",
             )
+        return path
+
+    def _load(self, source: ModelSource, path: str, use: ModelUse) -> LoadedModel:
+        process = psutil.Process()
+        rss_before = process.memory_info().rss
+        cuda_before = (
+            torch.cuda.memory_allocated(self.device)
+            if self.device.startswith("cuda")
+            else 0
+        )
+
+        started = time.perf_counter_ns()
         try:
             model = open_weights(path, task="detect")
         except Exception as error:

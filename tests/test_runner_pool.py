@@ -556,15 +556,29 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     ran = start(alice, "people-detector", "other-machine", wait_s=120)
     assert ran.payload["meta"]["status"] == "succeeded"
 
+    # The bare runner's budget holds one model. It has loaded the detector
+    # once, so it knows its size, and then lost the file: the failed load
+    # must not evict the model it has now.
     empty = tmp_path / "models-empty"
     empty.mkdir()
-    extra_runners("bare-machine", env_overrides={"MODEL_DIR": str(empty)})
+    shutil.copy(resolve_model("people-detector").local_path(), empty)
+    bare = extra_runners(
+        "bare-machine", budget_mb=20, env_overrides={"MODEL_DIR": str(empty)}
+    )
+    start(alice, "people-detector", "bare-machine", wait_s=120)
+    start(alice, "yolov8n.yaml", "bare-machine", wait_s=120)
+    (empty / "people-detector.pt").unlink()
+    evictions = bare.state()["evictions"]
     failed = start(alice, "people-detector", "bare-machine", wait_s=120)
     error = failed.payload["meta"]["error"]
     assert error["code"] == "model_load_failed"
     assert "no file people-detector.pt in its MODEL_DIR" in error["message"]
     assert str(empty) not in error["message"]
     assert Bill.objects.get(run_id=failed.run.id).billed is False
+    time.sleep(0.6)  # a heartbeat after the failed run
+    state = bare.state()
+    assert [model["model_id"] for model in state["models"]] == ["yolov8n.yaml"]
+    assert state["evictions"] == evictions
 
 
 def test_model_loaded_twice_in_a_run_counts_both_loads(runner, extra_runners, alice):
