@@ -5,6 +5,7 @@ from runner.openmp import apply_spin_default
 # Before the imports below load torch, and with it libgomp.
 apply_spin_default()
 
+import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
@@ -68,6 +69,12 @@ class Command(BaseCommand):
         set_runtime(runtime)
         seconds = cache.warm_up_process()
         logger.info("runner %s: process warmed up in %.2f s", name, seconds)
+        # Everything alive now (modules, Django, torch) lives as long as the
+        # process. Frozen, it is left out of every later garbage collection,
+        # so the one after an eviction scans only what runs created: it took
+        # about 190 ms here with these objects and well under 1 ms without.
+        gc.collect()
+        gc.freeze()
         connection = get_redis()
         self._fail_own_stale_runs(name)
         run_worker(runtime, connection, burst=options["burst"])
