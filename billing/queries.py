@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from billing.models import Bill
 from billing.policy import waive_reason
+from runner.models import Run
 from webapp.models import ApiToken
 from workflows.models import Workflow
 from workflows.timing import COMPONENTS
@@ -378,6 +379,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
             "amount_microcredits",
             "components",
             "run__cold",
+            "run__status",
             "run__total_us",
             "run__breakdown__models",
             "run__workflow_version__workflow_id",
@@ -409,6 +411,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         amount,
         components,
         cold,
+        status,
         total_us,
         models,
         workflow_id,
@@ -420,9 +423,10 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         totals["runs"] += 1
         totals["amount_microcredits"] += amount
         totals["billed_ms"] += billed_ms
-        totals["billable_us"] += billable_us
 
         if billed:
+            # A waived bill keeps its run's time, but none of it is billed.
+            totals["billable_us"] += billable_us
             cold_load = components.get("cold_load", 0)
             inference = sum(components.get(part, 0) for part in INFERENCE_COMPONENTS)
             day.cold_load_us += cold_load
@@ -436,6 +440,8 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
             kind = "no_timing"
         else:
             kind = SUMMARY_START_KEYS[_start_kind(cold, models or [])]
+        # A failed run's total stops where it failed, so it is no latency.
+        if total_us is not None and status == Run.Status.SUCCEEDED:
             latencies[workflow_id].append(total_us)
             workflow_names[workflow_id] = name or INLINE_WORKFLOW_LABEL
         starts[kind]["runs"] += 1
