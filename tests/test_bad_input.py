@@ -635,13 +635,18 @@ def test_parameter_out_of_range(send_run):
 
 
 def test_parameter_default_wrong_type(send_run):
+    # The definition itself is invalid: every run without the parameter
+    # would fail.
     definition = with_parameter(detection(), "conf", default_value=[0.5])
     definition["steps"][0]["confidence"] = "$inputs.conf"
     response = send_run(definition, {"image": base64_input(image_bytes())})
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
-    assert body["field"] == "conf"
+    assert body["code"] == "invalid_definition"
+    assert body["step"] == "people"
+    assert body["field"] == "confidence"
+    assert "default_value of '$inputs.conf'" in body["message"]
     assert_nothing_stored()
 
 
@@ -1191,6 +1196,19 @@ def test_validate_warns_about_unresolved_model(alice_client):
     )
     resolved = post_json(alice_client, "/api/validate", {"definition": detection()})
     assert resolved.json()["warnings"] == []
+
+
+def test_validate_warns_about_unresolved_default_model(alice_client):
+    definition = detection()
+    definition["inputs"].append(
+        {"type": "WorkflowParameter", "name": "model", "default_value": "nosuch-model"}
+    )
+    definition["steps"][0]["model_id"] = "$inputs.model"
+    response = post_json(alice_client, "/api/validate", {"definition": definition})
+    assert response.status_code == 200
+    assert any(
+        "'nosuch-model' not found" in warning for warning in response.json()["warnings"]
+    )
 
 
 def test_nesting_limit_counts_empty_containers(alice_client):

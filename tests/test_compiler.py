@@ -46,6 +46,26 @@ def test_compile_missing_required_field():
     assert "missing" in error.property_details
 
 
+def test_compile_parameter_default_checked_against_field():
+    definition = detection()
+    definition["inputs"].append(
+        {"type": "WorkflowParameter", "name": "confidence", "default_value": 5}
+    )
+    definition["steps"][0]["confidence"] = "$inputs.confidence"
+    [error] = compile_errors(definition)
+    assert error.block_id == "people"
+    assert error.property_name == "confidence"
+    assert "default_value of '$inputs.confidence' is invalid" in error.property_details
+    assert "from 0 to 1, got 5" in error.property_details
+
+
+def test_compile_parameter_without_default_is_not_checked():
+    definition = detection()
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "confidence"})
+    definition["steps"][0]["confidence"] = "$inputs.confidence"
+    assert build_plan(definition, "digest").steps
+
+
 def test_compile_wrong_kind_selector():
     definition = detection()
     # An image field fed with detections.

@@ -288,10 +288,12 @@ def model_warnings(plan, owner_id: int) -> list[str]:
     """Warn about model ids written in the definition that resolve to nothing now.
 
     Weights can be added after a workflow is saved, so this is a warning and
-    not an error. Ids that come from parameters are resolved when a run starts.
+    not an error. An id that comes from a parameter is checked as its
+    default; a run can send another.
     """
     warnings = []
-    for step, model_id in plan.model_ids({}):
+    defaults = {spec.name: spec.default for spec in plan.parameter_inputs}
+    for step, model_id in plan.model_ids(defaults):
         if model_id is None:
             continue
         try:

@@ -85,9 +85,12 @@ def _bind_field(
             return _check_step_reference(
                 parsed, step, block, field.name, reference, blocks, VALUE
             )
-        return _check_input_reference(
+        bound = _check_input_reference(
             parsed, step, block, field.name, reference, inputs, PARAMETER_INPUT
         )
+        if bound is not None:
+            _check_default(parsed, step, block, field, inputs[bound.name])
+        return bound
     if reference is None:
         parsed.error(
             step,
@@ -138,6 +141,25 @@ def _check_literal(parsed, step, block, field, value) -> Literal | None:
         parsed.error(step, block.type, field.name, problem)
         return None
     return Literal(value)
+
+
+def _check_default(parsed, step, block, field: Field, spec: InputSpec) -> None:
+    """Report a parameter's default that the field it feeds would reject.
+
+    Every run that does not set the parameter would fail with it.
+    """
+    if not spec.has_default:
+        return
+    problem = value_problem(field, spec.default)
+    if problem:
+        parsed.error(
+            step,
+            block.type,
+            field.name,
+            f"the default_value of '$inputs.{spec.name}' is invalid here: "
+            f"{problem}. Change the default, or remove it to make the "
+            "parameter required",
+        )
 
 
 def _check_input_reference(
