@@ -18,9 +18,16 @@ from rest_framework.views import APIView
 from runner import fleet
 from runner.models import ModelUpload, Run
 from runner.presenters import run_to_dict
-from runner.registry import SAFE_ID, SIZE_SUFFIX, model_dir
+from runner.registry import (
+    KIND_PLACES,
+    SAFE_ID,
+    SIZE_SUFFIX,
+    model_dir,
+    resolve_model,
+)
 from runner.weights_check import WeightsRejected, check_weights
 from webapp.requests import MalformedRequest, PayloadTooLarge, TooManyRequests
+from workflows.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +157,15 @@ class ModelListView(APIView):
                 hint="Pick an id that ends in neither; a size suffix can still be "
                 "added to it in a workflow.",
             )
+        shadowed = _shared_model(model_id)
+        if shadowed is not None:
+            raise MalformedRequest(
+                f"model_id '{model_id}' already names {shadowed}, which your "
+                "upload would hide from your workflows",
+                context="request_parsing",
+                field_name="model_id",
+                hint="Pick another id for your weights.",
+            )
         if upload is None:
             raise MalformedRequest(
                 "a weights file is required in the 'file' field",
@@ -231,6 +247,19 @@ def _store_upload(owner_id: int, upload) -> Path:
         for chunk in upload.chunks():
             out.write(chunk)
     return Path(name)
+
+
+def _shared_model(model_id: str) -> str | None:
+    """Describe the shared model ``model_id`` resolves to without uploads, or None.
+
+    Uploads come first when an id resolves, so an upload under such an id
+    would silently replace that model in every workflow of its owner.
+    """
+    try:
+        source = resolve_model(model_id, owner_id=None)
+    except ModelNotFoundError:
+        return None
+    return f"a file in the {KIND_PLACES[source.kind]}"
 
 
 def _check_upload_length(request) -> None:

@@ -16,7 +16,7 @@ from runner.models import Run
 from runner.registry import resolve_model
 from tests.conftest import ROOT, private_data_env, registered_runner, start_cli_run
 from tests.definitions import detect_then_crops, detection, image_height
-from tests.test_model_upload import make_weights, upload
+from tests.test_registry import record_upload
 from tests.test_runner_pool import start
 from tests.test_runs import create_workflow, run_workflow
 from webapp.redis import get_redis
@@ -358,12 +358,14 @@ def test_run_prediction_counts_evictions_as_cold(alice):
     assert [m["predicted_hot"] for m in models] == [True, True]
 
 
-def test_estimate_after_new_weights_counts_calls_by_id(runner, alice_client, tmp_path):
+def test_estimate_after_new_weights_counts_calls_by_id(
+    runner, alice, alice_client, tmp_path
+):
     workflow_id = create_workflow(alice_client, detection("people-detector"))
     assert run_workflow(alice_client, workflow_id).status_code == 200
-    # Alice's upload now takes the id over from the model directory's file.
-    own = make_weights(tmp_path / "own.pt")
-    assert upload(alice_client, "people-detector", own).status_code == 201
+    # Other weights now answer to the id for Alice: an upload recorded as
+    # the upload view would, had the model directory's file come later.
+    record_upload(alice, "people-detector", tmp_path)
 
     body = estimate(alice_client, workflow_id)
     model = body["models"][0]

@@ -207,3 +207,15 @@ def test_upload_while_another_is_checked_is_429(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
     assert upload(alice_client, "second", weights).status_code == 201
+
+
+def test_upload_rejects_id_of_a_shared_model(alice_client, tmp_path):
+    # Uploads resolve first, so the demo's detector would be replaced in
+    # every workflow of the uploader.
+    weights = make_weights(tmp_path / "mine.pt")
+    response = upload(alice_client, "people-detector", weights)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["field"] == "model_id"
+    assert "a file in the MODEL_DIR" in body["message"]
+    assert ModelUpload.objects.count() == 0
