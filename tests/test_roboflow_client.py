@@ -16,6 +16,7 @@ from inference_sdk.http.errors import HTTPCallErrorError
 
 from tests.conftest import image_b64
 from tests.definitions import detection, image_height
+from webapp.models import ApiToken
 from workflows.models import Workflow
 
 # A size suffix gives the model a cache entry of its own, so its first run in
@@ -286,3 +287,35 @@ def test_timing_hot_run_has_no_load(runner, live_server, alice_key):
     assert response.headers["X-Model-Cold-Start"] == "false"
     assert response.headers["X-Model-Load-Details"] == "[]"
     assert float(response.headers["X-Model-Load-Time"]) == 0
+
+
+@pytest.mark.parametrize("username", ["api", "admin", "carol"])
+def test_roboflow_url_reaches_the_workflow(
+    runner, live_server, django_user_model, username
+):
+    # A user named like one of the site's own prefixes cannot use the short
+    # route, so the API gives the /infer/ form, which reaches the same view.
+    user = django_user_model.objects.create_user(username, password="pw-" + username)
+    _, key = ApiToken.issue(user, "tests")
+    headers = {"Authorization": f"Bearer {key}"}
+    created = requests.post(
+        f"{live_server.url}/api/workflows/",
+        json={"name": "heights", "definition": image_height()},
+        headers=headers,
+        timeout=30,
+    )
+    url = created.json()["roboflow_url"]
+    if username == "carol":
+        assert url == "/carol/workflows/heights"
+    else:
+        assert url == f"/infer/workflows/{username}/heights"
+    ran = requests.post(
+        f"{live_server.url}{url}",
+        json={
+            "api_key": key,
+            "inputs": {"image": {"type": "base64", "value": image_b64()}},
+        },
+        timeout=60,
+    )
+    assert ran.status_code == 200, ran.text
+    assert ran.json()["outputs"][0]["height"] == 1080

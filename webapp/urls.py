@@ -61,6 +61,7 @@ urlpatterns = [
     path(
         "<str:workspace>/workflows/<slug:workflow_id>",
         roboflow.StoredWorkflowRunView.as_view(),
+        name=workflow_views.STORED_ROUTE_NAME,
     ),
 ]
 

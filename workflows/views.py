@@ -1,9 +1,12 @@
 """REST API for workflow definitions and for running them."""
 
+from urllib.parse import quote
+
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Max
 from django.shortcuts import get_object_or_404
+from django.urls import Resolver404, resolve
 from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -35,6 +38,26 @@ class WorkflowWriteSerializer(serializers.Serializer):
     definition = serializers.JSONField(required=False)
 
 
+# URL name of Roboflow's route for a stored workflow.
+STORED_ROUTE_NAME = "roboflow-stored-workflow-run"
+
+
+def roboflow_url(workspace: str, slug: str) -> str:
+    """Return the Roboflow-compatible route that runs this stored workflow.
+
+    ``/<workspace>/workflows/<slug>`` is the route Roboflow's client calls,
+    but a user named like one of this site's own prefixes (``api``,
+    ``admin``) cannot reach it there, so those get the ``/infer/`` form.
+    """
+    try:
+        match = resolve(f"/{workspace}/workflows/{slug}")
+    except Resolver404:
+        match = None
+    if match is None or match.url_name != STORED_ROUTE_NAME:
+        return f"/infer/workflows/{quote(workspace)}/{slug}"
+    return f"/{quote(workspace)}/workflows/{slug}"
+
+
 def workflow_to_dict(
     workflow: Workflow,
     version: WorkflowVersion | None = None,
@@ -50,7 +73,7 @@ def workflow_to_dict(
         "created_at": workflow.created_at.isoformat(),
         "updated_at": workflow.updated_at.isoformat(),
         "run_url": f"/api/workflows/{workflow.id}/runs",
-        "roboflow_url": f"/{workflow.owner.username}/workflows/{workflow.slug}",
+        "roboflow_url": roboflow_url(workflow.owner.username, workflow.slug),
     }
     if include_definition and version:
         body["definition"] = version.definition
