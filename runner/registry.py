@@ -36,6 +36,9 @@ SIZE_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<size>\d{3,4})$")
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}")
 # Input sizes a size suffix may ask for, in pixels.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1920
+# ultralytics rounds an input size up to a multiple of the model's largest
+# stride, 32 for the detection models here, so -641 and -672 run alike.
+SIZE_STEP = 32
 
 UNTRAINED_LABEL = "untrained architecture: random weights, detections are meaningless"
 
@@ -154,6 +157,9 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
                 reason=f"a size suffix must be from {MIN_IMAGE_SIZE} to "
                 f"{MAX_IMAGE_SIZE} pixels, got {size}",
             )
+        # The size the model runs at, so that sizes that run alike share
+        # one loaded model.
+        size = -(-size // SIZE_STEP) * SIZE_STEP
         names.append(match["name"])
     for name in names:
         found = None

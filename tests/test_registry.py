@@ -165,3 +165,12 @@ def test_size_suffix_at_the_default_size_names_the_same_model(db, settings):
     assert resolve_model("people-detector-640").cache_key == plain.cache_key
     assert resolve_model("people-detector-320").cache_key != plain.cache_key
     assert resolve_model("yolov8n.yaml").image_size == 640
+
+
+def test_size_suffix_rounds_up_to_stride(db):
+    # ultralytics runs 641 as 672, so both ids name one loaded model.
+    rounded = resolve_model("people-detector-641")
+    assert rounded.image_size == 672
+    assert rounded.cache_key == resolve_model("people-detector-672").cache_key
+    assert resolve_model("people-detector-0641").cache_key == rounded.cache_key
+    assert resolve_model("people-detector-640").image_size == 640
