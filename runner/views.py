@@ -4,12 +4,15 @@ import hashlib
 import logging
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.shortcuts import get_object_or_404
 from rest_framework import status
+from rest_framework.exceptions import NotFound
 from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
@@ -38,7 +41,9 @@ RUN_STATUSES = {choice for choice, _ in Run.Status.choices}
 
 class RunListView(APIView):
     def get(self, request):
-        # The id breaks ties of created_at, so pages neither repeat nor skip.
+        # The id breaks ties of created_at, so the order is total. Offsets
+        # count from the newest run, so a run created between two pages
+        # shifts the second by one; ``before`` pages by the last run seen.
         runs = (
             Run.objects.filter(owner=request.user)
             .select_related("workflow_version", "bill")
@@ -56,21 +61,47 @@ class RunListView(APIView):
         workflow_id = _query_integer(request, "workflow")
         if workflow_id is not None:
             runs = runs.filter(workflow_version__workflow_id=workflow_id)
+        before = _before_run(request)
+        if before is not None:
+            runs = runs.filter(
+                Q(created_at__lt=before.created_at)
+                | Q(created_at=before.created_at, pk__lt=before.pk)
+            )
         limit = min(_query_integer(request, "limit") or 50, MAX_RUNS_PER_PAGE)
         offset = _query_integer(request, "offset", minimum=0) or 0
         # One more than the page, to tell whether another page follows.
         page = list(runs[offset : offset + limit + 1])
+        more = len(page) > limit
+        page = page[:limit]
         return Response(
             {
-                "results": [
-                    run_to_dict(run, include_outputs=False) for run in page[:limit]
-                ],
-                "next_offset": offset + limit if len(page) > limit else None,
+                "results": [run_to_dict(run, include_outputs=False) for run in page],
+                "next_offset": offset + limit if more else None,
+                "next_before": str(page[-1].pk) if more else None,
             }
         )
 
 
 MAX_RUNS_PER_PAGE = 500
+
+
+def _before_run(request) -> Run | None:
+    """Return the user's run named by the ``before`` query parameter, or None."""
+    raw = request.GET.get("before", "")
+    if not raw:
+        return None
+    try:
+        run_id = uuid.UUID(raw)
+    except ValueError:
+        raise MalformedRequest(
+            f"before must be a run id, got {raw[:100]!r}",
+            context="request_parsing",
+            field_name="before",
+        ) from None
+    run = Run.objects.filter(pk=run_id, owner=request.user).only("created_at").first()
+    if run is None:
+        raise NotFound(f"run {run_id} given as before not found among your runs")
+    return run
 
 
 def _query_integer(request, name: str, minimum: int = 1) -> int | None:

@@ -378,3 +378,29 @@ def test_run_list_pages_through_every_run(alice, alice_client):
     bad = alice_client.get("/api/runs/?offset=-1")
     assert bad.status_code == 400
     assert bad.json()["field"] == "offset"
+
+
+@pytest.mark.django_db
+def test_run_list_before_survives_new_runs(alice, bob, alice_client):
+    created = [
+        Run.objects.create(owner=alice, source="api", status=Run.Status.QUEUED)
+        for _ in range(5)
+    ]
+    every = [run["id"] for run in alice_client.get("/api/runs/").json()["results"]]
+    first = alice_client.get("/api/runs/?limit=2").json()
+    # A run created between pages shifts offsets, not the cursor.
+    Run.objects.create(owner=alice, source="api", status=Run.Status.QUEUED)
+    seen = [run["id"] for run in first["results"]]
+    before = first["next_before"]
+    while before is not None:
+        body = alice_client.get(f"/api/runs/?limit=2&before={before}").json()
+        seen += [run["id"] for run in body["results"]]
+        before = body["next_before"]
+    assert seen == every
+    assert sorted(every) == sorted(str(run.pk) for run in created)
+
+    garbage = alice_client.get("/api/runs/?before=nope")
+    assert garbage.status_code == 400
+    assert garbage.json()["field"] == "before"
+    others = Run.objects.create(owner=bob, source="api", status=Run.Status.QUEUED)
+    assert alice_client.get(f"/api/runs/?before={others.pk}").status_code == 404
