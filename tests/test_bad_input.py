@@ -7,6 +7,7 @@ here, and one that reached a runner would store a run.
 """
 
 import base64
+import gzip
 import io
 import json
 import re
@@ -1414,4 +1415,28 @@ def test_tiff_with_32_bit_samples_rejected(send_run, dtype):
     body = response.json()
     assert body["code"] == "invalid_input"
     assert "32-bit samples" in body["message"]
+    assert_nothing_stored()
+
+
+def test_compressed_body_rejected(alice_client):
+    # Neither gunicorn nor Django decompresses a body.
+    raw = gzip.compress(json.dumps({"definition": image_height()}).encode())
+    response = alice_client.post(
+        "/api/validate",
+        raw,
+        content_type="application/json",
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert response.status_code == 415
+    body = response.json()
+    assert body["code"] == "unsupported_media_type"
+    assert "'gzip'" in body["message"]
+    assert "uncompressed" in body["hint"]
+    identity = alice_client.post(
+        "/api/validate",
+        json.dumps({"definition": image_height()}),
+        content_type="application/json",
+        headers={"Content-Encoding": "identity"},
+    )
+    assert identity.status_code == 200
     assert_nothing_stored()

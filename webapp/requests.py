@@ -133,8 +133,28 @@ class TooManyRequests(WorkflowError):
     status = 429
 
 
+class UnsupportedEncoding(WorkflowError):
+    """A body compressed with a Content-Encoding this server does not decode."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
 def read_body(django_request) -> bytes:
-    """Return the raw body, or a 413 error body when it is over the limit."""
+    """Return the raw body, or a 413 error body when it is over the limit.
+
+    A compressed body (Content-Encoding other than identity) gets a 415:
+    neither gunicorn nor Django decompresses it, and its bytes would
+    otherwise be reported as invalid UTF-8.
+    """
+    encoding = django_request.META.get("HTTP_CONTENT_ENCODING", "").strip()
+    if encoding and encoding.lower() != "identity":
+        raise UnsupportedEncoding(
+            f"request bodies with Content-Encoding {encoding[:50]!r} are not "
+            "supported",
+            context="request_parsing",
+            hint="Send the body uncompressed, without a Content-Encoding header.",
+        )
     try:
         return django_request.body
     except RequestDataTooBig:
