@@ -70,6 +70,7 @@ def finish_run(
                 "outputs": outputs,
                 "breakdown": breakdown,
                 "error": error,
+                "warnings": run.warnings,
                 "cold": bool(breakdown and any(m["cold"] for m in breakdown["models"])),
                 "total_us": breakdown["total"] if breakdown else None,
                 "runner_total_us": breakdown["runner_total"] if breakdown else None,

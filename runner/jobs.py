@@ -202,6 +202,7 @@ def _execute(
         bill = policy.waive(breakdown, waive_reason)
     else:
         bill = policy.bill(breakdown)
+    run.warnings = [*run.warnings, *timer.warnings]
     finish_run(
         run,
         status=status,

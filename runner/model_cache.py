@@ -63,6 +63,8 @@ class LoadedModel:
     loaded_at: float
     last_used: float
     uses: int = 0
+    # Whether the checkpoint records a training run (ultralytics' train_args).
+    trained: bool = True
 
     def class_names(self) -> dict[int, str]:
         return dict(self.model.names)
@@ -302,6 +304,7 @@ class ModelCache:
             rss_growth,
         )
         now = time.monotonic()
+        checkpoint = getattr(model, "ckpt", None) or {}
         return LoadedModel(
             source=source,
             model=model,
@@ -309,6 +312,8 @@ class ModelCache:
             rss_growth_bytes=rss_growth,
             loaded_at=now,
             last_used=now,
+            trained=source.kind != "architecture"
+            and bool(checkpoint.get("train_args")),
         )
 
 
@@ -321,6 +326,23 @@ class ModelProvider:
         self.cache = cache
         self.sources = sources
         self.timer = timer
+
+    def _check_model(self, model_id: str, entry: LoadedModel, use: ModelUse) -> None:
+        """Add the run warnings that only the loaded model can show."""
+        if use.pretrained and not entry.trained:
+            # A file in a weights directory counts as trained until its
+            # checkpoint shows that it records no training run.
+            use.pretrained = False
+            self.timer.warn(
+                f"model '{model_id}' is untrained: its checkpoint records no "
+                "training run, so timings are real and detections are meaningless"
+            )
+        if entry.memory_bytes > self.cache.budget_bytes:
+            self.timer.warn(
+                f"model '{model_id}' alone takes {entry.memory_bytes} bytes, over "
+                f"this runner's memory budget of {self.cache.budget_bytes} bytes; "
+                "it stays loaded until another model needs the room"
+            )
 
     def detect(
         self, model_id: str, image: WorkflowImage, options: Any, step: str
@@ -337,6 +359,7 @@ class ModelProvider:
         was_loaded = self.cache.is_loaded(source)
         before = (use.load_read_ns, use.load_to_device_ns, use.load_warmup_ns)
         entry = self.cache.get(source, use)
+        self._check_model(model_id, entry, use)
         if not was_loaded:
             # This load only: a model evicted during the run loads again.
             phases = {
@@ -361,6 +384,13 @@ class ModelProvider:
         if options.class_filter:
             wanted = set(options.class_filter)
             classes = [i for i, name in names.items() if name in wanted] or [-1]
+            unknown = sorted(wanted - set(names.values()))
+            if unknown:
+                self.timer.warn(
+                    f"step '{step}': class_filter names classes that model "
+                    f"'{model_id}' does not have: {', '.join(unknown)[:500]}; "
+                    f"its classes are {', '.join(names.values())[:500]}"
+                )
         results = entry.model.predict(
             pixels,
             conf=options.confidence,

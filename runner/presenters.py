@@ -95,7 +95,8 @@ def run_to_dict(
         "timing": meta["breakdown"] if meta else run.breakdown,
         "bill": bill,
         "error": meta["error"] if meta else run.error,
-        "warnings": run.warnings,
+        # The runner adds what it found while running to the request's.
+        "warnings": meta.get("warnings", run.warnings) if meta else run.warnings,
     }
     if include_outputs:
         body["outputs"] = payload["outputs"] if payload else run.outputs

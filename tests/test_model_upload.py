@@ -219,3 +219,36 @@ def test_upload_rejects_id_of_a_shared_model(alice_client, tmp_path):
     assert body["field"] == "model_id"
     assert "a file in the MODEL_DIR" in body["message"]
     assert ModelUpload.objects.count() == 0
+
+
+def test_untrained_file_in_model_dir_is_marked_untrained(runner, alice_client):
+    # A file in the model directory counts as trained until its checkpoint,
+    # read on the runner, shows no training run.
+    weights = Path(settings.GLASSBOX["MODEL_DIR"]) / "copied-architecture.pt"
+    make_weights(weights)
+    try:
+        workflow_id = create_workflow(alice_client, detection("copied-architecture"))
+        ran = run_workflow(alice_client, workflow_id)
+    finally:
+        weights.unlink()
+    assert ran.status_code == 200, ran.json()
+    assert ran["X-Model-Untrained"] == "copied-architecture"
+    body = ran.json()
+    assert body["timing"]["models"][0]["pretrained"] is False
+    assert any(
+        "'copied-architecture' is untrained" in warning for warning in body["warnings"]
+    )
+    stored = Run.objects.get(pk=body["id"])
+    assert stored.warnings == body["warnings"]
+
+
+def test_class_filter_with_unknown_class_warns(runner, alice_client):
+    definition = detection()
+    definition["steps"][0]["class_filter"] = ["Normal", "Unicorn"]
+    workflow_id = create_workflow(alice_client, definition)
+    ran = run_workflow(alice_client, workflow_id)
+    assert ran.status_code == 200, ran.json()
+    [warning] = ran.json()["warnings"]
+    assert "step 'people'" in warning
+    assert "does not have: Unicorn" in warning
+    assert "Normal" in warning.split("its classes are")[1]

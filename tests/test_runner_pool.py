@@ -565,7 +565,11 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     bare = extra_runners(
         "bare-machine", budget_mb=20, env_overrides={"MODEL_DIR": str(empty)}
     )
-    start(alice, "people-detector", "bare-machine", wait_s=120)
+    oversized = start(alice, "people-detector", "bare-machine", wait_s=120)
+    assert any(
+        "over this runner's memory budget" in warning
+        for warning in oversized.payload["meta"]["warnings"]
+    )
     start(alice, "yolov8n.yaml", "bare-machine", wait_s=120)
     (empty / "people-detector.pt").unlink()
     evictions = bare.state()["evictions"]

@@ -112,6 +112,12 @@ class RunTimer:
     model_steps: set[str] = field(default_factory=set)
     # Called with (phase, data) as each phase ends, for the live timeline.
     listener: Callable[..., None] | None = None
+    # Facts the runner found while running, added to the run's warnings.
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def emit(self, phase: str, **data: Any) -> None:
         if self.listener is not None:
