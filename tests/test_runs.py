@@ -16,7 +16,7 @@ from runner.models import Run
 from runner.responses import pending_response
 from runner.service import RunOutcome, waiting_slot
 from tests.conftest import image_b64, start_cli_run
-from tests.definitions import detection, image_height
+from tests.definitions import detect_then_crops, detection, image_height
 from webapp.redis import get_redis
 from workflows.timing import RUNNER_COMPONENTS
 
@@ -404,3 +404,20 @@ def test_run_list_before_survives_new_runs(alice, bob, alice_client):
     assert garbage.json()["field"] == "before"
     others = Run.objects.create(owner=bob, source="api", status=Run.Status.QUEUED)
     assert alice_client.get(f"/api/runs/?before={others.pk}").status_code == 404
+
+
+def test_detections_in_crops_name_their_detection(runner, alice):
+    definition = detect_then_crops("people-detector-320")
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "inner", "selector": "$steps.inner.predictions"}
+    )
+    outcome = start_cli_run(alice, definition, wait_s=120)
+    assert outcome.payload["meta"]["status"] == "succeeded"
+    [output] = outcome.payload["outputs"]
+    outer_ids = [p["detection_id"] for p in output["predictions"]["predictions"]]
+    assert len(outer_ids) >= 3
+    assert len(output["inner"]) == len(outer_ids)
+    for detection_id, crop in zip(outer_ids, output["inner"], strict=True):
+        assert crop["predictions"], "each person's crop shows a person"
+        for prediction in crop["predictions"]:
+            assert prediction["parent_id"] == detection_id

@@ -1,5 +1,6 @@
 """Dynamic crop: one crop per detection, so later steps can run on each object."""
 
+import dataclasses
 from typing import Any
 
 from workflows.blocks.absolute_static_crop.v1 import crop_image
@@ -24,8 +25,12 @@ class DynamicCropBlock(Block):
         self, context: StepContext, *, images: WorkflowImage, predictions: Detections
     ) -> dict[str, Any]:
         crops = []
-        for x1, y1, x2, y2 in predictions.xyxy:
+        for detection_id, (x1, y1, x2, y2) in zip(
+            predictions.detection_ids, predictions.xyxy, strict=True
+        ):
             crop = crop_image(images, int(x1), int(y1), int(round(x2)), int(round(y2)))
             if crop.width and crop.height:
-                crops.append(crop)
+                # As in Roboflow's workflows, a crop's parent is the detection
+                # it was cut from, and what is found in it names that parent.
+                crops.append(dataclasses.replace(crop, parent_id=detection_id))
         return {"crops": crops}
