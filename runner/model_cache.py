@@ -428,6 +428,7 @@ class ModelProvider:
             class_names=[names[int(i)] for i in class_ids],
             image_size=(image.width, image.height),
             parent_id=image.parent_id,
+            root_id=image.root,
             origin=image.origin,
             parent_size=image.root_size,
             inference_id=str(uuid.uuid4()),

@@ -59,9 +59,17 @@ def test_compile_parameter_default_checked_against_field():
     assert "from 0 to 1, got 5" in error.property_details
 
 
-def test_compile_parameter_without_default_is_not_checked():
+@pytest.mark.parametrize(
+    "parameter",
+    [
+        {"type": "WorkflowParameter", "name": "confidence"},
+        {"type": "WorkflowParameter", "name": "confidence", "default_value": None},
+    ],
+    ids=["no-default", "null-default"],
+)
+def test_compile_parameter_without_default_is_not_checked(parameter):
     definition = detection()
-    definition["inputs"].append({"type": "WorkflowParameter", "name": "confidence"})
+    definition["inputs"].append(parameter)
     definition["steps"][0]["confidence"] = "$inputs.confidence"
     assert build_plan(definition, "digest").steps
 

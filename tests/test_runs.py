@@ -408,9 +408,15 @@ def test_run_list_before_survives_new_runs(alice, bob, alice_client):
 
 def test_detections_in_crops_name_their_detection(runner, alice):
     definition = detect_then_crops("people-detector-320")
-    definition["outputs"].append(
-        {"type": "JsonField", "name": "inner", "selector": "$steps.inner.predictions"}
-    )
+    definition["outputs"] += [
+        {"type": "JsonField", "name": "inner", "selector": "$steps.inner.predictions"},
+        {
+            "type": "JsonField",
+            "name": "inner_parent",
+            "selector": "$steps.inner.predictions",
+            "coordinates_system": "parent",
+        },
+    ]
     outcome = start_cli_run(alice, definition, wait_s=120)
     assert outcome.payload["meta"]["status"] == "succeeded"
     [output] = outcome.payload["outputs"]
@@ -421,3 +427,22 @@ def test_detections_in_crops_name_their_detection(runner, alice):
         assert crop["predictions"], "each person's crop shows a person"
         for prediction in crop["predictions"]:
             assert prediction["parent_id"] == detection_id
+    # In the input's coordinates, the input is the parent.
+    for crop in output["inner_parent"]:
+        assert {p["parent_id"] for p in crop["predictions"]} == {"image"}
+
+
+def test_null_default_parameter_runs_when_sent(runner, alice_client):
+    # Roboflow's definitions write a null default for a required parameter.
+    definition = detection()
+    definition["inputs"].append(
+        {"type": "WorkflowParameter", "name": "conf", "default_value": None}
+    )
+    definition["steps"][0]["confidence"] = "$inputs.conf"
+    workflow_id = create_workflow(alice_client, definition)
+    body = {"inputs": {"image": {"type": "base64", "value": image_b64()}, "conf": 0.5}}
+    sent = alice_client.post(f"/api/workflows/{workflow_id}/runs", body, format="json")
+    assert sent.status_code == 200, sent.json()
+    missing = run_workflow(alice_client, workflow_id)
+    assert missing.status_code == 400
+    assert missing.json()["field"] == "conf"

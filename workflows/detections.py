@@ -13,6 +13,8 @@ class Detections:
 
     ``origin`` is where the image's top-left corner lies in the root input
     image (non-zero for crops); ``parent_size`` is the root image's size.
+    ``parent_id`` names the image the boxes were found in: the input, or for
+    a crop the detection it was cut from. ``root_id`` names the input.
     """
 
     xyxy: np.ndarray  # float32, shape (N, 4)
@@ -22,6 +24,7 @@ class Detections:
     image_size: tuple[int, int]  # (width, height)
     parent_id: str
     detection_ids: list[str] = field(default_factory=list)
+    root_id: str | None = None
     origin: tuple[int, int] = (0, 0)
     parent_size: tuple[int, int] | None = None
     inference_id: str | None = None
@@ -55,6 +58,7 @@ class Detections:
             image_size=self.image_size,
             parent_id=self.parent_id,
             detection_ids=[self.detection_ids[i] for i in indices],
+            root_id=self.root_id,
             origin=self.origin,
             parent_size=self.parent_size,
             inference_id=self.inference_id,
@@ -64,14 +68,16 @@ class Detections:
         """Serialize as ``{"image": {...}, "predictions": [...]}``.
 
         ``coordinates="parent"`` shifts boxes by ``origin`` and reports the
-        root image's size, as Roboflow's ``coordinates_system`` does.
+        root image's size and id, as Roboflow's ``coordinates_system`` does.
         """
         dx, dy = (0, 0)
         width, height = self.image_size
+        parent_id = self.parent_id
         if coordinates == "parent":
             dx, dy = self.origin
             if self.parent_size is not None:
                 width, height = self.parent_size
+            parent_id = self.root_id or self.parent_id
         predictions = []
         for i in range(len(self)):
             x1, y1, x2, y2 = (float(v) for v in self.xyxy[i])
@@ -85,7 +91,7 @@ class Detections:
                     "class_id": int(self.class_id[i]),
                     "class": self.class_names[i],
                     "detection_id": self.detection_ids[i],
-                    "parent_id": self.parent_id,
+                    "parent_id": parent_id,
                 }
             )
         return {"image": {"width": width, "height": height}, "predictions": predictions}

@@ -196,6 +196,13 @@ class WorkflowImage:
     _pixels: np.ndarray | None = field(default=None, repr=False)
     origin: tuple[int, int] = (0, 0)
     root_size: tuple[int, int] | None = None
+    # The input image this one was cut from; None for an input itself.
+    root_id: str | None = None
+
+    @property
+    def root(self) -> str:
+        """Return the id of the input image at the root of this image."""
+        return self.root_id or self.parent_id
 
     @classmethod
     def from_bytes(cls, data: bytes, parent_id: str) -> "WorkflowImage":
@@ -209,6 +216,7 @@ class WorkflowImage:
         parent_id: str,
         origin: tuple[int, int] = (0, 0),
         root_size: tuple[int, int] | None = None,
+        root_id: str | None = None,
     ) -> "WorkflowImage":
         height, width = pixels.shape[:2]
         return cls(
@@ -218,6 +226,7 @@ class WorkflowImage:
             _pixels=pixels,
             origin=origin,
             root_size=root_size,
+            root_id=root_id,
         )
 
     @property

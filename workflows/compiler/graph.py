@@ -146,9 +146,11 @@ def _check_literal(parsed, step, block, field, value) -> Literal | None:
 def _check_default(parsed, step, block, field: Field, spec: InputSpec) -> None:
     """Report a parameter's default that the field it feeds would reject.
 
-    Every run that does not set the parameter would fail with it.
+    Every run that does not set the parameter would fail with it. A null
+    default is left alone: Roboflow's definitions write it for a parameter
+    without a default, so each run must send the parameter.
     """
-    if not spec.has_default:
+    if not spec.has_default or spec.default is None:
         return
     problem = value_problem(field, spec.default)
     if problem:

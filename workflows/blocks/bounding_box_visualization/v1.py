@@ -82,5 +82,6 @@ class BoundingBoxVisualizationBlock(Block):
                 parent_id=image.parent_id,
                 origin=image.origin,
                 root_size=image.root_size,
+                root_id=image.root_id,
             )
         }
