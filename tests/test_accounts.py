@@ -72,7 +72,14 @@ def test_new_token_cookie_shows_only_own_active_token(client, alice, bob):
 
     client.force_login(alice)
     client.cookies["new_api_token"] = cookie
-    ApiToken.objects.get(user=alice).revoke()
+    assert "new-token-key" in client.get("/tokens/").content.decode()
+    # Shown once: the same cookie sent again shows nothing.
+    client.cookies["new_api_token"] = cookie
+    assert "new-token-key" not in client.get("/tokens/").content.decode()
+
+    # A token revoked before its key was shown is not shown either.
+    client.post("/tokens/", {"action": "create", "name": "desktop"})
+    ApiToken.objects.get(user=alice, name="desktop").revoke()
     assert "new-token-key" not in client.get("/tokens/").content.decode()
 
 

@@ -17,7 +17,8 @@ LIMITS = {
     "MAX_REQUEST_BYTES": str(1024 * 1024),
     "MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
 }
-CAP = 2 * 1024 * 1024 + 64 * 1024
+REQUEST_LIMIT = 1024 * 1024
+UPLOAD_CAP = 2 * 1024 * 1024 + 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +38,32 @@ def read_response(sock: socket.socket) -> tuple[int, dict]:
     return response.status, json.loads(response.read())
 
 
-def test_declared_length_over_cap_rejected(limited_server):
+def declare_body(sock: socket.socket, path: str, length: int) -> None:
+    """Send a request's head declaring ``length`` bytes, and one byte of body."""
+    sock.sendall(
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n{" % (path.encode(), length)
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "limit"), [("/api/validate", REQUEST_LIMIT), ("/api/models/", UPLOAD_CAP)]
+)
+def test_declared_length_over_route_limit_rejected(limited_server, path, limit):
     with connect(limited_server) as sock:
-        sock.sendall(
-            b"POST /api/validate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n{" % (CAP + 1)
-        )
+        declare_body(sock, path, limit + 1)
         # Only one byte of the body was sent, so a response that waited for
         # the rest would never come.
         status, body = read_response(sock)
     assert status == 413
     assert body["code"] == "payload_too_large"
-    assert str(CAP) in body["message"]
+    assert body["error_type"] == "PayloadTooLarge"
+    assert f"limit of {limit} bytes" in body["message"]
     assert "MAX_REQUEST_BYTES" in body["hint"]
 
 
-def test_chunked_body_over_cap_stops_reading(limited_server):
+def test_chunked_body_over_limit_stops_reading(limited_server):
     chunk = b"a" * 65536
     frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
     with connect(limited_server) as sock:
@@ -64,24 +74,29 @@ def test_chunked_body_over_cap_stops_reading(limited_server):
         )
         sent = 0
         with pytest.raises(OSError):
-            # The server closes the connection once the cap is passed, so
+            # The server closes the connection once the limit is passed, so
             # sending fails long before 64 MiB.
             while sent < 64 * 1024 * 1024:
                 sock.sendall(frame)
                 sent += len(chunk)
-        assert CAP < sent < 64 * 1024 * 1024
+        assert REQUEST_LIMIT < sent < 64 * 1024 * 1024
 
 
-def test_body_under_cap_meets_django_limit(limited_server):
-    # Between MAX_REQUEST_BYTES and the cap: daphne reads it, Django rejects it.
-    payload = b"[" + b"0," * (600 * 1024) + b"0]"
+def test_upload_route_reads_past_request_limit(limited_server):
+    # Over MAX_REQUEST_BYTES but under the upload cap: daphne reads it all and
+    # Django answers, here that no one signed in.
+    payload = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="w.pt"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n"
+        + b"x" * (REQUEST_LIMIT + 1024)
+        + b"\r\n--b--\r\n"
+    )
     with connect(limited_server) as sock:
         sock.sendall(
-            b"POST /api/validate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\n"
+            b"POST /api/models/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
         )
         status, body = read_response(sock)
-    assert status == 413
-    assert body["code"] == "payload_too_large"
-    assert "1048576" in body["message"]
+    assert status == 401
+    assert body["code"] == "not_authenticated"

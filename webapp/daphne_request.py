@@ -4,10 +4,10 @@ daphne spools a whole request body and then hands all of it to the
 application at once, so Django's size checks (MAX_REQUEST_BYTES,
 MAX_UPLOAD_BYTES) run only after the body is in memory. A client could make
 the websocket server read a body of any size, without signing in. This
-request stops reading once the body is over the larger of the two limits,
-by its Content-Length or, for a chunked body, as the bytes arrive. It
-responds 413 with the API's error body and closes the connection.
-Django then checks each route's own limit on the bodies that pass.
+request stops reading once the body is over its route's limit
+(MAX_UPLOAD_BYTES for model uploads, MAX_REQUEST_BYTES elsewhere), by its
+Content-Length or, for a chunked body, as the bytes arrive. It responds 413
+with the API's error body and closes the connection.
 """
 
 import json
@@ -20,27 +20,36 @@ from django.conf import settings
 MULTIPART_ALLOWANCE_BYTES = 64 * 1024
 
 
-def body_limit() -> int:
-    """Return the most bytes any route accepts in a request body."""
-    return max(
-        settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
-        settings.GLASSBOX["MAX_UPLOAD_BYTES"] + MULTIPART_ALLOWANCE_BYTES,
-    )
+# The one route that takes bodies up to MAX_UPLOAD_BYTES.
+UPLOAD_PATH = b"/api/models/"
+
+
+def body_limit(path: bytes) -> int:
+    """Return the most bytes the route at ``path`` accepts in a request body."""
+    if path.split(b"?", 1)[0] == UPLOAD_PATH:
+        return max(
+            settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
+            settings.GLASSBOX["MAX_UPLOAD_BYTES"] + MULTIPART_ALLOWANCE_BYTES,
+        )
+    return settings.DATA_UPLOAD_MAX_MEMORY_SIZE
 
 
 class LimitedWebRequest(WebRequest):
     def gotLength(self, length):
         self.body_bytes = 0
         self.body_rejected = False
+        # twisted sets the request's own path only once the body has been
+        # read; its channel keeps the request line's target until then.
+        self.body_limit = body_limit(getattr(self.channel, "_path", b""))
         super().gotLength(length)
-        if length is not None and length > body_limit():
+        if length is not None and length > self.body_limit:
             self.reject_body(length)
 
     def handleContentChunk(self, data):
         if self.body_rejected:
             return
         self.body_bytes += len(data)
-        if self.body_bytes > body_limit():
+        if self.body_bytes > self.body_limit:
             self.reject_body(None)
             return
         super().handleContentChunk(data)
@@ -59,12 +68,13 @@ class LimitedWebRequest(WebRequest):
         from webapp.errors import error_body
 
         self.body_rejected = True
-        limit = body_limit()
+        limit = self.body_limit
         size = f" ({length} bytes)" if length is not None else ""
         body = error_body(
             f"request body{size} is larger than the limit of {limit} bytes",
             "payload_too_large",
             context="request_parsing",
+            error_type="PayloadTooLarge",
             hint="Send smaller images, or raise MAX_REQUEST_BYTES (MAX_UPLOAD_BYTES "
             "for model uploads) on the server.",
         )

@@ -21,6 +21,8 @@ NEW_TOKEN_SALT = "webapp.tokens.new"
 # Long enough for the redirect. A browser that never follows it drops the
 # key soon after.
 NEW_TOKEN_COOKIE_MAX_AGE_S = 120
+# Session key of the ids of new tokens whose key the page has shown.
+SHOWN_TOKENS_SESSION_KEY = "shown_new_tokens"
 
 
 @login_required
@@ -44,6 +46,9 @@ def tokens(request):
     new_token = _new_token(request)
     if new_token:
         context.update(new_key=new_token[1], new_name=new_token[0].name)
+        # Ids only: a copy of the cookie sent again shows nothing.
+        shown = request.session.get(SHOWN_TOKENS_SESSION_KEY, [])
+        request.session[SHOWN_TOKENS_SESSION_KEY] = [*shown, new_token[0].pk][-20:]
     response = _tokens_page(request, context)
     if NEW_TOKEN_COOKIE in request.COOKIES:
         response.delete_cookie(NEW_TOKEN_COOKIE, path=request.path)
@@ -60,7 +65,8 @@ def _new_token(request) -> tuple[ApiToken, str] | None:
     )
     if not key:
         return None
-    token = ApiToken.objects.filter(
+    shown = request.session.get(SHOWN_TOKENS_SESSION_KEY, [])
+    token = ApiToken.objects.exclude(pk__in=shown).filter(
         user=request.user, key_hash=hash_token(key), revoked_at__isnull=True
     ).first()
     return (token, key) if token else None
