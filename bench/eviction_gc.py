@@ -18,11 +18,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from child import run_child
 
 CHILD = """
 import gc, json, os, sys, time
@@ -54,22 +52,7 @@ print(json.dumps({"evict_ms": times, "frozen": gc.get_freeze_count()}))
 
 
 def measure(freeze: bool, evictions: int, threads: int) -> dict:
-    finished = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            "1" if freeze else "0",
-            str(evictions),
-            str(threads),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "GOMP_SPINCOUNT": "10000"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(finished.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, "1" if freeze else "0", str(evictions), str(threads))
 
 
 def main() -> None:

@@ -15,11 +15,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from child import run_child
 
 CHILD = """
 import json, os, sys, time
@@ -48,15 +46,7 @@ print(json.dumps({
 
 
 def measure(model_id: str, warm: bool, threads: int) -> dict[str, float]:
-    finished = subprocess.run(
-        [sys.executable, "-c", CHILD, model_id, "1" if warm else "0", str(threads)],
-        cwd=ROOT,
-        env={**os.environ, "GOMP_SPINCOUNT": "10000"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(finished.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, model_id, "1" if warm else "0", str(threads))
 
 
 def main() -> None:
