@@ -208,6 +208,11 @@ def _relative_to_root(kind: str, path: Path) -> str:
     return str(path)
 
 
+def upload_source_path(path: str) -> str:
+    """Return an uploaded file's path as model sources give it (upload-relative)."""
+    return _relative_to_root("upload", Path(path))
+
+
 def _from_uploads(
     model_id: str, owner_id: int, searched: list[str], name: str | None = None
 ) -> ModelSource | None:
@@ -227,7 +232,7 @@ def _from_uploads(
     return ModelSource(
         model_id,
         "upload",
-        _relative_to_root("upload", Path(path)),
+        upload_source_path(path),
         pretrained=bool(trained),
     )
 

@@ -27,10 +27,11 @@ from runner.registry import (
     SIZE_SUFFIX,
     model_dir,
     resolve_model,
+    upload_source_path,
 )
 from runner.weights_check import WeightsRejected, check_weights
 from webapp.requests import MalformedRequest, PayloadTooLarge, TooManyRequests
-from workflows.errors import ModelNotFoundError
+from workflows.errors import ModelNotFoundError, WorkflowError
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,71 @@ class RunDetailView(APIView):
         return Response(run_to_dict(run))
 
 
+UNFINISHED_STATUSES = (Run.Status.QUEUED, Run.Status.RUNNING)
+
+
+class UploadInUse(WorkflowError):
+    """An upload that unfinished runs still need."""
+
+    code = "model_in_use"
+    status = 409
+
+
+def upload_to_dict(upload: ModelUpload) -> dict:
+    return {
+        "model_id": upload.model_id,
+        "size_bytes": upload.size_bytes,
+        "class_names": upload.class_names,
+        "task": upload.task,
+        "pretrained": upload.trained,
+        "created_at": upload.created_at.isoformat(),
+    }
+
+
+class ModelDetailView(APIView):
+    """One of the user's uploads: read it, or delete it and its file."""
+
+    def get(self, request, model_id):
+        return Response(upload_to_dict(self.get_upload(request, model_id)))
+
+    def delete(self, request, model_id):
+        """Delete the upload, unless a run waiting or running uses it (409).
+
+        Finished runs keep their record of the weights they ran. Runners that
+        have the file loaded keep it until they evict it, but no run resolves
+        to it any more: a new upload under the id gets a new file.
+        """
+        upload = self.get_upload(request, model_id)
+        with transaction.atomic():
+            stored = upload_source_path(upload.path)
+            busy = [
+                str(run.pk)
+                for run in Run.objects.select_for_update()
+                .filter(owner=request.user, status__in=UNFINISHED_STATUSES)
+                .only("model_refs")
+                if any(
+                    ref["source"]["kind"] == "upload"
+                    and ref["source"]["path"] == stored
+                    for ref in run.model_refs
+                )
+            ]
+            if busy:
+                raise UploadInUse(
+                    f"model '{model_id}' is used by {len(busy)} run(s) that have "
+                    f"not finished: {', '.join(busy[:5])}",
+                    context="model_upload",
+                    field_name="model_id",
+                    hint="Delete it once those runs have finished.",
+                )
+            upload.delete()
+        Path(upload.path).unlink(missing_ok=True)
+        logger.info("upload %r of user %s deleted", model_id, request.user.id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def get_upload(self, request, model_id) -> ModelUpload:
+        return get_object_or_404(ModelUpload, owner=request.user, model_id=model_id)
+
+
 class ModelListView(APIView):
     parser_classes = [MultiPartParser]
 
@@ -143,16 +209,7 @@ class ModelListView(APIView):
         return Response(
             {
                 "model_dir": [{"model_id": name, "pretrained": True} for name in files],
-                "uploads": [
-                    {
-                        "model_id": u.model_id,
-                        "size_bytes": u.size_bytes,
-                        "class_names": u.class_names,
-                        "task": u.task,
-                        "pretrained": u.trained,
-                    }
-                    for u in uploads
-                ],
+                "uploads": [upload_to_dict(upload) for upload in uploads],
                 "architectures": "any ultralytics model YAML, e.g. yolov8n.yaml "
                 "(untrained: random weights, for timing only)",
             }

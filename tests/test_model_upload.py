@@ -252,3 +252,39 @@ def test_class_filter_with_unknown_class_warns(runner, alice_client):
     assert "step 'people'" in warning
     assert "does not have: Unicorn" in warning
     assert "Normal" in warning.split("its classes are")[1]
+
+
+def test_delete_upload_frees_its_id(alice, alice_client, bob_client, tmp_path):
+    weights = make_weights(tmp_path / "mine.pt")
+    assert upload(alice_client, "mine", weights).status_code == 201
+    stored = Path(ModelUpload.objects.get(owner=alice, model_id="mine").path)
+    shown = alice_client.get("/api/models/mine")
+    assert shown.status_code == 200
+    assert shown.json()["model_id"] == "mine"
+    assert bob_client.delete("/api/models/mine").status_code == 404
+
+    # A run waiting for a runner still needs the file.
+    waiting = Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.QUEUED,
+        model_refs=[
+            {
+                "model_id": "mine",
+                "cache_key": "x",
+                "source": resolve_model("mine", alice.id).to_dict(),
+            }
+        ],
+    )
+    refused = alice_client.delete("/api/models/mine")
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "model_in_use"
+    assert str(waiting.pk) in refused.json()["message"]
+    assert stored.exists()
+
+    Run.objects.filter(pk=waiting.pk).update(status=Run.Status.FAILED)
+    assert alice_client.delete("/api/models/mine").status_code == 204
+    assert not stored.exists()
+    assert not ModelUpload.objects.filter(owner=alice).exists()
+    assert alice_client.get("/api/models/mine").status_code == 404
+    assert upload(alice_client, "mine", weights).status_code == 201

@@ -150,8 +150,7 @@ def read_body(django_request) -> bytes:
     encoding = django_request.META.get("HTTP_CONTENT_ENCODING", "").strip()
     if encoding and encoding.lower() != "identity":
         raise UnsupportedEncoding(
-            f"request bodies with Content-Encoding {encoding[:50]!r} are not "
-            "supported",
+            f"request bodies with Content-Encoding {encoding[:50]!r} are not supported",
             context="request_parsing",
             hint="Send the body uncompressed, without a Content-Encoding header.",
         )

@@ -26,6 +26,7 @@ api = [
     path("runs/", runner_views.RunListView.as_view()),
     path("runs/<uuid:run_id>", runner_views.RunDetailView.as_view()),
     path("models/", runner_views.ModelListView.as_view()),
+    path("models/<path:model_id>", runner_views.ModelDetailView.as_view()),
     path("fleet", runner_views.FleetView.as_view()),
     # Any other path under /api/ gets a JSON 404, whatever the method.
     # Otherwise Roboflow's <workspace>/workflows/<id> route below would take

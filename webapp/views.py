@@ -66,9 +66,11 @@ def _new_token(request) -> tuple[ApiToken, str] | None:
     if not key:
         return None
     shown = request.session.get(SHOWN_TOKENS_SESSION_KEY, [])
-    token = ApiToken.objects.exclude(pk__in=shown).filter(
-        user=request.user, key_hash=hash_token(key), revoked_at__isnull=True
-    ).first()
+    token = (
+        ApiToken.objects.exclude(pk__in=shown)
+        .filter(user=request.user, key_hash=hash_token(key), revoked_at__isnull=True)
+        .first()
+    )
     return (token, key) if token else None
 
 
