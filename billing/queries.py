@@ -124,6 +124,13 @@ class BillFilterForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
+        # A form reads the last of repeated values; a filter that quietly
+        # ignores the others would show another selection than was asked for.
+        for name in self.fields:
+            if hasattr(self.data, "getlist") and len(self.data.getlist(name)) > 1:
+                self.add_error(
+                    name, f"give {name} once; repeated values are not combined"
+                )
         date_from, date_to = cleaned.get("date_from"), cleaned.get("date_to")
         if date_from and date_to and date_from > date_to:
             raise forms.ValidationError(

@@ -379,6 +379,16 @@ def test_filter_rejects_other_users_token(alice_browser, alice, bob, people):
     assert "token" in body["message"]
 
 
+@pytest.mark.django_db
+def test_filter_rejects_repeated_values(alice_browser, alice, people, heights):
+    query = f"?workflow={people.workflow_id}&workflow={heights.workflow_id}"
+    response = alice_browser.get(SUMMARY + query)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "invalid_filters"
+    assert "repeated values are not combined" in body["fields"]["workflow"][0]["message"]
+
+
 # ------------------------------------------------------------------ table and CSV
 
 
