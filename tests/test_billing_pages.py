@@ -386,7 +386,9 @@ def test_filter_rejects_repeated_values(alice_browser, alice, people, heights):
     assert response.status_code == 400
     body = response.json()
     assert body["code"] == "invalid_filters"
-    assert "repeated values are not combined" in body["fields"]["workflow"][0]["message"]
+    assert (
+        "repeated values are not combined" in body["fields"]["workflow"][0]["message"]
+    )
 
 
 # ------------------------------------------------------------------ table and CSV
