@@ -172,6 +172,9 @@ def reap_runner(name: str, reason: str) -> int:
                 failed += 1
         moved = move_queued_jobs(name)
         _recover_marked_run(connection, name, moved)
+        # The runner may also have popped a shared job, whose id no mark
+        # names yet.
+        recover_lost_jobs(POPPED_AFTER_S, popped_only=True)
         connection.srem(keys.RUNNERS_SET, name)
     finally:
         connection.delete(keys.reap_lock_key(name))
@@ -303,42 +306,67 @@ def _move_orphaned_queues(live: set[str]) -> None:
 # A queued run whose job is missing for this long is treated as lost; the
 # delay covers the moment between the row's commit and the job's push.
 LOST_AFTER_S = 30
+# At a reap, a run queued at least this long ago whose job id is in no
+# queue, with its job hash still in Redis, counts as popped by the dead
+# runner. A live runner takes a job within milliseconds of popping it.
+POPPED_AFTER_S = 2
 
 
-def recover_lost_jobs() -> int:
+def recover_lost_jobs(
+    lost_after_s: float = LOST_AFTER_S, popped_only: bool = False
+) -> int:
     """Queue again, or fail, queued runs whose RQ job Redis no longer has.
 
     Redis can lose jobs it had not yet written to disk when it crashes.  A
     lost run whose input images survived is queued again on the shared
     queue; one whose inputs are gone too fails, unbilled.  Returns how many
     runs were found.
+
+    ``popped_only`` looks only for jobs whose id is in no queue while their
+    job hash is still there: a runner popped them and stopped before taking
+    them. A reap looks for those at once, with a short ``lost_after_s``.
+    A job without a hash may be a run whose push is still on its way, so
+    only the full LOST_AFTER_S tells it apart.
     """
     from runner.models import Run
 
     connection = get_redis()
-    if not connection.set(f"{keys.PREFIX}:reconcile", "1", nx=True, ex=10):
+    # The periodic check keeps its lock until it expires, so the runners
+    # check in turn, not each every few seconds. A reap's check releases
+    # its own lock when done.
+    lock = f"{keys.PREFIX}:reconcile" + (":popped" if popped_only else "")
+    if not connection.set(lock, "1", nx=True, ex=10):
         return 0  # another runner is checking right now
     # queued_at_ns and clock are both on the Redis server's clock. The web
     # server's created_at is not: a runner whose clock ran ahead of it would
     # find runs lost in the moment between their commit and their push.
-    cutoff_ns = clock.now_ns() - LOST_AFTER_S * 1_000_000_000
+    cutoff_ns = clock.now_ns() - int(lost_after_s * 1_000_000_000)
     stale = Run.objects.filter(status=Run.Status.QUEUED, queued_at_ns__lt=cutoff_ns)
     taken = _runs_being_taken(connection)
     found = 0
-    for run in stale.order_by("queued_at_ns")[:100]:
-        if Job.exists(str(run.id), connection=connection):
-            if _is_queued(connection, run):
-                continue
-            # A runner popped the id and died (or lost Redis) before it read
-            # and deleted the job hash, so nothing will ever take this job.
-            connection.delete(Job.key_for(str(run.id)))
-        elif str(run.id) in taken:
-            # A live runner has deleted the job hash and is about to claim
-            # the run; the job is not lost.
-            continue
-        found += 1
-        _queue_again(connection, run)
+    try:
+        for run in stale.order_by("queued_at_ns")[:100]:
+            found += _recover_if_lost(connection, run, taken, popped_only)
+    finally:
+        if popped_only:
+            connection.delete(lock)
     return found
+
+
+def _recover_if_lost(connection, run, taken: set[str], popped_only: bool) -> int:
+    """Queue ``run`` again if no runner will take its job; return 1 if it did."""
+    if Job.exists(str(run.id), connection=connection):
+        if _is_queued(connection, run) or str(run.id) in taken:
+            return 0
+        # A runner popped the id and died (or lost Redis) before it read
+        # and deleted the job hash, so nothing will ever take this job.
+        connection.delete(Job.key_for(str(run.id)))
+    elif popped_only or str(run.id) in taken:
+        # A live runner has deleted the job hash and is about to claim the
+        # run, so the job is not lost.
+        return 0
+    _queue_again(connection, run)
+    return 1
 
 
 def _queue_again(connection, run) -> None:

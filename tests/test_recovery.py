@@ -12,7 +12,7 @@ from rq.job import Job
 from billing.models import Bill
 from runner import keys
 from runner.dispatch import enqueue
-from runner.fleet import reap_runner, recover_lost_jobs
+from runner.fleet import POPPED_AFTER_S, reap_runner, recover_lost_jobs
 from runner.models import Run
 from tests.conftest import image_b64, image_bytes, registered_runner, start_cli_run
 from tests.definitions import image_height
@@ -279,4 +279,22 @@ def test_reap_runs_a_moved_marked_job_once(runner, alice):
     shared = get_redis().lrange(f"rq:queue:{keys.SHARED_QUEUE}", 0, -1)
     assert run_id.encode() not in shared
     assert not Job.exists(run_id, connection=get_redis())
+    assert Bill.objects.filter(run_id=run_id).count() == 1
+
+
+def test_reap_queues_again_a_job_popped_without_mark(runner, alice):
+    # "popper" popped a job id and stopped before taking the job, and no
+    # mark names the job, as after a pop from the shared queue. The reap
+    # still finds it, without the lost-run check's wait of LOST_AFTER_S.
+    with registered_runner("popper") as name:
+        outcome = start_cli_run(alice, image_height(), wait_s=0, runner=name)
+        run_id = str(outcome.run.id)
+        assert get_redis().lpop(f"rq:queue:{keys.runner_queue(name)}") is not None
+        get_redis().delete(keys.current_run_key(name))
+        time.sleep(POPPED_AFTER_S + 0.2)
+
+    reap_runner(name, "runner popper stopped sending heartbeats")
+
+    run = wait_for_status(run_id, Run.Status.SUCCEEDED, timeout_s=20)
+    assert run.runner_name == runner.name
     assert Bill.objects.filter(run_id=run_id).count() == 1
