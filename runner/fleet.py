@@ -326,7 +326,7 @@ def recover_lost_jobs(
     job hash is still there: a runner popped them and stopped before taking
     them. A reap looks for those at once, with a short ``lost_after_s``.
     A job without a hash may be a run whose push is still on its way, so
-    only the full LOST_AFTER_S tells it apart.
+    only the full LOST_AFTER_S separates the two.
     """
     from runner.models import Run
 

@@ -202,7 +202,7 @@ def test_estimate_bad_requests(runner, alice_client, bob_client):
 def test_estimate_and_run_go_where_most_models_are(
     runner, extra_runners, alice, alice_client
 ):
-    # "most-a" holds one of the run's two models and "most-b" neither, nor
+    # "most-a" has one of the run's two models loaded and "most-b" neither, nor
     # does the session runner: no other test uses these two sizes.
     holder = extra_runners("most-a")
     extra_runners("most-b")
@@ -363,7 +363,7 @@ def test_estimate_after_new_weights_counts_calls_by_id(
 ):
     workflow_id = create_workflow(alice_client, detection("people-detector"))
     assert run_workflow(alice_client, workflow_id).status_code == 200
-    # Other weights now answer to the id for Alice: an upload recorded as
+    # The id now resolves to other weights for Alice: an upload recorded as
     # the upload view would, had the model directory's file come later.
     record_upload(alice, "people-detector", tmp_path)
 
@@ -401,7 +401,7 @@ def test_estimate_counts_calls_of_a_model_chosen_by_parameter(runner, alice_clie
 
 
 def test_estimate_with_backlog_has_unknown_queue(runner, alice, alice_client):
-    # "backlog" holds the model, at a size no other test uses, so the
+    # "backlog" has the model loaded, at a size no other test uses, so the
     # estimate picks it. Three jobs wait in its own queue.
     cache_key = resolve_model("people-detector-416", owner_id=alice.id).cache_key
     own = f"rq:queue:{keys.runner_queue('backlog')}"

@@ -242,9 +242,9 @@ def test_reap_spares_a_runner_that_started_again(alice):
     Run.objects.filter(pk=run.pk).delete()
 
 
-def test_reap_queues_again_a_run_the_dead_runner_popped(runner, alice):
+def test_reap_requeues_popped_routed_run(runner, alice):
     # "frozen" popped the job id of the run routing reserved it for, and
-    # stopped before taking the job: no queue holds the id any more.
+    # stopped before taking the job: the id is in no queue any more.
     with registered_runner("frozen") as name:
         outcome = start_cli_run(alice, image_height(), wait_s=0, runner=name)
         run_id = str(outcome.run.id)

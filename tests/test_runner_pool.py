@@ -435,7 +435,7 @@ def test_routing_treats_unreadable_queue_as_busy(db):
 
 def test_routing_prefers_runner_holding_most_models(db):
     # Each run claims the idle runner it picks, so the next run sees the
-    # runner holding both models busy and takes the one holding one.
+    # runner holding both models as busy and takes the one holding one.
     states = [
         fleet.RunnerState("most-none", {"models": [{"cache_key": "other"}]}),
         fleet.RunnerState("most-one", {"models": [{"cache_key": "k1"}]}),
@@ -556,7 +556,7 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     ran = start(alice, "people-detector", "other-machine", wait_s=120)
     assert ran.payload["meta"]["status"] == "succeeded"
 
-    # The bare runner's budget holds one model. It has loaded the detector
+    # The bare runner's budget fits one model. It has loaded the detector
     # once, so it knows its size, and then lost the file: the failed load
     # must not evict the model it has now.
     empty = tmp_path / "models-empty"

@@ -84,7 +84,7 @@ def test_chunked_body_over_limit_stops_reading(limited_server):
 
 def test_upload_route_reads_past_request_limit(limited_server):
     # Over MAX_REQUEST_BYTES but under the upload cap: daphne reads it all and
-    # Django answers, here that no one signed in.
+    # Django responds, here with 401 because no one signed in.
     payload = (
         b'--b\r\nContent-Disposition: form-data; name="file"; filename="w.pt"\r\n'
         b"Content-Type: application/octet-stream\r\n\r\n"

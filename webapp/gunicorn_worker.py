@@ -1,6 +1,6 @@
 """gunicorn's threaded worker, responding to malformed requests with a JSON error.
 
-gunicorn rejects some requests before Django sees them: a request line over
+gunicorn rejects some requests before they reach Django: a request line over
 ``limit_request_line`` (414), too many or too large header fields (431), or
 a request line or header it cannot parse (400). Its own response is an HTML
 page, which API clients cannot read as an error body. This worker writes
