@@ -55,7 +55,11 @@ def run_workflow_page(request, workflow_id: int):
         if i.get("type") in ("WorkflowImage", "InferenceImage")
     ]
     parameters = [
-        {"name": i["name"], "field_text": parameter_field_text(i)}
+        {
+            "name": i["name"],
+            "field_text": parameter_field_text(i),
+            "has_default": i.get("default_value") is not None,
+        }
         for i in inputs
         if i.get("type") in ("WorkflowParameter", "InferenceParameter")
     ]

@@ -402,3 +402,34 @@ def test_run_page_draws_nested_boxes(runner, asgi_server, page, alice):
         "base64 characters, shown above" in page.locator("#result-json").text_content()
     )
     page.screenshot(path=str(ARTIFACTS / "run-page-crops.png"), full_page=True)
+
+
+def test_run_page_runs_the_version_it_shows(runner, asgi_server, page, alice):
+    definition = detection()
+    definition["inputs"].append(
+        {"type": "WorkflowParameter", "name": "conf", "default_value": 0.4}
+    )
+    definition["steps"][0]["confidence"] = "$inputs.conf"
+    workflow = Workflow.create_with_version(alice, "Pinned", definition)
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    assert page.locator("h1").text_content().endswith("v1")
+    # Another tab saves version 2 while this page still shows version 1.
+    workflow.add_version(detection("yolov8n.yaml"))
+    # An empty field leaves the parameter out, so its default applies.
+    page.fill("#param-conf", "")
+    page.click("#run-button")
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
+    )
+    run = Run.objects.get(pk=page.url.rstrip("/").rsplit("/", 1)[-1])
+    assert run.workflow_version.number == 1
+    assert run.model_refs[0]["model_id"] == "people-detector"
+
+    page.reload()
+    note = page.locator("#stored-run-note")
+    assert "Input images are not kept" in note.text_content()
+    assert page.locator("h1 a").get_attribute("href") == (
+        f"/workflows/{workflow.id}/run/"
+    )

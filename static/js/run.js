@@ -12,6 +12,9 @@
   const $ = (id) => document.getElementById(id);
   const readJson = (id) => { const el = $(id); return el ? JSON.parse(el.textContent) : null; };
   const workflowId = readJson("workflow-id");
+  // The version this page shows: runs and estimates use it, not whatever
+  // version is the latest when the button is pressed.
+  const workflowVersion = readJson("workflow-version");
   const websocketPort = readJson("websocket-port");
   // The server's limit on a request body (MAX_REQUEST_BYTES), in bytes.
   const maxRequestBytes = readJson("max-request-bytes");
@@ -524,7 +527,7 @@
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-        body: JSON.stringify({ inputs, async: true, source: "ui" }),
+        body: JSON.stringify({ inputs, async: true, source: "ui", ...versionField() }),
       });
       const body = await response.json();
       if (!response.ok && response.status !== 202) throw new Error(body.message || response.statusText);
@@ -538,9 +541,15 @@
     }
   }
 
+  function versionField() {
+    return workflowVersion ? { version: workflowVersion } : {};
+  }
+
+  // An empty field is left out, so the parameter's default applies.
   function readParameters() {
     const parameters = {};
     for (const input of document.querySelectorAll(".param")) {
+      if (input.value.trim() === "") continue;
       try { parameters[input.dataset.param] = JSON.parse(input.value); }
       catch { parameters[input.dataset.param] = input.value; }
     }
@@ -596,7 +605,7 @@
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-        body: JSON.stringify({ inputs: readParameters() }),
+        body: JSON.stringify({ inputs: readParameters(), ...versionField() }),
       });
       const body = await response.json();
       target.textContent = response.ok
