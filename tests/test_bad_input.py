@@ -619,7 +619,8 @@ def test_parameter_wrong_type(send_run):
     assert body["code"] == "invalid_input"
     assert body["step"] == "people"
     assert body["field"] == "conf"
-    assert "'high'" in body["message"]
+    # The value as the client wrote it, in JSON.
+    assert 'must be a number, got "high"' in body["message"]
     assert_nothing_stored()
 
 

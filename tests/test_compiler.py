@@ -46,6 +46,15 @@ def test_compile_missing_required_field():
     assert "missing" in error.property_details
 
 
+def test_compile_type_error_names_json_types():
+    definition = detection()
+    definition["steps"][0]["max_detections"] = None
+    definition["steps"][0]["confidence"] = {"a": 1}
+    errors = {e.property_name: e.property_details for e in compile_errors(definition)}
+    assert errors["max_detections"] == "must be an integer, got null"
+    assert errors["confidence"] == 'must be a number, got {"a": 1}'
+
+
 def test_compile_parameter_default_checked_against_field():
     definition = detection()
     definition["inputs"].append(

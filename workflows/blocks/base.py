@@ -5,6 +5,7 @@ validate a definition before anything runs; the executor calls ``run`` with
 the resolved field values, one image-level element at a time.
 """
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -91,10 +92,39 @@ class Block:
         }
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """Return ``value`` as JSON, the way the client wrote it, cut to ``limit``."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# JSON's names for the Python types that fields accept.
+JSON_TYPE_NAMES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+    type(None): "null",
+}
+
+
+def json_type_names(types: tuple[type, ...]) -> str:
+    """Return ``types`` as JSON names: (int, float) is "a number"."""
+    names = [JSON_TYPE_NAMES.get(t, t.__name__) for t in types]
+    if float in types and int in types:
+        names.remove("an integer")
+    return " or ".join(names)
+
+
 def number_between(low: float, high: float) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not low <= value <= high:
-            return f"must be a number from {low} to {high}, got {value!r}"
+            return f"must be a number from {low} to {high}, got {shown(value)}"
         return None
 
     return check
@@ -103,9 +133,9 @@ def number_between(low: float, high: float) -> Callable[[Any], str | None]:
 def integer_between(low: int, high: int) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int):
-            return f"must be an integer from {low} to {high}, got {value!r}"
+            return f"must be an integer from {low} to {high}, got {shown(value)}"
         if not low <= value <= high:
-            return f"must be an integer from {low} to {high}, got {value!r}"
+            return f"must be an integer from {low} to {high}, got {shown(value)}"
         return None
 
     return check
@@ -113,7 +143,7 @@ def integer_between(low: int, high: int) -> Callable[[Any], str | None]:
 
 def non_empty_string(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
-        return f"must be a non-empty string, got {value!r}"
+        return f"must be a non-empty string, got {shown(value)}"
     return None
 
 
@@ -121,7 +151,7 @@ def list_of_strings(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        return f"must be a list of strings, got {value!r}"
+        return f"must be a list of strings, got {shown(value)}"
     return None
 
 

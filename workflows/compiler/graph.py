@@ -8,7 +8,15 @@ each step's nesting level (crops make lists of images).
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
-from workflows.blocks.base import ANY, IMAGE, VALUE, Block, Field
+from workflows.blocks.base import (
+    ANY,
+    IMAGE,
+    VALUE,
+    Block,
+    Field,
+    json_type_names,
+    shown,
+)
 from workflows.compiler.parse import ParsedDefinition, is_selector_like, parse_selector
 from workflows.compiler.plan import (
     IMAGE_INPUT,
@@ -96,7 +104,8 @@ def _bind_field(
             step,
             block.type,
             field.name,
-            f"expected a selector of kind '{field.kind}', got the literal {value!r}",
+            f"expected a selector of kind '{field.kind}', got the literal "
+            f"{shown(value)}",
         )
         return None
     if isinstance(reference, InputRef):
@@ -128,8 +137,7 @@ def value_problem(field: Field, value: Any) -> str | None:
         and not isinstance(value, field.types)
         or (isinstance(value, bool) and bool not in field.types)
     ):
-        names = " or ".join(t.__name__.replace("NoneType", "null") for t in field.types)
-        return f"must be {names}, got {type(value).__name__} {value!r}"
+        return f"must be {json_type_names(field.types)}, got {shown(value)}"
     if field.check is not None:
         return field.check(value)
     return None
@@ -290,7 +298,7 @@ def bind_outputs(parsed: ParsedDefinition) -> list[OutputSpec]:
                 "JsonField",
                 where,
                 f"output '{name}' needs a selector like $steps.<step>.<output>, "
-                f"got {selector!r}",
+                f"got {shown(selector)}",
             )
             continue
         if isinstance(reference, InputRef) and reference.name not in inputs:

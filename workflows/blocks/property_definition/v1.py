@@ -6,7 +6,7 @@ Roboflow's query language for the subset supported here.
 
 from typing import Any
 
-from workflows.blocks.base import ANY, VALUE, Block, Field, StepContext
+from workflows.blocks.base import ANY, VALUE, Block, Field, StepContext, shown
 from workflows.detections import Detections
 from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
@@ -38,7 +38,7 @@ def check_operations(value: Any) -> str | None:
         if not isinstance(operation, dict):
             return (
                 f"operation {index} must be an object such as "
-                f'{{"type": "SequenceLength"}}, got {operation!r}'
+                f'{{"type": "SequenceLength"}}, got {shown(operation)}'
             )
         kind = operation.get("type")
         if not isinstance(kind, str) or kind not in OPERATIONS:
