@@ -158,3 +158,22 @@ def test_builder_ctrl_s_twice_saves_once(transactional_db, asgi_server, page, al
     assert len(puts) == 1
     assert page.locator("#save-message").get_attribute("data-kind") != "error"
     assert workflow.latest_version().number == 2
+
+
+def test_builder_problems_follow_unreadable_json(
+    transactional_db, asgi_server, page, alice
+):
+    definition = detection()
+    definition["outputs"] = []
+    workflow = Workflow.create_with_version(alice, "No outputs", definition)
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    page.wait_for_function(
+        "document.getElementById('problems').textContent.includes('no outputs')"
+    )
+    page.click("#tab-json")
+    page.fill("#definition-json", '{"version": "1.0", ')
+    page.click("#tab-graph")
+    problems = page.locator("#problems").text_content()
+    assert "Invalid JSON" in problems
+    assert "no outputs" not in problems

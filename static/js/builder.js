@@ -383,7 +383,10 @@
   function parseValue(text) {
     if (text.trim() === "") return undefined;
     try {
-      return JSON.parse(text);
+      const value = JSON.parse(text);
+      // JSON.parse reads 1e309 as Infinity, which JSON.stringify then writes
+      // as null; keeping the text makes the server's error show what was typed.
+      return typeof value === "number" && !Number.isFinite(value) ? text : value;
     } catch (error) {
       return text;
     }
@@ -1331,6 +1334,9 @@
       state.validationSeq += 1;
       clearTimeout(validateTimer);
       setStatus("invalid", "Invalid JSON");
+      // The listed problems were found in the last readable definition.
+      dom.problems.replaceChildren(
+        el("li", { class: "problem" }, el("strong", {}, "JSON"), ` ${message}`));
     } else if (dom.status.dataset.state === "invalid" && dom.status.textContent === "Invalid JSON") {
       scheduleValidation();
     }
