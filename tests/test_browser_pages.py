@@ -3,9 +3,11 @@
 import datetime
 
 from tests.conftest import ARTIFACTS
+from tests.definitions import detection
 from tests.test_billing_pages import DAY, make_bill, version_of
 from tests.test_browser_run import sign_in
 from webapp.models import ApiToken
+from workflows.models import Workflow
 
 LONG_NAME = "Detect people on the platform cameras " * 5 + "(night shift)"
 
@@ -91,3 +93,23 @@ def test_billing_donut_has_no_model_slice(transactional_db, asgi_server, page, a
     assert labels == ["Hot: 1", "Cold: 1", "No model: 1"]
     start = page.locator("#bill-table td.start .badge").all_text_contents()
     assert sorted(start) == ["cold", "hot", "no model"]
+
+
+def test_pages_fit_a_narrow_screen(transactional_db, asgi_server, browser, alice):
+    workflow = Workflow.create_with_version(alice, LONG_NAME, detection())
+    ApiToken.issue(alice, "laptop")
+    context = browser.new_context(viewport={"width": 400, "height": 800})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    for path in ("/workflows/", "/tokens/", f"/workflows/{workflow.id}/run/"):
+        page.goto(f"{asgi_server}{path}")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 400, (path, width)
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/edit")
+    page.wait_for_selector("#builder[data-ready='true']")
+    canvas = page.evaluate(
+        "document.getElementById('drawflow').getBoundingClientRect().width"
+    )
+    assert canvas > 300, canvas
+    page.screenshot(path=str(ARTIFACTS / "builder-narrow.png"), full_page=True)
+    context.close()
