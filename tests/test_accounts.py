@@ -198,3 +198,14 @@ def test_createtoken_unknown_user(db):
     with pytest.raises(CommandError, match="user 'nobody' not found"):
         call_command("createtoken", "nobody")
     assert ApiToken.objects.count() == 0
+
+
+def test_missing_page_has_site_header(client, alice):
+    client.force_login(alice)
+    response = client.get("/workflows/999999/run/")
+    assert response.status_code == 404
+    page = response.content.decode()
+    assert "Page not found" in page
+    assert 'class="brand"' in page
+    assert 'href="/workflows/"' in page
+    assert "/workflows/999999/run/" in page
