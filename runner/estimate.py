@@ -7,7 +7,8 @@ The owner's own recent succeeded runs give the times:
 - request, queue, compile, blocks, serialization and overhead: the median
   over runs of the same definition, counting only runs that loaded no model
   when there are any, because a cold load also slows the runner's other
-  work. Blocks and serialization are scaled per image of the batch;
+  work. Queue time counts only runs that found a runner free, when there
+  are any. Blocks and serialization are scaled per image of the batch;
 - per model (by weights file and input size), the median time of one call
   in each stage (preprocess, inference, postprocess) and of one cold load,
   over runs of any definition. For call times, runs on the device of the
@@ -170,6 +171,12 @@ def _workflow_components(
         name: _median([run["components"][name] for run in runs])
         for name in FIXED_COMPONENTS
     }
+    # The queue time of a run that found a runner free: runs that waited
+    # behind a backlog say nothing about the queue now, which the caller
+    # checks for a backlog itself.
+    free = [run for run in runs if not run["waited"]]
+    if free:
+        components["queue"] = _median([run["components"]["queue"] for run in free])
     for name in PER_IMAGE_COMPONENTS:
         per_image = _median_float(
             [run["components"][name] / run["batch_size"] for run in runs]
@@ -339,6 +346,7 @@ def _history(owner_id: int, digest: str | None, limit: int) -> list[dict[str, An
         "model_refs",
         "breakdown__components",
         "breakdown__models",
+        "breakdown__waited_for_runner",
     )[:limit]
     return [
         {
@@ -347,6 +355,8 @@ def _history(owner_id: int, digest: str | None, limit: int) -> list[dict[str, An
             "model_refs": row["model_refs"],
             "components": row["breakdown__components"],
             "models": row["breakdown__models"],
+            # Runs stored before runners recorded it count as not waiting.
+            "waited": bool(row["breakdown__waited_for_runner"]),
         }
         for row in rows
     ]

@@ -91,6 +91,7 @@ def execute_run(
     finally:
         runtime.current_run = None
         runtime.runs_done += 1
+        runtime.last_finished_ns = clock.now_ns()
 
 
 def _run_from(run_id: str, snapshot: dict | None) -> Run:
@@ -188,6 +189,10 @@ def _execute(
     )
     breakdown["runner"] = runtime.name
     breakdown["device"] = runtime.device
+    # Queued before this runner finished its previous run, the run waited
+    # for a runner: an idle one would have taken it at once. The estimate
+    # predicts queue time from runs that did not.
+    breakdown["waited_for_runner"] = run.queued_at_ns < runtime.last_finished_ns
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
     stall_s = runtime.stall_since(started_monotonic, dead_after)
     if stall_s is not None and not waive_reason:

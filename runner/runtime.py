@@ -22,6 +22,8 @@ class RunnerRuntime:
     started_at: float = field(default_factory=time.time)
     current_run: str | None = None
     runs_done: int = 0
+    # When this runner last finished a run, on the Redis server's clock.
+    last_finished_ns: int = 0
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     # Tells this process's heartbeats from those of another process that

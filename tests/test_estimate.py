@@ -1,5 +1,6 @@
 """Estimates before a run: hot or cold, latency and price, from real runs."""
 
+import copy
 import json
 import statistics
 import subprocess
@@ -234,6 +235,7 @@ def test_estimate_and_run_go_where_most_models_are(
 
 
 SCRIPT_WITHOUT_RUNNER = """
+import copy
 import json
 import django
 
@@ -420,3 +422,40 @@ def test_estimate_with_backlog_has_unknown_queue(runner, alice, alice_client):
     assert body["components"]["queue"] is None
     assert body["total"] is None
     assert any("3 runs are queued ahead" in reason for reason in body["unknown"])
+
+
+def test_queue_estimate_skips_runs_that_waited(runner, alice, alice_client):
+    # Three earlier runs: two found a runner free, one waited behind others.
+    workflow_id = create_workflow(alice_client, image_height())
+    assert run_workflow(alice_client, workflow_id).status_code == 200
+    stored = Run.objects.get()
+    for queue_us, waited in ((2_000, False), (4_000, False), (9_000_000, True)):
+        breakdown = copy.deepcopy(stored.breakdown)
+        breakdown["components"]["queue"] = queue_us
+        breakdown["waited_for_runner"] = waited
+        Run.objects.create(
+            owner=alice,
+            workflow_version=stored.workflow_version,
+            definition_digest=stored.definition_digest,
+            source="api",
+            status=Run.Status.SUCCEEDED,
+            breakdown=breakdown,
+            model_refs=[],
+        )
+    stored.delete()
+
+    body = estimate(alice_client, workflow_id)
+    assert body["components"]["queue"] == 3_000
+
+
+def test_run_queued_behind_another_waited_for_runner(runner, extra_runners, alice):
+    extra_runners("only-one")
+    # A cold load of a large architecture keeps the runner busy, so the next
+    # run is queued before the runner is free again.
+    first = start(alice, "yolov8m.yaml", "only-one", wait_s=0)
+    second = start_cli_run(alice, image_height(), wait_s=120, runner="only-one")
+    third = start_cli_run(alice, image_height(), wait_s=120, runner="only-one")
+    assert second.payload["meta"]["breakdown"]["waited_for_runner"] is True
+    assert third.payload["meta"]["breakdown"]["waited_for_runner"] is False
+    done = Run.objects.get(pk=first.run.pk)
+    assert done.breakdown["waited_for_runner"] is False
