@@ -113,3 +113,18 @@ def test_pages_fit_a_narrow_screen(transactional_db, asgi_server, browser, alice
     assert canvas > 300, canvas
     page.screenshot(path=str(ARTIFACTS / "builder-narrow.png"), full_page=True)
     context.close()
+
+
+def test_billing_amount_stays_in_view(transactional_db, asgi_server, browser, alice):
+    make_bill(alice, version=version_of(alice, "People"), created_at=DAY)
+    context = browser.new_context(viewport={"width": 900, "height": 800})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/billing/")
+    scroll = page.locator(".table-scroll")
+    widths = scroll.evaluate("el => [el.scrollWidth, el.clientWidth]")
+    assert widths[0] > widths[1], "the table must be wider than its box here"
+    amount = page.locator("#bill-table td.amount").first.bounding_box()
+    box = scroll.bounding_box()
+    assert amount["x"] + amount["width"] <= box["x"] + box["width"] + 1
+    context.close()
