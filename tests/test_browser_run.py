@@ -428,6 +428,9 @@ def test_run_page_runs_the_version_it_shows(runner, asgi_server, page, alice):
     assert run.model_refs[0]["model_id"] == "people-detector"
 
     page.reload()
+    page.wait_for_function(
+        "document.getElementById('transport').textContent.startsWith('finished')"
+    )
     note = page.locator("#stored-run-note")
     assert "Input images are not kept" in note.text_content()
     assert page.locator("h1 a").get_attribute("href") == (

@@ -19,6 +19,7 @@
   // The server's limit on a request body (MAX_REQUEST_BYTES), in bytes.
   const maxRequestBytes = readJson("max-request-bytes");
   const existingRunId = readJson("existing-run-id");
+  const finishedOnLoad = ["succeeded", "failed"].includes($("run-status").textContent);
   // Room kept in the body for everything but the images: the JSON keys and
   // the parameters, which the check adds separately.
   const BODY_OVERHEAD_BYTES = 1024;
@@ -423,7 +424,13 @@
       poll(view, "websocket unavailable");
       return;
     }
-    view.socket.onopen = () => { if (view === current) $("transport").textContent = "live over websocket"; };
+    view.socket.onopen = () => {
+      if (view !== current) return;
+      // A run that had already finished is replayed from the server, not live.
+      $("transport").textContent = finishedOnLoad && id === existingRunId
+        ? "finished before this page opened; read over websocket"
+        : "live over websocket";
+    };
     view.socket.onmessage = (message) => handleEvent(view, JSON.parse(message.data));
     view.socket.onclose = () => { if (view === current && !view.finished) poll(view, "websocket closed"); };
   }
