@@ -89,10 +89,10 @@ def routing_order(
 
     A runner holding all of them comes first. Ties keep the fleet's order.
     """
-    wanted = set(cache_keys)
-    held = [(len(wanted & runner.loaded_models), runner) for runner in runners]
-    held.sort(key=lambda pair: -pair[0])
-    return [runner for count, runner in held if count]
+    needed = set(cache_keys)
+    counts = [(len(needed & runner.loaded_models), runner) for runner in runners]
+    counts.sort(key=lambda pair: -pair[0])
+    return [runner for count, runner in counts if count]
 
 
 def choose_queue(
@@ -103,9 +103,9 @@ def choose_queue(
     Heartbeats show which runners hold the models. A runner holding some of
     them loads only the rest, where the shared queue could hand the run to
     one that loads them all. Whether a runner is idle is read live, because
-    a heartbeat can be a second old, and the runner chosen is marked busy
-    with ``run_id`` in the same script, so a burst of runs cannot all pick
-    the same idle runner. The mark lasts ROUTING_CLAIM_TTL_S until queueing
+    a heartbeat can be a second old. The runner chosen is marked busy with
+    ``run_id`` in the same script, so a burst of runs cannot all pick the
+    same idle runner. The mark lasts ROUTING_CLAIM_TTL_S until queueing
     the run extends it, so a run that is never queued leaves the runner
     looking busy for seconds at most.
     """
