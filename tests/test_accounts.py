@@ -209,3 +209,18 @@ def test_missing_page_has_site_header(client, alice):
     assert 'class="brand"' in page
     assert 'href="/workflows/"' in page
     assert "/workflows/999999/run/" in page
+
+
+def test_staff_header_links_fleet_page(client, django_user_model):
+    staff = django_user_model.objects.create_user(
+        "operator", password="operator-password", is_staff=True, is_superuser=True
+    )
+    client.force_login(staff)
+    page = client.get("/workflows/").content.decode()
+    assert 'href="/admin/runner/run/fleet/"' in page
+    assert client.get("/admin/runner/run/fleet/").status_code == 200
+
+
+def test_non_staff_header_has_no_fleet_link(client, alice):
+    client.force_login(alice)
+    assert "/admin/runner/run/fleet/" not in client.get("/workflows/").content.decode()
