@@ -342,26 +342,29 @@ def recover_lost_jobs(
     # find runs lost in the moment between their commit and their push.
     cutoff_ns = clock.now_ns() - int(lost_after_s * 1_000_000_000)
     stale = Run.objects.filter(status=Run.Status.QUEUED, queued_at_ns__lt=cutoff_ns)
-    taken = _runs_being_taken(connection)
+    taking = _runs_being_taken(connection)
     found = 0
     try:
         for run in stale.order_by("queued_at_ns")[:100]:
-            found += _recover_if_lost(connection, run, taken, popped_only)
+            found += _recover_if_lost(connection, run, taking, popped_only)
     finally:
         if popped_only:
             connection.delete(lock)
     return found
 
 
-def _recover_if_lost(connection, run, taken: set[str], popped_only: bool) -> int:
-    """Queue ``run`` again if no runner will take its job; return 1 if it did."""
+def _recover_if_lost(connection, run, taking: set[str], popped_only: bool) -> int:
+    """Queue ``run`` again if no runner will take its job; return 1 if it did.
+
+    ``taking`` contains the runs live runners are taking now.
+    """
     if Job.exists(str(run.id), connection=connection):
-        if _is_queued(connection, run) or str(run.id) in taken:
+        if _is_queued(connection, run) or str(run.id) in taking:
             return 0
         # A runner popped the id and died (or lost Redis) before it read
         # and deleted the job hash, so nothing will ever take this job.
         connection.delete(Job.key_for(str(run.id)))
-    elif popped_only or str(run.id) in taken:
+    elif popped_only or str(run.id) in taking:
         # A live runner has deleted the job hash and is about to claim the
         # run, so the job is not lost.
         return 0
@@ -413,16 +416,12 @@ def _recover_marked_run(connection, name: str, moved: list[str]) -> None:
         run_id = uuid.UUID(mark.decode(errors="replace"))
     except ValueError:
         return
-    if str(run_id) in moved or str(run_id) in _runs_being_taken(connection):
+    if str(run_id) in moved:
         return
     run = Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).first()
-    if run is None:
-        return
-    if Job.exists(str(run.id), connection=connection):
-        if _is_queued(connection, run):
-            return
-        connection.delete(Job.key_for(str(run.id)))
-    _queue_again(connection, run)
+    if run is not None:
+        taking = _runs_being_taken(connection)
+        _recover_if_lost(connection, run, taking, popped_only=False)
 
 
 def _runs_being_taken(connection) -> set[str]:

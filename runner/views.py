@@ -315,16 +315,7 @@ class ModelListView(APIView):
                 context="request_parsing",
                 field_name="model_id",
             ) from None
-        return Response(
-            {
-                "model_id": record.model_id,
-                "task": task,
-                "class_names": names,
-                "size_bytes": record.size_bytes,
-                "pretrained": trained,
-            },
-            status=status.HTTP_201_CREATED,
-        )
+        return Response(upload_to_dict(record), status=status.HTTP_201_CREATED)
 
 
 def _store_upload(owner_id: int, upload) -> Path:
