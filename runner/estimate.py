@@ -171,9 +171,9 @@ def _workflow_components(
         name: _median([run["components"][name] for run in runs])
         for name in FIXED_COMPONENTS
     }
-    # The queue time of a run that found a runner free: runs that waited
-    # behind a backlog say nothing about the queue now, which the caller
-    # checks for a backlog itself.
+    # Queue time comes from runs that found a runner free. A run that waited
+    # behind a backlog predicts nothing about an idle fleet, and the caller
+    # checks for a backlog now itself.
     free = [run for run in runs if not run["waited"]]
     if free:
         components["queue"] = _median([run["components"]["queue"] for run in free])

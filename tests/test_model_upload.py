@@ -258,9 +258,9 @@ def test_delete_upload_frees_its_id(alice, alice_client, bob_client, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
     assert upload(alice_client, "mine", weights).status_code == 201
     stored = Path(ModelUpload.objects.get(owner=alice, model_id="mine").path)
-    shown = alice_client.get("/api/models/mine")
-    assert shown.status_code == 200
-    assert shown.json()["model_id"] == "mine"
+    detail = alice_client.get("/api/models/mine")
+    assert detail.status_code == 200
+    assert detail.json()["model_id"] == "mine"
     assert bob_client.delete("/api/models/mine").status_code == 404
 
     # A run waiting for a runner still needs the file.
@@ -276,10 +276,10 @@ def test_delete_upload_frees_its_id(alice, alice_client, bob_client, tmp_path):
             }
         ],
     )
-    refused = alice_client.delete("/api/models/mine")
-    assert refused.status_code == 409
-    assert refused.json()["code"] == "model_in_use"
-    assert str(waiting.pk) in refused.json()["message"]
+    conflict = alice_client.delete("/api/models/mine")
+    assert conflict.status_code == 409
+    assert conflict.json()["code"] == "model_in_use"
+    assert str(waiting.pk) in conflict.json()["message"]
     assert stored.exists()
 
     Run.objects.filter(pk=waiting.pk).update(status=Run.Status.FAILED)

@@ -434,8 +434,8 @@ def test_routing_treats_unreadable_queue_as_busy(db):
 
 
 def test_routing_prefers_runner_holding_most_models(db):
-    # Each run claims the idle runner it picks, so the next run sees the
-    # runner holding both models as busy and takes the one holding one.
+    # Each run claims the idle runner it picks. The next run then finds the
+    # runner holding both models busy and takes the one holding one.
     states = [
         fleet.RunnerState("most-none", {"models": [{"cache_key": "other"}]}),
         fleet.RunnerState("most-one", {"models": [{"cache_key": "k1"}]}),
@@ -557,8 +557,8 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     assert ran.payload["meta"]["status"] == "succeeded"
 
     # The bare runner's budget fits one model. It has loaded the detector
-    # once, so it knows its size, and then lost the file: the failed load
-    # must not evict the model it has now.
+    # once, so its size is recorded, and then the file is deleted. The
+    # failed load must not evict the model loaded now.
     empty = tmp_path / "models-empty"
     empty.mkdir()
     shutil.copy(resolve_model("people-detector").local_path(), empty)

@@ -47,8 +47,8 @@ def tokens(request):
     if new_token:
         context.update(new_key=new_token[1], new_name=new_token[0].name)
         # Ids only: a copy of the cookie sent again shows nothing.
-        shown = request.session.get(SHOWN_TOKENS_SESSION_KEY, [])
-        request.session[SHOWN_TOKENS_SESSION_KEY] = [*shown, new_token[0].pk][-20:]
+        shown_ids = request.session.get(SHOWN_TOKENS_SESSION_KEY, [])
+        request.session[SHOWN_TOKENS_SESSION_KEY] = [*shown_ids, new_token[0].pk][-20:]
     response = _tokens_page(request, context)
     if NEW_TOKEN_COOKIE in request.COOKIES:
         response.delete_cookie(NEW_TOKEN_COOKIE, path=request.path)
@@ -65,9 +65,9 @@ def _new_token(request) -> tuple[ApiToken, str] | None:
     )
     if not key:
         return None
-    shown = request.session.get(SHOWN_TOKENS_SESSION_KEY, [])
+    shown_ids = request.session.get(SHOWN_TOKENS_SESSION_KEY, [])
     token = (
-        ApiToken.objects.exclude(pk__in=shown)
+        ApiToken.objects.exclude(pk__in=shown_ids)
         .filter(user=request.user, key_hash=hash_token(key), revoked_at__isnull=True)
         .first()
     )
