@@ -137,6 +137,66 @@ def choose_queue(
     return keys.runner_queue(holders[index].name)
 
 
+@dataclass(frozen=True)
+class PredictedRoute:
+    """Where a run sent now would wait and who would take it.
+
+    ``takers`` are the runners that may take it: the one whose own queue
+    it joins, else the idle runners, else, when every runner is busy, all
+    of them, since whichever finishes first takes it. ``queued_ahead``
+    counts the jobs already waiting in the queues those runners read.
+    """
+
+    queue: str
+    takers: list[fleet.RunnerState]
+    queued_ahead: int
+    all_busy: bool
+
+    @property
+    def runner(self) -> fleet.RunnerState | None:
+        """The one runner that would take the run, None when several may."""
+        return self.takers[0] if len(self.takers) == 1 else None
+
+
+def predict_route(
+    cache_keys: list[str] | set[str], runners: list[fleet.RunnerState]
+) -> PredictedRoute:
+    """Return where ``choose_queue`` would send a run now, marking no runner.
+
+    A runner is idle, as in ``choose_queue``, when it has no busy mark and
+    nothing waits in its own queue; both are read live.
+    """
+    shared_key = f"{Queue.redis_queue_namespace_prefix}{keys.SHARED_QUEUE}"
+    pipeline = get_redis().pipeline(transaction=False)
+    pipeline.llen(shared_key)
+    for runner in runners:
+        pipeline.exists(keys.current_run_key(runner.name))
+        pipeline.llen(
+            f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}"
+        )
+    replies = pipeline.execute(raise_on_error=False)
+    # A key of the wrong type reads as an error: an empty shared queue, and
+    # a busy runner, as in choose_queue.
+    shared_length = replies[0] if isinstance(replies[0], int) else 0
+    busy = {}
+    own_lengths = {}
+    for i, runner in enumerate(runners):
+        marked, queued = replies[1 + 2 * i], replies[2 + 2 * i]
+        own_lengths[runner.name] = queued if isinstance(queued, int) else 0
+        busy[runner.name] = marked != 0 or not isinstance(queued, int) or queued > 0
+    idle = [runner for runner in runners if not busy[runner.name]]
+    if cache_keys and len(runners) > 1:
+        holders = routing_order(cache_keys, idle)
+        if holders:
+            queue = keys.runner_queue(holders[0].name)
+            return PredictedRoute(queue, [holders[0]], 0, all_busy=False)
+    if idle:
+        return PredictedRoute(keys.SHARED_QUEUE, idle, shared_length, all_busy=False)
+    # A busy runner reads its own queue before the shared one.
+    ahead = shared_length + sum(own_lengths.values())
+    return PredictedRoute(keys.SHARED_QUEUE, runners, ahead, all_busy=bool(runners))
+
+
 # Deletes KEYS[1] if its value is ARGV[1].
 _RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

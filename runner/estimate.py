@@ -1,8 +1,10 @@
 """Predict a run before it runs: hot or cold, latency and price.
 
-A prediction combines two sources. The live runners' heartbeats show which
-runner has each model loaded, so whether the run would start hot and where.
-The owner's own recent succeeded runs give the times:
+A prediction combines two sources. The first is the fleet. Heartbeats show
+which runner has each model loaded, and busy marks and queue lengths, read
+live, show where routing would send the run now (``predict_route``). From
+these come whether the run would start hot, and on which runner. The
+second is the owner's own recent succeeded runs, which give the times:
 
 - request, queue, compile, blocks, serialization and overhead: the median
   over runs of the same definition, counting only runs that loaded no model
@@ -26,7 +28,8 @@ shared model another user's run loaded is hot for everyone, as it would be
 for the run itself. The predicted latency is the sum of those
 medians, a typical figure rather than the median of past totals. Runs
 waiting in the queues the run would join make its queue time unknown,
-because the history it is predicted from did not wait behind them. The
+because the history it is predicted from did not wait behind them, and so
+does a fleet whose every runner is busy. The
 predicted price is the billing policy applied to the predicted runner
 total. A part without history is unknown, and then so are the totals and
 the price: an estimate never fills a gap with a guess.
@@ -36,13 +39,10 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from rq import Queue
-
 from billing.policy import BillingPolicy
-from runner import fleet, keys
-from runner.dispatch import resolve_models, routing_order
+from runner import fleet
+from runner.dispatch import predict_route, resolve_models
 from runner.models import Run
-from webapp.redis import get_redis
 from workflows.compiler.plan import ExecutionPlan
 from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
 
@@ -83,15 +83,28 @@ def estimate_run(
         components["queue"] = None
 
     cache_keys = {model["cache_key"] for model in models}
-    # The runner routing would pick if it is idle: the one holding most of
-    # the models. Without one, any runner may take the run.
-    holders = routing_order(cache_keys, runners)
-    target = holders[0] if holders else None
-    device = target.data.get("device") if target else None
-    cold_keys = cache_keys - target.loaded_models if target else set(cache_keys)
-    takers = [target] if target else runners
-    queued_ahead = _queued_ahead(target) if runners else 0
-    if queued_ahead:
+    route = predict_route(cache_keys, runners)
+    target = route.runner
+    takers = route.takers
+    devices = {runner.data.get("device") for runner in takers}
+    device = devices.pop() if len(devices) == 1 else None
+    # A model is hot for certain only if every runner that may take the run
+    # holds it, as predict_hot decides when the run is queued.
+    loaded_on_all = (
+        set.intersection(*(r.loaded_models for r in takers)) if takers else set()
+    )
+    cold_keys = cache_keys - loaded_on_all
+    queued_ahead = route.queued_ahead
+    if route.all_busy:
+        waiting = f", and {queued_ahead} runs are queued" if queued_ahead else ""
+        unknown.append(
+            f"every runner is busy with a run{waiting}, so the queue time is "
+            "unknown: this run waits until a runner is free"
+        )
+        components["queue"] = None
+        if cold_keys & set().union(*(r.loaded_models for r in takers)):
+            notes.append("whether a model is hot depends on which runner is free first")
+    elif queued_ahead:
         unknown.append(
             f"{queued_ahead} runs are queued ahead of this one, so its queue time "
             "is unknown: the past runs it would be predicted from did not wait "
@@ -303,21 +316,6 @@ def _exceeds_budgets(
                     sizes[key] = entry["memory_bytes"]
     needed = sum(sizes.get(key, 0) for key in cache_keys)
     return all(needed > runner.data.get("budget_bytes", needed) for runner in runners)
-
-
-def _queued_ahead(target: fleet.RunnerState | None) -> int:
-    """Return how many jobs wait in the shared queue and in ``target``'s own queue.
-
-    A queue key that is not a list counts as empty.
-    """
-    names = [keys.SHARED_QUEUE]
-    if target is not None:
-        names.append(keys.runner_queue(target.name))
-    pipeline = get_redis().pipeline(transaction=False)
-    for name in names:
-        pipeline.llen(f"{Queue.redis_queue_namespace_prefix}{name}")
-    replies = pipeline.execute(raise_on_error=False)
-    return sum(reply for reply in replies if isinstance(reply, int))
 
 
 def _cold_load(forecasts: list[dict[str, Any]]) -> int | None:

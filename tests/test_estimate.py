@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_estimate_without_history_is_unknown(runner, alice_client):
     workflow_id = create_workflow(alice_client, detection("people-detector-672"))
     body = estimate(alice_client, workflow_id)
     assert body["hot"] is False
-    assert body["runner"] is None
+    assert body["runner"] == runner.name
     model = body["models"][0]
     assert model["hot"] is False
     assert model["cold_load_us"] is None
@@ -402,12 +403,49 @@ def test_estimate_counts_calls_of_a_model_chosen_by_parameter(runner, alice_clie
     assert body["price"] is None
 
 
-def test_estimate_with_backlog_has_unknown_queue(runner, alice, alice_client):
-    # "backlog" has the model loaded, at a size no other test uses, so the
-    # estimate picks it. Three jobs wait in its own queue.
+@contextmanager
+def marked_busy(*names: str):
+    """Mark runners busy with a run in progress, as routing and runners do."""
+    marks = [keys.current_run_key(name) for name in names]
+    for mark in marks:
+        get_redis().set(mark, "a-run-in-progress", px=60_000)
+    try:
+        yield
+    finally:
+        get_redis().delete(*marks)
+
+
+def test_estimate_skips_a_busy_holder_as_routing_does(runner, alice, alice_client):
+    # "busy-holder" has the model loaded but is in the middle of a run, so
+    # routing sends the run to the shared queue, where the idle session
+    # runner takes it and loads the model. No other test uses this size.
+    definition = detection("people-detector-288")
+    cache_key = resolve_model("people-detector-288", owner_id=alice.id).cache_key
+    with registered_runner("busy-holder", (cache_key,)), marked_busy("busy-holder"):
+        body = alice_client.post(
+            "/api/estimate", {"specification": definition}, format="json"
+        ).json()
+        outcome = start_cli_run(alice, definition, wait_s=120)
+    assert body["runner"] == runner.name
+    assert body["hot"] is False
+    assert body["models"][0]["loaded_on"] == ["busy-holder"]
+    assert body["queued_ahead"] == 0
+    breakdown = outcome.payload["meta"]["breakdown"]
+    assert breakdown["runner"] == runner.name
+    assert [model["cold"] for model in breakdown["models"]] == [True]
+    assert outcome.run.model_refs[0]["predicted_hot"] is False
+
+
+def test_estimate_with_every_runner_busy_has_unknown_queue(
+    runner, alice, alice_client
+):
+    # Both runners hold the model; the registered one has three jobs queued
+    # on its own queue, and the session runner is in the middle of a run.
     cache_key = resolve_model("people-detector-416", owner_id=alice.id).cache_key
+    start(alice, "people-detector-416", runner.name)
+    wait_until_loaded(runner, "people-detector-416")
     own = f"rq:queue:{keys.runner_queue('backlog')}"
-    with registered_runner("backlog", (cache_key,)):
+    with registered_runner("backlog", (cache_key,)), marked_busy(runner.name):
         get_redis().rpush(own, "ahead-1", "ahead-2", "ahead-3")
         try:
             body = alice_client.post(
@@ -417,11 +455,15 @@ def test_estimate_with_backlog_has_unknown_queue(runner, alice, alice_client):
             ).json()
         finally:
             get_redis().delete(own)
-    assert body["runner"] == "backlog"
+    assert body["runner"] is None
+    assert body["hot"] is True
     assert body["queued_ahead"] == 3
     assert body["components"]["queue"] is None
     assert body["total"] is None
-    assert any("3 runs are queued ahead" in reason for reason in body["unknown"])
+    assert any(
+        "every runner is busy with a run, and 3 runs are queued" in reason
+        for reason in body["unknown"]
+    )
 
 
 def test_queue_estimate_skips_runs_that_waited(runner, alice, alice_client):

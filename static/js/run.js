@@ -591,9 +591,10 @@
   // which part has no history yet.
   function describeEstimate(estimate) {
     const cold = estimate.models.filter((model) => !model.hot).map((model) => model.model_id);
-    const route = estimate.hot
-      ? (estimate.runner ? `hot on ${estimate.runner}` : "no model to load")
-      : `cold: ${cold.join(", ")} to be loaded by the runner that takes it`;
+    const taker = estimate.runner || "the runner that takes it";
+    let route = `cold: ${cold.join(", ")} to be loaded by ${taker}`;
+    if (estimate.models.length === 0) route = "no model to load";
+    else if (estimate.hot) route = `hot on ${taker}`;
     const untrained = describeUntrained(estimate);
     if (estimate.total === null) {
       return `Estimate: ${route}; latency and price unknown (${estimate.unknown.join("; ")}).${untrained}`;
