@@ -62,3 +62,26 @@ def test_rejected_request_json_error(wsgi_server, request_bytes, status, code, h
     assert body["context"] == "http"
     assert body["message"]
     assert hint in body["hint"]
+
+
+def test_unknown_host_gets_json_error_on_api_routes(wsgi_server):
+    returned, headers, body = raw_request(
+        wsgi_server,
+        b"GET /api/workflows/ HTTP/1.1\r\nHost: elsewhere.example\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert returned == 400
+    assert headers["Content-Type"] == "application/json"
+    assert body["code"] == "disallowed_host"
+    assert body["context"] == "request.headers.host"
+    assert "ALLOWED_HOSTS" in body["message"]
+
+
+def test_unknown_host_gets_html_page_in_the_browser(wsgi_server):
+    address = urlsplit(wsgi_server)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    connection.request("GET", "/", headers={"Host": "elsewhere.example"})
+    response = connection.getresponse()
+    assert response.status == 400
+    assert response.getheader("Content-Type").startswith("text/html")
+    connection.close()

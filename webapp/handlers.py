@@ -1,5 +1,7 @@
 """Error pages: JSON for API clients, HTML for people."""
 
+from django.core.exceptions import DisallowedHost
+from django.views.defaults import bad_request as html_bad_request
 from django.views.defaults import page_not_found
 
 from webapp.errors import json_error
@@ -19,6 +21,29 @@ def not_found(request, exception=None):
     if _wants_json(request):
         return json_not_found(f"no route for {request.method} {request.path}")
     return page_not_found(request, exception)
+
+
+def bad_request(request, exception=None):
+    """Answer a request Django refused before any view, such as an unknown host."""
+    if not _wants_json(request):
+        return html_bad_request(request, exception)
+    if isinstance(exception, DisallowedHost):
+        return json_error(
+            "the request's Host header names a host this server does not serve; "
+            "send it to one of the hosts in the server's ALLOWED_HOSTS setting, "
+            "or add this host there",
+            "disallowed_host",
+            400,
+            error_type="DisallowedHost",
+            context="request.headers.host",
+        )
+    return json_error(
+        "the request was refused as malformed or unsafe; the reason is in the "
+        "server log",
+        "bad_request",
+        400,
+        error_type="BadRequest",
+    )
 
 
 def server_error(request):

@@ -66,5 +66,6 @@ urlpatterns = [
     ),
 ]
 
+handler400 = "webapp.handlers.bad_request"
 handler404 = "webapp.handlers.not_found"
 handler500 = "webapp.handlers.server_error"
