@@ -50,7 +50,7 @@ class RunListView(APIView):
             .select_related("workflow_version", "bill")
             .order_by("-created_at", "-pk")
         )
-        status_filter = request.GET.get("status")
+        status_filter = _query_value(request, "status")
         if status_filter:
             if status_filter not in RUN_STATUSES:
                 raise MalformedRequest(
@@ -88,7 +88,7 @@ MAX_RUNS_PER_PAGE = 500
 
 def _before_run(request) -> Run | None:
     """Return the user's run named by the ``before`` query parameter, or None."""
-    raw = request.GET.get("before", "")
+    raw = _query_value(request, "before")
     if not raw:
         return None
     try:
@@ -105,9 +105,21 @@ def _before_run(request) -> Run | None:
     return run
 
 
+def _query_value(request, name: str) -> str:
+    """Return query parameter ``name``, "" if absent; refuse it given twice."""
+    values = request.GET.getlist(name)
+    if len(values) > 1:
+        raise MalformedRequest(
+            f"{name} is given {len(values)} times; give it once",
+            context="request_parsing",
+            field_name=name,
+        )
+    return values[0] if values else ""
+
+
 def _query_integer(request, name: str, minimum: int = 1) -> int | None:
     """Read an integer query parameter of at least ``minimum``, None if it is absent."""
-    raw = request.GET.get(name, "")
+    raw = _query_value(request, name)
     if not raw:
         return None
     # Database integer keys are at most 2**63 - 1: 18 digits always fit.

@@ -406,6 +406,17 @@ def test_run_list_before_survives_new_runs(alice, bob, alice_client):
     assert alice_client.get(f"/api/runs/?before={others.pk}").status_code == 404
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("query", ["status=failed&status=queued", "limit=1&limit=2"])
+def test_run_list_refuses_a_repeated_query_parameter(alice, alice_client, query):
+    Run.objects.create(owner=alice, source="api", status=Run.Status.QUEUED)
+    response = alice_client.get(f"/api/runs/?{query}")
+    assert response.status_code == 400
+    body = response.json()
+    assert body["field"] == query.split("=")[0]
+    assert "given 2 times; give it once" in body["message"]
+
+
 def test_detections_in_crops_name_their_detection(runner, alice):
     definition = detect_then_crops("people-detector-320")
     definition["outputs"] += [
