@@ -67,19 +67,28 @@ def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list
     return list(seen.values())
 
 
-# Marks the first idle runner of KEYS (pairs of busy key and queue key) busy
-# with ARGV[1] for ARGV[2] seconds, and returns its index from 0, or -1. A
-# queue key of the wrong type counts as busy.
+# Returns -2 if the fleet generation (the last key) is no longer ARGV[3].
+# Otherwise marks the first idle runner of the other KEYS (triples of busy
+# key, queue key and heartbeat key) busy with ARGV[1] for ARGV[2] seconds,
+# and returns its index from 0, or -1. A runner without a heartbeat is
+# skipped, and a queue key of the wrong type counts as busy.
 _CLAIM_IDLE_RUNNER = """
-for index = 1, #KEYS, 2 do
-    local queued = redis.pcall('LLEN', KEYS[index + 1])
-    if redis.call('EXISTS', KEYS[index]) == 0 and queued == 0 then
-        redis.call('SET', KEYS[index], ARGV[1], 'EX', ARGV[2])
-        return (index - 1) / 2
+if (redis.call('GET', KEYS[#KEYS]) or '') ~= ARGV[3] then
+    return -2
+end
+for index = 1, #KEYS - 1, 3 do
+    if redis.call('EXISTS', KEYS[index + 2]) == 1 then
+        local queued = redis.pcall('LLEN', KEYS[index + 1])
+        if redis.call('EXISTS', KEYS[index]) == 0 and queued == 0 then
+            redis.call('SET', KEYS[index], ARGV[1], 'EX', ARGV[2])
+            return (index - 1) / 3
+        end
     end
 end
 return -1
 """
+# What _CLAIM_IDLE_RUNNER returns when the fleet changed since it was read.
+_FLEET_CHANGED = -2
 
 
 def routing_order(
@@ -96,8 +105,8 @@ def routing_order(
 
 
 def choose_queue(
-    cache_keys: list[str], runners: list[fleet.RunnerState], run_id: str
-) -> str:
+    cache_keys: list[str], view: fleet.FleetSnapshot, run_id: str
+) -> tuple[str, fleet.FleetSnapshot]:
     """Return the queue of the idle runner holding most models, else the shared one.
 
     Heartbeats show which runners hold the models. A runner holding some of
@@ -108,33 +117,52 @@ def choose_queue(
     same idle runner. The mark lasts ROUTING_CLAIM_TTL_S until queueing
     the run extends it, so a run that is never queued leaves the runner
     looking busy for seconds at most.
+
+    ``view`` may be this process's cached read of the fleet. The script
+    refuses it if any runner has joined, left, or loaded or evicted a model
+    since, and the fleet is read again: a run sent right after another
+    loaded its model goes where that model now is. Returns the queue and
+    the view it was chosen from.
     """
-    if not cache_keys:
-        return keys.SHARED_QUEUE
-    if len(runners) == 1:
-        # A single runner takes jobs from both queues, so there is no choice
-        # now. On the shared queue, a runner that joins later can take the
-        # run if this one is still busy.
-        return keys.SHARED_QUEUE
-    holders = routing_order(cache_keys, runners)
-    if not holders:
-        return keys.SHARED_QUEUE
+    index = _FLEET_CHANGED
+    # A fleet that changes again between the second read and its script is
+    # left to the shared queue.
+    for attempt in range(2):
+        if attempt:
+            view = fleet.fleet_snapshot()
+        if not cache_keys or len(view.runners) <= 1:
+            # A single runner takes jobs from both queues, so there is no
+            # choice now. On the shared queue, a runner that joins later can
+            # take the run if this one is still busy.
+            return keys.SHARED_QUEUE, view
+        holders = routing_order(cache_keys, view.runners)
+        index = _claim_idle_runner(holders, view.generation, run_id)
+        if index != _FLEET_CHANGED:
+            break
+    if index < 0:
+        return keys.SHARED_QUEUE, view
+    return keys.runner_queue(holders[index].name), view
+
+
+def _claim_idle_runner(
+    holders: list[fleet.RunnerState], generation: bytes, run_id: str
+) -> int:
     script_keys = []
     for runner in holders:
-        script_keys.append(keys.current_run_key(runner.name))
-        script_keys.append(
-            f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}"
-        )
-    index = get_redis().eval(
+        script_keys += [
+            keys.current_run_key(runner.name),
+            f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}",
+            keys.heartbeat_key(runner.name),
+        ]
+    script_keys.append(keys.FLEET_GENERATION)
+    return get_redis().eval(
         _CLAIM_IDLE_RUNNER,
         len(script_keys),
         *script_keys,
         run_id,
         keys.ROUTING_CLAIM_TTL_S,
+        generation,
     )
-    if index < 0:
-        return keys.SHARED_QUEUE
-    return keys.runner_queue(holders[index].name)
 
 
 @dataclass(frozen=True)
@@ -248,8 +276,12 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     models = resolve_models(
         submission.plan, submission.inputs.parameters, submission.owner_id
     )
-    # Heartbeats are a second apart, so a half-second-old view loses nothing.
-    runners = fleet.live_runners(max_age_s=0.5)
+    # A half-second-old view saves two round trips; choose_queue reads the
+    # fleet again if it changed since.
+    view = fleet.fleet_snapshot(max_age_s=0.5)
+    if not view.runners:
+        view = fleet.fleet_snapshot()
+    runners = view.runners
     if require_runner and not runners:
         raise NoRunnerError(
             "no runner is up to execute this run",
@@ -262,8 +294,8 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     if submission.runner:
         queue_name = keys.runner_queue(submission.runner)
     else:
-        queue_name = choose_queue(cache_keys, runners, str(run_id))
-    predict_hot(models, runners, queue_name, submission.owner_id)
+        queue_name, view = choose_queue(cache_keys, view, str(run_id))
+    predict_hot(models, view.runners, queue_name, submission.owner_id)
 
     run = Run(
         id=run_id,

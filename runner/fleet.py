@@ -58,13 +58,30 @@ end
 """
 
 # Sets the heartbeat unless a live heartbeat of another instance has the
-# name, and then returns that heartbeat instead.
+# name, and then returns that heartbeat instead. Raises the fleet generation
+# KEYS[3] when the runner joins or its models (ARGV[5]: their cache keys,
+# sorted, one per line) differ from the heartbeat it replaces.
 _PUBLISH_HEARTBEAT = (
     OTHER_INSTANCE_LUA
     + """
 local current = redis.call('GET', KEYS[1])
 if other_instance(current, ARGV[2]) then
     return current
+end
+local function models_key(beat)
+    local ok, state = pcall(cjson.decode, beat)
+    if not ok or type(state) ~= 'table' or type(state['models']) ~= 'table' then
+        return nil
+    end
+    local names = {}
+    for _, model in ipairs(state['models']) do
+        names[#names + 1] = tostring(model['cache_key'])
+    end
+    table.sort(names)
+    return table.concat(names, '\\n')
+end
+if not current or models_key(current) ~= ARGV[5] then
+    redis.call('INCR', KEYS[3])
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[4])
@@ -85,13 +102,15 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
     pipeline = connection.pipeline(transaction=False)
     pipeline.eval(
         _PUBLISH_HEARTBEAT,
-        2,
+        3,
         keys.heartbeat_key(name),
         keys.RUNNERS_SET,
+        keys.FLEET_GENERATION,
         json.dumps(state),
         state["instance"],
         ttl_ms,
         name,
+        "\n".join(sorted(str(m["cache_key"]) for m in state.get("models", []))),
     )
     # A runner's clock samples come with its heartbeats.
     pipeline.time()
@@ -102,45 +121,64 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
 
 
 def remove_heartbeat(name: str) -> None:
-    connection = get_redis()
-    connection.delete(keys.heartbeat_key(name))
-    connection.srem(keys.RUNNERS_SET, name)
+    pipeline = get_redis().pipeline()
+    pipeline.delete(keys.heartbeat_key(name))
+    pipeline.srem(keys.RUNNERS_SET, name)
+    pipeline.incr(keys.FLEET_GENERATION)
+    pipeline.execute()
 
 
-_recent: tuple[float, list[RunnerState]] = (0.0, [])
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """The live runners, and the fleet generation they were read at."""
+
+    runners: list[RunnerState]
+    generation: bytes
+
+
+_recent: tuple[float, FleetSnapshot] = (0.0, FleetSnapshot([], b""))
+
+
+def fleet_snapshot(max_age_s: float = 0.0) -> FleetSnapshot:
+    """Return the runners whose heartbeat has not expired, with the generation.
+
+    ``max_age_s`` lets a caller on the request path reuse this process's
+    last result for that long instead of two Redis round trips. Routing
+    then checks the generation in the round trip it makes anyway, and reads
+    again when a runner has joined, left, or loaded or evicted a model.
+    """
+    global _recent
+    read_at, view = _recent
+    if max_age_s and time.monotonic() - read_at < max_age_s:
+        return view
+    generation, beats = _heartbeats()
+    runners = [RunnerState(name, json.loads(beat)) for name, beat in beats if beat]
+    view = FleetSnapshot(runners, generation)
+    _recent = (time.monotonic(), view)
+    return view
 
 
 def live_runners(max_age_s: float = 0.0) -> list[RunnerState]:
-    """Return the runners whose heartbeat has not expired.
-
-    ``max_age_s`` lets a caller on the request path reuse this process's
-    last result for that long instead of two Redis round trips.
-    """
-    global _recent
-    read_at, runners = _recent
-    if max_age_s and time.monotonic() - read_at < max_age_s:
-        return runners
-    runners = [
-        RunnerState(name, json.loads(beat))
-        for name, beat in _heartbeats()
-        if beat is not None
-    ]
-    _recent = (time.monotonic(), runners)
-    return runners
+    """Return the runners whose heartbeat has not expired (see fleet_snapshot)."""
+    return fleet_snapshot(max_age_s).runners
 
 
 def dead_runner_names() -> list[str]:
-    return [name for name, beat in _heartbeats() if beat is None]
+    return [name for name, beat in _heartbeats()[1] if beat is None]
 
 
-def _heartbeats() -> list[tuple[str, bytes | None]]:
-    """Return every runner ever seen, with its heartbeat or None once expired."""
-    connection = get_redis()
-    names = sorted(n.decode() for n in connection.smembers(keys.RUNNERS_SET))
+def _heartbeats() -> tuple[bytes, list[tuple[str, bytes | None]]]:
+    """Return the fleet generation, and every runner ever seen with its
+    heartbeat, or None once it expired."""
+    pipeline = get_redis().pipeline(transaction=False)
+    pipeline.get(keys.FLEET_GENERATION)
+    pipeline.smembers(keys.RUNNERS_SET)
+    generation, members = pipeline.execute()
+    names = sorted(n.decode() for n in members)
     if not names:
-        return []
-    beats = connection.mget([keys.heartbeat_key(name) for name in names])
-    return list(zip(names, beats, strict=True))
+        return generation or b"", []
+    beats = get_redis().mget([keys.heartbeat_key(name) for name in names])
+    return generation or b"", list(zip(names, beats, strict=True))
 
 
 def reap_runner(name: str, reason: str) -> int:
@@ -176,6 +214,7 @@ def reap_runner(name: str, reason: str) -> int:
         # names yet.
         recover_lost_jobs(POPPED_AFTER_S, popped_only=True)
         connection.srem(keys.RUNNERS_SET, name)
+        connection.incr(keys.FLEET_GENERATION)
     finally:
         connection.delete(keys.reap_lock_key(name))
     if failed or moved:
@@ -237,7 +276,7 @@ def reap_dead_runners() -> None:
     jobs move to the shared queue.
     """
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
-    beats = _heartbeats()
+    beats = _heartbeats()[1]
     for name, beat in beats:
         if beat is None:
             reap_runner(

@@ -10,6 +10,9 @@ RUN_JOB = "runner.jobs.execute_run"
 # wrote to Redis could run any code. Run jobs carry only JSON values.
 JOB_SERIALIZER = JSONSerializer
 RUNNERS_SET = f"{PREFIX}:runners"
+# A counter raised whenever a runner joins, leaves, or loads or evicts a
+# model: a web server's cached view of the fleet is current while it holds.
+FLEET_GENERATION = f"{PREFIX}:fleet:generation"
 
 
 def runner_queue(runner_name: str) -> str:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import zlib
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from django.db import connection as db_connection
@@ -418,52 +419,60 @@ def test_heartbeat_lists_model_once_loaded(runner, extra_runners, alice, monkeyp
     assert "people-detector-800" in loaded
 
 
+@contextmanager
+def fleet_of(*runners: tuple[str, tuple[str, ...]]):
+    """Register runners (name, cache keys) in Redis; yield a fresh snapshot of them.
+
+    The snapshot holds only these runners, whatever else is live, and the
+    busy marks routing leaves on them are deleted at the end.
+    """
+    with ExitStack() as stack:
+        for name, cache_keys in runners:
+            stack.enter_context(registered_runner(name, cache_keys))
+        states = [
+            fleet.RunnerState(name, {"models": [{"cache_key": k} for k in cache_keys]})
+            for name, cache_keys in runners
+        ]
+        try:
+            yield fleet.FleetSnapshot(states, fleet.fleet_snapshot().generation)
+        finally:
+            for name, _ in runners:
+                get_redis().delete(keys.current_run_key(name))
+
+
+def routed(cache_keys: list[str], snapshot, run_id: str) -> str:
+    return choose_queue(cache_keys, snapshot, run_id)[0]
+
+
 def test_routing_treats_unreadable_queue_as_busy(db):
-    connection = get_redis()
-    states = [
-        fleet.RunnerState(name, {"models": [{"cache_key": "k"}]})
-        for name in ("route-a", "route-b")
-    ]
     prefix = Queue.redis_queue_namespace_prefix
-    connection.set(f"{prefix}{keys.runner_queue('route-a')}", "not a list")
-    try:
-        assert choose_queue(["k"], states, "run-1") == keys.runner_queue("route-b")
-    finally:
-        connection.delete(f"{prefix}{keys.runner_queue('route-a')}")
-        connection.delete(keys.current_run_key("route-b"))
+    with fleet_of(("route-a", ("k",)), ("route-b", ("k",))) as snapshot:
+        get_redis().set(f"{prefix}{keys.runner_queue('route-a')}", "not a list")
+        try:
+            assert routed(["k"], snapshot, "run-1") == keys.runner_queue("route-b")
+        finally:
+            get_redis().delete(f"{prefix}{keys.runner_queue('route-a')}")
 
 
 def test_routing_prefers_runner_holding_most_models(db):
     # Each run claims the idle runner it picks. The next run then finds the
     # runner holding both models busy and takes the one holding one.
-    states = [
-        fleet.RunnerState("most-none", {"models": [{"cache_key": "other"}]}),
-        fleet.RunnerState("most-one", {"models": [{"cache_key": "k1"}]}),
-        fleet.RunnerState(
-            "most-both", {"models": [{"cache_key": "k1"}, {"cache_key": "k2"}]}
-        ),
+    with fleet_of(
+        ("most-none", ("other",)), ("most-one", ("k1",)), ("most-both", ("k1", "k2"))
+    ) as snapshot:
+        chosen = [routed(["k1", "k2"], snapshot, f"run-{i}") for i in range(3)]
+    assert chosen == [
+        keys.runner_queue("most-both"),
+        keys.runner_queue("most-one"),
+        keys.SHARED_QUEUE,
     ]
-    try:
-        chosen = [choose_queue(["k1", "k2"], states, f"run-{i}") for i in range(3)]
-        assert chosen == [
-            keys.runner_queue("most-both"),
-            keys.runner_queue("most-one"),
-            keys.SHARED_QUEUE,
-        ]
-    finally:
-        for state in states:
-            get_redis().delete(keys.current_run_key(state.name))
 
 
 def test_routing_burst_takes_each_idle_runner_once(db):
     # Three runs routed before any of them is queued: each claims the idle
     # runner it picks at once, so the second and third cannot pick it too.
-    states = [
-        fleet.RunnerState(name, {"models": [{"cache_key": "k"}]})
-        for name in ("burst-a", "burst-b")
-    ]
-    try:
-        chosen = [choose_queue(["k"], states, f"run-{i}") for i in range(3)]
+    with fleet_of(("burst-a", ("k",)), ("burst-b", ("k",))) as snapshot:
+        chosen = [routed(["k"], snapshot, f"run-{i}") for i in range(3)]
         assert chosen == [
             keys.runner_queue("burst-a"),
             keys.runner_queue("burst-b"),
@@ -476,9 +485,34 @@ def test_routing_burst_takes_each_idle_runner_once(db):
             < get_redis().ttl(keys.current_run_key("burst-a"))
             <= (keys.ROUTING_CLAIM_TTL_S)
         )
+
+
+def test_routing_skips_a_holder_whose_heartbeat_expired(db):
+    with fleet_of(("gone-a", ("k",)), ("gone-b", ("k",))) as snapshot:
+        get_redis().delete(keys.heartbeat_key("gone-a"))
+        assert routed(["k"], snapshot, "run-1") == keys.runner_queue("gone-b")
+
+
+def test_routing_reads_the_fleet_again_after_a_model_loads(
+    runner, extra_runners, alice
+):
+    # The web server reuses its read of the fleet for half a second. A run
+    # sent just after another loaded its model must still go where the
+    # model now is, not cold to another runner. No other test uses this size.
+    extra_runners("reread-a")
+    extra_runners("reread-b")
+    before_load = fleet.fleet_snapshot()
+    model = "people-detector-224"
+    cache_key = resolve_model(model, owner_id=alice.id).cache_key
+    assert not any(cache_key in r.loaded_models for r in before_load.runners)
+    first = start_cli_run(alice, detection(model), wait_s=120)
+    holder = first.payload["meta"]["breakdown"]["runner"]
+    try:
+        queue, snapshot = choose_queue([cache_key], before_load, "probe-run")
+        assert queue == keys.runner_queue(holder)
+        assert any(cache_key in r.loaded_models for r in snapshot.runners)
     finally:
-        for state in states:
-            get_redis().delete(keys.current_run_key(state.name))
+        get_redis().delete(keys.current_run_key(holder))
 
 
 def test_run_that_fails_to_insert_leaves_no_runner_marked_busy(transactional_db):
