@@ -1057,7 +1057,7 @@ def long_chain(steps: int) -> dict:
             "type": "PropertyDefinition",
             "name": f"s{index}",
             "data": "$inputs.image",
-            "operations": [{"type": "ToString"}],
+            "operations": [{"type": "ExtractImageProperty", "property_name": "width"}],
         }
         for index in range(steps)
     ]
@@ -1075,7 +1075,9 @@ def test_definition_with_too_many_steps(alice_client):
 
 def test_definition_over_byte_limit(alice_client):
     definition = image_height()
-    definition["steps"][0]["operations"] = [{"type": "ToString"}] * 20_000
+    definition["steps"][0]["operations"] = [
+        {"type": "ExtractImageProperty", "property_name": "width"}
+    ] * 10_000
     response = post_json(
         alice_client,
         "/workflows/run",
@@ -1119,7 +1121,34 @@ def test_image_value_not_string(send_run):
     assert_nothing_stored()
 
 
-def test_sequence_length_of_image_is_billed_user_error(runner, alice_client):
+def test_sequence_length_of_number_is_billed_user_error(runner, alice_client):
+    # Fed by a parameter, the step's input is known only when the run
+    # reaches it, so the mismatch fails the run, which the user caused.
+    definition = image_height()
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "things"})
+    definition["steps"][0]["data"] = "$inputs.things"
+    definition["steps"][0]["operations"] = [{"type": "SequenceLength"}]
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {
+            "specification": definition,
+            "inputs": {"image": base64_input(image_bytes()), "things": 5},
+        },
+    )
+    body = response.json()
+    assert response.status_code == 400
+    assert body["code"] == "step_rejected_input"
+    assert (
+        "SequenceLength needs detections, a list or a string, got an integer"
+        in body["message"]
+    )
+    bill = Bill.objects.get()
+    assert bill.billed is True
+    assert bill.amount_microcredits > 0
+
+
+def test_sequence_length_of_image_rejected_before_run(alice_client):
     definition = image_height()
     definition["steps"][0]["operations"] = [{"type": "SequenceLength"}]
     response = post_json(
@@ -1129,21 +1158,21 @@ def test_sequence_length_of_image_is_billed_user_error(runner, alice_client):
     )
     body = response.json()
     assert response.status_code == 400
-    assert body["code"] == "step_rejected_input"
-    assert "SequenceLength needs detections or a list" in body["message"]
-    bill = Bill.objects.get()
-    assert bill.billed is True
-    assert bill.amount_microcredits > 0
+    assert body["code"] == "invalid_definition"
+    assert "needs detections, a list or a string, but gets an image" in body["message"]
+    assert_nothing_stored()
 
 
 def test_failed_run_body_has_error_fields_on_top(runner, alice, alice_client):
     definition = image_height()
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "things"})
+    definition["steps"][0]["data"] = "$inputs.things"
     definition["steps"][0]["operations"] = [{"type": "SequenceLength"}]
     workflow = Workflow.create_with_version(alice, "length", definition)
     response = post_json(
         alice_client,
         f"/api/workflows/{workflow.id}/runs",
-        {"inputs": {"image": base64_input(image_bytes())}},
+        {"inputs": {"image": base64_input(image_bytes()), "things": 5}},
     )
     body = response.json()
     assert response.status_code == 400

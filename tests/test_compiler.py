@@ -55,6 +55,56 @@ def test_compile_type_error_names_json_types():
     assert errors["confidence"] == 'must be a number, got {"a": 1}'
 
 
+@pytest.mark.parametrize(
+    ("data", "operations", "problem"),
+    [
+        (
+            "$inputs.image",
+            [{"type": "SequenceLength"}],
+            "operation 0 (SequenceLength) needs detections, a list or a string, "
+            "but gets an image; read a property of it first with "
+            "ExtractImageProperty",
+        ),
+        (
+            "$steps.people.predictions",
+            [{"type": "ExtractImageProperty", "property_name": "width"}],
+            "operation 0 (ExtractImageProperty) needs an image, but gets detections",
+        ),
+        (
+            "$steps.people.predictions",
+            [{"type": "SequenceLength"}, {"type": "SequenceLength"}],
+            "operation 1 (SequenceLength) needs detections, a list or a string, "
+            "but gets a number",
+        ),
+        (
+            "$steps.people.predictions",
+            [{"type": "ToString"}],
+            "operation 0 (ToString) needs a number, a string or a list, but gets "
+            "detections",
+        ),
+    ],
+    ids=["length-of-image", "image-property-of-detections", "length-twice", "text"],
+)
+def test_compile_property_operations_check_kinds(data, operations, problem):
+    definition = detection()
+    definition["steps"][1]["data"] = data
+    definition["steps"][1]["operations"] = operations
+    [error] = compile_errors(definition)
+    assert error.block_id == "count"
+    assert error.property_name == "operations"
+    assert problem in error.property_details
+
+
+def test_compile_property_chain_of_matching_kinds():
+    definition = detection()
+    definition["steps"][1]["operations"] = [
+        {"type": "DetectionsPropertyExtract", "property_name": "class_name"},
+        {"type": "SequenceLength"},
+        {"type": "ToString"},
+    ]
+    assert len(build_plan(definition, "digest").steps) == 2
+
+
 def test_compile_parameter_default_checked_against_field():
     definition = detection()
     definition["inputs"].append(

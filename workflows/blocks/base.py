@@ -70,6 +70,20 @@ class Block:
         raise NotImplementedError
 
     @classmethod
+    def check_bound(
+        cls, kinds: Mapping[str, str], literals: Mapping[str, Any]
+    ) -> list[tuple[str, str]]:
+        """Return (field, problem) pairs that only the fields taken together show.
+
+        ``kinds`` maps every field to the kind of what feeds it: IMAGE,
+        DETECTIONS, or VALUE for literals, parameters and value outputs.
+        ``literals`` maps the fields written as literals, or left to their
+        defaults, to their values. The compiler calls this once every field
+        of the step is bound.
+        """
+        return []
+
+    @classmethod
     def manifest(cls) -> dict[str, Any]:
         """Describe the block for the browser's palette and the API."""
         return {

@@ -56,6 +56,18 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
             )
             if binding is not None:
                 bindings[field.name] = binding
+        if len(bindings) == len(block.fields):
+            kinds = {
+                field: _binding_kind(binding, inputs, blocks)
+                for field, binding in bindings.items()
+            }
+            literals = {
+                field: binding.value
+                for field, binding in bindings.items()
+                if isinstance(binding, Literal)
+            }
+            for field_name, problem in block.check_bound(kinds, literals):
+                parsed.error(name, block.type, field_name, problem)
         known = {f.name for f in block.fields} | {"type", "name"}
         ignored = sorted(set(raw) - known)
         if ignored:
@@ -65,6 +77,17 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
             )
         bound[name] = bindings
     return bound
+
+
+def _binding_kind(
+    binding: Binding, inputs: dict[str, InputSpec], blocks: dict[str, type[Block]]
+) -> str:
+    """Return the kind of what feeds a bound field: IMAGE, DETECTIONS or VALUE."""
+    if isinstance(binding, InputRef):
+        return IMAGE if inputs[binding.name].kind == IMAGE_INPUT else VALUE
+    if isinstance(binding, StepRef):
+        return blocks[binding.step].outputs.get(binding.output, VALUE)
+    return VALUE
 
 
 def _bind_field(

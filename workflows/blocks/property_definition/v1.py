@@ -6,7 +6,17 @@ Roboflow's query language for the subset supported here.
 
 from typing import Any
 
-from workflows.blocks.base import ANY, VALUE, Block, Field, StepContext, shown
+from workflows.blocks.base import (
+    ANY,
+    DETECTIONS,
+    IMAGE,
+    JSON_TYPE_NAMES,
+    VALUE,
+    Block,
+    Field,
+    StepContext,
+    shown,
+)
 from workflows.detections import Detections
 from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
@@ -27,7 +37,31 @@ OPERATIONS = {
     "SequenceLength": "number of detections or items",
     "DetectionsPropertyExtract": "property_name: one of "
     + ", ".join(DETECTION_PROPERTIES),
-    "ToString": "str() of the value",
+    "ToString": "the value as text (a number, string or list)",
+}
+
+# What each operation reads and makes, for the compile-time check. Besides
+# IMAGE and DETECTIONS, values are numbers, strings or lists; a VALUE from
+# a parameter or another step is known only when the run reaches it.
+NUMBER, STRING, LIST = "number", "string", "list"
+READS = {
+    "ExtractImageProperty": (IMAGE,),
+    "SequenceLength": (DETECTIONS, LIST, STRING),
+    "DetectionsPropertyExtract": (DETECTIONS,),
+    "ToString": (NUMBER, STRING, LIST),
+}
+MAKES = {
+    "ExtractImageProperty": NUMBER,
+    "SequenceLength": NUMBER,
+    "DetectionsPropertyExtract": LIST,
+    "ToString": STRING,
+}
+KIND_NAMES = {
+    IMAGE: "an image",
+    DETECTIONS: "detections",
+    NUMBER: "a number",
+    STRING: "a string",
+    LIST: "a list",
 }
 
 
@@ -80,6 +114,19 @@ class PropertyDefinitionBlock(Block):
     )
     outputs = {"output": VALUE}
 
+    @classmethod
+    def check_bound(cls, kinds, literals) -> list[tuple[str, str]]:
+        operations = literals.get("operations")
+        if not isinstance(operations, list):
+            return []
+        current = kinds["data"]
+        for index, operation in enumerate(operations):
+            kind = operation["type"]
+            if current in KIND_NAMES and current not in READS[kind]:
+                return [("operations", _mismatch(index, kind, current))]
+            current = MAKES[kind]
+        return []
+
     def run(
         self, context: StepContext, *, data: Any, operations: list
     ) -> dict[str, Any]:
@@ -93,7 +140,7 @@ def _apply(operation: dict, value: Any, step: str) -> Any:
     kind = operation["type"]
     if kind == "ExtractImageProperty":
         if not isinstance(value, WorkflowImage):
-            raise _wrong_input(kind, value, "an image", step)
+            raise _wrong_input(kind, value, step)
         name = operation["property_name"]
         if name == "aspect_ratio":
             return value.width / value.height if value.height else 0.0
@@ -102,12 +149,14 @@ def _apply(operation: dict, value: Any, step: str) -> Any:
         return getattr(value, name)
     if kind == "SequenceLength":
         if not isinstance(value, (Detections, list, str, dict)):
-            raise _wrong_input(kind, value, "detections or a list", step)
+            raise _wrong_input(kind, value, step)
         return len(value)
     if kind == "DetectionsPropertyExtract":
         if not isinstance(value, Detections):
-            raise _wrong_input(kind, value, "detections", step)
+            raise _wrong_input(kind, value, step)
         return _detection_property(value, operation["property_name"])
+    if isinstance(value, (WorkflowImage, Detections)):
+        raise _wrong_input(kind, value, step)
     return str(value)
 
 
@@ -130,9 +179,34 @@ def _detection_property(detections: Detections, name: str) -> list:
     return [float(v) for v in columns[name]]
 
 
-def _wrong_input(kind: str, value: Any, expected: str, step: str) -> StepExecutionError:
+def _expected(kind: str) -> str:
+    names = [KIND_NAMES[read] for read in READS[kind]]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _mismatch(index: int, kind: str, current: str) -> str:
+    hint = {
+        IMAGE: "read a property of it first with ExtractImageProperty",
+        DETECTIONS: "read a property of them first with DetectionsPropertyExtract, "
+        "or count them with SequenceLength",
+    }.get(current, "remove it or reorder the operations")
+    return (
+        f"operation {index} ({kind}) needs {_expected(kind)}, but gets "
+        f"{KIND_NAMES[current]}; {hint}"
+    )
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, WorkflowImage):
+        return KIND_NAMES[IMAGE]
+    if isinstance(value, Detections):
+        return KIND_NAMES[DETECTIONS]
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _wrong_input(kind: str, value: Any, step: str) -> StepExecutionError:
     return StepExecutionError(
-        f"{kind} needs {expected}, got {type(value).__name__}",
+        f"{kind} needs {_expected(kind)}, got {_described(value)}",
         step=step,
         user_error=True,
     )
