@@ -230,7 +230,12 @@ def reap_runner(name: str, reason: str) -> int:
 
 
 def move_queued_jobs(name: str) -> list[str]:
-    """Move runner ``name``'s queued jobs to the shared queue; return their ids."""
+    """Move runner ``name``'s queued jobs to the shared queue; return their ids.
+
+    Each run's row names the shared queue before its job gets there.
+    """
+    from runner.models import Run
+
     connection = get_redis()
     source = Queue(
         keys.runner_queue(name), connection=connection, serializer=keys.JOB_SERIALIZER
@@ -248,6 +253,9 @@ def move_queued_jobs(name: str) -> list[str]:
                 job_id.decode(errors="replace"),
                 connection=connection,
                 serializer=keys.JOB_SERIALIZER,
+            )
+            Run.objects.filter(pk=uuid.UUID(job.id)).update(
+                queue_name=keys.SHARED_QUEUE
             )
             target.enqueue_job(job)
         except Exception as error:

@@ -14,6 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from runner import keys
 from runner.dispatch import Submission, submit, wait_for_result
 from runner.models import Run
 from webapp.models import lock_user_row
@@ -138,4 +139,17 @@ def start_run(
                 require_runner=wait_s > 0,
             )
         payload = wait_for_result(str(run.id), wait_s)
+        if payload is not None:
+            _follow_requeue(run, payload["meta"].get("runner"))
         return RunOutcome(run, payload)
+
+
+def _follow_requeue(run: Run, runner_name: str | None) -> None:
+    """Read the run's queue again if another runner than the routed one took it.
+
+    A run routed to one runner's own queue that another runner finished was
+    moved when the first was reaped, and the row names the queue it went to.
+    """
+    routed_to = keys.runner_of_queue(run.queue_name)
+    if routed_to is not None and runner_name not in (None, routed_to):
+        run.refresh_from_db(fields=["queue_name"])

@@ -1,9 +1,11 @@
 """Runs whose queued job Redis lost, and other edge inputs found by attacking."""
 
 import datetime
+import threading
 import time
 
 import pytest
+from django.db import connection as db_connection
 from django.test import override_settings
 from django.utils import timezone
 from rq import Queue
@@ -14,6 +16,7 @@ from runner import keys
 from runner.dispatch import enqueue
 from runner.fleet import POPPED_AFTER_S, reap_runner, recover_lost_jobs
 from runner.models import Run
+from runner.presenters import run_to_dict
 from tests.conftest import image_b64, image_bytes, registered_runner, start_cli_run
 from tests.definitions import image_height
 from tests.test_runner_pool import wait_for_status
@@ -275,11 +278,42 @@ def test_reap_runs_a_moved_marked_job_once(runner, alice):
     assert get_redis().get(keys.current_run_key(name)) is None
     run = wait_for_status(run_id, Run.Status.SUCCEEDED)
     assert run.runner_name == runner.name
+    assert run.queue_name == keys.SHARED_QUEUE
     time.sleep(0.5)  # a second copy of the job would be taken by now
     shared = get_redis().lrange(f"rq:queue:{keys.SHARED_QUEUE}", 0, -1)
     assert run_id.encode() not in shared
     assert not Job.exists(run_id, connection=get_redis())
     assert Bill.objects.filter(run_id=run_id).count() == 1
+
+
+def test_sync_reply_names_queue_after_move(runner, alice):
+    # A synchronous request waits on a run routed to "moved-sync", which is
+    # reaped before it takes the job: the run goes to the shared queue, and
+    # the reply must say so, as GET /api/runs/<id> does.
+    replies = []
+
+    def wait_for_run():
+        try:
+            replies.append(
+                start_cli_run(alice, image_height(), wait_s=30, runner="moved-sync")
+            )
+        finally:
+            db_connection.close()
+
+    with registered_runner("moved-sync") as name:
+        waiting = threading.Thread(target=wait_for_run)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while not Run.objects.filter(queue_name=keys.runner_queue(name)).exists():
+            assert time.monotonic() < deadline, "the run was never queued"
+            time.sleep(0.02)
+    reap_runner(name, "runner moved-sync stopped sending heartbeats")
+    waiting.join(30)
+
+    [outcome] = replies
+    assert outcome.payload["meta"]["runner"] == runner.name
+    body = run_to_dict(outcome.run, payload=outcome.payload)
+    assert body["queue"] == keys.SHARED_QUEUE
 
 
 def test_reap_queues_again_a_job_popped_without_mark(runner, alice):
