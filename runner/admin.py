@@ -42,6 +42,7 @@ class RunAdmin(admin.ModelAdmin):
             "title": "Runner fleet",
             "runners": [state.data for state in fleet.live_runners()],
             "dead": fleet.dead_runner_names(),
+            "ended": fleet.ended_runners(),
         }
         return TemplateResponse(request, "admin/runner_fleet.html", context)
 

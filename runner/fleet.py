@@ -6,6 +6,7 @@ runner reaps a dead one: its running runs end failed (not billed) and its
 queued jobs move to the shared queue.
 """
 
+import datetime
 import json
 import logging
 import time
@@ -60,7 +61,8 @@ end
 # Sets the heartbeat unless a live heartbeat of another instance has the
 # name, and then returns that heartbeat instead. Raises the fleet generation
 # KEYS[3] when the runner joins or its models (ARGV[5]: their cache keys,
-# sorted, one per line) differ from the heartbeat it replaces.
+# sorted, one per line) differ from the heartbeat it replaces. Records the
+# time in KEYS[4] and clears the runner's end in KEYS[5].
 _PUBLISH_HEARTBEAT = (
     OTHER_INSTANCE_LUA
     + """
@@ -85,6 +87,10 @@ if not current or models_key(current) ~= ARGV[5] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[4])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[4], now_ms, ARGV[4])
+redis.call('HDEL', KEYS[5], ARGV[4])
 return false
 """
 )
@@ -102,10 +108,12 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
     pipeline = connection.pipeline(transaction=False)
     pipeline.eval(
         _PUBLISH_HEARTBEAT,
-        3,
+        5,
         keys.heartbeat_key(name),
         keys.RUNNERS_SET,
         keys.FLEET_GENERATION,
+        keys.RUNNERS_SEEN,
+        keys.RUNNERS_ENDED,
         json.dumps(state),
         state["instance"],
         ttl_ms,
@@ -125,7 +133,71 @@ def remove_heartbeat(name: str) -> None:
     pipeline.delete(keys.heartbeat_key(name))
     pipeline.srem(keys.RUNNERS_SET, name)
     pipeline.incr(keys.FLEET_GENERATION)
+    _record_end(pipeline, name, "stopped")
     pipeline.execute()
+
+
+# How long the fleet page lists a runner that stopped or was reaped.
+ENDED_SHOWN_S = 24 * 3600
+
+
+def _record_end(pipeline, name: str, reason: str) -> None:
+    ended = {"reason": reason, "at_ms": clock.now_ns() // 1_000_000}
+    pipeline.hset(keys.RUNNERS_ENDED, name, json.dumps(ended))
+
+
+def ended_runners() -> list[dict[str, Any]]:
+    """Return the runners that stopped or were reaped in the last ENDED_SHOWN_S.
+
+    Each has ``name``, ``reason``, ``ended_at`` and ``last_heartbeat_at``
+    (datetimes, the second None if unknown), newest end first. Older
+    entries are deleted.
+    """
+    connection = get_redis()
+    now_ms = clock.now_ns() // 1_000_000
+    entries, old = [], []
+    for raw_name, raw in connection.hgetall(keys.RUNNERS_ENDED).items():
+        name = raw_name.decode(errors="replace")
+        try:
+            ended = json.loads(raw)
+            at_ms = int(ended["at_ms"])
+        except (ValueError, KeyError, TypeError):
+            old.append(raw_name)
+            continue
+        if now_ms - at_ms > ENDED_SHOWN_S * 1000:
+            old.append(raw_name)
+            continue
+        entries.append((name, str(ended.get("reason", "")), at_ms))
+    if old:
+        connection.hdel(keys.RUNNERS_ENDED, *old)
+        connection.zrem(keys.RUNNERS_SEEN, *old)
+    seen = _last_seen([name for name, _, _ in entries])
+    entries.sort(key=lambda entry: -entry[2])
+    return [
+        {
+            "name": name,
+            "reason": reason,
+            "ended_at": _datetime(at_ms),
+            "last_heartbeat_at": _datetime(seen[name]) if seen[name] else None,
+        }
+        for name, reason, at_ms in entries
+    ]
+
+
+def _last_seen(names: list[str]) -> dict[str, int | None]:
+    """Return when each runner last published a heartbeat, in ms, or None."""
+    pipeline = get_redis().pipeline(transaction=False)
+    for name in names:
+        pipeline.zscore(keys.RUNNERS_SEEN, name)
+    scores = pipeline.execute() if names else []
+    return {
+        name: int(score) if score is not None else None
+        for name, score in zip(names, scores, strict=True)
+    }
+
+
+def _datetime(ms: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
 
 
 @dataclass(frozen=True)
@@ -213,8 +285,11 @@ def reap_runner(name: str, reason: str) -> int:
         # The runner may also have popped a shared job, whose id no mark
         # names yet.
         recover_lost_jobs(POPPED_AFTER_S, popped_only=True)
-        connection.srem(keys.RUNNERS_SET, name)
-        connection.incr(keys.FLEET_GENERATION)
+        pipeline = connection.pipeline()
+        pipeline.srem(keys.RUNNERS_SET, name)
+        pipeline.incr(keys.FLEET_GENERATION)
+        _record_end(pipeline, name, reason)
+        pipeline.execute()
     finally:
         connection.delete(keys.reap_lock_key(name))
     if failed or moved:
@@ -285,12 +360,20 @@ def reap_dead_runners() -> None:
     """
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
     beats = _heartbeats()[1]
-    for name, beat in beats:
-        if beat is None:
-            reap_runner(
-                name,
-                f"runner {name} stopped sending heartbeats (none for {dead_after:g} s)",
-            )
+    silent = [name for name, beat in beats if beat is None]
+    seen = _last_seen(silent)
+    now_ms = clock.now_ns() // 1_000_000
+    for name in silent:
+        # The heartbeat key can vanish before its expiry (a Redis server
+        # evicting keys under memory pressure, an operator deleting it).
+        # Only a runner silent for the dead time is dead.
+        silence_s = (now_ms - seen[name]) / 1000 if seen[name] else dead_after
+        if silence_s < dead_after:
+            continue
+        reap_runner(
+            name,
+            f"runner {name} stopped sending heartbeats (none for {silence_s:.1f} s)",
+        )
     live = {name for name, beat in beats if beat is not None}
     _reap_forgotten_runners({name for name, _ in beats}, dead_after)
     _move_orphaned_queues(live)

@@ -10,6 +10,11 @@ RUN_JOB = "runner.jobs.execute_run"
 # wrote to Redis could run any code. Run jobs carry only JSON values.
 JOB_SERIALIZER = JSONSerializer
 RUNNERS_SET = f"{PREFIX}:runners"
+# When each runner last published a heartbeat, in ms on the Redis server's
+# clock (a sorted set), and why each runner that is gone ended (a hash of
+# JSON objects), for the fleet page.
+RUNNERS_SEEN = f"{PREFIX}:runners:seen"
+RUNNERS_ENDED = f"{PREFIX}:runners:ended"
 # A counter raised whenever a runner joins, leaves, or loads or evicts a
 # model: a web server's cached view of the fleet is current while it holds.
 FLEET_GENERATION = f"{PREFIX}:fleet:generation"

@@ -383,4 +383,18 @@ class FleetView(APIView):
     permission_classes = [IsAdminUser]
 
     def get(self, request):
-        return Response({"runners": [state.data for state in fleet.live_runners()]})
+        ended = [
+            {
+                **entry,
+                "ended_at": entry["ended_at"].isoformat(),
+                "last_heartbeat_at": entry["last_heartbeat_at"]
+                and entry["last_heartbeat_at"].isoformat(),
+            }
+            for entry in fleet.ended_runners()
+        ]
+        return Response(
+            {
+                "runners": [state.data for state in fleet.live_runners()],
+                "ended": ended,
+            }
+        )

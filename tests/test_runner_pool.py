@@ -14,6 +14,7 @@ import zlib
 from contextlib import ExitStack, contextmanager
 
 import pytest
+from django.conf import settings
 from django.db import connection as db_connection
 from django.db import transaction
 from django.utils import timezone
@@ -695,3 +696,46 @@ def test_new_runner_logs_no_stall(runner, extra_runners):
     log = fresh.log_path.read_text()
     assert "runner fresh-start started" in log
     assert "no heartbeat for" not in log
+
+
+def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
+    # The key can go before its expiry (an operator, a Redis server evicting
+    # keys). The runner beat less than a second ago, so it is not dead.
+    get_redis().delete(keys.heartbeat_key(runner.name))
+    fleet.reap_dead_runners()
+    assert get_redis().sismember(keys.RUNNERS_SET, runner.name)
+    assert runner.name not in {entry["name"] for entry in fleet.ended_runners()}
+
+
+def test_fleet_lists_runners_that_ended(
+    runner, extra_runners, client, django_user_model
+):
+    stopped = extra_runners("ends-stopped")
+    killed = extra_runners("ends-killed")
+    stopped.stop()
+    killed.kill()
+    # The session runner reaps the killed one once it has been silent for
+    # RUNNER_DEAD_AFTER_S (2 s in tests).
+    deadline = time.monotonic() + 30
+    while "ends-killed" not in {entry["name"] for entry in fleet.ended_runners()}:
+        assert time.monotonic() < deadline, "the killed runner was never reaped"
+        time.sleep(0.2)
+
+    ended = {entry["name"]: entry for entry in fleet.ended_runners()}
+    assert ended["ends-stopped"]["reason"] == "stopped"
+    reason = ended["ends-killed"]["reason"]
+    assert reason.startswith("runner ends-killed stopped sending heartbeats (none for")
+    silence_s = float(reason.split("none for ")[1].split(" s")[0])
+    assert silence_s >= settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
+    killed_entry = ended["ends-killed"]
+    assert killed_entry["last_heartbeat_at"] < killed_entry["ended_at"]
+
+    staff = django_user_model.objects.create_user(
+        "fleet-operator", password="operator-password", is_staff=True
+    )
+    client.force_login(staff)
+    page = client.get("/admin/runner/run/fleet/").content.decode()
+    assert "ends-stopped" in page
+    assert "ends-killed stopped sending heartbeats" in page
+    listed = client.get("/api/fleet").json()["ended"]
+    assert {"ends-stopped", "ends-killed"} <= {entry["name"] for entry in listed}
