@@ -1021,6 +1021,35 @@ def test_run_with_revoked_key_in_body(alice, alice_key, run_url):
     assert_nothing_stored()
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream"])
+def test_key_in_body_of_any_content_type(client, alice_key, content_type):
+    valid = {"api_key": alice_key, "definition": image_height()}
+    response = client.post(
+        "/api/validate", json.dumps(valid), content_type=content_type
+    )
+    assert response.status_code == 200
+    assert response.json()["valid"] is True
+    # The run route reads the same body, and rejects its definition only
+    # once the key is accepted.
+    broken = {"api_key": alice_key, "specification": {"steps": []}, "inputs": {}}
+    response = client.post(
+        "/workflows/run", json.dumps(broken), content_type=content_type
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_definition"
+
+
+@pytest.mark.parametrize("key", [123, ["gbx_x"], {"key": "gbx_x"}])
+def test_key_in_body_not_a_string(run_url, key):
+    from rest_framework.test import APIClient
+
+    response = post_json(APIClient(), run_url, {"api_key": key, "inputs": {}})
+    assert response.status_code == 401
+    assert response.json()["message"] == "Invalid or revoked API key."
+    assert_nothing_stored()
+
+
 def test_run_with_unknown_key(run_url):
     from rest_framework.test import APIClient
 

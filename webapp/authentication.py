@@ -25,26 +25,34 @@ def find_api_key(request) -> str | None:
         return value.strip()
     if request.GET.get("api_key"):
         return request.GET["api_key"]
+    # The views parse every body but an upload's as JSON, whatever its
+    # Content-Type, so the key is read from the same bodies.
     if (
-        request.content_type == "application/json"
+        not request.content_type.startswith("multipart/")
         and read_body(request).lstrip()[:1] == b"{"
     ):
-        key = _api_key_from_body(request)
-        if key:
-            return key
+        return _api_key_from_body(request)
     return None
 
 
 def _api_key_from_body(request) -> str | None:
+    """Return the body's ``api_key``: None if absent, null or empty.
+
+    A key that is not a string is returned as "", which matches no token,
+    so the request fails as one with an invalid key.
+    """
     try:
         parsed = json_body(request)
     except MalformedRequest:
         # The view parses the body again and reports the error, once the
         # request is authenticated some other way.
         return None
-    if isinstance(parsed, dict) and isinstance(parsed.get("api_key"), str):
-        return parsed["api_key"]
-    return None
+    if not isinstance(parsed, dict):
+        return None
+    key = parsed.get("api_key")
+    if key is None or key == "":
+        return None
+    return key if isinstance(key, str) else ""
 
 
 # last_used_at is written at most this often per token, to keep a database
