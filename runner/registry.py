@@ -160,6 +160,8 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
         # The size the model runs at, so that sizes that run alike share
         # one loaded model.
         size = -(-size // SIZE_STEP) * SIZE_STEP
+        if match["name"].endswith((".yaml", ".yml")):
+            return _architecture(model_id, match["name"], size, searched, step)
         names.append(match["name"])
     for name in names:
         found = None

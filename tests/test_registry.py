@@ -27,6 +27,15 @@ def test_resolve_architecture_is_untrained(db):
     assert "untrained" in source.label
 
 
+def test_resolve_architecture_with_size_suffix(db):
+    source = resolve_model("yolo11n.yaml-320")
+    assert source.kind == "architecture"
+    assert source.path == "yolo11n.yaml"
+    assert source.image_size == 320
+    assert source.pretrained is False
+    assert source.cache_key != resolve_model("yolo11n.yaml").cache_key
+
+
 @pytest.mark.parametrize("model_id", ["yolov8n-cls.yaml", "yolov8n-seg.yaml"])
 def test_resolve_rejects_non_detection_architecture(db, model_id):
     with pytest.raises(ModelNotFoundError) as caught:
