@@ -10,7 +10,6 @@ from pathlib import Path
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
-from django.shortcuts import get_object_or_404
 from rest_framework import status
 from rest_framework.exceptions import NotFound
 from rest_framework.parsers import MultiPartParser
@@ -30,6 +29,7 @@ from runner.registry import (
     upload_source_path,
 )
 from runner.weights_check import WeightsRejected, check_weights
+from webapp.errors import get_owned
 from webapp.requests import MalformedRequest, PayloadTooLarge, TooManyRequests
 from workflows.errors import ModelNotFoundError, WorkflowError
 
@@ -123,7 +123,13 @@ def _query_integer(request, name: str, minimum: int = 1) -> int | None:
     if not raw:
         return None
     # Database integer keys are at most 2**63 - 1: 18 digits always fit.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < minimum:
+    if raw.isascii() and raw.isdigit() and len(raw) > 18:
+        raise MalformedRequest(
+            f"{name} must have at most 18 digits, got {len(raw)}",
+            context="request_parsing",
+            field_name=name,
+        )
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < minimum:
         kind = (
             "a positive integer"
             if minimum == 1
@@ -139,8 +145,9 @@ def _query_integer(request, name: str, minimum: int = 1) -> int | None:
 
 class RunDetailView(APIView):
     def get(self, request, run_id):
-        run = get_object_or_404(
+        run = get_owned(
             Run.objects.select_related("workflow_version", "bill"),
+            f"run {run_id}",
             pk=run_id,
             owner=request.user,
         )
@@ -209,7 +216,12 @@ class ModelDetailView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     def get_upload(self, request, model_id) -> ModelUpload:
-        return get_object_or_404(ModelUpload, owner=request.user, model_id=model_id)
+        return get_owned(
+            ModelUpload.objects,
+            f"model upload '{model_id}'",
+            owner=request.user,
+            model_id=model_id,
+        )
 
 
 class ModelListView(APIView):
@@ -237,14 +249,21 @@ class ModelListView(APIView):
         _check_upload_length(request)
         model_id = request.data.get("model_id", "")
         upload = request.FILES.get("file")
+        if not model_id:
+            raise MalformedRequest(
+                "model_id is missing: send it as a form field next to the file",
+                context="request_parsing",
+                field_name="model_id",
+            )
         if (
-            not SAFE_ID.fullmatch(model_id or "")
+            not SAFE_ID.fullmatch(model_id)
             or ".." in model_id
             or "" in model_id.split("/")
         ):
             raise MalformedRequest(
-                "model_id must start with a letter or digit and contain only letters, "
-                "digits, '.', '_', '-' and '/', with no empty or '..' segment",
+                "model_id must be 1 to 200 characters, start with a letter or "
+                "digit and contain only letters, digits, '.', '_', '-' and '/', "
+                f"with no empty or '..' segment; got {len(model_id)} characters",
                 context="request_parsing",
                 field_name="model_id",
             )

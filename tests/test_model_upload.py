@@ -168,6 +168,12 @@ def test_upload_rejects_ambiguous_or_malformed_ids(alice_client, tmp_path):
         response = upload(alice_client, model_id, weights)
         assert response.status_code == 400, model_id
         assert response.json()["field"] == "model_id"
+    too_long = upload(alice_client, "m" * 201, weights).json()
+    assert "1 to 200 characters" in too_long["message"]
+    assert "got 201 characters" in too_long["message"]
+    with open(weights, "rb") as handle:
+        missing = alice_client.post("/api/models/", {"file": handle}).json()
+    assert missing["message"].startswith("model_id is missing")
     assert ModelUpload.objects.count() == 0
 
 

@@ -3,6 +3,7 @@
 import base64
 import struct
 import time
+import uuid
 import zlib
 
 import pytest
@@ -18,6 +19,7 @@ from runner.service import RunOutcome, waiting_slot
 from tests.conftest import image_b64, start_cli_run
 from tests.definitions import detect_then_crops, detection, image_height
 from webapp.redis import get_redis
+from workflows.models import Workflow
 from workflows.timing import RUNNER_COMPONENTS
 
 
@@ -378,6 +380,9 @@ def test_run_list_pages_through_every_run(alice, alice_client):
     bad = alice_client.get("/api/runs/?offset=-1")
     assert bad.status_code == 400
     assert bad.json()["field"] == "offset"
+    huge = alice_client.get("/api/runs/?offset=" + "9" * 20)
+    assert huge.status_code == 400
+    assert huge.json()["message"] == "offset must have at most 18 digits, got 20"
 
 
 @pytest.mark.django_db
@@ -457,3 +462,20 @@ def test_null_default_parameter_runs_when_sent(runner, alice_client):
     missing = run_workflow(alice_client, workflow_id)
     assert missing.status_code == 400
     assert missing.json()["field"] == "conf"
+
+
+@pytest.mark.django_db
+def test_missing_objects_named_in_404(alice, bob, alice_client):
+    others = Workflow.create_with_version(bob, "theirs", image_height())
+    missing_run = uuid.uuid4()
+    cases = {
+        f"/api/workflows/{others.id}": f"workflow {others.id} not found among yours",
+        f"/api/workflows/{others.id}/versions": f"workflow {others.id} not found",
+        f"/api/runs/{missing_run}": f"run {missing_run} not found among yours",
+        "/api/models/nowhere": "model upload 'nowhere' not found among yours",
+    }
+    for url, message in cases.items():
+        response = alice_client.get(url)
+        assert response.status_code == 404, url
+        assert response.json()["code"] == "not_found", url
+        assert message in response.json()["message"], url

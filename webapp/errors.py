@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 import redis
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -112,3 +112,15 @@ def not_found(message: str) -> JsonResponse:
 
 def json_error(message: str, code: str, status_code: int, **extra: Any) -> JsonResponse:
     return JsonResponse(error_body(message, code, **extra), status=status_code)
+
+
+def get_owned(queryset, description: str, **lookup):
+    """Return the one object of ``queryset`` matching ``lookup``, else raise NotFound.
+
+    ``description`` names what was looked for, as "workflow 5". Someone
+    else's object is not found either, with the same message.
+    """
+    try:
+        return queryset.get(**lookup)
+    except ObjectDoesNotExist:
+        raise exceptions.NotFound(f"{description} not found among yours") from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import pybase64
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from workflows.errors import InputError, UndecodableImageError
 
@@ -89,15 +89,19 @@ def inspect_image(
             context="input_decoding",
             field_name=input_name,
         )
+    not_an_image = InputError(
+        f"Input '{input_name}' is not an image in a supported format "
+        f"({', '.join(sorted(ALLOWED_FORMATS))})",
+        context="input_decoding",
+        field_name=input_name,
+    )
     try:
         image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # Pillow's message adds only the repr of the buffer it read.
+        raise not_an_image from None
     except Exception as error:
-        raise InputError(
-            f"Input '{input_name}' is not an image in a supported format "
-            f"({', '.join(sorted(ALLOWED_FORMATS))})",
-            context="input_decoding",
-            field_name=input_name,
-        ) from error
+        raise not_an_image from error
     image_format = image.format or "unknown"
     if image_format not in ALLOWED_FORMATS:
         raise InputError(

@@ -7,7 +7,7 @@ Images arrive as Roboflow clients send them, ``{"type": "base64", "value":
 from dataclasses import dataclass
 from typing import Any
 
-from workflows.blocks.base import VALUE
+from workflows.blocks.base import VALUE, json_type_name
 from workflows.compiler.graph import value_problem
 from workflows.compiler.parse import MAX_VALUE_DEPTH, nested_too_deep
 from workflows.compiler.plan import ExecutionPlan, InputRef
@@ -157,7 +157,9 @@ def _image_values(value: Any, name: str) -> list[bytes]:
     blobs = []
     for item in items:
         if isinstance(item, str):
-            item = {"type": "base64", "value": item}
+            # A bare string is base64, unless it is plainly a URL.
+            is_url = item[:8].lower().startswith(("http://", "https://"))
+            item = {"type": "url" if is_url else "base64", "value": item}
         if not isinstance(item, dict) or "value" not in item:
             raise InputError(
                 f'image input \'{name}\' must be {{"type": "base64", "value": ...}}',
@@ -180,8 +182,8 @@ def _image_values(value: Any, name: str) -> list[bytes]:
             )
         if not isinstance(item["value"], str):
             raise InputError(
-                f"image input '{name}' has a value of type "
-                f"{type(item['value']).__name__}; it must be a base64 string",
+                f"image input '{name}' has {json_type_name(item['value'])} as its "
+                "value; it must be a base64 string",
                 context="request_parsing",
                 field_name=name,
             )

@@ -5,7 +5,6 @@ from urllib.parse import quote
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Max
-from django.shortcuts import get_object_or_404
 from django.urls import Resolver404, resolve
 from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
@@ -15,6 +14,7 @@ from runner.estimate import estimate_run
 from runner.registry import resolve_model
 from runner.responses import run_response
 from runner.service import start_run
+from webapp.errors import get_owned
 from webapp.requests import MalformedRequest, json_object, version_number
 from workflows.blocks import BLOCKS
 from workflows.compiler import plan_cache
@@ -136,8 +136,11 @@ class WorkflowListView(APIView):
 
 class WorkflowDetailView(APIView):
     def get_workflow(self, request, workflow_id) -> Workflow:
-        return get_object_or_404(
-            Workflow.objects.select_related("owner"), pk=workflow_id, owner=request.user
+        return get_owned(
+            Workflow.objects.select_related("owner"),
+            f"workflow {workflow_id}",
+            pk=workflow_id,
+            owner=request.user,
         )
 
     def get(self, request, workflow_id):
@@ -192,7 +195,12 @@ class WorkflowDetailView(APIView):
 
 class WorkflowVersionsView(APIView):
     def get(self, request, workflow_id):
-        workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
+        workflow = get_owned(
+            Workflow.objects,
+            f"workflow {workflow_id}",
+            pk=workflow_id,
+            owner=request.user,
+        )
         return Response(
             {
                 "results": [
@@ -216,7 +224,12 @@ class WorkflowRunView(APIView):
     """
 
     def post(self, request, workflow_id):
-        workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
+        workflow = get_owned(
+            Workflow.objects,
+            f"workflow {workflow_id}",
+            pk=workflow_id,
+            owner=request.user,
+        )
         body = json_object(request)
         version = requested_version(workflow, body)
         run_async = body.get("async", False)
@@ -270,7 +283,12 @@ class WorkflowEstimateView(APIView):
     """
 
     def post(self, request, workflow_id):
-        workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
+        workflow = get_owned(
+            Workflow.objects,
+            f"workflow {workflow_id}",
+            pk=workflow_id,
+            owner=request.user,
+        )
         body = json_object(request)
         version = requested_version(workflow, body)
         return Response(estimate_definition(version.definition, body, request.user.id))

@@ -127,6 +127,11 @@ JSON_TYPE_NAMES = {
 }
 
 
+def json_type_name(value: Any) -> str:
+    """Return the JSON name of ``value``'s type with its article: "a string"."""
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
 def json_type_names(types: tuple[type, ...]) -> str:
     """Return ``types`` as JSON names: (int, float) is "a number"."""
     names = [JSON_TYPE_NAMES.get(t, t.__name__) for t in types]

@@ -31,6 +31,10 @@ from workflows.compiler.plan import (
 )
 
 
+# Input kinds with their article, for messages.
+KIND_ARTICLES = {IMAGE_INPUT: "an image", PARAMETER_INPUT: "a parameter"}
+
+
 def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
     """Return each step's field bindings; problems go to ``parsed.errors``."""
     inputs = {spec.name: spec for spec in parsed.inputs}
@@ -213,8 +217,8 @@ def _check_input_reference(
             step,
             block.type,
             field_name,
-            f"'$inputs.{reference.name}' is a {spec.kind} input, this field "
-            f"needs a {wanted_kind} input",
+            f"'$inputs.{reference.name}' is {KIND_ARTICLES[spec.kind]} input, "
+            f"this field needs {KIND_ARTICLES[wanted_kind]} input",
         )
         return None
     return reference
