@@ -224,7 +224,7 @@ def _forecast_model(
         ]
         calls = _median_float(per_image) * batch_size
     else:
-        calls = len(steps) * batch_size
+        calls = float(len(steps) * batch_size)
 
     on_device = [entry for entry in entries if entry.get("device") == device]
     called = [entry for entry in (on_device or entries) if entry["calls"]]

@@ -58,6 +58,9 @@ def test_estimate_without_history_is_unknown(runner, alice_client):
     assert model["hot"] is False
     assert model["cold_load_us"] is None
     assert model["per_call_us"] is None
+    # One call per model step, as a number like the medians of later runs.
+    assert model["calls"] == 1.0
+    assert isinstance(model["calls"], float)
     assert body["total"] is None
     assert body["price"] is None
     assert any("people-detector-672" in reason for reason in body["unknown"])
