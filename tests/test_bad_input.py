@@ -920,6 +920,30 @@ def test_foreign_workflow_update(alice_client, bob_workflow):
     assert bob_workflow.name == "bobs height"
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "nothing to update: send name, description or definition"),
+        ({"slug": "other", "id": 1}, "unknown fields 'id', 'slug'"),
+        ({"description": "d" * 10_001}, "no more than 10000 characters"),
+    ],
+    ids=["empty", "unknown-fields", "long-description"],
+)
+def test_workflow_update_rejected(alice, alice_client, body, message):
+    workflow = Workflow.create_with_version(alice, "kept", image_height())
+    before = workflow.updated_at
+    response = alice_client.put(
+        f"/api/workflows/{workflow.id}",
+        json.dumps(body),
+        content_type="application/json",
+    )
+    assert response.status_code == 400
+    assert message in response.json()["message"]
+    workflow.refresh_from_db()
+    assert workflow.updated_at == before
+    assert workflow.description == ""
+
+
 def test_foreign_workflow_run(alice_client, bob_workflow):
     response = post_json(
         alice_client,

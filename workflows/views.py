@@ -34,7 +34,7 @@ class StrictCharField(serializers.CharField):
 
 class WorkflowWriteSerializer(serializers.Serializer):
     name = StrictCharField(max_length=200, required=False)
-    description = StrictCharField(required=False, allow_blank=True)
+    description = StrictCharField(max_length=10_000, required=False, allow_blank=True)
     definition = serializers.JSONField(required=False)
 
 
@@ -134,6 +134,10 @@ class WorkflowListView(APIView):
         )
 
 
+# The fields a workflow update reads; api_key is where clients may put the key.
+UPDATE_FIELDS = {"name", "description", "definition", "base_version", "api_key"}
+
+
 class WorkflowDetailView(APIView):
     def get_workflow(self, request, workflow_id) -> Workflow:
         return get_owned(
@@ -154,10 +158,23 @@ class WorkflowDetailView(APIView):
         """
         workflow = self.get_workflow(request, workflow_id)
         body = json_object(request)
+        unknown = sorted(set(body) - UPDATE_FIELDS)
+        if unknown:
+            raise MalformedRequest(
+                f"unknown fields {', '.join(map(repr, unknown))[:300]}; an update "
+                f"takes {', '.join(sorted(UPDATE_FIELDS))}",
+                context="request_parsing",
+                field_name=unknown[0][:100],
+            )
         serializer = WorkflowWriteSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         base_version = version_number(body, "base_version")
+        if not data:
+            raise MalformedRequest(
+                "nothing to update: send name, description or definition",
+                context="request_parsing",
+            )
         warnings: list[str] = []
         version = None
         if "definition" in data:
