@@ -35,8 +35,16 @@ INLINE_WORKFLOW_LABEL = "inline definition"
 
 # The start of a run that loaded and called no model.
 NO_MODEL = "no model"
+# The start of a run that failed because a model's weights did not load.
+LOAD_FAILED = "load failed"
+LOAD_FAILED_CODE = "model_load_failed"
 # Start kinds as keys of the chart data's "starts".
-SUMMARY_START_KEYS = {"hot": "hot", "cold": "cold", NO_MODEL: "no_model"}
+SUMMARY_START_KEYS = {
+    "hot": "hot",
+    "cold": "cold",
+    NO_MODEL: "no_model",
+    LOAD_FAILED: "load_failed",
+}
 
 COMPONENT_LABELS = {
     "request": "Request",
@@ -280,20 +288,25 @@ def untrained_models(models: list[dict[str, Any]]) -> tuple[str, ...]:
     )
 
 
-def _start_kind(cold: bool, models: list[dict[str, Any]]) -> str:
+def _start_kind(
+    cold: bool, models: list[dict[str, Any]], error_code: str | None
+) -> str:
+    if error_code == LOAD_FAILED_CODE:
+        return LOAD_FAILED
     if cold:
         return "cold"
     return "hot" if any(model_used(model) for model in models) else NO_MODEL
 
 
 def start_kind(run) -> str:
-    """Return "cold", "hot" or "no model" (NO_MODEL) for a run.
+    """Return "cold", "hot", "no model" (NO_MODEL) or "load failed" for a run.
 
     Returns "" when the run ended before a runner timed it.
     """
     if run.total_us is None:
         return ""
-    return _start_kind(run.cold, (run.breakdown or {}).get("models", []))
+    error_code = (run.error or {}).get("code")
+    return _start_kind(run.cold, (run.breakdown or {}).get("models", []), error_code)
 
 
 def run_components(bill: Bill) -> dict[str, int]:
@@ -389,6 +402,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
             "run__status",
             "run__total_us",
             "run__breakdown__models",
+            "run__error__code",
             "run__workflow_version__workflow_id",
             "run__workflow_version__workflow__name",
         )
@@ -398,7 +412,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
     per_day: dict[datetime.date, _DayTotals] = defaultdict(_DayTotals)
     starts = {
         kind: {"runs": 0, "amount_microcredits": 0}
-        for kind in ("hot", "cold", "no_model", "no_timing")
+        for kind in (*SUMMARY_START_KEYS.values(), "no_timing")
     }
     latencies: dict[Any, list[int]] = defaultdict(list)
     workflow_names: dict[Any, str] = {}
@@ -421,6 +435,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         status,
         total_us,
         models,
+        error_code,
         workflow_id,
         name,
     ) in records:
@@ -446,7 +461,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         if total_us is None:
             kind = "no_timing"
         else:
-            kind = SUMMARY_START_KEYS[_start_kind(cold, models or [])]
+            kind = SUMMARY_START_KEYS[_start_kind(cold, models or [], error_code)]
         # A failed run's total stops where it failed, so it is no latency.
         if total_us is not None and status == Run.Status.SUCCEEDED:
             latencies[workflow_id].append(total_us)

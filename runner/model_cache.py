@@ -23,6 +23,7 @@ import psutil
 import torch
 
 from runner.registry import KIND_PLACES, ModelSource
+from runner.weights_check import check_format
 from workflows.detections import Detections
 from workflows.errors import ModelLoadError
 from workflows.images import WorkflowImage
@@ -263,6 +264,8 @@ class ModelCache:
 
         started = time.perf_counter_ns()
         try:
+            if source.kind != "architecture":
+                check_format(Path(path))
             model = open_weights(path, task="detect")
         except Exception as error:
             logger.exception("model %s failed to load", source.model_id)

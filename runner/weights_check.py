@@ -81,7 +81,7 @@ def _check_archive(path: Path) -> None:
         )
 
 
-def _check_format(path: Path) -> None:
+def check_format(path: Path) -> None:
     """Raise ValueError unless ``path`` starts like a torch checkpoint.
 
     torch saves a zip archive, and before version 1.6 a bare pickle. Any
@@ -98,7 +98,7 @@ def _check_format(path: Path) -> None:
 
 
 def _load(path: Path) -> dict:
-    _check_format(path)
+    check_format(path)
     _check_archive(path)
     # The runners' loader, with its check that the restricted mode is on.
     from runner.model_cache import open_weights

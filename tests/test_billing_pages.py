@@ -1048,3 +1048,30 @@ def test_admin_cannot_delete_bills_or_runs(client, alice, django_user_model):
         assert client.get(f"/admin/{model}/{pk}/delete/").status_code == 403
     assert Bill.objects.filter(pk=bill.pk, run_id=bill.run_id).exists()
     assert Run.objects.filter(pk=bill.run_id).exists()
+
+
+def test_failed_model_load_is_labelled_load_failed(runner, client, alice, settings):
+    # Random bytes in the model directory: the runner reads them as weights
+    # only when a run needs them, and the run fails with a waived bill.
+    from pathlib import Path
+
+    from tests.conftest import start_cli_run
+    from tests.definitions import detection
+
+    weights = Path(settings.GLASSBOX["MODEL_DIR"]) / "random-bytes.pt"
+    weights.write_bytes(random.Random(7).randbytes(4096))
+    try:
+        outcome = start_cli_run(alice, detection("random-bytes"), wait_s=60)
+    finally:
+        weights.unlink()
+    error = outcome.payload["meta"]["error"]
+    assert error["code"] == "model_load_failed"
+    assert "not a whole torch checkpoint" in error["message"]
+
+    client.force_login(alice)
+    page = parse(client.get(HISTORY))
+    row = dict(zip(page.header, page.rows[0], strict=True))
+    assert row["Start"] == "load failed"
+    starts = client.get(SUMMARY).json()["starts"]
+    assert starts["load_failed"]["runs"] == 1
+    assert starts["no_model"]["runs"] == 0

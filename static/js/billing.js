@@ -128,14 +128,16 @@
   }
 
   function drawStarts(starts) {
-    // Runs that loaded and called no model get their own slice, shown only
-    // when there are any, as are runs that ended before a runner timed them.
+    // Runs that loaded and called no model, runs whose model failed to
+    // load, and runs that ended before a runner timed them get slices of
+    // their own, shown only when there are any.
     const kinds = [
       ["hot", "Hot", cssColor("--ok")],
       ["cold", "Cold", phase("cold_load")],
       ["no_model", "No model", phase("handoff")],
+      ["load_failed", "Load failed", cssColor("--danger")],
       ["no_timing", "Ended before a runner", phase("request")],
-    ].filter(([key]) => !["no_model", "no_timing"].includes(key) || starts[key].runs > 0);
+    ].filter(([key]) => ["hot", "cold"].includes(key) || starts[key].runs > 0);
     const runs = kinds.reduce((sum, [key]) => sum + starts[key].runs, 0);
     new Chart(document.getElementById("chart-starts"), {
       type: "doughnut",
