@@ -9,7 +9,9 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
+from tests.definitions import image_height
 from webapp.models import ApiToken, hash_token
+from workflows.models import Workflow
 
 
 @pytest.mark.parametrize("path", ["/workflows/", "/tokens/", "/billing/"])
@@ -224,3 +226,16 @@ def test_staff_header_links_fleet_page(client, django_user_model):
 def test_non_staff_header_has_no_fleet_link(client, alice):
     client.force_login(alice)
     assert "/admin/runner/run/fleet/" not in client.get("/workflows/").content.decode()
+
+
+def test_admin_adds_no_workflow_or_version(client, django_user_model, alice):
+    staff = django_user_model.objects.create_user(
+        "editor", password="editor-password", is_staff=True, is_superuser=True
+    )
+    client.force_login(staff)
+    workflow = Workflow.create_with_version(alice, "Heights", image_height())
+    page = client.get(f"/admin/workflows/workflow/{workflow.id}/change/")
+    assert page.status_code == 200
+    # The admin's script offers "Add another" only below the form maximum.
+    assert 'name="versions-MAX_NUM_FORMS" value="0"' in page.content.decode()
+    assert client.get("/admin/workflows/workflow/add/").status_code == 403

@@ -10,9 +10,19 @@ class WorkflowVersionInline(admin.TabularInline):
     readonly_fields = fields
     can_delete = False
 
+    # A version is written by a save that compiled its definition; the admin
+    # has no definition field, so it could only add an empty row.
+    def has_add_permission(self, request, obj=None):
+        return False
+
 
 @admin.register(Workflow)
 class WorkflowAdmin(admin.ModelAdmin):
     list_display = ("name", "slug", "owner", "updated_at")
     search_fields = ("name", "slug", "owner__username")
     inlines = [WorkflowVersionInline]
+
+    # Workflows are created with their first version, in the builder or the
+    # API. One created here would have no version to run.
+    def has_add_permission(self, request):
+        return False
