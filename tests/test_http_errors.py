@@ -3,9 +3,13 @@
 import http.client
 import json
 import socket
+import time
+import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from django.conf import settings
 
 
 def raw_request(base_url: str, request: bytes) -> tuple[int, dict, dict]:
@@ -75,6 +79,24 @@ def test_unknown_host_gets_json_error_on_api_routes(wsgi_server):
     assert body["code"] == "disallowed_host"
     assert body["context"] == "request.headers.host"
     assert "ALLOWED_HOSTS" in body["message"]
+
+
+def test_unknown_host_logged_in_one_line(wsgi_server):
+    host = f"host-{uuid.uuid4().hex}.example"
+    raw_request(
+        wsgi_server,
+        f"GET /api/workflows/ HTTP/1.1\r\nHost: {host}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    log = Path(settings.DATA_DIR) / "gunicorn.log"
+    deadline = time.monotonic() + 5
+    while host not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the request was not logged"
+        time.sleep(0.05)
+    lines = log.read_text(errors="replace").splitlines()
+    [index] = [i for i, line in enumerate(lines) if host in line]
+    assert " WARNING django.security.DisallowedHost " in lines[index]
+    assert not lines[index + 1 :] or not lines[index + 1].startswith("Traceback")
 
 
 def test_unknown_host_gets_html_page_in_the_browser(wsgi_server):

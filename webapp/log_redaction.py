@@ -61,6 +61,20 @@ class RedactApiKeys(logging.Filter):
         return True
 
 
+class WithoutTraceback(logging.Filter):
+    """Drop a record's traceback and log it as a warning.
+
+    Django logs a request with a disallowed Host header at ERROR with the
+    traceback of its DisallowedHost exception, about 40 lines for a request
+    that anyone can send. The message alone names the host.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class GunicornLogger(Logger):
     """gunicorn's logger, with keys redacted from its error and access logs."""
 

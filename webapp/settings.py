@@ -241,7 +241,10 @@ LOGGING = {
     },
     # A request's Host header, path or body can carry an API key, and
     # Django logs some of them (DisallowedHost, for example).
-    "filters": {"redact_api_keys": {"()": "webapp.log_redaction.RedactApiKeys"}},
+    "filters": {
+        "redact_api_keys": {"()": "webapp.log_redaction.RedactApiKeys"},
+        "without_traceback": {"()": "webapp.log_redaction.WithoutTraceback"},
+    },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
@@ -253,5 +256,6 @@ LOGGING = {
     "loggers": {
         "rq.worker": {"level": "WARNING"},
         "django.request": {"level": "ERROR"},
+        "django.security.DisallowedHost": {"filters": ["without_traceback"]},
     },
 }
