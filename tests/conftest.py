@@ -27,10 +27,14 @@ from webapp.redis import get_redis
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def image_bytes(name: str = "bus.jpg") -> bytes:
+def image_path(name: str = "bus.jpg") -> Path:
     from ultralytics import ASSETS as assets_dir
 
-    return (Path(assets_dir) / name).read_bytes()
+    return Path(assets_dir) / name
+
+
+def image_bytes(name: str = "bus.jpg") -> bytes:
+    return image_path(name).read_bytes()
 
 
 def image_b64(name: str = "bus.jpg") -> str:

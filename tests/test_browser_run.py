@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from billing.models import Bill
 from runner.models import Run
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, image_b64, image_path
 from tests.definitions import detection
 from tests.test_billing_pages import make_bill, model_entry
 from tests.test_estimate import wait_until_loaded
@@ -435,4 +435,44 @@ def test_run_page_runs_the_version_it_shows(runner, asgi_server, page, alice):
     assert "Input images are not kept" in note.text_content()
     assert page.locator("h1 a").get_attribute("href") == (
         f"/workflows/{workflow.id}/run/"
+    )
+
+
+def test_run_page_uses_last_chosen_image(runner, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Last image", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    sample = page.locator(".image-sample")
+    file_input = page.locator(".image-file")
+
+    # Choosing a file moves the sample list to an entry naming the file.
+    page.set_input_files(".image-file", str(image_path("zidane.jpg")))
+    assert sample.input_value() == ""
+    assert sample.locator("option:checked").text_content() == "Your file: zidane.jpg"
+
+    # Choosing a sample afterwards clears the file, and the run sends the sample.
+    page.select_option(".image-sample", "bus.jpg")
+    assert file_input.evaluate("input => input.files.length") == 0
+    assert sample.locator("option[value='']").text_content() == "Upload a file…"
+    with page.expect_request(f"**/api/workflows/{workflow.id}/runs") as request:
+        page.click("#run-button")
+    sent = request.value.post_data_json["inputs"]["image"]["value"]
+    assert sent == image_b64("bus.jpg")
+    page.wait_for_function("location.pathname.startsWith('/runs/')")
+    first_run = page.url.rstrip("/").rsplit("/", 1)[-1]
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
+    )
+
+    # A file chosen after the sample is what the next run sends.
+    page.set_input_files(".image-file", str(image_path("zidane.jpg")))
+    with page.expect_request(f"**/api/workflows/{workflow.id}/runs") as request:
+        page.click("#run-button")
+    sent = request.value.post_data_json["inputs"]["image"]["value"]
+    assert sent == image_b64("zidane.jpg")
+    page.wait_for_function(
+        f"!location.pathname.includes('{first_run}')"
+        " && document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
     )

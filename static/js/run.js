@@ -467,17 +467,19 @@
     });
   }
 
-  // The chosen file or sample of an image input, as a Blob (a File is one).
+  // Return the image an input sends, as a Blob (a File is one). That is the
+  // sample or the file, whichever was chosen last, because choosing one
+  // clears the other (see bindImageChoice).
   async function imageSource(fieldset) {
     const name = fieldset.dataset.imageInput;
     const sample = fieldset.querySelector(".image-sample").value;
     const file = fieldset.querySelector(".image-file").files[0];
-    if (file) return { name, blob: file };
     if (sample) {
       const response = await fetch(`/samples/${sample}`);
       if (!response.ok) throw new Error(`sample image ${sample} could not be loaded (${response.status})`);
       return { name, blob: await response.blob() };
     }
+    if (file) return { name, blob: file };
     throw new Error(`choose an image for “${name}”`);
   }
 
@@ -508,6 +510,30 @@
       .filter(Boolean)
       .map((file) => file.size);
     $("run-form-error").textContent = bodySizeProblem(sizes) || "";
+  }
+
+  // Keep an image input's sample list and file field in step. Choosing a
+  // sample clears the file, and choosing a file selects the list's
+  // "Your file" entry, which names the file.
+  function bindImageChoice(fieldset) {
+    const select = fieldset.querySelector(".image-sample");
+    const fileInput = fieldset.querySelector(".image-file");
+    const fileOption = select.querySelector("option[value='']");
+    const showFile = () => {
+      const file = fileInput.files[0];
+      fileOption.textContent = file ? `Your file: ${file.name}` : "Upload a file…";
+    };
+    select.addEventListener("change", () => {
+      if (select.value === "") return;
+      fileInput.value = "";
+      showFile();
+      checkChosenFiles();
+    });
+    fileInput.addEventListener("change", () => {
+      if (fileInput.files[0]) select.value = "";
+      showFile();
+      checkChosenFiles();
+    });
   }
 
   async function startRun(event) {
@@ -629,8 +655,8 @@
     for (const input of document.querySelectorAll(".param")) {
       input.addEventListener("change", showEstimate);
     }
-    for (const input of document.querySelectorAll(".image-file")) {
-      input.addEventListener("change", checkChosenFiles);
+    for (const fieldset of document.querySelectorAll("[data-image-input]")) {
+      bindImageChoice(fieldset);
     }
     showEstimate();
   }
