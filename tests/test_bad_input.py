@@ -781,6 +781,24 @@ def test_api_run_version_with_thousands_of_digits(alice, alice_client):
     assert_nothing_stored()
 
 
+def test_unsaved_workflow_names_missing_version(alice, alice_client):
+    # A workflow made in the admin can have no version at all.
+    workflow = Workflow.objects.create(owner=alice, name="Empty", slug="empty")
+    inputs = {"image": base64_input(image_bytes())}
+    for url in (
+        f"/api/workflows/{workflow.id}/runs",
+        f"/api/workflows/{workflow.id}/estimate",
+        "/alice/workflows/empty",
+    ):
+        response = post_json(alice_client, url, {"inputs": inputs})
+        assert response.status_code == 404, url
+        body = response.json()
+        assert_error_body(body)
+        assert "has no saved version yet" in body["message"], url
+        assert "None" not in body["message"], url
+    assert_nothing_stored()
+
+
 @pytest.mark.parametrize("version", ["latest", 1.5, True, -1, [1]])
 def test_api_run_version_not_integer(alice, alice_client, version):
     workflow = Workflow.create_with_version(alice, "height", image_height())

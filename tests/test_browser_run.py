@@ -476,3 +476,18 @@ def test_run_page_uses_last_chosen_image(runner, asgi_server, page, alice):
         " && document.getElementById('run-status').textContent === 'succeeded'",
         timeout=120_000,
     )
+
+
+def test_run_page_without_version(transactional_db, asgi_server, page, alice):
+    # A workflow made in the admin can have no version at all.
+    workflow = Workflow.objects.create(owner=alice, name="Empty", slug="empty")
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+
+    note = page.locator("#no-version")
+    assert "has no saved version yet" in note.text_content()
+    edit_url = f"/workflows/{workflow.id}/edit"
+    assert note.locator("a").get_attribute("href") == edit_url
+    assert page.locator("#run-button").count() == 0
+    assert page.locator("#estimate").count() == 0
+    assert "None" not in page.locator("main").text_content()

@@ -103,6 +103,8 @@ class StoredWorkflowRunView(APIView):
         versions = workflow.versions.all()
         wanted = version_number(body, "workflow_version_id")
         version = versions.filter(number=wanted).first() if wanted else versions.first()
+        if version is None and wanted is None:
+            return not_found(f"workflow '{workflow_id}' has no saved version yet")
         if version is None:
             return not_found(f"workflow '{workflow_id}' has no version {wanted}")
         return _run(request, version.definition, version.id, body)

@@ -279,6 +279,11 @@ def requested_version(workflow: Workflow, body: dict) -> WorkflowVersion:
         if number is not None
         else versions.first()
     )
+    if version is None and number is None:
+        raise exceptions.NotFound(
+            f"workflow {workflow.id} has no saved version yet. Save a definition "
+            f"first with PUT /api/workflows/{workflow.id}"
+        )
     if version is None:
         raise exceptions.NotFound(f"workflow {workflow.id} has no version {number}")
     return version
