@@ -76,11 +76,19 @@ class IsoDateField(forms.DateField):
     input_formats = ["%Y-%m-%d"]
 
     def to_python(self, value):
+        # One message for a wrong form and for a day that does not exist
+        # (2026-13-45). It names the value because a browser's date input
+        # shows an empty box for a value it cannot read.
         if isinstance(value, str) and value.strip():
-            if not ISO_DATE.fullmatch(value.strip()):
-                raise forms.ValidationError(
-                    f"Enter a date as YYYY-MM-DD, not {value!r}.", code="invalid"
-                )
+            text = value.strip()
+            if ISO_DATE.fullmatch(text):
+                try:
+                    return datetime.date.fromisoformat(text)
+                except ValueError:
+                    pass
+            raise forms.ValidationError(
+                f"Enter a valid date as YYYY-MM-DD, not {value!r}.", code="invalid"
+            )
         return super().to_python(value)
 
 

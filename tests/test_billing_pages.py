@@ -6,6 +6,7 @@ policy, so these tests need no runner process.
 
 import csv
 import datetime
+import html
 import io
 import json
 import math
@@ -617,6 +618,20 @@ def test_date_not_in_iso_form_is_rejected(alice_browser, value):
     response = alice_browser.get(SUMMARY, {"date_from": value})
     assert response.status_code == 400
     assert "date_from" in response.json()["fields"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("value", ["notadate", "2026-13-45", "2026-02-30"])
+def test_invalid_date_message_names_value(alice_browser, value):
+    # The history page's date box looks empty for a date the browser cannot
+    # read, so the message must show the value.
+    expected = f"Enter a valid date as YYYY-MM-DD, not '{value}'."
+    response = alice_browser.get(SUMMARY, {"date_from": value})
+    assert response.status_code == 400
+    messages = [error["message"] for error in response.json()["fields"]["date_from"]]
+    assert messages == [expected]
+    page = parse(alice_browser.get(HISTORY, {"date_from": value}))
+    assert html.escape(expected) in page.html
 
 
 @pytest.mark.django_db
