@@ -239,3 +239,23 @@ def test_admin_adds_no_workflow_or_version(client, django_user_model, alice):
     # The admin's script offers "Add another" only below the form maximum.
     assert 'name="versions-MAX_NUM_FORMS" value="0"' in page.content.decode()
     assert client.get("/admin/workflows/workflow/add/").status_code == 403
+
+
+def test_revoke_confirmation_checks_token(client, alice, bob):
+    own, _ = ApiToken.issue(alice, "laptop")
+    others, _ = ApiToken.issue(bob, "bob's")
+    client.force_login(alice)
+
+    response = client.get("/tokens/", {"revoke": own.id})
+    assert response.status_code == 200
+    assert "Revoke token “laptop”" in response.content.decode()
+    assert client.get("/tokens/", {"revoke": others.id}).status_code == 404
+    assert client.get("/tokens/", {"revoke": "abc"}).status_code == 400
+
+    own.revoke()
+    page = client.get("/tokens/", {"revoke": own.id}).content.decode()
+    assert "Token “laptop” is already revoked." in page
+    assert 'id="revoke-confirm"' not in page
+    for token in (own, others):
+        token.refresh_from_db()
+    assert others.revoked_at is None

@@ -32,6 +32,39 @@ def test_token_page_reload_creates_nothing(transactional_db, asgi_server, page, 
     assert key not in page.content()
 
 
+def test_token_revoke_asks_first(transactional_db, asgi_server, page, alice):
+    laptop, _ = ApiToken.issue(alice, "laptop")
+    desktop, _ = ApiToken.issue(alice, "desktop")
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/tokens/")
+    revoke_laptop = page.get_by_role("button", name="Revoke token “laptop”…")
+
+    revoke_laptop.click()
+    confirm = page.locator("#revoke-confirm")
+    assert "Revoke token “laptop”" in confirm.text_content()
+    assert page.evaluate("document.activeElement.id") == "revoke-confirm"
+    laptop.refresh_from_db()
+    assert laptop.revoked_at is None
+    page.click("#revoke-cancel")
+    assert confirm.count() == 0
+    laptop.refresh_from_db()
+    assert laptop.revoked_at is None
+
+    # The same steps with the keyboard, and this time confirmed.
+    revoke_laptop.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#revoke-confirm")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "revoke-confirm-button"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("text=Token “laptop” revoked.")
+    assert confirm.count() == 0
+    laptop.refresh_from_db()
+    assert laptop.revoked_at is not None
+    desktop.refresh_from_db()
+    assert desktop.revoked_at is None
+
+
 def test_billing_page_cuts_long_names(transactional_db, asgi_server, browser, alice):
     long = version_of(alice, LONG_NAME)
     short = version_of(alice, "People")

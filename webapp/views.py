@@ -30,6 +30,9 @@ SHOWN_TOKENS_SESSION_KEY = "shown_new_tokens"
 def tokens(request):
     """List the user's tokens; POST creates or revokes one, then redirects.
 
+    GET with ``?revoke=<id>`` shows the page with a confirmation for
+    revoking that token. Its button sends the POST that revokes it.
+
     A new token's key goes to the browser in a signed, HttpOnly cookie on
     the redirect, limited to this page, and the next GET shows it once and
     deletes the cookie. The server stores no copy of the key, not even in
@@ -43,6 +46,14 @@ def tokens(request):
         if request.POST.get("action") == "revoke":
             return _revoke(request, request.POST.get("token", ""))
     context = {}
+    if "revoke" in request.GET:
+        token, error = _own_token(request, request.GET["revoke"])
+        if error:
+            return error
+        if token.revoked_at is None:
+            context["revoke_token"] = token
+        else:
+            messages.info(request, f"Token “{token.name}” is already revoked.")
     new_token = _new_token(request)
     if new_token:
         context.update(new_key=new_token[1], new_name=new_token[0].name)
@@ -101,8 +112,10 @@ def _tokens_page(request, context: dict, status: int = 200) -> HttpResponse:
     return render(request, "webapp/tokens.html", context, status=status)
 
 
-def _revoke(request, token_id: str) -> HttpResponse:
-    """Revoke one of the user's tokens, or show the page with a 400 or 404 error.
+def _own_token(
+    request, token_id: str
+) -> tuple[ApiToken, None] | tuple[None, HttpResponse]:
+    """Return the user's token with this id, or the page with a 400 or 404 error.
 
     Another user's token gets the same 404 as a missing one, so the response
     does not reveal whether that id exists.
@@ -111,11 +124,19 @@ def _revoke(request, token_id: str) -> HttpResponse:
         messages.error(
             request, f"Token id “{token_id}” is invalid: it must be a number."
         )
-        return _tokens_page(request, {}, status=400)
+        return None, _tokens_page(request, {}, status=400)
     token = ApiToken.objects.filter(pk=int(token_id), user=request.user).first()
     if token is None:
         messages.error(request, f"Token {token_id} not found among your tokens.")
-        return _tokens_page(request, {}, status=404)
+        return None, _tokens_page(request, {}, status=404)
+    return token, None
+
+
+def _revoke(request, token_id: str) -> HttpResponse:
+    """Revoke one of the user's tokens, or show the page with a 400 or 404 error."""
+    token, error = _own_token(request, token_id)
+    if error:
+        return error
     token.revoke()
     messages.info(request, f"Token “{token.name}” revoked.")
     return redirect("tokens")
