@@ -177,3 +177,23 @@ def test_builder_problems_follow_unreadable_json(
     problems = page.locator("#problems").text_content()
     assert "Invalid JSON" in problems
     assert "no outputs" not in problems
+
+
+def test_builder_names_unnamed_output(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/new")
+    page.wait_for_selector("#builder[data-ready='true']")
+    page.click("#tab-json")
+    page.fill("#definition-json", '{"inputs":[1,2,"x"],"steps":[null],"outputs":[{}]}')
+    page.click("#tab-graph")
+    page.wait_for_function(
+        "document.getElementById('problems').textContent.includes('name is missing')"
+    )
+
+    problems = page.locator("#problems").text_content()
+    assert "Output “(no name)”" in problems
+    assert "undefined" not in problems
+    output = page.locator(".drawflow-node.node-output")
+    assert output.locator(".node-name").text_content() == "(no name)"
+    page.locator("#problems .problem-link", has_text="Output “(no name)”").click()
+    assert "undefined" not in page.locator("#node-panel").text_content()

@@ -208,6 +208,17 @@
     return list;
   }
 
+  // A definition typed on the JSON tab may leave an item without a name,
+  // which the server's validation then reports.
+  function hasName(item) {
+    return item.name !== undefined && item.name !== null && item.name !== "";
+  }
+
+  // The name a node, the side panel and the problem list show.
+  function displayName(item) {
+    return hasName(item) ? String(item.name) : "(no name)";
+  }
+
   function positionKey(section, item) {
     return `${section}:${item.name}`;
   }
@@ -629,7 +640,7 @@
     }
     return '<div class="node-head">'
       + `<span class="node-title">${escapeHtml(nodeTitle(section, item))}</span>`
-      + `<span class="node-name">${escapeHtml(item.name ?? "(no name)")}</span>`
+      + `<span class="node-name">${escapeHtml(displayName(item))}</span>`
       + '<span class="node-problems" hidden></span>'
       + "</div>"
       + `<div class="node-rows">${rows.join("")}</div>`;
@@ -1001,7 +1012,7 @@
 
   function problemOwner(problem) {
     if (!problem.item) return "Workflow";
-    return `${nodeTitle(problem.section, problem.item)} “${problem.item.name}”`;
+    return `${nodeTitle(problem.section, problem.item)} “${displayName(problem.item)}”`;
   }
 
   function renderProblems() {
@@ -1558,7 +1569,7 @@
       definitionChanged({ redrawPanel: true });
     });
     const parts = [
-      panelHead(nodeTitle("inputs", item), `$inputs.${item.name}`,
+      panelHead(nodeTitle("inputs", item), hasName(item) ? `$inputs.${item.name}` : "(no name)",
         isImage ? "An image given when the workflow runs." : "A value given when the workflow runs."),
       fieldRow({ name: "type", control: typeControl }),
       nameRow("inputs", item),
@@ -1589,7 +1600,7 @@
     });
     if (list) selectorRow.append(list);
     return [
-      panelHead("Output", `returned as "${item.name}"`, null),
+      panelHead("Output", hasName(item) ? `returned as "${item.name}"` : "(no name)", null),
       nameRow("outputs", item),
       selectorRow,
       fieldRow({
