@@ -197,3 +197,39 @@ def test_builder_names_unnamed_output(transactional_db, asgi_server, page, alice
     assert output.locator(".node-name").text_content() == "(no name)"
     page.locator("#problems .problem-link", has_text="Output “(no name)”").click()
     assert "undefined" not in page.locator("#node-panel").text_content()
+
+
+def test_builder_save_error_clears(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Fixed later", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    message = page.locator("#save-message")
+
+    page.click("#tab-json")
+    valid = page.input_value("#definition-json")
+    page.fill("#definition-json", valid[:-1])
+    page.click("#save")
+    assert message.text_content() == (
+        "Not saved: the JSON has an error, shown under it."
+    )
+    # The message disappears once the JSON parses again, before any save.
+    page.fill("#definition-json", valid)
+    message.wait_for(state="hidden")
+    page.click("#tab-graph")
+    assert message.is_hidden()
+
+    page.fill("#workflow-name", "")
+    page.click("#save")
+    assert message.text_content() == "Enter a workflow name before saving."
+    page.type("#workflow-name", "Named")
+    assert message.is_hidden()
+
+    set_images = "(value) => window.glassboxBuilder.setField('people', 'images', value)"
+    page.evaluate(set_images, None)
+    page.click("#save")
+    page.wait_for_function(
+        "document.getElementById('save-message').textContent.includes('has problems')"
+    )
+    page.evaluate(set_images, "$inputs.image")
+    message.wait_for(state="hidden")
+    assert workflow.latest_version().number == 1

@@ -113,6 +113,9 @@
     savedChangeCount: 0,
     // True while a save request is on its way.
     saving: false,
+    // The cause of the save error on screen ("json", "name" or "definition"),
+    // so that clearSaveError removes it once fixed. Null for other messages.
+    saveErrorCause: null,
     // "<section>:<name>" -> {x, y} in canvas coordinates.
     positions: new Map(),
     // Drawflow node id -> {section, item, ports}; item is the definition object itself.
@@ -1128,6 +1131,7 @@
     state.generalError = outcome.requestFailed ? outcome.message : null;
     if (outcome.ok) {
       setStatus("valid", outcome.warnings.length ? `Valid, ${outcome.warnings.length} warning(s)` : "Valid");
+      clearSaveError("definition");
     } else if (outcome.requestFailed) {
       setStatus("error", "Could not check");
     } else {
@@ -1167,12 +1171,12 @@
     // starts while another is on its way is dropped here.
     if (state.saving) return { ok: false, message: "A save is already in progress." };
     if (state.activeTab === "json" && !applyJsonText()) {
-      showSaveMessage("error", "Not saved: the JSON has an error, shown under it.");
+      showSaveMessage("error", "Not saved: the JSON has an error, shown under it.", "json");
       return { ok: false, message: dom.jsonError.textContent };
     }
     const name = dom.name.value.trim();
     if (!name) {
-      showSaveMessage("error", "Enter a workflow name before saving.");
+      showSaveMessage("error", "Enter a workflow name before saving.", "name");
       dom.name.focus();
       return { ok: false, message: "The workflow name is missing." };
     }
@@ -1213,7 +1217,8 @@
       showSaveMessage("error", `Not saved: ${outcome.message}`);
     } else {
       applyOutcome(outcome);
-      showSaveMessage("error", "Not saved: the definition has problems, listed under Problems.");
+      showSaveMessage("error", "Not saved: the definition has problems, listed under Problems.",
+        "definition");
     }
     return { ok: false, message: outcome.message };
   }
@@ -1254,10 +1259,17 @@
     document.title = `Edit ${body.name} · Glassbox`;
   }
 
-  function showSaveMessage(kind, text) {
+  function showSaveMessage(kind, text, cause = null) {
     dom.saveMessage.hidden = !text;
     dom.saveMessage.textContent = text;
     dom.saveMessage.dataset.kind = kind || "";
+    state.saveErrorCause = cause;
+  }
+
+  // Remove the save error about cause, which is fixed now. The workflow is
+  // still unsaved, and the page still warns before leaving it.
+  function clearSaveError(cause) {
+    if (state.saveErrorCause === cause) showSaveMessage(null, "");
   }
 
   // ---------------------------------------------------------------------
@@ -1339,6 +1351,7 @@
   function showJsonError(message) {
     dom.jsonError.hidden = !message;
     dom.jsonError.textContent = message || "";
+    if (!message) clearSaveError("json");
     if (message) {
       // A check of the previous definition that is still on its way would
       // otherwise overwrite this.
@@ -1707,6 +1720,7 @@
     dom.save.addEventListener("click", save);
     dom.name.addEventListener("input", () => {
       state.changeCount += 1;
+      if (dom.name.value.trim()) clearSaveError("name");
     });
     document.getElementById("zoom-in").addEventListener("click", () => editor.zoom_in());
     document.getElementById("zoom-out").addEventListener("click", () => editor.zoom_out());
