@@ -1,7 +1,7 @@
 """The workflow builder in a real browser: node placement and saving."""
 
 from tests.conftest import ARTIFACTS
-from tests.definitions import detection
+from tests.definitions import detect_then_crops, detection
 from tests.test_browser_run import sign_in
 from workflows.models import Workflow
 
@@ -233,3 +233,89 @@ def test_builder_save_error_clears(transactional_db, asgi_server, page, alice):
     page.evaluate(set_images, "$inputs.image")
     message.wait_for(state="hidden")
     assert workflow.latest_version().number == 1
+
+
+def focused_node(page) -> str | None:
+    """Return the step, input or output name of the focused node, else None."""
+    return page.evaluate(
+        """() => {
+            const node = document.activeElement.closest('.drawflow-node');
+            if (!node) return null;
+            const d = node.dataset;
+            return d.stepName ?? d.inputName ?? d.outputName;
+        }"""
+    )
+
+
+def step_names(page) -> list[str]:
+    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
+    return [step["name"] for step in definition["steps"]]
+
+
+def test_builder_nodes_by_keyboard(transactional_db, asgi_server, page, alice):
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    workflow = Workflow.create_with_version(alice, "Keys", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+
+    # Tab from the canvas reaches the nodes in the definition's order.
+    page.focus("#drawflow")
+    page.keyboard.press("Tab")
+    assert focused_node(page) == "image"
+    page.keyboard.press("Tab")
+    assert focused_node(page) == "people"
+    page.keyboard.press("Enter")
+    assert page.input_value("#node-panel [data-field='name']") == "people"
+    people = page.locator("[data-step-name='people']")
+    assert "selected" in people.get_attribute("class")
+
+    # An arrow key moves the focused node by 20 canvas pixels.
+    left = float(people.evaluate("node => parseFloat(node.style.left)"))
+    page.keyboard.press("ArrowRight")
+    moved = float(people.evaluate("node => parseFloat(node.style.left)"))
+    assert moved == left + 20
+
+    page.keyboard.press("Tab")
+    assert focused_node(page) == "count"
+    page.keyboard.press(" ")
+    assert page.input_value("#node-panel [data-field='name']") == "count"
+
+    # Delete removes the focused node and leaves the focus on the canvas.
+    page.keyboard.press("Delete")
+    assert step_names(page) == ["people"]
+    assert page.locator("[data-step-name='count']").count() == 0
+    assert page.evaluate("document.activeElement.id") == "drawflow"
+    assert errors == []
+
+
+def wide_definition() -> dict:
+    """Return a workflow laid out in five columns: input, three steps, outputs."""
+    definition = detect_then_crops("people-detector")
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "inner", "selector": "$steps.inner.predictions"}
+    )
+    return definition
+
+
+def test_builder_tab_pans_to_node(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Zoomed", wide_definition())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    for _ in range(8):
+        page.click("#zoom-in")
+
+    canvas = canvas_box(page)
+    page.focus("#drawflow")
+    for _ in range(8):
+        page.keyboard.press("Tab")
+        assert focused_node(page) is not None
+        box = page.evaluate(
+            "() => { const r = document.activeElement.getBoundingClientRect();"
+            " return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}; }"
+        )
+        assert box["left"] >= canvas["left"], (box, canvas)
+        assert box["right"] <= canvas["right"], (box, canvas)
+        assert box["top"] >= canvas["top"], (box, canvas)
+        assert box["bottom"] <= canvas["bottom"], (box, canvas)
+        assert page.evaluate("document.getElementById('drawflow').scrollLeft") == 0

@@ -72,6 +72,12 @@
   const PLACEMENT_STEP_PX = 20;
   const VIEW_MARGIN_PX = 12;
   const CANVAS_TOOLS_PX = 44;
+  // How far an arrow key moves the focused node, in canvas pixels. Shift
+  // moves it five times as far.
+  const KEY_MOVE_PX = 20;
+  const ARROW_STEPS = {
+    ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1],
+  };
 
   const SECTIONS = ["inputs", "steps", "outputs"];
   const IMAGE_INPUT_TYPES = ["WorkflowImage", "InferenceImage"];
@@ -532,6 +538,95 @@
     return instance;
   }
 
+  // Handle keys on the canvas for keyboard users. Tab reaches every node.
+  // Enter or Space selects the focused node and opens it in the side panel,
+  // and the arrow keys move it. Delete or Backspace removes the focused node,
+  // else the selected node or line. This runs before Drawflow's own Delete
+  // handler and stops it, because that one throws when a node was selected
+  // before any mouse click on the canvas.
+  function onCanvasKeydown(event) {
+    if (state.activeTab !== "graph" || event.ctrlKey || event.metaKey || event.altKey) return;
+    const focused = event.target.classList.contains("drawflow-node") ? event.target : null;
+    if (event.key === "Delete" || event.key === "Backspace") {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+      deleteSelection(focused);
+    } else if (focused && (event.key === "Enter" || event.key === " ")) {
+      event.preventDefault();
+      selectNodeElement(focused);
+    } else if (focused && ARROW_STEPS[event.key]) {
+      event.preventDefault();
+      const [dx, dy] = ARROW_STEPS[event.key];
+      const step = event.shiftKey ? 5 * KEY_MOVE_PX : KEY_MOVE_PX;
+      moveNode(focused, dx * step, dy * step);
+    }
+  }
+
+  function deleteSelection(focused) {
+    const element = focused || editor.node_selected;
+    if (element) {
+      // Removing through Drawflow fires its events, which update the definition.
+      editor.removeNodeId(element.id);
+      if (editor.node_selected === element) editor.node_selected = null;
+    } else if (editor.connection_selected) {
+      editor.removeConnection();
+    } else {
+      return;
+    }
+    // The removed node may have had the focus, so move it to the canvas.
+    dom.canvas.focus({ preventScroll: true });
+  }
+
+  function selectNodeElement(element) {
+    const node = state.nodes.get(element.id.slice("node-".length));
+    if (!node) return;
+    markSelected(element);
+    select({ section: node.section, item: node.item });
+  }
+
+  // Move a node as dragging it would: its element, Drawflow's copy of its
+  // position, its lines, and the position kept for redraws.
+  function moveNode(element, dx, dy) {
+    const id = element.id.slice("node-".length);
+    const node = state.nodes.get(id);
+    if (!node) return;
+    const x = parseFloat(element.style.left) + dx;
+    const y = parseFloat(element.style.top) + dy;
+    element.style.left = `${x}px`;
+    element.style.top = `${y}px`;
+    const data = editor.drawflow.drawflow[editor.module].data[id];
+    data.pos_x = x;
+    data.pos_y = y;
+    editor.updateConnectionNodes(element.id);
+    state.positions.set(positionKey(node.section, node.item), { x, y });
+    revealNode(element);
+  }
+
+  function applyCanvasTransform() {
+    editor.precanvas.style.transform =
+      `translate(${editor.canvas_x}px, ${editor.canvas_y}px) scale(${editor.zoom})`;
+  }
+
+  // Pan the canvas so that a node (focused by Tab, or moved by a key) is in view.
+  function revealNode(element) {
+    const view = dom.canvas.getBoundingClientRect();
+    const box = element.getBoundingClientRect();
+    const left = view.left + VIEW_MARGIN_PX;
+    const right = view.right - VIEW_MARGIN_PX;
+    const top = view.top + VIEW_MARGIN_PX;
+    const bottom = view.bottom - VIEW_MARGIN_PX - CANVAS_TOOLS_PX;
+    let dx = 0;
+    let dy = 0;
+    if (box.left < left || box.width > right - left) dx = left - box.left;
+    else if (box.right > right) dx = right - box.right;
+    if (box.top < top || box.height > bottom - top) dy = top - box.top;
+    else if (box.bottom > bottom) dy = bottom - box.bottom;
+    if (dx === 0 && dy === 0) return;
+    editor.canvas_x += dx;
+    editor.canvas_y += dy;
+    applyCanvasTransform();
+  }
+
   function nodeElement(id) {
     return document.getElementById(`node-${id}`);
   }
@@ -664,6 +759,9 @@
       position.x, position.y, classes, {}, nodeHtml(section, item, ports));
     const element = nodeElement(id);
     element.dataset[DATASET_NAME[section]] = String(item.name ?? "");
+    element.tabIndex = 0;
+    element.setAttribute("role", "button");
+    element.setAttribute("aria-label", `${nodeTitle(section, item)} “${displayName(item)}”`);
     ports.inputs.forEach((port, index) => tagPort(element, `.input_${index + 1}`, port));
     ports.outputs.forEach((port, index) => tagPort(element, `.output_${index + 1}`, port));
     state.nodes.set(String(id), { section, item, ports });
@@ -695,13 +793,17 @@
   }
 
   function markSelected(element) {
-    // Drawflow keeps its own selection, which its Delete key uses; keep it in
-    // step with the side panel.
+    // Drawflow keeps its own selection, which the Delete key uses, so keep it
+    // in step with the side panel. Like a click, selecting a node unselects a line.
     if (editor.node_selected && editor.node_selected !== element) {
       editor.node_selected.classList.remove("selected");
     }
     editor.node_selected = element;
     if (element) element.classList.add("selected");
+    if (element && editor.connection_selected) {
+      editor.connection_selected.classList.remove("selected");
+      editor.connection_selected = null;
+    }
   }
 
   function selectNode(item) {
@@ -843,8 +945,7 @@
     const inner = editor.precanvas.getBoundingClientRect();
     editor.canvas_x += view.left - (inner.left + left * zoom);
     editor.canvas_y += view.top - (inner.top + top * zoom);
-    editor.precanvas.style.transform =
-      `translate(${editor.canvas_x}px, ${editor.canvas_y}px) scale(${zoom})`;
+    applyCanvasTransform();
   }
 
   // Canvas coordinates of a point in the window, undoing Drawflow's pan and zoom.
@@ -1424,7 +1525,8 @@
     return [
       panelHead("Workflow", counts.join(", "), null),
       el("ul", { class: "panel-tips" },
-        el("li", {}, "Click a node to edit its fields here."),
+        el("li", {}, "Click a node, or Tab to it and press Enter, to edit its fields here."),
+        el("li", {}, "Arrow keys move the focused node; Shift moves it further."),
         el("li", {}, "Drag from an output dot (right) to an input dot (left) to connect."),
         el("li", {}, "Select a node or line and press Delete to remove it."),
         el("li", {}, "Ctrl + mouse wheel zooms; drag the background to pan.")),
@@ -1725,6 +1827,19 @@
     document.getElementById("zoom-in").addEventListener("click", () => editor.zoom_in());
     document.getElementById("zoom-out").addEventListener("click", () => editor.zoom_out());
     document.getElementById("auto-layout").addEventListener("click", autoLayout);
+    dom.canvas.addEventListener("keydown", onCanvasKeydown, true);
+    // The browser scrolls the canvas element to show a focused node, before
+    // focusin, and Drawflow's pan and zoom do not expect a scrolled canvas.
+    // The scroll is undone, and revealNode pans instead.
+    const unscroll = () => {
+      dom.canvas.scrollTop = 0;
+      dom.canvas.scrollLeft = 0;
+    };
+    dom.canvas.addEventListener("scroll", unscroll);
+    dom.canvas.addEventListener("focusin", (event) => {
+      unscroll();
+      if (event.target.matches(".drawflow-node:focus-visible")) revealNode(event.target);
+    });
     document.addEventListener("keydown", (event) => {
       if ((event.ctrlKey || event.metaKey) && event.key === "s") {
         event.preventDefault();
