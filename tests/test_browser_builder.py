@@ -319,3 +319,19 @@ def test_builder_tab_pans_to_node(transactional_db, asgi_server, page, alice):
         assert box["top"] >= canvas["top"], (box, canvas)
         assert box["bottom"] <= canvas["bottom"], (box, canvas)
         assert page.evaluate("document.getElementById('drawflow').scrollLeft") == 0
+
+
+def test_builder_deletes_clicked_line(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Line", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    count_id = page.get_attribute("[data-step-name='count']", "id")
+    line = page.locator(f".connection.node_in_{count_id} .main-path")
+    assert line.count() == 1
+
+    line.click()
+    page.keyboard.press("Delete")
+    assert line.count() == 0
+    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
+    assert "data" not in definition["steps"][1]
+    assert definition["steps"][0]["images"] == "$inputs.image"

@@ -535,6 +535,9 @@
       if (node) select({ section: node.section, item: node.item });
     });
     instance.on("nodeUnselected", () => select(null));
+    // Drawflow cancels the mousedown on a line, so the canvas, where the
+    // Delete key is handled, would not get the focus.
+    instance.on("connectionSelected", () => dom.canvas.focus({ preventScroll: true }));
     return instance;
   }
 
