@@ -179,6 +179,76 @@ def test_builder_problems_follow_unreadable_json(
     assert "no outputs" not in problems
 
 
+def focused_node(page) -> str | None:
+    """Return the step, input or output name of the focused node, else None."""
+    return page.evaluate(
+        """() => {
+            const node = document.activeElement.closest('.drawflow-node');
+            if (!node) return null;
+            const d = node.dataset;
+            return d.stepName ?? d.inputName ?? d.outputName;
+        }"""
+    )
+
+
+def step_names(page) -> list[str]:
+    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
+    return [step["name"] for step in definition["steps"]]
+
+
+def test_builder_nodes_by_keyboard(transactional_db, asgi_server, page, alice):
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    workflow = Workflow.create_with_version(alice, "Keys", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+
+    # Tab from the canvas reaches the nodes in the definition's order.
+    page.focus("#drawflow")
+    page.keyboard.press("Tab")
+    assert focused_node(page) == "image"
+    page.keyboard.press("Tab")
+    assert focused_node(page) == "people"
+    page.keyboard.press("Enter")
+    assert page.input_value("#node-panel [data-field='name']") == "people"
+    people = page.locator("[data-step-name='people']")
+    assert "selected" in people.get_attribute("class")
+
+    # An arrow key moves the focused node by 20 canvas pixels.
+    left = float(people.evaluate("node => parseFloat(node.style.left)"))
+    page.keyboard.press("ArrowRight")
+    moved = float(people.evaluate("node => parseFloat(node.style.left)"))
+    assert moved == left + 20
+
+    page.keyboard.press("Tab")
+    assert focused_node(page) == "count"
+    page.keyboard.press(" ")
+    assert page.input_value("#node-panel [data-field='name']") == "count"
+
+    # Delete removes the focused node and leaves the focus on the canvas.
+    page.keyboard.press("Delete")
+    assert step_names(page) == ["people"]
+    assert page.locator("[data-step-name='count']").count() == 0
+    assert page.evaluate("document.activeElement.id") == "drawflow"
+    assert errors == []
+
+
+def test_builder_deletes_clicked_line(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Line", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    count_id = page.get_attribute("[data-step-name='count']", "id")
+    line = page.locator(f".connection.node_in_{count_id} .main-path")
+    assert line.count() == 1
+
+    line.click()
+    page.keyboard.press("Delete")
+    assert line.count() == 0
+    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
+    assert "data" not in definition["steps"][1]
+    assert definition["steps"][0]["images"] == "$inputs.image"
+
+
 def test_builder_names_unnamed_output(transactional_db, asgi_server, page, alice):
     sign_in(page, asgi_server, "alice", "alice-password")
     page.goto(f"{asgi_server}/workflows/new")
@@ -235,60 +305,6 @@ def test_builder_save_error_clears(transactional_db, asgi_server, page, alice):
     assert workflow.latest_version().number == 1
 
 
-def focused_node(page) -> str | None:
-    """Return the step, input or output name of the focused node, else None."""
-    return page.evaluate(
-        """() => {
-            const node = document.activeElement.closest('.drawflow-node');
-            if (!node) return null;
-            const d = node.dataset;
-            return d.stepName ?? d.inputName ?? d.outputName;
-        }"""
-    )
-
-
-def step_names(page) -> list[str]:
-    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
-    return [step["name"] for step in definition["steps"]]
-
-
-def test_builder_nodes_by_keyboard(transactional_db, asgi_server, page, alice):
-    errors = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    workflow = Workflow.create_with_version(alice, "Keys", detection())
-    sign_in(page, asgi_server, "alice", "alice-password")
-    open_builder(page, asgi_server, workflow)
-
-    # Tab from the canvas reaches the nodes in the definition's order.
-    page.focus("#drawflow")
-    page.keyboard.press("Tab")
-    assert focused_node(page) == "image"
-    page.keyboard.press("Tab")
-    assert focused_node(page) == "people"
-    page.keyboard.press("Enter")
-    assert page.input_value("#node-panel [data-field='name']") == "people"
-    people = page.locator("[data-step-name='people']")
-    assert "selected" in people.get_attribute("class")
-
-    # An arrow key moves the focused node by 20 canvas pixels.
-    left = float(people.evaluate("node => parseFloat(node.style.left)"))
-    page.keyboard.press("ArrowRight")
-    moved = float(people.evaluate("node => parseFloat(node.style.left)"))
-    assert moved == left + 20
-
-    page.keyboard.press("Tab")
-    assert focused_node(page) == "count"
-    page.keyboard.press(" ")
-    assert page.input_value("#node-panel [data-field='name']") == "count"
-
-    # Delete removes the focused node and leaves the focus on the canvas.
-    page.keyboard.press("Delete")
-    assert step_names(page) == ["people"]
-    assert page.locator("[data-step-name='count']").count() == 0
-    assert page.evaluate("document.activeElement.id") == "drawflow"
-    assert errors == []
-
-
 def wide_definition() -> dict:
     """Return a workflow laid out in five columns: input, three steps, outputs."""
     definition = detect_then_crops("people-detector")
@@ -296,6 +312,30 @@ def wide_definition() -> dict:
         {"type": "JsonField", "name": "inner", "selector": "$steps.inner.predictions"}
     )
     return definition
+
+
+def assert_inside_canvas(page) -> None:
+    canvas = canvas_box(page)
+    for box in node_boxes(page):
+        assert box["left"] >= canvas["left"], (box, canvas)
+        assert box["top"] >= canvas["top"], (box, canvas)
+        assert box["right"] <= canvas["right"], (box, canvas)
+        assert box["bottom"] <= canvas["bottom"], (box, canvas)
+
+
+def test_builder_fits_graph_on_load(transactional_db, asgi_server, browser, alice):
+    workflow = Workflow.create_with_version(alice, "Wide", wide_definition())
+    for width, height in ((1280, 900), (400, 800)):
+        context = browser.new_context(viewport={"width": width, "height": height})
+        page = context.new_page()
+        sign_in(page, asgi_server, "alice", "alice-password")
+        open_builder(page, asgi_server, workflow)
+        assert page.locator("#drawflow .drawflow-node").count() == 8
+        assert_inside_canvas(page)
+        page.locator(".builder-main").screenshot(
+            path=str(ARTIFACTS / f"builder-fit-{width}.png")
+        )
+        context.close()
 
 
 def test_builder_tab_pans_to_node(transactional_db, asgi_server, page, alice):
@@ -319,19 +359,3 @@ def test_builder_tab_pans_to_node(transactional_db, asgi_server, page, alice):
         assert box["top"] >= canvas["top"], (box, canvas)
         assert box["bottom"] <= canvas["bottom"], (box, canvas)
         assert page.evaluate("document.getElementById('drawflow').scrollLeft") == 0
-
-
-def test_builder_deletes_clicked_line(transactional_db, asgi_server, page, alice):
-    workflow = Workflow.create_with_version(alice, "Line", detection())
-    sign_in(page, asgi_server, "alice", "alice-password")
-    open_builder(page, asgi_server, workflow)
-    count_id = page.get_attribute("[data-step-name='count']", "id")
-    line = page.locator(f".connection.node_in_{count_id} .main-path")
-    assert line.count() == 1
-
-    line.click()
-    page.keyboard.press("Delete")
-    assert line.count() == 0
-    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
-    assert "data" not in definition["steps"][1]
-    assert definition["steps"][0]["images"] == "$inputs.image"

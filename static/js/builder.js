@@ -72,6 +72,10 @@
   const PLACEMENT_STEP_PX = 20;
   const VIEW_MARGIN_PX = 12;
   const CANVAS_TOOLS_PX = 44;
+  // The smallest zoom, for the zoom buttons and for fitting the whole graph
+  // on load. Drawflow 0.0.60's own minimum, 0.5, leaves a workflow of five
+  // columns wider than the canvas in a 1280 px window.
+  const ZOOM_MIN = 0.2;
   // How far an arrow key moves the focused node, in canvas pixels. Shift
   // moves it five times as far.
   const KEY_MOVE_PX = 20;
@@ -526,6 +530,7 @@
   function createEditor() {
     const instance = new Drawflow(dom.canvas);
     instance.curvature = 0.45;
+    instance.zoom_min = ZOOM_MIN;
     instance.start();
     instance.on("connectionCreated", onConnectionCreated);
     instance.on("connectionRemoved", onConnectionRemoved);
@@ -939,7 +944,8 @@
     const height = Math.max(...boxes.map((box) => box.bottom)) - top + LAYOUT_MARGIN_PX;
     const view = dom.canvas.getBoundingClientRect();
     if (view.width === 0 || view.height === 0) return;
-    const zoom = Math.max(editor.zoom_min, Math.min(1, view.width / width, view.height / height));
+    const usableHeight = view.height - CANVAS_TOOLS_PX;
+    const zoom = Math.max(editor.zoom_min, Math.min(1, view.width / width, usableHeight / height));
     editor.zoom = zoom;
     editor.zoom_refresh();
     // Drawflow's inner canvas keeps the default transform-origin (its middle),
