@@ -87,7 +87,7 @@ for index = 1, #KEYS - 1, 3 do
 end
 return -1
 """
-# What _CLAIM_IDLE_RUNNER returns when the fleet changed since it was read.
+# The value _CLAIM_IDLE_RUNNER returns when the fleet changed since it was read.
 _FLEET_CHANGED = -2
 
 
@@ -119,7 +119,7 @@ def choose_queue(
     looking busy for seconds at most.
 
     ``view`` may be this process's cached read of the fleet. The script
-    refuses it if any runner has joined, left, or loaded or evicted a model
+    rejects it if any runner has joined, left, or loaded or evicted a model
     since, and the fleet is read again: a run sent right after another
     loaded its model goes where that model now is. Returns the queue and
     the view it was chosen from.
@@ -167,7 +167,7 @@ def _claim_idle_runner(
 
 @dataclass(frozen=True)
 class PredictedRoute:
-    """Where a run sent now would wait and who would take it.
+    """The queue a run sent now would join, and the runners that may take it.
 
     ``takers`` are the runners that may take it: the one whose own queue
     it joins, else the idle runners, else, when every runner is busy, all

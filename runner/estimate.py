@@ -89,7 +89,7 @@ def estimate_run(
     devices = {runner.data.get("device") for runner in takers}
     device = devices.pop() if len(devices) == 1 else None
     # A model is hot for certain only if every runner that may take the run
-    # holds it, as predict_hot decides when the run is queued.
+    # has it loaded, as predict_hot decides when the run is queued.
     loaded_on_all = (
         set.intersection(*(r.loaded_models for r in takers)) if takers else set()
     )

@@ -106,11 +106,11 @@ def _before_run(request) -> Run | None:
 
 
 def _query_value(request, name: str) -> str:
-    """Return query parameter ``name``, "" if absent; refuse it given twice."""
+    """Return query parameter ``name``, or "" if absent; raise if it is given twice."""
     values = request.GET.getlist(name)
     if len(values) > 1:
         raise MalformedRequest(
-            f"{name} is given {len(values)} times; give it once",
+            f"{name} is given {len(values)} times; give it at most once",
             context="request_parsing",
             field_name=name,
         )

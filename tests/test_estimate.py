@@ -211,10 +211,10 @@ def test_estimate_and_run_go_where_most_models_are(
     # does the session runner: no other test uses these two sizes.
     holder = extra_runners("most-a")
     extra_runners("most-b")
-    start(alice, "people-detector-352", "most-a")
-    wait_until_loaded(holder, "people-detector-352")
-    definition = detection("people-detector-352")
-    second = dict(definition["steps"][0], name="second", model_id="people-detector-384")
+    start(alice, "people-detector-256", "most-a")
+    wait_until_loaded(holder, "people-detector-256")
+    definition = detection("people-detector-256")
+    second = dict(definition["steps"][0], name="second", model_id="people-detector-192")
     definition["steps"].append(second)
 
     body = alice_client.post(
@@ -223,19 +223,19 @@ def test_estimate_and_run_go_where_most_models_are(
     assert body["runner"] == "most-a"
     assert body["hot"] is False
     by_id = {model["model_id"]: model for model in body["models"]}
-    assert by_id["people-detector-352"]["hot"] is True
-    assert by_id["people-detector-352"]["cold_load_us"] == 0
-    assert by_id["people-detector-384"]["hot"] is False
+    assert by_id["people-detector-256"]["hot"] is True
+    assert by_id["people-detector-256"]["cold_load_us"] == 0
+    assert by_id["people-detector-192"]["hot"] is False
 
     outcome = start_cli_run(alice, definition, wait_s=120)
     breakdown = outcome.payload["meta"]["breakdown"]
     assert breakdown["runner"] == "most-a"
     cold = {model["model_id"]: model["cold"] for model in breakdown["models"]}
-    assert cold == {"people-detector-352": False, "people-detector-384": True}
+    assert cold == {"people-detector-256": False, "people-detector-192": True}
     predicted = {
         ref["model_id"]: ref["predicted_hot"] for ref in outcome.run.model_refs
     }
-    assert predicted == {"people-detector-352": True, "people-detector-384": False}
+    assert predicted == {"people-detector-256": True, "people-detector-192": False}
 
 
 SCRIPT_WITHOUT_RUNNER = """

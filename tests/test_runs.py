@@ -419,7 +419,7 @@ def test_run_list_refuses_a_repeated_query_parameter(alice, alice_client, query)
     assert response.status_code == 400
     body = response.json()
     assert body["field"] == query.split("=")[0]
-    assert "given 2 times; give it once" in body["message"]
+    assert "given 2 times; give it at most once" in body["message"]
 
 
 def test_detections_in_crops_name_their_detection(runner, alice):

@@ -24,7 +24,7 @@ def not_found(request, exception=None):
 
 
 def bad_request(request, exception=None):
-    """Answer a request Django refused before any view, such as an unknown host."""
+    """Return the 400 for a request Django rejected before any view ran."""
     if not _wants_json(request):
         return html_bad_request(request, exception)
     if isinstance(exception, DisallowedHost):

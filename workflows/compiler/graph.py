@@ -30,7 +30,6 @@ from workflows.compiler.plan import (
     StepRef,
 )
 
-
 # Input kinds with their article, for messages.
 KIND_ARTICLES = {IMAGE_INPUT: "an image", PARAMETER_INPUT: "a parameter"}
 

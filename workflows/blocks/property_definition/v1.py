@@ -40,9 +40,10 @@ OPERATIONS = {
     "ToString": "the value as text (a number, string or list)",
 }
 
-# What each operation reads and makes, for the compile-time check. Besides
-# IMAGE and DETECTIONS, values are numbers, strings or lists; a VALUE from
-# a parameter or another step is known only when the run reaches it.
+# The kinds each operation reads and makes, for the compile-time check.
+# Besides IMAGE and DETECTIONS, values are numbers, strings or lists. A
+# VALUE from a parameter or another step is known only when the run
+# reaches it, so the check skips it.
 NUMBER, STRING, LIST = "number", "string", "list"
 READS = {
     "ExtractImageProperty": (IMAGE,),
