@@ -499,5 +499,6 @@ def _payload_from_database(
         bill_fields(bill) if bill else None,
         run.warnings,
         run.runner_name,
+        queue=run.queue_name,
     )
     return {"outputs": run.outputs, "meta": meta}

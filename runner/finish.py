@@ -97,7 +97,14 @@ def finish_run(
             )
         )
     payload_meta = result_meta(
-        run.pk, status, breakdown, error, bill_fields(bill), run.warnings, runner_name
+        run.pk,
+        status,
+        breakdown,
+        error,
+        bill_fields(bill),
+        run.warnings,
+        runner_name,
+        queue=run.queue_name,
     )
     # The runner can take no job while Redis is away, so it may as well wait.
     push_done(
@@ -119,15 +126,18 @@ def result_meta(
     bill: dict[str, Any] | None,
     warnings: list[str],
     runner: str | None,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     """Return the ``meta`` part of a finished run's result payload.
 
     ``runner`` is the runner that held the run, also known to runs that
-    failed without a breakdown.
+    failed without a breakdown. ``queue`` is the queue it ran from, where
+    known.
     """
     return {
         "run_id": str(run_id),
         "runner": runner,
+        "queue": queue,
         "status": status,
         "breakdown": breakdown,
         "error": error,

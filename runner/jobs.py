@@ -31,28 +31,33 @@ PLATFORM_FAILURE = "the run failed because of the platform"
 
 
 def execute_run(
-    run_id: str, snapshot: dict | None = None, inputs: dict | None = None
+    run_id: str,
+    snapshot: dict | None = None,
+    inputs: dict | None = None,
+    queue: str | None = None,
 ) -> None:
     """Claim the run, execute it, and finish it with its bill.
 
     ``snapshot`` contains the run's fields (see dispatch.job_snapshot); jobs
     queued without one read the row instead. ``inputs`` is the run's input
     hash as the worker read it with the job; without it the images are read
-    here.
+    here. ``queue`` is the queue the job was taken from, which the claim
+    records: a run moved off a reaped runner's queue ran from another.
     """
     started = time.perf_counter_ns()
     started_monotonic = time.monotonic()
     started_wall = clock.now_ns()
     runtime = current_runtime()
     try:
+        claim = {
+            "status": Run.Status.RUNNING,
+            "runner_name": runtime.name,
+            "started_at": datetime.fromtimestamp(started_wall / 1e9, tz=UTC),
+        }
+        if queue:
+            claim["queue_name"] = queue
         claimed = sql.update_where(
-            Run,
-            {
-                "status": Run.Status.RUNNING,
-                "runner_name": runtime.name,
-                "started_at": datetime.fromtimestamp(started_wall / 1e9, tz=UTC),
-            },
-            where={"pk": run_id, "status": Run.Status.QUEUED},
+            Run, claim, where={"pk": run_id, "status": Run.Status.QUEUED}
         )
     except Exception:
         # The job id is not a UUID, or the database is unreachable. The job
@@ -69,6 +74,8 @@ def execute_run(
     runtime.current_run = run_id
     try:
         run = _run_from(run_id, snapshot)
+        if queue:
+            run.queue_name = queue
         _execute(run, runtime, started, started_wall, inputs, started_monotonic)
     except BaseException as error:
         # _execute finishes the run itself when the workflow fails. This catches

@@ -90,7 +90,7 @@ def run_to_dict(
         "workflow": _workflow_ref(run),
         "created_at": run.created_at.isoformat() if run.created_at else None,
         "runner": meta.get("runner") if meta else run.runner_name,
-        "queue": run.queue_name,
+        "queue": (meta.get("queue") if meta else None) or run.queue_name,
         "models": [public_model_ref(ref) for ref in run.model_refs],
         "timing": meta["breakdown"] if meta else run.breakdown,
         "bill": bill,

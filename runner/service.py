@@ -139,7 +139,7 @@ def start_run(
                 require_runner=wait_s > 0,
             )
         payload = wait_for_result(str(run.id), wait_s)
-        if payload is not None:
+        if payload is not None and payload["meta"].get("queue") is None:
             _follow_requeue(run, payload["meta"].get("runner"))
         return RunOutcome(run, payload)
 
@@ -147,7 +147,8 @@ def start_run(
 def _follow_requeue(run: Run, runner_name: str | None) -> None:
     """Read the run's queue again if another runner than the routed one took it.
 
-    A run routed to one runner's own queue that another runner finished was
+    A result from a runner names the queue the run ran from. A run failed
+    without one, routed to one runner's own queue and held by another, was
     moved when the first was reaped, and the row names the queue it went to.
     """
     routed_to = keys.runner_of_queue(run.queue_name)

@@ -191,8 +191,10 @@ class RunnerWorker:
                     error,
                 )
                 continue
+            queue_name = queue_key.removeprefix(Queue.redis_queue_namespace_prefix)
             try:
-                job.func(*job.args, inputs=inputs, **job.kwargs)
+                kwargs = {**job.kwargs, "inputs": inputs, "queue": queue_name}
+                job.func(*job.args, **kwargs)
             except Exception:
                 # execute_run has already ended the run failed; keep serving.
                 logger.exception(

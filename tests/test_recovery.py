@@ -312,8 +312,13 @@ def test_sync_reply_names_queue_after_move(runner, alice):
 
     [outcome] = replies
     assert outcome.payload["meta"]["runner"] == runner.name
+    # The runner names the queue it took the job from, in the reply and
+    # in the row.
+    assert outcome.payload["meta"]["queue"] == keys.SHARED_QUEUE
     body = run_to_dict(outcome.run, payload=outcome.payload)
     assert body["queue"] == keys.SHARED_QUEUE
+    outcome.run.refresh_from_db()
+    assert outcome.run.queue_name == keys.SHARED_QUEUE
 
 
 def test_reap_queues_again_a_job_popped_without_mark(runner, alice):
