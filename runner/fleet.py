@@ -62,7 +62,7 @@ end
 # name, and then returns that heartbeat instead. Raises the fleet generation
 # KEYS[3] when the runner joins or its models (ARGV[5]: their cache keys,
 # sorted, one per line) differ from the heartbeat it replaces. Records the
-# time in KEYS[4] and clears the runner's end in KEYS[5].
+# time in KEYS[4].
 _PUBLISH_HEARTBEAT = (
     OTHER_INSTANCE_LUA
     + """
@@ -90,7 +90,6 @@ redis.call('SADD', KEYS[2], ARGV[4])
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZADD', KEYS[4], now_ms, ARGV[4])
-redis.call('HDEL', KEYS[5], ARGV[4])
 return false
 """
 )
@@ -108,12 +107,11 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
     pipeline = connection.pipeline(transaction=False)
     pipeline.eval(
         _PUBLISH_HEARTBEAT,
-        5,
+        4,
         keys.heartbeat_key(name),
         keys.RUNNERS_SET,
         keys.FLEET_GENERATION,
         keys.RUNNERS_SEEN,
-        keys.RUNNERS_ENDED,
         json.dumps(state),
         state["instance"],
         ttl_ms,
@@ -150,8 +148,10 @@ def ended_runners() -> list[dict[str, Any]]:
     """Return the runners that stopped or were reaped in the last ENDED_SHOWN_S.
 
     Each has ``name``, ``reason``, ``ended_at`` and ``last_heartbeat_at``
-    (datetimes, the second None if unknown), newest end first. Older
-    entries are deleted.
+    (datetimes, the second None if unknown), newest end first; a name has
+    its latest end only. A runner started again under the name is listed
+    too, so the reason of its last end stays visible. Older entries are
+    deleted.
     """
     connection = get_redis()
     now_ms = clock.now_ns() // 1_000_000

@@ -701,10 +701,15 @@ def test_new_runner_logs_no_stall(runner, extra_runners):
 def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
     # The key can go before its expiry (an operator, a Redis server evicting
     # keys). The runner beat less than a second ago, so it is not dead.
+    def recorded_end():
+        ended = {entry["name"]: entry for entry in fleet.ended_runners()}
+        return ended.get(runner.name)
+
+    before = recorded_end()
     get_redis().delete(keys.heartbeat_key(runner.name))
     fleet.reap_dead_runners()
     assert get_redis().sismember(keys.RUNNERS_SET, runner.name)
-    assert runner.name not in {entry["name"] for entry in fleet.ended_runners()}
+    assert recorded_end() == before
 
 
 def test_fleet_lists_runners_that_ended(
@@ -739,3 +744,12 @@ def test_fleet_lists_runners_that_ended(
     assert "ends-killed stopped sending heartbeats" in page
     listed = client.get("/api/fleet").json()["ended"]
     assert {"ends-stopped", "ends-killed"} <= {entry["name"] for entry in listed}
+
+    # A runner started again under the name keeps its last end listed.
+    state = {"name": "ends-killed", "instance": "again", "models": []}
+    fleet.publish_heartbeat("ends-killed", state)
+    try:
+        ended = {entry["name"]: entry for entry in fleet.ended_runners()}
+        assert ended["ends-killed"]["reason"] == reason
+    finally:
+        fleet.remove_heartbeat("ends-killed")
