@@ -31,7 +31,7 @@ from django.conf import settings
 
 from workflows.errors import ModelNotFoundError
 
-SIZE_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<size>\d{3,4})$")
+SIZE_SUFFIX = re.compile(r"^(?P<name>.+)-(?P<size>\d{2,4})$")
 # Matched with fullmatch: 1 to 200 characters, starting with a letter or digit.
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}")
 # Input sizes a size suffix may ask for, in pixels.
@@ -146,7 +146,7 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
         return _architecture(model_id, model_id, None, searched, step)
     size = None
     names = [model_id]
-    match = SIZE_SUFFIX.match(model_id)
+    match = size_suffix(model_id)
     if match:
         size = int(match["size"])
         if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
@@ -175,6 +175,18 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
                 )
             return found
     raise ModelNotFoundError(model_id, searched, step=step)
+
+
+def size_suffix(model_id: str) -> re.Match | None:
+    """Return the match of ``model_id``'s size suffix, None if it has none.
+
+    Two digits below MIN_IMAGE_SIZE are no size but part of a name, such
+    as "detector-v2-10".
+    """
+    match = SIZE_SUFFIX.match(model_id)
+    if match and len(match["size"]) == 2 and int(match["size"]) < MIN_IMAGE_SIZE:
+        return None
+    return match
 
 
 def check_model_path(source: ModelSource) -> None:

@@ -23,9 +23,9 @@ from runner.presenters import run_to_dict
 from runner.registry import (
     KIND_PLACES,
     SAFE_ID,
-    SIZE_SUFFIX,
     model_dir,
     resolve_model,
+    size_suffix,
     upload_source_path,
 )
 from runner.weights_check import WeightsRejected, check_weights
@@ -260,17 +260,18 @@ class ModelListView(APIView):
             or ".." in model_id
             or "" in model_id.split("/")
         ):
+            length = f"; got {len(model_id)} characters" if len(model_id) > 200 else ""
             raise MalformedRequest(
                 "model_id must be 1 to 200 characters, start with a letter or "
                 "digit and contain only letters, digits, '.', '_', '-' and '/', "
-                f"with no empty or '..' segment; got {len(model_id)} characters",
+                f"with no empty or '..' segment{length}",
                 context="request_parsing",
                 field_name="model_id",
             )
-        if model_id.lower().endswith((".yaml", ".yml")) or SIZE_SUFFIX.match(model_id):
+        if model_id.lower().endswith((".yaml", ".yml")) or size_suffix(model_id):
             raise MalformedRequest(
                 f"model_id '{model_id}' would read as an architecture name or a "
-                "size suffix (a name ending in '-' and 3 or 4 digits)",
+                "size suffix (a name ending in '-' and a number of 32 or more)",
                 context="request_parsing",
                 field_name="model_id",
                 hint="Pick an id that ends in neither; a size suffix can still be "

@@ -168,6 +168,9 @@ def test_upload_rejects_ambiguous_or_malformed_ids(alice_client, tmp_path):
         response = upload(alice_client, model_id, weights)
         assert response.status_code == 400, model_id
         assert response.json()["field"] == "model_id"
+    dotted = upload(alice_client, "a/../b", weights).json()
+    assert "no empty or '..' segment" in dotted["message"]
+    assert "got 6 characters" not in dotted["message"]
     too_long = upload(alice_client, "m" * 201, weights).json()
     assert "1 to 200 characters" in too_long["message"]
     assert "got 201 characters" in too_long["message"]

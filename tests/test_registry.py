@@ -27,6 +27,16 @@ def test_resolve_architecture_is_untrained(db):
     assert "untrained" in source.label
 
 
+def test_resolve_two_digit_size_suffix(db):
+    assert resolve_model("yolov8n.yaml-96").image_size == 96
+    assert resolve_model("people-detector-64").image_size == 64
+    # Below the smallest size, two digits are part of the name.
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model("people-detector-10")
+    assert "size suffix" not in caught.value.message
+    assert "people-detector-10.pt" in caught.value.message
+
+
 def test_resolve_architecture_with_size_suffix(db):
     source = resolve_model("yolo11n.yaml-320")
     assert source.kind == "architecture"
