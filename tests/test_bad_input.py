@@ -962,6 +962,28 @@ def test_workflow_update_rejected(alice, alice_client, body, message):
     assert workflow.description == ""
 
 
+def test_workflow_update_of_same_values_changes_nothing(alice, alice_client):
+    workflow = Workflow.create_with_version(alice, "kept", image_height())
+    before = workflow.updated_at
+    response = alice_client.put(
+        f"/api/workflows/{workflow.id}",
+        {"name": "kept", "description": "", "definition": image_height()},
+        format="json",
+    )
+    assert response.status_code == 200
+    assert response.json()["version"] == 1
+    workflow.refresh_from_db()
+    assert workflow.updated_at == before
+
+
+def test_workflow_create_rejects_unknown_fields(alice_client):
+    body = {"name": "n", "definition": image_height(), "slug": "chosen"}
+    response = alice_client.post("/api/workflows/", body, format="json")
+    assert response.status_code == 400
+    assert "unknown fields 'slug'" in response.json()["message"]
+    assert Workflow.objects.count() == 0
+
+
 def test_foreign_workflow_run(alice_client, bob_workflow):
     response = post_json(
         alice_client,
@@ -1088,6 +1110,16 @@ def test_key_in_body_of_any_content_type(client, alice_key, content_type):
     )
     assert response.status_code == 400
     assert response.json()["code"] == "invalid_definition"
+
+
+@pytest.mark.django_db
+def test_key_in_body_after_byte_order_mark(client, alice_key):
+    body = json.dumps({"api_key": alice_key, "definition": image_height()})
+    response = client.post(
+        "/api/validate", b"\xef\xbb\xbf" + body.encode(), content_type="text/plain"
+    )
+    assert response.status_code == 200
+    assert response.json()["valid"] is True
 
 
 @pytest.mark.parametrize("key", [123, ["gbx_x"], {"key": "gbx_x"}])

@@ -17,6 +17,10 @@ from rest_framework import authentication, exceptions
 from webapp.models import ApiToken, hash_token
 from webapp.requests import MalformedRequest, json_body, read_body
 
+# Some editors and Windows tools start UTF-8 text with it; the JSON parser
+# drops it too.
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 def find_api_key(request) -> str | None:
     header = request.META.get("HTTP_AUTHORIZATION", "")
@@ -25,11 +29,11 @@ def find_api_key(request) -> str | None:
         return value.strip()
     if request.GET.get("api_key"):
         return request.GET["api_key"]
-    # The views parse every body but an upload's as JSON, whatever its
-    # Content-Type, so the key is read from the same bodies.
+    # The views parse every body not sent as multipart form data as JSON,
+    # whatever its Content-Type, so the key is read from the same bodies.
     if (
         not request.content_type.startswith("multipart/")
-        and read_body(request).lstrip()[:1] == b"{"
+        and read_body(request).removeprefix(UTF8_BOM).lstrip()[:1] == b"{"
     ):
         return _api_key_from_body(request)
     return None

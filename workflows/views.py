@@ -92,6 +92,24 @@ class VersionConflict(WorkflowError):
     status = 409
 
 
+# The fields a workflow create or update reads; api_key is where clients may
+# put the key.
+CREATE_FIELDS = {"name", "description", "definition", "api_key"}
+UPDATE_FIELDS = CREATE_FIELDS | {"base_version"}
+
+
+def reject_unknown_fields(body: dict, known: set[str]) -> None:
+    """Raise MalformedRequest naming the fields of ``body`` outside ``known``."""
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise MalformedRequest(
+            f"unknown fields {', '.join(map(repr, unknown))[:300]}; this request "
+            f"takes {', '.join(sorted(known))}",
+            context="request_parsing",
+            field_name=unknown[0][:100],
+        )
+
+
 class WorkflowListView(APIView):
     def get(self, request):
         workflows = (
@@ -114,6 +132,7 @@ class WorkflowListView(APIView):
 
     def post(self, request):
         body = json_object(request)
+        reject_unknown_fields(body, CREATE_FIELDS)
         serializer = WorkflowWriteSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -132,10 +151,6 @@ class WorkflowListView(APIView):
             {**workflow_to_dict(workflow), "warnings": warnings},
             status=status.HTTP_201_CREATED,
         )
-
-
-# The fields a workflow update reads; api_key is where clients may put the key.
-UPDATE_FIELDS = {"name", "description", "definition", "base_version", "api_key"}
 
 
 class WorkflowDetailView(APIView):
@@ -158,14 +173,7 @@ class WorkflowDetailView(APIView):
         """
         workflow = self.get_workflow(request, workflow_id)
         body = json_object(request)
-        unknown = sorted(set(body) - UPDATE_FIELDS)
-        if unknown:
-            raise MalformedRequest(
-                f"unknown fields {', '.join(map(repr, unknown))[:300]}; an update "
-                f"takes {', '.join(sorted(UPDATE_FIELDS))}",
-                context="request_parsing",
-                field_name=unknown[0][:100],
-            )
+        reject_unknown_fields(body, UPDATE_FIELDS)
         serializer = WorkflowWriteSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -199,9 +207,12 @@ class WorkflowDetailView(APIView):
             if "definition" in data:
                 if latest is None or latest.definition != data["definition"]:
                     version = workflow.add_version(data["definition"])
+            changed = [f for f in changed if getattr(workflow, f) != data[f]]
             for field in changed:
                 setattr(workflow, field, data[field])
-            workflow.save(update_fields=[*changed, "updated_at"])
+            # A save of what is already stored changes nothing, its time included.
+            if changed or version is not None:
+                workflow.save(update_fields=[*changed, "updated_at"])
         # The version this request stored, not the latest: a concurrent
         # request may have stored another since.
         body = workflow_to_dict(workflow, version)
