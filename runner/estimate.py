@@ -96,7 +96,7 @@ def estimate_run(
     cold_keys = cache_keys - loaded_on_all
     queued_ahead = route.queued_ahead
     if route.all_busy:
-        waiting = f", and {queued_ahead} runs are queued" if queued_ahead else ""
+        waiting = f", and {_runs_queued(queued_ahead)}" if queued_ahead else ""
         unknown.append(
             f"every runner is busy with a run{waiting}, so the queue time is "
             "unknown: this run waits until a runner is free"
@@ -106,7 +106,7 @@ def estimate_run(
             notes.append("whether a model is hot depends on which runner is free first")
     elif queued_ahead:
         unknown.append(
-            f"{queued_ahead} runs are queued ahead of this one, so its queue time "
+            f"{_runs_queued(queued_ahead)} ahead of this one, so its queue time "
             "is unknown: the past runs it would be predicted from did not wait "
             "behind them"
         )
@@ -316,6 +316,10 @@ def _exceeds_budgets(
                     sizes[key] = entry["memory_bytes"]
     needed = sum(sizes.get(key, 0) for key in cache_keys)
     return all(needed > runner.data.get("budget_bytes", needed) for runner in runners)
+
+
+def _runs_queued(count: int) -> str:
+    return f"{count} run is queued" if count == 1 else f"{count} runs are queued"
 
 
 def _cold_load(forecasts: list[dict[str, Any]]) -> int | None:

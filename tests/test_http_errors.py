@@ -82,7 +82,8 @@ def test_unknown_host_gets_json_error_on_api_routes(wsgi_server):
 
 
 def test_unknown_host_logged_in_one_line(wsgi_server):
-    host = f"host-{uuid.uuid4().hex}.example"
+    # A long header: the warning keeps its start only.
+    host = f"host-{uuid.uuid4().hex}-{'x' * 3000}.example"
     raw_request(
         wsgi_server,
         f"GET /api/workflows/ HTTP/1.1\r\nHost: {host}\r\n"
@@ -90,12 +91,13 @@ def test_unknown_host_logged_in_one_line(wsgi_server):
     )
     log = Path(settings.DATA_DIR) / "gunicorn.log"
     deadline = time.monotonic() + 5
-    while host not in log.read_text(errors="replace"):
+    while host[:40] not in log.read_text(errors="replace"):
         assert time.monotonic() < deadline, "the request was not logged"
         time.sleep(0.05)
     lines = log.read_text(errors="replace").splitlines()
-    [index] = [i for i, line in enumerate(lines) if host in line]
+    [index] = [i for i, line in enumerate(lines) if host[:40] in line]
     assert " WARNING django.security.DisallowedHost " in lines[index]
+    assert len(lines[index]) < 500
     assert not lines[index + 1 :] or not lines[index + 1].startswith("Traceback")
 
 

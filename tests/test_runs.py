@@ -479,3 +479,37 @@ def test_missing_objects_named_in_404(alice, bob, alice_client):
         assert response.status_code == 404, url
         assert response.json()["code"] == "not_found", url
         assert message in response.json()["message"], url
+
+
+def test_to_string_writes_json_for_non_strings(runner, alice_client):
+    values = {"flag": True, "nothing": None, "mapping": {"a": 1}, "names": ["a", "b"]}
+    definition = image_height()
+    for name in values:
+        definition["inputs"].append({"type": "WorkflowParameter", "name": name})
+        definition["steps"].append(
+            {
+                "type": "PropertyDefinition",
+                "name": f"text_{name}",
+                "data": f"$inputs.{name}",
+                "operations": [{"type": "ToString"}],
+            }
+        )
+        definition["outputs"].append(
+            {
+                "type": "JsonField",
+                "name": name,
+                "selector": f"$steps.text_{name}.output",
+            }
+        )
+    workflow_id = create_workflow(alice_client, definition)
+    response = run_workflow(
+        alice_client,
+        workflow_id,
+        inputs={"image": {"type": "base64", "value": image_b64()}, **values},
+    )
+    assert response.status_code == 200, response.json()
+    [output] = response.json()["outputs"]
+    assert output["flag"] == "true"
+    assert output["nothing"] == "null"
+    assert output["mapping"] == '{"a": 1}'
+    assert output["names"] == '["a", "b"]'

@@ -61,6 +61,10 @@ class RedactApiKeys(logging.Filter):
         return True
 
 
+# The longest message WithoutTraceback keeps whole.
+MAX_MESSAGE_CHARS = 300
+
+
 class WithoutTraceback(logging.Filter):
     """Drop a record's traceback and log it as a warning.
 
@@ -72,6 +76,10 @@ class WithoutTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info, record.exc_text = None, None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
+        # The message quotes the header twice, and a header can be 8 kB.
+        message = record.getMessage()
+        if len(message) > MAX_MESSAGE_CHARS:
+            record.msg, record.args = message[:MAX_MESSAGE_CHARS] + "…", None
         return True
 
 

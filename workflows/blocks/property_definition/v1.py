@@ -4,6 +4,7 @@
 Roboflow's query language for the subset supported here.
 """
 
+import json
 from typing import Any
 
 from workflows.blocks.base import (
@@ -37,7 +38,7 @@ OPERATIONS = {
     "SequenceLength": "number of detections or items",
     "DetectionsPropertyExtract": "property_name: one of "
     + ", ".join(DETECTION_PROPERTIES),
-    "ToString": "the value as text (a number, string or list)",
+    "ToString": "the value as text: a string as it is, anything else as JSON",
 }
 
 # The kinds each operation reads and makes, for the compile-time check.
@@ -158,7 +159,7 @@ def _apply(operation: dict, value: Any, step: str) -> Any:
         return _detection_property(value, operation["property_name"])
     if isinstance(value, (WorkflowImage, Detections)):
         raise _wrong_input(kind, value, step)
-    return str(value)
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def _detection_property(detections: Detections, name: str) -> list:
