@@ -440,8 +440,8 @@ def test_estimate_skips_a_busy_holder_as_routing_does(runner, alice, alice_clien
 
 
 def test_estimate_with_every_runner_busy_has_unknown_queue(runner, alice, alice_client):
-    # Both runners hold the model; the registered one has three jobs queued
-    # on its own queue, and the session runner is in the middle of a run.
+    # Both runners have the model loaded. The registered one has three jobs
+    # queued on its own queue, and the session runner is in a run.
     cache_key = resolve_model("people-detector-416", owner_id=alice.id).cache_key
     start(alice, "people-detector-416", runner.name)
     wait_until_loaded(runner, "people-detector-416")

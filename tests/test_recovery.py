@@ -289,7 +289,7 @@ def test_reap_runs_a_moved_marked_job_once(runner, alice):
 def test_sync_reply_names_queue_after_move(runner, alice):
     # A synchronous request waits on a run routed to "moved-sync", which is
     # reaped before it takes the job: the run goes to the shared queue, and
-    # the reply must say so, as GET /api/runs/<id> does.
+    # the reply must name that queue, as GET /api/runs/<id> does.
     replies = []
 
     def wait_for_run():

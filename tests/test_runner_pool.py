@@ -424,7 +424,7 @@ def test_heartbeat_lists_model_once_loaded(runner, extra_runners, alice, monkeyp
 def fleet_of(*runners: tuple[str, tuple[str, ...]]):
     """Register runners (name, cache keys) in Redis; yield a fresh snapshot of them.
 
-    The snapshot holds only these runners, whatever else is live, and the
+    The snapshot contains only these runners, whatever else is live, and the
     busy marks routing leaves on them are deleted at the end.
     """
     with ExitStack() as stack:
@@ -488,15 +488,13 @@ def test_routing_burst_takes_each_idle_runner_once(db):
         )
 
 
-def test_routing_skips_a_holder_whose_heartbeat_expired(db):
+def test_routing_skips_expired_holder(db):
     with fleet_of(("gone-a", ("k",)), ("gone-b", ("k",))) as snapshot:
         get_redis().delete(keys.heartbeat_key("gone-a"))
         assert routed(["k"], snapshot, "run-1") == keys.runner_queue("gone-b")
 
 
-def test_routing_reads_the_fleet_again_after_a_model_loads(
-    runner, extra_runners, alice
-):
+def test_routing_rereads_fleet_after_load(runner, extra_runners, alice):
     # The web server reuses its read of the fleet for half a second. A run
     # sent just after another loaded its model must still go where the
     # model now is, not cold to another runner. No other test uses this size.

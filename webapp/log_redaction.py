@@ -61,7 +61,7 @@ class RedactApiKeys(logging.Filter):
         return True
 
 
-# The longest message WithoutTraceback keeps whole.
+# Maximum length of a message that WithoutTraceback keeps whole.
 MAX_MESSAGE_CHARS = 300
 
 
