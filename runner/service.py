@@ -6,7 +6,7 @@ The REST API, the Roboflow-compatible routes, the browser and the
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -104,13 +104,15 @@ def start_run(
     token_id: int | None = None,
     uploads: dict[str, bytes] | None = None,
     runner: str | None = None,
+    on_queued: Callable[[Run], None] | None = None,
 ) -> RunOutcome:
     """Compile, check inputs, queue, and wait up to ``wait_s`` for the result.
 
     Raises DefinitionError, InputError, ModelNotFoundError, NoRunnerError or
     TooManyRequests before anything is stored. Synchronous requests are
     limited by SYNC_WAITS_PER_USER, asynchronous ones (``wait_s`` 0) by
-    QUEUED_RUNS_PER_USER.
+    QUEUED_RUNS_PER_USER. ``on_queued`` is called with the stored run
+    before the wait.
     """
     with waiting_slot(owner_id) if wait_s > 0 else nullcontext():
         compiled = plan_cache.compile(definition, owner_id)
@@ -138,6 +140,8 @@ def start_run(
                 ),
                 require_runner=wait_s > 0,
             )
+        if on_queued is not None:
+            on_queued(run)
         payload = wait_for_result(str(run.id), wait_s)
         if payload is not None and payload["meta"].get("queue") is None:
             _follow_requeue(run, payload["meta"].get("runner"))

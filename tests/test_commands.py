@@ -1,12 +1,23 @@
 """Management commands reject bad arguments with one-line errors, before acting."""
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
+from django.db import connection as db_connection
 
 from runner.models import Run
+from tests.conftest import ROOT, image_path
+from tests.definitions import detection, image_height
 
 DEFINITION = "examples/people-count.json"
+BUS = str(image_path())
 
 
 @pytest.mark.parametrize(
@@ -58,3 +69,89 @@ def test_runworkflow_rejects_invalid_user_name(db, username):
     with pytest.raises(CommandError, match="not a valid user name"):
         call_command("runworkflow", DEFINITION, "--user", username)
     assert not get_user_model().objects.filter(username=username).exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--param", "nosuch=1"], "--param names inputs the definition does not"),
+        (["--image", f"nosuch={BUS}"], "--image names inputs the definition does not"),
+        (["--image", BUS, "--image", BUS], "--image gives input 'image' twice"),
+    ],
+)
+def test_runworkflow_rejects_unknown_or_repeated_inputs(db, arguments, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("runworkflow", DEFINITION, *arguments)
+    assert Run.objects.count() == 0
+
+
+def test_runworkflow_prints_whole_json_and_reads_path_with_equals(
+    runner, tmp_path, capsys
+):
+    # An output of the input image is base64 far over the printed limit.
+    definition = image_height()
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "picture", "selector": "$inputs.image"}
+    )
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps(definition))
+    image = tmp_path / "a=b.jpg"
+    shutil.copy(BUS, image)
+
+    call_command("runworkflow", str(path), "--image", str(image))
+
+    printed = capsys.readouterr().out
+    assert "queued; waiting up to" in printed
+    text = printed.split("outputs:\n", 1)[1].split("\ntiming breakdown", 1)[0]
+    [output] = json.loads(text)
+    assert output["height"] == 1080
+    assert "characters in all; GET /api/runs/" in output["picture"]["value"]
+
+
+def test_createtoken_on_new_database_says_to_migrate(tmp_path):
+    database = tmp_path / "empty.sqlite3"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "webapp.settings",
+        "GLASSBOX_DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": f"sqlite:///{database}",
+    }
+    env.pop("REDIS_URL", None)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "createtoken", "nobody"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "the database is not set up; run 'python manage.py migrate'" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_runworkflow_interrupted_names_the_run(runner, tmp_path):
+    # A large untrained architecture keeps the runner in its cold load while
+    # the command waits, and SIGINT arrives then.
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps(detection("yolov8x.yaml")))
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
+    command = subprocess.Popen(
+        [sys.executable, "manage.py", "runworkflow", str(path), "--image", BUS],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first_line = command.stdout.readline()
+    assert "queued; waiting up to" in first_line, command.stderr.read()
+    command.send_signal(signal.SIGINT)
+    _, errors = command.communicate(timeout=60)
+    run_id = first_line.split()[1]
+    assert command.returncode == 1
+    assert f"interrupted; run {run_id} goes on" in errors
+    assert "Traceback" not in errors

@@ -13,6 +13,7 @@ from runner import fleet
 from runner.service import start_run
 from runner.tables import bill_lines, breakdown_table
 from webapp.management.arguments import positive_seconds, seconds_or_zero
+from webapp.management.database import check_database
 from workflows.errors import WorkflowError
 
 
@@ -62,6 +63,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         definition = self._read_definition(options["definition"])
+        check_database()
         user = self._user(options["user"])
         if options["wait_for_runner"] and not fleet.wait_for_runner(
             options["wait_for_runner"]
@@ -71,7 +73,17 @@ class Command(BaseCommand):
             )
         uploads = self._read_images(definition, options["image"])
         raw_inputs = dict(self._parse_param(p) for p in options["param"])
+        _check_input_names(definition, uploads, raw_inputs)
         started_ns = time.perf_counter_ns()
+        queued = []
+
+        def note_queued(run) -> None:
+            queued.append(run)
+            self.stdout.write(
+                f"run {run.id} queued; waiting up to {options['timeout']:g} s"
+            )
+            self.stdout.flush()
+
         try:
             outcome = start_run(
                 owner_id=user.id,
@@ -81,9 +93,18 @@ class Command(BaseCommand):
                 uploads=uploads,
                 started_ns=started_ns,
                 wait_s=options["timeout"],
+                on_queued=note_queued,
             )
         except WorkflowError as error:
             raise CommandError(json.dumps(error.to_dict(), indent=2)) from None
+        except KeyboardInterrupt:
+            if not queued:
+                raise CommandError("interrupted before the run was queued") from None
+            run_id = queued[0].id
+            raise CommandError(
+                f"interrupted; run {run_id} goes on, queued or running, and "
+                f"GET /api/runs/{run_id} gives its result once it ends"
+            ) from None
         if outcome.payload is None:
             raise CommandError(
                 f"run {outcome.run.id} did not finish within {options['timeout']} s; "
@@ -97,7 +118,8 @@ class Command(BaseCommand):
         if meta["error"]:
             self.stdout.write(json.dumps(meta["error"], indent=2))
         self.stdout.write("outputs:")
-        self.stdout.write(json.dumps(outcome.payload["outputs"], indent=2)[:20000])
+        outputs = _shortened(outcome.payload["outputs"], meta["run_id"])
+        self.stdout.write(json.dumps(outputs, indent=2))
         if meta["breakdown"]:
             self.stdout.write(breakdown_table(meta["breakdown"]))
         self.stdout.write("\n".join(bill_lines(meta["bill"])))
@@ -150,8 +172,13 @@ class Command(BaseCommand):
         ]
         uploads = {}
         for spec in specs:
-            name, _, path = spec.rpartition("=")
+            name, _, path = spec.partition("=")
+            if not path or Path(spec).exists():
+                # A bare path, which may contain "=" itself.
+                name, path = "", spec
             name = name or (image_inputs[0] if image_inputs else "image")
+            if name in uploads:
+                raise CommandError(f"--image gives input {name!r} twice")
             try:
                 uploads[name] = Path(path).read_bytes()
             except OSError as error:
@@ -166,3 +193,40 @@ class Command(BaseCommand):
             return key, json.loads(value)
         except json.JSONDecodeError:
             return key, value
+
+
+# Strings in the printed outputs longer than this (base64 images, mostly)
+# are cut, with a note of their length.
+SHOWN_STRING_CHARS = 200
+
+
+def _shortened(value, run_id: str):
+    """Return ``value`` with long strings cut and marked, still valid JSON."""
+    if isinstance(value, str) and len(value) > SHOWN_STRING_CHARS:
+        return (
+            f"{value[:SHOWN_STRING_CHARS]}... ({len(value)} characters in all; "
+            f"GET /api/runs/{run_id} returns them whole)"
+        )
+    if isinstance(value, list):
+        return [_shortened(item, run_id) for item in value]
+    if isinstance(value, dict):
+        return {key: _shortened(item, run_id) for key, item in value.items()}
+    return value
+
+
+def _check_input_names(definition: dict, uploads: dict, parameters: dict) -> None:
+    """Raise CommandError for --image or --param names the definition lacks."""
+    declared = definition.get("inputs")
+    names = {
+        item.get("name")
+        for item in (declared if isinstance(declared, list) else [])
+        if isinstance(item, dict)
+    }
+    for option, given in (("--image", uploads), ("--param", parameters)):
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise CommandError(
+                f"{option} names inputs the definition does not declare: "
+                f"{', '.join(unknown)}; its inputs: "
+                f"{', '.join(sorted(str(n) for n in names)) or 'none'}"
+            )

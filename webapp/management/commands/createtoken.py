@@ -3,6 +3,7 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from webapp.management.database import check_database
 from webapp.models import ApiToken
 
 
@@ -22,6 +23,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, username: str, name: str, **options):
+        check_database()
         user = get_user_model().objects.filter(username=username).first()
         if user is None:
             raise CommandError(
