@@ -27,6 +27,8 @@ BUS = str(image_path())
         ("runworkflow", [DEFINITION, "--timeout", "-1"], "positive, finite"),
         ("runworkflow", [DEFINITION, "--wait-for-runner", "-2"], "zero or a positive"),
         ("runner", ["--memory-budget-mb", "0"], "positive whole number"),
+        ("runner", ["--name", ""], "--name is empty"),
+        ("runner", ["--name", "y" * 191], "191 characters long; the limit is 190"),
         ("up", ["--runners", "-1"], "zero or more"),
         ("up", ["--port", "70000"], "from 1 to 65534"),
         ("up", ["--web-workers", "0"], "positive whole number"),

@@ -24,6 +24,10 @@ from webapp.redis import get_redis  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# Runs record the runner's name and its queue ("runner.<name>") in columns
+# of 200 characters.
+MAX_NAME_CHARS = 190
+
 
 class Command(BaseCommand):
     help = "Start a runner that executes workflow runs and keeps models loaded."
@@ -52,11 +56,21 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        if options["name"] == "":
+            raise CommandError(
+                "--name is empty; give a runner name, or leave the option out "
+                "for the default host-pid name"
+            )
         name = options["name"] or f"{socket.gethostname()}-{os.getpid()}"
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise CommandError(
                 f"runner name {name!r} may contain only letters, digits, "
                 "'-', '_' and '.'"
+            )
+        if len(name) > MAX_NAME_CHARS:
+            raise CommandError(
+                f"runner name is {len(name)} characters long; the limit is "
+                f"{MAX_NAME_CHARS}, so that its queue name fits a run's record"
             )
         threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
         cache = ModelCache(
