@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -157,3 +158,9 @@ def test_runworkflow_interrupted_names_the_run(runner, tmp_path):
     assert command.returncode == 1
     assert f"interrupted; run {run_id} goes on" in errors
     assert "Traceback" not in errors
+    # The run goes on and ends; later tests find the session runner free.
+    deadline = time.monotonic() + 120
+    while not Run.objects.get(pk=run_id).is_finished:
+        assert time.monotonic() < deadline, f"run {run_id} never ended"
+        time.sleep(0.2)
+    assert Run.objects.get(pk=run_id).status == Run.Status.SUCCEEDED
