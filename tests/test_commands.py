@@ -88,6 +88,15 @@ def test_runworkflow_rejects_unknown_or_repeated_inputs(db, arguments, message):
     assert Run.objects.count() == 0
 
 
+def test_runworkflow_missing_image_hint_names_option(runner):
+    with pytest.raises(CommandError) as caught:
+        call_command("runworkflow", DEFINITION)
+    body = json.loads(str(caught.value))
+    assert body["code"] == "invalid_input"
+    assert body["hint"] == "Give the image with --image image=PATH."
+    assert Run.objects.count() == 0
+
+
 def test_runworkflow_prints_whole_json_and_reads_path_with_equals(
     runner, tmp_path, capsys
 ):

@@ -96,7 +96,8 @@ class Command(BaseCommand):
                 on_queued=note_queued,
             )
         except WorkflowError as error:
-            raise CommandError(json.dumps(error.to_dict(), indent=2)) from None
+            body = _with_cli_hint(error.to_dict(), definition)
+            raise CommandError(json.dumps(body, indent=2)) from None
         except KeyboardInterrupt:
             if not queued:
                 raise CommandError("interrupted before the run was queued") from None
@@ -230,3 +231,21 @@ def _check_input_names(definition: dict, uploads: dict, parameters: dict) -> Non
                 f"{', '.join(unknown)}; its inputs: "
                 f"{', '.join(sorted(str(n) for n in names)) or 'none'}"
             )
+
+
+def _with_cli_hint(body: dict, definition: dict) -> dict:
+    """Replace an input error's hint, written for API bodies, with the option to use."""
+    declared = definition.get("inputs")
+    kinds = {
+        item.get("name"): item.get("type")
+        for item in (declared if isinstance(declared, list) else [])
+        if isinstance(item, dict)
+    }
+    field = body.get("field")
+    if field not in kinds or body.get("code") != "invalid_input":
+        return body
+    if kinds[field] in ("WorkflowImage", "InferenceImage"):
+        hint = f"Give the image with --image {field}=PATH."
+    else:
+        hint = f"Give the value with --param {field}=VALUE (JSON, or else a string)."
+    return {**body, "hint": hint}
