@@ -97,9 +97,7 @@ def test_runworkflow_missing_image_hint_names_option(runner):
     assert Run.objects.count() == 0
 
 
-def test_runworkflow_prints_whole_json_and_reads_path_with_equals(
-    runner, tmp_path, capsys
-):
+def test_runworkflow_output_and_equals_path(runner, tmp_path, capsys):
     # An output of the input image is base64 far over the printed limit.
     definition = image_height()
     definition["outputs"].append(

@@ -164,12 +164,10 @@ class Command(BaseCommand):
         return definition
 
     def _read_images(self, definition: dict, specs: list[str]) -> dict[str, bytes]:
-        declared = definition.get("inputs")
         image_inputs = [
-            i.get("name")
-            for i in (declared if isinstance(declared, list) else [])
-            if isinstance(i, dict)
-            and i.get("type") in ("WorkflowImage", "InferenceImage")
+            name
+            for name, kind in _declared_inputs(definition).items()
+            if kind in IMAGE_INPUT_TYPES
         ]
         uploads = {}
         for spec in specs:
@@ -215,16 +213,27 @@ def _shortened(value, run_id: str):
     return value
 
 
-def _check_input_names(definition: dict, uploads: dict, parameters: dict) -> None:
-    """Raise CommandError for --image or --param names the definition lacks."""
+IMAGE_INPUT_TYPES = ("WorkflowImage", "InferenceImage")
+
+
+def _declared_inputs(definition: dict) -> dict:
+    """Return the definition's input types by name, skipping malformed entries.
+
+    The compiler reports malformed inputs; these helpers only word options.
+    """
     declared = definition.get("inputs")
-    names = {
-        item.get("name")
+    return {
+        item.get("name"): item.get("type")
         for item in (declared if isinstance(declared, list) else [])
         if isinstance(item, dict)
     }
-    for option, given in (("--image", uploads), ("--param", parameters)):
-        unknown = sorted(set(given) - names)
+
+
+def _check_input_names(definition: dict, uploads: dict, parameters: dict) -> None:
+    """Raise CommandError for --image or --param names the definition lacks."""
+    names = set(_declared_inputs(definition))
+    for option, supplied in (("--image", uploads), ("--param", parameters)):
+        unknown = sorted(set(supplied) - names)
         if unknown:
             raise CommandError(
                 f"{option} names inputs the definition does not declare: "
@@ -235,16 +244,11 @@ def _check_input_names(definition: dict, uploads: dict, parameters: dict) -> Non
 
 def _with_cli_hint(body: dict, definition: dict) -> dict:
     """Replace an input error's hint, written for API bodies, with the option to use."""
-    declared = definition.get("inputs")
-    kinds = {
-        item.get("name"): item.get("type")
-        for item in (declared if isinstance(declared, list) else [])
-        if isinstance(item, dict)
-    }
+    kinds = _declared_inputs(definition)
     field = body.get("field")
     if field not in kinds or body.get("code") != "invalid_input":
         return body
-    if kinds[field] in ("WorkflowImage", "InferenceImage"):
+    if kinds[field] in IMAGE_INPUT_TYPES:
         hint = f"Give the image with --image {field}=PATH."
     else:
         hint = f"Give the value with --param {field}=VALUE (JSON, or else a string)."
