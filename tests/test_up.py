@@ -69,6 +69,7 @@ def test_up_serves_then_stops_every_process(tmp_path):
             assert reply.status == 200
         redis_pid = int((tmp_path / "redis.pid").read_text())
         send_key_in_request_lines(port)
+        check_websocket_port_serves_only_websockets(port)
 
         second = subprocess.run(
             [sys.executable, "manage.py", "up", "--port", str(free_port_pair())],
@@ -128,20 +129,20 @@ def send_key_in_request_lines(port: int) -> None:
 
     Both servers get it in query strings, plain and percent-encoded, and in a
     path. The web server also gets it in a malformed request line (two
-    spaces), which gunicorn quotes in a warning. The websocket server on the
-    next port serves the HTTP routes too.
+    spaces), which gunicorn quotes in a warning.
     """
     import socket
 
     query = f"/info?api_key={LEAK_CHECK_KEY}"
     # Django decodes percent-escapes, so this sends the same key.
     encoded = "/info?api%5Fkey=" + LEAK_CHECK_KEY.replace("_", "%5F")
-    for server in (port, port + 1):
+    # No such key exists, so the web server rejects it, and the websocket
+    # server serves no HTTP route at all.
+    for server, status in ((port, 401), (port + 1, 404)):
         for path in (query, encoded):
-            # No such key exists, so both servers reject it.
             with pytest.raises(urllib.error.HTTPError) as rejected:
                 urllib.request.urlopen(f"http://127.0.0.1:{server}{path}")
-            assert rejected.value.code == 401
+            assert rejected.value.code == status
         # A key in the path reaches the access logs, whose format leaves
         # out only the query string.
         with pytest.raises(urllib.error.HTTPError) as rejected:
@@ -153,12 +154,56 @@ def send_key_in_request_lines(port: int) -> None:
         connection.sendall(f"GET  {query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert connection.recv(100).startswith(b"HTTP/1.1 400")
     # Django logs a disallowed Host header with a traceback that quotes it.
-    for server in (port, port + 1):
-        with socket.create_connection(("127.0.0.1", server), timeout=10) as connection:
-            connection.sendall(
-                f"GET /info HTTP/1.1\r\nHost: {LEAK_CHECK_KEY}\r\n\r\n".encode()
-            )
-            assert connection.recv(100).startswith(b"HTTP/1.1 400")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(
+            f"GET /info HTTP/1.1\r\nHost: {LEAK_CHECK_KEY}\r\n\r\n".encode()
+        )
+        assert connection.recv(100).startswith(b"HTTP/1.1 400")
+    with socket.create_connection(("127.0.0.1", port + 1), timeout=10) as connection:
+        connection.sendall(
+            f"GET /info HTTP/1.1\r\nHost: {LEAK_CHECK_KEY}\r\n\r\n".encode()
+        )
+        assert connection.recv(100).startswith(b"HTTP/1.1 404")
+
+
+def check_websocket_port_serves_only_websockets(port: int) -> None:
+    """The websocket server responds 404 to HTTP and reads no request body.
+
+    An upload to it would otherwise be read whole, up to MAX_UPLOAD_BYTES,
+    before any check of who sent it.
+    """
+    import json
+    import socket
+
+    with pytest.raises(urllib.error.HTTPError) as rejected:
+        urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/api/fleet")
+    body = json.loads(rejected.value.read())
+    assert rejected.value.code == 404
+    assert body["code"] == "not_found"
+    assert f"Send HTTP requests to port {port}" in body["hint"]
+
+    with socket.create_connection(("127.0.0.1", port + 1), timeout=10) as connection:
+        # A declared 100 MB upload, of which only one byte is sent: the
+        # 413 comes without waiting for the rest.
+        connection.sendall(
+            b"POST /api/models/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000000\r\n\r\n-"
+        )
+        assert connection.recv(100).startswith(b"HTTP/1.1 413")
+
+    # The websocket route is still served there: a handshake from a page of
+    # the web server, without a session, is refused by the run-event
+    # consumer rather than given the 404 above.
+    with socket.create_connection(("127.0.0.1", port + 1), timeout=10) as connection:
+        connection.sendall(
+            b"GET /ws/runs/00000000-0000-0000-0000-000000000000/ HTTP/1.1\r\n"
+            b"Host: 127.0.0.1:%d\r\nOrigin: http://127.0.0.1:%d\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n" % (port + 1, port)
+        )
+        assert connection.recv(100).startswith(b"HTTP/1.1 403")
 
 
 def kill_runner_until_paused(up: subprocess.Popen, log_path) -> None:

@@ -7,7 +7,8 @@ the websocket server read a body of any size, without signing in. This
 request stops reading once the body is over its route's limit
 (MAX_UPLOAD_BYTES for model uploads, MAX_REQUEST_BYTES elsewhere), by its
 Content-Length or, for a chunked body, as the bytes arrive. It responds 413
-with the API's error body and closes the connection.
+with the API's error body and closes the connection. A server that carries
+only websockets (WEBSOCKETS_ONLY) reads no body at all.
 """
 
 import json
@@ -26,6 +27,8 @@ UPLOAD_PATH = b"/api/models/"
 
 def body_limit(path: bytes) -> int:
     """Return the most bytes the route at ``path`` accepts in a request body."""
+    if settings.GLASSBOX["WEBSOCKETS_ONLY"]:
+        return 0
     if path.split(b"?", 1)[0] == UPLOAD_PATH:
         return max(
             settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
@@ -70,13 +73,21 @@ class LimitedWebRequest(WebRequest):
         self.body_rejected = True
         limit = self.body_limit
         size = f" ({length} bytes)" if length is not None else ""
+        if settings.GLASSBOX["WEBSOCKETS_ONLY"]:
+            message = "this server carries only websockets and reads no request body"
+            hint = web_server_hint()
+        else:
+            message = f"request body{size} is larger than the limit of {limit} bytes"
+            hint = (
+                "Send smaller images, or raise MAX_REQUEST_BYTES (MAX_UPLOAD_BYTES "
+                "for model uploads) on the server."
+            )
         body = error_body(
-            f"request body{size} is larger than the limit of {limit} bytes",
+            message,
             "payload_too_large",
             context="request_parsing",
             error_type="PayloadTooLarge",
-            hint="Send smaller images, or raise MAX_REQUEST_BYTES (MAX_UPLOAD_BYTES "
-            "for model uploads) on the server.",
+            hint=hint,
         )
         content = json.dumps(body).encode()
         head = (
@@ -88,3 +99,10 @@ class LimitedWebRequest(WebRequest):
         transport = self.channel.transport
         transport.write(head.encode("latin-1") + content)
         transport.loseConnection()
+
+
+def web_server_hint() -> str:
+    """Return where to send the HTTP requests that a websockets-only server rejects."""
+    port = settings.GLASSBOX["WEB_SERVER_PORT"]
+    where = f"port {port}" if port else "the web server"
+    return f"Send HTTP requests to {where}; this port serves /ws/runs/<id>/ only."

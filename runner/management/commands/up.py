@@ -50,6 +50,8 @@ class Child:
     restarts: list[float] = field(default_factory=list)
     # Set while a crash-looping runner waits for its restarts to age out.
     paused: bool = False
+    # Environment variables this child gets on top of the stack's own.
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _lock_data_dir(data_dir: Path):
@@ -223,6 +225,7 @@ class Command(BaseCommand):
                     "webapp.asgi:application",
                 ],
                 log_dir,
+                env={"WEBSOCKETS_ONLY": "1"},
             )
             os.environ["WEBSOCKET_PORT"] = str(websocket_port)
             self._spawn(
@@ -247,19 +250,26 @@ class Command(BaseCommand):
         finally:
             self._stop_children()
 
-    def _spawn(self, name: str, command: list[str], log_dir: Path) -> None:
+    def _spawn(
+        self,
+        name: str,
+        command: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        env = env or {}
         log = open(log_dir / f"{name}.log", "ab")
         process = subprocess.Popen(
             command,
             cwd=settings.BASE_DIR,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
+            env={**os.environ, **env},
             start_new_session=True,
         )
         previous = self.children.get(name)
         restarts = previous.restarts if previous else []
-        self.children[name] = Child(command, process, restarts)
+        self.children[name] = Child(command, process, restarts, env=env)
 
     def _supervise(self, log_dir: Path) -> None:
         """Restart children that exit, and stop a crash loop.
@@ -299,7 +309,7 @@ class Command(BaseCommand):
                 child.restarts.append(now)
                 logger.warning("%s exited with code %s; restarting it", name, code)
                 self.stderr.write(f"{name} exited with code {code}; restarting it")
-                self._spawn(name, child.command, log_dir)
+                self._spawn(name, child.command, log_dir, child.env)
 
     def _stop_children(self) -> None:
         # A second SIGTERM (from a process manager or `timeout`) must not cut
