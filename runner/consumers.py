@@ -11,8 +11,9 @@ the finished run. A run that the database shows finished, without a stored
 ``done`` arrives, the consumer reads the run from the database on connect
 and every WATCH_INTERVAL_S. Once the run has finished, it waits up to
 LATE_EVENTS_GRACE_S after the run's end for the events, then sends one
-``done`` built from the database. Nothing follows ``done``: phases that
-arrive after a ``done`` built from the database are dropped.
+``done`` built from the database. Nothing follows ``done`` but the close
+(code 1000): phases that arrive after a ``done`` built from the database
+are dropped.
 """
 
 import asyncio
@@ -37,6 +38,8 @@ WATCH_INTERVAL_S = 5.0
 
 logger = logging.getLogger(__name__)
 
+# The stream has ended: ``done`` was its last event.
+CLOSE_NORMAL = 1000
 # Close codes in the application range (4000-4999).
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
@@ -117,6 +120,8 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
         self.seen.add(event["seq"])
         self.done_sent = event["phase"] == "done"
         await self.send_json(event)
+        if self.done_sent:
+            await self.close(code=CLOSE_NORMAL)
 
     @database_sync_to_async
     def _owns_run(self, user) -> bool:

@@ -54,12 +54,19 @@ async def connect(run_id, user, origin=b"http://127.0.0.1:8001"):
 
 
 async def receive_until_done(communicator, timeout_s=60) -> list[dict]:
+    """Return the events up to ``done``, checking that the server then closes."""
     events = []
     while True:
         event = await communicator.receive_json_from(timeout=timeout_s)
         events.append(event)
         if event["phase"] == "done":
+            await expect_normal_close(communicator)
             return events
+
+
+async def expect_normal_close(communicator) -> None:
+    message = await communicator.receive_output(timeout=10)
+    assert message == {"type": "websocket.close", "code": 1000}
 
 
 @pytest.mark.asyncio
@@ -262,6 +269,7 @@ async def test_nothing_follows_a_done_built_from_the_database(
     assert done["breakdown"] == live[-1]["breakdown"]
 
     await sync_to_async(publish)(run.id, live[-2:])
+    await expect_normal_close(late)
     assert await late.receive_nothing(timeout=1)
     await late.disconnect()
 
@@ -321,6 +329,7 @@ async def test_connected_subscriber_gets_database_done(
 
     await sync_to_async(finish_without_events)(run.id)
     done = await subscriber.receive_json_from(timeout=10)
+    await expect_normal_close(subscriber)
     await subscriber.disconnect()
     assert (done["phase"], done["seq"]) == ("done", 0)
     assert done["status"] == "failed"
