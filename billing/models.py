@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.db import models
 
-from webapp.clock import clock
+from webapp.clock import redis_now
 
 
 class Bill(models.Model):
@@ -15,7 +15,7 @@ class Bill(models.Model):
     )
     # Set with the run's finished_at, on the Redis server's clock like it, so
     # that bills of runners whose clocks differ sort and group by day alike.
-    created_at = models.DateTimeField(default=clock.now, db_index=True)
+    created_at = models.DateTimeField(default=redis_now, db_index=True)
     # False for runs that failed because of the platform; amount is then 0.
     billed = models.BooleanField(default=True)
     # The runner components the policy read, in microseconds.

@@ -1,5 +1,6 @@
 """Management commands reject bad arguments with one-line errors, before acting."""
 
+import io
 import json
 import os
 import shutil
@@ -171,3 +172,12 @@ def test_runworkflow_interrupted_names_the_run(runner, tmp_path):
         assert time.monotonic() < deadline, f"run {run_id} never ended"
         time.sleep(0.2)
     assert Run.objects.get(pk=run_id).status == Run.Status.SUCCEEDED
+
+
+@pytest.mark.django_db
+def test_models_match_migrations():
+    # makemigrations --check exits with 1 when a model differs from the
+    # migrations, such as a default that migrations cannot import.
+    out = io.StringIO()
+    call_command("makemigrations", "--check", "--dry-run", stdout=out)
+    assert "No changes detected" in out.getvalue()

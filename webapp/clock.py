@@ -78,3 +78,12 @@ class RedisClock:
 
 
 clock = RedisClock()
+
+
+def redis_now() -> datetime:
+    """Return the time on the Redis server's clock, as a model field default.
+
+    Migrations record a default by its import path, which a bound method
+    such as ``clock.now`` does not have.
+    """
+    return clock.now()
