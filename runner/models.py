@@ -27,7 +27,9 @@ class Run(models.Model):
         "workflows.WorkflowVersion",
         null=True,
         blank=True,
-        on_delete=models.PROTECT,
+        # A version with runs cannot be deleted on its own, but goes with its
+        # owner, whose runs are deleted too.
+        on_delete=models.RESTRICT,
         related_name="runs",
     )
     # Set instead of workflow_version for an inline specification.

@@ -513,3 +513,31 @@ def test_to_string_writes_json_for_non_strings(runner, alice_client):
     assert output["nothing"] == "null"
     assert output["mapping"] == '{"a": 1}'
     assert output["names"] == '["a", "b"]'
+
+
+def test_deleting_user_deletes_runs_and_bills(
+    runner, alice, bob, alice_client, bob_client
+):
+    from django.db.models import RestrictedError
+
+    from webapp.models import ApiToken
+    from workflows.models import WorkflowVersion
+
+    alice_workflow = create_workflow(alice_client, image_height())
+    bob_workflow = create_workflow(bob_client, image_height())
+    assert run_workflow(alice_client, alice_workflow).status_code == 200
+    assert run_workflow(bob_client, bob_workflow).status_code == 200
+    version = WorkflowVersion.objects.get(workflow_id=alice_workflow)
+    # A version that runs point at cannot go on its own.
+    with pytest.raises(RestrictedError):
+        version.delete()
+
+    alice.delete()
+
+    assert not Run.objects.filter(owner_id=alice.id).exists()
+    assert not Bill.objects.filter(owner_id=alice.id).exists()
+    assert not Workflow.objects.filter(owner_id=alice.id).exists()
+    assert not ApiToken.objects.filter(user_id=alice.id).exists()
+    assert Run.objects.filter(owner=bob).count() == 1
+    assert Bill.objects.filter(owner=bob).count() == 1
+    assert Workflow.objects.filter(owner=bob).count() == 1
