@@ -1,5 +1,7 @@
 """The workflow builder in a real browser: node placement and saving."""
 
+import json
+
 from tests.conftest import ARTIFACTS
 from tests.definitions import detect_then_crops, detection
 from tests.test_browser_run import sign_in
@@ -359,3 +361,31 @@ def test_builder_tab_pans_to_node(transactional_db, asgi_server, page, alice):
         assert box["top"] >= canvas["top"], (box, canvas)
         assert box["bottom"] <= canvas["bottom"], (box, canvas)
         assert page.evaluate("document.getElementById('drawflow').scrollLeft") == 0
+
+
+def test_builder_reads_roboflow_field_spellings(
+    transactional_db, asgi_server, page, alice
+):
+    stored = detection()
+    stored["steps"][0]["image"] = stored["steps"][0].pop("images")
+    workflow = Workflow.create_with_version(alice, "Spelled image", stored)
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+
+    # The input's line into the model step is drawn, under the field's name.
+    people_id = page.get_attribute("[data-step-name='people']", "id")
+    assert page.locator(f".connection.node_in_{people_id} .main-path").count() == 1
+    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
+    assert definition["steps"][0]["images"] == "$inputs.image"
+    assert "image" not in definition["steps"][0]
+
+    # Pasted into the JSON tab, the spelling is renamed there too.
+    pasted = detection()
+    pasted["steps"][0]["image"] = pasted["steps"][0].pop("images")
+    page.click("#tab-json")
+    page.fill("#definition-json", json.dumps(pasted))
+    page.wait_for_function(
+        "document.getElementById('definition-json').value.includes('\"images\"')"
+    )
+    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
+    assert definition["steps"][0]["images"] == "$inputs.image"

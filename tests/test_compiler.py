@@ -4,8 +4,9 @@ import copy
 
 import pytest
 
-from tests.definitions import detection, image_height
+from tests.definitions import detect_then_crops, detection, image_height
 from workflows.compiler import PlanCache, build_plan, definition_digest
+from workflows.compiler.plan import InputRef, StepRef
 from workflows.errors import DefinitionError
 
 
@@ -272,6 +273,29 @@ def test_unused_fields_become_warnings():
     definition["steps"][0]["disable_active_learning"] = True
     plan = build_plan(definition, "digest")
     assert any("disable_active_learning" in w for w in plan.warnings)
+
+
+def test_field_spellings_roboflow_accepts():
+    definition = detect_then_crops("yolov8n.yaml")
+    steps = {step["name"]: step for step in definition["steps"]}
+    steps["people"]["image"] = steps["people"].pop("images")
+    steps["crops"]["image"] = steps["crops"].pop("images")
+    steps["crops"]["detections"] = steps["crops"].pop("predictions")
+    plan = build_plan(definition, "digest")
+    bindings = {step.name: step.bindings for step in plan.steps}
+    assert bindings["people"]["images"] == InputRef("image")
+    assert bindings["crops"]["images"] == InputRef("image")
+    assert bindings["crops"]["predictions"] == StepRef("people", "predictions")
+    assert plan.warnings == ()
+
+
+def test_field_given_under_two_spellings_rejected():
+    definition = detection()
+    definition["steps"][0]["image"] = "$inputs.image"
+    [error] = compile_errors(definition)
+    assert error.block_id == "people"
+    assert error.property_name == "images"
+    assert "given twice, as 'images' and 'image'" in error.property_details
 
 
 def test_crop_steps_nest_one_level():

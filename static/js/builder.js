@@ -247,6 +247,27 @@
     }
   }
 
+  // Steps may spell a field the way Roboflow's blocks also accept it
+  // ("image" for "images"). The graph and the panel read fields by name, so
+  // such keys are renamed to the field's name. Returns whether any was.
+  function useFieldNames(definition) {
+    let renamed = false;
+    const steps = definition && Array.isArray(definition.steps) ? definition.steps : [];
+    for (const step of steps) {
+      const block = step && typeof step === "object" ? blockFor(step.type) : null;
+      if (!block) continue;
+      for (const field of block.fields) {
+        if (field.name in step) continue;
+        const alias = (field.aliases || []).find((name) => name in step);
+        if (alias === undefined) continue;
+        step[field.name] = step[alias];
+        delete step[alias];
+        renamed = true;
+      }
+    }
+    return renamed;
+  }
+
   function blockFor(type) {
     return typeof type === "string" ? state.blockIndex.get(type) || null : null;
   }
@@ -518,6 +539,8 @@
   function replaceDefinition(definition, source) {
     const previous = state.selected;
     state.definition = definition;
+    // The JSON tab shows the renamed keys, so that the text and the graph agree.
+    if (useFieldNames(definition) && source === "json") source = "renamed";
     state.selected = previous && findItem(previous.section, previous.item.name)
       ? { section: previous.section, item: findItem(previous.section, previous.item.name) }
       : null;
@@ -1887,6 +1910,7 @@
     editor = createEditor();
     bindUi();
     const loadError = await loadBlocks();
+    useFieldNames(state.definition);
     renderPalette(loadError);
     renderGraph();
     renderPanel();

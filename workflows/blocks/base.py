@@ -35,6 +35,13 @@ class Field:
     # check that returns a problem description or None.
     types: tuple[type, ...] = ()
     check: Callable[[Any], str | None] | None = None
+    # Other spellings of the name that definitions may use, as Roboflow's
+    # blocks accept them (``image`` for ``images``).
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
 
 @dataclass
@@ -95,6 +102,7 @@ class Block:
             "fields": [
                 {
                     "name": f.name,
+                    "aliases": list(f.aliases),
                     "kind": f.kind,
                     "description": f.description,
                     "required": f.required,

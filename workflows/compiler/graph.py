@@ -42,7 +42,17 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
     for name, block, raw in parsed.steps:
         bindings: dict[str, Binding] = {}
         for field in block.fields:
-            if field.name not in raw:
+            used = [spelling for spelling in field.spellings if spelling in raw]
+            if len(used) > 1:
+                parsed.error(
+                    name,
+                    block.type,
+                    field.name,
+                    f"field '{field.name}' is given twice, as "
+                    f"{' and '.join(repr(u) for u in used)}; keep one",
+                )
+                continue
+            if not used:
                 if field.required:
                     parsed.error(
                         name,
@@ -55,7 +65,7 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
                     bindings[field.name] = Literal(field.default)
                 continue
             binding = _bind_field(
-                parsed, name, block, field, raw[field.name], inputs, blocks
+                parsed, name, block, field, raw[used[0]], inputs, blocks
             )
             if binding is not None:
                 bindings[field.name] = binding
@@ -71,7 +81,7 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
             }
             for field_name, problem in block.check_bound(kinds, literals):
                 parsed.error(name, block.type, field_name, problem)
-        known = {f.name for f in block.fields} | {"type", "name"}
+        known = {s for f in block.fields for s in f.spellings} | {"type", "name"}
         ignored = sorted(set(raw) - known)
         if ignored:
             parsed.warnings.append(

@@ -42,7 +42,7 @@ class AbsoluteStaticCropBlock(Block):
     description = "Crops a fixed rectangle given by its centre and size in pixels."
     _number = (int, float)
     fields = (
-        Field("images", IMAGE, "Image to crop."),
+        Field("images", IMAGE, "Image to crop.", aliases=("image",)),
         Field(
             "x_center",
             VALUE,

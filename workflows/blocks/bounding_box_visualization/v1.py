@@ -37,7 +37,7 @@ class BoundingBoxVisualizationBlock(Block):
     title = "Draw boxes"
     description = "Draws each detection's box and label on a copy of the image."
     fields = (
-        Field("image", IMAGE, "Image to draw on."),
+        Field("image", IMAGE, "Image to draw on.", aliases=("images",)),
         Field("predictions", DETECTIONS, "Detections to draw."),
         Field(
             "thickness",

@@ -15,8 +15,18 @@ class DynamicCropBlock(Block):
     title = "Dynamic crop"
     description = "Cuts out each detected box; following steps run once per crop."
     fields = (
-        Field("images", IMAGE, "Image the detections were found in."),
-        Field("predictions", DETECTIONS, "Detections whose boxes are cut out."),
+        Field(
+            "images",
+            IMAGE,
+            "Image the detections were found in.",
+            aliases=("image",),
+        ),
+        Field(
+            "predictions",
+            DETECTIONS,
+            "Detections whose boxes are cut out.",
+            aliases=("detections",),
+        ),
     )
     outputs = {"crops": IMAGE}
     adds_dimension = 1

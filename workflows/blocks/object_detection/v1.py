@@ -37,7 +37,12 @@ class ObjectDetectionBlock(Block):
     )
     uses_model = True
     fields = (
-        Field("images", IMAGE, "Image (or crops) to run the model on."),
+        Field(
+            "images",
+            IMAGE,
+            "Image (or crops) to run the model on.",
+            aliases=("image",),
+        ),
         Field(
             "model_id",
             VALUE,
