@@ -14,14 +14,15 @@ microsecond per call.
 Components, in the order a run goes through them:
 
 - request: the web server parsing and checking the request, until the run is queued
-- queue: queued until a runner starts it (wall clocks of two processes)
+- queue: queued until a runner starts it, taking the job and its inputs included
+  (wall clocks of two processes)
 - compile: definition to execution plan on the runner (cache lookup on a hit)
 - cold_load: reading weights, building the model, moving it to the device and
   the warm-up pass, for each model that was not loaded yet
 - preprocess, inference, postprocess: inside model steps
 - blocks: every step that is not a model call
 - serialization: turning outputs into JSON
-- overhead: everything else on the runner (fetching inputs, step glue)
+- overhead: everything else on the runner (claiming the run, step glue)
 """
 
 from collections.abc import Callable
