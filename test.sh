@@ -2,9 +2,11 @@
 # Install everything (as setup.sh does), then run every test.
 #
 # With arguments, they go to pytest as they are. Without, the whole suite runs
-# on the embedded defaults (SQLite, embedded Redis); then, where PostgreSQL and
-# Redis answer on 127.0.0.1, the runner-pool tests run again against them: the
-# configuration runners on several machines use.
+# on the embedded defaults (SQLite, embedded Redis). Then, where PostgreSQL and
+# Redis respond at TEST_DATABASE_URL and TEST_REDIS_URL (by default on
+# 127.0.0.1), the runner-pool tests run again against them: the configuration
+# runners on several machines use. DATABASE_URL and REDIS_URL, if set, replace
+# the embedded defaults in the first pass, and the second pass ignores them.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/install.sh
