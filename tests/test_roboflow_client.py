@@ -319,3 +319,26 @@ def test_roboflow_url_reaches_the_workflow(
     )
     assert ran.status_code == 200, ran.text
     assert ran.json()["outputs"][0]["height"] == 1080
+
+
+def test_sdk_run_past_wait_raises_with_run_id(runner, client, settings):
+    from runner.dispatch import wait_for_result
+    from runner.models import Run
+
+    # A model new to the runner loads cold, which takes far longer than the
+    # wait, so the run is still going when the wait ends.
+    settings.GLASSBOX = {**settings.GLASSBOX, "ROBOFLOW_SYNC_TIMEOUT_S": 0.05}
+    with pytest.raises(HTTPCallErrorError) as raised:
+        client.run_workflow(
+            specification=detection("people-detector-96"),
+            images={"image": bus_path()},
+        )
+    assert raised.value.status_code == 500
+    [run] = Run.objects.all()
+    assert f"run {run.id} had not finished after 0.05 s" in raised.value.api_message
+    assert f"GET /api/runs/{run.id}" in raised.value.api_message
+    # The run goes on, and ends with its outputs and bill.
+    assert wait_for_result(str(run.id), timeout_s=120) is not None
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED
+    assert run.bill.billed

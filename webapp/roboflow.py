@@ -12,9 +12,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from runner.presenters import timing_headers
-from runner.responses import pending_response, status_for
+from runner.responses import status_for
 from runner.service import RunOutcome, start_run
-from webapp.errors import not_found
+from webapp.errors import error_body, not_found
 from webapp.requests import (
     MalformedRequest,
     json_object,
@@ -29,10 +29,7 @@ def outputs_response(
     outcome: RunOutcome, profiling: bool, excluded: list[str], started_ns: int
 ) -> Response:
     if outcome.payload is None:
-        # NOTE: inference-sdk 1.8.3 reads "outputs" from any 2xx body, so its
-        # client raises KeyError('outputs') on this 202 for a run that is still
-        # going after ROBOFLOW_SYNC_TIMEOUT_S.
-        return pending_response(outcome)
+        return not_finished_response(outcome)
     meta = outcome.payload["meta"]
     headers = timing_headers(meta, started_ns)
     if meta["status"] != "succeeded":
@@ -48,6 +45,31 @@ def outputs_response(
     if profiling:
         response_body["profiler_trace"] = profiler_trace(meta["breakdown"])
     return Response(response_body, headers=headers)
+
+
+def not_finished_response(outcome: RunOutcome) -> Response:
+    """Respond 500 with the id of a run still going after ROBOFLOW_SYNC_TIMEOUT_S.
+
+    Roboflow's client reads ``outputs`` from any 2xx body, so our own
+    route's 202 made it raise KeyError. It sends a request again after a
+    429, 503 or 504, which would start the run again, so the run's id goes
+    out with a status it raises at once, as HTTPCallErrorError.
+    """
+    run_id = str(outcome.run.id)
+    url = f"/api/runs/{run_id}"
+    wait_s = settings.GLASSBOX["ROBOFLOW_SYNC_TIMEOUT_S"]
+    body = error_body(
+        f"run {run_id} had not finished after {wait_s:g} s; it goes on, and "
+        f"GET {url} returns its outputs, breakdown and bill once it ends",
+        "run_not_finished",
+        context="workflow_execution",
+        error_type="RunNotFinished",
+        run_id=run_id,
+        url=url,
+        hint="Raise ROBOFLOW_SYNC_TIMEOUT_S on the server to wait longer, or "
+        'start long runs with POST /api/workflows/<id>/runs and "async": true.',
+    )
+    return Response(body, status=500, headers={"Location": url, "X-Run-Id": run_id})
 
 
 def profiler_trace(breakdown: dict) -> list[dict]:
