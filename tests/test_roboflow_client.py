@@ -252,6 +252,8 @@ def test_timing_processing_time_within_wall_time(runner, live_server, alice_key)
     response, wall_s = post_inline(live_server, alice_key, detection())
     assert response.status_code == 200
     assert float(response.headers["X-Processing-Time"]) <= wall_s
+    # An inline specification is no stored workflow.
+    assert "X-Workflow-Id" not in response.headers
 
 
 def test_timing_server_timing_sums_to_total(runner, live_server, alice_key):
@@ -319,6 +321,7 @@ def test_roboflow_url_reaches_the_workflow(
     )
     assert ran.status_code == 200, ran.text
     assert ran.json()["outputs"][0]["height"] == 1080
+    assert ran.headers["X-Workflow-Id"] == "heights"
 
 
 def test_sdk_run_past_wait_raises_with_run_id(runner, client, settings):

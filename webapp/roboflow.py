@@ -129,7 +129,10 @@ class StoredWorkflowRunView(APIView):
             return not_found(f"workflow '{workflow_id}' has no saved version yet")
         if version is None:
             return not_found(f"workflow '{workflow_id}' has no version {wanted}")
-        return _run(request, version.definition, version.id, body)
+        response = _run(request, version.definition, version.id, body)
+        # Roboflow's server names the workflow that ran, as it does here.
+        response["X-Workflow-Id"] = workflow.slug
+        return response
 
 
 class InlineWorkflowRunView(APIView):
