@@ -11,7 +11,8 @@ Lookup order for an id:
 
 Roboflow-style ids with an input size suffix (``yolov8n-640``) that match
 nothing as they are resolve like the name without the suffix, in the same
-order, and run at that size.
+order, and run at that size. A suffix outside the sizes a model can run at
+is reported only when the id matches nothing as it is.
 
 Error messages name the places searched by setting (``MODEL_DIR/x.pt``), not
 by path: they reach API users, and the server's layout is not theirs to see.
@@ -146,20 +147,19 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
         return _architecture(model_id, model_id, None, searched, step)
     size = None
     names = [model_id]
+    size_problem = None
     match = size_suffix(model_id)
-    if match:
-        size = int(match["size"])
-        if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-            raise ModelNotFoundError(
-                model_id,
-                [],
-                step=step,
-                reason=f"a size suffix must be from {MIN_IMAGE_SIZE} to "
-                f"{MAX_IMAGE_SIZE} pixels, got {size}",
-            )
+    if match and not MIN_IMAGE_SIZE <= int(match["size"]) <= MAX_IMAGE_SIZE:
+        # Maybe no size but part of the name ("detector-2024"), so the
+        # exact id is still looked up.
+        size_problem = (
+            f"a size suffix must be from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} "
+            f"pixels, got {match['size']}"
+        )
+    elif match:
         # The size the model runs at, so that sizes that run alike share
         # one loaded model.
-        size = -(-size // SIZE_STEP) * SIZE_STEP
+        size = -(-int(match["size"]) // SIZE_STEP) * SIZE_STEP
         if match["name"].endswith((".yaml", ".yml")):
             return _architecture(model_id, match["name"], size, searched, step)
         names.append(match["name"])
@@ -174,6 +174,8 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
                     found.model_id, found.kind, found.path, found.pretrained, size
                 )
             return found
+    if size_problem:
+        raise ModelNotFoundError(model_id, searched, step=step, reason=size_problem)
     raise ModelNotFoundError(model_id, searched, step=step)
 
 

@@ -64,8 +64,21 @@ def test_resolve_rejects_size_out_of_range(db, model_id):
     "model_id", ["../secret", "/etc/passwd", "nl\n", "x" * 201, ""]
 )
 def test_resolve_rejects_unsafe_ids(db, model_id):
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError) as caught:
         resolve_model(model_id)
+    # Rejected for its form, before any place is searched.
+    assert "cannot be used" in caught.value.message
+    assert caught.value.searched == []
+
+
+def test_resolve_exact_id_before_size_check(db, settings, tmp_path):
+    # "-2024" is outside the sizes a model runs at, so it is part of the name.
+    (tmp_path / "detector-2024.pt").write_bytes(b"weights")
+    settings.GLASSBOX = {**settings.GLASSBOX, "MODEL_DIR": tmp_path}
+    source = resolve_model("detector-2024")
+    assert source.kind == "model_dir"
+    assert source.path.endswith("detector-2024.pt")
+    assert source.image_size == settings.GLASSBOX["WARMUP_IMAGE_SIZE"]
 
 
 def test_resolve_names_dot_dot_segment(db):
