@@ -181,3 +181,22 @@ def test_models_match_migrations():
     out = io.StringIO()
     call_command("makemigrations", "--check", "--dry-run", stdout=out)
     assert "No changes detected" in out.getvalue()
+
+
+def test_fetch_models_installs_weights_once(settings, tmp_path):
+    import zipfile
+
+    settings.GLASSBOX = {**settings.GLASSBOX, "MODEL_DIR": tmp_path}
+    # What an interrupted earlier copy left behind is not taken as present.
+    (tmp_path / "people-detector.pt.partial").write_bytes(b"cut short")
+    out = io.StringIO()
+    call_command("fetch_models", stdout=out)
+    target = tmp_path / "people-detector.pt"
+    assert f"installed {target}" in out.getvalue()
+    # A torch checkpoint is a zip archive.
+    assert zipfile.is_zipfile(target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["people-detector.pt"]
+
+    again = io.StringIO()
+    call_command("fetch_models", stdout=again)
+    assert again.getvalue().strip() == f"{target} already present"

