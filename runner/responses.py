@@ -15,6 +15,11 @@ def status_for(payload: dict) -> int:
     return int(error.get("status", 500))
 
 
+def public_error(error: dict) -> dict:
+    """Return a failed run's error without its HTTP status, which the response has."""
+    return {name: value for name, value in error.items() if name != "status"}
+
+
 def pending_response(outcome: RunOutcome) -> Response:
     run = outcome.run
     # The run may have started, or even finished, since it was stored: a
@@ -49,9 +54,6 @@ def run_response(outcome: RunOutcome, started_ns: int) -> Response:
     if error:
         # Every error body has message, code and context at the top level; a
         # failed run's body is the run, with its error's fields added there.
-        body = {
-            **{name: value for name, value in error.items() if name != "status"},
-            **body,
-        }
+        body = {**public_error(error), **body}
     headers = timing_headers(outcome.payload["meta"], started_ns)
     return Response(body, status=status_for(outcome.payload), headers=headers)

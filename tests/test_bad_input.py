@@ -1293,6 +1293,17 @@ def test_failed_run_body_has_error_fields_on_top(runner, alice, alice_client):
     assert body["error"]["code"] == "step_rejected_input"
     assert body["bill"]["amount_microcredits"] > 0
 
+    # The same failure on a Roboflow route: the error's fields alone.
+    roboflow = post_json(
+        alice_client,
+        f"/alice/workflows/{workflow.slug}",
+        {"inputs": {"image": base64_input(image_bytes()), "things": 5}},
+    )
+    assert roboflow.status_code == 400
+    assert roboflow.json() == {
+        name: value for name, value in body["error"].items() if name != "status"
+    }
+
 
 def test_images_over_total_pixel_limit(send_run, monkeypatch):
     # bus.jpg is 810x1080 = 874,800 pixels.

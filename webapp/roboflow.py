@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from runner.presenters import timing_headers
-from runner.responses import status_for
+from runner.responses import public_error, status_for
 from runner.service import RunOutcome, start_run
 from webapp.errors import error_body, not_found
 from webapp.requests import (
@@ -34,7 +34,9 @@ def outputs_response(
     headers = timing_headers(meta, started_ns)
     if meta["status"] != "succeeded":
         return Response(
-            meta["error"], status=status_for(outcome.payload), headers=headers
+            public_error(meta["error"]),
+            status=status_for(outcome.payload),
+            headers=headers,
         )
     outputs = outcome.payload["outputs"]
     if excluded:
