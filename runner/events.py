@@ -41,13 +41,18 @@ def events_key(run_id: str) -> str:
     return f"{keys.PREFIX}:run:{run_id}:events"
 
 
+# First event number of a process other than the run's runner (a reaper)
+# that ends the run. A runner emits a few events per step
+# and per model call, so even a batch of thousands of crops stays below it,
+# and subscribers do not drop the reaper's events as seen.
+REAPER_FIRST_SEQ = 10**12
+
+
 class RunEvents:
     """Numbered events of one run; ``seq`` lets subscribers drop duplicates."""
 
     def __init__(self, run_id: str, first_seq: int = 0) -> None:
         self.run_id = run_id
-        # Another process ending the run (a reaper) numbers its events from a
-        # higher base, so they never collide with the runner's.
         self.seq = first_seq
         self._layer = get_channel_layer()
         # RedisPubSubChannelLayer (channels-redis 4) publishes a group's messages

@@ -19,7 +19,7 @@ from django.db import transaction
 from billing.models import Bill
 from billing.policy import BillingPolicy, BillLine
 from runner import keys, sql
-from runner.events import RunEvents
+from runner.events import REAPER_FIRST_SEQ, RunEvents
 from runner.models import Run
 from webapp.clock import clock
 from webapp.redis import get_redis
@@ -242,7 +242,7 @@ def fail_run(
         str(run_id),
         "null",
         meta,
-        RunEvents(str(run_id), first_seq=1000),
+        RunEvents(str(run_id), first_seq=REAPER_FIRST_SEQ),
         runner_name=expected_runner,
     )
     return True
