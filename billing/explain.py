@@ -14,7 +14,9 @@ from billing.policy import (
     POLICY_NAME,
     BillingPolicy,
     BillLine,
+    amount_microcredits,
     evaluate_formula,
+    rounded_ms,
     waive_reason,
 )
 from billing.queries import (
@@ -128,11 +130,11 @@ def formula_steps(bill: Bill) -> list[FormulaStep]:
     """Return the steps of policy ``runner-time-v1`` with the bill's numbers."""
     billable_us = bill.billable_us
     parts = [f"{bill.components.get(name, 0)}" for name in RUNNER_COMPONENTS]
-    rounded_ms = -(-billable_us // 1000)
-    billed_ms = max(rounded_ms, bill.minimum_ms)
+    rounded = rounded_ms(billable_us)
+    billed_ms = max(rounded, bill.minimum_ms)
     rate = bill.rate_microcredits_per_second
     exact_amount = Decimal(billed_ms * rate) / Decimal(1000)
-    amount = -(-billed_ms * rate // 1000)
+    amount = amount_microcredits(billed_ms, rate)
     return [
         FormulaStep(
             "Billable time is the runner total: "
@@ -143,11 +145,11 @@ def formula_steps(bill: Bill) -> list[FormulaStep]:
         FormulaStep(
             "Round up to whole milliseconds",
             f"ceil({billable_us} / 1000)",
-            f"{rounded_ms} ms",
+            f"{rounded} ms",
         ),
         FormulaStep(
             f"Apply the minimum of {bill.minimum_ms} ms",
-            f"max({rounded_ms}, {bill.minimum_ms})",
+            f"max({rounded}, {bill.minimum_ms})",
             f"{billed_ms} ms",
         ),
         FormulaStep(

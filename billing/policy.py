@@ -21,6 +21,16 @@ POLICY_NAME = "runner-time-v1"
 WAIVE_MARKER = "# not billed:"
 
 
+def rounded_ms(billable_us: int) -> int:
+    """Return ``billable_us`` rounded up to whole milliseconds."""
+    return -(-billable_us // 1000)
+
+
+def amount_microcredits(billed_ms: int, rate_microcredits_per_second: int) -> int:
+    """Return the price of ``billed_ms``, rounded up to whole micro-credits."""
+    return -(-billed_ms * rate_microcredits_per_second // 1000)
+
+
 @dataclass(frozen=True)
 class BillLine:
     billed: bool
@@ -58,8 +68,8 @@ class BillingPolicy:
         """Price a run from its breakdown."""
         components = self.billable_components(breakdown)
         billable_us = breakdown["runner_total"]
-        billed_ms = max(-(-billable_us // 1000), self.minimum_ms)
-        amount = -(-billed_ms * self.rate_microcredits_per_second // 1000)
+        billed_ms = max(rounded_ms(billable_us), self.minimum_ms)
+        amount = amount_microcredits(billed_ms, self.rate_microcredits_per_second)
         formula = (
             f"amount_microcredits = ceil(max(ceil({billable_us} / 1000), "
             f"{self.minimum_ms}) * {self.rate_microcredits_per_second} / 1000)"
