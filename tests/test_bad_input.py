@@ -1094,6 +1094,20 @@ def test_run_with_revoked_key_in_body(alice, alice_key, run_url):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    "raw", ['{"api_key": "gbx_x", "inputs": ', '{"api_key": "gbx_x", "n": NaN}']
+)
+def test_unparsable_body_with_key_is_400(client, raw):
+    # The key may be in the body, so the body's problem is the one reported.
+    response = client.post("/workflows/run", raw, content_type="application/json")
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "malformed_request"
+    assert_nothing_stored()
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream"])
 def test_key_in_body_of_any_content_type(client, alice_key, content_type):
     valid = {"api_key": alice_key, "definition": image_height()}
@@ -1449,12 +1463,11 @@ def test_strings_with_nul_rejected(alice_client, send_run):
 
 def test_api_key_with_lone_surrogate(client, alice_client):
     body = {"api_key": "\ud800", "definition": image_height()}
-    # Without other credentials the body's key is unreadable, so none was sent.
-    anonymous = post_json(client, "/api/validate", body)
-    assert anonymous.status_code == 401
-    signed_in = post_json(alice_client, "/api/validate", body)
-    assert signed_in.status_code == 400
-    assert signed_in.json()["code"] == "malformed_request"
+    # With or without other credentials, the body is what is wrong.
+    for sender in (client, alice_client):
+        response = post_json(sender, "/api/validate", body)
+        assert response.status_code == 400
+        assert response.json()["code"] == "malformed_request"
 
 
 def test_body_not_in_utf8_rejected(client, alice, alice_client):
@@ -1480,10 +1493,11 @@ def test_body_not_in_utf8_rejected(client, alice, alice_client):
             assert response.status_code == 400, (label, url)
             assert response.json()["code"] == "malformed_request"
             assert "not UTF-8" in response.json()["message"]
-    # A key that cannot be decoded is no key: 401, not a server error.
+    # A key that cannot be decoded is a malformed body, not a server error.
     raw_key = b'{"api_key": "gbx_\xed\xa0\x80abc", "definition": {}}'
     anonymous = client.post("/api/validate", raw_key, content_type="application/json")
-    assert anonymous.status_code == 401
+    assert anonymous.status_code == 400
+    assert "not UTF-8" in anonymous.json()["message"]
     # A byte order mark before UTF-8 is dropped.
     with_bom = b"\xef\xbb\xbf" + json.dumps({"definition": image_height()}).encode()
     valid = alice_client.post(

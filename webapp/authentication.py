@@ -15,7 +15,7 @@ from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from webapp.models import ApiToken, hash_token
-from webapp.requests import MalformedRequest, json_body, read_body
+from webapp.requests import json_body, read_body
 
 # Some editors and Windows tools start UTF-8 text with it; the JSON parser
 # drops it too.
@@ -45,12 +45,10 @@ def _api_key_from_body(request) -> str | None:
     A key that is not a string is returned as "", which matches no token,
     so the request fails as one with an invalid key.
     """
-    try:
-        parsed = json_body(request)
-    except MalformedRequest:
-        # The view parses the body again and reports the error, once the
-        # request is authenticated some other way.
-        return None
+    # A body that looks like a JSON object but does not parse raises
+    # MalformedRequest (400) here: the key may be in it, so "not
+    # authenticated" would point the client at the wrong problem.
+    parsed = json_body(request)
     if not isinstance(parsed, dict):
         return None
     key = parsed.get("api_key")
