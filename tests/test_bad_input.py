@@ -526,8 +526,12 @@ def test_image_empty(send_run):
 
 @pytest.mark.parametrize(
     "image",
-    [{"type": "url", "value": "http://127.0.0.1:9/bus.jpg"}, "https://127.0.0.1:9/a"],
-    ids=["typed", "bare"],
+    [
+        {"type": "url", "value": "http://127.0.0.1:9/bus.jpg"},
+        "https://127.0.0.1:9/a",
+        {"type": "base64", "value": "HTTP://127.0.0.1:9/b.jpg"},
+    ],
+    ids=["typed", "bare", "typed-base64"],
 )
 def test_image_url_not_downloaded(send_run, image):
     response = send_run(image_height(), {"image": image})

@@ -158,8 +158,7 @@ def _image_values(value: Any, name: str) -> list[bytes]:
     for item in items:
         if isinstance(item, str):
             # A bare string is base64, unless it is plainly a URL.
-            is_url = item[:8].lower().startswith(("http://", "https://"))
-            item = {"type": "url" if is_url else "base64", "value": item}
+            item = {"type": "url" if _looks_like_url(item) else "base64", "value": item}
         if not isinstance(item, dict) or "value" not in item:
             raise InputError(
                 f'image input \'{name}\' must be {{"type": "base64", "value": ...}}',
@@ -167,7 +166,8 @@ def _image_values(value: Any, name: str) -> list[bytes]:
                 field_name=name,
             )
         kind = item.get("type", "base64")
-        if kind == "url":
+        # ':' is no base64 character, so a URL sent as base64 is a URL.
+        if kind == "url" or (kind == "base64" and _looks_like_url(item["value"])):
             raise InputError(
                 f"image input '{name}' is a URL; this server does not download images",
                 context="request_parsing",
@@ -189,6 +189,12 @@ def _image_values(value: Any, name: str) -> list[bytes]:
             )
         blobs.append(decode_base64(item["value"], input_name=name))
     return blobs
+
+
+def _looks_like_url(value: Any) -> bool:
+    return isinstance(value, str) and value[:8].lower().startswith(
+        ("http://", "https://")
+    )
 
 
 def _empty_list(name: str) -> InputError:
