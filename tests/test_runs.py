@@ -248,6 +248,7 @@ def test_queued_runs_per_user_are_limited(alice, alice_client, bob_client):
 
     assert [response.status_code for response in accepted] == [202, 202]
     assert rejected.status_code == 429
+    assert rejected["Retry-After"] == "1"
     assert rejected.json()["code"] == "too_many_requests"
     assert rejected.json()["context"] == "request_limits"
     assert others.status_code == 202
@@ -303,6 +304,7 @@ def test_sync_waits_per_user_are_limited(runner, alice, alice_client, bob_client
     assert mine.status_code == 429
     assert mine.json()["code"] == "too_many_requests"
     assert roboflow.status_code == 429
+    assert roboflow["Retry-After"] == "1"
     assert asynchronous.status_code == 202
     assert others.status_code == 200
     assert Run.objects.filter(owner=alice).count() == 1

@@ -40,7 +40,8 @@ def error_body(
 
 
 def workflow_error_response(error: WorkflowError) -> Response:
-    return Response(error.to_dict(), status=error.status)
+    headers = getattr(error, "headers", None)
+    return Response(error.to_dict(), status=error.status, headers=headers)
 
 
 def api_exception_handler(exc, context):

@@ -131,6 +131,8 @@ class TooManyRequests(WorkflowError):
 
     code = "too_many_requests"
     status = 429
+    # A waiting or queued run usually ends within seconds, freeing a place.
+    headers = {"Retry-After": "1"}
 
 
 class UnsupportedEncoding(WorkflowError):
