@@ -168,6 +168,7 @@ def upload_to_dict(upload: ModelUpload) -> dict:
     return {
         "model_id": upload.model_id,
         "size_bytes": upload.size_bytes,
+        "sha256": upload.sha256,
         "class_names": upload.class_names,
         "task": upload.task,
         "pretrained": upload.trained,

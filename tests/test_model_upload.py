@@ -1,6 +1,7 @@
 """Uploaded weights: validated on upload, private to their owner, runnable."""
 
 import builtins
+import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -33,6 +34,8 @@ def test_upload_then_run_own_model(runner, alice_client, bob_client, tmp_path):
     response = upload(alice_client, "my-detector", weights)
     assert response.status_code == 201, response.json()
     assert response.json()["task"] == "detect"
+    # The digest of the bytes sent, to check against a local copy.
+    assert response.json()["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     # Saved from an untrained architecture: the checkpoint records no training.
     assert response.json()["pretrained"] is False
     listed = alice_client.get("/api/models/").json()["uploads"]
