@@ -70,12 +70,6 @@ def select_row(model: type[models.Model], columns: tuple, where: dict):
         return cursor.fetchone()
 
 
-def select_value(model: type[models.Model], column: str, where: dict):
-    """Return one column of the first row matching ``where``, or None."""
-    row = select_row(model, (column,), where)
-    return row[0] if row else None
-
-
 def _insert_fields(model: type[models.Model]) -> list[models.Field]:
     return [
         field

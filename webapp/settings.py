@@ -175,8 +175,6 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
-    "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "webapp.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
 }

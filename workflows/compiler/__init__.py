@@ -141,9 +141,5 @@ class PlanCache:
                 self._plans.move_to_end(key)
         return plan
 
-    def clear(self) -> None:
-        with self._lock:
-            self._plans.clear()
-
 
 plan_cache = PlanCache()
