@@ -7,7 +7,8 @@ and a file crafted to inflate or crash would take the worker with it. The
 child loads with ultralytics' restricted unpickler, offline, and prints one
 line of JSON.
 
-Run as ``python -m runner.weights_check PATH``; it imports no Django code.
+Run as ``python -m runner.weights_check PATH``; it reads no Django settings
+and does not set Django up.
 """
 
 import json
