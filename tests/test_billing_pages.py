@@ -121,10 +121,8 @@ def make_bill(
         amount_microcredits=line.amount_microcredits,
         policy=line.policy,
         formula=line.formula,
+        created_at=created_at,
     )
-    # created_at is auto_now_add, so set the test's time afterwards.
-    Bill.objects.filter(pk=bill.pk).update(created_at=created_at)
-    bill.created_at = created_at
     return bill
 
 

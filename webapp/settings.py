@@ -211,7 +211,8 @@ GLASSBOX = {
     "RUNNER_MEMORY_BUDGET_MB": env_int("RUNNER_MEMORY_BUDGET_MB", 4096, 1),
     # 0 means one torch thread per CPU core.
     "TORCH_THREADS": env_int("TORCH_THREADS", 0, 0),
-    # Side of the square blank image of the warm-up pass after a cold load.
+    # Side of the square blank image of the warm-up pass after a cold load,
+    # and the inference size of a model id without a size suffix.
     "WARMUP_IMAGE_SIZE": env_int("WARMUP_IMAGE_SIZE", 640, 32),
     # Port of the daphne server that carries websockets when the HTTP API is
     # served by another server on the same host; empty means the same origin.

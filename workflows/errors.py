@@ -167,8 +167,9 @@ class ModelNotFoundError(WorkflowError):
 class ModelLoadError(WorkflowError):
     """Weights that resolved could not be loaded on a runner.
 
-    The weights passed their checks before the run was accepted (an upload
-    loads once when it is stored), so the run is not billed.
+    The user could not have known: an upload loaded once when it was
+    stored, and files in the model directory are the operator's, so the run
+    is not billed.
     """
 
     code = "model_load_failed"
