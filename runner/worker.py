@@ -298,33 +298,18 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
         dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
-        failures = 0
+        failures = FailureLog(f"runner {self.runtime.name}: heartbeat", interval)
         while not self.stopped.is_set():
             self.note_wake_up(dead_after)
             try:
                 self.beat()
-                if failures:
+                if failures.succeeded():
                     # The other runners lost Redis too, and their heartbeats
                     # expired meanwhile: give them time to beat again before
                     # taking them for dead.
                     self.runtime.reap_from = time.monotonic() + dead_after
-                    logger.info(
-                        "runner %s: heartbeat back after %d failures",
-                        self.runtime.name,
-                        failures,
-                    )
-                failures = 0
             except Exception:
-                failures += 1
-                # One traceback, then one line a minute while Redis is away.
-                if failures == 1:
-                    logger.exception("runner %s: heartbeat failed", self.runtime.name)
-                elif failures % max(1, int(60 / interval)) == 0:
-                    logger.warning(
-                        "runner %s: heartbeat still failing (%d times)",
-                        self.runtime.name,
-                        failures,
-                    )
+                failures.failed()
             self.stopped.wait(interval)
 
     def note_wake_up(self, dead_after: float) -> None:
@@ -366,6 +351,35 @@ class Heartbeat(threading.Thread):
         self.stopped.set()
 
 
+class FailureLog:
+    """Log a task failing every interval: one traceback, then a line a minute.
+
+    While Redis or the database is away, a traceback every second would
+    bury everything else in the log, and silence would hide that the
+    failure goes on. The end of the failure is logged too.
+    """
+
+    def __init__(self, task: str, interval_s: float) -> None:
+        self.task = task
+        self.every = max(1, int(60 / interval_s))
+        self.count = 0
+
+    def failed(self) -> None:
+        """Log the failure being handled, if it is the first or a minute on."""
+        self.count += 1
+        if self.count == 1:
+            logger.exception("%s failed", self.task)
+        elif self.count % self.every == 0:
+            logger.warning("%s still failing (%d times)", self.task, self.count)
+
+    def succeeded(self) -> int:
+        """Return how many failures just ended, logging their end if any."""
+        ended, self.count = self.count, 0
+        if ended:
+            logger.info("%s back after %d failures", self.task, ended)
+        return ended
+
+
 class FleetChecks(threading.Thread):
     """Reap dead runners and recover lost jobs, in a thread of their own.
 
@@ -382,20 +396,16 @@ class FleetChecks(threading.Thread):
     def run(self) -> None:
         interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
         checks = 0
-        failures = 0
+        failures = FailureLog(f"runner {self.runtime.name}: fleet checks", interval)
         while not self.stopped.is_set():
             try:
                 if checks % 3 == 0 and time.monotonic() >= self.runtime.reap_from:
                     fleet.reap_dead_runners()
                 if checks % RECONCILE_EVERY_BEATS == 0:
                     fleet.recover_lost_jobs()
-                failures = 0
+                failures.succeeded()
             except Exception:
-                failures += 1
-                if failures == 1:
-                    logger.exception(
-                        "runner %s: fleet checks failed", self.runtime.name
-                    )
+                failures.failed()
                 # A connection broken by the failure is opened again next time.
                 close_old_connections()
             checks += 1

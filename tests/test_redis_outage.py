@@ -1,6 +1,7 @@
 """Runners outlive Redis outages and broken queue keys, and resume after them."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -328,3 +329,27 @@ def test_waiting_request_reads_database_without_redis(runner, alice, tmp_path):
     assert payload is not None
     assert payload["outputs"] == outcome.payload["outputs"]
     assert payload["meta"]["status"] == "succeeded"
+
+
+def test_failure_log_repeats_once_a_minute(caplog):
+    from runner.worker import FailureLog
+
+    failures = FailureLog("runner r1: fleet checks", interval_s=0.5)
+    with caplog.at_level(logging.INFO, logger="runner.worker"):
+        for _ in range(240):
+            try:
+                raise ConnectionError("Redis is away")
+            except ConnectionError:
+                failures.failed()
+        ended = failures.succeeded()
+    assert ended == 240
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    # One traceback, a line for each minute (120 failures at 0.5 s), the end.
+    assert lines == [
+        ("ERROR", "runner r1: fleet checks failed"),
+        ("WARNING", "runner r1: fleet checks still failing (120 times)"),
+        ("WARNING", "runner r1: fleet checks still failing (240 times)"),
+        ("INFO", "runner r1: fleet checks back after 240 failures"),
+    ]
+    assert caplog.records[0].exc_info is not None
+    assert failures.succeeded() == 0
