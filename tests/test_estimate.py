@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from billing.policy import BillingPolicy, evaluate_formula
+from billing.policy import evaluate_formula
 from runner import estimate as estimate_module
 from runner import fleet, keys
 from runner.dispatch import predict_hot
@@ -106,11 +106,11 @@ def test_estimate_price_follows_policy(runner, alice_client):
 
     body = estimate(alice_client, workflow_id)
     price = body["price"]
-    expected = BillingPolicy.from_settings().bill(
-        {"components": body["components"], "runner_total": body["runner_total"]}
-    )
-    assert price["amount_microcredits"] == expected.amount_microcredits
-    assert price["billed_ms"] == expected.billed_ms
+    # A run without a model takes a few milliseconds, under the 100 ms
+    # minimum, which costs 200 µcr at the default 2,000 µcr per second.
+    assert body["runner_total"] < 100_000
+    assert price["billed_ms"] == 100
+    assert price["amount_microcredits"] == 200
     assert evaluate_formula(price["formula"]) == price["amount_microcredits"]
     assert body["hot"] is True
     assert body["models"] == []
