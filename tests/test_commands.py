@@ -39,14 +39,13 @@ BUS = str(image_path())
 def test_bad_argument_values(db, command, arguments, message):
     with pytest.raises(CommandError, match=message):
         call_command(command, *arguments)
-    assert Run.objects.count() == 0
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("[1, 2]", "contains a JSON list"),
-        ('{"version": "1.0", "inputs": null}', None),
+        ('{"version": "1.0", "inputs": null}', "'inputs' must be a list"),
         (b"\xff\xfe{", "cannot read definition file"),
     ],
 )
@@ -58,8 +57,7 @@ def test_runworkflow_bad_definition_file(db, tmp_path, content, message):
         path.write_text(content)
     with pytest.raises(CommandError) as caught:
         call_command("runworkflow", str(path))
-    if message:
-        assert message in str(caught.value)
+    assert message in str(caught.value)
     assert Run.objects.count() == 0
 
 
