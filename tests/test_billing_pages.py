@@ -814,6 +814,24 @@ def test_latency_percentiles_per_workflow(alice_browser, alice, people, heights)
 
 
 @pytest.mark.django_db
+def test_latency_chart_empty_without_success(alice_browser, alice, people):
+    # A failed run has no latency, so the page draws no empty latency axes.
+    make_bill(alice, version=people, billed=False)
+    page = parse(alice_browser.get(HISTORY))
+    assert "chart-daily" in page.html
+    assert 'id="chart-latency"' not in page.html
+    assert "no latency to show" in page.texts["latency-empty"]
+
+
+@pytest.mark.django_db
+def test_latency_chart_drawn_with_success(alice_browser, alice, people):
+    make_bill(alice, version=people)
+    page = parse(alice_browser.get(HISTORY))
+    assert 'id="chart-latency"' in page.html
+    assert "latency-empty" not in page.texts
+
+
+@pytest.mark.django_db
 def test_page_embeds_same_chart_data(alice_browser, alice, people):
     seed_bills(alice, 30, versions=[people])
     page = parse(alice_browser.get(HISTORY))

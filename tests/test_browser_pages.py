@@ -128,6 +128,24 @@ def test_billing_donut_has_no_model_slice(transactional_db, asgi_server, page, a
     assert sorted(start) == ["cold", "hot", "no model"]
 
 
+def test_billing_charts_without_latency(transactional_db, asgi_server, page, alice):
+    # A dying runner never timed this run, so it has no latency to draw.
+    make_bill(alice, version=version_of(alice, "People"), billed=False, timed=False)
+    errors = []
+
+    def record_console_error(message):
+        if message.type == "error":
+            errors.append(message.text)
+
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", record_console_error)
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/billing/")
+    page.wait_for_function("window.Chart && Chart.getChart('chart-starts')")
+    assert page.locator("#latency-empty").is_visible()
+    assert errors == []
+
+
 def test_pages_fit_a_narrow_screen(transactional_db, asgi_server, browser, alice):
     workflow = Workflow.create_with_version(alice, LONG_NAME, detection())
     ApiToken.issue(alice, "laptop")

@@ -24,7 +24,8 @@
 
   drawDaily(summary.days);
   drawBilledTime(summary.days);
-  drawLatency(summary.latency);
+  // The page draws no latency canvas when no run succeeded.
+  if (summary.latency.length) drawLatency(summary.latency);
   drawStarts(summary.starts);
 
   function drawDaily(days) {
