@@ -973,6 +973,24 @@ def test_explain_waived_bill(alice_browser, alice, people):
     assert "billed 2025" not in status
 
 
+@pytest.mark.django_db
+def test_explain_untimed_run_names_its_runner(alice_browser, alice, people):
+    # The runner died while it ran the run, so no breakdown was stored.
+    bill = make_bill(alice, version=people, billed=False, timed=False)
+    Run.objects.filter(pk=bill.run_id).update(started_at=DAY, runner_name="runner-7")
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    text = page.texts["bill-no-timing"]
+    assert "ended on runner runner-7 before the runner recorded its timing" in text
+    assert "before a runner started it" not in text
+
+
+@pytest.mark.django_db
+def test_explain_run_never_started(alice_browser, alice, people):
+    bill = make_bill(alice, version=people, billed=False, timed=False)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert "before a runner started it" in page.texts["bill-no-timing"]
+
+
 def model_entry(model_id: str, *, calls: int, pretrained: bool = True) -> dict:
     """Return a breakdown model entry of a hot model."""
     return {

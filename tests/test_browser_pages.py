@@ -142,6 +142,8 @@ def test_billing_charts_without_latency(transactional_db, asgi_server, page, ali
     sign_in(page, asgi_server, "alice", "alice-password")
     page.goto(f"{asgi_server}/billing/")
     page.wait_for_function("window.Chart && Chart.getChart('chart-starts')")
+    labels = page.evaluate("Chart.getChart('chart-starts').data.labels")
+    assert labels == ["Hot: 0", "Cold: 0", "Not timed: 1"]
     assert page.locator("#latency-empty").is_visible()
     assert errors == []
 

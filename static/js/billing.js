@@ -137,7 +137,7 @@
       ["cold", "Cold", phase("cold_load")],
       ["no_model", "No model", phase("handoff")],
       ["load_failed", "Load failed", cssColor("--danger")],
-      ["no_timing", "Ended before a runner", phase("request")],
+      ["no_timing", "Not timed", phase("request")],
     ].filter(([key]) => ["hot", "cold"].includes(key) || starts[key].runs > 0);
     const runs = kinds.reduce((sum, [key]) => sum + starts[key].runs, 0);
     new Chart(document.getElementById("chart-starts"), {
