@@ -241,6 +241,18 @@ def test_admin_adds_no_workflow_or_version(client, django_user_model, alice):
     assert client.get("/admin/workflows/workflow/add/").status_code == 403
 
 
+def test_admin_adds_no_api_token(client, django_user_model, alice):
+    # An added row would have no key: nothing could use it.
+    staff = django_user_model.objects.create_superuser("editor", password="editor-pw")
+    client.force_login(staff)
+    assert client.get("/admin/webapp/apitoken/add/").status_code == 403
+    response = client.post(
+        "/admin/webapp/apitoken/add/", {"user": alice.pk, "name": "from admin"}
+    )
+    assert response.status_code == 403
+    assert not ApiToken.objects.filter(name="from admin").exists()
+
+
 def test_revoke_confirmation_checks_token(client, alice, bob):
     own, _ = ApiToken.issue(alice, "laptop")
     others, _ = ApiToken.issue(bob, "bob's")
