@@ -127,11 +127,12 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
 
 
 def remove_heartbeat(name: str) -> None:
+    last_seen_ms = _last_seen([name])[name]
     pipeline = get_redis().pipeline()
     pipeline.delete(keys.heartbeat_key(name))
     pipeline.srem(keys.RUNNERS_SET, name)
     pipeline.incr(keys.FLEET_GENERATION)
-    _record_end(pipeline, name, "stopped")
+    _record_end(pipeline, name, "stopped", last_seen_ms)
     pipeline.execute()
 
 
@@ -139,8 +140,14 @@ def remove_heartbeat(name: str) -> None:
 ENDED_SHOWN_S = 24 * 3600
 
 
-def _record_end(pipeline, name: str, reason: str) -> None:
-    ended = {"reason": reason, "at_ms": clock.now_ns() // 1_000_000}
+def _record_end(pipeline, name: str, reason: str, last_seen_ms: int | None) -> None:
+    # The end keeps the ended process's last heartbeat, because a runner
+    # started again under the name moves the name's score in RUNNERS_SEEN.
+    ended = {
+        "reason": reason,
+        "at_ms": clock.now_ns() // 1_000_000,
+        "last_seen_ms": last_seen_ms,
+    }
     pipeline.hset(keys.RUNNERS_ENDED, name, json.dumps(ended))
 
 
@@ -167,21 +174,27 @@ def ended_runners() -> list[dict[str, Any]]:
         if now_ms - at_ms > ENDED_SHOWN_S * 1000:
             old.append(raw_name)
             continue
-        entries.append((name, str(ended.get("reason", "")), at_ms))
+        entries.append((name, str(ended.get("reason", "")), at_ms, ended))
     if old:
         connection.hdel(keys.RUNNERS_ENDED, *old)
         connection.zrem(keys.RUNNERS_SEEN, *old)
-    seen = _last_seen([name for name, _, _ in entries])
     entries.sort(key=lambda entry: -entry[2])
-    return [
-        {
-            "name": name,
-            "reason": reason,
-            "ended_at": _datetime(at_ms),
-            "last_heartbeat_at": _datetime(seen[name]) if seen[name] else None,
-        }
-        for name, reason, at_ms in entries
-    ]
+    # An end recorded without its last heartbeat falls back to the name's
+    # latest one.
+    legacy = [name for name, _, _, ended in entries if "last_seen_ms" not in ended]
+    seen = _last_seen(legacy)
+    result = []
+    for name, reason, at_ms, ended in entries:
+        last_seen_ms = ended.get("last_seen_ms", seen.get(name))
+        result.append(
+            {
+                "name": name,
+                "reason": reason,
+                "ended_at": _datetime(at_ms),
+                "last_heartbeat_at": _datetime(last_seen_ms) if last_seen_ms else None,
+            }
+        )
+    return result
 
 
 def _last_seen(names: list[str]) -> dict[str, int | None]:
@@ -285,10 +298,11 @@ def reap_runner(name: str, reason: str) -> int:
         # The runner may also have popped a shared job, whose id no mark
         # names yet.
         recover_lost_jobs(POPPED_AFTER_S, popped_only=True)
+        last_seen_ms = _last_seen([name])[name]
         pipeline = connection.pipeline()
         pipeline.srem(keys.RUNNERS_SET, name)
         pipeline.incr(keys.FLEET_GENERATION)
-        _record_end(pipeline, name, reason)
+        _record_end(pipeline, name, reason, last_seen_ms)
         pipeline.execute()
     finally:
         connection.delete(keys.reap_lock_key(name))

@@ -710,6 +710,23 @@ def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
     assert recorded_end() == before
 
 
+def test_ended_runner_keeps_last_heartbeat():
+    # A runner started again under the name beats on, and its heartbeats
+    # are not the ended process's.
+    name = "ends-then-starts"
+    fleet.publish_heartbeat(name, {"name": name, "instance": "first", "models": []})
+    fleet.remove_heartbeat(name)
+    time.sleep(0.05)
+    fleet.publish_heartbeat(name, {"name": name, "instance": "second", "models": []})
+    try:
+        ended = {entry["name"]: entry for entry in fleet.ended_runners()}[name]
+        assert ended["reason"] == "stopped"
+        assert ended["last_heartbeat_at"] is not None
+        assert ended["last_heartbeat_at"] <= ended["ended_at"]
+    finally:
+        fleet.remove_heartbeat(name)
+
+
 def test_fleet_lists_runners_that_ended(
     runner, extra_runners, client, django_user_model
 ):
