@@ -22,7 +22,8 @@ class RunnerRuntime:
     started_at: float = field(default_factory=time.time)
     current_run: str | None = None
     runs_done: int = 0
-    # When this runner last finished a run, on the Redis server's clock.
+    # When this runner last finished a run or went live, on the Redis
+    # server's clock.
     last_finished_ns: int = 0
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)

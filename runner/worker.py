@@ -18,6 +18,7 @@ from rq.job import Job
 
 from runner import fleet, keys
 from runner.runtime import RunnerRuntime
+from webapp.clock import clock
 from webapp.redis import restart_embedded_redis_if_down
 
 logger = logging.getLogger(__name__)
@@ -437,6 +438,9 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     )
     heartbeat = Heartbeat(runtime, own_queue, on_name_taken=worker.stopping.set)
     heartbeat.beat()
+    # A run queued before this runner went live found no runner free, like
+    # one queued behind another run. Its queue time includes the wait.
+    runtime.last_finished_ns = clock.now_ns()
     # The process warm-up before this took seconds without a heartbeat, and
     # no run was waiting on this runner then: that is not a stall.
     runtime.heartbeat_woke_at = time.monotonic()

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -489,6 +490,41 @@ def test_queue_estimate_skips_runs_that_waited(runner, alice, alice_client):
 
     body = estimate(alice_client, workflow_id)
     assert body["components"]["queue"] == 3_000
+
+
+def test_run_queued_before_runner_started_waited(
+    transactional_db, extra_runners, alice
+):
+    # The name's heartbeat comes from an exited process of this host, so
+    # no live runner moves the pinned job off the name's queue, and the
+    # runner started below takes the name over.
+    name = "starts-late"
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    beat = {
+        "name": name,
+        "models": [],
+        "host": socket.gethostname(),
+        "pid": int(exited.stdout),
+    }
+    get_redis().set(keys.heartbeat_key(name), json.dumps(beat), px=300_000)
+    get_redis().sadd(keys.RUNNERS_SET, name)
+    queued = start_cli_run(alice, image_height(), wait_s=0, runner=name)
+    extra_runners(name)
+
+    deadline = time.monotonic() + 120
+    run = Run.objects.get(pk=queued.run.pk)
+    while run.status not in (Run.Status.SUCCEEDED, Run.Status.FAILED):
+        assert time.monotonic() < deadline, "the run never finished"
+        time.sleep(0.2)
+        run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED
+    assert run.runner_name == name
+    assert run.breakdown["waited_for_runner"] is True
 
 
 def test_run_queued_behind_another_waited_for_runner(runner, extra_runners, alice):
