@@ -1,6 +1,31 @@
 from django.contrib import admin
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 
+from billing.models import Bill
+from runner.models import Run
 from webapp.models import ApiToken
+
+
+class AccountAdmin(UserAdmin):
+    """Django's user admin, which also deletes a user's runs and bills.
+
+    Runs and bills have no delete permission in the admin, so that no bill
+    is deleted alone. Django's delete page requires that permission for
+    every object the deletion cascades to, so it rejected every user who
+    had a run.
+    """
+
+    def get_deleted_objects(self, objs, request):
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(
+            objs, request
+        )
+        cascaded = {Run._meta.verbose_name, Bill._meta.verbose_name}
+        return deleted, counts, perms_needed - cascaded, protected
+
+
+admin.site.unregister(get_user_model())
+admin.site.register(get_user_model(), AccountAdmin)
 
 
 @admin.register(ApiToken)
