@@ -1144,3 +1144,28 @@ def test_failed_model_load_is_labelled_load_failed(runner, client, alice, settin
     starts = client.get(SUMMARY).json()["starts"]
     assert starts["load_failed"]["runs"] == 1
     assert starts["no_model"]["runs"] == 0
+
+
+@pytest.mark.django_db
+def test_admin_keeps_tokens_and_owners(client, alice, bob, people, django_user_model):
+    token, _ = ApiToken.issue(alice, "laptop")
+    token.revoke()
+    admin = django_user_model.objects.create_superuser("admin", password="admin-pw")
+    client.force_login(admin)
+
+    # The change form takes a new name, and ignores a new user or revocation.
+    client.post(
+        f"/admin/webapp/apitoken/{token.pk}/change/",
+        {"name": "renamed", "user": bob.pk, "revoked_at_0": "", "revoked_at_1": ""},
+    )
+    token.refresh_from_db()
+    assert token.name == "renamed"
+    assert token.user_id == alice.pk
+    assert token.revoked_at is not None
+    assert client.get(f"/admin/webapp/apitoken/{token.pk}/delete/").status_code == 403
+
+    client.post(
+        f"/admin/workflows/workflow/{people.workflow_id}/change/",
+        {"name": "people", "slug": "people", "owner": bob.pk},
+    )
+    assert Workflow.objects.get(pk=people.workflow_id).owner_id == alice.pk

@@ -10,8 +10,8 @@ from webapp.models import ApiToken
 class AccountAdmin(UserAdmin):
     """Django's user admin, which also deletes a user's runs and bills.
 
-    Runs and bills have no delete permission in the admin, so that no bill
-    is deleted alone. Django's delete page requires that permission for
+    Runs, bills and tokens have no delete permission in the admin, so that
+    no bill is deleted alone or loses its token. Django's delete page requires that permission for
     every object the deletion cascades to, so it rejected every user who
     had a run.
     """
@@ -20,7 +20,11 @@ class AccountAdmin(UserAdmin):
         deleted, counts, perms_needed, protected = super().get_deleted_objects(
             objs, request
         )
-        cascaded = {Run._meta.verbose_name, Bill._meta.verbose_name}
+        cascaded = {
+            Run._meta.verbose_name,
+            Bill._meta.verbose_name,
+            ApiToken._meta.verbose_name,
+        }
         return deleted, counts, perms_needed - cascaded, protected
 
 
@@ -38,12 +42,26 @@ class ApiTokenAdmin(admin.ModelAdmin):
         "last_used_at",
         "revoked_at",
     )
-    readonly_fields = ("key_hash", "prefix", "created_at", "last_used_at")
+    # Only the name can change. A token moved to another user would spend
+    # that user's credits, and one un-revoked would work again.
+    readonly_fields = (
+        "user",
+        "key_hash",
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    )
     actions = ["revoke"]
 
     # A key is shown once, when the Tokens page or `createtoken` issues it.
     # This form has no key, so it could only add a row that no key matches.
     def has_add_permission(self, request):
+        return False
+
+    # Bills name the token their run was sent with; deleting it would move
+    # them under "no token". Revoking stops the key and keeps that record.
+    def has_delete_permission(self, request, obj=None):
         return False
 
     @admin.action(description="Revoke selected tokens")

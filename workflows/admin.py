@@ -21,6 +21,9 @@ class WorkflowAdmin(admin.ModelAdmin):
     list_display = ("name", "slug", "owner", "updated_at")
     search_fields = ("name", "slug", "owner__username")
     inlines = [WorkflowVersionInline]
+    # A workflow moved to another user would take its runs' history along
+    # while the runs and bills stay with their owner.
+    readonly_fields = ("owner",)
 
     # Workflows are created with their first version, in the builder or the
     # API. One created here would have no version to run.
