@@ -27,6 +27,10 @@ class RunAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False
 
+    # A run is the record its bill was computed from, so it is only viewed.
+    def has_change_permission(self, request, obj=None):
+        return False
+
     # Deleting a run would delete its bill with it, and billing histories
     # would lose it without a trace.
     def has_delete_permission(self, request, obj=None):
@@ -51,3 +55,14 @@ class RunAdmin(admin.ModelAdmin):
 class ModelUploadAdmin(admin.ModelAdmin):
     list_display = ("model_id", "owner", "task", "size_bytes", "created_at")
     search_fields = ("model_id", "owner__username")
+    readonly_fields = [field.name for field in ModelUpload._meta.fields]
+
+    # Its owner deletes an upload with DELETE /api/models/<id>, which also
+    # removes the file and refuses while a run uses it. A row deleted or
+    # renamed here would leave the file behind, or point runs at other
+    # weights than they were checked with.
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

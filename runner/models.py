@@ -1,9 +1,12 @@
 """Runs and uploaded model weights."""
 
 import uuid
+from pathlib import Path
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
+from django.db.models.signals import post_delete
+from django.dispatch import receiver
 
 
 class Run(models.Model):
@@ -109,3 +112,14 @@ class ModelUpload(models.Model):
 
     def __str__(self) -> str:
         return f"{self.owner}:{self.model_id}"
+
+
+@receiver(post_delete, sender=ModelUpload)
+def remove_upload_file(sender, instance: ModelUpload, **kwargs) -> None:
+    """Remove an upload's file once its row's deletion commits.
+
+    Covers the rows deleted along with their owner, whose files were left
+    on disk before.
+    """
+    path = Path(instance.path)
+    transaction.on_commit(lambda: path.unlink(missing_ok=True))

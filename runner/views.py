@@ -211,8 +211,8 @@ class ModelDetailView(APIView):
                     field_name="model_id",
                     hint="Delete it once those runs have finished.",
                 )
+            # Its file goes once the deletion commits (runner.models).
             upload.delete()
-        Path(upload.path).unlink(missing_ok=True)
         logger.info("upload %r of user %s deleted", model_id, request.user.id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 

@@ -266,7 +266,9 @@ def test_class_filter_with_unknown_class_warns(runner, alice_client):
     assert "Normal" in warning.split("its classes are")[1]
 
 
-def test_delete_upload_frees_its_id(alice, alice_client, bob_client, tmp_path):
+def test_delete_upload_frees_its_id(
+    alice, alice_client, bob_client, tmp_path, django_capture_on_commit_callbacks
+):
     weights = make_weights(tmp_path / "mine.pt")
     assert upload(alice_client, "mine", weights).status_code == 201
     stored = Path(ModelUpload.objects.get(owner=alice, model_id="mine").path)
@@ -295,8 +297,22 @@ def test_delete_upload_frees_its_id(alice, alice_client, bob_client, tmp_path):
     assert stored.exists()
 
     Run.objects.filter(pk=waiting.pk).update(status=Run.Status.FAILED)
-    assert alice_client.delete("/api/models/mine").status_code == 204
+    # The file goes once the deletion commits.
+    with django_capture_on_commit_callbacks(execute=True):
+        assert alice_client.delete("/api/models/mine").status_code == 204
     assert not stored.exists()
     assert not ModelUpload.objects.filter(owner=alice).exists()
     assert alice_client.get("/api/models/mine").status_code == 404
     assert upload(alice_client, "mine", weights).status_code == 201
+
+
+def test_deleting_user_removes_upload_files(
+    alice, alice_client, tmp_path, django_capture_on_commit_callbacks
+):
+    weights = make_weights(tmp_path / "mine.pt")
+    assert upload(alice_client, "mine", weights).status_code == 201
+    stored = Path(ModelUpload.objects.get(owner=alice, model_id="mine").path)
+    assert stored.exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        alice.delete()
+    assert not stored.exists()

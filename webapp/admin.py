@@ -3,15 +3,16 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 
 from billing.models import Bill
-from runner.models import Run
+from runner.models import ModelUpload, Run
 from webapp.models import ApiToken
 
 
 class AccountAdmin(UserAdmin):
     """Django's user admin, which also deletes a user's runs and bills.
 
-    Runs, bills and tokens have no delete permission in the admin, so that
-    no bill is deleted alone or loses its token. Django's delete page requires that permission for
+    Runs, bills, tokens and uploads have no delete permission in the admin,
+    each for a reason given in its own admin class, but all go with their
+    owner. Django's delete page requires that permission for
     every object the deletion cascades to, so it rejected every user who
     had a run.
     """
@@ -24,6 +25,7 @@ class AccountAdmin(UserAdmin):
             Run._meta.verbose_name,
             Bill._meta.verbose_name,
             ApiToken._meta.verbose_name,
+            ModelUpload._meta.verbose_name,
         }
         return deleted, counts, perms_needed - cascaded, protected
 
