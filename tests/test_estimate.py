@@ -538,3 +538,27 @@ def test_run_queued_behind_another_waited_for_runner(runner, extra_runners, alic
     assert third.payload["meta"]["breakdown"]["waited_for_runner"] is False
     done = Run.objects.get(pk=first.run.pk)
     assert done.breakdown["waited_for_runner"] is False
+
+
+def test_fleet_page_shows_each_models_memory(runner, alice, client, django_user_model):
+    import re
+
+    from runner.fleet import live_runners
+
+    start_cli_run(alice, detection("people-detector-160"), wait_s=120)
+    wait_until_loaded(runner, "people-detector-160")
+    [state] = [r for r in live_runners() if r.name == runner.name]
+    [model] = [
+        m for m in state.data["models"] if m["model_id"] == "people-detector-160"
+    ]
+    expected_mib = round(model["memory_bytes"] / 1048576)
+    assert expected_mib > 0
+
+    staff = django_user_model.objects.create_user(
+        "fleet-viewer", password="viewer-password", is_staff=True
+    )
+    client.force_login(staff)
+    page = client.get("/admin/runner/run/fleet/").content.decode()
+    shown = re.search(r"people-detector-160 \((\d+) MiB\)", page)
+    assert shown is not None
+    assert int(shown[1]) == expected_mib
