@@ -16,7 +16,7 @@ from runner.dispatch import wait_for_result
 from runner.models import Run
 from runner.responses import pending_response
 from runner.service import RunOutcome, waiting_slot
-from tests.conftest import image_b64, start_cli_run
+from tests.conftest import image_b64, image_bytes, start_cli_run
 from tests.definitions import detect_then_crops, detection, image_height
 from webapp.redis import get_redis
 from workflows.models import Workflow
@@ -543,3 +543,49 @@ def test_deleting_user_deletes_runs_and_bills(
     assert Run.objects.filter(owner=bob).count() == 1
     assert Bill.objects.filter(owner=bob).count() == 1
     assert Workflow.objects.filter(owner=bob).count() == 1
+
+
+def test_crop_outside_one_image_is_null_for_it(runner, alice_client):
+    # bus.jpg is 810x1080 and zidane.jpg 1280x720: this crop fits only the bus.
+    definition = {
+        "version": "1.0",
+        "inputs": [{"type": "WorkflowImage", "name": "image"}],
+        "steps": [
+            {
+                "type": "AbsoluteStaticCrop",
+                "name": "crop",
+                "image": "$inputs.image",
+                "x_center": 400,
+                "y_center": 1000,
+                "width": 100,
+                "height": 60,
+            },
+            {
+                "type": "PropertyDefinition",
+                "name": "width",
+                "data": "$steps.crop.crops",
+                "operations": [
+                    {"type": "ExtractImageProperty", "property_name": "width"}
+                ],
+            },
+        ],
+        "outputs": [
+            {"type": "JsonField", "name": "cw", "selector": "$steps.width.output"},
+            {"type": "JsonField", "name": "crop", "selector": "$steps.crop.crops"},
+        ],
+    }
+    images = [
+        {"type": "base64", "value": base64.b64encode(image_bytes(name)).decode()}
+        for name in ("bus.jpg", "zidane.jpg")
+    ]
+    response = alice_client.post(
+        "/workflows/run",
+        {"specification": definition, "inputs": {"image": images}},
+        format="json",
+    )
+    assert response.status_code == 200, response.json()
+    bus, zidane = response.json()["outputs"]
+    assert bus["cw"] == 100
+    assert bus["crop"]["type"] == "base64"
+    # The crop is null, and the step reading it was skipped.
+    assert zidane == {"cw": None, "crop": None}

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from workflows.blocks.base import StepContext
+from workflows.blocks.base import VALUE, StepContext
 from workflows.compiler.plan import (
     ExecutionPlan,
     InputRef,
@@ -129,7 +129,14 @@ def _run_lifted(
     target: int,
     pixel_budget: PixelBudget | None,
 ):
-    """Call the block, mapping over list levels deeper than ``level``."""
+    """Call the block, mapping over list levels deeper than ``level``.
+
+    A step whose data input from another step is null (a crop that fell
+    outside its image) is skipped, and its outputs are null, as in
+    Roboflow's engine.
+    """
+    if any(values[name] is None for name in _batch_fields(step)):
+        return dict.fromkeys(step.block.outputs)
     if level == target:
         produced = step.block.run(context, **values)
         if pixel_budget is not None:
@@ -158,6 +165,15 @@ def _run_lifted(
     return outputs
 
 
+def _batch_fields(step: StepPlan) -> list[str]:
+    """Return the fields of ``step`` that take data (not settings) from other steps."""
+    return [
+        field.name
+        for field in step.block.fields
+        if field.kind != VALUE and isinstance(step.bindings.get(field.name), StepRef)
+    ]
+
+
 def serialize_value(value: Any, coordinates: str) -> Any:
     """Turn a step output into JSON-compatible data in Roboflow's shapes."""
     if isinstance(value, Detections):
@@ -176,13 +192,13 @@ def serialize_value(value: Any, coordinates: str) -> Any:
 def collect_outputs(
     plan: ExecutionPlan, inputs: Mapping[str, Any], results: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """Serialize the declared outputs of one batch element; nulls are left out."""
-    serialized: dict[str, Any] = {}
-    for spec in plan.outputs:
-        value = _output_value(spec, inputs, results)
-        if value is not None:
-            serialized[spec.name] = serialize_value(value, spec.coordinates)
-    return serialized
+    """Serialize the declared outputs of one batch element, nulls included."""
+    return {
+        spec.name: serialize_value(
+            _output_value(spec, inputs, results), spec.coordinates
+        )
+        for spec in plan.outputs
+    }
 
 
 def _output_value(spec: OutputSpec, inputs, results) -> Any:

@@ -10,7 +10,6 @@ from workflows.blocks.base import (
     StepContext,
     number_between,
 )
-from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
 
 # No image side is this long (the pixel limit is far lower), and larger
@@ -39,7 +38,10 @@ class AbsoluteStaticCropBlock(Block):
     type = "roboflow_core/absolute_static_crop@v1"
     aliases = ("AbsoluteStaticCrop",)
     title = "Static crop"
-    description = "Crops a fixed rectangle given by its centre and size in pixels."
+    description = (
+        "Crops a fixed rectangle given by its centre and size in pixels; "
+        "null where the rectangle lies outside the image."
+    )
     _number = (int, float)
     fields = (
         Field("images", IMAGE, "Image to crop.", aliases=("image",)),
@@ -88,10 +90,8 @@ class AbsoluteStaticCropBlock(Block):
         y1 = round(y_center - height / 2)
         x2, y2 = x1 + round(width), y1 + round(height)
         if x2 <= 0 or y2 <= 0 or x1 >= images.width or y1 >= images.height:
-            raise StepExecutionError(
-                f"crop ({x1}, {y1}, {x2}, {y2}) lies outside the "
-                f"{images.width}x{images.height} image",
-                step=context.step_name,
-                user_error=True,
-            )
+            # Roboflow's block gives no crop here, and the steps that would
+            # read it are skipped, so one small image in a batch does not
+            # fail the others.
+            return {"crops": None}
         return {"crops": crop_image(images, x1, y1, x2, y2)}
