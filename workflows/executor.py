@@ -12,9 +12,11 @@ from typing import Any
 
 from workflows.blocks.base import VALUE, StepContext
 from workflows.compiler.plan import (
+    Binding,
     ExecutionPlan,
     InputRef,
     Literal,
+    MappingBinding,
     OutputSpec,
     StepPlan,
     StepRef,
@@ -106,18 +108,46 @@ def execute_plan(
 
 
 def _resolve(step: StepPlan, inputs, results, dimensions):
+    """Return the step's values and the nesting level of each non-literal one.
+
+    Each entry of a mapping field is a value of its own, named
+    "<field>.<key>", so that lifting can map over an entry that comes from a
+    step with list outputs. ``_call_values`` puts the object back together.
+    """
     values: dict[str, Any] = {}
     value_dims: dict[str, int] = {}
-    for name, binding in step.bindings.items():
-        if isinstance(binding, Literal):
-            values[name] = binding.value
-        elif isinstance(binding, InputRef):
-            values[name] = inputs[binding.name]
-            value_dims[name] = 0
-        else:
-            values[name] = results[binding.step][binding.output]
-            value_dims[name] = dimensions[binding.step]
+    for field_name, field_binding in step.bindings.items():
+        for name, binding in _named_bindings(field_name, field_binding):
+            if isinstance(binding, Literal):
+                values[name] = binding.value
+            elif isinstance(binding, InputRef):
+                values[name] = inputs[binding.name]
+                value_dims[name] = 0
+            else:
+                values[name] = results[binding.step][binding.output]
+                value_dims[name] = dimensions[binding.step]
     return values, value_dims
+
+
+def _named_bindings(
+    name: str, binding: Binding
+) -> list[tuple[str, Literal | InputRef | StepRef]]:
+    if isinstance(binding, MappingBinding):
+        return [(f"{name}.{key}", entry) for key, entry in binding.entries]
+    return [(name, binding)]
+
+
+def _call_values(step: StepPlan, values: dict[str, Any]) -> dict[str, Any]:
+    """Return the block's keyword arguments, mapping fields as objects again."""
+    arguments = {}
+    for name, binding in step.bindings.items():
+        if isinstance(binding, MappingBinding):
+            arguments[name] = {
+                key: values[f"{name}.{key}"] for key, _ in binding.entries
+            }
+        else:
+            arguments[name] = values[name]
+    return arguments
 
 
 def _run_lifted(
@@ -138,7 +168,7 @@ def _run_lifted(
     if any(values[name] is None for name in _batch_fields(step)):
         return dict.fromkeys(step.block.outputs)
     if level == target:
-        produced = step.block.run(context, **values)
+        produced = step.block.run(context, **_call_values(step, values))
         if pixel_budget is not None:
             pixel_budget.charge(step, produced)
         return produced

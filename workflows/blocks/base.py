@@ -35,6 +35,10 @@ class Field:
     # check that returns a problem description or None.
     types: tuple[type, ...] = ()
     check: Callable[[Any], str | None] | None = None
+    # For VALUE fields: the value is a JSON object whose values are each a
+    # literal or a selector, bound one by one. ``check`` gets the object as
+    # written; the block gets it with every selector replaced by its value.
+    mapping: bool = False
     # Other spellings of the name that definitions may use, as Roboflow's
     # blocks accept them (``image`` for ``images``).
     aliases: tuple[str, ...] = ()
@@ -85,8 +89,9 @@ class Block:
         ``kinds`` maps every field to the kind of what feeds it: IMAGE,
         DETECTIONS, or VALUE for literals, parameters and value outputs.
         ``literals`` maps the fields written as literals, or left to their
-        defaults, to their values. The compiler calls this once every field
-        of the step is bound.
+        defaults, to their values, and each ``mapping`` field to its object
+        as written, selectors included. The compiler calls this once every
+        field of the step is bound.
         """
         return []
 

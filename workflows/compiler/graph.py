@@ -25,9 +25,11 @@ from workflows.compiler.plan import (
     InputRef,
     InputSpec,
     Literal,
+    MappingBinding,
     OutputSpec,
     StepPlan,
     StepRef,
+    step_references,
 )
 
 # Input kinds with their article, for messages.
@@ -75,9 +77,9 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
                 for field, binding in bindings.items()
             }
             literals = {
-                field: binding.value
+                field: binding.value if isinstance(binding, Literal) else raw[field]
                 for field, binding in bindings.items()
-                if isinstance(binding, Literal)
+                if isinstance(binding, Literal | MappingBinding)
             }
             for field_name, problem in block.check_bound(kinds, literals):
                 parsed.error(name, block.type, field_name, problem)
@@ -112,6 +114,8 @@ def _bind_field(
     inputs: dict[str, InputSpec],
     blocks: dict[str, type[Block]],
 ) -> Binding | None:
+    if field.mapping:
+        return _bind_mapping(parsed, step, block, field, value, inputs, blocks)
     reference = parse_selector(value)
     if reference is None and is_selector_like(value):
         parsed.error(
@@ -161,6 +165,64 @@ def _bind_field(
     return _check_step_reference(
         parsed, step, block, field.name, reference, blocks, field.kind
     )
+
+
+def _bind_mapping(
+    parsed,
+    step,
+    block: type[Block],
+    field: Field,
+    value: Any,
+    inputs: dict[str, InputSpec],
+    blocks: dict[str, type[Block]],
+) -> MappingBinding | None:
+    """Bind each value of a ``mapping`` field's object on its own.
+
+    A value is a literal, a parameter input or a step output of kind VALUE.
+    """
+    if not isinstance(value, dict):
+        parsed.error(
+            step,
+            block.type,
+            field.name,
+            "must be an object whose values are literals or selectors such as "
+            f'{{"name": "$inputs.name"}}, got {shown(value)}',
+        )
+        return None
+    if field.check is not None:
+        problem = field.check(value)
+        if problem:
+            parsed.error(step, block.type, field.name, problem)
+            return None
+    entries: list[tuple[str, Literal | InputRef | StepRef]] = []
+    failed = False
+    for key, item in value.items():
+        reference = parse_selector(item)
+        bound: Literal | InputRef | StepRef | None
+        if reference is None and is_selector_like(item):
+            parsed.error(
+                step,
+                block.type,
+                field.name,
+                f"{item!r} at key '{key}' is not a valid selector; use "
+                "$inputs.<name> or $steps.<step>.<output>",
+            )
+            bound = None
+        elif reference is None:
+            bound = Literal(item)
+        elif isinstance(reference, InputRef):
+            bound = _check_input_reference(
+                parsed, step, block, field.name, reference, inputs, PARAMETER_INPUT
+            )
+        else:
+            bound = _check_step_reference(
+                parsed, step, block, field.name, reference, blocks, VALUE
+            )
+        if bound is None:
+            failed = True
+        else:
+            entries.append((key, bound))
+    return None if failed else MappingBinding(tuple(entries))
 
 
 def value_problem(field: Field, value: Any) -> str | None:
@@ -278,7 +340,10 @@ def order_steps(
     blocks = {name: block for name, block, _ in parsed.steps}
     sorter: TopologicalSorter[str] = TopologicalSorter()
     for name, bindings in bound.items():
-        sorter.add(name, *{b.step for b in bindings.values() if isinstance(b, StepRef)})
+        sorter.add(
+            name,
+            *{ref.step for b in bindings.values() for ref in step_references(b)},
+        )
     try:
         order = list(sorter.static_order())
     except CycleError as error:
@@ -291,7 +356,7 @@ def order_steps(
             (
                 field
                 for field, binding in bound[step].items()
-                if isinstance(binding, StepRef) and binding.step == source
+                if any(ref.step == source for ref in step_references(binding))
             ),
             None,
         )
@@ -308,7 +373,11 @@ def order_steps(
         block = blocks[name]
         bindings = bound[name]
         inherited = max(
-            (dimensions[b.step] for b in bindings.values() if isinstance(b, StepRef)),
+            (
+                dimensions[ref.step]
+                for binding in bindings.values()
+                for ref in step_references(binding)
+            ),
             default=0,
         )
         dimensions[name] = inherited + block.adds_dimension

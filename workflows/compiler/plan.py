@@ -26,7 +26,23 @@ class StepRef:
     output: str  # "*" means every output of the step
 
 
-Binding = Literal | InputRef | StepRef
+@dataclass(frozen=True)
+class MappingBinding:
+    """A ``mapping`` field: each key of its object with that value's binding."""
+
+    entries: tuple[tuple[str, Literal | InputRef | StepRef], ...]
+
+
+Binding = Literal | InputRef | StepRef | MappingBinding
+
+
+def step_references(binding: Binding) -> list[StepRef]:
+    """Return the step outputs that ``binding`` reads."""
+    if isinstance(binding, StepRef):
+        return [binding]
+    if isinstance(binding, MappingBinding):
+        return [entry for _, entry in binding.entries if isinstance(entry, StepRef)]
+    return []
 
 
 @dataclass(frozen=True)
