@@ -69,3 +69,76 @@ def detect_then_crops(inner_model: str, outer_model: str = "people-detector") ->
         },
     ]
     return definition
+
+
+# Parts of Roboflow's filter language, for the detections filter's operations.
+
+
+def detection_property(name: str) -> dict:
+    """Return an operand that reads property ``name`` of the detection tested."""
+    return {
+        "type": "DynamicOperand",
+        "operand_name": "_",
+        "operations": [{"type": "ExtractDetectionProperty", "property_name": name}],
+    }
+
+
+def static(value) -> dict:
+    return {"type": "StaticOperand", "value": value}
+
+
+def parameter(name: str) -> dict:
+    """Return an operand that reads the entry ``name`` of operations_parameters."""
+    return {"type": "DynamicOperand", "operand_name": name}
+
+
+def compare(left: dict, comparator: str, right: dict, negate: bool = False) -> dict:
+    return {
+        "type": "BinaryStatement",
+        "left_operand": left,
+        "comparator": {"type": comparator},
+        "right_operand": right,
+        "negate": negate,
+    }
+
+
+def group(*statements: dict, operator: str | None = None) -> dict:
+    """Return a statement group; without ``operator`` Roboflow's default applies."""
+    found = {"type": "StatementGroup", "statements": list(statements)}
+    if operator is not None:
+        found["operator"] = operator
+    return found
+
+
+def keep_where(*statements: dict, operator: str | None = None) -> list:
+    """Return ``operations`` with one DetectionsFilter of ``statements``."""
+    return [
+        {
+            "type": "DetectionsFilter",
+            "filter_operation": group(*statements, operator=operator),
+        }
+    ]
+
+
+def filtered_detection(
+    operations: list, parameters: dict | None = None, model_id="people-detector"
+) -> dict:
+    """Return a detection whose predictions also go through the step "filter"."""
+    definition = detection(model_id)
+    step = {
+        "type": "roboflow_core/detections_filter@v1",
+        "name": "filter",
+        "predictions": "$steps.people.predictions",
+        "operations": operations,
+    }
+    if parameters is not None:
+        step["operations_parameters"] = parameters
+    definition["steps"].append(step)
+    definition["outputs"].append(
+        {
+            "type": "JsonField",
+            "name": "filtered",
+            "selector": "$steps.filter.predictions",
+        }
+    )
+    return definition

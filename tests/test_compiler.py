@@ -4,9 +4,18 @@ import copy
 
 import pytest
 
-from tests.definitions import detect_then_crops, detection, image_height
+from tests.definitions import (
+    compare,
+    detect_then_crops,
+    detection,
+    detection_property,
+    filtered_detection,
+    image_height,
+    keep_where,
+    parameter,
+)
 from workflows.compiler import PlanCache, build_plan, definition_digest
-from workflows.compiler.plan import InputRef, StepRef
+from workflows.compiler.plan import InputRef, Literal, MappingBinding, StepRef
 from workflows.errors import DefinitionError
 
 
@@ -219,6 +228,94 @@ def test_compile_cycle_names_the_steps():
     assert "cycle" in error.property_details
     assert "a" in error.property_details
     assert "b" in error.property_details
+
+
+# A filter that reads one entry of operations_parameters.
+CLASS_ID_BELOW_LIMIT = keep_where(
+    compare(detection_property("class_id"), "(Number) <", parameter("limit"))
+)
+
+
+def test_compile_mapping_field_binds_each_value():
+    definition = filtered_detection(
+        CLASS_ID_BELOW_LIMIT,
+        {"limit": "$steps.count.output", "names": "$inputs.names", "fixed": [0.5]},
+    )
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "names"})
+    # The filter comes before the step it reads, so only the binding of
+    # operations_parameters orders them.
+    people, count, filter_step = definition["steps"]
+    definition["steps"] = [people, filter_step, count]
+    plan = build_plan(definition, "digest")
+    assert [step.name for step in plan.steps] == ["people", "count", "filter"]
+    assert plan.steps[2].bindings["operations_parameters"] == MappingBinding(
+        (
+            ("limit", StepRef("count", "output")),
+            ("names", InputRef("names")),
+            ("fixed", Literal([0.5])),
+        )
+    )
+
+
+def test_compile_mapping_field_without_value_is_empty():
+    plan = build_plan(filtered_detection([]), "digest")
+    assert plan.steps[2].bindings["operations_parameters"] == Literal({})
+
+
+def test_compile_mapping_field_cycle_names_it():
+    definition = filtered_detection(
+        CLASS_ID_BELOW_LIMIT, {"limit": "$steps.count.output"}
+    )
+    definition["steps"][1]["data"] = "$steps.filter.predictions"
+    [error] = compile_errors(definition)
+    assert error.block_id == "filter"
+    assert error.property_name == "operations_parameters"
+    assert error.property_details == "steps form a cycle: filter -> count -> filter"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "problem"),
+    [
+        (
+            "$inputs.limit",
+            "must be an object whose values are literals or selectors such as "
+            '{"name": "$inputs.name"}, got "$inputs.limit"',
+        ),
+        (
+            {"limit": "$inputs.image"},
+            "'$inputs.image' is an image input, this field needs a parameter input",
+        ),
+        (
+            {"limit": "$steps.people.predictions"},
+            "'$steps.people.predictions' is of kind 'object_detection_prediction', "
+            "this field needs 'value'",
+        ),
+        (
+            {"limit": "$inputs.nowhere"},
+            "'$inputs.nowhere' names no input; declared inputs: image",
+        ),
+        (
+            {"limit": "$steps.count"},
+            "'$steps.count' at key 'limit' is not a valid selector; use "
+            "$inputs.<name> or $steps.<step>.<output>",
+        ),
+    ],
+    ids=["selector", "image-input", "detections-output", "no-input", "bad-selector"],
+)
+def test_compile_mapping_field_rejects_value(parameters, problem):
+    [error] = compile_errors(filtered_detection(CLASS_ID_BELOW_LIMIT, parameters))
+    assert error.block_id == "filter"
+    assert error.property_name == "operations_parameters"
+    assert error.property_details == problem
+
+
+def test_compile_mapping_field_reports_every_value():
+    parameters = {"limit": "$inputs.nowhere", "other": "$steps.ghost.output"}
+    errors = compile_errors(filtered_detection(CLASS_ID_BELOW_LIMIT, parameters))
+    assert [error.property_details for error in errors] == [
+        "'$inputs.nowhere' names no input; declared inputs: image",
+        "'$steps.ghost' names no step",
+    ]
 
 
 def test_compile_reports_every_problem_at_once():

@@ -5,7 +5,14 @@ import copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.definitions import detection
+from tests.definitions import (
+    compare,
+    detection,
+    detection_property,
+    filtered_detection,
+    keep_where,
+    parameter,
+)
 from workflows.compiler import build_plan
 from workflows.errors import DefinitionError
 
@@ -69,6 +76,50 @@ def test_compile_mutated_definition(section, index, key, value):
     else:
         items.append({key: value})
     compiles_or_reports(definition)
+
+
+# A detections filter's operations with every kind of part: a group, binary
+# and unary statements, and each kind of operand.
+FILTER_OPERATIONS = keep_where(
+    compare(detection_property("class_name"), "in (Sequence)", parameter("classes")),
+    {
+        "type": "UnaryStatement",
+        "operand": {"type": "StaticOperand", "value": 1},
+        "operator": {"type": "Exists"},
+        "negate": False,
+    },
+    operator="and",
+)
+
+
+def nested_paths(value, path=()) -> list[tuple]:
+    """Return the path of every part of ``value``, its lists and objects included."""
+    found = [path]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += nested_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += nested_paths(item, (*path, index))
+    return found
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    path=st.sampled_from(nested_paths(FILTER_OPERATIONS)[1:]),
+    key=st.one_of(st.none(), st.sampled_from(["type", "operator", "value", "x"])),
+    value=json_values,
+)
+def test_compile_mutated_filter_operations(path, key, value):
+    operations = copy.deepcopy(FILTER_OPERATIONS)
+    parent = operations
+    for step in path[:-1]:
+        parent = parent[step]
+    if key is not None and isinstance(parent[path[-1]], dict):
+        parent[path[-1]][key] = value
+    else:
+        parent[path[-1]] = value
+    compiles_or_reports(filtered_detection(operations, {"classes": ["Normal"]}))
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])

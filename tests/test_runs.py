@@ -17,7 +17,16 @@ from runner.models import Run
 from runner.responses import pending_response
 from runner.service import RunOutcome, waiting_slot
 from tests.conftest import image_b64, image_bytes, start_cli_run
-from tests.definitions import detect_then_crops, detection, image_height
+from tests.definitions import (
+    compare,
+    detect_then_crops,
+    detection,
+    detection_property,
+    image_height,
+    keep_where,
+    parameter,
+    static,
+)
 from webapp.redis import get_redis
 from workflows.models import Workflow
 from workflows.timing import RUNNER_COMPONENTS
@@ -589,3 +598,156 @@ def test_crop_outside_one_image_is_null_for_it(runner, alice_client):
     assert bus["crop"]["type"] == "base64"
     # The crop is null, and the step reading it was skipped.
     assert zidane == {"cw": None, "crop": None}
+
+
+def filter_step(name: str, predictions: str, operations: list, parameters) -> dict:
+    return {
+        "type": "roboflow_core/detections_filter@v1",
+        "name": name,
+        "predictions": predictions,
+        "operations": operations,
+        "operations_parameters": parameters,
+    }
+
+
+def class_names_of(name: str, data: str) -> dict:
+    return {
+        "type": "PropertyDefinition",
+        "name": name,
+        "data": data,
+        "operations": [
+            {"type": "DetectionsPropertyExtract", "property_name": "class_name"}
+        ],
+    }
+
+
+def ids(predictions: list) -> list[str]:
+    return [p["detection_id"] for p in predictions]
+
+
+# Kept detections: confidence at least the parameter "threshold".
+CONFIDENT = keep_where(
+    compare(detection_property("confidence"), "(Number) >=", parameter("threshold"))
+)
+# Kept detections: a class listed in the parameter "classes", confidence at
+# least 0.65.
+LISTED_CONFIDENT = keep_where(
+    compare(detection_property("class_name"), "in (Sequence)", parameter("classes")),
+    compare(detection_property("confidence"), "(Number) >=", static(0.65)),
+    operator="and",
+)
+
+
+def test_run_filter_operations_agree_with_unfiltered(runner, alice_client):
+    definition = detection("people-detector-576", confidence=0.1)
+    definition["inputs"] += [
+        {"type": "WorkflowParameter", "name": "threshold"},
+        {"type": "WorkflowParameter", "name": "classes"},
+    ]
+    people = "$steps.people.predictions"
+
+    definition["steps"] += [
+        filter_step("confident", people, CONFIDENT, {"threshold": "$inputs.threshold"}),
+        filter_step("listed", people, LISTED_CONFIDENT, {"classes": "$inputs.classes"}),
+        filter_step(
+            "listed_literal", people, LISTED_CONFIDENT, {"classes": ["Normal"]}
+        ),
+        # Every detection of a class that the confident ones include.
+        class_names_of("names", "$steps.confident.predictions"),
+        filter_step(
+            "seen",
+            people,
+            keep_where(
+                compare(
+                    detection_property("class_name"), "in (Sequence)", parameter("seen")
+                )
+            ),
+            {"seen": "$steps.names.output"},
+        ),
+    ]
+    for name in ("confident", "listed", "listed_literal", "seen"):
+        definition["outputs"].append(
+            {
+                "type": "JsonField",
+                "name": name,
+                "selector": f"$steps.{name}.predictions",
+            }
+        )
+
+    workflow_id = create_workflow(alice_client, definition)
+    inputs = {
+        "image": {"type": "base64", "value": image_b64()},
+        "threshold": 0.5,
+        "classes": ["Normal"],
+    }
+    response = run_workflow(alice_client, workflow_id, inputs=inputs)
+    assert response.status_code == 200, response.json()
+
+    [output] = response.json()["outputs"]
+    unfiltered = output["predictions"]["predictions"]
+    confidences = [p["confidence"] for p in unfiltered]
+    # Outputs round confidence to 4 digits, so none may be that close to a
+    # threshold for the expected lists below to be exact.
+    assert all(abs(c - 0.5) > 1e-3 and abs(c - 0.65) > 1e-3 for c in confidences)
+
+    confident = [p for p in unfiltered if p["confidence"] >= 0.5]
+    assert 0 < len(confident) < len(unfiltered)
+    assert ids(output["confident"]["predictions"]) == ids(confident)
+
+    listed = [
+        p for p in unfiltered if p["class"] == "Normal" and p["confidence"] >= 0.65
+    ]
+    assert listed
+    assert ids(output["listed"]["predictions"]) == ids(listed)
+    assert ids(output["listed_literal"]["predictions"]) == ids(listed)
+
+    seen_classes = {p["class"] for p in confident}
+    seen = [p for p in unfiltered if p["class"] in seen_classes]
+    assert ids(output["seen"]["predictions"]) == ids(seen)
+
+
+def test_run_filter_in_crops_reads_crop_parameters(runner, alice_client):
+    definition = detect_then_crops("people-detector-576", "people-detector-576")
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "threshold"})
+    inner = "$steps.inner.predictions"
+
+    # Inside each crop: the detections of a class found in that crop, with
+    # confidence at least the parameter "threshold".
+    operations = keep_where(
+        compare(detection_property("class_name"), "in (Sequence)", parameter("names")),
+        compare(
+            detection_property("confidence"), "(Number) >=", parameter("threshold")
+        ),
+        operator="and",
+    )
+    definition["steps"] += [
+        class_names_of("inner_names", inner),
+        filter_step(
+            "inner_confident",
+            inner,
+            operations,
+            {"names": "$steps.inner_names.output", "threshold": "$inputs.threshold"},
+        ),
+    ]
+    definition["outputs"] += [
+        {"type": "JsonField", "name": "inner", "selector": inner},
+        {
+            "type": "JsonField",
+            "name": "inner_confident",
+            "selector": "$steps.inner_confident.predictions",
+        },
+    ]
+
+    workflow_id = create_workflow(alice_client, definition)
+    inputs = {"image": {"type": "base64", "value": image_b64()}, "threshold": 0.5}
+    response = run_workflow(alice_client, workflow_id, inputs=inputs)
+    assert response.status_code == 200, response.json()
+
+    [output] = response.json()["outputs"]
+    assert len(output["inner"]) >= 3
+    assert len(output["inner_confident"]) == len(output["inner"])
+    for crop, filtered in zip(output["inner"], output["inner_confident"], strict=True):
+        # As above: no confidence within rounding of the threshold.
+        assert all(abs(p["confidence"] - 0.5) > 1e-3 for p in crop["predictions"])
+        confident = [p for p in crop["predictions"] if p["confidence"] >= 0.5]
+        assert ids(filtered["predictions"]) == ids(confident)

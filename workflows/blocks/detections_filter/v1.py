@@ -1,4 +1,10 @@
-"""Detections filter: keep detections by class name and minimum confidence."""
+"""Detections filter: keep detections by Roboflow's operations, class, confidence.
+
+``operations`` and ``operations_parameters`` are Roboflow's fields, for the
+subset of its filter language that ``operations.py`` describes.
+``class_names`` and ``min_confidence`` are this server's own. A detection is
+kept only if it passes all of them.
+"""
 
 from types import NoneType
 from typing import Any
@@ -14,7 +20,15 @@ from workflows.blocks.base import (
     list_of_strings,
     number_between,
 )
+from workflows.blocks.detections_filter.evaluation import EvaluationError, keep_mask
+from workflows.blocks.detections_filter.operations import (
+    check_operations,
+    check_parameters,
+    parse_operations,
+    undeclared_parameter,
+)
 from workflows.detections import Detections
+from workflows.errors import StepExecutionError
 
 
 class DetectionsFilterBlock(Block):
@@ -22,10 +36,34 @@ class DetectionsFilterBlock(Block):
     aliases = ("DetectionsFilter",)
     title = "Filter detections"
     description = (
-        "Keeps detections whose class is listed and whose confidence is high enough."
+        "Keeps the detections that pass Roboflow's filter operations "
+        "(DetectionsFilter with statement groups that compare class_name, "
+        "class_id, confidence or box properties), and whose class is listed "
+        "and confidence high enough."
     )
     fields = (
         Field("predictions", DETECTIONS, "Detections to filter."),
+        Field(
+            "operations",
+            VALUE,
+            "Roboflow's filter operations, applied in order: DetectionsFilter "
+            "operations whose statements compare detection properties with "
+            "values or operations_parameters.",
+            required=False,
+            default=[],
+            types=(list,),
+            check=check_operations,
+        ),
+        Field(
+            "operations_parameters",
+            VALUE,
+            "Values that operands of operations name, each a literal, a "
+            "parameter input or a value output of a step.",
+            required=False,
+            default={},
+            check=check_parameters,
+            mapping=True,
+        ),
         Field(
             "class_names",
             VALUE,
@@ -47,11 +85,21 @@ class DetectionsFilterBlock(Block):
     )
     outputs = {"predictions": DETECTIONS}
 
+    @classmethod
+    def check_bound(cls, kinds, literals) -> list[tuple[str, str]]:
+        if "operations" not in literals:
+            return []
+        filters = parse_operations(literals["operations"])
+        problem = undeclared_parameter(filters, literals["operations_parameters"])
+        return [("operations", problem)] if problem else []
+
     def run(
         self,
         context: StepContext,
         *,
         predictions: Detections,
+        operations: list,
+        operations_parameters: dict[str, Any],
         class_names: list[str] | None,
         min_confidence: float,
     ) -> dict[str, Any]:
@@ -61,4 +109,16 @@ class DetectionsFilterBlock(Block):
             keep &= np.array(
                 [name in allowed for name in predictions.class_names], dtype=bool
             )
+        # ``operations`` from a parameter was checked when the run was
+        # requested, but only here can it meet operations_parameters.
+        filters = parse_operations(operations)
+        problem = undeclared_parameter(filters, operations_parameters)
+        if problem:
+            raise StepExecutionError(problem, step=context.step_name, user_error=True)
+        try:
+            keep = keep_mask(filters, predictions, operations_parameters, keep)
+        except EvaluationError as error:
+            raise StepExecutionError(
+                str(error), step=context.step_name, user_error=True
+            ) from error
         return {"predictions": predictions.select(keep)}

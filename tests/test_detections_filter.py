@@ -1,0 +1,508 @@
+"""The detections filter's operations: Roboflow's semantics and compile errors."""
+
+import copy
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.definitions import (
+    compare,
+    detection_property,
+    filtered_detection,
+    group,
+    keep_where,
+    parameter,
+    static,
+)
+from workflows.blocks.base import StepContext
+from workflows.blocks.detections_filter.evaluation import (
+    COMPARATORS,
+    PROPERTIES,
+    UNARY_OPERATORS,
+)
+from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
+from workflows.compiler import build_plan
+from workflows.detections import Detections
+from workflows.errors import DefinitionError, InputError, StepExecutionError
+from workflows.inputs import read_parameters
+
+# A typical Roboflow filter: a class listed in the parameter "classes", and
+# confidence at least 0.65.
+EXAMPLE = keep_where(
+    compare(detection_property("class_name"), "in (Sequence)", parameter("classes")),
+    compare(detection_property("confidence"), "(Number) >=", static(0.65)),
+    operator="and",
+)
+
+
+def detections() -> Detections:
+    """Four detections; detection i has the id "i".
+
+    ==  =======  ==  ==========  ================  ====
+    i   class    id  confidence  x/y min, max      size
+    ==  =======  ==  ==========  ================  ====
+    0   Normal   0   0.9         0, 0, 10, 20      200
+    1   Fall     1   0.7         10, 10, 30, 20    200
+    2   Normal   0   0.3         50, 0, 60, 100    1000
+    3   Fall     1   0.5         5, 40, 7, 45      10
+    ==  =======  ==  ==========  ================  ====
+    """
+    return Detections(
+        xyxy=np.array(
+            [[0, 0, 10, 20], [10, 10, 30, 20], [50, 0, 60, 100], [5, 40, 7, 45]],
+            dtype=np.float32,
+        ),
+        confidence=np.array([0.9, 0.7, 0.3, 0.5], dtype=np.float32),
+        class_id=np.array([0, 1, 0, 1], dtype=np.int64),
+        class_names=["Normal", "Fall", "Normal", "Fall"],
+        image_size=(100, 100),
+        parent_id="image",
+        detection_ids=["0", "1", "2", "3"],
+    )
+
+
+def kept(
+    operations: list,
+    parameters: dict | None = None,
+    *,
+    class_names: list[str] | None = None,
+    min_confidence: float = 0.0,
+    predictions: Detections | None = None,
+) -> list[int]:
+    """Run the block on ``detections()``; return the indices of those kept."""
+    output = DetectionsFilterBlock().run(
+        StepContext(step_name="filter", models=None, timer=None),
+        predictions=detections() if predictions is None else predictions,
+        operations=operations,
+        operations_parameters=parameters or {},
+        class_names=class_names,
+        min_confidence=min_confidence,
+    )
+    return [int(i) for i in output["predictions"].detection_ids]
+
+
+def compile_errors(definition) -> list:
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition, "digest")
+    return caught.value.errors
+
+
+def test_example_with_literal_classes():
+    assert kept(EXAMPLE, {"classes": ["Fall"]}) == [1]
+    assert kept(EXAMPLE, {"classes": ["Normal", "Fall"]}) == [0, 1]
+    assert kept(EXAMPLE, {"classes": []}) == []
+
+
+def test_example_compiles_with_parameter_classes():
+    definition = filtered_detection(EXAMPLE, {"classes": "$inputs.classes"})
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "classes"})
+    plan = build_plan(definition, "digest")
+    assert [step.name for step in plan.steps] == ["people", "count", "filter"]
+    assert plan.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("left", "comparator", "right", "expected"),
+    [
+        ("class_name", "==", "Fall", [1, 3]),
+        ("class_name", "!=", "Fall", [0, 2]),
+        ("class_id", "(Number) ==", 1, [1, 3]),
+        ("class_id", "(Number) !=", 1, [0, 2]),
+        ("confidence", "(Number) >", 0.5, [0, 1]),
+        ("confidence", "(Number) >=", 0.5, [0, 1, 3]),
+        ("confidence", "(Number) <", 0.5, [2]),
+        ("confidence", "(Number) <=", 0.5, [2, 3]),
+        ("size", "(Number) in range", [100, 500], [0, 1]),
+        ("class_name", "in (Sequence)", ["Fall"], [1, 3]),
+        # Python's "in": against a string, a substring test.
+        ("class_name", "in (Sequence)", "Falling", [1, 3]),
+        # Python's iteration: the letters of the class name.
+        ("class_name", "any in (Sequence)", ["N"], [0, 2]),
+        ("class_name", "all in (Sequence)", ["F", "a", "l"], [1, 3]),
+        ("class_name", "(String) startsWith", "No", [0, 2]),
+        ("class_name", "(String) endsWith", "all", [1, 3]),
+        ("class_name", "(String) contains", "orm", [0, 2]),
+        # A number equals the same number written as a float.
+        ("class_id", "==", 1.0, [1, 3]),
+        # A number never equals a string.
+        ("class_id", "==", "1", []),
+    ],
+)
+def test_comparator(left, comparator, right, expected):
+    operations = keep_where(
+        compare(detection_property(left), comparator, static(right))
+    )
+    assert kept(operations) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("x_min", (">", 8), [1, 2]),
+        ("y_min", (">=", 10), [1, 3]),
+        ("x_max", ("<", 10), [3]),
+        ("y_max", ("<=", 20), [0, 1]),
+        ("size", ("==", 200), [0, 1]),
+    ],
+)
+def test_box_property(name, value, expected):
+    comparator, number = value
+    statement = compare(
+        detection_property(name), f"(Number) {comparator}", static(number)
+    )
+    assert kept(keep_where(statement)) == expected
+
+
+def test_parameter_on_either_side():
+    statement = compare(
+        parameter("threshold"), "(Number) <", detection_property("confidence")
+    )
+    assert kept(keep_where(statement), {"threshold": 0.5}) == [0, 1]
+
+
+def test_negate_inverts_statement():
+    statement = compare(detection_property("class_name"), "==", static("Fall"), True)
+    assert kept(keep_where(statement)) == [0, 2]
+
+
+def test_group_operators():
+    fall = compare(detection_property("class_name"), "==", static("Fall"))
+    confident = compare(detection_property("confidence"), "(Number) >", static(0.6))
+    assert kept(keep_where(fall, confident, operator="and")) == [1]
+    assert kept(keep_where(fall, confident, operator="or")) == [0, 1, 3]
+    # Roboflow's StatementGroup defaults to "or".
+    assert kept(keep_where(fall, confident)) == [0, 1, 3]
+
+
+def test_nested_groups():
+    normal = compare(detection_property("class_name"), "==", static("Normal"))
+    unsure = compare(detection_property("confidence"), "(Number) <", static(0.5))
+    small = compare(detection_property("size"), "(Number) <", static(50))
+    not_large = compare(detection_property("size"), "(Number) <=", static(200))
+    normal_and_unsure = group(normal, unsure, operator="and")
+    assert kept(keep_where(normal_and_unsure, small, operator="or")) == [2, 3]
+    normal_or_unsure = group(normal, unsure, operator="or")
+    assert kept(keep_where(normal_or_unsure, not_large, operator="and")) == [0]
+
+
+@pytest.mark.parametrize(
+    ("operand", "operator", "expected"),
+    [
+        (detection_property("class_name"), "Exists", [0, 1, 2, 3]),
+        (parameter("nothing"), "Exists", []),
+        (parameter("nothing"), "DoesNotExist", [0, 1, 2, 3]),
+        (static(True), "(Boolean) is True", [0, 1, 2, 3]),
+        (static(1), "(Boolean) is True", []),
+        (static(False), "(Boolean) is False", [0, 1, 2, 3]),
+        (parameter("empty"), "(Sequence) is empty", [0, 1, 2, 3]),
+        (detection_property("class_name"), "(Sequence) is empty", []),
+        (detection_property("class_name"), "(Sequence) is not empty", [0, 1, 2, 3]),
+    ],
+)
+def test_unary_statement(operand, operator, expected):
+    statement = {
+        "type": "UnaryStatement",
+        "operand": operand,
+        "operator": {"type": operator},
+    }
+    parameters = {"nothing": None, "empty": []}
+    assert kept(keep_where(statement), parameters) == expected
+    negated = {**statement, "negate": True}
+    assert kept(keep_where(negated), parameters) == [
+        i for i in range(4) if i not in expected
+    ]
+
+
+def test_filters_apply_in_order():
+    confident = keep_where(
+        compare(detection_property("confidence"), "(Number) >=", static(0.5))
+    )
+    normal = keep_where(
+        compare(detection_property("class_name"), "==", static("Normal"))
+    )
+    assert kept(confident + normal) == [0]
+
+
+def test_no_operations_keep_everything():
+    assert kept([]) == [0, 1, 2, 3]
+
+
+def test_own_fields_and_operations_both_apply():
+    confident = keep_where(
+        compare(detection_property("confidence"), "(Number) >=", static(0.5))
+    )
+    assert kept(confident, class_names=["Normal"]) == [0]
+    fall = keep_where(compare(detection_property("class_name"), "==", static("Fall")))
+    assert kept(fall, min_confidence=0.6) == [1]
+
+
+def test_comparison_that_fails_rejects_step():
+    operations = keep_where(
+        compare(detection_property("class_name"), "==", static("Normal")),
+        compare(detection_property("confidence"), "(Number) >", static("high")),
+        operator="or",
+    )
+    # The first statement is true for detection 0, but every statement of a
+    # group is evaluated, as in Roboflow, so the error still fails the step.
+    with pytest.raises(StepExecutionError) as caught:
+        kept(operations)
+    assert caught.value.step == "filter"
+    assert caught.value.user_error is True
+    assert caught.value.message.startswith(
+        "operations[0].filter_operation.statements[1]: (Number) > failed on "
+        'detection 0 with the values 0.8999999761581421, "high": TypeError'
+    )
+
+
+def test_comparison_on_no_detections_never_runs():
+    operations = keep_where(
+        compare(detection_property("confidence"), "(Number) >", static("high"))
+    )
+    empty = Detections.empty((100, 100), "image")
+    assert kept(operations, predictions=empty) == []
+
+
+parameter_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300)
+@given(
+    name=st.sampled_from(list(PROPERTIES)),
+    comparator=st.sampled_from(list(COMPARATORS)),
+    operator=st.sampled_from(list(UNARY_OPERATORS)),
+    value=parameter_values,
+)
+def test_any_parameter_value_keeps_or_rejects(name, comparator, operator, value):
+    operations = keep_where(
+        compare(detection_property(name), comparator, parameter("value")),
+        compare(parameter("value"), comparator, detection_property(name)),
+        {
+            "type": "UnaryStatement",
+            "operand": parameter("value"),
+            "operator": {"type": operator},
+        },
+    )
+    try:
+        kept(operations, {"value": value})
+    except StepExecutionError as error:
+        assert error.user_error is True
+
+
+def test_parameter_missing_at_run_rejects_step():
+    # Operations sent as a parameter meet operations_parameters only at run time.
+    with pytest.raises(StepExecutionError) as caught:
+        kept(EXAMPLE, {})
+    assert caught.value.user_error is True
+    assert '"classes" is not a key of operations_parameters' in caught.value.message
+
+
+STATEMENT = "operations[0].filter_operation.statements[0]"
+
+
+def example_with(change) -> dict:
+    """Return a filtered detection whose first statement ``change`` edits."""
+    operations = copy.deepcopy(EXAMPLE)
+    change(operations[0]["filter_operation"]["statements"][0])
+    return filtered_detection(operations, {"classes": ["Normal"]})
+
+
+def set_key(key, value):
+    def change(statement):
+        statement[key] = value
+
+    return change
+
+
+def set_property(name):
+    def change(statement):
+        statement["left_operand"]["operations"][0]["property_name"] = name
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            set_key("comparator", {"type": "(Detection) in zone"}),
+            f'{STATEMENT}.comparator.type: comparator "(Detection) in zone" is not '
+            "supported; supported: ==, !=, (Number) ==, (Number) !=, (Number) >, "
+            "(Number) >=, (Number) <, (Number) <=, (Number) in range, in (Sequence), "
+            "any in (Sequence), all in (Sequence), (String) startsWith, "
+            "(String) endsWith, (String) contains",
+        ),
+        (
+            set_property("tracker_id"),
+            f"{STATEMENT}.left_operand.operations[0].property_name: property "
+            '"tracker_id" is not supported; supported: class_name, class_id, '
+            "confidence, x_min, y_min, x_max, y_max, size, center, top_left, "
+            "top_right, bottom_left, bottom_right",
+        ),
+        (
+            set_key("right_operand", {"type": "Operand", "value": 1}),
+            f'{STATEMENT}.right_operand.type: operand type "Operand" is not '
+            "supported; supported: StaticOperand, DynamicOperand",
+        ),
+        (
+            set_key("type", "TernaryStatement"),
+            f'{STATEMENT}.type: statement type "TernaryStatement" is not '
+            "supported; supported: BinaryStatement, UnaryStatement, StatementGroup",
+        ),
+        (
+            set_key("negated", True),
+            f'{STATEMENT}: unknown key "negated"; a BinaryStatement has the keys '
+            "type, left_operand, comparator, right_operand, negate",
+        ),
+        (
+            set_key("negate", "yes"),
+            f'{STATEMENT}.negate: must be true or false, got "yes"',
+        ),
+        (
+            set_key(
+                "left_operand",
+                {
+                    **detection_property("class_name"),
+                    "operations": [{"type": "StringToLowerCase"}],
+                },
+            ),
+            f"{STATEMENT}.left_operand.operations[0].type: operand operation type "
+            '"StringToLowerCase" is not supported; supported: '
+            "ExtractDetectionProperty",
+        ),
+        (
+            set_key("left_operand", {"type": "DynamicOperand"}),
+            f'{STATEMENT}.left_operand.operations: the operand "_" is the '
+            "detection being tested; it needs exactly one ExtractDetectionProperty "
+            "operation to read a property of it, got 0 operations",
+        ),
+        (
+            set_key(
+                "right_operand",
+                {**detection_property("class_name"), "operand_name": "classes"},
+            ),
+            f"{STATEMENT}.right_operand.operations: operations on the parameter "
+            '"classes" are not supported; only the detection operand "_" takes '
+            "one, ExtractDetectionProperty",
+        ),
+        (
+            set_key(
+                "right_operand",
+                {
+                    **parameter("classes"),
+                    "operations": [{"type": "SequenceLength"}],
+                },
+            ),
+            f"{STATEMENT}.right_operand.operations: operations on the parameter "
+            '"classes" are not supported',
+        ),
+        (
+            set_key("right_operand", {"type": "StaticOperand"}),
+            f'{STATEMENT}.right_operand: "value" is missing',
+        ),
+        (
+            set_key("right_operand", parameter("names")),
+            f'{STATEMENT}.right_operand.operand_name: "names" is not a key of '
+            'operations_parameters (keys: "classes"). Add it there, or use "_" '
+            "for the detection being tested",
+        ),
+    ],
+    ids=[
+        "comparator",
+        "property",
+        "operand-type",
+        "statement-type",
+        "unknown-key",
+        "negate-type",
+        "operand-operation",
+        "detection-without-property",
+        "parameter-with-property",
+        "parameter-with-operation",
+        "static-without-value",
+        "undeclared-parameter",
+    ],
+)
+def test_compile_rejects_unsupported_statement(change, problem):
+    [error] = compile_errors(example_with(change))
+    assert error.block_id == "filter"
+    assert error.block_type == "roboflow_core/detections_filter@v1"
+    assert error.property_name == "operations"
+    assert error.property_details.startswith(problem)
+
+
+@pytest.mark.parametrize(
+    ("operations", "problem"),
+    [
+        (
+            [{"type": "SortDetections", "mode": "confidence"}],
+            'operations[0].type: operation type "SortDetections" is not '
+            "supported; supported: DetectionsFilter",
+        ),
+        (
+            [{"type": "DetectionsFilter"}],
+            'operations[0]: "filter_operation" is missing',
+        ),
+        (
+            keep_where(operator="and"),
+            "operations[0].filter_operation.statements: must be a non-empty list "
+            "of statements, got []",
+        ),
+        (
+            keep_where(compare(static(1), "==", static(1)), operator="xor"),
+            'operations[0].filter_operation.operator: must be "and" or "or", got "xor"',
+        ),
+        (
+            keep_where(
+                {
+                    "type": "UnaryStatement",
+                    "operand": static(1),
+                    "operator": {"type": "(Number) is odd"},
+                }
+            ),
+            "operations[0].filter_operation.statements[0].operator.type: operator "
+            '"(Number) is odd" is not supported; supported: Exists, DoesNotExist, '
+            "(Boolean) is True, (Boolean) is False, (Sequence) is empty, "
+            "(Sequence) is not empty",
+        ),
+    ],
+    ids=["operation-type", "no-filter", "no-statements", "group-operator", "unary"],
+)
+def test_compile_rejects_unsupported_operation(operations, problem):
+    [error] = compile_errors(filtered_detection(operations))
+    assert error.block_id == "filter"
+    assert error.property_name == "operations"
+    assert error.property_details == problem
+
+
+def test_compile_rejects_reserved_parameter_name():
+    definition = filtered_detection(EXAMPLE, {"classes": ["Fall"], "_": 1})
+    [error] = compile_errors(definition)
+    assert error.block_id == "filter"
+    assert error.property_name == "operations_parameters"
+    assert error.property_details.startswith('the key "_" is reserved')
+
+
+def test_operations_from_parameter_checked_at_request():
+    definition = filtered_detection("$inputs.operations", {"classes": ["Fall"]})
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "operations"})
+    plan = build_plan(definition, "digest")
+    assert read_parameters(plan, {"operations": EXAMPLE}) == {"operations": EXAMPLE}
+    with pytest.raises(InputError) as caught:
+        read_parameters(plan, {"operations": [{"type": "SortDetections"}]})
+    assert caught.value.step == "filter"
+    assert (
+        "parameter 'operations' is invalid for step 'filter', field 'operations': "
+        'operations[0].type: operation type "SortDetections" is not supported'
+    ) in caught.value.message

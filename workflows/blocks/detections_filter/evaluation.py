@@ -1,0 +1,156 @@
+"""Evaluate filter statements on detections as Roboflow's query language does."""
+
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from workflows.blocks.base import shown
+from workflows.blocks.detections_filter.statements import (
+    Operand,
+    Parameter,
+    Statement,
+    StatementGroup,
+    StaticValue,
+    UnaryStatement,
+)
+from workflows.detections import Detections
+
+
+def _box(detections: Detections, index: int) -> tuple[float, float, float, float]:
+    x_min, y_min, x_max, y_max = (float(v) for v in detections.xyxy[index])
+    return x_min, y_min, x_max, y_max
+
+
+def _center(detections: Detections, index: int) -> tuple[np.float64, np.float64]:
+    # NumPy scalars, not floats, as in Roboflow: comparing one with a list
+    # makes an array, whose truth value is an error.
+    x_min, y_min, x_max, y_max = (np.float64(v) for v in detections.xyxy[index])
+    return x_min + (x_max - x_min) / 2, y_min + (y_max - y_min) / 2
+
+
+def _size(detections: Detections, index: int) -> float:
+    x_min, y_min, x_max, y_max = _box(detections, index)
+    return (y_max - y_min) * (x_max - x_min)
+
+
+# Properties of one detection, named and typed as Roboflow's
+# ExtractDetectionProperty returns them. Boxes are in pixels of the image the
+# detections were found in (a crop, for detections in crops).
+PROPERTIES: dict[str, Callable[[Detections, int], Any]] = {
+    "class_name": lambda detections, index: detections.class_names[index],
+    "class_id": lambda detections, index: int(detections.class_id[index]),
+    "confidence": lambda detections, index: float(detections.confidence[index]),
+    "x_min": lambda detections, index: _box(detections, index)[0],
+    "y_min": lambda detections, index: _box(detections, index)[1],
+    "x_max": lambda detections, index: _box(detections, index)[2],
+    "y_max": lambda detections, index: _box(detections, index)[3],
+    "size": _size,
+    "center": _center,
+    "top_left": lambda detections, index: _box(detections, index)[0:2],
+    "top_right": lambda detections, index: (
+        _box(detections, index)[2],
+        _box(detections, index)[1],
+    ),
+    "bottom_left": lambda detections, index: (
+        _box(detections, index)[0],
+        _box(detections, index)[3],
+    ),
+    "bottom_right": lambda detections, index: _box(detections, index)[2:4],
+}
+
+COMPARATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "(Number) ==": operator.eq,
+    "(Number) !=": operator.ne,
+    "(Number) >": operator.gt,
+    "(Number) >=": operator.ge,
+    "(Number) <": operator.lt,
+    "(Number) <=": operator.le,
+    "(Number) in range": lambda value, bounds: bounds[0] <= value <= bounds[1],
+    "in (Sequence)": lambda value, sequence: value in sequence,
+    "any in (Sequence)": lambda values, sequence: any(v in sequence for v in values),
+    "all in (Sequence)": lambda values, sequence: all(v in sequence for v in values),
+    "(String) startsWith": lambda text, prefix: text.startswith(prefix),
+    "(String) endsWith": lambda text, suffix: text.endswith(suffix),
+    "(String) contains": lambda text, part: part in text,
+}
+
+UNARY_OPERATORS: dict[str, Callable[[Any], bool]] = {
+    "Exists": lambda value: value is not None,
+    "DoesNotExist": lambda value: value is None,
+    "(Boolean) is True": lambda value: value is True,
+    "(Boolean) is False": lambda value: value is False,
+    "(Sequence) is empty": lambda value: len(value) == 0,
+    "(Sequence) is not empty": lambda value: len(value) > 0,
+}
+
+
+class EvaluationError(ValueError):
+    """A statement that failed on the values of one detection."""
+
+
+def keep_mask(
+    filters: tuple[StatementGroup, ...],
+    detections: Detections,
+    parameters: Mapping[str, Any],
+    keep: np.ndarray,
+) -> np.ndarray:
+    """Return which of the detections that ``keep`` marks pass every filter.
+
+    A filter is evaluated only on the detections that passed the ones before
+    it, as Roboflow applies each to the output of the previous one. Raises
+    EvaluationError when a statement fails on a detection's values.
+    """
+    keep = keep.copy()
+    for condition in filters:
+        for index in np.flatnonzero(keep):
+            keep[index] = _evaluate(condition, detections, int(index), parameters)
+    return keep
+
+
+def _value(
+    operand: Operand, detections: Detections, index: int, parameters: Mapping
+) -> Any:
+    if isinstance(operand, StaticValue):
+        return operand.value
+    if isinstance(operand, Parameter):
+        return parameters[operand.name]
+    return PROPERTIES[operand.name](detections, index)
+
+
+def _evaluate(
+    statement: Statement, detections: Detections, index: int, parameters: Mapping
+) -> bool:
+    if isinstance(statement, StatementGroup):
+        # Every statement is evaluated before they are combined, as Roboflow
+        # does, so an error in any of them fails the step.
+        results = [
+            _evaluate(item, detections, index, parameters)
+            for item in statement.statements
+        ]
+        return all(results) if statement.operator == "and" else any(results)
+    if isinstance(statement, UnaryStatement):
+        value = _value(statement.operand, detections, index, parameters)
+        predicate = UNARY_OPERATORS[statement.operator]
+        arguments: tuple[Any, ...] = (value,)
+        name = statement.operator
+    else:
+        left = _value(statement.left, detections, index, parameters)
+        right = _value(statement.right, detections, index, parameters)
+        predicate = COMPARATORS[statement.comparator]
+        arguments = (left, right)
+        name = statement.comparator
+    try:
+        result = bool(predicate(*arguments))
+    # The predicates apply Python's operators to values from the definition
+    # and its parameters, so any exception is a problem with those values.
+    except Exception as error:
+        shown_values = ", ".join(shown(argument) for argument in arguments)
+        raise EvaluationError(
+            f"{statement.path}: {name} failed on detection {index} with the "
+            f"values {shown_values}: {type(error).__name__}: {error}"
+        ) from error
+    return not result if statement.negate else result

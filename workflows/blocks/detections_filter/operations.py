@@ -1,0 +1,306 @@
+"""Roboflow's ``operations`` language for the detections filter, in part.
+
+The supported subset reads and evaluates as Roboflow's query language does
+in roboflow_workflows 0.2.13:
+
+- ``operations`` is a list of ``DetectionsFilter`` operations, applied in
+  order. Each keeps the detections for which its ``filter_operation``, a
+  ``StatementGroup``, is true.
+- A ``StatementGroup`` combines a non-empty list of statements with the
+  ``operator`` "and" or "or", and "or" when the operator is left out.
+  Every statement of a group is evaluated, without short-circuiting, so an
+  error in any of them fails the step.
+- A ``BinaryStatement`` compares two operands with a ``comparator``; a
+  ``UnaryStatement`` tests one ``operand`` with an ``operator``. Either may
+  set ``negate``.
+- An operand is a ``StaticOperand`` with a ``value``, or a
+  ``DynamicOperand`` whose ``operand_name`` is a key of
+  ``operations_parameters``. The name "_", the default, is the detection
+  being tested, and such an operand must read one of its properties with a
+  single ``ExtractDetectionProperty`` operation.
+- Comparisons apply Python's operators to the values, as Roboflow's do:
+  "in (Sequence)" against a string tests for a substring, and comparing a
+  number with a string fails the step.
+
+Anything else raises OperationsSyntaxError, with the path of the part that
+is not supported. So does a key that Roboflow's models do not declare:
+Roboflow ignores such keys, but a misspelled "negate" would then change
+which detections are kept without any error.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from workflows.blocks.base import shown
+from workflows.blocks.detections_filter.evaluation import (
+    COMPARATORS,
+    PROPERTIES,
+    UNARY_OPERATORS,
+)
+from workflows.blocks.detections_filter.statements import (
+    DETECTION_OPERAND,
+    BinaryStatement,
+    DetectionProperty,
+    Operand,
+    Parameter,
+    Statement,
+    StatementGroup,
+    StaticValue,
+    UnaryStatement,
+)
+
+GROUP_OPERATORS = ("and", "or")
+
+# The keys each object may have, as Roboflow's models declare them.
+KEYS = {
+    "DetectionsFilter": ("type", "filter_operation"),
+    "StatementGroup": ("type", "statements", "operator"),
+    "BinaryStatement": (
+        "type",
+        "left_operand",
+        "comparator",
+        "right_operand",
+        "negate",
+    ),
+    "UnaryStatement": ("type", "operand", "operator", "negate"),
+    "StaticOperand": ("type", "value", "operations"),
+    "DynamicOperand": ("type", "operand_name", "operations"),
+    "ExtractDetectionProperty": ("type", "property_name"),
+}
+
+
+class OperationsSyntaxError(ValueError):
+    """A part of ``operations`` that is invalid or not supported here."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def parse_operations(value: Any) -> tuple[StatementGroup, ...]:
+    """Return the filter of each DetectionsFilter operation, in order.
+
+    Raises OperationsSyntaxError at the first part that is not supported.
+    """
+    path = "operations"
+    if not isinstance(value, list):
+        raise OperationsSyntaxError(path, f"must be a list, got {shown(value)}")
+    filters = []
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        fields = _object(item, where, ("DetectionsFilter",), "operation")
+        condition = _required(fields, "filter_operation", where)
+        filters.append(_parse_group(condition, f"{where}.filter_operation"))
+    return tuple(filters)
+
+
+def check_operations(value: Any) -> str | None:
+    """Return the first problem in ``operations``, with its path, or None."""
+    try:
+        parse_operations(value)
+    except OperationsSyntaxError as error:
+        return str(error)
+    return None
+
+
+def check_parameters(value: Any) -> str | None:
+    """Return why an ``operations_parameters`` object is invalid, or None."""
+    if isinstance(value, dict) and DETECTION_OPERAND in value:
+        return (
+            f'the key "{DETECTION_OPERAND}" is reserved: an operand named '
+            f'"{DETECTION_OPERAND}" is the detection being tested. Rename the key'
+        )
+    return None
+
+
+def undeclared_parameter(
+    filters: tuple[StatementGroup, ...], names: Mapping[str, Any]
+) -> str | None:
+    """Return a problem for the first operand named in no key of ``names``."""
+    for operand in _operands(filters):
+        if isinstance(operand, Parameter) and operand.name not in names:
+            declared = ", ".join(f'"{name}"' for name in names) or "none"
+            return (
+                f'{operand.path}: "{operand.name}" is not a key of '
+                f"operations_parameters (keys: {declared}). Add it there, or "
+                f'use "{DETECTION_OPERAND}" for the detection being tested'
+            )
+    return None
+
+
+def _object(
+    value: Any, path: str, types: tuple[str, ...], label: str
+) -> dict[str, Any]:
+    """Return ``value`` as an object of one of ``types``, with only its keys."""
+    supported = ", ".join(types)
+    if not isinstance(value, dict):
+        raise OperationsSyntaxError(
+            path,
+            f'must be an object such as {{"type": "{types[0]}"}}, got {shown(value)}',
+        )
+    found = value.get("type")
+    if found not in types:
+        found_text = "missing" if "type" not in value else shown(found)
+        raise OperationsSyntaxError(
+            f"{path}.type",
+            f"{label} type {found_text} is not supported; supported: {supported}",
+        )
+    allowed = KEYS[found]
+    for key in value:
+        if key not in allowed:
+            raise OperationsSyntaxError(
+                path,
+                f"unknown key {shown(key)}; a {found} has the keys "
+                f"{', '.join(allowed)}",
+            )
+    return value
+
+
+def _required(fields: dict[str, Any], key: str, path: str) -> Any:
+    if key not in fields:
+        raise OperationsSyntaxError(path, f'"{key}" is missing')
+    return fields[key]
+
+
+def _parse_group(value: Any, path: str) -> StatementGroup:
+    fields = _object(value, path, ("StatementGroup",), "statement group")
+    group_operator = fields.get("operator", "or")
+    if group_operator not in GROUP_OPERATORS:
+        raise OperationsSyntaxError(
+            f"{path}.operator",
+            f'must be "and" or "or", got {shown(group_operator)}',
+        )
+    statements = _required(fields, "statements", path)
+    if not isinstance(statements, list) or not statements:
+        raise OperationsSyntaxError(
+            f"{path}.statements",
+            f"must be a non-empty list of statements, got {shown(statements)}",
+        )
+    return StatementGroup(
+        group_operator,
+        tuple(
+            _parse_statement(item, f"{path}.statements[{index}]")
+            for index, item in enumerate(statements)
+        ),
+    )
+
+
+def _parse_statement(value: Any, path: str) -> Statement:
+    kinds = ("BinaryStatement", "UnaryStatement", "StatementGroup")
+    fields = _object(value, path, kinds, "statement")
+    if fields["type"] == "StatementGroup":
+        return _parse_group(value, path)
+    negate = fields.get("negate", False)
+    if not isinstance(negate, bool):
+        raise OperationsSyntaxError(
+            f"{path}.negate", f"must be true or false, got {shown(negate)}"
+        )
+    if fields["type"] == "UnaryStatement":
+        operand = _parse_operand(_required(fields, "operand", path), f"{path}.operand")
+        name = _operator(
+            _required(fields, "operator", path),
+            f"{path}.operator",
+            UNARY_OPERATORS,
+            "operator",
+        )
+        return UnaryStatement(path, operand, name, negate)
+    left = _parse_operand(
+        _required(fields, "left_operand", path), f"{path}.left_operand"
+    )
+    comparator = _operator(
+        _required(fields, "comparator", path),
+        f"{path}.comparator",
+        COMPARATORS,
+        "comparator",
+    )
+    right = _parse_operand(
+        _required(fields, "right_operand", path), f"{path}.right_operand"
+    )
+    return BinaryStatement(path, left, comparator, right, negate)
+
+
+def _operator(value: Any, path: str, supported: Mapping[str, Any], label: str) -> str:
+    if not isinstance(value, dict):
+        raise OperationsSyntaxError(
+            path, f'must be an object such as {{"type": "=="}}, got {shown(value)}'
+        )
+    found = value.get("type")
+    if not isinstance(found, str) or found not in supported:
+        found_text = "missing" if "type" not in value else shown(found)
+        raise OperationsSyntaxError(
+            f"{path}.type",
+            f"{label} {found_text} is not supported; supported: {', '.join(supported)}",
+        )
+    for key in value:
+        if key != "type":
+            raise OperationsSyntaxError(
+                path, f"unknown key {shown(key)}; a {label} has only the key type"
+            )
+    return found
+
+
+def _parse_operand(value: Any, path: str) -> Operand:
+    fields = _object(value, path, ("StaticOperand", "DynamicOperand"), "operand")
+    operations = fields.get("operations", [])
+    if not isinstance(operations, list):
+        raise OperationsSyntaxError(
+            f"{path}.operations", f"must be a list, got {shown(operations)}"
+        )
+
+    if fields["type"] == "StaticOperand":
+        value = _required(fields, "value", path)
+        _no_operations(operations, path, "a StaticOperand's value")
+        return StaticValue(value)
+
+    name = fields.get("operand_name", DETECTION_OPERAND)
+    if not isinstance(name, str):
+        raise OperationsSyntaxError(
+            f"{path}.operand_name", f"must be a string, got {shown(name)}"
+        )
+    if name != DETECTION_OPERAND:
+        _no_operations(operations, path, f'the parameter "{name}"')
+        return Parameter(name, f"{path}.operand_name")
+
+    if len(operations) != 1:
+        raise OperationsSyntaxError(
+            f"{path}.operations",
+            f'the operand "{DETECTION_OPERAND}" is the detection being tested; '
+            "it needs exactly one ExtractDetectionProperty operation to read "
+            f"a property of it, got {len(operations)} operations",
+        )
+    where = f"{path}.operations[0]"
+    extract = _object(
+        operations[0], where, ("ExtractDetectionProperty",), "operand operation"
+    )
+    property_name = _required(extract, "property_name", where)
+    if not isinstance(property_name, str) or property_name not in PROPERTIES:
+        raise OperationsSyntaxError(
+            f"{where}.property_name",
+            f"property {shown(property_name)} is not supported; supported: "
+            f"{', '.join(PROPERTIES)}",
+        )
+    return DetectionProperty(property_name)
+
+
+def _no_operations(operations: list, path: str, subject: str) -> None:
+    if operations:
+        raise OperationsSyntaxError(
+            f"{path}.operations",
+            f"operations on {subject} are not supported; only the detection "
+            f'operand "{DETECTION_OPERAND}" takes one, ExtractDetectionProperty',
+        )
+
+
+def _operands(filters: tuple[StatementGroup, ...]) -> list[Operand]:
+    found: list[Operand] = []
+    pending: list[Statement] = list(filters)
+    while pending:
+        statement = pending.pop(0)
+        if isinstance(statement, StatementGroup):
+            pending[0:0] = statement.statements
+        elif isinstance(statement, BinaryStatement):
+            found += [statement.left, statement.right]
+        else:
+            found.append(statement.operand)
+    return found

@@ -1,0 +1,61 @@
+"""Statements of Roboflow's filter language, as read from ``operations``."""
+
+from dataclasses import dataclass
+from typing import Any
+
+# The operand name of the detection being tested.
+DETECTION_OPERAND = "_"
+
+
+@dataclass(frozen=True)
+class StaticValue:
+    """A StaticOperand: the same value for every detection."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A DynamicOperand that names a key of operations_parameters."""
+
+    name: str
+    # The path of the name in ``operations``, for errors.
+    path: str
+
+
+@dataclass(frozen=True)
+class DetectionProperty:
+    """A property of the detection being tested (ExtractDetectionProperty)."""
+
+    name: str
+
+
+Operand = StaticValue | Parameter | DetectionProperty
+
+
+@dataclass(frozen=True)
+class BinaryStatement:
+    # The path of the statement in ``operations``, for errors.
+    path: str
+    left: Operand
+    comparator: str
+    right: Operand
+    negate: bool
+
+
+@dataclass(frozen=True)
+class UnaryStatement:
+    # The path of the statement in ``operations``, for errors.
+    path: str
+    operand: Operand
+    operator: str
+    negate: bool
+
+
+@dataclass(frozen=True)
+class StatementGroup:
+    operator: str
+    statements: tuple["BinaryStatement | UnaryStatement | StatementGroup", ...]
+
+
+Statement = BinaryStatement | UnaryStatement | StatementGroup
