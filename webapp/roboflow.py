@@ -11,6 +11,7 @@ from django.conf import settings
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from runner import dispatch
 from runner.presenters import timing_headers
 from runner.responses import public_error, status_for
 from runner.service import RunOutcome, start_run
@@ -59,9 +60,12 @@ def not_finished_response(outcome: RunOutcome) -> Response:
     """
     run_id = str(outcome.run.id)
     url = f"/api/runs/{run_id}"
-    wait_s = settings.GLASSBOX["ROBOFLOW_SYNC_TIMEOUT_S"]
+    if dispatch.stopping.is_set():
+        when = "when this web server began to stop"
+    else:
+        when = f"after {settings.GLASSBOX['ROBOFLOW_SYNC_TIMEOUT_S']:g} s"
     body = error_body(
-        f"run {run_id} had not finished after {wait_s:g} s; it goes on, and "
+        f"run {run_id} had not finished {when}; it goes on, and "
         f"GET {url} returns its outputs, breakdown and bill once it ends",
         "run_not_finished",
         context="workflow_execution",
