@@ -5,7 +5,7 @@ import pytest
 from tests.conftest import image_bytes
 from workflows.compiler import build_plan, definition_digest
 from workflows.errors import StepExecutionError
-from workflows.executor import PixelBudget, execute_plan
+from workflows.executor import PixelBudget, collect_outputs, execute_plan
 from workflows.images import WorkflowImage
 from workflows.timing import RunTimer
 
@@ -54,3 +54,43 @@ def test_created_images_over_budget_fail_at_that_step():
     assert caught.value.step == "crop_2"
     assert caught.value.user_error is True
     assert "2400000 pixels together" in caught.value.message
+
+
+def test_crop_of_a_crop_names_both_origins():
+    crop = {
+        "type": "roboflow_core/absolute_static_crop@v1",
+        "width": 200,
+        "height": 100,
+    }
+    definition = {
+        "version": "1.0",
+        "inputs": [{"type": "WorkflowImage", "name": "image"}],
+        "steps": [
+            # (300, 450) to (500, 550) of the 810x1080 input.
+            {**crop, "name": "outer", "images": "$inputs.image"}
+            | {"x_center": 400, "y_center": 500},
+            # (20, 30) to (120, 80) of the 200x100 outer crop.
+            {"type": crop["type"], "name": "inner", "images": "$steps.outer.crops"}
+            | {"x_center": 70, "y_center": 55, "width": 100, "height": 50},
+        ],
+        "outputs": [
+            {"type": "JsonField", "name": "inner", "selector": "$steps.inner.crops"}
+        ],
+    }
+    plan = build_plan(definition, definition_digest(definition))
+    inputs = {"image": WorkflowImage.from_bytes(image_bytes(), parent_id="image")}
+    results = execute_plan(plan, inputs, models=None, timer=RunTimer())
+    inner = collect_outputs(plan, inputs, results)["inner"]
+    assert inner["parent_origin"] == {
+        "offset_x": 20,
+        "offset_y": 30,
+        "width": 200,
+        "height": 100,
+    }
+    assert inner["root_parent_origin"] == {
+        "offset_x": 320,
+        "offset_y": 480,
+        "width": 810,
+        "height": 1080,
+    }
+    assert inner["root_parent_id"] == "image"

@@ -596,6 +596,11 @@ def test_crop_outside_one_image_is_null_for_it(runner, alice_client):
     bus, zidane = response.json()["outputs"]
     assert bus["cw"] == 100
     assert bus["crop"]["type"] == "base64"
+    # Where the crop was cut from, under Roboflow's keys.
+    origin = {"offset_x": 350, "offset_y": 970, "width": 810, "height": 1080}
+    assert bus["crop"]["parent_origin"] == origin
+    assert bus["crop"]["root_parent_origin"] == origin
+    assert bus["crop"]["root_parent_id"] == "image"
     # The crop is null, and the step reading it was skipped.
     assert zidane == {"cw": None, "crop": None}
 

@@ -209,7 +209,7 @@ def serialize_value(value: Any, coordinates: str) -> Any:
     if isinstance(value, Detections):
         return value.to_roboflow(coordinates)
     if isinstance(value, WorkflowImage):
-        return {"type": "base64", "value": value.to_jpeg_base64()}
+        return serialize_image(value)
     if isinstance(value, list | tuple):
         return [serialize_value(item, coordinates) for item in value]
     if isinstance(value, dict):
@@ -217,6 +217,34 @@ def serialize_value(value: Any, coordinates: str) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     return value
+
+
+def serialize_image(image: WorkflowImage) -> dict[str, Any]:
+    """Return ``image`` as base64 JPEG, with where it was cut from if a crop.
+
+    The keys are Roboflow's: a crop names its parent and the input image at
+    the root, with its offset and their sizes in each.
+    """
+    serialized: dict[str, Any] = {"type": "base64", "value": image.to_jpeg_base64()}
+    if image.parent_origin is None or image.root_size is None:
+        return serialized
+    offset_x, offset_y, parent_width, parent_height = image.parent_origin
+    root_width, root_height = image.root_size
+    serialized["parent_id"] = image.parent_id
+    serialized["parent_origin"] = {
+        "offset_x": offset_x,
+        "offset_y": offset_y,
+        "width": parent_width,
+        "height": parent_height,
+    }
+    serialized["root_parent_id"] = image.root
+    serialized["root_parent_origin"] = {
+        "offset_x": image.origin[0],
+        "offset_y": image.origin[1],
+        "width": root_width,
+        "height": root_height,
+    }
+    return serialized
 
 
 def collect_outputs(

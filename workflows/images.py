@@ -202,6 +202,9 @@ class WorkflowImage:
     root_size: tuple[int, int] | None = None
     # The input image this one was cut from; None for an input itself.
     root_id: str | None = None
+    # Offset x, offset y, width and height of the image this one was cut
+    # from, in that image's pixels; None for an input itself.
+    parent_origin: tuple[int, int, int, int] | None = None
 
     @property
     def root(self) -> str:
@@ -221,6 +224,7 @@ class WorkflowImage:
         origin: tuple[int, int] = (0, 0),
         root_size: tuple[int, int] | None = None,
         root_id: str | None = None,
+        parent_origin: tuple[int, int, int, int] | None = None,
     ) -> "WorkflowImage":
         height, width = pixels.shape[:2]
         return cls(
@@ -231,6 +235,7 @@ class WorkflowImage:
             origin=origin,
             root_size=root_size,
             root_id=root_id,
+            parent_origin=parent_origin,
         )
 
     @property

@@ -31,6 +31,7 @@ def crop_image(
         origin=(ox + x1, oy + y1),
         root_size=image.root_size or (image.width, image.height),
         root_id=image.root,
+        parent_origin=(x1, y1, image.width, image.height),
     )
 
 

@@ -83,5 +83,6 @@ class BoundingBoxVisualizationBlock(Block):
                 origin=image.origin,
                 root_size=image.root_size,
                 root_id=image.root_id,
+                parent_origin=image.parent_origin,
             )
         }
