@@ -97,12 +97,12 @@ class BillFilterForm(forms.Form):
 
     date_from = IsoDateField(
         required=False,
-        label="From",
+        label="From (UTC)",
         widget=forms.DateInput(attrs={"type": "date"}),
     )
     date_to = IsoDateField(
         required=False,
-        label="To",
+        label="To (UTC)",
         widget=forms.DateInput(attrs={"type": "date"}),
     )
     workflow = forms.ChoiceField(required=False, label="Workflow")

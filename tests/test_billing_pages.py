@@ -1169,3 +1169,16 @@ def test_admin_keeps_tokens_and_owners(client, alice, bob, people, django_user_m
         {"name": "people", "slug": "people", "owner": bob.pk},
     )
     assert Workflow.objects.get(pk=people.workflow_id).owner_id == alice.pk
+
+
+@pytest.mark.django_db
+def test_history_without_bills_says_so(alice_browser, alice, people):
+    html = alice_browser.get(HISTORY).content.decode()
+    assert "none in this range" in html
+    assert "all billed" not in html
+    # Days start and end at midnight UTC, which the labels say.
+    assert ">From (UTC)</label>" in html
+    assert ">To (UTC)</label>" in html
+
+    make_bill(alice, version=people)
+    assert "all billed" in alice_browser.get(HISTORY).content.decode()
