@@ -178,10 +178,27 @@ def test_unknown_api_route_answers_json(alice_client):
     assert response.json()["code"] == "not_found"
 
 
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,*/*;q=0.8"
+
+
 def test_unknown_page_answers_html(client, db):
-    response = client.get("/no/such/page")
+    response = client.get("/no/such/page", headers={"Accept": BROWSER_ACCEPT})
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html")
+
+
+def test_unknown_path_answers_json_to_programs(client, db):
+    # What requests and curl send: a program gets an error it can read.
+    response = client.get("/no/such/page", headers={"Accept": "*/*"})
+    assert response.status_code == 404
+    assert response.json()["message"] == "no route for GET /no/such/page"
+
+
+def test_roboflow_model_route_names_what_is_served(client, db):
+    # inference-sdk's infer() asks Roboflow's single-model routes first.
+    response = client.get("/model/registry", headers={"Accept": "*/*"})
+    assert response.status_code == 404
+    assert "workflow routes (run_workflow)" in response.json()["hint"]
 
 
 def test_createtoken_prints_a_working_key(alice):
@@ -204,7 +221,7 @@ def test_createtoken_unknown_user(db):
 
 def test_missing_page_has_site_header(client, alice):
     client.force_login(alice)
-    response = client.get("/workflows/999999/run/")
+    response = client.get("/workflows/999999/run/", headers={"Accept": BROWSER_ACCEPT})
     assert response.status_code == 404
     page = response.content.decode()
     assert "Page not found" in page

@@ -104,7 +104,9 @@ def test_unknown_host_logged_in_one_line(wsgi_server):
 def test_unknown_host_gets_html_page_in_the_browser(wsgi_server):
     address = urlsplit(wsgi_server)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
-    connection.request("GET", "/", headers={"Host": "elsewhere.example"})
+    connection.request(
+        "GET", "/", headers={"Host": "elsewhere.example", "Accept": "text/html"}
+    )
     response = connection.getresponse()
     assert response.status == 400
     assert response.getheader("Content-Type").startswith("text/html")

@@ -8,19 +8,42 @@ from webapp.errors import json_error
 from webapp.errors import not_found as json_not_found
 
 
+# Path prefixes of Roboflow's server for what this one does not serve:
+# single-model inference, which its client's infer() calls.
+ROBOFLOW_MODEL_PREFIXES = (
+    "/model/",
+    "/infer/object_detection",
+    "/infer/instance_segmentation",
+    "/infer/classification",
+    "/infer/keypoints_detection",
+)
+
+
 def _wants_json(request) -> bool:
+    """Return whether an error should be JSON: any request but a browser's page."""
     accept = request.META.get("HTTP_ACCEPT", "")
     return (
         request.path.startswith("/api/")
         or request.method != "GET"
-        or "application/json" in accept
+        or "text/html" not in accept
     )
 
 
 def not_found(request, exception=None):
-    if _wants_json(request):
-        return json_not_found(f"no route for {request.method} {request.path}")
-    return page_not_found(request, exception)
+    if not _wants_json(request):
+        return page_not_found(request, exception)
+    message = f"no route for {request.method} {request.path}"
+    if request.path.startswith(ROBOFLOW_MODEL_PREFIXES):
+        return json_error(
+            message,
+            "not_found",
+            404,
+            error_type="NotFound",
+            hint="This server runs Roboflow's workflow routes (run_workflow), "
+            "not single-model inference: put the model in a workflow with one "
+            "object detection step.",
+        )
+    return json_not_found(message)
 
 
 def bad_request(request, exception=None):
