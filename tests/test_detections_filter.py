@@ -22,6 +22,7 @@ from workflows.blocks.detections_filter.evaluation import (
     PROPERTIES,
     UNARY_OPERATORS,
 )
+from workflows.blocks.detections_filter.operations import MAX_GROUP_DEPTH
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
 from workflows.compiler import build_plan
 from workflows.detections import Detections
@@ -484,6 +485,28 @@ def test_compile_rejects_unsupported_operation(operations, problem):
     assert error.block_id == "filter"
     assert error.property_name == "operations"
     assert error.property_details == problem
+
+
+def nested_groups(depth: int) -> list:
+    """Return ``operations`` whose filter is ``depth`` groups nested in a line."""
+    statement = compare(detection_property("confidence"), "(Number) >", static(0.6))
+    for _ in range(depth - 1):
+        statement = group(statement)
+    return keep_where(statement)
+
+
+def test_groups_nested_to_the_limit_compile():
+    build_plan(filtered_detection(nested_groups(MAX_GROUP_DEPTH)), "digest")
+    assert kept(nested_groups(MAX_GROUP_DEPTH)) == [0, 1]
+
+
+@pytest.mark.parametrize("depth", [MAX_GROUP_DEPTH + 1, 400])
+def test_compile_rejects_groups_nested_too_deep(depth):
+    [error] = compile_errors(filtered_detection(nested_groups(depth)))
+    assert error.property_name == "operations"
+    assert f"nested more than {MAX_GROUP_DEPTH} levels" in error.property_details
+    path = "operations[0].filter_operation" + ".statements[0]" * MAX_GROUP_DEPTH
+    assert error.property_details.startswith(f"{path}: ")
 
 
 def test_compile_rejects_reserved_parameter_name():

@@ -10,6 +10,8 @@ in roboflow_workflows 0.2.13:
   ``operator`` "and" or "or", and "or" when the operator is left out.
   Every statement of a group is evaluated, without short-circuiting, so an
   error in any of them fails the step.
+  Groups nest at most MAX_GROUP_DEPTH levels deep, which Roboflow does not
+  limit.
 - A ``BinaryStatement`` compares two operands with a ``comparator``; a
   ``UnaryStatement`` tests one ``operand`` with an ``operator``. Either may
   set ``negate``.
@@ -51,6 +53,11 @@ from workflows.blocks.detections_filter.statements import (
 
 GROUP_OPERATORS = ("and", "or")
 
+# The maximum nesting depth of StatementGroups, the filter's own group
+# included. Parsing and evaluation recurse at each level, so a deeper filter
+# would exhaust Python's stack instead of being rejected.
+MAX_GROUP_DEPTH = 32
+
 # The keys each object may have, as Roboflow's models declare them.
 KEYS = {
     "DetectionsFilter": ("type", "filter_operation"),
@@ -91,7 +98,7 @@ def parse_operations(value: Any) -> tuple[StatementGroup, ...]:
         where = f"{path}[{index}]"
         fields = _object(item, where, ("DetectionsFilter",), "operation")
         condition = _required(fields, "filter_operation", where)
-        filters.append(_parse_group(condition, f"{where}.filter_operation"))
+        filters.append(_parse_group(condition, f"{where}.filter_operation", 1))
     return tuple(filters)
 
 
@@ -163,7 +170,13 @@ def _required(fields: dict[str, Any], key: str, path: str) -> Any:
     return fields[key]
 
 
-def _parse_group(value: Any, path: str) -> StatementGroup:
+def _parse_group(value: Any, path: str, depth: int) -> StatementGroup:
+    if depth > MAX_GROUP_DEPTH:
+        raise OperationsSyntaxError(
+            path,
+            f"statement groups are nested more than {MAX_GROUP_DEPTH} levels "
+            "deep. Combine their statements into fewer groups",
+        )
     fields = _object(value, path, ("StatementGroup",), "statement group")
     group_operator = fields.get("operator", "or")
     if group_operator not in GROUP_OPERATORS:
@@ -180,17 +193,18 @@ def _parse_group(value: Any, path: str) -> StatementGroup:
     return StatementGroup(
         group_operator,
         tuple(
-            _parse_statement(item, f"{path}.statements[{index}]")
+            _parse_statement(item, f"{path}.statements[{index}]", depth)
             for index, item in enumerate(statements)
         ),
     )
 
 
-def _parse_statement(value: Any, path: str) -> Statement:
+def _parse_statement(value: Any, path: str, depth: int) -> Statement:
+    """Parse one statement of a group that is ``depth`` groups deep."""
     kinds = ("BinaryStatement", "UnaryStatement", "StatementGroup")
     fields = _object(value, path, kinds, "statement")
     if fields["type"] == "StatementGroup":
-        return _parse_group(value, path)
+        return _parse_group(value, path, depth + 1)
     negate = fields.get("negate", False)
     if not isinstance(negate, bool):
         raise OperationsSyntaxError(
