@@ -94,3 +94,28 @@ def test_crop_of_a_crop_names_both_origins():
         "height": 1080,
     }
     assert inner["root_parent_id"] == "image"
+    # Each static crop has an id of its own, which detections in it carry.
+    assert inner["parent_id"].startswith("absolute_static_crop.")
+
+
+def test_dynamic_crop_rounds_box_edges():
+    import numpy as np
+
+    from workflows.blocks.dynamic_crop.v1 import DynamicCropBlock
+    from workflows.detections import Detections
+
+    image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+    boxes = Detections(
+        xyxy=np.array([[10.6, 127.775, 50.4, 639.2]], dtype=np.float32),
+        confidence=np.array([0.9], dtype=np.float32),
+        class_id=np.array([0]),
+        class_names=["Normal"],
+        image_size=(image.width, image.height),
+        parent_id="image",
+        detection_ids=["d1"],
+    )
+    [crop] = DynamicCropBlock().run(None, images=image, predictions=boxes)["crops"]
+    # Edges 11, 128, 50 and 639, each the nearest pixel.
+    assert crop.parent_origin == (11, 128, 810, 1080)
+    assert (crop.width, crop.height) == (39, 511)
+    assert crop.parent_id == "d1"

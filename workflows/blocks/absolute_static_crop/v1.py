@@ -1,5 +1,6 @@
 """Absolute static crop: cut a fixed rectangle, given in pixels, from each image."""
 
+import uuid
 from typing import Any
 
 from workflows.blocks.base import (
@@ -18,16 +19,20 @@ MAX_COORDINATE = 1_000_000
 
 
 def crop_image(
-    image: WorkflowImage, x1: int, y1: int, x2: int, y2: int
+    image: WorkflowImage, x1: int, y1: int, x2: int, y2: int, crop_id: str
 ) -> WorkflowImage:
-    """Return the pixels inside (x1, y1, x2, y2), clipped to the image."""
+    """Return the pixels inside (x1, y1, x2, y2), clipped to the image.
+
+    ``crop_id`` becomes the crop's ``parent_id``, which detections found in
+    it carry, as in Roboflow's workflows.
+    """
     x1, x2 = max(0, x1), min(image.width, x2)
     y1, y2 = max(0, y1), min(image.height, y2)
     pixels = image.pixels[y1:y2, x1:x2].copy()
     ox, oy = image.origin
     return WorkflowImage.from_pixels(
         pixels,
-        parent_id=image.parent_id,
+        parent_id=crop_id,
         origin=(ox + x1, oy + y1),
         root_size=image.root_size or (image.width, image.height),
         root_id=image.root,
@@ -95,4 +100,5 @@ class AbsoluteStaticCropBlock(Block):
             # read it are skipped, so one small image in a batch does not
             # fail the others.
             return {"crops": None}
-        return {"crops": crop_image(images, x1, y1, x2, y2)}
+        crop_id = f"absolute_static_crop.{uuid.uuid4()}"
+        return {"crops": crop_image(images, x1, y1, x2, y2, crop_id)}

@@ -1,7 +1,8 @@
 """Dynamic crop: one crop per detection, so later steps can run on each object."""
 
-import dataclasses
 from typing import Any
+
+import numpy as np
 
 from workflows.blocks.absolute_static_crop.v1 import crop_image
 from workflows.blocks.base import DETECTIONS, IMAGE, Block, Field, StepContext
@@ -35,12 +36,15 @@ class DynamicCropBlock(Block):
         self, context: StepContext, *, images: WorkflowImage, predictions: Detections
     ) -> dict[str, Any]:
         crops = []
+        # Box edges round to the nearest pixel (half to even), as in
+        # Roboflow's block.
+        boxes = np.round(predictions.xyxy).astype(int)
         for detection_id, (x1, y1, x2, y2) in zip(
-            predictions.detection_ids, predictions.xyxy, strict=True
+            predictions.detection_ids, boxes, strict=True
         ):
-            crop = crop_image(images, int(x1), int(y1), int(round(x2)), int(round(y2)))
+            # As in Roboflow's workflows, a crop's parent is the detection it
+            # was cut from, and what is found in it names that parent.
+            crop = crop_image(images, int(x1), int(y1), int(x2), int(y2), detection_id)
             if crop.width and crop.height:
-                # As in Roboflow's workflows, a crop's parent is the detection
-                # it was cut from, and what is found in it names that parent.
-                crops.append(dataclasses.replace(crop, parent_id=detection_id))
+                crops.append(crop)
         return {"crops": crops}
