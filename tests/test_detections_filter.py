@@ -26,8 +26,7 @@ from workflows.blocks.detections_filter.operations import MAX_GROUP_DEPTH
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
 from workflows.compiler import build_plan
 from workflows.detections import Detections
-from workflows.errors import DefinitionError, InputError, StepExecutionError
-from workflows.inputs import read_parameters
+from workflows.errors import DefinitionError, StepExecutionError
 
 # A typical Roboflow filter: a class listed in the parameter "classes", and
 # confidence at least 0.65.
@@ -302,14 +301,6 @@ def test_any_parameter_value_keeps_or_rejects(name, comparator, operator, value)
         assert error.user_error is True
 
 
-def test_parameter_missing_at_run_rejects_step():
-    # Operations sent as a parameter meet operations_parameters only at run time.
-    with pytest.raises(StepExecutionError) as caught:
-        kept(EXAMPLE, {})
-    assert caught.value.user_error is True
-    assert '"classes" is not a key of operations_parameters' in caught.value.message
-
-
 STATEMENT = "operations[0].filter_operation.statements[0]"
 
 
@@ -517,15 +508,12 @@ def test_compile_rejects_reserved_parameter_name():
     assert error.property_details.startswith('the key "_" is reserved')
 
 
-def test_operations_from_parameter_checked_at_request():
+def test_operations_from_selector_rejected():
+    # Only operations written in the definition can be checked against
+    # operations_parameters before a run is stored.
     definition = filtered_detection("$inputs.operations", {"classes": ["Fall"]})
     definition["inputs"].append({"type": "WorkflowParameter", "name": "operations"})
-    plan = build_plan(definition, "digest")
-    assert read_parameters(plan, {"operations": EXAMPLE}) == {"operations": EXAMPLE}
-    with pytest.raises(InputError) as caught:
-        read_parameters(plan, {"operations": [{"type": "SortDetections"}]})
-    assert caught.value.step == "filter"
-    assert (
-        "parameter 'operations' is invalid for step 'filter', field 'operations': "
-        'operations[0].type: operation type "SortDetections" is not supported'
-    ) in caught.value.message
+    [error] = compile_errors(definition)
+    assert error.block_id == "filter"
+    assert error.property_name == "operations"
+    assert "not given by a selector" in error.property_details

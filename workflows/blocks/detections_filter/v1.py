@@ -87,8 +87,15 @@ class DetectionsFilterBlock(Block):
 
     @classmethod
     def check_bound(cls, kinds, literals) -> list[tuple[str, str]]:
+        # Roboflow's block takes no selector here either. Written in the
+        # definition, every operand's parameter is checked before any run.
         if "operations" not in literals:
-            return []
+            return [
+                (
+                    "operations",
+                    "must be written in the definition, not given by a selector",
+                )
+            ]
         filters = parse_operations(literals["operations"])
         problem = undeclared_parameter(filters, literals["operations_parameters"])
         return [("operations", problem)] if problem else []
@@ -109,12 +116,7 @@ class DetectionsFilterBlock(Block):
             keep &= np.array(
                 [name in allowed for name in predictions.class_names], dtype=bool
             )
-        # ``operations`` from a parameter was checked when the run was
-        # requested, but only here can it meet operations_parameters.
         filters = parse_operations(operations)
-        problem = undeclared_parameter(filters, operations_parameters)
-        if problem:
-            raise StepExecutionError(problem, step=context.step_name, user_error=True)
         try:
             keep = keep_mask(filters, predictions, operations_parameters, keep)
         except EvaluationError as error:
