@@ -21,6 +21,7 @@ from workflows.blocks.detections_filter.evaluation import (
     COMPARATORS,
     PROPERTIES,
     UNARY_OPERATORS,
+    MemberList,
 )
 from workflows.blocks.detections_filter.operations import MAX_GROUP_DEPTH
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
@@ -517,3 +518,64 @@ def test_operations_from_selector_rejected():
     assert error.block_id == "filter"
     assert error.property_name == "operations"
     assert "not given by a selector" in error.property_details
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("value", "items"),
+    [
+        (True, [1]),
+        (1.0, [1]),
+        (0.5, [np.float32(0.5)]),
+        ([1, 2], [[1, 2]]),
+        ({"a": 1}, [{"a": 1}]),
+        ("Normal", ["Fall", "Normal"]),
+        (NAN, [NAN]),
+        (float("nan"), [NAN]),
+        (3, []),
+    ],
+)
+def test_member_list_answers_as_a_list(value, items):
+    assert (value in MemberList(items)) == (value in items)
+
+
+def test_member_list_finds_items_without_scanning():
+    class Counted:
+        comparisons = 0
+
+        def __init__(self, number):
+            self.number = number
+
+        def __hash__(self):
+            return hash(self.number)
+
+        def __eq__(self, other):
+            Counted.comparisons += 1
+            return self.number == other.number
+
+    items = MemberList([Counted(number) for number in range(10_000)])
+    Counted.comparisons = 0
+    assert Counted(9_999) in items
+    # A list compares with every item before the last; a set with one.
+    assert Counted.comparisons == 1
+
+
+def test_filter_looks_classes_up_in_a_set():
+    class CountedText(str):
+        comparisons = 0
+
+        def __eq__(self, other):
+            CountedText.comparisons += 1
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    classes = [CountedText(f"class-{n}") for n in range(5_000)]
+    classes.append(CountedText("Normal"))
+    CountedText.comparisons = 0
+    # Detections 0 and 1 pass the confidence test; only 0 is "Normal".
+    assert kept(EXAMPLE, {"classes": classes}) == [0]
+    # One lookup per detection, not a comparison with each of 5,001 names.
+    assert CountedText.comparisons <= 4

@@ -60,6 +60,38 @@ PROPERTIES: dict[str, Callable[[Detections, int], Any]] = {
     "bottom_right": lambda detections, index: _box(detections, index)[2:4],
 }
 
+
+class MemberList(list):
+    """A list whose ``in`` looks its items up in a set, where they hash.
+
+    ``in`` on a plain list compares the value with every item, so a filter
+    testing one long list against another, for each detection, took time
+    that grows with the product of their lengths. Equal hashable values
+    hash alike, so the set answers as the list would; a value or item that
+    does not hash falls back to the list.
+    """
+
+    def __init__(self, items: list) -> None:
+        super().__init__(items)
+        try:
+            self._members: frozenset | None = frozenset(self)
+        except TypeError:
+            self._members = None
+
+    def __contains__(self, value: object) -> bool:
+        if self._members is not None:
+            try:
+                return value in self._members
+            except TypeError:
+                pass
+        return super().__contains__(value)
+
+
+def with_member_set(value: Any) -> Any:
+    """Return a list ``value`` as a MemberList, anything else as it is."""
+    return MemberList(value) if isinstance(value, list) else value
+
+
 COMPARATORS: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
@@ -105,6 +137,7 @@ def keep_mask(
     EvaluationError when a statement fails on a detection's values.
     """
     keep = keep.copy()
+    parameters = {name: with_member_set(value) for name, value in parameters.items()}
     for condition in filters:
         for index in np.flatnonzero(keep):
             keep[index] = _evaluate(condition, detections, int(index), parameters)

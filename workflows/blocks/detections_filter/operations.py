@@ -38,6 +38,7 @@ from workflows.blocks.detections_filter.evaluation import (
     COMPARATORS,
     PROPERTIES,
     UNARY_OPERATORS,
+    with_member_set,
 )
 from workflows.blocks.detections_filter.statements import (
     DETECTION_OPERAND,
@@ -265,7 +266,7 @@ def _parse_operand(value: Any, path: str) -> Operand:
     if fields["type"] == "StaticOperand":
         value = _required(fields, "value", path)
         _no_operations(operations, path, "a StaticOperand's value")
-        return StaticValue(value)
+        return StaticValue(with_member_set(value))
 
     name = fields.get("operand_name", DETECTION_OPERAND)
     if not isinstance(name, str):
