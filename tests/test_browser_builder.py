@@ -381,7 +381,10 @@ def test_builder_reads_roboflow_field_spellings(
 
     # Pasted into the JSON tab, the spelling is renamed there too.
     pasted = detection()
-    pasted["steps"][0]["image"] = pasted["steps"][0].pop("images")
+    pasted["steps"][0] = {
+        ("image" if key == "images" else key): value
+        for key, value in pasted["steps"][0].items()
+    }
     page.click("#tab-json")
     page.fill("#definition-json", json.dumps(pasted))
     page.wait_for_function(
@@ -389,3 +392,8 @@ def test_builder_reads_roboflow_field_spellings(
     )
     definition = page.evaluate("window.glassboxBuilder.getDefinition()")
     assert definition["steps"][0]["images"] == "$inputs.image"
+    # In its place among the keys, and the note says what changed.
+    assert list(definition["steps"][0])[:3] == ["type", "name", "images"]
+    note = page.locator("#json-note")
+    assert note.is_visible()
+    assert "people: image → images" in note.text_content()

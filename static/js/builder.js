@@ -249,9 +249,10 @@
 
   // Steps may spell a field the way Roboflow's blocks also accept it
   // ("image" for "images"). The graph and the panel read fields by name, so
-  // such keys are renamed to the field's name. Returns whether any was.
+  // such keys are renamed to the field's name, in place. Returns the
+  // renames, as "step: alias → name".
   function useFieldNames(definition) {
-    let renamed = false;
+    const renamed = [];
     const steps = definition && Array.isArray(definition.steps) ? definition.steps : [];
     for (const step of steps) {
       const block = step && typeof step === "object" ? blockFor(step.type) : null;
@@ -260,12 +261,18 @@
         if (field.name in step) continue;
         const alias = (field.aliases || []).find((name) => name in step);
         if (alias === undefined) continue;
-        step[field.name] = step[alias];
-        delete step[alias];
-        renamed = true;
+        renameKey(step, alias, field.name);
+        renamed.push(`${step.name}: ${alias} → ${field.name}`);
       }
     }
     return renamed;
+  }
+
+  // Rename a key of object, keeping the keys' order.
+  function renameKey(object, from, to) {
+    const entries = Object.entries(object);
+    for (const key of Object.keys(object)) delete object[key];
+    for (const [key, value] of entries) object[key === from ? to : key] = value;
   }
 
   function blockFor(type) {
@@ -539,8 +546,7 @@
   function replaceDefinition(definition, source) {
     const previous = state.selected;
     state.definition = definition;
-    // The JSON tab shows the renamed keys, so that the text and the graph agree.
-    if (useFieldNames(definition) && source === "json") source = "renamed";
+    useFieldNames(definition);
     state.selected = previous && findItem(previous.section, previous.item.name)
       ? { section: previous.section, item: findItem(previous.section, previous.item.name) }
       : null;
@@ -1468,10 +1474,17 @@
       return false;
     }
     showJsonError(null);
-    if (unwrapped) {
+    const renamed = useFieldNames(definition);
+    const notes = [];
+    if (unwrapped) notes.push(`Imported the definition from a Roboflow export (${unwrapped}).`);
+    if (renamed.length) {
+      notes.push(`Renamed fields to the names this builder uses (${renamed.join(", ")}).`);
+    }
+    if (notes.length) {
+      // The text shows what the graph now holds.
       dom.json.value = prettyJson(definition);
       dom.jsonNote.hidden = false;
-      dom.jsonNote.textContent = `Imported the definition from a Roboflow export (${unwrapped}).`;
+      dom.jsonNote.textContent = notes.join(" ");
     }
     if (JSON.stringify(definition) !== JSON.stringify(state.definition)) {
       replaceDefinition(definition, "json");
