@@ -83,7 +83,8 @@ def finish_run(
         )
         if not updated:
             logger.warning(
-                "run %s was finished elsewhere before runner %s; result dropped",
+                "run %s was finished elsewhere, deleted with its owner, or "
+                "taken from runner %s before it finished; result dropped",
                 run.pk,
                 runner_name,
             )
