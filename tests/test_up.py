@@ -101,7 +101,8 @@ def test_up_serves_then_stops_every_process(tmp_path):
         except redis.ConnectionError:
             answered = False
         assert not answered
-        assert b"stopped the embedded Redis server" in log_path.read_bytes()
+        assert b"stopped embedded Redis on" in log_path.read_bytes()
+        assert b"stopped the embedded Redis server" not in log_path.read_bytes()
 
         logs = {path.name: path.read_text() for path in (tmp_path / "logs").iterdir()}
         # The part after the prefix, which the encoded form shares.
@@ -261,3 +262,49 @@ def test_demo_without_weights_names_the_missing_model(tmp_path):
     assert "the demo run was rejected (model_not_found)" in finished.stderr
     assert "people-detector" in finished.stderr
     assert "run None" not in finished.stdout
+
+
+def test_demo_finds_people_in_bus_cold_then_hot(tmp_path):
+    # The demo that setup.sh runs, on the pretrained weights the tests use.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")
+    }
+    env["GLASSBOX_DATA_DIR"] = str(tmp_path)
+    try:
+        finished = subprocess.run(
+            [
+                sys.executable,
+                "manage.py",
+                "up",
+                "--demo",
+                "--exit-after-demo",
+                "--port",
+                str(free_port_pair()),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_TIMEOUT_S,
+        )
+    finally:
+        stop_leftover_redis(tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    out = finished.stdout
+    first = out.index("== first run (cold): run ")
+    second = out.index("== second run (hot): run ")
+    assert first < second
+    # The detector finds at least three of the people standing by the bus,
+    # the same in both runs.
+    counts = [
+        int(line.split(": ")[1])
+        for line in out.splitlines()
+        if line.startswith("people found: ")
+    ]
+    assert len(counts) == 2
+    assert counts[0] == counts[1] >= 3
+    assert out.count("Normal") >= 6
+    assert "amount_microcredits = ceil(" in out
+    assert f"{tmp_path / 'demo-token'}" in out

@@ -326,8 +326,8 @@ class Command(BaseCommand):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-        if stop_embedded_redis():
-            self.stdout.write("stopped the embedded Redis server")
+        # stop_embedded_redis logs the stop itself.
+        stop_embedded_redis()
 
     def _wait_until_up(self, base_url: str, runners: int, timeout_s: float = 120):
         deadline = time.monotonic() + timeout_s
@@ -392,7 +392,12 @@ class Command(BaseCommand):
                 f"the demo run was rejected ({body.get('code')}): "
                 f"{body.get('message')}{hint}"
             )
-        self.stdout.write(f"\n== {label}: run {body.get('id')} {body.get('status')}")
+        # Whether the run loaded its model, as its breakdown reports it.
+        models = (body.get("timing") or {}).get("models", [])
+        start = "cold" if any(model["cold"] for model in models) else "hot"
+        self.stdout.write(
+            f"\n== {label} ({start}): run {body.get('id')} {body.get('status')}"
+        )
         if body.get("status") != "succeeded":
             self.stdout.write(json.dumps(body, indent=2))
             raise CommandError("the demo run failed")
