@@ -118,7 +118,8 @@ def component_shares(components: dict[str, int]) -> list[ComponentShare]:
             label=COMPONENT_LABELS[name],
             us=components[name],
             ms=format_us_as_ms(components[name]),
-            percent=round(100 * components[name] / total, 2) if total else 0.0,
+            # Unrounded: the page rounds it once, to what it shows.
+            percent=100 * components[name] / total if total else 0.0,
             billable=name in RUNNER_COMPONENTS,
         )
         for name in COMPONENTS

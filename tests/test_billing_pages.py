@@ -1182,3 +1182,12 @@ def test_history_without_bills_says_so(alice_browser, alice, people):
 
     make_bill(alice, version=people)
     assert "all billed" in alice_browser.get(HISTORY).content.decode()
+
+
+@pytest.mark.django_db
+def test_explain_rounds_shares_once(alice_browser, alice, people):
+    # 60,107 µs of 90,734 is 66.245...%: 66.2 %, though 66.25 would show 66.3.
+    bill = make_bill(alice, version=people, cold_load=60_107)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    cold_row = page.texts["bill-breakdown"].split("Cold load", 1)[1]
+    assert "66.2\xa0%" in cold_row.split("Preprocess", 1)[0]
