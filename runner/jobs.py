@@ -20,7 +20,7 @@ from webapp.redis import get_redis
 from workflows.compiler import plan_cache
 from workflows.compiler.plan import ExecutionPlan
 from workflows.errors import InputsExpiredError, WorkflowError
-from workflows.executor import PixelBudget, collect_outputs, execute_plan
+from workflows.executor import Deadline, PixelBudget, collect_outputs, execute_plan
 from workflows.images import WorkflowImage
 from workflows.models import WorkflowVersion
 from workflows.timing import RunTimer
@@ -146,13 +146,19 @@ def _execute(
         }
         provider = ModelProvider(runtime.cache, sources, timer)
         pixel_budget = PixelBudget(settings.GLASSBOX["MAX_RUN_PIXELS"])
+        deadline = Deadline(settings.GLASSBOX["RUN_TIME_LIMIT_S"])
         batch = []
         for index in range(run.batch_size):
             inputs = dict(run.parameters)
             for name, items in images.items():
                 inputs[name] = items[index if len(items) > 1 else 0]
             results = execute_plan(
-                plan, inputs, models=provider, timer=timer, pixel_budget=pixel_budget
+                plan,
+                inputs,
+                models=provider,
+                timer=timer,
+                pixel_budget=pixel_budget,
+                deadline=deadline,
             )
             serialize_started = time.perf_counter_ns()
             batch.append(collect_outputs(plan, inputs, results))

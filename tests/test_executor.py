@@ -5,7 +5,7 @@ import pytest
 from tests.conftest import image_bytes
 from workflows.compiler import build_plan, definition_digest
 from workflows.errors import StepExecutionError
-from workflows.executor import PixelBudget, collect_outputs, execute_plan
+from workflows.executor import Deadline, PixelBudget, collect_outputs, execute_plan
 from workflows.images import WorkflowImage
 from workflows.timing import RunTimer
 
@@ -119,3 +119,25 @@ def test_dynamic_crop_rounds_box_edges():
     assert crop.parent_origin == (11, 128, 810, 1080)
     assert (crop.width, crop.height) == (39, 511)
     assert crop.parent_id == "d1"
+
+
+def test_run_past_its_deadline_stops_at_the_next_call():
+    definition = three_crops()
+    plan = build_plan(definition, definition_digest(definition))
+    image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+    with pytest.raises(StepExecutionError) as caught:
+        execute_plan(
+            plan,
+            {"image": image},
+            models=None,
+            timer=RunTimer(),
+            deadline=Deadline(limit_s=0.0),
+        )
+    assert caught.value.step == "crop_0"
+    assert caught.value.user_error is True
+    assert "took longer than RUN_TIME_LIMIT_S (0 s)" in caught.value.message
+
+    # With time to spare, every step runs.
+    execute_plan(
+        plan, {"image": image}, models=None, timer=RunTimer(), deadline=Deadline(60)
+    )

@@ -768,3 +768,18 @@ def test_fleet_lists_runners_that_ended(
         assert ended["ends-killed"]["reason"] == reason
     finally:
         fleet.remove_heartbeat("ends-killed")
+
+
+def test_run_over_time_limit_fails_billed(runner, extra_runners, alice):
+    # The detection's cold load alone takes longer than the limit, so the run
+    # stops before it counts the people.
+    name = extra_runners("hurried", env_overrides={"RUN_TIME_LIMIT_S": "0.001"}).name
+    definition = detection("people-detector-832")
+    run = start_cli_run(alice, definition, wait_s=60, runner=name).run
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+    assert run.error["code"] == "step_rejected_input"
+    assert run.error["step"] == "count"
+    assert "took longer than RUN_TIME_LIMIT_S (0.001 s)" in run.error["message"]
+    # The runner's time was spent on the user's definition, so it is billed.
+    assert run.bill.billed

@@ -7,7 +7,6 @@ from django.views.defaults import page_not_found
 from webapp.errors import json_error
 from webapp.errors import not_found as json_not_found
 
-
 # Path prefixes of Roboflow's server for what this one does not serve:
 # single-model inference, which its client's infer() calls.
 ROBOFLOW_MODEL_PREFIXES = (

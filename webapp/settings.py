@@ -202,6 +202,9 @@ GLASSBOX = {
     "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),
     # All images of one run together; a runner keeps their pixels, 3 bytes each.
     "MAX_RUN_PIXELS": env_int("MAX_RUN_PIXELS", 160_000_000, 1),
+    # A run's steps stop with a billed error once they have taken this long
+    # on a runner; cold loads count, the queue does not.
+    "RUN_TIME_LIMIT_S": env_float("RUN_TIME_LIMIT_S", 600.0, 0.001),
     # Input images wait in Redis this long for a runner.
     "INPUT_TTL_S": env_int("INPUT_TTL_S", 3600, 60),
     "RUNNER_HEARTBEAT_S": env_float("RUNNER_HEARTBEAT_S", 1.0, 0.05),

@@ -52,6 +52,30 @@ class PixelBudget:
             )
 
 
+class Deadline:
+    """The time by which a run's steps must end, checked before each block call.
+
+    A definition decides how much work a run does (steps, crops, batch
+    size), so without a limit one request could hold a runner for hours.
+    A block call already going is not interrupted.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.at_ns = time.monotonic_ns() + int(limit_s * 1e9)
+
+    def check(self, step: StepPlan) -> None:
+        if time.monotonic_ns() > self.at_ns:
+            raise StepExecutionError(
+                f"the run's steps took longer than RUN_TIME_LIMIT_S "
+                f"({self.limit_s:g} s) and stopped before a call of step "
+                f"'{step.name}'; send fewer images per run, or a workflow "
+                "with fewer crops or steps",
+                step=step.name,
+                user_error=True,
+            )
+
+
 def _image_pixels(value: Any) -> int:
     if isinstance(value, WorkflowImage):
         return value.width * value.height
@@ -69,6 +93,7 @@ def execute_plan(
     models: Any,
     timer: RunTimer,
     pixel_budget: PixelBudget | None = None,
+    deadline: Deadline | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every step for one set of inputs; return each step's outputs by name."""
     results: dict[str, dict[str, Any]] = {}
@@ -80,7 +105,7 @@ def execute_plan(
         level = max(value_dims.values(), default=0)
         try:
             results[step.name] = _run_lifted(
-                step, context, values, value_dims, 0, level, pixel_budget
+                step, context, values, value_dims, 0, level, pixel_budget, deadline
             )
         except WorkflowError as error:
             if error.step is None:
@@ -158,6 +183,7 @@ def _run_lifted(
     level: int,
     target: int,
     pixel_budget: PixelBudget | None,
+    deadline: Deadline | None = None,
 ):
     """Call the block, mapping over list levels deeper than ``level``.
 
@@ -168,6 +194,8 @@ def _run_lifted(
     if any(values[name] is None for name in _batch_fields(step)):
         return dict.fromkeys(step.block.outputs)
     if level == target:
+        if deadline is not None:
+            deadline.check(step)
         produced = step.block.run(context, **_call_values(step, values))
         if pixel_budget is not None:
             pixel_budget.charge(step, produced)
@@ -188,7 +216,14 @@ def _run_lifted(
         for name in nested:
             element[name] = values[name][index]
         produced = _run_lifted(
-            step, context, element, value_dims, level + 1, target, pixel_budget
+            step,
+            context,
+            element,
+            value_dims,
+            level + 1,
+            target,
+            pixel_budget,
+            deadline,
         )
         for name in outputs:
             outputs[name].append(produced[name])
