@@ -224,8 +224,8 @@ GLASSBOX = {
     # server, when that is another server; 0 means none. Pages served on the
     # websocket server's own port are always accepted.
     "WEB_SERVER_PORT": env_int("WEB_SERVER_PORT", 0, 0),
-    # The daphne server carries only websockets: it answers HTTP requests
-    # with 404 and refuses their bodies unread. ``manage.py up`` sets it,
+    # The daphne server carries only websockets: it responds 404 to HTTP
+    # requests and rejects their bodies unread. ``manage.py up`` sets it,
     # since gunicorn serves HTTP there.
     "WEBSOCKETS_ONLY": env_bool("WEBSOCKETS_ONLY", False),
 }
