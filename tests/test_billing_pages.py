@@ -290,6 +290,16 @@ def test_data_endpoints_accept_api_tokens(client, alice, bob, people):
 
 
 @pytest.mark.django_db
+def test_data_endpoints_reject_unparsable_body(client, alice):
+    # The key may be in the body, so its parse error is the answer.
+    response = client.generic(
+        "GET", SUMMARY, '{"api_key": "x",', content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "malformed_request"
+
+
+@pytest.mark.django_db
 def test_data_endpoints_reject_revoked_token(client, alice):
     token, key = ApiToken.issue(alice, "revoked")
     token.revoke()

@@ -15,7 +15,7 @@ from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from webapp.models import ApiToken, hash_token
-from webapp.requests import json_body, read_body
+from webapp.requests import MalformedRequest, json_body, read_body
 
 # Some editors and Windows tools start UTF-8 text with it; the JSON parser
 # drops it too.
@@ -150,7 +150,13 @@ def login_or_token_required(view):
 
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
-        key = find_api_key(request)
+        try:
+            key = find_api_key(request)
+        except MalformedRequest as error:
+            # Outside DRF, nothing else turns it into its 400.
+            from django.http import JsonResponse
+
+            return JsonResponse(error.to_dict(), status=error.status)
         if key is not None:
             token = authenticate_key(key)
             if token is None:
