@@ -55,12 +55,14 @@ class RunAdmin(admin.ModelAdmin):
 class ModelUploadAdmin(admin.ModelAdmin):
     list_display = ("model_id", "owner", "task", "size_bytes", "created_at")
     search_fields = ("model_id", "owner__username")
-    readonly_fields = [field.name for field in ModelUpload._meta.fields]
 
-    # Its owner deletes an upload with DELETE /api/models/<id>, which also
-    # removes the file and refuses while a run uses it. A row deleted or
-    # renamed here would leave the file behind, or point runs at other
-    # weights than they were checked with.
+    # Uploads are made through the API, which checks the weights first.
+    def has_add_permission(self, request):
+        return False
+
+    # Its owner deletes an upload with DELETE /api/models/<id>, which refuses
+    # while an unfinished run uses it. A row renamed here would point runs at
+    # other weights than they were checked under.
     def has_change_permission(self, request, obj=None):
         return False
 

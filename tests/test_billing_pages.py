@@ -1201,3 +1201,10 @@ def test_explain_rounds_shares_once(alice_browser, alice, people):
     page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
     cold_row = page.texts["bill-breakdown"].split("Cold load", 1)[1]
     assert "66.2\xa0%" in cold_row.split("Preprocess", 1)[0]
+
+
+@pytest.mark.django_db
+def test_admin_offers_no_upload_forms(client, django_user_model):
+    admin = django_user_model.objects.create_superuser("admin", password="admin-pw")
+    client.force_login(admin)
+    assert client.get("/admin/runner/modelupload/add/").status_code == 403
