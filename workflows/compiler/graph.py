@@ -76,10 +76,13 @@ def bind_steps(parsed: ParsedDefinition) -> dict[str, dict[str, Binding]]:
                 field: _binding_kind(binding, inputs, blocks)
                 for field, binding in bindings.items()
             }
+            # A mapping field is passed as written, selectors and all.
             literals = {
-                field: binding.value if isinstance(binding, Literal) else raw[field]
-                for field, binding in bindings.items()
-                if isinstance(binding, Literal | MappingBinding)
+                field.name: binding.value
+                if isinstance(binding, Literal)
+                else next(raw[s] for s in field.spellings if s in raw)
+                for field in block.fields
+                if isinstance(binding := bindings[field.name], Literal | MappingBinding)
             }
             for field_name, problem in block.check_bound(kinds, literals):
                 parsed.error(name, block.type, field_name, problem)
@@ -189,11 +192,10 @@ def _bind_mapping(
             f'{{"name": "$inputs.name"}}, got {shown(value)}',
         )
         return None
-    if field.check is not None:
-        problem = field.check(value)
-        if problem:
-            parsed.error(step, block.type, field.name, problem)
-            return None
+    problem = value_problem(field, value)
+    if problem:
+        parsed.error(step, block.type, field.name, problem)
+        return None
     entries: list[tuple[str, Literal | InputRef | StepRef]] = []
     failed = False
     for key, item in value.items():
