@@ -8,6 +8,7 @@ level are repeated for each element.
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from workflows.blocks.base import VALUE, StepContext
@@ -101,12 +102,16 @@ def execute_plan(
     for step in plan.steps:
         started = time.perf_counter_ns()
         values, value_dims = _resolve(step, inputs, results, dimensions)
-        context = StepContext(step_name=step.name, models=models, timer=timer)
-        level = max(value_dims.values(), default=0)
+        call = _StepCall(
+            step=step,
+            context=StepContext(step_name=step.name, models=models, timer=timer),
+            target=max(value_dims.values(), default=0),
+            data_fields=_data_fields(step),
+            pixel_budget=pixel_budget,
+            deadline=deadline,
+        )
         try:
-            results[step.name] = _run_lifted(
-                step, context, values, value_dims, 0, level, pixel_budget, deadline
-            )
+            results[step.name] = _run_lifted(call, values, value_dims, 0)
         except WorkflowError as error:
             if error.step is None:
                 error.step = step.name
@@ -175,15 +180,22 @@ def _call_values(step: StepPlan, values: dict[str, Any]) -> dict[str, Any]:
     return arguments
 
 
+@dataclass(frozen=True)
+class _StepCall:
+    """What every call of one step's block shares, at any list level."""
+
+    step: StepPlan
+    context: StepContext
+    # The list level at which the block is called.
+    target: int
+    # Fields that take data, not settings, from other steps (_data_fields).
+    data_fields: tuple[str, ...]
+    pixel_budget: PixelBudget | None
+    deadline: Deadline | None
+
+
 def _run_lifted(
-    step: StepPlan,
-    context: StepContext,
-    values: dict[str, Any],
-    value_dims: dict[str, int],
-    level: int,
-    target: int,
-    pixel_budget: PixelBudget | None,
-    deadline: Deadline | None = None,
+    call: _StepCall, values: dict[str, Any], value_dims: dict[str, int], level: int
 ):
     """Call the block, mapping over list levels deeper than ``level``.
 
@@ -191,14 +203,15 @@ def _run_lifted(
     outside its image) is skipped, and its outputs are null, as in
     Roboflow's engine.
     """
-    if any(values[name] is None for name in _batch_fields(step)):
+    step = call.step
+    if any(values[name] is None for name in call.data_fields):
         return dict.fromkeys(step.block.outputs)
-    if level == target:
-        if deadline is not None:
-            deadline.check(step)
-        produced = step.block.run(context, **_call_values(step, values))
-        if pixel_budget is not None:
-            pixel_budget.charge(step, produced)
+    if level == call.target:
+        if call.deadline is not None:
+            call.deadline.check(step)
+        produced = step.block.run(call.context, **_call_values(step, values))
+        if call.pixel_budget is not None:
+            call.pixel_budget.charge(step, produced)
         return produced
     nested = [name for name, dim in value_dims.items() if dim > level]
     lengths = {len(values[name]) for name in nested}
@@ -215,28 +228,19 @@ def _run_lifted(
         element = dict(values)
         for name in nested:
             element[name] = values[name][index]
-        produced = _run_lifted(
-            step,
-            context,
-            element,
-            value_dims,
-            level + 1,
-            target,
-            pixel_budget,
-            deadline,
-        )
+        produced = _run_lifted(call, element, value_dims, level + 1)
         for name in outputs:
             outputs[name].append(produced[name])
     return outputs
 
 
-def _batch_fields(step: StepPlan) -> list[str]:
+def _data_fields(step: StepPlan) -> tuple[str, ...]:
     """Return the fields of ``step`` that take data (not settings) from other steps."""
-    return [
+    return tuple(
         field.name
         for field in step.block.fields
         if field.kind != VALUE and isinstance(step.bindings.get(field.name), StepRef)
-    ]
+    )
 
 
 def serialize_value(value: Any, coordinates: str) -> Any:
