@@ -280,6 +280,10 @@ def reap_runner(name: str, reason: str) -> int:
         # It started again under the name since the caller looked.
         connection.delete(keys.reap_lock_key(name))
         return 0
+    # Read before the slow part of the reap: a runner that starts again
+    # under the name meanwhile moves its score to its own heartbeat.
+    last_seen = connection.zscore(keys.RUNNERS_SEEN, name)
+    last_seen_ms = int(last_seen) if last_seen is not None else None
     from runner.models import Run
 
     try:
@@ -298,7 +302,6 @@ def reap_runner(name: str, reason: str) -> int:
         # The runner may also have popped a shared job, whose id no mark
         # names yet.
         recover_lost_jobs(POPPED_AFTER_S, popped_only=True)
-        last_seen_ms = _last_seen([name])[name]
         pipeline = connection.pipeline()
         pipeline.srem(keys.RUNNERS_SET, name)
         pipeline.incr(keys.FLEET_GENERATION)
