@@ -345,3 +345,20 @@ def test_sdk_run_past_wait_raises_with_run_id(runner, client, settings):
     run.refresh_from_db()
     assert run.status == Run.Status.SUCCEEDED
     assert run.bill.billed
+
+
+@pytest.mark.django_db
+def test_run_finished_after_wait_is_not_called_unfinished(alice):
+    from django.utils import timezone
+
+    from runner.models import Run
+    from runner.service import RunOutcome
+    from webapp.roboflow import not_finished_response
+
+    # The run ended between the end of the wait and the response.
+    run = Run.objects.create(
+        owner=alice, source="roboflow", status="succeeded", finished_at=timezone.now()
+    )
+    body = not_finished_response(RunOutcome(run=run, payload=None)).data
+    assert body["message"].startswith(f"run {run.id} finished just after the wait")
+    assert "goes on" not in body["message"]

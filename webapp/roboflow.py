@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from runner import dispatch
+from runner.models import Run
 from runner.presenters import timing_headers
 from runner.responses import public_error, status_for
 from runner.service import RunOutcome, start_run
@@ -64,9 +65,19 @@ def not_finished_response(outcome: RunOutcome) -> Response:
         when = "when this web server began to stop"
     else:
         when = f"after {settings.GLASSBOX['ROBOFLOW_SYNC_TIMEOUT_S']:g} s"
+    # It may have finished since the wait ended, as pending_response checks.
+    if Run.objects.filter(pk=run_id, finished_at__isnull=False).exists():
+        message = (
+            f"run {run_id} finished just after the wait for it ended "
+            f"{when}; GET {url} returns its outputs, breakdown and bill"
+        )
+    else:
+        message = (
+            f"run {run_id} had not finished {when}; it goes on, and "
+            f"GET {url} returns its outputs, breakdown and bill once it ends"
+        )
     body = error_body(
-        f"run {run_id} had not finished {when}; it goes on, and "
-        f"GET {url} returns its outputs, breakdown and bill once it ends",
+        message,
         "run_not_finished",
         context="workflow_execution",
         error_type="RunNotFinished",
