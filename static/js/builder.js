@@ -546,7 +546,8 @@
   function replaceDefinition(definition, source) {
     const previous = state.selected;
     state.definition = definition;
-    useFieldNames(definition);
+    // applyJsonText has renamed the keys of what the JSON tab sends.
+    if (source !== "json") useFieldNames(definition);
     state.selected = previous && findItem(previous.section, previous.item.name)
       ? { section: previous.section, item: findItem(previous.section, previous.item.name) }
       : null;
