@@ -232,24 +232,18 @@ def stop_leftover_redis(data_dir) -> None:
         pass
 
 
-def test_demo_without_weights_names_the_missing_model(tmp_path):
-    # MODEL_DIR defaults to models/ in the data directory, which is empty.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE", "MODEL_DIR")
-    }
-    env["GLASSBOX_DATA_DIR"] = str(tmp_path)
+def run_demo(data_dir, *, keep_model_dir: bool) -> subprocess.CompletedProcess:
+    """Run ``manage.py up --demo`` on ``data_dir`` until the demo ends."""
+    dropped = ["DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"]
+    if not keep_model_dir:
+        # MODEL_DIR then defaults to models/ in the data directory, empty.
+        dropped.append("MODEL_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env["GLASSBOX_DATA_DIR"] = str(data_dir)
+    command = [sys.executable, "manage.py", "up", "--demo", "--exit-after-demo"]
     try:
-        finished = subprocess.run(
-            [
-                sys.executable,
-                "manage.py",
-                "up",
-                "--demo",
-                "--port",
-                str(free_port_pair()),
-            ],
+        return subprocess.run(
+            [*command, "--port", str(free_port_pair())],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -257,7 +251,11 @@ def test_demo_without_weights_names_the_missing_model(tmp_path):
             timeout=STARTUP_TIMEOUT_S,
         )
     finally:
-        stop_leftover_redis(tmp_path)
+        stop_leftover_redis(data_dir)
+
+
+def test_demo_without_weights_names_the_missing_model(tmp_path):
+    finished = run_demo(tmp_path, keep_model_dir=False)
     assert finished.returncode != 0
     assert "the demo run was rejected (model_not_found)" in finished.stderr
     assert "people-detector" in finished.stderr
@@ -266,31 +264,7 @@ def test_demo_without_weights_names_the_missing_model(tmp_path):
 
 def test_demo_finds_people_in_bus_cold_then_hot(tmp_path):
     # The demo that setup.sh runs, on the pretrained weights the tests use.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")
-    }
-    env["GLASSBOX_DATA_DIR"] = str(tmp_path)
-    try:
-        finished = subprocess.run(
-            [
-                sys.executable,
-                "manage.py",
-                "up",
-                "--demo",
-                "--exit-after-demo",
-                "--port",
-                str(free_port_pair()),
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=STARTUP_TIMEOUT_S,
-        )
-    finally:
-        stop_leftover_redis(tmp_path)
+    finished = run_demo(tmp_path, keep_model_dir=True)
     assert finished.returncode == 0, finished.stderr
     out = finished.stdout
     first = out.index("== first run (cold): run ")
