@@ -168,7 +168,7 @@ def send_key_in_request_lines(port: int) -> None:
 
 
 def check_websocket_port_serves_only_websockets(port: int) -> None:
-    """The websocket server responds 404 to HTTP and reads no request body.
+    """The websocket server responds 404 to HTTP, and reads no request body.
 
     An upload to it would otherwise be read whole, up to MAX_UPLOAD_BYTES,
     before any check of who sent it.
@@ -185,13 +185,15 @@ def check_websocket_port_serves_only_websockets(port: int) -> None:
 
     with socket.create_connection(("127.0.0.1", port + 1), timeout=10) as connection:
         # A declared 100 MB upload, of which only one byte is sent: the
-        # 413 comes without waiting for the rest.
+        # 404 comes without waiting for the rest.
         connection.sendall(
             b"POST /api/models/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 100000000\r\n\r\n-"
         )
-        assert connection.recv(100).startswith(b"HTTP/1.1 413")
+        reply = connection.recv(1000)
+        assert reply.startswith(b"HTTP/1.1 404")
+        assert b"/api/models/ is not served on this port" in reply
 
     # The websocket route is still served there: a handshake from a page of
     # the web server, without a session, is refused by the run-event

@@ -13,21 +13,14 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from webapp.daphne_request import web_server_hint  # noqa: E402
-from webapp.errors import error_body  # noqa: E402
+from webapp.daphne_request import not_served_body  # noqa: E402
 from webapp.origins import SiteOriginValidator  # noqa: E402
 from webapp.routing import websocket_urlpatterns  # noqa: E402
 
 
 async def not_served_here(scope, receive, send):
     """Respond 404 to an HTTP request on a server that carries only websockets."""
-    body = error_body(
-        f"{scope['path']} is not served on this port",
-        "not_found",
-        error_type="NotFound",
-        hint=web_server_hint(),
-    )
-    content = json.dumps(body).encode()
+    content = json.dumps(not_served_body(scope["path"])).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(content)).encode()),

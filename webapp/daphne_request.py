@@ -8,7 +8,8 @@ request stops reading once the body is over its route's limit
 (MAX_UPLOAD_BYTES for model uploads, MAX_REQUEST_BYTES elsewhere), by its
 Content-Length or, for a chunked body, as the bytes arrive. It responds 413
 with the API's error body and closes the connection. A server that carries
-only websockets (WEBSOCKETS_ONLY) reads no body at all.
+only websockets (WEBSOCKETS_ONLY) reads no body at all, and responds 404 as
+to any HTTP request there.
 """
 
 import json
@@ -65,33 +66,35 @@ class LimitedWebRequest(WebRequest):
         return super().process()
 
     def reject_body(self, length: int | None) -> None:
-        """Respond 413 and close the connection without reading further."""
+        """Respond and close the connection without reading further.
+
+        The answer is 413, or on a server that carries only websockets the
+        404 that any HTTP request gets there.
+        """
         # Imported here because it needs Django set up, which daphne's
         # command line does only after this module is imported.
         from webapp.errors import error_body
 
         self.body_rejected = True
-        limit = self.body_limit
-        size = f" ({length} bytes)" if length is not None else ""
         if settings.GLASSBOX["WEBSOCKETS_ONLY"]:
-            message = "this server carries only websockets and reads no request body"
-            hint = web_server_hint()
+            path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
+            status = "404 Not Found"
+            body = not_served_body(path.decode("latin-1"))
         else:
-            message = f"request body{size} is larger than the limit of {limit} bytes"
-            hint = (
-                "Send smaller images, or raise MAX_REQUEST_BYTES (MAX_UPLOAD_BYTES "
-                "for model uploads) on the server."
+            limit = self.body_limit
+            size = f" ({length} bytes)" if length is not None else ""
+            status = "413 Payload Too Large"
+            body = error_body(
+                f"request body{size} is larger than the limit of {limit} bytes",
+                "payload_too_large",
+                context="request_parsing",
+                error_type="PayloadTooLarge",
+                hint="Send smaller images, or raise MAX_REQUEST_BYTES "
+                "(MAX_UPLOAD_BYTES for model uploads) on the server.",
             )
-        body = error_body(
-            message,
-            "payload_too_large",
-            context="request_parsing",
-            error_type="PayloadTooLarge",
-            hint=hint,
-        )
         content = json.dumps(body).encode()
         head = (
-            "HTTP/1.1 413 Payload Too Large\r\n"
+            f"HTTP/1.1 {status}\r\n"
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(content)}\r\n"
             "Connection: close\r\n\r\n"
@@ -101,8 +104,15 @@ class LimitedWebRequest(WebRequest):
         transport.loseConnection()
 
 
-def web_server_hint() -> str:
-    """Return where to send the HTTP requests that a websockets-only server rejects."""
+def not_served_body(path: str) -> dict:
+    """Return the 404 body for an HTTP request to a websockets-only server."""
+    from webapp.errors import error_body
+
     port = settings.GLASSBOX["WEB_SERVER_PORT"]
     where = f"port {port}" if port else "the web server"
-    return f"Send HTTP requests to {where}; this port serves /ws/runs/<id>/ only."
+    return error_body(
+        f"{path} is not served on this port",
+        "not_found",
+        error_type="NotFound",
+        hint=f"Send HTTP requests to {where}; this port serves /ws/runs/<id>/ only.",
+    )
