@@ -30,7 +30,7 @@ Roboflow ignores such keys, but a misspelled "negate" would then change
 which detections are kept without any error.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from workflows.blocks.base import shown
@@ -307,15 +307,13 @@ def _no_operations(operations: list, path: str, subject: str) -> None:
         )
 
 
-def _operands(filters: tuple[StatementGroup, ...]) -> list[Operand]:
-    found: list[Operand] = []
-    pending: list[Statement] = list(filters)
-    while pending:
-        statement = pending.pop(0)
+def _operands(statements: tuple[Statement, ...]) -> Iterator[Operand]:
+    """Yield the operands of ``statements`` and their groups', in order."""
+    for statement in statements:
         if isinstance(statement, StatementGroup):
-            pending[0:0] = statement.statements
+            yield from _operands(statement.statements)
         elif isinstance(statement, BinaryStatement):
-            found += [statement.left, statement.right]
+            yield statement.left
+            yield statement.right
         else:
-            found.append(statement.operand)
-    return found
+            yield statement.operand
