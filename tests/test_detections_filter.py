@@ -579,3 +579,14 @@ def test_filter_looks_classes_up_in_a_set():
     assert kept(EXAMPLE, {"classes": classes}) == [0]
     # One lookup per detection, not a comparison with each of 5,001 names.
     assert CountedText.comparisons <= 4
+
+
+def test_operations_parsed_once_per_list():
+    from workflows.blocks.detections_filter.v1 import parsed_operations
+
+    # Every call of a step gets its plan's one list, so the parse is kept.
+    assert parsed_operations(EXAMPLE) is parsed_operations(EXAMPLE)
+    # An equal list that is another object is parsed on its own.
+    copied = copy.deepcopy(EXAMPLE)
+    assert parsed_operations(copied) is not parsed_operations(EXAMPLE)
+    assert parsed_operations(copied) == parsed_operations(EXAMPLE)

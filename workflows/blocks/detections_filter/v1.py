@@ -6,6 +6,7 @@ subset of its filter language that ``operations.py`` describes.
 kept only if it passes all of them.
 """
 
+from collections import OrderedDict
 from types import NoneType
 from typing import Any
 
@@ -27,6 +28,7 @@ from workflows.blocks.detections_filter.operations import (
     parse_operations,
     undeclared_parameter,
 )
+from workflows.blocks.detections_filter.statements import StatementGroup
 from workflows.detections import Detections
 from workflows.errors import StepExecutionError
 
@@ -116,7 +118,7 @@ class DetectionsFilterBlock(Block):
             keep &= np.array(
                 [name in allowed for name in predictions.class_names], dtype=bool
             )
-        filters = parse_operations(operations)
+        filters = parsed_operations(operations)
         try:
             keep = keep_mask(filters, predictions, operations_parameters, keep)
         except EvaluationError as error:
@@ -124,3 +126,24 @@ class DetectionsFilterBlock(Block):
                 str(error), step=context.step_name, user_error=True
             ) from error
         return {"predictions": predictions.select(keep)}
+
+
+# Parsed operations by the identity of the list they were parsed from. A
+# plan's literal is one object for every call of its step (each crop of each
+# image) and every run of the plan, so it is parsed once. Each entry keeps
+# its list alive, so the id is not reused while the entry is here.
+_parsed: OrderedDict[int, tuple[list, tuple[StatementGroup, ...]]] = OrderedDict()
+PARSED_KEPT = 128
+
+
+def parsed_operations(operations: list) -> tuple[StatementGroup, ...]:
+    """Return ``parse_operations(operations)``, parsing each list object once."""
+    entry = _parsed.get(id(operations))
+    if entry is not None and entry[0] is operations:
+        _parsed.move_to_end(id(operations))
+        return entry[1]
+    filters = parse_operations(operations)
+    _parsed[id(operations)] = (operations, filters)
+    if len(_parsed) > PARSED_KEPT:
+        _parsed.popitem(last=False)
+    return filters
