@@ -6,10 +6,17 @@ from django.urls import path
 
 from runner import fleet
 from runner.models import ModelUpload, Run
+from webapp.admin_base import ViewOnlyModelAdmin
 
 
 @admin.register(Run)
-class RunAdmin(admin.ModelAdmin):
+class RunAdmin(ViewOnlyModelAdmin):
+    """Runs, viewed only: each is the record its bill was computed from.
+
+    Deleting a run would delete its bill with it, and billing histories
+    would lose it without a trace. Runs are made by run requests.
+    """
+
     list_display = (
         "id",
         "owner",
@@ -23,18 +30,6 @@ class RunAdmin(admin.ModelAdmin):
     list_filter = ("status", "source", "cold", "runner_name")
     search_fields = ("id", "owner__username")
     readonly_fields = [field.name for field in Run._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    # A run is the record its bill was computed from, so it is only viewed.
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    # Deleting a run would delete its bill with it, and billing histories
-    # would lose it without a trace.
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     def get_urls(self):
         fleet_view = self.admin_site.admin_view(self.fleet_view)
@@ -52,19 +47,14 @@ class RunAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelUpload)
-class ModelUploadAdmin(admin.ModelAdmin):
+class ModelUploadAdmin(ViewOnlyModelAdmin):
+    """Uploaded weights, viewed only.
+
+    Uploads are made through the API, which checks the weights first. Its
+    owner deletes one with DELETE /api/models/<id>, which refuses while an
+    unfinished run uses it. A row renamed here would point runs at other
+    weights than they were checked under.
+    """
+
     list_display = ("model_id", "owner", "task", "size_bytes", "created_at")
     search_fields = ("model_id", "owner__username")
-
-    # Uploads are made through the API, which checks the weights first.
-    def has_add_permission(self, request):
-        return False
-
-    # Its owner deletes an upload with DELETE /api/models/<id>, which refuses
-    # while an unfinished run uses it. A row renamed here would point runs at
-    # other weights than they were checked under.
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -195,7 +195,7 @@ def test_unknown_path_answers_json_to_programs(client, db):
 
 
 def test_roboflow_model_route_names_what_is_served(client, db):
-    # inference-sdk's infer() asks Roboflow's single-model routes first.
+    # inference-sdk's infer() requests Roboflow's single-model routes first.
     response = client.get("/model/registry", headers={"Accept": "*/*"})
     assert response.status_code == 404
     assert "workflow routes (run_workflow)" in response.json()["hint"]

@@ -291,7 +291,7 @@ def test_data_endpoints_accept_api_tokens(client, alice, bob, people):
 
 @pytest.mark.django_db
 def test_data_endpoints_reject_unparsable_body(client, alice):
-    # The key may be in the body, so its parse error is the answer.
+    # The key may be in the body, so its parse error is what is reported.
     response = client.generic(
         "GET", SUMMARY, '{"api_key": "x",', content_type="application/json"
     )
@@ -1186,7 +1186,7 @@ def test_history_without_bills_says_so(alice_browser, alice, people):
     html = alice_browser.get(HISTORY).content.decode()
     assert "none in this range" in html
     assert "all billed" not in html
-    # Days start and end at midnight UTC, which the labels say.
+    # Days start and end at midnight UTC, as the labels state.
     assert ">From (UTC)</label>" in html
     assert ">To (UTC)</label>" in html
 

@@ -392,7 +392,7 @@ def test_builder_reads_roboflow_field_spellings(
     )
     definition = page.evaluate("window.glassboxBuilder.getDefinition()")
     assert definition["steps"][0]["images"] == "$inputs.image"
-    # In its place among the keys, and the note says what changed.
+    # In its place among the keys, and the note lists the rename.
     assert list(definition["steps"][0])[:3] == ["type", "name", "images"]
     note = page.locator("#json-note")
     assert note.is_visible()

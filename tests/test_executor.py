@@ -121,7 +121,7 @@ def test_dynamic_crop_rounds_box_edges():
     assert crop.parent_id == "d1"
 
 
-def test_run_past_its_deadline_stops_at_the_next_call():
+def test_deadline_stops_next_block_call():
     definition = three_crops()
     plan = build_plan(definition, definition_digest(definition))
     image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")

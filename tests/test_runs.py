@@ -583,6 +583,7 @@ def test_crop_outside_one_image_is_null_for_it(runner, alice_client):
             {"type": "JsonField", "name": "crop", "selector": "$steps.crop.crops"},
         ],
     }
+
     images = [
         {"type": "base64", "value": base64.b64encode(image_bytes(name)).decode()}
         for name in ("bus.jpg", "zidane.jpg")
@@ -592,6 +593,7 @@ def test_crop_outside_one_image_is_null_for_it(runner, alice_client):
         {"specification": definition, "inputs": {"image": images}},
         format="json",
     )
+
     assert response.status_code == 200, response.json()
     bus, zidane = response.json()["outputs"]
     assert bus["cw"] == 100

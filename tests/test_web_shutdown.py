@@ -75,8 +75,8 @@ def test_sigterm_ends_waiting_request(runner, alice, alice_key):
         web.terminate()
         web.wait(timeout=60)
 
-    # The Roboflow route answers a run still going with an error that
-    # names it, since its client cannot read a 202.
+    # The Roboflow route responds to a run still going with an error that
+    # names it, because its client cannot read a 202.
     status, reply, answered_at = replies[0]
     assert status == 500, reply
     assert reply["code"] == "run_not_finished"

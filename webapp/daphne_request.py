@@ -68,7 +68,7 @@ class LimitedWebRequest(WebRequest):
     def reject_body(self, length: int | None) -> None:
         """Respond and close the connection without reading further.
 
-        The answer is 413, or on a server that carries only websockets the
+        The response is 413, or on a server that carries only websockets the
         404 that any HTTP request gets there.
         """
         # Imported here because it needs Django set up, which daphne's

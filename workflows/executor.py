@@ -182,7 +182,7 @@ def _call_values(step: StepPlan, values: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _StepCall:
-    """What every call of one step's block shares, at any list level."""
+    """The data every call of one step's block shares, at any list level."""
 
     step: StepPlan
     context: StepContext

@@ -67,8 +67,8 @@ class MemberList(list):
     ``in`` on a plain list compares the value with every item, so a filter
     testing one long list against another, for each detection, took time
     that grows with the product of their lengths. Equal hashable values
-    hash alike, so the set returns what the list would; a value or item that
-    does not hash falls back to the list.
+    hash alike, so the set returns what the list would. A value or item
+    that does not hash falls back to the list.
     """
 
     def __init__(self, items: list) -> None:
