@@ -1113,7 +1113,7 @@ def test_admin_cannot_delete_bills_or_runs(client, alice, django_user_model):
 def test_admin_deletes_user_with_runs(client, alice, bob, people, django_user_model):
     # Deleting a user takes the user's workflows, runs and bills along.
     bill = make_bill(alice, version=people)
-    kept = make_bill(bob)
+    bobs_bill = make_bill(bob)
     admin = django_user_model.objects.create_superuser("admin", password="admin-pw")
     client.force_login(admin)
     page = client.get(f"/admin/auth/user/{alice.pk}/delete/")
@@ -1126,7 +1126,7 @@ def test_admin_deletes_user_with_runs(client, alice, bob, people, django_user_mo
     assert not Run.objects.filter(pk=bill.run_id).exists()
     assert not Bill.objects.filter(pk=bill.pk).exists()
     assert not Workflow.objects.filter(pk=people.workflow_id).exists()
-    assert Bill.objects.filter(pk=kept.pk, run_id=kept.run_id).exists()
+    assert Bill.objects.filter(pk=bobs_bill.pk, run_id=bobs_bill.run_id).exists()
 
 
 def test_failed_model_load_is_labelled_load_failed(runner, client, alice, settings):

@@ -559,6 +559,6 @@ def test_fleet_page_shows_each_models_memory(runner, alice, client, django_user_
     )
     client.force_login(staff)
     page = client.get("/admin/runner/run/fleet/").content.decode()
-    shown = re.search(r"people-detector-160 \((\d+) MiB\)", page)
-    assert shown is not None
-    assert int(shown[1]) == expected_mib
+    memory = re.search(r"people-detector-160 \((\d+) MiB\)", page)
+    assert memory is not None
+    assert int(memory[1]) == expected_mib

@@ -6,7 +6,7 @@ from django.contrib import admin
 class ViewOnlyModelAdmin(admin.ModelAdmin):
     """An admin that shows rows and never adds, changes or deletes them.
 
-    Each subclass says in its docstring why its rows are only viewed there.
+    Each subclass gives in its docstring the reason its rows are only viewed.
     """
 
     def has_add_permission(self, request):
