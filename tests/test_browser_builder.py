@@ -96,6 +96,8 @@ def test_builder_save_sends_base_version(transactional_db, asgi_server, page, al
         with page.expect_request(f"**/api/workflows/{workflow.id}") as request:
             page.click("#save")
         assert request.value.post_data_json["base_version"] == base_version
+        # Each save so far created a version and moved the revision with it.
+        assert request.value.post_data_json["base_revision"] == base_version
         page.wait_for_selector(f"#saved-version[data-version='{base_version + 1}']")
     assert workflow.latest_version().number == 3
 
@@ -132,6 +134,36 @@ def test_builder_stale_save_keeps_edits(transactional_db, asgi_server, page, ali
     latest = workflow.latest_version()
     assert latest.number == 2
     assert latest.definition == elsewhere
+
+
+def test_builder_save_after_a_rename_elsewhere_is_refused(
+    transactional_db, asgi_server, page, alice
+):
+    workflow = Workflow.create_with_version(alice, "Old name", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+
+    # Another tab renames the workflow, which creates no version.
+    Workflow.objects.filter(pk=workflow.pk).update(name="New name", revision=2)
+    set_confidence(page, 0.55)
+    with page.expect_response(f"**/api/workflows/{workflow.id}") as response:
+        page.click("#save")
+    assert response.value.status == 409
+    assert response.value.json()["field"] == "base_revision"
+    page.wait_for_function(
+        "document.getElementById('save-message').textContent.includes('same version')"
+    )
+    assert (
+        page.locator("#save-message")
+        .text_content()
+        .startswith(
+            "Not saved: this workflow changed since this tab loaded or saved version 1 "
+            "(same version; its name or description changed)."
+        )
+    )
+    workflow.refresh_from_db()
+    assert workflow.name == "New name"
+    assert workflow.latest_version().number == 1
 
 
 def test_builder_ctrl_s_twice_saves_once(transactional_db, asgi_server, page, alice):

@@ -145,3 +145,44 @@ def test_save_from_a_stale_version_is_refused(alice, alice_client):
     for bad in ("latest", 0, True):
         response = alice_client.put(url, {"base_version": bad}, format="json")
         assert response.status_code == 400
+
+
+def test_save_from_a_stale_revision_keeps_a_rename(alice, alice_client):
+    # A rename creates no version, so base_version alone would let a page
+    # loaded before it write the old name back.
+    workflow = Workflow.create_with_version(alice, "before", image_height())
+    url = f"/api/workflows/{workflow.id}"
+    assert alice_client.get(url).json()["revision"] == 1
+    renamed = alice_client.put(
+        url, {"name": "after", "base_version": 1, "base_revision": 1}, format="json"
+    )
+    assert renamed.status_code == 200
+    assert (renamed.json()["version"], renamed.json()["revision"]) == (1, 2)
+
+    changed = image_height()
+    changed["steps"][0]["operations"][0]["property_name"] = "width"
+    stale = alice_client.put(
+        url,
+        {
+            "name": "before",
+            "definition": changed,
+            "base_version": 1,
+            "base_revision": 1,
+        },
+        format="json",
+    )
+    assert stale.status_code == 409
+    body = stale.json()
+    assert (body["code"], body["field"]) == ("version_conflict", "base_revision")
+    assert "at revision 2" in body["message"]
+    workflow.refresh_from_db()
+    assert (workflow.name, workflow.revision) == ("after", 2)
+    assert workflow.latest_version().number == 1
+
+    # A save of what is stored moves nothing on; a real change does.
+    same = alice_client.put(url, {"name": "after", "base_revision": 2}, format="json")
+    assert same.json()["revision"] == 2
+    saved = alice_client.put(
+        url, {"definition": changed, "base_revision": 2}, format="json"
+    )
+    assert (saved.json()["version"], saved.json()["revision"]) == (2, 3)

@@ -206,7 +206,7 @@ def json_object(request) -> dict[str, Any]:
 
 
 def version_number(body: dict[str, Any], key: str) -> int | None:
-    """Read an optional workflow version number, sent as an integer or digits."""
+    """Read an optional version or revision number, sent as an integer or digits."""
     value = body.get(key)
     if value is None:
         return None
@@ -215,7 +215,7 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
         digits = value.lstrip("0") or "0"
         if len(digits) > 18:
             raise MalformedRequest(
-                f"'{key}' must be a version number of at most 18 digits, got "
+                f"'{key}' must be a number of at most 18 digits, got "
                 f"{len(digits)} digits",
                 context="request_parsing",
                 field_name=key,
@@ -223,7 +223,7 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
         value = int(digits)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MalformedRequest(
-            f"'{key}' must be a positive integer version number, got {value!r}",
+            f"'{key}' must be a positive integer, got {value!r}",
             context="request_parsing",
             field_name=key,
         )

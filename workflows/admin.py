@@ -23,9 +23,16 @@ class WorkflowAdmin(admin.ModelAdmin):
     inlines = [WorkflowVersionInline]
     # A workflow moved to another user would take its runs' history along
     # while the runs and bills stay with their owner.
-    readonly_fields = ("owner",)
+    readonly_fields = ("owner", "revision")
 
     # Workflows are created with their first version, in the builder or the
     # API. One created here would have no version to run.
     def has_add_permission(self, request):
         return False
+
+    def save_model(self, request, obj, form, change):
+        # An editor open in the builder saves against the revision it
+        # loaded, so a rename here must move it on too.
+        if form.changed_data:
+            obj.revision += 1
+        super().save_model(request, obj, form, change)

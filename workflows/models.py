@@ -21,6 +21,10 @@ class Workflow(models.Model):
     # The id used in Roboflow-compatible URLs: POST /<workspace>/workflows/<slug>.
     slug = models.SlugField(max_length=200)
     description = models.TextField(blank=True)
+    # Goes up by one with every saved change: name, description or a new
+    # version. An editor sends the revision it loaded, so a save from a stale
+    # page cannot undo a rename that created no version.
+    revision = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -68,7 +72,11 @@ class Workflow(models.Model):
             # number is read after the lock, in a statement of its own, so
             # under PostgreSQL's READ COMMITTED it reads the version that the
             # previous holder of the lock committed.
-            list(Workflow.objects.select_for_update().filter(pk=self.pk).values("pk"))
+            (revision,) = (
+                Workflow.objects.select_for_update()
+                .filter(pk=self.pk)
+                .values_list("revision", flat=True)
+            )
             last = self.versions.aggregate(Max("number"))["number__max"] or 0
             version = WorkflowVersion.objects.create(
                 workflow=self,
@@ -76,7 +84,9 @@ class Workflow(models.Model):
                 definition=definition,
                 digest=definition_digest(definition),
             )
-            self.save(update_fields=["updated_at"])
+            # The first version is part of creating the workflow.
+            self.revision = revision + 1 if last else revision
+            self.save(update_fields=["revision", "updated_at"])
         return version
 
 

@@ -133,6 +133,7 @@ def _builder_page(request, workflow: Workflow | None):
             "id": workflow.id,
             "name": workflow.name,
             "version": version.number if version else None,
+            "revision": workflow.revision,
             "definition": version.definition if version else None,
         },
     }

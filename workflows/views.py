@@ -70,6 +70,7 @@ def workflow_to_dict(
         "slug": workflow.slug,
         "description": workflow.description,
         "version": version.number if version else None,
+        "revision": workflow.revision,
         "created_at": workflow.created_at.isoformat(),
         "updated_at": workflow.updated_at.isoformat(),
         "run_url": f"/api/workflows/{workflow.id}/runs",
@@ -95,7 +96,7 @@ class VersionConflict(WorkflowError):
 # The fields a workflow create or update reads; api_key is where clients may
 # put the key.
 CREATE_FIELDS = {"name", "description", "definition", "api_key"}
-UPDATE_FIELDS = CREATE_FIELDS | {"base_version"}
+UPDATE_FIELDS = CREATE_FIELDS | {"base_version", "base_revision"}
 
 
 def reject_unknown_fields(body: dict, known: set[str]) -> None:
@@ -170,6 +171,8 @@ class WorkflowDetailView(APIView):
 
         With ``base_version``, the number of the version the client edited,
         nothing is saved unless that is still the latest version (409).
+        ``base_revision`` does the same for the workflow's revision, which
+        every saved change moves on, renames included.
         """
         workflow = self.get_workflow(request, workflow_id)
         body = json_object(request)
@@ -178,6 +181,7 @@ class WorkflowDetailView(APIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         base_version = version_number(body, "base_version")
+        base_revision = version_number(body, "base_revision")
         if not data:
             raise MalformedRequest(
                 "nothing to update: send name, description or definition",
@@ -204,6 +208,16 @@ class WorkflowDetailView(APIView):
                     hint="Read the latest version, apply your changes to it, and "
                     "save again with its number as base_version.",
                 )
+            if base_revision is not None and base_revision != workflow.revision:
+                raise VersionConflict(
+                    f"workflow {workflow.id} is at revision {workflow.revision}, "
+                    f"not at base_revision {base_revision}: it was renamed, "
+                    "described or saved since; nothing was saved",
+                    context="workflow_save",
+                    field_name="base_revision",
+                    hint="Read the workflow again, apply your changes to it, and "
+                    "save with its revision as base_revision.",
+                )
             if "definition" in data:
                 if latest is None or latest.definition != data["definition"]:
                     version = workflow.add_version(data["definition"])
@@ -211,8 +225,11 @@ class WorkflowDetailView(APIView):
             for field in changed:
                 setattr(workflow, field, data[field])
             # A save of what is already stored changes nothing, its time included.
+            # A new version has moved the revision on already.
+            if changed and version is None:
+                workflow.revision += 1
             if changed or version is not None:
-                workflow.save(update_fields=[*changed, "updated_at"])
+                workflow.save(update_fields=[*changed, "revision", "updated_at"])
         # The version this request stored, not the latest: a concurrent
         # request may have stored another since.
         body = workflow_to_dict(workflow, version)

@@ -31,7 +31,9 @@
  *   Saving                        #workflow-name, #save.  #saved-version shows
  *                                 "Version N" (or "Saved as version N") and carries
  *                                 data-version="N".  Every save of an existing
- *                                 workflow sends base_version N.  A 409
+ *                                 workflow sends base_version N and the revision
+ *                                 it loaded or last saved as base_revision, so a
+ *                                 rename in another tab is not undone.  A 409
  *                                 version_conflict shows in #save-message, and the
  *                                 edits stay in the page.
  *   Validation                    #validation-status[data-state] is idle, pending,
@@ -118,6 +120,7 @@
     blockIndex: new Map(),
     workflowId: null,
     savedVersion: null,
+    savedRevision: null,
     // Counts edits, so a save that finishes after a later edit leaves the page dirty.
     changeCount: 0,
     savedChangeCount: 0,
@@ -1325,9 +1328,11 @@
     const savingChange = state.changeCount;
     const body = { name, definition: state.definition };
     // The server rejects the save with 409 version_conflict when the
-    // workflow has a newer version than the one this tab edits.
+    // workflow has a newer version, or any change (a rename too), since
+    // this tab loaded or saved it.
     const baseVersion = state.savedVersion;
     if (!isNew && baseVersion !== null) body.base_version = baseVersion;
+    if (!isNew && state.savedRevision !== null) body.base_revision = state.savedRevision;
     dom.save.disabled = true;
     state.saving = true;
     showSaveMessage("pending", "Saving…");
@@ -1363,9 +1368,9 @@
     return { ok: false, message: outcome.message };
   }
 
-  // Return the message for a save rejected because the workflow moved past
-  // baseVersion, with the latest version read from the server. Nothing in
-  // the tab changes, so the edits stay.
+  // Return the message for a save rejected because the workflow changed
+  // since this tab loaded or saved baseVersion, with what the server holds
+  // now. Nothing in the tab changes, so the edits stay.
   async function conflictMessage(baseVersion, serverMessage) {
     let latest = null;
     try {
@@ -1375,7 +1380,9 @@
     } catch (error) {
       latest = null;
     }
-    const now = latest === null ? "" : ` (now version ${latest})`;
+    let now = "";
+    if (latest === baseVersion) now = " (same version; its name or description changed)";
+    else if (latest !== null) now = ` (now version ${latest})`;
     return `Not saved: this workflow changed since this tab loaded or saved version ${baseVersion}${now}. `
       + "Reload to see it; your edits are kept in this tab until you do."
       + (latest === null && serverMessage ? ` Server: ${serverMessage}` : "");
@@ -1385,6 +1392,7 @@
     const previous = state.savedVersion;
     state.workflowId = body.id;
     state.savedVersion = body.version;
+    state.savedRevision = body.revision;
     state.savedChangeCount = savingChange;
     dom.savedVersion.dataset.version = String(body.version);
     dom.savedVersion.textContent = body.version === previous
@@ -1920,6 +1928,7 @@
     if (workflow) {
       state.workflowId = workflow.id;
       state.savedVersion = workflow.version;
+      state.savedRevision = workflow.revision;
     }
     editor = createEditor();
     bindUi();
