@@ -60,7 +60,7 @@ COMPONENT_LABELS = {
 }
 
 # The model-call components; the charts group them as "inference".
-INFERENCE_COMPONENTS = ("preprocess", "inference", "postprocess")
+MODEL_STEP_COMPONENTS = ("preprocess", "inference", "postprocess")
 
 LATENCY_PERCENTILES = (50, 90, 99)
 
@@ -275,9 +275,16 @@ def format_us_as_ms(us: int | None) -> str:
     return f"{sign}{whole}.{fraction:03d}"
 
 
+def workflow_label(name: str | None, slug: str | None) -> str:
+    """Name a workflow as the filter does: names need not be unique, slugs are."""
+    return f"{name} ({slug})" if slug is not None else INLINE_WORKFLOW_LABEL
+
+
 def workflow_name(bill: Bill) -> str:
     version = bill.run.workflow_version
-    return version.workflow.name if version is not None else INLINE_WORKFLOW_LABEL
+    if version is None:
+        return INLINE_WORKFLOW_LABEL
+    return workflow_label(version.workflow.name, version.workflow.slug)
 
 
 def model_used(model: dict[str, Any]) -> bool:
@@ -380,7 +387,7 @@ class _DayTotals:
     runs: int = 0
     amount_microcredits: int = 0
     cold_load_us: int = 0
-    inference_us: int = 0
+    model_steps_us: int = 0
     other_us: int = 0
     rounding_us: int = 0
 
@@ -388,8 +395,8 @@ class _DayTotals:
 def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
     """Aggregate the bills for the charts in one query.
 
-    Billed time is split into cold load, inference (preprocess, inference and
-    postprocess), other runner time (billable time minus those two), and the
+    Billed time is split into cold load, model steps (preprocess, inference
+    and postprocess), other runner time (billable time minus those two), and the
     time that minimum and rounding up to whole milliseconds added.  For each
     billed bill the four parts add up to ``billed_ms * 1000`` exactly.  Waived
     bills have ``billed_ms == 0`` and add nothing to the split.
@@ -413,6 +420,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
             "run__error__code",
             "run__workflow_version__workflow_id",
             "run__workflow_version__workflow__name",
+            "run__workflow_version__workflow__slug",
         )
         .iterator(chunk_size=2000)
     )
@@ -446,6 +454,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         error_code,
         workflow_id,
         name,
+        slug,
     ) in records:
         day = per_day[timezone.localtime(created_at).date()]
         day.runs += 1
@@ -458,10 +467,10 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
             # A waived bill keeps its run's time, but none of it is billed.
             totals["billable_us"] += billable_us
             cold_load = components.get("cold_load", 0)
-            inference = sum(components.get(part, 0) for part in INFERENCE_COMPONENTS)
+            model_steps = sum(components.get(part, 0) for part in MODEL_STEP_COMPONENTS)
             day.cold_load_us += cold_load
-            day.inference_us += inference
-            day.other_us += billable_us - cold_load - inference
+            day.model_steps_us += model_steps
+            day.other_us += billable_us - cold_load - model_steps
             day.rounding_us += billed_ms * 1000 - billable_us
         else:
             totals["waived_runs"] += 1
@@ -473,7 +482,7 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         # A failed run's total stops where it failed, so it is no latency.
         if total_us is not None and status == Run.Status.SUCCEEDED:
             latencies[workflow_id].append(total_us)
-            workflow_names[workflow_id] = name or INLINE_WORKFLOW_LABEL
+            workflow_names[workflow_id] = workflow_label(name, slug)
         starts[kind]["runs"] += 1
         starts[kind]["amount_microcredits"] += amount
 
@@ -484,13 +493,13 @@ def summarize(bills: QuerySet[Bill]) -> dict[str, Any]:
         "runs": [day.runs for day in daily],
         "amount_microcredits": [day.amount_microcredits for day in daily],
         "cold_load_us": [day.cold_load_us for day in daily],
-        "inference_us": [day.inference_us for day in daily],
+        "model_steps_us": [day.model_steps_us for day in daily],
         "other_us": [day.other_us for day in daily],
         "rounding_us": [day.rounding_us for day in daily],
     }
     billed_time = {
         part: sum(days[part])
-        for part in ("cold_load_us", "inference_us", "other_us", "rounding_us")
+        for part in ("cold_load_us", "model_steps_us", "other_us", "rounding_us")
     }
     billed_time["total_us"] = sum(billed_time.values())
 

@@ -417,7 +417,7 @@ def test_row_shows_components_in_ms(alice_browser, alice, people):
     row = dict(zip(page.header, page.rows[0], strict=True))
     assert row == {
         "Time (UTC)": "2025-03-10 12:00:00",
-        "Workflow": "People counter",
+        "Workflow": f"People counter ({people.workflow.slug})",
         "Run": str(bill.run_id),
         "Start": "cold",
         "Request (ms)": "0.800",
@@ -649,7 +649,7 @@ def test_csv_cells_never_start_formulas(alice_browser, alice):
     make_bill(alice, version=workflow.versions.get())
 
     header, row = csv_rows(alice_browser.get(EXPORT))
-    assert row[header.index("Workflow")] == "'" + name
+    assert row[header.index("Workflow")] == f"'{name} ({workflow.slug})"
 
 
 @pytest.mark.django_db
@@ -706,7 +706,9 @@ def test_summary_follows_filters(alice_browser, alice, people, heights):
     assert summary["totals"]["amount_microcredits"] == sum(
         bill.amount_microcredits for bill in bills
     )
-    assert {entry["workflow"] for entry in summary["latency"]} == {"Image heights"}
+    assert {entry["workflow"] for entry in summary["latency"]} == {
+        f"Image heights ({heights.workflow.slug})"
+    }
 
 
 # ------------------------------------------------------------------ chart data
@@ -738,7 +740,7 @@ def test_chart_totals_equal_bill_sums(alice_browser, alice, bob, people, heights
     split = summary["billed_time"]
     assert split["total_us"] == sum(b.billed_ms * 1000 for b in bills)
     assert split["cold_load_us"] == sum(b.components["cold_load"] for b in billed)
-    assert split["inference_us"] == sum(
+    assert split["model_steps_us"] == sum(
         b.components["preprocess"]
         + b.components["inference"]
         + b.components["postprocess"]
@@ -747,11 +749,11 @@ def test_chart_totals_equal_bill_sums(alice_browser, alice, bob, people, heights
     assert split["rounding_us"] == sum(
         b.billed_ms * 1000 - b.billable_us for b in billed
     )
-    for part in ("cold_load_us", "inference_us", "other_us", "rounding_us"):
+    for part in ("cold_load_us", "model_steps_us", "other_us", "rounding_us"):
         assert sum(days[part]) == split[part], part
     assert (
         split["cold_load_us"]
-        + split["inference_us"]
+        + split["model_steps_us"]
         + split["other_us"]
         + split["rounding_us"]
     ) == split["total_us"]
@@ -805,11 +807,8 @@ def test_latency_percentiles_per_workflow(alice_browser, alice, people, heights)
     for run in Run.objects.filter(
         owner=alice, total_us__isnull=False, status=Run.Status.SUCCEEDED
     ).select_related("workflow_version__workflow"):
-        name = (
-            run.workflow_version.workflow.name
-            if run.workflow_version
-            else "inline definition"
-        )
+        workflow = run.workflow_version.workflow if run.workflow_version else None
+        name = f"{workflow.name} ({workflow.slug})" if workflow else "inline definition"
         expected[name].append(run.total_us)
 
     assert {entry["workflow"] for entry in latency} == set(expected)

@@ -82,7 +82,7 @@ def test_billing_page_cuts_long_names(transactional_db, asgi_server, browser, al
     names = page.locator("#bill-table td.workflow .long-name")
     assert names.count() == 6
     name = names.filter(has_text="Detect people").first
-    assert name.get_attribute("title") == LONG_NAME
+    assert name.get_attribute("title") == f"{LONG_NAME} ({long.workflow.slug})"
     assert name.evaluate("el => el.scrollWidth > el.clientWidth")
     assert name.evaluate("el => getComputedStyle(el).textOverflow") == "ellipsis"
     # Every column, Amount included, fits without scrolling the table.

@@ -64,7 +64,7 @@
   function drawBilledTime(days) {
     const parts = [
       ["cold_load_us", "Cold load", phase("cold_load")],
-      ["inference_us", "Inference (pre + infer + post)", phase("inference")],
+      ["model_steps_us", "Model steps (preprocess + inference + postprocess)", phase("inference")],
       ["other_us", "Other runner time", phase("overhead")],
       ["rounding_us", "Minimum and rounding", phase("handoff")],
     ];
