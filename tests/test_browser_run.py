@@ -491,3 +491,75 @@ def test_run_page_without_version(transactional_db, asgi_server, page, alice):
     assert page.locator("#run-button").count() == 0
     assert page.locator("#estimate").count() == 0
     assert "None" not in page.locator("main").text_content()
+
+
+def test_run_page_refuses_inexact_numbers(transactional_db, asgi_server, page, alice):
+    # JSON.stringify sends 1e400 as null, and an integer past 2**53 arrives
+    # changed, so the page must stop before sending either.
+    workflow = Workflow.create_with_version(
+        alice, "Parameters", detection_with_parameters()
+    )
+    posted = []
+    page.on(
+        "request",
+        lambda request: (
+            posted.append(request.url) if request.method == "POST" else None
+        ),
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    error = page.locator("#run-form-error")
+    for text, problem in (
+        ("1e400", "a number this large"),
+        ("[1, 9007199254740993]", "the integer 9007199254740992"),
+    ):
+        page.fill("#param-label", text)
+        page.click("#run-button")
+        page.wait_for_function("!document.getElementById('run-button').disabled")
+        assert error.text_content() == (
+            f"Parameter 'label': {problem} cannot be sent exactly; use a smaller "
+            "number, or quote it to send it as text."
+        )
+    assert not [url for url in posted if url.endswith("/runs")]
+    assert run_rows(workflow) == 0
+
+
+def test_run_page_estimate_follows_typing(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(
+        alice, "Parameters", detection_with_parameters()
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    page.wait_for_function(
+        "document.getElementById('estimate').textContent !== 'Estimating…'"
+    )
+    # Typed without leaving the field, so no change event fires.
+    page.locator("#param-model").press_sequentially('"no-such-model"')
+    page.wait_for_function(
+        "document.getElementById('estimate').textContent.includes('no-such-model')"
+    )
+    assert page.locator("#estimate").text_content().startswith("No estimate: ")
+
+
+def test_run_page_shows_error_hint(
+    transactional_db, asgi_server, page, alice, tmp_path
+):
+    from PIL import Image
+
+    workflow = Workflow.create_with_version(alice, "Hint", detection())
+    deep = tmp_path / "deep.tiff"
+    Image.new("I", (8, 8)).save(deep)
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    page.set_input_files(".image-file", str(deep))
+    page.click("#run-button")
+    page.wait_for_function(
+        "document.getElementById('run-form-error').textContent !== ''"
+    )
+    assert page.locator("#run-form-error").text_content() == (
+        "Input 'image' is a TIFF image with 32-bit samples, which the runners "
+        "cannot decode. Convert it to 8 or 16 bits per sample."
+    )
+    # The result box stays hidden while it is empty.
+    assert not page.locator("#result-json").is_visible()
+    assert run_rows(workflow) == 0

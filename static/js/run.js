@@ -563,7 +563,10 @@
         body: JSON.stringify({ inputs, async: true, source: "ui", ...versionField() }),
       });
       const body = await response.json();
-      if (!response.ok && response.status !== 202) throw new Error(body.message || response.statusText);
+      if (!response.ok && response.status !== 202) {
+        const message = body.message || response.statusText;
+        throw new Error(body.hint ? `${message}. ${body.hint}` : message);
+      }
       drawnImage = firstImage;
       history.replaceState(null, "", `/runs/${body.id}/`);
       // The button stays disabled until the run ends (showFinal).
@@ -578,15 +581,42 @@
     return workflowVersion ? { version: workflowVersion } : {};
   }
 
-  // An empty field is left out, so the parameter's default applies.
+  // An empty field is left out, so the parameter's default applies. Text
+  // that is not JSON is sent as a string. Throws for a number that JSON in
+  // this page cannot carry exactly: JSON.stringify would send 1e400 as
+  // null, and 9007199254740993 would arrive one less.
   function readParameters() {
     const parameters = {};
     for (const input of document.querySelectorAll(".param")) {
       if (input.value.trim() === "") continue;
-      try { parameters[input.dataset.param] = JSON.parse(input.value); }
-      catch { parameters[input.dataset.param] = input.value; }
+      let value;
+      try { value = JSON.parse(input.value); }
+      catch { value = input.value; }
+      const problem = inexactNumber(value);
+      if (problem !== null) {
+        throw new Error(`Parameter '${input.dataset.param}': ${problem} cannot be sent exactly; `
+          + "use a smaller number, or quote it to send it as text.");
+      }
+      parameters[input.dataset.param] = value;
     }
     return parameters;
+  }
+
+  // Return the first number in a parsed JSON value that is infinite or an
+  // integer past 2^53, as text, or null if there is none.
+  function inexactNumber(value) {
+    if (typeof value === "number") {
+      if (!Number.isFinite(value)) return "a number this large";
+      if (Number.isInteger(value) && !Number.isSafeInteger(value)) return `the integer ${value}`;
+      return null;
+    }
+    if (value !== null && typeof value === "object") {
+      for (const item of Object.values(value)) {
+        const problem = inexactNumber(item);
+        if (problem !== null) return problem;
+      }
+    }
+    return null;
   }
 
   // Describe where the figures come from, as the estimate's basis and
@@ -632,28 +662,40 @@
       `(${describeBasis(estimate)}).${untrained}`;
   }
 
+  // Only the latest request's estimate is shown, whichever arrives last.
+  let estimateSeq = 0;
+
   async function showEstimate() {
     const target = $("estimate");
+    const seq = ++estimateSeq;
     try {
+      const inputs = readParameters();
       const response = await fetch(`/api/workflows/${workflowId}/estimate`, {
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-        body: JSON.stringify({ inputs: readParameters(), ...versionField() }),
+        body: JSON.stringify({ inputs, ...versionField() }),
       });
       const body = await response.json();
+      if (seq !== estimateSeq) return;
       target.textContent = response.ok
         ? describeEstimate(body)
         : `No estimate: ${body.message || response.statusText}`;
     } catch (error) {
-      target.textContent = `No estimate: ${error.message}`;
+      if (seq === estimateSeq) target.textContent = `No estimate: ${error.message}`;
     }
   }
 
   if ($("run-form")) {
     $("run-form").addEventListener("submit", startRun);
+    // While typing, the estimate follows a short pause.
+    let typing = null;
     for (const input of document.querySelectorAll(".param")) {
       input.addEventListener("change", showEstimate);
+      input.addEventListener("input", () => {
+        clearTimeout(typing);
+        typing = setTimeout(showEstimate, 300);
+      });
     }
     for (const fieldset of document.querySelectorAll("[data-image-input]")) {
       bindImageChoice(fieldset);
