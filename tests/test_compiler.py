@@ -47,6 +47,61 @@ def test_compile_unknown_block_type_names_step_and_field():
     assert "teleport" in error.property_details
 
 
+def test_compile_step_without_type_says_missing():
+    definition = image_height()
+    del definition["steps"][0]["type"]
+    [error] = compile_errors(definition)
+    assert error.block_id == "h"
+    assert error.property_details.startswith(
+        "step 'h': block type ('type') is missing; known types: "
+    )
+    assert "None" not in error.property_details
+
+
+@pytest.mark.parametrize(
+    ("part", "value", "problem"),
+    [
+        ("steps", None, "steps[0]: step name ('name') is missing"),
+        ("steps", 7, "steps[0]: step name must be a string, not a number"),
+        ("inputs", None, "inputs[0]: input name ('name') is missing"),
+        ("outputs", "", "outputs[0]: output name ('name') is missing"),
+        ("outputs", ["h"], "outputs[0]: output name must be a string, not a list"),
+        (
+            "steps",
+            "s" * 201,
+            "steps[0]: step name is 201 characters long; at most 200 are allowed",
+        ),
+        (
+            "inputs",
+            "9lives",
+            "inputs[0]: input name '9lives' must start with a letter or '_' and "
+            "contain only letters, digits, '_' or '-'",
+        ),
+    ],
+)
+def test_compile_bad_names_say_what_is_wrong(part, value, problem):
+    definition = image_height()
+    if value is None:
+        del definition[part][0]["name"]
+    else:
+        definition[part][0]["name"] = value
+    errors = compile_errors(definition)
+    assert problem in [error.property_details for error in errors]
+
+
+def test_compile_non_object_items_name_their_place():
+    definition = image_height()
+    definition["inputs"].append(3)
+    definition["steps"].append("h")
+    definition["outputs"].append(None)
+    details = [error.property_details for error in compile_errors(definition)]
+    assert details == [
+        "inputs[1] must be an object, not a number",
+        "steps[1] must be an object, not a string",
+        "outputs[1] must be an object, not null",
+    ]
+
+
 def test_compile_missing_required_field():
     definition = detection()
     del definition["steps"][0]["model_id"]

@@ -25,10 +25,49 @@ INPUT_TYPES = {
     "InferenceParameter": PARAMETER_INPUT,
     "WorkflowVideoMetadata": None,
 }
-# Used with fullmatch: "$" alone would also accept a trailing newline.
 # Deepest nesting of lists and objects allowed in a parameter value or default.
 MAX_VALUE_DEPTH = 32
+# Used with fullmatch: "$" alone would also accept a trailing newline.
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+# Longest input, step or output name, as for workflow names and model ids.
+MAX_NAME_LENGTH = 200
+JSON_TYPE_NAMES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
+
+
+def json_type_name(value: Any) -> str:
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def name_problem(kind: str, name: Any, any_text: bool = False) -> str | None:
+    """Return what is wrong with an input, step or output name, or None.
+
+    Names must match NAME_PATTERN unless ``any_text``.
+    """
+    if name is None:
+        return f"{kind} name ('name') is missing"
+    if not isinstance(name, str):
+        return f"{kind} name must be a string, not {json_type_name(name)}"
+    if len(name) > MAX_NAME_LENGTH:
+        return (
+            f"{kind} name is {len(name)} characters long; at most "
+            f"{MAX_NAME_LENGTH} are allowed"
+        )
+    if not any_text and not NAME_PATTERN.fullmatch(name):
+        return (
+            f"{kind} name {name!r} must start with a letter or '_' and contain "
+            "only letters, digits, '_' or '-'"
+        )
+    return None
+
+
 SELECTOR_PATTERN = re.compile(
     r"^\$(?:inputs\.(?P<input>[^.\s]+)|steps\.(?P<step>[^.\s]+)\.(?P<output>[^.\s]+))$"
 )
@@ -92,16 +131,17 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
     for index, item in enumerate(inputs):
         where = f"inputs[{index}]"
         if not isinstance(item, dict):
-            parsed.error(None, None, where, "each input must be an object")
-            continue
-        name, input_type = item.get("name"), item.get("type")
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             parsed.error(
                 None,
-                input_type,
-                f"{where}.name",
-                f"input name {name!r} must be letters, digits, '_' or '-'",
+                None,
+                where,
+                f"{where} must be an object, not {json_type_name(item)}",
             )
+            continue
+        name, input_type = item.get("name"), item.get("type")
+        problem = name_problem("input", name)
+        if problem is not None:
+            parsed.error(None, input_type, f"{where}.name", f"{where}: {problem}")
             continue
         if name in seen:
             parsed.error(
@@ -170,16 +210,17 @@ def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
     for index, item in enumerate(steps):
         where = f"steps[{index}]"
         if not isinstance(item, dict):
-            parsed.error(None, None, where, "each step must be an object")
-            continue
-        name, type_name = item.get("name"), item.get("type")
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             parsed.error(
                 None,
-                type_name,
-                "name",
-                f"{where}: step name {name!r} must be letters, digits, '_' or '-'",
+                None,
+                where,
+                f"{where} must be an object, not {json_type_name(item)}",
             )
+            continue
+        name, type_name = item.get("name"), item.get("type")
+        problem = name_problem("step", name)
+        if problem is not None:
+            parsed.error(None, type_name, "name", f"{where}: {problem}")
             continue
         if name in seen:
             parsed.error(name, type_name, "name", f"step name '{name}' is used twice")
@@ -188,11 +229,19 @@ def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
         block = find_block(type_name) if isinstance(type_name, str) else None
         if block is None:
             parsed.broken_steps.add(name)
+            if type_name is None:
+                problem = "block type ('type') is missing"
+            elif not isinstance(type_name, str):
+                problem = (
+                    f"block type must be a string, not {json_type_name(type_name)}"
+                )
+            else:
+                problem = f"unknown block type {type_name!r}"
             parsed.error(
                 name,
                 type_name,
                 "type",
-                f"unknown block type {type_name!r}; known types: "
+                f"step '{name}': {problem}; known types: "
                 f"{', '.join(known_type_names())}",
             )
             continue
@@ -204,11 +253,18 @@ def _parse_outputs(outputs: list, parsed: ParsedDefinition) -> None:
     for index, item in enumerate(outputs):
         where = f"outputs[{index}]"
         if not isinstance(item, dict):
-            parsed.error(None, None, where, "each output must be an object")
+            parsed.error(
+                None,
+                None,
+                where,
+                f"{where} must be an object, not {json_type_name(item)}",
+            )
             continue
         name = item.get("name")
-        if not isinstance(name, str) or not name:
-            parsed.error(None, "JsonField", f"{where}.name", "output name is missing")
+        # Output names are keys of the result, so any text will do.
+        problem = name_problem("output", None if name == "" else name, any_text=True)
+        if problem is not None:
+            parsed.error(None, "JsonField", f"{where}.name", f"{where}: {problem}")
             continue
         if name in seen:
             parsed.error(
