@@ -107,11 +107,7 @@ def _load(path: Path) -> dict:
     try:
         model = open_weights(str(path))
     except Exception as error:
-        # The loader's own messages range from "Invalid magic number" to a
-        # bare IndexError, and none of them states that the file is at fault.
-        raise ValueError(
-            f"it could not be read as a checkpoint ({type(error).__name__}: {error})"
-        ) from error
+        raise ValueError(_load_failure(error)) from error
     if model.task != "detect":
         raise ValueError(f"the model's task is '{model.task}', only 'detect' runs here")
     return {
@@ -120,6 +116,26 @@ def _load(path: Path) -> dict:
         "names": [model.names[i] for i in sorted(model.names)],
         "trained": bool((getattr(model, "ckpt", None) or {}).get("train_args")),
     }
+
+
+def _load_failure(error: Exception) -> str:
+    """Say why the loader failed, in terms of the file rather than the loader.
+
+    The loader's own messages range from "Invalid magic number" to a bare
+    IndexError, and none of them states that the file is at fault. Two
+    common ones are put in plain words; the rest are quoted.
+    """
+    text = str(error)
+    if "PytorchStreamReader" in text or "inline_container" in text:
+        # torch's zip reader: the archive lacks the layout torch.save writes.
+        return "it is a zip archive, but not one that torch saved"
+    if "references types outside the supported" in text:
+        # ultralytics' allow-list refused a class or function in the pickle.
+        return (
+            "it holds Python objects that an ultralytics checkpoint does not, "
+            "so it was not loaded; only weights saved by ultralytics load here"
+        )
+    return f"it could not be read as a checkpoint ({type(error).__name__}: {text})"
 
 
 def main(path: str) -> None:

@@ -84,6 +84,19 @@ def test_upload_rejects_garbage_pickle(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_rejects_zip_that_is_no_checkpoint(alice_client, tmp_path):
+    archive = tmp_path / "archive.pt"
+    with zipfile.ZipFile(archive, "w") as file:
+        file.writestr("notes.txt", "not weights")
+    response = upload(alice_client, "archive", archive)
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "'archive.pt' is not an ultralytics model: it is a zip archive, but not "
+        "one that torch saved"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_of_trained_weights_is_pretrained(runner, alice_client):
     trained = resolve_model("people-detector").local_path()
     response = upload(alice_client, "my-people", Path(trained))
@@ -127,7 +140,11 @@ def test_upload_rejects_code_running_weights(alice, alice_client, tmp_path, arch
     assert response.status_code == 400, response.json()
     body = response.json()
     assert body["field"] == "file"
-    assert str(upload_dir) not in body["message"]
+    assert body["message"] == (
+        "'payload.pt' is not an ultralytics model: it holds Python objects that "
+        "an ultralytics checkpoint does not, so it was not loaded; only weights "
+        "saved by ultralytics load here"
+    )
     assert not marker.exists()
     assert ModelUpload.objects.count() == 0
     assert set(upload_dir.glob("*")) == before
