@@ -24,12 +24,16 @@ class RunAdmin(ViewOnlyModelAdmin):
         "source",
         "runner_name",
         "cold",
-        "total_us",
+        "total_ms",
         "created_at",
     )
     list_filter = ("status", "source", "cold", "runner_name")
     search_fields = ("id", "owner__username")
     readonly_fields = [field.name for field in Run._meta.fields]
+
+    @admin.display(description="Total (ms)", ordering="total_us")
+    def total_ms(self, run):
+        return None if run.total_us is None else f"{run.total_us / 1000:.1f}"
 
     def get_urls(self):
         fleet_view = self.admin_site.admin_view(self.fleet_view)

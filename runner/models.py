@@ -17,10 +17,10 @@ class Run(models.Model):
         FAILED = "failed"
 
     class Source(models.TextChoices):
-        API = "api"
-        ROBOFLOW = "roboflow"
-        UI = "ui"
-        CLI = "cli"
+        API = "api", "API"
+        ROBOFLOW = "roboflow", "Roboflow route"
+        UI = "ui", "Browser"
+        CLI = "cli", "Command line"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(

@@ -258,6 +258,49 @@ def test_admin_adds_no_workflow_or_version(client, django_user_model, alice):
     assert client.get("/admin/workflows/workflow/add/").status_code == 403
 
 
+def test_admin_rename_moves_workflow_revision(client, django_user_model, alice):
+    # An editor page loaded before the rename must not save the old name back.
+    staff = django_user_model.objects.create_user(
+        "renamer", password="renamer-password", is_staff=True, is_superuser=True
+    )
+    client.force_login(staff)
+    workflow = Workflow.create_with_version(alice, "Heights", image_height())
+    response = client.post(
+        f"/admin/workflows/workflow/{workflow.id}/change/",
+        {
+            "name": "Widths",
+            "slug": workflow.slug,
+            "description": "",
+            "versions-TOTAL_FORMS": "1",
+            "versions-INITIAL_FORMS": "1",
+            "versions-MIN_NUM_FORMS": "0",
+            "versions-MAX_NUM_FORMS": "0",
+            "versions-0-id": str(workflow.latest_version().pk),
+            "versions-0-workflow": str(workflow.pk),
+        },
+    )
+    assert response.status_code == 302
+    workflow.refresh_from_db()
+    assert (workflow.name, workflow.revision) == ("Widths", 2)
+
+
+def test_admin_run_list_reads_plainly(client, django_user_model, alice):
+    from tests.test_billing_pages import make_bill
+
+    staff = django_user_model.objects.create_user(
+        "reader", password="reader-password", is_staff=True, is_superuser=True
+    )
+    client.force_login(staff)
+    bill = make_bill(alice)
+    bill.run.source = "ui"
+    bill.run.save(update_fields=["source"])
+    page = client.get("/admin/runner/run/").content.decode()
+    assert "Total (ms)" in page
+    assert "Total us" not in page
+    assert '<td class="field-source">Browser</td>' in page
+    assert f"{bill.run.total_us / 1000:.1f}" in page
+
+
 def test_admin_adds_no_api_token(client, django_user_model, alice):
     # An added row would have no key: nothing could use it.
     staff = django_user_model.objects.create_superuser("editor", password="editor-pw")
