@@ -662,7 +662,7 @@
       `(${describeBasis(estimate)}).${untrained}`;
   }
 
-  // Only the latest request's estimate is shown, whichever arrives last.
+  // Responses may arrive out of order, so only the latest request's estimate shows.
   let estimateSeq = 0;
 
   async function showEstimate() {

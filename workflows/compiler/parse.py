@@ -29,7 +29,8 @@ INPUT_TYPES = {
 MAX_VALUE_DEPTH = 32
 # Used with fullmatch: "$" alone would also accept a trailing newline.
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
-# Longest input, step or output name, as for workflow names and model ids.
+# Maximum length of an input, step or output name, as for workflow names and
+# model ids.
 MAX_NAME_LENGTH = 200
 JSON_TYPE_NAMES = {
     dict: "an object",
