@@ -363,8 +363,12 @@ def move_queued_jobs(name: str) -> list[str]:
         moved.append(job.id)
 
 
-def reap_dead_runners() -> None:
+def reap_dead_runners(own_name: str | None = None) -> None:
     """Reap runners without a heartbeat, and move jobs off queues no runner reads.
+
+    A runner calling this passes its own name, which is never reaped: the
+    process is alive, and after a pause its heartbeat may have expired
+    before its heartbeat thread beats again.
 
     Three kinds of runner are found here. A runner in RUNNERS_SET whose
     heartbeat expired is dead. A runner that the database shows running a
@@ -377,7 +381,7 @@ def reap_dead_runners() -> None:
     """
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
     beats = _heartbeats()[1]
-    silent = [name for name, beat in beats if beat is None]
+    silent = [name for name, beat in beats if beat is None and name != own_name]
     seen = _last_seen(silent)
     now_ms = clock.now_ns() // 1_000_000
     for name in silent:
@@ -392,7 +396,11 @@ def reap_dead_runners() -> None:
             f"runner {name} stopped sending heartbeats (none for {silence_s:.1f} s)",
         )
     live = {name for name, beat in beats if beat is not None}
-    _reap_forgotten_runners({name for name, _ in beats}, dead_after)
+    known = {name for name, _ in beats}
+    if own_name is not None:
+        live.add(own_name)
+        known.add(own_name)
+    _reap_forgotten_runners(known, dead_after)
     _move_orphaned_queues(live)
 
 

@@ -396,12 +396,21 @@ class FleetChecks(threading.Thread):
 
     def run(self) -> None:
         interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
+        dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
         checks = 0
         failures = FailureLog(f"runner {self.runtime.name}: fleet checks", interval)
+        woke_at = time.monotonic()
         while not self.stopped.is_set():
+            now = time.monotonic()
+            if now - woke_at > dead_after:
+                # This process was stopped or starved, and other runners on
+                # the same machine may have been too: give them the time to
+                # beat again before taking them for dead.
+                self.runtime.reap_from = max(self.runtime.reap_from, now + dead_after)
+            woke_at = now
             try:
-                if checks % 3 == 0 and time.monotonic() >= self.runtime.reap_from:
-                    fleet.reap_dead_runners()
+                if checks % 3 == 0 and now >= self.runtime.reap_from:
+                    fleet.reap_dead_runners(own_name=self.runtime.name)
                 if checks % RECONCILE_EVERY_BEATS == 0:
                     fleet.recover_lost_jobs()
                 failures.succeeded()

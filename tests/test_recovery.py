@@ -12,7 +12,7 @@ from rq import Queue
 from rq.job import Job
 
 from billing.models import Bill
-from runner import keys
+from runner import fleet, keys
 from runner.dispatch import enqueue
 from runner.fleet import POPPED_AFTER_S, reap_runner, recover_lost_jobs
 from runner.models import Run
@@ -232,6 +232,33 @@ def test_runner_dying_twice_is_reaped_twice(alice):
         assert run.status == Run.Status.FAILED
         assert Bill.objects.get(run=run).billed is False
         assert Bill.objects.get(run=run).created_at == run.finished_at
+
+
+def test_runner_never_reaps_itself(alice):
+    # Right after a pause longer than the dead time, a runner's own
+    # heartbeat has expired, and its fleet checks may run before its
+    # heartbeat thread beats again.
+    name = "resumed-self"
+    run = Run.objects.create(
+        owner=alice, source="api", status=Run.Status.RUNNING, runner_name=name
+    )
+    long_ago_ms = clock.now_ns() // 1_000_000 - 60_000
+    get_redis().sadd(keys.RUNNERS_SET, name)
+    get_redis().zadd(keys.RUNNERS_SEEN, {name: long_ago_ms})
+    try:
+        fleet.reap_dead_runners(own_name=name)
+        run.refresh_from_db()
+        assert run.status == Run.Status.RUNNING
+        assert get_redis().sismember(keys.RUNNERS_SET, name)
+
+        # Any other runner reaps it.
+        fleet.reap_dead_runners(own_name="someone-else")
+        run.refresh_from_db()
+        assert run.status == Run.Status.FAILED
+        assert Bill.objects.get(run=run).billed is False
+    finally:
+        get_redis().srem(keys.RUNNERS_SET, name)
+        get_redis().zrem(keys.RUNNERS_SEEN, name)
 
 
 def test_reap_spares_a_runner_that_started_again(alice):
