@@ -20,7 +20,8 @@ if .venv/bin/python scripts/services_up.py; then
     REDIS_URL=${TEST_REDIS_URL:-redis://127.0.0.1:6379/0} \
     GLASSBOX_DATA_DIR=var/test-shared \
         .venv/bin/python -m pytest tests/test_runs.py tests/test_runner_pool.py \
-        tests/test_run_events.py tests/test_concurrent_writes.py
+        tests/test_run_events.py tests/test_concurrent_writes.py \
+        tests/test_model_upload.py
 else
     echo "PostgreSQL or Redis not answering on 127.0.0.1; shared-server tests skipped"
 fi

@@ -320,12 +320,44 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     # then queues the job at once, or after the caller's transaction commits
     # if there is one.
     try:
-        sql.insert(run)
+        if any(m["source"]["kind"] == "upload" for m in models):
+            with transaction.atomic():
+                _lock_uploads(models, submission.owner_id)
+                sql.insert(run)
+        else:
+            sql.insert(run)
     except Exception:
         release_claim(queue_name, str(run_id))
         raise
     transaction.on_commit(lambda: enqueue(run, submission.inputs.images))
     return run
+
+
+def _lock_uploads(models: list[dict], owner_id: int) -> None:
+    """Lock the owner's uploads until the run row commits; raise if one is gone.
+
+    Deleting an upload locks its row before it looks for unfinished runs
+    that use it (runner.views), so either the delete sees this run and is
+    refused, or this run sees the upload gone and is not stored.
+    """
+    from runner.models import ModelUpload
+    from runner.registry import upload_source_path
+    from workflows.errors import ModelNotFoundError
+
+    stored = {
+        upload_source_path(path)
+        for path in ModelUpload.objects.select_for_update()
+        .filter(owner_id=owner_id)
+        .values_list("path", flat=True)
+    }
+    for model in models:
+        source = model["source"]
+        if source["kind"] == "upload" and source["path"] not in stored:
+            raise ModelNotFoundError(
+                model["model_id"],
+                [],
+                reason="its upload was deleted while this run was being accepted",
+            )
 
 
 def _untrained_warnings(models: list[dict]) -> list[str]:

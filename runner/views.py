@@ -189,8 +189,11 @@ class ModelDetailView(APIView):
         have the file loaded keep it until they evict it, but no run resolves
         to it any more: a new upload under the id gets a new file.
         """
-        upload = self.get_upload(request, model_id)
         with transaction.atomic():
+            # Accepting a run that uses the upload locks this row too
+            # (dispatch._lock_uploads), so a run being accepted now is
+            # either seen below or finds the upload gone.
+            upload = self.get_upload(request, model_id, lock=True)
             stored = upload_source_path(upload.path)
             busy = [
                 str(run.pk)
@@ -216,9 +219,9 @@ class ModelDetailView(APIView):
         logger.info("upload %r of user %s deleted", model_id, request.user.id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
-    def get_upload(self, request, model_id) -> ModelUpload:
+    def get_upload(self, request, model_id, lock: bool = False) -> ModelUpload:
         return get_owned(
-            ModelUpload.objects,
+            ModelUpload.objects.select_for_update() if lock else ModelUpload.objects,
             f"model upload '{model_id}'",
             owner=request.user,
             model_id=model_id,

@@ -3,18 +3,23 @@
 import builtins
 import hashlib
 import pickle
+import threading
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from django.conf import settings
+from django.db import connection, transaction
 
 from runner import views as runner_views
 from runner.models import ModelUpload, Run
 from runner.registry import resolve_model
+from tests.conftest import registered_runner, start_cli_run
 from tests.definitions import detection
 from tests.test_runs import create_workflow, run_workflow
+from workflows.errors import ModelNotFoundError
 
 
 def make_weights(path):
@@ -333,3 +338,41 @@ def test_deleting_user_removes_upload_files(
     with django_capture_on_commit_callbacks(execute=True):
         alice.delete()
     assert not stored.exists()
+
+
+def test_run_accepted_during_upload_delete_is_refused(
+    transactional_db, alice, alice_client, tmp_path
+):
+    # The delete holds its transaction open while a run that uses the upload
+    # is being accepted: the run must wait for it and find the upload gone,
+    # not be stored with weights no runner can read.
+    assert upload(alice_client, "going", make_weights(tmp_path / "w.pt")).status_code
+    outcome = {}
+
+    def accept() -> None:
+        try:
+            outcome["result"] = start_cli_run(
+                alice, detection("going"), wait_s=0.5, runner="upload-race"
+            )
+        except Exception as error:
+            outcome["result"] = error
+        finally:
+            connection.close()
+
+    with registered_runner("upload-race"):
+        with transaction.atomic():
+            ModelUpload.objects.select_for_update().get(model_id="going").delete()
+            accepting = threading.Thread(target=accept)
+            accepting.start()
+            time.sleep(1.0)
+            # It has read the upload and waits for the delete's lock.
+            assert accepting.is_alive(), outcome
+        accepting.join(timeout=30)
+
+    error = outcome["result"]
+    assert isinstance(error, ModelNotFoundError), error
+    assert error.message == (
+        "Model 'going' cannot be used: its upload was deleted while this run was "
+        "being accepted"
+    )
+    assert Run.objects.count() == 0
