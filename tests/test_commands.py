@@ -141,6 +141,35 @@ def test_createtoken_on_new_database_says_to_migrate(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_runner_on_new_database_says_to_migrate(tmp_path):
+    # A runner started without DATABASE_URL on a machine that should use the
+    # shared database gets a new SQLite file; it must stop at once and say so.
+    database = tmp_path / "empty.sqlite3"
+    data_dir = tmp_path / "data"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "webapp.settings",
+        "GLASSBOX_DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{database}",
+    }
+    env.pop("REDIS_URL", None)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "runner", "--name", "lost"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"database SQLite file {database} has " in result.stderr
+    assert "unapplied migrations; run 'python manage.py migrate'" in result.stderr
+    assert "Traceback" not in result.stderr
+    # It stopped before starting an embedded Redis server, which would
+    # outlive it.
+    assert not (data_dir / "redis.sock").exists()
+
+
 def test_runworkflow_interrupted_names_the_run(runner, tmp_path):
     # A large untrained architecture keeps the runner in its cold load while
     # the command waits, and SIGINT arrives then.

@@ -693,6 +693,9 @@ def test_new_runner_logs_no_stall(runner, extra_runners):
     time.sleep(1)  # several heartbeats after it went live
     log = fresh.log_path.read_text()
     assert "runner fresh-start started" in log
+    # Where it found Redis and the database, to catch a forgotten URL.
+    assert "runner fresh-start: Redis " in log
+    assert ", database " in log
     assert "no heartbeat for" not in log
 
 

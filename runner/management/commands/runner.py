@@ -9,6 +9,7 @@ import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
+from urllib.parse import urlsplit, urlunsplit  # noqa: E402
 
 from django.conf import settings  # noqa: E402
 from django.core.management.base import BaseCommand, CommandError  # noqa: E402
@@ -72,6 +73,10 @@ class Command(BaseCommand):
                 f"runner name is {len(name)} characters long; the limit is "
                 f"{MAX_NAME_CHARS}, so that its queue name fits a run's record"
             )
+        _check_database_ready()
+        logger.info(
+            "runner %s: Redis %s, database %s", name, _redis_place(), _database_place()
+        )
         threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
         cache = ModelCache(
             budget_bytes=options["memory_budget_mb"] * 1024 * 1024,
@@ -123,6 +128,52 @@ class Command(BaseCommand):
                 expected_status=Run.Status.RUNNING,
                 expected_runner=name,
             )
+
+
+def _check_database_ready() -> None:
+    """Raise CommandError if the database lacks tables this code needs.
+
+    Without this, a runner pointed at a new database (a forgotten
+    DATABASE_URL falls back to a new SQLite file) failed at its first query
+    with "no such table".
+    """
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    if pending:
+        raise CommandError(
+            f"database {_database_place()} has {len(pending)} unapplied "
+            "migrations; run 'python manage.py migrate' with the same "
+            "DATABASE_URL first. Runners on other machines need DATABASE_URL "
+            "and REDIS_URL set to the shared servers."
+        )
+
+
+def _redis_place() -> str:
+    """Name the Redis server in use, without its password."""
+    if not settings.REDIS_URL:
+        return f"embedded at {settings.EMBEDDED_REDIS_SOCKET} (REDIS_URL is not set)"
+    return _without_password(settings.REDIS_URL)
+
+
+def _database_place() -> str:
+    """Name the database in use, without its password."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"].endswith("sqlite3"):
+        return f"SQLite file {database['NAME']}"
+    host = database.get("HOST") or "localhost"
+    port = f":{database['PORT']}" if database.get("PORT") else ""
+    return f"{database['NAME']} on {host}{port}"
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _predecessor_died(heartbeat: dict) -> bool:
