@@ -702,15 +702,22 @@ def block_defaults() -> dict[str, Any]:
 
 
 def load_direct_model():
-    """Load ``yolov8n.yaml`` here the way the runner does, warm it up, set threads."""
-    import numpy as np
-    import torch
+    """Load the model for the direct calls, with the runners' device and threads."""
     from django.conf import settings
-    from ultralytics import YOLO
 
     from runner.model_cache import pick_device
 
     device = pick_device()
+    threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
+    return load_model(device, threads), device, threads
+
+
+def load_model(device: str, threads: int):
+    """Load ``yolov8n.yaml`` the way the runner does, warm it up, set threads."""
+    import numpy as np
+    import torch
+    from ultralytics import YOLO
+
     model = YOLO(DETECTION_MODEL, task="detect")
     model.to(device)
     blank = np.zeros((IMAGE_LONG_SIDE, IMAGE_LONG_SIDE, 3), dtype=np.uint8)
@@ -718,9 +725,8 @@ def load_direct_model():
     # ultralytics sets torch to one thread at its first predict. The runner
     # (runner/model_cache.py) sets its configured count back after the warm-up,
     # and this function does the same.
-    threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    return model, device, threads
+    return model
 
 
 def direct_predict(model, device: str, jpeg: bytes, options: dict[str, Any]):
@@ -741,19 +747,99 @@ def direct_predict(model, device: str, jpeg: bytes, options: dict[str, Any]):
     return result.boxes.xyxy.cpu().numpy(), result.speed
 
 
+class HopWorker:
+    """``bench/hop_worker.py`` in its own process, reached over the stack's Redis."""
+
+    def __init__(self, socket_path: Path, log_path: Path) -> None:
+        import redis
+
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.connection = redis.Redis(unix_socket_path=str(socket_path))
+        self.process: subprocess.Popen | None = None
+
+    def start(self, device: str, threads: int, options: dict[str, Any]) -> None:
+        from bench import hop_worker
+
+        self.connection.delete(
+            hop_worker.JOBS_KEY, hop_worker.DONE_KEY, hop_worker.READY_KEY
+        )
+        command = [
+            sys.executable,
+            str(ROOT / "bench" / "hop_worker.py"),
+            str(self.socket_path),
+            device,
+            str(threads),
+            json.dumps(options),
+        ]
+        # The worker inherits this process's OpenMP spin setting, the runners'.
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + STACK_STARTUP_TIMEOUT_S
+        while not self.connection.get(hop_worker.READY_KEY):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "the hop worker did not start:\n"
+                    + self.log_path.read_text(errors="replace")[-2000:]
+                )
+            time.sleep(0.1)
+
+    def call(self, jpeg: bytes) -> tuple[float, float, int]:
+        """Return the round trip's seconds, the worker's own seconds, and boxes."""
+        from bench import hop_worker
+
+        started = time.perf_counter()
+        self.connection.rpush(hop_worker.JOBS_KEY, jpeg)
+        popped = self.connection.blpop([hop_worker.DONE_KEY], timeout=REQUEST_TIMEOUT_S)
+        seconds = time.perf_counter() - started
+        if popped is None:
+            raise RuntimeError("the hop worker returned no result in time")
+        reply = json.loads(popped[1])
+        return seconds, reply["s"], reply["boxes"]
+
+    def stop(self) -> None:
+        from bench import hop_worker
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.connection.rpush(hop_worker.JOBS_KEY, hop_worker.STOP)
+        try:
+            self.process.wait(timeout=STACK_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def model_ms(timing: dict[str, float]) -> float:
+    """Return a run's model time from its Server-Timing, decode included."""
+    return sum(
+        timing.get(part, 0.0) for part in ("preprocess", "inference", "postprocess")
+    )
+
+
 def bench_detection(
     client: KeepAliveClient,
     floor: KeepAliveClient,
+    hop: HopWorker,
     api_key: str,
     jpeg: bytes,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Time hot detections over HTTP, direct predicts and the floor application.
+    """Time hot detections over HTTP, direct predicts, the floor app and the hop.
 
-    Each round sends the HTTP request, makes a direct call, sends the same
-    body to the floor application and makes another direct call, so every
-    request follows an inference, as it would in a stream of detections.
+    Each round sends the HTTP request, makes a direct call, sends the JPEG
+    to the hop worker, makes another direct call, and sends the HTTP body to
+    the floor application. So every request and every direct call follows
+    an inference in another process, as a detection in a stream of them
+    follows the previous one.
     """
+
     body = run_body(api_key, jpeg, detection_definition(DETECTION_MODEL))
     cold = client.post("/workflows/run", body, timeout_s=COLD_REQUEST_TIMEOUT_S)
     check_reply(cold, client.name)
@@ -765,19 +851,27 @@ def bench_detection(
 
     model, device, threads = load_direct_model()
     options = block_defaults()
+    hop.start(device, threads, options)
     for _ in range(5):
         check_reply(client.post("/workflows/run", body), client.name)
         direct_predict(model, device, jpeg, options)
-        check_floor_reply(floor.post("/workflows/run", body))
+        hop.call(jpeg)
         direct_predict(model, device, jpeg, options)
+        check_floor_reply(floor.post("/workflows/run", body))
 
     http_seconds, direct_seconds, floor_seconds = [], [], []
     timings, direct_stages, http_counts, direct_counts = [], [], set(), set()
+    hop_seconds, hop_own_seconds, hop_counts = [], [], set()
 
-    def timed_direct_call() -> None:
+    # Direct call times by the request that came just before them.
+    direct_after: dict[str, list[float]] = {"glassbox": [], "hop": []}
+
+    def timed_direct_call(after: str) -> None:
         started = time.perf_counter()
         boxes, stages = direct_predict(model, device, jpeg, options)
-        direct_seconds.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        direct_seconds.append(seconds)
+        direct_after[after].append(seconds)
         direct_counts.add(len(boxes))
         direct_stages.append(stages)
 
@@ -787,17 +881,33 @@ def bench_detection(
         http_seconds.append(reply.seconds)
         http_counts.add(output["count"])
         timings.append(parse_server_timing(reply.headers.get("Server-Timing")))
-        timed_direct_call()
+        timed_direct_call("glassbox")
 
+        seconds, own_seconds, count = hop.call(jpeg)
+        hop_seconds.append(seconds)
+        hop_own_seconds.append(own_seconds)
+        hop_counts.add(count)
+        timed_direct_call("hop")
+
+        # Last in the round, so that no direct call follows it: a direct
+        # call 2 ms after the previous one finds the model in the CPU caches.
         floor_reply = floor.post("/workflows/run", body)
         check_floor_reply(floor_reply)
         floor_seconds.append(floor_reply.seconds)
-        timed_direct_call()
 
     http_summary = summarize_ms(http_seconds)
     direct_summary = summarize_ms(direct_seconds)
     floor_summary = summarize_ms(floor_seconds)
+    hop_summary = summarize_ms(hop_seconds)
     allowed_ms = (TARGET_DETECTION_RATIO - 1) * direct_summary["p50_ms"]
+    # Each path's time outside its own decode and predict: the runner's
+    # model components for glassbox, the worker's own timer for the hop.
+    http_outside = [
+        s * 1000 - model_ms(t) for s, t in zip(http_seconds, timings, strict=True)
+    ]
+    hop_outside = [
+        (s - own) * 1000 for s, own in zip(hop_seconds, hop_own_seconds, strict=True)
+    ]
     return {
         "model_id": DETECTION_MODEL,
         "image_size": IMAGE_LONG_SIDE,
@@ -814,9 +924,20 @@ def bench_detection(
         "direct": {
             **direct_summary,
             "stage_median_ms": median_components(direct_stages),
+            "after_median_ms": {
+                after: round(statistics.median(samples) * 1000, 3)
+                for after, samples in direct_after.items()
+            },
             "detection_counts": sorted(direct_counts),
         },
         "floor": floor_summary,
+        "hop": {
+            **hop_summary,
+            "own_median_ms": round(statistics.median(hop_own_seconds) * 1000, 3),
+            "outside_model_median_ms": round(statistics.median(hop_outside), 3),
+            "detection_counts": sorted(hop_counts),
+        },
+        "http_outside_model_median_ms": round(statistics.median(http_outside), 3),
         "ratio_of_medians": round(http_summary["p50_ms"] / direct_summary["p50_ms"], 3),
         "excess_over_direct_ms": round(
             http_summary["p50_ms"] - direct_summary["p50_ms"], 3
@@ -955,8 +1076,11 @@ def print_report(results: dict[str, Any]) -> None:
         ("HTTP (glassbox)", "http"),
         ("direct predict", "direct"),
         ("HTTP (floor application)", "floor"),
+        ("hop worker (Redis only)", "hop"),
     )
     for label, key in rows:
+        if key not in detection:
+            continue
         entry = detection[key]
         print(
             f"  {label:<26}{entry['p50_ms']:>9.2f}{entry['p90_ms']:>9.2f}"
@@ -971,6 +1095,14 @@ def print_report(results: dict[str, Any]) -> None:
         f"the target allows {detection['target_allows_ms']:.2f} ms, "
         f"the floor application's p50 is {detection['floor']['p50_ms']:.2f} ms"
     )
+    if "hop" in detection:
+        hop = detection["hop"]
+        print(
+            "  outside the model's own decode and predict, medians per request: "
+            f"glassbox {detection['http_outside_model_median_ms']:.2f} ms, "
+            f"hop worker {hop['outside_model_median_ms']:.2f} ms (its own "
+            f"decode and predict {hop['own_median_ms']:.2f} ms)"
+        )
     print(
         "  glassbox Server-Timing medians (ms): "
         + ", ".join(
@@ -1126,9 +1258,13 @@ def run(args: argparse.Namespace, data_dir: Path, peer_dir: Path) -> dict[str, A
         floor_server.start()
         floor = KeepAliveClient("floor", floor_server.port)
         clients.append(floor)
+        hop = HopWorker(data_dir / "redis.sock", data_dir / "hop.log")
         try:
-            results["detection"] = bench_detection(ours, floor, api_key, jpeg, args)
+            results["detection"] = bench_detection(
+                ours, floor, hop, api_key, jpeg, args
+            )
         finally:
+            hop.stop()
             floor_server.stop()
         state = runner_state(frozenset({DETECTION_MODEL}))
         results["memory"]["rss_one_model_bytes"] = runner_rss_bytes(runner["pid"])

@@ -1,0 +1,49 @@
+"""A second process that only predicts, for the floor of (b) in overhead.py.
+
+It takes JPEG bytes from a Redis list, decodes them and predicts exactly as
+the benchmark's direct calls do, and pushes back the box count and its own
+time for that work. Nothing else happens on the way: no HTTP, database,
+authentication, plan, breakdown or bill. So a round trip through it, minus
+its own time, is what handing a job to another process over Redis and
+getting the result back costs, the least that any design with a separate
+runner process pays.
+
+Usage: python bench/hop_worker.py REDIS_SOCKET DEVICE THREADS OPTIONS_JSON
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.overhead import direct_predict, load_model  # noqa: E402
+
+JOBS_KEY = "bench:hop:jobs"
+DONE_KEY = "bench:hop:done"
+READY_KEY = "bench:hop:ready"
+# Pushed instead of JPEG bytes to end the loop.
+STOP = b"stop"
+
+
+def main(socket_path: str, device: str, threads: int, options: dict) -> None:
+    connection = redis.Redis(unix_socket_path=socket_path)
+    model = load_model(device, threads)
+    connection.set(READY_KEY, "1")
+    while True:
+        _, jpeg = connection.blpop([JOBS_KEY])
+        if jpeg == STOP:
+            return
+        started = time.perf_counter()
+        boxes, _ = direct_predict(model, device, jpeg, options)
+        seconds = time.perf_counter() - started
+        connection.rpush(DONE_KEY, json.dumps({"boxes": len(boxes), "s": seconds}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
