@@ -13,6 +13,7 @@ and does not set Django up.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -122,19 +123,31 @@ def _load_failure(error: Exception) -> str:
     """Say why the loader failed, in terms of the file rather than the loader.
 
     The loader's own messages range from "Invalid magic number" to a bare
-    IndexError, and none of them states that the file is at fault. Two
+    IndexError, and none of them states that the file is at fault. The
     common ones are put in plain words; the rest are quoted.
     """
     text = str(error)
-    if "PytorchStreamReader" in text or "inline_container" in text:
+    cause = str(error.__cause__ or "")
+    if "references types outside the supported" in text:
+        # ultralytics' wording for any pickle that torch's safe loader
+        # refused: a class or function outside its allow-list, which torch
+        # names as "GLOBAL module.name", or bytes that are no pickle.
+        refused = re.search(r"GLOBAL ([\w.]+)", cause)
+        if refused:
+            return (
+                f"it holds a Python object ({refused.group(1)}) that an "
+                "ultralytics checkpoint does not, so it was not loaded; only "
+                "weights saved by ultralytics load here"
+            )
+        return (
+            "its pickled data could not be read safely: it is damaged, or it "
+            "holds objects that an ultralytics checkpoint does not"
+        )
+    if "empty, truncated or corrupted" in text:
+        return f"it is damaged (empty, truncated or corrupted): {cause}"[:500]
+    if "inline_container" in text:
         # torch's zip reader: the archive lacks the layout torch.save writes.
         return "it is a zip archive, but not one that torch saved"
-    if "references types outside the supported" in text:
-        # ultralytics' allow-list refused a class or function in the pickle.
-        return (
-            "it holds Python objects that an ultralytics checkpoint does not, "
-            "so it was not loaded; only weights saved by ultralytics load here"
-        )
     return f"it could not be read as a checkpoint ({type(error).__name__}: {text})"
 
 

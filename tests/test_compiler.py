@@ -53,7 +53,7 @@ def test_compile_step_without_type_says_missing():
     [error] = compile_errors(definition)
     assert error.block_id == "h"
     assert error.property_details.startswith(
-        "step 'h': block type ('type') is missing; known types: "
+        "step 'h': block type is missing (field 'type'); known types: "
     )
     assert "None" not in error.property_details
 
@@ -61,10 +61,10 @@ def test_compile_step_without_type_says_missing():
 @pytest.mark.parametrize(
     ("part", "value", "problem"),
     [
-        ("steps", None, "steps[0]: step name ('name') is missing"),
+        ("steps", None, "steps[0]: step name is missing (field 'name')"),
         ("steps", 7, "steps[0]: step name must be a string, not a number"),
-        ("inputs", None, "inputs[0]: input name ('name') is missing"),
-        ("outputs", "", "outputs[0]: output name ('name') is missing"),
+        ("inputs", None, "inputs[0]: input name is missing (field 'name')"),
+        ("outputs", "", "outputs[0]: output name is missing (field 'name')"),
         ("outputs", ["h"], "outputs[0]: output name must be a string, not a list"),
         (
             "steps",

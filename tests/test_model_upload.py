@@ -3,6 +3,7 @@
 import builtins
 import hashlib
 import pickle
+import shutil
 import threading
 import time
 import zipfile
@@ -102,6 +103,25 @@ def test_upload_rejects_zip_that_is_no_checkpoint(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_rejects_damaged_checkpoint(alice_client, tmp_path):
+    # A real checkpoint with one member's header overwritten: a file damaged
+    # in transfer, not one of another kind.
+    damaged = tmp_path / "damaged.pt"
+    shutil.copy(resolve_model("people-detector").local_path(), damaged)
+    with zipfile.ZipFile(damaged) as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    with damaged.open("r+b") as file:
+        file.seek(member.header_offset)
+        file.write(b"XXXX")
+    response = upload(alice_client, "damaged", damaged)
+    assert response.status_code == 400
+    assert response.json()["message"].startswith(
+        "'damaged.pt' is not an ultralytics model: it is damaged (empty, "
+        "truncated or corrupted): PytorchStreamReader failed reading file data/0"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_of_trained_weights_is_pretrained(runner, alice_client):
     trained = resolve_model("people-detector").local_path()
     response = upload(alice_client, "my-people", Path(trained))
@@ -145,11 +165,16 @@ def test_upload_rejects_code_running_weights(alice, alice_client, tmp_path, arch
     assert response.status_code == 400, response.json()
     body = response.json()
     assert body["field"] == "file"
-    assert body["message"] == (
-        "'payload.pt' is not an ultralytics model: it holds Python objects that "
-        "an ultralytics checkpoint does not, so it was not loaded; only weights "
-        "saved by ultralytics load here"
+    # torch names the refused function when it can read the pickle's
+    # protocol; a bare pickle of a newer protocol it cannot read at all.
+    reason = (
+        "it holds a Python object (io.open) that an ultralytics checkpoint does "
+        "not, so it was not loaded; only weights saved by ultralytics load here"
+        if archive
+        else "its pickled data could not be read safely: it is damaged, or it "
+        "holds objects that an ultralytics checkpoint does not"
     )
+    assert body["message"] == f"'payload.pt' is not an ultralytics model: {reason}"
     assert not marker.exists()
     assert ModelUpload.objects.count() == 0
     assert set(upload_dir.glob("*")) == before

@@ -53,7 +53,7 @@ def name_problem(kind: str, name: Any, any_text: bool = False) -> str | None:
     Names must match NAME_PATTERN unless ``any_text``.
     """
     if name is None:
-        return f"{kind} name ('name') is missing"
+        return f"{kind} name is missing (field 'name')"
     if not isinstance(name, str):
         return f"{kind} name must be a string, not {json_type_name(name)}"
     if len(name) > MAX_NAME_LENGTH:
@@ -231,7 +231,7 @@ def _parse_steps(steps: list, parsed: ParsedDefinition) -> None:
         if block is None:
             parsed.broken_steps.add(name)
             if type_name is None:
-                problem = "block type ('type') is missing"
+                problem = "block type is missing (field 'type')"
             elif not isinstance(type_name, str):
                 problem = (
                     f"block type must be a string, not {json_type_name(type_name)}"
