@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection as db_connection
 
 from runner.models import Run
-from tests.conftest import ROOT, image_path
+from tests.conftest import ROOT, image_path, private_data_env
 from tests.definitions import detection, image_height
 
 DEFINITION = "examples/people-count.json"
@@ -168,6 +168,33 @@ def test_runner_on_new_database_says_to_migrate(tmp_path):
     # It stopped before starting an embedded Redis server, which would
     # outlive it.
     assert not (data_dir / "redis.sock").exists()
+
+
+def test_runner_logs_redis_without_password(db, tmp_path):
+    # redis-py reads a password from the user part or the query string.
+    env = private_data_env(tmp_path / "data")
+    env["REDIS_URL"] = "redis://user:in-user-part@127.0.0.1:9/3?password=in-query"
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "runner", "--name", "secretive"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if "runner secretive: Redis " in line:
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    logged = "".join(lines)
+    assert "runner secretive: Redis redis://127.0.0.1:9/3, database " in logged
+    assert "in-user-part" not in logged
+    assert "in-query" not in logged
 
 
 def test_runworkflow_interrupted_names_the_run(runner, tmp_path):

@@ -9,7 +9,7 @@ import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
-from urllib.parse import urlsplit, urlunsplit  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
 
 from django.conf import settings  # noqa: E402
 from django.core.management.base import BaseCommand, CommandError  # noqa: E402
@@ -152,28 +152,27 @@ def _check_database_ready() -> None:
 
 
 def _redis_place() -> str:
-    """Name the Redis server in use, without its password."""
+    """Name the Redis server in use by scheme, host, port and path alone.
+
+    A password can sit in the URL's user part or in its query string
+    (``?password=``), so neither is logged.
+    """
     if not settings.REDIS_URL:
         return f"embedded at {settings.EMBEDDED_REDIS_SOCKET} (REDIS_URL is not set)"
-    return _without_password(settings.REDIS_URL)
+    parts = urlsplit(settings.REDIS_URL)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _database_place() -> str:
-    """Name the database in use, without its password."""
+    """Name the database in use, without its user or password."""
     database = settings.DATABASES["default"]
     if database["ENGINE"].endswith("sqlite3"):
         return f"SQLite file {database['NAME']}"
     host = database.get("HOST") or "localhost"
     port = f":{database['PORT']}" if database.get("PORT") else ""
     return f"{database['NAME']} on {host}{port}"
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _predecessor_died(heartbeat: dict) -> bool:
