@@ -258,6 +258,23 @@ def test_admin_adds_no_workflow_or_version(client, django_user_model, alice):
     assert client.get("/admin/workflows/workflow/add/").status_code == 403
 
 
+def admin_workflow_form(workflow, **fields) -> dict:
+    """Return the admin change form's POST data for ``workflow``."""
+    return {
+        "name": workflow.name,
+        "slug": workflow.slug,
+        "description": workflow.description,
+        "loaded_revision": str(workflow.revision),
+        "versions-TOTAL_FORMS": "1",
+        "versions-INITIAL_FORMS": "1",
+        "versions-MIN_NUM_FORMS": "0",
+        "versions-MAX_NUM_FORMS": "0",
+        "versions-0-id": str(workflow.latest_version().pk),
+        "versions-0-workflow": str(workflow.pk),
+        **fields,
+    }
+
+
 def test_admin_rename_moves_workflow_revision(client, django_user_model, alice):
     # An editor page loaded before the rename must not save the old name back.
     staff = django_user_model.objects.create_user(
@@ -265,23 +282,34 @@ def test_admin_rename_moves_workflow_revision(client, django_user_model, alice):
     )
     client.force_login(staff)
     workflow = Workflow.create_with_version(alice, "Heights", image_height())
-    response = client.post(
-        f"/admin/workflows/workflow/{workflow.id}/change/",
-        {
-            "name": "Widths",
-            "slug": workflow.slug,
-            "description": "",
-            "versions-TOTAL_FORMS": "1",
-            "versions-INITIAL_FORMS": "1",
-            "versions-MIN_NUM_FORMS": "0",
-            "versions-MAX_NUM_FORMS": "0",
-            "versions-0-id": str(workflow.latest_version().pk),
-            "versions-0-workflow": str(workflow.pk),
-        },
-    )
+    url = f"/admin/workflows/workflow/{workflow.id}/change/"
+    assert 'name="loaded_revision" value="1"' in client.get(url).content.decode()
+    response = client.post(url, admin_workflow_form(workflow, name="Widths"))
     assert response.status_code == 302
     workflow.refresh_from_db()
     assert (workflow.name, workflow.revision) == ("Widths", 2)
+
+
+def test_admin_save_from_stale_page_is_refused(client, django_user_model, alice):
+    staff = django_user_model.objects.create_user(
+        "stale", password="stale-password", is_staff=True, is_superuser=True
+    )
+    client.force_login(staff)
+    workflow = Workflow.create_with_version(alice, "Heights", image_height())
+    form = admin_workflow_form(workflow, description="from the admin")
+    # The builder renames it after the admin page was loaded.
+    Workflow.objects.filter(pk=workflow.pk).update(name="Renamed", revision=2)
+    response = client.post(f"/admin/workflows/workflow/{workflow.id}/change/", form)
+    assert response.status_code == 200
+    assert "changed elsewhere (revision 2) since this page was loaded (revision 1)" in (
+        response.content.decode()
+    )
+    workflow.refresh_from_db()
+    assert (workflow.name, workflow.description, workflow.revision) == (
+        "Renamed",
+        "",
+        2,
+    )
 
 
 def test_admin_run_list_reads_plainly(client, django_user_model, alice):

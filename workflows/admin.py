@@ -1,4 +1,6 @@
+from django import forms
 from django.contrib import admin
+from django.db.models import F
 
 from workflows.models import Workflow, WorkflowVersion
 
@@ -16,8 +18,46 @@ class WorkflowVersionInline(admin.TabularInline):
         return False
 
 
+class WorkflowAdminForm(forms.ModelForm):
+    """The workflow form, refused when the workflow changed since it was loaded.
+
+    A rename here from a page loaded before another edit would write the
+    old values of the other fields back, as a stale builder tab would.
+    """
+
+    loaded_revision = forms.IntegerField(widget=forms.HiddenInput, required=False)
+
+    class Meta:
+        model = Workflow
+        fields = ("name", "slug", "description")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None:
+            self.fields["loaded_revision"].initial = self.instance.revision
+
+    def clean(self):
+        cleaned = super().clean()
+        loaded = cleaned.get("loaded_revision")
+        if self.instance.pk is None or loaded is None:
+            return cleaned
+        current = (
+            Workflow.objects.filter(pk=self.instance.pk)
+            .values_list("revision", flat=True)
+            .first()
+        )
+        if current != loaded:
+            raise forms.ValidationError(
+                f"This workflow was changed elsewhere (revision {current}) since "
+                f"this page was loaded (revision {loaded}); nothing was saved. "
+                "Reload the page and make your change again."
+            )
+        return cleaned
+
+
 @admin.register(Workflow)
 class WorkflowAdmin(admin.ModelAdmin):
+    form = WorkflowAdminForm
     list_display = ("name", "slug", "owner", "updated_at")
     search_fields = ("name", "slug", "owner__username")
     inlines = [WorkflowVersionInline]
@@ -32,7 +72,9 @@ class WorkflowAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         # An editor open in the builder saves against the revision it
-        # loaded, so a rename here must move it on too.
-        if form.changed_data:
-            obj.revision += 1
+        # loaded, so a change here must move it on too, counted in the
+        # database so that a concurrent save cannot take the same number.
+        if [name for name in form.changed_data if name != "loaded_revision"]:
+            obj.revision = F("revision") + 1
         super().save_model(request, obj, form, change)
+        obj.refresh_from_db(fields=["revision"])
