@@ -309,15 +309,16 @@ def reap_runner(name: str, reason: str) -> int:
         pipeline.execute()
     finally:
         connection.delete(keys.reap_lock_key(name))
-    if failed or moved:
-        logger.warning(
-            "reaped runner %s: %d running runs failed, %d queued jobs "
-            "moved to the shared queue (%s)",
-            name,
-            failed,
-            len(moved),
-            reason,
-        )
+    # Logged even when the runner held nothing: the fleet keeps only the
+    # latest end of each name, so the log is the record of every reap.
+    logger.warning(
+        "reaped runner %s: %d running runs failed, %d queued jobs "
+        "moved to the shared queue (%s)",
+        name,
+        failed,
+        len(moved),
+        reason,
+    )
     return failed
 
 

@@ -261,6 +261,17 @@ def test_runner_never_reaps_itself(alice):
         get_redis().zrem(keys.RUNNERS_SEEN, name)
 
 
+def test_reaping_an_idle_runner_is_logged(caplog):
+    # The fleet keeps one end per name, so the log is the only record of
+    # every reap, also of a runner that held nothing.
+    with caplog.at_level("WARNING", logger="runner.fleet"):
+        assert reap_runner("idle-reaped", "runner idle-reaped went quiet") == 0
+    assert (
+        "reaped runner idle-reaped: 0 running runs failed, 0 queued jobs moved "
+        "to the shared queue (runner idle-reaped went quiet)"
+    ) in caplog.text
+
+
 def test_reap_spares_a_runner_that_started_again(alice):
     run = Run.objects.create(
         owner=alice, source="api", status=Run.Status.RUNNING, runner_name="back"
