@@ -261,7 +261,7 @@ def test_runner_never_reaps_itself(alice):
         get_redis().zrem(keys.RUNNERS_SEEN, name)
 
 
-def test_reaping_an_idle_runner_is_logged(caplog):
+def test_reaping_an_idle_runner_is_logged(db, caplog):
     # The fleet keeps one end per name, so the log is the only record of
     # every reap, also of a runner that held nothing.
     with caplog.at_level("WARNING", logger="runner.fleet"):
