@@ -584,15 +584,15 @@
   // An empty field is left out, so the parameter's default applies. Text
   // that is not JSON is sent as a string. Throws for a number that JSON in
   // this page cannot carry exactly: JSON.stringify would send 1e400 as
-  // null, and 9007199254740993 would arrive one less.
+  // null, and 9007199254740993 would arrive as 9007199254740992.
   function readParameters() {
     const parameters = {};
     for (const input of document.querySelectorAll(".param")) {
       if (input.value.trim() === "") continue;
       let value;
       try { value = JSON.parse(input.value); }
-      catch { value = input.value; }
-      const problem = inexactNumber(value);
+      catch { parameters[input.dataset.param] = input.value; continue; }
+      const problem = inexactNumber(input.value);
       if (problem !== null) {
         throw new Error(`Parameter '${input.dataset.param}': ${problem} cannot be sent exactly; `
           + "use a smaller number, or quote it to send it as text.");
@@ -602,64 +602,20 @@
     return parameters;
   }
 
-  // Return the first number in a parsed JSON value that is infinite or an
-  // integer past 2^53, as text, or null if there is none.
-  function inexactNumber(value) {
-    if (typeof value === "number") {
-      if (!Number.isFinite(value)) return "a number this large";
-      if (Number.isInteger(value) && !Number.isSafeInteger(value)) return `the integer ${value}`;
-      return null;
-    }
-    if (value !== null && typeof value === "object") {
-      for (const item of Object.values(value)) {
-        const problem = inexactNumber(item);
-        if (problem !== null) return problem;
+  // Return the first number written in JSON text that a JavaScript number
+  // cannot hold exactly, as written, or null if there is none: one too
+  // large for any number, or an integer that rounds. Strings are skipped.
+  function inexactNumber(text) {
+    const tokens = /"(?:[^"\\]|\\.)*"|(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)/g;
+    for (const [, number] of text.matchAll(tokens)) {
+      if (number === undefined) continue;
+      const value = Number(number);
+      if (!Number.isFinite(value)) return `the number ${number}`;
+      if (/^-?\d+$/.test(number) && BigInt(number) !== BigInt(value)) {
+        return `the integer ${number}`;
       }
     }
     return null;
-  }
-
-  // Describe where the figures come from, as the estimate's basis and
-  // samples count them: runs of this definition for the workflow's own
-  // times, runs of any workflow for each model's call times.
-  function describeBasis(estimate) {
-    const runs = estimate.basis.workflow_runs;
-    const parts = [`medians of ${runs} earlier run${runs === 1 ? "" : "s"} of this definition`];
-    for (const model of estimate.models) {
-      if (!model.calls || !model.samples) continue;
-      parts.push(`${model.model_id} call times from ${model.samples} ` +
-        `run${model.samples === 1 ? "" : "s"} of any workflow`);
-    }
-    return parts.join("; ");
-  }
-
-  function describeUntrained(estimate) {
-    const untrained = estimate.models.filter((model) => !model.pretrained).map((model) => model.model_id);
-    if (untrained.length === 0) return "";
-    return untrained.length === 1
-      ? ` ${untrained[0]} is an untrained architecture (random weights): `
-        + "its timings are real, its detections meaningless."
-      : ` ${untrained.join(", ")} are untrained architectures (random weights): `
-        + "their timings are real, their detections meaningless.";
-  }
-
-  // One line: where the run would go, its predicted total and price, or
-  // which part has no history yet.
-  function describeEstimate(estimate) {
-    const cold = estimate.models.filter((model) => !model.hot).map((model) => model.model_id);
-    const taker = estimate.runner || "the runner that takes it";
-    let route = `cold: ${cold.join(", ")} to be loaded by ${taker}`;
-    if (estimate.models.length === 0) route = "no model to load";
-    else if (estimate.hot) route = `hot on ${taker}`;
-    const untrained = describeUntrained(estimate);
-    if (estimate.total === null) {
-      return `Estimate: ${route}; latency and price unknown (${estimate.unknown.join("; ")}).${untrained}`;
-    }
-    const ms = estimate.total / 1000;
-    const about = ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
-    return `Estimate: ${route}, about ${about}, ` +
-      `${formatCredits(estimate.price.amount_microcredits)} ` +
-      `(${describeBasis(estimate)}).${untrained}`;
   }
 
   // Responses may arrive out of order, so only the latest request's estimate shows.
