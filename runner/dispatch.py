@@ -344,10 +344,13 @@ def _lock_uploads(models: list[dict], owner_id: int) -> None:
     from runner.registry import upload_source_path
     from workflows.errors import ModelNotFoundError
 
+    # All of the owner's uploads (a handful), in one order, so that two
+    # runs being accepted at once take the locks in the same order.
     stored = {
         upload_source_path(path)
         for path in ModelUpload.objects.select_for_update()
         .filter(owner_id=owner_id)
+        .order_by("pk")
         .values_list("path", flat=True)
     }
     for model in models:
