@@ -618,6 +618,49 @@
     return null;
   }
 
+  // Describe where the figures come from, as the estimate's basis and
+  // samples count them: runs of this definition for the workflow's own
+  // times, runs of any workflow for each model's call times.
+  function describeBasis(estimate) {
+    const runs = estimate.basis.workflow_runs;
+    const parts = [`medians of ${runs} earlier run${runs === 1 ? "" : "s"} of this definition`];
+    for (const model of estimate.models) {
+      if (!model.calls || !model.samples) continue;
+      parts.push(`${model.model_id} call times from ${model.samples} ` +
+        `run${model.samples === 1 ? "" : "s"} of any workflow`);
+    }
+    return parts.join("; ");
+  }
+
+  function describeUntrained(estimate) {
+    const untrained = estimate.models.filter((model) => !model.pretrained).map((model) => model.model_id);
+    if (untrained.length === 0) return "";
+    return untrained.length === 1
+      ? ` ${untrained[0]} is an untrained architecture (random weights): `
+        + "its timings are real, its detections meaningless."
+      : ` ${untrained.join(", ")} are untrained architectures (random weights): `
+        + "their timings are real, their detections meaningless.";
+  }
+
+  // One line: where the run would go, its predicted total and price, or
+  // which part has no history yet.
+  function describeEstimate(estimate) {
+    const cold = estimate.models.filter((model) => !model.hot).map((model) => model.model_id);
+    const taker = estimate.runner || "the runner that takes it";
+    let route = `cold: ${cold.join(", ")} to be loaded by ${taker}`;
+    if (estimate.models.length === 0) route = "no model to load";
+    else if (estimate.hot) route = `hot on ${taker}`;
+    const untrained = describeUntrained(estimate);
+    if (estimate.total === null) {
+      return `Estimate: ${route}; latency and price unknown (${estimate.unknown.join("; ")}).${untrained}`;
+    }
+    const ms = estimate.total / 1000;
+    const about = ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
+    return `Estimate: ${route}, about ${about}, ` +
+      `${formatCredits(estimate.price.amount_microcredits)} ` +
+      `(${describeBasis(estimate)}).${untrained}`;
+  }
+
   // Responses may arrive out of order, so only the latest request's estimate shows.
   let estimateSeq = 0;
 
