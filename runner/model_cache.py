@@ -288,6 +288,7 @@ class ModelCache:
         torch.set_num_threads(self.torch_threads)
 
         use.cold = True
+        use.loads += 1
         # Added, not set: a model evicted during a run is loaded again.
         use.load_read_ns += read_done - started
         use.load_to_device_ns += moved - read_done

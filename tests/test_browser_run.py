@@ -563,3 +563,25 @@ def test_run_page_shows_error_hint(
     # The result box stays hidden while it is empty.
     assert not page.locator("#result-json").is_visible()
     assert run_rows(workflow) == 0
+
+
+def test_run_page_counts_reloads(transactional_db, asgi_server, page, alice):
+    version = Workflow.create_with_version(
+        alice, "Reloaded", detection()
+    ).latest_version()
+    model = {
+        **model_entry("people-detector", calls=2),
+        "cold": True,
+        "loads": 2,
+        "cold_load": {"read": 800, "to_device": 100, "warmup": 900, "total": 1800},
+    }
+    bill = make_bill(alice, version=version, cold_load=1800, models=[model])
+    Run.objects.filter(pk=bill.run_id).update(finished_at=timezone.now())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/runs/{bill.run_id}/")
+    page.wait_for_selector("#summary:not([hidden])", timeout=30_000)
+
+    row = page.locator("#timeline li[data-model='people-detector']")
+    assert " ".join(row.text_content().split()).startswith(
+        "model people-detector cold · loaded 2 times"
+    )

@@ -654,6 +654,7 @@ def test_model_loaded_twice_in_a_run_counts_both_loads(runner, extra_runners, al
     for model in breakdown["models"]:
         own = [load["total"] for load in loads if load["model_id"] == model["model_id"]]
         assert model["cold_load"]["total"] == sum(own)
+        assert model["loads"] == len(own) == 2
 
 
 def test_database_stall_keeps_heartbeats(runner):

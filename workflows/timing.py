@@ -60,6 +60,9 @@ class ModelUse:
     pretrained: bool = True
     device: str = "cpu"
     cold: bool = False
+    # Cold loads in this run: more than one when the model was evicted
+    # during the run (a batch whose models do not fit the memory budget).
+    loads: int = 0
     load_read_ns: int = 0
     load_to_device_ns: int = 0
     load_warmup_ns: int = 0
@@ -81,6 +84,7 @@ class ModelUse:
             "pretrained": self.pretrained,
             "device": self.device,
             "cold": self.cold,
+            "loads": self.loads,
             "cold_load": {
                 "read": ns_to_us(self.load_read_ns),
                 "to_device": ns_to_us(self.load_to_device_ns),

@@ -114,6 +114,8 @@
     name.textContent = `model ${model.model_id}${note}`;
     if (model.calls > 0 || model.cold) {
       name.append(" ", badge(model.cold ? "cold" : "hot"));
+      // Evicted and loaded again during the run; older runs have no count.
+      if (model.loads > 1) name.append(` · loaded ${model.loads} times`);
     } else {
       name.append(" · not called");
     }
