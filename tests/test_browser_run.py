@@ -33,6 +33,18 @@ def run_once(page, base_url: str, workflow_id: int) -> str:
     return page.url.rstrip("/").rsplit("/", 1)[-1]
 
 
+def record_posts(page) -> list[str]:
+    """Return a list that collects the URL of every POST the page sends."""
+    posted: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            posted.append(request.url) if request.method == "POST" else None
+        ),
+    )
+    return posted
+
+
 def read_estimate(page, base_url: str, workflow_id: int) -> str:
     page.goto(f"{base_url}/workflows/{workflow_id}/run/")
     page.wait_for_function(
@@ -294,13 +306,7 @@ def test_run_page_rejects_oversized_image(
     large = tmp_path / "large.jpg"
     with large.open("wb") as file:
         file.truncate(57 * 1024 * 1024)
-    posted = []
-    page.on(
-        "request",
-        lambda request: (
-            posted.append(request.url) if request.method == "POST" else None
-        ),
-    )
+    posted = record_posts(page)
     sign_in(page, asgi_server, "alice", "alice-password")
     page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
     page.set_input_files(".image-file", str(large))
@@ -499,13 +505,7 @@ def test_run_page_refuses_inexact_numbers(transactional_db, asgi_server, page, a
     workflow = Workflow.create_with_version(
         alice, "Parameters", detection_with_parameters()
     )
-    posted = []
-    page.on(
-        "request",
-        lambda request: (
-            posted.append(request.url) if request.method == "POST" else None
-        ),
-    )
+    posted = record_posts(page)
     sign_in(page, asgi_server, "alice", "alice-password")
     page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
     error = page.locator("#run-form-error")
