@@ -1,8 +1,8 @@
 """A second process that only predicts, for the floor of (b) in overhead.py.
 
 It takes JPEG bytes from a Redis list, decodes them and predicts exactly as
-the benchmark's direct calls do, and pushes back the box count and its
-model time, counted as the runner counts it in a breakdown: the decode and
+the benchmark's direct calls do. Then it pushes back the box count and its
+model time, counted as a runner's breakdown counts it: the decode and
 ultralytics' preprocess, inference and postprocess timers. Nothing else
 happens on the way: no HTTP, database, authentication, plan, breakdown or
 bill. So a round trip through it, minus its model time, is what handing a

@@ -337,8 +337,8 @@ def _lock_uploads(models: list[dict], owner_id: int) -> None:
     """Lock the owner's uploads until the run row commits; raise if one is gone.
 
     Deleting an upload locks its row before it looks for unfinished runs
-    that use it (runner.views), so either the delete sees this run and is
-    refused, or this run sees the upload gone and is not stored.
+    that use it (runner.views). So either the delete finds this run and is
+    rejected, or this run finds the upload gone and is not stored.
     """
     from runner.models import ModelUpload
     from runner.registry import upload_source_path

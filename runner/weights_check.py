@@ -132,10 +132,10 @@ def _load_failure(error: Exception) -> str:
         # ultralytics' wording for any pickle that torch's safe loader
         # refused: a class or function outside its allow-list, which torch
         # names as "GLOBAL module.name", or bytes that are no pickle.
-        refused = re.search(r"GLOBAL ([\w.]+)", cause)
-        if refused:
+        rejected = re.search(r"GLOBAL ([\w.]+)", cause)
+        if rejected:
             return (
-                f"it holds a Python object ({refused.group(1)}) that an "
+                f"it holds a Python object ({rejected.group(1)}) that an "
                 "ultralytics checkpoint does not, so it was not loaded; only "
                 "weights saved by ultralytics load here"
             )

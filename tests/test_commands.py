@@ -143,7 +143,7 @@ def test_createtoken_on_new_database_says_to_migrate(tmp_path):
 
 def test_runner_on_new_database_says_to_migrate(tmp_path):
     # A runner started without DATABASE_URL on a machine that should use the
-    # shared database gets a new SQLite file; it must stop at once and say so.
+    # shared database gets a new SQLite file, so it must stop with a message.
     database = tmp_path / "empty.sqlite3"
     data_dir = tmp_path / "data"
     env = {

@@ -368,7 +368,7 @@ def test_deleting_user_removes_upload_files(
 def test_run_accepted_during_upload_delete_is_refused(
     transactional_db, alice, alice_client, tmp_path
 ):
-    # The delete holds its transaction open while a run that uses the upload
+    # The delete keeps its transaction open while a run that uses the upload
     # is being accepted: the run must wait for it and find the upload gone,
     # not be stored with weights no runner can read.
     assert upload(alice_client, "going", make_weights(tmp_path / "w.pt")).status_code

@@ -1369,8 +1369,8 @@
   }
 
   // Return the message for a save rejected because the workflow changed
-  // since this tab loaded or saved baseVersion, with what the server holds
-  // now. Nothing in the tab changes, so the edits stay.
+  // since this tab loaded or saved baseVersion, with the server's current
+  // version. Nothing in the tab changes, so the edits stay.
   async function conflictMessage(baseVersion, serverMessage) {
     let latest = null;
     try {

@@ -604,9 +604,9 @@
     return parameters;
   }
 
-  // Return the first number written in JSON text that a JavaScript number
-  // cannot hold exactly, as written, or null if there is none: one too
-  // large for any number, or an integer that rounds. Strings are skipped.
+  // Return the first number in JSON text, as written, that a JavaScript
+  // number cannot represent exactly (too large, or an integer that rounds),
+  // or null if there is none. Numbers inside strings are skipped.
   function inexactNumber(text) {
     const tokens = /"(?:[^"\\]|\\.)*"|(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)/g;
     for (const [, number] of text.matchAll(tokens)) {
