@@ -62,10 +62,10 @@ def test_compile_step_without_type_says_missing():
     ("part", "value", "problem"),
     [
         ("steps", None, "steps[0]: step name is missing (field 'name')"),
-        ("steps", 7, "steps[0]: step name must be a string, not a number"),
+        ("steps", 7, "steps[0]: step name must be a string, not an integer"),
         ("inputs", None, "inputs[0]: input name is missing (field 'name')"),
         ("outputs", "", "outputs[0]: output name is missing (field 'name')"),
-        ("outputs", ["h"], "outputs[0]: output name must be a string, not a list"),
+        ("outputs", ["h"], "outputs[0]: output name must be a string, not an array"),
         (
             "steps",
             "s" * 201,
@@ -96,7 +96,7 @@ def test_compile_non_object_items_name_their_place():
     definition["outputs"].append(None)
     details = [error.property_details for error in compile_errors(definition)]
     assert details == [
-        "inputs[1] must be an object, not a number",
+        "inputs[1] must be an object, not an integer",
         "steps[1] must be an object, not a string",
         "outputs[1] must be an object, not null",
     ]

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from workflows.blocks import find_block, known_type_names
-from workflows.blocks.base import Block
+from workflows.blocks.base import Block, json_type_name
 from workflows.compiler.plan import (
     IMAGE_INPUT,
     PARAMETER_INPUT,
@@ -32,19 +32,6 @@ NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 # Maximum length of an input, step or output name, as for workflow names and
 # model ids.
 MAX_NAME_LENGTH = 200
-JSON_TYPE_NAMES = {
-    dict: "an object",
-    list: "a list",
-    str: "a string",
-    bool: "a boolean",
-    int: "a number",
-    float: "a number",
-    type(None): "null",
-}
-
-
-def json_type_name(value: Any) -> str:
-    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def name_problem(kind: str, name: Any, any_text: bool = False) -> str | None:
