@@ -5,10 +5,10 @@ the benchmark's direct calls do. Then it pushes back the box count and its
 model time, counted as a runner's breakdown counts it: the decode and
 ultralytics' preprocess, inference and postprocess timers. Nothing else
 happens on the way: no HTTP, database, authentication, plan, breakdown or
-bill. So a round trip through it, minus its model time, is what handing a
-job to another process over Redis and getting the result back costs, with
-ultralytics' own work around its timed stages: the least that any design
-with a separate runner process pays.
+bill. So a round trip through it, minus its model time, is what it costs to
+hand a job to another process over Redis and get the result back. That
+includes ultralytics' own work around its timed stages. It is the least
+that any design with a separate runner process pays.
 
 Usage: python bench/hop_worker.py REDIS_SOCKET DEVICE THREADS OPTIONS_JSON
 """

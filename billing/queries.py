@@ -59,7 +59,7 @@ COMPONENT_LABELS = {
     "overhead": "Overhead",
 }
 
-# The model-call components; the charts group them as "inference".
+# The model-call components; the charts group them as "model steps".
 MODEL_STEP_COMPONENTS = ("preprocess", "inference", "postprocess")
 
 LATENCY_PERCENTILES = (50, 90, 99)

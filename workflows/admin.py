@@ -19,7 +19,7 @@ class WorkflowVersionInline(admin.TabularInline):
 
 
 class WorkflowAdminForm(forms.ModelForm):
-    """The workflow form, refused when the workflow changed since it was loaded.
+    """The workflow form, rejected when the workflow changed since it was loaded.
 
     A rename here from a page loaded before another edit would write the
     old values of the other fields back, as a stale builder tab would.
