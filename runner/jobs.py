@@ -147,23 +147,25 @@ def _execute(
         provider = ModelProvider(runtime.cache, sources, timer)
         pixel_budget = PixelBudget(settings.GLASSBOX["MAX_RUN_PIXELS"])
         deadline = Deadline(settings.GLASSBOX["RUN_TIME_LIMIT_S"])
-        batch = []
+        batch_inputs = []
         for index in range(run.batch_size):
             inputs = dict(run.parameters)
             for name, items in images.items():
                 inputs[name] = items[index if len(items) > 1 else 0]
-            results = execute_plan(
-                plan,
-                inputs,
-                models=provider,
-                timer=timer,
-                pixel_budget=pixel_budget,
-                deadline=deadline,
-            )
-            serialize_started = time.perf_counter_ns()
-            batch.append(collect_outputs(plan, inputs, results))
-            timer.serialization_ns += time.perf_counter_ns() - serialize_started
+            batch_inputs.append(inputs)
+        batch_results = execute_plan(
+            plan,
+            batch_inputs,
+            models=provider,
+            timer=timer,
+            pixel_budget=pixel_budget,
+            deadline=deadline,
+        )
         serialize_started = time.perf_counter_ns()
+        batch = [
+            collect_outputs(plan, inputs, results)
+            for inputs, results in zip(batch_inputs, batch_results, strict=True)
+        ]
         outputs_json = json.dumps(batch)
         timer.serialization_ns += time.perf_counter_ns() - serialize_started
         events.emit("serialization", duration=timer.serialization_ns // 1000)

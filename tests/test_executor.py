@@ -35,7 +35,7 @@ def run(budget: PixelBudget) -> None:
     definition = three_crops()
     execute_plan(
         build_plan(definition, definition_digest(definition)),
-        {"image": image},
+        [{"image": image}],
         models=None,
         timer=RunTimer(),
         pixel_budget=budget,
@@ -79,7 +79,7 @@ def test_crop_of_a_crop_names_both_origins():
     }
     plan = build_plan(definition, definition_digest(definition))
     inputs = {"image": WorkflowImage.from_bytes(image_bytes(), parent_id="image")}
-    results = execute_plan(plan, inputs, models=None, timer=RunTimer())
+    [results] = execute_plan(plan, [inputs], models=None, timer=RunTimer())
     inner = collect_outputs(plan, inputs, results)["inner"]
     assert inner["parent_origin"] == {
         "offset_x": 20,
@@ -128,7 +128,7 @@ def test_deadline_stops_next_block_call():
     with pytest.raises(StepExecutionError) as caught:
         execute_plan(
             plan,
-            {"image": image},
+            [{"image": image}],
             models=None,
             timer=RunTimer(),
             deadline=Deadline(limit_s=0.0),
@@ -139,5 +139,5 @@ def test_deadline_stops_next_block_call():
 
     # With time to spare, every step runs.
     execute_plan(
-        plan, {"image": image}, models=None, timer=RunTimer(), deadline=Deadline(60)
+        plan, [{"image": image}], models=None, timer=RunTimer(), deadline=Deadline(60)
     )

@@ -618,43 +618,60 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     assert state["evictions"] == evictions
 
 
-def test_model_loaded_twice_in_a_run_counts_both_loads(runner, extra_runners, alice):
-    # Two models that do not fit together, on a batch of two images: each is
-    # evicted by the other and loaded again for the second image.
+def cold_loads(run_id: str) -> list[dict]:
+    return [event for event in stored_events(run_id) if event["phase"] == "cold_load"]
+
+
+def test_models_over_budget_load_once_per_step(runner, extra_runners, alice):
+    # yolov8n and yolo11n each fit a 20 MiB budget alone, not together.
     extra_runners("evicts-mid-run", budget_mb=20)
-    definition = detection("yolov8n.yaml")
-    definition["steps"].insert(
-        1,
-        {
-            "type": "roboflow_core/roboflow_object_detection_model@v1",
-            "name": "second",
-            "images": "$inputs.image",
-            "model_id": "yolo11n.yaml",
-        },
-    )
+    second_model = {
+        "type": "roboflow_core/roboflow_object_detection_model@v1",
+        "images": "$inputs.image",
+        "model_id": "yolo11n.yaml",
+    }
     image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
-    outcome = start_run(
-        owner_id=alice.id,
-        source="cli",
-        definition=definition,
-        raw_inputs={"image": [image, image]},
-        started_ns=time.perf_counter_ns(),
-        wait_s=120,
-        runner="evicts-mid-run",
-    )
-    assert outcome.payload["meta"]["status"] == "succeeded"
-    breakdown = outcome.payload["meta"]["breakdown"]
-    loads = [
-        event
-        for event in stored_events(str(outcome.run.id))
-        if event["phase"] == "cold_load"
+
+    def run(definition: dict, images: list[dict]):
+        outcome = start_run(
+            owner_id=alice.id,
+            source="cli",
+            definition=definition,
+            raw_inputs={"image": images},
+            started_ns=time.perf_counter_ns(),
+            wait_s=120,
+            runner="evicts-mid-run",
+        )
+        assert outcome.payload["meta"]["status"] == "succeeded"
+        return outcome.payload["meta"]["breakdown"], cold_loads(str(outcome.run.id))
+
+    # A batch runs each step on every image before the next step, so each
+    # model loads once, not once per image.
+    two_models = detection("yolov8n.yaml")
+    two_models["steps"].insert(1, {**second_model, "name": "second"})
+    breakdown, loads = run(two_models, [image, image, image])
+    assert [load["model_id"] for load in loads] == ["yolov8n.yaml", "yolo11n.yaml"]
+    assert [model["loads"] for model in breakdown["models"]] == [1, 1]
+
+    # A model that a later step needs again after another evicted it loads
+    # twice, and the breakdown counts and sums both loads.
+    first_again = {**second_model, "name": "third", "model_id": "yolov8n.yaml"}
+    two_models["steps"].insert(2, first_again)
+    breakdown, loads = run(two_models, [image])
+    assert [load["model_id"] for load in loads] == [
+        "yolov8n.yaml",
+        "yolo11n.yaml",
+        "yolov8n.yaml",
     ]
-    assert len(loads) == 4
     assert sum(load["total"] for load in loads) == breakdown["components"]["cold_load"]
     for model in breakdown["models"]:
         own = [load["total"] for load in loads if load["model_id"] == model["model_id"]]
         assert model["cold_load"]["total"] == sum(own)
-        assert model["loads"] == len(own) == 2
+        assert model["loads"] == len(own)
+    assert {m["model_id"]: m["loads"] for m in breakdown["models"]} == {
+        "yolov8n.yaml": 2,
+        "yolo11n.yaml": 1,
+    }
 
 
 def test_database_stall_keeps_heartbeats(runner):

@@ -7,7 +7,7 @@ level are repeated for each element.
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,29 +89,37 @@ def _image_pixels(value: Any) -> int:
 
 def execute_plan(
     plan: ExecutionPlan,
-    inputs: Mapping[str, Any],
+    batch: Sequence[Mapping[str, Any]],
     *,
     models: Any,
     timer: RunTimer,
     pixel_budget: PixelBudget | None = None,
     deadline: Deadline | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Run every step for one set of inputs; return each step's outputs by name."""
-    results: dict[str, dict[str, Any]] = {}
+) -> list[dict[str, dict[str, Any]]]:
+    """Run every step on each set of inputs in ``batch``, one step at a time.
+
+    Each step runs on the whole batch before the next step starts, so a model
+    that shares the memory budget with other models is loaded once per step,
+    not once per image. Returns each set's step outputs by step name.
+    """
+    results: list[dict[str, dict[str, Any]]] = [{} for _ in batch]
     dimensions: dict[str, int] = {}
     for step in plan.steps:
         started = time.perf_counter_ns()
-        values, value_dims = _resolve(step, inputs, results, dimensions)
-        call = _StepCall(
-            step=step,
-            context=StepContext(step_name=step.name, models=models, timer=timer),
-            target=max(value_dims.values(), default=0),
-            data_fields=_data_fields(step),
-            pixel_budget=pixel_budget,
-            deadline=deadline,
-        )
         try:
-            results[step.name] = _run_lifted(call, values, value_dims, 0)
+            for inputs, element_results in zip(batch, results, strict=True):
+                values, value_dims = _resolve(step, inputs, element_results, dimensions)
+                call = _StepCall(
+                    step=step,
+                    context=StepContext(
+                        step_name=step.name, models=models, timer=timer
+                    ),
+                    target=max(value_dims.values(), default=0),
+                    data_fields=_data_fields(step),
+                    pixel_budget=pixel_budget,
+                    deadline=deadline,
+                )
+                element_results[step.name] = _run_lifted(call, values, value_dims, 0)
         except WorkflowError as error:
             if error.step is None:
                 error.step = step.name
