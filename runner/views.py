@@ -176,6 +176,21 @@ def upload_to_dict(upload: ModelUpload) -> dict:
     }
 
 
+def model_listing(owner) -> dict:
+    """Return the model directory's files and the uploads of ``owner``.
+
+    It is the body of ``GET /api/models/``, and the models page shows the same data.
+    """
+    files = sorted(path.stem for path in model_dir().glob("*.pt"))
+    uploads = ModelUpload.objects.filter(owner=owner).order_by("model_id")
+    return {
+        "model_dir": [{"model_id": name, "pretrained": True} for name in files],
+        "uploads": [upload_to_dict(upload) for upload in uploads],
+        "architectures": "any ultralytics model YAML, e.g. yolov8n.yaml "
+        "(untrained: random weights, for timing only)",
+    }
+
+
 class ModelDetailView(APIView):
     """One of the user's uploads: read it, or delete it and its file."""
 
@@ -232,16 +247,7 @@ class ModelListView(APIView):
     parser_classes = [MultiPartParser]
 
     def get(self, request):
-        files = sorted(p.stem for p in model_dir().glob("*.pt"))
-        uploads = ModelUpload.objects.filter(owner=request.user)
-        return Response(
-            {
-                "model_dir": [{"model_id": name, "pretrained": True} for name in files],
-                "uploads": [upload_to_dict(upload) for upload in uploads],
-                "architectures": "any ultralytics model YAML, e.g. yolov8n.yaml "
-                "(untrained: random weights, for timing only)",
-            }
-        )
+        return Response(model_listing(request.user))
 
     def post(self, request):
         """Upload weights as ``file`` under ``model_id``; they must load in ultralytics.
