@@ -1,4 +1,4 @@
-"""Browser pages for running a workflow and watching a run."""
+"""Browser pages for running a workflow, watching a run and managing models."""
 
 import importlib.util
 import json
@@ -9,8 +9,11 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import ensure_csrf_cookie
 
 from runner.models import Run
+from runner.views import model_listing
 from workflows.models import Workflow
 
 SAMPLE_IMAGES = ("bus.jpg", "zidane.jpg")
@@ -108,3 +111,21 @@ def sample_image(request, name: str):
     # ultralytics ships these photos; find them without importing it (and torch).
     assets = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"
     return FileResponse(open(assets / name, "rb"), content_type="image/jpeg")
+
+
+# The page uploads and deletes through the JSON API with the session cookie,
+# whose CSRF check reads the csrftoken cookie. never_cache stops browsers from
+# reusing a stored copy of the page, whose list may predate a change.
+@login_required
+@ensure_csrf_cookie
+@never_cache
+def models_page(request):
+    """List the user's models, with a form that uploads weights through the API."""
+    return render(
+        request,
+        "runner/models.html",
+        {
+            "listing": model_listing(request.user),
+            "max_upload_text": f"{settings.GLASSBOX['MAX_UPLOAD_BYTES'] / 2**20:g} MiB",
+        },
+    )

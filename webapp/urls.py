@@ -52,6 +52,7 @@ urlpatterns = [
     ),
     path("workflows/", include("workflows.ui_urls")),
     path("samples/<str:name>", runner_ui.sample_image, name="sample-image"),
+    path("models/", runner_ui.models_page, name="models"),
     path("runs/<uuid:run_id>/", runner_ui.run_page, name="run-page"),
     path("billing/", include("billing.urls")),
     path("infer/workflows", roboflow.InlineWorkflowRunView.as_view()),

@@ -1,0 +1,264 @@
+// Models page: list the user's models, upload weights, delete uploads.
+//
+// Every change goes through the JSON API (POST /api/models/, DELETE
+// /api/models/<id>) with the session cookie and the CSRF header, so the
+// server checks an upload exactly as it checks one sent with a token. After a
+// change the page reads GET /api/models/ again and redraws both lists from it.
+//
+// Stable hooks for browser tests
+//   #models[data-ready="true"]     set once the lists are drawn.
+//   #uploads tbody tr              one row per upload, data-model-id="<id>".
+//   #upload-error, #delete-error   the API's message (.error-message) and
+//                                  hint (.error-hint) of the last failure.
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const readJson = (id) => JSON.parse($(id).textContent);
+  const maxUploadText = readJson("max-upload-text");
+  // Lists with more class names than this show only their count until opened.
+  const CLASS_NAMES_SHOWN = 8;
+  const FIELD_INPUTS = { model_id: "upload-model-id", file: "upload-file" };
+
+  function csrfToken() {
+    const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  function apiRequest(method, url, body) {
+    const headers = { Accept: "application/json" };
+    if (method !== "GET") headers["X-CSRFToken"] = csrfToken();
+    return fetch(url, { method, credentials: "same-origin", headers, body });
+  }
+
+  // Return {message, hint, field} of a failed response, from the API's error
+  // body where there is one.
+  async function readError(response) {
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (error) {
+      // Not JSON: a proxy's error page, or a connection cut short.
+    }
+    const message = (body && (body.message || body.detail)) || `${response.status} ${response.statusText}`;
+    return { message, hint: (body && body.hint) || "", field: (body && body.field) || "" };
+  }
+
+  function modelUrl(modelId) {
+    return "/api/models/" + modelId.split("/").map(encodeURIComponent).join("/");
+  }
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function weightsBadge(pretrained) {
+    return pretrained ? element("span", "badge pretrained", "pretrained") : element("span", "badge untrained", "untrained");
+  }
+
+  function formatSize(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KiB`;
+    return `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
+  }
+
+  function formatTime(iso) {
+    const date = new Date(iso);
+    const pad = (number) => String(number).padStart(2, "0");
+    return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} `
+      + `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+  }
+
+  function classNamesCell(names) {
+    const cell = element("td", "class-names");
+    if (names.length === 0) {
+      cell.append(element("span", "muted", "none"));
+    } else if (names.length <= CLASS_NAMES_SHOWN) {
+      cell.textContent = names.join(", ");
+    } else {
+      const details = element("details");
+      details.append(element("summary", "", `${names.length} classes`), element("p", "", names.join(", ")));
+      cell.append(details);
+    }
+    return cell;
+  }
+
+  function uploadRow(upload) {
+    const row = element("tr");
+    row.dataset.modelId = upload.model_id;
+
+    const idCell = element("td", "model-id");
+    idCell.append(element("code", "", upload.model_id));
+    const size = element("td", "num size", formatSize(upload.size_bytes));
+    size.title = `${upload.size_bytes.toLocaleString()} bytes`;
+    const digest = element("td", "sha256");
+    digest.append(element("code", "", upload.sha256));
+    const label = element("td", "weights");
+    label.append(weightsBadge(upload.pretrained));
+    const created = element("td", "created");
+    const time = element("time", "", formatTime(upload.created_at));
+    time.dateTime = upload.created_at;
+    created.append(time);
+
+    const actions = element("td", "actions");
+    const button = element("button", "secondary delete-button", "Delete…");
+    button.type = "button";
+    button.setAttribute("aria-label", `Delete upload ${upload.model_id}…`);
+    button.addEventListener("click", () => deleteUpload(upload.model_id, button));
+    actions.append(button);
+
+    row.append(idCell, element("td", "task", upload.task), classNamesCell(upload.class_names), size, digest, label, created, actions);
+    return row;
+  }
+
+  function render(listing) {
+    const body = $("uploads").tBodies[0];
+    body.replaceChildren(...listing.uploads.map(uploadRow));
+    if (listing.uploads.length === 0) {
+      const empty = element("td", "muted", "No uploads yet.");
+      empty.colSpan = 8;
+      const row = element("tr", "empty");
+      row.append(empty);
+      body.append(row);
+    }
+
+    const directory = $("model-dir");
+    directory.replaceChildren(...listing.model_dir.map((entry) => {
+      const item = element("li");
+      item.dataset.modelId = entry.model_id;
+      item.append(element("code", "", entry.model_id), " ", weightsBadge(entry.pretrained));
+      return item;
+    }));
+    if (listing.model_dir.length === 0) directory.append(element("li", "muted", "No .pt files in the model directory."));
+    $("models").dataset.ready = "true";
+  }
+
+  // Read the lists again after a change. A failure leaves the old lists and
+  // a line that asks for a reload, since the change itself went through.
+  async function refresh() {
+    let response;
+    try {
+      response = await apiRequest("GET", "/api/models/");
+    } catch (error) {
+      $("uploads-status").textContent = `Could not reload the list (${error.message}); reload the page.`;
+      return;
+    }
+    if (!response.ok) {
+      const failure = await readError(response);
+      $("uploads-status").textContent = `Could not reload the list: ${failure.message}`;
+      return;
+    }
+    render(await response.json());
+  }
+
+  function showError(containerId, failure) {
+    const container = $(containerId);
+    container.querySelector(".error-message").textContent = failure.message;
+    const hint = container.querySelector(".error-hint");
+    hint.textContent = failure.hint;
+    hint.hidden = !failure.hint;
+    container.hidden = false;
+  }
+
+  function clearError(containerId) {
+    const container = $(containerId);
+    container.hidden = true;
+    container.querySelector(".error-message").textContent = "";
+    container.querySelector(".error-hint").textContent = "";
+  }
+
+  // Mark the input the API named in the error's ``field``, and tie the
+  // message to it for screen readers.
+  function markField(field) {
+    for (const [name, inputId] of Object.entries(FIELD_INPUTS)) {
+      const input = $(inputId);
+      const invalid = name === field;
+      input.setAttribute("aria-invalid", invalid ? "true" : "false");
+      const help = `${inputId}-help`;
+      input.setAttribute("aria-describedby", invalid ? `${help} upload-error` : help);
+    }
+    const input = FIELD_INPUTS[field] && $(FIELD_INPUTS[field]);
+    if (input) input.focus();
+  }
+
+  function setUploading(uploading, text) {
+    const form = $("upload-form");
+    form.setAttribute("aria-busy", uploading ? "true" : "false");
+    $("upload-button").disabled = uploading;
+    $("upload-progress").hidden = !uploading;
+    $("upload-status").textContent = text;
+  }
+
+  async function upload(event) {
+    event.preventDefault();
+    if ($("upload-button").disabled) return;
+    const modelId = $("upload-model-id").value;
+    const file = $("upload-file").files[0];
+    // Only the two fields the API reads. A missing one is left out, and
+    // the API's message names it.
+    const data = new FormData();
+    data.append("model_id", modelId);
+    if (file) data.append("file", file);
+
+    clearError("upload-error");
+    markField("");
+    const fileDescription = file ? `“${file.name}” (${formatSize(file.size)})` : "the form";
+    setUploading(true, `Uploading ${fileDescription} and checking the weights…`);
+    let response;
+    try {
+      response = await apiRequest("POST", "/api/models/", data);
+    } catch (error) {
+      setUploading(false, "");
+      showError("upload-error", {
+        message: `The upload failed before the server responded (${error.message}).`,
+        hint: `Check the connection and upload again. A file over ${maxUploadText} also ends this way on some servers.`,
+      });
+      return;
+    }
+    if (!response.ok) {
+      const failure = await readError(response);
+      setUploading(false, "");
+      showError("upload-error", failure);
+      markField(failure.field);
+      return;
+    }
+    const created = await response.json();
+    // The id and file stay in the form after an error, so the user can fix
+    // one of them. After a success they are cleared for the next upload.
+    $("upload-form").reset();
+    const classes = created.class_names.length === 1 ? "1 class" : `${created.class_names.length} classes`;
+    const weights = created.pretrained ? "pretrained" : "untrained";
+    setUploading(false, `Uploaded “${created.model_id}”: ${created.task}, ${classes}, ${weights}.`);
+    await refresh();
+  }
+
+  async function deleteUpload(modelId, button) {
+    const question = `Delete the upload “${modelId}” and its file? Finished runs keep their record of it.`;
+    if (!window.confirm(question)) return;
+    clearError("delete-error");
+    $("uploads-status").textContent = "";
+    button.disabled = true;
+    let response;
+    try {
+      response = await apiRequest("DELETE", modelUrl(modelId));
+    } catch (error) {
+      button.disabled = false;
+      showError("delete-error", { message: `Deleting “${modelId}” failed before the server responded (${error.message}).`, hint: "" });
+      return;
+    }
+    if (!response.ok) {
+      const failure = await readError(response);
+      button.disabled = false;
+      showError("delete-error", failure);
+      // 404: it is gone already, deleted from another tab or with the API.
+      if (response.status === 404) await refresh();
+      return;
+    }
+    $("uploads-status").textContent = `Deleted “${modelId}”.`;
+    await refresh();
+  }
+
+  $("upload-form").addEventListener("submit", upload);
+  render(readJson("model-listing"));
+})();
