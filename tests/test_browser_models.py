@@ -1,0 +1,276 @@
+"""The models page in a real browser: list, upload and delete through the API."""
+
+import hashlib
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+from django.conf import settings
+from playwright.sync_api import expect
+
+from runner.models import ModelUpload, Run
+from runner.registry import resolve_model
+from tests.test_browser_run import sign_in
+from tests.test_model_upload import make_weights, upload
+from webapp.clock import clock
+
+
+def open_models_page(page, base_url: str) -> None:
+    page.goto(f"{base_url}/models/")
+    page.wait_for_selector("#models[data-ready='true']")
+
+
+def upload_row(page, model_id: str):
+    return page.locator(f"#uploads tbody tr[data-model-id='{model_id}']")
+
+
+def stored_files(user) -> set[Path]:
+    directory = Path(settings.GLASSBOX["UPLOAD_DIR"]) / str(user.id)
+    return set(directory.glob("*")) if directory.exists() else set()
+
+
+def fill_upload_form(page, model_id: str, path: Path | None) -> None:
+    page.fill("#upload-model-id", model_id)
+    page.set_input_files("#upload-file", [str(path)] if path else [])
+
+
+def damaged_checkpoint(path: Path) -> Path:
+    """Copy the demo detector to ``path`` with one member's header overwritten."""
+    shutil.copy(resolve_model("people-detector").local_path(), path)
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    with path.open("r+b") as file:
+        file.seek(member.header_offset)
+        file.write(b"XXXX")
+    return path
+
+
+def test_models_page_lists_upload(
+    transactional_db, asgi_server, page, alice, alice_client
+):
+    trained = Path(resolve_model("people-detector").local_path())
+    response = upload(alice_client, "my-people", trained)
+    assert response.status_code == 201, response.json()
+    record = ModelUpload.objects.get(owner=alice, model_id="my-people")
+
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.get_by_role("link", name="Models", exact=True).click()
+    page.wait_for_selector("#models[data-ready='true']")
+    assert page.url == f"{asgi_server}/models/"
+
+    row = upload_row(page, "my-people")
+    assert row.count() == 1
+    assert row.locator(".model-id").text_content() == "my-people"
+    assert row.locator(".task").text_content() == "detect"
+    assert row.locator(".class-names").text_content() == "Normal, Fall"
+    assert record.class_names == ["Normal", "Fall"]
+    assert row.locator(".sha256").text_content() == record.sha256
+    assert row.locator(".weights").text_content() == "pretrained"
+    assert f"{record.size_bytes:,} bytes" == row.locator(".size").get_attribute("title")
+
+    model_dir = page.locator("#model-dir li[data-model-id='people-detector']")
+    assert model_dir.locator(".badge").text_content() == "pretrained"
+    architectures = page.locator("#architectures").text_content()
+    assert "yolov8n.yaml" in architectures
+    assert "untrained" in architectures
+    assert "random weights, for timing only" in architectures
+
+
+def test_form_upload_adds_row(transactional_db, asgi_server, page, alice, tmp_path):
+    weights = make_weights(tmp_path / "mine.pt")
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    assert page.locator("#uploads tbody tr.empty").text_content() == "No uploads yet."
+
+    fill_upload_form(page, "my-detector", weights)
+    page.click("#upload-button")
+    # The server checks the file in a child process that imports torch, so
+    # the response comes well after these checks.
+    expect(page.locator("#upload-progress")).to_be_visible()
+    expect(page.locator("#upload-button")).to_be_disabled()
+    assert "checking the weights" in page.locator("#upload-status").text_content()
+
+    row = upload_row(page, "my-detector")
+    row.wait_for(timeout=60_000)
+    record = ModelUpload.objects.get(owner=alice, model_id="my-detector")
+    assert record.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert row.locator(".sha256").text_content() == record.sha256
+    assert row.locator(".task").text_content() == "detect"
+    # Saved from an architecture: the API reports it as not pretrained.
+    assert record.trained is False
+    assert row.locator(".weights").text_content() == "untrained"
+    # An architecture's classes are numbered: "0" to "79".
+    assert len(record.class_names) == 80
+    assert row.locator(".class-names summary").text_content() == "80 classes"
+    row.locator(".class-names summary").click()
+    assert row.locator(".class-names p").text_content() == ", ".join(record.class_names)
+    assert page.locator("#upload-status").text_content() == (
+        "Uploaded “my-detector”: detect, 80 classes, untrained."
+    )
+    assert page.locator("#upload-progress").is_hidden()
+    assert page.locator("#upload-button").is_enabled()
+    assert page.locator("#upload-model-id").input_value() == ""
+    assert page.locator("#upload-error").is_hidden()
+    assert page.locator("#uploads tbody tr.empty").count() == 0
+
+
+def test_rejected_upload_shows_api_error(
+    transactional_db, asgi_server, page, alice, alice_client, tmp_path
+):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    damaged = damaged_checkpoint(tmp_path / "damaged.pt")
+    weights = make_weights(tmp_path / "mine.pt")
+    cases = [
+        ("junk", junk, "file"),
+        ("damaged", damaged, "file"),
+        ("", weights, "model_id"),
+        ("yolov8n.yaml", weights, "model_id"),
+        ("no-file", None, "file"),
+    ]
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    error = page.locator("#upload-error")
+
+    for model_id, path, field in cases:
+        # The same request sent with a token: the page must show its body.
+        data = {"model_id": model_id} if model_id else {}
+        if path:
+            data["file"] = path.open("rb")
+        expected = alice_client.post("/api/models/", data)
+        if path:
+            data["file"].close()
+        assert expected.status_code == 400, model_id
+        assert expected.json()["field"] == field, model_id
+
+        fill_upload_form(page, model_id, path)
+        page.click("#upload-button")
+        error.wait_for(state="visible", timeout=60_000)
+        message = error.locator(".error-message").text_content()
+        assert message == expected.json()["message"], model_id
+        hint = error.locator(".error-hint")
+        if "hint" in expected.json():
+            assert hint.is_visible(), model_id
+            assert hint.text_content() == expected.json()["hint"], model_id
+        else:
+            assert hint.is_hidden(), model_id
+        invalid = "#upload-file" if field == "file" else "#upload-model-id"
+        assert page.get_attribute(invalid, "aria-invalid") == "true", model_id
+        assert page.evaluate("document.activeElement.id") == invalid[1:], model_id
+        # The typed id stays for the user to fix.
+        assert page.locator("#upload-model-id").input_value() == model_id
+        assert page.locator("#upload-button").is_enabled()
+        assert page.locator("#upload-progress").is_hidden()
+
+    assert ModelUpload.objects.count() == 0
+    assert stored_files(alice) == set()
+    assert page.locator("#uploads tbody tr[data-model-id]").count() == 0
+
+
+def test_delete_asks_then_removes_upload(
+    transactional_db, asgi_server, page, alice, alice_client, tmp_path
+):
+    assert upload(alice_client, "mine", make_weights(tmp_path / "mine.pt")).status_code
+    stored = Path(ModelUpload.objects.get(owner=alice, model_id="mine").path)
+    assert stored.exists()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    row = upload_row(page, "mine")
+    questions = []
+
+    def dismiss(dialog):
+        questions.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    page.get_by_role("button", name="Delete upload mine…").click()
+    assert questions == [
+        "Delete the upload “mine” and its file? Finished runs keep their record of it."
+    ]
+    assert row.count() == 1
+    assert ModelUpload.objects.filter(owner=alice, model_id="mine").exists()
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete upload mine…").click()
+    row.wait_for(state="detached")
+    assert page.locator("#uploads-status").text_content() == "Deleted “mine”."
+    assert page.locator("#uploads tbody tr.empty").text_content() == "No uploads yet."
+    assert not ModelUpload.objects.filter(owner=alice).exists()
+    assert not stored.exists()
+
+    page.reload()
+    page.wait_for_selector("#models[data-ready='true']")
+    assert row.count() == 0
+
+
+def test_delete_of_upload_in_use_shows_409(
+    transactional_db, asgi_server, page, alice, alice_client, tmp_path
+):
+    assert upload(alice_client, "busy", make_weights(tmp_path / "busy.pt")).status_code
+    # A run waiting for a runner, queued just now so that no runner's check
+    # for lost runs queues it again during the test.
+    waiting = Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.QUEUED,
+        queued_at_ns=clock.now_ns(),
+        model_refs=[
+            {
+                "model_id": "busy",
+                "cache_key": "x",
+                "source": resolve_model("busy", alice.id).to_dict(),
+            }
+        ],
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete upload busy…").click()
+    error = page.locator("#delete-error")
+    error.wait_for(state="visible")
+    assert error.locator(".error-message").text_content() == (
+        f"model 'busy' is used by 1 run(s) that have not finished: {waiting.pk}"
+    )
+    assert error.locator(".error-hint").is_visible()
+    assert error.locator(".error-hint").text_content() == (
+        "Delete it once those runs have finished."
+    )
+    assert upload_row(page, "busy").count() == 1
+    assert page.get_by_role("button", name="Delete upload busy…").is_enabled()
+    assert ModelUpload.objects.filter(owner=alice, model_id="busy").exists()
+
+
+def test_other_user_sees_no_upload(
+    transactional_db, asgi_server, page, alice, bob, alice_client, tmp_path
+):
+    weights = make_weights(tmp_path / "private.pt")
+    assert upload(alice_client, "alice-private", weights).status_code == 201
+
+    sign_in(page, asgi_server, "bob", "bob-password")
+    open_models_page(page, asgi_server)
+    assert page.locator("#uploads tbody tr.empty").text_content() == "No uploads yet."
+    assert page.locator("#uploads tbody tr[data-model-id]").count() == 0
+    assert "alice-private" not in page.content()
+    assert page.locator("#model-dir li[data-model-id='people-detector']").count() == 1
+
+
+def test_models_page_requires_login(transactional_db, asgi_server, page):
+    page.goto(f"{asgi_server}/models/")
+    page.wait_for_url(re.compile(r".*/accounts/login/\?next=/models/$"))
+    assert page.locator("#upload-form").count() == 0
+
+
+def test_models_page_fits_narrow_screen(
+    transactional_db, asgi_server, browser, alice, alice_client
+):
+    trained = Path(resolve_model("people-detector").local_path())
+    assert upload(alice_client, "my-people", trained).status_code == 201
+    context = browser.new_context(viewport={"width": 400, "height": 800})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 400
+    context.close()
