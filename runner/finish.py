@@ -22,7 +22,7 @@ from runner import keys, sql
 from runner.events import REAPER_FIRST_SEQ, RunEvents
 from runner.models import Run
 from webapp.clock import clock
-from webapp.redis import get_redis
+from webapp.redis import get_redis, restart_embedded_redis_if_down
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,8 @@ def push_done(
             events.send_with(pipeline)
             return
         except redis.RedisError as error:
+            if isinstance(error, redis.ConnectionError):
+                restart_embedded_redis_if_down()
             delay = next(delays, None)
             if delay is None:
                 logger.error(

@@ -309,6 +309,12 @@ class Heartbeat(threading.Thread):
                     # expired meanwhile: give them time to beat again before
                     # taking them for dead.
                     self.runtime.reap_from = time.monotonic() + dead_after
+            except redis.ConnectionError:
+                failures.failed()
+                # The job loop restarts a stopped embedded server when its
+                # dequeue fails, but not while it executes a run, which can
+                # take minutes. Until then no runner could publish a result.
+                restart_embedded_redis_if_down()
             except Exception:
                 failures.failed()
             self.stopped.wait(interval)

@@ -1,5 +1,6 @@
 """Runners outlive Redis outages and broken queue keys, and resume after them."""
 
+import base64
 import json
 import logging
 import os
@@ -17,7 +18,14 @@ from billing.models import Bill
 from runner import keys
 from runner.dispatch import wait_for_result
 from runner.models import Run
-from tests.conftest import ROOT, private_data_env, registered_runner, start_cli_run
+from runner.service import start_run
+from tests.conftest import (
+    ROOT,
+    image_bytes,
+    private_data_env,
+    registered_runner,
+    start_cli_run,
+)
 from tests.definitions import detection, image_height
 from webapp import redis as webapp_redis
 from webapp.redis import get_redis
@@ -297,6 +305,62 @@ def test_runner_restarts_embedded_redis(runner, tmp_path):
         process.terminate()
         process.wait(timeout=30)
         client.shutdown(nosave=True)
+
+
+def test_busy_runner_restarts_embedded_redis(runner, alice, tmp_path):
+    # The runner's job loop restarts a stopped embedded Redis only between
+    # runs. Killed during a long run, the server must come back before that
+    # run ends, or no result could be delivered meanwhile.
+    data_dir = tmp_path / "data"
+    log_path = tmp_path / "busy-runner.log"
+    socket_path = data_dir / "redis.sock"
+    working = webapp_redis._connection
+    image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
+    with registered_runner("busy"), open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "runner", "--name", "busy"],
+            cwd=ROOT,
+            env=private_data_env(data_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(unix_socket_path=str(socket_path))
+        try:
+            wait_for_heartbeat(client, "busy", process.pid)
+            webapp_redis._connection = client
+            # A cold load and four predicts of the largest YOLOv8: seconds.
+            run = start_run(
+                owner_id=alice.id,
+                source="cli",
+                definition=detection("yolov8x.yaml"),
+                raw_inputs={"image": [image] * 4},
+                started_ns=time.perf_counter_ns(),
+                wait_s=0,
+                runner="busy",
+            ).run
+            deadline = time.monotonic() + 60
+            while Run.objects.get(pk=run.pk).status == Run.Status.QUEUED:
+                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.05)
+            first_pid = int((data_dir / "redis.pid").read_text())
+            os.kill(first_pid, signal.SIGKILL)
+
+            deadline = time.monotonic() + 30
+            while not webapp_redis._answers(socket_path):
+                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.05)
+            assert Run.objects.get(pk=run.pk).status == Run.Status.RUNNING
+            assert int((data_dir / "redis.pid").read_text()) != first_pid
+
+            payload = wait_for_result(str(run.id), timeout_s=120)
+            assert payload is not None, log_path.read_text()[-2000:]
+            assert payload["meta"]["status"] == "succeeded"
+            assert "result not pushed" not in log_path.read_text()
+        finally:
+            webapp_redis._connection = working
+            process.terminate()
+            process.wait(timeout=30)
+            client.shutdown(nosave=True)
 
 
 def test_runner_deletes_queue_key_of_wrong_type(runner, alice):
