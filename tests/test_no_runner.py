@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -32,10 +33,23 @@ def test_cli_run_without_runner_stores_nothing(transactional_db, tmp_path):
         timeout=120,
     )
     redis_pid = tmp_path / "data" / "redis.pid"
-    if redis_pid.exists():
-        os.kill(int(redis_pid.read_text()), 15)
+    left_running = redis_pid.exists() and pid_alive(int(redis_pid.read_text()))
+    if left_running:
+        os.kill(int(redis_pid.read_text()), signal.SIGTERM)
 
     assert result.returncode != 0
     assert '"code": "no_runner"' in result.stderr
     assert "python manage.py runner" in result.stderr
     assert Run.objects.count() == 0
+    # The command started the embedded Redis to look for runners. With none
+    # found, it stops the server again instead of leaving it behind.
+    assert "stopped embedded Redis" in result.stderr
+    assert not left_running
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

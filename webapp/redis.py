@@ -119,6 +119,11 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
         logger.info("started embedded Redis on %s", socket_path)
 
 
+def embedded_redis_running() -> bool:
+    """Return whether the embedded server responds on its socket."""
+    return _answers(Path(settings.EMBEDDED_REDIS_SOCKET))
+
+
 def restart_embedded_redis_if_down() -> bool:
     """Start the embedded server again if it stopped; return whether it was started.
 

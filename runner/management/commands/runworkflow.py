@@ -4,6 +4,7 @@ import json
 import time
 from pathlib import Path
 
+import redis
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
@@ -14,6 +15,7 @@ from runner.service import start_run
 from runner.tables import bill_lines, breakdown_table
 from webapp.management.arguments import positive_seconds, seconds_or_zero
 from webapp.management.database import check_database
+from webapp.redis import embedded_redis_running, stop_embedded_redis
 from workflows.errors import WorkflowError
 
 
@@ -65,6 +67,17 @@ class Command(BaseCommand):
         definition = self._read_definition(options["definition"])
         check_database()
         user = self._user(options["user"])
+        # Every runner of this data directory keeps its embedded Redis
+        # running. When none was running, this command starts the server,
+        # and stops it again unless a runner came up meanwhile.
+        redis_was_down = not settings.REDIS_URL and not embedded_redis_running()
+        try:
+            self._run(definition, user, options)
+        finally:
+            if redis_was_down:
+                _stop_redis_without_runners()
+
+    def _run(self, definition: dict, user, options) -> None:
         if options["wait_for_runner"] and not fleet.wait_for_runner(
             options["wait_for_runner"]
         ):
@@ -253,3 +266,13 @@ def _with_cli_hint(body: dict, definition: dict) -> dict:
     else:
         hint = f"Give the value with --param {field}=VALUE (JSON, or else a string)."
     return {**body, "hint": hint}
+
+
+def _stop_redis_without_runners() -> None:
+    """Stop the embedded Redis unless a runner uses it."""
+    try:
+        if fleet.live_runners():
+            return
+    except redis.RedisError:
+        return
+    stop_embedded_redis()
