@@ -60,6 +60,10 @@ def base64_input(data: bytes) -> dict:
     return {"type": "base64", "value": base64.b64encode(data).decode()}
 
 
+# The image-height workflow's inputs, encoded once.
+IMAGE_INPUTS = {"image": base64_input(image_bytes())}
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """Build a PNG with a valid IHDR and IEND but no pixel data (IDAT)."""
 
@@ -815,6 +819,40 @@ def test_api_run_version_not_integer(alice, alice_client, version):
     body = response.json()
     assert_error_body(body)
     assert body["field"] == "version"
+    assert_nothing_stored()
+
+
+def test_api_version_message_writes_json(alice, alice_client):
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    response = post_json(
+        alice_client, f"/api/workflows/{workflow.id}/runs", {"version": True}
+    )
+    assert response.status_code == 400
+    assert response.json()["message"].endswith("got true")
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "unknown"),
+    [
+        ("runs", {"inputs": IMAGE_INPUTS, "verison": 1}, "verison"),
+        ("runs", {"inputs": IMAGE_INPUTS, "asyncc": True}, "asyncc"),
+        ("estimate", {"inputs": {}, "verison": 1}, "verison"),
+        ("/api/estimate", {"specification": image_height(), "input": {}}, "input"),
+        ("/api/validate", {"definition": image_height(), "inputs": {}}, "inputs"),
+    ],
+)
+def test_api_unknown_fields_rejected(alice, alice_client, route, body, unknown):
+    # A misspelled field must not fall back to a default silently: the
+    # latest version, or a synchronous run.
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    url = route if route.startswith("/") else f"/api/workflows/{workflow.id}/{route}"
+    response = post_json(alice_client, url, body)
+    assert response.status_code == 400, url
+    error = response.json()
+    assert_error_body(error)
+    assert error["field"] == unknown
+    assert f"unknown fields '{unknown}'" in error["message"]
+    assert "this request takes" in error["message"]
     assert_nothing_stored()
 
 

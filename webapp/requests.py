@@ -9,6 +9,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from rest_framework.parsers import BaseParser
 
+from workflows.blocks.base import shown
 from workflows.errors import WorkflowError
 
 
@@ -223,7 +224,7 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
         value = int(digits)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MalformedRequest(
-            f"'{key}' must be a positive integer, got {value!r}",
+            f"'{key}' must be a positive integer, got {shown(value)}",
             context="request_parsing",
             field_name=key,
         )
@@ -237,7 +238,7 @@ def optional_bool(body: dict[str, Any], key: str) -> bool:
         return False
     if not isinstance(value, bool):
         raise MalformedRequest(
-            f"'{key}' must be true or false, got {value!r}",
+            f"'{key}' must be true or false, got {shown(value)}",
             context="request_parsing",
             field_name=key,
         )
@@ -251,7 +252,7 @@ def string_list(body: dict[str, Any], key: str) -> list[str]:
         return []
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise MalformedRequest(
-            f"'{key}' must be a list of strings, got {value!r}",
+            f"'{key}' must be a list of strings, got {shown(value)}",
             context="request_parsing",
             field_name=key,
         )

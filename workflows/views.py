@@ -15,7 +15,12 @@ from runner.registry import resolve_model
 from runner.responses import run_response
 from runner.service import start_run
 from webapp.errors import get_owned
-from webapp.requests import MalformedRequest, json_object, version_number
+from webapp.requests import (
+    MalformedRequest,
+    json_object,
+    optional_bool,
+    version_number,
+)
 from workflows.blocks import BLOCKS
 from workflows.compiler import plan_cache
 from workflows.errors import ModelNotFoundError, WorkflowError
@@ -97,6 +102,12 @@ class VersionConflict(WorkflowError):
 # put the key.
 CREATE_FIELDS = {"name", "description", "definition", "api_key"}
 UPDATE_FIELDS = CREATE_FIELDS | {"base_version", "base_revision"}
+# The fields that runs, estimates and validation read. Others are rejected:
+# a misspelled "version" or "async" would run the latest version, or wait.
+RUN_FIELDS = {"inputs", "version", "async", "source", "api_key"}
+ESTIMATE_FIELDS = {"inputs", "version", "api_key"}
+INLINE_ESTIMATE_FIELDS = {"specification", "inputs", "api_key"}
+VALIDATE_FIELDS = {"definition", "api_key"}
 
 
 def reject_unknown_fields(body: dict, known: set[str]) -> None:
@@ -276,14 +287,9 @@ class WorkflowRunView(APIView):
             owner=request.user,
         )
         body = json_object(request)
+        reject_unknown_fields(body, RUN_FIELDS)
         version = requested_version(workflow, body)
-        run_async = body.get("async", False)
-        if not isinstance(run_async, bool):
-            raise MalformedRequest(
-                f"'async' must be true or false, got {run_async!r}",
-                context="request_parsing",
-                field_name="async",
-            )
+        run_async = optional_bool(body, "async")
         wait_s = 0.0 if run_async else settings.GLASSBOX["SYNC_TIMEOUT_S"]
         outcome = start_run(
             owner_id=request.user.id,
@@ -340,6 +346,7 @@ class WorkflowEstimateView(APIView):
             owner=request.user,
         )
         body = json_object(request)
+        reject_unknown_fields(body, ESTIMATE_FIELDS)
         version = requested_version(workflow, body)
         return Response(estimate_definition(version.definition, body, request.user.id))
 
@@ -349,6 +356,7 @@ class EstimateView(APIView):
 
     def post(self, request):
         body = json_object(request)
+        reject_unknown_fields(body, INLINE_ESTIMATE_FIELDS)
         if "specification" not in body:
             raise MalformedRequest(
                 "'specification' is required",
@@ -366,6 +374,7 @@ class ValidateView(APIView):
 
     def post(self, request):
         body = json_object(request)
+        reject_unknown_fields(body, VALIDATE_FIELDS)
         if "definition" not in body:
             raise MalformedRequest(
                 "'definition' is required", context="request_parsing"
