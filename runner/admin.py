@@ -6,6 +6,7 @@ from django.urls import path
 
 from runner import fleet
 from runner.models import ModelUpload, Run
+from runner.registry import ModelSource
 from webapp.admin_base import ViewOnlyModelAdmin
 
 
@@ -43,7 +44,9 @@ class RunAdmin(ViewOnlyModelAdmin):
         context = {
             **self.admin_site.each_context(request),
             "title": "Runner fleet",
-            "runners": [state.data for state in fleet.live_runners()],
+            "runners": _with_upload_owners(
+                [state.data for state in fleet.live_runners()]
+            ),
             "dead": fleet.dead_runner_names(),
             "ended": fleet.ended_runners(),
         }
@@ -62,3 +65,34 @@ class ModelUploadAdmin(ViewOnlyModelAdmin):
 
     list_display = ("model_id", "owner", "task", "size_bytes", "created_at")
     search_fields = ("model_id", "owner__username")
+
+
+def _with_upload_owners(runners: list[dict]) -> list[dict]:
+    """Name the owner of each loaded upload, since two users' uploads may share an id.
+
+    A heartbeat names an upload by its model id and its cache key, whose
+    path is the file's path under the upload directory.
+    """
+    loaded: dict[str, list[dict]] = {}
+    for runner in runners:
+        for model in runner.get("models", []):
+            kind, _, rest = model.get("cache_key", "").partition(":")
+            if kind == "upload":
+                path = rest.rpartition(":")[0]
+                source = ModelSource(
+                    model_id=model.get("model_id", ""),
+                    kind="upload",
+                    path=path,
+                    pretrained=True,
+                )
+                loaded.setdefault(source.local_path(), []).append(model)
+    owners = dict(
+        ModelUpload.objects.filter(path__in=loaded).values_list(
+            "path", "owner__username"
+        )
+    )
+    for path, models in loaded.items():
+        for model in models:
+            owner = owners.get(path)
+            model["upload_label"] = f"upload of {owner}" if owner else "deleted upload"
+    return runners

@@ -216,6 +216,25 @@ class ModelCache:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
+    def drop_deleted_uploads(self) -> None:
+        """Unload uploads whose file was deleted, since no run can use them again.
+
+        A new upload under the same id has a new file and cache key, so
+        without this the deleted one would hold its memory until evicted.
+        """
+        with self._lock:
+            deleted = [
+                key
+                for key, entry in self._entries.items()
+                if entry.source.kind == "upload"
+                and not Path(entry.source.local_path()).is_file()
+            ]
+        for key in deleted:
+            logger.info("unloading model %s: its upload was deleted", key)
+            self.evict(key)
+        if deleted:
+            self._notify_change()
+
     def warm_up_process(self) -> float:
         """Build and run an untrained model once, then drop it; return seconds taken.
 

@@ -200,9 +200,9 @@ class ModelDetailView(APIView):
     def delete(self, request, model_id):
         """Delete the upload, unless a run waiting or running uses it (409).
 
-        Finished runs keep their record of the weights they ran. Runners that
-        have the file loaded keep it until they evict it, but no run resolves
-        to it any more: a new upload under the id gets a new file.
+        Finished runs keep their record of the weights they ran. No run
+        resolves to the file any more, since a new upload under the id gets a
+        new file, and runners that have it loaded unload it between jobs.
         """
         with transaction.atomic():
             # Accepting a run that uses the upload locks this row too

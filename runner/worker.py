@@ -100,6 +100,7 @@ class RunnerWorker:
         name: str,
         instance: str = "",
         on_name_taken=None,
+        between_jobs=None,
     ) -> None:
         # The runner's own queue first: BLPOP takes from the first non-empty.
         self.queue_keys = [queue.key for queue in queues]
@@ -114,6 +115,9 @@ class RunnerWorker:
         self.last_job_id = ""
         # Called without arguments when another process has taken the name.
         self.on_name_taken = on_name_taken
+        # Called without arguments before each dequeue: after a job, and
+        # after each DEQUEUE_TIMEOUT_S with none.
+        self.between_jobs = between_jobs
 
     def request_stop(self, signum, frame) -> None:
         if self.stopping.is_set():
@@ -125,6 +129,11 @@ class RunnerWorker:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         while not self.stopping.is_set():
+            if self.between_jobs is not None:
+                try:
+                    self.between_jobs()
+                except Exception:
+                    logger.exception("runner %s: work between jobs failed", self.name)
             queue_keys = [self.own_queue_key] if self.reserved else self.queue_keys
             try:
                 popped = self.connection.blpop(queue_keys, timeout=DEQUEUE_TIMEOUT_S)
@@ -450,6 +459,7 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
         runtime.name,
         runtime.instance,
         on_name_taken=name_taken,
+        between_jobs=runtime.cache.drop_deleted_uploads,
     )
     heartbeat = Heartbeat(runtime, own_queue, on_name_taken=worker.stopping.set)
     heartbeat.beat()

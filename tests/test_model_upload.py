@@ -353,6 +353,29 @@ def test_delete_upload_frees_its_id(
     assert upload(alice_client, "mine", weights).status_code == 201
 
 
+def test_runner_unloads_deleted_upload(
+    runner, alice, alice_client, client, django_user_model, tmp_path
+):
+    weights = make_weights(tmp_path / "mine.pt")
+    assert upload(alice_client, "unloaded", weights).status_code == 201
+    workflow_id = create_workflow(alice_client, detection("unloaded"))
+    assert run_workflow(alice_client, workflow_id).status_code == 200
+    cache_key = resolve_model("unloaded", alice.id).cache_key
+    assert cache_key in {model["cache_key"] for model in runner.state()["models"]}
+    # Two users' uploads may share an id, so the fleet names the owner.
+    staff = django_user_model.objects.create_user("fleet-staff", is_staff=True)
+    client.force_login(staff)
+    page = client.get("/admin/runner/run/fleet/").content.decode()
+    assert "unloaded (upload of alice) (untrained)" in page
+
+    assert alice_client.delete("/api/models/unloaded").status_code == 204
+    # An idle runner looks between dequeue timeouts (1 s).
+    deadline = time.monotonic() + 10
+    while cache_key in {model["cache_key"] for model in runner.state()["models"]}:
+        assert time.monotonic() < deadline, "the deleted upload stayed loaded"
+        time.sleep(0.1)
+
+
 def test_deleting_user_removes_upload_files(
     alice, alice_client, tmp_path, django_capture_on_commit_callbacks
 ):
