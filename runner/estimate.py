@@ -39,6 +39,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from django.conf import settings
+
 from billing.policy import BillingPolicy
 from runner import fleet
 from runner.dispatch import predict_route, resolve_models
@@ -150,6 +152,14 @@ def estimate_run(
         if runner_total is None
         else _sum_known([components["request"], components["queue"], runner_total])
     )
+    limit_s = settings.GLASSBOX["RUN_TIME_LIMIT_S"]
+    if runner_total is not None and runner_total > limit_s * 1_000_000:
+        notes.append(
+            f"the predicted runner time, {runner_total / 1e6:,.0f} s, is over "
+            f"RUN_TIME_LIMIT_S ({limit_s:g} s): the runner would stop the run "
+            "near the limit, failed, and bill the time it used; send fewer "
+            "images per run"
+        )
     return {
         "unit": "us",
         "hot": not any(forecast["would_load"] for forecast in forecasts),

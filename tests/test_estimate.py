@@ -288,6 +288,13 @@ def test_estimate_scales_model_calls_with_batch(runner, alice_client):
     assert model["calls"] == 3
     per_call = model["per_call_us"]["inference"]
     assert body["components"]["inference"] == round(3 * per_call)
+    assert not any("RUN_TIME_LIMIT_S" in note for note in body["notes"])
+
+    # A batch whose predicted time passes the run time limit says so.
+    images = ["a"] * (1 + int(600 * 1e6 / per_call))
+    body = estimate(alice_client, workflow_id, {"inputs": {"image": images}})
+    assert body["runner_total"] > 600 * 1e6
+    assert any("over RUN_TIME_LIMIT_S (600 s)" in note for note in body["notes"])
 
 
 def test_estimate_uncalled_model_is_not_loaded(runner, alice_client):
