@@ -42,6 +42,10 @@ class RunnerRuntime:
     reap_from: float = 0.0
     stall_ended_at: float = 0.0
     stall_s: float = 0.0
+    # Set while heartbeats fail to connect to Redis. The fleet-check thread
+    # then restarts an embedded server, which can take seconds: done in the
+    # heartbeat's thread, that would look like a stalled process.
+    redis_unreachable: bool = False
 
     def stall_since(self, started: float, dead_after_s: float) -> float | None:
         """Return how long this process stalled since ``started``, or None.

@@ -313,6 +313,7 @@ class Heartbeat(threading.Thread):
             self.note_wake_up(dead_after)
             try:
                 self.beat()
+                self.runtime.redis_unreachable = False
                 if failures.succeeded():
                     # The other runners lost Redis too, and their heartbeats
                     # expired meanwhile: give them time to beat again before
@@ -320,10 +321,7 @@ class Heartbeat(threading.Thread):
                     self.runtime.reap_from = time.monotonic() + dead_after
             except redis.ConnectionError:
                 failures.failed()
-                # The job loop restarts a stopped embedded server when its
-                # dequeue fails, but not while it executes a run, which can
-                # take minutes. Until then no runner could publish a result.
-                restart_embedded_redis_if_down()
+                self.runtime.redis_unreachable = True
             except Exception:
                 failures.failed()
             self.stopped.wait(interval)
@@ -416,6 +414,11 @@ class FleetChecks(threading.Thread):
         failures = FailureLog(f"runner {self.runtime.name}: fleet checks", interval)
         woke_at = time.monotonic()
         while not self.stopped.is_set():
+            if self.runtime.redis_unreachable:
+                # The job loop restarts a stopped embedded server when its
+                # dequeue fails, but not while it executes a run, which can
+                # take minutes. Until then no runner could publish a result.
+                restart_embedded_redis_if_down()
             now = time.monotonic()
             if now - woke_at > dead_after:
                 # This process was stopped or starved, and other runners on

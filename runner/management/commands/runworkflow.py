@@ -1,6 +1,7 @@
 """python manage.py runworkflow DEFINITION.json --image PATH [--param k=v]."""
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -15,8 +16,15 @@ from runner.service import start_run
 from runner.tables import bill_lines, breakdown_table
 from webapp.management.arguments import positive_seconds, seconds_or_zero
 from webapp.management.database import check_database
-from webapp.redis import embedded_redis_running, stop_embedded_redis
+from webapp.redis import (
+    embedded_redis_running,
+    embedded_redis_started_here,
+    other_processes_connected,
+    stop_embedded_redis,
+)
 from workflows.errors import WorkflowError
+
+logger = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
@@ -67,15 +75,15 @@ class Command(BaseCommand):
         definition = self._read_definition(options["definition"])
         check_database()
         user = self._user(options["user"])
-        # Every runner of this data directory keeps its embedded Redis
-        # running. When none was running, this command starts the server,
-        # and stops it again unless a runner came up meanwhile.
+        # With no embedded Redis running, no runner of this data directory is
+        # up. Looking for one starts the server, and the command leaves none
+        # running that no other process uses.
         redis_was_down = not settings.REDIS_URL and not embedded_redis_running()
         try:
             self._run(definition, user, options)
         finally:
-            if redis_was_down:
-                _stop_redis_without_runners()
+            if redis_was_down and embedded_redis_started_here():
+                _stop_redis_unless_used()
 
     def _run(self, definition: dict, user, options) -> None:
         if options["wait_for_runner"] and not fleet.wait_for_runner(
@@ -268,11 +276,12 @@ def _with_cli_hint(body: dict, definition: dict) -> dict:
     return {**body, "hint": hint}
 
 
-def _stop_redis_without_runners() -> None:
-    """Stop the embedded Redis unless a runner uses it."""
+def _stop_redis_unless_used() -> None:
+    """Stop the embedded Redis unless another process, a runner, is connected."""
     try:
-        if fleet.live_runners():
-            return
-    except redis.RedisError:
-        return
-    stop_embedded_redis()
+        if not other_processes_connected():
+            stop_embedded_redis()
+    except redis.RedisError as error:
+        logger.warning(
+            "could not stop the embedded Redis this command started: %s", error
+        )
