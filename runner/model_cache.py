@@ -198,19 +198,33 @@ class ModelCache:
                 return
             self.evict(self.policy.victim(candidates).source.cache_key)
 
-    def evict(self, cache_key: str) -> None:
+    def evict(self, cache_key: str, reason: str | None = None) -> None:
+        """Unload a model: the policy's eviction, or for ``reason`` if given.
+
+        Only the policy's evictions count in ``evictions``.
+        """
         with self._lock:
             entry = self._entries.pop(cache_key, None)
         if entry is None:
             return
-        self.evictions += 1
-        logger.info(
-            "evicted model %s (%s, %d bytes, policy %s)",
-            entry.source.model_id,
-            cache_key,
-            entry.memory_bytes,
-            self.policy.name,
-        )
+        if reason is None:
+            self.evictions += 1
+            logger.info(
+                "evicted model %s (%s, %d bytes, policy %s)",
+                entry.source.model_id,
+                cache_key,
+                entry.memory_bytes,
+                self.policy.name,
+            )
+        else:
+            self._known_sizes.pop(cache_key, None)
+            logger.info(
+                "unloaded model %s (%s, %d bytes): %s",
+                entry.source.model_id,
+                cache_key,
+                entry.memory_bytes,
+                reason,
+            )
         del entry
         gc.collect()
         if self.device.startswith("cuda"):
@@ -230,8 +244,7 @@ class ModelCache:
                 and not Path(entry.source.local_path()).is_file()
             ]
         for key in deleted:
-            logger.info("unloading model %s: its upload was deleted", key)
-            self.evict(key)
+            self.evict(key, reason="its upload was deleted")
         if deleted:
             self._notify_change()
 

@@ -268,13 +268,15 @@ class ModelListView(APIView):
         if (
             not SAFE_ID.fullmatch(model_id)
             or ".." in model_id
-            or "" in model_id.split("/")
+            # URL parsers drop "." segments, so DELETE /api/models/a/./b
+            # would reach the upload "a/b".
+            or any(segment in ("", ".") for segment in model_id.split("/"))
         ):
             length = f"; got {len(model_id)} characters" if len(model_id) > 200 else ""
             raise MalformedRequest(
                 "model_id must be 1 to 200 characters, start with a letter or "
                 "digit and contain only letters, digits, '.', '_', '-' and '/', "
-                f"with no empty or '..' segment{length}",
+                f"with no empty, '.' or '..' segment{length}",
                 context="request_parsing",
                 field_name="model_id",
             )

@@ -214,12 +214,21 @@ def test_runner_rejects_code_running_weights(runner, alice, alice_client, tmp_pa
 
 def test_upload_rejects_ambiguous_or_malformed_ids(alice_client, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
-    for model_id in ("yolov8n.yaml", "custom.YML", "people-640", "a//b", "a/"):
+    malformed = (
+        "yolov8n.yaml",
+        "custom.YML",
+        "people-640",
+        "a//b",
+        "a/",
+        "a/./b",
+        "a/.",
+    )
+    for model_id in malformed:
         response = upload(alice_client, model_id, weights)
         assert response.status_code == 400, model_id
         assert response.json()["field"] == "model_id"
     dotted = upload(alice_client, "a/../b", weights).json()
-    assert "no empty or '..' segment" in dotted["message"]
+    assert "no empty, '.' or '..' segment" in dotted["message"]
     assert "got 6 characters" not in dotted["message"]
     too_long = upload(alice_client, "m" * 201, weights).json()
     assert "1 to 200 characters" in too_long["message"]
@@ -368,12 +377,15 @@ def test_runner_unloads_deleted_upload(
     page = client.get("/admin/runner/run/fleet/").content.decode()
     assert "unloaded (upload of alice) (untrained)" in page
 
+    evictions = runner.state()["evictions"]
     assert alice_client.delete("/api/models/unloaded").status_code == 204
     # An idle runner looks between dequeue timeouts (1 s).
     deadline = time.monotonic() + 10
     while cache_key in {model["cache_key"] for model in runner.state()["models"]}:
         assert time.monotonic() < deadline, "the deleted upload stayed loaded"
         time.sleep(0.1)
+    # Unloading it is no eviction by the cache's policy.
+    assert runner.state()["evictions"] == evictions
 
 
 def test_deleting_user_removes_upload_files(
