@@ -171,7 +171,8 @@ def test_rejected_upload_shows_api_error(
 def test_delete_asks_then_removes_upload(
     transactional_db, asgi_server, page, alice, alice_client, tmp_path
 ):
-    assert upload(alice_client, "mine", make_weights(tmp_path / "mine.pt")).status_code
+    weights = make_weights(tmp_path / "mine.pt")
+    assert upload(alice_client, "mine", weights).status_code == 201
     stored = Path(ModelUpload.objects.get(owner=alice, model_id="mine").path)
     assert stored.exists()
     sign_in(page, asgi_server, "alice", "alice-password")
@@ -207,7 +208,8 @@ def test_delete_asks_then_removes_upload(
 def test_delete_of_upload_in_use_shows_409(
     transactional_db, asgi_server, page, alice, alice_client, tmp_path
 ):
-    assert upload(alice_client, "busy", make_weights(tmp_path / "busy.pt")).status_code
+    weights = make_weights(tmp_path / "busy.pt")
+    assert upload(alice_client, "busy", weights).status_code == 201
     # A run waiting for a runner, queued just now so that no runner's check
     # for lost runs queues it again during the test.
     waiting = Run.objects.create(

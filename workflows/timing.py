@@ -6,10 +6,10 @@ minus every other runner component, so the components add up to the total
 exactly; a negative overhead would mean double counting and raises.
 
 A live event reports how much its phase added to a component, in whole
-microseconds of the running sum (``us_added``). So the events of a step that
-runs once per image, or of the calls of one model, add up to the stored
-value exactly, where converting each call on its own would lose up to a
-microsecond per call.
+microseconds of the running sum (``us_added``). So the events of one
+model's calls, one per image or crop, add up to the stored value exactly,
+where converting each call on its own would lose up to a microsecond per
+call.
 
 Components, in the order a run goes through them:
 
@@ -112,7 +112,7 @@ class RunTimer:
     compile_cache_hit: bool = False
     serialization_ns: int = 0
     models: dict[str, ModelUse] = field(default_factory=dict)
-    # Each step's time, summed over its runs (one per image of a batch).
+    # Each step's time over the whole batch.
     steps: dict[str, int] = field(default_factory=dict)
     model_steps: set[str] = field(default_factory=set)
     # Called with (phase, data) as each phase ends, for the live timeline.
