@@ -43,8 +43,8 @@ class RunnerRuntime:
     stall_ended_at: float = 0.0
     stall_s: float = 0.0
     # Set while heartbeats fail to connect to Redis. The fleet-check thread
-    # then restarts an embedded server, which can take seconds: done in the
-    # heartbeat's thread, that would look like a stalled process.
+    # then restarts an embedded server. A restart can take seconds, and in
+    # the heartbeat's thread it would look like a stalled process.
     redis_unreachable: bool = False
 
     def stall_since(self, started: float, dead_after_s: float) -> float | None:

@@ -281,7 +281,7 @@ def _stop_redis_unless_used() -> None:
     try:
         if not other_processes_connected():
             stop_embedded_redis()
-    except redis.RedisError as error:
+    except (redis.RedisError, OSError) as error:
         logger.warning(
             "could not stop the embedded Redis this command started: %s", error
         )
