@@ -2,8 +2,6 @@
 
 import hashlib
 import re
-import shutil
-import zipfile
 from pathlib import Path
 
 from django.conf import settings
@@ -12,7 +10,7 @@ from playwright.sync_api import expect
 from runner.models import ModelUpload, Run
 from runner.registry import resolve_model
 from tests.test_browser_run import sign_in
-from tests.test_model_upload import make_weights, upload
+from tests.test_model_upload import damaged_checkpoint, make_weights, upload
 from webapp.clock import clock
 
 
@@ -33,17 +31,6 @@ def stored_files(user) -> set[Path]:
 def fill_upload_form(page, model_id: str, path: Path | None) -> None:
     page.fill("#upload-model-id", model_id)
     page.set_input_files("#upload-file", [str(path)] if path else [])
-
-
-def damaged_checkpoint(path: Path) -> Path:
-    """Copy the demo detector to ``path`` with one member's header overwritten."""
-    shutil.copy(resolve_model("people-detector").local_path(), path)
-    with zipfile.ZipFile(path) as archive:
-        member = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
-    with path.open("r+b") as file:
-        file.seek(member.header_offset)
-        file.write(b"XXXX")
-    return path
 
 
 def test_models_page_lists_upload(

@@ -30,6 +30,17 @@ def make_weights(path):
     return path
 
 
+def damaged_checkpoint(path: Path) -> Path:
+    """Copy the demo detector to ``path`` with one member's header overwritten."""
+    shutil.copy(resolve_model("people-detector").local_path(), path)
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    with path.open("r+b") as file:
+        file.seek(member.header_offset)
+        file.write(b"XXXX")
+    return path
+
+
 def upload(client, model_id, path):
     with open(path, "rb") as handle:
         return client.post("/api/models/", {"model_id": model_id, "file": handle})
@@ -106,13 +117,7 @@ def test_upload_rejects_zip_that_is_no_checkpoint(alice_client, tmp_path):
 def test_upload_rejects_damaged_checkpoint(alice_client, tmp_path):
     # A real checkpoint with one member's header overwritten: a file damaged
     # in transfer, not one of another kind.
-    damaged = tmp_path / "damaged.pt"
-    shutil.copy(resolve_model("people-detector").local_path(), damaged)
-    with zipfile.ZipFile(damaged) as archive:
-        member = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
-    with damaged.open("r+b") as file:
-        file.seek(member.header_offset)
-        file.write(b"XXXX")
+    damaged = damaged_checkpoint(tmp_path / "damaged.pt")
     response = upload(alice_client, "damaged", damaged)
     assert response.status_code == 400
     assert response.json()["message"].startswith(
