@@ -20,7 +20,7 @@ from runner.models import Run
 from webapp.models import lock_user_row
 from webapp.requests import TooManyRequests
 from workflows.compiler import plan_cache
-from workflows.inputs import read_inputs
+from workflows.inputs import input_mapping, read_inputs, reject_undeclared_inputs
 
 # Synchronous requests waiting in this process, by owner.
 _waiting: Counter[int] = Counter()
@@ -105,6 +105,7 @@ def start_run(
     uploads: dict[str, bytes] | None = None,
     runner: str | None = None,
     on_queued: Callable[[Run], None] | None = None,
+    strict_inputs: bool = False,
 ) -> RunOutcome:
     """Compile, check inputs, queue, and wait up to ``wait_s`` for the result.
 
@@ -112,10 +113,13 @@ def start_run(
     TooManyRequests before anything is stored. Synchronous requests are
     limited by SYNC_WAITS_PER_USER, asynchronous ones (``wait_s`` 0) by
     QUEUED_RUNS_PER_USER. ``on_queued`` is called with the stored run
-    before the wait.
+    before the wait. With ``strict_inputs``, inputs the definition does not
+    declare are rejected.
     """
     with waiting_slot(owner_id) if wait_s > 0 else nullcontext():
         compiled = plan_cache.compile(definition, owner_id)
+        if strict_inputs:
+            reject_undeclared_inputs(compiled.plan, input_mapping(raw_inputs))
         inputs = read_inputs(
             compiled.plan,
             raw_inputs,

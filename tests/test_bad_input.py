@@ -856,6 +856,52 @@ def test_api_unknown_fields_rejected(alice, alice_client, route, body, unknown):
     assert_nothing_stored()
 
 
+@pytest.mark.parametrize("route", ["runs", "estimate", "/api/estimate"])
+def test_api_undeclared_input_rejected(alice, alice_client, route):
+    # A misspelled parameter would run with its default value instead.
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    body = {"inputs": {**IMAGE_INPUTS, "Confidence": 0.9}}
+    if route.startswith("/"):
+        url, body["specification"] = route, image_height()
+    else:
+        url = f"/api/workflows/{workflow.id}/{route}"
+    response = post_json(alice_client, url, body)
+    assert response.status_code == 400, url
+    error = response.json()
+    assert_error_body(error)
+    assert error["code"] == "invalid_input"
+    assert error["field"] == "Confidence"
+    assert "declares no input 'Confidence'; its inputs are image" in error["message"]
+    assert_nothing_stored()
+
+
+def test_roboflow_run_accepts_undeclared_input(runner, alice_client):
+    response = post_json(
+        alice_client,
+        "/workflows/run",
+        {
+            "specification": image_height(),
+            "inputs": {**IMAGE_INPUTS, "Confidence": 0.9},
+        },
+    )
+    assert response.status_code == 200, response.json()
+
+
+@pytest.mark.parametrize("source", ["cli", "bogus", 5])
+def test_api_run_source_other_than_ui(alice, alice_client, source):
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    response = post_json(
+        alice_client,
+        f"/api/workflows/{workflow.id}/runs",
+        {"inputs": IMAGE_INPUTS, "source": source},
+    )
+    assert response.status_code == 400
+    error = response.json()
+    assert error["field"] == "source"
+    assert "'source' must be \"ui\" or left out" in error["message"]
+    assert_nothing_stored()
+
+
 def test_roboflow_run_version_not_integer(alice, alice_client):
     workflow = Workflow.create_with_version(alice, "height", image_height())
     response = post_json(

@@ -94,6 +94,24 @@ def input_mapping(raw: Any) -> dict[str, Any]:
     return raw
 
 
+def reject_undeclared_inputs(plan: ExecutionPlan, raw: dict[str, Any]) -> None:
+    """Raise InputError naming the inputs in ``raw`` that ``plan`` does not declare.
+
+    A misspelled parameter would otherwise be dropped and its default used.
+    Roboflow's routes accept undeclared inputs, as Roboflow's server does.
+    """
+    declared = [spec.name for spec in (*plan.image_inputs, *plan.parameter_inputs)]
+    unknown = sorted(set(raw) - set(declared))
+    if unknown:
+        shown_names = ", ".join(repr(name) for name in unknown)[:300]
+        raise InputError(
+            f"the workflow declares no input {shown_names}; its inputs are "
+            f"{', '.join(sorted(declared)) or 'none'}",
+            context="request_parsing",
+            field_name=unknown[0][:100],
+        )
+
+
 def read_parameters(plan: ExecutionPlan, raw: dict[str, Any]) -> dict[str, Any]:
     """Return every parameter the plan declares, defaults filled in and checked."""
     parameters: dict[str, Any] = {}

@@ -22,9 +22,15 @@ from webapp.requests import (
     version_number,
 )
 from workflows.blocks import BLOCKS
+from workflows.blocks.base import shown
 from workflows.compiler import plan_cache
 from workflows.errors import ModelNotFoundError, WorkflowError
-from workflows.inputs import batch_size_of, input_mapping, read_parameters
+from workflows.inputs import (
+    batch_size_of,
+    input_mapping,
+    read_parameters,
+    reject_undeclared_inputs,
+)
 from workflows.models import Workflow, WorkflowVersion
 
 
@@ -290,16 +296,26 @@ class WorkflowRunView(APIView):
         reject_unknown_fields(body, RUN_FIELDS)
         version = requested_version(workflow, body)
         run_async = optional_bool(body, "async")
+        # The browser's run page labels its runs; the command line does not
+        # come through HTTP.
+        source = body.get("source", "api")
+        if source not in ("api", "ui"):
+            raise MalformedRequest(
+                f"'source' must be \"ui\" or left out, got {shown(source)}",
+                context="request_parsing",
+                field_name="source",
+            )
         wait_s = 0.0 if run_async else settings.GLASSBOX["SYNC_TIMEOUT_S"]
         outcome = start_run(
             owner_id=request.user.id,
-            source=body.get("source") if body.get("source") in ("ui", "cli") else "api",
+            source=source,
             definition=version.definition,
             raw_inputs=body.get("inputs"),
             started_ns=request._request.started_ns,
             wait_s=wait_s,
             workflow_version_id=version.id,
             token_id=getattr(request.auth, "id", None),
+            strict_inputs=True,
         )
         return run_response(outcome, request._request.started_ns)
 
@@ -327,6 +343,7 @@ def estimate_definition(definition, body: dict, owner_id: int) -> dict:
     """Compile, read the parameters of ``body["inputs"]``, and predict a run."""
     plan = plan_cache.compile(definition).plan
     raw = input_mapping(body.get("inputs"))
+    reject_undeclared_inputs(plan, raw)
     parameters = read_parameters(plan, raw)
     return estimate_run(plan, parameters, owner_id, batch_size_of(plan, raw))
 
