@@ -102,6 +102,25 @@ def test_form_upload_adds_row(transactional_db, asgi_server, page, alice, tmp_pa
     assert page.locator("#uploads tbody tr.empty").count() == 0
 
 
+def test_failed_upload_redraws_list(
+    transactional_db, asgi_server, page, alice, alice_client, tmp_path
+):
+    # Another tab or client took the id after this page loaded: the error
+    # comes with the list as it is now.
+    weights = make_weights(tmp_path / "mine.pt")
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    assert upload(alice_client, "taken", weights).status_code == 201
+    assert upload_row(page, "taken").count() == 0
+
+    fill_upload_form(page, "taken", weights)
+    page.click("#upload-button")
+    expect(page.locator("#upload-error .error-message")).to_have_text(
+        "you already have a model 'taken'", timeout=60_000
+    )
+    upload_row(page, "taken").wait_for()
+
+
 def test_rejected_upload_shows_api_error(
     transactional_db, asgi_server, page, alice, alice_client, tmp_path
 ):
@@ -190,6 +209,32 @@ def test_delete_asks_then_removes_upload(
     page.reload()
     page.wait_for_selector("#models[data-ready='true']")
     assert row.count() == 0
+
+
+def test_page_stops_after_sign_in_elsewhere(
+    transactional_db, asgi_server, page, alice, alice_client, bob_client, tmp_path
+):
+    # Both users have an upload "shared". After bob signs in in another tab,
+    # alice's open page must not delete bob's upload of that id.
+    weights = make_weights(tmp_path / "shared.pt")
+    assert upload(alice_client, "shared", weights).status_code == 201
+    assert upload(bob_client, "shared", weights).status_code == 201
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+
+    other_tab = page.context.new_page()
+    other_tab.goto(f"{asgi_server}/models/")
+    other_tab.get_by_role("button", name="Sign out").click()
+    other_tab.wait_for_url(re.compile(r".*/accounts/logout/$"))
+    sign_in(other_tab, asgi_server, "bob", "bob-password")
+    other_tab.close()
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete upload shared…").click()
+    error = page.locator("#delete-error")
+    expect(error).to_be_visible()
+    expect(error.locator(".error-hint")).to_contain_text("Reload the page")
+    assert ModelUpload.objects.filter(model_id="shared").count() == 2
 
 
 def test_delete_of_upload_in_use_shows_409(

@@ -18,14 +18,17 @@
   const CLASS_NAMES_SHOWN = 8;
   const FIELD_INPUTS = { model_id: "upload-model-id", file: "upload-file" };
 
-  function csrfToken() {
-    const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
-    return match ? decodeURIComponent(match[1]) : "";
-  }
+  // The CSRF token rendered with the page, not the cookie's current one.
+  // Signing in again in another tab rotates the session's token, so this
+  // page's requests then fail the CSRF check instead of acting on the
+  // account signed in now, which may own uploads with the same ids.
+  const pageCsrfToken = document.querySelector("#upload-form [name=csrfmiddlewaretoken]").value;
+  const SESSION_CHANGED_HINT = "Reload the page: the session changed since it loaded "
+    + "(signed out, or signed in again, maybe as another user, in another tab).";
 
   function apiRequest(method, url, body) {
     const headers = { Accept: "application/json" };
-    if (method !== "GET") headers["X-CSRFToken"] = csrfToken();
+    if (method !== "GET") headers["X-CSRFToken"] = pageCsrfToken;
     return fetch(url, { method, credentials: "same-origin", headers, body });
   }
 
@@ -39,7 +42,9 @@
       // Not JSON: a proxy's error page, or a connection cut short.
     }
     const message = (body && (body.message || body.detail)) || `${response.status} ${response.statusText}`;
-    return { message, hint: (body && body.hint) || "", field: (body && body.field) || "" };
+    let hint = (body && body.hint) || "";
+    if (response.status === 401 || response.status === 403) hint = hint || SESSION_CHANGED_HINT;
+    return { message, hint, field: (body && body.field) || "" };
   }
 
   function modelUrl(modelId) {
@@ -221,6 +226,8 @@
       setUploading(false, "");
       showError("upload-error", failure);
       markField(failure.field);
+      // Another tab may have uploaded under this id meanwhile.
+      if (response.status !== 401 && response.status !== 403) await refresh();
       return;
     }
     const created = await response.json();
