@@ -30,7 +30,13 @@ from runner.registry import (
 )
 from runner.weights_check import WeightsRejected, check_weights
 from webapp.errors import get_owned
-from webapp.requests import MalformedRequest, PayloadTooLarge, TooManyRequests
+from webapp.requests import (
+    MULTIPART_ALLOWANCE_BYTES,
+    MalformedRequest,
+    PayloadTooLarge,
+    TooManyRequests,
+    reject_unknown_fields,
+)
 from workflows.errors import ModelNotFoundError, WorkflowError
 
 logger = logging.getLogger(__name__)
@@ -257,6 +263,14 @@ class ModelListView(APIView):
         callable is rejected before it runs.
         """
         _check_upload_length(request)
+        reject_unknown_fields(request.data, UPLOAD_FIELDS)
+        for name in ("model_id", "file"):
+            if len(request.data.getlist(name)) > 1:
+                raise MalformedRequest(
+                    f"'{name}' is sent more than once; send one",
+                    context="request_parsing",
+                    field_name=name,
+                )
         model_id = request.data.get("model_id", "")
         upload = request.FILES.get("file")
         if not model_id:
@@ -304,6 +318,7 @@ class ModelListView(APIView):
                 context="request_parsing",
                 field_name="file",
             )
+        _check_file_size(upload)
         if ModelUpload.objects.filter(owner=request.user, model_id=model_id).exists():
             raise MalformedRequest(
                 f"you already have a model '{model_id}'",
@@ -385,6 +400,13 @@ def _shared_model(model_id: str) -> str | None:
     return f"a file in the {KIND_PLACES[source.kind]}"
 
 
+# The form fields an upload reads; api_key is where clients may put the key.
+UPLOAD_FIELDS = {"model_id", "file", "api_key"}
+UPLOAD_TOO_LARGE_HINT = (
+    "Upload a smaller weights file, or raise MAX_UPLOAD_BYTES on the server."
+)
+
+
 def _check_upload_length(request) -> None:
     """Raise PayloadTooLarge before a body over MAX_UPLOAD_BYTES is read.
 
@@ -395,12 +417,23 @@ def _check_upload_length(request) -> None:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         length = 0
-    if length > limit:
+    if length > limit + MULTIPART_ALLOWANCE_BYTES:
         raise PayloadTooLarge(
-            f"the upload is {length} bytes, over the limit of {limit} bytes",
+            f"the upload is {length} bytes, over the limit of {limit} bytes "
+            f"for the file and {MULTIPART_ALLOWANCE_BYTES} for the form around it",
             context="model_upload",
-            hint="Upload a smaller weights file, or raise MAX_UPLOAD_BYTES on the "
-            "server.",
+            hint=UPLOAD_TOO_LARGE_HINT,
+        )
+
+
+def _check_file_size(upload) -> None:
+    """Raise PayloadTooLarge for a file over MAX_UPLOAD_BYTES itself."""
+    limit = settings.GLASSBOX["MAX_UPLOAD_BYTES"]
+    if upload.size > limit:
+        raise PayloadTooLarge(
+            f"the file is {upload.size} bytes, over the limit of {limit} bytes",
+            context="model_upload",
+            hint=UPLOAD_TOO_LARGE_HINT,
         )
 
 

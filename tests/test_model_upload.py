@@ -270,6 +270,42 @@ def test_upload_over_size_limit_is_413(alice_client, tmp_path, monkeypatch):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_limit_applies_to_the_file(alice_client, tmp_path, monkeypatch):
+    # The multipart body is larger than the file it carries; a file of
+    # exactly MAX_UPLOAD_BYTES is allowed.
+    weights = make_weights(tmp_path / "mine.pt")
+    size = weights.stat().st_size
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_UPLOAD_BYTES", size - 1)
+    over = upload(alice_client, "over", weights)
+    assert over.status_code == 413
+    assert over.json()["message"] == (
+        f"the file is {size} bytes, over the limit of {size - 1} bytes"
+    )
+    assert ModelUpload.objects.count() == 0
+
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_UPLOAD_BYTES", size)
+    assert upload(alice_client, "exact", weights).status_code == 201
+
+
+def test_upload_rejects_extra_or_repeated_parts(alice_client, tmp_path):
+    weights = make_weights(tmp_path / "mine.pt")
+    with open(weights, "rb") as first, open(weights, "rb") as second:
+        repeated = alice_client.post(
+            "/api/models/", {"model_id": "twice", "file": [first, second]}
+        )
+    assert repeated.status_code == 400
+    assert repeated.json()["field"] == "file"
+    assert repeated.json()["message"] == "'file' is sent more than once; send one"
+    with open(weights, "rb") as handle:
+        extra = alice_client.post(
+            "/api/models/", {"model_id": "extra", "file": handle, "task": "detect"}
+        )
+    assert extra.status_code == 400
+    assert extra.json()["field"] == "task"
+    assert "unknown fields 'task'" in extra.json()["message"]
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_while_another_is_checked_is_429(alice_client, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
     # Held here as an upload being checked in this process would hold it.

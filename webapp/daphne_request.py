@@ -17,10 +17,7 @@ import json
 from daphne.http_protocol import WebRequest
 from django.conf import settings
 
-# Multipart framing around an upload's file: boundaries, part headers and
-# the model_id field.
-MULTIPART_ALLOWANCE_BYTES = 64 * 1024
-
+from webapp.requests import MULTIPART_ALLOWANCE_BYTES
 
 # The one route that takes bodies up to MAX_UPLOAD_BYTES.
 UPLOAD_PATH = b"/api/models/"

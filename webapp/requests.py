@@ -17,6 +17,11 @@ class MalformedRequest(WorkflowError):
     code = "malformed_request"
 
 
+# Multipart framing around an upload's file: boundaries, part headers and
+# the model_id field. A body may exceed MAX_UPLOAD_BYTES by this much.
+MULTIPART_ALLOWANCE_BYTES = 64 * 1024
+
+
 def _reject_constant(name: str) -> Any:
     # Python's json module accepts NaN and Infinity, which are not JSON and
     # which the response renderer and other JSON parsers reject later.
@@ -257,3 +262,15 @@ def string_list(body: dict[str, Any], key: str) -> list[str]:
             field_name=key,
         )
     return value
+
+
+def reject_unknown_fields(body: dict, known: set[str]) -> None:
+    """Raise MalformedRequest naming the fields of ``body`` outside ``known``."""
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise MalformedRequest(
+            f"unknown fields {', '.join(map(repr, unknown))[:300]}; this request "
+            f"takes {', '.join(sorted(known))}",
+            context="request_parsing",
+            field_name=unknown[0][:100],
+        )

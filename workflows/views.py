@@ -19,6 +19,7 @@ from webapp.requests import (
     MalformedRequest,
     json_object,
     optional_bool,
+    reject_unknown_fields,
     version_number,
 )
 from workflows.blocks import BLOCKS
@@ -114,18 +115,6 @@ RUN_FIELDS = {"inputs", "version", "async", "source", "api_key"}
 ESTIMATE_FIELDS = {"inputs", "version", "api_key"}
 INLINE_ESTIMATE_FIELDS = {"specification", "inputs", "api_key"}
 VALIDATE_FIELDS = {"definition", "api_key"}
-
-
-def reject_unknown_fields(body: dict, known: set[str]) -> None:
-    """Raise MalformedRequest naming the fields of ``body`` outside ``known``."""
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise MalformedRequest(
-            f"unknown fields {', '.join(map(repr, unknown))[:300]}; this request "
-            f"takes {', '.join(sorted(known))}",
-            context="request_parsing",
-            field_name=unknown[0][:100],
-        )
 
 
 class WorkflowListView(APIView):
