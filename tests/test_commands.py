@@ -228,6 +228,40 @@ def test_runworkflow_interrupted_names_the_run(runner, tmp_path):
     assert Run.objects.get(pk=run_id).status == Run.Status.SUCCEEDED
 
 
+def test_runworkflow_interrupted_while_waiting_for_runner(transactional_db, tmp_path):
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps(detection("yolov8n.yaml")))
+    env = private_data_env(tmp_path / "data")
+    command = subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "runworkflow",
+            str(path),
+            "--image",
+            BUS,
+            "--wait-for-runner",
+            "60",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # The command logs the embedded Redis it starts, then waits.
+    assert "started embedded Redis" in command.stderr.readline()
+    time.sleep(0.5)
+    command.send_signal(signal.SIGINT)
+    _, errors = command.communicate(timeout=60)
+    assert command.returncode == 1
+    assert "interrupted while waiting for a runner; nothing was queued" in errors
+    assert "Traceback" not in errors
+    assert Run.objects.count() == 0
+    # No runner came, so the command stops the Redis server it started.
+    assert not (tmp_path / "data" / "redis.sock").exists()
+
+
 @pytest.mark.django_db
 def test_models_match_migrations():
     # makemigrations --check exits with 1 when a model differs from the

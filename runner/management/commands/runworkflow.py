@@ -86,12 +86,17 @@ class Command(BaseCommand):
                 _stop_redis_unless_used()
 
     def _run(self, definition: dict, user, options) -> None:
-        if options["wait_for_runner"] and not fleet.wait_for_runner(
-            options["wait_for_runner"]
-        ):
-            raise CommandError(
-                "no runner came up; start one with 'python manage.py runner'"
-            )
+        if options["wait_for_runner"]:
+            try:
+                runner_up = fleet.wait_for_runner(options["wait_for_runner"])
+            except KeyboardInterrupt:
+                raise CommandError(
+                    "interrupted while waiting for a runner; nothing was queued"
+                ) from None
+            if not runner_up:
+                raise CommandError(
+                    "no runner came up; start one with 'python manage.py runner'"
+                )
         uploads = self._read_images(definition, options["image"])
         raw_inputs = dict(self._parse_param(p) for p in options["param"])
         _check_input_names(definition, uploads, raw_inputs)
