@@ -408,7 +408,7 @@ UPLOAD_TOO_LARGE_HINT = (
 
 
 def _check_upload_length(request) -> None:
-    """Raise PayloadTooLarge before a body over MAX_UPLOAD_BYTES is read.
+    """Raise PayloadTooLarge before a body too large for MAX_UPLOAD_BYTES is read.
 
     Django's request size limit does not apply to the files of a multipart body.
     """
