@@ -1,5 +1,6 @@
 """The run-event websocket: order, ownership, failures, against a real runner."""
 
+import asyncio
 import base64
 import json
 import time
@@ -16,7 +17,9 @@ from runner.models import Run
 from runner.service import start_run
 from tests.conftest import image_bytes, registered_runner, start_cli_run
 from tests.definitions import detect_then_crops, detection, image_height
+from tests.test_redis_outage import start_redis
 from webapp.asgi import application
+from webapp.channel_layer import channel_layer_host
 from webapp.redis import get_redis
 
 
@@ -117,6 +120,44 @@ async def test_events_close_when_redis_unreachable(
     communicator, connected, code = await connect(run.id, alice)
     assert connected is False
     assert code == consumers.CLOSE_UNAVAILABLE
+
+
+@pytest.mark.asyncio
+async def test_events_connect_after_redis_restart(
+    transactional_db, alice, tmp_path, settings
+):
+    # The layer's pub/sub connection goes stale when Redis restarts while no
+    # websocket is subscribed. The next websocket must still connect.
+    socket_path = tmp_path / "layer.sock"
+    server = start_redis(socket_path)
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {
+                "hosts": [channel_layer_host(f"unix://{socket_path}")],
+                "prefix": "glassbox",
+            },
+        }
+    }
+    run = await sync_to_async(untouched_run)(alice)
+    try:
+        communicator, connected, _ = await connect(run.id, alice)
+        assert connected
+        assert (await receive_until_done(communicator))[-1]["phase"] == "done"
+        await communicator.disconnect()
+        # Long enough for the layer to finish unsubscribing.
+        await asyncio.sleep(1.5)
+        server.kill()
+        server.wait(timeout=10)
+        server = start_redis(socket_path)
+
+        communicator, connected, code = await connect(run.id, alice)
+        assert connected, code
+        assert (await receive_until_done(communicator))[-1]["phase"] == "done"
+        await communicator.disconnect()
+    finally:
+        server.kill()
+        server.wait(timeout=10)
 
 
 @pytest.mark.asyncio

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from webapp.channel_layer import channel_layer_host
 from webapp.env import env_bool, env_float, env_int, env_list, env_str
 
 # Weights files are pickles, and uploads come from users: ultralytics then
@@ -160,7 +161,10 @@ RQ_QUEUES = {
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [EFFECTIVE_REDIS_URL], "prefix": "glassbox"},
+        "CONFIG": {
+            "hosts": [channel_layer_host(EFFECTIVE_REDIS_URL)],
+            "prefix": "glassbox",
+        },
     }
 }
 
