@@ -30,7 +30,8 @@ _connection: redis.Redis | None = None
 STOP_TIMEOUT_S = 10.0
 # Whether this process started the embedded server.
 _started_here = False
-# Each connection's name in CLIENT LIST, the same for all of this process's.
+# The name of this process's connections to the embedded server, in CLIENT
+# LIST.
 CLIENT_NAME = f"glassbox:{socket.gethostname()}:{os.getpid()}"
 
 
@@ -48,7 +49,9 @@ def get_redis() -> redis.Redis:
             # has its own server-side timeout, so reads may wait as it needs.
             _connection = redis.Redis.from_url(
                 settings.EFFECTIVE_REDIS_URL,
-                client_name=CLIENT_NAME,
+                # Only the embedded server's clients are named: a shared
+                # server's ACL may not allow CLIENT SETNAME.
+                client_name=None if settings.REDIS_URL else CLIENT_NAME,
                 health_check_interval=30,
                 socket_timeout=None,
                 socket_connect_timeout=5,
@@ -145,7 +148,7 @@ def embedded_redis_started_here() -> bool:
 
 
 def other_processes_connected() -> bool:
-    """Return whether any other process has a connection open to the server."""
+    """Return whether another process has a connection open to the embedded server."""
     return any(
         client.get("name") != CLIENT_NAME for client in get_redis().client_list()
     )
