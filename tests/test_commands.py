@@ -228,10 +228,11 @@ def test_runworkflow_interrupted_names_the_run(runner, tmp_path):
     assert Run.objects.get(pk=run_id).status == Run.Status.SUCCEEDED
 
 
-def test_runworkflow_interrupted_while_waiting_for_runner(transactional_db, tmp_path):
+def test_runworkflow_interrupted_before_queueing(transactional_db, tmp_path):
     path = tmp_path / "definition.json"
     path.write_text(json.dumps(detection("yolov8n.yaml")))
     env = private_data_env(tmp_path / "data")
+
     command = subprocess.Popen(
         [
             sys.executable,
@@ -254,6 +255,7 @@ def test_runworkflow_interrupted_while_waiting_for_runner(transactional_db, tmp_
     time.sleep(0.5)
     command.send_signal(signal.SIGINT)
     _, errors = command.communicate(timeout=60)
+
     assert command.returncode == 1
     assert "interrupted while waiting for a runner; nothing was queued" in errors
     assert "Traceback" not in errors

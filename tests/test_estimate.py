@@ -290,7 +290,8 @@ def test_estimate_scales_model_calls_with_batch(runner, alice_client):
     assert body["components"]["inference"] == round(3 * per_call)
     assert not any("RUN_TIME_LIMIT_S" in note for note in body["notes"])
 
-    # A batch whose predicted time passes the run time limit says so.
+    # An estimate of a batch whose predicted time passes the run time limit
+    # notes it.
     images = ["a"] * (1 + int(600 * 1e6 / per_call))
     body = estimate(alice_client, workflow_id, {"inputs": {"image": images}})
     assert body["runner_total"] > 600 * 1e6

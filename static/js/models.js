@@ -139,8 +139,8 @@
     $("models").dataset.ready = "true";
   }
 
-  // Read the lists again after a change. A failure leaves the old lists and
-  // a line that asks for a reload, since the change itself went through.
+  // Read the lists again after a change. A failure keeps the old lists and
+  // shows a line to reload the page, since the change itself went through.
   async function refresh() {
     let response;
     try {
