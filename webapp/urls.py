@@ -4,7 +4,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from runner import ui as runner_ui
 from runner import views as runner_views
-from webapp import handlers, roboflow
+from webapp import handlers, roboflow, roboflow_models
 from webapp import views as account_views
 from workflows import views as workflow_views
 
@@ -43,6 +43,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include(api)),
     path("info", roboflow.InfoView.as_view()),
+    path("model/registry", roboflow_models.ModelRegistryView.as_view()),
+    path("model/add", roboflow_models.ModelAddView.as_view()),
+    path("infer/object_detection", roboflow_models.ObjectDetectionView.as_view()),
     # Listed before the workflow pages: POST /workflows/run is Roboflow's route.
     path("workflows/run", roboflow.InlineWorkflowRunView.as_view()),
     path(
