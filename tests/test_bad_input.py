@@ -1117,6 +1117,19 @@ def test_foreign_run_get(alice_client, bob, bob_workflow):
     assert_error_body(response.json())
 
 
+def test_run_get_uppercase_id(alice_client, alice):
+    workflow = Workflow.create_with_version(alice, "alices height", image_height())
+    run = Run.objects.create(
+        owner=alice,
+        source=Run.Source.API,
+        workflow_version=workflow.latest_version(),
+        definition_digest=workflow.latest_version().digest,
+    )
+    response = alice_client.get(f"/api/runs/{str(run.id).upper()}")
+    assert response.status_code == 200
+    assert response.json()["id"] == str(run.id)
+
+
 def test_foreign_run_not_listed(alice_client, bob, bob_workflow):
     Run.objects.create(
         owner=bob,

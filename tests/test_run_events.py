@@ -100,6 +100,15 @@ async def test_events_refuse_other_users_run(transactional_db, alice, bob):
 
 
 @pytest.mark.asyncio
+async def test_events_accept_uppercase_run_id(transactional_db, alice):
+    run = await sync_to_async(untouched_run)(alice)
+    communicator, connected, _ = await connect(str(run.id).upper(), alice)
+    assert connected
+    events = await receive_until_done(communicator)
+    assert events[-1]["run_id"] == str(run.id)
+
+
+@pytest.mark.asyncio
 async def test_events_refuse_path_without_run_id(alice):
     communicator, connected, code = await connect("not-a-run-id", alice)
     assert connected is False

@@ -2,6 +2,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.urls import path, re_path
 
 from runner.consumers import CLOSE_NOT_FOUND, RunEventsConsumer
+from webapp import converters  # noqa: F401 (registers anycase_uuid)
 
 
 class UnknownPathConsumer(AsyncWebsocketConsumer):
@@ -12,6 +13,6 @@ class UnknownPathConsumer(AsyncWebsocketConsumer):
 
 
 websocket_urlpatterns = [
-    path("ws/runs/<uuid:run_id>/", RunEventsConsumer.as_asgi()),
+    path("ws/runs/<anycase_uuid:run_id>/", RunEventsConsumer.as_asgi()),
     re_path(r"", UnknownPathConsumer.as_asgi()),
 ]

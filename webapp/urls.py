@@ -4,7 +4,12 @@ from django.views.decorators.csrf import csrf_exempt
 
 from runner import ui as runner_ui
 from runner import views as runner_views
-from webapp import handlers, roboflow, roboflow_models
+from webapp import (
+    converters,  # noqa: F401 (registers anycase_uuid)
+    handlers,
+    roboflow,
+    roboflow_models,
+)
 from webapp import views as account_views
 from workflows import views as workflow_views
 
@@ -24,7 +29,7 @@ api = [
     path("validate", workflow_views.ValidateView.as_view()),
     path("blocks", workflow_views.BlocksView.as_view()),
     path("runs/", runner_views.RunListView.as_view()),
-    path("runs/<uuid:run_id>", runner_views.RunDetailView.as_view()),
+    path("runs/<anycase_uuid:run_id>", runner_views.RunDetailView.as_view()),
     path("models/", runner_views.ModelListView.as_view()),
     path("models/<path:model_id>", runner_views.ModelDetailView.as_view()),
     path("fleet", runner_views.FleetView.as_view()),
@@ -56,7 +61,7 @@ urlpatterns = [
     path("workflows/", include("workflows.ui_urls")),
     path("samples/<str:name>", runner_ui.sample_image, name="sample-image"),
     path("models/", runner_ui.models_page, name="models"),
-    path("runs/<uuid:run_id>/", runner_ui.run_page, name="run-page"),
+    path("runs/<anycase_uuid:run_id>/", runner_ui.run_page, name="run-page"),
     path("billing/", include("billing.urls")),
     path("infer/workflows", roboflow.InlineWorkflowRunView.as_view()),
     path(
