@@ -147,7 +147,8 @@ def test_detection_missing_image(live_server, alice_key):
         timeout=60,
     )
     assert response.status_code == 400
-    assert "image" in response.json()["message"]
+    assert response.json()["message"] == "'image' is missing"
+    assert "inputs" not in response.json()["hint"]
 
 
 def test_registry_lists_model_directory(live_server, alice_key):

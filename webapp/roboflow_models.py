@@ -131,6 +131,15 @@ class ObjectDetectionView(APIView):
     def post(self, request):
         started_ns = request._request.started_ns
         body = json_object(request)
+        if body.get("image") is None:
+            # The workflow's own message would point at "inputs.image".
+            raise MalformedRequest(
+                "'image' is missing",
+                context="request_parsing",
+                field_name="image",
+                hint='Send "image": {"type": "base64", "value": "<base64 image>"}, '
+                "or a list of those.",
+            )
         # Roboflow's request has more options (preprocessing switches,
         # visualization, active learning), which this server ignores.
         raw_inputs = {
