@@ -8,7 +8,7 @@ runner, with a breakdown and a bill.
 
 import pytest
 import requests
-from inference_sdk import InferenceHTTPClient
+from inference_sdk import InferenceConfiguration, InferenceHTTPClient
 from inference_sdk.http.errors import HTTPCallErrorError
 
 from billing.models import Bill
@@ -61,6 +61,12 @@ def test_infer_boxes_in_client_image_coordinates(runner, client):
     result = client.infer(bus_path(), model_id="people-detector")
     assert result["image"] == {"width": 810, "height": 1080}
     assert max(p["x"] + p["width"] / 2 for p in result["predictions"]) > 640
+
+
+def test_infer_key_in_header(runner, client):
+    client.configure(InferenceConfiguration(api_key_transport="header"))
+    result = client.infer(bus_path(), model_id="people-detector")
+    assert result["predictions"]
 
 
 def test_infer_architecture_added_on_demand(runner, client):
