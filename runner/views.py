@@ -273,6 +273,19 @@ class ModelListView(APIView):
                 )
         model_id = request.data.get("model_id", "")
         upload = request.FILES.get("file")
+        if "model_id" in request.FILES:
+            raise MalformedRequest(
+                "model_id is sent as a file part; send it as a text form field",
+                context="request_parsing",
+                field_name="model_id",
+            )
+        if upload is None and "file" in request.data:
+            raise MalformedRequest(
+                "'file' is sent as a text form field; send the weights as a file "
+                "part, with a filename",
+                context="request_parsing",
+                field_name="file",
+            )
         if not model_id:
             raise MalformedRequest(
                 "model_id is missing: send it as a form field next to the file",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection, transaction
 
 from runner import views as runner_views
@@ -303,6 +304,27 @@ def test_upload_rejects_extra_or_repeated_parts(alice_client, tmp_path):
     assert extra.status_code == 400
     assert extra.json()["field"] == "task"
     assert "unknown fields 'task'" in extra.json()["message"]
+    assert ModelUpload.objects.count() == 0
+
+
+def test_upload_rejects_parts_of_the_wrong_kind(alice_client, tmp_path):
+    weights = tmp_path / "mine.pt"
+    weights.write_bytes(b"not checked")
+    id_as_file = SimpleUploadedFile("id.txt", b"my-detector")
+    with open(weights, "rb") as handle:
+        response = alice_client.post(
+            "/api/models/", {"model_id": id_as_file, "file": handle}
+        )
+    assert response.status_code == 400
+    assert response.json()["field"] == "model_id"
+    assert "sent as a file part" in response.json()["message"]
+
+    file_as_text = alice_client.post(
+        "/api/models/", {"model_id": "my-detector", "file": "weights"}
+    )
+    assert file_as_text.status_code == 400
+    assert file_as_text.json()["field"] == "file"
+    assert "sent as a text form field" in file_as_text.json()["message"]
     assert ModelUpload.objects.count() == 0
 
 
