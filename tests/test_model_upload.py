@@ -328,6 +328,31 @@ def test_upload_rejects_parts_of_the_wrong_kind(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_with_long_filename_is_malformed(alice_client):
+    # Django's multipart parser limits one part's headers to 1,024 bytes.
+    # The body is written by hand because Django's test client cuts
+    # filenames to 255 characters.
+    filename = "w" * 1100 + ".pt"
+    body = (
+        "--b\r\n"
+        'Content-Disposition: form-data; name="model_id"\r\n\r\n'
+        "long-name\r\n"
+        "--b\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "\r\n"
+        "not checked\r\n"
+        "--b--\r\n"
+    )
+    response = alice_client.generic(
+        "POST", "/api/models/", body, content_type="multipart/form-data; boundary=b"
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "malformed_request"
+    assert "long filename" in response.json()["message"]
+    assert response.json()["hint"] == "Send the file under a shorter filename."
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_while_another_is_checked_is_429(alice_client, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
     # Held here as an upload being checked in this process would hold it.

@@ -56,6 +56,10 @@ def api_exception_handler(exc, context):
         exc = exceptions.NotFound(*exc.args)
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied(*exc.args)
+    elif isinstance(exc, exceptions.ParseError):
+        # Only the model upload's multipart parser raises it: the JSON
+        # routes parse with StrictJSONParser, which raises MalformedRequest.
+        return _multipart_parse_error(exc)
     response = exception_handler(exc, context)
     if response is None:
         return None
@@ -73,6 +77,31 @@ def api_exception_handler(exc, context):
             error_type=type(exc).__name__,
         )
     return response
+
+
+# Django's multipart parser rejects a part whose headers are over 1,024
+# bytes (MAX_TOTAL_HEADER_SIZE in django/http/multipartparser.py).
+MULTIPART_HEADER_LIMIT_BYTES = 1024
+
+
+def _multipart_parse_error(error: exceptions.ParseError) -> Response:
+    detail = str(error.detail)
+    hint = "Send multipart form data with a model_id field and a file part."
+    if "header size exceeded" in detail:
+        detail = (
+            "the multipart body could not be parsed: the headers of one part "
+            f"are over {MULTIPART_HEADER_LIMIT_BYTES} bytes, usually because "
+            "of a long filename"
+        )
+        hint = "Send the file under a shorter filename."
+    body = error_body(
+        detail,
+        "malformed_request",
+        context="request_parsing",
+        error_type="MalformedRequest",
+        hint=hint,
+    )
+    return Response(body, status=status.HTTP_400_BAD_REQUEST)
 
 
 def _redis_unavailable(error: redis.ConnectionError, context) -> Response:
