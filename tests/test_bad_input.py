@@ -1618,6 +1618,17 @@ def test_number_beyond_float_range(send_run):
     assert_nothing_stored()
 
 
+def test_integer_over_digit_limit(send_run):
+    definition = with_parameter(image_height(), "note")
+    inputs = {"image": base64_input(image_bytes()), "note": raw_json("9" * 5000)}
+    response = send_run(definition, inputs)
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert "an integer has 5000 digits, over the limit of 4300" in message
+    assert "set_int_max_str_digits" not in message
+    assert_nothing_stored()
+
+
 def test_session_requests_get_the_same_errors_as_key_requests(alice, alice_client):
     # The CSRF check of a session request makes DRF parse the body itself.
     browser = Client(enforce_csrf_checks=True)

@@ -36,6 +36,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# The default limit of int() on digit strings (sys.int_info.default_max_str_digits).
+MAX_INTEGER_DIGITS = 4300
+
+
+def _bounded_int(text: str) -> int:
+    # int() would raise a ValueError whose message asks the server's
+    # operator to call sys.set_int_max_str_digits(), advice that a client
+    # cannot act on.
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        raise ValueError(
+            f"an integer has {digits} digits, over the limit of {MAX_INTEGER_DIGITS}"
+        )
+    return int(text)
+
+
 # A \uD800 to \uDFFF escape: one half of a surrogate pair.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -92,7 +108,10 @@ def parse_json(raw: bytes) -> Any:
         ) from None
     try:
         parsed = json.loads(
-            text, parse_constant=_reject_constant, parse_float=_finite_float
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
         )
     except ValueError as error:
         raise MalformedRequest(
