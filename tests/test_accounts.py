@@ -194,6 +194,17 @@ def test_unknown_path_answers_json_to_programs(client, db):
     assert response.json()["message"] == "no route for GET /no/such/page"
 
 
+def test_missing_object_page_is_not_a_missing_route(client, alice):
+    client.force_login(alice)
+    response = client.get("/workflows/999999/run/", headers={"Accept": "*/*"})
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
+    assert response.json()["message"] == (
+        "/workflows/999999/run/ not found: it names something that does not "
+        "exist or is not yours"
+    )
+
+
 def test_roboflow_model_route_names_what_is_served(client, db):
     # inference-sdk's infer() requests Roboflow's single-model routes first.
     response = client.get("/model/registry", headers={"Accept": "*/*"})

@@ -1,6 +1,7 @@
 """Error pages: JSON for API clients, HTML for people."""
 
 from django.core.exceptions import DisallowedHost
+from django.urls import Resolver404
 from django.views.defaults import bad_request as html_bad_request
 from django.views.defaults import page_not_found
 
@@ -31,7 +32,15 @@ def _wants_json(request) -> bool:
 def not_found(request, exception=None):
     if not _wants_json(request):
         return page_not_found(request, exception)
-    message = f"no route for {request.method} {request.path}"
+    if exception is None or isinstance(exception, Resolver404):
+        message = f"no route for {request.method} {request.path}"
+    else:
+        # A view found the route but not the object, as get_object_or_404
+        # does for someone else's workflow or run.
+        message = (
+            f"{request.path} not found: it names something that does not "
+            "exist or is not yours"
+        )
     if request.path.startswith(ROBOFLOW_MODEL_PREFIXES):
         return json_error(
             message,
