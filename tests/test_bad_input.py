@@ -588,6 +588,23 @@ def test_image_input_missing(send_run):
     assert_nothing_stored()
 
 
+def test_bad_image_in_batch_names_index(send_run):
+    image = base64_input(image_bytes())
+    half = base64_input(image_bytes()[: len(image_bytes()) // 2])
+    cases = [
+        ([image, base64_input(b"no image")], "Input 'image[1]' is not an image"),
+        ([image, image, half], "Input 'image[2]' is a truncated JPEG"),
+        ([{"type": "base64", "value": "*"}], "Input 'image[0]' is not valid base64"),
+    ]
+    for batch, message in cases:
+        response = send_run(image_height(), {"image": batch})
+        assert response.status_code == 400
+        body = response.json()
+        assert_error_body(body)
+        assert body["message"].startswith(message)
+    assert_nothing_stored()
+
+
 def test_image_batch_sizes_differ(send_run):
     definition = image_height()
     definition["inputs"].append({"type": "WorkflowImage", "name": "other"})

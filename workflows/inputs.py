@@ -42,11 +42,15 @@ def read_inputs(
     images: dict[str, list[bytes]] = {}
     headers: dict[str, list[ImageInfo]] = {}
     info: dict[str, list[dict[str, Any]]] = {}
+    # Inputs sent as a list, whose errors name the image by its index.
+    batched: set[str] = set()
     for spec in plan.image_inputs:
         if spec.name in uploads:
             blobs = [uploads[spec.name]]
         elif spec.name in raw:
             blobs = _image_values(raw[spec.name], spec.name)
+            if isinstance(raw[spec.name], list):
+                batched.add(spec.name)
         else:
             raise InputError(
                 f"image input '{spec.name}' is missing",
@@ -58,9 +62,12 @@ def read_inputs(
         images[spec.name] = blobs
         headers[spec.name] = [
             inspect_image(
-                blob, input_name=spec.name, max_pixels=max_pixels, complete=False
+                blob,
+                input_name=_item_name(spec.name, index, spec.name in batched),
+                max_pixels=max_pixels,
+                complete=False,
             )
-            for blob in blobs
+            for index, blob in enumerate(blobs)
         ]
     total = sum(i.width * i.height for infos in headers.values() for i in infos)
     if max_total_pixels is not None and total > max_total_pixels:
@@ -71,8 +78,10 @@ def read_inputs(
             hint="Send fewer or smaller images per run.",
         )
     for name, infos in headers.items():
-        for blob, image_info in zip(images[name], infos, strict=True):
-            check_complete(blob, image_info, input_name=name)
+        pairs = zip(images[name], infos, strict=True)
+        for index, (blob, image_info) in enumerate(pairs):
+            item_name = _item_name(name, index, name in batched)
+            check_complete(blob, image_info, input_name=item_name)
         info[name] = [
             _describe(image_info, blob)
             for blob, image_info in zip(images[name], infos, strict=True)
@@ -168,12 +177,18 @@ def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> 
                 )
 
 
+def _item_name(name: str, index: int, batched: bool) -> str:
+    """Return how errors name one image of an input: ``image[2]`` in a batch."""
+    return f"{name}[{index}]" if batched else name
+
+
 def _image_values(value: Any, name: str) -> list[bytes]:
-    items = value if isinstance(value, list) else [value]
+    batched = isinstance(value, list)
+    items = value if batched else [value]
     if not items:
         raise _empty_list(name)
     blobs = []
-    for item in items:
+    for index, item in enumerate(items):
         if isinstance(item, str):
             # A bare string is base64, unless it is plainly a URL.
             item = {"type": "url" if _looks_like_url(item) else "base64", "value": item}
@@ -205,7 +220,8 @@ def _image_values(value: Any, name: str) -> list[bytes]:
                 context="request_parsing",
                 field_name=name,
             )
-        blobs.append(decode_base64(item["value"], input_name=name))
+        item_name = _item_name(name, index, batched)
+        blobs.append(decode_base64(item["value"], input_name=item_name))
     return blobs
 
 
