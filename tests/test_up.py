@@ -12,6 +12,7 @@ import urllib.request
 import psutil
 import pytest
 import redis
+from django.core.management.base import CommandError
 
 from tests.conftest import ROOT
 
@@ -34,6 +35,32 @@ def free_port_pair() -> int:
                 continue
         return port
     raise RuntimeError("no two consecutive free ports found")
+
+
+class LoadingRedis:
+    """A Redis client whose server is loading its dataset for a few PINGs."""
+
+    def __init__(self, loading_pings: int):
+        self.loading_pings = loading_pings
+
+    def ping(self) -> bool:
+        if self.loading_pings > 0:
+            self.loading_pings -= 1
+            raise redis.BusyLoadingError("Redis is loading the dataset in memory")
+        return True
+
+
+def test_up_waits_for_redis_loading(monkeypatch):
+    from runner.management.commands import up
+
+    client = LoadingRedis(loading_pings=3)
+    monkeypatch.setattr(up, "get_redis", lambda: client)
+    up.wait_for_redis(timeout_s=10)
+    assert client.loading_pings == 0
+
+    monkeypatch.setattr(up, "get_redis", lambda: LoadingRedis(loading_pings=10**6))
+    with pytest.raises(CommandError, match="still loading its dataset"):
+        up.wait_for_redis(timeout_s=0.2)
 
 
 def test_up_serves_then_stops_every_process(tmp_path):

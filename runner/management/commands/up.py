@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
@@ -76,6 +77,36 @@ def _lock_data_dir(data_dir: Path):
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+# How long start-up waits for Redis to read its dataset into memory.
+REDIS_LOADING_TIMEOUT_S = 120
+
+
+def wait_for_redis(timeout_s: float = REDIS_LOADING_TIMEOUT_S) -> None:
+    """Return once Redis replies to PING, waiting while it loads its dataset.
+
+    A server started on a large append-only file (queued jobs and their
+    input images) replies to every command with a LOADING error until it
+    has read the file.
+    """
+    deadline = time.monotonic() + timeout_s
+    logged = False
+    while True:
+        try:
+            get_redis().ping()
+            return
+        except redis.BusyLoadingError:
+            if time.monotonic() > deadline:
+                raise CommandError(
+                    f"Redis was still loading its dataset after {timeout_s:.0f} s. "
+                    "Start again once it has loaded. The embedded server logs "
+                    "its progress to redis.log in the data directory."
+                ) from None
+            if not logged:
+                logger.info("waiting for Redis to load its dataset")
+                logged = True
+            time.sleep(0.1)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -188,12 +219,14 @@ class Command(BaseCommand):
                     "holds it or pass another --port"
                 )
         call_command("migrate", verbosity=0)
-        get_redis().ping()
         self.children: dict[str, Child] = {}
         log_dir = Path(settings.DATA_DIR) / "logs"
         log_dir.mkdir(exist_ok=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
+            # Inside the try, so that a failure stops the embedded Redis
+            # this call may have started.
+            wait_for_redis()
             for index in range(1, options["runners"] + 1):
                 self._spawn(
                     f"runner-{index}",
