@@ -494,6 +494,18 @@ def test_image_not_an_image(send_run):
     assert_nothing_stored()
 
 
+def test_image_unsupported_format(send_run):
+    from PIL import Image
+
+    icon = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(icon, format="ICO")
+    response = send_run(image_height(), {"image": base64_input(icon.getvalue())})
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert message.startswith("Input 'image' is an image in ICO format;")
+    assert_nothing_stored()
+
+
 def test_image_truncated_jpeg(send_run):
     whole = image_bytes()
     half = whole[: len(whole) // 2]

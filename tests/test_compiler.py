@@ -380,6 +380,15 @@ def test_compile_reports_every_problem_at_once():
     assert len(compile_errors(definition)) == 2
 
 
+def test_compile_error_counts_one_more_problem():
+    definition = detection()
+    definition["steps"][0]["confidence"] = 7
+    definition["steps"][1]["data"] = "$steps.ghost.predictions"
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition, "digest")
+    assert "(and 1 more problem, listed in blocks_errors)" in caught.value.message
+
+
 def test_compile_rejects_non_object():
     [error] = compile_errors(["not", "a", "definition"])
     assert "JSON object" in error.property_details

@@ -86,7 +86,8 @@ class DefinitionError(WorkflowError):
         if first.property_name:
             where += f", field '{first.property_name}'"
         more = (
-            f" (and {len(errors) - 1} more problems, listed in blocks_errors)"
+            f" (and {len(errors) - 1} more "
+            f"{'problem' if len(errors) == 2 else 'problems'}, listed in blocks_errors)"
             if len(errors) > 1
             else ""
         )

@@ -105,8 +105,8 @@ def inspect_image(
     image_format = image.format or "unknown"
     if image_format not in ALLOWED_FORMATS:
         raise InputError(
-            f"Input '{input_name}' is a {image_format} image; supported formats are "
-            f"{', '.join(sorted(ALLOWED_FORMATS))}",
+            f"Input '{input_name}' is an image in {image_format} format; supported "
+            f"formats are {', '.join(sorted(ALLOWED_FORMATS))}",
             context="input_decoding",
             field_name=input_name,
         )
