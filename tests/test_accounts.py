@@ -206,10 +206,10 @@ def test_missing_object_page_is_not_a_missing_route(client, alice):
 
 
 def test_roboflow_model_route_names_what_is_served(client, db):
-    # inference-sdk's infer() requests Roboflow's single-model routes first.
-    response = client.get("/model/registry", headers={"Accept": "*/*"})
+    # inference-sdk's unload_model() posts to /model/remove.
+    response = client.post("/model/remove", headers={"Accept": "*/*"})
     assert response.status_code == 404
-    assert "workflow routes (run_workflow)" in response.json()["hint"]
+    assert "POST /infer/object_detection" in response.json()["hint"]
 
 
 def test_createtoken_prints_a_working_key(alice):

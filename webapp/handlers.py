@@ -8,11 +8,12 @@ from django.views.defaults import page_not_found
 from webapp.errors import json_error
 from webapp.errors import not_found as json_not_found
 
-# Path prefixes of Roboflow's server for what this one does not serve:
-# single-model inference, which its client's infer() calls.
+# Path prefixes of Roboflow's server for what this one does not serve: its
+# other tasks' inference, and the model routes other than /model/registry
+# and /model/add, such as /model/remove.
 ROBOFLOW_MODEL_PREFIXES = (
     "/model/",
-    "/infer/object_detection",
+    "/infer/object_detection/",
     "/infer/instance_segmentation",
     "/infer/classification",
     "/infer/keypoints_detection",
@@ -47,9 +48,10 @@ def not_found(request, exception=None):
             "not_found",
             404,
             error_type="NotFound",
-            hint="This server runs Roboflow's workflow routes (run_workflow), "
-            "not single-model inference: put the model in a workflow with one "
-            "object detection step.",
+            hint="Of Roboflow's model routes, this server runs object detection "
+            "(POST /infer/object_detection, GET /model/registry, POST "
+            "/model/add) and no other task. Runners evict models by their "
+            "memory budget, so there is no /model/remove or /model/clear.",
         )
     return json_not_found(message)
 
