@@ -353,6 +353,20 @@ def test_upload_with_long_filename_is_malformed(alice_client):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_with_key_in_form_is_401(alice_key, db):
+    from rest_framework.test import APIClient
+
+    form = {
+        "model_id": "keyed",
+        "file": SimpleUploadedFile("w.pt", b"not checked"),
+        "api_key": alice_key,
+    }
+    response = APIClient().post("/api/models/", form, format="multipart")
+    assert response.status_code == 401
+    assert "multipart form" in response.json()["hint"]
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_while_another_is_checked_is_429(alice_client, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
     # Held here as an upload being checked in this process would hold it.

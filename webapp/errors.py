@@ -44,6 +44,13 @@ def workflow_error_response(error: WorkflowError) -> Response:
     return Response(error.to_dict(), status=error.status, headers=headers)
 
 
+NOT_AUTHENTICATED_HINT = (
+    "Send an API key as 'Authorization: Bearer <key>', as an api_key query "
+    "parameter, or as the api_key field of a JSON body. The api_key field of "
+    "a multipart form (a model upload) is not read."
+)
+
+
 def api_exception_handler(exc, context):
     if isinstance(exc, WorkflowError):
         return workflow_error_response(exc)
@@ -75,6 +82,9 @@ def api_exception_handler(exc, context):
             str(exc.detail),
             exc.get_codes() if isinstance(exc.get_codes(), str) else "error",
             error_type=type(exc).__name__,
+            hint=NOT_AUTHENTICATED_HINT
+            if isinstance(exc, exceptions.NotAuthenticated)
+            else None,
         )
     return response
 
