@@ -331,7 +331,7 @@ def _architecture_head(name: str) -> str | None:
 
 
 def _architecture(model_id, name, size, searched, step) -> ModelSource:
-    if "/" in name or not name.endswith(".yaml"):
+    if "/" in name:
         # ultralytics finds a configuration by its bare file name only.
         raise ModelNotFoundError(
             model_id,
@@ -339,6 +339,14 @@ def _architecture(model_id, name, size, searched, step) -> ModelSource:
             step=step,
             reason="an architecture id is the file name of an ultralytics model "
             "YAML, such as yolov8n.yaml, without a directory",
+        )
+    if not name.endswith(".yaml"):
+        raise ModelNotFoundError(
+            model_id,
+            [],
+            step=step,
+            reason="ultralytics' model YAML files end in .yaml, not .yml: "
+            f"try {name.removesuffix('.yml')}.yaml",
         )
     searched.append(f"ultralytics' model configurations (cfg/models/**/{name})")
     head = _architecture_head(name)

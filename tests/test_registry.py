@@ -87,6 +87,19 @@ def test_resolve_names_dot_dot_segment(db):
     assert "'..' segment" in caught.value.message
 
 
+@pytest.mark.parametrize("model_id", ["yolov8n.yml", "yolov8n.yml-320"])
+def test_resolve_names_yml_extension(db, model_id):
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(model_id)
+    assert "try yolov8n.yaml" in caught.value.message
+
+
+def test_resolve_names_architecture_directory(db):
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model("v8/yolov8n.yaml")
+    assert "without a directory" in caught.value.message
+
+
 def test_unknown_model_lists_places_searched(db):
     with pytest.raises(ModelNotFoundError) as caught:
         resolve_model("no-such-model")
