@@ -19,8 +19,9 @@ second is the owner's own recent succeeded runs, which give the times:
 - calls per model and image: the median over runs of the same definition
   of the calls its steps made, whichever model a step's id named then (it
   can come from a parameter). A model that runs on each crop, or not at
-  all, is thus counted as it ran. Without such runs, each model step counts
-  one call.
+  all, is thus counted as it ran. A run in which one model served steps
+  that now call different models is skipped, since its calls cannot be
+  split by step. Without such runs, each model step counts one call.
 
 Only the owner's runs are read, so other users' traffic changes no time or
 price. Whether a model is hot is the fleet's state, read from heartbeats: a
@@ -223,18 +224,11 @@ def _forecast_model(
     entries = [entry for run in model_runs for entry in _model_entries(run, key)]
     holders = sorted(r.name for r in runners if key in r.loaded_models)
 
-    if workflow_runs:
-        # How often the workflow calls the model depends on its steps, not on
-        # the model a step's id named then, so entries count by the steps
-        # they served. A step that was never called has no entry.
-        per_image = [
-            sum(e["calls"] for e in run["models"] if steps & set(e.get("steps") or ()))
-            / run["batch_size"]
-            for run in workflow_runs
-        ]
-        calls = _median_float(per_image) * batch_size
-    else:
+    per_image = _calls_per_image(workflow_runs, steps)
+    if per_image is None:
         calls = float(len(steps) * batch_size)
+    else:
+        calls = per_image * batch_size
 
     on_device = [entry for entry in entries if entry.get("device") == device]
     called = [entry for entry in (on_device or entries) if entry["calls"]]
@@ -275,6 +269,27 @@ def _forecast_model(
         "per_call_us": per_call,
         "samples": len(sample),
     }
+
+
+def _calls_per_image(
+    workflow_runs: list[dict[str, Any]], steps: set[str]
+) -> float | None:
+    """Return the median calls per image that ``steps`` made in the workflow's runs.
+
+    How often the workflow calls the model depends on its steps, not on the
+    model a step's id named then, so entries count by the steps they served.
+    A step that was never called has no entry. A breakdown counts calls per
+    model, not per step, so a run whose entry also served steps that now
+    call another model cannot be split, and is skipped. Returns None when
+    no run is left.
+    """
+    per_image = []
+    for run in workflow_runs:
+        served = [e for e in run["models"] if steps & set(e.get("steps") or ())]
+        if any(not set(e["steps"]) <= steps for e in served):
+            continue
+        per_image.append(sum(e["calls"] for e in served) / run["batch_size"])
+    return _median_float(per_image)
 
 
 def _public(forecast: dict[str, Any]) -> dict[str, Any]:

@@ -415,6 +415,42 @@ def test_estimate_counts_calls_of_a_model_chosen_by_parameter(runner, alice_clie
     assert body["price"] is None
 
 
+def forecast_calls(workflow_runs, steps, batch_size=2):
+    model = {
+        "cache_key": "model_dir:/m/people.pt:640",
+        "model_id": "people-detector",
+        "source": {"pretrained": True},
+    }
+    forecast = estimate_module._forecast_model(
+        model, [], [], workflow_runs, steps, batch_size, None, False, []
+    )
+    return forecast["calls"]
+
+
+def test_estimate_calls_when_steps_split_between_models():
+    # Steps a and b both took their model id from a parameter. This run
+    # gave them the same model, so its one entry counts the calls of both.
+    shared = {
+        "batch_size": 2,
+        "models": [{"model_id": "people-detector", "steps": ["a", "b"], "calls": 4}],
+    }
+    # This run gave them different models: one call per image each.
+    split = {
+        "batch_size": 2,
+        "models": [
+            {"model_id": "people-detector", "steps": ["a"], "calls": 2},
+            {"model_id": "yolo11n.yaml", "steps": ["b"], "calls": 2},
+        ],
+    }
+    # Now a calls people-detector and b another model, so people-detector
+    # is called once per image, whatever the shared run counted.
+    assert forecast_calls([shared, split], {"a"}) == 2
+    # With no run to split by step, each step counts one call per image.
+    assert forecast_calls([shared], {"a"}) == 2
+    # Both steps on people-detector again: the shared run counts as it ran.
+    assert forecast_calls([shared], {"a", "b"}) == 4
+
+
 @contextmanager
 def marked_busy(*names: str):
     """Mark runners busy with a run in progress, as routing and runners do."""
