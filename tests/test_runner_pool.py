@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import zlib
 from contextlib import ExitStack, contextmanager
 
@@ -804,3 +805,41 @@ def test_run_over_time_limit_fails_billed(runner, extra_runners, alice):
     assert "took longer than RUN_TIME_LIMIT_S (0.001 s)" in run.error["message"]
     # The runner's time was spent on the user's definition, so it is billed.
     assert run.bill.billed
+
+
+def test_queueing_images_takes_no_clock_sample(monkeypatch):
+    # Redis runs a transaction's TIME only once all of it has arrived, so a
+    # sample taken while 16 MB of images travel to Redis reads the server's
+    # clock near the end of the round trip, not in its middle. Queue times
+    # computed with that offset were about 10 ms short.
+    from runner import dispatch
+    from webapp.clock import RedisClock
+
+    sampled = RedisClock()
+    monkeypatch.setattr(dispatch, "clock", sampled)
+    run = Run(
+        id=uuid.uuid4(),
+        owner_id=1,
+        queue_name=keys.runner_queue("clock-sample"),
+        parameters={},
+        image_info={},
+        batch_size=1,
+        model_refs=[],
+        warnings=[],
+    )
+    run.queued_at_ns = 0
+    run.request_us = 0
+    connection = get_redis()
+    try:
+        dispatch.enqueue(run, {"image": [bytes(16_000_000)]})
+    finally:
+        for key in (
+            Job.key_for(str(run.id)),
+            keys.inputs_key(str(run.id)),
+            f"{Queue.redis_queue_namespace_prefix}{run.queue_name}",
+        ):
+            connection.delete(key)
+
+    reference = RedisClock()
+    error_ns = abs(sampled.offset_ns() - reference.offset_ns())
+    assert error_ns < 1_000_000
