@@ -126,13 +126,14 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
     return json.loads(holder) if holder else None
 
 
-def remove_heartbeat(name: str) -> None:
+def remove_heartbeat(name: str, reason: str = "stopped") -> None:
+    """Take ``name`` out of the fleet, recording ``reason`` as its end."""
     last_seen_ms = _last_seen([name])[name]
     pipeline = get_redis().pipeline()
     pipeline.delete(keys.heartbeat_key(name))
     pipeline.srem(keys.RUNNERS_SET, name)
     pipeline.incr(keys.FLEET_GENERATION)
-    _record_end(pipeline, name, "stopped", last_seen_ms)
+    _record_end(pipeline, name, reason, last_seen_ms)
     pipeline.execute()
 
 

@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -747,6 +748,31 @@ def test_ended_runner_keeps_last_heartbeat():
         assert ended["last_heartbeat_at"] <= ended["ended_at"]
     finally:
         fleet.remove_heartbeat(name)
+
+
+def test_replaced_dead_runner_not_listed_stopped(db):
+    # A runner that died and was started again under its name at once (as
+    # manage.py up does) did not stop: the fleet must not say it did.
+    from runner.management.commands.runner import Command as RunnerCommand
+
+    name = "replaced-after-crash"
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    state = {
+        "name": name,
+        "instance": "crashed",
+        "host": socket.gethostname(),
+        "pid": exited.pid,
+        "models": [],
+    }
+    fleet.publish_heartbeat(name, state)
+
+    RunnerCommand()._fail_own_stale_runs(name)
+
+    ended = {entry["name"]: entry for entry in fleet.ended_runners()}[name]
+    assert ended["reason"] != "stopped"
+    assert f"process {exited.pid}" in ended["reason"]
+    assert not get_redis().sismember(keys.RUNNERS_SET, name)
 
 
 def test_fleet_lists_runners_that_ended(

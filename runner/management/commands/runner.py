@@ -112,12 +112,17 @@ class Command(BaseCommand):
                 raise CommandError(f"a runner named {name!r} is already running")
             # A runner restarted at once (by manage.py up) finds the heartbeat
             # of the process it replaces, which lives on for a few seconds.
+            pid = state.data.get("pid")
             logger.info(
                 "runner %s: process %s, which had this name, is gone; replacing it",
                 name,
-                state.data.get("pid"),
+                pid,
             )
-            fleet.remove_heartbeat(name)
+            fleet.remove_heartbeat(
+                name,
+                reason=f"runner {name} (process {pid}) exited without stopping "
+                "and was replaced by a new process",
+            )
         # A run this name held when its process died no longer runs.
         get_redis().delete(keys.current_run_key(name))
         stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
