@@ -79,6 +79,14 @@ def test_runworkflow_rejects_invalid_user_name(db, username):
         (["--param", "nosuch=1"], "--param names inputs the definition does not"),
         (["--image", f"nosuch={BUS}"], "--image names inputs the definition does not"),
         (["--image", BUS, "--image", BUS], "--image gives input 'image' twice"),
+        (
+            ["--image", BUS, "--param", "confidence=0.3", "--param", "confidence=0.5"],
+            "--param gives input 'confidence' twice",
+        ),
+        (
+            ["--image", BUS, "--param", "image=5"],
+            "input 'image' is given by both --image and --param",
+        ),
     ],
 )
 def test_runworkflow_rejects_unknown_or_repeated_inputs(db, arguments, message):

@@ -98,7 +98,12 @@ class Command(BaseCommand):
                     "no runner came up; start one with 'python manage.py runner'"
                 )
         uploads = self._read_images(definition, options["image"])
-        raw_inputs = dict(self._parse_param(p) for p in options["param"])
+        raw_inputs = {}
+        for text in options["param"]:
+            key, value = self._parse_param(text)
+            if key in raw_inputs:
+                raise CommandError(f"--param gives input {key!r} twice")
+            raw_inputs[key] = value
         _check_input_names(definition, uploads, raw_inputs)
         started_ns = time.perf_counter_ns()
         queued = []
@@ -256,8 +261,16 @@ def _declared_inputs(definition: dict) -> dict:
 
 
 def _check_input_names(definition: dict, uploads: dict, parameters: dict) -> None:
-    """Raise CommandError for --image or --param names the definition lacks."""
+    """Raise CommandError for --image or --param names the definition lacks.
+
+    Also for a name given by both options, since the image would win silently.
+    """
     names = set(_declared_inputs(definition))
+    both = sorted(set(uploads) & set(parameters))
+    if both:
+        raise CommandError(
+            f"input {both[0]!r} is given by both --image and --param; give it once"
+        )
     for option, supplied in (("--image", uploads), ("--param", parameters)):
         unknown = sorted(set(supplied) - names)
         if unknown:
