@@ -88,9 +88,34 @@ class LeastRecentlyUsed(EvictionPolicy):
 
 
 def pick_device(requested: str | None = None) -> str:
-    if requested:
-        return requested
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    """Return ``requested``, or cuda:0 when CUDA is available, else cpu.
+
+    Raises ValueError for a string torch does not parse as a device, or for
+    a CUDA device this machine lacks.
+    """
+    if not requested:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {requested!r} is not a torch device; use e.g. cpu or cuda:0"
+        ) from None
+    # NOTE: only CUDA devices are checked here. Another type that torch
+    # parses but this machine lacks (mps, xpu) fails in the warm-up.
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {requested!r} needs CUDA, which torch cannot use on "
+                "this machine; use --device cpu or leave the option out"
+            )
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise ValueError(
+                f"--device {requested!r} names a CUDA device this machine lacks: "
+                f"it has {count}, from cuda:0"
+            )
+    return requested
 
 
 def _synchronize(device: str) -> None:

@@ -31,6 +31,12 @@ BUS = str(image_path())
         ("runner", ["--memory-budget-mb", "0"], "positive whole number"),
         ("runner", ["--name", ""], "--name is empty"),
         ("runner", ["--name", "y" * 191], "191 characters long; the limit is 190"),
+        ("runner", ["--device", "tpu"], "--device 'tpu' is not a torch device"),
+        (
+            "runner",
+            ["--device", "cuda:99"],
+            "--device 'cuda:99' (needs CUDA|names a CUDA device)",
+        ),
         ("up", ["--runners", "-1"], "zero or more"),
         ("up", ["--port", "70000"], "from 1 to 65534"),
         ("up", ["--web-workers", "0"], "positive whole number"),

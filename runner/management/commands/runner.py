@@ -73,6 +73,10 @@ class Command(BaseCommand):
                 f"runner name is {len(name)} characters long; the limit is "
                 f"{MAX_NAME_CHARS}, so that its queue name fits a run's record"
             )
+        try:
+            device = pick_device(options["device"])
+        except ValueError as error:
+            raise CommandError(str(error)) from None
         _check_database_ready()
         logger.info(
             "runner %s: Redis %s, database %s", name, _redis_place(), _database_place()
@@ -80,7 +84,7 @@ class Command(BaseCommand):
         threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
         cache = ModelCache(
             budget_bytes=options["memory_budget_mb"] * 1024 * 1024,
-            device=pick_device(options["device"]),
+            device=device,
             warmup_size=settings.GLASSBOX["WARMUP_IMAGE_SIZE"],
             torch_threads=threads,
         )
