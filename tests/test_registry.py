@@ -219,3 +219,13 @@ def test_size_suffix_rounds_up_to_stride(db):
     assert rounded.cache_key == resolve_model("people-detector-672").cache_key
     assert resolve_model("people-detector-0641").cache_key == rounded.cache_key
     assert resolve_model("people-detector-640").image_size == 640
+
+
+@pytest.mark.parametrize(
+    "model_id", ["people-detector-9999", "yolov8n-seg.yaml", "../secret"]
+)
+def test_unusable_id_hint_not_about_missing_file(db, model_id):
+    # The id was found unusable, not missing: advice to add the file misleads.
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(model_id)
+    assert "Put <model_id>.pt" not in caught.value.to_dict().get("hint", "")

@@ -155,7 +155,12 @@ class ModelNotFoundError(WorkflowError):
             context="model_resolution",
             step=step,
             field_name="model_id",
-            hint=(
+            # An id rejected for its form, size suffix or architecture is not
+            # missing, so adding a file would not help: the reason says what
+            # to change.
+            hint=None
+            if reason
+            else (
                 "Put <model_id>.pt in the model directory, upload the weights, or "
                 "use an ultralytics architecture such as 'yolov8n.yaml' (untrained, "
                 "for timing only)."
