@@ -247,28 +247,33 @@ def release_claim(queue_name: str, run_id: str) -> None:
 
 
 def predict_hot(
-    models: list[dict], runners: list[fleet.RunnerState], queue_name: str, owner_id: int
+    models: list[dict],
+    call_order: list[str],
+    runners: list[fleet.RunnerState],
+    queue_name: str,
+    owner_id: int,
 ) -> None:
     """Set each model's ``predicted_hot`` by the estimate's rule.
 
     A model is hot if the runner the queue belongs to has it loaded. A
     shared-queue job goes to whichever runner is free, so then only if every
-    runner has it. And none is hot if the run's models together exceed the
-    memory budget of every runner that may take it, because loading one then
-    evicts another.
+    runner has it. If the run's models together exceed the memory budget of
+    every runner that may take it, loading one evicts another, so only the
+    first model the run calls can be hot (``estimate.predicted_loads``).
+    ``call_order`` is the cache key of each model step in execution order.
     """
-    from runner.estimate import models_exceed_budgets
+    from runner.estimate import models_exceed_budgets, predicted_loads
 
     chosen = keys.runner_of_queue(queue_name)
     takers = [r for r in runners if chosen is None or r.name == chosen]
+    held = set.intersection(*(r.loaded_models for r in takers)) if takers else set()
     cache_keys = {model["cache_key"] for model in models}
-    evicting = models_exceed_budgets(cache_keys, takers, owner_id)
+    evicting = bool(cache_keys - held) and models_exceed_budgets(
+        cache_keys, takers, owner_id
+    )
+    loads = predicted_loads(call_order, held, evicting)
     for model in models:
-        model["predicted_hot"] = (
-            bool(takers)
-            and not evicting
-            and all(model["cache_key"] in r.loaded_models for r in takers)
-        )
+        model["predicted_hot"] = bool(takers) and loads.get(model["cache_key"]) == 0
 
 
 def submit(submission: Submission, *, require_runner: bool) -> Run:
@@ -295,7 +300,12 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         queue_name = keys.runner_queue(submission.runner)
     else:
         queue_name, view = choose_queue(cache_keys, view, str(run_id))
-    predict_hot(models, view.runners, queue_name, submission.owner_id)
+    key_of = {model["model_id"]: model["cache_key"] for model in models}
+    call_order = [
+        key_of[model_id]
+        for _, model_id in submission.plan.model_ids(submission.inputs.parameters)
+    ]
+    predict_hot(models, call_order, view.runners, queue_name, submission.owner_id)
 
     run = Run(
         id=run_id,

@@ -114,14 +114,17 @@ def estimate_run(
             "behind them"
         )
         components["queue"] = None
-    if cold_keys and _exceeds_budgets(cache_keys, takers, model_runs):
-        # The runner that takes the run evicts one of its models to load
-        # another, so none of them can be counted on.
-        cold_keys = set(cache_keys)
+    evicting = bool(cold_keys) and _exceeds_budgets(cache_keys, takers, model_runs)
+    if evicting:
         notes.append(
             "the run's models do not fit the memory budget of the runner that "
-            "would take it, so each run loads them cold"
+            "would take it, so loading one evicts another: only the first model "
+            "the run calls can be hot, and a model is loaded again for each "
+            "later step that needs it after another model"
         )
+    key_of = {model["model_id"]: model["cache_key"] for model in models}
+    call_order = [key_of[model_id] for _, model_id in plan.model_ids(parameters)]
+    loads = predicted_loads(call_order, loaded_on_all, evicting)
     steps_of_model: dict[str, set[str]] = defaultdict(set)
     for step, model_id in plan.model_ids(parameters):
         steps_of_model[model_id].add(step)
@@ -134,7 +137,7 @@ def estimate_run(
             steps_of_model[model["model_id"]],
             batch_size,
             device,
-            model["cache_key"] in cold_keys,
+            loads.get(model["cache_key"], 0),
             unknown,
         )
         for model in models
@@ -217,7 +220,7 @@ def _forecast_model(
     steps: set[str],
     batch_size: int,
     device: str | None,
-    cold: bool,
+    loads: int,
     unknown: list[str],
 ) -> dict[str, Any]:
     key, model_id = model["cache_key"], model["model_id"]
@@ -246,12 +249,19 @@ def _forecast_model(
         )
 
     # A model that is not called is not loaded either.
-    would_load = cold and calls > 0
+    would_load = loads > 0 and calls > 0
     cold_load: int | None = 0
     if would_load:
-        cold_load = _median(
-            [entry["cold_load"]["total"] for entry in entries if entry["cold"]]
+        # Per load: a past run that loaded the model twice, after an
+        # eviction, counts half its cold load for each.
+        per_load = _median(
+            [
+                entry["cold_load"]["total"] / (entry.get("loads") or 1)
+                for entry in entries
+                if entry["cold"]
+            ]
         )
+        cold_load = None if per_load is None else round(per_load * loads)
         if cold_load is None:
             unknown.append(
                 f"model '{model_id}' would be loaded cold and has never been "
@@ -264,11 +274,42 @@ def _forecast_model(
         "hot": not would_load,
         "would_load": would_load,
         "loaded_on": holders,
+        "loads": loads if would_load else 0,
         "cold_load_us": cold_load,
         "calls": round(calls, 2),
         "per_call_us": per_call,
         "samples": len(sample),
     }
+
+
+def predicted_loads(
+    call_order: list[str], held: set[str], evicting: bool
+) -> dict[str, int]:
+    """Return how many times a run would load each model, by cache key.
+
+    ``call_order`` is the cache key of each model step in the order the steps
+    run, and ``held`` the keys that every runner that may take the run has
+    loaded. A model that is not held loads once. With ``evicting`` (the
+    models do not fit the runner's memory budget together), loading a model
+    evicts the one before, so a model loads once for each stretch of
+    consecutive steps that use it, except that a first stretch the runner
+    already holds starts hot.
+
+    NOTE: with three or more models, a runner that can hold two of them
+    evicts less often than this assumes.
+    """
+    loads: dict[str, int] = {}
+    previous = None
+    for key in call_order:
+        if key == previous:
+            continue
+        starts_hot = key in held and (previous is None or not evicting)
+        if evicting:
+            loads[key] = loads.get(key, 0) + (0 if starts_hot else 1)
+        else:
+            loads[key] = 0 if starts_hot else 1
+        previous = key
+    return loads
 
 
 def _calls_per_image(

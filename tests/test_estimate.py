@@ -365,12 +365,59 @@ def test_run_prediction_counts_evictions_as_cold(alice):
     )
     small = [runner("r1", 60, [("b", 45)]), runner("r2", 60, [("b", 45)])]
     models = [{"cache_key": "a"}, {"cache_key": "b"}]
-    predict_hot(models, small, keys.SHARED_QUEUE, alice.id)
+    predict_hot(models, ["a", "b"], small, keys.SHARED_QUEUE, alice.id)
     assert [m["predicted_hot"] for m in models] == [False, False]
 
+    # Called first, the model both runners hold is hot until the other loads.
+    predict_hot(models, ["b", "a"], small, keys.SHARED_QUEUE, alice.id)
+    assert [m["predicted_hot"] for m in models] == [False, True]
+
     roomy = [runner("r1", 100, [("a", 45), ("b", 45)])]
-    predict_hot(models, roomy, keys.SHARED_QUEUE, alice.id)
+    predict_hot(models, ["a", "b"], roomy, keys.SHARED_QUEUE, alice.id)
     assert [m["predicted_hot"] for m in models] == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("call_order", "held", "evicting", "expected"),
+    [
+        (["a", "b"], {"a", "b"}, False, {"a": 0, "b": 0}),
+        (["a", "a", "b"], set(), False, {"a": 1, "b": 1}),
+        (["a", "b", "a"], set(), False, {"a": 1, "b": 1}),
+        (["a", "b"], {"b"}, True, {"a": 1, "b": 1}),
+        (["b", "a"], {"b"}, True, {"b": 0, "a": 1}),
+        (["a", "b", "a"], set(), True, {"a": 2, "b": 1}),
+        (["a", "b", "a"], {"a"}, True, {"a": 1, "b": 1}),
+        (["a", "a", "b", "b"], set(), True, {"a": 1, "b": 1}),
+    ],
+)
+def test_predicted_loads(call_order, held, evicting, expected):
+    loads = estimate_module.predicted_loads(call_order, held, evicting)
+    assert loads == expected
+
+
+def test_forecast_cold_load_is_per_load():
+    entry = {"model_id": "m", "cold": True, "calls": 1, "device": "cpu"}
+    entry.update(preprocess=1, inference=10, postprocess=1)
+    history = [
+        {
+            "model_refs": [{"model_id": "m", "cache_key": "k"}],
+            "models": [{**entry, "loads": 2, "cold_load": {"total": 400}}],
+        },
+        {
+            "model_refs": [{"model_id": "m", "cache_key": "k"}],
+            "models": [{**entry, "loads": 1, "cold_load": {"total": 200}}],
+        },
+    ]
+    model = {"model_id": "m", "cache_key": "k", "source": {"pretrained": True}}
+    once = estimate_module._forecast_model(
+        model, [], history, [], {"s"}, 1, "cpu", 1, []
+    )
+    twice = estimate_module._forecast_model(
+        model, [], history, [], {"s"}, 1, "cpu", 2, []
+    )
+    assert once["cold_load_us"] == 200
+    assert twice["cold_load_us"] == 400
+    assert twice["loads"] == 2
 
 
 def test_estimate_after_new_weights_counts_calls_by_id(
