@@ -311,3 +311,27 @@ def test_demo_finds_people_in_bus_cold_then_hot(tmp_path):
     assert out.count("Normal") >= 6
     assert "amount_microcredits = ceil(" in out
     assert f"{tmp_path / 'demo-token'}" in out
+
+
+def test_demo_key_kept_across_restarts(alice, settings, tmp_path):
+    from runner.management.commands.up import _demo_key
+    from webapp.authentication import authenticate_key
+
+    settings.DATA_DIR = tmp_path
+    first = _demo_key(alice)
+    assert _demo_key(alice) == first
+    assert authenticate_key(first) is not None
+    assert (tmp_path / "demo-token").read_text().strip() == first
+
+
+def test_demo_key_replaced_once_revoked(alice, settings, tmp_path):
+    from runner.management.commands.up import _demo_key
+    from webapp.authentication import authenticate_key
+
+    settings.DATA_DIR = tmp_path
+    first = _demo_key(alice)
+    authenticate_key(first).revoke()
+    second = _demo_key(alice)
+    assert second != first
+    assert authenticate_key(second) is not None
+    assert (tmp_path / "demo-token").read_text().strip() == second

@@ -28,6 +28,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from runner import fleet
 from runner.tables import bill_lines, breakdown_table
+from webapp.authentication import authenticate_key
 from webapp.management.arguments import count, port_pair, positive_int
 from webapp.models import ApiToken
 from webapp.redis import get_redis, stop_embedded_redis
@@ -107,6 +108,24 @@ def wait_for_redis(timeout_s: float = REDIS_LOADING_TIMEOUT_S) -> None:
                 logger.info("waiting for Redis to load its dataset")
                 logged = True
             time.sleep(0.1)
+
+
+def _demo_key(user) -> str:
+    """Return the demo's API key: the one in demo-token while it still works.
+
+    Scripts read the key from that file, so a restart keeps it. Otherwise
+    a new token replaces every earlier demo token, and the file gets its key.
+    """
+    path = Path(settings.DATA_DIR) / "demo-token"
+    if path.exists():
+        token = authenticate_key(path.read_text().strip())
+        if token is not None and token.user_id == user.pk and token.name == "demo":
+            return path.read_text().strip()
+    for old in ApiToken.objects.active().filter(user=user, name="demo"):
+        old.revoke()
+    _, key = ApiToken.issue(user, "demo")
+    _write_secret(path, key)
+    return key
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -388,11 +407,7 @@ class Command(BaseCommand):
             user.set_password(password)
             user.save()
             _write_secret(Path(settings.DATA_DIR) / "demo-password", password)
-        # One demo token at a time: the previous one stops working.
-        for old in ApiToken.objects.active().filter(user=user, name="demo"):
-            old.revoke()
-        _, key = ApiToken.issue(user, "demo")
-        _write_secret(Path(settings.DATA_DIR) / "demo-token", key)
+        key = _demo_key(user)
         definition = json.loads(DEMO_DEFINITION.read_text())
         workflow = Workflow.objects.filter(owner=user, slug="people-count").first()
         if workflow is None:
