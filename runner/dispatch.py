@@ -53,6 +53,21 @@ class Submission:
     runner: str | None = None
 
 
+def no_runner_error(source: str) -> NoRunnerError:
+    """Return the error for a synchronous run that no runner is up to execute."""
+    # Roboflow's routes always wait for the run, so they cannot queue it.
+    queue_it = (
+        ""
+        if source == "roboflow"
+        else ", or send the run asynchronously to queue it until a runner starts"
+    )
+    return NoRunnerError(
+        "no runner is up to execute this run",
+        context="runner_pool",
+        hint=f"Start one with 'python manage.py runner'{queue_it}.",
+    )
+
+
 def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list[dict]:
     seen: dict[str, dict] = {}
     for step, model_id in plan.model_ids(parameters):
@@ -288,12 +303,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         view = fleet.fleet_snapshot()
     runners = view.runners
     if require_runner and not runners:
-        raise NoRunnerError(
-            "no runner is up to execute this run",
-            context="runner_pool",
-            hint="Start one with 'python manage.py runner', or send the run "
-            "asynchronously to queue it until a runner starts.",
-        )
+        raise no_runner_error(submission.source)
     cache_keys = [m["cache_key"] for m in models]
     run_id = uuid.uuid4()
     if submission.runner:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+from runner.dispatch import no_runner_error
 from runner.models import Run
 from tests.conftest import ROOT, image_bytes, private_data_env
 from tests.definitions import image_height
@@ -53,3 +54,12 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_no_runner_hint_offers_async_on_own_routes():
+    assert "asynchronously" in no_runner_error("api").hint
+
+
+def test_no_runner_hint_on_roboflow_routes_only_starts_runner():
+    hint = no_runner_error("roboflow").hint
+    assert hint == "Start one with 'python manage.py runner'."
