@@ -110,6 +110,17 @@ def test_runworkflow_missing_image_hint_names_option(runner):
     assert Run.objects.count() == 0
 
 
+def test_runworkflow_bad_image_names_file(runner, tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    with pytest.raises(CommandError) as caught:
+        call_command("runworkflow", DEFINITION, "--image", str(text_file))
+    body = json.loads(str(caught.value))
+    assert body["message"].endswith(f"(file {text_file})")
+    assert "hint" not in body
+    assert Run.objects.count() == 0
+
+
 def test_runworkflow_output_and_equals_path(runner, tmp_path, capsys):
     # An output of the input image is base64 far over the printed limit.
     definition = image_height()

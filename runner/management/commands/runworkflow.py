@@ -56,19 +56,21 @@ class Command(BaseCommand):
         parser.add_argument(
             "--user",
             default="cli",
-            help="Account the run and its bill belong to (created if missing).",
+            help="Account the run and its bill belong to, created if missing "
+            "(default: %(default)s).",
         )
         parser.add_argument(
             "--timeout",
             type=positive_seconds,
             default=settings.GLASSBOX["SYNC_TIMEOUT_S"],
-            help="Seconds to wait for the result.",
+            help="Seconds to wait for the result (default: SYNC_TIMEOUT_S, "
+            "%(default)g). The run goes on after the wait ends.",
         )
         parser.add_argument(
             "--wait-for-runner",
             type=seconds_or_zero,
             default=0.0,
-            help="Seconds to wait for a runner to come up first.",
+            help="Seconds to wait for a runner to come up first (default: 0, no wait).",
         )
 
     def handle(self, *args, **options):
@@ -127,7 +129,7 @@ class Command(BaseCommand):
                 on_queued=note_queued,
             )
         except WorkflowError as error:
-            body = _with_cli_hint(error.to_dict(), definition)
+            body = _with_cli_hint(error.to_dict(), definition, self.image_paths)
             raise CommandError(json.dumps(body, indent=2)) from None
         except KeyboardInterrupt:
             if not queued:
@@ -201,6 +203,8 @@ class Command(BaseCommand):
             if kind in IMAGE_INPUT_TYPES
         ]
         uploads = {}
+        # Each input's file as given, for error messages.
+        self.image_paths: dict[str, str] = {}
         for spec in specs:
             name, _, path = spec.partition("=")
             if not path or Path(spec).exists():
@@ -211,6 +215,7 @@ class Command(BaseCommand):
                 raise CommandError(f"--image gives input {name!r} twice")
             try:
                 uploads[name] = Path(path).read_bytes()
+                self.image_paths[name] = path
             except OSError as error:
                 raise CommandError(f"cannot read image {path}: {error}") from None
         return uploads
@@ -281,12 +286,19 @@ def _check_input_names(definition: dict, uploads: dict, parameters: dict) -> Non
             )
 
 
-def _with_cli_hint(body: dict, definition: dict) -> dict:
-    """Replace an input error's hint, written for API bodies, with the option to use."""
+def _with_cli_hint(body: dict, definition: dict, image_paths: dict[str, str]) -> dict:
+    """Replace an input error's hint, written for API bodies, with the option to use.
+
+    An error about an image file that was given names the file instead.
+    """
     kinds = _declared_inputs(definition)
     field = body.get("field")
     if field not in kinds or body.get("code") != "invalid_input":
         return body
+    if field in image_paths:
+        named = {**body, "message": f"{body['message']} (file {image_paths[field]})"}
+        named.pop("hint", None)
+        return named
     if kinds[field] in IMAGE_INPUT_TYPES:
         hint = f"Give the image with --image {field}=PATH."
     else:
