@@ -131,7 +131,7 @@ class BillFilterForm(forms.Form):
         )
         self.fields["token"].choices = [
             ("", "All tokens"),
-            (NO_TOKEN, "No API token (browser)"),
+            (NO_TOKEN, "No API token (browser, command line)"),
             *(
                 (str(token_id), _token_label(name, prefix, revoked_at))
                 for token_id, name, prefix, revoked_at in tokens
