@@ -110,18 +110,19 @@ class BillFilterForm(forms.Form):
 
     def __init__(self, data, *, user) -> None:
         super().__init__(data)
+        # Deleted workflows too: their bills stay in the history.
         workflows = (
-            Workflow.objects.filter(owner=user)
+            Workflow.all_objects.filter(owner=user)
             .order_by("name", "id")
-            .values_list("id", "name", "slug")
+            .values_list("id", "name", "slug", "deleted_at")
         )
         # Names need not be unique; slugs are, so they tell equal names apart.
         self.fields["workflow"].choices = [
             ("", "All workflows"),
             (INLINE_WORKFLOW, "Inline definitions"),
             *(
-                (str(workflow_id), f"{name} ({slug})")
-                for workflow_id, name, slug in workflows
+                (str(workflow_id), f"{name} ({slug}{', deleted' if deleted else ''})")
+                for workflow_id, name, slug, deleted in workflows
             ),
         ]
         tokens = (

@@ -1,16 +1,25 @@
 """Workflow definitions, stored per user and versioned.
 
 Editing a workflow never changes a stored version: it adds a new one, and
-every run points at the version it ran.
+every run points at the version it ran. Deleting a workflow hides it and
+keeps its versions, so its runs and bills keep what they ran.
 """
 
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Max
+from django.utils import timezone
 from django.utils.text import slugify
 
 from webapp.models import lock_user_row
 from workflows.compiler import definition_digest
+
+
+class LiveWorkflowManager(models.Manager):
+    """Workflows that are not deleted: what every page and route works with."""
+
+    def get_queryset(self):
+        return super().get_queryset().filter(deleted_at__isnull=True)
 
 
 class Workflow(models.Model):
@@ -27,6 +36,14 @@ class Workflow(models.Model):
     revision = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Set when the owner deletes the workflow. The row stays, because runs
+    # point at its versions, but no page or route finds it any more. Its
+    # slug stays taken, so its Roboflow URL never reaches another workflow.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects = LiveWorkflowManager()
+    # Deleted workflows too: for the billing history and slug uniqueness.
+    all_objects = models.Manager()
 
     class Meta:
         constraints = [
@@ -35,6 +52,8 @@ class Workflow(models.Model):
             )
         ]
         ordering = ["-updated_at"]
+        # Related lookups (a run's version's workflow) find deleted ones too.
+        base_manager_name = "all_objects"
 
     def __str__(self) -> str:
         return f"{self.owner}/{self.slug}"
@@ -60,10 +79,16 @@ class Workflow(models.Model):
     def unique_slug(cls, owner, name: str) -> str:
         base = slugify(name)[:180] or "workflow"
         slug, counter = base, 2
-        while cls.objects.filter(owner=owner, slug=slug).exists():
+        while cls.all_objects.filter(owner=owner, slug=slug).exists():
             slug = f"{base}-{counter}"
             counter += 1
         return slug
+
+    def mark_deleted(self) -> bool:
+        """Delete the workflow, keeping its rows; return False if it already was."""
+        return bool(
+            Workflow.objects.filter(pk=self.pk).update(deleted_at=timezone.now())
+        )
 
     def add_version(self, definition: dict) -> "WorkflowVersion":
         """Store ``definition`` as the next version (callers compile it first)."""

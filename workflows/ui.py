@@ -3,10 +3,11 @@
 from dataclasses import dataclass
 from statistics import median
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import F, Max, Window
 from django.db.models.functions import RowNumber
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from runner.models import Run
@@ -106,6 +107,51 @@ def recent_runs_by_workflow(owner, limit: int) -> dict[int, list[dict]]:
 
 @login_required
 def workflow_list(request):
+    """List the user's workflows; POST deletes one, then redirects.
+
+    GET with ``?delete=<id>`` shows the list with a confirmation for
+    deleting that workflow. Its button sends the POST that deletes it.
+    """
+    if request.method == "POST" and request.POST.get("action") == "delete":
+        workflow, error = _own_workflow(request, request.POST.get("workflow", ""))
+        if error:
+            return error
+        if workflow.mark_deleted():
+            messages.success(
+                request,
+                f"Workflow “{workflow.name}” deleted. Its runs and bills are kept.",
+            )
+        return redirect("workflow-list")
+    context = {}
+    if "delete" in request.GET:
+        workflow, error = _own_workflow(request, request.GET["delete"])
+        if error:
+            return error
+        context["delete_workflow"] = workflow
+        context["delete_run_count"] = Run.objects.filter(
+            workflow_version__workflow=workflow
+        ).count()
+    return _list_page(request, context)
+
+
+def _own_workflow(request, workflow_id: str):
+    """Return the user's workflow with this id, or the list with a 400 or 404 error.
+
+    Another user's workflow gets the same 404 as a missing one.
+    """
+    if not (workflow_id.isascii() and workflow_id.isdigit()):
+        messages.error(
+            request, f"Workflow id “{workflow_id}” is invalid: it must be a number."
+        )
+        return None, _list_page(request, {}, status=400)
+    workflow = Workflow.objects.filter(pk=int(workflow_id), owner=request.user).first()
+    if workflow is None:
+        messages.error(request, f"Workflow {workflow_id} not found among yours.")
+        return None, _list_page(request, {}, status=404)
+    return workflow, None
+
+
+def _list_page(request, context: dict, status: int = 200):
     workflows = Workflow.objects.filter(owner=request.user).annotate(
         latest=Max("versions__number")
     )
@@ -121,7 +167,9 @@ def workflow_list(request):
                 sparkline=build_sparkline(workflow_runs),
             )
         )
-    return render(request, "workflows/list.html", {"rows": rows})
+    return render(
+        request, "workflows/list.html", {"rows": rows, **context}, status=status
+    )
 
 
 def _builder_page(request, workflow: Workflow | None):

@@ -202,7 +202,12 @@ class WorkflowDetailView(APIView):
         # reads the latest version and writes only the fields it changes, so
         # none undoes another's, and the same definition twice adds one version.
         with transaction.atomic():
-            workflow = Workflow.objects.select_for_update().get(pk=workflow.pk)
+            # Deleted since it was read: the same 404 as a missing workflow.
+            workflow = get_owned(
+                Workflow.objects.select_for_update(),
+                f"workflow {workflow_id}",
+                pk=workflow.pk,
+            )
             latest = workflow.latest_version()
             latest_number = latest.number if latest else None
             if base_version is not None and base_version != latest_number:
@@ -242,6 +247,16 @@ class WorkflowDetailView(APIView):
         return Response({**body, "warnings": warnings})
 
     patch = put
+
+    def delete(self, request, workflow_id):
+        """Delete the workflow: it disappears, its runs and bills stay (204).
+
+        Runs already queued still run the version they were sent with.
+        """
+        workflow = self.get_workflow(request, workflow_id)
+        if not workflow.mark_deleted():
+            raise exceptions.NotFound(f"workflow {workflow_id} not found among yours")
+        return Response(status=204)
 
 
 class WorkflowVersionsView(APIView):
