@@ -394,15 +394,15 @@ def test_server_loading_its_data_counts_as_running(tmp_path):
     assert not webapp_redis._answers(tmp_path / "missing.sock")
 
 
-def test_embedded_redis_ready_after_loading(tmp_path):
-    # A server that is still reading its append-only file counts as running,
-    # but ensure_embedded_redis must not return until it has finished: the
-    # caller's first command would fail with BusyLoadingError.
-    socket_path = tmp_path / "loading.sock"
+def serve_loading_redis(socket_path, loaded_at: float) -> socket.socket:
+    """Serve a fake Redis on ``socket_path`` that replies LOADING until ``loaded_at``.
+
+    ``loaded_at`` is a ``time.monotonic()`` value. Close the returned
+    listener to stop serving.
+    """
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     listener.listen()
-    loaded_at = time.monotonic() + 0.5
 
     def reply(connection: socket.socket) -> None:
         with connection:
@@ -446,6 +446,15 @@ def test_embedded_redis_ready_after_loading(tmp_path):
             threading.Thread(target=reply, args=(connection,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+def test_embedded_redis_ready_after_loading(tmp_path):
+    # A server that is still reading its append-only file counts as running,
+    # but ensure_embedded_redis must not return until it has finished: the
+    # caller's first command would fail with BusyLoadingError.
+    socket_path = tmp_path / "loading.sock"
+    listener = serve_loading_redis(socket_path, time.monotonic() + 0.5)
     try:
         webapp_redis.ensure_embedded_redis(socket_path, timeout_s=10)
         # No retries, which would wait out the loading for the caller.

