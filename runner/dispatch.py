@@ -55,16 +55,20 @@ class Submission:
 
 def no_runner_error(source: str) -> NoRunnerError:
     """Return the error for a synchronous run that no runner is up to execute."""
-    # Roboflow's routes always wait for the run, so they cannot queue it.
-    queue_it = (
-        ""
-        if source == "roboflow"
-        else ", or send the run asynchronously to queue it until a runner starts"
-    )
+    # Roboflow's routes always wait for the run, so they cannot queue it,
+    # and runworkflow cannot either, but it can wait for a runner first.
+    if source == "roboflow":
+        alternative = ""
+    elif source == "cli":
+        alternative = ", or pass --wait-for-runner SECONDS to wait for one"
+    else:
+        alternative = (
+            ", or send the run asynchronously to queue it until a runner starts"
+        )
     return NoRunnerError(
         "no runner is up to execute this run",
         context="runner_pool",
-        hint=f"Start one with 'python manage.py runner'{queue_it}.",
+        hint=f"Start one with 'python manage.py runner'{alternative}.",
     )
 
 

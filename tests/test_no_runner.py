@@ -41,6 +41,9 @@ def test_cli_run_without_runner_stores_nothing(transactional_db, tmp_path):
     assert result.returncode != 0
     assert '"code": "no_runner"' in result.stderr
     assert "python manage.py runner" in result.stderr
+    # runworkflow has no asynchronous mode, so the hint offers it no queueing.
+    assert "asynchronously" not in result.stderr
+    assert "--wait-for-runner" in result.stderr
     assert Run.objects.count() == 0
     # The command started the embedded Redis to look for runners. With none
     # found, it stops the server again instead of leaving it behind.
@@ -63,3 +66,9 @@ def test_no_runner_hint_offers_async_on_own_routes():
 def test_no_runner_hint_on_roboflow_routes_only_starts_runner():
     hint = no_runner_error("roboflow").hint
     assert hint == "Start one with 'python manage.py runner'."
+
+
+def test_no_runner_hint_on_command_line_offers_wait():
+    hint = no_runner_error("cli").hint
+    assert "asynchronously" not in hint
+    assert "--wait-for-runner SECONDS" in hint
