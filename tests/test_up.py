@@ -346,10 +346,14 @@ def test_demo_finds_people_in_bus_cold_then_hot(tmp_path):
 def test_demo_key_kept_across_restarts(alice, settings, tmp_path):
     from runner.management.commands.up import _demo_key
     from webapp.authentication import authenticate_key
+    from webapp.models import ApiToken, hash_token
 
     settings.DATA_DIR = tmp_path
     first = _demo_key(alice)
     assert _demo_key(alice) == first
+    # Checking the key on a restart is no use of it.
+    token = ApiToken.objects.get(key_hash=hash_token(first))
+    assert token.last_used_at is None
     assert authenticate_key(first) is not None
     assert (tmp_path / "demo-token").read_text().strip() == first
 
