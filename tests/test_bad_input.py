@@ -607,6 +607,10 @@ def test_bad_image_in_batch_names_index(send_run):
         ([image, base64_input(b"no image")], "Input 'image[1]' is not an image"),
         ([image, image, half], "Input 'image[2]' is a truncated JPEG"),
         ([{"type": "base64", "value": "*"}], "Input 'image[0]' is not valid base64"),
+        ([image, "https://example.com/a.jpg"], "image input 'image[1]' is a URL"),
+        ([image, {"type": "numpy", "value": "x"}], "image input 'image[1]' has type"),
+        ([image, {"value": 5}], "image input 'image[1]' has an integer as its value"),
+        ([image, image, 5], "image input 'image[2]' must be"),
     ]
     for batch, message in cases:
         response = send_run(image_height(), {"image": batch})

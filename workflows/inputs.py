@@ -189,12 +189,14 @@ def _image_values(value: Any, name: str) -> list[bytes]:
         raise _empty_list(name)
     blobs = []
     for index, item in enumerate(items):
+        item_name = _item_name(name, index, batched)
         if isinstance(item, str):
             # A bare string is base64, unless it is plainly a URL.
             item = {"type": "url" if _looks_like_url(item) else "base64", "value": item}
         if not isinstance(item, dict) or "value" not in item:
             raise InputError(
-                f'image input \'{name}\' must be {{"type": "base64", "value": ...}}',
+                f"image input '{item_name}' must be "
+                '{"type": "base64", "value": ...}',
                 context="request_parsing",
                 field_name=name,
             )
@@ -202,25 +204,26 @@ def _image_values(value: Any, name: str) -> list[bytes]:
         # ':' is no base64 character, so a URL sent as base64 is a URL.
         if kind == "url" or (kind == "base64" and _looks_like_url(item["value"])):
             raise InputError(
-                f"image input '{name}' is a URL; this server does not download images",
+                f"image input '{item_name}' is a URL; this server does not download "
+                "images",
                 context="request_parsing",
                 field_name=name,
                 hint="Send the image bytes as base64 instead.",
             )
         if kind != "base64":
             raise InputError(
-                f"image input '{name}' has type {kind!r}; only 'base64' is supported",
+                f"image input '{item_name}' has type {kind!r}; only 'base64' is "
+                "supported",
                 context="request_parsing",
                 field_name=name,
             )
         if not isinstance(item["value"], str):
             raise InputError(
-                f"image input '{name}' has {json_type_name(item['value'])} as its "
+                f"image input '{item_name}' has {json_type_name(item['value'])} as its "
                 "value; it must be a base64 string",
                 context="request_parsing",
                 field_name=name,
             )
-        item_name = _item_name(name, index, batched)
         blobs.append(decode_base64(item["value"], input_name=item_name))
     return blobs
 
