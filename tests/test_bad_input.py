@@ -618,6 +618,8 @@ def test_bad_image_in_batch_names_index(send_run):
         body = response.json()
         assert_error_body(body)
         assert body["message"].startswith(message)
+        # The field is the declared input, whichever of its images failed.
+        assert body["field"] == "image"
     assert_nothing_stored()
 
 

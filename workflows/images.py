@@ -45,13 +45,16 @@ class ImageInfo:
     height: int
 
 
-def decode_base64(value: str, *, input_name: str) -> bytes:
+def decode_base64(
+    value: str, *, input_name: str, field_name: str | None = None
+) -> bytes:
     """Decode base64 or raise InputError.
 
     A data-URL prefix, line breaks and other whitespace (as ``base64`` and
     MIME encoders write them) and missing trailing padding are accepted.
     Any other character outside the standard alphabet is an error.
     """
+    field = field_name or input_name
     if value.startswith("data:"):
         _, _, value = value.partition(",")
     try:
@@ -70,30 +73,39 @@ def decode_base64(value: str, *, input_name: str) -> bytes:
         raise InputError(
             f"Input '{input_name}' is not valid base64: {error}",
             context="input_decoding",
-            field_name=input_name,
+            field_name=field,
             hint="Send the image file's bytes encoded with standard base64.",
         ) from error
 
 
 def inspect_image(
-    data: bytes, *, input_name: str, max_pixels: int, complete: bool = True
+    data: bytes,
+    *,
+    input_name: str,
+    max_pixels: int,
+    complete: bool = True,
+    field_name: str | None = None,
 ) -> ImageInfo:
     """Check that ``data`` is an image no larger than ``max_pixels``.
+
+    Messages name the image ``input_name`` (``image[2]`` in a batch), and
+    errors carry ``field_name``, by default the same.
 
     With ``complete``, also check that the file is whole (check_complete),
     which decodes formats without an end marker.
     """
+    field = field_name or input_name
     if not data:
         raise InputError(
             f"Input '{input_name}' is empty",
             context="input_decoding",
-            field_name=input_name,
+            field_name=field,
         )
     not_an_image = InputError(
         f"Input '{input_name}' is not an image in a supported format "
         f"({', '.join(sorted(ALLOWED_FORMATS))})",
         context="input_decoding",
-        field_name=input_name,
+        field_name=field,
     )
     try:
         image = Image.open(io.BytesIO(data))
@@ -108,7 +120,7 @@ def inspect_image(
             f"Input '{input_name}' is an image in {image_format} format; supported "
             f"formats are {', '.join(sorted(ALLOWED_FORMATS))}",
             context="input_decoding",
-            field_name=input_name,
+            field_name=field,
         )
     bits = _tiff_bits_per_sample(image) if image_format == "TIFF" else 8
     if bits > 16:
@@ -117,7 +129,7 @@ def inspect_image(
             f"Input '{input_name}' is a TIFF image with {bits}-bit samples, which "
             "the runners cannot decode",
             context="input_decoding",
-            field_name=input_name,
+            field_name=field,
             hint="Convert it to 8 or 16 bits per sample.",
         )
     width, height = image.size
@@ -126,18 +138,18 @@ def inspect_image(
             f"Input '{input_name}' is {width}x{height}; a side may be at most "
             f"{MAX_IMAGE_SIDE} pixels",
             context="input_decoding",
-            field_name=input_name,
+            field_name=field,
         )
     if width * height > max_pixels:
         raise InputError(
             f"Input '{input_name}' is {width}x{height} = {width * height} pixels, "
             f"over the limit of {max_pixels}",
             context="input_decoding",
-            field_name=input_name,
+            field_name=field,
             hint="Resize the image before sending it.",
         )
     if complete:
-        _check_complete(image, image_format, data, input_name)
+        _check_complete(image, image_format, data, input_name, field)
     return ImageInfo(format=image_format, width=width, height=height)
 
 
@@ -147,11 +159,13 @@ def _tiff_bits_per_sample(image: Image.Image) -> int:
     return max(bits) if isinstance(bits, tuple) else int(bits)
 
 
-def check_complete(data: bytes, info: ImageInfo, *, input_name: str) -> None:
+def check_complete(
+    data: bytes, info: ImageInfo, *, input_name: str, field_name: str | None = None
+) -> None:
     """Raise InputError if the image inspect_image read from ``data`` is cut short."""
     # Formats with an end marker are checked on the bytes alone.
     image = None if info.format in _TRAILERS else Image.open(io.BytesIO(data))
-    _check_complete(image, info.format, data, input_name)
+    _check_complete(image, info.format, data, input_name, field_name or input_name)
 
 
 def _has_end_marker(image_format: str, data: bytes) -> bool:
@@ -165,7 +179,7 @@ def _has_end_marker(image_format: str, data: bytes) -> bool:
 
 
 def _check_complete(
-    image: Image.Image | None, image_format: str, data: bytes, name: str
+    image: Image.Image | None, image_format: str, data: bytes, name: str, field: str
 ):
     if image_format in _TRAILERS:
         if _has_end_marker(image_format, data):
@@ -173,7 +187,7 @@ def _check_complete(
         raise InputError(
             f"Input '{name}' is a truncated {image_format} file (no end marker)",
             context="input_decoding",
-            field_name=name,
+            field_name=field,
         )
     try:
         image.load()
@@ -181,7 +195,7 @@ def _check_complete(
         raise InputError(
             f"Input '{name}' could not be decoded as {image_format}",
             context="input_decoding",
-            field_name=name,
+            field_name=field,
         ) from error
 
 

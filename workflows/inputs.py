@@ -66,6 +66,7 @@ def read_inputs(
                 input_name=_item_name(spec.name, index, spec.name in batched),
                 max_pixels=max_pixels,
                 complete=False,
+                field_name=spec.name,
             )
             for index, blob in enumerate(blobs)
         ]
@@ -81,7 +82,7 @@ def read_inputs(
         pairs = zip(images[name], infos, strict=True)
         for index, (blob, image_info) in enumerate(pairs):
             item_name = _item_name(name, index, name in batched)
-            check_complete(blob, image_info, input_name=item_name)
+            check_complete(blob, image_info, input_name=item_name, field_name=name)
         info[name] = [
             _describe(image_info, blob)
             for blob, image_info in zip(images[name], infos, strict=True)
@@ -178,7 +179,10 @@ def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> 
 
 
 def _item_name(name: str, index: int, batched: bool) -> str:
-    """Return how errors name one image of an input: ``image[2]`` in a batch."""
+    """Return how messages name one image of an input: ``image[2]`` in a batch.
+
+    The error's ``field`` stays the input's name, which the definition declares.
+    """
     return f"{name}[{index}]" if batched else name
 
 
@@ -224,7 +228,9 @@ def _image_values(value: Any, name: str) -> list[bytes]:
                 context="request_parsing",
                 field_name=name,
             )
-        blobs.append(decode_base64(item["value"], input_name=item_name))
+        blobs.append(
+            decode_base64(item["value"], input_name=item_name, field_name=name)
+        )
     return blobs
 
 
