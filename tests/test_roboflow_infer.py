@@ -157,6 +157,17 @@ def test_detection_missing_image(live_server, alice_key):
     assert "inputs" not in response.json()["hint"]
 
 
+def test_detection_missing_model_id(live_server, alice_key):
+    response = requests.post(
+        f"{live_server.url}/infer/object_detection",
+        json={"image": {"type": "base64", "value": image_b64()}},
+        headers={"Authorization": f"Bearer {alice_key}"},
+        timeout=60,
+    )
+    assert response.status_code == 400
+    assert response.json()["message"] == "'model_id' is missing"
+
+
 def test_registry_lists_model_directory(live_server, alice_key):
     response = requests.get(
         f"{live_server.url}/model/registry", params={"api_key": alice_key}, timeout=60

@@ -863,9 +863,13 @@ def test_queueing_images_takes_no_clock_sample(monkeypatch):
             Job.key_for(str(run.id)),
             keys.inputs_key(str(run.id)),
             f"{Queue.redis_queue_namespace_prefix}{run.queue_name}",
+            keys.current_run_key("clock-sample"),
         ):
             connection.delete(key)
 
+    # Sampled with the images, the offset was 24 ms off on a 2-core machine.
+    # Each clock's own sample is off by at most half a TIME round trip,
+    # which a loaded machine can stretch to a few milliseconds.
     reference = RedisClock()
     error_ns = abs(sampled.offset_ns() - reference.offset_ns())
-    assert error_ns < 1_000_000
+    assert error_ns < 5_000_000

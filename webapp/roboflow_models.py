@@ -140,6 +140,14 @@ class ObjectDetectionView(APIView):
                 hint='Send "image": {"type": "base64", "value": "<base64 image>"}, '
                 "or a list of those.",
             )
+        if body.get("model_id") is None:
+            raise MalformedRequest(
+                "'model_id' is missing",
+                context="request_parsing",
+                field_name="model_id",
+                hint="Name a model: GET /model/registry lists the model directory "
+                "and your uploads.",
+            )
         # Roboflow's request has more options (preprocessing switches,
         # visualization, active learning), which this server ignores.
         raw_inputs = {
