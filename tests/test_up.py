@@ -93,6 +93,21 @@ def test_up_waits_for_embedded_redis_past_start_timeout(
         listener.close()
 
 
+def test_runner_names_on_shared_redis(settings, monkeypatch):
+    from runner.management.commands import up
+
+    monkeypatch.setattr(up.socket, "gethostname", lambda: "gpu-box-2")
+    # Two machines' `up` on one Redis must not both name a runner runner-1,
+    # because the second one would exit at start-up and `up` would keep
+    # restarting it.
+    settings.REDIS_URL = "redis://redis-host:6379/0"
+    assert up.runner_name(1) == "gpu-box-2-runner-1"
+    assert up.runner_name(2) == "gpu-box-2-runner-2"
+
+    settings.REDIS_URL = ""
+    assert up.runner_name(1) == "runner-1"
+
+
 def test_up_serves_then_stops_every_process(tmp_path):
     port = free_port_pair()
     env = {

@@ -55,6 +55,19 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
 
 
+def runner_name(index: int) -> str:
+    """Return the fleet name of the ``index``-th runner that ``up`` starts.
+
+    With REDIS_URL set, runners on other machines can share the fleet, and a
+    runner whose name a live runner already has exits at start-up. So each
+    machine's ``up`` prefixes the host name, and two of them do not both
+    start a ``runner-1``.
+    """
+    if settings.REDIS_URL:
+        return f"{socket.gethostname()}-runner-{index}"
+    return f"runner-{index}"
+
+
 def _lock_data_dir(data_dir: Path):
     """Hold a lock on ``data_dir`` for this process's life, or raise CommandError.
 
@@ -268,7 +281,7 @@ class Command(BaseCommand):
                         "manage.py",
                         "runner",
                         "--name",
-                        f"runner-{index}",
+                        runner_name(index),
                     ],
                     log_dir,
                 )
