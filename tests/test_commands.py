@@ -195,6 +195,30 @@ def test_runner_on_new_database_says_to_migrate(tmp_path):
     assert not (data_dir / "redis.sock").exists()
 
 
+@pytest.mark.parametrize("heartbeat_s, dead_after_s", [("6", "5"), ("3", "5")])
+def test_dead_time_under_two_heartbeats_rejected(tmp_path, heartbeat_s, dead_after_s):
+    # A heartbeat key could expire between two heartbeats, and other runners
+    # would then reap a live runner.
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "webapp.settings",
+        "GLASSBOX_DATA_DIR": str(tmp_path / "data"),
+        "RUNNER_HEARTBEAT_S": heartbeat_s,
+        "RUNNER_DEAD_AFTER_S": dead_after_s,
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"RUNNER_DEAD_AFTER_S={dead_after_s} is less than twice" in result.stderr
+    assert f"RUNNER_HEARTBEAT_S={heartbeat_s}" in result.stderr
+
+
 def test_runner_logs_redis_without_password(db, tmp_path):
     # redis-py reads a password from the user part or the query string.
     env = private_data_env(tmp_path / "data")

@@ -11,6 +11,7 @@ import secrets
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from webapp.channel_layer import channel_layer_host
 from webapp.env import env_bool, env_float, env_int, env_list, env_str
@@ -233,6 +234,18 @@ GLASSBOX = {
     # since gunicorn serves HTTP there.
     "WEBSOCKETS_ONLY": env_bool("WEBSOCKETS_ONLY", False),
 }
+
+# A runner's heartbeat key expires RUNNER_DEAD_AFTER_S after each heartbeat.
+# With less than two heartbeat intervals, one late heartbeat lets it expire,
+# and the other runners reap a live runner. With less than one, it expires
+# every time, and the runner also waives each run's bill as stalled.
+if GLASSBOX["RUNNER_DEAD_AFTER_S"] < 2 * GLASSBOX["RUNNER_HEARTBEAT_S"]:
+    raise ImproperlyConfigured(
+        f"RUNNER_DEAD_AFTER_S={GLASSBOX['RUNNER_DEAD_AFTER_S']:g} is less than "
+        f"twice RUNNER_HEARTBEAT_S={GLASSBOX['RUNNER_HEARTBEAT_S']:g}, so one "
+        "late heartbeat would make a live runner look dead; raise "
+        "RUNNER_DEAD_AFTER_S or lower RUNNER_HEARTBEAT_S"
+    )
 
 BILLING = {
     # Price of one second of runner time, in micro-credits
