@@ -365,12 +365,17 @@ def move_queued_jobs(name: str) -> list[str]:
         moved.append(job.id)
 
 
-def reap_dead_runners(own_name: str | None = None) -> None:
+def reap_dead_runners(own_name: str | None = None) -> bool:
     """Reap runners without a heartbeat, and move jobs off queues no runner reads.
 
     A runner calling this passes its own name, which is never reaped: the
     process is alive, and after a pause its heartbeat may have expired
     before its heartbeat thread beats again.
+
+    Returns False, having reaped and moved nothing, when reading the fleet
+    took longer than RUNNER_HEARTBEAT_S. Redis or this process stalled
+    during the read then, and the other runners' heartbeats waited behind
+    the same stall, so their silence is no sign that they died.
 
     Three kinds of runner are found here. A runner in RUNNERS_SET whose
     heartbeat expired is dead. A runner that the database shows running a
@@ -382,9 +387,23 @@ def reap_dead_runners(own_name: str | None = None) -> None:
     jobs move to the shared queue.
     """
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
+    read_started = time.monotonic()
     beats = _heartbeats()[1]
     silent = [name for name, beat in beats if beat is None and name != own_name]
     seen = _last_seen(silent)
+    read_s = time.monotonic() - read_started
+    # NOTE: a read that starts within milliseconds after a stall ends is fast
+    # and can still come before the other runners' delayed heartbeats.
+    if read_s > settings.GLASSBOX["RUNNER_HEARTBEAT_S"]:
+        if silent:
+            logger.warning(
+                "reading the fleet took %.1f s, so the silent runners (%s) were "
+                "not reaped: their heartbeats may have waited behind the same "
+                "stall",
+                read_s,
+                ", ".join(silent),
+            )
+        return False
     now_ms = clock.now_ns() // 1_000_000
     for name in silent:
         # The heartbeat key can vanish before its expiry (a Redis server
@@ -404,6 +423,7 @@ def reap_dead_runners(own_name: str | None = None) -> None:
         known.add(own_name)
     _reap_forgotten_runners(known, dead_after)
     _move_orphaned_queues(live)
+    return True
 
 
 # Runners that hold running runs but that Redis does not know, by name: when

@@ -261,6 +261,41 @@ def test_runner_never_reaps_itself(alice):
         get_redis().zrem(keys.RUNNERS_SEEN, name)
 
 
+def test_slow_fleet_read_reaps_nobody(alice, settings, monkeypatch):
+    # A Redis server that stalls longer than the dead time expires every
+    # heartbeat. The runners' heartbeats then queue behind the reaper's read,
+    # so a read that waited out the stall must not reap them.
+    name = "stalled-peer"
+    run = Run.objects.create(
+        owner=alice, source="api", status=Run.Status.RUNNING, runner_name=name
+    )
+    long_ago_ms = clock.now_ns() // 1_000_000 - 60_000
+    get_redis().sadd(keys.RUNNERS_SET, name)
+    get_redis().zadd(keys.RUNNERS_SEEN, {name: long_ago_ms})
+    read_heartbeats = fleet._heartbeats
+
+    def stalled_read():
+        time.sleep(settings.GLASSBOX["RUNNER_HEARTBEAT_S"] + 0.2)
+        return read_heartbeats()
+
+    try:
+        monkeypatch.setattr(fleet, "_heartbeats", stalled_read)
+        assert fleet.reap_dead_runners(own_name="reaper") is False
+        run.refresh_from_db()
+        assert run.status == Run.Status.RUNNING
+        assert get_redis().sismember(keys.RUNNERS_SET, name)
+
+        # Read without a stall, the same silence is a dead runner.
+        monkeypatch.setattr(fleet, "_heartbeats", read_heartbeats)
+        assert fleet.reap_dead_runners(own_name="reaper") is True
+        run.refresh_from_db()
+        assert run.status == Run.Status.FAILED
+        assert Bill.objects.get(run=run).billed is False
+    finally:
+        get_redis().srem(keys.RUNNERS_SET, name)
+        get_redis().zrem(keys.RUNNERS_SEEN, name)
+
+
 def test_reaping_an_idle_runner_is_logged(db, caplog):
     # The fleet keeps one end per name, so the log is the only record of
     # every reap, also of a runner that held nothing.
