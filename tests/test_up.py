@@ -384,3 +384,17 @@ def test_demo_key_replaced_once_revoked(alice, settings, tmp_path):
     assert second != first
     assert authenticate_key(second) is not None
     assert (tmp_path / "demo-token").read_text().strip() == second
+
+
+def test_up_waits_for_its_own_runners(live_server):
+    from runner.management.commands import up
+    from tests.conftest import registered_runner
+
+    command = up.Command()
+    command.children = {}
+    # Another machine's runner is live, and this up's own is not yet.
+    with registered_runner("other-machine-runner-1"):
+        with pytest.raises(CommandError, match="not up after"):
+            command._wait_until_up(live_server.url, 1, timeout_s=0.5)
+    with registered_runner(up.runner_name(1)):
+        command._wait_until_up(live_server.url, 1, timeout_s=5)

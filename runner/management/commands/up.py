@@ -409,6 +409,9 @@ class Command(BaseCommand):
         stop_embedded_redis()
 
     def _wait_until_up(self, base_url: str, runners: int, timeout_s: float = 120):
+        # Its own runners: on a shared Redis, other machines' runners are
+        # live before these are.
+        own = {runner_name(index) for index in range(1, runners + 1)}
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for name, child in self.children.items():
@@ -420,7 +423,8 @@ class Command(BaseCommand):
                         f"{child.process.returncode}; the end of {log}:\n"
                         + "\n".join(tail)
                     )
-            if len(fleet.live_runners()) >= runners and _answers(base_url + "/info"):
+            live = {runner.name for runner in fleet.live_runners()}
+            if own <= live and _answers(base_url + "/info"):
                 return
             time.sleep(0.2)
         raise CommandError(f"runners or web server not up after {timeout_s:.0f} s")
