@@ -62,17 +62,24 @@ def get_redis() -> redis.Redis:
     return _connection
 
 
-def _answers(socket_path: Path) -> bool:
-    if not socket_path.exists():
-        return False
-    # One attempt: redis-py 8's default retries took about 4 s on a socket
-    # whose server had died, and restarting it checks this three times.
-    client = redis.Redis(
+def _probe_client(socket_path: Path) -> redis.Redis:
+    """Return a client for checks of the server's state, which tries each command once.
+
+    redis-py 8's default retries took about 4 s on a socket whose server had
+    died, and restarting it checks the server three times.
+    """
+    return redis.Redis(
         unix_socket_path=str(socket_path),
         retry=Retry(NoBackoff(), 0),
         socket_connect_timeout=1,
         socket_timeout=1,
     )
+
+
+def _answers(socket_path: Path) -> bool:
+    if not socket_path.exists():
+        return False
+    client = _probe_client(socket_path)
     try:
         return bool(client.ping())
     except redis.BusyLoadingError:
@@ -90,12 +97,7 @@ def _wait_until_loaded(socket_path: Path, deadline: float) -> None:
     While Redis reads its append-only file it replies LOADING to every
     command, so a caller that sent one at once would fail.
     """
-    client = redis.Redis(
-        unix_socket_path=str(socket_path),
-        retry=Retry(NoBackoff(), 0),
-        socket_connect_timeout=1,
-        socket_timeout=1,
-    )
+    client = _probe_client(socket_path)
     try:
         while True:
             try:

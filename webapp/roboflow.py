@@ -27,19 +27,32 @@ from webapp.requests import (
 from workflows.models import Workflow
 
 
-def outputs_response(
-    outcome: RunOutcome, profiling: bool, excluded: list[str], started_ns: int
-) -> Response:
+def unsucceeded_response(outcome: RunOutcome, started_ns: int) -> Response | None:
+    """Return the response to a run that has not succeeded, None for one that has.
+
+    A run still going gets ``not_finished_response``; a failed run, its error
+    with the status the error carries and the timing headers.
+    """
     if outcome.payload is None:
         return not_finished_response(outcome)
     meta = outcome.payload["meta"]
+    if meta["status"] == "succeeded":
+        return None
+    return Response(
+        public_error(meta["error"]),
+        status=status_for(outcome.payload),
+        headers=timing_headers(meta, started_ns),
+    )
+
+
+def outputs_response(
+    outcome: RunOutcome, profiling: bool, excluded: list[str], started_ns: int
+) -> Response:
+    unsucceeded = unsucceeded_response(outcome, started_ns)
+    if unsucceeded is not None:
+        return unsucceeded
+    meta = outcome.payload["meta"]
     headers = timing_headers(meta, started_ns)
-    if meta["status"] != "succeeded":
-        return Response(
-            public_error(meta["error"]),
-            status=status_for(outcome.payload),
-            headers=headers,
-        )
     outputs = outcome.payload["outputs"]
     if excluded:
         outputs = [

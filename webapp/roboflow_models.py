@@ -23,10 +23,9 @@ from rest_framework.views import APIView
 from runner.models import ModelUpload
 from runner.presenters import timing_headers
 from runner.registry import model_dir, resolve_model
-from runner.responses import public_error, status_for
 from runner.service import RunOutcome, start_run
 from webapp.requests import MalformedRequest, json_object
-from webapp.roboflow import not_finished_response
+from webapp.roboflow import unsucceeded_response
 
 TASK_TYPE = "object-detection"
 
@@ -170,16 +169,10 @@ class ObjectDetectionView(APIView):
 
 
 def detection_response(outcome: RunOutcome, single: bool, started_ns: int) -> Response:
-    if outcome.payload is None:
-        return not_finished_response(outcome)
-    meta = outcome.payload["meta"]
-    headers = timing_headers(meta, started_ns)
-    if meta["status"] != "succeeded":
-        return Response(
-            public_error(meta["error"]),
-            status=status_for(outcome.payload),
-            headers=headers,
-        )
+    unsucceeded = unsucceeded_response(outcome, started_ns)
+    if unsucceeded is not None:
+        return unsucceeded
+    headers = timing_headers(outcome.payload["meta"], started_ns)
 
     model_seconds = float(headers["X-Remote-Processing-Time"])
     answers = [
