@@ -386,6 +386,20 @@ def test_demo_key_replaced_once_revoked(alice, settings, tmp_path):
     assert (tmp_path / "demo-token").read_text().strip() == second
 
 
+def test_demo_workflow_recreated_after_delete(alice):
+    from runner.management.commands.up import _demo_workflow
+
+    first = _demo_workflow(alice)
+    assert first.slug == "people-count"
+    assert _demo_workflow(alice) == first
+    first.mark_deleted()
+    # The deleted workflow keeps its slug, so the demo takes the next one.
+    second = _demo_workflow(alice)
+    assert second.slug == "people-count-2"
+    assert second.latest_version() is not None
+    assert _demo_workflow(alice) == second
+
+
 def test_up_waits_for_its_own_runners(live_server):
     from runner.management.commands import up
     from tests.conftest import registered_runner

@@ -34,6 +34,7 @@ from webapp.redis import ensure_embedded_redis, get_redis, stop_embedded_redis
 from workflows.models import Workflow
 
 DEMO_DEFINITION = Path(settings.BASE_DIR) / "examples" / "people-count.json"
+DEMO_SLUG = "people-count"
 MAX_RESTARTS_PER_MINUTE = 5
 # A waiting synchronous run occupies a thread, at most SYNC_WAITS_PER_USER
 # of them per user and process.
@@ -153,6 +154,26 @@ def _demo_key(user) -> str:
     _, key = ApiToken.issue(user, "demo")
     _write_secret(path, key)
     return key
+
+
+def _demo_workflow(user) -> Workflow:
+    """Return the demo's workflow, creating it if the user has none.
+
+    A deleted workflow keeps its slug, so once the user deleted
+    ``people-count`` the demo creates ``people-count-2``, and later restarts
+    find that one.
+    """
+    candidates = Workflow.objects.filter(
+        owner=user, slug__regex=rf"^{DEMO_SLUG}(-[0-9]+)?$"
+    )
+    workflow = (
+        candidates.filter(slug=DEMO_SLUG).first()
+        or candidates.order_by("created_at", "id").first()
+    )
+    if workflow is None:
+        definition = json.loads(DEMO_DEFINITION.read_text())
+        workflow = Workflow.create_with_version(user, "People count", definition)
+    return workflow
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -439,12 +460,7 @@ class Command(BaseCommand):
             user.save()
             _write_secret(Path(settings.DATA_DIR) / "demo-password", password)
         key = _demo_key(user)
-        definition = json.loads(DEMO_DEFINITION.read_text())
-        workflow = Workflow.objects.filter(owner=user, slug="people-count").first()
-        if workflow is None:
-            workflow = Workflow.create_with_version(
-                user, "People count", definition, slug="people-count"
-            )
+        workflow = _demo_workflow(user)
         from ultralytics import ASSETS
 
         image = base64.b64encode((Path(ASSETS) / "bus.jpg").read_bytes()).decode()
@@ -460,7 +476,7 @@ class Command(BaseCommand):
             f"\nSign in at {base_url}/ as 'demo' with the password in "
             f"{data_dir / 'demo-password'}.\n"
             f"The demo's API token is in {data_dir / 'demo-token'}.\n"
-            f"Roboflow-compatible URL: {base_url}/demo/workflows/people-count"
+            f"Roboflow-compatible URL: {base_url}/demo/workflows/{workflow.slug}"
         )
 
     def _print_demo_run(self, label: str, body: dict, headers) -> None:
