@@ -323,6 +323,26 @@ def test_admin_save_from_stale_page_is_refused(client, django_user_model, alice)
     )
 
 
+@pytest.mark.parametrize("deleted", [False, True])
+def test_admin_slug_taken_is_form_error(client, django_user_model, alice, deleted):
+    staff = django_user_model.objects.create_user(
+        "slugger", password="slugger-password", is_staff=True, is_superuser=True
+    )
+    client.force_login(staff)
+    workflow = Workflow.create_with_version(alice, "Heights", image_height())
+    other = Workflow.create_with_version(alice, "Widths", image_height())
+    if deleted:
+        other.mark_deleted()
+    form = admin_workflow_form(workflow, slug=other.slug)
+    response = client.post(f"/admin/workflows/workflow/{workflow.id}/change/", form)
+    assert response.status_code == 200
+    assert "slug &#x27;widths&#x27; is already used by another workflow of" in (
+        response.content.decode()
+    )
+    workflow.refresh_from_db()
+    assert workflow.slug == "heights"
+
+
 def test_admin_run_list_reads_plainly(client, django_user_model, alice):
     from tests.test_billing_pages import make_bill
 

@@ -36,6 +36,23 @@ class WorkflowAdminForm(forms.ModelForm):
         if self.instance.pk is not None:
             self.fields["loaded_revision"].initial = self.instance.revision
 
+    def clean_slug(self) -> str:
+        # Django's own unique check skips the (owner, slug) constraint because
+        # owner is not a form field, and would miss deleted workflows, which
+        # keep their slugs. Without this check the save fails with a 500.
+        slug = self.cleaned_data["slug"]
+        conflicting = Workflow.all_objects.filter(
+            owner_id=self.instance.owner_id, slug=slug
+        ).exclude(pk=self.instance.pk)
+        if conflicting.exists():
+            raise forms.ValidationError(
+                f"The slug '{slug}' is already used by another workflow of "
+                f"{self.instance.owner}, possibly a deleted one, whose slug stays "
+                "taken so that its Roboflow URL never reaches another workflow. "
+                "Choose another slug."
+            )
+        return slug
+
     def clean(self):
         cleaned = super().clean()
         loaded = cleaned.get("loaded_revision")
