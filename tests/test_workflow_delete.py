@@ -35,6 +35,26 @@ def test_delete_keeps_runs_and_bills(runner, alice_client):
     assert Bill.objects.filter(run_id=run_id).count() == 1
 
 
+def test_run_page_of_deleted_workflow(alice, client):
+    from tests.test_billing_pages import make_bill
+
+    workflow = Workflow.create_with_version(alice, "bus height", image_height())
+    run = make_bill(alice, version=workflow.latest_version()).run
+    client.force_login(alice)
+    assert f'href="/workflows/{workflow.id}/run/"' in (
+        client.get(f"/runs/{run.id}/").content.decode()
+    )
+    workflow.mark_deleted()
+    page = client.get(f"/runs/{run.id}/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    # The run stays readable, but nothing links to the deleted workflow's
+    # run page, which is a 404.
+    assert f"/workflows/{workflow.id}/run/" not in html
+    assert 'id="workflow-deleted"' in html
+    assert "The workflow was deleted, so it cannot run again." in html
+
+
 def test_deleted_workflow_runs_no_more(runner, alice_client):
     workflow_id, _ = ran_and_deleted(alice_client)
     before = Run.objects.count()
