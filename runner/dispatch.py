@@ -72,6 +72,24 @@ def no_runner_error(source: str) -> NoRunnerError:
     )
 
 
+def model_call_order(
+    plan: ExecutionPlan, parameters: dict, models: list[dict]
+) -> list[str]:
+    """Return the cache key of each model step, in execution order.
+
+    ``models`` are ``resolve_models``'s references for the same parameters.
+    """
+    key_of = {model["model_id"]: model["cache_key"] for model in models}
+    return [key_of[model_id] for _, model_id in plan.model_ids(parameters)]
+
+
+def loaded_on_all(runners: list[fleet.RunnerState]) -> set[str]:
+    """Return the cache keys of the models every one of ``runners`` has loaded."""
+    if not runners:
+        return set()
+    return set.intersection(*(runner.loaded_models for runner in runners))
+
+
 def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list[dict]:
     seen: dict[str, dict] = {}
     for step, model_id in plan.model_ids(parameters):
@@ -285,12 +303,12 @@ def predict_hot(
 
     chosen = keys.runner_of_queue(queue_name)
     takers = [r for r in runners if chosen is None or r.name == chosen]
-    held = set.intersection(*(r.loaded_models for r in takers)) if takers else set()
+    loaded = loaded_on_all(takers)
     cache_keys = {model["cache_key"] for model in models}
-    evicting = bool(cache_keys - held) and models_exceed_budgets(
+    evicting = bool(cache_keys - loaded) and models_exceed_budgets(
         cache_keys, takers, owner_id
     )
-    loads = predicted_loads(call_order, held, evicting)
+    loads = predicted_loads(call_order, loaded, evicting)
     for model in models:
         model["predicted_hot"] = bool(takers) and loads.get(model["cache_key"]) == 0
 
@@ -314,11 +332,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         queue_name = keys.runner_queue(submission.runner)
     else:
         queue_name, view = choose_queue(cache_keys, view, str(run_id))
-    key_of = {model["model_id"]: model["cache_key"] for model in models}
-    call_order = [
-        key_of[model_id]
-        for _, model_id in submission.plan.model_ids(submission.inputs.parameters)
-    ]
+    call_order = model_call_order(submission.plan, submission.inputs.parameters, models)
     predict_hot(models, call_order, view.runners, queue_name, submission.owner_id)
 
     run = Run(

@@ -44,7 +44,12 @@ from django.conf import settings
 
 from billing.policy import BillingPolicy
 from runner import fleet
-from runner.dispatch import predict_route, resolve_models
+from runner.dispatch import (
+    loaded_on_all,
+    model_call_order,
+    predict_route,
+    resolve_models,
+)
 from runner.models import Run
 from workflows.compiler.plan import ExecutionPlan
 from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
@@ -93,10 +98,8 @@ def estimate_run(
     device = devices.pop() if len(devices) == 1 else None
     # A model is hot for certain only if every runner that may take the run
     # has it loaded, as predict_hot decides when the run is queued.
-    loaded_on_all = (
-        set.intersection(*(r.loaded_models for r in takers)) if takers else set()
-    )
-    cold_keys = cache_keys - loaded_on_all
+    loaded = loaded_on_all(takers)
+    cold_keys = cache_keys - loaded
     queued_ahead = route.queued_ahead
     if route.all_busy:
         waiting = f", and {_runs_queued(queued_ahead)}" if queued_ahead else ""
@@ -122,9 +125,8 @@ def estimate_run(
             "the run calls can be hot, and a model is loaded again for each "
             "later step that needs it after another model"
         )
-    key_of = {model["model_id"]: model["cache_key"] for model in models}
-    call_order = [key_of[model_id] for _, model_id in plan.model_ids(parameters)]
-    loads = predicted_loads(call_order, loaded_on_all, evicting)
+    call_order = model_call_order(plan, parameters, models)
+    loads = predicted_loads(call_order, loaded, evicting)
     steps_of_model: dict[str, set[str]] = defaultdict(set)
     for step, model_id in plan.model_ids(parameters):
         steps_of_model[model_id].add(step)
@@ -283,17 +285,17 @@ def _forecast_model(
 
 
 def predicted_loads(
-    call_order: list[str], held: set[str], evicting: bool
+    call_order: list[str], loaded: set[str], evicting: bool
 ) -> dict[str, int]:
     """Return how many times a run would load each model, by cache key.
 
     ``call_order`` is the cache key of each model step in the order the steps
-    run, and ``held`` the keys that every runner that may take the run has
-    loaded. A model that is not held loads once. With ``evicting`` (the
+    run, and ``loaded`` the keys that every runner that may take the run has
+    loaded. A model not in ``loaded`` loads once. With ``evicting`` (the
     models do not fit the runner's memory budget together), loading a model
     evicts the one before, so a model loads once for each stretch of
-    consecutive steps that use it, except that a first stretch the runner
-    already holds starts hot.
+    consecutive steps that use it, except that a first stretch whose model
+    the runner has loaded already starts hot.
 
     NOTE: with three or more models, a runner that can hold two of them
     evicts less often than this assumes.
@@ -303,7 +305,7 @@ def predicted_loads(
     for key in call_order:
         if key == previous:
             continue
-        starts_hot = key in held and (previous is None or not evicting)
+        starts_hot = key in loaded and (previous is None or not evicting)
         if evicting:
             loads[key] = loads.get(key, 0) + (0 if starts_hot else 1)
         else:

@@ -20,10 +20,10 @@ from django.conf import settings
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from runner.models import ModelUpload
 from runner.presenters import timing_headers
-from runner.registry import model_dir, resolve_model
+from runner.registry import resolve_model
 from runner.service import RunOutcome, start_run
+from runner.views import model_listing
 from webapp.requests import MalformedRequest, json_object
 from webapp.roboflow import unsucceeded_response
 
@@ -38,6 +38,14 @@ DETECTION_OPTIONS: dict[str, Any] = {
     "max_detections": 300,
     "class_filter": None,
     "class_agnostic_nms": False,
+}
+
+# The request fields an inference cannot do without, with how to send each.
+REQUIRED_FIELDS = {
+    "image": 'Send "image": {"type": "base64", "value": "<base64 image>"}, '
+    "or a list of those.",
+    "model_id": "Name a model: GET /model/registry lists the model directory "
+    "and your uploads.",
 }
 
 DETECTION_STEP = "detection"
@@ -90,10 +98,9 @@ def model_description(model_id: str, image_size: int) -> dict[str, Any]:
 def registered_models(owner) -> list[dict[str, Any]]:
     """Describe the models in the model directory and ``owner``'s uploads."""
     size = settings.GLASSBOX["WARMUP_IMAGE_SIZE"]
-    names = {path.stem for path in model_dir().glob("*.pt")}
-    names |= set(
-        ModelUpload.objects.filter(owner=owner).values_list("model_id", flat=True)
-    )
+    listing = model_listing(owner)
+    names = {model["model_id"] for model in listing["model_dir"]}
+    names |= {upload["model_id"] for upload in listing["uploads"]}
     return [model_description(name, size) for name in sorted(names)]
 
 
@@ -130,23 +137,18 @@ class ObjectDetectionView(APIView):
     def post(self, request):
         started_ns = request._request.started_ns
         body = json_object(request)
-        if body.get("image") is None:
-            # The workflow's own message would point at "inputs.image".
-            raise MalformedRequest(
-                "'image' is missing",
-                context="request_parsing",
-                field_name="image",
-                hint='Send "image": {"type": "base64", "value": "<base64 image>"}, '
-                "or a list of those.",
-            )
-        if body.get("model_id") is None:
-            raise MalformedRequest(
-                "'model_id' is missing",
-                context="request_parsing",
-                field_name="model_id",
-                hint="Name a model: GET /model/registry lists the model directory "
-                "and your uploads.",
-            )
+
+        # The workflow's own messages would point at "inputs.image" and at
+        # a parameter without a default.
+        for name, hint in REQUIRED_FIELDS.items():
+            if body.get(name) is None:
+                raise MalformedRequest(
+                    f"'{name}' is missing",
+                    context="request_parsing",
+                    field_name=name,
+                    hint=hint,
+                )
+
         # Roboflow's request has more options (preprocessing switches,
         # visualization, active learning), which this server ignores.
         raw_inputs = {
@@ -163,7 +165,9 @@ class ObjectDetectionView(APIView):
             wait_s=settings.GLASSBOX["ROBOFLOW_SYNC_TIMEOUT_S"],
             token_id=getattr(request.auth, "id", None),
         )
-        # One answer for one image, a list for a list, as Roboflow's server.
+
+        # One response for one image and a list for a list, as Roboflow's
+        # server returns them.
         single = not isinstance(body.get("image"), list)
         return detection_response(outcome, single, started_ns)
 
