@@ -63,7 +63,7 @@ def test_no_runner_hint_offers_async_on_own_routes():
     assert "asynchronously" in no_runner_error("api").hint
 
 
-def test_no_runner_hint_on_roboflow_routes_only_starts_runner():
+def test_no_runner_hint_roboflow_routes():
     hint = no_runner_error("roboflow").hint
     assert hint == "Start one with 'python manage.py runner'."
 

@@ -57,7 +57,7 @@ def test_infer_response_shape(runner, client):
 
 def test_infer_boxes_in_client_image_coordinates(runner, client):
     # The client sends the image shrunk to the model's 640-pixel input and
-    # scales the answer back to the image it was given (810x1080).
+    # scales the predictions back to the image it was given (810x1080).
     result = client.infer(bus_path(), model_id="people-detector")
     assert result["image"] == {"width": 810, "height": 1080}
     assert max(p["x"] + p["width"] / 2 for p in result["predictions"]) > 640

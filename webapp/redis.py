@@ -111,7 +111,7 @@ def _wait_until_loaded(socket_path: Path, deadline: float) -> None:
                     ) from None
                 time.sleep(0.02)
             except redis.RedisError:
-                # NOTE: a server that stopped answering is left to the
+                # NOTE: a server that stopped responding is left to the
                 # caller's own commands, which report it as unavailable.
                 return
     finally:

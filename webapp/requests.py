@@ -41,9 +41,8 @@ MAX_INTEGER_DIGITS = 4300
 
 
 def _bounded_int(text: str) -> int:
-    # int() would raise a ValueError whose message asks the server's
-    # operator to call sys.set_int_max_str_digits(), advice that a client
-    # cannot act on.
+    # int() would raise a ValueError whose message tells the server's
+    # operator to call sys.set_int_max_str_digits(), which a client cannot do.
     digits = len(text.lstrip("-"))
     if digits > MAX_INTEGER_DIGITS:
         raise ValueError(

@@ -156,8 +156,8 @@ class ModelNotFoundError(WorkflowError):
             step=step,
             field_name="model_id",
             # An id rejected for its form, size suffix or architecture is not
-            # missing, so adding a file would not help: the reason says what
-            # to change.
+            # missing, so adding a file would not help. The reason states
+            # what to change.
             hint=None
             if reason
             else (

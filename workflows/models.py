@@ -85,7 +85,7 @@ class Workflow(models.Model):
         return slug
 
     def mark_deleted(self) -> bool:
-        """Delete the workflow, keeping its rows; return False if it already was."""
+        """Mark the workflow deleted, keeping its rows. Return whether it was live."""
         return bool(
             Workflow.objects.filter(pk=self.pk).update(deleted_at=timezone.now())
         )
