@@ -266,7 +266,10 @@ def test_queued_runs_per_user_are_limited(alice, alice_client, bob_client):
 
 def test_timed_out_wait_reports_running(runner, alice_client):
     quick = create_workflow(alice_client, image_height(), name="quick")
-    slow = create_workflow(alice_client, detection("yolov8x.yaml"), name="slow")
+    # A size suffix gives the model a cache entry of its own, so the run
+    # loads it cold, which takes seconds, even where another test has made
+    # yolov8x.yaml hot on this runner (hot, it can finish within 0.5 s).
+    slow = create_workflow(alice_client, detection("yolov8x.yaml-704"), name="slow")
     # A finished run first, so the runner is idle and claims the next at once.
     assert run_workflow(alice_client, quick).status_code == 200
     settings.GLASSBOX["SYNC_TIMEOUT_S"], saved = (
