@@ -288,7 +288,8 @@ def test_timed_out_wait_reports_running(runner, alice_client):
 
 
 def test_sync_wait_times_out_for_unfinished_run(runner, alice):
-    run = start_cli_run(alice, detection("yolov8x.yaml"), wait_s=0).run
+    # Its own size suffix keeps the run's load cold, as in the test above.
+    run = start_cli_run(alice, detection("yolov8x.yaml-736"), wait_s=0).run
     assert wait_for_result(str(run.id), timeout_s=0.3) is None
     assert wait_for_result(str(run.id), timeout_s=120) is not None
 
