@@ -38,6 +38,7 @@ from webapp.requests import (
     reject_unknown_fields,
 )
 from workflows.errors import ModelNotFoundError, WorkflowError
+from workflows.models import Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,13 @@ class RunListView(APIView):
             runs = runs.filter(status=status_filter)
         workflow_id = _query_integer(request, "workflow")
         if workflow_id is not None:
+            # Deleted workflows too: their runs stay listed.
+            owned = Workflow.all_objects.filter(pk=workflow_id, owner=request.user)
+            if not owned.exists():
+                raise NotFound(
+                    f"workflow {workflow_id} given as workflow not found among "
+                    "your workflows; GET /api/workflows/ lists them"
+                )
             runs = runs.filter(workflow_version__workflow_id=workflow_id)
         before = _before_run(request)
         if before is not None:

@@ -427,6 +427,31 @@ def test_run_list_before_survives_new_runs(alice, bob, alice_client):
 
 
 @pytest.mark.django_db
+def test_run_list_workflow_filter_checks_owner(alice, bob, alice_client):
+    mine = Workflow.create_with_version(alice, "height", image_height())
+    theirs = Workflow.create_with_version(bob, "height", image_height())
+    run = Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.QUEUED,
+        workflow_version=mine.versions.get(),
+    )
+    Run.objects.create(owner=alice, source="api", status=Run.Status.QUEUED)
+
+    response = alice_client.get(f"/api/runs/?workflow={theirs.pk}")
+    assert response.status_code == 404
+    assert f"workflow {theirs.pk}" in response.json()["message"]
+    missing = alice_client.get("/api/runs/?workflow=999999")
+    assert missing.status_code == 404
+
+    # A deleted workflow's runs stay listed under it.
+    mine.mark_deleted()
+    listed = alice_client.get(f"/api/runs/?workflow={mine.pk}")
+    assert listed.status_code == 200
+    assert [item["id"] for item in listed.json()["results"]] == [str(run.pk)]
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("query", ["status=failed&status=queued", "limit=1&limit=2"])
 def test_run_list_refuses_a_repeated_query_parameter(alice, alice_client, query):
     Run.objects.create(owner=alice, source="api", status=Run.Status.QUEUED)
