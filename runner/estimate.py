@@ -10,7 +10,10 @@ second is the owner's own recent succeeded runs, which give the times:
   over runs of the same definition, counting only runs that loaded no model
   when there are any, because a cold load also slows the runner's other
   work. Queue time counts only runs that found a runner free, when there
-  are any. Blocks and serialization are scaled per image of the batch;
+  are any. Blocks and serialization are scaled per image of the batch.
+  Request, queue and overhead have a fixed part as well, so they come from
+  runs of the same batch size, else from a line through the medians of
+  other sizes, else from the one size there is, with a note;
 - per model (by weights file and input size), the median time of one call
   in each stage (preprocess, inference, postprocess) and of one cold load,
   over runs of any definition. For call times, runs on the device of the
@@ -60,7 +63,9 @@ from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
 WORKFLOW_HISTORY_RUNS = 50
 MODEL_HISTORY_RUNS = 200
 
-FIXED_COMPONENTS = ("request", "queue", "compile", "overhead")
+# Request, queue and overhead grow with the images a run sends, but not in
+# proportion: each run also pays a fixed part.
+BATCH_COMPONENTS = ("request", "queue", "overhead")
 PER_IMAGE_COMPONENTS = ("blocks", "serialization")
 STAGES = ("preprocess", "inference", "postprocess")
 
@@ -82,7 +87,7 @@ def estimate_run(
     unknown: list[str] = []
     notes: list[str] = []
 
-    components = _workflow_components(workflow_runs, batch_size, unknown)
+    components = _workflow_components(workflow_runs, batch_size, unknown, notes)
     if not runners:
         unknown.append(
             "no runner is up, so the queue time is unknown; a synchronous run "
@@ -188,7 +193,10 @@ def estimate_run(
 
 
 def _workflow_components(
-    workflow_runs: list[dict[str, Any]], batch_size: int, unknown: list[str]
+    workflow_runs: list[dict[str, Any]],
+    batch_size: int,
+    unknown: list[str],
+    notes: list[str],
 ) -> dict[str, int | None]:
     if not workflow_runs:
         unknown.append(
@@ -197,21 +205,78 @@ def _workflow_components(
         )
     runs = [run for run in workflow_runs if not run["cold"]] or workflow_runs
     components: dict[str, int | None] = {
-        name: _median([run["components"][name] for run in runs])
-        for name in FIXED_COMPONENTS
+        "compile": _median([run["components"]["compile"] for run in runs])
     }
     # Queue time comes from runs that found a runner free. A run that waited
     # behind a backlog predicts nothing about an idle fleet, and the caller
     # checks for a backlog now itself.
     free = [run for run in runs if not run["waited"]]
-    if free:
-        components["queue"] = _median([run["components"]["queue"] for run in free])
+    sizes_used: dict[str, tuple[int, ...]] = {}
+    for name in BATCH_COMPONENTS:
+        sample = free if name == "queue" and free else runs
+        components[name], sizes = _median_for_batch(sample, name, batch_size)
+        if sizes and sizes != (batch_size,):
+            sizes_used[name] = sizes
     for name in PER_IMAGE_COMPONENTS:
         per_image = _median_float(
             [run["components"][name] / run["batch_size"] for run in runs]
         )
         components[name] = None if per_image is None else round(per_image * batch_size)
+
+    for sizes in sorted(set(sizes_used.values())):
+        names = _join(
+            [name for name in BATCH_COMPONENTS if sizes_used.get(name) == sizes]
+        )
+        if len(sizes) == 1:
+            notes.append(
+                f"{names} times come from runs of {_images(sizes[0])} per input, "
+                f"not {batch_size}, and they grow with the images sent"
+            )
+        else:
+            notes.append(
+                f"{names} times for {_images(batch_size)} per input are "
+                "extrapolated along a line through the medians of runs of "
+                f"{_join([str(size) for size in sizes])} images"
+            )
     return components
+
+
+def _median_for_batch(
+    runs: list[dict[str, Any]], name: str, batch_size: int
+) -> tuple[int | None, tuple[int, ...]]:
+    """Return component ``name``'s median for ``batch_size`` and the sizes used.
+
+    Runs of that batch size give their median. Without them, runs of two or
+    more other sizes give a least-squares line through each size's median,
+    and runs of one other size give their median as it is.
+    """
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for run in runs:
+        by_size[run["batch_size"]].append(run["components"][name])
+    if batch_size in by_size:
+        return _median(by_size[batch_size]), (batch_size,)
+    if not by_size:
+        return None, ()
+    points = sorted(
+        (size, statistics.median(values)) for size, values in by_size.items()
+    )
+    if len(points) == 1:
+        return round(points[0][1]), (points[0][0],)
+    slope, intercept = statistics.linear_regression(
+        [size for size, _ in points], [value for _, value in points]
+    )
+    return max(0, round(intercept + slope * batch_size)), tuple(sorted(by_size))
+
+
+def _join(words: list[str]) -> str:
+    """Join words as a sentence lists them: "a", "a and b", "a, b and c"."""
+    if len(words) < 2:
+        return "".join(words)
+    return f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _images(count: int) -> str:
+    return "1 image" if count == 1 else f"{count} images"
 
 
 def _forecast_model(

@@ -289,6 +289,7 @@ def test_estimate_scales_model_calls_with_batch(runner, alice_client):
     per_call = model["per_call_us"]["inference"]
     assert body["components"]["inference"] == round(3 * per_call)
     assert not any("RUN_TIME_LIMIT_S" in note for note in body["notes"])
+    assert "come from runs of 1 image per input, not 3" in " ".join(body["notes"])
 
     # An estimate of a batch whose predicted time passes the run time limit
     # notes it.
@@ -472,6 +473,62 @@ def forecast_calls(workflow_runs, steps, batch_size=2):
         model, [], [], workflow_runs, steps, batch_size, None, False, []
     )
     return forecast["calls"]
+
+
+def workflow_run(batch_size, request, queue=100, overhead=50, waited=False):
+    components = dict.fromkeys(("compile", "blocks", "serialization"), 0)
+    components.update(request=request, queue=queue, overhead=overhead)
+    return {
+        "cold": False,
+        "batch_size": batch_size,
+        "waited": waited,
+        "components": components,
+    }
+
+
+def test_estimate_request_follows_batch_size():
+    runs = [workflow_run(1, 1000), workflow_run(1, 1200), workflow_run(4, 2800)]
+
+    # Runs of the batch size asked for give their median.
+    notes = []
+    components = estimate_module._workflow_components(runs, 1, [], notes)
+    assert components["request"] == 1100
+    assert notes == []
+
+    # Other sizes give a line through each size's median: 1100 at 1 image
+    # and 2800 at 4 make 1100 + 566.7 per added image.
+    notes = []
+    components = estimate_module._workflow_components(runs, 7, [], notes)
+    assert components["request"] == 4500
+    assert components["queue"] == 100
+    assert notes == [
+        "request, queue and overhead times for 7 images per input are "
+        "extrapolated along a line through the medians of runs of 1 and 4 images"
+    ]
+
+    # One other size is used as it is, with a note.
+    notes = []
+    components = estimate_module._workflow_components(runs[:2], 3, [], notes)
+    assert components["request"] == 1100
+    assert notes == [
+        "request, queue and overhead times come from runs of 1 image per "
+        "input, not 3, and they grow with the images sent"
+    ]
+
+
+def test_estimate_queue_of_batch_from_free_runs():
+    # The run of 2 images waited for a runner, so the queue time for 2
+    # images comes from the free run of 1 image, while the request time
+    # comes from the run of 2.
+    runs = [workflow_run(1, 1000, queue=200), workflow_run(2, 1500, 9000, waited=True)]
+    notes = []
+    components = estimate_module._workflow_components(runs, 2, [], notes)
+    assert components["request"] == 1500
+    assert components["queue"] == 200
+    assert notes == [
+        "queue times come from runs of 1 image per input, not 2, and they grow "
+        "with the images sent"
+    ]
 
 
 def test_estimate_calls_when_steps_split_between_models():
