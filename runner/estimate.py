@@ -122,7 +122,21 @@ def estimate_run(
             "behind them"
         )
         components["queue"] = None
-    evicting = bool(cold_keys) and _exceeds_budgets(cache_keys, takers, model_runs)
+    steps_of_model: dict[str, set[str]] = defaultdict(set)
+    for step, model_id in plan.model_ids(parameters):
+        steps_of_model[model_id].add(step)
+    calls = {
+        model["model_id"]: _predicted_calls(
+            workflow_runs, steps_of_model[model["model_id"]], batch_size
+        )
+        for model in models
+    }
+    # A model the run does not call (a model on each crop, with no crops)
+    # takes no memory, so only called models count against the budget.
+    called_keys = {model["cache_key"] for model in models if calls[model["model_id"]]}
+    evicting = bool(called_keys - loaded) and _exceeds_budgets(
+        called_keys, takers, model_runs
+    )
     if evicting:
         notes.append(
             "the run's models do not fit the memory budget of the runner that "
@@ -132,17 +146,12 @@ def estimate_run(
         )
     call_order = model_call_order(plan, parameters, models)
     loads = predicted_loads(call_order, loaded, evicting)
-    steps_of_model: dict[str, set[str]] = defaultdict(set)
-    for step, model_id in plan.model_ids(parameters):
-        steps_of_model[model_id].add(step)
     forecasts = [
         _forecast_model(
             model,
             runners,
             model_runs,
-            workflow_runs,
-            steps_of_model[model["model_id"]],
-            batch_size,
+            calls[model["model_id"]],
             device,
             loads.get(model["cache_key"], 0),
             unknown,
@@ -279,13 +288,22 @@ def _images(count: int) -> str:
     return "1 image" if count == 1 else f"{count} images"
 
 
+def _predicted_calls(
+    workflow_runs: list[dict[str, Any]], steps: set[str], batch_size: int
+) -> float:
+    """Return the calls ``steps`` would make for the batch: as in past runs,
+    else one per step and image."""
+    per_image = _calls_per_image(workflow_runs, steps)
+    if per_image is None:
+        return float(len(steps) * batch_size)
+    return per_image * batch_size
+
+
 def _forecast_model(
     model: dict[str, Any],
     runners: list[fleet.RunnerState],
     model_runs: list[dict[str, Any]],
-    workflow_runs: list[dict[str, Any]],
-    steps: set[str],
-    batch_size: int,
+    calls: float,
     device: str | None,
     loads: int,
     unknown: list[str],
@@ -293,12 +311,6 @@ def _forecast_model(
     key, model_id = model["cache_key"], model["model_id"]
     entries = [entry for run in model_runs for entry in _model_entries(run, key)]
     holders = sorted(r.name for r in runners if key in r.loaded_models)
-
-    per_image = _calls_per_image(workflow_runs, steps)
-    if per_image is None:
-        calls = float(len(steps) * batch_size)
-    else:
-        calls = per_image * batch_size
 
     on_device = [entry for entry in entries if entry.get("device") == device]
     called = [entry for entry in (on_device or entries) if entry["calls"]]

@@ -299,7 +299,7 @@ def test_estimate_scales_model_calls_with_batch(runner, alice_client):
     assert any("over RUN_TIME_LIMIT_S (600 s)" in note for note in body["notes"])
 
 
-def test_estimate_uncalled_model_is_not_loaded(runner, alice_client):
+def test_estimate_uncalled_model_is_not_loaded(runner, alice, alice_client):
     # No "Fall" in bus.jpg, so the crops are empty and yolov8m never runs.
     definition = detect_then_crops("yolov8m.yaml")
     definition["steps"][0]["class_filter"] = ["Fall"]
@@ -314,6 +314,24 @@ def test_estimate_uncalled_model_is_not_loaded(runner, alice_client):
     assert inner["cold_load_us"] == 0
     assert body["hot"] is True
     assert body["total"] is not None
+
+    # "tight" holds only the uncalled model, and both models together pass
+    # its budget. With the session runner busy, the run would go to
+    # "tight", which needs room for the detector alone.
+    inner_key = resolve_model("yolov8m.yaml", owner_id=alice.id).cache_key
+    beat = {
+        "name": "tight",
+        "budget_bytes": 60_000_000,
+        "models": [{"cache_key": inner_key, "memory_bytes": 59_000_000}],
+    }
+    with registered_runner("tight"), marked_busy(runner.name):
+        get_redis().set(keys.heartbeat_key("tight"), json.dumps(beat), px=60_000)
+        body = estimate(alice_client, workflow_id)
+    assert body["runner"] == "tight"
+    assert body["hot"] is False
+    assert not any("memory budget" in note for note in body["notes"])
+    outer = {model["model_id"]: model for model in body["models"]}["people-detector"]
+    assert outer["loads"] == 1
 
 
 def test_cold_load_counted_once_per_weights_file():
@@ -410,12 +428,8 @@ def test_forecast_cold_load_is_per_load():
         },
     ]
     model = {"model_id": "m", "cache_key": "k", "source": {"pretrained": True}}
-    once = estimate_module._forecast_model(
-        model, [], history, [], {"s"}, 1, "cpu", 1, []
-    )
-    twice = estimate_module._forecast_model(
-        model, [], history, [], {"s"}, 1, "cpu", 2, []
-    )
+    once = estimate_module._forecast_model(model, [], history, 1.0, "cpu", 1, [])
+    twice = estimate_module._forecast_model(model, [], history, 1.0, "cpu", 2, [])
     assert once["cold_load_us"] == 200
     assert twice["cold_load_us"] == 400
     assert twice["loads"] == 2
@@ -464,15 +478,7 @@ def test_estimate_counts_calls_of_a_model_chosen_by_parameter(runner, alice_clie
 
 
 def forecast_calls(workflow_runs, steps, batch_size=2):
-    model = {
-        "cache_key": "model_dir:/m/people.pt:640",
-        "model_id": "people-detector",
-        "source": {"pretrained": True},
-    }
-    forecast = estimate_module._forecast_model(
-        model, [], [], workflow_runs, steps, batch_size, None, False, []
-    )
-    return forecast["calls"]
+    return estimate_module._predicted_calls(workflow_runs, steps, batch_size)
 
 
 def workflow_run(batch_size, request, queue=100, overhead=50, waited=False):
