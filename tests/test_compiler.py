@@ -207,6 +207,17 @@ def test_compile_wrong_kind_selector():
     assert errors[0].property_name == "images"
 
 
+def test_compile_model_id_from_step_output_rejected():
+    # Model ids are resolved before the run is queued, so one that a step
+    # computes would reach the runner unresolved.
+    definition = detection()
+    definition["steps"][0]["model_id"] = "$steps.count.output"
+    errors = compile_errors(definition)
+    assert [error.block_id for error in errors] == ["people"]
+    assert errors[0].property_name == "model_id"
+    assert "step output" in errors[0].property_details
+
+
 def test_compile_literal_where_selector_needed():
     definition = detection()
     definition["steps"][0]["images"] = "bus.jpg"

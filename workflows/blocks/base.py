@@ -42,6 +42,9 @@ class Field:
     # Other spellings of the name that definitions may use, as Roboflow's
     # blocks accept them (``image`` for ``images``).
     aliases: tuple[str, ...] = ()
+    # For VALUE fields: whether a step output may feed the field. False for
+    # a field whose value the web server reads before it queues the run.
+    step_outputs: bool = True
 
     @property
     def spellings(self) -> tuple[str, ...]:

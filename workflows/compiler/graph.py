@@ -133,6 +133,15 @@ def _bind_field(
         if reference is None:
             return _check_literal(parsed, step, block, field, value)
         if isinstance(reference, StepRef):
+            if not field.step_outputs:
+                parsed.error(
+                    step,
+                    block.type,
+                    field.name,
+                    f"'{value}' is a step output, but '{field.name}' takes a "
+                    "literal or a parameter ($inputs.<name>)",
+                )
+                return None
             return _check_step_reference(
                 parsed, step, block, field.name, reference, blocks, VALUE
             )

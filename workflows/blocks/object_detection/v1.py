@@ -50,6 +50,9 @@ class ObjectDetectionBlock(Block):
             "architecture such as yolov8n.yaml (untrained).",
             types=(str,),
             check=non_empty_string,
+            # The web server resolves every model id before it queues the
+            # run, and a runner can load only the models resolved then.
+            step_outputs=False,
         ),
         Field(
             "confidence",
