@@ -468,9 +468,16 @@ def _runs_queued(count: int) -> str:
 
 
 def _cold_load(forecasts: list[dict[str, Any]]) -> int | None:
-    """Sum the cold loads, once per weights file: ids that share one load once."""
-    loads = {forecast["cache_key"]: forecast["cold_load_us"] for forecast in forecasts}
-    return _sum_known(loads.values())
+    """Sum the cold loads, once per weights file: ids that share one load once.
+
+    An id that the run would not call forecasts no load, but the file still
+    loads for another id that shares it, so each file counts its largest.
+    """
+    loads: dict[str, list[int | None]] = defaultdict(list)
+    for forecast in forecasts:
+        loads[forecast["cache_key"]].append(forecast["cold_load_us"])
+    per_file = [None if None in values else max(values) for values in loads.values()]
+    return _sum_known(per_file)
 
 
 def _stage_time(forecast: dict[str, Any], stage: str) -> float | None:

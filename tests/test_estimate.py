@@ -343,6 +343,17 @@ def test_cold_load_counted_once_per_weights_file():
     assert estimate_module._cold_load(forecasts) == 500
 
 
+def test_cold_load_with_uncalled_sharing_id():
+    # people-detector and people-detector-640 share one loaded model. Only
+    # the first is called (the second runs on crops that were empty), so
+    # only its forecast carries the load.
+    forecasts = [
+        {"cache_key": "model_dir:/m/people.pt:640", "cold_load_us": 400},
+        {"cache_key": "model_dir:/m/people.pt:640", "cold_load_us": 0},
+    ]
+    assert estimate_module._cold_load(forecasts) == 400
+
+
 def test_models_over_every_budget_count_as_cold():
     def runner(name, budget, models):
         loaded = [{"cache_key": key, "memory_bytes": size} for key, size in models]
