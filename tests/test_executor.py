@@ -141,3 +141,50 @@ def test_deadline_stops_next_block_call():
     execute_plan(
         plan, [{"image": image}], models=None, timer=RunTimer(), deadline=Deadline(60)
     )
+
+
+def crop_sized_by(property_name: str) -> dict:
+    """A static crop whose width is the input image's property ``property_name``."""
+    definition = three_crops()
+    definition["steps"] = [
+        {
+            "type": "roboflow_core/property_definition@v1",
+            "name": "measure",
+            "data": "$inputs.image",
+            "operations": [
+                {"type": "ExtractImageProperty", "property_name": property_name}
+            ],
+        },
+        {**definition["steps"][0], "name": "crop_2", "width": "$steps.measure.output"},
+    ]
+    return definition
+
+
+def test_setting_from_step_output_is_checked():
+    image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+
+    # bus.jpg is 810 wide, a valid crop width.
+    definition = crop_sized_by("width")
+    results = execute_plan(
+        build_plan(definition, definition_digest(definition)),
+        [{"image": image}],
+        models=None,
+        timer=RunTimer(),
+    )
+    assert results[0]["crop_2"]["crops"].width == 810
+
+    # Its aspect ratio, 0.75, is under the least width of 1 pixel.
+    definition = crop_sized_by("aspect_ratio")
+    with pytest.raises(StepExecutionError) as caught:
+        execute_plan(
+            build_plan(definition, definition_digest(definition)),
+            [{"image": image}],
+            models=None,
+            timer=RunTimer(),
+        )
+    assert caught.value.step == "crop_2"
+    assert caught.value.user_error is True
+    assert caught.value.message.startswith(
+        "step 'crop_2', field 'width': the value of $steps.measure.output is "
+        "invalid here: "
+    )

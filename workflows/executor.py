@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workflows.blocks.base import VALUE, StepContext
+from workflows.blocks.base import VALUE, Field, StepContext
+from workflows.compiler.graph import value_problem
 from workflows.compiler.plan import (
     Binding,
     ExecutionPlan,
@@ -116,6 +117,7 @@ def execute_plan(
                     ),
                     target=max(value_dims.values(), default=0),
                     data_fields=_data_fields(step),
+                    step_values=_step_value_fields(step),
                     pixel_budget=pixel_budget,
                     deadline=deadline,
                 )
@@ -198,6 +200,9 @@ class _StepCall:
     target: int
     # Fields that take data, not settings, from other steps (_data_fields).
     data_fields: tuple[str, ...]
+    # Settings that other steps' outputs feed, with their selectors: only
+    # these reach the block unchecked by the compiler or the web server.
+    step_values: tuple[tuple[Field, str], ...]
     pixel_budget: PixelBudget | None
     deadline: Deadline | None
 
@@ -215,6 +220,7 @@ def _run_lifted(
     if any(values[name] is None for name in call.data_fields):
         return dict.fromkeys(step.block.outputs)
     if level == call.target:
+        _check_step_values(call, values)
         if call.deadline is not None:
             call.deadline.check(step)
         produced = step.block.run(call.context, **_call_values(step, values))
@@ -240,6 +246,36 @@ def _run_lifted(
         for name in outputs:
             outputs[name].append(produced[name])
     return outputs
+
+
+def _step_value_fields(step: StepPlan) -> tuple[tuple[Field, str], ...]:
+    """Return the settings of ``step`` that step outputs feed, with their selectors."""
+    fields = []
+    for field in step.block.fields:
+        binding = step.bindings.get(field.name)
+        if field.kind == VALUE and isinstance(binding, StepRef):
+            fields.append((field, f"$steps.{binding.step}.{binding.output}"))
+    return tuple(fields)
+
+
+def _check_step_values(call: _StepCall, values: dict[str, Any]) -> None:
+    """Check settings fed by step outputs as literals and parameters are checked.
+
+    A null from a step leaves an optional setting at the block's handling of
+    null, as before.
+    """
+    for field, selector in call.step_values:
+        value = values[field.name]
+        if value is None and not field.required:
+            continue
+        problem = value_problem(field, value)
+        if problem:
+            raise StepExecutionError(
+                f"step '{call.step.name}', field '{field.name}': the value of "
+                f"{selector} is invalid here: {problem}",
+                step=call.step.name,
+                user_error=True,
+            )
 
 
 def _data_fields(step: StepPlan) -> tuple[str, ...]:
