@@ -188,3 +188,29 @@ def test_setting_from_step_output_is_checked():
         "step 'crop_2', field 'width': the value of $steps.measure.output is "
         "invalid here: "
     )
+
+
+def test_dynamic_crop_keeps_empty_box_as_null():
+    import numpy as np
+
+    from workflows.blocks.dynamic_crop.v1 import DynamicCropBlock
+    from workflows.detections import Detections
+
+    image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+    boxes = Detections(
+        # The middle box rounds to zero width: 10.2 and 10.4 both round to 10.
+        xyxy=np.array(
+            [[10, 10, 50, 60], [10.2, 10, 10.4, 60], [100, 100, 120, 150]],
+            dtype=np.float32,
+        ),
+        confidence=np.array([0.9, 0.8, 0.7], dtype=np.float32),
+        class_id=np.array([0, 0, 0]),
+        class_names=["Normal"] * 3,
+        image_size=(image.width, image.height),
+        parent_id="image",
+        detection_ids=["d1", "d2", "d3"],
+    )
+    crops = DynamicCropBlock().run(None, images=image, predictions=boxes)["crops"]
+    assert len(crops) == 3
+    assert crops[1] is None
+    assert [crop.parent_id for crop in (crops[0], crops[2])] == ["d1", "d3"]

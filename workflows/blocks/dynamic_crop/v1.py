@@ -45,6 +45,8 @@ class DynamicCropBlock(Block):
             # As in Roboflow's workflows, a crop's parent is the detection it
             # was cut from, and what is found in it names that parent.
             crop = crop_image(images, int(x1), int(y1), int(x2), int(y2), detection_id)
-            if crop.width and crop.height:
-                crops.append(crop)
+            # A box narrower than a pixel once rounded gives a null crop, as
+            # in Roboflow's block, so crop i still belongs to detection i.
+            # Steps fed by a null crop are skipped, and their outputs are null.
+            crops.append(crop if crop.width and crop.height else None)
         return {"crops": crops}
