@@ -489,6 +489,35 @@ LOST_AFTER_S = 30
 POPPED_AFTER_S = 2
 
 
+def fail_abandoned_runs(runtime) -> int:
+    """Fail the runs this runner (a RunnerRuntime) claimed and no longer executes.
+
+    A runner fails a run itself when finishing it fails. When the database
+    rejects that write too, the run stays "running" under a live runner,
+    which the reaper never checks. The runner's current run is read after
+    the runs, and a job names its run as current before claiming it, so a
+    run claimed meanwhile is never failed. Returns how many runs failed.
+    """
+    from runner.finish import fail_run
+    from runner.models import Run
+
+    running = Run.objects.filter(status=Run.Status.RUNNING, runner_name=runtime.name)
+    run_ids = [str(run_id) for run_id in running.values_list("pk", flat=True)[:100]]
+    current_run = runtime.current_run
+    failed = 0
+    for run_id in run_ids:
+        if run_id == current_run:
+            continue
+        failed += fail_run(
+            run_id,
+            f"runner {runtime.name} could not finish the run (a database or "
+            "Redis write failed; its log has the error); send the request again",
+            expected_status=Run.Status.RUNNING,
+            expected_runner=runtime.name,
+        )
+    return failed
+
+
 def recover_lost_jobs(
     lost_after_s: float = LOST_AFTER_S, popped_only: bool = False
 ) -> int:

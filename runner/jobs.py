@@ -48,6 +48,10 @@ def execute_run(
     started_monotonic = time.monotonic()
     started_wall = clock.now_ns()
     runtime = current_runtime()
+    # Named before the claim, so that the check for runs this runner claimed
+    # and no longer executes (fleet.fail_abandoned_runs) never finds this
+    # one claimed and not yet named.
+    runtime.current_run = run_id
     try:
         claim = {
             "status": Run.Status.RUNNING,
@@ -63,15 +67,16 @@ def execute_run(
         # The job id is not a UUID, or the database is unreachable. The job
         # is dropped, and the lost-run check queues a real run it belongs to
         # again.
+        runtime.current_run = None
         get_redis().delete(keys.current_run_key(runtime.name))
         raise
     if not claimed:
         logger.info(
             "runner %s: run %s is no longer queued; skipped", runtime.name, run_id
         )
+        runtime.current_run = None
         get_redis().delete(keys.current_run_key(runtime.name))
         return
-    runtime.current_run = run_id
     try:
         run = _run_from(run_id, snapshot)
         if queue:

@@ -69,7 +69,8 @@ return {'taken', job, inputs}
 """
 )
 
-# How often (in heartbeats) a runner looks for queued runs whose job is gone.
+# How often (in heartbeats) a runner looks for queued runs whose job is gone,
+# and for runs it claimed and no longer executes.
 RECONCILE_EVERY_BEATS = 20
 
 
@@ -395,9 +396,10 @@ class FailureLog:
 
 
 class FleetChecks(threading.Thread):
-    """Reap dead runners and recover lost jobs, in a thread of their own.
+    """Reap dead runners, recover lost jobs and fail abandoned runs, in a thread
+    of their own.
 
-    Both read the database. In the heartbeat's thread, a database that
+    All three read the database. In the heartbeat's thread, a database that
     stalls for a few seconds would stop every runner's heartbeats, and the
     fleet would look down with all its runners healthy.
     """
@@ -431,6 +433,7 @@ class FleetChecks(threading.Thread):
                     fleet.reap_dead_runners(own_name=self.runtime.name)
                 if checks % RECONCILE_EVERY_BEATS == 0:
                     fleet.recover_lost_jobs()
+                    fleet.fail_abandoned_runs(self.runtime)
                 failures.succeeded()
             except Exception:
                 failures.failed()

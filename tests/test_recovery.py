@@ -15,8 +15,10 @@ from billing.models import Bill
 from runner import fleet, keys
 from runner.dispatch import enqueue
 from runner.fleet import POPPED_AFTER_S, reap_runner, recover_lost_jobs
+from runner.model_cache import ModelCache
 from runner.models import Run
 from runner.presenters import run_to_dict
+from runner.runtime import RunnerRuntime
 from tests.conftest import image_b64, image_bytes, registered_runner, start_cli_run
 from tests.definitions import image_height
 from tests.test_runner_pool import wait_for_status
@@ -410,3 +412,38 @@ def test_reap_queues_again_a_job_popped_without_mark(runner, alice):
     run = wait_for_status(run_id, Run.Status.SUCCEEDED, timeout_s=20)
     assert run.runner_name == runner.name
     assert Bill.objects.filter(run_id=run_id).count() == 1
+
+
+def test_live_runner_fails_run_it_abandoned(runner, alice):
+    # As a run whose finish and whose failure the database both rejected:
+    # running under this live runner, which executes something else.
+    run = Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.RUNNING,
+        runner_name=runner.name,
+    )
+    failed = wait_for_status(run.id, Run.Status.FAILED, timeout_s=30)
+    assert f"runner {runner.name} could not finish the run" in failed.error["message"]
+    bill = Bill.objects.get(run_id=run.id)
+    assert bill.amount_microcredits == 0
+
+
+def test_abandoned_run_check_spares_current_run(alice):
+    cache = ModelCache(budget_bytes=0, device="cpu", warmup_size=64, torch_threads=1)
+    runtime = RunnerRuntime(name="checking", device="cpu", cache=cache)
+    current, abandoned = (
+        Run.objects.create(
+            owner=alice,
+            source="api",
+            status=Run.Status.RUNNING,
+            runner_name="checking",
+        )
+        for _ in range(2)
+    )
+    runtime.current_run = str(current.id)
+    assert fleet.fail_abandoned_runs(runtime) == 1
+    current.refresh_from_db()
+    abandoned.refresh_from_db()
+    assert current.status == Run.Status.RUNNING
+    assert abandoned.status == Run.Status.FAILED
