@@ -172,14 +172,9 @@ def estimate_run(
         if runner_total is None
         else _sum_known([components["request"], components["queue"], runner_total])
     )
-    limit_s = settings.GLASSBOX["RUN_TIME_LIMIT_S"]
-    if runner_total is not None and runner_total > limit_s * 1_000_000:
-        notes.append(
-            f"the predicted runner time, {runner_total / 1e6:,.0f} s, is over "
-            f"RUN_TIME_LIMIT_S ({limit_s:g} s): the runner would stop the run "
-            "near the limit, failed, and bill the time it used; send fewer "
-            "images per run"
-        )
+    limit_note = _time_limit_note(components, runner_total)
+    if limit_note:
+        notes.append(limit_note)
     return {
         "unit": "us",
         "hot": not any(forecast["would_load"] for forecast in forecasts),
@@ -526,6 +521,38 @@ def _model_entries(run: dict[str, Any], cache_key: str) -> list[dict[str, Any]]:
         ref["model_id"] for ref in run["model_refs"] if ref["cache_key"] == cache_key
     }
     return [entry for entry in run["models"] if entry["model_id"] in ids]
+
+
+def _time_limit_note(
+    components: dict[str, int | None], runner_total: int | None
+) -> str | None:
+    """Return a note when the predicted runner time passes RUN_TIME_LIMIT_S.
+
+    With a component unknown, the known ones are a lower bound. A workflow
+    whose every run timed out has no succeeded run to predict the others
+    from, but its model calls alone may already pass the limit.
+    """
+    limit_s = settings.GLASSBOX["RUN_TIME_LIMIT_S"]
+    advice = (
+        "the runner would stop the run near the limit, failed, and bill the "
+        "time it used; send fewer images per run"
+    )
+    if runner_total is not None:
+        if runner_total > limit_s * 1_000_000:
+            return (
+                f"the predicted runner time, {runner_total / 1e6:,.0f} s, is over "
+                f"RUN_TIME_LIMIT_S ({limit_s:g} s): {advice}"
+            )
+        return None
+    known = sum(
+        components[name] for name in RUNNER_COMPONENTS if components[name] is not None
+    )
+    if known > limit_s * 1_000_000:
+        return (
+            f"the runner time is unknown, but its known parts alone take "
+            f"{known / 1e6:,.0f} s, over RUN_TIME_LIMIT_S ({limit_s:g} s): {advice}"
+        )
+    return None
 
 
 def _price(components: dict[str, int | None], runner_total: int | None):

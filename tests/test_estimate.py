@@ -299,6 +299,25 @@ def test_estimate_scales_model_calls_with_batch(runner, alice_client):
     assert any("over RUN_TIME_LIMIT_S (600 s)" in note for note in body["notes"])
 
 
+def test_estimate_time_limit_without_history(runner, alice_client):
+    # A workflow whose runs all timed out has no succeeded run, so its
+    # runner total is unknown. Its model calls alone still pass the limit.
+    measured = create_workflow(alice_client, detection("people-detector-800"))
+    assert run_workflow(alice_client, measured).status_code == 200
+    unrun = create_workflow(alice_client, detection("people-detector-800", 0.3))
+
+    body = estimate(alice_client, unrun)
+    assert body["runner_total"] is None
+    assert not any("RUN_TIME_LIMIT_S" in note for note in body["notes"])
+
+    per_call = sum(body["models"][0]["per_call_us"].values())
+    images = ["a"] * (1 + int(600 * 1e6 / per_call))
+    body = estimate(alice_client, unrun, {"inputs": {"image": images}})
+    assert body["runner_total"] is None
+    assert body["components"]["inference"] is not None
+    assert any("over RUN_TIME_LIMIT_S (600 s)" in note for note in body["notes"])
+
+
 def test_estimate_uncalled_model_is_not_loaded(runner, alice, alice_client):
     # No "Fall" in bus.jpg, so the crops are empty and yolov8m never runs.
     definition = detect_then_crops("yolov8m.yaml")
