@@ -52,10 +52,15 @@ class RunnerRuntime:
 
         A stall that is still going on when this is called (the heartbeat
         thread has not woken since) counts too, because the main thread may
-        resume first.
+        resume first. Only the part of a stall after ``started`` counts: the
+        heartbeat thread notes a stall after its next wait, and a run taken
+        in that wait, once Redis or the process resumed, did not stall.
         """
         if self.stall_ended_at >= started:
-            return self.stall_s
+            stall_started_at = self.stall_ended_at - self.stall_s
+            stalled = self.stall_ended_at - max(stall_started_at, started)
+            if stalled > dead_after_s:
+                return stalled
         silent = time.monotonic() - max(self.heartbeat_woke_at, started)
         return silent if silent > dead_after_s else None
 

@@ -282,6 +282,43 @@ def test_stalled_run_is_not_billed(transactional_db, alice, tmp_path):
     assert Bill.objects.get(run=run).billed is False
 
 
+def test_run_after_redis_stall_is_billed(transactional_db, alice, tmp_path):
+    # Redis, not the runner, stalls for longer than the dead time while the
+    # runner is idle. The run queued as Redis resumes starts after the stall
+    # and owes it nothing, although the heartbeat thread notes the stall
+    # only after its next wait.
+    socket_path = tmp_path / "redis-stall.sock"
+    server = start_redis(socket_path)
+    log_path = tmp_path / "redis-stall-runner.log"
+    working = webapp_redis._connection
+    with registered_runner("after-stall"):
+        process = start_runner("after-stall", socket_path, log_path)
+        try:
+            client = redis.Redis(unix_socket_path=str(socket_path))
+            wait_for_heartbeat(client, "after-stall", process.pid)
+            webapp_redis._connection = client
+            server.send_signal(signal.SIGSTOP)
+            time.sleep(3)  # RUNNER_DEAD_AFTER_S is 2 s in tests
+            server.send_signal(signal.SIGCONT)
+            run = start_cli_run(alice, detection(), wait_s=0, runner="after-stall").run
+            payload = wait_for_result(str(run.id), timeout_s=120)
+        finally:
+            webapp_redis._connection = working
+            server.send_signal(signal.SIGCONT)
+            process.terminate()
+            process.wait(timeout=30)
+            server.terminate()
+            server.wait(timeout=10)
+
+    log = log_path.read_text()
+    assert "process stopped or starved" in log, log[-2000:]
+    assert payload is not None, log[-2000:]
+    assert payload["meta"]["status"] == "succeeded"
+    bill = payload["meta"]["bill"]
+    assert bill["billed"] is True, bill["formula"]
+    assert Bill.objects.get(run=run).billed is True
+
+
 def test_runner_restarts_embedded_redis(runner, tmp_path):
     # An embedded Redis of this test's own data directory.
     data_dir = tmp_path / "data"
