@@ -108,6 +108,21 @@ def test_runner_names_on_shared_redis(settings, monkeypatch):
     assert up.runner_name(1) == "runner-1"
 
 
+def test_up_rejects_runner_names_in_use(settings, monkeypatch):
+    from runner.management.commands import up
+    from tests.conftest import registered_runner
+
+    # Another `up` on a host of the same name already runs this host's
+    # runner-1 on the shared Redis. Its runner would exit at every start.
+    monkeypatch.setattr(up.socket, "gethostname", lambda: "same-host")
+    settings.REDIS_URL = "redis://redis-host:6379/0"
+    with registered_runner("same-host-runner-1"):
+        with pytest.raises(CommandError, match="--runner-prefix"):
+            up.check_runner_names_free([up.runner_name(1)])
+        up.check_runner_names_free([up.runner_name(1, "second-stack")])
+    assert up.runner_name(1, "second-stack") == "second-stack-runner-1"
+
+
 def test_up_serves_then_stops_every_process(tmp_path):
     port = free_port_pair()
     env = {

@@ -56,17 +56,43 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def runner_name(index: int) -> str:
+def runner_name(index: int, prefix: str | None = None) -> str:
     """Return the fleet name of the ``index``-th runner that ``up`` starts.
 
     With REDIS_URL set, runners on other machines can share the fleet, and a
     runner whose name a live runner already has exits at start-up. So each
     machine's ``up`` prefixes the host name, and two of them do not both
-    start a ``runner-1``.
+    start a ``runner-1``. ``prefix`` (``up --runner-prefix``) replaces the
+    host name, for two ``up`` on one host.
     """
+    if prefix:
+        return f"{prefix}-runner-{index}"
     if settings.REDIS_URL:
         return f"{socket.gethostname()}-runner-{index}"
     return f"runner-{index}"
+
+
+def check_runner_names_free(names: list[str]) -> None:
+    """Raise CommandError if a live runner of the fleet has one of ``names``.
+
+    Such a name belongs to another ``up`` on a host of the same name, and
+    the runner started under it would exit at once, again and again.
+    """
+    from runner.management.commands.runner import _predecessor_died
+
+    for runner in fleet.live_runners():
+        # A runner of this host that exited (a stack stopped with SIGKILL)
+        # leaves its heartbeat for RUNNER_DEAD_AFTER_S, and the runner
+        # started under its name takes over from it.
+        if runner.name in names and not _predecessor_died(runner.data):
+            raise CommandError(
+                f"a live runner is already named {runner.name} (pid "
+                f"{runner.data.get('pid', 'unknown')} on host "
+                f"{runner.data.get('host', 'unknown')}), probably started by "
+                "another 'manage.py up' on a host of the same name that shares "
+                "this Redis; pass --runner-prefix with a name unique to this "
+                "stack"
+            )
 
 
 def _lock_data_dir(data_dir: Path):
@@ -261,6 +287,12 @@ class Command(BaseCommand):
             help=f"gunicorn worker processes (each with {WEB_THREADS} threads).",
         )
         parser.add_argument(
+            "--runner-prefix",
+            default=None,
+            help="Prefix of the runners' names (PREFIX-runner-1, ...) in place "
+            "of the host name, for two stacks on one host that share REDIS_URL.",
+        )
+        parser.add_argument(
             "--demo",
             action="store_true",
             help="Run the people-detector demo once everything is up.",
@@ -294,6 +326,8 @@ class Command(BaseCommand):
             # Inside the try, so that a failure stops the embedded Redis
             # this call may have started.
             wait_for_redis()
+            self.runner_prefix = options["runner_prefix"]
+            check_runner_names_free(self._runner_names(options["runners"]))
             for index in range(1, options["runners"] + 1):
                 self._spawn(
                     f"runner-{index}",
@@ -302,7 +336,7 @@ class Command(BaseCommand):
                         "manage.py",
                         "runner",
                         "--name",
-                        runner_name(index),
+                        runner_name(index, self.runner_prefix),
                     ],
                     log_dir,
                 )
@@ -429,10 +463,14 @@ class Command(BaseCommand):
         # stop_embedded_redis logs the stop itself.
         stop_embedded_redis()
 
+    def _runner_names(self, runners: int) -> list[str]:
+        prefix = getattr(self, "runner_prefix", None)
+        return [runner_name(index, prefix) for index in range(1, runners + 1)]
+
     def _wait_until_up(self, base_url: str, runners: int, timeout_s: float = 120):
         # Its own runners: on a shared Redis, other machines' runners are
         # live before these are.
-        own = {runner_name(index) for index in range(1, runners + 1)}
+        own = set(self._runner_names(runners))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for name, child in self.children.items():
