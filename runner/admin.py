@@ -1,11 +1,13 @@
-"""Admin pages: runs, uploaded models and the live runner fleet."""
+"""Admin pages: runs, uploaded models, the live runner fleet and its settings."""
 
+from django.conf import settings
 from django.contrib import admin
+from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
 
 from runner import fleet
-from runner.models import ModelUpload, Run
+from runner.models import FleetSettings, ModelUpload, Run
 from runner.registry import ModelSource
 from webapp.admin_base import ViewOnlyModelAdmin
 
@@ -49,8 +51,29 @@ class RunAdmin(ViewOnlyModelAdmin):
             ),
             "dead": fleet.dead_runner_names(),
             "ended": fleet.ended_runners(),
+            "heartbeat_s": settings.GLASSBOX["RUNNER_HEARTBEAT_S"],
+            "fleet_settings": FleetSettings.current(),
         }
         return TemplateResponse(request, "admin/runner_fleet.html", context)
+
+
+@admin.register(FleetSettings)
+class FleetSettingsAdmin(admin.ModelAdmin):
+    """One row of settings: the list opens it, and it cannot be deleted."""
+
+    fields = ("memory_budget_mb", "eviction_policy", "updated_at")
+    readonly_fields = ("updated_at",)
+
+    def has_add_permission(self, request):
+        return not FleetSettings.objects.exists()
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def changelist_view(self, request, extra_context=None):
+        FleetSettings.objects.get_or_create(pk=FleetSettings.ROW_ID)
+        url = reverse("admin:runner_fleetsettings_change", args=[FleetSettings.ROW_ID])
+        return HttpResponseRedirect(url)
 
 
 @admin.register(ModelUpload)

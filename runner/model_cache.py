@@ -87,6 +87,25 @@ class LeastRecentlyUsed(EvictionPolicy):
         return min(entries, key=lambda entry: entry.last_used)
 
 
+class LeastFrequentlyUsed(EvictionPolicy):
+    """Unload the model called fewest times since it loaded.
+
+    Counts start again at each load, so a model evicted and loaded again
+    starts at one call. Ties go to the least recently used.
+    """
+
+    name = "lfu"
+
+    def victim(self, entries: list[LoadedModel]) -> LoadedModel:
+        return min(entries, key=lambda entry: (entry.uses, entry.last_used))
+
+
+# The policies the fleet settings can name, by name.
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    policy.name: policy for policy in (LeastRecentlyUsed, LeastFrequentlyUsed)
+}
+
+
 def pick_device(requested: str | None = None) -> str:
     """Return ``requested``, or cuda:0 when CUDA is available, else cpu.
 
@@ -198,6 +217,28 @@ class ModelCache:
         use.memory_bytes = entry.memory_bytes
         return entry
 
+    def configure(self, budget_bytes: int, policy_name: str) -> bool:
+        """Set the budget and the policy, evicting down to a lowered budget.
+
+        Call it only between runs: an eviction here would unload a model a
+        run is using. Returns whether anything changed.
+        """
+        if budget_bytes == self.budget_bytes and policy_name == self.policy.name:
+            return False
+        logger.info(
+            "memory budget %d -> %d bytes, eviction policy %s -> %s",
+            self.budget_bytes,
+            budget_bytes,
+            self.policy.name,
+            policy_name,
+        )
+        self.budget_bytes = budget_bytes
+        if policy_name != self.policy.name:
+            self.policy = POLICIES[policy_name]()
+        self._make_room(0, keep=None)
+        self._notify_change()
+        return True
+
     def _notify_change(self) -> None:
         if self.on_change is None:
             return
@@ -207,7 +248,7 @@ class ModelCache:
             # The periodic heartbeat publishes the change later.
             logger.warning("publishing the model change failed", exc_info=True)
 
-    def _make_room(self, incoming_bytes: int, keep: str) -> None:
+    def _make_room(self, incoming_bytes: int, keep: str | None) -> None:
         while True:
             with self._lock:
                 used = sum(e.memory_bytes for e in self._entries.values())

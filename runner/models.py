@@ -1,9 +1,10 @@
-"""Runs and uploaded model weights."""
+"""Runs, uploaded model weights and the fleet's eviction settings."""
 
 import uuid
 from pathlib import Path
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models, transaction
 from django.db.models.signals import post_delete
 from django.dispatch import receiver
@@ -112,6 +113,53 @@ class ModelUpload(models.Model):
 
     def __str__(self) -> str:
         return f"{self.owner}:{self.model_id}"
+
+
+class FleetSettings(models.Model):
+    """Eviction settings that every runner applies between jobs.
+
+    One row, edited in the admin. Runners read it every heartbeat interval,
+    so a change reaches the whole fleet within a few seconds, at each
+    runner's next pause between jobs.
+    """
+
+    ROW_ID = 1
+
+    class Policy(models.TextChoices):
+        LRU = "lru", "Least recently used"
+        LFU = "lfu", "Least frequently used"
+
+    memory_budget_mb = models.PositiveIntegerField(
+        "memory budget (MiB)",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Memory every runner may fill with loaded models. Blank keeps "
+        "each runner's own budget from --memory-budget-mb or "
+        "RUNNER_MEMORY_BUDGET_MB. A runner over a lowered budget evicts models "
+        "at once, between jobs.",
+    )
+    eviction_policy = models.CharField(
+        max_length=16,
+        choices=Policy.choices,
+        default=Policy.LRU,
+        help_text="Which loaded model a runner unloads to make room: the one "
+        "used least recently, or the one called fewest times since it loaded "
+        "(ties go to the least recently used).",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "fleet settings"
+        verbose_name_plural = "fleet settings"
+
+    def __str__(self) -> str:
+        return "Fleet settings"
+
+    @classmethod
+    def current(cls) -> "FleetSettings":
+        """Return the stored settings, or the defaults when none were saved."""
+        return cls.objects.filter(pk=cls.ROW_ID).first() or cls(pk=cls.ROW_ID)
 
 
 @receiver(post_delete, sender=ModelUpload)

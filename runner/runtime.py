@@ -46,6 +46,35 @@ class RunnerRuntime:
     # then restarts an embedded server. A restart can take seconds, and in
     # the heartbeat's thread it would look like a stalled process.
     redis_unreachable: bool = False
+    # The start-up budget applies while the fleet settings set none.
+    # wanted_settings is the (budget, policy) that the fleet-check thread
+    # last read, which the job loop applies between jobs.
+    startup_budget_bytes: int = 0
+    wanted_settings: tuple[int, str] | None = None
+
+    def __post_init__(self) -> None:
+        self.startup_budget_bytes = self.cache.budget_bytes
+
+    def read_fleet_settings(self) -> None:
+        """Read the fleet settings for the job loop to apply. Reads the database."""
+        from runner.models import FleetSettings
+
+        stored = FleetSettings.current()
+        budget_bytes = (
+            self.startup_budget_bytes
+            if stored.memory_budget_mb is None
+            else stored.memory_budget_mb * 1024 * 1024
+        )
+        self.wanted_settings = (budget_bytes, stored.eviction_policy)
+
+    def apply_fleet_settings(self) -> None:
+        """Apply the settings last read, evicting down to a lowered budget.
+
+        Called by the job loop between jobs, when no run uses a model.
+        """
+        wanted = self.wanted_settings
+        if wanted is not None:
+            self.cache.configure(*wanted)
 
     def stall_since(self, started: float, dead_after_s: float) -> float | None:
         """Return how long this process stalled since ``started``, or None.

@@ -396,10 +396,10 @@ class FailureLog:
 
 
 class FleetChecks(threading.Thread):
-    """Reap dead runners, recover lost jobs and fail abandoned runs, in a thread
-    of their own.
+    """Read the fleet settings, reap dead runners, recover lost jobs and fail
+    abandoned runs, in a thread of their own.
 
-    All three read the database. In the heartbeat's thread, a database that
+    All four read the database. In the heartbeat's thread, a database that
     stalls for a few seconds would stop every runner's heartbeats, and the
     fleet would look down with all its runners healthy.
     """
@@ -429,6 +429,7 @@ class FleetChecks(threading.Thread):
                 self.runtime.reap_from = max(self.runtime.reap_from, now + dead_after)
             woke_at = now
             try:
+                self.runtime.read_fleet_settings()
                 if checks % 3 == 0 and now >= self.runtime.reap_from:
                     fleet.reap_dead_runners(own_name=self.runtime.name)
                 if checks % RECONCILE_EVERY_BEATS == 0:
@@ -459,15 +460,30 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     def name_taken() -> None:
         runtime.name_taken = True
 
+    def between_jobs() -> None:
+        runtime.cache.drop_deleted_uploads()
+        runtime.apply_fleet_settings()
+
     worker = RunnerWorker(
         [own_queue, shared_queue],
         connection,
         runtime.name,
         runtime.instance,
         on_name_taken=name_taken,
-        between_jobs=runtime.cache.drop_deleted_uploads,
+        between_jobs=between_jobs,
     )
     heartbeat = Heartbeat(runtime, own_queue, on_name_taken=worker.stopping.set)
+    try:
+        # Applied before the first job; the fleet-check thread reads them
+        # again every heartbeat interval.
+        runtime.read_fleet_settings()
+        runtime.apply_fleet_settings()
+    except Exception:
+        logger.exception(
+            "runner %s: reading the fleet settings failed; retried every "
+            "heartbeat interval",
+            runtime.name,
+        )
     heartbeat.beat()
     # A run queued before this runner went live found no runner free, like
     # one queued behind another run. Its queue time includes the wait.

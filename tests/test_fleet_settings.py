@@ -1,0 +1,143 @@
+"""Eviction settings set in the admin, applied by runners between jobs."""
+
+import time
+
+import pytest
+
+from runner.model_cache import ModelCache
+from runner.models import FleetSettings
+from runner.registry import resolve_model
+from runner.runtime import RunnerRuntime
+from tests.test_runner_pool import start
+from workflows.timing import RunTimer
+
+MIB = 1024 * 1024
+
+
+def new_cache(budget_mb: int) -> ModelCache:
+    return ModelCache(
+        budget_bytes=budget_mb * MIB, device="cpu", warmup_size=64, torch_threads=1
+    )
+
+
+def load(cache: ModelCache, model_id: str, owner_id: int) -> str:
+    """Load ``model_id`` into ``cache`` as a run would; return its cache key."""
+    source = resolve_model(model_id, owner_id)
+    cache.get(source, RunTimer().model(model_id))
+    return source.cache_key
+
+
+def wait_for_state(process, check, timeout_s: float = 15) -> dict:
+    """Wait until the runner's heartbeat passes ``check``; return the heartbeat."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = process.state()
+        if state is not None and check(state):
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"runner {process.name}'s heartbeat is still {state}")
+
+
+@pytest.mark.django_db
+def test_lowered_budget_evicts_at_once(alice):
+    # Each yolov8n takes about 12.6 MB, so 20 MiB holds one of them.
+    cache = new_cache(4096)
+    first = load(cache, "yolov8n.yaml-320", alice.id)
+    second = load(cache, "yolov8n.yaml-352", alice.id)
+
+    assert cache.configure(20 * MIB, "lru") is True
+    assert [model["cache_key"] for model in cache.snapshot()] == [second]
+    assert cache.evictions == 1
+    assert first != second
+    # The same settings again change nothing.
+    assert cache.configure(20 * MIB, "lru") is False
+
+
+@pytest.mark.django_db
+def test_lfu_evicts_the_least_called_model(alice):
+    cache = new_cache(30)
+    cache.configure(30 * MIB, "lfu")
+    often = load(cache, "yolov8n.yaml-320", alice.id)
+    for _ in range(2):
+        load(cache, "yolov8n.yaml-320", alice.id)
+    load(cache, "yolov8n.yaml-352", alice.id)
+
+    # 30 MiB holds two: the third load evicts the model called once, where
+    # the least recently used would be the one called three times.
+    latest = load(cache, "yolov8n.yaml-384", alice.id)
+    assert {model["cache_key"] for model in cache.snapshot()} == {often, latest}
+
+
+@pytest.mark.django_db
+def test_runtime_follows_stored_settings():
+    runtime = RunnerRuntime(name="tuned", device="cpu", cache=new_cache(64))
+
+    FleetSettings.objects.create(memory_budget_mb=20, eviction_policy="lfu")
+    runtime.read_fleet_settings()
+    runtime.apply_fleet_settings()
+    assert runtime.cache.budget_bytes == 20 * MIB
+    assert runtime.cache.policy.name == "lfu"
+
+    # A blank budget gives the runner its start-up budget back.
+    FleetSettings.objects.update(memory_budget_mb=None, eviction_policy="lru")
+    runtime.read_fleet_settings()
+    runtime.apply_fleet_settings()
+    assert runtime.cache.budget_bytes == 64 * MIB
+    assert runtime.cache.policy.name == "lru"
+
+
+def test_live_runners_apply_settings(runner, extra_runners, alice):
+    # A budget above every runner's own, so that no test's models go.
+    FleetSettings.objects.create(memory_budget_mb=5000, eviction_policy="lfu")
+    state = wait_for_state(runner, lambda state: state["eviction_policy"] == "lfu")
+    assert state["budget_bytes"] == 5000 * MIB
+
+    FleetSettings.objects.update(memory_budget_mb=None)
+    state = wait_for_state(runner, lambda state: state["budget_bytes"] != 5000 * MIB)
+    assert state["budget_bytes"] == 4096 * MIB
+
+    # A runner started later applies them before its first job: with the
+    # budget its own, least frequently used goes first.
+    small = extra_runners("lfu-small", budget_mb=30)
+    for _ in range(3):
+        start(alice, "yolov8n.yaml-416", "lfu-small")
+    start(alice, "yolov8n.yaml-448", "lfu-small")
+    start(alice, "yolov8n.yaml-480", "lfu-small")
+    state = wait_for_state(small, lambda state: state["evictions"] == 1)
+    assert state["eviction_policy"] == "lfu"
+    assert sorted(model["model_id"] for model in state["models"]) == [
+        "yolov8n.yaml-416",
+        "yolov8n.yaml-480",
+    ]
+    FleetSettings.objects.all().delete()
+    wait_for_state(runner, lambda state: state["eviction_policy"] == "lru")
+
+
+def test_fleet_settings_admin(client, django_user_model):
+    staff = django_user_model.objects.create_superuser(
+        "fleet-admin", password="admin-password"
+    )
+    client.force_login(staff)
+
+    listing = client.get("/admin/runner/fleetsettings/")
+    assert listing.status_code == 302
+    assert listing["Location"] == "/admin/runner/fleetsettings/1/change/"
+    saved = client.post(
+        "/admin/runner/fleetsettings/1/change/",
+        {"memory_budget_mb": "2048", "eviction_policy": "lfu"},
+    )
+    assert saved.status_code == 302
+    stored = FleetSettings.current()
+    assert (stored.memory_budget_mb, stored.eviction_policy) == (2048, "lfu")
+
+    page = client.get("/admin/runner/run/fleet/").content.decode()
+    assert "2048 MiB on every runner" in page
+    assert "least frequently used" in page
+    assert client.get("/admin/runner/fleetsettings/1/delete/").status_code == 403
+
+    rejected = client.post(
+        "/admin/runner/fleetsettings/1/change/",
+        {"memory_budget_mb": "0", "eviction_policy": "lfu"},
+    )
+    assert rejected.status_code == 200
+    assert FleetSettings.current().memory_budget_mb == 2048
