@@ -7,6 +7,8 @@ Roboflow's query language for the subset supported here.
 import json
 from typing import Any
 
+import numpy as np
+
 from workflows.blocks.base import (
     ANY,
     DETECTIONS,
@@ -23,10 +25,23 @@ from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
 
 IMAGE_PROPERTIES = ("width", "height", "aspect_ratio", "size")
+# Box corners and centre that DetectionsPropertyExtract returns as [x, y]
+# pairs of whole pixels, rounded half to even as NumPy rounds.
+DETECTION_ANCHORS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
 DETECTION_PROPERTIES = (
+    # The names of Roboflow's query language (DetectionsProperty in
+    # roboflow/inference, query_language/entities/enums.py).
     "class_name",
     "class_id",
     "confidence",
+    "x_min",
+    "y_min",
+    "x_max",
+    "y_max",
+    "size",
+    *DETECTION_ANCHORS,
+    # This server's own: the box centre and size as in serialized
+    # detections, and the detection ids.
     "x",
     "y",
     "width",
@@ -171,12 +186,28 @@ def _detection_property(detections: Detections, name: str) -> list:
         return [float(v) for v in detections.confidence]
     if name == "detection_id":
         return list(detections.detection_ids)
-    x1, y1, x2, y2 = detections.xyxy.T if len(detections) else ([], [], [], [])
+    boxes = detections.xyxy.astype(np.float64).reshape(-1, 4)
+    x1, y1, x2, y2 = boxes.T
+    if name in DETECTION_ANCHORS:
+        horizontal, vertical = {
+            "center": ((x1 + x2) / 2, (y1 + y2) / 2),
+            "top_left": (x1, y1),
+            "top_right": (x2, y1),
+            "bottom_left": (x1, y2),
+            "bottom_right": (x2, y2),
+        }[name]
+        points = np.stack([horizontal, vertical], axis=1).round().astype(int)
+        return points.tolist()
     columns = {
-        "x": [(a + b) / 2 for a, b in zip(x1, x2, strict=True)],
-        "y": [(a + b) / 2 for a, b in zip(y1, y2, strict=True)],
-        "width": [b - a for a, b in zip(x1, x2, strict=True)],
-        "height": [b - a for a, b in zip(y1, y2, strict=True)],
+        "x_min": x1,
+        "y_min": y1,
+        "x_max": x2,
+        "y_max": y2,
+        "size": (x2 - x1) * (y2 - y1),
+        "x": (x1 + x2) / 2,
+        "y": (y1 + y2) / 2,
+        "width": x2 - x1,
+        "height": y2 - y1,
     }
     return [float(v) for v in columns[name]]
 
