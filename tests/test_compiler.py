@@ -38,6 +38,13 @@ def test_compile_accepts_aliases_and_full_names():
     assert len(build_plan(definition, "digest").steps) == 2
 
 
+def test_compile_accepts_property_extraction_alias():
+    definition = detection()
+    definition["steps"][1]["type"] = "PropertyExtraction"
+    plan = build_plan(definition, "digest")
+    assert plan.steps[1].block.type == "roboflow_core/property_definition@v1"
+
+
 def test_compile_unknown_block_type_names_step_and_field():
     definition = image_height()
     definition["steps"][0]["type"] = "roboflow_core/teleport@v1"

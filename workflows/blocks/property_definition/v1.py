@@ -113,7 +113,7 @@ def check_operations(value: Any) -> str | None:
 
 class PropertyDefinitionBlock(Block):
     type = "roboflow_core/property_definition@v1"
-    aliases = ("PropertyDefinition",)
+    aliases = ("PropertyDefinition", "PropertyExtraction")
     title = "Property"
     description = (
         "Extracts a property: image width/height/aspect ratio, detection count "
