@@ -45,6 +45,13 @@ def test_compile_accepts_property_extraction_alias():
     assert plan.steps[1].block.type == "roboflow_core/property_definition@v1"
 
 
+def test_compile_accepts_null_class_agnostic_nms():
+    definition = detection()
+    definition["steps"][0]["class_agnostic_nms"] = None
+    plan = build_plan(definition, "digest")
+    assert plan.steps[0].bindings["class_agnostic_nms"] == Literal(None)
+
+
 def test_compile_unknown_block_type_names_step_and_field():
     definition = image_height()
     definition["steps"][0]["type"] = "roboflow_core/teleport@v1"

@@ -95,10 +95,12 @@ class ObjectDetectionBlock(Block):
         Field(
             "class_agnostic_nms",
             VALUE,
-            "Suppress overlapping boxes across classes.",
+            "Suppress overlapping boxes across classes; null means false.",
             required=False,
             default=False,
-            types=(bool,),
+            # Roboflow's block takes null here, and its model then runs
+            # per-class NMS.
+            types=(bool, NoneType),
         ),
     )
     outputs = {"predictions": DETECTIONS, "inference_id": VALUE}
