@@ -534,4 +534,5 @@ class ModelProvider:
             origin=image.origin,
             parent_size=image.root_size,
             inference_id=str(uuid.uuid4()),
+            parent_origin=image.parent_origin,
         )

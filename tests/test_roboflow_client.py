@@ -15,7 +15,7 @@ from inference_sdk import InferenceConfiguration, InferenceHTTPClient
 from inference_sdk.http.errors import HTTPCallErrorError
 
 from tests.conftest import image_b64
-from tests.definitions import detection, image_height
+from tests.definitions import detect_then_crops, detection, image_height
 from webapp.models import ApiToken
 from workflows.models import Workflow
 
@@ -130,6 +130,37 @@ def test_sdk_people_prediction_shape(runner, client):
     ):
         assert key in first, key
     assert output["count"] == len(output["predictions"]["predictions"])
+
+
+def test_crop_predictions_name_their_crop(runner, live_server, alice_key):
+    definition = detect_then_crops("people-detector")
+    definition["outputs"] += [
+        {"type": "JsonField", "name": "crops", "selector": "$steps.crops.crops"},
+        {"type": "JsonField", "name": "inner", "selector": "$steps.inner.predictions"},
+    ]
+    # Raw HTTP, because the client replaces each image output by its base64
+    # text and drops the crop's origins.
+    response, _ = post_inline(live_server, alice_key, definition)
+    assert response.status_code == 200, response.json()
+    [output] = response.json()["outputs"]
+
+    # Boxes found in the input carry no crop origins.
+    for prediction in output["predictions"]["predictions"]:
+        assert "parent_origin" not in prediction
+        assert "root_parent_id" not in prediction
+    found = [
+        (crop, prediction)
+        for crop, inner in zip(output["crops"], output["inner"], strict=True)
+        for prediction in inner["predictions"]
+    ]
+    assert found, "no person was found inside a crop of bus.jpg"
+    for crop, prediction in found:
+        assert prediction["parent_id"] == crop["parent_id"]
+        assert prediction["parent_origin"] == crop["parent_origin"]
+        assert prediction["root_parent_id"] == crop["root_parent_id"]
+        assert prediction["root_parent_origin"] == crop["root_parent_origin"]
+    first_origin = found[0][1]["root_parent_origin"]
+    assert (first_origin["width"], first_origin["height"]) == (810, 1080)
 
 
 def test_sdk_excluded_fields(runner, client):

@@ -15,6 +15,8 @@ class Detections:
     image (non-zero for crops); ``parent_size`` is the root image's size.
     ``parent_id`` names the image the boxes were found in: the input, or for
     a crop the detection it was cut from. ``root_id`` names the input.
+    ``parent_origin`` is, for a crop, its offset in the image it was cut
+    from and that image's size: (offset_x, offset_y, width, height).
     """
 
     xyxy: np.ndarray  # float32, shape (N, 4)
@@ -28,6 +30,7 @@ class Detections:
     origin: tuple[int, int] = (0, 0)
     parent_size: tuple[int, int] | None = None
     inference_id: str | None = None
+    parent_origin: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.detection_ids:
@@ -62,6 +65,7 @@ class Detections:
             origin=self.origin,
             parent_size=self.parent_size,
             inference_id=self.inference_id,
+            parent_origin=self.parent_origin,
         )
 
     def to_roboflow(self, coordinates: str = "own") -> dict[str, Any]:
@@ -78,6 +82,9 @@ class Detections:
             if self.parent_size is not None:
                 width, height = self.parent_size
             parent_id = self.root_id or self.parent_id
+        crop_origins = {}
+        if coordinates == "own":
+            crop_origins = self._crop_origins()
         predictions = []
         for i in range(len(self)):
             x1, y1, x2, y2 = (float(v) for v in self.xyxy[i])
@@ -92,6 +99,33 @@ class Detections:
                     "class": self.class_names[i],
                     "detection_id": self.detection_ids[i],
                     "parent_id": parent_id,
+                    **crop_origins,
                 }
             )
         return {"image": {"width": width, "height": height}, "predictions": predictions}
+
+    def _crop_origins(self) -> dict[str, Any]:
+        """Return the origins of the crop the boxes were found in, or {} for an input.
+
+        Roboflow adds these keys to each detection found in a crop, in the
+        crop's own coordinates.
+        """
+        if self.parent_origin is None or self.parent_size is None:
+            return {}
+        offset_x, offset_y, parent_width, parent_height = self.parent_origin
+        root_width, root_height = self.parent_size
+        return {
+            "parent_origin": {
+                "offset_x": offset_x,
+                "offset_y": offset_y,
+                "width": parent_width,
+                "height": parent_height,
+            },
+            "root_parent_id": self.root_id or self.parent_id,
+            "root_parent_origin": {
+                "offset_x": self.origin[0],
+                "offset_y": self.origin[1],
+                "width": root_width,
+                "height": root_height,
+            },
+        }
