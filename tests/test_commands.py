@@ -339,3 +339,52 @@ def test_fetch_models_installs_weights_once(settings, tmp_path):
     again = io.StringIO()
     call_command("fetch_models", stdout=again)
     assert again.getvalue().strip() == f"{target} already present"
+
+
+def _migrate_with_umask_022(data_dir):
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "webapp.settings",
+        "GLASSBOX_DATA_DIR": str(data_dir),
+    }
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    return subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--no-input"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        # The usual umask, which leaves new files readable by every user.
+        preexec_fn=lambda: os.umask(0o022),
+    )
+
+
+def _other_users_permissions(path) -> int:
+    return path.stat().st_mode & 0o077
+
+
+def test_sqlite_database_private_to_owner(tmp_path):
+    # The database stores session keys, and a session key signs its reader in.
+    data_dir = tmp_path / "data"
+    result = _migrate_with_umask_022(data_dir)
+    assert result.returncode == 0, result.stderr
+    database = data_dir / "db.sqlite3"
+    assert _other_users_permissions(database) == 0
+    for suffix in ("-wal", "-shm"):
+        companion = data_dir / f"db.sqlite3{suffix}"
+        if companion.exists():
+            assert _other_users_permissions(companion) == 0, companion
+
+
+def test_sqlite_database_made_private_on_start(tmp_path):
+    # A database that an earlier version created readable by everyone.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    database = data_dir / "db.sqlite3"
+    database.touch(mode=0o644)
+    database.chmod(0o644)
+    result = _migrate_with_umask_022(data_dir)
+    assert result.returncode == 0, result.stderr
+    assert _other_users_permissions(database) == 0

@@ -102,7 +102,32 @@ DATABASES = {
         conn_max_age=600,
     )
 }
+
+
+def _restrict_to_owner(database: Path) -> None:
+    """Make the SQLite database and its WAL files readable by their owner only.
+
+    The database stores session keys, and a session key signs a browser in
+    as its user, so other local users must not read it, as they must not
+    read SECRET_KEY's file. SQLite creates the -wal and -shm files with the
+    database file's permissions, so a database created here as 0600 keeps
+    them private too. Files that another user owns are left as they are.
+    """
+    database.parent.mkdir(parents=True, exist_ok=True)
+    # The mode applies only if this call creates the file.
+    os.close(os.open(database, os.O_RDONLY | os.O_CREAT, 0o600))
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            continue
+        if status.st_mode & 0o077 and status.st_uid == os.getuid():
+            path.chmod(status.st_mode & 0o700)
+
+
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if DATABASES["default"]["NAME"] not in ("", ":memory:"):
+        _restrict_to_owner(Path(DATABASES["default"]["NAME"]))
     # The web server and every runner write to the same file: WAL lets readers
     # run beside the single writer, and IMMEDIATE transactions take the write
     # lock up front so two writers wait for each other instead of deadlocking.
