@@ -52,6 +52,14 @@ def open_weights(path: str, task: str | None = None) -> Any:
             "ultralytics was imported before ULTRALYTICS_SAFE_LOAD was set, so "
             "it would unpickle weights without its allow-list"
         )
+    # ultralytics falls back to the full unpickler, without a warning, when
+    # torch lacks what its restricted loader needs (torch older than 2.6).
+    if not tasks._SafeLoad.SUPPORTED:
+        raise RuntimeError(
+            f"torch {torch.__version__} does not support ultralytics' restricted "
+            "unpickler, so weights would load without its allow-list; install "
+            "torch 2.6 or later"
+        )
     return YOLO(path, task=task)
 
 

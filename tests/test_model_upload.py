@@ -16,6 +16,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection, transaction
 
 from runner import views as runner_views
+from runner.model_cache import open_weights
 from runner.models import ModelUpload, Run
 from runner.registry import resolve_model
 from tests.conftest import registered_runner, start_cli_run
@@ -538,3 +539,19 @@ def test_run_accepted_during_upload_delete_is_refused(
         "being accepted"
     )
     assert Run.objects.count() == 0
+
+
+def test_open_weights_needs_restricted_unpickler(tmp_path, monkeypatch):
+    # ultralytics quietly loads with the full unpickler when its restricted
+    # one is unsupported (torch older than 2.6), even with
+    # ULTRALYTICS_SAFE_LOAD set.
+    from ultralytics.nn import tasks
+
+    marker = tmp_path / "ran"
+    weights = code_running_weights(tmp_path / "payload.pt", marker)
+    monkeypatch.setattr(tasks._SafeLoad, "SUPPORTED", False)
+
+    with pytest.raises(RuntimeError, match="restricted unpickler"):
+        open_weights(str(weights))
+
+    assert not marker.exists()
