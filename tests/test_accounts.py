@@ -1,7 +1,10 @@
 """Sign-in, API tokens: shown once, listed by prefix, revoked at once."""
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from django.contrib.sessions.models import Session
@@ -9,6 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
+from tests.conftest import ROOT
 from tests.definitions import image_height
 from webapp.models import ApiToken, hash_token
 from workflows.models import Workflow
@@ -390,3 +394,39 @@ def test_revoke_confirmation_checks_token(client, alice, bob):
     for token in (own, others):
         token.refresh_from_db()
     assert others.revoked_at is None
+
+
+def test_secure_cookies_setting_marks_cookies(client, alice, settings):
+    # Behind a proxy that terminates HTTPS, requests reach Django as HTTP.
+    settings.SESSION_COOKIE_SECURE = True
+    settings.CSRF_COOKIE_SECURE = True
+    signed_in = client.post(
+        "/accounts/login/", {"username": "alice", "password": "alice-password"}
+    )
+    assert signed_in.cookies["sessionid"]["secure"]
+
+    created = client.post("/tokens/", {"action": "create", "name": "laptop"})
+    assert created.cookies["new_api_token"]["secure"]
+
+
+def test_secure_cookies_read_from_environment():
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "webapp.settings",
+        "SECURE_COOKIES": "true",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from django.conf import settings; "
+            "print(settings.SESSION_COOKIE_SECURE, settings.CSRF_COOKIE_SECURE)",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]

@@ -1,5 +1,6 @@
 """Account pages: the home redirect and API tokens."""
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
@@ -100,7 +101,7 @@ def _create(request) -> HttpResponse:
         salt=NEW_TOKEN_SALT,
         max_age=NEW_TOKEN_COOKIE_MAX_AGE_S,
         path=request.path,
-        secure=request.is_secure(),
+        secure=request.is_secure() or settings.SESSION_COOKIE_SECURE,
         httponly=True,
         samesite="Strict",
     )
