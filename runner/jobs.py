@@ -93,6 +93,7 @@ def execute_run(
         else:
             logger.error("runner %s stopped during run %s", runtime.name, run_id)
             reason = "was stopped during the run"
+        runtime.last_finished_ns = clock.now_ns()
         fail_run(
             run_id,
             f"runner {runtime.name} {reason}",
@@ -103,7 +104,8 @@ def execute_run(
     finally:
         runtime.current_run = None
         runtime.runs_done += 1
-        runtime.last_finished_ns = clock.now_ns()
+        if runtime.last_finished_ns < started_wall:
+            runtime.last_finished_ns = clock.now_ns()
 
 
 def _run_from(run_id: str, snapshot: dict | None) -> Run:
@@ -228,6 +230,9 @@ def _execute(
     else:
         bill = policy.bill(breakdown)
     run.warnings = [*run.warnings, *timer.warnings]
+    # Before the result is published: a run queued once a client has it
+    # found this runner free, and must not count as having waited.
+    runtime.last_finished_ns = clock.now_ns()
     finish_run(
         run,
         status=status,
