@@ -383,9 +383,11 @@ def hand_to(runner, run_id, from_queue: str) -> None:
 
 
 def test_job_with_unknown_snapshot_field_fails(runner, alice):
-    outcome = start(alice, "people-detector", "parked", wait_s=0)
-    tamper_with_job(outcome.run.id, lambda snapshot: snapshot.update(extra=1))
-    hand_to(runner, outcome.run.id, keys.runner_queue("parked"))
+    # Registered, so that no runner moves the parked job to the shared queue.
+    with registered_runner("parked"):
+        outcome = start(alice, "people-detector", "parked", wait_s=0)
+        tamper_with_job(outcome.run.id, lambda snapshot: snapshot.update(extra=1))
+        hand_to(runner, outcome.run.id, keys.runner_queue("parked"))
 
     run = wait_for_status(outcome.run.id, Run.Status.FAILED)
     assert "TypeError" in run.error["message"]
@@ -396,13 +398,14 @@ def test_job_with_unknown_snapshot_field_fails(runner, alice):
 def test_job_with_model_path_elsewhere_fails(runner, alice, tmp_path):
     elsewhere = tmp_path / "weights.pt"
     elsewhere.write_bytes(b"not loaded")
-    outcome = start(alice, "people-detector", "parked", wait_s=0)
 
     def move_weights(snapshot):
         snapshot["model_refs"][0]["source"]["path"] = str(elsewhere)
 
-    tamper_with_job(outcome.run.id, move_weights)
-    hand_to(runner, outcome.run.id, keys.runner_queue("parked"))
+    with registered_runner("parked"):
+        outcome = start(alice, "people-detector", "parked", wait_s=0)
+        tamper_with_job(outcome.run.id, move_weights)
+        hand_to(runner, outcome.run.id, keys.runner_queue("parked"))
 
     run = wait_for_status(outcome.run.id, Run.Status.FAILED)
     assert "ValueError" in run.error["message"]
