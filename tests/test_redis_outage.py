@@ -562,3 +562,27 @@ def test_failure_log_repeats_once_a_minute(caplog):
     ]
     assert caplog.records[0].exc_info is not None
     assert failures.succeeded() == 0
+
+
+def test_embedded_redis_files_private(tmp_path):
+    socket_path = tmp_path / "private.sock"
+    webapp_redis.ensure_embedded_redis(socket_path, timeout_s=30)
+    client = redis.Redis(unix_socket_path=str(socket_path))
+    try:
+        client.set("image", b"pixels")
+        client.bgsave()
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "redis.rdb").exists():
+            assert time.monotonic() < deadline, "no snapshot written"
+            time.sleep(0.05)
+        written = [
+            path
+            for path in tmp_path.rglob("*")
+            if path.name.startswith(("appendonly", "redis.rdb"))
+        ]
+        assert any(path.name.startswith("appendonly") for path in written)
+        for path in written:
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    finally:
+        client.shutdown(nosave=True)
+        client.close()

@@ -169,7 +169,14 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float | None = None) -> 
             "--logfile",
             str(data_dir / "redis.log"),
         ]
-        subprocess.run(command, check=True, capture_output=True)
+        # The append-only file and snapshots hold queued jobs and users'
+        # input images: readable by this user only, like the socket.
+        subprocess.run(
+            command,
+            check=True,
+            capture_output=True,
+            preexec_fn=lambda: os.umask(0o077),
+        )
         deadline = time.monotonic() + timeout_s
         while not _answers(socket_path):
             if time.monotonic() > deadline:
