@@ -196,7 +196,9 @@ def check_model_path(source: ModelSource) -> None:
 
     Runners read model sources from the job in Redis, and loading a ``.pt``
     file unpickles it, which can run code. This keeps a job edited in Redis
-    from making a runner load a file from anywhere else.
+    from making a runner load a file from anywhere else. The path is checked
+    as written, with ``..`` segments collapsed, so a symlink that an
+    operator put in the model directory may point at weights elsewhere.
     """
     if source.kind == "architecture":
         if "/" in source.path or not source.path.endswith(".yaml"):
@@ -205,9 +207,8 @@ def check_model_path(source: ModelSource) -> None:
     if source.kind not in _ROOTS:
         raise ValueError(f"unknown model source kind {source.kind!r}")
     root = kind_root(source.kind)
-    if root is None or not Path(source.local_path()).resolve().is_relative_to(
-        root.resolve()
-    ):
+    local = Path(os.path.abspath(source.local_path()))
+    if root is None or not local.is_relative_to(os.path.abspath(root)):
         raise ValueError(f"model path {source.path!r} is outside {root}")
 
 

@@ -876,3 +876,16 @@ def test_queueing_images_takes_no_clock_sample(monkeypatch):
     reference = RedisClock()
     error_ns = abs(sampled.offset_ns() - reference.offset_ns())
     assert error_ns < 5_000_000
+
+
+def test_model_directory_symlink_to_weights_elsewhere(
+    runner, extra_runners, alice, tmp_path
+):
+    # An operator may keep weights elsewhere and link them into MODEL_DIR.
+    linked = tmp_path / "models-linked"
+    linked.mkdir()
+    weights = resolve_model("people-detector").local_path()
+    (linked / "people-detector.pt").symlink_to(weights)
+    extra_runners("linked-machine", env_overrides={"MODEL_DIR": str(linked)})
+    ran = start(alice, "people-detector", "linked-machine", wait_s=120)
+    assert ran.payload["meta"]["status"] == "succeeded", ran.payload["meta"]["error"]
