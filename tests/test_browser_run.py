@@ -396,9 +396,9 @@ def test_run_page_draws_nested_boxes(runner, asgi_server, page, alice):
             apart = x + w <= ox or ox + ow <= x or y + h <= oy or oy + oh <= y
             assert apart, ((x, y, w, h), (ox, oy, ow, oh))
 
-    note = page.locator("#result-note").text_content()
-    assert note.startswith(f"{nested} detection")
-    assert "relative to crops" in note
+    # inner_own repeats inner_parent's detections relative to the crops:
+    # they are drawn from inner_parent, so none is reported as left out.
+    assert page.locator("#result-note").text_content() == ""
 
     image = page.locator("#result-images img")
     assert image.count() == 1
@@ -408,6 +408,30 @@ def test_run_page_draws_nested_boxes(runner, asgi_server, page, alice):
         "base64 characters, shown above" in page.locator("#result-json").text_content()
     )
     page.screenshot(path=str(ARTIFACTS / "run-page-crops.png"), full_page=True)
+
+
+def test_run_page_counts_boxes_left_out(runner, asgi_server, page, alice):
+    # Without inner_parent, the crops' detections are only relative to the
+    # crops, so the note counts them as not drawn.
+    definition = crops_definition()
+    definition["outputs"] = [
+        output for output in definition["outputs"] if output["name"] != "inner_parent"
+    ]
+    workflow = Workflow.create_with_version(alice, "Own crops", definition)
+    sign_in(page, asgi_server, "alice", "alice-password")
+    run_id = run_once(page, asgi_server, workflow.id)
+    page.wait_for_function(
+        "document.getElementById('result-canvas').dataset.labels !== undefined"
+    )
+    outputs = Run.objects.get(pk=run_id).outputs[0]
+    top = len(outputs["predictions"]["predictions"])
+    nested = sum(len(crop["predictions"]) for crop in outputs["inner_own"])
+    assert nested >= 1
+
+    assert int(page.locator("#result-canvas").get_attribute("data-boxes")) == top
+    note = page.locator("#result-note").text_content()
+    assert note.startswith(f"{nested} detection")
+    assert "relative to crops" in note
 
 
 def test_run_page_runs_the_version_it_shows(runner, asgi_server, page, alice):

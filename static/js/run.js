@@ -279,18 +279,22 @@
   // A set is in the input's coordinates when it names the input as parent
   // and has the input's size: detections on the image itself, or on crops
   // with coordinates_system "parent". Boxes relative to a crop cannot be
-  // mapped back, because the outputs do not give the crop's offset.
+  // mapped back, because the outputs do not give the crop's offset. A
+  // detection that another output gives in the input's coordinates (the
+  // same detection_id) is drawn from there, so it is not counted as left out.
   function boxesToDraw(outputs, width, height) {
     const boxes = [];
     const seen = new Set();
-    let skipped = 0;
+    const skippedIds = new Set();
+    let skippedWithoutId = 0;
     for (const set of detectionSets(outputs)) {
       const sameFrame = set.image.width === width && set.image.height === height;
       for (const p of set.predictions) {
         if (!p || typeof p !== "object") continue;
         const onInput = p.parent_id === undefined || p.parent_id === drawnImage.input;
         if (!sameFrame || !onInput) {
-          skipped += 1;
+          if (p.detection_id) skippedIds.add(p.detection_id);
+          else skippedWithoutId += 1;
           continue;
         }
         // An output may repeat another's detections; draw each box once.
@@ -304,6 +308,8 @@
         });
       }
     }
+    let skipped = skippedWithoutId;
+    for (const id of skippedIds) if (!seen.has(id)) skipped += 1;
     return { boxes, skipped };
   }
 
