@@ -267,6 +267,36 @@ def test_builder_nodes_by_keyboard(transactional_db, asgi_server, page, alice):
     assert errors == []
 
 
+def test_builder_panel_shows_new_name(transactional_db, asgi_server, page, alice):
+    # The side panel of an input or output names it in its subtitle, which
+    # must follow a rename made in the panel itself.
+    workflow = Workflow.create_with_version(alice, "Renamed", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    subtitle = page.locator("#node-panel .panel-subtitle")
+    name = page.locator("#node-panel [data-field='name']")
+
+    page.locator("[data-input-name='image']").click()
+    assert subtitle.text_content() == "$inputs.image"
+    name.fill("picture")
+    name.press("Enter")
+    assert subtitle.text_content() == "$inputs.picture"
+
+    output = page.locator(".drawflow-node.node-output").first
+    old_name = output.get_attribute("data-output-name")
+    output.click()
+    assert subtitle.text_content() == f'returned as "{old_name}"'
+    name.fill("people_total")
+    # Tab applies the name and moves on to the next field, which keeps the focus.
+    name.press("Tab")
+    assert subtitle.text_content() == 'returned as "people_total"'
+    assert page.evaluate("document.activeElement.dataset.field") == "selector"
+    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
+    assert definition["inputs"][0]["name"] == "picture"
+    assert definition["steps"][0]["images"] == "$inputs.picture"
+    assert "people_total" in [output["name"] for output in definition["outputs"]]
+
+
 def test_builder_deletes_clicked_line(transactional_db, asgi_server, page, alice):
     workflow = Workflow.create_with_version(alice, "Line", detection())
     sign_in(page, asgi_server, "alice", "alice-password")

@@ -1607,6 +1607,11 @@
       const problem = rename(section, item, control.value.trim());
       if (problem) state.localErrors.set("name", problem);
       else state.localErrors.delete("name");
+      // The panel stays, so that the focus stays where Tab moved it; only
+      // its subtitle, which shows the name, is redrawn.
+      const subtitle = dom.panel.querySelector(".panel-subtitle");
+      const text = nameSubtitle(section, item);
+      if (subtitle && text !== null) subtitle.textContent = text;
       updatePanelErrors();
     });
     return fieldRow({
@@ -1728,6 +1733,14 @@
     return parts;
   }
 
+  // The subtitle of an input's or output's panel, which shows its name; null
+  // for a step, whose subtitle is its type.
+  function nameSubtitle(section, item) {
+    if (section === "inputs") return hasName(item) ? `$inputs.${item.name}` : "(no name)";
+    if (section === "outputs") return hasName(item) ? `returned as "${item.name}"` : "(no name)";
+    return null;
+  }
+
   function inputPanel(item) {
     const isImage = IMAGE_INPUT_TYPES.includes(item.type);
     const types = [...IMAGE_INPUT_TYPES, ...PARAMETER_INPUT_TYPES];
@@ -1738,7 +1751,7 @@
       definitionChanged({ redrawPanel: true });
     });
     const parts = [
-      panelHead(nodeTitle("inputs", item), hasName(item) ? `$inputs.${item.name}` : "(no name)",
+      panelHead(nodeTitle("inputs", item), nameSubtitle("inputs", item),
         isImage ? "An image given when the workflow runs." : "A value given when the workflow runs."),
       fieldRow({ name: "type", control: typeControl }),
       nameRow("inputs", item),
@@ -1769,7 +1782,7 @@
     });
     if (list) selectorRow.append(list);
     return [
-      panelHead("Output", hasName(item) ? `returned as "${item.name}"` : "(no name)", null),
+      panelHead("Output", nameSubtitle("outputs", item), null),
       nameRow("outputs", item),
       selectorRow,
       fieldRow({
