@@ -548,6 +548,28 @@ def test_run_page_refuses_inexact_numbers(transactional_db, asgi_server, page, a
     assert run_rows(workflow) == 0
 
 
+def test_run_page_controls_have_labels(transactional_db, asgi_server, page, alice):
+    # Screen readers name each control of the run form by its label.
+    workflow = Workflow.create_with_version(
+        alice, "Parameters", detection_with_parameters()
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll('#run-form input, #run-form select')]
+            .filter((control) => control.labels.length === 0
+                && !control.getAttribute('aria-label'))
+            .map((control) => control.outerHTML)"""
+    )
+    assert unlabelled == []
+    sample = page.get_by_label("Image “image”: a sample or your file")
+    assert sample.evaluate("control => control.classList.contains('image-sample')")
+    upload = page.get_by_label("Image “image”: file to upload")
+    assert upload.get_attribute("type") == "file"
+    legend = page.locator("fieldset[data-image-input='image'] legend")
+    assert legend.text_content() == "Image “image”"
+
+
 def test_run_page_estimate_follows_typing(transactional_db, asgi_server, page, alice):
     workflow = Workflow.create_with_version(
         alice, "Parameters", detection_with_parameters()
