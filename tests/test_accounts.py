@@ -33,6 +33,29 @@ def test_sign_in_lands_on_workflows(client, alice):
     assert client.get(response.url, follow=True).request["PATH_INFO"] == "/workflows/"
 
 
+def test_sign_out_stays_on_this_site(client, alice):
+    # Signing out from the site's own header lands on the site's page, not
+    # on the Django admin's "Logged out" page.
+    client.force_login(alice)
+    response = client.post("/accounts/logout/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Signed out · Glassbox" in page
+    assert 'href="/accounts/login/"' in page
+    assert "Django site admin" not in page
+    assert client.get("/workflows/").status_code == 302
+
+
+def test_admin_sign_out_answers(client, django_user_model):
+    staff = django_user_model.objects.create_user(
+        "staff", password="staff-password", is_staff=True, is_superuser=True
+    )
+    client.force_login(staff)
+    response = client.post("/admin/logout/")
+    assert response.status_code == 200
+    assert "Signed out · Glassbox" in response.content.decode()
+
+
 def test_token_created_is_shown_once(client, alice):
     client.force_login(alice)
     created = client.post("/tokens/", {"action": "create", "name": "laptop"})
