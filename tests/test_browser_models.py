@@ -64,6 +64,27 @@ def test_models_page_lists_upload(
     assert "random weights, for timing only" in architectures
 
 
+def test_upload_time_is_utc(transactional_db, asgi_server, browser, alice, tmp_path):
+    # Every page shows times in UTC, whatever the browser's time zone.
+    weights = make_weights(tmp_path / "zoned.pt")
+    context = browser.new_context(timezone_id="Pacific/Auckland")
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    fill_upload_form(page, "zoned", weights)
+    page.click("#upload-button")
+    row = upload_row(page, "zoned")
+    row.wait_for()
+    created = ModelUpload.objects.get(owner=alice, model_id="zoned").created_at
+    assert created.utcoffset().total_seconds() == 0
+    expected = created.strftime("%Y-%m-%d %H:%M")
+    assert row.locator(".created").text_content() == expected
+    assert page.locator("#uploads th", has_text="Uploaded").text_content() == (
+        "Uploaded (UTC)"
+    )
+    context.close()
+
+
 def test_form_upload_adds_row(transactional_db, asgi_server, page, alice, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
     sign_in(page, asgi_server, "alice", "alice-password")

@@ -68,11 +68,12 @@
     return `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
   }
 
+  // In UTC, as every other page of the site shows times.
   function formatTime(iso) {
     const date = new Date(iso);
     const pad = (number) => String(number).padStart(2, "0");
-    return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} `
-      + `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+    return `${date.getUTCFullYear()}-${pad(date.getUTCMonth() + 1)}-${pad(date.getUTCDate())} `
+      + `${pad(date.getUTCHours())}:${pad(date.getUTCMinutes())}`;
   }
 
   function classNamesCell(names) {
