@@ -548,6 +548,31 @@ def test_run_page_refuses_inexact_numbers(transactional_db, asgi_server, page, a
     assert run_rows(workflow) == 0
 
 
+def test_run_page_shows_a_waiting_run_as_queued(
+    transactional_db, asgi_server, page, alice
+):
+    # No runner has taken the run, so the page says what the API says.
+    from webapp.clock import clock
+
+    workflow = Workflow.create_with_version(alice, "Waiting", detection())
+    waiting = Run.objects.create(
+        owner=alice,
+        source="api",
+        workflow_version=workflow.latest_version(),
+        status=Run.Status.QUEUED,
+        queued_at_ns=clock.now_ns(),
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/runs/{waiting.id}/")
+    page.wait_for_function(
+        "document.getElementById('transport').textContent === 'live over websocket'"
+    )
+    status = page.locator("#run-status")
+    assert status.text_content() == "queued"
+    assert "queued" in status.get_attribute("class")
+    assert page.locator("#timeline li").count() == 0
+
+
 def test_run_page_controls_have_labels(transactional_db, asgi_server, page, alice):
     # Screen readers name each control of the run form by its label.
     workflow = Workflow.create_with_version(

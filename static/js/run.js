@@ -82,6 +82,12 @@
     // A socket of an earlier run may still deliver a message after the
     // page moved on.
     if (view !== current || event.run_id !== view.id) return;
+    // A runner sends the first events once it has taken the run; until then
+    // the run waits in the queue.
+    if (event.phase !== "done" && !view.started) {
+      view.started = true;
+      setStatus("running", "cold");
+    }
     switch (event.phase) {
       case "request": addRow(view, "request", "request", event.duration); break;
       case "queue": addRow(view, "queue", `queue → ${event.runner}`, event.duration); break;
@@ -415,7 +421,7 @@
   // websocket, and follow this one.
   function follow(id) {
     if (current) closeSocket(current);
-    const view = { id, finished: false, socket: null, rows: [], maxDuration: 1 };
+    const view = { id, finished: false, started: false, socket: null, rows: [], maxDuration: 1 };
     current = view;
     $("timeline").replaceChildren();
     $("summary").hidden = true;
@@ -425,7 +431,7 @@
     $("result-canvas").hidden = true;
     showWarnings([]);
     showImageOutputs([]);
-    setStatus("running", "cold");
+    setStatus("queued", "queued");
     try {
       view.socket = new WebSocket(websocketUrl(id));
     } catch (error) {
@@ -451,6 +457,10 @@
       if (response.ok) {
         const run = await response.json();
         if (view !== current) return;
+        if (run.status === "running" && !view.started) {
+          view.started = true;
+          setStatus("running", "cold");
+        }
         if (run.status === "succeeded" || run.status === "failed") {
           if (run.timing) {
             for (const phase of GLASSBOX_PHASES) {
