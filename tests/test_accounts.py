@@ -278,6 +278,19 @@ def test_staff_header_links_fleet_page(client, django_user_model):
     assert client.get("/admin/runner/run/fleet/").status_code == 200
 
 
+def test_admin_pages_link_fleet_and_need_no_favicon(client, django_user_model):
+    # The fleet page is an admin page that no model list links to, and
+    # browsers ask for /favicon.ico, a 404, where a page names no icon.
+    staff = django_user_model.objects.create_user(
+        "staff", password="staff-password", is_staff=True, is_superuser=True
+    )
+    client.force_login(staff)
+    for path in ("/admin/", "/admin/runner/run/", "/admin/runner/run/fleet/"):
+        page = client.get(path).content.decode()
+        assert '<a href="/admin/runner/run/fleet/">Runner fleet</a>' in page, path
+        assert '<link rel="icon" href="data:,">' in page, path
+
+
 def test_non_staff_header_has_no_fleet_link(client, alice):
     client.force_login(alice)
     assert "/admin/runner/run/fleet/" not in client.get("/workflows/").content.decode()
