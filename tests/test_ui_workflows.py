@@ -216,6 +216,7 @@ def test_sparkline_single_run_is_a_point():
     line = build_sparkline([{"total_us": 1500, "status": "succeeded"}])
     assert len(line.points.split()) == 1
     assert line.last_y == 3.0
+    assert line.summary == "Last timed run: 1.5 ms"
 
 
 @pytest.mark.django_db

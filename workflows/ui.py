@@ -65,10 +65,13 @@ def build_sparkline(runs: list[dict]) -> Sparkline | None:
         if run["status"] == Run.Status.FAILED:
             failed.append(coordinates[-1])
     totals_ms = [run["total_us"] / 1000 for run in timed]
-    summary = (
-        f"Last {len(timed)} timed runs: min {min(totals_ms):.1f} ms, "
-        f"median {median(totals_ms):.1f} ms, max {max(totals_ms):.1f} ms"
-    )
+    if len(timed) == 1:
+        summary = f"Last timed run: {totals_ms[0]:.1f} ms"
+    else:
+        summary = (
+            f"Last {len(timed)} timed runs: min {min(totals_ms):.1f} ms, "
+            f"median {median(totals_ms):.1f} ms, max {max(totals_ms):.1f} ms"
+        )
     return Sparkline(
         points=" ".join(f"{x},{y}" for x, y in coordinates),
         last_x=coordinates[-1][0],
