@@ -459,3 +459,16 @@ def test_builder_reads_roboflow_field_spellings(
     note = page.locator("#json-note")
     assert note.is_visible()
     assert "people: image → images" in note.text_content()
+
+
+def test_builder_suggests_model_ids(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Suggests models", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    page.click(".drawflow-node[data-step-name='people']")
+    options = page.eval_on_selector_all(
+        "#choices-model_id option",
+        "(options) => options.map((o) => [o.value, o.label])",
+    )
+    assert ["people-detector", "model directory"] in options
+    assert ["yolov8n.yaml", "untrained architecture, for timing"] in options

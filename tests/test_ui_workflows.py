@@ -114,7 +114,10 @@ def test_builder_page_has_stable_hooks(alice_browser):
         "drawflow",
     ):
         assert f'id="{element_id}"' in html, element_id
-    assert builder_config(response) == {"workflow": None}
+    config = builder_config(response)
+    assert config["workflow"] is None
+    # model_id fields suggest what this user can run.
+    assert {"id": "people-detector", "note": "model directory"} in config["models"]
     assert "vendor/drawflow/drawflow.min.js" in html
     assert "js/builder.js" in html
     # The builder's API calls need Django's CSRF cookie.

@@ -11,6 +11,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from runner.models import Run
+from runner.views import model_listing
 from workflows.models import Workflow
 
 # How many of a workflow's most recent runs the list page's sparkline shows.
@@ -175,6 +176,26 @@ def _list_page(request, context: dict, status: int = 200):
     )
 
 
+# Untrained architectures the builder suggests besides the user's models.
+SUGGESTED_ARCHITECTURES = ("yolov8n.yaml", "yolo11n.yaml")
+
+
+def model_suggestions(user) -> list[dict[str, str]]:
+    """List the model ids a model_id field suggests, each with where it comes from."""
+    listing = model_listing(user)
+    return [
+        *(
+            {"id": m["model_id"], "note": "model directory"}
+            for m in listing["model_dir"]
+        ),
+        *({"id": u["model_id"], "note": "your upload"} for u in listing["uploads"]),
+        *(
+            {"id": name, "note": "untrained architecture, for timing"}
+            for name in SUGGESTED_ARCHITECTURES
+        ),
+    ]
+
+
 def _builder_page(request, workflow: Workflow | None):
     version = workflow.latest_version() if workflow else None
     config = {
@@ -187,6 +208,7 @@ def _builder_page(request, workflow: Workflow | None):
             "revision": workflow.revision,
             "definition": version.definition if version else None,
         },
+        "models": model_suggestions(request.user),
     }
     return render(
         request,

@@ -118,6 +118,8 @@
     blocks: [],
     // Block manifests by full type, type without namespace, and alias.
     blockIndex: new Map(),
+    // Model ids to suggest for a model_id field: [{id, note}] (builder-config).
+    models: [],
     workflowId: null,
     savedVersion: null,
     savedRevision: null,
@@ -1654,16 +1656,20 @@
     const current = item[name];
     const multiline = current !== null && typeof current === "object";
     const choices = suggest && !multiline ? selectorChoices(VALUE_KIND, item) : [];
-    const listId = choices.length ? `choices-${name}` : null;
+    // A model_id field also suggests the models this user can run.
+    const models = suggest && !multiline && name === "model_id" ? state.models : [];
+    const listId = choices.length || models.length ? `choices-${name}` : null;
     const control = multiline
       ? el("textarea", { rows: 3, spellcheck: "false" })
       : el("input", { type: "text", autocomplete: "off", spellcheck: "false", list: listId });
     control.value = formatValue(current);
     if (placeholder) control.placeholder = placeholder;
     control.addEventListener("input", () => setItemValue(item, name, parseValue(control.value)));
-    const list = listId
-      ? el("datalist", { id: listId }, ...choices.map((choice) => el("option", { value: choice })))
-      : null;
+    const options = [
+      ...models.map((model) => el("option", { value: model.id, label: model.note })),
+      ...choices.map((choice) => el("option", { value: choice })),
+    ];
+    const list = listId ? el("datalist", { id: listId }, ...options) : null;
     return [control, list];
   }
 
@@ -1937,6 +1943,7 @@
     cacheDom();
     const config = JSON.parse(document.getElementById("builder-config").textContent);
     const workflow = config.workflow;
+    state.models = config.models || [];
     state.definition = workflow && workflow.definition ? workflow.definition : emptyDefinition();
     if (workflow) {
       state.workflowId = workflow.id;
