@@ -1699,7 +1699,7 @@
       item.type = value;
       definitionChanged({ redrawPanel: true });
     });
-    return fieldRow({ name: "type", control, help: "Block type; changing it keeps the fields that fit." });
+    return fieldRow({ name: "type", control, help: "Block type. Changing it keeps every field: those the new type does not use are listed below, and the server ignores them." });
   }
 
   function deleteButton(item) {
