@@ -81,7 +81,10 @@ def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
 
     run_once(page, asgi_server, workflow.id)
     assert page.locator("#timeline li[data-phase=cold_load]").count() == 0
-    assert page.locator("#timeline li[data-phase=inference]").count() == 1
+    inference = page.locator("#timeline li[data-phase=inference]")
+    assert inference.count() == 1
+    # Each model row names the step that called the model.
+    assert "inference · people (people-detector-512)" in inference.text_content()
     page.screenshot(path=str(ARTIFACTS / "run-page-hot.png"), full_page=True)
 
 

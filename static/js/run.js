@@ -78,6 +78,11 @@
     }
   }
 
+  // A model event's step and model: two steps may call the same model.
+  function modelCall(event) {
+    return event.step ? `${event.step} (${event.model_id})` : event.model_id;
+  }
+
   function handleEvent(view, event) {
     // A socket of an earlier run may still deliver a message after the
     // page moved on.
@@ -95,11 +100,11 @@
         addRow(view, "compile", event.cache_hit ? "compile (cache hit)" : "compile", event.duration);
         break;
       case "cold_load":
-        addRow(view, "cold_load", `cold load · ${event.model_id}`, event.total, "cold"); break;
+        addRow(view, "cold_load", `cold load · ${modelCall(event)}`, event.total, "cold"); break;
       case "model":
-        addRow(view, "preprocess", `preprocess · ${event.model_id}`, event.preprocess, event.cold ? null : "hot");
-        addRow(view, "inference", `inference · ${event.model_id}`, event.inference);
-        addRow(view, "postprocess", `postprocess · ${event.model_id}`, event.postprocess);
+        addRow(view, "preprocess", `preprocess · ${modelCall(event)}`, event.preprocess, event.cold ? null : "hot");
+        addRow(view, "inference", `inference · ${modelCall(event)}`, event.inference);
+        addRow(view, "postprocess", `postprocess · ${modelCall(event)}`, event.postprocess);
         break;
       case "step":
         if (!event.model_step) addRow(view, "blocks", `block · ${event.step}`, event.duration);
