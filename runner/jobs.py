@@ -221,10 +221,17 @@ def _execute(
         # The fleet counts a runner this long without a heartbeat as down,
         # and a run it held is then failed unbilled. With no other runner
         # to reap it, the run finished, but the pause is not the user's.
-        waive_reason = (
-            f"runner {runtime.name} was stopped or starved for {stall_s:.1f} s "
-            f"during the run (longer than RUNNER_DEAD_AFTER_S, {dead_after:g} s)"
-        )
+        limit = f"longer than RUNNER_DEAD_AFTER_S, {dead_after:g} s"
+        if runtime.stall_in_redis:
+            waive_reason = (
+                f"the Redis server of runner {runtime.name} did not answer for "
+                f"{stall_s:.1f} s during the run ({limit})"
+            )
+        else:
+            waive_reason = (
+                f"runner {runtime.name} was stopped or starved for {stall_s:.1f} s "
+                f"during the run ({limit})"
+            )
     if waive_reason:
         bill = policy.waive(breakdown, waive_reason)
     else:

@@ -34,8 +34,14 @@ class RunnerRuntime:
     name_taken: bool = False
     # The heartbeat thread's last wake-up, and the end and length of the
     # latest gap between wake-ups longer than RUNNER_DEAD_AFTER_S
-    # (time.monotonic()): the process was stopped or starved that long.
+    # (time.monotonic()): the process was stopped or starved that long, or
+    # Redis did not answer a heartbeat for most of it (stall_in_redis).
     heartbeat_woke_at: float = field(default_factory=time.monotonic)
+    # When the heartbeat being sent now started (0.0 between heartbeats),
+    # and how long the latest one took to send.
+    beat_started_at: float = 0.0
+    last_beat_s: float = 0.0
+    stall_in_redis: bool = False
     # Monotonic time before which no dead runner is reaped: set when this
     # runner's heartbeats come back after failing, since the other runners'
     # heartbeats failed with them.
@@ -91,7 +97,17 @@ class RunnerRuntime:
             if stalled > dead_after_s:
                 return stalled
         silent = time.monotonic() - max(self.heartbeat_woke_at, started)
-        return silent if silent > dead_after_s else None
+        if silent <= dead_after_s:
+            return None
+        # The heartbeat thread has not woken since the stall: Redis's if a
+        # heartbeat has waited for it that long, or the last one did.
+        beat_started_at = self.beat_started_at
+        if beat_started_at > 0:
+            beat_s = time.monotonic() - beat_started_at
+        else:
+            beat_s = self.last_beat_s
+        self.stall_in_redis = beat_s > dead_after_s
+        return silent
 
     def state(self, queue_length: int) -> dict:
         return {

@@ -312,6 +312,7 @@ class Heartbeat(threading.Thread):
         failures = FailureLog(f"runner {self.runtime.name}: heartbeat", interval)
         while not self.stopped.is_set():
             self.note_wake_up(dead_after)
+            self.runtime.beat_started_at = time.monotonic()
             try:
                 self.beat()
                 self.runtime.redis_unreachable = False
@@ -325,19 +326,29 @@ class Heartbeat(threading.Thread):
                 self.runtime.redis_unreachable = True
             except Exception:
                 failures.failed()
+            self.runtime.last_beat_s = time.monotonic() - self.runtime.beat_started_at
+            self.runtime.beat_started_at = 0.0
             self.stopped.wait(interval)
 
     def note_wake_up(self, dead_after: float) -> None:
-        """Record a gap since the last wake-up longer than ``dead_after``."""
+        """Record a gap since the last wake-up longer than ``dead_after``.
+
+        When the heartbeat before the gap itself took longer than
+        ``dead_after``, Redis did not answer it: the stall was Redis's, not
+        this process's.
+        """
         now = time.monotonic()
         gap = now - self.runtime.heartbeat_woke_at
         self.runtime.heartbeat_woke_at = now
         if gap > dead_after:
+            in_redis = self.runtime.last_beat_s > dead_after
             self.runtime.stall_ended_at, self.runtime.stall_s = now, gap
+            self.runtime.stall_in_redis = in_redis
             logger.warning(
-                "runner %s: no heartbeat for %.1f s (process stopped or starved)",
+                "runner %s: no heartbeat for %.1f s (%s)",
                 self.runtime.name,
                 gap,
+                "Redis did not answer" if in_redis else "process stopped or starved",
             )
 
     def beat(self) -> None:

@@ -282,6 +282,45 @@ def test_stalled_run_is_not_billed(transactional_db, alice, tmp_path):
     assert Bill.objects.get(run=run).billed is False
 
 
+def test_redis_stall_mid_run_is_named_in_waiver(transactional_db, alice, tmp_path):
+    # Redis, not the runner, stops for longer than the dead time while the
+    # runner executes a run. The waived bill says so.
+    socket_path = tmp_path / "mid-run.sock"
+    server = start_redis(socket_path)
+    log_path = tmp_path / "mid-run-runner.log"
+    working = webapp_redis._connection
+    with registered_runner("mid-run"):
+        process = start_runner("mid-run", socket_path, log_path)
+        try:
+            client = redis.Redis(unix_socket_path=str(socket_path))
+            wait_for_heartbeat(client, "mid-run", process.pid)
+            webapp_redis._connection = client
+            run = start_cli_run(
+                alice, detection("yolov8x.yaml-1024"), wait_s=0, runner="mid-run"
+            ).run
+            deadline = time.monotonic() + 60
+            while Run.objects.get(pk=run.pk).status == Run.Status.QUEUED:
+                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.05)
+            server.send_signal(signal.SIGSTOP)
+            time.sleep(3)  # RUNNER_DEAD_AFTER_S is 2 s in tests
+            server.send_signal(signal.SIGCONT)
+            payload = wait_for_result(str(run.id), timeout_s=120)
+        finally:
+            webapp_redis._connection = working
+            server.send_signal(signal.SIGCONT)
+            process.terminate()
+            process.wait(timeout=30)
+            server.terminate()
+            server.wait(timeout=10)
+
+    assert payload is not None, log_path.read_text()[-2000:]
+    assert payload["meta"]["status"] == "succeeded"
+    bill = payload["meta"]["bill"]
+    assert bill["billed"] is False
+    assert "the Redis server of runner mid-run did not answer for" in bill["formula"]
+
+
 def test_run_after_redis_stall_is_billed(transactional_db, alice, tmp_path):
     # Redis, not the runner, stalls for longer than the dead time while the
     # runner is idle. The run queued as Redis resumes starts after the stall
@@ -311,7 +350,7 @@ def test_run_after_redis_stall_is_billed(transactional_db, alice, tmp_path):
             server.wait(timeout=10)
 
     log = log_path.read_text()
-    assert "process stopped or starved" in log, log[-2000:]
+    assert "(Redis did not answer)" in log, log[-2000:]
     assert payload is not None, log[-2000:]
     assert payload["meta"]["status"] == "succeeded"
     bill = payload["meta"]["bill"]
