@@ -60,7 +60,25 @@ def open_weights(path: str, task: str | None = None) -> Any:
             "unpickler, so weights would load without its allow-list; install "
             "torch 2.6 or later"
         )
-    return YOLO(path, task=task)
+    model = YOLO(path, task=task)
+    # ultralytics wraps any module of its allow-list that a checkpoint holds,
+    # a bare torch.nn.Linear included, and guesses the task "detect" for it,
+    # so such a file would pass as a detector and fail only when it runs.
+    held = type(model.model).__name__
+    if not isinstance(model.model, tasks.BaseModel):
+        raise NotADetector(
+            f"it holds a {held}, not an ultralytics model; only weights saved "
+            "by ultralytics load here"
+        )
+    # A task given here overrides the checkpoint's own, so a classifier
+    # would pass as a detector too.
+    if task == "detect" and not isinstance(model.model, tasks.DetectionModel):
+        raise NotADetector(f"it holds an ultralytics {held}, not a detection model")
+    return model
+
+
+class NotADetector(ValueError):
+    """A checkpoint that loads, but whose model is no ultralytics detector."""
 
 
 @dataclass

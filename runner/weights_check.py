@@ -103,10 +103,12 @@ def _load(path: Path) -> dict:
     check_format(path)
     _check_archive(path)
     # The runners' loader, with its check that the restricted mode is on.
-    from runner.model_cache import open_weights
+    from runner.model_cache import NotADetector, open_weights
 
     try:
         model = open_weights(str(path))
+    except NotADetector:
+        raise
     except Exception as error:
         raise ValueError(_load_failure(error)) from error
     if model.task != "detect":

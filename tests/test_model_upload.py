@@ -219,6 +219,50 @@ def test_runner_rejects_code_running_weights(runner, alice, alice_client, tmp_pa
     assert run.bill.amount_microcredits == 0
 
 
+@pytest.mark.parametrize(
+    "module, held",
+    [(torch.nn.Linear(2, 2), "Linear"), (torch.nn.Sequential(), "Sequential")],
+    ids=["linear", "sequential"],
+)
+def test_upload_rejects_module_that_is_no_detector(
+    alice_client, tmp_path, module, held
+):
+    # ultralytics wraps any allowed module a checkpoint holds and guesses the
+    # task "detect" for it, so only the check of the model's class finds that
+    # such a file would fail in every run.
+    weights = tmp_path / "layer.pt"
+    torch.save({"model": module}, weights)
+
+    response = upload(alice_client, "layer", weights)
+
+    assert response.status_code == 400, response.json()
+    body = response.json()
+    assert body["field"] == "file"
+    assert body["message"] == (
+        f"'layer.pt' is not an ultralytics model: it holds a {held}, not an "
+        "ultralytics model; only weights saved by ultralytics load here"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
+def test_runner_rejects_model_dir_file_that_is_no_detector(runner, alice_client):
+    weights = Path(settings.GLASSBOX["MODEL_DIR"]) / "bare-layer.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, weights)
+    try:
+        workflow_id = create_workflow(alice_client, detection("bare-layer"))
+        response = run_workflow(alice_client, workflow_id)
+    finally:
+        weights.unlink()
+
+    assert response.status_code == 500, response.json()
+    error = response.json()["error"]
+    assert error["code"] == "model_load_failed"
+    assert "it holds a Linear, not an ultralytics model" in error["message"]
+    run = Run.objects.get()
+    assert run.status == Run.Status.FAILED
+    assert run.bill.amount_microcredits == 0
+
+
 def test_upload_rejects_ambiguous_or_malformed_ids(alice_client, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
     malformed = (
