@@ -53,7 +53,15 @@ def test_bad_argument_values(db, command, arguments, message):
         ("[1, 2]", "contains a JSON list"),
         ('{"version": "1.0", "inputs": null}', "'inputs' must be a list"),
         (b"\xff\xfe{", "cannot read definition file"),
+        # Python's json module reads these, but a run could not store them,
+        # and the API refuses them: the command says so instead of a traceback.
+        ('{"a":' * 100_000 + "1" + "}" * 100_000, "is nested too deeply"),
+        ('{"version": 1' + "0" * 5000 + "}", "an integer has 5001 digits"),
+        ('{"version": NaN}', "NaN is not a valid JSON value"),
+        ('{"version": "\\ud800"}', "unpaired UTF-16 surrogate escape"),
+        ('{"version": "\\u0000"}', "a string with a NUL character"),
     ],
+    ids=["list", "bad-inputs", "utf16", "deep", "long-int", "nan", "surrogate", "nul"],
 )
 def test_runworkflow_bad_definition_file(db, tmp_path, content, message):
     path = tmp_path / "definition.json"
@@ -98,6 +106,42 @@ def test_runworkflow_rejects_invalid_user_name(db, username):
 def test_runworkflow_rejects_unknown_or_repeated_inputs(db, arguments, message):
     with pytest.raises(CommandError, match=message):
         call_command("runworkflow", DEFINITION, *arguments)
+    assert Run.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "NaN",
+            "--param note is not valid JSON: NaN is not a valid JSON value; "
+            "quote it as a JSON string to pass it as text",
+        ),
+        ("1e400", "the number 1e400 is out of range for a 64-bit float"),
+        ("1" * 5000, "an integer has 5000 digits, over the limit of 4300"),
+        ("[" * 100_000 + "]" * 100_000, "is nested too deeply"),
+        ('"\\u0000"', "a string with a NUL character"),
+        ('"\\udc00"', "unpaired UTF-16 surrogate escape"),
+        # Bytes of an argument that are not UTF-8 reach Python as surrogates.
+        ("\udcff", "--param note: the value is not UTF-8 text"),
+    ],
+    ids=["nan", "inf", "long-int", "deep", "nul", "surrogate", "not-utf8"],
+)
+def test_runworkflow_rejects_parameter_a_run_cannot_store(db, tmp_path, value, message):
+    # A parameter that no step checks, such as one only output: its NaN got
+    # as far as the run's insert, and failed there with a traceback.
+    definition = json.loads((ROOT / DEFINITION).read_text())
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "note"})
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "note", "selector": "$inputs.note"}
+    )
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps(definition))
+    with pytest.raises(CommandError) as caught:
+        call_command(
+            "runworkflow", str(path), "--image", BUS, "--param", f"note={value}"
+        )
+    assert message in str(caught.value)
     assert Run.objects.count() == 0
 
 

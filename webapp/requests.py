@@ -91,9 +91,7 @@ def parse_json(raw: bytes) -> Any:
 
     Python's json module would also take UTF-16 and UTF-32 bodies, and UTF-8
     with encoded surrogates, whose strings then fail when stored or sent
-    back. Beyond what the module checks, NaN, Infinity, numbers beyond a
-    64-bit float, NUL characters and unpaired UTF-16 surrogate escapes are
-    rejected.
+    back. Beyond that, the checks of ``parse_json_text`` apply.
     """
     try:
         # A leading byte order mark is allowed and dropped.
@@ -105,6 +103,19 @@ def parse_json(raw: bytes) -> Any:
             context="request_parsing",
             hint="Encode the JSON body as UTF-8.",
         ) from None
+    return parse_json_text(text)
+
+
+def parse_json_text(text: str, what: str = "request body") -> Any:
+    """Parse ``text`` as strict JSON; raise MalformedRequest naming ``what`` if not.
+
+    Beyond what Python's json module checks, NaN, Infinity, numbers beyond a
+    64-bit float, integers over MAX_INTEGER_DIGITS digits, nesting deeper
+    than the parser's recursion limit, and escapes of NUL characters and of
+    unpaired UTF-16 surrogates are rejected: each would fail later, when
+    stored or sent back. ``text`` must hold no unpaired surrogate itself, as
+    text decoded from UTF-8 does not.
+    """
     try:
         parsed = json.loads(
             text,
@@ -114,29 +125,29 @@ def parse_json(raw: bytes) -> Any:
         )
     except ValueError as error:
         raise MalformedRequest(
-            f"request body is not valid JSON: {error}",
+            f"{what} is not valid JSON: {error}",
             context="request_parsing",
             hint="Send a JSON object with Content-Type: application/json.",
         ) from None
     except RecursionError:
         raise MalformedRequest(
-            "request body is not valid JSON: it is nested too deeply",
+            f"{what} is not valid JSON: it is nested too deeply",
             context="request_parsing",
         ) from None
-    # In UTF-8 JSON text, a NUL or a surrogate can only come from an escape,
-    # so only bodies with one are walked.
+    # In JSON text decoded from UTF-8, a NUL or a surrogate can only come
+    # from an escape, so only text with one is walked.
     # PostgreSQL cannot store U+0000 in text or JSON, so a definition or
     # parameter with one would fail only when written.
     if "\\u0000" in text and any("\x00" in item for item in _strings(parsed)):
         raise MalformedRequest(
-            "request body has a string with a NUL character (\\u0000), which "
+            f"{what} has a string with a NUL character (\\u0000), which "
             "cannot be stored",
             context="request_parsing",
             hint="Remove the \\u0000 escapes from the JSON strings.",
         )
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(parsed):
         raise MalformedRequest(
-            "request body is not valid JSON text: it has an unpaired UTF-16 "
+            f"{what} is not valid JSON text: it has an unpaired UTF-16 "
             "surrogate escape (\\uD800 to \\uDFFF) that encodes no character",
             context="request_parsing",
             hint="Escape characters outside the Basic Multilingual Plane as a "

@@ -22,6 +22,7 @@ from webapp.redis import (
     other_processes_connected,
     stop_embedded_redis,
 )
+from webapp.requests import MalformedRequest, parse_json_text
 from workflows.errors import WorkflowError
 
 logger = logging.getLogger(__name__)
@@ -178,13 +179,17 @@ class Command(BaseCommand):
 
     def _read_definition(self, path: Path) -> dict:
         try:
-            definition = json.loads(path.read_text())
+            text = path.read_bytes().decode("utf-8-sig")
         except FileNotFoundError:
             raise CommandError(f"definition file {path} not found") from None
         except (OSError, UnicodeDecodeError) as error:
             raise CommandError(f"cannot read definition file {path}: {error}") from None
-        except json.JSONDecodeError as error:
-            raise CommandError(f"{path} is not valid JSON: {error}") from None
+        # The API's parser: values Python's json module reads but a run cannot
+        # store (NaN, huge integers, NUL) are refused here as they are there.
+        try:
+            definition = parse_json_text(text, what=str(path))
+        except MalformedRequest as error:
+            raise CommandError(error.message) from None
         # A file holding a whole API body keeps the definition under a key.
         for key in ("specification", "definition"):
             if isinstance(definition, dict) and isinstance(definition.get(key), dict):
@@ -225,9 +230,23 @@ class Command(BaseCommand):
         if not separator or not key:
             raise CommandError(f"--param {text!r} must look like KEY=VALUE")
         try:
-            return key, json.loads(value)
+            value.encode()
+        except UnicodeEncodeError:
+            # Bytes of the argument that are not UTF-8, kept as surrogates.
+            raise CommandError(f"--param {key}: the value is not UTF-8 text") from None
+        try:
+            json.loads(value)
         except json.JSONDecodeError:
             return key, value
+        except (ValueError, RecursionError):
+            pass  # JSON as Python reads it; the API's parser says what is wrong.
+        try:
+            return key, parse_json_text(value, what=f"--param {key}")
+        except MalformedRequest as error:
+            # A bare NaN or 1e400 may have been meant as text.
+            scalar = not value.lstrip().startswith(('"', "[", "{"))
+            hint = "; quote it as a JSON string to pass it as text" if scalar else ""
+            raise CommandError(error.message + hint) from None
 
 
 # Strings in the printed outputs longer than this (base64 images, mostly)
