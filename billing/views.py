@@ -6,6 +6,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
+from django.views.decorators.csrf import csrf_exempt
 
 from billing.explain import explain_bill
 from billing.models import Bill
@@ -19,11 +20,13 @@ from billing.queries import (
 )
 from webapp.authentication import login_or_token_required
 from webapp.errors import json_error
+from webapp.handlers import allow_methods
 
 PAGE_SIZE = 50
 
 
 @login_required
+@allow_methods("GET")
 def history(request):
     form = BillFilterForm(request.GET, user=request.user)
     context = {"form": form, "columns": COLUMNS, "filters_valid": form.is_valid()}
@@ -51,7 +54,11 @@ def _invalid_filters(form: BillFilterForm) -> HttpResponse:
     )
 
 
+# Read-only, and sent with API keys, which carry no CSRF token: exempt, so
+# that another method gets the JSON 405 rather than the CSRF check's HTML 403.
+@csrf_exempt
 @login_or_token_required
+@allow_methods("GET")
 def export_csv(request):
     """Return every row that matches the filters, with the table's columns,
     the run's status and, for a waived bill, the reason.
@@ -86,7 +93,9 @@ def spreadsheet_safe(value):
     return value
 
 
+@csrf_exempt
 @login_or_token_required
+@allow_methods("GET")
 def summary_json(request):
     """Return the chart data for the filters; the history page embeds the same."""
     form = BillFilterForm(request.GET, user=request.user)
@@ -96,6 +105,7 @@ def summary_json(request):
 
 
 @login_required
+@allow_methods("GET")
 def explain(request, run_id):
     bill = get_object_or_404(
         Bill.objects.select_related("run__workflow_version__workflow"),

@@ -14,6 +14,7 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 
 from runner.models import Run
 from runner.views import model_listing
+from webapp.handlers import allow_methods
 from workflows.models import Workflow
 
 SAMPLE_IMAGES = ("bus.jpg", "zidane.jpg")
@@ -48,6 +49,7 @@ def parameter_field_text(parameter: dict[str, Any]) -> str:
 
 
 @login_required
+@allow_methods("GET")
 def run_workflow_page(request, workflow_id: int):
     workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
     version = workflow.latest_version()
@@ -82,6 +84,7 @@ def run_workflow_page(request, workflow_id: int):
 
 
 @login_required
+@allow_methods("GET")
 def run_page(request, run_id):
     run = get_object_or_404(
         Run.objects.select_related("workflow_version__workflow"),
@@ -105,6 +108,7 @@ def run_page(request, run_id):
 
 
 @login_required
+@allow_methods("GET")
 def sample_image(request, name: str):
     if name not in SAMPLE_IMAGES:
         raise Http404(f"no sample image named {name}")
@@ -117,6 +121,7 @@ def sample_image(request, name: str):
 # whose CSRF check reads the csrftoken cookie. never_cache stops browsers from
 # reusing a stored copy of the page, whose list may predate a change.
 @login_required
+@allow_methods("GET")
 @ensure_csrf_cookie
 @never_cache
 def models_page(request):

@@ -1,5 +1,7 @@
 """Error pages: JSON for API clients, HTML for people."""
 
+import functools
+
 from django.core.exceptions import DisallowedHost
 from django.urls import Resolver404
 from django.views.defaults import bad_request as html_bad_request
@@ -90,3 +92,34 @@ def server_error(request):
             error_type="ServerError",
         )
     return html_server_error(request)
+
+
+def allow_methods(*methods: str):
+    """Serve only ``methods`` (GET brings HEAD); answer others 405, as the API does.
+
+    Plain Django views otherwise run for any method: a PUT to a page
+    rendered it, and a POST to a JSON route answered it like a GET.
+    """
+    allowed = {method.upper() for method in methods}
+    if "GET" in allowed:
+        allowed.add("HEAD")
+    allow_header = ", ".join(sorted(allowed))
+
+    def decorator(view):
+        @functools.wraps(view)
+        def wrapper(request, *args, **kwargs):
+            if request.method in allowed:
+                return view(request, *args, **kwargs)
+            response = json_error(
+                f'Method "{request.method}" not allowed.',
+                "method_not_allowed",
+                405,
+                error_type="MethodNotAllowed",
+                hint=f"This route serves {allow_header}.",
+            )
+            response["Allow"] = allow_header
+            return response
+
+        return wrapper
+
+    return decorator

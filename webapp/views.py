@@ -7,10 +7,12 @@ from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 
+from webapp.handlers import allow_methods
 from webapp.models import ApiToken, hash_token
 
 
 @login_required
+@allow_methods("GET")
 def home(request):
     return redirect("workflow-list")
 
@@ -27,6 +29,7 @@ SHOWN_TOKENS_SESSION_KEY = "shown_new_tokens"
 
 
 @login_required
+@allow_methods("GET", "POST")
 @never_cache
 def tokens(request):
     """List the user's tokens; POST creates or revokes one, then redirects.
@@ -46,6 +49,8 @@ def tokens(request):
             return _create(request)
         if request.POST.get("action") == "revoke":
             return _revoke(request, request.POST.get("token", ""))
+        messages.error(request, "Unknown action: send “create” or “revoke”.")
+        return _tokens_page(request, {}, status=400)
     context = {}
     if "revoke" in request.GET:
         token, error = _own_token(request, request.GET["revoke"])

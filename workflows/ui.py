@@ -12,6 +12,7 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 
 from runner.models import Run
 from runner.views import model_listing
+from webapp.handlers import allow_methods
 from workflows.models import Workflow
 
 # How many of a workflow's most recent runs the list page's sparkline shows.
@@ -110,13 +111,17 @@ def recent_runs_by_workflow(owner, limit: int) -> dict[int, list[dict]]:
 
 
 @login_required
+@allow_methods("GET", "POST")
 def workflow_list(request):
     """List the user's workflows; POST deletes one, then redirects.
 
     GET with ``?delete=<id>`` shows the list with a confirmation for
     deleting that workflow. Its button sends the POST that deletes it.
     """
-    if request.method == "POST" and request.POST.get("action") == "delete":
+    if request.method == "POST":
+        if request.POST.get("action") != "delete":
+            messages.error(request, "Unknown action: send “delete”.")
+            return _list_page(request, {}, status=400)
         workflow, error = _own_workflow(request, request.POST.get("workflow", ""))
         if error:
             return error
@@ -221,12 +226,14 @@ def _builder_page(request, workflow: Workflow | None):
 # check needs the csrftoken cookie, which these pages do not set by themselves
 # because they contain no form.
 @login_required
+@allow_methods("GET")
 @ensure_csrf_cookie
 def workflow_new(request):
     return _builder_page(request, None)
 
 
 @login_required
+@allow_methods("GET")
 @ensure_csrf_cookie
 def workflow_edit(request, workflow_id: int):
     workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
