@@ -1705,6 +1705,28 @@ def test_unknown_api_routes_are_not_found(alice_client):
             assert response.json()["code"] == "not_found"
 
 
+@pytest.mark.parametrize(
+    "accept", ["text/html,application/xhtml+xml,*/*;q=0.8", "text/html"]
+)
+def test_api_answers_json_to_a_browser_accept(client, alice, alice_key, accept):
+    # DRF's browsable API answered these with HTML pages, errors included,
+    # and repeated a key sent as api_key in the page's links.
+    cases = [
+        ("get", f"/api/workflows/?api_key={alice_key}", 200, None),
+        ("get", f"/api/workflows/999?api_key={alice_key}", 404, "not_found"),
+        ("get", "/api/workflows/", 401, "not_authenticated"),
+        ("post", f"/api/validate?api_key={alice_key}", 400, "malformed_request"),
+        ("get", f"/workflows/run?api_key={alice_key}", 405, "method_not_allowed"),
+    ]
+    for method, url, status, code in cases:
+        response = getattr(client, method)(url, HTTP_ACCEPT=accept)
+        assert response.status_code == status, url
+        assert response["Content-Type"] == "application/json", url
+        assert alice_key not in response.content.decode(), url
+        if code:
+            assert response.json()["code"] == code, url
+
+
 def test_tiff_with_16_bit_samples_accepted(send_run):
     # The check reads the samples' width from the file, not Pillow's mode.
     buffer = io.BytesIO()

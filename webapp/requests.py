@@ -7,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
 
 from workflows.blocks.base import shown
@@ -303,3 +304,15 @@ def reject_unknown_fields(body: dict, known: set[str]) -> None:
             context="request_parsing",
             field_name=unknown[0][:100],
         )
+
+
+class JSONOnlyNegotiation(DefaultContentNegotiation):
+    """Answer in JSON whatever the request's Accept header names.
+
+    DRF's own negotiation answers 406 to an Accept that names no JSON, such
+    as a bare ``text/html``, and Roboflow's clients and curl read JSON in
+    any case.
+    """
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type

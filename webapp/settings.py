@@ -211,6 +211,11 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
+    # JSON whatever the Accept header names: DRF's browsable API answered a
+    # browser's Accept with an HTML page, errors included, which also
+    # repeated an api_key sent in the query in its links.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "webapp.requests.JSONOnlyNegotiation",
     "EXCEPTION_HANDLER": "webapp.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
