@@ -530,6 +530,47 @@ def test_image_invalid_base64(send_run):
     assert_nothing_stored()
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("QUJD!REVG", "character '!' at offset 4 of the base64 data is not"),
+        ("data:image/png;base64,QUJD\u00e9", "character 'é' at offset 4 of"),
+        ("QU-D+REVG", "it mixes the URL-safe alphabet ('-' at offset 2 of"),
+        ("QUJD=REVG", "padding '=' at offset 4 of the base64 data is followed"),
+    ],
+    ids=["foreign", "after-prefix", "mixed-alphabets", "inner-padding"],
+)
+def test_image_invalid_base64_names_the_problem(send_run, value, problem):
+    # The decoder's own "Only base64 data is allowed" said neither what nor where.
+    response = send_run(image_height(), {"image": {"type": "base64", "value": value}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert body["message"].startswith("Input 'image' is not valid base64: ")
+    assert problem in body["message"]
+    assert "URL-safe" in body["hint"]
+    assert_nothing_stored()
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda data: base64.urlsafe_b64encode(data).decode(),
+        lambda data: base64.urlsafe_b64encode(data).decode().rstrip("="),
+        lambda data: "DATA:image/jpeg;base64," + base64.b64encode(data).decode(),
+        lambda data: " \n data:image/jpeg;base64," + base64.b64encode(data).decode(),
+    ],
+    ids=["url-safe", "url-safe-unpadded", "upper-case-scheme", "leading-space"],
+)
+def test_image_base64_variants_decode(encode):
+    from workflows.images import decode_base64
+
+    # Bytes whose URL-safe encoding has both '-' and '_'.
+    data = bytes(range(256)) * 4
+    assert decode_base64(encode(data), input_name="image") == data
+
+
 def test_image_empty(send_run):
     response = send_run(image_height(), {"image": {"type": "base64", "value": ""}})
     assert response.status_code == 400

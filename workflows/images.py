@@ -45,17 +45,27 @@ class ImageInfo:
     height: int
 
 
+# The standard base64 alphabet with its padding.
+_BASE64_CHARACTERS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+)
+# The URL-safe alphabet's two characters, and the standard ones they stand for.
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
 def decode_base64(
     value: str, *, input_name: str, field_name: str | None = None
 ) -> bytes:
     """Decode base64 or raise InputError.
 
-    A data-URL prefix, line breaks and other whitespace (as ``base64`` and
-    MIME encoders write them) and missing trailing padding are accepted.
-    Any other character outside the standard alphabet is an error.
+    A data-URL prefix (its scheme in any case), line breaks and other
+    whitespace (as ``base64`` and MIME encoders write them), missing
+    trailing padding and the URL-safe alphabet (``-`` and ``_`` for ``+``
+    and ``/``) are accepted. The error for any other character names it
+    and its position.
     """
     field = field_name or input_name
-    if value.startswith("data:"):
+    if value.lstrip()[:5].lower() == "data:":
         _, _, value = value.partition(",")
     try:
         # pybase64 decodes with SIMD instructions: 7 us for a 97 kB image on
@@ -65,17 +75,47 @@ def decode_base64(
     except (binascii.Error, ValueError):
         # Copying out the whitespace costs about 80 µs for a 100 kB image,
         # so only values that fail as they are pay it.
-        value = "".join(value.split())
-        value += "=" * (-len(value) % 4)
+        text = "".join(value.split())
+        if ("-" in text or "_" in text) and not ("+" in text or "/" in text):
+            text = text.translate(_URL_SAFE)
+        text += "=" * (-len(text) % 4)
     try:
-        return base64.b64decode(value, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise InputError(
-            f"Input '{input_name}' is not valid base64: {error}",
+            f"Input '{input_name}' is not valid base64: "
+            f"{_base64_problem(value, error)}",
             context="input_decoding",
             field_name=field,
-            hint="Send the image file's bytes encoded with standard base64.",
+            hint="Send the image file's bytes encoded with base64, standard or "
+            "URL-safe, optionally after a data: URL prefix.",
         ) from error
+
+
+def _base64_problem(value: str, error: Exception) -> str:
+    """Say what is wrong with ``value``: its first foreign character, if any."""
+    mixed = ("-" in value or "_" in value) and ("+" in value or "/" in value)
+    for position, character in enumerate(value):
+        if character.isspace() or character in _BASE64_CHARACTERS:
+            continue
+        if character in "-_" and not mixed:
+            continue
+        if mixed and character in "-_":
+            return (
+                f"it mixes the URL-safe alphabet ({character!r} at offset "
+                f"{position} of the base64 data) with the standard one ('+' or '/')"
+            )
+        return (
+            f"character {character!r} at offset {position} of the base64 data "
+            "is not in the base64 alphabet"
+        )
+    padding = value.find("=")
+    if padding >= 0 and value[padding:].strip(" \t\r\n\f\v="):
+        return (
+            f"padding '=' at offset {padding} of the base64 data is followed by "
+            "more data; '=' may only end it"
+        )
+    return str(error)
 
 
 def inspect_image(
