@@ -476,6 +476,50 @@ def test_workflow_create_name_not_a_string(alice_client, name):
     assert Workflow.objects.count() == 0
 
 
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("two\nlines", "U+000A at position 3"),
+        ("tab\there", "U+0009 at position 3"),
+        ("bell\x07", "U+0007 at position 4"),
+        ("del\x7f", "U+007F at position 3"),
+        ("abc\u202egnp.exe", "U+202E at position 3"),
+        ("para\u2029graph", "U+2029 at position 4"),
+    ],
+    ids=["newline", "tab", "bell", "delete", "rtl-override", "paragraph-separator"],
+)
+def test_workflow_name_with_control_characters_rejected(
+    alice, alice_client, name, shown
+):
+    created = post_json(
+        alice_client, "/api/workflows/", {"name": name, "definition": image_height()}
+    )
+    assert created.status_code == 400
+    body = created.json()
+    assert body["code"] == "invalid_request"
+    assert body["fields"]["name"] == [f"may not contain control characters: {shown}"]
+    assert Workflow.objects.count() == 0
+
+    workflow = Workflow.create_with_version(alice, "plain", image_height())
+    renamed = alice_client.put(
+        f"/api/workflows/{workflow.id}", {"name": name}, format="json"
+    )
+    assert renamed.status_code == 400
+    workflow.refresh_from_db()
+    assert workflow.name == "plain"
+
+
+@pytest.mark.parametrize(
+    "name", ["日本語の名前", "Café 🚀", "family 👨\u200d👩\u200d👧", "  padded  "]
+)
+def test_workflow_name_with_other_unicode_accepted(alice_client, name):
+    created = post_json(
+        alice_client, "/api/workflows/", {"name": name, "definition": image_height()}
+    )
+    assert created.status_code == 201, created.json()
+    assert created.json()["name"] == name.strip()
+
+
 # Images
 
 

@@ -1,5 +1,6 @@
 """REST API for workflow definitions and for running them."""
 
+import unicodedata
 from urllib.parse import quote
 
 from django.conf import settings
@@ -44,8 +45,32 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+# Bidirectional-text controls, which can make a name read as another.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e") | {
+    chr(code) for code in range(0x2066, 0x206A)
+}
+
+
+def reject_control_characters(value: str) -> None:
+    """Raise ValidationError for a name with control or bidi-control characters.
+
+    A name is one line of text shown in lists, pages and the CSV export:
+    a newline, tab or escape in it would only garble those, and a bidi
+    override would make it read as another name.
+    """
+    for position, character in enumerate(value):
+        category = unicodedata.category(character)
+        if category in ("Cc", "Zl", "Zp") or character in _BIDI_CONTROLS:
+            raise serializers.ValidationError(
+                f"may not contain control characters: U+{ord(character):04X} "
+                f"at position {position}"
+            )
+
+
 class WorkflowWriteSerializer(serializers.Serializer):
-    name = StrictCharField(max_length=200, required=False)
+    name = StrictCharField(
+        max_length=200, required=False, validators=[reject_control_characters]
+    )
     description = StrictCharField(max_length=10_000, required=False, allow_blank=True)
     definition = serializers.JSONField(required=False)
 
