@@ -1357,6 +1357,21 @@ def test_key_in_body_after_byte_order_mark(client, alice_key):
     assert response.json()["valid"] is True
 
 
+@pytest.mark.parametrize("order", ["valid-last", "valid-first"])
+def test_repeated_api_key_in_query_is_400(client, alice, alice_key, order):
+    # The last one won, so a bad key followed by a good one authenticated.
+    keys = ["gbx_wrong", alice_key] if order == "valid-last" else [alice_key, ""]
+    query = "&".join(f"api_key={key}" for key in keys)
+    for url in (f"/api/workflows/?{query}", f"/billing/summary.json?{query}"):
+        response = client.get(url)
+        assert response.status_code == 400, url
+        body = response.json()
+        assert body["code"] == "malformed_request"
+        assert body["field"] == "api_key"
+        assert "given 2 times" in body["message"]
+        assert alice_key not in response.content.decode()
+
+
 @pytest.mark.parametrize("key", [123, ["gbx_x"], {"key": "gbx_x"}])
 def test_key_in_body_not_a_string(run_url, key):
     from rest_framework.test import APIClient

@@ -27,8 +27,16 @@ def find_api_key(request) -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() in ("bearer", "token") and value.strip():
         return value.strip()
-    if request.GET.get("api_key"):
-        return request.GET["api_key"]
+    query_keys = request.GET.getlist("api_key")
+    if len(query_keys) > 1:
+        # Which one would win is the query parser's choice, not the client's.
+        raise MalformedRequest(
+            f"api_key is given {len(query_keys)} times in the query; give it once",
+            context="request_parsing",
+            field_name="api_key",
+        )
+    if query_keys and query_keys[0]:
+        return query_keys[0]
     # The views parse every body not sent as multipart form data as JSON,
     # whatever its Content-Type, so the key is read from the same bodies.
     if (
