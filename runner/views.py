@@ -47,8 +47,21 @@ _weights_check_slot = threading.Lock()
 RUN_STATUSES = {choice for choice, _ in Run.Status.choices}
 
 
+# The run list's query parameters; api_key is where clients may put the key.
+RUN_LIST_PARAMETERS = {"status", "workflow", "before", "limit", "offset", "api_key"}
+
+
 class RunListView(APIView):
     def get(self, request):
+        # A misspelled filter (?stauts=failed) would list every run.
+        unknown = sorted(set(request.GET) - RUN_LIST_PARAMETERS)
+        if unknown:
+            raise MalformedRequest(
+                f"unknown query parameters {', '.join(map(repr, unknown))[:300]}; "
+                f"this route takes {', '.join(sorted(RUN_LIST_PARAMETERS))}",
+                context="request_parsing",
+                field_name=unknown[0][:100],
+            )
         # The id breaks ties of created_at, so the order is total. Offsets
         # count from the newest run, so a run created between two pages
         # shifts the second by one; ``before`` pages by the last run seen.

@@ -1087,13 +1087,28 @@ def test_enable_profiling_not_boolean(alice_client, profiling):
     assert_nothing_stored()
 
 
-@pytest.mark.parametrize("query", ["limit=abc", "limit=-1", "limit=0", "workflow=abc"])
+@pytest.mark.parametrize(
+    "query", ["limit=abc", "limit=-1", "limit=0", "workflow=abc", "stauts=failed"]
+)
 def test_run_list_bad_query(alice_client, query):
     response = alice_client.get(f"/api/runs/?{query}")
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)
     assert body["field"] == query.partition("=")[0]
+
+
+def test_run_list_unknown_parameter_names_the_accepted_ones(alice_client, alice_key):
+    response = alice_client.get("/api/runs/?stauts=failed&pge=2")
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert message.startswith("unknown query parameters 'pge', 'stauts'; ")
+    assert (
+        "this route takes api_key, before, limit, offset, status, workflow" in message
+    )
+    # The key may travel in the query.
+    allowed = alice_client.get(f"/api/runs/?status=failed&api_key={alice_key}")
+    assert allowed.status_code == 200
 
 
 def test_workflow_update_invalid_definition(alice, alice_client):
