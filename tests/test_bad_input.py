@@ -1804,6 +1804,28 @@ def test_session_requests_get_the_same_errors_as_key_requests(alice, alice_clien
     assert refused.status_code == 403
 
 
+@pytest.mark.parametrize(
+    "url", ["/api/validate", "/api/workflows/", "/workflows/run", "/model/add"]
+)
+def test_multipart_body_to_a_json_route_is_415(alice, alice_client, url):
+    # A session request's CSRF check streams a multipart body into
+    # request.POST, after which the body could not be read: a 500.
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(alice)
+    secret = "a" * 32
+    browser.cookies["csrftoken"] = secret
+    form = {"definition": "{}", "file": io.BytesIO(b"not json")}
+    for client, headers in ((browser, {"X-CSRFToken": secret}), (alice_client, {})):
+        form["file"].seek(0)
+        response = client.post(url, form, headers=headers)
+        assert response.status_code == 415, (url, client)
+        body = response.json()
+        assert body["code"] == "unsupported_media_type"
+        assert "multipart form data" in body["message"]
+    assert Workflow.objects.count() == 0
+    assert_nothing_stored()
+
+
 def test_unknown_api_routes_are_not_found(alice_client):
     # With CSRF checks on, as in a real server, the catch-all must not
     # return the CSRF failure page to an unsafe method.
@@ -1834,7 +1856,9 @@ def test_api_answers_json_to_a_browser_accept(client, alice, alice_key, accept):
         ("get", f"/workflows/run?api_key={alice_key}", 405, "method_not_allowed"),
     ]
     for method, url, status, code in cases:
-        response = getattr(client, method)(url, HTTP_ACCEPT=accept)
+        response = getattr(client, method)(
+            url, content_type="application/json", HTTP_ACCEPT=accept
+        )
         assert response.status_code == status, url
         assert response["Content-Type"] == "application/json", url
         assert alice_key not in response.content.decode(), url

@@ -171,11 +171,15 @@ class TooManyRequests(WorkflowError):
     headers = {"Retry-After": "1"}
 
 
-class UnsupportedEncoding(WorkflowError):
-    """A body compressed with a Content-Encoding this server does not decode."""
+class UnsupportedMediaType(WorkflowError):
+    """A body this route cannot read as it was sent."""
 
     code = "unsupported_media_type"
     status = 415
+
+
+class UnsupportedEncoding(UnsupportedMediaType):
+    """A body compressed with a Content-Encoding this server does not decode."""
 
 
 def read_body(django_request) -> bytes:
@@ -209,6 +213,16 @@ def json_body(request) -> Any:
     cached = getattr(django_request, "_json_body", None)
     if cached is not None:
         return cached
+    if django_request.content_type.startswith("multipart/"):
+        # Django streams a multipart body into request.POST without keeping
+        # it, as the CSRF check of a session request makes it do, so it could
+        # not be read here, and it holds no JSON anyway.
+        raise UnsupportedMediaType(
+            "this route reads a JSON body, not multipart form data, which only "
+            "a model upload (POST /api/models/) takes",
+            context="request_parsing",
+            hint="Send the body as a JSON object with Content-Type: application/json.",
+        )
     raw = read_body(django_request)
     if not raw:
         return {}
