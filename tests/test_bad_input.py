@@ -1826,6 +1826,23 @@ def test_multipart_body_to_a_json_route_is_415(alice, alice_client, url):
     assert_nothing_stored()
 
 
+def test_too_many_query_fields_says_so(alice_client, settings):
+    # Django refuses them before any view; the 400 only pointed at the log.
+    query = "&".join(
+        f"f{i}=1" for i in range(settings.DATA_UPLOAD_MAX_NUMBER_FIELDS + 1)
+    )
+    for url in ("/api/runs/", "/billing/summary.json"):
+        response = alice_client.get(f"{url}?{query}")
+        assert response.status_code == 400, url
+        body = response.json()
+        assert body["code"] == "bad_request"
+        assert body["message"] == (
+            f"the request has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} "
+            "query or form fields, the most this server reads"
+        )
+        assert "JSON body" in body["hint"]
+
+
 def test_unknown_api_routes_are_not_found(alice_client):
     # With CSRF checks on, as in a real server, the catch-all must not
     # return the CSRF failure page to an unsafe method.

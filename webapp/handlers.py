@@ -2,7 +2,8 @@
 
 import functools
 
-from django.core.exceptions import DisallowedHost
+from django.conf import settings
+from django.core.exceptions import DisallowedHost, TooManyFieldsSent, TooManyFilesSent
 from django.urls import Resolver404
 from django.views.defaults import bad_request as html_bad_request
 from django.views.defaults import page_not_found
@@ -71,6 +72,22 @@ def bad_request(request, exception=None):
             400,
             error_type="DisallowedHost",
             context="request.headers.host",
+        )
+    if isinstance(exception, TooManyFieldsSent | TooManyFilesSent):
+        # Django's limits on form and query fields, which name no part of the
+        # request, so the client can be told which one it passed.
+        if isinstance(exception, TooManyFieldsSent):
+            what = f"{settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} query or form fields"
+        else:
+            what = f"{settings.DATA_UPLOAD_MAX_NUMBER_FILES} files"
+        return json_error(
+            f"the request has more than {what}, the most this server reads",
+            "bad_request",
+            400,
+            error_type=type(exception).__name__,
+            context="request_parsing",
+            hint="Send fewer query parameters or form fields, or the data in a "
+            "JSON body.",
         )
     return json_error(
         "the request was refused as malformed or unsafe; the reason is in the "
