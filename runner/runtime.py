@@ -4,14 +4,17 @@ Set once by the ``runner`` command before the worker loop starts; the job
 function reads it, which is why runners must not fork per job.
 """
 
+import logging
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from runner.model_cache import ModelCache
+from runner.model_cache import POLICIES, ModelCache
 from webapp.clock import clock
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +60,8 @@ class RunnerRuntime:
     # last read, which the job loop applies between jobs.
     startup_budget_bytes: int = 0
     wanted_settings: tuple[int, str] | None = None
+    # The unknown policy name last logged, so that it is logged once.
+    unknown_policy: str | None = None
 
     def __post_init__(self) -> None:
         self.startup_budget_bytes = self.cache.budget_bytes
@@ -71,7 +76,24 @@ class RunnerRuntime:
             if stored.memory_budget_mb is None
             else stored.memory_budget_mb * 1024 * 1024
         )
-        self.wanted_settings = (budget_bytes, stored.eviction_policy)
+        policy = stored.eviction_policy
+        if policy not in POLICIES:
+            # Written outside the admin, or by a release with more policies.
+            # The budget still applies, and the policy stays.
+            if policy != self.unknown_policy:
+                logger.warning(
+                    "runner %s: the fleet settings name eviction policy %r, "
+                    "which is not one of this runner's policies (%s); keeping %s",
+                    self.name,
+                    policy,
+                    ", ".join(POLICIES),
+                    self.cache.policy.name,
+                )
+                self.unknown_policy = policy
+            policy = self.cache.policy.name
+        else:
+            self.unknown_policy = None
+        self.wanted_settings = (budget_bytes, policy)
 
     def apply_fleet_settings(self) -> None:
         """Apply the settings last read, evicting down to a lowered budget.

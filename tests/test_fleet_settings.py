@@ -141,3 +141,20 @@ def test_fleet_settings_admin(client, django_user_model):
     )
     assert rejected.status_code == 200
     assert FleetSettings.current().memory_budget_mb == 2048
+
+
+@pytest.mark.django_db
+def test_unknown_stored_policy_keeps_current(caplog):
+    # A row written outside the admin (SQL, or a newer release that knows
+    # more policies) can hold a name this runner does not know.
+    runtime = RunnerRuntime(name="unknown-policy", device="cpu", cache=new_cache(64))
+    FleetSettings.objects.create(memory_budget_mb=20, eviction_policy="lfu")
+    FleetSettings.objects.update(eviction_policy="fifo")
+
+    for _ in range(3):
+        runtime.read_fleet_settings()
+        runtime.apply_fleet_settings()
+    assert runtime.cache.budget_bytes == 20 * MIB
+    assert runtime.cache.policy.name == "lru"
+    warnings = [r for r in caplog.records if "fifo" in r.getMessage()]
+    assert len(warnings) == 1
