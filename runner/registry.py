@@ -197,8 +197,9 @@ def check_model_path(source: ModelSource) -> None:
     Runners read model sources from the job in Redis, and loading a ``.pt``
     file unpickles it, which can run code. This keeps a job edited in Redis
     from making a runner load a file from anywhere else. The path is checked
-    as written, with ``..`` segments collapsed, so a symlink that an
-    operator put in the model directory may point at weights elsewhere.
+    as written, so a symlink that an operator put in the model directory
+    may point at weights elsewhere. A ``..`` segment is rejected, because
+    after a symlinked directory it leads to the parent of the link's target.
     """
     if source.kind == "architecture":
         if "/" in source.path or not source.path.endswith(".yaml"):
@@ -206,6 +207,8 @@ def check_model_path(source: ModelSource) -> None:
         return
     if source.kind not in _ROOTS:
         raise ValueError(f"unknown model source kind {source.kind!r}")
+    if ".." in Path(source.path).parts:
+        raise ValueError(f"model path {source.path!r} contains '..'")
     root = kind_root(source.kind)
     local = Path(os.path.abspath(source.local_path()))
     if root is None or not local.is_relative_to(os.path.abspath(root)):

@@ -1,5 +1,7 @@
 """Model ids: where they resolve, what is rejected, what shares a cache entry."""
 
+import os
+
 import pytest
 from django.conf import settings
 
@@ -229,3 +231,21 @@ def test_unusable_id_hint_not_about_missing_file(db, model_id):
     with pytest.raises(ModelNotFoundError) as caught:
         resolve_model(model_id)
     assert "Put <model_id>.pt" not in caught.value.to_dict().get("hint", "")
+
+
+def test_check_model_path_rejects_dotdot_through_symlink(settings, tmp_path):
+    # The kernel resolves "shelf/.." to the parent of the symlink's target,
+    # not to the model directory, so a ".." there leaves the directory.
+    models = tmp_path / "models"
+    models.mkdir()
+    outside = tmp_path / "outside"
+    (outside / "shelf").mkdir(parents=True)
+    (outside / "evil.pt").write_bytes(b"not weights")
+    (models / "shelf").symlink_to(outside / "shelf")
+    settings.GLASSBOX = {**settings.GLASSBOX, "MODEL_DIR": models}
+
+    source = ModelSource("m", "model_dir", "shelf/../evil.pt", pretrained=True)
+    opened = os.path.realpath(source.local_path())
+    assert opened == str(outside / "evil.pt")
+    with pytest.raises(ValueError):
+        check_model_path(source)
