@@ -156,6 +156,12 @@ class FleetSettings(models.Model):
     def __str__(self) -> str:
         return "Fleet settings"
 
+    def save(self, *args, **kwargs) -> None:
+        # Runners read row ROW_ID only. A row added while the table is empty
+        # would otherwise take the database's next id and go unread.
+        self.pk = self.ROW_ID
+        super().save(*args, **kwargs)
+
     @classmethod
     def current(cls) -> "FleetSettings":
         """Return the stored settings, or the defaults when none were saved."""

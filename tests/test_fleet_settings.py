@@ -158,3 +158,24 @@ def test_unknown_stored_policy_keeps_current(caplog):
     assert runtime.cache.policy.name == "lru"
     warnings = [r for r in caplog.records if "fifo" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_fleet_settings_added_after_delete(client, django_user_model):
+    # The admin offers "Add" while the table is empty, as after a row was
+    # deleted outside it. The database gives the new row a new id.
+    staff = django_user_model.objects.create_superuser(
+        "fleet-adder", password="admin-password"
+    )
+    client.force_login(staff)
+    FleetSettings.objects.create(memory_budget_mb=100)
+    FleetSettings.objects.all().delete()
+
+    added = client.post(
+        "/admin/runner/fleetsettings/add/",
+        {"memory_budget_mb": "2048", "eviction_policy": "lfu"},
+    )
+    assert added.status_code == 302
+    stored = FleetSettings.current()
+    assert stored.memory_budget_mb == 2048
+    assert stored.eviction_policy == "lfu"
+    assert FleetSettings.objects.count() == 1
