@@ -472,3 +472,6 @@ def test_builder_suggests_model_ids(transactional_db, asgi_server, page, alice):
     )
     assert ["people-detector", "model directory"] in options
     assert ["yolov8n.yaml", "untrained architecture, for timing"] in options
+    # The compiler rejects a step output as a model_id, so none is offered.
+    values = [value for value, _ in options]
+    assert "$steps.count.output" not in values

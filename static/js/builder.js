@@ -1651,11 +1651,15 @@
   }
 
   // A text field for a JSON value (see parseValue); objects and lists get a
-  // textarea.  With suggest, it offers the parameters and value outputs.
-  function valueInput(item, name, { placeholder, suggest = true } = {}) {
+  // textarea.  With suggest, it offers the parameters, and the value outputs
+  // unless stepOutputs is false (a field the compiler takes no step output in).
+  function valueInput(item, name, { placeholder, suggest = true, stepOutputs = true } = {}) {
     const current = item[name];
     const multiline = current !== null && typeof current === "object";
-    const choices = suggest && !multiline ? selectorChoices(VALUE_KIND, item) : [];
+    const choices = suggest && !multiline
+      ? selectorChoices(VALUE_KIND, item)
+        .filter((choice) => stepOutputs || !choice.startsWith("$steps."))
+      : [];
     // A model_id field also suggests the models this user can run.
     const models = suggest && !multiline && name === "model_id" ? state.models : [];
     const listId = choices.length || models.length ? `choices-${name}` : null;
@@ -1681,6 +1685,7 @@
     const [control, list] = isValue
       ? valueInput(item, field.name, {
         placeholder: field.required ? "" : `default: ${formatValue(field.default)}`,
+        stepOutputs: field.step_outputs !== false,
       })
       : selectorInput(item, field.name, field.kind, selectorChoices(field.kind, item));
     const help = isValue

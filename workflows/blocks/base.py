@@ -115,6 +115,7 @@ class Block:
                     "description": f.description,
                     "required": f.required,
                     "default": f.default,
+                    "step_outputs": f.step_outputs,
                 }
                 for f in cls.fields
             ],
