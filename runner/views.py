@@ -10,6 +10,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
+from django.http import HttpResponse
 from rest_framework import status
 from rest_framework.exceptions import NotFound
 from rest_framework.parsers import MultiPartParser
@@ -18,6 +19,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from runner import fleet
+from runner.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from runner.metrics import render_metrics
 from runner.models import ModelUpload, Run
 from runner.presenters import run_to_dict
 from runner.registry import (
@@ -474,6 +477,15 @@ def _check_file_size(upload) -> None:
 def _sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+class MetricsView(APIView):
+    """Prometheus metrics; staff only, like the fleet, whose runners they name."""
+
+    permission_classes = [IsAdminUser]
+
+    def get(self, request):
+        return HttpResponse(render_metrics(), content_type=METRICS_CONTENT_TYPE)
 
 
 class FleetView(APIView):

@@ -47,6 +47,7 @@ urlpatterns = [
     path("admin/django-rq/", include("django_rq.urls")),
     path("admin/", admin.site.urls),
     path("api/", include(api)),
+    path("metrics", runner_views.MetricsView.as_view()),
     path("info", roboflow.InfoView.as_view()),
     path("model/registry", roboflow_models.ModelRegistryView.as_view()),
     path("model/add", roboflow_models.ModelAddView.as_view()),
