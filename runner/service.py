@@ -125,6 +125,7 @@ def start_run(
             raw_inputs,
             max_pixels=settings.GLASSBOX["MAX_IMAGE_PIXELS"],
             max_total_pixels=settings.GLASSBOX["MAX_RUN_PIXELS"],
+            max_images=settings.GLASSBOX["MAX_RUN_IMAGES"],
             uploads=uploads,
         )
         # The image checks above can take a while, so they stay outside the

@@ -1582,6 +1582,20 @@ def test_images_over_total_pixel_limit(send_run, monkeypatch):
     assert_nothing_stored()
 
 
+def test_batch_over_image_limit(send_run, monkeypatch):
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_RUN_IMAGES", 2)
+    image = base64_input(image_bytes())
+    response = send_run(image_height(), {"image": [image, image, image]})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert body["message"] == (
+        "image input 'image' has 3 images, over the limit of 2 per run (MAX_RUN_IMAGES)"
+    )
+    assert_nothing_stored()
+
+
 def test_parameter_nested_too_deeply(send_run):
     definition = with_parameter(image_height(), "note")
     definition["outputs"].append(

@@ -243,6 +243,7 @@ GLASSBOX = {
     "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),
     # All images of one run together; a runner keeps their pixels, 3 bytes each.
     "MAX_RUN_PIXELS": env_int("MAX_RUN_PIXELS", 160_000_000, 1),
+    "MAX_RUN_IMAGES": env_int("MAX_RUN_IMAGES", 100, 1),
     # A run's steps stop with a billed error once they have taken this long
     # on a runner; cold loads count, the queue does not.
     "RUN_TIME_LIMIT_S": env_float("RUN_TIME_LIMIT_S", 600.0, 0.001),

@@ -29,13 +29,15 @@ def read_inputs(
     *,
     max_pixels: int,
     max_total_pixels: int | None = None,
+    max_images: int | None = None,
     uploads: dict[str, bytes] | None = None,
 ) -> RunInputs:
     """Check every input the plan declares; raise InputError naming the bad one.
 
     Each image may have ``max_pixels``, and all of them together
     ``max_total_pixels``. Totals are checked from headers, before any image
-    is decoded to see whether it is whole.
+    is decoded to see whether it is whole. An image input may carry at most
+    ``max_images`` images.
     """
     raw = input_mapping(raw)
     uploads = uploads or {}
@@ -58,6 +60,15 @@ def read_inputs(
                 field_name=spec.name,
                 hint=f'Send inputs.{spec.name} = {{"type": "base64", '
                 '"value": "<base64 image>"}.',
+            )
+        if max_images is not None and len(blobs) > max_images:
+            raise InputError(
+                f"image input '{spec.name}' has {len(blobs)} images, over the "
+                f"limit of {max_images} per run (MAX_RUN_IMAGES)",
+                context="request_parsing",
+                field_name=spec.name,
+                hint="Split the batch into several runs. Each image costs a "
+                "model call at the model's input size, however small it is.",
             )
         images[spec.name] = blobs
         headers[spec.name] = [
