@@ -1585,7 +1585,9 @@ def test_images_over_total_pixel_limit(send_run, monkeypatch):
 def test_batch_over_image_limit(send_run, monkeypatch):
     monkeypatch.setitem(settings.GLASSBOX, "MAX_RUN_IMAGES", 2)
     image = base64_input(image_bytes())
-    response = send_run(image_height(), {"image": [image, image, image]})
+    # Counted before any image is decoded: the third is not even base64.
+    garbage = {"type": "base64", "value": "*"}
+    response = send_run(image_height(), {"image": [image, image, garbage]})
     assert response.status_code == 400
     body = response.json()
     assert_error_body(body)

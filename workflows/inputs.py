@@ -50,9 +50,12 @@ def read_inputs(
         if spec.name in uploads:
             blobs = [uploads[spec.name]]
         elif spec.name in raw:
-            blobs = _image_values(raw[spec.name], spec.name)
-            if isinstance(raw[spec.name], list):
+            value = raw[spec.name]
+            if isinstance(value, list):
                 batched.add(spec.name)
+                # Counted before any base64 is decoded.
+                _check_image_count(spec.name, len(value), max_images)
+            blobs = _image_values(value, spec.name)
         else:
             raise InputError(
                 f"image input '{spec.name}' is missing",
@@ -60,15 +63,6 @@ def read_inputs(
                 field_name=spec.name,
                 hint=f'Send inputs.{spec.name} = {{"type": "base64", '
                 '"value": "<base64 image>"}.',
-            )
-        if max_images is not None and len(blobs) > max_images:
-            raise InputError(
-                f"image input '{spec.name}' has {len(blobs)} images, over the "
-                f"limit of {max_images} per run (MAX_RUN_IMAGES)",
-                context="request_parsing",
-                field_name=spec.name,
-                hint="Split the batch into several runs. Each image costs a "
-                "model call at the model's input size, however small it is.",
             )
         images[spec.name] = blobs
         headers[spec.name] = [
@@ -100,6 +94,18 @@ def read_inputs(
         ]
     parameters = read_parameters(plan, raw)
     return RunInputs(images, info, parameters, _batch_size(images))
+
+
+def _check_image_count(name: str, count: int, max_images: int | None) -> None:
+    if max_images is not None and count > max_images:
+        raise InputError(
+            f"image input '{name}' has {count} images, over the limit of "
+            f"{max_images} per run (MAX_RUN_IMAGES)",
+            context="request_parsing",
+            field_name=name,
+            hint="Split the batch into several runs. Each image costs a model "
+            "call at the model's input size, however small it is.",
+        )
 
 
 def input_mapping(raw: Any) -> dict[str, Any]:

@@ -49,8 +49,9 @@ class Command(BaseCommand):
             "--memory-budget-mb",
             type=positive_int,
             default=settings.GLASSBOX["RUNNER_MEMORY_BUDGET_MB"],
-            help="Memory for loaded models, in MiB; least recently "
-            "used models are evicted above it.",
+            help="Memory for loaded models, in MiB; models are evicted above "
+            "it, by the fleet settings' policy (least recently used unless set). "
+            "A budget set in the fleet settings replaces this one.",
         )
         parser.add_argument(
             "--burst", action="store_true", help="Exit when the queues are empty."
