@@ -251,6 +251,12 @@ def test_createtoken_prints_a_working_key(alice):
     assert client.get("/api/workflows/").status_code == 200
 
 
+def test_createtoken_rejects_unprintable_name(alice):
+    with pytest.raises(CommandError, match="U\\+000A at position 2"):
+        call_command("createtoken", "alice", "--name", "ci\nbot")
+    assert ApiToken.objects.count() == 0
+
+
 def test_createtoken_unknown_user(db):
     with pytest.raises(CommandError, match="user 'nobody' not found"):
         call_command("createtoken", "nobody")

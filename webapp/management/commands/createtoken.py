@@ -34,6 +34,15 @@ class Command(BaseCommand):
             raise CommandError(f"user '{username}' is inactive")
         if not name.strip() or len(name) > 100:
             raise CommandError("--name must be 1 to 100 characters")
+        # As on the tokens page, which drops them: PostgreSQL cannot store
+        # U+0000, and the others would garble the tokens page.
+        for position, character in enumerate(name):
+            if not character.isprintable():
+                raise CommandError(
+                    f"--name contains the unprintable character "
+                    f"U+{ord(character):04X} at position {position}; use "
+                    "letters, digits, spaces and punctuation"
+                )
         _, key = ApiToken.issue(user, name)
         # Only the key on stdout, so scripts can capture it.
         self.stdout.write(key)
