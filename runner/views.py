@@ -57,14 +57,9 @@ RUN_LIST_PARAMETERS = {"status", "workflow", "before", "limit", "offset", "api_k
 class RunListView(APIView):
     def get(self, request):
         # A misspelled filter (?stauts=failed) would list every run.
-        unknown = sorted(set(request.GET) - RUN_LIST_PARAMETERS)
-        if unknown:
-            raise MalformedRequest(
-                f"unknown query parameters {', '.join(map(repr, unknown))[:300]}; "
-                f"this route takes {', '.join(sorted(RUN_LIST_PARAMETERS))}",
-                context="request_parsing",
-                field_name=unknown[0][:100],
-            )
+        reject_unknown_fields(
+            request.GET, RUN_LIST_PARAMETERS, "query parameters", "this route"
+        )
         # The id breaks ties of created_at, so the order is total. Offsets
         # count from the newest run, so a run created between two pages
         # shifts the second by one; ``before`` pages by the last run seen.

@@ -308,12 +308,18 @@ def string_list(body: dict[str, Any], key: str) -> list[str]:
     return value
 
 
-def reject_unknown_fields(body: dict, known: set[str]) -> None:
-    """Raise MalformedRequest naming the fields of ``body`` outside ``known``."""
+def reject_unknown_fields(
+    body, known: set[str], kind: str = "fields", taker: str = "this request"
+) -> None:
+    """Raise MalformedRequest naming the keys of ``body`` outside ``known``.
+
+    ``kind`` names the keys in the message ("query parameters"), and
+    ``taker`` what takes them ("this route").
+    """
     unknown = sorted(set(body) - known)
     if unknown:
         raise MalformedRequest(
-            f"unknown fields {', '.join(map(repr, unknown))[:300]}; this request "
+            f"unknown {kind} {', '.join(map(repr, unknown))[:300]}; {taker} "
             f"takes {', '.join(sorted(known))}",
             context="request_parsing",
             field_name=unknown[0][:100],
