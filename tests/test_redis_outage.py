@@ -240,85 +240,66 @@ def test_resumed_runner_takes_no_job_under_a_taken_name(transactional_db, tmp_pa
         server.wait(timeout=10)
 
 
-def test_stalled_run_is_not_billed(transactional_db, alice, tmp_path):
-    # The only runner of its Redis server is stopped for longer than the dead
-    # time mid-run. No runner reaps it, so the run finishes, unbilled.
-    socket_path = tmp_path / "stall.sock"
+def run_through_stall(alice, tmp_path, name: str, model_id: str, pause: str):
+    """Run ``model_id`` on runner ``name`` of a Redis server of its own, and
+    stop the runner or Redis (``pause``) for longer than the dead time once
+    the run started. Return the run and its result payload.
+    """
+    socket_path = tmp_path / f"{name}.sock"
     server = start_redis(socket_path)
-    log_path = tmp_path / "stall-runner.log"
+    log_path = tmp_path / f"{name}-runner.log"
     working = webapp_redis._connection
-    # The session's runner must not take "stall" for a runner Redis forgot.
-    with registered_runner("stall"):
-        process = start_runner("stall", socket_path, log_path)
+    # The session's runner must not take it for a runner Redis forgot.
+    with registered_runner(name):
+        process = start_runner(name, socket_path, log_path)
+        paused = {"runner": process, "redis": server}[pause]
         try:
             client = redis.Redis(unix_socket_path=str(socket_path))
-            wait_for_heartbeat(client, "stall", process.pid)
+            wait_for_heartbeat(client, name, process.pid)
             webapp_redis._connection = client
-            run = start_cli_run(
-                alice, detection("yolov8x.yaml"), wait_s=0, runner="stall"
-            ).run
+            run = start_cli_run(alice, detection(model_id), wait_s=0, runner=name).run
             deadline = time.monotonic() + 60
             while Run.objects.get(pk=run.pk).status == Run.Status.QUEUED:
                 assert time.monotonic() < deadline, log_path.read_text()[-2000:]
                 time.sleep(0.05)
-            process.send_signal(signal.SIGSTOP)
+            paused.send_signal(signal.SIGSTOP)
             time.sleep(3)  # RUNNER_DEAD_AFTER_S is 2 s in tests
-            process.send_signal(signal.SIGCONT)
+            paused.send_signal(signal.SIGCONT)
             payload = wait_for_result(str(run.id), timeout_s=120)
         finally:
             webapp_redis._connection = working
-            process.send_signal(signal.SIGCONT)
+            paused.send_signal(signal.SIGCONT)
             process.terminate()
             process.wait(timeout=30)
             server.terminate()
             server.wait(timeout=10)
-
     assert payload is not None, log_path.read_text()[-2000:]
+    return run, payload
+
+
+def test_stalled_run_is_not_billed(transactional_db, alice, tmp_path):
+    # The only runner of its Redis server is stopped for longer than the dead
+    # time mid-run. No runner reaps it, so the run finishes, unbilled.
+    run, payload = run_through_stall(alice, tmp_path, "stall", "yolov8x.yaml", "runner")
     assert payload["meta"]["status"] == "succeeded"
     bill = payload["meta"]["bill"]
     assert bill["billed"] is False
     assert bill["amount_microcredits"] == 0
-    assert "stopped or starved" in bill["formula"]
+    assert "runner stall was stopped or starved" in bill["formula"]
     assert Bill.objects.get(run=run).billed is False
 
 
 def test_redis_stall_mid_run_is_named_in_waiver(transactional_db, alice, tmp_path):
     # Redis, not the runner, stops for longer than the dead time while the
     # runner executes a run. The waived bill says so.
-    socket_path = tmp_path / "mid-run.sock"
-    server = start_redis(socket_path)
-    log_path = tmp_path / "mid-run-runner.log"
-    working = webapp_redis._connection
-    with registered_runner("mid-run"):
-        process = start_runner("mid-run", socket_path, log_path)
-        try:
-            client = redis.Redis(unix_socket_path=str(socket_path))
-            wait_for_heartbeat(client, "mid-run", process.pid)
-            webapp_redis._connection = client
-            run = start_cli_run(
-                alice, detection("yolov8x.yaml-1024"), wait_s=0, runner="mid-run"
-            ).run
-            deadline = time.monotonic() + 60
-            while Run.objects.get(pk=run.pk).status == Run.Status.QUEUED:
-                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
-                time.sleep(0.05)
-            server.send_signal(signal.SIGSTOP)
-            time.sleep(3)  # RUNNER_DEAD_AFTER_S is 2 s in tests
-            server.send_signal(signal.SIGCONT)
-            payload = wait_for_result(str(run.id), timeout_s=120)
-        finally:
-            webapp_redis._connection = working
-            server.send_signal(signal.SIGCONT)
-            process.terminate()
-            process.wait(timeout=30)
-            server.terminate()
-            server.wait(timeout=10)
-
-    assert payload is not None, log_path.read_text()[-2000:]
+    run, payload = run_through_stall(
+        alice, tmp_path, "mid-run", "yolov8x.yaml-1024", "redis"
+    )
     assert payload["meta"]["status"] == "succeeded"
     bill = payload["meta"]["bill"]
     assert bill["billed"] is False
     assert "the Redis server of runner mid-run did not answer for" in bill["formula"]
+    assert Bill.objects.get(run=run).billed is False
 
 
 def test_run_after_redis_stall_is_billed(transactional_db, alice, tmp_path):
