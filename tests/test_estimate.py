@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from django.conf import settings
 
 from billing.policy import evaluate_formula
 from runner import estimate as estimate_module
@@ -205,6 +206,34 @@ def test_estimate_bad_requests(runner, alice_client, bob_client):
     assert Run.objects.count() == 0
 
 
+def test_estimate_rejects_batch_over_image_limit(runner, alice_client, monkeypatch):
+    # A run of this batch would be rejected, so its estimate is too, with the
+    # run's message.
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_RUN_IMAGES", 2)
+    workflow_id = create_workflow(alice_client, detection())
+    routes = {
+        "stored": (f"/api/workflows/{workflow_id}/estimate", {}),
+        "inline": ("/api/estimate", {"specification": detection()}),
+    }
+    for name, (path, body) in routes.items():
+        at_limit = alice_client.post(
+            path, {**body, "inputs": {"image": ["a", "b"]}}, format="json"
+        )
+        assert at_limit.status_code == 200, name
+        assert at_limit.json()["batch_size"] == 2, name
+
+        over = alice_client.post(
+            path, {**body, "inputs": {"image": ["a", "b", "c"]}}, format="json"
+        )
+        assert over.status_code == 400, name
+        assert over.json()["code"] == "invalid_input", name
+        assert over.json()["field"] == "image", name
+        assert over.json()["message"] == (
+            "image input 'image' has 3 images, over the limit of 2 per run "
+            "(MAX_RUN_IMAGES)"
+        ), name
+
+
 def test_estimate_and_run_go_where_most_models_are(
     runner, extra_runners, alice, alice_client
 ):
@@ -275,7 +304,7 @@ def test_estimate_without_runner(transactional_db, tmp_path):
     assert any("no runner is up" in reason for reason in body["unknown"])
 
 
-def test_estimate_scales_model_calls_with_batch(runner, alice_client):
+def test_estimate_scales_model_calls_with_batch(runner, alice_client, monkeypatch):
     workflow_id = create_workflow(alice_client, detection("people-detector-768"))
     for _ in range(2):
         assert run_workflow(alice_client, workflow_id).status_code == 200
@@ -294,12 +323,13 @@ def test_estimate_scales_model_calls_with_batch(runner, alice_client):
     # An estimate of a batch whose predicted time passes the run time limit
     # notes it.
     images = ["a"] * (1 + int(600 * 1e6 / per_call))
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_RUN_IMAGES", len(images))
     body = estimate(alice_client, workflow_id, {"inputs": {"image": images}})
     assert body["runner_total"] > 600 * 1e6
     assert any("over RUN_TIME_LIMIT_S (600 s)" in note for note in body["notes"])
 
 
-def test_estimate_time_limit_without_history(runner, alice_client):
+def test_estimate_time_limit_without_history(runner, alice_client, monkeypatch):
     # A workflow whose runs all timed out has no succeeded run, so its
     # runner total is unknown. Its model calls alone still pass the limit.
     measured = create_workflow(alice_client, detection("people-detector-800"))
@@ -312,6 +342,7 @@ def test_estimate_time_limit_without_history(runner, alice_client):
 
     per_call = sum(body["models"][0]["per_call_us"].values())
     images = ["a"] * (1 + int(600 * 1e6 / per_call))
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_RUN_IMAGES", len(images))
     body = estimate(alice_client, unrun, {"inputs": {"image": images}})
     assert body["runner_total"] is None
     assert body["components"]["inference"] is not None

@@ -274,11 +274,20 @@ def _describe(info: ImageInfo, blob: bytes) -> dict[str, Any]:
     }
 
 
-def batch_size_of(plan: ExecutionPlan, raw: dict[str, Any]) -> int:
-    """Return the batch size that ``raw``'s image inputs would make, undecoded."""
+def batch_size_of(
+    plan: ExecutionPlan, raw: dict[str, Any], max_images: int | None = None
+) -> int:
+    """Return the batch size that ``raw``'s image inputs would make, undecoded.
+
+    Raise InputError, as a run would, for an empty list or for a list of more
+    than ``max_images`` images.
+    """
     for spec in plan.image_inputs:
-        if raw.get(spec.name) == []:
+        value = raw.get(spec.name)
+        if value == []:
             raise _empty_list(spec.name)
+        if isinstance(value, list):
+            _check_image_count(spec.name, len(value), max_images)
     counts = {
         spec.name: raw[spec.name] if isinstance(raw.get(spec.name), list) else [None]
         for spec in plan.image_inputs

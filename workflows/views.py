@@ -374,7 +374,8 @@ def estimate_definition(definition, body: dict, owner_id: int) -> dict:
     raw = input_mapping(body.get("inputs"))
     reject_undeclared_inputs(plan, raw)
     parameters = read_parameters(plan, raw)
-    return estimate_run(plan, parameters, owner_id, batch_size_of(plan, raw))
+    batch_size = batch_size_of(plan, raw, settings.GLASSBOX["MAX_RUN_IMAGES"])
+    return estimate_run(plan, parameters, owner_id, batch_size)
 
 
 class WorkflowEstimateView(APIView):
