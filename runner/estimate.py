@@ -237,9 +237,11 @@ def _workflow_components(
                 f"not {batch_size}, and they grow with the images sent"
             )
         else:
+            inside = sizes[0] <= batch_size <= sizes[-1]
             notes.append(
                 f"{names} times for {_images(batch_size)} per input are "
-                "extrapolated along a line through the medians of runs of "
+                f"{'interpolated' if inside else 'extrapolated'} along a line "
+                "through the medians of runs of "
                 f"{_join([str(size) for size in sizes])} images"
             )
     return components

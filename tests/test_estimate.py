@@ -573,6 +573,15 @@ def test_estimate_request_follows_batch_size():
         "extrapolated along a line through the medians of runs of 1 and 4 images"
     ]
 
+    # A size between those run is read off the same line.
+    notes = []
+    components = estimate_module._workflow_components(runs, 2, [], notes)
+    assert components["request"] == 1667
+    assert notes == [
+        "request, queue and overhead times for 2 images per input are "
+        "interpolated along a line through the medians of runs of 1 and 4 images"
+    ]
+
     # One other size is used as it is, with a note.
     notes = []
     components = estimate_module._workflow_components(runs[:2], 3, [], notes)
