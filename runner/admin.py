@@ -64,6 +64,13 @@ class FleetSettingsAdmin(admin.ModelAdmin):
     fields = ("memory_budget_mb", "eviction_policy", "updated_at")
     readonly_fields = ("updated_at",)
 
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        # A PositiveIntegerField's form field allows 0, which the model's
+        # validator rejects: state the model's minimum of 1 instead.
+        if db_field.name == "memory_budget_mb":
+            kwargs["min_value"] = 1
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
     def has_add_permission(self, request):
         return not FleetSettings.objects.exists()
 

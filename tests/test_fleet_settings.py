@@ -143,6 +143,26 @@ def test_fleet_settings_admin(client, django_user_model):
     assert FleetSettings.current().memory_budget_mb == 2048
 
 
+def test_fleet_settings_budget_minimum_is_one(client, django_user_model):
+    # 0 is rejected too, so the form states 1 as the minimum for every
+    # value below it, and the browser's number field starts there.
+    staff = django_user_model.objects.create_superuser(
+        "fleet-admin", password="admin-password"
+    )
+    client.force_login(staff)
+    # The list creates the row and redirects to its form.
+    form = client.get("/admin/runner/fleetsettings/", follow=True).content.decode()
+    assert 'min="1"' in form
+    for value in ("-5", "0"):
+        rejected = client.post(
+            "/admin/runner/fleetsettings/1/change/",
+            {"memory_budget_mb": value, "eviction_policy": "lru"},
+        )
+        assert rejected.status_code == 200, value
+        errors = rejected.context["adminform"].form.errors["memory_budget_mb"]
+        assert errors == ["Ensure this value is greater than or equal to 1."], value
+
+
 @pytest.mark.django_db
 def test_unknown_stored_policy_keeps_current(caplog):
     # A row written outside the admin (SQL, or a newer release that knows
