@@ -261,7 +261,14 @@ class ModelCache:
         self.budget_bytes = budget_bytes
         if policy_name != self.policy.name:
             self.policy = POLICIES[policy_name]()
-        self._make_room(0, keep=None)
+        # As at a load, the model used last stays, alone if it is larger
+        # than the whole budget: unloading it would only make the next run
+        # cold.
+        with self._lock:
+            latest = max(
+                self._entries.values(), key=lambda e: e.last_used, default=None
+            )
+        self._make_room(0, keep=latest.source.cache_key if latest else None)
         self._notify_change()
         return True
 

@@ -52,6 +52,12 @@ def test_lowered_budget_evicts_at_once(alice):
     # The same settings again change nothing.
     assert cache.configure(20 * MIB, "lru") is False
 
+    # As at a load, the model used last stays, alone over a budget too
+    # small for it.
+    assert cache.configure(1 * MIB, "lru") is True
+    assert [model["cache_key"] for model in cache.snapshot()] == [second]
+    assert cache.evictions == 1
+
 
 @pytest.mark.django_db
 def test_lfu_evicts_the_least_called_model(alice):
