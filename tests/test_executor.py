@@ -210,7 +210,22 @@ def test_dynamic_crop_keeps_empty_box_as_null():
         parent_id="image",
         detection_ids=["d1", "d2", "d3"],
     )
-    crops = DynamicCropBlock().run(None, images=image, predictions=boxes)["crops"]
+    produced = DynamicCropBlock().run(None, images=image, predictions=boxes)
+    crops = produced["crops"]
     assert len(crops) == 3
     assert crops[1] is None
     assert [crop.parent_id for crop in (crops[0], crops[2])] == ["d1", "d3"]
+
+    # Each crop's detection, in the crop's coordinates; null with its crop.
+    found = produced["predictions"]
+    assert len(found) == 3
+    assert found[1] is None
+    first = found[0]
+    assert first.xyxy.tolist() == [[0.0, 0.0, 40.0, 50.0]]
+    assert first.detection_ids == ["d1"]
+    assert first.parent_id == "d1"
+    assert first.image_size == (40, 50)
+    [own] = first.to_roboflow("own")["predictions"]
+    assert (own["x"], own["y"]) == (20.0, 25.0)
+    [in_input] = first.to_roboflow("parent")["predictions"]
+    assert (in_input["x"], in_input["y"]) == (30.0, 35.0)

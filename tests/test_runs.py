@@ -472,6 +472,11 @@ def test_detections_in_crops_name_their_detection(runner, alice):
             "selector": "$steps.inner.predictions",
             "coordinates_system": "parent",
         },
+        {
+            "type": "JsonField",
+            "name": "cropped",
+            "selector": "$steps.crops.predictions",
+        },
     ]
     outcome = start_cli_run(alice, definition, wait_s=120)
     assert outcome.payload["meta"]["status"] == "succeeded"
@@ -486,6 +491,15 @@ def test_detections_in_crops_name_their_detection(runner, alice):
     # In the input's coordinates, the input is the parent.
     for crop in output["inner_parent"]:
         assert {p["parent_id"] for p in crop["predictions"]} == {"image"}
+    # The crop step's own detections: each crop's detection, in the crop.
+    assert len(output["cropped"]) == len(outer_ids)
+    for detection_id, crop in zip(outer_ids, output["cropped"], strict=True):
+        [prediction] = crop["predictions"]
+        assert prediction["detection_id"] == detection_id
+        assert prediction["parent_id"] == detection_id
+        # The crop's edges are the box's, rounded to whole pixels.
+        assert abs(crop["image"]["width"] - prediction["width"]) <= 1
+        assert abs(prediction["x"] - crop["image"]["width"] / 2) <= 1
 
 
 def test_null_default_parameter_runs_when_sent(runner, alice_client):

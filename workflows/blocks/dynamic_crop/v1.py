@@ -29,18 +29,19 @@ class DynamicCropBlock(Block):
             aliases=("detections",),
         ),
     )
-    outputs = {"crops": IMAGE}
+    # Each crop, and the detection it was cut for in the crop's coordinates.
+    outputs = {"crops": IMAGE, "predictions": DETECTIONS}
     adds_dimension = 1
 
     def run(
         self, context: StepContext, *, images: WorkflowImage, predictions: Detections
     ) -> dict[str, Any]:
-        crops = []
+        crops, found = [], []
         # Box edges round to the nearest pixel (half to even), as in
         # Roboflow's block.
         boxes = np.round(predictions.xyxy).astype(int)
-        for detection_id, (x1, y1, x2, y2) in zip(
-            predictions.detection_ids, boxes, strict=True
+        for index, (detection_id, (x1, y1, x2, y2)) in enumerate(
+            zip(predictions.detection_ids, boxes, strict=True)
         ):
             # As in Roboflow's workflows, a crop's parent is the detection it
             # was cut from, and what is found in it names that parent.
@@ -48,5 +49,36 @@ class DynamicCropBlock(Block):
             # A box narrower than a pixel once rounded gives a null crop, as
             # in Roboflow's block, so crop i still belongs to detection i.
             # Steps fed by a null crop are skipped, and their outputs are null.
-            crops.append(crop if crop.width and crop.height else None)
-        return {"crops": crops}
+            if crop.width and crop.height:
+                crops.append(crop)
+                found.append(_detection_in_crop(predictions, index, crop))
+            else:
+                crops.append(None)
+                found.append(None)
+        return {"crops": crops, "predictions": found}
+
+
+def _detection_in_crop(
+    predictions: Detections, index: int, crop: WorkflowImage
+) -> Detections:
+    """Return detection ``index`` alone, in the coordinates of its ``crop``.
+
+    It keeps its id and class, and names the crop as the image it is in,
+    as detections that a model finds in the crop do.
+    """
+    offset_x, offset_y = crop.parent_origin[:2]
+    shift = np.array([offset_x, offset_y, offset_x, offset_y], dtype=np.float32)
+    return Detections(
+        xyxy=(predictions.xyxy[index : index + 1] - shift).astype(np.float32),
+        confidence=predictions.confidence[index : index + 1],
+        class_id=predictions.class_id[index : index + 1],
+        class_names=[predictions.class_names[index]],
+        image_size=(crop.width, crop.height),
+        parent_id=crop.parent_id,
+        detection_ids=[predictions.detection_ids[index]],
+        root_id=crop.root,
+        origin=crop.origin,
+        parent_size=crop.root_size,
+        inference_id=predictions.inference_id,
+        parent_origin=crop.parent_origin,
+    )
