@@ -1,7 +1,7 @@
 """Prometheus metrics of runs, bills and the runner fleet, in the text format.
 
 Every figure is read at scrape time from the database and from the runners'
-heartbeats in Redis, not counted in the process that answers, so the web
+heartbeats in Redis, not counted in the process that serves the scrape, so the web
 server's workers and every machine's runners report as one. Totals over runs
 and bills are counters: they only grow, unless runs are deleted with their
 owner. Figures of a runner describe its current process, so its

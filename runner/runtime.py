@@ -38,7 +38,7 @@ class RunnerRuntime:
     # The heartbeat thread's last wake-up, and the end and length of the
     # latest gap between wake-ups longer than RUNNER_DEAD_AFTER_S
     # (time.monotonic()): the process was stopped or starved that long, or
-    # Redis did not answer a heartbeat for most of it (stall_in_redis).
+    # Redis did not reply to a heartbeat for most of it (stall_in_redis).
     heartbeat_woke_at: float = field(default_factory=time.monotonic)
     # When the heartbeat being sent now started (0.0 between heartbeats),
     # and how long the latest one took to send.
@@ -56,10 +56,10 @@ class RunnerRuntime:
     # the heartbeat's thread it would look like a stalled process.
     redis_unreachable: bool = False
     # The start-up budget applies while the fleet settings set none.
-    # wanted_settings is the (budget, policy) that the fleet-check thread
+    # pending_settings is the (budget, policy) that the fleet-check thread
     # last read, which the job loop applies between jobs.
     startup_budget_bytes: int = 0
-    wanted_settings: tuple[int, str] | None = None
+    pending_settings: tuple[int, str] | None = None
     # The unknown policy name last logged, so that it is logged once.
     unknown_policy: str | None = None
 
@@ -93,16 +93,16 @@ class RunnerRuntime:
             policy = self.cache.policy.name
         else:
             self.unknown_policy = None
-        self.wanted_settings = (budget_bytes, policy)
+        self.pending_settings = (budget_bytes, policy)
 
     def apply_fleet_settings(self) -> None:
         """Apply the settings last read, evicting down to a lowered budget.
 
         Called by the job loop between jobs, when no run uses a model.
         """
-        wanted = self.wanted_settings
-        if wanted is not None:
-            self.cache.configure(*wanted)
+        pending = self.pending_settings
+        if pending is not None:
+            self.cache.configure(*pending)
 
     def stall_since(self, started: float, dead_after_s: float) -> float | None:
         """Return how long this process stalled since ``started``, or None.

@@ -334,8 +334,8 @@ class Heartbeat(threading.Thread):
         """Record a gap since the last wake-up longer than ``dead_after``.
 
         When the heartbeat before the gap itself took longer than
-        ``dead_after``, Redis did not answer it: the stall was Redis's, not
-        this process's.
+        ``dead_after``, Redis did not reply to it, so the stall was Redis's,
+        not this process's.
         """
         now = time.monotonic()
         gap = now - self.runtime.heartbeat_woke_at

@@ -1854,7 +1854,7 @@ def test_too_many_query_fields_says_so(alice_client, settings):
         assert body["code"] == "bad_request"
         assert body["message"] == (
             f"the request has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} "
-            "query or form fields, the most this server reads"
+            "query or form fields, the maximum this server reads"
         )
         assert "JSON body" in body["hint"]
 

@@ -40,7 +40,7 @@ def wait_for_state(process, check, timeout_s: float = 15) -> dict:
 
 @pytest.mark.django_db
 def test_lowered_budget_evicts_at_once(alice):
-    # Each yolov8n takes about 12.6 MB, so 20 MiB holds one of them.
+    # Each yolov8n takes about 12.6 MB, so 20 MiB has room for one of them.
     cache = new_cache(4096)
     first = load(cache, "yolov8n.yaml-320", alice.id)
     second = load(cache, "yolov8n.yaml-352", alice.id)
@@ -68,7 +68,7 @@ def test_lfu_evicts_the_least_called_model(alice):
         load(cache, "yolov8n.yaml-320", alice.id)
     load(cache, "yolov8n.yaml-352", alice.id)
 
-    # 30 MiB holds two: the third load evicts the model called once, where
+    # 30 MiB has room for two: the third load evicts the model called once, where
     # the least recently used would be the one called three times.
     latest = load(cache, "yolov8n.yaml-384", alice.id)
     assert {model["cache_key"] for model in cache.snapshot()} == {often, latest}
@@ -171,8 +171,8 @@ def test_fleet_settings_budget_minimum_is_one(client, django_user_model):
 
 @pytest.mark.django_db
 def test_unknown_stored_policy_keeps_current(caplog):
-    # A row written outside the admin (SQL, or a newer release that knows
-    # more policies) can hold a name this runner does not know.
+    # A row written outside the admin (SQL, or a newer release with more
+    # policies) can contain a name that is not one of this runner's policies.
     runtime = RunnerRuntime(name="unknown-policy", device="cpu", cache=new_cache(64))
     FleetSettings.objects.create(memory_budget_mb=20, eviction_policy="lfu")
     FleetSettings.objects.update(eviction_policy="fifo")

@@ -245,7 +245,7 @@ def test_upload_rejects_module_that_is_no_detector(
     assert ModelUpload.objects.count() == 0
 
 
-def test_runner_rejects_model_dir_file_that_is_no_detector(runner, alice_client):
+def test_model_dir_non_detector_fails(runner, alice_client):
     weights = Path(settings.GLASSBOX["MODEL_DIR"]) / "bare-layer.pt"
     torch.save({"model": torch.nn.Linear(2, 2)}, weights)
     try:

@@ -74,14 +74,14 @@ def bad_request(request, exception=None):
             context="request.headers.host",
         )
     if isinstance(exception, TooManyFieldsSent | TooManyFilesSent):
-        # Django's limits on form and query fields, which name no part of the
-        # request, so the client can be told which one it passed.
+        # Django's limits on form and query fields name no part of the
+        # request, so the message names the limit that the request passed.
         if isinstance(exception, TooManyFieldsSent):
             what = f"{settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} query or form fields"
         else:
             what = f"{settings.DATA_UPLOAD_MAX_NUMBER_FILES} files"
         return json_error(
-            f"the request has more than {what}, the most this server reads",
+            f"the request has more than {what}, the maximum this server reads",
             "bad_request",
             400,
             error_type=type(exception).__name__,
@@ -112,10 +112,10 @@ def server_error(request):
 
 
 def allow_methods(*methods: str):
-    """Serve only ``methods`` (GET brings HEAD); answer others 405, as the API does.
+    """Serve only ``methods`` (GET brings HEAD), and return a JSON 405 for others.
 
     Plain Django views otherwise run for any method: a PUT to a page
-    rendered it, and a POST to a JSON route answered it like a GET.
+    rendered it, and a POST to a JSON route was served like a GET.
     """
     allowed = {method.upper() for method in methods}
     if "GET" in allowed:
