@@ -9,6 +9,7 @@ known yet is measured on load and the budget enforced right after.
 """
 
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -166,6 +167,44 @@ def pick_device(requested: str | None = None) -> str:
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
+
+
+LOAD_PHASES = ("read", "to_device", "warmup")
+
+
+def _add_load_phases(use: ModelUse, marks: list[int]) -> None:
+    """Add a load's phases to ``use``: ``marks`` are the load's start and the
+    end of each phase it finished, in the order of LOAD_PHASES.
+
+    Added, not set: a model evicted during a run is loaded again.
+    """
+    spans = [end - start for start, end in itertools.pairwise(marks)]
+    spans += [0] * (len(LOAD_PHASES) - len(spans))
+    use.cold = True
+    use.load_read_ns += spans[0]
+    use.load_to_device_ns += spans[1]
+    use.load_warmup_ns += spans[2]
+
+
+def _load_error(
+    source: ModelSource, path: str, error: Exception, phase: str, where: str
+) -> ModelLoadError:
+    """Say which load phase failed, and why, without the server's paths.
+
+    ``where`` is the device for the to-device phase and the image size for
+    the warm-up.
+    """
+    # ultralytics' messages name the file; the server's paths stay here.
+    reason = str(error).replace(path, Path(path).name).removeprefix("ERROR ❌️ ")
+    cause = f"{type(error).__name__}: {reason}"
+    if phase == "to_device":
+        cause = f"moving it to {where} failed: {cause}"
+    elif phase == "warmup":
+        cause = (
+            f"it loaded, but its warm-up prediction on a blank {where} image "
+            f"failed, so these weights cannot run: {cause}"
+        )
+    return ModelLoadError(source.model_id, cause)
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -393,37 +432,36 @@ class ModelCache:
             else 0
         )
 
-        started = time.perf_counter_ns()
+        # Each phase's end; a failed load still adds the phases it went
+        # through, so its time is cold load, not overhead.
+        marks = [time.perf_counter_ns()]
+        size = source.image_size or self.warmup_size
         try:
             if source.kind != "architecture":
                 check_format(Path(path))
             model = open_weights(path, task="detect")
+            marks.append(time.perf_counter_ns())
+            model.to(self.device)
+            _synchronize(self.device)
+            marks.append(time.perf_counter_ns())
+            blank = np.zeros((size, size, 3), dtype=np.uint8)
+            model.predict(blank, device=self.device, imgsz=size, verbose=False)
+            _synchronize(self.device)
+            marks.append(time.perf_counter_ns())
         except Exception as error:
+            phase = LOAD_PHASES[len(marks) - 1]
+            marks.append(time.perf_counter_ns())
+            _add_load_phases(use, marks)
             logger.exception("model %s failed to load", source.model_id)
-            # ultralytics' messages name the file; the server's paths stay here.
-            reason = str(error).replace(path, Path(path).name)
-            raise ModelLoadError(
-                source.model_id,
-                f"{type(error).__name__}: {reason.removeprefix('ERROR ❌️ ')}",
-            ) from None
-        read_done = time.perf_counter_ns()
-        model.to(self.device)
-        _synchronize(self.device)
-        moved = time.perf_counter_ns()
-        size = source.image_size or self.warmup_size
-        blank = np.zeros((size, size, 3), dtype=np.uint8)
-        model.predict(blank, device=self.device, imgsz=size, verbose=False)
-        _synchronize(self.device)
-        warmed = time.perf_counter_ns()
-        # ultralytics drops torch to one thread at its first predict.
-        torch.set_num_threads(self.torch_threads)
+            where = self.device if phase == "to_device" else f"{size}×{size}"
+            raise _load_error(source, path, error, phase, where) from None
+        finally:
+            # ultralytics drops torch to one thread at its first predict.
+            torch.set_num_threads(self.torch_threads)
+        _add_load_phases(use, marks)
+        started, warmed = marks[0], marks[-1]
 
-        use.cold = True
         use.loads += 1
-        # Added, not set: a model evicted during a run is loaded again.
-        use.load_read_ns += read_done - started
-        use.load_to_device_ns += moved - read_done
-        use.load_warmup_ns += warmed - moved
         if self.device.startswith("cuda"):
             memory = torch.cuda.memory_allocated(self.device) - cuda_before
         else:
@@ -479,6 +517,24 @@ class ModelProvider:
                 "it stays loaded until another model needs the room"
             )
 
+    def _emit_cold_load(
+        self, model_id: str, step: str, use: ModelUse, before: tuple[int, int, int]
+    ) -> None:
+        """Send the phases of the load that followed ``before``, this load's only:
+        a model evicted during the run loads again."""
+        phases = {
+            "read": us_added(before[0], use.load_read_ns),
+            "to_device": us_added(before[1], use.load_to_device_ns),
+            "warmup": us_added(before[2], use.load_warmup_ns),
+        }
+        self.timer.emit(
+            "cold_load",
+            model_id=model_id,
+            step=step,
+            **phases,
+            total=sum(phases.values()),
+        )
+
     def detect(
         self, model_id: str, image: WorkflowImage, options: Any, step: str
     ) -> Detections:
@@ -493,22 +549,15 @@ class ModelProvider:
             use.steps.append(step)
         was_loaded = self.cache.is_loaded(source)
         before = (use.load_read_ns, use.load_to_device_ns, use.load_warmup_ns)
-        entry = self.cache.get(source, use)
+        try:
+            entry = self.cache.get(source, use)
+        except ModelLoadError:
+            if use.cold_load_ns > sum(before):
+                self._emit_cold_load(model_id, step, use, before)
+            raise
         self._check_model(model_id, entry, use)
         if not was_loaded:
-            # This load only: a model evicted during the run loads again.
-            phases = {
-                "read": us_added(before[0], use.load_read_ns),
-                "to_device": us_added(before[1], use.load_to_device_ns),
-                "warmup": us_added(before[2], use.load_warmup_ns),
-            }
-            self.timer.emit(
-                "cold_load",
-                model_id=model_id,
-                step=step,
-                **phases,
-                total=sum(phases.values()),
-            )
+            self._emit_cold_load(model_id, step, use, before)
 
         decode_started = time.perf_counter_ns()
         pixels = image.pixels

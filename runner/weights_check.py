@@ -4,8 +4,8 @@ The check loads the file with ultralytics, which the web server must not do
 itself: importing ultralytics adds about 900 MB of torch to each worker and
 replaces ``PIL.Image.open`` with a version that tries to install packages,
 and a file crafted to inflate or crash would take the worker with it. The
-child loads with ultralytics' restricted unpickler, offline, and prints one
-line of JSON.
+child loads with ultralytics' restricted unpickler, offline, predicts once on
+a blank image, and prints one line of JSON.
 
 Run as ``python -m runner.weights_check PATH``; it reads no Django settings
 and does not set Django up.
@@ -20,6 +20,9 @@ import zipfile
 from pathlib import Path
 
 CHILD_TIMEOUT_S = 120
+# The size of the blank image the check predicts on: small, since it only
+# shows that the model runs at all.
+CHECK_IMAGE_SIZE = 160
 # A torch checkpoint stores its tensors uncompressed, so its members add up
 # to about the archive's size. Anything far above that is a compressed
 # payload built to inflate.
@@ -113,12 +116,32 @@ def _load(path: Path) -> dict:
         raise ValueError(_load_failure(error)) from error
     if model.task != "detect":
         raise ValueError(f"the model's task is '{model.task}', only 'detect' runs here")
+    _check_prediction(model)
     return {
         "ok": True,
         "task": model.task,
         "names": [model.names[i] for i in sorted(model.names)],
         "trained": bool((getattr(model, "ckpt", None) or {}).get("train_args")),
     }
+
+
+def _check_prediction(model) -> None:
+    """Raise ValueError unless the model predicts on a blank image.
+
+    A checkpoint can load and still fail at every prediction, for example
+    when its first layer takes another number of channels than an image has.
+    """
+    import numpy as np
+
+    blank = np.zeros((CHECK_IMAGE_SIZE, CHECK_IMAGE_SIZE, 3), dtype=np.uint8)
+    try:
+        model.predict(blank, imgsz=CHECK_IMAGE_SIZE, device="cpu", verbose=False)
+    except Exception as error:
+        raise ValueError(
+            f"it loads, but a prediction on a blank {CHECK_IMAGE_SIZE}×"
+            f"{CHECK_IMAGE_SIZE} image failed, so it cannot run "
+            f"({type(error).__name__}: {error})"[:500]
+        ) from error
 
 
 def _load_failure(error: Exception) -> str:

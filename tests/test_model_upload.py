@@ -32,6 +32,18 @@ def make_weights(path):
     return path
 
 
+def weights_that_cannot_predict(path: Path) -> Path:
+    """Save a detector whose first convolution takes one channel, not three:
+    it loads, and fails at its first prediction."""
+    from ultralytics import YOLO
+
+    model = YOLO("yolov8n.yaml")
+    first = model.model.model[0].conv
+    first.weight = torch.nn.Parameter(torch.zeros(first.out_channels, 1, 3, 3))
+    model.save(str(path))
+    return path
+
+
 def damaged_checkpoint(path: Path) -> Path:
     """Copy the demo detector to ``path`` with one member's header overwritten."""
     shutil.copy(resolve_model("people-detector").local_path(), path)
@@ -599,3 +611,54 @@ def test_open_weights_needs_restricted_unpickler(tmp_path, monkeypatch):
         open_weights(str(weights))
 
     assert not marker.exists()
+
+
+def test_upload_rejects_weights_that_cannot_predict(alice_client, tmp_path):
+    weights = weights_that_cannot_predict(tmp_path / "gray.pt")
+
+    response = upload(alice_client, "gray", weights)
+
+    assert response.status_code == 400, response.json()
+    body = response.json()
+    assert body["field"] == "file"
+    assert body["message"].startswith(
+        "'gray.pt' is not an ultralytics model: it loads, but a prediction on "
+        "a blank 160×160 image failed, so it cannot run (RuntimeError: "
+    )
+    assert ModelUpload.objects.count() == 0
+
+
+def test_model_dir_weights_that_cannot_predict_fail_to_load(runner, alice_client):
+    weights = weights_that_cannot_predict(
+        Path(settings.GLASSBOX["MODEL_DIR"]) / "gray.pt"
+    )
+    try:
+        workflow_id = create_workflow(alice_client, detection("gray"))
+        response = run_workflow(alice_client, workflow_id)
+    finally:
+        weights.unlink()
+
+    assert response.status_code == 500, response.json()
+    error = response.json()["error"]
+    assert error["code"] == "model_load_failed"
+    assert error["message"].startswith(
+        "Model 'gray' could not be loaded: it loaded, but its warm-up prediction "
+        "on a blank 640×640 image failed, so these weights cannot run: RuntimeError: "
+    )
+    run = Run.objects.get()
+    assert run.status == Run.Status.FAILED
+    assert run.bill.amount_microcredits == 0
+    # The failed load's time is the model's cold load, not overhead.
+    (model,) = run.breakdown["models"]
+    assert model["cold"] is True
+    assert model["loads"] == 0
+    load = model["cold_load"]
+    assert load["read"] > 0 and load["warmup"] > 0
+    assert load["total"] == load["read"] + load["to_device"] + load["warmup"]
+    components = run.breakdown["components"]
+    assert components["cold_load"] == load["total"]
+    assert components["overhead"] < components["cold_load"]
+    runner_parts = sum(
+        value for name, value in components.items() if name not in ("request", "queue")
+    )
+    assert runner_parts == run.breakdown["runner_total"]
