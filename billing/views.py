@@ -4,7 +4,7 @@ import csv
 
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponse, JsonResponse, QueryDict
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.csrf import csrf_exempt
 
@@ -21,8 +21,13 @@ from billing.queries import (
 from webapp.authentication import login_or_token_required
 from webapp.errors import json_error
 from webapp.handlers import allow_methods
+from webapp.requests import MalformedRequest, reject_unknown_fields
 
 PAGE_SIZE = 50
+
+# The query parameters that the CSV export and the chart data take. Clients
+# may send their key as api_key.
+DATA_PARAMETERS = set(BillFilterForm.base_fields) | {"api_key"}
 
 
 @login_required
@@ -37,8 +42,34 @@ def history(request):
             page=page,
             rows=list(bill_rows(page.object_list)),
             summary=summarize(bills),
+            export_query=filter_query(request.GET),
         )
     return render(request, "billing/history.html", context)
+
+
+def filter_query(query: QueryDict) -> str:
+    """Return the filter parameters of ``query`` as a query string.
+
+    The export link carries only these, because the export rejects other
+    parameters, such as ``page``. It also keeps an ``api_key`` in the page's
+    URL out of the link.
+    """
+    filters = QueryDict(mutable=True)
+    for name in BillFilterForm.base_fields:
+        if name in query:
+            filters.setlist(name, query.getlist(name))
+    return filters.urlencode()
+
+
+def _unknown_parameters(request) -> JsonResponse | None:
+    # A misspelled filter (?date_form=...) would export every bill.
+    try:
+        reject_unknown_fields(
+            request.GET, DATA_PARAMETERS, "query parameters", "this route"
+        )
+    except MalformedRequest as error:
+        return JsonResponse(error.to_dict(), status=error.status)
+    return None
 
 
 def _invalid_filters(form: BillFilterForm) -> HttpResponse:
@@ -67,6 +98,9 @@ def export_csv(request):
     (daphne) Django 5.2 reads a synchronous streaming iterator into a list
     before sending it anyway.
     """
+    rejected = _unknown_parameters(request)
+    if rejected is not None:
+        return rejected
     form = BillFilterForm(request.GET, user=request.user)
     if not form.is_valid():
         return _invalid_filters(form)
@@ -98,6 +132,9 @@ def spreadsheet_safe(value):
 @allow_methods("GET")
 def summary_json(request):
     """Return the chart data for the filters; the history page embeds the same."""
+    rejected = _unknown_parameters(request)
+    if rejected is not None:
+        return rejected
     form = BillFilterForm(request.GET, user=request.user)
     if not form.is_valid():
         return _invalid_filters(form)

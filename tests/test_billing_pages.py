@@ -11,6 +11,7 @@ import io
 import json
 import math
 import random
+import re
 import uuid
 from collections import defaultdict
 from html.parser import HTMLParser
@@ -534,6 +535,69 @@ def test_export_link_keeps_filters(alice_browser, alice, people):
 
 
 # ------------------------------------------------------------------ filters
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", [EXPORT, SUMMARY])
+def test_data_endpoints_reject_unknown_parameters(alice_browser, alice, people, url):
+    make_bill(alice, version=people)
+    # A misspelled date_from. If it were ignored, the result would cover
+    # every bill.
+    response = alice_browser.get(url, {"date_form": "2025-03-10", "token": "none"})
+
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "malformed_request"
+    assert body["error_type"] == "MalformedRequest"
+    assert body["context"] == "request_parsing"
+    assert body["field"] == "date_form"
+    assert body["message"] == (
+        "unknown query parameters 'date_form'; this route takes api_key, "
+        "date_from, date_to, token, workflow"
+    )
+    runs = alice_browser.get("/api/runs/", {"stauts": "failed"}).json()
+    assert sorted(body) == sorted(runs)
+
+
+@pytest.mark.django_db
+def test_history_ignores_unknown_parameters(alice_browser, alice, people):
+    bill = make_bill(alice, version=people)
+    page = parse(alice_browser.get(HISTORY, {"utm_source": "mail"}))
+    assert [row[2] for row in page.rows] == [str(bill.run_id)]
+
+
+@pytest.mark.django_db
+def test_history_links_all_respond(alice_browser, alice, people, heights):
+    # The page is opened with parameters it does not take. Every link on
+    # it works, because the export link drops what the export rejects.
+    token, key = ApiToken.issue(alice, "ci")
+    seed_bills(alice, 600, versions=[people, heights], tokens=[token, None])
+    params = {
+        "workflow": people.workflow_id,
+        "token": token.pk,
+        "date_from": "2025-03-01",
+        "page": 2,
+        "utm_source": "mail",
+        "api_key": key,
+    }
+    page = parse(alice_browser.get(HISTORY, params))
+    assert 'rel="prev"' in page.html
+    assert 'rel="next"' in page.html
+    links = [
+        html.unescape(link) for link in re.findall(r'href="([/?][^"]*)"', page.html)
+    ]
+    assert sum(link.startswith("/billing/runs/") for link in links) == 50
+
+    for link in links:
+        url = HISTORY + link if link.startswith("?") else link
+        response = alice_browser.get(url, follow=True)
+        assert response.status_code == 200, (url, response.content[:300])
+
+    export = re.search(r'id="billing-export" href="([^"]*)"', page.html)[1]
+    assert html.unescape(export) == (
+        f"/billing/export.csv?date_from=2025-03-01&workflow={people.workflow_id}"
+        f"&token={token.pk}"
+    )
 
 
 @pytest.mark.django_db
