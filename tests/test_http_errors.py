@@ -54,8 +54,15 @@ def raw_request(base_url: str, request: bytes) -> tuple[int, dict, dict]:
             "bad_request",
             "well-formed HTTP/1.1 request",
         ),
+        (
+            b"POST /api/workflows/ HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: br\r\nContent-Length: 0\r\n\r\n",
+            501,
+            "not_implemented",
+            "Content-Length header and no Transfer-Encoding",
+        ),
     ],
-    ids=["long-line", "large-header", "many-headers", "bad-version"],
+    ids=["long-line", "large-header", "many-headers", "bad-version", "coding"],
 )
 def test_rejected_request_json_error(wsgi_server, request_bytes, status, code, hint):
     returned, headers, body = raw_request(wsgi_server, request_bytes)
@@ -66,6 +73,20 @@ def test_rejected_request_json_error(wsgi_server, request_bytes, status, code, h
     assert body["context"] == "http"
     assert body["message"]
     assert hint in body["hint"]
+
+
+def test_unsupported_coding_status_line(wsgi_server):
+    address = urlsplit(wsgi_server)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /api/workflows/ HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: br\r\nContent-Length: 0\r\n\r\n"
+        )
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 501
+        assert response.reason == "Not Implemented"
+        assert json.loads(response.read())["message"].startswith("Not Implemented")
 
 
 def test_unknown_host_gets_json_error_on_api_routes(wsgi_server):

@@ -2,14 +2,17 @@
 
 gunicorn rejects some requests before they reach Django: a request line over
 ``limit_request_line`` (414), too many or too large header fields (431), or
-a request line or header it cannot parse (400). Its own response is an HTML
-page, which API clients cannot read as an error body. This worker writes
-the API's error body instead, with the limit that was hit and how to stay
-under it. Status codes and reasons stay gunicorn's.
+a request line or header it cannot parse (400), or a Transfer-Encoding it
+does not support (501). Its own response is an HTML page, which API clients
+cannot read as an error body. This worker writes the API's error body
+instead, with the limit that was hit and how to stay under it. Status codes
+stay gunicorn's, and so do reasons, except where gunicorn gives another
+status the reason of a 400.
 """
 
 import json
 import threading
+from http import HTTPStatus
 
 from gunicorn import util
 from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
@@ -34,6 +37,10 @@ class JsonErrorWorker(ThreadWorker):
             self.answering.error = None
 
     def write_json_error(self, sock, status_int, reason, message):
+        # gunicorn 27 keeps the reason "Bad Request" when it sets 501 for
+        # an unsupported Transfer-Encoding or 500 for a configuration error.
+        if status_int != 400 and reason == "Bad Request":
+            reason = HTTPStatus(status_int).phrase
         body = json.dumps(self.error_body(status_int, reason, message)).encode()
         head = (
             f"HTTP/1.1 {status_int} {reason}\r\n"
@@ -61,6 +68,10 @@ class JsonErrorWorker(ThreadWorker):
             body["hint"] = (
                 f"Send at most {self.cfg.limit_request_fields} header fields, "
                 f"each under {self.cfg.limit_request_field_size} bytes."
+            )
+        elif status_int == HTTPStatus.NOT_IMPLEMENTED:
+            body["hint"] = (
+                "Send the body with a Content-Length header and no Transfer-Encoding."
             )
         elif status_int == 400:
             body["hint"] = "Send a well-formed HTTP/1.1 request."
