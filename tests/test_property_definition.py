@@ -20,8 +20,11 @@ def two_boxes() -> Detections:
     )
 
 
-def extract(detections: Detections, property_name: str):
-    operations = [{"type": "DetectionsPropertyExtract", "property_name": property_name}]
+def extract(detections: Detections, property_name: str, *then: dict):
+    operations = [
+        {"type": "DetectionsPropertyExtract", "property_name": property_name},
+        *then,
+    ]
     context = StepContext(step_name="property", models=None, timer=None)
     return PropertyDefinitionBlock().run(
         context, data=detections, operations=operations
@@ -62,3 +65,19 @@ def test_detections_property_extract_empty(property_name):
 def test_detections_property_anchor_types():
     [point, _] = extract(two_boxes(), "center")
     assert all(type(coordinate) is int for coordinate in point)
+
+
+@pytest.mark.parametrize(
+    ("property_name", "expected"),
+    [
+        ("class_name", "['person', 'bus']"),
+        ("class_id", "[0, 1]"),
+        # float32 confidences as Python floats, as Roboflow's tolist() gives.
+        ("confidence", "[0.8999999761581421, 0.5]"),
+        ("center", "[[30, 50], [111, 4]]"),
+        ("detection_id", "['d1', 'd2']"),
+    ],
+)
+def test_to_string_of_detection_property(property_name, expected):
+    text = extract(two_boxes(), property_name, {"type": "ToString"})
+    assert text == expected

@@ -535,8 +535,20 @@ def test_missing_objects_named_in_404(alice, bob, alice_client):
         assert message in response.json()["message"], url
 
 
-def test_to_string_writes_json_for_non_strings(runner, alice_client):
-    values = {"flag": True, "nothing": None, "mapping": {"a": 1}, "names": ["a", "b"]}
+def test_to_string_writes_python_str(runner, alice_client):
+    # Roboflow's ToString returns Python's str() of the value.
+    expected = {
+        "flag": (True, "True"),
+        "nothing": (None, "None"),
+        "mapping": ({"a": [1, 2.5]}, "{'a': [1, 2.5]}"),
+        "names": (["a", "b"], "['a', 'b']"),
+        "quoted": (["it's"], '["it\'s"]'),
+        "number": (0.1, "0.1"),
+        "large": (10**17, "100000000000000000"),
+        "small": (1e-7, "1e-07"),
+        "text": ("café", "café"),
+    }
+    values = {name: value for name, (value, _) in expected.items()}
     definition = image_height()
     for name in values:
         definition["inputs"].append({"type": "WorkflowParameter", "name": name})
@@ -563,10 +575,8 @@ def test_to_string_writes_json_for_non_strings(runner, alice_client):
     )
     assert response.status_code == 200, response.json()
     [output] = response.json()["outputs"]
-    assert output["flag"] == "true"
-    assert output["nothing"] == "null"
-    assert output["mapping"] == '{"a": 1}'
-    assert output["names"] == '["a", "b"]'
+    for name, (_, text) in expected.items():
+        assert output[name] == text, name
 
 
 def test_deleting_user_deletes_runs_and_bills(

@@ -4,7 +4,6 @@
 Roboflow's query language for the subset supported here.
 """
 
-import json
 from typing import Any
 
 import numpy as np
@@ -53,7 +52,7 @@ OPERATIONS = {
     "SequenceLength": "number of detections or items",
     "DetectionsPropertyExtract": "property_name: one of "
     + ", ".join(DETECTION_PROPERTIES),
-    "ToString": "the value as text: a string as it is, anything else as JSON",
+    "ToString": "the value as text, as Python's str() writes it",
 }
 
 # The kinds each operation reads and makes, for the compile-time check.
@@ -172,9 +171,12 @@ def _apply(operation: dict, value: Any, step: str) -> Any:
         if not isinstance(value, Detections):
             raise _wrong_input(kind, value, step)
         return _detection_property(value, operation["property_name"])
+    # Roboflow's to_string (query_language/operations/strings/base.py in
+    # roboflow/inference) returns str(value) for any value. An image or
+    # detections would give an object's repr, so those are rejected instead.
     if isinstance(value, (WorkflowImage, Detections)):
         raise _wrong_input(kind, value, step)
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 def _detection_property(detections: Detections, name: str) -> list:
