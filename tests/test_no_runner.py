@@ -72,3 +72,75 @@ def test_no_runner_hint_on_command_line_offers_wait():
     hint = no_runner_error("cli").hint
     assert "asynchronously" not in hint
     assert "--wait-for-runner SECONDS" in hint
+
+
+def start_waiting_command(definition, image, env, wait_s: float):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "runworkflow",
+            str(definition),
+            "--image",
+            str(image),
+            "--wait-for-runner",
+            str(wait_s),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_overlapping_cli_runs_stop_redis(transactional_db, tmp_path):
+    # The first command starts the embedded Redis and ends while the second,
+    # which found it running, still waits. The second, ending last, stops it.
+    definition = tmp_path / "height.json"
+    definition.write_text(json.dumps(image_height()))
+    image = tmp_path / "bus.jpg"
+    image.write_bytes(image_bytes())
+    env = private_data_env(tmp_path / "data")
+    redis_pid = tmp_path / "data" / "redis.pid"
+
+    first = start_waiting_command(definition, image, env, 4)
+    assert "started embedded Redis" in first.stderr.readline()
+    second = start_waiting_command(definition, image, env, 8)
+    _, first_errors = first.communicate(timeout=120)
+    second_alive_after_first = second.poll() is None
+    _, second_errors = second.communicate(timeout=120)
+    left_running = redis_pid.exists() and pid_alive(int(redis_pid.read_text()))
+    if left_running:
+        os.kill(int(redis_pid.read_text()), signal.SIGTERM)
+
+    assert "no runner came up" in first_errors
+    assert "no runner came up" in second_errors
+    assert second_alive_after_first, "the commands must overlap"
+    assert "stopped embedded Redis" not in first_errors
+    assert "stopped embedded Redis" in second_errors
+    assert not left_running
+
+
+def test_cli_runs_ending_together_stop_redis(transactional_db, tmp_path):
+    # Three commands that start and end at about the same time: one starts
+    # the server, and whichever ends last, with no other still connected,
+    # stops it.
+    definition = tmp_path / "height.json"
+    definition.write_text(json.dumps(image_height()))
+    image = tmp_path / "bus.jpg"
+    image.write_bytes(image_bytes())
+    env = private_data_env(tmp_path / "data")
+    redis_pid = tmp_path / "data" / "redis.pid"
+
+    commands = [start_waiting_command(definition, image, env, 3) for _ in range(3)]
+    errors = [command.communicate(timeout=120)[1] for command in commands]
+    left_running = redis_pid.exists() and pid_alive(int(redis_pid.read_text()))
+    if left_running:
+        os.kill(int(redis_pid.read_text()), signal.SIGTERM)
+
+    for text in errors:
+        assert "no runner came up" in text
+    assert sum("started embedded Redis" in text for text in errors) == 1
+    assert sum("stopped embedded Redis" in text for text in errors) == 1
+    assert not left_running

