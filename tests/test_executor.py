@@ -229,3 +229,26 @@ def test_dynamic_crop_keeps_empty_box_as_null():
     assert (own["x"], own["y"]) == (20.0, 25.0)
     [in_input] = first.to_roboflow("parent")["predictions"]
     assert (in_input["x"], in_input["y"]) == (30.0, 35.0)
+
+
+def test_serialized_detections_are_rounded():
+    import numpy as np
+
+    from workflows.detections import Detections
+
+    boxes = Detections(
+        xyxy=np.array([[10.123, 20.456, 50.789, 80.001]], dtype=np.float32),
+        confidence=np.array([0.876543], dtype=np.float32),
+        class_id=np.array([0]),
+        class_names=["person"],
+        image_size=(640, 480),
+        parent_id="image",
+        detection_ids=["d1"],
+    )
+    [prediction] = boxes.to_roboflow()["predictions"]
+    # Box centre and size to 2 decimals, confidence to 4.
+    assert prediction["x"] == 30.46
+    assert prediction["y"] == 50.23
+    assert prediction["width"] == 40.67
+    assert prediction["height"] == 59.55
+    assert prediction["confidence"] == 0.8765

@@ -86,6 +86,9 @@ class Detections:
         if coordinates == "own":
             crop_origins = self._crop_origins()
         predictions = []
+        # NOTE: boxes are rounded to 2 decimals and confidences to 4.
+        # Roboflow's workflow serializer writes the unrounded floats
+        # (docs/api.md).
         for i in range(len(self)):
             x1, y1, x2, y2 = (float(v) for v in self.xyxy[i])
             predictions.append(
