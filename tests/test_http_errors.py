@@ -3,13 +3,17 @@
 import http.client
 import json
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
+
+from webapp.gunicorn_worker import JsonErrorWorker
 
 
 def raw_request(base_url: str, request: bytes) -> tuple[int, dict, dict]:
@@ -87,6 +91,15 @@ def test_unsupported_coding_status_line(wsgi_server):
         assert response.status == 501
         assert response.reason == "Not Implemented"
         assert json.loads(response.read())["message"].startswith("Not Implemented")
+
+
+def test_gunicorn_500_has_the_api_code():
+    # gunicorn answers 500 when the application fails before responding,
+    # which no request can cause on purpose, so the body is built directly.
+    worker = SimpleNamespace(answering=threading.local())
+    body = JsonErrorWorker.error_body(worker, 500, "Internal Server Error", "")
+    assert body["code"] == "server_error"
+    assert body["message"] == "Internal Server Error"
 
 
 def test_unknown_host_gets_json_error_on_api_routes(wsgi_server):

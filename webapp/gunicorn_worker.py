@@ -56,7 +56,12 @@ class JsonErrorWorker(ThreadWorker):
         body = {
             "message": f"{reason}: {message}" if message else reason,
             "error_type": "RequestError",
-            "code": reason.lower().replace(" ", "_"),
+            # Django's own 500 has the code server_error; gunicorn's the same.
+            "code": (
+                "server_error"
+                if status_int == HTTPStatus.INTERNAL_SERVER_ERROR
+                else reason.lower().replace(" ", "_")
+            ),
             "context": "http",
         }
         if isinstance(error, LimitRequestLine):
