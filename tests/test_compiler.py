@@ -240,6 +240,27 @@ def test_compile_literal_where_selector_needed():
     assert "literal" in error.property_details
 
 
+@pytest.mark.parametrize(
+    "field, selector",
+    [("images", "$inputs.image\n"), ("data", "$steps.people.predictions\n")],
+    ids=["input", "step-output"],
+)
+def test_compile_selector_with_trailing_newline(field, selector):
+    definition = detection()
+    step = 0 if field == "images" else 1
+    definition["steps"][step][field] = selector
+    [error] = compile_errors(definition)
+    assert error.property_name == field
+    assert "not a valid selector" in error.property_details
+
+
+def test_compile_output_selector_with_trailing_newline():
+    definition = detection()
+    definition["outputs"][0]["selector"] += "\n"
+    [error] = compile_errors(definition)
+    assert error.property_name == "outputs.predictions.selector"
+
+
 def test_compile_selector_to_missing_input():
     definition = image_height()
     definition["steps"][0]["data"] = "$inputs.photo"

@@ -56,8 +56,10 @@ def name_problem(kind: str, name: Any, any_text: bool = False) -> str | None:
     return None
 
 
+# Used with fullmatch, as NAME_PATTERN is, because "$" alone would also accept
+# a trailing newline, which the builder's pattern (static/js/builder.js) rejects.
 SELECTOR_PATTERN = re.compile(
-    r"^\$(?:inputs\.(?P<input>[^.\s]+)|steps\.(?P<step>[^.\s]+)\.(?P<output>[^.\s]+))$"
+    r"\$(?:inputs\.(?P<input>[^.\s]+)|steps\.(?P<step>[^.\s]+)\.(?P<output>[^.\s]+))"
 )
 
 
@@ -65,7 +67,7 @@ def parse_selector(value: Any) -> InputRef | StepRef | None:
     """Return the reference a selector string names, or None if it is no selector."""
     if not isinstance(value, str) or not value.startswith("$"):
         return None
-    match = SELECTOR_PATTERN.match(value)
+    match = SELECTOR_PATTERN.fullmatch(value)
     if match is None:
         return None
     if match["input"] is not None:
