@@ -257,6 +257,32 @@ def test_comparison_that_fails_rejects_step():
     )
 
 
+@pytest.mark.parametrize(
+    "property_name, comparator, expected",
+    [
+        (
+            "center",
+            "(Number) >",
+            "TypeError: '>' not supported between instances of 'tuple' and 'list'",
+        ),
+        (
+            "class_name",
+            "(String) startsWith",
+            "TypeError: startswith first arg must be str or a tuple of str, not list",
+        ),
+    ],
+    ids=["number", "string"],
+)
+def test_comparison_error_names_list_type(property_name, comparator, expected):
+    operations = keep_where(
+        compare(detection_property(property_name), comparator, parameter("values"))
+    )
+    with pytest.raises(StepExecutionError) as caught:
+        kept(operations, {"values": ["N", "F"]})
+    assert caught.value.message.endswith(expected)
+    assert "MemberList" not in caught.value.message
+
+
 def test_comparison_on_no_detections_never_runs():
     operations = keep_where(
         compare(detection_property("confidence"), "(Number) >", static("high"))

@@ -184,6 +184,24 @@ def _evaluate(
         shown_values = ", ".join(shown(argument) for argument in arguments)
         raise EvaluationError(
             f"{statement.path}: {name} failed on detection {index} with the "
-            f"values {shown_values}: {type(error).__name__}: {error}"
+            f"values {shown_values}: {_error_text(predicate, arguments, error)}"
         ) from error
     return not result if statement.negate else result
+
+
+def _error_text(predicate: Any, arguments: tuple[Any, ...], error: Exception) -> str:
+    """Return the text of ``error`` as ``predicate`` raises it on plain lists.
+
+    Python's message names each operand's class. A parameter's list arrives
+    as the internal MemberList, which the definition never mentions, so the
+    call is repeated with plain lists, whose message names ``list``.
+    """
+    plain = tuple(
+        list(argument) if isinstance(argument, MemberList) else argument
+        for argument in arguments
+    )
+    try:
+        predicate(*plain)
+    except Exception as plain_error:
+        error = plain_error
+    return f"{type(error).__name__}: {error}"
