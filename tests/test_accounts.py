@@ -46,6 +46,36 @@ def test_sign_out_stays_on_this_site(client, alice):
     assert client.get("/workflows/").status_code == 302
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/accounts/password_reset/",
+        "/accounts/password_reset/done/",
+        "/accounts/reset/MQ/set-password/",
+        "/accounts/reset/done/",
+    ],
+)
+def test_password_reset_routes_absent(client, db, path):
+    assert client.get(path).status_code == 404
+    assert client.post(path, {"email": "alice@example.com"}).status_code == 404
+
+
+def test_password_change_for_signed_in_user(client, alice):
+    client.force_login(alice)
+    response = client.post(
+        "/accounts/password_change/",
+        {
+            "old_password": "alice-password",
+            "new_password1": "a-new-long-password-42",
+            "new_password2": "a-new-long-password-42",
+        },
+    )
+    assert response.status_code == 302
+    assert response.url == "/accounts/password_change/done/"
+    alice.refresh_from_db()
+    assert alice.check_password("a-new-long-password-42")
+
+
 def test_admin_sign_out_answers(client, django_user_model):
     staff = django_user_model.objects.create_user(
         "staff", password="staff-password", is_staff=True, is_superuser=True

@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 from django.views.decorators.csrf import csrf_exempt
 
@@ -40,9 +41,27 @@ api = [
     re_path(r"", csrf_exempt(handlers.not_found)),
 ]
 
+# Django's auth routes except password reset. A reset sends email, which the
+# server has no settings for, so each request logged an SMTP traceback and
+# told the user that a message had been sent.
+accounts = [
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path(
+        "password_change/",
+        auth_views.PasswordChangeView.as_view(),
+        name="password_change",
+    ),
+    path(
+        "password_change/done/",
+        auth_views.PasswordChangeDoneView.as_view(),
+        name="password_change_done",
+    ),
+]
+
 urlpatterns = [
     path("", account_views.home, name="home"),
-    path("accounts/", include("django.contrib.auth.urls")),
+    path("accounts/", include(accounts)),
     path("tokens/", account_views.tokens, name="tokens"),
     path("admin/django-rq/", include("django_rq.urls")),
     path("admin/", admin.site.urls),
