@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection as db_connection
 
 from runner.models import Run
-from tests.conftest import ROOT, image_path, private_data_env
+from tests.conftest import ROOT, free_port, image_path, private_data_env
 from tests.definitions import detection, image_height
 
 DEFINITION = "examples/people-count.json"
@@ -261,6 +261,51 @@ def test_dead_time_under_two_heartbeats_rejected(tmp_path, heartbeat_s, dead_aft
     assert result.returncode != 0
     assert f"RUNNER_DEAD_AFTER_S={dead_after_s} is less than twice" in result.stderr
     assert f"RUNNER_HEARTBEAT_S={heartbeat_s}" in result.stderr
+
+
+def test_runner_reports_unreachable_redis(db, tmp_path):
+    env = private_data_env(tmp_path / "data")
+    port = free_port()
+    env["REDIS_URL"] = f"redis://user:in-user-part@127.0.0.1:{port}/3"
+    result = subprocess.run(
+        [sys.executable, "manage.py", "runner", "--name", "unreachable"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"cannot reach Redis at redis://127.0.0.1:{port}/3: " in result.stderr
+    assert "Check REDIS_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "in-user-part" not in result.stderr
+    # It stopped before warming up, which takes seconds.
+    assert "process warmed up" not in result.stderr
+
+
+def test_runner_reports_unreachable_database(tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "webapp.settings",
+        "GLASSBOX_DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": f"postgres://user:in-user-part@127.0.0.1:{port}/glassbox",
+    }
+    env.pop("REDIS_URL", None)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "runner", "--name", "unreachable"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"cannot connect to database glassbox on 127.0.0.1:{port}: " in result.stderr
+    assert "Check DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "in-user-part" not in result.stderr
 
 
 def test_runner_logs_redis_without_password(db, tmp_path):

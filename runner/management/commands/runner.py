@@ -11,8 +11,10 @@ import os  # noqa: E402
 import socket  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
+import redis  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.management.base import BaseCommand, CommandError  # noqa: E402
+from django.db import OperationalError  # noqa: E402
 
 from runner import fleet, keys  # noqa: E402
 from runner.finish import fail_run  # noqa: E402
@@ -82,6 +84,7 @@ class Command(BaseCommand):
         logger.info(
             "runner %s: Redis %s, database %s", name, _redis_place(), _database_place()
         )
+        _check_redis_reachable()
         threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
         cache = ModelCache(
             budget_bytes=options["memory_budget_mb"] * 1024 * 1024,
@@ -150,8 +153,14 @@ def _check_database_ready() -> None:
     from django.db import connection
     from django.db.migrations.executor import MigrationExecutor
 
-    executor = MigrationExecutor(connection)
-    pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    try:
+        executor = MigrationExecutor(connection)
+        pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    except OperationalError as error:
+        raise CommandError(
+            f"cannot connect to database {_database_place()}: {error}. Check "
+            "DATABASE_URL and that the database server is up."
+        ) from None
     if pending:
         raise CommandError(
             f"database {_database_place()} has {len(pending)} unapplied "
@@ -159,6 +168,24 @@ def _check_database_ready() -> None:
             "DATABASE_URL first. Runners on other machines need DATABASE_URL "
             "and REDIS_URL set to the shared servers."
         )
+
+
+def _check_redis_reachable() -> None:
+    """Raise CommandError if the server at REDIS_URL does not reply to PING.
+
+    Otherwise the runner warmed up for seconds and then stopped with a
+    traceback at its first command. The embedded server needs no check,
+    because get_redis starts it.
+    """
+    if not settings.REDIS_URL:
+        return
+    try:
+        get_redis().ping()
+    except redis.RedisError as error:
+        raise CommandError(
+            f"cannot reach Redis at {_redis_place()}: {error}. Check REDIS_URL "
+            "and that the Redis server is up."
+        ) from None
 
 
 def _redis_place() -> str:
