@@ -199,6 +199,25 @@ def test_estimate_bad_requests(runner, alice_client, bob_client):
     assert empty_batch.status_code == 400
     assert "empty list" in empty_batch.json()["message"]
 
+    # The image is not decoded, but a value a run would reject before
+    # decoding gets the run's error.
+    for value, message in [
+        (5, """image input 'image' must be {"type": "base64", "value": ...}"""),
+        (
+            [{"type": "base64", "value": "a"}, {"type": "numpy", "value": "b"}],
+            "image input 'image[1]' has type 'numpy'; only 'base64' is supported",
+        ),
+    ]:
+        not_image = alice_client.post(
+            f"/api/workflows/{workflow_id}/estimate",
+            {"inputs": {"image": value}},
+            format="json",
+        )
+        assert not_image.status_code == 400, value
+        assert not_image.json()["code"] == "invalid_input", value
+        assert not_image.json()["field"] == "image", value
+        assert not_image.json()["message"] == message, value
+
     no_version = alice_client.post(
         f"/api/workflows/{workflow_id}/estimate", {"version": 9}, format="json"
     )

@@ -205,10 +205,25 @@ def _item_name(name: str, index: int, batched: bool) -> str:
 
 def _image_values(value: Any, name: str) -> list[bytes]:
     batched = isinstance(value, list)
+    return [
+        decode_base64(
+            text, input_name=_item_name(name, index, batched), field_name=name
+        )
+        for index, text in enumerate(_image_strings(value, name))
+    ]
+
+
+def _image_strings(value: Any, name: str) -> list[str]:
+    """Return the base64 text of each image in an image input's ``value``, undecoded.
+
+    Raise InputError for a value that holds no image object: a run and an
+    estimate reject the same values.
+    """
+    batched = isinstance(value, list)
     items = value if batched else [value]
     if not items:
         raise _empty_list(name)
-    blobs = []
+    texts = []
     for index, item in enumerate(items):
         item_name = _item_name(name, index, batched)
         if isinstance(item, str):
@@ -245,10 +260,8 @@ def _image_values(value: Any, name: str) -> list[bytes]:
                 context="request_parsing",
                 field_name=name,
             )
-        blobs.append(
-            decode_base64(item["value"], input_name=item_name, field_name=name)
-        )
-    return blobs
+        texts.append(item["value"])
+    return texts
 
 
 def _looks_like_url(value: Any) -> bool:
@@ -279,15 +292,16 @@ def batch_size_of(
 ) -> int:
     """Return the batch size that ``raw``'s image inputs would make, undecoded.
 
-    Raise InputError, as a run would, for an empty list or for a list of more
-    than ``max_images`` images.
+    Raise InputError, as a run would, for a value that holds no image object,
+    an empty list, or a list of more than ``max_images`` images.
     """
     for spec in plan.image_inputs:
-        value = raw.get(spec.name)
-        if value == []:
-            raise _empty_list(spec.name)
+        if spec.name not in raw:
+            continue
+        value = raw[spec.name]
         if isinstance(value, list):
             _check_image_count(spec.name, len(value), max_images)
+        _image_strings(value, spec.name)
     counts = {
         spec.name: raw[spec.name] if isinstance(raw.get(spec.name), list) else [None]
         for spec in plan.image_inputs
