@@ -52,11 +52,13 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e") |
 
 
 def reject_control_characters(value: str) -> None:
-    """Raise ValidationError for a name with control or bidi-control characters.
+    """Raise ValidationError for a name with control or bidi-control characters,
+    or with nothing visible.
 
     A name is one line of text shown in lists, pages and the CSV export:
-    a newline, tab or escape in it would only garble those, and a bidi
-    override would make it read as another name.
+    a newline, tab or escape in it would only garble those, a bidi override
+    would make it read as another name, and a name of zero-width characters
+    would show as a blank.
     """
     for position, character in enumerate(value):
         category = unicodedata.category(character)
@@ -65,6 +67,11 @@ def reject_control_characters(value: str) -> None:
                 f"may not contain control characters: U+{ord(character):04X} "
                 f"at position {position}"
             )
+    if all(unicodedata.category(c) in ("Cf", "Zs") for c in value):
+        raise serializers.ValidationError(
+            "has no visible character, only spaces and invisible format "
+            "characters such as U+200B; give it a name that can be read"
+        )
 
 
 class WorkflowWriteSerializer(serializers.Serializer):
