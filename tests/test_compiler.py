@@ -88,8 +88,14 @@ def test_compile_step_without_type_says_missing():
         (
             "inputs",
             "9lives",
-            "inputs[0]: input name '9lives' must start with a letter or '_' and "
-            "contain only letters, digits, '_' or '-'",
+            "inputs[0]: input name '9lives' must start with an ASCII letter or "
+            "'_' and contain only ASCII letters, digits, '_' or '-'",
+        ),
+        (
+            "inputs",
+            "图像",
+            "inputs[0]: input name '图像' must start with an ASCII letter or "
+            "'_' and contain only ASCII letters, digits, '_' or '-'",
         ),
     ],
 )

@@ -50,8 +50,8 @@ def name_problem(kind: str, name: Any, any_text: bool = False) -> str | None:
         )
     if not any_text and not NAME_PATTERN.fullmatch(name):
         return (
-            f"{kind} name {name!r} must start with a letter or '_' and contain "
-            "only letters, digits, '_' or '-'"
+            f"{kind} name {name!r} must start with an ASCII letter or '_' and "
+            "contain only ASCII letters, digits, '_' or '-'"
         )
     return None
 
