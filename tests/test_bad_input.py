@@ -989,6 +989,20 @@ def test_api_unknown_fields_rejected(alice, alice_client, route, body, unknown):
     assert_nothing_stored()
 
 
+@pytest.mark.parametrize(
+    ("route", "field"),
+    [("/api/validate", "definition"), ("/api/estimate", "specification")],
+)
+def test_api_missing_definition_named(alice_client, route, field):
+    response = post_json(alice_client, route, {})
+    assert response.status_code == 400
+    error = response.json()
+    assert_error_body(error)
+    assert error["message"] == f"'{field}' is required"
+    assert error["field"] == field
+    assert error["hint"] == f"Send the workflow definition as '{field}'."
+
+
 @pytest.mark.parametrize("route", ["runs", "estimate", "/api/estimate"])
 def test_api_undeclared_input_rejected(alice, alice_client, route):
     # A misspelled parameter would run with its default value instead.

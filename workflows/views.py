@@ -431,7 +431,10 @@ class ValidateView(APIView):
         reject_unknown_fields(body, VALIDATE_FIELDS)
         if "definition" not in body:
             raise MalformedRequest(
-                "'definition' is required", context="request_parsing"
+                "'definition' is required",
+                context="request_parsing",
+                field_name="definition",
+                hint="Send the workflow definition as 'definition'.",
             )
         plan = plan_cache.compile(body["definition"]).plan
         warnings = list(plan.warnings) + model_warnings(plan, request.user.id)
