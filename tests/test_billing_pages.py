@@ -206,6 +206,8 @@ class PageParser(HTMLParser):
             self.open.pop()
 
     def handle_data(self, data):
+        # Soft hyphens only mark where a browser may break a word.
+        data = data.replace("\u00ad", "")
         for element_id in self.open:
             if element_id:
                 self.texts[element_id] += data

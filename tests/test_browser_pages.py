@@ -212,3 +212,66 @@ def test_billing_export_after_filtering(transactional_db, asgi_server, page, ali
     response = page.request.get(f"{asgi_server}{href}")
     assert response.status == 200
     assert str(kept.run_id) in response.text()
+
+
+def test_billing_table_fits_1280_window(transactional_db, asgi_server, browser, alice):
+    long = version_of(alice, LONG_NAME)
+    short = version_of(alice, "People")
+    make_bill(alice, version=long, cold_load=2_615_124, inference=1_345_597)
+    make_bill(alice, version=short, billed=False)
+    make_bill(alice, version=short, models=[])
+    # 1280 px less the 17 px scrollbar that browsers on Windows draw.
+    context = browser.new_context(viewport={"width": 1263, "height": 900})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/billing/")
+    page.screenshot(path=str(ARTIFACTS / "billing-1280.png"), full_page=True)
+
+    scroll = page.locator(".table-scroll")
+    widths = scroll.evaluate("el => [el.scrollWidth, el.clientWidth]")
+    assert widths[0] <= widths[1], widths
+    box = scroll.bounding_box()
+    headers = page.locator("#bill-table th")
+    assert headers.count() == 16
+    for index in range(headers.count()):
+        header = headers.nth(index).bounding_box()
+        assert header["x"] + header["width"] <= box["x"] + box["width"] + 1, index
+    # A header breaks only between words or at its soft hyphens.
+    serialization = page.locator("#bill-table th.serialization")
+    assert serialization.evaluate("el => el.scrollWidth <= el.clientWidth")
+    size = page.locator("#bill-table td.amount").first.evaluate(
+        "el => parseFloat(getComputedStyle(el).fontSize)"
+    )
+    assert size >= 12, size
+    # The date and the time of day stay whole when the cell breaks.
+    time = page.locator("#bill-table td.time").first
+    lines = time.locator("span").evaluate_all(
+        "spans => spans.map((s) => s.getClientRects().length)"
+    )
+    assert lines == [1, 1], lines
+    context.close()
+
+
+def test_billing_table_scrolls_alone_on_phone(
+    transactional_db, asgi_server, browser, alice
+):
+    make_bill(alice, version=version_of(alice, LONG_NAME), created_at=DAY)
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/billing/")
+    page.wait_for_function("window.Chart && Chart.getChart('chart-starts')")
+    page.screenshot(path=str(ARTIFACTS / "billing-390.png"), full_page=True)
+
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, width
+    # The rows are wider than the table's box, which scrolls them sideways.
+    scroll = page.locator(".table-scroll")
+    box = scroll.bounding_box()
+    row = page.locator("#bill-table tbody tr").first.bounding_box()
+    assert row["width"] > box["width"], (row, box)
+    assert box["x"] >= 0
+    assert box["x"] + box["width"] <= 390
+    amount = page.locator("#bill-table td.amount").first.bounding_box()
+    assert amount["x"] + amount["width"] <= box["x"] + box["width"] + 1
+    context.close()
