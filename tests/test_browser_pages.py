@@ -275,3 +275,34 @@ def test_billing_table_scrolls_alone_on_phone(
     amount = page.locator("#bill-table td.amount").first.bounding_box()
     assert amount["x"] + amount["width"] <= box["x"] + box["width"] + 1
     context.close()
+
+
+def test_workflow_actions_reachable_on_phone(
+    transactional_db, asgi_server, browser, alice
+):
+    workflow = Workflow.create_with_version(alice, LONG_NAME, detection())
+    for _ in range(5):
+        make_bill(alice, version=workflow.latest_version(), created_at=DAY)
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/")
+    page.screenshot(path=str(ARTIFACTS / "workflow-list-390.png"), full_page=True)
+
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, width
+    row = page.locator(f"tr[data-workflow-id='{workflow.id}']")
+    assert row.locator(".sparkline").count() == 1
+    actions = {
+        "Edit": row.get_by_role("link", name="Edit"),
+        "Run": row.get_by_role("link", name="Run"),
+        "Delete": row.get_by_role("button", name=f"Delete workflow “{LONG_NAME}”…"),
+    }
+    for name, action in actions.items():
+        box = action.bounding_box()
+        assert box["x"] >= 0, name
+        assert box["x"] + box["width"] <= 390, (name, box)
+
+    actions["Run"].click()
+    page.wait_for_url(f"{asgi_server}/workflows/{workflow.id}/run/")
+    context.close()
