@@ -202,34 +202,71 @@ def test_delete_asks_then_removes_upload(
     assert upload(alice_client, "mine", weights).status_code == 201
     stored = Path(ModelUpload.objects.get(owner=alice, model_id="mine").path)
     assert stored.exists()
+    dialogs = record_dialogs(page)
     sign_in(page, asgi_server, "alice", "alice-password")
     open_models_page(page, asgi_server)
     row = upload_row(page, "mine")
-    questions = []
+    delete_mine = page.get_by_role("button", name="Delete upload mine…")
+    confirm = page.locator("#delete-confirm")
+    assert confirm.is_hidden()
 
-    def dismiss(dialog):
-        questions.append(dialog.message)
-        dialog.dismiss()
-
-    page.once("dialog", dismiss)
-    page.get_by_role("button", name="Delete upload mine…").click()
-    assert questions == [
+    delete_mine.click()
+    assert confirm.is_visible()
+    assert confirm.get_attribute("role") == "alertdialog"
+    assert page.locator("#delete-question").text_content() == (
         "Delete the upload “mine” and its file? Finished runs keep their record of it."
-    ]
+    )
+    assert page.evaluate("document.activeElement.id") == "delete-confirm"
+    assert ModelUpload.objects.filter(owner=alice, model_id="mine").exists()
+    page.click("#delete-cancel")
+    assert confirm.is_hidden()
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == (
+        "Delete upload mine…"
+    )
     assert row.count() == 1
     assert ModelUpload.objects.filter(owner=alice, model_id="mine").exists()
 
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.get_by_role("button", name="Delete upload mine…").click()
+    # Escape closes the question too.
+    page.keyboard.press("Enter")
+    assert confirm.is_visible()
+    page.keyboard.press("Escape")
+    assert confirm.is_hidden()
+    assert ModelUpload.objects.filter(owner=alice, model_id="mine").exists()
+
+    # The same steps with the keyboard, and this time confirmed.
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "delete-confirm-button"
+    assert page.locator("#delete-confirm-button").text_content() == "Delete “mine”"
+    page.keyboard.press("Enter")
     row.wait_for(state="detached")
+    assert confirm.is_hidden()
     assert page.locator("#uploads-status").text_content() == "Deleted “mine”."
     assert page.locator("#uploads tbody tr.empty").text_content() == "No uploads yet."
     assert not ModelUpload.objects.filter(owner=alice).exists()
     assert not stored.exists()
+    assert dialogs == []
 
     page.reload()
     page.wait_for_selector("#models[data-ready='true']")
     assert row.count() == 0
+
+
+def record_dialogs(page) -> list[str]:
+    """Dismiss and record every JavaScript dialog the page opens."""
+    messages = []
+
+    def dismiss(dialog):
+        messages.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", dismiss)
+    return messages
+
+
+def confirm_delete(page, model_id: str) -> None:
+    page.get_by_role("button", name=f"Delete upload {model_id}…").click()
+    page.click("#delete-confirm-button")
 
 
 def test_page_stops_after_sign_in_elsewhere(
@@ -250,8 +287,7 @@ def test_page_stops_after_sign_in_elsewhere(
     sign_in(other_tab, asgi_server, "bob", "bob-password")
     other_tab.close()
 
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.get_by_role("button", name="Delete upload shared…").click()
+    confirm_delete(page, "shared")
     error = page.locator("#delete-error")
     expect(error).to_be_visible()
     expect(error.locator(".error-hint")).to_contain_text("Reload the page")
@@ -281,8 +317,7 @@ def test_delete_of_upload_in_use_shows_409(
     sign_in(page, asgi_server, "alice", "alice-password")
     open_models_page(page, asgi_server)
 
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.get_by_role("button", name="Delete upload busy…").click()
+    confirm_delete(page, "busy")
     error = page.locator("#delete-error")
     error.wait_for(state="visible")
     assert error.locator(".error-message").text_content() == (

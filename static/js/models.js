@@ -10,6 +10,8 @@
 //   #uploads tbody tr              one row per upload, data-model-id="<id>".
 //   #upload-error, #delete-error   the API's message (.error-message) and
 //                                  hint (.error-hint) of the last failure.
+//   #delete-confirm                the question a Delete… button opens, with
+//                                  #delete-confirm-button and #delete-cancel.
 (function () {
   const $ = (id) => document.getElementById(id);
   const readJson = (id) => JSON.parse($(id).textContent);
@@ -111,7 +113,7 @@
     const button = element("button", "secondary delete-button", "Delete…");
     button.type = "button";
     button.setAttribute("aria-label", `Delete upload ${upload.model_id}…`);
-    button.addEventListener("click", () => deleteUpload(upload.model_id, button));
+    button.addEventListener("click", () => askToDelete(upload.model_id));
     actions.append(button);
 
     row.append(idCell, element("td", "task", upload.task), classNamesCell(upload.class_names), size, digest, label, created, actions);
@@ -241,23 +243,66 @@
     await refresh();
   }
 
+  function deleteButton(modelId) {
+    const row = [...$("uploads").tBodies[0].rows].find((each) => each.dataset.modelId === modelId);
+    return row ? row.querySelector(".delete-button") : null;
+  }
+
+  // The upload that the open question is about, or null when none is open.
+  let modelToDelete = null;
+
+  // Ask in the page, not with window.confirm, because browsers let users
+  // block a page's dialogs and an open one stops the page's scripts.
+  function askToDelete(modelId) {
+    modelToDelete = modelId;
+    $("delete-question").replaceChildren(
+      element("strong", "", `Delete the upload “${modelId}” and its file?`),
+      " Finished runs keep their record of it.",
+    );
+    $("delete-confirm-button").textContent = `Delete “${modelId}”`;
+    const panel = $("delete-confirm");
+    panel.hidden = false;
+    panel.focus();
+  }
+
+  function closeQuestion() {
+    const modelId = modelToDelete;
+    modelToDelete = null;
+    $("delete-confirm").hidden = true;
+    return modelId;
+  }
+
+  function cancelDelete() {
+    const modelId = closeQuestion();
+    const button = modelId === null ? null : deleteButton(modelId);
+    if (button) button.focus();
+  }
+
+  function confirmDelete() {
+    const modelId = closeQuestion();
+    // The row may be gone when another tab deleted the upload, and the API
+    // then returns 404, which the page shows.
+    if (modelId !== null) deleteUpload(modelId, deleteButton(modelId));
+  }
+
   async function deleteUpload(modelId, button) {
-    const question = `Delete the upload “${modelId}” and its file? Finished runs keep their record of it.`;
-    if (!window.confirm(question)) return;
+    const setBusy = (busy) => {
+      if (button) button.disabled = busy;
+    };
     clearError("delete-error");
     $("uploads-status").textContent = "";
-    button.disabled = true;
+    setBusy(true);
     let response;
     try {
       response = await apiRequest("DELETE", modelUrl(modelId));
     } catch (error) {
-      button.disabled = false;
+      setBusy(false);
       showError("delete-error", { message: `Deleting “${modelId}” failed before the server responded (${error.message}).`, hint: "" });
       return;
     }
     if (!response.ok) {
       const failure = await readError(response);
-      button.disabled = false;
+      setBusy(false);
       showError("delete-error", failure);
       // 404: it is gone already, deleted from another tab or with the API.
       if (response.status === 404) await refresh();
@@ -268,5 +313,10 @@
   }
 
   $("upload-form").addEventListener("submit", upload);
+  $("delete-confirm-button").addEventListener("click", confirmDelete);
+  $("delete-cancel").addEventListener("click", cancelDelete);
+  $("delete-confirm").addEventListener("keydown", (event) => {
+    if (event.key === "Escape") cancelDelete();
+  });
   render(readJson("model-listing"));
 })();
