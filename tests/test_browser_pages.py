@@ -252,9 +252,7 @@ def test_billing_table_fits_1280_window(transactional_db, asgi_server, browser, 
     context.close()
 
 
-def test_billing_table_scrolls_alone_on_phone(
-    transactional_db, asgi_server, browser, alice
-):
+def test_billing_page_fits_phone(transactional_db, asgi_server, browser, alice):
     make_bill(alice, version=version_of(alice, LONG_NAME), created_at=DAY)
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
@@ -274,6 +272,20 @@ def test_billing_table_scrolls_alone_on_phone(
     assert box["x"] + box["width"] <= 390
     amount = page.locator("#bill-table td.amount").first.bounding_box()
     assert amount["x"] + amount["width"] <= box["x"] + box["width"] + 1
+
+    # Every legend entry of every chart is drawn whole, inside its chart.
+    charts = ("chart-daily", "chart-billed-time", "chart-latency", "chart-starts")
+    for chart_id in charts:
+        overflow = page.evaluate(
+            """(id) => {
+                const chart = Chart.getChart(id);
+                return chart.legend.legendHitBoxes
+                    .filter((box) => box.left < 0 || box.left + box.width > chart.width)
+                    .map((box) => [box.left, box.width, chart.width]);
+            }""",
+            chart_id,
+        )
+        assert overflow == [], (chart_id, overflow)
     context.close()
 
 

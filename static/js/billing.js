@@ -64,7 +64,9 @@
   function drawBilledTime(days) {
     const parts = [
       ["cold_load_us", "Cold load", phase("cold_load")],
-      ["model_steps_us", "Model steps (preprocess + inference + postprocess)", phase("inference")],
+      // The card's note says which phases these are, since a legend entry
+      // that long does not fit a phone's width.
+      ["model_steps_us", "Model steps", phase("inference")],
       ["other_us", "Other runner time", phase("overhead")],
       ["rounding_us", "Minimum and rounding", phase("handoff")],
     ];
