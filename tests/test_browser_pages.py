@@ -2,7 +2,7 @@
 
 import datetime
 
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, registered_runner
 from tests.definitions import detection
 from tests.test_billing_pages import DAY, make_bill, version_of
 from tests.test_browser_run import sign_in
@@ -317,4 +317,27 @@ def test_workflow_actions_reachable_on_phone(
 
     actions["Run"].click()
     page.wait_for_url(f"{asgi_server}/workflows/{workflow.id}/run/")
+    context.close()
+
+
+def test_fleet_page_fits_phone(
+    transactional_db, asgi_server, browser, django_user_model
+):
+    django_user_model.objects.create_user(
+        "operator", password="operator-password", is_staff=True, is_superuser=True
+    )
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    with registered_runner("runner-with-a-long-name", ("people-detector",)):
+        sign_in(page, asgi_server, "operator", "operator-password")
+        page.goto(f"{asgi_server}/admin/runner/run/fleet/")
+        page.screenshot(path=str(ARTIFACTS / "fleet-390.png"), full_page=True)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, width
+        assert "runner-with-a-long-name" in page.locator("#live-runners").inner_text()
+        table = page.locator("#live-runners")
+        box = table.locator("xpath=..").bounding_box()
+        assert box["x"] + box["width"] <= 390, box
+        widths = table.evaluate("el => [el.scrollWidth, el.parentElement.clientWidth]")
+        assert widths[0] > widths[1], "the table must be wider than its box here"
     context.close()
