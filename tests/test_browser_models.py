@@ -357,10 +357,14 @@ def test_models_page_fits_narrow_screen(
 ):
     trained = Path(resolve_model("people-detector").local_path())
     assert upload(alice_client, "my-people", trained).status_code == 201
-    context = browser.new_context(viewport={"width": 400, "height": 800})
+    context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
     sign_in(page, asgi_server, "alice", "alice-password")
     open_models_page(page, asgi_server)
     width = page.evaluate("document.documentElement.scrollWidth")
-    assert width <= 400
+    assert width <= 390
+    form = page.locator("#upload-form").bounding_box()
+    for field in ("#upload-model-id", "#upload-file", "#upload-button"):
+        box = page.locator(field).bounding_box()
+        assert box["x"] + box["width"] <= form["x"] + form["width"], (field, box, form)
     context.close()
