@@ -341,3 +341,41 @@ def test_fleet_page_fits_phone(
         widths = table.evaluate("el => [el.scrollWidth, el.parentElement.clientWidth]")
         assert widths[0] > widths[1], "the table must be wider than its box here"
     context.close()
+
+
+def test_token_revoke_reachable_on_phone(transactional_db, asgi_server, browser, alice):
+    ApiToken.issue(alice, "laptop")
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/tokens/")
+    page.screenshot(path=str(ARTIFACTS / "tokens-390.png"), full_page=True)
+
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, width
+    revoke = page.get_by_role("button", name="Revoke token “laptop”…")
+    box = revoke.bounding_box()
+    assert box["x"] >= 0
+    assert box["x"] + box["width"] <= 390, box
+    # Each value keeps its column's name when the header row is not drawn.
+    last_used = page.locator(".token-list td[data-label='Last used (UTC)']").first
+    label = last_used.evaluate("el => getComputedStyle(el, '::before').content")
+    assert label == '"Last used (UTC): "', label
+    assert last_used.inner_text() == "never"
+    context.close()
+
+
+def test_run_form_fits_phone(transactional_db, asgi_server, browser, alice):
+    workflow = Workflow.create_with_version(alice, "People", detection())
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+
+    form = page.locator("#run-form").bounding_box()
+    fields = page.locator("#run-form input, #run-form select, #run-form button")
+    assert fields.count() >= 3
+    for index in range(fields.count()):
+        box = fields.nth(index).bounding_box()
+        assert box["x"] + box["width"] <= form["x"] + form["width"], (index, box)
+    context.close()
