@@ -367,4 +367,10 @@ def test_models_page_fits_narrow_screen(
     for field in ("#upload-model-id", "#upload-file", "#upload-button"):
         box = page.locator(field).bounding_box()
         assert box["x"] + box["width"] <= form["x"] + form["width"], (field, box, form)
+    delete = page.get_by_role("button", name="Delete upload my-people…")
+    box = delete.bounding_box()
+    assert box["x"] + box["width"] <= 390, box
+    size = upload_row(page, "my-people").locator(".size")
+    label = size.evaluate("el => getComputedStyle(el, '::before').content")
+    assert label == '"Size: "', label
     context.close()

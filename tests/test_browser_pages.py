@@ -358,7 +358,7 @@ def test_token_revoke_reachable_on_phone(transactional_db, asgi_server, browser,
     assert box["x"] >= 0
     assert box["x"] + box["width"] <= 390, box
     # Each value keeps its column's name when the header row is not drawn.
-    last_used = page.locator(".token-list td[data-label='Last used (UTC)']").first
+    last_used = page.locator("td[data-label='Last used (UTC)']").first
     label = last_used.evaluate("el => getComputedStyle(el, '::before').content")
     assert label == '"Last used (UTC): "', label
     assert last_used.inner_text() == "never"

@@ -116,7 +116,13 @@
     button.addEventListener("click", () => askToDelete(upload.model_id));
     actions.append(button);
 
-    row.append(idCell, element("td", "task", upload.task), classNamesCell(upload.class_names), size, digest, label, created, actions);
+    const cells = [idCell, element("td", "task", upload.task), classNamesCell(upload.class_names), size, digest, label, created];
+    // A phone shows each cell on a line of its own, named by its column.
+    const headings = [...$("uploads").tHead.rows[0].cells].map((heading) => heading.textContent);
+    cells.forEach((cell, index) => {
+      if (index > 0) cell.dataset.label = headings[index];
+    });
+    row.append(...cells, actions);
     return row;
   }
 
