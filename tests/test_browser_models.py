@@ -373,4 +373,5 @@ def test_models_page_fits_narrow_screen(
     size = upload_row(page, "my-people").locator(".size")
     label = size.evaluate("el => getComputedStyle(el, '::before').content")
     assert label == '"Size: "', label
+    assert size.evaluate("el => getComputedStyle(el).textAlign") == "left"
     context.close()
