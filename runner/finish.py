@@ -57,6 +57,7 @@ def finish_run(
     error: dict[str, Any] | None,
     bill: BillLine,
     runner_name: str,
+    runner_instance: str,
     events: RunEvents,
 ) -> bool:
     """Store the result and the bill; return False if someone else finished it."""
@@ -79,6 +80,7 @@ def finish_run(
                 "pk": run.pk,
                 "status": Run.Status.RUNNING,
                 "runner_name": runner_name,
+                "runner_instance": runner_instance,
             },
         )
         if not updated:
@@ -147,6 +149,24 @@ def result_meta(
     }
 
 
+# Deletes the busy mark KEYS[1] if it names run ARGV[1]. A process whose
+# name another process took must not clear the mark of that process's run.
+_CLEAR_MARK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def clear_mark(connection, runner_name: str, run_id: str) -> None:
+    """Delete runner ``runner_name``'s busy mark if it names ``run_id``.
+
+    ``connection`` may be a pipeline.
+    """
+    connection.eval(_CLEAR_MARK, 1, keys.current_run_key(runner_name), run_id)
+
+
 def push_done(
     run_id: str,
     outputs_json: str,
@@ -170,7 +190,7 @@ def push_done(
         pipeline.expire(keys.done_key(run_id), DONE_TTL_S)
         pipeline.delete(keys.inputs_key(run_id))
         if runner_name is not None:
-            pipeline.delete(keys.current_run_key(runner_name))
+            clear_mark(pipeline, runner_name, run_id)
         # Each attempt sends its own done, because a failed pipeline may
         # have lost the last one; consumers drop whatever follows a done.
         events.emit(
@@ -210,9 +230,14 @@ def fail_run(
     *,
     expected_status: str,
     expected_runner: str | None = None,
+    expected_instance: str | None = None,
     code: str = "platform_failure",
 ) -> bool:
-    """End a run failed because of the platform, with a waived bill."""
+    """End a run failed because of the platform, with a waived bill.
+
+    ``expected_runner`` and ``expected_instance`` are the runner name and
+    process (Run.runner_instance) that must hold the run, where given.
+    """
     error = {
         "message": reason,
         "code": code,
@@ -224,6 +249,8 @@ def fail_run(
     filters: dict[str, Any] = {"pk": run_id, "status": expected_status}
     if expected_runner is not None:
         filters["runner_name"] = expected_runner
+    if expected_instance is not None:
+        filters["runner_instance"] = expected_instance
     now = clock.now()
     with transaction.atomic():
         updated = Run.objects.filter(**filters).update(

@@ -62,10 +62,12 @@ end
 # name, and then returns that heartbeat instead. Raises the fleet generation
 # KEYS[3] when the runner joins or its models (ARGV[5]: their cache keys,
 # sorted, one per line) differ from the heartbeat it replaces. Records the
-# time in KEYS[4].
+# time in KEYS[4]. Sets the instance key KEYS[5] in either case, because the
+# process is alive even when it lost its name.
 _PUBLISH_HEARTBEAT = (
     OTHER_INSTANCE_LUA
     + """
+redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[3])
 local current = redis.call('GET', KEYS[1])
 if other_instance(current, ARGV[2]) then
     return current
@@ -107,11 +109,12 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
     pipeline = connection.pipeline(transaction=False)
     pipeline.eval(
         _PUBLISH_HEARTBEAT,
-        4,
+        5,
         keys.heartbeat_key(name),
         keys.RUNNERS_SET,
         keys.FLEET_GENERATION,
         keys.RUNNERS_SEEN,
+        keys.instance_key(state["instance"]),
         json.dumps(state),
         state["instance"],
         ttl_ms,
@@ -124,6 +127,70 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
     holder, server_time = pipeline.execute()
     clock.observe(sent_ns, server_time, time.time_ns())
     return json.loads(holder) if holder else None
+
+
+def refresh_instance(name: str, instance: str) -> None:
+    """Keep runner process ``instance`` alive without a heartbeat for ``name``.
+
+    A process whose name another process took calls this while it finishes
+    its run, so that no runner fails that run as one of a dead process.
+    """
+    ttl_ms = int(settings.GLASSBOX["RUNNER_DEAD_AFTER_S"] * 1000)
+    get_redis().set(keys.instance_key(instance), name, px=ttl_ms)
+
+
+def remove_instance(instance: str) -> None:
+    get_redis().delete(keys.instance_key(instance))
+
+
+def live_instances(instances: set[str]) -> set[str]:
+    """Return those of ``instances`` whose runner process is alive."""
+    candidates = sorted(instance for instance in instances if instance)
+    if not candidates:
+        return set()
+    found = get_redis().mget([keys.instance_key(i) for i in candidates])
+    return {
+        instance
+        for instance, value in zip(candidates, found, strict=True)
+        if value is not None
+    }
+
+
+def fail_runs_of_dead_processes(name: str, reason: str) -> int:
+    """Fail, unbilled, the running runs under ``name`` whose process is gone.
+
+    A run whose process is alive is left to it, also when another process
+    has taken the name since. The instance keys are read after the runs,
+    and every heartbeat sets the process's key, the first one before the
+    process takes a job. A run claimed before instances were recorded has
+    none, and counts as a dead process's run. Returns how many runs failed.
+
+    NOTE: a process paused past RUNNER_DEAD_AFTER_S between taking a job and
+    claiming its run claims it with its key expired. A check in the moment
+    before its next heartbeat fails that run, as a reap fails a run held
+    during such a pause.
+    """
+    from runner.finish import fail_run
+    from runner.models import Run
+
+    running = list(
+        Run.objects.filter(runner_name=name, status=Run.Status.RUNNING).values_list(
+            "pk", "runner_instance"
+        )
+    )
+    alive = live_instances({instance for _, instance in running})
+    failed = 0
+    for run_id, instance in running:
+        if instance in alive:
+            continue
+        failed += fail_run(
+            run_id,
+            reason,
+            expected_status=Run.Status.RUNNING,
+            expected_runner=name,
+            expected_instance=instance,
+        )
+    return failed
 
 
 def remove_heartbeat(name: str, reason: str = "stopped") -> None:
@@ -269,8 +336,6 @@ def _heartbeats() -> tuple[bytes, list[tuple[str, bytes | None]]]:
 
 def reap_runner(name: str, reason: str) -> int:
     """Fail a dead runner's running runs and requeue its jobs; return runs failed."""
-    from runner.finish import fail_run
-
     connection = get_redis()
     # The lock keeps two live runners from reaping one runner at once. It
     # is released after the reap, so a runner that starts again under the
@@ -285,19 +350,10 @@ def reap_runner(name: str, reason: str) -> int:
     # under the name meanwhile moves its score to its own heartbeat.
     last_seen = connection.zscore(keys.RUNNERS_SEEN, name)
     last_seen_ms = int(last_seen) if last_seen is not None else None
-    from runner.models import Run
-
     try:
-        failed = 0
-        stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
-        for run_id in stale.values_list("id", flat=True):
-            if fail_run(
-                run_id,
-                reason,
-                expected_status=Run.Status.RUNNING,
-                expected_runner=name,
-            ):
-                failed += 1
+        # A process that lost the name to another process, which then died
+        # too, may still be finishing a run under it: that run is spared.
+        failed = fail_runs_of_dead_processes(name, reason)
         moved = move_queued_jobs(name)
         _recover_marked_run(connection, name, moved)
         # The runner may also have popped a shared job, whose id no mark
@@ -490,30 +546,48 @@ POPPED_AFTER_S = 2
 
 
 def fail_abandoned_runs(runtime) -> int:
-    """Fail the runs this runner (a RunnerRuntime) claimed and no longer executes.
+    """Fail the runs under this runner's name that no live process executes.
 
-    A runner fails a run itself when finishing it fails. When the database
-    rejects that write too, the run stays "running" under a live runner,
-    which the reaper never checks. The runner's current run is read after
-    the runs, and a job names its run as current before claiming it, so a
-    run claimed meanwhile is never failed. Returns how many runs failed.
+    ``runtime`` is this process's RunnerRuntime. A runner fails a run itself
+    when finishing it fails. When the database rejects that write too, the
+    run stays "running" under a live runner, which the reaper never checks.
+    A run that an earlier process under this name claimed is failed once
+    that process is gone. One that it still executes (it was paused past
+    RUNNER_DEAD_AFTER_S, and this process took the name meanwhile) is left
+    to it. The runner's current run is read after the runs, and a job names
+    its run as current before claiming it, so a run claimed meanwhile is
+    never failed. Returns how many runs failed.
     """
     from runner.finish import fail_run
     from runner.models import Run
 
     running = Run.objects.filter(status=Run.Status.RUNNING, runner_name=runtime.name)
-    run_ids = [str(run_id) for run_id in running.values_list("pk", flat=True)[:100]]
+    runs = [
+        (str(run_id), instance)
+        for run_id, instance in running.values_list("pk", "runner_instance")[:100]
+    ]
     current_run = runtime.current_run
+    others = {instance for _, instance in runs if instance != runtime.instance}
+    alive = live_instances(others)
     failed = 0
-    for run_id in run_ids:
-        if run_id == current_run:
+    for run_id, instance in runs:
+        if instance == runtime.instance:
+            if run_id == current_run:
+                continue
+            reason = (
+                f"runner {runtime.name} could not finish the run (a database or "
+                "Redis write failed; its log has the error); send the request again"
+            )
+        elif instance in alive:
             continue
+        else:
+            reason = f"runner {runtime.name} restarted while running this run"
         failed += fail_run(
             run_id,
-            f"runner {runtime.name} could not finish the run (a database or "
-            "Redis write failed; its log has the error); send the request again",
+            reason,
             expected_status=Run.Status.RUNNING,
             expected_runner=runtime.name,
+            expected_instance=instance,
         )
     return failed
 

@@ -10,7 +10,7 @@ from django.conf import settings
 from billing.policy import BillingPolicy
 from runner import keys, sql
 from runner.events import RunEvents
-from runner.finish import fail_run, finish_run
+from runner.finish import clear_mark, fail_run, finish_run
 from runner.model_cache import ModelProvider
 from runner.models import Run
 from runner.registry import ModelSource, check_model_path
@@ -56,6 +56,7 @@ def execute_run(
         claim = {
             "status": Run.Status.RUNNING,
             "runner_name": runtime.name,
+            "runner_instance": runtime.instance,
             "started_at": datetime.fromtimestamp(started_wall / 1e9, tz=UTC),
         }
         if queue:
@@ -68,14 +69,14 @@ def execute_run(
         # is dropped, and the lost-run check queues a real run it belongs to
         # again.
         runtime.current_run = None
-        get_redis().delete(keys.current_run_key(runtime.name))
+        clear_mark(get_redis(), runtime.name, run_id)
         raise
     if not claimed:
         logger.info(
             "runner %s: run %s is no longer queued; skipped", runtime.name, run_id
         )
         runtime.current_run = None
-        get_redis().delete(keys.current_run_key(runtime.name))
+        clear_mark(get_redis(), runtime.name, run_id)
         return
     try:
         run = _run_from(run_id, snapshot)
@@ -99,6 +100,7 @@ def execute_run(
             f"runner {runtime.name} {reason}",
             expected_status=Run.Status.RUNNING,
             expected_runner=runtime.name,
+            expected_instance=runtime.instance,
         )
         raise
     finally:
@@ -249,6 +251,7 @@ def _execute(
         error=error,
         bill=bill,
         runner_name=runtime.name,
+        runner_instance=runtime.instance,
         events=events,
     )
 

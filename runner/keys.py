@@ -28,6 +28,15 @@ def heartbeat_key(runner_name: str) -> str:
     return f"{PREFIX}:runner:{runner_name}"
 
 
+def instance_key(instance: str) -> str:
+    """Return the key that is present while runner process ``instance`` is alive.
+
+    It expires after RUNNER_DEAD_AFTER_S like a heartbeat, but a process
+    whose name another process took keeps it alive while it finishes its run.
+    """
+    return f"{PREFIX}:instance:{instance}"
+
+
 def current_run_key(runner_name: str) -> str:
     """Return the key naming the run a runner is executing, absent when idle.
 

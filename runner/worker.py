@@ -353,6 +353,9 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         if self.runtime.name_taken:
+            # The process lives until its current run ends, and no runner
+            # may fail that run as one of a dead process meanwhile.
+            fleet.refresh_instance(self.runtime.name, self.runtime.instance)
             return
         state = self.runtime.state(queue_length=self.own_queue.count)
         holder = fleet.publish_heartbeat(self.runtime.name, state)
@@ -360,7 +363,9 @@ class Heartbeat(threading.Thread):
             return
         # This process was paused for longer than the dead time, and a new
         # runner started under its name meanwhile. The name, its queue and
-        # its heartbeat now belong to that runner, so this one stops.
+        # its heartbeat now belong to that runner, so this one finishes the
+        # run it holds, if any, and stops. Its heartbeats go on keeping only
+        # its instance alive until then.
         logger.error(
             "runner %s: another process (pid %s on %s) now runs under this "
             "name; stopping without taking more jobs",
@@ -369,7 +374,6 @@ class Heartbeat(threading.Thread):
             holder.get("host"),
         )
         self.runtime.name_taken = True
-        self.stopped.set()
         if self.on_name_taken is not None:
             self.on_name_taken()
 
@@ -439,6 +443,10 @@ class FleetChecks(threading.Thread):
                 # beat again before taking them for dead.
                 self.runtime.reap_from = max(self.runtime.reap_from, now + dead_after)
             woke_at = now
+            if self.runtime.name_taken:
+                # Another process runs under this name and checks the fleet;
+                # this one only finishes its run.
+                return
             try:
                 self.runtime.read_fleet_settings()
                 if checks % 3 == 0 and now >= self.runtime.reap_from:
@@ -520,6 +528,7 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
         checks.stop()
         heartbeat.stop()
         heartbeat.join(timeout=5)
+        fleet.remove_instance(runtime.instance)
         if not runtime.name_taken:
             fleet.remove_heartbeat(runtime.name)
             moved = fleet.move_queued_jobs(runtime.name)

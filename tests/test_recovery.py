@@ -12,7 +12,7 @@ from rq import Queue
 from rq.job import Job
 
 from billing.models import Bill
-from runner import fleet, keys
+from runner import finish, fleet, keys
 from runner.dispatch import enqueue
 from runner.fleet import POPPED_AFTER_S, reap_runner, recover_lost_jobs
 from runner.model_cache import ModelCache
@@ -422,11 +422,83 @@ def test_live_runner_fails_run_it_abandoned(runner, alice):
         source="api",
         status=Run.Status.RUNNING,
         runner_name=runner.name,
+        runner_instance=runner.state()["instance"],
     )
     failed = wait_for_status(run.id, Run.Status.FAILED, timeout_s=30)
     assert f"runner {runner.name} could not finish the run" in failed.error["message"]
     bill = Bill.objects.get(run_id=run.id)
     assert bill.amount_microcredits == 0
+
+
+def test_abandoned_run_check_spares_live_earlier_process(alice):
+    # Runs under this name that earlier processes claimed: one that is still
+    # alive (paused, then found its name taken) finishes its run itself.
+    cache = ModelCache(budget_bytes=0, device="cpu", warmup_size=64, torch_threads=1)
+    runtime = RunnerRuntime(name="successor", device="cpu", cache=cache)
+    alive, dead, legacy = (
+        Run.objects.create(
+            owner=alice,
+            source="api",
+            status=Run.Status.RUNNING,
+            runner_name="successor",
+            runner_instance=instance,
+        )
+        for instance in ("alive-process", "dead-process", "")
+    )
+    fleet.refresh_instance("successor", "alive-process")
+    try:
+        assert fleet.fail_abandoned_runs(runtime) == 2
+    finally:
+        fleet.remove_instance("alive-process")
+    for run in (alive, dead, legacy):
+        run.refresh_from_db()
+    assert alive.status == Run.Status.RUNNING
+    assert dead.status == Run.Status.FAILED
+    assert "runner successor restarted" in dead.error["message"]
+    assert legacy.status == Run.Status.FAILED
+    assert Bill.objects.get(run=dead).billed is False
+
+
+def test_reap_spares_run_of_live_process(alice):
+    # The name's heartbeat is gone, but the process that claimed one of its
+    # runs lives on, finishing that run after another process took the name.
+    alive, dead = (
+        Run.objects.create(
+            owner=alice,
+            source="api",
+            status=Run.Status.RUNNING,
+            runner_name="lost-name",
+            runner_instance=instance,
+        )
+        for instance in ("finishing-process", "dead-process")
+    )
+    fleet.refresh_instance("lost-name", "finishing-process")
+    try:
+        assert reap_runner("lost-name", "runner lost-name went quiet") == 1
+    finally:
+        fleet.remove_instance("finishing-process")
+    alive.refresh_from_db()
+    dead.refresh_from_db()
+    assert alive.status == Run.Status.RUNNING
+    assert dead.status == Run.Status.FAILED
+    Run.objects.filter(pk=alive.pk).delete()
+
+
+def test_failing_a_run_keeps_mark_of_another_run(alice):
+    # The busy mark of a name taken over by a new process names that
+    # process's run; the old process's run ending must not clear it.
+    run = Run.objects.create(
+        owner=alice, source="api", status=Run.Status.RUNNING, runner_name="marked"
+    )
+    mark = keys.current_run_key("marked")
+    get_redis().set(mark, "run-of-the-new-process", ex=30)
+    try:
+        assert finish.fail_run(
+            run.id, "test", expected_status=Run.Status.RUNNING, expected_runner="marked"
+        )
+        assert get_redis().get(mark) == b"run-of-the-new-process"
+    finally:
+        get_redis().delete(mark)
 
 
 def test_abandoned_run_check_spares_current_run(alice):
@@ -438,6 +510,7 @@ def test_abandoned_run_check_spares_current_run(alice):
             source="api",
             status=Run.Status.RUNNING,
             runner_name="checking",
+            runner_instance=runtime.instance,
         )
         for _ in range(2)
     )

@@ -334,6 +334,80 @@ def test_second_live_runner_with_same_name_is_rejected(runner):
     assert f"a runner named '{runner.name}' is already running" in completed.stderr
 
 
+def wait_for_final(run_id, timeout_s: float = 120) -> Run:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = Run.objects.get(pk=run_id)
+        if run.is_finished:
+            return run
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} is still {run.status}")
+
+
+def test_name_reuse_spares_paused_runners_claim(runner, extra_runners, alice):
+    # "reused" takes a job and is paused before its claim for longer than the
+    # dead time. A new process starts under the name. The old one resumes,
+    # claims and executes the run: the new one must not fail it as its own
+    # abandoned run.
+    if db_connection.vendor != "sqlite":
+        pytest.skip(
+            "PostgreSQL completes an UPDATE that waited for a lock on the "
+            "server, while its client is still stopped"
+        )
+    connection = get_redis()
+    old = extra_runners("reused")
+    old_instance = old.state()["instance"]
+    image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
+    with registered_runner("parking") as parking:
+        # A batch keeps the old runner busy for longer than the new one's
+        # check for abandoned runs takes to come round.
+        run_id = str(
+            start_run(
+                owner_id=alice.id,
+                source="cli",
+                definition=detection("yolov8x.yaml"),
+                raw_inputs={"image": [image] * 6},
+                started_ns=time.perf_counter_ns(),
+                wait_s=0,
+                runner=parking,
+            ).run.id
+        )
+        # Marked as taking the run, the session runner neither takes a
+        # shared job nor lets the reap of "reused" queue the run again.
+        connection.set(keys.current_run_key(runner.name), run_id, ex=300)
+        try:
+            with transaction.atomic():
+                # The write lock held here stops the old runner in its claim.
+                Run.objects.filter(pk=run_id).update(runner_name="")
+                hand_to(old, run_id, keys.runner_queue(parking))
+                deadline = time.monotonic() + 30
+                while connection.get(keys.current_run_key("reused")) != run_id.encode():
+                    assert time.monotonic() < deadline, "the job was never taken"
+                    time.sleep(0.02)
+                time.sleep(0.2)
+                old.process.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 30
+            while connection.sismember(keys.RUNNERS_SET, "reused"):
+                assert time.monotonic() < deadline, "the paused runner was not reaped"
+                time.sleep(0.1)
+            new = extra_runners("reused")
+            new_instance = new.state()["instance"]
+            old.process.send_signal(signal.SIGCONT)
+            run = wait_for_final(run_id)
+            assert old.process.wait(timeout=60) != 0
+        finally:
+            old.process.send_signal(signal.SIGCONT)
+            connection.delete(keys.current_run_key(runner.name))
+
+    assert run.status == Run.Status.SUCCEEDED, run.error
+    assert run.runner_name == "reused"
+    assert run.runner_instance == old_instance
+    assert Bill.objects.filter(run_id=run_id).count() == 1
+    assert "another process took the runner name" in old.log_path.read_text()
+    assert new.state()["instance"] == new_instance
+    assert new_instance != old_instance
+
+
 def test_expired_inputs_fail_run_unbilled_as_retryable(runner, extra_runners, alice):
     queued = start(alice, "people-detector", "late-runner", wait_s=0)
     get_redis().delete(keys.inputs_key(str(queued.run.id)))

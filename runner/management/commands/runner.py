@@ -17,9 +17,7 @@ from django.core.management.base import BaseCommand, CommandError  # noqa: E402
 from django.db import OperationalError  # noqa: E402
 
 from runner import fleet, keys  # noqa: E402
-from runner.finish import fail_run  # noqa: E402
 from runner.model_cache import ModelCache, pick_device  # noqa: E402
-from runner.models import Run  # noqa: E402
 from runner.runtime import RunnerRuntime, set_runtime  # noqa: E402
 from runner.worker import run_worker  # noqa: E402
 from webapp.management.arguments import positive_int  # noqa: E402
@@ -131,16 +129,13 @@ class Command(BaseCommand):
                 reason=f"runner {name} (process {pid}) exited without stopping "
                 "and was replaced by a new process",
             )
-        # A run this name held when its process died no longer runs.
+        # A run this name held when its process died no longer runs. One
+        # whose process is alive, paused past RUNNER_DEAD_AFTER_S, is left to
+        # it: that process finishes the run, then finds the name taken.
         get_redis().delete(keys.current_run_key(name))
-        stale = Run.objects.filter(runner_name=name, status=Run.Status.RUNNING)
-        for run_id in stale.values_list("id", flat=True):
-            fail_run(
-                run_id,
-                f"runner {name} restarted while running this run",
-                expected_status=Run.Status.RUNNING,
-                expected_runner=name,
-            )
+        fleet.fail_runs_of_dead_processes(
+            name, f"runner {name} restarted while running this run"
+        )
 
 
 def _check_database_ready() -> None:
