@@ -379,10 +379,36 @@ def reap_runner(name: str, reason: str) -> int:
     return failed
 
 
+# Moves job ARGV[1], just pushed to the back of queue KEYS[1], in front of
+# the first of ARGV[2..] (jobs queued after it, in queue order) still in
+# the queue. With none left, a runner has taken them and every job ahead of
+# them, so the job goes to the front.
+_PLACE_MOVED_JOB = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then
+    return 0
+end
+for i = 2, #ARGV do
+    if redis.call('LINSERT', KEYS[1], 'BEFORE', ARGV[i], ARGV[1]) > 0 then
+        return i - 1
+    end
+end
+if #ARGV > 1 then
+    return redis.call('LPUSH', KEYS[1], ARGV[1])
+end
+return redis.call('RPUSH', KEYS[1], ARGV[1])
+"""
+
+# How many later jobs a moved job is offered as places to go in front of.
+MAX_PLACES = 100
+
+
 def move_queued_jobs(name: str) -> list[str]:
     """Move runner ``name``'s queued jobs to the shared queue; return their ids.
 
-    Each run's row names the shared queue before its job gets there.
+    Each run's row names the shared queue before its job gets there. A job
+    goes in ahead of the shared jobs queued after it (by Run.queued_at_ns),
+    so it does not wait behind runs accepted while it sat on the runner's
+    queue.
     """
     from runner.models import Run
 
@@ -404,10 +430,13 @@ def move_queued_jobs(name: str) -> list[str]:
                 connection=connection,
                 serializer=keys.JOB_SERIALIZER,
             )
-            Run.objects.filter(pk=uuid.UUID(job.id)).update(
-                queue_name=keys.SHARED_QUEUE
-            )
-            target.enqueue_job(job)
+            run_id = uuid.UUID(job.id)
+            Run.objects.filter(pk=run_id).update(queue_name=keys.SHARED_QUEUE)
+            later = _jobs_queued_after(connection, target.key, run_id)
+            with connection.pipeline() as pipeline:
+                target.enqueue_job(job, pipeline=pipeline)
+                pipeline.eval(_PLACE_MOVED_JOB, 1, target.key, job.id, *later)
+                pipeline.execute()
         except Exception as error:
             # The job hash expired or is corrupt; a run it belonged to is
             # found by recover_lost_jobs.
@@ -419,6 +448,33 @@ def move_queued_jobs(name: str) -> list[str]:
             )
             continue
         moved.append(job.id)
+
+
+def _jobs_queued_after(connection, queue_key: str, run_id: uuid.UUID) -> list[str]:
+    """Return the first MAX_PLACES job ids in the queue whose runs were queued
+    after run ``run_id``, in queue order.
+
+    Job ids that name no run are left out.
+    """
+    from runner.models import Run
+
+    queued_at_ns = (
+        Run.objects.filter(pk=run_id).values_list("queued_at_ns", flat=True).first()
+    )
+    if queued_at_ns is None:
+        return []
+    run_ids = []
+    for raw in connection.lrange(queue_key, 0, -1):
+        try:
+            run_ids.append(uuid.UUID(raw.decode(errors="replace")))
+        except ValueError:
+            continue
+    later = set(
+        Run.objects.filter(pk__in=run_ids, queued_at_ns__gt=queued_at_ns).values_list(
+            "pk", flat=True
+        )
+    )
+    return [str(pk) for pk in run_ids if pk in later][:MAX_PLACES]
 
 
 def reap_dead_runners(own_name: str | None = None) -> bool:

@@ -148,6 +148,46 @@ def test_killed_runner_queued_runs_move_on(runner, extra_runners, alice):
     assert Bill.objects.filter(run=moved).count() == 1
 
 
+def test_moved_jobs_keep_their_place_in_shared_queue(runner, extra_runners, alice):
+    # A job moved off a dead runner's queue goes behind the shared jobs
+    # queued before it and ahead of those queued after it.
+    connection = get_redis()
+    victim = extra_runners("victim-3")
+    busy = start(alice, "yolov8x.yaml", "victim-3", wait_s=0)
+    wait_for_status(busy.run.id, Run.Status.RUNNING)
+    shared_key = f"{Queue.redis_queue_namespace_prefix}{keys.SHARED_QUEUE}"
+    # Marked busy for a routed run, the session runner leaves shared jobs.
+    connection.set(keys.current_run_key(runner.name), "routed-run", ex=120)
+    try:
+        early = start_cli_run(alice, image_height(), wait_s=0).run
+        waiting = start_cli_run(alice, image_height(), wait_s=0, runner="victim-3").run
+        later = start_cli_run(alice, image_height(), wait_s=0).run
+        assert early.queue_name == keys.SHARED_QUEUE
+        assert waiting.queue_name == keys.runner_queue("victim-3")
+        assert later.queue_name == keys.SHARED_QUEUE
+        victim.kill()
+
+        expected = [str(early.pk), str(waiting.pk), str(later.pk)]
+        deadline = time.monotonic() + 30
+        order: list[str] = []
+        # The session runner pops the front job now and then and puts it
+        # back, so a read may miss it.
+        while order != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+            order = [job.decode() for job in connection.lrange(shared_key, 0, -1)]
+        assert order == expected
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+
+    finished = [
+        wait_for_status(run.pk, Run.Status.SUCCEEDED, timeout_s=60)
+        for run in (early, waiting, later)
+    ]
+    assert [run.runner_name for run in finished] == [runner.name] * 3
+    assert finished[0].started_at < finished[1].started_at < finished[2].started_at
+    assert Bill.objects.filter(run_id__in=expected).count() == 3
+
+
 def test_memory_budget_forces_eviction(runner, extra_runners, alice):
     # yolov8n (about 12.6 MB of float32 weights) and yolo11n (about 10.5 MB)
     # do not fit together in 20 MiB.
