@@ -32,6 +32,11 @@ from workflows.inputs import RunInputs
 
 logger = logging.getLogger(__name__)
 
+# Seconds between the web server's own clock samples while it queues runs.
+# One TIME round trip a second costs little, and keeps the last
+# webapp.clock.SAMPLES_KEPT samples within a few seconds of each other.
+CLOCK_SAMPLE_INTERVAL_S = 1.0
+
 
 class NoRunnerError(WorkflowError):
     code = "no_runner"
@@ -350,6 +355,10 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         queue_name=queue_name,
         warnings=list(submission.plan.warnings) + _untrained_warnings(models),
     )
+    # A job queued with its images takes no clock sample, so without this a
+    # web server whose runs all carry images would stamp them from a single
+    # sample up to MAX_SAMPLE_AGE_S old.
+    clock.sync_if_older(CLOCK_SAMPLE_INTERVAL_S)
     run.request_us = (time.perf_counter_ns() - submission.request_started_ns) // 1000
     # On Redis's clock, as is the runner's start that it is subtracted from.
     run.queued_at_ns = clock.now_ns()

@@ -992,6 +992,34 @@ def test_queueing_images_takes_no_clock_sample(monkeypatch):
     assert error_ns < 5_000_000
 
 
+def test_queue_time_after_slow_clock_sample(runner, alice, monkeypatch):
+    # A web server thread that waits for the GIL between sending a TIME and
+    # reading its reply takes a sample whose offset is half that wait off.
+    # A run queued with images takes no sample in its transaction, so unless
+    # the web server samples the clock itself, it stamps the run from that
+    # one sample, for up to 30 s, and the queue time counts the error.
+    from runner import dispatch
+    from webapp.clock import RedisClock
+
+    skewed = RedisClock()
+    sent_ns = time.time_ns()
+    reply = get_redis().time()
+    skewed.observe(sent_ns, reply, time.time_ns() + 400_000_000)
+    monkeypatch.setattr(dispatch, "clock", skewed)
+    time.sleep(dispatch.CLOCK_SAMPLE_INTERVAL_S + 0.1)
+
+    outcome = start_cli_run(alice, image_height(), wait_s=60)
+
+    assert outcome.payload["meta"]["status"] == "succeeded"
+    # The skewed sample alone stamped queued_at 200 ms early, and the queue
+    # time counted those 200 ms. A sample taken with no thread in the way is
+    # off by half a round trip: under a millisecond on an idle machine, and
+    # allowed 50 ms here for a busy one.
+    reference = RedisClock()
+    error_ns = abs(skewed.offset_ns() - reference.offset_ns())
+    assert error_ns < 50_000_000
+
+
 def test_model_directory_symlink_to_weights_elsewhere(
     runner, extra_runners, alice, tmp_path
 ):

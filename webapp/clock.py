@@ -47,6 +47,23 @@ class RedisClock:
         reply = get_redis().time()
         self.observe(sent, reply, time.time_ns())
 
+    def sync_if_older(self, max_age_s: float) -> None:
+        """Take a sample unless the newest one is younger than ``max_age_s``.
+
+        A thread that waits for the GIL between sending a TIME and reading
+        its reply stretches the round trip, and one such sample can put the
+        offset tens of milliseconds off. Samples taken at least this often
+        leave ``offset_ns`` several to choose the shortest round trip from.
+        """
+        with self._lock:
+            newest = self._samples[-1][2] if self._samples else None
+        if newest is not None and time.monotonic() - newest < max_age_s:
+            return
+        try:
+            self.sync()
+        except Exception as error:
+            logger.warning("clock: TIME failed, keeping older samples: %s", error)
+
     def offset_ns(self) -> int:
         """Return Redis's clock minus this process's, taking a sample if none is recent.
 
