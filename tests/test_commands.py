@@ -90,8 +90,26 @@ def test_runworkflow_rejects_invalid_user_name(db, username):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--param", "nosuch=1"], "--param names inputs the definition does not"),
-        (["--image", f"nosuch={BUS}"], "--image names inputs the definition does not"),
+        (
+            ["--param", "nosuch=1"],
+            "--param names inputs the definition does not declare: nosuch; its "
+            "parameter inputs: confidence$",
+        ),
+        (
+            ["--image", f"nosuch={BUS}"],
+            "--image names inputs the definition does not declare: nosuch; its "
+            "image inputs: image$",
+        ),
+        (
+            ["--image", BUS, "--image", f"confidence={BUS}"],
+            "--image names inputs that are not image inputs: confidence; give "
+            "them with --param",
+        ),
+        (
+            ["--param", "image=5"],
+            "--param names inputs that are not parameter inputs: image; give "
+            "them with --image",
+        ),
         (["--image", BUS, "--image", BUS], "--image gives input 'image' twice"),
         (
             ["--image", BUS, "--param", "confidence=0.3", "--param", "confidence=0.5"],

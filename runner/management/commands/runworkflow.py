@@ -279,19 +279,35 @@ def _check_input_names(definition: dict, uploads: dict, parameters: dict) -> Non
 
     Also for a name given by both options, since the image would win silently.
     """
-    names = set(_declared_inputs(definition))
+    kinds = {
+        name: kind
+        for name, kind in _declared_inputs(definition).items()
+        if isinstance(name, str)
+    }
     both = sorted(set(uploads) & set(parameters))
     if both:
         raise CommandError(
             f"input {both[0]!r} is given by both --image and --param; give it once"
         )
-    for option, supplied in (("--image", uploads), ("--param", parameters)):
-        unknown = sorted(set(supplied) - names)
+    image_names = sorted(n for n, kind in kinds.items() if kind in IMAGE_INPUT_TYPES)
+    parameter_names = sorted(n for n in kinds if n not in image_names)
+    for option, supplied, fitting, kind, other in (
+        ("--image", uploads, image_names, "image", "--param"),
+        ("--param", parameters, parameter_names, "parameter", "--image"),
+    ):
+        unknown = sorted(set(supplied) - set(kinds))
         if unknown:
             raise CommandError(
                 f"{option} names inputs the definition does not declare: "
-                f"{', '.join(unknown)}; its inputs: "
-                f"{', '.join(sorted(str(n) for n in names)) or 'none'}"
+                f"{', '.join(unknown)}; its {kind} inputs: "
+                f"{', '.join(fitting) or 'none'}"
+            )
+        # An image given for a parameter would be dropped without a word.
+        misplaced = sorted(set(supplied) - set(fitting))
+        if misplaced:
+            raise CommandError(
+                f"{option} names inputs that are not {kind} inputs: "
+                f"{', '.join(misplaced)}; give them with {other}"
             )
 
 
