@@ -5,6 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
+
+import redis
 
 from runner.dispatch import no_runner_error
 from runner.models import Run
@@ -94,6 +97,21 @@ def start_waiting_command(definition, image, env, wait_s: float):
     )
 
 
+def wait_until_connected(socket_path, pid: int, timeout_s: float = 60) -> None:
+    """Wait until process ``pid`` has a connection open to the embedded Redis."""
+    probe = redis.Redis(unix_socket_path=str(socket_path))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not any(
+            client["name"].endswith(f":{pid}") for client in probe.client_list()
+        ):
+            assert time.monotonic() < deadline, f"process {pid} never connected"
+            time.sleep(0.05)
+    finally:
+        # An open connection would count as another client of the server.
+        probe.close()
+
+
 def test_overlapping_cli_runs_stop_redis(transactional_db, tmp_path):
     # The first command starts the embedded Redis and ends while the second,
     # which found it running, still waits. The second, ending last, stops it.
@@ -104,9 +122,13 @@ def test_overlapping_cli_runs_stop_redis(transactional_db, tmp_path):
     env = private_data_env(tmp_path / "data")
     redis_pid = tmp_path / "data" / "redis.pid"
 
-    first = start_waiting_command(definition, image, env, 4)
+    # The first waits long enough for the second to start up and connect on
+    # a loaded machine. The second waits as long, so it ends after the first.
+    first = start_waiting_command(definition, image, env, 10)
     assert "started embedded Redis" in first.stderr.readline()
-    second = start_waiting_command(definition, image, env, 8)
+    second = start_waiting_command(definition, image, env, 10)
+    wait_until_connected(tmp_path / "data" / "redis.sock", second.pid)
+    second_connected_before_first_ended = first.poll() is None
     _, first_errors = first.communicate(timeout=120)
     second_alive_after_first = second.poll() is None
     _, second_errors = second.communicate(timeout=120)
@@ -116,6 +138,7 @@ def test_overlapping_cli_runs_stop_redis(transactional_db, tmp_path):
 
     assert "no runner came up" in first_errors
     assert "no runner came up" in second_errors
+    assert second_connected_before_first_ended, "the commands must overlap"
     assert second_alive_after_first, "the commands must overlap"
     assert "stopped embedded Redis" not in first_errors
     assert "stopped embedded Redis" in second_errors
