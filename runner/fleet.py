@@ -165,10 +165,10 @@ def fail_runs_of_dead_processes(name: str, reason: str) -> int:
     process takes a job. A run claimed before instances were recorded has
     none, and counts as a dead process's run. Returns how many runs failed.
 
-    NOTE: a process paused past RUNNER_DEAD_AFTER_S between taking a job and
-    claiming its run claims it with its key expired. A check in the moment
-    before its next heartbeat fails that run, as a reap fails a run held
-    during such a pause.
+    NOTE: a process paused past RUNNER_DEAD_AFTER_S in its claim resumes
+    with its key expired and sets the key right after the claim. A check
+    between the two fails that run, as a reap fails a run held during such
+    a pause.
     """
     from runner.finish import fail_run
     from runner.models import Run

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from django.conf import settings
 
 from billing.policy import BillingPolicy
-from runner import keys, sql
+from runner import fleet, keys, sql
 from runner.events import RunEvents
 from runner.finish import clear_mark, fail_run, finish_run
 from runner.model_cache import ModelProvider
@@ -79,6 +79,10 @@ def execute_run(
         clear_mark(get_redis(), runtime.name, run_id)
         return
     try:
+        # A process paused past RUNNER_DEAD_AFTER_S in its claim resumes with
+        # its instance key expired. Until set again here, a check for runs of
+        # dead processes would fail this run.
+        fleet.refresh_instance(runtime.name, runtime.instance)
         run = _run_from(run_id, snapshot)
         if queue:
             run.queue_name = queue

@@ -27,10 +27,12 @@ from billing.models import Bill
 from runner import fleet, keys
 from runner.dispatch import choose_queue, wait_for_result
 from runner.events import stored_events
+from runner.model_cache import ModelCache
 from runner.models import Run
 from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
 from runner.presenters import run_to_dict
 from runner.registry import resolve_model
+from runner.runtime import RunnerRuntime
 from runner.service import start_run
 from tests.conftest import ROOT, image_bytes, registered_runner, start_cli_run
 from tests.definitions import detection, image_height
@@ -399,14 +401,14 @@ def test_name_reuse_spares_paused_runners_claim(runner, extra_runners, alice):
     old_instance = old.state()["instance"]
     image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
     with registered_runner("parking") as parking:
-        # A batch keeps the old runner busy for longer than the new one's
-        # check for abandoned runs takes to come round.
+        # yolov8x's cold load and prediction keep the old runner in its run
+        # for seconds after it resumes.
         run_id = str(
             start_run(
                 owner_id=alice.id,
                 source="cli",
                 definition=detection("yolov8x.yaml"),
-                raw_inputs={"image": [image] * 6},
+                raw_inputs={"image": image},
                 started_ns=time.perf_counter_ns(),
                 wait_s=0,
                 runner=parking,
@@ -433,12 +435,27 @@ def test_name_reuse_spares_paused_runners_claim(runner, extra_runners, alice):
             new = extra_runners("reused")
             new_instance = new.state()["instance"]
             old.process.send_signal(signal.SIGCONT)
+            claimed = wait_for_status(run_id, Run.Status.RUNNING, timeout_s=60)
+            # The new process's check for abandoned runs comes round only
+            # every RECONCILE_EVERY_BEATS heartbeats, so the same check is
+            # made here, as the new process, while the old one executes.
+            cache = ModelCache(
+                budget_bytes=0, device="cpu", warmup_size=64, torch_threads=1
+            )
+            successor = RunnerRuntime(name="reused", device="cpu", cache=cache)
+            successor.instance = new_instance
+            failed_by_check = fleet.fail_abandoned_runs(successor)
+            status_after_check = Run.objects.get(pk=run_id).status
             run = wait_for_final(run_id)
             assert old.process.wait(timeout=60) != 0
         finally:
             old.process.send_signal(signal.SIGCONT)
             connection.delete(keys.current_run_key(runner.name))
 
+    assert claimed.runner_instance == old_instance
+    assert failed_by_check == 0
+    # Still running after the check, so the check saw the run.
+    assert status_after_check == Run.Status.RUNNING
     assert run.status == Run.Status.SUCCEEDED, run.error
     assert run.runner_name == "reused"
     assert run.runner_instance == old_instance
