@@ -476,14 +476,16 @@ def test_workflow_create_name_not_a_string(alice_client, name):
     assert Workflow.objects.count() == 0
 
 
-@pytest.mark.parametrize("name", ["\u200b", "\u200b \u2060\ufeff", "\u00a0\u200d"])
+@pytest.mark.parametrize(
+    "name", ["\u200b", "\u200b \u2060\ufeff", "\u00a0\u200d", "\u3164", "\u2800 "]
+)
 def test_workflow_name_without_visible_character_rejected(alice_client, name):
     created = post_json(
         alice_client, "/api/workflows/", {"name": name, "definition": image_height()}
     )
     assert created.status_code == 400
     assert created.json()["fields"]["name"] == [
-        "has no visible character, only spaces and invisible format characters "
+        "has no visible character, only spaces and characters drawn as blank, "
         "such as U+200B; give it a name that can be read"
     ]
     assert Workflow.objects.count() == 0

@@ -1030,11 +1030,12 @@ def test_queue_time_after_slow_clock_sample(runner, alice, monkeypatch):
     assert outcome.payload["meta"]["status"] == "succeeded"
     # The skewed sample alone stamped queued_at 200 ms early, and the queue
     # time counted those 200 ms. A sample taken with no thread in the way is
-    # off by half a round trip: under a millisecond on an idle machine, and
-    # allowed 50 ms here for a busy one.
+    # off by half a round trip: under a millisecond on an idle machine. Two
+    # samples are compared, each allowed 50 ms on a busy one, which still
+    # tells them from the skewed one.
     reference = RedisClock()
     error_ns = abs(skewed.offset_ns() - reference.offset_ns())
-    assert error_ns < 50_000_000
+    assert error_ns < 100_000_000
 
 
 def test_model_directory_symlink_to_weights_elsewhere(

@@ -51,6 +51,11 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e") |
 }
 
 
+# Characters that Unicode counts as letters or symbols but that fonts draw
+# as blank space: the Hangul fillers and the blank Braille pattern.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
 def reject_control_characters(value: str) -> None:
     """Raise ValidationError for a name with control or bidi-control characters,
     or with nothing visible.
@@ -67,10 +72,12 @@ def reject_control_characters(value: str) -> None:
                 f"may not contain control characters: U+{ord(character):04X} "
                 f"at position {position}"
             )
-    if all(unicodedata.category(c) in ("Cf", "Zs") for c in value):
+    if all(
+        unicodedata.category(c) in ("Cf", "Zs") or c in _BLANK_LETTERS for c in value
+    ):
         raise serializers.ValidationError(
-            "has no visible character, only spaces and invisible format "
-            "characters such as U+200B; give it a name that can be read"
+            "has no visible character, only spaces and characters drawn as "
+            "blank, such as U+200B; give it a name that can be read"
         )
 
 
