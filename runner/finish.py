@@ -61,6 +61,59 @@ def finish_run(
     events: RunEvents,
 ) -> bool:
     """Store the result and the bill; return False if someone else finished it."""
+    stored = sql.retry_if_disconnected(
+        lambda: _store_result(
+            run,
+            status=status,
+            outputs=outputs,
+            breakdown=breakdown,
+            error=error,
+            bill=bill,
+            runner_name=runner_name,
+            runner_instance=runner_instance,
+        ),
+        f"runner {runner_name}: finishing run {run.pk}",
+    )
+    if not stored:
+        return False
+    payload_meta = result_meta(
+        run.pk,
+        status,
+        breakdown,
+        error,
+        bill_fields(bill),
+        run.warnings,
+        runner_name,
+        queue=run.queue_name,
+    )
+    # The runner can take no job while Redis is away, so it may as well wait.
+    push_done(
+        str(run.pk),
+        outputs_json,
+        payload_meta,
+        events,
+        retry_delays_s=PUSH_RETRY_DELAYS_S,
+        runner_name=runner_name,
+    )
+    return True
+
+
+def _store_result(
+    run: Run,
+    *,
+    status: str,
+    outputs: Any,
+    breakdown: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    bill: BillLine,
+    runner_name: str,
+    runner_instance: str,
+) -> bool:
+    """Write the run's final state and its bill in one transaction.
+
+    Returns False, writing nothing, if the run is no longer running under
+    ``runner_name`` and ``runner_instance``.
+    """
     now = clock.now()
     with transaction.atomic():
         updated = sql.update_where(
@@ -99,25 +152,6 @@ def finish_run(
                 **bill_fields(bill),
             )
         )
-    payload_meta = result_meta(
-        run.pk,
-        status,
-        breakdown,
-        error,
-        bill_fields(bill),
-        run.warnings,
-        runner_name,
-        queue=run.queue_name,
-    )
-    # The runner can take no job while Redis is away, so it may as well wait.
-    push_done(
-        str(run.pk),
-        outputs_json,
-        payload_meta,
-        events,
-        retry_delays_s=PUSH_RETRY_DELAYS_S,
-        runner_name=runner_name,
-    )
     return True
 
 

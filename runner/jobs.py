@@ -61,8 +61,11 @@ def execute_run(
         }
         if queue:
             claim["queue_name"] = queue
-        claimed = sql.update_where(
-            Run, claim, where={"pk": run_id, "status": Run.Status.QUEUED}
+        claimed = sql.retry_if_disconnected(
+            lambda: sql.update_where(
+                Run, claim, where={"pk": run_id, "status": Run.Status.QUEUED}
+            ),
+            f"runner {runtime.name}: claiming run {run_id}",
         )
     except Exception:
         # The job id is not a UUID, or the database is unreachable. The job

@@ -8,8 +8,15 @@ PostgreSQL receive exactly what the ORM would send.
 """
 
 import functools
+import logging
+from collections.abc import Callable
+from typing import TypeVar
 
-from django.db import connection, models
+from django.db import OperationalError, connection, models
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _column(model: type[models.Model], name: str) -> models.Field:
@@ -103,3 +110,36 @@ def insert(instance: models.Model) -> None:
         cursor.execute(_insert_sql(type(instance)), params)
     instance._state.adding = False
     instance._state.db = connection.alias
+
+
+def retry_if_disconnected(write: Callable[[], T], description: str) -> T:
+    """Call ``write``, and once more on a new connection if the old one was lost.
+
+    A runner's job thread keeps its database connection between jobs, so a
+    session that the server ended meanwhile (a restart, a failover,
+    ``pg_terminate_backend``) fails the next write although the server
+    answers again. ``write`` must be safe to repeat: the run path's writes
+    are conditional on the run's state, so when a first attempt committed
+    before the connection broke, the second one updates no row.
+    """
+    used = connection.connection
+    try:
+        return write()
+    except OperationalError as error:
+        if used is None or connection.in_atomic_block or not _connection_lost(used):
+            raise
+        logger.warning(
+            "%s: the database connection was lost (%s); retrying on a new one",
+            description,
+            str(error).strip(),
+        )
+        if connection.connection is used:
+            connection.close()
+        return write()
+
+
+def _connection_lost(used) -> bool:
+    # psycopg marks a connection that the server ended as closed. When the
+    # rollback of a failed transaction fails too, Django drops the
+    # connection, and may have opened another one by now.
+    return used is not connection.connection or getattr(used, "closed", False)

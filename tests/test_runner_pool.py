@@ -853,6 +853,69 @@ def test_new_runner_logs_no_stall(runner, extra_runners):
     assert "no heartbeat for" not in log
 
 
+def end_database_sessions(application_name: str) -> int:
+    """End the PostgreSQL sessions opened under ``application_name``."""
+    with db_connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            [application_name],
+        )
+        return cursor.fetchone()[0]
+
+
+def test_runner_claims_after_its_session_ended(runner, extra_runners, alice):
+    # A database restart or failover ends the session that the runner's job
+    # thread keeps between jobs. The next claim must not drop the job.
+    if db_connection.vendor != "postgresql":
+        pytest.skip("SQLite has no server that ends sessions")
+    # libpq names the runner's sessions after PGAPPNAME.
+    reconnecting = extra_runners(
+        "reconnecting", env_overrides={"PGAPPNAME": "glassbox-reconnecting"}
+    )
+    first = start(alice, "yolov8n.yaml", reconnecting.name).run
+    first.refresh_from_db()
+    assert first.status == Run.Status.SUCCEEDED, first.error
+    assert end_database_sessions("glassbox-reconnecting") > 0
+
+    # The lost-run check would queue a dropped job again only after 30 s.
+    second = start(alice, "yolov8n.yaml", reconnecting.name, wait_s=20).run
+    second.refresh_from_db()
+    assert second.status == Run.Status.SUCCEEDED, second.error
+    assert Bill.objects.filter(run_id=second.id).count() == 1
+    log = reconnecting.log_path.read_text()
+    assert f"claiming run {second.id}: the database connection was lost" in log
+
+
+def test_runner_finishes_after_its_session_ended(runner, extra_runners, alice):
+    # The session ends while the run executes: the result must still be
+    # stored, not thrown away as a platform failure.
+    if db_connection.vendor != "postgresql":
+        pytest.skip("SQLite has no server that ends sessions")
+    reconnecting = extra_runners(
+        "reconnecting", env_overrides={"PGAPPNAME": "glassbox-reconnecting"}
+    )
+    image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
+    run_id = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=detection("yolov8n.yaml"),
+        raw_inputs={"image": [image] * 20},
+        started_ns=time.perf_counter_ns(),
+        wait_s=0,
+        runner=reconnecting.name,
+    ).run.id
+    wait_for_status(run_id, Run.Status.RUNNING)
+    assert end_database_sessions("glassbox-reconnecting") > 0
+
+    run = wait_for_final(run_id)
+    assert run.status == Run.Status.SUCCEEDED, run.error
+    assert run.bill.billed
+    assert Bill.objects.filter(run_id=run_id).count() == 1
+    log = reconnecting.log_path.read_text()
+    assert f"finishing run {run_id}: the database connection was lost" in log
+
+
 def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
     # The key can go before its expiry (an operator, a Redis server evicting
     # keys). The runner beat less than a second ago, so it is not dead.
