@@ -916,6 +916,63 @@ def test_runner_finishes_after_its_session_ended(runner, extra_runners, alice):
     assert f"finishing run {run_id}: the database connection was lost" in log
 
 
+# Two requests as a web server process handles them, with the production
+# settings, and the session of the first ended by the server in between.
+REQUEST_AFTER_SESSION_ENDED = """
+import django
+import psycopg
+from django.core.signals import request_finished, request_started
+from django.db import connection
+
+django.setup()
+from django.contrib.auth.models import User
+
+
+def request():
+    request_started.send(sender=None)
+    try:
+        return User.objects.count()
+    finally:
+        request_finished.send(sender=None)
+
+
+request()
+with psycopg.connect(**connection.get_connection_params()) as other:
+    other.execute(
+        "SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid]
+    )
+print("users:", request())
+"""
+
+
+def test_web_request_after_session_ended(transactional_db, alice):
+    # A web server process keeps its connections between requests. One that
+    # the database server ended must not fail the next request.
+    if db_connection.vendor != "postgresql":
+        pytest.skip("SQLite has no server that ends sessions")
+    params = db_connection.settings_dict
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "webapp.settings",
+        "DATABASE_URL": (
+            f"postgres://{params['USER']}@{params['HOST']}:{params['PORT']}"
+            f"/{params['NAME']}"
+        ),
+    }
+    if params["PASSWORD"]:
+        env["PGPASSWORD"] = params["PASSWORD"]
+    result = subprocess.run(
+        [sys.executable, "-c", REQUEST_AFTER_SESSION_ENDED],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "users: 1"
+
+
 def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
     # The key can go before its expiry (an operator, a Redis server evicting
     # keys). The runner beat less than a second ago, so it is not dead.

@@ -102,10 +102,15 @@ TEMPLATES = [
     },
 ]
 
+# A connection is kept for up to 600 s between requests. The health check
+# pings it once at the start of each request that queries, so a session that
+# the server ended meanwhile (a restart, a failover) is replaced instead of
+# failing that request.
 DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"),
         conn_max_age=600,
+        conn_health_checks=True,
     )
 }
 
