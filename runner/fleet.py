@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
+from django.db import DatabaseError
 from rq import Queue
 from rq.job import Job
 
@@ -437,6 +438,11 @@ def move_queued_jobs(name: str) -> list[str]:
                 target.enqueue_job(job, pipeline=pipeline)
                 pipeline.eval(_PLACE_MOVED_JOB, 1, target.key, job.id, *later)
                 pipeline.execute()
+        except DatabaseError:
+            # The job is sound: put it back for the next reap, which finds
+            # the runner still dead, rather than drop it.
+            connection.lpush(source.key, job_id)
+            raise
         except Exception as error:
             # The job hash expired or is corrupt; a run it belonged to is
             # found by recover_lost_jobs.

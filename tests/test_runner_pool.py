@@ -15,10 +15,11 @@ import uuid
 import zlib
 from contextlib import ExitStack, contextmanager
 
+import psycopg
 import pytest
 from django.conf import settings
+from django.db import OperationalError, transaction
 from django.db import connection as db_connection
-from django.db import transaction
 from django.utils import timezone
 from rq import Queue
 from rq.job import Job
@@ -971,6 +972,33 @@ def test_web_request_after_session_ended(transactional_db, alice):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "users: 1"
+
+
+def test_moving_jobs_keeps_job_when_database_fails(runner, alice):
+    # A reap whose database session was ended must leave the dead runner's
+    # jobs in its queue for the next reap, not drop them.
+    if db_connection.vendor != "postgresql":
+        pytest.skip("SQLite has no server that ends sessions")
+    connection = get_redis()
+    with registered_runner("parked-for-move"):
+        run_id = str(start(alice, "people-detector", "parked-for-move", 0).run.id)
+    queue_key = f"{Queue.redis_queue_namespace_prefix}" + keys.runner_queue(
+        "parked-for-move"
+    )
+    assert connection.lrange(queue_key, 0, -1) == [run_id.encode()]
+    pid = db_connection.connection.info.backend_pid
+    with psycopg.connect(**db_connection.get_connection_params()) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    try:
+        with pytest.raises(OperationalError):
+            fleet.move_queued_jobs("parked-for-move")
+    finally:
+        db_connection.close()
+
+    assert connection.lrange(queue_key, 0, -1) == [run_id.encode()]
+    assert fleet.move_queued_jobs("parked-for-move") == [run_id]
+    assert wait_for_final(run_id).status == Run.Status.SUCCEEDED
 
 
 def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
