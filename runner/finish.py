@@ -137,12 +137,7 @@ def _store_result(
             },
         )
         if not updated:
-            logger.warning(
-                "run %s was finished elsewhere, deleted with its owner, or "
-                "taken from runner %s before it finished; result dropped",
-                run.pk,
-                runner_name,
-            )
+            _log_result_dropped(run.pk, runner_name)
             return False
         sql.insert(
             Bill(
@@ -153,6 +148,34 @@ def _store_result(
             )
         )
     return True
+
+
+def _log_result_dropped(run_id, runner_name: str) -> None:
+    """Log why runner ``runner_name`` could not store the result of run ``run_id``."""
+    row = (
+        Run.objects.filter(pk=run_id)
+        .values_list("status", "runner_name", "error")
+        .first()
+    )
+    if row is None:
+        logger.warning(
+            "run %s was deleted with its owner before runner %s finished it; "
+            "result dropped",
+            run_id,
+            runner_name,
+        )
+        return
+    status, holder, error = row
+    reason = (error or {}).get("message", "") if isinstance(error, dict) else ""
+    logger.warning(
+        "run %s is already %s under runner %s%s before runner %s finished it; "
+        "result dropped",
+        run_id,
+        status,
+        holder or "(none)",
+        f" ({reason})" if reason else "",
+        runner_name,
+    )
 
 
 def result_meta(
