@@ -1545,8 +1545,8 @@ def test_sequence_length_of_number_is_billed_user_error(runner, alice_client):
     assert response.status_code == 400
     assert body["code"] == "step_rejected_input"
     assert (
-        "SequenceLength needs detections, a list or a string, got an integer"
-        in body["message"]
+        "SequenceLength needs detections, a list, a string or an object, "
+        "got an integer" in body["message"]
     )
     bill = Bill.objects.get()
     assert bill.billed is True
@@ -1564,7 +1564,10 @@ def test_sequence_length_of_image_rejected_before_run(alice_client):
     body = response.json()
     assert response.status_code == 400
     assert body["code"] == "invalid_definition"
-    assert "needs detections, a list or a string, but gets an image" in body["message"]
+    assert (
+        "needs detections, a list, a string or an object, but gets an image"
+        in body["message"]
+    )
     assert_nothing_stored()
 
 

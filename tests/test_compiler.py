@@ -146,8 +146,8 @@ def test_compile_type_error_names_json_types():
         (
             "$inputs.image",
             [{"type": "SequenceLength"}],
-            "operation 0 (SequenceLength) needs detections, a list or a string, "
-            "but gets an image; read a property of it first with "
+            "operation 0 (SequenceLength) needs detections, a list, a string or "
+            "an object, but gets an image; read a property of it first with "
             "ExtractImageProperty",
         ),
         (
@@ -158,8 +158,8 @@ def test_compile_type_error_names_json_types():
         (
             "$steps.people.predictions",
             [{"type": "SequenceLength"}, {"type": "SequenceLength"}],
-            "operation 1 (SequenceLength) needs detections, a list or a string, "
-            "but gets a number",
+            "operation 1 (SequenceLength) needs detections, a list, a string or "
+            "an object, but gets a number",
         ),
         (
             "$steps.people.predictions",

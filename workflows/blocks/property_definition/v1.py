@@ -59,10 +59,10 @@ OPERATIONS = {
 # Besides IMAGE and DETECTIONS, values are numbers, strings or lists. A
 # VALUE from a parameter or another step is known only when the run
 # reaches it, so the check skips it.
-NUMBER, STRING, LIST = "number", "string", "list"
+NUMBER, STRING, LIST, OBJECT = "number", "string", "list", "object"
 READS = {
     "ExtractImageProperty": (IMAGE,),
-    "SequenceLength": (DETECTIONS, LIST, STRING),
+    "SequenceLength": (DETECTIONS, LIST, STRING, OBJECT),
     "DetectionsPropertyExtract": (DETECTIONS,),
     "ToString": (NUMBER, STRING, LIST),
 }
@@ -78,6 +78,7 @@ KIND_NAMES = {
     NUMBER: "a number",
     STRING: "a string",
     LIST: "a list",
+    OBJECT: "an object",
 }
 
 
