@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -204,23 +205,35 @@ def test_runworkflow_output_and_equals_path(runner, tmp_path, capsys):
     assert "characters in all; GET /api/runs/" in output["picture"]["value"]
 
 
-def test_createtoken_on_new_database_says_to_migrate(tmp_path):
-    database = tmp_path / "empty.sqlite3"
+def production_env(data_dir: Path, **variables: str) -> dict[str, str]:
+    """Return a subprocess environment with the production settings, the data
+    directory ``data_dir``, no REDIS_URL, and ``variables``."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "webapp.settings",
-        "GLASSBOX_DATA_DIR": str(tmp_path / "data"),
-        "DATABASE_URL": f"sqlite:///{database}",
+        "GLASSBOX_DATA_DIR": str(data_dir),
+        **variables,
     }
     env.pop("REDIS_URL", None)
-    result = subprocess.run(
-        [sys.executable, "manage.py", "createtoken", "nobody"],
+    return env
+
+
+def manage_py(env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess:
+    """Run ``manage.py arguments`` in a subprocess with ``env``; return its result."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *arguments],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_createtoken_on_new_database_says_to_migrate(tmp_path):
+    database = tmp_path / "empty.sqlite3"
+    env = production_env(tmp_path / "data", DATABASE_URL=f"sqlite:///{database}")
+    result = manage_py(env, "createtoken", "nobody")
     assert result.returncode == 1
     assert "the database is not set up; run 'python manage.py migrate'" in (
         result.stderr
@@ -233,21 +246,8 @@ def test_runner_on_new_database_says_to_migrate(tmp_path):
     # shared database gets a new SQLite file, so it must stop with a message.
     database = tmp_path / "empty.sqlite3"
     data_dir = tmp_path / "data"
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "webapp.settings",
-        "GLASSBOX_DATA_DIR": str(data_dir),
-        "DATABASE_URL": f"sqlite:///{database}",
-    }
-    env.pop("REDIS_URL", None)
-    result = subprocess.run(
-        [sys.executable, "manage.py", "runner", "--name", "lost"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = production_env(data_dir, DATABASE_URL=f"sqlite:///{database}")
+    result = manage_py(env, "runner", "--name", "lost")
     assert result.returncode == 1
     assert f"database SQLite file {database} has " in result.stderr
     assert "unapplied migrations; run 'python manage.py migrate'" in result.stderr
@@ -268,14 +268,7 @@ def test_dead_time_under_two_heartbeats_rejected(tmp_path, heartbeat_s, dead_aft
         "RUNNER_HEARTBEAT_S": heartbeat_s,
         "RUNNER_DEAD_AFTER_S": dead_after_s,
     }
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = manage_py(env, "check")
     assert result.returncode != 0
     assert f"RUNNER_DEAD_AFTER_S={dead_after_s} is less than twice" in result.stderr
     assert f"RUNNER_HEARTBEAT_S={heartbeat_s}" in result.stderr
@@ -285,14 +278,7 @@ def test_runner_reports_unreachable_redis(db, tmp_path):
     env = private_data_env(tmp_path / "data")
     port = free_port()
     env["REDIS_URL"] = f"redis://user:in-user-part@127.0.0.1:{port}/3"
-    result = subprocess.run(
-        [sys.executable, "manage.py", "runner", "--name", "unreachable"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = manage_py(env, "runner", "--name", "unreachable")
     assert result.returncode == 1
     assert f"cannot reach Redis at redis://127.0.0.1:{port}/3: " in result.stderr
     assert "Check REDIS_URL" in result.stderr
@@ -304,21 +290,11 @@ def test_runner_reports_unreachable_redis(db, tmp_path):
 
 def test_runner_reports_unreachable_database(tmp_path):
     port = free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "webapp.settings",
-        "GLASSBOX_DATA_DIR": str(tmp_path / "data"),
-        "DATABASE_URL": f"postgres://user:in-user-part@127.0.0.1:{port}/glassbox",
-    }
-    env.pop("REDIS_URL", None)
-    result = subprocess.run(
-        [sys.executable, "manage.py", "runner", "--name", "unreachable"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    env = production_env(
+        tmp_path / "data",
+        DATABASE_URL=f"postgres://user:in-user-part@127.0.0.1:{port}/glassbox",
     )
+    result = manage_py(env, "runner", "--name", "unreachable")
     assert result.returncode == 1
     assert f"cannot connect to database glassbox on 127.0.0.1:{port}: " in result.stderr
     assert "Check DATABASE_URL" in result.stderr

@@ -55,6 +55,15 @@ def damaged_checkpoint(path: Path) -> Path:
     return path
 
 
+def run_then_delete(client, model_id: str, weights: Path):
+    """Run a detection of ``model_id`` and return the response; delete ``weights``."""
+    try:
+        workflow_id = create_workflow(client, detection(model_id))
+        return run_workflow(client, workflow_id)
+    finally:
+        weights.unlink()
+
+
 def upload(client, model_id, path):
     with open(path, "rb") as handle:
         return client.post("/api/models/", {"model_id": model_id, "file": handle})
@@ -214,11 +223,7 @@ def test_runner_rejects_code_running_weights(runner, alice, alice_client, tmp_pa
         sha256="0" * 64,
         task="detect",
     )
-    try:
-        workflow_id = create_workflow(alice_client, detection("payload"))
-        response = run_workflow(alice_client, workflow_id)
-    finally:
-        weights.unlink()
+    response = run_then_delete(alice_client, "payload", weights)
 
     assert response.status_code == 500, response.json()
     error = response.json()["error"]
@@ -260,11 +265,7 @@ def test_upload_rejects_module_that_is_no_detector(
 def test_model_dir_non_detector_fails(runner, alice_client):
     weights = Path(settings.GLASSBOX["MODEL_DIR"]) / "bare-layer.pt"
     torch.save({"model": torch.nn.Linear(2, 2)}, weights)
-    try:
-        workflow_id = create_workflow(alice_client, detection("bare-layer"))
-        response = run_workflow(alice_client, workflow_id)
-    finally:
-        weights.unlink()
+    response = run_then_delete(alice_client, "bare-layer", weights)
 
     assert response.status_code == 500, response.json()
     error = response.json()["error"]
@@ -628,15 +629,11 @@ def test_upload_rejects_weights_that_cannot_predict(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
-def test_model_dir_weights_that_cannot_predict_fail_to_load(runner, alice_client):
+def test_unrunnable_model_dir_weights_fail(runner, alice_client):
     weights = weights_that_cannot_predict(
         Path(settings.GLASSBOX["MODEL_DIR"]) / "gray.pt"
     )
-    try:
-        workflow_id = create_workflow(alice_client, detection("gray"))
-        response = run_workflow(alice_client, workflow_id)
-    finally:
-        weights.unlink()
+    response = run_then_delete(alice_client, "gray", weights)
 
     assert response.status_code == 500, response.json()
     error = response.json()["error"]
@@ -653,7 +650,8 @@ def test_model_dir_weights_that_cannot_predict_fail_to_load(runner, alice_client
     assert model["cold"] is True
     assert model["loads"] == 0
     load = model["cold_load"]
-    assert load["read"] > 0 and load["warmup"] > 0
+    assert load["read"] > 0
+    assert load["warmup"] > 0
     assert load["total"] == load["read"] + load["to_device"] + load["warmup"]
     components = run.breakdown["components"]
     assert components["cold_load"] == load["total"]

@@ -77,6 +77,16 @@ def test_no_runner_hint_on_command_line_offers_wait():
     assert "--wait-for-runner SECONDS" in hint
 
 
+def command_files(tmp_path):
+    """Write a definition and an image for runworkflow; return them with an
+    environment whose data directory is ``tmp_path / "data"``."""
+    definition = tmp_path / "height.json"
+    definition.write_text(json.dumps(image_height()))
+    image = tmp_path / "bus.jpg"
+    image.write_bytes(image_bytes())
+    return definition, image, private_data_env(tmp_path / "data")
+
+
 def start_waiting_command(definition, image, env, wait_s: float):
     return subprocess.Popen(
         [
@@ -115,11 +125,7 @@ def wait_until_connected(socket_path, pid: int, timeout_s: float = 60) -> None:
 def test_overlapping_cli_runs_stop_redis(transactional_db, tmp_path):
     # The first command starts the embedded Redis and ends while the second,
     # which found it running, still waits. The second, ending last, stops it.
-    definition = tmp_path / "height.json"
-    definition.write_text(json.dumps(image_height()))
-    image = tmp_path / "bus.jpg"
-    image.write_bytes(image_bytes())
-    env = private_data_env(tmp_path / "data")
+    definition, image, env = command_files(tmp_path)
     redis_pid = tmp_path / "data" / "redis.pid"
 
     # The first waits long enough for the second to start up and connect on
@@ -149,11 +155,7 @@ def test_cli_runs_ending_together_stop_redis(transactional_db, tmp_path):
     # Three commands that start and end at about the same time: one starts
     # the server, and whichever ends last, with no other still connected,
     # stops it.
-    definition = tmp_path / "height.json"
-    definition.write_text(json.dumps(image_height()))
-    image = tmp_path / "bus.jpg"
-    image.write_bytes(image_bytes())
-    env = private_data_env(tmp_path / "data")
+    definition, image, env = command_files(tmp_path)
     redis_pid = tmp_path / "data" / "redis.pid"
 
     commands = [start_waiting_command(definition, image, env, 3) for _ in range(3)]
