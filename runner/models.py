@@ -60,7 +60,7 @@ class Run(models.Model):
     runner_name = models.CharField(max_length=200, blank=True, db_index=True)
     # The runner process that claimed the run (RunnerRuntime.instance). A
     # process paused past RUNNER_DEAD_AFTER_S can find a new process under
-    # its name, so the name alone does not tell which of the two holds a run.
+    # its name, so the name alone does not show which of the two claimed a run.
     runner_instance = models.CharField(max_length=32, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     # When the run was queued, in ns since the epoch on the Redis server's

@@ -118,7 +118,7 @@ def retry_if_disconnected(write: Callable[[], T], description: str) -> T:
     A runner's job thread keeps its database connection between jobs, so a
     session that the server ended meanwhile (a restart, a failover,
     ``pg_terminate_backend``) fails the next write although the server
-    answers again. ``write`` must be safe to repeat: the run path's writes
+    is reachable again. ``write`` must be safe to repeat: the run path's writes
     are conditional on the run's state, so when a first attempt committed
     before the connection broke, the second one updates no row.
     """

@@ -94,7 +94,7 @@ def test_unsupported_coding_status_line(wsgi_server):
 
 
 def test_gunicorn_500_has_the_api_code():
-    # gunicorn answers 500 when the application fails before responding,
+    # gunicorn sends its own 500 when the application fails before responding,
     # which no request can cause on purpose, so the body is built directly.
     worker = SimpleNamespace(answering=threading.local())
     body = JsonErrorWorker.error_body(worker, 500, "Internal Server Error", "")

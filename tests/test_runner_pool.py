@@ -1180,7 +1180,7 @@ def test_queue_time_after_slow_clock_sample(runner, alice, monkeypatch):
     # time counted those 200 ms. A sample taken with no thread in the way is
     # off by half a round trip: under a millisecond on an idle machine. Two
     # samples are compared, each allowed 50 ms on a busy one, which still
-    # tells them from the skewed one.
+    # separates them from the skewed one.
     reference = RedisClock()
     error_ns = abs(skewed.offset_ns() - reference.offset_ns())
     assert error_ns < 100_000_000

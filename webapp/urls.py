@@ -43,7 +43,7 @@ api = [
 
 # Django's auth routes except password reset. A reset sends email, which the
 # server has no settings for, so each request logged an SMTP traceback and
-# told the user that a message had been sent.
+# showed the user that a message had been sent.
 accounts = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

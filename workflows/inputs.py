@@ -216,8 +216,8 @@ def _image_values(value: Any, name: str) -> list[bytes]:
 def _image_strings(value: Any, name: str) -> list[str]:
     """Return the base64 text of each image in an image input's ``value``, undecoded.
 
-    Raise InputError for a value that holds no image object: a run and an
-    estimate reject the same values.
+    Raise InputError for a value that contains no image object, so that a
+    run and an estimate reject the same values.
     """
     batched = isinstance(value, list)
     items = value if batched else [value]
@@ -292,7 +292,7 @@ def batch_size_of(
 ) -> int:
     """Return the batch size that ``raw``'s image inputs would make, undecoded.
 
-    Raise InputError, as a run would, for a value that holds no image object,
+    Raise InputError, as a run would, for a value that contains no image object,
     an empty list, or a list of more than ``max_images`` images.
     """
     for spec in plan.image_inputs:

@@ -64,7 +64,7 @@
   function drawBilledTime(days) {
     const parts = [
       ["cold_load_us", "Cold load", phase("cold_load")],
-      // The card's note says which phases these are, since a legend entry
+      // The card's note names the phases these are, since a legend entry
       // that long does not fit a phone's width.
       ["model_steps_us", "Model steps", phase("inference")],
       ["other_us", "Other runner time", phase("overhead")],
