@@ -23,6 +23,16 @@ import numpy as np
 import psutil
 import torch
 
+from runner.eviction import (
+    DEFAULT_KEEP_ALIVE_S,
+    POLICIES,
+    EvictionPolicy,
+    LeastFrequentlyUsed,
+    LeastRecentlyUsed,
+    make_policy,
+    next_victim,
+    policy_keep_alive_s,
+)
 from runner.registry import KIND_PLACES, ModelSource
 from runner.weights_check import check_format
 from workflows.detections import Detections
@@ -31,6 +41,16 @@ from workflows.images import WorkflowImage
 from workflows.timing import ModelUse, RunTimer, us_added
 
 logger = logging.getLogger(__name__)
+
+# The policies are defined in runner/eviction.py and imported from here too.
+__all__ = [
+    "POLICIES",
+    "EvictionPolicy",
+    "LeastFrequentlyUsed",
+    "LeastRecentlyUsed",
+    "LoadedModel",
+    "ModelCache",
+]
 
 # Built from ultralytics' YAML, with random weights: no file is read.
 WARM_UP_ARCHITECTURE = "yolov8n.yaml"
@@ -93,44 +113,16 @@ class LoadedModel:
     uses: int = 0
     # Whether the checkpoint records a training run (ultralytics' train_args).
     trained: bool = True
+    # Seconds the load took, from reading the file to the end of the
+    # warm-up: the cost that GDSF weighs.
+    load_seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.source.cache_key
 
     def class_names(self) -> dict[int, str]:
         return dict(self.model.names)
-
-
-class EvictionPolicy:
-    """Chooses which loaded model to unload next."""
-
-    name = "base"
-
-    def victim(self, entries: list[LoadedModel]) -> LoadedModel:
-        raise NotImplementedError
-
-
-class LeastRecentlyUsed(EvictionPolicy):
-    name = "lru"
-
-    def victim(self, entries: list[LoadedModel]) -> LoadedModel:
-        return min(entries, key=lambda entry: entry.last_used)
-
-
-class LeastFrequentlyUsed(EvictionPolicy):
-    """Unload the model called fewest times since it loaded.
-
-    Counts start again at each load, so a model evicted and loaded again
-    starts at one call. Ties go to the least recently used.
-    """
-
-    name = "lfu"
-
-    def victim(self, entries: list[LoadedModel]) -> LoadedModel:
-        return min(entries, key=lambda entry: (entry.uses, entry.last_used))
-
-
-# The policies the fleet settings can name, by name.
-POLICIES: dict[str, type[EvictionPolicy]] = {
-    policy.name: policy for policy in (LeastRecentlyUsed, LeastFrequentlyUsed)
-}
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -279,27 +271,49 @@ class ModelCache:
             self._notify_change()
         entry.last_used = time.monotonic()
         entry.uses += 1
+        self.policy.used(entry, entry.last_used)
         use.memory_bytes = entry.memory_bytes
         return entry
 
-    def configure(self, budget_bytes: int, policy_name: str) -> bool:
+    def configure(
+        self,
+        budget_bytes: int,
+        policy_name: str,
+        keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
+    ) -> bool:
         """Set the budget and the policy, evicting down to a lowered budget.
 
-        Call it only between runs: an eviction here would unload a model a
-        run is using. Returns whether anything changed.
+        ``keep_alive_s`` applies to the policies that expire idle models
+        (ttl, histogram). A new keep-alive for the same policy keeps its
+        state, such as the histogram policy's idle times. Call it only
+        between runs: an eviction here would unload a model a run is using.
+        Returns whether anything changed.
         """
-        if budget_bytes == self.budget_bytes and policy_name == self.policy.name:
+        old_keep_alive = policy_keep_alive_s(self.policy)
+        same_policy = policy_name == self.policy.name
+        if (
+            budget_bytes == self.budget_bytes
+            and same_policy
+            and old_keep_alive in (None, keep_alive_s)
+        ):
             return False
+        new_policy = (
+            self.policy if same_policy else make_policy(policy_name, keep_alive_s)
+        )
+        if same_policy and old_keep_alive is not None:
+            new_policy.keep_alive_s = keep_alive_s
         logger.info(
-            "memory budget %d -> %d bytes, eviction policy %s -> %s",
+            "memory budget %d -> %d bytes, eviction policy %s -> %s, "
+            "keep-alive %s -> %s s",
             self.budget_bytes,
             budget_bytes,
             self.policy.name,
             policy_name,
+            old_keep_alive,
+            policy_keep_alive_s(new_policy),
         )
         self.budget_bytes = budget_bytes
-        if policy_name != self.policy.name:
-            self.policy = POLICIES[policy_name]()
+        self.policy = new_policy
         # As at a load, the model used last stays, alone if it is larger
         # than the whole budget: unloading it would only make the next run
         # cold.
@@ -310,6 +324,22 @@ class ModelCache:
         self._make_room(0, keep=latest.source.cache_key if latest else None)
         self._notify_change()
         return True
+
+    def expire_idle(self) -> int:
+        """Unload the models that the policy finds idle too long; return how many.
+
+        Only the ttl and histogram policies expire models. Call it only
+        between runs, like ``configure``.
+        """
+        now = time.monotonic()
+        with self._lock:
+            expired = self.policy.expired(list(self._entries.values()), now)
+            idle = [(entry.key, now - entry.last_used) for entry in expired]
+        for key, idle_s in idle:
+            self.evict(key, idle_s=idle_s)
+        if idle:
+            self._notify_change()
+        return len(idle)
 
     def _notify_change(self) -> None:
         if self.on_change is None:
@@ -323,9 +353,15 @@ class ModelCache:
     def _make_room(self, incoming_bytes: int, keep: str | None) -> None:
         while True:
             with self._lock:
+                victim = next_victim(
+                    self.policy,
+                    self._entries,
+                    incoming_bytes,
+                    self.budget_bytes,
+                    keep,
+                )
                 used = sum(e.memory_bytes for e in self._entries.values())
-                candidates = [e for k, e in self._entries.items() if k != keep]
-            if used + incoming_bytes <= self.budget_bytes or not candidates:
+            if victim is None:
                 if used + incoming_bytes > self.budget_bytes:
                     logger.warning(
                         "model %s alone needs %d bytes, over the budget of %d bytes",
@@ -334,12 +370,16 @@ class ModelCache:
                         self.budget_bytes,
                     )
                 return
-            self.evict(self.policy.victim(candidates).source.cache_key)
+            self.evict(victim.key)
 
-    def evict(self, cache_key: str, reason: str | None = None) -> None:
+    def evict(
+        self, cache_key: str, reason: str | None = None, idle_s: float | None = None
+    ) -> None:
         """Unload a model: the policy's eviction, or for ``reason`` if given.
 
-        Only the policy's evictions count in ``evictions``.
+        ``idle_s`` marks an eviction because the model was idle that long
+        past the policy's keep-alive. Only the policy's evictions, expiries
+        included, count in ``evictions``.
         """
         with self._lock:
             entry = self._entries.pop(cache_key, None)
@@ -347,15 +387,28 @@ class ModelCache:
             return
         if reason is None:
             self.evictions += 1
-            logger.info(
-                "evicted model %s (%s, %d bytes, policy %s)",
-                entry.source.model_id,
-                cache_key,
-                entry.memory_bytes,
-                self.policy.name,
-            )
+            self.policy.evicted(entry)
+            if idle_s is None:
+                logger.info(
+                    "evicted model %s (%s, %d bytes, policy %s)",
+                    entry.source.model_id,
+                    cache_key,
+                    entry.memory_bytes,
+                    self.policy.name,
+                )
+            else:
+                logger.info(
+                    "evicted model %s (%s, %d bytes): idle for %.1f s, past "
+                    "the keep-alive of policy %s",
+                    entry.source.model_id,
+                    cache_key,
+                    entry.memory_bytes,
+                    idle_s,
+                    self.policy.name,
+                )
         else:
             self._known_sizes.pop(cache_key, None)
+            self.policy.forget(cache_key)
             logger.info(
                 "unloaded model %s (%s, %d bytes): %s",
                 entry.source.model_id,
@@ -485,6 +538,7 @@ class ModelCache:
             rss_growth_bytes=rss_growth,
             loaded_at=now,
             last_used=now,
+            load_seconds=(warmed - started) / 1e9,
             trained=source.kind != "architecture"
             and bool(checkpoint.get("train_args")),
         )
