@@ -61,13 +61,13 @@ class RunAdmin(ViewOnlyModelAdmin):
 class FleetSettingsAdmin(admin.ModelAdmin):
     """One row of settings: the list opens it, and it cannot be deleted."""
 
-    fields = ("memory_budget_mb", "eviction_policy", "updated_at")
+    fields = ("memory_budget_mb", "eviction_policy", "keep_alive_s", "updated_at")
     readonly_fields = ("updated_at",)
 
     def formfield_for_dbfield(self, db_field, request, **kwargs):
         # A PositiveIntegerField's form field allows 0, which the model's
         # validator rejects: state the model's minimum of 1 instead.
-        if db_field.name == "memory_budget_mb":
+        if db_field.name in ("memory_budget_mb", "keep_alive_s"):
             kwargs["min_value"] = 1
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 

@@ -132,6 +132,9 @@ class FleetSettings(models.Model):
     class Policy(models.TextChoices):
         LRU = "lru", "Least recently used"
         LFU = "lfu", "Least frequently used"
+        GDSF = "gdsf", "Greedy-dual-size-frequency"
+        TTL = "ttl", "Keep-alive (TTL), then least recently used"
+        HISTOGRAM = "histogram", "Per-model idle-time histogram, then LRU"
 
     memory_budget_mb = models.PositiveIntegerField(
         "memory budget (MiB)",
@@ -147,9 +150,26 @@ class FleetSettings(models.Model):
         max_length=16,
         choices=Policy.choices,
         default=Policy.LRU,
-        help_text="Which loaded model a runner unloads to make room: the one "
-        "used least recently, or the one called fewest times since it loaded "
-        "(ties go to the least recently used).",
+        help_text="Which loaded models a runner unloads. To make room: LRU "
+        "unloads the model used least recently; LFU the one called fewest "
+        "times since it loaded (ties go to the least recently used); GDSF "
+        "the lowest clock + calls × cold-load seconds / bytes, so models slow "
+        "to load or small stay longer. Keep-alive (TTL) also unloads any "
+        "model idle longer than the keep-alive, between jobs, and evicts by "
+        "LRU to make room. Histogram does the same with a keep-alive per "
+        "model, the 99th percentile of its idle times between runs, once "
+        "it has 10 of them. Compare them on real traffic with "
+        "'manage.py simulate_eviction' (docs/operations.md).",
+    )
+    keep_alive_s = models.PositiveIntegerField(
+        "keep-alive (seconds)",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="For the keep-alive (TTL) policy: seconds a model may stay "
+        "idle before its runner unloads it, between jobs. For the histogram "
+        "policy: the keep-alive of a model with fewer than 10 idle times "
+        "recorded. Blank means 300 s. Other policies ignore it.",
     )
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -11,7 +11,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from runner.model_cache import POLICIES, ModelCache
+from runner.eviction import DEFAULT_KEEP_ALIVE_S, POLICIES, policy_keep_alive_s
+from runner.model_cache import ModelCache
 from webapp.clock import clock
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,10 @@ class RunnerRuntime:
     # the heartbeat's thread it would look like a stalled process.
     redis_unreachable: bool = False
     # The start-up budget applies while the fleet settings set none.
-    # pending_settings is the (budget, policy) that the fleet-check thread
-    # last read, which the job loop applies between jobs.
+    # pending_settings is the (budget, policy, keep-alive seconds) that the
+    # fleet-check thread last read, which the job loop applies between jobs.
     startup_budget_bytes: int = 0
-    pending_settings: tuple[int, str] | None = None
+    pending_settings: tuple[int, str, float] | None = None
     # The unknown policy name last logged, so that it is logged once.
     unknown_policy: str | None = None
 
@@ -93,16 +94,26 @@ class RunnerRuntime:
             policy = self.cache.policy.name
         else:
             self.unknown_policy = None
-        self.pending_settings = (budget_bytes, policy)
+        # The admin rejects a keep-alive under 1 s. A row written outside it
+        # gets the smallest valid one, since a policy rejects 0.
+        if stored.keep_alive_s is None:
+            keep_alive_s = DEFAULT_KEEP_ALIVE_S
+        else:
+            keep_alive_s = float(max(stored.keep_alive_s, 1))
+        self.pending_settings = (budget_bytes, policy, keep_alive_s)
 
     def apply_fleet_settings(self) -> None:
-        """Apply the settings last read, evicting down to a lowered budget.
+        """Apply the settings last read, evicting down to a lowered budget,
+        then unload the models idle past the policy's keep-alive.
 
-        Called by the job loop between jobs, when no run uses a model.
+        Called by the job loop between jobs, when no run uses a model. Reads
+        neither Redis nor the database, except to publish a heartbeat when
+        a model was unloaded.
         """
         pending = self.pending_settings
         if pending is not None:
             self.cache.configure(*pending)
+        self.cache.expire_idle()
 
     def stall_since(self, started: float, dead_after_s: float) -> float | None:
         """Return how long this process stalled since ``started``, or None.
@@ -142,6 +153,7 @@ class RunnerRuntime:
             "used_bytes": self.cache.used_bytes(),
             "models": self.cache.snapshot(),
             "eviction_policy": self.cache.policy.name,
+            "keep_alive_s": policy_keep_alive_s(self.cache.policy),
             "torch_threads": self.cache.torch_threads,
             "omp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "evictions": self.cache.evictions,

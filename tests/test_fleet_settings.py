@@ -205,3 +205,93 @@ def test_fleet_settings_added_after_delete(client, django_user_model):
     assert stored.memory_budget_mb == 2048
     assert stored.eviction_policy == "lfu"
     assert FleetSettings.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_runtime_expires_idle_models_with_ttl(alice):
+    runtime = RunnerRuntime(name="keep-alive", device="cpu", cache=new_cache(64))
+    FleetSettings.objects.create(eviction_policy="ttl", keep_alive_s=1)
+    runtime.read_fleet_settings()
+    runtime.apply_fleet_settings()
+    assert runtime.cache.policy.name == "ttl"
+    assert runtime.cache.policy.keep_alive_s == 1
+
+    key = load(runtime.cache, "yolov8n.yaml-320", alice.id)
+    runtime.apply_fleet_settings()
+    assert [model["cache_key"] for model in runtime.cache.snapshot()] == [key]
+    time.sleep(1.2)
+    # Idle past the keep-alive and with the budget far from full, it goes
+    # at the next pause between jobs.
+    runtime.apply_fleet_settings()
+    assert runtime.cache.snapshot() == []
+    assert runtime.cache.evictions == 1
+
+    # A new keep-alive for the same policy keeps the policy and its state.
+    policy = runtime.cache.policy
+    FleetSettings.objects.update(keep_alive_s=600)
+    runtime.read_fleet_settings()
+    runtime.apply_fleet_settings()
+    assert runtime.cache.policy is policy
+    assert policy.keep_alive_s == 600
+
+
+@pytest.mark.django_db
+def test_runtime_blank_keep_alive_is_default():
+    runtime = RunnerRuntime(name="histogram", device="cpu", cache=new_cache(64))
+    FleetSettings.objects.create(eviction_policy="histogram")
+    runtime.read_fleet_settings()
+    runtime.apply_fleet_settings()
+    assert runtime.cache.policy.name == "histogram"
+    assert runtime.cache.policy.keep_alive_s == 300
+
+
+def test_live_runner_applies_gdsf_then_ttl(runner, extra_runners, alice):
+    FleetSettings.objects.create(eviction_policy="gdsf")
+    idle = extra_runners("keep-alive")
+    state = wait_for_state(idle, lambda state: state["eviction_policy"] == "gdsf")
+    assert state["keep_alive_s"] is None
+    start(alice, "yolov8n.yaml-320", "keep-alive")
+    state = wait_for_state(idle, lambda state: len(state["models"]) == 1)
+    assert state["evictions"] == 0
+
+    # The session's runner applies the keep-alive too, and unloads its idle
+    # models: later tests find them cold, as after a restart.
+    FleetSettings.objects.update(eviction_policy="ttl", keep_alive_s=2)
+    state = wait_for_state(
+        idle,
+        lambda state: state["eviction_policy"] == "ttl" and not state["models"],
+    )
+    assert state["keep_alive_s"] == 2
+    assert state["evictions"] == 1
+    FleetSettings.objects.all().delete()
+    wait_for_state(runner, lambda state: state["eviction_policy"] == "lru")
+
+
+def test_fleet_settings_admin_keep_alive(client, django_user_model):
+    staff = django_user_model.objects.create_superuser(
+        "keep-alive-admin", password="admin-password"
+    )
+    client.force_login(staff)
+    form = client.get("/admin/runner/fleetsettings/", follow=True).content.decode()
+    assert "Keep-alive (seconds)" in form
+
+    saved = client.post(
+        "/admin/runner/fleetsettings/1/change/",
+        {"eviction_policy": "ttl", "keep_alive_s": "30"},
+    )
+    assert saved.status_code == 302
+    stored = FleetSettings.current()
+    assert stored.eviction_policy == "ttl"
+    assert stored.keep_alive_s == 30
+    page = client.get("/admin/runner/run/fleet/").content.decode()
+    assert "keep-alive 30 s" in page
+
+    for value in ("0", "-5"):
+        rejected = client.post(
+            "/admin/runner/fleetsettings/1/change/",
+            {"eviction_policy": "ttl", "keep_alive_s": value},
+        )
+        assert rejected.status_code == 200, value
+        errors = rejected.context["adminform"].form.errors["keep_alive_s"]
+        assert errors == ["Ensure this value is greater than or equal to 1."], value
+    assert FleetSettings.current().keep_alive_s == 30
