@@ -40,9 +40,16 @@ class EvictionPolicy:
         """Return the entry to unload next from ``entries`` (never empty)."""
         raise NotImplementedError
 
+    def expires_at(self, entry: Entry) -> float:
+        """Return when ``entry`` may be unloaded without memory pressure.
+
+        Infinity, unless the policy has a keep-alive.
+        """
+        return math.inf
+
     def expired(self, entries: Iterable[Entry], now: float) -> list[Entry]:
-        """Return the entries idle long enough to unload without memory pressure."""
-        return []
+        """Return the entries idle past their keep-alive at ``now``."""
+        return [entry for entry in entries if now > self.expires_at(entry)]
 
     def used(self, entry: Entry, now: float) -> None:
         """Note a use of ``entry``, after its ``last_used`` and ``uses`` were set."""
@@ -130,8 +137,8 @@ class TimeToLive(LeastRecentlyUsed):
             )
         self.keep_alive_s = keep_alive_s
 
-    def expired(self, entries: Iterable[Entry], now: float) -> list[Entry]:
-        return [e for e in entries if now - e.last_used > self.keep_alive_s]
+    def expires_at(self, entry: Entry) -> float:
+        return entry.last_used + self.keep_alive_s
 
 
 class IdleTimeHistogram:
@@ -229,8 +236,8 @@ class HistogramKeepAlive(LeastRecentlyUsed):
             histogram.add(now - previous)
         self._last_use[entry.key] = now
 
-    def expired(self, entries: Iterable[Entry], now: float) -> list[Entry]:
-        return [e for e in entries if now - e.last_used > self.keep_alive_for(e.key)]
+    def expires_at(self, entry: Entry) -> float:
+        return entry.last_used + self.keep_alive_for(entry.key)
 
     def forget(self, key: str) -> None:
         self.histograms.pop(key, None)

@@ -74,6 +74,15 @@ class SimulationResult:
     # Evictions to make room plus ``expired``, as a runner counts them.
     evictions: int = 0
     expired: int = 0
+    # Integral of the loaded models' bytes over simulated time: a model
+    # counts from its use until its eviction, or until its keep-alive ran
+    # out when it expired.
+    byte_seconds: float = 0.0
+    duration_s: float = 0.0
+
+    @property
+    def mean_loaded_bytes(self) -> float:
+        return self.byte_seconds / self.duration_s if self.duration_s else 0.0
 
     @property
     def hit_ratio(self) -> float:
@@ -180,9 +189,15 @@ def simulate(
         policy.evicted(entry)
         result.evictions += 1
 
+    previous = 0.0
     for request in trace.requests:
         now = request.at_s / time_factor
+        loaded_bytes = sum(entry.memory_bytes for entry in entries.values())
+        result.byte_seconds += loaded_bytes * (now - previous)
+        previous = now
         for entry in policy.expired(list(entries.values()), now):
+            # A runner unloads it within about a second of its expiry.
+            result.byte_seconds -= entry.memory_bytes * (now - policy.expires_at(entry))
             unload(entry)
             result.expired += 1
 
@@ -208,4 +223,5 @@ def simulate(
         entry.uses += 1
         policy.used(entry, now)
 
+    result.duration_s = previous
     return result

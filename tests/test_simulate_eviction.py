@@ -23,6 +23,9 @@ import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
+from runner.eviction import make_policy
+from runner.simulation import MIB, read_trace
+from runner.simulation import simulate as replay
 from tests.conftest import ROOT
 
 TRACE = str(ROOT / "tests" / "fixtures" / "eviction-trace.csv")
@@ -82,7 +85,35 @@ def test_simulation_counts_every_policy():
         assert int(cells[4]) == evictions, policy
         assert int(cells[5]) == expired, policy
         cost = cold_s * rate / 1e6
-        assert float(cells[6]) == pytest.approx(cost, abs=0.005), policy
+        assert float(cells[7]) == pytest.approx(cost, abs=0.005), policy
+
+
+@pytest.mark.parametrize(
+    ("policy", "held_mib_s"),
+    [
+        # Two models from 12 s on: 11 × 10 + 1 × 20 + 188 × 20.
+        ("lru", 3890),
+        # From 11 s on: 11 × 10 + 189 × 20.
+        ("lfu", 3890),
+        # B expires at 101 s, A at 150 s: 11 × 10 + 90 × 20 + 49 × 10.
+        ("ttl", 2400),
+        # A expires at 80 s (keep-alive 40 s) and at 150 s (60 s), B at 101 s:
+        # 11 × 10 + 30 × 20 + 39 × 20 + 10 × 10 + 11 × 20 + 49 × 10.
+        ("histogram", 2300),
+    ],
+)
+def test_simulation_integrates_loaded_memory(policy, held_mib_s):
+    trace = read_trace(ROOT / "tests" / "fixtures" / "eviction-trace.csv")
+    result = replay(
+        trace,
+        make_policy(policy, 60),
+        budget_bytes=20 * MIB,
+        sizes={model_id: 10 * MIB for model_id in "ABC"},
+        load_seconds={"A": 3.0, "B": 40.0, "C": 1.0},
+    )
+    assert result.duration_s == 200
+    assert result.byte_seconds == held_mib_s * MIB
+    assert result.mean_loaded_bytes == held_mib_s * MIB / 200
 
 
 def test_simulation_reports_its_parameters():

@@ -41,7 +41,8 @@ class Command(BaseCommand):
     help = (
         "Replay a request trace through the runners' eviction policies and "
         "print, per policy, hits, misses (cold loads), hit ratio, cold-load "
-        "seconds, evictions and an estimate of what the cold loads cost."
+        "seconds, evictions, the mean memory held by loaded models and an "
+        "estimate of what the cold loads cost."
     )
 
     def add_arguments(self, parser):
@@ -191,7 +192,7 @@ class Command(BaseCommand):
             "",
             f"{'policy':<10} {'hits':>7} {'misses':>7} {'hit ratio':>9} "
             f"{'cold-load s':>12} {'evictions':>9} {'expired':>8} "
-            f"{'est. credits':>12}",
+            f"{'mean MiB':>9} {'est. credits':>12}",
         ]
         self.stdout.write("\n".join(lines))
         names = list(POLICIES) if options["policy"] == "all" else [options["policy"]]
@@ -208,6 +209,7 @@ class Command(BaseCommand):
                 f"{name:<10} {result.hits:>7} {result.misses:>7} "
                 f"{result.hit_ratio:>9.4f} {result.cold_load_s:>12.1f} "
                 f"{result.evictions:>9} {result.expired:>8} "
+                f"{result.mean_loaded_bytes / MIB:>9.0f} "
                 f"{result.cost_credits(rate):>12.2f}"
             )
 
