@@ -377,9 +377,9 @@ class ModelCache:
     ) -> None:
         """Unload a model: the policy's eviction, or for ``reason`` if given.
 
-        ``idle_s`` marks an eviction because the model was idle that long
-        past the policy's keep-alive. Only the policy's evictions, expiries
-        included, count in ``evictions``.
+        ``idle_s``, the seconds the model was idle, marks an expiry: an
+        eviction because it was idle past the policy's keep-alive. Only the
+        policy's evictions, expiries included, count in ``evictions``.
         """
         with self._lock:
             entry = self._entries.pop(cache_key, None)
