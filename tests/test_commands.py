@@ -302,6 +302,25 @@ def test_runner_reports_unreachable_database(tmp_path):
     assert "in-user-part" not in result.stderr
 
 
+def test_up_reports_unreachable_database(tmp_path):
+    database_port = free_port()
+    env = production_env(
+        tmp_path / "data",
+        DATABASE_URL=(
+            f"postgres://user:in-user-part@127.0.0.1:{database_port}/glassbox"
+        ),
+    )
+    result = manage_py(env, "up", "--port", str(free_port()), "--runners", "0")
+    assert result.returncode == 1
+    assert (
+        f"migrating database glassbox on 127.0.0.1:{database_port} failed: "
+        in result.stderr
+    )
+    assert "Check DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "in-user-part" not in result.stderr
+
+
 def test_runner_logs_redis_without_password(db, tmp_path):
     # redis-py reads a password from the user part or the query string.
     env = private_data_env(tmp_path / "data")

@@ -20,6 +20,7 @@ from runner import fleet, keys  # noqa: E402
 from runner.model_cache import ModelCache, pick_device  # noqa: E402
 from runner.runtime import RunnerRuntime, set_runtime  # noqa: E402
 from runner.worker import run_worker  # noqa: E402
+from webapp.database import database_place  # noqa: E402
 from webapp.management.arguments import positive_int  # noqa: E402
 from webapp.redis import get_redis  # noqa: E402
 
@@ -80,7 +81,7 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from None
         _check_database_ready()
         logger.info(
-            "runner %s: Redis %s, database %s", name, _redis_place(), _database_place()
+            "runner %s: Redis %s, database %s", name, _redis_place(), database_place()
         )
         _check_redis_reachable()
         threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
@@ -153,12 +154,12 @@ def _check_database_ready() -> None:
         pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
     except OperationalError as error:
         raise CommandError(
-            f"cannot connect to database {_database_place()}: {error}. Check "
+            f"cannot connect to database {database_place()}: {error}. Check "
             "DATABASE_URL and that the database server is up."
         ) from None
     if pending:
         raise CommandError(
-            f"database {_database_place()} has {len(pending)} unapplied "
+            f"database {database_place()} has {len(pending)} unapplied "
             "migrations; run 'python manage.py migrate' with the same "
             "DATABASE_URL first. Runners on other machines need DATABASE_URL "
             "and REDIS_URL set to the shared servers."
@@ -195,16 +196,6 @@ def _redis_place() -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-def _database_place() -> str:
-    """Name the database in use, without its user or password."""
-    database = settings.DATABASES["default"]
-    if database["ENGINE"].endswith("sqlite3"):
-        return f"SQLite file {database['NAME']}"
-    host = database.get("HOST") or "localhost"
-    port = f":{database['PORT']}" if database.get("PORT") else ""
-    return f"{database['NAME']} on {host}{port}"
 
 
 def _predecessor_died(heartbeat: dict) -> bool:

@@ -25,9 +25,11 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.db import OperationalError
 
 from runner import fleet
 from runner.tables import bill_lines, breakdown_table
+from webapp.database import database_place
 from webapp.management.arguments import count, port_pair, positive_int
 from webapp.models import ApiToken, hash_token
 from webapp.redis import ensure_embedded_redis, get_redis, stop_embedded_redis
@@ -317,7 +319,15 @@ class Command(BaseCommand):
                     "takes --port and websockets the port after it); stop what "
                     "holds it or pass another --port"
                 )
-        call_command("migrate", verbosity=0)
+        try:
+            call_command("migrate", verbosity=0)
+        except OperationalError as error:
+            # The error names the server and the reason, never the password
+            # in DATABASE_URL; the traceback adds only Django's frames.
+            raise CommandError(
+                f"migrating database {database_place()} failed: {error}. Check "
+                "DATABASE_URL and that the database server is up."
+            ) from None
         self.children: dict[str, Child] = {}
         log_dir = Path(settings.DATA_DIR) / "logs"
         log_dir.mkdir(exist_ok=True)
