@@ -9,6 +9,7 @@ never decodes at all.
 import base64
 import binascii
 import io
+import struct
 from dataclasses import dataclass, field
 
 import cv2
@@ -36,6 +37,17 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF"}
 # Pillow 12.3 that limit warns above 89,478,485 pixels and raises above twice
 # that.
 Image.MAX_IMAGE_PIXELS = None
+
+
+# EXIF's Orientation tag (274). Values 5 to 8 turn the image by 90 degrees,
+# so the displayed width is the stored height.
+ORIENTATION_TAG = 0x0112
+# Formats whose EXIF orientation is applied here. Roboflow's inference server
+# decodes with cv2.IMREAD_COLOR unless DISABLE_PREPROC_AUTO_ORIENT is set,
+# and OpenCV 4.12 then applies it to these formats but not to WebP. In TIFF,
+# OpenCV and Pillow both apply the Orientation tag themselves, so nothing is
+# left to do.
+_EXIF_ORIENTED_FORMATS = {"JPEG", "PNG"}
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,8 @@ def inspect_image(
             hint="Convert it to 8 or 16 bits per sample.",
         )
     width, height = image.size
+    if exif_orientation(image, data) >= 5:
+        width, height = height, width
     if max(width, height) > MAX_IMAGE_SIDE:
         raise InputError(
             f"Input '{input_name}' is {width}x{height}; a side may be at most "
@@ -191,6 +205,47 @@ def inspect_image(
     if complete:
         _check_complete(image, image_format, data, input_name, field)
     return ImageInfo(format=image_format, width=width, height=height)
+
+
+def exif_orientation(image: Image.Image, data: bytes) -> int:
+    """Return the EXIF Orientation (1 to 8) that decoding applies to ``image``.
+
+    ``image`` is ``data`` opened with Pillow. Returns 1, upright, for formats
+    outside _EXIF_ORIENTED_FORMATS, for images without the tag, and for
+    EXIF data or values that do not parse, which OpenCV skips too.
+    """
+    if image.format not in _EXIF_ORIENTED_FORMATS:
+        return 1
+    if image.format == "PNG":
+        # Pillow reads an eXIf chunk after the pixel data only when it
+        # decodes them, and OpenCV reads it wherever it is.
+        raw = _png_exif_chunk(data)
+    else:
+        raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+        value = exif.get(ORIENTATION_TAG, 1)
+    # Pillow raises many exception types on malformed EXIF data.
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _png_exif_chunk(data: bytes) -> bytes | None:
+    """Return the data of a PNG file's eXIf chunk, or None if it has none."""
+    offset = 8
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, offset)
+        if kind == b"eXIf":
+            return data[offset + 8 : offset + 8 + length]
+        if kind == b"IEND":
+            return None
+        # Chunk length, type, data and CRC.
+        offset += 12 + length
+    return None
 
 
 def _tiff_bits_per_sample(image: Image.Image) -> int:
@@ -267,7 +322,10 @@ class WorkflowImage:
 
     @classmethod
     def from_bytes(cls, data: bytes, parent_id: str) -> "WorkflowImage":
-        width, height = Image.open(io.BytesIO(data)).size
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if exif_orientation(image, data) >= 5:
+            width, height = height, width
         return cls(parent_id=parent_id, width=width, height=height, data=data)
 
     @classmethod
@@ -294,12 +352,16 @@ class WorkflowImage:
 
     @property
     def pixels(self) -> np.ndarray:
-        """BGR uint8 array of shape (height, width, 3), decoded on first use."""
+        """BGR uint8 array of shape (height, width, 3), decoded on first use.
+
+        The pixels are turned upright by the image's EXIF orientation, as
+        inspect_image turned the width and height it read from the header.
+        """
         if self._pixels is None:
             assert self.data is not None
             buffer = np.frombuffer(self.data, dtype=np.uint8)
-            # Pixels stay in stored orientation, so they match the width and
-            # height read from the header and reported with detections.
+            # exif_orientation decides the orientation, not OpenCV, so that
+            # the pixels always match the size read from the header.
             decoded = cv2.imdecode(
                 buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
             )
@@ -309,7 +371,8 @@ class WorkflowImage:
                     "header and end marker were valid",
                     context="input_decoding",
                 )
-            self._pixels = decoded
+            orientation = exif_orientation(Image.open(io.BytesIO(self.data)), self.data)
+            self._pixels = _turn_upright(decoded, orientation)
         return self._pixels
 
     def to_jpeg_base64(self, quality: int = 90) -> str:
@@ -319,3 +382,22 @@ class WorkflowImage:
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for image '{self.parent_id}'")
         return base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def _turn_upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply EXIF ``orientation`` (1 to 8) to stored ``pixels``."""
+    if orientation == 2:
+        return cv2.flip(pixels, 1)
+    if orientation == 3:
+        return cv2.rotate(pixels, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(pixels, 0)
+    if orientation == 5:
+        return cv2.transpose(pixels)
+    if orientation == 6:
+        return cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.flip(cv2.transpose(pixels), -1)
+    if orientation == 8:
+        return cv2.rotate(pixels, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return pixels
