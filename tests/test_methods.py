@@ -111,3 +111,37 @@ def test_workflow_list_post_with_unknown_action_is_400(alice, alice_browser):
     assert response.status_code == 400
     assert "Unknown action" in response.content.decode()
     assert Workflow.objects.filter(pk=workflow.pk).exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/accounts/login/", "GET, HEAD, POST"),
+        ("/accounts/logout/", "POST"),
+        ("/accounts/password_change/", "GET, HEAD, POST"),
+        ("/accounts/password_change/done/", "GET, HEAD"),
+    ],
+)
+@pytest.mark.parametrize("method", ["put", "patch", "delete", "options"])
+def test_account_pages_refuse_other_methods(alice_browser, path, allowed, method):
+    # Django's form views handled PUT like POST and returned an empty HTML
+    # 405 for DELETE.
+    response = getattr(alice_browser, method)(path)
+
+    assert response.status_code == 405
+    assert response.json()["code"] == "method_not_allowed"
+    assert response["Allow"] == allowed
+
+
+@pytest.mark.django_db
+def test_login_page_still_signs_in(client, alice):
+    alice.set_password("correct horse")
+    alice.save()
+
+    response = client.post(
+        "/accounts/login/", {"username": alice.username, "password": "correct horse"}
+    )
+
+    assert response.status_code == 302
+    assert client.session.get("_auth_user_id") == str(alice.pk)

@@ -43,18 +43,28 @@ api = [
 
 # Django's auth routes except password reset. A reset sends email, which the
 # server has no settings for, so each request logged an SMTP traceback and
-# showed the user that a message had been sent.
+# showed the user that a message had been sent. Django's form views handle
+# PUT like POST and return an empty 405 for other methods, so they are
+# limited to their methods like the other pages.
 accounts = [
-    path("login/", auth_views.LoginView.as_view(), name="login"),
-    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path(
+        "login/",
+        handlers.allow_methods("GET", "POST")(auth_views.LoginView.as_view()),
+        name="login",
+    ),
+    path(
+        "logout/",
+        handlers.allow_methods("POST")(auth_views.LogoutView.as_view()),
+        name="logout",
+    ),
     path(
         "password_change/",
-        auth_views.PasswordChangeView.as_view(),
+        handlers.allow_methods("GET", "POST")(auth_views.PasswordChangeView.as_view()),
         name="password_change",
     ),
     path(
         "password_change/done/",
-        auth_views.PasswordChangeDoneView.as_view(),
+        handlers.allow_methods("GET")(auth_views.PasswordChangeDoneView.as_view()),
         name="password_change_done",
     ),
 ]
