@@ -145,3 +145,31 @@ def test_unknown_host_gets_html_page_in_the_browser(wsgi_server):
     assert response.status == 400
     assert response.getheader("Content-Type").startswith("text/html")
     connection.close()
+
+
+@pytest.mark.parametrize(
+    "path, status",
+    [("/accounts/login/", 200), ("/api/workflows/", 401), ("/api/no-such-route", 404)],
+)
+def test_head_response_has_no_body(wsgi_server, path, status):
+    # gunicorn logged a warning for each HEAD response that carried a body.
+    log = Path(settings.DATA_DIR) / "gunicorn.log"
+    logged_before = log.stat().st_size
+    address = urlsplit(wsgi_server)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    connection.request("GET", path)
+    get_length = len(connection.getresponse().read())
+    connection.request("HEAD", path)
+    response = connection.getresponse()
+    assert response.status == status
+    assert response.read() == b""
+    assert get_length > 0
+    # The 404 message names the method, so only the others match the GET.
+    if status != 404:
+        assert response.getheader("Content-Length") == str(get_length)
+    else:
+        assert int(response.getheader("Content-Length")) > 0
+    connection.close()
+    with open(log, "rb") as logged:
+        logged.seek(logged_before)
+        assert b"no-body response" not in logged.read()

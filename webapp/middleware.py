@@ -19,6 +19,31 @@ class RequestClockMiddleware:
         return self.get_response(request)
 
 
+class HeadResponseMiddleware:
+    """Send HEAD responses without their body, keeping the GET's Content-Length.
+
+    Django's WSGI handler returns the body a GET would get. gunicorn drops
+    it, as HTTP requires, but logs a warning for every such response, so
+    each HEAD request added a line to the log.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        if request.method != "HEAD":
+            return response
+        if response.streaming:
+            # A FileResponse set Content-Length from the file, and its file
+            # is still closed when the response closes.
+            response.streaming_content = ()
+        else:
+            response["Content-Length"] = str(len(response.content))
+            response.content = b""
+        return response
+
+
 class ChunkedBodyMiddleware:
     """Reject request bodies sent with ``Transfer-Encoding: chunked`` under WSGI.
 
