@@ -113,7 +113,7 @@ def _load(path: Path) -> dict:
     except NotADetector:
         raise
     except Exception as error:
-        raise ValueError(_load_failure(error)) from error
+        raise ValueError(_load_failure(error, path)) from error
     if model.task != "detect":
         raise ValueError(f"the model's task is '{model.task}', only 'detect' runs here")
     _check_prediction(model)
@@ -144,7 +144,26 @@ def _check_prediction(model) -> None:
         ) from error
 
 
-def _load_failure(error: Exception) -> str:
+def _entries_without_model(path: Path) -> list[str] | None:
+    """Return the top-level keys of a torch file that contains a dict without a model.
+
+    Returns None when the file contains something else, or does not load with
+    torch's weights-only unpickler. ultralytics finds its network under
+    "model" (or "ema"), and reports a dict without either, such as a bare
+    state_dict, as holding unsupported types.
+    """
+    import torch
+
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(content, dict) or {"model", "ema"} & content.keys():
+        return None
+    return [str(key) for key in content]
+
+
+def _load_failure(error: Exception, path: Path) -> str:
     """Say why the loader failed, in terms of the file rather than the loader.
 
     The loader's own messages range from "Invalid magic number" to a bare
@@ -164,6 +183,14 @@ def _load_failure(error: Exception) -> str:
                 "ultralytics checkpoint does not, so it was not loaded; only "
                 "weights saved by ultralytics load here"
             )
+        entries = _entries_without_model(path)
+        if entries is not None:
+            shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
+            return (
+                "it is a torch file, but not an ultralytics checkpoint: it contains "
+                f"a dict without a 'model' entry (its keys: {shown or 'none'}); "
+                "upload the .pt file that ultralytics saved, not a state_dict"
+            )[:500]
         return (
             "its pickled data could not be read safely: it is damaged, or it "
             "holds objects that an ultralytics checkpoint does not"

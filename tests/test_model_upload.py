@@ -137,6 +137,23 @@ def test_upload_rejects_zip_that_is_no_checkpoint(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_rejects_state_dict(alice_client, tmp_path):
+    # A bare state_dict loads safely, but holds no network to build.
+    weights = tmp_path / "weights.pt"
+    torch.save(
+        {"conv.weight": torch.zeros(2, 3, 1, 1), "conv.bias": torch.zeros(2)}, weights
+    )
+    response = upload(alice_client, "weights", weights)
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "'weights.pt' is not an ultralytics model: it is a torch file, but not "
+        "an ultralytics checkpoint: it contains a dict without a 'model' entry (its "
+        "keys: conv.weight, conv.bias); upload the .pt file that ultralytics "
+        "saved, not a state_dict"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_rejects_damaged_checkpoint(alice_client, tmp_path):
     # A real checkpoint with one member's header overwritten: a file damaged
     # in transfer, not one of another kind.
