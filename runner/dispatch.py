@@ -139,9 +139,17 @@ def routing_order(
     """Return the runners holding any of the models, those holding most first.
 
     A runner holding all of them comes first. Ties keep the fleet's order.
+    A runner whose heartbeat lists the weights file of any of the models as
+    missing is left out, because it could not load that model.
     """
     needed = set(cache_keys)
-    counts = [(len(needed & runner.loaded_models), runner) for runner in runners]
+    # A cache key is the file key followed by ":" and the input size.
+    files = {key.rsplit(":", 1)[0] for key in needed}
+    counts = [
+        (len(needed & runner.loaded_models), runner)
+        for runner in runners
+        if not files & runner.missing_files
+    ]
     counts.sort(key=lambda pair: -pair[0])
     return [runner for count, runner in counts if count]
 

@@ -38,6 +38,11 @@ class RunnerState:
         return {model["cache_key"] for model in self.data.get("models", [])}
 
     @property
+    def missing_files(self) -> set[str]:
+        """File keys (see ModelSource.file_key) of the weights files it lacks."""
+        return {str(key) for key in self.data.get("missing_files", [])}
+
+    @property
     def queue_length(self) -> int:
         return int(self.data.get("queue_length", 0))
 
@@ -61,8 +66,9 @@ end
 
 # Sets the heartbeat unless a live heartbeat of another instance has the
 # name, and then returns that heartbeat instead. Raises the fleet generation
-# KEYS[3] when the runner joins or its models (ARGV[5]: their cache keys,
-# sorted, one per line) differ from the heartbeat it replaces. Records the
+# KEYS[3] when the runner joins or its models differ from the heartbeat it
+# replaces. ARGV[5] (see _models_key) lists the cache keys of the models
+# loaded and the files missing, sorted, one per line. Records the
 # time in KEYS[4]. Sets the instance key KEYS[5] in either case, because the
 # process is alive even when it lost its name.
 _PUBLISH_HEARTBEAT = (
@@ -81,6 +87,11 @@ local function models_key(beat)
     local names = {}
     for _, model in ipairs(state['models']) do
         names[#names + 1] = tostring(model['cache_key'])
+    end
+    if type(state['missing_files']) == 'table' then
+        for _, file in ipairs(state['missing_files']) do
+            names[#names + 1] = 'missing:' .. tostring(file)
+        end
     end
     table.sort(names)
     return table.concat(names, '\\n')
@@ -120,7 +131,7 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
         state["instance"],
         ttl_ms,
         name,
-        "\n".join(sorted(str(m["cache_key"]) for m in state.get("models", []))),
+        _models_key(state),
     )
     # A runner's clock samples come with its heartbeats.
     pipeline.time()
@@ -128,6 +139,16 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
     holder, server_time = pipeline.execute()
     clock.observe(sent_ns, server_time, time.time_ns())
     return json.loads(holder) if holder else None
+
+
+def _models_key(state: dict[str, Any]) -> str:
+    """Return what _PUBLISH_HEARTBEAT compares to find that the models changed.
+
+    A file found missing changes routing as a model loaded does.
+    """
+    names = [str(model["cache_key"]) for model in state.get("models", [])]
+    names += [f"missing:{file}" for file in state.get("missing_files", [])]
+    return "\n".join(sorted(names))
 
 
 def refresh_instance(name: str, instance: str) -> None:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from django.conf import settings
 
 from billing.policy import BillingPolicy
-from runner import fleet, keys, sql
+from runner import fleet, handoff, keys, sql
 from runner.events import RunEvents
 from runner.finish import clear_mark, fail_run, finish_run
 from runner.model_cache import ModelProvider
@@ -35,6 +35,7 @@ def execute_run(
     snapshot: dict | None = None,
     inputs: dict | None = None,
     queue: str | None = None,
+    declined_by: list[str] | None = None,
 ) -> None:
     """Claim the run, execute it, and finish it with its bill.
 
@@ -43,11 +44,15 @@ def execute_run(
     hash as the worker read it with the job; without it the images are read
     here. ``queue`` is the queue the job was taken from, which the claim
     records: a run moved off a reaped runner's queue ran from another.
+    ``declined_by`` names the runners that handed the job on because they
+    lack a model's weights file (runner.handoff).
     """
     started = time.perf_counter_ns()
     started_monotonic = time.monotonic()
     started_wall = clock.now_ns()
     runtime = current_runtime()
+    if handoff.pass_on_if_lacking(run_id, runtime, snapshot, queue, declined_by or []):
+        return
     # Named before the claim, so that the check for runs this runner claimed
     # and no longer executes (fleet.fail_abandoned_runs) never finds this
     # one claimed and not yet named.

@@ -227,8 +227,12 @@ class ModelCache:
         self._lock = threading.Lock()
         self.evictions = 0
         # Called after a model is loaded and after the evictions that follow,
-        # so the router learns of the change before the next heartbeat.
+        # and when a weights file is found missing, so the router learns of
+        # the change before the next heartbeat.
         self.on_change: Callable[[], None] | None = None
+        # The weights files this runner found missing, by ModelSource.file_key,
+        # with the path this machine looked at.
+        self._missing: dict[str, str] = {}
 
     # -- reading state (also from the heartbeat thread) --
 
@@ -252,6 +256,52 @@ class ModelCache:
 
     def is_loaded(self, source: ModelSource) -> bool:
         return source.cache_key in self._entries
+
+    def missing_files(self) -> list[str]:
+        """Return the file keys of the weights files this runner lacks, sorted.
+
+        A file found missing is looked for again here, at each heartbeat, and
+        leaves the list once it is in place.
+        """
+        with self._lock:
+            missing = dict(self._missing)
+        found = [key for key, path in missing.items() if path and Path(path).is_file()]
+        if found:
+            with self._lock:
+                for key in found:
+                    self._missing.pop(key, None)
+            logger.info("weights files now in place: %s", ", ".join(found))
+        return sorted(key for key in missing if key not in found)
+
+    def lacking(self, sources: list[ModelSource]) -> list[ModelSource]:
+        """Return those of ``sources`` that are not loaded and whose file is missing.
+
+        Records them, as ``_local_file`` does, so the heartbeat lists them.
+        """
+        missing = []
+        for source in sources:
+            if source.kind == "architecture" or self.is_loaded(source):
+                continue
+            try:
+                path = source.local_path()
+            except ValueError:
+                path = ""
+            if not path or not Path(path).is_file():
+                missing.append((source, path))
+        self._note_missing(missing)
+        return [source for source, _ in missing]
+
+    def _note_missing(self, missing: list[tuple[ModelSource, str]]) -> None:
+        with self._lock:
+            new = [s for s, _ in missing if s.file_key not in self._missing]
+            for source, path in missing:
+                self._missing[source.file_key] = path
+        if new:
+            logger.warning(
+                "weights files missing on this runner: %s",
+                ", ".join(f"{s.path} ({KIND_PLACES[s.kind]})" for s in new),
+            )
+            self._notify_change()
 
     # -- loading and eviction --
 
@@ -469,6 +519,7 @@ class ModelCache:
         if source.kind != "architecture" and not Path(path).is_file():
             # Every machine's runners need the same files in their model and
             # upload directories (docs/operations.md).
+            self._note_missing([(source, path)])
             raise ModelLoadError(
                 source.model_id,
                 f"this runner has no file {source.path} in its "

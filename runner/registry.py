@@ -66,6 +66,15 @@ class ModelSource:
         """
         return f"{self.kind}:{self.path}:{self.image_size or 0}"
 
+    @property
+    def file_key(self) -> str:
+        """The weights file, as the same string on every machine: kind and path.
+
+        Unlike ``cache_key`` it leaves out the input size, because every size
+        of a model reads one file.
+        """
+        return f"{self.kind}:{self.path}"
+
     def local_path(self) -> str:
         """Return where this process finds the weights: the path under its own root."""
         if self.kind == "architecture" or Path(self.path).is_absolute():

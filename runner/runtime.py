@@ -152,6 +152,7 @@ class RunnerRuntime:
             "budget_bytes": self.cache.budget_bytes,
             "used_bytes": self.cache.used_bytes(),
             "models": self.cache.snapshot(),
+            "missing_files": self.cache.missing_files(),
             "eviction_policy": self.cache.policy.name,
             "keep_alive_s": policy_keep_alive_s(self.cache.policy),
             "torch_threads": self.cache.torch_threads,

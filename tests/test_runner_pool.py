@@ -755,6 +755,72 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     assert state["evictions"] == evictions
 
 
+def test_runner_lacking_weights_hands_shared_job_on(
+    runner, extra_runners, alice, tmp_path
+):
+    # A runner whose MODEL_DIR lacks the file hands a shared job to a live
+    # runner that has it instead of failing the run.
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    lacking = extra_runners("lacks-weights", env_overrides={"MODEL_DIR": str(empty)})
+    connection = get_redis()
+    # Marked busy for a routed run, the session runner leaves shared jobs,
+    # so the runner without the file takes this one.
+    connection.set(keys.current_run_key(runner.name), "routed-run", ex=60)
+    try:
+        outcome = start_cli_run(alice, detection("people-detector"), wait_s=0)
+        assert outcome.run.queue_name == keys.SHARED_QUEUE
+        run = wait_for_final(outcome.run.id, timeout_s=60)
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+    assert run.status == Run.Status.SUCCEEDED, run.error
+    assert run.runner_name == runner.name
+    assert run.queue_name == keys.runner_queue(runner.name)
+    assert Bill.objects.get(run=run).billed is True
+    assert "model_dir:people-detector.pt" in lacking.state()["missing_files"]
+
+
+def test_run_fails_when_no_runner_has_weights(runner, extra_runners, alice, tmp_path):
+    # The file is there when the run is accepted and gone from every runner
+    # when it runs: the run fails once, naming the model, after each live
+    # runner has looked for the file.
+    ghost = (
+        resolve_model("people-detector")
+        .local_path()
+        .replace("people-detector.pt", "ghost-detector.pt")
+    )
+    shutil.copy(resolve_model("people-detector").local_path(), ghost)
+    connection = get_redis()
+    connection.set(keys.current_run_key(runner.name), "routed-run", ex=60)
+    try:
+        outcome = start_cli_run(alice, detection("ghost-detector"), wait_s=0)
+        os.unlink(ghost)
+        extra_runners("lacks-ghost", env_overrides={"MODEL_DIR": str(tmp_path)})
+        run = wait_for_final(outcome.run.id, timeout_s=60)
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+        if os.path.exists(ghost):
+            os.unlink(ghost)
+    assert run.status == Run.Status.FAILED
+    assert run.error["code"] == "model_load_failed"
+    message = run.error["message"]
+    assert "no live runner has the weights file" in message
+    assert "model 'ghost-detector' needs the file ghost-detector.pt" in message
+    assert f"lacks-ghost, {runner.name} lack it" in message
+    assert Bill.objects.get(run=run).billed is False
+    time.sleep(0.6)  # a heartbeat after the failed run
+    assert "model_dir:ghost-detector.pt" in runner.state()["missing_files"]
+
+
+def test_routing_skips_runner_lacking_a_file(db):
+    # Holding one of the run's models does not make a runner the choice
+    # when its heartbeat lists the other model's file as missing.
+    with fleet_of(("lacks-k2", ("model_dir:a.pt:640",)), ("empty", ())) as snapshot:
+        snapshot.runners[0].data["missing_files"] = ["model_dir:b.pt"]
+        cache_keys = ["model_dir:a.pt:640", "model_dir:b.pt:640"]
+        assert routed(cache_keys, snapshot, "run-1") == keys.SHARED_QUEUE
+
+
 def cold_loads(run_id: str) -> list[dict]:
     return [event for event in stored_events(run_id) if event["phase"] == "cold_load"]
 

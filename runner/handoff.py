@@ -1,0 +1,142 @@
+"""Hand a job on when this runner lacks the weights file of one of its models.
+
+Every runner needs the same weights files (docs/operations.md, "Runners on
+other machines"). A runner that takes a job from the shared queue, or a job
+another runner handed on, and lacks the file of a model the run uses does
+not fail the run while another live runner may have the file. It records
+the file in its heartbeat and queues the job on the own queue of a live
+runner that has not declined the job and whose heartbeat does not list the
+file as missing. The job carries the names of the runners that declined it,
+so each hand-off leaves one runner fewer to try and the chain ends. With no
+runner left, the run fails, unbilled.
+
+A job that routing put on a runner's own queue is not handed on: routing
+picks only runners holding one of the run's models and listing none of its
+files as missing (dispatch.routing_order). If the runner lost a file since,
+the run fails there with the message of ModelLoadError.
+"""
+
+import logging
+
+from rq import Queue
+
+from runner import fleet, keys
+from runner.finish import clear_mark, fail_run
+from runner.models import Run
+from runner.registry import KIND_PLACES, ModelSource
+from webapp.redis import get_redis
+
+logger = logging.getLogger(__name__)
+
+
+def pass_on_if_lacking(
+    run_id: str,
+    runtime,
+    snapshot: dict | None,
+    queue: str | None,
+    declined_by: list[str],
+) -> bool:
+    """Hand the job on, or fail its run, if this runner lacks a model's file.
+
+    ``runtime`` is this process's RunnerRuntime, ``queue`` the queue the job
+    was taken from and ``declined_by`` the runners that handed it on so far.
+    Returns False when this runner should execute the run itself. That is
+    the case for every job whose models are all loaded or on disk here, and
+    the check reads no Redis key and no database row.
+    """
+    if snapshot is None or (queue != keys.SHARED_QUEUE and not declined_by):
+        return False
+    sources = [
+        ModelSource.from_dict(model["source"])
+        for model in snapshot.get("model_refs", [])
+    ]
+    missing = runtime.cache.lacking(sources)
+    if not missing:
+        return False
+    declined = [*declined_by, runtime.name]
+    connection = get_redis()
+    try:
+        taker = _choose_taker(sources, missing, declined)
+        if taker is not None:
+            _queue_on(run_id, keys.runner_queue(taker.name), snapshot, declined)
+            logger.warning(
+                "runner %s: run %s handed to runner %s, because this runner "
+                "lacks the weights of %s",
+                runtime.name,
+                run_id,
+                taker.name,
+                ", ".join(source.model_id for source in missing),
+            )
+        else:
+            fail_run(
+                run_id,
+                _no_runner_message(missing, declined),
+                expected_status=Run.Status.QUEUED,
+                code="model_load_failed",
+            )
+    finally:
+        clear_mark(connection, runtime.name, run_id)
+    return True
+
+
+def _choose_taker(
+    sources: list[ModelSource], missing: list[ModelSource], declined: list[str]
+) -> fleet.RunnerState | None:
+    """Return the live runner to hand the job to, or None if there is none.
+
+    Runners holding most of the run's models come first, then idle ones,
+    then those with the shortest own queue.
+    """
+    files = {source.file_key for source in missing}
+    candidates = [
+        runner
+        for runner in fleet.live_runners()
+        if runner.name not in declined and not files & runner.missing_files
+    ]
+    if not candidates:
+        return None
+    needed = {source.cache_key for source in sources}
+    candidates.sort(
+        key=lambda runner: (
+            -len(needed & runner.loaded_models),
+            runner.busy,
+            runner.queue_length,
+        )
+    )
+    return candidates[0]
+
+
+def _queue_on(run_id: str, queue_name: str, snapshot: dict, declined: list[str]):
+    """Queue the run's job again on ``queue_name``. The input images stay in Redis.
+
+    The row names the queue first, so the lost-job check finds the job where
+    it looks (fleet._is_queued).
+    """
+    Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
+        queue_name=queue_name
+    )
+    Queue(
+        queue_name, connection=get_redis(), serializer=keys.JOB_SERIALIZER
+    ).enqueue_call(
+        func=keys.RUN_JOB,
+        args=(run_id,),
+        kwargs={"snapshot": snapshot, "declined_by": declined},
+        job_id=run_id,
+        timeout=-1,
+        result_ttl=0,
+        failure_ttl=3600,
+    )
+
+
+def _no_runner_message(missing: list[ModelSource], declined: list[str]) -> str:
+    files = "; ".join(
+        f"model '{source.model_id}' needs the file {source.path} in its "
+        f"{KIND_PLACES.get(source.kind, source.kind)}"
+        for source in missing
+    )
+    return (
+        f"no live runner has the weights file to run this: {files}. Runners "
+        f"{', '.join(declined)} lack it, and every other live runner lists it "
+        "as missing. Copy the file into that directory on every runner's "
+        "machine and send the request again"
+    )
