@@ -375,6 +375,11 @@ def test_second_live_runner_with_same_name_is_rejected(runner):
     )
     assert completed.returncode != 0
     assert f"a runner named '{runner.name}' is already running" in completed.stderr
+    # The heartbeat names the live runner's process, and the check comes
+    # before the seconds-long warm-up.
+    holder = runner.state()
+    assert f"process {holder['pid']} on host {holder['host']}" in completed.stderr
+    assert "warmed up" not in completed.stdout + completed.stderr
 
 
 def wait_for_final(run_id, timeout_s: float = 120) -> Run:

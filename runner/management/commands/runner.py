@@ -84,6 +84,9 @@ class Command(BaseCommand):
             "runner %s: Redis %s, database %s", name, _redis_place(), database_place()
         )
         _check_redis_reachable()
+        # Checked again after the warm-up, which takes seconds, in case
+        # another process took the name meanwhile.
+        _check_name_free(name)
         threads = settings.GLASSBOX["TORCH_THREADS"] or os.cpu_count() or 1
         cache = ModelCache(
             budget_bytes=options["memory_budget_mb"] * 1024 * 1024,
@@ -116,7 +119,7 @@ class Command(BaseCommand):
             if state.name != name:
                 continue
             if not _predecessor_died(state.data):
-                raise CommandError(f"a runner named {name!r} is already running")
+                raise _name_in_use(name, state.data)
             # A runner restarted at once (by manage.py up) finds the heartbeat
             # of the process it replaces, which lives on for a few seconds.
             pid = state.data.get("pid")
@@ -137,6 +140,26 @@ class Command(BaseCommand):
         fleet.fail_runs_of_dead_processes(
             name, f"runner {name} restarted while running this run"
         )
+
+
+def _check_name_free(name: str) -> None:
+    """Raise CommandError if a live runner of another process has ``name``.
+
+    A heartbeat left by a process of this host that has exited does not
+    count: the runner replaces it after its warm-up.
+    """
+    for state in fleet.live_runners():
+        if state.name == name and not _predecessor_died(state.data):
+            raise _name_in_use(name, state.data)
+
+
+def _name_in_use(name: str, heartbeat: dict) -> CommandError:
+    return CommandError(
+        f"a runner named {name!r} is already running: process "
+        f"{heartbeat.get('pid', 'unknown')} on host "
+        f"{heartbeat.get('host', 'unknown')}. Stop that runner, or start this "
+        "one with another --name"
+    )
 
 
 def _check_database_ready() -> None:
