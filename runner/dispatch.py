@@ -56,6 +56,9 @@ class Submission:
     token_id: int | None = None
     # Pin the run to this runner's own queue instead of routing it.
     runner: str | None = None
+    # The models resolve_models returned for this plan and these inputs,
+    # where the caller resolved them already.
+    models: list[dict] | None = None
 
 
 def no_runner_error(source: str) -> NoRunnerError:
@@ -328,9 +331,11 @@ def predict_hot(
 
 def submit(submission: Submission, *, require_runner: bool) -> Run:
     """Queue a run; raise NoRunnerError before writing anything if none is up."""
-    models = resolve_models(
-        submission.plan, submission.inputs.parameters, submission.owner_id
-    )
+    models = submission.models
+    if models is None:
+        models = resolve_models(
+            submission.plan, submission.inputs.parameters, submission.owner_id
+        )
     # A half-second-old view saves two round trips; choose_queue reads the
     # fleet again if it changed since.
     view = fleet.fleet_snapshot(max_age_s=0.5)

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import transaction
 
 from runner import keys
-from runner.dispatch import Submission, submit, wait_for_result
+from runner.dispatch import Submission, resolve_models, submit, wait_for_result
 from runner.models import Run
 from webapp.models import lock_user_row
 from webapp.requests import TooManyRequests
@@ -112,22 +112,25 @@ def start_run(
     Raises DefinitionError, InputError, ModelNotFoundError, NoRunnerError or
     TooManyRequests before anything is stored. Synchronous requests are
     limited by SYNC_WAITS_PER_USER, asynchronous ones (``wait_s`` 0) by
-    QUEUED_RUNS_PER_USER. ``on_queued`` is called with the stored run
-    before the wait. With ``strict_inputs``, inputs the definition does not
-    declare are rejected.
+    QUEUED_RUNS_PER_USER. Both limits apply after the definition, the
+    inputs and the model ids are checked, so an invalid request gets its
+    own error rather than a 429. ``on_queued`` is called with the stored
+    run before the wait. With ``strict_inputs``, inputs the definition does
+    not declare are rejected.
     """
+    compiled = plan_cache.compile(definition, owner_id)
+    if strict_inputs:
+        reject_undeclared_inputs(compiled.plan, input_mapping(raw_inputs))
+    inputs = read_inputs(
+        compiled.plan,
+        raw_inputs,
+        max_pixels=settings.GLASSBOX["MAX_IMAGE_PIXELS"],
+        max_total_pixels=settings.GLASSBOX["MAX_RUN_PIXELS"],
+        max_images=settings.GLASSBOX["MAX_RUN_IMAGES"],
+        uploads=uploads,
+    )
+    models = resolve_models(compiled.plan, inputs.parameters, owner_id)
     with waiting_slot(owner_id) if wait_s > 0 else nullcontext():
-        compiled = plan_cache.compile(definition, owner_id)
-        if strict_inputs:
-            reject_undeclared_inputs(compiled.plan, input_mapping(raw_inputs))
-        inputs = read_inputs(
-            compiled.plan,
-            raw_inputs,
-            max_pixels=settings.GLASSBOX["MAX_IMAGE_PIXELS"],
-            max_total_pixels=settings.GLASSBOX["MAX_RUN_PIXELS"],
-            max_images=settings.GLASSBOX["MAX_RUN_IMAGES"],
-            uploads=uploads,
-        )
         # The image checks above can take a while, so they stay outside the
         # transaction that the queued-run limit holds.
         with queued_run_slot(owner_id) if wait_s <= 0 else nullcontext():
@@ -142,6 +145,7 @@ def start_run(
                     inline_definition=None if workflow_version_id else definition,
                     token_id=token_id,
                     runner=runner,
+                    models=models,
                 ),
                 require_runner=wait_s > 0,
             )

@@ -311,6 +311,20 @@ def test_sync_waits_per_user_are_limited(runner, alice, alice_client, bob_client
             roboflow = alice_client.post("/workflows/run", inline, format="json")
             asynchronous = run_workflow(alice_client, workflow_id, **{"async": True})
             others = bob_client.post("/workflows/run", inline, format="json")
+            # An invalid request gets its own error, not the limit's 429.
+            bad_definition = alice_client.post(
+                "/workflows/run",
+                {**inline, "specification": {"version": "1.0", "steps": "none"}},
+                format="json",
+            )
+            unknown_model = alice_client.post(
+                "/workflows/run",
+                {**inline, "specification": detection("no-such-model")},
+                format="json",
+            )
+            missing_image = alice_client.post(
+                "/workflows/run", {**inline, "inputs": {}}, format="json"
+            )
     finally:
         settings.GLASSBOX["SYNC_WAITS_PER_USER"] = saved
 
@@ -321,6 +335,10 @@ def test_sync_waits_per_user_are_limited(runner, alice, alice_client, bob_client
     assert asynchronous.status_code == 202
     assert others.status_code == 200
     assert Run.objects.filter(owner=alice).count() == 1
+    assert bad_definition.status_code == 400, bad_definition.json()
+    assert unknown_model.status_code != 429, unknown_model.json()
+    assert unknown_model.json()["code"] == "model_not_found"
+    assert missing_image.status_code == 400, missing_image.json()
 
 
 def test_run_accepts_wrapped_unpadded_base64(runner, alice_client):
