@@ -441,6 +441,7 @@ def move_queued_jobs(name: str) -> list[str]:
     target = Queue(
         keys.SHARED_QUEUE, connection=connection, serializer=keys.JOB_SERIALIZER
     )
+    shared_order = _SharedQueueOrder(connection, target.key)
     moved: list[str] = []
     while True:
         job_id = connection.lpop(source.key)
@@ -454,11 +455,20 @@ def move_queued_jobs(name: str) -> list[str]:
             )
             run_id = uuid.UUID(job.id)
             Run.objects.filter(pk=run_id).update(queue_name=keys.SHARED_QUEUE)
-            later = _jobs_queued_after(connection, target.key, run_id)
+            queued_at_ns = (
+                Run.objects.filter(pk=run_id)
+                .values_list("queued_at_ns", flat=True)
+                .first()
+            )
+            later = []
+            if queued_at_ns is not None:
+                later = shared_order.queued_after(queued_at_ns)
             with connection.pipeline() as pipeline:
                 target.enqueue_job(job, pipeline=pipeline)
                 pipeline.eval(_PLACE_MOVED_JOB, 1, target.key, job.id, *later)
                 pipeline.execute()
+            if queued_at_ns is not None:
+                shared_order.note_placed(job.id, queued_at_ns)
         except DatabaseError:
             # The job is sound: put it back for the next reap, which finds
             # the runner still dead, rather than drop it.
@@ -477,31 +487,52 @@ def move_queued_jobs(name: str) -> list[str]:
         moved.append(job.id)
 
 
-def _jobs_queued_after(connection, queue_key: str, run_id: uuid.UUID) -> list[str]:
-    """Return the first MAX_PLACES job ids in the queue whose runs were queued
-    after run ``run_id``, in queue order.
+class _SharedQueueOrder:
+    """The shared queue's job ids with their runs' queue times, in queue order.
 
-    Job ids that name no run are left out.
+    Read once per move, on the first job moved, in one LRANGE and one query,
+    and kept up to date with the jobs the move places. Jobs that runners pop
+    meanwhile stay listed, which _PLACE_MOVED_JOB allows for, and jobs
+    queued meanwhile are missing, so a moved job goes in front of those
+    only when the list names no later job.
     """
-    from runner.models import Run
 
-    queued_at_ns = (
-        Run.objects.filter(pk=run_id).values_list("queued_at_ns", flat=True).first()
-    )
-    if queued_at_ns is None:
-        return []
-    run_ids = []
-    for raw in connection.lrange(queue_key, 0, -1):
-        try:
-            run_ids.append(uuid.UUID(raw.decode(errors="replace")))
-        except ValueError:
-            continue
-    later = set(
-        Run.objects.filter(pk__in=run_ids, queued_at_ns__gt=queued_at_ns).values_list(
-            "pk", flat=True
+    def __init__(self, connection, queue_key: str) -> None:
+        self.connection = connection
+        self.queue_key = queue_key
+        self.entries: list[tuple[str, int]] | None = None
+
+    def _read(self) -> list[tuple[str, int]]:
+        from runner.models import Run
+
+        run_ids = []
+        for raw in self.connection.lrange(self.queue_key, 0, -1):
+            try:
+                run_ids.append(uuid.UUID(raw.decode(errors="replace")))
+            except ValueError:
+                continue
+        queued_at = dict(
+            Run.objects.filter(pk__in=run_ids).values_list("pk", "queued_at_ns")
         )
-    )
-    return [str(pk) for pk in run_ids if pk in later][:MAX_PLACES]
+        # Job ids that name no run are left out.
+        return [(str(pk), queued_at[pk]) for pk in run_ids if pk in queued_at]
+
+    def queued_after(self, queued_at_ns: int) -> list[str]:
+        """Return the first MAX_PLACES job ids of runs queued after ``queued_at_ns``."""
+        if self.entries is None:
+            self.entries = self._read()
+        later = [job_id for job_id, at in self.entries if at > queued_at_ns]
+        return later[:MAX_PLACES]
+
+    def note_placed(self, job_id: str, queued_at_ns: int) -> None:
+        """Record that ``job_id`` went in front of the first job queued after it."""
+        if self.entries is None:
+            self.entries = self._read()
+        place = next(
+            (i for i, (_, at) in enumerate(self.entries) if at > queued_at_ns),
+            len(self.entries),
+        )
+        self.entries.insert(place, (job_id, queued_at_ns))
 
 
 def reap_dead_runners(own_name: str | None = None) -> bool:

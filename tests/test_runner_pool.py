@@ -1072,6 +1072,42 @@ def test_moving_jobs_keeps_job_when_database_fails(runner, alice):
     assert wait_for_final(run_id).status == Run.Status.SUCCEEDED
 
 
+def test_moving_jobs_reads_shared_queue_once(runner, alice):
+    # Each moved job goes in front of the shared jobs queued after it, and
+    # the move reads the shared queue once for all its jobs.
+    connection = get_redis()
+    shared_key = f"{Queue.redis_queue_namespace_prefix}{keys.SHARED_QUEUE}"
+    # Marked busy for a routed run, the session runner leaves shared jobs.
+    connection.set(keys.current_run_key(runner.name), "routed-run", ex=120)
+    try:
+        # Registered, the runner is live, so no reap moves its jobs first.
+        with registered_runner("parked-several"):
+            early = start_cli_run(alice, image_height(), wait_s=0).run
+            parked = [
+                start_cli_run(alice, image_height(), wait_s=0, runner="parked-several")
+                for _ in range(3)
+            ]
+            later = start_cli_run(alice, image_height(), wait_s=0).run
+            connection.config_resetstat()
+            moved = fleet.move_queued_jobs("parked-several")
+            stats = connection.info("commandstats")
+        expected = [str(early.pk), *[str(o.run.pk) for o in parked], str(later.pk)]
+        deadline = time.monotonic() + 30
+        order: list[str] = []
+        # The session runner pops the front job now and then and puts it
+        # back, so a read may miss it.
+        while order != expected and time.monotonic() < deadline:
+            order = [job.decode() for job in connection.lrange(shared_key, 0, -1)]
+            time.sleep(0.1)
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+    assert moved == [str(o.run.pk) for o in parked]
+    assert order == expected
+    assert stats["cmdstat_lrange"]["calls"] == 1
+    for run_id in expected:
+        assert wait_for_status(run_id, Run.Status.SUCCEEDED).runner_name == runner.name
+
+
 def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
     # The key can go before its expiry (an operator, a Redis server evicting
     # keys). The runner beat less than a second ago, so it is not dead.
