@@ -23,7 +23,7 @@ from rq import Queue
 from runner import fleet, keys
 from runner.finish import clear_mark, fail_run
 from runner.models import Run
-from runner.registry import KIND_PLACES, ModelSource
+from runner.registry import KIND_PLACES, ModelSource, check_model_path
 from webapp.redis import get_redis
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,17 @@ def pass_on_if_lacking(
     """
     if snapshot is None or (queue != keys.SHARED_QUEUE and not declined_by):
         return False
-    sources = [
-        ModelSource.from_dict(model["source"])
-        for model in snapshot.get("model_refs", [])
-    ]
+    try:
+        sources = [
+            ModelSource.from_dict(model["source"])
+            for model in snapshot.get("model_refs", [])
+        ]
+        for source in sources:
+            check_model_path(source)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        # An invalid snapshot (a job edited in Redis) fails the run where
+        # execute_run reads it, with the error that names the field.
+        return False
     missing = runtime.cache.lacking(sources)
     if not missing:
         return False

@@ -551,6 +551,30 @@ def test_job_with_model_path_elsewhere_fails(runner, alice, tmp_path):
     assert str(elsewhere) not in json.dumps(state)
 
 
+def test_shared_job_with_missing_path_elsewhere_fails(runner, alice, tmp_path):
+    # A shared job whose model path, edited in Redis, leads outside the
+    # model directory fails for that path, and is not handed on as a file
+    # the runner lacks.
+    elsewhere = tmp_path / "absent.pt"
+
+    def move_weights(snapshot):
+        snapshot["model_refs"][0]["source"]["path"] = str(elsewhere)
+
+    with registered_runner("parked"):
+        outcome = start(alice, "people-detector", "parked", wait_s=0)
+        tamper_with_job(outcome.run.id, move_weights)
+        connection = get_redis()
+        prefix = Queue.redis_queue_namespace_prefix
+        parked_key = f"{prefix}{keys.runner_queue('parked')}"
+        assert connection.lrem(parked_key, 0, str(outcome.run.id)) == 1
+        connection.rpush(f"{prefix}{keys.SHARED_QUEUE}", str(outcome.run.id))
+
+    run = wait_for_status(outcome.run.id, Run.Status.FAILED)
+    assert "ValueError" in run.error["message"]
+    time.sleep(0.6)  # a heartbeat after the failed run
+    assert str(elsewhere) not in json.dumps(runner.state())
+
+
 def test_heartbeat_lists_model_once_loaded(runner, extra_runners, alice, monkeypatch):
     # Periodic heartbeats 30 s apart, so only the one published at the load
     # can list the model.
