@@ -13,7 +13,7 @@ and evictions through its hooks, so that it can keep state of its own
 """
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Protocol
 
 
@@ -282,11 +282,15 @@ def next_victim(
     incoming_bytes: int,
     budget_bytes: int,
     keep: str | None,
+    spare: Collection[str] = (),
 ) -> Entry | None:
     """Return the next entry to unload so that ``incoming_bytes`` more fit.
 
     Returns None when they fit already, or when only ``keep`` is left: the
     model being loaded or used last stays, alone over the budget if it must.
+    The policy picks among the entries outside ``spare`` (the other models
+    of the run that needs the room) while there are any, so a run whose
+    models fit the budget together never evicts one of them to load another.
     """
     used = sum(entry.memory_bytes for entry in entries.values())
     if used + incoming_bytes <= budget_bytes:
@@ -294,4 +298,5 @@ def next_victim(
     candidates = [entry for key, entry in entries.items() if key != keep]
     if not candidates:
         return None
-    return policy.victim(candidates)
+    others = [entry for entry in candidates if entry.key not in spare]
+    return policy.victim(others or candidates)

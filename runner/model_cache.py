@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,19 +305,28 @@ class ModelCache:
 
     # -- loading and eviction --
 
-    def get(self, source: ModelSource, use: ModelUse) -> LoadedModel:
-        """Return the loaded model, loading it (and timing the load) on a miss."""
+    def get(
+        self,
+        source: ModelSource,
+        use: ModelUse,
+        run_keys: Collection[str] = (),
+    ) -> LoadedModel:
+        """Return the loaded model, loading it (and timing the load) on a miss.
+
+        ``run_keys`` are the cache keys of the current run's models, which
+        making room evicts last.
+        """
         key = source.cache_key
         entry = self._entries.get(key)
         if entry is None:
             # Before making room: a load that cannot start must not evict.
             path = self._local_file(source)
-            self._make_room(self._known_sizes.get(key, 0), keep=key)
+            self._make_room(self._known_sizes.get(key, 0), keep=key, spare=run_keys)
             entry = self._load(source, path, use)
             with self._lock:
                 self._entries[key] = entry
             self._known_sizes[key] = entry.memory_bytes
-            self._make_room(0, keep=key)
+            self._make_room(0, keep=key, spare=run_keys)
             self._notify_change()
         entry.last_used = time.monotonic()
         entry.uses += 1
@@ -400,7 +409,9 @@ class ModelCache:
             # The periodic heartbeat publishes the change later.
             logger.warning("publishing the model change failed", exc_info=True)
 
-    def _make_room(self, incoming_bytes: int, keep: str | None) -> None:
+    def _make_room(
+        self, incoming_bytes: int, keep: str | None, spare: Collection[str] = ()
+    ) -> None:
         while True:
             with self._lock:
                 victim = next_victim(
@@ -409,6 +420,7 @@ class ModelCache:
                     incoming_bytes,
                     self.budget_bytes,
                     keep,
+                    spare,
                 )
                 used = sum(e.memory_bytes for e in self._entries.values())
             if victim is None:
@@ -604,6 +616,7 @@ class ModelProvider:
         self.cache = cache
         self.sources = sources
         self.timer = timer
+        self.run_keys = frozenset(source.cache_key for source in sources.values())
 
     def _check_model(self, model_id: str, entry: LoadedModel, use: ModelUse) -> None:
         """Add the run warnings that only the loaded model can show."""
@@ -655,7 +668,7 @@ class ModelProvider:
         was_loaded = self.cache.is_loaded(source)
         before = (use.load_read_ns, use.load_to_device_ns, use.load_warmup_ns)
         try:
-            entry = self.cache.get(source, use)
+            entry = self.cache.get(source, use, self.run_keys)
         except ModelLoadError:
             if use.cold_load_ns > sum(before):
                 self._emit_cold_load(model_id, step, use, before)

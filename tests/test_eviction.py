@@ -92,6 +92,18 @@ def test_next_victim_keeps_the_model_in_use():
     assert next_victim(policy, entries, 0, 20 * MIB, keep="b").key == "a"
 
 
+def test_next_victim_spares_the_runs_models():
+    policy = LeastRecentlyUsed()
+    entries = {
+        "a": SimulatedModel("a", 10 * MIB, 1.0, last_used=1.0),
+        "b": SimulatedModel("b", 10 * MIB, 1.0, last_used=2.0),
+    }
+    # "a", used least recently, is another model of the run that needs room.
+    assert next_victim(policy, entries, 10 * MIB, 20 * MIB, "c", {"a", "c"}).key == "b"
+    # When only the run's models are left, one of them goes.
+    assert next_victim(policy, entries, 10 * MIB, 20 * MIB, "c", {"a", "b"}).key == "a"
+
+
 def test_gdsf_keeps_slow_loading_model_lru_evicts():
     # "slow" loads in 30 s, "fast" in 1 s; both 10 MiB, room for two.
     results = {}

@@ -217,6 +217,41 @@ def test_memory_budget_forces_eviction(runner, extra_runners, alice):
     assert other.state()["evictions"] == 0
 
 
+def test_load_spares_models_the_run_calls(runner, extra_runners, alice):
+    # Each yolov8n takes about 12.6 MB, so 30 MiB has room for two, not three.
+    spare = extra_runners("spare", budget_mb=30)
+    start(alice, "yolov8n.yaml-480", "spare")
+    start(alice, "yolov8n.yaml-512", "spare")
+    time.sleep(0.6)  # one heartbeat, so routing sees both models loaded
+
+    # The run calls a third model, then the least recently used one. The two
+    # fit together, so loading the third evicts the model the run never calls.
+    definition = detection("yolov8n.yaml-544")
+    definition["steps"].append(
+        {
+            "type": "roboflow_core/roboflow_object_detection_model@v1",
+            "name": "again",
+            "images": "$inputs.image",
+            "model_id": "yolov8n.yaml-480",
+        }
+    )
+    outcome = start_cli_run(alice, definition, wait_s=120, runner="spare")
+    breakdown = outcome.payload["meta"]["breakdown"]
+    loads = {model["model_id"]: model["loads"] for model in breakdown["models"]}
+    assert loads["yolov8n.yaml-544"] == 1
+    assert loads["yolov8n.yaml-480"] == 0, "loading yolov8n-544 evicted yolov8n-480"
+    predicted = {
+        ref["model_id"]: ref["predicted_hot"] for ref in outcome.run.model_refs
+    }
+    assert predicted == {"yolov8n.yaml-544": False, "yolov8n.yaml-480": True}
+
+    time.sleep(0.6)  # one heartbeat
+    state = spare.state()
+    held = sorted(model["model_id"] for model in state["models"])
+    assert held == ["yolov8n.yaml-480", "yolov8n.yaml-544"]
+    assert state["evictions"] == 1
+
+
 def test_model_memory_is_measured(runner, extra_runners, alice):
     breakdown = start(alice, "yolov8n.yaml", runner.name).payload["meta"]["breakdown"]
     memory = breakdown["models"][0]["memory_bytes"]
