@@ -3,7 +3,15 @@
 import json
 
 from tests.conftest import ARTIFACTS
-from tests.definitions import detect_then_crops, detection
+from tests.definitions import (
+    compare,
+    detect_then_crops,
+    detection,
+    detection_property,
+    filtered_detection,
+    keep_where,
+    parameter,
+)
 from tests.test_browser_run import sign_in
 from workflows.models import Workflow
 
@@ -295,6 +303,45 @@ def test_builder_panel_shows_new_name(transactional_db, asgi_server, page, alice
     assert definition["inputs"][0]["name"] == "picture"
     assert definition["steps"][0]["images"] == "$inputs.picture"
     assert "people_total" in [output["name"] for output in definition["outputs"]]
+
+
+def test_builder_rename_updates_filter_parameters(
+    transactional_db, asgi_server, page, alice
+):
+    # Each value of the filter's operations_parameters may be a selector, which
+    # a rename must update as it does the step's own fields.
+    definition = filtered_detection(
+        keep_where(
+            compare(
+                detection_property("class_name"), "in (Sequence)", parameter("wanted")
+            )
+        ),
+        {"wanted": "$inputs.classes", "threshold": "$steps.count.output"},
+    )
+    definition["inputs"].append(
+        {"type": "WorkflowParameter", "name": "classes", "default_value": ["Normal"]}
+    )
+    workflow = Workflow.create_with_version(alice, "Filter by parameter", definition)
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    name = page.locator("#node-panel [data-field='name']")
+
+    page.locator("[data-input-name='classes']").click()
+    name.fill("wanted_classes")
+    name.press("Enter")
+    page.locator(".drawflow-node[data-step-name='count']").click()
+    name.fill("people_count")
+    name.press("Enter")
+
+    edited = page.evaluate("window.glassboxBuilder.getDefinition()")
+    parameters = edited["steps"][2]["operations_parameters"]
+    assert parameters["wanted"] == "$inputs.wanted_classes"
+    assert parameters["threshold"] == "$steps.people_count.output"
+    # The rename leaves the filter's operations, which hold no selectors, as
+    # they were.
+    assert edited["steps"][2]["operations"] == definition["steps"][2]["operations"]
+    outcome = page.evaluate("window.glassboxBuilder.validate()")
+    assert outcome["ok"], outcome
 
 
 def test_builder_deletes_clicked_line(transactional_db, asgi_server, page, alice):

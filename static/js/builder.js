@@ -427,10 +427,18 @@
     };
     for (const { section: where, item } of entities()) {
       if (where === "inputs") continue;
+      const block = where === "steps" ? blockFor(item.type) : null;
       for (const key of Object.keys(item)) {
         if (key === "type" || key === "name") continue;
         const rewritten = rewrite(item[key]);
         if (rewritten !== item[key]) item[key] = rewritten;
+      }
+      // Each value of a mapping field (the filter's operations_parameters)
+      // may be a selector of its own.
+      for (const field of block ? block.fields : []) {
+        const mapping = item[field.name];
+        if (!field.mapping || !isPlainObject(mapping)) continue;
+        for (const key of Object.keys(mapping)) mapping[key] = rewrite(mapping[key]);
       }
     }
   }

@@ -116,6 +116,7 @@ class Block:
                     "required": f.required,
                     "default": f.default,
                     "step_outputs": f.step_outputs,
+                    "mapping": f.mapping,
                 }
                 for f in cls.fields
             ],
