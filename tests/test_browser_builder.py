@@ -174,6 +174,41 @@ def test_builder_save_after_a_rename_elsewhere_is_refused(
     assert workflow.latest_version().number == 1
 
 
+def test_builder_save_after_delete_keeps_edits(
+    transactional_db, asgi_server, page, alice
+):
+    workflow = Workflow.create_with_version(alice, "Deleted meanwhile", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+
+    # Another tab deletes the workflow while this one edits it.
+    assert workflow.mark_deleted()
+    set_confidence(page, 0.65)
+    with page.expect_response(f"**/api/workflows/{workflow.id}") as response:
+        page.click("#save")
+    assert response.value.status == 404
+    message = page.locator("#save-message")
+    page.wait_for_function(
+        "document.getElementById('save-message').textContent.includes('was deleted')"
+    )
+    assert message.text_content() == (
+        "Not saved: workflow “Deleted meanwhile” was deleted after this tab opened "
+        "it. Save again to keep these edits as a new workflow."
+    )
+    assert page.locator("#saved-version").text_content() == "Not saved"
+    assert page.locator("#run-link").is_hidden()
+
+    with page.expect_response("**/api/workflows/") as response:
+        page.click("#save")
+    assert response.value.status == 201
+    created = Workflow.objects.get(pk=response.value.json()["id"])
+    assert created.pk != workflow.pk
+    assert created.name == "Deleted meanwhile"
+    assert created.latest_version().definition["steps"][0]["confidence"] == 0.65
+    page.wait_for_url(f"**/workflows/{created.pk}/edit")
+    assert page.locator("#saved-version").get_attribute("data-version") == "1"
+
+
 def test_builder_ctrl_s_twice_saves_once(transactional_db, asgi_server, page, alice):
     # Ctrl+S bypasses the Save button that is disabled during a save.
     workflow = Workflow.create_with_version(alice, "Keyboard", detection())

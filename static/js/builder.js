@@ -35,7 +35,8 @@
  *                                 it loaded or last saved as base_revision, so a
  *                                 rename in another tab is not undone.  A 409
  *                                 version_conflict shows in #save-message, and the
- *                                 edits stay in the page.
+ *                                 edits stay in the page.  After a 404 (the workflow
+ *                                 was deleted), the next save creates a new one.
  *   Validation                    #validation-status[data-state] is idle, pending,
  *                                 valid, invalid or error.
  *   Leaving the page with unsaved changes raises a beforeunload prompt.
@@ -1269,13 +1270,17 @@
   // general problem.
   async function readOutcome(response) {
     const body = await readJson(response);
-    if (response.ok) return { ok: true, body, errors: [], warnings: (body && body.warnings) || [] };
+    if (response.ok) {
+      return { ok: true, status: response.status, body, errors: [], warnings: (body && body.warnings) || [] };
+    }
     if (body && Array.isArray(body.blocks_errors)) {
       return { ok: false, body, errors: body.blocks_errors, warnings: [], message: body.message };
     }
     const message = (body && (body.message || body.detail))
       || `${response.status} ${response.statusText}`;
-    return { ok: false, body, errors: [], warnings: [], message, requestFailed: true };
+    return {
+      ok: false, status: response.status, body, errors: [], warnings: [], message, requestFailed: true,
+    };
   }
 
   function applyOutcome(outcome) {
@@ -1368,6 +1373,16 @@
       showSaveMessage("error", message);
       return { ok: false, conflict: true, message };
     }
+    if (!isNew && outcome.status === 404) {
+      // The workflow was deleted, in another tab or through the API, since
+      // this tab loaded it. The next save creates a new workflow, so the
+      // edits in this tab are not lost.
+      forgetDeletedWorkflow();
+      const message = `Not saved: workflow ${body.name ? `“${body.name}” ` : ""}was deleted `
+        + "after this tab opened it. Save again to keep these edits as a new workflow.";
+      showSaveMessage("error", message);
+      return { ok: false, deleted: true, message };
+    }
     if (outcome.requestFailed) {
       showSaveMessage("error", `Not saved: ${outcome.message}`);
     } else {
@@ -1396,6 +1411,19 @@
     return `Not saved: this workflow changed since this tab loaded or saved version ${baseVersion}${now}. `
       + "Reload to see it; your edits are kept in this tab until you do."
       + (latest === null && serverMessage ? ` Server: ${serverMessage}` : "");
+  }
+
+  function forgetDeletedWorkflow() {
+    state.workflowId = null;
+    state.savedVersion = null;
+    state.savedRevision = null;
+    // Nothing in this tab is saved any longer.
+    state.savedChangeCount = -1;
+    dom.savedVersion.dataset.version = "";
+    dom.savedVersion.textContent = "Not saved";
+    dom.runLink.hidden = true;
+    dom.runLink.removeAttribute("href");
+    history.replaceState(null, "", "/workflows/new");
   }
 
   function savedWorkflow(body, isNew, savingChange) {
