@@ -95,6 +95,8 @@ def check_format(path: Path) -> None:
     """
     with open(path, "rb") as file:
         head = file.read(2)
+    if not head:
+        raise ValueError("the file is empty (0 bytes)")
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
         raise ValueError(
             "it is not a whole torch checkpoint (neither a complete zip archive "

@@ -111,6 +111,19 @@ def test_upload_rejects_non_model(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_rejects_empty_file(alice_client, tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    response = upload(alice_client, "empty", empty)
+    assert response.status_code == 400
+    assert response.json()["field"] == "file"
+    message = response.json()["message"]
+    assert (
+        message == "'empty.pt' is not an ultralytics model: the file is empty (0 bytes)"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_rejects_garbage_pickle(alice_client, tmp_path):
     # Starts like a protocol-2 pickle, so only the loader finds it is not one.
     junk = tmp_path / "junk.pt"
