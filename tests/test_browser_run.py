@@ -659,3 +659,25 @@ def test_run_page_counts_reloads(transactional_db, asgi_server, page, alice):
     assert " ".join(row.text_content().split()).startswith(
         "model people-detector cold · loaded 2 times"
     )
+
+
+def test_run_page_of_deleted_workflow(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Deleted meanwhile", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    # Another tab deletes the workflow while this page is open.
+    assert workflow.mark_deleted()
+
+    with page.expect_response(f"**/api/workflows/{workflow.id}/runs") as response:
+        page.click("#run-button")
+    assert response.value.status == 404
+    error = page.locator("#run-form-error")
+    page.wait_for_function(
+        "document.getElementById('run-form-error').textContent !== ''"
+    )
+    assert error.text_content() == (
+        "This workflow was deleted after this page opened, so it cannot run. "
+        "Its earlier runs stay in the billing history."
+    )
+    assert page.locator("#run-button").is_enabled()
+    assert Run.objects.count() == 0

@@ -586,6 +586,11 @@
         body: JSON.stringify({ inputs, async: true, source: "ui", ...versionField() }),
       });
       const body = await response.json();
+      // The page was rendered for this workflow, so "not found" means it was deleted since.
+      if (response.status === 404 && /not found among yours$/.test(body.message || "")) {
+        throw new Error("This workflow was deleted after this page opened, so it cannot run. "
+          + "Its earlier runs stay in the billing history.");
+      }
       if (!response.ok && response.status !== 202) {
         const message = body.message || response.statusText;
         throw new Error(body.hint ? `${message}. ${body.hint}` : message);
