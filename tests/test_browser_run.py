@@ -661,6 +661,78 @@ def test_run_page_counts_reloads(transactional_db, asgi_server, page, alice):
     )
 
 
+def mean_color(pixels, box: tuple[int, int, int, int]) -> tuple[float, ...]:
+    left, top, right, bottom = box
+    region = pixels[top:bottom, left:right].reshape(-1, pixels.shape[2])
+    return tuple(region[:, :3].mean(axis=0))
+
+
+def color_distance(first, second) -> float:
+    return sum((a - b) ** 2 for a, b in zip(first, second, strict=True)) ** 0.5
+
+
+def test_run_page_draws_upright_photo(runner, asgi_server, page, alice, tmp_path):
+    # A phone stores a photo as the sensor read it, with an EXIF tag that
+    # says how to turn it upright. Runners turn it as browsers do when they
+    # draw it, so the model sees upright people and the boxes land on them.
+    import numpy as np
+    from PIL import Image
+
+    upright = Image.open(image_path("bus.jpg"))
+    pixels = np.asarray(upright.convert("RGB"), dtype=float)
+    # Corners with no box or label on them: sky at the top left, road at
+    # the bottom right.
+    corners = [(0, 0, 80, 80), (730, 1000, 810, 1080)]
+    # Each tag, and the turn that stores the upright photo so that the tag
+    # turns it back.
+    stored_turns = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90}
+    stored_turns[8] = Image.Transpose.ROTATE_270
+    workflow = Workflow.create_with_version(alice, "Phone photo", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+
+    for suffix, orientation in (("jpg", 3), ("jpg", 6), ("png", 8)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = tmp_path / f"bus-orientation-{orientation}.{suffix}"
+        upright.transpose(stored_turns[orientation]).save(
+            stored, quality=95, exif=exif.tobytes()
+        )
+        page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+        page.set_input_files(".image-file", str(stored))
+        page.click("#run-button")
+        page.wait_for_function(
+            "document.getElementById('run-status').textContent === 'succeeded'",
+            timeout=120_000,
+        )
+        page.wait_for_function(
+            "document.getElementById('result-canvas').dataset.labels !== undefined"
+        )
+        run_id = page.url.rstrip("/").rsplit("/", 1)[-1]
+        found = Run.objects.get(pk=run_id).outputs[0]["predictions"]
+        assert found["image"] == {"width": 810, "height": 1080}
+        assert len(found["predictions"]) >= 3, orientation
+
+        canvas = page.locator("#result-canvas")
+        size = canvas.evaluate("c => [c.width, c.height]")
+        assert size == [810, 1080]
+        assert int(canvas.get_attribute("data-boxes")) == len(found["predictions"])
+        assert "not drawn" not in page.locator("#result-note").text_content()
+        for left, top, right, bottom in corners:
+            drawn = canvas.evaluate(
+                """(c, [x, y, w, h]) =>
+                    Array.from(c.getContext('2d').getImageData(x, y, w, h).data)""",
+                [left, top, right - left, bottom - top],
+            )
+            region = np.array(drawn, dtype=float).reshape(bottom - top, right - left, 4)
+            shown = mean_color(region, (0, 0, right - left, bottom - top))
+            expected = mean_color(pixels, (left, top, right, bottom))
+            assert color_distance(shown, expected) < 10, (orientation, left, top)
+        page.screenshot(
+            path=str(ARTIFACTS / f"run-page-orientation-{suffix}-{orientation}.png"),
+            full_page=True,
+        )
+
+
 def test_run_page_of_deleted_workflow(transactional_db, asgi_server, page, alice):
     workflow = Workflow.create_with_version(alice, "Deleted meanwhile", detection())
     sign_in(page, asgi_server, "alice", "alice-password")
