@@ -52,7 +52,10 @@ class EvictionPolicy:
         return [entry for entry in entries if now > self.expires_at(entry)]
 
     def used(self, entry: Entry, now: float) -> None:
-        """Note a use of ``entry``, after its ``last_used`` and ``uses`` were set."""
+        """Note a run's first use of ``entry``, once its ``last_used`` is set.
+
+        Further calls of the model in the same run (a batch, crops) are not noted.
+        """
 
     def evicted(self, entry: Entry) -> None:
         """Note that ``entry`` was unloaded to make room or because it expired."""
@@ -84,10 +87,10 @@ class LeastFrequentlyUsed(EvictionPolicy):
 class GreedyDualSizeFrequency(EvictionPolicy):
     """Greedy-Dual-Size-Frequency (Cherkasova, HP Labs HPL-98-69, 1998).
 
-    Each model's priority is ``clock + uses × cost / size``, set at each use,
-    where cost is its measured cold-load seconds and size its bytes. The
-    model with the lowest priority goes first, and the clock becomes that
-    priority, so models not used for a while fall behind newer uses. A
+    Each model's priority is ``clock + uses × cost / size``, set at the first
+    use in each run, where cost is its measured cold-load seconds and size
+    its bytes. The model with the lowest priority goes first, and the clock
+    becomes that priority, so models not used for a while fall behind newer uses. A
     model that is slow to load, small or often used stays longer than LRU
     would keep it. Ties go to the least recently used.
     """

@@ -310,11 +310,14 @@ class ModelCache:
         source: ModelSource,
         use: ModelUse,
         run_keys: Collection[str] = (),
+        first_in_run: bool = True,
     ) -> LoadedModel:
         """Return the loaded model, loading it (and timing the load) on a miss.
 
         ``run_keys`` are the cache keys of the current run's models, which
-        making room evicts last.
+        making room evicts last. The policy learns of a use only when
+        ``first_in_run``: the further calls of one run (a batch, crops) are
+        no idle times between runs for the histogram policy.
         """
         key = source.cache_key
         entry = self._entries.get(key)
@@ -330,7 +333,8 @@ class ModelCache:
             self._notify_change()
         entry.last_used = time.monotonic()
         entry.uses += 1
-        self.policy.used(entry, entry.last_used)
+        if first_in_run:
+            self.policy.used(entry, entry.last_used)
         use.memory_bytes = entry.memory_bytes
         return entry
 
@@ -617,6 +621,8 @@ class ModelProvider:
         self.sources = sources
         self.timer = timer
         self.run_keys = frozenset(source.cache_key for source in sources.values())
+        # The cache keys this run has called so far.
+        self._called: set[str] = set()
 
     def _check_model(self, model_id: str, entry: LoadedModel, use: ModelUse) -> None:
         """Add the run warnings that only the loaded model can show."""
@@ -668,11 +674,17 @@ class ModelProvider:
         was_loaded = self.cache.is_loaded(source)
         before = (use.load_read_ns, use.load_to_device_ns, use.load_warmup_ns)
         try:
-            entry = self.cache.get(source, use, self.run_keys)
+            entry = self.cache.get(
+                source,
+                use,
+                self.run_keys,
+                first_in_run=source.cache_key not in self._called,
+            )
         except ModelLoadError:
             if use.cold_load_ns > sum(before):
                 self._emit_cold_load(model_id, step, use, before)
             raise
+        self._called.add(source.cache_key)
         self._check_model(model_id, entry, use)
         if not was_loaded:
             self._emit_cold_load(model_id, step, use, before)

@@ -4,11 +4,16 @@ import time
 
 import pytest
 
-from runner.model_cache import ModelCache
+from runner.model_cache import ModelCache, ModelProvider
 from runner.models import FleetSettings
 from runner.registry import resolve_model
 from runner.runtime import RunnerRuntime
+from tests.conftest import image_bytes
+from tests.definitions import detection
 from tests.test_runner_pool import start
+from workflows.compiler import build_plan, definition_digest
+from workflows.executor import execute_plan
+from workflows.images import WorkflowImage
 from workflows.timing import RunTimer
 
 MIB = 1024 * 1024
@@ -295,3 +300,25 @@ def test_fleet_settings_admin_keep_alive(client, django_user_model):
         errors = rejected.context["adminform"].form.errors["keep_alive_s"]
         assert errors == ["Ensure this value is greater than or equal to 1."], value
     assert FleetSettings.current().keep_alive_s == 30
+
+
+@pytest.mark.django_db
+def test_histogram_counts_one_use_per_run(alice):
+    # A batch of 11 images calls the model 11 times in one run. Those calls
+    # are no idle times between runs, so the model keeps the fallback
+    # keep-alive instead of one from a histogram of 10 gaps of milliseconds.
+    cache = new_cache(64)
+    cache.configure(cache.budget_bytes, "histogram", keep_alive_s=600)
+    definition = detection("yolov8n.yaml-320")
+    plan = build_plan(definition, definition_digest(definition))
+    source = resolve_model("yolov8n.yaml-320", alice.id)
+    image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+    timer = RunTimer()
+    provider = ModelProvider(cache, {"yolov8n.yaml-320": source}, timer)
+    execute_plan(plan, [{"image": image}] * 11, models=provider, timer=timer)
+
+    assert timer.model("yolov8n.yaml-320").calls == 11
+    assert cache.policy.histograms == {}
+    assert cache.policy.keep_alive_for(source.cache_key) == 600
+    cache.expire_idle()
+    assert [model["cache_key"] for model in cache.snapshot()] == [source.cache_key]
