@@ -189,8 +189,9 @@ class HistogramKeepAlive(LeastRecentlyUsed):
     model before a run requests it, so only the keep-alive side applies.
     Under memory pressure it falls back to LRU.
 
-    Idle times are counted per model id (they outlive evictions) in bins of
-    BIN_S seconds up to BINS × BIN_S (one hour). A model with fewer than
+    Idle times are counted per model id (they outlive evictions, for the
+    MAX_MODELS models used last) in bins of BIN_S seconds up to BINS × BIN_S
+    (one hour). A model with fewer than
     MIN_SAMPLES idle times, or whose 99th percentile is over an hour, has
     too little data for a histogram to say when it returns. The first
     falls back to the fixed keep-alive, and the second is never expired by
@@ -210,6 +211,11 @@ class HistogramKeepAlive(LeastRecentlyUsed):
     # runs cold. A model used in rare bursts still goes soon after each.
     PERCENTILE = 99.0
     MIN_SAMPLES = 10
+    # Models whose idle times are kept, the most recently used. A histogram
+    # takes about 3 KB, so the state stays near 3 MB however many model ids
+    # a runner sees. A model dropped here starts again from the fixed
+    # keep-alive.
+    MAX_MODELS = 1000
 
     def __init__(self, keep_alive_s: float) -> None:
         if not keep_alive_s > 0:
@@ -237,7 +243,11 @@ class HistogramKeepAlive(LeastRecentlyUsed):
                 histogram = IdleTimeHistogram(self.BIN_S, self.BINS)
                 self.histograms[entry.key] = histogram
             histogram.add(now - previous)
+        # Re-inserted, so the dict's order is the order of last use.
+        self._last_use.pop(entry.key, None)
         self._last_use[entry.key] = now
+        if len(self._last_use) > self.MAX_MODELS:
+            self.forget(next(iter(self._last_use)))
 
     def expires_at(self, entry: Entry) -> float:
         return entry.last_used + self.keep_alive_for(entry.key)

@@ -234,3 +234,21 @@ def test_policies_by_name():
     assert make_policy("ttl", 30).keep_alive_s == 30
     with pytest.raises(KeyError):
         make_policy("fifo")
+
+
+def test_histogram_state_is_bounded():
+    policy = HistogramKeepAlive(keep_alive_s=600)
+    cache = Cache(policy, budget_mb=20)
+    # "kept" is used again after each batch of new ids, so it stays among the
+    # MAX_MODELS models used last, and the oldest ids are dropped instead.
+    for call in range(11):
+        cache.use("kept", call * 1000.0)
+        for index in range(policy.MAX_MODELS // 10):
+            cache.use(f"once-{call}-{index}", call * 1000.0 + 10.0)
+            cache.use(f"once-{call}-{index}", call * 1000.0 + 25.0)
+    assert len(policy.histograms) <= policy.MAX_MODELS
+    assert len(policy._last_use) == policy.MAX_MODELS
+    assert "once-0-0" not in policy.histograms
+    assert "once-0-0" not in policy._last_use
+    assert policy.histograms["kept"].total == 10
+    assert policy.keep_alive_for("kept") == 1010.0
