@@ -154,10 +154,10 @@ class IdleTimeHistogram:
         self.bin_s = bin_s
         self.counts = [0] * bins
         self.overflow = 0
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts) + self.overflow
+        self.total = 0
+        # Percentiles computed since the last add. The runner asks for one
+        # per loaded model before every job, and a scan walks up to all bins.
+        self._percentiles: dict[float, float] = {}
 
     def add(self, idle_s: float) -> None:
         index = int(idle_s // self.bin_s)
@@ -165,6 +165,8 @@ class IdleTimeHistogram:
             self.counts[index] += 1
         else:
             self.overflow += 1
+        self.total += 1
+        self._percentiles.clear()
 
     def percentile_s(self, percentile: float) -> float:
         """Return the end of the bin that contains the ``percentile`` % point.
@@ -172,6 +174,13 @@ class IdleTimeHistogram:
         Returns infinity when that point lies in the overflow, and rounds up
         to a bin's end, so the keep-alive covers the whole bin.
         """
+        cached = self._percentiles.get(percentile)
+        if cached is None:
+            cached = self._scan(percentile)
+            self._percentiles[percentile] = cached
+        return cached
+
+    def _scan(self, percentile: float) -> float:
         needed = math.ceil(self.total * percentile / 100)
         seen = 0
         for index, count in enumerate(self.counts):

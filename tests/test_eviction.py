@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -252,3 +253,26 @@ def test_histogram_state_is_bounded():
     assert "once-0-0" not in policy._last_use
     assert policy.histograms["kept"].total == 10
     assert policy.keep_alive_for("kept") == 1010.0
+
+
+def test_histogram_expiry_check_is_cheap():
+    # The runner checks expiry for every loaded model before each job, so a
+    # histogram policy should cost about what a fixed keep-alive costs, not
+    # a scan of up to 360 bins per model.
+    histogram = HistogramKeepAlive(keep_alive_s=600)
+    ttl = TimeToLive(keep_alive_s=600)
+    cache = Cache(histogram, budget_mb=10_000)
+    for call in range(20):
+        for index in range(50):
+            # Gaps of 3000 s fall in bin 300, so a scan walks 301 bins.
+            cache.use(f"m{index}", call * 3000.0)
+    entries = list(cache.entries.values())
+
+    def seconds(policy) -> float:
+        started = time.perf_counter()
+        for _ in range(200):
+            policy.expired(entries, 0.0)
+        return time.perf_counter() - started
+
+    seconds(histogram)
+    assert seconds(histogram) < 20 * seconds(ttl)
