@@ -60,7 +60,8 @@ def pass_on_if_lacking(
     missing = runtime.cache.lacking(sources)
     if not missing:
         return False
-    declined = [*declined_by, runtime.name]
+    # A job that came back through the shared queue may name this runner.
+    declined = list(dict.fromkeys([*declined_by, runtime.name]))
     connection = get_redis()
     try:
         taker = _choose_taker(sources, missing, declined)

@@ -876,6 +876,36 @@ def test_run_fails_when_no_runner_has_weights(runner, extra_runners, alice, tmp_
     assert "model_dir:ghost-detector.pt" in runner.state()["missing_files"]
 
 
+def test_returned_job_names_each_runner_once(runner, alice):
+    # A job handed to a runner that died comes back through the shared
+    # queue, and can reach a runner it already names. The failure names
+    # that runner once.
+    ghost = (
+        resolve_model("people-detector")
+        .local_path()
+        .replace("people-detector.pt", "twice-detector.pt")
+    )
+    shutil.copy(resolve_model("people-detector").local_path(), ghost)
+    connection = get_redis()
+    connection.set(keys.current_run_key(runner.name), "routed-run", ex=60)
+    try:
+        outcome = start_cli_run(alice, detection("twice-detector"), wait_s=0)
+        os.unlink(ghost)
+        job_key = Job.key_for(str(outcome.run.id))
+        data = json.loads(zlib.decompress(connection.hget(job_key, "data")))
+        data[3]["declined_by"] = [runner.name]
+        connection.hset(job_key, "data", zlib.compress(json.dumps(data).encode()))
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+        if os.path.exists(ghost):
+            os.unlink(ghost)
+    run = wait_for_final(outcome.run.id, timeout_s=60)
+    assert run.status == Run.Status.FAILED
+    message = run.error["message"]
+    assert f"Runners {runner.name} lack it" in message
+    assert f"{runner.name}, {runner.name}" not in message
+
+
 def test_routing_skips_runner_lacking_a_file(db):
     # Holding one of the run's models does not make a runner the choice
     # when its heartbeat lists the other model's file as missing.
