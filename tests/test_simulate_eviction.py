@@ -155,6 +155,9 @@ def test_seeded_sizes_repeat():
         (["--model-size", "A"], "MODEL_ID=NUMBER"),
         (["--time-factor", "0"], "positive, finite"),
         (["--keep-alive-s", "-1"], "positive, finite"),
+        (["--budget-mb", "1e308"], "'1e308' is not a positive number of MiB"),
+        (["--size-mb", "0"], "'0' is not a positive number of MiB"),
+        (["--model-size", "A=1e300"], "'1e300' is not a positive number of MiB"),
     ],
 )
 def test_simulation_rejects_bad_options(arguments, message):

@@ -14,7 +14,7 @@ from runner.simulation import (
     read_trace,
     simulate,
 )
-from webapp.management.arguments import count, positive_seconds
+from webapp.management.arguments import count, positive_mib, positive_seconds
 
 # An estimate of a Stable Diffusion checkpoint's size, the model kind of the
 # Alibaba GenAI trace: about 2 GB for SD 1.5 in fp16, 7 GB for SDXL in fp32.
@@ -24,17 +24,21 @@ DEFAULT_BUDGET_MB = 24576
 DEFAULT_COLD_LOAD_S = 20.0
 
 
-def positive_mb(text: str) -> float:
-    return positive_seconds(text)
-
-
-def model_value(text: str) -> tuple[str, float]:
+def _model_value(text: str, parse_value) -> tuple[str, float]:
     model_id, sep, value = text.partition("=")
     if not sep or not model_id:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not MODEL_ID=NUMBER, e.g. M0002=4000"
         )
-    return model_id, positive_seconds(value)
+    return model_id, parse_value(value)
+
+
+def model_mib(text: str) -> tuple[str, float]:
+    return _model_value(text, positive_mib)
+
+
+def model_seconds(text: str) -> tuple[str, float]:
+    return _model_value(text, positive_seconds)
 
 
 class Command(BaseCommand):
@@ -61,7 +65,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--budget-mb",
-            type=positive_mb,
+            type=positive_mib,
             default=DEFAULT_BUDGET_MB,
             help="Memory budget of the simulated runner in MiB (default: %(default)s).",
         )
@@ -89,12 +93,12 @@ class Command(BaseCommand):
         sizes = parser.add_mutually_exclusive_group()
         sizes.add_argument(
             "--size-mb",
-            type=positive_mb,
+            type=positive_mib,
             help="Size of every model in MiB, in place of the seeded draw.",
         )
         sizes.add_argument(
             "--size-range-mb",
-            type=positive_mb,
+            type=positive_mib,
             nargs=2,
             metavar=("MIN", "MAX"),
             default=DEFAULT_SIZE_RANGE_MB,
@@ -103,7 +107,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--model-size",
-            type=model_value,
+            type=model_mib,
             action="append",
             default=[],
             metavar="MODEL_ID=MB",
@@ -125,7 +129,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--model-cold-load",
-            type=model_value,
+            type=model_seconds,
             action="append",
             default=[],
             metavar="MODEL_ID=SECONDS",
