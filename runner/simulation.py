@@ -17,8 +17,10 @@ Simplifications, so the counts are estimates of a real runner's:
 """
 
 import csv
+import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -99,17 +101,43 @@ class SimulationResult:
         return self.cold_load_s * rate_microcredits_per_second / 1e6
 
 
+@contextmanager
+def _csv_rows(path: Path) -> Iterator[csv.DictReader]:
+    """Open ``path`` as a UTF-8 CSV file with a header row.
+
+    Raises ValueError naming the file when it is not UTF-8 text, and the
+    line when it is not CSV (a field over the csv module's limit, as in a
+    binary file). The file is decoded in blocks, so a decoding error has no
+    line number.
+    """
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        try:
+            yield reader
+        except UnicodeDecodeError as error:
+            byte = error.object[error.start : error.start + 1]
+            raise ValueError(
+                f"{path.name} is not UTF-8 text (it contains byte {byte!r}); "
+                "give a CSV file in UTF-8"
+            ) from None
+        except csv.Error as error:
+            raise ValueError(
+                f"{path.name} line {max(reader.line_num, 1)}: not a CSV row "
+                f"({error}); give a CSV file with a header row"
+            ) from None
+
+
 def read_trace(path: Path) -> Trace:
     """Read a request trace CSV with gmt_create and checkpoint_model_version_id.
 
-    Raises ValueError naming the file, row and value when a column is
-    missing, a time does not parse, or the rows are not sorted by time.
+    Raises ValueError naming the file, row and value when the file is not
+    UTF-8 CSV, a column is missing, a time does not parse, or the rows are
+    not sorted by time.
     """
     requests: list[Request] = []
     skipped = 0
     first: datetime | None = None
-    with path.open(newline="") as file:
-        reader = csv.DictReader(file)
+    with _csv_rows(path) as reader:
         missing = {ARRIVAL_COLUMN, MODEL_COLUMN} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(
@@ -142,15 +170,31 @@ def read_trace(path: Path) -> Trace:
 
 
 def read_load_latencies(path: Path) -> list[float]:
-    """Read the load latencies of a load-latency CSV, in seconds."""
-    with path.open(newline="") as file:
-        reader = csv.DictReader(file)
+    """Read the load latencies of a load-latency CSV, in seconds.
+
+    Raises ValueError naming the file, line and value when a latency is not
+    a finite number of ms of zero or more.
+    """
+    latencies: list[float] = []
+    with _csv_rows(path) as reader:
         if LOAD_LATENCY_COLUMN not in (reader.fieldnames or []):
             raise ValueError(
                 f"{path.name} has no column {LOAD_LATENCY_COLUMN} (load latency in ms)"
             )
-        values = [row[LOAD_LATENCY_COLUMN] for row in reader]
-    latencies = [float(value) / 1000 for value in values if value]
+        for line, row in enumerate(reader, start=2):
+            text = (row[LOAD_LATENCY_COLUMN] or "").strip()
+            if not text:
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"{path.name} line {line}: {LOAD_LATENCY_COLUMN} {text!r} is "
+                    "not a load latency in ms (a finite number, zero or more)"
+                )
+            latencies.append(value / 1000)
     if not latencies:
         raise ValueError(f"{path.name} has no load latency in {LOAD_LATENCY_COLUMN}")
     return latencies

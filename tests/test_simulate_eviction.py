@@ -174,3 +174,50 @@ def test_simulation_rejects_unsorted_trace(tmp_path):
     )
     with pytest.raises(CommandError, match="line 3: .* earlier than the row before"):
         call_command("simulate_eviction", str(trace), stdout=io.StringIO())
+
+
+def run_on(trace, *arguments: str) -> None:
+    call_command("simulate_eviction", str(trace), *arguments, stdout=io.StringIO())
+
+
+def test_simulation_rejects_non_utf8_trace(tmp_path):
+    trace = tmp_path / "latin1.csv"
+    trace.write_bytes(
+        b"gmt_create,checkpoint_model_version_id\n2024-11-15 16:00:05,\xe9\n"
+    )
+    with pytest.raises(CommandError, match=r"latin1.csv is not UTF-8 text"):
+        run_on(trace)
+
+
+def test_simulation_rejects_binary_trace(tmp_path):
+    # One line longer than the csv module's field limit, as a binary file
+    # without newlines gives.
+    trace = tmp_path / "blob.csv"
+    trace.write_bytes(b"a" * 200_000)
+    with pytest.raises(CommandError, match=r"blob.csv line 1: not a CSV row"):
+        run_on(trace)
+
+
+def test_simulation_rejects_directory(tmp_path):
+    with pytest.raises(CommandError, match="is a directory; give the path"):
+        run_on(tmp_path)
+
+
+def test_simulation_names_missing_file(tmp_path):
+    with pytest.raises(CommandError, match="cannot read trace .*missing.csv"):
+        run_on(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "nan", "-5"])
+def test_simulation_rejects_bad_load_latency(tmp_path, value):
+    latencies = tmp_path / "latency.csv"
+    latencies.write_text(f"value\n1000\n{value}\n")
+    with pytest.raises(
+        CommandError, match=f"latency.csv line 3: value '{value}' is not a load"
+    ):
+        run_on(TRACE, "--load-latency", str(latencies))
+
+
+def test_simulation_rejects_tiny_time_factor():
+    with pytest.raises(CommandError, match="--time-factor 1e-310 stretches"):
+        run_on(TRACE, "--time-factor", "1e-310")

@@ -24,16 +24,16 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-# 2**43 MiB is 2**63 bytes, the largest byte count a signed 64-bit integer holds.
+# 2**43 MiB is 2**63 bytes, one past the largest signed 64-bit integer.
 MAX_MIB = 2**43
 
 
 def positive_mib(text: str) -> float:
     """Return a size in MiB that is positive and whose byte count fits 64 bits."""
     value = _number(text, float)
-    if not math.isfinite(value) or not 0 < value <= MAX_MIB:
+    if not math.isfinite(value) or not 0 < value < MAX_MIB:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a positive number of MiB up to {MAX_MIB}"
+            f"{text!r} is not a positive number of MiB below {MAX_MIB}"
         )
     return value
 

@@ -1,6 +1,7 @@
 """python manage.py simulate_eviction TRACE.csv [--policy NAME] [options]."""
 
 import argparse
+import math
 from pathlib import Path
 
 from django.conf import settings
@@ -14,7 +15,12 @@ from runner.simulation import (
     read_trace,
     simulate,
 )
-from webapp.management.arguments import count, positive_mib, positive_seconds
+from webapp.management.arguments import (
+    MAX_MIB,
+    count,
+    positive_mib,
+    positive_seconds,
+)
 
 # An estimate of a Stable Diffusion checkpoint's size, the model kind of the
 # Alibaba GenAI trace: about 2 GB for SD 1.5 in fp16, 7 GB for SDXL in fp32.
@@ -22,6 +28,10 @@ DEFAULT_SIZE_RANGE_MB = (2000.0, 7000.0)
 DEFAULT_BUDGET_MB = 24576
 # Near the median (22.7 s) of genai-base-model-load-latency.csv.
 DEFAULT_COLD_LOAD_S = 20.0
+# An upper bound of the bytes loaded at once: the budget plus the one model
+# that may exceed it, each at most MAX_MIB. Times the trace's span in
+# seconds, it must stay a finite float to give the mean memory.
+MAX_LOADED_BYTES = 2 * MAX_MIB * MIB
 
 
 def _model_value(text: str, parse_value) -> tuple[str, float]:
@@ -137,17 +147,21 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        try:
-            trace = read_trace(options["trace"])
-            latencies = (
-                read_load_latencies(options["load_latency"])
-                if options["load_latency"]
-                else None
-            )
-        except (OSError, ValueError) as error:
-            raise CommandError(str(error)) from None
+        trace = self._read(read_trace, options["trace"], "trace")
+        latencies = (
+            self._read(read_load_latencies, options["load_latency"], "--load-latency")
+            if options["load_latency"]
+            else None
+        )
         if not trace.requests:
             raise CommandError(f"{options['trace'].name} has no request with a model")
+        factor = options["time_factor"]
+        span_s = trace.requests[-1].at_s
+        if not math.isfinite(span_s / factor * MAX_LOADED_BYTES):
+            raise CommandError(
+                f"--time-factor {factor:g} stretches the trace's {span_s:g} s "
+                "past what the memory totals can hold; use a larger factor"
+            )
         model_ids = trace.model_ids
         seed = options["seed"]
 
@@ -180,7 +194,6 @@ class Command(BaseCommand):
         )
 
         rate = settings.BILLING["RATE_MICROCREDITS_PER_SECOND"]
-        factor = options["time_factor"]
         budget_mb = options["budget_mb"]
         lines = [
             f"trace: {options['trace'].name}, {len(trace.requests)} requests, "
@@ -216,6 +229,22 @@ class Command(BaseCommand):
                 f"{result.mean_loaded_bytes / MIB:>9.0f} "
                 f"{result.cost_credits(rate):>12.2f}"
             )
+
+    def _read(self, reader, path: Path, what: str):
+        """Return ``reader(path)``, with an unreadable file as a CommandError."""
+        try:
+            return reader(path)
+        except IsADirectoryError:
+            raise CommandError(
+                f"{what} {path} is a directory; give the path of a CSV file"
+            ) from None
+        except OSError as error:
+            raise CommandError(
+                f"cannot read {what} {path}: {error.strerror or error}; "
+                "check the path and its permissions"
+            ) from None
+        except ValueError as error:
+            raise CommandError(str(error)) from None
 
     def _overrides(
         self, pairs: list[tuple[str, float]], model_ids: list[str], what: str
