@@ -64,7 +64,7 @@ def pass_on_if_lacking(
     declined = list(dict.fromkeys([*declined_by, runtime.name]))
     connection = get_redis()
     try:
-        taker = _choose_taker(sources, missing, declined)
+        taker, listing = _choose_taker(sources, missing, declined)
         if taker is not None:
             _queue_on(run_id, keys.runner_queue(taker.name), snapshot, declined)
             logger.warning(
@@ -78,7 +78,7 @@ def pass_on_if_lacking(
         else:
             fail_run(
                 run_id,
-                _no_runner_message(missing, declined),
+                _no_runner_message(missing, declined, listing),
                 expected_status=Run.Status.QUEUED,
                 code="model_load_failed",
             )
@@ -89,20 +89,23 @@ def pass_on_if_lacking(
 
 def _choose_taker(
     sources: list[ModelSource], missing: list[ModelSource], declined: list[str]
-) -> fleet.RunnerState | None:
-    """Return the live runner to hand the job to, or None if there is none.
+) -> tuple[fleet.RunnerState | None, list[str]]:
+    """Return the live runner to hand the job to, or None if there is none,
+    with the names of the other live runners that list a file as missing.
 
     Runners holding most of the run's models come first, then idle ones,
     then those with the shortest own queue.
     """
     files = {source.file_key for source in missing}
-    candidates = [
-        runner
-        for runner in fleet.live_runners()
-        if runner.name not in declined and not files & runner.missing_files
+    undeclined = [
+        runner for runner in fleet.live_runners() if runner.name not in declined
     ]
+    candidates = [runner for runner in undeclined if not files & runner.missing_files]
+    listing = sorted(
+        runner.name for runner in undeclined if files & runner.missing_files
+    )
     if not candidates:
-        return None
+        return None, listing
     needed = {source.cache_key for source in sources}
     candidates.sort(
         key=lambda runner: (
@@ -111,7 +114,7 @@ def _choose_taker(
             runner.queue_length,
         )
     )
-    return candidates[0]
+    return candidates[0], listing
 
 
 def _queue_on(run_id: str, queue_name: str, snapshot: dict, declined: list[str]):
@@ -136,15 +139,24 @@ def _queue_on(run_id: str, queue_name: str, snapshot: dict, declined: list[str])
     )
 
 
-def _no_runner_message(missing: list[ModelSource], declined: list[str]) -> str:
+def _no_runner_message(
+    missing: list[ModelSource], declined: list[str], listing: list[str]
+) -> str:
     files = "; ".join(
         f"model '{source.model_id}' needs the file {source.path} in its "
         f"{KIND_PLACES.get(source.kind, source.kind)}"
         for source in missing
     )
+    if len(declined) == 1:
+        lacking = f"Runner {declined[0]} lacks it"
+    else:
+        lacking = f"Runners {', '.join(declined)} lack it"
+    if listing:
+        others = f"live runners {', '.join(listing)} list it as missing"
+    else:
+        others = "no other runner is live"
     return (
-        f"no live runner has the weights file to run this: {files}. Runners "
-        f"{', '.join(declined)} lack it, and every other live runner lists it "
-        "as missing. Copy the file into that directory on every runner's "
-        "machine and send the request again"
+        f"no live runner has the weights file to run this: {files}. "
+        f"{lacking}, and {others}. Copy the file into that directory on "
+        "every runner's machine and send the request again"
     )
