@@ -902,7 +902,7 @@ def test_returned_job_names_each_runner_once(runner, alice):
     run = wait_for_final(outcome.run.id, timeout_s=60)
     assert run.status == Run.Status.FAILED
     message = run.error["message"]
-    assert f"Runners {runner.name} lack it" in message
+    assert f"Runner {runner.name} lacks it" in message
     assert f"{runner.name}, {runner.name}" not in message
 
 
