@@ -115,6 +115,7 @@ class Command(BaseCommand):
 
     def _fail_own_stale_runs(self, name: str) -> None:
         """Runs this runner name held when it last stopped without finishing them."""
+        replaced = []
         for state in fleet.live_runners():
             if state.name != name:
                 continue
@@ -122,7 +123,17 @@ class Command(BaseCommand):
                 raise _name_in_use(name, state.data)
             # A runner restarted at once (by manage.py up) finds the heartbeat
             # of the process it replaces, which lives on for a few seconds.
-            pid = state.data.get("pid")
+            replaced.append(state.data.get("pid"))
+        # A run this name held when its process died no longer runs. One
+        # whose process is alive, paused past RUNNER_DEAD_AFTER_S, is left to
+        # it: that process finishes the run, then finds the name taken. The
+        # runs fail before the old heartbeat goes, because no reap takes a
+        # name with a heartbeat, so they end with this reason, not a reap's.
+        get_redis().delete(keys.current_run_key(name))
+        fleet.fail_runs_of_dead_processes(
+            name, f"runner {name} restarted while running this run"
+        )
+        for pid in replaced:
             logger.info(
                 "runner %s: process %s, which had this name, is gone; replacing it",
                 name,
@@ -133,13 +144,6 @@ class Command(BaseCommand):
                 reason=f"runner {name} (process {pid}) exited without stopping "
                 "and was replaced by a new process",
             )
-        # A run this name held when its process died no longer runs. One
-        # whose process is alive, paused past RUNNER_DEAD_AFTER_S, is left to
-        # it: that process finishes the run, then finds the name taken.
-        get_redis().delete(keys.current_run_key(name))
-        fleet.fail_runs_of_dead_processes(
-            name, f"runner {name} restarted while running this run"
-        )
 
 
 def _check_name_free(name: str) -> None:
