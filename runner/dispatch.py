@@ -464,24 +464,41 @@ def job_snapshot(run: Run) -> dict[str, Any]:
     }
 
 
+def enqueue_job(
+    connection, queue_name: str, run_id: str, job_kwargs: dict, pipeline=None
+) -> None:
+    """Queue the RQ job that executes run ``run_id`` on ``queue_name``.
+
+    ``job_kwargs`` go to the job function (the run's snapshot, and the
+    runners that handed it on). Given a ``pipeline``, RQ adds the queue
+    registration, the job hash and the push to its MULTI/EXEC transaction.
+    """
+    Queue(
+        queue_name, connection=connection, serializer=keys.JOB_SERIALIZER
+    ).enqueue_call(
+        func=keys.RUN_JOB,
+        args=(run_id,),
+        kwargs=job_kwargs,
+        job_id=run_id,
+        timeout=-1,
+        result_ttl=0,
+        failure_ttl=3600,
+        pipeline=pipeline,
+    )
+
+
 def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
     """Queue the run's job, storing ``images`` with it (None: already stored)."""
     try:
         connection = get_redis()
-        # Given a pipeline, RQ adds the queue registration, the job hash and
-        # the push to the same MULTI/EXEC transaction as the images, sent in
+        # The job and the images go in one MULTI/EXEC transaction, sent in
         # one round trip.
         with connection.pipeline() as pipeline:
-            Queue(
-                run.queue_name, connection=connection, serializer=keys.JOB_SERIALIZER
-            ).enqueue_call(
-                func=keys.RUN_JOB,
-                args=(str(run.id),),
-                kwargs={"snapshot": job_snapshot(run)},
-                job_id=str(run.id),
-                timeout=-1,
-                result_ttl=0,
-                failure_ttl=3600,
+            enqueue_job(
+                connection,
+                run.queue_name,
+                str(run.id),
+                {"snapshot": job_snapshot(run)},
                 pipeline=pipeline,
             )
             # RQ has opened the transaction (MULTI), so these join it.

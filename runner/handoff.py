@@ -18,9 +18,8 @@ the run fails there with the message of ModelLoadError.
 
 import logging
 
-from rq import Queue
-
 from runner import fleet, keys
+from runner.dispatch import enqueue_job
 from runner.finish import clear_mark, fail_run
 from runner.models import Run
 from runner.registry import KIND_PLACES, ModelSource, check_model_path
@@ -126,16 +125,11 @@ def _queue_on(run_id: str, queue_name: str, snapshot: dict, declined: list[str])
     Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
         queue_name=queue_name
     )
-    Queue(
-        queue_name, connection=get_redis(), serializer=keys.JOB_SERIALIZER
-    ).enqueue_call(
-        func=keys.RUN_JOB,
-        args=(run_id,),
-        kwargs={"snapshot": snapshot, "declined_by": declined},
-        job_id=run_id,
-        timeout=-1,
-        result_ttl=0,
-        failure_ttl=3600,
+    enqueue_job(
+        get_redis(),
+        queue_name,
+        run_id,
+        {"snapshot": snapshot, "declined_by": declined},
     )
 
 
