@@ -31,6 +31,7 @@ from runner.registry import (
     size_suffix,
     upload_source_path,
 )
+from runner.waiting import waiting_state
 from runner.weights_check import WeightsRejected, check_weights
 from webapp.errors import get_owned
 from webapp.requests import (
@@ -176,7 +177,10 @@ class RunDetailView(APIView):
             pk=run_id,
             owner=request.user,
         )
-        return Response(run_to_dict(run))
+        body = run_to_dict(run)
+        if run.status == Run.Status.QUEUED:
+            body["waiting"] = waiting_state(run)
+        return Response(body)
 
 
 UNFINISHED_STATUSES = (Run.Status.QUEUED, Run.Status.RUNNING)

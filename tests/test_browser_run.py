@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 
 from django.utils import timezone
 
@@ -753,3 +754,39 @@ def test_run_page_of_deleted_workflow(transactional_db, asgi_server, page, alice
     )
     assert page.locator("#run-button").is_enabled()
     assert Run.objects.count() == 0
+
+
+def test_run_page_explains_queue_wait(runner, asgi_server, page, alice):
+    # The only runner is stopped when the run is sent, so the run waits in
+    # the queue, and the page says why until the resumed runner takes it.
+    workflow = Workflow.create_with_version(alice, "Paused", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    waiting = page.locator("#run-waiting")
+    assert waiting.is_hidden()
+    runner.process.send_signal(signal.SIGSTOP)
+    try:
+        page.click("#run-button")
+        page.wait_for_function(
+            "document.getElementById('run-waiting').textContent"
+            ".includes('has sent no heartbeat')",
+            timeout=30_000,
+        )
+        assert page.locator("#run-status").text_content() == "queued"
+        assert waiting.is_visible()
+        assert f"runner {runner.name}, which has sent no heartbeat for " in (
+            waiting.text_content()
+        )
+    finally:
+        runner.process.send_signal(signal.SIGCONT)
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent !== 'queued'",
+        timeout=60_000,
+    )
+    assert waiting.is_hidden()
+    assert waiting.text_content() == ""
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
+    )
+    assert waiting.is_hidden()

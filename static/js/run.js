@@ -50,6 +50,39 @@
     return element;
   }
 
+  // The sentence under the status that explains why a queued run has not
+  // started; empty text hides it.
+  function showWaiting(text) {
+    const line = $("run-waiting");
+    line.textContent = text;
+    line.hidden = !text;
+  }
+
+  // While the run waits in the queue, show the API's reason (run.waiting)
+  // and refresh it every WAITING_REFRESH_MS, until the run starts or ends.
+  const WAITING_REFRESH_MS = 2000;
+  async function watchQueue(view) {
+    // A run that a runner takes within a second never shows a reason.
+    await new Promise((resolve) => setTimeout(resolve, WAITING_REFRESH_MS / 2));
+    while (view === current && !view.started && !view.finished) {
+      try {
+        const response = await fetch(`/api/runs/${view.id}`, { credentials: "same-origin" });
+        if (response.ok) {
+          const run = await response.json();
+          if (view !== current || view.started || view.finished) return;
+          if (run.status !== "queued") {
+            showWaiting("");
+            return;
+          }
+          showWaiting(run.waiting ? run.waiting.reason : "");
+        }
+      } catch (error) {
+        // The next refresh tries again; the websocket or poll shows the end.
+      }
+      await new Promise((resolve) => setTimeout(resolve, WAITING_REFRESH_MS));
+    }
+  }
+
   // Re-enable the Run button once the run on screen has ended.
   function runEnded() {
     const button = $("run-button");
@@ -91,6 +124,7 @@
     // the run waits in the queue.
     if (event.phase !== "done" && !view.started) {
       view.started = true;
+      showWaiting("");
       setStatus("running", "cold");
     }
     switch (event.phase) {
@@ -187,6 +221,7 @@
   function showFinal(view, result) {
     if (view !== current || view.finished) return;
     view.finished = true;
+    showWaiting("");
     closeSocket(view);
     const ok = result.status === "succeeded";
     setStatus(ok ? "succeeded" : "failed", ok ? "hot" : "failed");
@@ -436,7 +471,9 @@
     $("result-canvas").hidden = true;
     showWarnings([]);
     showImageOutputs([]);
+    showWaiting("");
     setStatus("queued", "queued");
+    if (!(finishedOnLoad && id === existingRunId)) watchQueue(view);
     try {
       view.socket = new WebSocket(websocketUrl(id));
     } catch (error) {
@@ -464,6 +501,7 @@
         if (view !== current) return;
         if (run.status === "running" && !view.started) {
           view.started = true;
+          showWaiting("");
           setStatus("running", "cold");
         }
         if (run.status === "succeeded" || run.status === "failed") {
