@@ -388,16 +388,21 @@ class ModelCache:
         self._notify_change()
         return True
 
-    def expire_idle(self) -> int:
+    def expire_idle(self, keep: Collection[str] = ()) -> int:
         """Unload the models that the policy finds idle too long; return how many.
 
-        Only the ttl and histogram policies expire models. Call it only
-        between runs, like ``configure``.
+        Only the ttl and histogram policies expire models. The cache keys in
+        ``keep`` stay loaded, idle or not. Call it only between runs, like
+        ``configure``.
         """
         now = time.monotonic()
         with self._lock:
             expired = self.policy.expired(list(self._entries.values()), now)
-            idle = [(entry.key, now - entry.last_used) for entry in expired]
+            idle = [
+                (entry.key, now - entry.last_used)
+                for entry in expired
+                if entry.key not in keep
+            ]
         for key, idle_s in idle:
             self.evict(key, idle_s=idle_s)
         if idle:

@@ -102,9 +102,9 @@ class RunnerRuntime:
             keep_alive_s = float(max(stored.keep_alive_s, 1))
         self.pending_settings = (budget_bytes, policy, keep_alive_s)
 
-    def apply_fleet_settings(self) -> None:
+    def apply_fleet_settings(self, expire: bool = True) -> None:
         """Apply the settings last read, evicting down to a lowered budget,
-        then unload the models idle past the policy's keep-alive.
+        then, if ``expire``, unload the models idle past the policy's keep-alive.
 
         Called by the job loop between jobs, when no run uses a model. Reads
         neither Redis nor the database, except to publish a heartbeat when
@@ -113,7 +113,23 @@ class RunnerRuntime:
         pending = self.pending_settings
         if pending is not None:
             self.cache.configure(*pending)
-        self.cache.expire_idle()
+        if expire:
+            self.cache.expire_idle()
+
+    def expire_idle_except_for(self, job_kwargs: dict) -> None:
+        """Unload the models idle past their keep-alive, except those the job calls.
+
+        ``job_kwargs`` are the popped job's keyword arguments, whose run
+        snapshot lists the run's models (dispatch.job_snapshot). A job
+        without a readable list keeps nothing loaded.
+        """
+        snapshot = job_kwargs.get("snapshot")
+        refs = snapshot.get("model_refs") if isinstance(snapshot, dict) else None
+        keep = set()
+        for ref in refs if isinstance(refs, list) else []:
+            if isinstance(ref, dict) and isinstance(ref.get("cache_key"), str):
+                keep.add(ref["cache_key"])
+        self.cache.expire_idle(keep=keep)
 
     def stall_since(self, started: float, dead_after_s: float) -> float | None:
         """Return how long this process stalled since ``started``, or None.

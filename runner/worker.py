@@ -102,6 +102,7 @@ class RunnerWorker:
         instance: str = "",
         on_name_taken=None,
         between_jobs=None,
+        before_job=None,
     ) -> None:
         # The runner's own queue first: BLPOP takes from the first non-empty.
         self.queue_keys = [queue.key for queue in queues]
@@ -119,6 +120,8 @@ class RunnerWorker:
         # Called without arguments before each dequeue: after a job, and
         # after each DEQUEUE_TIMEOUT_S with none.
         self.between_jobs = between_jobs
+        # Called with each job taken, before it runs.
+        self.before_job = before_job
 
     def request_stop(self, signum, frame) -> None:
         if self.stopping.is_set():
@@ -202,6 +205,13 @@ class RunnerWorker:
                     error,
                 )
                 continue
+            if self.before_job is not None:
+                try:
+                    self.before_job(job)
+                except Exception:
+                    logger.exception(
+                        "runner %s: work before job %s failed", self.name, job_id
+                    )
             queue_name = queue_key.removeprefix(Queue.redis_queue_namespace_prefix)
             try:
                 kwargs = {**job.kwargs, "inputs": inputs, "queue": queue_name}
@@ -479,9 +489,23 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
     def name_taken() -> None:
         runtime.name_taken = True
 
+    # Whether a job ran since the last call of between_jobs.
+    ran_job = False
+
     def between_jobs() -> None:
+        nonlocal ran_job
         runtime.cache.drop_deleted_uploads()
-        runtime.apply_fleet_settings()
+        # Right after a job, the next one may be queued already and call a
+        # model that is idle past its keep-alive, so idle models are left
+        # for before_job, which receives that job. After a dequeue
+        # timeout with no job, they expire here.
+        runtime.apply_fleet_settings(expire=not ran_job)
+        ran_job = False
+
+    def before_job(job) -> None:
+        nonlocal ran_job
+        ran_job = True
+        runtime.expire_idle_except_for(job.kwargs)
 
     worker = RunnerWorker(
         [own_queue, shared_queue],
@@ -490,6 +514,7 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
         runtime.instance,
         on_name_taken=name_taken,
         between_jobs=between_jobs,
+        before_job=before_job,
     )
     heartbeat = Heartbeat(runtime, own_queue, on_name_taken=worker.stopping.set)
     try:

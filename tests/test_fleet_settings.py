@@ -5,12 +5,12 @@ import time
 import pytest
 
 from runner.model_cache import ModelCache, ModelProvider
-from runner.models import FleetSettings
+from runner.models import FleetSettings, Run
 from runner.registry import resolve_model
 from runner.runtime import RunnerRuntime
 from tests.conftest import image_bytes
 from tests.definitions import detection
-from tests.test_runner_pool import start
+from tests.test_runner_pool import start, wait_for_status
 from workflows.compiler import build_plan, definition_digest
 from workflows.executor import execute_plan
 from workflows.images import WorkflowImage
@@ -269,6 +269,35 @@ def test_live_runner_applies_gdsf_then_ttl(runner, extra_runners, alice):
     assert state["keep_alive_s"] == 2
     assert state["evictions"] == 1
     FleetSettings.objects.all().delete()
+    wait_for_state(runner, lambda state: state["eviction_policy"] == "lru")
+
+
+def test_ttl_keeps_model_of_next_job(runner, extra_runners, alice):
+    # Three runs wait on one runner's own queue with a keep-alive of 1 s: a
+    # small model, a large one whose cold load and prediction take seconds,
+    # and the small one again. The small model is idle past its keep-alive
+    # when the large run ends, but the next job calls it, so it stays.
+    FleetSettings.objects.create(eviction_policy="ttl", keep_alive_s=1)
+    try:
+        busy = extra_runners("keep-next")
+        wait_for_state(busy, lambda state: state["keep_alive_s"] == 1)
+        small, large = "yolov8n.yaml-320", "yolov8x.yaml"
+        runs = [
+            start(alice, model_id, "keep-next", wait_s=0).run
+            for model_id in (small, large, small)
+        ]
+        for run in runs:
+            wait_for_status(run.id, Run.Status.SUCCEEDED, timeout_s=120)
+        models = [Run.objects.get(pk=run.id).breakdown["models"][0] for run in runs]
+    finally:
+        FleetSettings.objects.all().delete()
+
+    assert models[1]["model_id"] == large
+    assert models[1]["cold"] is True
+    # The large run took longer than the keep-alive after the small one.
+    assert models[1]["cold_load"]["total"] > 1_000_000
+    assert models[2]["model_id"] == small
+    assert models[2]["cold"] is False
     wait_for_state(runner, lambda state: state["eviction_policy"] == "lru")
 
 
