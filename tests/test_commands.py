@@ -274,6 +274,45 @@ def test_dead_time_under_two_heartbeats_rejected(tmp_path, heartbeat_s, dead_aft
     assert f"RUNNER_HEARTBEAT_S={heartbeat_s}" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' is not a logging level"),
+        ("WEBSOCKET_PORT", "abc", "WEBSOCKET_PORT='abc' is not an integer"),
+        ("WEB_SERVER_PORT", "70000", "WEB_SERVER_PORT=70000 is above the maximum"),
+    ],
+)
+def test_malformed_setting_stops_start_up(tmp_path, variable, value, message):
+    env = production_env(tmp_path / "data", **{variable: value})
+    result = manage_py(env, "check")
+    assert result.returncode != 0
+    assert f"ImproperlyConfigured: {message}" in result.stderr
+
+
+def test_empty_setting_means_default(tmp_path):
+    # Compose files and shell scripts often set a variable to nothing. An
+    # empty MODEL_DIR or GLASSBOX_DATA_DIR must not become the current
+    # directory.
+    data_dir = tmp_path / "data"
+    env = production_env(
+        data_dir, MODEL_DIR="", DATABASE_URL="", LOG_LEVEL="", WEBSOCKET_PORT=""
+    )
+    script = (
+        "from django.conf import settings; "
+        "print(settings.GLASSBOX['MODEL_DIR']); "
+        "print(settings.DATABASES['default']['NAME']); "
+        "print(settings.LOGGING['root']['level']); "
+        "print(settings.GLASSBOX['WEBSOCKET_PORT'])"
+    )
+    result = manage_py(env, "shell", "-c", script)
+    assert result.returncode == 0, result.stderr
+    model_dir, database, level, websocket_port = result.stdout.split()[-4:]
+    assert model_dir == str((data_dir / "models").resolve())
+    assert database == str((data_dir / "db.sqlite3").resolve())
+    assert level == "INFO"
+    assert websocket_port == "0"
+
+
 def test_runner_reports_unreachable_redis(db, tmp_path):
     env = private_data_env(tmp_path / "data")
     port = free_port()

@@ -14,7 +14,15 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from webapp.channel_layer import channel_layer_host
-from webapp.env import env_bool, env_float, env_int, env_list, env_str
+from webapp.env import (
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_log_level,
+    env_port,
+    env_str,
+)
 
 # Weights files are pickles, and uploads come from users: ultralytics then
 # unpickles only its own layer classes (runner/model_cache.py open_weights).
@@ -266,12 +274,12 @@ GLASSBOX = {
     # and the inference size of a model id without a size suffix.
     "WARMUP_IMAGE_SIZE": env_int("WARMUP_IMAGE_SIZE", 640, 32),
     # Port of the daphne server that carries websockets when the HTTP API is
-    # served by another server on the same host; empty means the same origin.
-    "WEBSOCKET_PORT": env_str("WEBSOCKET_PORT", ""),
+    # served by another server on the same host; 0 means the same origin.
+    "WEBSOCKET_PORT": env_port("WEBSOCKET_PORT"),
     # Port of the HTTP server whose pages open websockets on this (daphne)
     # server, when that is another server; 0 means none. Pages served on the
     # websocket server's own port are always accepted.
-    "WEB_SERVER_PORT": env_int("WEB_SERVER_PORT", 0, 0),
+    "WEB_SERVER_PORT": env_port("WEB_SERVER_PORT"),
     # The daphne server carries only websockets: it responds 404 to HTTP
     # requests and rejects their bodies unread. ``manage.py up`` sets it,
     # since gunicorn serves HTTP there.
@@ -318,7 +326,7 @@ LOGGING = {
             "filters": ["redact_api_keys"],
         }
     },
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": env_log_level("LOG_LEVEL", "INFO")},
     "loggers": {
         "rq.worker": {"level": "WARNING"},
         "django.request": {"level": "ERROR"},
