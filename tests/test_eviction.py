@@ -3,7 +3,6 @@
 import math
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 
@@ -17,19 +16,9 @@ from runner.eviction import (
     make_policy,
     next_victim,
 )
+from runner.simulation import SimulatedModel
 
 MIB = 1024 * 1024
-
-
-@dataclass
-class SimulatedModel:
-    """A loaded model as the policies see it (runner.eviction.Entry)."""
-
-    key: str
-    memory_bytes: int
-    load_seconds: float
-    last_used: float = 0.0
-    uses: int = 0
 
 
 class Cache:
