@@ -7,7 +7,7 @@ to unload idle models between jobs. Times are seconds on any clock that
 does not go back (the runner uses time.monotonic(), the simulator the
 trace's arrival times).
 
-A policy sees each loaded model as an ``Entry``, and learns of loads, uses
+A policy reads each loaded model as an ``Entry``, and learns of loads, uses
 and evictions through its hooks, so that it can keep state of its own
 (GDSF's priorities, the keep-alive histograms).
 """

@@ -674,7 +674,7 @@ def color_distance(first, second) -> float:
 
 def test_run_page_draws_upright_photo(runner, asgi_server, page, alice, tmp_path):
     # A phone stores a photo as the sensor read it, with an EXIF tag that
-    # says how to turn it upright. Runners turn it as browsers do when they
+    # records how to turn it upright. Runners turn it as browsers do when they
     # draw it, so the model sees upright people and the boxes land on them.
     import numpy as np
     from PIL import Image
@@ -758,7 +758,7 @@ def test_run_page_of_deleted_workflow(transactional_db, asgi_server, page, alice
 
 def test_run_page_explains_queue_wait(runner, asgi_server, page, alice):
     # The only runner is stopped when the run is sent, so the run waits in
-    # the queue, and the page says why until the resumed runner takes it.
+    # the queue, and the page shows why until the resumed runner takes it.
     workflow = Workflow.create_with_version(alice, "Paused", detection())
     sign_in(page, asgi_server, "alice", "alice-password")
     page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
