@@ -155,7 +155,7 @@ class IdleTimeHistogram:
         self.counts = [0] * bins
         self.overflow = 0
         self.total = 0
-        # Percentiles computed since the last add. The runner asks for one
+        # Percentiles computed since the last add. The runner reads one
         # per loaded model before every job, and a scan walks up to all bins.
         self._percentiles: dict[float, float] = {}
 
@@ -222,7 +222,7 @@ class HistogramKeepAlive(LeastRecentlyUsed):
     MIN_SAMPLES = 10
     # Models whose idle times are kept, the most recently used. A histogram
     # takes about 3 KB, so the state stays near 3 MB however many model ids
-    # a runner sees. A model dropped here starts again from the fixed
+    # a runner runs. A model dropped here starts again from the fixed
     # keep-alive.
     MAX_MODELS = 1000
 

@@ -13,7 +13,7 @@ Simplifications, so the counts are estimates of a real runner's:
   model at its first load and evicts right after, which picks the same
   victims.
 - The trace's ``exec_time_seconds`` is not used: a runner marks a model
-  used when a run asks for it, before inference.
+  used when a run requests it, before inference.
 """
 
 import csv

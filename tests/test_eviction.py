@@ -244,7 +244,7 @@ def test_histogram_state_is_bounded():
 
 
 def test_histogram_percentile_follows_new_idle_times():
-    # Percentiles are kept between adds, since the runner asks for one per
+    # Percentiles are kept between adds, since the runner reads one per
     # loaded model before every job. Each add must replace them.
     histogram = IdleTimeHistogram(bin_s=10.0, bins=360)
     for _ in range(10):

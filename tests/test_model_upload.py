@@ -151,7 +151,7 @@ def test_upload_rejects_zip_that_is_no_checkpoint(alice_client, tmp_path):
 
 
 def test_upload_rejects_state_dict(alice_client, tmp_path):
-    # A bare state_dict loads safely, but holds no network to build.
+    # A bare state_dict loads safely, but contains no network to build.
     weights = tmp_path / "weights.pt"
     torch.save(
         {"conv.weight": torch.zeros(2, 3, 1, 1), "conv.bias": torch.zeros(2)}, weights
