@@ -844,27 +844,36 @@ def test_runner_lacking_weights_hands_shared_job_on(
     assert "model_dir:people-detector.pt" in lacking.state()["missing_files"]
 
 
+@contextmanager
+def shared_run_of_copied_weights(runner, alice, name: str):
+    """Queue a shared run of a copy of the people detector, then delete the copy.
+
+    The copy, ``name``.pt in the model directory, exists when the run is
+    accepted. ``runner`` is marked busy meanwhile, so routing sends the run
+    to the shared queue. Yields the run's outcome.
+    """
+    source = resolve_model("people-detector").local_path()
+    copy = source.replace("people-detector.pt", f"{name}.pt")
+    shutil.copy(source, copy)
+    connection = get_redis()
+    connection.set(keys.current_run_key(runner.name), "routed-run", ex=60)
+    try:
+        outcome = start_cli_run(alice, detection(name), wait_s=0)
+        os.unlink(copy)
+        yield outcome
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+        if os.path.exists(copy):
+            os.unlink(copy)
+
+
 def test_run_fails_when_no_runner_has_weights(runner, extra_runners, alice, tmp_path):
     # The file is there when the run is accepted and gone from every runner
     # when it runs: the run fails once, naming the model, after each live
     # runner has looked for the file.
-    ghost = (
-        resolve_model("people-detector")
-        .local_path()
-        .replace("people-detector.pt", "ghost-detector.pt")
-    )
-    shutil.copy(resolve_model("people-detector").local_path(), ghost)
-    connection = get_redis()
-    connection.set(keys.current_run_key(runner.name), "routed-run", ex=60)
-    try:
-        outcome = start_cli_run(alice, detection("ghost-detector"), wait_s=0)
-        os.unlink(ghost)
+    with shared_run_of_copied_weights(runner, alice, "ghost-detector") as outcome:
         extra_runners("lacks-ghost", env_overrides={"MODEL_DIR": str(tmp_path)})
         run = wait_for_final(outcome.run.id, timeout_s=60)
-    finally:
-        connection.delete(keys.current_run_key(runner.name))
-        if os.path.exists(ghost):
-            os.unlink(ghost)
     assert run.status == Run.Status.FAILED
     assert run.error["code"] == "model_load_failed"
     message = run.error["message"]
@@ -880,25 +889,12 @@ def test_returned_job_names_each_runner_once(runner, alice):
     # A job handed to a runner that died comes back through the shared
     # queue, and can reach a runner it already names. The failure names
     # that runner once.
-    ghost = (
-        resolve_model("people-detector")
-        .local_path()
-        .replace("people-detector.pt", "twice-detector.pt")
-    )
-    shutil.copy(resolve_model("people-detector").local_path(), ghost)
     connection = get_redis()
-    connection.set(keys.current_run_key(runner.name), "routed-run", ex=60)
-    try:
-        outcome = start_cli_run(alice, detection("twice-detector"), wait_s=0)
-        os.unlink(ghost)
+    with shared_run_of_copied_weights(runner, alice, "twice-detector") as outcome:
         job_key = Job.key_for(str(outcome.run.id))
         data = json.loads(zlib.decompress(connection.hget(job_key, "data")))
         data[3]["declined_by"] = [runner.name]
         connection.hset(job_key, "data", zlib.compress(json.dumps(data).encode()))
-    finally:
-        connection.delete(keys.current_run_key(runner.name))
-        if os.path.exists(ghost):
-            os.unlink(ghost)
     run = wait_for_final(outcome.run.id, timeout_s=60)
     assert run.status == Run.Status.FAILED
     message = run.error["message"]
