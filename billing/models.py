@@ -27,6 +27,9 @@ class Bill(models.Model):
     amount_microcredits = models.BigIntegerField()
     policy = models.CharField(max_length=100)
     formula = models.TextField()
+    # True when the run's price cap (Run.max_price_microcredits) lowered
+    # amount_microcredits to the cap; the formula then ends in min(..., cap).
+    capped = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-created_at"]

@@ -6,6 +6,11 @@ queue, not the web server's own work), rounded up to whole milliseconds, with
 a minimum.  The amount is that time multiplied by a rate per second, rounded
 up to whole micro-credits.  Every bill stores its formula with the numbers
 filled in; ``evaluate_formula`` recomputes the amount from that text alone.
+
+A run may carry a price cap: its bill is then the policy's amount or the cap,
+whichever is lower, and the platform absorbs the difference. A bill that the
+cap lowered wraps the formula in ``min(..., cap)``, so the stored formula
+still recomputes the stored amount.
 """
 
 import ast
@@ -17,6 +22,9 @@ from typing import Any
 from django.conf import settings
 
 POLICY_NAME = "runner-time-v1"
+# The largest price cap a run accepts, in micro-credits (a billion credits).
+# It stays below 2**53, so a browser's JavaScript numbers carry it exactly.
+MAX_PRICE_MICROCREDITS = 10**15
 # Precedes the reason in a waived bill's formula; the run page reads it too.
 WAIVE_MARKER = "# not billed:"
 
@@ -42,6 +50,8 @@ class BillLine:
     amount_microcredits: int
     policy: str
     formula: str
+    # True when the run's price cap lowered the amount to the cap.
+    capped: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,16 +74,26 @@ class BillingPolicy:
 
         return {name: breakdown["components"][name] for name in RUNNER_COMPONENTS}
 
-    def bill(self, breakdown: dict[str, Any]) -> BillLine:
-        """Price a run from its breakdown."""
+    def bill(
+        self, breakdown: dict[str, Any], max_price_microcredits: int | None = None
+    ) -> BillLine:
+        """Price a run from its breakdown, at most ``max_price_microcredits``.
+
+        ``billed_ms`` stays the time the policy counted when the cap lowers
+        the amount.
+        """
         components = self.billable_components(breakdown)
         billable_us = breakdown["runner_total"]
         billed_ms = max(rounded_ms(billable_us), self.minimum_ms)
         amount = amount_microcredits(billed_ms, self.rate_microcredits_per_second)
-        formula = (
-            f"amount_microcredits = ceil(max(ceil({billable_us} / 1000), "
+        expression = (
+            f"ceil(max(ceil({billable_us} / 1000), "
             f"{self.minimum_ms}) * {self.rate_microcredits_per_second} / 1000)"
         )
+        capped = max_price_microcredits is not None and amount > max_price_microcredits
+        if capped:
+            amount = max_price_microcredits
+            expression = f"min({expression}, {max_price_microcredits})"
         return BillLine(
             billed=True,
             components=components,
@@ -83,7 +103,8 @@ class BillingPolicy:
             minimum_ms=self.minimum_ms,
             amount_microcredits=amount,
             policy=self.name,
-            formula=formula,
+            formula=f"amount_microcredits = {expression}",
+            capped=capped,
         )
 
     def waive(self, breakdown: dict[str, Any] | None, reason: str) -> BillLine:
@@ -108,7 +129,8 @@ def waive_reason(formula: str) -> str:
     return reason.strip() or "the run failed because of the platform"
 
 
-_ALLOWED_CALLS = {"ceil": math.ceil, "max": max}
+# min is the price cap of a capped bill.
+_ALLOWED_CALLS = {"ceil": math.ceil, "max": max, "min": min}
 
 
 def evaluate_formula(formula: str) -> int:
@@ -136,6 +158,7 @@ def _evaluate(node: ast.AST) -> Fraction:
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
         and node.func.id in _ALLOWED_CALLS
+        and not node.keywords
     ):
         arguments = [_evaluate(argument) for argument in node.args]
         return Fraction(_ALLOWED_CALLS[node.func.id](*arguments))

@@ -44,6 +44,7 @@ def bill_fields(line: BillLine | Bill) -> dict[str, Any]:
         "amount_microcredits": line.amount_microcredits,
         "policy": line.policy,
         "formula": line.formula,
+        "capped": line.capped,
     }
 
 

@@ -84,3 +84,30 @@ def test_breakdown_rejects_double_counting():
         timer.breakdown(
             runner_total_ns=1_000_000, request_us=0, queue_us=0, step_types={}
         )
+
+
+CAP_POLICY = BillingPolicy(rate_microcredits_per_second=2000, minimum_ms=100)
+
+
+def test_policy_cap_lowers_amount():
+    line = CAP_POLICY.bill(breakdown_with_runner_total(2_137_413), 150)
+    assert line.amount_microcredits == 150
+    assert line.capped is True
+    assert line.billed_ms == 2138
+    assert line.formula == (
+        "amount_microcredits = min(ceil(max(ceil(2137413 / 1000), 100) "
+        "* 2000 / 1000), 150)"
+    )
+    assert evaluate_formula(line.formula) == 150
+
+
+def test_policy_cap_above_amount_changes_nothing():
+    uncapped = CAP_POLICY.bill(breakdown_with_runner_total(2_137_413))
+    line = CAP_POLICY.bill(breakdown_with_runner_total(2_137_413), 10**9)
+    assert line == uncapped
+    assert line.capped is False
+
+
+def test_formula_rejects_keyword_arguments():
+    with pytest.raises(ValueError):
+        evaluate_formula("amount_microcredits = max(5, 3, key=ceil)")
