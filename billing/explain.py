@@ -136,7 +136,7 @@ def formula_steps(bill: Bill) -> list[FormulaStep]:
     rate = bill.rate_microcredits_per_second
     exact_amount = Decimal(billed_ms * rate) / Decimal(1000)
     amount = amount_microcredits(billed_ms, rate)
-    return [
+    steps = [
         FormulaStep(
             "Billable time is the runner total: "
             + " + ".join(COMPONENT_LABELS[name].lower() for name in RUNNER_COMPONENTS),
@@ -164,10 +164,24 @@ def formula_steps(bill: Bill) -> list[FormulaStep]:
             f"{amount} µcr",
         ),
     ]
+    if bill.capped:
+        cap = bill.run.max_price_microcredits
+        steps.append(
+            FormulaStep(
+                f"Apply the run's price cap of {cap} µcr; the platform absorbs "
+                f"the other {amount - bill.amount_microcredits} µcr",
+                f"min({amount}, {cap})",
+                f"{bill.amount_microcredits} µcr",
+            )
+        )
+    return steps
 
 
 def hot_comparison(bill: Bill) -> HotComparison:
-    """Price the run as if it had been hot: runner total minus the cold load."""
+    """Price the run as if it had been hot: runner total minus the cold load.
+
+    The run's price cap applies to the hot price as it did to the bill.
+    """
     cold_load_us = bill.components.get("cold_load", 0)
     policy = BillingPolicy(
         rate_microcredits_per_second=bill.rate_microcredits_per_second,
@@ -181,7 +195,7 @@ def hot_comparison(bill: Bill) -> HotComparison:
         },
         "runner_total": bill.billable_us - cold_load_us,
     }
-    line = policy.bill(hot_breakdown)
+    line = policy.bill(hot_breakdown, bill.run.max_price_microcredits)
     return HotComparison(
         cold_load_us=cold_load_us,
         line=line,

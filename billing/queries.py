@@ -238,12 +238,14 @@ def _columns() -> tuple[Column, ...]:
 
 
 COLUMNS = _columns()
-# The CSV has the table's columns, then the run's status and why a waived
-# bill was waived. The table has no such columns and marks waived rows.
+# The CSV has the table's columns, then the run's status, why a waived bill
+# was waived, and the price cap that lowered a capped amount. The table has
+# no such columns and marks waived rows and capped amounts.
 CSV_COLUMNS = (
     *COLUMNS,
     Column("status", "Status"),
     Column("waive_reason", "Waived (reason)"),
+    Column("capped_at", "Capped at (µcr)", numeric=True),
 )
 
 
@@ -348,6 +350,7 @@ def bill_row(bill: Bill, columns: tuple[Column, ...] = COLUMNS) -> BillRow:
         "amount": str(bill.amount_microcredits),
         "status": bill.run.status,
         "waive_reason": reason,
+        "capped_at": str(bill.run.max_price_microcredits) if bill.capped else "",
     }
     return BillRow(
         bill=bill,

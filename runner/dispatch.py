@@ -59,6 +59,9 @@ class Submission:
     # The models resolve_models returned for this plan and these inputs,
     # where the caller resolved them already.
     models: list[dict] | None = None
+    # The run's price cap in micro-credits, and the estimate that checked it.
+    max_price_microcredits: int | None = None
+    price_estimate: dict | None = None
 
 
 def no_runner_error(source: str) -> NoRunnerError:
@@ -367,6 +370,8 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         model_refs=models,
         queue_name=queue_name,
         warnings=list(submission.plan.warnings) + _untrained_warnings(models),
+        max_price_microcredits=submission.max_price_microcredits,
+        price_estimate=submission.price_estimate,
     )
     # A job queued with its images takes no clock sample, so without this a
     # web server whose runs all carry images would stamp them from a single
@@ -461,6 +466,8 @@ def job_snapshot(run: Run) -> dict[str, Any]:
         "queued_at_ns": run.queued_at_ns,
         "request_us": run.request_us,
         "warnings": run.warnings,
+        # The runner bills at most this much.
+        "max_price_microcredits": run.max_price_microcredits,
     }
 
 

@@ -249,7 +249,7 @@ def _execute(
     if waive_reason:
         bill = policy.waive(breakdown, waive_reason)
     else:
-        bill = policy.bill(breakdown)
+        bill = policy.bill(breakdown, run.max_price_microcredits)
     run.warnings = [*run.warnings, *timer.warnings]
     # Before the result is published: a run queued once a client has it
     # found this runner free, and must not count as having waited.

@@ -97,6 +97,8 @@ def run_to_dict(
         "error": meta["error"] if meta else run.error,
         # The runner adds what it found while running to the request's.
         "warnings": meta.get("warnings", run.warnings) if meta else run.warnings,
+        "max_price_microcredits": run.max_price_microcredits,
+        "price_estimate": run.price_estimate,
     }
     if include_outputs:
         body["outputs"] = payload["outputs"] if payload else run.outputs

@@ -16,11 +16,19 @@ from django.db import transaction
 
 from runner import keys
 from runner.dispatch import Submission, resolve_models, submit, wait_for_result
+from runner.estimate import estimate_run
 from runner.models import Run
 from webapp.models import lock_user_row
 from webapp.requests import TooManyRequests
 from workflows.compiler import plan_cache
-from workflows.inputs import input_mapping, read_inputs, reject_undeclared_inputs
+from workflows.compiler.plan import ExecutionPlan
+from workflows.errors import WorkflowError
+from workflows.inputs import (
+    RunInputs,
+    input_mapping,
+    read_inputs,
+    reject_undeclared_inputs,
+)
 
 # Synchronous requests waiting in this process, by owner.
 _waiting: Counter[int] = Counter()
@@ -85,6 +93,67 @@ def check_queued_runs(owner_id: int) -> None:
         )
 
 
+class PriceCapExceeded(WorkflowError):
+    """A run's predicted price is over the price cap its request set.
+
+    The request is valid, and the same request can pass later, when the
+    model is loaded or the workflow's runs get faster, so it is a conflict
+    with the fleet's current state, as 409 is used elsewhere in the API.
+    """
+
+    code = "price_cap_exceeded"
+    status = 409
+
+    def __init__(self, estimate: dict[str, Any], max_price_microcredits: int):
+        price = estimate["amount_microcredits"]
+        start = "hot" if estimate["hot"] else "cold"
+        super().__init__(
+            f"the run's predicted price, {price} micro-credits (predicted to "
+            f"start {start}), is over its max_price_microcredits, "
+            f"{max_price_microcredits}; nothing was stored",
+            context="price_cap",
+            field_name="max_price_microcredits",
+            hint="Raise max_price_microcredits, or send the run again when its "
+            "models are loaded (hot), which the workflow's estimate shows: a cold "
+            "start costs more.",
+        )
+        self.estimate = estimate
+        self.max_price_microcredits = max_price_microcredits
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        body["max_price_microcredits"] = self.max_price_microcredits
+        body["predicted_price_microcredits"] = self.estimate["amount_microcredits"]
+        body["predicted_hot"] = self.estimate["hot"]
+        body["estimate"] = self.estimate
+        return body
+
+
+def check_price_cap(
+    plan: ExecutionPlan, inputs: RunInputs, owner_id: int, max_price_microcredits: int
+) -> dict[str, Any]:
+    """Estimate the run; raise PriceCapExceeded if its known price is over the cap.
+
+    Returns the estimate's summary that the run stores. The estimate reads
+    the route as routing would choose it now without marking any runner
+    busy, so a rejected run leaves nothing behind. An unknown price passes,
+    and the bill enforces the cap instead.
+    """
+    estimate = estimate_run(plan, inputs.parameters, owner_id, inputs.batch_size)
+    price = estimate["price"]
+    summary = {
+        "amount_microcredits": price["amount_microcredits"] if price else None,
+        "hot": estimate["hot"],
+        "runner": estimate["runner"],
+        "total_us": estimate["total"],
+        "runner_total_us": estimate["runner_total"],
+        "unknown": estimate["unknown"],
+    }
+    if price is not None and price["amount_microcredits"] > max_price_microcredits:
+        raise PriceCapExceeded(summary, max_price_microcredits)
+    return summary
+
+
 @dataclass
 class RunOutcome:
     run: Run
@@ -106,17 +175,20 @@ def start_run(
     runner: str | None = None,
     on_queued: Callable[[Run], None] | None = None,
     strict_inputs: bool = False,
+    max_price_microcredits: int | None = None,
 ) -> RunOutcome:
     """Compile, check inputs, queue, and wait up to ``wait_s`` for the result.
 
-    Raises DefinitionError, InputError, ModelNotFoundError, NoRunnerError or
-    TooManyRequests before anything is stored. Synchronous requests are
-    limited by SYNC_WAITS_PER_USER, asynchronous ones (``wait_s`` 0) by
-    QUEUED_RUNS_PER_USER. Both limits apply after the definition, the
-    inputs and the model ids are checked, so an invalid request gets its
-    own error rather than a 429. ``on_queued`` is called with the stored
-    run before the wait. With ``strict_inputs``, inputs the definition does
-    not declare are rejected.
+    Raises DefinitionError, InputError, ModelNotFoundError, NoRunnerError,
+    PriceCapExceeded or TooManyRequests before anything is stored.
+    Synchronous requests are limited by SYNC_WAITS_PER_USER, asynchronous
+    ones (``wait_s`` 0) by QUEUED_RUNS_PER_USER. Both limits apply after
+    the definition, the inputs, the model ids and the price cap are
+    checked, so an invalid request gets its own error rather than a 429.
+    ``on_queued`` is called with the stored run before the wait. With
+    ``strict_inputs``, inputs the definition does not declare are rejected.
+    With ``max_price_microcredits``, the run is estimated first
+    (``check_price_cap``) and billed at most that much.
     """
     compiled = plan_cache.compile(definition, owner_id)
     if strict_inputs:
@@ -130,6 +202,11 @@ def start_run(
         uploads=uploads,
     )
     models = resolve_models(compiled.plan, inputs.parameters, owner_id)
+    price_estimate = None
+    if max_price_microcredits is not None:
+        price_estimate = check_price_cap(
+            compiled.plan, inputs, owner_id, max_price_microcredits
+        )
     with waiting_slot(owner_id) if wait_s > 0 else nullcontext():
         # The image checks above can take a while, so they stay outside the
         # transaction that the queued-run limit holds.
@@ -146,6 +223,8 @@ def start_run(
                     token_id=token_id,
                     runner=runner,
                     models=models,
+                    max_price_microcredits=max_price_microcredits,
+                    price_estimate=price_estimate,
                 ),
                 require_runner=wait_s > 0,
             )

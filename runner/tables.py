@@ -33,6 +33,8 @@ def breakdown_table(breakdown: dict[str, Any]) -> str:
 def bill_lines(bill: dict[str, Any]) -> list[str]:
     credits = bill["amount_microcredits"] / 1_000_000
     state = "billed" if bill["billed"] else "not billed"
+    if bill.get("capped"):
+        state += ", lowered to the run's price cap"
     return [
         f"bill ({bill['policy']}, {state}): "
         f"{bill['amount_microcredits']} micro-credits "

@@ -504,7 +504,7 @@ def test_csv_matches_table_for_filter(alice_browser, alice, people, heights):
     assert expected > 50, "the filter must span several pages"
     columns = len(header)
     assert exported[0][:columns] == header
-    assert exported[0][columns:] == ["Status", "Waived (reason)"]
+    assert exported[0][columns:] == ["Status", "Waived (reason)", "Capped at (µcr)"]
     assert [row[:columns] for row in exported[1:]] == table
     assert len(table) == expected
 

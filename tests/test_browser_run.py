@@ -790,3 +790,37 @@ def test_run_page_explains_queue_wait(runner, asgi_server, page, alice):
         timeout=120_000,
     )
     assert waiting.is_hidden()
+
+
+def test_run_page_sends_price_cap(runner, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(
+        alice, "Capped", detection("people-detector-160")
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    page.fill("#max-price", "abc")
+    page.click("#run-button")
+    page.wait_for_function(
+        "document.getElementById('run-form-error').textContent !== ''"
+    )
+    assert (
+        "'max_price_microcredits' must be an integer"
+        in page.locator("#run-form-error").text_content()
+    )
+    assert Run.objects.count() == 0
+
+    # alice has no runs yet, so the price is unknown and the bill is capped.
+    page.fill("#max-price", "1")
+    page.click("#run-button")
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
+    )
+    assert page.locator("#summary-amount").get_attribute("data-microcredits") == "1"
+    assert page.locator("#summary-capped").is_visible()
+    page.wait_for_function("!document.getElementById('run-prediction').hidden")
+    prediction = page.locator("#run-prediction").text_content()
+    assert prediction.startswith("Predicted before the run: ")
+    assert "price unknown (price cap 1 µcr" in prediction
+    assert "; actual: " in prediction
+    page.screenshot(path=str(ARTIFACTS / "run-page-capped.png"), full_page=True)

@@ -10,6 +10,7 @@ from django.core.exceptions import RequestDataTooBig
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
 
+from billing.policy import MAX_PRICE_MICROCREDITS
 from workflows.blocks.base import shown
 from workflows.errors import WorkflowError
 
@@ -276,6 +277,27 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
             f"'{key}' must be a positive integer, got {shown(value)}",
             context="request_parsing",
             field_name=key,
+        )
+    return value
+
+
+def price_cap(body: dict[str, Any], key: str = "max_price_microcredits") -> int | None:
+    """Read an optional price cap: a positive integer of micro-credits."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 < value <= MAX_PRICE_MICROCREDITS
+    ):
+        raise MalformedRequest(
+            f"'{key}' must be an integer from 1 to {MAX_PRICE_MICROCREDITS:,} "
+            f"micro-credits, got {shown(value)}",
+            context="request_parsing",
+            field_name=key,
+            hint="Send the most the run may cost as a JSON integer, such as "
+            "5000 for 0.005 credits, or leave the field out for no cap.",
         )
     return value
 

@@ -20,6 +20,7 @@ from webapp.requests import (
     MalformedRequest,
     json_object,
     optional_bool,
+    price_cap,
     reject_unknown_fields,
     version_number,
 )
@@ -150,7 +151,14 @@ CREATE_FIELDS = {"name", "description", "definition", "api_key"}
 UPDATE_FIELDS = CREATE_FIELDS | {"base_version", "base_revision"}
 # The fields that runs, estimates and validation read. Others are rejected:
 # a misspelled "version" or "async" would run the latest version, or wait.
-RUN_FIELDS = {"inputs", "version", "async", "source", "api_key"}
+RUN_FIELDS = {
+    "inputs",
+    "version",
+    "async",
+    "source",
+    "api_key",
+    "max_price_microcredits",
+}
 ESTIMATE_FIELDS = {"inputs", "version", "api_key"}
 INLINE_ESTIMATE_FIELDS = {"specification", "inputs", "api_key"}
 VALIDATE_FIELDS = {"definition", "api_key"}
@@ -348,6 +356,7 @@ class WorkflowRunView(APIView):
                 context="request_parsing",
                 field_name="source",
             )
+        max_price = price_cap(body)
         wait_s = 0.0 if run_async else settings.GLASSBOX["SYNC_TIMEOUT_S"]
         outcome = start_run(
             owner_id=request.user.id,
@@ -359,6 +368,7 @@ class WorkflowRunView(APIView):
             workflow_version_id=version.id,
             token_id=getattr(request.auth, "id", None),
             strict_inputs=True,
+            max_price_microcredits=max_price,
         )
         return run_response(outcome, request._request.started_ns)
 

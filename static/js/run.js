@@ -197,6 +197,34 @@
     amount.textContent = formatCredits(bill.amount_microcredits);
     amount.dataset.microcredits = bill.amount_microcredits;
     target.append("billed ", billed, " for ", amount);
+    if (bill.capped) {
+      const capped = document.createElement("span");
+      capped.id = "summary-capped";
+      capped.className = "badge capped";
+      capped.title = "The run's price cap lowered the amount; the platform absorbs the rest";
+      capped.textContent = "capped";
+      target.append(" ", capped);
+    }
+  }
+
+  // The estimate a capped run stored before it was queued, next to what the
+  // run took and cost.
+  function showPrediction(run) {
+    const target = $("run-prediction");
+    const predicted = run.price_estimate;
+    target.hidden = !predicted;
+    if (!predicted) return;
+    const start = predicted.hot ? "hot" : "cold";
+    const price = predicted.amount_microcredits === null
+      ? "price unknown"
+      : formatCredits(predicted.amount_microcredits);
+    const latency = predicted.total_us === null ? "latency unknown" : `about ${formatMs(predicted.total_us)}`;
+    let actual = "";
+    if (run.bill && run.timing) {
+      actual = `; actual: ${formatMs(run.timing.total)}, ${formatCredits(run.bill.amount_microcredits)}`;
+    }
+    target.textContent = `Predicted before the run: ${start}, ${latency}, ${price}`
+      + ` (price cap ${run.max_price_microcredits} µcr)${actual}.`;
   }
 
   function showBreakdown(view, breakdown) {
@@ -243,6 +271,7 @@
     const run = await response.json();
     if (view !== current) return;
     showWarnings(run.warnings || []);
+    showPrediction(run);
     const images = imageOutputs(run.outputs);
     showImageOutputs(images);
     $("result-json").textContent = JSON.stringify(run.outputs, elideImageData(images), 2);
@@ -621,7 +650,9 @@
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-        body: JSON.stringify({ inputs, async: true, source: "ui", ...versionField() }),
+        body: JSON.stringify({
+          inputs, async: true, source: "ui", ...versionField(), ...priceCapField(),
+        }),
       });
       const body = await response.json();
       // The page was rendered for this workflow, so "not found" means it was deleted since.
@@ -641,6 +672,18 @@
       $("run-form-error").textContent = error.message;
       button.disabled = false;
     }
+  }
+
+  // An empty field sends no cap. Anything else is sent as a number when it
+  // is all digits, else as the text itself, so the server's 400 names it.
+  function priceCapField() {
+    const text = $("max-price").value.trim();
+    if (text === "") return {};
+    if (!/^\d+$/.test(text)) return { max_price_microcredits: text };
+    if (inexactNumber(text) !== null) {
+      throw new Error(`Price cap: the integer ${text} cannot be sent exactly; use a smaller cap.`);
+    }
+    return { max_price_microcredits: Number(text) };
   }
 
   function versionField() {

@@ -7,6 +7,8 @@ command does anything.
 import argparse
 import math
 
+from billing.policy import MAX_PRICE_MICROCREDITS
+
 
 def _number(text: str, kind):
     try:
@@ -20,6 +22,20 @@ def positive_seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a positive, finite number of seconds"
+        )
+    return value
+
+
+def positive_microcredits(text: str) -> int:
+    """Return a price cap: a whole number of micro-credits, as the API takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= MAX_PRICE_MICROCREDITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of micro-credits from 1 to "
+            f"{MAX_PRICE_MICROCREDITS:,}"
         )
     return value
 

@@ -13,7 +13,11 @@ from django.core.management.base import BaseCommand, CommandError
 from runner import fleet
 from runner.service import start_run
 from runner.tables import bill_lines, breakdown_table
-from webapp.management.arguments import positive_seconds, seconds_or_zero
+from webapp.management.arguments import (
+    positive_microcredits,
+    positive_seconds,
+    seconds_or_zero,
+)
 from webapp.management.database import check_database
 from webapp.redis import embedded_redis_for_command
 from webapp.requests import MalformedRequest, parse_json_text
@@ -60,6 +64,15 @@ class Command(BaseCommand):
             default=settings.GLASSBOX["SYNC_TIMEOUT_S"],
             help="Seconds to wait for the result (default: SYNC_TIMEOUT_S, "
             "%(default)g). The run goes on after the wait ends.",
+        )
+        parser.add_argument(
+            "--max-price",
+            type=positive_microcredits,
+            default=None,
+            metavar="MICROCREDITS",
+            help="Maximum price of the run, in micro-credits (1 credit is "
+            "1,000,000). A run whose predicted price is higher is rejected "
+            "before it is queued, and the bill never exceeds it. Default: no cap.",
         )
         parser.add_argument(
             "--wait-for-runner",
@@ -118,6 +131,7 @@ class Command(BaseCommand):
                 started_ns=started_ns,
                 wait_s=options["timeout"],
                 on_queued=note_queued,
+                max_price_microcredits=options["max_price"],
             )
         except WorkflowError as error:
             body = _with_cli_hint(error.to_dict(), definition, self.image_paths)
