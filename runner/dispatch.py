@@ -62,6 +62,8 @@ class Submission:
     # The run's price cap in micro-credits, and the estimate that checked it.
     max_price_microcredits: int | None = None
     price_estimate: dict | None = None
+    # A Run.Priority value: "economy" waits for a runner with the models loaded.
+    priority: str = Run.Priority.STANDARD
 
 
 def no_runner_error(source: str) -> NoRunnerError:
@@ -200,6 +202,68 @@ def choose_queue(
     return keys.runner_queue(holders[index].name), view
 
 
+def economy_holder(
+    cache_keys: list[str] | set[str],
+    runners: list[fleet.RunnerState],
+    backlogs: dict[str, int],
+) -> fleet.RunnerState | None:
+    """Return the runner an economy run would wait for, None if none has a model.
+
+    Among the runners ``routing_order`` lists, those holding most of the
+    models come first, then the one with the shortest backlog (see
+    ``_backlogs``), then the fleet's order.
+    """
+    needed = set(cache_keys)
+    holders = routing_order(needed, runners)
+    if not holders:
+        return None
+    return min(
+        holders,
+        key=lambda runner: (-len(needed & runner.loaded_models), backlogs[runner.name]),
+    )
+
+
+def choose_economy_queue(
+    cache_keys: list[str], run_id: str
+) -> tuple[str, fleet.FleetSnapshot]:
+    """Return the own queue of a live runner holding the models, busy or not.
+
+    An economy run waits there instead of loading its models cold on an
+    idle runner. The fleet is read afresh, since a run that may wait
+    minutes should not follow a view a second old to a runner that has
+    stopped. When no live runner holds any of the models, the run is routed
+    as a standard run (``choose_queue``), because no runner would ever start
+    it hot.
+
+    An idle holder is marked busy with ``run_id``, as ``choose_queue`` does,
+    so a standard run of the same burst goes elsewhere. A busy holder keeps
+    the mark of the run it executes.
+
+    NOTE: the holder may evict a model before it takes the run, and then
+    loads it cold. If the holder dies first, a live runner moves its queued
+    jobs to the shared queue (``fleet.move_queued_jobs``), and the run goes
+    on as a standard run, cold wherever no runner holds its models.
+    """
+    view = fleet.fleet_snapshot()
+    _, busy, own_lengths = _read_queue_state(view.runners)
+    holder = economy_holder(cache_keys, view.runners, _backlogs(busy, own_lengths))
+    if holder is None:
+        return choose_queue(cache_keys, view, run_id)
+    if not busy[holder.name]:
+        # Whether the mark is set changes nothing about where the run goes.
+        _claim_idle_runner([holder], view.generation, run_id)
+    return keys.runner_queue(holder.name), view
+
+
+def _backlogs(busy: dict[str, bool], own_lengths: dict[str, int]) -> dict[str, int]:
+    """Return, per runner, its own queue's length plus one if it is busy.
+
+    A runner counts as busy as ``_read_queue_state`` reads it, so one with
+    jobs on its own queue counts one more, which only breaks ties.
+    """
+    return {name: own_lengths[name] + (1 if busy[name] else 0) for name in busy}
+
+
 def _claim_idle_runner(
     holders: list[fleet.RunnerState], generation: bytes, run_id: str
 ) -> int:
@@ -229,12 +293,15 @@ class PredictedRoute:
     it joins, else the idle runners, else, when every runner is busy, all
     of them, since whichever finishes first takes it. ``queued_ahead``
     counts the jobs already waiting in the queues those runners read.
+    ``waits_for_holder`` is set for an economy run routed to a busy runner
+    that holds its models.
     """
 
     queue: str
     takers: list[fleet.RunnerState]
     queued_ahead: int
     all_busy: bool
+    waits_for_holder: bool = False
 
     @property
     def runner(self) -> fleet.RunnerState | None:
@@ -242,13 +309,13 @@ class PredictedRoute:
         return self.takers[0] if len(self.takers) == 1 else None
 
 
-def predict_route(
-    cache_keys: list[str] | set[str], runners: list[fleet.RunnerState]
-) -> PredictedRoute:
-    """Return where ``choose_queue`` would send a run now, marking no runner.
+def _read_queue_state(
+    runners: list[fleet.RunnerState],
+) -> tuple[int, dict[str, bool], dict[str, int]]:
+    """Read the shared queue's length, and each runner's busy state and own queue.
 
-    A runner is idle, as in ``choose_queue``, when it has no busy mark and
-    nothing waits in its own queue; both are read live.
+    A runner is busy, as in ``choose_queue``, when it has a busy mark or
+    jobs wait in its own queue. All are read live, in one round trip.
     """
     shared_key = f"{Queue.redis_queue_namespace_prefix}{keys.SHARED_QUEUE}"
     pipeline = get_redis().pipeline(transaction=False)
@@ -268,6 +335,30 @@ def predict_route(
         marked, queued = replies[1 + 2 * i], replies[2 + 2 * i]
         own_lengths[runner.name] = queued if isinstance(queued, int) else 0
         busy[runner.name] = marked != 0 or not isinstance(queued, int) or queued > 0
+    return shared_length, busy, own_lengths
+
+
+def predict_route(
+    cache_keys: list[str] | set[str],
+    runners: list[fleet.RunnerState],
+    priority: str = Run.Priority.STANDARD,
+) -> PredictedRoute:
+    """Return where a run of ``priority`` would be sent now, marking no runner.
+
+    Standard runs follow ``choose_queue``, economy runs
+    ``choose_economy_queue``.
+    """
+    shared_length, busy, own_lengths = _read_queue_state(runners)
+    if priority == Run.Priority.ECONOMY:
+        holder = economy_holder(cache_keys, runners, _backlogs(busy, own_lengths))
+        if holder is not None:
+            return PredictedRoute(
+                keys.runner_queue(holder.name),
+                [holder],
+                own_lengths[holder.name],
+                all_busy=False,
+                waits_for_holder=busy[holder.name],
+            )
     idle = [runner for runner in runners if not busy[runner.name]]
     if cache_keys and len(runners) > 1:
         holders = routing_order(cache_keys, idle)
@@ -280,6 +371,15 @@ def predict_route(
     ahead = shared_length + sum(own_lengths.values())
     return PredictedRoute(keys.SHARED_QUEUE, runners, ahead, all_busy=bool(runners))
 
+
+# Sets KEYS[1] to ARGV[1] for ARGV[2] seconds unless it names another run.
+_MARK_UNLESS_BUSY = """
+local marked = redis.call('GET', KEYS[1])
+if not marked or marked == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return 0
+"""
 
 # Deletes KEYS[1] if its value is ARGV[1].
 _RELEASE_CLAIM = """
@@ -351,6 +451,8 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     run_id = uuid.uuid4()
     if submission.runner:
         queue_name = keys.runner_queue(submission.runner)
+    elif submission.priority == Run.Priority.ECONOMY:
+        queue_name, view = choose_economy_queue(cache_keys, str(run_id))
     else:
         queue_name, view = choose_queue(cache_keys, view, str(run_id))
     call_order = model_call_order(submission.plan, submission.inputs.parameters, models)
@@ -364,6 +466,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         definition_digest=submission.plan.digest,
         token_id=submission.token_id,
         source=submission.source,
+        priority=submission.priority,
         parameters=submission.inputs.parameters,
         image_info=submission.inputs.image_info,
         batch_size=submission.inputs.batch_size,
@@ -514,11 +617,14 @@ def enqueue(run: Run, images: dict[str, list[bytes]] | None = None) -> None:
             runner_name = keys.runner_of_queue(run.queue_name)
             if runner_name is not None:
                 # Busy from now on, so the next run of a burst goes elsewhere
-                # even before this runner has taken the job.
-                pipeline.set(
+                # even before this runner has taken the job. A runner busy
+                # with another run keeps that run's mark.
+                pipeline.eval(
+                    _MARK_UNLESS_BUSY,
+                    1,
                     keys.current_run_key(runner_name),
                     str(run.id),
-                    ex=keys.CURRENT_RUN_TTL_S,
+                    keys.CURRENT_RUN_TTL_S,
                 )
             # Free in this round trip: a sample for the clock that queued_at_ns
             # and the runner's start are on. Redis runs TIME at EXEC, once the

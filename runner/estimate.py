@@ -75,9 +75,11 @@ def estimate_run(
     parameters: dict[str, Any],
     owner_id: int,
     batch_size: int = 1,
+    priority: str = Run.Priority.STANDARD,
 ) -> dict[str, Any]:
     """Return the predicted route, breakdown and price of running ``plan`` now.
 
+    ``priority`` is a Run.Priority value, routed as a run of it would be.
     Raises ModelNotFoundError as a run would, before reading any history.
     """
     models = resolve_models(plan, parameters, owner_id)
@@ -96,7 +98,7 @@ def estimate_run(
         components["queue"] = None
 
     cache_keys = {model["cache_key"] for model in models}
-    route = predict_route(cache_keys, runners)
+    route = predict_route(cache_keys, runners, priority)
     target = route.runner
     takers = route.takers
     devices = {runner.data.get("device") for runner in takers}
@@ -106,7 +108,15 @@ def estimate_run(
     loaded = loaded_on_all(takers)
     cold_keys = cache_keys - loaded
     queued_ahead = route.queued_ahead
-    if route.all_busy:
+    if route.waits_for_holder:
+        waiting = f", and {_runs_queued(queued_ahead)} on it" if queued_ahead else ""
+        unknown.append(
+            f"runner {route.takers[0].name} is busy with a run{waiting}, so the "
+            "queue time is unknown: this economy run waits for it because it has "
+            "the run's models loaded"
+        )
+        components["queue"] = None
+    elif route.all_busy:
         waiting = f", and {_runs_queued(queued_ahead)}" if queued_ahead else ""
         unknown.append(
             f"every runner is busy with a run{waiting}, so the queue time is "
@@ -179,6 +189,7 @@ def estimate_run(
         "unit": "us",
         "hot": not any(forecast["would_load"] for forecast in forecasts),
         "runner": target.name if target else None,
+        "priority": priority,
         "runners_up": len(runners),
         "queued_ahead": queued_ahead,
         "batch_size": batch_size,

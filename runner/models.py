@@ -23,6 +23,13 @@ class Run(models.Model):
         UI = "ui", "Browser"
         CLI = "cli", "Command line"
 
+    class Priority(models.TextChoices):
+        # Sent to the first free runner, which loads the models it lacks.
+        STANDARD = "standard"
+        # Waits for a live runner that has the run's models loaded, even a
+        # busy one, instead of loading them cold elsewhere (runner.dispatch).
+        ECONOMY = "economy"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="runs"
@@ -47,6 +54,9 @@ class Run(models.Model):
         related_name="runs",
     )
     source = models.CharField(max_length=16, choices=Source.choices)
+    priority = models.CharField(
+        max_length=16, choices=Priority.choices, default=Priority.STANDARD
+    )
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True
     )

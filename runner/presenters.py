@@ -87,6 +87,7 @@ def run_to_dict(
         "url": f"/api/runs/{run.id}",
         "status": status,
         "source": run.source,
+        "priority": run.priority,
         "workflow": _workflow_ref(run),
         "created_at": run.created_at.isoformat() if run.created_at else None,
         "runner": meta.get("runner") if meta else run.runner_name,

@@ -130,7 +130,11 @@ class PriceCapExceeded(WorkflowError):
 
 
 def check_price_cap(
-    plan: ExecutionPlan, inputs: RunInputs, owner_id: int, max_price_microcredits: int
+    plan: ExecutionPlan,
+    inputs: RunInputs,
+    owner_id: int,
+    max_price_microcredits: int,
+    priority: str = Run.Priority.STANDARD,
 ) -> dict[str, Any]:
     """Estimate the run; raise PriceCapExceeded if its known price is over the cap.
 
@@ -139,7 +143,9 @@ def check_price_cap(
     busy, so a rejected run leaves nothing behind. An unknown price passes,
     and the bill enforces the cap instead.
     """
-    estimate = estimate_run(plan, inputs.parameters, owner_id, inputs.batch_size)
+    estimate = estimate_run(
+        plan, inputs.parameters, owner_id, inputs.batch_size, priority
+    )
     price = estimate["price"]
     summary = {
         "amount_microcredits": price["amount_microcredits"] if price else None,
@@ -176,6 +182,7 @@ def start_run(
     on_queued: Callable[[Run], None] | None = None,
     strict_inputs: bool = False,
     max_price_microcredits: int | None = None,
+    priority: str = Run.Priority.STANDARD,
 ) -> RunOutcome:
     """Compile, check inputs, queue, and wait up to ``wait_s`` for the result.
 
@@ -188,7 +195,8 @@ def start_run(
     ``on_queued`` is called with the stored run before the wait. With
     ``strict_inputs``, inputs the definition does not declare are rejected.
     With ``max_price_microcredits``, the run is estimated first
-    (``check_price_cap``) and billed at most that much.
+    (``check_price_cap``) and billed at most that much. ``priority`` is a
+    Run.Priority value, checked by the caller.
     """
     compiled = plan_cache.compile(definition, owner_id)
     if strict_inputs:
@@ -205,7 +213,7 @@ def start_run(
     price_estimate = None
     if max_price_microcredits is not None:
         price_estimate = check_price_cap(
-            compiled.plan, inputs, owner_id, max_price_microcredits
+            compiled.plan, inputs, owner_id, max_price_microcredits, priority
         )
     with waiting_slot(owner_id) if wait_s > 0 else nullcontext():
         # The image checks above can take a while, so they stay outside the
@@ -225,6 +233,7 @@ def start_run(
                     models=models,
                     max_price_microcredits=max_price_microcredits,
                     price_estimate=price_estimate,
+                    priority=priority,
                 ),
                 require_runner=wait_s > 0,
             )

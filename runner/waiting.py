@@ -7,6 +7,7 @@ so the result names runners and counts jobs, but no other user's workflows
 or models.
 """
 
+import json
 import logging
 from typing import Any
 
@@ -70,10 +71,13 @@ def _read_waiting_state(run: Run) -> dict[str, Any]:
     if routed and not routed_in_fleet:
         names.append(routed)
 
+    economy = run.priority == Run.Priority.ECONOMY and routed is not None
     pipeline = connection.pipeline(transaction=False)
     for name in names:
         pipeline.exists(keys.heartbeat_key(name))
         pipeline.get(keys.current_run_key(name))
+    if economy:
+        pipeline.get(keys.heartbeat_key(routed))
     replies = pipeline.execute()
     now_ms = clock.now_ns() // 1_000_000
     last_seen = {name.decode(errors="replace"): score for name, score in seen}
@@ -102,6 +106,12 @@ def _read_waiting_state(run: Run) -> dict[str, Any]:
 
     live = [state for state in runners.values() if state["live"]]
     routed_state = runners.get(routed) if routed else None
+    reason = _reason(position, routed_state, routed_in_fleet, runners)
+    # A runner without a heartbeat lists no models, and the reason states
+    # that it is gone.
+    if economy and position is not None and routed_state and routed_state["live"]:
+        held = _held_models(run, replies[-1])
+        reason = f"{_economy_reason(routed_state['name'], held)} {reason}"
     return {
         "queue": run.queue_name,
         "queued_ahead": position,
@@ -111,8 +121,41 @@ def _read_waiting_state(run: Run) -> dict[str, Any]:
         "silent_runners": [
             _public(state) for state in runners.values() if state["silent"]
         ],
-        "reason": _reason(position, routed_state, routed_in_fleet, runners),
+        "reason": reason,
     }
+
+
+def _held_models(run: Run, heartbeat: bytes | None) -> list[str]:
+    """Return the ids of the run's models that the heartbeat lists as loaded."""
+    if heartbeat is None:
+        return []
+    try:
+        loaded = {model["cache_key"] for model in json.loads(heartbeat)["models"]}
+    except (ValueError, KeyError, TypeError):
+        return []
+    return sorted(
+        {ref["model_id"] for ref in run.model_refs if ref["cache_key"] in loaded}
+    )
+
+
+def _economy_reason(name: str, held: list[str]) -> str:
+    """Return the sentence saying why an economy run waits for runner ``name``."""
+    if not held:
+        return (
+            f"This economy run waits for runner {name}, which had its models "
+            "loaded when the run was queued but has evicted them since, so it "
+            "loads them cold when it takes the run."
+        )
+    if len(held) == 1:
+        loaded = f"its model {held[0]} is loaded"
+        pronoun = "it"
+    else:
+        loaded = f"its models {', '.join(held)} are loaded"
+        pronoun = "them"
+    return (
+        f"This economy run waits for runner {name}, where {loaded}, rather "
+        f"than loading {pronoun} cold on another runner."
+    )
 
 
 def _public(state: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from runner.estimate import estimate_run
+from runner.models import Run
 from runner.registry import resolve_model
 from runner.responses import run_response
 from runner.service import start_run
@@ -158,9 +159,10 @@ RUN_FIELDS = {
     "source",
     "api_key",
     "max_price_microcredits",
+    "priority",
 }
-ESTIMATE_FIELDS = {"inputs", "version", "api_key"}
-INLINE_ESTIMATE_FIELDS = {"specification", "inputs", "api_key"}
+ESTIMATE_FIELDS = {"inputs", "version", "api_key", "priority"}
+INLINE_ESTIMATE_FIELDS = {"specification", "inputs", "api_key", "priority"}
 VALIDATE_FIELDS = {"definition", "api_key"}
 
 
@@ -357,6 +359,7 @@ class WorkflowRunView(APIView):
                 field_name="source",
             )
         max_price = price_cap(body)
+        priority = run_priority(body)
         wait_s = 0.0 if run_async else settings.GLASSBOX["SYNC_TIMEOUT_S"]
         outcome = start_run(
             owner_id=request.user.id,
@@ -369,8 +372,26 @@ class WorkflowRunView(APIView):
             token_id=getattr(request.auth, "id", None),
             strict_inputs=True,
             max_price_microcredits=max_price,
+            priority=priority,
         )
         return run_response(outcome, request._request.started_ns)
+
+
+def run_priority(body: dict) -> str:
+    """Read the optional ``priority`` field; a missing or null value is standard."""
+    value = body.get("priority")
+    if value is None:
+        return Run.Priority.STANDARD
+    if value not in Run.Priority.values:
+        allowed = " or ".join(f'"{choice}"' for choice in Run.Priority.values)
+        raise MalformedRequest(
+            f"'priority' must be {allowed}, got {shown(value)}",
+            context="request_parsing",
+            field_name="priority",
+            hint='Leave it out for "standard", or send "economy" to wait for a '
+            "runner that holds the models instead of loading them cold.",
+        )
+    return value
 
 
 def requested_version(workflow: Workflow, body: dict) -> WorkflowVersion:
@@ -399,7 +420,8 @@ def estimate_definition(definition, body: dict, owner_id: int) -> dict:
     reject_undeclared_inputs(plan, raw)
     parameters = read_parameters(plan, raw)
     batch_size = batch_size_of(plan, raw, settings.GLASSBOX["MAX_RUN_IMAGES"])
-    return estimate_run(plan, parameters, owner_id, batch_size)
+    priority = run_priority(body)
+    return estimate_run(plan, parameters, owner_id, batch_size, priority)
 
 
 class WorkflowEstimateView(APIView):

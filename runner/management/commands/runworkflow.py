@@ -11,6 +11,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from runner import fleet
+from runner.models import Run
 from runner.service import start_run
 from runner.tables import bill_lines, breakdown_table
 from webapp.management.arguments import (
@@ -75,6 +76,14 @@ class Command(BaseCommand):
             "before it is queued, and the bill never exceeds it. Default: no cap.",
         )
         parser.add_argument(
+            "--priority",
+            choices=Run.Priority.values,
+            default=Run.Priority.STANDARD,
+            help="How the run is routed: 'standard' sends it to the first free "
+            "runner, which loads the models it lacks; 'economy' waits for a live "
+            "runner that has them loaded, even a busy one (default: %(default)s).",
+        )
+        parser.add_argument(
             "--wait-for-runner",
             type=seconds_or_zero,
             default=0.0,
@@ -132,6 +141,7 @@ class Command(BaseCommand):
                 wait_s=options["timeout"],
                 on_queued=note_queued,
                 max_price_microcredits=options["max_price"],
+                priority=options["priority"],
             )
         except WorkflowError as error:
             body = _with_cli_hint(error.to_dict(), definition, self.image_paths)

@@ -1,0 +1,234 @@
+"""Run priority: economy runs wait for a runner with their models loaded."""
+
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+from rq import Queue
+
+from billing.models import Bill
+from runner import keys
+from runner.dispatch import choose_economy_queue
+from runner.models import Run
+from runner.registry import resolve_model
+from runner.waiting import waiting_state
+from tests.conftest import image_path, registered_runner
+from tests.definitions import detection, image_height
+from tests.test_estimate import wait_until_loaded
+from tests.test_queue_wait import read_run, wait_for_finish
+from tests.test_runner_pool import fleet_of, start, wait_for_status
+from tests.test_runs import create_workflow, run_workflow
+from webapp.redis import get_redis
+
+# No other test uses these input sizes, so no runner of the session has
+# these models loaded before the tests here load them.
+HELD_MODEL = "people-detector-128"
+UNHELD_MODEL = "people-detector-864"
+# An untrained architecture at a large input size: its cold load and
+# inference keep a runner busy for seconds on CPU.
+SLOW_MODEL = "yolov8x.yaml-1024"
+
+
+def estimate(client, definition: dict, priority: str) -> dict:
+    response = client.post(
+        "/api/estimate",
+        {"specification": definition, "priority": priority},
+        format="json",
+    )
+    assert response.status_code == 200, response.json()
+    return response.json()
+
+
+def test_economy_waits_for_busy_holder(runner, extra_runners, alice, alice_client):
+    # "holder" is the only runner with the model loaded, and is busy with a
+    # slow run. The session runner is idle and has the model not loaded.
+    holder = extra_runners("economy-holder")
+    start(alice, HELD_MODEL, holder.name)
+    wait_until_loaded(holder, HELD_MODEL)
+    definition = detection(HELD_MODEL)
+    workflow_id = create_workflow(alice_client, definition)
+    busy = start(alice, SLOW_MODEL, holder.name, wait_s=0)
+    wait_for_status(busy.run.id, Run.Status.RUNNING)
+
+    economy_estimate = estimate(alice_client, definition, "economy")
+    standard_estimate = estimate(alice_client, definition, "standard")
+    economy_response = run_workflow(
+        alice_client, workflow_id, priority="economy", **{"async": True}
+    )
+    standard_response = run_workflow(
+        alice_client, workflow_id, priority="standard", **{"async": True}
+    )
+    assert economy_response.status_code == 202, economy_response.json()
+    assert standard_response.status_code == 202, standard_response.json()
+    economy_id = economy_response.json()["id"]
+    standard_id = standard_response.json()["id"]
+    queued = read_run(alice_client, economy_id)
+
+    assert economy_estimate["priority"] == "economy"
+    assert economy_estimate["runner"] == holder.name
+    assert economy_estimate["hot"] is True
+    assert economy_estimate["models"][0]["cold_load_us"] == 0
+    assert economy_estimate["queued_ahead"] == 0
+    assert economy_estimate["components"]["queue"] is None
+    assert any(
+        "this economy run waits for it" in reason and holder.name in reason
+        for reason in economy_estimate["unknown"]
+    )
+    assert standard_estimate["priority"] == "standard"
+    assert standard_estimate["runner"] == runner.name
+    assert standard_estimate["hot"] is False
+
+    assert queued["status"] == "queued"
+    assert queued["priority"] == "economy"
+    assert queued["queue"] == keys.runner_queue(holder.name)
+    assert queued["models"][0]["predicted_hot"] is True
+    reason = queued["waiting"]["reason"]
+    assert reason.startswith(
+        f"This economy run waits for runner {holder.name}, where its model "
+        f"{HELD_MODEL} is loaded, rather than loading it cold on another runner."
+    )
+    # The holder keeps the busy mark of the run it executes.
+    assert f"Runner {holder.name} is busy with another run" in reason
+
+    economy = wait_for_finish(alice_client, economy_id)
+    standard = wait_for_finish(alice_client, standard_id)
+    assert standard["status"] == "succeeded", standard["error"]
+    assert standard["priority"] == "standard"
+    assert standard["runner"] == runner.name
+    assert standard["timing"]["models"][0]["cold"] is True
+    assert economy["status"] == "succeeded", economy["error"]
+    assert economy["runner"] == holder.name
+    assert economy["timing"]["models"][0]["cold"] is False
+    assert economy["timing"]["components"]["cold_load"] == 0
+    busy_run = Run.objects.get(pk=busy.run.id)
+    assert Run.objects.get(pk=economy_id).started_at >= busy_run.finished_at
+    # The same formula bills both, and each run has one bill.
+    assert Bill.objects.filter(run_id__in=[economy_id, standard_id]).count() == 2
+
+
+def test_economy_without_holder_routes_as_standard(runner, alice, alice_client):
+    definition = detection(UNHELD_MODEL)
+    cache_key = resolve_model(UNHELD_MODEL, owner_id=alice.id).cache_key
+    loaded = {model["cache_key"] for model in (runner.state() or {}).get("models", [])}
+    assert cache_key not in loaded
+    workflow_id = create_workflow(alice_client, definition)
+
+    predicted = estimate(alice_client, definition, "economy")
+    response = run_workflow(alice_client, workflow_id, priority="economy")
+
+    assert predicted["runner"] == runner.name
+    assert predicted["hot"] is False
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["priority"] == "economy"
+    assert body["queue"] == keys.SHARED_QUEUE
+    assert body["timing"]["models"][0]["cold"] is True
+
+
+def test_economy_routing_order(db):
+    # Both "eco-both" runners hold both models and are busy: "eco-both-a"
+    # runs a run and has two queued, "eco-both-b" runs one. The idle
+    # "eco-one" holds one of the models.
+    prefix = Queue.redis_queue_namespace_prefix
+    backlog_key = f"{prefix}{keys.runner_queue('eco-both-a')}"
+    with fleet_of(
+        ("eco-one", ("k1",)),
+        ("eco-both-a", ("k1", "k2")),
+        ("eco-both-b", ("k1", "k2")),
+    ):
+        connection = get_redis()
+        connection.set(keys.current_run_key("eco-both-a"), "another-run", ex=60)
+        connection.set(keys.current_run_key("eco-both-b"), "another-run", ex=60)
+        connection.rpush(backlog_key, "queued-1", "queued-2")
+
+        try:
+            both, _ = choose_economy_queue(["k1", "k2"], "run-1")
+            one, _ = choose_economy_queue(["k1"], "run-2")
+            none, _ = choose_economy_queue(["k3"], "run-3")
+
+            marks = {
+                name: connection.get(keys.current_run_key(name))
+                for name in ("eco-one", "eco-both-b")
+            }
+        finally:
+            connection.delete(backlog_key)
+
+    assert both == keys.runner_queue("eco-both-b")
+    assert one == keys.runner_queue("eco-one")
+    assert none == keys.SHARED_QUEUE
+    # An idle holder is marked busy for the run, and a busy one keeps the
+    # mark of the run it executes.
+    assert marks == {"eco-one": b"run-2", "eco-both-b": b"another-run"}
+
+
+def test_economy_wait_names_evicted_models(db, alice):
+    # The run waits on the queue of a runner with no process, whose
+    # heartbeat first lists the run's model and then no longer does.
+    run = Run.objects.create(
+        owner=alice,
+        source=Run.Source.API,
+        priority=Run.Priority.ECONOMY,
+        definition_digest="digest",
+        queue_name=keys.runner_queue("evicting-holder"),
+        model_refs=[{"model_id": "people-detector", "cache_key": "k1"}],
+    )
+    queue_key = f"{Queue.redis_queue_namespace_prefix}{run.queue_name}"
+    get_redis().rpush(queue_key, str(run.pk))
+    try:
+        with registered_runner("evicting-holder", ("k1",)):
+            holding = waiting_state(run)["reason"]
+        with registered_runner("evicting-holder", ("k2",)):
+            evicted = waiting_state(run)["reason"]
+    finally:
+        get_redis().delete(queue_key)
+
+    assert holding.startswith(
+        "This economy run waits for runner evicting-holder, where its model "
+        "people-detector is loaded, rather than loading it cold"
+    )
+    assert evicted.startswith(
+        "This economy run waits for runner evicting-holder, which had its "
+        "models loaded when the run was queued but has evicted them since, so "
+        "it loads them cold when it takes the run."
+    )
+
+
+@pytest.mark.parametrize("value", ["cheap", "Economy", 1, ["economy"], ""])
+def test_invalid_priority_rejected(runner, alice_client, value):
+    workflow_id = create_workflow(alice_client, image_height())
+    responses = [
+        run_workflow(alice_client, workflow_id, priority=value),
+        alice_client.post(
+            f"/api/workflows/{workflow_id}/estimate",
+            {"priority": value},
+            format="json",
+        ),
+        alice_client.post(
+            "/api/estimate",
+            {"specification": image_height(), "priority": value},
+            format="json",
+        ),
+    ]
+    for response in responses:
+        assert response.status_code == 400
+        body = response.json()
+        assert body["code"] == "malformed_request"
+        assert body["field"] == "priority"
+        assert '"standard" or "economy"' in body["message"]
+        assert "hint" in body
+    assert Run.objects.count() == 0
+    assert Bill.objects.count() == 0
+
+
+def test_runworkflow_priority_option(runner, tmp_path):
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps(image_height()))
+    image = str(image_path())
+
+    call_command("runworkflow", str(path), "--image", image, "--priority", "economy")
+    with pytest.raises(CommandError, match="invalid choice: 'cheap'"):
+        call_command("runworkflow", str(path), "--image", image, "--priority", "cheap")
+
+    run = Run.objects.get()
+    assert run.priority == Run.Priority.ECONOMY
+    assert run.status == Run.Status.SUCCEEDED
