@@ -9,7 +9,7 @@ from django.utils import timezone
 from billing.models import Bill
 from runner.models import Run
 from tests.conftest import ARTIFACTS, image_b64, image_path
-from tests.definitions import detection
+from tests.definitions import detection, image_height
 from tests.test_billing_pages import make_bill, model_entry
 from tests.test_estimate import wait_until_loaded
 from tests.test_runs import run_workflow
@@ -824,3 +824,26 @@ def test_run_page_sends_price_cap(runner, asgi_server, page, alice):
     assert "price unknown (price cap 1 µcr" in prediction
     assert "; actual: " in prediction
     page.screenshot(path=str(ARTIFACTS / "run-page-capped.png"), full_page=True)
+
+
+def test_run_page_sends_chosen_priority(runner, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Height", image_height())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    assert page.locator("#run-priority").input_value() == "standard"
+    assert page.locator("#run-priority-note").is_hidden()
+
+    with page.expect_request(lambda request: request.url.endswith("/estimate")) as sent:
+        page.select_option("#run-priority", "economy")
+    assert json.loads(sent.value.post_data)["priority"] == "economy"
+    page.click("#run-button")
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent === 'succeeded'",
+        timeout=120_000,
+    )
+
+    run = Run.objects.get()
+    assert run.priority == Run.Priority.ECONOMY
+    assert page.locator("#run-priority-value").text_content() == "economy"
+    page.reload()
+    assert page.locator("#run-priority-value").text_content() == "economy"

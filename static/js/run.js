@@ -651,7 +651,8 @@
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
         body: JSON.stringify({
-          inputs, async: true, source: "ui", ...versionField(), ...priceCapField(),
+          inputs, async: true, source: "ui", priority: priority(),
+          ...versionField(), ...priceCapField(),
         }),
       });
       const body = await response.json();
@@ -665,6 +666,8 @@
         throw new Error(body.hint ? `${message}. ${body.hint}` : message);
       }
       drawnImage = firstImage;
+      $("run-priority-value").textContent = body.priority || priority();
+      $("run-priority-note").hidden = false;
       history.replaceState(null, "", `/runs/${body.id}/`);
       // The button stays disabled until the run ends (showFinal).
       follow(body.id);
@@ -684,6 +687,11 @@
       throw new Error(`Price cap: the integer ${text} cannot be sent exactly; use a smaller cap.`);
     }
     return { max_price_microcredits: Number(text) };
+  }
+
+  // The run form's priority: "standard" or "economy".
+  function priority() {
+    return $("run-priority").value;
   }
 
   function versionField() {
@@ -782,7 +790,7 @@
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-        body: JSON.stringify({ inputs, ...versionField() }),
+        body: JSON.stringify({ inputs, priority: priority(), ...versionField() }),
       });
       const body = await response.json();
       if (seq !== estimateSeq) return;
@@ -808,6 +816,7 @@
     for (const fieldset of document.querySelectorAll("[data-image-input]")) {
       bindImageChoice(fieldset);
     }
+    $("run-priority").addEventListener("change", showEstimate);
     showEstimate();
   }
   if (existingRunId) follow(existingRunId);
