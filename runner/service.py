@@ -113,9 +113,9 @@ class PriceCapExceeded(WorkflowError):
             f"{max_price_microcredits}; nothing was stored",
             context="price_cap",
             field_name="max_price_microcredits",
-            hint="Raise max_price_microcredits, or send the run again when its "
-            "models are loaded (hot), which the workflow's estimate shows: a cold "
-            "start costs more.",
+            hint="Raise max_price_microcredits, or send the run with priority "
+            "economy, which waits for a runner that has its models loaded: a "
+            "cold start costs more.",
         )
         self.estimate = estimate
         self.max_price_microcredits = max_price_microcredits
