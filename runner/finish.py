@@ -290,18 +290,20 @@ def fail_run(
     expected_runner: str | None = None,
     expected_instance: str | None = None,
     code: str = "platform_failure",
+    status: int = 500,
 ) -> bool:
     """End a run failed because of the platform, with a waived bill.
 
     ``expected_runner`` and ``expected_instance`` are the runner name and
     process (Run.runner_instance) that must hold the run, where given.
+    ``status`` is the HTTP status of the responses that report the failure.
     """
     error = {
         "message": reason,
         "code": code,
         "context": "runner_pool",
         "error_type": "PlatformError",
-        "status": 500,
+        "status": status,
     }
     line = BillingPolicy.from_settings().waive(None, reason)
     filters: dict[str, Any] = {"pk": run_id, "status": expected_status}

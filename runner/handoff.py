@@ -13,7 +13,7 @@ runner left, the run fails, unbilled.
 A job that routing put on a runner's own queue is not handed on: routing
 picks only runners holding one of the run's models and listing none of its
 files as missing (dispatch.routing_order). If the runner lost a file since,
-the run fails there with the message of ModelLoadError.
+the run fails there with WeightsFileMissingError.
 """
 
 import logging
@@ -24,6 +24,7 @@ from runner.finish import clear_mark, fail_run
 from runner.models import Run
 from runner.registry import KIND_PLACES, ModelSource, check_model_path
 from webapp.redis import get_redis
+from workflows.errors import WeightsFileMissingError
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ def pass_on_if_lacking(
                 _no_runner_message(missing, declined, listing),
                 expected_status=Run.Status.QUEUED,
                 code="model_load_failed",
+                # The request was valid and runs once the file is copied
+                # into place, as WeightsFileMissingError on one runner.
+                status=WeightsFileMissingError.status,
             )
     finally:
         clear_mark(connection, runtime.name, run_id)

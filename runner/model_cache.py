@@ -36,7 +36,7 @@ from runner.eviction import (
 from runner.registry import KIND_PLACES, ModelSource
 from runner.weights_check import check_format
 from workflows.detections import Detections
-from workflows.errors import ModelLoadError
+from workflows.errors import ModelLoadError, WeightsFileMissingError
 from workflows.images import WorkflowImage
 from workflows.timing import ModelUse, RunTimer, us_added
 
@@ -535,13 +535,13 @@ class ModelCache:
         return time.perf_counter() - started
 
     def _local_file(self, source: ModelSource) -> str:
-        """Return the weights' path on this machine; raise ModelLoadError if missing."""
+        """Return the weights' path here, or raise WeightsFileMissingError."""
         path = source.local_path()
         if source.kind != "architecture" and not Path(path).is_file():
             # Every machine's runners need the same files in their model and
             # upload directories (docs/operations.md).
             self._note_missing([(source, path)])
-            raise ModelLoadError(
+            raise WeightsFileMissingError(
                 source.model_id,
                 f"this runner has no file {source.path} in its "
                 f"{KIND_PLACES[source.kind]}",

@@ -810,6 +810,7 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     failed = start(alice, "people-detector", "bare-machine", wait_s=120)
     error = failed.payload["meta"]["error"]
     assert error["code"] == "model_load_failed"
+    assert error["status"] == 503
     assert "no file people-detector.pt in its MODEL_DIR" in error["message"]
     assert str(empty) not in error["message"]
     assert Bill.objects.get(run_id=failed.run.id).billed is False
@@ -876,6 +877,7 @@ def test_run_fails_when_no_runner_has_weights(runner, extra_runners, alice, tmp_
         run = wait_for_final(outcome.run.id, timeout_s=60)
     assert run.status == Run.Status.FAILED
     assert run.error["code"] == "model_load_failed"
+    assert run.error["status"] == 503
     message = run.error["message"]
     assert "no live runner has the weights file" in message
     assert "model 'ghost-detector' needs the file ghost-detector.pt" in message

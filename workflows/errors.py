@@ -191,6 +191,16 @@ class ModelLoadError(WorkflowError):
         )
 
 
+class WeightsFileMissingError(ModelLoadError):
+    """A model's weights file is missing from the runner's directory.
+
+    The request was valid, and once the operator copies the file the same
+    request runs, so the status is 503 like ``no_runner``'s.
+    """
+
+    status = 503
+
+
 class StepExecutionError(WorkflowError):
     """A step failed while running.  ``user_error`` records whose fault it was."""
 
