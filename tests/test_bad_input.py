@@ -1416,6 +1416,31 @@ def test_repeated_api_key_in_query_is_400(client, alice, alice_key, order):
         assert alice_key not in response.content.decode()
 
 
+@pytest.mark.parametrize("other", ["bob", "revoked"])
+def test_header_key_wins_over_query_and_body(client, alice, bob, alice_key, other):
+    # The header's key authenticates, and the query's and the body's keys
+    # are not checked.
+    token, other_key = ApiToken.issue(bob if other == "bob" else alice, "other")
+    if other == "revoked":
+        token.revoke()
+    created = client.post(
+        f"/api/workflows/?api_key={other_key}",
+        json.dumps(
+            {"api_key": other_key, "name": "Alice's", "definition": image_height()}
+        ),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {alice_key}",
+    )
+    assert created.status_code == 201
+    assert Workflow.objects.get().owner == alice
+    listed = client.get(
+        f"/api/workflows/?api_key={other_key}",
+        HTTP_AUTHORIZATION=f"Bearer {alice_key}",
+    )
+    assert listed.status_code == 200
+    assert [w["slug"] for w in listed.json()["results"]] == ["alices"]
+
+
 @pytest.mark.parametrize("key", [123, ["gbx_x"], {"key": "gbx_x"}])
 def test_key_in_body_not_a_string(run_url, key):
     from rest_framework.test import APIClient
