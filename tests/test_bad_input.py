@@ -577,6 +577,24 @@ def test_image_truncated_jpeg(send_run):
     assert_nothing_stored()
 
 
+@pytest.mark.parametrize("appended", [b"", b"x" * 1000], ids=["cut", "cut-then-data"])
+def test_image_truncated_png(send_run, appended):
+    # Data after the cut must not pass for a complete file: the IEND chunk is
+    # looked for where the chunks lead, not only in the file's last bytes.
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes())).save(buffer, format="PNG")
+    whole = buffer.getvalue()
+    response = send_run(
+        image_height(), {"image": base64_input(whole[: len(whole) // 2] + appended)}
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert "truncated PNG" in body["message"]
+    assert_nothing_stored()
+
+
 def test_image_invalid_base64(send_run):
     response = send_run(
         image_height(), {"image": {"type": "base64", "value": "not*base64*at*all"}}

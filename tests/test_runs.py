@@ -1,6 +1,7 @@
 """Runs end to end: API request, real runner process, real model, bill."""
 
 import base64
+import io
 import struct
 import time
 import uuid
@@ -352,6 +353,28 @@ def test_run_accepts_wrapped_unpadded_base64(runner, alice_client):
     )
     assert response.status_code == 200, response.json()
     assert response.json()["outputs"][0]["height"] == 1080
+
+
+def test_run_png_with_data_after_its_end(runner, alice_client):
+    # Some tools append data after a PNG file's IEND chunk. OpenCV stops
+    # reading at IEND, so the runner decodes the image as it is.
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes())).save(buffer, format="PNG")
+    png = buffer.getvalue() + b"appended after IEND" * 16
+    workflow_id = create_workflow(alice_client, detection())
+    body = {
+        "inputs": {"image": {"type": "base64", "value": base64.b64encode(png).decode()}}
+    }
+    response = alice_client.post(
+        f"/api/workflows/{workflow_id}/runs", body, format="json"
+    )
+    assert response.status_code == 200, response.json()
+    predictions = response.json()["outputs"][0]["predictions"]
+    assert predictions["image"] == {"width": 810, "height": 1080}
+    classes = [p["class"] for p in predictions["predictions"]]
+    assert classes.count("Normal") >= 2
 
 
 def test_run_image_undecodable_on_runner_is_not_billed(runner, alice_client):

@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import cv2
@@ -234,18 +235,36 @@ def exif_orientation(image: Image.Image, data: bytes) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _png_exif_chunk(data: bytes) -> bytes | None:
-    """Return the data of a PNG file's eXIf chunk, or None if it has none."""
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """Yield the type, data offset and length of a PNG file's chunks up to IEND.
+
+    The walk follows each chunk's length, so it stops at the IEND chunk
+    whatever bytes follow it, and at the end of ``data`` if a chunk runs past.
+    """
     offset = 8
     while offset + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, offset)
-        if kind == b"eXIf":
-            return data[offset + 8 : offset + 8 + length]
+        yield kind, offset + 8, length
         if kind == b"IEND":
-            return None
+            return
         # Chunk length, type, data and CRC.
         offset += 12 + length
+
+
+def _png_exif_chunk(data: bytes) -> bytes | None:
+    """Return the data of a PNG file's eXIf chunk, or None if it has none."""
+    for kind, start, length in _png_chunks(data):
+        if kind == b"eXIf":
+            return data[start : start + length]
     return None
+
+
+def _png_has_end(data: bytes) -> bool:
+    """Return whether a PNG file's chunks lead to a whole IEND chunk."""
+    for kind, start, _ in _png_chunks(data):
+        if kind == b"IEND":
+            return data[start - 4 : start + 4] == _TRAILERS["PNG"][0]
+    return False
 
 
 def _tiff_bits_per_sample(image: Image.Image) -> int:
@@ -270,7 +289,12 @@ def _has_end_marker(image_format: str, data: bytes) -> bool:
         # an EXIF thumbnail before the scan carries an end marker of its own.
         start_of_scan = data.find(b"\xff\xda")
         return start_of_scan != -1 and data.rfind(b"\xff\xd9") > start_of_scan
-    return any(marker in data[-64:] for marker in _TRAILERS[image_format])
+    if any(marker in data[-64:] for marker in _TRAILERS[image_format]):
+        return True
+    # Tools may append data after a PNG file's IEND chunk, which OpenCV and
+    # Pillow ignore. Walking the chunks finds IEND there, and costs one step per
+    # chunk, so it runs only when the end of the file has no IEND.
+    return _png_has_end(data)
 
 
 def _check_complete(
