@@ -33,6 +33,7 @@ from runner.registry import (
 )
 from runner.waiting import waiting_state
 from runner.weights_check import WeightsRejected, check_weights
+from webapp.api_views import StrictQueryAPIView
 from webapp.errors import get_owned
 from webapp.requests import (
     MULTIPART_ALLOWANCE_BYTES,
@@ -169,7 +170,7 @@ def _query_integer(request, name: str, minimum: int = 1) -> int | None:
     return int(raw)
 
 
-class RunDetailView(APIView):
+class RunDetailView(StrictQueryAPIView):
     def get(self, request, run_id):
         run = get_owned(
             Run.objects.select_related("workflow_version", "bill"),
@@ -220,7 +221,7 @@ def model_listing(owner) -> dict:
     }
 
 
-class ModelDetailView(APIView):
+class ModelDetailView(StrictQueryAPIView):
     """One of the user's uploads: read it, or delete it and its file."""
 
     def get(self, request, model_id):
@@ -272,7 +273,7 @@ class ModelDetailView(APIView):
         )
 
 
-class ModelListView(APIView):
+class ModelListView(StrictQueryAPIView):
     parser_classes = [MultiPartParser]
 
     def get(self, request):
@@ -487,7 +488,7 @@ class MetricsView(APIView):
         return HttpResponse(render_metrics(), content_type=METRICS_CONTENT_TYPE)
 
 
-class FleetView(APIView):
+class FleetView(StrictQueryAPIView):
     """Every runner's state; staff only, since it names other users' models."""
 
     permission_classes = [IsAdminUser]

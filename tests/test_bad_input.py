@@ -1974,6 +1974,53 @@ def test_api_answers_json_to_a_browser_accept(client, alice, alice_key, accept):
             assert response.json()["code"] == code, url
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "query", "body"),
+    [
+        ("get", "/api/workflows/{id}", "version=1", None),
+        ("get", "/api/workflows/{id}/versions", "limit=1", None),
+        ("put", "/api/workflows/{id}", "base_version=1", {"name": "Renamed"}),
+        ("post", "/api/workflows/{id}/runs", "async=true", {"inputs": IMAGE_INPUTS}),
+        ("post", "/api/workflows/{id}/estimate", "version=1", {}),
+        ("post", "/api/validate", "strict=1", {"definition": image_height()}),
+        ("get", "/api/blocks", "type=crop", None),
+        ("get", "/api/models/", "api_key={key}&kind=upload", None),
+    ],
+    ids=[
+        "detail",
+        "versions",
+        "update",
+        "run",
+        "estimate",
+        "validate",
+        "blocks",
+        "models",
+    ],
+)
+def test_unknown_query_parameter_is_400(alice, alice_key, method, path, query, body):
+    # These routes read no query parameter but api_key, so a field sent in
+    # the query was ignored: ?version=1 returned the latest version.
+    from rest_framework.test import APIClient
+
+    workflow = Workflow.create_with_version(alice, "height", image_height())
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {alice_key}")
+    url = path.format(id=workflow.id) + "?" + query.format(key=alice_key)
+    response = getattr(client, method)(url, body, format="json")
+    assert response.status_code == 400, response.json()
+    error = response.json()
+    assert_error_body(error)
+    assert error["code"] == "malformed_request"
+    unknown = query.split("&")[-1].split("=")[0]
+    assert error["field"] == unknown
+    assert f"unknown query parameters '{unknown}'" in error["message"]
+    assert alice_key not in response.content.decode()
+    assert ("hint" in error) == (method in ("put", "post"))
+    workflow.refresh_from_db()
+    assert workflow.name == "height"
+    assert_nothing_stored()
+
+
 def test_tiff_with_16_bit_samples_accepted(send_run):
     # The check reads the samples' width from the file, not Pillow's mode.
     buffer = io.BytesIO()

@@ -9,13 +9,13 @@ from django.db.models import Count, Max
 from django.urls import Resolver404, resolve
 from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from runner.estimate import estimate_run
 from runner.models import Run
 from runner.registry import resolve_model
 from runner.responses import run_response
 from runner.service import start_run
+from webapp.api_views import StrictQueryAPIView
 from webapp.errors import get_owned
 from webapp.requests import (
     MalformedRequest,
@@ -166,7 +166,7 @@ INLINE_ESTIMATE_FIELDS = {"specification", "inputs", "api_key", "priority"}
 VALIDATE_FIELDS = {"definition", "api_key"}
 
 
-class WorkflowListView(APIView):
+class WorkflowListView(StrictQueryAPIView):
     def get(self, request):
         workflows = (
             Workflow.objects.filter(owner=request.user)
@@ -209,7 +209,7 @@ class WorkflowListView(APIView):
         )
 
 
-class WorkflowDetailView(APIView):
+class WorkflowDetailView(StrictQueryAPIView):
     def get_workflow(self, request, workflow_id) -> Workflow:
         return get_owned(
             Workflow.objects.select_related("owner"),
@@ -308,7 +308,7 @@ class WorkflowDetailView(APIView):
         return Response(status=204)
 
 
-class WorkflowVersionsView(APIView):
+class WorkflowVersionsView(StrictQueryAPIView):
     def get(self, request, workflow_id):
         workflow = get_owned(
             Workflow.objects,
@@ -331,7 +331,7 @@ class WorkflowVersionsView(APIView):
         )
 
 
-class WorkflowRunView(APIView):
+class WorkflowRunView(StrictQueryAPIView):
     """POST inputs to run the latest (or a given) version.
 
     Waits up to SYNC_TIMEOUT_S for the result, then answers 202 with the run's
@@ -424,7 +424,7 @@ def estimate_definition(definition, body: dict, owner_id: int) -> dict:
     return estimate_run(plan, parameters, owner_id, batch_size, priority)
 
 
-class WorkflowEstimateView(APIView):
+class WorkflowEstimateView(StrictQueryAPIView):
     """Predict a run of the latest (or a given) version without running it.
 
     ``inputs`` gives the parameters, and the batch size through the length of
@@ -444,7 +444,7 @@ class WorkflowEstimateView(APIView):
         return Response(estimate_definition(version.definition, body, request.user.id))
 
 
-class EstimateView(APIView):
+class EstimateView(StrictQueryAPIView):
     """Predict a run of an inline ``specification`` without running it."""
 
     def post(self, request):
@@ -462,7 +462,7 @@ class EstimateView(APIView):
         )
 
 
-class ValidateView(APIView):
+class ValidateView(StrictQueryAPIView):
     """Compile a definition and report its problems, without storing anything."""
 
     def post(self, request):
@@ -501,6 +501,6 @@ def model_warnings(plan, owner_id: int) -> list[str]:
     return warnings
 
 
-class BlocksView(APIView):
+class BlocksView(StrictQueryAPIView):
     def get(self, request):
         return Response({"blocks": [block.manifest() for block in BLOCKS]})
