@@ -557,3 +557,52 @@ def test_builder_suggests_model_ids(transactional_db, asgi_server, page, alice):
     # The compiler rejects a step output as a model_id, so none is offered.
     values = [value for value, _ in options]
     assert "$steps.count.output" not in values
+
+
+def prompts_before_leaving(page) -> bool:
+    """Close the page as a person leaving it would, and return whether it asked first."""
+    dialogs = []
+
+    def leave(dialog) -> None:
+        dialogs.append(dialog.type)
+        dialog.accept()
+
+    page.on("dialog", leave)
+    with page.expect_event("close"):
+        page.close(run_before_unload=True)
+    return dialogs == ["beforeunload"]
+
+
+def test_builder_asks_before_losing_json(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Half typed", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    page.click("#tab-json")
+    # Text that does not parse yet never reaches the definition, and it is
+    # the person's work all the same.
+    page.fill("#definition-json", '{"version": "1.0", "steps": [')
+    page.wait_for_selector("#json-error:not([hidden])")
+    assert prompts_before_leaving(page)
+
+
+def test_builder_asks_before_losing_json_typed_just_now(
+    transactional_db, asgi_server, page, alice
+):
+    workflow = Workflow.create_with_version(alice, "Just typed", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    page.click("#tab-json")
+    text = page.input_value("#definition-json")
+    # Left before the JSON tab applied the text to the definition.
+    page.fill("#definition-json", text.replace('"people"', '"walkers"'))
+    assert prompts_before_leaving(page)
+
+
+def test_builder_leaves_unedited_json_quietly(
+    transactional_db, asgi_server, page, alice
+):
+    workflow = Workflow.create_with_version(alice, "Only read", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    page.click("#tab-json")
+    assert not prompts_before_leaving(page)

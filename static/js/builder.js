@@ -39,7 +39,8 @@
  *                                 was deleted), the next save creates a new one.
  *   Validation                    #validation-status[data-state] is idle, pending,
  *                                 valid, invalid or error.
- *   Leaving the page with unsaved changes raises a beforeunload prompt.
+ *   Leaving the page with unsaved changes raises a beforeunload prompt, and
+ *   so does JSON text that does not parse.
  *
  * window.glassboxBuilder, for tests and the console
  *   ready                          Promise that resolves once the builder is usable.
@@ -1961,7 +1962,11 @@
       }
     });
     window.addEventListener("beforeunload", (event) => {
-      if (!isDirty()) return;
+      // Text typed in the JSON tab reaches the definition only after a short
+      // delay, and only once it parses. Apply it now, and count text that
+      // does not parse as an unsaved edit.
+      const unreadableJson = state.activeTab === "json" && !applyJsonText();
+      if (!unreadableJson && !isDirty()) return;
       event.preventDefault();
       event.returnValue = "";
     });
