@@ -403,6 +403,16 @@ def test_estimate_uncalled_model_is_not_loaded(runner, alice, alice_client):
     assert outer["loads"] == 1
 
 
+def test_estimate_names_definition_without_history():
+    # The history is per definition, so a workflow run many times before an
+    # edit has none for its new version. The reason must not deny those runs.
+    unknown = []
+    estimate_module._workflow_components([], 1, unknown, [])
+    assert len(unknown) == 1
+    assert unknown[0].startswith("this definition has no succeeded run yet")
+    assert "an edited workflow starts without any" in unknown[0]
+
+
 def test_cold_load_counted_once_per_weights_file():
     forecasts = [
         {"cache_key": "model_dir:/m/people.pt:0", "cold_load_us": 400},
