@@ -379,3 +379,28 @@ def test_run_form_fits_phone(transactional_db, asgi_server, browser, alice):
         box = fields.nth(index).bounding_box()
         assert box["x"] + box["width"] <= form["x"] + form["width"], (index, box)
     context.close()
+
+
+def test_pages_fit_320_pixels(transactional_db, asgi_server, browser, alice):
+    # WCAG 2.1 success criterion 1.4.10 (Reflow) requires content to fit a
+    # width of 320 CSS pixels without scrolling sideways.
+    workflow = Workflow.create_with_version(alice, "People", detection())
+    bill = make_bill(alice, version=workflow.latest_version(), created_at=DAY)
+    context = browser.new_context(viewport={"width": 320, "height": 640})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    paths = (
+        "/workflows/",
+        f"/workflows/{workflow.id}/run/",
+        f"/runs/{bill.run_id}/",
+        "/billing/",
+        f"/billing/runs/{bill.run_id}/",
+        "/models/",
+        "/tokens/",
+    )
+    for path in paths:
+        page.goto(f"{asgi_server}{path}")
+        page.wait_for_load_state("networkidle")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 320, (path, width)
+    context.close()
