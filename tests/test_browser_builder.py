@@ -606,3 +606,20 @@ def test_builder_leaves_unedited_json_quietly(
     open_builder(page, asgi_server, workflow)
     page.click("#tab-json")
     assert not prompts_before_leaving(page)
+
+
+def test_builder_marks_unsaved_changes(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Marked", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    status = page.locator("#saved-version")
+    assert status.text_content() == "Version 1"
+
+    set_confidence(page, 0.45)
+    assert status.text_content() == "Version 1, unsaved changes"
+    page.click("#save")
+    page.wait_for_selector("#saved-version[data-version='2']")
+    assert status.text_content() == "Saved as version 2"
+
+    page.fill("#workflow-name", "Marked again")
+    assert status.text_content() == "Version 2, unsaved changes"

@@ -29,7 +29,8 @@
  *   Tabs                          #tab-graph, #tab-json.  JSON text #definition-json,
  *                                 JSON syntax error #json-error.
  *   Saving                        #workflow-name, #save.  #saved-version shows
- *                                 "Version N" (or "Saved as version N") and carries
+ *                                 "Version N" (or "Saved as version N", or "Version N,
+ *                                 unsaved changes" after an edit) and carries
  *                                 data-version="N".  Every save of an existing
  *                                 workflow sends base_version N and the revision
  *                                 it loaded or last saved as base_revision, so a
@@ -488,10 +489,20 @@
     }
     if (options.redrawPanel) renderPanel();
     scheduleValidation();
+    showUnsavedChanges();
   }
 
   function isDirty() {
     return state.changeCount !== state.savedChangeCount;
+  }
+
+  // Mark the saved version as behind the page once the page holds edits made
+  // after it, so that "Saved as version N" never stands next to unsaved work.
+  function showUnsavedChanges() {
+    if (state.savedVersion == null || !isDirty()) return;
+    const text = `Version ${state.savedVersion}, unsaved changes`;
+    // The element is a live region: rewriting the same text would announce it again.
+    if (dom.savedVersion.textContent !== text) dom.savedVersion.textContent = text;
   }
 
   function setItemValue(item, key, value) {
@@ -1437,6 +1448,8 @@
     dom.savedVersion.textContent = body.version === previous
       ? `Saved; definition unchanged, version ${body.version}`
       : `Saved as version ${body.version}`;
+    // Edits made while the save was on its way are not in this version.
+    showUnsavedChanges();
     showSaveMessage(null, "");
     if (isNew) {
       history.replaceState(null, "", `/workflows/${body.id}/edit`);
@@ -1937,6 +1950,7 @@
     dom.save.addEventListener("click", save);
     dom.name.addEventListener("input", () => {
       state.changeCount += 1;
+      showUnsavedChanges();
       if (dom.name.value.trim()) clearSaveError("name");
     });
     document.getElementById("zoom-in").addEventListener("click", () => editor.zoom_in());
