@@ -21,7 +21,9 @@ from billing.policy import (
 )
 from billing.queries import (
     COMPONENT_LABELS,
+    LOAD_FAILED,
     format_us_as_ms,
+    model_load_failed,
     model_used,
     run_components,
     start_kind,
@@ -96,13 +98,15 @@ def explain_bill(bill: Bill) -> Explanation:
 def model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Return the breakdown's models with their start and untrained mark.
 
-    ``start`` is "cold", "hot", or "not called" for a model the run set up
-    but never called.
+    ``start`` is "cold", "hot", "load failed", or "not called" for a model
+    the run set up but never called.
     """
     rows = []
     for model in models:
         if not model_used(model):
             start = "not called"
+        elif model_load_failed(model):
+            start = LOAD_FAILED
         else:
             start = "cold" if model.get("cold") else "hot"
         untrained = model.get("pretrained") is False

@@ -299,6 +299,15 @@ def model_used(model: dict[str, Any]) -> bool:
     return bool(model.get("calls") or model.get("cold"))
 
 
+def model_load_failed(model: dict[str, Any]) -> bool:
+    """Return whether a model of the breakdown failed its only load in the run.
+
+    The runner counts a load in ``loads`` only once it succeeds, but marks the
+    model cold as the load starts. Breakdowns older than ``loads`` lack it.
+    """
+    return bool(model.get("cold")) and model.get("loads") == 0
+
+
 def untrained_models(models: list[dict[str, Any]]) -> tuple[str, ...]:
     """Return the ids of the breakdown models that are untrained architectures."""
     return tuple(

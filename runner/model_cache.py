@@ -647,21 +647,29 @@ class ModelProvider:
             )
 
     def _emit_cold_load(
-        self, model_id: str, step: str, use: ModelUse, before: tuple[int, int, int]
+        self,
+        model_id: str,
+        step: str,
+        use: ModelUse,
+        before: tuple[int, int, int],
+        failed: bool = False,
     ) -> None:
         """Send the phases of the load that followed ``before``, this load's only:
-        a model evicted during the run loads again."""
+        a model evicted during the run loads again. A failed load's event
+        carries ``failed: true``."""
         phases = {
             "read": us_added(before[0], use.load_read_ns),
             "to_device": us_added(before[1], use.load_to_device_ns),
             "warmup": us_added(before[2], use.load_warmup_ns),
         }
+        extra = {"failed": True} if failed else {}
         self.timer.emit(
             "cold_load",
             model_id=model_id,
             step=step,
             **phases,
             total=sum(phases.values()),
+            **extra,
         )
 
     def detect(
@@ -687,7 +695,7 @@ class ModelProvider:
             )
         except ModelLoadError:
             if use.cold_load_ns > sum(before):
-                self._emit_cold_load(model_id, step, use, before)
+                self._emit_cold_load(model_id, step, use, before, failed=True)
             raise
         self._called.add(source.cache_key)
         self._check_model(model_id, entry, use)

@@ -23,6 +23,7 @@ from django.urls import reverse
 
 from billing.models import Bill
 from billing.policy import BillingPolicy
+from runner.events import stored_events
 from runner.models import Run
 from tests.definitions import image_height
 from webapp.models import ApiToken
@@ -1080,6 +1081,28 @@ def model_entry(model_id: str, *, calls: int, pretrained: bool = True) -> dict:
     }
 
 
+def failed_load_entry(model_id: str) -> dict:
+    """Return a breakdown model entry of a model whose only load failed."""
+    entry = model_entry(model_id, calls=0)
+    cold_load = {"read": 2_092, "to_device": 0, "warmup": 0, "total": 2_092}
+    return {**entry, "cold": True, "loads": 0, "cold_load": cold_load}
+
+
+@pytest.mark.django_db
+def test_explain_labels_failed_load(alice_browser, alice, people):
+    bill = make_bill(
+        alice,
+        version=people,
+        billed=False,
+        cold_load=2_092,
+        models=[failed_load_entry("people-detector")],
+    )
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    models = page.html.split('class="models"', 1)[1].split("</table>", 1)[0]
+    assert '<span class="badge load-failed">load failed</span>' in models
+    assert ">cold<" not in models
+
+
 @pytest.mark.django_db
 def test_explain_waived_bill_components(alice_browser, alice, people):
     bill = make_bill(
@@ -1219,6 +1242,12 @@ def test_failed_model_load_is_labelled_load_failed(runner, client, alice, settin
     starts = client.get(SUMMARY).json()["starts"]
     assert starts["load_failed"]["runs"] == 1
     assert starts["no_model"]["runs"] == 0
+
+    # The live event of the load says that it failed, for the run page.
+    events = stored_events(str(outcome.run.id))
+    loads = [event for event in events if event["phase"] == "cold_load"]
+    assert len(loads) == 1
+    assert loads[0]["failed"] is True
 
 
 @pytest.mark.django_db

@@ -10,7 +10,7 @@ from billing.models import Bill
 from runner.models import Run
 from tests.conftest import ARTIFACTS, image_b64, image_path
 from tests.definitions import detection, image_height
-from tests.test_billing_pages import make_bill, model_entry
+from tests.test_billing_pages import failed_load_entry, make_bill, model_entry
 from tests.test_estimate import wait_until_loaded
 from tests.test_runs import run_workflow
 from workflows.models import Workflow
@@ -301,6 +301,28 @@ def test_run_page_shows_waived_bill(transactional_db, asgi_server, page, alice):
     model = page.locator("#timeline li[data-model='people-detector']")
     assert model.text_content().strip() == "model people-detector · not called"
     assert model.locator(".badge").count() == 0
+
+
+def test_run_page_shows_failed_load(transactional_db, asgi_server, page, alice):
+    version = Workflow.create_with_version(
+        alice, "Broken weights", detection()
+    ).latest_version()
+    bill = make_bill(
+        alice,
+        version=version,
+        billed=False,
+        cold_load=2_092,
+        models=[failed_load_entry("people-detector")],
+    )
+    Run.objects.filter(pk=bill.run_id).update(finished_at=timezone.now())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/runs/{bill.run_id}/")
+    page.wait_for_selector("#summary:not([hidden])", timeout=30_000)
+
+    # The billing pages call this run "load failed", and so does its model row.
+    model = page.locator("#timeline li[data-model='people-detector']")
+    assert model.locator(".badge").text_content() == "load failed"
+    assert model.locator(".badge.cold").count() == 0
 
 
 def test_run_page_rejects_oversized_image(

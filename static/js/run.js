@@ -90,12 +90,12 @@
   }
 
   // One timeline row: phase colour, a bar scaled to the longest phase so far.
-  function addRow(view, phase, label, durationUs, badgeKind) {
+  function addRow(view, phase, label, durationUs, badgeKind, badgeText) {
     const li = document.createElement("li");
     li.dataset.phase = phase;
     const name = document.createElement("span");
     name.textContent = label;
-    if (badgeKind) name.append(" ", badge(badgeKind));
+    if (badgeKind) name.append(" ", badge(badgeKind, badgeText));
     const bar = document.createElement("span");
     bar.className = "bar";
     bar.style.background = glassboxPhaseColor(phase);
@@ -134,7 +134,9 @@
         addRow(view, "compile", event.cache_hit ? "compile (cache hit)" : "compile", event.duration);
         break;
       case "cold_load":
-        addRow(view, "cold_load", `cold load · ${modelCall(event)}`, event.total, "cold"); break;
+        addRow(view, "cold_load", `cold load · ${modelCall(event)}`, event.total,
+          event.failed ? "load-failed" : "cold", event.failed ? "load failed" : "cold");
+        break;
       case "model":
         addRow(view, "preprocess", `preprocess · ${modelCall(event)}`, event.preprocess, event.cold ? null : "hot");
         addRow(view, "inference", `inference · ${modelCall(event)}`, event.inference);
@@ -150,14 +152,17 @@
 
   // A model row at the end of the timeline. A model the run set up but
   // never called (no crops, or a failure before its step) was neither hot
-  // nor cold.
+  // nor cold. A model whose only load failed is cold with no load counted,
+  // and the billing pages call it "load failed" too.
   function modelRow(model) {
     const li = document.createElement("li");
     li.dataset.model = model.model_id;
     const name = document.createElement("span");
     const note = model.pretrained ? "" : " (untrained architecture)";
     name.textContent = `model ${model.model_id}${note}`;
-    if (model.calls > 0 || model.cold) {
+    if (model.cold && model.loads === 0) {
+      name.append(" ", badge("load-failed", "load failed"));
+    } else if (model.calls > 0 || model.cold) {
       name.append(" ", badge(model.cold ? "cold" : "hot"));
       // Evicted and loaded again during the run; older runs have no count.
       if (model.loads > 1) name.append(` · loaded ${model.loads} times`);
