@@ -215,10 +215,10 @@ def _workflow_components(
 ) -> dict[str, int | None]:
     if not workflow_runs:
         unknown.append(
-            "this definition has no succeeded run yet (only runs of the same "
-            "definition count, so an edited workflow starts without any), so "
-            "its request, queue, compile, blocks, serialization and overhead "
-            "times are unknown"
+            "this definition has no succeeded run yet, and runs of other "
+            "definitions, such as the workflow's earlier versions, do not "
+            "count, so its request, queue, compile, blocks, serialization and "
+            "overhead times are unknown"
         )
     runs = [run for run in workflow_runs if not run["cold"]] or workflow_runs
     components: dict[str, int | None] = {

@@ -410,7 +410,7 @@ def test_estimate_names_definition_without_history():
     estimate_module._workflow_components([], 1, unknown, [])
     assert len(unknown) == 1
     assert unknown[0].startswith("this definition has no succeeded run yet")
-    assert "an edited workflow starts without any" in unknown[0]
+    assert "the workflow's earlier versions, do not count" in unknown[0]
 
 
 def test_cold_load_counted_once_per_weights_file():
