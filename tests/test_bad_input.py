@@ -1484,6 +1484,10 @@ def test_run_with_unknown_key(run_url):
     )
     assert response.status_code == 401
     assert_error_body(response.json())
+    assert response.json()["error_type"] == "AuthenticationFailed"
+    # The message cannot tell a mistyped key from a revoked one, so the
+    # hint says where to check and where to get a new one.
+    assert "/tokens/" in response.json()["hint"]
     assert_nothing_stored()
 
 

@@ -310,6 +310,7 @@ def test_data_endpoints_reject_revoked_token(client, alice):
     response = client.get(SUMMARY, HTTP_AUTHORIZATION=f"Bearer {key}")
     assert response.status_code == 401
     assert response.json()["code"] == "authentication_failed"
+    assert "manage.py createtoken" in response.json()["hint"]
     assert response["WWW-Authenticate"] == "Bearer"
 
 

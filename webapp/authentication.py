@@ -173,11 +173,12 @@ def login_or_token_required(view):
                 from webapp.errors import json_error
 
                 response = json_error(
-                    "Invalid or revoked API key.",
+                    INVALID_KEY_MESSAGE,
                     "authentication_failed",
                     401,
                     context="request",
                     error_type="AuthenticationFailed",
+                    hint=INVALID_KEY_HINT,
                 )
                 # As the API's 401s: HTTP requires the header with a 401.
                 response["WWW-Authenticate"] = "Bearer"
@@ -188,6 +189,19 @@ def login_or_token_required(view):
     return wrapper
 
 
+INVALID_KEY_MESSAGE = "Invalid or revoked API key."
+INVALID_KEY_HINT = (
+    "Send a whole, active key. The API tokens page (/tokens/) lists which keys "
+    "are revoked and creates new ones, as 'manage.py createtoken USERNAME' does."
+)
+
+
+class InvalidApiKey(exceptions.AuthenticationFailed):
+    """An API key that names no active token."""
+
+    default_detail = INVALID_KEY_MESSAGE
+
+
 class ApiTokenAuthentication(authentication.BaseAuthentication):
     def authenticate(self, request):
         key = find_api_key(request._request)
@@ -195,7 +209,7 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
             return None
         token = authenticate_key(key)
         if token is None:
-            raise exceptions.AuthenticationFailed("Invalid or revoked API key.")
+            raise InvalidApiKey()
         return token.user, token
 
     def authenticate_header(self, request) -> str:

@@ -15,6 +15,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
+from webapp.authentication import INVALID_KEY_HINT, InvalidApiKey
 from webapp.redis import restart_embedded_redis_if_down
 from workflows.errors import WorkflowError
 
@@ -81,12 +82,25 @@ def api_exception_handler(exc, context):
         response.data = error_body(
             str(exc.detail),
             exc.get_codes() if isinstance(exc.get_codes(), str) else "error",
-            error_type=type(exc).__name__,
-            hint=NOT_AUTHENTICATED_HINT
-            if isinstance(exc, exceptions.NotAuthenticated)
-            else None,
+            error_type=_error_type(exc),
+            hint=_authentication_hint(exc),
         )
     return response
+
+
+def _error_type(exc: exceptions.APIException) -> str:
+    # An invalid key keeps the error_type that clients already read.
+    if isinstance(exc, InvalidApiKey):
+        return "AuthenticationFailed"
+    return type(exc).__name__
+
+
+def _authentication_hint(exc: exceptions.APIException) -> str | None:
+    if isinstance(exc, exceptions.NotAuthenticated):
+        return NOT_AUTHENTICATED_HINT
+    if isinstance(exc, InvalidApiKey):
+        return INVALID_KEY_HINT
+    return None
 
 
 # Django's multipart parser rejects a part whose headers are over 1,024
