@@ -145,3 +145,17 @@ def test_login_page_still_signs_in(client, alice):
 
     assert response.status_code == 302
     assert client.session.get("_auth_user_id") == str(alice.pk)
+
+
+@pytest.mark.django_db
+def test_roboflow_url_names_post_for_get(alice, alice_key):
+    # up prints the demo's Roboflow URL, which a person may open in a browser.
+    workflow = Workflow.create_with_version(alice, "Heights", image_height())
+    url = f"/{alice.username}/workflows/{workflow.slug}"
+
+    response = Client().get(url, HTTP_AUTHORIZATION=f"Bearer {alice_key}")
+
+    assert response.status_code == 405
+    body = response.json()
+    assert body["code"] == "method_not_allowed"
+    assert body["hint"] == "This route serves POST."

@@ -83,9 +83,22 @@ def api_exception_handler(exc, context):
             str(exc.detail),
             exc.get_codes() if isinstance(exc.get_codes(), str) else "error",
             error_type=_error_type(exc),
-            hint=_authentication_hint(exc),
+            hint=_authentication_hint(exc) or _method_hint(exc, context),
         )
     return response
+
+
+def _method_hint(exc: exceptions.APIException, context) -> str | None:
+    """Name the methods a route serves, for a request made with another one.
+
+    A person who opens a POST route such as a workflow's Roboflow URL in a
+    browser would otherwise learn only that GET is not allowed.
+    """
+    view = context.get("view")
+    if not isinstance(exc, exceptions.MethodNotAllowed) or view is None:
+        return None
+    methods = [method for method in view.allowed_methods if method != "OPTIONS"]
+    return f"This route serves {', '.join(methods)}." if methods else None
 
 
 def _error_type(exc: exceptions.APIException) -> str:
