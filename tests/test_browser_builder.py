@@ -560,7 +560,7 @@ def test_builder_suggests_model_ids(transactional_db, asgi_server, page, alice):
 
 
 def prompts_before_leaving(page) -> bool:
-    """Close the page as a person leaving it would, and return whether it asked first."""
+    """Close the page as a person leaving would; return whether it asked first."""
     dialogs = []
 
     def leave(dialog) -> None:

@@ -64,7 +64,7 @@ def test_cap_below_known_price_rejected(runner, extra_runners, alice_client):
 def test_cap_with_unknown_price_bills_the_cap(runner, alice_client):
     # alice has no runs, so the price is unknown and the run goes ahead. Its
     # bill is at least the 100 ms minimum, 200 micro-credits, hot or cold.
-    workflow_id = create_workflow(alice_client, detection("people-detector-128"))
+    workflow_id = create_workflow(alice_client, detection("people-detector-160"))
     predicted = estimate(alice_client, workflow_id)
     assert predicted["price"] is None
 
