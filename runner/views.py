@@ -361,6 +361,7 @@ class ModelListView(StrictQueryAPIView):
                 f"you already have a model '{model_id}'",
                 context="request_parsing",
                 field_name="model_id",
+                hint=DUPLICATE_UPLOAD_HINT,
             )
         # A check takes up to 1 GB and CHILD_TIMEOUT_S in its child process,
         # so each web server process runs one at a time.
@@ -410,6 +411,7 @@ class ModelListView(StrictQueryAPIView):
                 f"you already have a model '{model_id}'",
                 context="request_parsing",
                 field_name="model_id",
+                hint=DUPLICATE_UPLOAD_HINT,
             ) from None
         return Response(upload_to_dict(record), status=status.HTTP_201_CREATED)
 
@@ -437,6 +439,11 @@ def _shared_model(model_id: str) -> str | None:
     return f"a file in the {KIND_PLACES[source.kind]}"
 
 
+DUPLICATE_UPLOAD_HINT = (
+    "Choose another model_id, or delete the existing model first "
+    "(DELETE /api/models/<model_id>, or Delete on the Models page) to "
+    "replace it."
+)
 # The form fields an upload reads; api_key is where clients may put the key.
 UPLOAD_FIELDS = {"model_id", "file", "api_key"}
 UPLOAD_TOO_LARGE_HINT = (

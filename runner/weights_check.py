@@ -94,14 +94,53 @@ def check_format(path: Path) -> None:
     unsupported types.
     """
     with open(path, "rb") as file:
-        head = file.read(2)
+        head = file.read(16)
     if not head:
         raise ValueError("the file is empty (0 bytes)")
-    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+    if zipfile.is_zipfile(path) or head.startswith(b"\x80"):
+        return
+    if head.startswith(ZIP_MAGIC):
         raise ValueError(
-            "it is not a whole torch checkpoint (neither a complete zip archive "
-            "nor a pickle); the file may be truncated"
+            "it is not a whole torch checkpoint (a zip archive without its "
+            "end); the file may be truncated"
         )
+    found = _known_format(head)
+    if found is not None:
+        raise ValueError(
+            f"it is not a PyTorch checkpoint: it contains {found}, not the zip "
+            "archive or pickle that torch saves"
+        )
+    raise ValueError(
+        "it is not a PyTorch checkpoint: it starts as neither a zip archive "
+        "nor a pickle, which torch saves"
+    )
+
+
+# The first bytes of file formats that users upload by mistake, with their
+# names as the file(1) command gives them.
+ZIP_MAGIC = b"PK\x03\x04"
+FILE_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG image data"),
+    (b"\x89PNG\r\n\x1a\n", "PNG image data"),
+    (b"GIF87a", "GIF image data"),
+    (b"GIF89a", "GIF image data"),
+    (b"II*\x00", "TIFF image data"),
+    (b"MM\x00*", "TIFF image data"),
+    (b"%PDF-", "PDF document"),
+    (b"\x1f\x8b", "gzip compressed data"),
+    (b"\x7fELF", "ELF executable"),
+)
+
+
+def _known_format(head: bytes) -> str | None:
+    """Return the format whose signature ``head`` (a file's first bytes) begins
+    with, or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP image data"
+    for signature, name in FILE_SIGNATURES:
+        if head.startswith(signature):
+            return name
+    return None
 
 
 def _load(path: Path) -> dict:

@@ -1234,7 +1234,7 @@ def test_failed_model_load_is_labelled_load_failed(runner, client, alice, settin
         weights.unlink()
     error = outcome.payload["meta"]["error"]
     assert error["code"] == "model_load_failed"
-    assert "not a whole torch checkpoint" in error["message"]
+    assert "not a PyTorch checkpoint" in error["message"]
 
     client.force_login(alice)
     page = parse(client.get(HISTORY))

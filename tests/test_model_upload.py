@@ -19,7 +19,7 @@ from runner import views as runner_views
 from runner.model_cache import open_weights
 from runner.models import ModelUpload, Run
 from runner.registry import resolve_model
-from tests.conftest import registered_runner, start_cli_run
+from tests.conftest import image_path, registered_runner, start_cli_run
 from tests.definitions import detection
 from tests.test_runs import create_workflow, run_workflow
 from workflows.errors import ModelNotFoundError
@@ -107,8 +107,44 @@ def test_upload_rejects_non_model(alice_client, tmp_path):
     response = upload(alice_client, "junk", junk)
     assert response.status_code == 400
     assert response.json()["field"] == "file"
-    assert "not a whole torch checkpoint" in response.json()["message"]
+    assert response.json()["message"] == (
+        "'junk.pt' is not an ultralytics model: it is not a PyTorch checkpoint: "
+        "it starts as neither a zip archive nor a pickle, which torch saves"
+    )
     assert ModelUpload.objects.count() == 0
+
+
+def test_upload_names_format_of_image(alice_client, tmp_path):
+    photo = tmp_path / "photo.pt"
+    shutil.copy(image_path("bus.jpg"), photo)
+    response = upload(alice_client, "photo", photo)
+    assert response.status_code == 400
+    assert response.json()["field"] == "file"
+    message = response.json()["message"]
+    assert "it is not a PyTorch checkpoint: it contains JPEG image data" in message
+    assert "truncated" not in message
+    assert ModelUpload.objects.count() == 0
+
+
+def test_upload_of_cut_archive_is_truncated(alice_client, tmp_path):
+    whole = resolve_model("people-detector").local_path()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(Path(whole).read_bytes()[:4096])
+    response = upload(alice_client, "cut", cut)
+    assert response.status_code == 400
+    assert "the file may be truncated" in response.json()["message"]
+    assert ModelUpload.objects.count() == 0
+
+
+def test_upload_of_taken_id_hints_at_delete(alice_client, tmp_path):
+    weights = make_weights(tmp_path / "mine.pt")
+    assert upload(alice_client, "mine", weights).status_code == 201
+    again = upload(alice_client, "mine", weights)
+    assert again.status_code == 400
+    assert again.json()["message"] == "you already have a model 'mine'"
+    assert again.json()["field"] == "model_id"
+    assert "Choose another model_id" in again.json()["hint"]
+    assert "DELETE /api/models/<model_id>" in again.json()["hint"]
 
 
 def test_upload_rejects_empty_file(alice_client, tmp_path):
