@@ -43,6 +43,9 @@ class RunAdmin(ViewOnlyModelAdmin):
         return [path("fleet/", fleet_view, name="runner_fleet"), *super().get_urls()]
 
     def fleet_view(self, request):
+        # A name that ended and is live again would appear twice among the
+        # runners, so its earlier process is listed apart.
+        ended = fleet.ended_runners()
         context = {
             **self.admin_site.each_context(request),
             "title": "Runner fleet",
@@ -50,7 +53,8 @@ class RunAdmin(ViewOnlyModelAdmin):
                 [state.data for state in fleet.live_runners()]
             ),
             "dead": fleet.dead_runner_names(),
-            "ended": fleet.ended_runners(),
+            "ended": [entry for entry in ended if not entry["live_again"]],
+            "restarted": [entry for entry in ended if entry["live_again"]],
             "heartbeat_s": settings.GLASSBOX["RUNNER_HEARTBEAT_S"],
             "fleet_settings": FleetSettings.current(),
         }

@@ -245,9 +245,10 @@ def ended_runners() -> list[dict[str, Any]]:
     """Return the runners that stopped or were reaped in the last ENDED_SHOWN_S.
 
     Each has ``name``, ``reason``, ``ended_at`` and ``last_heartbeat_at``
-    (datetimes, the second None if unknown), newest end first; a name has
-    its latest end only. A runner started again under the name is listed
-    too, so the reason of its last end stays visible. Older entries are
+    (datetimes, the second None if unknown) and ``live_again``, newest end
+    first; a name has its latest end only. A runner started again under the
+    name is listed too, with ``live_again`` true while its heartbeat key
+    exists, so the reason of its last end stays visible. Older entries are
     deleted.
     """
     connection = get_redis()
@@ -273,6 +274,7 @@ def ended_runners() -> list[dict[str, Any]]:
     # latest one.
     legacy = [name for name, _, _, ended in entries if "last_seen_ms" not in ended]
     seen = _last_seen(legacy)
+    beating = _beating([name for name, _, _, _ in entries])
     result = []
     for name, reason, at_ms, ended in entries:
         last_seen_ms = ended.get("last_seen_ms", seen.get(name))
@@ -282,9 +284,21 @@ def ended_runners() -> list[dict[str, Any]]:
                 "reason": reason,
                 "ended_at": _datetime(at_ms),
                 "last_heartbeat_at": _datetime(last_seen_ms) if last_seen_ms else None,
+                "live_again": name in beating,
             }
         )
     return result
+
+
+def _beating(names: list[str]) -> set[str]:
+    """Return those of ``names`` whose heartbeat key exists now."""
+    if not names:
+        return set()
+    pipeline = get_redis().pipeline(transaction=False)
+    for name in names:
+        pipeline.exists(keys.heartbeat_key(name))
+    found = pipeline.execute()
+    return {name for name, exists in zip(names, found, strict=True) if exists}
 
 
 def _last_seen(names: list[str]) -> dict[str, int | None]:

@@ -1226,6 +1226,38 @@ def test_ended_runner_keeps_last_heartbeat():
         fleet.remove_heartbeat(name)
 
 
+def test_fleet_lists_restarted_runner_apart(client, django_user_model):
+    # manage.py up run twice: the first runner-1 stopped, a second one is live.
+    name = "restarted-runner"
+    fleet.publish_heartbeat(name, {"name": name, "instance": "first", "models": []})
+    fleet.remove_heartbeat(name)
+    fleet.publish_heartbeat(name, {"name": name, "instance": "second", "models": []})
+    staff = django_user_model.objects.create_user(
+        "fleet-viewer", password="viewer-password", is_staff=True
+    )
+    client.force_login(staff)
+    try:
+        page = client.get("/admin/runner/run/fleet/").content.decode()
+        listed = client.get("/api/fleet").json()["ended"]
+    finally:
+        fleet.remove_heartbeat(name)
+
+    live_table = page.split('id="live-runners"')[1].split("</table>")[0]
+    assert f"<td>{name}</td>" in live_table
+    if 'id="ended-runners"' in page:
+        ended_table = page.split('id="ended-runners"')[1].split("</table>")[0]
+        assert name not in ended_table
+    restarted = page.split('id="restarted-runners"')[1].split("</details>")[0]
+    assert f"<td>{name}</td>" in restarted
+    assert "<td>stopped</td>" in restarted
+    entry = next(entry for entry in listed if entry["name"] == name)
+    assert entry["live_again"] is True
+    assert entry["reason"] == "stopped"
+
+    after = {entry["name"]: entry for entry in fleet.ended_runners()}[name]
+    assert after["live_again"] is False
+
+
 def test_replaced_dead_runner_not_listed_stopped(db):
     # A runner that died and was started again under its name at once (as
     # manage.py up does) did not stop: the fleet must not say it did.
