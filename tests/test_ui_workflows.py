@@ -146,6 +146,21 @@ def test_list_shows_only_own_workflows(alice_browser, alice, bob):
 
 
 @pytest.mark.django_db
+def test_list_tells_same_names_apart(alice_browser, alice):
+    first = Workflow.create_with_version(alice, "People pipeline", image_height())
+    second = Workflow.create_with_version(alice, "People pipeline", image_height())
+    html = alice_browser.get("/workflows/").content.decode()
+    rows = {}
+    for workflow in (first, second):
+        pattern = rf'<tr data-workflow-id="{workflow.id}">(.*?)</tr>'
+        rows[workflow.slug] = re.search(pattern, html, re.S).group(1)
+    assert set(rows) == {"people-pipeline", "people-pipeline-2"}
+    for slug, row in rows.items():
+        assert f'<code class="long-name">{slug}</code>' in row
+        assert f"POST /alice/workflows/{slug}" in row
+
+
+@pytest.mark.django_db
 def test_list_shows_version_last_run_and_links(alice_browser, alice):
     workflow = Workflow.create_with_version(alice, "people", detection())
     workflow.add_version(detection(confidence=0.5))

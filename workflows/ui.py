@@ -14,6 +14,7 @@ from runner.models import Run
 from runner.views import model_listing
 from webapp.handlers import allow_methods
 from workflows.models import Workflow
+from workflows.views import roboflow_url
 
 # How many of a workflow's most recent runs the list page's sparkline shows.
 SPARKLINE_RUNS = 20
@@ -42,6 +43,8 @@ class WorkflowRow:
     latest_version: int | None
     last_run: dict | None
     sparkline: Sparkline | None
+    # Shown under the name, because names need not be unique and the slug is.
+    roboflow_url: str
 
 
 def build_sparkline(runs: list[dict]) -> Sparkline | None:
@@ -174,6 +177,7 @@ def _list_page(request, context: dict, status: int = 200):
                 latest_version=workflow.latest,
                 last_run=workflow_runs[0] if workflow_runs else None,
                 sparkline=build_sparkline(workflow_runs),
+                roboflow_url=roboflow_url(request.user.username, workflow.slug),
             )
         )
     return render(
