@@ -9,7 +9,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.http import HttpResponse
 from rest_framework import status
 from rest_framework.exceptions import NotFound
@@ -43,7 +43,7 @@ from webapp.requests import (
     reject_unknown_fields,
 )
 from workflows.errors import ModelNotFoundError, WorkflowError
-from workflows.models import Workflow
+from workflows.models import Workflow, WorkflowVersion
 
 logger = logging.getLogger(__name__)
 
@@ -213,12 +213,83 @@ def model_listing(owner) -> dict:
     """
     files = sorted(path.stem for path in model_dir().glob("*.pt"))
     uploads = ModelUpload.objects.filter(owner=owner).order_by("model_id")
+    naming = workflows_by_model_id(owner)
     return {
         "model_dir": [{"model_id": name, "pretrained": True} for name in files],
-        "uploads": [upload_to_dict(upload) for upload in uploads],
+        "uploads": [
+            {**upload_to_dict(upload), "workflows": naming.get(upload.model_id, [])}
+            for upload in uploads
+        ],
         "architectures": "any ultralytics model YAML, e.g. yolov8n.yaml "
         "(untrained: random weights, for timing only)",
     }
+
+
+def workflows_by_model_id(owner) -> dict[str, list[dict]]:
+    """Map each model id that ``owner``'s workflows name to those workflows.
+
+    Reads the latest version of each workflow that is not deleted. An id with
+    a size suffix (``my-model-640``) counts for the id without it too. Each
+    workflow is a dict with ``id``, ``name`` and ``slug``.
+    """
+    latest = WorkflowVersion.objects.filter(workflow=OuterRef("workflow")).order_by(
+        "-number"
+    )
+    versions = (
+        WorkflowVersion.objects.filter(
+            workflow__in=Workflow.objects.filter(owner=owner)
+        )
+        .filter(number=Subquery(latest.values("number")[:1]))
+        .select_related("workflow")
+        .order_by("workflow__name", "workflow__id")
+    )
+    naming: dict[str, list[dict]] = {}
+    for version in versions:
+        workflow = version.workflow
+        shown = {"id": workflow.id, "name": workflow.name, "slug": workflow.slug}
+        for model_id in named_model_ids(version.definition):
+            naming.setdefault(model_id, []).append(shown)
+    return naming
+
+
+def named_model_ids(definition: dict) -> set[str]:
+    """Return the model ids that a workflow definition names.
+
+    An id is a step's ``model_id`` string, or the string default of the
+    input that a ``$inputs.<name>`` selector there points to. An id with a
+    size suffix adds the id without it.
+    """
+    defaults = {
+        item.get("name"): item.get("default_value")
+        for item in definition.get("inputs", [])
+        if isinstance(item, dict)
+    }
+    found: set[str] = set()
+    for value in _model_id_values(definition.get("steps", [])):
+        if value.startswith("$inputs."):
+            value = defaults.get(value.removeprefix("$inputs."))
+            if not isinstance(value, str):
+                continue
+        found.add(value)
+        suffix = size_suffix(value)
+        if suffix is not None:
+            found.add(suffix["name"])
+    return found
+
+
+def _model_id_values(node) -> list[str]:
+    """Return every string under a ``model_id`` key in ``node``, at any depth."""
+    if isinstance(node, list):
+        return [value for item in node for value in _model_id_values(item)]
+    if not isinstance(node, dict):
+        return []
+    values = []
+    for key, value in node.items():
+        if key == "model_id" and isinstance(value, str):
+            values.append(value)
+        else:
+            values.extend(_model_id_values(value))
+    return values
 
 
 class ModelDetailView(StrictQueryAPIView):

@@ -9,9 +9,11 @@ from playwright.sync_api import expect
 
 from runner.models import ModelUpload, Run
 from runner.registry import resolve_model
+from tests.definitions import detection
 from tests.test_browser_run import sign_in
 from tests.test_model_upload import damaged_checkpoint, make_weights, upload
 from webapp.clock import clock
+from workflows.models import Workflow
 
 
 def open_models_page(page, base_url: str) -> None:
@@ -250,6 +252,31 @@ def test_delete_asks_then_removes_upload(
     page.reload()
     page.wait_for_selector("#models[data-ready='true']")
     assert row.count() == 0
+
+
+def test_delete_question_names_workflows(
+    transactional_db, asgi_server, page, alice, bob, alice_client, tmp_path
+):
+    weights = make_weights(tmp_path / "mine.pt")
+    assert upload(alice_client, "mine", weights).status_code == 201
+    Workflow.create_with_version(alice, "Count people", detection("mine"))
+    Workflow.create_with_version(alice, "Count people", detection("mine-640"))
+    Workflow.create_with_version(alice, "Other model", detection("people-detector"))
+    Workflow.create_with_version(bob, "Bob's count", detection("mine"))
+    changed = Workflow.create_with_version(alice, "Changed", detection("mine"))
+    changed.add_version(detection("people-detector"))
+    gone = Workflow.create_with_version(alice, "Deleted", detection("mine"))
+    gone.mark_deleted()
+
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    page.get_by_role("button", name="Delete upload mine…").click()
+    assert page.locator("#delete-question").text_content() == (
+        "Delete the upload “mine” and its file? Finished runs keep their record "
+        "of it. 2 workflows name it, and their runs will fail with "
+        "model_not_found until you upload weights under this id again: "
+        "“Count people” (count-people), “Count people” (count-people-2)."
+    )
 
 
 def record_dialogs(page) -> list[str]:

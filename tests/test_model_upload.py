@@ -23,6 +23,7 @@ from tests.conftest import image_path, registered_runner, start_cli_run
 from tests.definitions import detection
 from tests.test_runs import create_workflow, run_workflow
 from workflows.errors import ModelNotFoundError
+from workflows.models import Workflow
 
 
 def make_weights(path):
@@ -145,6 +146,26 @@ def test_upload_of_taken_id_hints_at_delete(alice_client, tmp_path):
     assert again.json()["field"] == "model_id"
     assert "Choose another model_id" in again.json()["hint"]
     assert "DELETE /api/models/<model_id>" in again.json()["hint"]
+
+
+def test_listing_names_workflows_of_upload(alice, bob, alice_client, tmp_path):
+    weights = make_weights(tmp_path / "mine.pt")
+    assert upload(alice_client, "mine", weights).status_code == 201
+    inputs = detection("$inputs.model")
+    inputs["inputs"].append(
+        {"type": "WorkflowParameter", "name": "model", "default_value": "mine"}
+    )
+    by_input = Workflow.create_with_version(alice, "By input", inputs)
+    sized = Workflow.create_with_version(alice, "Sized", detection("mine-320"))
+    Workflow.create_with_version(alice, "Other", detection("people-detector"))
+    Workflow.create_with_version(bob, "Bob's", detection("mine"))
+
+    listed = alice_client.get("/api/models/").json()["uploads"]
+    assert [entry["model_id"] for entry in listed] == ["mine"]
+    assert listed[0]["workflows"] == [
+        {"id": by_input.id, "name": "By input", "slug": "by-input"},
+        {"id": sized.id, "name": "Sized", "slug": "sized"},
+    ]
 
 
 def test_upload_rejects_empty_file(alice_client, tmp_path):

@@ -113,7 +113,7 @@
     const button = element("button", "secondary delete-button", "Delete…");
     button.type = "button";
     button.setAttribute("aria-label", `Delete upload ${upload.model_id}…`);
-    button.addEventListener("click", () => askToDelete(upload.model_id));
+    button.addEventListener("click", () => askToDelete(upload.model_id, upload.workflows || []));
     actions.append(button);
 
     const cells = [idCell, element("td", "task", upload.task), classNamesCell(upload.class_names), size, digest, label, created];
@@ -259,12 +259,23 @@
 
   // Ask in the page, not with window.confirm, because browsers let users
   // block a page's dialogs and an open one stops the page's scripts.
-  function askToDelete(modelId) {
+  // `workflows` lists the saved workflows whose latest version names the
+  // model, from GET /api/models/. Their runs fail once the upload is gone.
+  function askToDelete(modelId, workflows) {
     modelToDelete = modelId;
-    $("delete-question").replaceChildren(
+    const question = [
       element("strong", "", `Delete the upload “${modelId}” and its file?`),
       " Finished runs keep their record of it.",
-    );
+    ];
+    if (workflows.length > 0) {
+      const names = workflows.map((workflow) => `“${workflow.name}” (${workflow.slug})`);
+      const noun = workflows.length === 1 ? "workflow names" : "workflows name";
+      question.push(
+        ` ${workflows.length} ${noun} it, and ${workflows.length === 1 ? "its" : "their"} runs will fail `
+        + `with model_not_found until you upload weights under this id again: ${names.join(", ")}.`,
+      );
+    }
+    $("delete-question").replaceChildren(...question);
     $("delete-confirm-button").textContent = `Delete “${modelId}”`;
     const panel = $("delete-confirm");
     panel.hidden = false;
