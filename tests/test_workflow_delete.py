@@ -137,6 +137,23 @@ def test_list_page_deletes_after_confirming(transactional_db, asgi_server, page,
     assert workflow.deleted_at is not None
 
 
+def test_list_page_escape_cancels_delete(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "bus height", image_height())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/")
+    page.get_by_role("button", name="Delete workflow “bus height”…").click()
+    confirm = page.locator("#delete-confirm")
+    confirm.wait_for()
+    assert page.evaluate("document.activeElement.id") == "delete-confirm"
+
+    page.keyboard.press("Escape")
+    page.wait_for_url(f"{asgi_server}/workflows/")
+    assert confirm.count() == 0
+    assert page.locator(f'tr[data-workflow-id="{workflow.id}"]').count() == 1
+    workflow.refresh_from_db()
+    assert workflow.deleted_at is None
+
+
 def test_list_page_delete_of_someone_elses_404(client, alice, bob):
     workflow = Workflow.create_with_version(bob, "bobs height", image_height())
     client.force_login(alice)
