@@ -404,3 +404,51 @@ def test_pages_fit_320_pixels(transactional_db, asgi_server, browser, alice):
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 320, (path, width)
     context.close()
+
+
+# A timeline row as run.js's addRow builds it: label, bar, value.
+TIMELINE_ROW_SCRIPT = """
+([label, value]) => {
+  const li = document.createElement("li");
+  const name = document.createElement("span");
+  name.textContent = label;
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  bar.style.width = "100%";
+  const number = document.createElement("span");
+  number.className = "num";
+  number.textContent = value;
+  li.append(name, bar, number);
+  document.getElementById("timeline").append(li);
+}
+"""
+
+
+def test_run_timeline_values_stay_whole(transactional_db, asgi_server, browser, alice):
+    # The page's stylesheet on rows with a four- and a five-digit value, at
+    # the narrowest width and a common phone's.
+    workflow = Workflow.create_with_version(alice, "People", detection())
+    rows = [
+        ("cold load · people-detector (step detect)", "1023.413 ms"),
+        ("inference · people-detector (step detect)", "12345.678 ms"),
+    ]
+    for width in (320, 375):
+        context = browser.new_context(viewport={"width": width, "height": 740})
+        page = context.new_page()
+        sign_in(page, asgi_server, "alice", "alice-password")
+        page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+        for row in rows:
+            page.evaluate(TIMELINE_ROW_SCRIPT, list(row))
+        values = page.locator("#timeline li .num")
+        assert values.count() == len(rows)
+        for index, (_, text) in enumerate(rows):
+            value = values.nth(index)
+            lines = value.evaluate(
+                "el => el.getClientRects().length === 1"
+                " && Math.round(el.getBoundingClientRect().height"
+                " / parseFloat(getComputedStyle(el).lineHeight))"
+            )
+            assert lines == 1, (width, text, lines)
+            box = value.bounding_box()
+            assert box["x"] + box["width"] <= width, (width, text, box)
+        context.close()
