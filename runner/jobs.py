@@ -5,6 +5,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
+import redis
 from django.conf import settings
 
 from billing.policy import BillingPolicy
@@ -87,10 +88,7 @@ def execute_run(
         clear_mark(get_redis(), runtime.name, run_id)
         return
     try:
-        # A process paused past RUNNER_DEAD_AFTER_S in its claim resumes with
-        # its instance key expired. Until set again here, a check for runs of
-        # dead processes would fail this run.
-        fleet.refresh_instance(runtime.name, runtime.instance)
+        _refresh_instance(runtime, run_id)
         run = _run_from(run_id, snapshot)
         if queue:
             run.queue_name = queue
@@ -120,6 +118,27 @@ def execute_run(
         runtime.runs_done += 1
         if runtime.last_finished_ns < started_wall:
             runtime.last_finished_ns = clock.now_ns()
+
+
+def _refresh_instance(runtime, run_id: str) -> None:
+    """Set this process's instance key again right after claiming ``run_id``.
+
+    A process paused past RUNNER_DEAD_AFTER_S in its claim resumes with its
+    instance key expired. Until set again here, a check for runs of dead
+    processes would fail this run. The run itself needs Redis only when its
+    result is pushed, so an unreachable Redis server does not fail it. No
+    check can read the instance keys while Redis is unreachable, and the
+    next heartbeat sets the key.
+    """
+    try:
+        fleet.refresh_instance(runtime.name, runtime.instance)
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        logger.warning(
+            "runner %s: Redis unreachable after claiming run %s (%s); running it",
+            runtime.name,
+            run_id,
+            error,
+        )
 
 
 def _run_from(run_id: str, snapshot: dict | None) -> Run:

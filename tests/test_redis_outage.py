@@ -606,3 +606,84 @@ def test_embedded_redis_files_private(tmp_path):
     finally:
         client.shutdown(nosave=True)
         client.close()
+
+
+def hold_run_row(run_id, locked: threading.Event, release: threading.Event) -> None:
+    """Hold a write lock on run ``run_id`` until ``release`` is set.
+
+    A runner's claim of the run waits meanwhile: on PostgreSQL for the row
+    lock, on SQLite for the database's write lock.
+    """
+    from django.db import connection as thread_connection
+    from django.db import transaction
+    from django.db.models import F
+
+    try:
+        with transaction.atomic():
+            Run.objects.filter(pk=run_id).update(request_us=F("request_us"))
+            locked.set()
+            release.wait(30)
+    finally:
+        thread_connection.close()
+
+
+def test_redis_outage_at_claim_spares_run(transactional_db, alice, tmp_path):
+    # Redis goes away while the runner waits for the database to claim a
+    # run it took, and comes back once the redis-py client has given up.
+    # The run does not need Redis until its result is pushed, so it succeeds.
+    socket_path = tmp_path / "claim.sock"
+    server = start_redis(socket_path, persist_in=tmp_path)
+    log_path = tmp_path / "claim-runner.log"
+    working = webapp_redis._connection
+    with registered_runner("claim"):
+        process = start_runner("claim", socket_path, log_path)
+        locked, release = threading.Event(), threading.Event()
+        holder = None
+        try:
+            client = redis.Redis(unix_socket_path=str(socket_path))
+            wait_for_heartbeat(client, "claim", process.pid)
+            webapp_redis._connection = client
+            # Stopped for less than the dead time, so that the claim comes
+            # after the lock below.
+            process.send_signal(signal.SIGSTOP)
+            run = start_cli_run(alice, detection(), wait_s=0, runner="claim").run
+            holder = threading.Thread(
+                target=hold_run_row, args=(run.pk, locked, release)
+            )
+            holder.start()
+            assert locked.wait(10)
+            process.send_signal(signal.SIGCONT)
+
+            # The take deletes the job hash; the claim then waits for the lock.
+            deadline = time.monotonic() + 30
+            while client.exists(f"rq:job:{run.pk}"):
+                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.05)
+            time.sleep(0.5)
+            server.terminate()
+            server.wait(timeout=10)
+            release.set()
+            holder.join(timeout=10)
+            time.sleep(8)  # longer than redis-py's retries of one command
+            server = start_redis(socket_path, persist_in=tmp_path)
+
+            deadline = time.monotonic() + 120
+            run.refresh_from_db()
+            while run.status in (Run.Status.QUEUED, Run.Status.RUNNING):
+                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.1)
+                run.refresh_from_db()
+        finally:
+            release.set()
+            if holder is not None:
+                holder.join(timeout=10)
+            webapp_redis._connection = working
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+            process.wait(timeout=30)
+            server.terminate()
+            server.wait(timeout=10)
+
+    log = log_path.read_text()
+    assert run.status == Run.Status.SUCCEEDED, (run.error, log[-3000:])
+    assert Bill.objects.filter(run=run).count() == 1
