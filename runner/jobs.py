@@ -68,9 +68,7 @@ def execute_run(
         if queue:
             claim["queue_name"] = queue
         claimed = sql.retry_if_disconnected(
-            lambda: sql.update_where(
-                Run, claim, where={"pk": run_id, "status": Run.Status.QUEUED}
-            ),
+            lambda: _claim(run_id, claim, runtime.instance),
             f"runner {runtime.name}: claiming run {run_id}",
         )
     except Exception:
@@ -118,6 +116,24 @@ def execute_run(
         runtime.runs_done += 1
         if runtime.last_finished_ns < started_wall:
             runtime.last_finished_ns = clock.now_ns()
+
+
+def _claim(run_id: str, claim: dict, instance: str) -> bool:
+    """Claim the run if it is queued; return whether it runs under ``instance``.
+
+    A claim that committed before the connection broke leaves the run
+    running under ``instance`` when the claim is made again on a new
+    connection. Only this process writes its own instance, so the run is
+    still this process's to execute.
+    """
+    if sql.update_where(Run, claim, where={"pk": run_id, "status": Run.Status.QUEUED}):
+        return True
+    claimed_by_instance = {
+        "pk": run_id,
+        "status": Run.Status.RUNNING,
+        "runner_instance": instance,
+    }
+    return sql.select_row(Run, ("pk",), where=claimed_by_instance) is not None
 
 
 def _refresh_instance(runtime, run_id: str) -> None:

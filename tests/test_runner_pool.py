@@ -1075,6 +1075,109 @@ def test_runner_finishes_after_its_session_ended(runner, extra_runners, alice):
     assert f"finishing run {run_id}: the database connection was lost" in log
 
 
+class ReplyDroppingProxy:
+    """A TCP proxy to the test's PostgreSQL server that can lose one reply.
+
+    Once armed, the first statement whose message contains ``marker`` goes
+    to the server, which executes and commits it. The proxy then reads the
+    reply up to ReadyForQuery and closes the client's connection instead of
+    passing it on, as a network failure at that moment would.
+    """
+
+    # PostgreSQL's ReadyForQuery message, which ends every reply.
+    READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
+
+    def __init__(self, upstream: tuple[str, int], marker: bytes) -> None:
+        self.upstream = upstream
+        self.marker = marker
+        self.armed = threading.Event()
+        self.dropped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            state = {"drop": False}
+            for target in (self._pass_requests, self._pass_replies):
+                threading.Thread(
+                    target=target, args=(client, server, state), daemon=True
+                ).start()
+
+    def _pass_requests(self, client, server, state) -> None:
+        try:
+            while chunk := client.recv(65536):
+                if self.armed.is_set() and self.marker in chunk:
+                    self.armed.clear()
+                    state["drop"] = True
+                server.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            _close_both(client, server)
+
+    def _pass_replies(self, client, server, state) -> None:
+        dropped = b""
+        try:
+            while chunk := server.recv(65536):
+                if not state["drop"]:
+                    client.sendall(chunk)
+                    continue
+                dropped += chunk
+                if self.READY_FOR_QUERY in dropped:
+                    self.dropped.set()
+                    return
+        except OSError:
+            pass
+        finally:
+            _close_both(client, server)
+
+
+def _close_both(*sockets) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+
+def test_runner_claims_when_claim_reply_lost(runner, extra_runners, alice):
+    # The claim commits, and the connection breaks before its reply comes.
+    # The runner claims again on a new connection, finds the run already
+    # claimed by its own process, and runs it.
+    if db_connection.vendor != "postgresql":
+        pytest.skip("the proxy speaks to a PostgreSQL server")
+    params = db_connection.settings_dict
+    proxy = ReplyDroppingProxy(
+        (params["HOST"] or "127.0.0.1", int(params["PORT"] or 5432)),
+        b'SET "status" = \'running\', "runner_name" = ',
+    )
+    user = params["USER"] or "postgres"
+    password = f":{params['PASSWORD']}" if params["PASSWORD"] else ""
+    url = f"postgres://{user}{password}@127.0.0.1:{proxy.port}/{params['NAME']}"
+    try:
+        lossy = extra_runners("lost-reply", env_overrides={"DATABASE_URL": url})
+        proxy.armed.set()
+        run_id = start(alice, "yolov8n.yaml", lossy.name, wait_s=0).run.id
+        run = wait_for_final(run_id)
+    finally:
+        proxy.close()
+    log = lossy.log_path.read_text()
+    assert proxy.dropped.is_set()
+    assert f"claiming run {run_id}: the database connection was lost" in log
+    assert run.status == Run.Status.SUCCEEDED, (run.error, log[-3000:])
+    assert Bill.objects.filter(run_id=run_id).count() == 1
+
+
 # Two requests as a web server process handles them, with the production
 # settings, and the session of the first ended by the server in between.
 REQUEST_AFTER_SESSION_ENDED = """
