@@ -8,6 +8,7 @@ commit, one Redis round trip pushes the final payload to the run's list
 pending with ``done``, and deletes the run's input images.
 """
 
+import datetime
 import json
 import logging
 import time
@@ -62,6 +63,9 @@ def finish_run(
     events: RunEvents,
 ) -> bool:
     """Store the result and the bill; return False if someone else finished it."""
+    # One time for every attempt, so that an attempt after a lost connection
+    # can tell whether an earlier one committed.
+    finished_at = clock.now()
     stored = sql.retry_if_disconnected(
         lambda: _store_result(
             run,
@@ -72,6 +76,7 @@ def finish_run(
             bill=bill,
             runner_name=runner_name,
             runner_instance=runner_instance,
+            finished_at=finished_at,
         ),
         f"runner {runner_name}: finishing run {run.pk}",
     )
@@ -109,13 +114,16 @@ def _store_result(
     bill: BillLine,
     runner_name: str,
     runner_instance: str,
+    finished_at: datetime.datetime,
 ) -> bool:
     """Write the run's final state and its bill in one transaction.
 
     Returns False, writing nothing, if the run is no longer running under
-    ``runner_name`` and ``runner_instance``.
+    ``runner_name`` and ``runner_instance``. Returns True, writing nothing,
+    if an earlier attempt with the same ``finished_at`` committed, and the
+    connection broke before its COMMIT's reply came.
     """
-    now = clock.now()
+    now = finished_at
     with transaction.atomic():
         updated = sql.update_where(
             Run,
@@ -138,6 +146,8 @@ def _store_result(
             },
         )
         if not updated:
+            if _stored_before(run.pk, status, runner_instance, finished_at):
+                return True
             _log_result_dropped(run.pk, runner_name)
             return False
         sql.insert(
@@ -149,6 +159,22 @@ def _store_result(
             )
         )
     return True
+
+
+def _stored_before(
+    run_id, status: str, runner_instance: str, finished_at: datetime.datetime
+) -> bool:
+    """Return whether this runner process already stored this result.
+
+    A reaper that failed the run keeps its ``runner_instance`` but writes
+    its own finish time.
+    """
+    return Run.objects.filter(
+        pk=run_id,
+        status=status,
+        runner_instance=runner_instance,
+        finished_at=finished_at,
+    ).exists()
 
 
 def _log_result_dropped(run_id, runner_name: str) -> None:

@@ -1078,18 +1078,19 @@ def test_runner_finishes_after_its_session_ended(runner, extra_runners, alice):
 class ReplyDroppingProxy:
     """A TCP proxy to the test's PostgreSQL server that can lose one reply.
 
-    Once armed, the first statement whose message contains ``marker`` goes
-    to the server, which executes and commits it. The proxy then reads the
-    reply up to ReadyForQuery and closes the client's connection instead of
-    passing it on, as a network failure at that moment would.
+    Once armed, it looks for messages that contain each of ``markers`` in
+    turn, on one connection. The message with the last marker goes to the
+    server, which executes it. The proxy then reads the reply up to
+    ReadyForQuery and closes the client's connection instead of passing it
+    on, as a network failure at that moment would.
     """
 
     # PostgreSQL's ReadyForQuery message, which ends every reply.
     READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
 
-    def __init__(self, upstream: tuple[str, int], marker: bytes) -> None:
+    def __init__(self, upstream: tuple[str, int], *markers: bytes) -> None:
         self.upstream = upstream
-        self.marker = marker
+        self.markers = markers
         self.armed = threading.Event()
         self.dropped = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -1106,7 +1107,7 @@ class ReplyDroppingProxy:
             except OSError:
                 return
             server = socket.create_connection(self.upstream)
-            state = {"drop": False}
+            state = {"drop": False, "found": 0}
             for target in (self._pass_requests, self._pass_replies):
                 threading.Thread(
                     target=target, args=(client, server, state), daemon=True
@@ -1115,9 +1116,11 @@ class ReplyDroppingProxy:
     def _pass_requests(self, client, server, state) -> None:
         try:
             while chunk := client.recv(65536):
-                if self.armed.is_set() and self.marker in chunk:
-                    self.armed.clear()
-                    state["drop"] = True
+                if self.armed.is_set() and self.markers[state["found"]] in chunk:
+                    state["found"] += 1
+                    if state["found"] == len(self.markers):
+                        self.armed.clear()
+                        state["drop"] = True
                 server.sendall(chunk)
         except OSError:
             pass
@@ -1156,16 +1159,10 @@ def test_runner_claims_when_claim_reply_lost(runner, extra_runners, alice):
     # claimed by its own process, and runs it.
     if db_connection.vendor != "postgresql":
         pytest.skip("the proxy speaks to a PostgreSQL server")
-    params = db_connection.settings_dict
-    proxy = ReplyDroppingProxy(
-        (params["HOST"] or "127.0.0.1", int(params["PORT"] or 5432)),
-        b'SET "status" = \'running\', "runner_name" = ',
+    lossy, proxy = lossy_runner(
+        extra_runners, "lost-reply", b'SET "status" = \'running\', "runner_name" = '
     )
-    user = params["USER"] or "postgres"
-    password = f":{params['PASSWORD']}" if params["PASSWORD"] else ""
-    url = f"postgres://{user}{password}@127.0.0.1:{proxy.port}/{params['NAME']}"
     try:
-        lossy = extra_runners("lost-reply", env_overrides={"DATABASE_URL": url})
         proxy.armed.set()
         run_id = start(alice, "yolov8n.yaml", lossy.name, wait_s=0).run.id
         run = wait_for_final(run_id)
@@ -1176,6 +1173,54 @@ def test_runner_claims_when_claim_reply_lost(runner, extra_runners, alice):
     assert f"claiming run {run_id}: the database connection was lost" in log
     assert run.status == Run.Status.SUCCEEDED, (run.error, log[-3000:])
     assert Bill.objects.filter(run_id=run_id).count() == 1
+
+
+def lossy_runner(extra_runners, name: str, *markers: bytes):
+    """Start runner ``name`` connected to PostgreSQL through a ReplyDroppingProxy."""
+    params = db_connection.settings_dict
+    proxy = ReplyDroppingProxy(
+        (params["HOST"] or "127.0.0.1", int(params["PORT"] or 5432)), *markers
+    )
+    user = params["USER"] or "postgres"
+    password = f":{params['PASSWORD']}" if params["PASSWORD"] else ""
+    url = f"postgres://{user}{password}@127.0.0.1:{proxy.port}/{params['NAME']}"
+    try:
+        return extra_runners(name, env_overrides={"DATABASE_URL": url}), proxy
+    except BaseException:
+        proxy.close()
+        raise
+
+
+def test_runner_delivers_result_when_commit_reply_lost(runner, extra_runners, alice):
+    # The transaction that finishes the run commits, and the connection
+    # breaks before the reply to its COMMIT comes. The runner writes the
+    # result again on a new connection, finds it stored by its own attempt,
+    # and delivers it.
+    if db_connection.vendor != "postgresql":
+        pytest.skip("the proxy speaks to a PostgreSQL server")
+    lossy, proxy = lossy_runner(
+        extra_runners,
+        "lost-commit",
+        b'SET "status" = \'succeeded\', "finished_at" = ',
+        b"COMMIT",
+    )
+    try:
+        proxy.armed.set()
+        run_id = start(alice, "yolov8n.yaml", lossy.name, wait_s=0).run.id
+        run = wait_for_final(run_id)
+        deadline = time.monotonic() + 30
+        while not get_redis().exists(keys.done_key(str(run_id))):
+            assert time.monotonic() < deadline, lossy.log_path.read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        proxy.close()
+    log = lossy.log_path.read_text()
+    assert proxy.dropped.is_set()
+    assert f"finishing run {run_id}: the database connection was lost" in log
+    assert "result dropped" not in log
+    assert run.status == Run.Status.SUCCEEDED, (run.error, log[-3000:])
+    assert Bill.objects.filter(run_id=run_id).count() == 1
+    assert get_redis().get(keys.current_run_key(lossy.name)) is None
 
 
 # Two requests as a web server process handles them, with the production
