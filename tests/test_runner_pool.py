@@ -14,6 +14,7 @@ import time
 import uuid
 import zlib
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -1558,6 +1559,63 @@ def test_queue_time_after_slow_clock_sample(runner, alice, monkeypatch):
     reference = RedisClock()
     error_ns = abs(skewed.offset_ns() - reference.offset_ns())
     assert error_ns < 100_000_000
+
+
+# Runs manage.py with time.time and time.time_ns moved forward by the
+# seconds in its first argument each time the process receives SIGUSR1, as
+# on a machine whose clock is stepped.
+STEPPED_CLOCK_MAIN = """
+import runpy, signal, sys, time
+step_ns = int(float(sys.argv.pop(1)) * 1e9)
+offset_ns = 0
+local_time_ns = time.time_ns
+
+
+def step(signum, frame):
+    global offset_ns
+    offset_ns += step_ns
+
+
+signal.signal(signal.SIGUSR1, step)
+time.time_ns = lambda: local_time_ns() + offset_ns
+time.time = lambda: time.time_ns() / 1e9
+sys.argv[0] = "manage.py"
+runpy.run_path("manage.py", run_name="__main__")
+"""
+
+
+def test_clock_step_leaves_queue_time(runner, alice):
+    # The runner's clock steps an hour ahead right before it takes a run.
+    # The clock samples taken before the step must not date the run's start
+    # an hour late, which would count that hour as queue time.
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
+    log_path = Path(settings.DATA_DIR) / "stepped.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", STEPPED_CLOCK_MAIN, "3600"]
+            + ["runner", "--name", "stepped"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(state.name == "stepped" for state in fleet.live_runners()):
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1)  # heartbeats, each of which takes a clock sample
+        process.send_signal(signal.SIGUSR1)
+        run = start(alice, "people-detector", "stepped", wait_s=60).run
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED, run.error
+    queue_s = run.breakdown["components"]["queue"] / 1e6
+    assert queue_s < 60, log_path.read_text()[-3000:]
 
 
 def test_model_directory_symlink_to_weights_elsewhere(

@@ -21,25 +21,41 @@ from webapp.redis import get_redis
 logger = logging.getLogger(__name__)
 
 # Offsets from the last samples, of which the one with the shortest round
-# trip is used. A sample older than MAX_SAMPLE_AGE_S is not used, so a step
+# trip is used. A sample older than MAX_SAMPLE_AGE_S is not used, so a drift
 # of the local clock is corrected within that time.
 SAMPLES_KEPT = 8
 MAX_SAMPLE_AGE_S = 30.0
+# A sample is not used either once the local clock minus the monotonic
+# clock has changed by more than this (ns) since it was taken. The local
+# clock was stepped then (an NTP step, a VM resumed), so the sample's offset
+# is off by the step.
+MAX_STEP_NS = 10_000_000
+
+
+def _wall_minus_monotonic_ns() -> int:
+    return time.time_ns() - time.monotonic_ns()
 
 
 class RedisClock:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # (round trip ns, offset ns, monotonic time the sample was taken)
-        self._samples: deque[tuple[int, int, float]] = deque(maxlen=SAMPLES_KEPT)
+        # (round trip ns, offset ns, monotonic time the sample was taken,
+        # local clock minus monotonic clock then in ns)
+        self._samples: deque[tuple[int, int, float, int]] = deque(maxlen=SAMPLES_KEPT)
 
     def observe(self, sent_ns: int, reply: tuple[int, int], received_ns: int) -> None:
         """Record a TIME ``reply`` sent and received at these local times."""
         seconds, microseconds = reply
         redis_ns = seconds * 1_000_000_000 + microseconds * 1_000
         offset = redis_ns - (sent_ns + received_ns) // 2
+        sample = (
+            received_ns - sent_ns,
+            offset,
+            time.monotonic(),
+            _wall_minus_monotonic_ns(),
+        )
         with self._lock:
-            self._samples.append((received_ns - sent_ns, offset, time.monotonic()))
+            self._samples.append(sample)
 
     def sync(self) -> None:
         """Take a sample with a TIME round trip of its own."""
@@ -87,8 +103,14 @@ class RedisClock:
 
     def _best_offset(self) -> int | None:
         oldest = time.monotonic() - MAX_SAMPLE_AGE_S
+        difference_now = _wall_minus_monotonic_ns()
         with self._lock:
-            recent = [sample for sample in self._samples if sample[2] >= oldest]
+            recent = [
+                sample
+                for sample in self._samples
+                if sample[2] >= oldest
+                and abs(sample[3] - difference_now) <= MAX_STEP_NS
+            ]
         if not recent:
             return None
         return min(recent)[1]
