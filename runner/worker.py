@@ -17,6 +17,7 @@ from rq import Queue
 from rq.job import Job
 
 from runner import fleet, keys
+from runner.finish import clear_mark
 from runner.runtime import RunnerRuntime
 from webapp.clock import clock
 from webapp.redis import restart_embedded_redis_if_down
@@ -196,7 +197,9 @@ class RunnerWorker:
                 )
                 continue
             except InvalidJob as error:
-                self.connection.delete(keys.current_run_key(self.name))
+                # A take that read the job marked this runner busy with it. A
+                # mark naming another run is routing's, for a job still queued.
+                clear_mark(self.connection, self.name, job_id)
                 logger.warning(
                     "runner %s: job %r from %s dropped: %s",
                     self.name,

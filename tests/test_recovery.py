@@ -520,3 +520,24 @@ def test_abandoned_run_check_spares_current_run(alice):
     abandoned.refresh_from_db()
     assert current.status == Run.Status.RUNNING
     assert abandoned.status == Run.Status.FAILED
+
+
+def test_unreadable_job_keeps_routing_mark(runner):
+    # Routing marked the runner busy for a run on its own queue, and the job
+    # ahead of that run's job cannot be read. Dropping it must leave the
+    # mark, or routing would send the runner more runs meanwhile.
+    connection = get_redis()
+    queue_key = f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}"
+    mark = keys.current_run_key(runner.name)
+    # A job hash of the wrong type fails the HGETALL of the runner's take.
+    connection.set(Job.key_for("unreadable-job"), "not a hash")
+    connection.set(mark, "routed-run", ex=60)
+    try:
+        connection.rpush(queue_key, "unreadable-job")
+        deadline = time.monotonic() + 30
+        while "unreadable-job" not in runner.log_path.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert connection.get(mark) == b"routed-run"
+    finally:
+        connection.delete(mark, Job.key_for("unreadable-job"))
