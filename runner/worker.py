@@ -116,6 +116,9 @@ class RunnerWorker:
         # own queue that it has not popped yet; shared jobs wait meanwhile.
         self.reserved = False
         self.last_job_id = ""
+        # The id of a job whose take raised redis.ConnectionError, until its
+        # busy mark, which the take may have set, is cleared.
+        self.unconfirmed_take = ""
         # Called without arguments when another process has taken the name.
         self.on_name_taken = on_name_taken
         # Called without arguments before each dequeue: after a job, and
@@ -141,6 +144,7 @@ class RunnerWorker:
                     logger.exception("runner %s: work between jobs failed", self.name)
             queue_keys = [self.own_queue_key] if self.reserved else self.queue_keys
             try:
+                self.clear_unconfirmed_take()
                 popped = self.connection.blpop(queue_keys, timeout=DEQUEUE_TIMEOUT_S)
             except redis.ConnectionError as error:
                 # Wait for Redis here: exiting would count against the
@@ -187,8 +191,10 @@ class RunnerWorker:
                     self.reserved = True
                 continue
             except redis.ConnectionError as error:
-                # The job hash stays, in no queue; the lost-run check queues
-                # the run again.
+                # The job hash stays, in no queue, unless the take ran and
+                # only its reply was lost. Either way the lost-run check
+                # queues the run again, once no mark names it.
+                self.unconfirmed_take = job_id
                 logger.warning(
                     "runner %s: Redis unreachable while taking job %s (%s)",
                     self.name,
@@ -224,6 +230,20 @@ class RunnerWorker:
                 logger.exception(
                     "runner %s: job %s from %s raised", self.name, job_id, queue_key
                 )
+
+    def clear_unconfirmed_take(self) -> None:
+        """Delete the busy mark that a take whose reply was lost may have left.
+
+        Such a take deleted the job hash and marked this runner busy with
+        the job. Left in place, the mark would make this runner put back
+        every shared job for a run it never pops, and make the lost-run
+        check take that run for one being taken, until the mark expires
+        (keys.CURRENT_RUN_TTL_S). Raises redis.ConnectionError while Redis
+        is unreachable, and is tried again before the next dequeue.
+        """
+        if self.unconfirmed_take:
+            clear_mark(self.connection, self.name, self.unconfirmed_take)
+            self.unconfirmed_take = ""
 
     def delete_unreadable_queues(self) -> None:
         """Delete queue keys that are not lists, so dequeueing can go on.

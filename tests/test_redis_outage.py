@@ -91,16 +91,24 @@ def wait_for_heartbeat(client, name: str, pid: int, timeout_s: float = 60) -> No
 
 
 def start_runner(
-    name: str, socket_path, log_path, extra_env: dict[str, str] | None = None
+    name: str,
+    socket_path,
+    log_path,
+    extra_env: dict[str, str] | None = None,
+    redis_url: str | None = None,
 ) -> subprocess.Popen:
-    """Start a runner on the test database and the Redis server at ``socket_path``."""
+    """Start a runner on the test database and the Redis server at ``socket_path``.
+
+    ``redis_url``, where given, replaces the server's socket as the runner's
+    way to it (a proxy).
+    """
     env = {
         **os.environ,
         **(extra_env or {}),
         "DJANGO_SETTINGS_MODULE": "tests.settings",
     }
     env["GLASSBOX_TEST_DB_NAME"] = str(db_connection.settings_dict["NAME"])
-    env["REDIS_URL"] = f"unix://{socket_path}"
+    env["REDIS_URL"] = redis_url or f"unix://{socket_path}"
     with open(log_path, "wb") as log:
         return subprocess.Popen(
             [sys.executable, "manage.py", "runner", "--name", name],
@@ -687,3 +695,128 @@ def test_redis_outage_at_claim_spares_run(transactional_db, alice, tmp_path):
     log = log_path.read_text()
     assert run.status == Run.Status.SUCCEEDED, (run.error, log[-3000:])
     assert Bill.objects.filter(run=run).count() == 1
+
+
+class TakeReplyDroppingProxy:
+    """A TCP proxy to a Redis server's socket that loses one job take's reply.
+
+    Once armed, the first command whose message contains ``marker`` goes to
+    the server, which executes it. The proxy drops the reply, closes the
+    client's connection, and then closes every new connection at once for
+    ``refuse_s`` seconds, longer than redis-py's retries of one command.
+    """
+
+    def __init__(self, socket_path, marker: bytes, refuse_s: float) -> None:
+        self.socket_path = str(socket_path)
+        self.marker = marker
+        self.refuse_s = refuse_s
+        self.armed = threading.Event()
+        self.dropped = threading.Event()
+        self.refusing_until = 0.0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.refusing_until:
+                client.close()
+                continue
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.socket_path)
+            state = {"drop": False}
+            for target in (self._pass_requests, self._pass_replies):
+                threading.Thread(
+                    target=target, args=(client, server, state), daemon=True
+                ).start()
+
+    def _pass_requests(self, client, server, state) -> None:
+        try:
+            while chunk := client.recv(65536):
+                if self.armed.is_set() and self.marker in chunk:
+                    self.armed.clear()
+                    state["drop"] = True
+                server.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            _close_both(client, server)
+
+    def _pass_replies(self, client, server, state) -> None:
+        try:
+            while chunk := server.recv(65536):
+                if state["drop"]:
+                    self.refusing_until = time.monotonic() + self.refuse_s
+                    self.dropped.set()
+                    return
+                client.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            _close_both(client, server)
+
+
+def _close_both(*sockets) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+
+def test_runner_takes_shared_jobs_after_lost_take_reply(
+    transactional_db, alice, tmp_path
+):
+    # Redis runs a runner's take of a routed run, and the reply never comes:
+    # the connection breaks and Redis stays unreachable for seconds. The
+    # take marked the runner busy with that run. Once Redis is back, the
+    # runner must not keep leaving shared jobs for a run it will never pop.
+    socket_path = tmp_path / "take.sock"
+    server = start_redis(socket_path)
+    proxy = TakeReplyDroppingProxy(socket_path, b"return {'reserved'}", refuse_s=8)
+    log_path = tmp_path / "take-runner.log"
+    working = webapp_redis._connection
+    with registered_runner("take-lost"):
+        process = start_runner(
+            "take-lost",
+            socket_path,
+            log_path,
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+        )
+        try:
+            client = redis.Redis(unix_socket_path=str(socket_path))
+            wait_for_heartbeat(client, "take-lost", process.pid)
+            webapp_redis._connection = client
+            proxy.armed.set()
+            start_cli_run(alice, detection(), wait_s=0, runner="take-lost")
+            deadline = time.monotonic() + 60
+            while "Redis unreachable while taking job" not in log_path.read_text():
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            assert proxy.dropped.is_set()
+
+            # With a single live runner, routing uses the shared queue.
+            shared = start_cli_run(alice, detection(), wait_s=0).run
+            deadline = time.monotonic() + 60
+            shared.refresh_from_db()
+            while shared.status in (Run.Status.QUEUED, Run.Status.RUNNING):
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+                shared.refresh_from_db()
+        finally:
+            webapp_redis._connection = working
+            process.terminate()
+            process.wait(timeout=30)
+            proxy.close()
+            server.terminate()
+            server.wait(timeout=10)
+    assert shared.status == Run.Status.SUCCEEDED, shared.error
+    assert shared.queue_name == keys.SHARED_QUEUE
