@@ -123,13 +123,12 @@ def _store_result(
     if an earlier attempt with the same ``finished_at`` committed, and the
     connection broke before its COMMIT's reply came.
     """
-    now = finished_at
     with transaction.atomic():
         updated = sql.update_where(
             Run,
             {
                 "status": status,
-                "finished_at": now,
+                "finished_at": finished_at,
                 "outputs": outputs,
                 "breakdown": breakdown,
                 "error": error,
@@ -154,7 +153,7 @@ def _store_result(
             Bill(
                 run_id=run.pk,
                 owner_id=run.owner_id,
-                created_at=now,
+                created_at=finished_at,
                 **bill_fields(bill),
             )
         )

@@ -59,18 +59,7 @@ def execute_run(
     # one claimed and not yet named.
     runtime.current_run = run_id
     try:
-        claim = {
-            "status": Run.Status.RUNNING,
-            "runner_name": runtime.name,
-            "runner_instance": runtime.instance,
-            "started_at": datetime.fromtimestamp(started_wall / 1e9, tz=UTC),
-        }
-        if queue:
-            claim["queue_name"] = queue
-        claimed = sql.retry_if_disconnected(
-            lambda: _claim(run_id, claim, runtime.instance),
-            f"runner {runtime.name}: claiming run {run_id}",
-        )
+        claimed = _claim_run(run_id, runtime, started_wall, queue)
     except Exception:
         # The job id is not a UUID, or the database is unreachable. The job
         # is dropped, and the lost-run check queues a real run it belongs to
@@ -118,16 +107,46 @@ def execute_run(
             runtime.last_finished_ns = clock.now_ns()
 
 
-def _claim(run_id: str, claim: dict, instance: str) -> bool:
+def _claim_run(run_id: str, runtime, started_wall: int, queue: str | None) -> bool:
+    """Set the queued run running under this process; return whether it is.
+
+    The claim is made once more on a new connection if the first one lost
+    its connection (sql.retry_if_disconnected).
+    """
+    claim = {
+        "status": Run.Status.RUNNING,
+        "runner_name": runtime.name,
+        "runner_instance": runtime.instance,
+        "started_at": datetime.fromtimestamp(started_wall / 1e9, tz=UTC),
+    }
+    if queue:
+        claim["queue_name"] = queue
+    attempts = 0
+
+    def claim_once() -> bool:
+        nonlocal attempts
+        attempts += 1
+        return _claim(run_id, claim, runtime.instance, retried=attempts > 1)
+
+    return sql.retry_if_disconnected(
+        claim_once, f"runner {runtime.name}: claiming run {run_id}"
+    )
+
+
+def _claim(run_id: str, claim: dict, instance: str, retried: bool) -> bool:
     """Claim the run if it is queued; return whether it runs under ``instance``.
 
     A claim that committed before the connection broke leaves the run
-    running under ``instance`` when the claim is made again on a new
+    running under ``instance`` when the claim is ``retried`` on a new
     connection. Only this process writes its own instance, so the run is
-    still this process's to execute.
+    still this process's to execute. A first attempt does not look: a run
+    left running under this process by a finish that failed is not run
+    again.
     """
     if sql.update_where(Run, claim, where={"pk": run_id, "status": Run.Status.QUEUED}):
         return True
+    if not retried:
+        return False
     claimed_by_instance = {
         "pk": run_id,
         "status": Run.Status.RUNNING,
