@@ -122,7 +122,8 @@ class RunnerWorker:
         # Called without arguments when another process has taken the name.
         self.on_name_taken = on_name_taken
         # Called without arguments before each dequeue: after a job, and
-        # after each DEQUEUE_TIMEOUT_S with none.
+        # after each DEQUEUE_TIMEOUT_S with none, but not after a shared job
+        # put back for a routed run.
         self.between_jobs = between_jobs
         # Called with each job taken, before it runs.
         self.before_job = before_job
@@ -136,12 +137,17 @@ class RunnerWorker:
     def work(self, burst: bool = False) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # Set when a popped shared job went back because a routed run is on
+        # its way. That is no dequeue timeout, so idle models do not expire
+        # before the routed run's job comes and keeps its models loaded.
+        reserved_job_returned = False
         while not self.stopping.is_set():
-            if self.between_jobs is not None:
+            if self.between_jobs is not None and not reserved_job_returned:
                 try:
                     self.between_jobs()
                 except Exception:
                     logger.exception("runner %s: work between jobs failed", self.name)
+            reserved_job_returned = False
             queue_keys = [self.own_queue_key] if self.reserved else self.queue_keys
             try:
                 self.clear_unconfirmed_take()
@@ -189,6 +195,7 @@ class RunnerWorker:
                     # Routing sent a run to this runner's own queue; take
                     # that one first, as routing predicted.
                     self.reserved = True
+                    reserved_job_returned = True
                 continue
             except redis.ConnectionError as error:
                 # The job hash stays, in no queue, unless the take ran and

@@ -4,13 +4,15 @@ import time
 
 import pytest
 
+from runner import keys
 from runner.model_cache import ModelCache, ModelProvider
 from runner.models import FleetSettings, Run
 from runner.registry import resolve_model
 from runner.runtime import RunnerRuntime
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, start_cli_run
 from tests.definitions import detection
 from tests.test_runner_pool import start, wait_for_status
+from webapp.redis import get_redis
 from workflows.compiler import build_plan, definition_digest
 from workflows.executor import execute_plan
 from workflows.images import WorkflowImage
@@ -298,6 +300,40 @@ def test_ttl_keeps_model_of_next_job(runner, extra_runners, alice):
     assert models[1]["cold_load"]["total"] > 1_000_000
     assert models[2]["model_id"] == small
     assert models[2]["cold"] is False
+    wait_for_state(runner, lambda state: state["eviction_policy"] == "lru")
+
+
+def test_ttl_keeps_model_of_routed_run(runner, extra_runners, alice):
+    # With a keep-alive of 1 s, a runner ends a long run of a large model
+    # while routing has marked it busy for a run of the small model it
+    # holds, and a shared job waits. The runner puts the shared job back
+    # and waits for the routed run, which must find the small model loaded.
+    FleetSettings.objects.create(eviction_policy="ttl", keep_alive_s=1)
+    connection = get_redis()
+    session_mark = keys.current_run_key(runner.name)
+    # Marked busy, the session runner leaves the shared job too.
+    connection.set(session_mark, "run-elsewhere", ex=120)
+    try:
+        busy = extra_runners("keep-routed")
+        wait_for_state(busy, lambda state: state["keep_alive_s"] == 1)
+        small, large = "yolov8n.yaml-320", "yolov8x.yaml"
+        start(alice, small, "keep-routed", wait_s=0)
+        long_run = start(alice, large, "keep-routed", wait_s=0).run
+        wait_for_status(long_run.id, Run.Status.RUNNING, timeout_s=60)
+        shared = start_cli_run(alice, detection(small), wait_s=0).run
+        assert shared.queue_name == keys.SHARED_QUEUE
+        connection.set(keys.current_run_key("keep-routed"), "routed-run", ex=60)
+        wait_for_status(long_run.id, Run.Status.SUCCEEDED, timeout_s=120)
+        routed = start(alice, small, "keep-routed", wait_s=0).run
+        routed = wait_for_status(routed.id, Run.Status.SUCCEEDED, timeout_s=60)
+    finally:
+        connection.delete(session_mark)
+        FleetSettings.objects.all().delete()
+    wait_for_status(shared.id, Run.Status.SUCCEEDED, timeout_s=60)
+
+    model = routed.breakdown["models"][0]
+    assert model["model_id"] == small
+    assert model["cold"] is False
     wait_for_state(runner, lambda state: state["eviction_policy"] == "lru")
 
 
