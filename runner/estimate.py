@@ -15,10 +15,14 @@ second is the owner's own recent succeeded runs, which give the times:
   runs of the same batch size, else from a line through the medians of
   other sizes, else from the one size there is, with a note;
 - per model (by weights file and input size), the median time of one call
-  in each stage (preprocess, inference, postprocess) and of one cold load,
-  over runs of any definition. For call times, runs on the device of the
-  runner that would take the run are preferred, and among them calls made
-  after the model was loaded;
+  in each stage (preprocess, inference, postprocess) and of one cold load.
+  Call times come from runs of the same definition in which the model
+  served the same steps, else from runs of any definition. A model called
+  on each crop predicts on smaller images than one called on the whole
+  image, and bench/estimate_accuracy.py measured about half the time per
+  call on crops. Among those runs, runs on the device of the runner that would take the
+  run are preferred, and among them calls made after the model was loaded.
+  Cold loads come from runs of any definition;
 - calls per model and image: the median over runs of the same definition
   of the calls its steps made, whichever model a step's id named then (it
   can come from a parameter). A model that runs on each crop, or not at
@@ -165,6 +169,9 @@ def estimate_run(
             device,
             loads.get(model["cache_key"], 0),
             unknown,
+            _same_steps_entries(
+                workflow_runs, model["cache_key"], steps_of_model[model["model_id"]]
+            ),
         )
         for model in models
     ]
@@ -317,15 +324,20 @@ def _forecast_model(
     device: str | None,
     loads: int,
     unknown: list[str],
+    own_entries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """Forecast one model's load and call times.
+
+    ``own_entries`` are the model's entries in runs of the same definition
+    that served the same steps. Their call times come first: a step that
+    runs on crops calls the model on smaller images than a step on the
+    whole image, and ultralytics resizes a crop to fewer pixels.
+    """
     key, model_id = model["cache_key"], model["model_id"]
     entries = [entry for run in model_runs for entry in _model_entries(run, key)]
     holders = sorted(r.name for r in runners if key in r.loaded_models)
 
-    on_device = [entry for entry in entries if entry.get("device") == device]
-    called = [entry for entry in (on_device or entries) if entry["calls"]]
-    # The first call after a cold load can be slower than later ones.
-    sample = [entry for entry in called if not entry["cold"]] or called
+    sample = _call_sample(own_entries or [], device) or _call_sample(entries, device)
     per_call = None
     if sample:
         per_call = {
@@ -369,6 +381,30 @@ def _forecast_model(
         "per_call_us": per_call,
         "samples": len(sample),
     }
+
+
+def _call_sample(entries: list[dict[str, Any]], device: str | None) -> list:
+    """Return the entries to time calls from: on ``device`` if any, and hot if any."""
+    on_device = [entry for entry in entries if entry.get("device") == device]
+    called = [entry for entry in (on_device or entries) if entry["calls"]]
+    # The first call after a cold load can be slower than later ones.
+    return [entry for entry in called if not entry["cold"]] or called
+
+
+def _same_steps_entries(
+    workflow_runs: list[dict[str, Any]], cache_key: str, steps: set[str]
+) -> list[dict[str, Any]]:
+    """Return the model's entries in the definition's runs that served only ``steps``.
+
+    A run whose entry also served a step that now calls another model is
+    left out, as in ``_calls_per_image``.
+    """
+    return [
+        entry
+        for run in workflow_runs
+        for entry in _model_entries(run, cache_key)
+        if set(entry.get("steps") or ()) <= steps
+    ]
 
 
 def predicted_loads(

@@ -403,6 +403,40 @@ def test_estimate_uncalled_model_is_not_loaded(runner, alice, alice_client):
     assert outer["loads"] == 1
 
 
+def test_estimate_times_crop_calls_from_crop_runs(runner, alice, alice_client):
+    # yolov8n.yaml runs on the whole image in one workflow and on each crop
+    # in another. A crop is resized to fewer pixels, so its calls are timed
+    # from the crop workflow's own runs, not from the whole-image ones.
+    for _ in range(3):
+        start_cli_run(alice, detection("yolov8n.yaml"), wait_s=120)
+    workflow_id = create_workflow(alice_client, detect_then_crops("yolov8n.yaml"))
+    assert run_workflow(alice_client, workflow_id).status_code == 200
+    crop_run = Run.objects.get(workflow_version__workflow_id=workflow_id)
+    [crop_entry] = [
+        entry
+        for entry in crop_run.breakdown["models"]
+        if entry["model_id"] == "yolov8n.yaml"
+    ]
+    assert crop_entry["steps"] == ["inner"]
+    assert crop_entry["calls"] > 1
+
+    body = estimate(alice_client, workflow_id)
+    inner = {model["model_id"]: model for model in body["models"]}["yolov8n.yaml"]
+    assert inner["calls"] == crop_entry["calls"]
+    assert inner["samples"] == 1
+    for stage in ("preprocess", "inference", "postprocess"):
+        per_call = round(crop_entry[stage] / crop_entry["calls"])
+        assert inner["per_call_us"][stage] == per_call, stage
+
+    # A definition without runs of its own still takes call times from the
+    # other definition's runs.
+    other = detect_then_crops("yolov8n.yaml", outer_model="people-detector-608")
+    unrun = create_workflow(alice_client, other)
+    body = estimate(alice_client, unrun)
+    inner = {model["model_id"]: model for model in body["models"]}["yolov8n.yaml"]
+    assert inner["samples"] >= 3
+
+
 def test_estimate_names_definition_without_history():
     # The history is per definition, so a workflow run many times before an
     # edit has none for its new version. The reason must not deny those runs.
