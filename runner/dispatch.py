@@ -96,13 +96,6 @@ def model_call_order(
     return [key_of[model_id] for _, model_id in plan.model_ids(parameters)]
 
 
-def loaded_on_all(runners: list[fleet.RunnerState]) -> set[str]:
-    """Return the cache keys of the models every one of ``runners`` has loaded."""
-    if not runners:
-        return set()
-    return set.intersection(*(runner.loaded_models for runner in runners))
-
-
 def resolve_models(plan: ExecutionPlan, parameters: dict, owner_id: int) -> list[dict]:
     seen: dict[str, dict] = {}
     for step, model_id in plan.model_ids(parameters):
@@ -411,19 +404,26 @@ def predict_hot(
 ) -> None:
     """Set each model's ``predicted_hot`` by the estimate's rule.
 
-    A model is hot if the runner the queue belongs to has it loaded. A
-    shared-queue job goes to whichever runner is free, so then only if every
-    runner has it. If the run's models together exceed the memory budget of
-    every runner that may take it, loading one evicts another, so only the
-    first model the run calls can be hot (``estimate.predicted_loads``).
+    A model is hot if the runner the queue belongs to has it loaded when it
+    takes the job. A shared-queue job goes to whichever runner is free, so
+    then only if every runner has it loaded by then. A busy runner also has
+    the models of the runs it executes and has queued before
+    (``estimate.held_when_free``). If the run's models together exceed the
+    memory budget of every runner that may take it, loading one evicts
+    another, so only the first model the run calls can be hot
+    (``estimate.predicted_loads``).
     ``call_order`` is the cache key of each model step in execution order.
     """
-    from runner.estimate import models_exceed_budgets, predicted_loads
+    from runner.estimate import (
+        loaded_when_free,
+        models_exceed_budgets,
+        predicted_loads,
+    )
 
     chosen = keys.runner_of_queue(queue_name)
     takers = [r for r in runners if chosen is None or r.name == chosen]
-    loaded = loaded_on_all(takers)
     cache_keys = {model["cache_key"] for model in models}
+    loaded = loaded_when_free(takers, cache_keys)
     evicting = bool(cache_keys - loaded) and models_exceed_budgets(
         cache_keys, takers, owner_id
     )

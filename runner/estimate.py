@@ -44,20 +44,22 @@ the price: an estimate never fills a gap with a guess.
 """
 
 import statistics
+import uuid
 from collections import defaultdict
 from typing import Any
 
 from django.conf import settings
+from rq import Queue
 
 from billing.policy import BillingPolicy
-from runner import fleet
+from runner import fleet, keys
 from runner.dispatch import (
-    loaded_on_all,
     model_call_order,
     predict_route,
     resolve_models,
 )
 from runner.models import Run
+from webapp.redis import get_redis
 from workflows.compiler.plan import ExecutionPlan
 from workflows.timing import COMPONENTS, RUNNER_COMPONENTS
 
@@ -108,8 +110,10 @@ def estimate_run(
     devices = {runner.data.get("device") for runner in takers}
     device = devices.pop() if len(devices) == 1 else None
     # A model is hot for certain only if every runner that may take the run
-    # has it loaded, as predict_hot decides when the run is queued.
-    loaded = loaded_on_all(takers)
+    # has it loaded when it does, as predict_hot decides when the run is
+    # queued.
+    held = held_when_free(takers)
+    loaded = set.intersection(*held.values()) if held else set()
     cold_keys = cache_keys - loaded
     queued_ahead = route.queued_ahead
     if route.waits_for_holder:
@@ -127,8 +131,13 @@ def estimate_run(
             "unknown: this run waits until a runner is free"
         )
         components["queue"] = None
-        if cold_keys & set().union(*(r.loaded_models for r in takers)):
-            notes.append("whether a model is hot depends on which runner is free first")
+        if cold_keys & set().union(*held.values()):
+            ready = sum(cache_keys <= models for models in held.values())
+            notes.append(
+                "whether a model is hot depends on which runner is free first: "
+                f"{ready} of {len(held)} runners would have every model of the "
+                "run loaded"
+            )
     elif queued_ahead:
         unknown.append(
             f"{_runs_queued(queued_ahead)} ahead of this one, so its queue time "
@@ -405,6 +414,88 @@ def _same_steps_entries(
         for entry in _model_entries(run, cache_key)
         if set(entry.get("steps") or ()) <= steps
     ]
+
+
+def held_when_free(runners: list[fleet.RunnerState]) -> dict[str, set[str]]:
+    """Return, per runner, the cache keys it will have loaded when it is free.
+
+    A runner is free to take a shared-queue job once it has finished the
+    run it is executing and the jobs queued on its own queue, so it then
+    has those runs' models loaded as well as the ones its heartbeat lists.
+    If all of them together pass its memory budget, only the models of its
+    last run count, since making room for them evicted others. Runs are
+    read from the busy mark and the own queue, live, and their models from
+    the database.
+
+    NOTE: a model whose size no heartbeat shows counts as zero bytes, and
+    a run that fails before it loads its models leaves them unloaded.
+    """
+    if not runners:
+        return {}
+    pipeline = get_redis().pipeline(transaction=False)
+    for runner in runners:
+        pipeline.get(keys.current_run_key(runner.name))
+        pipeline.lrange(
+            f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}",
+            0,
+            -1,
+        )
+    replies = pipeline.execute(raise_on_error=False)
+    run_ids: dict[str, list[str]] = {}
+    for index, runner in enumerate(runners):
+        current, queued = replies[2 * index], replies[2 * index + 1]
+        ids = [current] if isinstance(current, bytes) else []
+        if isinstance(queued, list):
+            ids += queued
+        run_ids[runner.name] = [_run_id(value) for value in ids]
+    keys_of_run = _run_cache_keys({i for ids in run_ids.values() for i in ids if i})
+
+    sizes = {
+        model["cache_key"]: model.get("memory_bytes", 0)
+        for runner in runners
+        for model in runner.data.get("models", [])
+    }
+    held = {}
+    for runner in runners:
+        runs = [keys_of_run[i] for i in run_ids[runner.name] if i in keys_of_run]
+        models = set(runner.loaded_models).union(*runs)
+        budget = runner.data.get("budget_bytes")
+        if runs and budget is not None:
+            if sum(sizes.get(key, 0) for key in models) > budget:
+                models = set(runs[-1])
+        held[runner.name] = models
+    return held
+
+
+def loaded_when_free(runners: list[fleet.RunnerState], cache_keys: set[str]) -> set:
+    """Return the cache keys every one of ``runners`` will have loaded when free.
+
+    Busy marks and queues are read only when a model in ``cache_keys`` is
+    missing from a heartbeat, so a run whose models are all loaded pays no
+    round trip for it.
+    """
+    if not runners:
+        return set()
+    loaded = set.intersection(*(set(runner.loaded_models) for runner in runners))
+    if cache_keys <= loaded:
+        return loaded
+    return set.intersection(*held_when_free(runners).values())
+
+
+def _run_id(value: bytes) -> str | None:
+    """Return the run id a busy mark or job id names, None if it is no run id."""
+    try:
+        return str(uuid.UUID(value.decode()))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _run_cache_keys(run_ids: set[str]) -> dict[str, set[str]]:
+    rows = Run.objects.filter(pk__in=run_ids).values_list("pk", "model_refs")
+    return {
+        str(pk): {ref["cache_key"] for ref in refs or () if "cache_key" in ref}
+        for pk, refs in rows
+    }
 
 
 def predicted_loads(

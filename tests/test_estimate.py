@@ -755,6 +755,60 @@ def test_estimate_with_every_runner_busy_has_unknown_queue(runner, alice, alice_
     )
 
 
+def test_estimate_counts_models_busy_runners_load(runner, alice, alice_client):
+    # The session runner has the model loaded. "loading" does not yet, but
+    # the run it executes uses the model, so it has the model loaded by the
+    # time it is free to take a shared-queue job. No other test uses this
+    # size.
+    model_id = "people-detector-448"
+    cache_key = resolve_model(model_id, owner_id=alice.id).cache_key
+    start(alice, model_id, runner.name)
+    wait_until_loaded(runner, model_id)
+    executing = Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.RUNNING,
+        model_refs=[{"model_id": model_id, "cache_key": cache_key}],
+    )
+    other = Run.objects.create(
+        owner=alice, source="api", status=Run.Status.RUNNING, model_refs=[]
+    )
+    models = [{"cache_key": cache_key}]
+
+    with registered_runner("loading"), marked_busy(runner.name, "loading"):
+        get_redis().set(keys.current_run_key("loading"), str(executing.pk))
+        body = alice_client.post(
+            "/api/estimate", {"specification": detection(model_id)}, format="json"
+        ).json()
+        predict_hot(
+            models, [cache_key], fleet.live_runners(), keys.SHARED_QUEUE, alice.id
+        )
+        hot_while_loading = models[0]["predicted_hot"]
+
+        # Executing a run of other models, "loading" would take the run cold.
+        get_redis().set(keys.current_run_key("loading"), str(other.pk))
+        other_body = alice_client.post(
+            "/api/estimate", {"specification": detection(model_id)}, format="json"
+        ).json()
+        predict_hot(
+            models, [cache_key], fleet.live_runners(), keys.SHARED_QUEUE, alice.id
+        )
+        hot_while_other = models[0]["predicted_hot"]
+
+    assert body["runner"] is None
+    assert body["hot"] is True
+    assert body["models"][0]["loaded_on"] == [runner.name]
+    assert not any("free first" in note for note in body["notes"])
+    assert hot_while_loading is True
+
+    assert other_body["hot"] is False
+    assert (
+        "whether a model is hot depends on which runner is free first: 1 of 2 "
+        "runners would have every model of the run loaded"
+    ) in other_body["notes"]
+    assert hot_while_other is False
+
+
 def test_queue_estimate_skips_runs_that_waited(runner, alice, alice_client):
     # Three earlier runs: two found a runner free, one waited behind others.
     workflow_id = create_workflow(alice_client, image_height())
