@@ -21,10 +21,13 @@ same order, on ultralytics' bus.jpg and zidane.jpg in turns:
 Before each run, the script calls ``runner.estimate.estimate_run`` for the
 same definition, batch and priority. For every run it records whether the
 estimate's ``hot`` matched the run (a run is hot when it loaded no model),
-the predicted runner time against the measured one, and the predicted price
-against the bill. Runs whose estimate left a figure unknown (no history yet,
-or the queue time under load) count only for what was predicted. Results
-are printed as a table and written as JSON to ``--out``.
+the predicted runner time against the measured one, the predicted time of
+one call of each model against the run's mean per call, and the predicted
+price against the bill. The call time leaves out how many crops an image
+gave, which the estimate cannot know before the detections exist. Runs
+whose estimate left a figure unknown (no history yet, or the queue time
+under load) count only for what was predicted. Results are printed as a
+table and written as JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -231,17 +234,20 @@ def record(name: str, phase: str, estimate: dict, run) -> dict[str, Any]:
         "price": run.bill.amount_microcredits,
         "predicted_calls": predicted_calls,
         "calls": {m["model_id"]: m["calls"] for m in models},
-        "predicted_model_us": {
+        "predicted_per_call_us": {
             m["model_id"]: (
                 None
                 if m["per_call_us"] is None
-                else round(m["calls"] * sum(m["per_call_us"].values()))
+                else round(sum(m["per_call_us"].values()))
             )
             for m in estimate["models"]
         },
-        "model_us": {
-            m["model_id"]: m["preprocess"] + m["inference"] + m["postprocess"]
+        "per_call_us": {
+            m["model_id"]: round(
+                (m["preprocess"] + m["inference"] + m["postprocess"]) / m["calls"]
+            )
             for m in models
+            if m["calls"]
         },
     }
 
@@ -278,10 +284,22 @@ def relative_errors(rows, predicted: str, actual: str) -> list[float]:
     ]
 
 
+def call_time_errors(rows: list[dict[str, Any]]) -> list[float]:
+    """Return the relative error of each predicted time of one model call."""
+    errors = []
+    for row in rows:
+        for model_id, actual in row["per_call_us"].items():
+            predicted = row["predicted_per_call_us"].get(model_id)
+            if predicted is not None and actual:
+                errors.append((predicted - actual) / actual)
+    return errors
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     hot_known = [row for row in rows if row["status"] == "succeeded"]
     runner_errors = relative_errors(rows, "predicted_runner_us", "runner_us")
     price_errors = relative_errors(rows, "predicted_price", "price")
+    call_errors = call_time_errors(rows)
 
     def error_summary(errors: list[float]) -> dict[str, Any]:
         if not errors:
@@ -302,6 +320,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["predicted_hot"] and not r["hot"] for r in hot_known
         ),
         "runner_time": error_summary(runner_errors),
+        "call_time": error_summary(call_errors),
         "price": error_summary(price_errors),
     }
 
@@ -316,16 +335,19 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         groups.setdefault((row["workflow"], phase), []).append(row)
     print(
         f"{'workflow':<16}{'phase':<6}{'runs':>5}{'hot right':>10}"
-        f"{'runner time err':>17}{'worst':>8}{'price err':>11}{'worst':>8}"
+        f"{'runner time err':>17}{'worst':>8}{'call time err':>15}{'worst':>8}"
+        f"{'price err':>11}{'worst':>8}"
     )
     for (workflow, phase), group in [*groups.items(), (("all", ""), rows)]:
         summary = summarize(group)
-        runner, price = summary["runner_time"], summary["price"]
+        runner, call = summary["runner_time"], summary["call_time"]
+        price = summary["price"]
         print(
             f"{workflow:<16}{phase:<6}{summary['runs']:>5}"
             f"{summary['hot_right']:>6}/{summary['runs']:<3}"
             f"{percent(runner['median_abs']):>12} ({runner['count']:>2})"
             f"{percent(runner['worst']):>8}"
+            f"{percent(call['median_abs']):>15}{percent(call['worst']):>8}"
             f"{percent(price['median_abs']):>11}{percent(price['worst']):>8}"
         )
 
