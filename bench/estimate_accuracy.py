@@ -19,11 +19,12 @@ same order, on ultralytics' bus.jpg and zidane.jpg in turns:
    workflow without waiting, then all five are waited for.
 
 Before each run, the script calls ``runner.estimate.estimate_run`` for the
-same definition, batch and priority. For every run it records whether the
-estimate's ``hot`` matched the run (a run is hot when it loaded no model),
-the predicted runner time against the measured one, the predicted time of
-one call of each model against the run's mean per call, and the predicted
-price against the bill. The call time leaves out how many crops an image
+same definition, batch and priority. For every run it records four
+comparisons. The first is whether the estimate's ``hot`` matched the run (a
+run is hot when it loaded no model). The others are the predicted runner
+time against the measured one, the predicted time of one call of each
+model against the run's mean per call, and the predicted price against
+the bill. The call time leaves out how many crops an image
 gave, which the estimate cannot know before the detections exist. Runs
 whose estimate left a figure unknown (no history yet, or the queue time
 under load) count only for what was predicted. Results are printed as a

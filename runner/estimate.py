@@ -33,7 +33,9 @@ second is the owner's own recent succeeded runs, which give the times:
 Only the owner's runs are read, so other users' traffic changes no time or
 price. Whether a model is hot is the fleet's state, read from heartbeats: a
 shared model another user's run loaded is hot for everyone, as it would be
-for the run itself. The predicted latency is the sum of those
+for the run itself. A busy runner also counts the models of the runs it
+executes and has queued on its own queue, which it has loaded by the time
+it takes the run (``held_when_free``). The predicted latency is the sum of those
 medians, a typical figure rather than the median of past totals. Runs
 waiting in the queues the run would join make its queue time unknown,
 because the history it is predicted from did not wait behind them, and so
