@@ -196,37 +196,70 @@ def choose_queue(
 
 
 def economy_holder(
-    cache_keys: list[str] | set[str],
+    call_order: list[str],
     runners: list[fleet.RunnerState],
     backlogs: dict[str, int],
 ) -> fleet.RunnerState | None:
-    """Return the runner an economy run would wait for, None if none has a model.
+    """Return the runner an economy run would wait for, None if none would help.
 
-    Among the runners ``routing_order`` lists, those holding most of the
-    models come first, then the one with the shortest backlog (see
-    ``_backlogs``), then the fleet's order.
+    ``call_order`` is the cache key of each model step in execution order
+    (``model_call_order``). Among the runners ``routing_order`` lists, only
+    those on which at least one of the models would start hot count: a
+    runner whose budget cannot hold the run's models together evicts the
+    model it holds to load the one called before it, and then loads every
+    model cold (``estimate.predicted_loads``). Those with most models
+    starting hot come first, then those holding most of the models, then
+    the one with the shortest backlog (see ``_backlogs``), then the fleet's
+    order. Model sizes come from the heartbeats; a model no runner has
+    loaded counts as zero bytes.
     """
-    needed = set(cache_keys)
-    holders = routing_order(needed, runners)
-    if not holders:
+    needed = set(call_order)
+    sizes = {
+        model["cache_key"]: model.get("memory_bytes") or 0
+        for runner in runners
+        for model in runner.data.get("models", [])
+    }
+    ranked = []
+    for runner in routing_order(needed, runners):
+        hot = _models_starting_hot(call_order, runner, sizes)
+        if hot:
+            held = len(needed & runner.loaded_models)
+            ranked.append(((-hot, -held, backlogs[runner.name]), runner))
+    if not ranked:
         return None
-    return min(
-        holders,
-        key=lambda runner: (-len(needed & runner.loaded_models), backlogs[runner.name]),
+    return min(ranked, key=lambda pair: pair[0])[1]
+
+
+def _models_starting_hot(
+    call_order: list[str], runner: fleet.RunnerState, sizes: dict[str, int]
+) -> int:
+    """Return how many of the run's models would not load on ``runner``."""
+    from runner.estimate import predicted_loads
+
+    needed = set(call_order)
+    loaded = runner.loaded_models
+    budget = runner.data.get("budget_bytes")
+    evicting = (
+        bool(needed - loaded)
+        and budget is not None
+        and sum(sizes.get(key, 0) for key in needed) > budget
     )
+    loads = predicted_loads(call_order, loaded, evicting)
+    return sum(1 for key in needed if loads.get(key) == 0)
 
 
 def choose_economy_queue(
-    cache_keys: list[str], run_id: str
+    call_order: list[str], run_id: str
 ) -> tuple[str, fleet.FleetSnapshot]:
     """Return the own queue of a live runner holding the models, busy or not.
 
+    ``call_order`` is the cache key of each model step in execution order.
     An economy run waits there instead of loading its models cold on an
     idle runner. The fleet is read afresh, since a run that may wait
     minutes should not follow a view a second old to a runner that has
-    stopped. When no live runner holds any of the models, the run is routed
-    as a standard run (``choose_queue``), because no runner would ever start
-    it hot.
+    stopped. When no live runner would start any of the models hot
+    (``economy_holder``), the run is routed as a standard run
+    (``choose_queue``), because waiting would save no load.
 
     An idle holder is marked busy with ``run_id``, as ``choose_queue`` does,
     so a standard run of the same burst goes elsewhere. A busy holder keeps
@@ -239,9 +272,9 @@ def choose_economy_queue(
     """
     view = fleet.fleet_snapshot()
     _, busy, own_lengths = _read_queue_state(view.runners)
-    holder = economy_holder(cache_keys, view.runners, _backlogs(busy, own_lengths))
+    holder = economy_holder(call_order, view.runners, _backlogs(busy, own_lengths))
     if holder is None:
-        return choose_queue(cache_keys, view, run_id)
+        return choose_queue(list(dict.fromkeys(call_order)), view, run_id)
     if not busy[holder.name]:
         # Whether the mark is set changes nothing about where the run goes.
         _claim_idle_runner([holder], view.generation, run_id)
@@ -332,18 +365,20 @@ def _read_queue_state(
 
 
 def predict_route(
-    cache_keys: list[str] | set[str],
+    call_order: list[str],
     runners: list[fleet.RunnerState],
     priority: str = Run.Priority.STANDARD,
 ) -> PredictedRoute:
     """Return where a run of ``priority`` would be sent now, marking no runner.
 
+    ``call_order`` is the cache key of each model step in execution order.
     Standard runs follow ``choose_queue``, economy runs
     ``choose_economy_queue``.
     """
+    cache_keys = set(call_order)
     shared_length, busy, own_lengths = _read_queue_state(runners)
     if priority == Run.Priority.ECONOMY:
-        holder = economy_holder(cache_keys, runners, _backlogs(busy, own_lengths))
+        holder = economy_holder(call_order, runners, _backlogs(busy, own_lengths))
         if holder is not None:
             return PredictedRoute(
                 keys.runner_queue(holder.name),
@@ -448,14 +483,14 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     if require_runner and not runners:
         raise no_runner_error(submission.source)
     cache_keys = [m["cache_key"] for m in models]
+    call_order = model_call_order(submission.plan, submission.inputs.parameters, models)
     run_id = uuid.uuid4()
     if submission.runner:
         queue_name = keys.runner_queue(submission.runner)
     elif submission.priority == Run.Priority.ECONOMY:
-        queue_name, view = choose_economy_queue(cache_keys, str(run_id))
+        queue_name, view = choose_economy_queue(call_order, str(run_id))
     else:
         queue_name, view = choose_queue(cache_keys, view, str(run_id))
-    call_order = model_call_order(submission.plan, submission.inputs.parameters, models)
     predict_hot(models, call_order, view.runners, queue_name, submission.owner_id)
 
     run = Run(

@@ -106,7 +106,8 @@ def estimate_run(
         components["queue"] = None
 
     cache_keys = {model["cache_key"] for model in models}
-    route = predict_route(cache_keys, runners, priority)
+    call_order = model_call_order(plan, parameters, models)
+    route = predict_route(call_order, runners, priority)
     target = route.runner
     takers = route.takers
     devices = {runner.data.get("device") for runner in takers}
@@ -169,7 +170,6 @@ def estimate_run(
             "the run calls can be hot, and a model is loaded again for each "
             "later step that needs it after another model"
         )
-    call_order = model_call_order(plan, parameters, models)
     loads = predicted_loads(call_order, loaded, evicting)
     forecasts = [
         _forecast_model(

@@ -1,14 +1,16 @@
 """Run priority: economy runs wait for a runner with their models loaded."""
 
+import contextlib
 import json
+from contextlib import ExitStack
 
 import pytest
 from django.core.management import CommandError, call_command
 from rq import Queue
 
 from billing.models import Bill
-from runner import keys
-from runner.dispatch import choose_economy_queue
+from runner import fleet, keys
+from runner.dispatch import choose_economy_queue, predict_route
 from runner.models import Run
 from runner.registry import resolve_model
 from runner.waiting import waiting_state
@@ -232,3 +234,48 @@ def test_runworkflow_priority_option(runner, tmp_path):
     run = Run.objects.get()
     assert run.priority == Run.Priority.ECONOMY
     assert run.status == Run.Status.SUCCEEDED
+
+
+@contextlib.contextmanager
+def sized_fleet(
+    *runners: tuple[str, tuple[str, ...]], budget_bytes: int, model_bytes: int
+):
+    """Register runners (name, cache keys) whose models are ``model_bytes`` each."""
+    with ExitStack() as stack:
+        for name, cache_keys in runners:
+            stack.enter_context(registered_runner(name, cache_keys))
+            models = [{"cache_key": k, "memory_bytes": model_bytes} for k in cache_keys]
+            beat = {"name": name, "models": models, "budget_bytes": budget_bytes}
+            get_redis().set(keys.heartbeat_key(name), json.dumps(beat), px=300_000)
+        try:
+            yield
+        finally:
+            for name, _ in runners:
+                get_redis().delete(keys.current_run_key(name))
+
+
+def test_economy_skips_holder_that_evicts(db):
+    # A run calls k1, then k2, and one runner holds only one of the two
+    # models. "eco-late" holds k2 and is idle, but loading k1 first evicts
+    # k2, so the run would load both models cold there. "eco-early" holds
+    # k1 and is busy: the run starts hot there, so that is where it waits.
+    call_order = ["k1", "k2"]
+    with sized_fleet(
+        ("eco-late", ("k2",)),
+        ("eco-early", ("k1",)),
+        budget_bytes=100,
+        model_bytes=80,
+    ):
+        get_redis().set(keys.current_run_key("eco-early"), "another-run", ex=60)
+        runners = [r for r in fleet.live_runners() if r.name.startswith("eco-")]
+        predicted = predict_route(call_order, runners, Run.Priority.ECONOMY)
+        queue, _ = choose_economy_queue(call_order, "run-1")
+        # With room for both, k2 stays loaded on "eco-late", which is idle.
+        roomy = {r.name: r for r in runners}
+        roomy["eco-late"].data["budget_bytes"] = 1000
+        roomy_route = predict_route(call_order, runners, Run.Priority.ECONOMY)
+
+    assert queue == keys.runner_queue("eco-early")
+    assert predicted.queue == queue
+    assert predicted.waits_for_holder is True
+    assert roomy_route.queue == keys.runner_queue("eco-late")
