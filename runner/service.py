@@ -99,26 +99,54 @@ class PriceCapExceeded(WorkflowError):
     The request is valid, and the same request can pass later, when the
     model is loaded or the workflow's runs get faster, so it is a conflict
     with the fleet's current state, as 409 is used elsewhere in the API.
+    ``economy`` is the estimate's summary for the same run sent with
+    priority economy, given only where that run would start hot on a
+    runner and cost less.
     """
 
     code = "price_cap_exceeded"
     status = 409
 
-    def __init__(self, estimate: dict[str, Any], max_price_microcredits: int):
+    def __init__(
+        self,
+        estimate: dict[str, Any],
+        max_price_microcredits: int,
+        economy: dict[str, Any] | None = None,
+    ):
         price = estimate["amount_microcredits"]
         start = "hot" if estimate["hot"] else "cold"
+        self.estimate = estimate
+        self.max_price_microcredits = max_price_microcredits
+        self.economy = economy
         super().__init__(
             f"the run's predicted price, {price} micro-credits (predicted to "
             f"start {start}), is over its max_price_microcredits, "
             f"{max_price_microcredits}; nothing was stored",
             context="price_cap",
             field_name="max_price_microcredits",
-            hint="Raise max_price_microcredits, or send the run with priority "
-            "economy, which waits for a runner that has its models loaded: a "
-            "cold start costs more.",
+            hint=self.hint_for("max_price_microcredits", "priority economy"),
         )
-        self.estimate = estimate
-        self.max_price_microcredits = max_price_microcredits
+
+    def hint_for(self, cap_name: str, economy_name: str) -> str:
+        """Return the hint, naming the cap ``cap_name`` and economy ``economy_name``.
+
+        The command line names its options where the API names its fields.
+        """
+        hint = f"Raise {cap_name} to at least {self.estimate['amount_microcredits']}"
+        if self.economy is None:
+            return f"{hint}."
+        economy_price = self.economy["amount_microcredits"]
+        if economy_price <= self.max_price_microcredits:
+            return (
+                f"Send the run with {economy_name}: it then waits for runner "
+                f"{self.economy['runner']}, which has its models loaded, and is "
+                f"predicted to cost {economy_price} micro-credits. Or {hint[0].lower()}"
+                f"{hint[1:]}."
+            )
+        return (
+            f"{hint}, or to {economy_price} with {economy_name}, which waits "
+            f"for runner {self.economy['runner']}, where its models are loaded."
+        )
 
     def to_dict(self) -> dict[str, Any]:
         body = super().to_dict()
@@ -126,6 +154,7 @@ class PriceCapExceeded(WorkflowError):
         body["predicted_price_microcredits"] = self.estimate["amount_microcredits"]
         body["predicted_hot"] = self.estimate["hot"]
         body["estimate"] = self.estimate
+        body["economy_estimate"] = self.economy
         return body
 
 
@@ -141,13 +170,39 @@ def check_price_cap(
     Returns the estimate's summary that the run stores. The estimate reads
     the route as routing would choose it now without marking any runner
     busy, so a rejected run leaves nothing behind. An unknown price passes,
-    and the bill enforces the cap instead.
+    and the bill enforces the cap instead. A standard run predicted to
+    start cold is estimated again as an economy run, for the error to say
+    whether that priority would make the run cheaper.
     """
-    estimate = estimate_run(
-        plan, inputs.parameters, owner_id, inputs.batch_size, priority
+    summary = _price_summary(
+        estimate_run(plan, inputs.parameters, owner_id, inputs.batch_size, priority)
     )
+    price = summary["amount_microcredits"]
+    if price is None or price <= max_price_microcredits:
+        return summary
+    economy = None
+    if priority == Run.Priority.STANDARD and not summary["hot"]:
+        economy = _price_summary(
+            estimate_run(
+                plan,
+                inputs.parameters,
+                owner_id,
+                inputs.batch_size,
+                Run.Priority.ECONOMY,
+            )
+        )
+        cheaper = economy["amount_microcredits"] is not None and (
+            economy["amount_microcredits"] < price
+        )
+        if not (cheaper and economy["hot"] and economy["runner"]):
+            economy = None
+    raise PriceCapExceeded(summary, max_price_microcredits, economy)
+
+
+def _price_summary(estimate: dict[str, Any]) -> dict[str, Any]:
+    """Return the parts of an estimate that a run stores and a 409 shows."""
     price = estimate["price"]
-    summary = {
+    return {
         "amount_microcredits": price["amount_microcredits"] if price else None,
         "hot": estimate["hot"],
         "runner": estimate["runner"],
@@ -155,9 +210,6 @@ def check_price_cap(
         "runner_total_us": estimate["runner_total"],
         "unknown": estimate["unknown"],
     }
-    if price is not None and price["amount_microcredits"] > max_price_microcredits:
-        raise PriceCapExceeded(summary, max_price_microcredits)
-    return summary
 
 
 @dataclass

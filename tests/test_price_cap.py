@@ -1,5 +1,7 @@
 """A run's price cap: rejected when predicted over it, else billed at most it."""
 
+import json
+
 import pytest
 from django.core.management import CommandError, call_command
 
@@ -11,8 +13,14 @@ from tests.conftest import image_path
 from tests.definitions import detection
 from tests.test_billing import breakdown_with_runner_total
 from tests.test_estimate import estimate, wait_until_loaded
+from tests.test_priority import SLOW_MODEL
+from tests.test_runner_pool import start, wait_for_status
 from tests.test_runs import create_workflow, run_workflow
 from webapp.redis import get_redis
+
+# No other test uses this input size, so only the runner of the test that
+# runs it has it loaded.
+CAP_MODEL = "people-detector-896"
 
 
 @pytest.mark.parametrize(
@@ -171,3 +179,69 @@ def test_capped_bill_marked_on_pages(runner, alice, alice_client, client):
     header = export[0].split(",")
     row = export[1].split(",")
     assert row[header.index("Capped at (µcr)")] == "1"
+
+
+def test_rejection_hint_offers_economy(
+    runner, extra_runners, alice, alice_client, tmp_path
+):
+    # "cap-holder" has the model loaded and is busy, so a standard run would
+    # load it cold on the idle session runner, and an economy run would wait
+    # for the holder and start hot, for less.
+    holder = extra_runners("cap-holder")
+    definition = detection(CAP_MODEL)
+    for _ in range(2):
+        start(alice, CAP_MODEL, holder.name)
+    wait_until_loaded(holder, CAP_MODEL)
+    client = alice_client
+    workflow_id = create_workflow(client, definition)
+    busy = start(alice, SLOW_MODEL, holder.name, wait_s=0)
+    wait_for_status(busy.run.id, Run.Status.RUNNING)
+    standard = estimate(client, workflow_id)
+    economy = estimate(client, workflow_id, {"priority": "economy"})
+    assert standard["hot"] is False
+    assert economy["runner"] == holder.name
+    assert economy["hot"] is True
+    cold_price = standard["price"]["amount_microcredits"]
+    hot_price = economy["price"]["amount_microcredits"]
+    assert hot_price < cold_price
+    runs_before = Run.objects.count()
+
+    rejected = run_workflow(client, workflow_id, max_price_microcredits=hot_price)
+    economy_rejected = run_workflow(
+        client, workflow_id, priority="economy", max_price_microcredits=hot_price - 1
+    )
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps(definition))
+    with pytest.raises(CommandError) as cli_error:
+        call_command(
+            "runworkflow",
+            str(path),
+            "--image",
+            str(image_path()),
+            "--user",
+            alice.username,
+            "--max-price",
+            str(hot_price),
+        )
+
+    assert rejected.status_code == 409, rejected.json()
+    body = rejected.json()
+    assert body["hint"] == (
+        f"Send the run with priority economy: it then waits for runner "
+        f"{holder.name}, which has its models loaded, and is predicted to cost "
+        f"{hot_price} micro-credits. Or raise max_price_microcredits to at least "
+        f"{cold_price}."
+    )
+    assert body["economy_estimate"]["runner"] == holder.name
+    assert body["economy_estimate"]["amount_microcredits"] == hot_price
+    assert economy_rejected.status_code == 409, economy_rejected.json()
+    economy_body = economy_rejected.json()
+    # Already an economy run predicted hot: only a higher cap helps.
+    assert economy_body["hint"] == (
+        f"Raise max_price_microcredits to at least {hot_price}."
+    )
+    assert economy_body["economy_estimate"] is None
+    cli_body = json.loads(str(cli_error.value))
+    assert "--priority economy" in cli_body["hint"]
+    assert f"raise --max-price to at least {cold_price}" in cli_body["hint"]
+    assert Run.objects.count() == runs_before

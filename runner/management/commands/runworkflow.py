@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from runner import fleet
 from runner.models import Run
-from runner.service import start_run
+from runner.service import PriceCapExceeded, start_run
 from runner.tables import bill_lines, breakdown_table
 from webapp.management.arguments import (
     positive_microcredits,
@@ -145,6 +145,8 @@ class Command(BaseCommand):
             )
         except WorkflowError as error:
             body = _with_cli_hint(error.to_dict(), definition, self.image_paths)
+            if isinstance(error, PriceCapExceeded):
+                body["hint"] = error.hint_for("--max-price", "--priority economy")
             raise CommandError(json.dumps(body, indent=2)) from None
         except KeyboardInterrupt:
             if not queued:
