@@ -204,14 +204,15 @@ def economy_holder(
 
     ``call_order`` is the cache key of each model step in execution order
     (``model_call_order``). Among the runners ``routing_order`` lists, only
-    those on which at least one of the models would start hot count: a
-    runner whose budget cannot hold the run's models together evicts the
-    model it holds to load the one called before it, and then loads every
-    model cold (``estimate.predicted_loads``). Those with most models
-    starting hot come first, then those holding most of the models, then
-    the one with the shortest backlog (see ``_backlogs``), then the fleet's
-    order. Model sizes come from the heartbeats; a model no runner has
-    loaded counts as zero bytes.
+    those on which the run would load its models fewer times than on a
+    runner holding none of them count. A runner whose budget cannot hold
+    the run's models together evicts the model it holds to load one called
+    before it, so holding only a later model saves no load
+    (``estimate.predicted_loads``). The runner saving most loads comes
+    first, then the one holding most of the models, then the one with the
+    shortest backlog (see ``_backlogs``), then the fleet's order. Model
+    sizes come from the heartbeats, and a model no runner has loaded counts
+    as zero bytes.
     """
     needed = set(call_order)
     sizes = {
@@ -221,31 +222,28 @@ def economy_holder(
     }
     ranked = []
     for runner in routing_order(needed, runners):
-        hot = _models_starting_hot(call_order, runner, sizes)
-        if hot:
+        saved = _loads_saved(call_order, runner, sizes)
+        if saved:
             held = len(needed & runner.loaded_models)
-            ranked.append(((-hot, -held, backlogs[runner.name]), runner))
+            ranked.append(((-saved, -held, backlogs[runner.name]), runner))
     if not ranked:
         return None
     return min(ranked, key=lambda pair: pair[0])[1]
 
 
-def _models_starting_hot(
+def _loads_saved(
     call_order: list[str], runner: fleet.RunnerState, sizes: dict[str, int]
 ) -> int:
-    """Return how many of the run's models would not load on ``runner``."""
+    """Return how many fewer model loads the run makes on ``runner`` than cold."""
     from runner.estimate import predicted_loads
 
     needed = set(call_order)
     loaded = runner.loaded_models
     budget = runner.data.get("budget_bytes")
-    evicting = (
-        bool(needed - loaded)
-        and budget is not None
-        and sum(sizes.get(key, 0) for key in needed) > budget
-    )
-    loads = predicted_loads(call_order, loaded, evicting)
-    return sum(1 for key in needed if loads.get(key) == 0)
+    exceeds = budget is not None and sum(sizes.get(key, 0) for key in needed) > budget
+    here = predicted_loads(call_order, loaded, bool(needed - loaded) and exceeds)
+    cold = predicted_loads(call_order, set(), exceeds)
+    return sum(cold.values()) - sum(here.values())
 
 
 def choose_economy_queue(
@@ -257,9 +255,9 @@ def choose_economy_queue(
     An economy run waits there instead of loading its models cold on an
     idle runner. The fleet is read afresh, since a run that may wait
     minutes should not follow a view a second old to a runner that has
-    stopped. When no live runner would start any of the models hot
+    stopped. When no live runner would save the run a model load
     (``economy_holder``), the run is routed as a standard run
-    (``choose_queue``), because waiting would save no load.
+    (``choose_queue``), because waiting would gain nothing.
 
     An idle holder is marked busy with ``run_id``, as ``choose_queue`` does,
     so a standard run of the same burst goes elsewhere. A busy holder keeps

@@ -270,12 +270,16 @@ def test_economy_skips_holder_that_evicts(db):
         runners = [r for r in fleet.live_runners() if r.name.startswith("eco-")]
         predicted = predict_route(call_order, runners, Run.Priority.ECONOMY)
         queue, _ = choose_economy_queue(call_order, "run-1")
+        # Called again after k2, k1 loads twice, but "eco-early" saves the
+        # first of those loads.
+        again, _ = choose_economy_queue(["k1", "k2", "k1"], "run-2")
         # With room for both, k2 stays loaded on "eco-late", which is idle.
         roomy = {r.name: r for r in runners}
         roomy["eco-late"].data["budget_bytes"] = 1000
         roomy_route = predict_route(call_order, runners, Run.Priority.ECONOMY)
 
     assert queue == keys.runner_queue("eco-early")
+    assert again == keys.runner_queue("eco-early")
     assert predicted.queue == queue
     assert predicted.waits_for_holder is True
     assert roomy_route.queue == keys.runner_queue("eco-late")
