@@ -141,7 +141,8 @@ def routing_order(
 
     A runner holding all of them comes first. Ties keep the fleet's order.
     A runner whose heartbeat lists the weights file of any of the models as
-    missing is left out, because it could not load that model.
+    missing is left out, because it could not load that model, and so is a
+    runner that is stopping, because it takes no more jobs.
     """
     needed = set(cache_keys)
     # A cache key is the file key followed by ":" and the input size.
@@ -149,7 +150,7 @@ def routing_order(
     counts = [
         (len(needed & runner.loaded_models), runner)
         for runner in runners
-        if not files & runner.missing_files
+        if not files & runner.missing_files and not runner.stopping
     ]
     counts.sort(key=lambda pair: -pair[0])
     return [runner for count, runner in counts if count]

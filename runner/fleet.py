@@ -50,6 +50,11 @@ class RunnerState:
     def busy(self) -> bool:
         return bool(self.data.get("current_run"))
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the runner was asked to stop and takes no more jobs."""
+        return bool(self.data.get("stopping"))
+
 
 # A Lua function for scripts: whether the heartbeat ``beat`` (a string, or
 # false when there is none) belongs to another instance than ``instance``.

@@ -158,7 +158,8 @@ class RunnerRuntime:
         self.stall_in_redis = beat_s > dead_after_s
         return silent
 
-    def state(self, queue_length: int) -> dict:
+    def state(self, queue_length: int, stopping: bool = False) -> dict:
+        """Return the heartbeat; ``stopping`` is set once a stop was requested."""
         return {
             "name": self.name,
             "host": self.host,
@@ -176,6 +177,7 @@ class RunnerRuntime:
             "evictions": self.cache.evictions,
             "queue_length": queue_length,
             "current_run": self.current_run,
+            "stopping": stopping,
             "runs_done": self.runs_done,
             "started_at": self.started_at,
             "beat_at": clock.now_ns() / 1e9,

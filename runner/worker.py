@@ -337,7 +337,11 @@ def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
 
 class Heartbeat(threading.Thread):
     def __init__(
-        self, runtime: RunnerRuntime, own_queue: Queue, on_name_taken=None
+        self,
+        runtime: RunnerRuntime,
+        own_queue: Queue,
+        on_name_taken=None,
+        stopping: threading.Event | None = None,
     ) -> None:
         super().__init__(name=f"heartbeat-{runtime.name}", daemon=True)
         self.runtime = runtime
@@ -345,6 +349,9 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
         # Called once, without arguments, if another process takes the name.
         self.on_name_taken = on_name_taken
+        # The job loop's stop request, published so that routing sends no
+        # more runs to this runner's own queue.
+        self.stopping = stopping
 
     def run(self) -> None:
         interval = settings.GLASSBOX["RUNNER_HEARTBEAT_S"]
@@ -397,7 +404,10 @@ class Heartbeat(threading.Thread):
             # may fail that run as one of a dead process meanwhile.
             fleet.refresh_instance(self.runtime.name, self.runtime.instance)
             return
-        state = self.runtime.state(queue_length=self.own_queue.count)
+        state = self.runtime.state(
+            queue_length=self.own_queue.count,
+            stopping=self.stopping is not None and self.stopping.is_set(),
+        )
         holder = fleet.publish_heartbeat(self.runtime.name, state)
         if holder is None:
             return
@@ -546,7 +556,12 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
         between_jobs=between_jobs,
         before_job=before_job,
     )
-    heartbeat = Heartbeat(runtime, own_queue, on_name_taken=worker.stopping.set)
+    heartbeat = Heartbeat(
+        runtime,
+        own_queue,
+        on_name_taken=worker.stopping.set,
+        stopping=worker.stopping,
+    )
     try:
         # Applied before the first job; the fleet-check thread reads them
         # again every heartbeat interval.

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import time
 from contextlib import ExitStack
 
 import pytest
@@ -29,6 +30,8 @@ UNHELD_MODEL = "people-detector-864"
 # An untrained architecture at a large input size: its cold load and
 # inference keep a runner busy for seconds on CPU.
 SLOW_MODEL = "yolov8x.yaml-1024"
+# Loaded only by the runner that test_economy_skips_stopping_holder stops.
+STOPPING_HOLDER_MODEL = "people-detector-32"
 
 
 def estimate(client, definition: dict, priority: str) -> dict:
@@ -283,3 +286,31 @@ def test_economy_skips_holder_that_evicts(db):
     assert predicted.queue == queue
     assert predicted.waits_for_holder is True
     assert roomy_route.queue == keys.runner_queue("eco-late")
+
+
+def test_economy_skips_stopping_holder(runner, extra_runners, alice, alice_client):
+    # The holder finishes its slow run after SIGTERM and then stops, moving
+    # its queued jobs to the shared queue, so an economy run sent meanwhile
+    # would wait for a run it gains nothing from.
+    holder = extra_runners("economy-stopping")
+    start(alice, STOPPING_HOLDER_MODEL, holder.name)
+    wait_until_loaded(holder, STOPPING_HOLDER_MODEL)
+    workflow_id = create_workflow(alice_client, detection(STOPPING_HOLDER_MODEL))
+    busy = start(alice, SLOW_MODEL, holder.name, wait_s=0)
+    wait_for_status(busy.run.id, Run.Status.RUNNING)
+    holder.process.terminate()
+    deadline = time.monotonic() + 10
+    while not (holder.state() or {}).get("stopping"):
+        assert time.monotonic() < deadline, "the heartbeat never showed the stop"
+        time.sleep(0.05)
+
+    response = run_workflow(
+        alice_client, workflow_id, priority="economy", **{"async": True}
+    )
+
+    assert response.status_code == 202, response.json()
+    queued = read_run(alice_client, response.json()["id"])
+    assert queued["queue"] != keys.runner_queue(holder.name)
+    economy = wait_for_finish(alice_client, response.json()["id"])
+    assert economy["status"] == "succeeded", economy["error"]
+    assert economy["runner"] == runner.name
