@@ -110,8 +110,12 @@ def _read_waiting_state(run: Run) -> dict[str, Any]:
     # A runner without a heartbeat lists no models, and the reason states
     # that it is gone.
     if economy and position is not None and routed_state and routed_state["live"]:
-        held = _held_models(run, replies[-1])
-        reason = f"{_economy_reason(routed_state['name'], held)} {reason}"
+        beat = _heartbeat(replies[-1])
+        if beat.get("stopping"):
+            reason = f"{_stopping_reason(routed_state['name'])} {reason}"
+        else:
+            held = _held_models(run, beat)
+            reason = f"{_economy_reason(routed_state['name'], held)} {reason}"
     return {
         "queue": run.queue_name,
         "queued_ahead": position,
@@ -125,16 +129,34 @@ def _read_waiting_state(run: Run) -> dict[str, Any]:
     }
 
 
-def _held_models(run: Run, heartbeat: bytes | None) -> list[str]:
-    """Return the ids of the run's models that the heartbeat lists as loaded."""
+def _heartbeat(heartbeat: bytes | None) -> dict[str, Any]:
+    """Return the heartbeat as a dict, empty when it is missing or unreadable."""
     if heartbeat is None:
-        return []
+        return {}
     try:
-        loaded = {model["cache_key"] for model in json.loads(heartbeat)["models"]}
-    except (ValueError, KeyError, TypeError):
+        beat = json.loads(heartbeat)
+    except ValueError:
+        return {}
+    return beat if isinstance(beat, dict) else {}
+
+
+def _held_models(run: Run, beat: dict[str, Any]) -> list[str]:
+    """Return the ids of the run's models that the heartbeat lists as loaded."""
+    try:
+        loaded = {model["cache_key"] for model in beat.get("models", [])}
+    except (KeyError, TypeError):
         return []
     return sorted(
         {ref["model_id"] for ref in run.model_refs if ref["cache_key"] in loaded}
+    )
+
+
+def _stopping_reason(name: str) -> str:
+    """Return the sentence for an economy run queued on a runner that is stopping."""
+    return (
+        f"This economy run waits on the queue of runner {name}, which is "
+        "stopping: it finishes its current run, then moves this run to the "
+        "shared queue, where another runner takes it."
     )
 
 

@@ -184,6 +184,12 @@ def test_economy_wait_names_evicted_models(db, alice):
             holding = waiting_state(run)["reason"]
         with registered_runner("evicting-holder", ("k2",)):
             evicted = waiting_state(run)["reason"]
+        with registered_runner("evicting-holder", ("k1",)):
+            beat = {"name": "evicting-holder", "models": [], "stopping": True}
+            get_redis().set(
+                keys.heartbeat_key("evicting-holder"), json.dumps(beat), px=300_000
+            )
+            stopping = waiting_state(run)["reason"]
     finally:
         get_redis().delete(queue_key)
 
@@ -195,6 +201,11 @@ def test_economy_wait_names_evicted_models(db, alice):
         "This economy run waits for runner evicting-holder, which had its "
         "models loaded when the run was queued but has evicted them since, so "
         "it loads them cold when it takes the run."
+    )
+    assert stopping.startswith(
+        "This economy run waits on the queue of runner evicting-holder, which "
+        "is stopping: it finishes its current run, then moves this run to the "
+        "shared queue, where another runner takes it."
     )
 
 
