@@ -149,10 +149,13 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
 def _models_key(state: dict[str, Any]) -> str:
     """Return what _PUBLISH_HEARTBEAT compares to find that the models changed.
 
-    A file found missing changes routing as a model loaded does.
+    A file found missing, or a stop requested, changes routing as a model
+    loaded does.
     """
     names = [str(model["cache_key"]) for model in state.get("models", [])]
     names += [f"missing:{file}" for file in state.get("missing_files", [])]
+    if state.get("stopping"):
+        names.append("stopping")
     return "\n".join(sorted(names))
 
 

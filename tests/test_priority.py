@@ -11,7 +11,7 @@ from rq import Queue
 
 from billing.models import Bill
 from runner import fleet, keys
-from runner.dispatch import choose_economy_queue, predict_route
+from runner.dispatch import choose_economy_queue, choose_queue, predict_route
 from runner.models import Run
 from runner.registry import resolve_model
 from runner.waiting import waiting_state
@@ -325,3 +325,18 @@ def test_economy_skips_stopping_holder(runner, extra_runners, alice, alice_clien
     economy = wait_for_finish(alice_client, response.json()["id"])
     assert economy["status"] == "succeeded", economy["error"]
     assert economy["runner"] == runner.name
+
+
+def test_routing_rereads_fleet_after_stop_request(db):
+    # A view read before "stop-holder" was asked to stop must not send a
+    # standard run to its queue: the stop changes the fleet's generation.
+    with fleet_of(("stop-holder", ("k1",)), ("stop-other", ())):
+        view = fleet.fleet_snapshot()
+        beat = {"name": "stop-holder", "instance": "stop-holder-1"}
+        fleet.publish_heartbeat(
+            "stop-holder",
+            {**beat, "models": [{"cache_key": "k1"}], "stopping": True},
+        )
+        queue, _ = choose_queue(["k1"], view, "run-1")
+
+    assert queue == keys.SHARED_QUEUE
