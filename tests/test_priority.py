@@ -299,7 +299,9 @@ def test_economy_skips_holder_that_evicts(db):
     assert roomy_route.queue == keys.runner_queue("eco-late")
 
 
-def test_economy_skips_stopping_holder(runner, extra_runners, alice, alice_client):
+def test_economy_skips_stopping_holder(
+    runner, extra_runners, alice, alice_client, admin_client
+):
     # The holder finishes its slow run after SIGTERM and then stops, moving
     # its queued jobs to the shared queue, so an economy run sent meanwhile
     # would wait for a run it gains nothing from.
@@ -314,6 +316,7 @@ def test_economy_skips_stopping_holder(runner, extra_runners, alice, alice_clien
     while not (holder.state() or {}).get("stopping"):
         assert time.monotonic() < deadline, "the heartbeat never showed the stop"
         time.sleep(0.05)
+    fleet_page = admin_client.get("/admin/runner/run/fleet/").content.decode()
 
     response = run_workflow(
         alice_client, workflow_id, priority="economy", **{"async": True}
@@ -325,6 +328,7 @@ def test_economy_skips_stopping_holder(runner, extra_runners, alice, alice_clien
     economy = wait_for_finish(alice_client, response.json()["id"])
     assert economy["status"] == "succeeded", economy["error"]
     assert economy["runner"] == runner.name
+    assert "(stopping: takes no more runs)" in fleet_page
 
 
 def test_routing_rereads_fleet_after_stop_request(db):
