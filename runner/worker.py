@@ -248,9 +248,19 @@ class RunnerWorker:
         (keys.CURRENT_RUN_TTL_S). Raises redis.ConnectionError while Redis
         is unreachable, and is tried again before the next dequeue.
         """
-        if self.unconfirmed_take:
+        if not self.unconfirmed_take:
+            return
+        try:
             clear_mark(self.connection, self.name, self.unconfirmed_take)
-            self.unconfirmed_take = ""
+        except redis.ResponseError as error:
+            # Only a writer outside glassbox makes the mark another type than
+            # a string. Left there, it would fail this call before every
+            # dequeue, and the runner would never take a job again.
+            logger.error(
+                "runner %s: busy mark unreadable (%s); deleted", self.name, error
+            )
+            self.connection.delete(keys.current_run_key(self.name))
+        self.unconfirmed_take = ""
 
     def delete_unreadable_queues(self) -> None:
         """Delete queue keys that are not lists, so dequeueing can go on.

@@ -19,6 +19,7 @@ from runner.model_cache import ModelCache
 from runner.models import Run
 from runner.presenters import run_to_dict
 from runner.runtime import RunnerRuntime
+from runner.worker import RunnerWorker
 from tests.conftest import image_b64, image_bytes, registered_runner, start_cli_run
 from tests.definitions import image_height
 from tests.test_runner_pool import wait_for_status
@@ -541,3 +542,24 @@ def test_unreadable_job_keeps_routing_mark(runner):
         assert connection.get(mark) == b"routed-run"
     finally:
         connection.delete(mark, Job.key_for("unreadable-job"))
+
+
+def test_unreadable_mark_does_not_stop_dequeueing(runner):
+    # A take whose reply was lost leaves its run id to clear before the next
+    # dequeue. A mark key of another type than a string fails that clear; it
+    # must not fail every later dequeue with it.
+    connection = get_redis()
+    mark = keys.current_run_key("unreadable-mark-runner")
+    worker = RunnerWorker(
+        [Queue(keys.runner_queue("unreadable-mark-runner"), connection=connection)],
+        connection,
+        "unreadable-mark-runner",
+    )
+    worker.unconfirmed_take = "lost-take-run"
+    connection.hset(mark, "field", "not a run id")
+    try:
+        worker.clear_unconfirmed_take()
+        assert connection.exists(mark) == 0
+        assert worker.unconfirmed_take == ""
+    finally:
+        connection.delete(mark)
