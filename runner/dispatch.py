@@ -214,7 +214,13 @@ def economy_holder(
     shortest backlog (see ``_backlogs``), then the fleet's order. Model
     sizes come from the heartbeats, and a model no runner has loaded counts
     as zero bytes.
+
+    A fleet of one runner has no holder to wait for: that runner takes
+    every run, and the shared queue keeps the runs sent before this one
+    ahead of it, where the runner's own queue would let it overtake them.
     """
+    if len(runners) <= 1:
+        return None
     needed = set(call_order)
     sizes = {
         model["cache_key"]: model.get("memory_bytes") or 0

@@ -130,6 +130,25 @@ def test_economy_without_holder_routes_as_standard(runner, alice, alice_client):
     assert body["timing"]["models"][0]["cold"] is True
 
 
+def test_economy_with_one_runner_joins_shared_queue(runner, alice, alice_client):
+    # The only runner holds the model. Its own queue would put the economy
+    # run ahead of runs sent earlier to the shared queue.
+    definition = detection("people-detector-160")
+    workflow_id = create_workflow(alice_client, definition)
+    assert run_workflow(alice_client, workflow_id).status_code == 200
+    wait_until_loaded(runner, "people-detector-160")
+
+    predicted = estimate(alice_client, definition, "economy")
+    response = run_workflow(alice_client, workflow_id, priority="economy")
+
+    assert predicted["runner"] == runner.name
+    assert predicted["hot"] is True
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["queue"] == keys.SHARED_QUEUE
+    assert body["timing"]["models"][0]["cold"] is False
+
+
 def test_economy_routing_order(db):
     # Both "eco-both" runners hold both models and are busy: "eco-both-a"
     # runs a run and has two queued, "eco-both-b" runs one. The idle
