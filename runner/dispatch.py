@@ -287,10 +287,11 @@ def choose_economy_queue(
 
 
 def _backlogs(busy: dict[str, bool], own_lengths: dict[str, int]) -> dict[str, int]:
-    """Return, per runner, its own queue's length plus one if it is busy.
+    """Return, per runner, its own queue's length, plus one when it is busy.
 
-    A runner counts as busy as ``_read_queue_state`` reads it, so one with
-    jobs on its own queue counts one more, which only breaks ties.
+    Busy is as ``_read_queue_state`` reads it: marked busy, or with jobs on
+    its own queue. So a runner with queued jobs and no mark counts one job
+    too many, which only breaks ties.
     """
     return {name: own_lengths[name] + (1 if busy[name] else 0) for name in busy}
 
@@ -448,7 +449,7 @@ def predict_hot(
     takes the job. A shared-queue job goes to whichever runner is free, so
     then only if every runner has it loaded by then. A busy runner also has
     the models of the runs it executes and has queued before
-    (``estimate.held_when_free``). If the run's models together exceed the
+    (``estimate.loaded_when_free``). If the run's models together exceed the
     memory budget of every runner that may take it, loading one evicts
     another, so only the first model the run calls can be hot
     (``estimate.predicted_loads``).

@@ -408,14 +408,19 @@ def _same_steps_entries(
     """Return the model's entries in the definition's runs that served only ``steps``.
 
     A run whose entry also served a step that now calls another model is
-    left out, as in ``_calls_per_image``.
+    left out, as in ``_calls_per_image``, and so is an entry that names no
+    step.
     """
     return [
         entry
         for run in workflow_runs
         for entry in _model_entries(run, cache_key)
-        if set(entry.get("steps") or ()) <= steps
+        if (served := set(entry.get("steps") or ())) and served <= steps
     ]
+
+
+# How many jobs at the end of a runner's own queue ``held_when_free`` reads.
+OWN_QUEUE_READ = 50
 
 
 def held_when_free(runners: list[fleet.RunnerState]) -> dict[str, set[str]]:
@@ -430,7 +435,9 @@ def held_when_free(runners: list[fleet.RunnerState]) -> dict[str, set[str]]:
     the database.
 
     NOTE: a model whose size no heartbeat shows counts as zero bytes, and
-    a run that fails before it loads its models leaves them unloaded.
+    a run that fails before it loads its models leaves them unloaded. Only
+    the last OWN_QUEUE_READ jobs of an own queue are read, since economy
+    runs can make it long; the models of earlier ones are left out.
     """
     if not runners:
         return {}
@@ -439,7 +446,7 @@ def held_when_free(runners: list[fleet.RunnerState]) -> dict[str, set[str]]:
         pipeline.get(keys.current_run_key(runner.name))
         pipeline.lrange(
             f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(runner.name)}",
-            0,
+            -OWN_QUEUE_READ,
             -1,
         )
     replies = pipeline.execute(raise_on_error=False)
@@ -474,7 +481,8 @@ def loaded_when_free(runners: list[fleet.RunnerState], cache_keys: set[str]) -> 
 
     Busy marks and queues are read only when a model in ``cache_keys`` is
     missing from a heartbeat, so a run whose models are all loaded pays no
-    round trip for it.
+    round trip for it. Such a run counts them as held, although a busy
+    runner's queued runs may evict them first (``held_when_free``).
     """
     if not runners:
         return set()
