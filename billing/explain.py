@@ -211,7 +211,7 @@ def hot_comparison(bill: Bill) -> HotComparison:
 def _recompute(formula: str) -> int | None:
     try:
         return evaluate_formula(formula)
-    except (ValueError, SyntaxError, IndexError):
+    except ValueError:
         return None
 
 

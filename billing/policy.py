@@ -129,19 +129,45 @@ def waive_reason(formula: str) -> str:
     return reason.strip() or "the run failed because of the platform"
 
 
-# min is the price cap of a capped bill.
-_ALLOWED_CALLS = {"ceil": math.ceil, "max": max, "min": min}
+# Each function a formula may call, with its minimum and maximum number of
+# arguments. min is the price cap of a capped bill.
+_ALLOWED_CALLS = {
+    "ceil": (math.ceil, 1, 1),
+    "max": (max, 2, None),
+    "min": (min, 2, None),
+}
 
 
 def evaluate_formula(formula: str) -> int:
-    """Recompute the amount from a bill's formula text, with exact arithmetic."""
-    expression = formula.split("=", 1)[1].split("#", 1)[0].strip()
-    tree = ast.parse(expression, mode="eval")
-    return int(_evaluate(tree.body))
+    """Recompute the amount from a bill's formula text, with exact arithmetic.
+
+    Raises ValueError for any text that is not a formula of the kind this
+    policy writes. That includes text without ``=``, invalid syntax, any
+    constant but a whole number, an unknown name or operator, and a call
+    with the wrong number of arguments. It also includes a division by zero
+    and nesting too deep to evaluate.
+    """
+    _, equals, right_side = formula.partition("=")
+    if not equals:
+        raise ValueError(f"billing formula has no '=': {formula!r}")
+    expression = right_side.split("#", 1)[0].strip()
+    try:
+        tree = ast.parse(expression, mode="eval")
+        return int(_evaluate(tree.body))
+    except SyntaxError as error:
+        raise ValueError(
+            f"billing formula is not a valid expression: {expression!r}"
+        ) from error
+    except RecursionError as error:
+        raise ValueError("billing formula nests too deeply to evaluate") from error
 
 
 def _evaluate(node: ast.AST) -> Fraction:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, int)
+        and not isinstance(node.value, bool)
+    ):
         return Fraction(node.value)
     if isinstance(node, ast.BinOp):
         left, right = _evaluate(node.left), _evaluate(node.right)
@@ -151,6 +177,10 @@ def _evaluate(node: ast.AST) -> Fraction:
             ast.Mult: left * right,
         }
         if isinstance(node.op, ast.Div):
+            if right == 0:
+                raise ValueError(
+                    f"billing formula divides by zero: {ast.unparse(node)}"
+                )
             return left / right
         if type(node.op) in operations:
             return operations[type(node.op)]
@@ -160,6 +190,15 @@ def _evaluate(node: ast.AST) -> Fraction:
         and node.func.id in _ALLOWED_CALLS
         and not node.keywords
     ):
+        function, min_arguments, max_arguments = _ALLOWED_CALLS[node.func.id]
+        count = len(node.args)
+        if count < min_arguments or (
+            max_arguments is not None and count > max_arguments
+        ):
+            raise ValueError(
+                f"billing formula calls {node.func.id} with {count} arguments: "
+                f"{ast.unparse(node)}"
+            )
         arguments = [_evaluate(argument) for argument in node.args]
-        return Fraction(_ALLOWED_CALLS[node.func.id](*arguments))
+        return Fraction(function(*arguments))
     raise ValueError(f"unsupported element in billing formula: {ast.dump(node)}")

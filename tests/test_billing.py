@@ -111,3 +111,24 @@ def test_policy_cap_above_amount_changes_nothing():
 def test_formula_rejects_keyword_arguments():
     with pytest.raises(ValueError):
         evaluate_formula("amount_microcredits = max(5, 3, key=ceil)")
+
+
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "ceil(5)",  # no "="
+        "amount_microcredits = ceil(",
+        "amount_microcredits = min()",
+        "amount_microcredits = max(5)",
+        "amount_microcredits = ceil(1, 2)",
+        "amount_microcredits = 5 / 0",
+        "amount_microcredits = ceil(5 / (3 - 3))",
+        "amount_microcredits = True",
+        "amount_microcredits = max(True, 2)",
+        "amount_microcredits = 2.5",
+        "amount_microcredits = " + "1 + " * 5000 + "1",
+    ],
+)
+def test_formula_evaluator_rejects_malformed_text(formula):
+    with pytest.raises(ValueError):
+        evaluate_formula(formula)

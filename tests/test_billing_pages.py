@@ -996,6 +996,26 @@ def test_explain_cold_run(alice_browser, alice, people):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "ceil(5)",
+        "amount_microcredits = ceil(",
+        "amount_microcredits = min()",
+        "amount_microcredits = ceil(1, 2)",
+        "amount_microcredits = 5 / 0",
+        "amount_microcredits = True",
+        "amount_microcredits = " + "1 + " * 5000 + "1",
+    ],
+)
+def test_explain_malformed_formula_not_evaluated(alice_browser, alice, people, formula):
+    bill = make_bill(alice, version=people)
+    Bill.objects.filter(pk=bill.pk).update(formula=formula)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert page.texts["bill-check"] == "The stored formula could not be evaluated."
+
+
+@pytest.mark.django_db
 def test_explain_steps_fill_in_numbers(alice_browser, alice, people):
     bill = make_bill(alice, version=people, inference=95_000)
     page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
