@@ -108,14 +108,21 @@ def _read_waiting_state(run: Run) -> dict[str, Any]:
     routed_state = runners.get(routed) if routed else None
     reason = _reason(position, routed_state, routed_in_fleet, runners)
     # A runner without a heartbeat lists no models, and the reason states
-    # that it is gone.
+    # that it is gone. A heartbeat that cannot be parsed does not show which
+    # models the runner has loaded, so it adds no sentence.
     if economy and position is not None and routed_state and routed_state["live"]:
         beat = _heartbeat(replies[-1])
-        if beat.get("stopping"):
+        held = None if beat is None else _held_models(run, beat)
+        if beat is not None and beat.get("stopping"):
             reason = f"{_stopping_reason(routed_state['name'])} {reason}"
-        else:
-            held = _held_models(run, beat)
+        elif held is not None:
             reason = f"{_economy_reason(routed_state['name'], held)} {reason}"
+        else:
+            logger.warning(
+                "run %s: heartbeat of runner %s could not be parsed",
+                run.pk,
+                routed_state["name"],
+            )
     return {
         "queue": run.queue_name,
         "queued_ahead": position,
@@ -129,23 +136,26 @@ def _read_waiting_state(run: Run) -> dict[str, Any]:
     }
 
 
-def _heartbeat(heartbeat: bytes | None) -> dict[str, Any]:
-    """Return the heartbeat as a dict, empty when it is missing or unreadable."""
+def _heartbeat(heartbeat: bytes | None) -> dict[str, Any] | None:
+    """Return the heartbeat as a dict, None when it is missing or unreadable."""
     if heartbeat is None:
-        return {}
+        return None
     try:
         beat = json.loads(heartbeat)
     except ValueError:
-        return {}
-    return beat if isinstance(beat, dict) else {}
+        return None
+    return beat if isinstance(beat, dict) else None
 
 
-def _held_models(run: Run, beat: dict[str, Any]) -> list[str]:
-    """Return the ids of the run's models that the heartbeat lists as loaded."""
+def _held_models(run: Run, beat: dict[str, Any]) -> list[str] | None:
+    """Return the ids of the run's models that the heartbeat lists as loaded.
+
+    Returns None when the heartbeat's model list is unreadable.
+    """
     try:
         loaded = {model["cache_key"] for model in beat.get("models", [])}
     except (KeyError, TypeError):
-        return []
+        return None
     return sorted(
         {ref["model_id"] for ref in run.model_refs if ref["cache_key"] in loaded}
     )

@@ -228,6 +228,42 @@ def test_economy_wait_names_evicted_models(db, alice):
     )
 
 
+@pytest.mark.parametrize(
+    "heartbeat",
+    [
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"name": "unreadable-holder", "models": [{"key": "k1"}]}),
+        json.dumps({"name": "unreadable-holder", "models": 5}),
+    ],
+)
+def test_economy_wait_unreadable_heartbeat(db, alice, heartbeat):
+    # The run waits on the queue of a runner with no process, whose
+    # heartbeat key contains text that is not a heartbeat.
+    run = Run.objects.create(
+        owner=alice,
+        source=Run.Source.API,
+        priority=Run.Priority.ECONOMY,
+        definition_digest="digest",
+        queue_name=keys.runner_queue("unreadable-holder"),
+        model_refs=[{"model_id": "people-detector", "cache_key": "k1"}],
+    )
+    queue_key = f"{Queue.redis_queue_namespace_prefix}{run.queue_name}"
+    get_redis().rpush(queue_key, str(run.pk))
+    try:
+        with registered_runner("unreadable-holder", ("k1",)):
+            get_redis().set(
+                keys.heartbeat_key("unreadable-holder"), heartbeat, px=300_000
+            )
+            waiting = waiting_state(run)
+    finally:
+        get_redis().delete(queue_key)
+
+    assert waiting["runner"]["name"] == "unreadable-holder"
+    assert waiting["runner"]["live"] is True
+    assert waiting["reason"] == "Runner unreadable-holder is about to take the run."
+
+
 @pytest.mark.parametrize("value", ["cheap", "Economy", 1, ["economy"], ""])
 def test_invalid_priority_rejected(runner, alice_client, value):
     workflow_id = create_workflow(alice_client, image_height())
