@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import overhead  # noqa: E402
+from bench.stack import Stack  # noqa: E402
 
 WARMUP_REQUESTS = 20
 ISSUE_KEY = (
@@ -39,19 +40,16 @@ ISSUE_KEY = (
 )
 
 
-def start_stack(tree: Path, data_dir: Path) -> overhead.Stack:
-    """Start ``manage.py up`` from ``tree``; Stack starts it in overhead.ROOT."""
+def start_stack(tree: Path, data_dir: Path) -> Stack:
+    """Start ``manage.py up`` from ``tree``, as bench/overhead.py starts it."""
     data_dir.mkdir(parents=True)
-    overhead.ROOT = tree
-    try:
-        stack = overhead.Stack(data_dir, overhead.free_port(with_next=True))
-        stack.start()
-    finally:
-        overhead.ROOT = ROOT
+    port = overhead.free_port(with_next=True)
+    stack = overhead.glassbox_stack(data_dir, port, root=tree)
+    stack.start()
     return stack
 
 
-def issue_key(tree: Path, stack: overhead.Stack) -> str:
+def issue_key(tree: Path, stack: Stack) -> str:
     """Issue an API key in the stack's own database, with the tree's own code."""
     completed = subprocess.run(
         [sys.executable, "-c", ISSUE_KEY, str(stack.data_dir)],
@@ -108,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
         )
         trees = {"before": before_tree, "after": ROOT}
-        stacks: dict[str, overhead.Stack] = {}
+        stacks: dict[str, Stack] = {}
         try:
             for name, tree in trees.items():
                 stacks[name] = start_stack(tree, scratch_dir / f"data-{name}")

@@ -38,7 +38,6 @@ import datetime
 import json
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,14 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.stack import STARTUP_TIMEOUT_S, Stack  # noqa: E402
 from tests.definitions import detect_then_crops, detection, image_height  # noqa: E402
 
 logger = logging.getLogger("bench.estimate_accuracy")
 
-HOST = "127.0.0.1"
 USERNAME = "estimate-bench"
-STARTUP_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 30.0
 RUN_TIMEOUT_S = 300.0
 IMAGES = ("bus.jpg", "zidane.jpg")
 
@@ -86,76 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
     return parser.parse_args(argv)
-
-
-class Stack:
-    """``manage.py up --runners 2`` in its own data directory."""
-
-    def __init__(self, data_dir: Path, port: int) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        self.log_path = data_dir / "up.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = dict(os.environ)
-        env["GLASSBOX_DATA_DIR"] = str(self.data_dir)
-        env.setdefault("MODEL_DIR", str(ROOT / "var" / "models"))
-        env.pop("REDIS_URL", None)
-        env.pop("DATABASE_URL", None)
-        command = [
-            sys.executable,
-            "manage.py",
-            "up",
-            "--runners",
-            "2",
-            "--web-workers",
-            "1",
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-        ]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while b"Up. Press Ctrl-C" not in self.log_path.read_bytes():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"manage.py up did not start; see {self.log_path}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._stop_embedded_redis()
-
-    def _stop_embedded_redis(self) -> None:
-        # The embedded Redis is a daemon that outlives ``up``. Stop it only
-        # if its command line names this stack's socket.
-        import psutil
-
-        try:
-            pid = int((self.data_dir / "redis.pid").read_text().strip())
-            process = psutil.Process(pid)
-            command = " ".join(process.cmdline())
-        except (OSError, ValueError, psutil.Error):
-            return
-        if str(self.data_dir / "redis.sock") in command:
-            process.terminate()
-            process.wait(timeout=10)
 
 
 def setup_django(data_dir: Path) -> None:
@@ -378,7 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix="estimate-bench-") as data:
         data_dir = Path(data)
-        stack = Stack(data_dir, args.port)
+        stack = Stack(
+            data_dir,
+            args.port,
+            runners=2,
+            web_workers=1,
+            environment={"REDIS_URL": None, "DATABASE_URL": None},
+        )
         try:
             stack.start()
             setup_django(data_dir)

@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.peer_inference import peer_python, start_peer, stop_peer  # noqa: E402
+from bench.stack import Stack  # noqa: E402
 from runner.openmp import SPINCOUNT_VARIABLE, apply_spin_default  # noqa: E402
 
 logger = logging.getLogger("bench.overhead")
@@ -400,118 +401,15 @@ def check_reply(
 # -- the stack under test --------------------------------------------------
 
 
-@dataclass
-class Stack:
-    """``manage.py up`` with one runner, in its own data directory."""
-
-    data_dir: Path
-    port: int
-    process: subprocess.Popen | None = None
-    log_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log_path = self.data_dir / "up.log"
-
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["GLASSBOX_DATA_DIR"] = str(self.data_dir)
-        env.setdefault("MODEL_DIR", str(ROOT / "var" / "models"))
-        env["WARMUP_IMAGE_SIZE"] = str(IMAGE_LONG_SIDE)
-        return env
-
-    def start(self) -> None:
-        command = [
-            sys.executable,
-            "manage.py",
-            "up",
-            "--runners",
-            "1",
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-        ]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        logger.info(
-            "started manage.py up, pid %d, port %d, data %s",
-            self.process.pid,
-            self.port,
-            self.data_dir,
-        )
-        deadline = time.monotonic() + STACK_STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"manage.py up exited with code "
-                    f"{self.process.returncode}\n{self.log_tail()}"
-                )
-            if b"Up. Press Ctrl-C" in self.log_path.read_bytes():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"manage.py up was not up within "
-            f"{STACK_STARTUP_TIMEOUT_S:.0f} s\n{self.log_tail()}"
-        )
-
-    def log_tail(self, lines: int = 40) -> str:
-        parts = []
-        for path in [self.log_path, *sorted((self.data_dir / "logs").glob("*.log"))]:
-            try:
-                text = path.read_text(errors="replace").splitlines()[-lines:]
-            except OSError:
-                continue
-            parts.append(f"--- {path}\n" + "\n".join(text))
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        """Stop ``up`` (which stops its children), then the embedded Redis."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STACK_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                logger.warning(
-                    "manage.py up ignored SIGTERM for %.0f s; killing it",
-                    STACK_STOP_TIMEOUT_S,
-                )
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            logger.info("stopped manage.py up, pid %d", self.process.pid)
-        self._stop_embedded_redis()
-
-    def _stop_embedded_redis(self) -> None:
-        # The embedded Redis server is a daemon that outlives ``up``. Stop it
-        # only if its command line names this stack's socket.
-        pid_file = self.data_dir / "redis.pid"
-        try:
-            pid = int(pid_file.read_text().strip())
-            process = psutil.Process(pid)
-            command = " ".join(process.cmdline())
-        except (OSError, ValueError, psutil.Error):
-            return
-        if str(self.data_dir / "redis.sock") not in command:
-            logger.warning(
-                "pid %d in %s is not this stack's Redis (%s); left alone",
-                pid,
-                pid_file,
-                command,
-            )
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except psutil.TimeoutExpired:
-            process.kill()
-        logger.info("stopped embedded Redis, pid %d", pid)
+def glassbox_stack(data_dir: Path, port: int, root: Path = ROOT) -> Stack:
+    """Return the stack under test: one runner that predicts at 480 px."""
+    return Stack(
+        data_dir,
+        port,
+        runners=1,
+        environment={"WARMUP_IMAGE_SIZE": str(IMAGE_LONG_SIDE)},
+        root=root,
+    )
 
 
 @dataclass
@@ -1223,7 +1121,7 @@ def run(args: argparse.Namespace, data_dir: Path, peer_dir: Path) -> dict[str, A
     }
 
     data_dir.mkdir(parents=True)
-    stack = Stack(data_dir=data_dir, port=free_port(with_next=True))
+    stack = glassbox_stack(data_dir, free_port(with_next=True))
     peer_process = None
     clients: list[KeepAliveClient] = []
     try:
