@@ -48,6 +48,7 @@ the price: an estimate never fills a gap with a guess.
 import statistics
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -56,6 +57,7 @@ from rq import Queue
 from billing.policy import BillingPolicy
 from runner import fleet, keys
 from runner.dispatch import (
+    PredictedRoute,
     model_call_order,
     predict_route,
     resolve_models,
@@ -107,85 +109,22 @@ def estimate_run(
 
     cache_keys = {model["cache_key"] for model in models}
     call_order = model_call_order(plan, parameters, models)
-    route = predict_route(call_order, runners, priority)
-    target = route.runner
-    takers = route.takers
-    devices = {runner.data.get("device") for runner in takers}
-    device = devices.pop() if len(devices) == 1 else None
-    # A model is hot for certain only if every runner that may take the run
-    # has it loaded when it does, as predict_hot decides when the run is
-    # queued.
-    held = held_when_free(takers)
-    loaded = set.intersection(*held.values()) if held else set()
-    cold_keys = cache_keys - loaded
-    queued_ahead = route.queued_ahead
-    if route.waits_for_holder:
-        waiting = f", and {_runs_queued(queued_ahead)} on it" if queued_ahead else ""
-        unknown.append(
-            f"runner {route.takers[0].name} is busy with a run{waiting}, so the "
-            "queue time is unknown: this economy run waits for it because it has "
-            "the run's models loaded"
-        )
+    placement = _place_run(call_order, runners, priority, cache_keys, unknown, notes)
+    if not placement.queue_known:
         components["queue"] = None
-    elif route.all_busy:
-        waiting = f", and {_runs_queued(queued_ahead)}" if queued_ahead else ""
-        unknown.append(
-            f"every runner is busy with a run{waiting}, so the queue time is "
-            "unknown: this run waits until a runner is free"
-        )
-        components["queue"] = None
-        if cold_keys & set().union(*held.values()):
-            ready = sum(cache_keys <= models for models in held.values())
-            notes.append(
-                "whether a model is hot depends on which runner is free first: "
-                f"{ready} of {len(held)} runners would have every model of the "
-                "run loaded"
-            )
-    elif queued_ahead:
-        unknown.append(
-            f"{_runs_queued(queued_ahead)} ahead of this one, so its queue time "
-            "is unknown: the past runs it would be predicted from did not wait "
-            "behind them"
-        )
-        components["queue"] = None
-    steps_of_model: dict[str, set[str]] = defaultdict(set)
-    for step, model_id in plan.model_ids(parameters):
-        steps_of_model[model_id].add(step)
-    calls = {
-        model["model_id"]: _predicted_calls(
-            workflow_runs, steps_of_model[model["model_id"]], batch_size
-        )
-        for model in models
-    }
-    # A model the run does not call (a model on each crop, with no crops)
-    # takes no memory, so only called models count against the budget.
-    called_keys = {model["cache_key"] for model in models if calls[model["model_id"]]}
-    evicting = bool(called_keys - loaded) and _exceeds_budgets(
-        called_keys, takers, model_runs
+    forecasts = _forecast_models(
+        plan,
+        parameters,
+        models,
+        call_order,
+        placement,
+        runners,
+        workflow_runs,
+        model_runs,
+        batch_size,
+        unknown,
+        notes,
     )
-    if evicting:
-        notes.append(
-            "the run's models do not fit the memory budget of the runner that "
-            "would take it, so loading one evicts another: only the first model "
-            "the run calls can be hot, and a model is loaded again for each "
-            "later step that needs it after another model"
-        )
-    loads = predicted_loads(call_order, loaded, evicting)
-    forecasts = [
-        _forecast_model(
-            model,
-            runners,
-            model_runs,
-            calls[model["model_id"]],
-            device,
-            loads.get(model["cache_key"], 0),
-            unknown,
-            _same_steps_entries(
-                workflow_runs, model["cache_key"], steps_of_model[model["model_id"]]
-            ),
-        )
-        for model in models
-    ]
 
     components["cold_load"] = _cold_load(forecasts)
     for stage in STAGES:
@@ -203,13 +142,14 @@ def estimate_run(
     limit_note = _time_limit_note(components, runner_total)
     if limit_note:
         notes.append(limit_note)
+    target = placement.route.runner
     return {
         "unit": "us",
         "hot": not any(forecast["would_load"] for forecast in forecasts),
         "runner": target.name if target else None,
         "priority": priority,
         "runners_up": len(runners),
-        "queued_ahead": queued_ahead,
+        "queued_ahead": placement.route.queued_ahead,
         "batch_size": batch_size,
         "models": [_public(forecast) for forecast in forecasts],
         "components": components,
@@ -223,6 +163,134 @@ def estimate_run(
         "unknown": unknown,
         "notes": notes,
     }
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a run sent now would go, and which models are loaded there.
+
+    ``loaded`` contains the cache keys that every runner that may take the
+    run has loaded when it does, and ``device`` is those runners' device
+    when they share one. ``queue_known`` is False when a backlog or a busy
+    fleet makes the queue time unknown.
+    """
+
+    route: PredictedRoute
+    loaded: set[str]
+    device: str | None
+    queue_known: bool
+
+
+def _place_run(
+    call_order: list[str],
+    runners: list[fleet.RunnerState],
+    priority: str,
+    cache_keys: set[str],
+    unknown: list[str],
+    notes: list[str],
+) -> _Placement:
+    """Predict the route of a run sent now and the models loaded where it goes.
+
+    Appends to ``unknown`` the reason the queue time is unknown, if it is,
+    and to ``notes`` when whether a model is hot depends on which busy
+    runner is free first.
+    """
+    route = predict_route(call_order, runners, priority)
+    takers = route.takers
+    devices = {runner.data.get("device") for runner in takers}
+    device = devices.pop() if len(devices) == 1 else None
+    # A model is hot for certain only if every runner that may take the run
+    # has it loaded when it does, as predict_hot decides when the run is
+    # queued.
+    held = held_when_free(takers)
+    loaded = set.intersection(*held.values()) if held else set()
+    cold_keys = cache_keys - loaded
+    queued_ahead = route.queued_ahead
+    queue_known = False
+    if route.waits_for_holder:
+        waiting = f", and {_runs_queued(queued_ahead)} on it" if queued_ahead else ""
+        unknown.append(
+            f"runner {route.takers[0].name} is busy with a run{waiting}, so the "
+            "queue time is unknown: this economy run waits for it because it has "
+            "the run's models loaded"
+        )
+    elif route.all_busy:
+        waiting = f", and {_runs_queued(queued_ahead)}" if queued_ahead else ""
+        unknown.append(
+            f"every runner is busy with a run{waiting}, so the queue time is "
+            "unknown: this run waits until a runner is free"
+        )
+        if cold_keys & set().union(*held.values()):
+            ready = sum(cache_keys <= held_keys for held_keys in held.values())
+            notes.append(
+                "whether a model is hot depends on which runner is free first: "
+                f"{ready} of {len(held)} runners would have every model of the "
+                "run loaded"
+            )
+    elif queued_ahead:
+        unknown.append(
+            f"{_runs_queued(queued_ahead)} ahead of this one, so its queue time "
+            "is unknown: the past runs it would be predicted from did not wait "
+            "behind them"
+        )
+    else:
+        queue_known = True
+    return _Placement(route, loaded, device, queue_known)
+
+
+def _forecast_models(
+    plan: ExecutionPlan,
+    parameters: dict[str, Any],
+    models: list[dict[str, Any]],
+    call_order: list[str],
+    placement: _Placement,
+    runners: list[fleet.RunnerState],
+    workflow_runs: list[dict[str, Any]],
+    model_runs: list[dict[str, Any]],
+    batch_size: int,
+    unknown: list[str],
+    notes: list[str],
+) -> list[dict[str, Any]]:
+    """Forecast each model's calls, loads and stage times for the run."""
+    loaded = placement.loaded
+    steps_of_model: dict[str, set[str]] = defaultdict(set)
+    for step, model_id in plan.model_ids(parameters):
+        steps_of_model[model_id].add(step)
+    calls = {
+        model["model_id"]: _predicted_calls(
+            workflow_runs, steps_of_model[model["model_id"]], batch_size
+        )
+        for model in models
+    }
+    # A model the run does not call (a model on each crop, with no crops)
+    # takes no memory, so only called models count against the budget.
+    called_keys = {model["cache_key"] for model in models if calls[model["model_id"]]}
+    evicting = bool(called_keys - loaded) and _exceeds_budgets(
+        called_keys, placement.route.takers, model_runs
+    )
+    if evicting:
+        notes.append(
+            "the run's models do not fit the memory budget of the runner that "
+            "would take it, so loading one evicts another: only the first model "
+            "the run calls can be hot, and a model is loaded again for each "
+            "later step that needs it after another model"
+        )
+    loads = predicted_loads(call_order, loaded, evicting)
+    return [
+        _forecast_model(
+            model,
+            runners,
+            model_runs,
+            calls[model["model_id"]],
+            placement.device,
+            loads.get(model["cache_key"], 0),
+            unknown,
+            _same_steps_entries(
+                workflow_runs, model["cache_key"], steps_of_model[model["model_id"]]
+            ),
+        )
+        for model in models
+    ]
 
 
 def _workflow_components(
