@@ -449,8 +449,9 @@ MAX_PLACES = 100
 def move_queued_jobs(name: str) -> list[str]:
     """Move runner ``name``'s queued jobs to the shared queue; return their ids.
 
-    Each run's row names the shared queue before its job gets there. A job
-    goes in ahead of the shared jobs queued after it (by Run.queued_at_ns),
+    Each queued run's row names the shared queue before its job gets there,
+    and a run that a runner claimed already keeps its queue. A job goes in
+    ahead of the shared jobs queued after it (by Run.queued_at_ns),
     so it does not wait behind runs accepted while it sat on the runner's
     queue.
     """
@@ -476,7 +477,13 @@ def move_queued_jobs(name: str) -> list[str]:
                 serializer=keys.JOB_SERIALIZER,
             )
             run_id = uuid.UUID(job.id)
-            Run.objects.filter(pk=run_id).update(queue_name=keys.SHARED_QUEUE)
+            # A run that a runner claimed can still have a copy of its job
+            # queued here, and keeps the queue it was taken from. The copy
+            # still moves, and the runner that takes it cannot claim the
+            # run, so it drops the copy.
+            Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
+                queue_name=keys.SHARED_QUEUE
+            )
             queued_at_ns = (
                 Run.objects.filter(pk=run_id)
                 .values_list("queued_at_ns", flat=True)

@@ -13,7 +13,7 @@ from rq.job import Job
 
 from billing.models import Bill
 from runner import finish, fleet, keys
-from runner.dispatch import enqueue
+from runner.dispatch import enqueue, enqueue_job, job_snapshot
 from runner.fleet import POPPED_AFTER_S, reap_runner, recover_lost_jobs
 from runner.model_cache import ModelCache
 from runner.models import Run
@@ -563,3 +563,37 @@ def test_unreadable_mark_does_not_stop_dequeueing(runner):
         assert worker.unconfirmed_take == ""
     finally:
         connection.delete(mark)
+
+
+def test_moving_copy_keeps_finished_runs_queue(runner, alice):
+    # A run that the session runner finished still has a copy of its job
+    # on the queue of a runner that is reaped. Moving the copy leaves the
+    # queue recorded on the finished run as it was.
+    connection = get_redis()
+    with registered_runner("copy-holder") as name:
+        run = start_cli_run(alice, image_height(), wait_s=0, runner=name).run
+        own_queue = keys.runner_queue(runner.name)
+        connection.rpush(
+            f"{Queue.redis_queue_namespace_prefix}{own_queue}", str(run.id)
+        )
+        finished = wait_for_final(run)
+        assert finished.status == Run.Status.SUCCEEDED
+        assert finished.queue_name == own_queue
+        # Finishing the run deleted its job hash, so the copy is queued
+        # again as a whole job, in place of the bare id left on the queue.
+        connection.delete(
+            f"{Queue.redis_queue_namespace_prefix}{keys.runner_queue(name)}"
+        )
+        enqueue_job(
+            connection,
+            keys.runner_queue(name),
+            str(run.id),
+            {"snapshot": job_snapshot(finished)},
+        )
+
+        assert fleet.move_queued_jobs(name) == [str(run.id)]
+
+    finished.refresh_from_db()
+    assert finished.queue_name == own_queue
+    assert finished.status == Run.Status.SUCCEEDED
+    assert Bill.objects.filter(run_id=run.id).count() == 1
