@@ -134,33 +134,74 @@ return -1
 _FLEET_CHANGED = -2
 
 
-def routing_order(
-    cache_keys: list[str] | set[str], runners: list[fleet.RunnerState]
-) -> list[fleet.RunnerState]:
-    """Return the runners holding any of the models, those holding most first.
+def model_sizes(runners: list[fleet.RunnerState]) -> dict[str, int]:
+    """Return the bytes of each model the runners' heartbeats list, by cache key.
 
-    A runner holding all of them comes first. Ties keep the fleet's order.
-    A runner whose heartbeat lists the weights file of any of the models as
-    missing is left out, because it could not load that model, and so is a
-    runner that is stopping, because it takes no more jobs.
+    A model no runner has loaded is missing, and routing counts it as zero
+    bytes.
     """
-    needed = set(cache_keys)
+    return {
+        model["cache_key"]: model.get("memory_bytes") or 0
+        for runner in runners
+        for model in runner.data.get("models", [])
+    }
+
+
+def _useful_holders(
+    call_order: list[str], runners: list[fleet.RunnerState], sizes: dict[str, int]
+) -> list[tuple[int, int, fleet.RunnerState]]:
+    """Return (loads saved, models held, runner) for each runner worth routing to.
+
+    Left out are runners holding none of the models, runners saving the run
+    no load (``_loads_saved``), runners that are stopping, because they take
+    no more jobs, and runners whose heartbeat lists the weights file of one
+    of the models as missing, because they could not load that model.
+    """
+    needed = set(call_order)
     # A cache key is the file key followed by ":" and the input size.
     files = {key.rsplit(":", 1)[0] for key in needed}
-    counts = [
-        (len(needed & runner.loaded_models), runner)
-        for runner in runners
-        if not files & runner.missing_files and not runner.stopping
-    ]
-    counts.sort(key=lambda pair: -pair[0])
-    return [runner for count, runner in counts if count]
+    useful = []
+    for runner in runners:
+        if runner.stopping or files & runner.missing_files:
+            continue
+        held = len(needed & runner.loaded_models)
+        if not held:
+            continue
+        saved = _loads_saved(call_order, runner, sizes)
+        if saved:
+            useful.append((saved, held, runner))
+    return useful
+
+
+def routing_order(
+    call_order: list[str],
+    runners: list[fleet.RunnerState],
+    sizes: dict[str, int] | None = None,
+) -> list[fleet.RunnerState]:
+    """Return the runners on which the run loads fewer models than cold, best first.
+
+    ``call_order`` is the cache key of each model step in execution order
+    (``model_call_order``), and ``sizes`` the model sizes that
+    ``model_sizes`` reads from the whole fleet's heartbeats (by default,
+    from ``runners``). The runner saving most loads comes first, then the
+    one holding most of the models, then the fleet's order. A runner whose
+    budget cannot hold the run's models together and that holds only a
+    model called after another saves no load, so it is left out, as are
+    the runners ``_useful_holders`` skips.
+    """
+    if sizes is None:
+        sizes = model_sizes(runners)
+    useful = _useful_holders(call_order, runners, sizes)
+    useful.sort(key=lambda entry: (-entry[0], -entry[1]))
+    return [runner for _, _, runner in useful]
 
 
 def choose_queue(
-    cache_keys: list[str], view: fleet.FleetSnapshot, run_id: str
+    call_order: list[str], view: fleet.FleetSnapshot, run_id: str
 ) -> tuple[str, fleet.FleetSnapshot]:
-    """Return the queue of the idle runner holding most models, else the shared one.
+    """Return the queue of the first idle runner of ``routing_order``, else shared.
 
+    ``call_order`` is the cache key of each model step in execution order.
     Heartbeats show which runners hold the models. A runner holding some of
     them loads only the rest, where the shared queue could hand the run to
     one that loads them all. Whether a runner is idle is read live, because
@@ -182,12 +223,13 @@ def choose_queue(
     for attempt in range(2):
         if attempt:
             view = fleet.fleet_snapshot()
-        if not cache_keys or len(view.runners) <= 1:
+        if not call_order or len(view.runners) <= 1:
             # A single runner takes jobs from both queues, so there is no
             # choice now. On the shared queue, a runner that joins later can
             # take the run if this one is still busy.
             return keys.SHARED_QUEUE, view
-        holders = routing_order(cache_keys, view.runners)
+        # Read from the heartbeats in hand, so this costs no round trip.
+        holders = routing_order(call_order, view.runners)
         index = _claim_idle_runner(holders, view.generation, run_id)
         if index != _FLEET_CHANGED:
             break
@@ -204,16 +246,15 @@ def economy_holder(
     """Return the runner an economy run would wait for, None if none would help.
 
     ``call_order`` is the cache key of each model step in execution order
-    (``model_call_order``). Among the runners ``routing_order`` lists, only
+    (``model_call_order``). Only the runners ``routing_order`` lists count,
     those on which the run would load its models fewer times than on a
-    runner holding none of them count. A runner whose budget cannot hold
-    the run's models together evicts the model it holds to load one called
+    runner holding none of them. A runner whose budget cannot hold the
+    run's models together evicts the model it holds to load one called
     before it, so holding only a later model saves no load
     (``estimate.predicted_loads``). The runner saving most loads comes
     first, then the one holding most of the models, then the one with the
     shortest backlog (see ``_backlogs``), then the fleet's order. Model
-    sizes come from the heartbeats, and a model no runner has loaded counts
-    as zero bytes.
+    sizes come from the heartbeats (``model_sizes``).
 
     A fleet of one runner has no holder to wait for: that runner takes
     every run, and the shared queue keeps the runs sent before this one
@@ -221,18 +262,11 @@ def economy_holder(
     """
     if len(runners) <= 1:
         return None
-    needed = set(call_order)
-    sizes = {
-        model["cache_key"]: model.get("memory_bytes") or 0
-        for runner in runners
-        for model in runner.data.get("models", [])
-    }
-    ranked = []
-    for runner in routing_order(needed, runners):
-        saved = _loads_saved(call_order, runner, sizes)
-        if saved:
-            held = len(needed & runner.loaded_models)
-            ranked.append(((-saved, -held, backlogs[runner.name]), runner))
+    useful = _useful_holders(call_order, runners, model_sizes(runners))
+    ranked = [
+        ((-saved, -held, backlogs[runner.name]), runner)
+        for saved, held, runner in useful
+    ]
     if not ranked:
         return None
     return min(ranked, key=lambda pair: pair[0])[1]
@@ -279,7 +313,7 @@ def choose_economy_queue(
     _, busy, own_lengths = _read_queue_state(view.runners)
     holder = economy_holder(call_order, view.runners, _backlogs(busy, own_lengths))
     if holder is None:
-        return choose_queue(list(dict.fromkeys(call_order)), view, run_id)
+        return choose_queue(call_order, view, run_id)
     if not busy[holder.name]:
         # Whether the mark is set changes nothing about where the run goes.
         _claim_idle_runner([holder], view.generation, run_id)
@@ -381,7 +415,6 @@ def predict_route(
     Standard runs follow ``choose_queue``, economy runs
     ``choose_economy_queue``.
     """
-    cache_keys = set(call_order)
     shared_length, busy, own_lengths = _read_queue_state(runners)
     if priority == Run.Priority.ECONOMY:
         holder = economy_holder(call_order, runners, _backlogs(busy, own_lengths))
@@ -394,8 +427,9 @@ def predict_route(
                 waits_for_holder=busy[holder.name],
             )
     idle = [runner for runner in runners if not busy[runner.name]]
-    if cache_keys and len(runners) > 1:
-        holders = routing_order(cache_keys, idle)
+    if call_order and len(runners) > 1:
+        # Sizes from the whole fleet, as choose_queue reads them.
+        holders = routing_order(call_order, idle, model_sizes(runners))
         if holders:
             queue = keys.runner_queue(holders[0].name)
             return PredictedRoute(queue, [holders[0]], 0, all_busy=False)
@@ -488,7 +522,6 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     runners = view.runners
     if require_runner and not runners:
         raise no_runner_error(submission.source)
-    cache_keys = [m["cache_key"] for m in models]
     call_order = model_call_order(submission.plan, submission.inputs.parameters, models)
     run_id = uuid.uuid4()
     if submission.runner:
@@ -496,7 +529,7 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     elif submission.priority == Run.Priority.ECONOMY:
         queue_name, view = choose_economy_queue(call_order, str(run_id))
     else:
-        queue_name, view = choose_queue(cache_keys, view, str(run_id))
+        queue_name, view = choose_queue(call_order, view, str(run_id))
     predict_hot(models, call_order, view.runners, queue_name, submission.owner_id)
 
     run = Run(

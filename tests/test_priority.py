@@ -354,6 +354,39 @@ def test_economy_skips_holder_that_evicts(db):
     assert roomy_route.queue == keys.runner_queue("eco-late")
 
 
+def test_standard_skips_holder_saving_no_load(db):
+    # A run calls k1, then k2, which do not fit a runner's budget together.
+    # The idle "std-late" holds only k2: loading k1 first evicts it, so the
+    # run would load both models there, as on a runner holding neither.
+    # Routing leaves such a runner free for runs it would help.
+    call_order = ["k1", "k2"]
+    with sized_fleet(
+        ("std-late", ("k2",)),
+        ("std-early", ("k1",)),
+        ("std-empty", ()),
+        budget_bytes=100,
+        model_bytes=80,
+    ):
+        get_redis().set(keys.current_run_key("std-early"), "another-run", ex=60)
+        snapshot = fleet.fleet_snapshot()
+        runners = [r for r in snapshot.runners if r.name.startswith("std-")]
+        view = fleet.FleetSnapshot(runners, snapshot.generation)
+        predicted = predict_route(call_order, runners)
+        queue, _ = choose_queue(call_order, view, "run-1")
+        late_mark = get_redis().get(keys.current_run_key("std-late"))
+        # Once idle, "std-early" saves the run the load of k1.
+        get_redis().delete(keys.current_run_key("std-early"))
+        early_predicted = predict_route(call_order, runners)
+        early_queue, _ = choose_queue(call_order, view, "run-2")
+
+    assert queue == keys.SHARED_QUEUE
+    assert late_mark is None
+    assert predicted.queue == keys.SHARED_QUEUE
+    assert {r.name for r in predicted.takers} == {"std-late", "std-empty"}
+    assert early_queue == keys.runner_queue("std-early")
+    assert early_predicted.queue == early_queue
+
+
 def test_economy_skips_stopping_holder(
     runner, extra_runners, alice, alice_client, admin_client
 ):
