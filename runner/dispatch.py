@@ -357,7 +357,9 @@ class PredictedRoute:
 
     ``takers`` are the runners that may take it: the one whose own queue
     it joins, else the idle runners, else, when every runner is busy, all
-    of them, since whichever finishes first takes it. ``queued_ahead``
+    of them, since whichever finishes first takes it. A runner that is
+    stopping takes no shared-queue run, so it is never one of several
+    takers. ``queued_ahead``
     counts the jobs already waiting in the queues those runners read.
     ``waits_for_holder`` is set for an economy run routed to a busy runner
     that holds its models.
@@ -433,11 +435,19 @@ def predict_route(
         if holders:
             queue = keys.runner_queue(holders[0].name)
             return PredictedRoute(queue, [holders[0]], 0, all_busy=False)
-    if idle:
-        return PredictedRoute(keys.SHARED_QUEUE, idle, shared_length, all_busy=False)
+    # A stopping runner takes no more jobs, from the shared queue either.
+    accepting = [runner for runner in runners if not runner.stopping]
+    idle_accepting = [runner for runner in idle if not runner.stopping]
+    if idle_accepting:
+        return PredictedRoute(
+            keys.SHARED_QUEUE, idle_accepting, shared_length, all_busy=False
+        )
     # A busy runner reads its own queue before the shared one.
+    # NOTE: when every runner is stopping, no runner is a taker, and the
+    # route still reads as every runner busy: the run waits for a runner
+    # that starts.
     ahead = shared_length + sum(own_lengths.values())
-    return PredictedRoute(keys.SHARED_QUEUE, runners, ahead, all_busy=bool(runners))
+    return PredictedRoute(keys.SHARED_QUEUE, accepting, ahead, all_busy=bool(runners))
 
 
 # Sets KEYS[1] to ARGV[1] for ARGV[2] seconds unless it names another run.
@@ -496,7 +506,11 @@ def predict_hot(
     )
 
     chosen = keys.runner_of_queue(queue_name)
-    takers = [r for r in runners if chosen is None or r.name == chosen]
+    if chosen is None:
+        # A stopping runner takes no more jobs from the shared queue.
+        takers = [r for r in runners if not r.stopping]
+    else:
+        takers = [r for r in runners if r.name == chosen]
     cache_keys = {model["cache_key"] for model in models}
     loaded = loaded_when_free(takers, cache_keys)
     evicting = bool(cache_keys - loaded) and models_exceed_budgets(

@@ -11,7 +11,12 @@ from rq import Queue
 
 from billing.models import Bill
 from runner import fleet, keys
-from runner.dispatch import choose_economy_queue, choose_queue, predict_route
+from runner.dispatch import (
+    choose_economy_queue,
+    choose_queue,
+    predict_hot,
+    predict_route,
+)
 from runner.models import Run
 from runner.registry import resolve_model
 from runner.waiting import waiting_state
@@ -432,3 +437,23 @@ def test_routing_rereads_fleet_after_stop_request(db):
         queue, _ = choose_queue(["k1"], view, "run-1")
 
     assert queue == keys.SHARED_QUEUE
+
+
+def test_estimate_skips_stopping_runner(db, alice):
+    # Both runners are idle and hold no model of the run, and "est-stopping"
+    # was asked to stop. Routing would leave it the shared queue's runs to
+    # "est-open" alone, and so must the estimate and the hot prediction.
+    with fleet_of(("est-stopping", ()), ("est-open", ("k1",))) as snapshot:
+        snapshot.runners[0].data["stopping"] = True
+        route = predict_route(["k2"], snapshot.runners)
+        models = [{"cache_key": "k1"}]
+        predict_hot(models, ["k1"], snapshot.runners, keys.SHARED_QUEUE, alice.id)
+        for name in ("est-stopping", "est-open"):
+            get_redis().set(keys.current_run_key(name), "another-run", ex=60)
+        busy_route = predict_route(["k2"], snapshot.runners)
+
+    assert route.queue == keys.SHARED_QUEUE
+    assert [r.name for r in route.takers] == ["est-open"]
+    assert models[0]["predicted_hot"] is True
+    assert busy_route.all_busy is True
+    assert [r.name for r in busy_route.takers] == ["est-open"]
