@@ -17,6 +17,7 @@ from django.db.models.functions import Cast, Coalesce
 from rq import Queue
 
 from billing.models import Bill
+from billing.queries import LOAD_FAILED_CODE
 from runner import fleet, keys
 from runner.models import Run
 from webapp.redis import get_redis
@@ -75,10 +76,18 @@ def render_metrics() -> str:
 
 def _run_metrics(exposition: Exposition) -> None:
     finished = Q(status__in=(Run.Status.SUCCEEDED, Run.Status.FAILED))
+    # A load that fails marks its model and run cold as it starts. Such a
+    # run is not billed, and is counted apart, as the billing history's
+    # "load failed" start counts it, even when an earlier model loaded.
+    load_failed = Q(error__code=LOAD_FAILED_CODE)
     by_outcome = (
         Run.objects.filter(finished)
         .values("status", "source")
-        .annotate(runs=Count("pk"), cold=Count("pk", filter=Q(cold=True)))
+        .annotate(
+            runs=Count("pk"),
+            cold=Count("pk", filter=Q(cold=True) & ~load_failed),
+            load_failed=Count("pk", filter=load_failed),
+        )
         .order_by("status", "source")
     )
     rows = list(by_outcome)
@@ -91,8 +100,19 @@ def _run_metrics(exposition: Exposition) -> None:
     exposition.family(
         "glassbox_cold_runs_total",
         "counter",
-        "Finished runs that loaded at least one model.",
+        "Finished runs that loaded at least one model, without those that "
+        "failed to load one.",
         (({"status": r["status"], "source": r["source"]}, r["cold"]) for r in rows),
+    )
+    exposition.family(
+        "glassbox_load_failed_runs_total",
+        "counter",
+        "Finished runs that failed because a model could not be loaded.",
+        (
+            ({"source": r["source"]}, r["load_failed"])
+            for r in rows
+            if r["status"] == Run.Status.FAILED
+        ),
     )
     unfinished = dict(
         Run.objects.filter(status__in=(Run.Status.QUEUED, Run.Status.RUNNING))

@@ -1,6 +1,8 @@
 """Prometheus metrics read from the stored runs, bills and runner heartbeats."""
 
+import random
 import re
+from pathlib import Path
 
 import pytest
 from django.db.models import Sum
@@ -74,3 +76,24 @@ def test_metrics_match_stored_runs_and_bills(runner, alice, staff_client):
 def test_metrics_are_staff_only(alice_client):
     assert APIClient().get("/metrics").status_code == 401
     assert alice_client.get("/metrics").status_code == 403
+
+
+def test_failed_load_is_not_a_cold_run(runner, alice, staff_client, settings):
+    # Random bytes in the model directory fail the load after it started,
+    # which marks the run cold although no model loaded.
+    weights = Path(settings.GLASSBOX["MODEL_DIR"]) / "metrics-random-bytes.pt"
+    weights.write_bytes(random.Random(11).randbytes(4096))
+    try:
+        outcome = start_cli_run(alice, detection("metrics-random-bytes"), wait_s=60)
+    finally:
+        weights.unlink()
+    assert outcome.payload["meta"]["error"]["code"] == "model_load_failed"
+    outcome.run.refresh_from_db()
+    assert outcome.run.cold is True
+
+    samples = scrape(staff_client)
+
+    failed = '{status="failed",source="cli"}'
+    assert samples[("glassbox_runs_total", failed)] == 1
+    assert samples[("glassbox_cold_runs_total", failed)] == 0
+    assert samples[("glassbox_load_failed_runs_total", '{source="cli"}')] == 1
