@@ -324,8 +324,21 @@ class ModelCache:
         if entry is None:
             # Before making room: a load that cannot start must not evict.
             path = self._local_file(source)
+            # Room is made before the load, so the memory in use stays under
+            # the budget while the model loads, where evicting after a
+            # successful load would hold both at once.
+            # NOTE: a load that then fails has evicted models for nothing,
+            # and the next runs that need them load them again.
+            evictions_before = self.evictions
             self._make_room(self._known_sizes.get(key, 0), keep=key, spare=run_keys)
-            entry = self._load(source, path, use)
+            try:
+                entry = self._load(source, path, use)
+            except Exception:
+                if self.evictions != evictions_before:
+                    # The heartbeat must stop listing the evicted models
+                    # now, or routing sends runs here for them.
+                    self._notify_change()
+                raise
             with self._lock:
                 self._entries[key] = entry
             self._known_sizes[key] = entry.memory_bytes

@@ -33,12 +33,14 @@ from runner.model_cache import ModelCache
 from runner.models import Run
 from runner.openmp import DEFAULT_SPINCOUNT, SPINCOUNT_VARIABLE
 from runner.presenters import run_to_dict
-from runner.registry import resolve_model
+from runner.registry import ModelSource, resolve_model
 from runner.runtime import RunnerRuntime
 from runner.service import start_run
 from tests.conftest import ROOT, image_bytes, registered_runner, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.redis import get_redis
+from workflows.errors import ModelLoadError
+from workflows.timing import RunTimer
 
 
 def start(owner, model_id: str, runner_name: str, wait_s: float = 120):
@@ -251,6 +253,34 @@ def test_load_spares_models_the_run_calls(runner, extra_runners, alice):
     held = sorted(model["model_id"] for model in state["models"])
     assert held == ["yolov8n.yaml-480", "yolov8n.yaml-544"]
     assert state["evictions"] == 1
+
+
+def test_failed_load_publishes_its_evictions(tmp_path):
+    # A budget of one byte holds one model at a time. The upload's size is
+    # known from its first load, so loading it again evicts the other model
+    # first, and then fails on a corrupted file. The cache must then list
+    # neither model, and publish the change at once, as after a load.
+    weights = tmp_path / "evicts-then-fails.pt"
+    shutil.copy(ROOT / "var" / "models" / "people-detector.pt", weights)
+    upload = ModelSource("evicts-then-fails", "upload", str(weights), True, 64)
+    other = ModelSource("yolov8n.yaml", "architecture", "yolov8n.yaml", False, 64)
+    cache = ModelCache(budget_bytes=1, device="cpu", warmup_size=64, torch_threads=1)
+    changes = []
+    cache.on_change = lambda: changes.append(cache.snapshot())
+    cache.get(upload, RunTimer().model(upload.model_id))
+    cache.get(other, RunTimer().model(other.model_id))
+    assert [m["cache_key"] for m in cache.snapshot()] == [other.cache_key]
+    weights.write_bytes(b"not a checkpoint" * 64)
+    published = len(changes)
+
+    with pytest.raises(ModelLoadError):
+        cache.get(upload, RunTimer().model(upload.model_id))
+
+    assert cache.snapshot() == []
+    assert not cache.is_loaded(other)
+    assert not cache.is_loaded(upload)
+    assert cache.evictions == 2
+    assert changes[published:] == [[]]
 
 
 def test_model_memory_is_measured(runner, extra_runners, alice):
