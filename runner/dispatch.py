@@ -656,6 +656,9 @@ def job_snapshot(run: Run) -> dict[str, Any]:
         "model_refs": run.model_refs,
         "queued_at_ns": run.queued_at_ns,
         "request_us": run.request_us,
+        # The queue routing chose. A runner that takes the job from another
+        # queue knows that the run was moved off that runner.
+        "queue_name": run.queue_name,
         "warnings": run.warnings,
         # The runner bills at most this much.
         "max_price_microcredits": run.max_price_microcredits,

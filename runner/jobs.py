@@ -77,9 +77,18 @@ def execute_run(
     try:
         _refresh_instance(runtime, run_id)
         run = _run_from(run_id, snapshot)
+        routed_queue = run.queue_name
         if queue:
             run.queue_name = queue
-        _execute(run, runtime, started, started_wall, inputs, started_monotonic)
+        _execute(
+            run,
+            runtime,
+            started,
+            started_wall,
+            inputs,
+            started_monotonic,
+            routed_queue,
+        )
     except BaseException as error:
         # _execute finishes the run itself when the workflow fails. This catches
         # failures around it (database, Redis), so that the run does not stay
@@ -190,6 +199,22 @@ def _run_from(run_id: str, snapshot: dict | None) -> Run:
     return run
 
 
+def _waited_for_runner(run: Run, routed_queue: str, runtime) -> bool:
+    """Return whether the run waited for a runner instead of finding one free.
+
+    The estimate predicts queue time only from runs that did not wait.
+    """
+    # Queued before this runner finished its previous run: an idle runner
+    # would have taken it at once.
+    if run.queued_at_ns < runtime.last_finished_ns:
+        return True
+    # Routed to a runner's own queue and taken from another one: the run
+    # waited on that runner until it stopped or went down and its jobs were
+    # moved, however free the runner that took it then was.
+    routed_to_runner = keys.runner_of_queue(routed_queue) is not None
+    return routed_to_runner and routed_queue != run.queue_name
+
+
 def _execute(
     run: Run,
     runtime,
@@ -197,6 +222,7 @@ def _execute(
     started_wall: int,
     inputs: dict | None,
     started_monotonic: float,
+    routed_queue: str,
 ) -> None:
     events = RunEvents(str(run.pk))
     timer = RunTimer(listener=events.emit)
@@ -279,10 +305,7 @@ def _execute(
     )
     breakdown["runner"] = runtime.name
     breakdown["device"] = runtime.device
-    # Queued before this runner finished its previous run, the run waited
-    # for a runner: an idle one would have taken it at once. The estimate
-    # predicts queue time from runs that did not.
-    breakdown["waited_for_runner"] = run.queued_at_ns < runtime.last_finished_ns
+    breakdown["waited_for_runner"] = _waited_for_runner(run, routed_queue, runtime)
     dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
     stall_s = runtime.stall_since(started_monotonic, dead_after)
     if stall_s is not None and not waive_reason:

@@ -37,6 +37,8 @@ UNHELD_MODEL = "people-detector-864"
 SLOW_MODEL = "yolov8x.yaml-1024"
 # Loaded only by the runner that test_economy_skips_stopping_holder stops.
 STOPPING_HOLDER_MODEL = "people-detector-32"
+# Loaded only by the runner that test_moved_economy_run_counts_as_waited stops.
+MOVED_HOLDER_MODEL = "people-detector-96"
 
 
 def estimate(client, definition: dict, priority: str) -> dict:
@@ -457,3 +459,31 @@ def test_estimate_skips_stopping_runner(db, alice):
     assert models[0]["predicted_hot"] is True
     assert busy_route.all_busy is True
     assert [r.name for r in busy_route.takers] == ["est-open"]
+
+
+def test_moved_economy_run_counts_as_waited(runner, extra_runners, alice, alice_client):
+    # The economy run waits on the busy holder's own queue. The holder is
+    # then stopped, moves the run to the shared queue, and the idle session
+    # runner takes it. The run waited for a runner all the same, so the
+    # estimate must not predict queue time from it.
+    holder = extra_runners("economy-moved")
+    start(alice, MOVED_HOLDER_MODEL, holder.name)
+    wait_until_loaded(holder, MOVED_HOLDER_MODEL)
+    workflow_id = create_workflow(alice_client, detection(MOVED_HOLDER_MODEL))
+    busy = start(alice, SLOW_MODEL, holder.name, wait_s=0)
+    wait_for_status(busy.run.id, Run.Status.RUNNING)
+    response = run_workflow(
+        alice_client, workflow_id, priority="economy", **{"async": True}
+    )
+    assert response.status_code == 202, response.json()
+    run_id = response.json()["id"]
+    queued = read_run(alice_client, run_id)
+
+    holder.process.terminate()
+    economy = wait_for_finish(alice_client, run_id)
+
+    assert queued["queue"] == keys.runner_queue(holder.name)
+    assert economy["status"] == "succeeded", economy["error"]
+    assert economy["runner"] == runner.name
+    assert economy["queue"] == keys.SHARED_QUEUE
+    assert economy["timing"]["waited_for_runner"] is True
