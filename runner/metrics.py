@@ -237,6 +237,15 @@ def _fleet_metrics(exposition: Exposition) -> None:
         ),
     )
     exposition.family(
+        "glassbox_runner_stopping",
+        "gauge",
+        "1 from the runner's stop request until it exits; routing sends it no runs.",
+        (
+            (labels, 1 if runner.get("stopping") else 0)
+            for labels, runner in zip(names, runners, strict=True)
+        ),
+    )
+    exposition.family(
         "glassbox_runner_models_loaded",
         "gauge",
         "Models the runner holds loaded.",

@@ -1,5 +1,6 @@
 """Prometheus metrics read from the stored runs, bills and runner heartbeats."""
 
+import json
 import random
 import re
 from pathlib import Path
@@ -9,10 +10,12 @@ from django.db.models import Sum
 from rest_framework.test import APIClient
 
 from billing.models import Bill
+from runner import keys
 from runner.models import Run
-from tests.conftest import start_cli_run
+from tests.conftest import registered_runner, start_cli_run
 from tests.definitions import detection, image_height
 from webapp.models import ApiToken
+from webapp.redis import get_redis
 from workflows.timing import COMPONENTS
 
 SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?P<labels>\{[^}]*\})? (?P<value>\S+)$")
@@ -97,3 +100,16 @@ def test_failed_load_is_not_a_cold_run(runner, alice, staff_client, settings):
     assert samples[("glassbox_runs_total", failed)] == 1
     assert samples[("glassbox_cold_runs_total", failed)] == 0
     assert samples[("glassbox_load_failed_runs_total", '{source="cli"}')] == 1
+
+
+def test_metrics_show_stopping_runner(db, staff_client):
+    with registered_runner("metrics-stopping"), registered_runner("metrics-live"):
+        heartbeat = keys.heartbeat_key("metrics-stopping")
+        beat = {"name": "metrics-stopping", "models": [], "stopping": True}
+        get_redis().set(heartbeat, json.dumps(beat), px=300_000)
+        samples = scrape(staff_client)
+
+    stopping = samples[("glassbox_runner_stopping", '{runner="metrics-stopping"}')]
+    live = samples[("glassbox_runner_stopping", '{runner="metrics-live"}')]
+    assert stopping == 1
+    assert live == 0
