@@ -416,7 +416,8 @@ def _forecast_model(
     entries = [entry for run in model_runs for entry in _model_entries(run, key)]
     holders = sorted(r.name for r in runners if key in r.loaded_models)
 
-    sample = _call_sample(own_entries or [], device) or _call_sample(entries, device)
+    own_sample = _call_sample(own_entries or [], device)
+    sample = own_sample or _call_sample(entries, device)
     per_call = None
     if sample:
         per_call = {
@@ -459,6 +460,8 @@ def _forecast_model(
         "calls": round(calls, 2),
         "per_call_us": per_call,
         "samples": len(sample),
+        # Whose runs the call times come from.
+        "samples_from": "definition" if own_sample else "any",
     }
 
 

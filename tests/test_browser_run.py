@@ -170,16 +170,27 @@ def test_run_page_sends_parameter_defaults(runner, asgi_server, page, alice):
 def test_estimate_counts_model_runs_apart(
     runner, asgi_server, page, alice, alice_client
 ):
-    """The model's call times come from runs of any workflow, not only this one."""
+    """Call times come from this definition's runs, else from any workflow's."""
     shown = Workflow.create_with_version(alice, "Shown", detection())
     other = Workflow.create_with_version(alice, "Other", detection(confidence=0.5))
+    fresh = Workflow.create_with_version(alice, "Fresh", detection(confidence=0.3))
     for workflow in (shown, other, other):
         assert run_workflow(alice_client, workflow.id).status_code == 200
 
     sign_in(page, asgi_server, "alice", "alice-password")
     estimate = read_estimate(page, asgi_server, shown.id)
     assert "medians of 1 earlier run of this definition; " in estimate
-    assert "people-detector call times from 3 runs of any workflow" in estimate
+    assert "people-detector call times from 1 run of this definition" in estimate
+
+    # A definition that never ran times its model from every workflow's runs:
+    # the hot ones, which leaves out the first if it loaded the model.
+    response = alice_client.post(
+        f"/api/workflows/{fresh.id}/estimate", {}, format="json"
+    )
+    assert response.status_code == 200, response.json()
+    model = response.json()["models"][0]
+    assert model["samples_from"] == "any"
+    assert model["samples"] in (2, 3)
 
 
 def run_rows(workflow) -> int:

@@ -742,14 +742,16 @@
 
   // Describe where the figures come from, as the estimate's basis and
   // samples count them: runs of this definition for the workflow's own
-  // times, runs of any workflow for each model's call times.
+  // times; for each model's call times, runs of this definition where it
+  // served the same steps, else runs of any workflow.
   function describeBasis(estimate) {
     const runs = estimate.basis.workflow_runs;
     const parts = [`medians of ${runs} earlier run${runs === 1 ? "" : "s"} of this definition`];
     for (const model of estimate.models) {
       if (!model.calls || !model.samples) continue;
+      const whose = model.samples_from === "definition" ? "this definition" : "any workflow";
       parts.push(`${model.model_id} call times from ${model.samples} ` +
-        `run${model.samples === 1 ? "" : "s"} of any workflow`);
+        `run${model.samples === 1 ? "" : "s"} of ${whose}`);
     }
     return parts.join("; ");
   }
