@@ -144,8 +144,9 @@ def evaluate_formula(formula: str) -> int:
     Raises ValueError for any text that is not a formula of the kind this
     policy writes. That includes text without ``=``, invalid syntax, any
     constant but a whole number, an unknown name or operator, and a call
-    with the wrong number of arguments. It also includes a division by zero
-    and nesting too deep to evaluate.
+    with the wrong number of arguments. It also includes a division by zero,
+    nesting too deep to evaluate, and a result that is not a whole number
+    of micro-credits, which the policy's rounding up never leaves.
     """
     _, equals, right_side = formula.partition("=")
     if not equals:
@@ -153,13 +154,18 @@ def evaluate_formula(formula: str) -> int:
     expression = right_side.split("#", 1)[0].strip()
     try:
         tree = ast.parse(expression, mode="eval")
-        return int(_evaluate(tree.body))
+        amount = _evaluate(tree.body)
     except SyntaxError as error:
         raise ValueError(
             f"billing formula is not a valid expression: {expression!r}"
         ) from error
     except RecursionError as error:
         raise ValueError("billing formula nests too deeply to evaluate") from error
+    if amount.denominator != 1:
+        raise ValueError(
+            f"billing formula gives {amount}, not a whole number: {expression!r}"
+        )
+    return int(amount)
 
 
 def _evaluate(node: ast.AST) -> Fraction:

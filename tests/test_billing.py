@@ -126,6 +126,7 @@ def test_formula_rejects_keyword_arguments():
         "amount_microcredits = True",
         "amount_microcredits = max(True, 2)",
         "amount_microcredits = 2.5",
+        "amount_microcredits = 1 / 3",
         "amount_microcredits = " + "1 + " * 5000 + "1",
     ],
 )
