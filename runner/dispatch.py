@@ -259,8 +259,9 @@ def economy_holder(
     A fleet of one runner has no holder to wait for: that runner takes
     every run, and the shared queue keeps the runs sent before this one
     ahead of it, where the runner's own queue would let it overtake them.
+    A runner that is stopping takes no more runs, so it does not count.
     """
-    if len(runners) <= 1:
+    if sum(not runner.stopping for runner in runners) <= 1:
         return None
     useful = _useful_holders(call_order, runners, model_sizes(runners))
     ranked = [

@@ -14,6 +14,7 @@ from runner import fleet, keys
 from runner.dispatch import (
     choose_economy_queue,
     choose_queue,
+    economy_holder,
     predict_hot,
     predict_route,
 )
@@ -459,6 +460,20 @@ def test_estimate_skips_stopping_runner(db, alice):
     assert models[0]["predicted_hot"] is True
     assert busy_route.all_busy is True
     assert [r.name for r in busy_route.takers] == ["est-open"]
+
+
+def test_economy_beside_stopping_runner_joins_shared_queue(db):
+    # "eco-stopping" was asked to stop, so "eco-holder" is the only runner
+    # that takes runs. As with a single runner, an economy run waits on the
+    # shared queue, behind the runs sent before it.
+    with fleet_of(("eco-stopping", ()), ("eco-holder", ("k1",))) as snapshot:
+        snapshot.runners[0].data["stopping"] = True
+        holder = economy_holder(["k1"], snapshot.runners, {})
+        route = predict_route(["k1"], snapshot.runners, Run.Priority.ECONOMY)
+
+    assert holder is None
+    assert route.queue == keys.runner_queue("eco-holder")
+    assert route.waits_for_holder is False
 
 
 def test_moved_economy_run_counts_as_waited(runner, extra_runners, alice, alice_client):
