@@ -310,7 +310,6 @@ def main(argv: list[str] | None = None) -> None:
             args.port,
             runners=2,
             web_workers=1,
-            environment={"REDIS_URL": None, "DATABASE_URL": None},
         )
         try:
             stack.start()

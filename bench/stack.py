@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 class Stack:
     """``manage.py up`` listening on ``HOST``, started from the tree at ``root``.
 
+    The stack keeps its database and an embedded Redis in ``data_dir``, so
+    ``REDIS_URL`` and ``DATABASE_URL`` are removed from its environment.
     ``environment`` sets variables of the stack's processes, and a None
     value removes the variable. ``web_workers`` None leaves ``up``'s default.
     """
@@ -49,6 +51,8 @@ class Stack:
 
     def process_environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("REDIS_URL", None)
+        env.pop("DATABASE_URL", None)
         env["GLASSBOX_DATA_DIR"] = str(self.data_dir)
         env.setdefault("MODEL_DIR", str(self.root / "var" / "models"))
         for name, value in self.environment.items():
