@@ -60,6 +60,10 @@ class HotComparison:
     billed_ms_difference: int
     # Stored amount minus the hot amount, in micro-credits.
     difference_microcredits: int
+    # The same difference had the run no price cap. It is larger than
+    # difference_microcredits when the cap lowered the bill more than it
+    # would have lowered the hot price, so the platform absorbed the rest.
+    uncapped_difference_microcredits: int
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,10 @@ def hot_comparison(bill: Bill) -> HotComparison:
         line=line,
         billed_ms_difference=bill.billed_ms - line.billed_ms,
         difference_microcredits=bill.amount_microcredits - line.amount_microcredits,
+        uncapped_difference_microcredits=(
+            amount_microcredits(bill.billed_ms, bill.rate_microcredits_per_second)
+            - amount_microcredits(line.billed_ms, bill.rate_microcredits_per_second)
+        ),
     )
 
 

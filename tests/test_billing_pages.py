@@ -1035,6 +1035,35 @@ def test_explain_hot_run_costs_the_same(alice_browser, alice, people):
 
 
 @pytest.mark.django_db
+def test_explain_says_cap_absorbed_cold_cost(alice_browser, alice, people):
+    # 529 ms billed cold is 1,058 µcr, 100 ms hot is 200 µcr, and the cap
+    # of 600 µcr lowers only the cold price.
+    bill = make_bill(alice, version=people, cold_load=500_000)
+    line = POLICY.bill(bill.run.breakdown, 600)
+    Run.objects.filter(pk=bill.run_id).update(max_price_microcredits=600)
+    Bill.objects.filter(pk=bill.pk).update(
+        amount_microcredits=line.amount_microcredits,
+        formula=line.formula,
+        capped=line.capped,
+    )
+
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+
+    assert page.texts["bill-cold-cost"] == "400"
+    assert page.texts["bill-cold-capped"] == (
+        "Without the run's price cap of 600 µcr, it would have added 858 µcr: "
+        "the platform absorbed the difference."
+    )
+
+
+@pytest.mark.django_db
+def test_explain_uncapped_bill_has_no_cap_note(alice_browser, alice, people):
+    bill = make_bill(alice, version=people, cold_load=500_000)
+    page = parse(alice_browser.get(reverse("bill-explain", args=[bill.run_id])))
+    assert "bill-cold-capped" not in page.texts
+
+
+@pytest.mark.django_db
 def test_explain_minimum_hides_cold_cost(alice_browser, alice, people):
     # 60 ms of cold load in a 66 ms run: cold and hot prices both hit the
     # 100 ms minimum.
