@@ -75,10 +75,10 @@ def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
     wait_until_loaded(runner, "people-detector-512")
     estimate = read_estimate(page, asgi_server, workflow.id)
     assert f"hot on {runner.name}, about " in estimate
-    # The workflow's own times come from its runs, the model's call times
-    # from every run with the model.
+    # The workflow's own times and the model's call times both come from the
+    # definition's one run.
     assert "(medians of 1 earlier run of this definition; " in estimate
-    assert "people-detector-512 call times from 1 run of any workflow)" in estimate
+    assert "people-detector-512 call times from 1 run of this definition)" in estimate
 
     run_once(page, asgi_server, workflow.id)
     assert page.locator("#timeline li[data-phase=cold_load]").count() == 0
