@@ -36,10 +36,13 @@ UNHELD_MODEL = "people-detector-864"
 # An untrained architecture at a large input size: its cold load and
 # inference keep a runner busy for seconds on CPU.
 SLOW_MODEL = "yolov8x.yaml-1024"
-# Loaded only by the runner that test_economy_skips_stopping_holder stops.
+# Loaded by the runner that test_economy_skips_stopping_holder stops, and
+# then by the session runner. No other test uses this size.
 STOPPING_HOLDER_MODEL = "people-detector-32"
-# Loaded only by the runner that test_moved_economy_run_counts_as_waited stops.
-MOVED_HOLDER_MODEL = "people-detector-96"
+# Loaded by the runner that test_moved_economy_run_counts_as_waited stops,
+# and then by the session runner, which takes the moved run. No other test
+# uses this size.
+MOVED_HOLDER_MODEL = "people-detector-928"
 
 
 def estimate(client, definition: dict, priority: str) -> dict:

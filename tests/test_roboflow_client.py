@@ -360,7 +360,8 @@ def test_sdk_run_past_wait_raises_with_run_id(runner, client, settings):
     from runner.models import Run
 
     # A model new to the runner loads cold, which takes far longer than the
-    # wait, so the run is still going when the wait ends.
+    # wait, so the run is still going when the wait ends. No other test uses
+    # this input size.
     settings.GLASSBOX = {**settings.GLASSBOX, "ROBOFLOW_SYNC_TIMEOUT_S": 0.05}
     with pytest.raises(HTTPCallErrorError) as raised:
         client.run_workflow(
