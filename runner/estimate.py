@@ -59,6 +59,7 @@ from runner import fleet, keys
 from runner.dispatch import (
     PredictedRoute,
     model_call_order,
+    model_sizes,
     predict_route,
     resolve_models,
 )
@@ -530,11 +531,7 @@ def held_when_free(runners: list[fleet.RunnerState]) -> dict[str, set[str]]:
         run_ids[runner.name] = [_run_id(value) for value in ids]
     keys_of_run = _run_cache_keys({i for ids in run_ids.values() for i in ids if i})
 
-    sizes = {
-        model["cache_key"]: model.get("memory_bytes", 0)
-        for runner in runners
-        for model in runner.data.get("models", [])
-    }
+    sizes = model_sizes(runners)
     held = {}
     for runner in runners:
         runs = [keys_of_run[i] for i in run_ids[runner.name] if i in keys_of_run]
