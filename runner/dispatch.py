@@ -152,10 +152,10 @@ def _useful_holders(
 ) -> list[tuple[int, int, fleet.RunnerState]]:
     """Return (loads saved, models held, runner) for each runner worth routing to.
 
-    Left out are runners holding none of the models, runners saving the run
-    no load (``_loads_saved``), runners that are stopping, because they take
-    no more jobs, and runners whose heartbeat lists the weights file of one
-    of the models as missing, because they could not load that model.
+    Left out are runners holding none of the models, and runners saving the
+    run no load (``_loads_saved``). So are runners that are stopping, which
+    take no more jobs, and runners whose heartbeat lists the weights file of
+    one of the models as missing, which could not load that model.
     """
     needed = set(call_order)
     # A cache key is the file key followed by ":" and the input size.
@@ -283,9 +283,9 @@ def _loads_saved(
     loaded = runner.loaded_models
     budget = runner.data.get("budget_bytes")
     exceeds = budget is not None and sum(sizes.get(key, 0) for key in needed) > budget
-    here = predicted_loads(call_order, loaded, bool(needed - loaded) and exceeds)
+    on_runner = predicted_loads(call_order, loaded, bool(needed - loaded) and exceeds)
     cold = predicted_loads(call_order, set(), exceeds)
-    return sum(cold.values()) - sum(here.values())
+    return sum(cold.values()) - sum(on_runner.values())
 
 
 def choose_economy_queue(
@@ -658,7 +658,7 @@ def job_snapshot(run: Run) -> dict[str, Any]:
         "queued_at_ns": run.queued_at_ns,
         "request_us": run.request_us,
         # The queue routing chose. A runner that takes the job from another
-        # queue knows that the run was moved off that runner.
+        # queue can tell that the run was moved off that runner.
         "queue_name": run.queue_name,
         "warnings": run.warnings,
         # The runner bills at most this much.
