@@ -168,7 +168,7 @@ def estimate_run(
 
 @dataclass(frozen=True)
 class _Placement:
-    """Where a run sent now would go, and which models are loaded there.
+    """The route a run sent now would take, and the models loaded there.
 
     ``loaded`` contains the cache keys that every runner that may take the
     run has loaded when it does, and ``device`` is those runners' device
@@ -499,8 +499,8 @@ def held_when_free(runners: list[fleet.RunnerState]) -> dict[str, set[str]]:
     """Return, per runner, the cache keys it will have loaded when it is free.
 
     A runner is free to take a shared-queue job once it has finished the
-    run it is executing and the jobs queued on its own queue, so it then
-    has those runs' models loaded as well as the ones its heartbeat lists.
+    run it is executing and the jobs queued on its own queue. It then has
+    those runs' models loaded, as well as the ones its heartbeat lists.
     If all of them together pass its memory budget, only the models of its
     last run count, since making room for them evicted others. Runs are
     read from the busy mark and the own queue, live, and their models from

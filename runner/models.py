@@ -87,7 +87,8 @@ class Run(models.Model):
     cold = models.BooleanField(default=False)
     total_us = models.BigIntegerField(null=True, blank=True)
     runner_total_us = models.BigIntegerField(null=True, blank=True)
-    # The most the run may be billed, in micro-credits; null for no cap.
+    # The maximum amount the run may be billed, in micro-credits. Null means
+    # no cap.
     max_price_microcredits = models.BigIntegerField(null=True, blank=True)
     # The estimate computed to check the price cap before the run was
     # stored: price, hot or cold, runner and latency. Null for runs sent
