@@ -163,6 +163,45 @@ def test_crop_predictions_name_their_crop(runner, live_server, alice_key):
     assert (first_origin["width"], first_origin["height"]) == (810, 1080)
 
 
+def test_sdk_detection_offset(runner, client):
+    definition = detection()
+    definition["steps"].append(
+        {
+            "type": "roboflow_core/detection_offset@v1",
+            "name": "offset",
+            "predictions": "$steps.people.predictions",
+            "offset_width": 20,
+            "offset_height": 10,
+        }
+    )
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "grown", "selector": "$steps.offset.predictions"}
+    )
+    [output] = client.run_workflow(
+        specification=definition, images={"image": bus_path()}
+    )
+
+    boxes = output["predictions"]["predictions"]
+    grown = output["grown"]["predictions"]
+    assert output["grown"]["image"] == {"width": 810, "height": 1080}
+    assert len(grown) == len(boxes) >= 2
+    for box, bigger in zip(boxes, grown, strict=True):
+        # 10 pixels more on the left and right, 5 above and below, inside
+        # the 810x1080 image. Both sides are rounded to 0.01 pixels.
+        x1 = max(0, box["x"] - box["width"] / 2 - 10)
+        x2 = min(810, box["x"] + box["width"] / 2 + 10)
+        y1 = max(0, box["y"] - box["height"] / 2 - 5)
+        y2 = min(1080, box["y"] + box["height"] / 2 + 5)
+        assert bigger["width"] == pytest.approx(x2 - x1, abs=0.02)
+        assert bigger["height"] == pytest.approx(y2 - y1, abs=0.02)
+        assert bigger["x"] == pytest.approx((x1 + x2) / 2, abs=0.02)
+        assert bigger["y"] == pytest.approx((y1 + y2) / 2, abs=0.02)
+        assert bigger["class"] == box["class"]
+        assert bigger["confidence"] == box["confidence"]
+        assert bigger["parent_id"] == "image"
+        assert bigger["detection_id"] != box["detection_id"]
+
+
 def test_sdk_excluded_fields(runner, client):
     result = client.run_workflow(
         specification=detection(),

@@ -3,6 +3,7 @@
 from workflows.blocks.absolute_static_crop.v1 import AbsoluteStaticCropBlock
 from workflows.blocks.base import Block
 from workflows.blocks.bounding_box_visualization.v1 import BoundingBoxVisualizationBlock
+from workflows.blocks.detection_offset.v1 import DetectionOffsetBlock
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
 from workflows.blocks.dynamic_crop.v1 import DynamicCropBlock
 from workflows.blocks.object_detection.v1 import ObjectDetectionBlock
@@ -15,6 +16,7 @@ BLOCKS: tuple[type[Block], ...] = (
     DynamicCropBlock,
     DetectionsFilterBlock,
     BoundingBoxVisualizationBlock,
+    DetectionOffsetBlock,
 )
 
 
