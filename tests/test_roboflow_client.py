@@ -202,6 +202,45 @@ def test_sdk_detection_offset(runner, client):
         assert bigger["detection_id"] != box["detection_id"]
 
 
+def test_sdk_detections_transformation(runner, client):
+    definition = detection()
+    definition["steps"].append(
+        {
+            "type": "roboflow_core/detections_transformation@v1",
+            "name": "transform",
+            "predictions": "$steps.people.predictions",
+            "operations": [
+                {"type": "SortDetections", "mode": "x_min", "ascending": False},
+                {"type": "DetectionsOffset", "offset_x": 20, "offset_y": 10},
+            ],
+        }
+    )
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "moved", "selector": "$steps.transform.*"}
+    )
+    [output] = client.run_workflow(
+        specification=definition, images={"image": bus_path()}
+    )
+
+    boxes = sorted(
+        output["predictions"]["predictions"],
+        key=lambda box: box["x"] - box["width"] / 2,
+        reverse=True,
+    )
+    moved = output["moved"]["predictions"]["predictions"]
+    assert [box["detection_id"] for box in moved] == [
+        box["detection_id"] for box in boxes
+    ]
+    for box, bigger in zip(boxes, moved, strict=True):
+        # Unlike the detection offset block, the operation does not keep
+        # boxes inside the image: the right-most one ends past x = 810.
+        assert bigger["width"] == pytest.approx(box["width"] + 20, abs=0.02)
+        assert bigger["height"] == pytest.approx(box["height"] + 10, abs=0.02)
+        assert bigger["x"] == box["x"]
+        assert bigger["y"] == box["y"]
+    assert moved[0]["x"] + moved[0]["width"] / 2 > 810
+
+
 def test_sdk_excluded_fields(runner, client):
     result = client.run_workflow(
         specification=detection(),

@@ -52,7 +52,10 @@ class Detections:
 
     def select(self, mask: np.ndarray) -> "Detections":
         """Return the detections where ``mask`` is true, keeping their ids."""
-        indices = np.flatnonzero(mask)
+        return self.take(np.flatnonzero(mask))
+
+    def take(self, indices: np.ndarray) -> "Detections":
+        """Return the detections at ``indices``, in that order, keeping their ids."""
         return Detections(
             xyxy=self.xyxy[indices],
             confidence=self.confidence[indices],

@@ -5,6 +5,7 @@ from workflows.blocks.base import Block
 from workflows.blocks.bounding_box_visualization.v1 import BoundingBoxVisualizationBlock
 from workflows.blocks.detection_offset.v1 import DetectionOffsetBlock
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
+from workflows.blocks.detections_transformation.v1 import DetectionsTransformationBlock
 from workflows.blocks.dynamic_crop.v1 import DynamicCropBlock
 from workflows.blocks.object_detection.v1 import ObjectDetectionBlock
 from workflows.blocks.property_definition.v1 import PropertyDefinitionBlock
@@ -17,6 +18,7 @@ BLOCKS: tuple[type[Block], ...] = (
     DetectionsFilterBlock,
     BoundingBoxVisualizationBlock,
     DetectionOffsetBlock,
+    DetectionsTransformationBlock,
 )
 
 

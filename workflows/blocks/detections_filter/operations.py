@@ -74,6 +74,11 @@ KEYS = {
     "StaticOperand": ("type", "value", "operations"),
     "DynamicOperand": ("type", "operand_name", "operations"),
     "ExtractDetectionProperty": ("type", "property_name"),
+    # Operations that only the detections transformation block takes.
+    "DetectionsOffset": ("type", "offset_x", "offset_y"),
+    "DetectionsShift": ("type", "shift_x", "shift_y"),
+    "DetectionsSelection": ("type", "mode"),
+    "SortDetections": ("type", "mode", "ascending"),
 }
 
 
@@ -97,10 +102,20 @@ def parse_operations(value: Any) -> tuple[StatementGroup, ...]:
     filters = []
     for index, item in enumerate(value):
         where = f"{path}[{index}]"
-        fields = _object(item, where, ("DetectionsFilter",), "operation")
-        condition = _required(fields, "filter_operation", where)
-        filters.append(_parse_group(condition, f"{where}.filter_operation", 1))
+        fields = read_operation(item, where, ("DetectionsFilter",))
+        filters.append(parse_filter(fields, where))
     return tuple(filters)
+
+
+def read_operation(value: Any, path: str, types: tuple[str, ...]) -> dict[str, Any]:
+    """Return ``value`` as an operation of one of ``types``, with only its keys."""
+    return _object(value, path, types, "operation")
+
+
+def parse_filter(fields: dict[str, Any], path: str) -> StatementGroup:
+    """Return the condition of the DetectionsFilter operation ``fields``."""
+    condition = _required(fields, "filter_operation", path)
+    return _parse_group(condition, f"{path}.filter_operation", 1)
 
 
 def check_operations(value: Any) -> str | None:

@@ -1,0 +1,209 @@
+"""The detections transformation: Roboflow's operations, chained in order."""
+
+import numpy as np
+import pytest
+
+from tests.definitions import compare, detection, detection_property, group, static
+from workflows.blocks.base import StepContext
+from workflows.blocks.detections_transformation.v1 import (
+    DetectionsTransformationBlock,
+)
+from workflows.compiler import build_plan
+from workflows.detections import Detections
+from workflows.errors import DefinitionError, StepExecutionError
+
+
+def detections() -> Detections:
+    """Return four detections; detection i has the id "i".
+
+    ==  =======  ==========  ================
+    i   class    confidence  x/y min, max
+    ==  =======  ==========  ================
+    0   Normal   0.5         40, 0, 60, 10
+    1   Fall     0.9         0, 0, 10, 10
+    2   Normal   0.7         70, 0, 100, 30
+    3   Fall     0.9         20, 0, 24, 4
+    ==  =======  ==========  ================
+    """
+    return Detections(
+        xyxy=np.array(
+            [[40, 0, 60, 10], [0, 0, 10, 10], [70, 0, 100, 30], [20, 0, 24, 4]],
+            dtype=np.float32,
+        ),
+        confidence=np.array([0.5, 0.9, 0.7, 0.9], dtype=np.float32),
+        class_id=np.array([0, 1, 0, 1], dtype=np.int64),
+        class_names=["Normal", "Fall", "Normal", "Fall"],
+        image_size=(100, 100),
+        parent_id="image",
+        detection_ids=["0", "1", "2", "3"],
+    )
+
+
+def transformed(operations: list, parameters: dict | None = None) -> Detections:
+    return DetectionsTransformationBlock().run(
+        StepContext(step_name="transform", models=None, timer=None),
+        predictions=detections(),
+        operations=operations,
+        operations_parameters=parameters or {},
+    )["predictions"]
+
+
+def transformation_definition(operations, parameters=None) -> dict:
+    definition = detection()
+    step = {
+        "type": "DetectionsTransformation",
+        "name": "transform",
+        "predictions": "$steps.people.predictions",
+        "operations": operations,
+    }
+    if parameters is not None:
+        step["operations_parameters"] = parameters
+    definition["steps"].append(step)
+    return definition
+
+
+def keep_normal() -> dict:
+    return {
+        "type": "DetectionsFilter",
+        "filter_operation": group(
+            compare(detection_property("class_name"), "==", static("Normal"))
+        ),
+    }
+
+
+def test_transformation_filter():
+    assert transformed([keep_normal()]).detection_ids == ["0", "2"]
+
+
+def test_transformation_offset_not_clipped():
+    moved = transformed([{"type": "DetectionsOffset", "offset_x": 10, "offset_y": 6}])
+    assert moved.xyxy[1].tolist() == [-5, -3, 15, 13]
+    assert moved.detection_ids == ["0", "1", "2", "3"]
+
+
+def test_transformation_shift():
+    moved = transformed([{"type": "DetectionsShift", "shift_x": 5, "shift_y": -2}])
+    assert moved.xyxy[0].tolist() == [45, -2, 65, 8]
+
+
+@pytest.mark.parametrize(
+    ("mode", "kept"),
+    [
+        ("first", "0"),
+        ("last", "3"),
+        ("left_most", "1"),
+        ("right_most", "2"),
+        # Detections 1 and 3 share the top confidence: the first one wins.
+        ("top_confidence", "1"),
+    ],
+)
+def test_transformation_selection(mode, kept):
+    selected = transformed([{"type": "DetectionsSelection", "mode": mode}])
+    assert selected.detection_ids == [kept]
+
+
+@pytest.mark.parametrize(
+    ("mode", "ascending", "order"),
+    [
+        ("x_min", True, ["1", "3", "0", "2"]),
+        ("x_min", False, ["2", "0", "3", "1"]),
+        ("size", True, ["3", "1", "0", "2"]),
+        ("center_y", False, ["2", "1", "0", "3"]),
+    ],
+)
+def test_transformation_sort(mode, ascending, order):
+    operation = {"type": "SortDetections", "mode": mode, "ascending": ascending}
+    assert transformed([operation]).detection_ids == order
+
+
+def test_transformation_chain_in_order():
+    # The filter runs first, so the left-most detection is a Normal one.
+    operations = [keep_normal(), {"type": "DetectionsSelection", "mode": "left_most"}]
+    assert transformed(operations).detection_ids == ["0"]
+
+
+def test_transformation_empty_detections():
+    block = DetectionsTransformationBlock()
+    empty = Detections.empty((100, 100), "image")
+    for operation in (
+        {"type": "DetectionsSelection", "mode": "top_confidence"},
+        {"type": "SortDetections", "mode": "confidence"},
+        {"type": "DetectionsOffset", "offset_x": 4, "offset_y": 4},
+    ):
+        output = block.run(
+            StepContext(step_name="transform", models=None, timer=None),
+            predictions=empty,
+            operations=[operation],
+            operations_parameters={},
+        )["predictions"]
+        assert len(output) == 0
+
+
+def test_transformation_filter_parameter():
+    operation = {
+        "type": "DetectionsFilter",
+        "filter_operation": group(
+            compare(
+                detection_property("confidence"),
+                "(Number) >=",
+                {"type": "DynamicOperand", "operand_name": "threshold"},
+            )
+        ),
+    }
+    kept = transformed([operation], {"threshold": 0.8})
+    assert kept.detection_ids == ["1", "3"]
+
+
+def test_transformation_filter_error_names_step():
+    operation = {
+        "type": "DetectionsFilter",
+        "filter_operation": group(
+            compare(detection_property("confidence"), "(Number) >", static("high"))
+        ),
+    }
+    with pytest.raises(StepExecutionError) as raised:
+        transformed([operation])
+    assert raised.value.step == "transform"
+
+
+def test_transformation_compiles():
+    plan = build_plan(
+        transformation_definition([{"type": "SortDetections", "mode": "size"}]),
+        "digest",
+    )
+    assert "transform" in {step.name for step in plan.steps}
+
+
+@pytest.mark.parametrize(
+    ("operations", "problem"),
+    [
+        ([{"type": "DetectionsRename", "class_map": {}}], "operations[0].type"),
+        ([{"type": "DetectionsOffset", "offset_x": 1.5, "offset_y": 1}], "offset_x"),
+        ([{"type": "DetectionsOffset", "offset_x": 1}], '"offset_y" is missing'),
+        ([{"type": "DetectionsSelection", "mode": "biggest"}], "biggest"),
+        ([{"type": "SortDetections", "mode": "size", "ascending": "no"}], "ascending"),
+        ([{"type": "SortDetections", "mode": "size", "reverse": True}], "reverse"),
+        ("SortDetections", "must be an array"),
+    ],
+)
+def test_transformation_rejects_bad_operations(operations, problem):
+    with pytest.raises(DefinitionError) as raised:
+        build_plan(transformation_definition(operations), "digest")
+    assert raised.value.field_name == "operations"
+    assert problem in str(raised.value)
+
+
+def test_transformation_rejects_undeclared_parameter():
+    operation = {
+        "type": "DetectionsFilter",
+        "filter_operation": group(
+            compare(
+                detection_property("confidence"),
+                "(Number) >=",
+                {"type": "DynamicOperand", "operand_name": "threshold"},
+            )
+        ),
+    }
+    with pytest.raises(DefinitionError) as raised:
+        build_plan(transformation_definition([operation]), "digest")
+    assert "threshold" in str(raised.value)

@@ -1,0 +1,108 @@
+"""Detections transformation: filter, move, select and sort detections.
+
+``operations`` and ``operations_parameters`` are Roboflow's fields, for the
+subset of its query language that ``operations.py`` describes.
+"""
+
+from collections import OrderedDict
+from typing import Any
+
+from workflows.blocks.base import DETECTIONS, VALUE, Block, Field, StepContext
+from workflows.blocks.detections_filter.evaluation import EvaluationError
+from workflows.blocks.detections_filter.operations import (
+    check_parameters,
+    undeclared_parameter,
+)
+from workflows.blocks.detections_transformation.operations import (
+    Operation,
+    check_transformations,
+    filter_conditions,
+    parse_transformations,
+    transform,
+)
+from workflows.detections import Detections
+from workflows.errors import StepExecutionError
+
+
+class DetectionsTransformationBlock(Block):
+    type = "roboflow_core/detections_transformation@v1"
+    aliases = ("DetectionsTransformation",)
+    title = "Transform detections"
+    description = (
+        "Applies Roboflow's detections operations in order: DetectionsFilter, "
+        "DetectionsOffset, DetectionsShift, DetectionsSelection and "
+        "SortDetections."
+    )
+    fields = (
+        Field("predictions", DETECTIONS, "Detections to transform."),
+        Field(
+            "operations",
+            VALUE,
+            "Roboflow's detections operations, each applied to the output of "
+            "the one before.",
+            types=(list,),
+            check=check_transformations,
+        ),
+        Field(
+            "operations_parameters",
+            VALUE,
+            "Values that operands of DetectionsFilter operations name, each a "
+            "literal, a parameter input or a value output of a step.",
+            required=False,
+            default={},
+            check=check_parameters,
+            mapping=True,
+        ),
+    )
+    outputs = {"predictions": DETECTIONS}
+
+    @classmethod
+    def check_bound(cls, kinds, literals) -> list[tuple[str, str]]:
+        # As in the filter block, Roboflow takes no selector for operations.
+        if "operations" not in literals:
+            return [
+                (
+                    "operations",
+                    "must be written in the definition, not given by a selector",
+                )
+            ]
+        conditions = filter_conditions(parse_transformations(literals["operations"]))
+        problem = undeclared_parameter(conditions, literals["operations_parameters"])
+        return [("operations", problem)] if problem else []
+
+    def run(
+        self,
+        context: StepContext,
+        *,
+        predictions: Detections,
+        operations: list,
+        operations_parameters: dict[str, Any],
+    ) -> dict[str, Any]:
+        try:
+            transformed = transform(
+                parsed_transformations(operations), predictions, operations_parameters
+            )
+        except EvaluationError as error:
+            raise StepExecutionError(
+                str(error), step=context.step_name, user_error=True
+            ) from error
+        return {"predictions": transformed}
+
+
+# Parsed operations by the identity of the list they were parsed from, as the
+# filter block keeps them: a plan's literal is one object for every call.
+_parsed: OrderedDict[int, tuple[list, tuple[Operation, ...]]] = OrderedDict()
+PARSED_KEPT = 128
+
+
+def parsed_transformations(operations: list) -> tuple[Operation, ...]:
+    """Return ``parse_transformations(operations)``, parsing each list once."""
+    entry = _parsed.get(id(operations))
+    if entry is not None and entry[0] is operations:
+        _parsed.move_to_end(id(operations))
+        return entry[1]
+    parsed = parse_transformations(operations)
+    _parsed[id(operations)] = (operations, parsed)
+    if len(_parsed) > PARSED_KEPT:
+        _parsed.popitem(last=False)
+    return parsed
