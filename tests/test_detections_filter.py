@@ -252,7 +252,8 @@ def test_comparison_that_fails_rejects_step():
     assert caught.value.step == "filter"
     assert caught.value.user_error is True
     assert caught.value.message.startswith(
-        "operations[0].filter_operation.statements[1]: (Number) > failed on "
+        "step 'filter': operations[0].filter_operation.statements[1]: "
+        "(Number) > failed on "
         'detection 0 with the values 0.8999999761581421, "high": TypeError'
     )
 

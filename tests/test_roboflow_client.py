@@ -15,7 +15,16 @@ from inference_sdk import InferenceConfiguration, InferenceHTTPClient
 from inference_sdk.http.errors import HTTPCallErrorError
 
 from tests.conftest import image_b64
-from tests.definitions import detect_then_crops, detection, image_height
+from tests.definitions import (
+    compare,
+    detect_then_crops,
+    detection,
+    detection_property,
+    filtered_detection,
+    image_height,
+    keep_where,
+    static,
+)
 from webapp.models import ApiToken
 from workflows.models import Workflow
 
@@ -334,6 +343,27 @@ def test_sdk_bad_definition_message(live_server, client, alice_key):
     ).json()["message"]
     assert "Invalid workflow definition at step 'h', field 'type'" in expected
     assert expected in raised.value.api_message
+
+
+def test_sdk_step_error_names_step_once(runner, client):
+    # Every detection's confidence is compared with a string, which fails.
+    definition = filtered_detection(
+        keep_where(
+            compare(detection_property("confidence"), "(Number) >", static("high"))
+        )
+    )
+    with pytest.raises(HTTPCallErrorError) as raised:
+        client.run_workflow(specification=definition, images={"image": bus_path()})
+
+    message = raised.value.api_message
+    assert raised.value.status_code == 400
+    assert message.startswith(
+        "step 'filter': operations[0].filter_operation.statements[0]: "
+        "(Number) > failed on detection 0"
+    )
+    # The client appends a body's inner_error_message, so one that repeats
+    # the message would show the failure twice.
+    assert message.count("(Number) > failed") == 1
 
 
 def test_sdk_unknown_workflow_raises(live_server, client):

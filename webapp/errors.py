@@ -1,8 +1,9 @@
 """One error body for every API route.
 
-``{"message", "error_type", "code", "context", ...}``: the fields Roboflow's
-client reads (``message``, ``inner_error_message``, ``blocks_errors``) plus a
-stable ``code`` and, where known, the ``step``, ``field`` and a ``hint``.
+``{"message", "error_type", "code", "context", ...}``: the fields of
+Roboflow's error body (its client reads ``message`` and
+``inner_error_message``) plus a stable ``code`` and, where known, the
+``step``, ``field`` and a ``hint``.
 """
 
 import logging

@@ -71,7 +71,10 @@ class WorkflowError(Exception):
         cause = self.__cause__
         if cause is not None:
             body["inner_error_type"] = type(cause).__name__
-            body["inner_error_message"] = str(cause)
+            # Roboflow's client appends inner_error_message to the message it
+            # raises, so a cause the message already quotes is left out.
+            if str(cause) not in self.message:
+                body["inner_error_message"] = str(cause)
         return body
 
 
@@ -208,6 +211,10 @@ class StepExecutionError(WorkflowError):
     status = 500
 
     def __init__(self, message: str, *, step: str, user_error: bool) -> None:
+        # Clients that show only the message, as Roboflow's does, learn
+        # which step failed from it.
+        if f"step '{step}'" not in message:
+            message = f"step '{step}': {message}"
         super().__init__(message, context="workflow_execution", step=step)
         self.user_error = user_error
         if user_error:
