@@ -166,6 +166,48 @@ def test_transformation_filter_error_names_step():
     assert raised.value.step == "transform"
 
 
+def test_transformation_rename_strict():
+    renamed = transformed(
+        [
+            {
+                "type": "DetectionsRename",
+                "class_map": {"Normal": "upright", "Fall": "down"},
+            }
+        ]
+    )
+    assert renamed.class_names == ["upright", "down", "upright", "down"]
+    # Strict: ids are the new names' indices in sorted order.
+    assert renamed.class_id.tolist() == [1, 0, 1, 0]
+    assert renamed.detection_ids == ["0", "1", "2", "3"]
+
+
+def test_transformation_rename_not_strict():
+    operation = {
+        "type": "DetectionsRename",
+        "class_map": "mapping",
+        "strict": "strict",
+        "new_classes_id_offset": 10,
+    }
+    renamed = transformed([operation], {"mapping": {"Fall": "down"}, "strict": False})
+    assert renamed.class_names == ["Normal", "down", "Normal", "down"]
+    assert renamed.class_id.tolist() == [0, 10, 0, 10]
+
+
+def test_transformation_rename_unmapped_class_fails():
+    operation = {"type": "DetectionsRename", "class_map": {"Fall": "down"}}
+    with pytest.raises(StepExecutionError) as raised:
+        transformed([operation])
+    assert raised.value.step == "transform"
+    assert '"Normal" is not in class_map' in raised.value.message
+
+
+def test_transformation_rename_bad_parameter_fails():
+    operation = {"type": "DetectionsRename", "class_map": "mapping"}
+    with pytest.raises(StepExecutionError) as raised:
+        transformed([operation], {"mapping": ["Normal"]})
+    assert "class_map must be an object" in raised.value.message
+
+
 def test_transformation_compiles():
     plan = build_plan(
         transformation_definition([{"type": "SortDetections", "mode": "size"}]),
@@ -177,7 +219,11 @@ def test_transformation_compiles():
 @pytest.mark.parametrize(
     ("operations", "problem"),
     [
-        ([{"type": "DetectionsRename", "class_map": {}}], "operations[0].type"),
+        ([{"type": "PickDetectionsByParentClass"}], "operations[0].type"),
+        ([{"type": "DetectionsRename"}], '"class_map" is missing'),
+        ([{"type": "DetectionsRename", "class_map": {"a": 1}}], "class_map"),
+        ([{"type": "DetectionsRename", "class_map": {}, "strict": 1}], "strict"),
+        ([{"type": "DetectionsRename", "class_map": "mapping"}], '"mapping"'),
         ([{"type": "DetectionsOffset", "offset_x": 1.5, "offset_y": 1}], "offset_x"),
         ([{"type": "DetectionsOffset", "offset_x": 1}], '"offset_y" is missing'),
         ([{"type": "DetectionsSelection", "mode": "biggest"}], "biggest"),

@@ -79,6 +79,7 @@ KEYS = {
     "DetectionsShift": ("type", "shift_x", "shift_y"),
     "DetectionsSelection": ("type", "mode"),
     "SortDetections": ("type", "mode", "ascending"),
+    "DetectionsRename": ("type", "class_map", "strict", "new_classes_id_offset"),
 }
 
 

@@ -13,11 +13,17 @@ before, as Roboflow's query language chains them. Supported:
   ``top_confidence``;
 - ``SortDetections``: sorts by ``mode`` (``confidence``, ``x_min``,
   ``x_max``, ``y_min``, ``y_max``, ``size``, ``center_x``, ``center_y``),
-  ``ascending`` unless it is false.
+  ``ascending`` unless it is false;
+- ``DetectionsRename``: renames classes by ``class_map``. With ``strict``
+  (the default) every class must be mapped, and class ids become the
+  indices of the new names in sorted order. Without it, unmapped classes
+  keep their names and ids, and new names get ids from
+  ``new_classes_id_offset`` (1024) up, in sorted order. ``class_map`` and
+  ``strict`` may each be a key of ``operations_parameters`` instead.
 
 The arithmetic is that of Roboflow's query language (``inference`` 1.5.0).
-Other operations, such as ``DetectionsRename``, raise OperationsSyntaxError
-with their path.
+Other operations, such as ``PickDetectionsByParentClass``, raise
+OperationsSyntaxError with their path.
 """
 
 import dataclasses
@@ -28,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from workflows.blocks.base import shown
-from workflows.blocks.detections_filter.evaluation import keep_mask
+from workflows.blocks.detections_filter.evaluation import EvaluationError, keep_mask
 from workflows.blocks.detections_filter.operations import (
     OperationsSyntaxError,
     parse_filter,
@@ -43,6 +49,7 @@ OPERATION_TYPES = (
     "DetectionsShift",
     "DetectionsSelection",
     "SortDetections",
+    "DetectionsRename",
 )
 
 
@@ -104,7 +111,16 @@ class Sort:
     ascending: bool
 
 
-Operation = Filter | Move | Select | Sort
+@dataclass(frozen=True)
+class Rename:
+    """A class renaming. A string ``class_map`` or ``strict`` names a parameter."""
+
+    class_map: dict[str, str] | str
+    strict: bool | str
+    new_classes_id_offset: int
+
+
+Operation = Filter | Move | Select | Sort | Rename
 
 
 def parse_transformations(value: Any) -> tuple[Operation, ...]:
@@ -133,6 +149,19 @@ def filter_conditions(operations: tuple[Operation, ...]) -> tuple[StatementGroup
     return tuple(op.condition for op in operations if isinstance(op, Filter))
 
 
+def rename_parameters(operations: tuple[Operation, ...]) -> list[tuple[str, str]]:
+    """Return (path, parameter name) for each rename value given by a parameter."""
+    named = []
+    for index, operation in enumerate(operations):
+        if not isinstance(operation, Rename):
+            continue
+        for key in ("class_map", "strict"):
+            value = getattr(operation, key)
+            if isinstance(value, str):
+                named.append((f"operations[{index}].{key}", value))
+    return named
+
+
 def transform(
     operations: tuple[Operation, ...],
     detections: Detections,
@@ -151,6 +180,8 @@ def _apply(
         everything = np.ones(len(detections), dtype=bool)
         keep = keep_mask((operation.condition,), detections, parameters, everything)
         return detections.select(keep)
+    if isinstance(operation, Rename):
+        return _rename(operation, detections, parameters)
     if isinstance(operation, Move):
         moved = detections.xyxy + np.array(operation.delta, dtype=np.float32)
         return dataclasses.replace(detections, xyxy=moved.astype(np.float32))
@@ -181,6 +212,8 @@ def _parse_operation(item: Any, path: str) -> Operation:
         return Move((shift_x, shift_y, shift_x, shift_y))
     if kind == "DetectionsSelection":
         return Select(_choice(fields, "mode", path, tuple(SELECTIONS)))
+    if kind == "DetectionsRename":
+        return _parse_rename(fields, path)
     ascending = fields.get("ascending", True)
     if not isinstance(ascending, bool):
         raise OperationsSyntaxError(
@@ -212,3 +245,79 @@ def _choice(
             f"must be one of {', '.join(choices)}, got {shown(value)}",
         )
     return value
+
+
+def _parse_rename(fields: dict[str, Any], path: str) -> Rename:
+    if "class_map" not in fields:
+        raise OperationsSyntaxError(path, '"class_map" is missing')
+    class_map = fields["class_map"]
+    if not isinstance(class_map, str):
+        problem = _class_map_problem(class_map)
+        if problem:
+            raise OperationsSyntaxError(f"{path}.class_map", problem)
+    strict = fields.get("strict", True)
+    if not isinstance(strict, (bool, str)):
+        raise OperationsSyntaxError(
+            f"{path}.strict",
+            "must be true, false or the name of a key of operations_parameters, "
+            f"got {shown(strict)}",
+        )
+    offset = fields.get("new_classes_id_offset", 1024)
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise OperationsSyntaxError(
+            f"{path}.new_classes_id_offset", f"must be an integer, got {shown(offset)}"
+        )
+    return Rename(class_map, strict, offset)
+
+
+def _class_map_problem(class_map: Any) -> str | None:
+    if not isinstance(class_map, dict) or not all(
+        isinstance(name, str) for name in class_map.values()
+    ):
+        return (
+            "must be an object that maps class names to new class names, or the "
+            f"name of a key of operations_parameters, got {shown(class_map)}"
+        )
+    return None
+
+
+def _rename(
+    operation: Rename, detections: Detections, parameters: Mapping[str, Any]
+) -> Detections:
+    class_map = operation.class_map
+    if isinstance(class_map, str):
+        class_map = parameters[class_map]
+        problem = _class_map_problem(class_map)
+        if problem:
+            raise EvaluationError(f"DetectionsRename class_map {problem}")
+    strict = operation.strict
+    if isinstance(strict, str):
+        strict = parameters[strict]
+        if not isinstance(strict, bool):
+            raise EvaluationError(
+                f"DetectionsRename strict must be true or false, got {shown(strict)}"
+            )
+
+    names = detections.class_names
+    if strict:
+        unmapped = sorted({name for name in names if name not in class_map})
+        if unmapped:
+            raise EvaluationError(
+                f"DetectionsRename: class {shown(unmapped[0])} is not in class_map, "
+                "and strict is true. Map every class, or set strict to false"
+            )
+        ids = {
+            name: index for index, name in enumerate(sorted(set(class_map.values())))
+        }
+    else:
+        ids = dict(zip(names, detections.class_id.tolist(), strict=True))
+        added = sorted({name for name in class_map.values() if name not in ids})
+        for index, name in enumerate(added):
+            ids[name] = operation.new_classes_id_offset + index
+
+    renamed = [class_map.get(name, name) for name in names]
+    return dataclasses.replace(
+        detections,
+        class_names=renamed,
+        class_id=np.array([ids[name] for name in renamed], dtype=np.int64),
+    )

@@ -18,6 +18,7 @@ from workflows.blocks.detections_transformation.operations import (
     check_transformations,
     filter_conditions,
     parse_transformations,
+    rename_parameters,
     transform,
 )
 from workflows.detections import Detections
@@ -30,8 +31,8 @@ class DetectionsTransformationBlock(Block):
     title = "Transform detections"
     description = (
         "Applies Roboflow's detections operations in order: DetectionsFilter, "
-        "DetectionsOffset, DetectionsShift, DetectionsSelection and "
-        "SortDetections."
+        "DetectionsOffset, DetectionsShift, DetectionsSelection, "
+        "SortDetections and DetectionsRename."
     )
     fields = (
         Field("predictions", DETECTIONS, "Detections to transform."),
@@ -66,9 +67,22 @@ class DetectionsTransformationBlock(Block):
                     "must be written in the definition, not given by a selector",
                 )
             ]
-        conditions = filter_conditions(parse_transformations(literals["operations"]))
-        problem = undeclared_parameter(conditions, literals["operations_parameters"])
-        return [("operations", problem)] if problem else []
+        operations = parse_transformations(literals["operations"])
+        parameters = literals["operations_parameters"]
+        problem = undeclared_parameter(filter_conditions(operations), parameters)
+        if problem:
+            return [("operations", problem)]
+        for path, name in rename_parameters(operations):
+            if name not in parameters:
+                declared = ", ".join(f'"{key}"' for key in parameters) or "none"
+                return [
+                    (
+                        "operations",
+                        f'{path}: "{name}" is not a key of operations_parameters '
+                        f"(keys: {declared}). Add it there, or write the value here",
+                    )
+                ]
+        return []
 
     def run(
         self,
