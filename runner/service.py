@@ -77,6 +77,34 @@ def queued_run_slot(owner_id: int) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def live_workflow_slot(workflow_version_id: int) -> Iterator[None]:
+    """Store the new run in a transaction that locks its workflow's row.
+
+    The request read the workflow before checking the inputs, which can take
+    a while. If a delete committed meanwhile, this raises WorkflowDeletedError
+    (404) and stores nothing. A delete that comes later waits until the run is
+    stored, so no run is stored after its workflow's delete returned.
+
+    The workflow's row is locked before the owner's row (queued_run_slot),
+    in the order a workflow save takes them: the save locks the workflow, and
+    its foreign key check at commit waits for the owner's row. The reverse
+    order deadlocks with a save of the same workflow.
+    """
+    from workflows.errors import WorkflowDeletedError
+    from workflows.models import Workflow
+
+    with transaction.atomic():
+        live = list(
+            Workflow.objects.select_for_update(no_key=True, of=("self",))
+            .filter(versions__pk=workflow_version_id)
+            .values_list("pk", flat=True)
+        )
+        if not live:
+            raise WorkflowDeletedError(workflow_version_id)
+        yield
+
+
 def check_queued_runs(owner_id: int) -> None:
     """Raise TooManyRequests if the owner has QUEUED_RUNS_PER_USER runs queued."""
     limit = settings.GLASSBOX["QUEUED_RUNS_PER_USER"]
@@ -269,8 +297,15 @@ def start_run(
         )
     with waiting_slot(owner_id) if wait_s > 0 else nullcontext():
         # The image checks above can take a while, so they stay outside the
-        # transaction that the queued-run limit holds.
-        with queued_run_slot(owner_id) if wait_s <= 0 else nullcontext():
+        # transaction that the workflow lock and the queued-run limit hold.
+        with (
+            (
+                live_workflow_slot(workflow_version_id)
+                if workflow_version_id is not None
+                else nullcontext()
+            ),
+            queued_run_slot(owner_id) if wait_s <= 0 else nullcontext(),
+        ):
             run = submit(
                 Submission(
                     owner_id=owner_id,

@@ -1,13 +1,18 @@
 """Deleting a workflow hides it everywhere, and keeps its runs and bills."""
 
+import time
+
+import pytest
 import requests
 
 from billing.models import Bill
 from runner.models import Run
+from runner.service import start_run
 from tests.conftest import image_b64
 from tests.definitions import image_height
 from tests.test_browser_run import sign_in
 from tests.test_runs import create_workflow, run_workflow
+from workflows.errors import WorkflowDeletedError
 from workflows.models import Workflow
 
 
@@ -169,3 +174,28 @@ def test_list_page_delete_with_bad_id_400(client, alice):
     client.force_login(alice)
     response = client.get("/workflows/", {"delete": "1; drop"})
     assert response.status_code == 400
+
+
+def test_run_after_delete_not_stored(db, alice):
+    """A delete that commits while a run request checks its inputs wins.
+
+    The request read the workflow and its version before the delete. The
+    run is rejected when it is about to be stored, so no run of the workflow
+    is stored after the delete returned 204.
+    """
+    workflow = Workflow.create_with_version(alice, "bus height", image_height())
+    version = workflow.latest_version()
+    assert workflow.mark_deleted()
+    with pytest.raises(WorkflowDeletedError) as raised:
+        start_run(
+            owner_id=alice.id,
+            source="api",
+            definition=version.definition,
+            raw_inputs={"image": {"type": "base64", "value": image_b64()}},
+            started_ns=time.perf_counter_ns(),
+            wait_s=0,
+            workflow_version_id=version.id,
+        )
+    assert raised.value.to_dict()["code"] == "not_found"
+    assert raised.value.status == 404
+    assert not Run.objects.filter(workflow_version=version).exists()

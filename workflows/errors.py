@@ -135,6 +135,21 @@ class InputsExpiredError(WorkflowError):
     user_error = False
 
 
+class WorkflowDeletedError(WorkflowError):
+    """The run's workflow was deleted after the request read it."""
+
+    code = "not_found"
+    status = 404
+
+    def __init__(self, workflow_version_id: int) -> None:
+        super().__init__(
+            "the workflow was deleted while this run was being accepted; "
+            "nothing was stored",
+            context="request",
+        )
+        self.workflow_version_id = workflow_version_id
+
+
 class ModelNotFoundError(WorkflowError):
     """A model id resolves to no weights."""
 
