@@ -448,6 +448,38 @@ def test_admin_adds_no_api_token(client, django_user_model, alice):
     assert not ApiToken.objects.filter(name="from admin").exists()
 
 
+def test_admin_revoke_needs_change_permission(client, django_user_model, alice):
+    from django.contrib.auth.models import Permission
+
+    token, _ = ApiToken.issue(alice, "laptop")
+    viewer = django_user_model.objects.create_user(
+        "viewer", password="viewer-password", is_staff=True
+    )
+    viewer.user_permissions.add(Permission.objects.get(codename="view_apitoken"))
+    client.force_login(viewer)
+    page = client.get("/admin/webapp/apitoken/").content.decode()
+    assert "laptop" in page
+    assert 'value="revoke"' not in page
+    client.post(
+        "/admin/webapp/apitoken/",
+        {"action": "revoke", "_selected_action": [token.pk]},
+    )
+    token.refresh_from_db()
+    assert token.revoked_at is None
+
+    editor = django_user_model.objects.create_user(
+        "editor", password="editor-password", is_staff=True
+    )
+    editor.user_permissions.add(Permission.objects.get(codename="change_apitoken"))
+    client.force_login(editor)
+    client.post(
+        "/admin/webapp/apitoken/",
+        {"action": "revoke", "_selected_action": [token.pk]},
+    )
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+
+
 def test_revoke_confirmation_checks_token(client, alice, bob):
     own, _ = ApiToken.issue(alice, "laptop")
     others, _ = ApiToken.issue(bob, "bob's")

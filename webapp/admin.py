@@ -66,7 +66,10 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
-    @admin.action(description="Revoke selected tokens")
+    # Django offers an action without permissions to every user who may
+    # view the list, so a staff user with only the view permission could
+    # revoke everyone's tokens.
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
         for token in queryset:
             token.revoke()
