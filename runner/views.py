@@ -434,8 +434,8 @@ class ModelListView(StrictQueryAPIView):
                 field_name="model_id",
                 hint=DUPLICATE_UPLOAD_HINT,
             )
-        # A check takes up to 1 GB and CHILD_TIMEOUT_S in its child process,
-        # so each web server process runs one at a time.
+        # A check takes up to WEIGHTS_CHECK_MEMORY_MB and CHILD_TIMEOUT_S in
+        # its child process, so each web server process runs one at a time.
         if not _weights_check_slot.acquire(blocking=False):
             raise TooManyRequests(
                 "another weights file is being checked on this server process",
@@ -445,7 +445,9 @@ class ModelListView(StrictQueryAPIView):
         stored = None
         try:
             stored = _store_upload(request.user.id, upload)
-            names, task, trained = check_weights(stored, upload.name)
+            names, task, trained = check_weights(
+                stored, upload.name, settings.GLASSBOX["WEIGHTS_CHECK_MEMORY_MB"]
+            )
         except Exception as error:
             # Nothing is kept of an upload that was not accepted.
             if stored is not None:

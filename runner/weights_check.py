@@ -7,13 +7,19 @@ and a file crafted to inflate or crash would take the worker with it. The
 child loads with ultralytics' restricted unpickler, offline, predicts once on
 a blank image, and prints one line of JSON.
 
-Run as ``python -m runner.weights_check PATH``; it reads no Django settings
-and does not set Django up.
+Run as ``python -m runner.weights_check PATH MEMORY_MB``; it reads no Django
+settings and does not set Django up. The child limits its own data segment
+(``RLIMIT_DATA``: heap and private writable mappings, where torch allocates
+tensors) to MEMORY_MB before it imports torch. The limit keeps a checkpoint
+whose layers inflate a blank image, such as an ``nn.Upsample`` with a large
+``scale_factor``, from taking as much of the web server host's memory as its
+uploader chooses.
 """
 
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import zipfile
@@ -41,15 +47,18 @@ class WeightsRejected(Exception):
     """The file is not a usable ultralytics detector; the message gives the reason."""
 
 
-def check_weights(path: Path, shown_name: str) -> tuple[list[str], str, bool]:
+def check_weights(
+    path: Path, shown_name: str, memory_mb: int
+) -> tuple[list[str], str, bool]:
     """Return the detector's class names and task in ``path``, and if it was trained.
 
+    The child process may allocate at most ``memory_mb`` MiB of data.
     Raises WeightsRejected with a message that names the file as
     ``shown_name``, never by its path on the server.
     """
     try:
         finished = subprocess.run(
-            [sys.executable, "-m", "runner.weights_check", str(path)],
+            [sys.executable, "-m", "runner.weights_check", str(path), str(memory_mb)],
             env={**os.environ, **CHILD_ENV},
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
@@ -64,9 +73,12 @@ def check_weights(path: Path, shown_name: str) -> tuple[list[str], str, bool]:
     try:
         result = json.loads(lines[-1])
     except (IndexError, ValueError):
+        # An allocation that fails inside a C++ library can abort the process
+        # instead of raising.
         raise WeightsRejected(
             f"the check process exited with code {finished.returncode} "
-            "before it gave a result"
+            "before it gave a result; it may have needed more than the "
+            f"{memory_mb} MiB of memory that a check may use"
         ) from None
     if not result["ok"]:
         raise WeightsRejected(result["error"].replace(str(path), shown_name))
@@ -178,6 +190,13 @@ def _check_prediction(model) -> None:
     try:
         model.predict(blank, imgsz=CHECK_IMAGE_SIZE, device="cpu", verbose=False)
     except Exception as error:
+        if _out_of_memory(error):
+            raise ValueError(
+                f"a prediction on a blank {CHECK_IMAGE_SIZE}×{CHECK_IMAGE_SIZE} "
+                f"image needed more than the {_memory_limit_mb} MiB of memory "
+                "that a weights check may use (WEIGHTS_CHECK_MEMORY_MB); a "
+                "detector of ultralytics' sizes needs far less"
+            ) from error
         raise ValueError(
             f"it loads, but a prediction on a blank {CHECK_IMAGE_SIZE}×"
             f"{CHECK_IMAGE_SIZE} image failed, so it cannot run "
@@ -204,6 +223,27 @@ def _entries_without_model(path: Path) -> list[str] | None:
     return [str(key) for key in content]
 
 
+# The MiB of data that this check process may allocate; main() sets it.
+_memory_limit_mb: int | None = None
+
+
+def _limit_memory(memory_mb: int) -> None:
+    """Limit this process's data segment, so an allocation above it fails."""
+    global _memory_limit_mb
+    limit = memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    _memory_limit_mb = memory_mb
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Return whether ``error`` is an allocation that the memory limit refused.
+
+    torch's CPU allocator raises a RuntimeError whose message contains
+    "can't allocate memory"; Python's own allocations raise MemoryError.
+    """
+    return isinstance(error, MemoryError) or "can't allocate memory" in str(error)
+
+
 def _load_failure(error: Exception, path: Path) -> str:
     """Say why the loader failed, in terms of the file rather than the loader.
 
@@ -211,6 +251,11 @@ def _load_failure(error: Exception, path: Path) -> str:
     IndexError, and none of them states that the file is at fault. The
     common ones are put in plain words; the rest are quoted.
     """
+    if _out_of_memory(error):
+        return (
+            f"loading it needed more than the {_memory_limit_mb} MiB of memory "
+            "that a weights check may use (WEIGHTS_CHECK_MEMORY_MB)"
+        )
     text = str(error)
     cause = str(error.__cause__ or "")
     if "references types outside the supported" in text:
@@ -244,7 +289,9 @@ def _load_failure(error: Exception, path: Path) -> str:
     return f"it could not be read as a checkpoint ({type(error).__name__}: {text})"
 
 
-def main(path: str) -> None:
+def main(path: str, memory_mb: int) -> None:
+    # Before torch is imported, so that its allocations are limited too.
+    _limit_memory(memory_mb)
     # ultralytics logs to stdout, so the result goes on the last line.
     try:
         result = _load(Path(path))
@@ -258,4 +305,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))

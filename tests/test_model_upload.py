@@ -45,6 +45,23 @@ def weights_that_cannot_predict(path: Path) -> Path:
     return path
 
 
+def weights_that_inflate(path: Path, scale: int) -> Path:
+    """Save a detector whose first upsampling enlarges its input ``scale`` times.
+
+    On the 160×160 blank image of the upload check, its 5×5×256 input
+    becomes a (5 * scale)² × 256 tensor of float32.
+    """
+    from ultralytics import YOLO
+
+    model = YOLO("yolov8n.yaml")
+    upsample = next(
+        layer for layer in model.model.model if isinstance(layer, torch.nn.Upsample)
+    )
+    upsample.scale_factor = float(scale)
+    model.save(str(path))
+    return path
+
+
 def damaged_checkpoint(path: Path) -> Path:
     """Copy the demo detector to ``path`` with one member's header overwritten."""
     shutil.copy(resolve_model("people-detector").local_path(), path)
@@ -714,6 +731,29 @@ def test_upload_rejects_weights_that_cannot_predict(alice_client, tmp_path):
         "a blank 160×160 image failed, so it cannot run (RuntimeError: "
     )
     assert ModelUpload.objects.count() == 0
+
+
+def test_upload_check_memory_is_limited(alice_client, tmp_path, settings):
+    # Upsampling 256 times allocates 1280² × 256 × 4 bytes, 1.6 GiB, on top
+    # of the 1 GiB or so that importing torch and loading take.
+    settings.GLASSBOX = {**settings.GLASSBOX, "WEIGHTS_CHECK_MEMORY_MB": 2048}
+    weights = weights_that_inflate(tmp_path / "inflating.pt", scale=256)
+
+    response = upload(alice_client, "inflating", weights)
+
+    assert response.status_code == 400, response.json()
+    body = response.json()
+    assert body["field"] == "file"
+    assert body["message"] == (
+        "'inflating.pt' is not an ultralytics model: a prediction on a blank "
+        "160×160 image needed more than the 2048 MiB of memory that a weights "
+        "check may use (WEIGHTS_CHECK_MEMORY_MB); a detector of ultralytics' "
+        "sizes needs far less"
+    )
+    assert ModelUpload.objects.count() == 0
+    # The limit leaves room for a model that predicts normally.
+    response = upload(alice_client, "plain", make_weights(tmp_path / "plain.pt"))
+    assert response.status_code == 201, response.json()
 
 
 def test_unrunnable_model_dir_weights_fail(runner, alice_client):

@@ -240,6 +240,10 @@ GLASSBOX = {
     "UPLOAD_DIR": DATA_DIR / "uploads",
     # Largest weights upload; ultralytics' largest detectors are about 130 MB.
     "MAX_UPLOAD_BYTES": env_int("MAX_UPLOAD_BYTES", 256 * 1024 * 1024, 1024),
+    # Memory the child process that checks an upload may allocate, in MiB.
+    # Checking ultralytics' largest detector (yolov8x, 137 MB) allocated
+    # about 1.5 GB on a 2-core x86-64 machine.
+    "WEIGHTS_CHECK_MEMORY_MB": env_int("WEIGHTS_CHECK_MEMORY_MB", 4096, 256),
     # A synchronous run request waits this long, then responds 202 with the
     # run's URL.
     "SYNC_TIMEOUT_S": env_float("SYNC_TIMEOUT_S", 30.0, 0.0),
