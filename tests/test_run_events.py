@@ -198,6 +198,42 @@ async def test_events_accept_only_site_origins(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("origin", "trusted", "accepted"),
+    [
+        (b"http://site.example:8000", [], True),
+        (b"http://SITE.example:8001", [], True),
+        (b"http://evil.example:8000", [], False),
+        (b"http://evil.site.example:8000", [], False),
+        (b"https://pages.example", ["https://pages.example"], True),
+        (b"https://a.pages.example", ["https://*.pages.example"], True),
+        (b"http://pages.example", ["https://pages.example"], False),
+    ],
+)
+async def test_events_origin_must_match_host_header(
+    transactional_db, alice, settings, origin, trusted, accepted
+):
+    # With a wildcard ALLOWED_HOSTS every host is allowed, so only the
+    # handshake's own Host header, or CSRF_TRUSTED_ORIGINS, distinguishes
+    # this site's pages from others.
+    settings.ALLOWED_HOSTS = ["*"]
+    settings.CSRF_TRUSTED_ORIGINS = trusted
+    settings.GLASSBOX = {**settings.GLASSBOX, "WEB_SERVER_PORT": 8000}
+    run = await sync_to_async(untouched_run)(alice)
+    communicator = WebsocketCommunicator(
+        application,
+        f"/ws/runs/{run.id}/",
+        headers=[(b"origin", origin), (b"host", b"site.example:8001")],
+    )
+    communicator.scope["user"] = alice
+    communicator.scope["server"] = SERVER
+    connected, _ = await communicator.connect()
+    assert connected is accepted
+    if accepted:
+        await communicator.disconnect()
+
+
+@pytest.mark.asyncio
 async def test_events_refuse_anonymous(transactional_db, alice):
     from django.contrib.auth.models import AnonymousUser
 

@@ -2,9 +2,17 @@
 
 A browser sends its session cookie with a websocket handshake to any port
 of the host, whatever page opened it, so the Origin header is the check. The
-origin's host must be in ALLOWED_HOSTS, its scheme http or https, and its
-port that of the websocket server itself (pages it served) or WEB_SERVER_PORT
-(pages of the HTTP server beside it, as ``manage.py up`` runs them).
+origin's scheme must be http or https, its host in ALLOWED_HOSTS and the
+host that the handshake's Host header names, and its port that of the
+websocket server itself (pages it served) or WEB_SERVER_PORT (pages of the
+HTTP server beside it, as ``manage.py up`` runs them). An origin listed in
+CSRF_TRUSTED_ORIGINS is accepted as Django's CSRF check accepts it, for a
+proxy that passes another Host header on.
+
+ALLOWED_HOSTS alone is not enough: with ``*`` or ``.example.com`` there, a
+page on any host, or on a sibling subdomain whose requests count as
+same-site and so carry the session cookie, could open the run streams of a
+signed-in user who visits it.
 """
 
 from urllib.parse import urlsplit
@@ -12,6 +20,7 @@ from urllib.parse import urlsplit
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
+from django.utils.http import is_same_domain
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -39,7 +48,39 @@ def is_site_origin(origin: str, scope) -> bool:
     host, _ = split_domain_port(parsed.netloc)
     if not host or not validate_host(host, settings.ALLOWED_HOSTS):
         return False
+    if is_trusted_origin(parsed.scheme, parsed.netloc):
+        return True
+    # Browsers always send a Host header. A client without one is no
+    # browser, so it cannot be carrying a victim's session cookie.
+    handshake_host = _header(scope, b"host")
+    if handshake_host is not None:
+        if host != split_domain_port(handshake_host.lower())[0]:
+            return False
     return port in page_ports(scope)
+
+
+def is_trusted_origin(scheme: str, netloc: str) -> bool:
+    """Return whether CSRF_TRUSTED_ORIGINS lists the origin, as Django's CSRF
+    check reads it: exactly, or under a ``scheme://*.domain`` entry."""
+    netloc = netloc.lower()
+    for trusted in settings.CSRF_TRUSTED_ORIGINS:
+        parts = urlsplit(trusted.lower())
+        if parts.scheme != scheme:
+            continue
+        if "*" in parts.netloc:
+            if is_same_domain(netloc, parts.netloc.lstrip("*")):
+                return True
+        elif parts.netloc == netloc:
+            return True
+    return False
+
+
+def _header(scope, name: bytes) -> str | None:
+    """Return the scope's first header called ``name``, or None without one."""
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin1")
+    return None
 
 
 class SiteOriginValidator:
