@@ -480,6 +480,37 @@ def test_admin_revoke_needs_change_permission(client, django_user_model, alice):
     assert token.revoked_at is not None
 
 
+def test_rq_pages_need_superuser(client, django_user_model, db):
+    import django_rq
+
+    queue = django_rq.get_queue("shared", commit_mode="auto")
+    job = queue.enqueue_call("builtins.len", args=([],))
+    try:
+        staff = django_user_model.objects.create_user(
+            "operator", password="operator-password", is_staff=True
+        )
+        client.force_login(staff)
+        assert client.get("/admin/django-rq/").status_code == 403
+        assert client.get("/admin/django-rq/queues/0/").status_code == 403
+        response = client.post("/admin/django-rq/queues/0/empty/", {"post": "yes"})
+        assert response.status_code == 403
+        assert job.id in queue.job_ids
+        # django-rq's own copy of the pages in the admin, open to all staff.
+        assert client.get("/admin/django_rq/dashboard/").status_code == 404
+
+        client.logout()
+        response = client.get("/admin/django-rq/")
+        assert response.status_code == 302
+        assert response.url.startswith("/admin/login/")
+
+        root = django_user_model.objects.create_superuser("root", password="root-pw")
+        client.force_login(root)
+        assert client.get("/admin/django-rq/").status_code == 200
+        assert client.get("/admin/django-rq/queues/0/").status_code == 200
+    finally:
+        job.delete()
+
+
 def test_revoke_confirmation_checks_token(client, alice, bob):
     own, _ = ApiToken.issue(alice, "laptop")
     others, _ = ApiToken.issue(bob, "bob's")

@@ -194,6 +194,10 @@ REDIS_URL = env_str("REDIS_URL", "")
 EMBEDDED_REDIS_SOCKET = DATA_DIR / "redis.sock"
 EFFECTIVE_REDIS_URL = REDIS_URL or f"unix://{EMBEDDED_REDIS_SOCKET}"
 
+# django-rq would also list its pages in the admin index, under
+# /admin/django_rq/dashboard/, open to every staff user. They are served at
+# /admin/django-rq/ to superusers only (webapp/urls.py).
+RQ_SHOW_ADMIN_LINK = False
 RQ_QUEUES = {
     "shared": {
         "URL": EFFECTIVE_REDIS_URL,

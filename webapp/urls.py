@@ -1,7 +1,12 @@
+import functools
+
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
 from django.urls import include, path, re_path
 from django.views.decorators.csrf import csrf_exempt
+from django_rq.urls import get_admin_urlpatterns, get_api_urlpatterns
 
 from runner import ui as runner_ui
 from runner import views as runner_views
@@ -69,11 +74,39 @@ accounts = [
     ),
 ]
 
+
+def superuser_required(view):
+    """Serve ``view`` to active superusers only.
+
+    Other signed-in users get 403, and anonymous ones the admin's sign-in page.
+    """
+
+    @functools.wraps(view)
+    def wrapper(request, *args, **kwargs):
+        user = request.user
+        if user.is_active and user.is_superuser:
+            return view(request, *args, **kwargs)
+        if user.is_authenticated:
+            raise PermissionDenied("RQ's queue pages are for superusers only")
+        return redirect_to_login(request.get_full_path(), "admin:login")
+
+    return wrapper
+
+
+# RQ's pages empty queues and delete or requeue jobs of every user, and
+# django-rq lets any staff user do that, whatever their permissions. The
+# read-only statistics (stats.json, metrics) keep django-rq's own check:
+# staff, or RQ_API_TOKEN.
+rq_urls = (
+    get_api_urlpatterns() + get_admin_urlpatterns(view_wrapper=superuser_required),
+    "django_rq",
+)
+
 urlpatterns = [
     path("", account_views.home, name="home"),
     path("accounts/", include(accounts)),
     path("tokens/", account_views.tokens, name="tokens"),
-    path("admin/django-rq/", include("django_rq.urls")),
+    path("admin/django-rq/", include(rq_urls)),
     path("admin/", admin.site.urls),
     path("api/", include(api)),
     path("metrics", runner_views.MetricsView.as_view()),
