@@ -363,7 +363,9 @@ class PredictedRoute:
     takers. ``queued_ahead``
     counts the jobs already waiting in the queues those runners read.
     ``waits_for_holder`` is set for an economy run routed to a busy runner
-    that holds its models.
+    that holds its models. ``all_busy`` is set when every runner that takes
+    runs is busy, and ``all_stopping`` when every live runner is stopping,
+    so that no runner takes the run until one starts.
     """
 
     queue: str
@@ -371,6 +373,7 @@ class PredictedRoute:
     queued_ahead: int
     all_busy: bool
     waits_for_holder: bool = False
+    all_stopping: bool = False
 
     @property
     def runner(self) -> fleet.RunnerState | None:
@@ -443,12 +446,17 @@ def predict_route(
         return PredictedRoute(
             keys.SHARED_QUEUE, idle_accepting, shared_length, all_busy=False
         )
-    # A busy runner reads its own queue before the shared one.
-    # NOTE: when every runner is stopping, no runner is a taker, and the
-    # route still reads as every runner busy: the run waits for a runner
-    # that starts.
+    # A busy runner reads its own queue before the shared one. When every
+    # runner is stopping, there is no taker: the run waits for a runner that
+    # starts.
     ahead = shared_length + sum(own_lengths.values())
-    return PredictedRoute(keys.SHARED_QUEUE, accepting, ahead, all_busy=bool(runners))
+    return PredictedRoute(
+        keys.SHARED_QUEUE,
+        accepting,
+        ahead,
+        all_busy=bool(accepting),
+        all_stopping=bool(runners) and not accepting,
+    )
 
 
 # Sets KEYS[1] to ARGV[1] for ARGV[2] seconds unless it names another run.

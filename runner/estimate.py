@@ -39,7 +39,7 @@ it takes the run (``held_when_free``). The predicted latency is the sum of those
 medians, a typical figure rather than the median of past totals. Runs
 waiting in the queues the run would join make its queue time unknown,
 because the history it is predicted from did not wait behind them, and so
-does a fleet whose every runner is busy. The
+does a fleet whose every runner is busy or stopping. The
 predicted price is the billing policy applied to the predicted runner
 total. A part without history is unknown, and then so are the totals and
 the price: an estimate never fills a gap with a guess.
@@ -214,6 +214,13 @@ def _place_run(
             f"runner {route.takers[0].name} is busy with a run{waiting}, so the "
             "queue time is unknown: this economy run waits for it because it has "
             "the run's models loaded"
+        )
+    elif route.all_stopping:
+        waiting = f", and {_runs_queued(queued_ahead)}" if queued_ahead else ""
+        unknown.append(
+            f"every runner is stopping{waiting}, so the queue time is unknown: "
+            "a stopping runner finishes its current run and takes no more, so "
+            "this run waits until a runner starts"
         )
     elif route.all_busy:
         waiting = f", and {_runs_queued(queued_ahead)}" if queued_ahead else ""

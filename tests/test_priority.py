@@ -18,6 +18,7 @@ from runner.dispatch import (
     predict_hot,
     predict_route,
 )
+from runner.estimate import _place_run
 from runner.models import Run
 from runner.registry import resolve_model
 from runner.waiting import waiting_state
@@ -463,6 +464,28 @@ def test_estimate_skips_stopping_runner(db, alice):
     assert models[0]["predicted_hot"] is True
     assert busy_route.all_busy is True
     assert [r.name for r in busy_route.takers] == ["est-open"]
+
+
+def test_estimate_with_every_runner_stopping(db):
+    # Both runners were asked to stop, one of them while in a run. Neither
+    # takes the run, so the estimate must report them stopping, not busy.
+    with fleet_of(("all-stop-a", ("k1",)), ("all-stop-b", ())) as snapshot:
+        for state in snapshot.runners:
+            state.data["stopping"] = True
+        get_redis().set(keys.current_run_key("all-stop-a"), "another-run", ex=60)
+        route = predict_route(["k1"], snapshot.runners)
+        unknown: list[str] = []
+        placement = _place_run(
+            ["k1"], snapshot.runners, Run.Priority.STANDARD, {"k1"}, unknown, []
+        )
+
+    assert route.takers == []
+    assert route.all_stopping is True
+    assert route.all_busy is False
+    assert placement.queue_known is False
+    assert len(unknown) == 1
+    assert unknown[0].startswith("every runner is stopping")
+    assert "busy" not in unknown[0]
 
 
 def test_economy_beside_stopping_runner_joins_shared_queue(db):
