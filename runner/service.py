@@ -141,18 +141,24 @@ class PriceCapExceeded(WorkflowError):
         max_price_microcredits: int,
         economy: dict[str, Any] | None = None,
     ):
-        price = estimate["amount_microcredits"]
-        start = "hot" if estimate["hot"] else "cold"
         self.estimate = estimate
         self.max_price_microcredits = max_price_microcredits
         self.economy = economy
         super().__init__(
-            f"the run's predicted price, {price} micro-credits (predicted to "
-            f"start {start}), is over its max_price_microcredits, "
-            f"{max_price_microcredits}; nothing was stored",
+            self.message_for("max_price_microcredits"),
             context="price_cap",
             field_name="max_price_microcredits",
             hint=self.hint_for("max_price_microcredits", "priority economy"),
+        )
+
+    def message_for(self, cap_name: str) -> str:
+        """Return the message, naming the cap ``cap_name``, as ``hint_for`` does."""
+        price = self.estimate["amount_microcredits"]
+        start = "hot" if self.estimate["hot"] else "cold"
+        return (
+            f"the run's predicted price, {price} micro-credits (predicted to "
+            f"start {start}), is over its {cap_name}, "
+            f"{self.max_price_microcredits}; nothing was stored"
         )
 
     def hint_for(self, cap_name: str, economy_name: str) -> str:

@@ -150,6 +150,38 @@ def test_runworkflow_max_price_caps_the_bill(runner, capsys):
     assert "min(" in output
 
 
+def test_runworkflow_rejection_names_option(runner, alice, tmp_path):
+    # Two runs make the price known, and the model stays loaded, so a cap of
+    # 1 micro-credit is below the predicted price.
+    model_id = "people-detector-160"
+    for _ in range(2):
+        start(alice, model_id, runner.name)
+    wait_until_loaded(runner, model_id)
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps(detection(model_id)))
+    runs_before = Run.objects.count()
+
+    with pytest.raises(CommandError) as cli_error:
+        call_command(
+            "runworkflow",
+            str(path),
+            "--image",
+            str(image_path()),
+            "--user",
+            alice.username,
+            "--max-price",
+            "1",
+        )
+
+    body = json.loads(str(cli_error.value))
+    assert body["code"] == "price_cap_exceeded"
+    assert "is over its --max-price, 1;" in body["message"]
+    assert "max_price_microcredits" not in body["message"]
+    assert "--max-price" in body["hint"]
+    assert "max_price_microcredits" not in body["hint"]
+    assert Run.objects.count() == runs_before
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "1.5", "abc", str(10**15 + 1)])
 def test_runworkflow_rejects_invalid_max_price(db, value):
     with pytest.raises(CommandError, match="micro-credits from 1 to"):
