@@ -35,7 +35,32 @@ def test_run_rejects_invalid_cap(db, alice_client, value):
     assert body["code"] == "malformed_request"
     assert body["field"] == "max_price_microcredits"
     assert "must be an integer from 1 to" in body["message"]
+    # The body echoes the value as sent, with its JSON type.
+    assert body["max_price_microcredits"] == value
+    assert type(body["max_price_microcredits"]) is type(value)
     assert Run.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [(1.5, "got a number, 1.5"), ("abc", 'got a string, "abc"'), (0, "got 0")],
+)
+def test_invalid_cap_message_names_type(db, alice_client, value, got):
+    workflow_id = create_workflow(alice_client, detection())
+    response = run_workflow(alice_client, workflow_id, max_price_microcredits=value)
+    assert response.status_code == 400, response.json()
+    assert response.json()["message"].endswith(got)
+
+
+def test_long_invalid_cap_not_echoed(db, alice_client):
+    workflow_id = create_workflow(alice_client, detection())
+    value = "9" * 1000
+    response = run_workflow(alice_client, workflow_id, max_price_microcredits=value)
+    assert response.status_code == 400, response.json()
+    body = response.json()
+    assert "max_price_microcredits" not in body
+    assert body["field"] == "max_price_microcredits"
+    assert len(body["message"]) < 200
 
 
 def test_cap_below_known_price_rejected(runner, extra_runners, alice_client):

@@ -11,7 +11,7 @@ from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
 
 from billing.policy import MAX_PRICE_MICROCREDITS
-from workflows.blocks.base import shown
+from workflows.blocks.base import json_type_name, shown
 from workflows.errors import WorkflowError
 
 
@@ -281,6 +281,42 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
     return value
 
 
+# The longest price cap, as JSON text, that an error body echoes back whole.
+MAX_ECHOED_CAP_CHARS = 256
+
+
+class InvalidPriceCap(MalformedRequest):
+    """A price cap that is not an integer in range.
+
+    The error body echoes the value as sent, with its JSON type, unless its
+    JSON text is over ``MAX_ECHOED_CAP_CHARS``. The message shows at most the
+    first 80 characters of that text.
+    """
+
+    def __init__(self, key: str, value: Any):
+        if isinstance(value, int) and not isinstance(value, bool):
+            got = shown(value)
+        else:
+            got = f"{json_type_name(value)}, {shown(value)}"
+        super().__init__(
+            f"'{key}' must be an integer from 1 to {MAX_PRICE_MICROCREDITS:,} "
+            f"micro-credits, got {got}",
+            context="request_parsing",
+            field_name=key,
+            hint="Send the most the run may cost as a JSON integer, such as "
+            "5000 for 0.005 credits, or leave the field out for no cap.",
+        )
+        self.key = key
+        self.value = value
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        echoed = shown(self.value, limit=MAX_ECHOED_CAP_CHARS + 1)
+        if len(echoed) <= MAX_ECHOED_CAP_CHARS:
+            body[self.key] = self.value
+        return body
+
+
 def price_cap(body: dict[str, Any], key: str = "max_price_microcredits") -> int | None:
     """Read an optional price cap: a positive integer of micro-credits."""
     value = body.get(key)
@@ -291,14 +327,7 @@ def price_cap(body: dict[str, Any], key: str = "max_price_microcredits") -> int 
         or not isinstance(value, int)
         or not 0 < value <= MAX_PRICE_MICROCREDITS
     ):
-        raise MalformedRequest(
-            f"'{key}' must be an integer from 1 to {MAX_PRICE_MICROCREDITS:,} "
-            f"micro-credits, got {shown(value)}",
-            context="request_parsing",
-            field_name=key,
-            hint="Send the most the run may cost as a JSON integer, such as "
-            "5000 for 0.005 credits, or leave the field out for no cap.",
-        )
+        raise InvalidPriceCap(key, value)
     return value
 
 
