@@ -233,6 +233,9 @@ def test_delete_asks_then_removes_upload(
     assert confirm.is_visible()
     page.keyboard.press("Escape")
     assert confirm.is_hidden()
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == (
+        "Delete upload mine…"
+    )
     assert ModelUpload.objects.filter(owner=alice, model_id="mine").exists()
 
     # The same steps with the keyboard, and this time confirmed.

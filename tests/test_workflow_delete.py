@@ -155,8 +155,36 @@ def test_list_page_escape_cancels_delete(transactional_db, asgi_server, page, al
     page.wait_for_url(f"{asgi_server}/workflows/")
     assert confirm.count() == 0
     assert page.locator(f'tr[data-workflow-id="{workflow.id}"]').count() == 1
+    # Focus returns to the Delete button that opened the question.
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == (
+        "Delete workflow “bus height”…"
+    )
     workflow.refresh_from_db()
     assert workflow.deleted_at is None
+
+
+def test_list_page_cancel_refocuses_delete(transactional_db, asgi_server, page, alice):
+    Workflow.create_with_version(alice, "bus height", image_height())
+    other = Workflow.create_with_version(alice, "bus width", image_height())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/")
+    page.get_by_role("button", name="Delete workflow “bus width”…").click()
+    confirm = page.locator("#delete-confirm")
+    confirm.wait_for()
+
+    page.click("#delete-cancel")
+    page.wait_for_url(f"{asgi_server}/workflows/")
+    assert confirm.count() == 0
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == (
+        "Delete workflow “bus width”…"
+    )
+
+    # Enter on the focused button opens the same question again.
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{asgi_server}/workflows/?delete={other.id}")
+    assert "Delete workflow “bus width”?" in confirm.text_content()
+    other.refresh_from_db()
+    assert other.deleted_at is None
 
 
 def test_list_page_delete_of_someone_elses_404(client, alice, bob):
