@@ -12,6 +12,7 @@ import io
 import json
 import re
 import struct
+import urllib.parse
 import zlib
 
 import numpy as np
@@ -646,6 +647,36 @@ def test_image_base64_variants_decode(encode):
     # Bytes whose URL-safe encoding has both '-' and '_'.
     data = bytes(range(256)) * 4
     assert decode_base64(encode(data), input_name="image") == data
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        # Base64 characters after a prefix without ';base64', which RFC 2397
+        # reads as percent-encoded text, not base64.
+        (
+            "data:image/jpeg," + base64.b64encode(image_bytes()).decode(),
+            "has no ';base64' before its ','",
+        ),
+        (
+            "data:image/jpeg," + urllib.parse.quote_from_bytes(image_bytes()),
+            "has no ';base64' before its ','",
+        ),
+        ("data:image/jpeg;base64", "has no ',' before its data"),
+    ],
+    ids=["base64-data", "percent-encoded", "no-comma"],
+)
+def test_image_data_url_without_base64(send_run, value, problem):
+    response = send_run(image_height(), {"image": {"type": "base64", "value": value}})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "invalid_input"
+    assert body["field"] == "image"
+    assert body["message"].startswith("Input 'image' is a data URL that ")
+    assert problem in body["message"]
+    assert "data:image/jpeg;base64," in body["hint"]
+    assert_nothing_stored()
 
 
 def test_image_empty(send_run):
