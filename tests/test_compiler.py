@@ -481,6 +481,39 @@ def test_plan_is_immutable():
         plan.steps = ()
 
 
+@pytest.mark.parametrize("version", ["1.0", "1", "1.3.0", None])
+def test_version_strings_roboflow_accepts(version):
+    definition = image_height()
+    definition["version"] = version
+    assert len(build_plan(definition, "digest").steps) == 1
+
+
+def test_missing_version_accepted():
+    definition = image_height()
+    del definition["version"]
+    assert len(build_plan(definition, "digest").steps) == 1
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [
+        (1, "'version' must be a string such as \"1.0\", not an integer"),
+        (1.0, "'version' must be a string such as \"1.0\", not a number"),
+        (True, "'version' must be a string such as \"1.0\", not a boolean"),
+        ("one", "'version' 'one' is not a version number such as \"1.0\""),
+        ("", "'version' '' is not a version number"),
+        ("2.0", "'version' '2.0' is not supported: this server reads version 1"),
+    ],
+)
+def test_invalid_version_rejected(version, problem):
+    definition = image_height()
+    definition["version"] = version
+    [error] = compile_errors(definition)
+    assert error.block_id is None
+    assert error.property_name == "version"
+    assert error.property_details.startswith(problem)
+
+
 def test_unused_fields_become_warnings():
     definition = image_height()
     definition["steps"][0]["disable_active_learning"] = True

@@ -7,6 +7,8 @@ definition sees every error of this phase at once.
 import re
 from typing import Any
 
+from packaging.version import InvalidVersion, Version
+
 from workflows.blocks import find_block, known_type_names
 from workflows.blocks.base import Block, json_type_name
 from workflows.compiler.plan import (
@@ -102,6 +104,7 @@ def parse_definition(definition: Any) -> ParsedDefinition:
         parsed.error(None, None, None, "definition must be a JSON object")
         parsed.readable = False
         return parsed
+    _parse_version(definition.get("version"), parsed)
     for key in ("inputs", "steps", "outputs"):
         if key not in definition:
             parsed.error(None, None, key, f"'{key}' is missing")
@@ -114,6 +117,51 @@ def parse_definition(definition: Any) -> ParsedDefinition:
     _parse_steps(definition["steps"], parsed)
     _parse_outputs(definition["outputs"], parsed)
     return parsed
+
+
+# The major version of the definition format this compiler reads: that of
+# Roboflow's Execution Engine 1.x.
+FORMAT_MAJOR_VERSION = 1
+
+
+def _parse_version(version: Any, parsed: ParsedDefinition) -> None:
+    """Check the optional top-level ``version``, a string such as "1.0".
+
+    Roboflow's ``inference`` server reads it as a PEP 440 version string
+    (``packaging.version.Version``) and runs the definition on its Execution
+    Engine of the same major version, so "1" and "1.0" are both accepted
+    there and here, and a JSON number is rejected there and here. A missing
+    or null version means the current format.
+    """
+    if version is None:
+        return
+    example = f'such as "{FORMAT_MAJOR_VERSION}.0"'
+    if not isinstance(version, str):
+        parsed.error(
+            None,
+            None,
+            "version",
+            f"'version' must be a string {example}, not {json_type_name(version)}",
+        )
+        return
+    try:
+        parsed_version = Version(version)
+    except InvalidVersion:
+        parsed.error(
+            None,
+            None,
+            "version",
+            f"'version' {version[:40]!r} is not a version number {example}",
+        )
+        return
+    if parsed_version.major != FORMAT_MAJOR_VERSION:
+        parsed.error(
+            None,
+            None,
+            "version",
+            f"'version' {version[:40]!r} is not supported: this server reads version "
+            f"{FORMAT_MAJOR_VERSION} definitions; use a version {example}",
+        )
 
 
 def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
