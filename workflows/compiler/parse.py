@@ -129,9 +129,9 @@ def _parse_version(version: Any, parsed: ParsedDefinition) -> None:
 
     Roboflow's ``inference`` server reads it as a PEP 440 version string
     (``packaging.version.Version``) and runs the definition on its Execution
-    Engine of the same major version, so "1" and "1.0" are both accepted
-    there and here, and a JSON number is rejected there and here. A missing
-    or null version means the current format.
+    Engine of the same major version. So "1" and "1.0" are accepted there
+    and here, and a JSON number is rejected. A missing or null version means
+    the current format.
     """
     if version is None:
         return
