@@ -1742,6 +1742,35 @@ def test_validate_warns_about_unresolved_model(alice_client):
     assert resolved.json()["warnings"] == []
 
 
+def test_unknown_top_level_keys_warned(alice_client):
+    # Roboflow's engine ignores keys such as "metadata", so they are kept and
+    # accepted, with a warning naming each.
+    definition = {**image_height(), "metadata": {"author": "a"}, "notes": "x"}
+    expected = (
+        "top-level keys not in the definition format were ignored: metadata, notes"
+    )
+    validated = post_json(alice_client, "/api/validate", {"definition": definition})
+    created = post_json(
+        alice_client, "/api/workflows/", {"name": "extra", "definition": definition}
+    )
+    changed = {**definition, "notes": "y"}
+    updated = alice_client.put(
+        f"/api/workflows/{created.json()['id']}",
+        {"definition": changed},
+        format="json",
+    )
+
+    assert validated.status_code == 200, validated.json()
+    assert validated.json()["warnings"] == [expected]
+    assert created.status_code == 201, created.json()
+    assert created.json()["warnings"] == [expected]
+    assert created.json()["definition"]["metadata"] == {"author": "a"}
+    assert updated.status_code == 200, updated.json()
+    assert updated.json()["warnings"] == [expected]
+    plain = post_json(alice_client, "/api/validate", {"definition": image_height()})
+    assert plain.json()["warnings"] == []
+
+
 def test_validate_warns_about_unresolved_default_model(alice_client):
     definition = detection()
     definition["inputs"].append(

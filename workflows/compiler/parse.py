@@ -27,6 +27,9 @@ INPUT_TYPES = {
     "InferenceParameter": PARAMETER_INPUT,
     "WorkflowVideoMetadata": None,
 }
+# The keys of a definition that the compiler reads. Roboflow's engine ignores
+# others, such as "metadata", and so does this one, with a warning.
+TOP_LEVEL_KEYS = frozenset({"version", "inputs", "steps", "outputs"})
 # Deepest nesting of lists and objects allowed in a parameter value or default.
 MAX_VALUE_DEPTH = 32
 # Used with fullmatch: "$" alone would also accept a trailing newline.
@@ -105,6 +108,12 @@ def parse_definition(definition: Any) -> ParsedDefinition:
         parsed.readable = False
         return parsed
     _parse_version(definition.get("version"), parsed)
+    ignored = sorted(set(definition) - TOP_LEVEL_KEYS)
+    if ignored:
+        parsed.warnings.append(
+            "top-level keys not in the definition format were ignored: "
+            f"{', '.join(ignored)}"
+        )
     for key in ("inputs", "steps", "outputs"):
         if key not in definition:
             parsed.error(None, None, key, f"'{key}' is missing")
