@@ -85,11 +85,16 @@ def _invalid_filters(form: BillFilterForm) -> HttpResponse:
     )
 
 
+def _options(name: str, renders: str) -> dict:
+    """Return what OPTIONS returns, in the shape of the API views' metadata."""
+    return {"name": name, "description": "", "renders": [renders], "parses": []}
+
+
 # Read-only, and sent with API keys, which carry no CSRF token: exempt, so
 # that another method gets the JSON 405 rather than the CSRF check's HTML 403.
 @csrf_exempt
 @login_or_token_required
-@allow_methods("GET")
+@allow_methods("GET", options=_options("Billing Export", "text/csv"))
 def export_csv(request):
     """Return every row that matches the filters, with the table's columns,
     the run's status and, for a waived bill, the reason.
@@ -129,7 +134,7 @@ def spreadsheet_safe(value):
 
 @csrf_exempt
 @login_or_token_required
-@allow_methods("GET")
+@allow_methods("GET", options=_options("Billing Summary", "application/json"))
 def summary_json(request):
     """Return the chart data for the filters; the history page embeds the same."""
     rejected = _unknown_parameters(request)

@@ -34,7 +34,30 @@ def test_billing_data_with_key_refuses_other_methods(alice, url, method):
     body = response.json()
     assert body["code"] == "method_not_allowed"
     assert body["message"] == f'Method "{method.upper()}" not allowed.'
-    assert response["Allow"] == "GET, HEAD"
+    assert body["hint"] == "This route serves GET, HEAD."
+    assert response["Allow"] == "GET, HEAD, OPTIONS"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("url", "renders"), [(SUMMARY, "application/json"), (EXPORT, "text/csv")]
+)
+def test_billing_data_answers_options(alice, alice_browser, url, renders):
+    # The API's routes answer OPTIONS with their metadata, so these do too.
+    _, key = ApiToken.issue(alice, "billing")
+    api = Client().options("/api/runs/", HTTP_AUTHORIZATION=f"Bearer {key}")
+    with_key = Client().options(url, HTTP_AUTHORIZATION=f"Bearer {key}")
+    in_session = alice_browser.options(url)
+
+    assert api.status_code == 200
+    assert set(api.json()) == {"name", "description", "renders", "parses"}
+    for response in (with_key, in_session):
+        assert response.status_code == 200
+        assert response["Allow"] == "GET, HEAD, OPTIONS"
+        body = response.json()
+        assert set(body) == set(api.json())
+        assert body["renders"] == [renders]
+        assert body["parses"] == []
 
 
 @pytest.mark.django_db

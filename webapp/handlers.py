@@ -4,6 +4,7 @@ import functools
 
 from django.conf import settings
 from django.core.exceptions import DisallowedHost, TooManyFieldsSent, TooManyFilesSent
+from django.http import JsonResponse
 from django.urls import Resolver404
 from django.views.defaults import bad_request as html_bad_request
 from django.views.defaults import page_not_found
@@ -111,28 +112,37 @@ def server_error(request):
     return html_server_error(request)
 
 
-def allow_methods(*methods: str):
+def allow_methods(*methods: str, options: dict | None = None):
     """Serve only ``methods`` (GET brings HEAD), and return a JSON 405 for others.
 
     Plain Django views otherwise run for any method: a PUT to a page
-    rendered it, and a POST to a JSON route was served like a GET.
+    rendered it, and a POST to a JSON route was served like a GET. With
+    ``options``, OPTIONS returns it as JSON, as the API's views return their
+    metadata, and the ``Allow`` header lists OPTIONS. The 405's hint leaves
+    OPTIONS out, as the API's does.
     """
-    allowed = {method.upper() for method in methods}
-    if "GET" in allowed:
-        allowed.add("HEAD")
+    served = {method.upper() for method in methods}
+    if "GET" in served:
+        served.add("HEAD")
+    hint = f"This route serves {', '.join(sorted(served))}."
+    allowed = served | {"OPTIONS"} if options is not None else served
     allow_header = ", ".join(sorted(allowed))
 
     def decorator(view):
         @functools.wraps(view)
         def wrapper(request, *args, **kwargs):
-            if request.method in allowed:
+            if request.method in served:
                 return view(request, *args, **kwargs)
+            if request.method == "OPTIONS" and options is not None:
+                response = JsonResponse(options)
+                response["Allow"] = allow_header
+                return response
             response = json_error(
                 f'Method "{request.method}" not allowed.',
                 "method_not_allowed",
                 405,
                 error_type="MethodNotAllowed",
-                hint=f"This route serves {allow_header}.",
+                hint=hint,
             )
             response["Allow"] = allow_header
             return response
