@@ -154,6 +154,56 @@ def test_run_request_nan_literal(alice_client, run_url):
     assert_nothing_stored()
 
 
+def test_run_request_duplicate_key(alice_client, run_url):
+    # Python's parser keeps the last "inputs", other parsers the first.
+    inputs = json.dumps({"image": base64_input(image_bytes())})
+    raw = f'{{"inputs": {{}}, "specification": {json.dumps(image_height())}, '
+    raw += f'"inputs": {inputs}}}'
+    response = alice_client.post(run_url, raw, content_type="application/json")
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "malformed_request"
+    assert body["field"] == "inputs"
+    assert body["message"] == (
+        'request body has the key "inputs" more than once in the top-level object'
+    )
+    assert "once per JSON object" in body["hint"]
+    assert_nothing_stored()
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "where"),
+    [
+        (
+            '{"definition": {"steps": [{"name": "a", "type": "b", "name": "c"}]}}',
+            "definition.steps[0].name",
+            "the object at definition.steps[0]",
+        ),
+        (
+            '{"definition": {"my key": {"x": 1, "x": 2}}}',
+            'definition["my key"].x',
+            'the object at definition["my key"]',
+        ),
+    ],
+    ids=["in-list", "quoted-key"],
+)
+def test_nested_duplicate_key_named_with_path(alice_client, raw, field, where):
+    response = alice_client.post("/api/validate", raw, content_type="application/json")
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "malformed_request"
+    assert body["field"] == field
+    assert body["message"].endswith(f"more than once in {where}")
+
+
+def test_same_key_in_two_objects_accepted(alice_client):
+    definition = image_height()
+    # "name" appears in every input, step and output, once in each object.
+    response = post_json(alice_client, "/api/validate", {"definition": definition})
+    assert response.status_code == 200, response.json()
+
+
 def test_run_request_nested_too_deeply(alice_client, run_url):
     response = alice_client.post(
         run_url, "[" * 100_000 + "]" * 100_000, content_type="application/json"

@@ -61,8 +61,19 @@ def test_bad_argument_values(db, command, arguments, message):
         ('{"version": NaN}', "NaN is not a valid JSON value"),
         ('{"version": "\\ud800"}', "unpaired UTF-16 surrogate escape"),
         ('{"version": "\\u0000"}', "a string with a NUL character"),
+        ('{"version": "1.0", "version": "1"}', 'has the key "version" more than'),
     ],
-    ids=["list", "bad-inputs", "utf16", "deep", "long-int", "nan", "surrogate", "nul"],
+    ids=[
+        "list",
+        "bad-inputs",
+        "utf16",
+        "deep",
+        "long-int",
+        "nan",
+        "surrogate",
+        "nul",
+        "duplicate-key",
+    ],
 )
 def test_runworkflow_bad_definition_file(db, tmp_path, content, message):
     path = tmp_path / "definition.json"

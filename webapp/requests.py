@@ -88,6 +88,57 @@ def _strings(value: Any):
             yield item
 
 
+class _DuplicateKeysObject(dict):
+    """A JSON object whose text named the keys in ``duplicates`` more than once."""
+
+    duplicates: list[str]
+
+
+def _object_with_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a JSON object as json.loads does, last value winning, marking repeats."""
+    marked = _DuplicateKeysObject(pairs)
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for key, _ in pairs:
+        if key in seen and key not in duplicates:
+            duplicates.append(key)
+        seen.add(key)
+    marked.duplicates = duplicates
+    return marked
+
+
+# Keys that a path names with a dot; others are quoted in brackets.
+NAME_LIKE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+def _member_path(path: str, key: str) -> str:
+    """Return the path of member ``key`` of the object at ``path`` ("" for the top)."""
+    if NAME_LIKE_KEY.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
+
+
+def _first_duplicate(value: Any) -> tuple[str, str] | None:
+    """Return the path of the first object with a repeated key, and that key.
+
+    Objects are visited in document order, so the error names the first
+    repeat a reader of the text meets, members of enclosing objects first.
+    """
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, _DuplicateKeysObject):
+            return path, item.duplicates[0]
+        if isinstance(item, dict):
+            children = [(_member_path(path, k), v) for k, v in item.items()]
+        elif isinstance(item, list):
+            children = [(f"{path}[{i}]", v) for i, v in enumerate(item)]
+        else:
+            continue
+        pending.extend(reversed(children))
+    return None
+
+
 def parse_json(raw: bytes) -> Any:
     """Parse a UTF-8 request body as strict JSON; raise MalformedRequest if it is not.
 
@@ -116,11 +167,25 @@ def parse_json_text(text: str, what: str = "request body") -> Any:
     than the parser's recursion limit, and escapes of NUL characters and of
     unpaired UTF-16 surrogates are rejected: each would fail later, when
     stored or sent back. ``text`` must hold no unpaired surrogate itself, as
-    text decoded from UTF-8 does not.
+    text decoded from UTF-8 does not. An object that names a key twice is
+    rejected too, naming the key and where it is. Python's parser keeps the
+    last value, but other parsers keep the first, so the sender may have
+    meant either.
     """
+    repeated = False
+
+    def build_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal repeated
+        built = dict(pairs)
+        if len(built) == len(pairs):
+            return built
+        repeated = True
+        return _object_with_duplicates(pairs)
+
     try:
         parsed = json.loads(
             text,
+            object_pairs_hook=build_object,
             parse_constant=_reject_constant,
             parse_float=_finite_float,
             parse_int=_bounded_int,
@@ -155,7 +220,25 @@ def parse_json_text(text: str, what: str = "request body") -> Any:
             hint="Escape characters outside the Basic Multilingual Plane as a "
             "pair of surrogates, or send them as UTF-8.",
         )
+    if repeated:
+        _reject_duplicate_key(parsed, what)
     return parsed
+
+
+def _reject_duplicate_key(parsed: Any, what: str) -> None:
+    """Raise MalformedRequest naming the first key that an object repeats."""
+    found = _first_duplicate(parsed)
+    assert found is not None, "a repeated key was seen while parsing"
+    path, key = found
+    where = f"the object at {path}" if path else "the top-level object"
+    raise MalformedRequest(
+        f"{what} has the key {json.dumps(key, ensure_ascii=False)} more than "
+        f"once in {where}",
+        context="request_parsing",
+        field_name=_member_path(path, key),
+        hint="Send each key once per JSON object: parsers differ on which of "
+        "the repeated values they keep.",
+    )
 
 
 class PayloadTooLarge(WorkflowError):
@@ -281,7 +364,7 @@ def version_number(body: dict[str, Any], key: str) -> int | None:
     return value
 
 
-# The longest price cap, as JSON text, that an error body echoes back whole.
+# The maximum length of a price cap's JSON text that an error body echoes back.
 MAX_ECHOED_CAP_CHARS = 256
 
 
