@@ -488,6 +488,16 @@ def test_version_strings_roboflow_accepts(version):
     assert len(build_plan(definition, "digest").steps) == 1
 
 
+@pytest.mark.parametrize("version", [1, 1.0, 1.5])
+def test_number_version_warned(version):
+    definition = image_height()
+    definition["version"] = version
+    plan = build_plan(definition, "digest")
+    assert len(plan.steps) == 1
+    [warning] = [w for w in plan.warnings if "'version'" in w]
+    assert "write it as a string" in warning
+
+
 def test_missing_version_accepted():
     definition = image_height()
     del definition["version"]
@@ -497,8 +507,8 @@ def test_missing_version_accepted():
 @pytest.mark.parametrize(
     ("version", "problem"),
     [
-        (1, "'version' must be a string such as \"1.0\", not an integer"),
-        (1.0, "'version' must be a string such as \"1.0\", not a number"),
+        (2, "'version' must be a string such as \"1.0\", not an integer"),
+        (0.5, "'version' must be a string such as \"1.0\", not a number"),
         (True, "'version' must be a string such as \"1.0\", not a boolean"),
         ("one", "'version' 'one' is not a version number such as \"1.0\""),
         ("", "'version' '' is not a version number"),

@@ -139,12 +139,21 @@ def _parse_version(version: Any, parsed: ParsedDefinition) -> None:
     Roboflow's ``inference`` server reads it as a PEP 440 version string
     (``packaging.version.Version``) and runs the definition on its Execution
     Engine of the same major version. So "1" and "1.0" are accepted there
-    and here, and a JSON number is rejected. A missing or null version means
-    the current format.
+    and here. A JSON number is rejected there, and here only outside 1.x. A
+    missing or null version means the current format.
     """
     if version is None:
         return
     example = f'such as "{FORMAT_MAJOR_VERSION}.0"'
+    is_number = isinstance(version, int | float) and not isinstance(version, bool)
+    if is_number and FORMAT_MAJOR_VERSION <= version < FORMAT_MAJOR_VERSION + 1:
+        # Definitions saved before versions were checked may hold a number.
+        # They keep running, but Roboflow's server rejects a number.
+        parsed.warnings.append(
+            f"'version' is the number {version}; write it as a string {example}, "
+            "since Roboflow's server rejects a number"
+        )
+        return
     if not isinstance(version, str):
         parsed.error(
             None,
