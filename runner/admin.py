@@ -7,6 +7,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
 from runner import fleet
+from runner.ended import ended_runners
 from runner.models import FleetSettings, ModelUpload, Run
 from runner.registry import ModelSource
 from webapp.admin_base import ViewOnlyModelAdmin
@@ -45,7 +46,7 @@ class RunAdmin(ViewOnlyModelAdmin):
     def fleet_view(self, request):
         # A name that ended and is live again would appear twice among the
         # runners, so its earlier process is listed apart.
-        ended = fleet.ended_runners()
+        ended = ended_runners()
         context = {
             **self.admin_site.each_context(request),
             "title": "Runner fleet",

@@ -307,7 +307,7 @@ def choose_economy_queue(
 
     NOTE: the holder may evict a model before it takes the run, and then
     loads it cold. If the holder dies first, a live runner moves its queued
-    jobs to the shared queue (``fleet.move_queued_jobs``), and the run goes
+    jobs to the shared queue (``reaper.move_queued_jobs``), and the run goes
     on as a standard run, cold wherever no runner holds its models.
     """
     view = fleet.fleet_snapshot()

@@ -124,7 +124,7 @@ def _queue_on(run_id: str, queue_name: str, snapshot: dict, declined: list[str])
     """Queue the run's job again on ``queue_name``. The input images stay in Redis.
 
     The row names the queue first, so the lost-job check finds the job where
-    it looks (fleet._is_queued).
+    it looks (recovery._is_queued).
     """
     Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(
         queue_name=queue_name

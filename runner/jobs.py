@@ -55,7 +55,7 @@ def execute_run(
     if handoff.pass_on_if_lacking(run_id, runtime, snapshot, queue, declined_by or []):
         return
     # Named before the claim, so that the check for runs this runner claimed
-    # and no longer executes (fleet.fail_abandoned_runs) never finds this
+    # and no longer executes (recovery.fail_abandoned_runs) never finds this
     # one claimed and not yet named.
     runtime.current_run = run_id
     try:

@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from runner import fleet
+from runner.ended import ended_runners
 from runner.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runner.metrics import render_metrics
 from runner.models import ModelUpload, Run
@@ -581,7 +582,7 @@ class FleetView(StrictQueryAPIView):
                 "last_heartbeat_at": entry["last_heartbeat_at"]
                 and entry["last_heartbeat_at"].isoformat(),
             }
-            for entry in fleet.ended_runners()
+            for entry in ended_runners()
         ]
         return Response(
             {

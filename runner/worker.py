@@ -16,7 +16,7 @@ from django.db import close_old_connections
 from rq import Queue
 from rq.job import Job
 
-from runner import fleet, keys
+from runner import fleet, keys, reaper, recovery
 from runner.finish import clear_mark
 from runner.runtime import RunnerRuntime
 from webapp.clock import clock
@@ -89,7 +89,7 @@ class RunnerWorker:
     After the blocking pop, one round trip reads the job hash and the run's
     input images and deletes the job hash. A runner that dies before
     claiming the run leaves it queued with no job, which the lost-job check
-    (``fleet.recover_lost_jobs``) queues again.
+    (``recovery.recover_lost_jobs``) queues again.
 
     SIGTERM or SIGINT finish the current run and then stop the loop, and a
     second signal stops it at once.
@@ -510,10 +510,10 @@ class FleetChecks(threading.Thread):
             try:
                 self.runtime.read_fleet_settings()
                 if checks % 3 == 0 and now >= self.runtime.reap_from:
-                    fleet.reap_dead_runners(own_name=self.runtime.name)
+                    reaper.reap_dead_runners(own_name=self.runtime.name)
                 if checks % RECONCILE_EVERY_BEATS == 0:
-                    fleet.recover_lost_jobs()
-                    fleet.fail_abandoned_runs(self.runtime)
+                    recovery.recover_lost_jobs()
+                    recovery.fail_abandoned_runs(self.runtime)
                 failures.succeeded()
             except Exception:
                 failures.failed()
@@ -611,7 +611,7 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
         fleet.remove_instance(runtime.instance)
         if not runtime.name_taken:
             fleet.remove_heartbeat(runtime.name)
-            moved = fleet.move_queued_jobs(runtime.name)
+            moved = reaper.move_queued_jobs(runtime.name)
             logger.info(
                 "runner %s stopped; %d queued jobs moved to the shared queue",
                 runtime.name,

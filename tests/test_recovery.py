@@ -12,12 +12,13 @@ from rq import Queue
 from rq.job import Job
 
 from billing.models import Bill
-from runner import finish, fleet, keys
+from runner import finish, fleet, keys, reaper, recovery
 from runner.dispatch import enqueue, enqueue_job, job_snapshot
-from runner.fleet import POPPED_AFTER_S, reap_runner, recover_lost_jobs
 from runner.model_cache import ModelCache
 from runner.models import Run
 from runner.presenters import run_to_dict
+from runner.reaper import reap_runner
+from runner.recovery import POPPED_AFTER_S, recover_lost_jobs
 from runner.runtime import RunnerRuntime
 from runner.worker import RunnerWorker
 from tests.conftest import image_b64, image_bytes, registered_runner, start_cli_run
@@ -249,13 +250,13 @@ def test_runner_never_reaps_itself(alice):
     get_redis().sadd(keys.RUNNERS_SET, name)
     get_redis().zadd(keys.RUNNERS_SEEN, {name: long_ago_ms})
     try:
-        fleet.reap_dead_runners(own_name=name)
+        reaper.reap_dead_runners(own_name=name)
         run.refresh_from_db()
         assert run.status == Run.Status.RUNNING
         assert get_redis().sismember(keys.RUNNERS_SET, name)
 
         # Any other runner reaps it.
-        fleet.reap_dead_runners(own_name="someone-else")
+        reaper.reap_dead_runners(own_name="someone-else")
         run.refresh_from_db()
         assert run.status == Run.Status.FAILED
         assert Bill.objects.get(run=run).billed is False
@@ -275,22 +276,22 @@ def test_slow_fleet_read_reaps_nobody(alice, settings, monkeypatch):
     long_ago_ms = clock.now_ns() // 1_000_000 - 60_000
     get_redis().sadd(keys.RUNNERS_SET, name)
     get_redis().zadd(keys.RUNNERS_SEEN, {name: long_ago_ms})
-    read_heartbeats = fleet._heartbeats
+    read_heartbeats = reaper.read_heartbeats
 
     def stalled_read():
         time.sleep(settings.GLASSBOX["RUNNER_HEARTBEAT_S"] + 0.2)
         return read_heartbeats()
 
     try:
-        monkeypatch.setattr(fleet, "_heartbeats", stalled_read)
-        assert fleet.reap_dead_runners(own_name="reaper") is False
+        monkeypatch.setattr(reaper, "read_heartbeats", stalled_read)
+        assert reaper.reap_dead_runners(own_name="reaper") is False
         run.refresh_from_db()
         assert run.status == Run.Status.RUNNING
         assert get_redis().sismember(keys.RUNNERS_SET, name)
 
         # Read without a stall, the same silence is a dead runner.
-        monkeypatch.setattr(fleet, "_heartbeats", read_heartbeats)
-        assert fleet.reap_dead_runners(own_name="reaper") is True
+        monkeypatch.setattr(reaper, "read_heartbeats", read_heartbeats)
+        assert reaper.reap_dead_runners(own_name="reaper") is True
         run.refresh_from_db()
         assert run.status == Run.Status.FAILED
         assert Bill.objects.get(run=run).billed is False
@@ -302,7 +303,7 @@ def test_slow_fleet_read_reaps_nobody(alice, settings, monkeypatch):
 def test_reaping_an_idle_runner_is_logged(db, caplog):
     # The fleet keeps one end per name, so the log is the only record of
     # every reap, also of a runner that held nothing.
-    with caplog.at_level("WARNING", logger="runner.fleet"):
+    with caplog.at_level("WARNING", logger="runner.reaper"):
         assert reap_runner("idle-reaped", "runner idle-reaped went quiet") == 0
     assert (
         "reaped runner idle-reaped: 0 running runs failed, 0 queued jobs moved "
@@ -448,7 +449,7 @@ def test_abandoned_run_check_spares_live_earlier_process(alice):
     )
     fleet.refresh_instance("successor", "alive-process")
     try:
-        assert fleet.fail_abandoned_runs(runtime) == 2
+        assert recovery.fail_abandoned_runs(runtime) == 2
     finally:
         fleet.remove_instance("alive-process")
     for run in (alive, dead, legacy):
@@ -516,7 +517,7 @@ def test_abandoned_run_check_spares_current_run(alice):
         for _ in range(2)
     )
     runtime.current_run = str(current.id)
-    assert fleet.fail_abandoned_runs(runtime) == 1
+    assert recovery.fail_abandoned_runs(runtime) == 1
     current.refresh_from_db()
     abandoned.refresh_from_db()
     assert current.status == Run.Status.RUNNING
@@ -591,7 +592,7 @@ def test_moving_copy_keeps_finished_runs_queue(runner, alice):
             {"snapshot": job_snapshot(finished)},
         )
 
-        assert fleet.move_queued_jobs(name) == [str(run.id)]
+        assert reaper.move_queued_jobs(name) == [str(run.id)]
 
     finished.refresh_from_db()
     assert finished.queue_name == own_queue

@@ -26,8 +26,9 @@ from rq import Queue
 from rq.job import Job
 
 from billing.models import Bill
-from runner import fleet, keys
+from runner import fleet, keys, reaper, recovery
 from runner.dispatch import choose_queue, wait_for_result
+from runner.ended import ended_runners
 from runner.events import stored_events
 from runner.model_cache import ModelCache
 from runner.models import Run
@@ -516,7 +517,7 @@ def test_name_reuse_spares_paused_runners_claim(runner, extra_runners, alice):
             )
             successor = RunnerRuntime(name="reused", device="cpu", cache=cache)
             successor.instance = new_instance
-            failed_by_check = fleet.fail_abandoned_runs(successor)
+            failed_by_check = recovery.fail_abandoned_runs(successor)
             status_after_check = Run.objects.get(pk=run_id).status
             run = wait_for_final(run_id)
             assert old.process.wait(timeout=60) != 0
@@ -1333,12 +1334,12 @@ def test_moving_jobs_keeps_job_when_database_fails(runner, alice):
 
     try:
         with pytest.raises(OperationalError):
-            fleet.move_queued_jobs("parked-for-move")
+            reaper.move_queued_jobs("parked-for-move")
     finally:
         db_connection.close()
 
     assert connection.lrange(queue_key, 0, -1) == [run_id.encode()]
-    assert fleet.move_queued_jobs("parked-for-move") == [run_id]
+    assert reaper.move_queued_jobs("parked-for-move") == [run_id]
     assert wait_for_final(run_id).status == Run.Status.SUCCEEDED
 
 
@@ -1359,7 +1360,7 @@ def test_moving_jobs_reads_shared_queue_once(runner, alice):
             ]
             later = start_cli_run(alice, image_height(), wait_s=0).run
             connection.config_resetstat()
-            moved = fleet.move_queued_jobs("parked-several")
+            moved = reaper.move_queued_jobs("parked-several")
             stats = connection.info("commandstats")
         expected = [str(early.pk), *[str(o.run.pk) for o in parked], str(later.pk)]
         deadline = time.monotonic() + 30
@@ -1382,12 +1383,12 @@ def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
     # The key can go before its expiry (an operator, a Redis server evicting
     # keys). The runner beat less than a second ago, so it is not dead.
     def recorded_end():
-        ended = {entry["name"]: entry for entry in fleet.ended_runners()}
+        ended = {entry["name"]: entry for entry in ended_runners()}
         return ended.get(runner.name)
 
     before = recorded_end()
     get_redis().delete(keys.heartbeat_key(runner.name))
-    fleet.reap_dead_runners()
+    reaper.reap_dead_runners()
     assert get_redis().sismember(keys.RUNNERS_SET, runner.name)
     assert recorded_end() == before
 
@@ -1401,7 +1402,7 @@ def test_ended_runner_keeps_last_heartbeat():
     time.sleep(0.05)
     fleet.publish_heartbeat(name, {"name": name, "instance": "second", "models": []})
     try:
-        ended = {entry["name"]: entry for entry in fleet.ended_runners()}[name]
+        ended = {entry["name"]: entry for entry in ended_runners()}[name]
         assert ended["reason"] == "stopped"
         assert ended["last_heartbeat_at"] is not None
         assert ended["last_heartbeat_at"] <= ended["ended_at"]
@@ -1437,7 +1438,7 @@ def test_fleet_lists_restarted_runner_apart(client, django_user_model):
     assert entry["live_again"] is True
     assert entry["reason"] == "stopped"
 
-    after = {entry["name"]: entry for entry in fleet.ended_runners()}[name]
+    after = {entry["name"]: entry for entry in ended_runners()}[name]
     assert after["live_again"] is False
 
 
@@ -1460,7 +1461,7 @@ def test_replaced_dead_runner_not_listed_stopped(db):
 
     RunnerCommand()._fail_own_stale_runs(name)
 
-    ended = {entry["name"]: entry for entry in fleet.ended_runners()}[name]
+    ended = {entry["name"]: entry for entry in ended_runners()}[name]
     assert ended["reason"] != "stopped"
     assert f"process {exited.pid}" in ended["reason"]
     assert not get_redis().sismember(keys.RUNNERS_SET, name)
@@ -1476,11 +1477,11 @@ def test_fleet_lists_runners_that_ended(
     # The session runner reaps the killed one once it has been silent for
     # RUNNER_DEAD_AFTER_S (2 s in tests).
     deadline = time.monotonic() + 30
-    while "ends-killed" not in {entry["name"] for entry in fleet.ended_runners()}:
+    while "ends-killed" not in {entry["name"] for entry in ended_runners()}:
         assert time.monotonic() < deadline, "the killed runner was never reaped"
         time.sleep(0.2)
 
-    ended = {entry["name"]: entry for entry in fleet.ended_runners()}
+    ended = {entry["name"]: entry for entry in ended_runners()}
     assert ended["ends-stopped"]["reason"] == "stopped"
     reason = ended["ends-killed"]["reason"]
     assert reason.startswith("runner ends-killed stopped sending heartbeats (none for")
@@ -1503,7 +1504,7 @@ def test_fleet_lists_runners_that_ended(
     state = {"name": "ends-killed", "instance": "again", "models": []}
     fleet.publish_heartbeat("ends-killed", state)
     try:
-        ended = {entry["name"]: entry for entry in fleet.ended_runners()}
+        ended = {entry["name"]: entry for entry in ended_runners()}
         assert ended["ends-killed"]["reason"] == reason
     finally:
         fleet.remove_heartbeat("ends-killed")

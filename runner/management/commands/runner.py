@@ -16,7 +16,7 @@ from django.conf import settings  # noqa: E402
 from django.core.management.base import BaseCommand, CommandError  # noqa: E402
 from django.db import OperationalError  # noqa: E402
 
-from runner import fleet, keys  # noqa: E402
+from runner import fleet, keys, reaper  # noqa: E402
 from runner.model_cache import ModelCache, pick_device  # noqa: E402
 from runner.runtime import RunnerRuntime, set_runtime  # noqa: E402
 from runner.worker import run_worker  # noqa: E402
@@ -130,7 +130,7 @@ class Command(BaseCommand):
         # runs fail before the old heartbeat goes, because no reap takes a
         # name with a heartbeat, so they end with this reason, not a reap's.
         get_redis().delete(keys.current_run_key(name))
-        fleet.fail_runs_of_dead_processes(
+        reaper.fail_runs_of_dead_processes(
             name, f"runner {name} restarted while running this run"
         )
         for pid in replaced:
