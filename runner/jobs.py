@@ -241,27 +241,8 @@ def _execute(
             duration=timer.compile_ns // 1000,
             cache_hit=timer.compile_cache_hit,
         )
-        images = _images(run, [spec.name for spec in plan.image_inputs], inputs)
-        sources = {
-            m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs
-        }
-        provider = ModelProvider(runtime.cache, sources, timer)
-        pixel_budget = PixelBudget(settings.GLASSBOX["MAX_RUN_PIXELS"])
-        deadline = Deadline(settings.GLASSBOX["RUN_TIME_LIMIT_S"])
-        batch_inputs = []
-        for index in range(run.batch_size):
-            inputs = dict(run.parameters)
-            for name, items in images.items():
-                inputs[name] = items[index if len(items) > 1 else 0]
-            batch_inputs.append(inputs)
-        batch_results = execute_plan(
-            plan,
-            batch_inputs,
-            models=provider,
-            timer=timer,
-            pixel_budget=pixel_budget,
-            deadline=deadline,
-        )
+        batch_inputs = _batch_inputs(run, plan, inputs)
+        batch_results = _execute_batch(run, runtime, plan, batch_inputs, timer)
         serialize_started = time.perf_counter_ns()
         batch = [
             collect_outputs(plan, inputs, results)
@@ -272,57 +253,16 @@ def _execute(
         events.emit("serialization", duration=timer.serialization_ns // 1000)
         outputs = batch
     except WorkflowError as failure:
-        status, error = Run.Status.FAILED, failure.to_dict()
-        error["status"] = failure.status
-        if not failure.user_error:
-            waive_reason = PLATFORM_FAILURE
-        elif not failure.billable:
-            waive_reason = (
-                "the input passed the server's checks but failed on the runner"
-            )
-        logger.info(
-            "run %s failed on runner %s: %s", run.pk, runtime.name, failure.message
-        )
+        status = Run.Status.FAILED
+        error, waive_reason = _report_failure(run, runtime, failure)
     except Exception as failure:
-        status, waive_reason = Run.Status.FAILED, PLATFORM_FAILURE
-        error = {
-            "message": f"internal error on runner {runtime.name}: "
-            f"{type(failure).__name__}",
-            "code": "platform_failure",
-            "context": "workflow_execution",
-            "error_type": type(failure).__name__,
-            "status": 500,
-        }
-        logger.exception("run %s crashed on runner %s", run.pk, runtime.name)
+        status = Run.Status.FAILED
+        error, waive_reason = _report_crash(run, runtime, failure)
 
-    runner_total_ns = time.perf_counter_ns() - started
-    step_types = {step.name: step.block.type for step in plan.steps} if plan else {}
-    breakdown = timer.breakdown(
-        runner_total_ns=runner_total_ns,
-        request_us=run.request_us,
-        queue_us=queue_us,
-        step_types=step_types,
-    )
-    breakdown["runner"] = runtime.name
-    breakdown["device"] = runtime.device
-    breakdown["waited_for_runner"] = _waited_for_runner(run, routed_queue, runtime)
-    dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
-    stall_s = runtime.stall_since(started_monotonic, dead_after)
-    if stall_s is not None and not waive_reason:
-        # The fleet counts a runner this long without a heartbeat as down,
-        # and a run it held is then failed unbilled. With no other runner
-        # to reap it, the run finished, but the pause is not the user's.
-        limit = f"longer than RUNNER_DEAD_AFTER_S, {dead_after:g} s"
-        if runtime.stall_in_redis:
-            waive_reason = (
-                f"the Redis server of runner {runtime.name} did not answer for "
-                f"{stall_s:.1f} s during the run ({limit})"
-            )
-        else:
-            waive_reason = (
-                f"runner {runtime.name} was stopped or starved for {stall_s:.1f} s "
-                f"during the run ({limit})"
-            )
+    breakdown = _breakdown(run, runtime, plan, timer, started, queue_us, routed_queue)
+    stall_reason = _stall_reason(runtime, started_monotonic)
+    if stall_reason is not None and not waive_reason:
+        waive_reason = stall_reason
     if waive_reason:
         bill = policy.waive(breakdown, waive_reason)
     else:
@@ -342,6 +282,114 @@ def _execute(
         runner_name=runtime.name,
         runner_instance=runtime.instance,
         events=events,
+    )
+
+
+def _batch_inputs(run: Run, plan: ExecutionPlan, inputs: dict | None) -> list[dict]:
+    """Build the inputs of each image in the batch: the run's parameters and images."""
+    images = _images(run, [spec.name for spec in plan.image_inputs], inputs)
+    batch_inputs = []
+    for index in range(run.batch_size):
+        inputs = dict(run.parameters)
+        for name, items in images.items():
+            inputs[name] = items[index if len(items) > 1 else 0]
+        batch_inputs.append(inputs)
+    return batch_inputs
+
+
+def _execute_batch(
+    run: Run, runtime, plan: ExecutionPlan, batch_inputs: list[dict], timer: RunTimer
+) -> list:
+    """Execute ``plan`` on each of ``batch_inputs``, with the models from the cache."""
+    sources = {
+        m["model_id"]: ModelSource.from_dict(m["source"]) for m in run.model_refs
+    }
+    provider = ModelProvider(runtime.cache, sources, timer)
+    pixel_budget = PixelBudget(settings.GLASSBOX["MAX_RUN_PIXELS"])
+    deadline = Deadline(settings.GLASSBOX["RUN_TIME_LIMIT_S"])
+    return execute_plan(
+        plan,
+        batch_inputs,
+        models=provider,
+        timer=timer,
+        pixel_budget=pixel_budget,
+        deadline=deadline,
+    )
+
+
+def _report_failure(
+    run: Run, runtime, failure: WorkflowError
+) -> tuple[dict, str | None]:
+    """Log ``failure``; return the run's error and why it is not billed.
+
+    The reason is None for a user error that is billable.
+    """
+    error = failure.to_dict()
+    error["status"] = failure.status
+    waive_reason = None
+    if not failure.user_error:
+        waive_reason = PLATFORM_FAILURE
+    elif not failure.billable:
+        waive_reason = "the input passed the server's checks but failed on the runner"
+    logger.info("run %s failed on runner %s: %s", run.pk, runtime.name, failure.message)
+    return error, waive_reason
+
+
+def _report_crash(run: Run, runtime, failure: Exception) -> tuple[dict, str]:
+    """Log an unexpected exception; return the run's error and why it is not billed."""
+    error = {
+        "message": f"internal error on runner {runtime.name}: {type(failure).__name__}",
+        "code": "platform_failure",
+        "context": "workflow_execution",
+        "error_type": type(failure).__name__,
+        "status": 500,
+    }
+    logger.exception("run %s crashed on runner %s", run.pk, runtime.name)
+    return error, PLATFORM_FAILURE
+
+
+def _breakdown(
+    run: Run,
+    runtime,
+    plan: ExecutionPlan | None,
+    timer: RunTimer,
+    started: int,
+    queue_us: int,
+    routed_queue: str,
+) -> dict:
+    """Build the run's timing breakdown, with the runner that executed it."""
+    runner_total_ns = time.perf_counter_ns() - started
+    step_types = {step.name: step.block.type for step in plan.steps} if plan else {}
+    breakdown = timer.breakdown(
+        runner_total_ns=runner_total_ns,
+        request_us=run.request_us,
+        queue_us=queue_us,
+        step_types=step_types,
+    )
+    breakdown["runner"] = runtime.name
+    breakdown["device"] = runtime.device
+    breakdown["waited_for_runner"] = _waited_for_runner(run, routed_queue, runtime)
+    return breakdown
+
+
+def _stall_reason(runtime, started_monotonic: float) -> str | None:
+    """Return why the run is not billed if the runner stalled during it, or None."""
+    dead_after = settings.GLASSBOX["RUNNER_DEAD_AFTER_S"]
+    stall_s = runtime.stall_since(started_monotonic, dead_after)
+    if stall_s is None:
+        return None
+    # The fleet counts a runner this long without a heartbeat as down,
+    # and a run it held is then failed unbilled. With no other runner
+    # to reap it, the run finished, but the pause is not the user's.
+    limit = f"longer than RUNNER_DEAD_AFTER_S, {dead_after:g} s"
+    if runtime.stall_in_redis:
+        return (
+            f"the Redis server of runner {runtime.name} did not answer for "
+            f"{stall_s:.1f} s during the run ({limit})"
+        )
+    return (
+        f"runner {runtime.name} was stopped or starved for {stall_s:.1f} s "
+        f"during the run ({limit})"
     )
 
 
