@@ -31,6 +31,7 @@ from tests.conftest import (
     start_cli_run,
 )
 from tests.definitions import detection, image_height
+from tests.proxy import ReplyDroppingProxy, close_both
 from webapp import redis as webapp_redis
 from webapp.redis import get_redis
 
@@ -697,7 +698,7 @@ def test_redis_outage_at_claim_spares_run(transactional_db, alice, tmp_path):
     assert Bill.objects.filter(run=run).count() == 1
 
 
-class TakeReplyDroppingProxy:
+class TakeReplyDroppingProxy(ReplyDroppingProxy):
     """A TCP proxy to a Redis server's socket that loses one job take's reply.
 
     Once armed, the first command whose message contains ``marker`` goes to
@@ -710,32 +711,16 @@ class TakeReplyDroppingProxy:
         self.socket_path = str(socket_path)
         self.marker = marker
         self.refuse_s = refuse_s
-        self.armed = threading.Event()
-        self.dropped = threading.Event()
         self.refusing_until = 0.0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.listener.close()
+    def refusing(self) -> bool:
+        return time.monotonic() < self.refusing_until
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if time.monotonic() < self.refusing_until:
-                client.close()
-                continue
-            server = socket.socket(socket.AF_UNIX)
-            server.connect(self.socket_path)
-            state = {"drop": False}
-            for target in (self._pass_requests, self._pass_replies):
-                threading.Thread(
-                    target=target, args=(client, server, state), daemon=True
-                ).start()
+    def connect(self) -> socket.socket:
+        server = socket.socket(socket.AF_UNIX)
+        server.connect(self.socket_path)
+        return server
 
     def _pass_requests(self, client, server, state) -> None:
         try:
@@ -747,7 +732,7 @@ class TakeReplyDroppingProxy:
         except OSError:
             pass
         finally:
-            _close_both(client, server)
+            close_both(client, server)
 
     def _pass_replies(self, client, server, state) -> None:
         try:
@@ -760,16 +745,7 @@ class TakeReplyDroppingProxy:
         except OSError:
             pass
         finally:
-            _close_both(client, server)
-
-
-def _close_both(*sockets) -> None:
-    for sock in sockets:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
+            close_both(client, server)
 
 
 def test_runner_takes_shared_jobs_after_lost_take_reply(

@@ -39,6 +39,7 @@ from runner.runtime import RunnerRuntime
 from runner.service import start_run
 from tests.conftest import ROOT, image_bytes, registered_runner, start_cli_run
 from tests.definitions import detection, image_height
+from tests.proxy import ReplyDroppingProxy, close_both
 from webapp.redis import get_redis
 from workflows.errors import ModelLoadError
 from workflows.timing import RunTimer
@@ -1111,7 +1112,7 @@ def test_runner_finishes_after_its_session_ended(runner, extra_runners, alice):
     assert f"finishing run {run_id}: the database connection was lost" in log
 
 
-class ReplyDroppingProxy:
+class PostgresReplyDroppingProxy(ReplyDroppingProxy):
     """A TCP proxy to the test's PostgreSQL server that can lose one reply.
 
     Once armed, it looks for messages that contain each of ``markers`` in
@@ -1127,27 +1128,13 @@ class ReplyDroppingProxy:
     def __init__(self, upstream: tuple[str, int], *markers: bytes) -> None:
         self.upstream = upstream
         self.markers = markers
-        self.armed = threading.Event()
-        self.dropped = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.listener.close()
+    def connect(self) -> socket.socket:
+        return socket.create_connection(self.upstream)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            state = {"drop": False, "found": 0}
-            for target in (self._pass_requests, self._pass_replies):
-                threading.Thread(
-                    target=target, args=(client, server, state), daemon=True
-                ).start()
+    def new_state(self) -> dict:
+        return {"drop": False, "found": 0}
 
     def _pass_requests(self, client, server, state) -> None:
         try:
@@ -1161,7 +1148,7 @@ class ReplyDroppingProxy:
         except OSError:
             pass
         finally:
-            _close_both(client, server)
+            close_both(client, server)
 
     def _pass_replies(self, client, server, state) -> None:
         dropped = b""
@@ -1177,16 +1164,7 @@ class ReplyDroppingProxy:
         except OSError:
             pass
         finally:
-            _close_both(client, server)
-
-
-def _close_both(*sockets) -> None:
-    for sock in sockets:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
+            close_both(client, server)
 
 
 def test_runner_claims_when_claim_reply_lost(runner, extra_runners, alice):
@@ -1212,9 +1190,9 @@ def test_runner_claims_when_claim_reply_lost(runner, extra_runners, alice):
 
 
 def lossy_runner(extra_runners, name: str, *markers: bytes):
-    """Start runner ``name`` connected to PostgreSQL through a ReplyDroppingProxy."""
+    """Start runner ``name``, its PostgreSQL connection through a proxy."""
     params = db_connection.settings_dict
-    proxy = ReplyDroppingProxy(
+    proxy = PostgresReplyDroppingProxy(
         (params["HOST"] or "127.0.0.1", int(params["PORT"] or 5432)), *markers
     )
     user = params["USER"] or "postgres"
