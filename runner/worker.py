@@ -372,12 +372,13 @@ class Heartbeat(threading.Thread):
             self.runtime.beat_started_at = time.monotonic()
             try:
                 self.beat()
-                self.runtime.redis_unreachable = False
                 if failures.succeeded():
                     # The other runners lost Redis too, and their heartbeats
                     # expired meanwhile: give them time to beat again before
-                    # taking them for dead.
+                    # taking them for dead. Set before the flag below clears,
+                    # which the fleet checks wait for.
                     self.runtime.reap_from = time.monotonic() + dead_after
+                self.runtime.redis_unreachable = False
             except redis.ConnectionError:
                 failures.failed()
                 self.runtime.redis_unreachable = True
@@ -509,7 +510,10 @@ class FleetChecks(threading.Thread):
                 return
             try:
                 self.runtime.read_fleet_settings()
-                if checks % 3 == 0 and now >= self.runtime.reap_from:
+                # Until the heartbeat reaches Redis again after an outage,
+                # the time the other runners get to beat again is not set.
+                may_reap = now >= self.runtime.reap_from
+                if checks % 3 == 0 and may_reap and not self.runtime.redis_unreachable:
                     reaper.reap_dead_runners(own_name=self.runtime.name)
                 if checks % RECONCILE_EVERY_BEATS == 0:
                     recovery.recover_lost_jobs()
