@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workflows.blocks.base import VALUE, Field, StepContext
+from workflows.blocks.base import FLOW_CONTROL, VALUE, Field, StepContext
 from workflows.compiler.graph import value_problem
 from workflows.compiler.plan import (
     Binding,
@@ -20,6 +20,7 @@ from workflows.compiler.plan import (
     Literal,
     MappingBinding,
     OutputSpec,
+    SequenceBinding,
     StepPlan,
     StepRef,
 )
@@ -29,6 +30,20 @@ from workflows.images import WorkflowImage
 from workflows.timing import RunTimer
 
 logger = logging.getLogger(__name__)
+
+
+class _Skipped:
+    """The value of each output of a step that did not run for an image or crop.
+
+    A flow-control step that did not select the step, or a skipped step
+    that it reads from, skips it. Outputs serialize it as null.
+    """
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+SKIPPED = _Skipped()
 
 
 class PixelBudget:
@@ -107,6 +122,7 @@ def execute_plan(
     dimensions: dict[str, int] = {}
     for step in plan.steps:
         started = time.perf_counter_ns()
+        calls = _CallCount()
         try:
             for inputs, element_results in zip(batch, results, strict=True):
                 values, value_dims = _resolve(step, inputs, element_results, dimensions)
@@ -117,9 +133,11 @@ def execute_plan(
                     ),
                     target=max(value_dims.values(), default=0),
                     data_fields=_data_fields(step),
+                    step_inputs=_step_inputs(step),
                     step_values=_step_value_fields(step),
                     pixel_budget=pixel_budget,
                     deadline=deadline,
+                    calls=calls,
                 )
                 element_results[step.name] = _run_lifted(call, values, value_dims, 0)
         except WorkflowError as error:
@@ -136,11 +154,12 @@ def execute_plan(
             ) from error
         finally:
             # A failed step's time counts too, so that it does not land in
-            # overhead.
+            # overhead. A step that called its block for no image or crop
+            # (skipped everywhere) takes no time, and its glue is overhead.
             timer.add_step(
                 step.name,
                 step.block.type,
-                time.perf_counter_ns() - started,
+                time.perf_counter_ns() - started if calls.count else 0,
                 step.block.uses_model,
             )
         dimensions[step.name] = step.dimension
@@ -166,7 +185,15 @@ def _resolve(step: StepPlan, inputs, results, dimensions):
             else:
                 values[name] = results[binding.step][binding.output]
                 value_dims[name] = dimensions[binding.step]
+    for gate in step.gated_by:
+        values[_gate_name(gate)] = results[gate][FLOW_CONTROL]
+        value_dims[_gate_name(gate)] = dimensions[gate]
     return values, value_dims
+
+
+def _gate_name(step: str) -> str:
+    """Return the value name of a flow-control step's decision (never a field's)."""
+    return f"\x00gate:{step}"
 
 
 def _named_bindings(
@@ -174,6 +201,10 @@ def _named_bindings(
 ) -> list[tuple[str, Literal | InputRef | StepRef]]:
     if isinstance(binding, MappingBinding):
         return [(f"{name}.{key}", entry) for key, entry in binding.entries]
+    if isinstance(binding, SequenceBinding):
+        return [
+            (f"{name}[{index}]", entry) for index, entry in enumerate(binding.entries)
+        ]
     return [(name, binding)]
 
 
@@ -185,9 +216,20 @@ def _call_values(step: StepPlan, values: dict[str, Any]) -> dict[str, Any]:
             arguments[name] = {
                 key: values[f"{name}.{key}"] for key, _ in binding.entries
             }
+        elif isinstance(binding, SequenceBinding):
+            arguments[name] = [
+                values[f"{name}[{index}]"] for index in range(len(binding.entries))
+            ]
         else:
             arguments[name] = values[name]
     return arguments
+
+
+class _CallCount:
+    """How many times a step called its block, over the whole batch."""
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 @dataclass(frozen=True)
@@ -198,13 +240,17 @@ class _StepCall:
     context: StepContext
     # The list level at which the block is called.
     target: int
-    # Fields that take data, not settings, from other steps (_data_fields).
+    # Values that take data, not settings, from other steps (_data_fields).
     data_fields: tuple[str, ...]
+    # Values read from other steps' outputs, decisions of flow-control
+    # steps included (_step_inputs).
+    step_inputs: tuple[str, ...]
     # Settings that other steps' outputs feed, with their selectors: only
     # these reach the block unchecked by the compiler or the web server.
     step_values: tuple[tuple[Field, str], ...]
     pixel_budget: PixelBudget | None
     deadline: Deadline | None
+    calls: _CallCount
 
 
 def _run_lifted(
@@ -214,15 +260,26 @@ def _run_lifted(
 
     A step whose data input from another step is null (a crop that fell
     outside its image) is skipped, and its outputs are null, as in
-    Roboflow's engine.
+    Roboflow's engine. So is a step that a flow-control step did not
+    select, or that reads an output of a skipped step, but its outputs are
+    SKIPPED, so that the steps reading them are skipped too.
     """
     step = call.step
+    names = _produced_names(step)
+    if any(values[name] is SKIPPED for name in call.step_inputs):
+        return dict.fromkeys(names, SKIPPED)
+    if any(
+        value_dims[_gate_name(gate)] <= level and values[_gate_name(gate)] is not True
+        for gate in step.gated_by
+    ):
+        return dict.fromkeys(names, SKIPPED)
     if any(values[name] is None for name in call.data_fields):
-        return dict.fromkeys(step.block.outputs)
+        return dict.fromkeys(names)
     if level == call.target:
         _check_step_values(call, values)
         if call.deadline is not None:
             call.deadline.check(step)
+        call.calls.count += 1
         produced = step.block.run(call.context, **_call_values(step, values))
         if call.pixel_budget is not None:
             call.pixel_budget.charge(step, produced)
@@ -237,7 +294,7 @@ def _run_lifted(
             user_error=True,
         )
     count = lengths.pop() if lengths else 0
-    outputs: dict[str, list] = {name: [] for name in step.block.outputs}
+    outputs: dict[str, list] = {name: [] for name in names}
     for index in range(count):
         element = dict(values)
         for name in nested:
@@ -278,17 +335,45 @@ def _check_step_values(call: _StepCall, values: dict[str, Any]) -> None:
             )
 
 
+def _produced_names(step: StepPlan) -> tuple[str, ...]:
+    """Return the keys of the block's results: its outputs, and its decision
+    if it is a flow-control block."""
+    if step.block.flow_control:
+        return (*step.block.outputs, FLOW_CONTROL)
+    return tuple(step.block.outputs)
+
+
 def _data_fields(step: StepPlan) -> tuple[str, ...]:
-    """Return the fields of ``step`` that take data (not settings) from other steps."""
-    return tuple(
-        field.name
-        for field in step.block.fields
-        if field.kind != VALUE and isinstance(step.bindings.get(field.name), StepRef)
-    )
+    """Return the values of ``step`` that take data (not settings) from other steps.
+
+    Each selector of a ``sequence`` field is a value of its own.
+    """
+    names = []
+    for field in step.block.fields:
+        binding = step.bindings.get(field.name)
+        if field.kind == VALUE or binding is None or field.mapping:
+            continue
+        for name, entry in _named_bindings(field.name, binding):
+            if isinstance(entry, StepRef):
+                names.append(name)
+    return tuple(names)
+
+
+def _step_inputs(step: StepPlan) -> tuple[str, ...]:
+    """Return the values of ``step`` read from other steps' outputs or decisions."""
+    names = [
+        name
+        for field_name, binding in step.bindings.items()
+        for name, entry in _named_bindings(field_name, binding)
+        if isinstance(entry, StepRef)
+    ]
+    return (*names, *(_gate_name(gate) for gate in step.gated_by))
 
 
 def serialize_value(value: Any, coordinates: str) -> Any:
     """Turn a step output into JSON-compatible data in Roboflow's shapes."""
+    if value is SKIPPED:
+        return None
     if isinstance(value, Detections):
         return value.to_roboflow(coordinates)
     if isinstance(value, WorkflowImage):
@@ -349,5 +434,7 @@ def _output_value(spec: OutputSpec, inputs, results) -> Any:
     assert isinstance(binding, StepRef)
     step_outputs = results[binding.step]
     if binding.output == "*":
-        return dict(step_outputs)
+        return {
+            name: value for name, value in step_outputs.items() if name != FLOW_CONTROL
+        }
     return step_outputs.get(binding.output)

@@ -3,6 +3,7 @@
 from workflows.blocks.absolute_static_crop.v1 import AbsoluteStaticCropBlock
 from workflows.blocks.base import Block
 from workflows.blocks.bounding_box_visualization.v1 import BoundingBoxVisualizationBlock
+from workflows.blocks.continue_if.v1 import ContinueIfBlock
 from workflows.blocks.detection_offset.v1 import DetectionOffsetBlock
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
 from workflows.blocks.detections_transformation.v1 import DetectionsTransformationBlock
@@ -19,6 +20,7 @@ BLOCKS: tuple[type[Block], ...] = (
     BoundingBoxVisualizationBlock,
     DetectionOffsetBlock,
     DetectionsTransformationBlock,
+    ContinueIfBlock,
 )
 
 

@@ -20,6 +20,9 @@ DETECTIONS = "object_detection_prediction"
 ANY = "*"
 # A literal JSON value, or a ``$inputs.<parameter>`` selector.
 VALUE = "value"
+# A list of ``$steps.<step>`` selectors that name steps, not their outputs:
+# the steps a flow-control block decides to run.
+STEPS = "step"
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,17 @@ class Field:
     # For VALUE fields: whether a step output may feed the field. False for
     # a field whose value the web server reads before it queues the run.
     step_outputs: bool = True
+    # For IMAGE and DETECTIONS fields: the value is a non-empty list of
+    # selectors of that kind, and the block gets the list of their values.
+    sequence: bool = False
 
     @property
     def spellings(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+
+# The key of a flow-control block's decision in what its ``run`` returns.
+FLOW_CONTROL = "\x00continue"
 
 
 @dataclass
@@ -72,6 +82,9 @@ class Block:
     # How many list levels the block adds to its outputs (dynamic crop adds one).
     adds_dimension: ClassVar[int] = 0
     uses_model: ClassVar[bool] = False
+    # A flow-control block's ``run`` returns ``{FLOW_CONTROL: bool}``: whether
+    # the steps its STEPS field names run for the image or crop it ran on.
+    flow_control: ClassVar[bool] = False
 
     @classmethod
     def field(cls, name: str) -> Field | None:
@@ -107,6 +120,7 @@ class Block:
             "title": cls.title,
             "description": cls.description,
             "uses_model": cls.uses_model,
+            "flow_control": cls.flow_control,
             "fields": [
                 {
                     "name": f.name,
@@ -117,6 +131,7 @@ class Block:
                     "default": f.default,
                     "step_outputs": f.step_outputs,
                     "mapping": f.mapping,
+                    "sequence": f.sequence,
                 }
                 for f in cls.fields
             ],
@@ -197,8 +212,10 @@ __all__ = [
     "Block",
     "DETECTIONS",
     "Detections",
+    "FLOW_CONTROL",
     "Field",
     "IMAGE",
+    "STEPS",
     "StepContext",
     "integer_between",
     "VALUE",

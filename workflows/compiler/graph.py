@@ -11,6 +11,7 @@ from typing import Any
 from workflows.blocks.base import (
     ANY,
     IMAGE,
+    STEPS,
     VALUE,
     Block,
     Field,
@@ -27,6 +28,7 @@ from workflows.compiler.plan import (
     Literal,
     MappingBinding,
     OutputSpec,
+    SequenceBinding,
     StepPlan,
     StepRef,
     step_references,
@@ -119,6 +121,10 @@ def _bind_field(
 ) -> Binding | None:
     if field.mapping:
         return _bind_mapping(parsed, step, block, field, value, inputs, blocks)
+    if field.kind == STEPS:
+        return _bind_step_names(parsed, step, block, field, value, blocks)
+    if field.sequence:
+        return _bind_sequence(parsed, step, block, field, value, inputs, blocks)
     reference = parse_selector(value)
     if reference is None and is_selector_like(value):
         parsed.error(
@@ -223,17 +229,149 @@ def _bind_mapping(
             bound = Literal(item)
         elif isinstance(reference, InputRef):
             bound = _check_input_reference(
-                parsed, step, block, field.name, reference, inputs, PARAMETER_INPUT
+                parsed,
+                step,
+                block,
+                field.name,
+                reference,
+                inputs,
+                None if field.kind == ANY else PARAMETER_INPUT,
             )
         else:
             bound = _check_step_reference(
-                parsed, step, block, field.name, reference, blocks, VALUE
+                parsed,
+                step,
+                block,
+                field.name,
+                reference,
+                blocks,
+                ANY if field.kind == ANY else VALUE,
             )
         if bound is None:
             failed = True
         else:
             entries.append((key, bound))
     return None if failed else MappingBinding(tuple(entries))
+
+
+def _bind_sequence(
+    parsed,
+    step,
+    block: type[Block],
+    field: Field,
+    value: Any,
+    inputs: dict[str, InputSpec],
+    blocks: dict[str, type[Block]],
+) -> SequenceBinding | None:
+    """Bind a ``sequence`` field: a non-empty list of selectors of its kind."""
+    if not isinstance(value, list) or not value:
+        parsed.error(
+            step,
+            block.type,
+            field.name,
+            f"must be a non-empty list of selectors of kind '{field.kind}', such "
+            f'as ["$steps.a.predictions", "$steps.b.predictions"], got '
+            f"{shown(value)}",
+        )
+        return None
+    entries: list[InputRef | StepRef] = []
+    failed = False
+    for index, item in enumerate(value):
+        reference = parse_selector(item)
+        bound: InputRef | StepRef | None = None
+        if reference is None:
+            parsed.error(
+                step,
+                block.type,
+                field.name,
+                f"item {index}, {shown(item)}, is not a selector; use "
+                "$steps.<step>.<output>",
+            )
+        elif isinstance(reference, InputRef):
+            if field.kind != IMAGE:
+                parsed.error(
+                    step,
+                    block.type,
+                    field.name,
+                    f"item {index}, '{item}', is an input, but this field needs "
+                    f"outputs of steps of kind '{field.kind}'",
+                )
+            else:
+                bound = _check_input_reference(
+                    parsed, step, block, field.name, reference, inputs, IMAGE_INPUT
+                )
+        else:
+            bound = _check_step_reference(
+                parsed, step, block, field.name, reference, blocks, field.kind
+            )
+        if bound is None:
+            failed = True
+        else:
+            entries.append(bound)
+    return None if failed else SequenceBinding(tuple(entries))
+
+
+# A step selector names a step without an output, as in Roboflow's
+# StepSelector: "$steps.<step>".
+STEP_SELECTOR_PREFIX = "$steps."
+
+
+def _bind_step_names(
+    parsed,
+    step,
+    block: type[Block],
+    field: Field,
+    value: Any,
+    blocks: dict[str, type[Block]],
+) -> Literal | None:
+    """Bind a STEPS field to the tuple of step names that its selectors name.
+
+    Each selector must name another step of the definition, once.
+    """
+    if not isinstance(value, list):
+        parsed.error(
+            step,
+            block.type,
+            field.name,
+            f'must be a list of step selectors such as ["$steps.crop"], got '
+            f"{shown(value)}",
+        )
+        return None
+    names: list[str] = []
+    failed = False
+    for index, item in enumerate(value):
+        name = (
+            item[len(STEP_SELECTOR_PREFIX) :]
+            if isinstance(item, str) and item.startswith(STEP_SELECTOR_PREFIX)
+            else None
+        )
+        problem = None
+        if name is None or not name or "." in name or name.strip() != name:
+            problem = (
+                f"item {index}, {shown(item)}, is not a step selector; write "
+                "$steps.<step name>, without an output"
+            )
+        elif name == step:
+            problem = f"item {index}, '{item}', names this step itself"
+        elif name in names:
+            problem = (
+                f"item {index}, '{item}', names step '{name}' a second time; "
+                "name each step once"
+            )
+        elif name not in blocks:
+            if name in parsed.broken_steps:
+                failed = True
+                continue
+            problem = (
+                f"item {index}, '{item}', names no step; steps: "
+                f"{', '.join(sorted(blocks)) or 'none'}"
+            )
+        if problem is not None:
+            parsed.error(step, block.type, field.name, problem)
+            failed = True
+            continue
+        names.append(name)
+    return None if failed else Literal(tuple(names))
 
 
 def value_problem(field: Field, value: Any) -> str | None:
@@ -347,36 +485,24 @@ def _check_step_reference(
 def order_steps(
     parsed: ParsedDefinition, bound: dict[str, dict[str, Binding]]
 ) -> list[StepPlan]:
-    """Return the steps with dependencies first; a cycle goes to ``parsed.errors``."""
+    """Return the steps with dependencies first; problems go to ``parsed.errors``.
+
+    A step runs after the steps it reads from, and after each flow-control
+    step that names it in its next steps.
+    """
     blocks = {name: block for name, block, _ in parsed.steps}
+    gates = _gates(blocks, bound)
     sorter: TopologicalSorter[str] = TopologicalSorter()
     for name, bindings in bound.items():
         sorter.add(
             name,
             *{ref.step for b in bindings.values() for ref in step_references(b)},
+            *gates.get(name, ()),
         )
     try:
         order = list(sorter.static_order())
     except CycleError as error:
-        # graphlib lists the cycle so that each step is an input of the next
-        # one and the last equals the first, so the first step reads from
-        # the one before the last.
-        cycle = error.args[1]
-        step, source = cycle[0], cycle[-2]
-        field_name = next(
-            (
-                field
-                for field, binding in bound[step].items()
-                if any(ref.step == source for ref in step_references(binding))
-            ),
-            None,
-        )
-        parsed.error(
-            step,
-            blocks[step].type,
-            field_name,
-            f"steps form a cycle: {' -> '.join(cycle)}",
-        )
+        _report_cycle(parsed, blocks, bound, error.args[1])
         return []
     dimensions: dict[str, int] = {}
     plans = []
@@ -392,12 +518,85 @@ def order_steps(
             default=0,
         )
         dimensions[name] = inherited + block.adds_dimension
+        for gate in gates.get(name, ()):
+            _check_gate_level(parsed, blocks, gate, name, dimensions, inherited)
         plans.append(
             StepPlan(
-                name=name, block=block(), bindings=bindings, dimension=dimensions[name]
+                name=name,
+                block=block(),
+                bindings=bindings,
+                dimension=dimensions[name],
+                gated_by=gates.get(name, ()),
             )
         )
     return plans
+
+
+def next_steps_field(block: type[Block]) -> Field | None:
+    """Return the STEPS field of a flow-control block, or None."""
+    return next((field for field in block.fields if field.kind == STEPS), None)
+
+
+def _gates(
+    blocks: dict[str, type[Block]], bound: dict[str, dict[str, Binding]]
+) -> dict[str, tuple[str, ...]]:
+    """Return, for each step, the flow-control steps that name it."""
+    gates: dict[str, list[str]] = {}
+    for name, bindings in bound.items():
+        field = next_steps_field(blocks[name])
+        binding = bindings.get(field.name) if field is not None else None
+        if not isinstance(binding, Literal):
+            continue
+        for target in binding.value:
+            gates.setdefault(target, []).append(name)
+    return {target: tuple(sources) for target, sources in gates.items()}
+
+
+def _check_gate_level(parsed, blocks, gate, target, dimensions, target_level) -> None:
+    """Report a flow-control step that decides per crop for a step that is not.
+
+    A decision made once per crop cannot say whether a step that runs once
+    per image should run, so, as in Roboflow's compiler, the flow-control
+    step's data must be at the target's level or above it.
+    """
+    if dimensions[gate] <= target_level:
+        return
+    field = next_steps_field(blocks[gate])
+    parsed.error(
+        gate,
+        blocks[gate].type,
+        field.name if field is not None else None,
+        f"step '{gate}' decides once per crop (nesting level {dimensions[gate]}), "
+        f"but step '{target}' runs on data of level {target_level}; make the "
+        f"condition read data of step '{target}''s level, or name a step that "
+        "reads the crops",
+    )
+
+
+def _report_cycle(parsed, blocks, bound, cycle: list[str]) -> None:
+    # graphlib lists the cycle so that each step is an input of the next
+    # one and the last equals the first, so the first step reads from
+    # the one before the last.
+    step, source = cycle[0], cycle[-2]
+    field_name = next(
+        (
+            field
+            for field, binding in bound[step].items()
+            if any(ref.step == source for ref in step_references(binding))
+        ),
+        None,
+    )
+    if field_name is None:
+        # The edge is a flow-control one: the source names the step.
+        field = next_steps_field(blocks[source])
+        if field is not None:
+            step, field_name = source, field.name
+    parsed.error(
+        step,
+        blocks[step].type,
+        field_name,
+        f"steps form a cycle: {' -> '.join(cycle)}",
+    )
 
 
 def bind_outputs(parsed: ParsedDefinition) -> list[OutputSpec]:

@@ -33,7 +33,14 @@ class MappingBinding:
     entries: tuple[tuple[str, Literal | InputRef | StepRef], ...]
 
 
-Binding = Literal | InputRef | StepRef | MappingBinding
+@dataclass(frozen=True)
+class SequenceBinding:
+    """A ``sequence`` field: the selectors of its list, in order."""
+
+    entries: tuple[InputRef | StepRef, ...]
+
+
+Binding = Literal | InputRef | StepRef | MappingBinding | SequenceBinding
 
 
 def step_references(binding: Binding) -> list[StepRef]:
@@ -42,6 +49,8 @@ def step_references(binding: Binding) -> list[StepRef]:
         return [binding]
     if isinstance(binding, MappingBinding):
         return [entry for _, entry in binding.entries if isinstance(entry, StepRef)]
+    if isinstance(binding, SequenceBinding):
+        return [entry for entry in binding.entries if isinstance(entry, StepRef)]
     return []
 
 
@@ -60,6 +69,9 @@ class StepPlan:
     bindings: Mapping[str, Binding]
     # Nesting level of this step's outputs: 0 per input image, 1 per crop, ...
     dimension: int
+    # The flow-control steps that name this step in their next steps. The
+    # step runs for an image or crop only where each of them selected it.
+    gated_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from workflows.blocks.detections_filter.statements import (
     StaticValue,
     UnaryStatement,
 )
+from workflows.blocks.property_definition.v1 import OperationError, apply_operation
 from workflows.detections import Detections
 
 
@@ -144,18 +145,44 @@ def keep_mask(
     return keep
 
 
+def evaluate_condition(condition: StatementGroup, parameters: Mapping) -> bool:
+    """Return whether a condition from ``parse_condition`` holds for ``parameters``.
+
+    ``parameters`` maps every name the condition's operands use to its value.
+    Raises EvaluationError when a statement or an operand's operation fails.
+    """
+    parameters = {name: with_member_set(value) for name, value in parameters.items()}
+    return _evaluate(condition, None, None, parameters)
+
+
 def _value(
-    operand: Operand, detections: Detections, index: int, parameters: Mapping
+    operand: Operand,
+    detections: Detections | None,
+    index: int | None,
+    parameters: Mapping,
 ) -> Any:
     if isinstance(operand, StaticValue):
         return operand.value
     if isinstance(operand, Parameter):
-        return parameters[operand.name]
+        value = parameters[operand.name]
+        for position, operation in enumerate(operand.operations):
+            try:
+                value = apply_operation(operation, value)
+            except OperationError as error:
+                raise EvaluationError(
+                    f'{operand.path}: operation {position} of "{operand.name}" '
+                    f"failed: {error}"
+                ) from error
+        return with_member_set(value) if operand.operations else value
+    assert detections is not None and index is not None
     return PROPERTIES[operand.name](detections, index)
 
 
 def _evaluate(
-    statement: Statement, detections: Detections, index: int, parameters: Mapping
+    statement: Statement,
+    detections: Detections | None,
+    index: int | None,
+    parameters: Mapping,
 ) -> bool:
     if isinstance(statement, StatementGroup):
         # Every statement is evaluated before they are combined, as Roboflow
@@ -182,8 +209,9 @@ def _evaluate(
     # and its parameters, so any exception is a problem with those values.
     except Exception as error:
         shown_values = ", ".join(shown(argument) for argument in arguments)
+        subject = "" if index is None else f" on detection {index}"
         raise EvaluationError(
-            f"{statement.path}: {name} failed on detection {index} with the "
+            f"{statement.path}: {name} failed{subject} with the "
             f"values {shown_values}: {_error_text(predicate, arguments, error)}"
         ) from error
     return not result if statement.negate else result

@@ -51,6 +51,9 @@ from workflows.blocks.detections_filter.statements import (
     StaticValue,
     UnaryStatement,
 )
+from workflows.blocks.property_definition.v1 import (
+    check_operations as check_value_operations,
+)
 
 GROUP_OPERATORS = ("and", "or")
 
@@ -117,6 +120,26 @@ def parse_filter(fields: dict[str, Any], path: str) -> StatementGroup:
     """Return the condition of the DetectionsFilter operation ``fields``."""
     condition = _required(fields, "filter_operation", path)
     return _parse_group(condition, f"{path}.filter_operation", 1)
+
+
+def parse_condition(value: Any, path: str) -> StatementGroup:
+    """Return the StatementGroup ``value`` as a condition on named values.
+
+    Unlike a filter's, a condition tests no detection: every DynamicOperand
+    names a parameter, "_" included, and may apply property definition
+    operations (SequenceLength, DetectionsPropertyExtract,
+    ExtractImageProperty, ToString) to it, as Roboflow's ContinueIf and
+    Expression blocks do. Raises OperationsSyntaxError at the first part
+    that is not supported.
+    """
+    return _parse_group(value, path, 1, condition=True)
+
+
+def condition_parameters(condition: Statement) -> list[Parameter]:
+    """Return the parameters that operands of ``condition`` name, in order."""
+    return [
+        operand for operand in _operands((condition,)) if isinstance(operand, Parameter)
+    ]
 
 
 def check_operations(value: Any) -> str | None:
@@ -187,7 +210,9 @@ def _required(fields: dict[str, Any], key: str, path: str) -> Any:
     return fields[key]
 
 
-def _parse_group(value: Any, path: str, depth: int) -> StatementGroup:
+def _parse_group(
+    value: Any, path: str, depth: int, condition: bool = False
+) -> StatementGroup:
     if depth > MAX_GROUP_DEPTH:
         raise OperationsSyntaxError(
             path,
@@ -210,25 +235,29 @@ def _parse_group(value: Any, path: str, depth: int) -> StatementGroup:
     return StatementGroup(
         group_operator,
         tuple(
-            _parse_statement(item, f"{path}.statements[{index}]", depth)
+            _parse_statement(item, f"{path}.statements[{index}]", depth, condition)
             for index, item in enumerate(statements)
         ),
     )
 
 
-def _parse_statement(value: Any, path: str, depth: int) -> Statement:
+def _parse_statement(
+    value: Any, path: str, depth: int, condition: bool = False
+) -> Statement:
     """Parse one statement of a group that is ``depth`` groups deep."""
     kinds = ("BinaryStatement", "UnaryStatement", "StatementGroup")
     fields = _object(value, path, kinds, "statement")
     if fields["type"] == "StatementGroup":
-        return _parse_group(value, path, depth + 1)
+        return _parse_group(value, path, depth + 1, condition)
     negate = fields.get("negate", False)
     if not isinstance(negate, bool):
         raise OperationsSyntaxError(
             f"{path}.negate", f"must be true or false, got {shown(negate)}"
         )
     if fields["type"] == "UnaryStatement":
-        operand = _parse_operand(_required(fields, "operand", path), f"{path}.operand")
+        operand = _parse_operand(
+            _required(fields, "operand", path), f"{path}.operand", condition
+        )
         name = _operator(
             _required(fields, "operator", path),
             f"{path}.operator",
@@ -237,7 +266,7 @@ def _parse_statement(value: Any, path: str, depth: int) -> Statement:
         )
         return UnaryStatement(path, operand, name, negate)
     left = _parse_operand(
-        _required(fields, "left_operand", path), f"{path}.left_operand"
+        _required(fields, "left_operand", path), f"{path}.left_operand", condition
     )
     comparator = _operator(
         _required(fields, "comparator", path),
@@ -246,7 +275,7 @@ def _parse_statement(value: Any, path: str, depth: int) -> Statement:
         "comparator",
     )
     right = _parse_operand(
-        _required(fields, "right_operand", path), f"{path}.right_operand"
+        _required(fields, "right_operand", path), f"{path}.right_operand", condition
     )
     return BinaryStatement(path, left, comparator, right, negate)
 
@@ -271,7 +300,7 @@ def _operator(value: Any, path: str, supported: Mapping[str, Any], label: str) -
     return found
 
 
-def _parse_operand(value: Any, path: str) -> Operand:
+def _parse_operand(value: Any, path: str, condition: bool = False) -> Operand:
     fields = _object(value, path, ("StaticOperand", "DynamicOperand"), "operand")
     operations = fields.get("operations", [])
     if not isinstance(operations, list):
@@ -289,6 +318,8 @@ def _parse_operand(value: Any, path: str) -> Operand:
         raise OperationsSyntaxError(
             f"{path}.operand_name", f"must be a string, got {shown(name)}"
         )
+    if condition:
+        return _condition_parameter(name, operations, path)
     if name != DETECTION_OPERAND:
         _no_operations(operations, path, f'the parameter "{name}"')
         return Parameter(name, f"{path}.operand_name")
@@ -312,6 +343,15 @@ def _parse_operand(value: Any, path: str) -> Operand:
             f"{', '.join(PROPERTIES)}",
         )
     return DetectionProperty(property_name)
+
+
+def _condition_parameter(name: str, operations: list, path: str) -> Parameter:
+    """Return a condition's DynamicOperand, its operations checked."""
+    if operations:
+        problem = check_value_operations(operations)
+        if problem is not None:
+            raise OperationsSyntaxError(f"{path}.operations", problem)
+    return Parameter(name, f"{path}.operand_name", tuple(operations))
 
 
 def _no_operations(operations: list, path: str, subject: str) -> None:

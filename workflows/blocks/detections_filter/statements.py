@@ -16,11 +16,17 @@ class StaticValue:
 
 @dataclass(frozen=True)
 class Parameter:
-    """A DynamicOperand that names a key of operations_parameters."""
+    """A DynamicOperand that names a key of operations_parameters.
+
+    In a condition (``parse_condition``), the key names a value of the
+    block's parameters, and ``operations`` are property definition
+    operations applied to that value before the comparison.
+    """
 
     name: str
     # The path of the name in ``operations``, for errors.
     path: str
+    operations: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)

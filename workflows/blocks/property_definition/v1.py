@@ -148,16 +148,29 @@ class PropertyDefinitionBlock(Block):
         self, context: StepContext, *, data: Any, operations: list
     ) -> dict[str, Any]:
         value = data
-        for operation in operations:
-            value = _apply(operation, value, context.step_name)
+        try:
+            for operation in operations:
+                value = apply_operation(operation, value)
+        except OperationError as error:
+            raise StepExecutionError(
+                str(error), step=context.step_name, user_error=True
+            ) from error
         return {"output": value}
 
 
-def _apply(operation: dict, value: Any, step: str) -> Any:
+class OperationError(ValueError):
+    """An operation that got a value of a kind it cannot read."""
+
+
+def apply_operation(operation: dict, value: Any) -> Any:
+    """Return ``value`` after one operation that ``check_operations`` accepted.
+
+    Raises OperationError when the value is of a kind the operation cannot read.
+    """
     kind = operation["type"]
     if kind == "ExtractImageProperty":
         if not isinstance(value, WorkflowImage):
-            raise _wrong_input(kind, value, step)
+            raise _wrong_input(kind, value)
         name = operation["property_name"]
         if name == "aspect_ratio":
             return value.width / value.height if value.height else 0.0
@@ -166,17 +179,17 @@ def _apply(operation: dict, value: Any, step: str) -> Any:
         return getattr(value, name)
     if kind == "SequenceLength":
         if not isinstance(value, (Detections, list, str, dict)):
-            raise _wrong_input(kind, value, step)
+            raise _wrong_input(kind, value)
         return len(value)
     if kind == "DetectionsPropertyExtract":
         if not isinstance(value, Detections):
-            raise _wrong_input(kind, value, step)
+            raise _wrong_input(kind, value)
         return _detection_property(value, operation["property_name"])
     # Roboflow's to_string (query_language/operations/strings/base.py in
     # roboflow/inference) returns str(value) for any value. An image or
     # detections would give an object's repr, so those are rejected instead.
     if isinstance(value, (WorkflowImage, Detections)):
-        raise _wrong_input(kind, value, step)
+        raise _wrong_input(kind, value)
     return str(value)
 
 
@@ -240,9 +253,5 @@ def _described(value: Any) -> str:
     return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _wrong_input(kind: str, value: Any, step: str) -> StepExecutionError:
-    return StepExecutionError(
-        f"{kind} needs {_expected(kind)}, got {_described(value)}",
-        step=step,
-        user_error=True,
-    )
+def _wrong_input(kind: str, value: Any) -> OperationError:
+    return OperationError(f"{kind} needs {_expected(kind)}, got {_described(value)}")
