@@ -5,6 +5,7 @@ from workflows.blocks.base import Block
 from workflows.blocks.bounding_box_visualization.v1 import BoundingBoxVisualizationBlock
 from workflows.blocks.continue_if.v1 import ContinueIfBlock
 from workflows.blocks.detection_offset.v1 import DetectionOffsetBlock
+from workflows.blocks.detections_consensus.v1 import DetectionsConsensusBlock
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
 from workflows.blocks.detections_transformation.v1 import DetectionsTransformationBlock
 from workflows.blocks.dynamic_crop.v1 import DynamicCropBlock
@@ -21,6 +22,7 @@ BLOCKS: tuple[type[Block], ...] = (
     DetectionOffsetBlock,
     DetectionsTransformationBlock,
     ContinueIfBlock,
+    DetectionsConsensusBlock,
 )
 
 
