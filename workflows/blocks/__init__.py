@@ -9,6 +9,7 @@ from workflows.blocks.detections_consensus.v1 import DetectionsConsensusBlock
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
 from workflows.blocks.detections_transformation.v1 import DetectionsTransformationBlock
 from workflows.blocks.dynamic_crop.v1 import DynamicCropBlock
+from workflows.blocks.expression.v1 import ExpressionBlock
 from workflows.blocks.object_detection.v1 import ObjectDetectionBlock
 from workflows.blocks.property_definition.v1 import PropertyDefinitionBlock
 
@@ -23,6 +24,7 @@ BLOCKS: tuple[type[Block], ...] = (
     DetectionsTransformationBlock,
     ContinueIfBlock,
     DetectionsConsensusBlock,
+    ExpressionBlock,
 )
 
 
