@@ -250,6 +250,112 @@ def test_sdk_detections_transformation(runner, client):
     assert moved[0]["x"] + moved[0]["width"] / 2 > 810
 
 
+def test_sdk_flow_control_and_consensus(runner, client):
+    """Run ContinueIf, DetectionsConsensus and Expression on bus.jpg and zidane.jpg.
+
+    At the default confidence of 0.4, the people detector finds 3 people in
+    bus.jpg, 2 of them above 0.6, and 1 in zidane.jpg, also above 0.6.
+    """
+    from ultralytics import ASSETS as assets_dir
+
+    definition = detection()
+    count_people = {
+        "type": "DynamicOperand",
+        "operand_name": "people",
+        "operations": [{"type": "SequenceLength"}],
+    }
+    definition["steps"] += [
+        {
+            "type": "ObjectDetectionModel",
+            "name": "strict",
+            "images": "$inputs.image",
+            "model_id": "people-detector",
+            "confidence": 0.6,
+        },
+        {
+            "type": "ContinueIf",
+            "name": "crowded",
+            "condition_statement": {
+                "type": "StatementGroup",
+                "statements": [compare(count_people, "(Number) >=", static(3))],
+            },
+            "evaluation_parameters": {"people": "$steps.people.predictions"},
+            "next_steps": ["$steps.crops"],
+        },
+        {
+            "type": "roboflow_core/dynamic_crop@v1",
+            "name": "crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        },
+        {
+            "type": "DetectionsConsensus",
+            "name": "vote",
+            "predictions_batches": [
+                "$steps.people.predictions",
+                "$steps.strict.predictions",
+            ],
+            "required_votes": 2,
+            "required_objects": 2,
+        },
+        {
+            "type": "Expression",
+            "name": "verdict",
+            "data": {"present": "$steps.vote.object_present"},
+            "switch": {
+                "type": "CasesDefinition",
+                "cases": [
+                    {
+                        "type": "CaseDefinition",
+                        "condition": {
+                            "type": "StatementGroup",
+                            "statements": [
+                                {
+                                    "type": "UnaryStatement",
+                                    "operand": {
+                                        "type": "DynamicOperand",
+                                        "operand_name": "present",
+                                    },
+                                    "operator": {"type": "(Boolean) is True"},
+                                }
+                            ],
+                        },
+                        "result": {"type": "StaticCaseResult", "value": "agreed"},
+                    }
+                ],
+                "default": {"type": "StaticCaseResult", "value": "disputed"},
+            },
+        },
+    ]
+    definition["outputs"] += [
+        {"type": "JsonField", "name": "crops", "selector": "$steps.crops.crops"},
+        {"type": "JsonField", "name": "vote", "selector": "$steps.vote.*"},
+        {"type": "JsonField", "name": "verdict", "selector": "$steps.verdict.output"},
+    ]
+    photos = [bus_path(), str(Path(assets_dir) / "zidane.jpg")]
+    bus, zidane = client.run_workflow(
+        specification=definition, images={"image": photos}
+    )
+
+    assert bus["count"] == 3
+    assert len(bus["crops"]) == 3
+    # The client replaces each image by its base64 text.
+    assert all(isinstance(crop, str) and crop for crop in bus["crops"])
+    assert zidane["count"] == 1
+    assert zidane["crops"] is None
+
+    agreed = bus["vote"]["predictions"]["predictions"]
+    assert len(agreed) == 2
+    assert bus["vote"]["object_present"] is True
+    assert set(bus["vote"]["presence_confidence"]) == {"Normal"}
+    assert bus["verdict"] == "agreed"
+    # Both models agree on the one person, fewer than required_objects.
+    assert len(zidane["vote"]["predictions"]["predictions"]) == 1
+    assert zidane["vote"]["object_present"] is False
+    assert zidane["vote"]["presence_confidence"] == {}
+    assert zidane["verdict"] == "disputed"
+
+
 def test_sdk_excluded_fields(runner, client):
     result = client.run_workflow(
         specification=detection(),
