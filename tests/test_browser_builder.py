@@ -9,8 +9,10 @@ from tests.definitions import (
     detection,
     detection_property,
     filtered_detection,
+    group,
     keep_where,
     parameter,
+    static,
 )
 from tests.test_browser_run import sign_in
 from workflows.models import Workflow
@@ -375,6 +377,61 @@ def test_builder_rename_updates_filter_parameters(
     # The rename leaves the filter's operations, which hold no selectors, as
     # they were.
     assert edited["steps"][2]["operations"] == definition["steps"][2]["operations"]
+    outcome = page.evaluate("window.glassboxBuilder.validate()")
+    assert outcome["ok"], outcome
+
+
+def test_builder_edits_selector_lists_as_json(
+    transactional_db, asgi_server, page, alice
+):
+    # Consensus takes a list of detection selectors, continue if a list of
+    # steps and an object of selectors: the panel edits each as JSON, and a
+    # rename updates the selectors inside them.
+    workflow = Workflow.create_with_version(alice, "Lists", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    page.click("[data-block-type='roboflow_core/detections_consensus@v1']")
+    page.click("[data-block-type='roboflow_core/continue_if@v1']")
+    panel = page.locator("#node-panel")
+
+    page.locator(".drawflow-node[data-step-name='detections_consensus']").click()
+    panel.locator("[data-field='predictions_batches']").fill(
+        '["$steps.people.predictions", "$steps.people.predictions"]'
+    )
+    panel.locator("[data-field='required_votes']").fill("2")
+    page.locator(".drawflow-node[data-step-name='continue_if']").click()
+    condition = group(compare(parameter("n"), "(Number) >", static(0)))
+    panel.locator("[data-field='condition_statement']").fill(json.dumps(condition))
+    panel.locator("[data-field='evaluation_parameters']").fill(
+        '{"n": "$steps.count.output"}'
+    )
+    panel.locator("[data-field='next_steps']").fill('["$steps.detections_consensus"]')
+    outcome = page.evaluate("window.glassboxBuilder.validate()")
+    assert outcome["ok"], outcome
+
+    name = panel.locator("[data-field='name']")
+    page.locator(".drawflow-node[data-step-name='people']").click()
+    name.fill("persons")
+    name.press("Enter")
+    page.locator(".drawflow-node[data-step-name='count']").click()
+    name.fill("persons_count")
+    name.press("Enter")
+    page.locator(".drawflow-node[data-step-name='detections_consensus']").click()
+    name.fill("vote")
+    name.press("Enter")
+
+    steps = {
+        step["name"]: step
+        for step in page.evaluate("window.glassboxBuilder.getDefinition()")["steps"]
+    }
+    assert steps["vote"]["predictions_batches"] == [
+        "$steps.persons.predictions",
+        "$steps.persons.predictions",
+    ]
+    assert steps["continue_if"]["evaluation_parameters"] == {
+        "n": "$steps.persons_count.output"
+    }
+    assert steps["continue_if"]["next_steps"] == ["$steps.vote"]
     outcome = page.evaluate("window.glassboxBuilder.validate()")
     assert outcome["ok"], outcome
 

@@ -94,6 +94,8 @@
   const OUTPUT_TYPE = "JsonField";
   const VALUE_KIND = "value";
   const ANY_KIND = "*";
+  // The kind of a field that lists steps by "$steps.<name>" (continue if's next_steps).
+  const STEPS_KIND = "step";
   const ALL_OUTPUTS = "*";
   // The same grammar as SELECTOR_PATTERN in workflows/compiler/parse.py.
   const SELECTOR_PATTERN = /^\$(?:inputs\.([^.\s]+)|steps\.([^.\s]+)\.([^.\s]+))$/;
@@ -347,7 +349,7 @@
     const block = blockFor(item.type);
     if (block) {
       const inputs = block.fields
-        .filter((field) => field.kind !== VALUE_KIND || isSelector(item[field.name]))
+        .filter((field) => !editedAsJson(field) || isSelector(item[field.name]))
         .map((field) => ({ name: field.name, kind: field.kind }));
       const outputs = Object.entries(block.outputs).map(([name, kind]) => ({ name, kind }));
       outputs.push({ name: ALL_OUTPUTS, kind: ANY_KIND });
@@ -360,6 +362,14 @@
     const outputs = referencedOutputs(item.name).map((name) => ({ name, kind: ANY_KIND }));
     outputs.push({ name: ALL_OUTPUTS, kind: ANY_KIND });
     return { inputs, outputs };
+  }
+
+  // Whether the panel edits a field as JSON: values, and the objects and
+  // lists of selectors that mapping, sequence and step-list fields take. A
+  // port takes one selector, so only a field of one selector gets a port.
+  function editedAsJson(field) {
+    return field.kind === VALUE_KIND || field.kind === STEPS_KIND
+      || Boolean(field.mapping) || Boolean(field.sequence);
   }
 
   function kindClass(kind) {
@@ -437,11 +447,19 @@
         if (rewritten !== item[key]) item[key] = rewritten;
       }
       // Each value of a mapping field (the filter's operations_parameters)
-      // may be a selector of its own.
+      // and each item of a sequence field may be a selector of its own, and a
+      // step-list field names steps as "$steps.<name>".
       for (const field of block ? block.fields : []) {
-        const mapping = item[field.name];
-        if (!field.mapping || !isPlainObject(mapping)) continue;
-        for (const key of Object.keys(mapping)) mapping[key] = rewrite(mapping[key]);
+        const value = item[field.name];
+        if (field.mapping && isPlainObject(value)) {
+          for (const key of Object.keys(value)) value[key] = rewrite(value[key]);
+        } else if (field.sequence && Array.isArray(value)) {
+          value.forEach((entry, index) => { value[index] = rewrite(entry); });
+        } else if (field.kind === STEPS_KIND && section === "steps" && Array.isArray(value)) {
+          value.forEach((entry, index) => {
+            if (entry === `$steps.${oldName}`) value[index] = `$steps.${newName}`;
+          });
+        }
       }
     }
   }
@@ -1732,15 +1750,16 @@
       ? "Required."
       : `Optional. Default: ${formatValue(field.default)}.`;
     const isValue = field.kind === VALUE_KIND;
-    const [control, list] = isValue
+    const [control, list] = editedAsJson(field)
       ? valueInput(item, field.name, {
         placeholder: field.required ? "" : `default: ${formatValue(field.default)}`,
+        suggest: isValue,
         stepOutputs: field.step_outputs !== false,
       })
       : selectorInput(item, field.name, field.kind, selectorChoices(field.kind, item));
-    const help = isValue
-      ? `${field.description} JSON, plain text, or a $inputs/$steps selector.`
-      : field.description;
+    let help = field.description;
+    if (isValue) help += " JSON, plain text, or a $inputs/$steps selector.";
+    else if (editedAsJson(field)) help += " JSON.";
     const row = fieldRow({ name: field.name, control, kind: field.kind, help, meta });
     if (list) row.append(list);
     return row;
