@@ -370,3 +370,45 @@ def test_two_conditions_must_both_select(provider_parts):
     bus, zidane = run_plan(definition, provider_parts)[0]
     assert len(bus["widths"]) == 3
     assert zidane["widths"] is None
+
+
+@pytest.mark.django_db
+def test_decisions_on_other_crops_reject_step(provider_parts):
+    # The condition decides for each crop of one person in zidane.jpg, and
+    # gates a step that reads the crops of both people found at 0.1.
+    definition = gated_crops(1)
+    definition["steps"] += [
+        {
+            "type": "ContinueIf",
+            "name": "wide",
+            "condition_statement": group(
+                compare(parameter("width"), "(Number) >=", static(150))
+            ),
+            "evaluation_parameters": {"width": "$steps.widths.output"},
+            "next_steps": ["$steps.all_widths"],
+        },
+        {
+            "type": "ObjectDetectionModel",
+            "name": "everyone",
+            "images": "$inputs.image",
+            "model_id": "people-detector",
+            "confidence": 0.1,
+        },
+        {
+            "type": "roboflow_core/dynamic_crop@v1",
+            "name": "all_crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.everyone.predictions",
+        },
+        {
+            "type": "PropertyDefinition",
+            "name": "all_widths",
+            "data": "$steps.all_crops.crops",
+            "operations": [{"type": "ExtractImageProperty", "property_name": "width"}],
+        },
+    ]
+    with pytest.raises(StepExecutionError) as caught:
+        run_plan(definition, provider_parts, names=("zidane.jpg",))
+    assert caught.value.user_error is True
+    assert caught.value.step == "all_widths"
+    assert "the decisions of step 'wide': 1" in caught.value.message

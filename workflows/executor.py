@@ -196,6 +196,14 @@ def _gate_name(step: str) -> str:
     return f"\x00gate:{step}"
 
 
+def _shown_name(name: str) -> str:
+    """Return a value's name for messages, naming a decision by its step."""
+    prefix = _gate_name("")
+    if name.startswith(prefix):
+        return f"the decisions of step '{name[len(prefix) :]}'"
+    return name
+
+
 def _named_bindings(
     name: str, binding: Binding
 ) -> list[tuple[str, Literal | InputRef | StepRef]]:
@@ -289,7 +297,7 @@ def _run_lifted(
     if len(lengths) > 1:
         raise StepExecutionError(
             f"step '{step.name}' received lists of different lengths "
-            f"({', '.join(f'{n}: {len(values[n])}' for n in nested)})",
+            f"({', '.join(f'{_shown_name(n)}: {len(values[n])}' for n in nested)})",
             step=step.name,
             user_error=True,
         )

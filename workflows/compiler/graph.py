@@ -559,6 +559,9 @@ def _check_gate_level(parsed, blocks, gate, target, dimensions, target_level) ->
     per image should run, so, as in Roboflow's compiler, the flow-control
     step's data must be at the target's level or above it.
     """
+    # NOTE: levels are compared, not the crop steps that made them, so a
+    # decision on one step's crops can gate a step that reads another's.
+    # The executor pairs them by position, or fails on different counts.
     if dimensions[gate] <= target_level:
         return
     field = next_steps_field(blocks[gate])
