@@ -412,3 +412,22 @@ def test_decisions_on_other_crops_reject_step(provider_parts):
     assert caught.value.user_error is True
     assert caught.value.step == "all_widths"
     assert "the decisions of step 'wide': 1" in caught.value.message
+
+
+@pytest.mark.django_db
+def test_skipped_condition_selects_nothing(provider_parts):
+    # "enough" always holds here, but a step that never runs gates it.
+    definition = gated_crops(1)
+    definition["steps"].append(
+        {
+            "type": "ContinueIf",
+            "name": "never",
+            "condition_statement": at_least(100),
+            "evaluation_parameters": {"people": "$steps.people.predictions"},
+            "next_steps": ["$steps.enough"],
+        }
+    )
+    outputs, timer = run_plan(definition, provider_parts)
+    assert [output["widths"] for output in outputs] == [None, None]
+    assert timer.steps["enough"] == 0
+    assert timer.steps["crops"] == 0
