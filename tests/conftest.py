@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db import connection
 
 from runner import fleet
+from webapp import login_throttle
 from webapp.models import ApiToken
 from webapp.redis import get_redis
 
@@ -261,6 +262,18 @@ def clean_redis():
         except redis.ConnectionError:
             pass  # the server closes the connection as it stops
         shutil.rmtree(settings.DATA_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def clear_login_failures(clean_redis):
+    """Start each test with no failed sign-ins counted.
+
+    Every test client signs in from 127.0.0.1, so the failures of earlier
+    tests would otherwise add up to a lockout of that address.
+    """
+    connection_ = get_redis()
+    for key in connection_.scan_iter(f"{login_throttle.KEY_PREFIX}*"):
+        connection_.delete(key)
 
 
 @pytest.fixture

@@ -261,6 +261,15 @@ GLASSBOX = {
     # 429. Runners take queued runs first in, first out for all users, so
     # this bounds how long one user's backlog can delay everyone else.
     "QUEUED_RUNS_PER_USER": env_int("QUEUED_RUNS_PER_USER", 100, 1),
+    # Failed sign-ins (wrong username or password) allowed per username and
+    # per client IP address within LOGIN_FAILURE_WINDOW_S; more are rejected
+    # until the window ends. 0 turns a limit off (webapp/login_throttle.py).
+    "LOGIN_FAILURES_PER_USERNAME": env_int("LOGIN_FAILURES_PER_USERNAME", 5, 0),
+    "LOGIN_FAILURES_PER_IP": env_int("LOGIN_FAILURES_PER_IP", 20, 0),
+    "LOGIN_FAILURE_WINDOW_S": env_int("LOGIN_FAILURE_WINDOW_S", 900, 1),
+    # Proxies in front of the web server that append the client's address to
+    # X-Forwarded-For; 0 takes the address of the TCP connection.
+    "NUM_PROXIES": env_int("NUM_PROXIES", 0, 0),
     # Images are rejected from their header, before decoding, above this.
     "MAX_IMAGE_PIXELS": env_int("MAX_IMAGE_PIXELS", 40_000_000, 1),
     # All images of one run together; a runner keeps their pixels, 3 bytes each.

