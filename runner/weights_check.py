@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 CHILD_TIMEOUT_S = 120
@@ -41,6 +42,35 @@ CHILD_ENV = {
     "YOLO_OFFLINE": "1",
     "YOLO_AUTOINSTALL": "false",
 }
+# The variables that the child takes from the web server's environment.
+# Everything else, such as SECRET_KEY and the passwords in DATABASE_URL and
+# REDIS_URL, stays out of the process that unpickles an uploaded file.
+INHERITED_VARIABLES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONPATH",
+        # Where a torch build installed outside the system's paths finds its
+        # shared libraries.
+        "LD_LIBRARY_PATH",
+        "CUDA_VISIBLE_DEVICES",
+        "TORCH_HOME",
+        # ultralytics 8.4 writes its settings.json under YOLO_CONFIG_DIR,
+        # else, on Linux, under XDG_CONFIG_HOME or ~/.config.
+        "YOLO_CONFIG_DIR",
+        "XDG_CONFIG_HOME",
+        "XDG_CACHE_HOME",
+    }
+)
+# Locale and the thread settings of OpenMP (libgomp, Intel's), MKL and
+# OpenBLAS.
+INHERITED_PREFIXES = ("LC_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")
 
 
 class WeightsRejected(Exception):
@@ -59,7 +89,7 @@ def check_weights(
     try:
         finished = subprocess.run(
             [sys.executable, "-m", "runner.weights_check", str(path), str(memory_mb)],
-            env={**os.environ, **CHILD_ENV},
+            env=child_environment(os.environ),
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
             text=True,
@@ -83,6 +113,16 @@ def check_weights(
     if not result["ok"]:
         raise WeightsRejected(result["error"].replace(str(path), shown_name))
     return result["names"], result["task"], result["trained"]
+
+
+def child_environment(parent: Mapping[str, str]) -> dict[str, str]:
+    """Return the allowed variables of ``parent`` with CHILD_ENV set over them."""
+    inherited = {
+        name: value
+        for name, value in parent.items()
+        if name in INHERITED_VARIABLES or name.startswith(INHERITED_PREFIXES)
+    }
+    return {**inherited, **CHILD_ENV}
 
 
 def _check_archive(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 import builtins
 import hashlib
+import os
 import pickle
 import shutil
 import threading
@@ -9,6 +10,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from django.conf import settings
@@ -16,6 +18,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection, transaction
 
 from runner import views as runner_views
+from runner import weights_check
 from runner.model_cache import open_weights
 from runner.models import ModelUpload, Run
 from runner.registry import resolve_model
@@ -117,6 +120,75 @@ def test_upload_then_run_own_model(runner, alice_client, bob_client, tmp_path):
     bob_run = run_workflow(bob_client, bob_workflow.json()["id"])
     assert bob_run.status_code == 400
     assert bob_run.json()["code"] == "model_not_found"
+
+
+def test_upload_check_sees_no_secrets(alice_client, tmp_path, monkeypatch):
+    # The check process unpickles an uploaded file, so it must not see the
+    # web server's secrets. Its environment is read from /proc while it runs.
+    secrets = {
+        "SECRET_KEY": "django-secret-key-value",
+        "DATABASE_URL": "postgres://glassbox:db-password@db.example/glassbox",
+        "REDIS_URL": "redis://:redis-password@redis.example:6379/0",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    weights = make_weights(tmp_path / "mine.pt")
+    seen: dict[str, str] = {}
+
+    def watch_check_process():
+        deadline = time.monotonic() + weights_check.CHILD_TIMEOUT_S
+        while not seen and time.monotonic() < deadline:
+            for child in psutil.Process().children():
+                try:
+                    if "runner.weights_check" in child.cmdline():
+                        seen.update(child.environ())
+                except psutil.Error:
+                    continue
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_check_process)
+    watcher.start()
+    response = upload(alice_client, "environment-check", weights)
+    watcher.join()
+
+    assert response.status_code == 201, response.json()
+    assert seen, "no running check process was found"
+    for name, value in secrets.items():
+        assert name not in seen
+        assert not [key for key, text in seen.items() if value in text]
+    assert seen["PATH"] == os.environ["PATH"]
+    assert seen["OMP_NUM_THREADS"] == "2"
+    assert seen["LC_ALL"] == "C.UTF-8"
+    assert seen["ULTRALYTICS_SAFE_LOAD"] == "1"
+    assert "DJANGO_SETTINGS_MODULE" not in seen
+
+
+def test_check_environment_is_allow_list():
+    parent = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/glassbox",
+        "LC_CTYPE": "C.UTF-8",
+        "GOMP_SPINCOUNT": "10000",
+        "SECRET_KEY": "secret",
+        "DATABASE_URL": "postgres://user:password@host/db",
+        "REDIS_URL": "redis://:password@host/0",
+        "ULTRALYTICS_SAFE_LOAD": "0",
+    }
+
+    environment = weights_check.child_environment(parent)
+
+    assert environment == {
+        "PATH": "/usr/bin",
+        "HOME": "/home/glassbox",
+        "LC_CTYPE": "C.UTF-8",
+        "GOMP_SPINCOUNT": "10000",
+        "ULTRALYTICS_SAFE_LOAD": "1",
+        "YOLO_OFFLINE": "1",
+        "YOLO_AUTOINSTALL": "false",
+    }
 
 
 def test_upload_rejects_non_model(alice_client, tmp_path):
