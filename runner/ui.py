@@ -48,8 +48,11 @@ def parameter_field_text(parameter: dict[str, Any]) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+# never_cache: the form runs the version it was rendered with, so Back after
+# a save in the builder must load the page again to run the new version.
 @login_required
 @allow_methods("GET")
+@never_cache
 def run_workflow_page(request, workflow_id: int):
     workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
     version = workflow.latest_version()

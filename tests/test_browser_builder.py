@@ -680,3 +680,28 @@ def test_builder_marks_unsaved_changes(transactional_db, asgi_server, page, alic
 
     page.fill("#workflow-name", "Marked again")
     assert status.text_content() == "Version 2, unsaved changes"
+
+
+def test_builder_back_shows_saved_version(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Saved, then back", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    set_confidence(page, 0.45)
+    page.click("#save")
+    page.wait_for_selector("#saved-version[data-version='2']")
+
+    # Back from the run page loads the builder again, not the copy of the page
+    # that still contained version 1 and would make the next save a conflict.
+    page.click("#run-link")
+    page.wait_for_url(f"**/workflows/{workflow.id}/run/")
+    page.go_back()
+    page.wait_for_selector("#builder[data-ready='true']")
+    assert page.locator("#saved-version").get_attribute("data-version") == "2"
+    edited = page.evaluate("window.glassboxBuilder.getDefinition()")
+    assert edited["steps"][0]["confidence"] == 0.45
+
+    set_confidence(page, 0.5)
+    with page.expect_response(f"**/api/workflows/{workflow.id}") as response:
+        page.click("#save")
+    assert response.value.status == 200
+    page.wait_for_selector("#saved-version[data-version='3']")

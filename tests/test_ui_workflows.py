@@ -99,6 +99,22 @@ def test_edit_page_embeds_latest_version(alice_browser, alice):
 
 
 @pytest.mark.django_db
+def test_pages_are_never_cached(alice_browser, alice):
+    # A copy that Back shows would contain the workflow as it was: a deleted one
+    # still listed, or a builder or run form that saves or runs an old version.
+    workflow = Workflow.create_with_version(alice, "People", detection())
+    paths = [
+        *PAGES,
+        f"/workflows/{workflow.id}/edit",
+        f"/workflows/{workflow.id}/run/",
+    ]
+    for path in paths:
+        response = alice_browser.get(path)
+        assert response.status_code == 200, path
+        assert "no-store" in response.get("Cache-Control", ""), path
+
+
+@pytest.mark.django_db
 def test_builder_page_has_stable_hooks(alice_browser):
     response = alice_browser.get("/workflows/new")
     assert response.status_code == 200

@@ -8,6 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import F, Max, Window
 from django.db.models.functions import RowNumber
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from runner.models import Run
@@ -113,8 +114,10 @@ def recent_runs_by_workflow(owner, limit: int) -> dict[int, list[dict]]:
     return by_workflow
 
 
+# never_cache: after a delete or a save, Back must not show the list as it was.
 @login_required
 @allow_methods("GET", "POST")
+@never_cache
 def workflow_list(request):
     """List the user's workflows; POST deletes one, then redirects.
 
@@ -228,10 +231,13 @@ def _builder_page(request, workflow: Workflow | None):
 
 # The builder calls the JSON API with the session cookie, and Django's CSRF
 # check needs the csrftoken cookie, which these pages do not set by themselves
-# because they contain no form.
+# because they contain no form. never_cache makes Back load the page again:
+# a stored copy would contain the version it was rendered with, and its next
+# save would be rejected as a version conflict.
 @login_required
 @allow_methods("GET")
 @ensure_csrf_cookie
+@never_cache
 def workflow_new(request):
     return _builder_page(request, None)
 
@@ -239,6 +245,7 @@ def workflow_new(request):
 @login_required
 @allow_methods("GET")
 @ensure_csrf_cookie
+@never_cache
 def workflow_edit(request, workflow_id: int):
     workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
     return _builder_page(request, workflow)
