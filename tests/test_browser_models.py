@@ -154,9 +154,7 @@ def test_rejected_upload_shows_api_error(
     cases = [
         ("junk", junk, "file"),
         ("damaged", damaged, "file"),
-        ("", weights, "model_id"),
         ("yolov8n.yaml", weights, "model_id"),
-        ("no-file", None, "file"),
     ]
     sign_in(page, asgi_server, "alice", "alice-password")
     open_models_page(page, asgi_server)
@@ -195,6 +193,48 @@ def test_rejected_upload_shows_api_error(
     assert ModelUpload.objects.count() == 0
     assert stored_files(alice) == set()
     assert page.locator("#uploads tbody tr[data-model-id]").count() == 0
+
+
+def test_empty_upload_field_sends_nothing(
+    transactional_db, asgi_server, page, alice, tmp_path
+):
+    weights = make_weights(tmp_path / "mine.pt")
+    cases = [
+        ("", weights, "#upload-model-id", "Model id is missing."),
+        ("   ", weights, "#upload-model-id", "Model id is missing."),
+        ("", None, "#upload-model-id", "Model id is missing."),
+        ("no-file", None, "#upload-file", "Weights file is missing."),
+    ]
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    error = page.locator("#upload-error")
+    posts = []
+    page.on(
+        "request",
+        lambda request: posts.append(request.url) if request.method == "POST" else None,
+    )
+
+    for model_id, path, invalid, message in cases:
+        fill_upload_form(page, model_id, path)
+        page.click("#upload-button")
+        error.wait_for(state="visible")
+        assert error.locator(".error-message").text_content() == message, model_id
+        assert error.locator(".error-hint").is_visible(), model_id
+        assert page.get_attribute(invalid, "aria-invalid") == "true", model_id
+        assert page.evaluate("document.activeElement.id") == invalid[1:], model_id
+        assert page.locator("#upload-status").text_content() == "", model_id
+        assert page.locator("#upload-button").is_enabled(), model_id
+
+    # The form sent no request, so no file went over the wire for nothing.
+    assert posts == []
+    assert ModelUpload.objects.count() == 0
+
+    # Filling the missing field uploads as usual and clears the error.
+    fill_upload_form(page, "mine", weights)
+    page.click("#upload-button")
+    upload_row(page, "mine").wait_for(timeout=60_000)
+    assert error.is_hidden()
+    assert page.get_attribute("#upload-file", "aria-invalid") == "false"
 
 
 def test_delete_asks_then_removes_upload(

@@ -204,21 +204,46 @@
     $("upload-status").textContent = text;
   }
 
+  // Return the error for the upload form's first empty field, or null.
+  function missingUploadField(modelId, file) {
+    if (modelId.trim() === "") {
+      return {
+        field: "model_id",
+        message: "Model id is missing.",
+        hint: "Enter the id your workflows will use for these weights, e.g. my-detector.",
+      };
+    }
+    if (!file) {
+      return {
+        field: "file",
+        message: "Weights file is missing.",
+        hint: "Choose a .pt file saved by ultralytics (YOLOv8 or later).",
+      };
+    }
+    return null;
+  }
+
   async function upload(event) {
     event.preventDefault();
     if ($("upload-button").disabled) return;
     const modelId = $("upload-model-id").value;
     const file = $("upload-file").files[0];
-    // Only the two fields the API reads. A missing one is left out, and
-    // the API's message names it.
-    const data = new FormData();
-    data.append("model_id", modelId);
-    if (file) data.append("file", file);
-
     clearError("upload-error");
     markField("");
-    const fileDescription = file ? `“${file.name}” (${formatSize(file.size)})` : "the form";
-    setUploading(true, `Uploading ${fileDescription} and checking the weights…`);
+    // An empty field is reported here, in the form's words, rather than
+    // after sending the whole file to get the API's message for it.
+    const missing = missingUploadField(modelId, file);
+    if (missing) {
+      showError("upload-error", missing);
+      markField(missing.field);
+      return;
+    }
+    // Only the two fields the API reads.
+    const data = new FormData();
+    data.append("model_id", modelId);
+    data.append("file", file);
+
+    setUploading(true, `Uploading “${file.name}” (${formatSize(file.size)}) and checking the weights…`);
     let response;
     try {
       response = await apiRequest("POST", "/api/models/", data);
