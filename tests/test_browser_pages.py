@@ -452,3 +452,36 @@ def test_run_timeline_values_stay_whole(transactional_db, asgi_server, browser, 
             box = value.bounding_box()
             assert box["x"] + box["width"] <= width, (width, text, box)
         context.close()
+
+
+def test_token_page_fits_long_name(transactional_db, asgi_server, browser, alice):
+    # No space or hyphen, so the browser finds no place to break the line.
+    long_name = "NightShiftCameraUploader" * 4 + "Nord"
+    assert len(long_name) == 100
+    token, _ = ApiToken.issue(alice, long_name)
+    for width in (1280, 320):
+        context = browser.new_context(viewport={"width": width, "height": 900})
+        page = context.new_page()
+        sign_in(page, asgi_server, "alice", "alice-password")
+        for path in ("/tokens/", f"/tokens/?revoke={token.id}"):
+            page.goto(f"{asgi_server}{path}")
+            page.wait_for_selector("table.token-list")
+            widths = page.evaluate(
+                "[document.documentElement.scrollWidth,"
+                " document.documentElement.clientWidth]"
+            )
+            assert widths[0] <= widths[1], (width, path, widths)
+            revoke = page.get_by_role("button", name=f"Revoke token “{long_name}”…")
+            box = revoke.bounding_box()
+            assert box["x"] + box["width"] <= widths[1], (width, path, box)
+
+        # The page that shows a new token's key names the token too.
+        page.fill("#token-name", f"{width}{long_name}"[:100])
+        page.click("text=Create token")
+        page.wait_for_selector("#new-token-key")
+        widths = page.evaluate(
+            "[document.documentElement.scrollWidth,"
+            " document.documentElement.clientWidth]"
+        )
+        assert widths[0] <= widths[1], (width, "new token", widths)
+        context.close()
