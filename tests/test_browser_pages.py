@@ -485,3 +485,29 @@ def test_token_page_fits_long_name(transactional_db, asgi_server, browser, alice
         )
         assert widths[0] <= widths[1], (width, "new token", widths)
         context.close()
+
+
+def test_workflow_list_fits_long_names(transactional_db, asgi_server, browser, alice):
+    spaced = Workflow.create_with_version(alice, LONG_NAME, detection())
+    # No space or hyphen, so the browser finds no place to break the line.
+    unbroken = Workflow.create_with_version(
+        alice, "CameraPlatformNightShift" * 8, detection()
+    )
+    for width in (1280, 320):
+        context = browser.new_context(viewport={"width": width, "height": 900})
+        page = context.new_page()
+        sign_in(page, asgi_server, "alice", "alice-password")
+        paths = [
+            "/workflows/",
+            f"/workflows/?delete={spaced.id}",
+            f"/workflows/?delete={unbroken.id}",
+        ]
+        for path in paths:
+            page.goto(f"{asgi_server}{path}")
+            page.wait_for_selector("table.workflow-list")
+            widths = page.evaluate(
+                "[document.documentElement.scrollWidth,"
+                " document.documentElement.clientWidth]"
+            )
+            assert widths[0] <= widths[1], (width, path, widths)
+        context.close()
