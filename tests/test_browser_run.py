@@ -883,3 +883,45 @@ def test_run_page_sends_chosen_priority(runner, asgi_server, page, alice):
     assert page.locator("#run-priority-value").text_content() == "economy"
     page.reload()
     assert page.locator("#run-priority-value").text_content() == "economy"
+
+
+def test_estimate_warns_over_price_cap(runner, asgi_server, page, alice, alice_client):
+    workflow = Workflow.create_with_version(alice, "Heights", image_height())
+    assert run_workflow(alice_client, workflow.id).status_code == 200
+    response = alice_client.post(
+        f"/api/workflows/{workflow.id}/estimate", {}, format="json"
+    )
+    price = response.json()["price"]["amount_microcredits"]
+    assert price > 5
+
+    sign_in(page, asgi_server, "alice", "alice-password")
+    estimate = read_estimate(page, asgi_server, workflow.id)
+    assert f"{price} µcr" in estimate
+    assert "price cap" not in estimate
+
+    # Typed without leaving the field, so no change event fires.
+    page.locator("#max-price").press_sequentially("5")
+    page.wait_for_function(
+        "document.getElementById('estimate').textContent.includes('price cap')"
+    )
+    assert (
+        page.locator("#estimate")
+        .text_content()
+        .endswith(
+            " Over the price cap of 5 µcr, so the run would be rejected: "
+            f"raise the cap to at least {price} µcr, or clear it."
+        )
+    )
+
+    page.fill("#max-price", str(price))
+    page.wait_for_function(
+        "!document.getElementById('estimate').textContent.includes('price cap')"
+    )
+    page.fill("#max-price", "5")
+    page.wait_for_function(
+        "document.getElementById('estimate').textContent.includes('price cap')"
+    )
+    page.fill("#max-price", "")
+    page.wait_for_function(
+        "!document.getElementById('estimate').textContent.includes('price cap')"
+    )

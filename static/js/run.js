@@ -782,7 +782,18 @@
     const about = ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
     return `Estimate: ${route}, about ${about}, ` +
       `${formatCredits(estimate.price.amount_microcredits)} ` +
-      `(${describeBasis(estimate)}).${untrained}`;
+      `(${describeBasis(estimate)}).${untrained}${describeOverCap(estimate)}`;
+  }
+
+  // The server rejects a run whose known predicted price is over its cap
+  // (409 price_cap_exceeded), so the estimate marks that before Run is pressed.
+  function describeOverCap(estimate) {
+    const text = $("max-price").value.trim();
+    if (!/^\d+$/.test(text) || Number(text) === 0) return "";
+    const price = estimate.price.amount_microcredits;
+    if (price <= Number(text)) return "";
+    return ` Over the price cap of ${text} µcr, so the run would be rejected: `
+      + `raise the cap to at least ${price} µcr, or clear it.`;
   }
 
   // Responses may arrive out of order, so only the latest request's estimate shows.
@@ -824,6 +835,10 @@
       bindImageChoice(fieldset);
     }
     $("run-priority").addEventListener("change", showEstimate);
+    $("max-price").addEventListener("input", () => {
+      clearTimeout(typing);
+      typing = setTimeout(showEstimate, 300);
+    });
     showEstimate();
   }
   if (existingRunId) follow(existingRunId);
