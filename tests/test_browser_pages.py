@@ -511,3 +511,22 @@ def test_workflow_list_fits_long_names(transactional_db, asgi_server, browser, a
             )
             assert widths[0] <= widths[1], (width, path, widths)
         context.close()
+
+
+def test_skip_link_passes_navigation(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/")
+
+    page.keyboard.press("Tab")
+    skip = page.locator(".skip-link")
+    assert page.evaluate("document.activeElement.className") == "skip-link"
+    assert skip.text_content() == "Skip to content"
+    box = skip.bounding_box()
+    assert box["y"] >= 0, box
+    assert box["y"] + box["height"] <= 900, box
+    page.screenshot(path=str(ARTIFACTS / "skip-link.png"))
+
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "content"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "new-workflow"
