@@ -443,6 +443,19 @@ def test_row_shows_components_in_ms(alice_browser, alice, people):
 
 
 @pytest.mark.django_db
+def test_billed_time_chart_names_its_phases(alice_browser, alice, people):
+    # Each series of the chart, in the timing words of the table above it.
+    make_bill(alice, version=people)
+    page = parse(alice_browser.get(HISTORY))
+    note = re.search(r'id="billed-time-note">(.*?)</p>', page.html, re.S)
+    assert note is not None
+    text = " ".join(note.group(1).split())
+    assert "Model steps are preprocess, inference and postprocess" in text
+    assert "other runner time is compile, blocks, serialization and overhead" in text
+    assert "minimum and rounding is what the policy's minimum" in text
+
+
+@pytest.mark.django_db
 def test_row_of_untimed_run_has_empty_timings(alice_browser, alice, people):
     make_bill(alice, version=people, billed=False, timed=False)
     page = parse(alice_browser.get(HISTORY))
