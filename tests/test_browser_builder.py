@@ -705,3 +705,23 @@ def test_builder_back_shows_saved_version(transactional_db, asgi_server, page, a
         page.click("#save")
     assert response.value.status == 200
     page.wait_for_selector("#saved-version[data-version='3']")
+
+
+def test_builder_empty_selector_looks_empty(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/new")
+    page.wait_for_selector("#builder[data-ready='true']")
+    page.click(f"[data-block-type='{DETECTION}']")
+
+    # The suggestion reads as an example, not as the selector already set.
+    images = page.locator("#node-panel [data-field='images']")
+    assert images.input_value() == ""
+    assert images.get_attribute("placeholder") == "e.g. $inputs.image"
+    page.wait_for_selector("#node-panel [data-field='images'][aria-invalid='true']")
+
+    images.fill("$inputs.image")
+    page.wait_for_selector(
+        "#node-panel [data-field='images']:not([aria-invalid='true'])"
+    )
+    definition = page.evaluate("window.glassboxBuilder.getDefinition()")
+    assert definition["steps"][0]["images"] == "$inputs.image"

@@ -1701,11 +1701,15 @@
   }
 
   // A text field for a selector, suggesting the selectors that fit its kind.
+  // The placeholder starts with "e.g." because a bare selector in it reads
+  // as a value already set, while the field is empty and may be required.
   function selectorInput(item, name, kind, choices) {
     const listId = choices.length ? `choices-${name}` : null;
     const control = el("input", {
       type: "text", autocomplete: "off", spellcheck: "false", list: listId,
-      placeholder: choices[0] || "$inputs.<name> or $steps.<step>.<output>",
+      placeholder: choices.length
+        ? `e.g. ${choices[0]}`
+        : "$inputs.<name> or $steps.<step>.<output>",
     });
     control.value = typeof item[name] === "string" ? item[name] : formatValue(item[name]);
     control.addEventListener("input", () => {
