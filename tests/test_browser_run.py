@@ -913,6 +913,20 @@ def test_estimate_warns_over_price_cap(runner, asgi_server, page, alice, alice_c
         )
     )
 
+    # Run anyway: the rejection is worded as the form is, and stores nothing.
+    runs_before = Run.objects.count()
+    page.click("#run-button")
+    error = page.locator("#run-form-error")
+    page.wait_for_function(
+        "document.getElementById('run-form-error').textContent !== ''"
+    )
+    assert error.text_content() == (
+        f"Not started: the predicted price, {price} µcr (starting hot), is over "
+        f"the price cap of 5 µcr. Raise the cap to at least {price} µcr, or clear it."
+    )
+    assert Run.objects.count() == runs_before
+    assert page.locator("#run-button").is_enabled()
+
     page.fill("#max-price", str(price))
     page.wait_for_function(
         "!document.getElementById('estimate').textContent.includes('price cap')"

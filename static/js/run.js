@@ -666,6 +666,9 @@
         throw new Error("This workflow was deleted after this page opened, so it cannot run. "
           + "Its earlier runs stay in the billing history.");
       }
+      if (response.status === 409 && body.code === "price_cap_exceeded") {
+        throw new Error(priceCapMessage(body));
+      }
       if (!response.ok && response.status !== 202) {
         const message = body.message || response.statusText;
         throw new Error(body.hint ? `${message}. ${body.hint}` : message);
@@ -680,6 +683,26 @@
       $("run-form-error").textContent = error.message;
       button.disabled = false;
     }
+  }
+
+  // The 409 price_cap_exceeded error in the form's words: the API's message
+  // and hint name the request field max_price_microcredits and the value
+  // "priority economy", which this form calls the price cap and Economy.
+  function priceCapMessage(body) {
+    const cap = body.max_price_microcredits;
+    const predicted = body.predicted_price_microcredits;
+    const start = body.predicted_hot ? "hot" : "cold";
+    const message = `Not started: the predicted price, ${predicted} µcr (starting ${start}), `
+      + `is over the price cap of ${cap} µcr. Raise the cap to at least ${predicted} µcr`;
+    const economy = body.economy_estimate;
+    if (!economy) return `${message}, or clear it.`;
+    const economyPrice = economy.amount_microcredits;
+    if (economyPrice <= cap) {
+      return `${message}, or choose Economy priority: the run then waits for runner `
+        + `${economy.runner}, which has its models loaded, and is predicted to cost ${economyPrice} µcr.`;
+    }
+    return `${message}, or to ${economyPrice} µcr with Economy priority, which waits for runner `
+      + `${economy.runner}, where its models are loaded.`;
   }
 
   // An empty field sends no cap. Anything else is sent as a number when it
