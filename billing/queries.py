@@ -92,18 +92,39 @@ class IsoDateField(forms.DateField):
         return super().to_python(value)
 
 
+class IsoDateInput(forms.DateInput):
+    """An ``<input type="date">`` that renders only a value it can contain.
+
+    Browsers show an empty box for any other value, and Chromium logs a
+    console warning for it, so an invalid value is left out of the input
+    and shown in the field's error instead.
+    """
+
+    input_type = "date"
+
+    def format_value(self, value):
+        text = super().format_value(value)
+        if text is None or not ISO_DATE.fullmatch(text):
+            return None
+        try:
+            datetime.date.fromisoformat(text)
+        except ValueError:
+            return None
+        return text
+
+
 class BillFilterForm(forms.Form):
     """History filters. The choices list only the user's own workflows and tokens."""
 
     date_from = IsoDateField(
         required=False,
         label="From (UTC)",
-        widget=forms.DateInput(attrs={"type": "date"}),
+        widget=IsoDateInput(),
     )
     date_to = IsoDateField(
         required=False,
         label="To (UTC)",
-        widget=forms.DateInput(attrs={"type": "date"}),
+        widget=IsoDateInput(),
     )
     workflow = forms.ChoiceField(required=False, label="Workflow")
     token = forms.ChoiceField(required=False, label="API token")

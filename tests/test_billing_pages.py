@@ -721,6 +721,20 @@ def test_invalid_date_message_names_value(alice_browser, value):
     assert messages == [expected]
     page = parse(alice_browser.get(HISTORY, {"date_from": value}))
     assert html.escape(expected) in page.html
+    # A date input cannot hold the value, and Chromium logs a console
+    # warning when the page sets it, so the input is left empty.
+    date_input = re.search(r'<input[^>]*name="date_from"[^>]*>', page.html)
+    assert date_input is not None
+    assert "value=" not in date_input.group(0)
+    assert 'type="date"' in date_input.group(0)
+
+
+@pytest.mark.django_db
+def test_valid_date_stays_in_its_input(alice_browser):
+    page = parse(alice_browser.get(HISTORY, {"date_from": "2026-02-28"}))
+    date_input = re.search(r'<input[^>]*name="date_from"[^>]*>', page.html)
+    assert date_input is not None
+    assert 'value="2026-02-28"' in date_input.group(0)
 
 
 @pytest.mark.django_db
