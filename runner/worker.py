@@ -123,7 +123,7 @@ class RunnerWorker:
         self.on_name_taken = on_name_taken
         # Called without arguments before each dequeue: after a job, and
         # after each DEQUEUE_TIMEOUT_S with none, but not after a shared job
-        # put back for a routed run.
+        # put back for a routed run, or a timeout spent waiting for that run.
         self.between_jobs = between_jobs
         # Called with each job taken, before it runs.
         self.before_job = before_job
@@ -138,8 +138,9 @@ class RunnerWorker:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         # Set when a popped shared job went back because a routed run is on
-        # its way. That is no dequeue timeout, so idle models do not expire
-        # before the routed run's job comes and keeps its models loaded.
+        # its way, and after a dequeue timeout spent waiting for that run.
+        # Idle models then do not expire before the routed run's job comes
+        # and keeps its models loaded.
         reserved_job_returned = False
         while not self.stopping.is_set():
             if self.between_jobs is not None and not reserved_job_returned:
@@ -167,7 +168,9 @@ class RunnerWorker:
                 continue
             if popped is None:
                 # A mark for a run that is never queued expires within
-                # ROUTING_CLAIM_TTL_S; the next take finds out.
+                # ROUTING_CLAIM_TTL_S; the next take finds out. Until then
+                # the routed run may still come, so idle models stay.
+                reserved_job_returned = self.reserved
                 self.reserved = False
                 if burst:
                     return

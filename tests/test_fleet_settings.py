@@ -307,7 +307,8 @@ def test_ttl_keeps_model_of_routed_run(runner, extra_runners, alice):
     # With a keep-alive of 1 s, a runner ends a long run of a large model
     # while routing has marked it busy for a run of the small model it
     # holds, and a shared job waits. The runner puts the shared job back
-    # and waits for the routed run, which must find the small model loaded.
+    # and waits for the routed run, which must find the small model loaded
+    # although it comes seconds later.
     FleetSettings.objects.create(eviction_policy="ttl", keep_alive_s=1)
     connection = get_redis()
     session_mark = keys.current_run_key(runner.name)
@@ -324,6 +325,8 @@ def test_ttl_keeps_model_of_routed_run(runner, extra_runners, alice):
         assert shared.queue_name == keys.SHARED_QUEUE
         connection.set(keys.current_run_key("keep-routed"), "routed-run", ex=60)
         wait_for_status(long_run.id, Run.Status.SUCCEEDED, timeout_s=120)
+        # The routed run comes after a few dequeue timeouts (1 s each).
+        time.sleep(3)
         routed = start(alice, small, "keep-routed", wait_s=0).run
         routed = wait_for_status(routed.id, Run.Status.SUCCEEDED, timeout_s=60)
     finally:
