@@ -247,10 +247,10 @@ def runner(session_runner, transactional_db):
 @pytest.fixture(autouse=True, scope="session")
 def clean_redis():
     """Start from empty queues; stop the session's embedded Redis at the end."""
-    connection_ = get_redis()
+    redis_connection = get_redis()
     for pattern in ("glassbox:*", "rq:*"):
-        for key in connection_.scan_iter(pattern):
-            connection_.delete(key)
+        for key in redis_connection.scan_iter(pattern):
+            redis_connection.delete(key)
     yield
     if not settings.REDIS_URL:
         import shutil
@@ -271,9 +271,9 @@ def clear_login_failures(clean_redis):
     Every test client signs in from 127.0.0.1, so the failures of earlier
     tests would otherwise add up to a lockout of that address.
     """
-    connection_ = get_redis()
-    for key in connection_.scan_iter(f"{login_throttle.KEY_PREFIX}*"):
-        connection_.delete(key)
+    redis_connection = get_redis()
+    for key in redis_connection.scan_iter(f"{login_throttle.KEY_PREFIX}*"):
+        redis_connection.delete(key)
 
 
 @pytest.fixture
