@@ -12,6 +12,7 @@ import io
 import json
 import re
 import struct
+import tracemalloc
 import urllib.parse
 import zlib
 
@@ -26,6 +27,7 @@ from runner.models import Run
 from tests.conftest import image_bytes
 from tests.definitions import detection, image_height
 from webapp.models import ApiToken
+from webapp.requests import MalformedRequest, parse_json
 from workflows.models import Workflow, WorkflowVersion
 
 ROUTES = ["api", "roboflow_inline", "roboflow_stored"]
@@ -202,6 +204,27 @@ def test_same_key_in_two_objects_accepted(alice_client):
     # "name" appears in every input, step and output, once in each object.
     response = post_json(alice_client, "/api/validate", {"definition": definition})
     assert response.status_code == 200, response.json()
+
+
+def test_duplicate_key_search_memory_bounded():
+    # A repeated key after a long list deep in the body: naming its path
+    # must not build a path string for each of the list's members.
+    members = "[" * 200 + ",".join(["0"] * 200_000) + "]" * 200
+
+    def peak_bytes(tail: str) -> int:
+        raw = f'{{"a": {members}, "x": {tail}}}'.encode()
+        tracemalloc.start()
+        try:
+            parse_json(raw)
+        except MalformedRequest as error:
+            assert error.field_name == "x.k"
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    without_repeat = peak_bytes('{"k": 1, "j": 2}')
+    with_repeat = peak_bytes('{"k": 1, "k": 2}')
+    assert with_repeat < 2 * without_repeat
 
 
 def test_run_request_nested_too_deeply(alice_client, run_url):

@@ -123,20 +123,38 @@ def _first_duplicate(value: Any) -> tuple[str, str] | None:
 
     Objects are visited in document order, so the error names the first
     repeat a reader of the text meets, members of enclosing objects first.
+    The walk keeps one iterator per open object or list and builds the path
+    of containers only: a body of millions of members, or one nested deeply,
+    then takes no more memory than its own values.
     """
-    pending: list[tuple[str, Any]] = [("", value)]
-    while pending:
-        path, item = pending.pop()
-        if isinstance(item, _DuplicateKeysObject):
-            return path, item.duplicates[0]
-        if isinstance(item, dict):
-            children = [(_member_path(path, k), v) for k, v in item.items()]
-        elif isinstance(item, list):
-            children = [(f"{path}[{i}]", v) for i, v in enumerate(item)]
+    if isinstance(value, _DuplicateKeysObject):
+        return "", value.duplicates[0]
+    if not isinstance(value, (dict, list)):
+        return None
+    open_containers: list[tuple[str, Any]] = [("", _members(value))]
+    while open_containers:
+        path, members = open_containers[-1]
+        for key, child in members:
+            if not isinstance(child, (dict, list)):
+                continue
+            if isinstance(key, str):
+                child_path = _member_path(path, key)
+            else:
+                child_path = f"{path}[{key}]"
+            if isinstance(child, _DuplicateKeysObject):
+                return child_path, child.duplicates[0]
+            open_containers.append((child_path, _members(child)))
+            break
         else:
-            continue
-        pending.extend(reversed(children))
+            open_containers.pop()
     return None
+
+
+def _members(container: dict | list):
+    """Return an iterator over (key or index, value) of ``container``."""
+    if isinstance(container, dict):
+        return iter(container.items())
+    return enumerate(container)
 
 
 def parse_json(raw: bytes) -> Any:
