@@ -226,6 +226,25 @@ def test_transformation_compiles():
         ([{"type": "DetectionsRename", "class_map": "mapping"}], '"mapping"'),
         ([{"type": "DetectionsOffset", "offset_x": 1.5, "offset_y": 1}], "offset_x"),
         ([{"type": "DetectionsOffset", "offset_x": 1}], '"offset_y" is missing'),
+        (
+            [{"type": "DetectionsOffset", "offset_x": 10**400, "offset_y": 1}],
+            "offset_x: must be an integer number of pixels from -1000000",
+        ),
+        (
+            [{"type": "DetectionsShift", "shift_x": 0, "shift_y": -(10**400)}],
+            "shift_y: must be an integer number of pixels from -1000000",
+        ),
+        (
+            [
+                {
+                    "type": "DetectionsRename",
+                    "class_map": {"Normal": "upright"},
+                    "strict": False,
+                    "new_classes_id_offset": 10**30,
+                }
+            ],
+            "new_classes_id_offset: must be an integer from -2147483648",
+        ),
         ([{"type": "DetectionsSelection", "mode": "biggest"}], "biggest"),
         ([{"type": "SortDetections", "mode": "size", "ascending": "no"}], "ascending"),
         ([{"type": "SortDetections", "mode": "size", "reverse": True}], "reverse"),

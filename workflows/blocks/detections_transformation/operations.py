@@ -222,6 +222,15 @@ def _parse_operation(item: Any, path: str) -> Operation:
     return Sort(_choice(fields, "mode", path, tuple(SORT_KEYS)), ascending)
 
 
+# The largest offset or shift in pixels, as the detection offset block bounds
+# its own. An integer beyond a 64-bit float's range would fail the step.
+MAX_PIXELS = 1_000_000
+
+# Class ids are stored as 64-bit integers. A 32-bit range leaves room for
+# the offset plus the number of new names.
+CLASS_ID_RANGE = (-(2**31), 2**31 - 1)
+
+
 def _integer(fields: dict[str, Any], key: str, path: str) -> int:
     if key not in fields:
         raise OperationsSyntaxError(path, f'"{key}" is missing')
@@ -229,6 +238,12 @@ def _integer(fields: dict[str, Any], key: str, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise OperationsSyntaxError(
             f"{path}.{key}", f"must be an integer number of pixels, got {shown(value)}"
+        )
+    if abs(value) > MAX_PIXELS:
+        raise OperationsSyntaxError(
+            f"{path}.{key}",
+            f"must be an integer number of pixels from {-MAX_PIXELS} to "
+            f"{MAX_PIXELS}, got {shown(value)}",
         )
     return value
 
@@ -263,9 +278,15 @@ def _parse_rename(fields: dict[str, Any], path: str) -> Rename:
             f"got {shown(strict)}",
         )
     offset = fields.get("new_classes_id_offset", 1024)
-    if isinstance(offset, bool) or not isinstance(offset, int):
+    lowest, highest = CLASS_ID_RANGE
+    if (
+        isinstance(offset, bool)
+        or not isinstance(offset, int)
+        or not lowest <= offset <= highest
+    ):
         raise OperationsSyntaxError(
-            f"{path}.new_classes_id_offset", f"must be an integer, got {shown(offset)}"
+            f"{path}.new_classes_id_offset",
+            f"must be an integer from {lowest} to {highest}, got {shown(offset)}",
         )
     return Rename(class_map, strict, offset)
 
