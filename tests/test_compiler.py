@@ -513,7 +513,10 @@ def test_missing_version_accepted():
         ("one", "'version' 'one' is not a version number such as \"1.0\""),
         ("", "'version' '' is not a version number"),
         ("2.0", "'version' '2.0' is not supported: this server reads version 1"),
+        # Over Python's 4,300-digit limit on converting a string to an int.
+        ("1" * 5000, "'version' '1111111111"),
     ],
+    ids=["integer", "number", "boolean", "word", "empty", "major-2", "5000-digits"],
 )
 def test_invalid_version_rejected(version, problem):
     definition = image_height()

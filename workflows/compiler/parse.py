@@ -7,7 +7,7 @@ definition sees every error of this phase at once.
 import re
 from typing import Any
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from workflows.blocks import find_block, known_type_names
 from workflows.blocks.base import Block, json_type_name
@@ -164,7 +164,9 @@ def _parse_version(version: Any, parsed: ParsedDefinition) -> None:
         return
     try:
         parsed_version = Version(version)
-    except InvalidVersion:
+    except ValueError:
+        # InvalidVersion, or a ValueError from int() on a release number
+        # over Python's limit of 4,300 digits.
         parsed.error(
             None,
             None,
