@@ -221,3 +221,42 @@ def test_compile_rejects_bad_field(fields, field, problem):
     assert errors[0].block_id == "verdict"
     assert errors[0].property_name == field
     assert problem in errors[0].property_details
+
+
+def nested_list(depth: int) -> list:
+    """Return ``[[...[1]...]]``, ``depth`` lists deep."""
+    value: list = [1]
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "problem"),
+    [
+        (
+            {"switch": switch(default=static_result(nested_list(900)))},
+            "switch",
+            "nests lists and objects more than 100 levels deep",
+        ),
+        (
+            {"data": {"deep": nested_list(101), "class_name": "$inputs.image"}},
+            "data",
+            "the value at key 'deep' nests lists and objects more than 100",
+        ),
+    ],
+    ids=["static-result", "data-literal"],
+)
+def test_compile_rejects_deep_literal(fields, field, problem):
+    # Runners walk step outputs recursively, so a run would fail with a
+    # RecursionError reported as a platform failure.
+    errors = compile_errors(expression_definition(**fields))
+    assert errors[0].block_id == "verdict"
+    assert errors[0].property_name == field
+    assert problem in errors[0].property_details
+
+
+def test_compile_accepts_literal_at_depth_limit():
+    cases = switch(default=static_result(nested_list(97)))
+    plan = build_plan(expression_definition(switch=cases), "digest")
+    assert [step.name for step in plan.steps][-1] == "verdict"

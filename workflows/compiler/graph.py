@@ -18,7 +18,12 @@ from workflows.blocks.base import (
     json_type_names,
     shown,
 )
-from workflows.compiler.parse import ParsedDefinition, is_selector_like, parse_selector
+from workflows.compiler.parse import (
+    ParsedDefinition,
+    is_selector_like,
+    nested_too_deep,
+    parse_selector,
+)
 from workflows.compiler.plan import (
     IMAGE_INPUT,
     PARAMETER_INPUT,
@@ -225,6 +230,14 @@ def _bind_mapping(
                 "$inputs.<name> or $steps.<step>.<output>",
             )
             bound = None
+        elif reference is None and literal_depth_problem(item):
+            parsed.error(
+                step,
+                block.type,
+                field.name,
+                f"the value at key '{key}' {literal_depth_problem(item)}",
+            )
+            bound = None
         elif reference is None:
             bound = Literal(item)
         elif isinstance(reference, InputRef):
@@ -390,8 +403,22 @@ def value_problem(field: Field, value: Any) -> str | None:
     return None
 
 
+# Deepest nesting of lists and objects in a literal of a definition. Runners
+# walk step outputs recursively, so a literal near Python's recursion limit
+# of 1,000 would fail the run there. The bound leaves room for conditions of
+# 32 nested statement groups, which take two levels each.
+MAX_LITERAL_DEPTH = 100
+
+
+def literal_depth_problem(value: Any) -> str | None:
+    """Describe why a literal nests too deeply, or return None."""
+    if nested_too_deep(value, MAX_LITERAL_DEPTH):
+        return f"nests lists and objects more than {MAX_LITERAL_DEPTH} levels deep"
+    return None
+
+
 def _check_literal(parsed, step, block, field, value) -> Literal | None:
-    problem = value_problem(field, value)
+    problem = value_problem(field, value) or literal_depth_problem(value)
     if problem:
         parsed.error(step, block.type, field.name, problem)
         return None

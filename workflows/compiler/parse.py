@@ -239,8 +239,8 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
         )
 
 
-def nested_too_deep(value: Any) -> bool:
-    """Return whether ``value`` nests lists and objects over MAX_VALUE_DEPTH deep.
+def nested_too_deep(value: Any, max_depth: int = MAX_VALUE_DEPTH) -> bool:
+    """Return whether ``value`` nests lists and objects over ``max_depth`` deep.
 
     Runners copy parameter values into outputs recursively, and Python's
     recursion limit ends that near 1,000 levels.
@@ -250,7 +250,7 @@ def nested_too_deep(value: Any) -> bool:
     depth = 0
     while level:
         depth += 1
-        if depth > MAX_VALUE_DEPTH:
+        if depth > max_depth:
             return True
         level = [
             item
