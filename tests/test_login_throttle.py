@@ -275,3 +275,16 @@ def test_successful_sign_ins_not_counted(client, alice, limits):
     assert list(get_redis().scan_iter(f"{KEY_PREFIX}username:*")) == []
     [address_key] = get_redis().scan_iter(f"{KEY_PREFIX}ip:*")
     assert int(get_redis().get(address_key)) == 0
+
+
+def test_long_username_cut_in_log(client, db, limits, caplog):
+    # Django's sign-in form does not enforce the 150-character limit.
+    username = "m" * 100_000
+
+    with caplog.at_level(logging.WARNING, logger="webapp.login_throttle"):
+        assert sign_in(client, username, WRONG).status_code == 200
+
+    [record] = caplog.records
+    message = record.getMessage()
+    assert f"'{'m' * 150}... (100000 characters)'" in message
+    assert len(message) < 500

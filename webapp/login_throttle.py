@@ -79,6 +79,19 @@ def client_address(request) -> str:
     return str(parsed)
 
 
+# The longest username a log line shows in full: the User model's limit.
+# Django's sign-in form does not enforce that limit, so a typed username may
+# be as long as the request body allows.
+LOGGED_USERNAME_CHARS = 150
+
+
+def logged_username(username: str) -> str:
+    """Return ``username`` as a log line shows it, cut to LOGGED_USERNAME_CHARS."""
+    if len(username) <= LOGGED_USERNAME_CHARS:
+        return username
+    return f"{username[:LOGGED_USERNAME_CHARS]}... ({len(username)} characters)"
+
+
 def _counters(username: str, address: str) -> list[tuple[str, str, int]]:
     """Return the scope, Redis key and limit of each counter that applies."""
     # The username is hashed, so a key's length does not depend on input
@@ -145,7 +158,7 @@ def reserve_attempt(username: str, address: str) -> Attempt:
     except redis.RedisError as error:
         logger.error(
             "Sign-in attempt for username %r from %s was not counted: %s",
-            username,
+            logged_username(username),
             address,
             error,
         )
@@ -173,7 +186,7 @@ def log_failure(attempt: Attempt) -> None:
     counters = _counters(attempt.username, attempt.address)
     logger.warning(
         "Failed sign-in for username %r from %s: %s within %d s",
-        attempt.username,
+        logged_username(attempt.username),
         attempt.address,
         ", ".join(
             f"{attempt.counts[scope]} of {limit} for the {scope}"
@@ -187,7 +200,7 @@ def log_failure(attempt: Attempt) -> None:
                 "Sign-in locked for %d s for the %s of username %r from %s",
                 window_s,
                 scope,
-                attempt.username,
+                logged_username(attempt.username),
                 attempt.address,
             )
 
@@ -208,7 +221,7 @@ def _release(attempt: Attempt, keys: list[str]) -> None:
     except redis.RedisError as error:
         logger.error(
             "Sign-in attempt for username %r from %s stays counted: %s",
-            attempt.username,
+            logged_username(attempt.username),
             attempt.address,
             error,
         )
