@@ -246,6 +246,32 @@ def test_detections_of_different_images_rejected():
     assert "different images (crop, image)" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        "class_aware",
+        "iou_threshold",
+        "confidence",
+        "presence_confidence_aggregation",
+        "detections_merge_confidence_aggregation",
+        "detections_merge_coordinates_aggregation",
+    ],
+)
+def test_null_setting_takes_default(field):
+    # A step output may feed a setting a null, which the executor passes on.
+    sources = [
+        boxes(("person", 0.8, 0, 0, 10, 20)),
+        boxes(("person", 0.6, 0, 0, 10, 20)),
+    ]
+    expected = consensus(sources)
+    result = consensus(sources, **{field: None})
+    assert result["predictions"].xyxy.tolist() == expected["predictions"].xyxy.tolist()
+    assert result["predictions"].confidence.tolist() == pytest.approx(
+        expected["predictions"].confidence.tolist()
+    )
+    assert result["presence_confidence"] == expected["presence_confidence"]
+
+
 # The people detector's own detections on bus.jpg.
 
 

@@ -182,6 +182,13 @@ class DetectionsConsensusBlock(Block):
         "presence_confidence": VALUE,
     }
 
+    @classmethod
+    def _or_default(cls, field_name: str, value: Any) -> Any:
+        """Return ``value``, or the field's default when it is null."""
+        if value is not None:
+            return value
+        return next(field.default for field in cls.fields if field.name == field_name)
+
     def run(
         self,
         context: StepContext,
@@ -198,16 +205,27 @@ class DetectionsConsensusBlock(Block):
         detections_merge_coordinates_aggregation: str,
         detections_merge_mask_aggregation: str,
     ) -> dict[str, Any]:
+        # A step output may feed an optional setting a null, which the
+        # executor passes on unchecked. It takes the default, as an omitted
+        # setting does.
         settings = ConsensusSettings(
             required_votes=required_votes,
-            class_aware=class_aware,
-            iou_threshold=float(iou_threshold),
-            confidence=float(confidence),
+            class_aware=self._or_default("class_aware", class_aware),
+            iou_threshold=float(self._or_default("iou_threshold", iou_threshold)),
+            confidence=float(self._or_default("confidence", confidence)),
             classes_to_consider=classes_to_consider,
             required_objects=required_objects,
-            presence_confidence_aggregation=presence_confidence_aggregation,
-            merge_confidence_aggregation=detections_merge_confidence_aggregation,
-            merge_coordinates_aggregation=detections_merge_coordinates_aggregation,
+            presence_confidence_aggregation=self._or_default(
+                "presence_confidence_aggregation", presence_confidence_aggregation
+            ),
+            merge_confidence_aggregation=self._or_default(
+                "detections_merge_confidence_aggregation",
+                detections_merge_confidence_aggregation,
+            ),
+            merge_coordinates_aggregation=self._or_default(
+                "detections_merge_coordinates_aggregation",
+                detections_merge_coordinates_aggregation,
+            ),
         )
         try:
             result = agree(predictions_batches, settings)
