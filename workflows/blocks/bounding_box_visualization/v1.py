@@ -3,6 +3,7 @@
 from typing import Any
 
 import cv2
+import numpy as np
 
 from workflows.blocks.base import (
     DETECTIONS,
@@ -29,6 +30,11 @@ PALETTE = [
     (52, 147, 26),
     (187, 212, 0),
 ]
+
+
+# The largest coordinate passed to OpenCV: past any image side (65,536 at
+# most) plus the thickest line (32,767), and within a 32-bit integer.
+MAX_COORDINATE = 2**20
 
 
 class BoundingBoxVisualizationBlock(Block):
@@ -62,7 +68,15 @@ class BoundingBoxVisualizationBlock(Block):
     ) -> dict[str, Any]:
         canvas = image.pixels.copy()
         for i in range(len(predictions)):
-            x1, y1, x2, y2 = (int(round(v)) for v in predictions.xyxy[i])
+            corners = predictions.xyxy[i]
+            if not np.isfinite(corners).all():
+                continue
+            # OpenCV takes 32-bit coordinates. Boxes that the detection
+            # offset or transformation moved far outside the image draw the
+            # same when clipped to a margin around it.
+            x1, y1, x2, y2 = (
+                int(round(v)) for v in np.clip(corners, -MAX_COORDINATE, MAX_COORDINATE)
+            )
             colour = PALETTE[int(predictions.class_id[i]) % len(PALETTE)]
             cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
             label = f"{predictions.class_names[i]} {predictions.confidence[i]:.2f}"
