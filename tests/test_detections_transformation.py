@@ -5,12 +5,14 @@ import pytest
 
 from tests.definitions import compare, detection, detection_property, group, static
 from workflows.blocks.base import StepContext
+from workflows.blocks.detection_offset.v1 import DetectionOffsetBlock
 from workflows.blocks.detections_transformation.v1 import (
     DetectionsTransformationBlock,
 )
 from workflows.compiler import build_plan
 from workflows.detections import Detections
 from workflows.errors import DefinitionError, StepExecutionError
+from workflows.executor import collect_outputs
 
 
 def detections() -> Detections:
@@ -272,3 +274,44 @@ def test_transformation_rejects_undeclared_parameter():
     with pytest.raises(DefinitionError) as raised:
         build_plan(transformation_definition([operation]), "digest")
     assert "threshold" in str(raised.value)
+
+
+def test_infinite_output_rejected_as_step_error():
+    # A negative offset inverts the boxes, and detection offsets in percent
+    # of the (negative) side then grow them past float32's range.
+    boxes = transformed(
+        [{"type": "DetectionsOffset", "offset_x": -1_000_000, "offset_y": -1_000_000}]
+    )
+    offset = DetectionOffsetBlock()
+    context = StepContext(step_name="grow", models=None, timer=None)
+    for _ in range(12):
+        boxes = offset.run(
+            context,
+            predictions=boxes,
+            offset_width=1_000_000,
+            offset_height=1_000_000,
+            units="Percent (%)",
+        )["predictions"]
+    assert not np.isfinite(boxes.xyxy).all()
+    definition = transformation_definition([])
+    definition["steps"].append(
+        {
+            "type": "DetectionOffset",
+            "name": "grow",
+            "predictions": "$steps.transform.predictions",
+            "offset_width": 1_000_000,
+            "offset_height": 1_000_000,
+            "units": "Percent (%)",
+        }
+    )
+    definition["outputs"] = [
+        {"type": "JsonField", "name": "grown", "selector": "$steps.grow.predictions"}
+    ]
+    plan = build_plan(definition, "digest")
+
+    with pytest.raises(StepExecutionError) as raised:
+        collect_outputs(plan, {}, {"grow": {"predictions": boxes}})
+
+    assert raised.value.user_error is True
+    assert raised.value.step == "grow"
+    assert "output 'grown' a number that is infinite or NaN" in raised.value.message

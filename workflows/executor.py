@@ -6,6 +6,7 @@ level are repeated for each element.
 """
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -426,13 +427,42 @@ def serialize_image(image: WorkflowImage) -> dict[str, Any]:
 def collect_outputs(
     plan: ExecutionPlan, inputs: Mapping[str, Any], results: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """Serialize the declared outputs of one batch element, nulls included."""
-    return {
-        spec.name: serialize_value(
-            _output_value(spec, inputs, results), spec.coordinates
-        )
-        for spec in plan.outputs
-    }
+    """Serialize the declared outputs of one batch element, nulls included.
+
+    Raises StepExecutionError, as the step's user error, for an output with
+    an infinite or NaN number, which JSON cannot carry and the run's record
+    cannot store. Chained blocks can reach one, such as detection offsets in
+    percent that grow an inverted box past float32's range.
+    """
+    outputs = {}
+    for spec in plan.outputs:
+        value = serialize_value(_output_value(spec, inputs, results), spec.coordinates)
+        # Inputs come from parsed JSON, so only a step can produce one.
+        if isinstance(spec.binding, StepRef) and _has_non_finite_number(value):
+            raise StepExecutionError(
+                f"step '{spec.binding.step}' gave output '{spec.name}' a number "
+                "that is infinite or NaN, which JSON cannot carry; check the "
+                "settings that scale or move its values",
+                step=spec.binding.step,
+                user_error=True,
+            )
+        outputs[spec.name] = value
+    return outputs
+
+
+def _has_non_finite_number(value: Any) -> bool:
+    """Return whether ``value`` holds a float that is infinite or NaN."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return False
 
 
 def _output_value(spec: OutputSpec, inputs, results) -> Any:
