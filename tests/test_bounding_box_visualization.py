@@ -1,4 +1,4 @@
-"""Bounding-box visualization of boxes that other blocks moved anywhere."""
+"""Bounding-box visualization of boxes far outside the image or not finite."""
 
 import numpy as np
 

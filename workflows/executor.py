@@ -451,7 +451,7 @@ def collect_outputs(
 
 
 def _has_non_finite_number(value: Any) -> bool:
-    """Return whether ``value`` holds a float that is infinite or NaN."""
+    """Return whether ``value`` contains a float that is infinite or NaN."""
     pending = [value]
     while pending:
         item = pending.pop()
