@@ -258,7 +258,7 @@ def clean_redis():
         import redis
 
         try:
-            connection_.shutdown(nosave=True)
+            redis_connection.shutdown(nosave=True)
         except redis.ConnectionError:
             pass  # the server closes the connection as it stops
         shutil.rmtree(settings.DATA_DIR, ignore_errors=True)
