@@ -138,6 +138,15 @@ def test_comparison_that_fails_rejects_step():
     assert "(Number) > failed with the values" in caught.value.message
 
 
+def test_failed_comparison_names_image_by_size():
+    image = WorkflowImage(parent_id="image", width=4, height=3, data=b"\xff\xd8" * 500)
+    condition = group(compare(parameter("n"), "(Number) >", static(2)))
+    with pytest.raises(StepExecutionError) as caught:
+        decide(condition, {"n": image})
+    assert "an image of 4×3 pixels" in caught.value.message
+    assert "xff" not in caught.value.message
+
+
 # Compile errors.
 
 
