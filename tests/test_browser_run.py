@@ -468,7 +468,21 @@ def test_run_page_counts_boxes_left_out(runner, asgi_server, page, alice):
     assert int(page.locator("#result-canvas").get_attribute("data-boxes")) == top
     note = page.locator("#result-note").text_content()
     assert note.startswith(f"{nested} detection")
-    assert "relative to crops" in note
+    assert "relative to crop" in note
+
+
+def test_run_page_note_agrees_in_number(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Note", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    one = page.evaluate("undrawnDetectionsNote(1)")
+    assert one.startswith("1 detection is not drawn: its box is relative to a crop")
+    assert "the crop's position" in one
+    assert one.endswith("to draw it.")
+    three = page.evaluate("undrawnDetectionsNote(3)")
+    assert three.startswith("3 detections are not drawn: their boxes are relative")
+    assert "the crops' positions" in three
+    assert three.endswith("to draw them.")
 
 
 def test_run_page_runs_the_version_it_shows(runner, asgi_server, page, alice):

@@ -8,6 +8,19 @@
 // The page shows one run at a time, the one in its URL. Each run gets a view
 // object, and every callback drops its work once a newer view has replaced
 // its own, so a late event or response of an earlier run changes nothing.
+// The note under the drawn result for detections whose boxes are relative
+// to crops. A top-level function, so that a page test can call it.
+function undrawnDetectionsNote(count) {
+  if (count === 1) {
+    return "1 detection is not drawn: its box is relative to a crop, and the "
+      + "outputs do not give the crop's position. Set the output's coordinates "
+      + "to parent to draw it.";
+  }
+  return `${count} detections are not drawn: their boxes are relative to crops, `
+    + "and the outputs do not give the crops' positions. Set the output's "
+    + "coordinates to parent to draw them.";
+}
+
 (function () {
   const $ = (id) => document.getElementById(id);
   const readJson = (id) => { const el = $(id); return el ? JSON.parse(el.textContent) : null; };
@@ -469,9 +482,7 @@
       canvas.dataset.boxes = String(boxes.length);
       canvas.dataset.labels = JSON.stringify(placed.map((r) => [r.x, r.y, r.w, r.h]));
       if (skipped) {
-        note.textContent = `${skipped} detection${skipped === 1 ? " is" : "s are"} not drawn: `
-          + "their boxes are relative to crops, and the outputs do not give the crops' "
-          + "positions. Set the output's coordinates to parent to draw them.";
+        note.textContent = undrawnDetectionsNote(skipped);
       }
     };
     img.src = drawnImage.src;
