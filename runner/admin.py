@@ -1,13 +1,17 @@
 """Admin pages: runs, uploaded models, the live runner fleet and its settings."""
 
+from datetime import UTC
+
 from django.conf import settings
 from django.contrib import admin
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import dateformat
 
 from runner import fleet
 from runner.ended import ended_runners
+from runner.eviction import DEFAULT_KEEP_ALIVE_S
 from runner.models import FleetSettings, ModelUpload, Run
 from runner.registry import ModelSource
 from webapp.admin_base import ViewOnlyModelAdmin
@@ -47,17 +51,25 @@ class RunAdmin(ViewOnlyModelAdmin):
         # A name that ended and is live again would appear twice among the
         # runners, so its earlier process is listed apart.
         ended = ended_runners()
+        runners = _with_upload_owners([state.data for state in fleet.live_runners()])
+        for runner in runners:
+            runner["eviction_text"] = describe_eviction(
+                runner.get("eviction_policy", ""), runner.get("keep_alive_s")
+            )
+        fleet_settings = FleetSettings.current()
         context = {
             **self.admin_site.each_context(request),
             "title": "Runner fleet",
-            "runners": _with_upload_owners(
-                [state.data for state in fleet.live_runners()]
-            ),
+            "runners": runners,
             "dead": fleet.dead_runner_names(),
             "ended": [entry for entry in ended if not entry["live_again"]],
             "restarted": [entry for entry in ended if entry["live_again"]],
             "heartbeat_s": settings.GLASSBOX["RUNNER_HEARTBEAT_S"],
-            "fleet_settings": FleetSettings.current(),
+            "fleet_settings": fleet_settings,
+            "fleet_eviction_text": describe_eviction(
+                fleet_settings.eviction_policy,
+                fleet_settings.keep_alive_s or DEFAULT_KEEP_ALIVE_S,
+            ),
         }
         return TemplateResponse(request, "admin/runner_fleet.html", context)
 
@@ -66,8 +78,15 @@ class RunAdmin(ViewOnlyModelAdmin):
 class FleetSettingsAdmin(admin.ModelAdmin):
     """One row of settings: the list opens it, and it cannot be deleted."""
 
-    fields = ("memory_budget_mb", "eviction_policy", "keep_alive_s", "updated_at")
-    readonly_fields = ("updated_at",)
+    fields = ("memory_budget_mb", "eviction_policy", "keep_alive_s", "updated_at_utc")
+    readonly_fields = ("updated_at_utc",)
+
+    @admin.display(description="Updated at (UTC)")
+    def updated_at_utc(self, fleet_settings):
+        if fleet_settings.updated_at is None:
+            return self.get_empty_value_display()
+        updated = fleet_settings.updated_at.astimezone(UTC)
+        return f"{dateformat.format(updated, 'Y-m-d H:i:s')} UTC"
 
     def formfield_for_dbfield(self, db_field, request, **kwargs):
         # A PositiveIntegerField's form field allows 0, which the model's
@@ -100,6 +119,22 @@ class ModelUploadAdmin(ViewOnlyModelAdmin):
 
     list_display = ("model_id", "owner", "task", "size_bytes", "created_at")
     search_fields = ("model_id", "owner__username")
+
+
+def describe_eviction(policy: str, keep_alive_s: float | None) -> str:
+    """Describe an eviction policy and its keep-alive in the settings form's words.
+
+    The fleet settings line and each runner's row use it, so both read the
+    same. ``keep_alive_s`` is shown only for the policies that use it.
+    """
+    labels = dict(FleetSettings.Policy.choices)
+    label = labels.get(policy)
+    if label is None:
+        return policy or "unknown"
+    text = label[0].lower() + label[1:]
+    if policy in ("ttl", "histogram") and keep_alive_s:
+        text += f"; keep-alive {keep_alive_s:g} s"
+    return text
 
 
 def _with_upload_owners(runners: list[dict]) -> list[dict]:

@@ -176,6 +176,51 @@ def test_fleet_settings_budget_minimum_is_one(client, django_user_model):
         assert errors == ["Ensure this value is greater than or equal to 1."], value
 
 
+def test_fleet_page_words_eviction_alike(client, django_user_model):
+    from runner import fleet
+
+    FleetSettings(eviction_policy="ttl", keep_alive_s=60).save()
+    name = "keep-alive-60"
+    fleet.publish_heartbeat(
+        name,
+        {
+            "name": name,
+            "instance": "only",
+            "models": [],
+            "eviction_policy": "ttl",
+            "keep_alive_s": 60.0,
+            "evictions": 2,
+        },
+    )
+    staff = django_user_model.objects.create_user(
+        "fleet-viewer", password="viewer-password", is_staff=True
+    )
+    client.force_login(staff)
+    try:
+        page = client.get("/admin/runner/run/fleet/").content.decode()
+    finally:
+        fleet.remove_heartbeat(name)
+
+    words = "keep-alive (TTL), then least recently used; keep-alive 60 s"
+    settings_line = page.split('id="fleet-settings"')[1].split("</p>")[0]
+    assert f"eviction {words}." in settings_line
+    live_table = page.split('id="live-runners"')[1].split("</table>")[0]
+    assert f"<td>{words} (2 so far)</td>" in live_table
+    assert "60.0" not in live_table
+
+
+def test_fleet_settings_updated_at_in_utc(client, django_user_model):
+    FleetSettings(eviction_policy="lru").save()
+    updated = FleetSettings.current().updated_at
+    staff = django_user_model.objects.create_superuser(
+        "fleet-admin", password="admin-password"
+    )
+    client.force_login(staff)
+    form = client.get("/admin/runner/fleetsettings/1/change/").content.decode()
+    assert "Updated at (UTC)" in form
+    assert f"{updated:%Y-%m-%d %H:%M:%S} UTC" in form
+
+
 @pytest.mark.django_db
 def test_unknown_stored_policy_keeps_current(caplog):
     # A row written outside the admin (SQL, or a newer release with more
