@@ -530,3 +530,33 @@ def test_skip_link_passes_navigation(transactional_db, asgi_server, page, alice)
     assert page.evaluate("document.activeElement.id") == "content"
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "new-workflow"
+
+
+NAV_LINK_STYLE = """el => {
+  const style = getComputedStyle(el);
+  return [style.fontWeight, style.borderBottomStyle];
+}"""
+
+
+def test_navigation_marks_current_page(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Marked", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    nav = page.locator("header.top nav")
+    cases = [
+        ("/tokens/", "API tokens", "page"),
+        ("/billing/", "Billing", "page"),
+        ("/models/", "Models", "page"),
+        ("/workflows/", "Workflows", "page"),
+        (f"/workflows/{workflow.id}/run/", "Workflows", "true"),
+    ]
+    for path, current_name, value in cases:
+        page.goto(f"{asgi_server}{path}")
+        marked = nav.locator("a[aria-current]")
+        assert marked.count() == 1, path
+        assert marked.text_content() == current_name, path
+        assert marked.get_attribute("aria-current") == value, path
+
+        # The mark is visible too, not only announced.
+        other = nav.locator("a:not([aria-current])").first
+        assert marked.evaluate(NAV_LINK_STYLE) == ["600", "solid"], path
+        assert other.evaluate(NAV_LINK_STYLE) == ["400", "none"], path
