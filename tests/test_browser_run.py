@@ -941,7 +941,9 @@ def test_estimate_warns_over_price_cap(runner, asgi_server, page, alice, alice_c
     assert Run.objects.count() == runs_before
     assert page.locator("#run-button").is_enabled()
 
+    # The rejection was about the old cap, so editing the cap clears it.
     page.fill("#max-price", str(price))
+    assert error.text_content() == ""
     page.wait_for_function(
         "!document.getElementById('estimate').textContent.includes('price cap')"
     )

@@ -642,6 +642,16 @@ function undrawnDetectionsNote(count) {
     });
   }
 
+  // Whether #run-form-error shows why the last press of Run failed. That
+  // error describes inputs as they were then, so editing any of them clears it.
+  let runErrorShown = false;
+
+  function clearRunError() {
+    if (!runErrorShown) return;
+    runErrorShown = false;
+    $("run-form-error").textContent = "";
+  }
+
   async function startRun(event) {
     event.preventDefault();
     const button = $("run-button");
@@ -649,6 +659,7 @@ function undrawnDetectionsNote(count) {
     if (button.disabled) return;
     button.disabled = true;
     $("run-form-error").textContent = "";
+    runErrorShown = false;
     try {
       const sources = await Promise.all(
         [...document.querySelectorAll("[data-image-input]")].map(imageSource));
@@ -692,6 +703,7 @@ function undrawnDetectionsNote(count) {
       follow(body.id);
     } catch (error) {
       $("run-form-error").textContent = error.message;
+      runErrorShown = true;
       button.disabled = false;
     }
   }
@@ -856,6 +868,10 @@ function undrawnDetectionsNote(count) {
 
   if ($("run-form")) {
     $("run-form").addEventListener("submit", startRun);
+    // Capture runs this before a field's own listeners, so that the file
+    // size check still shows its error for a newly chosen file.
+    $("run-form").addEventListener("input", clearRunError, true);
+    $("run-form").addEventListener("change", clearRunError, true);
     // While typing, the estimate follows a short pause.
     let typing = null;
     for (const input of document.querySelectorAll(".param")) {
