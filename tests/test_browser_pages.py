@@ -65,6 +65,76 @@ def test_token_revoke_asks_first(transactional_db, asgi_server, page, alice):
     assert desktop.revoked_at is None
 
 
+def test_token_revoke_escape_refocuses(transactional_db, asgi_server, page, alice):
+    laptop, _ = ApiToken.issue(alice, "laptop")
+    ApiToken.issue(alice, "desktop")
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/tokens/")
+    page.get_by_role("button", name="Revoke token “laptop”…").click()
+    confirm = page.locator("#revoke-confirm")
+    confirm.wait_for()
+    assert page.evaluate("document.activeElement.id") == "revoke-confirm"
+    loads = []
+    page.on("load", lambda _: loads.append(page.url))
+
+    page.keyboard.press("Escape")
+    page.wait_for_url(f"{asgi_server}/tokens/")
+    assert confirm.count() == 0
+    # The question closed in place, without loading the page again.
+    assert loads == []
+    # Focus returns to the Revoke button that opened the question.
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == (
+        "Revoke token “laptop”…"
+    )
+    laptop.refresh_from_db()
+    assert laptop.revoked_at is None
+
+
+def test_token_revoke_cancel_refocuses(transactional_db, asgi_server, page, alice):
+    ApiToken.issue(alice, "laptop")
+    desktop, _ = ApiToken.issue(alice, "desktop")
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/tokens/")
+    page.get_by_role("button", name="Revoke token “desktop”…").click()
+    confirm = page.locator("#revoke-confirm")
+    confirm.wait_for()
+    loads = []
+    page.on("load", lambda _: loads.append(page.url))
+
+    page.click("#revoke-cancel")
+    page.wait_for_url(f"{asgi_server}/tokens/")
+    assert confirm.count() == 0
+    assert loads == []
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == (
+        "Revoke token “desktop”…"
+    )
+
+    # Enter on the focused button opens the same question again.
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{asgi_server}/tokens/?revoke={desktop.id}")
+    assert "Revoke token “desktop”" in confirm.text_content()
+    desktop.refresh_from_db()
+    assert desktop.revoked_at is None
+
+
+def test_token_revoke_cancel_without_script(
+    transactional_db, asgi_server, browser, alice
+):
+    laptop, _ = ApiToken.issue(alice, "laptop")
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/tokens/?revoke={laptop.id}")
+    assert page.locator("#revoke-confirm").count() == 1
+
+    page.click("#revoke-cancel")
+    page.wait_for_url(f"{asgi_server}/tokens/")
+    assert page.locator("#revoke-confirm").count() == 0
+    laptop.refresh_from_db()
+    assert laptop.revoked_at is None
+    context.close()
+
+
 def test_billing_page_cuts_long_names(transactional_db, asgi_server, browser, alice):
     long = version_of(alice, LONG_NAME)
     short = version_of(alice, "People")
