@@ -14,8 +14,10 @@ nothing as they are resolve like the name without the suffix, in the same
 order, and run at that size. A suffix outside the sizes a model can run at
 is reported only when the id matches nothing as it is.
 
-Error messages name the places searched by setting (``MODEL_DIR/x.pt``), not
-by path: they reach API users, and the server's layout is not theirs to see.
+Error messages name the places searched in plain words, with the setting in
+brackets ("the server's model directory (MODEL_DIR/x.pt)"), not by path: they
+reach API users and the browser pages, and the server's layout is not theirs
+to see.
 """
 
 import dataclasses
@@ -283,12 +285,31 @@ def _ultralytics_weights_dir() -> Path | None:
     return Path(weights) if weights else None
 
 
-# Names of each kind's directory in error messages: the setting, not the path.
+# Names of each kind's directory in runner errors and logs, for operators:
+# the setting, not the path.
 KIND_PLACES = {
     "model_dir": "MODEL_DIR",
     "upload": "upload directory",
     "ultralytics_weights": "ultralytics' weights_dir",
 }
+
+# Each kind's directory in messages to users: a plain name, and the setting
+# that sets it (None where no setting does).
+USER_PLACES = {
+    "model_dir": ("the server's model directory", "MODEL_DIR"),
+    "upload": ("the server's upload directory", None),
+    "ultralytics_weights": ("ultralytics' weights directory", "weights_dir"),
+}
+
+
+def describe_place(kind: str, filename: str | None = None) -> str:
+    """Name a kind's directory for users, with its setting and ``filename``.
+
+    For example "the server's model directory (MODEL_DIR/x.pt)".
+    """
+    name, setting = USER_PLACES[kind]
+    detail = "/".join(part for part in (setting, filename) if part)
+    return f"{name} ({detail})" if detail else name
 
 
 def _from_files(model_id: str, name: str, searched: list[str]) -> ModelSource | None:
@@ -298,7 +319,7 @@ def _from_files(model_id: str, name: str, searched: list[str]) -> ModelSource | 
     if weights_dir is not None:
         candidates.append(("ultralytics_weights", weights_dir / filename))
     for kind, path in candidates:
-        searched.append(f"{KIND_PLACES[kind]}/{filename}")
+        searched.append(describe_place(kind, filename))
         if path.is_file():
             return ModelSource(
                 model_id, kind, _relative_to_root(kind, path), pretrained=True

@@ -25,8 +25,8 @@ from runner.metrics import render_metrics
 from runner.models import ModelUpload, Run
 from runner.presenters import run_to_dict
 from runner.registry import (
-    KIND_PLACES,
     SAFE_ID,
+    describe_place,
     model_dir,
     resolve_model,
     size_suffix,
@@ -510,7 +510,7 @@ def _shared_model(model_id: str) -> str | None:
         source = resolve_model(model_id, owner_id=None)
     except ModelNotFoundError:
         return None
-    return f"a file in the {KIND_PLACES[source.kind]}"
+    return f"a file in {describe_place(source.kind)}"
 
 
 DUPLICATE_UPLOAD_HINT = (

@@ -195,6 +195,24 @@ def test_rejected_upload_shows_api_error(
     assert page.locator("#uploads tbody tr[data-model-id]").count() == 0
 
 
+def test_taken_id_names_model_directory(
+    transactional_db, asgi_server, page, alice, tmp_path
+):
+    weights = make_weights(tmp_path / "mine.pt")
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_models_page(page, asgi_server)
+    fill_upload_form(page, "people-detector", weights)
+    page.click("#upload-button")
+    error = page.locator("#upload-error")
+    error.wait_for(state="visible", timeout=60_000)
+    message = error.locator(".error-message").text_content()
+    assert message == (
+        "model_id 'people-detector' already names a file in the server's model "
+        "directory (MODEL_DIR), which your upload would hide from your workflows"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
 def test_empty_upload_field_sends_nothing(
     transactional_db, asgi_server, page, alice, tmp_path
 ):

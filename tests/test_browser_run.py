@@ -663,6 +663,22 @@ def test_run_page_estimate_follows_typing(transactional_db, asgi_server, page, a
     assert page.locator("#estimate").text_content().startswith("No estimate: ")
 
 
+def test_estimate_names_model_directory(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(
+        alice, "Parameters", detection_with_parameters()
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    page.fill("#param-model", '"nope-model"')
+    page.wait_for_function(
+        "document.getElementById('estimate').textContent.includes('nope-model')"
+    )
+    estimate = page.locator("#estimate").text_content()
+    assert estimate.startswith("No estimate: Model 'nope-model' not found")
+    # The directory is named in plain words, with its setting in brackets.
+    assert "the server's model directory (MODEL_DIR/nope-model.pt)" in estimate
+
+
 def test_run_page_shows_error_hint(
     transactional_db, asgi_server, page, alice, tmp_path
 ):

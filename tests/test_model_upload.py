@@ -621,7 +621,10 @@ def test_upload_rejects_id_of_a_shared_model(alice_client, tmp_path):
     assert response.status_code == 400
     body = response.json()
     assert body["field"] == "model_id"
-    assert "a file in the MODEL_DIR" in body["message"]
+    assert (
+        "already names a file in the server's model directory (MODEL_DIR)"
+        in body["message"]
+    )
     assert ModelUpload.objects.count() == 0
 
 

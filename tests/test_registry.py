@@ -154,7 +154,7 @@ def test_unknown_model_message_names_settings_not_paths(db, alice):
     message = caught.value.message
     assert "your uploaded models (no-such-model-640)" in message
     assert "your uploaded models (no-such-model)" in message
-    assert "MODEL_DIR/no-such-model.pt" in message
+    assert "the server's model directory (MODEL_DIR/no-such-model.pt)" in message
     assert str(settings.GLASSBOX["MODEL_DIR"]) not in message
 
 
