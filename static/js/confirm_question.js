@@ -1,6 +1,6 @@
-// A confirmation question rendered by the server, such as the workflow
-// list's ?delete=<id> or the tokens page's ?revoke=<id>: Cancel and Escape
-// close it and return focus to the button that opened it.
+// Closes a confirmation question that the server rendered, such as the
+// workflow list's ?delete=<id> or the tokens page's ?revoke=<id>, on Cancel
+// or Escape, and returns focus to the button that opened it.
 //
 // The panel names that button with a CSS selector in
 // data-question-opener, and its Cancel link (data-question-cancel) loads
