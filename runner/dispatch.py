@@ -580,14 +580,20 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
     run.request_us = (time.perf_counter_ns() - submission.request_started_ns) // 1000
     # On Redis's clock, as is the runner's start that it is subtracted from.
     run.queued_at_ns = clock.now_ns()
-    # A single INSERT commits by itself in autocommit mode, so it needs no
-    # atomic block, which would add a BEGIN and a COMMIT round trip. on_commit
-    # then queues the job at once, or after the caller's transaction commits
-    # if there is one.
+    # A single INSERT commits by itself in autocommit mode, so an inline
+    # definition without uploads needs no atomic block, which would add a
+    # BEGIN and a COMMIT round trip. The locks are taken right before the
+    # INSERT, after routing's Redis calls, so that no transaction is held
+    # open across them. on_commit then queues the job at once, or after the
+    # caller's transaction commits if there is one.
+    uses_uploads = any(m["source"]["kind"] == "upload" for m in models)
     try:
-        if any(m["source"]["kind"] == "upload" for m in models):
+        if uses_uploads or submission.workflow_version_id is not None:
             with transaction.atomic():
-                _lock_uploads(models, submission.owner_id)
+                if submission.workflow_version_id is not None:
+                    lock_live_workflow(submission.workflow_version_id)
+                if uses_uploads:
+                    _lock_uploads(models, submission.owner_id)
                 sql.insert(run)
         else:
             sql.insert(run)
@@ -596,6 +602,27 @@ def submit(submission: Submission, *, require_runner: bool) -> Run:
         raise
     transaction.on_commit(lambda: enqueue(run, submission.inputs.images))
     return run
+
+
+def lock_live_workflow(workflow_version_id: int) -> None:
+    """Lock the version's workflow until the run row commits; raise if it is deleted.
+
+    The request read the workflow before checking the inputs, which can
+    take a while. If a delete committed meanwhile, this raises
+    WorkflowDeletedError (404), so nothing is stored. A delete that comes
+    later waits until the run is stored, so no run is stored after its
+    workflow's delete returned.
+    """
+    from workflows.errors import WorkflowDeletedError
+    from workflows.models import Workflow
+
+    live = list(
+        Workflow.objects.select_for_update(no_key=True, of=("self",))
+        .filter(versions__pk=workflow_version_id)
+        .values_list("pk", flat=True)
+    )
+    if not live:
+        raise WorkflowDeletedError(workflow_version_id)
 
 
 def _lock_uploads(models: list[dict], owner_id: int) -> None:

@@ -15,7 +15,13 @@ from django.conf import settings
 from django.db import transaction
 
 from runner import keys
-from runner.dispatch import Submission, resolve_models, submit, wait_for_result
+from runner.dispatch import (
+    Submission,
+    lock_live_workflow,
+    resolve_models,
+    submit,
+    wait_for_result,
+)
 from runner.estimate import estimate_run
 from runner.models import Run
 from webapp.models import lock_user_row
@@ -79,29 +85,18 @@ def queued_run_slot(owner_id: int) -> Iterator[None]:
 
 @contextmanager
 def live_workflow_slot(workflow_version_id: int) -> Iterator[None]:
-    """Store the new run in a transaction that locks its workflow's row.
+    """Lock the run's workflow in a transaction that the queued-run limit joins.
 
-    The request read the workflow before checking the inputs, which can take
-    a while. If a delete committed meanwhile, this raises WorkflowDeletedError
-    (404) and stores nothing. A delete that comes later waits until the run is
-    stored, so no run is stored after its workflow's delete returned.
-
-    The workflow's row is locked before the owner's row (queued_run_slot),
-    in the order a workflow save takes them: the save locks the workflow, and
-    its foreign key check at commit waits for the owner's row. The reverse
-    order deadlocks with a save of the same workflow.
+    A queued run is stored inside the transaction of queued_run_slot, which
+    locks the owner's row. The workflow's row must be locked before that,
+    in the order a workflow save takes them: the save locks the workflow,
+    and its foreign key check at commit waits for the owner's row. The
+    reverse order deadlocks with a save of the same workflow. submit()
+    locks the workflow again before its INSERT, which this transaction
+    already holds.
     """
-    from workflows.errors import WorkflowDeletedError
-    from workflows.models import Workflow
-
     with transaction.atomic():
-        live = list(
-            Workflow.objects.select_for_update(no_key=True, of=("self",))
-            .filter(versions__pk=workflow_version_id)
-            .values_list("pk", flat=True)
-        )
-        if not live:
-            raise WorkflowDeletedError(workflow_version_id)
+        lock_live_workflow(workflow_version_id)
         yield
 
 
@@ -304,13 +299,16 @@ def start_run(
     with waiting_slot(owner_id) if wait_s > 0 else nullcontext():
         # The image checks above can take a while, so they stay outside the
         # transaction that the workflow lock and the queued-run limit hold.
+        # A run that waits for its result takes the workflow lock in
+        # submit(), right before its INSERT.
+        queued = wait_s <= 0
         with (
             (
                 live_workflow_slot(workflow_version_id)
-                if workflow_version_id is not None
+                if queued and workflow_version_id is not None
                 else nullcontext()
             ),
-            queued_run_slot(owner_id) if wait_s <= 0 else nullcontext(),
+            queued_run_slot(owner_id) if queued else nullcontext(),
         ):
             run = submit(
                 Submission(

@@ -227,3 +227,22 @@ def test_run_after_delete_not_stored(db, alice):
     assert raised.value.to_dict()["code"] == "not_found"
     assert raised.value.status == 404
     assert not Run.objects.filter(workflow_version=version).exists()
+
+
+def test_waiting_run_after_delete_not_stored(runner, alice):
+    # A run that waits for its result locks the workflow in its own
+    # transaction, right before storing the run.
+    workflow = Workflow.create_with_version(alice, "bus height", image_height())
+    version = workflow.latest_version()
+    assert workflow.mark_deleted()
+    with pytest.raises(WorkflowDeletedError):
+        start_run(
+            owner_id=alice.id,
+            source="api",
+            definition=version.definition,
+            raw_inputs={"image": {"type": "base64", "value": image_b64()}},
+            started_ns=time.perf_counter_ns(),
+            wait_s=5,
+            workflow_version_id=version.id,
+        )
+    assert not Run.objects.filter(workflow_version=version).exists()
