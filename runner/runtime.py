@@ -56,6 +56,9 @@ class RunnerRuntime:
     # then restarts an embedded server. A restart can take seconds, and in
     # the heartbeat's thread it would look like a stalled process.
     redis_unreachable: bool = False
+    # Set while the last heartbeat failed, for any reason; the fleet checks
+    # reap no runner meanwhile.
+    beat_failing: bool = False
     # The start-up budget applies while the fleet settings set none.
     # pending_settings is the (budget, policy, keep-alive seconds) that the
     # fleet-check thread last read, which the job loop applies between jobs.

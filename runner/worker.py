@@ -378,15 +378,20 @@ class Heartbeat(threading.Thread):
                 if failures.succeeded():
                     # The other runners lost Redis too, and their heartbeats
                     # expired meanwhile: give them time to beat again before
-                    # taking them for dead. Set before the flag below clears,
+                    # taking them for dead. Set before beat_failing clears,
                     # which the fleet checks wait for.
                     self.runtime.reap_from = time.monotonic() + dead_after
+                self.runtime.beat_failing = False
                 self.runtime.redis_unreachable = False
             except redis.ConnectionError:
                 failures.failed()
+                self.runtime.beat_failing = True
                 self.runtime.redis_unreachable = True
             except Exception:
+                # A timeout, or a server that answers with errors (loading,
+                # read-only), fails the beat too.
                 failures.failed()
+                self.runtime.beat_failing = True
             self.runtime.last_beat_s = time.monotonic() - self.runtime.beat_started_at
             self.runtime.beat_started_at = 0.0
             self.stopped.wait(interval)
@@ -515,8 +520,11 @@ class FleetChecks(threading.Thread):
                 self.runtime.read_fleet_settings()
                 # Until the heartbeat reaches Redis again after an outage,
                 # the time the other runners get to beat again is not set.
-                may_reap = now >= self.runtime.reap_from
-                if checks % 3 == 0 and may_reap and not self.runtime.redis_unreachable:
+                # The heartbeat sets reap_from before it clears the flag, so
+                # the flag is read first.
+                beating = not self.runtime.beat_failing
+                may_reap = beating and now >= self.runtime.reap_from
+                if checks % 3 == 0 and may_reap:
                     reaper.reap_dead_runners(own_name=self.runtime.name)
                 if checks % RECONCILE_EVERY_BEATS == 0:
                     recovery.recover_lost_jobs()
