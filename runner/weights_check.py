@@ -41,10 +41,18 @@ CHILD_ENV = {
     "ULTRALYTICS_SAFE_LOAD": "1",
     "YOLO_OFFLINE": "1",
     "YOLO_AUTOINSTALL": "false",
+    # RLIMIT_DATA counts every thread's stack, so on a host with many cores
+    # the default thread pools alone would take much of the memory limit.
+    # The check predicts one small image.
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
 }
 # The variables that the child takes from the web server's environment.
 # Everything else, such as SECRET_KEY and the passwords in DATABASE_URL and
 # REDIS_URL, stays out of the process that unpickles an uploaded file.
+# NOTE: the child runs as the web server's user, so code that escaped the
+# unpickler could still read the files in GLASSBOX_DATA_DIR, secret_key
+# and the SQLite database among them.
 INHERITED_VARIABLES = frozenset(
     {
         "PATH",

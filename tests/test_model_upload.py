@@ -134,6 +134,7 @@ def test_upload_check_sees_no_secrets(alice_client, tmp_path, monkeypatch):
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "2000")
     monkeypatch.setenv("LC_ALL", "C.UTF-8")
     weights = make_weights(tmp_path / "mine.pt")
     seen: dict[str, str] = {}
@@ -160,7 +161,9 @@ def test_upload_check_sees_no_secrets(alice_client, tmp_path, monkeypatch):
         assert name not in seen
         assert not [key for key, text in seen.items() if value in text]
     assert seen["PATH"] == os.environ["PATH"]
-    assert seen["OMP_NUM_THREADS"] == "2"
+    assert seen["GOMP_SPINCOUNT"] == "2000"
+    # One thread, whatever the web server's setting.
+    assert seen["OMP_NUM_THREADS"] == "1"
     assert seen["LC_ALL"] == "C.UTF-8"
     assert seen["ULTRALYTICS_SAFE_LOAD"] == "1"
     assert "DJANGO_SETTINGS_MODULE" not in seen
@@ -188,6 +191,8 @@ def test_check_environment_is_allow_list():
         "ULTRALYTICS_SAFE_LOAD": "1",
         "YOLO_OFFLINE": "1",
         "YOLO_AUTOINSTALL": "false",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
 
 
