@@ -246,6 +246,20 @@ def test_detections_of_different_images_rejected():
     assert "different images (crop, image)" in caught.value.message
 
 
+def test_empty_first_source_does_not_name_image():
+    empty_crop = boxes(parent_id="crop")
+    empty_crop.image_size = (20, 10)
+    sources = [
+        empty_crop,
+        boxes(("person", 0.8, 0, 0, 10, 20)),
+        boxes(("person", 0.9, 0, 0, 10, 20)),
+    ]
+    result = consensus(sources)
+    assert len(result["predictions"]) == 1
+    assert result["predictions"].parent_id == "image"
+    assert result["predictions"].image_size == (200, 100)
+
+
 @pytest.mark.parametrize(
     "field",
     [

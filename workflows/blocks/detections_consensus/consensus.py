@@ -62,12 +62,16 @@ class ConsensusInputError(ValueError):
 
 def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusResult:
     """Return the consensus of ``sources``, the detections of one image each."""
-    first = sources[0]
-    if all(len(source) == 0 for source in sources):
+    non_empty = [source for source in sources if len(source)]
+    if not non_empty:
+        first = sources[0]
         return ConsensusResult(
             Detections.empty(first.image_size, first.parent_id), False, {}
         )
     _check_same_image(sources)
+    # An empty source may name another image, which only a source with
+    # detections is checked against, so the output takes that image.
+    template = non_empty[0]
     if settings.classes_to_consider:
         allowed = set(settings.classes_to_consider)
         sources = [
@@ -89,7 +93,7 @@ def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusRe
                 continue
             merged.append((box, confidence, class_id, class_name))
             used.update(group)
-    predictions = _detections(first, merged)
+    predictions = _detections(template, merged)
     present, presence = _presence(predictions, settings)
     return ConsensusResult(predictions, present, presence)
 
