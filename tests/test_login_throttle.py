@@ -161,6 +161,19 @@ def test_success_clears_username_failures(client, alice, limits):
     assert sign_in(client, "alice", "alice-password").status_code == 302
 
 
+def test_success_keeps_other_case_failures(client, alice, django_user_model, limits):
+    # Usernames are case-sensitive, so "Alice" is another account whose
+    # failures a sign-in as "alice" must not clear.
+    django_user_model.objects.create_user("Alice", password="other-password")
+    limits(LOGIN_FAILURES_PER_USERNAME=2, LOGIN_FAILURES_PER_IP=0)
+    sign_in(client, "Alice", WRONG, REMOTE_ADDR="10.0.0.1")
+    assert sign_in(Client(), "alice", "alice-password").status_code == 302
+
+    sign_in(client, "Alice", WRONG, REMOTE_ADDR="10.0.0.1")
+
+    assert sign_in(Client(), "Alice", "other-password").status_code == 429
+
+
 def test_lock_ends_with_window(client, alice, limits):
     limits(LOGIN_FAILURES_PER_USERNAME=1, LOGIN_FAILURE_WINDOW_S=1)
     sign_in(client, "alice", WRONG)

@@ -96,7 +96,9 @@ def _counters(username: str, address: str) -> list[tuple[str, str, int]]:
     """Return the scope, Redis key and limit of each counter that applies."""
     # The username is hashed, so a key's length does not depend on input
     # and Redis contains no typed usernames, which are sometimes passwords.
-    digest = hashlib.sha256(username.casefold().encode()).hexdigest()
+    # It is hashed as typed, because Django's usernames are case-sensitive:
+    # signing in as "alice" must not clear the failures counted for "Alice".
+    digest = hashlib.sha256(username.encode()).hexdigest()
     limits = settings.GLASSBOX
     counters = [
         (
@@ -238,7 +240,11 @@ def clear_username_failures(username: str) -> None:
             try:
                 get_redis().delete(key)
             except redis.RedisError as error:
-                logger.error("Sign-in failures cannot be cleared in Redis: %s", error)
+                logger.error(
+                    "Sign-in failures of username %r cannot be cleared in Redis: %s",
+                    logged_username(username),
+                    error,
+                )
 
 
 class ThrottledAuthenticationMixin:
