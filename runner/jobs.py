@@ -244,12 +244,16 @@ def _execute(
         batch_inputs = _batch_inputs(run, plan, inputs)
         batch_results = _execute_batch(run, runtime, plan, batch_inputs, timer)
         serialize_started = time.perf_counter_ns()
-        batch = [
-            collect_outputs(plan, inputs, results)
-            for inputs, results in zip(batch_inputs, batch_results, strict=True)
-        ]
-        outputs_json = json.dumps(batch)
-        timer.serialization_ns += time.perf_counter_ns() - serialize_started
+        try:
+            batch = [
+                collect_outputs(plan, inputs, results)
+                for inputs, results in zip(batch_inputs, batch_results, strict=True)
+            ]
+            outputs_json = json.dumps(batch)
+        finally:
+            # An output that cannot be serialized fails the run, and the
+            # time spent finding it is still serialization, not overhead.
+            timer.serialization_ns += time.perf_counter_ns() - serialize_started
         events.emit("serialization", duration=timer.serialization_ns // 1000)
         outputs = batch
     except WorkflowError as failure:

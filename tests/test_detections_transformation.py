@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from runner.models import Run
+from tests.conftest import start_cli_run
 from tests.definitions import compare, detection, detection_property, group, static
 from workflows.blocks.base import StepContext
 from workflows.blocks.detection_offset.v1 import DetectionOffsetBlock
@@ -315,3 +317,36 @@ def test_infinite_output_rejected_as_step_error():
     assert raised.value.user_error is True
     assert raised.value.step == "grow"
     assert "output 'grown' a number that is infinite or NaN" in raised.value.message
+
+
+def test_infinite_output_run_keeps_serialization_time(runner, alice):
+    # The run fails while its outputs are serialized; that time is still
+    # reported as serialization, and the parts still add up.
+    definition = transformation_definition(
+        [{"type": "DetectionsOffset", "offset_x": -1_000_000, "offset_y": -1_000_000}]
+    )
+    previous = "$steps.transform.predictions"
+    for index in range(12):
+        definition["steps"].append(
+            {
+                "type": "DetectionOffset",
+                "name": f"grow{index}",
+                "predictions": previous,
+                "offset_width": 1_000_000,
+                "offset_height": 1_000_000,
+                "units": "Percent (%)",
+            }
+        )
+        previous = f"$steps.grow{index}.predictions"
+    definition["outputs"] = [
+        {"type": "JsonField", "name": "grown", "selector": previous}
+    ]
+
+    run = start_cli_run(alice, definition, wait_s=60).run
+    run.refresh_from_db()
+
+    assert run.status == Run.Status.FAILED
+    assert run.error["code"] == "step_rejected_input"
+    components = run.breakdown["components"]
+    assert components["serialization"] > 0
+    assert sum(components.values()) == run.breakdown["total"]
