@@ -50,8 +50,8 @@ def is_site_origin(origin: str, scope) -> bool:
         return False
     if is_trusted_origin(parsed.scheme, parsed.netloc):
         return True
-    # Browsers always send a Host header. A client without one is no
-    # browser, so it cannot be carrying a victim's session cookie.
+    # Browsers always send a Host header, so a handshake without one does
+    # not come from a page and carries no victim's session cookie.
     handshake_host = _header(scope, b"host")
     if handshake_host is not None:
         if host != split_domain_port(handshake_host.lower())[0]:
