@@ -6,9 +6,10 @@ the resolved field values, one image-level element at a time.
 """
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from workflows.detections import Detections
 from workflows.images import WorkflowImage
@@ -137,6 +138,35 @@ class Block:
             ],
             "outputs": dict(cls.outputs),
         }
+
+
+Parsed = TypeVar("Parsed")
+
+
+class ParsedByIdentity(Generic[Parsed]):
+    """A parser that parses each literal object once, keyed by its identity.
+
+    A plan's literal is one object for every call of its step (each crop of
+    each image) and every run of the plan, so it is parsed once. Each entry
+    keeps its object alive, so the id is not reused while the entry is here.
+    The least recently used entries go beyond ``kept``.
+    """
+
+    def __init__(self, parse: Callable[[Any], Parsed], kept: int = 128) -> None:
+        self.parse = parse
+        self.kept = kept
+        self._entries: OrderedDict[int, tuple[Any, Parsed]] = OrderedDict()
+
+    def __call__(self, literal: Any) -> Parsed:
+        entry = self._entries.get(id(literal))
+        if entry is not None and entry[0] is literal:
+            self._entries.move_to_end(id(literal))
+            return entry[1]
+        parsed = self.parse(literal)
+        self._entries[id(literal)] = (literal, parsed)
+        if len(self._entries) > self.kept:
+            self._entries.popitem(last=False)
+        return parsed
 
 
 def shown(value: Any, limit: int = 80) -> str:

@@ -7,7 +7,6 @@ executor skips each step in ``next_steps`` for every image or crop where the
 condition is false; see ``workflows/executor.py``.
 """
 
-from collections import OrderedDict
 from typing import Any
 
 from workflows.blocks.base import (
@@ -17,6 +16,7 @@ from workflows.blocks.base import (
     VALUE,
     Block,
     Field,
+    ParsedByIdentity,
     StepContext,
     number_between,
 )
@@ -146,21 +146,7 @@ def undeclared_names(
     return problems
 
 
-# Parsed conditions by the identity of the object they were parsed from, as
-# the filter block keeps its operations: a plan's literal is one object for
-# every call of its step.
-_parsed: OrderedDict[int, tuple[dict, StatementGroup]] = OrderedDict()
-PARSED_KEPT = 128
-
-
-def parsed_condition(condition: dict) -> StatementGroup:
-    """Return ``parse_condition(condition)``, parsing each object once."""
-    entry = _parsed.get(id(condition))
-    if entry is not None and entry[0] is condition:
-        _parsed.move_to_end(id(condition))
-        return entry[1]
-    parsed = parse_condition(condition, CONDITION_PATH)
-    _parsed[id(condition)] = (condition, parsed)
-    if len(_parsed) > PARSED_KEPT:
-        _parsed.popitem(last=False)
-    return parsed
+# Each condition of a plan is parsed once.
+parsed_condition = ParsedByIdentity(
+    lambda condition: parse_condition(condition, CONDITION_PATH)
+)

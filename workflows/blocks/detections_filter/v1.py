@@ -6,7 +6,6 @@ subset of its filter language that ``operations.py`` describes.
 kept only if it passes all of them.
 """
 
-from collections import OrderedDict
 from types import NoneType
 from typing import Any
 
@@ -17,6 +16,7 @@ from workflows.blocks.base import (
     VALUE,
     Block,
     Field,
+    ParsedByIdentity,
     StepContext,
     list_of_strings,
     number_between,
@@ -28,7 +28,6 @@ from workflows.blocks.detections_filter.operations import (
     parse_operations,
     undeclared_parameter,
 )
-from workflows.blocks.detections_filter.statements import StatementGroup
 from workflows.detections import Detections
 from workflows.errors import StepExecutionError
 
@@ -128,22 +127,5 @@ class DetectionsFilterBlock(Block):
         return {"predictions": predictions.select(keep)}
 
 
-# Parsed operations by the identity of the list they were parsed from. A
-# plan's literal is one object for every call of its step (each crop of each
-# image) and every run of the plan, so it is parsed once. Each entry keeps
-# its list alive, so the id is not reused while the entry is here.
-_parsed: OrderedDict[int, tuple[list, tuple[StatementGroup, ...]]] = OrderedDict()
-PARSED_KEPT = 128
-
-
-def parsed_operations(operations: list) -> tuple[StatementGroup, ...]:
-    """Return ``parse_operations(operations)``, parsing each list object once."""
-    entry = _parsed.get(id(operations))
-    if entry is not None and entry[0] is operations:
-        _parsed.move_to_end(id(operations))
-        return entry[1]
-    filters = parse_operations(operations)
-    _parsed[id(operations)] = (operations, filters)
-    if len(_parsed) > PARSED_KEPT:
-        _parsed.popitem(last=False)
-    return filters
+# Each operations list of a plan is parsed once.
+parsed_operations = ParsedByIdentity(parse_operations)

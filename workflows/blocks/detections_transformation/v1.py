@@ -4,17 +4,22 @@
 subset of its query language that ``operations.py`` describes.
 """
 
-from collections import OrderedDict
 from typing import Any
 
-from workflows.blocks.base import DETECTIONS, VALUE, Block, Field, StepContext
+from workflows.blocks.base import (
+    DETECTIONS,
+    VALUE,
+    Block,
+    Field,
+    ParsedByIdentity,
+    StepContext,
+)
 from workflows.blocks.detections_filter.evaluation import EvaluationError
 from workflows.blocks.detections_filter.operations import (
     check_parameters,
     undeclared_parameter,
 )
 from workflows.blocks.detections_transformation.operations import (
-    Operation,
     check_transformations,
     filter_conditions,
     parse_transformations,
@@ -103,20 +108,5 @@ class DetectionsTransformationBlock(Block):
         return {"predictions": transformed}
 
 
-# Parsed operations by the identity of the list they were parsed from, as the
-# filter block keeps them: a plan's literal is one object for every call.
-_parsed: OrderedDict[int, tuple[list, tuple[Operation, ...]]] = OrderedDict()
-PARSED_KEPT = 128
-
-
-def parsed_transformations(operations: list) -> tuple[Operation, ...]:
-    """Return ``parse_transformations(operations)``, parsing each list once."""
-    entry = _parsed.get(id(operations))
-    if entry is not None and entry[0] is operations:
-        _parsed.move_to_end(id(operations))
-        return entry[1]
-    parsed = parse_transformations(operations)
-    _parsed[id(operations)] = (operations, parsed)
-    if len(_parsed) > PARSED_KEPT:
-        _parsed.popitem(last=False)
-    return parsed
+# Each operations list of a plan is parsed once.
+parsed_transformations = ParsedByIdentity(parse_transformations)

@@ -5,17 +5,23 @@ variables, ``data_operations`` transforms some of them with property
 definition operations, and ``switch`` (``cases.py``) picks the output.
 """
 
-from collections import OrderedDict
 from typing import Any
 
-from workflows.blocks.base import ANY, VALUE, Block, Field, StepContext, shown
+from workflows.blocks.base import (
+    ANY,
+    VALUE,
+    Block,
+    Field,
+    ParsedByIdentity,
+    StepContext,
+    shown,
+)
 from workflows.blocks.detections_filter.evaluation import (
     EvaluationError,
     evaluate_condition,
 )
 from workflows.blocks.detections_filter.operations import OperationsSyntaxError
 from workflows.blocks.expression.cases import (
-    Cases,
     DynamicResult,
     Result,
     parse_cases,
@@ -165,20 +171,5 @@ def _result(result: Result, variables: dict[str, Any]) -> Any:
     return result.value
 
 
-# Parsed switches by the identity of the object they were parsed from, as
-# the filter block keeps its operations.
-_parsed: OrderedDict[int, tuple[dict, Cases]] = OrderedDict()
-PARSED_KEPT = 128
-
-
-def parsed_cases(switch: dict) -> Cases:
-    """Return ``parse_cases(switch)``, parsing each object once."""
-    entry = _parsed.get(id(switch))
-    if entry is not None and entry[0] is switch:
-        _parsed.move_to_end(id(switch))
-        return entry[1]
-    parsed = parse_cases(switch)
-    _parsed[id(switch)] = (switch, parsed)
-    if len(_parsed) > PARSED_KEPT:
-        _parsed.popitem(last=False)
-    return parsed
+# Each switch of a plan is parsed once.
+parsed_cases = ParsedByIdentity(parse_cases)
