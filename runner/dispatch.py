@@ -363,9 +363,9 @@ class PredictedRoute:
     takers. ``queued_ahead``
     counts the jobs already waiting in the queues those runners read.
     ``waits_for_holder`` is set for an economy run routed to a busy runner
-    that holds its models. ``all_busy`` is set when every runner that takes
-    runs is busy, and ``all_stopping`` when every live runner is stopping,
-    so that no runner takes the run until one starts.
+    that has its models loaded. ``all_busy`` is set when every runner that
+    takes runs is busy. ``all_stopping`` is set when every live runner is
+    stopping, so that no runner takes the run until one starts.
     """
 
     queue: str

@@ -388,7 +388,7 @@ class Heartbeat(threading.Thread):
                 self.runtime.beat_failing = True
                 self.runtime.redis_unreachable = True
             except Exception:
-                # A timeout, or a server that answers with errors (loading,
+                # A timeout, or a server that replies with errors (loading,
                 # read-only), fails the beat too.
                 failures.failed()
                 self.runtime.beat_failing = True

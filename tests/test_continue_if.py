@@ -425,7 +425,8 @@ def test_decisions_on_other_crops_reject_step(provider_parts):
 
 @pytest.mark.django_db
 def test_skipped_condition_selects_nothing(provider_parts):
-    # "enough" always holds here, but a step that never runs gates it.
+    # The condition of "enough" is true here, but a step that never runs
+    # gates it.
     definition = gated_crops(1)
     definition["steps"].append(
         {

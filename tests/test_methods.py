@@ -43,7 +43,7 @@ def test_billing_data_with_key_refuses_other_methods(alice, url, method):
     ("url", "renders"), [(SUMMARY, "application/json"), (EXPORT, "text/csv")]
 )
 def test_billing_data_answers_options(alice, alice_browser, url, renders):
-    # The API's routes answer OPTIONS with their metadata, so these do too.
+    # The API's routes return their metadata for OPTIONS, so these do too.
     _, key = ApiToken.issue(alice, "billing")
     api = Client().options("/api/runs/", HTTP_AUTHORIZATION=f"Bearer {key}")
     with_key = Client().options(url, HTTP_AUTHORIZATION=f"Bearer {key}")

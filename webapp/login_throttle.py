@@ -79,9 +79,9 @@ def client_address(request) -> str:
     return str(parsed)
 
 
-# The longest username a log line shows in full: the User model's limit.
-# Django's sign-in form does not enforce that limit, so a typed username may
-# be as long as the request body allows.
+# The maximum username length that a log line shows in full, which is the
+# User model's limit. Django's sign-in form does not enforce that limit, so
+# a typed username may be as long as the request body allows.
 LOGGED_USERNAME_CHARS = 150
 
 

@@ -582,7 +582,7 @@ def _gates(
 def _check_gate_level(parsed, blocks, gate, target, dimensions, target_level) -> None:
     """Report a flow-control step that decides per crop for a step that is not.
 
-    A decision made once per crop cannot say whether a step that runs once
+    A decision made once per crop cannot decide whether a step that runs once
     per image should run, so, as in Roboflow's compiler, the flow-control
     step's data must be at the target's level or above it.
     """

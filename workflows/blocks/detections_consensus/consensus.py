@@ -68,16 +68,19 @@ def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusRe
         return ConsensusResult(
             Detections.empty(first.image_size, first.parent_id), False, {}
         )
+
     _check_same_image(sources)
-    # An empty source may name another image, which only a source with
-    # detections is checked against, so the output takes that image.
+    # Only sources with detections are checked to be of one image, so the
+    # output takes its image from one of them, never from an empty source.
     template = non_empty[0]
+
     if settings.classes_to_consider:
         allowed = set(settings.classes_to_consider)
         sources = [
             source.select(np.array([n in allowed for n in source.class_names]))
             for source in sources
         ]
+
     used: set[tuple[int, int]] = set()
     merged: list[tuple[np.ndarray, float, int, str]] = []
     for source_index, source in enumerate(sources):
@@ -93,6 +96,7 @@ def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusRe
                 continue
             merged.append((box, confidence, class_id, class_name))
             used.update(group)
+
     predictions = _detections(template, merged)
     present, presence = _presence(predictions, settings)
     return ConsensusResult(predictions, present, presence)
