@@ -200,6 +200,7 @@ def test_runworkflow_rejection_names_option(runner, alice, tmp_path):
 
     body = json.loads(str(cli_error.value))
     assert body["code"] == "price_cap_exceeded"
+    assert body["field"] == "--max-price"
     assert "is over its --max-price, 1;" in body["message"]
     assert "max_price_microcredits" not in body["message"]
     assert "--max-price" in body["hint"]

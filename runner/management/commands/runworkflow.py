@@ -146,6 +146,7 @@ class Command(BaseCommand):
         except WorkflowError as error:
             body = _with_cli_hint(error.to_dict(), definition, self.image_paths)
             if isinstance(error, PriceCapExceeded):
+                body["field"] = "--max-price"
                 body["message"] = error.message_for("--max-price")
                 body["hint"] = error.hint_for("--max-price", "--priority economy")
             raise CommandError(json.dumps(body, indent=2)) from None
