@@ -305,10 +305,13 @@ def choose_economy_queue(
     so a standard run of the same burst goes elsewhere. A busy holder keeps
     the mark of the run it executes.
 
-    NOTE: the holder may evict a model before it takes the run, and then
-    loads it cold. If the holder dies first, a live runner moves its queued
-    jobs to the shared queue (``reaper.move_queued_jobs``), and the run goes
-    on as a standard run, cold wherever no runner holds its models.
+    The holder unloads the models of runs on its own queue only after any
+    other model (``eviction.next_victim``). It may still evict one before
+    it takes the run, when the run it executes needs the room and nothing
+    else can go, and then loads it cold. If the holder dies first, a live
+    runner moves its queued jobs to the shared queue
+    (``reaper.move_queued_jobs``), and the run goes on as a standard run,
+    cold wherever no runner holds its models.
     """
     view = fleet.fleet_snapshot()
     _, busy, own_lengths = _read_queue_state(view.runners)

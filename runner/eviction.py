@@ -305,14 +305,19 @@ def next_victim(
     budget_bytes: int,
     keep: str | None,
     spare: Collection[str] = (),
+    awaited: Collection[str] = (),
 ) -> Entry | None:
     """Return the next entry to unload so that ``incoming_bytes`` more fit.
 
     Returns None when they fit already, or when only ``keep`` is left: the
     model being loaded or used last stays, alone over the budget if it must.
     The policy picks among the entries outside ``spare`` (the other models
-    of the run that needs the room) while there are any, so a run whose
-    models fit the budget together never evicts one of them to load another.
+    of the run that needs the room) and ``awaited`` (the models of runs
+    routed to this runner and queued for it) while there are any. Next it
+    picks among the awaited ones, and only then among the run's own. So a
+    run whose models fit the budget together never evicts one of them to
+    load another, and a run that routing sent here because its models were
+    loaded finds them loaded unless nothing else could go.
     """
     used = sum(entry.memory_bytes for entry in entries.values())
     if used + incoming_bytes <= budget_bytes:
@@ -320,5 +325,6 @@ def next_victim(
     candidates = [entry for key, entry in entries.items() if key != keep]
     if not candidates:
         return None
-    others = [entry for entry in candidates if entry.key not in spare]
-    return policy.victim(others or candidates)
+    outside_run = [entry for entry in candidates if entry.key not in spare]
+    others = [entry for entry in outside_run if entry.key not in awaited]
+    return policy.victim(others or outside_run or candidates)

@@ -230,6 +230,10 @@ class ModelCache:
         # and when a weights file is found missing, so the router learns of
         # the change before the next heartbeat.
         self.on_change: Callable[[], None] | None = None
+        # Returns the cache keys of the models that runs queued for this
+        # runner alone will call. Making room unloads them after any other
+        # model outside the current run. Read only when a model must go.
+        self.awaited_keys: Callable[[], Collection[str]] | None = None
         # The weights files this runner found missing, by ModelSource.file_key,
         # with the path this machine looked at.
         self._missing: dict[str, str] = {}
@@ -405,17 +409,18 @@ class ModelCache:
         """Unload the models that the policy finds idle too long; return how many.
 
         Only the ttl and histogram policies expire models. The cache keys in
-        ``keep`` stay loaded, idle or not. Call it only between runs, like
-        ``configure``.
+        ``keep`` stay loaded, idle or not, and so do the models that runs
+        queued for this runner alone call (``awaited_keys``). Call it only
+        between runs, like ``configure``.
         """
         now = time.monotonic()
         with self._lock:
             expired = self.policy.expired(list(self._entries.values()), now)
-            idle = [
-                (entry.key, now - entry.last_used)
-                for entry in expired
-                if entry.key not in keep
-            ]
+        expired = [entry for entry in expired if entry.key not in keep]
+        if expired:
+            awaited = self._awaited()
+            expired = [entry for entry in expired if entry.key not in awaited]
+        idle = [(entry.key, now - entry.last_used) for entry in expired]
         for key, idle_s in idle:
             self.evict(key, idle_s=idle_s)
         if idle:
@@ -434,7 +439,13 @@ class ModelCache:
     def _make_room(
         self, incoming_bytes: int, keep: str | None, spare: Collection[str] = ()
     ) -> None:
+        awaited: Collection[str] | None = None
         while True:
+            if (
+                awaited is None
+                and self.used_bytes() + incoming_bytes > self.budget_bytes
+            ):
+                awaited = self._awaited()
             with self._lock:
                 victim = next_victim(
                     self.policy,
@@ -443,6 +454,7 @@ class ModelCache:
                     self.budget_bytes,
                     keep,
                     spare,
+                    awaited or (),
                 )
                 used = sum(e.memory_bytes for e in self._entries.values())
             if victim is None:
@@ -455,6 +467,24 @@ class ModelCache:
                     )
                 return
             self.evict(victim.key)
+
+    def _awaited(self) -> Collection[str]:
+        """Return ``awaited_keys()``, or nothing when it fails.
+
+        Without the list, the policy alone picks what goes: a failed read
+        must not stop a run from loading its model.
+        """
+        if self.awaited_keys is None:
+            return ()
+        try:
+            return self.awaited_keys()
+        except Exception:
+            logger.warning(
+                "reading the models of the runs queued for this runner failed; "
+                "evicting by the policy alone",
+                exc_info=True,
+            )
+            return ()
 
     def evict(
         self, cache_key: str, reason: str | None = None, idle_s: float | None = None

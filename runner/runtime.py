@@ -11,6 +11,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from rq import Queue
+from rq.job import Job
+
 from runner.eviction import DEFAULT_KEEP_ALIVE_S, POLICIES, policy_keep_alive_s
 from runner.model_cache import ModelCache
 from webapp.clock import clock
@@ -126,13 +129,7 @@ class RunnerRuntime:
         snapshot lists the run's models (dispatch.job_snapshot). A job
         without a readable list keeps nothing loaded.
         """
-        snapshot = job_kwargs.get("snapshot")
-        refs = snapshot.get("model_refs") if isinstance(snapshot, dict) else None
-        keep = set()
-        for ref in refs if isinstance(refs, list) else []:
-            if isinstance(ref, dict) and isinstance(ref.get("cache_key"), str):
-                keep.add(ref["cache_key"])
-        self.cache.expire_idle(keep=keep)
+        self.cache.expire_idle(keep=job_model_keys(job_kwargs))
 
     def stall_since(self, started: float, dead_after_s: float) -> float | None:
         """Return how long this process stalled since ``started``, or None.
@@ -202,3 +199,45 @@ def current_runtime() -> RunnerRuntime:
             "'python manage.py runner'"
         )
     return _runtime
+
+
+def job_model_keys(job_kwargs: dict) -> set[str]:
+    """Return the cache keys of the models a run job calls.
+
+    ``job_kwargs`` are the job's keyword arguments, whose run snapshot
+    lists the run's models (dispatch.job_snapshot). A job without a
+    readable list gives an empty set.
+    """
+    snapshot = job_kwargs.get("snapshot")
+    refs = snapshot.get("model_refs") if isinstance(snapshot, dict) else None
+    keys = set()
+    for ref in refs if isinstance(refs, list) else []:
+        if isinstance(ref, dict) and isinstance(ref.get("cache_key"), str):
+            keys.add(ref["cache_key"])
+    return keys
+
+
+# How many jobs of a runner's own queue ``queued_model_keys`` reads. Routing
+# sends a run there only while the runner holds its models, so the queue is
+# short; a longer one is read from its front.
+QUEUED_JOBS_READ = 100
+
+
+def queued_model_keys(queue: Queue) -> set[str]:
+    """Return the cache keys of the models that the jobs on ``queue`` call.
+
+    For a runner's own queue these are the models that routing found loaded
+    when it sent each run there. A job that cannot be read counts for none.
+    """
+    job_ids = queue.get_job_ids(0, QUEUED_JOBS_READ)
+    keys = set()
+    for job in Job.fetch_many(job_ids, queue.connection, serializer=queue.serializer):
+        if job is None:
+            continue
+        try:
+            kwargs = job.kwargs
+        except Exception:
+            continue
+        if isinstance(kwargs, dict):
+            keys |= job_model_keys(kwargs)
+    return keys

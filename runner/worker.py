@@ -18,7 +18,7 @@ from rq.job import Job
 
 from runner import fleet, keys, reaper, recovery
 from runner.finish import clear_mark
-from runner.runtime import RunnerRuntime
+from runner.runtime import RunnerRuntime, queued_model_keys
 from webapp.clock import clock
 from webapp.redis import restart_embedded_redis_if_down
 
@@ -553,6 +553,10 @@ def run_worker(runtime: RunnerRuntime, connection, *, burst: bool = False) -> No
 
     def name_taken() -> None:
         runtime.name_taken = True
+
+    # Routing sent these jobs here because this runner had their models
+    # loaded, so making room for another model unloads those last.
+    runtime.cache.awaited_keys = lambda: queued_model_keys(own_queue)
 
     # Whether a job ran since the last call of between_jobs.
     ran_job = False

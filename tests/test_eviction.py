@@ -93,6 +93,25 @@ def test_next_victim_spares_the_runs_models():
     assert next_victim(policy, entries, 10 * MIB, 20 * MIB, "c", {"a", "b"}).key == "a"
 
 
+def test_next_victim_spares_awaited_models_after_others():
+    policy = LeastRecentlyUsed()
+    entries = {
+        name: SimulatedModel(name, 10 * MIB, 1.0, last_used=used)
+        for name, used in (("awaited", 1.0), ("other", 2.0), ("run", 3.0))
+    }
+
+    def victim(entries):
+        return next_victim(
+            policy, entries, 10 * MIB, 25 * MIB, "new", {"run"}, {"awaited"}
+        )
+
+    # "awaited", used least recently, is a model that a queued run will call.
+    assert victim(entries).key == "other"
+    del entries["other"]
+    # Then the awaited model goes before the run's own.
+    assert victim(entries).key == "awaited"
+
+
 def test_gdsf_keeps_slow_loading_model_lru_evicts():
     # "slow" loads in 30 s, "fast" in 1 s; both 10 MiB, room for two.
     results = {}

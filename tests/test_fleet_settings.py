@@ -1,14 +1,17 @@
 """Eviction settings set in the admin, applied by runners between jobs."""
 
 import time
+import uuid
 
 import pytest
+from rq import Queue
 
 from runner import keys
+from runner.dispatch import enqueue_job
 from runner.model_cache import ModelCache, ModelProvider
 from runner.models import FleetSettings, Run
 from runner.registry import resolve_model
-from runner.runtime import RunnerRuntime
+from runner.runtime import RunnerRuntime, queued_model_keys
 from tests.conftest import image_bytes, start_cli_run
 from tests.definitions import detection
 from tests.test_runner_pool import start, wait_for_status
@@ -79,6 +82,65 @@ def test_lfu_evicts_the_least_called_model(alice):
     # the least recently used would be the one called three times.
     latest = load(cache, "yolov8n.yaml-384", alice.id)
     assert {model["cache_key"] for model in cache.snapshot()} == {often, latest}
+
+
+@pytest.mark.django_db
+def test_models_of_queued_runs_are_unloaded_last(alice):
+    connection = get_redis()
+    queue = Queue(
+        keys.runner_queue("awaited-models"),
+        connection=connection,
+        serializer=keys.JOB_SERIALIZER,
+    )
+    # 45 MiB has room for three yolov8n, not four.
+    cache = new_cache(45)
+    cache.awaited_keys = lambda: queued_model_keys(queue)
+    awaited = load(cache, "yolov8n.yaml-416", alice.id)
+    other = load(cache, "yolov8n.yaml-448", alice.id)
+    latest = load(cache, "yolov8n.yaml-480", alice.id)
+    # A run routed to this runner, since it holds the run's model, waits on
+    # the runner's own queue. Its job is the one dispatch queues.
+    snapshot = {"model_refs": [{"model_id": "yolov8n.yaml-416", "cache_key": awaited}]}
+    enqueue_job(connection, queue.name, str(uuid.uuid4()), {"snapshot": snapshot})
+    try:
+        incoming = load(cache, "yolov8n.yaml-512", alice.id)
+    finally:
+        queue.empty()
+
+    # The least recently used model stays, as the queued run calls it.
+    assert {model["cache_key"] for model in cache.snapshot()} == {
+        awaited,
+        latest,
+        incoming,
+    }
+    assert cache.evictions == 1
+    assert other not in {awaited, latest, incoming}
+
+
+@pytest.mark.django_db
+def test_models_of_queued_runs_do_not_expire(alice):
+    connection = get_redis()
+    queue = Queue(
+        keys.runner_queue("awaited-models"),
+        connection=connection,
+        serializer=keys.JOB_SERIALIZER,
+    )
+    cache = new_cache(4096)
+    cache.configure(4096 * MIB, "ttl", keep_alive_s=0.05)
+    cache.awaited_keys = lambda: queued_model_keys(queue)
+    awaited = load(cache, "yolov8n.yaml-416", alice.id)
+    idle = load(cache, "yolov8n.yaml-448", alice.id)
+    snapshot = {"model_refs": [{"model_id": "yolov8n.yaml-416", "cache_key": awaited}]}
+    enqueue_job(connection, queue.name, str(uuid.uuid4()), {"snapshot": snapshot})
+    time.sleep(0.2)
+    try:
+        expired = cache.expire_idle()
+    finally:
+        queue.empty()
+
+    assert expired == 1
+    assert [model["cache_key"] for model in cache.snapshot()] == [awaited]
+    assert idle != awaited
 
 
 @pytest.mark.django_db
