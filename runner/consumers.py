@@ -14,6 +14,10 @@ LATE_EVENTS_GRACE_S after the run's end for the events, then sends one
 ``done`` built from the database. Nothing follows ``done`` but the close
 (code 1000): phases that arrive after a ``done`` built from the database
 are dropped.
+
+An event over MAX_EVENT_BYTES, the websocket server's message limit, is
+sent with its largest fields set to null and named in ``truncated``
+(events.encode_event), so that the stream still reaches ``done``.
 """
 
 import asyncio
@@ -24,7 +28,7 @@ import redis
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from runner.events import group_name, stored_events
+from runner.events import encode_event, group_name, stored_events
 from runner.models import Run
 from runner.presenters import bill_to_dict
 from webapp.clock import clock
@@ -119,7 +123,7 @@ class RunEventsConsumer(AsyncJsonWebsocketConsumer):
             return
         self.seen.add(event["seq"])
         self.done_sent = event["phase"] == "done"
-        await self.send_json(event)
+        await self.send(text_data=encode_event(event))
         if self.done_sent:
             await self.close(code=CLOSE_NORMAL)
 

@@ -47,6 +47,15 @@ def events_key(run_id: str) -> str:
 # and subscribers do not drop the reaper's events as seen.
 REAPER_FIRST_SEQ = 10**12
 
+# Largest websocket message, in bytes of UTF-8 JSON, that a subscriber is
+# sent. daphne 4.2 gives autobahn a limit of 1 MiB by default
+# (``websocket_max_message_size``), and ``manage.py up`` keeps it. autobahn
+# 26.11 applies the limit to the messages it sends too, so a longer one
+# raises PayloadExceededError and the connection closes with code 1011.
+MAX_EVENT_BYTES = 1024 * 1024
+# Fields that every event keeps however large the others are.
+KEPT_FIELDS = ("seq", "run_id", "phase", "status")
+
 
 class RunEvents:
     """Numbered events of one run; ``seq`` lets subscribers drop duplicates."""
@@ -128,6 +137,39 @@ def _publisher() -> _Publisher:
             _publisher_thread = _Publisher()
             _publisher_thread.start()
         return _publisher_thread
+
+
+def encode_event(event: dict[str, Any], limit: int = MAX_EVENT_BYTES) -> str:
+    """Encode ``event`` as JSON of at most ``limit`` bytes, dropping fields if needed.
+
+    Over the limit, the largest fields other than KEPT_FIELDS become null,
+    one at a time, until the event fits. Their names go in ``truncated`` and
+    ``url`` names the run's API route, which returns the whole run.
+    """
+    text = json.dumps(event)
+    if len(text.encode()) <= limit:
+        return text
+    sizes = {
+        name: len(json.dumps(value).encode())
+        for name, value in event.items()
+        if name not in KEPT_FIELDS
+    }
+    reduced = {**event, "truncated": [], "url": f"/api/runs/{event['run_id']}"}
+    for name in sorted(sizes, key=sizes.get, reverse=True):
+        reduced[name] = None
+        reduced["truncated"].append(name)
+        text = json.dumps(reduced)
+        if len(text.encode()) <= limit:
+            break
+    logger.warning(
+        "run %s: event %s (%s) is over %s bytes; sent without %s",
+        event["run_id"],
+        event["seq"],
+        event["phase"],
+        limit,
+        ", ".join(reduced["truncated"]),
+    )
+    return text
 
 
 def stored_events(run_id: str) -> list[dict[str, Any]]:

@@ -5,14 +5,17 @@ import base64
 import json
 import time
 
+import aiohttp
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+from django.test import Client
 from django.utils import timezone
 
 from runner import consumers
 from runner.dispatch import wait_for_result
-from runner.events import RunEvents, events_key, stored_events
+from runner.events import MAX_EVENT_BYTES, RunEvents, events_key, stored_events
 from runner.models import Run
 from runner.service import start_run
 from tests.conftest import image_bytes, registered_runner, start_cli_run
@@ -462,3 +465,51 @@ def test_events_add_up_to_the_breakdown_for_batches(runner, alice):
             if e.get("step") == name and e["phase"] == "step"
         ]
         assert sum(runs) == by_step[name], name
+
+
+def run_with_oversized_event(owner) -> Run:
+    """Store a finished run whose stored events include one over MAX_EVENT_BYTES."""
+    run = untouched_run(owner)
+    events = RunEvents(str(run.id))
+    events.emit("request", duration=1)
+    # A step name as long as this is not valid in a definition, but an event
+    # of any phase over the limit must not end the stream.
+    oversized = "x" * (MAX_EVENT_BYTES + 1)
+    events.emit("step", step=oversized, type="t", model_step=False, duration=2)
+    events.emit("done", status="succeeded", breakdown=None, bill=None, error=None)
+    events.send_with(get_redis().pipeline(transaction=False))
+    return run
+
+
+def session_cookie(user) -> dict[str, str]:
+    client = Client()
+    client.force_login(user)
+    name = django_settings.SESSION_COOKIE_NAME
+    return {name: client.cookies[name].value}
+
+
+@pytest.mark.asyncio
+async def test_oversized_event_keeps_stream_open(transactional_db, asgi_server, alice):
+    # daphne, not the in-process communicator, enforces the websocket
+    # message limit, so the client connects to a real server.
+    run = await sync_to_async(run_with_oversized_event)(alice)
+    cookies = await sync_to_async(session_cookie)(alice)
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookies=cookies, cookie_jar=jar) as session:
+        url = asgi_server.replace("http://", "ws://") + f"/ws/runs/{run.id}/"
+        async with session.ws_connect(url, origin=asgi_server, max_msg_size=0) as ws:
+            messages = [message async for message in ws]
+            close_code = ws.close_code
+
+    texts = [message.data for message in messages]
+    assert all(len(text.encode()) <= MAX_EVENT_BYTES for text in texts)
+    events = [json.loads(text) for text in texts]
+    assert [event["phase"] for event in events] == ["request", "step", "done"]
+    step = events[1]
+    assert step["step"] is None
+    assert step["truncated"] == ["step"]
+    assert step["url"] == f"/api/runs/{run.id}"
+    assert step["duration"] == 2
+    assert events[2]["status"] == "succeeded"
+    assert "truncated" not in events[2]
+    assert close_code == consumers.CLOSE_NORMAL
