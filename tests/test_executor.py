@@ -136,6 +136,7 @@ def test_deadline_stops_next_block_call():
     assert caught.value.step == "crop_0"
     assert caught.value.user_error is True
     assert "took longer than RUN_TIME_LIMIT_S (0 s)" in caught.value.message
+    assert "stopped before call 1 of step 'crop_0'" in caught.value.message
 
     # With time to spare, every step runs.
     execute_plan(

@@ -1503,6 +1503,33 @@ def test_run_over_time_limit_fails_billed(runner, extra_runners, alice):
     assert run.bill.billed
 
 
+def test_time_limit_stops_mid_step(runner, extra_runners, alice):
+    # The limit passes during the cold load of the first image's call, so the
+    # runner stops before the step's second call, not after its last. The
+    # check sits at each call of a block, so crops stop the same way.
+    env = {"RUN_TIME_LIMIT_S": "0.001"}
+    name = extra_runners("hurried-batch", env_overrides=env).name
+    image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
+    outcome = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=detection("people-detector-832"),
+        raw_inputs={"image": [image, image, image]},
+        started_ns=time.perf_counter_ns(),
+        wait_s=60,
+        runner=name,
+    )
+    run = outcome.run
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+    assert run.error["code"] == "step_rejected_input"
+    assert run.error["step"] == "people"
+    assert "stopped before call 2 of step 'people'" in run.error["message"]
+    [model] = run.breakdown["models"]
+    assert model["calls"] == 1
+    assert run.bill.billed
+
+
 def test_queueing_images_takes_no_clock_sample(monkeypatch):
     # Redis runs a transaction's TIME only once all of it has arrived, so a
     # sample taken while 16 MB of images travel to Redis reads the server's

@@ -73,22 +73,29 @@ class PixelBudget:
 class Deadline:
     """The time by which a run's steps must end, checked before each block call.
 
-    A definition decides how much work a run does (steps, crops, batch
-    size), so without a limit one request could hold a runner for hours.
-    A block call already going is not interrupted.
+    A step calls its block once per image of the batch and once per crop, so
+    a run stops within one call (one model call, its cold load included) of
+    the limit. A definition decides how much work a run does (steps, crops,
+    batch size), so without a limit one request could hold a runner for
+    hours. A block call already going is not interrupted.
     """
 
     def __init__(self, limit_s: float) -> None:
         self.limit_s = limit_s
         self.at_ns = time.monotonic_ns() + int(limit_s * 1e9)
 
-    def check(self, step: StepPlan) -> None:
+    def check(self, step: StepPlan, call_number: int) -> None:
+        """Raise StepExecutionError if the limit passed before call ``call_number``.
+
+        ``call_number`` counts the step's calls over the whole batch, from 1.
+        """
         if time.monotonic_ns() > self.at_ns:
             raise StepExecutionError(
                 f"the run's steps took longer than RUN_TIME_LIMIT_S "
-                f"({self.limit_s:g} s) and stopped before a call of step "
-                f"'{step.name}'; send fewer images per run, or a workflow "
-                "with fewer crops or steps",
+                f"({self.limit_s:g} s) and stopped before call {call_number} of "
+                f"step '{step.name}', which calls its block once per image and "
+                "per crop; send fewer images per run, or a workflow with fewer "
+                "crops or steps",
                 step=step.name,
                 user_error=True,
             )
@@ -287,7 +294,7 @@ def _run_lifted(
     if level == call.target:
         _check_step_values(call, values)
         if call.deadline is not None:
-            call.deadline.check(step)
+            call.deadline.check(step, call.calls.count + 1)
         call.calls.count += 1
         produced = step.block.run(call.context, **_call_values(step, values))
         if call.pixel_budget is not None:
