@@ -2,16 +2,19 @@
 
 import asyncio
 import base64
+import io
 import json
 import time
 
 import aiohttp
+import numpy as np
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
 from django.test import Client
 from django.utils import timezone
+from PIL import Image
 
 from runner import consumers
 from runner.dispatch import wait_for_result
@@ -488,20 +491,26 @@ def session_cookie(user) -> dict[str, str]:
     return {name: client.cookies[name].value}
 
 
-@pytest.mark.asyncio
-async def test_oversized_event_keeps_stream_open(transactional_db, asgi_server, alice):
-    # daphne, not the in-process communicator, enforces the websocket
-    # message limit, so the client connects to a real server.
-    run = await sync_to_async(run_with_oversized_event)(alice)
-    cookies = await sync_to_async(session_cookie)(alice)
+async def read_stream(base_url: str, run_id, user) -> tuple[list[str], int | None]:
+    """Return the text messages of a run's websocket, and its close code.
+
+    daphne at ``base_url``, not the in-process communicator, enforces the message
+    limit, so the client connects to a real server, signed in as ``user``.
+    """
+    cookies = await sync_to_async(session_cookie)(user)
     jar = aiohttp.CookieJar(unsafe=True)
     async with aiohttp.ClientSession(cookies=cookies, cookie_jar=jar) as session:
-        url = asgi_server.replace("http://", "ws://") + f"/ws/runs/{run.id}/"
-        async with session.ws_connect(url, origin=asgi_server, max_msg_size=0) as ws:
-            messages = [message async for message in ws]
-            close_code = ws.close_code
+        url = base_url.replace("http://", "ws://") + f"/ws/runs/{run_id}/"
+        async with session.ws_connect(url, origin=base_url, max_msg_size=0) as ws:
+            texts = [message.data async for message in ws]
+            return texts, ws.close_code
 
-    texts = [message.data for message in messages]
+
+@pytest.mark.asyncio
+async def test_oversized_event_keeps_stream_open(transactional_db, asgi_server, alice):
+    run = await sync_to_async(run_with_oversized_event)(alice)
+    texts, close_code = await read_stream(asgi_server, run.id, alice)
+
     assert all(len(text.encode()) <= MAX_EVENT_BYTES for text in texts)
     events = [json.loads(text) for text in texts]
     assert [event["phase"] for event in events] == ["request", "step", "done"]
@@ -513,3 +522,48 @@ async def test_oversized_event_keeps_stream_open(transactional_db, asgi_server, 
     assert events[2]["status"] == "succeeded"
     assert "truncated" not in events[2]
     assert close_code == consumers.CLOSE_NORMAL
+
+
+def noise_jpeg_b64(width: int, height: int) -> str:
+    """Return a JPEG of random pixels, which compresses poorly, as base64."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, "JPEG", quality=95)
+    return base64.b64encode(encoded.getvalue()).decode()
+
+
+@pytest.mark.asyncio
+async def test_large_outputs_stay_off_stream(runner, asgi_server, alice):
+    # A drawing of a 3000x2000 noise image is several MiB of base64, which
+    # the events must not carry. The client reads it from the API.
+    definition = detection("people-detector-320")
+    definition["steps"].append(
+        {
+            "type": "roboflow_core/bounding_box_visualization@v1",
+            "name": "drawing",
+            "image": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        }
+    )
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "drawing", "selector": "$steps.drawing.image"}
+    )
+    image = {"type": "base64", "value": noise_jpeg_b64(3000, 2000)}
+    outcome = await sync_to_async(start_run)(
+        owner_id=alice.id,
+        source="cli",
+        definition=definition,
+        raw_inputs={"image": image},
+        started_ns=time.perf_counter_ns(),
+        wait_s=0,
+    )
+    texts, close_code = await read_stream(asgi_server, outcome.run.id, alice)
+
+    assert close_code == consumers.CLOSE_NORMAL
+    assert all(len(text.encode()) < 64 * 1024 for text in texts)
+    events = [json.loads(text) for text in texts]
+    assert events[-1]["phase"] == "done"
+    assert events[-1]["status"] == "succeeded"
+    assert not any("truncated" in event for event in events)
+    stored = await sync_to_async(Run.objects.get)(pk=outcome.run.id)
+    assert len(json.dumps(stored.outputs)) > MAX_EVENT_BYTES
