@@ -580,3 +580,90 @@ def test_crop_steps_nest_one_level():
     assert dimensions["crops"] == 1
     assert dimensions["inner"] == 1
     assert dimensions["people"] == 0
+
+
+def two_crop_steps() -> dict:
+    """Return crops of the people found, a model on them, and a second crop step.
+
+    ``inner`` runs per crop of step ``crops``; ``other_crops`` cuts the same
+    boxes again, so its crops are as many but of another step.
+    """
+    definition = detect_then_crops("yolov8n.yaml")
+    definition["steps"].append(
+        {
+            "type": "DynamicCrop",
+            "name": "other_crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        }
+    )
+    return definition
+
+
+def test_compile_rejects_crops_of_two_crop_steps():
+    definition = two_crop_steps()
+    definition["steps"].append(
+        {
+            "type": "BoundingBoxVisualization",
+            "name": "boxes",
+            "image": "$steps.other_crops.crops",
+            "predictions": "$steps.inner.predictions",
+        }
+    )
+    [error] = compile_errors(definition)
+    assert error.block_id == "boxes"
+    assert error.block_type == "roboflow_core/bounding_box_visualization@v1"
+    assert error.property_name == "predictions"
+    assert (
+        "'$steps.inner.predictions' is per crop of step 'crops', but "
+        "'$steps.other_crops.crops' (field 'image') is per crop of step "
+        "'other_crops'" in error.property_details
+    )
+    assert "read both from the crops of one crop step" in error.property_details
+
+
+def test_compile_rejects_nested_crops_of_other_crop_step():
+    definition = two_crop_steps()
+    definition["steps"] += [
+        {
+            "type": "DynamicCrop",
+            "name": "inner_crops",
+            "images": "$steps.crops.crops",
+            "predictions": "$steps.inner.predictions",
+        },
+        {
+            "type": "BoundingBoxVisualization",
+            "name": "boxes",
+            "image": "$steps.other_crops.crops",
+            "predictions": "$steps.inner_crops.predictions",
+        },
+    ]
+    [error] = compile_errors(definition)
+    assert (error.block_id, error.property_name) == ("boxes", "image")
+    assert (
+        "is per crop of step 'inner_crops' (nested in the crops of step 'crops')"
+        in error.property_details
+    )
+
+
+def test_compile_accepts_crops_with_parent_images():
+    definition = two_crop_steps()
+    definition["steps"] += [
+        {
+            "type": "DynamicCrop",
+            "name": "inner_crops",
+            "images": "$steps.crops.crops",
+            "predictions": "$steps.inner.predictions",
+        },
+        {
+            "type": "BoundingBoxVisualization",
+            "name": "boxes",
+            "image": "$steps.crops.crops",
+            "predictions": "$steps.inner.predictions",
+        },
+    ]
+    plan = build_plan(definition, "digest")
+    dimensions = {step.name: step.dimension for step in plan.steps}
+    assert dimensions["inner_crops"] == 2
+    assert dimensions["boxes"] == 1
+    assert dimensions["other_crops"] == 1

@@ -381,10 +381,9 @@ def test_two_conditions_must_both_select(provider_parts):
     assert zidane["widths"] is None
 
 
-@pytest.mark.django_db
-def test_decisions_on_other_crops_reject_step(provider_parts):
-    # The condition decides for each crop of one person in zidane.jpg, and
-    # gates a step that reads the crops of both people found at 0.1.
+def test_compile_rejects_decision_on_other_crops():
+    # The condition decides for each crop of the people found at 0.4, and
+    # gates a step that reads the crops of the people found at 0.1.
     definition = gated_crops(1)
     definition["steps"] += [
         {
@@ -416,11 +415,12 @@ def test_decisions_on_other_crops_reject_step(provider_parts):
             "operations": [{"type": "ExtractImageProperty", "property_name": "width"}],
         },
     ]
-    with pytest.raises(StepExecutionError) as caught:
-        run_plan(definition, provider_parts, names=("zidane.jpg",))
-    assert caught.value.user_error is True
-    assert caught.value.step == "all_widths"
-    assert "the decisions of step 'wide': 1" in caught.value.message
+    [error] = compile_errors(definition)
+    assert (error.block_id, error.property_name) == ("wide", "next_steps")
+    assert (
+        "step 'wide' decides per crop of step 'crops', but step 'all_widths' "
+        "runs per crop of step 'all_crops'" in error.property_details
+    )
 
 
 @pytest.mark.django_db

@@ -413,6 +413,66 @@ def test_compile_rejects_bad_field(field, value, problem):
     assert problem in errors[0].property_details
 
 
+def test_compile_rejects_image_and_crop_detections():
+    definition = two_detectors()
+    definition["steps"][-1:-1] = [
+        {
+            "type": "DynamicCrop",
+            "name": "crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        },
+        {
+            "type": "ObjectDetectionModel",
+            "name": "inner",
+            "images": "$steps.crops.crops",
+            "model_id": "people-detector",
+        },
+    ]
+    definition["steps"][-1]["predictions_batches"][1] = "$steps.inner.predictions"
+    [error] = compile_errors(definition)
+    assert (error.block_id, error.property_name) == ("vote", "predictions_batches")
+    assert error.block_type == "roboflow_core/detections_consensus@v1"
+    assert (
+        "item 1, '$steps.inner.predictions', is per crop of step 'crops', but "
+        "item 0, '$steps.people.predictions', is per input image"
+        in error.property_details
+    )
+    assert "all on an input image" in error.property_details
+
+
+def test_compile_accepts_detections_of_same_crops():
+    definition = two_detectors()
+    definition["steps"][-1:-1] = [
+        {
+            "type": "DynamicCrop",
+            "name": "crops",
+            "images": "$inputs.image",
+            "predictions": "$steps.people.predictions",
+        },
+        {
+            "type": "ObjectDetectionModel",
+            "name": "inner",
+            "images": "$steps.crops.crops",
+            "model_id": "people-detector",
+        },
+        {
+            "type": "ObjectDetectionModel",
+            "name": "inner_strict",
+            "images": "$steps.crops.crops",
+            "model_id": "people-detector",
+            "confidence": 0.6,
+        },
+    ]
+    definition["steps"][-1]["predictions_batches"] = [
+        "$steps.inner.predictions",
+        "$steps.inner_strict.predictions",
+    ]
+    plan = build_plan(definition, "digest")
+    assert plan.steps[-1].name == "vote"
+    assert plan.steps[-1].dimension == 1
+
+
 def test_compile_requires_votes():
     definition = two_detectors()
     del definition["steps"][-1]["required_votes"]

@@ -82,6 +82,10 @@ class Block:
     outputs: ClassVar[Mapping[str, str]]
     # How many list levels the block adds to its outputs (dynamic crop adds one).
     adds_dimension: ClassVar[int] = 0
+    # Fields whose selectors must all name data of the same image or crop
+    # (the same crop steps), because the block combines their values as
+    # data of one image. The compiler checks them (graph._check_same_lineage).
+    same_lineage_fields: ClassVar[tuple[str, ...]] = ()
     uses_model: ClassVar[bool] = False
     # A flow-control block's ``run`` returns ``{FLOW_CONTROL: bool}``: whether
     # the steps its STEPS field names run for the image or crop it ran on.

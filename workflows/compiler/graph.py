@@ -2,7 +2,8 @@
 
 Checks that every selector names an existing input, step and output of the
 right kind, that no step depends on itself through other steps, and computes
-each step's nesting level (crops make lists of images).
+each step's nesting level (crops make lists of images) with the crop steps
+that made it, its lineage.
 """
 
 from graphlib import CycleError, TopologicalSorter
@@ -531,32 +532,136 @@ def order_steps(
     except CycleError as error:
         _report_cycle(parsed, blocks, bound, error.args[1])
         return []
-    dimensions: dict[str, int] = {}
+    lineages: dict[str, tuple[str, ...]] = {}
     plans = []
     for name in order:
         block = blocks[name]
         bindings = bound[name]
-        inherited = max(
-            (
-                dimensions[ref.step]
-                for binding in bindings.values()
-                for ref in step_references(binding)
-            ),
-            default=0,
+        reported = _check_same_lineage(parsed, name, block, bindings, lineages)
+        inherited = _inherited_lineage(
+            parsed, name, block, bindings, lineages, reported
         )
-        dimensions[name] = inherited + block.adds_dimension
+        lineages[name] = inherited + (name,) * block.adds_dimension
         for gate in gates.get(name, ()):
-            _check_gate_level(parsed, blocks, gate, name, dimensions, inherited)
+            _check_gate_lineage(parsed, blocks, gate, name, lineages, inherited)
         plans.append(
             StepPlan(
                 name=name,
                 block=block(),
                 bindings=bindings,
-                dimension=dimensions[name],
+                dimension=len(lineages[name]),
                 gated_by=gates.get(name, ()),
             )
         )
     return plans
+
+
+def describe_lineage(lineage: tuple[str, ...]) -> str:
+    """Describe what a value with this lineage is computed for, in words."""
+    if not lineage:
+        return "per input image"
+    described = f"per crop of step '{lineage[-1]}'"
+    if len(lineage) > 1:
+        outer = ", ".join(f"'{step}'" for step in lineage[:-1])
+        noun = "step" if len(lineage) == 2 else "steps"
+        described += f" (nested in the crops of {noun} {outer})"
+    return described
+
+
+def _selector(reference: InputRef | StepRef) -> str:
+    if isinstance(reference, InputRef):
+        return f"$inputs.{reference.name}"
+    return f"$steps.{reference.step}.{reference.output}"
+
+
+def _lineage_of(
+    reference: InputRef | StepRef, lineages: dict[str, tuple[str, ...]]
+) -> tuple[str, ...]:
+    return lineages[reference.step] if isinstance(reference, StepRef) else ()
+
+
+def _inherited_lineage(
+    parsed,
+    name: str,
+    block: type[Block],
+    bindings: dict[str, Binding],
+    lineages: dict[str, tuple[str, ...]],
+    reported: set[str],
+) -> tuple[str, ...]:
+    """Return the crop steps that step ``name`` runs per crop of, outermost first.
+
+    The executor pairs the crops of two values by position, so every step
+    output that a step reads must be per crop of the same crop steps as the
+    deepest one, or per image those crops were cut from. Roboflow's compiler
+    likewise rejects step inputs of incompatible lineage ("Data Lineage
+    verification" in docs/workflows/workflows_compiler.md of
+    roboflow/inference). Fields in ``reported`` already have an error and
+    get no second one.
+    """
+    sources = [
+        (field_name, reference, lineages[reference.step])
+        for field_name, binding in bindings.items()
+        for reference in step_references(binding)
+    ]
+    if not sources:
+        return ()
+    deepest_field, deepest, lineage = max(sources, key=lambda source: len(source[2]))
+    for field_name, reference, other in sources:
+        if lineage[: len(other)] == other or field_name in reported:
+            continue
+        reported.add(field_name)
+        parsed.error(
+            name,
+            block.type,
+            field_name,
+            f"'{_selector(reference)}' is {describe_lineage(other)}, but "
+            f"'{_selector(deepest)}' (field '{deepest_field}') is "
+            f"{describe_lineage(lineage)}; the crops of different crop steps "
+            "cannot be paired, so read both from the crops of one crop step, "
+            "or read one from the images that step cropped",
+        )
+    return lineage
+
+
+def _check_same_lineage(
+    parsed,
+    name: str,
+    block: type[Block],
+    bindings: dict[str, Binding],
+    lineages: dict[str, tuple[str, ...]],
+) -> set[str]:
+    """Report a field of ``block.same_lineage_fields`` that mixes levels or crops.
+
+    Returns the names of the fields reported.
+    """
+    reported = set()
+    for field_name in block.same_lineage_fields:
+        binding = bindings.get(field_name)
+        if isinstance(binding, SequenceBinding):
+            entries = list(binding.entries)
+        elif isinstance(binding, InputRef | StepRef):
+            entries = [binding]
+        else:
+            continue
+        first = _lineage_of(entries[0], lineages)
+        for index, entry in enumerate(entries[1:], start=1):
+            other = _lineage_of(entry, lineages)
+            if other == first:
+                continue
+            reported.add(field_name)
+            parsed.error(
+                name,
+                block.type,
+                field_name,
+                f"item {index}, '{_selector(entry)}', is {describe_lineage(other)}, "
+                f"but item 0, '{_selector(entries[0])}', is "
+                f"{describe_lineage(first)}; the block combines their values as "
+                "data of one image or crop, so every item must come "
+                "from steps that ran on the same images: all on an input "
+                "image, or all on the crops of one crop step",
+            )
+            break
+    return reported
 
 
 def next_steps_field(block: type[Block]) -> Field | None:
@@ -579,27 +684,41 @@ def _gates(
     return {target: tuple(sources) for target, sources in gates.items()}
 
 
-def _check_gate_level(parsed, blocks, gate, target, dimensions, target_level) -> None:
+def _check_gate_lineage(
+    parsed, blocks, gate, target, lineages, target_lineage: tuple[str, ...]
+) -> None:
     """Report a flow-control step that decides per crop for a step that is not.
 
     A decision made once per crop cannot decide whether a step that runs once
     per image should run, so, as in Roboflow's compiler, the flow-control
-    step's data must be at the target's level or above it.
+    step's data must be at the target's level or above it. A decision per
+    crop of one crop step cannot decide for the crops of another either,
+    because the executor would pair their crops by position.
     """
-    # NOTE: levels are compared, not the crop steps that made them, so a
-    # decision on one step's crops can gate a step that reads another's.
-    # The executor pairs them by position, or fails on different counts.
-    if dimensions[gate] <= target_level:
+    gate_lineage = lineages[gate]
+    if target_lineage[: len(gate_lineage)] == gate_lineage:
         return
     field = next_steps_field(blocks[gate])
+    if len(gate_lineage) > len(target_lineage):
+        problem = (
+            f"step '{gate}' decides once per crop (nesting level "
+            f"{len(gate_lineage)}), but step '{target}' runs on data of level "
+            f"{len(target_lineage)}; make the condition read data of step "
+            f"'{target}''s level, or name a step that reads the crops"
+        )
+    else:
+        problem = (
+            f"step '{gate}' decides {describe_lineage(gate_lineage)}, but step "
+            f"'{target}' runs {describe_lineage(target_lineage)}; the crops of "
+            "different crop steps cannot be paired, so make the condition read "
+            f"data of the crops that step '{target}' runs on, or of the images "
+            "they were cut from"
+        )
     parsed.error(
         gate,
         blocks[gate].type,
         field.name if field is not None else None,
-        f"step '{gate}' decides once per crop (nesting level {dimensions[gate]}), "
-        f"but step '{target}' runs on data of level {target_level}; make the "
-        f"condition read data of step '{target}''s level, or name a step that "
-        "reads the crops",
+        problem,
     )
 
 

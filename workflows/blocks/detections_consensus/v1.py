@@ -176,6 +176,9 @@ class DetectionsConsensusBlock(Block):
             check=one_of(MASK_AGGREGATIONS),
         ),
     )
+    # Merged detections must be of one image: detections per input image and
+    # detections per crop would otherwise reach ``agree`` together.
+    same_lineage_fields = ("predictions_batches",)
     outputs = {
         "predictions": DETECTIONS,
         "object_present": VALUE,
