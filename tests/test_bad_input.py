@@ -1220,7 +1220,7 @@ def test_excluded_fields_not_list(alice_client, excluded):
     assert_nothing_stored()
 
 
-@pytest.mark.parametrize("profiling", ["no", 0, [True]])
+@pytest.mark.parametrize("profiling", ["maybe", " true", "", 2, 0.5, [True]])
 def test_enable_profiling_not_boolean(alice_client, profiling):
     response = post_json(
         alice_client,

@@ -365,6 +365,36 @@ def test_sdk_excluded_fields(runner, client):
     assert list(result[0]) == ["count"]
 
 
+@pytest.mark.parametrize(
+    ("profiling", "traced"),
+    [("true", True), ("True", True), ("yes", True), (1, True), ("false", False)],
+)
+def test_enable_profiling_as_pydantic_bool(
+    runner, live_server, alice_key, height_workflow, profiling, traced
+):
+    body = {
+        "enable_profiling": profiling,
+        "inputs": {"image": {"type": "base64", "value": image_b64()}},
+    }
+    headers = {"Authorization": f"Bearer {alice_key}"}
+    inline = requests.post(
+        f"{live_server.url}/workflows/run",
+        json={**body, "specification": image_height()},
+        headers=headers,
+        timeout=300,
+    )
+    stored = requests.post(
+        f"{live_server.url}/alice/workflows/{height_workflow.slug}",
+        json=body,
+        headers=headers,
+        timeout=300,
+    )
+    for response in (inline, stored):
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"] == [{"height": 1080}]
+        assert ("profiler_trace" in response.json()) is traced
+
+
 def test_sdk_image_as_numpy_array(runner, client):
     import cv2
 

@@ -446,6 +446,38 @@ def optional_bool(body: dict[str, Any], key: str) -> bool:
     return value
 
 
+# Strings that pydantic 2's ``bool`` accepts, compared in lower case (its
+# documentation, "Booleans", version 2.3). Roboflow's inference server reads
+# its request bodies with pydantic, so its clients may send these.
+TRUE_STRINGS = frozenset({"1", "on", "t", "true", "y", "yes"})
+FALSE_STRINGS = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def lax_bool(body: dict[str, Any], key: str) -> bool:
+    """Read an optional boolean field as pydantic's ``bool`` reads it.
+
+    A missing or null value is false. Besides true and false, the field
+    takes the integers 0 and 1 and the strings of TRUE_STRINGS and
+    FALSE_STRINGS in any case, without surrounding spaces.
+    """
+    value = body.get(key)
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return value == 1
+    if isinstance(value, str) and value.lower() in TRUE_STRINGS | FALSE_STRINGS:
+        return value.lower() in TRUE_STRINGS
+    raise MalformedRequest(
+        f"'{key}' must be true or false, got {shown(value)}; 0, 1 and the "
+        'strings "true", "false", "yes", "no", "on", "off", "t", "f", "y", '
+        '"n", "1" and "0" are accepted too',
+        context="request_parsing",
+        field_name=key,
+    )
+
+
 def string_list(body: dict[str, Any], key: str) -> list[str]:
     """Read an optional list of strings; a missing or null value is empty."""
     value = body.get(key)

@@ -20,7 +20,7 @@ from webapp.errors import error_body, not_found
 from webapp.requests import (
     MalformedRequest,
     json_object,
-    optional_bool,
+    lax_bool,
     string_list,
     version_number,
 )
@@ -126,7 +126,7 @@ def _run(request, definition: dict, workflow_version_id: int | None, body: dict)
     started_ns = request._request.started_ns
     # Checked before the run starts, so a bad value stores no run.
     excluded = string_list(body, "excluded_fields")
-    profiling = optional_bool(body, "enable_profiling")
+    profiling = lax_bool(body, "enable_profiling")
     outcome = start_run(
         owner_id=request.user.id,
         source="roboflow",
