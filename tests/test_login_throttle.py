@@ -205,9 +205,26 @@ def test_admin_sign_in_shares_the_count(client, django_user_model, limits):
         "/admin/login/", {"username": "staff", "password": "staff-password"}
     )
 
-    assert response.status_code == 200
-    assert "Too many failed sign-ins for this username" in response.content.decode()
+    assert response.status_code == 429
+    assert 0 < int(response["Retry-After"]) <= 900
+    page = response.content.decode()
+    assert "Too many failed sign-ins for this username" in page
+    assert "Please enter the correct username and password" not in page
     assert not signed_in(client)
+
+
+def test_admin_failures_lock_sign_in_page(client, django_user_model, limits):
+    django_user_model.objects.create_user(
+        "staff", password="staff-password", is_staff=True, is_superuser=True
+    )
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    for _ in range(2):
+        response = client.post(
+            "/admin/login/", {"username": "staff", "password": WRONG}
+        )
+        assert response.status_code == 200
+
+    assert sign_in(Client(), "staff", "staff-password").status_code == 429
 
 
 def test_workers_share_the_count(wsgi_server, alice, limits):

@@ -4,7 +4,6 @@ from django.contrib.auth.admin import UserAdmin
 
 from billing.models import Bill
 from runner.models import ModelUpload, Run
-from webapp.login_throttle import ThrottledAdminAuthenticationForm
 from webapp.models import ApiToken
 
 
@@ -31,8 +30,6 @@ class AccountAdmin(UserAdmin):
         return deleted, counts, perms_needed - cascaded, protected
 
 
-# The admin's sign-in page counts failed sign-ins with /accounts/login/'s.
-admin.site.login_form = ThrottledAdminAuthenticationForm
 admin.site.unregister(get_user_model())
 admin.site.register(get_user_model(), AccountAdmin)
 

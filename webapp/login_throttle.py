@@ -21,6 +21,7 @@ from datetime import timedelta
 import redis
 from django import forms
 from django.conf import settings
+from django.contrib.admin import AdminSite
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.views import LoginView
@@ -294,14 +295,36 @@ class ThrottledAdminAuthenticationForm(
     pass
 
 
+def respond_to_lockout(response):
+    """Set 429 and Retry-After on a sign-in page that a lockout rejected.
+
+    ``response`` is a sign-in view's response. The form that a lockout
+    rejected is in its context, as Django's LoginView renders it.
+    """
+    context = getattr(response, "context_data", None) or {}
+    lockout = getattr(context.get("form"), "lockout", None)
+    if lockout is not None:
+        response.status_code = 429
+        response["Retry-After"] = str(lockout.retry_after_s)
+    return response
+
+
 class ThrottledLoginView(LoginView):
     """Django's sign-in view, which responds 429 with Retry-After when locked out."""
 
     authentication_form = ThrottledAuthenticationForm
 
-    def form_invalid(self, form):
-        response = super().form_invalid(form)
-        if form.lockout is not None:
-            response.status_code = 429
-            response["Retry-After"] = str(form.lockout.retry_after_s)
-        return response
+    def post(self, request, *args, **kwargs):
+        return respond_to_lockout(super().post(request, *args, **kwargs))
+
+
+class ThrottledAdminSite(AdminSite):
+    """Django's admin site, whose sign-in page counts failures like /accounts/login/'s.
+
+    It responds 429 with Retry-After when locked out, as ThrottledLoginView does.
+    """
+
+    login_form = ThrottledAdminAuthenticationForm
+
+    def login(self, request, extra_context=None):
+        return respond_to_lockout(super().login(request, extra_context))

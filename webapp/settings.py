@@ -63,7 +63,7 @@ CSRF_COOKIE_SECURE = SECURE_COOKIES
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "webapp.apps.ThrottledAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
