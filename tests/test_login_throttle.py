@@ -318,3 +318,91 @@ def test_long_username_cut_in_log(client, db, limits, caplog):
     message = record.getMessage()
     assert f"'{'m' * 150}... (100000 characters)'" in message
     assert len(message) < 500
+
+
+def change_password(client, old_password, path="/accounts/password_change/"):
+    return client.post(
+        path,
+        {
+            "old_password": old_password,
+            "new_password1": "a-new-long-password-42",
+            "new_password2": "a-new-long-password-42",
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "path", ["/accounts/password_change/", "/admin/password_change/"]
+)
+def test_wrong_old_passwords_locked(client, django_user_model, limits, path):
+    user = django_user_model.objects.create_user(
+        "staff", password="staff-password", is_staff=True
+    )
+    client.force_login(user)
+    limits(LOGIN_FAILURES_PER_USERNAME=3, LOGIN_FAILURE_WINDOW_S=900)
+    for _ in range(3):
+        assert change_password(client, WRONG, path).status_code == 200
+
+    response = change_password(client, "staff-password", path)
+
+    assert response.status_code == 429
+    assert 0 < int(response["Retry-After"]) <= 900
+    page = response.content.decode()
+    assert "Too many wrong old passwords for this account within 15 minutes" in page
+    user.refresh_from_db()
+    assert user.check_password("staff-password")
+
+
+def test_wrong_old_passwords_logged(client, alice, limits, caplog):
+    client.force_login(alice)
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+
+    with caplog.at_level(logging.WARNING, logger="webapp.login_throttle"):
+        change_password(client, "secret-guess-1")
+        change_password(client, "secret-guess-2")
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 3
+    assert "Failed password change for username 'alice' from 127.0.0.1" in messages[0]
+    assert "1 of 2 for the account within 900 s" in messages[0]
+    assert "Password change locked for 900 s for the account" in messages[2]
+    for message in messages:
+        assert "secret-guess" not in message
+
+
+def test_password_change_ignores_others_failures(client, alice, bob, limits):
+    # Sign-in failures for the username and wrong old passwords of other
+    # accounts from the same address do not lock alice's password change.
+    limits(LOGIN_FAILURES_PER_USERNAME=2, LOGIN_FAILURES_PER_IP=100)
+    for _ in range(2):
+        sign_in(Client(), "alice", WRONG, REMOTE_ADDR="10.0.0.9")
+    other = Client()
+    other.force_login(bob)
+    for _ in range(2):
+        change_password(other, WRONG)
+    assert change_password(other, "bob-password").status_code == 429
+    client.force_login(alice)
+
+    response = change_password(client, "alice-password")
+
+    assert response.status_code == 302
+    alice.refresh_from_db()
+    assert alice.check_password("a-new-long-password-42")
+
+
+def test_right_old_password_clears_count(client, alice, limits):
+    client.force_login(alice)
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    change_password(client, WRONG)
+    mismatched = client.post(
+        "/accounts/password_change/",
+        {
+            "old_password": "alice-password",
+            "new_password1": "a-new-long-password-42",
+            "new_password2": "another-long-password-42",
+        },
+    )
+    assert mismatched.status_code == 200
+    change_password(client, WRONG)
+
+    assert change_password(client, "alice-password").status_code == 302

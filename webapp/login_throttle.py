@@ -1,5 +1,9 @@
 """Limit failed sign-ins per username and per client IP address.
 
+Wrong old passwords at the password change pages are limited per account,
+with the per-username limit, in a counter of their own (see
+ThrottledPasswordChangeForm).
+
 The counters live in Redis, so every gunicorn worker, every process and every
 web server that shares REDIS_URL counts the same failures. Each counter is a
 fixed window: it starts at a failure that finds no counter and expires
@@ -23,8 +27,9 @@ from django import forms
 from django.conf import settings
 from django.contrib.admin import AdminSite
 from django.contrib.admin.forms import AdminAuthenticationForm
-from django.contrib.auth.forms import AuthenticationForm
-from django.contrib.auth.views import LoginView
+from django.contrib.auth.forms import AuthenticationForm, PasswordChangeForm
+from django.contrib.auth.views import LoginView, PasswordChangeView
+from django.urls import reverse
 from django.utils import timezone
 
 from webapp.redis import get_redis
@@ -36,10 +41,11 @@ KEY_PREFIX = "glassbox:login-failures:"
 
 @dataclass(frozen=True)
 class Lockout:
-    """A username or client address that has reached its limit of failures."""
+    """A username, client address or account that has reached its limit."""
 
     scope: str
     retry_after_s: int
+    failures: str = "failed sign-ins"
 
     def message(self) -> str:
         window_minutes = math.ceil(settings.GLASSBOX["LOGIN_FAILURE_WINDOW_S"] / 60)
@@ -49,7 +55,7 @@ class Lockout:
         else:
             wait = f"{math.ceil(self.retry_after_s / 60)} minutes"
         return (
-            f"Too many failed sign-ins for this {self.scope} within "
+            f"Too many {self.failures} for this {self.scope} within "
             f"{window_minutes} minutes. Try again in {wait}, after "
             f"{until:%H:%M:%S} UTC."
         )
@@ -93,8 +99,12 @@ def logged_username(username: str) -> str:
     return f"{username[:LOGGED_USERNAME_CHARS]}... ({len(username)} characters)"
 
 
-def _counters(username: str, address: str) -> list[tuple[str, str, int]]:
-    """Return the scope, Redis key and limit of each counter that applies."""
+# The scope, Redis key and limit of one counter.
+Counter = tuple[str, str, int]
+
+
+def _counters(username: str, address: str) -> tuple[Counter, ...]:
+    """Return the scope, Redis key and limit of each counter of a sign-in."""
     # The username is hashed, so a key's length does not depend on input
     # and Redis contains no typed usernames, which are sometimes passwords.
     # It is hashed as typed, because Django's usernames are case-sensitive:
@@ -109,15 +119,26 @@ def _counters(username: str, address: str) -> list[tuple[str, str, int]]:
         ),
         ("IP address", f"{KEY_PREFIX}ip:{address}", limits["LOGIN_FAILURES_PER_IP"]),
     ]
-    return [counter for counter in counters if counter[2] > 0]
+    return tuple(counter for counter in counters if counter[2] > 0)
+
+
+def _password_change_counters(user) -> tuple[Counter, ...]:
+    """Return the counter of wrong old passwords for ``user``'s account."""
+    limit = settings.GLASSBOX["LOGIN_FAILURES_PER_USERNAME"]
+    if limit <= 0:
+        return ()
+    return (("account", f"{KEY_PREFIX}password-change:{user.pk}", limit),)
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """A sign-in attempt counted before its password is checked."""
+    """A sign-in or password change counted before its password is checked."""
 
+    # "sign-in" or "password change", as log lines name the attempt.
+    action: str
     username: str
     address: str
+    counters: tuple[Counter, ...]
     # The count of each scope including this attempt; empty when Redis was
     # unavailable and nothing was counted.
     counts: dict[str, int]
@@ -137,7 +158,29 @@ return 0
 
 
 def reserve_attempt(username: str, address: str) -> Attempt:
-    """Count a sign-in attempt against the username and the address.
+    """Count a sign-in attempt against the username and the address."""
+    return _reserve("sign-in", username, address, _counters(username, address))
+
+
+def reserve_password_check(user, address: str) -> Attempt:
+    """Count a check of ``user``'s old password against the account."""
+    return _reserve(
+        "password change",
+        user.get_username(),
+        address,
+        _password_change_counters(user),
+        failures="wrong old passwords",
+    )
+
+
+def _reserve(
+    action: str,
+    username: str,
+    address: str,
+    counters: tuple[Counter, ...],
+    failures: str = "failed sign-ins",
+) -> Attempt:
+    """Count an attempt against each of ``counters``.
 
     The attempt is counted before its password is checked, in one Redis
     transaction, so concurrent attempts cannot all pass a check made before
@@ -147,7 +190,6 @@ def reserve_attempt(username: str, address: str) -> Attempt:
     outage.
     """
     window_s = settings.GLASSBOX["LOGIN_FAILURE_WINDOW_S"]
-    counters = _counters(username, address)
     pipeline = get_redis().pipeline(transaction=True)
     for _, key, _ in counters:
         # INCR keeps the expiry that SET gave the key, so the window starts
@@ -160,35 +202,37 @@ def reserve_attempt(username: str, address: str) -> Attempt:
         replies = pipeline.execute()
     except redis.RedisError as error:
         logger.error(
-            "Sign-in attempt for username %r from %s was not counted: %s",
+            "%s attempt for username %r from %s was not counted: %s",
+            action.capitalize(),
             logged_username(username),
             address,
             error,
         )
-        return Attempt(username, address, {}, None)
+        return Attempt(action, username, address, counters, {}, None)
     counts = {}
     lockout = None
     for index, (scope, _, limit) in enumerate(counters):
         count, ttl = replies[3 * index + 1], replies[3 * index + 2]
         counts[scope] = count
         if lockout is None and count > limit:
-            lockout = Lockout(scope, max(ttl, 1))
-    attempt = Attempt(username, address, counts, lockout)
+            lockout = Lockout(scope, max(ttl, 1), failures)
+    attempt = Attempt(action, username, address, counters, counts, lockout)
     if lockout is not None:
-        # A rejected attempt checks no password, so it counts against neither
-        # the username nor the address.
+        # A rejected attempt checks no password, so it counts against none
+        # of its counters.
         _release(attempt, [key for _, key, _ in counters])
     return attempt
 
 
 def log_failure(attempt: Attempt) -> None:
-    """Log a failed sign-in, which ``reserve_attempt`` already counted."""
+    """Log a failed attempt, which ``_reserve`` already counted."""
     if not attempt.counts:
         return
     window_s = settings.GLASSBOX["LOGIN_FAILURE_WINDOW_S"]
-    counters = _counters(attempt.username, attempt.address)
+    counters = attempt.counters
     logger.warning(
-        "Failed sign-in for username %r from %s: %s within %d s",
+        "Failed %s for username %r from %s: %s within %d s",
+        attempt.action,
         logged_username(attempt.username),
         attempt.address,
         ", ".join(
@@ -200,7 +244,8 @@ def log_failure(attempt: Attempt) -> None:
     for scope, _, limit in counters:
         if attempt.counts[scope] == limit:
             logger.warning(
-                "Sign-in locked for %d s for the %s of username %r from %s",
+                "%s locked for %d s for the %s of username %r from %s",
+                attempt.action.capitalize(),
                 window_s,
                 scope,
                 logged_username(attempt.username),
@@ -212,8 +257,7 @@ def release_attempt(attempt: Attempt, *, scopes: tuple[str, ...]) -> None:
     """Remove an attempt that did not fail from the counts of ``scopes``."""
     if not attempt.counts:
         return
-    counters = _counters(attempt.username, attempt.address)
-    _release(attempt, [key for scope, key, _ in counters if scope in scopes])
+    _release(attempt, [key for scope, key, _ in attempt.counters if scope in scopes])
 
 
 def _release(attempt: Attempt, keys: list[str]) -> None:
@@ -223,29 +267,32 @@ def _release(attempt: Attempt, keys: list[str]) -> None:
         get_redis().eval(_RELEASE_SCRIPT, len(keys), *keys)
     except redis.RedisError as error:
         logger.error(
-            "Sign-in attempt for username %r from %s stays counted: %s",
+            "%s attempt for username %r from %s stays counted: %s",
+            attempt.action.capitalize(),
             logged_username(attempt.username),
             attempt.address,
             error,
         )
 
 
-def clear_username_failures(username: str) -> None:
-    """Forget the username's failures after a sign-in that proved its password.
+def clear_failures(attempt: Attempt, *, scopes: tuple[str, ...]) -> None:
+    """Forget the failures of ``scopes`` after an attempt that proved its password.
 
-    The address's failures stay counted, so signing in to an account the
-    client owns does not reset its guesses at other accounts.
+    A sign-in leaves the address's failures counted, so signing in to an
+    account the client owns does not reset its guesses at other accounts.
     """
-    for scope, key, _ in _counters(username, ""):
-        if scope == "username":
-            try:
-                get_redis().delete(key)
-            except redis.RedisError as error:
-                logger.error(
-                    "Sign-in failures of username %r cannot be cleared in Redis: %s",
-                    logged_username(username),
-                    error,
-                )
+    keys = [key for scope, key, _ in attempt.counters if scope in scopes]
+    if not keys:
+        return
+    try:
+        get_redis().delete(*keys)
+    except redis.RedisError as error:
+        logger.error(
+            "%s failures of username %r cannot be cleared in Redis: %s",
+            attempt.action.capitalize(),
+            logged_username(attempt.username),
+            error,
+        )
 
 
 class ThrottledAuthenticationMixin:
@@ -280,7 +327,7 @@ class ThrottledAuthenticationMixin:
         except Exception:
             release_attempt(attempt, scopes=("username", "IP address"))
             raise
-        clear_username_failures(username)
+        clear_failures(attempt, scopes=("username",))
         release_attempt(attempt, scopes=("IP address",))
         return cleaned
 
@@ -295,11 +342,55 @@ class ThrottledAdminAuthenticationForm(
     pass
 
 
-def respond_to_lockout(response):
-    """Set 429 and Retry-After on a sign-in page that a lockout rejected.
+class ThrottledPasswordChangeForm(PasswordChangeForm):
+    """Django's password change form, which limits wrong old passwords.
 
-    ``response`` is a sign-in view's response. The form that a lockout
-    rejected is in its context, as Django's LoginView renders it.
+    Someone who took over a signed-in session could otherwise try passwords
+    there without limit. Wrong old passwords are counted per account, in
+    their own counter with the per-username limit, so sign-in failures that
+    anyone can cause for the username do not keep the account's owner from
+    changing the password. Only sessions of the account count against it.
+    The address is logged and not limited, so other users behind it do not
+    count either.
+    """
+
+    lockout: Lockout | None = None
+
+    def __init__(self, user, *args, request, **kwargs):
+        super().__init__(user, *args, **kwargs)
+        self.request = request
+
+    def clean_old_password(self):
+        attempt = reserve_password_check(self.user, client_address(self.request))
+        self.lockout = attempt.lockout
+        if self.lockout is not None:
+            raise forms.ValidationError(
+                self.lockout.message(), code="too_many_wrong_old_passwords"
+            )
+        try:
+            old_password = super().clean_old_password()
+        except forms.ValidationError:
+            log_failure(attempt)
+            raise
+        except Exception:
+            release_attempt(attempt, scopes=("account",))
+            raise
+        clear_failures(attempt, scopes=("account",))
+        return old_password
+
+
+class ThrottledAdminPasswordChangeForm(ThrottledPasswordChangeForm):
+    # The admin's form (django.contrib.admin.forms.AdminPasswordChangeForm)
+    # differs from PasswordChangeForm only in this.
+    required_css_class = "required"
+
+
+def respond_to_lockout(response):
+    """Set 429 and Retry-After on a page whose form a lockout rejected.
+
+    ``response`` is the response of a sign-in or password change view. The
+    form that a lockout rejected is in its context, as Django's views
+    render it.
     """
     context = getattr(response, "context_data", None) or {}
     lockout = getattr(context.get("form"), "lockout", None)
@@ -318,13 +409,40 @@ class ThrottledLoginView(LoginView):
         return respond_to_lockout(super().post(request, *args, **kwargs))
 
 
-class ThrottledAdminSite(AdminSite):
-    """Django's admin site, whose sign-in page counts failures like /accounts/login/'s.
+class ThrottledPasswordChangeView(PasswordChangeView):
+    """Django's password change view, which responds 429 when locked out."""
 
-    It responds 429 with Retry-After when locked out, as ThrottledLoginView does.
+    form_class = ThrottledPasswordChangeForm
+
+    def get_form_kwargs(self):
+        return {**super().get_form_kwargs(), "request": self.request}
+
+    def post(self, request, *args, **kwargs):
+        return respond_to_lockout(super().post(request, *args, **kwargs))
+
+
+class ThrottledAdminSite(AdminSite):
+    """Django's admin site, whose sign-in and password change pages are limited.
+
+    They count failures with /accounts/login/ and /accounts/password_change/
+    and respond 429 with Retry-After when locked out, as those pages do.
     """
 
     login_form = ThrottledAdminAuthenticationForm
 
     def login(self, request, extra_context=None):
         return respond_to_lockout(super().login(request, extra_context))
+
+    def password_change(self, request, extra_context=None):
+        # Django 5.2's AdminSite.password_change, with the throttled view.
+        # Its form class is fixed there, so no attribute can replace it.
+        url = reverse("admin:password_change_done", current_app=self.name)
+        defaults = {
+            "form_class": ThrottledAdminPasswordChangeForm,
+            "success_url": url,
+            "extra_context": {**self.each_context(request), **(extra_context or {})},
+        }
+        if self.password_change_template is not None:
+            defaults["template_name"] = self.password_change_template
+        request.current_app = self.name
+        return ThrottledPasswordChangeView.as_view(**defaults)(request)

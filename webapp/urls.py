@@ -17,7 +17,7 @@ from webapp import (
     roboflow_models,
 )
 from webapp import views as account_views
-from webapp.login_throttle import ThrottledLoginView
+from webapp.login_throttle import ThrottledLoginView, ThrottledPasswordChangeView
 from workflows import views as workflow_views
 
 api = [
@@ -65,7 +65,7 @@ accounts = [
     ),
     path(
         "password_change/",
-        handlers.allow_methods("GET", "POST")(auth_views.PasswordChangeView.as_view()),
+        handlers.allow_methods("GET", "POST")(ThrottledPasswordChangeView.as_view()),
         name="password_change",
     ),
     path(
