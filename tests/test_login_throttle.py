@@ -1,4 +1,7 @@
-"""Failed sign-ins are limited per username and per client address."""
+"""Failed sign-ins are limited per username and per client address.
+
+Wrong old passwords at the password change pages are limited per account.
+"""
 
 import logging
 import re
@@ -10,7 +13,7 @@ import requests
 from django.contrib.auth.hashers import MD5PasswordHasher
 from django.test import Client
 
-from webapp.login_throttle import KEY_PREFIX
+from webapp.login_throttle import KEY_PREFIX, KNOWN_BROWSER_COOKIE
 from webapp.redis import get_redis
 
 WRONG = "not-the-password"
@@ -406,3 +409,150 @@ def test_right_old_password_clears_count(client, alice, limits):
     change_password(client, WRONG)
 
     assert change_password(client, "alice-password").status_code == 302
+
+
+def known_browser_of(username, password) -> Client:
+    """Return a signed-out client that signed in as ``username`` before."""
+    first = Client()
+    assert sign_in(first, username, password).status_code == 302
+    browser = Client()
+    browser.cookies[KNOWN_BROWSER_COOKIE] = first.cookies[KNOWN_BROWSER_COOKIE].value
+    return browser
+
+
+def lock_out(username, limit):
+    for _ in range(limit):
+        sign_in(Client(), username, WRONG, REMOTE_ADDR="10.0.0.66")
+
+
+def test_known_browser_signs_in_during_lock(alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=3)
+    browser = known_browser_of("alice", "alice-password")
+    lock_out("alice", 3)
+    assert sign_in(Client(), "alice", "alice-password").status_code == 429
+
+    response = sign_in(browser, "alice", "alice-password")
+
+    assert response.status_code == 302
+    assert signed_in(browser)
+
+
+def test_admin_sign_in_remembers_browser(django_user_model, limits):
+    django_user_model.objects.create_user(
+        "staff", password="staff-password", is_staff=True, is_superuser=True
+    )
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    first = Client()
+    signed = first.post(
+        "/admin/login/", {"username": "staff", "password": "staff-password"}
+    )
+    assert signed.status_code == 302
+    browser = Client()
+    browser.cookies[KNOWN_BROWSER_COOKIE] = first.cookies[KNOWN_BROWSER_COOKIE].value
+    lock_out("staff", 2)
+
+    response = browser.post(
+        "/admin/login/", {"username": "staff", "password": "staff-password"}
+    )
+
+    assert response.status_code == 302
+    assert signed_in(browser)
+
+
+def test_known_browser_failures_limited(alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=2, LOGIN_FAILURE_WINDOW_S=900)
+    browser = known_browser_of("alice", "alice-password")
+    for _ in range(2):
+        assert sign_in(browser, "alice", WRONG).status_code == 200
+
+    response = sign_in(browser, "alice", "alice-password")
+
+    assert response.status_code == 429
+    assert 0 < int(response["Retry-After"]) <= 900
+    assert "Too many failed sign-ins for this browser" in response.content.decode()
+    # The browser's failures did not count against the username.
+    assert sign_in(Client(), "alice", "alice-password").status_code == 302
+
+
+def test_known_browser_keeps_address_limit(alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=100, LOGIN_FAILURES_PER_IP=2)
+    browser = known_browser_of("alice", "alice-password")
+    for name in ("bob", "carol"):
+        sign_in(Client(), name, WRONG)
+
+    response = sign_in(browser, "alice", "alice-password")
+
+    assert response.status_code == 429
+    assert "for this IP address" in response.content.decode()
+
+
+def test_known_browser_of_other_account(alice, bob, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    browser = known_browser_of("bob", "bob-password")
+    lock_out("alice", 2)
+
+    assert sign_in(browser, "alice", "alice-password").status_code == 429
+
+
+def test_forged_browser_cookie_ignored(alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    browser = known_browser_of("alice", "alice-password")
+    lock_out("alice", 2)
+    value = browser.cookies[KNOWN_BROWSER_COOKIE].value
+    digest, _, rest = value.partition(":")
+    browser.cookies[KNOWN_BROWSER_COOKIE] = f"{digest}:forged{rest}"
+
+    assert sign_in(browser, "alice", "alice-password").status_code == 429
+
+
+def test_known_browser_turned_off(alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    browser = known_browser_of("alice", "alice-password")
+    lock_out("alice", 2)
+    limits(LOGIN_KNOWN_BROWSER_DAYS=0)
+
+    assert sign_in(browser, "alice", "alice-password").status_code == 429
+
+
+def test_known_browser_cookie_attributes(alice):
+    client = Client()
+    sign_in(client, "alice", "alice-password")
+
+    cookie = client.cookies[KNOWN_BROWSER_COOKIE]
+
+    assert cookie["httponly"]
+    assert cookie["samesite"] == "Lax"
+    assert cookie["path"] == "/"
+    assert int(cookie["max-age"]) == 30 * 24 * 3600
+    assert "alice" not in cookie.value
+
+
+def sign_in_over_http(server, browser, username, password):
+    browser.get(f"{server}/accounts/login/")
+    return browser.post(
+        f"{server}/accounts/login/",
+        data={
+            "username": username,
+            "password": password,
+            "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+        },
+        allow_redirects=False,
+    )
+
+
+def test_known_browser_over_http(transactional_db, wsgi_server, alice, limits):
+    # gunicorn runs with the default limits: 5 failures per username.
+    limits(LOGIN_FAILURES_PER_USERNAME=5)
+    first = requests.Session()
+    signed = sign_in_over_http(wsgi_server, first, "alice", "alice-password")
+    assert signed.status_code == 302
+    browser = requests.Session()
+    browser.cookies.set(KNOWN_BROWSER_COOKIE, first.cookies[KNOWN_BROWSER_COOKIE])
+    lock_out("alice", 5)
+    stranger = requests.Session()
+    locked = sign_in_over_http(wsgi_server, stranger, "alice", "alice-password")
+    assert locked.status_code == 429
+
+    response = sign_in_over_http(wsgi_server, browser, "alice", "alice-password")
+
+    assert response.status_code == 302

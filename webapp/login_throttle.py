@@ -13,12 +13,18 @@ An attempt is counted before its password is checked and removed from the
 count if it succeeds, so concurrent attempts cannot all pass the limit at once.
 Failures are counted for every username typed, whether or not an account has
 it, so the lockout does not reveal which accounts exist.
+
+Anyone can therefore lock a username out. A browser that signed in to the
+account before carries a signed cookie that names the account. Its sign-ins
+count against a counter of that browser in place of the username's, so the
+lockout does not keep the account's owner out (see known_browser).
 """
 
 import hashlib
 import ipaddress
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,6 +43,9 @@ from webapp.redis import get_redis
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "glassbox:login-failures:"
+
+KNOWN_BROWSER_COOKIE = "known_browser"
+KNOWN_BROWSER_SALT = "webapp.login_throttle.known_browser"
 
 
 @dataclass(frozen=True)
@@ -103,23 +112,82 @@ def logged_username(username: str) -> str:
 Counter = tuple[str, str, int]
 
 
-def _counters(username: str, address: str) -> tuple[Counter, ...]:
-    """Return the scope, Redis key and limit of each counter of a sign-in."""
+def _username_digest(username: str) -> str:
     # The username is hashed, so a key's length does not depend on input
     # and Redis contains no typed usernames, which are sometimes passwords.
     # It is hashed as typed, because Django's usernames are case-sensitive:
     # signing in as "alice" must not clear the failures counted for "Alice".
-    digest = hashlib.sha256(username.encode()).hexdigest()
+    return hashlib.sha256(username.encode()).hexdigest()
+
+
+def _counters(
+    username: str, address: str, browser: str | None = None
+) -> tuple[Counter, ...]:
+    """Return the scope, Redis key and limit of each counter of a sign-in.
+
+    ``browser`` is the id of a known browser of the username's account
+    (known_browser), whose counter replaces the username's.
+    """
     limits = settings.GLASSBOX
-    counters = [
-        (
+    if browser is None:
+        first = (
             "username",
-            f"{KEY_PREFIX}username:{digest}",
+            f"{KEY_PREFIX}username:{_username_digest(username)}",
             limits["LOGIN_FAILURES_PER_USERNAME"],
-        ),
+        )
+    else:
+        first = (
+            "browser",
+            f"{KEY_PREFIX}browser:{browser}",
+            limits["LOGIN_FAILURES_PER_USERNAME"],
+        )
+    counters = [
+        first,
         ("IP address", f"{KEY_PREFIX}ip:{address}", limits["LOGIN_FAILURES_PER_IP"]),
     ]
     return tuple(counter for counter in counters if counter[2] > 0)
+
+
+def known_browser(request, username: str) -> str | None:
+    """Return the id of the request's browser if it signed in as ``username``.
+
+    The id comes from the known-browser cookie that remember_browser set at
+    a successful sign-in. A cookie with a bad signature, one older than
+    LOGIN_KNOWN_BROWSER_DAYS, or one that names another username returns
+    None. The cookie names one account, the one signed in to last.
+    """
+    days = settings.GLASSBOX["LOGIN_KNOWN_BROWSER_DAYS"]
+    if days <= 0:
+        return None
+    value = request.get_signed_cookie(
+        KNOWN_BROWSER_COOKIE,
+        default=None,
+        salt=KNOWN_BROWSER_SALT,
+        max_age=timedelta(days=days),
+    )
+    if value is None:
+        return None
+    digest, _, browser = value.partition(":")
+    if not browser or not secrets.compare_digest(digest, _username_digest(username)):
+        return None
+    return browser
+
+
+def remember_browser(response, username: str) -> None:
+    """Set the known-browser cookie for ``username`` on a successful sign-in."""
+    days = settings.GLASSBOX["LOGIN_KNOWN_BROWSER_DAYS"]
+    if days <= 0:
+        return
+    browser = secrets.token_urlsafe(16)
+    response.set_signed_cookie(
+        KNOWN_BROWSER_COOKIE,
+        f"{_username_digest(username)}:{browser}",
+        salt=KNOWN_BROWSER_SALT,
+        max_age=days * 24 * 3600,
+        secure=settings.SESSION_COOKIE_SECURE,
+        httponly=True,
+        samesite="Lax",
+    )
 
 
 def _password_change_counters(user) -> tuple[Counter, ...]:
@@ -157,9 +225,10 @@ return 0
 """
 
 
-def reserve_attempt(username: str, address: str) -> Attempt:
-    """Count a sign-in attempt against the username and the address."""
-    return _reserve("sign-in", username, address, _counters(username, address))
+def reserve_attempt(username: str, address: str, browser: str | None = None) -> Attempt:
+    """Count a sign-in attempt against the username, or ``browser``, and the address."""
+    counters = _counters(username, address, browser)
+    return _reserve("sign-in", username, address, counters)
 
 
 def reserve_password_check(user, address: str) -> Attempt:
@@ -309,7 +378,11 @@ class ThrottledAuthenticationMixin:
         password = self.cleaned_data.get("password")
         if not username or not password:
             return super().clean()
-        attempt = reserve_attempt(username, client_address(self.request))
+        attempt = reserve_attempt(
+            username,
+            client_address(self.request),
+            known_browser(self.request, username),
+        )
         self.lockout = attempt.lockout
         if self.lockout is not None:
             raise forms.ValidationError(
@@ -322,12 +395,12 @@ class ThrottledAuthenticationMixin:
                 log_failure(attempt)
             else:
                 # The password was right, but the account may not sign in.
-                release_attempt(attempt, scopes=("username", "IP address"))
+                release_attempt(attempt, scopes=("username", "browser", "IP address"))
             raise
         except Exception:
-            release_attempt(attempt, scopes=("username", "IP address"))
+            release_attempt(attempt, scopes=("username", "browser", "IP address"))
             raise
-        clear_failures(attempt, scopes=("username",))
+        clear_failures(attempt, scopes=("username", "browser"))
         release_attempt(attempt, scopes=("IP address",))
         return cleaned
 
@@ -385,6 +458,24 @@ class ThrottledAdminPasswordChangeForm(ThrottledPasswordChangeForm):
     required_css_class = "required"
 
 
+def finish_sign_in(request, response):
+    """Complete a sign-in view's response to ``request``.
+
+    A locked-out sign-in gets 429 and Retry-After (respond_to_lockout). A
+    successful one gets the known-browser cookie. Django's LoginView signs
+    in and redirects only when the form is valid, so a redirected POST whose
+    user is authenticated is a successful sign-in.
+    """
+    respond_to_lockout(response)
+    if (
+        request.method == "POST"
+        and response.status_code == 302
+        and request.user.is_authenticated
+    ):
+        remember_browser(response, request.user.get_username())
+    return response
+
+
 def respond_to_lockout(response):
     """Set 429 and Retry-After on a page whose form a lockout rejected.
 
@@ -401,12 +492,12 @@ def respond_to_lockout(response):
 
 
 class ThrottledLoginView(LoginView):
-    """Django's sign-in view, which responds 429 with Retry-After when locked out."""
+    """Django's sign-in view, with the throttle's responses (finish_sign_in)."""
 
     authentication_form = ThrottledAuthenticationForm
 
     def post(self, request, *args, **kwargs):
-        return respond_to_lockout(super().post(request, *args, **kwargs))
+        return finish_sign_in(request, super().post(request, *args, **kwargs))
 
 
 class ThrottledPasswordChangeView(PasswordChangeView):
@@ -431,7 +522,7 @@ class ThrottledAdminSite(AdminSite):
     login_form = ThrottledAdminAuthenticationForm
 
     def login(self, request, extra_context=None):
-        return respond_to_lockout(super().login(request, extra_context))
+        return finish_sign_in(request, super().login(request, extra_context))
 
     def password_change(self, request, extra_context=None):
         # Django 5.2's AdminSite.password_change, with the throttled view.

@@ -268,6 +268,9 @@ GLASSBOX = {
     "LOGIN_FAILURES_PER_USERNAME": env_int("LOGIN_FAILURES_PER_USERNAME", 5, 0),
     "LOGIN_FAILURES_PER_IP": env_int("LOGIN_FAILURES_PER_IP", 20, 0),
     "LOGIN_FAILURE_WINDOW_S": env_int("LOGIN_FAILURE_WINDOW_S", 900, 1),
+    # Days that a browser which signed in to an account keeps signing in to
+    # it while its username is locked out; 0 turns this off.
+    "LOGIN_KNOWN_BROWSER_DAYS": env_int("LOGIN_KNOWN_BROWSER_DAYS", 30, 0),
     # Proxies in front of the web server that append the client's address to
     # X-Forwarded-For; 0 takes the address of the TCP connection.
     "NUM_PROXIES": env_int("NUM_PROXIES", 0, 0),
