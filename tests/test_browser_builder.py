@@ -239,6 +239,69 @@ def test_builder_ctrl_s_twice_saves_once(transactional_db, asgi_server, page, al
     assert workflow.latest_version().number == 2
 
 
+def double_click_after_response(page, url: str) -> list:
+    """Double-click Save, the first save getting its response before the second click.
+
+    Return the save requests sent. A person's double-click is that slow
+    when the server rejects the first save quickly.
+    """
+    saves = []
+    page.on(
+        "request",
+        lambda request: saves.append(request) if request.url == url else None,
+    )
+    box = page.locator("#save").bounding_box()
+    x = box["x"] + box["width"] / 2
+    y = box["y"] + box["height"] / 2
+    with page.expect_response(url):
+        page.mouse.click(x, y)
+    page.wait_for_selector("#save:enabled")
+    page.wait_for_function(
+        "document.getElementById('save-message').dataset.kind !== 'pending'"
+    )
+    # The second click of the double-click, as the browser counts it.
+    page.mouse.down(click_count=2)
+    page.mouse.up(click_count=2)
+    # A later request, whose response arrives after any save the click sent.
+    page.evaluate("window.glassboxBuilder.validate()")
+    return saves
+
+
+def test_builder_double_click_saves_invalid_once(
+    transactional_db, asgi_server, page, alice
+):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/new")
+    page.wait_for_selector("#builder[data-ready='true']")
+    # A model step without its image: the server rejects the draft.
+    page.click(f"[data-block-type='{DETECTION}']")
+    page.fill("#workflow-name", "Invalid draft")
+
+    saves = double_click_after_response(page, f"{asgi_server}/api/workflows/")
+    assert len(saves) == 1
+    assert page.locator("#save-message").text_content() == (
+        "Not saved: the definition has problems, listed under Problems."
+    )
+    assert page.locator("#save").is_enabled()
+    assert not Workflow.objects.exists()
+
+
+def test_builder_double_click_saves_valid_once(
+    transactional_db, asgi_server, page, alice
+):
+    workflow = Workflow.create_with_version(alice, "Double-clicked", detection())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    set_confidence(page, 0.45)
+
+    url = f"{asgi_server}/api/workflows/{workflow.id}"
+    saves = double_click_after_response(page, url)
+    assert len(saves) == 1
+    assert page.locator("#saved-version").text_content() == "Saved as version 2"
+    assert page.locator("#save").is_enabled()
+    assert workflow.latest_version().number == 2
+
+
 def test_builder_problems_follow_unreadable_json(
     transactional_db, asgi_server, page, alice
 ):

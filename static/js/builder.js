@@ -38,6 +38,8 @@
  *                                 version_conflict shows in #save-message, and the
  *                                 edits stay in the page.  After a 404 (the workflow
  *                                 was deleted), the next save creates a new one.
+ *                                 One save is on its way at a time: #save is
+ *                                 disabled meanwhile, and a double-click saves once.
  *   Validation                    #validation-status[data-state] is idle, pending,
  *                                 valid, invalid or error.
  *   Leaving the page with unsaved changes raises a beforeunload prompt, and
@@ -1970,7 +1972,14 @@
       clearTimeout(jsonTimer);
       jsonTimer = setTimeout(applyJsonText, JSON_APPLY_DELAY_MS);
     });
-    dom.save.addEventListener("click", save);
+    dom.save.addEventListener("click", (event) => {
+      // The button is disabled while a save is on its way, but a rejected
+      // save can get its response before the second click of a double-click
+      // arrives. That click (detail 2 or more) would send the same draft
+      // again, so only the first click of a series saves.
+      if (event.detail > 1) return;
+      save();
+    });
     dom.name.addEventListener("input", () => {
       state.changeCount += 1;
       showUnsavedChanges();
