@@ -630,3 +630,34 @@ def test_navigation_marks_current_page(transactional_db, asgi_server, page, alic
         other = nav.locator("a:not([aria-current])").first
         assert marked.evaluate(NAV_LINK_STYLE) == ["600", "solid"], path
         assert other.evaluate(NAV_LINK_STYLE) == ["400", "none"], path
+
+
+def test_navigation_marks_staff_pages(
+    transactional_db, asgi_server, page, django_user_model
+):
+    django_user_model.objects.create_user(
+        "operator", password="operator-password", is_staff=True, is_superuser=True
+    )
+    sign_in(page, asgi_server, "operator", "operator-password")
+    # The admin pages show the site's navigation too, so that Fleet and
+    # Admin can be marked where they lead.
+    nav = page.locator(
+        "nav", has=page.get_by_role("link", name="Fleet", exact=True)
+    ).first
+    cases = [
+        ("/workflows/", "Workflows", "page"),
+        ("/admin/runner/run/fleet/", "Fleet", "page"),
+        ("/admin/", "Admin", "page"),
+        ("/admin/runner/run/", "Admin", "true"),
+    ]
+    for path, current_name, value in cases:
+        page.goto(f"{asgi_server}{path}")
+        marked = nav.locator("a[aria-current]")
+        assert marked.count() == 1, path
+        assert marked.text_content() == current_name, path
+        assert marked.get_attribute("aria-current") == value, path
+
+        other = nav.locator("a:not([aria-current])").first
+        assert marked.evaluate(NAV_LINK_STYLE) == ["600", "solid"], path
+        assert other.evaluate(NAV_LINK_STYLE)[1] == "none", path
+    page.screenshot(path=str(ARTIFACTS / "admin-navigation.png"))
