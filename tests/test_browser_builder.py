@@ -84,6 +84,47 @@ def test_builder_places_clicked_nodes_apart(transactional_db, asgi_server, page,
     page.screenshot(path=str(ARTIFACTS / "builder-placement.png"))
 
 
+def box_of(page, selector: str) -> dict:
+    box = page.locator(selector).bounding_box()
+    return {"left": box["x"], "right": box["x"] + box["width"]}
+
+
+def newest_output(page) -> dict:
+    return box_of(page, "#drawflow .drawflow-node.node-output >> nth=-1")
+
+
+def test_builder_places_outputs_right(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/new")
+    page.wait_for_selector("#builder[data-ready='true']")
+
+    # Added with the model step selected, the output reads from it.
+    page.click(f"[data-block-type='{DETECTION}']")
+    page.click("[data-block-type='JsonField']")
+    # Measured after the output is added, which may zoom out to show it.
+    step = box_of(page, ".drawflow-node[data-step-name]")
+    assert newest_output(page)["left"] >= step["right"] + MIN_GAP_PX
+    assert_placed_apart(page)
+
+    # With nothing selected, it goes right of the rightmost step.
+    page.click("#drawflow", position={"x": 5, "y": 5})
+    page.wait_for_selector("#drawflow .drawflow-node.selected", state="detached")
+    page.click("[data-block-type='JsonField']")
+    step = box_of(page, ".drawflow-node[data-step-name]")
+    assert newest_output(page)["left"] >= step["right"] + MIN_GAP_PX
+    assert_placed_apart(page)
+
+    # Added with an output selected, it goes into that output's column.
+    page.click(".drawflow-node.node-output >> nth=0")
+    page.click("[data-block-type='JsonField']")
+    step = box_of(page, ".drawflow-node[data-step-name]")
+    selected = box_of(page, ".drawflow-node.node-output >> nth=0")
+    assert newest_output(page)["left"] == selected["left"]
+    assert newest_output(page)["left"] >= step["right"] + MIN_GAP_PX
+    assert_placed_apart(page)
+    assert page.locator(".drawflow-node.node-output").count() == 3
+
+
 def open_builder(page, asgi_server, workflow) -> None:
     page.goto(f"{asgi_server}/workflows/{workflow.id}/edit")
     page.wait_for_selector("#builder[data-ready='true']")

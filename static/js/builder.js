@@ -1077,8 +1077,9 @@
 
   // Return where a new node of the section would go if that spot were free.
   // Inputs go left of every node. Other nodes go one column right of the
-  // selected node. Without a selection, steps go right of the inputs and
-  // outputs right of every node.
+  // selected node, but a new output goes below a selected output, in its
+  // column. Without a selection, steps go right of the inputs, and outputs
+  // right of every input and step, where Auto layout puts them.
   function preferredPosition(section, boxes, view) {
     const top = boxes.length ? Math.min(...boxes.map((box) => box.y)) : view.top;
     if (section === "inputs") {
@@ -1087,26 +1088,31 @@
     }
     const selected = state.selected
       && state.positions.get(positionKey(state.selected.section, state.selected.item));
+    if (selected && section === "outputs" && state.selected.section === "outputs") {
+      return { x: selected.x, y: selected.y };
+    }
     if (selected) return { x: selected.x + LAYOUT_COLUMN_PX, y: selected.y };
     const columnGap = LAYOUT_COLUMN_PX - NODE_WIDTH_PX;
-    const inputs = boxes.filter((box) => box.section === "inputs");
-    const before = section === "steps" ? inputs : boxes;
+    const before = boxes.filter((box) => (section === "steps"
+      ? box.section === "inputs" : box.section !== "outputs"));
     const x = before.length ? Math.max(...before.map((box) => box.right)) + columnGap : view.left;
     return { x, y: top };
   }
 
   // Choose the position of a node added by click (not drag): the free spot
   // inside the visible canvas nearest to preferredPosition, where spots left
-  // of it count double so the node tends to sit right of its sources. Free
-  // means LAYOUT_GAP_PX from every node, which leaves room for a connection
-  // line between neighbours outside both nodes. Without any free spot in view,
-  // the node goes below the others in its column, and the caller zooms out.
-  // newHeight is in canvas pixels.
+  // of it count double so the node tends to sit right of its sources. An
+  // output takes no spot left of preferredPosition, so it never lands left
+  // of the node it reads from. Free means LAYOUT_GAP_PX from every node,
+  // which leaves room for a connection line between neighbours outside both
+  // nodes. Without any free spot in view, the node goes below the others in
+  // its column, and the caller zooms out. newHeight is in canvas pixels.
   function freePosition(section, newHeight) {
     capturePositions();
     const boxes = nodeBoxes();
     const view = visibleArea();
     const preferred = preferredPosition(section, boxes, view);
+    const searchLeft = section === "outputs" ? Math.max(view.left, preferred.x) : view.left;
     const free = (x, y) => !boxes.some((box) => box.x - LAYOUT_GAP_PX < x + NODE_WIDTH_PX
       && x < box.right + LAYOUT_GAP_PX
       && box.y - LAYOUT_GAP_PX < y + newHeight && y < box.bottom + LAYOUT_GAP_PX);
@@ -1118,7 +1124,7 @@
       return { x: Math.round(preferred.x), y: Math.round(preferred.y) };
     }
     let best = null;
-    for (let x = view.left; x + NODE_WIDTH_PX <= view.right; x += PLACEMENT_STEP_PX) {
+    for (let x = searchLeft; x + NODE_WIDTH_PX <= view.right; x += PLACEMENT_STEP_PX) {
       for (let y = view.top; y + newHeight <= view.bottom; y += PLACEMENT_STEP_PX) {
         if (!free(x, y)) continue;
         const spot = { x: Math.round(x), y: Math.round(y), cost: cost(x, y) };
