@@ -22,7 +22,7 @@ from runner import fleet, keys
 from runner.dispatch import enqueue_job
 from runner.finish import clear_mark, fail_run
 from runner.models import Run
-from runner.registry import KIND_PLACES, ModelSource, check_model_path
+from runner.registry import ModelSource, check_model_path, describe_place
 from webapp.redis import get_redis
 from workflows.errors import WeightsFileMissingError
 
@@ -141,8 +141,8 @@ def _no_runner_message(
     missing: list[ModelSource], declined: list[str], listing: list[str]
 ) -> str:
     files = "; ".join(
-        f"model '{source.model_id}' needs the file {source.path} in its "
-        f"{KIND_PLACES.get(source.kind, source.kind)}"
+        f"model '{source.model_id}' needs the file {source.path} in "
+        f"{describe_place(source.kind)}"
         for source in missing
     )
     if len(declined) == 1:

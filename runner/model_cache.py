@@ -33,7 +33,7 @@ from runner.eviction import (
     next_victim,
     policy_keep_alive_s,
 )
-from runner.registry import KIND_PLACES, ModelSource
+from runner.registry import KIND_PLACES, ModelSource, describe_place
 from runner.weights_check import check_format
 from workflows.detections import Detections
 from workflows.errors import ModelLoadError, WeightsFileMissingError
@@ -586,8 +586,8 @@ class ModelCache:
             self._note_missing([(source, path)])
             raise WeightsFileMissingError(
                 source.model_id,
-                f"this runner has no file {source.path} in its "
-                f"{KIND_PLACES[source.kind]}",
+                f"this runner has no file {source.path} in "
+                f"{describe_place(source.kind)}",
             )
         return path
 

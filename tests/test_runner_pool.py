@@ -848,7 +848,12 @@ def test_runner_with_its_own_model_directory(runner, extra_runners, alice, tmp_p
     error = failed.payload["meta"]["error"]
     assert error["code"] == "model_load_failed"
     assert error["status"] == 503
-    assert "no file people-detector.pt in its MODEL_DIR" in error["message"]
+    # The directory is named as in other messages to users: plain words,
+    # then the setting in brackets.
+    assert (
+        "no file people-detector.pt in the server's model directory (MODEL_DIR)"
+        in error["message"]
+    )
     assert str(empty) not in error["message"]
     assert Bill.objects.get(run_id=failed.run.id).billed is False
     time.sleep(0.6)  # a heartbeat after the failed run
@@ -917,7 +922,10 @@ def test_run_fails_when_no_runner_has_weights(runner, extra_runners, alice, tmp_
     assert run.error["status"] == 503
     message = run.error["message"]
     assert "no live runner has the weights file" in message
-    assert "model 'ghost-detector' needs the file ghost-detector.pt" in message
+    assert (
+        "model 'ghost-detector' needs the file ghost-detector.pt in the server's "
+        "model directory (MODEL_DIR)"
+    ) in message
     assert f"lacks-ghost, {runner.name} lack it" in message
     assert Bill.objects.get(run=run).billed is False
     time.sleep(0.6)  # a heartbeat after the failed run
