@@ -434,7 +434,8 @@ def _forecast_model(
         }
     elif calls:
         unknown.append(
-            f"model '{model_id}' has no succeeded run, so its call time is unknown"
+            f"model '{model_id}' has no succeeded run, so its preprocess, "
+            "inference and postprocess times are unknown"
         )
 
     # A model that is not called is not loaded either.

@@ -1,13 +1,16 @@
 """The run page in a real browser: live timeline, cold then hot, the bill."""
 
 import json
+import os
 import re
+import shutil
 import signal
 
 from django.utils import timezone
 
 from billing.models import Bill
 from runner.models import Run
+from runner.registry import resolve_model
 from tests.conftest import ARTIFACTS, image_b64, image_path
 from tests.definitions import detection, image_height
 from tests.test_billing_pages import failed_load_entry, make_bill, model_entry
@@ -46,12 +49,24 @@ def record_posts(page) -> list[str]:
     return posted
 
 
-def read_estimate(page, base_url: str, workflow_id: int) -> str:
+def estimate_parts(page) -> dict[str, list[str]]:
+    """Return each part of the shown estimate: its line, then its sub-items."""
+    return page.evaluate(
+        """() => Object.fromEntries(
+            [...document.querySelectorAll('#estimate li[data-part]')].map((li) => [
+                li.dataset.part,
+                [li.firstChild.textContent,
+                 ...[...li.querySelectorAll('li')].map((item) => item.textContent)],
+            ]))"""
+    )
+
+
+def read_estimate(page, base_url: str, workflow_id: int) -> dict[str, list[str]]:
     page.goto(f"{base_url}/workflows/{workflow_id}/run/")
     page.wait_for_function(
         "document.getElementById('estimate').textContent !== 'Estimating…'"
     )
-    return page.locator("#estimate").text_content()
+    return estimate_parts(page)
 
 
 def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
@@ -61,8 +76,11 @@ def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
     sign_in(page, asgi_server, "alice", "alice-password")
 
     estimate = read_estimate(page, asgi_server, workflow.id)
-    assert "cold: people-detector-512 to be loaded" in estimate
-    assert "latency and price unknown" in estimate
+    assert estimate["start"][0].startswith(
+        "Start: cold, people-detector-512 to be loaded by "
+    )
+    assert estimate["latency"] == ["Latency: unknown"]
+    assert estimate["price"] == ["Price: unknown"]
 
     first_run = run_once(page, asgi_server, workflow.id)
     assert page.locator("#transport").text_content() == "live over websocket"
@@ -74,11 +92,20 @@ def test_run_page_shows_live_timeline(runner, asgi_server, page, alice):
 
     wait_until_loaded(runner, "people-detector-512")
     estimate = read_estimate(page, asgi_server, workflow.id)
-    assert f"hot on {runner.name}, about " in estimate
+    assert estimate["start"] == [f"Start: hot on {runner.name}"]
+    assert estimate["latency"][0].startswith("Latency: about ")
+    # The latency's phases, in the timeline's words.
+    assert "inference " in estimate["latency"][1]
+    assert "cold load" not in estimate["latency"][1]
+    assert estimate["price"][0].startswith("Price: ")
+    assert estimate["price"][0].endswith(" credits)")
     # The workflow's own times and the model's call times both come from the
     # definition's one run.
-    assert "(medians of 1 earlier run of this definition; " in estimate
-    assert "people-detector-512 call times from 1 run of this definition)" in estimate
+    basis = estimate["basis"][0]
+    assert basis.startswith("Based on medians of 1 earlier run of this definition; ")
+    assert basis.endswith(
+        "people-detector-512 call times from 1 run of this definition."
+    )
 
     run_once(page, asgi_server, workflow.id)
     assert page.locator("#timeline li[data-phase=cold_load]").count() == 0
@@ -178,9 +205,9 @@ def test_estimate_counts_model_runs_apart(
         assert run_workflow(alice_client, workflow.id).status_code == 200
 
     sign_in(page, asgi_server, "alice", "alice-password")
-    estimate = read_estimate(page, asgi_server, shown.id)
-    assert "medians of 1 earlier run of this definition; " in estimate
-    assert "people-detector call times from 1 run of this definition" in estimate
+    basis = read_estimate(page, asgi_server, shown.id)["basis"][0]
+    assert "medians of 1 earlier run of this definition; " in basis
+    assert "people-detector call times from 1 run of this definition" in basis
 
     # A definition that never ran times its model from every workflow's runs:
     # the hot ones, which leaves out the first if it loaded the model.
@@ -266,7 +293,9 @@ def test_run_page_shows_untrained_model(runner, asgi_server, page, alice):
     )
     sign_in(page, asgi_server, "alice", "alice-password")
     estimate = read_estimate(page, asgi_server, workflow.id)
-    assert "yolov8n.yaml is an untrained architecture (random weights)" in estimate
+    assert estimate["untrained"][0].startswith(
+        "yolov8n.yaml is an untrained architecture (random weights)"
+    )
 
     run_id = run_once(page, asgi_server, workflow.id)
     page.wait_for_selector("#run-warnings:not([hidden])")
@@ -663,6 +692,39 @@ def test_run_page_estimate_follows_typing(transactional_db, asgi_server, page, a
     assert page.locator("#estimate").text_content().startswith("No estimate: ")
 
 
+def test_first_estimate_in_short_parts(transactional_db, asgi_server, page, alice):
+    # A workflow that never ran, of a model no runner has loaded: every
+    # reason the latency and price are unknown is a part of its own.
+    source = resolve_model("people-detector").local_path()
+    copy = source.replace("people-detector.pt", "never-loaded.pt")
+    shutil.copy(source, copy)
+    try:
+        workflow = Workflow.create_with_version(
+            alice, "Never ran", detection("never-loaded")
+        )
+        sign_in(page, asgi_server, "alice", "alice-password")
+        estimate = read_estimate(page, asgi_server, workflow.id)
+    finally:
+        os.unlink(copy)
+
+    assert list(estimate) == ["start", "latency", "price", "unknown"]
+    assert estimate["start"][0].startswith("Start: cold, never-loaded to be loaded by ")
+    assert estimate["latency"] == ["Latency: unknown"]
+    assert estimate["price"] == ["Price: unknown"]
+    reasons = estimate["unknown"]
+    assert reasons[0] == "Unknown because:"
+    # In the timeline's words for the phases. Whether a runner is up adds
+    # a reason about the queue.
+    assert reasons[1].startswith("this definition has no succeeded run yet")
+    assert "queue, compile, blocks, serialization and overhead" in reasons[1]
+    assert (
+        "model 'never-loaded' has no succeeded run, so its preprocess, "
+        "inference and postprocess times are unknown"
+    ) in reasons
+    assert reasons[-1].endswith("so its cold load time is unknown")
+    page.locator("#estimate").screenshot(path=str(ARTIFACTS / "estimate-first.png"))
+
+
 def test_estimate_names_model_directory(transactional_db, asgi_server, page, alice):
     workflow = Workflow.create_with_version(
         alice, "Parameters", detection_with_parameters()
@@ -926,22 +988,18 @@ def test_estimate_warns_over_price_cap(runner, asgi_server, page, alice, alice_c
 
     sign_in(page, asgi_server, "alice", "alice-password")
     estimate = read_estimate(page, asgi_server, workflow.id)
-    assert f"{price} µcr" in estimate
-    assert "price cap" not in estimate
+    assert estimate["price"][0].startswith(f"Price: {price} µcr")
+    assert "over-cap" not in estimate
 
     # Typed without leaving the field, so no change event fires.
     page.locator("#max-price").press_sequentially("5")
     page.wait_for_function(
         "document.getElementById('estimate').textContent.includes('price cap')"
     )
-    assert (
-        page.locator("#estimate")
-        .text_content()
-        .endswith(
-            " Over the price cap of 5 µcr, so the run would be rejected: "
-            f"raise the cap to at least {price} µcr, or clear it."
-        )
-    )
+    assert estimate_parts(page)["over-cap"] == [
+        "Over the price cap of 5 µcr, so the run would be rejected: "
+        f"raise the cap to at least {price} µcr, or clear it."
+    ]
 
     # Run anyway: the rejection is worded as the form is, and stores nothing.
     runs_before = Run.objects.count()

@@ -806,29 +806,79 @@ function undrawnDetectionsNote(count) {
     const untrained = estimate.models.filter((model) => !model.pretrained).map((model) => model.model_id);
     if (untrained.length === 0) return "";
     return untrained.length === 1
-      ? ` ${untrained[0]} is an untrained architecture (random weights): `
+      ? `${untrained[0]} is an untrained architecture (random weights): `
         + "its timings are real, its detections meaningless."
-      : ` ${untrained.join(", ")} are untrained architectures (random weights): `
+      : `${untrained.join(", ")} are untrained architectures (random weights): `
         + "their timings are real, their detections meaningless.";
   }
 
-  // One line: where the run would go, its predicted total and price, or
-  // which part has no history yet.
-  function describeEstimate(estimate) {
+  // Microseconds as "45 ms", or "4.5 ms" under 10 ms.
+  function roundMs(us) {
+    const ms = us / 1000;
+    return ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
+  }
+
+  // The predicted time of each phase that takes any, in the timeline's
+  // order and words (queue, compile, cold load, preprocess, ...).
+  function describePhases(estimate) {
+    return window.GLASSBOX_PHASES
+      .filter((phase) => estimate.components[phase.key])
+      .map((phase) => `${phase.label} ${roundMs(estimate.components[phase.key])}`)
+      .join(" · ");
+  }
+
+  // Split the estimate into short parts, one per list item. They are where
+  // the run would start (hot or cold), its latency with its phases, its
+  // price, the basis of the figures or why they are unknown, and notes.
+  function estimateParts(estimate) {
     const cold = estimate.models.filter((model) => !model.hot).map((model) => model.model_id);
     const taker = estimate.runner || "the runner that takes it";
-    let route = `cold: ${cold.join(", ")} to be loaded by ${taker}`;
-    if (estimate.models.length === 0) route = "no model to load";
-    else if (estimate.hot) route = `hot on ${taker}`;
-    const untrained = describeUntrained(estimate);
+    let start = `cold, ${cold.join(", ")} to be loaded by ${taker}`;
+    if (estimate.models.length === 0) start = "no model to load";
+    else if (estimate.hot) start = `hot on ${taker}`;
+    const parts = [{ part: "start", text: `Start: ${start}` }];
     if (estimate.total === null) {
-      return `Estimate: ${route}; latency and price unknown (${estimate.unknown.join("; ")}).${untrained}`;
+      parts.push({ part: "latency", text: "Latency: unknown" });
+      parts.push({ part: "price", text: "Price: unknown" });
+      parts.push({ part: "unknown", text: "Unknown because:", items: estimate.unknown });
+    } else {
+      const phases = describePhases(estimate);
+      parts.push({
+        part: "latency", text: `Latency: about ${roundMs(estimate.total)}`,
+        items: phases ? [phases] : [],
+      });
+      parts.push({ part: "price", text: `Price: ${formatCredits(estimate.price.amount_microcredits)}` });
+      parts.push({ part: "basis", text: `Based on ${describeBasis(estimate)}.` });
+      const overCap = describeOverCap(estimate);
+      if (overCap) parts.push({ part: "over-cap", text: overCap });
     }
-    const ms = estimate.total / 1000;
-    const about = ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
-    return `Estimate: ${route}, about ${about}, ` +
-      `${formatCredits(estimate.price.amount_microcredits)} ` +
-      `(${describeBasis(estimate)}).${untrained}${describeOverCap(estimate)}`;
+    const untrained = describeUntrained(estimate);
+    if (untrained) parts.push({ part: "untrained", text: untrained });
+    return parts;
+  }
+
+  function showEstimateParts(target, estimate) {
+    const list = document.createElement("ul");
+    list.className = "estimate-parts";
+    for (const { part, text, items } of estimateParts(estimate)) {
+      const entry = document.createElement("li");
+      entry.dataset.part = part;
+      entry.textContent = text;
+      if (items && items.length) {
+        const sublist = document.createElement("ul");
+        for (const item of items) {
+          const subentry = document.createElement("li");
+          subentry.textContent = item;
+          sublist.append(subentry);
+        }
+        entry.append(sublist);
+      }
+      list.append(entry);
+    }
+    const heading = document.createElement("span");
+    heading.textContent = "Estimate";
+    heading.className = "estimate-heading";
+    target.replaceChildren(heading, list);
   }
 
   // The server rejects a run whose known predicted price is over its cap
@@ -838,7 +888,7 @@ function undrawnDetectionsNote(count) {
     if (!/^\d+$/.test(text) || Number(text) === 0) return "";
     const price = estimate.price.amount_microcredits;
     if (price <= Number(text)) return "";
-    return ` Over the price cap of ${text} µcr, so the run would be rejected: `
+    return `Over the price cap of ${text} µcr, so the run would be rejected: `
       + `raise the cap to at least ${price} µcr, or clear it.`;
   }
 
@@ -858,9 +908,8 @@ function undrawnDetectionsNote(count) {
       });
       const body = await response.json();
       if (seq !== estimateSeq) return;
-      target.textContent = response.ok
-        ? describeEstimate(body)
-        : `No estimate: ${body.message || response.statusText}`;
+      if (response.ok) showEstimateParts(target, body);
+      else target.textContent = `No estimate: ${body.message || response.statusText}`;
     } catch (error) {
       if (seq === estimateSeq) target.textContent = `No estimate: ${error.message}`;
     }
