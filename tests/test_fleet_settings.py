@@ -84,28 +84,39 @@ def test_lfu_evicts_the_least_called_model(alice):
     assert {model["cache_key"] for model in cache.snapshot()} == {often, latest}
 
 
-@pytest.mark.django_db
-def test_models_of_queued_runs_are_unloaded_last(alice):
-    connection = get_redis()
+@pytest.fixture
+def own_queue():
+    """A runner's own queue in the session's Redis, emptied after the test."""
     queue = Queue(
         keys.runner_queue("awaited-models"),
-        connection=connection,
+        connection=get_redis(),
         serializer=keys.JOB_SERIALIZER,
     )
+    yield queue
+    queue.empty()
+
+
+def queue_run_calling(queue: Queue, model_id: str, cache_key: str) -> None:
+    """Queue the job of a run that routing sent to ``queue``'s runner.
+
+    Routing sends a run there because the runner holds the run's model. The
+    job is the one dispatch queues, with only the model in its snapshot.
+    """
+    snapshot = {"model_refs": [{"model_id": model_id, "cache_key": cache_key}]}
+    enqueue_job(queue.connection, queue.name, str(uuid.uuid4()), {"snapshot": snapshot})
+
+
+@pytest.mark.django_db
+def test_models_of_queued_runs_are_unloaded_last(alice, own_queue):
     # 45 MiB has room for three yolov8n, not four.
     cache = new_cache(45)
-    cache.awaited_keys = lambda: queued_model_keys(queue)
+    cache.awaited_keys = lambda: queued_model_keys(own_queue)
     awaited = load(cache, "yolov8n.yaml-416", alice.id)
     other = load(cache, "yolov8n.yaml-448", alice.id)
     latest = load(cache, "yolov8n.yaml-480", alice.id)
-    # A run routed to this runner, since it holds the run's model, waits on
-    # the runner's own queue. Its job is the one dispatch queues.
-    snapshot = {"model_refs": [{"model_id": "yolov8n.yaml-416", "cache_key": awaited}]}
-    enqueue_job(connection, queue.name, str(uuid.uuid4()), {"snapshot": snapshot})
-    try:
-        incoming = load(cache, "yolov8n.yaml-512", alice.id)
-    finally:
-        queue.empty()
+    queue_run_calling(own_queue, "yolov8n.yaml-416", awaited)
+
+    incoming = load(cache, "yolov8n.yaml-512", alice.id)
 
     # The least recently used model stays, as the queued run calls it.
     assert {model["cache_key"] for model in cache.snapshot()} == {
@@ -118,27 +129,16 @@ def test_models_of_queued_runs_are_unloaded_last(alice):
 
 
 @pytest.mark.django_db
-def test_models_of_queued_runs_do_not_expire(alice):
-    connection = get_redis()
-    queue = Queue(
-        keys.runner_queue("awaited-models"),
-        connection=connection,
-        serializer=keys.JOB_SERIALIZER,
-    )
+def test_models_of_queued_runs_do_not_expire(alice, own_queue):
     cache = new_cache(4096)
     cache.configure(4096 * MIB, "ttl", keep_alive_s=0.05)
-    cache.awaited_keys = lambda: queued_model_keys(queue)
+    cache.awaited_keys = lambda: queued_model_keys(own_queue)
     awaited = load(cache, "yolov8n.yaml-416", alice.id)
     idle = load(cache, "yolov8n.yaml-448", alice.id)
-    snapshot = {"model_refs": [{"model_id": "yolov8n.yaml-416", "cache_key": awaited}]}
-    enqueue_job(connection, queue.name, str(uuid.uuid4()), {"snapshot": snapshot})
+    queue_run_calling(own_queue, "yolov8n.yaml-416", awaited)
     time.sleep(0.2)
-    try:
-        expired = cache.expire_idle()
-    finally:
-        queue.empty()
 
-    assert expired == 1
+    assert cache.expire_idle() == 1
     assert [model["cache_key"] for model in cache.snapshot()] == [awaited]
     assert idle != awaited
 
