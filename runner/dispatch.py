@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from rq import Queue
 
 from runner import fleet, keys, sql
@@ -615,16 +615,31 @@ def lock_live_workflow(workflow_version_id: int) -> None:
     WorkflowDeletedError (404), so nothing is stored. A delete that comes
     later waits until the run is stored, so no run is stored after its
     workflow's delete returned.
+
+    On PostgreSQL the lock is FOR KEY SHARE, which conflicts with the FOR
+    UPDATE that a delete takes (``Workflow.mark_deleted``) but not with
+    itself, so runs of one workflow are stored side by side. SQLite has
+    no row locks: its writes take turns for the whole database.
     """
     from workflows.errors import WorkflowDeletedError
-    from workflows.models import Workflow
+    from workflows.models import Workflow, WorkflowVersion
 
-    live = list(
-        Workflow.objects.select_for_update(no_key=True, of=("self",))
-        .filter(versions__pk=workflow_version_id)
-        .values_list("pk", flat=True)
-    )
-    if not live:
+    live = Workflow.objects.filter(versions__pk=workflow_version_id)
+    if connection.vendor == "postgresql":
+        # Django's select_for_update has no FOR KEY SHARE.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT workflow.id FROM {Workflow._meta.db_table} workflow "
+                f"JOIN {WorkflowVersion._meta.db_table} version "
+                "ON version.workflow_id = workflow.id "
+                "WHERE version.id = %s AND workflow.deleted_at IS NULL "
+                "FOR KEY SHARE OF workflow",
+                [workflow_version_id],
+            )
+            found = cursor.fetchone() is not None
+    else:
+        found = live.exists()
+    if not found:
         raise WorkflowDeletedError(workflow_version_id)
 
 

@@ -6,9 +6,11 @@ really overlap. On SQLite they queue for the write lock.
 
 import threading
 
+import pytest
 from django.conf import settings
-from django.db import connection
+from django.db import OperationalError, connection, transaction
 
+from runner.dispatch import lock_live_workflow
 from runner.models import Run
 from tests.conftest import registered_runner, start_cli_run
 from tests.definitions import image_height
@@ -186,3 +188,76 @@ def test_save_from_a_stale_revision_keeps_a_rename(alice, alice_client):
         url, {"definition": changed, "base_revision": 2}, format="json"
     )
     assert (saved.json()["version"], saved.json()["revision"]) == (2, 3)
+
+
+postgresql_only = pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="row locks are PostgreSQL's; SQLite's writes take turns",
+)
+
+
+def hold_run_lock(version_id: int, then) -> None:
+    """Hold the lock that storing a run of the version takes, while ``then()`` runs.
+
+    The lock is taken in a thread with its own connection and transaction,
+    as a second web server process storing a run would hold it.
+    """
+    locked, done = threading.Event(), threading.Event()
+
+    def store_run() -> None:
+        try:
+            with transaction.atomic():
+                lock_live_workflow(version_id)
+                locked.set()
+                done.wait(timeout=30)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=store_run)
+    thread.start()
+    try:
+        assert locked.wait(timeout=30)
+        then()
+    finally:
+        done.set()
+        thread.join(timeout=30)
+
+
+def with_lock_timeout(action):
+    """Run ``action()`` in a transaction that waits at most 1 s for a row lock."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL lock_timeout = '1s'")
+        return action()
+
+
+@postgresql_only
+def test_runs_of_one_workflow_are_stored_side_by_side(transactional_db, alice):
+    workflow = Workflow.create_with_version(alice, "popular", image_height())
+    version_id = workflow.latest_version().id
+
+    # Storing a second run does not wait for the first one's transaction.
+    hold_run_lock(
+        version_id, lambda: with_lock_timeout(lambda: lock_live_workflow(version_id))
+    )
+
+
+@postgresql_only
+def test_delete_waits_for_run_being_stored(transactional_db, alice):
+    workflow = Workflow.create_with_version(alice, "deleted", image_height())
+    version_id = workflow.latest_version().id
+    blocked = []
+
+    def delete() -> None:
+        try:
+            with_lock_timeout(workflow.mark_deleted)
+        except OperationalError as error:
+            blocked.append(error)
+
+    hold_run_lock(version_id, delete)
+
+    assert len(blocked) == 1
+    assert "lock timeout" in str(blocked[0])
+    assert Workflow.objects.filter(pk=workflow.pk).exists()
+    # Once the run is stored, the delete goes through.
+    assert workflow.mark_deleted()

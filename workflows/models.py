@@ -85,10 +85,18 @@ class Workflow(models.Model):
         return slug
 
     def mark_deleted(self) -> bool:
-        """Mark the workflow deleted, keeping its rows. Return whether it was live."""
-        return bool(
-            Workflow.objects.filter(pk=self.pk).update(deleted_at=timezone.now())
-        )
+        """Mark the workflow deleted, keeping its rows. Return whether it was live.
+
+        The row is locked FOR UPDATE first, so the delete waits for the runs
+        being stored, which hold the row FOR KEY SHARE
+        (``dispatch.lock_live_workflow``). A plain UPDATE of a column that
+        is no key would not wait for them.
+        """
+        with transaction.atomic():
+            live = Workflow.objects.filter(pk=self.pk)
+            if not list(live.select_for_update().values_list("pk", flat=True)):
+                return False
+            return bool(live.update(deleted_at=timezone.now()))
 
     def add_version(self, definition: dict) -> "WorkflowVersion":
         """Store ``definition`` as the next version (callers compile it first)."""
