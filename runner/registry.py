@@ -190,6 +190,16 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
     raise ModelNotFoundError(model_id, searched, step=step)
 
 
+def largest_image_size() -> int:
+    """Return the largest input size, in pixels, that a run can give a model.
+
+    A size suffix asks for at most MAX_IMAGE_SIZE, and an id without one
+    runs at WARMUP_IMAGE_SIZE, which has no maximum of its own.
+    """
+    largest = max(MAX_IMAGE_SIZE, settings.GLASSBOX["WARMUP_IMAGE_SIZE"])
+    return -(-largest // SIZE_STEP) * SIZE_STEP
+
+
 def size_suffix(model_id: str) -> re.Match | None:
     """Return the match of ``model_id``'s size suffix, None if it has none.
 

@@ -27,13 +27,18 @@ from runner.presenters import run_to_dict
 from runner.registry import (
     SAFE_ID,
     describe_place,
+    largest_image_size,
     model_dir,
     resolve_model,
     size_suffix,
     upload_source_path,
 )
 from runner.waiting import waiting_state
-from runner.weights_check import WeightsRejected, check_weights
+from runner.weights_check import (
+    ActivationMemoryExceeded,
+    WeightsRejected,
+    check_weights,
+)
 from webapp.api_views import StrictQueryAPIView
 from webapp.errors import get_owned
 from webapp.requests import (
@@ -446,8 +451,12 @@ class ModelListView(StrictQueryAPIView):
         stored = None
         try:
             stored = _store_upload(request.user.id, upload)
-            names, task, trained = check_weights(
-                stored, upload.name, settings.GLASSBOX["WEIGHTS_CHECK_MEMORY_MB"]
+            checked = check_weights(
+                stored,
+                upload.name,
+                settings.GLASSBOX["WEIGHTS_CHECK_MEMORY_MB"],
+                settings.GLASSBOX["MODEL_ACTIVATION_MEMORY_MB"],
+                largest_image_size(),
             )
         except Exception as error:
             # Nothing is kept of an upload that was not accepted.
@@ -458,6 +467,13 @@ class ModelListView(StrictQueryAPIView):
             logger.info(
                 "upload %r by user %s rejected: %s", model_id, request.user.id, error
             )
+            if isinstance(error, ActivationMemoryExceeded):
+                raise MalformedRequest(
+                    f"'{upload.name}' needs too much memory to run: {error}",
+                    context="model_upload",
+                    field_name="file",
+                    hint=ACTIVATION_HINT,
+                ) from None
             raise MalformedRequest(
                 f"'{upload.name}' is not an ultralytics model: {error}",
                 context="model_upload",
@@ -466,6 +482,14 @@ class ModelListView(StrictQueryAPIView):
             ) from None
         finally:
             _weights_check_slot.release()
+        logger.info(
+            "upload %r by user %s: a prediction at %d px raised the check "
+            "process's peak memory by %d MiB",
+            model_id,
+            request.user.id,
+            checked.image_size,
+            checked.activation_mb,
+        )
         try:
             with transaction.atomic():
                 record = ModelUpload.objects.create(
@@ -474,9 +498,9 @@ class ModelListView(StrictQueryAPIView):
                     path=str(stored),
                     size_bytes=stored.stat().st_size,
                     sha256=_sha256(stored),
-                    task=task,
-                    class_names=names,
-                    trained=trained,
+                    task=checked.task,
+                    class_names=checked.names,
+                    trained=checked.trained,
                 )
         except IntegrityError:
             # Another upload with this id won the race since the check above.
@@ -513,6 +537,11 @@ def _shared_model(model_id: str) -> str | None:
     return f"a file in {describe_place(source.kind)}"
 
 
+ACTIVATION_HINT = (
+    "Upload a detector that keeps ultralytics' strides, whose feature maps are "
+    "8 to 32 times smaller than the image, or ask the server's operator to "
+    "raise MODEL_ACTIVATION_MEMORY_MB if runners have memory to spare."
+)
 DUPLICATE_UPLOAD_HINT = (
     "Choose another model_id, or delete the existing model first "
     "(DELETE /api/models/<model_id>, or Delete on the Models page) to "

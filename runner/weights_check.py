@@ -4,16 +4,25 @@ The check loads the file with ultralytics, which the web server must not do
 itself: importing ultralytics adds about 900 MB of torch to each worker and
 replaces ``PIL.Image.open`` with a version that tries to install packages,
 and a file crafted to inflate or crash would take the worker with it. The
-child loads with ultralytics' restricted unpickler, offline, predicts once on
-a blank image, and prints one line of JSON.
+child loads with ultralytics' restricted unpickler, offline, predicts on a
+small blank image, then on one of the largest input size that a run can ask
+for, and prints one line of JSON.
 
-Run as ``python -m runner.weights_check PATH MEMORY_MB``; it reads no Django
-settings and does not set Django up. The child limits its own data segment
-(``RLIMIT_DATA``: heap and private writable mappings, where torch allocates
-tensors) to MEMORY_MB before it imports torch. The limit keeps a checkpoint
-whose layers inflate a blank image, such as an ``nn.Upsample`` with a large
-``scale_factor``, from taking as much of the web server host's memory as its
-uploader chooses.
+Run as ``python -m runner.weights_check PATH MEMORY_MB ACTIVATION_MB SIZE``;
+it reads no Django settings and does not set Django up. The child limits its
+own data segment (``RLIMIT_DATA``: heap and private writable mappings, where
+torch allocates tensors) to MEMORY_MB before it imports torch. The limit
+keeps a checkpoint whose layers inflate a blank image, such as an
+``nn.Upsample`` with a large ``scale_factor``, from taking as much of the web
+server host's memory as its uploader chooses.
+
+The prediction at SIZE pixels runs under a lower limit: the data segment
+as it is after the small prediction, plus ACTIVATION_MB. A runner predicts
+at up to that size, and nothing on a runner bounds the memory that a
+prediction allocates. Without this limit, a checkpoint that passes the
+small prediction but needs gigabytes at full size, such as one whose
+stride-2 convolutions were set to stride 1, would take down the runner and
+every run on it.
 """
 
 import json
@@ -24,9 +33,12 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-CHILD_TIMEOUT_S = 120
+# yolov8x's prediction at 1920 px alone took 177 s on one thread, on a
+# 2-core x86-64 machine that ran other work at the time.
+CHILD_TIMEOUT_S = 300
 # The size of the blank image the check predicts on: small, since it only
 # shows that the model runs at all.
 CHECK_IMAGE_SIZE = 160
@@ -85,18 +97,46 @@ class WeightsRejected(Exception):
     """The file is not a usable ultralytics detector; the message gives the reason."""
 
 
-def check_weights(
-    path: Path, shown_name: str, memory_mb: int
-) -> tuple[list[str], str, bool]:
-    """Return the detector's class names and task in ``path``, and if it was trained.
+class ActivationMemoryExceeded(WeightsRejected):
+    """The detector runs, but one prediction at full size needs too much memory."""
 
-    The child process may allocate at most ``memory_mb`` MiB of data.
-    Raises WeightsRejected with a message that names the file as
+
+@dataclass(frozen=True)
+class CheckedWeights:
+    names: list[str]
+    task: str
+    # Whether the checkpoint records a training run (ultralytics' train_args).
+    trained: bool
+    # The side of the blank image of the full-size prediction, in pixels.
+    image_size: int
+    # How far that prediction raised the check process's peak resident
+    # memory, in MiB: an estimate of what it needs on a runner's CPU.
+    activation_mb: int
+
+
+def check_weights(
+    path: Path, shown_name: str, memory_mb: int, activation_mb: int, image_size: int
+) -> CheckedWeights:
+    """Load the detector in ``path`` in a child process and predict with it.
+
+    The child process may allocate at most ``memory_mb`` MiB of data, and
+    its prediction on a blank ``image_size`` square at most ``activation_mb``
+    MiB more than the loaded model. Raises WeightsRejected, or its subclass
+    ActivationMemoryExceeded, with a message that names the file as
     ``shown_name``, never by its path on the server.
     """
+    command = [
+        sys.executable,
+        "-m",
+        "runner.weights_check",
+        str(path),
+        str(memory_mb),
+        str(activation_mb),
+        str(image_size),
+    ]
     try:
         finished = subprocess.run(
-            [sys.executable, "-m", "runner.weights_check", str(path), str(memory_mb)],
+            command,
             env=child_environment(os.environ),
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
@@ -105,7 +145,7 @@ def check_weights(
         )
     except subprocess.TimeoutExpired:
         raise WeightsRejected(
-            f"loading it took over {CHILD_TIMEOUT_S} s, so it was stopped"
+            f"checking it took over {CHILD_TIMEOUT_S} s, so it was stopped"
         ) from None
     lines = finished.stdout.strip().splitlines()
     try:
@@ -118,9 +158,38 @@ def check_weights(
             "before it gave a result; it may have needed more than the "
             f"{memory_mb} MiB of memory that a check may use"
         ) from None
+    if "activation_limit_mb" in result:
+        # The last line announced the full-size prediction, and the process
+        # ended during it, most likely at an allocation over the limit.
+        size = result["image_size"]
+        raise ActivationMemoryExceeded(
+            f"the check process exited with code {finished.returncode} during "
+            f"a prediction on a {size}×{size} image, the largest input size "
+            "that a run can ask for; the prediction may have needed more than "
+            f"{result['activation_limit_mb']} MiB of memory beyond the loaded "
+            f"model, the limit set by {result['setting']}"
+        )
     if not result["ok"]:
-        raise WeightsRejected(result["error"].replace(str(path), shown_name))
-    return result["names"], result["task"], result["trained"]
+        error = (
+            ActivationMemoryExceeded if result.get("activation") else WeightsRejected
+        )
+        raise error(result["error"].replace(str(path), shown_name))
+    return CheckedWeights(
+        names=result["names"],
+        task=result["task"],
+        trained=result["trained"],
+        image_size=result["image_size"],
+        activation_mb=result["activation_mb"],
+    )
+
+
+def _activation_failure(image_size: int, limit_mb: int, setting: str) -> str:
+    return (
+        f"one prediction on a {image_size}×{image_size} image, the largest "
+        f"input size that a run can ask for, needs more than {limit_mb} MiB of "
+        f"memory beyond the loaded model, the limit set by {setting}; "
+        "ultralytics' detectors of the same size need far less"
+    )
 
 
 def child_environment(parent: Mapping[str, str]) -> dict[str, str]:
@@ -203,7 +272,7 @@ def _known_format(head: bytes) -> str | None:
     return None
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, activation_mb: int, image_size: int) -> dict:
     check_format(path)
     _check_archive(path)
     # The runners' loader, with its check that the restricted mode is on.
@@ -218,11 +287,14 @@ def _load(path: Path) -> dict:
     if model.task != "detect":
         raise ValueError(f"the model's task is '{model.task}', only 'detect' runs here")
     _check_prediction(model)
+    measured_mb = _check_activation_memory(model, activation_mb, image_size)
     return {
         "ok": True,
         "task": model.task,
         "names": [model.names[i] for i in sorted(model.names)],
         "trained": bool((getattr(model, "ckpt", None) or {}).get("train_args")),
+        "image_size": image_size,
+        "activation_mb": measured_mb,
     }
 
 
@@ -250,6 +322,68 @@ def _check_prediction(model) -> None:
             f"{CHECK_IMAGE_SIZE} image failed, so it cannot run "
             f"({type(error).__name__}: {error})"[:500]
         ) from error
+
+
+class _ActivationTooLarge(ValueError):
+    """A prediction at full size that needed more memory than its limit."""
+
+
+def _check_activation_memory(model, activation_mb: int, image_size: int) -> int:
+    """Predict on a blank ``image_size`` square with at most ``activation_mb``
+    MiB of data more than now; return how far the peak RSS rose, in MiB.
+
+    Raises _ActivationTooLarge when the prediction needs more. Only the soft
+    limit is lowered, so the process's own limit still bounds the whole
+    check when it is the lower of the two.
+    """
+    import numpy as np
+
+    data_bytes = _status_kib("VmData") * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    allowed = activation_mb * 1024 * 1024
+    setting = "MODEL_ACTIVATION_MEMORY_MB"
+    if hard != resource.RLIM_INFINITY and hard - data_bytes < allowed:
+        allowed = max(hard - data_bytes, 0)
+        setting = "WEIGHTS_CHECK_MEMORY_MB, less the memory of the loaded model"
+    limit_mb = allowed // (1024 * 1024)
+    # If an allocation aborts the process instead of raising, this is the
+    # last line that the parent reads.
+    announcement = {
+        "image_size": image_size,
+        "activation_limit_mb": limit_mb,
+        "setting": setting,
+    }
+    print(json.dumps(announcement), flush=True)
+    resource.setrlimit(resource.RLIMIT_DATA, (data_bytes + allowed, hard))
+    rss_before_kib = _status_kib("VmRSS")
+    blank = np.zeros((image_size, image_size, 3), dtype=np.uint8)
+    try:
+        model.predict(blank, imgsz=image_size, device="cpu", verbose=False)
+    except Exception as error:
+        if _out_of_memory(error):
+            raise _ActivationTooLarge(
+                _activation_failure(image_size, limit_mb, setting)
+            ) from error
+        raise ValueError(
+            f"it predicts on a small image, but a prediction on a blank "
+            f"{image_size}×{image_size} image, the largest input size that a "
+            f"run can ask for, failed ({type(error).__name__}: {error})"[:500]
+        ) from error
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
+    # ru_maxrss is in KiB on Linux.
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(peak_kib - rss_before_kib, 0) // 1024
+
+
+def _status_kib(field: str) -> int:
+    """Return a KiB field of /proc/self/status, such as VmData or VmRSS."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
 def _entries_without_model(path: Path) -> list[str] | None:
@@ -337,20 +471,22 @@ def _load_failure(error: Exception, path: Path) -> str:
     return f"it could not be read as a checkpoint ({type(error).__name__}: {text})"
 
 
-def main(path: str, memory_mb: int) -> None:
+def main(path: str, memory_mb: int, activation_mb: int, image_size: int) -> None:
     # Before torch is imported, so that its allocations are limited too.
     _limit_memory(memory_mb)
     # ultralytics logs to stdout, so the result goes on the last line.
     try:
-        result = _load(Path(path))
+        result = _load(Path(path), activation_mb, image_size)
     except Exception as error:
         message = str(error).replace("ERROR ❌️ ", "").strip()
         # A ValueError comes from the checks above, and its message is the reason.
         if not isinstance(error, ValueError):
             message = f"{type(error).__name__}: {message}"
         result = {"ok": False, "error": message}
+        if isinstance(error, _ActivationTooLarge):
+            result["activation"] = True
     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

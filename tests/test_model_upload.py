@@ -65,6 +65,23 @@ def weights_that_inflate(path: Path, scale: int) -> Path:
     return path
 
 
+def weights_without_downsampling(path: Path) -> Path:
+    """Save yolov8n with its stride-2 convolutions at stride 1 and its
+    upsampling at scale 1: it predicts, and every feature map keeps the
+    input's size, so at 640 px it needs more than 2.7 GiB, where yolov8n
+    needs about 35 MiB."""
+    from ultralytics import YOLO
+
+    model = YOLO("yolov8n.yaml")
+    for layer in model.model.modules():
+        if isinstance(layer, torch.nn.Conv2d) and layer.stride == (2, 2):
+            layer.stride = (1, 1)
+        if isinstance(layer, torch.nn.Upsample):
+            layer.scale_factor = 1.0
+    model.save(str(path))
+    return path
+
+
 def damaged_checkpoint(path: Path) -> Path:
     """Copy the demo detector to ``path`` with one member's header overwritten."""
     shutil.copy(resolve_model("people-detector").local_path(), path)
@@ -834,6 +851,55 @@ def test_upload_check_memory_is_limited(alice_client, tmp_path, settings):
     # The limit leaves room for a model that predicts normally.
     response = upload(alice_client, "plain", make_weights(tmp_path / "plain.pt"))
     assert response.status_code == 201, response.json()
+
+
+def test_upload_activation_memory_is_limited(alice, alice_client, tmp_path):
+    weights = weights_without_downsampling(tmp_path / "full-size.pt")
+    upload_dir = Path(settings.GLASSBOX["UPLOAD_DIR"]) / str(alice.id)
+    before = set(upload_dir.glob("*")) if upload_dir.exists() else set()
+
+    response = upload(alice_client, "full-size", weights)
+
+    assert response.status_code == 400, response.json()
+    body = response.json()
+    assert body["field"] == "file"
+    assert body["message"] == (
+        "'full-size.pt' needs too much memory to run: one prediction on a "
+        "1920×1920 image, the largest input size that a run can ask for, needs "
+        "more than 2048 MiB of memory beyond the loaded model, the limit set by "
+        "MODEL_ACTIVATION_MEMORY_MB; ultralytics' detectors of the same size "
+        "need far less"
+    )
+    assert "MODEL_ACTIVATION_MEMORY_MB" in body["hint"]
+    assert ModelUpload.objects.count() == 0
+    assert set(upload_dir.glob("*")) == before
+
+    # Stock detectors stay far below the default limit at the same size.
+    shutil.copy(resolve_model("people-detector").local_path(), tmp_path / "p.pt")
+    from ultralytics import YOLO
+
+    YOLO("yolo11n.yaml").save(str(tmp_path / "yolo11n.pt"))
+    for model_id, name in [("people", "p.pt"), ("yolo11n-copy", "yolo11n.pt")]:
+        response = upload(alice_client, model_id, tmp_path / name)
+        assert response.status_code == 201, response.json()
+
+
+def test_activation_limit_within_check_limit(alice_client, tmp_path, settings):
+    # Importing torch and loading take about 1 GiB of the check's 2048 MiB,
+    # so less than MODEL_ACTIVATION_MEMORY_MB is left for the prediction.
+    settings.GLASSBOX = {**settings.GLASSBOX, "WEIGHTS_CHECK_MEMORY_MB": 2048}
+    weights = weights_without_downsampling(tmp_path / "full-size.pt")
+
+    response = upload(alice_client, "full-size", weights)
+
+    assert response.status_code == 400, response.json()
+    message = response.json()["message"]
+    assert message.startswith("'full-size.pt' needs too much memory to run: ")
+    assert (
+        "the limit set by WEIGHTS_CHECK_MEMORY_MB, less the memory of the "
+        "loaded model" in message
+    )
+    assert ModelUpload.objects.count() == 0
 
 
 def test_unrunnable_model_dir_weights_fail(runner, alice_client):

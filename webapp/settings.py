@@ -249,6 +249,13 @@ GLASSBOX = {
     # Checking ultralytics' largest detector (yolov8x, 137 MB) allocated
     # about 1.5 GB on a 2-core x86-64 machine.
     "WEIGHTS_CHECK_MEMORY_MB": env_int("WEIGHTS_CHECK_MEMORY_MB", 4096, 256),
+    # Memory, in MiB, that one prediction of an upload on a blank image of the
+    # largest input size (registry.largest_image_size) may allocate beyond
+    # the loaded model. Nothing on a runner limits a prediction's memory, so
+    # the upload check enforces it. At 1920 px, yolov8n, yolo11n and the
+    # yolov8s-sized people-detector raised the check's peak RSS by 265 to
+    # 395 MiB, and yolov8x by about 1,200 MiB, on a 2-core x86-64 machine.
+    "MODEL_ACTIVATION_MEMORY_MB": env_int("MODEL_ACTIVATION_MEMORY_MB", 2048, 64),
     # A synchronous run request waits this long, then responds 202 with the
     # run's URL.
     "SYNC_TIMEOUT_S": env_float("SYNC_TIMEOUT_S", 30.0, 0.0),
