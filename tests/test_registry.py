@@ -6,7 +6,12 @@ import pytest
 from django.conf import settings
 
 from runner.models import ModelUpload
-from runner.registry import ModelSource, check_model_path, resolve_model
+from runner.registry import (
+    ModelSource,
+    check_model_path,
+    largest_image_size,
+    resolve_model,
+)
 from workflows.errors import ModelNotFoundError
 
 
@@ -81,6 +86,16 @@ def test_resolve_exact_id_before_size_check(db, settings, tmp_path):
     assert source.kind == "model_dir"
     assert source.path.endswith("detector-2024.pt")
     assert source.image_size == settings.GLASSBOX["WARMUP_IMAGE_SIZE"]
+
+
+@pytest.mark.parametrize(
+    ("warmup_size", "largest"), [(640, 1920), (1920, 1920), (2000, 2016)]
+)
+def test_largest_image_size(settings, warmup_size, largest):
+    # The largest size suffix, unless ids without one run at a larger size,
+    # rounded up to a multiple of 32 as ultralytics rounds it.
+    settings.GLASSBOX = {**settings.GLASSBOX, "WARMUP_IMAGE_SIZE": warmup_size}
+    assert largest_image_size() == largest
 
 
 def test_resolve_names_dot_dot_segment(db):
