@@ -386,13 +386,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
-def _entries_without_model(path: Path) -> list[str] | None:
-    """Return the top-level keys of a torch file that contains a dict without a model.
+def _describe_content(path: Path) -> str | None:
+    """Describe the content of a torch file that is no ultralytics checkpoint.
 
-    Returns None when the file contains something else, or does not load with
-    torch's weights-only unpickler. ultralytics finds its network under
-    "model" (or "ema"), and reports a dict without either, such as a bare
-    state_dict, as holding unsupported types.
+    Returns None when the file does not load with torch's weights-only
+    unpickler, or contains a dict whose "ema" or "model" entry is a module,
+    as a checkpoint's is. ultralytics builds its network from that entry and
+    reports any other content as holding unsupported types, or fails with an
+    AttributeError on content that is not a dict, such as a bare tensor.
     """
     import torch
 
@@ -400,9 +401,34 @@ def _entries_without_model(path: Path) -> list[str] | None:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
-    if not isinstance(content, dict) or {"model", "ema"} & content.keys():
+    if not isinstance(content, dict):
+        return (
+            "it is a torch file, but not an ultralytics checkpoint: it contains "
+            f"{_with_article(type(content).__name__)}, not the dict that "
+            "ultralytics saves"
+        )
+    if not {"model", "ema"} & content.keys():
+        entries = [str(key) for key in content]
+        shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
+        return (
+            "it is a torch file, but not an ultralytics checkpoint: it contains "
+            f"a dict without a 'model' entry (its keys: {shown or 'none'}); "
+            "upload the .pt file that ultralytics saved, not a state_dict"
+        )[:500]
+    # ultralytics 8.4 takes the network from ckpt.get("ema") or ckpt.get("model").
+    entry = "ema" if content.get("ema") else "model"
+    network = content.get(entry)
+    if isinstance(network, torch.nn.Module):
         return None
-    return [str(key) for key in content]
+    held = "None" if network is None else _with_article(type(network).__name__)
+    return (
+        "it is a torch file, but not an ultralytics checkpoint: its "
+        f"'{entry}' entry is {held}, not a network"
+    )
+
+
+def _with_article(name: str) -> str:
+    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 
 
 # The MiB of data that this check process may allocate; main() sets it.
@@ -451,23 +477,22 @@ def _load_failure(error: Exception, path: Path) -> str:
                 "ultralytics checkpoint does not, so it was not loaded; only "
                 "weights saved by ultralytics load here"
             )
-        entries = _entries_without_model(path)
-        if entries is not None:
-            shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
-            return (
-                "it is a torch file, but not an ultralytics checkpoint: it contains "
-                f"a dict without a 'model' entry (its keys: {shown or 'none'}); "
-                "upload the .pt file that ultralytics saved, not a state_dict"
-            )[:500]
+        described = _describe_content(path)
+        if described is not None:
+            return described
         return (
             "its pickled data could not be read safely: it is damaged, or it "
             "holds objects that an ultralytics checkpoint does not"
         )
     if "empty, truncated or corrupted" in text:
         return f"it is damaged (empty, truncated or corrupted): {cause}"[:500]
-    if "inline_container" in text:
-        # torch's zip reader: the archive lacks the layout torch.save writes.
+    if "inline_container" in text or 'hasRecord("version")' in text:
+        # torch's zip reader: the archive lacks the layout torch.save writes,
+        # such as its "version" record.
         return "it is a zip archive, but not one that torch saved"
+    described = _describe_content(path)
+    if described is not None:
+        return described
     return f"it could not be read as a checkpoint ({type(error).__name__}: {text})"
 
 

@@ -335,6 +335,45 @@ def test_upload_rejects_state_dict(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (torch.zeros(3), "it contains a Tensor, not the dict that ultralytics saves"),
+        ([1, 2], "it contains a list, not the dict that ultralytics saves"),
+        ({"model": None}, "its 'model' entry is None, not a network"),
+        ({"model": 5, "train_args": {}}, "its 'model' entry is an int, not a network"),
+    ],
+    ids=["tensor", "list", "model-none", "model-int"],
+)
+def test_upload_names_content_that_is_no_network(
+    alice_client, tmp_path, content, expected
+):
+    # These load safely, so the message must not call them damaged or unsafe.
+    weights = tmp_path / "weights.pt"
+    torch.save(content, weights)
+    response = upload(alice_client, "weights", weights)
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "'weights.pt' is not an ultralytics model: it is a torch file, but not "
+        f"an ultralytics checkpoint: {expected}"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
+def test_upload_rejects_zip_without_torch_version(alice_client, tmp_path):
+    # torch reports this archive with an internal assertion (hasRecord("version")).
+    archive = tmp_path / "archive.pt"
+    with zipfile.ZipFile(archive, "w") as file:
+        file.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    response = upload(alice_client, "archive", archive)
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "'archive.pt' is not an ultralytics model: it is a zip archive, but not "
+        "one that torch saved"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_rejects_damaged_checkpoint(alice_client, tmp_path):
     # A real checkpoint with one member's header overwritten: a file damaged
     # in transfer, not one of another kind.
