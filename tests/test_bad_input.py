@@ -669,6 +669,40 @@ def test_image_truncated_png(send_run, appended):
     assert_nothing_stored()
 
 
+def test_image_truncated_webp(send_run):
+    # Pillow decodes a WebP file to open it, so a cut one must not be
+    # reported as a format the server does not support.
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes())).save(buffer, format="WEBP")
+    whole = buffer.getvalue()
+    half = whole[: len(whole) // 2]
+    response = send_run(image_height(), {"image": base64_input(half)})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert body["message"] == (
+        f"Input 'image' is a truncated WEBP file ({len(half)} of the "
+        f"{len(whole)} bytes that its RIFF header gives)"
+    )
+    assert_nothing_stored()
+
+
+def test_image_damaged_webp(send_run):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes())).save(buffer, format="WEBP")
+    # Overwrite the VP8 chunk's frame header, keeping the file's length.
+    damaged = bytearray(buffer.getvalue())
+    damaged[20:40] = bytes(20)
+    response = send_run(image_height(), {"image": base64_input(bytes(damaged))})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert body["message"] == "Input 'image' could not be decoded as WEBP"
+    assert_nothing_stored()
+
+
 def test_image_invalid_base64(send_run):
     response = send_run(
         image_height(), {"image": {"type": "base64", "value": "not*base64*at*all"}}

@@ -199,7 +199,19 @@ def inspect_image(
         # Pillow's message adds only the repr of the buffer it read.
         raise not_an_image from None
     except Exception as error:
-        raise not_an_image from error
+        # Pillow opens a WebP file by decoding it, so a cut or damaged one
+        # fails here rather than in the completeness check below.
+        webp_size = _webp_file_size(data)
+        if webp_size is None:
+            raise not_an_image from error
+        if len(data) < webp_size:
+            message = (
+                f"Input '{input_name}' is a truncated WEBP file ({len(data)} of "
+                f"the {webp_size} bytes that its RIFF header gives)"
+            )
+        else:
+            message = f"Input '{input_name}' could not be decoded as WEBP"
+        raise InputError(message, context="input_decoding", field_name=field) from error
     image_format = image.format or "unknown"
     if image_format not in ALLOWED_FORMATS:
         raise InputError(
@@ -298,6 +310,15 @@ def _png_has_end(data: bytes) -> bool:
         if kind == b"IEND":
             return data[start - 4 : start + 4] == _TRAILERS["PNG"][0]
     return False
+
+
+def _webp_file_size(data: bytes) -> int | None:
+    """Return the file size that a WebP file's RIFF header gives, or None
+    when ``data`` does not start like a WebP file."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    # The RIFF chunk size counts the bytes after its own 8-byte header.
+    return int.from_bytes(data[4:8], "little") + 8
 
 
 def _tiff_bits_per_sample(image: Image.Image) -> int:
