@@ -32,6 +32,8 @@ BUS = str(image_path())
         ("runner", ["--memory-budget-mb", "0"], "positive whole number"),
         ("runner", ["--name", ""], "--name is empty"),
         ("runner", ["--name", "y" * 191], "191 characters long; the limit is 190"),
+        ("runner", ["--name", ".."], "runner name '..' needs at least one letter"),
+        ("runner", ["--name", "a b"], "'a b' may contain only letters, digits"),
         ("runner", ["--device", "tpu"], "--device 'tpu' is not a torch device"),
         (
             "runner",
@@ -41,6 +43,14 @@ BUS = str(image_path())
         ("up", ["--runners", "-1"], "zero or more"),
         ("up", ["--port", "70000"], "from 1 to 65534"),
         ("up", ["--web-workers", "0"], "positive whole number"),
+        ("up", ["--runner-prefix", "a b"], "prefix 'a b' may contain only letters"),
+        ("up", ["--runner-prefix", "-"], "prefix '-' needs at least one letter"),
+        ("up", ["--runner-prefix", ""], "the prefix is empty"),
+        (
+            "up",
+            ["--runner-prefix", "p" * 181, "--runners", "10"],
+            "--runner-prefix makes runner names of up to 191 characters",
+        ),
     ],
 )
 def test_bad_argument_values(db, command, arguments, message):

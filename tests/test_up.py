@@ -12,6 +12,7 @@ import urllib.request
 import psutil
 import pytest
 import redis
+from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from tests.conftest import ROOT
@@ -106,6 +107,16 @@ def test_runner_names_on_shared_redis(settings, monkeypatch):
 
     settings.REDIS_URL = ""
     assert up.runner_name(1) == "runner-1"
+
+
+def test_up_rejects_long_host_name(settings, monkeypatch):
+    from runner.management.commands import up
+
+    # With REDIS_URL, the host name prefixes the runners' names.
+    monkeypatch.setattr(up.socket, "gethostname", lambda: "h" * 181)
+    settings.REDIS_URL = "redis://redis-host:6379/0"
+    with pytest.raises(CommandError, match="the host name makes runner names of up"):
+        call_command("up", "--runners", "10")
 
 
 def test_up_rejects_runner_names_in_use(settings, monkeypatch):

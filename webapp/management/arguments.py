@@ -85,3 +85,34 @@ def port_pair(text: str) -> int:
             f"{text!r} is not a port from 1 to 65534 (the next port is used too)"
         )
     return value
+
+
+# Runs record the runner's name and its queue ("runner.<name>") in columns
+# of 200 characters.
+MAX_RUNNER_NAME_CHARS = 190
+
+
+def runner_name_problem(name: str, what: str = "runner name") -> str | None:
+    """Return why ``name`` cannot name a runner, or None when it can."""
+    symbols_removed = name.replace("-", "").replace("_", "").replace(".", "")
+    if not symbols_removed:
+        return f"{what} {name!r} needs at least one letter or digit"
+    if not symbols_removed.isalnum():
+        return f"{what} {name!r} may contain only letters, digits, '-', '_' and '.'"
+    return None
+
+
+def runner_prefix(text: str) -> str:
+    """Return an ``up --runner-prefix`` whose characters make valid runner names.
+
+    ``up`` checks the length of the names it makes, which depends on the
+    number of runners.
+    """
+    if text == "":
+        raise argparse.ArgumentTypeError(
+            "the prefix is empty; leave the option out for the default"
+        )
+    problem = runner_name_problem(text, what="prefix")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text

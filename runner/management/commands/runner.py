@@ -21,14 +21,14 @@ from runner.model_cache import ModelCache, pick_device  # noqa: E402
 from runner.runtime import RunnerRuntime, set_runtime  # noqa: E402
 from runner.worker import run_worker  # noqa: E402
 from webapp.database import database_place  # noqa: E402
-from webapp.management.arguments import positive_int  # noqa: E402
+from webapp.management.arguments import (  # noqa: E402
+    MAX_RUNNER_NAME_CHARS,
+    positive_int,
+    runner_name_problem,
+)
 from webapp.redis import get_redis  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-# Runs record the runner's name and its queue ("runner.<name>") in columns
-# of 200 characters.
-MAX_NAME_CHARS = 190
 
 
 class Command(BaseCommand):
@@ -65,15 +65,13 @@ class Command(BaseCommand):
                 "for the default host-pid name"
             )
         name = options["name"] or f"{socket.gethostname()}-{os.getpid()}"
-        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise CommandError(
-                f"runner name {name!r} may contain only letters, digits, "
-                "'-', '_' and '.'"
-            )
-        if len(name) > MAX_NAME_CHARS:
+        problem = runner_name_problem(name)
+        if problem:
+            raise CommandError(problem)
+        if len(name) > MAX_RUNNER_NAME_CHARS:
             raise CommandError(
                 f"runner name is {len(name)} characters long; the limit is "
-                f"{MAX_NAME_CHARS}, so that its queue name fits a run's record"
+                f"{MAX_RUNNER_NAME_CHARS}, so that its queue name fits a run's record"
             )
         try:
             device = pick_device(options["device"])

@@ -32,7 +32,13 @@ from runner.management.commands.fetch_models import MODEL_ID as DEMO_MODEL_ID
 from runner.registry import model_dir
 from runner.tables import bill_lines, breakdown_table
 from webapp.database import database_place
-from webapp.management.arguments import count, port_pair, positive_int
+from webapp.management.arguments import (
+    MAX_RUNNER_NAME_CHARS,
+    count,
+    port_pair,
+    positive_int,
+    runner_prefix,
+)
 from webapp.models import ApiToken, hash_token
 from webapp.redis import ensure_embedded_redis, get_redis, stop_embedded_redis
 from workflows.models import Workflow
@@ -74,6 +80,19 @@ def runner_name(index: int, prefix: str | None = None) -> str:
     if settings.REDIS_URL:
         return f"{socket.gethostname()}-runner-{index}"
     return f"runner-{index}"
+
+
+def _check_runner_name_length(runners: int, prefix: str | None) -> None:
+    """Raise CommandError if the last runner's name would be over the limit."""
+    longest = runner_name(runners, prefix)
+    if len(longest) <= MAX_RUNNER_NAME_CHARS:
+        return
+    source = "--runner-prefix" if prefix else "the host name"
+    raise CommandError(
+        f"{source} makes runner names of up to {len(longest)} characters "
+        f"({longest[:40]}...); the limit is {MAX_RUNNER_NAME_CHARS}, so that a "
+        "runner's queue name fits a run's record. Pass a shorter --runner-prefix."
+    )
 
 
 def check_runner_names_free(names: list[str]) -> None:
@@ -292,6 +311,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--runner-prefix",
+            type=runner_prefix,
             default=None,
             help="Prefix of the runners' names (PREFIX-runner-1, ...) in place "
             "of the host name, for two stacks on one host that share REDIS_URL.",
@@ -308,6 +328,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        if options["runners"]:
+            _check_runner_name_length(options["runners"], options["runner_prefix"])
         self.data_dir_lock = _lock_data_dir(Path(settings.DATA_DIR))
         if options["runners"] == 0:
             self.stderr.write(
