@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from django.conf import settings
+from django.core.files.uploadhandler import FileUploadHandler
 from django.db import IntegrityError, transaction
 from django.db.models import OuterRef, Q, Subquery
 from django.http import HttpResponse
@@ -364,6 +365,8 @@ class ModelListView(StrictQueryAPIView):
         callable is rejected before it runs.
         """
         _check_upload_length(request)
+        file_parts = _FilePartRecorder()
+        request.upload_handlers.insert(0, file_parts)
         reject_unknown_fields(request.data, UPLOAD_FIELDS)
         for name in ("model_id", "file"):
             if len(request.data.getlist(name)) > 1:
@@ -425,6 +428,15 @@ class ModelListView(StrictQueryAPIView):
                 context="request_parsing",
                 field_name="model_id",
                 hint="Pick another id for your weights.",
+            )
+        if upload is None and "file" in file_parts.started:
+            raise MalformedRequest(
+                "the 'file' part has no end: the multipart body stops before "
+                "the boundary that closes it, so the upload was cut short",
+                context="request_parsing",
+                field_name="file",
+                hint="Send the whole file; clients write the closing boundary "
+                "after the last part.",
             )
         if upload is None:
             raise MalformedRequest(
@@ -552,6 +564,28 @@ UPLOAD_FIELDS = {"model_id", "file", "api_key"}
 UPLOAD_TOO_LARGE_HINT = (
     "Upload a smaller weights file, or raise MAX_UPLOAD_BYTES on the server."
 )
+
+
+class _FilePartRecorder(FileUploadHandler):
+    """Record the field names of the file parts that a multipart body starts.
+
+    Django's parser completes a file part only at the next boundary, so it
+    drops a last part whose body stops before the closing boundary without
+    an error. The recorder passes the data on to the next handler.
+    """
+
+    def __init__(self, request=None):
+        super().__init__(request)
+        self.started: list[str] = []
+
+    def new_file(self, field_name, *args, **kwargs):
+        self.started.append(field_name)
+
+    def receive_data_chunk(self, raw_data, start):
+        return raw_data
+
+    def file_complete(self, file_size):
+        return None
 
 
 def _check_upload_length(request) -> None:

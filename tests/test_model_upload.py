@@ -623,6 +623,47 @@ def test_upload_rejects_parts_of_the_wrong_kind(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_cut_before_closing_boundary(alice_client):
+    # The file part starts, but the body ends before its boundary, as when a
+    # client stops sending: Django's parser drops such a part silently.
+    body = (
+        b"--xyz\r\n"
+        b'Content-Disposition: form-data; name="model_id"\r\n\r\n'
+        b"cut\r\n"
+        b"--xyz\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="cut.pt"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n"
+        b"PK\x03\x04 the first bytes of a checkpoint"
+    )
+    response = alice_client.post(
+        "/api/models/", body, content_type="multipart/form-data; boundary=xyz"
+    )
+    assert response.status_code == 400
+    assert response.json()["field"] == "file"
+    assert response.json()["message"] == (
+        "the 'file' part has no end: the multipart body stops before the "
+        "boundary that closes it, so the upload was cut short"
+    )
+    assert ModelUpload.objects.count() == 0
+
+
+def test_upload_without_file_part_asks_for_it(alice_client):
+    body = (
+        b"--xyz\r\n"
+        b'Content-Disposition: form-data; name="model_id"\r\n\r\n'
+        b"nofile\r\n"
+        b"--xyz--\r\n"
+    )
+    response = alice_client.post(
+        "/api/models/", body, content_type="multipart/form-data; boundary=xyz"
+    )
+    assert response.status_code == 400
+    assert response.json()["field"] == "file"
+    assert response.json()["message"] == (
+        "a weights file is required in the 'file' field"
+    )
+
+
 def test_upload_with_long_filename_is_malformed(alice_client):
     # Django's multipart parser limits one part's headers to 1,024 bytes.
     # The body is written by hand because Django's test client cuts
