@@ -34,7 +34,7 @@ from runner.eviction import (
     policy_keep_alive_s,
 )
 from runner.registry import KIND_PLACES, ModelSource, describe_place
-from runner.weights_check import check_format
+from runner.weights_check import check_format, describe_unusable_checkpoint
 from workflows.detections import Detections
 from workflows.errors import ModelLoadError, WeightsFileMissingError
 from workflows.images import WorkflowImage
@@ -186,6 +186,10 @@ def _load_error(
     ``where`` is the device for the to-device phase and the image size for
     the warm-up.
     """
+    if phase == "read" and Path(path).is_file():
+        described = describe_unusable_checkpoint(error, Path(path))
+        if described is not None:
+            return ModelLoadError(source.model_id, described)
     # ultralytics' messages name the file; the server's paths stay here.
     reason = str(error).replace(path, Path(path).name).removeprefix("ERROR ❌️ ")
     cause = f"{type(error).__name__}: {reason}"

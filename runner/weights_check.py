@@ -427,6 +427,20 @@ def _describe_content(path: Path) -> str | None:
     )
 
 
+def describe_unusable_checkpoint(error: Exception, path: Path) -> str | None:
+    """Describe a torch file that loaded without error but is no checkpoint.
+
+    ``error`` is what ultralytics raised on loading ``path``. Returns None
+    when the file is not of such a kind, such as a damaged file.
+    """
+    text = str(error)
+    if "inline_container" in text or 'hasRecord("version")' in text:
+        # torch's zip reader: the archive lacks the layout torch.save writes,
+        # such as its "version" record.
+        return "it is a zip archive, but not one that torch saved"
+    return _describe_content(path)
+
+
 def _with_article(name: str) -> str:
     return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 
@@ -486,11 +500,7 @@ def _load_failure(error: Exception, path: Path) -> str:
         )
     if "empty, truncated or corrupted" in text:
         return f"it is damaged (empty, truncated or corrupted): {cause}"[:500]
-    if "inline_container" in text or 'hasRecord("version")' in text:
-        # torch's zip reader: the archive lacks the layout torch.save writes,
-        # such as its "version" record.
-        return "it is a zip archive, but not one that torch saved"
-    described = _describe_content(path)
+    described = describe_unusable_checkpoint(error, path)
     if described is not None:
         return described
     return f"it could not be read as a checkpoint ({type(error).__name__}: {text})"

@@ -513,6 +513,24 @@ def test_model_dir_non_detector_fails(runner, alice_client):
     assert run.bill.amount_microcredits == 0
 
 
+def test_model_dir_tensor_fails_naming_it(runner, alice_client):
+    weights = Path(settings.GLASSBOX["MODEL_DIR"]) / "bare-tensor.pt"
+    torch.save(torch.zeros(3), weights)
+    response = run_then_delete(alice_client, "bare-tensor", weights)
+
+    assert response.status_code == 500, response.json()
+    error = response.json()["error"]
+    assert error["code"] == "model_load_failed"
+    assert error["message"] == (
+        "Model 'bare-tensor' could not be loaded: it is a torch file, but not an "
+        "ultralytics checkpoint: it contains a Tensor, not the dict that "
+        "ultralytics saves"
+    )
+    run = Run.objects.get()
+    assert run.status == Run.Status.FAILED
+    assert run.bill.amount_microcredits == 0
+
+
 def test_upload_rejects_ambiguous_or_malformed_ids(alice_client, tmp_path):
     weights = make_weights(tmp_path / "mine.pt")
     malformed = (
