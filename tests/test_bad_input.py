@@ -894,21 +894,26 @@ def test_image_batch_sizes_differ(send_run):
 # Parameters and models
 
 
-def test_parameter_missing_without_default(send_run):
-    definition = with_parameter(image_height(), "threshold")
-    response = send_run(definition, {"image": base64_input(image_bytes())})
-    assert response.status_code == 400
-    body = response.json()
-    assert_error_body(body)
-    assert body["field"] == "threshold"
-    assert "no default" in body["message"]
-    assert_nothing_stored()
-
-
 def confidence_from_parameter() -> dict:
     definition = with_parameter(detection(), "conf")
     definition["steps"][0]["confidence"] = "$inputs.conf"
     return definition
+
+
+def test_parameter_missing_without_default(send_run):
+    # A missing parameter without a default is null, which the confidence
+    # field it feeds rejects.
+    response = send_run(
+        confidence_from_parameter(), {"image": base64_input(image_bytes())}
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["step"] == "people"
+    assert body["field"] == "conf"
+    assert "missing and has no default, so it is null" in body["message"]
+    assert "must be a number, got null" in body["message"]
+    assert_nothing_stored()
 
 
 def test_parameter_wrong_type(send_run):

@@ -544,7 +544,8 @@ def test_detections_in_crops_name_their_detection(runner, alice):
 
 
 def test_null_default_parameter_runs_when_sent(runner, alice_client):
-    # Roboflow's definitions write a null default for a required parameter.
+    # Roboflow's definitions write a null default for a parameter without
+    # one. Left out, it is null, which the confidence field rejects.
     definition = detection()
     definition["inputs"].append(
         {"type": "WorkflowParameter", "name": "conf", "default_value": None}
@@ -557,6 +558,21 @@ def test_null_default_parameter_runs_when_sent(runner, alice_client):
     missing = run_workflow(alice_client, workflow_id)
     assert missing.status_code == 400
     assert missing.json()["field"] == "conf"
+
+
+def test_parameter_without_default_is_null_when_not_sent(runner, alice_client):
+    # As in Roboflow's engine: an optional parameter needs no default.
+    definition = image_height()
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "note"})
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "note", "selector": "$inputs.note"}
+    )
+    workflow_id = create_workflow(alice_client, definition)
+
+    response = run_workflow(alice_client, workflow_id)
+
+    assert response.status_code == 200, response.json()
+    assert response.json()["outputs"] == [{"height": 1080, "note": None}]
 
 
 @pytest.mark.django_db

@@ -142,6 +142,7 @@ def reject_undeclared_inputs(plan: ExecutionPlan, raw: dict[str, Any]) -> None:
 def read_parameters(plan: ExecutionPlan, raw: dict[str, Any]) -> dict[str, Any]:
     """Return every parameter the plan declares, defaults filled in and checked."""
     parameters: dict[str, Any] = {}
+    missing = set()
     for spec in plan.parameter_inputs:
         if spec.name in raw:
             _check_depth(raw[spec.name], spec.name)
@@ -149,12 +150,11 @@ def read_parameters(plan: ExecutionPlan, raw: dict[str, Any]) -> dict[str, Any]:
         elif spec.has_default:
             parameters[spec.name] = spec.default
         else:
-            raise InputError(
-                f"parameter '{spec.name}' is missing and has no default",
-                context="request_parsing",
-                field_name=spec.name,
-            )
-    _check_parameter_values(plan, parameters)
+            # Roboflow's engine gives a parameter that has no default and
+            # is not sent the value null, and so does this one.
+            parameters[spec.name] = None
+            missing.add(spec.name)
+    _check_parameter_values(plan, parameters, missing)
     return parameters
 
 
@@ -173,11 +173,15 @@ def _check_depth(value: Any, name: str) -> None:
         )
 
 
-def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> None:
+def _check_parameter_values(
+    plan: ExecutionPlan, parameters: dict[str, Any], missing: set[str]
+) -> None:
     """Check each parameter against the fields it feeds, as literals are checked.
 
     The compiler cannot see parameter values, so without this a value of the
     wrong type would fail only on a runner, after the run was stored.
+    ``missing`` names the parameters that are null because the request left
+    them out and they have no default.
     """
     for step in plan.steps:
         for field in step.block.fields:
@@ -185,6 +189,16 @@ def _check_parameter_values(plan: ExecutionPlan, parameters: dict[str, Any]) -> 
             if field.kind != VALUE or not isinstance(binding, InputRef):
                 continue
             problem = value_problem(field, parameters[binding.name])
+            if problem and binding.name in missing:
+                raise InputError(
+                    f"parameter '{binding.name}' is missing and has no default, "
+                    f"so it is null, which step '{step.name}', field "
+                    f"'{field.name}' rejects: {problem}; send the parameter, or "
+                    "give it a default_value in the definition",
+                    context="request_parsing",
+                    step=step.name,
+                    field_name=binding.name,
+                )
             if problem:
                 raise InputError(
                     f"parameter '{binding.name}' is invalid for step '{step.name}', "

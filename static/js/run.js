@@ -749,7 +749,8 @@ function undrawnDetectionsNote(count) {
     return workflowVersion ? { version: workflowVersion } : {};
   }
 
-  // An empty field is left out, so the parameter's default applies. Text
+  // An empty field is left out, so the parameter's default applies, or
+  // null for a parameter without one. Text
   // that is not JSON is sent as a string. Throws for a number that JSON in
   // this page cannot carry exactly: JSON.stringify would send 1e400 as
   // null, and 9007199254740993 would arrive as 9007199254740992.

@@ -430,8 +430,9 @@ def _check_default(parsed, step, block, field: Field, spec: InputSpec) -> None:
     """Report a parameter's default that the field it feeds would reject.
 
     Every run that does not set the parameter would fail with it. A null
-    default is left alone: Roboflow's definitions write it for a parameter
-    without a default, so each run must send the parameter.
+    default is left alone: it means the same as no default, which Roboflow's
+    definitions write it for, and a run that leaves out a parameter that
+    feeds a field rejecting null is rejected when its inputs are read.
     """
     if not spec.has_default or spec.default is None:
         return
