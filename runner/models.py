@@ -4,7 +4,7 @@ import uuid
 from pathlib import Path
 
 from django.conf import settings
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.db.models.signals import post_delete
 from django.dispatch import receiver
@@ -153,11 +153,17 @@ class FleetSettings(models.Model):
         TTL = "ttl", "Keep-alive (TTL), then least recently used"
         HISTOGRAM = "histogram", "Per-model idle-time histogram, then LRU"
 
+    # The largest values the admin accepts: 16 TiB of models, and a model
+    # idle for 30 days, far beyond any machine or sensible keep-alive. They
+    # keep the values exact in JSON and within PostgreSQL's integer.
+    MAX_MEMORY_BUDGET_MB = 16 * 1024 * 1024
+    MAX_KEEP_ALIVE_S = 30 * 24 * 3600
+
     memory_budget_mb = models.PositiveIntegerField(
         "memory budget (MiB)",
         null=True,
         blank=True,
-        validators=[MinValueValidator(1)],
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_MEMORY_BUDGET_MB)],
         help_text="Memory every runner may fill with loaded models. Blank keeps "
         "each runner's own budget from --memory-budget-mb or "
         "RUNNER_MEMORY_BUDGET_MB. A runner over a lowered budget evicts models "
@@ -182,7 +188,7 @@ class FleetSettings(models.Model):
         "keep-alive (seconds)",
         null=True,
         blank=True,
-        validators=[MinValueValidator(1)],
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_KEEP_ALIVE_S)],
         help_text="For the keep-alive (TTL) policy: seconds a model may stay "
         "idle before its runner unloads it, between jobs. For the histogram "
         "policy: the keep-alive of a model with fewer than 10 idle times "

@@ -238,6 +238,32 @@ def test_fleet_settings_budget_minimum_is_one(client, django_user_model):
         assert errors == ["Ensure this value is greater than or equal to 1."], value
 
 
+def test_fleet_settings_have_maximums(client, django_user_model):
+    staff = django_user_model.objects.create_superuser(
+        "fleet-admin", password="admin-password"
+    )
+    client.force_login(staff)
+    client.get("/admin/runner/fleetsettings/", follow=True)
+    rejected = client.post(
+        "/admin/runner/fleetsettings/1/change/",
+        {
+            "memory_budget_mb": "9223372036854775807",
+            "eviction_policy": "ttl",
+            "keep_alive_s": "9223372036854775807",
+        },
+    )
+
+    assert rejected.status_code == 200
+    errors = rejected.context["adminform"].form.errors
+    assert errors["memory_budget_mb"] == [
+        "Ensure this value is less than or equal to 16777216."
+    ]
+    assert errors["keep_alive_s"] == [
+        "Ensure this value is less than or equal to 2592000."
+    ]
+    assert FleetSettings.objects.get().memory_budget_mb is None
+
+
 def test_fleet_page_words_eviction_alike(client, django_user_model):
     from runner import fleet
 
