@@ -164,8 +164,8 @@ def test_compile_type_error_names_json_types():
         (
             "$steps.people.predictions",
             [{"type": "ToString"}],
-            "operation 0 (ToString) needs a number, a string or a list, but gets "
-            "detections",
+            "operation 0 (ToString) needs a number, a string, a list, a boolean or "
+            "an object, but gets detections",
         ),
     ],
     ids=["length-of-image", "image-property-of-detections", "length-twice", "text"],

@@ -1,11 +1,18 @@
-"""Property definition values for the detection properties of Roboflow's language."""
+"""Property definition: Roboflow's operations on detections, numbers and text."""
 
 import numpy as np
 import pytest
 
+from tests.conftest import image_bytes
+from tests.definitions import image_height
 from workflows.blocks.base import StepContext
 from workflows.blocks.property_definition.v1 import PropertyDefinitionBlock
+from workflows.compiler import build_plan, definition_digest
 from workflows.detections import Detections
+from workflows.errors import DefinitionError, StepExecutionError
+from workflows.executor import collect_outputs, execute_plan
+from workflows.images import WorkflowImage
+from workflows.timing import RunTimer
 
 
 def two_boxes() -> Detections:
@@ -81,3 +88,184 @@ def test_detections_property_anchor_types():
 def test_to_string_of_detection_property(property_name, expected):
     text = extract(two_boxes(), property_name, {"type": "ToString"})
     assert text == expected
+
+
+def apply(value, *operations: dict):
+    context = StepContext(step_name="property", models=None, timer=None)
+    return PropertyDefinitionBlock().run(
+        context, data=value, operations=list(operations)
+    )["output"]
+
+
+@pytest.mark.parametrize(
+    ("value", "operation", "expected"),
+    [
+        ("2.7", {"type": "ToNumber", "cast_to": "int"}, 2),
+        ("2.5", {"type": "ToNumber", "cast_to": "float"}, 2.5),
+        (True, {"type": "ToNumber", "cast_to": "int"}, 1),
+        (2.345, {"type": "NumberRound", "decimal_digits": 2}, 2.35),
+        (3, {"type": "Multiply", "other": 1.5}, 4.5),
+        (3, {"type": "Divide", "other": 2}, 1.5),
+        (0.0, {"type": "ToBoolean"}, False),
+        ("Fall", {"type": "StringToLowerCase"}, "fall"),
+        ("Fall", {"type": "StringToUpperCase"}, "FALL"),
+        # Python's slice: the default end of -1 leaves out the last character.
+        ("person", {"type": "StringSubSequence"}, "perso"),
+        ("person", {"type": "StringSubSequence", "start": 1, "end": 3}, "er"),
+        ("person-1", {"type": "StringMatches", "regex": r"-\d$"}, True),
+        ("a", {"type": "LookupTable", "lookup_table": {"a": 1}}, 1),
+        (["a", "b"], {"type": "SequenceMap", "lookup_table": {"a": 1, "b": 2}}, [1, 2]),
+        ([1, "a"], {"type": "SequenceJoin"}, "1, a"),
+        ([1, "a"], {"type": "SequenceJoin", "separator": "|"}, "1|a"),
+        (["a", "b", "b"], {"type": "SequenceAggregate", "mode": "most_common"}, "b"),
+        (["a", "b", "b"], {"type": "SequenceAggregate", "mode": "least_common"}, "a"),
+        (["a", "b"], {"type": "SequenceAggregate", "mode": "last"}, "b"),
+        ([3, 1, 2], {"type": "NumericSequenceAggregate", "function": "max"}, 3),
+        ([3, 1, 2], {"type": "NumericSequenceAggregate", "function": "sum"}, 6),
+        (
+            [],
+            {"type": "NumericSequenceAggregate", "function": "min", "neutral_value": 0},
+            0,
+        ),
+        (["a", "b", "a"], {"type": "SequenceElementsCount"}, {"a": 2, "b": 1}),
+        (
+            [1.25, 2.5],
+            {
+                "type": "SequenceApply",
+                "operations": [
+                    {"type": "Multiply", "other": 2},
+                    {"type": "ToString"},
+                ],
+            },
+            ["2.5", "5.0"],
+        ),
+    ],
+)
+def test_value_operation_results(value, operation, expected):
+    assert apply(value, operation) == expected
+
+
+def test_chain_on_detection_confidences():
+    percent = extract(
+        two_boxes(),
+        "confidence",
+        {
+            "type": "SequenceApply",
+            "operations": [
+                {"type": "Multiply", "other": 100},
+                {"type": "NumberRound", "decimal_digits": 0},
+            ],
+        },
+        {"type": "NumericSequenceAggregate", "function": "max"},
+    )
+    assert percent == 90
+
+
+@pytest.mark.parametrize(
+    ("value", "operation", "message"),
+    [
+        (
+            "3",
+            {"type": "Multiply", "other": 2},
+            "Multiply needs a number, got a string",
+        ),
+        (3, {"type": "Divide", "other": 0}, "Divide cannot divide 3 by 0"),
+        ("x", {"type": "ToNumber", "cast_to": "int"}, 'ToNumber cannot convert "x"'),
+        (
+            "c",
+            {"type": "LookupTable", "lookup_table": {"a": 1}},
+            'LookupTable "c" is not a key of lookup_table (keys: "a")',
+        ),
+        (
+            [],
+            {"type": "SequenceAggregate", "mode": "first"},
+            "SequenceAggregate cannot aggregate an empty list",
+        ),
+        (
+            5,
+            {"type": "SequenceApply", "operations": [{"type": "ToString"}]},
+            "SequenceApply needs a list, got an integer",
+        ),
+    ],
+    ids=["multiply-string", "divide-zero", "to-number", "lookup", "empty", "apply"],
+)
+def test_value_operation_failure_names_it(value, operation, message):
+    with pytest.raises(StepExecutionError) as caught:
+        apply(value, operation)
+    assert caught.value.step == "property"
+    assert caught.value.user_error is True
+    assert caught.value.message.startswith(f"step 'property': {message}")
+
+
+def definition_with(data: str, operations: list) -> dict:
+    definition = image_height()
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "label"})
+    definition["steps"][0]["data"] = data
+    definition["steps"][0]["operations"] = operations
+    return definition
+
+
+@pytest.mark.parametrize(
+    ("operations", "problem"),
+    [
+        (
+            [
+                {"type": "ExtractImageProperty", "property_name": "width"},
+                {"type": "StringToLowerCase"},
+            ],
+            "operation 1 (StringToLowerCase) needs a string, but gets a number; "
+            "remove it or reorder the operations",
+        ),
+        (
+            [{"type": "Multiply"}],
+            'operation 0 (Multiply): "other" is missing',
+        ),
+        (
+            [{"type": "Divide", "other": "2"}],
+            'operation 0 (Divide): other must be a number, got "2"',
+        ),
+        (
+            [{"type": "StringSubSequence", "begin": 1}],
+            'operation 0 (StringSubSequence): unknown key "begin"; a '
+            "StringSubSequence has the keys type, start, end",
+        ),
+        (
+            [{"type": "StringMatches", "regex": "("}],
+            'operation 0 (StringMatches): regex "(" is not a valid regular expression',
+        ),
+        (
+            [{"type": "SequenceApply", "operations": [{"type": "Round"}]}],
+            "operation 0 (SequenceApply): operations: operation 0 has unknown "
+            "type 'Round'; supported: ExtractImageProperty",
+        ),
+        (
+            [{"type": "ConvertImageToJPEG"}],
+            "operation 0 has unknown type 'ConvertImageToJPEG'; supported: "
+            "ExtractImageProperty, SequenceLength",
+        ),
+    ],
+    ids=["kind", "missing", "type", "unknown-key", "regex", "nested", "unsupported"],
+)
+def test_compile_rejects_bad_operations(operations, problem):
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition_with("$inputs.image", operations), "digest")
+    [error] = caught.value.errors
+    assert error.block_id == "h"
+    assert error.property_name == "operations"
+    assert error.property_details.startswith(problem)
+
+
+def test_operations_on_parameter_input():
+    operations = [
+        {"type": "StringToUpperCase"},
+        {"type": "StringSubSequence", "start": 0, "end": 3},
+    ]
+    definition = definition_with("$inputs.label", operations)
+    definition["outputs"][0]["selector"] = "$steps.h.output"
+    plan = build_plan(definition, definition_digest(definition))
+    inputs = {
+        "image": WorkflowImage.from_bytes(image_bytes(), parent_id="image"),
+        "label": "person",
+    }
+    [results] = execute_plan(plan, [inputs], models=None, timer=RunTimer())
+    assert collect_outputs(plan, inputs, results)["height"] == "PER"

@@ -19,6 +19,18 @@ from workflows.blocks.base import (
     StepContext,
     shown,
 )
+from workflows.blocks.property_definition.value_operations import (
+    BOOLEAN,
+    LIST,
+    MAX_APPLY_DEPTH,
+    NUMBER,
+    OBJECT,
+    STRING,
+    VALUE_OPERATIONS,
+    ValueOperationError,
+    apply_value_operation,
+    value_operation_problem,
+)
 from workflows.detections import Detections
 from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
@@ -53,24 +65,45 @@ OPERATIONS = {
     "DetectionsPropertyExtract": "property_name: one of "
     + ", ".join(DETECTION_PROPERTIES),
     "ToString": "the value as text, as Python's str() writes it",
+    "ToNumber": 'cast_to: "int" or "float"',
+    "NumberRound": "decimal_digits: an integer",
+    "Multiply": "other: a number",
+    "Divide": "other: a number other than 0",
+    "ToBoolean": "whether a number is not 0",
+    "StringToLowerCase": "the string in lower case",
+    "StringToUpperCase": "the string in upper case",
+    "StringSubSequence": "start (0) and end (-1): a Python slice of the string",
+    "StringMatches": "regex: whether a regular expression matches in the string",
+    "LookupTable": "lookup_table: an object whose value for the key replaces it",
+    "SequenceMap": "lookup_table: LookupTable on each item",
+    "SequenceApply": "operations: a chain applied to each item",
+    "SequenceJoin": 'separator (", "): the items as text, joined',
+    "SequenceAggregate": "mode: first, last, most_common or least_common",
+    "NumericSequenceAggregate": "function: min, max or sum; neutral_value for "
+    "an empty list",
+    "SequenceElementsCount": "an object counting each item, keyed by its text",
 }
 
 # The kinds each operation reads and makes, for the compile-time check.
-# Besides IMAGE and DETECTIONS, values are numbers, strings or lists. A
-# VALUE from a parameter or another step is known only when the run
-# reaches it, so the check skips it.
-NUMBER, STRING, LIST, OBJECT = "number", "string", "list", "object"
+# Besides IMAGE and DETECTIONS, values are numbers, strings, booleans, lists
+# or objects. A VALUE from a parameter or another step is known only when
+# the run reaches it, and so is the result of a lookup, so the check skips
+# it.
 READS = {
     "ExtractImageProperty": (IMAGE,),
     "SequenceLength": (DETECTIONS, LIST, STRING, OBJECT),
     "DetectionsPropertyExtract": (DETECTIONS,),
-    "ToString": (NUMBER, STRING, LIST),
+    "ToString": (NUMBER, STRING, LIST, BOOLEAN, OBJECT),
+    "SequenceApply": (LIST,),
+    **{name: spec.reads for name, spec in VALUE_OPERATIONS.items()},
 }
 MAKES = {
     "ExtractImageProperty": NUMBER,
     "SequenceLength": NUMBER,
     "DetectionsPropertyExtract": LIST,
     "ToString": STRING,
+    "SequenceApply": LIST,
+    **{name: spec.makes for name, spec in VALUE_OPERATIONS.items()},
 }
 KIND_NAMES = {
     IMAGE: "an image",
@@ -79,35 +112,74 @@ KIND_NAMES = {
     STRING: "a string",
     LIST: "a list",
     OBJECT: "an object",
+    BOOLEAN: "a boolean",
 }
 
 
-def check_operations(value: Any) -> str | None:
+def check_operations(value: Any, depth: int = 1) -> str | None:
     if not isinstance(value, list) or not value:
         return "must be a non-empty list of operations"
     for index, operation in enumerate(value):
-        if not isinstance(operation, dict):
+        problem = _operation_problem(operation, depth)
+        if problem:
+            return f"operation {index}{problem}"
+    return None
+
+
+def _operation_problem(operation: Any, depth: int) -> str | None:
+    """Return what is wrong with one operation, after its index, or None."""
+    if not isinstance(operation, dict):
+        return (
+            ' must be an object such as {"type": "SequenceLength"}, got '
+            f"{shown(operation)}"
+        )
+    kind = operation.get("type")
+    if not isinstance(kind, str) or kind not in OPERATIONS:
+        return f" has unknown type {kind!r}; supported: {', '.join(OPERATIONS)}"
+    name = operation.get("property_name")
+    if kind == "ExtractImageProperty" and name not in IMAGE_PROPERTIES:
+        return f": property_name must be one of {IMAGE_PROPERTIES}"
+    if kind == "DetectionsPropertyExtract" and name not in DETECTION_PROPERTIES:
+        return f": property_name must be one of {DETECTION_PROPERTIES}"
+    if kind in VALUE_OPERATIONS:
+        problem = value_operation_problem(operation)
+        return f" ({kind}): {problem}" if problem else None
+    if kind == "SequenceApply":
+        return _sequence_apply_problem(operation, depth)
+    return None
+
+
+def _sequence_apply_problem(operation: dict, depth: int) -> str | None:
+    for key in operation:
+        if key not in ("type", "operations"):
             return (
-                f"operation {index} must be an object such as "
-                f'{{"type": "SequenceLength"}}, got {shown(operation)}'
+                f" (SequenceApply): unknown key {shown(key)}; a SequenceApply "
+                "has the keys type, operations"
             )
-        kind = operation.get("type")
-        if not isinstance(kind, str) or kind not in OPERATIONS:
-            return (
-                f"operation {index} has unknown type {kind!r}; "
-                f"supported: {', '.join(OPERATIONS)}"
-            )
-        name = operation.get("property_name")
-        if operation["type"] == "ExtractImageProperty" and name not in IMAGE_PROPERTIES:
-            return f"operation {index}: property_name must be one of {IMAGE_PROPERTIES}"
-        if (
-            operation["type"] == "DetectionsPropertyExtract"
-            and name not in DETECTION_PROPERTIES
-        ):
-            return (
-                f"operation {index}: property_name must be one of "
-                f"{DETECTION_PROPERTIES}"
-            )
+    if depth >= MAX_APPLY_DEPTH:
+        return (
+            f" (SequenceApply): SequenceApply operations are nested more than "
+            f"{MAX_APPLY_DEPTH} levels deep"
+        )
+    problem = check_operations(operation.get("operations"), depth + 1)
+    if problem:
+        return f" (SequenceApply): operations: {problem}"
+    return None
+
+
+def chain_problem(operations: list, kind: str) -> str | None:
+    """Return why ``operations`` cannot read a value of ``kind`` in turn, or None.
+
+    ``operations`` passed ``check_operations``. A kind outside KIND_NAMES,
+    such as VALUE, is known only at run time, so it and every kind after it
+    pass.
+    """
+    current = kind
+    for index, operation in enumerate(operations):
+        name = operation["type"]
+        if current in KIND_NAMES and current not in READS[name]:
+            return _mismatch(index, name, current)
+        current = MAKES[name]
     return None
 
 
@@ -136,13 +208,8 @@ class PropertyDefinitionBlock(Block):
         operations = literals.get("operations")
         if not isinstance(operations, list):
             return []
-        current = kinds["data"]
-        for index, operation in enumerate(operations):
-            kind = operation["type"]
-            if current in KIND_NAMES and current not in READS[kind]:
-                return [("operations", _mismatch(index, kind, current))]
-            current = MAKES[kind]
-        return []
+        problem = chain_problem(operations, kinds["data"])
+        return [("operations", problem)] if problem else []
 
     def run(
         self, context: StepContext, *, data: Any, operations: list
@@ -178,19 +245,36 @@ def apply_operation(operation: dict, value: Any) -> Any:
             return value.width * value.height
         return getattr(value, name)
     if kind == "SequenceLength":
-        if not isinstance(value, (Detections, list, str, dict)):
+        if not isinstance(value, (Detections, list, tuple, str, dict)):
             raise _wrong_input(kind, value)
         return len(value)
     if kind == "DetectionsPropertyExtract":
         if not isinstance(value, Detections):
             raise _wrong_input(kind, value)
         return _detection_property(value, operation["property_name"])
+    if kind in VALUE_OPERATIONS:
+        if isinstance(value, (WorkflowImage, Detections)):
+            raise _wrong_input(kind, value)
+        try:
+            return apply_value_operation(operation, value)
+        except ValueOperationError as error:
+            raise OperationError(f"{kind} {error}") from error
+    if kind == "SequenceApply":
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_input(kind, value)
+        return [_apply_chain(operation["operations"], item) for item in value]
     # Roboflow's to_string (query_language/operations/strings/base.py in
     # roboflow/inference) returns str(value) for any value. An image or
     # detections would give an object's repr, so those are rejected instead.
     if isinstance(value, (WorkflowImage, Detections)):
         raise _wrong_input(kind, value)
     return str(value)
+
+
+def _apply_chain(operations: list, value: Any) -> Any:
+    for operation in operations:
+        value = apply_operation(operation, value)
+    return value
 
 
 def _detection_property(detections: Detections, name: str) -> list:

@@ -1,0 +1,363 @@
+"""Operations of Roboflow's query language on numbers, strings and lists.
+
+Names, keys and results follow roboflow_workflows (the ``inference`` 1.8.3
+wheel, query_language/operations). Each operation reads one kind of value
+and makes another, so a chain can be checked before it runs where the
+kinds are known. Where Roboflow applies a Python operator to any value (for
+example ``Multiply`` on a string repeats it), these operations accept only
+the kinds Roboflow declares for them and fail the step on others.
+"""
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from workflows.blocks.base import json_type_name, shown
+
+# Kinds of values. Property definition adds the image and detection kinds.
+NUMBER, STRING, LIST, OBJECT, BOOLEAN = "number", "string", "list", "object", "boolean"
+# The kind of a value that is known only when the chain runs.
+UNKNOWN = "unknown"
+
+# The maximum nesting depth of SequenceApply operations. Parsing and
+# evaluation recurse at each level.
+MAX_APPLY_DEPTH = 16
+# Roboflow's limit on the length of a SequenceJoin result, in characters.
+MAX_JOINED_LENGTH = 1_000_000
+
+
+class ValueOperationError(ValueError):
+    """A value of a kind the operation cannot read, or a failed operation."""
+
+
+@dataclass(frozen=True)
+class ValueOperation:
+    # Keys besides "type", with their default, or REQUIRED.
+    keys: dict[str, Any]
+    reads: tuple[str, ...]
+    makes: str
+    # Returns a problem with the operation's keys, or None.
+    check: Callable[[dict], str | None]
+    apply: Callable[[dict, Any], Any]
+
+
+REQUIRED = object()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _needs(kind: str, value: Any) -> ValueOperationError:
+    return ValueOperationError(f"needs {kind}, got {json_type_name(value)}")
+
+
+def _number(value: Any) -> Any:
+    if not _is_number(value):
+        raise _needs("a number", value)
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _needs("a string", value)
+    return value
+
+
+def _sequence(value: Any) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise _needs("a list", value)
+    return value
+
+
+def _no_check(operation: dict) -> str | None:
+    return None
+
+
+def _key_of(name: str, test: Callable[[Any], bool], expected: str):
+    def check(operation: dict) -> str | None:
+        # A missing key is required or takes its default, which is valid.
+        if name not in operation:
+            return None
+        value = operation[name]
+        if not test(value):
+            return f"{name} must be {expected}, got {shown(value)}"
+        return None
+
+    return check
+
+
+def _all(*checks: Callable[[dict], str | None]) -> Callable[[dict], str | None]:
+    def check(operation: dict) -> str | None:
+        for one in checks:
+            problem = one(operation)
+            if problem:
+                return problem
+        return None
+
+    return check
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_number(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _to_number(operation: dict, value: Any) -> Any:
+    # Roboflow converts through float() first, so "2.7" cast to int is 2.
+    if not isinstance(value, (int, float, str)):
+        raise _needs("a number, a string or a boolean", value)
+    try:
+        number = float(value)
+    except ValueError as error:
+        raise ValueOperationError(
+            f"cannot convert {shown(value)} to {operation['cast_to']}"
+        ) from error
+    if operation["cast_to"] == "float":
+        return number
+    if not math.isfinite(number):
+        raise ValueOperationError(f"cannot convert {shown(value)} to int")
+    return int(number)
+
+
+def _round(operation: dict, value: Any) -> Any:
+    return round(_number(value), operation["decimal_digits"])
+
+
+def _multiply(operation: dict, value: Any) -> Any:
+    return _number(value) * operation["other"]
+
+
+def _divide(operation: dict, value: Any) -> Any:
+    if operation["other"] == 0:
+        raise ValueOperationError(f"cannot divide {shown(value)} by 0")
+    return _number(value) / operation["other"]
+
+
+def _lookup(operation: dict, value: Any) -> Any:
+    table = operation["lookup_table"]
+    try:
+        return table[value]
+    except TypeError as error:
+        raise ValueOperationError(
+            f"{json_type_name(value)} cannot be looked up in lookup_table"
+        ) from error
+    except KeyError as error:
+        keys = ", ".join(shown(key) for key in table)
+        raise ValueOperationError(
+            f"{shown(value)} is not a key of lookup_table (keys: {keys}). JSON "
+            "keys are strings, so convert numbers with ToString first"
+        ) from error
+
+
+def _map(operation: dict, value: Any) -> list:
+    return [_lookup(operation, item) for item in _sequence(value)]
+
+
+def _join(operation: dict, value: Any) -> str:
+    parts = [str(item) for item in _sequence(value)]
+    separator = operation.get("separator", ", ")
+    length = sum(map(len, parts)) + len(separator) * max(len(parts) - 1, 0)
+    if length > MAX_JOINED_LENGTH:
+        raise ValueOperationError(
+            f"the joined string would be {length} characters long; at most "
+            f"{MAX_JOINED_LENGTH} are allowed"
+        )
+    return separator.join(parts)
+
+
+def _aggregate(operation: dict, value: Any) -> Any:
+    items = _sequence(value)
+    if not items:
+        raise ValueOperationError("cannot aggregate an empty list")
+    mode = operation["mode"]
+    if mode == "first":
+        return items[0]
+    if mode == "last":
+        return items[-1]
+    try:
+        ranked = [item for item, _ in Counter(items).most_common()]
+    except TypeError as error:
+        raise ValueOperationError(f"{mode} needs hashable items: {error}") from error
+    return ranked[0] if mode == "most_common" else ranked[-1]
+
+
+NUMERIC_AGGREGATES: dict[str, Callable[[Any], Any]] = {
+    "min": min,
+    "max": max,
+    "sum": sum,
+}
+
+
+def _aggregate_numbers(operation: dict, value: Any) -> Any:
+    items = _sequence(value)
+    if not items:
+        return operation.get("neutral_value")
+    function = operation["function"]
+    try:
+        return NUMERIC_AGGREGATES[function](items)
+    except TypeError as error:
+        raise ValueOperationError(f"{function} failed: {error}") from error
+
+
+def _count_elements(operation: dict, value: Any) -> dict[str, int]:
+    # Keys are the items as str() writes them, as in Roboflow.
+    counts: dict[str, int] = {}
+    for item in _sequence(value):
+        counts[str(item)] = counts.get(str(item), 0) + 1
+    return counts
+
+
+def _to_boolean(operation: dict, value: Any) -> bool:
+    return bool(_number(value))
+
+
+def _sub_sequence(operation: dict, value: Any) -> str:
+    # Python's slice, so the default end of -1 leaves out the last character.
+    return _string(value)[operation.get("start", 0) : operation.get("end", -1)]
+
+
+def _matches(operation: dict, value: Any) -> bool:
+    return re.search(operation["regex"], _string(value)) is not None
+
+
+def _regex_problem(operation: dict) -> str | None:
+    regex = operation.get("regex")
+    if not isinstance(regex, str):
+        return f"regex must be a string, got {shown(regex)}"
+    try:
+        re.compile(regex)
+    except re.error as error:
+        return f"regex {shown(regex)} is not a valid regular expression: {error}"
+    return None
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[dict], str | None]:
+    return _key_of(name, lambda value: value in choices, "one of " + ", ".join(choices))
+
+
+VALUE_OPERATIONS: dict[str, ValueOperation] = {
+    "ToNumber": ValueOperation(
+        {"cast_to": REQUIRED},
+        (NUMBER, STRING, BOOLEAN),
+        NUMBER,
+        _choice("cast_to", ("int", "float")),
+        _to_number,
+    ),
+    "NumberRound": ValueOperation(
+        {"decimal_digits": REQUIRED},
+        (NUMBER,),
+        NUMBER,
+        _key_of("decimal_digits", _is_integer, "an integer"),
+        _round,
+    ),
+    "Multiply": ValueOperation(
+        {"other": REQUIRED},
+        (NUMBER,),
+        NUMBER,
+        _key_of("other", _finite_number, "a number"),
+        _multiply,
+    ),
+    "Divide": ValueOperation(
+        {"other": REQUIRED},
+        (NUMBER,),
+        NUMBER,
+        _key_of("other", _finite_number, "a number"),
+        _divide,
+    ),
+    "ToBoolean": ValueOperation({}, (NUMBER,), BOOLEAN, _no_check, _to_boolean),
+    "StringToLowerCase": ValueOperation(
+        {}, (STRING,), STRING, _no_check, lambda op, value: _string(value).lower()
+    ),
+    "StringToUpperCase": ValueOperation(
+        {}, (STRING,), STRING, _no_check, lambda op, value: _string(value).upper()
+    ),
+    "StringSubSequence": ValueOperation(
+        {"start": 0, "end": -1},
+        (STRING,),
+        STRING,
+        _all(
+            _key_of("start", _is_integer, "an integer"),
+            _key_of("end", _is_integer, "an integer"),
+        ),
+        _sub_sequence,
+    ),
+    "StringMatches": ValueOperation(
+        {"regex": REQUIRED}, (STRING,), BOOLEAN, _regex_problem, _matches
+    ),
+    "LookupTable": ValueOperation(
+        {"lookup_table": REQUIRED},
+        (NUMBER, STRING, BOOLEAN),
+        UNKNOWN,
+        _key_of("lookup_table", lambda v: isinstance(v, dict), "an object"),
+        _lookup,
+    ),
+    "SequenceMap": ValueOperation(
+        {"lookup_table": REQUIRED},
+        (LIST,),
+        LIST,
+        _key_of("lookup_table", lambda v: isinstance(v, dict), "an object"),
+        _map,
+    ),
+    "SequenceJoin": ValueOperation(
+        {"separator": ", "},
+        (LIST,),
+        STRING,
+        _key_of("separator", lambda v: isinstance(v, str), "a string"),
+        _join,
+    ),
+    "SequenceAggregate": ValueOperation(
+        {"mode": REQUIRED},
+        (LIST,),
+        UNKNOWN,
+        _choice("mode", ("first", "last", "most_common", "least_common")),
+        _aggregate,
+    ),
+    "NumericSequenceAggregate": ValueOperation(
+        {"function": REQUIRED, "neutral_value": None},
+        (LIST,),
+        UNKNOWN,
+        _choice("function", tuple(NUMERIC_AGGREGATES)),
+        _aggregate_numbers,
+    ),
+    "SequenceElementsCount": ValueOperation(
+        {}, (LIST,), OBJECT, _no_check, _count_elements
+    ),
+}
+
+
+def value_operation_problem(operation: dict) -> str | None:
+    """Return what is wrong with the keys of a VALUE_OPERATIONS operation, or None."""
+    spec = VALUE_OPERATIONS[operation["type"]]
+    for key in operation:
+        if key != "type" and key not in spec.keys:
+            allowed = ", ".join(["type", *spec.keys])
+            return (
+                f"unknown key {shown(key)}; a {operation['type']} has the keys "
+                f"{allowed}"
+            )
+    for key, default in spec.keys.items():
+        if default is REQUIRED and key not in operation:
+            return f'"{key}" is missing'
+    return spec.check(operation)
+
+
+def apply_value_operation(operation: dict, value: Any) -> Any:
+    """Return ``value`` after a VALUE_OPERATIONS operation.
+
+    Raises ValueOperationError when the value is of a kind the operation
+    does not read, or the operation fails on it.
+    """
+    try:
+        return VALUE_OPERATIONS[operation["type"]].apply(operation, value)
+    except OverflowError as error:
+        # Python's int has no bound, but a float does: 10**400 * 1.5 fails.
+        raise ValueOperationError(
+            f"failed on {shown(value)}: the result is out of range ({error})"
+        ) from error
