@@ -79,7 +79,8 @@ def test_compile_mutated_definition(section, index, key, value):
 
 
 # A detections filter's operations with every kind of part: a group, binary
-# and unary statements, and each kind of operand.
+# and unary statements, and each kind of operand, with and without
+# operations of its own.
 FILTER_OPERATIONS = keep_where(
     compare(detection_property("class_name"), "in (Sequence)", parameter("classes")),
     {
@@ -88,6 +89,42 @@ FILTER_OPERATIONS = keep_where(
         "operator": {"type": "Exists"},
         "negate": False,
     },
+    compare(
+        {
+            **detection_property("confidence"),
+            "operations": [
+                {"type": "ExtractDetectionProperty", "property_name": "confidence"},
+                {"type": "Multiply", "other": 100},
+                {"type": "NumberRound", "decimal_digits": 0},
+            ],
+        },
+        "(Number) >=",
+        {
+            "type": "StaticOperand",
+            "value": ["a", "b"],
+            "operations": [
+                {"type": "SequenceApply", "operations": [{"type": "ToString"}]},
+                {"type": "SequenceMap", "lookup_table": {"a": 1, "b": 2}},
+                {"type": "NumericSequenceAggregate", "function": "sum"},
+                {"type": "ToNumber", "cast_to": "float"},
+            ],
+        },
+    ),
+    compare(
+        {
+            "type": "StaticOperand",
+            "value": "person",
+            "operations": [
+                {"type": "StringSubSequence", "start": 0, "end": 3},
+                {"type": "StringMatches", "regex": "^p"},
+            ],
+        },
+        "==",
+        {
+            **parameter("classes"),
+            "operations": [{"type": "SequenceJoin", "separator": "|"}],
+        },
+    ),
     operator="and",
 )
 

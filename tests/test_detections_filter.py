@@ -284,6 +284,78 @@ def test_comparison_error_names_list_type(property_name, comparator, expected):
     assert "MemberList" not in caught.value.message
 
 
+def with_operations(operand: dict, *operations: dict) -> dict:
+    """Return ``operand`` with ``operations`` after any it has."""
+    return {**operand, "operations": [*operand.get("operations", []), *operations]}
+
+
+def test_detection_operand_chains_operations():
+    lower_name = with_operations(
+        detection_property("class_name"), {"type": "StringToLowerCase"}
+    )
+    operations = keep_where(compare(lower_name, "==", static("fall")))
+    assert kept(operations) == [1, 3]
+
+
+def test_detection_operand_number_operations():
+    percent = with_operations(
+        detection_property("confidence"),
+        {"type": "Multiply", "other": 100},
+        {"type": "NumberRound", "decimal_digits": 0},
+    )
+    operations = keep_where(compare(percent, "(Number) ==", static(70)))
+    assert kept(operations) == [1]
+
+
+def test_parameter_operand_operations():
+    # A threshold in percent, converted to the confidence scale.
+    threshold = with_operations(
+        parameter("threshold"),
+        {"type": "ToNumber", "cast_to": "float"},
+        {"type": "Divide", "other": 100},
+    )
+    operations = keep_where(
+        compare(detection_property("confidence"), "(Number) >=", threshold)
+    )
+    assert kept(operations, {"threshold": "60"}) == [0, 1]
+
+
+def test_parameter_operand_sequence_operations():
+    classes = with_operations(
+        parameter("classes"),
+        {"type": "SequenceApply", "operations": [{"type": "StringToUpperCase"}]},
+    )
+    upper_name = with_operations(
+        detection_property("class_name"), {"type": "StringToUpperCase"}
+    )
+    operations = keep_where(compare(upper_name, "in (Sequence)", classes))
+    assert kept(operations, {"classes": ["fall"]}) == [1, 3]
+
+
+def test_static_operand_operations():
+    lookup = with_operations(
+        static("n"), {"type": "LookupTable", "lookup_table": {"n": "Normal"}}
+    )
+    operations = keep_where(compare(detection_property("class_name"), "==", lookup))
+    assert kept(operations) == [0, 2]
+
+
+def test_parameter_operation_failure_rejects_step():
+    threshold = with_operations(parameter("threshold"), {"type": "Divide", "other": 2})
+    operations = keep_where(
+        compare(detection_property("confidence"), "(Number) >=", threshold)
+    )
+    with pytest.raises(StepExecutionError) as caught:
+        kept(operations, {"threshold": "high"})
+    assert caught.value.step == "filter"
+    assert caught.value.user_error is True
+    assert caught.value.message == (
+        "step 'filter': operations[0].filter_operation.statements[0]"
+        '.right_operand.operand_name: operation 0 of "threshold" failed: '
+        "Divide needs a number, got a string"
+    )
+
+
 def test_comparison_on_no_detections_never_runs():
     operations = keep_where(
         compare(detection_property("confidence"), "(Number) >", static("high"))
@@ -398,35 +470,66 @@ def set_property(name):
                     "operations": [{"type": "StringToLowerCase"}],
                 },
             ),
-            f"{STATEMENT}.left_operand.operations[0].type: operand operation type "
-            '"StringToLowerCase" is not supported; supported: '
-            "ExtractDetectionProperty",
+            f'{STATEMENT}.left_operand.operations[0].type: the operand "_" is the '
+            "detection being tested; its first operation must be "
+            "ExtractDetectionProperty, to read a property of it, got "
+            '"StringToLowerCase"',
         ),
         (
             set_key("left_operand", {"type": "DynamicOperand"}),
             f'{STATEMENT}.left_operand.operations: the operand "_" is the '
-            "detection being tested; it needs exactly one ExtractDetectionProperty "
-            "operation to read a property of it, got 0 operations",
+            "detection being tested; it needs an ExtractDetectionProperty "
+            "operation first to read a property of it, got 0 operations",
         ),
         (
             set_key(
                 "right_operand",
                 {**detection_property("class_name"), "operand_name": "classes"},
             ),
-            f"{STATEMENT}.right_operand.operations: operations on the parameter "
-            '"classes" are not supported; only the detection operand "_" takes '
-            "one, ExtractDetectionProperty",
+            f"{STATEMENT}.right_operand.operations[0].type: "
+            "ExtractDetectionProperty reads a property of the detection being "
+            'tested by a detections filter; only the operand "_" takes it',
         ),
         (
             set_key(
                 "right_operand",
                 {
                     **parameter("classes"),
-                    "operations": [{"type": "SequenceLength"}],
+                    "operations": [{"type": "ConvertImageToJPEG"}],
                 },
             ),
-            f"{STATEMENT}.right_operand.operations: operations on the parameter "
-            '"classes" are not supported',
+            f"{STATEMENT}.right_operand.operations: operation 0 has unknown type "
+            "'ConvertImageToJPEG'; supported: ExtractImageProperty, SequenceLength",
+        ),
+        (
+            set_key(
+                "left_operand",
+                with_operations(
+                    detection_property("class_name"), {"type": "Multiply", "other": 2}
+                ),
+            ),
+            f"{STATEMENT}.left_operand.operations: operation 1 (Multiply) needs a "
+            "number, but gets a string",
+        ),
+        (
+            set_key(
+                "left_operand",
+                with_operations(
+                    detection_property("confidence"), {"type": "NumberRound"}
+                ),
+            ),
+            f"{STATEMENT}.left_operand.operations: operation 1 (NumberRound): "
+            '"decimal_digits" is missing',
+        ),
+        (
+            set_key(
+                "right_operand",
+                with_operations(
+                    static("x"), {"type": "LookupTable", "lookup_table": {"y": 1}}
+                ),
+            ),
+            f"{STATEMENT}.right_operand.operations[0]: operation failed on the "
+            'value "x": LookupTable "x" is not a key of lookup_table (keys: "y")',
         ),
         (
             set_key("right_operand", {"type": "StaticOperand"}),
@@ -450,6 +553,9 @@ def set_property(name):
         "detection-without-property",
         "parameter-with-property",
         "parameter-with-operation",
+        "detection-operation-kind",
+        "operation-key-missing",
+        "static-operation-fails",
         "static-without-value",
         "undeclared-parameter",
     ],

@@ -8,6 +8,7 @@ import numpy as np
 
 from workflows.blocks.base import shown
 from workflows.blocks.detections_filter.statements import (
+    DetectionProperty,
     Operand,
     Parameter,
     Statement,
@@ -16,6 +17,7 @@ from workflows.blocks.detections_filter.statements import (
     UnaryStatement,
 )
 from workflows.blocks.property_definition.v1 import OperationError, apply_operation
+from workflows.blocks.property_definition.value_operations import LIST, NUMBER, STRING
 from workflows.detections import Detections
 
 
@@ -35,6 +37,8 @@ def _size(detections: Detections, index: int) -> float:
     x_min, y_min, x_max, y_max = _box(detections, index)
     return (y_max - y_min) * (x_max - x_min)
 
+
+ANCHORS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
 
 # Properties of one detection, named and typed as Roboflow's
 # ExtractDetectionProperty returns them. Boxes are in pixels of the image the
@@ -60,6 +64,11 @@ PROPERTIES: dict[str, Callable[[Detections, int], Any]] = {
     ),
     "bottom_right": lambda detections, index: _box(detections, index)[2:4],
 }
+
+# The kind of value each property is, for checking the operations after it.
+PROPERTY_KINDS = {name: NUMBER for name in PROPERTIES}
+PROPERTY_KINDS["class_name"] = STRING
+PROPERTY_KINDS.update((name, LIST) for name in ANCHORS)
 
 
 class MemberList(list):
@@ -165,17 +174,21 @@ def _value(
         return operand.value
     if isinstance(operand, Parameter):
         value = parameters[operand.name]
-        for position, operation in enumerate(operand.operations):
-            try:
-                value = apply_operation(operation, value)
-            except OperationError as error:
-                raise EvaluationError(
-                    f'{operand.path}: operation {position} of "{operand.name}" '
-                    f"failed: {error}"
-                ) from error
-        return with_member_set(value) if operand.operations else value
-    assert detections is not None and index is not None
-    return PROPERTIES[operand.name](detections, index)
+        subject = f'"{operand.name}"'
+    else:
+        assert detections is not None and index is not None
+        value = PROPERTIES[operand.name](detections, index)
+        subject = f"{operand.name} of detection {index}"
+    # A detection operand's operation 0 is its ExtractDetectionProperty.
+    first = 1 if isinstance(operand, DetectionProperty) else 0
+    for position, operation in enumerate(operand.operations, first):
+        try:
+            value = apply_operation(operation, value)
+        except OperationError as error:
+            raise EvaluationError(
+                f"{operand.path}: operation {position} of {subject} failed: {error}"
+            ) from error
+    return with_member_set(value) if operand.operations else value
 
 
 def _evaluate(

@@ -18,8 +18,11 @@ in roboflow_workflows 0.2.13:
 - An operand is a ``StaticOperand`` with a ``value``, or a
   ``DynamicOperand`` whose ``operand_name`` is a key of
   ``operations_parameters``. The name "_", the default, is the detection
-  being tested, and such an operand must read one of its properties with a
-  single ``ExtractDetectionProperty`` operation.
+  being tested, and such an operand must read one of its properties with
+  an ``ExtractDetectionProperty`` operation first.
+- Any operand may apply property definition operations to its value
+  (property_definition/v1.py), such as ``StringToLowerCase``. A
+  ``StaticOperand``'s run once, when the operations are parsed.
 - Comparisons apply Python's operators to the values, as Roboflow's do:
   "in (Sequence)" against a string tests for a substring, and comparing a
   number with a string fails the step.
@@ -30,6 +33,7 @@ Roboflow ignores such keys, but a misspelled "negate" would then change
 which detections are kept without any error.
 """
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -37,6 +41,7 @@ from workflows.blocks.base import shown
 from workflows.blocks.detections_filter.evaluation import (
     COMPARATORS,
     PROPERTIES,
+    PROPERTY_KINDS,
     UNARY_OPERATORS,
     with_member_set,
 )
@@ -50,6 +55,12 @@ from workflows.blocks.detections_filter.statements import (
     StatementGroup,
     StaticValue,
     UnaryStatement,
+)
+from workflows.blocks.property_definition.v1 import (
+    OPERATIONS,
+    OperationError,
+    apply_operation,
+    chain_problem,
 )
 from workflows.blocks.property_definition.v1 import (
     check_operations as check_value_operations,
@@ -127,10 +138,8 @@ def parse_condition(value: Any, path: str) -> StatementGroup:
 
     Unlike a filter's, a condition tests no detection: every DynamicOperand
     names a parameter, "_" included, and may apply property definition
-    operations (SequenceLength, DetectionsPropertyExtract,
-    ExtractImageProperty, ToString) to it, as Roboflow's ContinueIf and
-    Expression blocks do. Raises OperationsSyntaxError at the first part
-    that is not supported.
+    operations to it, as Roboflow's ContinueIf and Expression blocks do.
+    Raises OperationsSyntaxError at the first part that is not supported.
     """
     return _parse_group(value, path, 1, condition=True)
 
@@ -310,28 +319,34 @@ def _parse_operand(value: Any, path: str, condition: bool = False) -> Operand:
 
     if fields["type"] == "StaticOperand":
         value = _required(fields, "value", path)
-        _no_operations(operations, path, "a StaticOperand's value")
-        return StaticValue(with_member_set(value))
+        return StaticValue(with_member_set(_static_value(value, operations, path)))
 
     name = fields.get("operand_name", DETECTION_OPERAND)
     if not isinstance(name, str):
         raise OperationsSyntaxError(
             f"{path}.operand_name", f"must be a string, got {shown(name)}"
         )
-    if condition:
-        return _condition_parameter(name, operations, path)
-    if name != DETECTION_OPERAND:
-        _no_operations(operations, path, f'the parameter "{name}"')
-        return Parameter(name, f"{path}.operand_name")
+    if condition or name != DETECTION_OPERAND:
+        _check_value_operations(operations, path, condition=condition)
+        return Parameter(name, f"{path}.operand_name", tuple(operations))
 
-    if len(operations) != 1:
+    if not operations:
         raise OperationsSyntaxError(
             f"{path}.operations",
             f'the operand "{DETECTION_OPERAND}" is the detection being tested; '
-            "it needs exactly one ExtractDetectionProperty operation to read "
-            f"a property of it, got {len(operations)} operations",
+            "it needs an ExtractDetectionProperty operation first to read "
+            "a property of it, got 0 operations",
         )
     where = f"{path}.operations[0]"
+    first_type = operations[0].get("type") if isinstance(operations[0], dict) else None
+    if isinstance(first_type, str) and first_type in OPERATIONS:
+        raise OperationsSyntaxError(
+            f"{where}.type",
+            f'the operand "{DETECTION_OPERAND}" is the detection being tested; '
+            "its first operation must be ExtractDetectionProperty, to read a "
+            f"property of it, got {shown(first_type)}. Add one "
+            "before this operation",
+        )
     extract = _object(
         operations[0], where, ("ExtractDetectionProperty",), "operand operation"
     )
@@ -342,25 +357,74 @@ def _parse_operand(value: Any, path: str, condition: bool = False) -> Operand:
             f"property {shown(property_name)} is not supported; supported: "
             f"{', '.join(PROPERTIES)}",
         )
-    return DetectionProperty(property_name)
+    then = operations[1:]
+    if then:
+        _check_value_operations(then, path, first=1)
+        problem = chain_problem(then, PROPERTY_KINDS[property_name])
+        if problem:
+            raise OperationsSyntaxError(
+                f"{path}.operations", _shift_indices(problem, 1)
+            )
+    return DetectionProperty(property_name, f"{path}.operations", tuple(then))
 
 
-def _condition_parameter(name: str, operations: list, path: str) -> Parameter:
-    """Return a condition's DynamicOperand, its operations checked."""
-    if operations:
-        problem = check_value_operations(operations)
-        if problem is not None:
-            raise OperationsSyntaxError(f"{path}.operations", problem)
-    return Parameter(name, f"{path}.operand_name", tuple(operations))
+def _check_value_operations(
+    operations: list, path: str, first: int = 0, condition: bool = False
+) -> None:
+    """Raise OperationsSyntaxError for the first invalid operation of an operand.
 
-
-def _no_operations(operations: list, path: str, subject: str) -> None:
-    if operations:
+    ``first`` is the index of ``operations[0]`` in the operand's operations.
+    """
+    for index, operation in enumerate(operations):
+        if isinstance(operation, dict) and operation.get("type") == (
+            "ExtractDetectionProperty"
+        ):
+            where = (
+                "a condition tests no detection, so none of its operands takes it"
+                if condition
+                else f'only the operand "{DETECTION_OPERAND}" takes it, as its '
+                "first operation"
+            )
+            raise OperationsSyntaxError(
+                f"{path}.operations[{index + first}].type",
+                "ExtractDetectionProperty reads a property of the detection "
+                f"being tested by a detections filter; {where}. Use "
+                "DetectionsPropertyExtract to read a property of all detections",
+            )
+    if not operations:
+        return
+    problem = check_value_operations(operations)
+    if problem is not None:
         raise OperationsSyntaxError(
-            f"{path}.operations",
-            f"operations on {subject} are not supported; only the detection "
-            f'operand "{DETECTION_OPERAND}" takes one, ExtractDetectionProperty',
+            f"{path}.operations", _shift_indices(problem, first)
         )
+
+
+def _shift_indices(problem: str, first: int) -> str:
+    """Renumber the leading "operation N" of ``problem`` as N + ``first``."""
+    return re.sub(
+        r"^operation (\d+)",
+        lambda match: f"operation {int(match.group(1)) + first}",
+        problem,
+    )
+
+
+def _static_value(value: Any, operations: list, path: str) -> Any:
+    """Return a StaticOperand's value after its operations.
+
+    They read the same value for every detection, so they run once, here,
+    and a failure is a problem with the definition.
+    """
+    _check_value_operations(operations, path)
+    for position, operation in enumerate(operations):
+        try:
+            value = apply_operation(operation, value)
+        except OperationError as error:
+            raise OperationsSyntaxError(
+                f"{path}.operations[{position}]",
+                f"operation failed on the value {shown(value)}: {error}",
+            ) from error
+    return value
 
 
 def _operands(statements: tuple[Statement, ...]) -> Iterator[Operand]:

@@ -9,7 +9,11 @@ DETECTION_OPERAND = "_"
 
 @dataclass(frozen=True)
 class StaticValue:
-    """A StaticOperand: the same value for every detection."""
+    """A StaticOperand: the same value for every detection.
+
+    ``value`` is the operand's value after its operations, which are
+    applied once, when the operations are parsed.
+    """
 
     value: Any
 
@@ -19,8 +23,8 @@ class Parameter:
     """A DynamicOperand that names a key of operations_parameters.
 
     In a condition (``parse_condition``), the key names a value of the
-    block's parameters, and ``operations`` are property definition
-    operations applied to that value before the comparison.
+    block's parameters. ``operations`` are property definition operations
+    applied to the value before the comparison.
     """
 
     name: str
@@ -31,9 +35,16 @@ class Parameter:
 
 @dataclass(frozen=True)
 class DetectionProperty:
-    """A property of the detection being tested (ExtractDetectionProperty)."""
+    """A property of the detection being tested (ExtractDetectionProperty).
+
+    ``operations`` are property definition operations applied to the
+    property's value before the comparison.
+    """
 
     name: str
+    # The path of the operand in ``operations``, for errors.
+    path: str = ""
+    operations: tuple[dict, ...] = ()
 
 
 Operand = StaticValue | Parameter | DetectionProperty
