@@ -212,6 +212,62 @@ def test_transformation_rename_bad_parameter_fails():
     assert "class_map must be an object" in raised.value.message
 
 
+def parents_and_children() -> Detections:
+    """Return two cars and the detections around them; each id is its class.
+
+    The centre of "plate-edge" lies on the right edge of "car-1".
+    """
+    boxes = {
+        "plate-in": [10, 10, 20, 20],
+        "car-1": [0, 0, 50, 50],
+        "plate-out": [60, 60, 70, 70],
+        "plate-edge": [45, 10, 55, 20],
+        "car-2": [100, 100, 200, 200],
+        "person": [140, 140, 160, 160],
+    }
+    return Detections(
+        xyxy=np.array(list(boxes.values()), dtype=np.float32),
+        confidence=np.full(len(boxes), 0.9, dtype=np.float32),
+        class_id=np.array(
+            [0 if name.startswith("car") else 1 for name in boxes], dtype=np.int64
+        ),
+        class_names=[name.split("-")[0] for name in boxes],
+        image_size=(300, 300),
+        parent_id="image",
+        detection_ids=list(boxes),
+    )
+
+
+def picked(parent_class: str) -> Detections:
+    return DetectionsTransformationBlock().run(
+        StepContext(step_name="transform", models=None, timer=None),
+        predictions=parents_and_children(),
+        operations=[
+            {"type": "PickDetectionsByParentClass", "parent_class": parent_class}
+        ],
+        operations_parameters={},
+    )["predictions"]
+
+
+def test_pick_by_parent_class_keeps_children():
+    kept = picked("car")
+    # Parents first, then the detections centred in one of them, each in order.
+    assert kept.detection_ids == ["car-1", "car-2", "plate-in", "plate-edge", "person"]
+    assert kept.class_names == ["car", "car", "plate", "plate", "person"]
+
+
+def test_pick_by_parent_class_without_parents():
+    kept = picked("truck")
+    assert len(kept) == 0
+    assert kept.image_size == (300, 300)
+
+
+def test_pick_by_parent_class_compiles():
+    operation = {"type": "PickDetectionsByParentClass", "parent_class": "person"}
+    plan = build_plan(transformation_definition([operation]), "digest")
+    assert "transform" in {step.name for step in plan.steps}
+
+
 def test_transformation_compiles():
     plan = build_plan(
         transformation_definition([{"type": "SortDetections", "mode": "size"}]),
@@ -223,7 +279,16 @@ def test_transformation_compiles():
 @pytest.mark.parametrize(
     ("operations", "problem"),
     [
-        ([{"type": "PickDetectionsByParentClass"}], "operations[0].type"),
+        ([{"type": "PickDetectionsByParentClass"}], '"parent_class" is missing'),
+        (
+            [{"type": "PickDetectionsByParentClass", "parent_class": ["car"]}],
+            'operations[0].parent_class: must be a class name, got ["car"]',
+        ),
+        (
+            [{"type": "ConvertImageToJPEG"}],
+            'operations[0].type: operation type "ConvertImageToJPEG" is not '
+            "supported; supported: DetectionsFilter, DetectionsOffset",
+        ),
         ([{"type": "DetectionsRename"}], '"class_map" is missing'),
         ([{"type": "DetectionsRename", "class_map": {"a": 1}}], "class_map"),
         ([{"type": "DetectionsRename", "class_map": {}, "strict": 1}], "strict"),

@@ -94,6 +94,7 @@ KEYS = {
     "DetectionsSelection": ("type", "mode"),
     "SortDetections": ("type", "mode", "ascending"),
     "DetectionsRename": ("type", "class_map", "strict", "new_classes_id_offset"),
+    "PickDetectionsByParentClass": ("type", "parent_class"),
 }
 
 

@@ -20,10 +20,14 @@ before, as Roboflow's query language chains them. Supported:
   keep their names and ids, and new names get ids from
   ``new_classes_id_offset`` (1024) up, in sorted order. ``class_map`` and
   ``strict`` may each be a key of ``operations_parameters`` instead.
+- ``PickDetectionsByParentClass``: keeps the detections of class
+  ``parent_class``, then every other detection whose box centre lies in
+  one of their boxes, edges included, each group in its own order. With no
+  detection of that class, it keeps none.
 
-The arithmetic is that of Roboflow's query language (``inference`` 1.5.0).
-Other operations, such as ``PickDetectionsByParentClass``, raise
-OperationsSyntaxError with their path.
+The arithmetic is that of Roboflow's query language (``inference`` 1.5.0;
+``PickDetectionsByParentClass`` as in ``inference`` 1.8.3). Other
+operations raise OperationsSyntaxError with their path.
 """
 
 import dataclasses
@@ -50,6 +54,7 @@ OPERATION_TYPES = (
     "DetectionsSelection",
     "SortDetections",
     "DetectionsRename",
+    "PickDetectionsByParentClass",
 )
 
 
@@ -120,7 +125,12 @@ class Rename:
     new_classes_id_offset: int
 
 
-Operation = Filter | Move | Select | Sort | Rename
+@dataclass(frozen=True)
+class PickByParent:
+    parent_class: str
+
+
+Operation = Filter | Move | Select | Sort | Rename | PickByParent
 
 
 def parse_transformations(value: Any) -> tuple[Operation, ...]:
@@ -182,6 +192,8 @@ def _apply(
         return detections.select(keep)
     if isinstance(operation, Rename):
         return _rename(operation, detections, parameters)
+    if isinstance(operation, PickByParent):
+        return _pick_by_parent(operation.parent_class, detections)
     if isinstance(operation, Move):
         moved = detections.xyxy + np.array(operation.delta, dtype=np.float32)
         return dataclasses.replace(detections, xyxy=moved.astype(np.float32))
@@ -214,6 +226,16 @@ def _parse_operation(item: Any, path: str) -> Operation:
         return Select(_choice(fields, "mode", path, tuple(SELECTIONS)))
     if kind == "DetectionsRename":
         return _parse_rename(fields, path)
+    if kind == "PickDetectionsByParentClass":
+        if "parent_class" not in fields:
+            raise OperationsSyntaxError(path, '"parent_class" is missing')
+        parent_class = fields["parent_class"]
+        if not isinstance(parent_class, str):
+            raise OperationsSyntaxError(
+                f"{path}.parent_class",
+                f"must be a class name, got {shown(parent_class)}",
+            )
+        return PickByParent(parent_class)
     ascending = fields.get("ascending", True)
     if not isinstance(ascending, bool):
         raise OperationsSyntaxError(
@@ -342,3 +364,23 @@ def _rename(
         class_names=renamed,
         class_id=np.array([ids[name] for name in renamed], dtype=np.int64),
     )
+
+
+def _pick_by_parent(parent_class: str, detections: Detections) -> Detections:
+    is_parent = np.array(
+        [name == parent_class for name in detections.class_names], dtype=bool
+    )
+    parents = np.flatnonzero(is_parent)
+    if len(parents) == 0:
+        return detections.select(is_parent)
+    others = np.flatnonzero(~is_parent)
+    parent_boxes = detections.xyxy[parents]
+    centre_x = _centre_x(detections)[others][:, None]
+    centre_y = _centre_y(detections)[others][:, None]
+    inside = (
+        (parent_boxes[:, 0] <= centre_x)
+        & (centre_x <= parent_boxes[:, 2])
+        & (parent_boxes[:, 1] <= centre_y)
+        & (centre_y <= parent_boxes[:, 3])
+    ).any(axis=1)
+    return detections.take(np.concatenate([parents, others[inside]]))

@@ -37,7 +37,7 @@ class DetectionsTransformationBlock(Block):
     description = (
         "Applies Roboflow's detections operations in order: DetectionsFilter, "
         "DetectionsOffset, DetectionsShift, DetectionsSelection, "
-        "SortDetections and DetectionsRename."
+        "SortDetections, DetectionsRename and PickDetectionsByParentClass."
     )
     fields = (
         Field("predictions", DETECTIONS, "Detections to transform."),
