@@ -15,6 +15,7 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 from runner.models import Run
 from runner.views import model_listing
 from webapp.handlers import allow_methods
+from workflows.compiler.parse import IMAGE_INPUT_TYPES
 from workflows.models import Workflow
 
 SAMPLE_IMAGES = ("bus.jpg", "zidane.jpg")
@@ -57,11 +58,7 @@ def run_workflow_page(request, workflow_id: int):
     workflow = get_object_or_404(Workflow, pk=workflow_id, owner=request.user)
     version = workflow.latest_version()
     inputs = version.definition.get("inputs", []) if version else []
-    image_inputs = [
-        i["name"]
-        for i in inputs
-        if i.get("type") in ("WorkflowImage", "InferenceImage")
-    ]
+    image_inputs = [i["name"] for i in inputs if i.get("type") in IMAGE_INPUT_TYPES]
     parameters = [
         {
             "name": i["name"],

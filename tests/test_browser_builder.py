@@ -829,3 +829,22 @@ def test_builder_empty_selector_looks_empty(transactional_db, asgi_server, page,
     )
     definition = page.evaluate("window.glassboxBuilder.getDefinition()")
     assert definition["steps"][0]["images"] == "$inputs.image"
+
+
+def test_builder_draws_batch_input_as_image(transactional_db, asgi_server, page, alice):
+    stored = detection()
+    stored["inputs"][0] = {
+        "type": "WorkflowBatchInput",
+        "name": "image",
+        "kind": ["image"],
+    }
+    workflow = Workflow.create_with_version(alice, "Batch input", stored)
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+
+    title = page.locator("[data-input-name='image'] .node-title")
+    assert title.text_content() == "Image input"
+    page.locator("[data-input-name='image']").click()
+    panel = page.locator("#node-panel")
+    panel.get_by_text("An image given when the workflow runs.").wait_for()
+    assert panel.locator("[data-field='default_value']").count() == 0

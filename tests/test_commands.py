@@ -149,6 +149,22 @@ def test_runworkflow_rejects_unknown_or_repeated_inputs(db, arguments, message):
     assert Run.objects.count() == 0
 
 
+def test_runworkflow_batch_input_takes_image(db, tmp_path):
+    definition = image_height()
+    definition["inputs"] = [
+        {"type": "WorkflowBatchInput", "name": "image", "kind": ["image"]}
+    ]
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps(definition))
+    message = (
+        "--param names inputs that are not parameter inputs: image; give them "
+        "with --image"
+    )
+    with pytest.raises(CommandError, match=message):
+        call_command("runworkflow", str(path), "--param", "image=5")
+    assert Run.objects.count() == 0
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 
+from tests.conftest import image_b64
 from tests.definitions import (
     compare,
     detect_then_crops,
@@ -17,6 +18,7 @@ from tests.definitions import (
 from workflows.compiler import PlanCache, build_plan, definition_digest
 from workflows.compiler.plan import InputRef, Literal, MappingBinding, StepRef
 from workflows.errors import DefinitionError
+from workflows.inputs import read_inputs
 
 
 def compile_errors(definition) -> list:
@@ -312,6 +314,72 @@ def test_compile_duplicate_input_names():
     definition["inputs"].append({"type": "WorkflowImage", "name": "image"})
     [error] = compile_errors(definition)
     assert "twice" in error.property_details
+
+
+def batch_input(**fields) -> dict:
+    """Return image_height() with its image input declared as a WorkflowBatchInput."""
+    definition = image_height()
+    definition["inputs"] = [{"type": "WorkflowBatchInput", "name": "image", **fields}]
+    return definition
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kind": ["image"]},
+        {"kind": [{"name": "image", "description": "Image"}], "dimensionality": 1},
+    ],
+    ids=["name", "kind-object"],
+)
+def test_compile_batch_input_of_images(fields):
+    plan = build_plan(batch_input(**fields), "digest")
+    assert [spec.name for spec in plan.image_inputs] == ["image"]
+
+
+def test_batch_input_reads_list_of_images():
+    plan = build_plan(batch_input(kind=["image"]), "digest")
+    image = {"type": "base64", "value": image_b64()}
+    inputs = read_inputs(plan, {"image": [image, image]}, max_pixels=10_000_000)
+    assert inputs.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "key", "problem"),
+    [
+        (
+            {},
+            "kind",
+            "input 'image' is a WorkflowBatchInput of kind [\"*\"], which is not "
+            'supported: only a batch of images, "kind": ["image"], is. For one '
+            "value per run use a WorkflowParameter",
+        ),
+        (
+            {"kind": ["string"]},
+            "kind",
+            "input 'image' is a WorkflowBatchInput of kind [\"string\"], which is "
+            "not supported",
+        ),
+        (
+            {"kind": ["image", "string"]},
+            "kind",
+            'input \'image\' is a WorkflowBatchInput of kind ["image", "string"]',
+        ),
+        (
+            {"kind": ["image"], "dimensionality": 2},
+            "dimensionality",
+            "input 'image' has dimensionality 2, which is not supported: only 1, "
+            "one image per element of the batch, is",
+        ),
+    ],
+    ids=["any-kind", "strings", "mixed", "nested"],
+)
+def test_compile_rejects_batch_input_not_images(fields, key, problem):
+    # The step that reads the rejected input gets an error of its own.
+    error, _ = compile_errors(batch_input(**fields))
+    assert error.block_id is None
+    assert error.block_type == "WorkflowBatchInput"
+    assert error.property_name == f"inputs[0].{key}"
+    assert error.property_details.startswith(problem)
 
 
 def test_compile_cycle_names_the_steps():

@@ -270,3 +270,15 @@ def test_builder_csrf_cookie_authorizes_api_calls(alice):
     assert refused.status_code == 403
     assert accepted.status_code == 200
     assert accepted.json()["valid"] is True
+
+
+def test_run_page_offers_batch_input_upload(alice_browser, alice):
+    definition = image_height()
+    definition["inputs"] = [
+        {"type": "WorkflowBatchInput", "name": "photos", "kind": ["image"]}
+    ]
+    definition["steps"][0]["data"] = "$inputs.photos"
+    workflow = Workflow.create_with_version(alice, "Batch heights", definition)
+    page = alice_browser.get(f"/workflows/{workflow.id}/run/").content.decode()
+    assert 'data-image-input="photos"' in page
+    assert 'data-param="photos"' not in page

@@ -318,8 +318,13 @@
     return item && { section: "steps", item, port: reference.output };
   }
 
+  // The compiler takes a WorkflowBatchInput only as a batch of images.
+  function isImageInput(item) {
+    return IMAGE_INPUT_TYPES.includes(item.type) || item.type === "WorkflowBatchInput";
+  }
+
   function inputKind(item) {
-    return IMAGE_INPUT_TYPES.includes(item.type) ? "image" : VALUE_KIND;
+    return isImageInput(item) ? "image" : VALUE_KIND;
   }
 
   // Output names of a step with an unknown type that other nodes select.
@@ -795,7 +800,7 @@
 
   function nodeTitle(section, item) {
     if (section === "inputs") {
-      return IMAGE_INPUT_TYPES.includes(item.type) ? "Image input" : "Parameter";
+      return isImageInput(item) ? "Image input" : "Parameter";
     }
     if (section === "outputs") return "Output";
     const block = blockFor(item.type);
@@ -1834,7 +1839,7 @@
   }
 
   function inputPanel(item) {
-    const isImage = IMAGE_INPUT_TYPES.includes(item.type);
+    const isImage = isImageInput(item);
     const types = [...IMAGE_INPUT_TYPES, ...PARAMETER_INPUT_TYPES];
     if (!types.includes(item.type)) types.unshift(String(item.type));
     const typeControl = selectControl(types.map((type) => [type, type]), String(item.type), (value) => {

@@ -4,6 +4,7 @@ Problems are collected, not raised one at a time, so a user fixing a
 definition sees every error of this phase at once.
 """
 
+import json
 import re
 from typing import Any
 
@@ -25,8 +26,18 @@ INPUT_TYPES = {
     "InferenceImage": IMAGE_INPUT,
     "WorkflowParameter": PARAMETER_INPUT,
     "InferenceParameter": PARAMETER_INPUT,
+    # Accepted only as a batch of images (_batch_input_problem). A
+    # WorkflowImage input already takes a list of images.
+    "WorkflowBatchInput": IMAGE_INPUT,
     "WorkflowVideoMetadata": None,
 }
+# The kind name of images in Roboflow's kinds.
+IMAGE_KIND = "image"
+# Input types that compile to image inputs, for pages and commands that
+# read a stored definition's inputs without compiling it.
+IMAGE_INPUT_TYPES = tuple(
+    name for name, kind in INPUT_TYPES.items() if kind == IMAGE_INPUT
+)
 # The keys of a definition that the compiler reads. Roboflow's engine ignores
 # others, such as "metadata", and so does this one, with a warning.
 TOP_LEVEL_KEYS = frozenset({"version", "inputs", "steps", "outputs"})
@@ -216,6 +227,12 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
                 f"{', '.join(t for t, k in INPUT_TYPES.items() if k)}",
             )
             continue
+        if input_type == "WorkflowBatchInput":
+            batch_problem = _batch_input_problem(item)
+            if batch_problem is not None:
+                key, details = batch_problem
+                parsed.error(None, input_type, f"{where}.{key}", details)
+                continue
         kind = INPUT_TYPES[input_type]
         if kind is None:
             parsed.warnings.append(f"input '{name}' of type {input_type} is ignored")
@@ -237,6 +254,39 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
                 has_default="default_value" in item,
             )
         )
+
+
+def _batch_input_problem(item: dict) -> tuple[str, str] | None:
+    """Return (key, problem) for a WorkflowBatchInput that is not of images.
+
+    Roboflow's WorkflowBatchInput carries a batch of any kind, one element
+    per image, nested ``dimensionality`` levels deep. This engine runs a
+    batch of images, one level deep, so it takes only that case.
+    """
+    name = item["name"]
+    kinds = item.get("kind", ["*"])
+    names = [
+        kind.get("name") if isinstance(kind, dict) else kind
+        for kind in (kinds if isinstance(kinds, list) else [kinds])
+    ]
+    if not isinstance(kinds, list) or not names or set(names) != {IMAGE_KIND}:
+        return (
+            "kind",
+            f"input '{name}' is a WorkflowBatchInput of kind "
+            f"{json.dumps(kinds, default=str)[:80]}, which is not supported: "
+            f'only a batch of images, "kind": ["{IMAGE_KIND}"], is. For one '
+            "value per run use a WorkflowParameter, and for images a "
+            "WorkflowImage, which also takes a list of images",
+        )
+    dimensionality = item.get("dimensionality", 1)
+    if dimensionality != 1 or isinstance(dimensionality, bool):
+        return (
+            "dimensionality",
+            f"input '{name}' has dimensionality {json.dumps(dimensionality)[:80]}, "
+            "which is not supported: only 1, one image per element of the "
+            "batch, is. Send nested images as separate runs",
+        )
+    return None
 
 
 def nested_too_deep(value: Any, max_depth: int = MAX_VALUE_DEPTH) -> bool:

@@ -22,6 +22,7 @@ from webapp.management.arguments import (
 from webapp.management.database import check_database
 from webapp.redis import embedded_redis_for_command
 from webapp.requests import MalformedRequest, parse_json_text
+from workflows.compiler.parse import IMAGE_INPUT_TYPES
 from workflows.errors import WorkflowError
 
 logger = logging.getLogger(__name__)
@@ -284,9 +285,6 @@ def _shortened(value, run_id: str):
     if isinstance(value, dict):
         return {key: _shortened(item, run_id) for key, item in value.items()}
     return value
-
-
-IMAGE_INPUT_TYPES = ("WorkflowImage", "InferenceImage")
 
 
 def _declared_inputs(definition: dict) -> dict:
