@@ -7,15 +7,24 @@ confidence, and zidane.jpg, where it finds 1.
 
 import copy
 
+import numpy as np
 import pytest
 
 from runner.model_cache import ModelCache, ModelProvider
 from runner.registry import resolve_model
 from tests.conftest import image_bytes
-from tests.definitions import compare, detection, group, parameter, static
+from tests.definitions import (
+    compare,
+    detection,
+    detection_property,
+    group,
+    parameter,
+    static,
+)
 from workflows.blocks.base import FLOW_CONTROL, StepContext
 from workflows.blocks.continue_if.v1 import ContinueIfBlock
 from workflows.compiler import build_plan, definition_digest
+from workflows.detections import Detections
 from workflows.errors import DefinitionError, StepExecutionError
 from workflows.executor import collect_outputs, execute_plan
 from workflows.images import WorkflowImage
@@ -236,12 +245,41 @@ def test_compile_rejects_unsupported_operand_operation():
     definition = gated_crops()
     condition = definition["steps"][2]["condition_statement"]
     condition["statements"][0]["left_operand"]["operations"] = [
-        {"type": "DetectionsFilter"}
+        {"type": "ConvertImageToJPEG"}
     ]
     [error] = compile_errors(definition)
     assert error.property_name == "condition_statement"
     assert "statements[0].left_operand.operations" in error.property_details
-    assert "unknown type 'DetectionsFilter'" in error.property_details
+    assert "unknown type 'ConvertImageToJPEG'" in error.property_details
+
+
+def test_condition_counts_filtered_detections():
+    # Roboflow's pattern for "at least N of a class": filter, then count.
+    confident = {
+        "type": "DetectionsFilter",
+        "filter_operation": group(
+            compare(detection_property("confidence"), "(Number) >=", static(0.8))
+        ),
+    }
+    count = {
+        **parameter("people"),
+        "operations": [confident, {"type": "SequenceLength"}],
+    }
+    condition = group(compare(count, "(Number) >=", static(2)))
+    detections = Detections(
+        xyxy=np.array([[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 2, 2]], dtype=np.float32),
+        confidence=np.array([0.9, 0.85, 0.3], dtype=np.float32),
+        class_id=np.array([0, 0, 0]),
+        class_names=["person"] * 3,
+        image_size=(100, 100),
+        parent_id="image",
+        detection_ids=["a", "b", "c"],
+    )
+    assert decide(condition, {"people": detections})
+    assert not decide(condition, {"people": detections.select(np.array([1, 0, 1]) > 0)})
+    definition = gated_crops()
+    definition["steps"][2]["condition_statement"] = condition
+    assert build_plan(definition, "digest").steps
 
 
 def test_compile_rejects_condition_from_selector():

@@ -340,6 +340,27 @@ def test_static_operand_operations():
     assert kept(operations) == [0, 2]
 
 
+def test_compile_rejects_deeply_nested_operand_filters():
+    # Each level is an operand whose DetectionsFilter holds the next one:
+    # six levels of JSON, and more of Python's stack to parse.
+    statement = compare(detection_property("class_name"), "==", static("Fall"))
+    for _ in range(150):
+        nested_filter = {
+            "type": "DetectionsFilter",
+            "filter_operation": group(statement),
+        }
+        operand = with_operations(
+            parameter("all"), nested_filter, {"type": "SequenceLength"}
+        )
+        statement = compare(operand, "(Number) >", static(0))
+    definition = filtered_detection(keep_where(statement), {"all": []})
+    [error] = compile_errors(definition)
+    assert error.property_name == "operations"
+    assert error.property_details == (
+        "nests lists and objects more than 100 levels deep"
+    )
+
+
 def test_parameter_operation_failure_rejects_step():
     threshold = with_operations(parameter("threshold"), {"type": "Divide", "other": 2})
     operations = keep_where(
@@ -625,13 +646,22 @@ def test_groups_nested_to_the_limit_compile():
     assert kept(nested_groups(MAX_GROUP_DEPTH)) == [0, 1]
 
 
-@pytest.mark.parametrize("depth", [MAX_GROUP_DEPTH + 1, 400])
-def test_compile_rejects_groups_nested_too_deep(depth):
-    [error] = compile_errors(filtered_detection(nested_groups(depth)))
+def test_compile_rejects_groups_nested_too_deep():
+    [error] = compile_errors(filtered_detection(nested_groups(MAX_GROUP_DEPTH + 1)))
     assert error.property_name == "operations"
     assert f"nested more than {MAX_GROUP_DEPTH} levels" in error.property_details
     path = "operations[0].filter_operation" + ".statements[0]" * MAX_GROUP_DEPTH
     assert error.property_details.startswith(f"{path}: ")
+
+
+def test_compile_rejects_groups_past_literal_depth():
+    # 400 groups are 800 levels of JSON, over the limit of any literal,
+    # which the compiler checks before it parses the filter.
+    [error] = compile_errors(filtered_detection(nested_groups(400)))
+    assert error.property_name == "operations"
+    assert error.property_details == (
+        "nests lists and objects more than 100 levels deep"
+    )
 
 
 def test_compile_rejects_reserved_parameter_name():

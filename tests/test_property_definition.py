@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import image_bytes
-from tests.definitions import image_height
+from tests.definitions import detection, image_height
 from workflows.blocks.base import StepContext
 from workflows.blocks.property_definition.v1 import PropertyDefinitionBlock
 from workflows.compiler import build_plan, definition_digest
@@ -269,3 +269,97 @@ def test_operations_on_parameter_input():
     }
     [results] = execute_plan(plan, [inputs], models=None, timer=RunTimer())
     assert collect_outputs(plan, inputs, results)["height"] == "PER"
+
+
+def test_detections_operations_before_property():
+    operations = [
+        {"type": "SortDetections", "mode": "confidence", "ascending": True},
+        {"type": "DetectionsSelection", "mode": "first"},
+        {"type": "DetectionsRename", "class_map": {"bus": "vehicle"}, "strict": False},
+        {"type": "DetectionsPropertyExtract", "property_name": "class_name"},
+    ]
+    context = StepContext(step_name="property", models=None, timer=None)
+    output = PropertyDefinitionBlock().run(
+        context, data=two_boxes(), operations=operations
+    )["output"]
+    assert output == ["vehicle"]
+
+
+def test_detections_filter_then_count():
+    keep_people = {
+        "type": "DetectionsFilter",
+        "filter_operation": {
+            "type": "StatementGroup",
+            "statements": [
+                {
+                    "type": "BinaryStatement",
+                    "left_operand": {
+                        "type": "DynamicOperand",
+                        "operations": [
+                            {
+                                "type": "ExtractDetectionProperty",
+                                "property_name": "class_name",
+                            }
+                        ],
+                    },
+                    "comparator": {"type": "=="},
+                    "right_operand": {"type": "StaticOperand", "value": "person"},
+                }
+            ],
+        },
+    }
+    context = StepContext(step_name="property", models=None, timer=None)
+    count = PropertyDefinitionBlock().run(
+        context,
+        data=two_boxes(),
+        operations=[keep_people, {"type": "SequenceLength"}],
+    )["output"]
+    assert count == 1
+
+
+@pytest.mark.parametrize(
+    ("operations", "problem"),
+    [
+        (
+            [{"type": "SortDetections", "mode": "confidence"}],
+            "the last operation (SortDetections) makes detections, but a property "
+            "definition outputs a value. End with an operation that reads them",
+        ),
+        (
+            [
+                {"type": "DetectionsSelection", "mode": "biggest"},
+                {"type": "SequenceLength"},
+            ],
+            "operation 0 (DetectionsSelection): mode: must be one of first, last, "
+            'left_most, right_most, top_confidence, got "biggest"',
+        ),
+        (
+            [
+                {"type": "DetectionsRename", "class_map": "mapping"},
+                {"type": "SequenceLength"},
+            ],
+            "operation 0 (DetectionsRename): values cannot name parameters here, "
+            "because only the detections transformation block has "
+            "operations_parameters",
+        ),
+        (
+            [
+                {"type": "ExtractImageProperty", "property_name": "width"},
+                {"type": "DetectionsShift", "shift_x": 1, "shift_y": 1},
+            ],
+            "operation 1 (DetectionsShift) needs detections, but gets a number",
+        ),
+    ],
+    ids=["ends-with-detections", "bad-mode", "parameter", "kind"],
+)
+def test_compile_rejects_bad_detections_operations(operations, problem):
+    definition = detection()
+    definition["steps"][1]["operations"] = operations
+    if operations[0]["type"] == "ExtractImageProperty":
+        definition["steps"][1]["data"] = "$inputs.image"
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition, "digest")
+    [error] = caught.value.errors
+    assert error.block_id == "count"
+    assert error.property_name == "operations"
+    assert error.property_details.startswith(problem)

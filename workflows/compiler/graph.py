@@ -419,7 +419,8 @@ def literal_depth_problem(value: Any) -> str | None:
 
 
 def _check_literal(parsed, step, block, field, value) -> Literal | None:
-    problem = value_problem(field, value) or literal_depth_problem(value)
+    # Depth first: checks such as the filter language parse recursively.
+    problem = literal_depth_problem(value) or value_problem(field, value)
     if problem:
         parsed.error(step, block.type, field.name, problem)
         return None

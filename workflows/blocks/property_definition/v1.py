@@ -16,6 +16,7 @@ from workflows.blocks.base import (
     VALUE,
     Block,
     Field,
+    ParsedByIdentity,
     StepContext,
     shown,
 )
@@ -59,6 +60,18 @@ DETECTION_PROPERTIES = (
     "height",
     "detection_id",
 )
+# Operations of the detections transformation block that also apply here,
+# each making detections from detections. Property definition and operands
+# have no operations_parameters, so their values are written in place.
+DETECTIONS_OPERATIONS = (
+    "DetectionsFilter",
+    "DetectionsOffset",
+    "DetectionsShift",
+    "DetectionsSelection",
+    "SortDetections",
+    "DetectionsRename",
+    "PickDetectionsByParentClass",
+)
 OPERATIONS = {
     "ExtractImageProperty": "property_name: one of " + ", ".join(IMAGE_PROPERTIES),
     "SequenceLength": "number of detections or items",
@@ -82,6 +95,10 @@ OPERATIONS = {
     "NumericSequenceAggregate": "function: min, max or sum; neutral_value for "
     "an empty list",
     "SequenceElementsCount": "an object counting each item, keyed by its text",
+    **{
+        name: f"the detections transformation's {name}, on detections"
+        for name in DETECTIONS_OPERATIONS
+    },
 }
 
 # The kinds each operation reads and makes, for the compile-time check.
@@ -96,6 +113,7 @@ READS = {
     "ToString": (NUMBER, STRING, LIST, BOOLEAN, OBJECT),
     "SequenceApply": (LIST,),
     **{name: spec.reads for name, spec in VALUE_OPERATIONS.items()},
+    **{name: (DETECTIONS,) for name in DETECTIONS_OPERATIONS},
 }
 MAKES = {
     "ExtractImageProperty": NUMBER,
@@ -104,6 +122,7 @@ MAKES = {
     "ToString": STRING,
     "SequenceApply": LIST,
     **{name: spec.makes for name, spec in VALUE_OPERATIONS.items()},
+    **{name: DETECTIONS for name in DETECTIONS_OPERATIONS},
 }
 KIND_NAMES = {
     IMAGE: "an image",
@@ -146,6 +165,37 @@ def _operation_problem(operation: Any, depth: int) -> str | None:
         return f" ({kind}): {problem}" if problem else None
     if kind == "SequenceApply":
         return _sequence_apply_problem(operation, depth)
+    if kind in DETECTIONS_OPERATIONS:
+        return _detections_operation_problem(operation)
+    return None
+
+
+def _detections_operation_problem(operation: dict) -> str | None:
+    # Imported here because the transformation's parser imports this module.
+    from workflows.blocks.detections_filter.operations import (
+        OperationsSyntaxError,
+        undeclared_parameter,
+    )
+    from workflows.blocks.detections_transformation.operations import (
+        filter_conditions,
+        parse_transformations,
+        rename_parameters,
+    )
+
+    kind = operation["type"]
+    try:
+        parsed = parse_transformations([operation])
+    except OperationsSyntaxError as error:
+        where = error.path.removeprefix("operations[0]").lstrip(".")
+        return f" ({kind}): {where + ': ' if where else ''}{error.problem}"
+    named = [name for _, name in rename_parameters(parsed)]
+    problem = undeclared_parameter(filter_conditions(parsed), {})
+    if named or problem:
+        return (
+            f" ({kind}): values cannot name parameters here, because only the "
+            "detections transformation block has operations_parameters. Write "
+            "the values in place, or use a detections transformation step"
+        )
     return None
 
 
@@ -171,8 +221,8 @@ def chain_problem(operations: list, kind: str) -> str | None:
     """Return why ``operations`` cannot read a value of ``kind`` in turn, or None.
 
     ``operations`` passed ``check_operations``. A kind outside KIND_NAMES,
-    such as VALUE, is known only at run time, so it and every kind after it
-    pass.
+    such as VALUE, is known only at run time, so the operation that reads
+    it passes, and the check resumes with the kind that operation makes.
     """
     current = kind
     for index, operation in enumerate(operations):
@@ -189,7 +239,8 @@ class PropertyDefinitionBlock(Block):
     title = "Property"
     description = (
         "Extracts a property: image width/height/aspect ratio, detection count "
-        "or class names."
+        "or class names, and converts it with Roboflow's operations on "
+        "numbers, strings and lists."
     )
     fields = (
         Field("data", ANY, "Image or detections to read the property from."),
@@ -209,7 +260,21 @@ class PropertyDefinitionBlock(Block):
         if not isinstance(operations, list):
             return []
         problem = chain_problem(operations, kinds["data"])
-        return [("operations", problem)] if problem else []
+        if problem:
+            return [("operations", problem)]
+        last = operations[-1]["type"]
+        if MAKES[last] == DETECTIONS:
+            return [
+                (
+                    "operations",
+                    f"the last operation ({last}) makes detections, but a "
+                    "property definition outputs a value. End with an operation "
+                    "that reads them, such as SequenceLength or "
+                    "DetectionsPropertyExtract, or use a detections "
+                    "transformation step to output detections",
+                )
+            ]
+        return []
 
     def run(
         self, context: StepContext, *, data: Any, operations: list
@@ -226,13 +291,14 @@ class PropertyDefinitionBlock(Block):
 
 
 class OperationError(ValueError):
-    """An operation that got a value of a kind it cannot read."""
+    """An operation that got a value of a kind it cannot read, or failed on it."""
 
 
 def apply_operation(operation: dict, value: Any) -> Any:
     """Return ``value`` after one operation that ``check_operations`` accepted.
 
-    Raises OperationError when the value is of a kind the operation cannot read.
+    Raises OperationError when the value is of a kind the operation cannot
+    read, or the operation fails on it.
     """
     kind = operation["type"]
     if kind == "ExtractImageProperty":
@@ -263,12 +329,39 @@ def apply_operation(operation: dict, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise _wrong_input(kind, value)
         return [_apply_chain(operation["operations"], item) for item in value]
+    if kind in DETECTIONS_OPERATIONS:
+        if not isinstance(value, Detections):
+            raise _wrong_input(kind, value)
+        return _transform(operation, value)
     # Roboflow's to_string (query_language/operations/strings/base.py in
     # roboflow/inference) returns str(value) for any value. An image or
     # detections would give an object's repr, so those are rejected instead.
     if isinstance(value, (WorkflowImage, Detections)):
         raise _wrong_input(kind, value)
     return str(value)
+
+
+def _transform(operation: dict, detections: Detections) -> Detections:
+    # Imported here because the transformation's parser imports this module.
+    from workflows.blocks.detections_filter.evaluation import EvaluationError
+    from workflows.blocks.detections_transformation.operations import transform
+
+    try:
+        return transform(_parsed_transformation(operation), detections, {})
+    except EvaluationError as error:
+        raise OperationError(f"{operation['type']} failed: {error}") from error
+
+
+def _parse_transformation(operation: dict) -> tuple:
+    from workflows.blocks.detections_transformation.operations import (
+        parse_transformations,
+    )
+
+    return parse_transformations([operation])
+
+
+# Each operation object of a plan is parsed once.
+_parsed_transformation = ParsedByIdentity(_parse_transformation)
 
 
 def _apply_chain(operations: list, value: Any) -> Any:
