@@ -1,5 +1,7 @@
 """Property definition: Roboflow's operations on detections, numbers and text."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -128,6 +130,7 @@ def apply(value, *operations: dict):
             0,
         ),
         (["a", "b", "a"], {"type": "SequenceElementsCount"}, {"a": 2, "b": 1}),
+        ({"a": [1, None]}, {"type": "ConvertDictionaryToJSON"}, '{"a": [1, null]}'),
         (
             [1.25, 2.5],
             {
@@ -363,3 +366,22 @@ def test_compile_rejects_bad_detections_operations(operations, problem):
     assert error.block_id == "count"
     assert error.property_name == "operations"
     assert error.property_details.startswith(problem)
+
+
+def test_detections_to_dictionary_as_json():
+    context = StepContext(step_name="property", models=None, timer=None)
+    block = PropertyDefinitionBlock()
+    as_object = block.run(
+        context, data=two_boxes(), operations=[{"type": "DetectionsToDictionary"}]
+    )["output"]
+    assert as_object == two_boxes().to_roboflow("own")
+    assert [p["class"] for p in as_object["predictions"]] == ["person", "bus"]
+    as_text = block.run(
+        context,
+        data=two_boxes(),
+        operations=[
+            {"type": "DetectionsToDictionary"},
+            {"type": "ConvertDictionaryToJSON"},
+        ],
+    )["output"]
+    assert json.loads(as_text) == as_object

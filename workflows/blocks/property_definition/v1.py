@@ -95,6 +95,9 @@ OPERATIONS = {
     "NumericSequenceAggregate": "function: min, max or sum; neutral_value for "
     "an empty list",
     "SequenceElementsCount": "an object counting each item, keyed by its text",
+    "ConvertDictionaryToJSON": "an object as JSON text",
+    "DetectionsToDictionary": "detections as an object in Roboflow's response "
+    "format, in the coordinates of their own image",
     **{
         name: f"the detections transformation's {name}, on detections"
         for name in DETECTIONS_OPERATIONS
@@ -112,6 +115,7 @@ READS = {
     "DetectionsPropertyExtract": (DETECTIONS,),
     "ToString": (NUMBER, STRING, LIST, BOOLEAN, OBJECT),
     "SequenceApply": (LIST,),
+    "DetectionsToDictionary": (DETECTIONS,),
     **{name: spec.reads for name, spec in VALUE_OPERATIONS.items()},
     **{name: (DETECTIONS,) for name in DETECTIONS_OPERATIONS},
 }
@@ -121,6 +125,7 @@ MAKES = {
     "DetectionsPropertyExtract": LIST,
     "ToString": STRING,
     "SequenceApply": LIST,
+    "DetectionsToDictionary": OBJECT,
     **{name: spec.makes for name, spec in VALUE_OPERATIONS.items()},
     **{name: DETECTIONS for name in DETECTIONS_OPERATIONS},
 }
@@ -333,6 +338,10 @@ def apply_operation(operation: dict, value: Any) -> Any:
         if not isinstance(value, Detections):
             raise _wrong_input(kind, value)
         return _transform(operation, value)
+    if kind == "DetectionsToDictionary":
+        if not isinstance(value, Detections):
+            raise _wrong_input(kind, value)
+        return value.to_roboflow("own")
     # Roboflow's to_string (query_language/operations/strings/base.py in
     # roboflow/inference) returns str(value) for any value. An image or
     # detections would give an object's repr, so those are rejected instead.

@@ -8,6 +8,7 @@ example ``Multiply`` on a string repeats it), these operations accept only
 the kinds Roboflow declares for them and fail the step on others.
 """
 
+import json
 import math
 import re
 from collections import Counter
@@ -214,6 +215,15 @@ def _count_elements(operation: dict, value: Any) -> dict[str, int]:
     return counts
 
 
+def _to_json(operation: dict, value: Any) -> str:
+    if not isinstance(value, dict):
+        raise _needs("an object", value)
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise ValueOperationError(f"failed: {error}") from error
+
+
 def _to_boolean(operation: dict, value: Any) -> bool:
     return bool(_number(value))
 
@@ -328,6 +338,9 @@ VALUE_OPERATIONS: dict[str, ValueOperation] = {
     ),
     "SequenceElementsCount": ValueOperation(
         {}, (LIST,), OBJECT, _no_check, _count_elements
+    ),
+    "ConvertDictionaryToJSON": ValueOperation(
+        {}, (OBJECT,), STRING, _no_check, _to_json
     ),
 }
 
