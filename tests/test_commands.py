@@ -33,7 +33,8 @@ BUS = str(image_path())
         ("runner", ["--name", ""], "--name is empty"),
         ("runner", ["--name", "y" * 191], "191 characters long; the limit is 190"),
         ("runner", ["--name", ".."], "runner name '..' needs at least one letter"),
-        ("runner", ["--name", "a b"], "'a b' may contain only letters, digits"),
+        ("runner", ["--name", "a b"], "'a b' may contain only ASCII letters"),
+        ("runner", ["--name", "é²"], "'é²' may contain only ASCII letters"),
         ("runner", ["--device", "tpu"], "--device 'tpu' is not a torch device"),
         (
             "runner",
@@ -43,7 +44,11 @@ BUS = str(image_path())
         ("up", ["--runners", "-1"], "zero or more"),
         ("up", ["--port", "70000"], "from 1 to 65534"),
         ("up", ["--web-workers", "0"], "positive whole number"),
-        ("up", ["--runner-prefix", "a b"], "prefix 'a b' may contain only letters"),
+        (
+            "up",
+            ["--runner-prefix", "a b"],
+            "prefix 'a b' may contain only ASCII letters",
+        ),
         ("up", ["--runner-prefix", "-"], "prefix '-' needs at least one letter"),
         ("up", ["--runner-prefix", ""], "the prefix is empty"),
         (

@@ -97,8 +97,13 @@ def runner_name_problem(name: str, what: str = "runner name") -> str | None:
     symbols_removed = name.replace("-", "").replace("_", "").replace(".", "")
     if not symbols_removed:
         return f"{what} {name!r} needs at least one letter or digit"
-    if not symbols_removed.isalnum():
-        return f"{what} {name!r} may contain only letters, digits, '-', '_' and '.'"
+    # isalnum alone passes letters and digits of every script, such as 'é'
+    # and '²', which log lines, metric labels and shells handle less well.
+    if not (symbols_removed.isascii() and symbols_removed.isalnum()):
+        return (
+            f"{what} {name!r} may contain only ASCII letters and digits, "
+            "'-', '_' and '.'"
+        )
     return None
 
 
