@@ -374,12 +374,38 @@ def test_batch_input_reads_list_of_images():
     ids=["any-kind", "strings", "mixed", "nested"],
 )
 def test_compile_rejects_batch_input_not_images(fields, key, problem):
-    # The step that reads the rejected input gets an error of its own.
-    error, _ = compile_errors(batch_input(**fields))
+    # The step that reads the rejected input gets no second error saying
+    # that no such input is declared.
+    (error,) = compile_errors(batch_input(**fields))
     assert error.block_id is None
     assert error.block_type == "WorkflowBatchInput"
     assert error.property_name == f"inputs[0].{key}"
     assert error.property_details.startswith(problem)
+
+
+def test_rejected_input_reported_once():
+    definition = image_height()
+    definition["inputs"][0]["type"] = "WorkflowPicture"
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "image", "selector": "$inputs.image"}
+    )
+
+    (error,) = compile_errors(definition)
+
+    assert error.property_name == "inputs[0].type"
+    assert "unknown input type 'WorkflowPicture'" in error.property_details
+
+
+def test_reading_ignored_input_is_an_error():
+    definition = image_height()
+    definition["inputs"].append({"type": "WorkflowVideoMetadata", "name": "video"})
+    definition["outputs"].append(
+        {"type": "JsonField", "name": "video", "selector": "$inputs.video"}
+    )
+
+    (error,) = compile_errors(definition)
+
+    assert error.property_details == "output 'video': '$inputs.video' names no input"
 
 
 def test_compile_cycle_names_the_steps():

@@ -454,6 +454,8 @@ def _check_input_reference(
 ) -> InputRef | None:
     spec = inputs.get(reference.name)
     if spec is None:
+        if reference.name in parsed.broken_inputs:
+            return None
         parsed.error(
             step,
             block.type,
@@ -768,6 +770,8 @@ def bind_outputs(parsed: ParsedDefinition) -> list[OutputSpec]:
             )
             continue
         if isinstance(reference, InputRef) and reference.name not in inputs:
+            if reference.name in parsed.broken_inputs:
+                continue
             parsed.error(
                 None,
                 "JsonField",

@@ -105,6 +105,9 @@ class ParsedDefinition:
         # Steps named in the definition but unusable (unknown type); references
         # to them are not reported again.
         self.broken_steps: set[str] = set()
+        # The same for inputs declared with a usable name but rejected (an
+        # unknown type, a batch of what this server cannot run).
+        self.broken_inputs: set[str] = set()
         # False when the top level is unusable and no later phase can run.
         self.readable = True
 
@@ -218,6 +221,8 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
             )
             continue
         seen.add(name)
+        # Every check below that rejects the input reports it once.
+        parsed.broken_inputs.add(name)
         if not isinstance(input_type, str) or input_type not in INPUT_TYPES:
             parsed.error(
                 None,
@@ -235,6 +240,8 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
                 continue
         kind = INPUT_TYPES[input_type]
         if kind is None:
+            # Not rejected: a step that reads it gets its own error.
+            parsed.broken_inputs.discard(name)
             parsed.warnings.append(f"input '{name}' of type {input_type} is ignored")
             continue
         if nested_too_deep(item.get("default_value")):
@@ -246,6 +253,7 @@ def _parse_inputs(inputs: list, parsed: ParsedDefinition) -> None:
                 f"{MAX_VALUE_DEPTH} levels deep",
             )
             continue
+        parsed.broken_inputs.discard(name)
         parsed.inputs.append(
             InputSpec(
                 name=name,
