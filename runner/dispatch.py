@@ -253,7 +253,7 @@ def economy_holder(
     before it, so holding only a later model saves no load
     (``estimate.predicted_loads``). The runner saving most loads comes
     first, then the one holding most of the models, then the one with the
-    shortest backlog (see ``_backlogs``), then the fleet's order. Model
+    shortest backlog (see ``queue_backlogs``), then the fleet's order. Model
     sizes come from the heartbeats (``model_sizes``).
 
     A fleet of one runner has no holder to wait for: that runner takes
@@ -314,8 +314,8 @@ def choose_economy_queue(
     cold wherever no runner holds its models.
     """
     view = fleet.fleet_snapshot()
-    _, busy, own_lengths = _read_queue_state(view.runners)
-    holder = economy_holder(call_order, view.runners, _backlogs(busy, own_lengths))
+    _, busy, own_lengths = read_queue_state(view.runners)
+    holder = economy_holder(call_order, view.runners, queue_backlogs(busy, own_lengths))
     if holder is None:
         return choose_queue(call_order, view, run_id)
     if not busy[holder.name]:
@@ -324,10 +324,12 @@ def choose_economy_queue(
     return keys.runner_queue(holder.name), view
 
 
-def _backlogs(busy: dict[str, bool], own_lengths: dict[str, int]) -> dict[str, int]:
+def queue_backlogs(
+    busy: dict[str, bool], own_lengths: dict[str, int]
+) -> dict[str, int]:
     """Return, per runner, its own queue's length, plus one when it is busy.
 
-    Busy is as ``_read_queue_state`` reads it: marked busy, or with jobs on
+    Busy is as ``read_queue_state`` reads it: marked busy, or with jobs on
     its own queue. So a runner with queued jobs and no mark counts one job
     too many, which only breaks ties.
     """
@@ -384,7 +386,7 @@ class PredictedRoute:
         return self.takers[0] if len(self.takers) == 1 else None
 
 
-def _read_queue_state(
+def read_queue_state(
     runners: list[fleet.RunnerState],
 ) -> tuple[int, dict[str, bool], dict[str, int]]:
     """Read the shared queue's length, and each runner's busy state and own queue.
@@ -424,9 +426,9 @@ def predict_route(
     Standard runs follow ``choose_queue``, economy runs
     ``choose_economy_queue``.
     """
-    shared_length, busy, own_lengths = _read_queue_state(runners)
+    shared_length, busy, own_lengths = read_queue_state(runners)
     if priority == Run.Priority.ECONOMY:
-        holder = economy_holder(call_order, runners, _backlogs(busy, own_lengths))
+        holder = economy_holder(call_order, runners, queue_backlogs(busy, own_lengths))
         if holder is not None:
             return PredictedRoute(
                 keys.runner_queue(holder.name),

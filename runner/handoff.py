@@ -19,7 +19,7 @@ the run fails there with WeightsFileMissingError.
 import logging
 
 from runner import fleet, keys
-from runner.dispatch import enqueue_job
+from runner.dispatch import enqueue_job, queue_backlogs, read_queue_state
 from runner.finish import clear_mark, fail_run
 from runner.models import Run
 from runner.registry import ModelSource, check_model_path, describe_place
@@ -96,8 +96,13 @@ def _choose_taker(
     """Return the live runner to hand the job to, or None if there is none,
     with the names of the other live runners that list a file as missing.
 
-    Runners holding most of the run's models come first, then idle ones,
-    then those with the shortest own queue.
+    Idle runners come first, then busy ones. Within each group, runners
+    holding most of the run's models come first, then those with the
+    shortest backlog. Jobs on the shared queue are standard runs, and
+    routing never makes a standard run wait for a busy runner.
+    Busy marks and own queues are read live, in one round trip, because a
+    runner hands on a burst of jobs faster than the heartbeats change, and
+    heartbeats alone would send every job of the burst to one runner.
     """
     files = {source.file_key for source in missing}
     undeclined = [
@@ -110,11 +115,14 @@ def _choose_taker(
     if not candidates:
         return None, listing
     needed = {source.cache_key for source in sources}
+    _, busy, own_lengths = read_queue_state(candidates)
+    backlogs = queue_backlogs(busy, own_lengths)
     candidates.sort(
         key=lambda runner: (
+            runner.stopping,
+            busy[runner.name],
             -len(needed & runner.loaded_models),
-            runner.busy,
-            runner.queue_length,
+            backlogs[runner.name],
         )
     )
     return candidates[0], listing

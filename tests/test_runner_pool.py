@@ -887,6 +887,51 @@ def test_runner_lacking_weights_hands_shared_job_on(
     assert "model_dir:people-detector.pt" in lacking.state()["missing_files"]
 
 
+def test_handed_on_jobs_spread_over_idle_runners(
+    runner, extra_runners, alice, tmp_path
+):
+    # A runner without the weights file takes a burst of shared jobs faster
+    # than a heartbeat, which still shows each taker idle with an empty
+    # queue. It must read the takers' queues live and spread the burst,
+    # not queue every job on the same runner while the others stay idle.
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    extra_runners("lacks-for-burst", env_overrides={"MODEL_DIR": str(empty)})
+
+    connection = get_redis()
+    # Marked busy, the session runner leaves shared jobs to the runner
+    # without the file and is the last choice to hand one to.
+    connection.set(keys.current_run_key(runner.name), "routed-run", ex=60)
+    prefix = Queue.redis_queue_namespace_prefix
+    takers = ("burst-taker-a", "burst-taker-b")
+    try:
+        with ExitStack() as stack:
+            for name in takers:
+                stack.enter_context(registered_runner(name))
+            # No runner has the model loaded at this size.
+            outcomes = [
+                start_cli_run(alice, detection("people-detector-352"), wait_s=0)
+                for _ in takers
+            ]
+            assert {o.run.queue_name for o in outcomes} == {keys.SHARED_QUEUE}
+
+            ids = [outcome.run.id for outcome in outcomes]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                queues = set(
+                    Run.objects.filter(pk__in=ids).values_list("queue_name", flat=True)
+                )
+                if keys.SHARED_QUEUE not in queues:
+                    break
+                time.sleep(0.1)
+
+            for name in takers:
+                connection.delete(f"{prefix}{keys.runner_queue(name)}")
+    finally:
+        connection.delete(keys.current_run_key(runner.name))
+    assert queues == {keys.runner_queue(name) for name in takers}
+
+
 @contextmanager
 def shared_run_of_copied_weights(runner, alice, name: str):
     """Queue a shared run of a copy of the people detector, then delete the copy.
