@@ -220,6 +220,53 @@ def test_up_serves_then_stops_every_process(tmp_path):
         stop_leftover_redis(tmp_path)
 
 
+def test_up_children_stop_when_up_is_killed(tmp_path):
+    # SIGKILL gives up no chance to stop its children, which run in
+    # sessions of their own. They must stop anyway, and free the port.
+    port = free_port_pair()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")
+    }
+    env["GLASSBOX_DATA_DIR"] = str(tmp_path)
+    log_path = tmp_path / "up-output.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "manage.py", "up", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    children = []
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while b"Up. Press Ctrl-C" not in log_path.read_bytes():
+            assert up.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        children = psutil.Process(up.pid).children(recursive=True)
+        commands = [" ".join(child.cmdline()) for child in children]
+        assert any("gunicorn" in command for command in commands)
+        assert any("manage.py runner" in command for command in commands)
+
+        up.kill()
+        up.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert [" ".join(process.cmdline()) for process in alive] == []
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=5)
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        if up.poll() is None:
+            up.kill()
+        stop_leftover_redis(tmp_path)
+
+
 LEAK_CHECK_KEY = "gbx_leakcheck0123456789"
 
 

@@ -118,6 +118,36 @@ def check_runner_names_free(names: list[str]) -> None:
             )
 
 
+# prctl(2) option: the signal the kernel sends a process when its parent exits.
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(parent_pid: int):
+    """Return a function for Popen's ``preexec_fn`` that ties a child to ``up``.
+
+    Each child runs in a session of its own, so a SIGKILL of ``up`` (by
+    hand, or by the kernel's OOM killer) reaches none of them, and
+    ``_stop_children`` never runs. Left running, they would serve without
+    a supervisor and hold the ports that the next ``up`` needs. On Linux,
+    each child sets PR_SET_PDEATHSIG, so the kernel sends it SIGTERM when
+    ``up`` exits, and it stops as it does on Ctrl-C. Elsewhere this
+    returns None and changes nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        # up may have died between fork and prctl, and then no signal comes.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
 def _lock_data_dir(data_dir: Path):
     """Hold a lock on ``data_dir`` for this process's life, or raise CommandError.
 
@@ -434,6 +464,7 @@ class Command(BaseCommand):
             stderr=subprocess.STDOUT,
             env={**os.environ, **env},
             start_new_session=True,
+            preexec_fn=stop_with_parent(os.getpid()),
         )
         previous = self.children.get(name)
         restarts = previous.restarts if previous else []
