@@ -148,6 +148,19 @@ def test_value_operation_results(value, operation, expected):
     assert apply(value, operation) == expected
 
 
+def test_number_round_integer_far_left():
+    # Python's round(5, -10**8) computes 10**(10**8) and takes minutes.
+    assert apply(5, {"type": "NumberRound", "decimal_digits": -(10**8)}) == 0
+    assert apply(-5, {"type": "NumberRound", "decimal_digits": -(10**8)}) == 0
+
+
+@pytest.mark.parametrize("value", [5, -5, 15, 10**50 + 1, -7 * 10**50, 2**200])
+def test_number_round_integer_matches_python(value):
+    for digits in range(-80, 3):
+        operation = {"type": "NumberRound", "decimal_digits": digits}
+        assert apply(value, operation) == round(value, digits), digits
+
+
 def test_chain_on_detection_confidences():
     percent = extract(
         two_boxes(),
@@ -190,7 +203,14 @@ def test_chain_on_detection_confidences():
             "SequenceApply needs a list, got an integer",
         ),
     ],
-    ids=["multiply-string", "divide-zero", "to-number", "lookup", "empty", "apply"],
+    ids=[
+        "multiply-string",
+        "divide-zero",
+        "to-number",
+        "lookup",
+        "empty",
+        "apply",
+    ],
 )
 def test_value_operation_failure_names_it(value, operation, message):
     with pytest.raises(StepExecutionError) as caught:

@@ -128,7 +128,14 @@ def _to_number(operation: dict, value: Any) -> Any:
 
 
 def _round(operation: dict, value: Any) -> Any:
-    return round(_number(value), operation["decimal_digits"])
+    number = _number(value)
+    digits = operation["decimal_digits"]
+    if isinstance(number, int):
+        # round() of an int computes 10 ** -digits, which for digits of
+        # -10**8 holds the runner for minutes. From this bound on, 10 **
+        # -digits exceeds twice the number, so the result is 0 either way.
+        digits = max(digits, -(number.bit_length() // 3 + 2))
+    return round(number, digits)
 
 
 def _multiply(operation: dict, value: Any) -> Any:
