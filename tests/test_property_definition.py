@@ -202,6 +202,11 @@ def test_chain_on_detection_confidences():
             {"type": "SequenceApply", "operations": [{"type": "ToString"}]},
             "SequenceApply needs a list, got an integer",
         ),
+        (
+            {"confidence": float("nan")},
+            {"type": "ConvertDictionaryToJSON"},
+            "ConvertDictionaryToJSON failed: Out of range float values",
+        ),
     ],
     ids=[
         "multiply-string",
@@ -210,6 +215,7 @@ def test_chain_on_detection_confidences():
         "lookup",
         "empty",
         "apply",
+        "json-nan",
     ],
 )
 def test_value_operation_failure_names_it(value, operation, message):

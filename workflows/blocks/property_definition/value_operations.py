@@ -226,7 +226,8 @@ def _to_json(operation: dict, value: Any) -> str:
     if not isinstance(value, dict):
         raise _needs("an object", value)
     try:
-        return json.dumps(value)
+        # NaN and Infinity are not JSON, though Python's json writes them.
+        return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ValueOperationError(f"failed: {error}") from error
 
