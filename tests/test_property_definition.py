@@ -203,6 +203,12 @@ def test_chain_on_detection_confidences():
             "SequenceApply needs a list, got an integer",
         ),
         (
+            10**4299,
+            {"type": "Multiply", "other": 10},
+            "Multiply failed on 1000000000000000000000000000000000000000000000000"
+            "000000000000000000000000000000…: the result has more than 4300 digits",
+        ),
+        (
             {"confidence": float("nan")},
             {"type": "ConvertDictionaryToJSON"},
             "ConvertDictionaryToJSON failed: Out of range float values",
@@ -215,6 +221,7 @@ def test_chain_on_detection_confidences():
         "lookup",
         "empty",
         "apply",
+        "multiply-digits",
         "json-nan",
     ],
 )

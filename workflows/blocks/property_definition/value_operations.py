@@ -11,6 +11,7 @@ the kinds Roboflow declares for them and fail the step on others.
 import json
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ UNKNOWN = "unknown"
 MAX_APPLY_DEPTH = 16
 # Roboflow's limit on the length of a SequenceJoin result, in characters.
 MAX_JOINED_LENGTH = 1_000_000
+# Python's str() and json write ints of at most this many decimal digits
+# (sys.int_info.default_max_str_digits). Repeated Multiply of integers could
+# make a longer one, on which ToString or the run's output would then fail
+# as an internal error rather than the step's.
+MAX_INTEGER_DIGITS = sys.int_info.default_max_str_digits
 
 
 class ValueOperationError(ValueError):
@@ -132,14 +138,20 @@ def _round(operation: dict, value: Any) -> Any:
     digits = operation["decimal_digits"]
     if isinstance(number, int):
         # round() of an int computes 10 ** -digits, which for digits of
-        # -10**8 holds the runner for minutes. From this bound on, 10 **
+        # -10**8 blocks the runner for minutes. From this bound on, 10 **
         # -digits exceeds twice the number, so the result is 0 either way.
         digits = max(digits, -(number.bit_length() // 3 + 2))
     return round(number, digits)
 
 
 def _multiply(operation: dict, value: Any) -> Any:
-    return _number(value) * operation["other"]
+    product = _number(value) * operation["other"]
+    if isinstance(product, int) and abs(product) >= 10**MAX_INTEGER_DIGITS:
+        raise ValueOperationError(
+            f"failed on {shown(value)}: the result has more than "
+            f"{MAX_INTEGER_DIGITS} digits, the maximum that an output may have"
+        )
+    return product
 
 
 def _divide(operation: dict, value: Any) -> Any:
