@@ -626,21 +626,24 @@ def lock_live_workflow(workflow_version_id: int) -> None:
     from workflows.errors import WorkflowDeletedError
     from workflows.models import Workflow, WorkflowVersion
 
-    live = Workflow.objects.filter(versions__pk=workflow_version_id)
     if connection.vendor == "postgresql":
-        # Django's select_for_update has no FOR KEY SHARE.
+        # Django's select_for_update has no FOR KEY SHARE. The identifiers
+        # come from the models, quoted as Django quotes them.
+        quote = connection.ops.quote_name
+        workflows = quote(Workflow._meta.db_table)
+        versions = quote(WorkflowVersion._meta.db_table)
+        workflow_id = quote(WorkflowVersion._meta.get_field("workflow").column)
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT workflow.id FROM {Workflow._meta.db_table} workflow "
-                f"JOIN {WorkflowVersion._meta.db_table} version "
-                "ON version.workflow_id = workflow.id "
+                f"SELECT workflow.id FROM {workflows} workflow "
+                f"JOIN {versions} version ON version.{workflow_id} = workflow.id "
                 "WHERE version.id = %s AND workflow.deleted_at IS NULL "
                 "FOR KEY SHARE OF workflow",
                 [workflow_version_id],
             )
             found = cursor.fetchone() is not None
     else:
-        found = live.exists()
+        found = Workflow.objects.filter(versions__pk=workflow_version_id).exists()
     if not found:
         raise WorkflowDeletedError(workflow_version_id)
 
