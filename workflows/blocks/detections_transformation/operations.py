@@ -45,17 +45,12 @@ from workflows.blocks.detections_filter.operations import (
     read_operation,
 )
 from workflows.blocks.detections_filter.statements import StatementGroup
+from workflows.blocks.property_definition.v1 import DETECTIONS_OPERATIONS
 from workflows.detections import Detections
 
-OPERATION_TYPES = (
-    "DetectionsFilter",
-    "DetectionsOffset",
-    "DetectionsShift",
-    "DetectionsSelection",
-    "SortDetections",
-    "DetectionsRename",
-    "PickDetectionsByParentClass",
-)
+# Property definition and filter operands apply the same operations, so the
+# list lives there: this module imports that one, not the other way round.
+OPERATION_TYPES = DETECTIONS_OPERATIONS
 
 
 def _centre_x(detections: Detections) -> np.ndarray:
