@@ -354,6 +354,15 @@ class ModelDetailView(StrictQueryAPIView):
 class ModelListView(StrictQueryAPIView):
     parser_classes = [MultiPartParser]
 
+    def initial(self, request, *args, **kwargs):
+        if request.method == "POST":
+            # Before authentication, because SessionAuthentication's CSRF
+            # check reads request.POST, which parses the whole body.
+            _check_upload_length(request)
+            self.file_parts = _FilePartRecorder()
+            request.upload_handlers.insert(0, self.file_parts)
+        super().initial(request, *args, **kwargs)
+
     def get(self, request):
         return Response(model_listing(request.user))
 
@@ -364,9 +373,6 @@ class ModelListView(StrictQueryAPIView):
         ultralytics' restricted unpickler, so a file that names any other
         callable is rejected before it runs.
         """
-        _check_upload_length(request)
-        file_parts = _FilePartRecorder()
-        request.upload_handlers.insert(0, file_parts)
         reject_unknown_fields(request.data, UPLOAD_FIELDS)
         for name in ("model_id", "file"):
             if len(request.data.getlist(name)) > 1:
@@ -429,7 +435,7 @@ class ModelListView(StrictQueryAPIView):
                 field_name="model_id",
                 hint="Pick another id for your weights.",
             )
-        if upload is None and "file" in file_parts.started:
+        if upload is None and "file" in self.file_parts.started:
             raise MalformedRequest(
                 "the 'file' part has no end: the multipart body stops before "
                 "the boundary that closes it, so the upload was cut short",

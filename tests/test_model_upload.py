@@ -16,6 +16,7 @@ import torch
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection, transaction
+from rest_framework.test import APIClient
 
 from runner import views as runner_views
 from runner import weights_check
@@ -584,6 +585,26 @@ def test_upload_over_size_limit_is_413(alice_client, tmp_path, monkeypatch):
     assert ModelUpload.objects.count() == 0
 
 
+def test_session_upload_over_limit_is_413_unparsed(alice_session_client, monkeypatch):
+    # More fields than Django's DATA_UPLOAD_MAX_NUMBER_FIELDS: parsing the
+    # body fails, so a 413 shows that the length was checked first.
+    monkeypatch.setitem(settings.GLASSBOX, "MAX_UPLOAD_BYTES", 1)
+    fields = [
+        b'--xyz\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n%s\r\n'
+        % (index, b"x" * 64)
+        for index in range(settings.DATA_UPLOAD_MAX_NUMBER_FIELDS + 1)
+    ]
+    body = b"".join(fields) + b"--xyz--\r\n"
+    assert len(body) > runner_views.MULTIPART_ALLOWANCE_BYTES + 1
+
+    response = alice_session_client.post(
+        "/api/models/", body, content_type="multipart/form-data; boundary=xyz"
+    )
+
+    assert response.status_code == 413, response.content
+    assert response.json()["code"] == "payload_too_large"
+
+
 def test_upload_limit_applies_to_the_file(alice_client, tmp_path, monkeypatch):
     # The multipart body is larger than the file it carries; a file of
     # exactly MAX_UPLOAD_BYTES is allowed.
@@ -641,9 +662,25 @@ def test_upload_rejects_parts_of_the_wrong_kind(alice_client, tmp_path):
     assert ModelUpload.objects.count() == 0
 
 
-def test_upload_cut_before_closing_boundary(alice_client):
+@pytest.fixture
+def alice_session_client(alice):
+    """Alice signed in with a session, as the Models page sends uploads.
+
+    CSRF is checked as for a browser, and the client sends the CSRF header.
+    """
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(alice)
+    client.get("/models/")
+    client.credentials(HTTP_X_CSRFTOKEN=client.cookies["csrftoken"].value)
+    return client
+
+
+@pytest.mark.parametrize("client_name", ["alice_client", "alice_session_client"])
+def test_upload_cut_before_closing_boundary(request, client_name):
     # The file part starts, but the body ends before its boundary, as when a
-    # client stops sending: Django's parser drops such a part silently.
+    # client stops sending: Django's parser drops such a part silently. With
+    # a session, the CSRF check parses the body before the view runs.
+    client = request.getfixturevalue(client_name)
     body = (
         b"--xyz\r\n"
         b'Content-Disposition: form-data; name="model_id"\r\n\r\n'
@@ -653,7 +690,7 @@ def test_upload_cut_before_closing_boundary(alice_client):
         b"Content-Type: application/octet-stream\r\n\r\n"
         b"PK\x03\x04 the first bytes of a checkpoint"
     )
-    response = alice_client.post(
+    response = client.post(
         "/api/models/", body, content_type="multipart/form-data; boundary=xyz"
     )
     assert response.status_code == 400
