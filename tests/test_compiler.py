@@ -370,8 +370,19 @@ def test_batch_input_reads_list_of_images():
             "input 'image' has dimensionality 2, which is not supported: only 1, "
             "one image per element of the batch, is",
         ),
+        (
+            {"kind": [["image"]]},
+            "kind",
+            "input 'image' is a WorkflowBatchInput of kind [[\"image\"]], which "
+            "is not supported",
+        ),
+        (
+            {"kind": [{"name": ["image"]}]},
+            "kind",
+            'input \'image\' is a WorkflowBatchInput of kind [{"name": ["image"]}]',
+        ),
     ],
-    ids=["any-kind", "strings", "mixed", "nested"],
+    ids=["any-kind", "strings", "mixed", "nested", "list-in-list", "list-name"],
 )
 def test_compile_rejects_batch_input_not_images(fields, key, problem):
     # The step that reads the rejected input gets no second error saying

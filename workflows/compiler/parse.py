@@ -277,7 +277,9 @@ def _batch_input_problem(item: dict) -> tuple[str, str] | None:
         kind.get("name") if isinstance(kind, dict) else kind
         for kind in (kinds if isinstance(kinds, list) else [kinds])
     ]
-    if not isinstance(kinds, list) or not names or set(names) != {IMAGE_KIND}:
+    # Compared one by one: a name may be a list or an object, which no set
+    # can hold.
+    if not isinstance(kinds, list) or not names or any(n != IMAGE_KIND for n in names):
         return (
             "kind",
             f"input '{name}' is a WorkflowBatchInput of kind "
