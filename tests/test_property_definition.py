@@ -213,6 +213,13 @@ def test_chain_on_detection_confidences():
             {"type": "ConvertDictionaryToJSON"},
             "ConvertDictionaryToJSON failed: Out of range float values",
         ),
+        (
+            # Backtracks for years with Python's re.
+            "a" * 60 + "!",
+            {"type": "StringMatches", "regex": "^(a|aa)+$"},
+            'StringMatches regex "^(a|aa)+$" was stopped after 0.5 s on a string '
+            "of 61 characters: it backtracks too much",
+        ),
     ],
     ids=[
         "multiply-string",
@@ -223,6 +230,7 @@ def test_chain_on_detection_confidences():
         "apply",
         "multiply-digits",
         "json-nan",
+        "regex-backtracking",
     ],
 )
 def test_value_operation_failure_names_it(value, operation, message):

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import regex
+
 from workflows.blocks.base import json_type_name, shown
 
 # Kinds of values. Property definition adds the image and detection kinds.
@@ -253,8 +255,33 @@ def _sub_sequence(operation: dict, value: Any) -> str:
     return _string(value)[operation.get("start", 0) : operation.get("end", -1)]
 
 
+# Most seconds that one StringMatches search may take. A pattern with
+# ambiguous repetition, such as ^(a|aa)+$, backtracks for a time that grows
+# exponentially with the string, and re neither stops nor releases the GIL,
+# so one definition could stall a web server worker (a static operand is
+# evaluated when the definition compiles) or a runner for hours. The regex
+# package matches as re does, with a time limit and without holding the GIL.
+REGEX_TIMEOUT_S = 0.5
+
+
 def _matches(operation: dict, value: Any) -> bool:
-    return re.search(operation["regex"], _string(value)) is not None
+    text = _string(value)
+    try:
+        found = regex.search(
+            operation["regex"], text, timeout=REGEX_TIMEOUT_S, concurrent=True
+        )
+    except TimeoutError:
+        raise ValueOperationError(
+            f"regex {shown(operation['regex'])} was stopped after "
+            f"{REGEX_TIMEOUT_S} s on a string of {len(text)} characters: it "
+            "backtracks too much; write it without a repetition that can match "
+            "the same text in more than one way, such as (a|aa)+ or (a+)+"
+        ) from None
+    except regex.error as error:
+        raise ValueOperationError(
+            f"regex {shown(operation['regex'])} cannot run: {error}"
+        ) from None
+    return found is not None
 
 
 def _regex_problem(operation: dict) -> str | None:
