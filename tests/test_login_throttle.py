@@ -505,6 +505,22 @@ def test_forged_browser_cookie_ignored(alice, limits):
     assert sign_in(browser, "alice", "alice-password").status_code == 429
 
 
+def test_password_change_forgets_known_browsers(alice, limits):
+    limits(LOGIN_FAILURES_PER_USERNAME=2)
+    copied = known_browser_of("alice", "alice-password")
+    owner = Client()
+    assert sign_in(owner, "alice", "alice-password").status_code == 302
+    assert change_password(owner, "alice-password").status_code == 302
+    lock_out("alice", 2)
+
+    # A cookie issued before the change no longer passes the lockout.
+    assert sign_in(copied, "alice", "a-new-long-password-42").status_code == 429
+    # The browser that changed the password got a new cookie, which does.
+    returning = Client()
+    returning.cookies[KNOWN_BROWSER_COOKIE] = owner.cookies[KNOWN_BROWSER_COOKIE].value
+    assert sign_in(returning, "alice", "a-new-long-password-42").status_code == 302
+
+
 def test_known_browser_turned_off(alice, limits):
     limits(LOGIN_FAILURES_PER_USERNAME=2)
     browser = known_browser_of("alice", "alice-password")

@@ -33,10 +33,12 @@ from django import forms
 from django.conf import settings
 from django.contrib.admin import AdminSite
 from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import AuthenticationForm, PasswordChangeForm
 from django.contrib.auth.views import LoginView, PasswordChangeView
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
 from webapp.redis import get_redis
 
@@ -148,13 +150,33 @@ def _counters(
     return tuple(counter for counter in counters if counter[2] > 0)
 
 
+def _account_digest(username: str) -> str | None:
+    """Return what ties a known-browser cookie to an account and its password.
+
+    An HMAC, keyed with SECRET_KEY, of the username and the account's
+    password hash, so a password change invalidates every cookie issued
+    before it, as Django's session auth hash does for sessions. Returns
+    None when no account has the username.
+    """
+    users = get_user_model()._default_manager
+    password = (
+        users.filter(**{get_user_model().USERNAME_FIELD: username})
+        .values_list("password", flat=True)
+        .first()
+    )
+    if password is None:
+        return None
+    return salted_hmac(KNOWN_BROWSER_SALT, f"{username}\0{password}").hexdigest()
+
+
 def known_browser(request, username: str) -> str | None:
     """Return the id of the request's browser if it signed in as ``username``.
 
     The id comes from the known-browser cookie that remember_browser set at
-    a successful sign-in. A cookie with a bad signature, one older than
-    LOGIN_KNOWN_BROWSER_DAYS, or one that names another username returns
-    None. The cookie names one account, the one signed in to last.
+    a successful sign-in or password change. A cookie with a bad signature,
+    one older than LOGIN_KNOWN_BROWSER_DAYS, one that names another
+    username, or one issued before the account's password last changed
+    returns None. The cookie names one account, the one signed in to last.
     """
     days = settings.GLASSBOX["LOGIN_KNOWN_BROWSER_DAYS"]
     if days <= 0:
@@ -168,20 +190,22 @@ def known_browser(request, username: str) -> str | None:
     if value is None:
         return None
     digest, _, browser = value.partition(":")
-    if not browser or not secrets.compare_digest(digest, _username_digest(username)):
+    expected = _account_digest(username)
+    if not browser or expected is None or not secrets.compare_digest(digest, expected):
         return None
     return browser
 
 
 def remember_browser(response, username: str) -> None:
-    """Set the known-browser cookie for ``username`` on a successful sign-in."""
+    """Set the known-browser cookie for ``username``, after it proved its password."""
     days = settings.GLASSBOX["LOGIN_KNOWN_BROWSER_DAYS"]
-    if days <= 0:
+    digest = _account_digest(username)
+    if days <= 0 or digest is None:
         return
     browser = secrets.token_urlsafe(16)
     response.set_signed_cookie(
         KNOWN_BROWSER_COOKIE,
-        f"{_username_digest(username)}:{browser}",
+        f"{digest}:{browser}",
         salt=KNOWN_BROWSER_SALT,
         max_age=days * 24 * 3600,
         secure=settings.SESSION_COOKIE_SECURE,
@@ -509,7 +533,13 @@ class ThrottledPasswordChangeView(PasswordChangeView):
         return {**super().get_form_kwargs(), "request": self.request}
 
     def post(self, request, *args, **kwargs):
-        return respond_to_lockout(super().post(request, *args, **kwargs))
+        response = respond_to_lockout(super().post(request, *args, **kwargs))
+        if response.status_code == 302:
+            # The change invalidated the account's known-browser cookies,
+            # this browser's too; it proved the old password, so it stays
+            # known.
+            remember_browser(response, request.user.get_username())
+        return response
 
 
 class ThrottledAdminSite(AdminSite):
