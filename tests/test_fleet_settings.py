@@ -112,7 +112,7 @@ def test_models_of_queued_runs_are_unloaded_last(alice, own_queue):
     cache = new_cache(45)
     cache.awaited_keys = lambda: queued_model_keys(own_queue)
     awaited = load(cache, "yolov8n.yaml-416", alice.id)
-    other = load(cache, "yolov8n.yaml-448", alice.id)
+    load(cache, "yolov8n.yaml-448", alice.id)
     latest = load(cache, "yolov8n.yaml-480", alice.id)
     queue_run_calling(own_queue, "yolov8n.yaml-416", awaited)
 
@@ -125,7 +125,6 @@ def test_models_of_queued_runs_are_unloaded_last(alice, own_queue):
         incoming,
     }
     assert cache.evictions == 1
-    assert other not in {awaited, latest, incoming}
 
 
 @pytest.mark.django_db
@@ -134,13 +133,12 @@ def test_models_of_queued_runs_do_not_expire(alice, own_queue):
     cache.configure(4096 * MIB, "ttl", keep_alive_s=0.05)
     cache.awaited_keys = lambda: queued_model_keys(own_queue)
     awaited = load(cache, "yolov8n.yaml-416", alice.id)
-    idle = load(cache, "yolov8n.yaml-448", alice.id)
+    load(cache, "yolov8n.yaml-448", alice.id)
     queue_run_calling(own_queue, "yolov8n.yaml-416", awaited)
     time.sleep(0.2)
 
     assert cache.expire_idle() == 1
     assert [model["cache_key"] for model in cache.snapshot()] == [awaited]
-    assert idle != awaited
 
 
 @pytest.mark.django_db
