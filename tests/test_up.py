@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -134,30 +135,49 @@ def test_up_rejects_runner_names_in_use(settings, monkeypatch):
     assert up.runner_name(1, "second-stack") == "second-stack-runner-1"
 
 
-def test_up_serves_then_stops_every_process(tmp_path):
-    port = free_port_pair()
+def up_environment(data_dir: Path) -> dict[str, str]:
+    """Return this environment, set for up on the embedded defaults in ``data_dir``."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")
     }
-    env["GLASSBOX_DATA_DIR"] = str(tmp_path)
-    log_path = tmp_path / "up-output.log"
+    env["GLASSBOX_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen, Path]:
+    """Start `manage.py up` on ``port`` with the embedded defaults in ``data_dir``.
+
+    Returns the process and the file its output goes to.
+    """
+    log_path = data_dir / "up-output.log"
     with open(log_path, "wb") as log:
         up = subprocess.Popen(
             [sys.executable, "manage.py", "up", "--port", str(port)],
             cwd=ROOT,
-            env=env,
+            env=up_environment(data_dir),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    return up, log_path
+
+
+def wait_until_up(up: subprocess.Popen, log_path: Path) -> None:
+    """Wait until ``up`` says that every process it started is serving."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while b"Up. Press Ctrl-C" not in log_path.read_bytes():
+        assert up.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.2)
+
+
+def test_up_serves_then_stops_every_process(tmp_path):
+    port = free_port_pair()
+    up, log_path = start_up(tmp_path, port)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while b"Up. Press Ctrl-C" not in log_path.read_bytes():
-            assert up.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+        wait_until_up(up, log_path)
         children = psutil.Process(up.pid).children(recursive=True)
         commands = [" ".join(child.cmdline()) for child in children]
         assert any("gunicorn" in command for command in commands)
@@ -172,7 +192,7 @@ def test_up_serves_then_stops_every_process(tmp_path):
         second = subprocess.run(
             [sys.executable, "manage.py", "up", "--port", str(free_port_pair())],
             cwd=ROOT,
-            env=env,
+            env=up_environment(tmp_path),
             capture_output=True,
             text=True,
             timeout=60,
@@ -224,29 +244,10 @@ def test_up_children_stop_when_up_is_killed(tmp_path):
     # SIGKILL gives up no chance to stop its children, which run in
     # sessions of their own. They must stop anyway, and free the port.
     port = free_port_pair()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")
-    }
-    env["GLASSBOX_DATA_DIR"] = str(tmp_path)
-    log_path = tmp_path / "up-output.log"
-    with open(log_path, "wb") as log:
-        up = subprocess.Popen(
-            [sys.executable, "manage.py", "up", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    up, log_path = start_up(tmp_path, port)
     children = []
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while b"Up. Press Ctrl-C" not in log_path.read_bytes():
-            assert up.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+        wait_until_up(up, log_path)
         children = psutil.Process(up.pid).children(recursive=True)
         commands = [" ".join(child.cmdline()) for child in children]
         assert any("gunicorn" in command for command in commands)
