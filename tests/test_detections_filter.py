@@ -664,6 +664,27 @@ def test_compile_rejects_groups_past_literal_depth():
     )
 
 
+def test_compile_rejects_static_operand_too_many_digits():
+    # 9…9 of 4,300 digits rounds up to 10**4300, which str() cannot write.
+    rounded = with_operations(
+        static(int("9" * 4300)),
+        {"type": "NumberRound", "decimal_digits": -1},
+        {"type": "ToString"},
+    )
+    operations = keep_where(compare(detection_property("class_name"), "==", rounded))
+    [error] = compile_errors(filtered_detection(operations))
+    assert error.property_name == "operations"
+    assert error.property_details.startswith(
+        "operations[0].filter_operation.statements[0].right_operand.operations[0]: "
+        "operation failed on the value 999"
+    )
+    assert error.property_details.endswith(
+        "NumberRound failed on 9999999999999999999999999999999999999999999999999"
+        "999999999999999999999999999999…: the result has more than 4300 digits, "
+        "the maximum that an output may have"
+    )
+
+
 def test_compile_rejects_reserved_parameter_name():
     definition = filtered_detection(EXAMPLE, {"classes": ["Fall"], "_": 1})
     [error] = compile_errors(definition)

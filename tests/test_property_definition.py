@@ -209,6 +209,18 @@ def test_chain_on_detection_confidences():
             "000000000000000000000000000000…: the result has more than 4300 digits",
         ),
         (
+            [int("9" * 4300), 1],
+            {"type": "NumericSequenceAggregate", "function": "sum"},
+            f"NumericSequenceAggregate failed on [{'9' * 78}…: the result has more "
+            "than 4300 digits",
+        ),
+        (
+            int("9" * 4300),
+            {"type": "NumberRound", "decimal_digits": -1},
+            "NumberRound failed on 9999999999999999999999999999999999999999999999999"
+            "999999999999999999999999999999…: the result has more than 4300 digits",
+        ),
+        (
             {"confidence": float("nan")},
             {"type": "ConvertDictionaryToJSON"},
             "ConvertDictionaryToJSON failed: Out of range float values",
@@ -229,6 +241,8 @@ def test_chain_on_detection_confidences():
         "empty",
         "apply",
         "multiply-digits",
+        "sum-digits",
+        "round-digits",
         "json-nan",
         "regex-backtracking",
     ],

@@ -32,10 +32,13 @@ MAX_APPLY_DEPTH = 16
 # Roboflow's limit on the length of a SequenceJoin result, in characters.
 MAX_JOINED_LENGTH = 1_000_000
 # Python's str() and json write ints of at most this many decimal digits
-# (sys.int_info.default_max_str_digits). Repeated Multiply of integers could
-# make a longer one, on which ToString or the run's output would then fail
-# as an internal error rather than the step's.
+# (sys.int_info.default_max_str_digits). Multiply, a NumberRound that rounds
+# 9…9 up, or a sum could make a longer one, on which ToString, an error
+# message or the run's output would then fail as an internal error rather
+# than the step's.
 MAX_INTEGER_DIGITS = sys.int_info.default_max_str_digits
+# The smallest integer with more than MAX_INTEGER_DIGITS digits.
+_TOO_MANY_DIGITS = 10**MAX_INTEGER_DIGITS
 
 
 class ValueOperationError(ValueError):
@@ -147,13 +150,7 @@ def _round(operation: dict, value: Any) -> Any:
 
 
 def _multiply(operation: dict, value: Any) -> Any:
-    product = _number(value) * operation["other"]
-    if isinstance(product, int) and abs(product) >= 10**MAX_INTEGER_DIGITS:
-        raise ValueOperationError(
-            f"failed on {shown(value)}: the result has more than "
-            f"{MAX_INTEGER_DIGITS} digits, the maximum that an output may have"
-        )
-    return product
+    return _number(value) * operation["other"]
 
 
 def _divide(operation: dict, value: Any) -> Any:
@@ -415,9 +412,15 @@ def apply_value_operation(operation: dict, value: Any) -> Any:
     does not read, or the operation fails on it.
     """
     try:
-        return VALUE_OPERATIONS[operation["type"]].apply(operation, value)
+        result = VALUE_OPERATIONS[operation["type"]].apply(operation, value)
     except OverflowError as error:
         # Python's int has no bound, but a float does: 10**400 * 1.5 fails.
         raise ValueOperationError(
             f"failed on {shown(value)}: the result is out of range ({error})"
         ) from error
+    if _is_integer(result) and abs(result) >= _TOO_MANY_DIGITS:
+        raise ValueOperationError(
+            f"failed on {shown(value)}: the result has more than "
+            f"{MAX_INTEGER_DIGITS} digits, the maximum that an output may have"
+        )
+    return result
