@@ -221,6 +221,24 @@ def test_chain_on_detection_confidences():
             "999999999999999999999999999999…: the result has more than 4300 digits",
         ),
         (
+            # 800 bytes of JSON that would stand for 80 MB.
+            ["a"] * 400,
+            {"type": "SequenceMap", "lookup_table": {"a": "x" * 200_000}},
+            "SequenceMap result of 400 items would be about 80001602 characters "
+            "long as JSON; at most 67108864 are allowed",
+        ),
+        (
+            ["a"] * 400,
+            {
+                "type": "SequenceApply",
+                "operations": [
+                    {"type": "LookupTable", "lookup_table": {"a": "x" * 200_000}}
+                ],
+            },
+            "SequenceApply result of 400 items would be about 80001602 characters "
+            "long as JSON; at most 67108864 are allowed",
+        ),
+        (
             {"confidence": float("nan")},
             {"type": "ConvertDictionaryToJSON"},
             "ConvertDictionaryToJSON failed: Out of range float values",
@@ -243,6 +261,8 @@ def test_chain_on_detection_confidences():
         "multiply-digits",
         "sum-digits",
         "round-digits",
+        "map-length",
+        "apply-length",
         "json-nan",
         "regex-backtracking",
     ],

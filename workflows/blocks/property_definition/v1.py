@@ -30,6 +30,7 @@ from workflows.blocks.property_definition.value_operations import (
     VALUE_OPERATIONS,
     ValueOperationError,
     apply_value_operation,
+    check_sequence_length,
     value_operation_problem,
 )
 from workflows.detections import Detections
@@ -333,7 +334,12 @@ def apply_operation(operation: dict, value: Any) -> Any:
     if kind == "SequenceApply":
         if not isinstance(value, (list, tuple)):
             raise _wrong_input(kind, value)
-        return [_apply_chain(operation["operations"], item) for item in value]
+        applied = [_apply_chain(operation["operations"], item) for item in value]
+        try:
+            check_sequence_length(kind, applied)
+        except ValueOperationError as error:
+            raise OperationError(f"{kind} {error}") from error
+        return applied
     if kind in DETECTIONS_OPERATIONS:
         if not isinstance(value, Detections):
             raise _wrong_input(kind, value)

@@ -39,6 +39,13 @@ MAX_JOINED_LENGTH = 1_000_000
 MAX_INTEGER_DIGITS = sys.int_info.default_max_str_digits
 # The smallest integer with more than MAX_INTEGER_DIGITS digits.
 _TOO_MANY_DIGITS = 10**MAX_INTEGER_DIGITS
+# The maximum length of a SequenceMap or SequenceApply result, in characters
+# of JSON, as json_length estimates it: the default request size limit
+# (64 MiB). A lookup returns its table's value itself, not a copy, so a list
+# of a few kilobytes mapped to a value of up to a definition's 256 KiB could
+# stand for terabytes of text, which ToString, SequenceElementsCount or the
+# run's output would then try to write out.
+MAX_SEQUENCE_LENGTH = 64 * 1024 * 1024
 
 
 class ValueOperationError(ValueError):
@@ -176,7 +183,50 @@ def _lookup(operation: dict, value: Any) -> Any:
 
 
 def _map(operation: dict, value: Any) -> list:
-    return [_lookup(operation, item) for item in _sequence(value)]
+    mapped = [_lookup(operation, item) for item in _sequence(value)]
+    check_sequence_length("SequenceMap", mapped)
+    return mapped
+
+
+def json_length(value: Any, lengths: dict[int, int] | None = None) -> int:
+    """Estimate how many characters ``value`` takes as JSON.
+
+    Strings count without their escapes, and each number, boolean or null
+    as 24 characters. A list or object that appears more than once counts each
+    time but is measured once, by its id() in ``lengths``, so the time
+    taken grows with the memory ``value`` takes, not with its JSON.
+    """
+    if isinstance(value, str):
+        return len(value) + 2
+    if not isinstance(value, (list, tuple, dict)):
+        return 24
+    if lengths is None:
+        lengths = {}
+    known = lengths.get(id(value))
+    if known is not None:
+        return known
+    if isinstance(value, dict):
+        items = [
+            len(str(key)) + 4 + json_length(item, lengths)
+            for key, item in value.items()
+        ]
+    else:
+        items = [json_length(item, lengths) + 2 for item in value]
+    length = 2 + sum(items)
+    lengths[id(value)] = length
+    return length
+
+
+def check_sequence_length(kind: str, result: list) -> None:
+    """Raise ValueOperationError for a ``kind`` result over MAX_SEQUENCE_LENGTH."""
+    length = json_length(result)
+    if length > MAX_SEQUENCE_LENGTH:
+        raise ValueOperationError(
+            f"result of {len(result)} items would be about {length} characters "
+            f"long as JSON; at most {MAX_SEQUENCE_LENGTH} are allowed. Each "
+            "lookup repeats its value from lookup_table, so map to shorter "
+            "values or shorten the list first"
+        )
 
 
 def _join(operation: dict, value: Any) -> str:
