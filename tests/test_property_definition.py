@@ -130,6 +130,12 @@ def apply(value, *operations: dict):
             0,
         ),
         (["a", "b", "a"], {"type": "SequenceElementsCount"}, {"a": 2, "b": 1}),
+        # Roboflow cuts keys to 128 characters, so these two count together.
+        (
+            ["x" * 130, "x" * 129, "x" * 128],
+            {"type": "SequenceElementsCount"},
+            {"x" * 128 + " [...]": 2, "x" * 128: 1},
+        ),
         ({"a": [1, None]}, {"type": "ConvertDictionaryToJSON"}, '{"a": [1, null]}'),
         (
             [1.25, 2.5],

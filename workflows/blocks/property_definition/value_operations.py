@@ -275,11 +275,20 @@ def _aggregate_numbers(operation: dict, value: Any) -> Any:
         raise ValueOperationError(f"{function} failed: {error}") from error
 
 
+# Roboflow's safe_stringify (query_language/operations/utils.py in
+# roboflow_workflows 0.2.13) cuts a SequenceElementsCount key that str()
+# writes longer than this to its first MAX_COUNT_KEY_LENGTH characters and
+# " [...]", so items that begin alike count together.
+MAX_COUNT_KEY_LENGTH = 128
+
+
 def _count_elements(operation: dict, value: Any) -> dict[str, int]:
-    # Keys are the items as str() writes them, as in Roboflow.
     counts: dict[str, int] = {}
     for item in _sequence(value):
-        counts[str(item)] = counts.get(str(item), 0) + 1
+        key = str(item)
+        if len(key) > MAX_COUNT_KEY_LENGTH:
+            key = key[:MAX_COUNT_KEY_LENGTH] + " [...]"
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 
