@@ -377,6 +377,30 @@ def test_parameter_operation_failure_rejects_step():
     )
 
 
+class CountedLengthDict(dict):
+    """An object parameter that counts how often SequenceLength measures it."""
+
+    lengths_taken = 0
+
+    def __len__(self) -> int:
+        self.lengths_taken += 1
+        return super().__len__()
+
+
+def test_parameter_operations_run_once_per_call():
+    # Their result is the same for every detection, and a SequenceApply
+    # over a long parameter took seconds for each one.
+    counted = CountedLengthDict(a=1, b=2)
+    length = with_operations(parameter("labels"), {"type": "SequenceLength"})
+    operations = [
+        *keep_where(compare(detection_property("class_id"), "(Number) <", length)),
+        *keep_where(compare(length, "(Number) >", detection_property("class_id"))),
+    ]
+    assert kept(operations, {"labels": counted}) == [0, 1, 2, 3]
+    # Once for each of the two operands, not once per detection and filter.
+    assert counted.lengths_taken == 2
+
+
 def test_comparison_on_no_detections_never_runs():
     operations = keep_where(
         compare(detection_property("confidence"), "(Number) >", static("high"))

@@ -148,9 +148,17 @@ def keep_mask(
     """
     keep = keep.copy()
     parameters = {name: with_member_set(value) for name, value in parameters.items()}
+    # A parameter's value after its operations is the same for every
+    # detection, so each is computed once, on the first detection that
+    # reads it. Computed per detection, a SequenceApply over a parameter of
+    # 100,000 items took 0.14 s for each detection (CPython 3.11, one core),
+    # in one block call that the run's time limit cannot stop.
+    computed: dict[int, Any] = {}
     for condition in filters:
         for index in np.flatnonzero(keep):
-            keep[index] = _evaluate(condition, detections, int(index), parameters)
+            keep[index] = _evaluate(
+                condition, detections, int(index), parameters, computed
+            )
     return keep
 
 
@@ -161,7 +169,7 @@ def evaluate_condition(condition: StatementGroup, parameters: Mapping) -> bool:
     Raises EvaluationError when a statement or an operand's operation fails.
     """
     parameters = {name: with_member_set(value) for name, value in parameters.items()}
-    return _evaluate(condition, None, None, parameters)
+    return _evaluate(condition, None, None, parameters, {})
 
 
 def _value(
@@ -169,10 +177,18 @@ def _value(
     detections: Detections | None,
     index: int | None,
     parameters: Mapping,
+    computed: dict[int, Any],
 ) -> Any:
+    """Return ``operand``'s value, from ``computed`` (by id) for a parameter.
+
+    ``computed`` stores each parameter operand's value after its operations,
+    for the rest of the block call.
+    """
     if isinstance(operand, StaticValue):
         return operand.value
     if isinstance(operand, Parameter):
+        if id(operand) in computed:
+            return computed[id(operand)]
         value = parameters[operand.name]
         subject = f'"{operand.name}"'
     else:
@@ -188,7 +204,10 @@ def _value(
             raise EvaluationError(
                 f"{operand.path}: operation {position} of {subject} failed: {error}"
             ) from error
-    return with_member_set(value) if operand.operations else value
+    value = with_member_set(value) if operand.operations else value
+    if isinstance(operand, Parameter):
+        computed[id(operand)] = value
+    return value
 
 
 def _evaluate(
@@ -196,23 +215,24 @@ def _evaluate(
     detections: Detections | None,
     index: int | None,
     parameters: Mapping,
+    computed: dict[int, Any],
 ) -> bool:
     if isinstance(statement, StatementGroup):
         # Every statement is evaluated before they are combined, as Roboflow
         # does, so an error in any of them fails the step.
         results = [
-            _evaluate(item, detections, index, parameters)
+            _evaluate(item, detections, index, parameters, computed)
             for item in statement.statements
         ]
         return all(results) if statement.operator == "and" else any(results)
     if isinstance(statement, UnaryStatement):
-        value = _value(statement.operand, detections, index, parameters)
+        value = _value(statement.operand, detections, index, parameters, computed)
         predicate = UNARY_OPERATORS[statement.operator]
         arguments: tuple[Any, ...] = (value,)
         name = statement.operator
     else:
-        left = _value(statement.left, detections, index, parameters)
-        right = _value(statement.right, detections, index, parameters)
+        left = _value(statement.left, detections, index, parameters, computed)
+        right = _value(statement.right, detections, index, parameters, computed)
         predicate = COMPARATORS[statement.comparator]
         arguments = (left, right)
         name = statement.comparator
