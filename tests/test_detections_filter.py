@@ -709,6 +709,29 @@ def test_compile_rejects_static_operand_too_many_digits():
     )
 
 
+def test_compile_stops_slow_static_regex_searches():
+    # Each search takes about 0.03 s, far under the limit of one, but
+    # together they would take 12 s of the web server's time.
+    matches = with_operations(
+        static(["a" * 24 + "!"] * 400),
+        {
+            "type": "SequenceApply",
+            "operations": [{"type": "StringMatches", "regex": "^(a|aa)+$"}],
+        },
+    )
+    operations = keep_where(
+        compare(detection_property("class_name"), "in (Sequence)", matches)
+    )
+    [error] = compile_errors(filtered_detection(operations))
+    assert error.property_name == "operations"
+    assert error.property_details.endswith(
+        'StringMatches regex "^(a|aa)+$" was stopped on a string of 25 '
+        "characters: StringMatches searches took 5.0 s in all, the most that a "
+        "step's run or a definition's compilation may spend on them. Write a "
+        "regex that backtracks less, or search fewer or shorter strings"
+    )
+
+
 def test_compile_rejects_reserved_parameter_name():
     definition = filtered_detection(EXAMPLE, {"classes": ["Fall"], "_": 1})
     [error] = compile_errors(definition)

@@ -245,6 +245,18 @@ def test_chain_on_detection_confidences():
             "long as JSON; at most 67108864 are allowed",
         ),
         (
+            # Each search takes about 0.03 s, far under the limit of one, but
+            # together they would take 12 s.
+            ["a" * 24 + "!"] * 400,
+            {
+                "type": "SequenceApply",
+                "operations": [{"type": "StringMatches", "regex": "^(a|aa)+$"}],
+            },
+            'StringMatches regex "^(a|aa)+$" was stopped on a string of 25 '
+            "characters: StringMatches searches took 5.0 s in all, the most that "
+            "a step's run or a definition's compilation may spend on them",
+        ),
+        (
             {"confidence": float("nan")},
             {"type": "ConvertDictionaryToJSON"},
             "ConvertDictionaryToJSON failed: Out of range float values",
@@ -269,6 +281,7 @@ def test_chain_on_detection_confidences():
         "round-digits",
         "map-length",
         "apply-length",
+        "regex-total",
         "json-nan",
         "regex-backtracking",
     ],

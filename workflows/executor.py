@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workflows.blocks.base import FLOW_CONTROL, VALUE, Field, StepContext
+from workflows.blocks.property_definition.value_operations import regex_time_budget
 from workflows.compiler.graph import value_problem
 from workflows.compiler.plan import (
     Binding,
@@ -132,22 +133,28 @@ def execute_plan(
         started = time.perf_counter_ns()
         calls = _CallCount()
         try:
-            for inputs, element_results in zip(batch, results, strict=True):
-                values, value_dims = _resolve(step, inputs, element_results, dimensions)
-                call = _StepCall(
-                    step=step,
-                    context=StepContext(
-                        step_name=step.name, models=models, timer=timer
-                    ),
-                    target=max(value_dims.values(), default=0),
-                    data_fields=_data_fields(step),
-                    step_inputs=_step_inputs(step),
-                    step_values=_step_value_fields(step),
-                    pixel_budget=pixel_budget,
-                    deadline=deadline,
-                    calls=calls,
-                )
-                element_results[step.name] = _run_lifted(call, values, value_dims, 0)
+            # The StringMatches searches of a step share one time limit.
+            with regex_time_budget():
+                for inputs, element_results in zip(batch, results, strict=True):
+                    values, value_dims = _resolve(
+                        step, inputs, element_results, dimensions
+                    )
+                    call = _StepCall(
+                        step=step,
+                        context=StepContext(
+                            step_name=step.name, models=models, timer=timer
+                        ),
+                        target=max(value_dims.values(), default=0),
+                        data_fields=_data_fields(step),
+                        step_inputs=_step_inputs(step),
+                        step_values=_step_value_fields(step),
+                        pixel_budget=pixel_budget,
+                        deadline=deadline,
+                        calls=calls,
+                    )
+                    element_results[step.name] = _run_lifted(
+                        call, values, value_dims, 0
+                    )
         except WorkflowError as error:
             if error.step is None:
                 error.step = step.name

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from workflows.blocks.property_definition.value_operations import regex_time_budget
 from workflows.compiler.graph import bind_outputs, bind_steps, order_steps
 from workflows.compiler.parse import parse_definition
 from workflows.compiler.plan import ExecutionPlan
@@ -41,6 +42,13 @@ def definition_digest(definition: Any) -> str:
 
 def build_plan(definition: Any, digest: str) -> ExecutionPlan:
     """Compile without the cache; raise DefinitionError listing every problem."""
+    # Checking the fields runs the operations of static operands, whose
+    # StringMatches searches share one time limit.
+    with regex_time_budget():
+        return _build_plan(definition, digest)
+
+
+def _build_plan(definition: Any, digest: str) -> ExecutionPlan:
     parsed = parse_definition(definition)
     if not parsed.readable:
         raise DefinitionError(parsed.errors, context="workflow_compilation | parsing")

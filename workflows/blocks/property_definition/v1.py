@@ -31,6 +31,7 @@ from workflows.blocks.property_definition.value_operations import (
     ValueOperationError,
     apply_value_operation,
     check_sequence_length,
+    regex_time_budget,
     value_operation_problem,
 )
 from workflows.detections import Detections
@@ -287,8 +288,9 @@ class PropertyDefinitionBlock(Block):
     ) -> dict[str, Any]:
         value = data
         try:
-            for operation in operations:
-                value = apply_operation(operation, value)
+            with regex_time_budget():
+                for operation in operations:
+                    value = apply_operation(operation, value)
         except OperationError as error:
             raise StepExecutionError(
                 str(error), step=context.step_name, user_error=True

@@ -12,8 +12,11 @@ import json
 import math
 import re
 import sys
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,15 +321,53 @@ def _sub_sequence(operation: dict, value: Any) -> str:
 # evaluated when the definition compiles) or a runner for hours. The regex
 # package matches as re does, with a time limit and without holding the GIL.
 REGEX_TIMEOUT_S = 0.5
+# The maximum seconds that all StringMatches searches in one regex_time_budget
+# may take together: a step's run, or a definition's compilation. Each
+# search under REGEX_TIMEOUT_S alone does not bound them, because a
+# SequenceApply repeats a 0.4 s search for each item of a list.
+REGEX_TOTAL_TIMEOUT_S = 5.0
+# The seconds left to the searches of the current budget, or None outside one.
+_regex_seconds_left: ContextVar[list[float] | None] = ContextVar(
+    "regex_seconds_left", default=None
+)
+
+
+@contextmanager
+def regex_time_budget() -> Iterator[None]:
+    """Share REGEX_TOTAL_TIMEOUT_S among the StringMatches searches inside.
+
+    Inside a budget already in place, the searches share that one.
+    """
+    if _regex_seconds_left.get() is not None:
+        yield
+        return
+    token = _regex_seconds_left.set([REGEX_TOTAL_TIMEOUT_S])
+    try:
+        yield
+    finally:
+        _regex_seconds_left.reset(token)
 
 
 def _matches(operation: dict, value: Any) -> bool:
     text = _string(value)
+    seconds_left = _regex_seconds_left.get()
+    timeout = REGEX_TIMEOUT_S
+    if seconds_left is not None:
+        timeout = min(timeout, seconds_left[0])
+    started = time.perf_counter()
     try:
-        found = regex.search(
-            operation["regex"], text, timeout=REGEX_TIMEOUT_S, concurrent=True
-        )
+        if timeout <= 0:
+            raise TimeoutError
+        found = regex.search(operation["regex"], text, timeout=timeout, concurrent=True)
     except TimeoutError:
+        if timeout < REGEX_TIMEOUT_S:
+            raise ValueOperationError(
+                f"regex {shown(operation['regex'])} was stopped on a string of "
+                f"{len(text)} characters: StringMatches searches took "
+                f"{REGEX_TOTAL_TIMEOUT_S} s in all, the most that a step's run "
+                "or a definition's compilation may spend on them. Write a regex "
+                "that backtracks less, or search fewer or shorter strings"
+            ) from None
         raise ValueOperationError(
             f"regex {shown(operation['regex'])} was stopped after "
             f"{REGEX_TIMEOUT_S} s on a string of {len(text)} characters: it "
@@ -337,6 +378,9 @@ def _matches(operation: dict, value: Any) -> bool:
         raise ValueOperationError(
             f"regex {shown(operation['regex'])} cannot run: {error}"
         ) from None
+    finally:
+        if seconds_left is not None:
+            seconds_left[0] -= time.perf_counter() - started
     return found is not None
 
 
