@@ -99,7 +99,7 @@ def own_queue():
 def queue_run_calling(queue: Queue, model_id: str, cache_key: str) -> None:
     """Queue the job of a run that routing sent to ``queue``'s runner.
 
-    Routing sends a run there because the runner holds the run's model. The
+    Routing sends a run there because the runner has the run's model loaded. The
     job is the one dispatch queues, with only the model in its snapshot.
     """
     snapshot = {"model_refs": [{"model_id": model_id, "cache_key": cache_key}]}

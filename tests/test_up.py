@@ -165,7 +165,7 @@ def start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen, Path]:
 
 
 def wait_until_up(up: subprocess.Popen, log_path: Path) -> None:
-    """Wait until ``up`` says that every process it started is serving."""
+    """Wait until ``up`` prints that every process it started is serving."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while b"Up. Press Ctrl-C" not in log_path.read_bytes():
         assert up.poll() is None, log_path.read_text()

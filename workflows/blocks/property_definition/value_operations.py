@@ -314,7 +314,7 @@ def _sub_sequence(operation: dict, value: Any) -> str:
     return _string(value)[operation.get("start", 0) : operation.get("end", -1)]
 
 
-# Most seconds that one StringMatches search may take. A pattern with
+# Maximum seconds that one StringMatches search may take. A pattern with
 # ambiguous repetition, such as ^(a|aa)+$, backtracks for a time that grows
 # exponentially with the string, and re neither stops nor releases the GIL,
 # so one definition could stall a web server worker (a static operand is
