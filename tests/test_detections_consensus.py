@@ -413,8 +413,11 @@ def test_compile_rejects_bad_field(field, value, problem):
     assert problem in errors[0].property_details
 
 
-def test_compile_rejects_image_and_crop_detections():
-    definition = two_detectors()
+def with_crop_detector(definition: dict, *more_steps: dict) -> dict:
+    """Insert before the vote a crop of each person and a detector on the crops.
+
+    The detector on the crops is step 'inner'; ``more_steps`` follow it.
+    """
     definition["steps"][-1:-1] = [
         {
             "type": "DynamicCrop",
@@ -428,7 +431,13 @@ def test_compile_rejects_image_and_crop_detections():
             "images": "$steps.crops.crops",
             "model_id": "people-detector",
         },
+        *more_steps,
     ]
+    return definition
+
+
+def test_compile_rejects_image_and_crop_detections():
+    definition = with_crop_detector(two_detectors())
     definition["steps"][-1]["predictions_batches"][1] = "$steps.inner.predictions"
     [error] = compile_errors(definition)
     assert (error.block_id, error.property_name) == ("vote", "predictions_batches")
@@ -442,28 +451,14 @@ def test_compile_rejects_image_and_crop_detections():
 
 
 def test_compile_accepts_detections_of_same_crops():
-    definition = two_detectors()
-    definition["steps"][-1:-1] = [
-        {
-            "type": "DynamicCrop",
-            "name": "crops",
-            "images": "$inputs.image",
-            "predictions": "$steps.people.predictions",
-        },
-        {
-            "type": "ObjectDetectionModel",
-            "name": "inner",
-            "images": "$steps.crops.crops",
-            "model_id": "people-detector",
-        },
-        {
-            "type": "ObjectDetectionModel",
-            "name": "inner_strict",
-            "images": "$steps.crops.crops",
-            "model_id": "people-detector",
-            "confidence": 0.6,
-        },
-    ]
+    strict = {
+        "type": "ObjectDetectionModel",
+        "name": "inner_strict",
+        "images": "$steps.crops.crops",
+        "model_id": "people-detector",
+        "confidence": 0.6,
+    }
+    definition = with_crop_detector(two_detectors(), strict)
     definition["steps"][-1]["predictions_batches"] = [
         "$steps.inner.predictions",
         "$steps.inner_strict.predictions",
