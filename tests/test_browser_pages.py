@@ -608,6 +608,28 @@ NAV_LINK_STYLE = """el => {
 }"""
 
 
+def assert_marked_links(page, base_url, nav, cases, other_weight=None) -> None:
+    """Check, for each (path, link name, aria-current value), the link marked there.
+
+    Exactly that link is marked, and the mark is visible too, not only
+    announced. ``other_weight`` is the font weight expected of an unmarked
+    link, where the page's style fixes it.
+    """
+    for path, current_name, value in cases:
+        page.goto(f"{base_url}{path}")
+        marked = nav.locator("a[aria-current]")
+        assert marked.count() == 1, path
+        assert marked.text_content() == current_name, path
+        assert marked.get_attribute("aria-current") == value, path
+
+        other = nav.locator("a:not([aria-current])").first
+        assert marked.evaluate(NAV_LINK_STYLE) == ["600", "solid"], path
+        other_weight_seen, other_border = other.evaluate(NAV_LINK_STYLE)
+        assert other_border == "none", path
+        if other_weight is not None:
+            assert other_weight_seen == other_weight, path
+
+
 def test_navigation_marks_current_page(transactional_db, asgi_server, page, alice):
     workflow = Workflow.create_with_version(alice, "Marked", detection())
     sign_in(page, asgi_server, "alice", "alice-password")
@@ -619,17 +641,7 @@ def test_navigation_marks_current_page(transactional_db, asgi_server, page, alic
         ("/workflows/", "Workflows", "page"),
         (f"/workflows/{workflow.id}/run/", "Workflows", "true"),
     ]
-    for path, current_name, value in cases:
-        page.goto(f"{asgi_server}{path}")
-        marked = nav.locator("a[aria-current]")
-        assert marked.count() == 1, path
-        assert marked.text_content() == current_name, path
-        assert marked.get_attribute("aria-current") == value, path
-
-        # The mark is visible too, not only announced.
-        other = nav.locator("a:not([aria-current])").first
-        assert marked.evaluate(NAV_LINK_STYLE) == ["600", "solid"], path
-        assert other.evaluate(NAV_LINK_STYLE) == ["400", "none"], path
+    assert_marked_links(page, asgi_server, nav, cases, other_weight="400")
 
 
 def test_navigation_marks_staff_pages(
@@ -650,14 +662,5 @@ def test_navigation_marks_staff_pages(
         ("/admin/", "Admin", "page"),
         ("/admin/runner/run/", "Admin", "true"),
     ]
-    for path, current_name, value in cases:
-        page.goto(f"{asgi_server}{path}")
-        marked = nav.locator("a[aria-current]")
-        assert marked.count() == 1, path
-        assert marked.text_content() == current_name, path
-        assert marked.get_attribute("aria-current") == value, path
-
-        other = nav.locator("a:not([aria-current])").first
-        assert marked.evaluate(NAV_LINK_STYLE) == ["600", "solid"], path
-        assert other.evaluate(NAV_LINK_STYLE)[1] == "none", path
+    assert_marked_links(page, asgi_server, nav, cases)
     page.screenshot(path=str(ARTIFACTS / "admin-navigation.png"))
