@@ -204,6 +204,27 @@ def test_list_page_delete_with_bad_id_400(client, alice):
     assert response.status_code == 400
 
 
+def run_deleted_workflow(owner, wait_s: float):
+    """Delete a new workflow of ``owner``, then send a run of the version read before.
+
+    Returns the version, and the WorkflowDeletedError that the run raised.
+    """
+    workflow = Workflow.create_with_version(owner, "bus height", image_height())
+    version = workflow.latest_version()
+    assert workflow.mark_deleted()
+    with pytest.raises(WorkflowDeletedError) as raised:
+        start_run(
+            owner_id=owner.id,
+            source="api",
+            definition=version.definition,
+            raw_inputs={"image": {"type": "base64", "value": image_b64()}},
+            started_ns=time.perf_counter_ns(),
+            wait_s=wait_s,
+            workflow_version_id=version.id,
+        )
+    return version, raised.value
+
+
 def test_run_after_delete_not_stored(db, alice):
     """A delete that commits while a run request checks its inputs wins.
 
@@ -211,38 +232,16 @@ def test_run_after_delete_not_stored(db, alice):
     run is rejected when it is about to be stored, so no run of the workflow
     is stored after the delete returned 204.
     """
-    workflow = Workflow.create_with_version(alice, "bus height", image_height())
-    version = workflow.latest_version()
-    assert workflow.mark_deleted()
-    with pytest.raises(WorkflowDeletedError) as raised:
-        start_run(
-            owner_id=alice.id,
-            source="api",
-            definition=version.definition,
-            raw_inputs={"image": {"type": "base64", "value": image_b64()}},
-            started_ns=time.perf_counter_ns(),
-            wait_s=0,
-            workflow_version_id=version.id,
-        )
-    assert raised.value.to_dict()["code"] == "not_found"
-    assert raised.value.status == 404
+    version, error = run_deleted_workflow(alice, wait_s=0)
+
+    assert error.to_dict()["code"] == "not_found"
+    assert error.status == 404
     assert not Run.objects.filter(workflow_version=version).exists()
 
 
 def test_waiting_run_after_delete_not_stored(runner, alice):
     # A run that waits for its result locks the workflow in its own
     # transaction, right before storing the run.
-    workflow = Workflow.create_with_version(alice, "bus height", image_height())
-    version = workflow.latest_version()
-    assert workflow.mark_deleted()
-    with pytest.raises(WorkflowDeletedError):
-        start_run(
-            owner_id=alice.id,
-            source="api",
-            definition=version.definition,
-            raw_inputs={"image": {"type": "base64", "value": image_b64()}},
-            started_ns=time.perf_counter_ns(),
-            wait_s=5,
-            workflow_version_id=version.id,
-        )
+    version, _ = run_deleted_workflow(alice, wait_s=5)
+
     assert not Run.objects.filter(workflow_version=version).exists()
