@@ -311,7 +311,7 @@ def choose_economy_queue(
     else can go, and then loads it cold. If the holder dies first, a live
     runner moves its queued jobs to the shared queue
     (``reaper.move_queued_jobs``), and the run goes on as a standard run,
-    cold wherever no runner holds its models.
+    cold wherever no runner has its models loaded.
     """
     view = fleet.fleet_snapshot()
     _, busy, own_lengths = read_queue_state(view.runners)

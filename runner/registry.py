@@ -193,7 +193,7 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
 def largest_image_size() -> int:
     """Return the largest input size, in pixels, that a run can give a model.
 
-    A size suffix asks for at most MAX_IMAGE_SIZE, and an id without one
+    A size suffix sets at most MAX_IMAGE_SIZE, and an id without one
     runs at WARMUP_IMAGE_SIZE, which has no maximum of its own.
     """
     largest = max(MAX_IMAGE_SIZE, settings.GLASSBOX["WARMUP_IMAGE_SIZE"])

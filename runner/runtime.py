@@ -218,8 +218,8 @@ def job_model_keys(job_kwargs: dict) -> set[str]:
 
 
 # How many jobs of a runner's own queue ``queued_model_keys`` reads. Routing
-# sends a run there only while the runner holds its models, so the queue is
-# short; a longer one is read from its front.
+# sends a run there only while the runner has its models loaded, so the
+# queue is short. A longer one is read from its front.
 QUEUED_JOBS_READ = 100
 
 

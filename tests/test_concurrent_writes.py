@@ -232,7 +232,7 @@ def with_lock_timeout(action):
 
 
 @postgresql_only
-def test_runs_of_one_workflow_are_stored_side_by_side(transactional_db, alice):
+def test_run_locks_share_workflow_row(transactional_db, alice):
     workflow = Workflow.create_with_version(alice, "popular", image_height())
     version_id = workflow.latest_version().id
 

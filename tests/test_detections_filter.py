@@ -341,7 +341,7 @@ def test_static_operand_operations():
 
 
 def test_compile_rejects_deeply_nested_operand_filters():
-    # Each level is an operand whose DetectionsFilter holds the next one:
+    # Each level is an operand whose DetectionsFilter contains the next one:
     # six levels of JSON, and more of Python's stack to parse.
     statement = compare(detection_property("class_name"), "==", static("Fall"))
     for _ in range(150):

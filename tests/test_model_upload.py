@@ -68,9 +68,11 @@ def weights_that_inflate(path: Path, scale: int) -> Path:
 
 def weights_without_downsampling(path: Path) -> Path:
     """Save yolov8n with its stride-2 convolutions at stride 1 and its
-    upsampling at scale 1: it predicts, and every feature map keeps the
-    input's size, so at 640 px it needs more than 2.7 GiB, where yolov8n
-    needs about 35 MiB."""
+    upsampling at scale 1.
+
+    It still predicts, but every feature map keeps the input's size. So at
+    640 px it needs more than 2.7 GiB, where yolov8n needs about 35 MiB.
+    """
     from ultralytics import YOLO
 
     model = YOLO("yolov8n.yaml")

@@ -44,10 +44,10 @@ MAX_INTEGER_DIGITS = sys.int_info.default_max_str_digits
 _TOO_MANY_DIGITS = 10**MAX_INTEGER_DIGITS
 # The maximum length of a SequenceMap or SequenceApply result, in characters
 # of JSON, as json_length estimates it: the default request size limit
-# (64 MiB). A lookup returns its table's value itself, not a copy, so a list
-# of a few kilobytes mapped to a value of up to a definition's 256 KiB could
-# stand for terabytes of text, which ToString, SequenceElementsCount or the
-# run's output would then try to write out.
+# (64 MiB). A lookup returns its table's value itself, not a copy. So a list
+# of a few kilobytes, mapped to a value of up to a definition's 256 KiB, can
+# expand to terabytes of text when ToString, SequenceElementsCount or the
+# run's output writes it out.
 MAX_SEQUENCE_LENGTH = 64 * 1024 * 1024
 
 
