@@ -369,6 +369,18 @@ def test_runner_reports_unreachable_redis(db, tmp_path):
     assert "process warmed up" not in result.stderr
 
 
+def test_up_reports_unreachable_redis(db, tmp_path):
+    env = private_data_env(tmp_path / "data")
+    redis_port = free_port()
+    env["REDIS_URL"] = f"redis://user:in-user-part@127.0.0.1:{redis_port}/3"
+    result = manage_py(env, "up", "--port", str(free_port()), "--runners", "0")
+    assert result.returncode == 1
+    assert f"cannot reach Redis at redis://127.0.0.1:{redis_port}/3: " in result.stderr
+    assert "Check REDIS_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "in-user-part" not in result.stderr + result.stdout
+
+
 def test_runner_reports_unreachable_database(tmp_path):
     port = free_port()
     env = production_env(

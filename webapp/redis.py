@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 from django.conf import settings
@@ -67,6 +68,20 @@ def get_redis() -> redis.Redis:
                 socket_connect_timeout=5,
             )
     return _connection
+
+
+def redis_place() -> str:
+    """Name the Redis server in use by scheme, host, port and path alone.
+
+    A password can sit in the URL's user part or in its query string
+    (``?password=``), so neither is logged.
+    """
+    if not settings.REDIS_URL:
+        return f"embedded at {settings.EMBEDDED_REDIS_SOCKET} (REDIS_URL is not set)"
+    parts = urlsplit(settings.REDIS_URL)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _probe_client(socket_path: Path) -> redis.Redis:

@@ -9,7 +9,6 @@ import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
-from urllib.parse import urlsplit  # noqa: E402
 
 import redis  # noqa: E402
 from django.conf import settings  # noqa: E402
@@ -26,7 +25,7 @@ from webapp.management.arguments import (  # noqa: E402
     positive_int,
     runner_name_problem,
 )
-from webapp.redis import get_redis  # noqa: E402
+from webapp.redis import get_redis, redis_place  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from None
         _check_database_ready()
         logger.info(
-            "runner %s: Redis %s, database %s", name, _redis_place(), database_place()
+            "runner %s: Redis %s, database %s", name, redis_place(), database_place()
         )
         _check_redis_reachable()
         # Checked again after the warm-up, which takes seconds, in case
@@ -204,23 +203,9 @@ def _check_redis_reachable() -> None:
         get_redis().ping()
     except redis.RedisError as error:
         raise CommandError(
-            f"cannot reach Redis at {_redis_place()}: {error}. Check REDIS_URL "
+            f"cannot reach Redis at {redis_place()}: {error}. Check REDIS_URL "
             "and that the Redis server is up."
         ) from None
-
-
-def _redis_place() -> str:
-    """Name the Redis server in use by scheme, host, port and path alone.
-
-    A password can sit in the URL's user part or in its query string
-    (``?password=``), so neither is logged.
-    """
-    if not settings.REDIS_URL:
-        return f"embedded at {settings.EMBEDDED_REDIS_SOCKET} (REDIS_URL is not set)"
-    parts = urlsplit(settings.REDIS_URL)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _predecessor_died(heartbeat: dict) -> bool:

@@ -40,7 +40,12 @@ from webapp.management.arguments import (
     runner_prefix,
 )
 from webapp.models import ApiToken, hash_token
-from webapp.redis import ensure_embedded_redis, get_redis, stop_embedded_redis
+from webapp.redis import (
+    ensure_embedded_redis,
+    get_redis,
+    redis_place,
+    stop_embedded_redis,
+)
 from workflows.models import Workflow
 
 DEMO_DEFINITION = Path(settings.BASE_DIR) / "examples" / "people-count.json"
@@ -179,6 +184,8 @@ REDIS_LOADING_TIMEOUT_S = 120
 def wait_for_redis(timeout_s: float = REDIS_LOADING_TIMEOUT_S) -> None:
     """Return once Redis replies to PING, waiting while it loads its dataset.
 
+    Raises CommandError if Redis is unreachable or rejects the credentials.
+
     A server started on a large append-only file (queued jobs and their
     input images) replies to every command with a LOADING error until it
     has read the file.
@@ -210,6 +217,13 @@ def wait_for_redis(timeout_s: float = REDIS_LOADING_TIMEOUT_S) -> None:
                 logger.info("waiting for Redis to load its dataset")
                 logged = True
             time.sleep(0.1)
+        except redis.RedisError as error:
+            # The error names the host and the reason, never the password in
+            # REDIS_URL; the traceback adds only redis-py's frames.
+            raise CommandError(
+                f"cannot reach Redis at {redis_place()}: {error}. Check REDIS_URL "
+                "and that the Redis server is up."
+            ) from None
 
 
 def _demo_key(user) -> str:
