@@ -47,6 +47,26 @@ def test_sign_out_stays_on_this_site(client, alice):
 
 
 @pytest.mark.parametrize(
+    "query", ["?next=https://evil.example/", "?next=//evil.example/", "?ref=header"]
+)
+def test_sign_out_ignores_unsafe_next(client, alice, query):
+    # Django's LogoutView redirected such a request to the bare logout path,
+    # which responds 405 to GET.
+    client.force_login(alice)
+    response = client.post(f"/accounts/logout/{query}")
+    assert response.status_code == 200
+    assert "Signed out · Glassbox" in response.content.decode()
+    assert client.get("/workflows/").status_code == 302
+
+
+def test_sign_out_follows_safe_next(client, alice):
+    client.force_login(alice)
+    response = client.post("/accounts/logout/?next=/billing/")
+    assert response.status_code == 302
+    assert response.url == "/billing/"
+
+
+@pytest.mark.parametrize(
     "path",
     [
         "/accounts/password_reset/",

@@ -60,7 +60,7 @@ accounts = [
     ),
     path(
         "logout/",
-        handlers.allow_methods("POST")(auth_views.LogoutView.as_view()),
+        handlers.allow_methods("POST")(account_views.LogoutView.as_view()),
         name="logout",
     ),
     path(

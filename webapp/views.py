@@ -2,8 +2,10 @@
 
 from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import logout
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponse
+from django.http import HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 
@@ -15,6 +17,22 @@ from webapp.models import ApiToken, hash_token
 @allow_methods("GET")
 def home(request):
     return redirect("workflow-list")
+
+
+class LogoutView(auth_views.LogoutView):
+    """Sign out, then follow a safe ``next`` or show the signed-out page.
+
+    Django's view redirects a request whose query contains anything but a safe
+    ``next`` (an offsite URL, or another parameter) to the bare logout path,
+    and that path responds 405 to GET here.
+    """
+
+    def post(self, request, *args, **kwargs):
+        logout(request)
+        redirect_to = self.get_success_url()
+        if redirect_to != request.path:
+            return HttpResponseRedirect(redirect_to)
+        return self.render_to_response(self.get_context_data(**kwargs))
 
 
 # A new token's key reaches the page after the redirect only in this signed
