@@ -378,6 +378,7 @@ def test_up_reports_unreachable_redis(db, tmp_path):
     assert f"cannot reach Redis at redis://127.0.0.1:{redis_port}/3: " in result.stderr
     assert "Check REDIS_URL" in result.stderr
     assert "Traceback" not in result.stderr
+    assert ".. Check" not in result.stderr
     assert "in-user-part" not in result.stderr + result.stdout
 
 

@@ -84,6 +84,16 @@ def redis_place() -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
+def unreachable_message(error: redis.RedisError) -> str:
+    """Return the report of a failed connection to REDIS_URL, without credentials."""
+    # Some of redis-py's messages end with a full stop, others do not.
+    reason = str(error).rstrip(".")
+    return (
+        f"cannot reach Redis at {redis_place()}: {reason}. Check REDIS_URL and "
+        "that the Redis server is up."
+    )
+
+
 def _probe_client(socket_path: Path) -> redis.Redis:
     """Return a client for checks of the server's state, which tries each command once.
 

@@ -25,7 +25,7 @@ from webapp.management.arguments import (  # noqa: E402
     positive_int,
     runner_name_problem,
 )
-from webapp.redis import get_redis, redis_place  # noqa: E402
+from webapp.redis import get_redis, redis_place, unreachable_message  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -202,10 +202,7 @@ def _check_redis_reachable() -> None:
     try:
         get_redis().ping()
     except redis.RedisError as error:
-        raise CommandError(
-            f"cannot reach Redis at {redis_place()}: {error}. Check REDIS_URL "
-            "and that the Redis server is up."
-        ) from None
+        raise CommandError(unreachable_message(error)) from None
 
 
 def _predecessor_died(heartbeat: dict) -> bool:

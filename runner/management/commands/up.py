@@ -43,8 +43,8 @@ from webapp.models import ApiToken, hash_token
 from webapp.redis import (
     ensure_embedded_redis,
     get_redis,
-    redis_place,
     stop_embedded_redis,
+    unreachable_message,
 )
 from workflows.models import Workflow
 
@@ -220,10 +220,7 @@ def wait_for_redis(timeout_s: float = REDIS_LOADING_TIMEOUT_S) -> None:
         except redis.RedisError as error:
             # The error names the host and the reason, never the password in
             # REDIS_URL; the traceback adds only redis-py's frames.
-            raise CommandError(
-                f"cannot reach Redis at {redis_place()}: {error}. Check REDIS_URL "
-                "and that the Redis server is up."
-            ) from None
+            raise CommandError(unreachable_message(error)) from None
 
 
 def _demo_key(user) -> str:
