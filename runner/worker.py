@@ -142,6 +142,9 @@ class RunnerWorker:
         # Idle models then do not expire before the routed run's job comes
         # and keeps its models loaded.
         reserved_job_returned = False
+        outage = FailureLog(
+            f"runner {self.name}: dequeue", DEQUEUE_TIMEOUT_S, traceback=False
+        )
         while not self.stopping.is_set():
             if self.between_jobs is not None and not reserved_job_returned:
                 try:
@@ -156,7 +159,7 @@ class RunnerWorker:
             except redis.ConnectionError as error:
                 # Wait for Redis here: exiting would count against the
                 # restart limit of manage.py up for every second it is away.
-                logger.warning("runner %s: Redis unreachable (%s)", self.name, error)
+                outage.failed(f"Redis unreachable ({error})")
                 restart_embedded_redis_if_down()
                 self.stopping.wait(DEQUEUE_TIMEOUT_S)
                 continue
@@ -166,6 +169,7 @@ class RunnerWorker:
                 self.delete_unreadable_queues()
                 self.stopping.wait(DEQUEUE_TIMEOUT_S)
                 continue
+            outage.succeeded()
             if popped is None:
                 # A mark for a run that is never queued expires within
                 # ROUTING_CLAIM_TTL_S; the next take finds out. Until then
@@ -451,23 +455,28 @@ class Heartbeat(threading.Thread):
 
 
 class FailureLog:
-    """Log a task failing every interval: one traceback, then a line a minute.
+    """Log a task failing every interval: one message, then a line a minute.
 
-    While Redis or the database is away, a traceback every second would
+    While Redis or the database is away, a message every second would
     bury everything else in the log, and silence would hide that the
-    failure goes on. The end of the failure is logged too.
+    failure goes on. The end of the failure is logged too. The first
+    message carries the traceback unless ``traceback`` is false.
     """
 
-    def __init__(self, task: str, interval_s: float) -> None:
+    def __init__(self, task: str, interval_s: float, traceback: bool = True) -> None:
         self.task = task
         self.every = max(1, int(60 / interval_s))
         self.count = 0
+        self.traceback = traceback
 
-    def failed(self) -> None:
+    def failed(self, reason: str = "") -> None:
         """Log the failure being handled, if it is the first or a minute on."""
         self.count += 1
         if self.count == 1:
-            logger.exception("%s failed", self.task)
+            if self.traceback:
+                logger.exception("%s failed", self.task)
+            else:
+                logger.warning("%s failed: %s", self.task, reason)
         elif self.count % self.every == 0:
             logger.warning("%s still failing (%d times)", self.task, self.count)
 
