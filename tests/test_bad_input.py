@@ -1259,7 +1259,9 @@ def test_excluded_fields_not_list(alice_client, excluded):
     assert_nothing_stored()
 
 
-@pytest.mark.parametrize("profiling", ["maybe", " true", "", 2, 0.5, [True]])
+@pytest.mark.parametrize(
+    "profiling", ["maybe", " true", "", 2, 0.5, 2.0, "1.0", [True]]
+)
 def test_enable_profiling_not_boolean(alice_client, profiling):
     response = post_json(
         alice_client,

@@ -367,7 +367,15 @@ def test_sdk_excluded_fields(runner, client):
 
 @pytest.mark.parametrize(
     ("profiling", "traced"),
-    [("true", True), ("True", True), ("yes", True), (1, True), ("false", False)],
+    [
+        ("true", True),
+        ("True", True),
+        ("yes", True),
+        (1, True),
+        (1.0, True),
+        (0.0, False),
+        ("false", False),
+    ],
 )
 def test_enable_profiling_as_pydantic_bool(
     runner, live_server, alice_key, height_workflow, profiling, traced

@@ -457,20 +457,22 @@ def lax_bool(body: dict[str, Any], key: str) -> bool:
     """Read an optional boolean field as pydantic's ``bool`` reads it.
 
     A missing or null value is false. Besides true and false, the field
-    takes the integers 0 and 1 and the strings of TRUE_STRINGS and
-    FALSE_STRINGS in any case, without surrounding spaces.
+    takes the numbers 0 and 1, as integers or floats (0.0, -0.0, 1.0), and
+    the strings of TRUE_STRINGS and FALSE_STRINGS in any case, without
+    surrounding spaces. Like pydantic 2.11, it rejects other floats, such as
+    0.5 and 2.0, and the string "1.0".
     """
     value = body.get(key)
     if value is None:
         return False
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):
         return value == 1
     if isinstance(value, str) and value.lower() in TRUE_STRINGS | FALSE_STRINGS:
         return value.lower() in TRUE_STRINGS
     raise MalformedRequest(
-        f"'{key}' must be true or false, got {shown(value)}; 0, 1 and the "
+        f"'{key}' must be true or false, got {shown(value)}; 0, 1, 0.0, 1.0 and the "
         'strings "true", "false", "yes", "no", "on", "off", "t", "f", "y", '
         '"n", "1" and "0" are accepted too',
         context="request_parsing",
