@@ -199,6 +199,21 @@ def test_chain_on_detection_confidences():
             'LookupTable "c" is not a key of lookup_table (keys: "a")',
         ),
         (
+            "z",
+            {
+                "type": "LookupTable",
+                "lookup_table": {f"k{number}": number for number in range(25)},
+            },
+            'LookupTable "z" is not a key of lookup_table (keys: '
+            + ", ".join(f'"k{number}"' for number in range(20))
+            + ", and 5 more). JSON keys are strings",
+        ),
+        (
+            "z",
+            {"type": "LookupTable", "lookup_table": {}},
+            'LookupTable "z" is not a key of lookup_table (keys: none)',
+        ),
+        (
             [],
             {"type": "SequenceAggregate", "mode": "first"},
             "SequenceAggregate cannot aggregate an empty list",
@@ -274,6 +289,8 @@ def test_chain_on_detection_confidences():
         "divide-zero",
         "to-number",
         "lookup",
+        "lookup-many-keys",
+        "lookup-empty-table",
         "empty",
         "apply",
         "multiply-digits",

@@ -8,6 +8,7 @@ example ``Multiply`` on a string repeats it), these operations accept only
 the kinds Roboflow declares for them and fail the step on others.
 """
 
+import itertools
 import json
 import math
 import re
@@ -178,11 +179,26 @@ def _lookup(operation: dict, value: Any) -> Any:
             f"{json_type_name(value)} cannot be looked up in lookup_table"
         ) from error
     except KeyError as error:
-        keys = ", ".join(shown(key) for key in table)
         raise ValueOperationError(
-            f"{shown(value)} is not a key of lookup_table (keys: {keys}). JSON "
-            "keys are strings, so convert numbers with ToString first"
+            f"{shown(value)} is not a key of lookup_table (keys: "
+            f"{_listed_keys(table)}). JSON keys are strings, so convert numbers "
+            "with ToString first"
         ) from error
+
+
+# The maximum number of keys that a LookupTable miss lists in its error.
+MAX_LISTED_KEYS = 20
+
+
+def _listed_keys(table: dict) -> str:
+    """Return the first MAX_LISTED_KEYS keys of ``table``, and how many remain."""
+    if not table:
+        return "none"
+    listed = [shown(key) for key in itertools.islice(table, MAX_LISTED_KEYS)]
+    remaining = len(table) - len(listed)
+    if remaining:
+        listed.append(f"and {remaining} more")
+    return ", ".join(listed)
 
 
 def _map(operation: dict, value: Any) -> list:
