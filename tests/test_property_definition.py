@@ -214,6 +214,12 @@ def test_chain_on_detection_confidences():
             'LookupTable "z" is not a key of lookup_table (keys: none)',
         ),
         (
+            ["x" * 600_000] * 3,
+            {"type": "SequenceJoin"},
+            "SequenceJoin the joined string would be longer than 1000000 "
+            "characters, the maximum: the first 2 of 3 items make 1200002",
+        ),
+        (
             [],
             {"type": "SequenceAggregate", "mode": "first"},
             "SequenceAggregate cannot aggregate an empty list",
@@ -291,6 +297,7 @@ def test_chain_on_detection_confidences():
         "lookup",
         "lookup-many-keys",
         "lookup-empty-table",
+        "join-length",
         "empty",
         "apply",
         "multiply-digits",
@@ -309,6 +316,20 @@ def test_value_operation_failure_names_it(value, operation, message):
     assert caught.value.step == "property"
     assert caught.value.user_error is True
     assert caught.value.message.startswith(f"step 'property': {message}")
+
+
+class Unprintable:
+    """A list item whose text fails, to show that an operation never writes it."""
+
+    def __str__(self) -> str:
+        raise AssertionError("str() was called on an item past the limit")
+
+
+def test_sequence_join_stops_at_limit():
+    items = ["x" * 1_000_001, Unprintable()]
+    with pytest.raises(StepExecutionError) as caught:
+        apply(items, {"type": "SequenceJoin"})
+    assert "the first 1 of 2 items make 1000001" in caught.value.message
 
 
 def definition_with(data: str, operations: list) -> dict:

@@ -249,14 +249,22 @@ def check_sequence_length(kind: str, result: list) -> None:
 
 
 def _join(operation: dict, value: Any) -> str:
-    parts = [str(item) for item in _sequence(value)]
+    items = _sequence(value)
     separator = operation.get("separator", ", ")
-    length = sum(map(len, parts)) + len(separator) * max(len(parts) - 1, 0)
-    if length > MAX_JOINED_LENGTH:
-        raise ValueOperationError(
-            f"the joined string would be {length} characters long; at most "
-            f"{MAX_JOINED_LENGTH} are allowed"
-        )
+    parts = []
+    length = 0
+    # Each item is written out only while the text so far is within the
+    # limit, so a long list of long items fails without building them all.
+    for index, item in enumerate(items):
+        part = str(item)
+        length += len(part) + (len(separator) if index else 0)
+        if length > MAX_JOINED_LENGTH:
+            raise ValueOperationError(
+                f"the joined string would be longer than {MAX_JOINED_LENGTH} "
+                f"characters, the maximum: the first {index + 1} of {len(items)} "
+                f"items make {length}. Join fewer or shorter items"
+            )
+        parts.append(part)
     return separator.join(parts)
 
 
