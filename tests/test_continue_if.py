@@ -253,6 +253,22 @@ def test_compile_rejects_unsupported_operand_operation():
     assert "unknown type 'ConvertImageToJPEG'" in error.property_details
 
 
+def test_compile_rejects_operand_chain_of_wrong_kinds():
+    definition = gated_crops()
+    condition = definition["steps"][2]["condition_statement"]
+    condition["statements"][0]["left_operand"]["operations"] = [
+        {"type": "SequenceLength"},
+        {"type": "StringToLowerCase"},
+    ]
+    [error] = compile_errors(definition)
+    assert error.property_name == "condition_statement"
+    assert "statements[0].left_operand.operations" in error.property_details
+    assert (
+        "operation 1 (StringToLowerCase) needs a string, but gets a number"
+        in error.property_details
+    )
+
+
 def test_condition_counts_filtered_detections():
     # Roboflow's pattern for "at least N of a class": filter, then count.
     confident = {

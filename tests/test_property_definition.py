@@ -390,6 +390,62 @@ def test_compile_rejects_bad_operations(operations, problem):
     assert error.property_details.startswith(problem)
 
 
+@pytest.mark.parametrize("data", ["$inputs.label", "$inputs.image"])
+def test_compile_checks_sequence_apply_chain(data):
+    operations = [
+        {
+            "type": "SequenceApply",
+            "operations": [{"type": "ToString"}, {"type": "Multiply", "other": 2}],
+        }
+    ]
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition_with(data, operations), "digest")
+    [error] = caught.value.errors
+    assert error.block_id == "h"
+    assert error.property_name == "operations"
+    assert error.property_details.startswith(
+        "operation 0 (SequenceApply): operations: operation 1 (Multiply) needs a "
+        "number, but gets a string"
+    )
+
+
+@pytest.mark.parametrize(
+    ("property_name", "nested", "problem"),
+    [
+        (
+            "class_name",
+            {"type": "Multiply", "other": 2},
+            "operation 0 (Multiply) needs a number, but gets a string",
+        ),
+        (
+            "confidence",
+            {"type": "StringToUpperCase"},
+            "operation 0 (StringToUpperCase) needs a string, but gets a number",
+        ),
+        (
+            "center",
+            {"type": "NumberRound", "decimal_digits": 0},
+            "operation 0 (NumberRound) needs a number, but gets a list",
+        ),
+    ],
+    ids=["class-name", "confidence", "center"],
+)
+def test_compile_checks_sequence_apply_items(property_name, nested, problem):
+    definition = detection()
+    definition["steps"][1]["operations"] = [
+        {"type": "DetectionsPropertyExtract", "property_name": property_name},
+        {"type": "SequenceApply", "operations": [nested]},
+    ]
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition, "digest")
+    [error] = caught.value.errors
+    assert error.block_id == "count"
+    assert error.property_name == "operations"
+    assert error.property_details.startswith(
+        f"operation 1 (SequenceApply): operations: {problem}"
+    )
+
+
 def test_operations_on_parameter_input():
     operations = [
         {"type": "StringToUpperCase"},

@@ -27,6 +27,7 @@ from workflows.blocks.property_definition.value_operations import (
     NUMBER,
     OBJECT,
     STRING,
+    UNKNOWN,
     VALUE_OPERATIONS,
     ValueOperationError,
     apply_value_operation,
@@ -131,6 +132,10 @@ MAKES = {
     **{name: spec.makes for name, spec in VALUE_OPERATIONS.items()},
     **{name: DETECTIONS for name in DETECTIONS_OPERATIONS},
 }
+# The kind of the items of each list that DetectionsPropertyExtract makes.
+DETECTION_PROPERTY_KINDS = {name: NUMBER for name in DETECTION_PROPERTIES}
+DETECTION_PROPERTY_KINDS.update(class_name=STRING, detection_id=STRING)
+DETECTION_PROPERTY_KINDS.update((name, LIST) for name in DETECTION_ANCHORS)
 KIND_NAMES = {
     IMAGE: "an image",
     DETECTIONS: "detections",
@@ -143,12 +148,20 @@ KIND_NAMES = {
 
 
 def check_operations(value: Any, depth: int = 1) -> str | None:
+    """Return the first problem in a chain of operations, or None.
+
+    Besides each operation's keys, the kinds are checked where the chain
+    itself makes them known: ``[ToString, Multiply]`` is rejected whatever
+    it reads, and so is such a chain inside a SequenceApply.
+    """
     if not isinstance(value, list) or not value:
         return "must be a non-empty list of operations"
     for index, operation in enumerate(value):
         problem = _operation_problem(operation, depth)
         if problem:
             return f"operation {index}{problem}"
+    if depth == 1:
+        return chain_problem(value, UNKNOWN)
     return None
 
 
@@ -224,18 +237,32 @@ def _sequence_apply_problem(operation: dict, depth: int) -> str | None:
     return None
 
 
-def chain_problem(operations: list, kind: str) -> str | None:
+def chain_problem(operations: list, kind: str, item_kind: str = UNKNOWN) -> str | None:
     """Return why ``operations`` cannot read a value of ``kind`` in turn, or None.
 
-    ``operations`` passed ``check_operations``. A kind outside KIND_NAMES,
-    such as VALUE, is known only at run time, so the operation that reads
-    it passes, and the check resumes with the kind that operation makes.
+    ``operations`` passed ``check_operations``'s checks of keys. A kind
+    outside KIND_NAMES, such as VALUE, is known only at run time, so the
+    operation that reads it passes, and the check resumes with the kind that
+    operation makes. The chain of a SequenceApply is checked the same way,
+    on the kind of the list's items: ``item_kind`` for ``kind``, or the
+    kind of the items that an operation before it makes.
     """
     current = kind
+    items = item_kind
     for index, operation in enumerate(operations):
         name = operation["type"]
         if current in KIND_NAMES and current not in READS[name]:
             return _mismatch(index, name, current)
+        if name == "SequenceApply":
+            nested = operation["operations"]
+            problem = chain_problem(nested, items)
+            if problem:
+                return f"operation {index} (SequenceApply): operations: {problem}"
+            items = MAKES[nested[-1]["type"]]
+        elif name == "DetectionsPropertyExtract":
+            items = DETECTION_PROPERTY_KINDS[operation["property_name"]]
+        else:
+            items = UNKNOWN
         current = MAKES[name]
     return None
 
