@@ -239,6 +239,67 @@ def test_own_fields_and_operations_both_apply():
     assert kept(fall, min_confidence=0.6) == [1]
 
 
+# A square from (0, 0) to (20, 20). Detection 0's centre (5, 10) is inside
+# it, detection 1's (20, 15) is on its edge, and detection 3's (6, 42.5) and
+# detection 2's (55, 50) are outside it.
+SQUARE = [[0, 0], [20, 0], [20, 20], [0, 20]]
+
+
+@pytest.mark.parametrize(
+    ("anchor", "zone", "expected"),
+    [
+        ("center", SQUARE, [0]),
+        # Vertex order and a repeated first vertex do not change the polygon.
+        ("center", [*reversed(SQUARE), SQUARE[-1]], [0]),
+        # Detection 1's top-left corner (10, 10) is inside; detection 0's
+        # (0, 0) is a vertex, so outside.
+        ("top_left", SQUARE, [1]),
+        # A bow tie contains its two lobes: (5, 10) lies in the left one,
+        # and (20, 15) on an edge.
+        ("center", [[0, 0], [20, 20], [20, 0], [0, 20]], [0]),
+        ("center", [], []),
+    ],
+    ids=["square", "reversed-closed", "top-left", "bow-tie", "empty"],
+)
+def test_detection_in_zone(anchor, zone, expected):
+    in_zone = compare(detection_property(anchor), "(Detection) in zone", static(zone))
+    assert kept(keep_where(in_zone)) == expected
+    in_parameter = compare(
+        detection_property(anchor), "(Detection) in zone", parameter("zone")
+    )
+    assert kept(keep_where(in_parameter), {"zone": zone}) == expected
+
+
+@pytest.mark.parametrize(
+    ("zone", "problem"),
+    [
+        ([[0, 0], [20, 20]], "the zone has 2 points, but a polygon needs at least 3"),
+        ([[0, 0], [20], [0, 20]], "zone point 1 must be [x, y], got [20]"),
+        ("square", 'the zone must be a list of [x, y] points, got "square"'),
+    ],
+    ids=["two-points", "short-point", "string"],
+)
+def test_detection_in_zone_bad_zone(zone, problem):
+    statement = compare(
+        detection_property("center"), "(Detection) in zone", parameter("zone")
+    )
+    with pytest.raises(StepExecutionError) as caught:
+        kept(keep_where(statement), {"zone": zone})
+    assert caught.value.user_error is True
+    assert (
+        "(Detection) in zone failed on detection 0 with the values [5.0, 10.0], "
+        in caught.value.message
+    )
+    assert f"ValueError: {problem}" in caught.value.message
+
+    static_zone = compare(
+        detection_property("center"), "(Detection) in zone", static(zone)
+    )
+    [error] = compile_errors(filtered_detection(keep_where(static_zone)))
+    assert error.property_name == "operations"
+    assert error.property_details == (f"{STATEMENT}.right_operand: {problem}")
+
+
 def test_comparison_that_fails_rejects_step():
     operations = keep_where(
         compare(detection_property("class_name"), "==", static("Normal")),
@@ -474,12 +535,12 @@ def set_property(name):
     ("change", "problem"),
     [
         (
-            set_key("comparator", {"type": "(Detection) in zone"}),
-            f'{STATEMENT}.comparator.type: comparator "(Detection) in zone" is not '
+            set_key("comparator", {"type": "(Number) between"}),
+            f'{STATEMENT}.comparator.type: comparator "(Number) between" is not '
             "supported; supported: ==, !=, (Number) ==, (Number) !=, (Number) >, "
             "(Number) >=, (Number) <, (Number) <=, (Number) in range, in (Sequence), "
             "any in (Sequence), all in (Sequence), (String) startsWith, "
-            "(String) endsWith, (String) contains",
+            "(String) endsWith, (String) contains, (Detection) in zone",
         ),
         (
             set_property("tracker_id"),

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from workflows.blocks.base import shown
+from workflows.blocks.detections_filter.geometry import point_in_zone
 from workflows.blocks.detections_filter.statements import (
     DetectionProperty,
     Operand,
@@ -102,6 +103,8 @@ def with_member_set(value: Any) -> Any:
     return MemberList(value) if isinstance(value, list) else value
 
 
+ZONE_COMPARATOR = "(Detection) in zone"
+
 COMPARATORS: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
@@ -118,6 +121,8 @@ COMPARATORS: dict[str, Callable[[Any, Any], bool]] = {
     "(String) startsWith": lambda text, prefix: text.startswith(prefix),
     "(String) endsWith": lambda text, suffix: text.endswith(suffix),
     "(String) contains": lambda text, part: part in text,
+    # Whether a point, such as a detection's "center", is inside a polygon.
+    ZONE_COMPARATOR: point_in_zone,
 }
 
 UNARY_OPERATORS: dict[str, Callable[[Any], bool]] = {

@@ -25,7 +25,9 @@ in roboflow_workflows 0.2.13:
   ``StaticOperand``'s run once, when the operations are parsed.
 - Comparisons apply Python's operators to the values, as Roboflow's do:
   "in (Sequence)" against a string tests for a substring, and comparing a
-  number with a string fails the step.
+  number with a string fails the step. "(Detection) in zone" tests whether
+  a point, such as a detection's "center", lies inside a polygon
+  (geometry.py); a zone written in a StaticOperand is checked here.
 
 Anything else raises OperationsSyntaxError, with the path of the part that
 is not supported. So does a key that Roboflow's models do not declare:
@@ -43,8 +45,10 @@ from workflows.blocks.detections_filter.evaluation import (
     PROPERTIES,
     PROPERTY_KINDS,
     UNARY_OPERATORS,
+    ZONE_COMPARATOR,
     with_member_set,
 )
+from workflows.blocks.detections_filter.geometry import zone_ring
 from workflows.blocks.detections_filter.statements import (
     DETECTION_OPERAND,
     BinaryStatement,
@@ -287,7 +291,21 @@ def _parse_statement(
     right = _parse_operand(
         _required(fields, "right_operand", path), f"{path}.right_operand", condition
     )
+    if comparator == ZONE_COMPARATOR and isinstance(right, StaticValue):
+        _check_static_zone(right.value, f"{path}.right_operand")
     return BinaryStatement(path, left, comparator, right, negate)
+
+
+def _check_static_zone(zone: Any, path: str) -> None:
+    """Raise OperationsSyntaxError for a static zone that every test would fail on.
+
+    Roboflow's comparator fails when it runs, for each detection; a zone
+    written in the definition is checked here instead.
+    """
+    try:
+        zone_ring(zone)
+    except ValueError as error:
+        raise OperationsSyntaxError(path, str(error)) from error
 
 
 def _operator(value: Any, path: str, supported: Mapping[str, Any], label: str) -> str:
