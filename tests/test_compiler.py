@@ -148,8 +148,8 @@ def test_compile_type_error_names_json_types():
         (
             "$inputs.image",
             [{"type": "SequenceLength"}],
-            "operation 0 (SequenceLength) needs detections, a list, a string or "
-            "an object, but gets an image; read a property of it first with "
+            "operation 0 (SequenceLength) needs detections, a list, a string, an "
+            "object or bytes, but gets an image; read a property of it first with "
             "ExtractImageProperty",
         ),
         (
@@ -160,14 +160,14 @@ def test_compile_type_error_names_json_types():
         (
             "$steps.people.predictions",
             [{"type": "SequenceLength"}, {"type": "SequenceLength"}],
-            "operation 1 (SequenceLength) needs detections, a list, a string or "
-            "an object, but gets a number",
+            "operation 1 (SequenceLength) needs detections, a list, a string, an "
+            "object or bytes, but gets a number",
         ),
         (
             "$steps.people.predictions",
             [{"type": "ToString"}],
-            "operation 0 (ToString) needs a number, a string, a list, a boolean or "
-            "an object, but gets detections",
+            "operation 0 (ToString) needs a number, a string, a list, a boolean, "
+            "an object or bytes, but gets detections",
         ),
     ],
     ids=["length-of-image", "image-property-of-detections", "length-twice", "text"],

@@ -245,12 +245,12 @@ def test_compile_rejects_unsupported_operand_operation():
     definition = gated_crops()
     condition = definition["steps"][2]["condition_statement"]
     condition["statements"][0]["left_operand"]["operations"] = [
-        {"type": "ConvertImageToJPEG"}
+        {"type": "ClassificationPropertyExtract"}
     ]
     [error] = compile_errors(definition)
     assert error.property_name == "condition_statement"
     assert "statements[0].left_operand.operations" in error.property_details
-    assert "unknown type 'ConvertImageToJPEG'" in error.property_details
+    assert "unknown type 'ClassificationPropertyExtract'" in error.property_details
 
 
 def test_compile_rejects_operand_chain_of_wrong_kinds():

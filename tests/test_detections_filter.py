@@ -601,11 +601,12 @@ def set_property(name):
                 "right_operand",
                 {
                     **parameter("classes"),
-                    "operations": [{"type": "ConvertImageToJPEG"}],
+                    "operations": [{"type": "ClassificationPropertyExtract"}],
                 },
             ),
             f"{STATEMENT}.right_operand.operations: operation 0 has unknown type "
-            "'ConvertImageToJPEG'; supported: ExtractImageProperty, SequenceLength",
+            "'ClassificationPropertyExtract'; supported: ExtractImageProperty, "
+            "SequenceLength",
         ),
         (
             set_key(

@@ -1,11 +1,13 @@
 """Property definition: Roboflow's operations on detections, numbers and text."""
 
+import base64
 import json
 
+import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import image_bytes
+from tests.conftest import image_b64, image_bytes
 from tests.definitions import detection, image_height
 from workflows.blocks.base import StepContext
 from workflows.blocks.property_definition.v1 import PropertyDefinitionBlock
@@ -374,12 +376,39 @@ def definition_with(data: str, operations: list) -> dict:
             "type 'Round'; supported: ExtractImageProperty",
         ),
         (
-            [{"type": "ConvertImageToJPEG"}],
-            "operation 0 has unknown type 'ConvertImageToJPEG'; supported: "
-            "ExtractImageProperty, SequenceLength",
+            [{"type": "ClassificationPropertyExtract"}],
+            "operation 0 has unknown type 'ClassificationPropertyExtract'; "
+            "supported: ExtractImageProperty, SequenceLength",
+        ),
+        (
+            [{"type": "ConvertImageToJPEG", "compression_level": 0}],
+            "operation 0 (ConvertImageToJPEG): compression_level must be an "
+            "integer from 1 to 100, got 0",
+        ),
+        (
+            [
+                {"type": "ExtractImageProperty", "property_name": "width"},
+                {"type": "ConvertImageToBase64"},
+            ],
+            "operation 1 (ConvertImageToBase64) needs an image, but gets a number",
+        ),
+        (
+            [{"type": "ConvertImageToJPEG"}, {"type": "StringToLowerCase"}],
+            "operation 1 (StringToLowerCase) needs a string, but gets bytes",
         ),
     ],
-    ids=["kind", "missing", "type", "unknown-key", "regex", "nested", "unsupported"],
+    ids=[
+        "kind",
+        "missing",
+        "type",
+        "unknown-key",
+        "regex",
+        "nested",
+        "unsupported",
+        "jpeg-quality",
+        "base64-of-number",
+        "text-of-bytes",
+    ],
 )
 def test_compile_rejects_bad_operations(operations, problem):
     with pytest.raises(DefinitionError) as caught:
@@ -444,6 +473,68 @@ def test_compile_checks_sequence_apply_items(property_name, nested, problem):
     assert error.property_details.startswith(
         f"operation 1 (SequenceApply): operations: {problem}"
     )
+
+
+def bus_image() -> WorkflowImage:
+    return WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+
+
+def decoded(jpeg: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_convert_image_to_jpeg():
+    image = bus_image()
+    jpeg = apply(image, {"type": "ConvertImageToJPEG"})
+    assert jpeg.startswith(b"\xff\xd8")
+    assert decoded(jpeg).shape == image.pixels.shape
+    smaller = apply(image, {"type": "ConvertImageToJPEG", "compression_level": 10})
+    assert len(smaller) < len(jpeg)
+    length = apply(image, {"type": "ConvertImageToJPEG"}, {"type": "SequenceLength"})
+    assert length == len(jpeg)
+
+
+def test_convert_image_to_base64():
+    # An input's file, as sent; any other image as JPEG.
+    assert apply(bus_image(), {"type": "ConvertImageToBase64"}) == image_b64()
+    crop = WorkflowImage.from_pixels(bus_image().pixels[10:50, 20:80], "crop")
+    text = apply(crop, {"type": "ConvertImageToBase64"})
+    assert decoded(base64.b64decode(text)).shape == (40, 60, 3)
+
+
+@pytest.mark.parametrize(
+    ("value", "operation", "message"),
+    [
+        (
+            "image",
+            {"type": "ConvertImageToJPEG"},
+            "ConvertImageToJPEG needs an image, got a string",
+        ),
+        (
+            two_boxes(),
+            {"type": "ConvertImageToBase64"},
+            "ConvertImageToBase64 needs an image, got detections",
+        ),
+    ],
+    ids=["string", "detections"],
+)
+def test_convert_image_rejects_other_values(value, operation, message):
+    with pytest.raises(StepExecutionError) as caught:
+        apply(value, operation)
+    assert caught.value.user_error is True
+    assert caught.value.message == f"step 'property': {message}"
+
+
+def test_image_as_jpeg_output():
+    operations = [{"type": "ConvertImageToJPEG", "compression_level": 90}]
+    definition = definition_with("$inputs.image", operations)
+    plan = build_plan(definition, definition_digest(definition))
+    inputs = {"image": bus_image()}
+    [results] = execute_plan(plan, [inputs], models=None, timer=RunTimer())
+    output = collect_outputs(plan, inputs, results)["height"]
+    # As Roboflow's server writes bytes: standard base64 text.
+    jpeg = base64.b64decode(output, validate=True)
+    assert decoded(jpeg).shape == bus_image().pixels.shape
 
 
 def test_operations_on_parameter_input():

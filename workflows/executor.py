@@ -5,6 +5,7 @@ inputs are lists (crops) run once per element; values at a lower nesting
 level are repeated for each element.
 """
 
+import base64
 import logging
 import math
 import time
@@ -401,6 +402,10 @@ def serialize_value(value: Any, coordinates: str) -> Any:
         return value.to_roboflow(coordinates)
     if isinstance(value, WorkflowImage):
         return serialize_image(value)
+    if isinstance(value, bytes):
+        # As Roboflow's HTTP server writes bytes (orjson_utils.default in
+        # inference 1.8.3): standard base64 text.
+        return base64.b64encode(value).decode("ascii")
     if isinstance(value, list | tuple):
         return [serialize_value(item, coordinates) for item in value]
     if isinstance(value, dict):

@@ -176,13 +176,15 @@ class ParsedByIdentity(Generic[Parsed]):
 def shown(value: Any, limit: int = 80) -> str:
     """Return ``value`` as JSON, the way the client wrote it, cut to ``limit``.
 
-    Images and detections, which no client writes as JSON, are named by
-    their size instead of their raw contents.
+    Images, detections and bytes, which no client writes as JSON, are named
+    by their size instead of their raw contents.
     """
     if isinstance(value, WorkflowImage):
         return f"an image of {value.width}×{value.height} pixels"
     if isinstance(value, Detections):
         return f"{len(value)} detections"
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes"
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError):

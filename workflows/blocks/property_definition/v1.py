@@ -20,8 +20,10 @@ from workflows.blocks.base import (
     StepContext,
     shown,
 )
+from workflows.blocks.property_definition.image_operations import IMAGE_OPERATIONS
 from workflows.blocks.property_definition.value_operations import (
     BOOLEAN,
+    BYTES,
     LIST,
     MAX_APPLY_DEPTH,
     NUMBER,
@@ -99,6 +101,9 @@ OPERATIONS = {
     "an empty list",
     "SequenceElementsCount": "an object counting each item, keyed by its text",
     "ConvertDictionaryToJSON": "an object as JSON text",
+    "ConvertImageToJPEG": "compression_level (95): an image as JPEG bytes",
+    "ConvertImageToBase64": "an image as base64 text: an input's file as sent, "
+    "any other image as JPEG",
     "DetectionsToDictionary": "detections as an object in Roboflow's response "
     "format, in the coordinates of their own image",
     **{
@@ -107,19 +112,23 @@ OPERATIONS = {
     },
 }
 
+# The operations that a ValueOperation of a table defines: its keys, the
+# kinds it reads and makes, and how it applies.
+TABLE_OPERATIONS = {**VALUE_OPERATIONS, **IMAGE_OPERATIONS}
+
 # The kinds each operation reads and makes, for the compile-time check.
-# Besides IMAGE and DETECTIONS, values are numbers, strings, booleans, lists
-# or objects. A VALUE from a parameter or another step is known only when
+# Besides IMAGE and DETECTIONS, values are numbers, strings, booleans, lists,
+# objects or bytes. A VALUE from a parameter or another step is known only when
 # the run reaches it, and so is the result of a lookup, so the check skips
 # it.
 READS = {
     "ExtractImageProperty": (IMAGE,),
-    "SequenceLength": (DETECTIONS, LIST, STRING, OBJECT),
+    "SequenceLength": (DETECTIONS, LIST, STRING, OBJECT, BYTES),
     "DetectionsPropertyExtract": (DETECTIONS,),
-    "ToString": (NUMBER, STRING, LIST, BOOLEAN, OBJECT),
+    "ToString": (NUMBER, STRING, LIST, BOOLEAN, OBJECT, BYTES),
     "SequenceApply": (LIST,),
     "DetectionsToDictionary": (DETECTIONS,),
-    **{name: spec.reads for name, spec in VALUE_OPERATIONS.items()},
+    **{name: spec.reads for name, spec in TABLE_OPERATIONS.items()},
     **{name: (DETECTIONS,) for name in DETECTIONS_OPERATIONS},
 }
 MAKES = {
@@ -129,7 +138,7 @@ MAKES = {
     "ToString": STRING,
     "SequenceApply": LIST,
     "DetectionsToDictionary": OBJECT,
-    **{name: spec.makes for name, spec in VALUE_OPERATIONS.items()},
+    **{name: spec.makes for name, spec in TABLE_OPERATIONS.items()},
     **{name: DETECTIONS for name in DETECTIONS_OPERATIONS},
 }
 # The kind of the items of each list that DetectionsPropertyExtract makes.
@@ -144,6 +153,7 @@ KIND_NAMES = {
     LIST: "a list",
     OBJECT: "an object",
     BOOLEAN: "a boolean",
+    BYTES: "bytes",
 }
 
 
@@ -180,8 +190,8 @@ def _operation_problem(operation: Any, depth: int) -> str | None:
         return f": property_name must be one of {IMAGE_PROPERTIES}"
     if kind == "DetectionsPropertyExtract" and name not in DETECTION_PROPERTIES:
         return f": property_name must be one of {DETECTION_PROPERTIES}"
-    if kind in VALUE_OPERATIONS:
-        problem = value_operation_problem(operation)
+    if kind in TABLE_OPERATIONS:
+        problem = value_operation_problem(operation, TABLE_OPERATIONS[kind])
         return f" ({kind}): {problem}" if problem else None
     if kind == "SequenceApply":
         return _sequence_apply_problem(operation, depth)
@@ -346,18 +356,24 @@ def apply_operation(operation: dict, value: Any) -> Any:
             return value.width * value.height
         return getattr(value, name)
     if kind == "SequenceLength":
-        if not isinstance(value, (Detections, list, tuple, str, dict)):
+        if not isinstance(value, (Detections, list, tuple, str, dict, bytes)):
             raise _wrong_input(kind, value)
         return len(value)
     if kind == "DetectionsPropertyExtract":
         if not isinstance(value, Detections):
             raise _wrong_input(kind, value)
         return _detection_property(value, operation["property_name"])
-    if kind in VALUE_OPERATIONS:
-        if isinstance(value, (WorkflowImage, Detections)):
+    spec = TABLE_OPERATIONS.get(kind)
+    if spec is not None:
+        if (
+            isinstance(value, WorkflowImage)
+            and IMAGE not in spec.reads
+            or isinstance(value, Detections)
+            and DETECTIONS not in spec.reads
+        ):
             raise _wrong_input(kind, value)
         try:
-            return apply_value_operation(operation, value)
+            return apply_value_operation(operation, value, spec)
         except ValueOperationError as error:
             raise OperationError(f"{kind} {error}") from error
     if kind == "SequenceApply":

@@ -27,6 +27,9 @@ from workflows.blocks.base import json_type_name, shown
 
 # Kinds of values. Property definition adds the image and detection kinds.
 NUMBER, STRING, LIST, OBJECT, BOOLEAN = "number", "string", "list", "object", "boolean"
+# An encoded image, such as ConvertImageToJPEG makes. No input is bytes, and
+# an output writes them as base64 text.
+BYTES = "bytes"
 # The kind of a value that is known only when the chain runs.
 UNKNOWN = "unknown"
 
@@ -210,13 +213,17 @@ def _map(operation: dict, value: Any) -> list:
 def json_length(value: Any, lengths: dict[int, int] | None = None) -> int:
     """Estimate how many characters ``value`` takes as JSON.
 
-    Strings count without their escapes, and each number, boolean or null
-    as 24 characters. A list or object that appears more than once counts each
-    time but is measured once, by its id() in ``lengths``, so the time
-    taken grows with the memory ``value`` takes, not with its JSON.
+    Strings count without their escapes, bytes as their base64, and each
+    number, boolean or null as 24 characters. A list or object that appears
+    more than once counts each time but is measured once, by its id() in
+    ``lengths``, so the time taken grows with the memory ``value`` takes, not
+    with its JSON.
     """
     if isinstance(value, str):
         return len(value) + 2
+    if isinstance(value, bytes):
+        # An output writes bytes as base64 text.
+        return 4 * math.ceil(len(value) / 3) + 2
     if not isinstance(value, (list, tuple, dict)):
         return 24
     if lengths is None:
@@ -516,9 +523,11 @@ VALUE_OPERATIONS: dict[str, ValueOperation] = {
 }
 
 
-def value_operation_problem(operation: dict) -> str | None:
-    """Return what is wrong with the keys of a VALUE_OPERATIONS operation, or None."""
-    spec = VALUE_OPERATIONS[operation["type"]]
+def value_operation_problem(operation: dict, spec: ValueOperation) -> str | None:
+    """Return what is wrong with the keys of ``operation``, or None.
+
+    ``spec`` defines the operation, such as a value of VALUE_OPERATIONS.
+    """
     for key in operation:
         if key != "type" and key not in spec.keys:
             allowed = ", ".join(["type", *spec.keys])
@@ -532,14 +541,14 @@ def value_operation_problem(operation: dict) -> str | None:
     return spec.check(operation)
 
 
-def apply_value_operation(operation: dict, value: Any) -> Any:
-    """Return ``value`` after a VALUE_OPERATIONS operation.
+def apply_value_operation(operation: dict, value: Any, spec: ValueOperation) -> Any:
+    """Return ``value`` after ``operation``, which ``spec`` defines.
 
     Raises ValueOperationError when the value is of a kind the operation
     does not read, or the operation fails on it.
     """
     try:
-        result = VALUE_OPERATIONS[operation["type"]].apply(operation, value)
+        result = spec.apply(operation, value)
     except OverflowError as error:
         # Python's int has no bound, but a float does: 10**400 * 1.5 fails.
         raise ValueOperationError(
