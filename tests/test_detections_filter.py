@@ -300,6 +300,68 @@ def test_detection_in_zone_bad_zone(zone, problem):
     assert error.property_details == (f"{STATEMENT}.right_operand: {problem}")
 
 
+def many_detections(count: int) -> Detections:
+    return Detections(
+        xyxy=np.tile(np.array([[0, 0, 10, 10]], dtype=np.float32), (count, 1)),
+        confidence=np.full(count, 0.5, dtype=np.float32),
+        class_id=np.zeros(count, dtype=np.int64),
+        class_names=["Normal"] * count,
+        image_size=(100, 100),
+        parent_id="image",
+        detection_ids=[str(index) for index in range(count)],
+    )
+
+
+RANDOM = {"type": "RandomNumber"}
+
+
+@pytest.mark.parametrize(
+    "operand",
+    [
+        {"type": "StaticOperand", "value": 0, "operations": [RANDOM]},
+        {
+            "type": "StaticOperand",
+            "value": "x",
+            "operations": [{"type": "StringToUpperCase"}, RANDOM],
+        },
+        {"type": "DynamicOperand", "operand_name": "any", "operations": [RANDOM]},
+        {
+            "type": "DynamicOperand",
+            "operations": [
+                {"type": "ExtractDetectionProperty", "property_name": "size"},
+                RANDOM,
+            ],
+        },
+    ],
+    ids=["static", "static-after-operation", "parameter", "detection"],
+)
+def test_random_number_drawn_per_detection(operand):
+    # Roboflow's operands draw a number each time they are evaluated, so
+    # each detection draws its own.
+    sample = keep_where(compare(operand, "(Number) <", static(0.5)))
+    kept_ids = kept(sample, {"any": None}, predictions=many_detections(200))
+    # One number for all 200 would keep all or none. Either happens with
+    # a probability of 2**-199 when each detection draws its own.
+    assert 0 < len(kept_ids) < 200
+
+
+def test_random_number_static_operand_fails_at_run():
+    operand = {
+        "type": "StaticOperand",
+        "value": 0,
+        "operations": [RANDOM, {"type": "LookupTable", "lookup_table": {"a": 1}}],
+    }
+    statement = compare(operand, "==", static(1))
+    with pytest.raises(StepExecutionError) as caught:
+        kept(keep_where(statement))
+    assert caught.value.user_error is True
+    assert caught.value.message.startswith(
+        f"step 'filter': {STATEMENT}.left_operand.operations: operation 1 of the "
+        "static value failed: LookupTable 0."
+    )
+    assert 'is not a key of lookup_table (keys: "a")' in caught.value.message
+
+
 def test_comparison_that_fails_rejects_step():
     operations = keep_where(
         compare(detection_property("class_name"), "==", static("Normal")),

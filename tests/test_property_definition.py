@@ -396,6 +396,10 @@ def definition_with(data: str, operations: list) -> dict:
             [{"type": "ConvertImageToJPEG"}, {"type": "StringToLowerCase"}],
             "operation 1 (StringToLowerCase) needs a string, but gets bytes",
         ),
+        (
+            [{"type": "RandomNumber", "max_value": "1"}],
+            'operation 0 (RandomNumber): max_value must be a number, got "1"',
+        ),
     ],
     ids=[
         "kind",
@@ -408,6 +412,7 @@ def definition_with(data: str, operations: list) -> dict:
         "jpeg-quality",
         "base64-of-number",
         "text-of-bytes",
+        "random-bound",
     ],
 )
 def test_compile_rejects_bad_operations(operations, problem):
@@ -535,6 +540,28 @@ def test_image_as_jpeg_output():
     # As Roboflow's server writes bytes: standard base64 text.
     jpeg = base64.b64decode(output, validate=True)
     assert decoded(jpeg).shape == bus_image().pixels.shape
+
+
+@pytest.mark.parametrize(
+    "value", [None, "text", [1, 2], {"a": 1}, two_boxes(), bus_image()]
+)
+def test_random_number_ignores_value(value):
+    draws = [
+        apply(value, {"type": "RandomNumber", "min_value": 2, "max_value": 5})
+        for _ in range(50)
+    ]
+    assert all(type(draw) is float for draw in draws)
+    assert all(2 <= draw < 5 for draw in draws)
+    # 50 equal draws of a float happen with a probability of about 2**-2600.
+    assert len(set(draws)) > 1
+
+
+def test_random_number_bounds_as_roboflow():
+    assert apply(7, {"type": "RandomNumber", "min_value": 3, "max_value": 3}) == 3.0
+    assert apply(7, {"type": "RandomNumber"}) < 1
+    # Roboflow starts at min_value and adds up to |max_value - min_value|.
+    swapped = {"type": "RandomNumber", "min_value": 1, "max_value": 0}
+    assert all(1 <= apply(7, swapped) < 2 for _ in range(50))
 
 
 def test_operations_on_parameter_input():

@@ -9,7 +9,6 @@ import numpy as np
 from workflows.blocks.base import shown
 from workflows.blocks.detections_filter.geometry import point_in_zone
 from workflows.blocks.detections_filter.statements import (
-    DetectionProperty,
     Operand,
     Parameter,
     Statement,
@@ -17,7 +16,11 @@ from workflows.blocks.detections_filter.statements import (
     StaticValue,
     UnaryStatement,
 )
-from workflows.blocks.property_definition.v1 import OperationError, apply_operation
+from workflows.blocks.property_definition.v1 import (
+    OperationError,
+    apply_operation,
+    first_random_index,
+)
 from workflows.blocks.property_definition.value_operations import LIST, NUMBER, STRING
 from workflows.detections import Detections
 
@@ -190,18 +193,23 @@ def _value(
     for the rest of the block call.
     """
     if isinstance(operand, StaticValue):
-        return operand.value
-    if isinstance(operand, Parameter):
+        if not operand.operations:
+            return operand.value
+        value = operand.value
+        subject = "the static value"
+        first = operand.first
+    elif isinstance(operand, Parameter):
         if id(operand) in computed:
             return computed[id(operand)]
         value = parameters[operand.name]
         subject = f'"{operand.name}"'
+        first = 0
     else:
         assert detections is not None and index is not None
         value = PROPERTIES[operand.name](detections, index)
         subject = f"{operand.name} of detection {index}"
-    # A detection operand's operation 0 is its ExtractDetectionProperty.
-    first = 1 if isinstance(operand, DetectionProperty) else 0
+        # A detection operand's operation 0 is its ExtractDetectionProperty.
+        first = 1
     for position, operation in enumerate(operand.operations, first):
         try:
             value = apply_operation(operation, value)
@@ -210,7 +218,10 @@ def _value(
                 f"{operand.path}: operation {position} of {subject} failed: {error}"
             ) from error
     value = with_member_set(value) if operand.operations else value
-    if isinstance(operand, Parameter):
+    if (
+        isinstance(operand, Parameter)
+        and first_random_index(operand.operations) is None
+    ):
         computed[id(operand)] = value
     return value
 

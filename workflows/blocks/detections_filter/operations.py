@@ -65,6 +65,7 @@ from workflows.blocks.property_definition.v1 import (
     OperationError,
     apply_operation,
     chain_problem,
+    first_random_index,
 )
 from workflows.blocks.property_definition.v1 import (
     check_operations as check_value_operations,
@@ -338,7 +339,17 @@ def _parse_operand(value: Any, path: str, condition: bool = False) -> Operand:
 
     if fields["type"] == "StaticOperand":
         value = _required(fields, "value", path)
-        return StaticValue(with_member_set(_static_value(value, operations, path)))
+        _check_value_operations(operations, path)
+        random_index = first_random_index(operations)
+        if random_index is None:
+            random_index = len(operations)
+        fixed = _static_value(value, operations[:random_index], path)
+        return StaticValue(
+            with_member_set(fixed),
+            f"{path}.operations",
+            tuple(operations[random_index:]),
+            random_index,
+        )
 
     name = fields.get("operand_name", DETECTION_OPERAND)
     if not isinstance(name, str):
@@ -432,9 +443,9 @@ def _static_value(value: Any, operations: list, path: str) -> Any:
     """Return a StaticOperand's value after its operations.
 
     They read the same value for every detection, so they run once, here,
-    and a failure is a problem with the definition.
+    and a failure is a problem with the definition. ``operations`` passed
+    ``_check_value_operations``.
     """
-    _check_value_operations(operations, path)
     for position, operation in enumerate(operations):
         try:
             value = apply_operation(operation, value)

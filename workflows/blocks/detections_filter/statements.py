@@ -12,10 +12,18 @@ class StaticValue:
     """A StaticOperand: the same value for every detection.
 
     ``value`` is the operand's value after its operations, which are
-    applied once, when the operations are parsed.
+    applied once, when the operations are parsed, up to the first whose
+    result is random (RandomNumber). That one and the rest are left in
+    ``operations``, to apply each time the operand is evaluated, as in
+    Roboflow.
     """
 
     value: Any
+    # The path of the operand in ``operations``, for errors.
+    path: str = ""
+    operations: tuple[dict, ...] = ()
+    # The index of ``operations[0]`` among the operand's operations.
+    first: int = 0
 
 
 @dataclass(frozen=True)
@@ -24,7 +32,8 @@ class Parameter:
 
     In a condition (``parse_condition``), the key names a value of the
     block's parameters. ``operations`` are property definition operations
-    applied to the value before the comparison.
+    applied to the value before the comparison: once per block call, or
+    for each detection when one of them is random.
     """
 
     name: str

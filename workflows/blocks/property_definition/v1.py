@@ -28,6 +28,7 @@ from workflows.blocks.property_definition.value_operations import (
     MAX_APPLY_DEPTH,
     NUMBER,
     OBJECT,
+    RANDOM_OPERATIONS,
     STRING,
     UNKNOWN,
     VALUE_OPERATIONS,
@@ -104,6 +105,8 @@ OPERATIONS = {
     "ConvertImageToJPEG": "compression_level (95): an image as JPEG bytes",
     "ConvertImageToBase64": "an image as base64 text: an input's file as sent, "
     "any other image as JPEG",
+    "RandomNumber": "min_value (0) and max_value (1): a random number in place "
+    "of any value, different on every run",
     "DetectionsToDictionary": "detections as an object in Roboflow's response "
     "format, in the coordinates of their own image",
     **{
@@ -274,6 +277,23 @@ def chain_problem(operations: list, kind: str, item_kind: str = UNKNOWN) -> str 
         else:
             items = UNKNOWN
         current = MAKES[name]
+    return None
+
+
+def first_random_index(operations: list) -> int | None:
+    """Return the index of the first operation whose result is random, or None.
+
+    A SequenceApply is random when an operation of its chain is.
+    """
+    for index, operation in enumerate(operations):
+        kind = operation["type"]
+        if kind in RANDOM_OPERATIONS:
+            return index
+        if (
+            kind == "SequenceApply"
+            and first_random_index(operation["operations"]) is not None
+        ):
+            return index
     return None
 
 

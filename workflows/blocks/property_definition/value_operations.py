@@ -11,6 +11,7 @@ the kinds Roboflow declares for them and fail the step on others.
 import itertools
 import json
 import math
+import random
 import re
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 import regex
 
-from workflows.blocks.base import json_type_name, shown
+from workflows.blocks.base import DETECTIONS, IMAGE, json_type_name, shown
 
 # Kinds of values. Property definition adds the image and detection kinds.
 NUMBER, STRING, LIST, OBJECT, BOOLEAN = "number", "string", "list", "object", "boolean"
@@ -32,6 +33,8 @@ NUMBER, STRING, LIST, OBJECT, BOOLEAN = "number", "string", "list", "object", "b
 BYTES = "bytes"
 # The kind of a value that is known only when the chain runs.
 UNKNOWN = "unknown"
+# Every kind, for an operation that reads any value.
+ANY_KIND = (NUMBER, STRING, LIST, OBJECT, BOOLEAN, BYTES, IMAGE, DETECTIONS)
 
 # The maximum nesting depth of SequenceApply operations. Parsing and
 # evaluation recurse at each level.
@@ -426,6 +429,22 @@ def _regex_problem(operation: dict) -> str | None:
     return None
 
 
+def _random_number(operation: dict, value: Any) -> float:
+    """Return a random float from min_value up to |max_value - min_value| more.
+
+    As Roboflow's RandomNumber, it ignores ``value``, and when min_value
+    exceeds max_value the result still starts at min_value, so min_value 1
+    and max_value 0 give a number from 1 to 2. Python's random.random()
+    draws it, seeded by the operating system in each runner process, so the
+    result differs on every run.
+    """
+    low = float(operation.get("min_value", 0.0))
+    high = float(operation.get("max_value", 1.0))
+    if low == high:
+        return low
+    return low + random.random() * abs(high - low)
+
+
 def _choice(name: str, choices: tuple[str, ...]) -> Callable[[dict], str | None]:
     return _key_of(name, lambda value: value in choices, "one of " + ", ".join(choices))
 
@@ -520,7 +539,22 @@ VALUE_OPERATIONS: dict[str, ValueOperation] = {
     "ConvertDictionaryToJSON": ValueOperation(
         {}, (OBJECT,), STRING, _no_check, _to_json
     ),
+    "RandomNumber": ValueOperation(
+        {"min_value": 0.0, "max_value": 1.0},
+        ANY_KIND,
+        NUMBER,
+        _all(
+            _key_of("min_value", _finite_number, "a number"),
+            _key_of("max_value", _finite_number, "a number"),
+        ),
+        _random_number,
+    ),
 }
+
+# The operations whose result is not a function of their input. They run
+# each time their chain is evaluated, never once for all of a filter's
+# detections or at compile time.
+RANDOM_OPERATIONS = frozenset({"RandomNumber"})
 
 
 def value_operation_problem(operation: dict, spec: ValueOperation) -> str | None:
