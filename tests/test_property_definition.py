@@ -400,6 +400,11 @@ def definition_with(data: str, operations: list) -> dict:
             [{"type": "RandomNumber", "max_value": "1"}],
             'operation 0 (RandomNumber): max_value must be a number, got "1"',
         ),
+        (
+            [{"type": "TimestampToISOFormat"}],
+            "operation 0 (TimestampToISOFormat) is not supported: it reads a "
+            "timestamp, which only ExtractFrameMetadata makes from a video frame",
+        ),
     ],
     ids=[
         "kind",
@@ -413,6 +418,7 @@ def definition_with(data: str, operations: list) -> dict:
         "base64-of-number",
         "text-of-bytes",
         "random-bound",
+        "timestamp",
     ],
 )
 def test_compile_rejects_bad_operations(operations, problem):

@@ -115,6 +115,17 @@ OPERATIONS = {
     },
 }
 
+# Operations of Roboflow's language that read what only a video frame has,
+# with the reason they are rejected. This server takes images, which carry
+# no frame number or timestamp.
+VIDEO_OPERATIONS = {
+    "ExtractFrameMetadata": "it reads a video frame's number or timestamp, but "
+    "this server takes images, which have neither. Remove it",
+    "TimestampToISOFormat": "it reads a timestamp, which only "
+    "ExtractFrameMetadata makes from a video frame, but this server takes "
+    "images, which have none. Remove it",
+}
+
 # The operations that a ValueOperation of a table defines: its keys, the
 # kinds it reads and makes, and how it applies.
 TABLE_OPERATIONS = {**VALUE_OPERATIONS, **IMAGE_OPERATIONS}
@@ -186,6 +197,8 @@ def _operation_problem(operation: Any, depth: int) -> str | None:
             f"{shown(operation)}"
         )
     kind = operation.get("type")
+    if isinstance(kind, str) and kind in VIDEO_OPERATIONS:
+        return f" ({kind}) is not supported: {VIDEO_OPERATIONS[kind]}"
     if not isinstance(kind, str) or kind not in OPERATIONS:
         return f" has unknown type {kind!r}; supported: {', '.join(OPERATIONS)}"
     name = operation.get("property_name")
