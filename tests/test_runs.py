@@ -29,6 +29,7 @@ from tests.definitions import (
     static,
 )
 from webapp.redis import get_redis
+from workflows.images import WorkflowImage
 from workflows.models import Workflow
 from workflows.timing import RUNNER_COMPONENTS
 
@@ -377,12 +378,14 @@ def test_run_png_with_data_after_its_end(runner, alice_client):
     assert classes.count("Normal") >= 2
 
 
+def chunk(kind: bytes, payload: bytes) -> bytes:
+    """Build a PNG chunk: length, type, data and CRC."""
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
 def test_run_image_undecodable_on_runner_is_not_billed(runner, alice_client):
     # A valid header and end marker around pixel data that is not zlib.
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
     header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
     png = (
         b"\x89PNG\r\n\x1a\n"
@@ -404,6 +407,54 @@ def test_run_image_undecodable_on_runner_is_not_billed(runner, alice_client):
     assert run.bill.billed is False
     assert run.bill.amount_microcredits == 0
     assert "passed the server's checks" in run.bill.formula
+
+
+def test_run_malformed_apng_fails_without_crashing_runner(runner, alice_client):
+    # The first frame (the fcTL before IDAT) is 32x24 on a 64x48 canvas,
+    # which the APNG format forbids. OpenCV 4.12's APNG reader crashes the
+    # process on such a file with two frames.
+    def frame_control(sequence: int) -> bytes:
+        return chunk(
+            b"fcTL", struct.pack(">IIIIIHHBB", sequence, 32, 24, 0, 0, 0, 1, 0, 0)
+        )
+
+    rows = zlib.compress((b"\x00" + b"\x80" * 32 * 3) * 24)
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 48, 8, 2, 0, 0, 0))
+        + chunk(b"acTL", struct.pack(">II", 2, 0))
+        + frame_control(0)
+        + chunk(b"IDAT", rows)
+        + frame_control(1)
+        + chunk(b"fdAT", struct.pack(">I", 2) + rows)
+        + chunk(b"IEND", b"")
+    )
+    workflow_id = create_workflow(alice_client, detection())
+    body = {
+        "inputs": {"image": {"type": "base64", "value": base64.b64encode(png).decode()}}
+    }
+    response = alice_client.post(
+        f"/api/workflows/{workflow_id}/runs", body, format="json"
+    )
+    assert response.status_code == 400, response.json()
+    assert response.json()["code"] == "invalid_input"
+    run = Run.objects.get()
+    assert run.status == Run.Status.FAILED
+    assert run.bill.billed is False
+    assert runner.process.poll() is None
+
+
+def test_apng_decodes_to_default_image():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    first = Image.new("RGB", (16, 8), (255, 0, 0))
+    second = Image.new("RGB", (16, 8), (0, 0, 255))
+    first.save(buffer, "PNG", save_all=True, append_images=[second])
+    pixels = WorkflowImage.from_bytes(buffer.getvalue(), "image").pixels
+    assert pixels.shape == (8, 16, 3)
+    # OpenCV's pixels are BGR.
+    assert pixels[0, 0].tolist() == [0, 0, 255]
 
 
 @pytest.mark.django_db

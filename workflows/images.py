@@ -304,6 +304,36 @@ def _png_exif_chunk(data: bytes) -> bytes | None:
     return None
 
 
+# The chunks that make a PNG file an animated PNG (APNG).
+_APNG_CHUNKS = frozenset({b"acTL", b"fcTL", b"fdAT"})
+
+
+def _without_animation(data: bytes) -> bytes:
+    """Return a PNG file without its APNG chunks: the plain PNG of its default image.
+
+    OpenCV 4.12 decodes an APNG through its own frame reader, and some
+    malformed APNGs, such as one whose first frame is smaller than its IHDR
+    image, make that reader crash the process (SIGSEGV) instead of failing.
+    libpng decodes the plain PNG or fails cleanly, and its pixels are the
+    IDAT image that OpenCV returns for a valid APNG. Other data, including
+    PNG files without these chunks, is returned as it is.
+    """
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or b"acTL" not in data:
+        return data
+    plain = [data[:8]]
+    animated = False
+    for kind, start, length in _png_chunks(data):
+        if kind in _APNG_CHUNKS:
+            animated = True
+        else:
+            # Chunk length and type, data and CRC. Bytes after IEND, which
+            # decoders ignore, are left out.
+            plain.append(data[start - 8 : start + length + 4])
+    if not animated:
+        return data
+    return b"".join(plain)
+
+
 def _png_has_end(data: bytes) -> bool:
     """Return whether a PNG file's chunks lead to a whole IEND chunk."""
     for kind, start, _ in _png_chunks(data):
@@ -437,11 +467,11 @@ class WorkflowImage:
         """
         if self._pixels is None:
             assert self.data is not None
-            buffer = np.frombuffer(self.data, dtype=np.uint8)
             # exif_orientation decides the orientation, not OpenCV, so that
             # the pixels always match the size read from the header.
             decoded = cv2.imdecode(
-                buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+                np.frombuffer(_without_animation(self.data), dtype=np.uint8),
+                cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION,
             )
             if decoded is None:
                 raise UndecodableImageError(
