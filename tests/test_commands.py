@@ -14,6 +14,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.db import connection as db_connection
+from django.test import override_settings
 
 from runner.models import Run
 from tests.conftest import ROOT, free_port, image_path, private_data_env
@@ -99,6 +100,16 @@ def test_runworkflow_bad_definition_file(db, tmp_path, content, message):
     with pytest.raises(CommandError) as caught:
         call_command("runworkflow", str(path))
     assert message in str(caught.value)
+    assert Run.objects.count() == 0
+
+
+@override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1024)
+def test_runworkflow_definition_over_body_limit(db, tmp_path):
+    path = tmp_path / "definition.json"
+    path.write_text(json.dumps({"inputs": [], "notes": "x" * 1024}))
+    with pytest.raises(CommandError) as caught:
+        call_command("runworkflow", str(path))
+    assert "is over 1024 bytes (MAX_REQUEST_BYTES" in str(caught.value)
     assert Run.objects.count() == 0
 
 

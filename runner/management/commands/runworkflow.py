@@ -22,6 +22,7 @@ from webapp.management.arguments import (
 from webapp.management.database import check_database
 from webapp.redis import embedded_redis_for_command
 from webapp.requests import MalformedRequest, parse_json_text
+from workflows.compiler import MAX_DEFINITION_BYTES
 from workflows.compiler.parse import IMAGE_INPUT_TYPES
 from workflows.errors import WorkflowError
 
@@ -197,12 +198,24 @@ class Command(BaseCommand):
         return user
 
     def _read_definition(self, path: Path) -> dict:
+        # The file may hold a whole API body, so the cap is the API's limit on
+        # a request body. Reading stops past it, so a huge file or a device
+        # such as /dev/zero is rejected instead of filling the memory.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         try:
-            text = path.read_bytes().decode("utf-8-sig")
+            with path.open("rb") as file:
+                data = file.read(limit + 1)
+            text = data.decode("utf-8-sig")
         except FileNotFoundError:
             raise CommandError(f"definition file {path} not found") from None
         except (OSError, UnicodeDecodeError) as error:
             raise CommandError(f"cannot read definition file {path}: {error}") from None
+        if len(data) > limit:
+            raise CommandError(
+                f"definition file {path} is over {limit} bytes (MAX_REQUEST_BYTES, "
+                "the API's limit on a request body); a definition may be at most "
+                f"{MAX_DEFINITION_BYTES} bytes of JSON"
+            )
         # The API's parser: values Python's json module reads but a run cannot
         # store (NaN, huge integers, NUL) are refused here as they are there.
         try:
