@@ -47,6 +47,7 @@ from webapp.requests import (
     MalformedRequest,
     PayloadTooLarge,
     TooManyRequests,
+    UnsupportedMediaType,
     reject_unknown_fields,
 )
 from workflows.errors import ModelNotFoundError, WorkflowError
@@ -373,6 +374,7 @@ class ModelListView(StrictQueryAPIView):
         ultralytics' restricted unpickler, so a file that names any other
         callable is rejected before it runs.
         """
+        _check_upload_media_type(request)
         reject_unknown_fields(request.data, UPLOAD_FIELDS)
         for name in ("model_id", "file"):
             if len(request.data.getlist(name)) > 1:
@@ -592,6 +594,24 @@ class _FilePartRecorder(FileUploadHandler):
 
     def file_complete(self, file_size):
         return None
+
+
+def _check_upload_media_type(request) -> None:
+    """Raise UnsupportedMediaType for an upload not sent as multipart form data.
+
+    DRF rejects such a body only when it has bytes to parse, and gives an
+    empty one an empty dict, which has no ``getlist``.
+    """
+    if request.content_type.startswith("multipart/form-data"):
+        return
+    sent = f"'{request.content_type[:80]}'" if request.content_type else "none"
+    raise UnsupportedMediaType(
+        f"a model upload is sent as multipart form data; this request's "
+        f"Content-Type is {sent}",
+        context="request_parsing",
+        hint="Send model_id and the weights file as form parts, as "
+        "'curl -F model_id=ID -F file=@weights.pt' does.",
+    )
 
 
 def _check_upload_length(request) -> None:

@@ -721,6 +721,29 @@ def test_upload_without_file_part_asks_for_it(alice_client):
     )
 
 
+@pytest.mark.parametrize(
+    "content_type, body",
+    [
+        (None, b""),
+        ("application/json", b""),
+        ("text/plain", b""),
+        ("application/json", b'{"model_id": "x"}'),
+    ],
+)
+def test_upload_not_multipart_is_415(alice_client, content_type, body):
+    # DRF gives a body that it has no bytes to parse an empty dict, not a form.
+    response = alice_client.generic(
+        "POST", "/api/models/", body, content_type=content_type
+    )
+    assert response.status_code == 415
+    error = response.json()
+    assert error["code"] == "unsupported_media_type"
+    assert "sent as multipart form data" in error["message"]
+    assert repr(content_type or "none").strip("'") in error["message"]
+    assert "-F file=@weights.pt" in error["hint"]
+    assert ModelUpload.objects.count() == 0
+
+
 def test_upload_with_long_filename_is_malformed(alice_client):
     # Django's multipart parser limits one part's headers to 1,024 bytes.
     # The body is written by hand because Django's test client cuts
