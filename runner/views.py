@@ -344,6 +344,10 @@ class ModelDetailView(StrictQueryAPIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     def get_upload(self, request, model_id, lock: bool = False) -> ModelUpload:
+        if not SAFE_ID.fullmatch(model_id):
+            # No upload has such an id, and PostgreSQL rejects a query with a
+            # NUL character, which the path may carry as %00.
+            raise NotFound(f"model upload {model_id!r} not found among yours")
         return get_owned(
             ModelUpload.objects.select_for_update() if lock else ModelUpload.objects,
             f"model upload '{model_id}'",

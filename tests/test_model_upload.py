@@ -744,6 +744,17 @@ def test_upload_not_multipart_is_415(alice_client, content_type, body):
     assert ModelUpload.objects.count() == 0
 
 
+def test_upload_route_with_nul_in_id_is_404(alice_client):
+    # PostgreSQL rejects a query with a NUL character, so the id is checked
+    # before any query, and the message shows the character escaped.
+    for method in (alice_client.get, alice_client.delete):
+        response = method("/api/models/a%00b")
+        assert response.status_code == 404
+        error = response.json()
+        assert error["code"] == "not_found"
+        assert error["message"] == "model upload 'a\\x00b' not found among yours"
+
+
 def test_upload_with_long_filename_is_malformed(alice_client):
     # Django's multipart parser limits one part's headers to 1,024 bytes.
     # The body is written by hand because Django's test client cuts
