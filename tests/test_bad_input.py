@@ -1185,6 +1185,18 @@ def test_api_undeclared_input_rejected(alice, alice_client, route):
     assert_nothing_stored()
 
 
+def test_missing_image_names_undeclared_inputs(send_run):
+    # Roboflow's routes ignore undeclared inputs, so an image sent under
+    # another name was reported only as missing.
+    response = send_run(image_height(), {"img": IMAGE_INPUTS["image"]})
+    assert response.status_code == 400
+    error = response.json()
+    assert error["code"] == "invalid_input"
+    assert error["field"] in ("image", "img")
+    assert "'img'" in error["message"]
+    assert_nothing_stored()
+
+
 def test_roboflow_run_accepts_undeclared_input(runner, alice_client):
     response = post_json(
         alice_client,

@@ -58,7 +58,7 @@ def read_inputs(
             blobs = _image_values(value, spec.name)
         else:
             raise InputError(
-                f"image input '{spec.name}' is missing",
+                f"image input '{spec.name}' is missing{_undeclared_note(plan, raw)}",
                 context="request_parsing",
                 field_name=spec.name,
                 hint=f'Send inputs.{spec.name} = {{"type": "base64", '
@@ -94,6 +94,23 @@ def read_inputs(
         ]
     parameters = read_parameters(plan, raw)
     return RunInputs(images, info, parameters, _batch_size(images))
+
+
+def _undeclared_note(plan: ExecutionPlan, raw: dict[str, Any]) -> str:
+    """Name the inputs in ``raw`` that ``plan`` does not declare, if any.
+
+    Roboflow's routes ignore such inputs, so an image sent under another
+    name would otherwise be reported only as missing.
+    """
+    declared = {spec.name for spec in (*plan.image_inputs, *plan.parameter_inputs)}
+    unknown = sorted(set(raw) - declared)
+    if not unknown:
+        return ""
+    shown_names = ", ".join(repr(name) for name in unknown)[:300]
+    return (
+        f"; the request's inputs also name {shown_names}, which the workflow "
+        "does not declare"
+    )
 
 
 def _check_image_count(name: str, count: int, max_images: int | None) -> None:
