@@ -2107,6 +2107,24 @@ def test_multipart_body_to_a_json_route_is_415(alice, alice_client, url):
     assert_nothing_stored()
 
 
+def test_nul_in_query_is_400(alice, alice_client):
+    # PostgreSQL rejects a text value with a NUL character, so an admin list
+    # filter that passed one to a query answered 500 there.
+    response = alice_client.get("/api/runs/?status=%00")
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "malformed_request"
+    assert "NUL character (%00)" in body["message"]
+    alice.is_staff = alice.is_superuser = True
+    alice.save()
+    browser = Client()
+    browser.force_login(alice)
+    page = browser.get("/admin/runner/run/?status__exact=%00", HTTP_ACCEPT="text/html")
+    assert page.status_code == 400
+    assert page["Content-Type"].startswith("text/html")
+
+
 def test_too_many_query_fields_says_so(alice_client, settings):
     # Django refuses them before any view; the 400 only pointed at the log.
     query = "&".join(

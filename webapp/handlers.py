@@ -3,7 +3,12 @@
 import functools
 
 from django.conf import settings
-from django.core.exceptions import DisallowedHost, TooManyFieldsSent, TooManyFilesSent
+from django.core.exceptions import (
+    BadRequest,
+    DisallowedHost,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
 from django.http import JsonResponse
 from django.urls import Resolver404
 from django.views.defaults import bad_request as html_bad_request
@@ -32,6 +37,10 @@ def _wants_json(request) -> bool:
         or request.method != "GET"
         or "text/html" not in accept
     )
+
+
+class NulInQuery(BadRequest):
+    """A query string with a NUL character, which PostgreSQL cannot store or match."""
 
 
 def not_found(request, exception=None):
@@ -73,6 +82,16 @@ def bad_request(request, exception=None):
             400,
             error_type="DisallowedHost",
             context="request.headers.host",
+        )
+    if isinstance(exception, NulInQuery):
+        return json_error(
+            "the query string has a NUL character (%00), which no parameter "
+            "may contain",
+            "malformed_request",
+            400,
+            error_type="MalformedRequest",
+            context="request_parsing",
+            hint="Remove the %00 from the URL.",
         )
     if isinstance(exception, TooManyFieldsSent | TooManyFilesSent):
         # Django's limits on form and query fields name no part of the

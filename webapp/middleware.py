@@ -3,6 +3,7 @@ import time
 from django.core.handlers.wsgi import WSGIRequest
 
 from webapp.errors import json_error
+from webapp.handlers import NulInQuery
 
 
 class RequestClockMiddleware:
@@ -80,3 +81,21 @@ def _is_chunked(request) -> bool:
     # chunked, so a header that reaches Django names chunked somewhere.
     codings = request.META.get("HTTP_TRANSFER_ENCODING", "")
     return "chunked" in (coding.strip().lower() for coding in codings.split(","))
+
+
+class NulQueryMiddleware:
+    """Reject a query string with a NUL character (%00) with a 400.
+
+    No parameter has a use for one, and PostgreSQL rejects a text value
+    that contains one, so a view that passed such a value to a query, such
+    as an admin list filter (``?status__exact=%00``), returned 500.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        query = request.META.get("QUERY_STRING", "")
+        if "%00" in query or "\x00" in query:
+            raise NulInQuery("the query string has a NUL character (%00)")
+        return self.get_response(request)

@@ -82,6 +82,7 @@ MIDDLEWARE = [
     "webapp.middleware.RequestClockMiddleware",
     "webapp.middleware.HeadResponseMiddleware",
     "webapp.middleware.ChunkedBodyMiddleware",
+    "webapp.middleware.NulQueryMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
