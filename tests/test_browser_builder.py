@@ -274,7 +274,9 @@ def test_builder_ctrl_s_twice_saves_once(transactional_db, asgi_server, page, al
         }"""
     )
     page.wait_for_selector("#saved-version[data-version='2']")
-    page.wait_for_timeout(500)
+    # A later request, sent after the first save got its response. A second
+    # save, sent with the first or as it ended, would be seen before it.
+    page.evaluate("window.glassboxBuilder.validate()")
     assert len(puts) == 1
     assert page.locator("#save-message").get_attribute("data-kind") != "error"
     assert workflow.latest_version().number == 2
