@@ -9,13 +9,21 @@ import signal
 from django.utils import timezone
 
 from billing.models import Bill
+from runner.events import MAX_EVENT_BYTES, RunEvents
 from runner.models import Run
+from runner.presenters import bill_to_dict
 from runner.registry import resolve_model
 from tests.conftest import ARTIFACTS, image_b64, image_path
 from tests.definitions import detection, image_height
-from tests.test_billing_pages import failed_load_entry, make_bill, model_entry
+from tests.test_billing_pages import (
+    failed_load_entry,
+    make_bill,
+    model_entry,
+    version_of,
+)
 from tests.test_estimate import wait_until_loaded
 from tests.test_runs import run_workflow
+from webapp.redis import get_redis
 from workflows.models import Workflow
 
 
@@ -363,6 +371,54 @@ def test_run_page_shows_failed_load(transactional_db, asgi_server, page, alice):
     model = page.locator("#timeline li[data-model='people-detector']")
     assert model.locator(".badge").text_content() == "load failed"
     assert model.locator(".badge.cold").count() == 0
+
+
+def test_run_page_reads_timing_of_reduced_done(
+    transactional_db, asgi_server, page, alice
+):
+    # A breakdown this long puts the done event over MAX_EVENT_BYTES, so the
+    # websocket sends it without the breakdown, and the page reads the timing
+    # from the run API.
+    models = [model_entry(f"model-{index}", calls=1) for index in range(6_000)]
+    bill = make_bill(alice, version=version_of(alice, "Many models"), models=models)
+    run = Run.objects.get(pk=bill.run_id)
+    Run.objects.filter(pk=run.pk).update(finished_at=timezone.now())
+    assert len(json.dumps(run.breakdown)) > MAX_EVENT_BYTES
+    events = RunEvents(str(run.pk))
+    events.emit("request", duration=run.breakdown["components"]["request"])
+    events.emit(
+        "done",
+        status=run.status,
+        breakdown=run.breakdown,
+        bill=bill_to_dict(bill),
+        error=None,
+    )
+    events.send_with(get_redis().pipeline(transaction=False))
+    frames: list[str] = []
+    page.on(
+        "websocket",
+        lambda socket: socket.on("framereceived", lambda text: frames.append(text)),
+    )
+
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/runs/{run.pk}/")
+    page.wait_for_selector("#summary:not([hidden])", timeout=30_000)
+
+    done = json.loads(frames[-1])
+    assert done["phase"] == "done"
+    assert done["truncated"] == ["breakdown"]
+    assert page.locator("#transport").text_content() == (
+        "finished before this page opened; read over websocket"
+    )
+    assert page.locator("#summary-times").is_visible()
+    total = page.locator("#summary-total").text_content()
+    assert total == f"{run.breakdown['total'] / 1000:.3f} ms"
+    runner_total = page.locator("#summary-runner").text_content()
+    assert runner_total == f"{run.breakdown['runner_total'] / 1000:.3f} ms"
+    assert page.locator("#timeline li[data-phase=overhead]").count() == 1
+    assert page.locator("#timeline li[data-model]").count() == len(models)
+    amount = page.locator("#summary-amount").get_attribute("data-microcredits")
+    assert int(amount) == bill.amount_microcredits
 
 
 def test_run_page_rejects_oversized_image(

@@ -3,7 +3,8 @@
 // Events are {seq, run_id, phase, ...} with durations in microseconds. When
 // the websocket cannot open or closes before the "done" event, the page polls
 // GET /api/runs/<id> until the run finishes, so it always ends in the
-// final state.
+// final state. A "done" event over the websocket's message limit arrives
+// with fields left out, and the page reads those from the run API.
 //
 // The page shows one run at a time, the one in its URL. Each run gets a view
 // object, and every callback drops its work once a newer view has replaced
@@ -159,8 +160,37 @@ function undrawnDetectionsNote(count) {
         if (!event.model_step) addRow(view, "blocks", `block · ${event.step}`, event.duration);
         break;
       case "serialization": addRow(view, "serialization", "serialization", event.duration); break;
-      case "done": showFinal(view, event); break;
+      case "done":
+        if (event.truncated) showReducedFinal(view, event);
+        else showFinal(view, event);
+        break;
     }
+  }
+
+  // The run API's name for each field of a done event.
+  const DONE_FIELDS_IN_RUN = { breakdown: "timing", bill: "bill", error: "error" };
+
+  // Show the end of a run whose done event was over the websocket's message
+  // limit. The fields named in event.truncated are null, so they are read
+  // from the run at event.url, which the runner stores before it sends done.
+  async function showReducedFinal(view, event) {
+    // Nothing follows a done, and the socket's close must not start a poll
+    // while the run is read.
+    closeSocket(view);
+    const result = { ...event };
+    try {
+      const response = await fetch(event.url, { credentials: "same-origin" });
+      if (!response.ok) throw new Error(`HTTP status ${response.status}`);
+      const run = await response.json();
+      for (const name of event.truncated) {
+        if (name in DONE_FIELDS_IN_RUN) result[name] = run[DONE_FIELDS_IN_RUN[name]];
+      }
+    } catch (error) {
+      if (view !== current) return;
+      $("transport").textContent += `; reading ${event.truncated.join(", ")} `
+        + `from ${event.url} failed: ${error.message}`;
+    }
+    showFinal(view, result);
   }
 
   // A model row at the end of the timeline. A model the run set up but
