@@ -6,6 +6,7 @@ database and the test run's embedded Redis.  Tests that need them use the
 processes and must see committed rows).
 """
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -14,11 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import connection, connections
 
 from runner import fleet
 from webapp import login_throttle
@@ -185,28 +188,66 @@ def runner_factory(django_db_setup, django_db_blocker):
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """pytest-django's test database, with every other session ended before the drop.
+
+    DROP DATABASE fails while another session uses the database. The
+    fixtures that start runners and servers stop them first, because they
+    depend on this one.
+    """
+    yield
     with django_db_blocker.unblock():
+        close_shared_sync_thread_connections()
         wait_for_other_sessions_to_close()
 
 
+def close_shared_sync_thread_connections() -> None:
+    """Close the database connections of asgiref's shared sync_to_async thread.
+
+    Async tests call the ORM through ``sync_to_async``, which runs it in one
+    thread kept for the whole process. Django closes a connection at the end
+    of a request (or in ``database_sync_to_async``), and neither happens
+    there, so the thread's connection stays open until the process exits.
+    """
+    asyncio.run(sync_to_async(connections.close_all)())
+
+
 def wait_for_other_sessions_to_close(timeout_s: float = 10) -> None:
-    """Wait until PostgreSQL has ended the stopped runners' sessions.
+    """Wait until PostgreSQL has ended the sessions of stopped processes.
 
     The server ends a session shortly after its process exits, and dropping
-    the test database while one remains fails.
+    the test database while one remains fails. Warn with the sessions still
+    open after ``timeout_s``.
     """
     if connection.vendor != "postgresql":
         return
     deadline = time.monotonic() + timeout_s
     with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
+        while True:
             cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity "
+                "SELECT pid, application_name, client_port, state, query "
+                "FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-            if cursor.fetchone()[0] == 0:
+            sessions = cursor.fetchall()
+            if not sessions:
                 return
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.1)
+    listed = "\n".join(
+        f"backend {pid}, application {name!r}, client port {port}, {state}: "
+        f"{query[:200]}"
+        for pid, name, port, state, query in sessions
+    )
+    warnings.warn(
+        f"{len(sessions)} other sessions still use the test database after "
+        f"{timeout_s} s, so it cannot be dropped:\n{listed}",
+        stacklevel=2,
+    )
 
 
 @pytest.fixture(scope="session")
