@@ -1354,24 +1354,26 @@ def test_moving_jobs_keeps_job_when_database_fails(runner, alice):
     if db_connection.vendor != "postgresql":
         pytest.skip("SQLite has no server that ends sessions")
     connection = get_redis()
-    with registered_runner("parked-for-move"):
-        run_id = str(start(alice, "people-detector", "parked-for-move", 0).run.id)
     queue_key = f"{Queue.redis_queue_namespace_prefix}" + keys.runner_queue(
         "parked-for-move"
     )
-    assert connection.lrange(queue_key, 0, -1) == [run_id.encode()]
-    pid = db_connection.connection.info.backend_pid
-    with psycopg.connect(**db_connection.get_connection_params()) as other:
-        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+    # Registered, the runner is live, so the session runner's reaps leave its
+    # queue to the moves of this test.
+    with registered_runner("parked-for-move"):
+        run_id = str(start(alice, "people-detector", "parked-for-move", 0).run.id)
+        assert connection.lrange(queue_key, 0, -1) == [run_id.encode()]
+        pid = db_connection.connection.info.backend_pid
+        with psycopg.connect(**db_connection.get_connection_params()) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", [pid])
 
-    try:
-        with pytest.raises(OperationalError):
-            reaper.move_queued_jobs("parked-for-move")
-    finally:
-        db_connection.close()
+        try:
+            with pytest.raises(OperationalError):
+                reaper.move_queued_jobs("parked-for-move")
+        finally:
+            db_connection.close()
 
-    assert connection.lrange(queue_key, 0, -1) == [run_id.encode()]
-    assert reaper.move_queued_jobs("parked-for-move") == [run_id]
+        assert connection.lrange(queue_key, 0, -1) == [run_id.encode()]
+        assert reaper.move_queued_jobs("parked-for-move") == [run_id]
     assert wait_for_final(run_id).status == Run.Status.SUCCEEDED
 
 
