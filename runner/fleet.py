@@ -65,8 +65,9 @@ end
 # KEYS[3] when the runner joins or its models differ from the heartbeat it
 # replaces. ARGV[5] (see _models_key) lists the cache keys of the models
 # loaded and the files missing, sorted, one per line. Records the
-# time in KEYS[4]. Sets the instance key KEYS[5] in either case, because the
-# process is alive even when it lost its name.
+# time in KEYS[4], and the instance as the name's latest in KEYS[6]. Sets the
+# instance key KEYS[5] in either case, because the process is alive even when
+# it lost its name.
 _PUBLISH_HEARTBEAT = (
     OTHER_INSTANCE_LUA
     + """
@@ -100,6 +101,7 @@ redis.call('SADD', KEYS[2], ARGV[4])
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZADD', KEYS[4], now_ms, ARGV[4])
+redis.call('HSET', KEYS[6], ARGV[4], ARGV[2])
 return false
 """
 )
@@ -117,12 +119,13 @@ def publish_heartbeat(name: str, state: dict[str, Any]) -> dict[str, Any] | None
     pipeline = connection.pipeline(transaction=False)
     pipeline.eval(
         _PUBLISH_HEARTBEAT,
-        5,
+        6,
         keys.heartbeat_key(name),
         keys.RUNNERS_SET,
         keys.FLEET_GENERATION,
         keys.RUNNERS_SEEN,
         keys.instance_key(state["instance"]),
+        keys.RUNNERS_INSTANCE,
         json.dumps(state),
         state["instance"],
         ttl_ms,
@@ -179,22 +182,46 @@ def live_instances(instances: set[str]) -> set[str]:
 
 def remove_heartbeat(name: str, reason: str = "stopped") -> None:
     """Take ``name`` out of the fleet, recording ``reason`` as its end."""
-    last_seen_ms = read_last_seen([name])[name]
+    last_seen_ms, instance = read_last_process(name)
     pipeline = get_redis().pipeline()
     pipeline.delete(keys.heartbeat_key(name))
     pipeline.srem(keys.RUNNERS_SET, name)
     pipeline.incr(keys.FLEET_GENERATION)
-    record_end(pipeline, name, reason, last_seen_ms)
+    record_end(pipeline, name, reason, last_seen_ms, instance)
     pipeline.execute()
 
 
-def record_end(pipeline, name: str, reason: str, last_seen_ms: int | None) -> None:
-    # The end keeps the ended process's last heartbeat, because a runner
-    # started again under the name moves the name's score in RUNNERS_SEEN.
+def read_last_process(name: str) -> tuple[int | None, str | None]:
+    """Return when ``name`` last published a heartbeat (ms) and its instance.
+
+    Either is None when Redis has no record of it.
+    """
+    pipeline = get_redis().pipeline(transaction=False)
+    pipeline.zscore(keys.RUNNERS_SEEN, name)
+    pipeline.hget(keys.RUNNERS_INSTANCE, name)
+    score, instance = pipeline.execute()
+    return (
+        int(score) if score is not None else None,
+        instance.decode(errors="replace") if instance is not None else None,
+    )
+
+
+def record_end(
+    pipeline,
+    name: str,
+    reason: str,
+    last_seen_ms: int | None,
+    instance: str | None,
+) -> None:
+    # The end keeps the ended process's last heartbeat and instance, because
+    # a runner started again under the name replaces both. The instance
+    # distinguishes a new process under the name from the ended one
+    # resumed after a pause past RUNNER_DEAD_AFTER_S.
     ended = {
         "reason": reason,
         "at_ms": clock.now_ns() // 1_000_000,
         "last_seen_ms": last_seen_ms,
+        "instance": instance,
     }
     pipeline.hset(keys.RUNNERS_ENDED, name, json.dumps(ended))
 

@@ -15,6 +15,10 @@ RUNNERS_SET = f"{PREFIX}:runners"
 # JSON objects), for the fleet page.
 RUNNERS_SEEN = f"{PREFIX}:runners:seen"
 RUNNERS_ENDED = f"{PREFIX}:runners:ended"
+# The instance id of the process that last published each runner name's
+# heartbeat (a hash), so that a reap can identify the process it declares
+# dead after the heartbeat has expired.
+RUNNERS_INSTANCE = f"{PREFIX}:runners:instance"
 # A counter raised whenever a runner joins, leaves, or loads or evicts a
 # model: a web server's cached view of the fleet is current while it holds.
 FLEET_GENERATION = f"{PREFIX}:fleet:generation"

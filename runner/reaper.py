@@ -24,19 +24,26 @@ from webapp.redis import get_redis
 logger = logging.getLogger(__name__)
 
 
-def fail_runs_of_dead_processes(name: str, reason: str) -> int:
+def fail_runs_of_dead_processes(
+    name: str, reason: str, dead_instances: frozenset[str] = frozenset()
+) -> int:
     """Fail, unbilled, the running runs under ``name`` whose process is gone.
 
     A run whose process is alive is left to it, also when another process
     has taken the name since. The instance keys are read after the runs,
     and every heartbeat sets the process's key, the first one before the
     process takes a job. A run claimed before instances were recorded has
-    none, and counts as a dead process's run. Returns how many runs failed.
+    none, and counts as a dead process's run. The runs of ``dead_instances``,
+    processes that the caller found dead by other means, fail even while
+    their instance keys live on: a claim sets the key again, so it can
+    outlast the process's last heartbeat by about a heartbeat interval.
+    Returns how many runs failed.
 
     NOTE: a process paused past RUNNER_DEAD_AFTER_S in its claim resumes
     with its key expired and sets the key right after the claim. A check
     between the two fails that run, as a reap fails a run held during such
-    a pause.
+    a pause. So does a reap that read the process's instance as dead just
+    before it resumed and claimed.
     """
     from runner.finish import fail_run
     from runner.models import Run
@@ -49,7 +56,7 @@ def fail_runs_of_dead_processes(name: str, reason: str) -> int:
     alive = live_instances({instance for _, instance in running})
     failed = 0
     for run_id, instance in running:
-        if instance in alive:
+        if instance in alive and instance not in dead_instances:
             continue
         failed += fail_run(
             run_id,
@@ -69,18 +76,28 @@ def reap_runner(name: str, reason: str) -> int:
     # name and dies again soon is reaped as fast the second time.
     if not connection.set(keys.reap_lock_key(name), "1", nx=True, ex=30):
         return 0
-    if connection.exists(keys.heartbeat_key(name)):
+    # Read together, before the slow part of the reap: a runner that starts
+    # again under the name meanwhile replaces the last heartbeat's time and
+    # instance with its own.
+    with connection.pipeline() as pipeline:
+        pipeline.exists(keys.heartbeat_key(name))
+        pipeline.zscore(keys.RUNNERS_SEEN, name)
+        pipeline.hget(keys.RUNNERS_INSTANCE, name)
+        beating, last_seen, raw_instance = pipeline.execute()
+    if beating:
         # It started again under the name since the caller looked.
         connection.delete(keys.reap_lock_key(name))
         return 0
-    # Read before the slow part of the reap: a runner that starts again
-    # under the name meanwhile moves its score to its own heartbeat.
-    last_seen = connection.zscore(keys.RUNNERS_SEEN, name)
     last_seen_ms = int(last_seen) if last_seen is not None else None
+    instance = raw_instance.decode(errors="replace") if raw_instance else None
     try:
-        # A process that lost the name to another process, which then died
-        # too, may still be finishing a run under it: that run is spared.
-        failed = fail_runs_of_dead_processes(name, reason)
+        # The process that sent the last heartbeat is dead now, even if a
+        # claim renewed its instance key after that heartbeat. A process
+        # that lost the name to another process, which then died too, may
+        # still be finishing a run under it: that run is spared.
+        failed = fail_runs_of_dead_processes(
+            name, reason, frozenset({instance} if instance else ())
+        )
         moved = move_queued_jobs(name)
         recover_marked_run(connection, name, moved)
         # The runner may also have popped a shared job, whose id no mark
@@ -89,7 +106,7 @@ def reap_runner(name: str, reason: str) -> int:
         pipeline = connection.pipeline()
         pipeline.srem(keys.RUNNERS_SET, name)
         pipeline.incr(keys.FLEET_GENERATION)
-        record_end(pipeline, name, reason, last_seen_ms)
+        record_end(pipeline, name, reason, last_seen_ms, instance)
         pipeline.execute()
     finally:
         connection.delete(keys.reap_lock_key(name))

@@ -238,6 +238,70 @@ def test_runner_dying_twice_is_reaped_twice(alice):
         assert Bill.objects.get(run=run).created_at == run.finished_at
 
 
+def test_reap_fails_run_of_last_heartbeat_instance(alice):
+    # A claim sets the process's instance key again, so a runner killed
+    # right after a claim leaves the key alive after its last heartbeat has
+    # expired. Spared, the run waited for the check for runners that Redis
+    # forgot, which failed it as lost by Redis.
+    name = "killed-after-claim"
+    fleet.publish_heartbeat(name, {"name": name, "instance": "claimed", "models": []})
+    connection = get_redis()
+    connection.delete(keys.heartbeat_key(name))
+    connection.set(keys.instance_key("claimed"), name, ex=60)
+    run = Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.RUNNING,
+        runner_name=name,
+        runner_instance="claimed",
+    )
+    reason = f"runner {name} stopped sending heartbeats"
+    try:
+        failed = reap_runner(name, reason)
+    finally:
+        connection.delete(keys.instance_key("claimed"))
+        connection.hdel(keys.RUNNERS_ENDED, name)
+        connection.hdel(keys.RUNNERS_INSTANCE, name)
+        connection.zrem(keys.RUNNERS_SEEN, name)
+
+    assert failed == 1
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+    assert run.error["message"] == reason
+    assert Bill.objects.get(run=run).billed is False
+
+
+def test_reap_spares_run_of_other_live_instance(alice):
+    # A process that lost the name to a newer one, which then died, is
+    # still finishing its run: only the newer process is dead.
+    name = "lost-name-then-reaped"
+    fleet.publish_heartbeat(name, {"name": name, "instance": "older", "models": []})
+    connection = get_redis()
+    connection.delete(keys.heartbeat_key(name))
+    fleet.publish_heartbeat(name, {"name": name, "instance": "newer", "models": []})
+    connection.delete(keys.heartbeat_key(name))
+    connection.set(keys.instance_key("older"), name, ex=60)
+    run = Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.RUNNING,
+        runner_name=name,
+        runner_instance="older",
+    )
+    try:
+        failed = reap_runner(name, f"runner {name} stopped sending heartbeats")
+    finally:
+        for instance in ("older", "newer"):
+            connection.delete(keys.instance_key(instance))
+        connection.hdel(keys.RUNNERS_ENDED, name)
+        connection.hdel(keys.RUNNERS_INSTANCE, name)
+        connection.zrem(keys.RUNNERS_SEEN, name)
+
+    assert failed == 0
+    run.refresh_from_db()
+    assert run.status == Run.Status.RUNNING
+
+
 def test_runner_never_reaps_itself(alice):
     # Right after a pause longer than the dead time, a runner's own
     # heartbeat has expired, and its fleet checks may run before its

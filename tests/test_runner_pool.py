@@ -1501,6 +1501,41 @@ def test_replaced_dead_runner_not_listed_stopped(db):
     assert not get_redis().sismember(keys.RUNNERS_SET, name)
 
 
+def test_replaced_runner_fails_run_despite_instance_key(db, alice):
+    # The replaced process's instance key lives for RUNNER_DEAD_AFTER_S after
+    # its last heartbeat, but its process id shows that it has exited.
+    from runner.management.commands.runner import Command as RunnerCommand
+
+    name = "replaced-mid-run"
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    state = {
+        "name": name,
+        "instance": "crashed-mid-run",
+        "host": socket.gethostname(),
+        "pid": exited.pid,
+        "models": [],
+    }
+    fleet.publish_heartbeat(name, state)
+    run = Run.objects.create(
+        owner=alice,
+        source="api",
+        status=Run.Status.RUNNING,
+        runner_name=name,
+        runner_instance="crashed-mid-run",
+    )
+
+    try:
+        RunnerCommand()._fail_own_stale_runs(name)
+    finally:
+        get_redis().delete(keys.instance_key("crashed-mid-run"))
+
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+    assert run.error["message"] == f"runner {name} restarted while running this run"
+    assert Bill.objects.get(run=run).billed is False
+
+
 def test_fleet_lists_runners_that_ended(
     runner, extra_runners, client, django_user_model
 ):

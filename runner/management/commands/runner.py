@@ -113,6 +113,7 @@ class Command(BaseCommand):
     def _fail_own_stale_runs(self, name: str) -> None:
         """Runs this runner name held when it last stopped without finishing them."""
         replaced = []
+        dead_instances = set()
         for state in fleet.live_runners():
             if state.name != name:
                 continue
@@ -121,14 +122,20 @@ class Command(BaseCommand):
             # A runner restarted at once (by manage.py up) finds the heartbeat
             # of the process it replaces, which lives on for a few seconds.
             replaced.append(state.data.get("pid"))
+            if isinstance(state.data.get("instance"), str):
+                dead_instances.add(state.data["instance"])
         # A run this name held when its process died no longer runs. One
         # whose process is alive, paused past RUNNER_DEAD_AFTER_S, is left to
         # it: that process finishes the run, then finds the name taken. The
         # runs fail before the old heartbeat goes, because no reap takes a
         # name with a heartbeat, so they end with this reason, not a reap's.
         get_redis().delete(keys.current_run_key(name))
+        # The replaced process's instance key can outlive it by a heartbeat
+        # interval, and its process id shows that it has exited.
         reaper.fail_runs_of_dead_processes(
-            name, f"runner {name} restarted while running this run"
+            name,
+            f"runner {name} restarted while running this run",
+            frozenset(dead_instances),
         )
         for pid in replaced:
             logger.info(
