@@ -48,8 +48,9 @@ class RunAdmin(ViewOnlyModelAdmin):
         return [path("fleet/", fleet_view, name="runner_fleet"), *super().get_urls()]
 
     def fleet_view(self, request):
-        # A name that ended and is live again would appear twice among the
-        # runners, so its earlier process is listed apart.
+        # A name that ended and is live again, as a new process or as the
+        # same one resumed, would appear twice among the runners, so its end
+        # is listed apart.
         ended = ended_runners()
         runners = _with_upload_owners([state.data for state in fleet.live_runners()])
         for runner in runners:
@@ -62,9 +63,15 @@ class RunAdmin(ViewOnlyModelAdmin):
             "title": "Runner fleet",
             "runners": runners,
             "dead": fleet.dead_runner_names(),
-            "ended": [entry for entry in ended if not entry["live_again"]],
+            "ended": [
+                entry
+                for entry in ended
+                if not entry["live_again"] and not entry["resumed"]
+            ],
             "restarted": [entry for entry in ended if entry["live_again"]],
+            "resumed": [entry for entry in ended if entry["resumed"]],
             "heartbeat_s": settings.GLASSBOX["RUNNER_HEARTBEAT_S"],
+            "dead_after_s": settings.GLASSBOX["RUNNER_DEAD_AFTER_S"],
             "fleet_settings": fleet_settings,
             "fleet_eviction_text": describe_eviction(
                 fleet_settings.eviction_policy,

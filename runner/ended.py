@@ -21,11 +21,15 @@ def ended_runners() -> list[dict[str, Any]]:
     """Return the runners that stopped or were reaped in the last ENDED_SHOWN_S.
 
     Each has ``name``, ``reason``, ``ended_at`` and ``last_heartbeat_at``
-    (datetimes, the second None if unknown) and ``live_again``, newest end
-    first; a name has its latest end only. A runner started again under the
-    name is listed too, with ``live_again`` true while its heartbeat key
-    exists, so the reason of its last end stays visible. Older entries are
-    deleted.
+    (datetimes, the second None if unknown), ``live_again`` and
+    ``resumed``, newest end first; a name has its latest end only. A runner
+    started again under the name is listed too, with ``live_again`` true
+    while the new process's heartbeat key exists, so the reason of its last
+    end stays visible. A process that was reaped while paused and then
+    resumed is listed with ``resumed`` true while it beats, and
+    ``live_again`` false: no other process ran under the name. An end
+    recorded without its instance counts any heartbeat under the name as
+    another process's. Older entries are deleted.
     """
     connection = get_redis()
     now_ms = clock.now_ns() // 1_000_000
@@ -45,36 +49,51 @@ def ended_runners() -> list[dict[str, Any]]:
     if old:
         connection.hdel(keys.RUNNERS_ENDED, *old)
         connection.zrem(keys.RUNNERS_SEEN, *old)
+        connection.hdel(keys.RUNNERS_INSTANCE, *old)
     entries.sort(key=lambda entry: -entry[2])
     # An end recorded without its last heartbeat falls back to the name's
     # latest one.
     legacy = [name for name, _, _, ended in entries if "last_seen_ms" not in ended]
     seen = read_last_seen(legacy)
-    beating = _beating([name for name, _, _, _ in entries])
+    beating = _beating_instances([name for name, _, _, _ in entries])
     result = []
     for name, reason, at_ms, ended in entries:
         last_seen_ms = ended.get("last_seen_ms", seen.get(name))
+        ended_instance = ended.get("instance")
+        resumed = name in beating and ended_instance is not None
+        resumed = resumed and beating[name] == ended_instance
         result.append(
             {
                 "name": name,
                 "reason": reason,
                 "ended_at": _datetime(at_ms),
                 "last_heartbeat_at": _datetime(last_seen_ms) if last_seen_ms else None,
-                "live_again": name in beating,
+                "live_again": name in beating and not resumed,
+                "resumed": resumed,
             }
         )
     return result
 
 
-def _beating(names: list[str]) -> set[str]:
-    """Return those of ``names`` whose heartbeat key exists now."""
+def _beating_instances(names: list[str]) -> dict[str, str | None]:
+    """Map those of ``names`` whose heartbeat key exists now to its instance.
+
+    The instance is None in a heartbeat that names none or cannot be parsed.
+    """
     if not names:
-        return set()
-    pipeline = get_redis().pipeline(transaction=False)
-    for name in names:
-        pipeline.exists(keys.heartbeat_key(name))
-    found = pipeline.execute()
-    return {name for name, exists in zip(names, found, strict=True) if exists}
+        return {}
+    beats = get_redis().mget([keys.heartbeat_key(name) for name in names])
+    found: dict[str, str | None] = {}
+    for name, beat in zip(names, beats, strict=True):
+        if beat is None:
+            continue
+        try:
+            state = json.loads(beat)
+        except ValueError:
+            state = None
+        instance = state.get("instance") if isinstance(state, dict) else None
+        found[name] = instance if isinstance(instance, str) else None
+    return found
 
 
 def _datetime(ms: int) -> datetime.datetime:

@@ -1536,6 +1536,46 @@ def test_replaced_runner_fails_run_despite_instance_key(db, alice):
     assert Bill.objects.get(run=run).billed is False
 
 
+def test_resumed_runner_not_listed_as_earlier_process(
+    runner, extra_runners, client, django_user_model
+):
+    # A runner paused past RUNNER_DEAD_AFTER_S is reaped and then resumes as
+    # the same process. No other process ran under its name, so its end is
+    # not an earlier process's.
+    paused = extra_runners("paused-then-resumed")
+    instance = paused.state()["instance"]
+    paused.process.send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while paused.name not in {entry["name"] for entry in ended_runners()}:
+            assert time.monotonic() < deadline, "the paused runner was never reaped"
+            time.sleep(0.2)
+    finally:
+        paused.process.send_signal(signal.SIGCONT)
+    paused.wait_until_live()
+    assert paused.state()["instance"] == instance
+
+    entry = {entry["name"]: entry for entry in ended_runners()}[paused.name]
+    assert entry["reason"].startswith(f"runner {paused.name} stopped sending")
+    assert entry["live_again"] is False
+    assert entry["resumed"] is True
+
+    staff = django_user_model.objects.create_user(
+        "fleet-watcher", password="watcher-password", is_staff=True
+    )
+    client.force_login(staff)
+    page = client.get("/admin/runner/run/fleet/").content.decode()
+    listed = client.get("/api/fleet").json()["ended"]
+    if 'id="restarted-runners"' in page:
+        restarted = page.split('id="restarted-runners"')[1].split("</details>")[0]
+        assert paused.name not in restarted
+    resumed = page.split('id="resumed-runners"')[1].split("</details>")[0]
+    assert f"<td>{paused.name}</td>" in resumed
+    api_entry = next(entry for entry in listed if entry["name"] == paused.name)
+    assert api_entry["live_again"] is False
+    assert api_entry["resumed"] is True
+
+
 def test_fleet_lists_runners_that_ended(
     runner, extra_runners, client, django_user_model
 ):
