@@ -1,20 +1,53 @@
 """The runners that stopped or were reaped recently, as the fleet page lists them.
 
-runner.fleet records each end in RUNNERS_ENDED. This module reads those
-records and deletes the ones older than ENDED_SHOWN_S.
+runner.fleet records each end in RUNNERS_ENDED, and store_end keeps a copy
+in the database, so the list survives a Redis server that restarts without
+its data. This module reads both and deletes the ends older than
+ENDED_SHOWN_S.
 """
 
 import datetime
 import json
+import logging
 from typing import Any
+
+from django.db import DatabaseError
 
 from runner import keys
 from runner.fleet import read_last_seen
 from webapp.clock import clock
 from webapp.redis import get_redis
 
+logger = logging.getLogger(__name__)
+
 # How long the fleet page lists a runner that stopped or was reaped.
 ENDED_SHOWN_S = 24 * 3600
+
+
+def store_end(name: str, ended: dict[str, Any]) -> None:
+    """Store ``ended``, a record from runner.fleet.record_end, in the database.
+
+    A failed write is logged, and the end stays listed from Redis alone.
+    """
+    from runner.models import RunnerEnd
+
+    try:
+        RunnerEnd.objects.update_or_create(
+            name=name,
+            defaults={
+                "reason": ended["reason"],
+                "ended_at_ms": ended["at_ms"],
+                "last_heartbeat_ms": ended["last_seen_ms"],
+                "instance": ended["instance"] or "",
+            },
+        )
+    except DatabaseError:
+        logger.exception(
+            "storing the end of runner %s in the database failed; it is kept "
+            "in Redis only (%s)",
+            name,
+            ended["reason"],
+        )
 
 
 def ended_runners() -> list[dict[str, Any]]:
@@ -33,7 +66,7 @@ def ended_runners() -> list[dict[str, Any]]:
     """
     connection = get_redis()
     now_ms = clock.now_ns() // 1_000_000
-    entries, old = [], []
+    latest, old = {}, []
     for raw_name, raw in connection.hgetall(keys.RUNNERS_ENDED).items():
         name = raw_name.decode(errors="replace")
         try:
@@ -45,12 +78,17 @@ def ended_runners() -> list[dict[str, Any]]:
         if now_ms - at_ms > ENDED_SHOWN_S * 1000:
             old.append(raw_name)
             continue
-        entries.append((name, str(ended.get("reason", "")), at_ms, ended))
+        latest[name] = (name, str(ended.get("reason", "")), at_ms, ended)
     if old:
         connection.hdel(keys.RUNNERS_ENDED, *old)
         connection.zrem(keys.RUNNERS_SEEN, *old)
         connection.hdel(keys.RUNNERS_INSTANCE, *old)
-    entries.sort(key=lambda entry: -entry[2])
+    # The database has the ends that a Redis server lost, and Redis the ends
+    # whose database write failed. Of two ends of a name, the later counts.
+    for entry in _stored_ends(now_ms - ENDED_SHOWN_S * 1000):
+        if entry[0] not in latest or latest[entry[0]][2] < entry[2]:
+            latest[entry[0]] = entry
+    entries = sorted(latest.values(), key=lambda entry: -entry[2])
     # An end recorded without its last heartbeat falls back to the name's
     # latest one.
     legacy = [name for name, _, _, ended in entries if "last_seen_ms" not in ended]
@@ -73,6 +111,26 @@ def ended_runners() -> list[dict[str, Any]]:
             }
         )
     return result
+
+
+def _stored_ends(since_ms: int) -> list[tuple[str, str, int, dict[str, Any]]]:
+    """Return the database's ends from ``since_ms`` on, deleting older ones."""
+    from runner.models import RunnerEnd
+
+    RunnerEnd.objects.filter(ended_at_ms__lt=since_ms).delete()
+    rows = RunnerEnd.objects.filter(ended_at_ms__gte=since_ms)
+    return [
+        (
+            row.name,
+            row.reason,
+            row.ended_at_ms,
+            {
+                "last_seen_ms": row.last_heartbeat_ms,
+                "instance": row.instance or None,
+            },
+        )
+        for row in rows
+    ]
 
 
 def _beating_instances(names: list[str]) -> dict[str, str | None]:

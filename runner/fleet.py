@@ -3,7 +3,7 @@
 Each runner writes a JSON heartbeat under its own key with an expiry of
 RUNNER_DEAD_AFTER_S; a key that expired means the runner is down, and
 runner.reaper reaps it. Taking a runner out of the fleet records its end,
-which runner.ended lists.
+which runner.ended also stores in the database and lists.
 """
 
 import json
@@ -182,13 +182,16 @@ def live_instances(instances: set[str]) -> set[str]:
 
 def remove_heartbeat(name: str, reason: str = "stopped") -> None:
     """Take ``name`` out of the fleet, recording ``reason`` as its end."""
+    from runner.ended import store_end
+
     last_seen_ms, instance = read_last_process(name)
     pipeline = get_redis().pipeline()
     pipeline.delete(keys.heartbeat_key(name))
     pipeline.srem(keys.RUNNERS_SET, name)
     pipeline.incr(keys.FLEET_GENERATION)
-    record_end(pipeline, name, reason, last_seen_ms, instance)
+    ended = record_end(pipeline, name, reason, last_seen_ms, instance)
     pipeline.execute()
+    store_end(name, ended)
 
 
 def read_last_process(name: str) -> tuple[int | None, str | None]:
@@ -212,7 +215,12 @@ def record_end(
     reason: str,
     last_seen_ms: int | None,
     instance: str | None,
-) -> None:
+) -> dict[str, Any]:
+    """Add the write of ``name``'s end to ``pipeline``; return the end record.
+
+    The caller passes the record to runner.ended.store_end once the
+    pipeline has run.
+    """
     # The end keeps the ended process's last heartbeat and instance, because
     # a runner started again under the name replaces both. The instance
     # distinguishes a new process under the name from the ended one
@@ -224,6 +232,7 @@ def record_end(
         "instance": instance,
     }
     pipeline.hset(keys.RUNNERS_ENDED, name, json.dumps(ended))
+    return ended
 
 
 def read_last_seen(names: list[str]) -> dict[str, int | None]:

@@ -215,6 +215,26 @@ class FleetSettings(models.Model):
         return cls.objects.filter(pk=cls.ROW_ID).first() or cls(pk=cls.ROW_ID)
 
 
+class RunnerEnd(models.Model):
+    """The latest end of one runner name, as the fleet page lists it.
+
+    Redis keeps the same record (runner.fleet.record_end). The row keeps it
+    through a Redis server that restarts without its data. Times are in ms
+    on the Redis server's clock, as in the Redis record.
+    """
+
+    name = models.CharField(max_length=200, unique=True)
+    reason = models.TextField()
+    ended_at_ms = models.BigIntegerField(db_index=True)
+    last_heartbeat_ms = models.BigIntegerField(null=True, blank=True)
+    # The ended process's instance id (see Run.runner_instance); blank when
+    # Redis had no record of it.
+    instance = models.CharField(max_length=64, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
 @receiver(post_delete, sender=ModelUpload)
 def remove_upload_file(sender, instance: ModelUpload, **kwargs) -> None:
     """Remove an upload's file once its row's deletion commits.

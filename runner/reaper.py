@@ -16,6 +16,7 @@ from rq import Queue
 from rq.job import Job
 
 from runner import keys
+from runner.ended import store_end
 from runner.fleet import live_instances, read_heartbeats, read_last_seen, record_end
 from runner.recovery import POPPED_AFTER_S, recover_lost_jobs, recover_marked_run
 from webapp.clock import clock
@@ -106,8 +107,9 @@ def reap_runner(name: str, reason: str) -> int:
         pipeline = connection.pipeline()
         pipeline.srem(keys.RUNNERS_SET, name)
         pipeline.incr(keys.FLEET_GENERATION)
-        record_end(pipeline, name, reason, last_seen_ms, instance)
+        ended = record_end(pipeline, name, reason, last_seen_ms, instance)
         pipeline.execute()
+        store_end(name, ended)
     finally:
         connection.delete(keys.reap_lock_key(name))
     # Logged even when the runner held nothing: the fleet keeps only the

@@ -21,6 +21,7 @@ from rq import Queue
 from billing.models import Bill
 from runner import keys
 from runner.dispatch import wait_for_result
+from runner.ended import ended_runners
 from runner.models import Run
 from runner.service import start_run
 from tests.conftest import (
@@ -194,6 +195,40 @@ def test_reaper_waits_after_redis_returns(transactional_db, alice, tmp_path):
             process.wait(timeout=30)
             server.terminate()
             server.wait(timeout=10)
+
+
+def test_ended_runner_listed_after_redis_restarts_empty(transactional_db, tmp_path):
+    # A Redis server without persistence restarts with no keys, so the end
+    # that a runner recorded there before the restart is gone from Redis.
+    name = "stops-before-restart"
+    socket_path = tmp_path / "forgetful.sock"
+    server = start_redis(socket_path)
+    client = redis.Redis(unix_socket_path=str(socket_path))
+    process = start_runner(name, socket_path, tmp_path / "forgetful-runner.log")
+    working = webapp_redis._connection
+    try:
+        wait_for_heartbeat(client, name, process.pid)
+        process.terminate()
+        process.wait(timeout=60)
+        server.terminate()
+        server.wait(timeout=10)
+        server = start_redis(socket_path)
+        ended_in_redis = client.hlen(keys.RUNNERS_ENDED)
+        webapp_redis._connection = client
+        ended = {entry["name"]: entry for entry in ended_runners()}
+    finally:
+        webapp_redis._connection = working
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        server.terminate()
+        server.wait(timeout=10)
+
+    assert ended_in_redis == 0
+    assert name in ended
+    assert ended[name]["reason"] == "stopped"
+    assert ended[name]["last_heartbeat_at"] is not None
+    assert ended[name]["live_again"] is False
 
 
 def test_runner_stops_when_its_name_is_taken(transactional_db, tmp_path):

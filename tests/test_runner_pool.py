@@ -1427,7 +1427,7 @@ def test_vanished_heartbeat_of_live_runner_not_reaped(runner):
     assert recorded_end() == before
 
 
-def test_ended_runner_keeps_last_heartbeat():
+def test_ended_runner_keeps_last_heartbeat(db):
     # A runner started again under the name beats on, and its heartbeats
     # are not the ended process's.
     name = "ends-then-starts"
