@@ -850,3 +850,25 @@ def test_builder_draws_batch_input_as_image(transactional_db, asgi_server, page,
     panel = page.locator("#node-panel")
     panel.get_by_text("An image given when the workflow runs.").wait_for()
     assert panel.locator("[data-field='default_value']").count() == 0
+
+
+def test_builder_warns_untrained_model(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(
+        alice, "Timing only", detection("yolov8n.yaml")
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    open_builder(page, asgi_server, workflow)
+    page.wait_for_selector("#validation-status[data-state='valid']")
+
+    warnings = page.locator("#problems li.warning").all_text_contents()
+    assert len(warnings) == 1, warnings
+    assert "step 'people'" in warnings[0]
+    assert "'yolov8n.yaml' is an untrained architecture" in warnings[0]
+    assert "1 warning" in page.locator("#validation-status").text_content()
+
+    # Pretrained weights in its place take the warning away.
+    page.evaluate(
+        "() => window.glassboxBuilder.setField('people', 'model_id', 'people-detector')"
+    )
+    page.wait_for_selector("#problems li.warning", state="detached")
+    assert page.locator("#validation-status").text_content() == "Valid"

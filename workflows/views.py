@@ -481,10 +481,12 @@ class ValidateView(StrictQueryAPIView):
 
 
 def model_warnings(plan, owner_id: int) -> list[str]:
-    """Warn about model ids written in the definition that resolve to nothing now.
+    """Warn about model ids that resolve to nothing now or to random weights.
 
-    Weights can be added after a workflow is saved, so this is a warning and
-    not an error. An id that comes from a parameter is checked as its
+    Weights can be added after a workflow is saved, so a missing model is a
+    warning and not an error. An untrained architecture (``yolov8n.yaml``)
+    runs, but its detections are meaningless, so the builder warns before
+    the first run does. An id that comes from a parameter is checked as its
     default; a run can send another.
     """
     warnings = []
@@ -493,10 +495,16 @@ def model_warnings(plan, owner_id: int) -> list[str]:
         if model_id is None:
             continue
         try:
-            resolve_model(model_id, owner_id, step=step)
+            source = resolve_model(model_id, owner_id, step=step)
         except ModelNotFoundError as error:
             warnings.append(
                 f"step '{step}': {error.message}. Runs fail until it resolves."
+            )
+            continue
+        if not source.pretrained:
+            warnings.append(
+                f"step '{step}': model '{model_id}' is an untrained architecture "
+                "(random weights): timings are real, detections are meaningless."
             )
     return warnings
 
