@@ -12,6 +12,7 @@ from django.shortcuts import get_object_or_404, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import ensure_csrf_cookie
 
+from billing.policy import MAX_PRICE_MICROCREDITS
 from runner.models import Run
 from runner.views import model_listing
 from webapp.handlers import allow_methods
@@ -26,6 +27,8 @@ def _page_settings() -> dict:
         "websocket_port": settings.GLASSBOX["WEBSOCKET_PORT"],
         # The page checks image sizes against the body limit before sending.
         "max_request_bytes": settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
+        # The page checks the price cap field against the API's range.
+        "max_price_microcredits": MAX_PRICE_MICROCREDITS,
     }
 
 

@@ -988,8 +988,9 @@ def test_run_page_sends_price_cap(runner, asgi_server, page, alice):
         "document.getElementById('run-form-error').textContent !== ''"
     )
     assert (
-        "'max_price_microcredits' must be an integer"
-        in page.locator("#run-form-error").text_content()
+        page.locator("#run-form-error")
+        .text_content()
+        .startswith("Price cap: “abc” is not a whole number")
     )
     assert Run.objects.count() == 0
 
@@ -1085,3 +1086,35 @@ def test_estimate_warns_over_price_cap(runner, asgi_server, page, alice, alice_c
     page.wait_for_function(
         "!document.getElementById('estimate').textContent.includes('price cap')"
     )
+
+
+def test_run_page_checks_price_cap(transactional_db, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(alice, "Capped", image_height())
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    posted = record_posts(page)
+    cap = page.locator("#max-price")
+    error = page.locator("#run-form-error")
+
+    for text in ("abc", "0", "2.5", "-3", "1000000000000001"):
+        cap.fill(text)
+        page.click("#run-button")
+        page.wait_for_function(
+            "document.getElementById('run-form-error').textContent !== ''"
+        )
+        message = error.text_content()
+        # The form's own words: the field's label and the value typed, not
+        # the API's request field or JSON.
+        assert message.startswith(f"Price cap: “{text}” is not"), message
+        assert "1 to 1,000,000,000,000,000" in message
+        assert "max_price_microcredits" not in message
+        assert "JSON" not in message
+        assert cap.get_attribute("aria-invalid") == "true"
+        assert error.get_attribute("role") == "alert"
+        assert not [url for url in posted if url.endswith("/runs")]
+
+    # Editing the field clears the mark and the message.
+    cap.fill("")
+    assert cap.get_attribute("aria-invalid") is None
+    assert error.text_content() == ""
+    assert Run.objects.count() == 0

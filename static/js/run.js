@@ -32,6 +32,8 @@ function undrawnDetectionsNote(count) {
   const websocketPort = readJson("websocket-port");
   // The server's limit on a request body (MAX_REQUEST_BYTES), in bytes.
   const maxRequestBytes = readJson("max-request-bytes");
+  // The largest price cap the server accepts, in micro-credits.
+  const maxPrice = readJson("max-price-microcredits");
   const existingRunId = readJson("existing-run-id");
   const finishedOnLoad = ["succeeded", "failed"].includes($("run-status").textContent);
   // Room kept in the body for everything but the images: the JSON keys and
@@ -680,6 +682,7 @@ function undrawnDetectionsNote(count) {
     if (!runErrorShown) return;
     runErrorShown = false;
     $("run-form-error").textContent = "";
+    $("max-price").removeAttribute("aria-invalid");
   }
 
   async function startRun(event) {
@@ -691,6 +694,7 @@ function undrawnDetectionsNote(count) {
     $("run-form-error").textContent = "";
     runErrorShown = false;
     try {
+      const cap = priceCapField();
       const sources = await Promise.all(
         [...document.querySelectorAll("[data-image-input]")].map(imageSource));
       const problem = bodySizeProblem(sources.map(({ blob }) => blob.size));
@@ -709,7 +713,7 @@ function undrawnDetectionsNote(count) {
         headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
         body: JSON.stringify({
           inputs, async: true, source: "ui", priority: priority(),
-          ...versionField(), ...priceCapField(),
+          ...versionField(), ...cap,
         }),
       });
       const body = await response.json();
@@ -758,14 +762,19 @@ function undrawnDetectionsNote(count) {
       + `${economy.runner}, where its models are loaded.`;
   }
 
-  // An empty field sends no cap. Anything else is sent as a number when it
-  // is all digits, else as the text itself, so the server's 400 names it.
+  // An empty field sends no cap. A whole number from 1 to maxPrice is sent
+  // as a number. Anything else is rejected here, in the form's words and
+  // with the field marked, because the API's 400 names the request field
+  // max_price_microcredits and expects a JSON integer.
   function priceCapField() {
-    const text = $("max-price").value.trim();
+    const field = $("max-price");
+    const text = field.value.trim();
     if (text === "") return {};
-    if (!/^\d+$/.test(text)) return { max_price_microcredits: text };
-    if (inexactNumber(text) !== null) {
-      throw new Error(`Price cap: the integer ${text} cannot be sent exactly; use a smaller cap.`);
+    if (!/^\d+$/.test(text) || BigInt(text) < 1n || BigInt(text) > BigInt(maxPrice)) {
+      field.setAttribute("aria-invalid", "true");
+      throw new Error(`Price cap: “${text}” is not a whole number of micro-credits `
+        + `from 1 to ${maxPrice.toLocaleString("en-US")}. Enter one such as 5000 `
+        + "(0.005 credits), or leave the field empty for no cap.");
     }
     return { max_price_microcredits: Number(text) };
   }
