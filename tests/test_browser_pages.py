@@ -664,3 +664,19 @@ def test_navigation_marks_staff_pages(
     ]
     assert_marked_links(page, asgi_server, nav, cases)
     page.screenshot(path=str(ARTIFACTS / "admin-navigation.png"))
+
+
+def test_failed_sign_in_keeps_username(transactional_db, asgi_server, page, alice):
+    page.goto(f"{asgi_server}/accounts/login/")
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", "not-her-password")
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Wrong username or password.")
+
+    # Only the password is typed again, and focus waits in its field.
+    assert page.input_value("#id_username") == "alice"
+    assert page.input_value("#id_password") == ""
+    assert page.evaluate("document.activeElement.id") == "id_password"
+    page.keyboard.type("alice-password")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{asgi_server}/workflows/")
