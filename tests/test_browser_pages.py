@@ -680,3 +680,33 @@ def test_failed_sign_in_keeps_username(transactional_db, asgi_server, page, alic
     page.keyboard.type("alice-password")
     page.keyboard.press("Enter")
     page.wait_for_url(f"{asgi_server}/workflows/")
+
+
+def test_billing_latency_fits_phone(transactional_db, asgi_server, browser, alice):
+    for name in ("Untrained timing", "People flow renamed", "Platform cameras"):
+        make_bill(alice, version=version_of(alice, name))
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/billing/")
+    page.wait_for_function("window.Chart && Chart.getChart('chart-latency')")
+    page.locator("#chart-latency").screenshot(
+        path=str(ARTIFACTS / "billing-latency-phone.png")
+    )
+
+    chart = page.evaluate(
+        """() => {
+            const chart = Chart.getChart('chart-latency');
+            return {rotation: chart.scales.x.labelRotation,
+                    area: chart.chartArea.bottom - chart.chartArea.top,
+                    box: chart.height,
+                    labels: chart.data.labels};
+        }"""
+    )
+    # The workflow names lie flat, wrapped onto lines, and leave the bars
+    # more than half the height (a third with the names rotated).
+    assert chart["rotation"] == 0, chart
+    assert chart["area"] > 0.5 * chart["box"], chart
+    lines = [line for label in chart["labels"] for line in label]
+    assert "People flow" in lines, chart["labels"]
+    context.close()

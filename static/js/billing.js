@@ -16,6 +16,42 @@
   const shorten = (text) => (text.length > LABEL_MAX_CHARS
     ? `${text.slice(0, LABEL_MAX_CHARS - 1)}…` : text);
 
+  // Width of the latency chart's y axis and average width of a tick label's
+  // character (Chart.js's default 12 px font), both estimates in pixels, and
+  // the minimum width and maximum count of a wrapped label's lines.
+  const Y_AXIS_PX = 60;
+  const CHAR_PX = 7;
+  const MIN_LINE_CHARS = 8;
+  const MAX_LABEL_LINES = 3;
+
+  // Break text at spaces into lines of at most lineChars characters, with a
+  // longer word cut, and an ellipsis after MAX_LABEL_LINES lines. Returns
+  // the text itself when it fits on one line, else the list of lines, which
+  // Chart.js draws one under another.
+  function wrapLabel(text, lineChars) {
+    if (text.length <= lineChars) return text;
+    const lines = [];
+    let line = "";
+    for (const word of text.split(" ")) {
+      for (let start = 0; start < word.length; start += lineChars) {
+        const piece = word.slice(start, start + lineChars);
+        const joined = line && start === 0 ? `${line} ${piece}` : piece;
+        if (line && (start > 0 || joined.length > lineChars)) {
+          lines.push(line);
+          line = piece;
+        } else {
+          line = joined;
+        }
+      }
+    }
+    if (line) lines.push(line);
+    if (lines.length <= MAX_LABEL_LINES) return lines;
+    const shown = lines.slice(0, MAX_LABEL_LINES);
+    const last = shown[MAX_LABEL_LINES - 1];
+    if (!last.endsWith("…")) shown[MAX_LABEL_LINES - 1] = `${last.slice(0, lineChars - 1)}…`;
+    return shown;
+  }
+
   Chart.defaults.animation = false;
   Chart.defaults.maintainAspectRatio = false;
   Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
@@ -106,10 +142,16 @@
       ["p90_us", "p90", "#3b82f6"],
       ["p99_us", "p99", "#1e3a8a"],
     ];
-    new Chart(document.getElementById("chart-latency"), {
+    const canvas = document.getElementById("chart-latency");
+    // Labels lie flat, wrapped to the width of their group of bars, because
+    // rotated ones took most of the height on a phone and left the bars a third.
+    const groupWidth = (canvas.parentElement.clientWidth - Y_AXIS_PX) / latency.length;
+    const lineChars = Math.max(MIN_LINE_CHARS, Math.floor(groupWidth / CHAR_PX));
+    new Chart(canvas, {
       type: "bar",
       data: {
-        labels: latency.map((entry) => `${shorten(entry.workflow)} (${entry.runs})`),
+        labels: latency.map((entry) => wrapLabel(
+          `${shorten(entry.workflow)} (${entry.runs})`, lineChars)),
         datasets: percentiles.map(([key, label, color]) => ({
           label, data: latency.map((entry) => toMs(entry[key])), backgroundColor: color,
           maxBarThickness: 40,
@@ -117,7 +159,10 @@
       },
       options: {
         interaction: { mode: "index", intersect: false },
-        scales: { y: { beginAtZero: true, title: { display: true, text: "ms" } } },
+        scales: {
+          x: { ticks: { maxRotation: 0, autoSkip: false } },
+          y: { beginAtZero: true, title: { display: true, text: "ms" } },
+        },
         plugins: {
           tooltip: {
             callbacks: {
