@@ -1118,3 +1118,37 @@ def test_run_page_checks_price_cap(transactional_db, asgi_server, page, alice):
     assert cap.get_attribute("aria-invalid") is None
     assert error.text_content() == ""
     assert Run.objects.count() == 0
+
+
+def test_run_form_fits_phone(transactional_db, asgi_server, browser, alice):
+    workflow = Workflow.create_with_version(alice, "Height", image_height())
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/workflows/{workflow.id}/run/")
+    page.wait_for_selector("#estimate li")
+    page.screenshot(path=str(ARTIFACTS / "run-form-phone.png"), full_page=True)
+
+    for control_id in ("max-price", "run-priority"):
+        control = page.locator(f"#{control_id}")
+        help_id = control.get_attribute("aria-describedby")
+        assert help_id, control_id
+        help_box = page.locator(f"#{help_id}").bounding_box()
+        control_box = control.bounding_box()
+        # The help sits under its control, not beside it.
+        assert help_box["y"] >= control_box["y"] + control_box["height"], control_id
+    # The priority's chosen option fits its select, arrow aside, uncut.
+    selected = page.evaluate(
+        """() => {
+            const select = document.getElementById('run-priority');
+            const probe = document.createElement('span');
+            probe.style.font = getComputedStyle(select).font;
+            probe.textContent = select.selectedOptions[0].textContent;
+            document.body.append(probe);
+            const width = probe.getBoundingClientRect().width;
+            probe.remove();
+            return {text: width, select: select.clientWidth};
+        }"""
+    )
+    assert selected["text"] < selected["select"] - 24, selected
+    context.close()
