@@ -710,3 +710,36 @@ def test_billing_latency_fits_phone(transactional_db, asgi_server, browser, alic
     lines = [line for label in chart["labels"] for line in label]
     assert "People flow" in lines, chart["labels"]
     context.close()
+
+
+def test_password_change_in_site_layout(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.click("header >> text=Change password")
+    page.wait_for_url(f"{asgi_server}/accounts/password_change/")
+
+    # The site's own page: its header, navigation and Sign out, not the
+    # admin's, whose Home link leads a user who is not staff to a refusal.
+    assert page.locator("header.top a.brand").text_content() == "Glassbox"
+    assert page.get_by_role("button", name="Sign out").is_visible()
+    assert "Django administration" not in page.content()
+    assert page.locator("a[href='/admin/']").count() == 0
+
+    page.fill("#id_old_password", "not-her-password")
+    page.fill("#id_new_password1", "a-new-long-password-42")
+    page.fill("#id_new_password2", "a-new-long-password-42")
+    page.click("main button[type=submit]")
+    error = page.locator("#id_old_password_error")
+    assert "Your old password was entered incorrectly" in error.text_content()
+    old = page.locator("#id_old_password")
+    assert old.get_attribute("aria-invalid") == "true"
+    assert "id_old_password_error" in old.get_attribute("aria-describedby")
+
+    page.fill("#id_old_password", "alice-password")
+    page.fill("#id_new_password1", "a-new-long-password-42")
+    page.fill("#id_new_password2", "a-new-long-password-42")
+    page.click("main button[type=submit]")
+    page.wait_for_url(f"{asgi_server}/accounts/password_change/done/")
+    assert page.locator("h1").text_content() == "Password changed"
+    assert page.locator("header.top a.brand").count() == 1
+    alice.refresh_from_db()
+    assert alice.check_password("a-new-long-password-42")

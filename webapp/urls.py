@@ -63,14 +63,26 @@ accounts = [
         handlers.allow_methods("POST")(account_views.LogoutView.as_view()),
         name="logout",
     ),
+    # The password change pages have templates of their own, in the site's
+    # layout. Django's, which the admin app supplies, show the admin's
+    # header, whose Home link sends a user who is not staff to the admin's
+    # sign-in page.
     path(
         "password_change/",
-        handlers.allow_methods("GET", "POST")(ThrottledPasswordChangeView.as_view()),
+        handlers.allow_methods("GET", "POST")(
+            ThrottledPasswordChangeView.as_view(
+                template_name="registration/account_password_change.html"
+            )
+        ),
         name="password_change",
     ),
     path(
         "password_change/done/",
-        handlers.allow_methods("GET")(auth_views.PasswordChangeDoneView.as_view()),
+        handlers.allow_methods("GET")(
+            auth_views.PasswordChangeDoneView.as_view(
+                template_name="registration/account_password_change_done.html"
+            )
+        ),
         name="password_change_done",
     ),
 ]
