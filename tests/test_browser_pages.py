@@ -743,3 +743,14 @@ def test_password_change_in_site_layout(transactional_db, asgi_server, page, ali
     assert page.locator("header.top a.brand").count() == 1
     alice.refresh_from_db()
     assert alice.check_password("a-new-long-password-42")
+
+
+def test_token_form_aligns_button(transactional_db, asgi_server, page, alice):
+    sign_in(page, asgi_server, "alice", "alice-password")
+    page.goto(f"{asgi_server}/tokens/")
+    field = page.locator("#token-name").bounding_box()
+    button = page.get_by_role("button", name="Create token").bounding_box()
+    # The button stands on the same line as the field it submits.
+    field_bottom = field["y"] + field["height"]
+    button_bottom = button["y"] + button["height"]
+    assert abs(field_bottom - button_bottom) <= 4, (field, button)
