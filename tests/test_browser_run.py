@@ -1152,3 +1152,27 @@ def test_run_form_fits_phone(transactional_db, asgi_server, browser, alice):
     )
     assert selected["text"] < selected["select"] - 24, selected
     context.close()
+
+
+def test_run_page_marks_untrained_rows(runner, asgi_server, page, alice):
+    workflow = Workflow.create_with_version(
+        alice, "Untrained rows", detection("yolov8n.yaml")
+    )
+    sign_in(page, asgi_server, "alice", "alice-password")
+    run_once(page, asgi_server, workflow.id)
+
+    # Every row that names the model says it is untrained, with the badge
+    # the billing pages use, and the rows of other phases do not.
+    rows = page.locator("#timeline li")
+    named = rows.filter(has_text="yolov8n.yaml")
+    assert named.count() >= 4, rows.all_text_contents()
+    for index in range(named.count()):
+        row = named.nth(index)
+        assert row.locator(".badge.untrained").count() == 1, row.text_content()
+    for phase in ("request", "queue", "compile", "overhead"):
+        row = page.locator(f"#timeline li[data-phase='{phase}']")
+        assert row.locator(".badge.untrained").count() == 0, phase
+    model = page.locator("#timeline li[data-model='yolov8n.yaml']")
+    badge = model.locator(".badge.untrained")
+    assert badge.text_content() == "untrained"
+    assert "random weights" in badge.get_attribute("title")

@@ -125,6 +125,28 @@ function undrawnDetectionsNote(count) {
     for (const row of view.rows) {
       row.bar.style.width = `${Math.max(0.5, (100 * row.durationUs) / view.maxDuration)}%`;
     }
+    return li;
+  }
+
+  // Tag the row of a model event with its model, for markUntrained.
+  function addModelRow(view, event, phase, label, durationUs, badgeKind, badgeText) {
+    const li = addRow(view, phase, label, durationUs, badgeKind, badgeText);
+    li.dataset.modelId = event.model_id;
+  }
+
+  // The untrained badge of the billing and Models pages, with what it means.
+  function untrainedBadge() {
+    const element = badge("untrained");
+    element.title = "untrained architecture: random weights, so the detections are meaningless";
+    return element;
+  }
+
+  // Mark the rows of an untrained model once the breakdown names it, because
+  // the timing events carry no pretrained flag.
+  function markUntrained(modelId) {
+    for (const li of $("timeline").querySelectorAll("li[data-model-id]")) {
+      if (li.dataset.modelId === modelId) li.firstChild.append(" ", untrainedBadge());
+    }
   }
 
   // A model event's step and model: two steps may call the same model.
@@ -150,13 +172,14 @@ function undrawnDetectionsNote(count) {
         addRow(view, "compile", event.cache_hit ? "compile (cache hit)" : "compile", event.duration);
         break;
       case "cold_load":
-        addRow(view, "cold_load", `cold load · ${modelCall(event)}`, event.total,
+        addModelRow(view, event, "cold_load", `cold load · ${modelCall(event)}`, event.total,
           event.failed ? "load-failed" : "cold", event.failed ? "load failed" : "cold");
         break;
       case "model":
-        addRow(view, "preprocess", `preprocess · ${modelCall(event)}`, event.preprocess, event.cold ? null : "hot");
-        addRow(view, "inference", `inference · ${modelCall(event)}`, event.inference);
-        addRow(view, "postprocess", `postprocess · ${modelCall(event)}`, event.postprocess);
+        addModelRow(view, event, "preprocess", `preprocess · ${modelCall(event)}`,
+          event.preprocess, event.cold ? null : "hot");
+        addModelRow(view, event, "inference", `inference · ${modelCall(event)}`, event.inference);
+        addModelRow(view, event, "postprocess", `postprocess · ${modelCall(event)}`, event.postprocess);
         break;
       case "step":
         if (!event.model_step) addRow(view, "blocks", `block · ${event.step}`, event.duration);
@@ -203,8 +226,8 @@ function undrawnDetectionsNote(count) {
     const li = document.createElement("li");
     li.dataset.model = model.model_id;
     const name = document.createElement("span");
-    const note = model.pretrained ? "" : " (untrained architecture)";
-    name.textContent = `model ${model.model_id}${note}`;
+    name.textContent = `model ${model.model_id}`;
+    if (!model.pretrained) name.append(" ", untrainedBadge());
     if (model.cold && model.loads === 0) {
       name.append(" ", badge("load-failed", "load failed"));
     } else if (model.calls > 0 || model.cold) {
@@ -291,7 +314,10 @@ function undrawnDetectionsNote(count) {
       part.title = `${phase.label}: ${formatMs(us)}`;
       stack.append(part);
     }
-    for (const model of breakdown.models) $("timeline").append(modelRow(model));
+    for (const model of breakdown.models) {
+      if (!model.pretrained) markUntrained(model.model_id);
+      $("timeline").append(modelRow(model));
+    }
     $("summary-total").textContent = formatMs(breakdown.total);
     $("summary-runner").textContent = formatMs(breakdown.runner_total);
   }
