@@ -30,11 +30,23 @@ PAGE_SIZE = 50
 DATA_PARAMETERS = set(BillFilterForm.base_fields) | {"api_key"}
 
 
+# The query parameters of the history page: the filters and the page number.
+PAGE_PARAMETERS = set(BillFilterForm.base_fields) | {"page"}
+
+
 @login_required
 @allow_methods("GET")
 def history(request):
     form = BillFilterForm(request.GET, user=request.user)
-    context = {"form": form, "columns": COLUMNS, "filters_valid": form.is_valid()}
+    context = {
+        "form": form,
+        "columns": COLUMNS,
+        "filters_valid": form.is_valid(),
+        # Links with tracking parameters still open the page, but a
+        # misspelled filter (?from=...) must not pass for a filtered list.
+        "ignored_parameters": sorted(set(request.GET) - PAGE_PARAMETERS),
+        "filter_names": sorted(BillFilterForm.base_fields),
+    }
     if context["filters_valid"]:
         bills = filtered_bills(request.user, form.cleaned_data)
         page = Paginator(bills, PAGE_SIZE).get_page(request.GET.get("page"))

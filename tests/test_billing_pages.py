@@ -581,6 +581,19 @@ def test_history_ignores_unknown_parameters(alice_browser, alice, people):
     bill = make_bill(alice, version=people)
     page = parse(alice_browser.get(HISTORY, {"utm_source": "mail"}))
     assert [row[2] for row in page.rows] == [str(bill.run_id)]
+    assert "Ignored utm_source: not a filter." in page.html
+
+
+@pytest.mark.django_db
+def test_history_names_misspelled_filter(alice_browser, alice, people):
+    make_bill(alice, version=people)
+    page = parse(alice_browser.get(HISTORY, {"from": "2026-12-10", "page": 1}))
+    notice = re.search(r'<p class="filter-ignored"[^>]*>([^<]*)</p>', page.html)
+    assert notice is not None
+    assert notice[1] == (
+        "Ignored from: not a filter. The filters are date_from, date_to, "
+        "token, workflow."
+    )
 
 
 @pytest.mark.django_db
