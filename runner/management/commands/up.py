@@ -355,7 +355,10 @@ class Command(BaseCommand):
             type=runner_prefix,
             default=None,
             help="Prefix of the runners' names (PREFIX-runner-1, ...) in place "
-            "of the host name, for two stacks on one host that share REDIS_URL.",
+            "of the host name, for two stacks on one host that share REDIS_URL. "
+            "Stacks on one Redis database share its shared queue, so each one's "
+            "runners take the other's jobs. Stacks with different DATABASE_URLs "
+            "need separate Redis databases (another /N in REDIS_URL).",
         )
         parser.add_argument(
             "--demo",
