@@ -165,6 +165,41 @@ def test_runworkflow_rejects_unknown_or_repeated_inputs(db, arguments, message):
     assert Run.objects.count() == 0
 
 
+@override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1024)
+def test_runworkflow_image_over_body_limit(db, tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(b"\xff" * 1025)
+    with pytest.raises(CommandError) as caught:
+        call_command("runworkflow", DEFINITION, "--image", str(path))
+    message = str(caught.value)
+    assert f"--image {path} is over 1024 bytes" in message
+    assert "MAX_REQUEST_BYTES" in message
+    assert Run.objects.count() == 0
+
+
+@override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1024)
+def test_runworkflow_image_from_endless_device(db):
+    # A read to the end would never return.
+    with pytest.raises(CommandError, match="--image /dev/zero is over 1024 bytes"):
+        call_command("runworkflow", DEFINITION, "--image", "image=/dev/zero")
+    assert Run.objects.count() == 0
+
+
+@override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1024)
+def test_runworkflow_image_from_endless_fifo(db, tmp_path):
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    # The writer ends when the command closes the read end (EPIPE).
+    writer = subprocess.Popen(["sh", "-c", f"yes > {fifo}"], stderr=subprocess.DEVNULL)
+    try:
+        with pytest.raises(CommandError, match="image.fifo is over 1024 bytes"):
+            call_command("runworkflow", DEFINITION, "--image", str(fifo))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert Run.objects.count() == 0
+
+
 def test_runworkflow_batch_input_takes_image(db, tmp_path):
     definition = image_height()
     definition["inputs"] = [

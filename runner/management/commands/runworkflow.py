@@ -250,11 +250,8 @@ class Command(BaseCommand):
             name = name or (image_inputs[0] if image_inputs else "image")
             if name in uploads:
                 raise CommandError(f"--image gives input {name!r} twice")
-            try:
-                uploads[name] = Path(path).read_bytes()
-                self.image_paths[name] = path
-            except OSError as error:
-                raise CommandError(f"cannot read image {path}: {error}") from None
+            uploads[name] = _read_image(path)
+            self.image_paths[name] = path
         return uploads
 
     def _parse_param(self, text: str) -> tuple[str, object]:
@@ -279,6 +276,28 @@ class Command(BaseCommand):
             scalar = not value.lstrip().startswith(('"', "[", "{"))
             hint = "; quote it as a JSON string to pass it as text" if scalar else ""
             raise CommandError(error.message + hint) from None
+
+
+def _read_image(path: str) -> bytes:
+    """Return the bytes of an --image file, or raise CommandError.
+
+    The API receives an image inside a request body, so the cap is the API's
+    limit on a body. Reading stops past it, so a huge file, a device such as
+    /dev/zero or a pipe that never ends is rejected instead of filling the
+    memory.
+    """
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
+    except OSError as error:
+        raise CommandError(f"cannot read image {path}: {error}") from None
+    if len(data) > limit:
+        raise CommandError(
+            f"--image {path} is over {limit} bytes (MAX_REQUEST_BYTES, the API's "
+            "limit on a request body); give a smaller image file"
+        )
+    return data
 
 
 # Strings in the printed outputs longer than this (base64 images, mostly)
