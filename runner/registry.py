@@ -135,24 +135,36 @@ def _resolve(model_id: object, owner_id: int | None, step: str | None) -> ModelS
     if not isinstance(model_id, str) or not model_id.strip():
         shown = model_id if isinstance(model_id, str) else repr(model_id)[:200]
         raise ModelNotFoundError(
-            shown, [], step=step, reason="a model id is a non-empty string"
+            shown,
+            [],
+            step=step,
+            reason="a model id is a non-empty string",
+            invalid_id=True,
         )
     searched: list[str] = []
     if owner_id is not None:
         found = _from_uploads(model_id, owner_id, searched)
         if found:
             return found
+    # Uploads take only ids that pass both checks, so an id that fails one
+    # matched no upload above and can never resolve.
     if not SAFE_ID.fullmatch(model_id):
+        length = f"; got {len(model_id)} characters" if len(model_id) > 200 else ""
         raise ModelNotFoundError(
             model_id[:200],
             [],
             step=step,
             reason="ids are 1 to 200 letters, digits, '.', '_', '-' and '/', "
-            "starting with a letter or digit",
+            f"starting with a letter or digit{length}",
+            invalid_id=True,
         )
     if ".." in model_id.split("/"):
         raise ModelNotFoundError(
-            model_id, [], step=step, reason="an id may not contain a '..' segment"
+            model_id,
+            [],
+            step=step,
+            reason="an id may not contain a '..' segment",
+            invalid_id=True,
         )
     if model_id.endswith((".yaml", ".yml")):
         return _architecture(model_id, model_id, None, searched, step)

@@ -1868,6 +1868,60 @@ def test_validate_warns_about_unresolved_model(alice_client):
     assert resolved.json()["warnings"] == []
 
 
+@pytest.mark.parametrize(
+    ("model_id", "reason"),
+    [
+        ("../../etc/passwd", "ids are 1 to 200 letters, digits, '.', '_', '-' and '/'"),
+        ("people detector", "starting with a letter or digit"),
+        ("a/../b", "an id may not contain a '..' segment"),
+    ],
+)
+def test_validate_rejects_invalid_model_id(alice_client, send_run, model_id, reason):
+    # No upload or file can have such an id, so every run would fail.
+    validated = post_json(
+        alice_client, "/api/validate", {"definition": detection(model_id)}
+    )
+    assert validated.status_code == 400
+    error = validated.json()
+    assert_error_body(error)
+    assert error["message"].startswith(f"Model id '{model_id}' is invalid: ")
+    assert reason in error["message"]
+    assert "until it resolves" not in error["message"]
+    assert error["code"] == "model_not_found"
+    assert error["step"] == "people"
+    assert error["field"] == "model_id"
+    assert error["blocks_errors"] == [
+        {
+            "block_id": "people",
+            "block_type": "roboflow_core/roboflow_object_detection_model@v1",
+            "property_name": "model_id",
+            "property_details": error["message"],
+        }
+    ]
+    # A run of the definition fails with the same error.
+    response = send_run(detection(model_id), {"image": base64_input(image_bytes())})
+    assert response.status_code == 400
+    run_error = response.json()
+    assert run_error["code"] == error["code"]
+    assert run_error["message"] == error["message"]
+    assert run_error["step"] == "people"
+    assert_nothing_stored()
+
+
+def test_validate_warns_invalid_default_model_id(alice_client):
+    # A run may send a valid id for the parameter, so this is a warning.
+    definition = detection("$inputs.model")
+    definition["inputs"].append(
+        {"type": "WorkflowParameter", "name": "model", "default_value": "../x"}
+    )
+    response = post_json(alice_client, "/api/validate", {"definition": definition})
+    assert response.status_code == 200
+    warnings = response.json()["warnings"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("step 'people': Model id '../x' is invalid: ")
+    assert "runs fail unless they send a valid model id" in warnings[0]
+
+
 def test_unknown_top_level_keys_warned(alice_client):
     # Roboflow's engine ignores keys such as "metadata", so they are kept and
     # accepted, with a warning naming each.

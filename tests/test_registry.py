@@ -74,7 +74,8 @@ def test_resolve_rejects_unsafe_ids(db, model_id):
     with pytest.raises(ModelNotFoundError) as caught:
         resolve_model(model_id)
     # Rejected for its form, before any place is searched.
-    assert "cannot be used" in caught.value.message
+    assert "is invalid" in caught.value.message
+    assert caught.value.invalid_id is True
     assert caught.value.searched == []
 
 

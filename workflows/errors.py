@@ -161,13 +161,19 @@ class ModelNotFoundError(WorkflowError):
         searched: list[str],
         step: str | None = None,
         reason: str | None = None,
+        invalid_id: bool = False,
     ):
-        """``reason`` replaces the list of places when the id itself is unusable."""
-        message = (
-            f"Model '{model_id}' cannot be used: {reason}"
-            if reason
-            else f"Model '{model_id}' not found; looked in: {'; '.join(searched)}"
-        )
+        """``reason`` replaces the list of places when the id itself is unusable.
+
+        ``invalid_id`` marks an id of a form that no upload, weights file or
+        architecture can have, so that no file added later makes it resolve.
+        """
+        if invalid_id:
+            message = f"Model id '{model_id}' is invalid: {reason}"
+        elif reason:
+            message = f"Model '{model_id}' cannot be used: {reason}"
+        else:
+            message = f"Model '{model_id}' not found; looked in: {'; '.join(searched)}"
         super().__init__(
             message,
             context="model_resolution",
@@ -186,6 +192,7 @@ class ModelNotFoundError(WorkflowError):
         )
         self.model_id = model_id
         self.searched = searched
+        self.invalid_id = invalid_id
 
 
 class ModelLoadError(WorkflowError):

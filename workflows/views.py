@@ -28,7 +28,7 @@ from webapp.requests import (
 from workflows.blocks import BLOCKS
 from workflows.blocks.base import shown
 from workflows.compiler import plan_cache
-from workflows.errors import ModelNotFoundError, WorkflowError
+from workflows.errors import BlockError, ModelNotFoundError, WorkflowError
 from workflows.inputs import (
     batch_size_of,
     input_mapping,
@@ -476,8 +476,22 @@ class ValidateView(StrictQueryAPIView):
                 hint="Send the workflow definition as 'definition'.",
             )
         plan = plan_cache.compile(body["definition"]).plan
-        warnings = list(plan.warnings) + model_warnings(plan, request.user.id)
+        try:
+            warnings = list(plan.warnings) + model_warnings(plan, request.user.id)
+        except ModelNotFoundError as error:
+            return Response(invalid_model_id_body(plan, error), status=error.status)
         return Response({"valid": True, "warnings": warnings})
+
+
+def invalid_model_id_body(plan, error: ModelNotFoundError) -> dict:
+    """Return the error body of a run that fails on ``error``, with blocks_errors.
+
+    The editor lists a definition's problems from blocks_errors, so the
+    invalid id shows at its step there as a compile error would.
+    """
+    block_type = next(step.block.type for step in plan.steps if step.name == error.step)
+    problem = BlockError(error.step, block_type, "model_id", error.message)
+    return {**error.to_dict(), "blocks_errors": [problem.to_dict()]}
 
 
 def model_warnings(plan, owner_id: int) -> list[str]:
@@ -488,18 +502,30 @@ def model_warnings(plan, owner_id: int) -> list[str]:
     runs, but its detections are meaningless, so the builder warns before
     the first run does. An id that comes from a parameter is checked as its
     default; a run can send another.
+
+    Raises ModelNotFoundError, the error a run returns, for an invalid id
+    written in a step, because every run would fail with it.
     """
     warnings = []
     defaults = {spec.name: spec.default for spec in plan.parameter_inputs}
+    # Without parameter values, only the ids written in steps are not None.
+    written = set(plan.model_ids({}))
     for step, model_id in plan.model_ids(defaults):
         if model_id is None:
             continue
         try:
             source = resolve_model(model_id, owner_id, step=step)
         except ModelNotFoundError as error:
-            warnings.append(
-                f"step '{step}': {error.message}. Runs fail until it resolves."
-            )
+            if error.invalid_id and (step, model_id) in written:
+                raise
+            if error.invalid_id:
+                ending = (
+                    "It is a parameter's default, so runs fail unless they send "
+                    "a valid model id."
+                )
+            else:
+                ending = "Runs fail until it resolves."
+            warnings.append(f"step '{step}': {error.message}. {ending}")
             continue
         if not source.pretrained:
             warnings.append(
