@@ -1166,6 +1166,36 @@ def test_api_missing_definition_named(alice_client, route, field):
     assert error["hint"] == f"Send the workflow definition as '{field}'."
 
 
+@pytest.mark.parametrize(
+    ("route", "field"),
+    [
+        ("/api/validate", "definition"),
+        ("/api/estimate", "specification"),
+        ("/workflows/run", "specification"),
+    ],
+)
+def test_invalid_definition_names_body_field(alice_client, route, field):
+    # A problem outside any step is located at the field that was sent.
+    body = {field: {"steps": 5}}
+    if route != "/api/validate":
+        body["inputs"] = {}
+    response = post_json(alice_client, route, body)
+    assert response.status_code == 400
+    error = response.json()
+    assert_error_body(error)
+    assert error["code"] == "invalid_definition"
+    assert error["message"].startswith(
+        f"Invalid workflow definition at {field}, field 'inputs': 'inputs' is missing"
+    )
+    assert error["field"] == "inputs"
+    assert [problem["property_name"] for problem in error["blocks_errors"]] == [
+        "inputs",
+        "steps",
+        "outputs",
+    ]
+    assert_nothing_stored()
+
+
 @pytest.mark.parametrize("route", ["runs", "estimate", "/api/estimate"])
 def test_api_undeclared_input_rejected(alice, alice_client, route):
     # A misspelled parameter would run with its default value instead.

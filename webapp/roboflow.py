@@ -24,6 +24,7 @@ from webapp.requests import (
     string_list,
     version_number,
 )
+from workflows.errors import DefinitionError
 from workflows.models import Workflow
 
 
@@ -175,7 +176,10 @@ class InlineWorkflowRunView(APIView):
                 context="request_parsing",
                 field_name="specification",
             )
-        return _run(request, specification, None, body)
+        try:
+            return _run(request, specification, None, body)
+        except DefinitionError as error:
+            raise error.with_root("specification") from error.__cause__
 
 
 class InfoView(APIView):

@@ -83,9 +83,16 @@ class DefinitionError(WorkflowError):
 
     code = "invalid_definition"
 
-    def __init__(self, errors: list[BlockError], context: str) -> None:
+    def __init__(
+        self, errors: list[BlockError], context: str, root: str = "definition"
+    ) -> None:
+        """Build the message from the first of ``errors``.
+
+        ``root`` names the definition where no step is at fault: the body
+        field that contains it, ``specification`` on the inline routes.
+        """
         first = errors[0]
-        where = f"step '{first.block_id}'" if first.block_id else "definition"
+        where = f"step '{first.block_id}'" if first.block_id else root
         if first.property_name:
             where += f", field '{first.property_name}'"
         more = (
@@ -101,6 +108,10 @@ class DefinitionError(WorkflowError):
             field_name=first.property_name,
         )
         self.errors = errors
+
+    def with_root(self, root: str) -> "DefinitionError":
+        """Return the same error with a message that names ``root`` instead."""
+        return DefinitionError(self.errors, self.context, root=root)
 
     def to_dict(self) -> dict[str, Any]:
         body = super().to_dict()

@@ -28,7 +28,12 @@ from webapp.requests import (
 from workflows.blocks import BLOCKS
 from workflows.blocks.base import shown
 from workflows.compiler import plan_cache
-from workflows.errors import BlockError, ModelNotFoundError, WorkflowError
+from workflows.errors import (
+    BlockError,
+    DefinitionError,
+    ModelNotFoundError,
+    WorkflowError,
+)
 from workflows.inputs import (
     batch_size_of,
     input_mapping,
@@ -457,9 +462,11 @@ class EstimateView(StrictQueryAPIView):
                 field_name="specification",
                 hint="Send the workflow definition as 'specification'.",
             )
-        return Response(
-            estimate_definition(body["specification"], body, request.user.id)
-        )
+        try:
+            estimate = estimate_definition(body["specification"], body, request.user.id)
+        except DefinitionError as error:
+            raise error.with_root("specification") from error.__cause__
+        return Response(estimate)
 
 
 class ValidateView(StrictQueryAPIView):
