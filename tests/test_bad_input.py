@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from django.conf import settings
 from django.test import Client, override_settings
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from billing.models import Bill
 from runner.models import Run
@@ -28,6 +28,7 @@ from tests.conftest import image_bytes
 from tests.definitions import detection, image_height
 from webapp.models import ApiToken
 from webapp.requests import MalformedRequest, parse_json
+from workflows.images import ImageInfo, inspect_image
 from workflows.models import Workflow, WorkflowVersion
 
 ROUTES = ["api", "roboflow_inline", "roboflow_stored"]
@@ -667,6 +668,85 @@ def test_image_truncated_png(send_run, appended):
     assert body["field"] == "image"
     assert "truncated PNG" in body["message"]
     assert_nothing_stored()
+
+
+def png_with_metadata(*chunks: tuple[bytes, bytes]) -> bytes:
+    """Build a small PNG with ``(type, data)`` chunks inserted after IHDR."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(buffer, format="PNG")
+    plain = buffer.getvalue()
+    # The signature and the IHDR chunk: length, type, 13 bytes of data, CRC.
+    header_end = 8 + 12 + 13
+    inserted = b"".join(
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload))
+        for kind, payload in chunks
+    )
+    return plain[:header_end] + inserted + plain[header_end:]
+
+
+# Pillow's limits on one inflated metadata chunk (1 MiB in Pillow 12.3) and
+# on a file's text metadata together (64 MiB).
+METADATA_CHUNK_LIMIT = PngImagePlugin.MAX_TEXT_CHUNK
+TEXT_METADATA_LIMIT = PngImagePlugin.MAX_TEXT_MEMORY
+
+
+@pytest.mark.parametrize(
+    ("kind", "prefix"),
+    [
+        (b"zTXt", b"Comment\0\0"),
+        (b"iCCP", b"profile\0\0"),
+        (b"iTXt", b"XML:com.adobe.xmp\0\1\0\0\0"),
+    ],
+)
+def test_image_png_metadata_chunk_too_large(send_run, kind, prefix):
+    # A few kB that inflate past Pillow's limit: a decompression bomb.
+    inflated = b"\0" * (METADATA_CHUNK_LIMIT + 1)
+    data = png_with_metadata((kind, prefix + zlib.compress(inflated, 9)))
+    response = send_run(image_height(), {"image": base64_input(data)})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["code"] == "invalid_input"
+    assert body["field"] == "image"
+    assert body["message"] == (
+        f"Input 'image' is a PNG file whose {kind.decode()} metadata chunk inflates "
+        f"to more than {METADATA_CHUNK_LIMIT} bytes, the limit on one metadata chunk"
+    )
+    assert "ICC profile" in body["hint"]
+    assert_nothing_stored()
+
+
+def test_image_png_text_metadata_too_large(send_run):
+    # Each chunk is within the limit on one, but together they pass the
+    # limit on a file's text.
+    compressed = zlib.compress(b"\0" * METADATA_CHUNK_LIMIT, 9)
+    count = TEXT_METADATA_LIMIT // METADATA_CHUNK_LIMIT + 1
+    chunks = [
+        (b"zTXt", f"key{index}".encode() + b"\0\0" + compressed)
+        for index in range(count)
+    ]
+    data = png_with_metadata(*chunks)
+    response = send_run(image_height(), {"image": base64_input(data)})
+    assert response.status_code == 400
+    body = response.json()
+    assert_error_body(body)
+    assert body["field"] == "image"
+    assert body["message"] == (
+        "Input 'image' is a PNG file whose text metadata chunks inflate to more "
+        f"than {TEXT_METADATA_LIMIT} bytes together, the limit on a file's "
+        "text metadata"
+    )
+    assert_nothing_stored()
+
+
+def test_image_png_metadata_at_limit_accepted():
+    inflated = zlib.compress(b"\0" * METADATA_CHUNK_LIMIT, 9)
+    data = png_with_metadata((b"zTXt", b"Comment\0\0" + inflated))
+    info = inspect_image(data, input_name="image", max_pixels=10**6)
+    assert info == ImageInfo(format="PNG", width=40, height=30)
 
 
 def test_image_truncated_webp(send_run):

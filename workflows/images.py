@@ -11,13 +11,14 @@ import binascii
 import io
 import json
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import pybase64
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from workflows.errors import InputError, UndecodableImageError
 
@@ -199,6 +200,19 @@ def inspect_image(
         # Pillow's message adds only the repr of the buffer it read.
         raise not_an_image from None
     except Exception as error:
+        problem = _png_metadata_problem(data)
+        if problem is not None:
+            # The pixels need no metadata, and OpenCV on a runner would decode
+            # them. The file is still rejected: Pillow's limits are what keeps
+            # a chunk of a few kB from inflating to gigabytes here, and with
+            # the file rejected no process inflates more of a chunk than that.
+            raise InputError(
+                f"Input '{input_name}' is a PNG file whose {problem}",
+                context="input_decoding",
+                field_name=field,
+                hint="Remove the image's text metadata and ICC profile, for "
+                "example by saving it again without them, and send it again.",
+            ) from error
         # Pillow opens a WebP file by decoding it, so a cut or damaged one
         # fails here rather than in the completeness check below.
         webp_size = _webp_file_size(data)
@@ -332,6 +346,74 @@ def _without_animation(data: bytes) -> bytes:
     if not animated:
         return data
     return b"".join(plain)
+
+
+# PNG chunks whose data Pillow inflates while opening the file, as it reads
+# the chunks before the first IDAT.
+_PNG_COMPRESSED_METADATA = frozenset({b"zTXt", b"iCCP", b"iTXt"})
+_PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+
+
+def _png_metadata_problem(data: bytes) -> str | None:
+    """Return which metadata limit of Pillow a PNG file exceeds, or None.
+
+    Pillow (12.3, PngImagePlugin) rejects a file with a ValueError when one
+    zTXt, iCCP or iTXt chunk inflates past MAX_TEXT_CHUNK, or its text chunks
+    past MAX_TEXT_MEMORY together. Inflating stops just past each limit.
+    """
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    chunk_limit = PngImagePlugin.MAX_TEXT_CHUNK
+    text_limit = PngImagePlugin.MAX_TEXT_MEMORY
+    text_bytes = 0
+    for kind, start, length in _png_chunks(data):
+        if kind == b"IDAT":
+            return None
+        if kind not in _PNG_TEXT_CHUNKS and kind not in _PNG_COMPRESSED_METADATA:
+            continue
+        chunk = data[start : start + length]
+        size = _png_chunk_text_size(kind, chunk, chunk_limit)
+        if size > chunk_limit:
+            return (
+                f"{kind.decode()} metadata chunk inflates to more than "
+                f"{chunk_limit} bytes, the limit on one metadata chunk"
+            )
+        if kind in _PNG_TEXT_CHUNKS:
+            text_bytes += size
+        if text_bytes > text_limit:
+            return (
+                f"text metadata chunks inflate to more than {text_limit} bytes "
+                "together, the limit on a file's text metadata"
+            )
+    return None
+
+
+def _png_chunk_text_size(kind: bytes, chunk: bytes, limit: int) -> int:
+    """Return the size of a metadata chunk's text or profile, at most ``limit`` + 1.
+
+    A compressed value that does not inflate counts as 0, as Pillow drops it.
+    """
+    _, _, value = chunk.partition(b"\0")
+    if kind == b"tEXt":
+        return len(value)
+    if kind == b"iTXt":
+        # A compression flag and method, then the language tag and the
+        # translated keyword before the text.
+        flag, method = value[:1], value[1:2]
+        value = value[2:].split(b"\0", 2)[-1]
+        if flag in (b"", b"\0"):
+            return len(value)
+        if method != b"\0":
+            return 0
+    else:
+        # zTXt and iCCP: a compression method byte, then the zlib stream.
+        value = value[1:]
+    inflater = zlib.decompressobj()
+    try:
+        inflated = inflater.decompress(value, limit + 1)
+    except zlib.error:
+        return 0
+    return len(inflated)
 
 
 def _png_has_end(data: bytes) -> bool:
