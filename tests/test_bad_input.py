@@ -1879,7 +1879,7 @@ def test_sequence_length_of_image_rejected_before_run(alice_client):
     assert response.status_code == 400
     assert body["code"] == "invalid_definition"
     assert (
-        "needs detections, a list, a string or an object, but gets an image"
+        "needs detections, a list, a string, an object or bytes, but gets an image"
         in body["message"]
     )
     assert_nothing_stored()
