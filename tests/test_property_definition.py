@@ -401,6 +401,16 @@ def definition_with(data: str, operations: list) -> dict:
             'operation 0 (RandomNumber): max_value must be a number, got "1"',
         ),
         (
+            # Valid JSON, but too large for a float, which math.isfinite()
+            # converts it to.
+            [{"type": "RandomNumber", "min_value": 10**400}],
+            "operation 0 (RandomNumber): min_value must be a number, got 1000",
+        ),
+        (
+            [{"type": "Multiply", "other": -(10**400)}],
+            "operation 0 (Multiply): other must be a number, got -1000",
+        ),
+        (
             [{"type": "TimestampToISOFormat"}],
             "operation 0 (TimestampToISOFormat) is not supported: it reads a "
             "timestamp, which only ExtractFrameMetadata makes from a video frame",
@@ -418,6 +428,8 @@ def definition_with(data: str, operations: list) -> dict:
         "base64-of-number",
         "text-of-bytes",
         "random-bound",
+        "random-huge-bound",
+        "multiply-huge-integer",
         "timestamp",
     ],
 )

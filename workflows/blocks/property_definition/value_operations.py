@@ -135,7 +135,14 @@ def _is_integer(value: Any) -> bool:
 
 
 def _finite_number(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
+    """Return whether ``value`` is a number that converts to a finite float."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        # An integer past a float's range, such as 10**400, which JSON allows.
+        return False
 
 
 def _to_number(operation: dict, value: Any) -> Any:
