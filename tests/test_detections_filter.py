@@ -16,7 +16,7 @@ from tests.definitions import (
     parameter,
     static,
 )
-from workflows.blocks.base import StepContext
+from workflows.blocks.base import StepContext, shown
 from workflows.blocks.detections_filter.evaluation import (
     COMPARATORS,
     PROPERTIES,
@@ -276,8 +276,17 @@ def test_detection_in_zone(anchor, zone, expected):
         ([[0, 0], [20, 20]], "the zone has 2 points, but a polygon needs at least 3"),
         ([[0, 0], [20], [0, 20]], "zone point 1 must be [x, y], got [20]"),
         ("square", 'the zone must be a list of [x, y] points, got "square"'),
+        (
+            [[0, 0], [10**400, 0], [0, 20]],
+            "zone point 1 must be [x, y] numbers within a float's range, got "
+            + shown([10**400, 0]),
+        ),
+        (
+            [[0, 0], ["inf", 0], [0, 20]],
+            'zone point 1 must be [x, y] finite numbers, got ["inf", 0]',
+        ),
     ],
-    ids=["two-points", "short-point", "string"],
+    ids=["two-points", "short-point", "string", "huge-coordinate", "infinite"],
 )
 def test_detection_in_zone_bad_zone(zone, problem):
     statement = compare(

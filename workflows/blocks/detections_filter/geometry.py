@@ -11,6 +11,7 @@ outside.
 """
 
 import itertools
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
@@ -38,7 +39,7 @@ def point_in_zone(point: Any, zone: Any) -> bool:
     polygon joins in order and back to the first. As in Roboflow, a longer
     point or vertex has its further items ignored, and an empty zone contains
     no point. Raises ValueError for a zone of one or two vertices, which
-    shapely rejects too, a point or vertex that is not a pair of numbers, or
+    shapely rejects too, a point or vertex that is not a pair of finite numbers, or
     a zone of more than MAX_ZONE_POINTS vertices.
 
     NOTE: GEOS finds some points inside a zone whose edges retrace each
@@ -75,7 +76,7 @@ def zone_ring(zone: Any) -> list[tuple[float, float]]:
     """Return the [x, y] points of ``zone`` as floats.
 
     Raises ValueError for a value that is not a list of none, or 3 to
-    MAX_ZONE_POINTS, points, or a point that is not a pair of numbers.
+    MAX_ZONE_POINTS, points, or a point that is not a pair of finite numbers.
     """
     if not isinstance(zone, Sequence) or isinstance(zone, str):
         raise ValueError(f"the zone must be a list of [x, y] points, got {shown(zone)}")
@@ -97,11 +98,20 @@ def _coordinates(value: Any, name: str) -> tuple[float, float]:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) < 2:
         raise ValueError(f"{name} must be [x, y], got {shown(value)}")
     try:
-        return float(value[0]), float(value[1])
+        x, y = float(value[0]), float(value[1])
     except (TypeError, ValueError) as error:
         raise ValueError(
             f"{name} must be [x, y] numbers, got {shown(value)}"
         ) from error
+    except OverflowError as error:
+        # An integer such as 10**400, which JSON allows.
+        raise ValueError(
+            f"{name} must be [x, y] numbers within a float's range, got {shown(value)}"
+        ) from error
+    if not (math.isfinite(x) and math.isfinite(y)):
+        # float() reads "inf" and "nan", and the exact test cannot use them.
+        raise ValueError(f"{name} must be [x, y] finite numbers, got {shown(value)}")
+    return x, y
 
 
 def _orientation(x1: float, y1: float, x2: float, y2: float, x: float, y: float) -> int:
