@@ -113,6 +113,21 @@ def test_runworkflow_definition_over_body_limit(db, tmp_path):
     assert Run.objects.count() == 0
 
 
+@override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1024)
+def test_runworkflow_definition_over_limit_mid_character(db, tmp_path):
+    # The read stops after 1,025 bytes, inside a two-byte "é", and the
+    # limit is what the file breaks, not UTF-8.
+    data = json.dumps({"note": "é" * 1024}, ensure_ascii=False).encode()
+    with pytest.raises(UnicodeDecodeError):
+        data[:1025].decode()
+    path = tmp_path / "definition.json"
+    path.write_bytes(data)
+    with pytest.raises(CommandError) as caught:
+        call_command("runworkflow", str(path))
+    assert "is over 1024 bytes (MAX_REQUEST_BYTES" in str(caught.value)
+    assert Run.objects.count() == 0
+
+
 def test_runworkflow_definition_is_a_directory(db, tmp_path):
     with pytest.raises(CommandError, match="cannot read definition file"):
         call_command("runworkflow", str(tmp_path))

@@ -205,17 +205,21 @@ class Command(BaseCommand):
         try:
             with path.open("rb") as file:
                 data = file.read(limit + 1)
-            text = data.decode("utf-8-sig")
         except FileNotFoundError:
             raise CommandError(f"definition file {path} not found") from None
-        except (OSError, UnicodeDecodeError) as error:
+        except OSError as error:
             raise CommandError(f"cannot read definition file {path}: {error}") from None
+        # Checked before decoding, because the read may stop inside a character.
         if len(data) > limit:
             raise CommandError(
                 f"definition file {path} is over {limit} bytes (MAX_REQUEST_BYTES, "
                 "the API's limit on a request body); a definition may be at most "
                 f"{MAX_DEFINITION_BYTES} bytes of JSON"
             )
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise CommandError(f"cannot read definition file {path}: {error}") from None
         # The API's parser: values Python's json module reads but a run cannot
         # store (NaN, huge integers, NUL) are refused here as they are there.
         try:
