@@ -309,6 +309,25 @@ def test_detection_in_zone_bad_zone(zone, problem):
     assert error.property_details == (f"{STATEMENT}.right_operand: {problem}")
 
 
+def test_detection_in_zone_of_random_points():
+    # The zone is drawn when the statement is evaluated, so its value in
+    # the definition, which is no zone, is not checked as one. Every point
+    # drawn lies within [0, 1], away from all four centres.
+    draw = {"type": "RandomNumber", "min_value": 0, "max_value": 1}
+    zone = {
+        "type": "StaticOperand",
+        "value": [["a", "b"], ["c", "d"], ["e", "f"]],
+        "operations": [
+            {
+                "type": "SequenceApply",
+                "operations": [{"type": "SequenceApply", "operations": [draw]}],
+            }
+        ],
+    }
+    in_zone = compare(detection_property("center"), "(Detection) in zone", zone)
+    assert kept(keep_where(in_zone)) == []
+
+
 def many_detections(count: int) -> Detections:
     return Detections(
         xyxy=np.tile(np.array([[0, 0, 10, 10]], dtype=np.float32), (count, 1)),

@@ -292,7 +292,12 @@ def _parse_statement(
     right = _parse_operand(
         _required(fields, "right_operand", path), f"{path}.right_operand", condition
     )
-    if comparator == ZONE_COMPARATOR and isinstance(right, StaticValue):
+    # A static zone with a random operation left is known only when it runs.
+    if (
+        comparator == ZONE_COMPARATOR
+        and isinstance(right, StaticValue)
+        and not right.operations
+    ):
         _check_static_zone(right.value, f"{path}.right_operand")
     return BinaryStatement(path, left, comparator, right, negate)
 
