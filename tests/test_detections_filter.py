@@ -552,6 +552,16 @@ def test_parameter_operations_run_once_per_call():
     assert counted.lengths_taken == 2
 
 
+def test_parameter_operations_before_random_run_once():
+    # Only RandomNumber has to run for each detection. The operations before
+    # it read the same value each time, however long it is.
+    counted = CountedLengthDict(a=1, b=2)
+    operand = with_operations(parameter("labels"), {"type": "SequenceLength"}, RANDOM)
+    operations = keep_where(compare(operand, "(Number) <", static(2)))
+    assert kept(operations, {"labels": counted}) == [0, 1, 2, 3]
+    assert counted.lengths_taken == 1
+
+
 def test_comparison_on_no_detections_never_runs():
     operations = keep_where(
         compare(detection_property("confidence"), "(Number) >", static("high"))

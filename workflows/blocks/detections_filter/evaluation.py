@@ -1,7 +1,7 @@
 """Evaluate filter statements on detections as Roboflow's query language does."""
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -189,40 +189,72 @@ def _value(
 ) -> Any:
     """Return ``operand``'s value, from ``computed`` (by id) for a parameter.
 
-    ``computed`` stores each parameter operand's value after its operations,
-    for the rest of the block call.
+    ``computed`` stores each parameter operand's value after its operations
+    up to the first random one, for the rest of the block call. The random
+    one and those after it run on every evaluation.
     """
     if isinstance(operand, StaticValue):
         if not operand.operations:
             return operand.value
-        value = operand.value
-        subject = "the static value"
-        first = operand.first
-    elif isinstance(operand, Parameter):
-        if id(operand) in computed:
-            return computed[id(operand)]
-        value = parameters[operand.name]
-        subject = f'"{operand.name}"'
-        first = 0
+        value = _apply_operations(
+            operand,
+            operand.operations,
+            operand.value,
+            "the static value",
+            operand.first,
+        )
+        return with_member_set(value)
+    if isinstance(operand, Parameter):
+        return _parameter_value(operand, parameters, computed)
+    assert detections is not None and index is not None
+    value = PROPERTIES[operand.name](detections, index)
+    # A detection operand's operation 0 is its ExtractDetectionProperty.
+    value = _apply_operations(
+        operand,
+        operand.operations,
+        value,
+        f"{operand.name} of detection {index}",
+        1,
+    )
+    return with_member_set(value) if operand.operations else value
+
+
+def _parameter_value(
+    operand: Parameter, parameters: Mapping, computed: dict[int, Any]
+) -> Any:
+    operations = operand.operations
+    subject = f'"{operand.name}"'
+    random_index = first_random_index(operations)
+    if random_index is None:
+        random_index = len(operations)
+    if id(operand) in computed:
+        value = computed[id(operand)]
     else:
-        assert detections is not None and index is not None
-        value = PROPERTIES[operand.name](detections, index)
-        subject = f"{operand.name} of detection {index}"
-        # A detection operand's operation 0 is its ExtractDetectionProperty.
-        first = 1
-    for position, operation in enumerate(operand.operations, first):
+        value = _apply_operations(
+            operand, operations[:random_index], parameters[operand.name], subject, 0
+        )
+        if random_index == len(operations) and operations:
+            value = with_member_set(value)
+        computed[id(operand)] = value
+    if random_index == len(operations):
+        return value
+    value = _apply_operations(
+        operand, operations[random_index:], value, subject, random_index
+    )
+    return with_member_set(value)
+
+
+def _apply_operations(
+    operand: Operand, operations: Sequence[dict], value: Any, subject: str, first: int
+) -> Any:
+    """Return ``value`` after ``operations``, the operand's from index ``first`` on."""
+    for position, operation in enumerate(operations, first):
         try:
             value = apply_operation(operation, value)
         except OperationError as error:
             raise EvaluationError(
                 f"{operand.path}: operation {position} of {subject} failed: {error}"
             ) from error
-    value = with_member_set(value) if operand.operations else value
-    if (
-        isinstance(operand, Parameter)
-        and first_random_index(operand.operations) is None
-    ):
-        computed[id(operand)] = value
     return value
 
 

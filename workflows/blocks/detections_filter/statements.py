@@ -32,8 +32,8 @@ class Parameter:
 
     In a condition (``parse_condition``), the key names a value of the
     block's parameters. ``operations`` are property definition operations
-    applied to the value before the comparison: once per block call, or
-    for each detection when one of them is random.
+    applied to the value before the comparison: once per block call up to
+    the first random one, which and those after it run for each detection.
     """
 
     name: str
