@@ -356,6 +356,17 @@ def test_run_accepts_wrapped_unpadded_base64(runner, alice_client):
     assert response.json()["outputs"][0]["height"] == 1080
 
 
+def run_detection_on(alice_client, image: bytes):
+    """Post a run of a new detection workflow on ``image``, sent as base64."""
+    workflow_id = create_workflow(alice_client, detection())
+    body = {
+        "inputs": {
+            "image": {"type": "base64", "value": base64.b64encode(image).decode()}
+        }
+    }
+    return alice_client.post(f"/api/workflows/{workflow_id}/runs", body, format="json")
+
+
 def test_run_png_with_data_after_its_end(runner, alice_client):
     # Some tools append data after a PNG file's IEND chunk. OpenCV stops
     # reading at IEND, so the runner decodes the image as it is.
@@ -364,13 +375,7 @@ def test_run_png_with_data_after_its_end(runner, alice_client):
     buffer = io.BytesIO()
     Image.open(io.BytesIO(image_bytes())).save(buffer, format="PNG")
     png = buffer.getvalue() + b"appended after IEND" * 16
-    workflow_id = create_workflow(alice_client, detection())
-    body = {
-        "inputs": {"image": {"type": "base64", "value": base64.b64encode(png).decode()}}
-    }
-    response = alice_client.post(
-        f"/api/workflows/{workflow_id}/runs", body, format="json"
-    )
+    response = run_detection_on(alice_client, png)
     assert response.status_code == 200, response.json()
     predictions = response.json()["outputs"][0]["predictions"]
     assert predictions["image"] == {"width": 810, "height": 1080}
@@ -393,13 +398,7 @@ def test_run_image_undecodable_on_runner_is_not_billed(runner, alice_client):
         + chunk(b"IDAT", b"not zlib data" * 8)
         + chunk(b"IEND", b"")
     )
-    workflow_id = create_workflow(alice_client, detection())
-    body = {
-        "inputs": {"image": {"type": "base64", "value": base64.b64encode(png).decode()}}
-    }
-    response = alice_client.post(
-        f"/api/workflows/{workflow_id}/runs", body, format="json"
-    )
+    response = run_detection_on(alice_client, png)
     assert response.status_code == 400, response.json()
     run = Run.objects.get()
     assert run.status == Run.Status.FAILED
@@ -429,13 +428,7 @@ def test_run_malformed_apng_fails_without_crashing_runner(runner, alice_client):
         + chunk(b"fdAT", struct.pack(">I", 2) + rows)
         + chunk(b"IEND", b"")
     )
-    workflow_id = create_workflow(alice_client, detection())
-    body = {
-        "inputs": {"image": {"type": "base64", "value": base64.b64encode(png).decode()}}
-    }
-    response = alice_client.post(
-        f"/api/workflows/{workflow_id}/runs", body, format="json"
-    )
+    response = run_detection_on(alice_client, png)
     assert response.status_code == 400, response.json()
     assert response.json()["code"] == "invalid_input"
     run = Run.objects.get()
