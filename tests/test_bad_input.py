@@ -2273,7 +2273,7 @@ def test_multipart_body_to_a_json_route_is_415(alice, alice_client, url):
 
 def test_nul_in_query_is_400(alice, alice_client):
     # PostgreSQL rejects a text value with a NUL character, so an admin list
-    # filter that passed one to a query answered 500 there.
+    # filter that passed one to a query returned 500 there.
     response = alice_client.get("/api/runs/?status=%00")
     assert response.status_code == 400
     body = response.json()
