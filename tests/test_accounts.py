@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 from tests.conftest import ROOT
 from tests.definitions import image_height
 from webapp.models import ApiToken, hash_token
+from webapp.sessions import SessionStore
 from workflows.models import Workflow
 
 
@@ -23,6 +24,18 @@ def test_pages_require_sign_in(client, db, path):
     response = client.get(path)
     assert response.status_code == 302
     assert response.url.startswith("/accounts/login/")
+
+
+def test_session_cookie_with_nul_is_ignored(client, db):
+    # Django unquotes the cookie value's octal escape \000 to a NUL, which
+    # PostgreSQL rejects in a query.
+    assert SessionStore("\x00abcdefghijk").session_key is None
+    cookie = 'sessionid="\\000abcdefghijk"'
+    response = client.get("/workflows/", HTTP_ACCEPT="text/html", HTTP_COOKIE=cookie)
+    assert response.status_code == 302
+    assert response.url.startswith("/accounts/login/")
+    api = client.get("/api/workflows/", HTTP_COOKIE=cookie)
+    assert api.status_code == 401
 
 
 def test_sign_in_lands_on_workflows(client, alice):

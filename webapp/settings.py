@@ -59,6 +59,7 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 # Secure, so browsers would send them on a plain HTTP request to the host.
 SECURE_COOKIES = env_bool("SECURE_COOKIES", False)
 SESSION_COOKIE_SECURE = SECURE_COOKIES
+SESSION_ENGINE = "webapp.sessions"
 CSRF_COOKIE_SECURE = SECURE_COOKIES
 
 INSTALLED_APPS = [
