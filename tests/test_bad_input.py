@@ -1859,8 +1859,8 @@ def test_sequence_length_of_number_is_billed_user_error(runner, alice_client):
     assert response.status_code == 400
     assert body["code"] == "step_rejected_input"
     assert (
-        "SequenceLength needs detections, a list, a string or an object, "
-        "got an integer" in body["message"]
+        "SequenceLength needs detections, a list, a string, an object or "
+        "bytes, got an integer" in body["message"]
     )
     bill = Bill.objects.get()
     assert bill.billed is True
