@@ -2018,6 +2018,49 @@ def test_validate_rejects_invalid_model_id(alice_client, send_run, model_id, rea
     assert_nothing_stored()
 
 
+def test_save_rejects_invalid_model_id(alice, alice_client):
+    # Saving checks models as validate does, so no stored version names an
+    # id that every run would fail on.
+    created = post_json(
+        alice_client,
+        "/api/workflows/",
+        {"name": "traversal", "definition": detection("../../etc/passwd")},
+    )
+    assert created.status_code == 400
+    error = created.json()
+    assert error["code"] == "model_not_found"
+    assert error["message"].startswith("Model id '../../etc/passwd' is invalid: ")
+    assert error["blocks_errors"][0]["block_id"] == "people"
+    assert not Workflow.objects.exists()
+
+    workflow = Workflow.create_with_version(alice, "people", detection("yolov8n.yaml"))
+    updated = alice_client.put(
+        f"/api/workflows/{workflow.id}",
+        {"definition": detection("a/../b")},
+        content_type="application/json",
+    )
+    assert updated.status_code == 400
+    assert updated.json()["code"] == "model_not_found"
+    assert workflow.versions.count() == 1
+
+
+def test_save_warns_missing_and_untrained_models(alice_client):
+    definition = detection("yolov8n.yaml")
+    definition["steps"].append(
+        {**definition["steps"][0], "name": "other", "model_id": "not-uploaded-yet"}
+    )
+    created = post_json(
+        alice_client, "/api/workflows/", {"name": "two", "definition": definition}
+    )
+    assert created.status_code == 201
+    warnings = created.json()["warnings"]
+    assert len(warnings) == 2
+    assert "'yolov8n.yaml' is an untrained architecture" in warnings[0]
+    assert warnings[0].startswith("step 'people': ")
+    assert warnings[1].startswith("step 'other': ")
+    assert warnings[1].endswith("Runs fail until it resolves.")
+
+
 def test_validate_warns_invalid_default_model_id(alice_client):
     # A run may send a valid id for the parameter, so this is a warning.
     definition = detection("$inputs.model")

@@ -139,9 +139,27 @@ def workflow_to_dict(
     return body
 
 
-def compile_or_raise(definition) -> list[str]:
-    """Compile to validate; return the plan's warnings (unused fields and so on)."""
-    return list(plan_cache.compile(definition).plan.warnings)
+def compile_or_raise(definition, owner_id: int) -> list[str]:
+    """Compile to validate; return the plan's warnings and the models' warnings.
+
+    Raises what compiling raises, and InvalidModelIdError for a model id
+    written in a step that no model can have.
+    """
+    plan = plan_cache.compile(definition).plan
+    try:
+        return list(plan.warnings) + model_warnings(plan, owner_id)
+    except ModelNotFoundError as error:
+        body = invalid_model_id_body(plan, error)
+        raise InvalidModelIdError(body, error.status) from error
+
+
+class InvalidModelIdError(Exception):
+    """A definition names a model id in a step that no upload or file can have."""
+
+    def __init__(self, body: dict, status: int) -> None:
+        super().__init__(body["message"])
+        self.body = body
+        self.status = status
 
 
 class VersionConflict(WorkflowError):
@@ -201,7 +219,10 @@ class WorkflowListView(StrictQueryAPIView):
             raise MalformedRequest(
                 "'name' and 'definition' are required", context="request_parsing"
             )
-        warnings = compile_or_raise(data["definition"])
+        try:
+            warnings = compile_or_raise(data["definition"], request.user.id)
+        except InvalidModelIdError as error:
+            return Response(error.body, status=error.status)
         workflow = Workflow.create_with_version(
             request.user, data["name"], data["definition"]
         )
@@ -250,7 +271,10 @@ class WorkflowDetailView(StrictQueryAPIView):
         warnings: list[str] = []
         version = None
         if "definition" in data:
-            warnings = compile_or_raise(data["definition"])
+            try:
+                warnings = compile_or_raise(data["definition"], request.user.id)
+            except InvalidModelIdError as error:
+                return Response(error.body, status=error.status)
         changed = [field for field in ("name", "description") if field in data]
         # Concurrent edits of one workflow wait for each other here, and each
         # reads the latest version and writes only the fields it changes, so
@@ -482,11 +506,10 @@ class ValidateView(StrictQueryAPIView):
                 field_name="definition",
                 hint="Send the workflow definition as 'definition'.",
             )
-        plan = plan_cache.compile(body["definition"]).plan
         try:
-            warnings = list(plan.warnings) + model_warnings(plan, request.user.id)
-        except ModelNotFoundError as error:
-            return Response(invalid_model_id_body(plan, error), status=error.status)
+            warnings = compile_or_raise(body["definition"], request.user.id)
+        except InvalidModelIdError as error:
+            return Response(error.body, status=error.status)
         return Response({"valid": True, "warnings": warnings})
 
 
