@@ -4,6 +4,7 @@ import pytest
 
 from tests.conftest import image_bytes
 from workflows.compiler import build_plan, definition_digest
+from workflows.deadline import current_call_deadline
 from workflows.errors import StepExecutionError
 from workflows.executor import Deadline, PixelBudget, collect_outputs, execute_plan
 from workflows.images import WorkflowImage
@@ -138,10 +139,12 @@ def test_deadline_stops_next_block_call():
     assert "took longer than RUN_TIME_LIMIT_S (0 s)" in caught.value.message
     assert "stopped before call 1 of step 'crop_0'" in caught.value.message
 
-    # With time to spare, every step runs.
+    # With time to spare, every step runs, and no limit stays set for code
+    # that runs outside a block call.
     execute_plan(
         plan, [{"image": image}], models=None, timer=RunTimer(), deadline=Deadline(60)
     )
+    assert current_call_deadline() is None
 
 
 def crop_sized_by(property_name: str) -> dict:

@@ -27,6 +27,7 @@ from workflows.compiler.plan import (
     StepPlan,
     StepRef,
 )
+from workflows.deadline import Deadline
 from workflows.detections import Detections
 from workflows.errors import StepExecutionError, WorkflowError
 from workflows.images import WorkflowImage
@@ -67,37 +68,6 @@ class PixelBudget:
             raise StepExecutionError(
                 f"the run's steps created images of {self.used} pixels together, "
                 f"over the limit of {self.limit}, at step '{step.name}'",
-                step=step.name,
-                user_error=True,
-            )
-
-
-class Deadline:
-    """The time by which a run's steps must end, checked before each block call.
-
-    A step calls its block once per image of the batch and once per crop, so
-    a run stops within one call (one model call, its cold load included) of
-    the limit. A definition decides how much work a run does (steps, crops,
-    batch size), so without a limit one request could hold a runner for
-    hours. A block call already going is not interrupted.
-    """
-
-    def __init__(self, limit_s: float) -> None:
-        self.limit_s = limit_s
-        self.at_ns = time.monotonic_ns() + int(limit_s * 1e9)
-
-    def check(self, step: StepPlan, call_number: int) -> None:
-        """Raise StepExecutionError if the limit passed before call ``call_number``.
-
-        ``call_number`` counts the step's calls over the whole batch, from 1.
-        """
-        if time.monotonic_ns() > self.at_ns:
-            raise StepExecutionError(
-                f"the run's steps took longer than RUN_TIME_LIMIT_S "
-                f"({self.limit_s:g} s) and stopped before call {call_number} of "
-                f"step '{step.name}', which calls its block once per image and "
-                "per crop; send fewer images per run, or a workflow with fewer "
-                "crops or steps",
                 step=step.name,
                 user_error=True,
             )
@@ -301,10 +271,7 @@ def _run_lifted(
         return dict.fromkeys(names)
     if level == call.target:
         _check_step_values(call, values)
-        if call.deadline is not None:
-            call.deadline.check(step, call.calls.count + 1)
-        call.calls.count += 1
-        produced = step.block.run(call.context, **_call_values(step, values))
+        produced = _call_block(call, values)
         if call.pixel_budget is not None:
             call.pixel_budget.charge(step, produced)
         return produced
@@ -327,6 +294,22 @@ def _run_lifted(
         for name in outputs:
             outputs[name].append(produced[name])
     return outputs
+
+
+def _call_block(call: _StepCall, values: dict[str, Any]) -> dict[str, Any]:
+    """Call the step's block, within the run's time limit if it has one.
+
+    The limit is checked before the call, and the block's own loops check
+    it during the call through ``current_call_deadline()``.
+    """
+    step = call.step
+    if call.deadline is None:
+        call.calls.count += 1
+        return step.block.run(call.context, **_call_values(step, values))
+    call.deadline.check(step.name, call.calls.count + 1)
+    call.calls.count += 1
+    with call.deadline.during_call(step.name, call.calls.count):
+        return step.block.run(call.context, **_call_values(step, values))
 
 
 def _step_value_fields(step: StepPlan) -> tuple[tuple[Field, str], ...]:

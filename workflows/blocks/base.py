@@ -64,7 +64,12 @@ FLOW_CONTROL = "\x00continue"
 
 @dataclass
 class StepContext:
-    """Context a block may use while running, besides its field values."""
+    """Context a block may use while running, besides its field values.
+
+    A loop whose length the definition or its parameters decide checks the
+    run's time limit through workflows.deadline.current_call_deadline(),
+    which the executor sets for each call.
+    """
 
     step_name: str
     models: Any  # runner.model_cache.ModelProvider, typed loosely to avoid a cycle
