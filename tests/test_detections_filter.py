@@ -26,6 +26,7 @@ from workflows.blocks.detections_filter.evaluation import (
 from workflows.blocks.detections_filter.operations import MAX_GROUP_DEPTH
 from workflows.blocks.detections_filter.v1 import DetectionsFilterBlock
 from workflows.compiler import build_plan
+from workflows.deadline import Deadline
 from workflows.detections import Detections
 from workflows.errors import DefinitionError, StepExecutionError
 
@@ -536,6 +537,38 @@ class CountedLengthDict(dict):
     def __len__(self) -> int:
         self.lengths_taken += 1
         return super().__len__()
+
+
+def test_filter_stops_at_expired_time_limit():
+    # The run's time limit passed before the block call, so the filter stops
+    # at its first statement on the first detection, as it would mid-call.
+    with Deadline(limit_s=0.0).during_call("filter", 3):
+        with pytest.raises(StepExecutionError) as caught:
+            kept(EXAMPLE, {"classes": ["Normal"]})
+    assert caught.value.step == "filter"
+    assert caught.value.user_error is True
+    assert caught.value.code == "step_rejected_input"
+    message = caught.value.message
+    assert "took longer than RUN_TIME_LIMIT_S (0 s)" in message
+    assert (
+        "stopped during call 3 of step 'filter', at statement "
+        "operations[0].filter_operation.statements[0] on detection 0" in message
+    )
+
+    # Within the limit, the filter keeps what it keeps without one.
+    with Deadline(limit_s=600).during_call("filter", 3):
+        assert kept(EXAMPLE, {"classes": ["Normal"]}) == [0]
+
+
+@pytest.mark.parametrize("comparator", ["any in (Sequence)", "all in (Sequence)"])
+def test_sequence_lookups_stop_at_time_limit(comparator):
+    # Both lists can be parameters, so one comparison can take time that
+    # grows with the product of their lengths.
+    values, sequence = [[1]] * 40, MemberList([[2]] * 40)
+    with Deadline(limit_s=0.0).during_call("filter", 1):
+        with pytest.raises(StepExecutionError) as caught:
+            COMPARATORS[comparator](values, sequence)
+    assert "at item 0 of the values looked up in a sequence" in caught.value.message
 
 
 def test_parameter_operations_run_once_per_call():

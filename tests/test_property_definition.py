@@ -12,6 +12,7 @@ from tests.definitions import detection, image_height
 from workflows.blocks.base import StepContext
 from workflows.blocks.property_definition.v1 import PropertyDefinitionBlock
 from workflows.compiler import build_plan, definition_digest
+from workflows.deadline import Deadline
 from workflows.detections import Detections
 from workflows.errors import DefinitionError, StepExecutionError
 from workflows.executor import collect_outputs, execute_plan
@@ -709,3 +710,39 @@ def test_detections_to_dictionary_as_json():
         ],
     )["output"]
     assert json.loads(as_text) == as_object
+
+
+@pytest.mark.parametrize(
+    ("operation", "where"),
+    [
+        (
+            {"type": "SequenceApply", "operations": [{"type": "ToString"}]},
+            "item 0 of 3 of the list of a SequenceApply",
+        ),
+        (
+            {"type": "SequenceMap", "lookup_table": {"a": 1}},
+            "item 0 of 3 of the list of a SequenceMap",
+        ),
+        (
+            {"type": "SequenceElementsCount"},
+            "item 0 of 3 of the list of a SequenceElementsCount",
+        ),
+    ],
+)
+def test_sequence_operation_stops_at_time_limit(operation, where):
+    # The run's time limit has passed when the block call starts, so the
+    # operation stops before its first item, as it would mid-list.
+    with Deadline(limit_s=0.0).during_call("property", 2):
+        with pytest.raises(StepExecutionError) as caught:
+            apply(["a", "a", "a"], operation)
+    assert caught.value.step == "property"
+    assert caught.value.code == "step_rejected_input"
+    assert "took longer than RUN_TIME_LIMIT_S (0 s)" in caught.value.message
+    assert (
+        f"stopped during call 2 of step 'property', at {where}" in caught.value.message
+    )
+
+    # Within the limit, or outside a run's block call, it runs to its end.
+    with Deadline(limit_s=600).during_call("property", 2):
+        within_limit = apply(["a", "a", "a"], operation)
+    assert within_limit == apply(["a", "a", "a"], operation)

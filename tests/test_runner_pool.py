@@ -2,6 +2,7 @@
 
 import base64
 import json
+import math
 import os
 import pickle
 import re
@@ -39,9 +40,18 @@ from runner.registry import ModelSource, resolve_model
 from runner.runtime import RunnerRuntime
 from runner.service import start_run
 from tests.conftest import ROOT, image_bytes, registered_runner, start_cli_run
-from tests.definitions import detection, image_height
+from tests.definitions import (
+    compare,
+    detection,
+    detection_property,
+    filtered_detection,
+    image_height,
+    keep_where,
+    parameter,
+)
 from tests.proxy import ReplyDroppingProxy, close_both
 from webapp.redis import get_redis
+from workflows.blocks.detections_filter.geometry import MAX_ZONE_POINTS
 from workflows.errors import ModelLoadError
 from workflows.timing import RunTimer
 
@@ -1678,6 +1688,76 @@ def test_time_limit_stops_mid_step(runner, extra_runners, alice):
     [model] = run.breakdown["models"]
     assert model["calls"] == next_call - 1
     assert run.bill.billed
+
+
+def zone_of(points: int) -> list[list[float]]:
+    """Return a polygon of ``points`` vertices around most of bus.jpg (810x1080)."""
+    return [
+        [
+            405 + 400 * math.cos(2 * math.pi * index / points),
+            540 + 530 * math.sin(2 * math.pi * index / points),
+        ]
+        for index in range(points)
+    ]
+
+
+# Statements of test_time_limit_stops_inside_filter, about 230 KB of the
+# 256 KB that a definition may take. Each tests a detection's centre against
+# a zone of MAX_ZONE_POINTS points, which took about 6 ms in CPython 3.11 on
+# a 2-core AMD EPYC VM. bus.jpg has at least 2 people (test_runs checks
+# it), so without checks inside it the filter's single call takes about
+# 10 s or more, several times the limit of the test.
+ZONE_STATEMENTS = 800
+
+
+def test_time_limit_stops_inside_filter(runner, extra_runners, alice):
+    # The limit passes during the filter's only call, which the check before
+    # each call cannot stop. The filter's statements check it, so the run
+    # fails with the same error, naming the statement it stopped at.
+    # NOTE: the detection's cold load and call must end within the limit of
+    # 3 s, so that the run reaches the filter. On a 2-core AMD EPYC VM they
+    # took about 1 s.
+    env = {"RUN_TIME_LIMIT_S": "3"}
+    name = extra_runners("hurried-filter", env_overrides=env).name
+    in_zone = compare(
+        detection_property("center"), "(Detection) in zone", parameter("zone")
+    )
+    definition = filtered_detection(
+        keep_where(*[in_zone] * ZONE_STATEMENTS), {"zone": "$inputs.zone"}
+    )
+    definition["inputs"].append({"type": "WorkflowParameter", "name": "zone"})
+
+    image = {"type": "base64", "value": base64.b64encode(image_bytes()).decode()}
+    outcome = start_run(
+        owner_id=alice.id,
+        source="cli",
+        definition=definition,
+        raw_inputs={"image": image, "zone": zone_of(MAX_ZONE_POINTS)},
+        started_ns=time.perf_counter_ns(),
+        wait_s=60,
+        runner=name,
+    )
+
+    run = outcome.run
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED, run.error
+    assert run.error["code"] == "step_rejected_input"
+    assert run.error["step"] == "filter"
+    message = run.error["message"]
+    assert "took longer than RUN_TIME_LIMIT_S (3 s)" in message
+    assert re.search(
+        r"stopped during call 1 of step 'filter', at statement "
+        r"operations\[0\]\.filter_operation\.statements\[\d+\] on detection \d+",
+        message,
+    ), message
+    # The runner's time went to the user's definition, so the run is billed,
+    # as one stopped between calls is.
+    assert run.bill.billed
+    # The call ran, so its time is the filter's, not overhead.
+    [filter_step] = [
+        step for step in run.breakdown["steps"] if step["name"] == "filter"
+    ]
+    assert filter_step["duration"] > 0
 
 
 def test_queueing_images_takes_no_clock_sample(monkeypatch):

@@ -38,6 +38,7 @@ from workflows.blocks.property_definition.value_operations import (
     regex_time_budget,
     value_operation_problem,
 )
+from workflows.deadline import slices_within_time_limit
 from workflows.detections import Detections
 from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
@@ -368,6 +369,12 @@ class PropertyDefinitionBlock(Block):
         return {"output": value}
 
 
+# How many items a SequenceApply runs its chain on between two reads of the
+# clock for the run's time limit. A chain takes a microsecond or more on
+# each item.
+APPLIED_ITEMS_PER_TIME_CHECK = 16
+
+
 class OperationError(ValueError):
     """An operation that got a value of a kind it cannot read, or failed on it."""
 
@@ -412,7 +419,13 @@ def apply_operation(operation: dict, value: Any) -> Any:
     if kind == "SequenceApply":
         if not isinstance(value, (list, tuple)):
             raise _wrong_input(kind, value)
-        applied = [_apply_chain(operation["operations"], item) for item in value]
+        applied = []
+        for items in slices_within_time_limit(
+            value, APPLIED_ITEMS_PER_TIME_CHECK, "the list of a SequenceApply"
+        ):
+            applied.extend(
+                [_apply_chain(operation["operations"], item) for item in items]
+            )
         try:
             check_sequence_length(kind, applied)
         except ValueOperationError as error:
