@@ -314,15 +314,24 @@ def finished_run_without_stored_events(owner) -> tuple[Run, list[dict]]:
     """
     run = submit(owner, image_height())
     assert wait_for_result(str(run.id), timeout_s=60) is not None
-    deadline = time.monotonic() + 10
-    live = stored_events(str(run.id))
-    # The result goes out in the same pipeline as the events, just before them.
-    while not live or live[-1]["phase"] != "done":
-        assert time.monotonic() < deadline, f"events of run {run.id} incomplete"
-        time.sleep(0.01)
-        live = stored_events(str(run.id))
+    live = events_through_done(str(run.id))
     get_redis().delete(events_key(str(run.id)))
     return run, live
+
+
+def events_through_done(run_id: str) -> list[dict]:
+    """Return a finished run's stored events once its done event is stored.
+
+    The result goes out in the same pipeline as the events, just before
+    them, so a waiter can have the result while the events are on their way.
+    """
+    deadline = time.monotonic() + 10
+    events = stored_events(run_id)
+    while not events or events[-1]["phase"] != "done":
+        assert time.monotonic() < deadline, f"events of run {run_id} incomplete"
+        time.sleep(0.01)
+        events = stored_events(run_id)
+    return events
 
 
 def publish(run_id, live: list[dict]) -> None:
@@ -446,7 +455,7 @@ def test_events_add_up_to_the_breakdown_for_batches(runner, alice):
     assert outcome.payload["meta"]["status"] == "succeeded"
     breakdown = outcome.payload["meta"]["breakdown"]
     components = breakdown["components"]
-    events = stored_events(str(outcome.run.id))
+    events = events_through_done(str(outcome.run.id))
 
     calls = [event for event in events if event["phase"] == "model"]
     assert len(calls) > 3
