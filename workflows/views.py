@@ -140,7 +140,7 @@ def workflow_to_dict(
 
 
 def compile_or_raise(definition, owner_id: int) -> list[str]:
-    """Compile to validate; return the plan's warnings and the models' warnings.
+    """Compile ``definition`` and return its warnings, the models' included.
 
     Raises what compiling raises, and InvalidModelIdError for a model id
     written in a step that no model can have.
