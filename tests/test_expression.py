@@ -94,6 +94,44 @@ def test_data_operations_transform_detections():
     assert evaluate(data, CLASS_NAMES_MATCH, CLASS_NAME_OPERATIONS) == "FAIL"
 
 
+def test_detections_compared_by_value():
+    # Roboflow's detections (supervision's Detections) compare equal when
+    # their arrays and data are equal, so a case can test whether a
+    # transformation changed any detection.
+    cases = switch(
+        case(
+            group(compare(parameter("before"), "==", parameter("after"))),
+            static_result("unchanged"),
+        ),
+        default=static_result("changed"),
+    )
+
+    before = people("person", "bus")
+    same = before.take(np.arange(2))
+    assert evaluate({"before": before, "after": same}, cases) == "unchanged"
+    assert evaluate({"before": before, "after": before.take(np.arange(1))}, cases) == (
+        "changed"
+    )
+
+    renamed = before.take(np.arange(2))
+    renamed.class_names = ["person", "car"]
+    assert evaluate({"before": before, "after": renamed}, cases) == "changed"
+
+    moved = before.take(np.arange(2))
+    moved.xyxy = moved.xyxy + 1
+    assert evaluate({"before": before, "after": moved}, cases) == "changed"
+
+    listed = switch(
+        case(
+            group(compare(parameter("after"), "in (Sequence)", parameter("seen"))),
+            static_result("seen"),
+        ),
+        default=static_result("new"),
+    )
+    assert evaluate({"after": same, "seen": [before]}, listed) == "seen"
+    assert evaluate({"after": moved, "seen": [before]}, listed) == "new"
+
+
 def test_dynamic_result_returns_variable():
     cases = switch(
         case(

@@ -1,13 +1,13 @@
 """Object detections and their serialization in Roboflow's shape."""
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 
-@dataclass
+@dataclass(eq=False)
 class Detections:
     """Boxes found in one image, in that image's pixel coordinates.
 
@@ -38,6 +38,17 @@ class Detections:
 
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
+
+    def __eq__(self, other: object) -> bool:
+        # By value, as supervision's Detections compare in the conditions of
+        # Roboflow's inference 1.8.3. The generated dataclass method compared
+        # the arrays with ``==``, whose array result has no truth value.
+        if not isinstance(other, Detections):
+            return NotImplemented
+        return all(
+            _values_equal(getattr(self, attribute.name), getattr(other, attribute.name))
+            for attribute in fields(self)
+        )
 
     @classmethod
     def empty(cls, image_size: tuple[int, int], parent_id: str) -> "Detections":
@@ -135,3 +146,9 @@ class Detections:
                 "height": root_height,
             },
         }
+
+
+def _values_equal(first: Any, second: Any) -> bool:
+    if isinstance(first, np.ndarray) or isinstance(second, np.ndarray):
+        return bool(np.array_equal(first, second))
+    return bool(first == second)
