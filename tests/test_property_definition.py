@@ -499,6 +499,31 @@ def test_compile_checks_sequence_apply_items(property_name, nested, problem):
     )
 
 
+def test_empty_sequence_apply_keeps_items():
+    # Roboflow's SequenceApply with no operations returns the list as it is.
+    empty = {"type": "SequenceApply", "operations": []}
+    assert extract(two_boxes(), "class_name", empty) == ["person", "bus"]
+
+    definition = detection()
+    definition["steps"][1]["operations"] = [
+        {"type": "DetectionsPropertyExtract", "property_name": "class_name"},
+        empty,
+    ]
+    build_plan(definition, "digest")
+
+    # The items keep their kind for the operations after it.
+    definition["steps"][1]["operations"].append(
+        {"type": "SequenceApply", "operations": [{"type": "Multiply", "other": 2}]}
+    )
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition, "digest")
+    [error] = caught.value.errors
+    assert error.property_details.startswith(
+        "operation 2 (SequenceApply): operations: operation 0 (Multiply) needs a "
+        "number, but gets a string"
+    )
+
+
 def bus_image() -> WorkflowImage:
     return WorkflowImage.from_bytes(image_bytes(), parent_id="image")
 

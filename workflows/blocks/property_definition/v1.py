@@ -179,8 +179,11 @@ def check_operations(value: Any, depth: int = 1) -> str | None:
     itself makes them known: ``[ToString, Multiply]`` is rejected whatever
     it reads, and so is such a chain inside a SequenceApply.
     """
-    if not isinstance(value, list) or not value:
-        return "must be a non-empty list of operations"
+    # A SequenceApply's chain may be empty, as in Roboflow, where it returns
+    # the list unchanged.
+    if not isinstance(value, list) or not value and depth == 1:
+        qualifier = "non-empty " if depth == 1 else ""
+        return f"must be a {qualifier}list of operations"
     for index, operation in enumerate(value):
         problem = _operation_problem(operation, depth)
         if problem:
@@ -285,7 +288,8 @@ def chain_problem(operations: list, kind: str, item_kind: str = UNKNOWN) -> str 
             problem = chain_problem(nested, items)
             if problem:
                 return f"operation {index} (SequenceApply): operations: {problem}"
-            items = MAKES[nested[-1]["type"]]
+            if nested:
+                items = MAKES[nested[-1]["type"]]
         elif name == "DetectionsPropertyExtract":
             items = DETECTION_PROPERTY_KINDS[operation["property_name"]]
         else:
