@@ -524,6 +524,34 @@ def test_empty_sequence_apply_keeps_items():
     )
 
 
+def test_empty_operations_output_data():
+    # Roboflow's property definition with no operations outputs its data.
+    context = StepContext(step_name="property", models=None, timer=None)
+    block = PropertyDefinitionBlock()
+    assert block.run(context, data="bus", operations=[])["output"] == "bus"
+
+    build_plan(definition_with("$inputs.label", []), "digest")
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [("$inputs.image", "an image"), ("$steps.people.predictions", "detections")],
+)
+def test_empty_operations_reject_image_or_detections(data, kind):
+    definition = detection()
+    definition["steps"][1]["data"] = data
+    definition["steps"][1]["operations"] = []
+    with pytest.raises(DefinitionError) as caught:
+        build_plan(definition, "digest")
+    [error] = caught.value.errors
+    assert error.block_id == "count"
+    assert error.property_name == "operations"
+    assert error.property_details.startswith(
+        f"is empty, so the output would be {kind}, but a property definition "
+        "outputs a value"
+    )
+
+
 def bus_image() -> WorkflowImage:
     return WorkflowImage.from_bytes(image_bytes(), parent_id="image")
 

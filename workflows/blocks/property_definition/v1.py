@@ -315,6 +315,14 @@ def first_random_index(operations: list) -> int | None:
     return None
 
 
+def _check_block_operations(value: Any) -> str | None:
+    # Roboflow's block takes an empty chain and outputs ``data`` unchanged.
+    # check_bound rejects that for an image or detections.
+    if value == []:
+        return None
+    return check_operations(value)
+
+
 class PropertyDefinitionBlock(Block):
     type = "roboflow_core/property_definition@v1"
     aliases = ("PropertyDefinition", "PropertyExtraction")
@@ -331,7 +339,7 @@ class PropertyDefinitionBlock(Block):
             VALUE,
             'Operations applied in order, e.g. [{"type": "SequenceLength"}].',
             types=(list,),
-            check=check_operations,
+            check=_check_block_operations,
         ),
     )
     outputs = {"output": VALUE}
@@ -341,6 +349,19 @@ class PropertyDefinitionBlock(Block):
         operations = literals.get("operations")
         if not isinstance(operations, list):
             return []
+        if not operations:
+            data_kind = kinds["data"]
+            if data_kind not in (IMAGE, DETECTIONS):
+                return []
+            return [
+                (
+                    "operations",
+                    f"is empty, so the output would be {KIND_NAMES[data_kind]}, "
+                    "but a property definition outputs a value. Add an "
+                    "operation that reads it, such as SequenceLength or "
+                    "ExtractImageProperty",
+                )
+            ]
         problem = chain_problem(operations, kinds["data"])
         if problem:
             return [("operations", problem)]
