@@ -8,9 +8,10 @@ from runner.registry import resolve_model
 from tests.conftest import image_bytes
 from tests.definitions import detection
 from workflows.blocks.base import StepContext
-from workflows.blocks.detections_consensus.consensus import iou
+from workflows.blocks.detections_consensus.consensus import iou, ious
 from workflows.blocks.detections_consensus.v1 import DetectionsConsensusBlock
 from workflows.compiler import build_plan, definition_digest
+from workflows.deadline import Deadline
 from workflows.detections import Detections
 from workflows.errors import DefinitionError, StepExecutionError
 from workflows.executor import collect_outputs, execute_plan
@@ -258,6 +259,49 @@ def test_empty_first_source_does_not_name_image():
     assert len(result["predictions"]) == 1
     assert result["predictions"].parent_id == "image"
     assert result["predictions"].image_size == (200, 100)
+
+
+def test_consensus_stops_at_expired_time_limit():
+    # The run's time limit passed before the block call, so the vote stops
+    # at the first detection, as it would between any two detections.
+    sources = [
+        boxes(("person", 0.8, 0, 0, 10, 20)),
+        boxes(("person", 0.9, 0, 0, 10, 20)),
+    ]
+    with Deadline(limit_s=0.0).during_call("vote", 2):
+        with pytest.raises(StepExecutionError) as caught:
+            consensus(sources)
+    assert caught.value.step == "vote"
+    assert caught.value.user_error is True
+    message = caught.value.message
+    assert "took longer than RUN_TIME_LIMIT_S (0 s)" in message
+    assert (
+        "stopped during call 2 of step 'vote', at detection 0 of "
+        "predictions_batches[0]" in message
+    )
+
+    # Within the limit, the vote merges as it does without one.
+    with Deadline(limit_s=600).during_call("vote", 2):
+        assert len(consensus(sources)["predictions"]) == 1
+
+
+def test_ious_of_many_boxes_equal_iou_of_each():
+    box = np.array([0.0, 0.0, 10.0, 20.0])
+    others = np.array(
+        [
+            [2.0, 0.0, 12.0, 20.0],
+            [20.0, 20.0, 30.0, 30.0],
+            [0.0, 0.0, 0.0, 0.0],
+            [np.nan, 0.0, 10.0, 20.0],
+            [0.0, 0.0, np.inf, 20.0],
+            [-np.inf, 0.0, np.inf, 20.0],
+        ]
+    )
+    expected = [iou(box, row) for row in others]
+    # NaN == NaN is false, so the values are compared as their text.
+    assert [str(value) for value in ious(box, others)] == [
+        str(value) for value in expected
+    ]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from workflows.deadline import current_call_deadline
 from workflows.detections import Detections
 
 AGGREGATIONS = ("average", "max", "min")
@@ -81,13 +82,26 @@ def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusRe
             for source in sources
         ]
 
-    used: set[tuple[int, int]] = set()
+    # Each detection is compared with every detection of the other sources,
+    # so a call does work of the order of (sources x detections) squared,
+    # which max_detections allows to take hours. The run's time limit stops
+    # it between detections.
+    deadline = current_call_deadline()
+    used = [np.zeros(len(source), dtype=bool) for source in sources]
+    class_names = [np.array(source.class_names, dtype=object) for source in sources]
+    boxes = [source.xyxy.astype(np.float64) for source in sources]
     merged: list[tuple[np.ndarray, float, int, str]] = []
     for source_index, source in enumerate(sources):
         for index in range(len(source)):
-            if (source_index, index) in used:
+            if deadline is not None and deadline.passed():
+                deadline.stop(
+                    f"detection {index} of predictions_batches[{source_index}]"
+                )
+            if used[source_index][index]:
                 continue
-            members = _matches(sources, source_index, index, settings, used)
+            members = _matches(
+                boxes, class_names, used, (source_index, index), settings
+            )
             if len(members) < settings.required_votes - 1:
                 continue
             group = [(source_index, index), *members]
@@ -95,7 +109,8 @@ def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusRe
             if confidence < settings.confidence:
                 continue
             merged.append((box, confidence, class_id, class_name))
-            used.update(group)
+            for member_source, member in group:
+                used[member_source][member] = True
 
     predictions = _detections(template, merged)
     present, presence = _presence(predictions, settings)
@@ -122,37 +137,66 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(intersection / union) if union > 0 else 0.0
 
 
+def ious(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Return ``iou(box, other)`` for each row of ``others``, as float64.
+
+    The steps are iou's, with Python's ``min`` and ``max`` spelled as
+    ``np.where`` so that NaN coordinates give the same values as there.
+    """
+    right = np.where(others[:, 2] < box[2], others[:, 2], box[2])
+    left = np.where(others[:, 0] > box[0], others[:, 0], box[0])
+    bottom = np.where(others[:, 3] < box[3], others[:, 3], box[3])
+    top = np.where(others[:, 1] > box[1], others[:, 1], box[1])
+    width, height = right - left, bottom - top
+    intersection = np.where(0.0 > width, 0.0, width) * np.where(
+        0.0 > height, 0.0, height
+    )
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (others[:, 2] - others[:, 0]) * (
+        others[:, 3] - others[:, 1]
+    )
+    union -= intersection
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.where(union > 0, intersection / union, 0.0)
+
+
 def _matches(
-    sources: list[Detections],
-    source_index: int,
-    index: int,
+    boxes: list[np.ndarray],
+    class_names: list[np.ndarray],
+    used: list[np.ndarray],
+    detection: tuple[int, int],
     settings: ConsensusSettings,
-    used: set[tuple[int, int]],
 ) -> list[tuple[int, int]]:
-    """Return, per other source, its unused detection of greatest IoU with this one."""
-    source = sources[source_index]
-    box = source.xyxy[index].astype(np.float64)
+    """Return, per other source, its unused detection of greatest IoU with this one.
+
+    ``boxes``, ``class_names`` and ``used`` hold each source's xyxy boxes,
+    class names and merged flags.
+    """
+    source_index, index = detection
+    box = boxes[source_index][index]
     found = []
-    for other_index, other in enumerate(sources):
-        if other_index == source_index:
+    for other_index, other_boxes in enumerate(boxes):
+        if other_index == source_index or not len(other_boxes):
             continue
-        best: tuple[int, float] | None = None
-        for candidate in range(len(other)):
-            if (other_index, candidate) in used:
-                continue
-            if (
-                settings.class_aware
-                and other.class_names[candidate] != source.class_names[index]
-            ):
-                continue
-            overlap = iou(box, other.xyxy[candidate].astype(np.float64))
-            if overlap <= settings.iou_threshold:
-                continue
-            if best is None or best[1] < overlap:
-                best = (candidate, overlap)
-        if best is not None:
-            found.append((other_index, best[0]))
+        overlaps = ious(box, other_boxes)
+        # NaN is kept, as ``overlap <= iou_threshold`` is false for it.
+        eligible = ~used[other_index] & ~(overlaps <= settings.iou_threshold)
+        if settings.class_aware:
+            eligible &= class_names[other_index] == class_names[source_index][index]
+        candidates = np.flatnonzero(eligible)
+        if len(candidates):
+            found.append((other_index, _best(candidates, overlaps[candidates])))
     return found
+
+
+def _best(candidates: np.ndarray, overlaps: np.ndarray) -> int:
+    """Return the candidate that a scan keeping the first strictly greater IoU keeps.
+
+    Equal IoUs keep the first. A NaN never replaces the best so far, and a
+    first candidate's NaN is never replaced, because NaN compares false.
+    """
+    if np.isnan(overlaps[0]):
+        return int(candidates[0])
+    return int(candidates[np.argmax(np.where(np.isnan(overlaps), -np.inf, overlaps))])
 
 
 def _merge(
