@@ -1,12 +1,16 @@
-"""Bounding-box visualization of boxes far outside the image or not finite."""
+"""Bounding-box visualization: boxes far outside the image or not finite, and
+the run's time limit."""
 
 import numpy as np
+import pytest
 
 from workflows.blocks.base import StepContext
 from workflows.blocks.bounding_box_visualization.v1 import (
     BoundingBoxVisualizationBlock,
 )
+from workflows.deadline import Deadline
 from workflows.detections import Detections
+from workflows.errors import StepExecutionError
 from workflows.images import WorkflowImage
 
 
@@ -45,3 +49,20 @@ def test_box_beyond_32_bit_coordinates_drawn():
 def test_box_with_infinite_coordinates_skipped():
     pixels = drawn([[-np.inf, 10, np.inf, 50], [np.nan, 0, 10, 10]])
     assert not pixels.any()
+
+
+def test_drawing_stops_at_expired_time_limit():
+    # The run's time limit passed before the block call, so the drawing
+    # stops at the first box, as it would between any two boxes.
+    with Deadline(limit_s=0.0).during_call("viz", 4):
+        with pytest.raises(StepExecutionError) as caught:
+            drawn([[10, 10, 50, 50], [20, 20, 60, 60]])
+    assert caught.value.step == "viz"
+    assert caught.value.user_error is True
+    message = caught.value.message
+    assert "took longer than RUN_TIME_LIMIT_S (0 s)" in message
+    assert "stopped during call 4 of step 'viz', at box 0 of 2" in message
+
+    # Within the limit, every box is drawn.
+    with Deadline(limit_s=600).during_call("viz", 4):
+        assert drawn([[10, 10, 50, 50], [20, 20, 60, 60]])[10, 30].any()

@@ -14,6 +14,7 @@ from workflows.blocks.base import (
     StepContext,
     integer_between,
 )
+from workflows.deadline import current_call_deadline
 from workflows.detections import Detections
 from workflows.images import WorkflowImage
 
@@ -67,7 +68,13 @@ class BoundingBoxVisualizationBlock(Block):
         thickness: int,
     ) -> dict[str, Any]:
         canvas = image.pixels.copy()
+        # A box with a thick line on a large image takes tens of
+        # milliseconds, and max_detections allows thousands of boxes, so
+        # the run's time limit is checked before each one.
+        deadline = current_call_deadline()
         for i in range(len(predictions)):
+            if deadline is not None and deadline.passed():
+                deadline.stop(f"box {i} of {len(predictions)}")
             corners = predictions.xyxy[i]
             if not np.isfinite(corners).all():
                 continue
