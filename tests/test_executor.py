@@ -122,6 +122,91 @@ def test_dynamic_crop_rounds_box_edges():
     assert crop.parent_id == "d1"
 
 
+def test_dynamic_crop_stops_at_pixel_budget():
+    import numpy as np
+
+    from workflows.blocks.dynamic_crop.v1 import DynamicCropBlock
+    from workflows.detections import Detections
+
+    # Three boxes over the whole 810x1080 image: 874,800 pixels per crop.
+    image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+    boxes = Detections(
+        xyxy=np.array([[0, 0, 810, 1080]] * 3, dtype=np.float32),
+        confidence=np.full(3, 0.9, dtype=np.float32),
+        class_id=np.zeros(3, dtype=np.int64),
+        class_names=["Normal"] * 3,
+        image_size=(image.width, image.height),
+        parent_id="image",
+    )
+    budget = PixelBudget(limit=2_000_000)
+    budget.used = 100_000
+
+    # The third crop passes the budget, and the call stops there, before
+    # it returns the crops for the executor to charge.
+    with budget.during_call("crop"):
+        with pytest.raises(StepExecutionError) as caught:
+            DynamicCropBlock().run(None, images=image, predictions=boxes)
+    assert caught.value.step == "crop"
+    assert caught.value.user_error is True
+    message = caught.value.message
+    assert "images of 2724400 pixels together" in message
+    assert "over the limit of 2000000 (MAX_RUN_PIXELS)" in message
+    assert "at step 'crop', at crop 2 of 3" in message
+
+    # Within the budget, every crop is cut, and only the executor charges.
+    roomy = PixelBudget(limit=3_000_000)
+    with roomy.during_call("crop"):
+        crops = DynamicCropBlock().run(None, images=image, predictions=boxes)
+    assert len(crops["crops"]) == 3
+    assert roomy.used == 0
+
+
+@pytest.mark.django_db
+def test_executor_stops_dynamic_crop_at_budget():
+    from runner.model_cache import ModelCache, ModelProvider
+    from runner.registry import resolve_model
+    from tests.definitions import detection
+
+    # The 3 people on bus.jpg, grown to the whole 810x1080 image, and a crop
+    # of each: 874,800 pixels per crop.
+    definition = detection()
+    definition["steps"] += [
+        {
+            "type": "roboflow_core/detection_offset@v1",
+            "name": "grow",
+            "predictions": "$steps.people.predictions",
+            "offset_width": 1_000_000,
+            "offset_height": 1_000_000,
+        },
+        {
+            "type": "roboflow_core/dynamic_crop@v1",
+            "name": "crop",
+            "images": "$inputs.image",
+            "predictions": "$steps.grow.predictions",
+        },
+    ]
+    plan = build_plan(definition, definition_digest(definition))
+    cache = ModelCache(
+        budget_bytes=512 * 1024 * 1024, device="cpu", warmup_size=64, torch_threads=1
+    )
+    timer = RunTimer()
+    provider = ModelProvider(
+        cache, {"people-detector": resolve_model("people-detector")}, timer
+    )
+    image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+
+    with pytest.raises(StepExecutionError) as caught:
+        execute_plan(
+            plan,
+            [{"image": image}],
+            models=provider,
+            timer=timer,
+            pixel_budget=PixelBudget(limit=2_000_000),
+        )
+    assert caught.value.step == "crop"
+    assert "at step 'crop', at crop 2 of 3" in caught.value.message
+
+
 def test_deadline_stops_next_block_call():
     definition = three_crops()
     plan = build_plan(definition, definition_digest(definition))

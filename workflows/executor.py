@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from workflows.deadline import Deadline
 from workflows.detections import Detections
 from workflows.errors import StepExecutionError, WorkflowError
 from workflows.images import WorkflowImage
+from workflows.pixel_budget import PixelBudget
 from workflows.timing import RunTimer
 
 logger = logging.getLogger(__name__)
@@ -48,39 +50,6 @@ class _Skipped:
 
 
 SKIPPED = _Skipped()
-
-
-class PixelBudget:
-    """Pixels of the images that a run's steps may create, across its batch.
-
-    Crops and drawings are new images that a runner keeps until the run ends,
-    and their number is up to the definition, so they are bounded like the
-    input images.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def charge(self, step: StepPlan, produced: Any) -> None:
-        self.used += _image_pixels(produced)
-        if self.used > self.limit:
-            raise StepExecutionError(
-                f"the run's steps created images of {self.used} pixels together, "
-                f"over the limit of {self.limit}, at step '{step.name}'",
-                step=step.name,
-                user_error=True,
-            )
-
-
-def _image_pixels(value: Any) -> int:
-    if isinstance(value, WorkflowImage):
-        return value.width * value.height
-    if isinstance(value, dict):
-        return sum(_image_pixels(item) for item in value.values())
-    if isinstance(value, list):
-        return sum(_image_pixels(item) for item in value)
-    return 0
 
 
 def execute_plan(
@@ -273,7 +242,7 @@ def _run_lifted(
         _check_step_values(call, values)
         produced = _call_block(call, values)
         if call.pixel_budget is not None:
-            call.pixel_budget.charge(step, produced)
+            call.pixel_budget.charge(step.name, produced)
         return produced
     nested = [name for name, dim in value_dims.items() if dim > level]
     lengths = {len(values[name]) for name in nested}
@@ -297,18 +266,22 @@ def _run_lifted(
 
 
 def _call_block(call: _StepCall, values: dict[str, Any]) -> dict[str, Any]:
-    """Call the step's block, within the run's time limit if it has one.
+    """Call the step's block, within the run's time limit and pixel budget.
 
     The limit is checked before the call, and the block's own loops check
-    it during the call through ``current_call_deadline()``.
+    it during the call through ``current_call_deadline()``. A block that
+    creates many images checks them against the budget as it goes through
+    ``current_call_pixel_budget()``.
     """
     step = call.step
-    if call.deadline is None:
-        call.calls.count += 1
-        return step.block.run(call.context, **_call_values(step, values))
-    call.deadline.check(step.name, call.calls.count + 1)
+    if call.deadline is not None:
+        call.deadline.check(step.name, call.calls.count + 1)
     call.calls.count += 1
-    with call.deadline.during_call(step.name, call.calls.count):
+    with ExitStack() as limits:
+        if call.deadline is not None:
+            limits.enter_context(call.deadline.during_call(step.name, call.calls.count))
+        if call.pixel_budget is not None:
+            limits.enter_context(call.pixel_budget.during_call(step.name))
         return step.block.run(call.context, **_call_values(step, values))
 
 

@@ -8,6 +8,7 @@ from workflows.blocks.absolute_static_crop.v1 import crop_image
 from workflows.blocks.base import DETECTIONS, IMAGE, Block, Field, StepContext
 from workflows.detections import Detections
 from workflows.images import WorkflowImage
+from workflows.pixel_budget import current_call_pixel_budget
 
 
 class DynamicCropBlock(Block):
@@ -37,6 +38,10 @@ class DynamicCropBlock(Block):
         self, context: StepContext, *, images: WorkflowImage, predictions: Detections
     ) -> dict[str, Any]:
         crops, found = [], []
+        # Every box may cover the whole image, so the crops of one call can
+        # take max_detections times the image's memory. Each crop is
+        # checked against the run's pixel budget as soon as it is cut.
+        budget = current_call_pixel_budget()
         # Box edges round to the nearest pixel (half to even), as in
         # Roboflow's block.
         boxes = np.round(predictions.xyxy).astype(int)
@@ -50,6 +55,8 @@ class DynamicCropBlock(Block):
             # in Roboflow's block, so crop i still belongs to detection i.
             # Steps fed by a null crop are skipped, and their outputs are null.
             if crop.width and crop.height:
+                if budget is not None:
+                    budget.check(crop, f"crop {index} of {len(boxes)}")
                 crops.append(crop)
                 found.append(_detection_in_crop(predictions, index, crop))
             else:
