@@ -21,7 +21,13 @@ from webapp.redis import get_redis
 from workflows.compiler import plan_cache
 from workflows.compiler.plan import ExecutionPlan
 from workflows.errors import InputsExpiredError, WorkflowError
-from workflows.executor import Deadline, PixelBudget, collect_outputs, execute_plan
+from workflows.executor import (
+    Deadline,
+    OutputBudget,
+    PixelBudget,
+    collect_outputs,
+    execute_plan,
+)
 from workflows.images import WorkflowImage
 from workflows.models import WorkflowVersion
 from workflows.timing import RunTimer
@@ -245,9 +251,12 @@ def _execute(
         batch_results = _execute_batch(run, runtime, plan, batch_inputs, timer)
         serialize_started = time.perf_counter_ns()
         try:
+            budget = OutputBudget(settings.GLASSBOX["MAX_RUN_OUTPUT_BYTES"])
             batch = [
-                collect_outputs(plan, inputs, results)
-                for inputs, results in zip(batch_inputs, batch_results, strict=True)
+                collect_outputs(plan, inputs, results, budget, index)
+                for index, (inputs, results) in enumerate(
+                    zip(batch_inputs, batch_results, strict=True)
+                )
             ]
             outputs_json = json.dumps(batch)
         finally:

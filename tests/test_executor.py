@@ -1,4 +1,7 @@
-"""The executor's bound on images that steps create, on real blocks and pixels."""
+"""The executor's bounds on images that steps create and on output size, on
+real blocks and pixels."""
+
+import json
 
 import pytest
 
@@ -6,7 +9,13 @@ from tests.conftest import image_bytes
 from workflows.compiler import build_plan, definition_digest
 from workflows.deadline import current_call_deadline
 from workflows.errors import StepExecutionError
-from workflows.executor import Deadline, PixelBudget, collect_outputs, execute_plan
+from workflows.executor import (
+    Deadline,
+    OutputBudget,
+    PixelBudget,
+    collect_outputs,
+    execute_plan,
+)
 from workflows.images import WorkflowImage
 from workflows.timing import RunTimer
 
@@ -341,3 +350,49 @@ def test_serialized_detections_are_rounded():
     assert prediction["width"] == 40.67
     assert prediction["height"] == 59.55
     assert prediction["confidence"] == 0.8765
+
+
+def test_outputs_over_byte_budget_fail():
+    import numpy as np
+
+    from tests.definitions import detection
+    from workflows.detections import Detections
+
+    # 1,000 detections take about 180 kB of JSON; 3 outputs name them.
+    definition = detection()
+    definition["outputs"] = [
+        {
+            "type": "JsonField",
+            "name": f"copy_{index}",
+            "selector": "$steps.people.predictions",
+        }
+        for index in range(3)
+    ]
+    plan = build_plan(definition, definition_digest(definition))
+    count = 1000
+    boxes = Detections(
+        xyxy=np.tile(np.array([[10, 10, 50, 50]], dtype=np.float32), (count, 1)),
+        confidence=np.full(count, 0.9, dtype=np.float32),
+        class_id=np.zeros(count, dtype=np.int64),
+        class_names=["person"] * count,
+        image_size=(100, 100),
+        parent_id="image",
+    )
+    results = {"people": {"predictions": boxes}}
+    one_output = len(json.dumps(boxes.to_roboflow()))
+
+    # The third copy passes the budget.
+    budget = OutputBudget(limit=2 * one_output + 1)
+    with pytest.raises(StepExecutionError) as caught:
+        collect_outputs(plan, {}, results, budget, image_index=4)
+    assert caught.value.step == "people"
+    assert caught.value.user_error is True
+    message = caught.value.message
+    assert f"more than {2 * one_output + 1} bytes of JSON" in message
+    assert "(MAX_RUN_OUTPUT_BYTES), at output 'copy_2' of image 4" in message
+
+    # Within the budget, every output is serialized and counted.
+    roomy = OutputBudget(limit=3 * one_output)
+    outputs = collect_outputs(plan, {}, results, roomy)
+    assert len(outputs["copy_2"]["predictions"]) == count
+    assert roomy.used == 3 * one_output

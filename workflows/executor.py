@@ -6,10 +6,11 @@ level are repeated for each element.
 """
 
 import base64
+import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -350,22 +351,40 @@ def _step_inputs(step: StepPlan) -> tuple[str, ...]:
     return (*names, *(_gate_name(gate) for gate in step.gated_by))
 
 
-def serialize_value(value: Any, coordinates: str) -> Any:
-    """Turn a step output into JSON-compatible data in Roboflow's shapes."""
+def serialize_value(
+    value: Any, coordinates: str, charge: Callable[[int], None] | None = None
+) -> Any:
+    """Turn a step output into JSON-compatible data in Roboflow's shapes.
+
+    ``charge``, if given, receives the JSON size in bytes of each detections
+    object, image and bytes value as it is serialized, and may raise to stop.
+    """
     if value is SKIPPED:
         return None
     if isinstance(value, Detections):
-        return value.to_roboflow(coordinates)
+        serialized = value.to_roboflow(coordinates)
+        if charge is not None:
+            charge(len(json.dumps(serialized)))
+        return serialized
     if isinstance(value, WorkflowImage):
-        return serialize_image(value)
+        serialized = serialize_image(value)
+        if charge is not None:
+            charge(len(serialized["value"]))
+        return serialized
     if isinstance(value, bytes):
         # As Roboflow's HTTP server writes bytes (orjson_utils.default in
         # inference 1.8.3): standard base64 text.
-        return base64.b64encode(value).decode("ascii")
+        text = base64.b64encode(value).decode("ascii")
+        if charge is not None:
+            charge(len(text))
+        return text
     if isinstance(value, list | tuple):
-        return [serialize_value(item, coordinates) for item in value]
+        return [serialize_value(item, coordinates, charge) for item in value]
     if isinstance(value, dict):
-        return {key: serialize_value(item, coordinates) for key, item in value.items()}
+        return {
+            key: serialize_value(item, coordinates, charge)
+            for key, item in value.items()
+        }
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     return value
@@ -399,19 +418,62 @@ def serialize_image(image: WorkflowImage) -> dict[str, Any]:
     return serialized
 
 
+class OutputBudget:
+    """Bytes of JSON that a run's outputs may take, across its batch.
+
+    Only detections, images and bytes are counted, because their size grows
+    with max_detections and the images. Other values are bounded by the
+    definition and its inputs. A definition may have 100 outputs that name
+    the same detections, and each is serialized again.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charger(self, spec: OutputSpec, image_index: int) -> Callable[[int], None]:
+        """Return a ``serialize_value`` charge for one output of one image."""
+        step = spec.binding.step if isinstance(spec.binding, StepRef) else None
+
+        def charge(size: int) -> None:
+            self.used += size
+            if self.used > self.limit:
+                raise StepExecutionError(
+                    f"the run's outputs take more than {self.limit} bytes of "
+                    "JSON (MAX_RUN_OUTPUT_BYTES), at output "
+                    f"'{spec.name}' of image {image_index}; return fewer "
+                    "outputs, images or detections, such as with a higher "
+                    "confidence or a lower max_detections, or send fewer "
+                    "images per run",
+                    step=step,
+                    user_error=True,
+                )
+
+        return charge
+
+
 def collect_outputs(
-    plan: ExecutionPlan, inputs: Mapping[str, Any], results: dict[str, dict[str, Any]]
+    plan: ExecutionPlan,
+    inputs: Mapping[str, Any],
+    results: dict[str, dict[str, Any]],
+    budget: OutputBudget | None = None,
+    image_index: int = 0,
 ) -> dict[str, Any]:
     """Serialize the declared outputs of one batch element, nulls included.
 
     Raises StepExecutionError, as the step's user error, for an output with
     an infinite or NaN number, which JSON cannot carry and the run's record
     cannot store. Chained blocks can reach one, such as detection offsets in
-    percent that grow an inverted box past float32's range.
+    percent that grow an inverted box past float32's range. Raises it too
+    when the outputs pass ``budget``, naming ``image_index``, the element's
+    index in the batch.
     """
     outputs = {}
     for spec in plan.outputs:
-        value = serialize_value(_output_value(spec, inputs, results), spec.coordinates)
+        charge = None if budget is None else budget.charger(spec, image_index)
+        value = serialize_value(
+            _output_value(spec, inputs, results), spec.coordinates, charge
+        )
         # Inputs come from parsed JSON, so only a step can produce one.
         if isinstance(spec.binding, StepRef) and _has_non_finite_number(value):
             raise StepExecutionError(
