@@ -23,6 +23,7 @@ from workflows.compiler.plan import ExecutionPlan
 from workflows.errors import InputsExpiredError, WorkflowError
 from workflows.executor import (
     Deadline,
+    DetectionBudget,
     OutputBudget,
     PixelBudget,
     collect_outputs,
@@ -319,6 +320,7 @@ def _execute_batch(
     }
     provider = ModelProvider(runtime.cache, sources, timer)
     pixel_budget = PixelBudget(settings.GLASSBOX["MAX_RUN_PIXELS"])
+    detection_budget = DetectionBudget(settings.GLASSBOX["MAX_RUN_DETECTIONS"])
     deadline = Deadline(settings.GLASSBOX["RUN_TIME_LIMIT_S"])
     return execute_plan(
         plan,
@@ -326,6 +328,7 @@ def _execute_batch(
         models=provider,
         timer=timer,
         pixel_budget=pixel_budget,
+        detection_budget=detection_budget,
         deadline=deadline,
     )
 

@@ -11,6 +11,7 @@ from workflows.deadline import current_call_deadline
 from workflows.errors import StepExecutionError
 from workflows.executor import (
     Deadline,
+    DetectionBudget,
     OutputBudget,
     PixelBudget,
     collect_outputs,
@@ -170,10 +171,21 @@ def test_dynamic_crop_stops_at_pixel_budget():
     assert roomy.used == 0
 
 
-@pytest.mark.django_db
-def test_executor_stops_dynamic_crop_at_budget():
+def people_detector(timer: RunTimer):
+    """Return the models of a run that calls the people detector, on the CPU."""
     from runner.model_cache import ModelCache, ModelProvider
     from runner.registry import resolve_model
+
+    cache = ModelCache(
+        budget_bytes=512 * 1024 * 1024, device="cpu", warmup_size=64, torch_threads=1
+    )
+    return ModelProvider(
+        cache, {"people-detector": resolve_model("people-detector")}, timer
+    )
+
+
+@pytest.mark.django_db
+def test_executor_stops_dynamic_crop_at_budget():
     from tests.definitions import detection
 
     # The 3 people on bus.jpg, grown to the whole 810x1080 image, and a crop
@@ -195,20 +207,14 @@ def test_executor_stops_dynamic_crop_at_budget():
         },
     ]
     plan = build_plan(definition, definition_digest(definition))
-    cache = ModelCache(
-        budget_bytes=512 * 1024 * 1024, device="cpu", warmup_size=64, torch_threads=1
-    )
-    timer = RunTimer()
-    provider = ModelProvider(
-        cache, {"people-detector": resolve_model("people-detector")}, timer
-    )
     image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
 
+    timer = RunTimer()
     with pytest.raises(StepExecutionError) as caught:
         execute_plan(
             plan,
             [{"image": image}],
-            models=provider,
+            models=people_detector(timer),
             timer=timer,
             pixel_budget=PixelBudget(limit=2_000_000),
         )
@@ -396,3 +402,48 @@ def test_outputs_over_byte_budget_fail():
     outputs = collect_outputs(plan, {}, results, roomy)
     assert len(outputs["copy_2"]["predictions"]) == count
     assert roomy.used == 3 * one_output
+
+
+@pytest.mark.django_db
+def test_detections_over_budget_fail_at_that_step():
+    from tests.definitions import detection
+
+    # The 3 people on bus.jpg, then a copy of them, grown: 6 detections.
+    definition = detection()
+    definition["steps"].append(
+        {
+            "type": "roboflow_core/detection_offset@v1",
+            "name": "grow",
+            "predictions": "$steps.people.predictions",
+            "offset_width": 10,
+            "offset_height": 10,
+        }
+    )
+    plan = build_plan(definition, definition_digest(definition))
+    image = WorkflowImage.from_bytes(image_bytes(), parent_id="image")
+
+    timer = RunTimer()
+    with pytest.raises(StepExecutionError) as caught:
+        execute_plan(
+            plan,
+            [{"image": image}],
+            models=people_detector(timer),
+            timer=timer,
+            detection_budget=DetectionBudget(limit=5),
+        )
+    assert caught.value.step == "grow"
+    assert caught.value.user_error is True
+    message = caught.value.message
+    assert "created 6 detections together" in message
+    assert "over the limit of 5 (MAX_RUN_DETECTIONS), at step 'grow'" in message
+
+    timer = RunTimer()
+    budget = DetectionBudget(limit=6)
+    execute_plan(
+        plan,
+        [{"image": image}],
+        models=people_detector(timer),
+        timer=timer,
+        detection_budget=budget,
+    )
+    assert budget.used == 6

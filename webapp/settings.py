@@ -288,6 +288,9 @@ GLASSBOX = {
     # All images of one run together; a runner keeps their pixels, 3 bytes each.
     "MAX_RUN_PIXELS": env_int("MAX_RUN_PIXELS", 160_000_000, 1),
     "MAX_RUN_IMAGES": env_int("MAX_RUN_IMAGES", 100, 1),
+    # Detections that a run's steps create, all images of the batch together;
+    # a runner keeps them until the run ends, about 100 bytes each.
+    "MAX_RUN_DETECTIONS": env_int("MAX_RUN_DETECTIONS", 5_000_000, 1),
     # The JSON of a run's detections, images and bytes in its outputs, all
     # images of the batch together; over it the run fails, billed.
     "MAX_RUN_OUTPUT_BYTES": env_int("MAX_RUN_OUTPUT_BYTES", 128 * 1024 * 1024, 1024),

@@ -53,6 +53,45 @@ class _Skipped:
 SKIPPED = _Skipped()
 
 
+class DetectionBudget:
+    """Detections that a run's steps may create, across its batch.
+
+    A runner keeps every step's detections until the run ends, about 100
+    bytes each (box, confidence, class and a detection_id string). A model
+    call makes up to max_detections, and a step that copies detections,
+    such as a detection offset, takes about 20 ms for 8,400, so within
+    RUN_TIME_LIMIT_S 250 such steps on 100 images would hold over 20 GB.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, step_name: str, produced: Any) -> None:
+        """Add the detections in ``produced``, a block call's outputs."""
+        self.used += _detection_count(produced)
+        if self.used > self.limit:
+            raise StepExecutionError(
+                f"the run's steps created {self.used} detections together, over "
+                f"the limit of {self.limit} (MAX_RUN_DETECTIONS), at step "
+                f"'{step_name}'; keep fewer detections, such as with a higher "
+                "confidence or a lower max_detections, use fewer steps or crops "
+                "that make detections, or send fewer images per run",
+                step=step_name,
+                user_error=True,
+            )
+
+
+def _detection_count(value: Any) -> int:
+    if isinstance(value, Detections):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_detection_count(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_detection_count(item) for item in value)
+    return 0
+
+
 def execute_plan(
     plan: ExecutionPlan,
     batch: Sequence[Mapping[str, Any]],
@@ -60,6 +99,7 @@ def execute_plan(
     models: Any,
     timer: RunTimer,
     pixel_budget: PixelBudget | None = None,
+    detection_budget: DetectionBudget | None = None,
     deadline: Deadline | None = None,
 ) -> list[dict[str, dict[str, Any]]]:
     """Run every step on each set of inputs in ``batch``, one step at a time.
@@ -90,6 +130,7 @@ def execute_plan(
                         step_inputs=_step_inputs(step),
                         step_values=_step_value_fields(step),
                         pixel_budget=pixel_budget,
+                        detection_budget=detection_budget,
                         deadline=deadline,
                         calls=calls,
                     )
@@ -213,6 +254,7 @@ class _StepCall:
     # these reach the block unchecked by the compiler or the web server.
     step_values: tuple[tuple[Field, str], ...]
     pixel_budget: PixelBudget | None
+    detection_budget: DetectionBudget | None
     deadline: Deadline | None
     calls: _CallCount
 
@@ -244,6 +286,8 @@ def _run_lifted(
         produced = _call_block(call, values)
         if call.pixel_budget is not None:
             call.pixel_budget.charge(step.name, produced)
+        if call.detection_budget is not None:
+            call.detection_budget.charge(step.name, produced)
         return produced
     nested = [name for name, dim in value_dims.items() if dim > level]
     lengths = {len(values[name]) for name in nested}
