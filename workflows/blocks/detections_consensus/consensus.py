@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,10 +78,12 @@ def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusRe
 
     if settings.classes_to_consider:
         allowed = set(settings.classes_to_consider)
-        sources = [
-            source.select(np.array([n in allowed for n in source.class_names]))
-            for source in sources
-        ]
+        sources = _once_per_object(
+            sources,
+            lambda source: source.select(
+                np.array([n in allowed for n in source.class_names], dtype=bool)
+            ),
+        )
 
     # Each detection is compared with every detection of the other sources,
     # so a call does work of the order of (sources x detections) squared,
@@ -88,8 +91,10 @@ def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusRe
     # it between detections.
     deadline = current_call_deadline()
     used = [np.zeros(len(source), dtype=bool) for source in sources]
-    class_names = [np.array(source.class_names, dtype=object) for source in sources]
-    boxes = [source.xyxy.astype(np.float64) for source in sources]
+    class_names = _once_per_object(
+        sources, lambda source: np.array(source.class_names, dtype=object)
+    )
+    boxes = _once_per_object(sources, lambda source: source.xyxy.astype(np.float64))
     merged: list[tuple[np.ndarray, float, int, str]] = []
     for source_index, source in enumerate(sources):
         for index in range(len(source)):
@@ -115,6 +120,22 @@ def agree(sources: list[Detections], settings: ConsensusSettings) -> ConsensusRe
     predictions = _detections(template, merged)
     present, presence = _presence(predictions, settings)
     return ConsensusResult(predictions, present, presence)
+
+
+def _once_per_object(sources: list[Detections], convert: Callable) -> list:
+    """Return ``convert(source)`` for each source, computed once per object.
+
+    A definition may list the same selector thousands of times in
+    predictions_batches, and a copy of its detections per entry would take
+    gigabytes.
+    """
+    converted: dict[int, Any] = {}
+    results = []
+    for source in sources:
+        if id(source) not in converted:
+            converted[id(source)] = convert(source)
+        results.append(converted[id(source)])
+    return results
 
 
 def _check_same_image(sources: list[Detections]) -> None:
