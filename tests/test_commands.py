@@ -141,6 +141,38 @@ def test_runworkflow_rejects_invalid_user_name(db, username):
 
 
 @pytest.mark.parametrize(
+    ("definition", "arguments", "message"),
+    [
+        (DEFINITION, ["--param", "=1"], "must look like KEY=VALUE"),
+        (DEFINITION, ["--image", "nosuch.jpg"], "cannot read image nosuch.jpg"),
+        ("no-outputs", [], "'outputs' is missing"),
+    ],
+)
+def test_runworkflow_failure_leaves_no_new_user(
+    db, tmp_path, definition, arguments, message
+):
+    # A definition the compiler rejects fails inside start_run, not before it.
+    if definition == "no-outputs":
+        path = tmp_path / "definition.json"
+        path.write_text(json.dumps({"version": "1.0", "inputs": [], "steps": []}))
+        definition = str(path)
+
+    with pytest.raises(CommandError, match=message):
+        call_command("runworkflow", definition, "--user", "newcomer", *arguments)
+
+    assert not get_user_model().objects.filter(username="newcomer").exists()
+
+
+def test_runworkflow_failure_keeps_existing_user(db):
+    get_user_model().objects.create_user("regular")
+
+    with pytest.raises(CommandError, match="must look like KEY=VALUE"):
+        call_command("runworkflow", DEFINITION, "--user", "regular", "--param", "=1")
+
+    assert get_user_model().objects.filter(username="regular").exists()
+
+
+@pytest.mark.parametrize(
     ("arguments", "message"),
     [
         (

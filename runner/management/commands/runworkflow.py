@@ -59,6 +59,7 @@ class Command(BaseCommand):
             "--user",
             default="cli",
             help="Account the run and its bill belong to, created if missing "
+            "and removed again when the command stores no run "
             "(default: %(default)s).",
         )
         parser.add_argument(
@@ -95,12 +96,19 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         definition = self._read_definition(options["definition"])
         check_database()
-        user = self._user(options["user"])
-        # With no embedded Redis running, no runner of this data directory is
-        # up. Looking for one starts the server, and the command leaves none
-        # running that no other process uses.
-        with embedded_redis_for_command():
-            self._run(definition, user, options)
+        user, created = self._user(options["user"])
+        try:
+            # With no embedded Redis running, no runner of this data directory
+            # is up. Looking for one starts the server, and the command leaves
+            # none running that no other process uses.
+            with embedded_redis_for_command():
+                self._run(definition, user, options)
+        except BaseException:
+            # An account made for a run that was never stored would outlive
+            # the failed command, so it goes with it.
+            if created and not Run.objects.filter(owner=user).exists():
+                user.delete()
+            raise
 
     def _run(self, definition: dict, user, options) -> None:
         if options["wait_for_runner"]:
@@ -182,7 +190,10 @@ class Command(BaseCommand):
             raise CommandError("the run failed")
 
     def _user(self, username: str):
-        """Return the account ``username``, creating it if it is a valid name."""
+        """Return the account ``username`` and whether this call created it.
+
+        The account is created if missing and the name is valid.
+        """
         model = get_user_model()
         field = model._meta.get_field(model.USERNAME_FIELD)
         try:
@@ -194,8 +205,7 @@ class Command(BaseCommand):
                 f"--user {username!r} is not a valid user name: "
                 + " ".join(error.messages)
             ) from None
-        user, _ = model.objects.get_or_create(**{model.USERNAME_FIELD: username})
-        return user
+        return model.objects.get_or_create(**{model.USERNAME_FIELD: username})
 
     def _read_definition(self, path: Path) -> dict:
         # The file may hold a whole API body, so the cap is the API's limit on
