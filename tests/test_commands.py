@@ -44,6 +44,8 @@ BUS = str(image_path())
         ),
         ("up", ["--runners", "-1"], "zero or more"),
         ("up", ["--port", "70000"], "from 1 to 65534"),
+        ("up", ["--host", ""], "the address is empty"),
+        ("up", ["--host", "999.1.1.1"], "cannot listen on --host '999.1.1.1'"),
         ("up", ["--web-workers", "0"], "positive whole number"),
         (
             "up",

@@ -87,6 +87,16 @@ def port_pair(text: str) -> int:
     return value
 
 
+def listen_host(text: str) -> str:
+    """Return a non-empty ``up --host``: the URLs that ``up`` polls contain it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "the address is empty; pass 127.0.0.1 for this machine only, or "
+            "0.0.0.0 for every interface"
+        )
+    return text
+
+
 # Runs record the runner's name and its queue ("runner.<name>") in columns
 # of 200 characters.
 MAX_RUNNER_NAME_CHARS = 190

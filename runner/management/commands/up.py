@@ -6,6 +6,7 @@ timing breakdown and the bill, and stays up until interrupted.
 """
 
 import base64
+import errno
 import fcntl
 import json
 import logging
@@ -35,6 +36,7 @@ from webapp.database import database_place
 from webapp.management.arguments import (
     MAX_RUNNER_NAME_CHARS,
     count,
+    listen_host,
     port_pair,
     positive_int,
     runner_prefix,
@@ -266,14 +268,28 @@ def _demo_workflow(user) -> Workflow:
     return workflow
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+def _check_port_free(host: str, port: int) -> None:
+    """Raise CommandError if the servers could not listen on ``host``:``port``.
+
+    A port in use and an address that no interface of this machine has are
+    reported apart, because they need different fixes.
+    """
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise CommandError(
+                f"port {port} on {host} is in use (the web server takes --port "
+                "and websockets the port after it); stop what holds it or pass "
+                "another --port"
+            ) from None
+        reason = error.strerror or str(error)
+        raise CommandError(
+            f"cannot listen on --host {host!r} port {port}: {reason}; pass an "
+            "IPv4 address of this machine, such as 127.0.0.1 or 0.0.0.0"
+        ) from None
 
 
 def worker_tmp_dir_option() -> list[str]:
@@ -335,6 +351,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--host",
+            type=listen_host,
             default="127.0.0.1",
             help="Address the web and websocket servers listen on.",
         )
@@ -381,12 +398,7 @@ class Command(BaseCommand):
                 "no_runner until a runner elsewhere joins the same Redis"
             )
         for port in (options["port"], options["port"] + 1):
-            if not _port_free(options["host"], port):
-                raise CommandError(
-                    f"port {port} on {options['host']} is in use (the web server "
-                    "takes --port and websockets the port after it); stop what "
-                    "holds it or pass another --port"
-                )
+            _check_port_free(options["host"], port)
         try:
             call_command("migrate", verbosity=0)
         except OperationalError as error:
