@@ -31,6 +31,12 @@ BUS = str(image_path())
         ("runworkflow", [DEFINITION, "--timeout", "-1"], "positive, finite"),
         ("runworkflow", [DEFINITION, "--wait-for-runner", "-2"], "zero or a positive"),
         ("runner", ["--memory-budget-mb", "0"], "positive whole number"),
+        (
+            "runner",
+            ["--memory-budget-mb", str(16 * 1024 * 1024 + 1)],
+            "over the maximum of 16777216 MiB",
+        ),
+        ("runner", ["--device", ""], "--device is empty"),
         ("runner", ["--name", ""], "--name is empty"),
         ("runner", ["--name", "y" * 191], "191 characters long; the limit is 190"),
         ("runner", ["--name", ".."], "runner name '..' needs at least one letter"),

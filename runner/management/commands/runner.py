@@ -5,6 +5,7 @@ from runner.openmp import apply_spin_default
 # Before the imports below load torch, and with it libgomp.
 apply_spin_default()
 
+import argparse  # noqa: E402
 import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -17,6 +18,7 @@ from django.db import OperationalError  # noqa: E402
 
 from runner import fleet, keys, reaper  # noqa: E402
 from runner.model_cache import ModelCache, pick_device  # noqa: E402
+from runner.models import FleetSettings  # noqa: E402
 from runner.runtime import RunnerRuntime, set_runtime  # noqa: E402
 from runner.worker import run_worker  # noqa: E402
 from webapp.database import database_place  # noqa: E402
@@ -28,6 +30,17 @@ from webapp.management.arguments import (  # noqa: E402
 from webapp.redis import get_redis, redis_place, unreachable_message  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+
+def memory_budget_mb(text: str) -> int:
+    """Return a budget in MiB within the range the fleet settings accept."""
+    value = positive_int(text)
+    if value > FleetSettings.MAX_MEMORY_BUDGET_MB:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} MiB is over the maximum of "
+            f"{FleetSettings.MAX_MEMORY_BUDGET_MB} MiB (16 TiB)"
+        )
+    return value
 
 
 class Command(BaseCommand):
@@ -47,7 +60,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--memory-budget-mb",
-            type=positive_int,
+            type=memory_budget_mb,
             default=settings.GLASSBOX["RUNNER_MEMORY_BUDGET_MB"],
             help="Memory for loaded models, in MiB; models are evicted above "
             "it, by the fleet settings' policy (least recently used unless set). "
@@ -58,6 +71,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        if options["device"] == "":
+            raise CommandError(
+                "--device is empty; give a torch device such as cpu or cuda:0, "
+                "or leave the option out to pick one"
+            )
         if options["name"] == "":
             raise CommandError(
                 "--name is empty; give a runner name, or leave the option out "
