@@ -320,6 +320,23 @@ def test_createtoken_rejects_unprintable_name(alice):
     assert ApiToken.objects.count() == 0
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "--name is empty or only spaces"),
+        ("   ", "--name is empty or only spaces"),
+        ("n" * 101, "--name is 101 characters long; the limit is 100"),
+        # The form in which Python passes the argument byte 0xFF.
+        ("a\udcffb", "--name is not UTF-8 text"),
+    ],
+    ids=["empty", "spaces", "long", "not-utf8"],
+)
+def test_createtoken_rejects_bad_name(alice, name, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("createtoken", "alice", "--name", name)
+    assert ApiToken.objects.count() == 0
+
+
 def test_createtoken_unknown_user(db):
     with pytest.raises(CommandError, match="user 'nobody' not found"):
         call_command("createtoken", "nobody")

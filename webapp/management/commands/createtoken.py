@@ -6,6 +6,8 @@ from django.core.management.base import BaseCommand, CommandError
 from webapp.management.database import check_database
 from webapp.models import ApiToken
 
+MAX_NAME_CHARS = ApiToken._meta.get_field("name").max_length
+
 
 class Command(BaseCommand):
     help = (
@@ -32,8 +34,23 @@ class Command(BaseCommand):
             )
         if not user.is_active:
             raise CommandError(f"user '{username}' is inactive")
-        if not name.strip() or len(name) > 100:
-            raise CommandError("--name must be 1 to 100 characters")
+        if not name.strip():
+            raise CommandError(
+                "--name is empty or only spaces; give a label such as 'ci', or "
+                "leave the option out for 'command line'"
+            )
+        if len(name) > MAX_NAME_CHARS:
+            raise CommandError(
+                f"--name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}"
+            )
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            # Python keeps bytes of an argument that are not UTF-8 as lone
+            # surrogates, which the check below would call unprintable.
+            raise CommandError(
+                "--name is not UTF-8 text; check the terminal's encoding"
+            ) from None
         # As on the tokens page, which drops them: PostgreSQL cannot store
         # U+0000, and the others would garble the tokens page.
         for position, character in enumerate(name):
