@@ -13,7 +13,7 @@ from runner.events import MAX_EVENT_BYTES, RunEvents
 from runner.models import Run
 from runner.presenters import bill_to_dict
 from runner.registry import resolve_model
-from tests.conftest import ARTIFACTS, image_b64, image_path
+from tests.conftest import ARTIFACTS, daphne_server, image_b64, image_path
 from tests.definitions import detection, image_height
 from tests.test_billing_pages import (
     failed_load_entry,
@@ -21,7 +21,7 @@ from tests.test_billing_pages import (
     model_entry,
     version_of,
 )
-from tests.test_estimate import wait_until_loaded
+from tests.test_estimate import marked_busy, wait_until_loaded
 from tests.test_runs import run_workflow
 from webapp.redis import get_redis
 from workflows.models import Workflow
@@ -1086,6 +1086,50 @@ def test_estimate_warns_over_price_cap(runner, asgi_server, page, alice, alice_c
     page.wait_for_function(
         "!document.getElementById('estimate').textContent.includes('price cap')"
     )
+
+
+def test_estimate_shows_price_while_runners_busy(
+    runner, asgi_server, page, alice, alice_client
+):
+    # Every runner busy makes the queue time, and so the latency, unknown,
+    # but the price covers only the runner's time, which is still known.
+    workflow = Workflow.create_with_version(alice, "Heights", image_height())
+    assert run_workflow(alice_client, workflow.id).status_code == 200
+    sign_in(page, asgi_server, "alice", "alice-password")
+
+    with marked_busy(runner.name):
+        body = alice_client.post(
+            f"/api/workflows/{workflow.id}/estimate", {}, format="json"
+        ).json()
+        price = body["price"]["amount_microcredits"]
+        estimate = read_estimate(page, asgi_server, workflow.id)
+        page.locator("#max-price").press_sequentially("1")
+        page.wait_for_function(
+            "document.getElementById('estimate').textContent.includes('price cap')"
+        )
+        over_cap = estimate_parts(page)["over-cap"]
+
+    assert body["total"] is None
+    assert estimate["latency"] == ["Latency: unknown"]
+    assert estimate["price"][0].startswith(f"Price: {price} µcr")
+    assert estimate["basis"][0].startswith("Based on medians of 1 earlier run")
+    assert estimate["unknown"][0] == "Unknown because:"
+    assert "every runner is busy with a run" in estimate["unknown"][1]
+    assert over_cap[0].startswith("Over the price cap of 1 µcr")
+
+
+def test_estimate_shows_notes(runner, page, alice, alice_client):
+    # A web server with a limit of 1 ms predicts that the runner would stop
+    # the run, and says so in a note.
+    workflow = Workflow.create_with_version(alice, "Limit", detection())
+    assert run_workflow(alice_client, workflow.id).status_code == 200
+
+    with daphne_server({"RUN_TIME_LIMIT_S": "0.001"}) as url:
+        sign_in(page, url, "alice", "alice-password")
+        estimate = read_estimate(page, url, workflow.id)
+
+    assert estimate["notes"][0] == "Notes:"
+    assert "over RUN_TIME_LIMIT_S (0.001 s)" in estimate["notes"][1]
 
 
 def test_run_page_checks_price_cap(transactional_db, asgi_server, page, alice):

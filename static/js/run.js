@@ -905,18 +905,28 @@ function undrawnDetectionsNote(count) {
     const parts = [{ part: "start", text: `Start: ${start}` }];
     if (estimate.total === null) {
       parts.push({ part: "latency", text: "Latency: unknown" });
-      parts.push({ part: "price", text: "Price: unknown" });
-      parts.push({ part: "unknown", text: "Unknown because:", items: estimate.unknown });
     } else {
       const phases = describePhases(estimate);
       parts.push({
         part: "latency", text: `Latency: about ${roundMs(estimate.total)}`,
         items: phases ? [phases] : [],
       });
+    }
+    // The price covers the runner's time only, so it is known while the
+    // queue time, and with it the latency, is not (every runner busy).
+    if (estimate.price === null) {
+      parts.push({ part: "price", text: "Price: unknown" });
+    } else {
       parts.push({ part: "price", text: `Price: ${formatCredits(estimate.price.amount_microcredits)}` });
       parts.push({ part: "basis", text: `Based on ${describeBasis(estimate)}.` });
       const overCap = describeOverCap(estimate);
       if (overCap) parts.push({ part: "over-cap", text: overCap });
+    }
+    if (estimate.unknown.length) {
+      parts.push({ part: "unknown", text: "Unknown because:", items: estimate.unknown });
+    }
+    if (estimate.notes.length) {
+      parts.push({ part: "notes", text: "Notes:", items: estimate.notes });
     }
     const untrained = describeUntrained(estimate);
     if (untrained) parts.push({ part: "untrained", text: untrained });
