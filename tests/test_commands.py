@@ -638,6 +638,19 @@ def test_fetch_models_installs_weights_once(settings, tmp_path):
     assert again.getvalue().strip() == f"{target} already present"
 
 
+@pytest.mark.parametrize("below_file", [False, True], ids=["file", "below-file"])
+def test_fetch_models_model_dir_not_a_directory(settings, tmp_path, below_file):
+    blocker = tmp_path / "models"
+    blocker.write_text("not a directory")
+    model_dir = blocker / "sub" if below_file else blocker
+    settings.GLASSBOX = {**settings.GLASSBOX, "MODEL_DIR": model_dir}
+
+    with pytest.raises(CommandError, match="cannot create the model directory"):
+        call_command("fetch_models")
+
+    assert blocker.read_text() == "not a directory"
+
+
 def _migrate_with_umask_022(data_dir):
     env = {
         **os.environ,

@@ -32,7 +32,14 @@ class Command(BaseCommand):
         if target.exists():
             self.stdout.write(f"{target} already present")
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CommandError(
+                f"cannot create the model directory {target.parent}: "
+                f"{error.strerror or error}; set MODEL_DIR to a directory "
+                "this user can write"
+            ) from None
         with tempfile.TemporaryDirectory() as scratch:
             command = [
                 sys.executable,
