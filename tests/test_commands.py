@@ -432,6 +432,22 @@ def test_malformed_setting_stops_start_up(tmp_path, variable, value, message):
     assert f"ImproperlyConfigured: {message}" in result.stderr
 
 
+@pytest.mark.parametrize("below_file", [False, True], ids=["file", "below-file"])
+def test_data_dir_not_a_directory_stops_start_up(tmp_path, below_file):
+    blocker = tmp_path / "data"
+    blocker.write_text("not a directory")
+    data_dir = blocker / "sub" if below_file else blocker
+
+    result = manage_py(production_env(data_dir), "check")
+
+    assert result.returncode != 0
+    assert (
+        f"ImproperlyConfigured: GLASSBOX_DATA_DIR='{data_dir}' cannot be created"
+        in result.stderr
+    )
+    assert blocker.read_text() == "not a directory"
+
+
 def test_empty_setting_means_default(tmp_path):
     # Compose files and shell scripts often set a variable to nothing. An
     # empty MODEL_DIR or GLASSBOX_DATA_DIR must not become the current

@@ -35,7 +35,13 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("GLASSBOX_DATA_DIR", str(BASE_DIR / "var"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+try:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as error:
+    raise ImproperlyConfigured(
+        f"GLASSBOX_DATA_DIR={str(DATA_DIR)!r} cannot be created as a directory: "
+        f"{error.strerror or error}; set it to a directory this user can write"
+    ) from None
 
 
 def _secret_key() -> str:
