@@ -750,7 +750,7 @@ def test_token_form_aligns_button(transactional_db, asgi_server, page, alice):
     page.goto(f"{asgi_server}/tokens/")
     field = page.locator("#token-name").bounding_box()
     button = page.get_by_role("button", name="Create token").bounding_box()
-    # The button stands on the same line as the field it submits.
+    # The button is on the same line as the field it submits.
     field_bottom = field["y"] + field["height"]
     button_bottom = button["y"] + button["height"]
     assert abs(field_bottom - button_bottom) <= 4, (field, button)

@@ -1120,7 +1120,7 @@ def test_estimate_shows_price_while_runners_busy(
 
 def test_estimate_shows_notes(runner, page, alice, alice_client):
     # A web server with a limit of 1 ms predicts that the runner would stop
-    # the run, and says so in a note.
+    # the run, and the estimate carries a note about it.
     workflow = Workflow.create_with_version(alice, "Limit", detection())
     assert run_workflow(alice_client, workflow.id).status_code == 200
 
@@ -1205,8 +1205,8 @@ def test_run_page_marks_untrained_rows(runner, asgi_server, page, alice):
     sign_in(page, asgi_server, "alice", "alice-password")
     run_once(page, asgi_server, workflow.id)
 
-    # Every row that names the model says it is untrained, with the badge
-    # the billing pages use, and the rows of other phases do not.
+    # Every row that names the model carries the untrained badge that the
+    # billing pages use, and the rows of other phases do not.
     rows = page.locator("#timeline li")
     named = rows.filter(has_text="yolov8n.yaml")
     assert named.count() >= 4, rows.all_text_contents()
